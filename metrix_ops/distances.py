@@ -1,0 +1,104 @@
+"""Distances with PML's semantics (normalize_embeddings, p, power, is_inverted).
+
+The reference losses compute their B×M matrix through these; the fused backends
+support the normalised cases (cosine similarity, L2 distance) and fall back otherwise.
+A PML distance object is accepted wherever one of ours is (see `as_distance`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class BaseDistance:
+    is_inverted = False  # True for similarities: larger means closer
+
+    def __init__(self, normalize_embeddings: bool = True, p: float = 2, power: float = 1):
+        self.normalize_embeddings = normalize_embeddings
+        self.p = p
+        self.power = power
+
+    def __call__(self, query: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.maybe_normalize(query)
+        r = q if ref is None else self.maybe_normalize(ref)
+        mat = self.compute_mat(q, r)
+        return mat**self.power if self.power != 1 else mat
+
+    def maybe_normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, p=self.p, dim=1) if self.normalize_embeddings else x
+
+    def compute_mat(self, q, r):
+        raise NotImplementedError
+
+    def pairwise_distance(self, q, r):
+        raise NotImplementedError
+
+    # `margin(x, y)` is how much x exceeds y in the "farther" direction, as PML defines it.
+    def margin(self, x, y):
+        return y - x if self.is_inverted else x - y
+
+    def smallest_dist(self, *args, **kwargs):
+        return torch.max(*args, **kwargs) if self.is_inverted else torch.min(*args, **kwargs)
+
+    def largest_dist(self, *args, **kwargs):
+        return torch.min(*args, **kwargs) if self.is_inverted else torch.max(*args, **kwargs)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(normalize_embeddings={self.normalize_embeddings}, "
+                f"p={self.p}, power={self.power})")
+
+
+class LpDistance(BaseDistance):
+    def compute_mat(self, q, r):
+        if q.dtype in (torch.float16, torch.bfloat16):
+            # cdist has no half kernels on every device; accumulate in fp32 as the design asks.
+            return torch.cdist(q.float(), r.float(), p=self.p).to(q.dtype)
+        return torch.cdist(q, r, p=self.p)
+
+    def pairwise_distance(self, q, r):
+        return F.pairwise_distance(q, r, p=self.p)
+
+
+class CosineSimilarity(BaseDistance):
+    is_inverted = True
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("normalize_embeddings", True)
+        super().__init__(**kwargs)
+
+    def compute_mat(self, q, r):
+        return q @ r.t()
+
+    def pairwise_distance(self, q, r):
+        return (q * r).sum(dim=1)
+
+
+class DotProductSimilarity(CosineSimilarity):
+    def __init__(self, **kwargs):
+        kwargs.setdefault("normalize_embeddings", False)
+        super().__init__(**kwargs)
+
+
+_BY_NAME = {"LpDistance": LpDistance, "CosineSimilarity": CosineSimilarity,
+            "DotProductSimilarity": DotProductSimilarity}
+
+
+def as_distance(obj, default=None) -> BaseDistance:
+    """Ours as is; a PML distance converted by class name and settings; None -> default."""
+    if obj is None:
+        return default() if callable(default) else default
+    if isinstance(obj, BaseDistance):
+        return obj
+    cls = _BY_NAME.get(type(obj).__name__)
+    if cls is None:
+        raise TypeError(f"distance must be one of {sorted(_BY_NAME)} (ours or PML's), "
+                        f"got {type(obj).__name__}")
+    return cls(normalize_embeddings=obj.normalize_embeddings, p=obj.p, power=obj.power)
+
+
+def is_normalized_l2(d: BaseDistance) -> bool:
+    return type(d) is LpDistance and d.normalize_embeddings and d.p == 2 and d.power == 1
+
+
+def is_cosine(d: BaseDistance) -> bool:
+    return type(d) is CosineSimilarity and d.normalize_embeddings and d.power == 1

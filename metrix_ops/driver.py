@@ -1,0 +1,78 @@
+"""One code path for every loss call: validate, pick the backend, compute the clean (or
+expanded) loss, reduce it as PML does, add the Metrix term."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backend as backend_mod
+from .config import Expansion, Metrix
+from .distances import as_distance
+from .reducers import as_reducer, reduce_loss_dict
+from .spec import LossInputs, get_spec
+from .validation import check_loss_inputs
+
+# backend name -> callable(spec, params, inp, reducer, expansion) -> scalar; set by fused engines
+FUSED_IMPLS: dict = {}
+
+
+def draw_lam(metrix: Metrix, lam: Optional[float]) -> float:
+    """The call's λ, else the config's fixed λ, else one Beta(α, α) draw (global torch RNG)."""
+    if lam is None:
+        lam = metrix.lam
+    if lam is None:
+        a = torch.tensor(float(metrix.alpha), dtype=torch.float64)
+        return float(torch.distributions.Beta(a, a).sample())
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    return lam
+
+
+def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
+             ref_emb=None, ref_labels=None, *, distance=None, reducer=None, backend="auto",
+             metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
+             lam=None, mixed_embeddings=None, mixed=None) -> torch.Tensor:
+    spec = get_spec(name)
+    if ref_emb is not None and not spec.supports_ref_emb:
+        raise ValueError(f"{name} does not take ref_emb/ref_labels")
+    if indices_tuple is not None and not spec.supports_indices_tuple:
+        raise ValueError(f"{name} does not take indices_tuple")
+    if metrix is not None and not isinstance(metrix, Metrix):
+        raise TypeError(f"metrix must be metrix_ops.Metrix or None, got {type(metrix).__name__}")
+    if expansion is not None and not isinstance(expansion, Expansion):
+        raise TypeError(f"expansion must be metrix_ops.Expansion or None, got {type(expansion).__name__}")
+    if (mixed_embeddings is None) != (mixed is None):
+        raise ValueError("mixed_embeddings and mixed must be given together")
+    if mixed is not None and (metrix is None or metrix.level == "embedding"):
+        raise ValueError("mixed_embeddings/mixed need metrix=Metrix(level='feature' or 'input')")
+    if metrix is not None and metrix.level != "embedding" and mixed is None:
+        raise ValueError(f"Metrix(level={metrix.level!r}) needs mixed_embeddings= and mixed= "
+                         "(build them with metrix_ops.mixup.mix_pairs)")
+    check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                      labels_required=spec.labels_required or metrix is not None
+                      or expansion is not None)
+
+    same_set = ref_emb is None or ref_labels is labels
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
+    inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,
+                     as_distance(distance, spec.default_distance))
+    red = as_reducer(reducer, spec.default_reducer)
+    chosen = backend_mod.resolve(backend, name, embeddings.device)
+
+    if chosen != "reference":
+        loss = FUSED_IMPLS[chosen](spec, params, inp, red, expansion)
+    elif expansion is not None:
+        from .reference.expansion import expansion_loss_dict
+        loss = reduce_loss_dict(expansion_loss_dict(name, params, inp, expansion), red, embeddings)
+    else:
+        loss = reduce_loss_dict(spec.loss_dict(inp, **params), red, embeddings)
+
+    if metrix is not None and metrix.weight > 0:
+        from .reference.metrix import metrix_loss
+        lam_value = draw_lam(metrix, lam)
+        loss = loss + metrix.weight * metrix_loss(name, params, inp, metrix, lam_value,
+                                                  mixed_embeddings, mixed)
+    return loss

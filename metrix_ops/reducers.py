@@ -1,0 +1,95 @@
+"""PML's reducers: how a loss's per-pair / per-triplet / per-element terms become a scalar.
+
+A loss produces a *loss dict* {sub_loss_name: {"losses", "indices", "reduction_type"}}
+exactly as PML does. Each sub-loss is reduced on its own by a copy of the reducer and the
+results are summed (PML's MultipleReducers). `losses == 0` (a Python 0) means "no terms"
+and reduces to `sum(embeddings * 0)` so the graph still reaches the embeddings.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class BaseReducer:
+    def reduce(self, losses, reduction_type: str, embeddings: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(losses):
+            if losses == 0:
+                return zero_loss(embeddings)
+            raise TypeError(f"losses must be a tensor or 0, got {type(losses).__name__}")
+        if reduction_type == "already_reduced":
+            return losses.reshape(())
+        return self.reduce_terms(losses, embeddings)
+
+    def reduce_terms(self, losses, embeddings):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class MeanReducer(BaseReducer):
+    def reduce_terms(self, losses, embeddings):
+        return losses.mean()  # an empty tensor gives NaN, as in PML
+
+
+class SumReducer(BaseReducer):
+    def reduce_terms(self, losses, embeddings):
+        return losses.sum()
+
+
+class ThresholdReducer(BaseReducer):
+    """Mean of the terms with low < term < high; zero (with graph) if none passes."""
+
+    def __init__(self, low=None, high=None):
+        if low is None and high is None:
+            raise ValueError("ThresholdReducer needs low or high")
+        self.low, self.high = low, high
+
+    def reduce_terms(self, losses, embeddings):
+        if self.low is not None:
+            losses = losses[losses > self.low]
+        if self.high is not None:
+            losses = losses[losses < self.high]
+        return losses.mean() if losses.numel() >= 1 else zero_loss(embeddings)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(low={self.low}, high={self.high})"
+
+
+class AvgNonZeroReducer(ThresholdReducer):
+    def __init__(self):
+        super().__init__(low=0)
+
+    def __repr__(self):
+        return "AvgNonZeroReducer()"
+
+
+def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
+    return torch.sum(embeddings * 0)
+
+
+_BY_NAME = {"MeanReducer": MeanReducer, "SumReducer": SumReducer,
+            "AvgNonZeroReducer": AvgNonZeroReducer}
+
+
+def as_reducer(obj, default=None) -> BaseReducer:
+    """Ours as is; PML's Mean/Sum/AvgNonZero/Threshold reducers by class name; None -> default."""
+    if obj is None:
+        return default() if callable(default) else default
+    if isinstance(obj, BaseReducer):
+        return obj
+    name = type(obj).__name__
+    if name in _BY_NAME:
+        return _BY_NAME[name]()
+    if name == "ThresholdReducer":
+        return ThresholdReducer(low=obj.low, high=obj.high)
+    raise TypeError(f"reducer must be one of {sorted(_BY_NAME) + ['ThresholdReducer']} "
+                    f"(ours or PML's), got {name}")
+
+
+def reduce_loss_dict(loss_dict: dict, reducer: BaseReducer, embeddings: torch.Tensor) -> torch.Tensor:
+    total = None
+    for info in loss_dict.values():
+        value = reducer.reduce(info["losses"], info["reduction_type"], embeddings)
+        total = value if total is None else total + value
+    return total if total is not None else zero_loss(embeddings)

@@ -1,0 +1,84 @@
+"""Input checks shared by every loss: a clear ValueError/TypeError naming the argument,
+never a crash deep in C++ and never a silent NaN."""
+from __future__ import annotations
+
+import torch
+
+
+def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False) -> None:
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (batch_size, embedding_dim), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty (batch_size 0): a loss needs at least one embedding")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has embedding_dim 0, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_labels(labels, n: int, device: torch.device, name: str = "labels") -> None:
+    if not torch.is_tensor(labels):
+        raise TypeError(f"{name} must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (batch_size,), got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but there are {n} embeddings")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the embeddings are on {device}")
+
+
+def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device) -> None:
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError("indices_tuple must be a tuple of 3 (anchors, positives, negatives) "
+                         "or 4 (anchors1, positives, anchors2, negatives) 1-D index tensors")
+    sizes = (n, m, m) if len(indices_tuple) == 3 else (n, m, n, m)
+    for k, (t, size) in enumerate(zip(indices_tuple, sizes)):
+        if not torch.is_tensor(t) or t.ndim != 1 or t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"indices_tuple[{k}] must be a 1-D integer tensor")
+        if t.device != device:
+            raise ValueError(f"indices_tuple[{k}] is on {t.device} but the embeddings are on {device}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
+            raise ValueError(f"indices_tuple[{k}] holds indices outside [0, {size})")
+    if len(indices_tuple) == 3:
+        groups = [(0, 1, 2)]
+    else:
+        groups = [(0, 1), (2, 3)]
+    for g in groups:
+        if len({indices_tuple[k].numel() for k in g}) != 1:
+            raise ValueError(f"indices_tuple entries {g} must have equal lengths")
+
+
+def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                      labels_required: bool = True) -> None:
+    """Checks the PML call signature `(embeddings, labels, indices_tuple, ref_emb, ref_labels)`."""
+    check_embeddings(embeddings, "embeddings")
+    n, dev = embeddings.shape[0], embeddings.device
+    if labels is None:
+        if labels_required and indices_tuple is None:
+            raise ValueError("labels is required (or pass indices_tuple)")
+    else:
+        check_labels(labels, n, dev, "labels")
+    m = n
+    if ref_emb is not None:
+        check_embeddings(ref_emb, "ref_emb")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(f"ref_emb has embedding_dim {ref_emb.shape[1]} but embeddings has "
+                             f"{embeddings.shape[1]}")
+        if ref_emb.device != dev:
+            raise ValueError(f"ref_emb is on {ref_emb.device} but embeddings is on {dev}")
+        m = ref_emb.shape[0]
+        if ref_labels is None:
+            if labels_required and indices_tuple is None:
+                raise ValueError("ref_labels is required when ref_emb is given")
+        else:
+            check_labels(ref_labels, m, dev, "ref_labels")
+    elif ref_labels is not None:
+        raise ValueError("ref_labels was given without ref_emb")
+    if indices_tuple is not None:
+        check_indices_tuple(indices_tuple, n, m, dev)

@@ -1,0 +1,55 @@
+"""Random inputs of odd shapes and the edge cases every loss is tested on, and the
+value-and-gradient comparison used against PML and between backends."""
+from __future__ import annotations
+
+import torch
+
+# (case id, batch size, dim, label maker(B, generator)) — odd sizes on purpose
+def _rand_labels(k):
+    return lambda b, g: torch.randint(0, k, (b,), generator=g)
+
+
+CASES = [
+    ("random_b13_d7", 13, 7, _rand_labels(4)),
+    ("random_b31_d16", 31, 16, _rand_labels(6)),
+    ("random_b5_d3", 5, 3, _rand_labels(2)),
+    ("no_positives", 9, 5, lambda b, g: torch.arange(b)),
+    ("one_class", 7, 6, lambda b, g: torch.zeros(b, dtype=torch.long)),
+    ("b1", 1, 4, lambda b, g: torch.zeros(b, dtype=torch.long)),
+    ("singletons_mixed", 11, 5, lambda b, g: torch.tensor([0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 6])),
+    ("duplicates", 10, 6, _rand_labels(3)),  # rows duplicated below
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def make_case(case, dtype=torch.float64, seed=0):
+    name, b, d, lab = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    labels = lab(b, g)
+    if name == "duplicates":
+        x[1] = x[0]
+        x[5] = x[3]
+        labels[1] = labels[0]
+        labels[5] = (labels[3] + 1) % 3  # a duplicate that is a negative
+    return x.to(dtype).requires_grad_(True), labels
+
+
+def value_and_grad(fn, *tensors):
+    """fn(*tensors) -> scalar; returns (value, grads) with grads None-safe (zeros)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, allow_unused=True) if out.requires_grad else [None] * len(leaves)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return out.detach(), grads
+
+
+def assert_close_vg(fn_a, fn_b, *tensors, rtol=1e-6, atol=1e-9):
+    va, ga = value_and_grad(fn_a, *tensors)
+    vb, gb = value_and_grad(fn_b, *tensors)
+    assert torch.isfinite(va).all() == torch.isfinite(vb).all(), (va, vb)
+    torch.testing.assert_close(va, vb, rtol=rtol, atol=atol, equal_nan=True)
+    for k, (x, y) in enumerate(zip(ga, gb)):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m, k=k: f"gradient of input {k}: {m}")
+    return va
