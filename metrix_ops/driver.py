@@ -60,6 +60,7 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,
                      as_distance(distance, spec.default_distance))
     red = as_reducer(reducer, spec.default_reducer)
+    lam_value = draw_lam(metrix, lam) if metrix is not None else None
     chosen = backend_mod.resolve(backend, name, embeddings.device)
 
     if chosen != "reference":
@@ -72,7 +73,6 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
 
     if metrix is not None and metrix.weight > 0:
         from .reference.metrix import metrix_loss
-        lam_value = draw_lam(metrix, lam)
         loss = loss + metrix.weight * metrix_loss(name, params, inp, metrix, lam_value,
                                                   mixed_embeddings, mixed)
     return loss

@@ -1,0 +1,5 @@
+"""Custom ops of the compiled extension (torch.ops.metrix_ops.*) with their Python side:
+fake (meta) kernels for torch.compile, autograd, and argument checks."""
+from .row_stats import sim_row_stats
+
+__all__ = ["sim_row_stats"]
