@@ -70,7 +70,7 @@ def extensions():
                  f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cuda_home})")
     use_cuda = can_cuda and force != "0"
 
-    sources = [os.path.join("csrc", "metrix_ops.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard it needs (C++20 for 2.10+)
     define_macros = []
     if use_cuda:

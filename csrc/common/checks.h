@@ -1,30 +1,18 @@
-// Argument checks shared by the CPU and CUDA entry points (messages name the argument).
+// Argument checks and helpers shared by the CPU and CUDA entry points. Defined once in
+// csrc/checks.cpp (compiled by the C++ compiler only): inline definitions here would be
+// compiled twice, by g++ and by nvcc's host pass with other flags, and the linker may keep
+// either copy — an ODR clash that crashed on torch 2.11 when a check threw.
 #pragma once
 #include <torch/types.h>
 
 namespace metrix_ops {
 
-inline void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, int64_t chunk) {
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D (B, D), got ", x.dim(), "-D");
-  TORCH_CHECK(r.dim() == 2, "r must be 2-D (M, D), got ", r.dim(), "-D");
-  TORCH_CHECK(x.size(1) == r.size(1), "x and r must have the same D, got ", x.size(1), " and ",
-              r.size(1));
-  TORCH_CHECK(x.device() == r.device(), "x and r must be on the same device");
-  TORCH_CHECK(x.scalar_type() == r.scalar_type(), "x and r must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ",
-              x.scalar_type());
-  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
-}
+void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, int64_t chunk);
 
 // Accumulation type: fp64 for fp64 inputs, fp32 for everything else (fp16/bf16 included).
-inline at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_type(const at::Tensor& x);
 
 // L2 row normalisation in the accumulation type, eps as torch.nn.functional.normalize.
-inline at::Tensor normalize_rows(const at::Tensor& x) {
-  auto xa = x.to(acc_type(x));
-  return xa / xa.norm(2, {1}, true).clamp_min(1e-12);
-}
+at::Tensor normalize_rows(const at::Tensor& x);
 
 }  // namespace metrix_ops

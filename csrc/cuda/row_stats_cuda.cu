@@ -21,11 +21,10 @@ __global__ void fold_chunk_kernel(const T* __restrict__ s, int64_t len, int64_t 
                                   RowState<T>* __restrict__ state) {
   const int64_t row = blockIdx.x;
   const T* srow = s + row * len;
-  // Each thread walks a contiguous slice so its local pushes stay in index order.
-  const int64_t per = (len + kThreads - 1) / kThreads;
-  const int64_t j0 = threadIdx.x * per, j1 = min(len, j0 + per);
+  // Strided so a warp reads consecutive columns (coalesced); each thread still sees its
+  // columns in increasing order, and merge() breaks ties across threads by index.
   RowState<T> local = RowState<T>::empty();
-  for (int64_t j = j0; j < j1; ++j) local.push(srow[j], start + j);
+  for (int64_t j = threadIdx.x; j < len; j += kThreads) local.push(srow[j], start + j);
 
   __shared__ RowState<T> shared[kThreads];
   shared[threadIdx.x] = local;
