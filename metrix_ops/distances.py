@@ -74,9 +74,7 @@ class CosineSimilarity(BaseDistance):
 
 
 class DotProductSimilarity(CosineSimilarity):
-    def __init__(self, **kwargs):
-        kwargs.setdefault("normalize_embeddings", False)
-        super().__init__(**kwargs)
+    """As in PML, it still normalises by default (normalize_embeddings=True)."""
 
 
 _BY_NAME = {"LpDistance": LpDistance, "CosineSimilarity": CosineSimilarity,

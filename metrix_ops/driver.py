@@ -55,6 +55,13 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
                       or expansion is not None)
 
     same_set = ref_emb is None or ref_labels is labels
+    if embeddings.dtype in (torch.float16, torch.bfloat16):
+        # half inputs are computed (and the loss returned) in fp32: exp/log-sum-exp terms
+        # and means over B² pairs lose too much in 10- or 7-bit mantissas
+        embeddings = embeddings.float()
+        ref_emb = None if ref_emb is None else ref_emb.float()
+        if mixed_embeddings is not None:
+            mixed_embeddings = mixed_embeddings.float()
     if ref_emb is None:
         ref_emb, ref_labels = embeddings, labels
     inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,

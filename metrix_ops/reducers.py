@@ -11,7 +11,8 @@ import torch
 
 
 class BaseReducer:
-    def reduce(self, losses, reduction_type: str, embeddings: torch.Tensor) -> torch.Tensor:
+    def reduce(self, losses, reduction_type: str, embeddings: torch.Tensor,
+               divisor=None) -> torch.Tensor:
         if not torch.is_tensor(losses):
             if losses == 0:
                 return zero_loss(embeddings)
@@ -25,6 +26,20 @@ class BaseReducer:
 
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+
+class DivisorReducer(BaseReducer):
+    """Sum of the terms over a divisor the loss supplies (ProxyAnchor: the number of
+    proxies with positives for the positive sub-loss, all proxies for the negative one)."""
+
+    def reduce(self, losses, reduction_type, embeddings, divisor=None):
+        if torch.is_tensor(losses) and reduction_type != "already_reduced":
+            if divisor is None:
+                raise ValueError("DivisorReducer needs the loss to give a divisor")
+            if divisor == 0:
+                return zero_loss(embeddings)
+            return losses.sum() / divisor
+        return super().reduce(losses, reduction_type, embeddings)
 
 
 class MeanReducer(BaseReducer):
@@ -69,7 +84,7 @@ def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 _BY_NAME = {"MeanReducer": MeanReducer, "SumReducer": SumReducer,
-            "AvgNonZeroReducer": AvgNonZeroReducer}
+            "AvgNonZeroReducer": AvgNonZeroReducer, "DivisorReducer": DivisorReducer}
 
 
 def as_reducer(obj, default=None) -> BaseReducer:
@@ -90,6 +105,7 @@ def as_reducer(obj, default=None) -> BaseReducer:
 def reduce_loss_dict(loss_dict: dict, reducer: BaseReducer, embeddings: torch.Tensor) -> torch.Tensor:
     total = None
     for info in loss_dict.values():
-        value = reducer.reduce(info["losses"], info["reduction_type"], embeddings)
+        value = reducer.reduce(info["losses"], info["reduction_type"], embeddings,
+                               divisor=info.get("divisor"))
         total = value if total is None else total + value
     return total if total is not None else zero_loss(embeddings)

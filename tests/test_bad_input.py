@@ -9,7 +9,7 @@ from metrix_ops.losses.base import BaseMetricLoss
 
 D = 6
 LOSSES = sorted(n for n, c in vars(mo.losses).items()
-                if inspect.isclass(c) and issubclass(c, BaseMetricLoss) and c is not BaseMetricLoss)
+                if inspect.isclass(c) and issubclass(c, BaseMetricLoss) and c.loss_name)
 
 
 def make(name, **kw):

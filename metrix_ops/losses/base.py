@@ -10,14 +10,30 @@ from ..driver import run_loss
 
 
 class BaseMetricLoss(torch.nn.Module):
-    """Subclasses set `loss_name` (the registry key, PML's class name) and implement
-    `loss_params()` returning the loss's own hyper-parameters (and proxies, if any)."""
+    """Subclasses set `loss_name` (the registry key, PML's class name) and `defaults`, the
+    loss's own hyper-parameters in PML's positional order; they become attributes, as in
+    PML, and are passed to the loss on every call (`loss_params()`)."""
 
     loss_name: str = ""
+    defaults: dict = {}
 
-    def __init__(self, distance=None, reducer=None, backend: str = "auto",
-                 metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None):
+    def __init__(self, *args, distance=None, reducer=None, backend: str = "auto",
+                 metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
+                 **hyper):
         super().__init__()
+        names = list(self.defaults)
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} positional "
+                            f"arguments ({', '.join(names)})")
+        unknown = sorted(set(hyper) - set(names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {unknown}; "
+                            f"its hyper-parameters are {names}")
+        params = dict(self.defaults)
+        params.update(zip(names, args))
+        params.update(hyper)
+        for k, v in params.items():
+            setattr(self, k, v)
         self.distance = distance
         self.reducer = reducer
         self.backend = backend
@@ -25,7 +41,7 @@ class BaseMetricLoss(torch.nn.Module):
         self.expansion = expansion
 
     def loss_params(self) -> dict:
-        raise NotImplementedError
+        return {k: getattr(self, k) for k in self.defaults}
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
                 ref_labels=None, *, lam=None, mixed_embeddings=None, mixed=None):

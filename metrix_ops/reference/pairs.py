@@ -56,3 +56,19 @@ def pair_mask(rows, cols, shape, device) -> torch.Tensor:
     m = torch.zeros(shape, dtype=torch.bool, device=device)
     m[rows, cols] = True
     return m
+
+
+def pair_terms_present(pairs) -> bool:
+    """PML's GenericPairLoss gives zero losses when every index list has at most one entry."""
+    return not all(len(x) <= 1 for x in pairs)
+
+
+def mat_and_masks(inp):
+    """(distance matrix, pos mask, neg mask) over the pairs of the call, or None when PML
+    would return zero losses. Masks are boolean B×M."""
+    a1, p, a2, n = to_pairs(inp.indices_tuple, inp.labels, inp.ref_labels, inp.same_set)
+    if not pair_terms_present((a1, p, a2, n)):
+        return None
+    mat = inp.distance(inp.embeddings, inp.ref_emb)
+    shape, dev = mat.shape, mat.device
+    return mat, pair_mask(a1, p, shape, dev), pair_mask(a2, n, shape, dev)

@@ -1,0 +1,34 @@
+"""CircleLoss (Sun et al. 2020), PML's pair-label form: per anchor
+softplus(log Σ_P e^{−γ[O_p − s]₊(s − Δ_p)} + log Σ_N e^{γ[s − O_n]₊(s − Δ_n)}), the weights
+[·]₊ detached (as the paper and PML), anchors lacking a positive or a negative give 0;
+AvgNonZero reduced."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..distances import CosineSimilarity
+from ..reducers import AvgNonZeroReducer
+from ..spec import LossInputs, register_loss
+from .lse import masked_logsumexp
+from .pairs import mat_and_masks
+
+
+@register_loss("CircleLoss", CosineSimilarity, AvgNonZeroReducer)
+def circle_loss_dict(inp: LossInputs, m=0.4, gamma=80.0):
+    if not inp.distance.is_inverted:
+        raise ValueError("CircleLoss needs a similarity (CosineSimilarity), as in PML")
+    found = mat_and_masks(inp)
+    if found is None:
+        return {"loss": {"losses": 0, "indices": None, "reduction_type": "already_reduced"}}
+    s, pos, neg = found
+    op, on, delta_p, delta_n = 1 + m, -m, 1 - m, m
+    logit_p = -gamma * F.relu(op - s.detach()) * (s - delta_p)
+    logit_n = gamma * F.relu(s.detach() - on) * (s - delta_n)
+    lse_p = masked_logsumexp(logit_p, pos, add_one=False)
+    lse_n = masked_logsumexp(logit_n, neg, add_one=False)
+    losses = F.softplus(lse_p + lse_n).squeeze(1)
+    valid = pos.any(1) & neg.any(1)
+    losses = losses * valid.to(losses.dtype)
+    return {"loss": {"losses": losses, "indices": torch.arange(len(losses), device=s.device),
+                     "reduction_type": "element"}}
