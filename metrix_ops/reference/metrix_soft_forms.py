@@ -1,0 +1,102 @@
+"""The soft-label form of each loss (DESIGN §3): the loss of an anchor over candidates v
+with labels y ∈ [0, 1],
+
+    ℓ(a) = τ( σ⁺(Σ y·ρ⁺(s(a,v))) + σ⁻(Σ (1−y)·ρ⁻(s(a,v))) ),
+
+given as functions of the candidate cosine similarities `s` (B×K), soft labels `y` (B×K)
+and membership `member` (B×K bool: v ∈ V(a)), each returning the loss's own reduction.
+Clean losses are the case y ∈ {0, 1}; the tests check exactly that identity too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..reducers import AvgNonZeroReducer
+from .lse import masked_logsumexp
+
+
+def loss_metric(s: torch.Tensor, distance) -> torch.Tensor:
+    """The loss's own metric of unit vectors with cosine s: s itself for a similarity,
+    ‖u − v‖^power = (2 − 2s)^{power/2} for the (normalised) L2 distance."""
+    if distance.is_inverted:
+        return s
+    if distance.p != 2:
+        raise NotImplementedError("Metrix on an Lp distance needs p=2")
+    d2 = (2 - 2 * s).clamp_min(0)
+    # For coincident points 2 − 2s is rounding noise (~eps), and sqrt's slope 1/(2d) would
+    # blow it up into a large, meaningless gradient. cdist (PML) gives them d = 0 and the
+    # zero subgradient; we keep the value and take the zero subgradient below 16·eps.
+    coincident = d2 < 16 * torch.finfo(s.dtype).eps
+    d = torch.where(coincident, d2.detach().sqrt(), d2.clamp_min(torch.finfo(s.dtype).tiny).sqrt())
+    return d if distance.power == 1 else d**distance.power
+
+
+def contrastive_soft(s, y, member, distance, pos_margin=0.0, neg_margin=1.0):
+    """Pair-reduced: y·[d − m⁺]₊ and (1−y)·[m⁻ − d]₊ over all member pairs, each sub-loss
+    AvgNonZero-reduced, then summed (as the clean loss)."""
+    d = loss_metric(s, distance)
+    pos = (y * F.relu(distance.margin(d, pos_margin)))[member]
+    neg = ((1 - y) * F.relu(distance.margin(neg_margin, d)))[member]
+    red, ref = AvgNonZeroReducer(), s
+    return red.reduce(pos, "pos_pair", ref) + red.reduce(neg, "neg_pair", ref)
+
+
+def _mean_over_anchors(per_anchor, member, s):
+    has = member.any(1)
+    if not has.any():
+        return torch.sum(s * 0)
+    return per_anchor[has].mean()
+
+
+def _log_weighted(y, member):
+    """log y where the term exists (y > 0 and a member), −inf elsewhere: Σ y e^x becomes a
+    plain log-sum-exp of (log y + x), stable at MS's β = 50 and PA's α = 32."""
+    keep = member & (y > 0)
+    return torch.log(y.clamp_min(torch.finfo(y.dtype).tiny)), keep
+
+
+def multi_similarity_soft(s, y, member, distance, alpha=2.0, beta=50.0, base=0.5):
+    """Anchor-reduced: (1/α)log(1 + Σ y e^{−α(s−base)}) + (1/β)log(1 + Σ (1−y) e^{β(s−base)}),
+    mean over anchors with a non-empty V(a)."""
+    m = loss_metric(s, distance)
+    ly, kp = _log_weighted(y, member)
+    l1y, kn = _log_weighted(1 - y, member)
+    pos = masked_logsumexp(alpha * distance.margin(m, base) + ly, kp, add_one=True) / alpha
+    neg = masked_logsumexp(beta * distance.margin(base, m) + l1y, kn, add_one=True) / beta
+    return _mean_over_anchors((pos + neg).squeeze(1), member, s)
+
+
+def proxy_anchor_soft(s, y, member, distance, margin=0.1, alpha=32.0):
+    """Anchors are proxies (rows of s are proxies, columns mixed candidates; y is the
+    candidates' class mass on each proxy): pos Σ_{c with mass} log(1 + Σ y e^{−α(s−δ)}) over
+    the number of such proxies, neg Σ_c log(1 + Σ (1−y) e^{α(s+δ)}) over all proxies."""
+    m = loss_metric(s, distance)
+    ly, kp = _log_weighted(y, member)
+    l1y, kn = _log_weighted(1 - y, member)
+    pos = masked_logsumexp(alpha * distance.margin(m, margin) + ly, kp, add_one=True).squeeze(1)
+    neg = masked_logsumexp(alpha * distance.margin(-margin, m) + l1y, kn, add_one=True).squeeze(1)
+    with_pos = int(kp.any(1).sum())
+    pos_loss = pos.sum() / with_pos if with_pos else torch.sum(s * 0)
+    return pos_loss + neg.sum() / s.shape[0]
+
+
+def proxy_nca_soft(s, y, member, distance, softmax_scale=1.0, temperature=None):
+    """Rows are mixed candidates (queries), columns proxies: soft-target cross-entropy
+    −Σ_c y_c log softmax_c(scale · (−d(v, P_c))), mean over candidates."""
+    scale = softmax_scale / temperature if temperature is not None else softmax_scale
+    m = loss_metric(s, distance)
+    logits = scale * (m if distance.is_inverted else -m)
+    logp = torch.log_softmax(logits, dim=1)
+    per_query = -(y * logp).sum(1)
+    rows = member.any(1)
+    return per_query[rows].mean() if rows.any() else torch.sum(s * 0)
+
+
+SOFT_FORMS = {
+    "ContrastiveLoss": contrastive_soft,
+    "MultiSimilarityLoss": multi_similarity_soft,
+    "ProxyAnchorLoss": proxy_anchor_soft,
+    "ProxyNCALoss": proxy_nca_soft,
+}
+PROXY_LOSSES = {"ProxyAnchorLoss", "ProxyNCALoss"}
