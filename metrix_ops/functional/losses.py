@@ -3,7 +3,7 @@ from ._factory import loss_function
 
 __all__ = ["contrastive_loss", "multi_similarity_loss", "lifted_structure_loss", "generalized_lifted_structure_loss",
            "circle_loss", "ntxent_loss", "supcon_loss", "triplet_margin_loss", "npairs_loss",
-           "proxy_anchor_loss", "proxy_nca_loss"]
+           "proxy_anchor_loss", "proxy_nca_loss", "hphn_triplet_loss"]
 
 contrastive_loss = loss_function("contrastive_loss", "ContrastiveLoss", pos_margin=0.0,
                                  neg_margin=1.0)
@@ -25,3 +25,4 @@ proxy_anchor_loss = loss_function("proxy_anchor_loss", "ProxyAnchorLoss", proxie
                                   margin=0.1, alpha=32.0)
 proxy_nca_loss = loss_function("proxy_nca_loss", "ProxyNCALoss", proxies=None,
                                softmax_scale=1.0, temperature=None)
+hphn_triplet_loss = loss_function("hphn_triplet_loss", "HPHNTripletLoss", margin=0.2)
