@@ -49,8 +49,8 @@ def _time(fn, x, y, repeats=3):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--classes", type=int, default=32)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--seed", type=int, default=0)

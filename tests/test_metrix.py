@@ -27,23 +27,29 @@ def dist(u, v):
 
 
 def candidates(a, xh, rh, y, ry, same_set, scheme, lam):
-    """[(v̂, label)] of anchor a, enumerated from DESIGN §3's words."""
+    """(V̂ K×D, labels K) of anchor a, enumerated from DESIGN §3's words; every mixed point
+    is built and normalised explicitly."""
     m = len(rh)
     P = [j for j in range(m) if ry[j] == y[a] and not (same_set and j == a)]
     N = [j for j in range(m) if ry[j] != y[a]]
-    out = []
+
+    def mix(us, ws, label, distinct=False):
+        pairs = [(u, w) for u in us for w in ws if not (distinct and u == w)]
+        if not pairs:
+            return None
+        U = torch.stack([rh[u] if isinstance(u, int) else u for u, _ in pairs])
+        W = torch.stack([rh[w] for _, w in pairs])
+        V = lam * U + (1 - lam) * W
+        V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return V, torch.full((len(pairs),), float(label), dtype=V.dtype)
+
     if scheme == "pos_neg":
-        if P:
-            out = [(unit(lam * rh[p] + (1 - lam) * rh[n]), lam) for p in P for n in N]
-        else:
-            out = [(unit(lam * xh[a] + (1 - lam) * rh[n]), lam) for n in N]
-    elif scheme == "anchor_neg":
-        out = [(unit(lam * xh[a] + (1 - lam) * rh[n]), lam) for n in N]
-    elif scheme == "pos_pos":
-        out = [(unit(lam * rh[p] + (1 - lam) * rh[q]), 1.0) for p in P for q in P if p != q]
-    else:
-        out = [(unit(lam * rh[n] + (1 - lam) * rh[k]), 0.0) for n in N for k in N if n != k]
-    return out
+        return mix(P, N, lam) if P else mix([xh[a]], N, lam)
+    if scheme == "anchor_neg":
+        return mix([xh[a]], N, lam)
+    if scheme == "pos_pos":
+        return mix(P, P, 1.0, distinct=True)
+    return mix(N, N, 0.0, distinct=True)
 
 
 def materialised_in_batch(name, hp, x, y, scheme, lam, r=None, ry=None):
@@ -53,25 +59,26 @@ def materialised_in_batch(name, hp, x, y, scheme, lam, r=None, ry=None):
     ry = y if same_set else ry
     pos_terms, neg_terms, per_anchor = [], [], []
     for a in range(len(x)):
-        cands = candidates(a, xh, rh, y, ry, same_set, scheme, lam)
-        if not cands:
+        found = candidates(a, xh, rh, y, ry, same_set, scheme, lam)
+        if found is None:
             continue
+        V, lab = found
         if name == "ContrastiveLoss":
-            for v, lab in cands:
-                d = dist(xh[a], v)
-                pos_terms.append(lab * torch.relu(d - hp["pos_margin"]))
-                neg_terms.append((1 - lab) * torch.relu(hp["neg_margin"] - d))
+            d = torch.stack([dist(xh[a], v) for v in V])
+            pos_terms.append(lab * torch.relu(d - hp["pos_margin"]))
+            neg_terms.append((1 - lab) * torch.relu(hp["neg_margin"] - d))
         else:
-            sp = sum(lab * torch.exp(-hp["alpha"] * (xh[a] @ v - hp["base"])) for v, lab in cands)
-            sn = sum((1 - lab) * torch.exp(hp["beta"] * (xh[a] @ v - hp["base"])) for v, lab in cands)
+            s = V @ xh[a]
+            sp = (lab * torch.exp(-hp["alpha"] * (s - hp["base"]))).sum()
+            sn = ((1 - lab) * torch.exp(hp["beta"] * (s - hp["base"]))).sum()
             per_anchor.append(torch.log1p(sp) / hp["alpha"] + torch.log1p(sn) / hp["beta"])
     zero = (x * 0).sum()
     if name == "ContrastiveLoss":
         def avg_nonzero(ts):
-            nz = [t for t in ts if t > 0]
-            return sum(nz) / len(nz) if nz else zero
+            t = torch.cat(ts) if ts else x.new_zeros(0)
+            return t[t > 0].mean() if (t > 0).any() else zero
         return avg_nonzero(pos_terms) + avg_nonzero(neg_terms)
-    return sum(per_anchor) / len(per_anchor) if per_anchor else zero
+    return torch.stack(per_anchor).mean() if per_anchor else zero
 
 
 def materialised_proxy(name, hp, x, y, P, scheme, lam):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..reducers import zero_loss
 from ..spec import LossInputs
-from .expansion_points import anchor_side, build_points, point_gram
+from .expansion_points import build_points, point_gram
 from .lse import masked_logsumexp
 from .pairs import match_masks
 
@@ -66,12 +66,17 @@ class ExpandedBatch:
         self.clean = mat[:b, :b]
         self.pos, _ = match_masks(labels, labels, True)
         self.neg_q = labels[:, None] != self.pts.labels[None, :]  # B × P
-        side = anchor_side(self.pts, b)  # B × P
-        # d_EE(i, q) = best over a ∈ A_i of mat[a, q]
-        worst = float("-inf") if inp.distance.is_inverted else float("inf")
-        stacked = mat[None, :, :].masked_fill(~side[:, :, None], worst)  # B × P(a) × P(q)
-        self.ee = stacked.max(1).values if inp.distance.is_inverted else stacked.min(1).values
-        self.ee = self.ee.masked_fill(~self.neg_q, 0.0)
+        # d_EE(i, q) = best over a ∈ A_i of mat[a, q]: start from the original i's row and
+        # fold in every synthetic point's row at both endpoints of its segment (a B×P×P
+        # stack would be the dense memory the design forbids)
+        reduce = "amax" if inp.distance.is_inverted else "amin"
+        syn = ~self.pts.is_original
+        rows = mat[syn]
+        ee = mat[:b]
+        for end in (self.pts.u[syn], self.pts.w[syn]):
+            ee = ee.scatter_reduce(0, end[:, None].expand_as(rows), rows, reduce=reduce,
+                                   include_self=True)
+        self.ee = ee.masked_fill(~self.neg_q, 0.0)
 
     def hardest_negative(self):
         """Per anchor: the hardest negative pair score, and whether it has any negative."""

@@ -74,10 +74,3 @@ def point_gram(x: torch.Tensor, pts: Points, normalize: bool):
         inner = inner / (c[:, None] * c[None, :])
         sq = torch.ones_like(sq)
     return inner, sq
-
-
-def anchor_side(pts: Points, b: int) -> torch.Tensor:
-    """B × P: point k is on the anchor side of original i (i itself, or a synthetic point
-    on a segment with i as an endpoint)."""
-    i = torch.arange(b, device=pts.u.device)[:, None]
-    return (pts.u[None, :] == i) | (pts.w[None, :] == i)
