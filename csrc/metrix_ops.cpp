@@ -26,6 +26,13 @@ TORCH_LIBRARY(metrix_ops, m) {
   // of `chunk` rows: (row max, row argmax with lowest index on ties, row logsumexp).
   m.def("sim_row_stats(Tensor x, Tensor r, float scale, int chunk) -> (Tensor, Tensor, Tensor)");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
+  // Multi-similarity loss of unit anchors x against unit references r, streamed over r:
+  // per-anchor loss terms and the two per-row log(1 + Σ e^·) the backward needs.
+  m.def("ms_loss_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, bool exclude_diag, "
+        "float alpha, float beta, float base, int chunk) -> (Tensor, Tensor, Tensor)");
+  m.def("ms_loss_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "Tensor lse_pos, Tensor lse_neg, bool exclude_diag, float alpha, float beta, "
+        "float base, int chunk) -> (Tensor, Tensor)");
 }
 
 }  // namespace metrix_ops

@@ -7,15 +7,12 @@ from typing import Optional
 import torch
 
 from . import backend as backend_mod
+from . import fused
 from .config import Expansion, Metrix
 from .distances import as_distance
 from .reducers import as_reducer, reduce_loss_dict
 from .spec import LossInputs, get_spec
 from .validation import check_loss_inputs
-
-# backend name -> callable(spec, params, inp, reducer, expansion) -> scalar; set by fused engines
-FUSED_IMPLS: dict = {}
-
 
 def draw_lam(metrix: Metrix, lam: Optional[float]) -> float:
     """The call's λ, else the config's fixed λ, else one Beta(α, α) draw (global torch RNG)."""
@@ -69,9 +66,16 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     red = as_reducer(reducer, spec.default_reducer)
     lam_value = draw_lam(metrix, lam) if metrix is not None else None
     chosen = backend_mod.resolve(backend, name, embeddings.device)
+    if chosen != "reference" and not fused.supported(chosen, name, params, inp, expansion):
+        if backend != "auto":
+            raise NotImplementedError(
+                f"backend={backend!r} does not cover this {name} call (its fused op supports "
+                "the default cosine distance, no indices_tuple and no expansion=); use "
+                "backend='auto' or 'reference'")
+        chosen = "reference"
 
     if chosen != "reference":
-        loss = FUSED_IMPLS[chosen](spec, params, inp, red, expansion)
+        loss = fused.IMPLS[(chosen, name)][1](params, inp, red)
     elif expansion is not None:
         from .reference.expansion import expansion_loss_dict
         loss = reduce_loss_dict(expansion_loss_dict(name, params, inp, expansion), red, embeddings)

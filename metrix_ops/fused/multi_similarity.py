@@ -1,0 +1,45 @@
+"""MultiSimilarityLoss through the fused streaming op: the loss's per-anchor terms come
+from ms_loss_fwd (no B×M matrix); PML's reducers then apply to them as usual."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from ..distances import is_cosine
+from ..ops.ms_loss import ms_loss_rows
+from ..reducers import reduce_loss_dict
+from . import register
+
+
+def _pair_counts(labels, ref_labels, same_set):
+    """(#positive pairs, #negative pairs) without forming them: from label histograms."""
+    k = int(max(labels.max(), ref_labels.max())) + 1 if labels.numel() and ref_labels.numel() else 1
+    lo = min(int(labels.min()), int(ref_labels.min())) if labels.numel() and ref_labels.numel() else 0
+    a = torch.bincount(labels - lo, minlength=k - lo)
+    b = torch.bincount(ref_labels - lo, minlength=k - lo)
+    pos = int((a * b).sum()) - (len(labels) if same_set else 0)
+    neg = len(labels) * len(ref_labels) - int((a * b).sum())
+    return pos, neg
+
+
+def supports(params, inp, expansion) -> bool:
+    return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
+            and is_cosine(inp.distance) and inp.labels is not None)
+
+
+def impl(params, inp, reducer, chunk: int = 2048):
+    x = inp.embeddings
+    pos, neg = _pair_counts(inp.labels, inp.ref_labels, inp.same_set)
+    if pos <= 1 and neg <= 1:  # PML's rule: no loss when no side has two pairs
+        return torch.sum(x * 0)
+    xu = F.normalize(x, dim=1)
+    ru = xu if inp.ref_emb is inp.embeddings else F.normalize(inp.ref_emb, dim=1)
+    rows = ms_loss_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
+                        params["beta"], params["base"], chunk)
+    loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
+                          "reduction_type": "element"}}
+    return reduce_loss_dict(loss_dict, reducer, x)
+
+
+register("cpu", "MultiSimilarityLoss", supports, impl)

@@ -1,0 +1,44 @@
+"""Multi-similarity loss rows from the fused streaming op (csrc/*/ms_loss_*): the Python
+side — fake kernel for torch.compile, autograd, and the call. Inputs are unit rows: the
+normalisation and its gradient stay in PyTorch (O(B·D))."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+
+_FWD = "metrix_ops::ms_loss_fwd"
+
+if _ext.HAS_EXT:
+    @torch.library.register_fake(_FWD)
+    def _fake(x, r, labels, ref_labels, exclude_diag, alpha, beta, base, chunk):
+        b = x.shape[0]
+        return x.new_empty(b), x.new_empty(b), x.new_empty(b)
+
+    @torch.library.register_fake("metrix_ops::ms_loss_bwd")
+    def _fake_bwd(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg, exclude_diag, alpha,
+                  beta, base, chunk):
+        return torch.empty_like(x), torch.empty_like(r)
+
+    def _setup_context(ctx, inputs, output):
+        x, r, labels, ref_labels, exclude_diag, alpha, beta, base, chunk = inputs
+        ctx.save_for_backward(x, r, labels, ref_labels, output[1], output[2])
+        ctx.args = (exclude_diag, alpha, beta, base, chunk)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward(ctx, g_rows, _g_lp, _g_ln):
+        x, r, labels, ref_labels, lse_pos, lse_neg = ctx.saved_tensors
+        dx, dr = torch.ops.metrix_ops.ms_loss_bwd(g_rows.contiguous(), x, r, labels, ref_labels,
+                                                  lse_pos, lse_neg, *ctx.args)
+        return dx, dr, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+def ms_loss_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
+                 beta: float, base: float, chunk: int = 2048) -> torch.Tensor:
+    """Per-anchor MS loss terms (1/α)log(1+Σ_P e^{−α(s−base)}) + (1/β)log(1+Σ_N e^{β(s−base)})."""
+    rows, _, _ = torch.ops.metrix_ops.ms_loss_fwd(
+        x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
+        bool(exclude_diag), float(alpha), float(beta), float(base), int(chunk))
+    return rows
