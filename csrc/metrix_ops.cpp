@@ -3,12 +3,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
-extern "C" {
-// `import metrix_ops._C` loads this shared object, which runs the registrations below.
-PyObject* PyInit__C(void) {
+// `import metrix_ops._C` loads this shared object, which runs the static TORCH_LIBRARY
+// registrations; the module itself is empty (ops are reached through torch.ops.metrix_ops).
+// PyMODINIT_FUNC gives the extern "C" linkage and default visibility Python looks up.
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&def);
-}
 }
 
 namespace metrix_ops {
@@ -33,6 +33,11 @@ TORCH_LIBRARY(metrix_ops, m) {
   m.def("ms_loss_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor lse_pos, Tensor lse_neg, bool exclude_diag, float alpha, float beta, "
         "float base, int chunk) -> (Tensor, Tensor)");
+  // The same against the batch itself, using the symmetry of S (blocks I <= J only).
+  m.def("ms_loss_self_fwd(Tensor x, Tensor labels, float alpha, float beta, float base, "
+        "int block) -> (Tensor, Tensor, Tensor)");
+  m.def("ms_loss_self_bwd(Tensor grad_rows, Tensor x, Tensor labels, Tensor lse_pos, "
+        "Tensor lse_neg, float alpha, float beta, float base, int block) -> Tensor");
 }
 
 }  // namespace metrix_ops

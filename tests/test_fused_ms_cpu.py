@@ -43,6 +43,26 @@ def test_chunk_boundaries(chunk):
 
     assert_close_vg(rows_fused, rows_ref, x)
 
+    from metrix_ops.ops import ms_loss_rows_self
+    w = torch.randn(23, dtype=torch.float64, generator=g)  # unequal row weights
+
+    def rows_self(e):  # symmetric-block op: blocks of `chunk` rows
+        return (ms_loss_rows_self(e, y, 2.0, 50.0, 0.5, chunk) * w).sum()
+
+    def rows_ref_w(e):
+        from metrix_ops.reference.multi_similarity import multi_similarity_loss_dict
+        from metrix_ops.spec import LossInputs
+        inp = LossInputs(e, y, None, e, y, True, mo.distances.CosineSimilarity(normalize_embeddings=False))
+        return (multi_similarity_loss_dict(inp)["loss"]["losses"] * w).sum()
+
+    assert_close_vg(rows_self, rows_ref_w, x)
+
+
+def test_self_op_opcheck():
+    x = F.normalize(torch.randn(11, 4), dim=1).requires_grad_()
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 0])
+    torch.library.opcheck(torch.ops.metrix_ops.ms_loss_self_fwd.default, (x, y, 2.0, 50.0, 0.5, 4))
+
 
 def test_ref_emb_and_reducers():
     g = torch.Generator().manual_seed(1)

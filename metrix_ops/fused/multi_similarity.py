@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import is_cosine
-from ..ops.ms_loss import ms_loss_rows
+from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self
 from ..reducers import reduce_loss_dict
 from . import register
 
@@ -34,9 +34,11 @@ def impl(params, inp, reducer, chunk: int = 2048):
     if pos <= 1 and neg <= 1:  # PML's rule: no loss when no side has two pairs
         return torch.sum(x * 0)
     xu = F.normalize(x, dim=1)
-    ru = xu if inp.ref_emb is inp.embeddings else F.normalize(inp.ref_emb, dim=1)
-    rows = ms_loss_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
-                        params["beta"], params["base"], chunk)
+    if inp.ref_emb is inp.embeddings:  # the batch against itself: S is symmetric
+        rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"])
+    else:
+        rows = ms_loss_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
+                            inp.same_set, params["alpha"], params["beta"], params["base"], chunk)
     loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
                           "reduction_type": "element"}}
     return reduce_loss_dict(loss_dict, reducer, x)

@@ -34,6 +34,30 @@ if _ext.HAS_EXT:
 
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
+    @torch.library.register_fake("metrix_ops::ms_loss_self_fwd")
+    def _fake_self(x, labels, alpha, beta, base, block):
+        b = x.shape[0]
+        return x.new_empty(b), x.new_empty(b), x.new_empty(b)
+
+    @torch.library.register_fake("metrix_ops::ms_loss_self_bwd")
+    def _fake_self_bwd(grad_rows, x, labels, lse_pos, lse_neg, alpha, beta, base, block):
+        return torch.empty_like(x)
+
+    def _setup_self(ctx, inputs, output):
+        x, labels, alpha, beta, base, block = inputs
+        ctx.save_for_backward(x, labels, output[1], output[2])
+        ctx.args = (alpha, beta, base, block)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward_self(ctx, g_rows, _g_lp, _g_ln):
+        x, labels, lse_pos, lse_neg = ctx.saved_tensors
+        dx = torch.ops.metrix_ops.ms_loss_self_bwd(g_rows.contiguous(), x, labels, lse_pos,
+                                                   lse_neg, *ctx.args)
+        return dx, None, None, None, None, None
+
+    torch.library.register_autograd("metrix_ops::ms_loss_self_fwd", _backward_self,
+                                    setup_context=_setup_self)
+
 
 def ms_loss_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
                  beta: float, base: float, chunk: int = 2048) -> torch.Tensor:
@@ -41,4 +65,14 @@ def ms_loss_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: 
     rows, _, _ = torch.ops.metrix_ops.ms_loss_fwd(
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(alpha), float(beta), float(base), int(chunk))
+    return rows
+
+
+def ms_loss_rows_self(x_unit, labels, alpha: float, beta: float, base: float,
+                      block: int = 1024) -> torch.Tensor:
+    """ms_loss_rows of a batch against itself (self pairs excluded), using S's symmetry:
+    half the similarity products, and one gradient product per block pair."""
+    rows, _, _ = torch.ops.metrix_ops.ms_loss_self_fwd(
+        x_unit.contiguous(), labels.contiguous(), float(alpha), float(beta), float(base),
+        int(block))
     return rows
