@@ -14,7 +14,7 @@ import shutil
 import site
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,13 +47,24 @@ def find_cuda_home():
     return None
 
 
-def wheel_cuda_include_dirs():
+def wheel_cuda_include_dirs(torch_dir):
     """Headers torch's CUDA headers need (cusparse.h, cublas_v2.h, ...) that may exist only
-    in the pip `nvidia-*` wheels torch brings, not in a minimal toolkit."""
+    in the pip `nvidia-*` wheels torch brings (nvidia/cu13/include, nvidia/cusparse/include,
+    ...), not in a minimal toolkit. Looked up beside torch first, wherever it is installed."""
+    roots = [os.path.dirname(torch_dir)]
+    try:
+        roots += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:  # old virtualenv's site module
+        pass
     dirs = []
-    for sp in site.getsitepackages() + [site.getusersitepackages()]:
-        dirs += glob.glob(os.path.join(sp, "nvidia", "*", "include"))
-    return sorted(set(d for d in dirs if os.path.isdir(d)))
+    for sp in roots:
+        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
+    seen, out = set(), []
+    for d in dirs:
+        if os.path.isdir(d) and os.path.realpath(d) not in seen:
+            seen.add(os.path.realpath(d))
+            out.append(d)
+    return out
 
 
 def extensions():
@@ -80,7 +91,7 @@ def extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("METRIX_OPS_WITH_CUDA", None))
         # appended after torch's -I flags, so the toolkit's own headers win where both exist
-        extra_inc = [f"-I{d}" for d in wheel_cuda_include_dirs()]
+        extra_inc = [f"-I{d}" for d in wheel_cuda_include_dirs(os.path.dirname(torch.__file__))]
         ext = cpp_extension.CUDAExtension(
             "metrix_ops._C", sources, define_macros=define_macros,
             include_dirs=[os.path.join(ROOT, "csrc")],
@@ -91,6 +102,11 @@ def extensions():
         ext = cpp_extension.CppExtension(
             "metrix_ops._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    # Say which build this is: a silent CPU-only build is the usual surprise on a GPU box.
+    print(f"metrix_ops: building the extension for CPU{' + CUDA' if use_cuda else ' only'} "
+          f"(torch {torch.__version__}, torch CUDA {torch.version.cuda}, CUDA_HOME={cuda_home}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST') if use_cuda else '-'})",
+          file=sys.stderr)
     os.environ.setdefault("MAX_JOBS", "2")
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_ext}
@@ -98,10 +114,5 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
-setup(
-    name="metrix_ops",
-    version="0.1.0",
-    packages=find_packages(include=["metrix_ops", "metrix_ops.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Name, version, dependencies, packages and the console script live in pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,8 +1,10 @@
 #include "common/checks.h"
 
+#include <cmath>
+
 namespace metrix_ops {
 
-void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, int64_t chunk) {
+void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, double scale, int64_t chunk) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D (B, D), got ", x.dim(), "-D");
   TORCH_CHECK(r.dim() == 2, "r must be 2-D (M, D), got ", r.dim(), "-D");
   TORCH_CHECK(x.size(1) == r.size(1), "x and r must have the same D, got ", x.size(1), " and ",
@@ -11,6 +13,7 @@ void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, int64_t chunk) {
   TORCH_CHECK(x.scalar_type() == r.scalar_type(), "x and r must have the same dtype");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ",
               x.scalar_type());
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
 }
 
@@ -20,7 +23,7 @@ at::ScalarType acc_type(const at::Tensor& x) {
 
 at::Tensor normalize_rows(const at::Tensor& x) {
   auto xa = x.to(acc_type(x));
-  return xa / xa.norm(2, {1}, true).clamp_min(1e-12);
+  return xa.div(xa.norm(2, {1}, true).clamp_min(1e-12));
 }
 
 }  // namespace metrix_ops

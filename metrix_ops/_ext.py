@@ -1,26 +1,38 @@
 """The compiled extension, if it was built. Importing metrix_ops never fails without it."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 
+_IMPORT_ERROR: BaseException | None = None
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.metrix_ops.*)
+    # Loading it registers torch.ops.metrix_ops.*. import_module rather than `from . import
+    # _C`: when it is missing, that form reports a misleading "circular import".
+    _C = importlib.import_module(__package__ + "._C")
 
     HAS_EXT = True
-    HAS_CUDA_EXT = bool(torch.ops.metrix_ops.compiled_with_cuda())
-except ImportError as e:  # not built, or built against another torch
+except (ImportError, OSError) as e:  # not built, or built against another torch (symbols)
     HAS_EXT = False
-    HAS_CUDA_EXT = False
     _IMPORT_ERROR = e
 
-BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the repository root")
+HAS_CUDA_EXT = False
+if HAS_EXT:
+    try:
+        HAS_CUDA_EXT = bool(torch.ops.metrix_ops.compiled_with_cuda())
+    except (AttributeError, RuntimeError):  # a stale build from before the op existed
+        HAS_CUDA_EXT = False
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"
 
 
 def require_ext(backend: str) -> None:
     """Raises a RuntimeError saying how to build when `backend` ('cpu' or 'cuda') is missing."""
+    if backend not in ("cpu", "cuda"):
+        raise ValueError(f"backend must be 'cpu' or 'cuda', got {backend!r}")
     if not HAS_EXT:
         raise RuntimeError(f"backend={backend!r} needs the compiled extension metrix_ops._C, "
-                           f"which is not built ({_IMPORT_ERROR}); {BUILD_HINT}")
+                           f"which is not available ({_IMPORT_ERROR}); {BUILD_HINT}")
     if backend == "cuda" and not HAS_CUDA_EXT:
         raise RuntimeError("backend='cuda' needs the CUDA kernels, which were not compiled: "
                            "install a CUDA toolkit and a CUDA build of torch, set CUDA_HOME to the "

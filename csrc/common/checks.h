@@ -3,11 +3,15 @@
 // compiled twice, by g++ and by nvcc's host pass with other flags, and the linker may keep
 // either copy — an ODR clash that crashed on torch 2.11 when a check threw.
 #pragma once
-#include <torch/types.h>
+// ATen/core/Tensor.h, not torch/types.h (all of ATen): every translation unit includes this
+// header, and the narrower includes halve the compile time of the CUDA file.
+#include <ATen/core/Tensor.h>
 
 namespace metrix_ops {
 
-void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, int64_t chunk);
+// The op's contract, checked again in C++ because torch.ops.metrix_ops.* can be called
+// without the Python wrapper; every message names the offending argument.
+void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, double scale, int64_t chunk);
 
 // Accumulation type: fp64 for fp64 inputs, fp32 for everything else (fp16/bf16 included).
 at::ScalarType acc_type(const at::Tensor& x);

@@ -2,8 +2,7 @@
 from ._factory import loss_function
 
 __all__ = ["contrastive_loss", "multi_similarity_loss", "lifted_structure_loss", "generalized_lifted_structure_loss",
-           "circle_loss", "ntxent_loss", "supcon_loss", "triplet_margin_loss", "npairs_loss",
-           "proxy_anchor_loss", "proxy_nca_loss", "hphn_triplet_loss"]
+           "circle_loss", "ntxent_loss", "supcon_loss"]
 
 contrastive_loss = loss_function("contrastive_loss", "ContrastiveLoss", pos_margin=0.0,
                                  neg_margin=1.0)
@@ -17,12 +16,5 @@ generalized_lifted_structure_loss = loss_function(
 circle_loss = loss_function("circle_loss", "CircleLoss", m=0.4, gamma=80.0)
 ntxent_loss = loss_function("ntxent_loss", "NTXentLoss", temperature=0.07)
 supcon_loss = loss_function("supcon_loss", "SupConLoss", temperature=0.1)
-triplet_margin_loss = loss_function("triplet_margin_loss", "TripletMarginLoss", margin=0.05,
-                                    swap=False, smooth_loss=False, triplets_per_anchor="all")
-npairs_loss = loss_function("npairs_loss", "NPairsLoss")
-# proxies= is required: the functional form owns no parameters
-proxy_anchor_loss = loss_function("proxy_anchor_loss", "ProxyAnchorLoss", proxies=None,
-                                  margin=0.1, alpha=32.0)
-proxy_nca_loss = loss_function("proxy_nca_loss", "ProxyNCALoss", proxies=None,
-                               softmax_scale=1.0, temperature=None)
-hphn_triplet_loss = loss_function("hphn_triplet_loss", "HPHNTripletLoss", margin=0.2)
+# triplet_margin_loss, npairs_loss, proxy_anchor_loss, proxy_nca_loss: functional/<loss>.py
+# hphn_triplet_loss: functional/hphn_triplet.py (it takes reduction=, not reducer=)

@@ -8,8 +8,12 @@ TYPES = ("all", "hard", "semihard", "easy")
 
 
 class TripletMarginMiner(BaseMiner):
-    """PML's TripletMarginMiner: of all triplets, those with margin(d_an − d_ap) ≤ margin
-    ("all"), and ≤ 0 ("hard") or > 0 ("semihard"); "easy" is the complement of "all"."""
+    """PML's TripletMarginMiner(margin=0.2, type_of_triplets="all"). With
+    g = margin(d_an, d_ap) (d_an − d_ap for a distance, s_ap − s_an for a similarity), of
+    all triplets it keeps g ≤ margin ("all": the margin is violated), additionally g ≤ 0
+    ("hard": the negative is at least as close as the positive) or g > 0 ("semihard"), or
+    g > margin ("easy", the complement of "all"). Triplets in PML's order (row-major over
+    anchor, positive, negative)."""
 
     default_distance = LpDistance
 

@@ -31,10 +31,24 @@ def _draw_lam(lam, alpha, generator):
 
 def _pick(score: torch.Tensor, allowed: torch.Tensor, hardest: bool, generator) -> torch.Tensor:
     """Per row, the allowed column with the highest score (hardest), or a uniform random one."""
+    if score.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=score.device)
     if hardest:
         return score.masked_fill(~allowed, float("-inf")).argmax(1)
     w = allowed.to(torch.float64)
     return torch.multinomial(w, 1, generator=generator).squeeze(1)
+
+
+def _unique_pairs(src_a: torch.Tensor, src_b: torch.Tensor, b: int):
+    """The distinct (src_a, src_b) pairs, in order of first appearance."""
+    if len(src_a) == 0:
+        return src_a, src_b
+    key = src_a * b + src_b
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(key), device=key.device), "amin")
+    first = first.sort().values
+    return src_a[first], src_b[first]
 
 
 def mix_pairs(h: Optional[torch.Tensor], labels: torch.Tensor, pairs: str = "pos_neg",
@@ -42,14 +56,21 @@ def mix_pairs(h: Optional[torch.Tensor], labels: torch.Tensor, pairs: str = "pos
               max_pairs: Optional[int] = None, embeddings: Optional[torch.Tensor] = None,
               generator: Optional[torch.Generator] = None) -> MixedBatch:
     """Chooses the pairs of a batch to mix and mixes `h` (any B × ... tensor: an activation
-    or the inputs; None to only choose, for `mixing_hook`).
+    or the inputs; None to only choose, for `mixing_hook`). Returns a MixedBatch whose
+    `inputs` is λ·h[src_a] + (1−λ)·h[src_b].
 
     pos_neg: for each anchor–positive pair (a, p), one negative n of a — the closest to a
-        in `embeddings` ("hardest") or a random one — and the mix (p, n); anchors with no
-        positive get (a, n). anchor_neg: (a, n) for every anchor. pos_pos: (a, p) for each
-        positive pair. neg_neg: per anchor its two hardest (or two random) negatives.
-    The first source of each mix gets weight λ. More than `max_pairs` (default B) mixes are
-    subsampled uniformly.
+        (highest cosine of `embeddings`: "hardest") or a uniformly random one — and the mix
+        (p, n), label λ for a; an anchor with no positive gets (a, n) instead.
+    anchor_neg: (a, n) for every anchor that has a negative, n chosen as above.
+    pos_pos: (a, p) for every ordered positive pair (no negative is chosen, so `negatives`
+        and `embeddings` are not used).
+    neg_neg: per anchor its two hardest (or two random) distinct negatives (n, n′).
+    Identical (src_a, src_b) pairs are kept once (two anchors of a class often share their
+    hardest negative; each mix costs a forward pass and, in the loss, already serves every
+    anchor its scheme makes it a candidate of). The first source gets weight λ. When more
+    than `max_pairs` (default: B) mixes remain, `max_pairs` of them are kept, uniformly at
+    random. λ: `lam` if given, else one Beta(α, α) draw (from `generator` when given).
     """
     if pairs not in METRIX_PAIRS:
         raise ValueError(f"pairs must be one of {METRIX_PAIRS}, got {pairs!r}")
@@ -60,7 +81,8 @@ def mix_pairs(h: Optional[torch.Tensor], labels: torch.Tensor, pairs: str = "pos
     check_labels(labels, b, device, "labels")
     if h is not None and (not torch.is_tensor(h) or h.shape[0] != b):
         raise ValueError(f"h must be a tensor with {b} rows (one per label)")
-    hardest = negatives == "hardest"
+    # pos_pos mixes positives only: no negative to choose, no embeddings needed
+    hardest = negatives == "hardest" and pairs != "pos_pos"
     if hardest:
         if embeddings is None:
             raise ValueError("negatives='hardest' needs embeddings= (to find the closest negative)")
@@ -100,11 +122,12 @@ def mix_pairs(h: Optional[torch.Tensor], labels: torch.Tensor, pairs: str = "pos
     cap = b if max_pairs is None else int(max_pairs)
     if cap < 1:
         raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
+    src_a, src_b = _unique_pairs(src_a, src_b, b)
     if len(src_a) > cap:
         keep = torch.randperm(len(src_a), generator=generator, device="cpu")[:cap].to(device)
         src_a, src_b = src_a[keep], src_b[keep]
-    lam_value = _draw_lam(lam, alpha, generator)
-    inputs = None
+    mixed = MixedBatch(src_a, src_b, _draw_lam(lam, alpha, generator), pairs,
+                       labels[src_a], labels[src_b])
     if h is not None:
-        inputs = lam_value * h[src_a] + (1 - lam_value) * h[src_b]
-    return MixedBatch(src_a, src_b, lam_value, pairs, labels[src_a], labels[src_b], inputs)
+        mixed.inputs = mixed.mix(h)
+    return mixed

@@ -4,8 +4,15 @@ with labels y ∈ [0, 1],
     ℓ(a) = τ( σ⁺(Σ y·ρ⁺(s(a,v))) + σ⁻(Σ (1−y)·ρ⁻(s(a,v))) ),
 
 given as functions of the candidate cosine similarities `s` (B×K), soft labels `y` (B×K)
-and membership `member` (B×K bool: v ∈ V(a)), each returning the loss's own reduction.
-Clean losses are the case y ∈ {0, 1}; the tests check exactly that identity too.
+and membership `member` (B×K bool: v ∈ V(a)), each returning the loss's own reduction
+over its mixed terms (DESIGN §3): pair-reduced losses (contrastive) AvgNonZero-reduce the
+positive terms y·ρ⁺ and the negative terms (1−y)·ρ⁻ apart over all member pairs, then
+sum; anchor-reduced losses (MS, generalised lifted) take the mean of ℓ(a) over anchors
+with a non-empty V(a); CircleLoss keeps its own AvgNonZero over anchors; the proxy losses
+keep theirs (per-proxy divisors for ProxyAnchor, mean over queries for ProxyNCA).
+Sums Σ y·e^{x} are log-sum-exps of x + log y over the terms with y > 0 (MS β = 50 and
+ProxyAnchor α = 32 overflow a naive exp). Clean losses are the case y ∈ {0, 1}, with the
+clean loss's conventions for an empty side; the tests check that identity against PML.
 """
 from __future__ import annotations
 
@@ -81,9 +88,13 @@ def proxy_anchor_soft(s, y, member, distance, margin=0.1, alpha=32.0):
     return pos_loss + neg.sum() / s.shape[0]
 
 
-def proxy_nca_soft(s, y, member, distance, softmax_scale=1.0, temperature=None):
+def proxy_nca_soft(s, y, member, distance, softmax_scale=1.0, temperature=None,
+                   normalize_proxies=None):
     """Rows are mixed candidates (queries), columns proxies: soft-target cross-entropy
     −Σ_c y_c log softmax_c(scale · (−d(v, P_c))), mean over candidates."""
+    if normalize_proxies is False:  # s is a cosine: proxies are normalised here
+        raise NotImplementedError("Metrix with ProxyNCALoss uses normalised proxies; "
+                                  "normalize_proxies=False is not supported")
     scale = softmax_scale / temperature if temperature is not None else softmax_scale
     m = loss_metric(s, distance)
     logits = scale * (m if distance.is_inverted else -m)
@@ -93,8 +104,38 @@ def proxy_nca_soft(s, y, member, distance, softmax_scale=1.0, temperature=None):
     return per_query[rows].mean() if rows.any() else torch.sum(s * 0)
 
 
+def circle_soft(s, y, member, distance, m=0.4, gamma=80.0):
+    """softplus(log Σ y e^{−γ[O_p − s]₊(s − Δ_p)} + log Σ (1−y) e^{γ[s − O_n]₊(s − Δ_n)}),
+    O_p = 1 + m, Δ_p = 1 − m, O_n = −m, Δ_n = m, the weights [·]₊ detached (as the clean
+    loss); an anchor with no positive or no negative mass gives 0 (log 0 = −∞, as the
+    clean loss's rule); AvgNonZero over anchors (the clean loss's reduction)."""
+    op, on, delta_p, delta_n = 1 + m, -m, 1 - m, m
+    logit_p = -gamma * F.relu(op - s.detach()) * (s - delta_p)
+    logit_n = gamma * F.relu(s.detach() - on) * (s - delta_n)
+    ly, kp = _log_weighted(y, member)
+    l1y, kn = _log_weighted(1 - y, member)
+    lse_p = masked_logsumexp(logit_p + ly, kp, add_one=False)
+    lse_n = masked_logsumexp(logit_n + l1y, kn, add_one=False)
+    losses = F.softplus(lse_p + lse_n).squeeze(1) * (kp.any(1) & kn.any(1)).to(s.dtype)
+    return AvgNonZeroReducer().reduce(losses, "element", s)
+
+
+def generalized_lifted_soft(s, y, member, distance, neg_margin=1.0, pos_margin=0.0):
+    """[log Σ y e^{d − m⁺} + log Σ (1−y) e^{m⁻ − d}]₊ (margins through distance.margin),
+    a side with no mass contributing 0 (the clean loss's, i.e. PML's, empty-side rule);
+    mean over anchors with a non-empty V(a)."""
+    d = loss_metric(s, distance)
+    ly, kp = _log_weighted(y, member)
+    l1y, kn = _log_weighted(1 - y, member)
+    pos = masked_logsumexp(distance.margin(d, pos_margin) + ly, kp, add_one=False)
+    neg = masked_logsumexp(distance.margin(neg_margin, d) + l1y, kn, add_one=False)
+    return _mean_over_anchors(F.relu(pos + neg).squeeze(1), member, s)
+
+
 SOFT_FORMS = {
+    "CircleLoss": circle_soft,
     "ContrastiveLoss": contrastive_soft,
+    "GeneralizedLiftedStructureLoss": generalized_lifted_soft,
     "MultiSimilarityLoss": multi_similarity_soft,
     "ProxyAnchorLoss": proxy_anchor_soft,
     "ProxyNCALoss": proxy_nca_soft,

@@ -19,6 +19,9 @@ def multi_similarity_loss_dict(inp: LossInputs, alpha=2.0, beta=50.0, base=0.5):
         return {"loss": {"losses": 0, "indices": None, "reduction_type": "already_reduced"}}
     mat, pos, neg = found
     d = inp.distance
+    # log(1 + Σ e^x) as a log-sum-exp with a 0 logit appended (PML's add_one): at β=50 the
+    # negatives' e^{β(s−base)} reach e^25, past fp16's range, and past fp32's for β ≳ 180.
+    # A side with no pairs gives 0 = log(1), so anchors with nothing still count in the mean.
     pos_loss = masked_logsumexp(alpha * d.margin(mat, base), pos, add_one=True) / alpha
     neg_loss = masked_logsumexp(beta * d.margin(base, mat), neg, add_one=True) / beta
     losses = (pos_loss + neg_loss).squeeze(1)

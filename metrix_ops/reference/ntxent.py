@@ -20,10 +20,14 @@ def ntxent_loss_dict(inp: LossInputs, temperature=0.07):
     pos = sign * mat[a1, p][:, None] / temperature
     neg = sign * mat[a2, n][None, :] / temperature
     same_anchor = a2[None, :] == a1[:, None]
+    # only the negatives of the pair's own anchor enter its denominator (PML fills the rest
+    # with finfo.min; −inf gives the same exp 0 and zero gradient). A positive pair whose
+    # anchor has no negative gets loss −log(1 + tiny) ≈ 0, yet still counts in the mean.
     neg = neg.masked_fill(~same_anchor, float("-inf"))
     # the shift is a constant of each row (detached, as PML) for a stable softmax
     shift = torch.maximum(pos, neg.max(dim=1, keepdim=True).values).detach()
     num = torch.exp(pos - shift).squeeze(1)
     den = torch.exp(neg - shift).sum(dim=1) + num
+    # PML adds the dtype's tiny inside the log (guards log 0 when a negative dominates)
     losses = -torch.log(num / den + torch.finfo(mat.dtype).tiny)
     return {"loss": {"losses": losses, "indices": (a1, p), "reduction_type": "pos_pair"}}
