@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cpu(
   at::Tensor lse_pos = at::zeros({B}, x.options()), lse_neg = at::zeros({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_fwd_cpu", [&] {
     using T = scalar_t;
-    std::vector<LseAcc<T>> pos(B, LseAcc<T>::start(true)), neg(B, LseAcc<T>::start(true));
+    std::vector<OnlineLse<T>> pos(B, lse_with_one<T>()), neg(B, lse_with_one<T>());
     const int64_t* lab = labels.data_ptr<int64_t>();
     const int64_t* rlab = ref_labels.data_ptr<int64_t>();
     const T a = alpha, bt = beta, bs = base;

@@ -17,7 +17,7 @@ namespace {
 // Folds the block s (rows: global rows r0.., cols: global cols c0..) into row states.
 template <typename T>
 void fold_block(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const int64_t* lab,
-                T a, T bt, T bs, LseAcc<T>* pos, LseAcc<T>* neg) {
+                T a, T bt, T bs, OnlineLse<T>* pos, OnlineLse<T>* neg) {
   at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = r0 + i, li = lab[gi];
@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cpu(
   at::Tensor lse_pos = at::zeros({B}, x.options()), lse_neg = at::zeros({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_self_fwd_cpu", [&] {
     using T = scalar_t;
-    std::vector<LseAcc<T>> pos(B, LseAcc<T>::start(true)), neg(B, LseAcc<T>::start(true));
+    std::vector<OnlineLse<T>> pos(B, lse_with_one<T>()), neg(B, lse_with_one<T>());
     const int64_t* lab = labels.data_ptr<int64_t>();
     const T a = alpha, bt = beta, bs = base;
     for (int64_t r0 = 0; r0 < B; r0 += block) {
@@ -124,14 +124,15 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
         const int64_t nc = std::min(block, B - c0);
         at::Tensor xj = x.narrow(0, c0, nc);
         at::Tensor s = at::mm(xi, xj.t()).contiguous();
-        // rows of J against I; a copy even when s.t() is already contiguous (one-row
-        // blocks), since s is overwritten with G below
-        at::Tensor st = s.t().clone(at::MemoryFormat::Contiguous);
-        grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
-        grad_block<T>(st.data_ptr<T>(), nc, nr, c0, r0, lab, gp, lp, ln, a, bt, bs);
-        if (c0 == r0) {  // the diagonal block holds both halves already
-          dx.narrow(0, r0, nr).addmm_(s.add_(st.t()), xj);
+        if (c0 == r0) {  // diagonal block: G_II once, then H = G_II + G_IIᵀ
+          grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
+          dx.narrow(0, r0, nr).addmm_(s + s.t(), xj);
         } else {
+          // rows of J against I; a copy even when s.t() is already contiguous (one-row
+          // blocks), since s is overwritten with G below
+          at::Tensor st = s.t().clone(at::MemoryFormat::Contiguous);
+          grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
+          grad_block<T>(st.data_ptr<T>(), nc, nr, c0, r0, lab, gp, lp, ln, a, bt, bs);
           at::Tensor h = s.add_(st.t());  // H = G_IJ + G_JIᵀ
           dx.narrow(0, r0, nr).addmm_(h, xj);
           dx.narrow(0, c0, nc).addmm_(h.t(), xi);
