@@ -326,3 +326,21 @@ def test_half_inputs():
         out = loss(x.detach().to(dt), y, lam=0.5)
         assert out.dtype == torch.float32 and torch.isfinite(out)
         assert abs(float(out) - ref) < 5e-2 * abs(ref)
+
+
+def test_proxy_nca_normalize_proxies_option():
+    """Metrix mixes on the unit sphere and scores against normalised proxies: ProxyNCA++'s
+    normalize_proxies=True is the default distance's behaviour, False is refused."""
+    x, y = make_case(CASES[0], seed=1)
+    torch.manual_seed(0)
+    base = mo.losses.ProxyNCALoss(C, x.shape[1], backend="reference", metrix=mo.Metrix(weight=1.0)).double()
+    forced = mo.losses.ProxyNCALoss(C, x.shape[1], backend="reference", normalize_proxies=True,
+                                    metrix=mo.Metrix(weight=1.0)).double()
+    raw = mo.losses.ProxyNCALoss(C, x.shape[1], backend="reference", normalize_proxies=False,
+                                 metrix=mo.Metrix(weight=1.0)).double()
+    with torch.no_grad():
+        forced.proxies.copy_(base.proxies)
+        raw.proxies.copy_(base.proxies)
+    torch.testing.assert_close(forced(x, y, lam=0.4), base(x, y, lam=0.4))
+    with pytest.raises(NotImplementedError, match="normalize_proxies=False"):
+        raw(x, y, lam=0.4)
