@@ -64,7 +64,8 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,
                      as_distance(distance, spec.default_distance))
     red = as_reducer(reducer, spec.default_reducer)
-    lam_value = draw_lam(metrix, lam) if metrix is not None else None
+    # λ is drawn for the embedding level only: feature/input mixes carry their own λ
+    lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
     chosen = backend_mod.resolve(backend, name, embeddings.device)
     if chosen != "reference" and not fused.supported(chosen, name, params, inp, expansion):
         if backend != "auto":
