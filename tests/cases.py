@@ -53,3 +53,19 @@ def assert_close_vg(fn_a, fn_b, *tensors, rtol=1e-6, atol=1e-9):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol, equal_nan=True,
                                    msg=lambda m, k=k: f"gradient of input {k}: {m}")
     return va
+
+
+def pml_pair(name, kw=None, dist=None, reducer=None):
+    """(ours on the reference backend, PML's) for loss class `name`, built with the same
+    hyper-parameters, distance (a constructor of PML's) and reducer (a class name)."""
+    from pytorch_metric_learning import losses as pl
+    from pytorch_metric_learning import reducers as pr
+
+    import metrix_ops as mo
+
+    kw = dict(kw or {})
+    if dist is not None:
+        kw["distance"] = dist()
+    if reducer is not None:
+        kw["reducer"] = getattr(pr, reducer)()
+    return getattr(mo.losses, name)(backend="reference", **kw), getattr(pl, name)(**kw)

@@ -8,19 +8,15 @@ import torch
 from pytorch_metric_learning import distances as pd
 from pytorch_metric_learning import losses as pl
 from pytorch_metric_learning import miners as pm
-from pytorch_metric_learning import reducers as pr
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import CASE_IDS, CASES, assert_close_vg, make_case, pml_pair
 
 HYPER = [{}, {"m": 0.25, "gamma": 64.0}, {"m": 0.25, "gamma": 256.0}]
 
 
 def pair(kw=None, reducer=None):
-    kw = dict(kw or {})
-    if reducer is not None:
-        kw["reducer"] = getattr(pr, reducer)()
-    return mo.losses.CircleLoss(backend="reference", **kw), pl.CircleLoss(**kw)
+    return pml_pair("CircleLoss", kw, reducer=reducer)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -20,13 +20,7 @@ HP = {"HPHNTripletLoss": {"margin": 0.3}, "TripletMarginLoss": {"margin": 0.1},
       "LiftedStructureLoss": {"neg_margin": 0.8, "pos_margin": 0.1}, "NPairsLoss": {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # thousands of tiny ops: thread hand-offs cost more than the work on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (n_points, normalize) per batch: n ∈ {0, 1, 2, 5}, normalisation on and off

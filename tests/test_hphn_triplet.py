@@ -14,13 +14,7 @@ import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # many tiny ops: thread hand-offs cost more than the work on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- the official code, ported

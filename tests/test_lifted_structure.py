@@ -3,26 +3,17 @@ PML 2.9: value and gradient, float64 rtol 1e-6."""
 import pytest
 import torch
 from pytorch_metric_learning import distances as pd
-from pytorch_metric_learning import losses as pl
 from pytorch_metric_learning import miners as pm
-from pytorch_metric_learning import reducers as pr
 
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import pml_pair as pair
 
 NAMES = ["LiftedStructureLoss", "GeneralizedLiftedStructureLoss"]
 HYPER = [{}, {"neg_margin": 0.6, "pos_margin": 0.1}, {"neg_margin": 2.5, "pos_margin": 0.4}]
 DISTANCES = {"lp": None, "cosine": pd.CosineSimilarity,
              "lp_sq_raw": lambda: pd.LpDistance(normalize_embeddings=False, power=2)}
 
-
-def pair(name, kw=None, dist=None, reducer=None):
-    kw = dict(kw or {})
-    if dist is not None:
-        kw["distance"] = dist()
-    if reducer is not None:
-        kw["reducer"] = getattr(pr, reducer)()
-    return getattr(mo.losses, name)(backend="reference", **kw), getattr(pl, name)(**kw)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -3,12 +3,10 @@ rtol 1e-6, plus the log-sum-exp stability that β=50 needs in low precision."""
 import pytest
 import torch
 from pytorch_metric_learning import distances as pd
-from pytorch_metric_learning import losses as pl
 from pytorch_metric_learning import miners as pm
-from pytorch_metric_learning import reducers as pr
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import CASE_IDS, CASES, assert_close_vg, make_case, pml_pair
 
 HYPER = [{}, {"alpha": 1.3, "beta": 20.0, "base": 0.3}, {"alpha": 4.0, "beta": 80.0, "base": 0.7}]
 DISTANCES = {"cosine": None, "lp": pd.LpDistance, "lp_sq_raw": lambda: pd.LpDistance(
@@ -16,12 +14,7 @@ DISTANCES = {"cosine": None, "lp": pd.LpDistance, "lp_sq_raw": lambda: pd.LpDist
 
 
 def pair(kw=None, dist=None, reducer=None):
-    kw = kw or {}
-    extra = {} if dist is None else {"distance": dist()}
-    if reducer is not None:
-        extra["reducer"] = getattr(pr, reducer)()
-    return (mo.losses.MultiSimilarityLoss(backend="reference", **kw, **extra),
-            pl.MultiSimilarityLoss(**kw, **extra))
+    return pml_pair("MultiSimilarityLoss", kw, dist, reducer)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -3,26 +3,17 @@ float64 rtol 1e-6."""
 import pytest
 import torch
 from pytorch_metric_learning import distances as pd
-from pytorch_metric_learning import losses as pl
 from pytorch_metric_learning import miners as pm
-from pytorch_metric_learning import reducers as pr
 
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import pml_pair as pair
 
 NAMES = ["NTXentLoss", "SupConLoss"]
 HYPER = {"NTXentLoss": [{}, {"temperature": 0.5}], "SupConLoss": [{}, {"temperature": 0.03}]}
 DISTANCES = {"cosine": None, "lp": pd.LpDistance,
              "dot_raw": lambda: pd.DotProductSimilarity(normalize_embeddings=False)}
 
-
-def pair(name, kw=None, dist=None, reducer=None):
-    kw = dict(kw or {})
-    if dist is not None:
-        kw["distance"] = dist()
-    if reducer is not None:
-        kw["reducer"] = getattr(pr, reducer)()
-    return getattr(mo.losses, name)(backend="reference", **kw), getattr(pl, name)(**kw)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

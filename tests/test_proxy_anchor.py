@@ -3,7 +3,6 @@
 miner tuples (PML's reweighting quirk), PML's proxy init, log-sum-exp stability."""
 import pytest
 import torch
-import torch.nn.functional as F
 from pytorch_metric_learning import distances as pd
 from pytorch_metric_learning import losses as pl
 from pytorch_metric_learning import miners as pm
