@@ -4,59 +4,16 @@
 // H = G_IJ + G_JIᵀ, dX_I += H X_J and dX_J += Hᵀ X_I. That is 2·B²·D multiply-adds in all
 // (½ forward, ½ + 1 backward) against 4·B²·D for the general op, below the 3·B²·D of a
 // method that forms S, G R and Gᵀ X once each.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/types.h>
 
-#include "common/lse_acc.h"
+#include "cpu/ms_blocks.h"
 
 namespace metrix_ops {
 
 namespace {
 
-// Folds the block s (rows: global rows r0.., cols: global cols c0..) into row states.
-template <typename T>
-void fold_block(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const int64_t* lab,
-                T a, T bt, T bs, OnlineLse<T>* pos, OnlineLse<T>* neg) {
-  at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t gi = r0 + i, li = lab[gi];
-      const T* row = s + i * nc;
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t gj = c0 + j;
-        if (gj == gi) continue;  // the self pair is in neither set
-        if (lab[gj] == li) pos[gi].push(ms_pos_arg(row[j], a, bs));
-        else neg[gi].push(ms_neg_arg(row[j], bt, bs));
-      }
-    }
-  });
-}
-
-// Turns the block s into g_i ∂(row loss i)/∂s_ij in place (rows r0.., cols c0..).
-template <typename T>
-void grad_block(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const int64_t* lab,
-                const T* g, const T* lp, const T* ln, T a, T bt, T bs) {
-  at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t gi = r0 + i, li = lab[gi];
-      T* row = s + i * nc;
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t gj = c0 + j;
-        const T v = row[j];
-        if (gj == gi) row[j] = T(0);
-        else if (lab[gj] == li) row[j] = g[gi] * ms_pos_grad(v, a, bs, lp[gi]);
-        else row[j] = g[gi] * ms_neg_grad(v, bt, bs, ln[gi]);
-      }
-    }
-  });
-}
-
 void check_self(const at::Tensor& x, const at::Tensor& labels, int64_t block) {
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x must be float32 or float64 (half inputs are upcast before the op)");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
-              "labels must be int64 of shape (B,)");
+  ms_check_inputs(x, labels, "x", "labels");
   TORCH_CHECK(block > 0, "block must be > 0");
 }
 
@@ -74,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_self_fwd_cpu", [&] {
     using T = scalar_t;
     std::vector<OnlineLse<T>> pos(B, lse_with_one<T>()), neg(B, lse_with_one<T>());
-    const int64_t* lab = labels.data_ptr<int64_t>();
+    const int64_t* lab_ids = labels.data_ptr<int64_t>();
+    const BlockLabels lab{lab_ids, lab_ids, true};
     const T a = alpha, bt = beta, bs = base;
     for (int64_t r0 = 0; r0 < B; r0 += block) {
       const int64_t nr = std::min(block, B - r0);
@@ -82,21 +40,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cpu(
       for (int64_t c0 = r0; c0 < B; c0 += block) {
         const int64_t nc = std::min(block, B - c0);
         at::Tensor s = at::mm(xi, x.narrow(0, c0, nc).t()).contiguous();
-        fold_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, a, bt, bs, pos.data(), neg.data());
+        ms_fold_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, a, bt, bs, pos.data(), neg.data());
         if (c0 != r0) {
           at::Tensor st = s.t().contiguous();
-          fold_block<T>(st.data_ptr<T>(), nc, nr, c0, r0, lab, a, bt, bs, pos.data(), neg.data());
+          ms_fold_block<T>(st.data_ptr<T>(), nc, nr, c0, r0, lab, a, bt, bs, pos.data(), neg.data());
         }
       }
     }
-    T* out = rows.data_ptr<T>();
-    T* lp = lse_pos.data_ptr<T>();
-    T* ln = lse_neg.data_ptr<T>();
-    for (int64_t i = 0; i < B; ++i) {
-      lp[i] = pos[i].value();
-      ln[i] = neg[i].value();
-      out[i] = lp[i] / a + ln[i] / bt;
-    }
+    ms_finish_rows<T>(pos, neg, a, bt, rows, lse_pos, lse_neg);
   });
   return {rows, lse_pos, lse_neg};
 }
@@ -114,7 +65,8 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
   at::Tensor dx = at::zeros_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_self_bwd_cpu", [&] {
     using T = scalar_t;
-    const int64_t* lab = labels.data_ptr<int64_t>();
+    const int64_t* lab_ids = labels.data_ptr<int64_t>();
+    const BlockLabels lab{lab_ids, lab_ids, true};
     const T a = alpha, bt = beta, bs = base;
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
     for (int64_t r0 = 0; r0 < B; r0 += block) {
@@ -125,14 +77,14 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
         at::Tensor xj = x.narrow(0, c0, nc);
         at::Tensor s = at::mm(xi, xj.t()).contiguous();
         if (c0 == r0) {  // diagonal block: G_II once, then H = G_II + G_IIᵀ
-          grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
+          ms_grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
           dx.narrow(0, r0, nr).addmm_(s + s.t(), xj);
         } else {
           // rows of J against I; a copy even when s.t() is already contiguous (one-row
           // blocks), since s is overwritten with G below
           at::Tensor st = s.t().clone(at::MemoryFormat::Contiguous);
-          grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
-          grad_block<T>(st.data_ptr<T>(), nc, nr, c0, r0, lab, gp, lp, ln, a, bt, bs);
+          ms_grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
+          ms_grad_block<T>(st.data_ptr<T>(), nc, nr, c0, r0, lab, gp, lp, ln, a, bt, bs);
           at::Tensor h = s.add_(st.t());  // H = G_IJ + G_JIᵀ
           dx.narrow(0, r0, nr).addmm_(h, xj);
           dx.narrow(0, c0, nc).addmm_(h.t(), xi);
