@@ -73,7 +73,12 @@ class MixedBatch:
         if not h.is_floating_point():
             h = h.float()
         lam = self.lam_column(h, h.ndim)
-        return lam * h[self.src_a] + (1 - lam) * h[self.src_b]
+        # index_select, not h[idx]: the backward of advanced indexing (index_put_ with
+        # accumulate) adds repeated rows in a thread-dependent order on the CPU, so the same
+        # seed would not give the same numbers; index_select's backward (index_add_) does.
+        a = torch.index_select(h, 0, self.src_a.to(h.device))
+        b = torch.index_select(h, 0, self.src_b.to(h.device))
+        return lam * a + (1 - lam) * b
 
     def soft_labels(self, num_classes: int, dtype=torch.float32) -> torch.Tensor:
         """K × C class mass: λ·onehot(labels_a) + (1−λ)·onehot(labels_b)."""
