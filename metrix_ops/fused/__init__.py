@@ -20,4 +20,24 @@ def supported(backend: str, loss_name: str, params, inp, expansion) -> bool:
     return entry is not None and entry[0](params, inp, expansion)
 
 
+MEMORY_IMPLS: dict = {}
+
+
+def register_memory(backend: str, loss_name: str, impl):
+    """`impl(loss_module, emb, labels, mem_emb, mem_labels, exclude_start)` computes the loss of
+    the batch against a CrossBatchMemory bank in which anchor i's own slot is
+    (exclude_start + i) mod len(bank) (not a positive), or returns None if it cannot."""
+    MEMORY_IMPLS[(backend, loss_name)] = impl
+
+
+def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
+    """The streaming path of CrossBatchMemory, or None where no fused op covers the call."""
+    try:
+        chosen = backend_mod.resolve(loss.backend, loss.loss_name, emb.device)
+    except NotImplementedError:
+        return None
+    impl = MEMORY_IMPLS.get((chosen, loss.loss_name))
+    return None if impl is None else impl(loss, emb, labels, mem_emb, mem_labels, exclude_start)
+
+
 from . import multi_similarity  # noqa: E402,F401  (registers)

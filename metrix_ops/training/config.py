@@ -28,10 +28,10 @@ class TrainConfig:
     expansion: int = 0                               # EE synthetic points per positive pair
     expansion_pairs: str = "all"
     backend: str = "auto"
-    epochs: int = 30
+    epochs: int = 20
     classes_per_batch: int = 5
     samples_per_class: int = 16
-    embedding_dim: int = 64
+    embedding_dim: int = 8
     lr: float = 1e-3
     loss_lr: float = 1e-1   # proxies learn faster than the network (ProxyAnchor paper: ×100)
     weight_decay: float = 1e-4

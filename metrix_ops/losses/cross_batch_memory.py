@@ -1,0 +1,128 @@
+"""CrossBatchMemory (Wang et al., XBM, CVPR 2020) with PML's API and numbers: a FIFO bank of
+the last `memory_size` (detached) embeddings and labels; each call enqueues the batch (or
+the rows of `enqueue_mask`) and computes the wrapped loss of the batch against the bank.
+
+The batch's own entries in the bank are not its positives (PML's remove_self_comparisons).
+Where a fused backend can take that rule directly (`fused.memory_supported`: each anchor
+excludes one bank slot, slot = (start + row) mod memory_size), the bank goes through the
+streaming op and no B×M pair list exists. Otherwise the pairs are listed as PML lists them
+and the loss runs on them: exact, and O(B·M) memory, as in PML.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import fused
+from ..reference.pairs import all_pairs, to_pairs, to_triplets
+from ..validation import check_embeddings, check_labels
+from .base import BaseMetricLoss
+
+__all__ = ["CrossBatchMemory"]
+
+# PML's CrossBatchMemory.supported_losses() that metrix_ops has
+SUPPORTED = ("CircleLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss",
+             "LiftedStructureLoss", "MultiSimilarityLoss", "NTXentLoss", "SupConLoss",
+             "TripletMarginLoss")
+
+
+class CrossBatchMemory(torch.nn.Module):
+    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None):
+        super().__init__()
+        name = getattr(loss, "loss_name", type(loss).__name__)
+        if not isinstance(loss, BaseMetricLoss) or name not in SUPPORTED:
+            raise ValueError(f"CrossBatchMemory wraps a metrix_ops loss among {list(SUPPORTED)}, "
+                             f"got {type(loss).__name__}")
+        for arg, v in (("embedding_size", embedding_size), ("memory_size", memory_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{arg} must be an integer >= 1, got {v!r}")
+        if loss.metrix is not None or loss.expansion is not None:
+            raise ValueError("CrossBatchMemory: the wrapped loss must not use metrix= or "
+                             "expansion= (the bank holds no pair metadata)")
+        self.loss = loss
+        self.miner = miner
+        self.embedding_size = embedding_size
+        self.memory_size = memory_size
+        self.reset_queue()
+
+    def reset_queue(self) -> None:
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.long))
+        self.has_been_filled = False
+        self.queue_idx = 0
+
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        check_embeddings(embeddings, allow_empty=True)
+        check_labels(labels, len(embeddings), embeddings.device)
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have embedding_size={self.embedding_size} "
+                             f"columns, got shape {tuple(embeddings.shape)}")
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        if enqueue_mask is not None:
+            if (not torch.is_tensor(enqueue_mask) or enqueue_mask.dtype != torch.bool
+                    or enqueue_mask.shape != (len(embeddings),)):
+                raise ValueError(f"enqueue_mask must be a bool tensor of shape ({len(embeddings)},)")
+        elif len(embeddings) > self.memory_size:
+            raise ValueError(f"a batch of {len(embeddings)} does not fit memory_size="
+                             f"{self.memory_size}")
+        dev = embeddings.device
+        self.embedding_memory = self.embedding_memory.to(device=dev, dtype=embeddings.dtype)
+        self.label_memory = self.label_memory.to(device=dev, dtype=labels.dtype)
+        if enqueue_mask is not None:
+            enqueue_mask = enqueue_mask.to(dev)
+            queue_emb, queue_labels = embeddings[enqueue_mask], labels[enqueue_mask]
+            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+        else:
+            queue_emb, queue_labels = embeddings, labels
+        start = self._enqueue(queue_emb, queue_labels)
+        mem_emb, mem_labels = self._bank()
+        exclude_start = start if enqueue_mask is None else None
+
+        if indices_tuple is None and self.miner is None and exclude_start is not None:
+            loss = fused.run_with_memory(self.loss, embeddings, labels, mem_emb, mem_labels,
+                                         exclude_start)
+            if loss is not None:
+                return loss
+        pairs = self._indices(embeddings, labels, mem_emb, mem_labels, indices_tuple,
+                              exclude_start)
+        return self.loss(embeddings, labels, pairs, mem_emb, mem_labels)
+
+    def _enqueue(self, emb, labels) -> int:
+        """Writes the rows at queue_idx, queue_idx+1, ... (mod memory_size); returns the start."""
+        start, n = self.queue_idx, len(emb)
+        idx = torch.arange(start, start + n, device=emb.device) % self.memory_size
+        self.embedding_memory[idx] = emb.detach()
+        self.label_memory[idx] = labels.detach()
+        self.queue_idx = (start + n) % self.memory_size
+        if n and self.queue_idx <= start:
+            self.has_been_filled = True
+        return start
+
+    def _bank(self):
+        if self.has_been_filled:
+            return self.embedding_memory, self.label_memory
+        return self.embedding_memory[: self.queue_idx], self.label_memory[: self.queue_idx]
+
+    def _indices(self, emb, labels, mem_emb, mem_labels, given, exclude_start):
+        """PML's create_indices_tuple: the miner's tuple (or all pairs), without each anchor's
+        own bank slot, then concatenated with the caller's tuple (converted to its form)."""
+        if self.miner is not None:
+            tup = tuple(self.miner(emb, labels, mem_emb, mem_labels))
+        else:
+            tup = all_pairs(labels, mem_labels, same_set=False)
+        if exclude_start is not None:
+            own = (torch.arange(len(emb), device=emb.device) + exclude_start) % self.memory_size
+            a, p = tup[0], tup[1]
+            keep = own[a] != p
+            tup = (a[keep], p[keep]) + tuple(tup[2:]) if len(tup) == 4 else \
+                (a[keep], p[keep], tup[2][keep])
+        if given is not None:
+            given = tuple(given)
+            if len(given) == 3 and len(tup) == 4:
+                given = to_pairs(given, labels, mem_labels, False)
+            elif len(given) == 4 and len(tup) == 3:
+                given = to_triplets(given, labels, mem_labels, False)
+            tup = tuple(torch.cat([t, g.to(t.device)]) for t, g in zip(tup, given))
+        return tup
