@@ -76,6 +76,11 @@ def test_ref_emb_and_ref_labels():
     fused = mo.losses.ContrastiveLoss(backend="cpu")
     assert_close_vg(lambda e, f: fused(e, y, ref_emb=f, ref_labels=ry),
                     lambda e, f: pml(e, y, ref_emb=f, ref_labels=ry), x, r)
+    # ref_emb *is* the batch but ref_labels is another tensor: PML keeps the self pairs,
+    # which only a negative pos_margin makes count ([0 − m⁺]₊ > 0)
+    fused, ref = pair(pos_margin=-0.1)
+    assert_close_vg(lambda e: fused(e, y, ref_emb=e, ref_labels=y.clone()),
+                    lambda e: ref(e, y, ref_emb=e, ref_labels=y.clone()), x)
 
 
 def _dense_rows(xu, ru, y, ry, exclude_diag, cosine, pm, nm, low, high):

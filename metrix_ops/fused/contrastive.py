@@ -61,7 +61,9 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     cosine = is_cosine(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
     xu = F.normalize(x, dim=1)
-    if inp.ref_emb is x:  # the batch against itself: S is symmetric
+    # the batch against itself, self pairs excluded: S is symmetric. ref_emb=embeddings with
+    # ref_labels a different tensor is not this case: PML then keeps the diagonal pairs
+    if inp.ref_emb is x and inp.same_set:
         ps, pc, ns, nc = contrastive_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
     else:
         ps, pc, ns, nc = contrastive_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels,
