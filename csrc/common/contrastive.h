@@ -14,23 +14,22 @@
 
 namespace metrix_ops {
 
-// One pair's hinge term and its derivative in s. The derivative is 0 where the hinge is
-// flat (torch's relu'(0) = 0) and where d = 0: torch's cdist backward (what the reference
-// and PML differentiate) returns 0 there instead of the ±inf of d(√·)/ds, so duplicate
-// embeddings give a zero gradient, never NaN.
+// One pair's hinge term, and the distance it came from (d for L2, s for cosine), from
+// which contrastive_slope gives the derivative: kept apart so that a backward pass pays the
+// square root's division only for the terms it keeps.
 template <typename T>
 struct PairTerm {
   T value;  // ≥ 0
-  T dvalue_ds;
+  T dist;
 };
 
-// d² = 2 − 2s carries the rounding of s (a few ulps of 1), so for duplicate rows it is noise
-// of either sign, and √noise (~1e-8 in fp64, ~3e-4 in fp32) would count as a nonzero
-// positive term and give a 1/d gradient of pure noise. Below a few ulps it is taken as
-// exactly 0: duplicates then give d = 0 as torch.cdist's direct path does.
 template <typename T>
 MO_HD T unit_l2_from_sim(T s) {
   const T q = T(2) - T(2) * s;
+  // d² = 2 − 2s carries the rounding of s (a few ulps of 1), so for duplicate rows it is
+  // noise of either sign, and √noise (~1e-8 in fp64, ~3e-4 in fp32) would count as a
+  // nonzero positive term with a 1/d gradient of pure noise. Below a few ulps it is taken
+  // as exactly 0: duplicates then give d = 0 as torch.cdist's direct path does.
   return q > T(8) * std::numeric_limits<T>::epsilon() ? std::sqrt(q) : T(0);
 }
 
@@ -38,19 +37,23 @@ MO_HD T unit_l2_from_sim(T s) {
 template <typename T>
 MO_HD PairTerm<T> contrastive_term(T s, bool cosine, bool pos, T m) {
   PairTerm<T> t;
-  if (cosine) {
-    const T v = pos ? m - s : s - m;
-    t.value = v > T(0) ? v : T(0);
-    t.dvalue_ds = v > T(0) ? (pos ? T(-1) : T(1)) : T(0);
-    return t;
-  }
-  const T d = unit_l2_from_sim(s);
-  const T v = pos ? d - m : m - d;
+  t.dist = cosine ? s : unit_l2_from_sim(s);
+  // PML's margin(x, y): x − y for a distance, y − x for a similarity
+  const T v = (pos != cosine) ? t.dist - m : m - t.dist;
   t.value = v > T(0) ? v : T(0);
-  // dd/ds = −1/d: the positive term grows with d, the negative one shrinks
-  const T dd = d > T(0) ? T(-1) / d : T(0);
-  t.dvalue_ds = v > T(0) ? (pos ? dd : -dd) : T(0);
   return t;
+}
+
+// ∂value/∂s of a term. Zero where the hinge is flat (torch's relu'(0) = 0) and, for L2,
+// where d = 0: torch's cdist backward (what the reference and PML differentiate) returns
+// 0 there instead of the ±inf of d(√·)/ds, so duplicates give a zero gradient, never NaN.
+template <typename T>
+MO_HD T contrastive_slope(const PairTerm<T>& t, bool cosine, bool pos) {
+  if (!(t.value > T(0))) return T(0);
+  if (cosine) return pos ? T(-1) : T(1);
+  if (!(t.dist > T(0))) return T(0);
+  // dd/ds = −1/d; the positive term grows with d, the negative one shrinks
+  return pos ? T(-1) / t.dist : T(1) / t.dist;
 }
 
 // The reducer's window on a term: PML's ThresholdReducer keeps low < t < high (AvgNonZero

@@ -137,7 +137,7 @@ void con_grad_block(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, ConLab
         }
         T w = pos ? gpos_row[gi] : gneg_row[gi];
         if (gpos_col != nullptr) w += pos ? gpos_col[gj] : gneg_col[gj];
-        row[j] = w * t.dvalue_ds;
+        row[j] = w * contrastive_slope(t, p.cosine, pos);
       }
     }
   });
