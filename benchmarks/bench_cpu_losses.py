@@ -4,6 +4,8 @@ process so that its peak memory (RSS growth) is its own.
 
     python benchmarks/bench_cpu_losses.py --sizes 1024,4096 --dims 128,512 \
         --out benchmarks/results/cpu_ms.json
+    python benchmarks/bench_cpu_losses.py --loss contrastive --sizes 1024,4096 --dims 128,512 \
+        --out benchmarks/results/cpu_contrastive.json
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# --loss: PML class name of each benchmarked loss (ours has the same name and defaults)
+LOSSES = {"multi_similarity": "MultiSimilarityLoss", "contrastive": "ContrastiveLoss"}
 
 
-def run_case(impl, b, d, repeats):
+def run_case(impl, b, d, repeats, loss_name="MultiSimilarityLoss"):
     import torch
 
     sys.path.insert(0, HERE)
@@ -33,11 +37,11 @@ def run_case(impl, b, d, repeats):
             return s @ x0, s.t() @ x0
     else:
         if impl == "pml":
-            from pytorch_metric_learning.losses import MultiSimilarityLoss
-            loss_fn = MultiSimilarityLoss()
+            from pytorch_metric_learning import losses as pml_losses
+            loss_fn = getattr(pml_losses, loss_name)()
         else:
             import metrix_ops as mo
-            loss_fn = mo.losses.MultiSimilarityLoss(backend=impl)
+            loss_fn = getattr(mo.losses, loss_name)(backend=impl)
 
         def step():
             x = x0.clone().requires_grad_(True)
@@ -51,6 +55,7 @@ def run_case(impl, b, d, repeats):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--loss", choices=sorted(LOSSES), default="multi_similarity")
     ap.add_argument("--sizes", default="1024,4096")
     ap.add_argument("--dims", default="128,512")
     ap.add_argument("--impls", default="cpu,pml,reference,floor")
@@ -60,7 +65,7 @@ def main():
     args = ap.parse_args()
     if args.case:  # child process: one case, result as JSON on stdout
         impl, b, d = args.case.split(":")
-        print(json.dumps(run_case(impl, int(b), int(d), args.repeats)))
+        print(json.dumps(run_case(impl, int(b), int(d), args.repeats, LOSSES[args.loss])))
         return
     sys.path.insert(0, HERE)
     import torch
@@ -69,10 +74,11 @@ def main():
     rows = []
     for b in map(int, args.sizes.split(",")):
         for d in map(int, args.dims.split(",")):
-            row = {"loss": "MultiSimilarityLoss", "B": b, "D": d, "dtype": "float32"}
+            row = {"loss": LOSSES[args.loss], "B": b, "D": d, "dtype": "float32"}
             for impl in args.impls.split(","):
                 proc = subprocess.run([sys.executable, __file__, "--case", f"{impl}:{b}:{d}",
-                                       "--repeats", str(args.repeats), "--out", "-"],
+                                       "--repeats", str(args.repeats), "--loss", args.loss,
+                                       "--out", "-"],
                                       capture_output=True, text=True)
                 row[impl] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 \
                     else {"error": proc.stderr.strip().splitlines()[-1][:200]}

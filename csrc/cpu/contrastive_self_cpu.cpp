@@ -1,0 +1,101 @@
+// Fused contrastive loss of a batch against itself (no ref_emb: the common case).
+// S = X Xᵀ is symmetric and so is each pair's term (same s, same side), so only blocks
+// I ≤ J are computed: an off-diagonal block feeds the sums of its rows and its columns in
+// one pass. Backward forms H = G_IJ + G_JIᵀ directly (entry (i, j) is (g_i + g_j)·t'(s_ij))
+// and adds H X_J to dX_I and Hᵀ X_I to dX_J: 2·B²·D multiply-adds in all (½ forward,
+// ½ + 1 backward) against the 3·B²·D of forming S, G R and Gᵀ X once each.
+#include <torch/library.h>
+
+#include "cpu/contrastive_blocks.h"
+
+namespace metrix_ops {
+
+namespace {
+
+void check_self(const at::Tensor& x, const at::Tensor& labels, int64_t block) {
+  con_check_rows(x, labels, "x", "labels");
+  TORCH_CHECK(block > 0, "block must be > 0, got ", block);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& labels_, bool cosine, double pos_margin,
+    double neg_margin, double low, double high, int64_t block) {
+  check_self(x_, labels_, block);
+  auto x = x_.contiguous();
+  auto labels = labels_.contiguous();
+  const int64_t B = x.size(0);
+  std::vector<ConAcc> acc(B);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_self_fwd_cpu", [&] {
+    using T = scalar_t;
+    const ConParams<T> p{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
+    const int64_t* ids = labels.data_ptr<int64_t>();
+    for (int64_t r0 = 0; r0 < B; r0 += block) {
+      const int64_t nr = std::min(block, B - r0);
+      at::Tensor xi = x.narrow(0, r0, nr);
+      for (int64_t c0 = r0; c0 < B; c0 += block) {
+        const int64_t nc = std::min(block, B - c0);
+        at::Tensor s = at::mm(xi, x.narrow(0, c0, nc).t()).contiguous();
+        if (c0 == r0)  // holds both (i, j) and (j, i): rows only, self pairs out
+          con_fold_rows<T>(s.data_ptr<T>(), nr, nc, r0, c0, ConLabels{ids, ids, true}, p,
+                           acc.data());
+        else
+          con_fold_sym<T>(s.data_ptr<T>(), nr, nc, r0, c0, ids, p, acc.data());
+      }
+    }
+  });
+  return con_outputs(acc, x.options());
+}
+
+at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tensor& grad_neg_,
+                                    const at::Tensor& x_, const at::Tensor& labels_,
+                                    bool cosine, double pos_margin, double neg_margin,
+                                    double low, double high, int64_t block) {
+  check_self(x_, labels_, block);
+  con_check_grads(grad_pos_, grad_neg_, x_.size(0));
+  auto x = x_.contiguous();
+  auto labels = labels_.contiguous();
+  auto gp = grad_pos_.to(x.scalar_type()).contiguous();
+  auto gn = grad_neg_.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0);
+  at::Tensor dx = at::zeros_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_self_bwd_cpu", [&] {
+    using T = scalar_t;
+    const ConParams<T> p{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
+    const int64_t* ids = labels.data_ptr<int64_t>();
+    const ConLabels lab{ids, ids, true};
+    const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
+    for (int64_t r0 = 0; r0 < B; r0 += block) {
+      const int64_t nr = std::min(block, B - r0);
+      at::Tensor xi = x.narrow(0, r0, nr);
+      for (int64_t c0 = r0; c0 < B; c0 += block) {
+        const int64_t nc = std::min(block, B - c0);
+        at::Tensor xj = x.narrow(0, c0, nc);
+        at::Tensor h = at::mm(xi, xj.t()).contiguous();  // becomes H in place
+        con_grad_block<T>(h.data_ptr<T>(), nr, nc, r0, c0, lab, p, gpp, gnp, gpp, gnp);
+        dx.narrow(0, r0, nr).addmm_(h, xj);
+        if (c0 != r0) dx.narrow(0, c0, nc).addmm_(h.t(), xi);  // diagonal H is symmetric: done
+      }
+    }
+  });
+  return dx;
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // contrastive_fwd/bwd of a batch against itself (self pairs excluded), using the
+  // symmetry of S: blocks I <= J only.
+  m.def("contrastive_self_fwd(Tensor x, Tensor labels, bool cosine, float pos_margin, "
+        "float neg_margin, float low, float high, int block) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("contrastive_self_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor labels, "
+        "bool cosine, float pos_margin, float neg_margin, float low, float high, int block) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("contrastive_self_fwd", &contrastive_self_fwd_cpu);
+  m.impl("contrastive_self_bwd", &contrastive_self_bwd_cpu);
+}
+
+}  // namespace metrix_ops

@@ -1,0 +1,75 @@
+"""ContrastiveLoss through the fused streaming ops: per-anchor sums and counts of the kept
+hinge terms (no B×M matrix), then PML's per-sub-loss reduction as ratios of their totals.
+
+The reducers that are such ratios — AvgNonZero and Threshold (mean of the terms inside a
+window), Mean, Sum — run here; any other reducer gets the reference's per-pair losses."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .. import _ext
+from ..distances import is_cosine, is_normalized_l2
+from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
+                        reduce_loss_dict, zero_loss)
+from ..ops.contrastive import contrastive_rows, contrastive_rows_self
+from ..spec import get_spec
+from . import register
+from .multi_similarity import _pair_counts
+
+_WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
+
+
+def supports(params, inp, expansion) -> bool:
+    d = inp.distance
+    return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
+            and inp.labels is not None and (is_normalized_l2(d) or is_cosine(d)))
+
+
+def _window(reducer):
+    """(low, high) of the terms the reducer averages; None for a reducer we cannot express."""
+    if type(reducer) in _WINDOWED:
+        return reducer.low, reducer.high
+    if type(reducer) in (MeanReducer, SumReducer):
+        return None, None
+    return None
+
+
+def _reduce_side(sums, counts, n_pairs, reducer, x):
+    # PML: a side with no pairs is a zero loss (Python 0 in its loss dict), whatever reducer
+    if n_pairs == 0:
+        return zero_loss(x)
+    total = sums.sum()
+    if type(reducer) is SumReducer:
+        return total
+    if type(reducer) is MeanReducer:
+        return total / n_pairs
+    kept = int(counts.sum())
+    return total / kept if kept > 0 else zero_loss(x)
+
+
+def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
+    x = inp.embeddings
+    window = _window(reducer)
+    if window is None:
+        # e.g. DivisorReducer (which PML's contrastive cannot feed) or a user subclass; the
+        # driver's supports() does not see the reducer, so the fallback is here
+        return reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
+    low, high = window
+    n_pos, n_neg = _pair_counts(inp.labels, inp.ref_labels, inp.same_set)
+    if n_pos <= 1 and n_neg <= 1:  # PML's rule: no loss when no side has two pairs
+        return zero_loss(x)
+    cosine = is_cosine(inp.distance)
+    pm, nm = params["pos_margin"], params["neg_margin"]
+    xu = F.normalize(x, dim=1)
+    # the batch against itself, self pairs excluded: S is symmetric. ref_emb=embeddings with
+    # ref_labels a different tensor is not this case: PML then keeps the diagonal pairs
+    if inp.ref_emb is x and inp.same_set:
+        ps, pc, ns, nc = contrastive_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
+    else:
+        ps, pc, ns, nc = contrastive_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels,
+                                          inp.ref_labels, inp.same_set, cosine, pm, nm, low,
+                                          high, chunk)
+    return _reduce_side(ps, pc, n_pos, reducer, x) + _reduce_side(ns, nc, n_neg, reducer, x)
+
+
+register("cpu", "ContrastiveLoss", supports, impl)
