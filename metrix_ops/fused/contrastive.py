@@ -14,7 +14,7 @@ from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdRed
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
 from ..spec import get_spec
 from . import register
-from .multi_similarity import _pair_counts
+from .pair_counts import pair_counts
 
 _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
 
@@ -55,7 +55,7 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         # driver's supports() does not see the reducer, so the fallback is here
         return reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
     low, high = window
-    n_pos, n_neg = _pair_counts(inp.labels, inp.ref_labels, inp.same_set)
+    n_pos, n_neg = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
     if n_pos <= 1 and n_neg <= 1:  # PML's rule: no loss when no side has two pairs
         return zero_loss(x)
     cosine = is_cosine(inp.distance)

@@ -10,17 +10,7 @@ from ..distances import is_cosine
 from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self
 from ..reducers import reduce_loss_dict
 from . import register
-
-
-def _pair_counts(labels, ref_labels, same_set):
-    """(#positive pairs, #negative pairs) without forming them: from label histograms."""
-    k = int(max(labels.max(), ref_labels.max())) + 1 if labels.numel() and ref_labels.numel() else 1
-    lo = min(int(labels.min()), int(ref_labels.min())) if labels.numel() and ref_labels.numel() else 0
-    a = torch.bincount(labels - lo, minlength=k - lo)
-    b = torch.bincount(ref_labels - lo, minlength=k - lo)
-    pos = int((a * b).sum()) - (len(labels) if same_set else 0)
-    neg = len(labels) * len(ref_labels) - int((a * b).sum())
-    return pos, neg
+from .pair_counts import pair_counts
 
 
 def supports(params, inp, expansion) -> bool:
@@ -30,11 +20,13 @@ def supports(params, inp, expansion) -> bool:
 
 def impl(params, inp, reducer, chunk: int = 2048):
     x = inp.embeddings
-    pos, neg = _pair_counts(inp.labels, inp.ref_labels, inp.same_set)
+    pos, neg = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
     if pos <= 1 and neg <= 1:  # PML's rule: no loss when no side has two pairs
         return torch.sum(x * 0)
     xu = F.normalize(x, dim=1)
-    if inp.ref_emb is inp.embeddings:  # the batch against itself: S is symmetric
+    # the batch against itself, self pairs excluded (PML keeps them when ref_labels is another
+    # tensor, even with ref_emb the batch): S is symmetric
+    if inp.ref_emb is inp.embeddings and inp.same_set:
         rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"])
     else:
         rows = ms_loss_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
