@@ -21,3 +21,4 @@ def supported(backend: str, loss_name: str, params, inp, expansion) -> bool:
 
 
 from . import multi_similarity  # noqa: E402,F401  (registers)
+from . import triplet_margin  # noqa: E402,F401  (registers)

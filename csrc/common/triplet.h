@@ -1,0 +1,68 @@
+// Triplet-margin per-element math, shared by host and device code (the CPU build tests
+// exactly what a CUDA backend would compute).
+//
+// Both supported distances are mapped to one "key" k, larger = farther, with the
+// violation of a triplet (a, p, n) written as PML writes it:
+//   L2 on unit rows:  k = d = sqrt(max(2 − 2s, 0)),  violation = (d_ap − d_an) + m
+//   cosine:           k = −s,                         violation = (s_an − s_ap) + m
+// −s is exact, so (k_ap − k_an) + m is bit-for-bit PML's cosine violation as well. Keeping
+// PML's operation order (difference first, then + m) matters: it decides which boundary
+// triplets are exactly 0, and AvgNonZero counts only those > 0.
+#pragma once
+
+#include <cmath>
+
+#include "common/row_state.h"  // MO_HD
+
+namespace metrix_ops {
+
+template <typename T>
+MO_HD T tri_key(T s, bool cosine) {
+  if (cosine) return -s;
+  const T d2 = T(2) - T(2) * s;
+  return d2 > T(0) ? std::sqrt(d2) : T(0);
+}
+
+// dk/ds. At d = 0 (duplicate rows) the derivative is infinite; torch's distance backward
+// gives 0 there (cdist masks zero distances) and so do we: no NaN, no inf.
+template <typename T>
+MO_HD T tri_key_grad(T k, bool cosine) {
+  if (cosine) return T(-1);
+  return k > T(0) ? T(-1) / k : T(0);
+}
+
+// PML's hinge argument for keys kp (positive) and kn (negative).
+template <typename T>
+MO_HD T tri_violation(T kp, T kn, T margin) { return (kp - kn) + margin; }
+
+// Whether the triplet has loss > 0. Monotone: non-increasing in kn, non-decreasing in kp
+// (rounding is monotone), so over sorted keys the active triplets form a prefix / suffix
+// and can be counted by binary search.
+template <typename T>
+MO_HD bool tri_active(T kp, T kn, T margin) { return tri_violation(kp, kn, margin) > T(0); }
+
+// Number of sorted-ascending negative keys kn[0..n) active with positive key kp.
+template <typename T>
+MO_HD long tri_count_neg(const T* kn, long n, T kp, T margin) {
+  long lo = 0, hi = n;  // first index that is not active
+  while (lo < hi) {
+    const long mid = lo + (hi - lo) / 2;
+    if (tri_active(kp, kn[mid], margin)) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Number of sorted-ascending positive keys kp[0..n) active with negative key kn.
+template <typename T>
+MO_HD long tri_count_pos(const T* kp, long n, T kn, T margin) {
+  long lo = 0, hi = n;  // first index that is active
+  while (lo < hi) {
+    const long mid = lo + (hi - lo) / 2;
+    if (tri_active(kp[mid], kn, margin)) hi = mid;
+    else lo = mid + 1;
+  }
+  return n - lo;
+}
+
+}  // namespace metrix_ops

@@ -1,0 +1,199 @@
+// Fused TripletMarginLoss, triplets_per_anchor="all", on the CPU: per-anchor sums over all
+// (p, n) of [(k_ap − k_an) + m]₊ without enumerating triplets or storing the B×M matrix.
+//
+// Per anchor row: sort the negative keys once; for a positive p the active negatives are a
+// prefix (common/triplet.h), so its c_p triplets cost one binary search and a prefix sum:
+// Σ_n [·]₊ = c_p·(k_ap + m) − Σ_{first c_p} k_an. O(M log M) per row instead of O(P·N).
+// S is streamed over chunks of anchor rows (chunk × M); the backward recomputes each chunk,
+// turns it into G = ∂(Σ_i g_i row_i)/∂S in place and adds G r to dx and Gᵀ x to dr.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/triplet.h"
+
+namespace metrix_ops {
+
+namespace {
+
+void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                          const at::Tensor& ref_labels, bool exclude_diag, double margin,
+                          int64_t chunk) {
+  check_sim_inputs(x, r, 1.0, chunk);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
+              "labels must be int64 of shape (", x.size(0), ",)");
+  TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == r.size(0) &&
+                  ref_labels.scalar_type() == at::kLong,
+              "ref_labels must be int64 of shape (", r.size(0), ",)");
+  TORCH_CHECK(!exclude_diag || x.size(0) == r.size(0),
+              "exclude_diag needs r to be the batch (same number of rows as x)");
+  TORCH_CHECK(std::isfinite(margin), "margin must be finite, got ", margin);
+}
+
+// One anchor row split into its positive and negative keys (self pair dropped), reused
+// across the rows a thread handles so the buffers are allocated once per thread range.
+template <typename T>
+struct RowKeys {
+  std::vector<T> pos, neg;
+
+  void split(const T* s, int64_t m, const int64_t* col, int64_t label, int64_t self,
+             bool cosine) {
+    pos.clear();
+    neg.clear();
+    for (int64_t j = 0; j < m; ++j) {
+      if (j == self) continue;
+      (col[j] == label ? pos : neg).push_back(tri_key(s[j], cosine));
+    }
+  }
+};
+
+struct Ctx {
+  const int64_t* labels;
+  const int64_t* ref_labels;
+  bool exclude_diag, cosine;
+  double margin;
+};
+
+// Forward of rows [r0, r0 + nr) from their block s of S (nr × m).
+template <typename T>
+void fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, T* rows,
+               int64_t* nonzero, int64_t* triplets) {
+  at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
+    RowKeys<T> k;
+    std::vector<double> prefix;  // Σ of the first c sorted negative keys, in double
+    const T mg = T(c.margin);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t gi = r0 + i;
+      k.split(s + i * m, m, c.ref_labels, c.labels[gi], c.exclude_diag ? gi : -1, c.cosine);
+      const int64_t np = k.pos.size(), nn = k.neg.size();
+      triplets[gi] = np * nn;
+      double sum = 0;
+      int64_t active = 0;
+      if (np > 0 && nn > 0) {
+        std::sort(k.neg.begin(), k.neg.end());
+        prefix.assign(nn + 1, 0.0);
+        for (int64_t t = 0; t < nn; ++t) prefix[t + 1] = prefix[t] + double(k.neg[t]);
+        for (const T kp : k.pos) {
+          const int64_t cnt = tri_count_neg(k.neg.data(), (long)nn, kp, mg);
+          sum += double(cnt) * (double(kp) + c.margin) - prefix[cnt];
+          active += cnt;
+        }
+      }
+      rows[gi] = T(sum);
+      nonzero[gi] = active;
+    }
+  });
+}
+
+// Turns block s (rows [r0, r0 + nr)) into g_i ∂row_i/∂s_ij in place:
+//   positive j: c_j (active negatives with it) · dk/ds;
+//   negative j: −(active positives with it) · dk/ds.
+template <typename T>
+void grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, const T* g) {
+  at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
+    RowKeys<T> k;
+    const T mg = T(c.margin);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t gi = r0 + i, li = c.labels[gi], self = c.exclude_diag ? gi : -1;
+      T* row = s + i * m;
+      k.split(row, m, c.ref_labels, li, self, c.cosine);
+      const int64_t np = k.pos.size(), nn = k.neg.size();
+      if (np == 0 || nn == 0 || g[gi] == T(0)) {
+        std::fill(row, row + m, T(0));
+        continue;
+      }
+      std::sort(k.pos.begin(), k.pos.end());
+      std::sort(k.neg.begin(), k.neg.end());
+      for (int64_t j = 0; j < m; ++j) {
+        if (j == self) {
+          row[j] = T(0);
+          continue;
+        }
+        const T key = tri_key(row[j], c.cosine);
+        const T dk = tri_key_grad(key, c.cosine);
+        const T n = c.ref_labels[j] == li
+                        ? T(tri_count_neg(k.neg.data(), (long)nn, key, mg))
+                        : -T(tri_count_pos(k.pos.data(), (long)np, key, mg));
+        row[j] = g[gi] * n * dk;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Returns per-anchor (loss sum, #triplets with loss > 0, #triplets); the reducers need
+// nothing else: AvgNonZero = Σ rows / Σ nonzero, Mean = Σ rows / Σ triplets, Sum = Σ rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
+    const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double margin,
+    int64_t chunk) {
+  check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
+  // fp16/bf16 are computed in fp32 (acc_type); fp32 and fp64 as given
+  auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const int64_t B = x.size(0), M = r.size(0);
+  at::Tensor rows = at::zeros({B}, x.options());
+  at::Tensor nonzero = at::zeros({B}, labels.options()), triplets = at::zeros({B}, labels.options());
+  const Ctx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag, cosine,
+              margin};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_fwd_cpu", [&] {
+    for (int64_t start = 0; start < B; start += chunk) {
+      const int64_t len = std::min(chunk, B - start);
+      at::Tensor s = at::mm(x.narrow(0, start, len), r.t()).contiguous();
+      fwd_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rows.data_ptr<scalar_t>(),
+                          nonzero.data_ptr<int64_t>(), triplets.data_ptr<int64_t>());
+    }
+  });
+  return {rows, nonzero, triplets};
+}
+
+std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
+    const at::Tensor& grad_rows_, const at::Tensor& x_, const at::Tensor& r_,
+    const at::Tensor& labels_, const at::Tensor& ref_labels_, bool exclude_diag, bool cosine,
+    double margin, int64_t chunk) {
+  check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
+  TORCH_CHECK(grad_rows_.dim() == 1 && grad_rows_.size(0) == x_.size(0),
+              "grad_rows must have shape (", x_.size(0), ",)");
+  auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  auto g = grad_rows_.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0), M = r.size(0);
+  at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
+  const Ctx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag, cosine,
+              margin};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_bwd_cpu", [&] {
+    for (int64_t start = 0; start < B; start += chunk) {
+      const int64_t len = std::min(chunk, B - start);
+      at::Tensor xc = x.narrow(0, start, len);
+      at::Tensor s = at::mm(xc, r.t()).contiguous();  // becomes G in place
+      grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, g.data_ptr<scalar_t>());
+      dx.narrow(0, start, len).addmm_(s, r);
+      dr.addmm_(s.t(), xc);
+    }
+  });
+  return {dx.to(x_.scalar_type()), dr.to(r_.scalar_type())};
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // All-triplets margin loss of unit anchors x against unit references r, streamed over
+  // chunks of x: per-anchor (loss sum, #active triplets, #triplets). cosine=false is the
+  // L2 distance of unit rows. exclude_diag: r is the batch, so row i is not its own pair.
+  m.def("triplet_all_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "bool exclude_diag, bool cosine, float margin, int chunk) -> (Tensor, Tensor, Tensor)");
+  m.def("triplet_all_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
+        "Tensor ref_labels, bool exclude_diag, bool cosine, float margin, int chunk) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("triplet_all_fwd", &triplet_all_fwd_cpu);
+  m.impl("triplet_all_bwd", &triplet_all_bwd_cpu);
+}
+
+}  // namespace metrix_ops
