@@ -36,27 +36,19 @@ template <typename T>
 MO_HD T tri_violation(T kp, T kn, T margin) { return (kp - kn) + margin; }
 
 // Whether the triplet has loss > 0. Monotone: non-increasing in kn, non-decreasing in kp
-// (rounding is monotone), so over sorted keys the active triplets form a prefix / suffix
-// and can be counted by binary search.
+// (rounding is monotone), so over sorted positive keys the positives active with a given
+// negative form a suffix and can be counted by binary search.
 template <typename T>
 MO_HD bool tri_active(T kp, T kn, T margin) { return tri_violation(kp, kn, margin) > T(0); }
 
-// Number of sorted-ascending negative keys kn[0..n) active with positive key kp.
-template <typename T>
-MO_HD long tri_count_neg(const T* kn, long n, T kp, T margin) {
-  long lo = 0, hi = n;  // first index that is not active
-  while (lo < hi) {
-    const long mid = lo + (hi - lo) / 2;
-    if (tri_active(kp, kn[mid], margin)) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-// Number of sorted-ascending positive keys kp[0..n) active with negative key kn.
+// Number of sorted-ascending positive keys kp[0..n) active with negative key kn: a suffix.
+// The two ends are tested first: most negatives of a trained embedding are active with no
+// positive (or, for hard anchors, with all), which then costs two comparisons.
 template <typename T>
 MO_HD long tri_count_pos(const T* kp, long n, T kn, T margin) {
-  long lo = 0, hi = n;  // first index that is active
+  if (n == 0 || !tri_active(kp[n - 1], kn, margin)) return 0;
+  if (tri_active(kp[0], kn, margin)) return n;
+  long lo = 1, hi = n - 1;  // first active index lies in [1, n-1]
   while (lo < hi) {
     const long mid = lo + (hi - lo) / 2;
     if (tri_active(kp[mid], kn, margin)) hi = mid;

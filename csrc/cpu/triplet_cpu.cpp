@@ -1,9 +1,9 @@
 // Fused TripletMarginLoss, triplets_per_anchor="all", on the CPU: per-anchor sums over all
 // (p, n) of [(k_ap − k_an) + m]₊ without enumerating triplets or storing the B×M matrix.
 //
-// Per anchor row: sort the negative keys once; for a positive p the active negatives are a
-// prefix (common/triplet.h), so its c_p triplets cost one binary search and a prefix sum:
-// Σ_n [·]₊ = c_p·(k_ap + m) − Σ_{first c_p} k_an. O(M log M) per row instead of O(P·N).
+// Per anchor row: sort the positive keys; for a negative n the active positives are a
+// suffix (common/triplet.h), so its triplets cost one binary search and a suffix sum.
+// O(M log P) per row instead of O(P·N).
 // S is streamed over chunks of anchor rows (chunk × M); the backward recomputes each chunk,
 // turns it into G = ∂(Σ_i g_i row_i)/∂S in place and adds G r to dx and Gᵀ x to dr.
 #include <ATen/Parallel.h>
@@ -35,23 +35,6 @@ void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Te
   TORCH_CHECK(std::isfinite(margin), "margin must be finite, got ", margin);
 }
 
-// One anchor row split into its positive and negative keys (self pair dropped), reused
-// across the rows a thread handles so the buffers are allocated once per thread range.
-template <typename T>
-struct RowKeys {
-  std::vector<T> pos, neg;
-
-  void split(const T* s, int64_t m, const int64_t* col, int64_t label, int64_t self,
-             bool cosine) {
-    pos.clear();
-    neg.clear();
-    for (int64_t j = 0; j < m; ++j) {
-      if (j == self) continue;
-      (col[j] == label ? pos : neg).push_back(tri_key(s[j], cosine));
-    }
-  }
-};
-
 struct Ctx {
   const int64_t* labels;
   const int64_t* ref_labels;
@@ -59,28 +42,52 @@ struct Ctx {
   double margin;
 };
 
-// Forward of rows [r0, r0 + nr) from their block s of S (nr × m).
+// A row's positive keys with their columns, sorted by key. Only the positives are sorted
+// (typically a handful): each negative then finds its active positives, a suffix, by
+// binary search, so a row costs O(M log P) and the negatives are never sorted.
+template <typename T>
+struct SortedPositives {
+  std::vector<std::pair<T, int64_t>> kj;  // (key, column)
+  std::vector<T> keys;
+
+  void build(const T* s, int64_t m, const int64_t* col, int64_t label, int64_t self,
+             bool cosine) {
+    kj.clear();
+    for (int64_t j = 0; j < m; ++j)
+      if (j != self && col[j] == label) kj.emplace_back(tri_key(s[j], cosine), j);
+    std::sort(kj.begin(), kj.end());
+    keys.resize(kj.size());
+    for (size_t t = 0; t < kj.size(); ++t) keys[t] = kj[t].first;
+  }
+  int64_t size() const { return int64_t(kj.size()); }
+};
+
+// Forward of rows [r0, r0 + nr) from their block s of S (nr × m). For a negative with
+// c active positives (the top c keys): Σ_p [(k_p − k_n) + m]₊ = Σ_top-c k_p + c·(m − k_n).
 template <typename T>
 void fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, T* rows,
                int64_t* nonzero, int64_t* triplets) {
   at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
-    RowKeys<T> k;
-    std::vector<double> prefix;  // Σ of the first c sorted negative keys, in double
+    SortedPositives<T> pos;
+    std::vector<double> suffix;  // suffix[t] = Σ_{q ≥ t} sorted positive keys, in double
     const T mg = T(c.margin);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t gi = r0 + i;
-      k.split(s + i * m, m, c.ref_labels, c.labels[gi], c.exclude_diag ? gi : -1, c.cosine);
-      const int64_t np = k.pos.size(), nn = k.neg.size();
+      const int64_t gi = r0 + i, li = c.labels[gi], self = c.exclude_diag ? gi : -1;
+      const T* row = s + i * m;
+      pos.build(row, m, c.ref_labels, li, self, c.cosine);
+      const int64_t np = pos.size();
+      const int64_t nn = m - np - (self >= 0 ? 1 : 0);
       triplets[gi] = np * nn;
       double sum = 0;
       int64_t active = 0;
       if (np > 0 && nn > 0) {
-        std::sort(k.neg.begin(), k.neg.end());
-        prefix.assign(nn + 1, 0.0);
-        for (int64_t t = 0; t < nn; ++t) prefix[t + 1] = prefix[t] + double(k.neg[t]);
-        for (const T kp : k.pos) {
-          const int64_t cnt = tri_count_neg(k.neg.data(), (long)nn, kp, mg);
-          sum += double(cnt) * (double(kp) + c.margin) - prefix[cnt];
+        suffix.assign(np + 1, 0.0);
+        for (int64_t t = np - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(pos.keys[t]);
+        for (int64_t j = 0; j < m; ++j) {
+          if (j == self || c.ref_labels[j] == li) continue;
+          const T kn = tri_key(row[j], c.cosine);
+          const int64_t cnt = tri_count_pos(pos.keys.data(), (long)np, kn, mg);
+          sum += suffix[np - cnt] + double(cnt) * (c.margin - double(kn));
           active += cnt;
         }
       }
@@ -91,36 +98,40 @@ void fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, T* r
 }
 
 // Turns block s (rows [r0, r0 + nr)) into g_i ∂row_i/∂s_ij in place:
-//   positive j: c_j (active negatives with it) · dk/ds;
-//   negative j: −(active positives with it) · dk/ds.
+//   negative j: −(active positives with it) · dk/ds;
+//   positive j: (active negatives with it) · dk/ds. A negative whose active positives start
+//   at sorted rank t is active with every positive of rank ≥ t, so these counts are the
+//   running sum of a histogram of the negatives' first ranks.
 template <typename T>
 void grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, const T* g) {
   at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
-    RowKeys<T> k;
+    SortedPositives<T> pos;
+    std::vector<int64_t> first;  // histogram over the first active rank, 0..P
     const T mg = T(c.margin);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = r0 + i, li = c.labels[gi], self = c.exclude_diag ? gi : -1;
       T* row = s + i * m;
-      k.split(row, m, c.ref_labels, li, self, c.cosine);
-      const int64_t np = k.pos.size(), nn = k.neg.size();
-      if (np == 0 || nn == 0 || g[gi] == T(0)) {
+      pos.build(row, m, c.ref_labels, li, self, c.cosine);
+      const int64_t np = pos.size();
+      if (np == 0 || np + (self >= 0 ? 1 : 0) == m || g[gi] == T(0)) {
         std::fill(row, row + m, T(0));
         continue;
       }
-      std::sort(k.pos.begin(), k.pos.end());
-      std::sort(k.neg.begin(), k.neg.end());
+      first.assign(np + 1, 0);
       for (int64_t j = 0; j < m; ++j) {
-        if (j == self) {
-          row[j] = T(0);
-          continue;
-        }
-        const T key = tri_key(row[j], c.cosine);
-        const T dk = tri_key_grad(key, c.cosine);
-        const T n = c.ref_labels[j] == li
-                        ? T(tri_count_neg(k.neg.data(), (long)nn, key, mg))
-                        : -T(tri_count_pos(k.pos.data(), (long)np, key, mg));
-        row[j] = g[gi] * n * dk;
+        if (j == self || c.ref_labels[j] == li) continue;
+        const T kn = tri_key(row[j], c.cosine);
+        const int64_t cnt = tri_count_pos(pos.keys.data(), (long)np, kn, mg);
+        ++first[np - cnt];
+        row[j] = -g[gi] * T(cnt) * tri_key_grad(kn, c.cosine);
       }
+      int64_t active = 0;
+      for (int64_t t = 0; t < np; ++t) {
+        active += first[t];
+        const T kp = pos.kj[t].first;
+        row[pos.kj[t].second] = g[gi] * T(active) * tri_key_grad(kp, c.cosine);
+      }
+      if (self >= 0) row[self] = T(0);
     }
   });
 }
