@@ -1,10 +1,10 @@
 // Triplet-margin per-element math, shared by host and device code (the CPU build tests
 // exactly what a CUDA backend would compute).
 //
-// Both supported distances are mapped to one "key" k, larger = farther, with the
-// violation of a triplet (a, p, n) written as PML writes it:
-//   L2 on unit rows:  k = d = sqrt(max(2 − 2s, 0)),  violation = (d_ap − d_an) + m
-//   cosine:           k = −s,                         violation = (s_an − s_ap) + m
+// Both supported distances are mapped to one "key" k, larger = farther, from the block
+// value v the backend computes, with the violation of a triplet (a, p, n) written as PML:
+//   L2 on unit rows:  v = d (as torch.cdist computes it), k = d,  violation = (d_ap − d_an) + m
+//   cosine:           v = s,                              k = −s, violation = (s_an − s_ap) + m
 // −s is exact, so (k_ap − k_an) + m is bit-for-bit PML's cosine violation as well. Keeping
 // PML's operation order (difference first, then + m) matters: it decides which boundary
 // triplets are exactly 0, and AvgNonZero counts only those > 0.
@@ -17,14 +17,19 @@
 namespace metrix_ops {
 
 template <typename T>
-MO_HD T tri_key(T s, bool cosine) {
-  if (cosine) return -s;
+MO_HD T tri_key(T v, bool cosine) { return cosine ? -v : v; }
+
+// L2 distance of unit rows from their cosine, d = sqrt(max(2 − 2s, 0)), for a backend that
+// has only S (the CPU op uses torch.cdist's own values instead, see triplet_cpu.cpp).
+template <typename T>
+MO_HD T tri_dist_from_sim(T s) {
   const T d2 = T(2) - T(2) * s;
   return d2 > T(0) ? std::sqrt(d2) : T(0);
 }
 
-// dk/ds. At d = 0 (duplicate rows) the derivative is infinite; torch's distance backward
-// gives 0 there (cdist masks zero distances) and so do we: no NaN, no inf.
+// dk/ds, the chain to S = X Rᵀ (dd/ds = −1/d on unit rows). At d = 0 (duplicate rows) it is
+// infinite; torch's distance backward gives 0 there (zero distances are masked) and so do
+// we: no NaN, no inf.
 template <typename T>
 MO_HD T tri_key_grad(T k, bool cosine) {
   if (cosine) return T(-1);

@@ -5,7 +5,8 @@
 // suffix (common/triplet.h), so its triplets cost one binary search and a suffix sum.
 // O(M log P) per row instead of O(P·N).
 // S is streamed over chunks of anchor rows (chunk × M); the backward recomputes each chunk,
-// turns it into G = ∂(Σ_i g_i row_i)/∂S in place and adds G r to dx and Gᵀ x to dr.
+// turns it into G = ∂(Σ_i g_i row_i)/∂S in place and adds G r to dx and Gᵀ x to dr. For L2
+// the block holds distances (value_block) and G goes through dd/ds = −1/d.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -62,7 +63,7 @@ struct SortedPositives {
   int64_t size() const { return int64_t(kj.size()); }
 };
 
-// Forward of rows [r0, r0 + nr) from their block s of S (nr × m). For a negative with
+// Forward of rows [r0, r0 + nr) from their block s of values (nr × m). For a negative with
 // c active positives (the top c keys): Σ_p [(k_p − k_n) + m]₊ = Σ_top-c k_p + c·(m − k_n).
 template <typename T>
 void fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, T* rows,
@@ -136,6 +137,18 @@ void grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, const T* 
   });
 }
 
+// The block of values the keys come from, rows [start, start + len). L2: distances exactly
+// as PML's LpDistance computes them, torch.cdist on the unit rows with the matmul-or-direct
+// choice cdist makes for the whole B×M call, so that rounding-level ties (quantised
+// embeddings, margin 0) fall on the same side of the hinge as in PML. Cosine: S, as PML.
+at::Tensor value_block(const at::Tensor& x, const at::Tensor& r, int64_t start, int64_t len,
+                       bool cosine) {
+  const at::Tensor xc = x.narrow(0, start, len);
+  if (cosine) return at::mm(xc, r.t()).contiguous();
+  const int64_t mode = (x.size(0) > 25 || r.size(0) > 25) ? 1 : 2;  // use / do not use mm
+  return at::cdist(xc, r, 2.0, mode).contiguous();
+}
+
 }  // namespace
 
 // Returns per-anchor (loss sum, #triplets with loss > 0, #triplets); the reducers need
@@ -156,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_fwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor s = at::mm(x.narrow(0, start, len), r.t()).contiguous();
+      at::Tensor s = value_block(x, r, start, len, cosine);
       fwd_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rows.data_ptr<scalar_t>(),
                           nonzero.data_ptr<int64_t>(), triplets.data_ptr<int64_t>());
     }
@@ -182,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
       at::Tensor xc = x.narrow(0, start, len);
-      at::Tensor s = at::mm(xc, r.t()).contiguous();  // becomes G in place
+      at::Tensor s = value_block(x, r, start, len, cosine);  // becomes G in place
       grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, g.data_ptr<scalar_t>());
       dx.narrow(0, start, len).addmm_(s, r);
       dr.addmm_(s.t(), xc);
