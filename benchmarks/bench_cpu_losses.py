@@ -6,6 +6,8 @@ process so that its peak memory (RSS growth) is its own.
         --out benchmarks/results/cpu_ms.json
     python benchmarks/bench_cpu_losses.py --loss contrastive --sizes 1024,4096 --dims 128,512 \
         --out benchmarks/results/cpu_contrastive.json
+    python benchmarks/bench_cpu_losses.py --loss triplet --sizes 1024,4096 --dims 128,512 \
+        --out benchmarks/results/cpu_triplet.json
 """
 from __future__ import annotations
 
@@ -16,11 +18,15 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# --loss: PML class name of each benchmarked loss (ours has the same name and defaults)
-LOSSES = {"multi_similarity": "MultiSimilarityLoss", "contrastive": "ContrastiveLoss"}
+
+# --loss name -> (PML class, metrix_ops class, floor). "gram": S = X Xᵀ, G X and Gᵀ X, the
+# three products every exact loss of the Gram matrix needs.
+LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          "contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
+          "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
 
 
-def run_case(impl, b, d, repeats, loss_name="MultiSimilarityLoss"):
+def run_case(loss, impl, b, d, repeats):
     import torch
 
     sys.path.insert(0, HERE)
@@ -37,11 +43,11 @@ def run_case(impl, b, d, repeats, loss_name="MultiSimilarityLoss"):
             return s @ x0, s.t() @ x0
     else:
         if impl == "pml":
-            from pytorch_metric_learning import losses as pml_losses
-            loss_fn = getattr(pml_losses, loss_name)()
+            from pytorch_metric_learning import losses as pl
+            loss_fn = getattr(pl, LOSSES[loss][0])()
         else:
             import metrix_ops as mo
-            loss_fn = getattr(mo.losses, loss_name)(backend=impl)
+            loss_fn = getattr(mo.losses, LOSSES[loss][1])(backend=impl)
 
         def step():
             x = x0.clone().requires_grad_(True)
@@ -55,7 +61,10 @@ def run_case(impl, b, d, repeats, loss_name="MultiSimilarityLoss"):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--loss", choices=sorted(LOSSES), default="multi_similarity")
+    ap.add_argument("--loss", default="multi_similarity", choices=sorted(LOSSES))
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per case (process)")
+    ap.add_argument("--mem-limit-gb", type=float, default=0,
+                    help="address-space cap per case (0: none); a shared box survives PML's OOMs")
     ap.add_argument("--sizes", default="1024,4096")
     ap.add_argument("--dims", default="128,512")
     ap.add_argument("--impls", default="cpu,pml,reference,floor")
@@ -65,7 +74,11 @@ def main():
     args = ap.parse_args()
     if args.case:  # child process: one case, result as JSON on stdout
         impl, b, d = args.case.split(":")
-        print(json.dumps(run_case(impl, int(b), int(d), args.repeats, LOSSES[args.loss])))
+        if args.mem_limit_gb > 0:
+            import resource
+            cap = int(args.mem_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        print(json.dumps(run_case(args.loss, impl, int(b), int(d), args.repeats)))
         return
     sys.path.insert(0, HERE)
     import torch
@@ -74,14 +87,19 @@ def main():
     rows = []
     for b in map(int, args.sizes.split(",")):
         for d in map(int, args.dims.split(",")):
-            row = {"loss": LOSSES[args.loss], "B": b, "D": d, "dtype": "float32"}
+            row = {"loss": LOSSES[args.loss][1], "B": b, "D": d, "dtype": "float32"}
             for impl in args.impls.split(","):
-                proc = subprocess.run([sys.executable, __file__, "--case", f"{impl}:{b}:{d}",
-                                       "--repeats", str(args.repeats), "--loss", args.loss,
-                                       "--out", "-"],
-                                      capture_output=True, text=True)
+                cmd = [sys.executable, __file__, "--loss", args.loss, "--case", f"{impl}:{b}:{d}",
+                       "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb),
+                       "--out", "-"]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    row[impl] = {"error": f"timeout after {args.timeout:.0f} s"}
+                    continue
+                err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
                 row[impl] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 \
-                    else {"error": proc.stderr.strip().splitlines()[-1][:200]}
+                    else {"error": err[:200]}
             if "cpu" in row and "pml" in row and "median_s" in row["cpu"] and "median_s" in row["pml"]:
                 row["speedup_vs_pml"] = row["pml"]["median_s"] / row["cpu"]["median_s"]
                 if "floor" in row:

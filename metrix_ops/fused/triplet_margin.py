@@ -1,0 +1,56 @@
+"""TripletMarginLoss (triplets_per_anchor="all") through the fused streaming op: per-anchor
+loss sums and triplet counts from triplet_all_fwd, no triplet list, no B×M matrix.
+
+The op returns totals, not per-triplet terms, so only reducers that are functions of the
+totals are served here (AvgNonZero, Mean, Sum); any other reducer gets the reference."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .. import _ext
+from ..distances import is_cosine, is_normalized_l2
+from ..ops.triplet import triplet_all_rows
+from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
+                        reduce_loss_dict, zero_loss)
+from ..spec import get_spec
+from . import register
+
+
+def supports(params, inp, expansion) -> bool:
+    return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
+            and inp.labels is not None and params.get("triplets_per_anchor", "all") == "all"
+            and not params.get("swap", False) and not params.get("smooth_loss", False)
+            and (is_cosine(inp.distance) or is_normalized_l2(inp.distance)))
+
+
+def _divisor_kind(reducer):
+    """'nonzero' / 'all' / 'one' for the reducers the totals serve, else None."""
+    if type(reducer) is AvgNonZeroReducer or (
+            type(reducer) is ThresholdReducer and reducer.low == 0 and reducer.high is None):
+        return "nonzero"
+    return {MeanReducer: "all", SumReducer: "one"}.get(type(reducer))
+
+
+def impl(params, inp, reducer, chunk: int = 256):
+    x = inp.embeddings
+    kind = _divisor_kind(reducer)
+    if kind is None:  # needs the per-triplet terms: the reference has them
+        spec = get_spec("TripletMarginLoss")
+        return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
+    xu = F.normalize(x, dim=1)
+    ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
+    rows, nonzero, triplets = triplet_all_rows(
+        xu, ru, inp.labels, inp.ref_labels, inp.same_set, is_cosine(inp.distance),
+        params.get("margin", 0.05), chunk)
+    # Python ints: the counts can pass 2**24, past what fp32 holds exactly
+    n_all = int(triplets.sum())
+    if n_all == 0:  # no triplet at all: PML returns a zero that keeps the graph
+        return zero_loss(x)
+    total = rows.sum()
+    if kind == "one":
+        return total
+    n = int(nonzero.sum()) if kind == "nonzero" else n_all
+    return zero_loss(x) if n == 0 else total / n
+
+
+register("cpu", "TripletMarginLoss", supports, impl)

@@ -1,0 +1,50 @@
+"""All-triplets margin loss from the fused streaming op (csrc/cpu/triplet_cpu.cpp): fake
+kernels for torch.compile, autograd, and the call. Inputs are unit rows; normalisation and
+its gradient stay in PyTorch (O(B·D))."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+
+_FWD = "metrix_ops::triplet_all_fwd"
+
+
+def _acc(x):  # the op computes fp16/bf16 in fp32
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+if _ext.HAS_EXT:
+    @torch.library.register_fake(_FWD)
+    def _fake(x, r, labels, ref_labels, exclude_diag, cosine, margin, chunk):
+        b = x.shape[0]
+        return (x.new_empty(b, dtype=_acc(x)), labels.new_empty(b), labels.new_empty(b))
+
+    @torch.library.register_fake("metrix_ops::triplet_all_bwd")
+    def _fake_bwd(grad_rows, x, r, labels, ref_labels, exclude_diag, cosine, margin, chunk):
+        return torch.empty_like(x), torch.empty_like(r)
+
+    def _setup_context(ctx, inputs, output):
+        x, r, labels, ref_labels, exclude_diag, cosine, margin, chunk = inputs
+        ctx.save_for_backward(x, r, labels, ref_labels)
+        ctx.args = (exclude_diag, cosine, margin, chunk)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward(ctx, g_rows, _g_nonzero, _g_triplets):
+        x, r, labels, ref_labels = ctx.saved_tensors
+        dx, dr = torch.ops.metrix_ops.triplet_all_bwd(g_rows.contiguous(), x, r, labels,
+                                                      ref_labels, *ctx.args)
+        return dx, dr, None, None, None, None, None, None
+
+    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+def triplet_all_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosine: bool,
+                     margin: float, chunk: int = 256):
+    """Per-anchor (Σ_{p,n} [violation]₊, #triplets with loss > 0, #triplets) over all
+    triplets of anchors x against references r; `cosine` picks cosine similarity, else the
+    L2 distance of unit rows. Memory O(chunk·M) besides the inputs."""
+    return torch.ops.metrix_ops.triplet_all_fwd(
+        x_unit.contiguous(), r_unit.contiguous(), labels.long().contiguous(),
+        ref_labels.long().contiguous(), bool(exclude_diag), bool(cosine), float(margin),
+        int(chunk))
