@@ -24,14 +24,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cpu(
     int64_t block) {
   check_self(x_, labels_, block);
   auto x = x_.contiguous();
-  auto labels = labels_.contiguous();
+  const at::Tensor labels = ms_label_ids(labels_);
   const int64_t B = x.size(0);
   at::Tensor rows = at::zeros({B}, x.options());
   at::Tensor lse_pos = at::zeros({B}, x.options()), lse_neg = at::zeros({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_self_fwd_cpu", [&] {
     using T = scalar_t;
     std::vector<OnlineLse<T>> pos(B, lse_with_one<T>()), neg(B, lse_with_one<T>());
-    const int64_t* lab_ids = labels.data_ptr<int64_t>();
+    const int32_t* lab_ids = labels.data_ptr<int32_t>();
     const BlockLabels lab{lab_ids, lab_ids, true};
     const T a = alpha, bt = beta, bs = base;
     for (int64_t r0 = 0; r0 < B; r0 += block) {
@@ -58,14 +58,14 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
                                 double base, int64_t block) {
   check_self(x_, labels_, block);
   auto x = x_.contiguous();
-  auto labels = labels_.contiguous();
+  const at::Tensor labels = ms_label_ids(labels_);
   auto g = grad_rows.to(x.scalar_type()).contiguous();
   auto lse_pos = lse_pos_.contiguous(), lse_neg = lse_neg_.contiguous();
   const int64_t B = x.size(0);
   at::Tensor dx = at::zeros_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_self_bwd_cpu", [&] {
     using T = scalar_t;
-    const int64_t* lab_ids = labels.data_ptr<int64_t>();
+    const int32_t* lab_ids = labels.data_ptr<int32_t>();
     const BlockLabels lab{lab_ids, lab_ids, true};
     const T a = alpha, bt = beta, bs = base;
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
