@@ -40,22 +40,30 @@ inline at::Tensor ms_label_ids(const at::Tensor& labels) {
   return ms_label_ids(labels, labels.narrow(0, 0, 0)).first;
 }
 
-// Folds block s (nr×nc; global rows r0.., cols c0..) into the rows' log(1 + Σ e^·) states.
+// Folds block s (nr×nc; global rows r0.., cols c0..) into the rows' log(1 + Σ e^·) states;
+// with cols, also into the columns' states (s_ij as s_ji: the other half of an
+// off-diagonal block of a symmetric S).
 template <typename T>
 void ms_fold_block(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, BlockLabels lab,
-                   T a, T bt, T bs, OnlineLse<T>* pos, OnlineLse<T>* neg) {
+                   T a, T bt, T bs, OnlineLse<T>* pos, OnlineLse<T>* neg, bool cols = false) {
   const MsBlock<T> b{nc, r0, c0, lab.row, lab.col, lab.exclude_diag, a, bt, bs,
                      nullptr, nullptr, nullptr};
-  const auto fold = ms_kernels<T>().fold;
-  at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) { fold(s, i0, i1, b, pos, neg); });
+  const MsKernels<T>& k = ms_kernels<T>();
+  at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) { k.fold(s, i0, i1, b, pos, neg); });
+  if (cols)  // grain of whole 64-byte lines of each row
+    at::parallel_for(0, nc, 16, [&](int64_t j0, int64_t j1) {
+      k.fold_cols(s, nr, j0, j1, b, pos, neg);
+    });
 }
 
-// Turns block s into g_i ∂(row loss i)/∂s_ij in place, from the rows' log-sum-exps.
+// Turns block s into g_i ∂(row loss i)/∂s_ij in place, from the rows' log-sum-exps; with
+// sym (the rows and columns are the same batch), plus g_j ∂(row loss j)/∂s_ji: then s is
+// H = G_IJ + G_JIᵀ of the batch-against-itself op.
 template <typename T>
 void ms_grad_block(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, BlockLabels lab,
-                   const T* g, const T* lp, const T* ln, T a, T bt, T bs) {
+                   const T* g, const T* lp, const T* ln, T a, T bt, T bs, bool sym = false) {
   const MsBlock<T> b{nc, r0, c0, lab.row, lab.col, lab.exclude_diag, a, bt, bs, g, lp, ln};
-  const auto grad = ms_kernels<T>().grad;
+  const auto grad = sym ? ms_kernels<T>().grad_sym : ms_kernels<T>().grad;
   at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) { grad(s, i0, i1, b); });
 }
 

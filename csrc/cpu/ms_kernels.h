@@ -41,6 +41,12 @@ struct MsKernels {
   void (*fold)(const T* s, int64_t i0, int64_t i1, const MsBlock<T>& b, OnlineLse<T>* pos,
                OnlineLse<T>* neg);
   void (*grad)(T* s, int64_t i0, int64_t i1, const MsBlock<T>& b);
+  // The columns [j0, j1) of the block as rows of Sᵀ (the batch-against-itself op's other
+  // half of an off-diagonal block), without transposing it: fold them into the columns'
+  // states, or overwrite s with H = G + (G of Sᵀ)ᵀ, the row and column terms of each s_ij.
+  void (*fold_cols)(const T* s, int64_t nr, int64_t j0, int64_t j1, const MsBlock<T>& b,
+                    OnlineLse<T>* pos, OnlineLse<T>* neg);
+  void (*grad_sym)(T* s, int64_t i0, int64_t i1, const MsBlock<T>& b);
   void (*exp)(const T* x, T* y, int64_t n);  // the elementwise exp the kernels use
   const char* level;
 };
@@ -85,6 +91,10 @@ struct MsRowKernel {
     if constexpr (W > 1)
       for (int k = 0; k < W; ++k) v[k] = k;
     return v;
+  }
+  static MO_INLINE T lane(F v, int64_t k) {
+    if constexpr (W == 1) return v;
+    else return v[k];
   }
   template <class Op>
   static MO_INLINE T reduce(F v, Op op) {
@@ -145,17 +155,71 @@ struct MsRowKernel {
   }
 
   // row[j] ← g·∂(row loss)/∂s_j: −g·e^{−α(s−base) − lse⁺} or g·e^{β(s−base) − lse⁻}; 0 for
-  // the self pair.
-  static MO_INLINE void grad_row(T* row, int64_t n, const int32_t* col, int32_t li, int32_t skip, T g,
-                       T lp, T ln, T a, T bt, T bs) {
+  // the self pair. With Sym, plus the same term of column j's own loss (weights and
+  // log-sum-exps of the global columns at cg, cp, cn): s_ij is also s_ji of that row.
+  template <bool Sym>
+  static MO_INLINE void grad_row(T* row, int64_t n, const int32_t* col, int32_t li,
+                                 int32_t skip, T g, T lp, T ln, T a, T bt, T bs, const T* cg,
+                                 const T* cp, const T* cn) {
     const F zero{};
-    for_lanes(row, n, col, li, skip, [&](int64_t j, int64_t m, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
-      const F k = isp ? F{} - a : F{} + bt;
-      const F lse = isp ? F{} + lp : F{} + ln;
-      const F e = MsLanes<T, W>::exp(k * (v - bs) - lse);
-      const F out = isp ? (F{} - g) * e : (isn ? g * e : zero);
+    for_lanes(row, n, col, li, skip,
+              [&](int64_t j, int64_t m, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+      const F t = (isp ? F{} - a : F{} + bt) * (v - bs);
+      F w = g * MsLanes<T, W>::exp(t - (isp ? F{} + lp : F{} + ln));
+      if constexpr (Sym) {
+        F gc{}, lpc{}, lnc{};
+        std::memcpy(&gc, cg + j, m * sizeof(T));
+        std::memcpy(&lpc, cp + j, m * sizeof(T));
+        std::memcpy(&lnc, cn + j, m * sizeof(T));
+        w += gc * MsLanes<T, W>::exp(t - (isp ? lpc : lnc));
+      }
+      const F out = isp ? zero - w : (isn ? w : zero);
       std::memcpy(row + j, &out, m * sizeof(T));
     });
+  }
+
+  // Column-wise fold of columns [j0, j1): the same two passes as fold_row, W columns at a
+  // time going down the rows, with one running extreme and sum per column lane.
+  static MO_INLINE void fold_cols(const T* s, int64_t nr, int64_t j0, int64_t j1,
+                                  const MsBlock<T>& b, OnlineLse<T>* pos, OnlineLse<T>* neg) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const T a = b.alpha, bt = b.beta, bs = b.base;
+    const I lanes = iota();
+    for (int64_t j = j0; j < j1; j += W) {
+      const int64_t m = j1 - j < W ? j1 - j : W;
+      I c{};
+      std::memcpy(&c, b.col_lab + b.c0 + j, m * sizeof(int32_t));
+      const I gcol = lanes + static_cast<int32_t>(b.c0 + j);
+      const I real = (lanes < static_cast<int32_t>(m)) ? lanes - lanes - 1 : lanes - lanes;
+      auto down = [&](auto f) MO_LAMBDA_INLINE {
+        for (int64_t i = 0; i < nr; ++i) {
+          F v{};
+          if (m == W) std::memcpy(&v, s + i * b.nc + j, sizeof(F));
+          else std::memcpy(&v, s + i * b.nc + j, m * sizeof(T));
+          const int32_t gi = static_cast<int32_t>(b.r0 + i), li = b.row_lab[gi];
+          const I ok = b.exclude_diag ? (real & (gcol != gi)) : real;
+          f(v, (c == li) & ok, (c != li) & ok);
+        }
+      };
+      F lo = F{} + inf, hi = F{} - inf;
+      down([&](F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+        lo = (isp & (v < lo)) ? v : lo;
+        hi = (isn & (v > hi)) ? v : hi;
+      });
+      F sp{}, sn{};
+      const F zero{};
+      down([&](F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+        const F k = isp ? F{} - a : F{} + bt;
+        const F e = MsLanes<T, W>::exp(k * (v - (isp ? lo : hi)));
+        sp += isp ? e : zero;
+        sn += isn ? e : zero;
+      });
+      for (int64_t k = 0; k < m; ++k) {
+        const T l = lane(lo, k), h = lane(hi, k);
+        if (l < inf) pos[b.c0 + j + k].merge(OnlineLse<T>{ms_pos_arg(l, a, bs), lane(sp, k)});
+        if (h > -inf) neg[b.c0 + j + k].merge(OnlineLse<T>{ms_neg_arg(h, bt, bs), lane(sn, k)});
+      }
+    }
   }
 
   static MO_INLINE void exp_array(const T* x, T* y, int64_t n) {
@@ -182,11 +246,13 @@ struct MsRowKernel {
     }
   }
 
+  template <bool Sym>
   static MO_INLINE void grad(T* s, int64_t i0, int64_t i1, const MsBlock<T>& b) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = b.r0 + i;
-      grad_row(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi], skip_of(b, i), b.g[gi],
-               b.lse_pos[gi], b.lse_neg[gi], b.alpha, b.beta, b.base);
+      grad_row<Sym>(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi], skip_of(b, i),
+                    b.g[gi], b.lse_pos[gi], b.lse_neg[gi], b.alpha, b.beta, b.base, b.g + b.c0,
+                    b.lse_pos + b.c0, b.lse_neg + b.c0);
     }
   }
 };

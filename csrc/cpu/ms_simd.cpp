@@ -22,12 +22,21 @@ namespace {
     MsRowKernel<float, W>::fold(s, i0, i1, b, pos, neg);                                   \
   }                                                                                        \
   TARGET void grad_##NAME(float* s, int64_t i0, int64_t i1, const MsBlock<float>& b) {     \
-    MsRowKernel<float, W>::grad(s, i0, i1, b);                                             \
+    MsRowKernel<float, W>::grad<false>(s, i0, i1, b);                                      \
+  }                                                                                        \
+  TARGET void fold_cols_##NAME(const float* s, int64_t nr, int64_t j0, int64_t j1,         \
+                               const MsBlock<float>& b, OnlineLse<float>* pos,             \
+                               OnlineLse<float>* neg) {                                    \
+    MsRowKernel<float, W>::fold_cols(s, nr, j0, j1, b, pos, neg);                          \
+  }                                                                                        \
+  TARGET void grad_sym_##NAME(float* s, int64_t i0, int64_t i1, const MsBlock<float>& b) { \
+    MsRowKernel<float, W>::grad<true>(s, i0, i1, b);                                       \
   }                                                                                        \
   TARGET void exp_##NAME(const float* x, float* y, int64_t n) {                            \
     MsRowKernel<float, W>::exp_array(x, y, n);                                             \
   }                                                                                        \
-  const MsKernels<float> k_##NAME{&fold_##NAME, &grad_##NAME, &exp_##NAME, #NAME};
+  const MsKernels<float> k_##NAME{&fold_##NAME,      &grad_##NAME, &fold_cols_##NAME,      \
+                                  &grad_sym_##NAME, &exp_##NAME,  #NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 MO_MS_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), 16)
@@ -37,14 +46,22 @@ MO_MS_LEVEL(baseline, , 4)  // SSE2 on x86-64, NEON on aarch64: both have 4-floa
 #undef MO_MS_LEVEL
 
 // fp64 stays scalar with std::exp: its contract is 1e-6 against the reference.
+using K64 = MsRowKernel<double, 1>;
 void fold_f64(const double* s, int64_t i0, int64_t i1, const MsBlock<double>& b,
               OnlineLse<double>* pos, OnlineLse<double>* neg) {
-  MsRowKernel<double, 1>::fold(s, i0, i1, b, pos, neg);
+  K64::fold(s, i0, i1, b, pos, neg);
 }
 void grad_f64(double* s, int64_t i0, int64_t i1, const MsBlock<double>& b) {
-  MsRowKernel<double, 1>::grad(s, i0, i1, b);
+  K64::grad<false>(s, i0, i1, b);
 }
-void exp_f64(const double* x, double* y, int64_t n) { MsRowKernel<double, 1>::exp_array(x, y, n); }
+void fold_cols_f64(const double* s, int64_t nr, int64_t j0, int64_t j1,
+                   const MsBlock<double>& b, OnlineLse<double>* pos, OnlineLse<double>* neg) {
+  K64::fold_cols(s, nr, j0, j1, b, pos, neg);
+}
+void grad_sym_f64(double* s, int64_t i0, int64_t i1, const MsBlock<double>& b) {
+  K64::grad<true>(s, i0, i1, b);
+}
+void exp_f64(const double* x, double* y, int64_t n) { K64::exp_array(x, y, n); }
 
 bool cpu_has(const char* level) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -89,7 +106,8 @@ const MsKernels<float>& ms_kernels_f32() {
 }
 
 const MsKernels<double>& ms_kernels_f64() {
-  static const MsKernels<double> k{&fold_f64, &grad_f64, &exp_f64, "scalar"};
+  static const MsKernels<double> k{&fold_f64,     &grad_f64, &fold_cols_f64,
+                                   &grad_sym_f64, &exp_f64,  "scalar"};
   return k;
 }
 
