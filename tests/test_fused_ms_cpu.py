@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 from metrix_ops import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
@@ -128,3 +128,95 @@ def test_opcheck_and_compile():
     ga = torch.autograd.grad(compiled(x), x)[0]
     gb = torch.autograd.grad(f(x), x)[0]
     torch.testing.assert_close(ga, gb)
+
+
+# ---- every SIMD level of the fp32 kernels (METRIX_OPS_SIMD), against the reference ----
+
+from test_fast_exp import LEVELS, simd_level  # noqa: E402
+
+
+def _fp32_case(b, d, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randint(0, classes, (b,), generator=g)
+
+
+def _rel_close(a, b, tol):
+    """Relative error of value and gradient, each against its own scale."""
+    va, ga = value_and_grad(a[0], a[1])
+    vb, gb = value_and_grad(b[0], b[1])
+    assert abs(float(va) - float(vb)) <= tol * abs(float(vb)) + 1e-12
+    scale = gb[0].abs().max().item()
+    assert (ga[0].double() - gb[0]).abs().max().item() <= tol * scale + 1e-12
+
+
+@pytest.mark.parametrize("level", LEVELS)
+# odd sizes: lane tails of every width, self pairs at every lane position, several blocks
+@pytest.mark.parametrize("b,d,classes", [(37, 9, 5), (70, 33, 9), (130, 17, 30), (6, 3, 1)])
+@pytest.mark.parametrize("kw", [{}, {"alpha": 1.3, "beta": 20.0, "base": 0.3}])
+def test_simd_levels_fp32(level, b, d, classes, kw):
+    x, y = _fp32_case(b, d, classes, b)
+    fused, ref = pair(**kw)
+    with simd_level(level):
+        _rel_close((lambda e: fused(e, y), x), (lambda e: ref(e.double(), y), x), 1e-4)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_simd_levels_blocks_and_refs(level):
+    """Block/chunk sizes that split rows mid-vector, and the general op with ref_emb."""
+    from metrix_ops.ops import ms_loss_rows, ms_loss_rows_self
+    from metrix_ops.reference.multi_similarity import multi_similarity_loss_dict
+    from metrix_ops.spec import LossInputs
+    x, y = _fp32_case(53, 12, 7, 3)
+    xu = F.normalize(x, dim=1)
+    w = torch.randn(53, generator=torch.Generator().manual_seed(5))
+
+    def ref(e):
+        inp = LossInputs(e, y, None, e, y, True, mo.distances.CosineSimilarity(normalize_embeddings=False))
+        return (multi_similarity_loss_dict(inp)["loss"]["losses"] * w.double()).sum()
+
+    with simd_level(level):
+        for blk in (1, 5, 16, 21, 64):
+            _rel_close((lambda e: (ms_loss_rows_self(e, y, 2.0, 50.0, 0.5, blk) * w).sum(), xu),
+                       (lambda e: ref(e.double()), xu), 1e-4)
+            _rel_close((lambda e: (ms_loss_rows(e, e, y, y, True, 2.0, 50.0, 0.5, blk) * w).sum(), xu),
+                       (lambda e: ref(e.double()), xu), 1e-4)
+        r, ry = _fp32_case(29, 12, 7, 4)
+        fused, refl = pair()
+        _rel_close((lambda e: fused(e, y, ref_emb=r, ref_labels=ry), x),
+                   (lambda e: refl(e.double(), y, ref_emb=r.double(), ref_labels=ry), x), 1e-4)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_simd_levels_half_inputs(level, dtype, tol):
+    x, y = _fp32_case(45, 20, 6, 8)
+    xd = x.to(dtype)
+    fused, ref = pair()
+    with simd_level(level):
+        out = fused(xd.clone().requires_grad_(), y).detach()
+    want = ref(xd.double(), y)
+    assert out.dtype == torch.float32
+    assert abs(float(out) - float(want)) <= tol * abs(float(want))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_simd_levels_large_beta_and_labels(level):
+    """Exponents far past fp32's exp range need the max shift; labels beyond int32 are
+    remapped, not truncated (2^32 + 1 and 1 are different classes)."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 32, generator=g)
+    x = base.repeat_interleave(8, 0) + 1e-3 * torch.randn(16, 32, generator=g)
+    y = torch.tensor([0] * 8 + [1] * 8)
+    big = torch.where(y == 0, torch.tensor(1), torch.tensor(2**32 + 1))
+    fused, ref = pair(beta=400.0, alpha=100.0)
+    from metrix_ops.ops import ms_loss_rows, ms_loss_rows_self
+    xu = F.normalize(x, dim=1)
+    with simd_level(level):
+        out = fused(x, y)
+        rows = ms_loss_rows_self(xu, y, 100.0, 400.0, 0.5, 5)
+        rows_big = ms_loss_rows_self(xu, big, 100.0, 400.0, 0.5, 5)
+        rows_big_ref = ms_loss_rows(xu, xu, big, big, True, 100.0, 400.0, 0.5, 5)
+    assert torch.isfinite(out)
+    torch.testing.assert_close(out.double(), ref(x.double(), y), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rows_big, rows)
+    torch.testing.assert_close(rows_big_ref, rows)

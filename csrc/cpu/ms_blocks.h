@@ -3,56 +3,68 @@
 // the rows' streaming log-sum-exps, and turning a block of S into the block of G = ∂L/∂S.
 #pragma once
 
+#include <limits>
+#include <utility>
+
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
-#include "common/lse_acc.h"
+#include "cpu/ms_kernels.h"
 
 namespace metrix_ops {
 
-// The labels of a block's rows and columns, and whether global row i == global column j is
-// the self pair (references are the batch), which is in neither set.
+// The labels of a block's rows and columns as dense int32 ids, and whether global row i ==
+// global column j is the self pair (references are the batch), which is in neither set.
 struct BlockLabels {
-  const int64_t* row;  // indexed by global row
-  const int64_t* col;  // indexed by global column
+  const int32_t* row;  // indexed by global row
+  const int32_t* col;  // indexed by global column
   bool exclude_diag;
 };
 
-// Folds block s (nr×nc; global rows r0.., cols c0..) into the rows' log(1 + Σ e^·) states.
-template <typename T>
-void ms_fold_block(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, BlockLabels lab,
-                   T a, T bt, T bs, OnlineLse<T>* pos, OnlineLse<T>* neg) {
-  at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t gi = r0 + i, li = lab.row[gi];
-      const T* row = s + i * nc;
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t gj = c0 + j;
-        if (lab.exclude_diag && gj == gi) continue;
-        if (lab.col[gj] == li) pos[gi].push(ms_pos_arg(row[j], a, bs));
-        else neg[gi].push(ms_neg_arg(row[j], bt, bs));
-      }
-    }
-  });
+// int64 labels as int32 ids with the same equalities (the kernels compare 8 or 16 int32 at
+// once): a cast when they fit, else their index among the distinct values of both sets.
+inline std::pair<at::Tensor, at::Tensor> ms_label_ids(const at::Tensor& labels,
+                                                      const at::Tensor& ref_labels) {
+  const int64_t lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();
+  auto fits = [&](const at::Tensor& t) {
+    return t.numel() == 0 || (t.min().item<int64_t>() >= lo && t.max().item<int64_t>() <= hi);
+  };
+  if (fits(labels) && fits(ref_labels))
+    return {labels.to(at::kInt).contiguous(), ref_labels.to(at::kInt).contiguous()};
+  at::Tensor ids = std::get<1>(at::_unique(at::cat({labels, ref_labels}), true, true)).to(at::kInt);
+  return {ids.narrow(0, 0, labels.size(0)).contiguous(),
+          ids.narrow(0, labels.size(0), ref_labels.size(0)).contiguous()};
 }
 
-// Turns block s into g_i ∂(row loss i)/∂s_ij in place, from the rows' log-sum-exps.
+inline at::Tensor ms_label_ids(const at::Tensor& labels) {
+  return ms_label_ids(labels, labels.narrow(0, 0, 0)).first;
+}
+
+// Folds block s (nr×nc; global rows r0.., cols c0..) into the rows' log(1 + Σ e^·) states;
+// with cols, also into the columns' states (s_ij as s_ji: the other half of an
+// off-diagonal block of a symmetric S).
+template <typename T>
+void ms_fold_block(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, BlockLabels lab,
+                   T a, T bt, T bs, OnlineLse<T>* pos, OnlineLse<T>* neg, bool cols = false) {
+  const MsBlock<T> b{nc, r0, c0, lab.row, lab.col, lab.exclude_diag, a, bt, bs,
+                     nullptr, nullptr, nullptr};
+  const MsKernels<T>& k = ms_kernels<T>();
+  at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) { k.fold(s, i0, i1, b, pos, neg); });
+  if (cols)  // grain of whole 64-byte lines of each row
+    at::parallel_for(0, nc, 16, [&](int64_t j0, int64_t j1) {
+      k.fold_cols(s, nr, j0, j1, b, pos, neg);
+    });
+}
+
+// Turns block s into g_i ∂(row loss i)/∂s_ij in place, from the rows' log-sum-exps; with
+// sym (the rows and columns are the same batch), plus g_j ∂(row loss j)/∂s_ji: then s is
+// H = G_IJ + G_JIᵀ of the batch-against-itself op.
 template <typename T>
 void ms_grad_block(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, BlockLabels lab,
-                   const T* g, const T* lp, const T* ln, T a, T bt, T bs) {
-  at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t gi = r0 + i, li = lab.row[gi];
-      T* row = s + i * nc;
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t gj = c0 + j;
-        const T v = row[j];
-        if (lab.exclude_diag && gj == gi) row[j] = T(0);
-        else if (lab.col[gj] == li) row[j] = g[gi] * ms_pos_grad(v, a, bs, lp[gi]);
-        else row[j] = g[gi] * ms_neg_grad(v, bt, bs, ln[gi]);
-      }
-    }
-  });
+                   const T* g, const T* lp, const T* ln, T a, T bt, T bs, bool sym = false) {
+  const MsBlock<T> b{nc, r0, c0, lab.row, lab.col, lab.exclude_diag, a, bt, bs, g, lp, ln};
+  const auto grad = sym ? ms_kernels<T>().grad_sym : ms_kernels<T>().grad;
+  at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) { grad(s, i0, i1, b); });
 }
 
 // Per-anchor loss terms from the finished states: (1/α) lse⁺ + (1/β) lse⁻ (0 for a row with

@@ -30,14 +30,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cpu(
     int64_t chunk) {
   check_ms_inputs(x_, r_, labels_, ref_labels_, chunk);
   auto x = x_.contiguous(), r = r_.contiguous();
-  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const auto ids = ms_label_ids(labels_, ref_labels_);
   const int64_t B = x.size(0), M = r.size(0);
   at::Tensor rows = at::zeros({B}, x.options());
   at::Tensor lse_pos = at::zeros({B}, x.options()), lse_neg = at::zeros({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_fwd_cpu", [&] {
     using T = scalar_t;
     std::vector<OnlineLse<T>> pos(B, lse_with_one<T>()), neg(B, lse_with_one<T>());
-    const BlockLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
+    const BlockLabels lab{ids.first.data_ptr<int32_t>(), ids.second.data_ptr<int32_t>(), exclude_diag};
     for (int64_t start = 0; start < M; start += chunk) {
       const int64_t len = std::min(chunk, M - start);
       at::Tensor s = at::mm(x, r.narrow(0, start, len).t()).contiguous();
@@ -56,14 +56,14 @@ std::tuple<at::Tensor, at::Tensor> ms_loss_bwd_cpu(
     int64_t chunk) {
   check_ms_inputs(x_, r_, labels_, ref_labels_, chunk);
   auto x = x_.contiguous(), r = r_.contiguous();
-  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const auto ids = ms_label_ids(labels_, ref_labels_);
   auto g_rows = grad_rows_.to(x.scalar_type()).contiguous();
   auto lse_pos = lse_pos_.contiguous(), lse_neg = lse_neg_.contiguous();
   const int64_t B = x.size(0), M = r.size(0);
   at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_bwd_cpu", [&] {
     using T = scalar_t;
-    const BlockLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
+    const BlockLabels lab{ids.first.data_ptr<int32_t>(), ids.second.data_ptr<int32_t>(), exclude_diag};
     for (int64_t start = 0; start < M; start += chunk) {
       const int64_t len = std::min(chunk, M - start);
       at::Tensor rc = r.narrow(0, start, len);

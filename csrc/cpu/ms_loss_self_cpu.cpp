@@ -24,14 +24,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cpu(
     int64_t block) {
   check_self(x_, labels_, block);
   auto x = x_.contiguous();
-  auto labels = labels_.contiguous();
+  const at::Tensor labels = ms_label_ids(labels_);
   const int64_t B = x.size(0);
   at::Tensor rows = at::zeros({B}, x.options());
   at::Tensor lse_pos = at::zeros({B}, x.options()), lse_neg = at::zeros({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_self_fwd_cpu", [&] {
     using T = scalar_t;
     std::vector<OnlineLse<T>> pos(B, lse_with_one<T>()), neg(B, lse_with_one<T>());
-    const int64_t* lab_ids = labels.data_ptr<int64_t>();
+    const int32_t* lab_ids = labels.data_ptr<int32_t>();
     const BlockLabels lab{lab_ids, lab_ids, true};
     const T a = alpha, bt = beta, bs = base;
     for (int64_t r0 = 0; r0 < B; r0 += block) {
@@ -40,11 +40,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cpu(
       for (int64_t c0 = r0; c0 < B; c0 += block) {
         const int64_t nc = std::min(block, B - c0);
         at::Tensor s = at::mm(xi, x.narrow(0, c0, nc).t()).contiguous();
-        ms_fold_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, a, bt, bs, pos.data(), neg.data());
-        if (c0 != r0) {
-          at::Tensor st = s.t().contiguous();
-          ms_fold_block<T>(st.data_ptr<T>(), nc, nr, c0, r0, lab, a, bt, bs, pos.data(), neg.data());
-        }
+        // an off-diagonal block also serves the rows of J, down its columns
+        ms_fold_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, a, bt, bs, pos.data(), neg.data(),
+                         /*cols=*/c0 != r0);
       }
     }
     ms_finish_rows<T>(pos, neg, a, bt, rows, lse_pos, lse_neg);
@@ -58,14 +56,14 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
                                 double base, int64_t block) {
   check_self(x_, labels_, block);
   auto x = x_.contiguous();
-  auto labels = labels_.contiguous();
+  const at::Tensor labels = ms_label_ids(labels_);
   auto g = grad_rows.to(x.scalar_type()).contiguous();
   auto lse_pos = lse_pos_.contiguous(), lse_neg = lse_neg_.contiguous();
   const int64_t B = x.size(0);
   at::Tensor dx = at::zeros_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_self_bwd_cpu", [&] {
     using T = scalar_t;
-    const int64_t* lab_ids = labels.data_ptr<int64_t>();
+    const int32_t* lab_ids = labels.data_ptr<int32_t>();
     const BlockLabels lab{lab_ids, lab_ids, true};
     const T a = alpha, bt = beta, bs = base;
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
@@ -76,19 +74,11 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
         const int64_t nc = std::min(block, B - c0);
         at::Tensor xj = x.narrow(0, c0, nc);
         at::Tensor s = at::mm(xi, xj.t()).contiguous();
-        if (c0 == r0) {  // diagonal block: G_II once, then H = G_II + G_IIᵀ
-          ms_grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
-          dx.narrow(0, r0, nr).addmm_(s + s.t(), xj);
-        } else {
-          // rows of J against I; a copy even when s.t() is already contiguous (one-row
-          // blocks), since s is overwritten with G below
-          at::Tensor st = s.t().clone(at::MemoryFormat::Contiguous);
-          ms_grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs);
-          ms_grad_block<T>(st.data_ptr<T>(), nc, nr, c0, r0, lab, gp, lp, ln, a, bt, bs);
-          at::Tensor h = s.add_(st.t());  // H = G_IJ + G_JIᵀ
-          dx.narrow(0, r0, nr).addmm_(h, xj);
-          dx.narrow(0, c0, nc).addmm_(h.t(), xi);
-        }
+        // H = G_IJ + G_JIᵀ straight from s (s_ji = s_ij), no transposed copy; on the
+        // diagonal that is G_II + G_IIᵀ, one product
+        ms_grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs, /*sym=*/true);
+        dx.narrow(0, r0, nr).addmm_(s, xj);
+        if (c0 != r0) dx.narrow(0, c0, nc).addmm_(s.t(), xi);
       }
     }
   });

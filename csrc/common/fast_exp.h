@@ -1,0 +1,92 @@
+// A branch-free fp32 exp for the per-element passes of the fused CPU losses, where scalar
+// std::exp is the bottleneck. Written once over "lane" types: plain float, or a GCC vector
+// of floats (Lanes<W>::F), so the same code runs per element and W elements at a time; the
+// vector width comes from the target the caller is compiled for (see cpu/ms_simd.cpp).
+//
+// Method: n = round(x·log2 e), r = x − n·ln2 with ln2 split in a short hi part (n·hi is
+// exact) and a lo part, e^r by a degree-6 polynomial on |r| ≤ ln2/2 (the classic Cephes
+// expf coefficients), then 2^n built from exponent bits. Error ≤ 2 ulp over the whole range
+// (tests/test_fast_exp.py measures it). Edge cases as std::exp: NaN → NaN, x > ln(FLT_MAX)
+// → +inf, except that results below FLT_MIN are flushed to 0: subnormals would take the
+// slow microcode path and are below what the sums they feed can resolve anyway.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+// Vectors wider than the baseline ISA appear only inside functions compiled for a wider
+// target, where everything here is inlined; GCC still notes the ABI of the template itself.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace metrix_ops {
+
+template <int W>
+struct Lanes {
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef int32_t I __attribute__((vector_size(4 * W)));
+};
+
+namespace fexp {
+
+// Reinterpreting bits: a cast for GCC vectors, memcpy for scalars.
+template <class I, class F>
+inline __attribute__((always_inline)) I as_int(F x) {
+  I i;
+  static_assert(sizeof(I) == sizeof(F), "lane types must match");
+  std::memcpy(&i, &x, sizeof(I));
+  return i;
+}
+template <class F, class I>
+inline __attribute__((always_inline)) F as_float(I i) {
+  F x;
+  std::memcpy(&x, &i, sizeof(F));
+  return x;
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;       // 9 significant bits: n·kLn2Hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;    // ln 2 − kLn2Hi
+constexpr float kRound = 12582912.0f;        // 1.5·2^23: adding it rounds to an integer
+constexpr float kOverflow = 88.72283905206835f;  // ln(FLT_MAX)
+constexpr float kUnderflow = -87.33654475055310898657f;  // ln(FLT_MIN)
+constexpr float kFltMin = 1.17549435e-38f;
+
+}  // namespace fexp
+
+// e^x for F = float (I = int32_t) or F = Lanes<W>::F (I = Lanes<W>::I).
+template <class F, class I>
+inline __attribute__((always_inline)) F fast_exp(F x) {
+  using namespace fexp;
+  const F zero{};  // broadcasts that work for scalars and vectors alike
+  const F one = zero + 1.0f;
+  // Lanes that will flush or overflow compute e^0 instead: keeps n small and every
+  // intermediate normal (no subnormal arithmetic, no int overflow). NaN passes through.
+  const auto flush = x < kUnderflow;
+  const auto over = x > kOverflow;
+  const F xs = (flush | over) ? zero : x;
+  // n = round(x·log2 e) by the 1.5·2^23 trick: its low mantissa bits are n.
+  const F t = xs * kLog2e + kRound;
+  const F n = t - kRound;
+  const I ni = as_int<I>(t) - as_int<I>(zero + kRound);
+  const F r = (xs - n * kLn2Hi) - n * kLn2Lo;
+  const F z = r * r;
+  F p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * z + r + one;
+  // 2^n as 2^(n>>1)·2^(n−(n>>1)): n reaches 128 just below ln(FLT_MAX) and −126 just above
+  // ln(FLT_MIN), neither of which is a normal exponent field on its own.
+  const I n1 = ni >> 1;
+  const I n2 = ni - n1;
+  F y = p * as_float<F>((n1 + 127) << 23) * as_float<F>((n2 + 127) << 23);
+  y = (y < kFltMin) ? zero : y;  // the one value at the underflow boundary
+  y = flush ? zero : y;
+  return over ? one * __builtin_inff() : y;
+}
+
+inline float fast_exp(float x) { return fast_exp<float, int32_t>(x); }
+
+}  // namespace metrix_ops

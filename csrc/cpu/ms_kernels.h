@@ -1,0 +1,263 @@
+// The per-element passes of the fused multi-similarity ops over one block of S, written once
+// over a lane width W: fp32 runs them W floats at a time with fast_exp (instantiated per ISA
+// in ms_simd.cpp and picked at run time), fp64 runs them one element at a time with std::exp
+// (exact to the 1e-6 the float64 contract asks).
+//
+// Fold: per row, one pass for the extreme similarities of each side (min s over positives,
+// max s over negatives: the largest exponents), then one pass summing e^{arg − max arg}
+// into that side's partial log-sum-exp, which is merged into the row's running state. Two
+// passes over a row that sits in L1 beat the branchy online update, which cannot vectorise.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "common/fast_exp.h"
+#include "common/lse_acc.h"
+
+namespace metrix_ops {
+
+// One block of S (nr×nc, rows r0.., columns c0.. of the whole matrix), what the fold and the
+// gradient need to know about it. Labels are dense int32 ids (compared 16 to a vector on
+// AVX-512); global row i == global column j is the self pair when exclude_diag.
+template <typename T>
+struct MsBlock {
+  int64_t nc, r0, c0;
+  const int32_t* row_lab;  // indexed by global row
+  const int32_t* col_lab;  // indexed by global column
+  bool exclude_diag;
+  T alpha, beta, base;
+  // gradient only: the row weights ∂L/∂(row loss) and the rows' finished log-sum-exps
+  const T *g, *lse_pos, *lse_neg;
+};
+
+// Kernels over the rows [i0, i1) of a block: fold s into the row states, or overwrite s
+// with G = ∂L/∂S.
+template <typename T>
+struct MsKernels {
+  void (*fold)(const T* s, int64_t i0, int64_t i1, const MsBlock<T>& b, OnlineLse<T>* pos,
+               OnlineLse<T>* neg);
+  void (*grad)(T* s, int64_t i0, int64_t i1, const MsBlock<T>& b);
+  // The columns [j0, j1) of the block as rows of Sᵀ (the batch-against-itself op's other
+  // half of an off-diagonal block), without transposing it: fold them into the columns'
+  // states, or overwrite s with H = G + (G of Sᵀ)ᵀ, the row and column terms of each s_ij.
+  void (*fold_cols)(const T* s, int64_t nr, int64_t j0, int64_t j1, const MsBlock<T>& b,
+                    OnlineLse<T>* pos, OnlineLse<T>* neg);
+  void (*grad_sym)(T* s, int64_t i0, int64_t i1, const MsBlock<T>& b);
+  void (*exp)(const T* x, T* y, int64_t n);  // the elementwise exp the kernels use
+  const char* level;
+};
+
+// The fp32 kernels of the level in use: METRIX_OPS_SIMD=avx512|avx2|baseline when set (an
+// error if this CPU lacks it), else the widest this CPU supports (ms_simd.cpp).
+const MsKernels<float>& ms_kernels_f32();
+const MsKernels<double>& ms_kernels_f64();
+template <typename T>
+const MsKernels<T>& ms_kernels();
+template <>
+inline const MsKernels<float>& ms_kernels<float>() { return ms_kernels_f32(); }
+template <>
+inline const MsKernels<double>& ms_kernels<double>() { return ms_kernels_f64(); }
+
+// Everything below is forced inline into the per-ISA entry points of ms_simd.cpp, so that
+// it is compiled (and vectorised) for their target, not the file's baseline.
+#define MO_INLINE inline __attribute__((always_inline))
+#define MO_LAMBDA_INLINE __attribute__((always_inline))
+
+// Lane types: W = 1 is plain scalars (any T), W > 1 GCC vectors of float.
+template <typename T, int W>
+struct MsLanes {
+  using F = typename Lanes<W>::F;
+  using I = typename Lanes<W>::I;
+  static MO_INLINE F exp(F x) { return fast_exp<F, I>(x); }
+};
+template <typename T>
+struct MsLanes<T, 1> {
+  using F = T;
+  using I = int32_t;
+  static MO_INLINE F exp(F x) { return std::exp(x); }
+};
+
+template <typename T, int W>
+struct MsRowKernel {
+  using F = typename MsLanes<T, W>::F;
+  using I = typename MsLanes<T, W>::I;
+
+  static MO_INLINE I iota() {
+    I v{};
+    if constexpr (W > 1)
+      for (int k = 0; k < W; ++k) v[k] = k;
+    return v;
+  }
+  static MO_INLINE T lane(F v, int64_t k) {
+    if constexpr (W == 1) return v;
+    else return v[k];
+  }
+  template <class Op>
+  static MO_INLINE T reduce(F v, Op op) {
+    if constexpr (W == 1) {
+      return v;
+    } else {
+      T r = v[0];
+      for (int k = 1; k < W; ++k) r = op(r, v[k]);
+      return r;
+    }
+  }
+
+  // Calls f(j, m, v, is_pos, is_neg) for each group of W elements of the row: m of them
+  // real (m == W, a constant, in the main loop: whole-vector loads and stores), is_pos/is_neg
+  // lane masks (the self pair and the padding are in neither).
+  template <class Fn>
+  static MO_INLINE void for_lanes(const T* row, int64_t n, const int32_t* col, int32_t li,
+                                  int32_t skip, Fn f) {
+    const I lanes = iota();
+    const int32_t n32 = static_cast<int32_t>(n);
+    auto group = [&](int64_t j, int64_t m) MO_LAMBDA_INLINE {
+      F v{};
+      I c{};
+      std::memcpy(&v, row + j, m * sizeof(T));
+      std::memcpy(&c, col + j, m * sizeof(int32_t));
+      const I idx = lanes + static_cast<int32_t>(j);
+      const auto ok = (idx != skip) & (idx < n32);
+      f(j, m, v, (c == li) & ok, (c != li) & ok);
+    };
+    int64_t j = 0;
+    for (; j + W <= n; j += W) group(j, W);
+    if (j < n) group(j, n - j);
+  }
+
+  static MO_INLINE void fold_row(const T* row, int64_t n, const int32_t* col, int32_t li, int32_t skip,
+                       T a, T bt, T bs, OnlineLse<T>& pos, OnlineLse<T>& neg) {
+    const T inf = std::numeric_limits<T>::infinity();
+    F lo = F{} + inf, hi = F{} - inf;
+    for_lanes(row, n, col, li, skip, [&](int64_t, int64_t, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+      lo = (isp & (v < lo)) ? v : lo;
+      hi = (isn & (v > hi)) ? v : hi;
+    });
+    const T s_lo = reduce(lo, [](T x, T y) { return y < x ? y : x; });
+    const T s_hi = reduce(hi, [](T x, T y) { return y > x ? y : x; });
+    if (!(s_lo < inf) && !(s_hi > -inf)) return;  // no pair on either side
+    // e^{arg − max arg}: −α(s − s_lo) for positives, β(s − s_hi) for negatives
+    F sp{}, sn{};
+    const F zero{};
+    for_lanes(row, n, col, li, skip, [&](int64_t, int64_t, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+      const F k = isp ? F{} - a : F{} + bt;
+      const F e = MsLanes<T, W>::exp(k * (v - (isp ? F{} + s_lo : F{} + s_hi)));
+      sp += isp ? e : zero;
+      sn += isn ? e : zero;
+    });
+    auto add = [](T x, T y) { return x + y; };
+    if (s_lo < inf) pos.merge(OnlineLse<T>{ms_pos_arg(s_lo, a, bs), reduce(sp, add)});
+    if (s_hi > -inf) neg.merge(OnlineLse<T>{ms_neg_arg(s_hi, bt, bs), reduce(sn, add)});
+  }
+
+  // row[j] ← g·∂(row loss)/∂s_j: −g·e^{−α(s−base) − lse⁺} or g·e^{β(s−base) − lse⁻}; 0 for
+  // the self pair. With Sym, plus the same term of column j's own loss (weights and
+  // log-sum-exps of the global columns at cg, cp, cn): s_ij is also s_ji of that row.
+  template <bool Sym>
+  static MO_INLINE void grad_row(T* row, int64_t n, const int32_t* col, int32_t li,
+                                 int32_t skip, T g, T lp, T ln, T a, T bt, T bs, const T* cg,
+                                 const T* cp, const T* cn) {
+    const F zero{};
+    for_lanes(row, n, col, li, skip,
+              [&](int64_t j, int64_t m, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+      const F t = (isp ? F{} - a : F{} + bt) * (v - bs);
+      F w = g * MsLanes<T, W>::exp(t - (isp ? F{} + lp : F{} + ln));
+      if constexpr (Sym) {
+        F gc{}, lpc{}, lnc{};
+        std::memcpy(&gc, cg + j, m * sizeof(T));
+        std::memcpy(&lpc, cp + j, m * sizeof(T));
+        std::memcpy(&lnc, cn + j, m * sizeof(T));
+        w += gc * MsLanes<T, W>::exp(t - (isp ? lpc : lnc));
+      }
+      const F out = isp ? zero - w : (isn ? w : zero);
+      std::memcpy(row + j, &out, m * sizeof(T));
+    });
+  }
+
+  // Column-wise fold of columns [j0, j1): the same two passes as fold_row, W columns at a
+  // time going down the rows, with one running extreme and sum per column lane.
+  static MO_INLINE void fold_cols(const T* s, int64_t nr, int64_t j0, int64_t j1,
+                                  const MsBlock<T>& b, OnlineLse<T>* pos, OnlineLse<T>* neg) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const T a = b.alpha, bt = b.beta, bs = b.base;
+    const I lanes = iota();
+    for (int64_t j = j0; j < j1; j += W) {
+      const int64_t m = j1 - j < W ? j1 - j : W;
+      I c{};
+      std::memcpy(&c, b.col_lab + b.c0 + j, m * sizeof(int32_t));
+      const I gcol = lanes + static_cast<int32_t>(b.c0 + j);
+      const I real = (lanes < static_cast<int32_t>(m)) ? lanes - lanes - 1 : lanes - lanes;
+      auto down = [&](auto f) MO_LAMBDA_INLINE {
+        for (int64_t i = 0; i < nr; ++i) {
+          F v{};
+          if (m == W) std::memcpy(&v, s + i * b.nc + j, sizeof(F));
+          else std::memcpy(&v, s + i * b.nc + j, m * sizeof(T));
+          const int32_t gi = static_cast<int32_t>(b.r0 + i), li = b.row_lab[gi];
+          const I ok = b.exclude_diag ? (real & (gcol != gi)) : real;
+          f(v, (c == li) & ok, (c != li) & ok);
+        }
+      };
+      F lo = F{} + inf, hi = F{} - inf;
+      down([&](F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+        lo = (isp & (v < lo)) ? v : lo;
+        hi = (isn & (v > hi)) ? v : hi;
+      });
+      F sp{}, sn{};
+      const F zero{};
+      down([&](F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+        const F k = isp ? F{} - a : F{} + bt;
+        const F e = MsLanes<T, W>::exp(k * (v - (isp ? lo : hi)));
+        sp += isp ? e : zero;
+        sn += isn ? e : zero;
+      });
+      for (int64_t k = 0; k < m; ++k) {
+        const T l = lane(lo, k), h = lane(hi, k);
+        if (l < inf) pos[b.c0 + j + k].merge(OnlineLse<T>{ms_pos_arg(l, a, bs), lane(sp, k)});
+        if (h > -inf) neg[b.c0 + j + k].merge(OnlineLse<T>{ms_neg_arg(h, bt, bs), lane(sn, k)});
+      }
+    }
+  }
+
+  static MO_INLINE void exp_array(const T* x, T* y, int64_t n) {
+    for (int64_t j = 0; j < n; j += W) {
+      const int64_t m = n - j < W ? n - j : W;
+      F v{};
+      std::memcpy(&v, x + j, m * sizeof(T));
+      v = MsLanes<T, W>::exp(v);
+      std::memcpy(y + j, &v, m * sizeof(T));
+    }
+  }
+
+  static MO_INLINE int32_t skip_of(const MsBlock<T>& b, int64_t i) {
+    const int64_t d = b.r0 + i - b.c0;  // local column of the self pair
+    return b.exclude_diag && d >= 0 && d < b.nc ? static_cast<int32_t>(d) : -1;
+  }
+
+  static MO_INLINE void fold(const T* s, int64_t i0, int64_t i1, const MsBlock<T>& b,
+                             OnlineLse<T>* pos, OnlineLse<T>* neg) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t gi = b.r0 + i;
+      fold_row(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi], skip_of(b, i), b.alpha,
+               b.beta, b.base, pos[gi], neg[gi]);
+    }
+  }
+
+  template <bool Sym>
+  static MO_INLINE void grad(T* s, int64_t i0, int64_t i1, const MsBlock<T>& b) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t gi = b.r0 + i;
+      grad_row<Sym>(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi], skip_of(b, i),
+                    b.g[gi], b.lse_pos[gi], b.lse_neg[gi], b.alpha, b.beta, b.base, b.g + b.c0,
+                    b.lse_pos + b.c0, b.lse_neg + b.c0);
+    }
+  }
+};
+
+#undef MO_INLINE
+#undef MO_LAMBDA_INLINE
+
+}  // namespace metrix_ops

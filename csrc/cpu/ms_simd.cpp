@@ -1,0 +1,136 @@
+// The fp32 multi-similarity kernels of ms_kernels.h compiled for three x86 levels in this
+// one file (setup.py builds every csrc/cpu file with the same flags, so the wider ones get
+// GCC target attributes), and the run-time choice among them. Also two small ops for the
+// tests: the level in use, and the fast exp itself.
+#include <cstdlib>
+#include <cstring>
+
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "cpu/ms_kernels.h"
+
+namespace metrix_ops {
+
+namespace {
+
+// Entry points of one level: thin wrappers whose target attribute is what the (forced
+// inline) kernel bodies get compiled for.
+#define MO_MS_LEVEL(NAME, TARGET, W)                                                        \
+  TARGET void fold_##NAME(const float* s, int64_t i0, int64_t i1, const MsBlock<float>& b, \
+                          OnlineLse<float>* pos, OnlineLse<float>* neg) {                  \
+    MsRowKernel<float, W>::fold(s, i0, i1, b, pos, neg);                                   \
+  }                                                                                        \
+  TARGET void grad_##NAME(float* s, int64_t i0, int64_t i1, const MsBlock<float>& b) {     \
+    MsRowKernel<float, W>::grad<false>(s, i0, i1, b);                                      \
+  }                                                                                        \
+  TARGET void fold_cols_##NAME(const float* s, int64_t nr, int64_t j0, int64_t j1,         \
+                               const MsBlock<float>& b, OnlineLse<float>* pos,             \
+                               OnlineLse<float>* neg) {                                    \
+    MsRowKernel<float, W>::fold_cols(s, nr, j0, j1, b, pos, neg);                          \
+  }                                                                                        \
+  TARGET void grad_sym_##NAME(float* s, int64_t i0, int64_t i1, const MsBlock<float>& b) { \
+    MsRowKernel<float, W>::grad<true>(s, i0, i1, b);                                       \
+  }                                                                                        \
+  TARGET void exp_##NAME(const float* x, float* y, int64_t n) {                            \
+    MsRowKernel<float, W>::exp_array(x, y, n);                                             \
+  }                                                                                        \
+  const MsKernels<float> k_##NAME{&fold_##NAME,      &grad_##NAME, &fold_cols_##NAME,      \
+                                  &grad_sym_##NAME, &exp_##NAME,  #NAME};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+MO_MS_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), 16)
+MO_MS_LEVEL(avx2, __attribute__((target("avx2,fma"))), 8)
+#endif
+MO_MS_LEVEL(baseline, , 4)  // SSE2 on x86-64, NEON on aarch64: both have 4-float vectors
+#undef MO_MS_LEVEL
+
+// fp64 stays scalar with std::exp: its contract is 1e-6 against the reference.
+using K64 = MsRowKernel<double, 1>;
+void fold_f64(const double* s, int64_t i0, int64_t i1, const MsBlock<double>& b,
+              OnlineLse<double>* pos, OnlineLse<double>* neg) {
+  K64::fold(s, i0, i1, b, pos, neg);
+}
+void grad_f64(double* s, int64_t i0, int64_t i1, const MsBlock<double>& b) {
+  K64::grad<false>(s, i0, i1, b);
+}
+void fold_cols_f64(const double* s, int64_t nr, int64_t j0, int64_t j1,
+                   const MsBlock<double>& b, OnlineLse<double>* pos, OnlineLse<double>* neg) {
+  K64::fold_cols(s, nr, j0, j1, b, pos, neg);
+}
+void grad_sym_f64(double* s, int64_t i0, int64_t i1, const MsBlock<double>& b) {
+  K64::grad<true>(s, i0, i1, b);
+}
+void exp_f64(const double* x, double* y, int64_t n) { K64::exp_array(x, y, n); }
+
+bool cpu_has(const char* level) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (!std::strcmp(level, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (!std::strcmp(level, "avx2"))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return !std::strcmp(level, "baseline");
+}
+
+const MsKernels<float>* by_name(const char* level) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (!std::strcmp(level, "avx512")) return &k_avx512;
+  if (!std::strcmp(level, "avx2")) return &k_avx2;
+#endif
+  if (!std::strcmp(level, "baseline")) return &k_baseline;
+  return nullptr;
+}
+
+const MsKernels<float>& widest() {
+  static const MsKernels<float>* best = [] {
+    for (const char* l : {"avx512", "avx2"})
+      if (cpu_has(l)) return by_name(l);
+    return &k_baseline;
+  }();
+  return *best;
+}
+
+}  // namespace
+
+// Read on every call (a getenv per op is nothing next to a block of S), so that tests can
+// switch levels within one process.
+const MsKernels<float>& ms_kernels_f32() {
+  const char* want = std::getenv("METRIX_OPS_SIMD");
+  if (!want || !*want || !std::strcmp(want, "auto")) return widest();
+  const MsKernels<float>* k = by_name(want);
+  TORCH_CHECK(k, "METRIX_OPS_SIMD=", want, ": expected avx512, avx2, baseline or auto");
+  TORCH_CHECK(cpu_has(want), "METRIX_OPS_SIMD=", want, ": this CPU does not support it");
+  return *k;
+}
+
+const MsKernels<double>& ms_kernels_f64() {
+  static const MsKernels<double> k{&fold_f64,     &grad_f64, &fold_cols_f64,
+                                   &grad_sym_f64, &exp_f64,  "scalar"};
+  return k;
+}
+
+namespace {
+
+std::string simd_level() { return ms_kernels_f32().level; }
+
+at::Tensor exp_f32(const at::Tensor& x_) {
+  TORCH_CHECK(x_.device().is_cpu() && x_.scalar_type() == at::kFloat,
+              "_exp_f32 takes a float32 CPU tensor");
+  at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty_like(x);
+  ms_kernels_f32().exp(x.data_ptr<float>(), y.data_ptr<float>(), x.numel());
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // The SIMD level of the fp32 CPU kernels (METRIX_OPS_SIMD, else the widest available).
+  m.def("_simd_level() -> str", &simd_level);
+  // The fp32 exp of those kernels, elementwise (for tests against torch.exp).
+  m.def("_exp_f32(Tensor x) -> Tensor", &exp_f32);
+}
+
+}  // namespace metrix_ops
