@@ -109,8 +109,30 @@ def test_falls_back_or_refuses_outside_its_scope():
     torch.testing.assert_close(auto(x, y, it), ref(x, y, it))
     with pytest.raises(NotImplementedError, match="does not cover this MultiSimilarityLoss call"):
         mo.losses.MultiSimilarityLoss(backend="cpu")(x, y, it)
-    with pytest.raises(NotImplementedError, match="backend='cpu' does not implement ContrastiveLoss"):
-        mo.losses.ContrastiveLoss(backend="cpu")(x, y)
+    with pytest.raises(NotImplementedError, match="backend='cpu' does not implement CircleLoss"):
+        mo.losses.CircleLoss(backend="cpu")(x, y)
+
+
+def test_batch_as_ref_emb_with_other_labels_keeps_self_pairs_as_pml():
+    """ref_emb=the batch but ref_labels a different tensor: PML keeps the self pairs (they are
+    positives at s = 1), so the symmetric self op must not be used."""
+    from pytorch_metric_learning.losses import MultiSimilarityLoss as PML
+
+    x, y = make_case(CASES[1])
+    got = mo.losses.MultiSimilarityLoss(backend="cpu")(x, y, ref_emb=x, ref_labels=y.clone())
+    want = PML()(x, y, ref_emb=x, ref_labels=y.clone())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(got, mo.losses.MultiSimilarityLoss(backend="cpu")(x, y))
+
+
+def test_labels_far_apart_through_the_loss():
+    """Label values near 2**62 (hashes, ids): the pair counts use the labels that occur, not
+    an allocation sized by the label range."""
+    x, y = make_case(CASES[1])
+    big = y * (2 ** 60) + 7
+    torch.testing.assert_close(mo.losses.MultiSimilarityLoss(backend="cpu")(x, big),
+                               mo.losses.MultiSimilarityLoss(backend="reference")(x, y),
+                               rtol=1e-6, atol=1e-9)
 
 
 def test_opcheck_and_compile():

@@ -6,11 +6,13 @@ import torch
 
 
 def pair_counts(labels, ref_labels, same_set):
-    """(#positive pairs, #negative pairs) without forming them: from label histograms."""
-    k = int(max(labels.max(), ref_labels.max())) + 1 if labels.numel() and ref_labels.numel() else 1
-    lo = min(int(labels.min()), int(ref_labels.min())) if labels.numel() and ref_labels.numel() else 0
-    a = torch.bincount(labels - lo, minlength=k - lo)
-    b = torch.bincount(ref_labels - lo, minlength=k - lo)
-    pos = int((a * b).sum()) - (len(labels) if same_set else 0)
-    neg = len(labels) * len(ref_labels) - int((a * b).sum())
+    """(#positive pairs, #negative pairs) without forming them: from label histograms over
+    the labels that occur (any int64 values, so no allocation sized by the label range)."""
+    _, ids = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
+    k = int(ids.max()) + 1 if ids.numel() else 1
+    a = torch.bincount(ids[: len(labels)], minlength=k)
+    b = torch.bincount(ids[len(labels):], minlength=k)
+    matches = int((a * b).sum())
+    pos = matches - (len(labels) if same_set else 0)
+    neg = len(labels) * len(ref_labels) - matches
     return pos, neg
