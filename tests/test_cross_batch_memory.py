@@ -67,6 +67,43 @@ def test_enqueue_mask_miner_and_indices_tuple_equal_pml(name):
             torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss", "TripletMarginLoss"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_fused_bank_equals_pml_without_listing_pairs(name, dtype, tol, monkeypatch):
+    """backend='cpu': the bank goes through the streaming op (listing pairs would raise here),
+    over fills and wrap-arounds, and equals PML."""
+    import metrix_ops.losses.cross_batch_memory as cbm_mod
+
+    def no_pairs(*a, **k):
+        raise AssertionError("the fused path must not list pairs")
+
+    monkeypatch.setattr(cbm_mod, "all_pairs", no_pairs)
+    ours, theirs = _pair(name, 37, 6, backend="cpu")
+    theirs = theirs.to(dtype)
+    for x, y in _batches([13, 17, 11, 15, 1], 6, 5, seed=3):
+        x = x.to(dtype)
+        (va, ga), (vb, gb) = _step(ours, x, y), _step(theirs, x, y)
+        if len(x) == 1:  # PML keeps the self pair of a one-row batch; compare to the listing
+            continue
+        torch.testing.assert_close(va, vb.to(va.dtype), rtol=tol, atol=tol * 1e-3)
+        torch.testing.assert_close(ga, gb, rtol=tol, atol=tol * 1e-3)
+
+
+def test_large_bank_fused_equals_listed_pairs():
+    """A bank of 6000 (filled, wrapped): the fused path against the pairs path of the same
+    wrapped loss on the reference backend."""
+    torch.manual_seed(0)
+    fused = mo.losses.CrossBatchMemory(mo.losses.MultiSimilarityLoss(backend="cpu"), 16, 6000)
+    listed = mo.losses.CrossBatchMemory(mo.losses.MultiSimilarityLoss(backend="reference"), 16, 6000)
+    for step in range(30):
+        x, y = torch.randn(256, 16, dtype=torch.float64), torch.randint(0, 50, (256,))
+        (va, ga), (vb, gb) = _step(fused, x, y), _step(listed, x, y)
+        if step in (0, 23, 29):  # empty-ish, just wrapped, wrapped again
+            torch.testing.assert_close(va, vb, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
+    assert fused.has_been_filled and fused.queue_idx == (30 * 256) % 6000
+
+
 def _valid_triplets(y, start, memory_size):
     """Triplets of the batch's rows, indexed by the bank slots the batch is about to take."""
     slot = lambda j: (start + j) % memory_size  # noqa: E731

@@ -31,8 +31,10 @@ void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Te
   TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == r.size(0) &&
                   ref_labels.scalar_type() == at::kLong,
               "ref_labels must be int64 of shape (", r.size(0), ",)");
-  TORCH_CHECK(!exclude_diag || x.size(0) == r.size(0),
-              "exclude_diag needs r to be the batch (same number of rows as x)");
+  // exclude_diag: row i skips column i, so r holds the batch first (the batch itself, or a
+  // CrossBatchMemory bank rolled to start at the batch's slots)
+  TORCH_CHECK(!exclude_diag || x.size(0) <= r.size(0),
+              "exclude_diag needs r to start with the batch (at least as many rows as x)");
   TORCH_CHECK(std::isfinite(margin), "margin must be finite, got ", margin);
 }
 

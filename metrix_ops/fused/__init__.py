@@ -5,6 +5,8 @@ whether the fused op covers this call (else "auto" runs the reference and an exp
 backend raises); `impl(params, inp, reducer)` returns the reduced loss."""
 from __future__ import annotations
 
+import torch
+
 from .. import backend as backend_mod
 
 IMPLS: dict = {}
@@ -20,24 +22,31 @@ def supported(backend: str, loss_name: str, params, inp, expansion) -> bool:
     return entry is not None and entry[0](params, inp, expansion)
 
 
-MEMORY_IMPLS: dict = {}
-
-
-def register_memory(backend: str, loss_name: str, impl):
-    """`impl(loss_module, emb, labels, mem_emb, mem_labels, exclude_start)` computes the loss of
-    the batch against a CrossBatchMemory bank in which anchor i's own slot is
-    (exclude_start + i) mod len(bank) (not a positive), or returns None if it cannot."""
-    MEMORY_IMPLS[(backend, loss_name)] = impl
-
-
 def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
-    """The streaming path of CrossBatchMemory, or None where no fused op covers the call."""
+    """CrossBatchMemory's streaming path: the loss of the batch against the bank, where anchor
+    i's own bank slot (exclude_start + i) mod len(bank) is not a pair; None where no fused op
+    covers the call. Rolling the bank by -exclude_start puts that slot at column i, which is
+    the self-pair rule every fused op already has (same_set: row i skips column i)."""
+    from ..distances import as_distance
+    from ..reducers import as_reducer
+    from ..spec import LossInputs, get_spec
+
     try:
         chosen = backend_mod.resolve(loss.backend, loss.loss_name, emb.device)
     except NotImplementedError:
         return None
-    impl = MEMORY_IMPLS.get((chosen, loss.loss_name))
-    return None if impl is None else impl(loss, emb, labels, mem_emb, mem_labels, exclude_start)
+    if chosen == "reference":
+        return None
+    if emb.dtype in (torch.float16, torch.bfloat16):  # as the driver: computed in fp32
+        emb, mem_emb = emb.float(), mem_emb.float()
+    spec = get_spec(loss.loss_name)
+    inp = LossInputs(emb, labels, None, torch.roll(mem_emb, -exclude_start, 0),
+                     torch.roll(mem_labels, -exclude_start, 0), True,
+                     as_distance(loss.distance, spec.default_distance))
+    params = loss.loss_params()
+    if not supported(chosen, loss.loss_name, params, inp, None):
+        return None
+    return IMPLS[(chosen, loss.loss_name)][1](params, inp, as_reducer(loss.reducer, spec.default_reducer))
 
 
 from . import multi_similarity  # noqa: E402,F401  (registers)

@@ -3,9 +3,9 @@ the last `memory_size` (detached) embeddings and labels; each call enqueues the 
 the rows of `enqueue_mask`) and computes the wrapped loss of the batch against the bank.
 
 The batch's own entries in the bank are not its positives (PML's remove_self_comparisons).
-Where a fused backend can take that rule directly (`fused.memory_supported`: each anchor
-excludes one bank slot, slot = (start + row) mod memory_size), the bank goes through the
-streaming op and no B×M pair list exists. Otherwise the pairs are listed as PML lists them
+Where a fused op covers the loss (`fused.run_with_memory`: each anchor excludes one bank
+slot, (start + row) mod len(bank)), the bank goes through the streaming op and no B×M pair
+list exists: a bank of tens of thousands costs O(M·D). Otherwise the pairs are listed as PML lists them
 and the loss runs on them: exact, and O(B·M) memory, as in PML.
 """
 from __future__ import annotations

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import statistics
+import sys
 from typing import Dict, List, Optional
 
 from ..reference.expansion import EXPANSION_LOSSES
@@ -64,6 +66,14 @@ def plot(results: Dict[str, List[dict]], path: str) -> None:
     plt.close(fig)
 
 
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def compare(cfg: TrainConfig, seeds: int = 3, out_dir: Optional[str] = "runs/compare",
             metrix_level: str = "feature", ee_points: int = 8, progress: bool = True) -> dict:
     if seeds < 1:
@@ -74,6 +84,7 @@ def compare(cfg: TrainConfig, seeds: int = 3, out_dir: Optional[str] = "runs/com
         results[v.describe()] = [train(dataclasses.replace(v, seed=cfg.seed + s), split, progress)
                                  for s in range(seeds)]
     report = {"data": split.name, "seeds": [cfg.seed + s for s in range(seeds)],
+              "machine": machine(), "command": " ".join(["python -m metrix_ops.train"] + sys.argv[1:]),
               "summary": {k: summarize(r) for k, r in results.items()}, "runs": results}
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
