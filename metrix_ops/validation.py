@@ -16,7 +16,10 @@ def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False) -> 
         raise ValueError(f"{name} is empty (batch_size 0): a loss needs at least one embedding")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has embedding_dim 0, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if torch.compiler.is_compiling():
+        # a Python bool of tensor data would end a fullgraph=True graph: check at run time
+        torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or Inf")
+    elif not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 

@@ -1,18 +1,24 @@
-"""Numbers of positive and negative pairs of a call, from label histograms: what the fused
-ops' callers need for PML's "no pairs, no loss" rules without listing the pairs."""
+"""Numbers of positive and negative pairs of a call, without listing the pairs: what the
+fused ops' callers need for PML's "no pairs, no loss" rules."""
 from __future__ import annotations
 
 import torch
 
 
-def pair_counts(labels, ref_labels, same_set):
-    """(#positive pairs, #negative pairs) without forming them: from label histograms over
-    the labels that occur (any int64 values, so no allocation sized by the label range)."""
-    _, ids = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
-    k = int(ids.max()) + 1 if ids.numel() else 1
-    a = torch.bincount(ids[: len(labels)], minlength=k)
-    b = torch.bincount(ids[len(labels):], minlength=k)
-    matches = int((a * b).sum())
-    pos = matches - (len(labels) if same_set else 0)
-    neg = len(labels) * len(ref_labels) - matches
+def pair_count_tensors(labels, ref_labels, same_set):
+    """(#positive pairs, #negative pairs) as 0-d int64 tensors. Each label's matches among
+    the sorted reference labels come from two binary searches: O((B+M) log M), any int64
+    label values, static shapes (so it traces under torch.compile(fullgraph=True))."""
+    ref_sorted = torch.sort(ref_labels).values
+    per_row = (torch.searchsorted(ref_sorted, labels, right=True)
+               - torch.searchsorted(ref_sorted, labels))
+    matches = per_row.sum()
+    pos = matches - (labels.shape[0] if same_set else 0)
+    neg = labels.shape[0] * ref_labels.shape[0] - matches
     return pos, neg
+
+
+def pair_counts(labels, ref_labels, same_set):
+    """pair_count_tensors as Python ints."""
+    pos, neg = pair_count_tensors(labels, ref_labels, same_set)
+    return int(pos), int(neg)
