@@ -243,21 +243,3 @@ def test_simd_levels_large_beta_and_labels(level):
     torch.testing.assert_close(rows_big, rows)
     torch.testing.assert_close(rows_big_ref, rows)
 
-
-def test_module_under_fullgraph_compile_equals_eager():
-    """The loss module itself (checks, pair counts, PML's no-pairs rule, reducer) traces into
-    one graph, and matches eager in value and gradient; NaN input still fails, at run time."""
-    torch._dynamo.reset()
-    loss = mo.losses.MultiSimilarityLoss(backend="cpu")
-    compiled = torch.compile(lambda e, l: loss(e, l), fullgraph=True, dynamic=False)
-    g = torch.Generator().manual_seed(3)
-    for b, k in [(13, 4), (6, 6), (1, 1)]:  # random, no positives, the no-pairs rule
-        x, y = torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g)
-        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
-        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
-        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
-    bad = torch.randn(13, 7)
-    bad[2, 3] = float("nan")
-    with pytest.raises(RuntimeError, match="embeddings contains NaN or Inf"):
-        compiled(bad, torch.randint(0, 4, (13,), generator=g))

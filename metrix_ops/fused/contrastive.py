@@ -5,6 +5,7 @@ The reducers that are such ratios — AvgNonZero and Threshold (mean of the term
 window), Mean, Sum — run here; any other reducer gets the reference's per-pair losses."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .. import _ext
@@ -14,7 +15,7 @@ from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdRed
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
 from ..spec import get_spec
 from . import register
-from .pair_counts import pair_counts
+from .pair_counts import pair_count_tensors
 
 _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
 
@@ -35,16 +36,19 @@ def _window(reducer):
 
 
 def _reduce_side(sums, counts, n_pairs, reducer, x):
-    # PML: a side with no pairs is a zero loss (Python 0 in its loss dict), whatever reducer
-    if n_pairs == 0:
-        return zero_loss(x)
+    """One side's PML reduction from its row sums and kept counts. Tensor selects, not Python
+    branches, so the module traces under torch.compile(fullgraph=True); n_pairs is a 0-d
+    tensor. PML: a side with no pairs is a zero loss whatever the reducer."""
+    zero = zero_loss(x)
     total = sums.sum()
     if type(reducer) is SumReducer:
-        return total
-    if type(reducer) is MeanReducer:
-        return total / n_pairs
-    kept = int(counts.sum())
-    return total / kept if kept > 0 else zero_loss(x)
+        val = total
+    elif type(reducer) is MeanReducer:
+        val = total / n_pairs.clamp(min=1)
+    else:
+        kept = counts.sum()
+        val = torch.where(kept > 0, total / kept.clamp(min=1), zero)
+    return torch.where(n_pairs == 0, zero, val)
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
@@ -55,8 +59,11 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         # driver's supports() does not see the reducer, so the fallback is here
         return reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
     low, high = window
-    n_pos, n_neg = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
-    if n_pos <= 1 and n_neg <= 1:  # PML's rule: no loss when no side has two pairs
+    # PML's rule: no loss when no side has two pairs; eagerly a branch that skips the op,
+    # under torch.compile a select (as in fused/multi_similarity.py)
+    n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and int(n_pos) <= 1 and int(n_neg) <= 1:
         return zero_loss(x)
     cosine = is_cosine(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
@@ -69,7 +76,10 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         ps, pc, ns, nc = contrastive_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels,
                                           inp.ref_labels, inp.same_set, cosine, pm, nm, low,
                                           high, chunk)
-    return _reduce_side(ps, pc, n_pos, reducer, x) + _reduce_side(ns, nc, n_neg, reducer, x)
+    loss = _reduce_side(ps, pc, n_pos, reducer, x) + _reduce_side(ns, nc, n_neg, reducer, x)
+    if compiling:
+        loss = torch.where((n_pos <= 1) & (n_neg <= 1), zero_loss(x), loss)
+    return loss
 
 
 register("cpu", "ContrastiveLoss", supports, impl)

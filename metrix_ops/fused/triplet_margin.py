@@ -5,6 +5,7 @@ The op returns totals, not per-triplet terms, so only reducers that are function
 totals are served here (AvgNonZero, Mean, Sum); any other reducer gets the reference."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .. import _ext
@@ -42,15 +43,18 @@ def impl(params, inp, reducer, chunk: int = 256):
     rows, nonzero, triplets = triplet_all_rows(
         xu, ru, inp.labels, inp.ref_labels, inp.same_set, is_cosine(inp.distance),
         params.get("margin", 0.05), chunk)
-    # Python ints: the counts can pass 2**24, past what fp32 holds exactly
-    n_all = int(triplets.sum())
-    if n_all == 0:  # no triplet at all: PML returns a zero that keeps the graph
-        return zero_loss(x)
+    # counts summed in int64 (they can pass 2**24, past what fp32 holds exactly), then
+    # tensor selects rather than Python branches, so the module traces under
+    # torch.compile(fullgraph=True)
+    n_all = triplets.sum()
+    zero = zero_loss(x)
     total = rows.sum()
     if kind == "one":
-        return total
-    n = int(nonzero.sum()) if kind == "nonzero" else n_all
-    return zero_loss(x) if n == 0 else total / n
-
+        loss = total
+    else:
+        n = nonzero.sum() if kind == "nonzero" else n_all
+        loss = torch.where(n > 0, total / n.clamp(min=1), zero)
+    # no triplet at all: PML returns a zero that keeps the graph
+    return torch.where(n_all == 0, zero, loss)
 
 register("cpu", "TripletMarginLoss", supports, impl)
