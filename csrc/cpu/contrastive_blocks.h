@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/contrastive.h"
+#include "cpu/op_checks.h"
 
 namespace metrix_ops {
 
@@ -161,17 +162,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> con_outputs(
 }
 
 // Argument checks of every contrastive entry point; messages name the argument.
-inline void con_check_rows(const at::Tensor& x, const at::Tensor& labels, const char* xname,
-                           const char* lname) {
-  TORCH_CHECK(x.dim() == 2, xname, " must be 2-D (rows, D), got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, xname,
-              " must be float32 or float64 (half inputs are upcast before the op), got ",
-              x.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) &&
-                  labels.scalar_type() == at::kLong,
-              lname, " must be int64 of shape (", x.size(0), ",)");
-}
-
 inline void con_check_grads(const at::Tensor& gp, const at::Tensor& gn, int64_t n) {
   TORCH_CHECK(gp.dim() == 1 && gp.size(0) == n, "grad_pos must have shape (", n, ",)");
   TORCH_CHECK(gn.dim() == 1 && gn.size(0) == n, "grad_neg must have shape (", n, ",)");

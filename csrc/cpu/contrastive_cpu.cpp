@@ -12,25 +12,11 @@
 
 namespace metrix_ops {
 
-namespace {
-
-void check_general(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
-                   const at::Tensor& ref_labels, int64_t chunk) {
-  con_check_rows(x, labels, "x", "labels");
-  con_check_rows(r, ref_labels, "r", "ref_labels");
-  TORCH_CHECK(x.size(1) == r.size(1), "x and r must have the same D, got ", x.size(1), " and ",
-              r.size(1));
-  TORCH_CHECK(x.scalar_type() == r.scalar_type(), "x and r must have the same dtype");
-  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double pos_margin,
     double neg_margin, double low, double high, int64_t chunk) {
-  check_general(x_, r_, labels_, ref_labels_, chunk);
+  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
   auto x = x_.contiguous(), r = r_.contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   const int64_t B = x.size(0), M = r.size(0);
@@ -53,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cpu(
     const at::Tensor& r_, const at::Tensor& labels_, const at::Tensor& ref_labels_,
     bool exclude_diag, bool cosine, double pos_margin, double neg_margin, double low,
     double high, int64_t chunk) {
-  check_general(x_, r_, labels_, ref_labels_, chunk);
+  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
   con_check_grads(grad_pos_, grad_neg_, x_.size(0));
   auto x = x_.contiguous(), r = r_.contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();

@@ -7,22 +7,14 @@
 #include <torch/library.h>
 
 #include "cpu/contrastive_blocks.h"
+#include "cpu/sym_blocks.h"
 
 namespace metrix_ops {
-
-namespace {
-
-void check_self(const at::Tensor& x, const at::Tensor& labels, int64_t block) {
-  con_check_rows(x, labels, "x", "labels");
-  TORCH_CHECK(block > 0, "block must be > 0, got ", block);
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& labels_, bool cosine, double pos_margin,
     double neg_margin, double low, double high, int64_t block) {
-  check_self(x_, labels_, block);
+  check_self_inputs(x_, labels_, block);
   auto x = x_.contiguous();
   auto labels = labels_.contiguous();
   const int64_t B = x.size(0);
@@ -31,19 +23,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_
     using T = scalar_t;
     const ConParams<T> p{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
     const int64_t* ids = labels.data_ptr<int64_t>();
-    for (int64_t r0 = 0; r0 < B; r0 += block) {
-      const int64_t nr = std::min(block, B - r0);
-      at::Tensor xi = x.narrow(0, r0, nr);
-      for (int64_t c0 = r0; c0 < B; c0 += block) {
-        const int64_t nc = std::min(block, B - c0);
-        at::Tensor s = at::mm(xi, x.narrow(0, c0, nc).t()).contiguous();
-        if (c0 == r0)  // holds both (i, j) and (j, i): rows only, self pairs out
-          con_fold_rows<T>(s.data_ptr<T>(), nr, nc, r0, c0, ConLabels{ids, ids, true}, p,
-                           acc.data());
-        else
-          con_fold_sym<T>(s.data_ptr<T>(), nr, nc, r0, c0, ids, p, acc.data());
-      }
-    }
+    for_upper_blocks(x, block, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+      if (c0 == r0)  // holds both (i, j) and (j, i): rows only, self pairs out
+        con_fold_rows<T>(s.data_ptr<T>(), nr, nc, r0, c0, ConLabels{ids, ids, true}, p,
+                         acc.data());
+      else
+        con_fold_sym<T>(s.data_ptr<T>(), nr, nc, r0, c0, ids, p, acc.data());
+    });
   });
   return con_outputs(acc, x.options());
 }
@@ -52,13 +38,12 @@ at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tenso
                                     const at::Tensor& x_, const at::Tensor& labels_,
                                     bool cosine, double pos_margin, double neg_margin,
                                     double low, double high, int64_t block) {
-  check_self(x_, labels_, block);
+  check_self_inputs(x_, labels_, block);
   con_check_grads(grad_pos_, grad_neg_, x_.size(0));
   auto x = x_.contiguous();
   auto labels = labels_.contiguous();
   auto gp = grad_pos_.to(x.scalar_type()).contiguous();
   auto gn = grad_neg_.to(x.scalar_type()).contiguous();
-  const int64_t B = x.size(0);
   at::Tensor dx = at::zeros_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_self_bwd_cpu", [&] {
     using T = scalar_t;
@@ -66,18 +51,10 @@ at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tenso
     const int64_t* ids = labels.data_ptr<int64_t>();
     const ConLabels lab{ids, ids, true};
     const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
-    for (int64_t r0 = 0; r0 < B; r0 += block) {
-      const int64_t nr = std::min(block, B - r0);
-      at::Tensor xi = x.narrow(0, r0, nr);
-      for (int64_t c0 = r0; c0 < B; c0 += block) {
-        const int64_t nc = std::min(block, B - c0);
-        at::Tensor xj = x.narrow(0, c0, nc);
-        at::Tensor h = at::mm(xi, xj.t()).contiguous();  // becomes H in place
-        con_grad_block<T>(h.data_ptr<T>(), nr, nc, r0, c0, lab, p, gpp, gnp, gpp, gnp);
-        dx.narrow(0, r0, nr).addmm_(h, xj);
-        if (c0 != r0) dx.narrow(0, c0, nc).addmm_(h.t(), xi);  // diagonal H is symmetric: done
-      }
-    }
+    for_upper_blocks(x, block, [&](at::Tensor& h, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+      con_grad_block<T>(h.data_ptr<T>(), nr, nc, r0, c0, lab, p, gpp, gnp, gpp, gnp);  // h = H
+      add_sym_block_grad(dx, x, h, r0, nr, c0, nc);
+    });
   });
   return dx;
 }

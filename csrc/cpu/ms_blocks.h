@@ -10,6 +10,7 @@
 #include <torch/types.h>
 
 #include "cpu/ms_kernels.h"
+#include "cpu/op_checks.h"
 
 namespace metrix_ops {
 
@@ -80,16 +81,6 @@ void ms_finish_rows(const std::vector<OnlineLse<T>>& pos, const std::vector<Onli
     ln[i] = neg[i].value();
     out[i] = lp[i] / a + ln[i] / bt;
   }
-}
-
-inline void ms_check_inputs(const at::Tensor& x, const at::Tensor& labels, const char* xname,
-                            const char* lname) {
-  TORCH_CHECK(x.dim() == 2, xname, " must be 2-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, xname,
-              " must be float32 or float64 (half inputs are upcast before the op)");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) &&
-                  labels.scalar_type() == at::kLong,
-              lname, " must be int64 of shape (", x.size(0), ",)");
 }
 
 }  // namespace metrix_ops

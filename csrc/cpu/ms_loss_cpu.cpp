@@ -11,24 +11,11 @@
 
 namespace metrix_ops {
 
-namespace {
-
-void check_ms_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
-                     const at::Tensor& ref_labels, int64_t chunk) {
-  ms_check_inputs(x, labels, "x", "labels");
-  ms_check_inputs(r, ref_labels, "r", "ref_labels");
-  TORCH_CHECK(x.size(1) == r.size(1), "x and r must have the same D");
-  TORCH_CHECK(x.scalar_type() == r.scalar_type(), "x and r must have the same dtype");
-  TORCH_CHECK(chunk > 0, "chunk must be > 0");
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, double alpha, double beta, double base,
     int64_t chunk) {
-  check_ms_inputs(x_, r_, labels_, ref_labels_, chunk);
+  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
   auto x = x_.contiguous(), r = r_.contiguous();
   const auto ids = ms_label_ids(labels_, ref_labels_);
   const int64_t B = x.size(0), M = r.size(0);
@@ -54,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> ms_loss_bwd_cpu(
     const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_pos_,
     const at::Tensor& lse_neg_, bool exclude_diag, double alpha, double beta, double base,
     int64_t chunk) {
-  check_ms_inputs(x_, r_, labels_, ref_labels_, chunk);
+  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
   auto x = x_.contiguous(), r = r_.contiguous();
   const auto ids = ms_label_ids(labels_, ref_labels_);
   auto g_rows = grad_rows_.to(x.scalar_type()).contiguous();

@@ -7,22 +7,14 @@
 #include <torch/library.h>
 
 #include "cpu/ms_blocks.h"
+#include "cpu/sym_blocks.h"
 
 namespace metrix_ops {
-
-namespace {
-
-void check_self(const at::Tensor& x, const at::Tensor& labels, int64_t block) {
-  ms_check_inputs(x, labels, "x", "labels");
-  TORCH_CHECK(block > 0, "block must be > 0");
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& labels_, double alpha, double beta, double base,
     int64_t block) {
-  check_self(x_, labels_, block);
+  check_self_inputs(x_, labels_, block);
   auto x = x_.contiguous();
   const at::Tensor labels = ms_label_ids(labels_);
   const int64_t B = x.size(0);
@@ -34,17 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cpu(
     const int32_t* lab_ids = labels.data_ptr<int32_t>();
     const BlockLabels lab{lab_ids, lab_ids, true};
     const T a = alpha, bt = beta, bs = base;
-    for (int64_t r0 = 0; r0 < B; r0 += block) {
-      const int64_t nr = std::min(block, B - r0);
-      at::Tensor xi = x.narrow(0, r0, nr);
-      for (int64_t c0 = r0; c0 < B; c0 += block) {
-        const int64_t nc = std::min(block, B - c0);
-        at::Tensor s = at::mm(xi, x.narrow(0, c0, nc).t()).contiguous();
-        // an off-diagonal block also serves the rows of J, down its columns
-        ms_fold_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, a, bt, bs, pos.data(), neg.data(),
-                         /*cols=*/c0 != r0);
-      }
-    }
+    for_upper_blocks(x, block, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+      // an off-diagonal block also serves the rows of J, down its columns
+      ms_fold_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, a, bt, bs, pos.data(), neg.data(),
+                       /*cols=*/c0 != r0);
+    });
     ms_finish_rows<T>(pos, neg, a, bt, rows, lse_pos, lse_neg);
   });
   return {rows, lse_pos, lse_neg};
@@ -54,12 +40,11 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
                                 const at::Tensor& labels_, const at::Tensor& lse_pos_,
                                 const at::Tensor& lse_neg_, double alpha, double beta,
                                 double base, int64_t block) {
-  check_self(x_, labels_, block);
+  check_self_inputs(x_, labels_, block);
   auto x = x_.contiguous();
   const at::Tensor labels = ms_label_ids(labels_);
   auto g = grad_rows.to(x.scalar_type()).contiguous();
   auto lse_pos = lse_pos_.contiguous(), lse_neg = lse_neg_.contiguous();
-  const int64_t B = x.size(0);
   at::Tensor dx = at::zeros_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_self_bwd_cpu", [&] {
     using T = scalar_t;
@@ -67,20 +52,12 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
     const BlockLabels lab{lab_ids, lab_ids, true};
     const T a = alpha, bt = beta, bs = base;
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
-    for (int64_t r0 = 0; r0 < B; r0 += block) {
-      const int64_t nr = std::min(block, B - r0);
-      at::Tensor xi = x.narrow(0, r0, nr);
-      for (int64_t c0 = r0; c0 < B; c0 += block) {
-        const int64_t nc = std::min(block, B - c0);
-        at::Tensor xj = x.narrow(0, c0, nc);
-        at::Tensor s = at::mm(xi, xj.t()).contiguous();
-        // H = G_IJ + G_JIᵀ straight from s (s_ji = s_ij), no transposed copy; on the
-        // diagonal that is G_II + G_IIᵀ, one product
-        ms_grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs, /*sym=*/true);
-        dx.narrow(0, r0, nr).addmm_(s, xj);
-        if (c0 != r0) dx.narrow(0, c0, nc).addmm_(s.t(), xi);
-      }
-    }
+    for_upper_blocks(x, block, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+      // H = G_IJ + G_JIᵀ straight from s (s_ji = s_ij), no transposed copy; on the
+      // diagonal that is G_II + G_IIᵀ, one product
+      ms_grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, a, bt, bs, /*sym=*/true);
+      add_sym_block_grad(dx, x, s, r0, nr, c0, nc);
+    });
   });
   return dx;
 }

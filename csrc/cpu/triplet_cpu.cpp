@@ -17,6 +17,7 @@
 
 #include "common/checks.h"
 #include "common/triplet.h"
+#include "cpu/op_checks.h"
 
 namespace metrix_ops {
 
@@ -26,11 +27,8 @@ void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Te
                           const at::Tensor& ref_labels, bool exclude_diag, double margin,
                           int64_t chunk) {
   check_sim_inputs(x, r, 1.0, chunk);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
-              "labels must be int64 of shape (", x.size(0), ",)");
-  TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == r.size(0) &&
-                  ref_labels.scalar_type() == at::kLong,
-              "ref_labels must be int64 of shape (", r.size(0), ",)");
+  check_labels_of(labels, x.size(0), "labels");
+  check_labels_of(ref_labels, r.size(0), "ref_labels");
   // exclude_diag: row i skips column i, so r holds the batch first (the batch itself, or a
   // CrossBatchMemory bank rolled to start at the batch's slots)
   TORCH_CHECK(!exclude_diag || x.size(0) <= r.size(0),

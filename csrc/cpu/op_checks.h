@@ -1,0 +1,41 @@
+// Argument checks of the fused CPU loss ops, one copy for all of them. CPU-only (nvcc never
+// includes it), so inline definitions here carry none of common/checks.h's ODR risk.
+#pragma once
+
+#include <torch/types.h>
+
+namespace metrix_ops {
+
+inline void check_labels_of(const at::Tensor& labels, int64_t n, const char* lname) {
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.scalar_type() == at::kLong,
+              lname, " must be int64 of shape (", n, ",)");
+}
+
+// rows x (2-D fp32/fp64: the Python side upcasts half inputs) and their labels
+inline void check_rows_labels(const at::Tensor& x, const at::Tensor& labels, const char* xname,
+                              const char* lname) {
+  TORCH_CHECK(x.dim() == 2, xname, " must be 2-D (rows, D), got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, xname,
+              " must be float32 or float64 (half inputs are upcast before the op), got ",
+              x.scalar_type());
+  check_labels_of(labels, x.size(0), lname);
+}
+
+// anchors x against references r, streamed in chunks of r
+inline void check_pair_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                              const at::Tensor& ref_labels, int64_t chunk) {
+  check_rows_labels(x, labels, "x", "labels");
+  check_rows_labels(r, ref_labels, "r", "ref_labels");
+  TORCH_CHECK(x.size(1) == r.size(1), "x and r must have the same D, got ", x.size(1), " and ",
+              r.size(1));
+  TORCH_CHECK(x.scalar_type() == r.scalar_type(), "x and r must have the same dtype");
+  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
+}
+
+// the batch against itself, in square blocks
+inline void check_self_inputs(const at::Tensor& x, const at::Tensor& labels, int64_t block) {
+  check_rows_labels(x, labels, "x", "labels");
+  TORCH_CHECK(block > 0, "block must be > 0, got ", block);
+}
+
+}  // namespace metrix_ops
