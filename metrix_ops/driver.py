@@ -76,7 +76,10 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
         chosen = "reference"
 
     if chosen != "reference":
-        loss = fused.IMPLS[(chosen, name)][1](params, inp, red)
+        impl = fused.IMPLS[(chosen, name)][1]
+        # only the ops that cover expansion= (their supports() says so) take it
+        loss = impl(params, inp, red) if expansion is None else impl(params, inp, red,
+                                                                    expansion=expansion)
     elif expansion is not None:
         from .reference.expansion import expansion_loss_dict
         loss = reduce_loss_dict(expansion_loss_dict(name, params, inp, expansion), red, embeddings)
