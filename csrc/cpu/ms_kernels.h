@@ -34,6 +34,9 @@ struct MsBlock {
   const T *g, *lse_pos, *lse_neg;
 };
 
+template <typename T>
+struct MixBlock;  // embedding-level Metrix over a block (ms_metrix_kernels.h)
+
 // Kernels over the rows [i0, i1) of a block: fold s into the row states, or overwrite s
 // with G = ∂L/∂S.
 template <typename T>
@@ -48,6 +51,11 @@ struct MsKernels {
                     OnlineLse<T>* pos, OnlineLse<T>* neg);
   void (*grad_sym)(T* s, int64_t i0, int64_t i1, const MsBlock<T>& b);
   void (*exp)(const T* x, T* y, int64_t n);  // the elementwise exp the kernels use
+  // Metrix (pos_neg) candidates of the anchors [a0, a1) (whole classes, global rows): fold
+  // them into the anchors' states, or add their terms of ∂L/∂S (ms_metrix_kernels.h)
+  void (*mix_fold)(const MixBlock<T>& b, int64_t a0, int64_t a1, OnlineLse<T>* pos,
+                   OnlineLse<T>* neg);
+  void (*mix_grad)(const MixBlock<T>& b, int64_t a0, int64_t a1);
   const char* level;
 };
 

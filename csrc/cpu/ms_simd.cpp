@@ -8,7 +8,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "cpu/ms_kernels.h"
+#include "cpu/ms_metrix_kernels.h"
 
 namespace metrix_ops {
 
@@ -35,8 +35,16 @@ namespace {
   TARGET void exp_##NAME(const float* x, float* y, int64_t n) {                            \
     MsRowKernel<float, W>::exp_array(x, y, n);                                             \
   }                                                                                        \
-  const MsKernels<float> k_##NAME{&fold_##NAME,      &grad_##NAME, &fold_cols_##NAME,      \
-                                  &grad_sym_##NAME, &exp_##NAME,  #NAME};
+  TARGET void mix_fold_##NAME(const MixBlock<float>& b, int64_t a0, int64_t a1,            \
+                              OnlineLse<float>* pos, OnlineLse<float>* neg) {              \
+    MixRowKernel<float, W>::fold(b, a0, a1, pos, neg);                                     \
+  }                                                                                        \
+  TARGET void mix_grad_##NAME(const MixBlock<float>& b, int64_t a0, int64_t a1) {          \
+    MixRowKernel<float, W>::grad(b, a0, a1);                                               \
+  }                                                                                        \
+  const MsKernels<float> k_##NAME{&fold_##NAME,     &grad_##NAME,     &fold_cols_##NAME,   \
+                                  &grad_sym_##NAME, &exp_##NAME,      &mix_fold_##NAME,    \
+                                  &mix_grad_##NAME, #NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 MO_MS_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), 16)
@@ -62,6 +70,13 @@ void grad_sym_f64(double* s, int64_t i0, int64_t i1, const MsBlock<double>& b) {
   K64::grad<true>(s, i0, i1, b);
 }
 void exp_f64(const double* x, double* y, int64_t n) { K64::exp_array(x, y, n); }
+void mix_fold_f64(const MixBlock<double>& b, int64_t a0, int64_t a1, OnlineLse<double>* pos,
+                  OnlineLse<double>* neg) {
+  MixRowKernel<double, 1>::fold(b, a0, a1, pos, neg);
+}
+void mix_grad_f64(const MixBlock<double>& b, int64_t a0, int64_t a1) {
+  MixRowKernel<double, 1>::grad(b, a0, a1);
+}
 
 bool cpu_has(const char* level) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -106,8 +121,9 @@ const MsKernels<float>& ms_kernels_f32() {
 }
 
 const MsKernels<double>& ms_kernels_f64() {
-  static const MsKernels<double> k{&fold_f64,     &grad_f64, &fold_cols_f64,
-                                   &grad_sym_f64, &exp_f64,  "scalar"};
+  static const MsKernels<double> k{&fold_f64, &grad_f64,     &fold_cols_f64,
+                                   &grad_sym_f64, &exp_f64, &mix_fold_f64,
+                                   &mix_grad_f64, "scalar"};
   return k;
 }
 

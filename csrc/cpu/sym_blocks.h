@@ -3,25 +3,35 @@
 #pragma once
 
 #include <algorithm>
+#include <vector>
 
 #include <torch/types.h>
 
 namespace metrix_ops {
 
-// fn(s, r0, nr, c0, nc) for every block pair I <= J, s = x_I x_Jᵀ contiguous (the callee may
-// overwrite it, e.g. with the block of G). An off-diagonal block stands for (J, I) as well.
+// fn(s, r0, nr, c0, nc) for every block pair I <= J of the blocks [bounds[k], bounds[k+1]),
+// s = x_I x_Jᵀ contiguous (the callee may overwrite it, e.g. with the block of G). An
+// off-diagonal block stands for (J, I) as well.
 template <class F>
-void for_upper_blocks(const at::Tensor& x, int64_t block, F&& fn) {
-  const int64_t B = x.size(0);
-  for (int64_t r0 = 0; r0 < B; r0 += block) {
-    const int64_t nr = std::min(block, B - r0);
+void for_upper_blocks_at(const at::Tensor& x, const std::vector<int64_t>& bounds, F&& fn) {
+  for (size_t bi = 0; bi + 1 < bounds.size(); ++bi) {
+    const int64_t r0 = bounds[bi], nr = bounds[bi + 1] - r0;
     const at::Tensor xi = x.narrow(0, r0, nr);
-    for (int64_t c0 = r0; c0 < B; c0 += block) {
-      const int64_t nc = std::min(block, B - c0);
+    for (size_t bj = bi; bj + 1 < bounds.size(); ++bj) {
+      const int64_t c0 = bounds[bj], nc = bounds[bj + 1] - c0;
       at::Tensor s = at::mm(xi, x.narrow(0, c0, nc).t()).contiguous();
       fn(s, r0, nr, c0, nc);
     }
   }
+}
+
+// the same over square blocks of `block` rows
+template <class F>
+void for_upper_blocks(const at::Tensor& x, int64_t block, F&& fn) {
+  std::vector<int64_t> bounds;
+  for (int64_t r0 = 0; r0 < x.size(0); r0 += block) bounds.push_back(r0);
+  bounds.push_back(x.size(0));
+  for_upper_blocks_at(x, bounds, fn);
 }
 
 // dx += the block's share of H x, H = G + Gᵀ held for block (I, J): dx_I += H_IJ x_J and, off

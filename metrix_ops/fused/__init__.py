@@ -10,11 +10,23 @@ import torch
 from .. import backend as backend_mod
 
 IMPLS: dict = {}
+# (backend, loss) -> (supports(params, inp, expansion, metrix), impl(params, inp, reducer,
+# weight, lam)): ops that compute the clean loss and its embedding-level Metrix term together
+METRIX_IMPLS: dict = {}
 
 
 def register(backend: str, loss_name: str, supports, impl):
     IMPLS[(backend, loss_name)] = (supports, impl)
     backend_mod.FUSED[backend].add(loss_name)
+
+
+def register_metrix(backend: str, loss_name: str, supports, impl):
+    METRIX_IMPLS[(backend, loss_name)] = (supports, impl)
+
+
+def metrix_supported(backend: str, loss_name: str, params, inp, expansion, metrix) -> bool:
+    entry = METRIX_IMPLS.get((backend, loss_name))
+    return entry is not None and entry[0](params, inp, expansion, metrix)
 
 
 def supported(backend: str, loss_name: str, params, inp, expansion) -> bool:

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from .. import _ext
 from ..distances import is_cosine
 from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self
+from ..ops.ms_metrix import ms_metrix_rows
 from ..reducers import reduce_loss_dict
-from . import register
+from . import register, register_metrix
 from .pair_counts import pair_count_tensors, pair_counts
 
 
@@ -18,30 +19,58 @@ def supports(params, inp, expansion) -> bool:
             and is_cosine(inp.distance) and inp.labels is not None)
 
 
-def impl(params, inp, reducer, chunk: int = 2048):
-    x = inp.embeddings
-    # PML's rule: no loss when no side has two pairs. Eagerly a Python branch (skips the op);
-    # under torch.compile a select on the counts, so the graph has no data-dependent branch.
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        pos, neg = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
-        if pos <= 1 and neg <= 1:
-            return torch.sum(x * 0)
-    xu = F.normalize(x, dim=1)
+def _self_pairs_only(inp) -> bool:
     # the batch against itself, self pairs excluded (PML keeps them when ref_labels is another
     # tensor, even with ref_emb the batch): S is symmetric
-    if inp.ref_emb is inp.embeddings and inp.same_set:
+    return inp.ref_emb is inp.embeddings and inp.same_set
+
+
+def _reduce_clean(rows, inp, reducer):
+    """PML's reduction of the per-anchor terms, with its rule: no loss when no side has two
+    pairs. Eagerly a Python branch; under torch.compile a select on the counts, so the graph
+    has no data-dependent branch."""
+    x = inp.embeddings
+    loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
+                          "reduction_type": "element"}}
+    loss = reduce_loss_dict(loss_dict, reducer, x)
+    if torch.compiler.is_compiling():
+        pos, neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+        return torch.where((pos <= 1) & (neg <= 1), torch.sum(x * 0), loss)
+    pos, neg = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
+    return torch.sum(x * 0) if pos <= 1 and neg <= 1 else loss
+
+
+def impl(params, inp, reducer, chunk: int = 2048):
+    x = inp.embeddings
+    if not torch.compiler.is_compiling():
+        pos, neg = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
+        if pos <= 1 and neg <= 1:  # skip the op: PML's no-loss rule
+            return torch.sum(x * 0)
+    xu = F.normalize(x, dim=1)
+    if _self_pairs_only(inp):
         rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"])
     else:
         rows = ms_loss_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
                             inp.same_set, params["alpha"], params["beta"], params["base"], chunk)
-    loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
-                          "reduction_type": "element"}}
-    loss = reduce_loss_dict(loss_dict, reducer, x)
-    if compiling:
-        pos, neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
-        loss = torch.where((pos <= 1) & (neg <= 1), torch.sum(x * 0), loss)
-    return loss
+    return _reduce_clean(rows, inp, reducer)
+
+
+def metrix_supports(params, inp, expansion, metrix) -> bool:
+    """The fused clean + Metrix op: embedding level, pos_neg pairs, the batch against itself."""
+    return (supports(params, inp, expansion) and metrix.level == "embedding"
+            and metrix.pairs == "pos_neg" and _self_pairs_only(inp))
+
+
+def metrix_impl(params, inp, reducer, weight: float, lam: float, block: int = 1024):
+    """L(clean) + weight · L̃: the mixed term is the mean of ℓ̃(a) over anchors with a
+    candidate, i.e. with a negative; with two classes or more that is every anchor, and with
+    one class every ℓ̃(a) is 0, so the sum over B is that mean either way."""
+    x = inp.embeddings
+    rows, mix = ms_metrix_rows(F.normalize(x, dim=1), inp.labels, params["alpha"],
+                               params["beta"], params["base"], lam, block)
+    mixed = mix.sum() / max(len(mix), 1)
+    return _reduce_clean(rows, inp, reducer) + weight * mixed
 
 
 register("cpu", "MultiSimilarityLoss", supports, impl)
+register_metrix("cpu", "MultiSimilarityLoss", metrix_supports, metrix_impl)

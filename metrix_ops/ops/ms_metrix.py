@@ -1,0 +1,53 @@
+"""Multi-similarity loss with its embedding-level Metrix term (pairs "pos_neg") from one
+fused op (csrc/cpu/ms_metrix_self_cpu.cpp): fake kernel for torch.compile, autograd, and
+the call. The op wants a label-sorted batch; `ms_metrix_rows` sorts and unsorts, so the
+caller sees rows in its own order. Inputs are unit rows (normalisation stays in PyTorch)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+
+_FWD = "metrix_ops::ms_metrix_self_fwd"
+
+if _ext.HAS_EXT:
+    @torch.library.register_fake(_FWD)
+    def _fake(x, labels, alpha, beta, base, lam, block):
+        return tuple(x.new_empty(x.shape[0]) for _ in range(6))
+
+    @torch.library.register_fake("metrix_ops::ms_metrix_self_bwd")
+    def _fake_bwd(grad_rows, grad_mix, x, labels, lse_pos, lse_neg, tp, tn, alpha, beta, base,
+                  lam, block):
+        return torch.empty_like(x)
+
+    def _setup_context(ctx, inputs, output):
+        x, labels, alpha, beta, base, lam, block = inputs
+        _, lse_pos, lse_neg, _, tp, tn = output
+        ctx.save_for_backward(x, labels, lse_pos, lse_neg, tp, tn)
+        ctx.args = (alpha, beta, base, lam, block)
+        ctx.mark_non_differentiable(lse_pos, lse_neg, tp, tn)
+
+    def _backward(ctx, g_rows, _glp, _gln, g_mix, _gtp, _gtn):
+        x, labels, lse_pos, lse_neg, tp, tn = ctx.saved_tensors
+        g_rows = torch.zeros_like(lse_pos) if g_rows is None else g_rows.contiguous()
+        g_mix = torch.zeros_like(lse_pos) if g_mix is None else g_mix.contiguous()
+        dx = torch.ops.metrix_ops.ms_metrix_self_bwd(g_rows, g_mix, x, labels, lse_pos, lse_neg,
+                                                     tp, tn, *ctx.args)
+        return dx, None, None, None, None, None, None
+
+    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+def ms_metrix_rows(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
+                   block: int = 1024):
+    """(clean rows, mixed rows), each (B,), in the caller's order: the MS terms of each anchor
+    against the batch (self pairs excluded) and its Metrix term ℓ̃(a) over the candidates
+    mix(p, n, λ), p ∈ P(a) (a itself when P(a) is empty), n ∈ N(a); 0 where V(a) is empty."""
+    order = torch.argsort(labels, stable=True)
+    xs = x_unit.index_select(0, order).contiguous()
+    rows, _, _, mix, _, _ = torch.ops.metrix_ops.ms_metrix_self_fwd(
+        xs, labels.index_select(0, order).contiguous(), float(alpha), float(beta), float(base),
+        float(lam), int(block))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return rows.index_select(0, inverse), mix.index_select(0, inverse)
