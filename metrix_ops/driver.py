@@ -78,7 +78,7 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     if (chosen != "reference" and lam_value is not None and metrix.weight > 0
             and fused.metrix_supported(chosen, name, params, inp, expansion, metrix)):
         # clean and mixed terms from one fused op (the mixed candidates in closed form)
-        return fused.METRIX_IMPLS[(chosen, name)][1](params, inp, red, metrix.weight, lam_value)
+        return fused.METRIX_IMPLS[(chosen, name)][1](params, inp, red, metrix, lam_value)
     if chosen != "reference":
         impl = fused.IMPLS[(chosen, name)][1]
         # only the ops that cover expansion= (their supports() says so) take it

@@ -13,8 +13,8 @@ from metrix_ops import _ext
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
 
-def pair(lam, weight=0.4, **kw):
-    cfg = mo.Metrix(level="embedding", pairs="pos_neg", lam=lam, weight=weight)
+def pair(lam, weight=0.4, pairs="pos_neg", **kw):
+    cfg = mo.Metrix(level="embedding", pairs=pairs, lam=lam, weight=weight)
     return (mo.losses.MultiSimilarityLoss(backend="cpu", metrix=cfg, **kw),
             mo.losses.MultiSimilarityLoss(backend="reference", metrix=cfg, **kw))
 
@@ -29,10 +29,11 @@ def op_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("lam", [0.0, 0.3, 0.85, 1.0])
-def test_matches_reference_fp64(case, lam, op_calls):
+@pytest.mark.parametrize("lam,pairs", [(0.0, "pos_neg"), (0.3, "pos_neg"), (0.85, "pos_neg"),
+                                       (1.0, "pos_neg"), (0.3, "anchor_neg"), (1.0, "anchor_neg")])
+def test_matches_reference_fp64(case, lam, pairs, op_calls):
     x, y = make_case(case)
-    fused, ref = pair(lam)
+    fused, ref = pair(lam, pairs=pairs)
     assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
     assert op_calls
 
@@ -81,7 +82,7 @@ def test_blocks_cut_between_classes(block):
     lam = 0.45
 
     def fused(e):
-        rows, mix = ms_metrix_rows(F.normalize(e, dim=1), y, 2.0, 50.0, 0.5, lam, block)
+        rows, mix = ms_metrix_rows(F.normalize(e, dim=1), y, 2.0, 50.0, 0.5, lam, block=block)
         return (rows * w1).sum() + (mix * w2).sum()
 
     def ref(e):
@@ -113,6 +114,7 @@ def test_module_uses_the_fused_op(op_calls):
     # what it does not cover goes to the reference (auto) or raises (cpu)
     calls.clear()
     mo.losses.MultiSimilarityLoss(metrix=mo.Metrix(lam=0.5, pairs="pos_pos"))(x, y)
+    mo.losses.MultiSimilarityLoss(metrix=mo.Metrix(lam=0.5, pairs="neg_neg"))(x, y)
     mo.losses.MultiSimilarityLoss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
     assert not calls
 
@@ -132,18 +134,19 @@ def test_op_rejects_unsorted_labels_and_bad_lambda():
     x = F.normalize(torch.randn(6, 3), dim=1)
     with pytest.raises(RuntimeError, match="labels must be sorted"):
         torch.ops.metrix_ops.ms_metrix_self_fwd(x, torch.tensor([0, 1, 0, 1, 2, 2]), 2.0, 50.0,
-                                                0.5, 0.5, 64)
+                                                0.5, 0.5, False, 64)
     with pytest.raises(RuntimeError, match="lam must be in"):
         torch.ops.metrix_ops.ms_metrix_self_fwd(x, torch.tensor([0, 0, 1, 1, 2, 2]), 2.0, 50.0,
-                                                0.5, 1.5, 64)
+                                                0.5, 1.5, False, 64)
     with pytest.raises(RuntimeError, match="labels must be int64"):
         torch.ops.metrix_ops.ms_metrix_self_fwd(x, torch.zeros(6, dtype=torch.int32), 2.0, 50.0,
-                                                0.5, 0.5, 64)
+                                                0.5, 0.5, False, 64)
 
 
+@pytest.mark.parametrize("anchor_neg", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
+def test_opcheck(dtype, anchor_neg):
     x = F.normalize(torch.randn(14, 5, dtype=dtype), dim=1).requires_grad_(True)
     y = torch.sort(torch.randint(0, 4, (14,))).values
     torch.library.opcheck(torch.ops.metrix_ops.ms_metrix_self_fwd.default,
-                          (x, y, 2.0, 50.0, 0.5, 0.3, 4))
+                          (x, y, 2.0, 50.0, 0.5, 0.3, anchor_neg, 4))

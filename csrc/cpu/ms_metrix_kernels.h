@@ -1,7 +1,7 @@
 // The per-element passes of embedding-level Metrix for the multi-similarity loss (pairs
-// "pos_neg"), over one block of S whose rows hold whole classes: for anchor a, every
-// candidate mix(p, n, λ) with p a positive of a (a itself when it has none) and n a
-// negative of a in the block's columns, in closed form (common/metrix_mix.h). Written over
+// "pos_neg" or "anchor_neg"), over one block of S whose rows hold whole classes: for anchor
+// a, every candidate mix(p, n, λ) with p a positive of a (a itself when it has none, or
+// always with anchor_neg) and n a negative of a in the block's columns, in closed form (common/metrix_mix.h). Written over
 // a lane width W as ms_kernels.h; the entry points are instantiated per ISA in ms_simd.cpp.
 //
 // Why whole classes per block: a's candidates need row p of S for each positive p, so a's
@@ -33,6 +33,7 @@ struct MixBlock {
   const int64_t* wc_off;
   T lam, alpha, beta, base;
   T shift_pos, shift_neg;  // fixed log-sum-exp shifts of the fold, or +inf: two passes
+  bool anchor_neg;         // pairs "anchor_neg": every anchor mixes itself, not a positive
   // gradient only
   const T *g, *tp, *tn;  // per anchor: ∂L/∂(mixed row), the two log normalisers
   T* gm;                 // the block of ∂L/∂S (entries (a, n) and (p, n)), added to
@@ -59,11 +60,12 @@ struct MixRowKernel {
     }
   }
 
-  // f(p, s_ap) for each positive p of a, or (a, 1) for an anchor without one
+  // f(p, s_ap) for each positive p of a, or (a, 1) for an anchor without one (and for every
+  // anchor with anchor_neg)
   template <class Fn>
   static MO_INLINE void for_positives(const MixBlock<T>& b, int64_t a, Fn f) {
     const int64_t lo = b.cls_lo[a], hi = b.cls_hi[a];
-    if (hi - lo == 1) {
+    if (b.anchor_neg || hi - lo == 1) {
       f(a, T(1));
       return;
     }

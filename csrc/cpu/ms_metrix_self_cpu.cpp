@@ -1,5 +1,5 @@
 // Multi-similarity loss of a batch against itself together with its embedding-level Metrix
-// term (pairs "pos_neg", DESIGN §3), in one pass over the symmetric S = X Xᵀ: the mixed
+// term (pairs "pos_neg" or "anchor_neg", DESIGN §3), in one pass over the symmetric S = X Xᵀ: the mixed
 // candidates are closed-form functions of the same blocks (common/metrix_mix.h), so the
 // Metrix term adds per-element work and no matrix product.
 //
@@ -99,6 +99,7 @@ struct MixCall {
   const int32_t* lab;
   const T* wc;
   T lam, alpha, beta, base;
+  bool anchor_neg;
   const T *g = nullptr, *tp = nullptr, *tn = nullptr;
   T* gw = nullptr;
 
@@ -118,7 +119,7 @@ struct MixCall {
     const auto shifts = ms_metrix_shifts(alpha, beta, base);
     return MixBlock<T>{s.data_ptr<T>(), inv.data_ptr<T>(), s.size(1), r0, c0, lab, lab,
                        cls.lo.data(), cls.hi.data(), wc, cls.wc_off.data(), lam, alpha, beta,
-                       base, shifts.first, shifts.second, g, tp, tn, gm, gw};
+                       base, shifts.first, shifts.second, anchor_neg, g, tp, tn, gm, gw};
   }
 };
 
@@ -151,7 +152,7 @@ using SixTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 
 SixTensors ms_metrix_self_fwd_cpu(const at::Tensor& x_, const at::Tensor& labels_,
                                                double alpha, double beta, double base,
-                                               double lam, int64_t block) {
+                                               double lam, bool anchor_neg, int64_t block) {
   check_self_inputs(x_, labels_, block);
   TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
   auto x = x_.contiguous();
@@ -167,7 +168,7 @@ SixTensors ms_metrix_self_fwd_cpu(const at::Tensor& x_, const at::Tensor& labels
     const std::vector<T> wc = within_class_cosines<T>(x, cls);
     const int32_t* lab_ids = ids.data_ptr<int32_t>();
     const BlockLabels lab{lab_ids, lab_ids, true};
-    const MixCall<T> mc{cls, lab_ids, wc.data(), T(lam), T(alpha), T(beta), T(base)};
+    const MixCall<T> mc{cls, lab_ids, wc.data(), T(lam), T(alpha), T(beta), T(base), anchor_neg};
     const auto& k = ms_kernels<T>();
     auto mix_side = [&](const at::Tensor& s, int64_t r0, int64_t nr, int64_t c0) {
       const at::Tensor inv = mix_inv_norms<T>(s, T(lam));
@@ -193,7 +194,8 @@ at::Tensor ms_metrix_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor&
                                   const at::Tensor& x_, const at::Tensor& labels_,
                                   const at::Tensor& lse_pos_, const at::Tensor& lse_neg_,
                                   const at::Tensor& tp_, const at::Tensor& tn_, double alpha,
-                                  double beta, double base, double lam, int64_t block) {
+                                  double beta, double base, double lam, bool anchor_neg,
+                                  int64_t block) {
   check_self_inputs(x_, labels_, block);
   auto x = x_.contiguous();
   const at::Tensor ids = ms_label_ids(labels_);
@@ -208,7 +210,7 @@ at::Tensor ms_metrix_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor&
     std::vector<T> gw(wc.size(), T(0));
     const int32_t* lab_ids = ids.data_ptr<int32_t>();
     const BlockLabels lab{lab_ids, lab_ids, true};
-    MixCall<T> mc{cls, lab_ids, wc.data(), T(lam), T(alpha), T(beta), T(base)};
+    MixCall<T> mc{cls, lab_ids, wc.data(), T(lam), T(alpha), T(beta), T(base), anchor_neg};
     mc.g = gmix.data_ptr<T>();
     mc.tp = tp.data_ptr<T>();
     mc.tn = tn.data_ptr<T>();
@@ -250,13 +252,13 @@ at::Tensor ms_metrix_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // MS of a label-sorted batch against itself plus its Metrix (pos_neg, embedding level)
-  // term at mixing weight lam: (rows, lse_pos, lse_neg, mixed rows, their two log
+  // term at mixing weight lam, pairs pos_neg (or anchor_neg): (rows, lse_pos, lse_neg, mixed rows, their two log
   // normalisers). The mixed rows are ℓ̃(a), 0 for an anchor with no candidate.
   m.def("ms_metrix_self_fwd(Tensor x, Tensor labels, float alpha, float beta, float base, "
-        "float lam, int block) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float lam, bool anchor_neg, int block) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ms_metrix_self_bwd(Tensor grad_rows, Tensor grad_mix, Tensor x, Tensor labels, "
         "Tensor lse_pos, Tensor lse_neg, Tensor tp, Tensor tn, float alpha, float beta, "
-        "float base, float lam, int block) -> Tensor");
+        "float base, float lam, bool anchor_neg, int block) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

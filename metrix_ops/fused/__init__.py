@@ -11,7 +11,7 @@ from .. import backend as backend_mod
 
 IMPLS: dict = {}
 # (backend, loss) -> (supports(params, inp, expansion, metrix), impl(params, inp, reducer,
-# weight, lam)): ops that compute the clean loss and its embedding-level Metrix term together
+# metrix, lam)): ops that compute the clean loss and its embedding-level Metrix term together
 METRIX_IMPLS: dict = {}
 
 

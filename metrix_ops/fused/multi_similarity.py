@@ -56,20 +56,21 @@ def impl(params, inp, reducer, chunk: int = 2048):
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    """The fused clean + Metrix op: embedding level, pos_neg pairs, the batch against itself."""
+    """The fused clean + Metrix op: embedding level, pos_neg or anchor_neg pairs, the batch
+    against itself."""
     return (supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs == "pos_neg" and _self_pairs_only(inp))
+            and metrix.pairs in ("pos_neg", "anchor_neg") and _self_pairs_only(inp))
 
 
-def metrix_impl(params, inp, reducer, weight: float, lam: float, block: int = 1024):
+def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     """L(clean) + weight · L̃: the mixed term is the mean of ℓ̃(a) over anchors with a
     candidate, i.e. with a negative; with two classes or more that is every anchor, and with
     one class every ℓ̃(a) is 0, so the sum over B is that mean either way."""
     x = inp.embeddings
     rows, mix = ms_metrix_rows(F.normalize(x, dim=1), inp.labels, params["alpha"],
-                               params["beta"], params["base"], lam, block)
+                               params["beta"], params["base"], lam, metrix.pairs, block)
     mixed = mix.sum() / max(len(mix), 1)
-    return _reduce_clean(rows, inp, reducer) + weight * mixed
+    return _reduce_clean(rows, inp, reducer) + metrix.weight * mixed
 
 
 register("cpu", "MultiSimilarityLoss", supports, impl)

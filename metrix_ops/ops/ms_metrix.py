@@ -12,19 +12,19 @@ _FWD = "metrix_ops::ms_metrix_self_fwd"
 
 if _ext.HAS_EXT:
     @torch.library.register_fake(_FWD)
-    def _fake(x, labels, alpha, beta, base, lam, block):
+    def _fake(x, labels, alpha, beta, base, lam, anchor_neg, block):
         return tuple(x.new_empty(x.shape[0]) for _ in range(6))
 
     @torch.library.register_fake("metrix_ops::ms_metrix_self_bwd")
     def _fake_bwd(grad_rows, grad_mix, x, labels, lse_pos, lse_neg, tp, tn, alpha, beta, base,
-                  lam, block):
+                  lam, anchor_neg, block):
         return torch.empty_like(x)
 
     def _setup_context(ctx, inputs, output):
-        x, labels, alpha, beta, base, lam, block = inputs
+        x, labels, alpha, beta, base, lam, anchor_neg, block = inputs
         _, lse_pos, lse_neg, _, tp, tn = output
         ctx.save_for_backward(x, labels, lse_pos, lse_neg, tp, tn)
-        ctx.args = (alpha, beta, base, lam, block)
+        ctx.args = (alpha, beta, base, lam, anchor_neg, block)
         ctx.mark_non_differentiable(lse_pos, lse_neg, tp, tn)
 
     def _backward(ctx, g_rows, _glp, _gln, g_mix, _gtp, _gtn):
@@ -33,21 +33,24 @@ if _ext.HAS_EXT:
         g_mix = torch.zeros_like(lse_pos) if g_mix is None else g_mix.contiguous()
         dx = torch.ops.metrix_ops.ms_metrix_self_bwd(g_rows, g_mix, x, labels, lse_pos, lse_neg,
                                                      tp, tn, *ctx.args)
-        return dx, None, None, None, None, None, None
+        return dx, None, None, None, None, None, None, None
 
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
 def ms_metrix_rows(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
-                   block: int = 1024):
+                   pairs: str = "pos_neg", block: int = 1024):
     """(clean rows, mixed rows), each (B,), in the caller's order: the MS terms of each anchor
     against the batch (self pairs excluded) and its Metrix term ℓ̃(a) over the candidates
-    mix(p, n, λ), p ∈ P(a) (a itself when P(a) is empty), n ∈ N(a); 0 where V(a) is empty."""
+    mix(p, n, λ), n ∈ N(a), p ∈ P(a) for pairs "pos_neg" (a itself when P(a) is empty), p = a
+    for "anchor_neg"; 0 where V(a) is empty."""
+    if pairs not in ("pos_neg", "anchor_neg"):
+        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     order = torch.argsort(labels, stable=True)
     xs = x_unit.index_select(0, order).contiguous()
     rows, _, _, mix, _, _ = torch.ops.metrix_ops.ms_metrix_self_fwd(
         xs, labels.index_select(0, order).contiguous(), float(alpha), float(beta), float(base),
-        float(lam), int(block))
+        float(lam), pairs == "anchor_neg", int(block))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
     return rows.index_select(0, inverse), mix.index_select(0, inverse)
