@@ -8,6 +8,8 @@ process so that its peak memory (RSS growth) is its own.
         --out benchmarks/results/cpu_contrastive.json
     python benchmarks/bench_cpu_losses.py --loss triplet --sizes 1024,4096 --dims 128,512 \
         --out benchmarks/results/cpu_triplet.json
+    python benchmarks/bench_cpu_losses.py --loss ee_hphn --impls cpu,cpu_clean,pml,reference \
+        --sizes 1024,4096 --dims 128,512 --out benchmarks/results/cpu_ee_hphn.json
 """
 from __future__ import annotations
 
@@ -23,7 +25,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # three products every exact loss of the Gram matrix needs.
 LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           "contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
-          "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
+          "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
+          # HPHN triplet with Embedding Expansion (n_points=8, pairs="all"). PML has no EE:
+          # its "pml" column is the clean loss, TripletMarginLoss on BatchHardMiner triplets
+          # (= HPHN without expansion); impl "cpu_clean" is our fused clean HPHN.
+          "ee_hphn": ("TripletMarginLoss", "HPHNTripletLoss", "gram")}
+
+
+def make_loss(loss, impl):
+    """The loss module of `impl` (pml, cpu, reference, cpu_clean) for --loss `loss`."""
+    if impl == "pml":
+        from pytorch_metric_learning import losses as pl
+        if loss == "ee_hphn":
+            from pytorch_metric_learning import miners as pm
+            from pytorch_metric_learning import reducers as pr
+            fn, miner = pl.TripletMarginLoss(margin=0.2, reducer=pr.MeanReducer()), pm.BatchHardMiner()
+            return lambda x, y: fn(x, y, miner(x, y))
+        return getattr(pl, LOSSES[loss][0])()
+    import metrix_ops as mo
+    kw = {}
+    if loss == "ee_hphn" and impl != "cpu_clean":
+        kw["expansion"] = mo.Expansion(n_points=8, pairs="all")
+    return getattr(mo.losses, LOSSES[loss][1])(backend="cpu" if impl == "cpu_clean" else impl, **kw)
 
 
 def run_case(loss, impl, b, d, repeats):
@@ -42,12 +65,7 @@ def run_case(loss, impl, b, d, repeats):
             s = x0 @ x0.t()
             return s @ x0, s.t() @ x0
     else:
-        if impl == "pml":
-            from pytorch_metric_learning import losses as pl
-            loss_fn = getattr(pl, LOSSES[loss][0])()
-        else:
-            import metrix_ops as mo
-            loss_fn = getattr(mo.losses, LOSSES[loss][1])(backend=impl)
+        loss_fn = make_loss(loss, impl)
 
         def step():
             x = x0.clone().requires_grad_(True)
