@@ -30,4 +30,17 @@ MO_HD T ee_point_norm(T lam, T g_uu, T g_uw, T g_ww) {
 template <typename T>
 MO_HD T ee_mix_sim(T cu, T cw, T s_au, T s_aw) { return cu * s_au + cw * s_aw; }
 
+// An upper bound of ee_mix_sim over a segment's points, as computed in floating point: with
+// cu, cw ≥ 0, cu·s_au + cw·s_aw ≤ (cu + cw)·max(s_au, s_aw), and cu + cw lies in
+// [wmin, wmax]; the relative slack covers the rounding of the products and the sum, so a
+// segment whose bound is below the best so far can be skipped without changing any pick.
+// NaN gives NaN, which compares false: such a segment is never skipped.
+template <typename T>
+MO_HD T ee_mix_bound(T wmin, T wmax, T s_au, T s_aw) {
+  const T m = s_au > s_aw ? s_au : s_aw;
+  const T b = m >= T(0) ? m * wmax : m * wmin;
+  const T slack = T(16) * std::numeric_limits<T>::epsilon();
+  return b + (b >= T(0) ? b : -b) * slack + std::numeric_limits<T>::min();
+}
+
 }  // namespace metrix_ops

@@ -56,6 +56,7 @@ struct Miner {
   std::vector<int64_t> cls;  // dense class id per original
   Segs segs;
   std::vector<T> cu, cw;  // S × n coefficients λ/‖v‖, (1−λ)/‖v‖
+  std::vector<T> wmin, wmax;  // per segment, min and max over k of cu + cw (= 1/‖v‖)
 
   T dot(int64_t a, int64_t b) const {
     const T* p = xu + a * D;
@@ -75,6 +76,8 @@ struct Miner {
     for (int64_t e = 0; e < S; ++e) {
       if (segs.cls[e] == c) continue;
       const T uk = u[segs.si[e]], ul = u[segs.sj[e]];
+      // most segments cannot beat `best`: skip them on an upper bound (ee_mix_bound)
+      if (ee_mix_bound(wmin[e], wmax[e], uk, ul) < best) continue;
       const T* a = cu.data() + e * n;
       const T* b = cw.data() + e * n;
       T m = ee_mix_sim(a[0], b[0], uk, ul);
@@ -148,9 +151,11 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
   int64_t* o = out.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_hphn_mine_cpu", [&] {
     using T = scalar_t;
-    Miner<T> mn{x.data_ptr<T>(), lab, B, x.size(1), n, cls, segs, {}, {}};
+    Miner<T> mn{x.data_ptr<T>(), lab, B, x.size(1), n, cls, segs, {}, {}, {}, {}};
     mn.cu.resize(S * n);
     mn.cw.resize(S * n);
+    mn.wmin.resize(S);
+    mn.wmax.resize(S);
     at::parallel_for(0, S, 64, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t i = segs.si[e], j = segs.sj[e];
@@ -160,6 +165,9 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
           const T nv = ee_point_norm(lam, guu, guw, gww);
           mn.cu[e * n + t] = lam / nv;
           mn.cw[e * n + t] = (T(1) - lam) / nv;
+          const T w = mn.cu[e * n + t] + mn.cw[e * n + t];
+          mn.wmin[e] = t == 0 ? w : std::min(mn.wmin[e], w);
+          mn.wmax[e] = t == 0 ? w : std::max(mn.wmax[e], w);
         }
       }
     });
