@@ -64,3 +64,4 @@ def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
 from . import multi_similarity  # noqa: E402,F401  (registers)
 from . import contrastive  # noqa: E402,F401  (registers)
 from . import triplet_margin  # noqa: E402,F401  (registers)
+from . import hphn_triplet  # noqa: E402,F401  (registers)

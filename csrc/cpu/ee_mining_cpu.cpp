@@ -1,0 +1,280 @@
+// Hard-positive / hard-negative-pair mining of HPHN triplet with Embedding Expansion on the
+// CPU, without gradient: per anchor the indices of its farthest positive and of its closest
+// (anchor-side point, negative point) pair. The caller recomputes those few distances with
+// gradient from gathered rows (O(B·D)); no B×B or P×P matrix is ever needed for the loss.
+//
+// The rows are processed in chunks of whole classes (a segment's two endpoints are in the
+// same chunk): U = X̂_chunk X̂ᵀ (chunk × B). Every anchor-side point a = mix(i, j, λ) of
+// the chunk builds its row u = (λ U_i + (1−λ) U_j)/‖v‖ once; then s(a, original k) = u_k and
+// s(a, mix(k, l, μ)) = cu·u_k + cw·u_l with the per-segment coefficients cu, cw
+// (common/expansion.h). The negative side of a class is the same for all its anchors, so
+// each anchor-side point finds its best negative once and each anchor takes the best over
+// its own points. Memory O(chunk·B + n·#segments).
+//
+// Ties as the reference (reference/expansion_mining.py): the hardest negative is the lowest
+// point index (originals 0..B−1, then B + e·n + k−1), then the earliest anchor-side point
+// (x_i, then the points of the segments (i, ·) and (·, i) in segment order); the farthest
+// positive is the lowest column.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/expansion.h"
+#include "cpu/op_checks.h"
+
+namespace metrix_ops {
+
+namespace {
+
+void check_mine_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& seg_i,
+                       const at::Tensor& seg_j, int64_t n, int64_t chunk) {
+  check_rows_labels(x, labels, "x", "labels");
+  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
+  TORCH_CHECK(n >= 0, "n_points must be >= 0, got ", n);
+  TORCH_CHECK(seg_i.dim() == 1 && seg_j.dim() == 1 && seg_i.size(0) == seg_j.size(0) &&
+                  seg_i.scalar_type() == at::kLong && seg_j.scalar_type() == at::kLong,
+              "seg_i and seg_j must be int64 of the same shape (S,)");
+  TORCH_CHECK(seg_i.device().is_cpu() && seg_j.device().is_cpu() && x.device().is_cpu() &&
+                  labels.device().is_cpu(), "ee_hphn_mine: all inputs must be CPU tensors");
+}
+
+struct Segs {  // the segment table and who owns what
+  std::vector<int64_t> si, sj, cls;     // endpoints and class of each segment
+  std::vector<std::vector<int64_t>> of_anchor;  // anchor-side segment order per original
+};
+
+template <typename T>
+struct Miner {
+  const T* xu;  // B × D unit rows
+  const int64_t* labels;
+  int64_t B, D, n;
+  std::vector<int64_t> cls;  // dense class id per original
+  Segs segs;
+  std::vector<T> cu, cw;  // S × n coefficients λ/‖v‖, (1−λ)/‖v‖
+  std::vector<T> wmin, wmax;  // per segment, min and max over k of cu + cw (= 1/‖v‖)
+
+  T dot(int64_t a, int64_t b) const {
+    const T* p = xu + a * D;
+    const T* q = xu + b * D;
+    T s = 0;
+    for (int64_t d = 0; d < D; ++d) s += p[d] * q[d];
+    return s;
+  }
+
+  // best negative point of anchor-side row u (class c): (cosine, point index)
+  std::pair<T, int64_t> best_negative(const T* u, int64_t c, int64_t first_neg) const {
+    T best = u[first_neg];  // labels decide who is a negative; NaN rows stay on this one
+    int64_t bq = first_neg;
+    for (int64_t k = first_neg + 1; k < B; ++k)
+      if (cls[k] != c && u[k] > best) best = u[k], bq = k;
+    const int64_t S = int64_t(segs.si.size());
+    for (int64_t e = 0; e < S; ++e) {
+      if (segs.cls[e] == c) continue;
+      const T uk = u[segs.si[e]], ul = u[segs.sj[e]];
+      // most segments cannot beat `best`: skip them on an upper bound (ee_mix_bound)
+      if (ee_mix_bound(wmin[e], wmax[e], uk, ul) < best) continue;
+      const T* a = cu.data() + e * n;
+      const T* b = cw.data() + e * n;
+      T m = ee_mix_sim(a[0], b[0], uk, ul);
+      for (int64_t t = 1; t < n; ++t) m = std::max(m, ee_mix_sim(a[t], b[t], uk, ul));
+      if (!(m > best)) continue;  // the common case: one max per segment, no index work
+      for (int64_t t = 0; t < n; ++t) {
+        const T v = ee_mix_sim(a[t], b[t], uk, ul);
+        if (v > best) best = v, bq = B + e * n + t;
+      }
+    }
+    return {best, bq};
+  }
+};
+
+}  // namespace
+
+// Returns B × 7 int64 rows [p, a_u, a_w, a_k, q_u, q_w, q_k]: the farthest positive p and the
+// closest pair (a, q), points as (u, w, k) with λ = k/(n+1) (originals (i, i, n+1)); −1 where
+// the anchor has no positive (p) or no negative (the other six).
+at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
+                            const at::Tensor& seg_i_, const at::Tensor& seg_j_, int64_t n,
+                            int64_t chunk) {
+  check_mine_inputs(x_, labels_, seg_i_, seg_j_, n, chunk);
+  auto x = x_.contiguous();
+  auto labels = labels_.contiguous();
+  auto seg_i = seg_i_.contiguous(), seg_j = seg_j_.contiguous();
+  const int64_t B = x.size(0), S = n > 0 ? seg_i.size(0) : 0;
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  at::Tensor out = at::full({B, 7}, -1, labels.options());
+  if (B == 0) return out;
+
+  // dense classes in label order; members of a class in index order
+  std::vector<int64_t> order(B);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lab[a] < lab[b]; });
+  std::vector<int64_t> cls(B), cstart{0};
+  for (int64_t r = 0; r < B; ++r) {
+    if (r > 0 && lab[order[r]] != lab[order[r - 1]]) cstart.push_back(r);
+    cls[order[r]] = int64_t(cstart.size()) - 1;
+  }
+  cstart.push_back(B);
+  const int64_t C = int64_t(cstart.size()) - 1;
+
+  Segs segs;
+  segs.of_anchor.resize(B);
+  std::vector<std::vector<int64_t>> class_segs(C);
+  if (S > 0) {
+    const int64_t* pi = seg_i.data_ptr<int64_t>();
+    const int64_t* pj = seg_j.data_ptr<int64_t>();
+    segs.si.assign(pi, pi + S);
+    segs.sj.assign(pj, pj + S);
+    segs.cls.resize(S);
+    for (int64_t e = 0; e < S; ++e) {
+      const int64_t i = pi[e], j = pj[e];
+      TORCH_CHECK(i >= 0 && i < B && j >= 0 && j < B && i != j,
+                  "segment ", e, " = (", i, ", ", j, ") must join two distinct rows in [0, ", B, ")");
+      TORCH_CHECK(lab[i] == lab[j], "segment ", e, " = (", i, ", ", j,
+                  ") joins rows of different labels; segments are positive pairs");
+      segs.cls[e] = cls[i];
+      class_segs[cls[i]].push_back(e);
+      segs.of_anchor[i].push_back(e);  // (i, ·) first, then (·, i): the reference's order
+    }
+    for (int64_t e = 0; e < S; ++e) segs.of_anchor[pj[e]].push_back(e);
+  }
+  // first original of another class, per class (−1: the class has no negative)
+  std::vector<int64_t> first_neg(C, -1);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < B; ++k)
+      if (cls[k] != c) { first_neg[c] = k; break; }
+
+  int64_t* o = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_hphn_mine_cpu", [&] {
+    using T = scalar_t;
+    Miner<T> mn{x.data_ptr<T>(), lab, B, x.size(1), n, cls, segs, {}, {}, {}, {}};
+    mn.cu.resize(S * n);
+    mn.cw.resize(S * n);
+    mn.wmin.resize(S);
+    mn.wmax.resize(S);
+    at::parallel_for(0, S, 64, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t i = segs.si[e], j = segs.sj[e];
+        const T guu = mn.dot(i, i), guw = mn.dot(i, j), gww = mn.dot(j, j);
+        for (int64_t t = 0; t < n; ++t) {
+          const T lam = ee_lambda<T>(t + 1, n);
+          const T nv = ee_point_norm(lam, guu, guw, gww);
+          mn.cu[e * n + t] = lam / nv;
+          mn.cw[e * n + t] = (T(1) - lam) / nv;
+          const T w = mn.cu[e * n + t] + mn.cw[e * n + t];
+          mn.wmin[e] = t == 0 ? w : std::min(mn.wmin[e], w);
+          mn.wmax[e] = t == 0 ? w : std::max(mn.wmax[e], w);
+        }
+      }
+    });
+
+    for (int64_t c0 = 0; c0 < C;) {
+      // a chunk of whole classes: at least one, then while the rows fit in `chunk`
+      int64_t c1 = c0 + 1;
+      while (c1 < C && cstart[c1 + 1] - cstart[c0] <= chunk) ++c1;
+      const int64_t r0 = cstart[c0], nr = cstart[c1] - r0;
+      std::vector<int64_t> rows(order.begin() + r0, order.begin() + r0 + nr);
+      std::vector<int64_t> local(B, -1);
+      for (int64_t r = 0; r < nr; ++r) local[rows[r]] = r;
+      at::Tensor idx = at::from_blob(rows.data(), {nr}, labels.options());
+      at::Tensor U = at::mm(x.index_select(0, idx), x.t()).contiguous();  // nr × B
+      const T* Up = U.data_ptr<T>();
+
+      // the chunk's anchor-side points: its originals, then (segment, k) of its classes
+      std::vector<int64_t> pt_seg;  // segment of synthetic point r − nr
+      std::vector<int64_t> seg_base(S, -1);  // first synthetic point of a chunk segment
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t e : class_segs[c]) {
+          seg_base[e] = nr + int64_t(pt_seg.size());
+          for (int64_t t = 0; t < n; ++t) pt_seg.push_back(e);
+        }
+      const int64_t npts = nr + int64_t(pt_seg.size());
+      std::vector<T> best(npts);
+      std::vector<int64_t> bestq(npts, -1);
+      at::parallel_for(0, npts, 8, [&](int64_t p0, int64_t p1) {
+        std::vector<T> buf(B);
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* u;
+          int64_t c;
+          if (p < nr) {
+            u = Up + p * B;
+            c = cls[rows[p]];
+          } else {
+            const int64_t e = pt_seg[p - nr], t = p - seg_base[e];
+            const T a = mn.cu[e * n + t], b = mn.cw[e * n + t];
+            const T* Ui = Up + local[segs.si[e]] * B;
+            const T* Uj = Up + local[segs.sj[e]] * B;
+            for (int64_t k = 0; k < B; ++k) buf[k] = ee_mix_sim(a, b, Ui[k], Uj[k]);
+            u = buf.data();
+            c = segs.cls[e];
+          }
+          if (first_neg[c] < 0) continue;
+          auto r = mn.best_negative(u, c, first_neg[c]);
+          best[p] = r.first;
+          bestq[p] = r.second;
+        }
+      });
+
+      at::parallel_for(0, nr, 16, [&](int64_t q0, int64_t q1) {
+        for (int64_t r = q0; r < q1; ++r) {
+          const int64_t i = rows[r], c = cls[i];
+          int64_t* oi = o + i * 7;
+          // farthest positive: the smallest cosine, lowest column on ties
+          const T* Ui = Up + r * B;
+          for (int64_t s = cstart[c]; s < cstart[c + 1]; ++s) {
+            const int64_t j = order[s];  // class members in index order
+            if (j == i) continue;
+            if (oi[0] < 0 || Ui[j] < Ui[oi[0]]) oi[0] = j;
+          }
+          if (bestq[r] < 0) continue;
+          // closest pair: x_i, then its segments' points; ties to the lower negative index
+          int64_t ba = r;
+          auto better = [&](int64_t p) {
+            return best[p] > best[ba] || (best[p] == best[ba] && bestq[p] < bestq[ba]);
+          };
+          for (int64_t e : segs.of_anchor[i])
+            for (int64_t t = 0; t < n; ++t)
+              if (better(seg_base[e] + t)) ba = seg_base[e] + t;
+          if (ba < nr) {
+            oi[1] = oi[2] = i;
+            oi[3] = n + 1;
+          } else {
+            const int64_t e = pt_seg[ba - nr];
+            oi[1] = segs.si[e];
+            oi[2] = segs.sj[e];
+            oi[3] = ba - seg_base[e] + 1;
+          }
+          const int64_t q = bestq[ba];
+          if (q < B) {
+            oi[4] = oi[5] = q;
+            oi[6] = n + 1;
+          } else {
+            const int64_t e = (q - B) / n;
+            oi[4] = segs.si[e];
+            oi[5] = segs.sj[e];
+            oi[6] = (q - B) % n + 1;
+          }
+        }
+      });
+      c0 = c1;
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // HPHN triplet mining with Embedding Expansion on unit rows x (no gradient): per anchor
+  // [p, a_u, a_w, a_k, q_u, q_w, q_k] (see ee_mining_cpu.cpp). seg_i/seg_j: the positive
+  // segments in the reference's order; n_points synthetic points on each; rows are
+  // streamed in chunks of whole classes of about `chunk` rows.
+  m.def("ee_hphn_mine(Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, int n_points, "
+        "int chunk) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) { m.impl("ee_hphn_mine", &ee_hphn_mine_cpu); }
+
+}  // namespace metrix_ops

@@ -1,0 +1,75 @@
+"""HPHNTripletLoss, clean (batch-hard) and with Embedding Expansion, through the fused CPU
+mining op: the op returns per anchor the farthest positive and the closest (anchor-side,
+negative) point pair without gradient; those few distances are then recomputed with gradient
+in closed form from gathered unit rows, as the reference recomputes its chosen pairs. Memory
+O(B·D + chunk·B); no B×B gradient matrix, no B(n+1)-point stack."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..distances import is_cosine, is_normalized_l2
+from ..ops.ee_mining import all_segments, ee_hphn_mine
+from ..reducers import reduce_loss_dict
+from ..reference.expansion_points import expansion_segments, safe_sqrt
+from ..reference.hphn_triplet import hphn_terms
+from . import register
+
+CHUNK = 256  # rows of U = X̂_chunk X̂ᵀ per step (whole classes); tests set it small
+
+
+def supports(params, inp, expansion) -> bool:
+    d = inp.distance
+    if not (_ext.HAS_EXT and inp.indices_tuple is None and inp.labels is not None
+            and inp.same_set and inp.ref_emb is inp.embeddings
+            and (is_cosine(d) or is_normalized_l2(d))):
+        return False
+    # unnormalised synthetic points change L2 distances (not a function of the cosine)
+    return expansion is None or expansion.normalize or expansion.n_points == 0 or is_cosine(d)
+
+
+def _point_inner(xu, pu, pw, plam, qu, qw, qlam):
+    """⟨p, q⟩ of unnormalised points in the reference's association (rows of H, then λ)."""
+    def g(a, b):
+        return (xu[a] * xu[b]).sum(1)
+    return (plam * (qlam * g(pu, qu) + (1 - qlam) * g(pu, qw))
+            + (1 - plam) * (qlam * g(pw, qu) + (1 - qlam) * g(pw, qw)))
+
+
+def _point_norm(xu, u, w, lam):
+    """‖point‖ (1 for originals, exactly, as the reference)."""
+    sq = _point_inner(xu, u, w, lam, u, w, lam)
+    return torch.where(u == w, torch.ones_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
+
+
+def impl(params, inp, reducer, expansion=None):
+    x, labels, d = inp.embeddings, inp.labels.long(), inp.distance
+    xu = d.maybe_normalize(x)
+    n = 0 if expansion is None else expansion.n_points
+    if expansion is None:
+        seg_i = seg_j = labels.new_empty(0)
+    elif expansion.pairs == "all":
+        seg_i, seg_j = all_segments(labels) if n > 0 else (labels.new_empty(0),) * 2
+    else:  # validates the pairing (raises as the reference) and is O(B)
+        seg_i, seg_j = expansion_segments(labels, expansion.pairs)
+    idx = ee_hphn_mine(xu, labels, seg_i, seg_j, n, CHUNK)
+    has_pos, has_neg = idx[:, 0] >= 0, idx[:, 4] >= 0
+    idx = idx.clamp_min(0)  # rows without a pick compute a throw-away value
+    p = idx[:, 0]
+    # the reference's float64 grid λ = k/(n+1), then the loss dtype (originals: exactly 1)
+    lam_a = (idx[:, 3].double() / (n + 1)).to(xu.dtype)
+    lam_q = (idx[:, 6].double() / (n + 1)).to(xu.dtype)
+    au, aw, qu, qw = idx[:, 1], idx[:, 2], idx[:, 4], idx[:, 5]
+    s_an = _point_inner(xu, au, aw, lam_a, qu, qw, lam_q) / (
+        _point_norm(xu, au, aw, lam_a) * _point_norm(xu, qu, qw, lam_q))
+    if d.is_inverted:
+        hp, hn = (xu * xu[p]).sum(1), s_an
+    else:
+        # positives are originals: their difference, as cdist, is exact for duplicates
+        hp = safe_sqrt(((xu - xu[p]) ** 2).sum(1))
+        hn = safe_sqrt(2 - 2 * s_an)
+    terms = hphn_terms(hp, has_pos, hn, has_neg, d, params.get("margin", 0.2))
+    return reduce_loss_dict(terms, reducer, x)
+
+
+register("cpu", "HPHNTripletLoss", supports, impl)

@@ -1,0 +1,236 @@
+"""Fused CPU HPHNTripletLoss (clean and with Embedding Expansion) against the reference:
+the mined indices (float64: exactly), loss and gradient, odd shapes, edge cases, chunking,
+dtypes, fallbacks, errors, opcheck and backend="auto"."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrix_ops as mo
+from metrix_ops import _ext
+from metrix_ops.distances import CosineSimilarity, LpDistance
+from metrix_ops.fused import hphn_triplet as fused_hphn
+from metrix_ops.ops.ee_mining import all_segments, ee_hphn_mine
+from metrix_ops.reference.expansion_mining import ExpandedBatch
+from metrix_ops.reference.expansion_points import expansion_segments
+from metrix_ops.reference.hphn_triplet import hardest_pair
+from metrix_ops.spec import LossInputs
+
+from cases import assert_close_vg
+
+pytestmark = [pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built"),
+              pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(params=[256, 3], ids=["chunk256", "chunk3"])
+def chunk(request, monkeypatch):
+    monkeypatch.setattr(fused_hphn, "CHUNK", request.param)
+    return request.param
+
+
+def batch(b, d, classes, seed=0, dtype=torch.float64, contiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, classes, (b,), generator=g)
+    if contiguous:  # rows 2t, 2t+1 share a label (pairs="adjacent")
+        b -= b % 2
+        x, y = x[:b], y[:b].clone()
+        y[1::2] = y[0::2]
+    return x, y
+
+
+def losses(n, pairs="all", **kw):
+    ee = None if n is None else mo.Expansion(n_points=n, pairs=pairs)
+    return [mo.losses.HPHNTripletLoss(backend=be, expansion=ee, **kw) for be in ("cpu", "reference")]
+
+
+def ref_picks(x, y, n, pairs, distance):
+    """The reference's choices in the op's encoding [p, a_u, a_w, a_k, q_u, q_w, q_k]."""
+    inp = LossInputs(x, y, None, x, y, True, distance)
+    eb = ExpandedBatch(inp, mo.Expansion(n_points=n, pairs=pairs))
+    inv = distance.is_inverted
+    _, has_pos = hardest_pair(eb.clean, eb.pos, inv, farthest=True)
+    m = eb.clean.masked_fill(~eb.pos, float("-inf") if not inv else float("inf"))
+    p = (m.argmax(1) if not inv else m.argmin(1)).masked_fill(~has_pos, -1)
+    masked = eb.closest.masked_fill(~eb.neg, float("-inf") if inv else float("inf"))
+    q = masked.argmax(1) if inv else masked.argmin(1)
+    a = eb.closest_a[torch.arange(len(x)), q]
+    pts = eb.pts
+
+    def enc(t):
+        k = torch.where(pts.synthetic[t], torch.round(pts.lam[t] * (n + 1)).long(),
+                        torch.full_like(t, n + 1))
+        return torch.stack([pts.u[t], pts.w[t], k], 1)
+    out = torch.cat([p[:, None], enc(a), enc(q)], 1)
+    out[~eb.neg.any(1), 1:] = -1
+    return out
+
+
+def fused_picks(x, y, n, pairs, chunk):
+    if n == 0:
+        si = sj = y.new_empty(0)
+    else:
+        si, sj = all_segments(y) if pairs == "all" else expansion_segments(y, pairs)
+    return ee_hphn_mine(F.normalize(x, dim=1), y, si, sj, n, chunk)
+
+
+# ---------------------------------------------------------------- the mined indices
+@pytest.mark.parametrize("n", [0, 1, 2, 8])
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("dist", [LpDistance, CosineSimilarity])
+@pytest.mark.parametrize("b,d,classes", [(2, 3, 1), (7, 16, 3), (33, 16, 5), (130, 65, 20),
+                                         (33, 3, 2)])
+def test_indices_equal_reference(n, pairs, dist, b, d, classes):
+    x, y = batch(b, d, classes, seed=b + n, contiguous=pairs == "adjacent")
+    expect = ref_picks(x, y, n, pairs, dist())
+    for chunk in (256, 1, 5):
+        got = fused_picks(x, y, n, pairs, chunk)
+        assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
+
+
+def test_all_segments_equal_reference_order():
+    for seed, (b, k) in enumerate([(1, 1), (2, 1), (9, 3), (40, 5), (64, 64), (50, 1)]):
+        y = torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(seed))
+        got, expect = all_segments(y), expansion_segments(y, "all")
+        assert all(torch.equal(g, e) for g, e in zip(got, expect))
+
+
+# ---------------------------------------------------------------- loss and gradient
+@pytest.mark.parametrize("n", [None, 0, 1, 2, 8])
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("b,d,classes", [(2, 3, 1), (7, 16, 3), (33, 65, 4), (33, 3, 2),
+                                         (130, 16, 40)])
+def test_loss_and_grad_float64(n, pairs, b, d, classes, chunk):
+    if n is None and pairs == "adjacent":
+        pytest.skip("pairs only matter with expansion")
+    x, y = batch(b, d, classes, seed=3 * b + (n or 0), contiguous=pairs == "adjacent")
+    for margin, reduction in ((0.2, "mean"), (1e-5, "sum"), (1.5, "mean")):
+        cpu, ref = losses(n, pairs, margin=margin, reduction=reduction)
+        v = assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x)
+        assert torch.isfinite(v)
+
+
+@pytest.mark.parametrize("n", [None, 0, 2, 8])
+@pytest.mark.parametrize("dist", ["l2", "cosine"])
+def test_loss_and_grad_float32(n, dist):
+    x, y = batch(130, 65, 12, seed=7, dtype=torch.float32)
+    kw = {} if dist == "l2" else {"distance": CosineSimilarity()}
+    cpu, ref = losses(n, **kw)
+    assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x, rtol=1e-4, atol=1e-6)
+
+
+def test_cosine_distance_float64(chunk):
+    x, y = batch(33, 16, 4, seed=11)
+    for n in (None, 0, 3):
+        cpu, ref = losses(n, distance=CosineSimilarity(), margin=0.1)
+        assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x)
+
+
+def test_half_input():
+    x, y = batch(33, 16, 4, seed=2, dtype=torch.float16)
+    cpu, ref = losses(2)
+    out = cpu(x, y)
+    assert out.dtype == torch.float32
+    assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [None, 0, 2])
+@pytest.mark.parametrize("labels", [
+    [0],  # B = 1: no positive, no negative
+    [0, 0, 0, 0, 0],  # one class: no negatives, zero loss with a graph
+    [0, 1, 2, 3, 4],  # singletons: no positive, zero loss
+    [0, 0, 1, 2, 2, 2, 3],  # classes of size 1 among others
+], ids=["b1", "one_class", "singletons", "size1_classes"])
+def test_edge_labels(n, labels, chunk):
+    y = torch.tensor(labels)
+    x, _ = batch(len(labels), 5, 1, seed=4)
+    cpu, ref = losses(n)
+    v = assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x)
+    if len(set(labels)) in (1, len(labels)):
+        assert v == 0
+
+
+def test_duplicate_embeddings(chunk):
+    x, y = batch(12, 6, 3, seed=5)
+    x[1], y[1] = x[0], y[0]  # a duplicate positive
+    x[5], y[5] = x[3], (y[3] + 1) % 3  # a duplicate negative: distance 0
+    x[7] = x[9]
+    for n in (None, 0, 1, 2, 8):
+        cpu, ref = losses(n, margin=0.3)
+        v = assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x)
+        assert torch.isfinite(v)
+    xx = x.clone().requires_grad_()
+    losses(2)[0](xx, y).backward()
+    assert torch.isfinite(xx.grad).all()
+
+
+def test_adjacent_needs_contiguous_pairs():
+    x, y = batch(8, 4, 3, seed=1)
+    y = torch.tensor([0, 1, 1, 1, 2, 2, 0, 0])
+    cpu, _ = losses(2, "adjacent")
+    with pytest.raises(ValueError, match="adjacent"):
+        cpu(x, y)
+    with pytest.raises(ValueError, match="even batch"):
+        cpu(x[:7], y[:7])
+
+
+def test_many_chunks_equal_one():
+    x, y = batch(130, 16, 9, seed=8)
+    si, sj = all_segments(y)
+    xu = F.normalize(x, dim=1)
+    one = ee_hphn_mine(xu, y, si, sj, 4, 1 << 20)
+    assert (one[:, 0] >= 0).any() and (one[:, 4] >= 0).all()
+    for c in (1, 7, 40):
+        assert torch.equal(ee_hphn_mine(xu, y, si, sj, 4, c), one)
+
+
+# ---------------------------------------------------------------- dispatch and op contract
+def test_auto_picks_cpu(monkeypatch):
+    called = []
+    orig = fused_hphn.impl
+    monkeypatch.setitem(mo.fused.IMPLS, ("cpu", "HPHNTripletLoss"),
+                        (fused_hphn.supports, lambda *a, **k: called.append(1) or orig(*a, **k)))
+    x, y = batch(20, 8, 3, seed=1, contiguous=True)
+    for ee in (None, mo.Expansion(n_points=0), mo.Expansion(n_points=8),
+               mo.Expansion(n_points=2, pairs="adjacent")):
+        mo.losses.HPHNTripletLoss(backend="auto", expansion=ee)(x, y)
+    assert len(called) == 4
+    # not covered: unnormalised points with L2, a non-normalising distance, ref_emb -> reference
+    before = len(called)
+    mo.losses.HPHNTripletLoss(expansion=mo.Expansion(n_points=2, normalize=False))(x, y)
+    mo.losses.HPHNTripletLoss(distance=LpDistance(normalize_embeddings=False))(x, y)
+    mo.losses.HPHNTripletLoss()(x, y, ref_emb=x.clone(), ref_labels=y.clone())
+    assert len(called) == before
+    with pytest.raises(NotImplementedError):
+        mo.losses.HPHNTripletLoss(backend="cpu", expansion=mo.Expansion(
+            n_points=2, normalize=False))(x, y)
+
+
+def test_op_errors():
+    x = F.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    si, sj = torch.tensor([0, 2]), torch.tensor([1, 3])
+    op = torch.ops.metrix_ops.ee_hphn_mine
+    with pytest.raises(RuntimeError, match="different labels"):
+        op(x, y, torch.tensor([0]), torch.tensor([2]), 2, 4)
+    with pytest.raises(RuntimeError, match="distinct rows"):
+        op(x, y, torch.tensor([0]), torch.tensor([9]), 2, 4)
+    with pytest.raises(RuntimeError, match="chunk"):
+        op(x, y, si, sj, 2, 0)
+    with pytest.raises(RuntimeError, match="n_points"):
+        op(x, y, si, sj, -1, 4)
+    with pytest.raises(RuntimeError, match="labels"):
+        op(x, y[:5], si, sj, 2, 4)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(x.half(), y, si, sj, 2, 4)
+    with pytest.raises(RuntimeError, match="same shape"):
+        op(x, y, si, sj[:1], 2, 4)
+
+
+def test_opcheck():
+    x, y = batch(17, 8, 4, seed=3)
+    si, sj = all_segments(y)
+    for dt in (torch.float64, torch.float32):
+        torch.library.opcheck(torch.ops.metrix_ops.ee_hphn_mine.default,
+                              (F.normalize(x, dim=1).to(dt), y, si, sj, 3, 5),
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
