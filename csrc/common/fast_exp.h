@@ -53,22 +53,18 @@ constexpr float kFltMin = 1.17549435e-38f;
 
 }  // namespace fexp
 
-// e^x for F = float (I = int32_t) or F = Lanes<W>::F (I = Lanes<W>::I).
+// e^x by the polynomial and exponent bits, for x already known to lie in
+// [kUnderflow, kOverflow] (no range handling: outside it the exponent field wraps).
 template <class F, class I>
-inline __attribute__((always_inline)) F fast_exp(F x) {
+inline __attribute__((always_inline)) F fast_exp_in_range(F x) {
   using namespace fexp;
   const F zero{};  // broadcasts that work for scalars and vectors alike
   const F one = zero + 1.0f;
-  // Lanes that will flush or overflow compute e^0 instead: keeps n small and every
-  // intermediate normal (no subnormal arithmetic, no int overflow). NaN passes through.
-  const auto flush = x < kUnderflow;
-  const auto over = x > kOverflow;
-  const F xs = (flush | over) ? zero : x;
   // n = round(x·log2 e) by the 1.5·2^23 trick: its low mantissa bits are n.
-  const F t = xs * kLog2e + kRound;
+  const F t = x * kLog2e + kRound;
   const F n = t - kRound;
   const I ni = as_int<I>(t) - as_int<I>(zero + kRound);
-  const F r = (xs - n * kLn2Hi) - n * kLn2Lo;
+  const F r = (x - n * kLn2Hi) - n * kLn2Lo;
   const F z = r * r;
   F p = zero + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -81,10 +77,34 @@ inline __attribute__((always_inline)) F fast_exp(F x) {
   // ln(FLT_MIN), neither of which is a normal exponent field on its own.
   const I n1 = ni >> 1;
   const I n2 = ni - n1;
-  F y = p * as_float<F>((n1 + 127) << 23) * as_float<F>((n2 + 127) << 23);
+  return p * as_float<F>((n1 + 127) << 23) * as_float<F>((n2 + 127) << 23);
+}
+
+// e^x for F = float (I = int32_t) or F = Lanes<W>::F (I = Lanes<W>::I).
+template <class F, class I>
+inline __attribute__((always_inline)) F fast_exp(F x) {
+  using namespace fexp;
+  const F zero{};
+  const F one = zero + 1.0f;
+  // Lanes that will flush or overflow compute e^0 instead: keeps n small and every
+  // intermediate normal (no subnormal arithmetic, no int overflow). NaN passes through.
+  const auto flush = x < kUnderflow;
+  const auto over = x > kOverflow;
+  F y = fast_exp_in_range<F, I>((flush | over) ? zero : x);
   y = (y < kFltMin) ? zero : y;  // the one value at the underflow boundary
   y = flush ? zero : y;
   return over ? one * __builtin_inff() : y;
+}
+
+// e^x with x clamped into [ln FLT_MIN, ln FLT_MAX] first: never 0 or inf, two operations
+// instead of fast_exp's range handling, for sums whose callers bound or check the result.
+template <class F, class I>
+inline __attribute__((always_inline)) F fast_exp_clamped(F x) {
+  using namespace fexp;
+  const F lo = F{} + kUnderflow, hi = F{} + kOverflow;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  return fast_exp_in_range<F, I>(x);
 }
 
 inline float fast_exp(float x) { return fast_exp<float, int32_t>(x); }

@@ -81,12 +81,14 @@ struct MsLanes {
   using F = typename Lanes<W>::F;
   using I = typename Lanes<W>::I;
   static MO_INLINE F exp(F x) { return fast_exp<F, I>(x); }
+  static MO_INLINE F exp_clamped(F x) { return fast_exp_clamped<F, I>(x); }
 };
 template <typename T>
 struct MsLanes<T, 1> {
   using F = T;
   using I = int32_t;
   static MO_INLINE F exp(F x) { return std::exp(x); }
+  static MO_INLINE F exp_clamped(F x) { return std::exp(x); }  // fp64: no clamp needed
 };
 
 template <typename T, int W>

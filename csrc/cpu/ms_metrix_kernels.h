@@ -101,10 +101,11 @@ struct MixRowKernel {
 
   // Folds anchors [a0, a1) (global rows) into their states. With b.shift_pos/neg finite,
   // one pass of Σ e^{arg − shift}: the shifts are fixed per call so that every candidate
-  // of cosine s ∈ [−1, 1] neither overflows nor underflows (ms_metrix_shifts); an anchor
-  // whose sum still comes out 0 or not finite (a cosine far outside [−1, 1], from a mix
-  // of near-antipodal points) is redone as MsRowKernel::fold_row does it: the extremes
-  // first, then the sums of e^{arg − max arg}.
+  // of cosine s ∈ [−1, 1] neither overflows nor underflows (ms_metrix_shifts), which lets
+  // the fp32 exp skip its range handling (exp_clamped). An anchor whose sum still comes
+  // out 0 or too large for that bound (a cosine far outside [−1, 1], from a mix of
+  // near-antipodal points, clamped at e^88) is redone as MsRowKernel::fold_row does it:
+  // the extremes first, then the sums of e^{arg − max arg}.
   static MO_INLINE void fold(const MixBlock<T>& b, int64_t a0, int64_t a1, OnlineLse<T>* pos,
                              OnlineLse<T>* neg) {
     const T inf = std::numeric_limits<T>::infinity();
@@ -124,13 +125,14 @@ struct MixRowKernel {
         F sp{}, sn{};
         I any{};
         over([&](F v, auto ok) MO_LAMBDA_INLINE {
-          sp += ok ? L::exp(kp - b.alpha * v) : zero;
-          sn += ok ? L::exp(b.beta * v + kn) : zero;
+          sp += ok ? L::exp_clamped(kp - b.alpha * v) : zero;
+          sn += ok ? L::exp_clamped(b.beta * v + kn) : zero;
           any |= ok;
         });
         if (!any_lane(any)) continue;  // no negative in these columns
         const T tp = R::reduce(sp, add), tn = R::reduce(sn, add);
-        if (tp > T(0) && tp < inf && tn > T(0) && tn < inf) {
+        // valid sums are below 2^31·e^60 < 1e37; one clamped e^88 term is above it
+        if (tp > T(0) && tp < T(1e37) && tn > T(0) && tn < T(1e37)) {
           pos[a].merge(OnlineLse<T>{b.shift_pos, tp});
           neg[a].merge(OnlineLse<T>{b.shift_neg, tn});
           continue;
@@ -172,8 +174,10 @@ struct MixRowKernel {
         F acc{};
         for_lanes(b, sa, b.inv + (p - b.r0) * b.nc, lam * sap, b.row_lab[a],
                   [&](int64_t j, int64_t m, F v, F ip, auto ok) MO_LAMBDA_INLINE {
-          F w = ga * (L::exp(b.beta * (v - b.base) - tn) -
-                      L::exp((zero - b.alpha) * (v - b.base) - tp));
+          // both exponents are ≤ ~0 (tp, tn include every term), so clamping below at
+          // ln FLT_MIN changes a weight by at most 1e-38
+          F w = ga * (L::exp_clamped(b.beta * (v - b.base) - tn) -
+                      L::exp_clamped((zero - b.alpha) * (v - b.base) - tp));
           w = ok ? w : zero;
           F x{};
           std::memcpy(&x, gma + j, m * sizeof(T));
