@@ -8,6 +8,8 @@ process so that its peak memory (RSS growth) is its own.
         --out benchmarks/results/cpu_contrastive.json
     python benchmarks/bench_cpu_losses.py --loss triplet --sizes 1024,4096 --dims 128,512 \
         --out benchmarks/results/cpu_triplet.json
+    python benchmarks/bench_cpu_losses.py --loss proxy_anchor --sizes 1024,4096 --dims 128,512 \
+        --out benchmarks/results/cpu_proxy_anchor.json
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # --loss name -> (PML class, metrix_ops class, floor). "gram": S = X Xᵀ, G X and Gᵀ X, the
-# three products every exact loss of the Gram matrix needs.
+# three products every exact loss of the Gram matrix needs; "proxy": S = X Pᵀ, G P and Gᵀ X
+# against C = B // 8 proxies (the label range below), whose gradient is timed too.
 LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           "contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
-          "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
+          "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
+          "proxy_anchor": ("ProxyAnchorLoss", "ProxyAnchorLoss", "proxy")}
 
 
 def run_case(loss, impl, b, d, repeats):
@@ -34,9 +38,18 @@ def run_case(loss, impl, b, d, repeats):
 
     torch.manual_seed(0)
     x0 = torch.randn(b, d)
-    y = torch.randint(0, max(2, b // 8), (b,))
+    n_classes = max(2, b // 8)
+    y = torch.randint(0, n_classes, (b,))
     dev = torch.device("cpu")
-    if impl == "floor":
+    proxy = LOSSES[loss][2] == "proxy"
+    ctor_args = (n_classes, d) if proxy else ()
+    if impl == "floor" and proxy:
+        p0 = torch.randn(n_classes, d)
+
+        def step():  # S = X Pᵀ, then dX = G P and dP = Gᵀ X
+            s = x0 @ p0.t()
+            return s @ p0, s.t() @ x0
+    elif impl == "floor":
         # S = X Xᵀ, then dX = G X and dR = Gᵀ X: the three products any exact method needs
         def step():
             s = x0 @ x0.t()
@@ -44,13 +57,14 @@ def run_case(loss, impl, b, d, repeats):
     else:
         if impl == "pml":
             from pytorch_metric_learning import losses as pl
-            loss_fn = getattr(pl, LOSSES[loss][0])()
+            loss_fn = getattr(pl, LOSSES[loss][0])(*ctor_args)
         else:
             import metrix_ops as mo
-            loss_fn = getattr(mo.losses, LOSSES[loss][1])(backend=impl)
+            loss_fn = getattr(mo.losses, LOSSES[loss][1])(*ctor_args, backend=impl)
 
         def step():
             x = x0.clone().requires_grad_(True)
+            loss_fn.zero_grad(set_to_none=True)  # proxies: a fresh gradient each step
             loss_fn(x, y).backward()
             return x.grad
     peak = peak_memory(step, dev)  # first: RSS peaks are sticky within a process

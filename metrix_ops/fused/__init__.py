@@ -52,3 +52,5 @@ def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
 from . import multi_similarity  # noqa: E402,F401  (registers)
 from . import contrastive  # noqa: E402,F401  (registers)
 from . import triplet_margin  # noqa: E402,F401  (registers)
+from . import proxy_anchor  # noqa: E402,F401  (registers)
+from . import proxy_nca  # noqa: E402,F401  (registers)
