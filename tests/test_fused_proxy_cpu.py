@@ -1,6 +1,8 @@
 """The fused CPU proxy-anchor op against the reference and PML: values and gradients
 w.r.t. embeddings and proxies over odd shapes and proxy-chunk sizes, edge cases (absent
 classes, one class, duplicates, large α), reducers, dtypes; bad input, opcheck, backend."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,28 +11,35 @@ from torch.func import functional_call
 
 import metrix_ops as mo
 import metrix_ops.ops.proxy_anchor as pa_ops
+import metrix_ops.ops.proxy_nca as nca_ops
 from cases import assert_close_vg, value_and_grad
 from metrix_ops import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
 
-def loss_fn(C, D, backend, **kw):
+def module_fn(name, C, D, backend, **kw):
     """f(y) -> (e, P) -> loss, the proxies an input so their gradient is compared too."""
-    mod = mo.losses.ProxyAnchorLoss(C, D, backend=backend, **kw)
+    mod = getattr(mo.losses, name)(C, D, backend=backend, **kw)
     return lambda y, **call: lambda e, P: functional_call(mod, {"proxies": P}, (e, y), call)
 
 
-def pml_fn(C, D, **kw):
-    mod = pl.ProxyAnchorLoss(C, D, **kw)
+def pml_module_fn(name, C, D, **kw):
+    mod = getattr(pl, name)(C, D, **kw)
     return lambda y: lambda e, P: functional_call(mod, {"proxies": P}, (e, y))
+
+
+loss_fn, pml_fn = partial(module_fn, "ProxyAnchorLoss"), partial(pml_module_fn, "ProxyAnchorLoss")
+nca_fn, nca_pml = partial(module_fn, "ProxyNCALoss"), partial(pml_module_fn, "ProxyNCALoss")
 
 
 @pytest.fixture
 def chunk(request, monkeypatch):
-    """Proxies per tile of the fused op (None: the op's default)."""
+    """Rows per tile of the fused ops (proxies for ProxyAnchor, examples for ProxyNCA);
+    None: the ops' default."""
     if request.param is not None:
-        monkeypatch.setattr(pa_ops, "default_chunk", lambda b: request.param)
+        monkeypatch.setattr(pa_ops, "default_chunk", lambda n: request.param)
+        monkeypatch.setattr(nca_ops, "default_chunk", lambda n: request.param)
     return request.param
 
 
@@ -249,3 +258,89 @@ def test_bad_input_raises_clearly():
         mo.losses.ProxyAnchorLoss(3, 4, backend="cpu")(x, torch.tensor([0, 1, 2, 3, 0, 1]))
     with pytest.raises(ValueError, match="proxies must be"):
         mo.functional.proxy_anchor_loss(x, y, proxies=torch.randn(3, 5), backend="cpu")
+
+
+# ---------------------------------------------------------------- ProxyNCALoss
+
+@pytest.mark.parametrize("chunk", [1, 4, None], indirect=True)
+@pytest.mark.parametrize("C", [1, 5, 101])
+@pytest.mark.parametrize("B,D", [(1, 3), (3, 17), (37, 64), (300, 17)])
+def test_nca_matches_reference_and_pml_fp64(B, C, D, chunk):
+    x, y, P = data(B, C, D, seed=B * 1000 + C + 1)
+    fused = nca_fn(C, D, "cpu", softmax_scale=3.0)(y)
+    v = assert_close_vg(fused, nca_fn(C, D, "reference", softmax_scale=3.0)(y), x, P)
+    assert_close_vg(fused, nca_pml(C, D, softmax_scale=3.0)(y), x, P)
+    assert torch.isfinite(v) and (C == 1 or v > 0)
+
+
+@pytest.mark.parametrize("kw,pml_kw", [
+    ({}, {}),
+    ({"temperature": 0.1}, {"softmax_scale": 10.0}),  # ProxyNCA++: the logits over T
+    ({"softmax_scale": 2.0, "temperature": 0.5, "normalize_proxies": True}, {"softmax_scale": 4.0}),
+    ({"softmax_scale": 16.0, "distance": "cos"}, {"softmax_scale": 16.0, "distance": "cos"}),
+])
+def test_nca_options_match_pml(kw, pml_kw):
+    from pytorch_metric_learning import distances as pd
+    kw, pml_kw = dict(kw), dict(pml_kw)
+    if kw.get("distance") == "cos":
+        kw["distance"], pml_kw["distance"] = mo.distances.CosineSimilarity(), pd.CosineSimilarity()
+    x, y, P = data(41, 7, 9, seed=21)
+    P = 3 * P  # far from unit norm: the op must see normalised proxies
+    y[y == 2] = 0  # a class with no example
+    x[4] = x[3]  # duplicates
+    assert_close_vg(nca_fn(7, 9, "cpu", **kw)(y), nca_pml(7, 9, **pml_kw)(y), x, P)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nca_underflow_rows_dropped_as_pml(dtype):
+    x, y, P = data(31, 6, 16, seed=22, dtype=dtype)
+    scale = 3000.0 if dtype == torch.float64 else 400.0
+    d2 = torch.cdist(F.normalize(x, dim=1), F.normalize(P, dim=1)) ** 2
+    prob = torch.softmax(-scale * d2, dim=1).gather(1, y[:, None]).squeeze(1)
+    assert (prob == 0).any() and (prob != 0).any()  # the case really exercises the rule
+    v, g = value_and_grad(nca_fn(6, 16, "cpu", softmax_scale=scale)(y), x, P)
+    vr, gr = value_and_grad(nca_fn(6, 16, "reference", softmax_scale=scale)(y), x, P)
+    assert torch.isfinite(v)
+    rtol = 1e-6 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(v, vr, rtol=rtol, atol=0)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_nca_half_inputs(dtype, tol):
+    x, y, P = data(40, 6, 16, seed=23)
+    xl, Pl = x.to(dtype).requires_grad_(True), P.to(dtype).requires_grad_(True)
+    out = nca_fn(6, 16, "cpu", softmax_scale=8.0)(y)(xl, Pl)
+    out.backward()
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    assert torch.isfinite(xl.grad).all() and torch.isfinite(Pl.grad).all()
+    ref32 = nca_fn(6, 16, "reference", softmax_scale=8.0)(y)(xl.detach().float(), Pl.detach().float())
+    torch.testing.assert_close(out.detach(), ref32, rtol=1e-5, atol=1e-6)
+
+
+def test_nca_opcheck_and_auto():
+    x, y, P = data(9, 4, 5, seed=24, dtype=torch.float32)
+    args = (F.normalize(x, dim=1).requires_grad_(), F.normalize(P, dim=1).requires_grad_(),
+            y, 2.0, 1, 3)
+    torch.library.opcheck(torch.ops.metrix_ops.proxy_nca_fwd.default, args)
+    assert mo.backend.resolve("auto", "ProxyNCALoss", torch.device("cpu")) == "cpu"
+
+
+def test_nca_falls_back_or_refuses_outside_its_scope():
+    from pytorch_metric_learning import distances as pd
+    x, y, P = data(15, 4, 6, seed=25)
+    it = mo.miners.MultiSimilarityMiner()(x, y)
+    torch.testing.assert_close(nca_fn(4, 6, "auto")(y, indices_tuple=it)(x, P),
+                               nca_fn(4, 6, "reference")(y, indices_tuple=it)(x, P))
+    for kw in ({"normalize_proxies": False}, {"distance": pd.LpDistance()}):
+        torch.testing.assert_close(nca_fn(4, 6, "auto", **kw)(y)(x, P),
+                                   nca_fn(4, 6, "reference", **kw)(y)(x, P))
+        with pytest.raises(NotImplementedError, match="does not cover this ProxyNCALoss call"):
+            nca_fn(4, 6, "cpu", **kw)(y)(x, P)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        nca_fn(4, 6, "cpu", temperature=0.0)(y)(x, P)
+    with pytest.raises(RuntimeError, match="kind must be 0 or 1"):
+        torch.ops.metrix_ops.proxy_nca_fwd(x, P, y, 1.0, 2, 4)
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, num_classes=4\)"):
+        torch.ops.metrix_ops.proxy_nca_fwd(x, P, y + 1, 1.0, 1, 4)

@@ -16,7 +16,8 @@ from . import register
 
 def supports(params, inp, expansion) -> bool:
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
-            and is_cosine(inp.distance) and inp.labels is not None)
+            and is_cosine(inp.distance) and inp.labels is not None
+            and inp.ref_emb is inp.embeddings)  # e.g. a memory bank: not proxies' references
 
 
 def impl(params, inp, reducer, chunk=None):

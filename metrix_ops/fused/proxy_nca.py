@@ -28,6 +28,7 @@ def _kind(d):
 def supports(params, inp, expansion) -> bool:
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
             and inp.labels is not None and _kind(inp.distance) is not None
+            and inp.ref_emb is inp.embeddings  # e.g. a memory bank: not proxies' references
             and params.get("normalize_proxies") is not False)
 
 
