@@ -28,9 +28,11 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_fwd_cpu(const at::Tensor& x_, const
     T* out = rows.data_ptr<T>();
     T* lo = lse.data_ptr<T>();
     const T sc = T(scale);
+    at::Tensor buf = at::empty({std::min(chunk, B), C}, x.options());  // one tile, reused
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor st = at::mm(x.narrow(0, start, len), p.t()).contiguous();  // len × C
+      at::Tensor st = buf.narrow(0, 0, len);  // a row prefix: contiguous
+      at::mm_out(st, x.narrow(0, start, len), p.t());
       const T* s = st.data_ptr<T>();
       at::parallel_for(0, len, row_grain(C), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -65,10 +67,12 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_bwd_cpu(const at::Tensor& grad_rows
     const int64_t* y = labels.data_ptr<int64_t>();
     const T *gp = g.data_ptr<T>(), *lp = lse.data_ptr<T>();
     const T sc = T(scale);
+    at::Tensor buf = at::empty({std::min(chunk, B), C}, x.options());
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
       at::Tensor xc = x.narrow(0, start, len);
-      at::Tensor st = at::mm(xc, p.t()).contiguous();  // becomes G in place
+      at::Tensor st = buf.narrow(0, 0, len);  // a row prefix: contiguous
+      at::mm_out(st, xc, p.t());  // becomes G in place
       T* s = st.data_ptr<T>();
       at::parallel_for(0, len, row_grain(C), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -78,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_bwd_cpu(const at::Tensor& grad_rows
             row[c] = gp[i] * nca_grad(row[c], c == y[i], sc, kind, lp[i]);
         }
       });
-      dx.narrow(0, start, len).copy_(at::mm(st, p));
+      at::Tensor dxc = dx.narrow(0, start, len);
+      at::mm_out(dxc, st, p);
       dp.addmm_(st.t(), xc);
     }
   });
