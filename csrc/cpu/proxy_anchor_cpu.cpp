@@ -9,7 +9,7 @@
 //
 // Per row, the positives (few: a proxy's own class) are found through a by-class index and
 // folded one by one; the negatives are every other entry: one pass for their largest
-// exponent, one summing e^{arg − max}. fp32 runs those passes 8 floats at a time with
+// exponent, one summing e^{arg − max}. fp32 runs those passes 4 floats at a time with
 // fast_exp (branch-free; scalar std::exp and an online update cost as much as the products),
 // fp64 one element at a time with std::exp.
 #include <cstring>
@@ -26,15 +26,18 @@
 namespace metrix_ops {
 namespace {
 
-using F8 = Lanes<8>::F;
-using I8 = Lanes<8>::I;
+// SSE2's native width, which the baseline build has everywhere (wider vectors would be
+// split, and their selects scalarised)
+constexpr int W = 4;
+using FV = Lanes<W>::F;
+using IV = Lanes<W>::I;
 
-inline F8 load8(const float* p) { F8 v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void store8(float* p, F8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline I8 own8(const int32_t* y, int32_t c) {
-  I8 v;
-  for (int k = 0; k < 8; ++k) v[k] = y[k] == c ? -1 : 0;
-  return v;
+inline FV loadv(const float* p) { FV v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void storev(float* p, FV v) { std::memcpy(p, &v, sizeof(v)); }
+inline IV ownv(const int32_t* y, int32_t c) {  // −1 where y_j == c
+  IV v;
+  std::memcpy(&v, y, sizeof(v));
+  return v == (IV{} + c);
 }
 
 template <typename T>
@@ -47,18 +50,28 @@ T exp_of(T v) {
 template <typename T>
 T pa_neg_lse(const T* row, const int32_t* y, int64_t B, int32_t c, T a, T m) {
   T mx = 0;  // the e^0 term
-  for (int64_t j = 0; j < B; ++j)
-    if (y[j] != c) mx = std::max(mx, pa_neg_arg(row[j], a, m));
-  T sum = exp_of(-mx);
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-    const F8 av = F8{} + a, mv = F8{} + m, mxv = F8{} + mx;
-    F8 acc{};
-    for (; j + 8 <= B; j += 8) {
-      const F8 e = fast_exp<F8, I8>(pa_neg_arg(load8(row + j), av, mv) - mxv);
-      acc += own8(y + j, c) ? F8{} : e;
+    const FV av = FV{} + a, mv = FV{} + m;
+    FV mxv = FV{};
+    for (; j + W <= B; j += W) {
+      const FV v = ownv(y + j, c) ? FV{} : pa_neg_arg(loadv(row + j), av, mv);
+      mxv = v > mxv ? v : mxv;
     }
-    for (int k = 0; k < 8; ++k) sum += acc[k];
+    for (int k = 0; k < W; ++k) mx = std::max(mx, mxv[k]);
+  }
+  for (int64_t k = j; k < B; ++k)
+    if (y[k] != c) mx = std::max(mx, pa_neg_arg(row[k], a, m));
+  T sum = exp_of(-mx);
+  j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const FV av = FV{} + a, mv = FV{} + m, mxv = FV{} + mx;
+    FV acc{};
+    for (; j + W <= B; j += W) {
+      const FV e = fast_exp<FV, IV>(pa_neg_arg(loadv(row + j), av, mv) - mxv);
+      acc += ownv(y + j, c) ? FV{} : e;
+    }
+    for (int k = 0; k < W; ++k) sum += acc[k];
   }
   for (; j < B; ++j)
     if (y[j] != c) sum += exp_of(pa_neg_arg(row[j], a, m) - mx);
@@ -71,13 +84,13 @@ void pa_grad_row(T* row, const int32_t* y, int64_t B, int32_t c, T a, T m, T gp,
                  T ln) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
-    const F8 av = F8{} + a, mv = F8{} + m, lpv = F8{} + lp, lnv = F8{} + ln;
-    const F8 cp = F8{} - a * gp, cn = F8{} + a * gn;  // pa_pos_grad / pa_neg_grad factors
-    for (; j + 8 <= B; j += 8) {
-      const F8 s = load8(row + j);
-      const I8 own = own8(y + j, c);
-      const F8 arg = own ? pa_pos_arg(s, av, mv) - lpv : pa_neg_arg(s, av, mv) - lnv;
-      store8(row + j, (own ? cp : cn) * fast_exp<F8, I8>(arg));
+    const FV av = FV{} + a, mv = FV{} + m, lpv = FV{} + lp, lnv = FV{} + ln;
+    const FV cp = FV{} - a * gp, cn = FV{} + a * gn;  // pa_pos_grad / pa_neg_grad factors
+    for (; j + W <= B; j += W) {
+      const FV s = loadv(row + j);
+      const IV own = ownv(y + j, c);
+      const FV arg = own ? pa_pos_arg(s, av, mv) - lpv : pa_neg_arg(s, av, mv) - lnv;
+      storev(row + j, (own ? cp : cn) * fast_exp<FV, IV>(arg));
     }
   }
   for (; j < B; ++j) row[j] = pa_grad(row[j], y[j] == c, a, m, gp, gn, lp, ln);
