@@ -8,6 +8,8 @@ process so that its peak memory (RSS growth) is its own.
         --out benchmarks/results/cpu_contrastive.json
     python benchmarks/bench_cpu_losses.py --loss triplet --sizes 1024,4096 --dims 128,512 \
         --out benchmarks/results/cpu_triplet.json
+    python benchmarks/bench_cpu_losses.py --loss proxy_anchor --sizes 1024,4096 --dims 128,512 \
+        --out benchmarks/results/cpu_proxy_anchor.json
     python benchmarks/bench_cpu_losses.py --loss metrix_ms --impls cpu,clean,pml,floor \
         --sizes 1024,4096 --dims 128,512 --out benchmarks/results/cpu_metrix_ms.json
     python benchmarks/bench_cpu_losses.py --loss ee_hphn --impls cpu,clean,pml,floor \
@@ -27,10 +29,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # --loss name -> (PML class, metrix_ops class, floor). "gram": S = X Xᵀ, G X and Gᵀ X, the
-# three products every exact loss of the Gram matrix needs.
+# three products every exact loss of the Gram matrix needs; "proxy": S = X Pᵀ, G P and Gᵀ X
+# against C = B // 8 proxies (the label range below), whose gradient is timed too.
 LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           "contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
           "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
+          "proxy_anchor": ("ProxyAnchorLoss", "ProxyAnchorLoss", "proxy"),
           # MS + embedding-level Metrix (pos_neg, λ drawn per call, weight 0.4). PML has no
           # Metrix: its column is PML's clean MS, the loss a user would run without us.
           "metrix_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
@@ -44,7 +48,7 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "ee_hphn": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")}}
 
 
-def make_loss(loss, impl):
+def make_loss(loss, impl, ctor_args=()):
     """The loss module of `impl` (pml, cpu, reference, clean) for --loss `loss`."""
     if impl == "pml":
         from pytorch_metric_learning import losses as pl
@@ -53,10 +57,11 @@ def make_loss(loss, impl):
             from pytorch_metric_learning import reducers as pr
             fn, miner = pl.TripletMarginLoss(margin=0.2, reducer=pr.MeanReducer()), pm.BatchHardMiner()
             return lambda x, y: fn(x, y, miner(x, y))
-        return getattr(pl, LOSSES[loss][0])()
+        return getattr(pl, LOSSES[loss][0])(*ctor_args)
     import metrix_ops as mo
     kw = AUGMENT[loss](mo) if loss in AUGMENT and impl != "clean" else {}
-    return getattr(mo.losses, LOSSES[loss][1])(backend="cpu" if impl == "clean" else impl, **kw)
+    return getattr(mo.losses, LOSSES[loss][1])(*ctor_args, backend="cpu" if impl == "clean" else impl,
+                                               **kw)
 
 
 def run_case(loss, impl, b, d, repeats):
@@ -67,18 +72,29 @@ def run_case(loss, impl, b, d, repeats):
 
     torch.manual_seed(0)
     x0 = torch.randn(b, d)
-    y = torch.randint(0, max(2, b // 8), (b,))
+    n_classes = max(2, b // 8)
+    y = torch.randint(0, n_classes, (b,))
     dev = torch.device("cpu")
-    if impl == "floor":
+    proxy = LOSSES[loss][2] == "proxy"
+    ctor_args = (n_classes, d) if proxy else ()
+    if impl == "floor" and proxy:
+        p0 = torch.randn(n_classes, d)
+
+        def step():  # S = X Pᵀ, then dX = G P and dP = Gᵀ X
+            s = x0 @ p0.t()
+            return s @ p0, s.t() @ x0
+    elif impl == "floor":
         # S = X Xᵀ, then dX = G X and dR = Gᵀ X: the three products any exact method needs
         def step():
             s = x0 @ x0.t()
             return s @ x0, s.t() @ x0
     else:
-        loss_fn = make_loss(loss, impl)
+        loss_fn = make_loss(loss, impl, ctor_args)
 
         def step():
             x = x0.clone().requires_grad_(True)
+            if isinstance(loss_fn, torch.nn.Module):
+                loss_fn.zero_grad(set_to_none=True)  # proxies: a fresh gradient each step
             loss_fn(x, y).backward()
             return x.grad
     peak = peak_memory(step, dev)  # first: RSS peaks are sticky within a process

@@ -2,6 +2,8 @@
 // includes it), so inline definitions here carry none of common/checks.h's ODR risk.
 #pragma once
 
+#include <algorithm>
+
 #include <torch/types.h>
 
 namespace metrix_ops {
@@ -31,6 +33,31 @@ inline void check_pair_inputs(const at::Tensor& x, const at::Tensor& r, const at
   TORCH_CHECK(x.scalar_type() == r.scalar_type(), "x and r must have the same dtype");
   TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
 }
+
+// examples x against class proxies p (the labels index the proxies)
+inline void check_proxy_inputs(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                               int64_t chunk) {
+  check_rows_labels(x, labels, "x", "labels");
+  TORCH_CHECK(p.dim() == 2, "proxies must be 2-D (num_classes, D), got ", p.dim(), "-D");
+  TORCH_CHECK(p.size(1) == x.size(1), "x and proxies must have the same D, got ", x.size(1),
+              " and ", p.size(1));
+  TORCH_CHECK(p.scalar_type() == x.scalar_type(), "x and proxies must have the same dtype, got ",
+              x.scalar_type(), " and ", p.scalar_type());
+  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
+  if (labels.numel()) {
+    const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < p.size(0), "labels must be in [0, num_classes=", p.size(0),
+                "), got values in [", lo, ", ", hi, "]");
+  }
+}
+
+// a vector of one value per row / proxy, as the backward ops take
+inline void check_vec(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be of shape (", n, ",)");
+}
+
+// rows of a tile per parallel task: about 32k entries, whole rows of length n
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 // the batch against itself, in square blocks
 inline void check_self_inputs(const at::Tensor& x, const at::Tensor& labels, int64_t block) {

@@ -45,16 +45,21 @@ def distance_to_raw_refs(distance, x, refs):
     return mat ** distance.power if distance.power != 1 else mat
 
 
+def logit_scale(softmax_scale, temperature, normalize_proxies) -> float:
+    """The logits' factor, softmax_scale / temperature, after checking the ++ options."""
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (or None), got {temperature}")
+    if normalize_proxies not in (None, True, False):
+        raise ValueError(f"normalize_proxies must be None, True or False, got {normalize_proxies!r}")
+    return softmax_scale / temperature if temperature is not None else softmax_scale
+
+
 @register_loss("ProxyNCALoss", _default_distance, MeanReducer, supports_ref_emb=False)
 def proxy_nca_loss_dict(inp: LossInputs, proxies, softmax_scale=1.0, temperature=None,
                         normalize_proxies=None):
     x, labels = inp.embeddings, inp.labels
     check_proxies(proxies, x, labels, "ProxyNCALoss")
-    if temperature is not None and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (or None), got {temperature}")
-    if normalize_proxies not in (None, True, False):
-        raise ValueError(f"normalize_proxies must be None, True or False, got {normalize_proxies!r}")
-    scale = softmax_scale / temperature if temperature is not None else softmax_scale
+    scale = logit_scale(softmax_scale, temperature, normalize_proxies)
     proxies = proxies.to(x.dtype)  # PML casts its proxies to the embeddings' dtype
     d = inp.distance
     if normalize_proxies is None:

@@ -1,0 +1,206 @@
+// Fused proxy-anchor loss on the CPU: unit embeddings x (B×D) against unit proxies p (C×D),
+// streaming Sᵀ = p xᵀ in chunks of proxies; never B×C.
+//
+// The proxies are the anchors, so each proxy's two log-sum-exps run over the whole batch:
+// chunking proxies keeps every such sum inside one chunk, as one contiguous row of the tile
+// (no cross-chunk merging, no column scans). Forward returns the per-proxy terms, which are
+// also the log-sum-exps the backward needs; backward recomputes each tile, turns it into the
+// tile of Gᵀ = (∂L/∂S)ᵀ in place, then dp_c = Gᵀ_c x and dx += G_c p_c.
+//
+// Per row, the positives (few: a proxy's own class) are found through a by-class index and
+// folded one by one; the negatives are every other entry: one pass for their largest
+// exponent, one summing e^{arg − max}. fp32 runs those passes 4 floats at a time with
+// fast_exp (branch-free; scalar std::exp and an online update cost as much as the products),
+// fp64 one element at a time with std::exp.
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/fast_exp.h"
+#include "common/proxy_anchor.h"
+#include "cpu/op_checks.h"
+
+namespace metrix_ops {
+namespace {
+
+// SSE2's native width, which the baseline build has everywhere (wider vectors would be
+// split, and their selects scalarised)
+constexpr int W = 4;
+using FV = Lanes<W>::F;
+using IV = Lanes<W>::I;
+
+inline FV loadv(const float* p) { FV v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void storev(float* p, FV v) { std::memcpy(p, &v, sizeof(v)); }
+inline IV ownv(const int32_t* y, int32_t c) {  // −1 where y_j == c
+  IV v;
+  std::memcpy(&v, y, sizeof(v));
+  return v == (IV{} + c);
+}
+
+template <typename T>
+T exp_of(T v) {
+  if constexpr (std::is_same_v<T, float>) return fast_exp(v);
+  else return std::exp(v);
+}
+
+// log(1 + Σ_{y_j ≠ c} e^{α(s_j + δ)}) over one row of Sᵀ (proxy c against the batch)
+template <typename T>
+T pa_neg_lse(const T* row, const int32_t* y, int64_t B, int32_t c, T a, T m) {
+  T mx = 0;  // the e^0 term
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const FV av = FV{} + a, mv = FV{} + m;
+    FV mxv = FV{};
+    for (; j + W <= B; j += W) {
+      const FV v = ownv(y + j, c) ? FV{} : pa_neg_arg(loadv(row + j), av, mv);
+      mxv = v > mxv ? v : mxv;
+    }
+    for (int k = 0; k < W; ++k) mx = std::max(mx, mxv[k]);
+  }
+  for (int64_t k = j; k < B; ++k)
+    if (y[k] != c) mx = std::max(mx, pa_neg_arg(row[k], a, m));
+  T sum = exp_of(-mx);
+  j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const FV av = FV{} + a, mv = FV{} + m, mxv = FV{} + mx;
+    FV acc{};
+    for (; j + W <= B; j += W) {
+      const FV e = fast_exp<FV, IV>(pa_neg_arg(loadv(row + j), av, mv) - mxv);
+      acc += ownv(y + j, c) ? FV{} : e;
+    }
+    for (int k = 0; k < W; ++k) sum += acc[k];
+  }
+  for (; j < B; ++j)
+    if (y[j] != c) sum += exp_of(pa_neg_arg(row[j], a, m) - mx);
+  return mx + std::log(sum);
+}
+
+// the row of Sᵀ becomes the row of Gᵀ: ∂L/∂s_jc from the proxy's two finished terms
+template <typename T>
+void pa_grad_row(T* row, const int32_t* y, int64_t B, int32_t c, T a, T m, T gp, T gn, T lp,
+                 T ln) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const FV av = FV{} + a, mv = FV{} + m, lpv = FV{} + lp, lnv = FV{} + ln;
+    const FV cp = FV{} - a * gp, cn = FV{} + a * gn;  // pa_pos_grad / pa_neg_grad factors
+    for (; j + W <= B; j += W) {
+      const FV s = loadv(row + j);
+      const IV own = ownv(y + j, c);
+      const FV arg = own ? pa_pos_arg(s, av, mv) - lpv : pa_neg_arg(s, av, mv) - lnv;
+      storev(row + j, (own ? cp : cn) * fast_exp<FV, IV>(arg));
+    }
+  }
+  for (; j < B; ++j) row[j] = pa_grad(row[j], y[j] == c, a, m, gp, gn, lp, ln);
+}
+
+// example indices by class (a counting sort): the positives of proxy c are
+// idx[off[c] .. off[c+1])
+struct ByClass {
+  std::vector<int64_t> off, idx;
+  ByClass(const int32_t* y, int64_t B, int64_t C) : off(C + 1, 0), idx(B) {
+    for (int64_t j = 0; j < B; ++j) ++off[y[j] + 1];
+    for (int64_t c = 0; c < C; ++c) off[c + 1] += off[c];
+    std::vector<int64_t> at(off.begin(), off.end() - 1);
+    for (int64_t j = 0; j < B; ++j) idx[at[y[j]]++] = j;
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cpu(const at::Tensor& x_, const at::Tensor& p_,
+                                                        const at::Tensor& labels_, double alpha,
+                                                        double margin, int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
+  const int64_t B = x.size(0), C = p.size(0);
+  at::Tensor pos = at::zeros({C}, x.options()), neg = at::zeros({C}, x.options());
+  const at::Tensor y32 = labels.to(at::kInt).contiguous();  // in [0, C): fits
+  const ByClass by(y32.data_ptr<int32_t>(), B, C);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_anchor_fwd_cpu", [&] {
+    using T = scalar_t;
+    const int32_t* y = y32.data_ptr<int32_t>();
+    T* po = pos.data_ptr<T>();
+    T* ne = neg.data_ptr<T>();
+    const T a = T(alpha), m = T(margin);
+    at::Tensor buf = at::empty({std::min(chunk, C), B}, x.options());  // one tile, reused
+    for (int64_t start = 0; start < C; start += chunk) {
+      const int64_t len = std::min(chunk, C - start);
+      at::Tensor st = buf.narrow(0, 0, len);  // a row prefix: contiguous
+      at::mm_out(st, p.narrow(0, start, len), x.t());
+      const T* s = st.data_ptr<T>();
+      at::parallel_for(0, len, row_grain(B), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t c = start + r;
+          const T* row = s + r * B;
+          OnlineLse<T> lp = lse_with_one<T>();
+          for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k)
+            lp.push(pa_pos_arg(row[by.idx[k]], a, m));
+          po[c] = lp.value();  // log(1 + nothing) = 0 for a proxy with no positive
+          ne[c] = pa_neg_lse(row, y, B, int32_t(c), a, m);
+        }
+      });
+    }
+  });
+  return {pos, neg};
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cpu(
+    const at::Tensor& grad_pos_, const at::Tensor& grad_neg_, const at::Tensor& x_,
+    const at::Tensor& p_, const at::Tensor& labels_, const at::Tensor& pos_,
+    const at::Tensor& neg_, double alpha, double margin, int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  const int64_t C = p_.size(0);
+  check_vec(grad_pos_, C, "grad_pos");
+  check_vec(grad_neg_, C, "grad_neg");
+  check_vec(pos_, C, "pos");
+  check_vec(neg_, C, "neg");
+  auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
+  auto gp = grad_pos_.to(x.scalar_type()).contiguous(), gn = grad_neg_.to(x.scalar_type()).contiguous();
+  auto lp = pos_.to(x.scalar_type()).contiguous(), ln = neg_.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0);
+  at::Tensor dx = at::zeros_like(x), dp = at::zeros_like(p);
+  const at::Tensor y32 = labels.to(at::kInt).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_anchor_bwd_cpu", [&] {
+    using T = scalar_t;
+    const int32_t* y = y32.data_ptr<int32_t>();
+    const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
+    const T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
+    const T a = T(alpha), m = T(margin);
+    at::Tensor buf = at::empty({std::min(chunk, C), B}, x.options());
+    for (int64_t start = 0; start < C; start += chunk) {
+      const int64_t len = std::min(chunk, C - start);
+      at::Tensor pc = p.narrow(0, start, len);
+      at::Tensor st = buf.narrow(0, 0, len);  // a row prefix: contiguous
+      at::mm_out(st, pc, x.t());  // becomes Gᵀ in place
+      T* s = st.data_ptr<T>();
+      at::parallel_for(0, len, row_grain(B), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t c = start + r;
+          pa_grad_row(s + r * B, y, B, int32_t(c), a, m, gpp[c], gnp[c], lpp[c], lnp[c]);
+        }
+      });
+      dp.narrow(0, start, len).addmm_(st, x);
+      dx.addmm_(st.t(), pc);
+    }
+  });
+  return {dx, dp};
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // Proxy-anchor loss of unit embeddings x against unit proxies p, streamed over p in chunks
+  // of `chunk` proxies: per proxy, log(1 + Σ_pos e^{−α(s−δ)}) and log(1 + Σ_neg e^{α(s+δ)}).
+  m.def("proxy_anchor_fwd(Tensor x, Tensor p, Tensor labels, float alpha, float margin, "
+        "int chunk) -> (Tensor, Tensor)");
+  m.def("proxy_anchor_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor p, Tensor labels, "
+        "Tensor pos, Tensor neg, float alpha, float margin, int chunk) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("proxy_anchor_fwd", &proxy_anchor_fwd_cpu);
+  m.impl("proxy_anchor_bwd", &proxy_anchor_bwd_cpu);
+}
+
+}  // namespace metrix_ops

@@ -1,0 +1,108 @@
+// Fused ProxyNCA loss on the CPU: unit embeddings x (B×D) against unit proxies p (C×D),
+// streaming S = x pᵀ in chunks of examples; never B×C.
+//
+// Each example's softmax runs over all proxies, so chunking examples keeps every row's
+// log-sum-exp inside one tile. Forward returns per-example lse − own logit and the lse;
+// backward recomputes each tile, turns it into the tile of G = ∂L/∂S in place, then
+// dx_c = G_c p and dp += G_cᵀ x_c.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/lse_acc.h"
+#include "common/proxy_nca.h"
+#include "cpu/op_checks.h"
+
+namespace metrix_ops {
+
+std::tuple<at::Tensor, at::Tensor> proxy_nca_fwd_cpu(const at::Tensor& x_, const at::Tensor& p_,
+                                                     const at::Tensor& labels_, double scale,
+                                                     int64_t kind, int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  TORCH_CHECK(kind == kNcaCosine || kind == kNcaSquaredL2, "kind must be 0 or 1, got ", kind);
+  auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
+  const int64_t B = x.size(0), C = p.size(0);
+  at::Tensor rows = at::zeros({B}, x.options()), lse = at::zeros({B}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_nca_fwd_cpu", [&] {
+    using T = scalar_t;
+    const int64_t* y = labels.data_ptr<int64_t>();
+    T* out = rows.data_ptr<T>();
+    T* lo = lse.data_ptr<T>();
+    const T sc = T(scale);
+    at::Tensor buf = at::empty({std::min(chunk, B), C}, x.options());  // one tile, reused
+    for (int64_t start = 0; start < B; start += chunk) {
+      const int64_t len = std::min(chunk, B - start);
+      at::Tensor st = buf.narrow(0, 0, len);  // a row prefix: contiguous
+      at::mm_out(st, x.narrow(0, start, len), p.t());
+      const T* s = st.data_ptr<T>();
+      at::parallel_for(0, len, row_grain(C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* row = s + r * C;
+          OnlineLse<T> acc = OnlineLse<T>::empty();
+          for (int64_t c = 0; c < C; ++c) acc.push(nca_logit(row[c], sc, kind));
+          const int64_t i = start + r;
+          lo[i] = acc.value();
+          out[i] = lo[i] - nca_logit(row[y[i]], sc, kind);
+        }
+      });
+    }
+  });
+  return {rows, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_nca_bwd_cpu(const at::Tensor& grad_rows_,
+                                                     const at::Tensor& x_, const at::Tensor& p_,
+                                                     const at::Tensor& labels_,
+                                                     const at::Tensor& lse_, double scale,
+                                                     int64_t kind, int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  TORCH_CHECK(kind == kNcaCosine || kind == kNcaSquaredL2, "kind must be 0 or 1, got ", kind);
+  const int64_t B = x_.size(0), C = p_.size(0);
+  check_vec(grad_rows_, B, "grad_rows");
+  check_vec(lse_, B, "lse");
+  auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
+  auto g = grad_rows_.to(x.scalar_type()).contiguous(), lse = lse_.to(x.scalar_type()).contiguous();
+  at::Tensor dx = at::zeros_like(x), dp = at::zeros_like(p);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_nca_bwd_cpu", [&] {
+    using T = scalar_t;
+    const int64_t* y = labels.data_ptr<int64_t>();
+    const T *gp = g.data_ptr<T>(), *lp = lse.data_ptr<T>();
+    const T sc = T(scale);
+    at::Tensor buf = at::empty({std::min(chunk, B), C}, x.options());
+    for (int64_t start = 0; start < B; start += chunk) {
+      const int64_t len = std::min(chunk, B - start);
+      at::Tensor xc = x.narrow(0, start, len);
+      at::Tensor st = buf.narrow(0, 0, len);  // a row prefix: contiguous
+      at::mm_out(st, xc, p.t());  // becomes G in place
+      T* s = st.data_ptr<T>();
+      at::parallel_for(0, len, row_grain(C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t i = start + r;
+          T* row = s + r * C;
+          for (int64_t c = 0; c < C; ++c)
+            row[c] = gp[i] * nca_grad(row[c], c == y[i], sc, kind, lp[i]);
+        }
+      });
+      at::Tensor dxc = dx.narrow(0, start, len);
+      at::mm_out(dxc, st, p);
+      dp.addmm_(st.t(), xc);
+    }
+  });
+  return {dx, dp};
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // ProxyNCA rows of unit embeddings x against unit proxies p, streamed over x in chunks of
+  // `chunk` rows: per example, logsumexp_c(logit) − logit of its own proxy, and the
+  // logsumexp. kind 0: logit = scale·s (cosine); 1: logit = −scale·(2 − 2s) (squared L2).
+  m.def("proxy_nca_fwd(Tensor x, Tensor p, Tensor labels, float scale, int kind, int chunk) "
+        "-> (Tensor, Tensor)");
+  m.def("proxy_nca_bwd(Tensor grad_rows, Tensor x, Tensor p, Tensor labels, Tensor lse, "
+        "float scale, int kind, int chunk) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("proxy_nca_fwd", &proxy_nca_fwd_cpu);
+  m.impl("proxy_nca_bwd", &proxy_nca_bwd_cpu);
+}
+
+}  // namespace metrix_ops

@@ -1,0 +1,41 @@
+"""ProxyAnchorLoss through the fused streaming op: the per-proxy positive and negative
+terms come from proxy_anchor_fwd (no B×C matrix). They are the reference's per-proxy
+terms, so the loss dict and every reducer (PML's DivisorReducer by default) apply as is."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from ..distances import is_cosine
+from ..ops.proxy_anchor import proxy_anchor_terms
+from ..reducers import reduce_loss_dict
+from ..reference.proxy_anchor import check_proxies
+from . import register
+
+
+def supports(params, inp, expansion) -> bool:
+    return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
+            and is_cosine(inp.distance) and inp.labels is not None
+            and inp.ref_emb is inp.embeddings)  # e.g. a memory bank: not proxies' references
+
+
+def impl(params, inp, reducer, chunk=None):
+    x, labels, proxies = inp.embeddings, inp.labels, params["proxies"]
+    check_proxies(proxies, x, labels, "ProxyAnchorLoss")
+    # as the reference: a differentiable cast, so the parameter keeps its dtype
+    p = F.normalize(proxies.to(x.dtype), dim=1)
+    pos, neg = proxy_anchor_terms(F.normalize(x, dim=1), p, labels, params["alpha"],
+                                  params["margin"], chunk)
+    n_with_pos = int(torch.bincount(labels, minlength=p.shape[0]).count_nonzero())
+    idx = torch.arange(p.shape[0], device=x.device)
+    loss_dict = {
+        "pos_loss": {"losses": pos, "indices": idx, "reduction_type": "element",
+                     "divisor": n_with_pos},
+        "neg_loss": {"losses": neg, "indices": idx, "reduction_type": "element",
+                     "divisor": p.shape[0]},
+    }
+    return reduce_loss_dict(loss_dict, reducer, x)
+
+
+register("cpu", "ProxyAnchorLoss", supports, impl)
