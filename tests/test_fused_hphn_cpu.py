@@ -87,6 +87,25 @@ def test_indices_equal_reference(n, pairs, dist, b, d, classes):
         assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
 
 
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_indices_equal_reference_pruning_cases(n):
+    """The pruning paths of the op (whole classes, single segments on their arc's bound) and
+    the segments it may not prune: coincident endpoints (duplicate rows, c = 1), antipodal
+    ones (c = −1), endpoints whose arc maximum lies outside the segment, exact ties."""
+    x, y = batch(300, 4, 40, seed=n)  # low dimension: large cosines, near-ties
+    y[:12] = torch.arange(12) % 3  # three classes with hand-made segments
+    x[3] = x[0]  # a coincident segment (0, 3); its points tie with x_0
+    x[4] = -x[1]  # an antipodal segment (1, 4)
+    x[6] = x[0] + 1e-9 * x[2]  # nearly coincident (0, 6)
+    x[13], y[13] = x[5], (y[5] + 1) % 40  # a duplicate negative of row 5
+    x[14], y[14] = x[7], y[7]  # a duplicate positive
+    for dist in (LpDistance(), CosineSimilarity()):
+        expect = ref_picks(x, y, n, "all", dist)
+        for chunk in (256, 7):
+            got = fused_picks(x, y, n, "all", chunk)
+            assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
+
+
 def test_all_segments_equal_reference_order():
     for seed, (b, k) in enumerate([(1, 1), (2, 1), (9, 3), (40, 5), (64, 64), (50, 1)]):
         y = torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(seed))
