@@ -60,6 +60,7 @@ struct Miner {
   std::vector<int64_t> pu, pw;  // per segment, the slots of its endpoints
   std::vector<T> cu, cw;  // S × n coefficients λ/‖v‖, (1−λ)/‖v‖
   std::vector<T> wmin, wmax;  // per segment, min and max over k of cu + cw (= 1/‖v‖)
+  std::vector<EeArc<T>> arc;  // per segment, its arc bound (ee_arc)
   std::vector<T> cwmin, cwmax;  // per class, min and max of wmin, wmax over its segments
 
   T dot(int64_t a, int64_t b) const {
@@ -100,6 +101,7 @@ struct Miner {
       for (int64_t e : class_segs[m]) {
         const T uk = u[pu[e]], ul = u[pw[e]];
         if (ee_mix_bound(wmin[e], wmax[e], uk, ul) < best) continue;
+        if (ee_arc_below(arc[e], uk, ul, best)) continue;  // tighter, dearer
         const T* a = cu.data() + e * n;
         const T* b = cw.data() + e * n;
         T mm = ee_mix_sim(a[0], b[0], uk, ul);
@@ -180,10 +182,12 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
     mn.cw.resize(S * n);
     mn.wmin.resize(S);
     mn.wmax.resize(S);
+    mn.arc.resize(S);
     at::parallel_for(0, S, 64, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t i = segs.si[e], j = segs.sj[e];
         const T guu = mn.dot(i, i), guw = mn.dot(i, j), gww = mn.dot(j, j);
+        mn.arc[e] = ee_arc(guu, guw, gww);
         for (int64_t t = 0; t < n; ++t) {
           const T lam = ee_lambda<T>(t + 1, n);
           const T nv = ee_point_norm(lam, guu, guw, gww);
