@@ -106,6 +106,20 @@ def test_indices_equal_reference_pruning_cases(n):
             assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
 
 
+def test_nan_row_hides_no_class_member():
+    """A NaN row never wins, and does not hide the other members of its class (the op skips
+    classes on their largest cosine, which must ignore NaN)."""
+    x, y = batch(60, 5, 6, seed=9)
+    y[:3] = torch.tensor([7, 8, 6])  # row 2: first of its class, no class's first negative
+    y[3:8] = 6
+    x[2] = float("nan")
+    xu = F.normalize(x, dim=1)
+    got = ee_hphn_mine(xu, y, y.new_empty(0), y.new_empty(0), 0, 256)
+    s = (xu @ xu.t()).nan_to_num(float("-inf")).masked_fill(y[:, None] == y[None, :], float("-inf"))
+    ok = torch.arange(60) != 2
+    assert torch.equal(got[ok, 4], s.argmax(1)[ok])
+
+
 def test_all_segments_equal_reference_order():
     for seed, (b, k) in enumerate([(1, 1), (2, 1), (9, 3), (40, 5), (64, 64), (50, 1)]):
         y = torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(seed))

@@ -20,6 +20,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -87,8 +88,8 @@ struct Miner {
     for (int64_t m = 0; m < C; ++m) {
       if (m == c) continue;
       const int64_t s0 = cstart[m], s1 = cstart[m + 1];
-      T mx = u[s0];
-      for (int64_t s = s0 + 1; s < s1; ++s) mx = u[s] > mx ? u[s] : mx;
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t s = s0; s < s1; ++s) mx = u[s] > mx ? u[s] : mx;
       cmax[m] = mx;
       if (!(mx >= best)) continue;
       for (int64_t s = s0; s < s1; ++s) take(u[s], order[s]);
