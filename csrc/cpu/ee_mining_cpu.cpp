@@ -11,6 +11,14 @@
 // each anchor-side point finds its best negative once and each anchor takes the best over
 // its own points. Memory O(chunk·B + n·#segments).
 //
+// Pruning (never changes a pick: every skip is on a bound strictly below the best so far,
+// with slack for rounding; ties are resolved by point index, not by visiting order): U's
+// columns are in class-sorted slot order, so a negative class is one contiguous run; its
+// largest cosine skips its originals and bounds all its segments at once (ee_mix_bound); a
+// surviving segment is then skipped on ee_mix_bound and on its arc bound (ee_arc_below,
+// the cosine at the continuous maximiser along the segment), and only the rest are
+// evaluated at all n points.
+//
 // Ties as the reference (reference/expansion_mining.py): the hardest negative is the lowest
 // point index (originals 0..B−1, then B + e·n + k−1), then the earliest anchor-side point
 // (x_i, then the points of the segments (i, ·) and (·, i) in segment order); the farthest
