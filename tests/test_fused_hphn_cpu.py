@@ -87,6 +87,39 @@ def test_indices_equal_reference(n, pairs, dist, b, d, classes):
         assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
 
 
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_indices_equal_reference_pruning_cases(n):
+    """The pruning paths of the op (whole classes, single segments on their arc's bound) and
+    the segments it may not prune: coincident endpoints (duplicate rows, c = 1), antipodal
+    ones (c = −1), endpoints whose arc maximum lies outside the segment, exact ties."""
+    x, y = batch(300, 4, 40, seed=n)  # low dimension: large cosines, near-ties
+    y[:12] = torch.arange(12) % 3  # three classes with hand-made segments
+    x[3] = x[0]  # a coincident segment (0, 3); its points tie with x_0
+    x[4] = -x[1]  # an antipodal segment (1, 4)
+    x[6] = x[0] + 1e-9 * x[2]  # nearly coincident (0, 6)
+    x[13], y[13] = x[5], (y[5] + 1) % 40  # a duplicate negative of row 5
+    x[14], y[14] = x[7], y[7]  # a duplicate positive
+    for dist in (LpDistance(), CosineSimilarity()):
+        expect = ref_picks(x, y, n, "all", dist)
+        for chunk in (256, 7):
+            got = fused_picks(x, y, n, "all", chunk)
+            assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
+
+
+def test_nan_row_hides_no_class_member():
+    """A NaN row never wins, and does not hide the other members of its class (the op skips
+    classes on their largest cosine, which must ignore NaN)."""
+    x, y = batch(60, 5, 6, seed=9)
+    y[:3] = torch.tensor([7, 8, 6])  # row 2: first of its class, no class's first negative
+    y[3:8] = 6
+    x[2] = float("nan")
+    xu = F.normalize(x, dim=1)
+    got = ee_hphn_mine(xu, y, y.new_empty(0), y.new_empty(0), 0, 256)
+    s = (xu @ xu.t()).nan_to_num(float("-inf")).masked_fill(y[:, None] == y[None, :], float("-inf"))
+    ok = torch.arange(60) != 2
+    assert torch.equal(got[ok, 4], s.argmax(1)[ok])
+
+
 def test_all_segments_equal_reference_order():
     for seed, (b, k) in enumerate([(1, 1), (2, 1), (9, 3), (40, 5), (64, 64), (50, 1)]):
         y = torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(seed))

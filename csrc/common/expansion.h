@@ -43,4 +43,39 @@ MO_HD T ee_mix_bound(T wmin, T wmax, T s_au, T s_aw) {
   return b + (b >= T(0) ? b : -b) * slack + std::numeric_limits<T>::min();
 }
 
+// The arc bound: a segment's normalised points all lie on the great circle through x̂_u and
+// x̂_w, so a unit a's cosine with any of them is at most the norm of a's projection onto that
+// plane, the value at the continuous maximiser μ* of the cosine along the segment (it is
+// unimodal along the arc). By Cauchy–Schwarz in the Gram metric G = [[g_uu, g_uw], [g_uw, g_ww]]
+// (the entries the coefficients are built from, ee_point_norm):
+//     (λ s_au + (1−λ) s_aw)² / ‖v‖² ≤ bᵀ G⁻¹ b,   b = (s_au, s_aw),   for every λ.
+// EeArc holds G⁻¹ = [[p, −q], [−q, r]]: p = g_ww/det, q = g_uw/det, r = g_uu/det. Segments with
+// det < ¼ (|cos| > √3/2: near-duplicate or near-antipodal endpoints, zero or NaN rows) get NaN
+// and are never skipped on it; for the others 1/‖v‖ ≤ 4 and the rounding of ee_mix_sim and of
+// bᵀG⁻¹b stay a few hundred ulps, well inside the slack of ee_arc_below.
+template <typename T>
+struct EeArc {
+  T p, q, r;
+};
+
+template <typename T>
+MO_HD EeArc<T> ee_arc(T g_uu, T g_uw, T g_ww) {
+  const T det = g_uu * g_ww - g_uw * g_uw;
+  if (!(det >= T(0.25))) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    return {nan, nan, nan};
+  }
+  return {g_ww / det, g_uw / det, g_uu / det};
+}
+
+// True when every point of the segment, as ee_mix_sim computes it, is strictly below `best`
+// (so none can win, ties included): the arc bound with a relative slack of 4096 ulps.
+template <typename T>
+MO_HD bool ee_arc_below(const EeArc<T>& c, T s_au, T s_aw, T best) {
+  const T sl = T(4096) * std::numeric_limits<T>::epsilon();
+  const T lo = best - sl * (std::abs(s_au) + std::abs(s_aw));
+  const T b2 = c.p * s_au * s_au - T(2) * c.q * s_au * s_aw + c.r * s_aw * s_aw;
+  return lo > T(0) && b2 * (T(1) + sl) < lo * lo;
+}
+
 }  // namespace metrix_ops

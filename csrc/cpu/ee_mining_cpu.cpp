@@ -11,6 +11,14 @@
 // each anchor-side point finds its best negative once and each anchor takes the best over
 // its own points. Memory O(chunk·B + n·#segments).
 //
+// Pruning (never changes a pick: every skip is on a bound strictly below the best so far,
+// with slack for rounding; ties are resolved by point index, not by visiting order): U's
+// columns are in class-sorted slot order, so a negative class is one contiguous run; its
+// largest cosine skips its originals and bounds all its segments at once (ee_mix_bound); a
+// surviving segment is then skipped on ee_mix_bound and on its arc bound (ee_arc_below,
+// the cosine at the continuous maximiser along the segment), and only the rest are
+// evaluated at all n points.
+//
 // Ties as the reference (reference/expansion_mining.py): the hardest negative is the lowest
 // point index (originals 0..B−1, then B + e·n + k−1), then the earliest anchor-side point
 // (x_i, then the points of the segments (i, ·) and (·, i) in segment order); the farthest
@@ -20,6 +28,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -53,10 +62,15 @@ struct Miner {
   const T* xu;  // B × D unit rows
   const int64_t* labels;
   int64_t B, D, n;
-  std::vector<int64_t> cls;  // dense class id per original
+  const std::vector<int64_t>& order;   // class-sorted slot -> original (U's column order)
+  const std::vector<int64_t>& cstart;  // slots of class c: [cstart[c], cstart[c + 1])
+  const std::vector<std::vector<int64_t>>& class_segs;  // segments of each class, in order
   Segs segs;
+  std::vector<int64_t> pu, pw;  // per segment, the slots of its endpoints
   std::vector<T> cu, cw;  // S × n coefficients λ/‖v‖, (1−λ)/‖v‖
   std::vector<T> wmin, wmax;  // per segment, min and max over k of cu + cw (= 1/‖v‖)
+  std::vector<EeArc<T>> arc;  // per segment, its arc bound (ee_arc)
+  std::vector<T> cwmin, cwmax;  // per class, min and max of wmin, wmax over its segments
 
   T dot(int64_t a, int64_t b) const {
     const T* p = xu + a * D;
@@ -66,26 +80,43 @@ struct Miner {
     return s;
   }
 
-  // best negative point of anchor-side row u (class c): (cosine, point index)
-  std::pair<T, int64_t> best_negative(const T* u, int64_t c, int64_t first_neg) const {
-    T best = u[first_neg];  // labels decide who is a negative; NaN rows stay on this one
+  // best negative point of anchor-side row u (class c; u's columns in class-sorted slot
+  // order): (cosine, point index), the largest cosine, lowest point index on ties. cmax:
+  // scratch of one entry per class.
+  std::pair<T, int64_t> best_negative(const T* u, int64_t c, int64_t first_neg, int64_t first_slot,
+                                      T* cmax) const {
+    T best = u[first_slot];  // labels decide who is a negative; NaN rows stay on this one
     int64_t bq = first_neg;
-    for (int64_t k = first_neg + 1; k < B; ++k)
-      if (cls[k] != c && u[k] > best) best = u[k], bq = k;
-    const int64_t S = int64_t(segs.si.size());
-    for (int64_t e = 0; e < S; ++e) {
-      if (segs.cls[e] == c) continue;
-      const T uk = u[segs.si[e]], ul = u[segs.sj[e]];
-      // most segments cannot beat `best`: skip them on an upper bound (ee_mix_bound)
-      if (ee_mix_bound(wmin[e], wmax[e], uk, ul) < best) continue;
-      const T* a = cu.data() + e * n;
-      const T* b = cw.data() + e * n;
-      T m = ee_mix_sim(a[0], b[0], uk, ul);
-      for (int64_t t = 1; t < n; ++t) m = std::max(m, ee_mix_sim(a[t], b[t], uk, ul));
-      if (!(m > best)) continue;  // the common case: one max per segment, no index work
-      for (int64_t t = 0; t < n; ++t) {
-        const T v = ee_mix_sim(a[t], b[t], uk, ul);
-        if (v > best) best = v, bq = B + e * n + t;
+    auto take = [&](T v, int64_t q) {
+      if (v > best || (v == best && q < bq)) best = v, bq = q;
+    };
+    const int64_t C = int64_t(cstart.size()) - 1;
+    // originals, one class at a time; a class's max (NaN ignored: NaN never wins) decides
+    // whether its members are looked at, and bounds its segments below
+    for (int64_t m = 0; m < C; ++m) {
+      if (m == c) continue;
+      const int64_t s0 = cstart[m], s1 = cstart[m + 1];
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t s = s0; s < s1; ++s) mx = u[s] > mx ? u[s] : mx;
+      cmax[m] = mx;
+      if (!(mx >= best)) continue;
+      for (int64_t s = s0; s < s1; ++s) take(u[s], order[s]);
+    }
+    // synthetic points: a whole class's segments are skipped on the bound of their best
+    // cosine from the class's largest endpoint cosine (ee_mix_bound is monotone in both)
+    for (int64_t m = 0; m < C; ++m) {
+      if (m == c || class_segs[m].empty()) continue;
+      if (ee_mix_bound(cwmin[m], cwmax[m], cmax[m], cmax[m]) < best) continue;
+      for (int64_t e : class_segs[m]) {
+        const T uk = u[pu[e]], ul = u[pw[e]];
+        if (ee_mix_bound(wmin[e], wmax[e], uk, ul) < best) continue;
+        if (ee_arc_below(arc[e], uk, ul, best)) continue;  // tighter, dearer
+        const T* a = cu.data() + e * n;
+        const T* b = cw.data() + e * n;
+        T mm = ee_mix_sim(a[0], b[0], uk, ul);
+        for (int64_t t = 1; t < n; ++t) mm = std::max(mm, ee_mix_sim(a[t], b[t], uk, ul));
+        if (!(mm >= best)) continue;  // the common case: one max per segment, no index work
+        for (int64_t t = 0; t < n; ++t) take(ee_mix_sim(a[t], b[t], uk, ul), B + e * n + t);
       }
     }
     return {best, bq};
@@ -142,24 +173,30 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
     }
     for (int64_t e = 0; e < S; ++e) segs.of_anchor[pj[e]].push_back(e);
   }
-  // first original of another class, per class (−1: the class has no negative)
-  std::vector<int64_t> first_neg(C, -1);
+  // first original of another class, per class (−1: the class has no negative), and its slot
+  std::vector<int64_t> slot(B), first_neg(C, -1), first_slot(C, -1);
+  for (int64_t r = 0; r < B; ++r) slot[order[r]] = r;
   for (int64_t c = 0; c < C; ++c)
     for (int64_t k = 0; k < B; ++k)
-      if (cls[k] != c) { first_neg[c] = k; break; }
+      if (cls[k] != c) { first_neg[c] = k, first_slot[c] = slot[k]; break; }
 
   int64_t* o = out.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_hphn_mine_cpu", [&] {
     using T = scalar_t;
-    Miner<T> mn{x.data_ptr<T>(), lab, B, x.size(1), n, cls, segs, {}, {}, {}, {}};
+    Miner<T> mn{x.data_ptr<T>(), lab, B, x.size(1), n, order, cstart, class_segs, segs};
+    mn.pu.resize(S);
+    mn.pw.resize(S);
+    for (int64_t e = 0; e < S; ++e) mn.pu[e] = slot[segs.si[e]], mn.pw[e] = slot[segs.sj[e]];
     mn.cu.resize(S * n);
     mn.cw.resize(S * n);
     mn.wmin.resize(S);
     mn.wmax.resize(S);
+    mn.arc.resize(S);
     at::parallel_for(0, S, 64, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t i = segs.si[e], j = segs.sj[e];
         const T guu = mn.dot(i, i), guw = mn.dot(i, j), gww = mn.dot(j, j);
+        mn.arc[e] = ee_arc(guu, guw, gww);
         for (int64_t t = 0; t < n; ++t) {
           const T lam = ee_lambda<T>(t + 1, n);
           const T nv = ee_point_norm(lam, guu, guw, gww);
@@ -171,6 +208,16 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
         }
       }
     });
+    mn.cwmin.assign(C, T(0));
+    mn.cwmax.assign(C, T(0));
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t e : class_segs[c]) {
+        const bool first = e == class_segs[c].front();
+        mn.cwmin[c] = first ? mn.wmin[e] : std::min(mn.cwmin[c], mn.wmin[e]);
+        mn.cwmax[c] = first ? mn.wmax[e] : std::max(mn.cwmax[c], mn.wmax[e]);
+      }
+    // X̂ in slot order: U's columns are then class-contiguous
+    at::Tensor xo = x.index_select(0, at::from_blob(order.data(), {B}, labels.options()));
 
     for (int64_t c0 = 0; c0 < C;) {
       // a chunk of whole classes: at least one, then while the rows fit in `chunk`
@@ -180,8 +227,8 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       std::vector<int64_t> rows(order.begin() + r0, order.begin() + r0 + nr);
       std::vector<int64_t> local(B, -1);
       for (int64_t r = 0; r < nr; ++r) local[rows[r]] = r;
-      at::Tensor idx = at::from_blob(rows.data(), {nr}, labels.options());
-      at::Tensor U = at::mm(x.index_select(0, idx), x.t()).contiguous();  // nr × B
+      // nr × B, row r: original rows[r] (slot r0 + r); columns in slot order
+      at::Tensor U = at::mm(xo.narrow(0, r0, nr), xo.t()).contiguous();
       const T* Up = U.data_ptr<T>();
 
       // the chunk's anchor-side points: its originals, then (segment, k) of its classes
@@ -196,7 +243,7 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       std::vector<T> best(npts);
       std::vector<int64_t> bestq(npts, -1);
       at::parallel_for(0, npts, 8, [&](int64_t p0, int64_t p1) {
-        std::vector<T> buf(B);
+        std::vector<T> buf(B), cmax(C);
         for (int64_t p = p0; p < p1; ++p) {
           const T* u;
           int64_t c;
@@ -213,7 +260,7 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
             c = segs.cls[e];
           }
           if (first_neg[c] < 0) continue;
-          auto r = mn.best_negative(u, c, first_neg[c]);
+          auto r = mn.best_negative(u, c, first_neg[c], first_slot[c], cmax.data());
           best[p] = r.first;
           bestq[p] = r.second;
         }
@@ -228,7 +275,7 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
           for (int64_t s = cstart[c]; s < cstart[c + 1]; ++s) {
             const int64_t j = order[s];  // class members in index order
             if (j == i) continue;
-            if (oi[0] < 0 || Ui[j] < Ui[oi[0]]) oi[0] = j;
+            if (oi[0] < 0 || Ui[s] < Ui[slot[oi[0]]]) oi[0] = j;
           }
           if (bestq[r] < 0) continue;
           // closest pair: x_i, then its segments' points; ties to the lower negative index
