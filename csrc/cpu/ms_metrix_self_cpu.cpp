@@ -231,7 +231,7 @@ at::Tensor ms_metrix_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor&
       const at::Tensor gmt = c0 != r0 ? mix_side(s.t().contiguous(), c0, nc, r0) : gm;
       ms_grad_block<T>(s.data_ptr<T>(), nr, nc, r0, c0, lab, gp, lp, ln, T(alpha), T(beta),
                        T(base), /*sym=*/true);
-      s.add_(gm).add_(gmt.t());
+      s.add_(gm).add_(gmt.t().contiguous());  // ATen's blocked transpose, then a plain add
       add_sym_block_grad(dx, x, s, r0, nr, c0, nc);
     });
     // the within-class entries: dx_a += Σ_p (G_ap + G_pa) x_p
