@@ -223,7 +223,7 @@ def test_input_checks_name_the_argument():
         op(x, x, y, y, False, False, 0.0, 1.0, -1.0, 9.0, 0)
     with pytest.raises(RuntimeError, match="block must be > 0"):
         torch.ops.metrix_ops.contrastive_self_fwd(x, y, False, 0.0, 1.0, -1.0, 9.0, 0)
-    with pytest.raises(RuntimeError, match="grad_neg must have shape"):
+    with pytest.raises(RuntimeError, match=r"grad_neg must be of shape"):
         torch.ops.metrix_ops.contrastive_self_bwd(y.double(), y[:3].double(), x.double(), y,
                                                   False, 0.0, 1.0, -1.0, 9.0, 2)
 

@@ -150,3 +150,20 @@ def test_opcheck(dtype, anchor_neg):
     y = torch.sort(torch.randint(0, 4, (14,))).values
     torch.library.opcheck(torch.ops.metrix_ops.ms_metrix_self_fwd.default,
                           (x, y, 2.0, 50.0, 0.5, 0.3, anchor_neg, 4))
+
+
+def test_backward_op_checks_its_row_vectors():
+    """A direct call with a row vector of the wrong length is refused, not read past its end."""
+    x = F.normalize(torch.randn(6, 3, dtype=torch.float64), dim=1)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = torch.ops.metrix_ops.ms_metrix_self_fwd(x, y, 2.0, 50.0, 0.5, 0.5, False, 64)
+    g, short = torch.ones(6, dtype=x.dtype), torch.ones(5, dtype=x.dtype)
+    args = [g, g, x, y, out[1], out[2], out[4], out[5], 2.0, 50.0, 0.5, 0.5, False, 64]
+    torch.ops.metrix_ops.ms_metrix_self_bwd(*args)  # the right lengths pass
+    for k, name in [(1, "grad_mix"), (6, "tp")]:
+        bad = list(args)
+        bad[k] = short
+        with pytest.raises(RuntimeError, match=rf"{name} must be of shape \(6,\)"):
+            torch.ops.metrix_ops.ms_metrix_self_bwd(*bad)
+    with pytest.raises(RuntimeError, match=r"grad_rows must be of shape \(6,\)"):
+        torch.ops.metrix_ops.ms_loss_self_bwd(short, x, y, out[1], out[2], 2.0, 50.0, 0.5, 64)

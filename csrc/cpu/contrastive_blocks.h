@@ -161,10 +161,4 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> con_outputs(
   return {ps.to(opts.dtype()), pc, ns.to(opts.dtype()), nc};
 }
 
-// Argument checks of every contrastive entry point; messages name the argument.
-inline void con_check_grads(const at::Tensor& gp, const at::Tensor& gn, int64_t n) {
-  TORCH_CHECK(gp.dim() == 1 && gp.size(0) == n, "grad_pos must have shape (", n, ",)");
-  TORCH_CHECK(gn.dim() == 1 && gn.size(0) == n, "grad_neg must have shape (", n, ",)");
-}
-
 }  // namespace metrix_ops

@@ -40,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cpu(
     bool exclude_diag, bool cosine, double pos_margin, double neg_margin, double low,
     double high, int64_t chunk) {
   check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
-  con_check_grads(grad_pos_, grad_neg_, x_.size(0));
+  check_vec(grad_pos_, x_.size(0), "grad_pos");
+  check_vec(grad_neg_, x_.size(0), "grad_neg");
   auto x = x_.contiguous(), r = r_.contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   auto gp = grad_pos_.to(x.scalar_type()).contiguous();

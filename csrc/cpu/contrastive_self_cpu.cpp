@@ -39,7 +39,8 @@ at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tenso
                                     bool cosine, double pos_margin, double neg_margin,
                                     double low, double high, int64_t block) {
   check_self_inputs(x_, labels_, block);
-  con_check_grads(grad_pos_, grad_neg_, x_.size(0));
+  check_vec(grad_pos_, x_.size(0), "grad_pos");
+  check_vec(grad_neg_, x_.size(0), "grad_neg");
   auto x = x_.contiguous();
   auto labels = labels_.contiguous();
   auto gp = grad_pos_.to(x.scalar_type()).contiguous();

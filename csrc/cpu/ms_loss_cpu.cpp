@@ -42,6 +42,9 @@ std::tuple<at::Tensor, at::Tensor> ms_loss_bwd_cpu(
     const at::Tensor& lse_neg_, bool exclude_diag, double alpha, double beta, double base,
     int64_t chunk) {
   check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
+  check_vec(grad_rows_, x_.size(0), "grad_rows");
+  check_vec(lse_pos_, x_.size(0), "lse_pos");
+  check_vec(lse_neg_, x_.size(0), "lse_neg");
   auto x = x_.contiguous(), r = r_.contiguous();
   const auto ids = ms_label_ids(labels_, ref_labels_);
   auto g_rows = grad_rows_.to(x.scalar_type()).contiguous();

@@ -41,6 +41,9 @@ at::Tensor ms_loss_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x
                                 const at::Tensor& lse_neg_, double alpha, double beta,
                                 double base, int64_t block) {
   check_self_inputs(x_, labels_, block);
+  check_vec(grad_rows, x_.size(0), "grad_rows");
+  check_vec(lse_pos_, x_.size(0), "lse_pos");
+  check_vec(lse_neg_, x_.size(0), "lse_neg");
   auto x = x_.contiguous();
   const at::Tensor labels = ms_label_ids(labels_);
   auto g = grad_rows.to(x.scalar_type()).contiguous();

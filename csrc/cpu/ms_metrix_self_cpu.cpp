@@ -197,6 +197,13 @@ at::Tensor ms_metrix_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor&
                                   double beta, double base, double lam, bool anchor_neg,
                                   int64_t block) {
   check_self_inputs(x_, labels_, block);
+  TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
+  check_vec(grad_rows, x_.size(0), "grad_rows");
+  check_vec(grad_mix, x_.size(0), "grad_mix");
+  check_vec(lse_pos_, x_.size(0), "lse_pos");
+  check_vec(lse_neg_, x_.size(0), "lse_neg");
+  check_vec(tp_, x_.size(0), "tp");
+  check_vec(tn_, x_.size(0), "tn");
   auto x = x_.contiguous();
   const at::Tensor ids = ms_label_ids(labels_);
   const ClassLayout cls = class_layout(labels_, block);

@@ -182,8 +182,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
     const at::Tensor& labels_, const at::Tensor& ref_labels_, bool exclude_diag, bool cosine,
     double margin, int64_t chunk) {
   check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
-  TORCH_CHECK(grad_rows_.dim() == 1 && grad_rows_.size(0) == x_.size(0),
-              "grad_rows must have shape (", x_.size(0), ",)");
+  check_vec(grad_rows_, x_.size(0), "grad_rows");
   auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   auto g = grad_rows_.to(x.scalar_type()).contiguous();
