@@ -26,11 +26,15 @@ def _available(backend: str) -> bool:
     if backend == "cuda":
         return _ext.HAS_EXT and _ext.HAS_CUDA_EXT and torch.cuda.is_available()
     if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        from .triton.launch import HAS_TRITON
+        return HAS_TRITON
+    return True
+
+
+def _device_ok(backend: str, device: torch.device) -> bool:
+    if backend == "triton":
+        from .triton.launch import usable_on
+        return usable_on(device)
     return True
 
 
@@ -48,7 +52,7 @@ def resolve(backend: str, loss_name: str, device: torch.device) -> str:
                           "--no-build-isolation -e .`)", RuntimeWarning, stacklevel=3)
         order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
         for b in order:
-            if loss_name in FUSED[b] and _available(b):
+            if loss_name in FUSED[b] and _available(b) and _device_ok(b, device):
                 return b
         return "reference"
     if backend in ("cpu", "cuda"):
@@ -57,6 +61,10 @@ def resolve(backend: str, loss_name: str, device: torch.device) -> str:
         raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "triton":
+        from .triton.launch import usable_on, why_not
+        if not usable_on(device):
+            raise ValueError(f"backend='triton' cannot run here: {why_not(device)}")
     if loss_name not in FUSED[backend]:
         raise NotImplementedError(f"backend={backend!r} does not implement {loss_name} yet; "
                                   "use backend='auto' or 'reference'")

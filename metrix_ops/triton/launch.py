@@ -1,0 +1,60 @@
+"""What every Triton loss module shares: whether Triton can run on a tensor's device, and the
+tile sizes of a launch.
+
+Triton kernels run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (slow and
+exact: that is how the CPU test run checks them). The interpreter is chosen by Triton when a
+kernel is decorated, so the variable must be set before metrix_ops is imported."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # a CPU-only install without triton: backend="triton" is unavailable
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def usable_on(device: torch.device) -> bool:
+    """Can a Triton kernel take tensors on `device`?"""
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return not interpreting()
+    return device.type == "cpu" and interpreting()
+
+
+def why_not(device: torch.device) -> str:
+    """The reason `usable_on(device)` is False, for the error message."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return "TRITON_INTERPRET=1 is set, which runs Triton kernels on CPU tensors only"
+    return (f"Triton kernels need CUDA tensors (got tensors on {device}); on a CPU they run "
+            "only under TRITON_INTERPRET=1, set before metrix_ops is imported")
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def row_block(n_rows: int, device: torch.device) -> int:
+    """Rows (or columns) per tile. tl.dot needs at least 16; the interpreter runs one numpy
+    program per tile, so fewer, larger tiles are what makes it fast there."""
+    cap = 64 if device.type == "cuda" else 32
+    return max(16, min(cap, next_pow2(n_rows)))
+
+
+def dim_block(d: int, device: torch.device) -> int:
+    """Feature columns per step of a tile's dot-product loop (the tile of X is never whole D
+    wide on a GPU: 64 rows × 512 fp32 would not fit in registers)."""
+    cap = 64 if device.type == "cuda" else 128
+    return max(16, min(cap, next_pow2(d)))

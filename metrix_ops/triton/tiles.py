@@ -1,0 +1,45 @@
+"""Triton building blocks every loss kernel uses: a similarity tile by tl.dot, streamed over
+the feature dimension, and the gradient product of a G tile with a block of rows.
+
+Accumulation is in ACC (tl.float32, or tl.float64 for fp64 inputs). PRECISION is tl.dot's
+input_precision: "ieee" for exact fp32 (what the tests compare against), "tf32" where torch
+allows TF32 for matmuls (torch.backends.cuda.matmul.allow_tf32)."""
+from __future__ import annotations
+
+import torch
+
+from .launch import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def load_rows(ptr, offs, n, offs_d, D, stride):
+        """Rows `offs` (< n) of a row-major matrix, feature columns `offs_d` (< D); 0 outside."""
+        mask = (offs[:, None] < n) & (offs_d[None, :] < D)
+        return tl.load(ptr + offs[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def sim_tile(a_ptr, b_ptr, offs_m, offs_n, n_a, n_b, D, stride_a, stride_b,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 ACC: tl.constexpr, PRECISION: tl.constexpr):
+        """S = A[offs_m] · B[offs_n]ᵀ (BLOCK_M×BLOCK_N, in ACC); rows out of range give 0."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            a = load_rows(a_ptr, offs_m, n_a, offs_d, D, stride_a)
+            b = load_rows(b_ptr, offs_n, n_b, offs_d, D, stride_b)
+            acc += tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC)
+        return acc
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The tl accumulation type of an input dtype (halves are cast to fp32 before any op)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
