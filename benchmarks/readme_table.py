@@ -1,5 +1,5 @@
-"""Prints the README's markdown table of a bench_cpu_losses.py result file, so the README
-shows exactly what the JSON holds:
+"""Prints the README's markdown table of a bench_losses.py result file, so the README shows
+exactly what the JSON holds:
 
     python benchmarks/readme_table.py benchmarks/results/cpu_ms.json
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+FUSED = ("cpu", "cuda", "triton")
+
 
 def _cell(entry, fmt="{:.3f}"):
     if "median_s" in entry:
@@ -15,36 +17,55 @@ def _cell(entry, fmt="{:.3f}"):
     err = entry.get("error", "")
     if "timeout" in err:
         return err
-    return "out of memory" if "allocate" in err else "failed"
+    return "out of memory" if "allocate" in err or "out of memory" in err else "failed"
 
 
 def _speed(x):
     return f"{x:.1f}× faster" if x >= 1 else f"{1 / x:.1f}× slower"
 
 
+def _times(x):
+    return f"{x:.2f}×"
+
+
 # impl key -> column title, in table order; a column appears when some row measured it
-COLUMNS = [("cpu", "fused cpu s"), ("clean", "fused clean s"), ("pml", "PML s"),
-           ("reference", "reference s"), ("floor", "floor s")]
+COLUMNS = [("cpu", "fused cpu s"), ("cuda", "cuda s"), ("triton", "triton s"),
+           ("clean", "fused clean s"), ("pml", "PML s"), ("reference", "reference s"),
+           ("floor", "floor s")]
+
+
+def _ratio_columns(fused):
+    """(row key, title, format) of the ratios: per fused impl when the file has several."""
+    out = []
+    for impl in fused:
+        name = "" if len(fused) == 1 else f"{impl} "
+        out += [("speedup_vs_pml" if impl == "cpu" else f"{impl}_speedup_vs_pml",
+                 f"{name}vs PML", _speed),
+                (f"{impl}_over_floor", f"{name}over floor", _times),
+                (f"{impl}_over_clean", f"{name}over clean", _times)]
+    return out
 
 
 def table(path: str) -> str:
     with open(path) as f:
         res = json.load(f)
     rows = res["results"]
-    cols = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
-    ratios = [("speedup_vs_pml", "vs PML", _speed),
-              ("cpu_over_floor", "over floor", "{:.2f}×"),
-              ("cpu_over_clean", "over clean", "{:.2f}×")]
-    ratios = [x for x in ratios if any(x[0] in r for r in rows)]
-    head = ["B", "D"] + [t for _, t in cols] + [t for _, t, _ in ratios] + ["fused peak MiB",
-                                                                         "PML peak MiB"]
+    present = lambda k: any(k in r for r in rows)  # noqa: E731
+    cols = [(k, t) for k, t in COLUMNS if present(k)]
+    fused = [k for k in FUSED if present(k)]
+    ratios = [x for x in _ratio_columns(fused) if present(x[0])]
+    peaks = fused + ["pml"]
+    with_dtype = len({r.get("dtype", "float32") for r in rows}) > 1
+    head = (["B", "D"] + (["dtype"] if with_dtype else []) + [t for _, t in cols]
+            + [t for _, t, _ in ratios]
+            + [f"{'fused' if k == 'cpu' else ('PML' if k == 'pml' else k)} peak MiB" for k in peaks])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mib = lambda k: f"{r[k]['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r.get(k, {}) else "–"  # noqa: E731
-        cells = [str(r["B"]), str(r["D"])] + [_cell(r[k]) if k in r else "–" for k, _ in cols]
-        cells += [(fmt(r[k]) if callable(fmt) else fmt.format(r[k])) if k in r else "–"
-                  for k, _, fmt in ratios]
-        cells += [mib("cpu"), mib("pml")]
+        cells = [str(r["B"]), str(r["D"])] + ([r.get("dtype", "float32")] if with_dtype else [])
+        cells += [_cell(r[k]) if k in r else "–" for k, _ in cols]
+        cells += [fmt(r[k]) if k in r else "–" for k, _, fmt in ratios]
+        cells += [mib(k) for k in peaks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

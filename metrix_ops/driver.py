@@ -14,6 +14,13 @@ from .reducers import as_reducer, reduce_loss_dict
 from .spec import LossInputs, get_spec
 from .validation import check_loss_inputs
 
+def no_autocast(t: torch.Tensor):
+    """Fused ops compute in the precision of their (fp32 or fp64) inputs: under autocast the
+    products inside them (ATen's mm in the C++ ops, the glue's PyTorch ops) would otherwise
+    come back in half precision and no longer match the kernels' types."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def draw_lam(metrix: Metrix, lam: Optional[float]) -> float:
     """The call's λ, else the config's fixed λ, else one Beta(α, α) draw (global torch RNG)."""
     if lam is None:
@@ -78,12 +85,14 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     if (chosen != "reference" and lam_value is not None and metrix.weight > 0
             and fused.metrix_supported(chosen, name, params, inp, expansion, metrix)):
         # clean and mixed terms from one fused op (the mixed candidates in closed form)
-        return fused.METRIX_IMPLS[(chosen, name)][1](params, inp, red, metrix, lam_value)
+        with no_autocast(embeddings):
+            return fused.METRIX_IMPLS[(chosen, name)][1](params, inp, red, metrix, lam_value)
     if chosen != "reference":
         impl = fused.IMPLS[(chosen, name)][1]
         # only the ops that cover expansion= (their supports() says so) take it
-        loss = impl(params, inp, red) if expansion is None else impl(params, inp, red,
-                                                                    expansion=expansion)
+        with no_autocast(embeddings):
+            loss = impl(params, inp, red) if expansion is None else impl(params, inp, red,
+                                                                        expansion=expansion)
     elif expansion is not None:
         from .reference.expansion import expansion_loss_dict
         loss = reduce_loss_dict(expansion_loss_dict(name, params, inp, expansion), red, embeddings)

@@ -58,7 +58,10 @@ def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
     params = loss.loss_params()
     if not supported(chosen, loss.loss_name, params, inp, None):
         return None
-    return IMPLS[(chosen, loss.loss_name)][1](params, inp, as_reducer(loss.reducer, spec.default_reducer))
+    from ..driver import no_autocast
+    with no_autocast(emb):
+        return IMPLS[(chosen, loss.loss_name)][1](params, inp,
+                                                  as_reducer(loss.reducer, spec.default_reducer))
 
 
 from . import multi_similarity  # noqa: E402,F401  (registers)

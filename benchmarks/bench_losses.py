@@ -1,0 +1,213 @@
+"""Forward+backward time and peak memory of a loss: metrix_ops (cpu / cuda / triton /
+reference) vs PML vs the matrix-product floor (the products the loss needs, timed alone).
+
+On the CPU each case runs in its own process, so that its peak memory (RSS growth) is its own.
+On a GPU (`--device cuda`) the cases share one process: CUDA's peak counter is reset per case,
+and one process keeps Triton's compiled kernels across cases (the device time is short).
+`--dtype bfloat16` feeds bf16 embeddings to every impl, the losses under bf16 autocast (as a
+mixed-precision training step would), and times the floor's products in bf16.
+
+    python benchmarks/bench_losses.py --sizes 1024,4096 --dims 128,512 \
+        --out benchmarks/results/cpu_ms.json
+    python benchmarks/bench_losses.py --loss contrastive --sizes 1024,4096 --dims 128,512 \
+        --out benchmarks/results/cpu_contrastive.json
+    python benchmarks/bench_losses.py --loss triplet --sizes 1024,4096 --dims 128,512 \
+        --out benchmarks/results/cpu_triplet.json
+    python benchmarks/bench_losses.py --loss proxy_anchor --sizes 1024,4096 --dims 128,512 \
+        --out benchmarks/results/cpu_proxy_anchor.json
+    python benchmarks/bench_losses.py --loss metrix_ms --impls cpu,clean,pml,floor \
+        --sizes 1024,4096 --dims 128,512 --out benchmarks/results/cpu_metrix_ms.json
+    python benchmarks/bench_losses.py --loss ee_hphn --impls cpu,clean,pml,floor \
+        --sizes 1024,4096 --dims 128,512 --out benchmarks/results/cpu_ee_hphn.json
+    python benchmarks/bench_losses.py --device cuda --impls triton,cuda,pml,floor \
+        --sizes 8192,65536 --dims 128,512 --dtype bfloat16 --out benchmarks/results/gpu_ms_bf16.json
+
+impl "clean" is our fused loss without its augmentation (Metrix or EE), on the device's
+first fused backend: the time the augmented loss is compared against (`cpu_over_clean`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --loss name -> (PML class, metrix_ops class, floor). "gram": S = X Xᵀ, G X and Gᵀ X, the
+# three products every exact loss of the Gram matrix needs; "proxy": S = X Pᵀ, G P and Gᵀ X
+# against C = B // 8 proxies (the label range below), whose gradient is timed too.
+LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          "contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
+          "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
+          "proxy_anchor": ("ProxyAnchorLoss", "ProxyAnchorLoss", "proxy"),
+          # MS + embedding-level Metrix (pos_neg, λ drawn per call, weight 0.4). PML has no
+          # Metrix: its column is PML's clean MS, the loss a user would run without us.
+          "metrix_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # HPHN triplet with Embedding Expansion (n_points=8, pairs="all"). PML has no EE:
+          # its "pml" column is the clean loss, TripletMarginLoss on BatchHardMiner triplets
+          # (= HPHN without expansion).
+          "ee_hphn": ("TripletMarginLoss", "HPHNTripletLoss", "gram")}
+
+# --loss name -> the options that make our module the augmented loss
+AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
+           "ee_hphn": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")}}
+
+
+FUSED_IMPLS = ("cpu", "cuda", "triton")
+
+
+def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
+    """The loss module of `impl` (pml, cpu, cuda, triton, reference, clean) for --loss `loss`."""
+    if impl == "pml":
+        from pytorch_metric_learning import losses as pl
+        if loss == "ee_hphn":
+            from pytorch_metric_learning import miners as pm
+            from pytorch_metric_learning import reducers as pr
+            fn, miner = pl.TripletMarginLoss(margin=0.2, reducer=pr.MeanReducer()), pm.BatchHardMiner()
+            return lambda x, y: fn(x, y, miner(x, y))
+        return getattr(pl, LOSSES[loss][0])(*ctor_args)
+    import metrix_ops as mo
+    kw = AUGMENT[loss](mo) if loss in AUGMENT and impl != "clean" else {}
+    backend = clean_backend if impl == "clean" else impl
+    return getattr(mo.losses, LOSSES[loss][1])(*ctor_args, backend=backend, **kw)
+
+
+def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32"):
+    import contextlib
+
+    import torch
+
+    sys.path.insert(0, HERE)
+    from harness import peak_memory, time_fn
+
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    x0 = torch.randn(b, d, device=dev).to(dt)
+    n_classes = max(2, b // 8)
+    y = torch.randint(0, n_classes, (b,), device=dev)
+    proxy = LOSSES[loss][2] == "proxy"
+    ctor_args = (n_classes, d) if proxy else ()
+    autocast = (torch.autocast(dev.type, dtype=dt) if dt in (torch.float16, torch.bfloat16)
+                else contextlib.nullcontext())
+    if impl == "floor" and proxy:
+        p0 = torch.randn(n_classes, d, device=dev).to(dt)
+
+        def step():  # S = X Pᵀ, then dX = G P and dP = Gᵀ X
+            s = x0 @ p0.t()
+            return s @ p0, s.t() @ x0
+    elif impl == "floor":
+        # S = X Xᵀ, then dX = G X and dR = Gᵀ X: the three products any exact method needs
+        def step():
+            s = x0 @ x0.t()
+            return s @ x0, s.t() @ x0
+    else:
+        # on a GPU the clean loss runs where "auto" puts it (the faster of CUDA and Triton)
+        loss_fn = make_loss(loss, impl, ctor_args,
+                            clean_backend="auto" if dev.type == "cuda" else "cpu")
+        if isinstance(loss_fn, torch.nn.Module):
+            loss_fn.to(dev)
+
+        def step():
+            x = x0.clone().requires_grad_(True)
+            if isinstance(loss_fn, torch.nn.Module):
+                loss_fn.zero_grad(set_to_none=True)  # proxies: a fresh gradient each step
+            with autocast:
+                out = loss_fn(x, y)
+            out.backward()
+            return x.grad
+    peak = peak_memory(step, dev)  # first: RSS peaks are sticky within a process
+    stats = time_fn(step, dev, warmup=1, repeats=repeats)
+    stats["peak_bytes"] = peak
+    return stats
+
+
+def ratios(row):
+    """Speed-up over PML, time over the floor and over the clean loss, and peak memory over
+    PML's, for each fused impl measured (keys without prefix for "cpu", as the older files)."""
+    def t(k):
+        return row.get(k, {}).get("median_s")
+    for impl in FUSED_IMPLS:
+        if t(impl) is None:
+            continue
+        pre = "" if impl == "cpu" else f"{impl}_"
+        if t("pml") is not None:
+            row[pre + "speedup_vs_pml"] = t("pml") / t(impl)
+            row[f"peak_ratio_{impl}_over_pml"] = row[impl]["peak_bytes"] / max(1, row["pml"]["peak_bytes"])
+        if t("floor") is not None:
+            row[f"{impl}_over_floor"] = t(impl) / t("floor")
+        if t("clean") is not None:
+            row[f"{impl}_over_clean"] = t(impl) / t("clean")
+    return row
+
+
+def case_in_child(args, impl, b, d):
+    """One case in its own process (CPU: an honest peak RSS); its stats or {"error": ...}."""
+    cmd = [sys.executable, __file__, "--loss", args.loss, "--case", f"{impl}:{b}:{d}",
+           "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb),
+           "--device", args.device, "--dtype", args.dtype, "--out", "-"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {args.timeout:.0f} s"}
+    err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 \
+        else {"error": err[:200]}
+
+
+def case_in_process(args, impl, b, d):
+    """One case in this process (GPU): errors, out of memory included, become the entry."""
+    import torch
+    try:
+        return run_case(args.loss, impl, b, d, args.repeats, args.device, args.dtype)
+    except Exception as e:  # noqa: BLE001  (an impl that cannot run this case is a result)
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--loss", default="multi_similarity", choices=sorted(LOSSES))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per case (CPU process)")
+    ap.add_argument("--mem-limit-gb", type=float, default=0,
+                    help="address-space cap per case (0: none); a shared box survives PML's OOMs")
+    ap.add_argument("--sizes", default="1024,4096")
+    ap.add_argument("--dims", default="128,512")
+    ap.add_argument("--impls", default="cpu,pml,reference,floor")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:  # child process: one case, result as JSON on stdout
+        impl, b, d = args.case.split(":")
+        if args.mem_limit_gb > 0:
+            import resource
+            cap = int(args.mem_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        print(json.dumps(run_case(args.loss, impl, int(b), int(d), args.repeats, args.device,
+                                  args.dtype)))
+        return
+    sys.path.insert(0, HERE)
+    import torch
+    from harness import write_result
+
+    run = case_in_process if args.device == "cuda" else case_in_child
+    rows = []
+    for b in map(int, args.sizes.split(",")):
+        for d in map(int, args.dims.split(",")):
+            row = {"loss": LOSSES[args.loss][1], "B": b, "D": d, "dtype": args.dtype}
+            for impl in args.impls.split(","):
+                row[impl] = run(args, impl, b, d)
+            print(json.dumps(ratios(row)), flush=True)
+            rows.append(row)
+    write_result(args.out, torch.device(args.device), rows)
+
+
+if __name__ == "__main__":
+    main()
