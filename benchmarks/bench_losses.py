@@ -148,6 +148,7 @@ def case_in_child(args, impl, b, d):
     cmd = [sys.executable, __file__, "--loss", args.loss, "--case", f"{impl}:{b}:{d}",
            "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb),
            "--device", args.device, "--dtype", args.dtype, "--out", "-"]
+    cmd += ["--tf32"] if args.tf32 else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -174,6 +175,9 @@ def main():
     ap.add_argument("--loss", default="multi_similarity", choices=sorted(LOSSES))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32), "
+                         "for every impl alike")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case (CPU process)")
     ap.add_argument("--mem-limit-gb", type=float, default=0,
                     help="address-space cap per case (0: none); a shared box survives PML's OOMs")
@@ -184,6 +188,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tf32:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = True
     if args.case:  # child process: one case, result as JSON on stdout
         impl, b, d = args.case.split(":")
         if args.mem_limit_gb > 0:
@@ -201,7 +208,8 @@ def main():
     rows = []
     for b in map(int, args.sizes.split(",")):
         for d in map(int, args.dims.split(",")):
-            row = {"loss": LOSSES[args.loss][1], "B": b, "D": d, "dtype": args.dtype}
+            row = {"loss": LOSSES[args.loss][1], "B": b, "D": d, "dtype": args.dtype,
+                   "tf32": args.tf32}
             for impl in args.impls.split(","):
                 row[impl] = run(args, impl, b, d)
             print(json.dumps(ratios(row)), flush=True)

@@ -27,5 +27,21 @@ for dt in (torch.float32, torch.float64, torch.bfloat16):
     out = sim_row_stats(x.to(dt), r.to(dt), 2.0, 64); torch.cuda.synchronize()
 print('memcheck case ran')
 " 2>&1 | tail -4 | tee "$OUT/memcheck.log"
-[ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/bench_row_stats.py --device cuda --sizes 8192,32768,65536 --dims 128,512 \
+[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
+python3 benchmarks/bench_row_stats.py --device cuda --sizes 8192,32768,65536 --dims 128,512 \
   --dtypes float32,bfloat16 --out "$OUT/row_stats_gpu.json" 2>&1 | tail -14
+# the losses: Triton and CUDA backends against PML and the product floor, fp32 (TF32 allowed,
+# as PyTorch allows it when the flag is set) and bf16 autocast; PML only where B×B fits
+for dt in float32 bfloat16; do
+  python3 benchmarks/bench_losses.py --device cuda --tf32 --dtype $dt --loss multi_similarity \
+    --impls triton,cuda,pml,floor --sizes 8192,32768 --dims 128,512 --repeats 5 \
+    --out "$OUT/gpu_ms_$dt.json" 2>&1 | tail -4
+  python3 benchmarks/bench_losses.py --device cuda --tf32 --dtype $dt --loss multi_similarity \
+    --impls triton,cuda,floor --sizes 65536 --dims 128,512 --repeats 3 \
+    --out "$OUT/gpu_ms_65536_$dt.json" 2>&1 | tail -2
+  for loss in contrastive proxy_anchor; do
+    python3 benchmarks/bench_losses.py --device cuda --tf32 --dtype $dt --loss $loss \
+      --impls triton,cuda,pml,floor --sizes 8192 --dims 128,512 --repeats 5 \
+      --out "$OUT/gpu_${loss}_$dt.json" 2>&1 | tail -2
+  done
+done
