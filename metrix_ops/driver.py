@@ -2,6 +2,7 @@
 expanded) loss, reduce it as PML does, add the Metrix term."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -37,8 +38,20 @@ def draw_lam(metrix: Metrix, lam: Optional[float]) -> float:
 def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
              ref_emb=None, ref_labels=None, *, distance=None, reducer=None, backend="auto",
              metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
-             lam=None, mixed_embeddings=None, mixed=None) -> torch.Tensor:
+             lam=None, mixed_embeddings=None, mixed=None, miner=None) -> torch.Tensor:
     spec = get_spec(name)
+    if miner is not None:
+        if indices_tuple is not None:
+            raise ValueError("give either indices_tuple or the loss's miner=, not both (the "
+                             "miner= option mines the pairs itself)")
+        if expansion is not None:
+            raise ValueError("miner= and expansion= do not combine: Embedding Expansion mines "
+                             "its own hard negative pairs")
+        if not spec.supports_indices_tuple:
+            raise ValueError(f"{name} does not take a miner (nor an indices_tuple)")
+        if not callable(miner):
+            raise TypeError(f"miner must be a miner module (PML's or metrix_ops.miners'), got "
+                            f"{type(miner).__name__}")
     if ref_emb is not None and not spec.supports_ref_emb:
         raise ValueError(f"{name} does not take ref_emb/ref_labels")
     if indices_tuple is not None and not spec.supports_indices_tuple:
@@ -66,6 +79,7 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
         ref_emb = None if ref_emb is None else ref_emb.float()
         if mixed_embeddings is not None:
             mixed_embeddings = mixed_embeddings.float()
+    miner_refs = (ref_emb, ref_labels)  # as the caller gave them, for an index-tuple miner
     if ref_emb is None:
         ref_emb, ref_labels = embeddings, labels
     inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,
@@ -74,7 +88,16 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     # λ is drawn for the embedding level only: feature/input mixes carry their own λ
     lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
     chosen = backend_mod.resolve(backend, name, embeddings.device)
-    if chosen != "reference" and not fused.supported(chosen, name, params, inp, expansion):
+    mined_loss = None
+    if miner is not None:
+        if chosen != "reference" and fused.miner_supported(chosen, name, params, inp, miner):
+            # the miner's rule runs inside the fused op: no index tuple, no B×M matrix
+            with no_autocast(embeddings):
+                mined_loss = fused.MINER_IMPLS[(chosen, name)][1](params, inp, red, miner)
+        else:  # the miner's index tuple, then the loss on those pairs (PML's two calls)
+            inp = dataclasses.replace(inp, indices_tuple=miner(embeddings, labels, *miner_refs))
+    if (mined_loss is None and chosen != "reference"
+            and not fused.supported(chosen, name, params, inp, expansion)):
         if backend != "auto":
             raise NotImplementedError(
                 f"backend={backend!r} does not cover this {name} call (its fused op supports "
@@ -82,12 +105,14 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
                 "backend='auto' or 'reference'")
         chosen = "reference"
 
-    if (chosen != "reference" and lam_value is not None and metrix.weight > 0
+    if mined_loss is not None:
+        loss = mined_loss
+    elif (chosen != "reference" and lam_value is not None and metrix.weight > 0
             and fused.metrix_supported(chosen, name, params, inp, expansion, metrix)):
         # clean and mixed terms from one fused op (the mixed candidates in closed form)
         with no_autocast(embeddings):
             return fused.METRIX_IMPLS[(chosen, name)][1](params, inp, red, metrix, lam_value)
-    if chosen != "reference":
+    elif chosen != "reference":
         impl = fused.IMPLS[(chosen, name)][1]
         # only the ops that cover expansion= (their supports() says so) take it
         with no_autocast(embeddings):

@@ -10,6 +10,7 @@ from cases import value_and_grad
 MODULES = [
     ("MultiSimilarityLoss", {}),
     ("MultiSimilarityLoss", {"metrix": mo.Metrix(lam=0.3)}),  # clean + Metrix in one op
+    ("MultiSimilarityLoss", {"miner": mo.miners.MultiSimilarityMiner(0.1)}),  # mined in the op
     ("ContrastiveLoss", {}),
     ("ContrastiveLoss", {"reducer": mo.reducers.MeanReducer()}),
     ("ContrastiveLoss", {"reducer": mo.reducers.SumReducer(), "pos_margin": 0.1}),

@@ -41,14 +41,36 @@ inline at::Tensor ms_label_ids(const at::Tensor& labels) {
   return ms_label_ids(labels, labels.narrow(0, 0, 0)).first;
 }
 
+// The MultiSimilarityMiner's per-row thresholds (global rows; all null: no miner) and where
+// the fold counts each row's kept positive and negative pairs.
+template <typename T>
+struct MsMiner {
+  const T* hardest_neg = nullptr;
+  const T* hardest_pos = nullptr;
+  T eps = T(0);
+  int64_t* kept = nullptr;
+};
+
+template <typename T>
+MsBlock<T> ms_block(int64_t nc, int64_t r0, int64_t c0, BlockLabels lab, T a, T bt, T bs,
+                    const T* g, const T* lp, const T* ln, const MsMiner<T>& mine) {
+  MsBlock<T> b{nc, r0, c0, lab.row, lab.col, lab.exclude_diag, a, bt, bs, g, lp, ln};
+  b.hardest_neg = mine.hardest_neg;
+  b.hardest_pos = mine.hardest_pos;
+  b.eps = mine.eps;
+  b.kept = mine.kept;
+  return b;
+}
+
 // Folds block s (nr×nc; global rows r0.., cols c0..) into the rows' log(1 + Σ e^·) states;
 // with cols, also into the columns' states (s_ij as s_ji: the other half of an
 // off-diagonal block of a symmetric S).
 template <typename T>
 void ms_fold_block(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, BlockLabels lab,
-                   T a, T bt, T bs, OnlineLse<T>* pos, OnlineLse<T>* neg, bool cols = false) {
-  const MsBlock<T> b{nc, r0, c0, lab.row, lab.col, lab.exclude_diag, a, bt, bs,
-                     nullptr, nullptr, nullptr};
+                   T a, T bt, T bs, OnlineLse<T>* pos, OnlineLse<T>* neg, bool cols = false,
+                   const MsMiner<T>& mine = {}) {
+  TORCH_CHECK(!(cols && mine.hardest_neg), "the miner runs on the anchors-against-references op only");
+  const MsBlock<T> b = ms_block<T>(nc, r0, c0, lab, a, bt, bs, nullptr, nullptr, nullptr, mine);
   const MsKernels<T>& k = ms_kernels<T>();
   at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) { k.fold(s, i0, i1, b, pos, neg); });
   if (cols)  // grain of whole 64-byte lines of each row
@@ -62,8 +84,10 @@ void ms_fold_block(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, B
 // H = G_IJ + G_JIᵀ of the batch-against-itself op.
 template <typename T>
 void ms_grad_block(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, BlockLabels lab,
-                   const T* g, const T* lp, const T* ln, T a, T bt, T bs, bool sym = false) {
-  const MsBlock<T> b{nc, r0, c0, lab.row, lab.col, lab.exclude_diag, a, bt, bs, g, lp, ln};
+                   const T* g, const T* lp, const T* ln, T a, T bt, T bs, bool sym = false,
+                   const MsMiner<T>& mine = {}) {
+  TORCH_CHECK(!(sym && mine.hardest_neg), "the miner runs on the anchors-against-references op only");
+  const MsBlock<T> b = ms_block<T>(nc, r0, c0, lab, a, bt, bs, g, lp, ln, mine);
   const auto grad = sym ? ms_kernels<T>().grad_sym : ms_kernels<T>().grad;
   at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) { grad(s, i0, i1, b); });
 }

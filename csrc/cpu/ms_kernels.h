@@ -32,6 +32,14 @@ struct MsBlock {
   T alpha, beta, base;
   // gradient only: the row weights ∂L/∂(row loss) and the rows' finished log-sum-exps
   const T *g, *lse_pos, *lse_neg;
+  // MultiSimilarityMiner inside the op (rows against references only; nullptr: every pair).
+  // Row i keeps a positive when s − ε < hardest_neg[i] and a negative when
+  // s + ε > hardest_pos[i], PML's comparisons as PML writes them; the fold counts the kept
+  // pairs of each row into kept[2i], kept[2i + 1].
+  const T* hardest_neg = nullptr;
+  const T* hardest_pos = nullptr;
+  T eps = T(0);
+  int64_t* kept = nullptr;
 };
 
 template <typename T>
@@ -107,6 +115,16 @@ struct MsRowKernel {
     else return v[k];
   }
   template <class Op>
+  static MO_INLINE int64_t reduce_int(I v, Op op) {
+    if constexpr (W == 1) {
+      return v;
+    } else {
+      int64_t r = v[0];
+      for (int k = 1; k < W; ++k) r = op(r, int64_t(v[k]));
+      return r;
+    }
+  }
+  template <class Op>
   static MO_INLINE T reduce(F v, Op op) {
     if constexpr (W == 1) {
       return v;
@@ -139,21 +157,50 @@ struct MsRowKernel {
     if (j < n) group(j, n - j);
   }
 
+  // The row's pairs as for_lanes gives them, less those the miner drops (Mine: hn, hp, eps
+  // are the row's hardest negative, hardest positive and ε).
+  template <bool Mine, class Fn>
+  static MO_INLINE void for_kept(const T* row, int64_t n, const int32_t* col, int32_t li,
+                                 int32_t skip, T hn, T hp, T eps, Fn f) {
+    if constexpr (Mine) {
+      for_lanes(row, n, col, li, skip,
+                [&](int64_t j, int64_t m, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+        f(j, m, v, isp & ((v - (F{} + eps)) < (F{} + hn)), isn & ((v + (F{} + eps)) > (F{} + hp)));
+      });
+    } else {
+      for_lanes(row, n, col, li, skip, f);
+    }
+  }
+
+  template <bool Mine>
   static MO_INLINE void fold_row(const T* row, int64_t n, const int32_t* col, int32_t li, int32_t skip,
-                       T a, T bt, T bs, OnlineLse<T>& pos, OnlineLse<T>& neg) {
+                       T a, T bt, T bs, OnlineLse<T>& pos, OnlineLse<T>& neg, T hn = T(0),
+                       T hp = T(0), T eps = T(0), int64_t* kept = nullptr) {
     const T inf = std::numeric_limits<T>::infinity();
     F lo = F{} + inf, hi = F{} - inf;
-    for_lanes(row, n, col, li, skip, [&](int64_t, int64_t, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+    I np{}, nn{};  // kept pairs per lane (Mine)
+    for_kept<Mine>(row, n, col, li, skip, hn, hp, eps,
+                   [&](int64_t, int64_t, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
       lo = (isp & (v < lo)) ? v : lo;
       hi = (isn & (v > hi)) ? v : hi;
+      if constexpr (Mine) {
+        np += isp ? I{} + 1 : I{};
+        nn += isn ? I{} + 1 : I{};
+      }
     });
+    if constexpr (Mine) {
+      auto add = [](int64_t x, int64_t y) { return x + y; };
+      kept[0] += reduce_int(np, add);
+      kept[1] += reduce_int(nn, add);
+    }
     const T s_lo = reduce(lo, [](T x, T y) { return y < x ? y : x; });
     const T s_hi = reduce(hi, [](T x, T y) { return y > x ? y : x; });
     if (!(s_lo < inf) && !(s_hi > -inf)) return;  // no pair on either side
     // e^{arg − max arg}: −α(s − s_lo) for positives, β(s − s_hi) for negatives
     F sp{}, sn{};
     const F zero{};
-    for_lanes(row, n, col, li, skip, [&](int64_t, int64_t, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+    for_kept<Mine>(row, n, col, li, skip, hn, hp, eps,
+                   [&](int64_t, int64_t, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
       const F k = isp ? F{} - a : F{} + bt;
       const F e = MsLanes<T, W>::exp(k * (v - (isp ? F{} + s_lo : F{} + s_hi)));
       sp += isp ? e : zero;
@@ -167,13 +214,14 @@ struct MsRowKernel {
   // row[j] ← g·∂(row loss)/∂s_j: −g·e^{−α(s−base) − lse⁺} or g·e^{β(s−base) − lse⁻}; 0 for
   // the self pair. With Sym, plus the same term of column j's own loss (weights and
   // log-sum-exps of the global columns at cg, cp, cn): s_ij is also s_ji of that row.
-  template <bool Sym>
+  template <bool Sym, bool Mine>
   static MO_INLINE void grad_row(T* row, int64_t n, const int32_t* col, int32_t li,
                                  int32_t skip, T g, T lp, T ln, T a, T bt, T bs, const T* cg,
-                                 const T* cp, const T* cn) {
+                                 const T* cp, const T* cn, T hn = T(0), T hp = T(0),
+                                 T eps = T(0)) {
     const F zero{};
-    for_lanes(row, n, col, li, skip,
-              [&](int64_t j, int64_t m, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
+    for_kept<Mine>(row, n, col, li, skip, hn, hp, eps,
+                   [&](int64_t j, int64_t m, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
       const F t = (isp ? F{} - a : F{} + bt) * (v - bs);
       F w = g * MsLanes<T, W>::exp(t - (isp ? F{} + lp : F{} + ln));
       if constexpr (Sym) {
@@ -251,18 +299,31 @@ struct MsRowKernel {
                              OnlineLse<T>* pos, OnlineLse<T>* neg) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = b.r0 + i;
-      fold_row(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi], skip_of(b, i), b.alpha,
-               b.beta, b.base, pos[gi], neg[gi]);
+      if (b.hardest_neg)
+        fold_row<true>(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi], skip_of(b, i),
+                       b.alpha, b.beta, b.base, pos[gi], neg[gi], b.hardest_neg[gi],
+                       b.hardest_pos[gi], b.eps, b.kept + 2 * gi);
+      else
+        fold_row<false>(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi], skip_of(b, i),
+                        b.alpha, b.beta, b.base, pos[gi], neg[gi]);
     }
   }
 
+  // Sym (the batch-against-itself op) has no miner: its column terms would need the
+  // columns' thresholds too
   template <bool Sym>
   static MO_INLINE void grad(T* s, int64_t i0, int64_t i1, const MsBlock<T>& b) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = b.r0 + i;
-      grad_row<Sym>(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi], skip_of(b, i),
-                    b.g[gi], b.lse_pos[gi], b.lse_neg[gi], b.alpha, b.beta, b.base, b.g + b.c0,
-                    b.lse_pos + b.c0, b.lse_neg + b.c0);
+      if (!Sym && b.hardest_neg)
+        grad_row<false, true>(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi],
+                              skip_of(b, i), b.g[gi], b.lse_pos[gi], b.lse_neg[gi], b.alpha,
+                              b.beta, b.base, nullptr, nullptr, nullptr, b.hardest_neg[gi],
+                              b.hardest_pos[gi], b.eps);
+      else
+        grad_row<Sym, false>(s + i * b.nc, b.nc, b.col_lab + b.c0, b.row_lab[gi],
+                             skip_of(b, i), b.g[gi], b.lse_pos[gi], b.lse_neg[gi], b.alpha,
+                             b.beta, b.base, b.g + b.c0, b.lse_pos + b.c0, b.lse_neg + b.c0);
     }
   }
 };

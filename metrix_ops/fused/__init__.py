@@ -20,6 +20,20 @@ def register(backend: str, loss_name: str, supports, impl):
     backend_mod.FUSED[backend].add(loss_name)
 
 
+# (backend, loss) -> (supports(params, inp, miner), impl(params, inp, reducer, miner)): ops
+# that run the loss option miner= inside (no index tuple)
+MINER_IMPLS: dict = {}
+
+
+def register_miner(backend: str, loss_name: str, supports, impl):
+    MINER_IMPLS[(backend, loss_name)] = (supports, impl)
+
+
+def miner_supported(backend: str, loss_name: str, params, inp, miner) -> bool:
+    entry = MINER_IMPLS.get((backend, loss_name))
+    return entry is not None and entry[0](params, inp, miner)
+
+
 def register_metrix(backend: str, loss_name: str, supports, impl):
     METRIX_IMPLS[(backend, loss_name)] = (supports, impl)
 

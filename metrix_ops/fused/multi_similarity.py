@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..distances import is_cosine
-from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self
+from ..distances import CosineSimilarity, as_distance, is_cosine
+from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self, ms_mined_rows
 from ..ops.ms_metrix import ms_metrix_rows
 from ..reducers import reduce_loss_dict
-from . import register, register_metrix
+from . import register, register_metrix, register_miner
 from .pair_counts import pair_count_tensors, pair_counts
 
 
@@ -25,19 +25,21 @@ def _self_pairs_only(inp) -> bool:
     return inp.ref_emb is inp.embeddings and inp.same_set
 
 
-def _reduce_clean(rows, inp, reducer):
+def _reduce_clean(rows, inp, reducer, counts=None):
     """PML's reduction of the per-anchor terms, with its rule: no loss when no side has two
-    pairs. Eagerly a Python branch; under torch.compile a select on the counts, so the graph
-    has no data-dependent branch."""
+    pairs (`counts`: the (positive, negative) pair totals, default all pairs of the call).
+    Eagerly a Python branch; under torch.compile a select on the counts, so the graph has no
+    data-dependent branch."""
     x = inp.embeddings
     loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
                           "reduction_type": "element"}}
     loss = reduce_loss_dict(loss_dict, reducer, x)
+    if counts is None:
+        counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+    pos, neg = counts
     if torch.compiler.is_compiling():
-        pos, neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
         return torch.where((pos <= 1) & (neg <= 1), torch.sum(x * 0), loss)
-    pos, neg = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
-    return torch.sum(x * 0) if pos <= 1 and neg <= 1 else loss
+    return torch.sum(x * 0) if int(pos) <= 1 and int(neg) <= 1 else loss
 
 
 def impl(params, inp, reducer, chunk: int = 2048):
@@ -73,5 +75,33 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     return _reduce_clean(rows, inp, reducer) + metrix.weight * mixed
 
 
+def miner_supports(params, inp, miner) -> bool:
+    """MultiSimilarityMiner (ours or PML's) with a cosine similarity, inside the op. Not the
+    calls where PML's miner and loss disagree on the self pair (ref_emb is the batch but
+    ref_labels another tensor, or the reverse): those take the miner's index tuple."""
+    if type(miner).__name__ != "MultiSimilarityMiner" or not hasattr(miner, "epsilon"):
+        return False
+    try:
+        cosine = is_cosine(as_distance(getattr(miner, "distance", None), CosineSimilarity))
+    except (TypeError, ValueError):  # a distance we do not know
+        return False
+    return (supports(params, inp, None) and cosine
+            and (inp.ref_emb is inp.embeddings) == inp.same_set)
+
+
+def miner_impl(params, inp, reducer, miner, chunk: int = 2048):
+    """The loss over the pairs MultiSimilarityMiner(ε) keeps: each anchor's hardest positive
+    and negative in one streaming pass, then the loss over the kept pairs in the next."""
+    x = inp.embeddings
+    xu = F.normalize(x, dim=1)
+    ref = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
+    rows, kept = ms_mined_rows(xu, ref, inp.labels, inp.ref_labels, inp.same_set,
+                               params["alpha"], params["beta"], params["base"],
+                               float(miner.epsilon), chunk)
+    totals = kept.sum(0)
+    return _reduce_clean(rows, inp, reducer, (totals[0], totals[1]))
+
+
 register("cpu", "MultiSimilarityLoss", supports, impl)
+register_miner("cpu", "MultiSimilarityLoss", miner_supports, miner_impl)
 register_metrix("cpu", "MultiSimilarityLoss", metrix_supports, metrix_impl)

@@ -19,7 +19,7 @@ class BaseMetricLoss(torch.nn.Module):
 
     def __init__(self, *args, distance=None, reducer=None, backend: str = "auto",
                  metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
-                 **hyper):
+                 miner=None, **hyper):
         super().__init__()
         names = list(self.defaults)
         if len(args) > len(names):
@@ -39,6 +39,9 @@ class BaseMetricLoss(torch.nn.Module):
         self.backend = backend
         self.metrix = metrix
         self.expansion = expansion
+        # a miner module run on every call in place of an indices_tuple; the fused backends
+        # run the rules they know inside the loss op (MultiSimilarityMiner with MS)
+        self.miner = miner
 
     def loss_params(self) -> dict:
         return {k: getattr(self, k) for k in self.defaults}
@@ -48,7 +51,7 @@ class BaseMetricLoss(torch.nn.Module):
         return run_loss(self.loss_name, self.loss_params(), embeddings, labels, indices_tuple,
                         ref_emb, ref_labels, distance=self.distance, reducer=self.reducer,
                         backend=self.backend, metrix=self.metrix, expansion=self.expansion,
-                        lam=lam, mixed_embeddings=mixed_embeddings, mixed=mixed)
+                        lam=lam, mixed_embeddings=mixed_embeddings, mixed=mixed, miner=self.miner)
 
     def extra_repr(self) -> str:
         parts = [f"{k}={v!r}" for k, v in self.loss_params().items() if not torch.is_tensor(v)]
@@ -57,4 +60,5 @@ class BaseMetricLoss(torch.nn.Module):
             parts.append(f"metrix={self.metrix!r}")
         if self.expansion is not None:
             parts.append(f"expansion={self.expansion!r}")
+
         return ", ".join(parts)

@@ -40,6 +40,9 @@ class CrossBatchMemory(torch.nn.Module):
         if loss.metrix is not None or loss.expansion is not None:
             raise ValueError("CrossBatchMemory: the wrapped loss must not use metrix= or "
                              "expansion= (the bank holds no pair metadata)")
+        if getattr(loss, "miner", None) is not None:
+            raise ValueError("CrossBatchMemory: give the miner to CrossBatchMemory(miner=...), "
+                             "not to the wrapped loss (it mines the batch against the bank)")
         self.loss = loss
         self.miner = miner
         self.embedding_size = embedding_size

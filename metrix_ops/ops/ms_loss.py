@@ -59,6 +59,54 @@ if _ext.HAS_EXT:
                                     setup_context=_setup_self)
 
 
+if _ext.HAS_EXT:
+    @torch.library.register_fake("metrix_ops::ms_mine_bounds")
+    def _fake_bounds(x, r, labels, ref_labels, exclude_diag, chunk):
+        b = x.shape[0]
+        return x.new_empty(b), x.new_empty(b)
+
+    @torch.library.register_fake("metrix_ops::ms_mined_fwd")
+    def _fake_mined(x, r, labels, ref_labels, hardest_neg, hardest_pos, exclude_diag, alpha,
+                    beta, base, eps, chunk):
+        b = x.shape[0]
+        return (x.new_empty(b), x.new_empty(b), x.new_empty(b),
+                x.new_empty((b, 2), dtype=torch.long))
+
+    @torch.library.register_fake("metrix_ops::ms_mined_bwd")
+    def _fake_mined_bwd(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg, hardest_neg,
+                        hardest_pos, exclude_diag, alpha, beta, base, eps, chunk):
+        return torch.empty_like(x), torch.empty_like(r)
+
+    def _setup_mined(ctx, inputs, output):
+        x, r, labels, ref_labels, hn, hp, exclude_diag, alpha, beta, base, eps, chunk = inputs
+        ctx.save_for_backward(x, r, labels, ref_labels, output[1], output[2], hn, hp)
+        ctx.args = (exclude_diag, alpha, beta, base, eps, chunk)
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+    def _backward_mined(ctx, g_rows, _g_lp, _g_ln, _g_kept):
+        x, r, labels, ref_labels, lse_pos, lse_neg, hn, hp = ctx.saved_tensors
+        dx, dr = torch.ops.metrix_ops.ms_mined_bwd(g_rows.contiguous(), x, r, labels, ref_labels,
+                                                   lse_pos, lse_neg, hn, hp, *ctx.args)
+        return dx, dr, None, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("metrix_ops::ms_mined_fwd", _backward_mined,
+                                    setup_context=_setup_mined)
+
+
+def ms_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
+                  beta: float, base: float, epsilon: float, chunk: int = 2048):
+    """ms_loss_rows over the pairs PML's MultiSimilarityMiner(epsilon) keeps, mined inside
+    the op (two streaming passes: the anchors' hardest pairs, then the loss): per-anchor
+    terms and the (positive, negative) pairs kept per anchor (B×2 int64)."""
+    args = (x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous())
+    with torch.no_grad():  # PML's miner is not differentiated
+        hn, hp = torch.ops.metrix_ops.ms_mine_bounds(*args, bool(exclude_diag), int(chunk))
+    rows, _, _, kept = torch.ops.metrix_ops.ms_mined_fwd(
+        *args, hn, hp, bool(exclude_diag), float(alpha), float(beta), float(base), float(epsilon),
+        int(chunk))
+    return rows, kept
+
+
 def ms_loss_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
                  beta: float, base: float, chunk: int = 2048) -> torch.Tensor:
     """Per-anchor MS loss terms (1/α)log(1+Σ_P e^{−α(s−base)}) + (1/β)log(1+Σ_N e^{β(s−base)})."""
