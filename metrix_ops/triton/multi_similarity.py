@@ -1,0 +1,260 @@
+"""MultiSimilarityLoss on the Triton engine (backend="triton"): the per-anchor terms
+(1/α)log(1+Σ_P e^{−α(s−base)}) + (1/β)log(1+Σ_N e^{β(s−base)}) of unit anchors X (B×D)
+against unit references R (M×D), flash-attention style, never storing a B×M matrix.
+
+- forward (one program per BLOCK_M anchors): streams column tiles S = X Rᵀ by tl.dot and
+  keeps, per row and side, an online log-sum-exp started from the e^0 term (the "1 +"),
+  i.e. a running max m (from 0) and Σ e^{v−m} (from 1). Every exponent is taken relative to
+  the running max, so β = 50 (e^{β(s−base)} up to e^{75}) or β = 400 never overflows.
+- backward: G_ij = ∂L/∂s_ij = g_i·(−e^{−α(s_ij−base) − lse⁺_i}) on positives,
+  g_i·e^{β(s_ij−base) − lse⁻_i} on negatives, 0 elsewhere. It depends on row i's statistics
+  only, so dX = G R runs as row programs and dR = Gᵀ X as column programs (a second kernel),
+  each owning its output rows: no atomics, deterministic.
+
+Why recompute S in the backward instead of saving it: saving S (or G) is the B×M memory
+this op exists to avoid (8192² fp32 = 256 MiB per call, 4 GiB at 32768²), and the
+recomputation costs one more tile product per tile (forward S; backward S, G R, and S, Gᵀ X:
+5 products against PML's 3), which on a GPU is cheaper than the HBM round trip of a stored
+B×M matrix. All the forward saves is O(B): the two log-sum-exps of each row.
+
+Pair rules are PML's and the CPU op's: label equality is a positive, anything else a
+negative; with exclude_diag (the batch against itself, or ref_labels *is* labels) row i and
+column i are no pair. Normalisation and its gradient stay in PyTorch; PML's reduction and
+no-pairs rule come from the CPU glue (fused/multi_similarity.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import fused
+from ..distances import is_cosine
+from ..fused.multi_similarity import _reduce_clean, _self_pairs_only
+from ..fused.pair_counts import pair_counts
+from .launch import next_pow2, row_block, dim_block, usable_on
+from .tiles import acc_dtype, add_tile_product, dot_precision, pair_masks, sim_tile
+
+
+@triton.jit
+def _lse_push(m, s, v):
+    """Folds a tile of exponents v (−inf: no pair) into the rows' (max, Σ e^{v−max})."""
+    m_new = tl.maximum(m, tl.max(v, axis=1))  # finite: m starts at the e^0 term's 0
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(v - m_new[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def _ms_args(s, pos, neg, alpha, beta, base):
+    """The tile's exponents: −α(s−base) on positives, β(s−base) on negatives, −inf elsewhere."""
+    ap = tl.where(pos, -alpha * (s - base), float("-inf"))
+    an = tl.where(neg, beta * (s - base), float("-inf"))
+    return ap, an
+
+
+@triton.jit
+def _ms_grad_tile(s, pos, neg, g, lp, ln, alpha, beta, base):
+    """G = ∂L/∂S of a tile from its rows' weights g and log-sum-exps lp, ln (BLOCK_M each)."""
+    ap, an = _ms_args(s, pos, neg, alpha, beta, base)
+    # exponents ≤ 0 where there is a pair (lse ≥ each of its terms); −inf (→ 0) elsewhere
+    w = g[:, None] * (tl.exp(an - ln[:, None]) - tl.exp(ap - lp[:, None]))
+    return w
+
+
+@triton.jit
+def _ms_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, rows_ptr, lp_ptr, ln_ptr,
+                   B, M, D, stride_x, stride_r, EXCLUDE_DIAG: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   ACC: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
+    # log(1 + Σ e^v): the e^0 term is the state's start (max 0, sum 1)
+    mp = tl.zeros((BLOCK_M,), dtype=ACC)
+    sp = tl.full((BLOCK_M,), 1.0, dtype=ACC)
+    mn = tl.zeros((BLOCK_M,), dtype=ACC)
+    sn = tl.full((BLOCK_M,), 1.0, dtype=ACC)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        ap, an = _ms_args(s, pos, neg, alpha, beta, base)
+        mp, sp = _lse_push(mp, sp, ap)
+        mn, sn = _lse_push(mn, sn, an)
+    lp = mp + tl.log(sp)
+    ln = mn + tl.log(sn)
+    tl.store(lp_ptr + offs_m, lp, mask=row_ok)
+    tl.store(ln_ptr + offs_m, ln, mask=row_ok)
+    tl.store(rows_ptr + offs_m, lp / alpha + ln / beta, mask=row_ok)
+
+
+@triton.jit
+def _ms_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, g_ptr, lp_ptr, ln_ptr, dx_ptr,
+                  B, M, D, stride_x, stride_r, stride_dx, EXCLUDE_DIAG: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    lp = tl.load(lp_ptr + offs_m, mask=row_ok, other=0.0)
+    ln = tl.load(ln_ptr + offs_m, mask=row_ok, other=0.0)
+    alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        gt = _ms_grad_tile(s, pos, neg, g, lp, ln, alpha, beta, base)
+        acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _ms_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, g_ptr, lp_ptr, ln_ptr, dr_ptr,
+                  B, M, D, stride_x, stride_r, stride_dr, EXCLUDE_DIAG: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles (G's
+    entries need their anchor row's statistics only, loaded with each tile)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < M
+    lab_n = tl.load(rlab_ptr + offs_n, mask=col_ok, other=0)
+    alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
+    for m0 in range(0, B, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < B
+        lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+        g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        lp = tl.load(lp_ptr + offs_m, mask=row_ok, other=0.0)
+        ln = tl.load(ln_ptr + offs_m, mask=row_ok, other=0.0)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        gt = _ms_grad_tile(s, pos, neg, g, lp, ln, alpha, beta, base)
+        acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
+                               PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dr_ptr + offs_n[:, None] * stride_dr + offs_d[None, :], acc,
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+
+
+# Widest embedding the gradient kernels take: they hold a tile of rows at the whole padded
+# width (BLOCK_DO = next power of two ≥ D) as a tl.dot operand, and the accumulator as well.
+MAX_DIM = 2048
+_GRAD_TILE_BYTES = 64 * 1024  # a full-width row tile stays within this much shared memory
+
+
+def launch_config(x, r, grad: bool = False):
+    """Tile sizes and meta-parameters shared by this engine's pair losses: rows and
+    reference rows per tile, the feature step of S's products, the padded width of the
+    gradient accumulators, accumulation type, tl.dot precision, warps. For the gradient
+    kernels (grad=True) the row tiles shrink (to 16 at least) as D grows, so that a
+    full-width tile of rows and the BLOCK×BLOCK_DO accumulator fit."""
+    dev, d = x.device, x.shape[1]
+    block_do = max(16, next_pow2(d))
+    bm, bn = row_block(x.shape[0], dev), row_block(r.shape[0], dev)
+    if grad:
+        cap = max(16, _GRAD_TILE_BYTES // (block_do * x.element_size()))
+        bm, bn = min(bm, cap), min(bn, cap)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=dim_block(d, dev), ACC=acc_dtype(x.dtype),
+               PRECISION=dot_precision(x.dtype, dev))
+    warps = dict(num_warps=4 if block_do <= 128 else 8) if dev.type == "cuda" else {}
+    return cfg, block_do, warps
+
+
+def _params(x, *values):
+    # the loss constants as a tensor of x's dtype: a Python float argument would be an fp32
+    # scalar inside the kernel, off by 1e-8 relative for fp64 inputs
+    return torch.tensor(values, dtype=x.dtype, device=x.device)
+
+
+def _ms_forward(x, r, labels, ref_labels, exclude_diag, prm):
+    b = x.shape[0]
+    rows, lp, ln = (torch.empty(b, dtype=x.dtype, device=x.device) for _ in range(3))
+    cfg, _, warps = launch_config(x, r)
+    grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
+    _ms_fwd_kernel[grid](x, r, labels, ref_labels, prm, rows, lp, ln, b, r.shape[0],
+                         x.shape[1], x.stride(0), r.stride(0), EXCLUDE_DIAG=exclude_diag,
+                         **cfg, **warps)
+    return rows, lp, ln
+
+
+def _ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, prm, need_x, need_r):
+    b, m, d = x.shape[0], r.shape[0], x.shape[1]
+    cfg, block_do, warps = launch_config(x, r, grad=True)
+    args = (x, r, labels, ref_labels, prm, g, lp, ln)
+    dx = dr = None
+    if need_x:
+        dx = torch.empty_like(x)
+        _ms_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
+            *args, dx, b, m, d, x.stride(0), r.stride(0), dx.stride(0),
+            EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **cfg, **warps)
+    if need_r:
+        dr = torch.empty_like(r)
+        _ms_dr_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](
+            *args, dr, b, m, d, x.stride(0), r.stride(0), dr.stride(0),
+            EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **cfg, **warps)
+    return dx, dr
+
+
+class MsRows(torch.autograd.Function):
+    """Per-anchor MS terms of unit rows x against unit rows r (the same tensor for the batch
+    against itself: autograd then adds dX and dR)."""
+
+    @staticmethod
+    def forward(ctx, x, r, labels, ref_labels, exclude_diag, alpha, beta, base):
+        x, r = x.contiguous(), r.contiguous()
+        labels, ref_labels = labels.contiguous().long(), ref_labels.contiguous().long()
+        prm = _params(x, alpha, beta, base)
+        rows, lp, ln = _ms_forward(x, r, labels, ref_labels, bool(exclude_diag), prm)
+        ctx.save_for_backward(x, r, labels, ref_labels, lp, ln, prm)
+        ctx.exclude_diag = bool(exclude_diag)
+        return rows
+
+    @staticmethod
+    def backward(ctx, g_rows):
+        x, r, labels, ref_labels, lp, ln, prm = ctx.saved_tensors
+        dx, dr = _ms_backward(g_rows.to(x.dtype).contiguous(), x, r, labels, ref_labels, lp,
+                              ln, ctx.exclude_diag, prm, ctx.needs_input_grad[0],
+                              ctx.needs_input_grad[1])
+        return dx, dr, None, None, None, None, None, None
+
+
+def ms_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
+                   beta: float, base: float) -> torch.Tensor:
+    """The Triton twin of ops.ms_loss_rows: per-anchor MS loss terms (differentiable)."""
+    return MsRows.apply(x_unit, r_unit, labels, ref_labels, exclude_diag, float(alpha),
+                        float(beta), float(base))
+
+
+def supports(params, inp, expansion) -> bool:
+    return (expansion is None and inp.indices_tuple is None and inp.labels is not None
+            and is_cosine(inp.distance) and inp.embeddings.shape[1] <= MAX_DIM
+            and usable_on(inp.embeddings.device))
+
+
+def impl(params, inp, reducer):
+    x = inp.embeddings
+    # PML's no-loss rule: eagerly no launch; under torch.compile _reduce_clean's select
+    if not torch.compiler.is_compiling() and max(pair_counts(inp.labels, inp.ref_labels,
+                                                             inp.same_set)) <= 1:
+        return torch.sum(x * 0)
+    xu = F.normalize(x, dim=1)
+    # the batch against itself passes one tensor twice: S's gradient reaches x both ways
+    ru = xu if _self_pairs_only(inp) else F.normalize(inp.ref_emb, dim=1)
+    rows = ms_rows_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
+                          params["beta"], params["base"])
+    return _reduce_clean(rows, inp, reducer)
+
+
+fused.register("triton", "MultiSimilarityLoss", supports, impl)
