@@ -17,6 +17,10 @@ recomputation costs one more tile product per tile (forward S; backward S, G R, 
 5 products against PML's 3), which on a GPU is cheaper than the HBM round trip of a stored
 B×M matrix. All the forward saves is O(B): the two log-sum-exps of each row.
 
+The two gradient kernels (pair_grad_dx_kernel, pair_grad_dr_kernel), their launcher
+pair_grads and launch_config serve every pair loss of this engine: a loss supplies its G
+tile as a @triton.jit function (triton/contrastive.py uses them too).
+
 Pair rules are PML's and the CPU op's: label equality is a positive, anything else a
 negative; with exclude_diag (the batch against itself, or ref_labels *is* labels) row i and
 column i are no pair. Normalisation and its gradient stay in PyTorch; PML's reduction and
@@ -53,12 +57,12 @@ def _ms_args(s, pos, neg, alpha, beta, base):
 
 
 @triton.jit
-def _ms_grad_tile(s, pos, neg, g, lp, ln, alpha, beta, base):
+def _ms_grad_tile(s, pos, neg, g, lp, ln, prm_ptr):
     """G = ∂L/∂S of a tile from its rows' weights g and log-sum-exps lp, ln (BLOCK_M each)."""
+    alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     ap, an = _ms_args(s, pos, neg, alpha, beta, base)
     # exponents ≤ 0 where there is a pair (lse ≥ each of its terms); −inf (→ 0) elsewhere
-    w = g[:, None] * (tl.exp(an - ln[:, None]) - tl.exp(ap - lp[:, None]))
-    return w
+    return g[:, None] * (tl.exp(an - ln[:, None]) - tl.exp(ap - lp[:, None]))
 
 
 @triton.jit
@@ -91,19 +95,27 @@ def _ms_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, rows_ptr, lp_ptr, l
     tl.store(rows_ptr + offs_m, lp / alpha + ln / beta, mask=row_ok)
 
 
+# ---- the gradient kernels every pair loss of this engine shares ----
+# GRAD_TILE(s, pos, neg, a, b, c, prm_ptr) is a @triton.jit function (a constexpr argument)
+# that turns a recomputed tile of S into its tile of G = ∂L/∂S, from three per-anchor-row
+# vectors a, b, c (the row statistics the loss saved, and its row weights) and the loss's
+# constants at prm_ptr. G_ij depends on row i's statistics only, which is what lets dR be
+# computed by column programs without atomics.
+
+
 @triton.jit
-def _ms_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, g_ptr, lp_ptr, ln_ptr, dx_ptr,
-                  B, M, D, stride_x, stride_r, stride_dx, EXCLUDE_DIAG: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr,
+                        B, M, D, stride_x, stride_r, stride_dx, GRAD_TILE: tl.constexpr,
+                        EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr):
     """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
-    g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
-    lp = tl.load(lp_ptr + offs_m, mask=row_ok, other=0.0)
-    ln = tl.load(ln_ptr + offs_m, mask=row_ok, other=0.0)
-    alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
+    a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     for n0 in range(0, M, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -111,7 +123,7 @@ def _ms_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, g_ptr, lp_ptr, ln_pt
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
-        gt = _ms_grad_tile(s, pos, neg, g, lp, ln, alpha, beta, base)
+        gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
         acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
     offs_d = tl.arange(0, BLOCK_DO)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
@@ -119,28 +131,28 @@ def _ms_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, g_ptr, lp_ptr, ln_pt
 
 
 @triton.jit
-def _ms_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, g_ptr, lp_ptr, ln_ptr, dr_ptr,
-                  B, M, D, stride_x, stride_r, stride_dr, EXCLUDE_DIAG: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles (G's
-    entries need their anchor row's statistics only, loaded with each tile)."""
+def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dr_ptr,
+                        B, M, D, stride_x, stride_r, stride_dr, GRAD_TILE: tl.constexpr,
+                        EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles (with
+    each tile, its rows' statistics)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < M
     lab_n = tl.load(rlab_ptr + offs_n, mask=col_ok, other=0)
-    alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
     for m0 in range(0, B, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < B
         lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
-        g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
-        lp = tl.load(lp_ptr + offs_m, mask=row_ok, other=0.0)
-        ln = tl.load(ln_ptr + offs_m, mask=row_ok, other=0.0)
+        a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
-        gt = _ms_grad_tile(s, pos, neg, g, lp, ln, alpha, beta, base)
+        gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
         acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
                                PRECISION)
     offs_d = tl.arange(0, BLOCK_DO)
@@ -172,7 +184,7 @@ def launch_config(x, r, grad: bool = False):
     return cfg, block_do, warps
 
 
-def _params(x, *values):
+def loss_constants(x, *values):
     # the loss constants as a tensor of x's dtype: a Python float argument would be an fp32
     # scalar inside the kernel, off by 1e-8 relative for fp64 inputs
     return torch.tensor(values, dtype=x.dtype, device=x.device)
@@ -189,22 +201,30 @@ def _ms_forward(x, r, labels, ref_labels, exclude_diag, prm):
     return rows, lp, ln
 
 
-def _ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, prm, need_x, need_r):
+def pair_grads(grad_tile, x, r, labels, ref_labels, prm, row_vecs, exclude_diag, need_x,
+               need_r):
+    """(dX, dR) of a pair loss (None where not needed) by the two shared gradient kernels;
+    row_vecs: the three per-anchor vectors grad_tile reads (a, b, c)."""
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     cfg, block_do, warps = launch_config(x, r, grad=True)
-    args = (x, r, labels, ref_labels, prm, g, lp, ln)
+    args = (x, r, labels, ref_labels, prm, *row_vecs)
+    meta = dict(GRAD_TILE=grad_tile, EXCLUDE_DIAG=bool(exclude_diag), BLOCK_DO=block_do,
+                **cfg, **warps)
     dx = dr = None
     if need_x:
         dx = torch.empty_like(x)
-        _ms_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
-            *args, dx, b, m, d, x.stride(0), r.stride(0), dx.stride(0),
-            EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **cfg, **warps)
+        pair_grad_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
+            *args, dx, b, m, d, x.stride(0), r.stride(0), dx.stride(0), **meta)
     if need_r:
         dr = torch.empty_like(r)
-        _ms_dr_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](
-            *args, dr, b, m, d, x.stride(0), r.stride(0), dr.stride(0),
-            EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **cfg, **warps)
+        pair_grad_dr_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](
+            *args, dr, b, m, d, x.stride(0), r.stride(0), dr.stride(0), **meta)
     return dx, dr
+
+
+def _ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, prm, need_x, need_r):
+    return pair_grads(_ms_grad_tile, x, r, labels, ref_labels, prm, (g, lp, ln), exclude_diag,
+                      need_x, need_r)
 
 
 class MsRows(torch.autograd.Function):
@@ -215,7 +235,7 @@ class MsRows(torch.autograd.Function):
     def forward(ctx, x, r, labels, ref_labels, exclude_diag, alpha, beta, base):
         x, r = x.contiguous(), r.contiguous()
         labels, ref_labels = labels.contiguous().long(), ref_labels.contiguous().long()
-        prm = _params(x, alpha, beta, base)
+        prm = loss_constants(x, alpha, beta, base)
         rows, lp, ln = _ms_forward(x, r, labels, ref_labels, bool(exclude_diag), prm)
         ctx.save_for_backward(x, r, labels, ref_labels, lp, ln, prm)
         ctx.exclude_diag = bool(exclude_diag)
