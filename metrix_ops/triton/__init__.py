@@ -9,4 +9,5 @@ from .launch import HAS_TRITON, interpreting, usable_on  # noqa: F401
 if HAS_TRITON:
     # loss modules are imported here (they register themselves)
     from . import multi_similarity  # noqa: F401
+    from . import contrastive  # noqa: F401
 
