@@ -279,3 +279,33 @@ def test_plain_cpu_without_interpreter_refuses():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert "REFUSED backend='triton' cannot run here" in out.stdout, out.stdout + out.stderr
+
+
+def test_opcheck():
+    import math
+    x = F.normalize(torch.randn(11, 4, dtype=torch.float64), dim=1).to(DEVICE)
+    r = F.normalize(torch.randn(7, 4, dtype=torch.float64), dim=1).to(DEVICE)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 0], device=DEVICE)
+    ry = torch.tensor([0, 1, 1, 2, 3, 5, 0], device=DEVICE)
+    ops = torch.ops.metrix_ops
+    common = (False, 0.1, 0.9, 0.0, math.inf)
+    torch.library.opcheck(ops.triton_contrastive_rows.default,
+                          (x.clone().requires_grad_(), r.clone().requires_grad_(), y, ry, False)
+                          + common)
+    g = torch.randn(2, 11, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(ops.triton_contrastive_rows_bwd.default,
+                          (g[0], g[1], x, x, y, y, True) + common + (True, True))
+
+
+@pytest.mark.parametrize("kw", [{}, {"reducer": mo.reducers.MeanReducer(), "pos_margin": 0.1}])
+def test_module_under_fullgraph_compile_equals_eager(kw):
+    torch._dynamo.reset()
+    loss = mo.losses.ContrastiveLoss(backend="triton", **kw)
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(3)
+    for b, k in [(13, 4), (6, 6), (1, 1)]:  # random, no positives, the no-pairs rule
+        x, y = on_dev(torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g))
+        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
+        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)

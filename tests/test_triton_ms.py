@@ -261,3 +261,33 @@ def test_wide_embeddings_and_the_width_limit():
     wide = torch.randn(3, MAX_DIM + 1, device=DEVICE)
     with pytest.raises(NotImplementedError, match="does not cover"):
         tri(wide, torch.tensor([0, 0, 1], device=DEVICE))
+
+
+def test_opcheck():
+    x = F.normalize(torch.randn(11, 4, dtype=torch.float64), dim=1).to(DEVICE)
+    r = F.normalize(torch.randn(7, 4, dtype=torch.float64), dim=1).to(DEVICE)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 0], device=DEVICE)
+    ry = torch.tensor([0, 1, 1, 2, 3, 5, 0], device=DEVICE)
+    ops = torch.ops.metrix_ops
+    torch.library.opcheck(ops.triton_ms_rows.default,
+                          (x.clone().requires_grad_(), r.clone().requires_grad_(), y, ry, False,
+                           2.0, 50.0, 0.5))
+    lp, ln = ops.triton_ms_rows(x, x, y, y, True, 2.0, 50.0, 0.5)[1:]
+    torch.library.opcheck(ops.triton_ms_rows_bwd.default,
+                          (torch.randn(11, dtype=torch.float64, device=DEVICE), x, x, y, y, lp,
+                           ln, True, 2.0, 50.0, 0.5, True, False))
+
+
+def test_module_under_fullgraph_compile_equals_eager():
+    """The custom ops keep the launches out of the graph: the whole module traces (input
+    checks, pair counts, the no-pairs rule, the reducer), as on the CPU backend."""
+    torch._dynamo.reset()
+    loss = mo.losses.MultiSimilarityLoss(backend="triton")
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(3)
+    for b, k in [(13, 4), (6, 6), (1, 1)]:  # random, no positives, the no-pairs rule
+        x, y = on_dev(torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g))
+        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
+        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)

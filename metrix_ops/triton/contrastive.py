@@ -22,8 +22,6 @@ Why recompute S in the backward: storing S or G is the B×M memory this op exist
 recomputing costs one more tile product per tile, cheaper on a GPU than writing and reading
 back a B×M matrix, and the forward saves nothing but O(B) row vectors (here: nothing at all
 beyond the inputs, the terms are a function of s alone)."""
-from __future__ import annotations
-
 import math
 
 import torch
@@ -39,7 +37,8 @@ from ..ops.contrastive import _bound
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from .launch import usable_on
-from .multi_similarity import MAX_DIM, launch_config, loss_constants, pair_grads
+from .multi_similarity import (MAX_DIM, fake_grads, grads_or_empty, launch_config,
+                               loss_constants, pair_grads)
 from .tiles import pair_masks, sim_tile
 
 
@@ -128,42 +127,83 @@ def _con_backward(gp, gn, x, r, labels, ref_labels, exclude_diag, cosine, prm, n
                       need_r)
 
 
-class ContrastiveRows(torch.autograd.Function):
-    """Per-anchor (pos_sum, pos_count, neg_sum, neg_count) of unit rows x against unit rows r
-    (one tensor passed twice for the batch against itself); the counts are int64 and carry
-    no gradient."""
+# The launches are torch.library custom ops, as in triton/multi_similarity.py: opaque to
+# torch.compile, with fake kernels and autograd registered here.
+_FWD = "metrix_ops::triton_contrastive_rows"
 
-    @staticmethod
-    def forward(ctx, x, r, labels, ref_labels, exclude_diag, cosine, pos_margin, neg_margin,
-                low, high):
-        x, r = x.contiguous(), r.contiguous()
-        labels, ref_labels = labels.contiguous().long(), ref_labels.contiguous().long()
-        prm = loss_constants(x, pos_margin, neg_margin, _bound(low, -math.inf),
-                             _bound(high, math.inf), 8 * torch.finfo(x.dtype).eps)
-        out = _con_forward(x, r, labels, ref_labels, bool(exclude_diag), bool(cosine), prm)
-        ctx.save_for_backward(x, r, labels, ref_labels, prm)
-        ctx.flags = (bool(exclude_diag), bool(cosine))
-        ctx.mark_non_differentiable(out[1], out[3])
-        return out
 
-    @staticmethod
-    def backward(ctx, g_pos, _g_pc, g_neg, _g_nc):
-        x, r, labels, ref_labels, prm = ctx.saved_tensors
-        # an output nobody used comes back as None
-        gp, gn = (torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) if g is None
-                  else g.to(x.dtype).contiguous() for g in (g_pos, g_neg))
-        dx, dr = _con_backward(gp, gn, x, r, labels, ref_labels, *ctx.flags, prm,
-                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return (dx, dr) + (None,) * 8
+def _constants(x, pos_margin, neg_margin, low, high):
+    # the last one: d² below 8 ulps of x's dtype is taken as 0 (contrastive.h)
+    return loss_constants(x, pos_margin, neg_margin, low, high, 8 * torch.finfo(x.dtype).eps)
+
+
+@torch.library.custom_op(_FWD, mutates_args=())
+def _con_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
+                 ref_labels: torch.Tensor, exclude_diag: bool, cosine: bool,
+                 pos_margin: float, neg_margin: float, low: float, high: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, r = x.contiguous(), r.contiguous()
+    return _con_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
+                        exclude_diag, cosine, _constants(x, pos_margin, neg_margin, low, high))
+
+
+@_con_rows_op.register_fake
+def _(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin, neg_margin, low, high):
+    b = x.shape[0]
+    return (x.new_empty(b), x.new_empty(b, dtype=torch.long), x.new_empty(b),
+            x.new_empty(b, dtype=torch.long))
+
+
+@torch.library.custom_op("metrix_ops::triton_contrastive_rows_bwd", mutates_args=())
+def _con_rows_bwd_op(grad_pos: torch.Tensor, grad_neg: torch.Tensor, x: torch.Tensor,
+                     r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
+                     exclude_diag: bool, cosine: bool, pos_margin: float, neg_margin: float,
+                     low: float, high: float, need_x: bool, need_r: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    x, r = x.contiguous(), r.contiguous()
+    dx, dr = _con_backward(grad_pos.to(x.dtype).contiguous(), grad_neg.to(x.dtype).contiguous(),
+                           x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
+                           exclude_diag, cosine, _constants(x, pos_margin, neg_margin, low, high),
+                           need_x, need_r)
+    return grads_or_empty(dx, dr, x)
+
+
+@_con_rows_bwd_op.register_fake
+def _(grad_pos, grad_neg, x, r, labels, ref_labels, exclude_diag, cosine, pos_margin,
+      neg_margin, low, high, need_x, need_r):
+    return fake_grads(x, r, need_x, need_r)
+
+
+def _con_setup(ctx, inputs, output):
+    x, r, labels, ref_labels, *consts = inputs
+    ctx.save_for_backward(x, r, labels, ref_labels)
+    ctx.consts = tuple(consts)
+    ctx.mark_non_differentiable(output[1], output[3])
+
+
+def _con_backward_rule(ctx, g_pos, _g_pc, g_neg, _g_nc):
+    x = ctx.saved_tensors[0]
+    # an output nobody used may come back as None
+    g_pos, g_neg = (x.new_zeros(x.shape[0]) if g is None else g for g in (g_pos, g_neg))
+    need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dr = torch.ops.metrix_ops.triton_contrastive_rows_bwd(
+        g_pos, g_neg, *ctx.saved_tensors, *ctx.consts, need_x, need_r)
+    return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 8
+
+
+torch.library.register_autograd(_FWD, _con_backward_rule, setup_context=_con_setup)
 
 
 def contrastive_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
                             cosine: bool, pos_margin: float, neg_margin: float, low=None,
                             high=None):
     """The Triton twin of ops.contrastive_rows: per-anchor (pos_sum, pos_count, neg_sum,
-    neg_count) of the kept hinge terms; low/high bound the kept terms (None: unbounded)."""
-    return ContrastiveRows.apply(x_unit, r_unit, labels, ref_labels, exclude_diag, cosine,
-                                 float(pos_margin), float(neg_margin), low, high)
+    neg_count) of the kept hinge terms of unit rows x_unit against unit rows r_unit (one
+    tensor passed twice for the batch against itself); low/high bound the kept terms (None:
+    unbounded). The sums are differentiable; the counts are int64 and are not."""
+    return torch.ops.metrix_ops.triton_contrastive_rows(
+        x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(pos_margin),
+        float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf))
 
 
 def supports(params, inp, expansion) -> bool:

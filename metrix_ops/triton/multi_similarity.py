@@ -25,8 +25,6 @@ Pair rules are PML's and the CPU op's: label equality is a positive, anything el
 negative; with exclude_diag (the batch against itself, or ref_labels *is* labels) row i and
 column i are no pair. Normalisation and its gradient stay in PyTorch; PML's reduction and
 no-pairs rule come from the CPU glue (fused/multi_similarity.py)."""
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -41,14 +39,6 @@ from .tiles import acc_dtype, add_tile_product, dot_precision, pair_masks, sim_t
 
 
 @triton.jit
-def _lse_push(m, s, v):
-    """Folds a tile of exponents v (−inf: no pair) into the rows' (max, Σ e^{v−max})."""
-    m_new = tl.maximum(m, tl.max(v, axis=1))  # finite: m starts at the e^0 term's 0
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(v - m_new[:, None]), axis=1)
-    return m_new, s
-
-
-@triton.jit
 def _ms_args(s, pos, neg, alpha, beta, base):
     """The tile's exponents: −α(s−base) on positives, β(s−base) on negatives, −inf elsewhere."""
     ap = tl.where(pos, -alpha * (s - base), float("-inf"))
@@ -57,12 +47,25 @@ def _ms_args(s, pos, neg, alpha, beta, base):
 
 
 @triton.jit
+def _ms_fold(mp, sp, mn, sn, ap, an, pos):
+    """Folds a tile's exponents into the rows' online log-sum-exps of both sides, each a
+    (running max, Σ e^{v−max}) pair. One exp per entry: an entry is on one side at most."""
+    mp_new = tl.maximum(mp, tl.max(ap, axis=1))  # finite: the state starts at the e^0 term
+    mn_new = tl.maximum(mn, tl.max(an, axis=1))
+    e = tl.exp(tl.where(pos, ap - mp_new[:, None], an - mn_new[:, None]))  # 0 off the pairs
+    sp = sp * tl.exp(mp - mp_new) + tl.sum(tl.where(pos, e, 0.0), axis=1)
+    sn = sn * tl.exp(mn - mn_new) + tl.sum(tl.where(pos, 0.0, e), axis=1)
+    return mp_new, sp, mn_new, sn
+
+
+@triton.jit
 def _ms_grad_tile(s, pos, neg, g, lp, ln, prm_ptr):
     """G = ∂L/∂S of a tile from its rows' weights g and log-sum-exps lp, ln (BLOCK_M each)."""
     alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     ap, an = _ms_args(s, pos, neg, alpha, beta, base)
-    # exponents ≤ 0 where there is a pair (lse ≥ each of its terms); −inf (→ 0) elsewhere
-    return g[:, None] * (tl.exp(an - ln[:, None]) - tl.exp(ap - lp[:, None]))
+    # the exponent is ≤ 0 on a pair (its side's lse is ≥ each term), −inf (→ 0) elsewhere
+    w = g[:, None] * tl.exp(tl.where(pos, ap - lp[:, None], an - ln[:, None]))
+    return tl.where(pos, -w, w)
 
 
 @triton.jit
@@ -86,8 +89,7 @@ def _ms_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, rows_ptr, lp_ptr, l
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
         ap, an = _ms_args(s, pos, neg, alpha, beta, base)
-        mp, sp = _lse_push(mp, sp, ap)
-        mn, sn = _lse_push(mn, sn, an)
+        mp, sp, mn, sn = _ms_fold(mp, sp, mn, sn, ap, an, pos)
     lp = mp + tl.log(sp)
     ln = mn + tl.log(sn)
     tl.store(lp_ptr + offs_m, lp, mask=row_ok)
@@ -227,34 +229,84 @@ def _ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, prm, need_x,
                       need_x, need_r)
 
 
-class MsRows(torch.autograd.Function):
-    """Per-anchor MS terms of unit rows x against unit rows r (the same tensor for the batch
-    against itself: autograd then adds dX and dR)."""
+# The launches are torch.library custom ops: opaque to torch.compile (the module traces whole
+# under fullgraph=True, as on the CPU backend), with fake kernels and autograd registered
+# here. The backward op returns an empty tensor for a gradient no input needs (a memory
+# bank's ref_emb, say): its kernel is skipped.
+_FWD = "metrix_ops::triton_ms_rows"
+_BWD = "metrix_ops::triton_ms_rows_bwd"
 
-    @staticmethod
-    def forward(ctx, x, r, labels, ref_labels, exclude_diag, alpha, beta, base):
-        x, r = x.contiguous(), r.contiguous()
-        labels, ref_labels = labels.contiguous().long(), ref_labels.contiguous().long()
-        prm = loss_constants(x, alpha, beta, base)
-        rows, lp, ln = _ms_forward(x, r, labels, ref_labels, bool(exclude_diag), prm)
-        ctx.save_for_backward(x, r, labels, ref_labels, lp, ln, prm)
-        ctx.exclude_diag = bool(exclude_diag)
-        return rows
 
-    @staticmethod
-    def backward(ctx, g_rows):
-        x, r, labels, ref_labels, lp, ln, prm = ctx.saved_tensors
-        dx, dr = _ms_backward(g_rows.to(x.dtype).contiguous(), x, r, labels, ref_labels, lp,
-                              ln, ctx.exclude_diag, prm, ctx.needs_input_grad[0],
-                              ctx.needs_input_grad[1])
-        return dx, dr, None, None, None, None, None, None
+@torch.library.custom_op(_FWD, mutates_args=())
+def _ms_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
+                ref_labels: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,
+                base: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, r = x.contiguous(), r.contiguous()
+    return _ms_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
+                       exclude_diag, loss_constants(x, alpha, beta, base))
+
+
+@_ms_rows_op.register_fake
+def _(x, r, labels, ref_labels, exclude_diag, alpha, beta, base):
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+@torch.library.custom_op(_BWD, mutates_args=())
+def _ms_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
+                    labels: torch.Tensor, ref_labels: torch.Tensor, lse_pos: torch.Tensor,
+                    lse_neg: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,
+                    base: float, need_x: bool, need_r: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    x, r = x.contiguous(), r.contiguous()
+    dx, dr = _ms_backward(g_rows.to(x.dtype).contiguous(), x, r, labels.contiguous().long(),
+                          ref_labels.contiguous().long(), lse_pos.contiguous(),
+                          lse_neg.contiguous(), exclude_diag, loss_constants(x, alpha, beta, base),
+                          need_x, need_r)
+    return grads_or_empty(dx, dr, x)
+
+
+@_ms_rows_bwd_op.register_fake
+def _(g_rows, x, r, labels, ref_labels, lse_pos, lse_neg, exclude_diag, alpha, beta, base,
+      need_x, need_r):
+    return fake_grads(x, r, need_x, need_r)
+
+
+def grads_or_empty(dx, dr, x):
+    """A gradient op's outputs: a tensor for each, empty where it was not computed."""
+    return (x.new_empty(0) if dx is None else dx), (x.new_empty(0) if dr is None else dr)
+
+
+def fake_grads(x, r, need_x, need_r):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(r) if need_r else r.new_empty(0))
+
+
+def _ms_setup(ctx, inputs, output):
+    x, r, labels, ref_labels, *consts = inputs
+    ctx.save_for_backward(x, r, labels, ref_labels, output[1], output[2])
+    ctx.consts = tuple(consts)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _ms_backward_rule(ctx, g_rows, _g_lp, _g_ln):
+    need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dr = torch.ops.metrix_ops.triton_ms_rows_bwd(g_rows, *ctx.saved_tensors, *ctx.consts,
+                                                    need_x, need_r)
+    return (dx if need_x else None), (dr if need_r else None), None, None, None, None, None, None
+
+
+torch.library.register_autograd(_FWD, _ms_backward_rule, setup_context=_ms_setup)
 
 
 def ms_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
                    beta: float, base: float) -> torch.Tensor:
-    """The Triton twin of ops.ms_loss_rows: per-anchor MS loss terms (differentiable)."""
-    return MsRows.apply(x_unit, r_unit, labels, ref_labels, exclude_diag, float(alpha),
-                        float(beta), float(base))
+    """The Triton twin of ops.ms_loss_rows: per-anchor MS loss terms of unit rows x_unit
+    against unit rows r_unit (one tensor passed twice for the batch against itself: the
+    gradient then reaches it both ways), differentiable in both."""
+    rows, _, _ = torch.ops.metrix_ops.triton_ms_rows(x_unit, r_unit, labels, ref_labels,
+                                                    bool(exclude_diag), float(alpha),
+                                                    float(beta), float(base))
+    return rows
 
 
 def supports(params, inp, expansion) -> bool:

@@ -39,7 +39,7 @@ if HAS_TRITON:
         """acc + g · B[offs] over the whole (padded) feature width BLOCK_DO ≥ D: the gradient
         products dX += G R (g a G tile) and dR += Gᵀ X (g = tl.trans of a G tile)."""
         b = load_rows(b_ptr, offs, n_b, tl.arange(0, BLOCK_DO), D, stride_b)
-        return acc + tl.dot(g.to(b.dtype), b, input_precision=PRECISION, out_dtype=acc.dtype)
+        return tl.dot(g.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
     @triton.jit
     def pair_masks(offs_m, offs_n, lab_m, lab_n, n_a, n_b, EXCLUDE_DIAG: tl.constexpr):
