@@ -57,7 +57,8 @@ def test_odd_shapes_fp64(b, d, classes):
 @pytest.mark.parametrize("dist", ["LpDistance", "CosineSimilarity"])
 def test_reducers_and_distances_match_pml(reducer, dist):
     from pytorch_metric_learning import distances as pd
-    kw = {"pos_margin": 0.7, "neg_margin": 0.2} if dist == "CosineSimilarity" else {"neg_margin": 1.1}
+    cos = dist == "CosineSimilarity"
+    kw = {"pos_margin": 0.7, "neg_margin": 0.2} if cos else {"neg_margin": 1.1}
     _, pml = pml_pair("ContrastiveLoss", kw, dist=getattr(pd, dist), reducer=reducer)
     tri = mo.losses.ContrastiveLoss(backend="triton", distance=getattr(pd, dist)(),
                                     reducer=getattr(mo.reducers, reducer)(), **kw)

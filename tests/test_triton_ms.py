@@ -248,8 +248,8 @@ def test_plain_cpu_without_interpreter_refuses():
 
 def test_wide_embeddings_and_the_width_limit():
     """D = 300: the gradient kernels' row tiles shrink for the 512-wide accumulators (two
-    tiles of 16 rows where the forward takes one of 32); past MAX_DIM the op refuses."""
-    from metrix_ops.triton.multi_similarity import MAX_DIM
+    tiles of 16 rows where the forward takes one of 32); past max_dim the op refuses."""
+    from metrix_ops.triton.multi_similarity import max_dim
     g = torch.Generator().manual_seed(9)
     x = torch.randn(29, 300, dtype=torch.float64, generator=g)
     r = torch.randn(21, 300, dtype=torch.float64, generator=g)
@@ -258,9 +258,11 @@ def test_wide_embeddings_and_the_width_limit():
     tri, ref = pair()
     assert_close_vg(lambda e, f: tri(e, y, ref_emb=f, ref_labels=ry),
                     lambda e, f: ref(e, y, ref_emb=f, ref_labels=ry), x, r)
-    wide = torch.randn(3, MAX_DIM + 1, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="does not cover"):
-        tri(wide, torch.tensor([0, 0, 1], device=DEVICE))
+    assert (max_dim(torch.float32), max_dim(torch.float64)) == (2048, 1024)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):  # halves count as fp32
+        wide = torch.randn(3, max_dim(dtype) + 1, device=DEVICE).to(dtype)
+        with pytest.raises(NotImplementedError, match="does not cover"):
+            tri(wide, torch.tensor([0, 0, 1], device=DEVICE))
 
 
 def test_opcheck():

@@ -37,8 +37,8 @@ from ..ops.contrastive import _bound
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from .launch import usable_on
-from .multi_similarity import (MAX_DIM, fake_grads, grads_or_empty, launch_config,
-                               loss_constants, pair_grads)
+from .multi_similarity import (fake_grads, grads_or_empty, launch_config,
+                               loss_constants, max_dim, pair_grads)
 from .tiles import pair_masks, sim_tile
 
 
@@ -209,7 +209,8 @@ def contrastive_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bo
 def supports(params, inp, expansion) -> bool:
     d = inp.distance
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
-            and (is_normalized_l2(d) or is_cosine(d)) and inp.embeddings.shape[1] <= MAX_DIM
+            and (is_normalized_l2(d) or is_cosine(d))
+            and inp.embeddings.shape[1] <= max_dim(inp.embeddings.dtype)
             and usable_on(inp.embeddings.device))
 
 

@@ -13,9 +13,11 @@ against unit references R (M×D), flash-attention style, never storing a B×M ma
 
 Why recompute S in the backward instead of saving it: saving S (or G) is the B×M memory
 this op exists to avoid (8192² fp32 = 256 MiB per call, 4 GiB at 32768²), and the
-recomputation costs one more tile product per tile (forward S; backward S, G R, and S, Gᵀ X:
-5 products against PML's 3), which on a GPU is cheaper than the HBM round trip of a stored
-B×M matrix. All the forward saves is O(B): the two log-sum-exps of each row.
+recomputation costs one S product per gradient kernel (forward S; backward S and G R, and
+S and Gᵀ X: 5 products against PML's 3), about the time a GPU would spend writing S to HBM
+and reading it back twice, without the memory. All the forward saves is O(B): the two
+log-sum-exps of each row. (One backward kernel adding dR by atomics would save one S
+product but lose determinism; the two kernels keep the gradients bitwise reproducible.)
 
 The two gradient kernels (pair_grad_dx_kernel, pair_grad_dr_kernel), their launcher
 pair_grads and launch_config serve every pair loss of this engine: a loss supplies its G
@@ -162,10 +164,17 @@ def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
              mask=col_ok[:, None] & (offs_d[None, :] < D))
 
 
-# Widest embedding the gradient kernels take: they hold a tile of rows at the whole padded
-# width (BLOCK_DO = next power of two ≥ D) as a tl.dot operand, and the accumulator as well.
-MAX_DIM = 2048
-_GRAD_TILE_BYTES = 64 * 1024  # a full-width row tile stays within this much shared memory
+# The gradient kernels hold a tile of rows at the whole padded width (BLOCK_DO = next power
+# of two ≥ D) as a tl.dot operand, and an accumulator as wide. A full-width row tile stays
+# within _GRAD_TILE_BYTES of shared memory where it can (tiles shrink down to 16 rows), and
+# an embedding is too wide when even 16 rows would pass twice that (H100: 227 KiB per SM):
+# 2048 features in fp32, 1024 in fp64.
+_GRAD_TILE_BYTES = 64 * 1024
+
+
+def max_dim(dtype: torch.dtype) -> int:
+    """The widest embedding the gradient kernels take for inputs of `dtype`."""
+    return 2 * _GRAD_TILE_BYTES // (16 * torch.empty(0, dtype=dtype).element_size())
 
 
 def launch_config(x, r, grad: bool = False):
@@ -310,9 +319,10 @@ def ms_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha
 
 
 def supports(params, inp, expansion) -> bool:
+    x = inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
-            and is_cosine(inp.distance) and inp.embeddings.shape[1] <= MAX_DIM
-            and usable_on(inp.embeddings.device))
+            and is_cosine(inp.distance) and x.shape[1] <= max_dim(x.dtype)
+            and usable_on(x.device))
 
 
 def impl(params, inp, reducer):
