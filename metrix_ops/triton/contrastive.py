@@ -49,17 +49,15 @@ def _con_terms(s, pos, neg, prm_ptr, COSINE: tl.constexpr):
     pm, nm = tl.load(prm_ptr), tl.load(prm_ptr + 1)
     low, high = tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
     if COSINE:
-        t = tl.where(pos, pm - s, s - nm)
-        mag = tl.full(s.shape, 1.0, s.dtype)
+        t = tl.maximum(tl.where(pos, pm - s, s - nm), 0.0)
+        mag = (t > 0.0).to(s.dtype)
     else:
         q = 2.0 - 2.0 * s
         # d² = 2 − 2s carries the rounding of s: below 8 ulps it is 0 (contrastive.h)
         d = tl.where(q > tl.load(prm_ptr + 4), tl.sqrt(tl.maximum(q, 0.0)), 0.0)
-        t = tl.where(pos, d - pm, nm - d)
-        mag = tl.where(d > 0.0, 1.0 / tl.where(d > 0.0, d, 1.0), 0.0)
-    t = tl.maximum(t, 0.0)
+        t = tl.maximum(tl.where(pos, d - pm, nm - d), 0.0)
+        mag = tl.where((t > 0.0) & (d > 0.0), 1.0 / tl.where(d > 0.0, d, 1.0), 0.0)
     keep = (t > low) & (t < high)
-    mag = tl.where(t > 0.0, mag, 0.0)
     return t, pos & keep, neg & keep, mag
 
 
