@@ -293,3 +293,16 @@ def test_module_under_fullgraph_compile_equals_eager():
         vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+def test_under_bf16_autocast():
+    """Under autocast the loss is computed in fp32 from the (fp32) leaf, as without it."""
+    g = torch.Generator().manual_seed(11)
+    x, y = on_dev(torch.randn(21, 12, generator=g), torch.randint(0, 4, (21,), generator=g))
+    loss = mo.losses.MultiSimilarityLoss(backend="triton")
+    v, (gx,) = value_and_grad(lambda e: loss(e, y), x)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        va, (ga,) = value_and_grad(lambda e: loss(e, y), x)
+    assert va.dtype == torch.float32 and ga.dtype == torch.float32
+    torch.testing.assert_close(va, v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gx, rtol=1e-5, atol=1e-6)
