@@ -181,6 +181,14 @@ def test_backend_triton_runs_the_kernels(monkeypatch):
 
     spy("_ms_forward", tms._ms_forward)
     spy("_ms_backward", tms._ms_backward)
+    symmetric = []
+    grads = tms.pair_grads
+
+    def spy_grads(*a, **k):
+        symmetric.append(a[8])
+        return grads(*a, **k)
+
+    monkeypatch.setattr(tms, "pair_grads", spy_grads)
 
     def no_cpu(*a, **k):
         raise AssertionError("the CPU op ran")
@@ -188,9 +196,11 @@ def test_backend_triton_runs_the_kernels(monkeypatch):
     monkeypatch.setattr(cpu_glue, "ms_loss_rows", no_cpu)
     monkeypatch.setattr(cpu_glue, "ms_loss_rows_self", no_cpu)
     x, y = on_dev(*make_case(CASES[0]))
-    out = mo.losses.MultiSimilarityLoss(backend="triton")(x, y)
-    out.backward()
-    assert calls == ["_ms_forward", "_ms_backward"]
+    loss = mo.losses.MultiSimilarityLoss(backend="triton")
+    loss(x, y).backward()
+    loss(x, y, ref_emb=x.detach() + 0, ref_labels=y).backward()
+    assert calls == ["_ms_forward", "_ms_backward"] * 2
+    assert symmetric == [True, False]  # the batch against itself: one symmetric kernel
     assert "MultiSimilarityLoss" in mo.backend.FUSED["triton"]
     if DEVICE.type == "cuda" and "MultiSimilarityLoss" not in mo.backend.FUSED["cuda"]:
         assert mo.backend.resolve("auto", "MultiSimilarityLoss", DEVICE) == "triton"
@@ -273,11 +283,15 @@ def test_opcheck():
     ops = torch.ops.metrix_ops
     torch.library.opcheck(ops.triton_ms_rows.default,
                           (x.clone().requires_grad_(), r.clone().requires_grad_(), y, ry, False,
-                           2.0, 50.0, 0.5))
-    lp, ln = ops.triton_ms_rows(x, x, y, y, True, 2.0, 50.0, 0.5)[1:]
-    torch.library.opcheck(ops.triton_ms_rows_bwd.default,
-                          (torch.randn(11, dtype=torch.float64, device=DEVICE), x, x, y, y, lp,
-                           ln, True, 2.0, 50.0, 0.5, True, False))
+                           2.0, 50.0, 0.5, False))
+    # the batch against itself, through the symmetric gradient kernel
+    xs = x.clone().requires_grad_()
+    torch.library.opcheck(ops.triton_ms_rows.default, (xs, xs, y, y, True, 2.0, 50.0, 0.5, True))
+    lp, ln = ops.triton_ms_rows(x, x, y, y, True, 2.0, 50.0, 0.5, False)[1:]
+    g = torch.randn(11, dtype=torch.float64, device=DEVICE)
+    for sym, need in ((False, (True, False)), (True, (True, False))):
+        torch.library.opcheck(ops.triton_ms_rows_bwd.default,
+                              (g, x, x, y, y, lp, ln, True, 2.0, 50.0, 0.5, sym) + need)
 
 
 def test_module_under_fullgraph_compile_equals_eager():

@@ -16,7 +16,8 @@ A term is kept (summed and counted) when low < t < high, the reducer's window
   (∂t/∂s = ∓1 for cosine, ∓1/d for L2, 0 where the hinge is flat or d = 0, as torch's
   relu and cdist backward give), with g± the upstream gradients of the row sums. G_ij needs
   row i's weights only, so the shared gradient kernels of triton/multi_similarity.py do dX
-  by row programs and dR by column programs, without atomics.
+  by row programs and dR by column programs, without atomics; for the batch against itself
+  one kernel does the whole (G + Gᵀ) X.
 
 Why recompute S in the backward: storing S or G is the B×M memory this op exists to avoid;
 recomputing costs one more tile product per tile, cheaper on a GPU than writing and reading
@@ -37,8 +38,8 @@ from ..ops.contrastive import _bound
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from .launch import usable_on
-from .multi_similarity import (fake_grads, grads_or_empty, launch_config,
-                               loss_constants, max_dim, pair_grads)
+from .multi_similarity import (fake_grads, grads_or_empty, is_symmetric, launch_config,
+                               loss_constants, max_dim, needs_grads, pair_grads)
 from .tiles import pair_masks, sim_tile
 
 
@@ -119,10 +120,11 @@ def _con_forward(x, r, labels, ref_labels, exclude_diag, cosine, prm):
     return sums[0], counts[0], sums[1], counts[1]
 
 
-def _con_backward(gp, gn, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x, need_r):
+def _con_backward(gp, gn, x, r, labels, ref_labels, exclude_diag, symmetric, cosine, prm,
+                  need_x, need_r):
     tile = _con_grad_tile_cos if cosine else _con_grad_tile_l2
-    return pair_grads(tile, x, r, labels, ref_labels, prm, (gp, gn, gn), exclude_diag, need_x,
-                      need_r)
+    return pair_grads(tile, x, r, labels, ref_labels, prm, (gp, gn, gn), exclude_diag,
+                      symmetric, need_x, need_r)
 
 
 # The launches are torch.library custom ops, as in triton/multi_similarity.py: opaque to
@@ -137,8 +139,8 @@ def _constants(x, pos_margin, neg_margin, low, high):
 
 @torch.library.custom_op(_FWD, mutates_args=())
 def _con_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
-                 ref_labels: torch.Tensor, exclude_diag: bool, cosine: bool,
-                 pos_margin: float, neg_margin: float, low: float, high: float
+                 ref_labels: torch.Tensor, exclude_diag: bool, symmetric: bool,
+                 cosine: bool, pos_margin: float, neg_margin: float, low: float, high: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, r = x.contiguous(), r.contiguous()
     return _con_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
@@ -146,7 +148,8 @@ def _con_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
 
 
 @_con_rows_op.register_fake
-def _(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin, neg_margin, low, high):
+def _(x, r, labels, ref_labels, exclude_diag, symmetric, cosine, pos_margin, neg_margin, low,
+      high):
     b = x.shape[0]
     return (x.new_empty(b), x.new_empty(b, dtype=torch.long), x.new_empty(b),
             x.new_empty(b, dtype=torch.long))
@@ -155,20 +158,20 @@ def _(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin, neg_margin, lo
 @torch.library.custom_op("metrix_ops::triton_contrastive_rows_bwd", mutates_args=())
 def _con_rows_bwd_op(grad_pos: torch.Tensor, grad_neg: torch.Tensor, x: torch.Tensor,
                      r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
-                     exclude_diag: bool, cosine: bool, pos_margin: float, neg_margin: float,
-                     low: float, high: float, need_x: bool, need_r: bool
+                     exclude_diag: bool, symmetric: bool, cosine: bool, pos_margin: float,
+                     neg_margin: float, low: float, high: float, need_x: bool, need_r: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     x, r = x.contiguous(), r.contiguous()
     dx, dr = _con_backward(grad_pos.to(x.dtype).contiguous(), grad_neg.to(x.dtype).contiguous(),
                            x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
-                           exclude_diag, cosine, _constants(x, pos_margin, neg_margin, low, high),
-                           need_x, need_r)
+                           exclude_diag, symmetric, cosine,
+                           _constants(x, pos_margin, neg_margin, low, high), need_x, need_r)
     return grads_or_empty(dx, dr, x)
 
 
 @_con_rows_bwd_op.register_fake
-def _(grad_pos, grad_neg, x, r, labels, ref_labels, exclude_diag, cosine, pos_margin,
-      neg_margin, low, high, need_x, need_r):
+def _(grad_pos, grad_neg, x, r, labels, ref_labels, exclude_diag, symmetric, cosine,
+      pos_margin, neg_margin, low, high, need_x, need_r):
     return fake_grads(x, r, need_x, need_r)
 
 
@@ -183,10 +186,10 @@ def _con_backward_rule(ctx, g_pos, _g_pc, g_neg, _g_nc):
     x = ctx.saved_tensors[0]
     # an output nobody used may come back as None
     g_pos, g_neg = (x.new_zeros(x.shape[0]) if g is None else g for g in (g_pos, g_neg))
-    need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_x, need_r = needs_grads(ctx, ctx.consts[1])
     dx, dr = torch.ops.metrix_ops.triton_contrastive_rows_bwd(
         g_pos, g_neg, *ctx.saved_tensors, *ctx.consts, need_x, need_r)
-    return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 8
+    return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 9
 
 
 torch.library.register_autograd(_FWD, _con_backward_rule, setup_context=_con_setup)
@@ -196,12 +199,14 @@ def contrastive_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bo
                             cosine: bool, pos_margin: float, neg_margin: float, low=None,
                             high=None):
     """The Triton twin of ops.contrastive_rows: per-anchor (pos_sum, pos_count, neg_sum,
-    neg_count) of the kept hinge terms of unit rows x_unit against unit rows r_unit (one
-    tensor passed twice for the batch against itself); low/high bound the kept terms (None:
-    unbounded). The sums are differentiable; the counts are int64 and are not."""
+    neg_count) of the kept hinge terms of unit rows x_unit against unit rows r_unit; low/high
+    bound the kept terms (None: unbounded). The sums are differentiable; the counts are int64
+    and are not. The batch against itself (r_unit *is* x_unit, ref_labels *is* labels,
+    exclude_diag) takes the symmetric gradient kernel."""
     return torch.ops.metrix_ops.triton_contrastive_rows(
-        x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(pos_margin),
-        float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf))
+        x_unit, r_unit, labels, ref_labels, bool(exclude_diag),
+        is_symmetric(x_unit, r_unit, labels, ref_labels, exclude_diag), bool(cosine),
+        float(pos_margin), float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf))
 
 
 def supports(params, inp, expansion) -> bool:

@@ -9,19 +9,23 @@ against unit references R (M×D), flash-attention style, never storing a B×M ma
 - backward: G_ij = ∂L/∂s_ij = g_i·(−e^{−α(s_ij−base) − lse⁺_i}) on positives,
   g_i·e^{β(s_ij−base) − lse⁻_i} on negatives, 0 elsewhere. It depends on row i's statistics
   only, so dX = G R runs as row programs and dR = Gᵀ X as column programs (a second kernel),
-  each owning its output rows: no atomics, deterministic.
+  each owning its output rows: no atomics, deterministic. For the batch against itself
+  (R = X, self pairs excluded: S symmetric) one kernel of row programs computes the whole
+  gradient (G + Gᵀ) X, the tile (I, J) of Gᵀ being G_JI from the same s_ij and the
+  statistics of rows J.
 
 Why recompute S in the backward instead of saving it: saving S (or G) is the B×M memory
-this op exists to avoid (8192² fp32 = 256 MiB per call, 4 GiB at 32768²), and the
-recomputation costs one S product per gradient kernel (forward S; backward S and G R, and
-S and Gᵀ X: 5 products against PML's 3), about the time a GPU would spend writing S to HBM
-and reading it back twice, without the memory. All the forward saves is O(B): the two
-log-sum-exps of each row. (One backward kernel adding dR by atomics would save one S
-product but lose determinism; the two kernels keep the gradients bitwise reproducible.)
+this op exists to avoid (8192² fp32 = 256 MiB per call, 4 GiB at 32768²). Recomputing costs
+one S product per gradient kernel: for the batch against itself 3 products in all (forward
+S; backward S and (G + Gᵀ) X), the count PML's autograd needs with S stored; with a
+separate reference 5 (forward S; S and G R; S and Gᵀ X), about what a GPU would spend
+writing S to HBM and reading it back twice, without the memory. All the forward saves is
+O(B): the two log-sum-exps of each row. (One backward kernel adding dR by atomics would
+save one S product but lose determinism.)
 
-The two gradient kernels (pair_grad_dx_kernel, pair_grad_dr_kernel), their launcher
-pair_grads and launch_config serve every pair loss of this engine: a loss supplies its G
-tile as a @triton.jit function (triton/contrastive.py uses them too).
+The gradient kernels (pair_grad_dx_kernel, pair_grad_dr_kernel, pair_grad_sym_kernel),
+their launcher pair_grads and launch_config serve every pair loss of this engine: a loss
+supplies its G tile as a @triton.jit function (triton/contrastive.py uses them too).
 
 Pair rules are PML's and the CPU op's: label equality is a positive, anything else a
 negative; with exclude_diag (the batch against itself, or ref_labels *is* labels) row i and
@@ -164,6 +168,41 @@ def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
              mask=col_ok[:, None] & (offs_d[None, :] < D))
 
 
+@triton.jit
+def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, B, D, stride_x,
+                         stride_dx, GRAD_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                         ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """The batch against itself (R = X, self pairs excluded): S is symmetric, so the whole
+    gradient of X is (G + Gᵀ) X, and the tile (I, J) of Gᵀ is G_JI, computed from the same
+    s_ij with the statistics of rows J. One kernel of row programs, 2 products per tile (S
+    and H X) instead of the general path's 4 (S, G R; S, Gᵀ X)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    for n0 in range(0, B, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < B
+        lab_n = tl.load(lab_ptr + offs_n, mask=col_ok, other=0)
+        a_n = tl.load(a_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        b_n = tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        c_n = tl.load(c_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        s = sim_tile(x_ptr, x_ptr, offs_m, offs_n, B, B, D, stride_x, stride_x,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, B, True)
+        pos_t, neg_t = pair_masks(offs_n, offs_m, lab_n, lab_m, B, B, True)
+        h = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
+        h += tl.trans(GRAD_TILE(tl.trans(s), pos_t, neg_t, a_n, b_n, c_n, prm_ptr))
+        acc = add_tile_product(acc, h, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
 # The gradient kernels hold a tile of rows at the whole padded width (BLOCK_DO = next power
 # of two ≥ D) as a tl.dot operand, and an accumulator as wide. A full-width row tile stays
 # within _GRAD_TILE_BYTES of shared memory where it can (tiles shrink down to 16 rows), and
@@ -212,12 +251,20 @@ def _ms_forward(x, r, labels, ref_labels, exclude_diag, prm):
     return rows, lp, ln
 
 
-def pair_grads(grad_tile, x, r, labels, ref_labels, prm, row_vecs, exclude_diag, need_x,
-               need_r):
-    """(dX, dR) of a pair loss (None where not needed) by the two shared gradient kernels;
-    row_vecs: the three per-anchor vectors grad_tile reads (a, b, c)."""
+def pair_grads(grad_tile, x, r, labels, ref_labels, prm, row_vecs, exclude_diag, symmetric,
+               need_x, need_r):
+    """(dX, dR) of a pair loss (None where not needed) by the shared gradient kernels;
+    row_vecs: the three per-anchor vectors grad_tile reads (a, b, c). symmetric: r is x and
+    ref_labels is labels, self pairs excluded; then dX is the whole gradient of that one
+    tensor (one kernel, pair_grad_sym_kernel) and dR is None."""
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     cfg, block_do, warps = launch_config(x, r, grad=True)
+    if symmetric:
+        dx = torch.empty_like(x)
+        pair_grad_sym_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
+            x, labels, prm, *row_vecs, dx, b, d, x.stride(0), dx.stride(0),
+            GRAD_TILE=grad_tile, BLOCK_DO=block_do, **cfg, **warps)
+        return dx, None
     args = (x, r, labels, ref_labels, prm, *row_vecs)
     meta = dict(GRAD_TILE=grad_tile, EXCLUDE_DIAG=bool(exclude_diag), BLOCK_DO=block_do,
                 **cfg, **warps)
@@ -233,9 +280,10 @@ def pair_grads(grad_tile, x, r, labels, ref_labels, prm, row_vecs, exclude_diag,
     return dx, dr
 
 
-def _ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, prm, need_x, need_r):
+def _ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, symmetric, prm, need_x,
+                 need_r):
     return pair_grads(_ms_grad_tile, x, r, labels, ref_labels, prm, (g, lp, ln), exclude_diag,
-                      need_x, need_r)
+                      symmetric, need_x, need_r)
 
 
 # The launches are torch.library custom ops: opaque to torch.compile (the module traces whole
@@ -249,14 +297,15 @@ _BWD = "metrix_ops::triton_ms_rows_bwd"
 @torch.library.custom_op(_FWD, mutates_args=())
 def _ms_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                 ref_labels: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,
-                base: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                base: float, symmetric: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, r = x.contiguous(), r.contiguous()
     return _ms_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
                        exclude_diag, loss_constants(x, alpha, beta, base))
 
 
 @_ms_rows_op.register_fake
-def _(x, r, labels, ref_labels, exclude_diag, alpha, beta, base):
+def _(x, r, labels, ref_labels, exclude_diag, alpha, beta, base, symmetric):
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
@@ -264,19 +313,19 @@ def _(x, r, labels, ref_labels, exclude_diag, alpha, beta, base):
 def _ms_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                     labels: torch.Tensor, ref_labels: torch.Tensor, lse_pos: torch.Tensor,
                     lse_neg: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,
-                    base: float, need_x: bool, need_r: bool
+                    base: float, symmetric: bool, need_x: bool, need_r: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     x, r = x.contiguous(), r.contiguous()
     dx, dr = _ms_backward(g_rows.to(x.dtype).contiguous(), x, r, labels.contiguous().long(),
                           ref_labels.contiguous().long(), lse_pos.contiguous(),
-                          lse_neg.contiguous(), exclude_diag, loss_constants(x, alpha, beta, base),
-                          need_x, need_r)
+                          lse_neg.contiguous(), exclude_diag, symmetric,
+                          loss_constants(x, alpha, beta, base), need_x, need_r)
     return grads_or_empty(dx, dr, x)
 
 
 @_ms_rows_bwd_op.register_fake
 def _(g_rows, x, r, labels, ref_labels, lse_pos, lse_neg, exclude_diag, alpha, beta, base,
-      need_x, need_r):
+      symmetric, need_x, need_r):
     return fake_grads(x, r, need_x, need_r)
 
 
@@ -297,11 +346,18 @@ def _ms_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _ms_backward_rule(ctx, g_rows, _g_lp, _g_ln):
+def needs_grads(ctx, symmetric):
+    """(need_x, need_r) for a gradient op; symmetric (x and r one tensor): its whole gradient
+    comes back as dX."""
     need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    return (need_x or need_r, False) if symmetric else (need_x, need_r)
+
+
+def _ms_backward_rule(ctx, g_rows, _g_lp, _g_ln):
+    need_x, need_r = needs_grads(ctx, ctx.consts[-1])
     dx, dr = torch.ops.metrix_ops.triton_ms_rows_bwd(g_rows, *ctx.saved_tensors, *ctx.consts,
                                                     need_x, need_r)
-    return (dx if need_x else None), (dr if need_r else None), None, None, None, None, None, None
+    return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 7
 
 
 torch.library.register_autograd(_FWD, _ms_backward_rule, setup_context=_ms_setup)
@@ -310,12 +366,18 @@ torch.library.register_autograd(_FWD, _ms_backward_rule, setup_context=_ms_setup
 def ms_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
                    beta: float, base: float) -> torch.Tensor:
     """The Triton twin of ops.ms_loss_rows: per-anchor MS loss terms of unit rows x_unit
-    against unit rows r_unit (one tensor passed twice for the batch against itself: the
-    gradient then reaches it both ways), differentiable in both."""
-    rows, _, _ = torch.ops.metrix_ops.triton_ms_rows(x_unit, r_unit, labels, ref_labels,
-                                                    bool(exclude_diag), float(alpha),
-                                                    float(beta), float(base))
+    against unit rows r_unit, differentiable in both. The batch against itself (r_unit *is*
+    x_unit, ref_labels *is* labels, exclude_diag) takes the symmetric gradient kernel."""
+    rows, _, _ = torch.ops.metrix_ops.triton_ms_rows(
+        x_unit, r_unit, labels, ref_labels, bool(exclude_diag), float(alpha), float(beta),
+        float(base), is_symmetric(x_unit, r_unit, labels, ref_labels, exclude_diag))
     return rows
+
+
+def is_symmetric(x, r, labels, ref_labels, exclude_diag) -> bool:
+    """One tensor against itself with its own labels, self pairs excluded: S and the pair
+    masks are symmetric."""
+    return bool(exclude_diag) and x is r and labels is ref_labels
 
 
 def supports(params, inp, expansion) -> bool:
