@@ -7,4 +7,7 @@ from __future__ import annotations
 from .launch import HAS_TRITON, interpreting, usable_on  # noqa: F401
 
 if HAS_TRITON:
-    pass  # loss modules are imported here (they register themselves)
+    # loss modules are imported here (they register themselves)
+    from . import multi_similarity  # noqa: F401
+    from . import contrastive  # noqa: F401
+

@@ -33,6 +33,25 @@ if HAS_TRITON:
             acc += tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC)
         return acc
 
+    @triton.jit
+    def add_tile_product(acc, g, b_ptr, offs, n_b, D, stride_b, BLOCK_DO: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        """acc + g · B[offs] over the whole (padded) feature width BLOCK_DO ≥ D: the gradient
+        products dX += G R (g a G tile) and dR += Gᵀ X (g = tl.trans of a G tile)."""
+        b = load_rows(b_ptr, offs, n_b, tl.arange(0, BLOCK_DO), D, stride_b)
+        return tl.dot(g.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+    @triton.jit
+    def pair_masks(offs_m, offs_n, lab_m, lab_n, n_a, n_b, EXCLUDE_DIAG: tl.constexpr):
+        """(positive, negative) pair masks of a tile from the rows' and columns' labels; pairs
+        outside the matrix, and with EXCLUDE_DIAG the self pairs (row i, column i), are in
+        neither."""
+        valid = (offs_m[:, None] < n_a) & (offs_n[None, :] < n_b)
+        if EXCLUDE_DIAG:
+            valid = valid & (offs_m[:, None] != offs_n[None, :])
+        same = lab_m[:, None] == lab_n[None, :]
+        return valid & same, valid & (~same)
+
 
 def acc_dtype(dtype: torch.dtype):
     """The tl accumulation type of an input dtype (halves are cast to fp32 before any op)."""

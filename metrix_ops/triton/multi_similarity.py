@@ -1,0 +1,404 @@
+"""MultiSimilarityLoss on the Triton engine (backend="triton"): the per-anchor terms
+(1/α)log(1+Σ_P e^{−α(s−base)}) + (1/β)log(1+Σ_N e^{β(s−base)}) of unit anchors X (B×D)
+against unit references R (M×D), flash-attention style, never storing a B×M matrix.
+
+- forward (one program per BLOCK_M anchors): streams column tiles S = X Rᵀ by tl.dot and
+  keeps, per row and side, an online log-sum-exp started from the e^0 term (the "1 +"),
+  i.e. a running max m (from 0) and Σ e^{v−m} (from 1). Every exponent is taken relative to
+  the running max, so β = 50 (e^{β(s−base)} up to e^{75}) or β = 400 never overflows.
+- backward: G_ij = ∂L/∂s_ij = g_i·(−e^{−α(s_ij−base) − lse⁺_i}) on positives,
+  g_i·e^{β(s_ij−base) − lse⁻_i} on negatives, 0 elsewhere. It depends on row i's statistics
+  only, so dX = G R runs as row programs and dR = Gᵀ X as column programs (a second kernel),
+  each owning its output rows: no atomics, deterministic. For the batch against itself
+  (R = X, self pairs excluded: S symmetric) one kernel of row programs computes the whole
+  gradient (G + Gᵀ) X, the tile (I, J) of Gᵀ being G_JI from the same s_ij and the
+  statistics of rows J.
+
+Why recompute S in the backward instead of saving it: saving S (or G) is the B×M memory
+this op exists to avoid (8192² fp32 = 256 MiB per call, 4 GiB at 32768²). Recomputing costs
+one S product per gradient kernel: for the batch against itself 3 products in all (forward
+S; backward S and (G + Gᵀ) X), the count PML's autograd needs with S stored; with a
+separate reference 5 (forward S; S and G R; S and Gᵀ X), about what a GPU would spend
+writing S to HBM and reading it back twice, without the memory. All the forward saves is
+O(B): the two log-sum-exps of each row. (One backward kernel adding dR by atomics would
+save one S product but lose determinism.)
+
+The gradient kernels (pair_grad_dx_kernel, pair_grad_dr_kernel, pair_grad_sym_kernel),
+their launcher pair_grads and launch_config serve every pair loss of this engine: a loss
+supplies its G tile as a @triton.jit function (triton/contrastive.py uses them too).
+
+Pair rules are PML's and the CPU op's: label equality is a positive, anything else a
+negative; with exclude_diag (the batch against itself, or ref_labels *is* labels) row i and
+column i are no pair. Normalisation and its gradient stay in PyTorch; PML's reduction and
+no-pairs rule come from the CPU glue (fused/multi_similarity.py)."""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import fused
+from ..distances import is_cosine
+from ..fused.multi_similarity import _reduce_clean, _self_pairs_only
+from ..fused.pair_counts import pair_counts
+from .launch import next_pow2, row_block, dim_block, usable_on
+from .tiles import acc_dtype, add_tile_product, dot_precision, pair_masks, sim_tile
+
+
+@triton.jit
+def _ms_args(s, pos, neg, alpha, beta, base):
+    """The tile's exponents: −α(s−base) on positives, β(s−base) on negatives, −inf elsewhere."""
+    ap = tl.where(pos, -alpha * (s - base), float("-inf"))
+    an = tl.where(neg, beta * (s - base), float("-inf"))
+    return ap, an
+
+
+@triton.jit
+def _ms_fold(mp, sp, mn, sn, ap, an, pos):
+    """Folds a tile's exponents into the rows' online log-sum-exps of both sides, each a
+    (running max, Σ e^{v−max}) pair. One exp per entry: an entry is on one side at most."""
+    mp_new = tl.maximum(mp, tl.max(ap, axis=1))  # finite: the state starts at the e^0 term
+    mn_new = tl.maximum(mn, tl.max(an, axis=1))
+    e = tl.exp(tl.where(pos, ap - mp_new[:, None], an - mn_new[:, None]))  # 0 off the pairs
+    sp = sp * tl.exp(mp - mp_new) + tl.sum(tl.where(pos, e, 0.0), axis=1)
+    sn = sn * tl.exp(mn - mn_new) + tl.sum(tl.where(pos, 0.0, e), axis=1)
+    return mp_new, sp, mn_new, sn
+
+
+@triton.jit
+def _ms_grad_tile(s, pos, neg, g, lp, ln, prm_ptr):
+    """G = ∂L/∂S of a tile from its rows' weights g and log-sum-exps lp, ln (BLOCK_M each)."""
+    alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
+    ap, an = _ms_args(s, pos, neg, alpha, beta, base)
+    # the exponent is ≤ 0 on a pair (its side's lse is ≥ each term), −inf (→ 0) elsewhere
+    w = g[:, None] * tl.exp(tl.where(pos, ap - lp[:, None], an - ln[:, None]))
+    return tl.where(pos, -w, w)
+
+
+@triton.jit
+def _ms_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, rows_ptr, lp_ptr, ln_ptr,
+                   B, M, D, stride_x, stride_r, EXCLUDE_DIAG: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   ACC: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    alpha, beta, base = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
+    # log(1 + Σ e^v): the e^0 term is the state's start (max 0, sum 1)
+    mp = tl.zeros((BLOCK_M,), dtype=ACC)
+    sp = tl.full((BLOCK_M,), 1.0, dtype=ACC)
+    mn = tl.zeros((BLOCK_M,), dtype=ACC)
+    sn = tl.full((BLOCK_M,), 1.0, dtype=ACC)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        ap, an = _ms_args(s, pos, neg, alpha, beta, base)
+        mp, sp, mn, sn = _ms_fold(mp, sp, mn, sn, ap, an, pos)
+    lp = mp + tl.log(sp)
+    ln = mn + tl.log(sn)
+    tl.store(lp_ptr + offs_m, lp, mask=row_ok)
+    tl.store(ln_ptr + offs_m, ln, mask=row_ok)
+    tl.store(rows_ptr + offs_m, lp / alpha + ln / beta, mask=row_ok)
+
+
+# ---- the gradient kernels every pair loss of this engine shares ----
+# GRAD_TILE(s, pos, neg, a, b, c, prm_ptr) is a @triton.jit function (a constexpr argument)
+# that turns a recomputed tile of S into its tile of G = ∂L/∂S, from three per-anchor-row
+# vectors a, b, c (the row statistics the loss saved, and its row weights) and the loss's
+# constants at prm_ptr. G_ij depends on row i's statistics only, which is what lets dR be
+# computed by column programs without atomics.
+
+
+@triton.jit
+def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr,
+                        B, M, D, stride_x, stride_r, stride_dx, GRAD_TILE: tl.constexpr,
+                        EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
+        acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dr_ptr,
+                        B, M, D, stride_x, stride_r, stride_dr, GRAD_TILE: tl.constexpr,
+                        EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles (with
+    each tile, its rows' statistics)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < M
+    lab_n = tl.load(rlab_ptr + offs_n, mask=col_ok, other=0)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
+    for m0 in range(0, B, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < B
+        lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+        a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
+        acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
+                               PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dr_ptr + offs_n[:, None] * stride_dr + offs_d[None, :], acc,
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, B, D, stride_x,
+                         stride_dx, GRAD_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                         ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """The batch against itself (R = X, self pairs excluded): S is symmetric, so the whole
+    gradient of X is (G + Gᵀ) X, and the tile (I, J) of Gᵀ is G_JI, computed from the same
+    s_ij with the statistics of rows J. One kernel of row programs, 2 products per tile (S
+    and H X) instead of the general path's 4 (S, G R; S, Gᵀ X)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    for n0 in range(0, B, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < B
+        lab_n = tl.load(lab_ptr + offs_n, mask=col_ok, other=0)
+        a_n = tl.load(a_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        b_n = tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        c_n = tl.load(c_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        s = sim_tile(x_ptr, x_ptr, offs_m, offs_n, B, B, D, stride_x, stride_x,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, B, True)
+        pos_t, neg_t = pair_masks(offs_n, offs_m, lab_n, lab_m, B, B, True)
+        h = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
+        h += tl.trans(GRAD_TILE(tl.trans(s), pos_t, neg_t, a_n, b_n, c_n, prm_ptr))
+        acc = add_tile_product(acc, h, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# The gradient kernels hold a tile of rows at the whole padded width (BLOCK_DO = next power
+# of two ≥ D) as a tl.dot operand, and an accumulator as wide. A full-width row tile stays
+# within _GRAD_TILE_BYTES of shared memory where it can (tiles shrink down to 16 rows), and
+# an embedding is too wide when even 16 rows would pass twice that (H100: 227 KiB per SM):
+# 2048 features in fp32, 1024 in fp64.
+_GRAD_TILE_BYTES = 64 * 1024
+
+
+def max_dim(dtype: torch.dtype) -> int:
+    """The widest embedding the gradient kernels take for inputs of `dtype`."""
+    return 2 * _GRAD_TILE_BYTES // (16 * torch.empty(0, dtype=dtype).element_size())
+
+
+def launch_config(x, r, grad: bool = False):
+    """Tile sizes and meta-parameters shared by this engine's pair losses: rows and
+    reference rows per tile, the feature step of S's products, the padded width of the
+    gradient accumulators, accumulation type, tl.dot precision, warps. For the gradient
+    kernels (grad=True) the row tiles shrink (to 16 at least) as D grows, so that a
+    full-width tile of rows and the BLOCK×BLOCK_DO accumulator fit."""
+    dev, d = x.device, x.shape[1]
+    block_do = max(16, next_pow2(d))
+    bm, bn = row_block(x.shape[0], dev), row_block(r.shape[0], dev)
+    if grad:
+        cap = max(16, _GRAD_TILE_BYTES // (block_do * x.element_size()))
+        bm, bn = min(bm, cap), min(bn, cap)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=dim_block(d, dev), ACC=acc_dtype(x.dtype),
+               PRECISION=dot_precision(x.dtype, dev))
+    warps = dict(num_warps=4 if block_do <= 128 else 8) if dev.type == "cuda" else {}
+    return cfg, block_do, warps
+
+
+def loss_constants(x, *values):
+    # the loss constants as a tensor of x's dtype: a Python float argument would be an fp32
+    # scalar inside the kernel, off by 1e-8 relative for fp64 inputs
+    return torch.tensor(values, dtype=x.dtype, device=x.device)
+
+
+def _ms_forward(x, r, labels, ref_labels, exclude_diag, prm):
+    b = x.shape[0]
+    rows, lp, ln = (torch.empty(b, dtype=x.dtype, device=x.device) for _ in range(3))
+    cfg, _, warps = launch_config(x, r)
+    grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
+    _ms_fwd_kernel[grid](x, r, labels, ref_labels, prm, rows, lp, ln, b, r.shape[0],
+                         x.shape[1], x.stride(0), r.stride(0), EXCLUDE_DIAG=exclude_diag,
+                         **cfg, **warps)
+    return rows, lp, ln
+
+
+def pair_grads(grad_tile, x, r, labels, ref_labels, prm, row_vecs, exclude_diag, symmetric,
+               need_x, need_r):
+    """(dX, dR) of a pair loss (None where not needed) by the shared gradient kernels;
+    row_vecs: the three per-anchor vectors grad_tile reads (a, b, c). symmetric: r is x and
+    ref_labels is labels, self pairs excluded; then dX is the whole gradient of that one
+    tensor (one kernel, pair_grad_sym_kernel) and dR is None."""
+    b, m, d = x.shape[0], r.shape[0], x.shape[1]
+    cfg, block_do, warps = launch_config(x, r, grad=True)
+    if symmetric:
+        dx = torch.empty_like(x)
+        pair_grad_sym_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
+            x, labels, prm, *row_vecs, dx, b, d, x.stride(0), dx.stride(0),
+            GRAD_TILE=grad_tile, BLOCK_DO=block_do, **cfg, **warps)
+        return dx, None
+    args = (x, r, labels, ref_labels, prm, *row_vecs)
+    meta = dict(GRAD_TILE=grad_tile, EXCLUDE_DIAG=bool(exclude_diag), BLOCK_DO=block_do,
+                **cfg, **warps)
+    dx = dr = None
+    if need_x:
+        dx = torch.empty_like(x)
+        pair_grad_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
+            *args, dx, b, m, d, x.stride(0), r.stride(0), dx.stride(0), **meta)
+    if need_r:
+        dr = torch.empty_like(r)
+        pair_grad_dr_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](
+            *args, dr, b, m, d, x.stride(0), r.stride(0), dr.stride(0), **meta)
+    return dx, dr
+
+
+def _ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, symmetric, prm, need_x,
+                 need_r):
+    return pair_grads(_ms_grad_tile, x, r, labels, ref_labels, prm, (g, lp, ln), exclude_diag,
+                      symmetric, need_x, need_r)
+
+
+# The launches are torch.library custom ops: opaque to torch.compile (the module traces whole
+# under fullgraph=True, as on the CPU backend), with fake kernels and autograd registered
+# here. The backward op returns an empty tensor for a gradient no input needs (a memory
+# bank's ref_emb, say): its kernel is skipped.
+_FWD = "metrix_ops::triton_ms_rows"
+_BWD = "metrix_ops::triton_ms_rows_bwd"
+
+
+@torch.library.custom_op(_FWD, mutates_args=())
+def _ms_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
+                ref_labels: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,
+                base: float, symmetric: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, r = x.contiguous(), r.contiguous()
+    return _ms_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
+                       exclude_diag, loss_constants(x, alpha, beta, base))
+
+
+@_ms_rows_op.register_fake
+def _(x, r, labels, ref_labels, exclude_diag, alpha, beta, base, symmetric):
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+@torch.library.custom_op(_BWD, mutates_args=())
+def _ms_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
+                    labels: torch.Tensor, ref_labels: torch.Tensor, lse_pos: torch.Tensor,
+                    lse_neg: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,
+                    base: float, symmetric: bool, need_x: bool, need_r: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    x, r = x.contiguous(), r.contiguous()
+    dx, dr = _ms_backward(g_rows.to(x.dtype).contiguous(), x, r, labels.contiguous().long(),
+                          ref_labels.contiguous().long(), lse_pos.contiguous(),
+                          lse_neg.contiguous(), exclude_diag, symmetric,
+                          loss_constants(x, alpha, beta, base), need_x, need_r)
+    return grads_or_empty(dx, dr, x)
+
+
+@_ms_rows_bwd_op.register_fake
+def _(g_rows, x, r, labels, ref_labels, lse_pos, lse_neg, exclude_diag, alpha, beta, base,
+      symmetric, need_x, need_r):
+    return fake_grads(x, r, need_x, need_r)
+
+
+def grads_or_empty(dx, dr, x):
+    """A gradient op's outputs: a tensor for each, empty where it was not computed."""
+    return (x.new_empty(0) if dx is None else dx), (x.new_empty(0) if dr is None else dr)
+
+
+def fake_grads(x, r, need_x, need_r):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(r) if need_r else r.new_empty(0))
+
+
+def _ms_setup(ctx, inputs, output):
+    x, r, labels, ref_labels, *consts = inputs
+    ctx.save_for_backward(x, r, labels, ref_labels, output[1], output[2])
+    ctx.consts = tuple(consts)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def needs_grads(ctx, symmetric):
+    """(need_x, need_r) for a gradient op; symmetric (x and r one tensor): its whole gradient
+    comes back as dX."""
+    need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    return (need_x or need_r, False) if symmetric else (need_x, need_r)
+
+
+def _ms_backward_rule(ctx, g_rows, _g_lp, _g_ln):
+    need_x, need_r = needs_grads(ctx, ctx.consts[-1])
+    dx, dr = torch.ops.metrix_ops.triton_ms_rows_bwd(g_rows, *ctx.saved_tensors, *ctx.consts,
+                                                    need_x, need_r)
+    return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 7
+
+
+torch.library.register_autograd(_FWD, _ms_backward_rule, setup_context=_ms_setup)
+
+
+def ms_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
+                   beta: float, base: float) -> torch.Tensor:
+    """The Triton twin of ops.ms_loss_rows: per-anchor MS loss terms of unit rows x_unit
+    against unit rows r_unit, differentiable in both. The batch against itself (r_unit *is*
+    x_unit, ref_labels *is* labels, exclude_diag) takes the symmetric gradient kernel."""
+    rows, _, _ = torch.ops.metrix_ops.triton_ms_rows(
+        x_unit, r_unit, labels, ref_labels, bool(exclude_diag), float(alpha), float(beta),
+        float(base), is_symmetric(x_unit, r_unit, labels, ref_labels, exclude_diag))
+    return rows
+
+
+def is_symmetric(x, r, labels, ref_labels, exclude_diag) -> bool:
+    """One tensor against itself with its own labels, self pairs excluded: S and the pair
+    masks are symmetric."""
+    return bool(exclude_diag) and x is r and labels is ref_labels
+
+
+def supports(params, inp, expansion) -> bool:
+    x = inp.embeddings
+    return (expansion is None and inp.indices_tuple is None and inp.labels is not None
+            and is_cosine(inp.distance) and x.shape[1] <= max_dim(x.dtype)
+            and usable_on(x.device))
+
+
+def impl(params, inp, reducer):
+    x = inp.embeddings
+    # PML's no-loss rule: eagerly no launch; under torch.compile _reduce_clean's select
+    if not torch.compiler.is_compiling() and max(pair_counts(inp.labels, inp.ref_labels,
+                                                             inp.same_set)) <= 1:
+        return torch.sum(x * 0)
+    xu = F.normalize(x, dim=1)
+    # the batch against itself passes one tensor twice: S's gradient reaches x both ways
+    ru = xu if _self_pairs_only(inp) else F.normalize(inp.ref_emb, dim=1)
+    rows = ms_rows_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
+                          params["beta"], params["base"])
+    return _reduce_clean(rows, inp, reducer)
+
+
+fused.register("triton", "MultiSimilarityLoss", supports, impl)
