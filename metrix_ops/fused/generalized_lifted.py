@@ -1,0 +1,32 @@
+"""GeneralizedLiftedStructureLoss through the fused streaming op: per-anchor terms from
+gen_lifted_fwd (no B×M matrix), then PML's element reduction with any reducer.
+
+Covers PML's default LpDistance on normalised embeddings (d = sqrt(max(2 − 2s, 0))) and
+CosineSimilarity; other distances, unnormalised embeddings and indices_tuple go to the
+reference."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .. import _ext
+from ..distances import is_cosine, is_normalized_l2
+from ..ops.lifted import gen_lifted_rows
+from . import register
+from .multi_similarity import _reduce_clean
+
+
+def supports(params, inp, expansion) -> bool:
+    d = inp.distance
+    return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
+            and inp.labels is not None and (is_normalized_l2(d) or is_cosine(d)))
+
+
+def impl(params, inp, reducer, chunk: int = 2048):
+    # PML's no-pairs rule and the element reduction are MS's (one term per anchor)
+    rows = gen_lifted_rows(F.normalize(inp.embeddings, dim=1), F.normalize(inp.ref_emb, dim=1),
+                           inp.labels, inp.ref_labels, inp.same_set, is_cosine(inp.distance),
+                           params["pos_margin"], params["neg_margin"], chunk)
+    return _reduce_clean(rows, inp, reducer)
+
+
+register("cpu", "GeneralizedLiftedStructureLoss", supports, impl)

@@ -1,0 +1,43 @@
+"""LiftedStructureLoss through the fused ops: per anchor, the sum and count of its positive
+pairs' terms that the reducer keeps (no B×M matrix, no per-pair tensor), then PML's
+pos-pair reduction as a ratio of totals, as the contrastive op does.
+
+Covers PML's default LpDistance on normalised embeddings and CosineSimilarity, with the
+Mean, Sum, AvgNonZero and Threshold reducers; any other reducer gets the reference's
+per-pair losses, and other distances, unnormalised embeddings and indices_tuple go to the
+reference."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..distances import is_cosine
+from ..ops.lifted import lifted_rows
+from ..reducers import reduce_loss_dict, zero_loss
+from ..spec import get_spec
+from . import register
+from .contrastive import _reduce_side, _window
+from .generalized_lifted import supports
+from .pair_counts import pair_count_tensors
+
+
+def impl(params, inp, reducer, chunk: int = 2048):
+    x = inp.embeddings
+    window = _window(reducer)
+    if window is None:  # a reducer that is no ratio of totals: the reference's pair losses
+        return reduce_loss_dict(get_spec("LiftedStructureLoss").loss_dict(inp, **params), reducer, x)
+    n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+    # PML: no loss when no index list has two entries, or when either side is empty;
+    # eagerly a branch that skips the op, under torch.compile a select
+    none = (n_pos == 0) | (n_neg == 0) | ((n_pos <= 1) & (n_neg <= 1))
+    compiling = torch.compiler.is_compiling()
+    if not compiling and bool(none):
+        return zero_loss(x)
+    sums, counts = lifted_rows(F.normalize(x, dim=1), F.normalize(inp.ref_emb, dim=1), inp.labels,
+                               inp.ref_labels, inp.same_set, is_cosine(inp.distance),
+                               params["pos_margin"], params["neg_margin"], *window, chunk)
+    loss = _reduce_side(sums, counts, n_pos, reducer, x)
+    return torch.where(none, zero_loss(x), loss) if compiling else loss
+
+
+register("cpu", "LiftedStructureLoss", supports, impl)
