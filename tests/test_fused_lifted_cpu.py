@@ -13,7 +13,7 @@ import metrix_ops.fused.generalized_lifted as fgl
 import metrix_ops.fused.lifted_structure as fls
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 from metrix_ops import _ext
-from metrix_ops.ops.lifted import gen_lifted_rows, lifted_rows
+from metrix_ops.ops.lifted import gen_lifted_rows, gen_lifted_rows_self, lifted_rows, lifted_rows_self
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
@@ -33,7 +33,8 @@ def pair(name, dist=None, **kw):
 def op_calls(monkeypatch):
     """The fused ops each module reached (spies on the calls of fused/*)."""
     calls = []
-    for mod, fn in ((fgl, "gen_lifted_rows"), (fls, "lifted_rows")):
+    for mod, fn in ((fgl, "gen_lifted_rows"), (fgl, "gen_lifted_rows_self"), (fls, "lifted_rows"),
+                    (fls, "lifted_rows_self")):
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, _r=real, _n=fn, **k: calls.append(_n) or _r(*a, **k))
     return calls
@@ -107,6 +108,20 @@ def test_chunk_boundaries(chunk, cosine):
                     lambda e: (_ref_rows(NAMES[0], u(e), u(e), y, y, True, cosine, **kw) * w).sum(), x)
     assert_close_vg(lambda e: lifted_rows(u(e), u(e), y, y, True, cosine, 0.2, 1.1, chunk=chunk)[0].sum(),
                     lambda e: _ref_rows(NAMES[1], u(e), u(e), y, y, True, cosine, **kw).sum(), x)
+    # the symmetric self ops: blocks I <= J of `chunk` rows
+    assert_close_vg(lambda e: (gen_lifted_rows_self(u(e), y, cosine, 0.2, 1.1, chunk) * w).sum(),
+                    lambda e: (_ref_rows(NAMES[0], u(e), u(e), y, y, True, cosine, **kw) * w).sum(), x)
+    assert_close_vg(lambda e: lifted_rows_self(u(e), y, cosine, 0.2, 1.1, block=chunk)[0].sum(),
+                    lambda e: _ref_rows(NAMES[1], u(e), u(e), y, y, True, cosine, **kw).sum(), x)
+    # windows of the reducers (AvgNonZero, Threshold): sums and counts of the kept terms
+    terms = _ref_rows(NAMES[1], x.detach(), x.detach(), y, y, True, cosine, **kw)
+    for low, high in ((0.0, None), (0.3, 1.5)):
+        keep = (terms > low) & (terms < (float("inf") if high is None else high))
+        for fn in (lambda: lifted_rows(x, x, y, y, True, cosine, 0.2, 1.1, low, high, chunk),
+                   lambda: lifted_rows_self(x, y, cosine, 0.2, 1.1, low, high, chunk)):
+            sums, counts = fn()
+            assert int(counts.sum()) == int(keep.sum())
+            torch.testing.assert_close(sums.sum(), terms[keep].sum())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -245,8 +260,12 @@ def test_auto_runs_the_op(name, op_calls):
     x, y = make_case(CASES[1])
     auto = getattr(mo.losses, name)(backend="auto")
     torch.testing.assert_close(auto(x, y), getattr(mo.losses, name)(backend="reference")(x, y))
-    assert op_calls == [{"GeneralizedLiftedStructureLoss": "gen_lifted_rows",
-                         "LiftedStructureLoss": "lifted_rows"}[name]]
+    assert op_calls == [{"GeneralizedLiftedStructureLoss": "gen_lifted_rows_self",
+                         "LiftedStructureLoss": "lifted_rows_self"}[name]]
+    r = x.detach().clone()  # another reference set: the general op
+    torch.testing.assert_close(auto(x, y, ref_emb=r, ref_labels=y),
+                               getattr(mo.losses, name)(backend="reference")(x, y, ref_emb=r, ref_labels=y))
+    assert op_calls[1] == op_calls[0][:-len("_self")]
 
 
 def _unit(b, d, seed=0):
@@ -271,6 +290,10 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.metrix_ops.lifted_fwd.default,
                               (x, x.detach().clone().requires_grad_(), y, y, torch.arange(9), True,
                                cosine, 0.0, 0.8, 0.0, float("inf"), 4))
+        torch.library.opcheck(torch.ops.metrix_ops.gen_lifted_self_fwd.default,
+                              (x, y, cosine, 0.1, 1.0, 4))
+        torch.library.opcheck(torch.ops.metrix_ops.lifted_self_fwd.default,
+                              (x, y, cosine, 0.1, 1.0, -float("inf"), float("inf"), 4))
 
 
 def test_compile():
@@ -279,7 +302,9 @@ def test_compile():
 
     def f(e):
         return (gen_lifted_rows(e, e, y, y, True, False, 0.0, 1.0, 4).mean()
-                + lifted_rows(e, e, y, y, True, False, 0.0, 1.0, chunk=4)[0].sum())
+                + lifted_rows(e, e, y, y, True, False, 0.0, 1.0, chunk=4)[0].sum()
+                + gen_lifted_rows_self(e, y, False, 0.0, 1.0, 4).sum()
+                + lifted_rows_self(e, y, True, 0.0, 1.0, block=4)[0].sum())
 
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), f(x))
@@ -343,3 +368,24 @@ def test_bad_lifted_inputs_name_the_argument():
         op.gen_lifted_bwd(torch.ones(10), x, r, y, ry, lp, ln, False, False, 0.0, 1.0, 4)
     with pytest.raises(RuntimeError, match=r"lse_pos must be of shape \(9,\)"):
         op.gen_lifted_bwd(torch.ones(9), x, r, y, ry, lp[:1], ln, False, False, 0.0, 1.0, 4)
+
+
+def test_bad_self_op_inputs():
+    a = _gen_args()
+    x, y = a["x"], a["labels"]
+    op = torch.ops.metrix_ops
+    with pytest.raises(RuntimeError, match="labels must be sorted"):
+        op.lifted_self_fwd(x, y.flip(0), False, 0.0, 1.0, 0.0, 1.0, 4)
+    for bad, msg in (((x, y[:-1]), r"labels must be int64 of shape \(9,\)"), ((x[0], y), "x must be 2-D")):
+        with pytest.raises(RuntimeError, match=msg):
+            op.gen_lifted_self_fwd(*bad, False, 0.0, 1.0, 4)
+        with pytest.raises(RuntimeError, match=msg):
+            op.lifted_self_fwd(*bad, False, 0.0, 1.0, 0.0, 1.0, 4)
+    with pytest.raises(RuntimeError, match="block must be > 0"):
+        op.gen_lifted_self_fwd(x, y, False, 0.0, 1.0, 0)
+    _, lp, ln = op.gen_lifted_self_fwd(x, y, False, 0.0, 1.0, 4)
+    with pytest.raises(RuntimeError, match=r"lse_neg must be of shape \(9,\)"):
+        op.gen_lifted_self_bwd(torch.ones(9), x, y, lp, ln[:2], False, 0.0, 1.0, 4)
+    _, _, ln = op.lifted_self_fwd(x, y, False, 0.0, 1.0, 0.0, 1.0, 4)
+    with pytest.raises(RuntimeError, match=r"grad_sums must be of shape \(9,\)"):
+        op.lifted_self_bwd(torch.ones(3), x, y, ln, False, 0.0, 1.0, 0.0, 1.0, 4)

@@ -23,6 +23,7 @@
 
 #include "common/lifted.h"
 #include "cpu/op_checks.h"
+#include "cpu/sym_blocks.h"
 
 namespace metrix_ops {
 
@@ -74,39 +75,74 @@ void fold_row(const T* s, int64_t nc, int64_t gi, int64_t c0, const LiftLabels& 
   if (any_neg) neg.merge(OnlineLse<T>{top_n, sn});
 }
 
-// Streams S = x rᵀ in chunks of r and folds every row into its states (pos may be null).
-template <typename T>
-void stream_fold(const at::Tensor& x, const at::Tensor& r, const LiftLabels& lab,
-                 const LiftParams<T>& p, int64_t chunk, OnlineLse<T>* pos, OnlineLse<T>* neg) {
-  const int64_t B = x.size(0), M = r.size(0);
-  for (int64_t start = 0; start < M; start += chunk) {
-    const int64_t len = std::min(chunk, M - start);
-    at::Tensor s = at::mm(x, r.narrow(0, start, len).t()).contiguous();
-    const T* sp = s.data_ptr<T>();
-    at::parallel_for(0, B, row_grain(len), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        fold_row(sp + i * len, len, i, start, lab, p, pos ? pos + i : nullptr, neg[i]);
-    });
-  }
+// How S is walked. General: x against r in chunks of `chunk` references, each chunk all
+// rows. Self (r is x, self pairs excluded): the blocks I <= J of the symmetric S = x xᵀ once
+// (sym_blocks.h), an off-diagonal block also serving J's rows through its transposed copy:
+// half the similarity products, and one gradient product per block pair.
+struct Walk {
+  const at::Tensor& x;
+  const at::Tensor& r;
+  bool self;
+  int64_t chunk;
+};
+
+// rows [0, nr) of tile s (nr×nc; global rows r0.., columns c0..) through fn(row, nc, gi, c0)
+template <typename T, class F>
+void tile_rows(T* s, int64_t r0, int64_t nr, int64_t c0, int64_t nc, F& fn) {
+  at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) fn(s + i * nc, nc, r0 + i, c0);
+  });
 }
 
-// Streams S in chunks of r, has grad(row, nc, gi, c0) overwrite each row of the chunk with
-// its row of G, and adds the chunk's dx += G r_c, dr_c += Gᵀ x.
+// fn(row, nc, gi, c0) for every row of S, in pieces of at most `chunk` columns (read only)
 template <typename T, class F>
-void stream_grad(const at::Tensor& x, const at::Tensor& r, int64_t chunk, at::Tensor& dx,
-                 at::Tensor& dr, F&& grad) {
-  const int64_t B = x.size(0), M = r.size(0);
-  for (int64_t start = 0; start < M; start += chunk) {
-    const int64_t len = std::min(chunk, M - start);
-    at::Tensor rc = r.narrow(0, start, len);
-    at::Tensor s = at::mm(x, rc.t()).contiguous();  // becomes G in place
-    T* sp = s.data_ptr<T>();
-    at::parallel_for(0, B, row_grain(len), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) grad(sp + i * len, len, i, start);
-    });
-    dx.addmm_(s, rc);
-    dr.narrow(0, start, len).addmm_(s.t(), x);
+void walk_rows(const Walk& w, F&& fn) {
+  if (!w.self) {
+    const int64_t B = w.x.size(0), M = w.r.size(0);
+    for (int64_t start = 0; start < M; start += w.chunk) {
+      const int64_t len = std::min(w.chunk, M - start);
+      at::Tensor s = at::mm(w.x, w.r.narrow(0, start, len).t()).contiguous();
+      tile_rows(s.data_ptr<T>(), 0, B, start, len, fn);
+    }
+    return;
   }
+  for_upper_blocks(w.x, w.chunk, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    tile_rows(s.data_ptr<T>(), r0, nr, c0, nc, fn);
+    if (c0 == r0) return;
+    at::Tensor st = s.t().contiguous();
+    tile_rows(st.data_ptr<T>(), c0, nc, r0, nr, fn);
+  });
+}
+
+// grad(row, nc, gi, c0) overwrites every row of S with its row of G = ∂L/∂S, and the walk
+// adds dx += G r, dr += Gᵀ x (self: dx += (G + Gᵀ) x, dr untouched).
+template <typename T, class F>
+void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
+  if (!w.self) {
+    const int64_t B = w.x.size(0), M = w.r.size(0);
+    for (int64_t start = 0; start < M; start += w.chunk) {
+      const int64_t len = std::min(w.chunk, M - start);
+      at::Tensor rc = w.r.narrow(0, start, len);
+      at::Tensor s = at::mm(w.x, rc.t()).contiguous();  // becomes G in place
+      tile_rows(s.data_ptr<T>(), 0, B, start, len, grad);
+      dx.addmm_(s, rc);
+      dr.narrow(0, start, len).addmm_(s.t(), w.x);
+    }
+    return;
+  }
+  for_upper_blocks(w.x, w.chunk, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    if (c0 == r0) {  // G of a diagonal block; H = G + Gᵀ
+      tile_rows(s.data_ptr<T>(), r0, nr, c0, nc, grad);
+      add_sym_block_grad(dx, w.x, s + s.t(), r0, nr, c0, nc);
+      return;
+    }
+    // a copy, always: for a single row or column, s.t() is already "contiguous" and
+    // .contiguous() would alias s, which the next line overwrites
+    at::Tensor st = s.t().clone(at::MemoryFormat::Contiguous);
+    tile_rows(s.data_ptr<T>(), r0, nr, c0, nc, grad);   // G_IJ
+    tile_rows(st.data_ptr<T>(), c0, nc, r0, nr, grad);  // G_JI
+    add_sym_block_grad(dx, w.x, s.add_(st.t()), r0, nr, c0, nc);
+  });
 }
 
 template <typename T>
@@ -118,11 +154,13 @@ std::vector<OnlineLse<T>> empty_states(int64_t n) {
 
 // ---------------------------------------------------------------- GeneralizedLifted
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cpu(
+namespace {
+
+// The body of both forward ops (self: r is x, labels are ref_labels, self pairs excluded)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_impl(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, int64_t chunk) {
-  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
+    double neg_margin, int64_t chunk, bool self) {
   auto x = x_.contiguous(), r = r_.contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   const int64_t B = x.size(0);
@@ -133,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cpu(
     const LiftParams<T> p{cosine, T(pos_margin), T(neg_margin)};
     const LiftLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
     auto pos = empty_states<T>(B), neg = empty_states<T>(B);
-    stream_fold<T>(x, r, lab, p, chunk, pos.data(), neg.data());
+    walk_rows<T>(Walk{x, r, self, chunk}, [&](const T* row, int64_t nc, int64_t gi, int64_t c0) {
+      fold_row(row, nc, gi, c0, lab, p, &pos[gi], neg[gi]);
+    });
     T *out = rows.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
     for (int64_t i = 0; i < B; ++i) {
       lp[i] = pos[i].value();
@@ -145,12 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cpu(
   return {rows, lse_pos, lse_neg};
 }
 
-std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cpu(
+// The body of both backward ops; self: dx holds the whole gradient
+std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_impl(
     const at::Tensor& grad_rows_, const at::Tensor& x_, const at::Tensor& r_,
     const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_pos_,
     const at::Tensor& lse_neg_, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, int64_t chunk) {
-  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
+    double neg_margin, int64_t chunk, bool self) {
   const int64_t B = x_.size(0);
   check_vec(grad_rows_, B, "grad_rows");
   check_vec(lse_pos_, B, "lse_pos");
@@ -160,22 +200,60 @@ std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cpu(
   auto g = grad_rows_.to(x.scalar_type()).contiguous();
   auto lse_pos = lse_pos_.to(x.scalar_type()).contiguous();
   auto lse_neg = lse_neg_.to(x.scalar_type()).contiguous();
-  at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
+  at::Tensor dx = at::zeros_like(x), dr = self ? dx : at::zeros_like(r);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gen_lifted_bwd_cpu", [&] {
     using T = scalar_t;
     const T pm = T(pos_margin), nm = T(neg_margin);
     const int64_t *y = labels.data_ptr<int64_t>(), *ry = ref_labels.data_ptr<int64_t>();
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
-    stream_grad<T>(x, r, chunk, dx, dr, [&](T* row, int64_t nc, int64_t i, int64_t c0) {
+    walk_grad<T>(Walk{x, r, self, chunk}, dx, dr, [&](T* row, int64_t nc, int64_t i, int64_t c0) {
       for (int64_t j = 0; j < nc; ++j) {
-        const bool self = exclude_diag && c0 + j == i;
-        row[j] = self ? T(0)
+        const bool diag = exclude_diag && c0 + j == i;
+        row[j] = diag ? T(0)
                       : gen_lifted_grad(row[j], ry[c0 + j] == y[i], cosine, pm, nm, gp[i],
                                         lp[i], ln[i]);
       }
     });
   });
   return {dx, dr};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, bool exclude_diag, bool cosine, double pos_margin,
+    double neg_margin, int64_t chunk) {
+  check_pair_inputs(x, r, labels, ref_labels, chunk);
+  return gen_lifted_fwd_impl(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin,
+                             neg_margin, chunk, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& r,
+    const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& lse_pos,
+    const at::Tensor& lse_neg, bool exclude_diag, bool cosine, double pos_margin,
+    double neg_margin, int64_t chunk) {
+  check_pair_inputs(x, r, labels, ref_labels, chunk);
+  return gen_lifted_bwd_impl(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg,
+                             exclude_diag, cosine, pos_margin, neg_margin, chunk, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_self_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& labels, bool cosine, double pos_margin,
+    double neg_margin, int64_t block) {
+  check_self_inputs(x, labels, block);
+  return gen_lifted_fwd_impl(x, x, labels, labels, true, cosine, pos_margin, neg_margin, block,
+                             true);
+}
+
+at::Tensor gen_lifted_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x,
+                                   const at::Tensor& labels, const at::Tensor& lse_pos,
+                                   const at::Tensor& lse_neg, bool cosine, double pos_margin,
+                                   double neg_margin, int64_t block) {
+  check_self_inputs(x, labels, block);
+  return std::get<0>(gen_lifted_bwd_impl(grad_rows, x, x, labels, labels, lse_pos, lse_neg,
+                                         true, cosine, pos_margin, neg_margin, block, true));
 }
 
 // ---------------------------------------------------------------- Lifted
@@ -246,8 +324,15 @@ void for_pos_tiles(const at::Tensor& x, const at::Tensor& r, const PosLayout& L,
   }
 }
 
+// Positive tiles are at most this square (or `chunk`, if smaller): groups of small classes
+// then waste at most B·kPosBlock·D of products on the pairs between their classes, a small
+// fraction of the B·M·D of the streaming pass.
+constexpr int64_t kPosBlock = 256;
+
 struct LiftedCall {
   at::Tensor x, r, labels, ref_labels, partner;
+  int64_t block;
+  bool self;  // r is x (the batch against itself, self pairs excluded)
   PosLayout layout;
 };
 
@@ -257,7 +342,7 @@ LiftedCall lifted_call(const at::Tensor& x_, const at::Tensor& r_, const at::Ten
   TORCH_CHECK(partner_.scalar_type() == at::kLong, "partner must be int64");
   check_vec(partner_, r_.size(0), "partner");
   LiftedCall c{x_.contiguous(), r_.contiguous(), labels_.contiguous(), ref_labels_.contiguous(),
-               partner_.contiguous(), {}};
+               partner_.contiguous(), std::min(chunk, kPosBlock), false, {}};
   if (c.partner.numel()) {
     const int64_t lo = c.partner.min().item<int64_t>(), hi = c.partner.max().item<int64_t>();
     TORCH_CHECK(lo >= -1 && hi < x_.size(0), "partner must be in [-1, ", x_.size(0),
@@ -265,7 +350,17 @@ LiftedCall lifted_call(const at::Tensor& x_, const at::Tensor& r_, const at::Ten
   }
   check_sorted(c.labels, "labels");
   check_sorted(c.ref_labels, "ref_labels");
-  c.layout = pos_layout(c.labels, c.ref_labels, chunk);
+  c.layout = pos_layout(c.labels, c.ref_labels, c.block);
+  return c;
+}
+
+LiftedCall lifted_self_call(const at::Tensor& x_, const at::Tensor& labels_, int64_t block) {
+  check_self_inputs(x_, labels_, block);
+  const at::Tensor x = x_.contiguous(), labels = labels_.contiguous();
+  LiftedCall c{x, x, labels, labels, at::arange(x.size(0), labels.options()),
+               std::min(block, kPosBlock), true, {}};
+  check_sorted(c.labels, "labels");
+  c.layout = pos_layout(c.labels, c.ref_labels, c.block);
   return c;
 }
 
@@ -278,13 +373,10 @@ LiftedPair<T> pair_at(T s, int64_t gi, int64_t gj, const int64_t* partner, const
   return lifted_pair(s, ln[gi], lse_p, p.cosine, p.pos_margin);
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_cpu(
-    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
-    const at::Tensor& ref_labels_, const at::Tensor& partner_, bool exclude_diag, bool cosine,
-    double pos_margin, double neg_margin, double low, double high, int64_t chunk) {
-  LiftedCall c = lifted_call(x_, r_, labels_, ref_labels_, partner_, chunk);
+// The bodies of the general and the self ops
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_impl(
+    const LiftedCall& c, bool exclude_diag, bool cosine, double pos_margin, double neg_margin,
+    double low, double high, int64_t chunk) {
   const int64_t B = c.x.size(0);
   at::Tensor lse_neg = at::empty({B}, c.x.options());
   std::vector<double> sums(B, 0.0);
@@ -294,13 +386,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_cpu(
     const LiftParams<T> p{cosine, T(pos_margin), T(neg_margin)};
     const LiftLabels lab{c.labels.data_ptr<int64_t>(), c.ref_labels.data_ptr<int64_t>(), exclude_diag};
     auto neg = empty_states<T>(B);
-    stream_fold<T>(c.x, c.r, lab, p, chunk, nullptr, neg.data());
+    walk_rows<T>(Walk{c.x, c.r, c.self, chunk}, [&](const T* row, int64_t nc, int64_t gi, int64_t c0) {
+      fold_row<T>(row, nc, gi, c0, lab, p, nullptr, neg[gi]);
+    });
     T* ln = lse_neg.data_ptr<T>();
     for (int64_t i = 0; i < B; ++i) ln[i] = neg[i].value();
     const int64_t* partner = c.partner.data_ptr<int64_t>();
     int64_t* cnt = counts.data_ptr<int64_t>();
     const T lo_w = T(low), hi_w = T(high);
-    for_pos_tiles(c.x, c.r, c.layout, chunk, [&](at::Tensor& s, int64_t r0, int64_t nr,
+    for_pos_tiles(c.x, c.r, c.layout, c.block, [&](at::Tensor& s, int64_t r0, int64_t nr,
                                                   int64_t c0, int64_t nc) {
       const T* sp = s.data_ptr<T>();
       at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
@@ -322,18 +416,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_cpu(
   return {out, counts, lse_neg};
 }
 
-std::tuple<at::Tensor, at::Tensor> lifted_bwd_cpu(
-    const at::Tensor& grad_sums_, const at::Tensor& x_, const at::Tensor& r_,
-    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& partner_,
-    const at::Tensor& lse_neg_, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, double low, double high, int64_t chunk) {
-  LiftedCall c = lifted_call(x_, r_, labels_, ref_labels_, partner_, chunk);
+std::tuple<at::Tensor, at::Tensor> lifted_bwd_impl(
+    const LiftedCall& c, const at::Tensor& grad_sums_, const at::Tensor& lse_neg_,
+    bool exclude_diag, bool cosine, double pos_margin, double neg_margin, double low,
+    double high, int64_t chunk) {
   const int64_t B = c.x.size(0);
   check_vec(grad_sums_, B, "grad_sums");
   check_vec(lse_neg_, B, "lse_neg");
   auto g = grad_sums_.to(c.x.scalar_type()).contiguous();
   auto lse_neg = lse_neg_.to(c.x.scalar_type()).contiguous();
-  at::Tensor dx = at::zeros_like(c.x), dr = at::zeros_like(c.r);
+  // self: the positive blocks' dr and dx land in the same tensor
+  at::Tensor dx = at::zeros_like(c.x), dr = c.self ? dx : at::zeros_like(c.r);
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "lifted_bwd_cpu", [&] {
     using T = scalar_t;
     const LiftParams<T> p{cosine, T(pos_margin), T(neg_margin)};
@@ -343,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_cpu(
     const T lo_w = T(low), hi_w = T(high);
     // each row's weight on its negative log-sum-exp, from the pairs that use it
     std::vector<T> w(B, T(0));
-    for_pos_tiles(c.x, c.r, c.layout, chunk, [&](at::Tensor& s, int64_t r0, int64_t nr,
+    for_pos_tiles(c.x, c.r, c.layout, c.block, [&](at::Tensor& s, int64_t r0, int64_t nr,
                                                   int64_t c0, int64_t nc) {
       T* sp = s.data_ptr<T>();
       std::vector<T> wp(nr * nc, T(0));  // the partners' shares, summed per column below
@@ -384,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_cpu(
       dr.narrow(0, c0, nc).addmm_(s.t(), c.x.narrow(0, r0, nr));
     });
     // the negatives: ∂lse⁻_i/∂s_in = e^{neg exponent − lse⁻_i}·k
-    stream_grad<T>(c.x, c.r, chunk, dx, dr, [&](T* row, int64_t nc, int64_t i, int64_t c0) {
+    walk_grad<T>(Walk{c.x, c.r, c.self, chunk}, dx, dr, [&](T* row, int64_t nc, int64_t i, int64_t c0) {
       const T wi = w[i];
       for (int64_t j = 0; j < nc; ++j) {
         if (wi == T(0) || ry[c0 + j] == y[i]) {  // positives and the self pair: not negatives
@@ -400,6 +493,40 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_cpu(
   return {dx, dr};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, const at::Tensor& partner, bool exclude_diag, bool cosine,
+    double pos_margin, double neg_margin, double low, double high, int64_t chunk) {
+  return lifted_fwd_impl(lifted_call(x, r, labels, ref_labels, partner, chunk), exclude_diag,
+                         cosine, pos_margin, neg_margin, low, high, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> lifted_bwd_cpu(
+    const at::Tensor& grad_sums, const at::Tensor& x, const at::Tensor& r,
+    const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& partner,
+    const at::Tensor& lse_neg, bool exclude_diag, bool cosine, double pos_margin,
+    double neg_margin, double low, double high, int64_t chunk) {
+  return lifted_bwd_impl(lifted_call(x, r, labels, ref_labels, partner, chunk), grad_sums,
+                         lse_neg, exclude_diag, cosine, pos_margin, neg_margin, low, high, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_self_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& labels, bool cosine, double pos_margin,
+    double neg_margin, double low, double high, int64_t block) {
+  return lifted_fwd_impl(lifted_self_call(x, labels, block), true, cosine, pos_margin,
+                         neg_margin, low, high, block);
+}
+
+at::Tensor lifted_self_bwd_cpu(const at::Tensor& grad_sums, const at::Tensor& x,
+                               const at::Tensor& labels, const at::Tensor& lse_neg, bool cosine,
+                               double pos_margin, double neg_margin, double low, double high,
+                               int64_t block) {
+  return std::get<0>(lifted_bwd_impl(lifted_self_call(x, labels, block), grad_sums, lse_neg,
+                                     true, cosine, pos_margin, neg_margin, low, high, block));
+}
+
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // GeneralizedLiftedStructureLoss of unit anchors x against unit references r, streamed
   // over r in chunks: per anchor [lse⁺ + lse⁻]₊ (PML's form, empty side 0), and the two
@@ -411,6 +538,12 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("gen_lifted_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
         "Tensor ref_labels, Tensor lse_pos, Tensor lse_neg, bool exclude_diag, bool cosine, "
         "float pos_margin, float neg_margin, int chunk) -> (Tensor, Tensor)");
+  // The same against the batch itself (self pairs excluded), using the symmetry of S:
+  // blocks I <= J of `block` rows only
+  m.def("gen_lifted_self_fwd(Tensor x, Tensor labels, bool cosine, float pos_margin, "
+        "float neg_margin, int block) -> (Tensor, Tensor, Tensor)");
+  m.def("gen_lifted_self_bwd(Tensor grad_rows, Tensor x, Tensor labels, Tensor lse_pos, "
+        "Tensor lse_neg, bool cosine, float pos_margin, float neg_margin, int block) -> Tensor");
   // LiftedStructureLoss of unit anchors x against unit references r, both sorted by label:
   // per anchor a, the sum and count of the kept terms ½[lse + pos exponent]₊² of its
   // positive pairs (a, p) (kept: low < term < high), and every row's negative
@@ -421,6 +554,13 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("lifted_bwd(Tensor grad_sums, Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor partner, Tensor lse_neg, bool exclude_diag, bool cosine, float pos_margin, "
         "float neg_margin, float low, float high, int chunk) -> (Tensor, Tensor)");
+  // The same against the batch itself (sorted labels, self pairs excluded, partner[p] = p),
+  // its negative pass over the blocks I <= J of the symmetric S
+  m.def("lifted_self_fwd(Tensor x, Tensor labels, bool cosine, float pos_margin, "
+        "float neg_margin, float low, float high, int block) -> (Tensor, Tensor, Tensor)");
+  m.def("lifted_self_bwd(Tensor grad_sums, Tensor x, Tensor labels, Tensor lse_neg, "
+        "bool cosine, float pos_margin, float neg_margin, float low, float high, int block) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
@@ -428,6 +568,10 @@ TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
   m.impl("gen_lifted_bwd", &gen_lifted_bwd_cpu);
   m.impl("lifted_fwd", &lifted_fwd_cpu);
   m.impl("lifted_bwd", &lifted_bwd_cpu);
+  m.impl("gen_lifted_self_fwd", &gen_lifted_self_fwd_cpu);
+  m.impl("gen_lifted_self_bwd", &gen_lifted_self_bwd_cpu);
+  m.impl("lifted_self_fwd", &lifted_self_fwd_cpu);
+  m.impl("lifted_self_bwd", &lifted_self_bwd_cpu);
 }
 
 }  // namespace metrix_ops

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import is_cosine, is_normalized_l2
-from ..ops.lifted import gen_lifted_rows
+from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
 from . import register
 from .multi_similarity import _reduce_clean
 
@@ -21,11 +21,22 @@ def supports(params, inp, expansion) -> bool:
             and inp.labels is not None and (is_normalized_l2(d) or is_cosine(d)))
 
 
-def impl(params, inp, reducer, chunk: int = 2048):
+def self_pairs_only(inp) -> bool:
+    """The batch against itself, self pairs excluded (PML keeps them when ref_labels is
+    another tensor, even with ref_emb the batch): S is symmetric."""
+    return inp.ref_emb is inp.embeddings and inp.same_set
+
+
+def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
+    x, cosine = inp.embeddings, is_cosine(inp.distance)
+    pm, nm = params["pos_margin"], params["neg_margin"]
+    xu = F.normalize(x, dim=1)
+    if self_pairs_only(inp):
+        rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block)
+    else:
+        rows = gen_lifted_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
+                               inp.same_set, cosine, pm, nm, chunk)
     # PML's no-pairs rule and the element reduction are MS's (one term per anchor)
-    rows = gen_lifted_rows(F.normalize(inp.embeddings, dim=1), F.normalize(inp.ref_emb, dim=1),
-                           inp.labels, inp.ref_labels, inp.same_set, is_cosine(inp.distance),
-                           params["pos_margin"], params["neg_margin"], chunk)
     return _reduce_clean(rows, inp, reducer)
 
 

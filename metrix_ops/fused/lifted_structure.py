@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from ..distances import is_cosine
-from ..ops.lifted import lifted_rows
+from ..ops.lifted import lifted_rows, lifted_rows_self
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from . import register
 from .contrastive import _reduce_side, _window
-from .generalized_lifted import supports
+from .generalized_lifted import self_pairs_only, supports
 from .pair_counts import pair_count_tensors
 
 
-def impl(params, inp, reducer, chunk: int = 2048):
+def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     x = inp.embeddings
     window = _window(reducer)
     if window is None:  # a reducer that is no ratio of totals: the reference's pair losses
@@ -33,9 +33,13 @@ def impl(params, inp, reducer, chunk: int = 2048):
     compiling = torch.compiler.is_compiling()
     if not compiling and bool(none):
         return zero_loss(x)
-    sums, counts = lifted_rows(F.normalize(x, dim=1), F.normalize(inp.ref_emb, dim=1), inp.labels,
-                               inp.ref_labels, inp.same_set, is_cosine(inp.distance),
-                               params["pos_margin"], params["neg_margin"], *window, chunk)
+    xu, cosine = F.normalize(x, dim=1), is_cosine(inp.distance)
+    pm, nm = params["pos_margin"], params["neg_margin"]
+    if self_pairs_only(inp):
+        sums, counts = lifted_rows_self(xu, inp.labels, cosine, pm, nm, *window, block)
+    else:
+        sums, counts = lifted_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
+                                   inp.same_set, cosine, pm, nm, *window, chunk)
     loss = _reduce_side(sums, counts, n_pos, reducer, x)
     return torch.where(none, zero_loss(x), loss) if compiling else loss
 

@@ -14,6 +14,8 @@ from .contrastive import _bound
 
 _GEN = "metrix_ops::gen_lifted_fwd"
 _LIFTED = "metrix_ops::lifted_fwd"
+_GEN_SELF = "metrix_ops::gen_lifted_self_fwd"
+_LIFTED_SELF = "metrix_ops::lifted_self_fwd"
 
 if _ext.HAS_EXT:
     @torch.library.register_fake(_GEN)
@@ -66,6 +68,56 @@ if _ext.HAS_EXT:
 
     torch.library.register_autograd(_LIFTED, _backward_lifted, setup_context=_setup_lifted)
 
+    # the batch against itself: one input, one gradient
+    @torch.library.register_fake(_GEN_SELF)
+    def _fake_gen_self(x, labels, cosine, pos_margin, neg_margin, block):
+        b = x.shape[0]
+        return x.new_empty(b), x.new_empty(b), x.new_empty(b)
+
+    @torch.library.register_fake("metrix_ops::gen_lifted_self_bwd")
+    def _fake_gen_self_bwd(grad_rows, x, labels, lse_pos, lse_neg, cosine, pos_margin,
+                           neg_margin, block):
+        return torch.empty_like(x)
+
+    def _setup_gen_self(ctx, inputs, output):
+        x, labels, *args = inputs
+        ctx.save_for_backward(x, labels, output[1], output[2])
+        ctx.args = tuple(args)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward_gen_self(ctx, g_rows, _g_lp, _g_ln):
+        x, labels, lse_pos, lse_neg = ctx.saved_tensors
+        dx = torch.ops.metrix_ops.gen_lifted_self_bwd(g_rows.contiguous(), x, labels, lse_pos,
+                                                      lse_neg, *ctx.args)
+        return (dx,) + (None,) * 5
+
+    torch.library.register_autograd(_GEN_SELF, _backward_gen_self, setup_context=_setup_gen_self)
+
+    @torch.library.register_fake(_LIFTED_SELF)
+    def _fake_lifted_self(x, labels, cosine, pos_margin, neg_margin, low, high, block):
+        b = x.shape[0]
+        return x.new_empty(b), x.new_empty(b, dtype=torch.long), x.new_empty(b)
+
+    @torch.library.register_fake("metrix_ops::lifted_self_bwd")
+    def _fake_lifted_self_bwd(grad_sums, x, labels, lse_neg, cosine, pos_margin, neg_margin,
+                              low, high, block):
+        return torch.empty_like(x)
+
+    def _setup_lifted_self(ctx, inputs, output):
+        x, labels, *args = inputs
+        ctx.save_for_backward(x, labels, output[2])
+        ctx.args = tuple(args)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward_lifted_self(ctx, g_sums, _g_cnt, _g_ln):
+        x, labels, lse_neg = ctx.saved_tensors
+        g_sums = torch.zeros_like(lse_neg) if g_sums is None else g_sums.contiguous()
+        dx = torch.ops.metrix_ops.lifted_self_bwd(g_sums, x, labels, lse_neg, *ctx.args)
+        return (dx,) + (None,) * 7
+
+    torch.library.register_autograd(_LIFTED_SELF, _backward_lifted_self,
+                                    setup_context=_setup_lifted_self)
+
 
 def gen_lifted_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosine: bool,
                     pos_margin: float, neg_margin: float, chunk: int = 2048) -> torch.Tensor:
@@ -74,6 +126,16 @@ def gen_lifted_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosi
     rows, _, _ = torch.ops.metrix_ops.gen_lifted_fwd(
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), bool(cosine), float(pos_margin), float(neg_margin), int(chunk))
+    return rows
+
+
+def gen_lifted_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
+                         block: int = 1024) -> torch.Tensor:
+    """gen_lifted_rows of a batch against itself (self pairs excluded), using S's symmetry:
+    half the similarity products, and one gradient product per block pair."""
+    rows, _, _ = torch.ops.metrix_ops.gen_lifted_self_fwd(
+        x_unit.contiguous(), labels.contiguous(), bool(cosine), float(pos_margin),
+        float(neg_margin), int(block))
     return rows
 
 
@@ -93,6 +155,7 @@ def lifted_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, cosine: bool
     batch's j-th example and the self pairs are not positives. PML's quirk: the pair (a, p)
     also uses the negatives of *batch row* p, whenever p < B."""
     ox = torch.argsort(labels, stable=True)
+    low, high = _bound(low, -float("inf")), _bound(high, float("inf"))
     orf = ox if same_set else torch.argsort(ref_labels, stable=True)
     b = labels.shape[0]
     # partner of sorted reference k: the sorted position of batch row orf[k], or -1
@@ -102,5 +165,18 @@ def lifted_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, cosine: bool
         x_unit.index_select(0, ox).contiguous(), r_unit.index_select(0, orf).contiguous(),
         labels.index_select(0, ox).contiguous(), ref_labels.index_select(0, orf).contiguous(),
         partner.contiguous(), bool(same_set), bool(cosine), float(pos_margin),
-        float(neg_margin), _bound(low, -float("inf")), _bound(high, float("inf")), int(chunk))
+        float(neg_margin), low, high, int(chunk))
+    return sums, counts
+
+
+def lifted_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
+                     low=None, high=None, block: int = 1024):
+    """lifted_rows of a batch against itself (self pairs excluded, partner p = p), its
+    negative pass using S's symmetry: half the similarity products, one gradient product per
+    block pair."""
+    ox = torch.argsort(labels, stable=True)
+    sums, counts, _ = torch.ops.metrix_ops.lifted_self_fwd(
+        x_unit.index_select(0, ox).contiguous(), labels.index_select(0, ox).contiguous(),
+        bool(cosine), float(pos_margin), float(neg_margin), _bound(low, -float("inf")),
+        _bound(high, float("inf")), int(block))
     return sums, counts
