@@ -15,6 +15,9 @@
 // keeps (its window low < term < high), as the contrastive op. Backward: the positive
 // blocks give each row's weight on its negative log-sum-exp and the positive pairs' G;
 // then one streaming pass spreads those weights over the negatives.
+//
+// The *_self ops take the batch against itself (self pairs excluded) and walk the blocks
+// I <= J of the symmetric S = x xᵀ once instead of streaming (see Walk).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "common/lifted.h"
+#include "cpu/contrastive_blocks.h"  // ConLabels
 #include "cpu/op_checks.h"
 #include "cpu/sym_blocks.h"
 
@@ -29,13 +33,9 @@ namespace metrix_ops {
 
 namespace {
 
-// Labels of a tile's rows and columns, by global index; with exclude_diag, global row i ==
-// global column j is the self pair, in neither set.
-struct LiftLabels {
-  const int64_t* row;
-  const int64_t* col;
-  bool exclude_diag;
-};
+// Labels of a tile's rows and columns by global index, and the self-pair rule: the
+// contrastive ops' (contrastive_blocks.h)
+using LiftLabels = ConLabels;
 
 template <typename T>
 struct LiftParams {
