@@ -389,3 +389,12 @@ def test_bad_self_op_inputs():
     _, _, ln = op.lifted_self_fwd(x, y, False, 0.0, 1.0, 0.0, 1.0, 4)
     with pytest.raises(RuntimeError, match=r"grad_sums must be of shape \(9,\)"):
         op.lifted_self_bwd(torch.ones(3), x, y, ln, False, 0.0, 1.0, 0.0, 1.0, 4)
+
+
+@pytest.mark.parametrize("name,kw", [("GeneralizedLiftedStructureLoss", {}),
+                                     ("LiftedStructureLoss", {"reducer": mo.reducers.AvgNonZeroReducer()})])
+def test_module_under_fullgraph_compile(name, kw):
+    """As tests/test_module_compile.py: the modules on their fused path trace whole (pair
+    counts, PML's no-pairs rule, the reducer) and match eager."""
+    from test_module_compile import test_module_under_fullgraph_compile_equals_eager as check
+    check(name, kw)
