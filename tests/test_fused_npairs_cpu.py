@@ -126,3 +126,14 @@ def test_outside_scope_falls_back_or_refuses(op_calls):
     assert not op_calls
     with pytest.raises(ValueError, match="does not take ref_emb"):
         mo.losses.NPairsLoss(backend="cpu")(x, y, ref_emb=x, ref_labels=y)
+
+
+
+def test_a_reference_set_is_not_covered():
+    """NPairsLoss takes no ref_emb (the driver refuses it); a bank handed in as references
+    (fused.run_with_memory's LossInputs) must not be silently dropped by the fused path."""
+    from metrix_ops.spec import LossInputs
+    x, y = make_case(CASES[1])
+    dist = mo.distances.DotProductSimilarity()
+    assert fnp.supports({}, LossInputs(x, y, None, x, y, True, dist), None)
+    assert not fnp.supports({}, LossInputs(x, y, None, x.clone(), y, True, dist), None)

@@ -17,8 +17,17 @@ from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from . import register
 from .contrastive import _reduce_side, _window
-from .generalized_lifted import self_pairs_only, supports
+from . import generalized_lifted
+from .generalized_lifted import self_pairs_only
 from .pair_counts import pair_count_tensors
+
+
+def supports(params, inp, expansion) -> bool:
+    """GeneralizedLifted's scope, less CrossBatchMemory's bank (same_set with the bank's own
+    labels: `fused.run_with_memory` rolls the bank, and PML's partner rows are indexed by
+    the unrolled bank slots, which the op is not told): that stays on its listing path."""
+    return (generalized_lifted.supports(params, inp, expansion)
+            and not (inp.same_set and inp.ref_labels is not inp.labels))
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):

@@ -25,9 +25,11 @@ from . import register
 
 def supports(params, inp, expansion) -> bool:
     d = inp.distance
+    # ref_emb is refused before this for a call; CrossBatchMemory's bank (fused.run_with_memory)
+    # arrives as ref_emb and must reach the same refusal
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
-            and inp.labels is not None and type(d) in (CosineSimilarity, DotProductSimilarity)
-            and d.power == 1)
+            and inp.labels is not None and inp.ref_emb is inp.embeddings
+            and type(d) in (CosineSimilarity, DotProductSimilarity) and d.power == 1)
 
 
 def first_pairs(labels):
