@@ -12,19 +12,15 @@ from .. import _ext
 from ..distances import is_cosine, is_normalized_l2
 from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
 from . import register
+# the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
+from .multi_similarity import _self_pairs_only as self_pairs_only
 
 
 def supports(params, inp, expansion) -> bool:
     d = inp.distance
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
             and inp.labels is not None and (is_normalized_l2(d) or is_cosine(d)))
-
-
-def self_pairs_only(inp) -> bool:
-    """The batch against itself, self pairs excluded (PML keeps them when ref_labels is
-    another tensor, even with ref_emb the batch): S is symmetric."""
-    return inp.ref_emb is inp.embeddings and inp.same_set
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
