@@ -419,3 +419,18 @@ def test_cross_batch_memory(name, op_calls):
         cbm = mo.losses.CrossBatchMemory(mo.losses.LiftedStructureLoss(backend="cpu"), 6, memory_size=29)
         with pytest.raises(NotImplementedError, match="does not cover this LiftedStructureLoss call"):
             cbm(*_batches([13], 6, 5)[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dist", list(DISTANCES))
+def test_matches_pml_directly(name, dist):
+    from pytorch_metric_learning import distances as pd
+
+    from cases import pml_pair
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 12, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 7, (37,), generator=g)
+    kw = {"neg_margin": 0.9, "pos_margin": 0.15}
+    _, pml = pml_pair(name, kw, None if dist == "lp" else pd.CosineSimilarity)
+    fused, _ = pair(name, DISTANCES[dist], **kw)
+    assert_close_vg(lambda e: fused(e, y), lambda e: pml(e, y), x)

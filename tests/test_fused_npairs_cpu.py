@@ -137,3 +137,12 @@ def test_a_reference_set_is_not_covered():
     dist = mo.distances.DotProductSimilarity()
     assert fnp.supports({}, LossInputs(x, y, None, x, y, True, dist), None)
     assert not fnp.supports({}, LossInputs(x, y, None, x.clone(), y, True, dist), None)
+
+
+def test_matches_pml_directly():
+    from cases import pml_pair
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 12, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 9, (37,), generator=g)
+    _, pml = pml_pair("NPairsLoss")
+    assert_close_vg(lambda e: mo.losses.NPairsLoss(backend="cpu")(e, y), lambda e: pml(e, y), x)
