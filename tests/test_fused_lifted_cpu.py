@@ -434,3 +434,16 @@ def test_matches_pml_directly(name, dist):
     _, pml = pml_pair(name, kw, None if dist == "lp" else pd.CosineSimilarity)
     fused, _ = pair(name, DISTANCES[dist], **kw)
     assert_close_vg(lambda e: fused(e, y), lambda e: pml(e, y), x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cosine_with_other_norm(name):
+    """CosineSimilarity(p=1) normalises by the L1 norm (PML's BaseDistance): the fused path
+    uses the distance's own normalisation, and a similarity of any rows is exact."""
+    x, y = make_case(CASES[1])
+    r = torch.randn(19, x.shape[1], dtype=torch.float64)
+    ry = torch.randint(0, 6, (19,))
+    fused, ref = pair(name, lambda: mo.distances.CosineSimilarity(p=1))
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
+    assert_close_vg(lambda e, f: fused(e, y, ref_emb=f, ref_labels=ry),
+                    lambda e, f: ref(e, y, ref_emb=f, ref_labels=ry), x, r)

@@ -15,7 +15,8 @@ from test_fused_lifted_cpu import LAYOUTS, layout_case
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
 DISTANCES = [None, mo.distances.CosineSimilarity,
-             lambda: mo.distances.DotProductSimilarity(normalize_embeddings=False)]
+             lambda: mo.distances.DotProductSimilarity(normalize_embeddings=False),
+             lambda: mo.distances.DotProductSimilarity(p=1)]  # L1-normalised rows
 
 
 def pair(dist=None, **kw):
@@ -98,7 +99,7 @@ def test_large_logits_do_not_overflow(dtype):
     g = torch.Generator().manual_seed(4)
     x = 30 * torch.randn(24, 10, generator=g, dtype=torch.float64)
     y = torch.randint(0, 6, (24,), generator=g)
-    fused, ref = pair(DISTANCES[2])
+    fused, ref = pair(DISTANCES[2])  # raw dot products
     v, (gx,) = value_and_grad(lambda e: fused(e, y), x.to(dtype))
     vr, (gr,) = value_and_grad(lambda e: ref(e, y), x)
     assert torch.isfinite(v) and torch.isfinite(gx).all() and vr > 100

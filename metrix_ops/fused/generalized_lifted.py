@@ -6,8 +6,6 @@ CosineSimilarity; other distances, unnormalised embeddings and indices_tuple go 
 reference."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from .. import _ext
 from ..distances import is_cosine, is_normalized_l2
 from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
@@ -24,13 +22,14 @@ def supports(params, inp, expansion) -> bool:
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
-    x, cosine = inp.embeddings, is_cosine(inp.distance)
+    d, cosine = inp.distance, is_cosine(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
-    xu = F.normalize(x, dim=1)
+    # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
+    xu = d.maybe_normalize(inp.embeddings)
     if self_pairs_only(inp):
         rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block)
     else:
-        rows = gen_lifted_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
+        rows = gen_lifted_rows(xu, d.maybe_normalize(inp.ref_emb), inp.labels, inp.ref_labels,
                                inp.same_set, cosine, pm, nm, chunk)
     # PML's no-pairs rule and the element reduction are MS's (one term per anchor)
     return _reduce_clean(rows, inp, reducer)

@@ -9,15 +9,13 @@ reference."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..distances import is_cosine
 from ..ops.lifted import lifted_rows, lifted_rows_self
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
-from . import register
+from . import generalized_lifted, register
 from .contrastive import _reduce_side, _window
-from . import generalized_lifted
 from .generalized_lifted import self_pairs_only
 from .pair_counts import pair_count_tensors
 
@@ -42,13 +40,14 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     compiling = torch.compiler.is_compiling()
     if not compiling and bool(none):
         return zero_loss(x)
-    xu, cosine = F.normalize(x, dim=1), is_cosine(inp.distance)
+    # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
+    xu, cosine = inp.distance.maybe_normalize(x), is_cosine(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
     if self_pairs_only(inp):
         sums, counts = lifted_rows_self(xu, inp.labels, cosine, pm, nm, *window, block)
     else:
-        sums, counts = lifted_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
-                                   inp.same_set, cosine, pm, nm, *window, chunk)
+        sums, counts = lifted_rows(xu, inp.distance.maybe_normalize(inp.ref_emb), inp.labels,
+                                   inp.ref_labels, inp.same_set, cosine, pm, nm, *window, chunk)
     loss = _reduce_side(sums, counts, n_pos, reducer, x)
     return torch.where(none, zero_loss(x), loss) if compiling else loss
 

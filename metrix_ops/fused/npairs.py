@@ -14,7 +14,6 @@ go to the reference."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import CosineSimilarity, DotProductSimilarity
@@ -49,7 +48,7 @@ def impl(params, inp, reducer, chunk=None):
     if len(a) == 0:
         return reduce_loss_dict({"loss": {"losses": 0, "indices": None,
                                           "reduction_type": "already_reduced"}}, reducer, x)
-    xk = F.normalize(x, dim=1) if inp.distance.normalize_embeddings else x
+    xk = inp.distance.maybe_normalize(x)  # as the reference: its p, or none
     rows = proxy_nca_rows(xk.index_select(0, a), xk.index_select(0, p),
                           torch.arange(len(a), device=x.device), 1.0, COSINE, chunk)
     return reduce_loss_dict({"loss": {"losses": rows, "indices": a, "reduction_type": "element"}},
