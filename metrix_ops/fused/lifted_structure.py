@@ -1,0 +1,55 @@
+"""LiftedStructureLoss through the fused ops: per anchor, the sum and count of its positive
+pairs' terms that the reducer keeps (no B×M matrix, no per-pair tensor), then PML's
+pos-pair reduction as a ratio of totals, as the contrastive op does.
+
+Covers PML's default LpDistance on normalised embeddings and CosineSimilarity, with the
+Mean, Sum, AvgNonZero and Threshold reducers; any other reducer gets the reference's
+per-pair losses, and other distances, unnormalised embeddings and indices_tuple go to the
+reference."""
+from __future__ import annotations
+
+import torch
+
+from ..distances import is_cosine
+from ..ops.lifted import lifted_rows, lifted_rows_self
+from ..reducers import reduce_loss_dict, zero_loss
+from ..spec import get_spec
+from . import generalized_lifted, register
+from .contrastive import _reduce_side, _window
+from .generalized_lifted import self_pairs_only
+from .pair_counts import pair_count_tensors
+
+
+def supports(params, inp, expansion) -> bool:
+    """GeneralizedLifted's scope, less CrossBatchMemory's bank (same_set with the bank's own
+    labels: `fused.run_with_memory` rolls the bank, and PML's partner rows are indexed by
+    the unrolled bank slots, which the op is not told): that stays on its listing path."""
+    return (generalized_lifted.supports(params, inp, expansion)
+            and not (inp.same_set and inp.ref_labels is not inp.labels))
+
+
+def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
+    x = inp.embeddings
+    window = _window(reducer)
+    if window is None:  # a reducer that is no ratio of totals: the reference's pair losses
+        return reduce_loss_dict(get_spec("LiftedStructureLoss").loss_dict(inp, **params), reducer, x)
+    n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+    # PML: no loss when no index list has two entries, or when either side is empty;
+    # eagerly a branch that skips the op, under torch.compile a select
+    none = (n_pos == 0) | (n_neg == 0) | ((n_pos <= 1) & (n_neg <= 1))
+    compiling = torch.compiler.is_compiling()
+    if not compiling and bool(none):
+        return zero_loss(x)
+    # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
+    xu, cosine = inp.distance.maybe_normalize(x), is_cosine(inp.distance)
+    pm, nm = params["pos_margin"], params["neg_margin"]
+    if self_pairs_only(inp):
+        sums, counts = lifted_rows_self(xu, inp.labels, cosine, pm, nm, *window, block)
+    else:
+        sums, counts = lifted_rows(xu, inp.distance.maybe_normalize(inp.ref_emb), inp.labels,
+                                   inp.ref_labels, inp.same_set, cosine, pm, nm, *window, chunk)
+    loss = _reduce_side(sums, counts, n_pos, reducer, x)
+    return torch.where(none, zero_loss(x), loss) if compiling else loss
+
+
+register("cpu", "LiftedStructureLoss", supports, impl)

@@ -1,0 +1,58 @@
+"""NPairsLoss through the fused ProxyNCA op. PML keeps one positive pair (a, p) per label
+(reference/npairs.py), then takes each kept anchor's cross-entropy over its similarities
+to all kept positives: the softmax loss of K anchors against K "proxies" x_p, the own
+proxy of anchor k being positive k. That is proxy_nca_fwd with labels 0..K−1 and logits s
+(kind cosine, scale 1), which streams the K×K matrix in tiles (K = the labels with two
+examples or more, up to B/2); no new kernel is needed.
+
+The pairs come from the labels alone, without PML's B×B positive mask: after a stable sort,
+a label's first pair in row-major order is its first and second example (every example of
+a label with two or more has a positive, the first one pairs first with the second).
+Covers CosineSimilarity / DotProductSimilarity (PML's default, normalising or not, power
+1) with any reducer; LpDistance (logits −d) and indices_tuple (pairs in the tuple's order)
+go to the reference."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..distances import CosineSimilarity, DotProductSimilarity
+from ..ops.proxy_nca import COSINE, proxy_nca_rows
+from ..reducers import reduce_loss_dict
+from . import register
+
+
+def supports(params, inp, expansion) -> bool:
+    d = inp.distance
+    # ref_emb is refused before this for a call; CrossBatchMemory's bank (fused.run_with_memory)
+    # arrives as ref_emb and must reach the same refusal
+    return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
+            and inp.labels is not None and inp.ref_emb is inp.embeddings
+            and type(d) in (CosineSimilarity, DotProductSimilarity) and d.power == 1)
+
+
+def first_pairs(labels):
+    """(a, p): the first and second example of every label that has two or more, sorted by
+    label: PML's first positive pair per anchor label (reference.npairs.unique_label_pos_pairs)."""
+    order = torch.argsort(labels, stable=True)
+    ys = labels.index_select(0, order)
+    starts = torch.ones_like(ys, dtype=torch.bool)
+    starts[1:] = ys[1:] != ys[:-1]
+    first = torch.nonzero(starts[:-1] & ~starts[1:]).squeeze(1)  # a run of length ≥ 2
+    return order[first], order[first + 1]
+
+
+def impl(params, inp, reducer, chunk=None):
+    x = inp.embeddings
+    a, p = first_pairs(inp.labels)
+    if len(a) == 0:
+        return reduce_loss_dict({"loss": {"losses": 0, "indices": None,
+                                          "reduction_type": "already_reduced"}}, reducer, x)
+    xk = inp.distance.maybe_normalize(x)  # as the reference: its p, or none
+    rows = proxy_nca_rows(xk.index_select(0, a), xk.index_select(0, p),
+                          torch.arange(len(a), device=x.device), 1.0, COSINE, chunk)
+    return reduce_loss_dict({"loss": {"losses": rows, "indices": a, "reduction_type": "element"}},
+                            reducer, x)
+
+
+register("cpu", "NPairsLoss", supports, impl)
