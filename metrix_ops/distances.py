@@ -99,4 +99,7 @@ def is_normalized_l2(d: BaseDistance) -> bool:
 
 
 def is_cosine(d: BaseDistance) -> bool:
-    return type(d) is CosineSimilarity and d.normalize_embeddings and d.power == 1
+    """The plain cosine similarity of L2-normalised rows (what the fused ops compute); PML's
+    CosineSimilarity(p=1) normalises by the L1 norm, which is another similarity."""
+    return (type(d) is CosineSimilarity and d.normalize_embeddings and d.p == 2
+            and d.power == 1)
