@@ -77,12 +77,15 @@ struct ConMixRowKernel {
 
   template <bool Cos>
   static MO_INLINE ConMixTerms<F> terms(const ConMixBlock<T>& b, F v) {
-    if constexpr (Cos) return con_mix_terms<F, T>(v, v, true, b.lam, b.pos_margin, b.neg_margin);
-    const F q = con_mix_sq_dist<F, T>(v);
-    F d, inv;
-    sqrt_lanes(q, d, inv);
-    inv = q >= con_mix_coincident_below<T>() ? inv : q * T(0);
-    return con_mix_terms<F, T>(d, inv, false, b.lam, b.pos_margin, b.neg_margin);
+    if constexpr (Cos) {
+      return con_mix_terms<F, T>(v, v, true, b.lam, b.pos_margin, b.neg_margin);
+    } else {
+      const F q = con_mix_sq_dist<F, T>(v);
+      F d, inv;
+      sqrt_lanes(q, d, inv);
+      inv = q >= con_mix_coincident_below<T>() ? inv : q * T(0);
+      return con_mix_terms<F, T>(d, inv, false, b.lam, b.pos_margin, b.neg_margin);
+    }
   }
 
   // Adds anchors [a0, a1)'s terms to acc: per side the sum of the terms and how many are
