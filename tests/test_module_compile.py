@@ -14,6 +14,10 @@ MODULES = [
     ("ContrastiveLoss", {}),
     ("ContrastiveLoss", {"reducer": mo.reducers.MeanReducer()}),
     ("ContrastiveLoss", {"reducer": mo.reducers.SumReducer(), "pos_margin": 0.1}),
+    ("ContrastiveLoss", {"metrix": mo.Metrix(lam=0.3)}),  # clean + Metrix in one op
+    ("ContrastiveLoss", {"metrix": mo.Metrix(lam=0.6, pairs="anchor_neg"),
+                         "distance": mo.distances.CosineSimilarity(),
+                         "reducer": mo.reducers.MeanReducer()}),
     ("TripletMarginLoss", {}),
     ("TripletMarginLoss", {"reducer": mo.reducers.MeanReducer(), "margin": 0.3}),
     ("TripletMarginLoss", {"reducer": mo.reducers.SumReducer()}),

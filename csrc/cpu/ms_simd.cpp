@@ -1,4 +1,5 @@
-// The fp32 multi-similarity kernels of ms_kernels.h compiled for three x86 levels in this
+// The fp32 multi-similarity kernels of ms_kernels.h (and the Metrix kernels of MS and
+// contrastive, ms_metrix_kernels.h and contrastive_metrix_kernels.h) compiled for three x86 levels in this
 // one file (setup.py builds every csrc/cpu file with the same flags, so the wider ones get
 // GCC target attributes), and the run-time choice among them. Also two small ops for the
 // tests: the level in use, and the fast exp itself.
@@ -8,6 +9,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "cpu/contrastive_metrix_kernels.h"
 #include "cpu/ms_metrix_kernels.h"
 
 namespace metrix_ops {
@@ -42,9 +44,17 @@ namespace {
   TARGET void mix_grad_##NAME(const MixBlock<float>& b, int64_t a0, int64_t a1) {          \
     MixRowKernel<float, W>::grad(b, a0, a1);                                               \
   }                                                                                        \
+  TARGET void con_mix_fold_##NAME(const ConMixBlock<float>& b, int64_t a0, int64_t a1,     \
+                                  ConAcc* acc) {                                           \
+    ConMixRowKernel<float, W>::fold(b, a0, a1, acc);                                       \
+  }                                                                                        \
+  TARGET void con_mix_grad_##NAME(const ConMixBlock<float>& b, int64_t a0, int64_t a1) {   \
+    ConMixRowKernel<float, W>::grad(b, a0, a1);                                            \
+  }                                                                                        \
   const MsKernels<float> k_##NAME{&fold_##NAME,     &grad_##NAME,     &fold_cols_##NAME,   \
                                   &grad_sym_##NAME, &exp_##NAME,      &mix_fold_##NAME,    \
-                                  &mix_grad_##NAME, #NAME};
+                                  &mix_grad_##NAME, #NAME};                                \
+  const ConMixKernels<float> c_##NAME{&con_mix_fold_##NAME, &con_mix_grad_##NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 MO_MS_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), 16)
@@ -77,6 +87,12 @@ void mix_fold_f64(const MixBlock<double>& b, int64_t a0, int64_t a1, OnlineLse<d
 void mix_grad_f64(const MixBlock<double>& b, int64_t a0, int64_t a1) {
   MixRowKernel<double, 1>::grad(b, a0, a1);
 }
+void con_mix_fold_f64(const ConMixBlock<double>& b, int64_t a0, int64_t a1, ConAcc* acc) {
+  ConMixRowKernel<double, 1>::fold(b, a0, a1, acc);
+}
+void con_mix_grad_f64(const ConMixBlock<double>& b, int64_t a0, int64_t a1) {
+  ConMixRowKernel<double, 1>::grad(b, a0, a1);
+}
 
 bool cpu_has(const char* level) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -96,6 +112,15 @@ const MsKernels<float>* by_name(const char* level) {
 #endif
   if (!std::strcmp(level, "baseline")) return &k_baseline;
   return nullptr;
+}
+
+// the contrastive Metrix kernels of the same level as an MS table
+const ConMixKernels<float>& con_of(const MsKernels<float>& k) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (&k == &k_avx512) return c_avx512;
+  if (&k == &k_avx2) return c_avx2;
+#endif
+  return c_baseline;
 }
 
 const MsKernels<float>& widest() {
@@ -124,6 +149,13 @@ const MsKernels<double>& ms_kernels_f64() {
   static const MsKernels<double> k{&fold_f64, &grad_f64,     &fold_cols_f64,
                                    &grad_sym_f64, &exp_f64, &mix_fold_f64,
                                    &mix_grad_f64, "scalar"};
+  return k;
+}
+
+const ConMixKernels<float>& con_mix_kernels_f32() { return con_of(ms_kernels_f32()); }
+
+const ConMixKernels<double>& con_mix_kernels_f64() {
+  static const ConMixKernels<double> k{&con_mix_fold_f64, &con_mix_grad_f64};
   return k;
 }
 

@@ -13,8 +13,9 @@ from ..distances import is_cosine, is_normalized_l2
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
                         reduce_loss_dict, zero_loss)
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
+from ..ops.contrastive_metrix import contrastive_metrix_rows
 from ..spec import get_spec
-from . import register
+from . import register, register_metrix
 from .pair_counts import pair_count_tensors
 
 _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
@@ -40,15 +41,28 @@ def _reduce_side(sums, counts, n_pairs, reducer, x):
     branches, so the module traces under torch.compile(fullgraph=True); n_pairs is a 0-d
     tensor. PML: a side with no pairs is a zero loss whatever the reducer."""
     zero = zero_loss(x)
-    total = sums.sum()
     if type(reducer) is SumReducer:
-        val = total
+        val = sums.sum()
     elif type(reducer) is MeanReducer:
-        val = total / n_pairs.clamp(min=1)
+        val = sums.sum() / n_pairs.clamp(min=1)
     else:
-        kept = counts.sum()
-        val = torch.where(kept > 0, total / kept.clamp(min=1), zero)
+        val = _avg_kept(sums, counts, x)
     return torch.where(n_pairs == 0, zero, val)
+
+
+def _avg_kept(sums, counts, x):
+    """The mean of the kept terms from their row sums and counts; a zero loss (with graph)
+    when none was kept."""
+    kept = counts.sum()
+    return torch.where(kept > 0, sums.sum() / kept.clamp(min=1), zero_loss(x))
+
+
+def _reduce_clean(rows, n_pos, n_neg, reducer, x):
+    """The clean loss from the rows (pos_sum, pos_count, neg_sum, neg_count): each side
+    reduced apart, then summed; PML's rule (no loss when no side has two pairs) as a select."""
+    ps, pc, ns, nc = rows
+    loss = _reduce_side(ps, pc, n_pos, reducer, x) + _reduce_side(ns, nc, n_neg, reducer, x)
+    return torch.where((n_pos <= 1) & (n_neg <= 1), zero_loss(x), loss)
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
@@ -68,18 +82,44 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     cosine = is_cosine(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
     xu = F.normalize(x, dim=1)
+    if _self_pairs_only(inp):
+        rows = contrastive_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
+    else:
+        rows = contrastive_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels,
+                                inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk)
+    return _reduce_clean(rows, n_pos, n_neg, reducer, x)
+
+
+def _self_pairs_only(inp) -> bool:
     # the batch against itself, self pairs excluded: S is symmetric. ref_emb=embeddings with
     # ref_labels a different tensor is not this case: PML then keeps the diagonal pairs
-    if inp.ref_emb is x and inp.same_set:
-        ps, pc, ns, nc = contrastive_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
-    else:
-        ps, pc, ns, nc = contrastive_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels,
-                                          inp.ref_labels, inp.same_set, cosine, pm, nm, low,
-                                          high, chunk)
-    loss = _reduce_side(ps, pc, n_pos, reducer, x) + _reduce_side(ns, nc, n_neg, reducer, x)
-    if compiling:
-        loss = torch.where((n_pos <= 1) & (n_neg <= 1), zero_loss(x), loss)
-    return loss
+    return inp.ref_emb is inp.embeddings and inp.same_set
+
+
+def metrix_supports(params, inp, expansion, metrix) -> bool:
+    """The fused clean + Metrix op: embedding level, pos_neg or anchor_neg pairs, the batch
+    against itself."""
+    return (supports(params, inp, expansion) and metrix.level == "embedding"
+            and metrix.pairs in ("pos_neg", "anchor_neg") and _self_pairs_only(inp))
+
+
+def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
+    """L(clean) + weight · L̃ from one op: the clean rows reduced as `impl` does; the mixed
+    term AvgNonZero-reduces its positive and negative terms apart over all candidates of all
+    anchors, then sums them (DESIGN §3), whatever the clean loss's reducer."""
+    x = inp.embeddings
+    window = _window(reducer)
+    if window is None:  # a reducer the op cannot express (see impl): the reference, both terms
+        from ..reference.metrix import metrix_loss
+        clean = reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
+        return clean + metrix.weight * metrix_loss("ContrastiveLoss", params, inp, metrix, lam)
+    n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+    clean, mixed = contrastive_metrix_rows(
+        F.normalize(x, dim=1), inp.labels, is_cosine(inp.distance), params["pos_margin"],
+        params["neg_margin"], lam, metrix.pairs, window[0], window[1], block)
+    mixed_loss = _avg_kept(mixed[0], mixed[1], x) + _avg_kept(mixed[2], mixed[3], x)
+    return _reduce_clean(clean, n_pos, n_neg, reducer, x) + metrix.weight * mixed_loss
 
 
 register("cpu", "ContrastiveLoss", supports, impl)
+register_metrix("cpu", "ContrastiveLoss", metrix_supports, metrix_impl)

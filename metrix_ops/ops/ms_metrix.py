@@ -38,6 +38,16 @@ if _ext.HAS_EXT:
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
+def label_sorted(x, labels):
+    """(x, labels) sorted by label (stably) for the Metrix ops, which cut their blocks between
+    classes, and the permutation that takes their per-row outputs back to the caller's order."""
+    order = torch.argsort(labels, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return (x.index_select(0, order).contiguous(), labels.index_select(0, order).contiguous(),
+            inverse)
+
+
 def ms_metrix_rows(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
                    pairs: str = "pos_neg", block: int = 1024):
     """(clean rows, mixed rows), each (B,), in the caller's order: the MS terms of each anchor
@@ -46,11 +56,8 @@ def ms_metrix_rows(x_unit, labels, alpha: float, beta: float, base: float, lam: 
     for "anchor_neg"; 0 where V(a) is empty."""
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
-    order = torch.argsort(labels, stable=True)
-    xs = x_unit.index_select(0, order).contiguous()
+    xs, ys, inverse = label_sorted(x_unit, labels)
     rows, _, _, mix, _, _ = torch.ops.metrix_ops.ms_metrix_self_fwd(
-        xs, labels.index_select(0, order).contiguous(), float(alpha), float(beta), float(base),
-        float(lam), pairs == "anchor_neg", int(block))
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=order.device)
+        xs, ys, float(alpha), float(beta), float(base), float(lam), pairs == "anchor_neg",
+        int(block))
     return rows.index_select(0, inverse), mix.index_select(0, inverse)

@@ -1,0 +1,178 @@
+// The block walk shared by the fused "loss + embedding-level Metrix" ops of a batch against
+// itself (ms_metrix_self_cpu.cpp, contrastive_metrix_self_cpu.cpp): one pass over the
+// symmetric S = X Xᵀ, the mixed candidates closed-form functions of the same blocks
+// (common/metrix_mix.h), so the Metrix term adds per-element work and no matrix product.
+//
+// The batch must be sorted by label (the Python side sorts it): blocks are cut between
+// classes, so an anchor's positives are rows of its own block and their rows of S are at
+// hand (metrix_mix_kernels.h). A class larger than `block` makes a larger block.
+//
+// Block (I, J), I < J, serves the anchors of I against the negatives in J through s, and
+// those of J against I through sᵀ (one transposed copy per block: the mixed terms read two
+// rows of S per candidate, which a column walk would make strided). The within-class
+// cosines s_ap, which every block of a row needs, are computed once up front (O(B·K·D)).
+// Forward keeps per-anchor states only; backward recomputes the blocks.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <vector>
+
+#include "cpu/metrix_mix_kernels.h"
+#include "cpu/sym_blocks.h"
+
+namespace metrix_ops {
+
+// Classes as runs of the sorted labels, the blocks cut between them, and where each row's
+// within-class cosines live.
+struct ClassLayout {
+  std::vector<int64_t> lo, hi, wc_off, bounds;
+  int64_t wc_size = 0;
+};
+
+inline ClassLayout class_layout(const at::Tensor& labels, int64_t block) {
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* y = lab.data_ptr<int64_t>();
+  const int64_t B = lab.size(0);
+  ClassLayout c;
+  c.lo.resize(B);
+  c.hi.resize(B);
+  c.wc_off.resize(B);
+  c.bounds.push_back(0);
+  for (int64_t s = 0; s < B;) {
+    int64_t e = s + 1;
+    while (e < B && y[e] == y[s]) ++e;
+    TORCH_CHECK(e == B || y[e] > y[s], "labels must be sorted (non-decreasing): the Metrix "
+                "op cuts its blocks between classes");
+    if (e - c.bounds.back() > block && s > c.bounds.back()) c.bounds.push_back(s);
+    for (int64_t a = s; a < e; ++a) {
+      c.lo[a] = s;
+      c.hi[a] = e;
+      c.wc_off[a] = c.wc_size + (a - s) * (e - s);
+    }
+    c.wc_size += (e - s) * (e - s);
+    s = e;
+  }
+  if (B > 0) c.bounds.push_back(B);
+  return c;
+}
+
+// s_ap for every pair of rows of one class, in the layout's order
+template <typename T>
+std::vector<T> within_class_cosines(const at::Tensor& x, const ClassLayout& c) {
+  std::vector<T> wc(c.wc_size);
+  const T* xp = x.data_ptr<T>();
+  const int64_t B = x.size(0), D = x.size(1);
+  at::parallel_for(0, B, 16, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t p = c.lo[a]; p < c.hi[a]; ++p) {
+        T acc = 0;
+        for (int64_t k = 0; k < D; ++k) acc += xp[a * D + k] * xp[p * D + k];
+        wc[c.wc_off[a] + (p - c.lo[a])] = acc;
+      }
+  });
+  return wc;
+}
+
+// 1/‖mix(row, column)‖ for every entry of a block: rsqrt(max(‖v‖², ε²)) is 1/max(‖v‖, ε)
+// for ‖v‖² ≥ 0, in ATen's vectorised passes
+template <typename T>
+at::Tensor mix_inv_norms(const at::Tensor& s, T lam) {
+  const double l = lam, q0 = l * l + (1 - l) * (1 - l), q1 = 2 * l * (1 - l);
+  return (s * q1 + q0).clamp_min_(kMixEps * kMixEps).rsqrt_();
+}
+
+// The per-call constants every Metrix kernel's block side needs.
+template <typename T>
+struct MixLayout {
+  const ClassLayout& cls;
+  const int32_t* lab;  // dense label ids, by global row
+  const T* wc;
+  T lam;
+  bool anchor_neg;
+  T* gw = nullptr;  // backward: ∂L/∂s_ap, laid out as wc
+
+  // The geometry of one side of a block: anchors in the rows r0.. of s against its columns c0..
+  MixGeom<T> geom(const at::Tensor& s, const at::Tensor& inv, int64_t r0, int64_t c0,
+                  T* gm) const {
+    return MixGeom<T>{s.data_ptr<T>(), inv.data_ptr<T>(), s.size(1), r0, c0, lab, lab,
+                      cls.lo.data(), cls.hi.data(), wc, cls.wc_off.data(), lam, anchor_neg,
+                      gm, gw};
+  }
+
+  // fn(a0, a1) for each class among the rows [r0, r0 + nr), in parallel
+  template <class Fn>
+  void for_classes(int64_t r0, int64_t nr, Fn&& fn) const {
+    std::vector<int64_t> starts;
+    for (int64_t a = r0; a < r0 + nr; a = cls.hi[a]) starts.push_back(a);
+    at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) fn(starts[k], cls.hi[starts[k]]);
+    });
+  }
+
+  // Both sides of block (r0.., c0..) through side(g) → kernel(a0, a1), g the side's MixGeom:
+  // the rows of s, and off the diagonal the rows of sᵀ. Backward (with_grad) gives each side
+  // a zeroed ∂L/∂S block to add to and returns them (the second is the first on the diagonal).
+  template <class Side>
+  std::pair<at::Tensor, at::Tensor> both_sides(const at::Tensor& s, int64_t r0, int64_t nr,
+                                               int64_t c0, int64_t nc, bool with_grad,
+                                               Side&& side) const {
+    auto one = [&](const at::Tensor& st, int64_t rr0, int64_t rnr, int64_t cc0) {
+      const at::Tensor inv = mix_inv_norms<T>(st, lam);
+      at::Tensor gm = with_grad ? at::zeros_like(st) : at::Tensor();
+      const auto kernel = side(geom(st, inv, rr0, cc0, with_grad ? gm.data_ptr<T>() : nullptr));
+      for_classes(rr0, rnr, kernel);
+      return gm;
+    };
+    at::Tensor gm = one(s, r0, nr, c0);
+    at::Tensor gmt = c0 != r0 ? one(s.t().contiguous(), c0, nc, r0) : gm;
+    return {gm, gmt};
+  }
+};
+
+// Forward: mixed(g) → kernel(a0, a1) folds each side's candidates, then clean(s, r0, nr, c0,
+// nc) folds the block's clean terms.
+template <typename T, class Mixed, class Clean>
+void metrix_fold_blocks(const at::Tensor& x, const MixLayout<T>& ml, Mixed&& mixed,
+                        Clean&& clean) {
+  for_upper_blocks_at(x, ml.cls.bounds, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0,
+                                            int64_t nc) {
+    ml.both_sides(s, r0, nr, c0, nc, false, mixed);
+    clean(s, r0, nr, c0, nc);
+  });
+}
+
+// Backward: dx of the clean and mixed terms. mixed(g) → kernel(a0, a1) adds each side's
+// mixed terms into g.gm and ml.gw; clean(s, r0, nr, c0, nc) overwrites s with the clean
+// H = G_IJ + G_JIᵀ. Then dx += (H + mixed blocks) x, and the within-class entries:
+// dx_a += Σ_p (G_ap + G_pa) x_p.
+template <typename T, class Mixed, class Clean>
+at::Tensor metrix_grad_blocks(const at::Tensor& x, const MixLayout<T>& ml, Mixed&& mixed,
+                              Clean&& clean) {
+  at::Tensor dx = at::zeros_like(x);
+  for_upper_blocks_at(x, ml.cls.bounds, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0,
+                                            int64_t nc) {
+    // the mixed terms read s before the clean gradient overwrites it with H
+    const auto gms = ml.both_sides(s, r0, nr, c0, nc, true, mixed);
+    clean(s, r0, nr, c0, nc);
+    s.add_(gms.first).add_(gms.second.t().contiguous());  // ATen's blocked transpose
+    add_sym_block_grad(dx, x, s, r0, nr, c0, nc);
+  });
+  const ClassLayout& cls = ml.cls;
+  const T* gw = ml.gw;
+  const T* xp = x.data_ptr<T>();
+  T* dp = dx.data_ptr<T>();
+  const int64_t D = x.size(1);
+  at::parallel_for(0, x.size(0), 16, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t p = cls.lo[a]; p < cls.hi[a]; ++p) {
+        const T w = gw[cls.wc_off[a] + (p - cls.lo[a])] + gw[cls.wc_off[p] + (a - cls.lo[a])];
+        if (w != T(0))
+          for (int64_t kk = 0; kk < D; ++kk) dp[a * D + kk] += w * xp[p * D + kk];
+      }
+  });
+  return dx;
+}
+
+}  // namespace metrix_ops
