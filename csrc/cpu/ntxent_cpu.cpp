@@ -1,0 +1,235 @@
+// Fused NT-Xent and SupCon losses on the CPU: unit anchors x (B×D) against unit references
+// r (M×D), streaming S = x rᵀ in chunks of anchors (cpu/row_tiles.h); never B×M.
+//
+// NT-Xent: per anchor, the sum and count of its positive-pair losses inside the reducer's
+// window (low, high), and the state (max, Σ e^{z − max}) of its negatives' logits, which the
+// backward reuses. SupCon: per anchor, its loss and the log-sum-exp over its pairs.
+// Each row's tile entries are first turned into logits z = s/τ in place.
+#include <cmath>
+#include <limits>
+
+#include <torch/library.h>
+
+#include "common/contrastive.h"  // in_window
+#include "common/ntxent.h"
+#include "cpu/row_tiles.h"
+
+namespace metrix_ops {
+
+namespace {
+
+void check_temperature(double t) {
+  TORCH_CHECK(t != 0 && std::isfinite(t), "temperature must be finite and nonzero, got ", t);
+}
+
+template <typename T>
+void to_logits(T* row, int64_t M, T t) {
+  for (int64_t j = 0; j < M; ++j) row[j] = ntx_logit(row[j], t);
+}
+
+// the negatives' (max, Σ e^{z − max}) of anchor i
+template <typename T>
+std::pair<T, T> ntx_neg_state(const T* z, int64_t M, int64_t i, const PairLabels& lab) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < M; ++j)
+    if (lab.neg(i, j)) m = std::max(m, z[j]);
+  T s = T(0);
+  for (int64_t j = 0; j < M; ++j)
+    if (lab.neg(i, j)) s += std::exp(z[j] - m);
+  return {m, s};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
+    const at::Tensor& ref_labels_, bool exclude_diag, double temperature, double low,
+    double high, int64_t chunk) {
+  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
+  check_temperature(temperature);
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const int64_t B = x.size(0), M = r.size(0);
+  at::Tensor sums = at::zeros({B}, x.options()), neg_max = at::empty({B}, x.options());
+  at::Tensor neg_sum = at::empty({B}, x.options());
+  at::Tensor counts = at::zeros({B}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ntxent_fwd_cpu", [&] {
+    using T = scalar_t;
+    const PairLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
+    T *out = sums.data_ptr<T>(), *nm = neg_max.data_ptr<T>(), *ns = neg_sum.data_ptr<T>();
+    int64_t* cnt = counts.data_ptr<int64_t>();
+    const T t = T(temperature), lo = T(low), hi = T(high);
+    for_each_sim_row<T>(x, r, chunk, [&](T* z, int64_t i) {
+      to_logits(z, M, t);
+      const auto [m, s] = ntx_neg_state(z, M, i, lab);
+      T total = T(0);
+      int64_t kept = 0;
+      for (int64_t j = 0; j < M; ++j) {
+        if (!lab.pos(i, j)) continue;
+        const T loss = ntx_loss(ntx_prob(z[j], m, s));
+        if (in_window(loss, lo, hi)) {
+          total += loss;
+          ++kept;
+        }
+      }
+      out[i] = total;
+      cnt[i] = kept;
+      nm[i] = m;
+      ns[i] = s;
+    });
+  });
+  return {sums, counts, neg_max, neg_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> ntxent_bwd_cpu(
+    const at::Tensor& grad_sums_, const at::Tensor& x_, const at::Tensor& r_,
+    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& neg_max_,
+    const at::Tensor& neg_sum_, bool exclude_diag, double temperature, double low, double high,
+    int64_t chunk, bool need_dr) {
+  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
+  check_temperature(temperature);
+  const int64_t B = x_.size(0), M = r_.size(0);
+  check_vec(grad_sums_, B, "grad_sums");
+  check_vec(neg_max_, B, "neg_max");
+  check_vec(neg_sum_, B, "neg_sum");
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  auto g = grad_sums_.to(x.scalar_type()).contiguous();
+  auto neg_max = neg_max_.to(x.scalar_type()).contiguous();
+  auto neg_sum = neg_sum_.to(x.scalar_type()).contiguous();
+  at::Tensor dx, dr;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ntxent_bwd_cpu", [&] {
+    using T = scalar_t;
+    const PairLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
+    const T *gp = g.data_ptr<T>(), *nm = neg_max.data_ptr<T>(), *ns = neg_sum.data_ptr<T>();
+    const T t = T(temperature), lo = T(low), hi = T(high);
+    std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* z, int64_t i) {
+      to_logits(z, M, t);
+      const T m = nm[i], s = ns[i], gi = gp[i] / t;  // dz/ds = 1/τ
+      T w_total = T(0);
+      for (int64_t j = 0; j < M; ++j) {  // the positives' entries first: they need z
+        if (!lab.pos(i, j)) continue;
+        const NtxProb<T> p = ntx_prob(z[j], m, s);
+        const T w = in_window(ntx_loss(p), lo, hi) ? ntx_pos_weight(p) : T(0);
+        w_total += w;
+        z[j] = -gi * w;
+      }
+      const T neg_scale = s > T(0) ? gi * w_total / s : T(0);
+      for (int64_t j = 0; j < M; ++j) {
+        if (lab.pos(i, j)) continue;
+        z[j] = lab.neg(i, j) ? neg_scale * std::exp(z[j] - m) : T(0);
+      }
+    });
+  });
+  return {dx, dr};
+}
+
+std::tuple<at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& x_, const at::Tensor& r_,
+                                                  const at::Tensor& labels_,
+                                                  const at::Tensor& ref_labels_,
+                                                  bool exclude_diag, double temperature,
+                                                  int64_t chunk) {
+  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
+  check_temperature(temperature);
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const int64_t B = x.size(0), M = r.size(0);
+  at::Tensor rows = at::zeros({B}, x.options()), lse = at::empty({B}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "supcon_fwd_cpu", [&] {
+    using T = scalar_t;
+    const PairLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
+    T *out = rows.data_ptr<T>(), *lo = lse.data_ptr<T>();
+    const T t = T(temperature), ninf = -std::numeric_limits<T>::infinity();
+    for_each_sim_row<T>(x, r, chunk, [&](T* z, int64_t i) {
+      to_logits(z, M, t);
+      T row_max = ninf, pair_max = ninf;  // over every column (PML's shift), over the pairs
+      for (int64_t j = 0; j < M; ++j) {
+        row_max = std::max(row_max, z[j]);
+        if (lab.pos(i, j) || lab.neg(i, j)) pair_max = std::max(pair_max, z[j]);
+      }
+      const T m = pair_max - row_max;  // the max of the shifted pair logits
+      T s = T(0), pos_sum = T(0), n_pos = T(0);
+      for (int64_t j = 0; j < M; ++j) {
+        const bool pos = lab.pos(i, j);
+        if (!pos && !lab.neg(i, j)) continue;
+        const T u = z[j] - row_max;
+        s += std::exp(u - m);
+        if (pos) {
+          pos_sum += u;
+          n_pos += T(1);
+        }
+      }
+      if (s > T(0)) {
+        const T lse_shifted = m + std::log(s);
+        out[i] = supcon_loss(lse_shifted, pos_sum, n_pos);
+        lo[i] = row_max + lse_shifted;
+      } else {  // no pairs
+        lo[i] = ninf;
+      }
+    });
+  });
+  return {rows, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
+    const at::Tensor& grad_rows_, const at::Tensor& x_, const at::Tensor& r_,
+    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_,
+    bool exclude_diag, double temperature, int64_t chunk, bool need_dr) {
+  check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
+  check_temperature(temperature);
+  const int64_t B = x_.size(0), M = r_.size(0);
+  check_vec(grad_rows_, B, "grad_rows");
+  check_vec(lse_, B, "lse");
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  auto g = grad_rows_.to(x.scalar_type()).contiguous(), lse = lse_.to(x.scalar_type()).contiguous();
+  at::Tensor dx, dr;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "supcon_bwd_cpu", [&] {
+    using T = scalar_t;
+    const PairLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
+    const T *gp = g.data_ptr<T>(), *lp = lse.data_ptr<T>();
+    const T t = T(temperature);
+    std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* z, int64_t i) {
+      int64_t n_pos = 0;
+      for (int64_t j = 0; j < M; ++j) n_pos += lab.pos(i, j);
+      if (n_pos == 0) {  // no loss, no gradient
+        std::fill(z, z + M, T(0));
+        return;
+      }
+      const T gi = gp[i] / t, inv_n = T(1) / T(n_pos), L = lp[i];
+      for (int64_t j = 0; j < M; ++j) {
+        const bool pos = lab.pos(i, j);
+        z[j] = pos || lab.neg(i, j) ? gi * supcon_grad(ntx_logit(z[j], t), L, pos, inv_n) : T(0);
+      }
+    });
+  });
+  return {dx, dr};
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // NT-Xent rows of unit anchors x against unit references r (exclude_diag: r is the batch and
+  // pair (i, i) is no pair), streamed over x in chunks of `chunk` rows: per anchor, the sum
+  // and count of its positive-pair losses −log(q + tiny) inside (low, high), and its
+  // negatives' logit max and Σ e^{z − max} (z = s/temperature).
+  m.def("ntxent_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, bool exclude_diag, "
+        "float temperature, float low, float high, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ntxent_bwd(Tensor grad_sums, Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "Tensor neg_max, Tensor neg_sum, bool exclude_diag, float temperature, float low, "
+        "float high, int chunk, bool need_dr) -> (Tensor, Tensor)");
+  // SupCon rows: per anchor, −mean over its positives of the log-softmax of z over its pairs
+  // (0 without positives), and that log-sum-exp.
+  m.def("supcon_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, bool exclude_diag, "
+        "float temperature, int chunk) -> (Tensor, Tensor)");
+  m.def("supcon_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "Tensor lse, bool exclude_diag, float temperature, int chunk, bool need_dr) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("ntxent_fwd", &ntxent_fwd_cpu);
+  m.impl("ntxent_bwd", &ntxent_bwd_cpu);
+  m.impl("supcon_fwd", &supcon_fwd_cpu);
+  m.impl("supcon_bwd", &supcon_bwd_cpu);
+}
+
+}  // namespace metrix_ops
