@@ -64,11 +64,12 @@ MO_HD T supcon_loss(T lse_shifted, T pos_sum_shifted, T n_pos) {
   return n_pos > T(0) ? -(pos_sum_shifted - n_pos * lse_shifted) / n_pos : T(0);
 }
 
-// ∂(anchor loss)/∂z_j = softmax_j − [j positive]/n_pos over the anchor's pairs (lse of z);
-// all 0 without positives
+// ∂(anchor loss)/∂z_j = softmax_j − [j positive]/n_pos, softmax_j = e^{z_j − lse} over the
+// anchor's pairs (the caller takes the exponentials, e.g. a row at a time); all 0 without
+// positives
 template <typename T>
-MO_HD T supcon_grad(T z, T lse, bool pos, T inv_n_pos) {
-  return std::exp(z - lse) - (pos ? inv_n_pos : T(0));
+MO_HD T supcon_grad(T softmax, bool pos, T inv_n_pos) {
+  return softmax - (pos ? inv_n_pos : T(0));
 }
 
 }  // namespace metrix_ops

@@ -2,15 +2,15 @@
 // streaming S = x rᵀ in chunks of anchors (cpu/row_tiles.h); never B×M.
 //
 // Forward gives per anchor its loss (0 without a positive or without a negative, as PML)
-// and the log-sum-exps of its two sides, which the backward reuses: there each entry of G is
-// one exponential, g · softplus'(lse⁺ + lse⁻) · softmax within its side · ∓weight.
+// and the log-sum-exps of its two sides (two passes over the row: the maxima, then the
+// exponentials at once), which the backward reuses: there each entry of G is one
+// exponential, g · softplus'(lse⁺ + lse⁻) · softmax within its side · ∓weight.
 #include <cmath>
 #include <limits>
 
 #include <torch/library.h>
 
 #include "common/circle.h"
-#include "common/row_state.h"  // OnlineLse
 #include "cpu/row_tiles.h"
 
 namespace metrix_ops {
@@ -29,17 +29,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_fwd_cpu(
     const PairLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
     const auto c = circle_consts<T>(m, gamma);
     T *out = rows.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
-    for_each_sim_row<T>(x, r, chunk, [&](const T* s, int64_t i) {
-      OnlineLse<T> pos = OnlineLse<T>::empty(), neg = OnlineLse<T>::empty();
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for_each_sim_row<T>(x, r, chunk, [&](const T* s, int64_t i, T* u) {
+      T mp = ninf, mn = ninf;  // each side's max logit
       for (int64_t j = 0; j < M; ++j) {
-        if (lab.pos(i, j))
-          pos.push(circle_pos_logit(s[j], c));
-        else if (lab.neg(i, j))
-          neg.push(circle_neg_logit(s[j], c));
+        if (lab.pos(i, j)) {
+          u[j] = circle_pos_logit(s[j], c);
+          mp = std::max(mp, u[j]);
+        } else if (lab.neg(i, j)) {
+          u[j] = circle_neg_logit(s[j], c);
+          mn = std::max(mn, u[j]);
+        } else {
+          u[j] = ninf;
+        }
       }
-      lp[i] = pos.value();  // −inf for an empty side
-      ln[i] = neg.value();
-      if (pos.s > T(0) && neg.s > T(0)) out[i] = softplus20(lp[i] + ln[i]);
+      for (int64_t j = 0; j < M; ++j) u[j] -= lab.pos(i, j) ? mp : (lab.neg(i, j) ? mn : T(0));
+      exp_row(u, M);
+      T sp = T(0), sn = T(0);  // a non-pair's 0 may land in sn
+      for (int64_t j = 0; j < M; ++j) (lab.pos(i, j) ? sp : sn) += u[j];
+      lp[i] = sp > T(0) ? mp + std::log(sp) : ninf;  // −inf for an empty side
+      ln[i] = sn > T(0) ? mn + std::log(sn) : ninf;
+      if (sp > T(0) && sn > T(0)) out[i] = softplus20(lp[i] + ln[i]);
     });
   });
   return {rows, lse_pos, lse_neg};
@@ -67,22 +77,28 @@ std::tuple<at::Tensor, at::Tensor> circle_bwd_cpu(
     const auto c = circle_consts<T>(m, gamma);
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
     const T ninf = -std::numeric_limits<T>::infinity();
-    std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* s, int64_t i) {
+    std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* s, int64_t i, T* u) {
       const T lpi = lp[i], lni = ln[i];
       if (lpi == ninf || lni == ninf) {  // a side is empty: the anchor's loss is 0
         std::fill(s, s + M, T(0));
         return;
       }
       const T gi = gp[i] * softplus20_grad(lpi + lni);
-      for (int64_t j = 0; j < M; ++j) {
+      for (int64_t j = 0; j < M; ++j) {  // softmax within the side × ∓weight
         const T v = s[j];
-        if (lab.pos(i, j))
-          s[j] = -gi * std::exp(circle_pos_logit(v, c) - lpi) * circle_pos_weight(v, c);
-        else if (lab.neg(i, j))
-          s[j] = gi * std::exp(circle_neg_logit(v, c) - lni) * circle_neg_weight(v, c);
-        else
+        if (lab.pos(i, j)) {
+          u[j] = circle_pos_logit(v, c) - lpi;
+          s[j] = -gi * circle_pos_weight(v, c);
+        } else if (lab.neg(i, j)) {
+          u[j] = circle_neg_logit(v, c) - lni;
+          s[j] = gi * circle_neg_weight(v, c);
+        } else {
+          u[j] = ninf;
           s[j] = T(0);
+        }
       }
+      exp_row(u, M);
+      for (int64_t j = 0; j < M; ++j) s[j] *= u[j];
     });
   });
   return {dx, dr};

@@ -29,13 +29,15 @@ void to_logits(T* row, int64_t M, T t) {
 
 // the negatives' (max, Σ e^{z − max}) of anchor i
 template <typename T>
-std::pair<T, T> ntx_neg_state(const T* z, int64_t M, int64_t i, const PairLabels& lab) {
-  T m = -std::numeric_limits<T>::infinity();
+std::pair<T, T> ntx_neg_state(const T* z, int64_t M, int64_t i, const PairLabels& lab, T* u) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T m = ninf;
   for (int64_t j = 0; j < M; ++j)
     if (lab.neg(i, j)) m = std::max(m, z[j]);
+  for (int64_t j = 0; j < M; ++j) u[j] = lab.neg(i, j) ? z[j] - m : ninf;
+  exp_row(u, M);
   T s = T(0);
-  for (int64_t j = 0; j < M; ++j)
-    if (lab.neg(i, j)) s += std::exp(z[j] - m);
+  for (int64_t j = 0; j < M; ++j) s += u[j];
   return {m, s};
 }
 
@@ -59,9 +61,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cpu(
     T *out = sums.data_ptr<T>(), *nm = neg_max.data_ptr<T>(), *ns = neg_sum.data_ptr<T>();
     int64_t* cnt = counts.data_ptr<int64_t>();
     const T t = T(temperature), lo = T(low), hi = T(high);
-    for_each_sim_row<T>(x, r, chunk, [&](T* z, int64_t i) {
+    for_each_sim_row<T>(x, r, chunk, [&](T* z, int64_t i, T* u) {
       to_logits(z, M, t);
-      const auto [m, s] = ntx_neg_state(z, M, i, lab);
+      const auto [m, s] = ntx_neg_state(z, M, i, lab, u);
       T total = T(0);
       int64_t kept = 0;
       for (int64_t j = 0; j < M; ++j) {
@@ -103,22 +105,26 @@ std::tuple<at::Tensor, at::Tensor> ntxent_bwd_cpu(
     const PairLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
     const T *gp = g.data_ptr<T>(), *nm = neg_max.data_ptr<T>(), *ns = neg_sum.data_ptr<T>();
     const T t = T(temperature), lo = T(low), hi = T(high);
-    std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* z, int64_t i) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* z, int64_t i, T* u) {
       to_logits(z, M, t);
       const T m = nm[i], s = ns[i], gi = gp[i] / t;  // dz/ds = 1/τ
       T w_total = T(0);
-      for (int64_t j = 0; j < M; ++j) {  // the positives' entries first: they need z
-        if (!lab.pos(i, j)) continue;
-        const NtxProb<T> p = ntx_prob(z[j], m, s);
-        const T w = in_window(ntx_loss(p), lo, hi) ? ntx_pos_weight(p) : T(0);
-        w_total += w;
-        z[j] = -gi * w;
+      for (int64_t j = 0; j < M; ++j) {  // positives' G entries now; the negatives' exponents
+        if (lab.pos(i, j)) {
+          const NtxProb<T> p = ntx_prob(z[j], m, s);
+          const T w = in_window(ntx_loss(p), lo, hi) ? ntx_pos_weight(p) : T(0);
+          w_total += w;
+          z[j] = -gi * w;
+          u[j] = ninf;
+        } else {
+          u[j] = lab.neg(i, j) ? z[j] - m : ninf;
+          z[j] = T(0);
+        }
       }
+      exp_row(u, M);
       const T neg_scale = s > T(0) ? gi * w_total / s : T(0);
-      for (int64_t j = 0; j < M; ++j) {
-        if (lab.pos(i, j)) continue;
-        z[j] = lab.neg(i, j) ? neg_scale * std::exp(z[j] - m) : T(0);
-      }
+      for (int64_t j = 0; j < M; ++j) z[j] += neg_scale * u[j];
     });
   });
   return {dx, dr};
@@ -140,25 +146,31 @@ std::tuple<at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& x_, const at
     const PairLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
     T *out = rows.data_ptr<T>(), *lo = lse.data_ptr<T>();
     const T t = T(temperature), ninf = -std::numeric_limits<T>::infinity();
-    for_each_sim_row<T>(x, r, chunk, [&](T* z, int64_t i) {
+    for_each_sim_row<T>(x, r, chunk, [&](T* z, int64_t i, T* u) {
       to_logits(z, M, t);
       T row_max = ninf, pair_max = ninf;  // over every column (PML's shift), over the pairs
       for (int64_t j = 0; j < M; ++j) {
         row_max = std::max(row_max, z[j]);
         if (lab.pos(i, j) || lab.neg(i, j)) pair_max = std::max(pair_max, z[j]);
       }
-      const T m = pair_max - row_max;  // the max of the shifted pair logits
-      T s = T(0), pos_sum = T(0), n_pos = T(0);
+      const T m = pair_max - row_max;  // the max of the shifted pair logits u = z − row max
+      T pos_sum = T(0), n_pos = T(0);
       for (int64_t j = 0; j < M; ++j) {
         const bool pos = lab.pos(i, j);
-        if (!pos && !lab.neg(i, j)) continue;
-        const T u = z[j] - row_max;
-        s += std::exp(u - m);
+        if (!pos && !lab.neg(i, j)) {
+          u[j] = ninf;
+          continue;
+        }
+        const T uj = z[j] - row_max;
+        u[j] = uj - m;
         if (pos) {
-          pos_sum += u;
+          pos_sum += uj;
           n_pos += T(1);
         }
       }
+      exp_row(u, M);
+      T s = T(0);
+      for (int64_t j = 0; j < M; ++j) s += u[j];
       if (s > T(0)) {
         const T lse_shifted = m + std::log(s);
         out[i] = supcon_loss(lse_shifted, pos_sum, n_pos);
@@ -189,7 +201,8 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
     const PairLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
     const T *gp = g.data_ptr<T>(), *lp = lse.data_ptr<T>();
     const T t = T(temperature);
-    std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* z, int64_t i) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* z, int64_t i, T* u) {
       int64_t n_pos = 0;
       for (int64_t j = 0; j < M; ++j) n_pos += lab.pos(i, j);
       if (n_pos == 0) {  // no loss, no gradient
@@ -197,10 +210,10 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
         return;
       }
       const T gi = gp[i] / t, inv_n = T(1) / T(n_pos), L = lp[i];
-      for (int64_t j = 0; j < M; ++j) {
-        const bool pos = lab.pos(i, j);
-        z[j] = pos || lab.neg(i, j) ? gi * supcon_grad(ntx_logit(z[j], t), L, pos, inv_n) : T(0);
-      }
+      for (int64_t j = 0; j < M; ++j)  // the softmax over the pairs
+        u[j] = lab.pos(i, j) || lab.neg(i, j) ? ntx_logit(z[j], t) - L : ninf;
+      exp_row(u, M);
+      for (int64_t j = 0; j < M; ++j) z[j] = gi * supcon_grad(u[j], lab.pos(i, j), inv_n);
     });
   });
   return {dx, dr};
