@@ -11,27 +11,44 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
+#include <utility>
 #include <tuple>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
-#include "cpu/ms_kernels.h"  // ms_kernels<T>().exp
-#include "cpu/op_checks.h"
+#include "cpu/ms_blocks.h"  // ms_label_ids, ms_kernels<T>().exp, op checks
 
 namespace metrix_ops {
 
-// Label tests of pair (i, j), as PML's masks: positive when the labels match (not the self
-// pair j == i when the references are the batch), negative when they differ.
+// The labels of a row-chunk op as int32 ids (ms_label_ids: the same equalities, compared 4..16
+// at once). Pair (i, j) is positive when the labels match and j is not skip(i); negative when
+// they differ: PML's masks, whose self pair (references are the batch) is in neither set.
 struct PairLabels {
-  const int64_t* row;
-  const int64_t* col;
+  const int32_t* row;
+  const int32_t* col;
   bool exclude_diag;
+  int64_t M;
 
-  bool pos(int64_t i, int64_t j) const { return row[i] == col[j] && !(exclude_diag && i == j); }
-  bool neg(int64_t i, int64_t j) const { return row[i] != col[j]; }
+  // the one column of row i that is no pair (its excluded self pair), or −1. With other labels
+  // at column i it is a negative, as PML (its negatives are the label mismatches).
+  int64_t skip(int64_t i) const { return exclude_diag && i < M && col[i] == row[i] ? i : -1; }
 };
+
+// the label ids (ms_label_ids) and self-pair rule of an op's call
+inline PairLabels pair_labels(const std::pair<at::Tensor, at::Tensor>& ids, bool exclude_diag,
+                              int64_t M) {
+  return {ids.first.data_ptr<int32_t>(), ids.second.data_ptr<int32_t>(), exclude_diag, M};
+}
+
+template <typename T>
+inline constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// `#pragma omp simd ...` where a #pragma cannot go (inside AT_DISPATCH's lambda, a macro
+// argument): the loop may be vectorised, reductions reassociated
+#define MO_SIMD _Pragma("omp simd")
 
 // v ← e^v elementwise (−inf → 0)
 template <typename T>
