@@ -1,0 +1,94 @@
+"""NTXentLoss and SupConLoss through the fused streaming ops (no B×M matrix).
+
+NT-Xent is reduced per positive pair: the op gives each anchor's sum and count of its pair
+losses inside the reducer's window, and Mean, Sum, AvgNonZero and Threshold are ratios of
+their totals (as fused/contrastive.py); any other reducer gets the reference. SupCon gives
+one loss per anchor, so every reducer applies to the op's rows as in the reference.
+Covers the default cosine similarity, no indices_tuple; else "auto" runs the reference."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from ..distances import is_cosine
+from ..ops.ntxent import ntxent_rows, supcon_rows
+from ..reducers import reduce_loss_dict, zero_loss
+from ..spec import get_spec
+from . import register
+from .contrastive import _reduce_side, _window
+from .pair_counts import pair_count_tensors
+
+
+def supports(params, inp, expansion) -> bool:
+    return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
+            and inp.labels is not None and is_cosine(inp.distance))
+
+
+def unit_pair(inp):
+    """The unit anchors and references; the batch against itself is one tensor."""
+    xu = F.normalize(inp.embeddings, dim=1)
+    return xu, (xu if inp.ref_emb is inp.embeddings else F.normalize(inp.ref_emb, dim=1))
+
+
+def guarded(compute, inp, need_both: bool):
+    """compute(n_pos), or the zero loss under PML's "no pairs, no loss" rules: every pair
+    list with at most one entry (GenericPairLoss); with need_both, also no positive or no
+    negative pair at all. Eagerly a Python branch that skips the op, under torch.compile a
+    select (no data-dependent branch in the graph)."""
+    x = inp.embeddings
+    pos, neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+    empty = (pos <= 1) & (neg <= 1)
+    if need_both:
+        empty = empty | (pos == 0) | (neg == 0)
+    if not torch.compiler.is_compiling():
+        return zero_loss(x) if bool(empty) else compute(pos)
+    return torch.where(empty, zero_loss(x), compute(pos))
+
+
+def reduce_rows(rows, reducer, x):
+    """Per-anchor losses ("element" reduction) through the reducer, as the reference. Mean,
+    Sum, AvgNonZero and Threshold as masked totals (no data-dependent shapes, so the module
+    traces under torch.compile(fullgraph=True)); any other reducer as the reference does."""
+    window = _window(reducer)
+    if window is None:
+        loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
+                              "reduction_type": "element"}}
+        return reduce_loss_dict(loss_dict, reducer, x)
+    low, high = window
+    kept = torch.ones_like(rows, dtype=torch.bool)
+    if low is not None:
+        kept = kept & (rows > low)
+    if high is not None:
+        kept = kept & (rows < high)
+    n_rows = torch.tensor(rows.shape[0], device=rows.device)
+    return _reduce_side(torch.where(kept, rows, 0), kept, n_rows, reducer, x)
+
+
+def ntxent_impl(params, inp, reducer, chunk=None):
+    x = inp.embeddings
+    window = _window(reducer)
+    if window is None:  # a reducer that is not a ratio of totals (DivisorReducer, a subclass)
+        return reduce_loss_dict(get_spec("NTXentLoss").loss_dict(inp, **params), reducer, x)
+
+    def compute(n_pos):
+        xu, ru = unit_pair(inp)
+        sums, counts = ntxent_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
+                                   params["temperature"], *window, chunk=chunk)
+        return _reduce_side(sums, counts, n_pos, reducer, x)
+
+    return guarded(compute, inp, need_both=True)
+
+
+def supcon_impl(params, inp, reducer, chunk=None):
+    def compute(_n_pos):
+        xu, ru = unit_pair(inp)
+        rows = supcon_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
+                           params["temperature"], chunk)
+        return reduce_rows(rows, reducer, inp.embeddings)
+
+    return guarded(compute, inp, need_both=True)
+
+
+register("cpu", "NTXentLoss", supports, ntxent_impl)
+register("cpu", "SupConLoss", supports, supcon_impl)
