@@ -11,4 +11,5 @@ if HAS_TRITON:
     from . import multi_similarity  # noqa: F401
     from . import contrastive  # noqa: F401
     from . import triplet_margin  # noqa: F401
+    from . import hphn_triplet  # noqa: F401
 
