@@ -40,9 +40,9 @@ def _hphn_mine_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, out_ptr, B, M, D, stride_
     # running (value, column) of the farthest positive (min s) and closest negative (max s);
     # column M means none yet
     pmin = tl.full((BLOCK_M,), float("inf"), ACC)
-    pcol = tl.full((BLOCK_M,), M, tl.int32)
+    pcol = tl.zeros((BLOCK_M,), tl.int32) + M
     nmax = tl.full((BLOCK_M,), float("-inf"), ACC)
-    ncol = tl.full((BLOCK_M,), M, tl.int32)
+    ncol = tl.zeros((BLOCK_M,), tl.int32) + M
     for n0 in range(0, M, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
