@@ -19,18 +19,21 @@ batches; this is the "O(#positives) per anchor" side buffer, B × P_max, never B
   scan inside the kernel.
 - kernel B (_tri_fwd_kernel): streams column tiles again; for each negative and each
   positive t of the row's buffer, v = (kp_t − k_n) + m; sums v over v > 0 and counts them.
-  With COUNTS (the backward) it also stores, per positive t, how many negatives are active
-  with it.
+- kernel C (_tri_pos_counts_kernel, the backward): per positive t, how many negatives are
+  active with it, for a block of rows × BLOCK_P positives (grid axis 1) held in registers
+  over the column tiles and stored once (no read-modify-write of global memory, which
+  would need a barrier between a program's threads on a GPU).
 - gradient (_tri_grad_dx_kernel: dX = G R by row programs; _tri_grad_dr_kernel: dR = Gᵀ X by
   column programs; no atomics): G_ij = g_i · dk/ds · (#active negatives of positive j) on a
   positive, −g_i · dk/ds · (#active positives with negative j) on a negative. The positive
-  weights are a B × P_max table made on the host from kernel B's counts and read by rank;
+  weights are a B × P_max table made on the host from kernel C's counts and read by rank;
   the negative counts are recomputed in the tile (the same O(P) loop as the forward).
 
 The custom ops return per-anchor (loss sum, #terms > 0, #triplets); the reducers need
 nothing else (AvgNonZero, Mean, Sum, as fused/triplet_margin.py on the CPU). Only B-sized
-vectors are saved: the backward op rebuilds its side buffers (kernels A and B) itself, so
-the op's outputs have static shapes and trace under torch.compile."""
+vectors are saved: the backward op rebuilds its side buffers (kernels A and C) itself, so
+the op's outputs have static shapes and trace under torch.compile (A and C, then
+the two gradient kernels: 4 S products in the backward, 2 in the forward)."""
 import torch
 import torch.nn.functional as F
 import triton
@@ -41,7 +44,7 @@ from ..distances import is_cosine, is_normalized_l2
 from ..fused.triplet_margin import _divisor_kind
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
-from .launch import usable_on
+from .launch import next_pow2, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
 from .tiles import add_tile_product, pair_masks, sim_tile
 
@@ -76,11 +79,9 @@ def _tri_pos_rank(offs_n, crank_ptr, srank, M):
 
 
 @triton.jit
-def _tri_neg_terms(kn, neg, kp_ptr, cnt_ptr, offs_m, row_ok, npos, margin, PMAX, PS,
-                   COUNTS: tl.constexpr):
+def _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS):
     """Over the row's positive keys kp[i, 0..npos_i): per entry of the tile, Σ_t of the active
-    terms v = (kp_t − k_n) + m > 0 on negatives, and how many are active. With COUNTS, adds
-    each positive's active negatives of this tile into cnt[i, t] (the row's own program)."""
+    terms v = (kp_t − k_n) + m > 0 on negatives, and how many are active."""
     vsum = tl.zeros(kn.shape, kn.dtype)
     cnt = tl.zeros(kn.shape, tl.int32)
     for t in range(0, PMAX):
@@ -89,11 +90,6 @@ def _tri_neg_terms(kn, neg, kp_ptr, cnt_ptr, offs_m, row_ok, npos, margin, PMAX,
         act = neg & (v > 0.0)
         vsum += tl.where(act, v, 0.0)
         cnt += act.to(tl.int32)
-        if COUNTS:
-            ptr = cnt_ptr + offs_m * PS + t
-            c_ok = row_ok & (t < npos)
-            old = tl.load(ptr, mask=c_ok, other=0)
-            tl.store(ptr, old + tl.sum(act.to(tl.int32), axis=1), mask=c_ok)
     return vsum, cnt
 
 
@@ -122,10 +118,9 @@ def _tri_pos_keys_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, 
 
 
 @triton.jit
-def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, kp_ptr, cnt_ptr,
-                    rows_ptr, nz_ptr, B, M, D, stride_x, stride_r, PMAX, PS,
-                    COSINE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, COUNTS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, kp_ptr, rows_ptr,
+                    nz_ptr, B, M, D, stride_x, stride_r, PMAX, PS,
+                    COSINE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     ACC: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
@@ -141,12 +136,46 @@ def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, kp_ptr, 
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         _, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
         kn = _tri_key(s, eps, COSINE)
-        vsum, cnt = _tri_neg_terms(kn, neg, kp_ptr, cnt_ptr, offs_m, row_ok, npos, margin,
-                                   PMAX, PS, COUNTS)
+        vsum, cnt = _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS)
         total += tl.sum(vsum, axis=1)
         nz += tl.sum(cnt, axis=1).to(tl.int64)
     tl.store(rows_ptr + offs_m, total, mask=row_ok)
     tl.store(nz_ptr + offs_m, nz, mask=row_ok)
+
+
+@triton.jit
+def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, kp_ptr,
+                           cnt_ptr, B, M, D, stride_x, stride_r, PS, COSINE: tl.constexpr,
+                           EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                           ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """cnt[i, t] = #negatives active with positive t, for BLOCK_M rows and the BLOCK_P
+    positives p0.. (grid axis 1) of each, held in registers over the column tiles (each
+    program writes its block once: no read-modify-write of global memory)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p0 = tl.program_id(1) * BLOCK_P
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    npos = tl.load(npos_ptr + offs_m, mask=row_ok, other=0)
+    margin, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
+    offs_p = tl.arange(0, BLOCK_P)
+    counts = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.int32)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        _, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        kn = _tri_key(s, eps, COSINE)
+        for tt in range(0, BLOCK_P):
+            t = p0 + tt
+            kp = tl.load(kp_ptr + offs_m * PS + t, mask=row_ok & (t < npos),
+                         other=float("-inf"))
+            act = neg & (((kp[:, None] - kn) + margin) > 0.0)
+            c = tl.sum(act.to(tl.int32), axis=1)
+            counts += tl.where(offs_p[None, :] == tt, c[:, None], 0)
+    t_ok = row_ok[:, None] & ((p0 + offs_p)[None, :] < npos[:, None])
+    tl.store(cnt_ptr + offs_m[:, None] * PS + p0 + offs_p[None, :], counts, mask=t_ok)
 
 
 @triton.jit
@@ -158,8 +187,7 @@ def _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_p
     margin, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
     pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
     k = _tri_key(s, eps, COSINE)
-    _, cnt = _tri_neg_terms(k, neg, kp_ptr, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS,
-                            False)
+    _, cnt = _tri_neg_terms(k, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS)
     gneg = -g[:, None] * cnt.to(s.dtype) * _tri_key_grad(k, COSINE)
     rank = _tri_pos_rank(offs_n, crank_ptr, srank, M)
     gpos = tl.load(w_ptr + offs_m[:, None] * PS + rank, mask=pos & (rank < npos[:, None]),
@@ -247,8 +275,9 @@ def _positive_layout(labels, ref_labels, exclude_diag):
 
 
 def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts):
-    """Kernel A's positive-key table kp (B × P_max, in the accumulation type) and, with
-    `counts`, kernel B's run: (kp, layout, rows, nonzero, cnt)."""
+    """Kernel A's positive-key table kp (B × P_max, in the accumulation type), then kernel
+    B's per-row (sum, #active) or, with `counts`, each positive's active negatives
+    (B × P_max int32): (kp, layout, rows, nonzero, cnt)."""
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     crank, srank, npos, nneg = _positive_layout(labels, ref_labels, exclude_diag)
     # rows with no negative have no triplet: their positives need no slot
@@ -260,15 +289,22 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts):
     kp = torch.empty(b, ps, dtype=acc, device=x.device)
     grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
     common = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, **cfg, **warps)
-    if pmax > 0:
-        _tri_pos_keys_kernel[grid](x, r, labels, ref_labels, crank, srank, npos, prm, kp, b, m, d,
-                                   x.stride(0), r.stride(0), ps, **common)
     rows = torch.zeros(b, dtype=acc, device=x.device)
     nz = torch.zeros(b, dtype=torch.long, device=x.device)
-    cnt = torch.zeros(b, ps, dtype=torch.int32, device=x.device) if counts else nz
-    if pmax > 0:
-        _tri_fwd_kernel[grid](x, r, labels, ref_labels, npos, prm, kp, cnt, rows, nz, b, m, d,
-                              x.stride(0), r.stride(0), pmax, ps, COUNTS=counts, **common)
+    cnt = None
+    if pmax == 0:
+        return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt
+    _tri_pos_keys_kernel[grid](x, r, labels, ref_labels, crank, srank, npos, prm, kp, b, m, d,
+                               x.stride(0), r.stride(0), ps, **common)
+    if counts:
+        cnt = torch.zeros(b, ps, dtype=torch.int32, device=x.device)
+        block_p = min(16, next_pow2(pmax))
+        _tri_pos_counts_kernel[(grid[0], triton.cdiv(pmax, block_p))](
+            x, r, labels, ref_labels, npos, prm, kp, cnt, b, m, d, x.stride(0), r.stride(0), ps,
+            BLOCK_P=block_p, **common)
+    else:
+        _tri_fwd_kernel[grid](x, r, labels, ref_labels, npos, prm, kp, rows, nz, b, m, d,
+                              x.stride(0), r.stride(0), pmax, ps, **common)
     return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt
 
 
