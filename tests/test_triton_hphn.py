@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import metrix_ops as mo
 import metrix_ops.triton as mt
-from metrix_ops.reference.hphn_triplet import hardest_pair
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not mt.interpreting() else "cpu")
