@@ -186,6 +186,32 @@ def test_half_inputs(dtype, tol):
     assert (gx.double() - gr).abs().max().item() <= 10 * tol * gr.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        mt.interpreting(), reason="triton 3.8's interpreter computes bf16 tl.dot wrongly"))])
+def test_half_close_pairs_keep_their_distance(dtype):
+    """The op on half rows (the modules upcast halves to fp32 first; the op takes them too):
+    they are unit only to their precision (‖x‖² = 1 ± 1e-2 in bf16), so distances come from
+    the rows' norms: a close pair (d ≈ 0.13) keeps its distance, an exact duplicate has 0."""
+    from metrix_ops.triton.triplet_margin import triplet_all_rows_triton
+    g = torch.Generator().manual_seed(8)
+    base = F.normalize(torch.randn(3, 16, generator=g), dim=1)
+    x = torch.cat([base, base + 0.03 * torch.randn(3, 16, generator=g), base[:1]])
+    x = F.normalize(x, dim=1).to(dtype)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    x, y = on_dev(x, y)
+    rows, nz, n = triplet_all_rows_triton(x, x, y, y, True, False, 0.5)
+    k = torch.cdist(x.double(), x.double())  # the exact distances of the half rows
+    assert float(k[0, 3]) > 0.05 and float(k[0, 6]) == 0.0
+    same = y[:, None] == y[None, :]
+    eye = torch.eye(len(y), dtype=torch.bool, device=DEVICE)
+    m = (same & ~eye)[:, :, None] & (~same)[:, None, :]
+    v = torch.where(m, (k[:, :, None] - k[:, None, :]) + 0.5, torch.zeros_like(k[:, :, None]))
+    torch.testing.assert_close(rows.double(), v.clamp_min(0).sum((1, 2)), rtol=1e-4, atol=1e-5)
+    assert torch.equal(n, m.sum((1, 2))) and torch.equal(nz, (v > 0).sum((1, 2)))
+
+
 def test_backend_triton_runs_the_kernels(monkeypatch):
     """backend="triton" launches these kernels (forward, both gradient kernels), never the
     CPU op."""

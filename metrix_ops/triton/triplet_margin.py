@@ -3,8 +3,11 @@ per anchor i the sum over every (p, n) of PML's term [(k_ip − k_in) + m]₊, w
 of terms > 0 and of triplets, without enumerating triplets and without a B×M matrix.
 
 Keys (csrc/common/triplet.h): larger is farther. Cosine: k = −s (so (k_p − k_n) + m is
-bit-for-bit PML's (s_an − s_ap) + m); L2 of unit rows: k = d = √(2 − 2s), 0 below 8 ulps
-(contrastive.h's rule, so duplicates are at distance 0 and get no gradient, as cdist's).
+bit-for-bit PML's (s_an − s_ap) + m); L2: k = d = √(‖x‖² + ‖r‖² − 2s) from the rows' squared
+norms (as cdist's matmul mode; exact for fp16/bf16 rows that are unit only to their
+precision), 0 below a few ulps of the accumulation type, so duplicates are at distance 0 and
+get no gradient, as cdist's. The gradient flows through s only: the norms' part is radial,
+removed by the normalisation's backward.
 
 Formulation. The CPU op sorts each row's positive keys and binary-searches every negative
 (O(M log P) per row). A GPU row program cannot sort a dynamic list, but it can hold the
@@ -50,12 +53,18 @@ from .tiles import add_tile_product, pair_masks, sim_tile
 
 
 @triton.jit
-def _tri_key(s, eps, COSINE: tl.constexpr):
-    """The key of a similarity: −s (cosine) or the unit-row L2 distance (0 below eps)."""
+def _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE: tl.constexpr):
+    """The key of a similarity tile: −s (cosine) or the L2 distance of the rows,
+    d² = ‖x_i‖² + ‖r_j‖² − 2s with the rows' squared norms (nrm: B of x, then M of r, in the
+    accumulation type), 0 below eps. The norms, not 1, make d exact for rows that are unit
+    only to their dtype's precision (fp16/bf16: ‖x‖² = 1 ± 1e-2), so equal rows get d = 0
+    under a threshold of a few fp32 ulps instead of one that would zero real distances."""
     if COSINE:
         k = -s
     else:
-        q = 2.0 - 2.0 * s
+        nx = tl.load(nrm_ptr + offs_m, mask=offs_m < B, other=1.0)
+        nr = tl.load(nrm_ptr + B + offs_n, mask=offs_n < M, other=1.0)
+        q = (nx[:, None] + nr[None, :]) - 2.0 * s
         k = tl.where(q > eps, tl.sqrt(tl.maximum(q, 0.0)), 0.0)
     return k
 
@@ -95,7 +104,8 @@ def _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS):
 
 @triton.jit
 def _tri_pos_keys_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, npos_ptr,
-                         prm_ptr, kp_ptr, B, M, D, stride_x, stride_r, PS, COSINE: tl.constexpr,
+                         prm_ptr, nrm_ptr, kp_ptr, B, M, D, stride_x, stride_r, PS,
+                         COSINE: tl.constexpr,
                          EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                          PRECISION: tl.constexpr):
@@ -113,14 +123,16 @@ def _tri_pos_keys_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, 
         pos, _ = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
         rank = _tri_pos_rank(offs_n, crank_ptr, srank, M)
         # rows without a negative have no slots (npos 0): nothing to store
-        tl.store(kp_ptr + offs_m[:, None] * PS + rank, _tri_key(s, eps, COSINE),
+        tl.store(kp_ptr + offs_m[:, None] * PS + rank,
+                 _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE),
                  mask=pos & (rank < npos[:, None]))
 
 
 @triton.jit
-def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, kp_ptr, rows_ptr,
-                    nz_ptr, B, M, D, stride_x, stride_r, PMAX, PS,
-                    COSINE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, nrm_ptr, kp_ptr,
+                    rows_ptr, nz_ptr, B, M, D, stride_x, stride_r, PMAX, PS,
+                    COSINE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     ACC: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
@@ -135,7 +147,7 @@ def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, kp_ptr, 
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         _, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
-        kn = _tri_key(s, eps, COSINE)
+        kn = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE)
         vsum, cnt = _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS)
         total += tl.sum(vsum, axis=1)
         nz += tl.sum(cnt, axis=1).to(tl.int64)
@@ -144,8 +156,8 @@ def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, kp_ptr, 
 
 
 @triton.jit
-def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, kp_ptr,
-                           cnt_ptr, B, M, D, stride_x, stride_r, PS, COSINE: tl.constexpr,
+def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, nrm_ptr,
+                           kp_ptr, cnt_ptr, B, M, D, stride_x, stride_r, PS, COSINE: tl.constexpr,
                            EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                            ACC: tl.constexpr, PRECISION: tl.constexpr):
@@ -166,7 +178,7 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, k
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         _, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
-        kn = _tri_key(s, eps, COSINE)
+        kn = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE)
         for tt in range(0, BLOCK_P):
             t = p0 + tt
             kp = tl.load(kp_ptr + offs_m * PS + t, mask=row_ok & (t < npos),
@@ -180,13 +192,13 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, k
 
 @triton.jit
 def _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr, w_ptr,
-                   crank_ptr, prm_ptr, B, M, PMAX, PS, COSINE: tl.constexpr,
+                   crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE: tl.constexpr,
                    EXCLUDE_DIAG: tl.constexpr):
     """G = ∂(Σ_i g_i row_i)/∂S of a tile: positives read their weight from w[i, rank]
     (g_i · #active negatives · dk/ds), negatives count their active positives here."""
     margin, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
     pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
-    k = _tri_key(s, eps, COSINE)
+    k = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE)
     _, cnt = _tri_neg_terms(k, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS)
     gneg = -g[:, None] * cnt.to(s.dtype) * _tri_key_grad(k, COSINE)
     rank = _tri_pos_rank(offs_n, crank_ptr, srank, M)
@@ -197,8 +209,9 @@ def _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_p
 
 @triton.jit
 def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, npos_ptr,
-                        g_ptr, prm_ptr, kp_ptr, w_ptr, dx_ptr, B, M, D, stride_x, stride_r,
-                        stride_dx, PMAX, PS, COSINE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+                        g_ptr, prm_ptr, nrm_ptr, kp_ptr, w_ptr, dx_ptr, B, M, D, stride_x,
+                        stride_r, stride_dx, PMAX, PS, COSINE: tl.constexpr,
+                        EXCLUDE_DIAG: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles."""
@@ -215,7 +228,8 @@ def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         gt = _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr,
-                            w_ptr, crank_ptr, prm_ptr, B, M, PMAX, PS, COSINE, EXCLUDE_DIAG)
+                            w_ptr, crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE,
+                            EXCLUDE_DIAG)
         acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
     offs_d = tl.arange(0, BLOCK_DO)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
@@ -224,8 +238,9 @@ def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
 
 @triton.jit
 def _tri_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, npos_ptr,
-                        g_ptr, prm_ptr, kp_ptr, w_ptr, dr_ptr, B, M, D, stride_x, stride_r,
-                        stride_dr, PMAX, PS, COSINE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+                        g_ptr, prm_ptr, nrm_ptr, kp_ptr, w_ptr, dr_ptr, B, M, D, stride_x,
+                        stride_r, stride_dr, PMAX, PS, COSINE: tl.constexpr,
+                        EXCLUDE_DIAG: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles."""
@@ -243,7 +258,8 @@ def _tri_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         gt = _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr,
-                            w_ptr, crank_ptr, prm_ptr, B, M, PMAX, PS, COSINE, EXCLUDE_DIAG)
+                            w_ptr, crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE,
+                            EXCLUDE_DIAG)
         acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
                                PRECISION)
     offs_d = tl.arange(0, BLOCK_DO)
@@ -288,24 +304,33 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     kp = torch.empty(b, ps, dtype=acc, device=x.device)
     grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
+    nrm = _sq_norms(x, r)
     common = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, **cfg, **warps)
     rows = torch.zeros(b, dtype=acc, device=x.device)
     nz = torch.zeros(b, dtype=torch.long, device=x.device)
     cnt = None
     if pmax == 0:
         return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt
-    _tri_pos_keys_kernel[grid](x, r, labels, ref_labels, crank, srank, npos, prm, kp, b, m, d,
+    _tri_pos_keys_kernel[grid](x, r, labels, ref_labels, crank, srank, npos, prm, nrm, kp, b, m,
+                               d,
                                x.stride(0), r.stride(0), ps, **common)
     if counts:
         cnt = torch.zeros(b, ps, dtype=torch.int32, device=x.device)
         block_p = min(16, next_pow2(pmax))
         _tri_pos_counts_kernel[(grid[0], triton.cdiv(pmax, block_p))](
-            x, r, labels, ref_labels, npos, prm, kp, cnt, b, m, d, x.stride(0), r.stride(0), ps,
-            BLOCK_P=block_p, **common)
+            x, r, labels, ref_labels, npos, prm, nrm, kp, cnt, b, m, d, x.stride(0), r.stride(0),
+            ps, BLOCK_P=block_p, **common)
     else:
-        _tri_fwd_kernel[grid](x, r, labels, ref_labels, npos, prm, kp, rows, nz, b, m, d,
+        _tri_fwd_kernel[grid](x, r, labels, ref_labels, npos, prm, nrm, kp, rows, nz, b, m, d,
                               x.stride(0), r.stride(0), pmax, ps, **common)
     return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt
+
+
+def _sq_norms(x, r):
+    """The rows' squared norms in the accumulation type, x's then r's (one vector)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    nx = x.to(acc).pow(2).sum(1)
+    return torch.cat([nx, nx if r is x else r.to(acc).pow(2).sum(1)])
 
 
 def _tri_forward(x, r, labels, ref_labels, exclude_diag, cosine, prm):
@@ -334,7 +359,7 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
     w = torch.where(slot, g[:, None] * cnt.to(kp.dtype) * kgrad, torch.zeros_like(kp))
     w = w.contiguous()
     cfg, block_do, warps = launch_config(x, r, grad=True)
-    args = (x, r, labels, ref_labels, crank, srank, npos, g, prm, kp, w)
+    args = (x, r, labels, ref_labels, crank, srank, npos, g, prm, _sq_norms(x, r), kp, w)
     meta = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **cfg, **warps)
     if need_x:
         dx = torch.empty_like(x)
@@ -348,10 +373,11 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
 
 
 def _constants(x, margin):
-    # L2: d² below 8 ulps of x's dtype is taken as 0 (as contrastive.h)
+    # L2: d² = ‖x‖² + ‖r‖² − 2s below 8·√D ulps of the accumulation type is rounding (the
+    # norms and s sum the same products in different orders), taken as 0
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return loss_constants(torch.empty(0, dtype=acc, device=x.device), margin,
-                          8 * torch.finfo(x.dtype).eps)
+    eps = 8 * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
+    return loss_constants(torch.empty(0, dtype=acc, device=x.device), margin, eps)
 
 
 def _acc_dtype(x):  # fp16/bf16 rows are summed in fp32, as the CPU op
