@@ -10,4 +10,6 @@ if HAS_TRITON:
     # loss modules are imported here (they register themselves)
     from . import multi_similarity  # noqa: F401
     from . import contrastive  # noqa: F401
+    from . import triplet_margin  # noqa: F401
+    from . import hphn_triplet  # noqa: F401
 

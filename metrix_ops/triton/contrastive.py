@@ -15,9 +15,9 @@ A term is kept (summed and counted) when low < t < high, the reducer's window
 - backward: G_ij = g⁺_i·∂t_ij/∂s_ij on kept positives, g⁻_i·∂t_ij/∂s_ij on kept negatives
   (∂t/∂s = ∓1 for cosine, ∓1/d for L2, 0 where the hinge is flat or d = 0, as torch's
   relu and cdist backward give), with g± the upstream gradients of the row sums. G_ij needs
-  row i's weights only, so the shared gradient kernels of triton/multi_similarity.py do dX
-  by row programs and dR by column programs, without atomics; for the batch against itself
-  one kernel does the whole (G + Gᵀ) X.
+  row i's weights only, so the shared gradient kernels of triton/pairs.py do dX by row
+  programs and dR by column programs, without atomics; for the batch against itself one
+  kernel does the whole (G + Gᵀ) X.
 
 Why recompute S in the backward: storing S or G is the B×M memory this op exists to avoid;
 recomputing costs one more tile product per tile, cheaper on a GPU than writing and reading
@@ -38,8 +38,8 @@ from ..ops.contrastive import _bound
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from .launch import usable_on
-from .multi_similarity import (fake_grads, grads_or_empty, is_symmetric, launch_config,
-                               loss_constants, max_dim, needs_grads, pair_grads)
+from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
+                    max_dim, needs_grads, pair_grads)
 from .tiles import pair_masks, sim_tile
 
 

@@ -1,0 +1,201 @@
+"""The pieces every pair loss of the Triton engine shares (MultiSimilarityLoss,
+ContrastiveLoss, ...): the gradient kernels that turn a loss's G tile into dX = G R,
+dR = Gᵀ X or, for the batch against itself, (G + Gᵀ) X; their launcher pair_grads; the
+tile sizes of a launch (launch_config, max_dim); the loss constants as a tensor; and the
+custom-op helpers for gradients that are not needed (needs_grads, grads_or_empty,
+fake_grads) and for the symmetric case (is_symmetric)."""
+import torch
+import triton
+import triton.language as tl
+
+from .launch import next_pow2, row_block, dim_block
+from .tiles import acc_dtype, add_tile_product, dot_precision, pair_masks, sim_tile
+
+
+# ---- the gradient kernels every pair loss of this engine shares ----
+# GRAD_TILE(s, pos, neg, a, b, c, prm_ptr) is a @triton.jit function (a constexpr argument)
+# that turns a recomputed tile of S into its tile of G = ∂L/∂S, from three per-anchor-row
+# vectors a, b, c (the row statistics the loss saved, and its row weights) and the loss's
+# constants at prm_ptr. G_ij depends on row i's statistics only, which is what lets dR be
+# computed by column programs without atomics.
+
+
+@triton.jit
+def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr,
+                        B, M, D, stride_x, stride_r, stride_dx, GRAD_TILE: tl.constexpr,
+                        EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
+        acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dr_ptr,
+                        B, M, D, stride_x, stride_r, stride_dr, GRAD_TILE: tl.constexpr,
+                        EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles (with
+    each tile, its rows' statistics)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < M
+    lab_n = tl.load(rlab_ptr + offs_n, mask=col_ok, other=0)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
+    for m0 in range(0, B, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < B
+        lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+        a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+        s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
+        acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
+                               PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dr_ptr + offs_n[:, None] * stride_dr + offs_d[None, :], acc,
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, B, D, stride_x,
+                         stride_dx, GRAD_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                         ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """The batch against itself (R = X, self pairs excluded): S is symmetric, so the whole
+    gradient of X is (G + Gᵀ) X, and the tile (I, J) of Gᵀ is G_JI, computed from the same
+    s_ij with the statistics of rows J. One kernel of row programs, 2 products per tile (S
+    and H X) instead of the general path's 4 (S, G R; S, Gᵀ X)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < B
+    lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
+    a = tl.load(a_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    for n0 in range(0, B, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < B
+        lab_n = tl.load(lab_ptr + offs_n, mask=col_ok, other=0)
+        a_n = tl.load(a_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        b_n = tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        c_n = tl.load(c_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
+        s = sim_tile(x_ptr, x_ptr, offs_m, offs_n, B, B, D, stride_x, stride_x,
+                     BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, B, True)
+        pos_t, neg_t = pair_masks(offs_n, offs_m, lab_n, lab_m, B, B, True)
+        h = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
+        h += tl.trans(GRAD_TILE(tl.trans(s), pos_t, neg_t, a_n, b_n, c_n, prm_ptr))
+        acc = add_tile_product(acc, h, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# The gradient kernels hold a tile of rows at the whole padded width (BLOCK_DO = next power
+# of two ≥ D) as a tl.dot operand, and an accumulator as wide. A full-width row tile stays
+# within _GRAD_TILE_BYTES of shared memory where it can (tiles shrink down to 16 rows), and
+# an embedding is too wide when even 16 rows would pass twice that (H100: 227 KiB per SM):
+# 2048 features in fp32, 1024 in fp64.
+_GRAD_TILE_BYTES = 64 * 1024
+
+
+def max_dim(dtype: torch.dtype) -> int:
+    """The widest embedding the gradient kernels take for inputs of `dtype`."""
+    return 2 * _GRAD_TILE_BYTES // (16 * torch.empty(0, dtype=dtype).element_size())
+
+
+def launch_config(x, r, grad: bool = False):
+    """Tile sizes and meta-parameters shared by this engine's pair losses: rows and
+    reference rows per tile, the feature step of S's products, the padded width of the
+    gradient accumulators, accumulation type, tl.dot precision, warps. For the gradient
+    kernels (grad=True) the row tiles shrink (to 16 at least) as D grows, so that a
+    full-width tile of rows and the BLOCK×BLOCK_DO accumulator fit."""
+    dev, d = x.device, x.shape[1]
+    block_do = max(16, next_pow2(d))
+    bm, bn = row_block(x.shape[0], dev), row_block(r.shape[0], dev)
+    if grad:
+        cap = max(16, _GRAD_TILE_BYTES // (block_do * x.element_size()))
+        bm, bn = min(bm, cap), min(bn, cap)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=dim_block(d, dev), ACC=acc_dtype(x.dtype),
+               PRECISION=dot_precision(x.dtype, dev))
+    warps = dict(num_warps=4 if block_do <= 128 else 8) if dev.type == "cuda" else {}
+    return cfg, block_do, warps
+
+
+def loss_constants(x, *values):
+    # the loss constants as a tensor of x's dtype: a Python float argument would be an fp32
+    # scalar inside the kernel, off by 1e-8 relative for fp64 inputs
+    return torch.tensor(values, dtype=x.dtype, device=x.device)
+
+
+def pair_grads(grad_tile, x, r, labels, ref_labels, prm, row_vecs, exclude_diag, symmetric,
+               need_x, need_r):
+    """(dX, dR) of a pair loss (None where not needed) by the shared gradient kernels;
+    row_vecs: the three per-anchor vectors grad_tile reads (a, b, c). symmetric: r is x and
+    ref_labels is labels, self pairs excluded; then dX is the whole gradient of that one
+    tensor (one kernel, pair_grad_sym_kernel) and dR is None."""
+    b, m, d = x.shape[0], r.shape[0], x.shape[1]
+    cfg, block_do, warps = launch_config(x, r, grad=True)
+    if symmetric:
+        dx = torch.empty_like(x)
+        pair_grad_sym_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
+            x, labels, prm, *row_vecs, dx, b, d, x.stride(0), dx.stride(0),
+            GRAD_TILE=grad_tile, BLOCK_DO=block_do, **cfg, **warps)
+        return dx, None
+    args = (x, r, labels, ref_labels, prm, *row_vecs)
+    meta = dict(GRAD_TILE=grad_tile, EXCLUDE_DIAG=bool(exclude_diag), BLOCK_DO=block_do,
+                **cfg, **warps)
+    dx = dr = None
+    if need_x:
+        dx = torch.empty_like(x)
+        pair_grad_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
+            *args, dx, b, m, d, x.stride(0), r.stride(0), dx.stride(0), **meta)
+    if need_r:
+        dr = torch.empty_like(r)
+        pair_grad_dr_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](
+            *args, dr, b, m, d, x.stride(0), r.stride(0), dr.stride(0), **meta)
+    return dx, dr
+
+
+def grads_or_empty(dx, dr, x):
+    """A gradient op's outputs: a tensor for each, empty where it was not computed."""
+    return (x.new_empty(0) if dx is None else dx), (x.new_empty(0) if dr is None else dr)
+
+
+def fake_grads(x, r, need_x, need_r):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(r) if need_r else r.new_empty(0))
+
+
+def needs_grads(ctx, symmetric):
+    """(need_x, need_r) for a gradient op; symmetric (x and r one tensor): its whole gradient
+    comes back as dX."""
+    need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    return (need_x or need_r, False) if symmetric else (need_x, need_r)
+
+
+def is_symmetric(x, r, labels, ref_labels, exclude_diag) -> bool:
+    """One tensor against itself with its own labels, self pairs excluded: S and the pair
+    masks are symmetric."""
+    return bool(exclude_diag) and x is r and labels is ref_labels
