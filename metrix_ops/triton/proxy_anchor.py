@@ -1,0 +1,260 @@
+"""ProxyAnchorLoss on the Triton engine: unit embeddings x (B×D) against unit proxies p (C×D),
+S = x pᵀ streamed in tiles by tl.dot, never B×C in memory. The math is the CPU op's
+(csrc/common/proxy_anchor.h, csrc/cpu/proxy_anchor_cpu.cpp); the loss dict and reducers are
+the CPU path's (metrix_ops/fused/proxy_anchor.py).
+
+Program layout, per kernel, and why:
+- forward: column programs. The statistics are per proxy: log(1 + Σ e^{arg}) over a proxy's
+  positives and over its negatives, a log-sum-exp down a column of S. One program owns a
+  block of proxies and streams the whole batch through it with an online log-sum-exp, so
+  every statistic is finished inside one program (no cross-program merge, no atomics).
+- backward dX = G p: row programs. G_ij needs the finished statistics of column j (and the
+  upstream gradients of its two terms), which are C-long vectors loaded with each proxy
+  tile; a program owns a block of examples and accumulates its rows of dX over all proxy
+  tiles in registers, so each dX row is written once.
+- backward dP = Gᵀ x: column programs, the same G recomputed from tiles of Sᵀ = p xᵀ; a
+  program owns a block of proxies and accumulates their rows of dP over the batch.
+Splitting dX and dP into two kernels recomputes S once more (a cheap tl.dot) instead of
+adding partial products into a shared output with atomics (non-deterministic, and fp64
+atomics are slow). Both gradient kernels also split D into output blocks (a second grid
+axis) so that the accumulator of a program stays register-sized at any D; each output block
+recomputes its S tiles (for D ≤ out_block(D), one block: no recomputation).
+
+Accumulation is in fp32 (fp64 for fp64 inputs); inputs reach the kernels as fp32 or fp64
+(the driver computes half inputs in fp32, as every backend).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..distances import is_cosine
+from ..reducers import reduce_loss_dict
+from ..reference.proxy_anchor import check_proxies
+from .launch import HAS_TRITON, dim_block, next_pow2, row_block
+from .tiles import acc_dtype, dot_precision
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .tiles import load_rows, sim_tile
+
+    @triton.jit
+    def online_lse(m, l, arg, mask):
+        """Fold the masked entries of `arg` (rows of a tile) into per-row running
+        log-sum-exp states (max m, sum l of e^{arg − m}); rows with nothing yet keep m = −inf."""
+        m_new = tl.maximum(m, tl.max(tl.where(mask, arg, float("-inf")), 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no −inf − (−inf)
+        l = l * tl.exp(m - m_ref) + tl.sum(tl.where(mask, tl.exp(arg - m_ref[:, None]), 0.0), 1)
+        return m_new, l
+
+    @triton.jit
+    def rows_product(acc, g, rows_ptr, offs, n, offs_d, D, stride, PRECISION: tl.constexpr):
+        """acc += g · R[offs, offs_d]: a G tile (or Gᵀ tile) times a block of rows."""
+        r = load_rows(rows_ptr, offs, n, offs_d, D, stride)
+        return acc + tl.dot(g.to(r.dtype), r, input_precision=PRECISION, out_dtype=acc.dtype)
+
+    @triton.jit
+    def store_rows(ptr, acc, offs, n, offs_d, D, stride):
+        mask = (offs[:, None] < n) & (offs_d[None, :] < D)
+        tl.store(ptr + offs[:, None] * stride + offs_d[None, :], acc, mask=mask)
+
+    @triton.jit
+    def _pa_grad(s, own, valid, alpha, margin, gp, gn, lp, ln):
+        """∂L/∂s of each entry (pa_grad of proxy_anchor.h): −α·gp·e^{−α(s−δ) − lp} for a
+        positive, α·gn·e^{α(s+δ) − ln} for a negative; gp, gn, lp, ln broadcast along the
+        proxy axis. Exponents are ≤ 0 up to rounding (each entry is a term of its lse)."""
+        arg = tl.where(own, -alpha * (s - margin) - lp, alpha * (s + margin) - ln)
+        coef = tl.where(own, -alpha * gp, alpha * gn)
+        return tl.where(valid, coef * tl.exp(arg), 0.0)
+
+    @triton.jit
+    def _pa_fwd_kernel(x_ptr, p_ptr, y_ptr, pos_ptr, neg_ptr, B, C, D, stride_x, stride_p,
+                       alpha, margin, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+                       BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # log(1 + Σ): the 1 is the state's first term, e^0 (m = 0, l = 1)
+        m_pos = tl.zeros((BLOCK_C,), dtype=ACC)
+        l_pos = tl.zeros((BLOCK_C,), dtype=ACC) + 1.0
+        m_neg = tl.zeros((BLOCK_C,), dtype=ACC)
+        l_neg = tl.zeros((BLOCK_C,), dtype=ACC) + 1.0
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            st = sim_tile(p_ptr, x_ptr, offs_c, offs_b, C, B, D, stride_p, stride_x,
+                          BLOCK_C, BLOCK_B, BLOCK_D, ACC, PRECISION)  # Sᵀ tile: proxy × example
+            y = tl.load(y_ptr + offs_b, mask=offs_b < B, other=-1)
+            own = y[None, :] == offs_c[:, None]
+            in_b = (offs_b < B)[None, :]
+            m_pos, l_pos = online_lse(m_pos, l_pos, -alpha * (st - margin), own & in_b)
+            m_neg, l_neg = online_lse(m_neg, l_neg, alpha * (st + margin), (~own) & in_b)
+        tl.store(pos_ptr + offs_c, m_pos + tl.log(l_pos), mask=offs_c < C)
+        tl.store(neg_ptr + offs_c, m_neg + tl.log(l_neg), mask=offs_c < C)
+
+    @triton.jit
+    def _pa_dx_kernel(x_ptr, p_ptr, y_ptr, gp_ptr, gn_ptr, lp_ptr, ln_ptr, dx_ptr, B, C, D,
+                      stride_x, stride_p, stride_dx, alpha, margin, BLOCK_B: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                      ACC: tl.constexpr, PRECISION: tl.constexpr):
+        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        y = tl.load(y_ptr + offs_b, mask=offs_b < B, other=-1)
+        acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=ACC)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            in_c = offs_c < C
+            s = sim_tile(x_ptr, p_ptr, offs_b, offs_c, B, C, D, stride_x, stride_p,
+                         BLOCK_B, BLOCK_C, BLOCK_D, ACC, PRECISION)
+            gp = tl.load(gp_ptr + offs_c, mask=in_c, other=0.0).to(ACC)
+            gn = tl.load(gn_ptr + offs_c, mask=in_c, other=0.0).to(ACC)
+            lp = tl.load(lp_ptr + offs_c, mask=in_c, other=0.0).to(ACC)
+            ln = tl.load(ln_ptr + offs_c, mask=in_c, other=0.0).to(ACC)
+            valid = (offs_b < B)[:, None] & in_c[None, :]
+            g = _pa_grad(s, y[:, None] == offs_c[None, :], valid, alpha, margin,
+                         gp[None, :], gn[None, :], lp[None, :], ln[None, :])
+            acc = rows_product(acc, g, p_ptr, offs_c, C, offs_do, D, stride_p, PRECISION)
+        store_rows(dx_ptr, acc, offs_b, B, offs_do, D, stride_dx)
+
+    @triton.jit
+    def _pa_dp_kernel(x_ptr, p_ptr, y_ptr, gp_ptr, gn_ptr, lp_ptr, ln_ptr, dp_ptr, B, C, D,
+                      stride_x, stride_p, stride_dp, alpha, margin, BLOCK_C: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                      ACC: tl.constexpr, PRECISION: tl.constexpr):
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        in_c = offs_c < C
+        gp = tl.load(gp_ptr + offs_c, mask=in_c, other=0.0).to(ACC)[:, None]
+        gn = tl.load(gn_ptr + offs_c, mask=in_c, other=0.0).to(ACC)[:, None]
+        lp = tl.load(lp_ptr + offs_c, mask=in_c, other=0.0).to(ACC)[:, None]
+        ln = tl.load(ln_ptr + offs_c, mask=in_c, other=0.0).to(ACC)[:, None]
+        acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC)
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            st = sim_tile(p_ptr, x_ptr, offs_c, offs_b, C, B, D, stride_p, stride_x,
+                          BLOCK_C, BLOCK_B, BLOCK_D, ACC, PRECISION)
+            y = tl.load(y_ptr + offs_b, mask=offs_b < B, other=-1)
+            valid = in_c[:, None] & (offs_b < B)[None, :]
+            gt = _pa_grad(st, y[None, :] == offs_c[:, None], valid, alpha, margin, gp, gn, lp, ln)
+            acc = rows_product(acc, gt, x_ptr, offs_b, B, offs_do, D, stride_x, PRECISION)
+        store_rows(dp_ptr, acc, offs_c, C, offs_do, D, stride_dp)
+
+
+def out_block(d: int, device: torch.device) -> int:
+    """Output feature columns per program of a gradient kernel (its accumulator is
+    rows × out_block). On a GPU at most 256 wide, so 64 × 256 fp32 stays in registers; the
+    interpreter takes all of D at once (fewer programs: faster, and no recomputation)."""
+    full = max(16, next_pow2(d))
+    return min(full, 256) if device.type == "cuda" else full
+
+
+def tile_config(x: torch.Tensor, n_own: int, n_loop: int) -> dict:
+    """Block sizes of a launch whose programs own `n_own` rows and stream `n_loop`."""
+    d, dev = x.shape[1], x.device
+    return dict(own=row_block(n_own, dev), loop=row_block(n_loop, dev), d=dim_block(d, dev),
+                out=out_block(d, dev), acc=acc_dtype(x.dtype), prec=dot_precision(x.dtype, dev))
+
+
+def check_unit_inputs(x, p, labels):
+    """The kernels' contract (internal callers only; the user-facing checks are the
+    reference's, run before): same-dtype fp32/fp64 2-D x and p on one device, labels int64."""
+    if x.dtype not in (torch.float32, torch.float64) or p.dtype != x.dtype:
+        raise TypeError(f"x and p must both be float32 or float64, got {x.dtype} and {p.dtype}")
+    if x.ndim != 2 or p.ndim != 2 or x.shape[1] != p.shape[1]:
+        raise ValueError(f"x and p must be 2-D with the same D, got {tuple(x.shape)} and "
+                         f"{tuple(p.shape)}")
+    if labels.dtype != torch.int64 or labels.shape != (x.shape[0],):
+        raise ValueError(f"labels must be int64 of shape ({x.shape[0]},)")
+
+
+def _grids(n_own: int, d: int, t: dict):
+    return (triton.cdiv(n_own, t["own"]), triton.cdiv(d, t["out"]))
+
+
+def _pa_fwd(x, p, labels, alpha, margin):
+    B, C, D = x.shape[0], p.shape[0], x.shape[1]
+    pos, neg = x.new_empty(C), x.new_empty(C)
+    t = tile_config(x, C, B)
+    _pa_fwd_kernel[(triton.cdiv(C, t["own"]),)](
+        x, p, labels, pos, neg, B, C, D, x.stride(0), p.stride(0), float(alpha), float(margin),
+        BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"], ACC=t["acc"], PRECISION=t["prec"])
+    return pos, neg
+
+
+def _pa_bwd(x, p, labels, gp, gn, lp, ln, alpha, margin, need_dx=True, need_dp=True):
+    B, C, D = x.shape[0], p.shape[0], x.shape[1]
+    dx = dp = None
+    stats = (gp, gn, lp, ln)
+    if need_dx:
+        dx = torch.empty_like(x)
+        t = tile_config(x, B, C)
+        _pa_dx_kernel[_grids(B, D, t)](
+            x, p, labels, *stats, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0),
+            float(alpha), float(margin), BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"],
+            BLOCK_DO=t["out"], ACC=t["acc"], PRECISION=t["prec"])
+    if need_dp:
+        dp = torch.empty_like(p)
+        t = tile_config(x, C, B)
+        _pa_dp_kernel[_grids(C, D, t)](
+            x, p, labels, *stats, dp, B, C, D, x.stride(0), p.stride(0), dp.stride(0),
+            float(alpha), float(margin), BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"],
+            BLOCK_DO=t["out"], ACC=t["acc"], PRECISION=t["prec"])
+    return dx, dp
+
+
+class ProxyAnchorTerms(torch.autograd.Function):
+    """(x, p, labels) -> per-proxy (pos, neg), the CPU op's proxy_anchor_fwd/bwd on Triton.
+    The terms are also the log-sum-exps the backward needs, so nothing else is saved."""
+
+    @staticmethod
+    def forward(ctx, x, p, labels, alpha, margin):
+        x, p, labels = x.contiguous(), p.contiguous(), labels.contiguous()
+        check_unit_inputs(x, p, labels)
+        pos, neg = _pa_fwd(x, p, labels, alpha, margin)
+        ctx.save_for_backward(x, p, labels, pos, neg)
+        ctx.args = (alpha, margin)
+        return pos, neg
+
+    @staticmethod
+    def backward(ctx, g_pos, g_neg):
+        x, p, labels, pos, neg = ctx.saved_tensors
+        g_pos = torch.zeros_like(pos) if g_pos is None else g_pos.to(pos.dtype).contiguous()
+        g_neg = torch.zeros_like(neg) if g_neg is None else g_neg.to(neg.dtype).contiguous()
+        dx, dp = _pa_bwd(x, p, labels, g_pos, g_neg, pos, neg, *ctx.args,
+                         need_dx=ctx.needs_input_grad[0], need_dp=ctx.needs_input_grad[1])
+        return dx, dp, None, None, None
+
+
+def proxy_anchor_terms(x_unit, p_unit, labels, alpha: float, margin: float):
+    """Per-proxy (pos, neg): log(1 + Σ_{y=c} e^{−α(s−δ)}) and log(1 + Σ_{y≠c} e^{α(s+δ)})."""
+    return ProxyAnchorTerms.apply(x_unit, p_unit, labels, float(alpha), float(margin))
+
+
+def supports(params, inp, expansion) -> bool:
+    """As the CPU op (cosine, no indices_tuple, no expansion, no ref_emb), minus the
+    compiled-extension requirement."""
+    return (HAS_TRITON and expansion is None and inp.indices_tuple is None
+            and is_cosine(inp.distance) and inp.labels is not None
+            and inp.ref_emb is inp.embeddings)
+
+
+def impl(params, inp, reducer):
+    """The CPU path's loss dict (metrix_ops/fused/proxy_anchor.py), terms from Triton."""
+    x, labels, proxies = inp.embeddings, inp.labels, params["proxies"]
+    check_proxies(proxies, x, labels, "ProxyAnchorLoss")
+    p = F.normalize(proxies.to(x.dtype), dim=1)  # differentiable cast, as the reference
+    pos, neg = proxy_anchor_terms(F.normalize(x, dim=1), p, labels, params["alpha"],
+                                  params["margin"])
+    n_with_pos = int(torch.bincount(labels, minlength=p.shape[0]).count_nonzero())
+    idx = torch.arange(p.shape[0], device=x.device)
+    return reduce_loss_dict({
+        "pos_loss": {"losses": pos, "indices": idx, "reduction_type": "element",
+                     "divisor": n_with_pos},
+        "neg_loss": {"losses": neg, "indices": idx, "reduction_type": "element",
+                     "divisor": p.shape[0]},
+    }, reducer, x)
+
+
+if HAS_TRITON:
+    from ..fused import register
+
+    register("triton", "ProxyAnchorLoss", supports, impl)
