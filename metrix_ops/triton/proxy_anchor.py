@@ -71,8 +71,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _pa_fwd_kernel(x_ptr, p_ptr, y_ptr, pos_ptr, neg_ptr, B, C, D, stride_x, stride_p,
-                       alpha, margin, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+                       hp_ptr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
                        BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        alpha, margin = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         # log(1 + Σ): the 1 is the state's first term, e^0 (m = 0, l = 1)
         m_pos = tl.zeros((BLOCK_C,), dtype=ACC)
@@ -93,9 +94,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _pa_dx_kernel(x_ptr, p_ptr, y_ptr, gp_ptr, gn_ptr, lp_ptr, ln_ptr, dx_ptr, B, C, D,
-                      stride_x, stride_p, stride_dx, alpha, margin, BLOCK_B: tl.constexpr,
+                      stride_x, stride_p, stride_dx, hp_ptr, BLOCK_B: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                       ACC: tl.constexpr, PRECISION: tl.constexpr):
+        alpha, margin = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         y = tl.load(y_ptr + offs_b, mask=offs_b < B, other=-1)
@@ -117,9 +119,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _pa_dp_kernel(x_ptr, p_ptr, y_ptr, gp_ptr, gn_ptr, lp_ptr, ln_ptr, dp_ptr, B, C, D,
-                      stride_x, stride_p, stride_dp, alpha, margin, BLOCK_C: tl.constexpr,
+                      stride_x, stride_p, stride_dp, hp_ptr, BLOCK_C: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                       ACC: tl.constexpr, PRECISION: tl.constexpr):
+        alpha, margin = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         in_c = offs_c < C
@@ -166,6 +169,13 @@ def check_unit_inputs(x, p, labels):
         raise ValueError(f"labels must be int64 of shape ({x.shape[0]},)")
 
 
+def hyper(x: torch.Tensor, *values: float) -> torch.Tensor:
+    """Scalar hyper-parameters for a kernel, as a tensor of the inputs' dtype: a Python float
+    argument would reach a compiled kernel as fp32 (the interpreter keeps fp64), and fp64
+    inputs must see fp64 constants."""
+    return torch.tensor([float(v) for v in values], dtype=x.dtype, device=x.device)
+
+
 def _grids(n_own: int, d: int, t: dict):
     return (triton.cdiv(n_own, t["own"]), triton.cdiv(d, t["out"]))
 
@@ -175,7 +185,7 @@ def _pa_fwd(x, p, labels, alpha, margin):
     pos, neg = x.new_empty(C), x.new_empty(C)
     t = tile_config(x, C, B)
     _pa_fwd_kernel[(triton.cdiv(C, t["own"]),)](
-        x, p, labels, pos, neg, B, C, D, x.stride(0), p.stride(0), float(alpha), float(margin),
+        x, p, labels, pos, neg, B, C, D, x.stride(0), p.stride(0), hyper(x, alpha, margin),
         BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"], ACC=t["acc"], PRECISION=t["prec"])
     return pos, neg
 
@@ -189,14 +199,14 @@ def _pa_bwd(x, p, labels, gp, gn, lp, ln, alpha, margin, need_dx=True, need_dp=T
         t = tile_config(x, B, C)
         _pa_dx_kernel[_grids(B, D, t)](
             x, p, labels, *stats, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0),
-            float(alpha), float(margin), BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"],
+            hyper(x, alpha, margin), BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"],
             BLOCK_DO=t["out"], ACC=t["acc"], PRECISION=t["prec"])
     if need_dp:
         dp = torch.empty_like(p)
         t = tile_config(x, C, B)
         _pa_dp_kernel[_grids(C, D, t)](
             x, p, labels, *stats, dp, B, C, D, x.stride(0), p.stride(0), dp.stride(0),
-            float(alpha), float(margin), BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"],
+            hyper(x, alpha, margin), BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"],
             BLOCK_DO=t["out"], ACC=t["acc"], PRECISION=t["prec"])
     return dx, dp
 

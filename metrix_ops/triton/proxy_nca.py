@@ -28,7 +28,7 @@ from ..reducers import reduce_loss_dict
 from ..reference.proxy_anchor import check_proxies
 from ..reference.proxy_nca import logit_scale
 from .launch import HAS_TRITON
-from .proxy_anchor import _grids, check_unit_inputs, tile_config
+from .proxy_anchor import _grids, check_unit_inputs, hyper, tile_config
 
 if HAS_TRITON:
     import triton
@@ -53,8 +53,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _nca_fwd_kernel(x_ptr, p_ptr, y_ptr, rows_ptr, lse_ptr, B, C, D, stride_x, stride_p,
-                        scale, KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                        hp_ptr, KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        scale = tl.load(hp_ptr).to(ACC)
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         in_b = offs_b < B
         y = tl.load(y_ptr + offs_b, mask=in_b, other=-1)
@@ -76,9 +77,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _nca_dx_kernel(x_ptr, p_ptr, y_ptr, g_ptr, lse_ptr, dx_ptr, B, C, D, stride_x,
-                       stride_p, stride_dx, scale, dlogit, KIND: tl.constexpr,
+                       stride_p, stride_dx, hp_ptr, KIND: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        scale, dlogit = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         in_b = offs_b < B
@@ -97,9 +99,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _nca_dp_kernel(x_ptr, p_ptr, y_ptr, g_ptr, lse_ptr, dp_ptr, B, C, D, stride_x,
-                       stride_p, stride_dp, scale, dlogit, KIND: tl.constexpr,
+                       stride_p, stride_dp, hp_ptr, KIND: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        scale, dlogit = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         in_c = offs_c < C
@@ -128,7 +131,7 @@ def _nca_fwd(x, p, labels, scale, kind):
     rows, lse = x.new_empty(B), x.new_empty(B)
     t = tile_config(x, B, C)
     _nca_fwd_kernel[(triton.cdiv(B, t["own"]),)](
-        x, p, labels, rows, lse, B, C, D, x.stride(0), p.stride(0), float(scale), KIND=kind,
+        x, p, labels, rows, lse, B, C, D, x.stride(0), p.stride(0), hyper(x, scale), KIND=kind,
         BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"], ACC=t["acc"], PRECISION=t["prec"])
     return rows, lse
 
@@ -136,19 +139,19 @@ def _nca_fwd(x, p, labels, scale, kind):
 def _nca_bwd(x, p, labels, g, lse, scale, kind, need_dx=True, need_dp=True):
     B, C, D = x.shape[0], p.shape[0], x.shape[1]
     dx = dp = None
-    common = (float(scale), _dlogit(float(scale), kind))
+    hp = hyper(x, scale, _dlogit(float(scale), kind))
     if need_dx:
         dx = torch.empty_like(x)
         t = tile_config(x, B, C)
         _nca_dx_kernel[_grids(B, D, t)](
-            x, p, labels, g, lse, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0), *common,
+            x, p, labels, g, lse, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0), hp,
             KIND=kind, BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"], BLOCK_DO=t["out"],
             ACC=t["acc"], PRECISION=t["prec"])
     if need_dp:
         dp = torch.empty_like(p)
         t = tile_config(x, C, B)
         _nca_dp_kernel[_grids(C, D, t)](
-            x, p, labels, g, lse, dp, B, C, D, x.stride(0), p.stride(0), dp.stride(0), *common,
+            x, p, labels, g, lse, dp, B, C, D, x.stride(0), p.stride(0), dp.stride(0), hp,
             KIND=kind, BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"], BLOCK_DO=t["out"],
             ACC=t["acc"], PRECISION=t["prec"])
     return dx, dp
