@@ -8,4 +8,4 @@ from .launch import HAS_TRITON, interpreting, usable_on  # noqa: F401
 
 if HAS_TRITON:
     pass  # loss modules are imported here (they register themselves)
-    from . import proxy_anchor, proxy_nca  # noqa: F401
+    from . import ntxent, proxy_anchor, proxy_nca  # noqa: F401
