@@ -77,11 +77,14 @@ if HAS_TRITON:
             q, rest = _ntx_prob(z, sa, sb)
             loss = -tl.log(q + tiny)
             kept = pos & (loss > low) & (loss < high)
-            sm = tl.exp(z - sa) / tl.where(sb > 0, sb, 1.0)  # the negatives' softmax
+            # the negatives' softmax (z ≤ their max sa; the clamp keeps the entries that are
+            # not negatives finite, also for an anchor without negatives, sa = −inf)
+            sm = tl.exp(tl.minimum(z - sa, 0.0)) / tl.where(sb > 0, sb, 1.0)
             gz = tl.where(kept, -(q * rest / (q + tiny)), 0.0) + tl.where(neg, sc * sm, 0.0)
         else:
             inv_n = 1.0 / tl.where(sb > 0, sb, 1.0)
-            gz = tl.where(pos | neg, tl.exp(z - sa), 0.0) - tl.where(pos, inv_n, 0.0)
+            sm = tl.exp(tl.minimum(z - sa, 0.0))  # softmax over the pairs (z ≤ their lse)
+            gz = tl.where(pos | neg, sm, 0.0) - tl.where(pos, inv_n, 0.0)
             gz = tl.where(sb > 0, gz, 0.0)  # an anchor without positives has loss 0
         return g * inv_t * gz
 
