@@ -244,14 +244,14 @@ def _pair_bwd(ctx, loss, g, sa, sb, sc):
         _pair_dx_kernel[_grids(B, D, t)](
             x, r, labels, ref_labels, *stats, dx, B, M, D, x.stride(0), r.stride(0),
             dx.stride(0), ctx.hp, **common, BLOCK_A=t["own"], BLOCK_R=t["loop"],
-            BLOCK_D=t["d"], BLOCK_DO=t["out"], ACC=t["acc"], PRECISION=t["prec"])
+            BLOCK_D=t["d"], BLOCK_DO=t["out"], **t["kw"])
     if ctx.needs_input_grad[1]:
         dr = torch.empty_like(r)
         t = tile_config(x, M, B)
         _pair_dr_kernel[_grids(M, D, t)](
             x, r, labels, ref_labels, *stats, dr, B, M, D, x.stride(0), r.stride(0),
             dr.stride(0), ctx.hp, **common, BLOCK_R=t["own"], BLOCK_A=t["loop"],
-            BLOCK_D=t["d"], BLOCK_DO=t["out"], ACC=t["acc"], PRECISION=t["prec"])
+            BLOCK_D=t["d"], BLOCK_DO=t["out"], **t["kw"])
     return dx, dr
 
 
@@ -277,7 +277,7 @@ class NtxentRows(torch.autograd.Function):
         _ntx_fwd_kernel[(triton.cdiv(B, t["own"]),)](
             x, r, labels, ref_labels, sums, counts, m, l, w, B, M, D, x.stride(0), r.stride(0),
             ctx.hp, SAME=ctx.same_set, BLOCK_A=t["own"], BLOCK_R=t["loop"], BLOCK_D=t["d"],
-            ACC=t["acc"], PRECISION=t["prec"])
+            **t["kw"])
         ctx.save_for_backward(x, r, labels, ref_labels, m, l, w)
         counts = counts.long()
         ctx.mark_non_differentiable(counts)
@@ -302,7 +302,7 @@ class SupconRows(torch.autograd.Function):
         _sup_fwd_kernel[(triton.cdiv(B, t["own"]),)](
             x, r, labels, ref_labels, rows, lse, n_pos, B, M, D, x.stride(0), r.stride(0),
             ctx.hp, SAME=ctx.same_set, BLOCK_A=t["own"], BLOCK_R=t["loop"], BLOCK_D=t["d"],
-            ACC=t["acc"], PRECISION=t["prec"])
+            **t["kw"])
         ctx.save_for_backward(x, r, labels, ref_labels, lse, n_pos)
         return rows
 
@@ -353,7 +353,7 @@ def ntxent_impl(params, inp, reducer):
     if empty:
         return zero_loss(x)
     xu, ru = _unit_pair(inp)
-    sums, counts = ntxent_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
+    sums, counts = ntxent_rows(xu, ru, inp.labels.long(), inp.ref_labels.long(), inp.same_set,
                                params["temperature"], *window)
     return _reduce_side(sums, counts, n_pos, reducer, x)
 
@@ -363,9 +363,11 @@ def supcon_impl(params, inp, reducer):
     if _no_pairs(inp)[0]:
         return zero_loss(x)
     xu, ru = _unit_pair(inp)
-    rows = supcon_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["temperature"])
-    return reduce_loss_dict({"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
-                                      "reduction_type": "element"}}, reducer, x)
+    rows = supcon_rows(xu, ru, inp.labels.long(), inp.ref_labels.long(), inp.same_set,
+                       params["temperature"])
+    idx = torch.arange(len(rows), device=x.device)
+    return reduce_loss_dict({"loss": {"losses": rows, "indices": idx, "reduction_type": "element"}},
+                            reducer, x)
 
 
 if HAS_TRITON:

@@ -151,10 +151,14 @@ def out_block(d: int, device: torch.device) -> int:
 
 
 def tile_config(x: torch.Tensor, n_own: int, n_loop: int) -> dict:
-    """Block sizes of a launch whose programs own `n_own` rows and stream `n_loop`."""
+    """Block sizes of a launch whose programs own `n_own` rows and stream `n_loop`, and the
+    launch keywords every kernel takes (kw: ACC, PRECISION, num_warps)."""
     d, dev = x.shape[1], x.device
-    return dict(own=row_block(n_own, dev), loop=row_block(n_loop, dev), d=dim_block(d, dev),
-                out=out_block(d, dev), acc=acc_dtype(x.dtype), prec=dot_precision(x.dtype, dev))
+    own, out = row_block(n_own, dev), out_block(d, dev)
+    # a gradient kernel's accumulator is own × out: 8 warps keep 64 × 256 fp32 in registers
+    warps = 8 if dev.type == "cuda" and own * out >= 64 * 128 else 4
+    kw = dict(ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, dev), num_warps=warps)
+    return dict(own=own, loop=row_block(n_loop, dev), d=dim_block(d, dev), out=out, kw=kw)
 
 
 def check_unit_inputs(x, p, labels):
@@ -186,7 +190,7 @@ def _pa_fwd(x, p, labels, alpha, margin):
     t = tile_config(x, C, B)
     _pa_fwd_kernel[(triton.cdiv(C, t["own"]),)](
         x, p, labels, pos, neg, B, C, D, x.stride(0), p.stride(0), hyper(x, alpha, margin),
-        BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"], ACC=t["acc"], PRECISION=t["prec"])
+        BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"], **t["kw"])
     return pos, neg
 
 
@@ -200,14 +204,14 @@ def _pa_bwd(x, p, labels, gp, gn, lp, ln, alpha, margin, need_dx=True, need_dp=T
         _pa_dx_kernel[_grids(B, D, t)](
             x, p, labels, *stats, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0),
             hyper(x, alpha, margin), BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"],
-            BLOCK_DO=t["out"], ACC=t["acc"], PRECISION=t["prec"])
+            BLOCK_DO=t["out"], **t["kw"])
     if need_dp:
         dp = torch.empty_like(p)
         t = tile_config(x, C, B)
         _pa_dp_kernel[_grids(C, D, t)](
             x, p, labels, *stats, dp, B, C, D, x.stride(0), p.stride(0), dp.stride(0),
             hyper(x, alpha, margin), BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"],
-            BLOCK_DO=t["out"], ACC=t["acc"], PRECISION=t["prec"])
+            BLOCK_DO=t["out"], **t["kw"])
     return dx, dp
 
 
@@ -252,7 +256,7 @@ def impl(params, inp, reducer):
     x, labels, proxies = inp.embeddings, inp.labels, params["proxies"]
     check_proxies(proxies, x, labels, "ProxyAnchorLoss")
     p = F.normalize(proxies.to(x.dtype), dim=1)  # differentiable cast, as the reference
-    pos, neg = proxy_anchor_terms(F.normalize(x, dim=1), p, labels, params["alpha"],
+    pos, neg = proxy_anchor_terms(F.normalize(x, dim=1), p, labels.long(), params["alpha"],
                                   params["margin"])
     n_with_pos = int(torch.bincount(labels, minlength=p.shape[0]).count_nonzero())
     idx = torch.arange(p.shape[0], device=x.device)

@@ -132,7 +132,7 @@ def _nca_fwd(x, p, labels, scale, kind):
     t = tile_config(x, B, C)
     _nca_fwd_kernel[(triton.cdiv(B, t["own"]),)](
         x, p, labels, rows, lse, B, C, D, x.stride(0), p.stride(0), hyper(x, scale), KIND=kind,
-        BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"], ACC=t["acc"], PRECISION=t["prec"])
+        BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"], **t["kw"])
     return rows, lse
 
 
@@ -146,14 +146,14 @@ def _nca_bwd(x, p, labels, g, lse, scale, kind, need_dx=True, need_dp=True):
         _nca_dx_kernel[_grids(B, D, t)](
             x, p, labels, g, lse, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0), hp,
             KIND=kind, BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"], BLOCK_DO=t["out"],
-            ACC=t["acc"], PRECISION=t["prec"])
+            **t["kw"])
     if need_dp:
         dp = torch.empty_like(p)
         t = tile_config(x, C, B)
         _nca_dp_kernel[_grids(C, D, t)](
             x, p, labels, g, lse, dp, B, C, D, x.stride(0), p.stride(0), dp.stride(0), hp,
             KIND=kind, BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"], BLOCK_DO=t["out"],
-            ACC=t["acc"], PRECISION=t["prec"])
+            **t["kw"])
     return dx, dp
 
 
@@ -203,7 +203,7 @@ def impl(params, inp, reducer):
     scale = logit_scale(params["softmax_scale"], params.get("temperature"),
                         params.get("normalize_proxies"))
     p = F.normalize(proxies.to(x.dtype), dim=1)  # differentiable cast, as the reference
-    rows = proxy_nca_rows(F.normalize(x, dim=1), p, labels, scale, _kind(inp.distance))
+    rows = proxy_nca_rows(F.normalize(x, dim=1), p, labels.long(), scale, _kind(inp.distance))
     keep = torch.exp(-rows.detach()) != 0  # PML drops a row whose own probability is 0
     idx = torch.arange(len(x), device=x.device)
     return reduce_loss_dict({"loss": {"losses": rows[keep], "indices": idx[keep],
