@@ -112,7 +112,7 @@ def test_pa_large_alpha_near_identical_vectors(alpha, dtype):
 
 
 @pytest.mark.parametrize("loss", ["ProxyAnchorLoss", "ProxyNCALoss"])
-def test_fp32_matches_fp64_reference(loss, tiles):
+def test_fp32_matches_fp64_reference(loss):
     x, y, P = data(50, 20, 37, seed=8)
     fn = partial(module_fn, loss)
     v, (gx, gP) = value_and_grad(fn(20, 37, "triton")(y), x.float(), P.float())
@@ -184,7 +184,8 @@ def test_ops_gradcheck():
         return (tnca.proxy_nca_rows(e, p, y, 3.0, tnca.SQUARED_L2) * w[0, :1]).sum()
 
     for fn in (f, f_pos, f_nca):
-        assert torch.autograd.gradcheck(fn, (xu.clone().requires_grad_(), pu.clone().requires_grad_()))
+        assert torch.autograd.gradcheck(fn, (xu.clone().requires_grad_(), pu.clone().requires_grad_()),
+                                        fast_mode=True)
     # only the embeddings need a gradient: the proxies' kernel is skipped, dx unchanged
     e = xu.clone().requires_grad_()
     (gx,) = torch.autograd.grad(f(e, pu), e)
