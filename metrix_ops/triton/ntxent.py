@@ -54,7 +54,7 @@ if HAS_TRITON:
         pos = valid & same
         if SAME:
             pos = pos & (ia != jr)
-        return pos, valid & (same == 0)
+        return pos, valid & ~same
 
     @triton.jit
     def _ntx_prob(z, m, l):
