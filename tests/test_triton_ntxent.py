@@ -205,3 +205,19 @@ def test_bad_input_and_scope(name):
         rows(x, x, y, y.int(), True, 0.1)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         rows(x, x, y, y, True, 0.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_under_autocast_equals_outside(name):
+    x, y = data(29, 12, 5, seed=26)
+    x = x.to(torch.bfloat16)
+    outs = []
+    for on in (True, False):
+        e = x.clone().requires_grad_(True)
+        with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=on):
+            out = loss(name, "triton")(y)(e)
+        out.backward()
+        outs.append((out.detach(), e.grad.float()))
+    assert outs[0][0].dtype == torch.float32
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

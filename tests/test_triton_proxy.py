@@ -316,3 +316,21 @@ def test_nca_scope():
         nca_fn(4, 6, "triton", temperature=0.0)(y)(x, P)
     with pytest.raises(ValueError, match="kind must be 0 or 1"):
         tnca.proxy_nca_rows(x, P, y, 1.0, 2)
+
+
+@pytest.mark.parametrize("loss", ["ProxyAnchorLoss", "ProxyNCALoss"])
+def test_under_autocast_equals_outside(loss):
+    x, y, P = data(29, 5, 12, seed=26)
+    x = x.to(torch.bfloat16)
+    outs = []
+    for on in (True, False):
+        torch.manual_seed(3)  # the same proxies
+        mod = getattr(mo.losses, loss)(5, 12, backend="triton").to(DEV)
+        e = x.clone().requires_grad_(True)
+        with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=on):
+            out = mod(e, y)
+        out.backward()
+        outs.append((out.detach(), e.grad.float(), mod.proxies.grad))
+    assert outs[0][0].dtype == torch.float32
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
