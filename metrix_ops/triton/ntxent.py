@@ -34,7 +34,7 @@ from ..fused.pair_counts import pair_count_tensors
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from .launch import HAS_TRITON
-from .proxy_anchor import _grids, hyper, tile_config
+from .proxy_anchor import _grids, column_grads, hyper, tile_config
 
 NTXENT, SUPCON = 0, 1  # the kernels' LOSS
 
@@ -185,17 +185,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _pair_dr_kernel(x_ptr, r_ptr, y_ptr, yr_ptr, g_ptr, sa_ptr, sb_ptr, sc_ptr, dr_ptr,
-                        B, M, D, stride_x, stride_r, stride_dr, hp_ptr, LOSS: tl.constexpr,
-                        SAME: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        B, M, D, stride_x, stride_r, stride_dr, split_len, hp_ptr,
+                        BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DO: tl.constexpr, LOSS: tl.constexpr, SAME: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr):
+        """Split program_id(2)'s part of dR (its anchors only) into dr[split]."""
+        a_lo = tl.program_id(2) * split_len
         inv_t, tiny = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
         low, high = tl.load(hp_ptr + 2).to(ACC), tl.load(hp_ptr + 3).to(ACC)
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         yr = tl.load(yr_ptr + offs_r, mask=offs_r < M, other=-1)[:, None]
         acc = tl.zeros((BLOCK_R, BLOCK_DO), dtype=ACC)
-        for a0 in range(0, B, BLOCK_A):
+        for a0 in range(a_lo, tl.minimum(a_lo + split_len, B), BLOCK_A):
             offs_a = a0 + tl.arange(0, BLOCK_A)
             in_a = offs_a < B
             ya = tl.load(y_ptr + offs_a, mask=in_a, other=-1)[None, :]
@@ -208,7 +210,8 @@ if HAS_TRITON:
             pos, neg = _pair_masks(offs_a[None, :], offs_r[:, None], ya, yr, B, M, SAME)
             gt = _pair_grad(zt, pos, neg, g, sa, sb, sc, inv_t, tiny, low, high, LOSS)
             acc = rows_product(acc, gt, x_ptr, offs_a, B, offs_do, D, stride_x, PRECISION)
-        store_rows(dr_ptr, acc, offs_r, M, offs_do, D, stride_dr)
+        store_rows(dr_ptr + tl.program_id(2) * M * stride_dr, acc, offs_r, M, offs_do, D,
+                   stride_dr)
 
 
 def _check(x, r, labels, ref_labels, temperature):
@@ -246,12 +249,8 @@ def _pair_bwd(ctx, loss, g, sa, sb, sc):
             dx.stride(0), ctx.hp, **common, BLOCK_A=t["own"], BLOCK_R=t["loop"],
             BLOCK_D=t["d"], BLOCK_DO=t["out"], **t["kw"])
     if ctx.needs_input_grad[1]:
-        dr = torch.empty_like(r)
-        t = tile_config(x, M, B)
-        _pair_dr_kernel[_grids(M, D, t)](
-            x, r, labels, ref_labels, *stats, dr, B, M, D, x.stride(0), r.stride(0),
-            dr.stride(0), ctx.hp, **common, BLOCK_R=t["own"], BLOCK_A=t["loop"],
-            BLOCK_D=t["d"], BLOCK_DO=t["out"], **t["kw"])
+        dr = column_grads(_pair_dr_kernel, x, r, (x, r, labels, ref_labels, *stats), ctx.hp,
+                          ("BLOCK_R", "BLOCK_A"), **common)
     return dx, dr
 
 

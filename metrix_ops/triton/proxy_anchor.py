@@ -46,7 +46,9 @@ if HAS_TRITON:
         log-sum-exp states (max m, sum l of e^{arg − m}); rows with nothing yet keep m = −inf."""
         m_new = tl.maximum(m, tl.max(tl.where(mask, arg, float("-inf")), 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no −inf − (−inf)
-        l = l * tl.exp(m - m_ref) + tl.sum(tl.where(mask, tl.exp(arg - m_ref[:, None]), 0.0), 1)
+        # masked entries become e^{−inf} = 0 before the exp (never an overflow to discard)
+        l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(tl.where(mask, arg - m_ref[:, None],
+                                                           float("-inf"))), 1)
         return m_new, l
 
     @triton.jit
@@ -70,17 +72,20 @@ if HAS_TRITON:
         return tl.where(valid, coef * tl.exp(arg), 0.0)
 
     @triton.jit
-    def _pa_fwd_kernel(x_ptr, p_ptr, y_ptr, pos_ptr, neg_ptr, B, C, D, stride_x, stride_p,
+    def _pa_fwd_kernel(x_ptr, p_ptr, y_ptr, state_ptr, B, C, D, stride_x, stride_p, split_len,
                        hp_ptr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
                        BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        """Per proxy, the positives' and negatives' log-sum-exp states (max, Σ e^{arg − max})
+        over the examples of split program_id(1); state is (4, splits, C)."""
         alpha, margin = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        # log(1 + Σ): the 1 is the state's first term, e^0 (m = 0, l = 1)
-        m_pos = tl.zeros((BLOCK_C,), dtype=ACC)
-        l_pos = tl.zeros((BLOCK_C,), dtype=ACC) + 1.0
-        m_neg = tl.zeros((BLOCK_C,), dtype=ACC)
-        l_neg = tl.zeros((BLOCK_C,), dtype=ACC) + 1.0
-        for b0 in range(0, B, BLOCK_B):
+        split, n_splits = tl.program_id(1), tl.num_programs(1)
+        b_lo = split * split_len
+        m_pos = tl.zeros((BLOCK_C,), dtype=ACC) + float("-inf")
+        l_pos = tl.zeros((BLOCK_C,), dtype=ACC)
+        m_neg = tl.zeros((BLOCK_C,), dtype=ACC) + float("-inf")
+        l_neg = tl.zeros((BLOCK_C,), dtype=ACC)
+        for b0 in range(b_lo, tl.minimum(b_lo + split_len, B), BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
             st = sim_tile(p_ptr, x_ptr, offs_c, offs_b, C, B, D, stride_p, stride_x,
                           BLOCK_C, BLOCK_B, BLOCK_D, ACC, PRECISION)  # Sᵀ tile: proxy × example
@@ -89,8 +94,13 @@ if HAS_TRITON:
             in_b = (offs_b < B)[None, :]
             m_pos, l_pos = online_lse(m_pos, l_pos, -alpha * (st - margin), own & in_b)
             m_neg, l_neg = online_lse(m_neg, l_neg, alpha * (st + margin), (~own) & in_b)
-        tl.store(pos_ptr + offs_c, m_pos + tl.log(l_pos), mask=offs_c < C)
-        tl.store(neg_ptr + offs_c, m_neg + tl.log(l_neg), mask=offs_c < C)
+        out = state_ptr + split * C + offs_c
+        step = n_splits * C
+        in_c = offs_c < C
+        tl.store(out, m_pos, mask=in_c)
+        tl.store(out + step, l_pos, mask=in_c)
+        tl.store(out + 2 * step, m_neg, mask=in_c)
+        tl.store(out + 3 * step, l_neg, mask=in_c)
 
     @triton.jit
     def _pa_dx_kernel(x_ptr, p_ptr, y_ptr, gp_ptr, gn_ptr, lp_ptr, ln_ptr, dx_ptr, B, C, D,
@@ -119,10 +129,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _pa_dp_kernel(x_ptr, p_ptr, y_ptr, gp_ptr, gn_ptr, lp_ptr, ln_ptr, dp_ptr, B, C, D,
-                      stride_x, stride_p, stride_dp, hp_ptr, BLOCK_C: tl.constexpr,
+                      stride_x, stride_p, stride_dp, split_len, hp_ptr, BLOCK_C: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                       ACC: tl.constexpr, PRECISION: tl.constexpr):
+        """Split program_id(2)'s part of dP (its examples only) into dp[split]."""
         alpha, margin = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
+        b_lo = tl.program_id(2) * split_len
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         in_c = offs_c < C
@@ -131,7 +143,7 @@ if HAS_TRITON:
         lp = tl.load(lp_ptr + offs_c, mask=in_c, other=0.0).to(ACC)[:, None]
         ln = tl.load(ln_ptr + offs_c, mask=in_c, other=0.0).to(ACC)[:, None]
         acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC)
-        for b0 in range(0, B, BLOCK_B):
+        for b0 in range(b_lo, tl.minimum(b_lo + split_len, B), BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
             st = sim_tile(p_ptr, x_ptr, offs_c, offs_b, C, B, D, stride_p, stride_x,
                           BLOCK_C, BLOCK_B, BLOCK_D, ACC, PRECISION)
@@ -139,7 +151,8 @@ if HAS_TRITON:
             valid = in_c[:, None] & (offs_b < B)[None, :]
             gt = _pa_grad(st, y[None, :] == offs_c[:, None], valid, alpha, margin, gp, gn, lp, ln)
             acc = rows_product(acc, gt, x_ptr, offs_b, B, offs_do, D, stride_x, PRECISION)
-        store_rows(dp_ptr, acc, offs_c, C, offs_do, D, stride_dp)
+        store_rows(dp_ptr + tl.program_id(2) * C * stride_dp, acc, offs_c, C, offs_do, D,
+                   stride_dp)
 
 
 def out_block(d: int, device: torch.device) -> int:
@@ -180,38 +193,80 @@ def hyper(x: torch.Tensor, *values: float) -> torch.Tensor:
     return torch.tensor([float(v) for v in values], dtype=x.dtype, device=x.device)
 
 
-def _grids(n_own: int, d: int, t: dict):
-    return (triton.cdiv(n_own, t["own"]), triton.cdiv(d, t["out"]))
+def stream_splits(n_programs: int, n_stream: int, n_own: int, device: torch.device) -> int:
+    """How many parts a column kernel splits its streamed axis into (programs of its own
+    along a grid axis, partial results merged in PyTorch; deterministic, no atomics). A
+    column kernel owns few rows when they are proxies (C = 100 makes 2 programs of 64): on a
+    GPU the parts bring the grid to about 4 programs per SM, each part at least 4 tiles
+    long, and the partial dP (parts × C × D) stays under 4·B·D. The interpreter runs
+    programs one after another: one part."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * sms // max(n_programs, 1))
+    return max(1, min(want, n_stream // 256, 4 * n_stream // max(n_own, 1)))
+
+
+def split_len(n_stream: int, splits: int, block: int) -> int:
+    """Rows of the streamed axis per part: a multiple of the tile, so parts never share one."""
+    return -(-(-(-n_stream // splits)) // block) * block
+
+
+def _grids(n_own: int, d: int, t: dict, splits: int = 1):
+    return (triton.cdiv(n_own, t["own"]), triton.cdiv(d, t["out"]), splits)
+
+
+def column_grads(kernel, x, own, inputs, hp, names, **const):
+    """dOwn = Gᵀ x by a column kernel: programs own blocks of `own`'s rows (proxies, or
+    references) and stream x's rows, split into parts along the streamed axis; returns the
+    parts' sum. Column kernels take (*inputs, out, B, n_own, D, stride_x, stride_own,
+    stride_out, split_len, hp, <names[0]: own block>, <names[1]: streamed block>, BLOCK_D,
+    BLOCK_DO, *const, ACC, PRECISION)."""
+    n_stream, n_own, d = x.shape[0], own.shape[0], x.shape[1]
+    t = tile_config(x, n_own, n_stream)
+    splits = stream_splits(triton.cdiv(n_own, t["own"]) * triton.cdiv(d, t["out"]), n_stream,
+                           n_own, x.device)
+    part = x.new_empty(splits, n_own, d)
+    blocks = {names[0]: t["own"], names[1]: t["loop"], "BLOCK_D": t["d"], "BLOCK_DO": t["out"]}
+    kernel[_grids(n_own, d, t, splits)](
+        *inputs, part, n_stream, n_own, d, x.stride(0), own.stride(0), d,
+        split_len(n_stream, splits, t["loop"]), hp, **blocks, **const, **t["kw"])
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def merge_lse_with_one(m, l):
+    """log(1 + Σ) from per-part log-sum-exp states (max m, Σ e^{· − m}), parts along dim 0;
+    a part with nothing has m = −inf, l = 0."""
+    top = torch.clamp(m.amax(0), min=0)  # the 1 is e^0
+    return top + torch.log((l * torch.exp(m - top)).sum(0) + torch.exp(-top))
 
 
 def _pa_fwd(x, p, labels, alpha, margin):
     B, C, D = x.shape[0], p.shape[0], x.shape[1]
-    pos, neg = x.new_empty(C), x.new_empty(C)
     t = tile_config(x, C, B)
-    _pa_fwd_kernel[(triton.cdiv(C, t["own"]),)](
-        x, p, labels, pos, neg, B, C, D, x.stride(0), p.stride(0), hyper(x, alpha, margin),
-        BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"], **t["kw"])
-    return pos, neg
+    n_col = triton.cdiv(C, t["own"])
+    splits = stream_splits(n_col, B, C, x.device)
+    state = x.new_empty(4, splits, C)  # (max, sum) of the positives, then of the negatives
+    _pa_fwd_kernel[(n_col, splits)](
+        x, p, labels, state, B, C, D, x.stride(0), p.stride(0),
+        split_len(B, splits, t["loop"]), hyper(x, alpha, margin), BLOCK_C=t["own"],
+        BLOCK_B=t["loop"], BLOCK_D=t["d"], **t["kw"])
+    return merge_lse_with_one(state[0], state[1]), merge_lse_with_one(state[2], state[3])
 
 
 def _pa_bwd(x, p, labels, gp, gn, lp, ln, alpha, margin, need_dx=True, need_dp=True):
     B, C, D = x.shape[0], p.shape[0], x.shape[1]
     dx = dp = None
     stats = (gp, gn, lp, ln)
+    hp = hyper(x, alpha, margin)
     if need_dx:
         dx = torch.empty_like(x)
         t = tile_config(x, B, C)
         _pa_dx_kernel[_grids(B, D, t)](
-            x, p, labels, *stats, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0),
-            hyper(x, alpha, margin), BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"],
-            BLOCK_DO=t["out"], **t["kw"])
+            x, p, labels, *stats, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0), hp,
+            BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"], BLOCK_DO=t["out"], **t["kw"])
     if need_dp:
-        dp = torch.empty_like(p)
-        t = tile_config(x, C, B)
-        _pa_dp_kernel[_grids(C, D, t)](
-            x, p, labels, *stats, dp, B, C, D, x.stride(0), p.stride(0), dp.stride(0),
-            hyper(x, alpha, margin), BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"],
-            BLOCK_DO=t["out"], **t["kw"])
+        dp = column_grads(_pa_dp_kernel, x, p, (x, p, labels, *stats), hp, ("BLOCK_C", "BLOCK_B"))
     return dx, dp
 
 

@@ -28,7 +28,7 @@ from ..reducers import reduce_loss_dict
 from ..reference.proxy_anchor import check_proxies
 from ..reference.proxy_nca import logit_scale
 from .launch import HAS_TRITON
-from .proxy_anchor import _grids, check_unit_inputs, hyper, tile_config
+from .proxy_anchor import _grids, check_unit_inputs, column_grads, hyper, tile_config
 
 if HAS_TRITON:
     import triton
@@ -99,15 +99,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _nca_dp_kernel(x_ptr, p_ptr, y_ptr, g_ptr, lse_ptr, dp_ptr, B, C, D, stride_x,
-                       stride_p, stride_dp, hp_ptr, KIND: tl.constexpr,
+                       stride_p, stride_dp, split_len, hp_ptr, KIND: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        """Split program_id(2)'s part of dP (its examples only) into dp[split]."""
         scale, dlogit = tl.load(hp_ptr).to(ACC), tl.load(hp_ptr + 1).to(ACC)
+        b_lo = tl.program_id(2) * split_len
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         in_c = offs_c < C
         acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC)
-        for b0 in range(0, B, BLOCK_B):
+        for b0 in range(b_lo, tl.minimum(b_lo + split_len, B), BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
             in_b = offs_b < B
             st = sim_tile(p_ptr, x_ptr, offs_c, offs_b, C, B, D, stride_p, stride_x,
@@ -118,7 +120,8 @@ if HAS_TRITON:
             valid = in_c[:, None] & in_b[None, :]
             gt = _nca_grad(st, y[None, :] == offs_c[:, None], valid, scale, dlogit, g, lse, KIND)
             acc = rows_product(acc, gt, x_ptr, offs_b, B, offs_do, D, stride_x, PRECISION)
-        store_rows(dp_ptr, acc, offs_c, C, offs_do, D, stride_dp)
+        store_rows(dp_ptr + tl.program_id(2) * C * stride_dp, acc, offs_c, C, offs_do, D,
+                   stride_dp)
 
 
 def _dlogit(scale: float, kind: int) -> float:
@@ -148,12 +151,8 @@ def _nca_bwd(x, p, labels, g, lse, scale, kind, need_dx=True, need_dp=True):
             KIND=kind, BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"], BLOCK_DO=t["out"],
             **t["kw"])
     if need_dp:
-        dp = torch.empty_like(p)
-        t = tile_config(x, C, B)
-        _nca_dp_kernel[_grids(C, D, t)](
-            x, p, labels, g, lse, dp, B, C, D, x.stride(0), p.stride(0), dp.stride(0), hp,
-            KIND=kind, BLOCK_C=t["own"], BLOCK_B=t["loop"], BLOCK_D=t["d"], BLOCK_DO=t["out"],
-            **t["kw"])
+        dp = column_grads(_nca_dp_kernel, x, p, (x, p, labels, g, lse), hp,
+                          ("BLOCK_C", "BLOCK_B"), KIND=kind)
     return dx, dp
 
 
