@@ -6,8 +6,8 @@ the CPU path's (metrix_ops/fused/proxy_anchor.py).
 Program layout, per kernel, and why:
 - forward: column programs. The statistics are per proxy: log(1 + Σ e^{arg}) over a proxy's
   positives and over its negatives, a log-sum-exp down a column of S. One program owns a
-  block of proxies and streams the whole batch through it with an online log-sum-exp, so
-  every statistic is finished inside one program (no cross-program merge, no atomics).
+  block of proxies and streams the batch (or one part of it, below) through an online
+  log-sum-exp, so no statistic needs another program's data mid-stream (no atomics).
 - backward dX = G p: row programs. G_ij needs the finished statistics of column j (and the
   upstream gradients of its two terms), which are C-long vectors loaded with each proxy
   tile; a program owns a block of examples and accumulates its rows of dX over all proxy
@@ -19,6 +19,10 @@ adding partial products into a shared output with atomics (non-deterministic, an
 atomics are slow). Both gradient kernels also split D into output blocks (a second grid
 axis) so that the accumulator of a program stays register-sized at any D; each output block
 recomputes its S tiles (for D ≤ out_block(D), one block: no recomputation).
+Column kernels own few rows when those are proxies (C = 100: two programs of 64), so on a
+GPU they also split the streamed batch into parts (a grid axis; stream_splits): each part
+writes its own partial log-sum-exp states or partial dP, merged by a small PyTorch
+reduction (O(parts·C·D), deterministic).
 
 Accumulation is in fp32 (fp64 for fp64 inputs); inputs reach the kernels as fp32 or fp64
 (the driver computes half inputs in fp32, as every backend).
