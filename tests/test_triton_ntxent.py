@@ -223,3 +223,12 @@ def test_under_autocast_equals_outside(name):
     assert outs[0][0].dtype == torch.float32
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(DEV.type == "cuda", reason="on a GPU the kernels run")
+def test_kernels_compile_for_h100():
+    from test_triton_proxy import compile_for_sm90
+    m = "metrix_ops.triton.ntxent"
+    compile_for_sm90([(m, "_ntx_fwd_kernel", {"SAME": True}), (m, "_sup_fwd_kernel", {"SAME": False}),
+                      (m, "_pair_dx_kernel", {"LOSS": 0, "SAME": True}),
+                      (m, "_pair_dr_kernel", {"LOSS": 1, "SAME": False})])

@@ -336,3 +336,66 @@ def test_under_autocast_equals_outside(loss):
     assert outs[0][0].dtype == torch.float32
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- compiled for a GPU
+
+_COMPILE = r'''
+import json, sys
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import importlib
+from metrix_ops.triton.proxy_anchor import GPU_TILES
+
+INTS = {"B", "C", "D", "M", "stride_x", "stride_p", "stride_r", "stride_dx", "stride_dp",
+        "stride_dr", "split_len"}
+failed = []
+for module, name, extra in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module(module), name)
+    for dtype, acc, prec in [(torch.float32, tl.float32, "tf32"), (torch.float64, tl.float64, "ieee")][:int(sys.argv[2])]:
+        grad = "BLOCK_DO" in fn.arg_names
+        own, loop, d, out, warps = GPU_TILES[(dtype, grad)]
+        blocks = [n for n in fn.arg_names if n.startswith("BLOCK_") and n not in ("BLOCK_D", "BLOCK_DO")]
+        consts = dict(extra, ACC=acc, PRECISION=prec, BLOCK_D=d, **{blocks[0]: own, blocks[1]: loop})
+        if grad:
+            consts["BLOCK_DO"] = out
+        fdt = "fp32" if dtype == torch.float32 else "fp64"
+        sig = {n: "constexpr" if n in consts else "i32" if n in INTS else "*i64" if n in ("y_ptr", "yr_ptr")
+               else "*i32" if n == "counts_ptr" else "*" + fdt for n in fn.arg_names}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        try:
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        except Exception as e:  # noqa: BLE001
+            failed.append(f"{name} {extra} {fdt}: {type(e).__name__}: {str(e)[:300]}")
+print("\n".join(failed))
+sys.exit(1 if failed else 0)
+'''
+
+
+def compile_for_sm90(kernels, fp64=False):
+    """Compile kernels [(module, name, constexprs)] for an H100 (sm_90) with the GPU tile
+    sizes, fp32 (and fp64), as a GPU run would: what the interpreter cannot check (types of
+    loop-carried values, constexpr branches, tl.dot shapes, shared memory). Needs no GPU;
+    runs in a subprocess without TRITON_INTERPRET, where triton.jit gives real kernels."""
+    import json
+    import subprocess
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no CUDA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(kernels), str(1 + fp64)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEV.type == "cuda", reason="on a GPU the kernels run")
+def test_kernels_compile_for_h100():
+    compile_for_sm90([("metrix_ops.triton.proxy_anchor", k, {})
+                      for k in ("_pa_fwd_kernel", "_pa_dx_kernel", "_pa_dp_kernel")]
+                     + [("metrix_ops.triton.proxy_nca", "_nca_fwd_kernel", {"KIND": 1}),
+                        ("metrix_ops.triton.proxy_nca", "_nca_dx_kernel", {"KIND": 0}),
+                        ("metrix_ops.triton.proxy_nca", "_nca_dp_kernel", {"KIND": 1})])

@@ -243,7 +243,7 @@ def _pair_bwd(ctx, loss, g, sa, sb, sc):
     dx = dr = None
     if ctx.needs_input_grad[0]:
         dx = torch.empty_like(x)
-        t = tile_config(x, B, M)
+        t = tile_config(x, B, M, grad=True)
         _pair_dx_kernel[_grids(B, D, t)](
             x, r, labels, ref_labels, *stats, dx, B, M, D, x.stride(0), r.stride(0),
             dx.stride(0), ctx.hp, **common, BLOCK_A=t["own"], BLOCK_R=t["loop"],

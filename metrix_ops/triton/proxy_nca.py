@@ -145,7 +145,7 @@ def _nca_bwd(x, p, labels, g, lse, scale, kind, need_dx=True, need_dp=True):
     hp = hyper(x, scale, _dlogit(float(scale), kind))
     if need_dx:
         dx = torch.empty_like(x)
-        t = tile_config(x, B, C)
+        t = tile_config(x, B, C, grad=True)
         _nca_dx_kernel[_grids(B, D, t)](
             x, p, labels, g, lse, dx, B, C, D, x.stride(0), p.stride(0), dx.stride(0), hp,
             KIND=kind, BLOCK_B=t["own"], BLOCK_C=t["loop"], BLOCK_D=t["d"], BLOCK_DO=t["out"],
