@@ -49,9 +49,9 @@ def tiles(request, monkeypatch):
 @pytest.mark.parametrize("name", NAMES)
 def test_matches_reference_fp64(name, B, D, k):
     x, y = data(B, D, k, seed=B)
-    for t in (0.07, 0.5):
-        assert_close_vg(loss(name, "triton", temperature=t)(y),
-                        loss(name, "reference", temperature=t)(y), x)
+    t = 0.07 if B % 2 else 0.5  # the default, and a mild one
+    assert_close_vg(loss(name, "triton", temperature=t)(y),
+                    loss(name, "reference", temperature=t)(y), x)
 
 
 @pytest.mark.parametrize("name", NAMES)
