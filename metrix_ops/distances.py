@@ -98,6 +98,12 @@ def is_normalized_l2(d: BaseDistance) -> bool:
     return type(d) is LpDistance and d.normalize_embeddings and d.p == 2 and d.power == 1
 
 
+def is_dot_of_normalized(d: BaseDistance) -> bool:
+    """A CosineSimilarity of any p: the dot product of rows the distance normalises itself
+    (`d.maybe_normalize`); ops that normalise through the distance take every p."""
+    return type(d) is CosineSimilarity and d.normalize_embeddings and d.power == 1
+
+
 def is_cosine(d: BaseDistance) -> bool:
     """The plain cosine similarity of L2-normalised rows (what the fused ops compute); PML's
     CosineSimilarity(p=1) normalises by the L1 norm, which is another similarity."""

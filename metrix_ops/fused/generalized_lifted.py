@@ -7,7 +7,7 @@ reference."""
 from __future__ import annotations
 
 from .. import _ext
-from ..distances import is_cosine, is_normalized_l2
+from ..distances import is_dot_of_normalized, is_normalized_l2
 from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
 from . import register
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
@@ -18,11 +18,11 @@ from .multi_similarity import _self_pairs_only as self_pairs_only
 def supports(params, inp, expansion) -> bool:
     d = inp.distance
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
-            and inp.labels is not None and (is_normalized_l2(d) or is_cosine(d)))
+            and inp.labels is not None and (is_normalized_l2(d) or is_dot_of_normalized(d)))
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
-    d, cosine = inp.distance, is_cosine(inp.distance)
+    d, cosine = inp.distance, is_dot_of_normalized(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
     xu = d.maybe_normalize(inp.embeddings)

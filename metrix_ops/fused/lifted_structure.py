@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distances import is_cosine
+from ..distances import is_dot_of_normalized
 from ..ops.lifted import lifted_rows, lifted_rows_self
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
@@ -41,7 +41,7 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     if not compiling and bool(none):
         return zero_loss(x)
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
-    xu, cosine = inp.distance.maybe_normalize(x), is_cosine(inp.distance)
+    xu, cosine = inp.distance.maybe_normalize(x), is_dot_of_normalized(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
     if self_pairs_only(inp):
         sums, counts = lifted_rows_self(xu, inp.labels, cosine, pm, nm, *window, block)
