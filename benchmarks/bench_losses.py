@@ -19,6 +19,8 @@ mixed-precision training step would), and times the floor's products in bf16.
         --sizes 1024,4096 --dims 128,512 --out benchmarks/results/cpu_metrix_ms.json
     python benchmarks/bench_losses.py --loss ee_hphn --impls cpu,clean,pml,floor \
         --sizes 1024,4096 --dims 128,512 --out benchmarks/results/cpu_ee_hphn.json
+    python benchmarks/bench_losses.py --loss ms_miner --impls cpu,clean,pml,floor \
+        --sizes 1024,4096 --dims 128,512 --out benchmarks/results/cpu_ms_miner.json
     python benchmarks/bench_losses.py --device cuda --impls triton,cuda,pml,floor \
         --sizes 8192,65536 --dims 128,512 --dtype bfloat16 --out benchmarks/results/gpu_ms_bf16.json
 
@@ -48,10 +50,27 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # HPHN triplet with Embedding Expansion (n_points=8, pairs="all"). PML has no EE:
           # its "pml" column is the clean loss, TripletMarginLoss on BatchHardMiner triplets
           # (= HPHN without expansion).
-          "ee_hphn": ("TripletMarginLoss", "HPHNTripletLoss", "gram")}
+          "ee_hphn": ("TripletMarginLoss", "HPHNTripletLoss", "gram"),
+          # ContrastiveLoss + embedding-level Metrix (pos_neg, λ drawn, weight 0.4); "pml" is
+          # PML's clean contrastive
+          "metrix_contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
+          # MultiSimilarityLoss with MultiSimilarityMiner(0.1), the PML recipe: PML's two
+          # calls loss(x, y, miner(x, y)) against our miner= option (mined inside the op);
+          # "clean" is our MS without the miner
+          "ms_miner": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          "ntxent": ("NTXentLoss", "NTXentLoss", "gram"),
+          "supcon": ("SupConLoss", "SupConLoss", "gram"),
+          "circle": ("CircleLoss", "CircleLoss", "gram"),
+          "generalized_lifted": ("GeneralizedLiftedStructureLoss",
+                                 "GeneralizedLiftedStructureLoss", "gram"),
+          "lifted": ("LiftedStructureLoss", "LiftedStructureLoss", "gram"),
+          # NPairs uses one pair per class (B/4 rows here): the "gram" floor overstates it
+          "npairs": ("NPairsLoss", "NPairsLoss", "gram")}
 
 # --loss name -> the options that make our module the augmented loss
 AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
+           "metrix_contrastive": lambda mo: {"metrix": mo.Metrix()},
+           "ms_miner": lambda mo: {"miner": mo.miners.MultiSimilarityMiner(0.1)},
            "ee_hphn": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")}}
 
 
@@ -66,6 +85,10 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
             from pytorch_metric_learning import miners as pm
             from pytorch_metric_learning import reducers as pr
             fn, miner = pl.TripletMarginLoss(margin=0.2, reducer=pr.MeanReducer()), pm.BatchHardMiner()
+            return lambda x, y: fn(x, y, miner(x, y))
+        if loss == "ms_miner":
+            from pytorch_metric_learning import miners as pm
+            fn, miner = pl.MultiSimilarityLoss(), pm.MultiSimilarityMiner(0.1)
             return lambda x, y: fn(x, y, miner(x, y))
         return getattr(pl, LOSSES[loss][0])(*ctor_args)
     import metrix_ops as mo

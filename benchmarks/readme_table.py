@@ -2,6 +2,9 @@
 exactly what the JSON holds:
 
     python benchmarks/readme_table.py benchmarks/results/cpu_ms.json
+    python benchmarks/readme_table.py --summary 4096 512 benchmarks/results/cpu_*.json
+
+(--summary: one row per file, its case at B, D, for the fused CPU op.)
 """
 from __future__ import annotations
 
@@ -70,6 +73,29 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def summary(paths, b: int, d: int) -> str:
+    """One row per file: the fused CPU op's case at (B, D) against PML and the floor."""
+    head = ["loss", "file", "fused s", "PML s", "floor s", "vs PML", "over floor",
+            "over clean", "fused peak MiB", "PML peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for path in paths:
+        with open(path) as f:
+            rows = [r for r in json.load(f)["results"] if r["B"] == b and r["D"] == d]
+        for r in rows:
+            mib = lambda k: f"{r[k]['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r.get(k, {}) else "–"  # noqa: E731
+            cell = lambda k: _cell(r[k]) if k in r else "–"  # noqa: E731
+            lines.append("| " + " | ".join([
+                r["loss"], path.rsplit("/", 1)[-1], cell("cpu"), cell("pml"), cell("floor"),
+                _speed(r["speedup_vs_pml"]) if "speedup_vs_pml" in r else "–",
+                _times(r["cpu_over_floor"]) if "cpu_over_floor" in r else "–",
+                _times(r["cpu_over_clean"]) if "cpu_over_clean" in r else "–",
+                mib("cpu"), mib("pml")]) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        print(table(p))
+    if sys.argv[1:2] == ["--summary"]:
+        print(summary(sys.argv[4:], int(sys.argv[2]), int(sys.argv[3])))
+    else:
+        for p in sys.argv[1:]:
+            print(table(p))
