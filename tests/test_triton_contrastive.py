@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-import metrix_ops.triton as mt
+from triton_cases import DEVICE, on_dev, requires_triton
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, pml_pair, value_and_grad
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not mt.interpreting() else "cpu")
-pytestmark = pytest.mark.skipif(not mt.usable_on(DEVICE),
-                                reason="Triton cannot run here (needs CUDA or TRITON_INTERPRET=1)")
+pytestmark = requires_triton
 
 MARGINS = [{}, {"pos_margin": 0.1, "neg_margin": 0.5},
            {"distance": mo.distances.CosineSimilarity(), "pos_margin": 0.6, "neg_margin": 0.1}]
@@ -28,10 +26,6 @@ MARGINS = [{}, {"pos_margin": 0.1, "neg_margin": 0.5},
 def pair(**kw):
     return (mo.losses.ContrastiveLoss(backend="triton", **kw),
             mo.losses.ContrastiveLoss(backend="reference", **kw))
-
-
-def on_dev(*ts):
-    return [t.to(DEVICE) for t in ts]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -311,45 +305,3 @@ def test_opcheck():
     for sym, need in ((False, (True, True)), (True, (True, False))):
         torch.library.opcheck(ops.triton_contrastive_rows_bwd.default,
                               (g[0], g[1], x, x, y, y, True, sym) + common + need)
-
-
-@pytest.mark.parametrize("kw", [{}, {"reducer": mo.reducers.MeanReducer(), "pos_margin": 0.1}])
-def test_module_under_fullgraph_compile_equals_eager(kw):
-    torch._dynamo.reset()
-    loss = mo.losses.ContrastiveLoss(backend="triton", **kw)
-    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
-    g = torch.Generator().manual_seed(3)
-    for b, k in [(13, 4), (6, 6), (1, 1)]:  # random, no positives, the no-pairs rule
-        x, y = on_dev(torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g))
-        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
-        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
-        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
-
-
-def test_under_bf16_autocast():
-    """Under autocast the loss is computed in fp32 from the (fp32) leaf, as without it."""
-    g = torch.Generator().manual_seed(11)
-    x, y = on_dev(torch.randn(21, 12, generator=g), torch.randint(0, 4, (21,), generator=g))
-    loss = mo.losses.ContrastiveLoss(backend="triton")
-    v, (gx,) = value_and_grad(lambda e: loss(e, y), x)
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        va, (ga,) = value_and_grad(lambda e: loss(e, y), x)
-    assert va.dtype == torch.float32 and ga.dtype == torch.float32
-    torch.testing.assert_close(va, v, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ga, gx, rtol=1e-5, atol=1e-6)
-
-
-def test_cross_batch_memory_streams_through_the_kernels():
-    """CrossBatchMemory's fused path (the batch against the rolled bank, own slots excluded)
-    over calls that fill and wrap the bank, against the same module on the reference."""
-    mods = [mo.losses.CrossBatchMemory(mo.losses.ContrastiveLoss(backend=b), 5, memory_size=23)
-            .to(DEVICE).double() for b in ("triton", "reference")]
-    g = torch.Generator().manual_seed(12)
-    for b in (7, 9, 8, 11, 5):
-        x = torch.randn(b, 5, generator=g, dtype=torch.float64)
-        x, y = on_dev(x, torch.randint(0, 4, (b,), generator=g))
-        v, (gx,) = value_and_grad(lambda e: mods[0](e, y), x)
-        vr, (gr,) = value_and_grad(lambda e: mods[1](e, y), x)
-        torch.testing.assert_close(v, vr, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(gx, gr, rtol=1e-6, atol=1e-9)

@@ -10,12 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-import metrix_ops.triton as mt
+from triton_cases import DEVICE, on_dev, requires_triton
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not mt.interpreting() else "cpu")
-pytestmark = pytest.mark.skipif(not mt.usable_on(DEVICE),
-                                reason="Triton cannot run here (needs CUDA or TRITON_INTERPRET=1)")
+pytestmark = requires_triton
 
 COS = mo.distances.CosineSimilarity
 
@@ -25,10 +23,6 @@ def pair(cosine=False, **kw):
         kw["distance"] = COS()
     return (mo.losses.HPHNTripletLoss(backend="triton", **kw),
             mo.losses.HPHNTripletLoss(backend="reference", **kw))
-
-
-def on_dev(*ts):
-    return [t.to(DEVICE) for t in ts]
 
 
 def ref_picks(xu, ru, y, ry, exclude_diag, cosine):

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 
 import metrix_ops as mo
 import metrix_ops.triton as mt
+from triton_cases import DEVICE, on_dev, requires_triton
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not mt.interpreting() else "cpu")
-pytestmark = pytest.mark.skipif(not mt.usable_on(DEVICE),
-                                reason="Triton cannot run here (needs CUDA or TRITON_INTERPRET=1)")
+pytestmark = requires_triton
 
 COS = mo.distances.CosineSimilarity
 
@@ -27,10 +26,6 @@ def pair(cosine=False, **kw):
         kw["distance"] = COS()
     return (mo.losses.TripletMarginLoss(backend="triton", **kw),
             mo.losses.TripletMarginLoss(backend="reference", **kw))
-
-
-def on_dev(*ts):
-    return [t.to(DEVICE) for t in ts]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -280,29 +275,3 @@ def test_opcheck():
     g = torch.randn(7, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(ops.triton_triplet_all_rows_bwd.default,
                           (g, x, x, y, y, True, True, 0.1, True, False))
-
-
-def test_module_under_fullgraph_compile_equals_eager():
-    torch._dynamo.reset()
-    loss = mo.losses.TripletMarginLoss(backend="triton")
-    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
-    g = torch.Generator().manual_seed(3)
-    for b, k in [(13, 4), (6, 6), (1, 1)]:  # random, no positives, no triplet
-        x, y = on_dev(torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g))
-        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
-        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
-        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
-
-
-def test_cross_batch_memory_streams_through_the_kernels():
-    mods = [mo.losses.CrossBatchMemory(mo.losses.TripletMarginLoss(backend=b), 5, memory_size=23)
-            .to(DEVICE).double() for b in ("triton", "reference")]
-    g = torch.Generator().manual_seed(12)
-    for b in (7, 9, 11):
-        x = torch.randn(b, 5, generator=g, dtype=torch.float64)
-        x, y = on_dev(x, torch.randint(0, 4, (b,), generator=g))
-        v, (gx,) = value_and_grad(lambda e: mods[0](e, y), x)
-        vr, (gr,) = value_and_grad(lambda e: mods[1](e, y), x)
-        torch.testing.assert_close(v, vr, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(gx, gr, rtol=1e-6, atol=1e-9)

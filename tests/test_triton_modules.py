@@ -1,0 +1,116 @@
+"""The Triton pair losses as modules: whole under torch.compile(fullgraph=True), unchanged by
+bf16 autocast, and CrossBatchMemory's bank streamed through the kernels; and their kernels
+compiled for an H100 (sm_90) on a machine without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import metrix_ops as mo
+from cases import value_and_grad
+from triton_cases import DEVICE, on_dev, requires_triton
+
+pytestmark = requires_triton
+
+COMPILABLE = [("MultiSimilarityLoss", {}), ("ContrastiveLoss", {}),
+              ("ContrastiveLoss", {"reducer": mo.reducers.MeanReducer(), "pos_margin": 0.1}),
+              ("TripletMarginLoss", {})]
+
+
+@pytest.mark.parametrize("name,kw", COMPILABLE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(COMPILABLE)])
+def test_module_under_fullgraph_compile_equals_eager(name, kw):
+    """The launches are custom ops: the whole module traces (input checks, pair counts, the
+    no-pairs rule, the reducer), as on the CPU backend."""
+    torch._dynamo.reset()
+    loss = getattr(mo.losses, name)(backend="triton", **kw)
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(3)
+    for b, k in [(13, 4), (6, 6), (1, 1)]:  # random, no positives, the no-pairs rule
+        x, y = on_dev(torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g))
+        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
+        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss"])
+def test_under_bf16_autocast(name):
+    """Under autocast the loss is computed in fp32 from the (fp32) leaf, as without it."""
+    g = torch.Generator().manual_seed(11)
+    x, y = on_dev(torch.randn(21, 12, generator=g), torch.randint(0, 4, (21,), generator=g))
+    loss = getattr(mo.losses, name)(backend="triton")
+    v, (gx,) = value_and_grad(lambda e: loss(e, y), x)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        va, (ga,) = value_and_grad(lambda e: loss(e, y), x)
+    assert va.dtype == torch.float32 and ga.dtype == torch.float32
+    torch.testing.assert_close(va, v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gx, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss", "TripletMarginLoss"])
+def test_cross_batch_memory_streams_through_the_kernels(name):
+    """CrossBatchMemory's fused path (the batch against the rolled bank, own slots excluded)
+    over calls that fill and wrap the bank, against the same module on the reference."""
+    mods = [mo.losses.CrossBatchMemory(getattr(mo.losses, name)(backend=b), 5, memory_size=23)
+            .to(DEVICE).double() for b in ("triton", "reference")]
+    g = torch.Generator().manual_seed(12)
+    for b in (7, 9, 8, 11, 5):
+        x = torch.randn(b, 5, generator=g, dtype=torch.float64)
+        x, y = on_dev(x, torch.randint(0, 4, (b,), generator=g))
+        v, (gx,) = value_and_grad(lambda e: mods[0](e, y), x)
+        vr, (gr,) = value_and_grad(lambda e: mods[1](e, y), x)
+        torch.testing.assert_close(v, vr, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gx, gr, rtol=1e-6, atol=1e-9)
+
+
+_SM90 = r'''
+import sys
+import triton.language as tl
+sys.path.insert(0, sys.argv[1])
+from triton_cases import compile_sm90
+import metrix_ops.triton.multi_similarity as ms
+import metrix_ops.triton.contrastive as con
+import metrix_ops.triton.hphn_triplet as hp
+import metrix_ops.triton.pairs as pairs
+
+failed = []
+# (fp type, acc, precision, rows per tile, padded D of the gradient kernels): the GPU tile
+# sizes of launch_config at D = 128 and D = 512
+for fdt, acc, prec, rows, width in [("fp32", tl.float32, "tf32", 64, 128),
+                                    ("fp32", tl.float32, "tf32", 32, 512),
+                                    ("fp64", tl.float64, "ieee", 16, 512)]:
+    tiles = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, ACC=acc, PRECISION=prec)
+    grad = dict(tiles, BLOCK_DO=width)
+    cases = [(ms._ms_fwd_kernel, dict(tiles, EXCLUDE_DIAG=True), None),
+             (con._con_fwd_kernel, dict(tiles, EXCLUDE_DIAG=True, COSINE=False),
+              {"pc_ptr": "*i64", "nc_ptr": "*i64"}),
+             (hp._hphn_mine_kernel, dict(tiles, EXCLUDE_DIAG=True), {"out_ptr": "*i64"})]
+    for tile_fn in (ms._ms_grad_tile, con._con_grad_tile_l2, con._con_grad_tile_cos):
+        cases += [(pairs.pair_grad_dx_kernel, dict(grad, GRAD_TILE=tile_fn, EXCLUDE_DIAG=True), None),
+                  (pairs.pair_grad_dr_kernel, dict(grad, GRAD_TILE=tile_fn, EXCLUDE_DIAG=False), None),
+                  (pairs.pair_grad_sym_kernel, dict(grad, GRAD_TILE=tile_fn), None)]
+    for fn, consts, ptrs in cases:
+        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+        try:
+            compile_sm90(fn, consts, fdt, num_warps=4 if width <= 128 else 8, pointer_types=ptrs)
+        except Exception as e:  # noqa: BLE001
+            failed.append(f"{fn.__name__} {fdt} D{width}: {type(e).__name__}: {str(e)[:300]}")
+print("\n".join(failed))
+sys.exit(1 if failed else 0)
+'''
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels run")
+def test_pair_kernels_compile_for_h100():
+    """The MS, contrastive and HPHN kernels and the shared gradient kernels (with each loss's
+    G tile) compile for sm_90 at the GPU tile sizes, fp32 and fp64, without a GPU."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no CUDA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SM90, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]

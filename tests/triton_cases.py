@@ -1,0 +1,42 @@
+"""What the Triton engine's test files share: the device the kernels run on (a GPU, or CPU
+tensors under TRITON_INTERPRET=1), the skip mark when neither is there, and compiling a kernel
+for an H100 (sm_90) without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metrix_ops.triton as mt
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not mt.interpreting() else "cpu")
+requires_triton = pytest.mark.skipif(not mt.usable_on(DEVICE),
+                                     reason="Triton cannot run here (needs CUDA or TRITON_INTERPRET=1)")
+
+
+def on_dev(*ts):
+    return [t.to(DEVICE) for t in ts]
+
+
+def compile_sm90(fn, constexprs: dict, float_type: str, num_warps: int = 4,
+                 pointer_types: dict | None = None):
+    """Compiles @triton.jit kernel `fn` for sm_90 (what the interpreter cannot check: types of
+    loop-carried values, tl.dot shapes, shared memory). Pointer arguments are `float_type`
+    ("fp32"/"fp64") unless their name says labels ("lab", "y_ptr"); the other runtime
+    arguments are i32; `pointer_types` overrides by name (e.g. {"out_ptr": "*i64"}). Needs a
+    process where TRITON_INTERPRET is unset."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def kind(n):
+        if n in constexprs:
+            return "constexpr"
+        if pointer_types and n in pointer_types:
+            return pointer_types[n]
+        if n.endswith("_ptr"):
+            return "*i64" if "lab" in n or n in ("y_ptr", "yr_ptr") else "*" + float_type
+        return "i32"
+
+    src = ASTSource(fn, {n: kind(n) for n in fn.arg_names},
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
