@@ -72,6 +72,14 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
                       or expansion is not None)
 
     same_set = ref_emb is None or ref_labels is labels
+    # labels of any integer dtype are int64 from here on (the ops take int64), keeping PML's
+    # `ref_labels is labels` identity
+    if labels is not None and labels.dtype != torch.int64:
+        wide = labels.long()
+        ref_labels = wide if ref_labels is labels else ref_labels
+        labels = wide
+    if ref_labels is not None and ref_labels.dtype != torch.int64:
+        ref_labels = ref_labels.long()
     if embeddings.dtype in (torch.float16, torch.bfloat16):
         # half inputs are computed (and the loss returned) in fp32: exp/log-sum-exp terms
         # and means over B² pairs lose too much in 10- or 7-bit mantissas

@@ -27,3 +27,21 @@ def test_cosine_with_another_norm_equals_pml(name, p):
 def test_is_cosine_requires_the_l2_norm():
     assert mo.distances.is_cosine(mo.distances.CosineSimilarity())
     assert not mo.distances.is_cosine(mo.distances.CosineSimilarity(p=1))
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss", "ProxyAnchorLoss",
+                                  "ProxyNCALoss", "NTXentLoss", "LiftedStructureLoss"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_labels_of_any_integer_dtype(name, dtype):
+    """Labels of another integer dtype give what int64 labels give, on every backend path
+    (the fused ops take int64; the reference's one_hot needs int64 too)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(17, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (17,), generator=g)
+    args = (4, 5) if name.startswith("Proxy") else ()
+    for backend in ("auto", "reference"):
+        torch.manual_seed(0)
+        a = getattr(mo.losses, name)(*args, backend=backend)
+        torch.manual_seed(0)
+        b = getattr(mo.losses, name)(*args, backend=backend)
+        assert_close_vg(lambda e: a(e, y.to(dtype)), lambda e: b(e, y), x)

@@ -94,7 +94,7 @@ def _proxy_candidates(x, labels, proxies, lam, pairs):
     keep = keep & ~torch.eye(len(x), dtype=torch.bool, device=x.device)
     i, j = torch.where(keep)
     s = (lam * sp[i] + (1 - lam) * sp[j]) / mix_norm(lam, G[i, j])[:, None]
-    oh = F.one_hot(labels, proxies.shape[0]).to(x.dtype)
+    oh = F.one_hot(labels.long(), proxies.shape[0]).to(x.dtype)
     y = lam * oh[i] + (1 - lam) * oh[j]
     return s, y
 

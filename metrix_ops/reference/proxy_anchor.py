@@ -74,7 +74,7 @@ def proxy_anchor_loss_dict(inp: LossInputs, proxies, margin=0.1, alpha=32.0):
     d = inp.distance
     s = d(x, proxies)  # B × C
     log_w = (miner_weights(inp.indices_tuple, len(x), x.dtype, x.device) - 1)[:, None]
-    pos = torch.nn.functional.one_hot(labels, proxies.shape[0]).bool()
+    pos = torch.nn.functional.one_hot(labels.long(), proxies.shape[0]).bool()
     # reductions over dim 0: one term per proxy, the sum running over the batch
     pos_term = masked_logsumexp(alpha * d.margin(s, margin) + log_w, pos, add_one=True, dim=0)
     neg_term = masked_logsumexp(alpha * d.margin(-margin, s) + log_w, ~pos, add_one=True, dim=0)

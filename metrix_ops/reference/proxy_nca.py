@@ -69,7 +69,7 @@ def proxy_nca_loss_dict(inp: LossInputs, proxies, softmax_scale=1.0, temperature
         mat = distance_to_raw_refs(d, x, refs)
     logits = scale * (mat if d.is_inverted else -mat)
     w = miner_weights(inp.indices_tuple, len(x), x.dtype, x.device, anchors_only=True)
-    own = F.one_hot(labels, proxies.shape[0]).to(x.dtype)
+    own = F.one_hot(labels.long(), proxies.shape[0]).to(x.dtype)
     # PML sums the softmax over the own-class proxies (one here) and takes −log of that,
     # so an underflow to 0 is visible and the row is dropped instead of giving inf
     prob = (torch.softmax(logits, dim=1) * own).sum(1)
