@@ -20,13 +20,14 @@ def supports(params, inp, expansion) -> bool:
             and inp.ref_emb is inp.embeddings)  # e.g. a memory bank: not proxies' references
 
 
-def impl(params, inp, reducer, chunk=None):
+def terms_impl(terms_fn, params, inp, reducer):
+    """The loss from a backend's per-proxy terms: terms_fn(x_unit, p_unit, labels, alpha,
+    margin) -> (positive, negative) log-sum-exp term of each proxy."""
     x, labels, proxies = inp.embeddings, inp.labels, params["proxies"]
     check_proxies(proxies, x, labels, "ProxyAnchorLoss")
     # as the reference: a differentiable cast, so the parameter keeps its dtype
     p = F.normalize(proxies.to(x.dtype), dim=1)
-    pos, neg = proxy_anchor_terms(F.normalize(x, dim=1), p, labels, params["alpha"],
-                                  params["margin"], chunk)
+    pos, neg = terms_fn(F.normalize(x, dim=1), p, labels, params["alpha"], params["margin"])
     n_with_pos = int(torch.bincount(labels, minlength=p.shape[0]).count_nonzero())
     idx = torch.arange(p.shape[0], device=x.device)
     loss_dict = {
@@ -36,6 +37,10 @@ def impl(params, inp, reducer, chunk=None):
                      "divisor": p.shape[0]},
     }
     return reduce_loss_dict(loss_dict, reducer, x)
+
+
+def impl(params, inp, reducer, chunk=None):
+    return terms_impl(lambda *args: proxy_anchor_terms(*args, chunk), params, inp, reducer)
 
 
 register("cpu", "ProxyAnchorLoss", supports, impl)

@@ -32,18 +32,24 @@ def supports(params, inp, expansion) -> bool:
             and params.get("normalize_proxies") is not False)
 
 
-def impl(params, inp, reducer, chunk=None):
+def rows_impl(rows_fn, params, inp, reducer):
+    """The loss from a backend's per-example rows: rows_fn(x_unit, p_unit, labels, scale,
+    kind) -> lse over the proxies' logits − the own proxy's logit."""
     x, labels, proxies = inp.embeddings, inp.labels, params["proxies"]
     check_proxies(proxies, x, labels, "ProxyNCALoss")
     scale = logit_scale(params["softmax_scale"], params.get("temperature"),
                         params.get("normalize_proxies"))
     p = F.normalize(proxies.to(x.dtype), dim=1)  # differentiable cast, as the reference
-    rows = proxy_nca_rows(F.normalize(x, dim=1), p, labels, scale, _kind(inp.distance), chunk)
+    rows = rows_fn(F.normalize(x, dim=1), p, labels, scale, _kind(inp.distance))
     # PML drops an example whose own-proxy probability underflows to 0
     keep = torch.exp(-rows.detach()) != 0
     loss_dict = {"loss": {"losses": rows[keep], "indices": torch.arange(len(x), device=x.device)[keep],
                           "reduction_type": "element"}}
     return reduce_loss_dict(loss_dict, reducer, x)
+
+
+def impl(params, inp, reducer, chunk=None):
+    return rows_impl(lambda *args: proxy_nca_rows(*args, chunk), params, inp, reducer)
 
 
 register("cpu", "ProxyNCALoss", supports, impl)

@@ -32,7 +32,9 @@ def _divisor_kind(reducer):
     return {MeanReducer: "all", SumReducer: "one"}.get(type(reducer))
 
 
-def impl(params, inp, reducer, chunk: int = 256):
+def totals_impl(rows_fn, params, inp, reducer):
+    """The loss from a backend's per-anchor totals: rows_fn(x_unit, r_unit, labels,
+    ref_labels, exclude_diag, cosine, margin) -> (loss sums, #terms > 0, #triplets)."""
     x = inp.embeddings
     kind = _divisor_kind(reducer)
     if kind is None:  # needs the per-triplet terms: the reference has them
@@ -40,9 +42,8 @@ def impl(params, inp, reducer, chunk: int = 256):
         return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
     xu = F.normalize(x, dim=1)
     ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
-    rows, nonzero, triplets = triplet_all_rows(
-        xu, ru, inp.labels, inp.ref_labels, inp.same_set, is_cosine(inp.distance),
-        params.get("margin", 0.05), chunk)
+    rows, nonzero, triplets = rows_fn(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
+                                      is_cosine(inp.distance), params.get("margin", 0.05))
     # counts summed in int64 (they can pass 2**24, past what fp32 holds exactly), then
     # tensor selects rather than Python branches, so the module traces under
     # torch.compile(fullgraph=True)
@@ -56,5 +57,9 @@ def impl(params, inp, reducer, chunk: int = 256):
         loss = torch.where(n > 0, total / n.clamp(min=1), zero)
     # no triplet at all: PML returns a zero that keeps the graph
     return torch.where(n_all == 0, zero, loss)
+
+
+def impl(params, inp, reducer, chunk: int = 256):
+    return totals_impl(lambda *args: triplet_all_rows(*args, chunk), params, inp, reducer)
 
 register("cpu", "TripletMarginLoss", supports, impl)

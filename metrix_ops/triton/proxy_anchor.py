@@ -30,11 +30,9 @@ Accumulation is in fp32 (fp64 for fp64 inputs); inputs reach the kernels as fp32
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..distances import is_cosine
-from ..reducers import reduce_loss_dict
-from ..reference.proxy_anchor import check_proxies
+from ..fused.proxy_anchor import terms_impl
 from .launch import HAS_TRITON, dim_block, next_pow2, row_block
 from .tiles import acc_dtype, dot_precision
 
@@ -329,19 +327,7 @@ def supports(params, inp, expansion) -> bool:
 
 def impl(params, inp, reducer):
     """The CPU path's loss dict (metrix_ops/fused/proxy_anchor.py), terms from Triton."""
-    x, labels, proxies = inp.embeddings, inp.labels, params["proxies"]
-    check_proxies(proxies, x, labels, "ProxyAnchorLoss")
-    p = F.normalize(proxies.to(x.dtype), dim=1)  # differentiable cast, as the reference
-    pos, neg = proxy_anchor_terms(F.normalize(x, dim=1), p, labels.long(), params["alpha"],
-                                  params["margin"])
-    n_with_pos = int(torch.bincount(labels, minlength=p.shape[0]).count_nonzero())
-    idx = torch.arange(p.shape[0], device=x.device)
-    return reduce_loss_dict({
-        "pos_loss": {"losses": pos, "indices": idx, "reduction_type": "element",
-                     "divisor": n_with_pos},
-        "neg_loss": {"losses": neg, "indices": idx, "reduction_type": "element",
-                     "divisor": p.shape[0]},
-    }, reducer, x)
+    return terms_impl(proxy_anchor_terms, params, inp, reducer)
 
 
 if HAS_TRITON:

@@ -20,13 +20,9 @@ helpers, block choice and D-split of the outputs these kernels share).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..fused.proxy_nca import _kind
+from ..fused.proxy_nca import _kind, rows_impl
 from ..ops.proxy_nca import COSINE, SQUARED_L2
-from ..reducers import reduce_loss_dict
-from ..reference.proxy_anchor import check_proxies
-from ..reference.proxy_nca import logit_scale
 from .launch import HAS_TRITON
 from .proxy_anchor import _grids, check_unit_inputs, column_grads, hyper, tile_config
 
@@ -197,16 +193,7 @@ def supports(params, inp, expansion) -> bool:
 
 def impl(params, inp, reducer):
     """The CPU path's loss dict (metrix_ops/fused/proxy_nca.py), rows from Triton."""
-    x, labels, proxies = inp.embeddings, inp.labels, params["proxies"]
-    check_proxies(proxies, x, labels, "ProxyNCALoss")
-    scale = logit_scale(params["softmax_scale"], params.get("temperature"),
-                        params.get("normalize_proxies"))
-    p = F.normalize(proxies.to(x.dtype), dim=1)  # differentiable cast, as the reference
-    rows = proxy_nca_rows(F.normalize(x, dim=1), p, labels.long(), scale, _kind(inp.distance))
-    keep = torch.exp(-rows.detach()) != 0  # PML drops a row whose own probability is 0
-    idx = torch.arange(len(x), device=x.device)
-    return reduce_loss_dict({"loss": {"losses": rows[keep], "indices": idx[keep],
-                                      "reduction_type": "element"}}, reducer, x)
+    return rows_impl(proxy_nca_rows, params, inp, reducer)
 
 
 if HAS_TRITON:

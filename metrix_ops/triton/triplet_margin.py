@@ -38,15 +38,12 @@ vectors are saved: the backward op rebuilds its side buffers (kernels A and C) i
 the op's outputs have static shapes and trace under torch.compile (A and C, then
 the two gradient kernels: 4 S products in the backward, 2 in the forward)."""
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .. import fused
 from ..distances import is_cosine, is_normalized_l2
-from ..fused.triplet_margin import _divisor_kind
-from ..reducers import reduce_loss_dict, zero_loss
-from ..spec import get_spec
+from ..fused.triplet_margin import totals_impl
 from .launch import next_pow2, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
 from .tiles import add_tile_product, pair_masks, sim_tile
@@ -468,26 +465,6 @@ def supports(params, inp, expansion) -> bool:
 
 
 def impl(params, inp, reducer):
-    x = inp.embeddings
-    kind = _divisor_kind(reducer)
-    if kind is None:  # needs the per-triplet terms: the reference has them
-        spec = get_spec("TripletMarginLoss")
-        return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
-    xu = F.normalize(x, dim=1)
-    ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
-    rows, nonzero, triplets = triplet_all_rows_triton(
-        xu, ru, inp.labels, inp.ref_labels, inp.same_set, is_cosine(inp.distance),
-        params.get("margin", 0.05))
-    # as fused/triplet_margin.py: int64 totals, tensor selects (traces under fullgraph)
-    n_all = triplets.sum()
-    zero = zero_loss(x)
-    total = rows.sum()
-    if kind == "one":
-        loss = total
-    else:
-        n = nonzero.sum() if kind == "nonzero" else n_all
-        loss = torch.where(n > 0, total / n.clamp(min=1), zero)
-    return torch.where(n_all == 0, zero, loss)
-
+    return totals_impl(triplet_all_rows_triton, params, inp, reducer)
 
 fused.register("triton", "TripletMarginLoss", supports, impl)
