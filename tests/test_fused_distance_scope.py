@@ -45,3 +45,21 @@ def test_labels_of_any_integer_dtype(name, dtype):
         torch.manual_seed(0)
         b = getattr(mo.losses, name)(*args, backend=backend)
         assert_close_vg(lambda e: a(e, y.to(dtype)), lambda e: b(e, y), x)
+
+
+def test_cross_batch_memory_with_int32_labels():
+    """CrossBatchMemory's streaming path widens the batch's labels as the driver does."""
+    def run(dtype):
+        torch.manual_seed(0)
+        m = mo.losses.CrossBatchMemory(mo.losses.MultiSimilarityLoss(), 5, memory_size=20)
+        g = torch.Generator().manual_seed(1)
+        outs = []
+        for _ in range(3):
+            x = torch.randn(8, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+            y = torch.randint(0, 3, (8,), generator=g)
+            out = m(x, y.to(dtype))
+            outs.append((out.detach(), torch.autograd.grad(out, x)[0]))
+        return outs
+
+    for a, b in zip(run(torch.int32), run(torch.int64)):
+        torch.testing.assert_close(a, b)

@@ -63,6 +63,7 @@ def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
         return None
     if chosen == "reference":
         return None
+    labels, mem_labels = labels.long(), mem_labels.long()  # as the driver: the ops take int64
     if emb.dtype in (torch.float16, torch.bfloat16):  # as the driver: computed in fp32
         emb, mem_emb = emb.float(), mem_emb.float()
     spec = get_spec(loss.loss_name)
