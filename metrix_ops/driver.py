@@ -121,7 +121,7 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
         with no_autocast(embeddings):
             return fused.METRIX_IMPLS[(chosen, name)][1](params, inp, red, metrix, lam_value)
     elif chosen != "reference":
-        impl = fused.IMPLS[(chosen, name)][1]
+        impl = fused.impl_for(chosen, name, params, inp, expansion)
         # only the ops that cover expansion= (their supports() says so) take it
         with no_autocast(embeddings):
             loss = impl(params, inp, red) if expansion is None else impl(params, inp, red,

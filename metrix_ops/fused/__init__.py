@@ -43,9 +43,39 @@ def metrix_supported(backend: str, loss_name: str, params, inp, expansion, metri
     return entry is not None and entry[0](params, inp, expansion, metrix)
 
 
+# (backend, loss) -> (supports(params, inp, expansion), impl(params, inp, reducer,
+# expansion=)): ops for Embedding Expansion calls (expansion= given), apart from the clean op
+EXPANSION_IMPLS: dict = {}
+# (backend, loss) -> (supports(params, inp, expansion), impl(params, inp, reducer)): ops for
+# calls with an indices_tuple (the loss over the given pairs or triplets only)
+INDICES_IMPLS: dict = {}
+
+
+def register_expansion(backend: str, loss_name: str, supports, impl):
+    EXPANSION_IMPLS[(backend, loss_name)] = (supports, impl)
+
+
+def register_indices(backend: str, loss_name: str, supports, impl):
+    INDICES_IMPLS[(backend, loss_name)] = (supports, impl)
+
+
+def impl_for(backend: str, loss_name: str, params, inp, expansion):
+    """The fused impl covering this call, or None: the loss's own op when its supports()
+    accepts the call, else the expansion / indices_tuple op registered for it."""
+    tables = [IMPLS]
+    if expansion is not None:
+        tables.append(EXPANSION_IMPLS)
+    if inp.indices_tuple is not None:
+        tables.append(INDICES_IMPLS)
+    for table in tables:
+        entry = table.get((backend, loss_name))
+        if entry is not None and entry[0](params, inp, expansion):
+            return entry[1]
+    return None
+
+
 def supported(backend: str, loss_name: str, params, inp, expansion) -> bool:
-    entry = IMPLS.get((backend, loss_name))
-    return entry is not None and entry[0](params, inp, expansion)
+    return impl_for(backend, loss_name, params, inp, expansion) is not None
 
 
 def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
