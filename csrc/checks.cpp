@@ -1,4 +1,5 @@
 #include "common/checks.h"
+#include "cpu/op_checks.h"
 
 #include <cmath>
 
@@ -15,6 +16,20 @@ void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, double scale, in
               x.scalar_type());
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
+}
+
+void check_pair_op_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                          const at::Tensor& ref_labels, int64_t chunk) {
+  check_pair_inputs(x, r, labels, ref_labels, chunk);
+  TORCH_CHECK(r.device() == x.device() && labels.device() == x.device() &&
+                  ref_labels.device() == x.device(),
+              "x, r, labels and ref_labels must be on one device, got ", x.device(), ", ",
+              r.device(), ", ", labels.device(), ", ", ref_labels.device());
+}
+
+void check_row_vec(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_vec(t, x.size(0), name);
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
 }
 
 at::ScalarType acc_type(const at::Tensor& x) {

@@ -25,6 +25,11 @@ from metrix_ops.ops import sim_row_stats
 x = torch.randn(37, 16, device='cuda'); r = torch.randn(301, 16, device='cuda')
 for dt in (torch.float32, torch.float64, torch.bfloat16):
     out = sim_row_stats(x.to(dt), r.to(dt), 2.0, 64); torch.cuda.synchronize()
+y = torch.randint(0, 5, (37,), device='cuda')
+for name in ('MultiSimilarityLoss', 'ContrastiveLoss'):  # the row-chunk engine, fwd + bwd
+    for dt in (torch.float32, torch.float64):
+        e = x.to(dt).requires_grad_(True)
+        getattr(metrix_ops.losses, name)(backend='cuda')(e, y).backward(); torch.cuda.synchronize()
 print('memcheck case ran')
 " 2>&1 | tail -4 | tee "$OUT/memcheck.log"
 [ "${SKIP_BENCH:-0}" = 1 ] && exit 0

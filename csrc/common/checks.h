@@ -13,6 +13,16 @@ namespace metrix_ops {
 // without the Python wrapper; every message names the offending argument.
 void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, double scale, int64_t chunk);
 
+// The fused pair-loss ops' inputs (unit anchors x and references r, fp32/fp64, int64 labels
+// of matching lengths, chunk > 0), all on one device: the CUDA entry points' copy of the
+// CPU ops' checks (cpu/op_checks.h), which nvcc must not compile.
+void check_pair_op_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                          const at::Tensor& ref_labels, int64_t chunk);
+
+// A vector of one value per row (the backward ops' upstream gradients and saved statistics),
+// on x's device.
+void check_row_vec(const at::Tensor& t, const at::Tensor& x, const char* name);
+
 // Accumulation type: fp64 for fp64 inputs, fp32 for everything else (fp16/bf16 included).
 at::ScalarType acc_type(const at::Tensor& x);
 

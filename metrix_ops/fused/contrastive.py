@@ -93,7 +93,8 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
 def _self_pairs_only(inp) -> bool:
     # the batch against itself, self pairs excluded: S is symmetric. ref_emb=embeddings with
     # ref_labels a different tensor is not this case: PML then keeps the diagonal pairs
-    return inp.ref_emb is inp.embeddings and inp.same_set
+    # (the symmetric self op is CPU-only; the CUDA engine runs the general op with r = x)
+    return inp.ref_emb is inp.embeddings and inp.same_set and inp.embeddings.device.type == "cpu"
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:

@@ -22,7 +22,8 @@ def supports(params, inp, expansion) -> bool:
 def _self_pairs_only(inp) -> bool:
     # the batch against itself, self pairs excluded (PML keeps them when ref_labels is another
     # tensor, even with ref_emb the batch): S is symmetric
-    return inp.ref_emb is inp.embeddings and inp.same_set
+    # (the symmetric self op is CPU-only; the CUDA engine runs the general op with r = x)
+    return inp.ref_emb is inp.embeddings and inp.same_set and inp.embeddings.device.type == "cpu"
 
 
 def _reduce_clean(rows, inp, reducer, counts=None):

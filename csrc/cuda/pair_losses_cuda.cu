@@ -1,0 +1,233 @@
+// CUDA implementations of the fused multi-similarity and contrastive ops (the same schemas
+// as csrc/cpu/ms_loss_cpu.cpp and contrastive_cpu.cpp, so one Python glue serves both
+// devices), on the row-chunk engine of cuda/pair_rows.cuh. Per-pair math: common/lse_acc.h
+// (MS) and common/contrastive.h, the headers the CPU ops use.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/contrastive.h"
+#include "common/lse_acc.h"
+#include "cuda/pair_rows.cuh"
+
+namespace metrix_ops {
+
+namespace {
+
+using cuda_pairs::fold_all;
+using cuda_pairs::grad_all;
+using cuda_pairs::kThreads;
+using cuda_pairs::make_states;
+
+void check_cuda_pair_call(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                          const at::Tensor& ref_labels, int64_t chunk) {
+  check_pair_op_inputs(x, r, labels, ref_labels, chunk);
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+}
+
+// ---- multi-similarity: per row log(1 + Σ_pos e^{−α(s−b)}) and log(1 + Σ_neg e^{β(s−b)})
+
+template <typename T>
+struct MsRowLoss {
+  struct State {
+    OnlineLse<T> pos, neg;
+    MO_HD static State empty() { return {OnlineLse<T>::empty(), OnlineLse<T>::empty()}; }
+    MO_HD void merge(const State& o) {
+      pos.merge(o.pos);
+      neg.merge(o.neg);
+    }
+  };
+  T alpha, beta, base;
+  const T* g_rows = nullptr;  // backward: ∂L/∂row and the rows' finished log-sum-exps
+  const T* lse_pos = nullptr;
+  const T* lse_neg = nullptr;
+
+  __device__ void fold(State& st, T s, bool pos) const {
+    if (pos) st.pos.push(ms_pos_arg(s, alpha, base));
+    else st.neg.push(ms_neg_arg(s, beta, base));
+  }
+  __device__ T grad(T s, bool pos, int64_t i) const {
+    return g_rows[i] * (pos ? ms_pos_grad(s, alpha, base, lse_pos[i])
+                            : ms_neg_grad(s, beta, base, lse_neg[i]));
+  }
+};
+
+template <typename T>
+__global__ void ms_finish_kernel(const typename MsRowLoss<T>::State* state, int64_t n, T alpha,
+                                 T beta, T* rows, T* lse_pos, T* lse_neg) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  lse_pos[i] = state[i].pos.value();
+  lse_neg[i] = state[i].neg.value();
+  rows[i] = lse_pos[i] / alpha + lse_neg[i] / beta;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cuda(
+    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
+    const at::Tensor& ref_labels_, bool exclude_diag, double alpha, double beta, double base,
+    int64_t chunk) {
+  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const int64_t B = x.size(0);
+  at::Tensor rows = at::empty({B}, x.options()), lp = at::empty_like(rows),
+             ln = at::empty_like(rows);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_fwd_cuda", [&] {
+    using T = scalar_t;
+    using State = typename MsRowLoss<T>::State;
+    const MsRowLoss<T> loss{T(alpha), T(beta), T(base)};
+    // every row starts from the e^0 term of log(1 + Σ)
+    const State init{lse_with_one<T>(), lse_with_one<T>()};
+    at::Tensor buf = make_states(B, init, x.options());
+    State* state = reinterpret_cast<State*>(buf.data_ptr());
+    fold_all<MsRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
+    if (B > 0) {
+      ms_finish_kernel<T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
+                            c10::cuda::getCurrentCUDAStream()>>>(
+          state, B, T(alpha), T(beta), rows.data_ptr<T>(), lp.data_ptr<T>(), ln.data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {rows, lp, ln};
+}
+
+std::tuple<at::Tensor, at::Tensor> ms_loss_bwd_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& x_, const at::Tensor& r_,
+    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_pos_,
+    const at::Tensor& lse_neg_, bool exclude_diag, double alpha, double beta, double base,
+    int64_t chunk) {
+  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
+  check_row_vec(grad_rows, x_, "grad_rows");
+  check_row_vec(lse_pos_, x_, "lse_pos");
+  check_row_vec(lse_neg_, x_, "lse_neg");
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  auto g = grad_rows.to(x.scalar_type()).contiguous();
+  auto lp = lse_pos_.to(x.scalar_type()).contiguous(), ln = lse_neg_.to(x.scalar_type()).contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_loss_bwd_cuda", [&] {
+    using T = scalar_t;
+    const MsRowLoss<T> loss{T(alpha), T(beta), T(base), g.data_ptr<T>(), lp.data_ptr<T>(),
+                            ln.data_ptr<T>()};
+    out = grad_all<MsRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss);
+  });
+  return out;
+}
+
+// ---- contrastive: per row the sum and count of the kept hinge terms of each side
+
+struct ConState {
+  double pos_sum, neg_sum;  // fp64 sums, as the CPU op: B·M terms would lose digits in fp32
+  long long pos_cnt, neg_cnt;
+  MO_HD static ConState empty() { return {0.0, 0.0, 0, 0}; }
+  MO_HD void merge(const ConState& o) {
+    pos_sum += o.pos_sum;
+    neg_sum += o.neg_sum;
+    pos_cnt += o.pos_cnt;
+    neg_cnt += o.neg_cnt;
+  }
+};
+
+template <typename T>
+struct ConRowLoss {
+  using State = ConState;
+  bool cosine;
+  T pos_margin, neg_margin, low, high;  // low/high: the reducer's window on a term
+  const T* g_pos = nullptr;             // backward: ∂L/∂(each row's sums)
+  const T* g_neg = nullptr;
+
+  __device__ PairTerm<T> term(T s, bool pos) const {
+    return contrastive_term(s, cosine, pos, pos ? pos_margin : neg_margin);
+  }
+  __device__ void fold(State& st, T s, bool pos) const {
+    const PairTerm<T> t = term(s, pos);
+    if (!in_window(t.value, low, high)) return;
+    if (pos) {
+      st.pos_sum += t.value;
+      ++st.pos_cnt;
+    } else {
+      st.neg_sum += t.value;
+      ++st.neg_cnt;
+    }
+  }
+  __device__ T grad(T s, bool pos, int64_t i) const {
+    const PairTerm<T> t = term(s, pos);
+    if (!in_window(t.value, low, high)) return T(0);
+    return (pos ? g_pos[i] : g_neg[i]) * contrastive_slope(t, cosine, pos);
+  }
+};
+
+template <typename T>
+__global__ void con_finish_kernel(const ConState* state, int64_t n, T* ps, int64_t* pc, T* ns,
+                                  int64_t* nc) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  ps[i] = T(state[i].pos_sum);
+  ns[i] = T(state[i].neg_sum);
+  pc[i] = state[i].pos_cnt;
+  nc[i] = state[i].neg_cnt;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
+    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
+    const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double pos_margin,
+    double neg_margin, double low, double high, int64_t chunk) {
+  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const int64_t B = x.size(0);
+  at::Tensor ps = at::empty({B}, x.options()), ns = at::empty_like(ps);
+  at::Tensor pc = at::empty({B}, x.options().dtype(at::kLong)), nc = at::empty_like(pc);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd_cuda", [&] {
+    using T = scalar_t;
+    const ConRowLoss<T> loss{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
+    at::Tensor buf = make_states(B, ConState::empty(), x.options());
+    ConState* state = reinterpret_cast<ConState*>(buf.data_ptr());
+    fold_all<ConRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
+    if (B > 0) {
+      con_finish_kernel<T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
+                             c10::cuda::getCurrentCUDAStream()>>>(
+          state, B, ps.data_ptr<T>(), pc.data_ptr<int64_t>(), ns.data_ptr<T>(),
+          nc.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {ps, pc, ns, nc};
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x_,
+    const at::Tensor& r_, const at::Tensor& labels_, const at::Tensor& ref_labels_,
+    bool exclude_diag, bool cosine, double pos_margin, double neg_margin, double low,
+    double high, int64_t chunk) {
+  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
+  check_row_vec(grad_pos, x_, "grad_pos");
+  check_row_vec(grad_neg, x_, "grad_neg");
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  auto gp = grad_pos.to(x.scalar_type()).contiguous();
+  auto gn = grad_neg.to(x.scalar_type()).contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_bwd_cuda", [&] {
+    using T = scalar_t;
+    const ConRowLoss<T> loss{cosine, T(pos_margin), T(neg_margin), T(low), T(high),
+                             gp.data_ptr<T>(), gn.data_ptr<T>()};
+    out = grad_all<ConRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
+  m.impl("ms_loss_fwd", &ms_loss_fwd_cuda);
+  m.impl("ms_loss_bwd", &ms_loss_bwd_cuda);
+  m.impl("contrastive_fwd", &contrastive_fwd_cuda);
+  m.impl("contrastive_bwd", &contrastive_bwd_cuda);
+}
+
+}  // namespace metrix_ops

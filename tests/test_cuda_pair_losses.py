@@ -1,0 +1,115 @@
+"""backend="cuda" for MultiSimilarityLoss and ContrastiveLoss (csrc/cuda/pair_losses_cuda.cu
+on the row-chunk engine csrc/cuda/pair_rows.cuh) against the reference on the same device:
+values and gradients over the shared cases, chunk boundaries, ref_emb, reducers; opcheck;
+bad input. Skipped without a GPU and the compiled CUDA kernels; the per-pair math they run
+is the headers the CPU tests check (common/lse_acc.h, common/contrastive.h)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrix_ops as mo
+from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from metrix_ops import _ext
+from metrix_ops.distances import CosineSimilarity
+from metrix_ops.reducers import MeanReducer
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.HAS_CUDA_EXT),
+                                reason="needs a CUDA device and the compiled CUDA kernels")
+
+LOSSES = [
+    ("MultiSimilarityLoss", {}),
+    ("MultiSimilarityLoss", {"alpha": 1.3, "beta": 20.0, "base": 0.3}),
+    ("ContrastiveLoss", {}),
+    ("ContrastiveLoss", {"pos_margin": 0.1, "neg_margin": 0.7}),
+    ("ContrastiveLoss", {"distance": "cosine", "pos_margin": 0.9, "neg_margin": 0.4}),
+]
+LOSS_IDS = ["ms", "ms_kw", "con", "con_kw", "con_cos"]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    # the fp32 tolerance is for fp32 products; TF32 (10-bit mantissa) is the benchmarks' choice
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def pair(name, kw, **extra):
+    kw = dict(kw, **extra)
+    if kw.get("distance") == "cosine":
+        kw["distance"] = CosineSimilarity()
+    return getattr(mo.losses, name)(backend="cuda", **kw), getattr(mo.losses, name)(
+        backend="reference", **kw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-6, 1e-9),
+                                             (torch.float32, 1e-4, 1e-5)])
+def test_matches_reference(case, name, kw, dtype, rtol, atol):
+    x, y = make_case(case, dtype)
+    x, y = x.detach().cuda(), y.cuda()
+    fused, ref = pair(name, kw)
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name,kw", LOSSES, ids=LOSS_IDS)
+def test_ref_emb_and_reducer(name, kw):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(29, 9, dtype=torch.float64, generator=g).cuda()
+    r = torch.randn(41, 9, dtype=torch.float64, generator=g).cuda()
+    y = torch.randint(0, 5, (29,), generator=g).cuda()
+    yr = torch.randint(0, 5, (41,), generator=g).cuda()
+    reducer = MeanReducer()
+    fused, ref = pair(name, kw, reducer=reducer)
+    assert_close_vg(lambda e, f: fused(e, y, ref_emb=f, ref_labels=yr),
+                    lambda e, f: ref(e, y, ref_emb=f, ref_labels=yr), x, r)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunk_boundaries(chunk):
+    """The op's streaming over reference chunks (several kernel launches, partial chunks)."""
+    from metrix_ops.ops import ms_loss_rows
+    g = torch.Generator().manual_seed(chunk)
+    x = F.normalize(torch.randn(37, 6, dtype=torch.float64, generator=g), dim=1)
+    y = torch.randint(0, 4, (37,), generator=g)
+    cpu = ms_loss_rows(x, x, y, y, True, 2.0, 50.0, 0.5, chunk)
+    dev = ms_loss_rows(x.cuda(), x.cuda(), y.cuda(), y.cuda(), True, 2.0, 50.0, 0.5, chunk)
+    torch.testing.assert_close(dev.cpu(), cpu, rtol=1e-9, atol=1e-12)
+
+
+def test_explicit_cuda_runs_the_cuda_op(monkeypatch):
+    """backend="cuda" runs the op's CUDA kernel (not the reference, not the CPU op)."""
+    calls = []
+    real = torch.ops.metrix_ops.ms_loss_fwd
+    monkeypatch.setattr(torch.ops.metrix_ops, "ms_loss_fwd",
+                        lambda *a: calls.append(a[0].device.type) or real(*a))
+    x = torch.randn(16, 8, device="cuda", dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), device="cuda")
+    out = mo.losses.MultiSimilarityLoss(backend="cuda")(x, y)
+    assert calls == ["cuda"]
+    torch.testing.assert_close(out, mo.losses.MultiSimilarityLoss(backend="reference")(x, y))
+
+
+@pytest.mark.parametrize("op", ["ms", "con"])
+def test_opcheck(op):
+    x = F.normalize(torch.randn(9, 5, dtype=torch.float64, device="cuda"), dim=1)
+    y = torch.randint(0, 3, (9,), device="cuda")
+    x.requires_grad_(True)
+    if op == "ms":
+        args = (x, x.detach().clone().requires_grad_(True), y, y, True, 2.0, 50.0, 0.5, 4)
+        torch.library.opcheck(torch.ops.metrix_ops.ms_loss_fwd.default, args)
+    else:
+        args = (x, x.detach().clone().requires_grad_(True), y, y, True, False, 0.0, 1.0, 0.0,
+                float("inf"), 4)
+        torch.library.opcheck(torch.ops.metrix_ops.contrastive_fwd.default, args)
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(6, 4, device="cuda")
+    y = torch.randint(0, 2, (6,), device="cuda")
+    with pytest.raises(RuntimeError, match="ref_labels"):
+        torch.ops.metrix_ops.ms_loss_fwd(x, x, y, y[:3], True, 2.0, 50.0, 0.5, 8)
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.metrix_ops.ms_loss_fwd(x, x, y, y.cpu(), True, 2.0, 50.0, 0.5, 8)
