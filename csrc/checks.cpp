@@ -27,6 +27,14 @@ void check_pair_op_inputs(const at::Tensor& x, const at::Tensor& r, const at::Te
               r.device(), ", ", labels.device(), ", ", ref_labels.device());
 }
 
+void check_proxy_op_inputs(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                           int64_t chunk) {
+  check_proxy_inputs(x, p, labels, chunk);
+  TORCH_CHECK(p.device() == x.device() && labels.device() == x.device(),
+              "x, proxies and labels must be on one device, got ", x.device(), ", ", p.device(),
+              ", ", labels.device());
+}
+
 void check_row_vec(const at::Tensor& t, const at::Tensor& x, const char* name) {
   check_vec(t, x.size(0), name);
   TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());

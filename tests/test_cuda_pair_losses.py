@@ -113,3 +113,41 @@ def test_bad_input_names_the_argument():
         torch.ops.metrix_ops.ms_loss_fwd(x, x, y, y[:3], True, 2.0, 50.0, 0.5, 8)
     with pytest.raises(RuntimeError, match="one device"):
         torch.ops.metrix_ops.ms_loss_fwd(x, x, y, y.cpu(), True, 2.0, 50.0, 0.5, 8)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kw", [{}, {"m": 0.25, "gamma": 64.0}])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-6, 1e-9),
+                                             (torch.float32, 1e-4, 1e-5)])
+def test_circle_matches_reference(case, kw, dtype, rtol, atol):
+    x, y = make_case(case, dtype)
+    x, y = x.detach().cuda(), y.cuda()
+    fused, ref = pair("CircleLoss", kw)
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x, rtol=rtol, atol=atol)
+
+
+def proxy_fn(name, C, D, backend, **kw):
+    """f(y) -> (e, P) -> loss, the proxies an input so their gradient is compared too."""
+    from torch.func import functional_call
+    mod = getattr(mo.losses, name)(C, D, backend=backend, **kw).cuda()
+    return lambda y: lambda e, P: functional_call(mod, {"proxies": P}, (e, y))
+
+
+@pytest.mark.parametrize("name,kw", [("ProxyAnchorLoss", {}),
+                                     ("ProxyAnchorLoss", {"margin": 0.25, "alpha": 16.0}),
+                                     ("ProxyNCALoss", {}),
+                                     ("ProxyNCALoss", {"softmax_scale": 3.0}),
+                                     ("ProxyNCALoss", {"distance": "cosine"})])
+@pytest.mark.parametrize("B,C,D", [(1, 1, 3), (37, 5, 17), (300, 101, 64), (12, 7, 6)])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-6, 1e-9),
+                                             (torch.float32, 1e-4, 1e-5)])
+def test_proxy_losses_match_reference(name, kw, B, C, D, dtype, rtol, atol):
+    kw = dict(kw)
+    if kw.get("distance") == "cosine":
+        kw["distance"] = CosineSimilarity()
+    g = torch.Generator().manual_seed(B * 1000 + C)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64).to("cuda", dtype)
+    P = torch.randn(C, D, generator=g, dtype=torch.float64).to("cuda", dtype)
+    y = torch.randint(0, min(C, 4), (B,), generator=g).cuda()  # some classes absent
+    assert_close_vg(proxy_fn(name, C, D, "cuda", **kw)(y),
+                    proxy_fn(name, C, D, "reference", **kw)(y), x, P, rtol=rtol, atol=atol)

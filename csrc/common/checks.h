@@ -19,6 +19,10 @@ void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, double scale, in
 void check_pair_op_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
                           const at::Tensor& ref_labels, int64_t chunk);
 
+// Examples x against class proxies p (labels in [0, num_classes)), all on one device.
+void check_proxy_op_inputs(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
+                           int64_t chunk);
+
 // A vector of one value per row (the backward ops' upstream gradients and saved statistics),
 // on x's device.
 void check_row_vec(const at::Tensor& t, const at::Tensor& x, const char* name);

@@ -1,11 +1,12 @@
-// CUDA implementations of the fused multi-similarity and contrastive ops (the same schemas
-// as csrc/cpu/ms_loss_cpu.cpp and contrastive_cpu.cpp, so one Python glue serves both
-// devices), on the row-chunk engine of cuda/pair_rows.cuh. Per-pair math: common/lse_acc.h
-// (MS) and common/contrastive.h, the headers the CPU ops use.
+// CUDA implementations of the fused multi-similarity, contrastive and circle ops (the same
+// schemas as csrc/cpu/ms_loss_cpu.cpp, contrastive_cpu.cpp and circle_cpu.cpp, so one Python
+// glue serves both devices), on the row-chunk engine of cuda/pair_rows.cuh. Per-pair math:
+// common/lse_acc.h (MS), common/contrastive.h, common/circle.h, the headers the CPU ops use.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/circle.h"
 #include "common/contrastive.h"
 #include "common/lse_acc.h"
 #include "cuda/pair_rows.cuh"
@@ -221,9 +222,105 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(
   return out;
 }
 
+// ---- circle: per row the log-sum-exps of its two sides, loss softplus(lse⁺ + lse⁻)
+
+template <typename T>
+struct CircleRowLoss {
+  struct State {
+    OnlineLse<T> pos, neg;
+    MO_HD static State empty() { return {OnlineLse<T>::empty(), OnlineLse<T>::empty()}; }
+    MO_HD void merge(const State& o) {
+      pos.merge(o.pos);
+      neg.merge(o.neg);
+    }
+  };
+  CircleConsts<T> c;
+  const T* g_rows = nullptr;  // backward: ∂L/∂row and the rows' side log-sum-exps
+  const T* lse_pos = nullptr;
+  const T* lse_neg = nullptr;
+
+  __device__ void fold(State& st, T s, bool pos) const {
+    if (pos) st.pos.push(circle_pos_logit(s, c));
+    else st.neg.push(circle_neg_logit(s, c));
+  }
+  // g · softplus'(lse⁺ + lse⁻) · softmax within the side · ∓weight; 0 when a side is empty
+  __device__ T grad(T s, bool pos, int64_t i) const {
+    const T lp = lse_pos[i], ln = lse_neg[i];
+    if (isinf(lp) || isinf(ln)) return T(0);
+    const T gi = g_rows[i] * softplus20_grad(lp + ln);
+    return pos ? -gi * circle_pos_weight(s, c) * std::exp(circle_pos_logit(s, c) - lp)
+               : gi * circle_neg_weight(s, c) * std::exp(circle_neg_logit(s, c) - ln);
+  }
+};
+
+template <typename T>
+__global__ void circle_finish_kernel(const typename CircleRowLoss<T>::State* state, int64_t n,
+                                     T* rows, T* lse_pos, T* lse_neg) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const T lp = state[i].pos.value(), ln = state[i].neg.value();  // −inf for an empty side
+  lse_pos[i] = lp;
+  lse_neg[i] = ln;
+  rows[i] = (isinf(lp) || isinf(ln)) ? T(0) : softplus20(lp + ln);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_fwd_cuda(
+    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
+    const at::Tensor& ref_labels_, bool exclude_diag, double m, double gamma, int64_t chunk) {
+  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const int64_t B = x.size(0);
+  at::Tensor rows = at::empty({B}, x.options()), lp = at::empty_like(rows),
+             ln = at::empty_like(rows);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "circle_fwd_cuda", [&] {
+    using T = scalar_t;
+    using State = typename CircleRowLoss<T>::State;
+    const CircleRowLoss<T> loss{circle_consts<T>(m, gamma)};
+    at::Tensor buf = make_states(B, State::empty(), x.options());
+    State* state = reinterpret_cast<State*>(buf.data_ptr());
+    fold_all<CircleRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
+    if (B > 0) {
+      circle_finish_kernel<T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
+                                c10::cuda::getCurrentCUDAStream()>>>(
+          state, B, rows.data_ptr<T>(), lp.data_ptr<T>(), ln.data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {rows, lp, ln};
+}
+
+std::tuple<at::Tensor, at::Tensor> circle_bwd_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& x_, const at::Tensor& r_,
+    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_pos_,
+    const at::Tensor& lse_neg_, bool exclude_diag, double m, double gamma, int64_t chunk,
+    bool need_dr) {
+  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
+  check_row_vec(grad_rows, x_, "grad_rows");
+  check_row_vec(lse_pos_, x_, "lse_pos");
+  check_row_vec(lse_neg_, x_, "lse_neg");
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  auto g = grad_rows.to(x.scalar_type()).contiguous();
+  auto lp = lse_pos_.to(x.scalar_type()).contiguous(), ln = lse_neg_.to(x.scalar_type()).contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "circle_bwd_cuda", [&] {
+    using T = scalar_t;
+    const CircleRowLoss<T> loss{circle_consts<T>(m, gamma), g.data_ptr<T>(), lp.data_ptr<T>(),
+                                ln.data_ptr<T>()};
+    out = grad_all<CircleRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss,
+                                        need_dr);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
+  m.impl("circle_fwd", &circle_fwd_cuda);
+  m.impl("circle_bwd", &circle_bwd_cuda);
   m.impl("ms_loss_fwd", &ms_loss_fwd_cuda);
   m.impl("ms_loss_bwd", &ms_loss_bwd_cuda);
   m.impl("contrastive_fwd", &contrastive_fwd_cuda);

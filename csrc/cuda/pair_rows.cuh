@@ -117,12 +117,14 @@ void fold_all(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels
   }
 }
 
-// Backward: (dx, dr) from each recomputed chunk turned into its G block.
+// Backward: (dx, dr) from each recomputed chunk turned into its G block; dr stays zero
+// unless need_dr (the Gᵀ x products are a third of the work).
 template <class Loss, typename T>
 std::tuple<at::Tensor, at::Tensor> grad_all(const at::Tensor& x, const at::Tensor& r,
                                             const at::Tensor& labels,
                                             const at::Tensor& ref_labels, bool exclude_diag,
-                                            int64_t chunk, const Loss& loss) {
+                                            int64_t chunk, const Loss& loss,
+                                            bool need_dr = true) {
   const int64_t B = x.size(0), M = r.size(0);
   at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
   if (B == 0) return {dx, dr};
@@ -136,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> grad_all(const at::Tensor& x, const at::Tenso
         ref_labels.data_ptr<int64_t>(), exclude_diag, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dx.addmm_(s, rc);
-    dr.narrow(0, start, len).addmm_(s.t(), x);
+    if (need_dr) dr.narrow(0, start, len).addmm_(s.t(), x);
   }
   return {dx, dr};
 }

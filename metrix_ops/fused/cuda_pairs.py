@@ -1,11 +1,12 @@
-"""backend="cuda" for MultiSimilarityLoss and ContrastiveLoss: the CPU glue as is (its
-general ops ms_loss_fwd/bwd and contrastive_fwd/bwd have CUDA implementations in
-csrc/cuda/pair_losses_cuda.cu, dispatched by device), for CUDA tensors when the CUDA kernels
-were compiled."""
+"""backend="cuda": the CPU glue as is for the losses whose general ops have CUDA
+implementations (csrc/cuda/pair_losses_cuda.cu: ms_loss, contrastive, circle;
+csrc/cuda/proxy_losses_cuda.cu: proxy_anchor, proxy_nca; dispatched by device), for CUDA
+tensors when the CUDA kernels were compiled. The symmetric self ops are CPU-only: the glue
+takes the general op with r = x on CUDA tensors."""
 from __future__ import annotations
 
 from .. import _ext
-from . import contrastive, multi_similarity, register
+from . import circle, contrastive, multi_similarity, ntxent, proxy_anchor, proxy_nca, register
 
 
 def _on_cuda(supports):
@@ -15,6 +16,10 @@ def _on_cuda(supports):
     return cuda_supports
 
 
-register("cuda", "MultiSimilarityLoss", _on_cuda(multi_similarity.supports),
-         multi_similarity.impl)
-register("cuda", "ContrastiveLoss", _on_cuda(contrastive.supports), contrastive.impl)
+for _name, _module, _supports in [
+        ("MultiSimilarityLoss", multi_similarity, multi_similarity.supports),
+        ("ContrastiveLoss", contrastive, contrastive.supports),
+        ("CircleLoss", circle, ntxent.supports),
+        ("ProxyAnchorLoss", proxy_anchor, proxy_anchor.supports),
+        ("ProxyNCALoss", proxy_nca, proxy_nca.supports)]:
+    register("cuda", _name, _on_cuda(_supports), _module.impl)
