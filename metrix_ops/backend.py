@@ -19,6 +19,13 @@ FUSED: dict[str, set] = {"cpu": set(), "cuda": set(), "triton": set()}
 
 _warned_no_ext = False
 
+# "auto" on CUDA tensors: the engines in order of preference, per loss from GPU measurements
+# (DESIGN §7: the slower of Triton and CUDA is not the default). No GPU run has compared them
+# yet (scripts/gpu_check.sh writes the comparison), so every loss keeps the Triton engine
+# first, as before the CUDA losses existed; fill GPU_ORDER from the first measurements.
+GPU_DEFAULT_ORDER = ("triton", "cuda")
+GPU_ORDER: dict = {}
+
 
 def _available(backend: str) -> bool:
     if backend == "cpu":
@@ -50,7 +57,7 @@ def resolve(backend: str, loss_name: str, device: torch.device) -> str:
             warnings.warn("metrix_ops: the compiled extension is not built; backend='auto' uses "
                           "the pure-PyTorch reference (build with `pip install "
                           "--no-build-isolation -e .`)", RuntimeWarning, stacklevel=3)
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        order = GPU_ORDER.get(loss_name, GPU_DEFAULT_ORDER) if device.type == "cuda" else ("cpu",)
         for b in order:
             if loss_name in FUSED[b] and _available(b) and _device_ok(b, device):
                 return b

@@ -151,3 +151,12 @@ def test_proxy_losses_match_reference(name, kw, B, C, D, dtype, rtol, atol):
     y = torch.randint(0, min(C, 4), (B,), generator=g).cuda()  # some classes absent
     assert_close_vg(proxy_fn(name, C, D, "cuda", **kw)(y),
                     proxy_fn(name, C, D, "reference", **kw)(y), x, P, rtol=rtol, atol=atol)
+
+
+def test_auto_follows_the_measured_gpu_order(monkeypatch):
+    """backend="auto" on CUDA tensors takes the first engine of the loss's GPU order."""
+    dev = torch.device("cuda")
+    monkeypatch.setitem(mo.backend.GPU_ORDER, "MultiSimilarityLoss", ("cuda", "triton"))
+    assert mo.backend.resolve("auto", "MultiSimilarityLoss", dev) == "cuda"
+    monkeypatch.setitem(mo.backend.GPU_ORDER, "MultiSimilarityLoss", ("triton", "cuda"))
+    assert mo.backend.resolve("auto", "MultiSimilarityLoss", dev) == "triton"
