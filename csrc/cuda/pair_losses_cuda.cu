@@ -43,7 +43,7 @@ struct MsRowLoss {
   const T* lse_pos = nullptr;
   const T* lse_neg = nullptr;
 
-  __device__ void fold(State& st, T s, bool pos) const {
+  __device__ void fold(State& st, T s, bool pos, int64_t) const {
     if (pos) st.pos.push(ms_pos_arg(s, alpha, base));
     else st.neg.push(ms_neg_arg(s, beta, base));
   }
@@ -142,7 +142,7 @@ struct ConRowLoss {
   __device__ PairTerm<T> term(T s, bool pos) const {
     return contrastive_term(s, cosine, pos, pos ? pos_margin : neg_margin);
   }
-  __device__ void fold(State& st, T s, bool pos) const {
+  __device__ void fold(State& st, T s, bool pos, int64_t) const {
     const PairTerm<T> t = term(s, pos);
     if (!in_window(t.value, low, high)) return;
     if (pos) {
@@ -239,7 +239,7 @@ struct CircleRowLoss {
   const T* lse_pos = nullptr;
   const T* lse_neg = nullptr;
 
-  __device__ void fold(State& st, T s, bool pos) const {
+  __device__ void fold(State& st, T s, bool pos, int64_t) const {
     if (pos) st.pos.push(circle_pos_logit(s, c));
     else st.neg.push(circle_neg_logit(s, c));
   }

@@ -10,7 +10,7 @@
 //
 // A Loss provides:
 //   struct State { static MO_HD State empty(); MO_HD void merge(const State&); }  (POD)
-//   __device__ void fold(State&, T s, bool positive) const
+//   __device__ void fold(State&, T s, bool positive, int64_t row) const
 //   __device__ T grad(T s, bool positive, int64_t row) const
 // Why recompute rather than keep G from the forward: keeping it is the B×M matrix this
 // engine exists to avoid; the recomputation is one chunk product per chunk (4 products in
@@ -48,7 +48,7 @@ __global__ void fold_rows_kernel(const T* __restrict__ s, int64_t len, int64_t s
   State local = State::empty();
   for (int64_t j = threadIdx.x; j < len; j += kThreads) {
     const int kind = pair_kind(yr, yc, i, start + j, exclude_diag);
-    if (kind >= 0) loss.fold(local, row[j], kind == 1);
+    if (kind >= 0) loss.fold(local, row[j], kind == 1, i);
   }
   __shared__ State shared[kThreads];
   shared[threadIdx.x] = local;

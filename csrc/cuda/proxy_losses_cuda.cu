@@ -54,7 +54,7 @@ struct PaRowLoss {
   const T* lp = nullptr;
   const T* ln = nullptr;
 
-  __device__ void fold(State& st, T s, bool pos) const {
+  __device__ void fold(State& st, T s, bool pos, int64_t) const {
     if (pos) st.pos.push(pa_pos_arg(s, alpha, margin));
     else st.neg.push(pa_neg_arg(s, alpha, margin));
   }
@@ -145,7 +145,7 @@ struct NcaRowLoss {
   const T* g_rows = nullptr;  // backward: ∂L/∂row and the rows' log-sum-exps
   const T* lse = nullptr;
 
-  __device__ void fold(State& st, T s, bool own) const {
+  __device__ void fold(State& st, T s, bool own, int64_t) const {
     const T l = nca_logit(s, scale, kind);
     st.lse.push(l);
     if (own) {

@@ -1,6 +1,7 @@
 """backend="cuda": the CPU glue as is for the losses whose general ops have CUDA
 implementations (csrc/cuda/pair_losses_cuda.cu: ms_loss, contrastive, circle;
-csrc/cuda/proxy_losses_cuda.cu: proxy_anchor, proxy_nca; dispatched by device), for CUDA
+csrc/cuda/proxy_losses_cuda.cu: proxy_anchor, proxy_nca; csrc/cuda/ntxent_cuda.cu: ntxent,
+supcon; dispatched by device), for CUDA
 tensors when the CUDA kernels were compiled. The symmetric self ops are CPU-only: the glue
 takes the general op with r = x on CUDA tensors."""
 from __future__ import annotations
@@ -16,10 +17,12 @@ def _on_cuda(supports):
     return cuda_supports
 
 
-for _name, _module, _supports in [
-        ("MultiSimilarityLoss", multi_similarity, multi_similarity.supports),
-        ("ContrastiveLoss", contrastive, contrastive.supports),
-        ("CircleLoss", circle, ntxent.supports),
-        ("ProxyAnchorLoss", proxy_anchor, proxy_anchor.supports),
-        ("ProxyNCALoss", proxy_nca, proxy_nca.supports)]:
-    register("cuda", _name, _on_cuda(_supports), _module.impl)
+for _name, _supports, _impl in [
+        ("MultiSimilarityLoss", multi_similarity.supports, multi_similarity.impl),
+        ("ContrastiveLoss", contrastive.supports, contrastive.impl),
+        ("CircleLoss", ntxent.supports, circle.impl),
+        ("NTXentLoss", ntxent.supports, ntxent.ntxent_impl),
+        ("SupConLoss", ntxent.supports, ntxent.supcon_impl),
+        ("ProxyAnchorLoss", proxy_anchor.supports, proxy_anchor.impl),
+        ("ProxyNCALoss", proxy_nca.supports, proxy_nca.impl)]:
+    register("cuda", _name, _on_cuda(_supports), _impl)
