@@ -65,7 +65,10 @@ def reduce_rows(rows, reducer, x):
     return _reduce_side(torch.where(kept, rows, 0), kept, n_rows, reducer, x)
 
 
-def ntxent_impl(params, inp, reducer, chunk=None):
+def ntxent_from_rows(rows_fn, params, inp, reducer):
+    """NTXentLoss from a backend's per-anchor totals: rows_fn(x_unit, r_unit, labels,
+    ref_labels, same_set, temperature, low, high) -> (sum, count) of each anchor's positive-
+    pair losses inside the reducer's window; PML's no-pairs rules and reduction here."""
     x = inp.embeddings
     window = _window(reducer)
     if window is None:  # a reducer that is not a ratio of totals (DivisorReducer, a subclass)
@@ -73,21 +76,30 @@ def ntxent_impl(params, inp, reducer, chunk=None):
 
     def compute(n_pos):
         xu, ru = unit_pair(inp)
-        sums, counts = ntxent_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
-                                   params["temperature"], *window, chunk=chunk)
+        sums, counts = rows_fn(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
+                               params["temperature"], *window)
         return _reduce_side(sums, counts, n_pos, reducer, x)
 
     return guarded(compute, inp, need_both=True)
 
 
-def supcon_impl(params, inp, reducer, chunk=None):
+def supcon_from_rows(rows_fn, params, inp, reducer):
+    """SupConLoss from a backend's per-anchor losses: rows_fn(x_unit, r_unit, labels,
+    ref_labels, same_set, temperature) -> rows."""
     def compute(_n_pos):
         xu, ru = unit_pair(inp)
-        rows = supcon_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
-                           params["temperature"], chunk)
+        rows = rows_fn(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["temperature"])
         return reduce_rows(rows, reducer, inp.embeddings)
 
     return guarded(compute, inp, need_both=True)
+
+
+def ntxent_impl(params, inp, reducer, chunk=None):
+    return ntxent_from_rows(lambda *a: ntxent_rows(*a, chunk=chunk), params, inp, reducer)
+
+
+def supcon_impl(params, inp, reducer, chunk=None):
+    return supcon_from_rows(lambda *a: supcon_rows(*a, chunk), params, inp, reducer)
 
 
 register("cpu", "NTXentLoss", supports, ntxent_impl)

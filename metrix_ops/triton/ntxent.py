@@ -11,7 +11,8 @@ Statistics are per anchor (row):
   the forward returns per anchor the sum and count of its pair losses inside the reducer's
   window (low < loss < high), and the total weight W = Σ_kept q(1−q)/(q + tiny) its kept pairs
   put on its negatives' softmax: Mean, Sum, AvgNonZero and Threshold are exact ratios of those
-  totals (fused/contrastive.py's _window/_reduce_side); any other reducer gets the reference.
+  totals (fused/ntxent.py's ntxent_from_rows, shared with the CPU op); any other reducer gets
+  the reference.
 - SupCon, per anchor: lse over its pairs − mean of its positives' logits (0 without
   positives): one pass (online log-sum-exp, positives' count and logit sum); "element"
   reduced, so every reducer applies to the rows.
@@ -26,13 +27,9 @@ the reference labels are the batch labels).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..distances import is_cosine
-from ..fused.contrastive import _reduce_side, _window
-from ..fused.pair_counts import pair_count_tensors
-from ..reducers import reduce_loss_dict, zero_loss
-from ..spec import get_spec
+from ..fused.ntxent import ntxent_from_rows, supcon_from_rows
 from .launch import HAS_TRITON
 from .proxy_anchor import _grids, column_grads, hyper, tile_config
 
@@ -329,44 +326,12 @@ def supports(params, inp, expansion) -> bool:
             and is_cosine(inp.distance))
 
 
-def _unit_pair(inp):
-    """The unit anchors and references; the batch against itself is one tensor (autograd
-    then adds the kernels' dX and dR)."""
-    xu = F.normalize(inp.embeddings, dim=1)
-    return xu, (xu if inp.ref_emb is inp.embeddings else F.normalize(inp.ref_emb, dim=1))
-
-
-def _no_pairs(inp):
-    """PML's zero-loss rules of both losses: every pair list with at most one entry, or no
-    positive pair, or no negative pair. Also gives the number of positive pairs."""
-    n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
-    return bool(((n_pos <= 1) & (n_neg <= 1)) | (n_pos == 0) | (n_neg == 0)), n_pos
-
-
 def ntxent_impl(params, inp, reducer):
-    x = inp.embeddings
-    window = _window(reducer)
-    if window is None:  # not a ratio of totals (e.g. DivisorReducer): the reference
-        return reduce_loss_dict(get_spec("NTXentLoss").loss_dict(inp, **params), reducer, x)
-    empty, n_pos = _no_pairs(inp)
-    if empty:
-        return zero_loss(x)
-    xu, ru = _unit_pair(inp)
-    sums, counts = ntxent_rows(xu, ru, inp.labels.long(), inp.ref_labels.long(), inp.same_set,
-                               params["temperature"], *window)
-    return _reduce_side(sums, counts, n_pos, reducer, x)
+    return ntxent_from_rows(ntxent_rows, params, inp, reducer)
 
 
 def supcon_impl(params, inp, reducer):
-    x = inp.embeddings
-    if _no_pairs(inp)[0]:
-        return zero_loss(x)
-    xu, ru = _unit_pair(inp)
-    rows = supcon_rows(xu, ru, inp.labels.long(), inp.ref_labels.long(), inp.same_set,
-                       params["temperature"])
-    idx = torch.arange(len(rows), device=x.device)
-    return reduce_loss_dict({"loss": {"losses": rows, "indices": idx, "reduction_type": "element"}},
-                            reducer, x)
+    return supcon_from_rows(supcon_rows, params, inp, reducer)
 
 
 if HAS_TRITON:
