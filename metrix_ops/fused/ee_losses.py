@@ -1,0 +1,149 @@
+"""MultiSimilarityLoss, LiftedStructureLoss and NPairsLoss with Embedding Expansion on the
+CPU: the negative side, a log-sum-exp over every (anchor, original or synthetic negative
+point) pair scored by its closest pair, comes from the fused op ee_neg_lse (no B×P matrix,
+no point stack); the clean side (original positive pairs, O(Σ_c |c|²) of them) is gathered
+here in PyTorch. Each loss builds the reference's loss dict (reference/expansion.py) from
+these and reduces it the same way, so every reducer applies."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from ..distances import CosineSimilarity, DotProductSimilarity, is_normalized_l2
+from ..ops.ee_losses import ee_neg_lse
+from ..ops.ee_mining import all_segments
+from ..reducers import reduce_loss_dict, zero_loss
+from ..reference.expansion_points import expansion_segments, safe_sqrt
+from . import register_expansion
+
+CHUNK = 256  # rows per class chunk of the op; tests set it small
+
+
+def _cosine_like(d) -> bool:
+    """The dot product of L2-normalised rows (NPairs' default DotProductSimilarity normalises)."""
+    return (type(d) in (CosineSimilarity, DotProductSimilarity) and d.normalize_embeddings
+            and d.p == 2 and d.power == 1)
+
+
+def supports(params, inp, expansion) -> bool:
+    d = inp.distance
+    if not (_ext.HAS_EXT and expansion is not None and inp.indices_tuple is None
+            and inp.labels is not None and inp.same_set and inp.ref_emb is inp.embeddings
+            and inp.embeddings.device.type == "cpu"):
+        return False
+    if _cosine_like(d):
+        return True
+    # L2 between unnormalised mixes is not a function of their cosine: the reference only
+    return is_normalized_l2(d) and (expansion.normalize or expansion.n_points == 0)
+
+
+def _segments(labels, expansion):
+    if expansion.n_points == 0:
+        return labels.new_empty(0), labels.new_empty(0)
+    if expansion.pairs == "all":
+        return all_segments(labels)
+    return expansion_segments(labels, expansion.pairs)  # validates the pairing, O(B)
+
+
+def _neg_lse(inp, expansion, scale, offset, anchor_mask=None, neg_mask=None):
+    """log Σ_{Q_i} exp(scale·m̂ + offset) per anchor, m̂ = ŝ or d̂ as the distance is."""
+    x, labels = inp.embeddings, inp.labels
+    seg_i, seg_j = _segments(labels, expansion)
+    xu = inp.distance.maybe_normalize(x)
+    l2 = not inp.distance.is_inverted
+    return ee_neg_lse(xu, labels, seg_i, seg_j, expansion.n_points, l2, scale, offset,
+                      anchor_mask, neg_mask, CHUNK)
+
+
+def _pair_metric(inp, a, p):
+    """The loss metric between originals a and p (the clean distance), with gradient;
+    positives' differences are exact for duplicate rows, as cdist's."""
+    xu = inp.distance.maybe_normalize(inp.embeddings)
+    if inp.distance.is_inverted:
+        return (xu[a] * xu[p]).sum(1)
+    return safe_sqrt(((xu[a] - xu[p]) ** 2).sum(1))
+
+
+def _positive_pairs(labels):
+    """Every ordered positive pair (a, p), a ≠ p, sorted as torch.where(pos) gives them."""
+    i, j = all_segments(labels)
+    a, p = torch.cat([i, j]), torch.cat([j, i])
+    keep = torch.argsort(a * len(labels) + p)
+    return a[keep], p[keep]
+
+
+def _class_counts(labels):
+    return torch.unique(labels, return_counts=True)[1]
+
+
+def _reduce(losses, indices, kind, reducer, x):
+    return reduce_loss_dict({"loss": {"losses": losses, "indices": indices,
+                                      "reduction_type": kind}}, reducer, x)
+
+
+def _log1p_sum_exp(v, idx, b):
+    """log(1 + Σ_{idx = i} e^v) per i in [0, b) (scatter form, stable)."""
+    m = v.new_zeros(b).scatter_reduce(0, idx, v.detach(), "amax", include_self=True)
+    return m + torch.log(torch.exp(-m).index_add(0, idx, torch.exp(v - m[idx])))
+
+
+def multi_similarity(params, inp, reducer, expansion=None):
+    x, labels, d = inp.embeddings, inp.labels, inp.distance
+    alpha, beta, base = params.get("alpha", 2.0), params.get("beta", 50.0), params.get("base", 0.5)
+    counts = _class_counts(labels)
+    if not bool((counts > 1).any()) and len(counts) < 2:  # no positive, no negative: PML's 0
+        return zero_loss(x)  # the reference's empty loss dict reduces to this
+    b = len(labels)
+    a, p = _positive_pairs(labels)
+    pos = _log1p_sum_exp(alpha * d.margin(_pair_metric(inp, a, p), base), a, b) / alpha
+    # β·margin(base, m̂): β(ŝ − base) for a similarity, β(base − d̂) for a distance
+    sign = 1.0 if d.is_inverted else -1.0
+    lse = _neg_lse(inp, expansion, sign * beta, -sign * beta * base)
+    neg = torch.logaddexp(lse, torch.zeros_like(lse)) / beta
+    return _reduce(pos + neg, torch.arange(b, device=x.device), "element", reducer, x)
+
+
+def lifted_structure(params, inp, reducer, expansion=None):
+    x, labels, d = inp.embeddings, inp.labels, inp.distance
+    neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
+    a, p = _positive_pairs(labels)
+    if len(a) == 0 or len(_class_counts(labels)) < 2:  # PML: no positive or negative pair
+        return zero_loss(x)  # the reference's empty loss dict reduces to this
+    # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance
+    sign = 1.0 if d.is_inverted else -1.0
+    lse = _neg_lse(inp, expansion, sign, -sign * neg_margin)
+    both = torch.logaddexp(lse[a], lse[p])  # the negatives of both ends of the pair
+    losses = F.relu(both + d.margin(_pair_metric(inp, a, p), pos_margin)) ** 2 / 2
+    return _reduce(losses, (a, p), "pos_pair", reducer, x)
+
+
+def first_pairs(labels):
+    """PML's N-pair pairs in O(B): per label with two members or more (ascending), its first
+    two rows, as reference/npairs.unique_label_pos_pairs picks them."""
+    order = torch.argsort(labels, stable=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    start = torch.cumsum(counts, 0) - counts
+    start = start[counts > 1]
+    return order[start], order[start + 1]
+
+
+def npairs(params, inp, reducer, expansion=None):
+    x, labels, d = inp.embeddings, inp.labels, inp.distance
+    a, p = first_pairs(labels)
+    if len(a) == 0:
+        return zero_loss(x)  # the reference's empty loss dict reduces to this
+    b = len(labels)
+    sign = 1.0 if d.is_inverted else -1.0  # logits: similarities, or −distances
+    anchors = torch.zeros(b, dtype=torch.bool, device=x.device).index_fill(0, a, True)
+    # negatives: the other pairs' positives (originals) and every synthetic point of another
+    # class, each scored by its closest pair; the target is the plain s(a_k, p_k)
+    negs = torch.zeros(b, dtype=torch.bool, device=x.device).index_fill(0, p, True)
+    lse = _neg_lse(inp, expansion, sign, 0.0, anchors, negs)[a]
+    target = sign * _pair_metric(inp, a, p)
+    return _reduce(torch.logaddexp(lse, target) - target, a, "element", reducer, x)
+
+
+register_expansion("cpu", "MultiSimilarityLoss", supports, multi_similarity)
+register_expansion("cpu", "LiftedStructureLoss", supports, lifted_structure)
+register_expansion("cpu", "NPairsLoss", supports, npairs)
