@@ -1,5 +1,5 @@
-"""Fused CPU Embedding Expansion for MultiSimilarityLoss, LiftedStructureLoss and NPairsLoss
-(ee_neg_lse) against the reference: loss and gradient on the shared cases and on
+"""Fused CPU Embedding Expansion for MultiSimilarityLoss, LiftedStructureLoss, NPairsLoss
+(ee_neg_lse) and TripletMarginLoss (ee_triplet) against the reference: loss and gradient on the shared cases and on
 class-contiguous batches ("adjacent"), n_points 0..3, both distances, normalised and not,
 reducers, chunking, dtypes, dispatch, errors and opcheck."""
 import pytest
@@ -10,7 +10,7 @@ import metrix_ops as mo
 from metrix_ops import _ext
 from metrix_ops.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from metrix_ops.fused import ee_losses as fused_ee
-from metrix_ops.ops.ee_losses import ee_neg_lse
+from metrix_ops.ops.ee_losses import ee_neg_lse, ee_triplet
 from metrix_ops.ops.ee_mining import all_segments
 from metrix_ops.reducers import AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer
 
@@ -19,9 +19,9 @@ from cases import CASES, CASE_IDS, assert_close_vg, make_case
 pytestmark = [pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built"),
               pytest.mark.usefixtures("one_thread")]
 
-LOSSES = ["MultiSimilarityLoss", "LiftedStructureLoss", "NPairsLoss"]
+LOSSES = ["MultiSimilarityLoss", "LiftedStructureLoss", "NPairsLoss", "TripletMarginLoss"]
 COS = {"MultiSimilarityLoss": CosineSimilarity, "LiftedStructureLoss": CosineSimilarity,
-       "NPairsLoss": DotProductSimilarity}
+       "NPairsLoss": DotProductSimilarity, "TripletMarginLoss": CosineSimilarity}
 
 
 @pytest.fixture(params=[256, 3], ids=["chunk256", "chunk3"])
@@ -81,7 +81,7 @@ def test_random_batches_float64(name, n, pairs, normalize, chunk):
                 continue  # the reference only (test_fallbacks)
             cpu, ref = pair(name, n, pairs, normalize, dist)
             v = assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x)
-            assert v != 0 or name == "NPairsLoss"
+            assert v != 0 or name in ("NPairsLoss", "TripletMarginLoss")
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -100,7 +100,9 @@ def test_hyper_parameters(name):
                                    dict(alpha=5.0, beta=80.0, base=0.9)],
            "LiftedStructureLoss": [dict(neg_margin=0.3, pos_margin=0.2),
                                    dict(neg_margin=2.0, pos_margin=0.0)],
-           "NPairsLoss": [{}]}[name]
+           "NPairsLoss": [{}],
+           "TripletMarginLoss": [dict(margin=0.3), dict(margin=1e-4), dict(smooth_loss=True),
+                                 dict(margin=25.0, smooth_loss=True)]}[name]
     for kw in kws:
         for dist in dists(name):
             cpu, ref = pair(name, 2, dist=dist, **kw)
@@ -228,6 +230,21 @@ def test_opcheck():
                               (g, lse, xu.detach(), y, si, sj, m, m, 3, False, 1.5, -0.2, 5))
 
 
+def test_opcheck_triplet():
+    x, y = batch(17, 8, 4, seed=3)
+    si, sj = all_segments(y)
+    pa, pp = fused_ee._positive_pairs(y)
+    for dt in (torch.float64, torch.float32):
+        xu = F.normalize(x, dim=1).to(dt)
+        pos = (xu[pa] - xu[pp]).norm(dim=1).requires_grad_()
+        for l2, smooth in ((True, False), (False, True)):
+            torch.library.opcheck(torch.ops.metrix_ops.ee_triplet_fwd.default,
+                                  (xu.requires_grad_(), y, si, sj, pos, 3, l2, 0.3, smooth, 5))
+        g = torch.rand(17, dtype=dt)
+        torch.library.opcheck(torch.ops.metrix_ops.ee_triplet_bwd.default,
+                              (g, xu.detach(), y, si, sj, pos.detach(), 3, True, 0.3, False, 5))
+
+
 def test_gradcheck_op():
     x, y = batch(9, 4, 3, seed=8)
     si, sj = all_segments(y)
@@ -235,6 +252,11 @@ def test_gradcheck_op():
     for l2 in (False, True):
         assert torch.autograd.gradcheck(
             lambda e: ee_neg_lse(e, y, si, sj, 2, l2, 3.0, -1.0, chunk=2), (xu,))
+    pa, pp = fused_ee._positive_pairs(y)
+    pos = (xu[pa] - xu[pp]).norm(dim=1).detach().requires_grad_()
+    for l2 in (False, True):  # smooth: relu's kinks are not differentiable
+        assert torch.autograd.gradcheck(
+            lambda e, q: ee_triplet(e, y, si, sj, q, 2, l2, 0.3, True, 2)[0], (xu, pos))
 
 
 # ---------------------------------------------------------------- dispatch
@@ -258,13 +280,47 @@ def test_auto_picks_cpu(name, monkeypatch):
             n_points=2, normalize=False))(x, y)
 
 
-def test_explicit_cpu_covers_losses_and_not_triplet():
+def test_explicit_cpu_covers_losses():
+    """Every EE loss runs on backend="cpu"; TripletMarginLoss with swap or a
+    triplets_per_anchor count (which the reference does not implement with EE) still raises."""
     x, y = batch(20, 8, 3, seed=1)
     ee = mo.Expansion(n_points=2)
     for name in LOSSES + ["HPHNTripletLoss"]:
         getattr(mo.losses, name)(backend="cpu", expansion=ee)(x, y)
-    with pytest.raises(NotImplementedError):
-        mo.losses.TripletMarginLoss(backend="cpu", expansion=ee)(x, y)
+    for kw in (dict(swap=True), dict(triplets_per_anchor=3)):
+        with pytest.raises(NotImplementedError):
+            mo.losses.TripletMarginLoss(backend="cpu", expansion=ee, **kw)(x, y)
+
+
+def test_triplet_totals_equal_reference_terms():
+    """The op's per-anchor totals equal the reference's triplet terms summed per anchor."""
+    from metrix_ops.reference.expansion import expansion_loss_dict
+    from metrix_ops.spec import LossInputs
+    x, y = batch(29, 6, 4, seed=9)
+    xu = F.normalize(x, dim=1)
+    for dist, smooth in ((LpDistance(), False), (CosineSimilarity(), True)):
+        inp = LossInputs(x, y, None, x, y, True, dist)
+        terms = expansion_loss_dict("TripletMarginLoss", dict(margin=0.2, smooth_loss=smooth),
+                                    inp, mo.Expansion(n_points=2))["loss"]
+        a = terms["indices"][0]
+        want = torch.zeros(29, dtype=x.dtype).index_add(0, a, terms["losses"])
+        want_nz = torch.zeros(29, dtype=torch.long).index_add(0, a, (terms["losses"] > 0).long())
+        pa, pp = fused_ee._positive_pairs(y)
+        pos = fused_ee._pair_metric(inp, pa, pp)
+        for c in (256, 2):
+            sums, nz, cnt = ee_triplet(xu, y, *all_segments(y), pos, 2,
+                                       not dist.is_inverted, 0.2, smooth, c)
+            torch.testing.assert_close(sums, want, rtol=1e-10, atol=1e-12)
+            assert torch.equal(nz, want_nz)
+            assert torch.equal(cnt, torch.bincount(a, minlength=29))
+
+
+def test_triplet_other_reducers_use_reference(monkeypatch):
+    """A reducer that needs the per-triplet terms gets them from the reference, not the op."""
+    x, y = batch(20, 6, 3, seed=2)
+    monkeypatch.setattr(fused_ee, "ee_triplet", None)  # would raise if called
+    cpu, ref = pair("TripletMarginLoss", 2, reducer=ThresholdReducer(low=0.01, high=0.2))
+    assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x)
 
 
 def test_adjacent_needs_contiguous_pairs():

@@ -217,59 +217,27 @@ struct EeOp {
   }
 
   T metric(T s) const { return l2 ? ee_safe_sqrt(T(2) - T(2) * s) : s; }
-};
+  // ∂m̂/∂ŝ: 1, or −1/d̂ (0 where safe_sqrt is flat)
+  T dmetric(T m) const { return l2 ? (m > T(0) ? T(-1) / m : T(0)) : T(1); }
 
-void check_ee_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& seg_i,
-                     const at::Tensor& seg_j, const at::Tensor& anchor_mask,
-                     const at::Tensor& neg_mask, int64_t n, int64_t chunk) {
-  check_rows_labels(x, labels, "x", "labels");
-  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
-  TORCH_CHECK(n >= 0, "n_points must be >= 0, got ", n);
-  TORCH_CHECK(seg_i.dim() == 1 && seg_j.dim() == 1 && seg_i.size(0) == seg_j.size(0) &&
-                  seg_i.scalar_type() == at::kLong && seg_j.scalar_type() == at::kLong,
-              "seg_i and seg_j must be int64 of the same shape (S,)");
-  for (const at::Tensor* m : {&anchor_mask, &neg_mask})
-    TORCH_CHECK(m->dim() == 1 && m->size(0) == x.size(0) && m->scalar_type() == at::kBool,
-                m == &anchor_mask ? "anchor_mask" : "neg_mask", " must be bool of shape (",
-                x.size(0), ",)");
-  for (const at::Tensor* t : {&x, &labels, &seg_i, &seg_j, &anchor_mask, &neg_mask})
-    TORCH_CHECK(t->device().is_cpu(), "ee_neg_lse: all inputs must be CPU tensors");
-}
-
-}  // namespace
-
-at::Tensor ee_neg_lse_fwd_cpu(const at::Tensor& x_, const at::Tensor& labels_,
-                              const at::Tensor& seg_i_, const at::Tensor& seg_j_,
-                              const at::Tensor& anchor_mask_, const at::Tensor& neg_mask_,
-                              int64_t n, bool l2, double scale, double offset, int64_t chunk) {
-  check_ee_inputs(x_, labels_, seg_i_, seg_j_, anchor_mask_, neg_mask_, n, chunk);
-  auto x = x_.contiguous(), labels = labels_.contiguous();
-  auto amask = anchor_mask_.contiguous(), nmask = neg_mask_.contiguous();
-  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
-  const int64_t B = L.B;
-  at::Tensor out = at::full({B}, -std::numeric_limits<double>::infinity(), x.options());
-  if (B == 0) return out;
-  at::Tensor xo = x.index_select(0, at::tensor(L.order, labels.options()));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_neg_lse_fwd_cpu", [&] {
-    using T = scalar_t;
-    EeOp<T> op{L, xo, amask.data_ptr<bool>(), nmask.data_ptr<bool>(), l2, T(scale),
-               T(offset), chunk, std::max<int64_t>(4 * chunk, 64)};
-    op.norms();
-    const T ninf = -std::numeric_limits<T>::infinity();
-    std::vector<T> mx(B, ninf), sm(B, T(0));  // online log-sum-exp per slot
-    for (int64_t t1 = 0; t1 < op.nchunks(); ++t1) {
-      const int64_t r0 = op.rows0(t1), nr = op.rows(t1);
-      for (int64_t t2 = 0; t2 < op.nchunks(); ++t2) {
-        const int64_t c0 = op.rows0(t2), nc = op.rows(t2);
+  // Forward: for every chunk pair and column tile, visit(i, ci, best, pcls, pok, nt) for each
+  // anchor i of amask (ŝ(i, q) of the tile's columns in best; a column is a term of i where
+  // pcls[q] != ci and pok[q]). Anchors run in parallel: visit writes only anchor i's state.
+  template <class Visit>
+  void forward_sweep(Visit&& visit) {
+    for (int64_t t1 = 0; t1 < nchunks(); ++t1) {
+      const int64_t r0 = rows0(t1), nr = rows(t1);
+      for (int64_t t2 = 0; t2 < nchunks(); ++t2) {
+        const int64_t c0 = rows0(t2), nc = rows(t2);
         at::Tensor U = at::mm(xo.narrow(0, r0, nr), xo.narrow(0, c0, nc).t()).contiguous();
         std::vector<int64_t> pcls;
         std::vector<char> pok;
-        const auto pts = op.points_of(t2, pcls, pok);
+        const auto pts = points_of(t2, pcls, pok);
         const int64_t P = int64_t(pts.size());
-        std::vector<T> H(nr * std::min(op.tile, P));
-        for (int64_t q0 = 0; q0 < P; q0 += op.tile) {
-          const int64_t nt = std::min(op.tile, P - q0);
-          op.h_tile(U.data_ptr<T>(), nr, nc, pts.data() + q0, nt, H.data());
+        std::vector<T> H(nr * std::min(tile, P));
+        for (int64_t q0 = 0; q0 < P; q0 += tile) {
+          const int64_t nt = std::min(tile, P - q0);
+          h_tile(U.data_ptr<T>(), nr, nc, pts.data() + q0, nt, H.data());
           std::vector<T> qn(nt);
           for (int64_t c = 0; c < nt; ++c) qn[c] = pts[q0 + c].norm;
           at::parallel_for(0, nr, 1, [&](int64_t a0, int64_t a1) {
@@ -277,79 +245,41 @@ at::Tensor ee_neg_lse_fwd_cpu(const at::Tensor& x_, const at::Tensor& labels_,
             std::vector<int32_t> arg(nt);
             std::vector<EePt<T>> side;
             for (int64_t r = a0; r < a1; ++r) {
-              const int64_t i = L.order[r0 + r], ci = L.cls[i];
-              if (!op.amask[i]) continue;
-              op.side_of(r, r0, side);
-              op.closest(H.data(), nt, side, qn.data(), best.data(), arg.data());
-              T tmax = ninf;
-              for (int64_t c = 0; c < nt; ++c) {
-                if (pcls[q0 + c] == ci || !pok[q0 + c]) {
-                  best[c] = ninf;  // not a term
-                  continue;
-                }
-                best[c] = op.scale * op.metric(best[c]) + op.offset;
-                tmax = std::max(tmax, best[c]);
-              }
-              if (tmax == ninf) continue;
-              const int64_t s = r0 + r;
-              const T m = std::max(mx[s], tmax);
-              T acc = sm[s] * std::exp(mx[s] - m);
-              for (int64_t c = 0; c < nt; ++c)
-                if (best[c] != ninf) acc += std::exp(best[c] - m);
-              mx[s] = m, sm[s] = acc;
+              const int64_t i = L.order[r0 + r];
+              if (!amask[i]) continue;
+              side_of(r, r0, side);
+              closest(H.data(), nt, side, qn.data(), best.data(), arg.data());
+              visit(i, L.cls[i], best.data(), pcls.data() + q0, pok.data() + q0, nt);
             }
           });
         }
       }
     }
-    T* o = out.data_ptr<T>();
-    for (int64_t s = 0; s < B; ++s)
-      if (mx[s] != ninf) o[L.order[s]] = mx[s] + std::log(sm[s]);
-  });
-  return out;
-}
+  }
 
-at::Tensor ee_neg_lse_bwd_cpu(const at::Tensor& grad_, const at::Tensor& lse_,
-                              const at::Tensor& x_, const at::Tensor& labels_,
-                              const at::Tensor& seg_i_, const at::Tensor& seg_j_,
-                              const at::Tensor& anchor_mask_, const at::Tensor& neg_mask_,
-                              int64_t n, bool l2, double scale, double offset, int64_t chunk) {
-  check_ee_inputs(x_, labels_, seg_i_, seg_j_, anchor_mask_, neg_mask_, n, chunk);
-  check_vec(grad_, x_.size(0), "grad");
-  check_vec(lse_, x_.size(0), "lse");
-  auto x = x_.contiguous(), labels = labels_.contiguous();
-  auto grad = grad_.to(x.scalar_type()).contiguous(), lse = lse_.to(x.scalar_type()).contiguous();
-  auto amask = anchor_mask_.contiguous(), nmask = neg_mask_.contiguous();
-  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
-  const int64_t B = L.B, D = x.size(1);
-  if (B == 0) return at::zeros_like(x);
-  at::Tensor xo = x.index_select(0, at::tensor(L.order, labels.options()));
-  at::Tensor dxo = at::zeros_like(xo);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_neg_lse_bwd_cpu", [&] {
-    using T = scalar_t;
-    EeOp<T> op{L, xo, amask.data_ptr<bool>(), nmask.data_ptr<bool>(), l2, T(scale),
-               T(offset), chunk, std::max<int64_t>(4 * chunk, 64)};
-    op.norms();
-    const T ninf = -std::numeric_limits<T>::infinity();
-    const T* g = grad.data_ptr<T>();
-    const T* ls = lse.data_ptr<T>();
+  // Backward: ∂L/∂X̂ in slot order into dxo, given weight(i, ŝ) = ∂L/∂ŝ(i, q) for each term of
+  // an anchor with active(i). weight runs on one thread per anchor class: it may write
+  // per-anchor state of i. See the file comment for the routing.
+  template <class Active, class Weight>
+  void backward_sweep(at::Tensor& dxo, Active&& active, Weight&& weight) {
+    const int64_t n = L.n, D = xo.size(1);
     std::vector<T> dnorm(L.S * n, T(0));  // ∂L/∂‖p‖ per synthetic point
-    for (int64_t t1 = 0; t1 < op.nchunks(); ++t1) {
-      const int64_t r0 = op.rows0(t1), nr = op.rows(t1);
+    for (int64_t t1 = 0; t1 < nchunks(); ++t1) {
+      const int64_t r0 = rows0(t1), nr = rows(t1);
       const int64_t k0 = L.chunk_cls[t1], k1 = L.chunk_cls[t1 + 1];
-      for (int64_t t2 = 0; t2 < op.nchunks(); ++t2) {
-        const int64_t c0 = op.rows0(t2), nc = op.rows(t2);
+      for (int64_t t2 = 0; t2 < nchunks(); ++t2) {
+        const int64_t c0 = rows0(t2), nc = rows(t2);
         at::Tensor U = at::mm(xo.narrow(0, r0, nr), xo.narrow(0, c0, nc).t()).contiguous();
         at::Tensor dU = at::zeros_like(U);
         std::vector<int64_t> pcls;
         std::vector<char> pok;
-        const auto pts = op.points_of(t2, pcls, pok);
-        const int64_t P = int64_t(pts.size()), tw = std::min(op.tile, P);
+        const auto pts = points_of(t2, pcls, pok);
+        const int64_t P = int64_t(pts.size()), tw = std::min(tile, P);
         std::vector<T> H(nr * tw), Tg(nr * tw);
         T* du = dU.data_ptr<T>();
-        for (int64_t q0 = 0; q0 < P; q0 += op.tile) {
-          const int64_t nt = std::min(op.tile, P - q0);
-          op.h_tile(U.data_ptr<T>(), nr, nc, pts.data() + q0, nt, H.data());
+        for (int64_t q0 = 0; q0 < P; q0 += tile) {
+          const int64_t nt = std::min(tile, P - q0);
+          h_tile(U.data_ptr<T>(), nr, nc, pts.data() + q0, nt, H.data());
           std::fill(Tg.begin(), Tg.begin() + nr * nt, T(0));
           std::vector<T> qn(nt);
           for (int64_t c = 0; c < nt; ++c) qn[c] = pts[q0 + c].norm;
@@ -361,18 +291,13 @@ at::Tensor ee_neg_lse_bwd_cpu(const at::Tensor& grad_, const at::Tensor& lse_,
             for (int64_t c = a0; c < a1; ++c)
               for (int64_t s = L.cstart[c]; s < L.cstart[c + 1]; ++s) {
                 const int64_t r = s - r0, i = L.order[s];
-                if (!op.amask[i] || g[i] == T(0) || ls[i] == ninf) continue;
-                op.side_of(r, r0, side);
-                op.closest(H.data(), nt, side, qn.data(), best.data(), arg.data());
+                if (!amask[i] || !active(i)) continue;
+                side_of(r, r0, side);
+                closest(H.data(), nt, side, qn.data(), best.data(), arg.data());
                 for (int64_t q = 0; q < nt; ++q) {
                   if (pcls[q0 + q] == c || !pok[q0 + q]) continue;
                   const T sh = best[q];
-                  T dm = T(1), m = sh;  // ∂m̂/∂ŝ
-                  if (l2) {
-                    m = ee_safe_sqrt(T(2) - T(2) * sh);
-                    dm = m > T(0) ? T(-1) / m : T(0);
-                  }
-                  const T ws = g[i] * std::exp(op.scale * m + op.offset - ls[i]) * op.scale * dm;
+                  const T ws = weight(i, sh);
                   if (ws == T(0)) continue;
                   const EePt<T>& a = side[arg[q]];
                   const T wi = ws / (a.norm * qn[q]);
@@ -425,9 +350,9 @@ at::Tensor ee_neg_lse_bwd_cpu(const at::Tensor& grad_, const at::Tensor& lse_,
           T cuu = 0, cuw = 0, cww = 0;
           for (int64_t k = 0; k < n; ++k) {
             const int64_t p = e * n + k;
-            if (!(op.sq[p] >= std::numeric_limits<T>::min()) || dnorm[p] == T(0)) continue;
+            if (!(sq[p] >= std::numeric_limits<T>::min()) || dnorm[p] == T(0)) continue;
             const T lam = ee_lambda<T>(k + 1, n), mu = T(1) - lam;
-            const T dsq = dnorm[p] / (T(2) * op.nrm[p]);
+            const T dsq = dnorm[p] / (T(2) * nrm[p]);
             cuu += T(2) * lam * lam * dsq;
             cuw += T(2) * lam * mu * dsq;
             cww += T(2) * mu * mu * dsq;
@@ -443,10 +368,237 @@ at::Tensor ee_neg_lse_bwd_cpu(const at::Tensor& grad_, const at::Tensor& lse_,
           }
         }
     });
-  });
-  at::Tensor dx = at::empty_like(x);
-  dx.index_copy_(0, at::tensor(L.order, labels.options()), dxo);
+  }
+};
+
+void check_ee_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& seg_i,
+                     const at::Tensor& seg_j, const at::Tensor& anchor_mask,
+                     const at::Tensor& neg_mask, int64_t n, int64_t chunk) {
+  check_rows_labels(x, labels, "x", "labels");
+  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
+  TORCH_CHECK(n >= 0, "n_points must be >= 0, got ", n);
+  TORCH_CHECK(seg_i.dim() == 1 && seg_j.dim() == 1 && seg_i.size(0) == seg_j.size(0) &&
+                  seg_i.scalar_type() == at::kLong && seg_j.scalar_type() == at::kLong,
+              "seg_i and seg_j must be int64 of the same shape (S,)");
+  for (const at::Tensor* m : {&anchor_mask, &neg_mask})
+    TORCH_CHECK(m->dim() == 1 && m->size(0) == x.size(0) && m->scalar_type() == at::kBool,
+                m == &anchor_mask ? "anchor_mask" : "neg_mask", " must be bool of shape (",
+                x.size(0), ",)");
+  for (const at::Tensor* t : {&x, &labels, &seg_i, &seg_j, &anchor_mask, &neg_mask})
+    TORCH_CHECK(t->device().is_cpu(), "ee ops: all inputs must be CPU tensors");
+}
+
+at::Tensor slot_order(const EeLayout& L, const at::Tensor& labels) {
+  return at::tensor(L.order, labels.options());
+}
+
+// rows back from slot order
+at::Tensor unslot(const EeLayout& L, const at::Tensor& labels, const at::Tensor& xo) {
+  at::Tensor dx = at::empty_like(xo);
+  dx.index_copy_(0, slot_order(L, labels), xo);
   return dx;
+}
+
+}  // namespace
+
+at::Tensor ee_neg_lse_fwd_cpu(const at::Tensor& x_, const at::Tensor& labels_,
+                              const at::Tensor& seg_i_, const at::Tensor& seg_j_,
+                              const at::Tensor& anchor_mask_, const at::Tensor& neg_mask_,
+                              int64_t n, bool l2, double scale, double offset, int64_t chunk) {
+  check_ee_inputs(x_, labels_, seg_i_, seg_j_, anchor_mask_, neg_mask_, n, chunk);
+  auto x = x_.contiguous(), labels = labels_.contiguous();
+  auto amask = anchor_mask_.contiguous(), nmask = neg_mask_.contiguous();
+  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
+  const int64_t B = L.B;
+  at::Tensor out = at::full({B}, -std::numeric_limits<double>::infinity(), x.options());
+  if (B == 0) return out;
+  at::Tensor xo = x.index_select(0, slot_order(L, labels));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_neg_lse_fwd_cpu", [&] {
+    using T = scalar_t;
+    EeOp<T> op{L, xo, amask.data_ptr<bool>(), nmask.data_ptr<bool>(), l2, T(scale),
+               T(offset), chunk, std::max<int64_t>(4 * chunk, 64)};
+    op.norms();
+    const T ninf = -std::numeric_limits<T>::infinity();
+    std::vector<T> mx(B, ninf), sm(B, T(0));  // online log-sum-exp per anchor
+    op.forward_sweep([&](int64_t i, int64_t ci, T* best, const int64_t* pcls, const char* pok,
+                         int64_t nt) {
+      T tmax = ninf;
+      for (int64_t c = 0; c < nt; ++c) {
+        if (pcls[c] == ci || !pok[c]) {
+          best[c] = ninf;  // not a term
+          continue;
+        }
+        best[c] = op.scale * op.metric(best[c]) + op.offset;
+        tmax = std::max(tmax, best[c]);
+      }
+      if (tmax == ninf) return;
+      const T m = std::max(mx[i], tmax);
+      T acc = sm[i] * std::exp(mx[i] - m);
+      for (int64_t c = 0; c < nt; ++c)
+        if (best[c] != ninf) acc += std::exp(best[c] - m);
+      mx[i] = m, sm[i] = acc;
+    });
+    T* o = out.data_ptr<T>();
+    for (int64_t i = 0; i < B; ++i)
+      if (mx[i] != ninf) o[i] = mx[i] + std::log(sm[i]);
+  });
+  return out;
+}
+
+at::Tensor ee_neg_lse_bwd_cpu(const at::Tensor& grad_, const at::Tensor& lse_,
+                              const at::Tensor& x_, const at::Tensor& labels_,
+                              const at::Tensor& seg_i_, const at::Tensor& seg_j_,
+                              const at::Tensor& anchor_mask_, const at::Tensor& neg_mask_,
+                              int64_t n, bool l2, double scale, double offset, int64_t chunk) {
+  check_ee_inputs(x_, labels_, seg_i_, seg_j_, anchor_mask_, neg_mask_, n, chunk);
+  check_vec(grad_, x_.size(0), "grad");
+  check_vec(lse_, x_.size(0), "lse");
+  auto x = x_.contiguous(), labels = labels_.contiguous();
+  auto grad = grad_.to(x.scalar_type()).contiguous(), lse = lse_.to(x.scalar_type()).contiguous();
+  auto amask = anchor_mask_.contiguous(), nmask = neg_mask_.contiguous();
+  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
+  if (L.B == 0) return at::zeros_like(x);
+  at::Tensor xo = x.index_select(0, slot_order(L, labels));
+  at::Tensor dxo = at::zeros_like(xo);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_neg_lse_bwd_cpu", [&] {
+    using T = scalar_t;
+    EeOp<T> op{L, xo, amask.data_ptr<bool>(), nmask.data_ptr<bool>(), l2, T(scale),
+               T(offset), chunk, std::max<int64_t>(4 * chunk, 64)};
+    op.norms();
+    const T* g = grad.data_ptr<T>();
+    const T* ls = lse.data_ptr<T>();
+    op.backward_sweep(
+        dxo, [&](int64_t i) { return g[i] != T(0) && ls[i] != -std::numeric_limits<T>::infinity(); },
+        [&](int64_t i, T sh) {
+          const T m = op.metric(sh);
+          return g[i] * std::exp(op.scale * m + op.offset - ls[i]) * op.scale * op.dmetric(m);
+        });
+  });
+  return unslot(L, labels, dxo);
+}
+
+// TripletMarginLoss "all" with EE: per anchor i, over its positives p (pos: their clean metric,
+// anchor-major CSR in index order, each anchor's class members but itself in index order)
+// and every negative point q, the terms f(v) with v = margin(pos_ip, m̂(i, q)) + margin and f
+// relu or (smooth) softplus. Returns (Σ f, #f > 0, #triplets) per anchor; no triplet list.
+namespace {
+
+template <typename T>
+MO_HD T ee_trip_f(T v, bool smooth) {  // F.softplus: linear past threshold 20
+  if (!smooth) return v > T(0) ? v : T(0);
+  return v > T(20) ? v : std::log1p(std::exp(v));
+}
+
+template <typename T>
+MO_HD T ee_trip_df(T v, bool smooth) {
+  if (!smooth) return v > T(0) ? T(1) : T(0);
+  return v > T(20) ? T(1) : T(1) / (T(1) + std::exp(-v));
+}
+
+// first CSR entry of each anchor: anchors in index order, |class| − 1 positives each
+std::vector<int64_t> pos_offsets(const EeLayout& L) {
+  std::vector<int64_t> off(L.B + 1, 0);
+  for (int64_t i = 0; i < L.B; ++i)
+    off[i + 1] = off[i] + (L.cstart[L.cls[i] + 1] - L.cstart[L.cls[i]] - 1);
+  return off;
+}
+
+void check_pos(const EeLayout& L, const at::Tensor& pos, const at::Tensor& x) {
+  const int64_t want = pos_offsets(L)[L.B];
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == want && pos.scalar_type() == x.scalar_type(),
+              "pos must be of x's dtype and shape (", want, ",): each anchor's clean metric to "
+              "its positives");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ee_triplet_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& labels_, const at::Tensor& seg_i_,
+    const at::Tensor& seg_j_, const at::Tensor& pos_, int64_t n, bool l2, double margin,
+    bool smooth, int64_t chunk) {
+  auto all = at::ones({x_.size(0)}, labels_.options().dtype(at::kBool));
+  check_ee_inputs(x_, labels_, seg_i_, seg_j_, all, all, n, chunk);
+  auto x = x_.contiguous(), labels = labels_.contiguous(), pos = pos_.contiguous();
+  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
+  check_pos(L, pos, x);
+  const int64_t B = L.B;
+  at::Tensor sums = at::zeros({B}, x.options());
+  at::Tensor nonzero = at::zeros({B}, labels.options()), count = at::zeros({B}, labels.options());
+  if (B == 0) return {sums, nonzero, count};
+  const auto off = pos_offsets(L);
+  at::Tensor xo = x.index_select(0, slot_order(L, labels));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_triplet_fwd_cpu", [&] {
+    using T = scalar_t;
+    EeOp<T> op{L, xo, all.data_ptr<bool>(), all.data_ptr<bool>(), l2, T(1), T(0), chunk,
+               std::max<int64_t>(4 * chunk, 64)};
+    op.norms();
+    const T* pv = pos.data_ptr<T>();
+    const T m = T(margin);
+    T* su = sums.data_ptr<T>();
+    int64_t* nz = nonzero.data_ptr<int64_t>();
+    int64_t* ct = count.data_ptr<int64_t>();
+    op.forward_sweep([&](int64_t i, int64_t ci, T* best, const int64_t* pcls, const char*,
+                         int64_t nt) {
+      const T* p = pv + off[i];
+      const int64_t np = off[i + 1] - off[i];
+      if (np == 0) return;
+      T acc = 0;
+      int64_t k = 0, tot = 0;
+      for (int64_t c = 0; c < nt; ++c) {
+        if (pcls[c] == ci) continue;
+        const T mh = op.metric(best[c]);
+        ++tot;
+        for (int64_t j = 0; j < np; ++j) {
+          const T f = ee_trip_f((l2 ? p[j] - mh : mh - p[j]) + m, smooth);
+          acc += f;
+          k += f > T(0);
+        }
+      }
+      su[i] += acc, nz[i] += k, ct[i] += tot * np;
+    });
+  });
+  return {sums, nonzero, count};
+}
+
+std::tuple<at::Tensor, at::Tensor> ee_triplet_bwd_cpu(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& labels_,
+    const at::Tensor& seg_i_, const at::Tensor& seg_j_, const at::Tensor& pos_, int64_t n,
+    bool l2, double margin, bool smooth, int64_t chunk) {
+  auto all = at::ones({x_.size(0)}, labels_.options().dtype(at::kBool));
+  check_ee_inputs(x_, labels_, seg_i_, seg_j_, all, all, n, chunk);
+  check_vec(grad_, x_.size(0), "grad");
+  auto x = x_.contiguous(), labels = labels_.contiguous(), pos = pos_.contiguous();
+  auto grad = grad_.to(x.scalar_type()).contiguous();
+  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
+  check_pos(L, pos, x);
+  at::Tensor dpos = at::zeros_like(pos);
+  if (L.B == 0) return {at::zeros_like(x), dpos};
+  const auto off = pos_offsets(L);
+  at::Tensor xo = x.index_select(0, slot_order(L, labels));
+  at::Tensor dxo = at::zeros_like(xo);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_triplet_bwd_cpu", [&] {
+    using T = scalar_t;
+    EeOp<T> op{L, xo, all.data_ptr<bool>(), all.data_ptr<bool>(), l2, T(1), T(0), chunk,
+               std::max<int64_t>(4 * chunk, 64)};
+    op.norms();
+    const T* g = grad.data_ptr<T>();
+    const T* pv = pos.data_ptr<T>();
+    T* dp = dpos.data_ptr<T>();  // anchor i's entries: written by its class's thread only
+    const T m = T(margin);
+    op.backward_sweep(
+        dxo, [&](int64_t i) { return g[i] != T(0) && off[i + 1] > off[i]; },
+        [&](int64_t i, T sh) {
+          const T mh = op.metric(sh);
+          T sum = 0;
+          for (int64_t j = off[i]; j < off[i + 1]; ++j) {
+            const T df = g[i] * ee_trip_df((l2 ? pv[j] - mh : mh - pv[j]) + m, smooth);
+            sum += df;
+            dp[j] += l2 ? df : -df;
+          }
+          return (l2 ? -sum : sum) * op.dmetric(mh);
+        });
+  });
+  return {unslot(L, labels, dxo), dpos};
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
@@ -458,11 +610,20 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("ee_neg_lse_bwd(Tensor grad, Tensor lse, Tensor x, Tensor labels, Tensor seg_i, "
         "Tensor seg_j, Tensor anchor_mask, Tensor neg_mask, int n_points, bool l2, float scale, "
         "float offset, int chunk) -> Tensor");
+  // TripletMarginLoss "all" with EE: per anchor (Σ f(v), #f > 0, #triplets) over its positives
+  // (pos: their clean metric, anchor-major) and every negative point; v = margin(pos, m̂) + m
+  m.def("ee_triplet_fwd(Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, Tensor pos, "
+        "int n_points, bool l2, float margin, bool smooth, int chunk) -> (Tensor, Tensor, Tensor)");
+  m.def("ee_triplet_bwd(Tensor grad, Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, "
+        "Tensor pos, int n_points, bool l2, float margin, bool smooth, int chunk) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
   m.impl("ee_neg_lse_fwd", &ee_neg_lse_fwd_cpu);
   m.impl("ee_neg_lse_bwd", &ee_neg_lse_bwd_cpu);
+  m.impl("ee_triplet_fwd", &ee_triplet_fwd_cpu);
+  m.impl("ee_triplet_bwd", &ee_triplet_bwd_cpu);
 }
 
 }  // namespace metrix_ops

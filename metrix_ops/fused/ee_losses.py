@@ -1,9 +1,12 @@
-"""MultiSimilarityLoss, LiftedStructureLoss and NPairsLoss with Embedding Expansion on the
-CPU: the negative side, a log-sum-exp over every (anchor, original or synthetic negative
-point) pair scored by its closest pair, comes from the fused op ee_neg_lse (no B×P matrix,
-no point stack); the clean side (original positive pairs, O(Σ_c |c|²) of them) is gathered
-here in PyTorch. Each loss builds the reference's loss dict (reference/expansion.py) from
-these and reduces it the same way, so every reducer applies."""
+"""MultiSimilarityLoss, LiftedStructureLoss, NPairsLoss and TripletMarginLoss with Embedding
+Expansion on the CPU. The negative side, a term for every (anchor, original or synthetic
+negative point) pair scored by its closest pair, comes from a fused op (no B×P matrix, no
+point stack): ee_neg_lse's per-anchor log-sum-exp, or ee_triplet's per-anchor totals over
+(positive, negative point). The clean side (original positive pairs, O(Σ_c |c|²) of them)
+is gathered here in PyTorch. MS, lifted and N-pair build the reference's loss dict
+(reference/expansion.py) from these and reduce it the same way, so every reducer applies;
+triplet has totals only, so it serves the reducers that are functions of them and hands the
+others to the reference."""
 from __future__ import annotations
 
 import torch
@@ -11,11 +14,13 @@ import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import CosineSimilarity, DotProductSimilarity, is_normalized_l2
-from ..ops.ee_losses import ee_neg_lse
+from ..ops.ee_losses import ee_neg_lse, ee_triplet
 from ..ops.ee_mining import all_segments
 from ..reducers import reduce_loss_dict, zero_loss
+from ..reference.expansion import expansion_loss_dict
 from ..reference.expansion_points import expansion_segments, safe_sqrt
 from . import register_expansion
+from .triplet_margin import _divisor_kind
 
 CHUNK = 256  # rows per class chunk of the op; tests set it small
 
@@ -144,6 +149,35 @@ def npairs(params, inp, reducer, expansion=None):
     return _reduce(torch.logaddexp(lse, target) - target, a, "element", reducer, x)
 
 
+def triplet_supports(params, inp, expansion) -> bool:
+    """"all" triplets without swap: the reference's only EE form of the loss."""
+    return (supports(params, inp, expansion) and not params.get("swap", False)
+            and params.get("triplets_per_anchor", "all") == "all")
+
+
+def triplet_margin(params, inp, reducer, expansion=None):
+    x, labels, d = inp.embeddings, inp.labels, inp.distance
+    kind = _divisor_kind(reducer)
+    if kind is None:  # the reducer needs the per-triplet terms: the reference has them
+        return reduce_loss_dict(expansion_loss_dict("TripletMarginLoss", params, inp, expansion),
+                                reducer, x)
+    a, p = _positive_pairs(labels)  # anchor-major, as the op reads `pos`
+    seg_i, seg_j = _segments(labels, expansion)
+    sums, nonzero, triplets = ee_triplet(
+        d.maybe_normalize(x), labels, seg_i, seg_j, _pair_metric(inp, a, p),
+        expansion.n_points, not d.is_inverted, params.get("margin", 0.05),
+        params.get("smooth_loss", False), CHUNK)
+    # counts summed in int64, selects rather than branches (as fused/triplet_margin.py)
+    n_all, total, zero = triplets.sum(), sums.sum(), zero_loss(x)
+    if kind == "one":
+        loss = total
+    else:
+        n = nonzero.sum() if kind == "nonzero" else n_all
+        loss = torch.where(n > 0, total / n.clamp(min=1), zero)
+    return torch.where(n_all == 0, zero, loss)  # no triplet: the reference's zero
+
+
 register_expansion("cpu", "MultiSimilarityLoss", supports, multi_similarity)
 register_expansion("cpu", "LiftedStructureLoss", supports, lifted_structure)
 register_expansion("cpu", "NPairsLoss", supports, npairs)
+register_expansion("cpu", "TripletMarginLoss", triplet_supports, triplet_margin)

@@ -48,3 +48,42 @@ def ee_neg_lse(x_unit: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor,
         seg_j.long().contiguous(), ones if anchor_mask is None else anchor_mask.contiguous(),
         ones if neg_mask is None else neg_mask.contiguous(), int(n_points), bool(l2),
         float(scale), float(offset), int(chunk))
+
+
+_TRIP = "metrix_ops::ee_triplet_fwd"
+
+if _ext.HAS_EXT:
+    @torch.library.register_fake(_TRIP)
+    def _fake_trip(x, labels, seg_i, seg_j, pos, n_points, l2, margin, smooth, chunk):
+        b = x.shape[0]
+        return x.new_empty(b), labels.new_empty(b), labels.new_empty(b)
+
+    @torch.library.register_fake("metrix_ops::ee_triplet_bwd")
+    def _fake_trip_bwd(grad, x, labels, seg_i, seg_j, pos, n_points, l2, margin, smooth, chunk):
+        return torch.empty_like(x), torch.empty_like(pos)
+
+    def _setup_trip(ctx, inputs, output):
+        x, labels, seg_i, seg_j, pos = inputs[:5]
+        ctx.save_for_backward(x, labels, seg_i, seg_j, pos)
+        ctx.args = inputs[5:]
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward_trip(ctx, grad, _g_nonzero, _g_count):
+        dx, dpos = torch.ops.metrix_ops.ee_triplet_bwd(grad.contiguous(), *ctx.saved_tensors,
+                                                       *ctx.args)
+        return dx, None, None, None, dpos, None, None, None, None, None
+
+    torch.library.register_autograd(_TRIP, _backward_trip, setup_context=_setup_trip)
+
+
+def ee_triplet(x_unit: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor,
+               seg_j: torch.Tensor, pos: torch.Tensor, n_points: int, l2: bool, margin: float,
+               smooth: bool, chunk: int = 256):
+    """TripletMarginLoss "all" with EE, per anchor: (Σ f(v) over (p, q), #f > 0, #triplets),
+    v = margin(pos_ip, m̂(i, q)) + margin, f relu or softplus (smooth); `pos`: each anchor's
+    clean metric to its positives (other class members, index order), anchor-major.
+    Differentiable in x_unit and pos."""
+    return torch.ops.metrix_ops.ee_triplet_fwd(
+        x_unit.contiguous(), labels.long().contiguous(), seg_i.long().contiguous(),
+        seg_j.long().contiguous(), pos.contiguous(), int(n_points), bool(l2), float(margin),
+        bool(smooth), int(chunk))
