@@ -327,6 +327,9 @@ def test_adjacent_needs_contiguous_pairs():
     x, _ = batch(8, 4, 3, seed=1)
     y = torch.tensor([0, 1, 1, 1, 2, 2, 0, 0])
     for name in LOSSES:
-        cpu, _ = pair(name, 2, "adjacent")
-        with pytest.raises(ValueError, match="adjacent"):
-            cpu(x, y)
+        for n in (0, 2):
+            cpu, _ = pair(name, n, "adjacent")
+            with pytest.raises(ValueError, match="adjacent"):
+                cpu(x, y)
+            with pytest.raises(ValueError, match="even batch size"):
+                cpu(x[:1], y[:1])  # raised before any early zero (one row: no pair at all)

@@ -44,17 +44,19 @@ def supports(params, inp, expansion) -> bool:
 
 
 def _segments(labels, expansion):
+    """The segments, as the reference builds them; "adjacent" is validated (and raises as the
+    reference does) even with n_points = 0, where the op ignores them."""
+    if expansion.pairs != "all":
+        return expansion_segments(labels, expansion.pairs)  # O(B)
     if expansion.n_points == 0:
         return labels.new_empty(0), labels.new_empty(0)
-    if expansion.pairs == "all":
-        return all_segments(labels)
-    return expansion_segments(labels, expansion.pairs)  # validates the pairing, O(B)
+    return all_segments(labels)  # O(#pairs), no B×B mask
 
 
-def _neg_lse(inp, expansion, scale, offset, anchor_mask=None, neg_mask=None):
+def _neg_lse(inp, expansion, segs, scale, offset, anchor_mask=None, neg_mask=None):
     """log Σ_{Q_i} exp(scale·m̂ + offset) per anchor, m̂ = ŝ or d̂ as the distance is."""
     x, labels = inp.embeddings, inp.labels
-    seg_i, seg_j = _segments(labels, expansion)
+    seg_i, seg_j = segs
     xu = inp.distance.maybe_normalize(x)
     l2 = not inp.distance.is_inverted
     return ee_neg_lse(xu, labels, seg_i, seg_j, expansion.n_points, l2, scale, offset,
@@ -96,6 +98,7 @@ def _log1p_sum_exp(v, idx, b):
 def multi_similarity(params, inp, reducer, expansion=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     alpha, beta, base = params.get("alpha", 2.0), params.get("beta", 50.0), params.get("base", 0.5)
+    segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
     counts = _class_counts(labels)
     if not bool((counts > 1).any()) and len(counts) < 2:  # no positive, no negative: PML's 0
         return zero_loss(x)  # the reference's empty loss dict reduces to this
@@ -104,7 +107,7 @@ def multi_similarity(params, inp, reducer, expansion=None):
     pos = _log1p_sum_exp(alpha * d.margin(_pair_metric(inp, a, p), base), a, b) / alpha
     # β·margin(base, m̂): β(ŝ − base) for a similarity, β(base − d̂) for a distance
     sign = 1.0 if d.is_inverted else -1.0
-    lse = _neg_lse(inp, expansion, sign * beta, -sign * beta * base)
+    lse = _neg_lse(inp, expansion, segs, sign * beta, -sign * beta * base)
     neg = torch.logaddexp(lse, torch.zeros_like(lse)) / beta
     return _reduce(pos + neg, torch.arange(b, device=x.device), "element", reducer, x)
 
@@ -112,12 +115,13 @@ def multi_similarity(params, inp, reducer, expansion=None):
 def lifted_structure(params, inp, reducer, expansion=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
+    segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
     a, p = _positive_pairs(labels)
     if len(a) == 0 or len(_class_counts(labels)) < 2:  # PML: no positive or negative pair
         return zero_loss(x)  # the reference's empty loss dict reduces to this
     # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance
     sign = 1.0 if d.is_inverted else -1.0
-    lse = _neg_lse(inp, expansion, sign, -sign * neg_margin)
+    lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin)
     both = torch.logaddexp(lse[a], lse[p])  # the negatives of both ends of the pair
     losses = F.relu(both + d.margin(_pair_metric(inp, a, p), pos_margin)) ** 2 / 2
     return _reduce(losses, (a, p), "pos_pair", reducer, x)
@@ -135,6 +139,7 @@ def first_pairs(labels):
 
 def npairs(params, inp, reducer, expansion=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
+    segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
     a, p = first_pairs(labels)
     if len(a) == 0:
         return zero_loss(x)  # the reference's empty loss dict reduces to this
@@ -144,7 +149,7 @@ def npairs(params, inp, reducer, expansion=None):
     # negatives: the other pairs' positives (originals) and every synthetic point of another
     # class, each scored by its closest pair; the target is the plain s(a_k, p_k)
     negs = torch.zeros(b, dtype=torch.bool, device=x.device).index_fill(0, p, True)
-    lse = _neg_lse(inp, expansion, sign, 0.0, anchors, negs)[a]
+    lse = _neg_lse(inp, expansion, segs, sign, 0.0, anchors, negs)[a]
     target = sign * _pair_metric(inp, a, p)
     return _reduce(torch.logaddexp(lse, target) - target, a, "element", reducer, x)
 
@@ -157,12 +162,12 @@ def triplet_supports(params, inp, expansion) -> bool:
 
 def triplet_margin(params, inp, reducer, expansion=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
+    seg_i, seg_j = _segments(labels, expansion)  # first: a bad "adjacent" batch raises
     kind = _divisor_kind(reducer)
     if kind is None:  # the reducer needs the per-triplet terms: the reference has them
         return reduce_loss_dict(expansion_loss_dict("TripletMarginLoss", params, inp, expansion),
                                 reducer, x)
     a, p = _positive_pairs(labels)  # anchor-major, as the op reads `pos`
-    seg_i, seg_j = _segments(labels, expansion)
     sums, nonzero, triplets = ee_triplet(
         d.maybe_normalize(x), labels, seg_i, seg_j, _pair_metric(inp, a, p),
         expansion.n_points, not d.is_inverted, params.get("margin", 0.05),
