@@ -8,7 +8,9 @@
 // −inf where i has no term. Q_i: the originals of another class allowed by neg_mask and every
 // synthetic point of another class; A_i: x_i, then the n points of each segment with i as an
 // endpoint (reference/expansion_mining.py; ties to the earliest a, as its strict improvement).
-// The losses combine lse_i with their clean terms in PyTorch (fused/ee_losses.py).
+// The losses combine lse_i with their clean terms in PyTorch (fused/ee_losses.py). The same
+// sweep serves TripletMarginLoss "all" (ee_triplet_*, below): per (i, q) a loop over i's
+// positives' clean metrics instead of an exp.
 //
 // Streaming: rows in slot (label-sorted) order, cut into chunks of whole classes. For a chunk
 // pair (C1 anchors, C2 negatives) one product U = X̂_C1 X̂_C2ᵀ; C2's points (its originals, then
@@ -200,18 +202,24 @@ struct EeOp {
     });
   }
 
-  // ŝ(i, q) and the winning side index over the tile, for the anchor row h0 = H + r·nt
+  // ŝ(i, q) and the winning side index (as T: one vector width with best, so the branch-free
+  // select vectorises) over the tile, for the anchor row h0 = H + r·nt. The division by
+  // ‖a‖‖q‖ (not a multiply by its reciprocal) keeps the reference's rounding, so exact ties
+  // (duplicate rows: a segment's points coincide with x_i) go the same way.
   void closest(const T* H, int64_t nt, const std::vector<EePt<T>>& side, const T* qn, T* best,
-               int32_t* arg) const {
+               T* arg) const {
     const T* h0 = H + side[0].u * nt;
-    for (int64_t c = 0; c < nt; ++c) best[c] = h0[c] / qn[c], arg[c] = 0;
+    for (int64_t c = 0; c < nt; ++c) best[c] = h0[c] / qn[c], arg[c] = T(0);
     for (int64_t a = 1; a < int64_t(side.size()); ++a) {
       const EePt<T>& p = side[a];
       const T* hu = H + p.u * nt;
       const T* hw = H + p.w * nt;
+      const T lam = p.lam, mu = p.mu, na = p.norm, ta = T(a);
       for (int64_t c = 0; c < nt; ++c) {
-        const T s = (p.lam * hu[c] + p.mu * hw[c]) / (p.norm * qn[c]);
-        if (s > best[c]) best[c] = s, arg[c] = int32_t(a);  // strict: earliest a on ties
+        const T s = (lam * hu[c] + mu * hw[c]) / (na * qn[c]);
+        const bool win = s > best[c];  // strict: the earliest a keeps a tie
+        best[c] = win ? s : best[c];
+        arg[c] = win ? ta : arg[c];
       }
     }
   }
@@ -242,7 +250,7 @@ struct EeOp {
           for (int64_t c = 0; c < nt; ++c) qn[c] = pts[q0 + c].norm;
           at::parallel_for(0, nr, 1, [&](int64_t a0, int64_t a1) {
             std::vector<T> best(nt);
-            std::vector<int32_t> arg(nt);
+            std::vector<T> arg(nt);
             std::vector<EePt<T>> side;
             for (int64_t r = a0; r < a1; ++r) {
               const int64_t i = L.order[r0 + r];
@@ -286,7 +294,7 @@ struct EeOp {
           // 1) per anchor class (its rows of Tg and its segments' dnorm are its own)
           at::parallel_for(k0, k1, 1, [&](int64_t a0, int64_t a1) {
             std::vector<T> best(nt);
-            std::vector<int32_t> arg(nt);
+            std::vector<T> arg(nt);
             std::vector<EePt<T>> side;
             for (int64_t c = a0; c < a1; ++c)
               for (int64_t s = L.cstart[c]; s < L.cstart[c + 1]; ++s) {
@@ -299,7 +307,7 @@ struct EeOp {
                   const T sh = best[q];
                   const T ws = weight(i, sh);
                   if (ws == T(0)) continue;
-                  const EePt<T>& a = side[arg[q]];
+                  const EePt<T>& a = side[int64_t(arg[q])];
                   const T wi = ws / (a.norm * qn[q]);
                   Tg[a.u * nt + q] += a.lam * wi;
                   if (a.pid >= 0) {
