@@ -14,7 +14,7 @@ from metrix_ops.ops.ee_losses import ee_neg_lse, ee_triplet
 from metrix_ops.ops.ee_mining import all_segments
 from metrix_ops.reducers import AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer
 
-from cases import CASES, CASE_IDS, assert_close_vg, make_case
+from cases import CASES, CASE_IDS, assert_close_vg, make_case, value_and_grad
 
 pytestmark = [pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built"),
               pytest.mark.usefixtures("one_thread")]
@@ -333,3 +333,21 @@ def test_adjacent_needs_contiguous_pairs():
                 cpu(x, y)
             with pytest.raises(ValueError, match="even batch size"):
                 cpu(x[:1], y[:1])  # raised before any early zero (one row: no pair at all)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_threads_agree(name, monkeypatch):
+    """Several threads (anchors, anchor classes, columns, rows per task) give the reference's
+    values and gradients, and the same result twice (no races, no atomics)."""
+    monkeypatch.setattr(fused_ee, "CHUNK", 16)  # several chunks of whole classes
+    x, y = batch(90, 12, 9, seed=10)
+    cpu, ref = pair(name, 2)
+    n = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert_close_vg(lambda e: cpu(e, y), lambda e: ref(e, y), x)
+        v1, g1 = value_and_grad(lambda e: cpu(e, y), x)
+        v2, g2 = value_and_grad(lambda e: cpu(e, y), x)
+        assert torch.equal(v1, v2) and torch.equal(g1[0], g2[0])
+    finally:
+        torch.set_num_threads(n)
