@@ -25,6 +25,25 @@ MO_HD T ee_point_norm(T lam, T g_uu, T g_uw, T g_ww) {
   return std::sqrt(sq > tiny ? sq : tiny);
 }
 
+// ‖λ x̂_u + (1−λ) x̂_w‖² in the reference's exact association λ(λ g_uu + μ g_uw) + μ(λ g_wu + μ g_ww)
+// (rows of H = λ G[:, u] + μ G[:, w], then λ, μ again), with both off-diagonal entries of
+// the Gram block as computed (a product XXᵀ need not be bitwise symmetric). Used where the
+// gradient has to reach g_uw and g_wu separately, as the reference's does.
+template <typename T>
+MO_HD T ee_point_sq(T lam, T g_uu, T g_uw, T g_wu, T g_ww) {
+  const T mu = T(1) - lam;
+  return lam * (lam * g_uu + mu * g_uw) + mu * (lam * g_wu + mu * g_ww);
+}
+
+// The reference's safe_sqrt of a squared distance t: 0 (and a zero subgradient) below 16 ulps
+// of the unit-norm terms it is computed from, else √max(t, eps).
+template <typename T>
+MO_HD T ee_safe_sqrt(T t) {
+  const T eps = std::numeric_limits<T>::epsilon();
+  if (t < T(16) * eps) return T(0);
+  return std::sqrt(t < eps ? eps : t);  // NaN stays NaN, as clamp_min
+}
+
 // Cosine of a fixed unit point a with the normalised point (u, w, λ), given a's cosines
 // s_au, s_aw with the endpoints and the point's coefficients cu = λ/‖v‖, cw = (1−λ)/‖v‖.
 template <typename T>

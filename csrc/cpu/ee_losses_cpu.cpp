@@ -1,0 +1,637 @@
+// The negative side of the Embedding Expansion losses that score EVERY (anchor, negative
+// point) pair (MultiSimilarity, LiftedStructure, NPairs) on the CPU: per original anchor i
+//
+//     lse_i = log Σ_{q ∈ Q_i} exp(scale · m̂(i, q) + offset),
+//     m̂(i, q) = ŝ(i, q) = max_{a ∈ A_i} s(a, q)            (cosine), or
+//             = d̂(i, q) = safe_sqrt(2 − 2 ŝ(i, q))          (L2 of normalised points),
+//
+// −inf where i has no term. Q_i: the originals of another class allowed by neg_mask and every
+// synthetic point of another class; A_i: x_i, then the n points of each segment with i as an
+// endpoint (reference/expansion_mining.py; ties to the earliest a, as its strict improvement).
+// The losses combine lse_i with their clean terms in PyTorch (fused/ee_losses.py). The same
+// sweep serves TripletMarginLoss "all" (ee_triplet_*, below): per (i, q) a loop over i's
+// positives' clean metrics instead of an exp.
+//
+// Streaming: rows in slot (label-sorted) order, cut into chunks of whole classes. For a chunk
+// pair (C1 anchors, C2 negatives) one product U = X̂_C1 X̂_C2ᵀ; C2's points (its originals, then
+// its segments' points) are visited in column tiles: H[r, q] = μ_q U[r, q_u] + (1−μ_q) U[r, q_w]
+// (nr × tile), and s(a, q) = (λ_a H[a_u, q] + (1−λ_a) H[a_w, q]) / (‖a‖‖q‖), the reference's
+// association (reference/expansion_points.py), a couple of FMAs per (a, q). Memory
+// O(B·D + S·n + chunk² + chunk·tile), never B×B nor B×P.
+//
+// Backward recomputes ŝ and its argmax instead of keeping them from the forward: the argmax
+// table is B×P (P = B + n·S; B = 4096, n = 8, 4 per class: 4096 × 53k int32 ≈ 870 MB), the
+// memory the op exists to avoid, while recomputing costs one more forward. Each term's
+// gradient w.r.t. ŝ goes to a tile T = ∂L/∂H (rows of the winning a's endpoints; one thread
+// per anchor class, so its writes stay in its own rows), to ∂L/∂‖a‖ of the winning synthetic
+// anchor-side point, and (from T ⊙ H summed over a column) to ∂L/∂‖q‖; T becomes ∂L/∂U, and
+// dX̂ += ∂L/∂U X̂_C2 for C1, ∂L/∂Uᵀ X̂_C1 for C2 (block products, in a fixed order). The norms'
+// gradients reach the within-class Gram entries g_uu, g_uw, g_wu, g_ww of their segments.
+// Deterministic for a given thread count: no atomics, every accumulator has one writer.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common/expansion.h"
+#include "cpu/op_checks.h"
+
+namespace metrix_ops {
+
+namespace {
+
+// Classes, segments and chunks of one call (dtype-free).
+struct EeLayout {
+  int64_t B = 0, n = 0, S = 0, C = 0;
+  std::vector<int64_t> order, slot, cls, cstart;  // slot -> row, row -> slot, row -> class
+  std::vector<int64_t> si, sj;                    // segment endpoints (rows)
+  std::vector<std::vector<int64_t>> class_segs;   // segments of each class, in order
+  std::vector<std::vector<int64_t>> of_anchor;    // A_i's segments: (i, ·) then (·, i)
+  std::vector<int64_t> chunk_cls;                 // chunk t: classes [chunk_cls[t], [t + 1])
+};
+
+EeLayout make_layout(const at::Tensor& labels, const at::Tensor& seg_i, const at::Tensor& seg_j,
+                     int64_t n, int64_t chunk) {
+  EeLayout L;
+  const int64_t B = L.B = labels.size(0);
+  L.n = n;
+  L.S = n > 0 ? seg_i.size(0) : 0;
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  L.order.resize(B);
+  std::iota(L.order.begin(), L.order.end(), 0);
+  std::stable_sort(L.order.begin(), L.order.end(),
+                   [&](int64_t a, int64_t b) { return lab[a] < lab[b]; });
+  L.slot.resize(B);
+  L.cls.resize(B);
+  L.cstart = {0};
+  for (int64_t r = 0; r < B; ++r) {
+    if (r > 0 && lab[L.order[r]] != lab[L.order[r - 1]]) L.cstart.push_back(r);
+    L.cls[L.order[r]] = int64_t(L.cstart.size()) - 1;
+    L.slot[L.order[r]] = r;
+  }
+  L.cstart.push_back(B);
+  L.C = B > 0 ? int64_t(L.cstart.size()) - 1 : 0;
+  if (B == 0) L.cstart = {0};
+  L.class_segs.resize(L.C);
+  L.of_anchor.resize(B);
+  if (L.S > 0) {
+    const int64_t* pi = seg_i.data_ptr<int64_t>();
+    const int64_t* pj = seg_j.data_ptr<int64_t>();
+    L.si.assign(pi, pi + L.S);
+    L.sj.assign(pj, pj + L.S);
+    for (int64_t e = 0; e < L.S; ++e) {
+      const int64_t i = pi[e], j = pj[e];
+      TORCH_CHECK(i >= 0 && i < B && j >= 0 && j < B && i != j, "seg_i/seg_j: segment ", e,
+                  " = (", i, ", ", j, ") must join two distinct rows in [0, ", B, ")");
+      TORCH_CHECK(lab[i] == lab[j], "seg_i/seg_j: segment ", e, " = (", i, ", ", j,
+                  ") joins rows of different labels; segments are positive pairs");
+      L.class_segs[L.cls[i]].push_back(e);
+      L.of_anchor[i].push_back(e);
+    }
+    for (int64_t e = 0; e < L.S; ++e) L.of_anchor[pj[e]].push_back(e);
+  }
+  L.chunk_cls = {0};
+  for (int64_t c0 = 0; c0 < L.C;) {  // at least one class, then while the rows fit
+    int64_t c1 = c0 + 1;
+    while (c1 < L.C && L.cstart[c1 + 1] - L.cstart[c0] <= chunk) ++c1;
+    L.chunk_cls.push_back(c1);
+    c0 = c1;
+  }
+  return L;
+}
+
+// A point as one side of the closed form: endpoints (local rows of its chunk), weights and
+// norm; pid: its synthetic index e·n + k − 1, or −1 for an original.
+template <typename T>
+struct EePt {
+  int64_t u, w;
+  T lam, mu, norm;
+  int64_t pid;
+};
+
+template <typename T>
+struct EeOp {
+  const EeLayout& L;
+  const at::Tensor& xo;  // unit rows in slot order
+  const bool* amask;     // per row: compute this anchor
+  const bool* nmask;     // per row: this original may be a negative
+  bool l2;
+  T scale, offset;
+  int64_t chunk, tile;
+  std::vector<T> sq, nrm;  // per synthetic point: ‖v‖² and the clamped norm
+
+  int64_t rows0(int64_t t) const { return L.cstart[L.chunk_cls[t]]; }
+  int64_t rows(int64_t t) const { return L.cstart[L.chunk_cls[t + 1]] - rows0(t); }
+  int64_t nchunks() const { return int64_t(L.chunk_cls.size()) - 1; }
+
+  // the synthetic points' norms from each chunk's own Gram block
+  void norms() {
+    const int64_t n = L.n;
+    sq.assign(L.S * n, T(0));
+    nrm.assign(L.S * n, T(1));
+    for (int64_t t = 0; t < nchunks(); ++t) {
+      const int64_t r0 = rows0(t), nr = rows(t);
+      at::Tensor xc = xo.narrow(0, r0, nr);
+      at::Tensor G = at::mm(xc, xc.t()).contiguous();
+      const T* g = G.data_ptr<T>();
+      for (int64_t c = L.chunk_cls[t]; c < L.chunk_cls[t + 1]; ++c)
+        for (int64_t e : L.class_segs[c]) {
+          const int64_t u = L.slot[L.si[e]] - r0, w = L.slot[L.sj[e]] - r0;
+          for (int64_t k = 0; k < n; ++k) {
+            const T lam = ee_lambda<T>(k + 1, n);
+            const T v = ee_point_sq(lam, g[u * nr + u], g[u * nr + w], g[w * nr + u],
+                                    g[w * nr + w]);
+            const T tiny = std::numeric_limits<T>::min();
+            sq[e * n + k] = v;
+            nrm[e * n + k] = std::sqrt(v < tiny ? tiny : v);  // NaN stays NaN
+          }
+        }
+    }
+  }
+
+  // C2's points: its originals (slot order), then its classes' segments' points
+  std::vector<EePt<T>> points_of(int64_t t, std::vector<int64_t>& pcls,
+                                 std::vector<char>& pok) const {
+    const int64_t r0 = rows0(t), nr = rows(t), n = L.n;
+    std::vector<EePt<T>> pts;
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = L.order[r0 + r];
+      pts.push_back({r, r, T(1), T(0), T(1), -1});
+      pcls.push_back(L.cls[i]);
+      pok.push_back(nmask[i]);
+    }
+    for (int64_t c = L.chunk_cls[t]; c < L.chunk_cls[t + 1]; ++c)
+      for (int64_t e : L.class_segs[c])
+        for (int64_t k = 0; k < n; ++k) {
+          const T lam = ee_lambda<T>(k + 1, n);
+          pts.push_back({L.slot[L.si[e]] - r0, L.slot[L.sj[e]] - r0, lam, T(1) - lam,
+                         nrm[e * n + k], e * n + k});
+          pcls.push_back(c);
+          pok.push_back(1);
+        }
+    return pts;
+  }
+
+  // A_i for the anchor at local row r of chunk starting at slot r0
+  void side_of(int64_t r, int64_t r0, std::vector<EePt<T>>& side) const {
+    const int64_t n = L.n, i = L.order[r0 + r];
+    side.clear();
+    side.push_back({r, r, T(1), T(0), T(1), -1});
+    for (int64_t e : L.of_anchor[i])
+      for (int64_t k = 0; k < n; ++k) {
+        const T lam = ee_lambda<T>(k + 1, n);
+        side.push_back({L.slot[L.si[e]] - r0, L.slot[L.sj[e]] - r0, lam, T(1) - lam,
+                        nrm[e * n + k], e * n + k});
+      }
+  }
+
+  // H tile: nr × nt, H[r, q] = μ_q U[r, q_u] + (1 − μ_q) U[r, q_w] (originals: U[r, q])
+  void h_tile(const T* U, int64_t nr, int64_t nc, const EePt<T>* q, int64_t nt, T* H) const {
+    at::parallel_for(0, nr, row_grain(nt), [&](int64_t a0, int64_t a1) {
+      for (int64_t r = a0; r < a1; ++r) {
+        const T* u = U + r * nc;
+        T* h = H + r * nt;
+        for (int64_t c = 0; c < nt; ++c)
+          h[c] = q[c].pid < 0 ? u[q[c].u] : q[c].lam * u[q[c].u] + q[c].mu * u[q[c].w];
+      }
+    });
+  }
+
+  // ŝ(i, q) and the winning side index (as T: one vector width with best, so the branch-free
+  // select vectorises) over the tile, for the anchor row h0 = H + r·nt. The division by
+  // ‖a‖‖q‖ (not a multiply by its reciprocal) keeps the reference's rounding, so exact ties
+  // (duplicate rows: a segment's points coincide with x_i) go the same way.
+  void closest(const T* H, int64_t nt, const std::vector<EePt<T>>& side, const T* qn, T* best,
+               T* arg) const {
+    const T* h0 = H + side[0].u * nt;
+    for (int64_t c = 0; c < nt; ++c) best[c] = h0[c] / qn[c], arg[c] = T(0);
+    for (int64_t a = 1; a < int64_t(side.size()); ++a) {
+      const EePt<T>& p = side[a];
+      const T* hu = H + p.u * nt;
+      const T* hw = H + p.w * nt;
+      const T lam = p.lam, mu = p.mu, na = p.norm, ta = T(a);
+      for (int64_t c = 0; c < nt; ++c) {
+        const T s = (lam * hu[c] + mu * hw[c]) / (na * qn[c]);
+        const bool win = s > best[c];  // strict: the earliest a keeps a tie
+        best[c] = win ? s : best[c];
+        arg[c] = win ? ta : arg[c];
+      }
+    }
+  }
+
+  T metric(T s) const { return l2 ? ee_safe_sqrt(T(2) - T(2) * s) : s; }
+  // ∂m̂/∂ŝ: 1, or −1/d̂ (0 where safe_sqrt is flat)
+  T dmetric(T m) const { return l2 ? (m > T(0) ? T(-1) / m : T(0)) : T(1); }
+
+  // Forward: for every chunk pair and column tile, visit(i, ci, best, pcls, pok, nt) for each
+  // anchor i of amask (ŝ(i, q) of the tile's columns in best; a column is a term of i where
+  // pcls[q] != ci and pok[q]). Anchors run in parallel: visit writes only anchor i's state.
+  template <class Visit>
+  void forward_sweep(Visit&& visit) {
+    for (int64_t t1 = 0; t1 < nchunks(); ++t1) {
+      const int64_t r0 = rows0(t1), nr = rows(t1);
+      for (int64_t t2 = 0; t2 < nchunks(); ++t2) {
+        const int64_t c0 = rows0(t2), nc = rows(t2);
+        at::Tensor U = at::mm(xo.narrow(0, r0, nr), xo.narrow(0, c0, nc).t()).contiguous();
+        std::vector<int64_t> pcls;
+        std::vector<char> pok;
+        const auto pts = points_of(t2, pcls, pok);
+        const int64_t P = int64_t(pts.size());
+        std::vector<T> H(nr * std::min(tile, P));
+        for (int64_t q0 = 0; q0 < P; q0 += tile) {
+          const int64_t nt = std::min(tile, P - q0);
+          h_tile(U.data_ptr<T>(), nr, nc, pts.data() + q0, nt, H.data());
+          std::vector<T> qn(nt);
+          for (int64_t c = 0; c < nt; ++c) qn[c] = pts[q0 + c].norm;
+          at::parallel_for(0, nr, 1, [&](int64_t a0, int64_t a1) {
+            std::vector<T> best(nt);
+            std::vector<T> arg(nt);
+            std::vector<EePt<T>> side;
+            for (int64_t r = a0; r < a1; ++r) {
+              const int64_t i = L.order[r0 + r];
+              if (!amask[i]) continue;
+              side_of(r, r0, side);
+              closest(H.data(), nt, side, qn.data(), best.data(), arg.data());
+              visit(i, L.cls[i], best.data(), pcls.data() + q0, pok.data() + q0, nt);
+            }
+          });
+        }
+      }
+    }
+  }
+
+  // Backward: ∂L/∂X̂ in slot order into dxo, given weight(i, ŝ) = ∂L/∂ŝ(i, q) for each term of
+  // an anchor with active(i). weight runs on one thread per anchor class: it may write
+  // per-anchor state of i. See the file comment for the routing.
+  template <class Active, class Weight>
+  void backward_sweep(at::Tensor& dxo, Active&& active, Weight&& weight) {
+    const int64_t n = L.n, D = xo.size(1);
+    std::vector<T> dnorm(L.S * n, T(0));  // ∂L/∂‖p‖ per synthetic point
+    for (int64_t t1 = 0; t1 < nchunks(); ++t1) {
+      const int64_t r0 = rows0(t1), nr = rows(t1);
+      const int64_t k0 = L.chunk_cls[t1], k1 = L.chunk_cls[t1 + 1];
+      for (int64_t t2 = 0; t2 < nchunks(); ++t2) {
+        const int64_t c0 = rows0(t2), nc = rows(t2);
+        at::Tensor U = at::mm(xo.narrow(0, r0, nr), xo.narrow(0, c0, nc).t()).contiguous();
+        at::Tensor dU = at::zeros_like(U);
+        std::vector<int64_t> pcls;
+        std::vector<char> pok;
+        const auto pts = points_of(t2, pcls, pok);
+        const int64_t P = int64_t(pts.size()), tw = std::min(tile, P);
+        std::vector<T> H(nr * tw), Tg(nr * tw);
+        T* du = dU.data_ptr<T>();
+        for (int64_t q0 = 0; q0 < P; q0 += tile) {
+          const int64_t nt = std::min(tile, P - q0);
+          h_tile(U.data_ptr<T>(), nr, nc, pts.data() + q0, nt, H.data());
+          std::fill(Tg.begin(), Tg.begin() + nr * nt, T(0));
+          std::vector<T> qn(nt);
+          for (int64_t c = 0; c < nt; ++c) qn[c] = pts[q0 + c].norm;
+          // 1) per anchor class (its rows of Tg and its segments' dnorm are its own)
+          at::parallel_for(k0, k1, 1, [&](int64_t a0, int64_t a1) {
+            std::vector<T> best(nt);
+            std::vector<T> arg(nt);
+            std::vector<EePt<T>> side;
+            for (int64_t c = a0; c < a1; ++c)
+              for (int64_t s = L.cstart[c]; s < L.cstart[c + 1]; ++s) {
+                const int64_t r = s - r0, i = L.order[s];
+                if (!amask[i] || !active(i)) continue;
+                side_of(r, r0, side);
+                closest(H.data(), nt, side, qn.data(), best.data(), arg.data());
+                for (int64_t q = 0; q < nt; ++q) {
+                  if (pcls[q0 + q] == c || !pok[q0 + q]) continue;
+                  const T sh = best[q];
+                  const T ws = weight(i, sh);
+                  if (ws == T(0)) continue;
+                  const EePt<T>& a = side[int64_t(arg[q])];
+                  const T wi = ws / (a.norm * qn[q]);
+                  Tg[a.u * nt + q] += a.lam * wi;
+                  if (a.pid >= 0) {
+                    Tg[a.w * nt + q] += a.mu * wi;
+                    dnorm[a.pid] -= ws * sh / a.norm;
+                  }
+                }
+              }
+          });
+          // 2) ∂L/∂‖q‖ = −(1/‖q‖) Σ_r Tg[r, q] H[r, q], one column per task
+          at::parallel_for(0, nt, 16, [&](int64_t a0, int64_t a1) {
+            for (int64_t q = a0; q < a1; ++q) {
+              if (pts[q0 + q].pid < 0) continue;
+              T acc = 0;
+              for (int64_t r = 0; r < nr; ++r) acc += Tg[r * nt + q] * H[r * nt + q];
+              dnorm[pts[q0 + q].pid] -= acc / qn[q];
+            }
+          });
+          // 3) Tg -> ∂L/∂U through H's two gathers, one row per task
+          at::parallel_for(0, nr, row_grain(nt), [&](int64_t a0, int64_t a1) {
+            for (int64_t r = a0; r < a1; ++r) {
+              const T* tr = Tg.data() + r * nt;
+              T* d = du + r * nc;
+              for (int64_t q = 0; q < nt; ++q) {
+                const EePt<T>& p = pts[q0 + q];
+                if (p.pid < 0) {
+                  d[p.u] += tr[q];
+                } else {
+                  d[p.u] += p.lam * tr[q];
+                  d[p.w] += p.mu * tr[q];
+                }
+              }
+            }
+          });
+        }
+        // dX̂ = ∂L/∂G X̂ + ∂L/∂Gᵀ X̂ over this block of G
+        at::Tensor d1 = dxo.narrow(0, r0, nr), d2 = dxo.narrow(0, c0, nc);
+        d1.addmm_(dU, xo.narrow(0, c0, nc));
+        d2.addmm_(dU.t(), xo.narrow(0, r0, nr));
+      }
+    }
+    // the synthetic points' norms: ‖p‖² = λ(λ g_uu + μ g_uw) + μ(λ g_wu + μ g_ww), clamped
+    T* dx = dxo.data_ptr<T>();
+    const T* xp = xo.data_ptr<T>();
+    at::parallel_for(0, L.C, 1, [&](int64_t a0, int64_t a1) {
+      for (int64_t c = a0; c < a1; ++c)
+        for (int64_t e : L.class_segs[c]) {
+          T cuu = 0, cuw = 0, cww = 0;
+          for (int64_t k = 0; k < n; ++k) {
+            const int64_t p = e * n + k;
+            if (!(sq[p] >= std::numeric_limits<T>::min()) || dnorm[p] == T(0)) continue;
+            const T lam = ee_lambda<T>(k + 1, n), mu = T(1) - lam;
+            const T dsq = dnorm[p] / (T(2) * nrm[p]);
+            cuu += T(2) * lam * lam * dsq;
+            cuw += T(2) * lam * mu * dsq;
+            cww += T(2) * mu * mu * dsq;
+          }
+          const int64_t u = L.slot[L.si[e]], w = L.slot[L.sj[e]];
+          T* du = dx + u * D;
+          T* dw = dx + w * D;
+          const T* xu = xp + u * D;
+          const T* xw = xp + w * D;
+          for (int64_t d = 0; d < D; ++d) {
+            du[d] += cuu * xu[d] + cuw * xw[d];
+            dw[d] += cuw * xu[d] + cww * xw[d];
+          }
+        }
+    });
+  }
+};
+
+void check_ee_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& seg_i,
+                     const at::Tensor& seg_j, const at::Tensor& anchor_mask,
+                     const at::Tensor& neg_mask, int64_t n, int64_t chunk) {
+  check_rows_labels(x, labels, "x", "labels");
+  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
+  TORCH_CHECK(n >= 0, "n_points must be >= 0, got ", n);
+  TORCH_CHECK(seg_i.dim() == 1 && seg_j.dim() == 1 && seg_i.size(0) == seg_j.size(0) &&
+                  seg_i.scalar_type() == at::kLong && seg_j.scalar_type() == at::kLong,
+              "seg_i and seg_j must be int64 of the same shape (S,)");
+  for (const at::Tensor* m : {&anchor_mask, &neg_mask})
+    TORCH_CHECK(m->dim() == 1 && m->size(0) == x.size(0) && m->scalar_type() == at::kBool,
+                m == &anchor_mask ? "anchor_mask" : "neg_mask", " must be bool of shape (",
+                x.size(0), ",)");
+  for (const at::Tensor* t : {&x, &labels, &seg_i, &seg_j, &anchor_mask, &neg_mask})
+    TORCH_CHECK(t->device().is_cpu(), "ee ops: all inputs must be CPU tensors");
+}
+
+at::Tensor slot_order(const EeLayout& L, const at::Tensor& labels) {
+  return at::tensor(L.order, labels.options());
+}
+
+// rows back from slot order
+at::Tensor unslot(const EeLayout& L, const at::Tensor& labels, const at::Tensor& xo) {
+  at::Tensor dx = at::empty_like(xo);
+  dx.index_copy_(0, slot_order(L, labels), xo);
+  return dx;
+}
+
+}  // namespace
+
+at::Tensor ee_neg_lse_fwd_cpu(const at::Tensor& x_, const at::Tensor& labels_,
+                              const at::Tensor& seg_i_, const at::Tensor& seg_j_,
+                              const at::Tensor& anchor_mask_, const at::Tensor& neg_mask_,
+                              int64_t n, bool l2, double scale, double offset, int64_t chunk) {
+  check_ee_inputs(x_, labels_, seg_i_, seg_j_, anchor_mask_, neg_mask_, n, chunk);
+  auto x = x_.contiguous(), labels = labels_.contiguous();
+  auto amask = anchor_mask_.contiguous(), nmask = neg_mask_.contiguous();
+  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
+  const int64_t B = L.B;
+  at::Tensor out = at::full({B}, -std::numeric_limits<double>::infinity(), x.options());
+  if (B == 0) return out;
+  at::Tensor xo = x.index_select(0, slot_order(L, labels));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_neg_lse_fwd_cpu", [&] {
+    using T = scalar_t;
+    EeOp<T> op{L, xo, amask.data_ptr<bool>(), nmask.data_ptr<bool>(), l2, T(scale),
+               T(offset), chunk, std::max<int64_t>(4 * chunk, 64)};
+    op.norms();
+    const T ninf = -std::numeric_limits<T>::infinity();
+    std::vector<T> mx(B, ninf), sm(B, T(0));  // online log-sum-exp per anchor
+    op.forward_sweep([&](int64_t i, int64_t ci, T* best, const int64_t* pcls, const char* pok,
+                         int64_t nt) {
+      T tmax = ninf;
+      for (int64_t c = 0; c < nt; ++c) {
+        if (pcls[c] == ci || !pok[c]) {
+          best[c] = ninf;  // not a term
+          continue;
+        }
+        best[c] = op.scale * op.metric(best[c]) + op.offset;
+        tmax = std::max(tmax, best[c]);
+      }
+      if (tmax == ninf) return;
+      const T m = std::max(mx[i], tmax);
+      T acc = sm[i] * std::exp(mx[i] - m);
+      for (int64_t c = 0; c < nt; ++c)
+        if (best[c] != ninf) acc += std::exp(best[c] - m);
+      mx[i] = m, sm[i] = acc;
+    });
+    T* o = out.data_ptr<T>();
+    for (int64_t i = 0; i < B; ++i)
+      if (mx[i] != ninf) o[i] = mx[i] + std::log(sm[i]);
+  });
+  return out;
+}
+
+at::Tensor ee_neg_lse_bwd_cpu(const at::Tensor& grad_, const at::Tensor& lse_,
+                              const at::Tensor& x_, const at::Tensor& labels_,
+                              const at::Tensor& seg_i_, const at::Tensor& seg_j_,
+                              const at::Tensor& anchor_mask_, const at::Tensor& neg_mask_,
+                              int64_t n, bool l2, double scale, double offset, int64_t chunk) {
+  check_ee_inputs(x_, labels_, seg_i_, seg_j_, anchor_mask_, neg_mask_, n, chunk);
+  check_vec(grad_, x_.size(0), "grad");
+  check_vec(lse_, x_.size(0), "lse");
+  auto x = x_.contiguous(), labels = labels_.contiguous();
+  auto grad = grad_.to(x.scalar_type()).contiguous(), lse = lse_.to(x.scalar_type()).contiguous();
+  auto amask = anchor_mask_.contiguous(), nmask = neg_mask_.contiguous();
+  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
+  if (L.B == 0) return at::zeros_like(x);
+  at::Tensor xo = x.index_select(0, slot_order(L, labels));
+  at::Tensor dxo = at::zeros_like(xo);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_neg_lse_bwd_cpu", [&] {
+    using T = scalar_t;
+    EeOp<T> op{L, xo, amask.data_ptr<bool>(), nmask.data_ptr<bool>(), l2, T(scale),
+               T(offset), chunk, std::max<int64_t>(4 * chunk, 64)};
+    op.norms();
+    const T* g = grad.data_ptr<T>();
+    const T* ls = lse.data_ptr<T>();
+    op.backward_sweep(
+        dxo, [&](int64_t i) { return g[i] != T(0) && ls[i] != -std::numeric_limits<T>::infinity(); },
+        [&](int64_t i, T sh) {
+          const T m = op.metric(sh);
+          return g[i] * std::exp(op.scale * m + op.offset - ls[i]) * op.scale * op.dmetric(m);
+        });
+  });
+  return unslot(L, labels, dxo);
+}
+
+// TripletMarginLoss "all" with EE: per anchor i, over its positives p (pos: their clean metric,
+// anchor-major CSR in index order, each anchor's class members but itself in index order)
+// and every negative point q, the terms f(v) with v = margin(pos_ip, m̂(i, q)) + margin and f
+// relu or (smooth) softplus. Returns (Σ f, #f > 0, #triplets) per anchor; no triplet list.
+namespace {
+
+template <typename T>
+MO_HD T ee_trip_f(T v, bool smooth) {  // F.softplus: linear past threshold 20
+  if (!smooth) return v > T(0) ? v : T(0);
+  return v > T(20) ? v : std::log1p(std::exp(v));
+}
+
+template <typename T>
+MO_HD T ee_trip_df(T v, bool smooth) {
+  if (!smooth) return v > T(0) ? T(1) : T(0);
+  return v > T(20) ? T(1) : T(1) / (T(1) + std::exp(-v));
+}
+
+// first CSR entry of each anchor: anchors in index order, |class| − 1 positives each
+std::vector<int64_t> pos_offsets(const EeLayout& L) {
+  std::vector<int64_t> off(L.B + 1, 0);
+  for (int64_t i = 0; i < L.B; ++i)
+    off[i + 1] = off[i] + (L.cstart[L.cls[i] + 1] - L.cstart[L.cls[i]] - 1);
+  return off;
+}
+
+void check_pos(const EeLayout& L, const at::Tensor& pos, const at::Tensor& x) {
+  const int64_t want = pos_offsets(L)[L.B];
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == want && pos.scalar_type() == x.scalar_type(),
+              "pos must be of x's dtype and shape (", want, ",): each anchor's clean metric to "
+              "its positives");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ee_triplet_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& labels_, const at::Tensor& seg_i_,
+    const at::Tensor& seg_j_, const at::Tensor& pos_, int64_t n, bool l2, double margin,
+    bool smooth, int64_t chunk) {
+  auto all = at::ones({x_.size(0)}, labels_.options().dtype(at::kBool));
+  check_ee_inputs(x_, labels_, seg_i_, seg_j_, all, all, n, chunk);
+  auto x = x_.contiguous(), labels = labels_.contiguous(), pos = pos_.contiguous();
+  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
+  check_pos(L, pos, x);
+  const int64_t B = L.B;
+  at::Tensor sums = at::zeros({B}, x.options());
+  at::Tensor nonzero = at::zeros({B}, labels.options()), count = at::zeros({B}, labels.options());
+  if (B == 0) return {sums, nonzero, count};
+  const auto off = pos_offsets(L);
+  at::Tensor xo = x.index_select(0, slot_order(L, labels));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_triplet_fwd_cpu", [&] {
+    using T = scalar_t;
+    EeOp<T> op{L, xo, all.data_ptr<bool>(), all.data_ptr<bool>(), l2, T(1), T(0), chunk,
+               std::max<int64_t>(4 * chunk, 64)};
+    op.norms();
+    const T* pv = pos.data_ptr<T>();
+    const T m = T(margin);
+    T* su = sums.data_ptr<T>();
+    int64_t* nz = nonzero.data_ptr<int64_t>();
+    int64_t* ct = count.data_ptr<int64_t>();
+    op.forward_sweep([&](int64_t i, int64_t ci, T* best, const int64_t* pcls, const char*,
+                         int64_t nt) {
+      const T* p = pv + off[i];
+      const int64_t np = off[i + 1] - off[i];
+      if (np == 0) return;
+      T acc = 0;
+      int64_t k = 0, tot = 0;
+      for (int64_t c = 0; c < nt; ++c) {
+        if (pcls[c] == ci) continue;
+        const T mh = op.metric(best[c]);
+        ++tot;
+        for (int64_t j = 0; j < np; ++j) {
+          const T f = ee_trip_f((l2 ? p[j] - mh : mh - p[j]) + m, smooth);
+          acc += f;
+          k += f > T(0);
+        }
+      }
+      su[i] += acc, nz[i] += k, ct[i] += tot * np;
+    });
+  });
+  return {sums, nonzero, count};
+}
+
+std::tuple<at::Tensor, at::Tensor> ee_triplet_bwd_cpu(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& labels_,
+    const at::Tensor& seg_i_, const at::Tensor& seg_j_, const at::Tensor& pos_, int64_t n,
+    bool l2, double margin, bool smooth, int64_t chunk) {
+  auto all = at::ones({x_.size(0)}, labels_.options().dtype(at::kBool));
+  check_ee_inputs(x_, labels_, seg_i_, seg_j_, all, all, n, chunk);
+  check_vec(grad_, x_.size(0), "grad");
+  auto x = x_.contiguous(), labels = labels_.contiguous(), pos = pos_.contiguous();
+  auto grad = grad_.to(x.scalar_type()).contiguous();
+  const EeLayout L = make_layout(labels, seg_i_.contiguous(), seg_j_.contiguous(), n, chunk);
+  check_pos(L, pos, x);
+  at::Tensor dpos = at::zeros_like(pos);
+  if (L.B == 0) return {at::zeros_like(x), dpos};
+  const auto off = pos_offsets(L);
+  at::Tensor xo = x.index_select(0, slot_order(L, labels));
+  at::Tensor dxo = at::zeros_like(xo);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_triplet_bwd_cpu", [&] {
+    using T = scalar_t;
+    EeOp<T> op{L, xo, all.data_ptr<bool>(), all.data_ptr<bool>(), l2, T(1), T(0), chunk,
+               std::max<int64_t>(4 * chunk, 64)};
+    op.norms();
+    const T* g = grad.data_ptr<T>();
+    const T* pv = pos.data_ptr<T>();
+    T* dp = dpos.data_ptr<T>();  // anchor i's entries: written by its class's thread only
+    const T m = T(margin);
+    op.backward_sweep(
+        dxo, [&](int64_t i) { return g[i] != T(0) && off[i + 1] > off[i]; },
+        [&](int64_t i, T sh) {
+          const T mh = op.metric(sh);
+          T sum = 0;
+          for (int64_t j = off[i]; j < off[i + 1]; ++j) {
+            const T df = g[i] * ee_trip_df((l2 ? pv[j] - mh : mh - pv[j]) + m, smooth);
+            sum += df;
+            dp[j] += l2 ? df : -df;
+          }
+          return (l2 ? -sum : sum) * op.dmetric(mh);
+        });
+  });
+  return {unslot(L, labels, dxo), dpos};
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // Embedding Expansion, the negative side of MS / lifted / N-pair (ee_losses_cpu.cpp): per
+  // anchor log Σ_{q ∈ Q_i} exp(scale · m̂(i, q) + offset) over unit rows x, m̂ the hard-
+  // negative-pair cosine ŝ (l2=False) or L2 distance d̂ (l2=True); −inf without a term.
+  m.def("ee_neg_lse_fwd(Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, Tensor anchor_mask, "
+        "Tensor neg_mask, int n_points, bool l2, float scale, float offset, int chunk) -> Tensor");
+  m.def("ee_neg_lse_bwd(Tensor grad, Tensor lse, Tensor x, Tensor labels, Tensor seg_i, "
+        "Tensor seg_j, Tensor anchor_mask, Tensor neg_mask, int n_points, bool l2, float scale, "
+        "float offset, int chunk) -> Tensor");
+  // TripletMarginLoss "all" with EE: per anchor (Σ f(v), #f > 0, #triplets) over its positives
+  // (pos: their clean metric, anchor-major) and every negative point; v = margin(pos, m̂) + m
+  m.def("ee_triplet_fwd(Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, Tensor pos, "
+        "int n_points, bool l2, float margin, bool smooth, int chunk) -> (Tensor, Tensor, Tensor)");
+  m.def("ee_triplet_bwd(Tensor grad, Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, "
+        "Tensor pos, int n_points, bool l2, float margin, bool smooth, int chunk) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("ee_neg_lse_fwd", &ee_neg_lse_fwd_cpu);
+  m.impl("ee_neg_lse_bwd", &ee_neg_lse_bwd_cpu);
+  m.impl("ee_triplet_fwd", &ee_triplet_fwd_cpu);
+  m.impl("ee_triplet_bwd", &ee_triplet_bwd_cpu);
+}
+
+}  // namespace metrix_ops
