@@ -1,10 +1,26 @@
 from __future__ import annotations
 
+import torch
+
 from ..distances import LpDistance
 from ..reference.pairs import all_triplets
 from .base import BaseMiner
+from .batch_hard import block_masks
+from .row_blocks import block_rows, distance_row_blocks
 
 TYPES = ("all", "hard", "semihard", "easy")
+
+
+def triplet_keep(gap, margin, type_of_triplets: str):
+    """PML's condition on the gaps g = margin(d_an, d_ap): which triplets are kept."""
+    if type_of_triplets == "easy":
+        return gap > margin
+    keep = gap <= margin
+    if type_of_triplets == "hard":
+        keep &= gap <= 0
+    elif type_of_triplets == "semihard":
+        keep &= gap > 0
+    return keep
 
 
 class TripletMarginMiner(BaseMiner):
@@ -13,7 +29,11 @@ class TripletMarginMiner(BaseMiner):
     all triplets it keeps g ≤ margin ("all": the margin is violated), additionally g ≤ 0
     ("hard": the negative is at least as close as the positive) or g > 0 ("semihard"), or
     g > margin ("easy", the complement of "all"). Triplets in PML's order (row-major over
-    anchor, positive, negative)."""
+    anchor, positive, negative).
+
+    Streams row blocks of the distance matrix; each anchor's candidates are its P × N
+    positive-negative grid, so memory is O(rows · M + max P·N) besides the output (which
+    holds the kept triplets: the miner's contract, possibly large)."""
 
     default_distance = LpDistance
 
@@ -24,17 +44,29 @@ class TripletMarginMiner(BaseMiner):
         self.margin = margin
         self.type_of_triplets = type_of_triplets
 
+    def _gap(self, ap, an):
+        return ap - an if self.distance.is_inverted else an - ap
+
     def mine(self, x, labels, ref, ref_labels, same_set):
+        rows = block_rows(len(ref), self.block_entries)
+        out = []
+        for start, mat in distance_row_blocks(self.distance, x, ref, rows):
+            pos, neg = block_masks(labels, ref_labels, same_set, start, len(mat))
+            for i in torch.where(pos.any(1) & neg.any(1))[0].tolist():
+                p, n = torch.where(pos[i])[0], torch.where(neg[i])[0]
+                # g[p, n] elementwise as PML's mat[a, p] and mat[a, n] over its triplets
+                gap = self._gap(mat[i, p][:, None], mat[i, n][None, :])
+                kp, kn = torch.where(triplet_keep(gap, self.margin, self.type_of_triplets))
+                out.append((torch.full_like(kp, start + i), p[kp], n[kn]))
+        if not out:
+            e = torch.empty(0, dtype=torch.long, device=x.device)
+            return e, e.clone(), e.clone()
+        return tuple(torch.cat(t) for t in zip(*out))
+
+    def mine_dense(self, x, labels, ref, ref_labels, same_set):
+        """The reference: every triplet's gap from the whole B×M matrix."""
         a, p, n = all_triplets(labels, ref_labels, same_set)
         mat = self.distance(x, ref)
-        ap, an = mat[a, p], mat[a, n]
-        gap = ap - an if self.distance.is_inverted else an - ap
-        if self.type_of_triplets == "easy":
-            keep = gap > self.margin
-        else:
-            keep = gap <= self.margin
-            if self.type_of_triplets == "hard":
-                keep &= gap <= 0
-            elif self.type_of_triplets == "semihard":
-                keep &= gap > 0
+        keep = triplet_keep(self._gap(mat[a, p], mat[a, n]), self.margin,
+                            self.type_of_triplets)
         return a[keep], p[keep], n[keep]
