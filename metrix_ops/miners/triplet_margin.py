@@ -31,9 +31,10 @@ class TripletMarginMiner(BaseMiner):
     g > margin ("easy", the complement of "all"). Triplets in PML's order (row-major over
     anchor, positive, negative).
 
-    Streams row blocks of the distance matrix; each anchor's candidates are its P × N
-    positive-negative grid, so memory is O(rows · M + max P·N) besides the output (which
-    holds the kept triplets: the miner's contract, possibly large)."""
+    Streams row blocks of the distance matrix; the candidates of a few rows at a time are
+    their (rows × P_max × M) grid of positive and reference columns, within the miner's
+    block_entries (at least one row: P_max × M), besides the output (which holds the kept
+    triplets: the miner's contract, possibly large)."""
 
     default_distance = LpDistance
 
@@ -48,16 +49,28 @@ class TripletMarginMiner(BaseMiner):
         return ap - an if self.distance.is_inverted else an - ap
 
     def mine(self, x, labels, ref, ref_labels, same_set):
-        rows = block_rows(len(ref), self.block_entries)
+        m = len(ref)
         out = []
-        for start, mat in distance_row_blocks(self.distance, x, ref, rows):
+        for start, mat in distance_row_blocks(self.distance, x, ref,
+                                              block_rows(m, self.block_entries)):
             pos, neg = block_masks(labels, ref_labels, same_set, start, len(mat))
-            for i in torch.where(pos.any(1) & neg.any(1))[0].tolist():
-                p, n = torch.where(pos[i])[0], torch.where(neg[i])[0]
-                # g[p, n] elementwise as PML's mat[a, p] and mat[a, n] over its triplets
-                gap = self._gap(mat[i, p][:, None], mat[i, n][None, :])
-                kp, kn = torch.where(triplet_keep(gap, self.margin, self.type_of_triplets))
-                out.append((torch.full_like(kp, start + i), p[kp], n[kn]))
+            # each row's positive columns, ascending, padded with M up to the block's most
+            width = int(pos.sum(1).max()) if len(pos) else 0
+            if width == 0:
+                continue
+            cols = torch.where(pos, torch.arange(m, device=pos.device), m)
+            cols = cols.sort(1).values[:, :width]
+            ap = mat.gather(1, cols.clamp(max=m - 1))
+            # sub-blocks of rows whose (rows × width × M) grid of candidates fits the budget
+            step = block_rows(width * m, self.block_entries)
+            for s in range(0, len(mat), step):
+                sl = slice(s, s + step)
+                # g[r, k, n] elementwise as PML's mat[a, p] and mat[a, n] over its triplets
+                keep = triplet_keep(self._gap(ap[sl, :, None], mat[sl, None, :]),
+                                    self.margin, self.type_of_triplets)
+                keep &= (cols[sl] < m)[:, :, None] & neg[sl, None, :]
+                r, k, n = torch.where(keep)  # row-major: anchor, positive, negative
+                out.append((r + (start + s), cols[sl][r, k], n))
         if not out:
             e = torch.empty(0, dtype=torch.long, device=x.device)
             return e, e.clone(), e.clone()
