@@ -107,8 +107,8 @@ def test_no_full_matrix(name, monkeypatch):
         rows = []
         for cls in (mo.distances.LpDistance, mo.distances.CosineSimilarity):
             orig = cls.compute_mat
-            monkeypatch.setattr(cls, "compute_mat",
-                                lambda self, q, r, orig=orig: rows.append(len(q)) or orig(self, q, r))
+            monkeypatch.setattr(cls, "compute_mat", lambda self, q, r, orig=orig:
+                                rows.append(len(q)) or orig(self, q, r))
         cdist = torch.cdist
         monkeypatch.setattr(torch, "cdist",
                             lambda q, r, **k: rows.append(len(q)) or cdist(q, r, **k))

@@ -26,6 +26,7 @@ MINERS = [(f"tm_{t}_{m}", (lambda d, t=t, m=m: mo.miners.TripletMarginMiner(m, t
           for t in TYPES for m in (0.2, 0.0)] + [
     ("batch_hard", lambda d: mo.miners.BatchHardMiner(**d), lambda d: pm.BatchHardMiner(**d))]
 MINER_IDS = [m[0] for m in MINERS]
+AvgNonZero = pr.AvgNonZeroReducer
 
 
 def dist_kw(name, ours: bool):
@@ -121,6 +122,20 @@ def test_fp32_and_bf16(miner):
 
 
 @needs_op
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("miner", MINERS, ids=MINER_IDS)
+def test_smooth_loss(case, miner, spy):
+    """smooth_loss: softplus of every kept triplet (summed one by one in the op)."""
+    x, y = make_case(case)
+    for dist in ("l2", "cos"):
+        for red in (AvgNonZero, pr.MeanReducer):
+            fused_loss, _, theirs = losses_for(dist, miner[1], miner[2], smooth_loss=True,
+                                               reducer=red)
+            assert_close_vg(lambda e: fused_loss(e, y), lambda e: theirs(e, y), x)
+    assert spy
+
+
+@needs_op
 @pytest.mark.parametrize("chunk", [1, 4, 64])
 def test_op_chunks(chunk, monkeypatch):
     from metrix_ops.fused import triplet_margin as tm
@@ -128,10 +143,10 @@ def test_op_chunks(chunk, monkeypatch):
         tm.miner_supports, lambda p, i, r, m: tm.triplet_miner_impl(p, i, r, m, chunk=chunk)))
     x, y = make_case(CASES[1])
     for t in TYPES:
-        for dist in ("l2", "cos"):
+        for dist, smooth in (("l2", False), ("cos", False), ("l2", True)):
             fused_loss, _, theirs = losses_for(
                 dist, lambda d, t=t: mo.miners.TripletMarginMiner(0.3, t, **d),
-                lambda d, t=t: pm.TripletMarginMiner(0.3, t, **d))
+                lambda d, t=t: pm.TripletMarginMiner(0.3, t, **d), smooth_loss=smooth)
             assert_close_vg(lambda e: fused_loss(e, y), lambda e: theirs(e, y), x)
 
 
@@ -149,7 +164,8 @@ def test_op_counts_are_the_miners(cosine):
     for t in TYPES:
         for m2 in (-0.1, 0.0, 0.3):
             a, p, n = mo.miners.TripletMarginMiner(m2, t, distance=d)(x, y)
-            rows, nonzero, kept = triplet_mined_rows(x, x, y, y, True, cosine, 0.2, t, m2, 7)
+            rows, nonzero, kept = triplet_mined_rows(x, x, y, y, True, cosine, 0.2, t, m2,
+                                                     chunk=7)
             assert kept.tolist() == torch.bincount(a, minlength=40).tolist()
             viol = d.margin(mat[a, p], mat[a, n]) + 0.2
             assert nonzero.tolist() == torch.bincount(a[viol > 0], minlength=40).tolist()
@@ -160,7 +176,6 @@ def test_op_counts_are_the_miners(cosine):
 @pytest.mark.parametrize("kw,miner", [
     ({"swap": True}, lambda: pm.TripletMarginMiner(0.2, "semihard")),
     ({"swap": True}, lambda: pm.BatchHardMiner()),
-    ({"smooth_loss": True}, lambda: pm.TripletMarginMiner(0.2, "all")),
     ({"distance": pd.LpDistance(power=2)}, lambda: pm.BatchHardMiner()),
     ({}, lambda: pm.TripletMarginMiner(0.2, "hard", distance=pd.CosineSimilarity())),
     ({}, lambda: pm.BatchEasyHardMiner()),
@@ -230,20 +245,23 @@ def test_op_checks_and_opcheck():
     op = torch.ops.metrix_ops.triplet_mined_fwd
     for cosine in (False, True):
         for kind in range(4):
-            torch.library.opcheck(op.default, (x, r, y, y, True, cosine, 0.3, kind, 0.1, 4))
-            torch.library.opcheck(op.default, (x, r, y, y.flip(0), False, cosine, 0.3, kind,
-                                               0.1, 4))
+            for smooth in (False, True):
+                torch.library.opcheck(op.default, (x, r, y, y, True, cosine, 0.3, kind, 0.1,
+                                                   smooth, 4))
+                torch.library.opcheck(op.default, (x, r, y, y.flip(0), False, cosine, 0.3,
+                                                   kind, 0.1, smooth, 4))
     with pytest.raises(RuntimeError, match="mine_kind"):
-        op(x, x, y, y, True, False, 0.1, 4, 0.1, 4)
+        op(x, x, y, y, True, False, 0.1, 4, 0.1, False, 4)
     with pytest.raises(RuntimeError, match="mine_margin"):
-        op(x, x, y, y, True, False, 0.1, 0, float("inf"), 4)
+        op(x, x, y, y, True, False, 0.1, 0, float("inf"), False, 4)
     with pytest.raises(RuntimeError, match="ref_labels"):
-        op(x, x, y, y[:4], True, False, 0.1, 0, 0.1, 4)
+        op(x, x, y, y[:4], True, False, 0.1, 0, 0.1, False, 4)
     with pytest.raises(ValueError, match="type_of_triplets"):
         triplet_mined_rows(x, x, y, y, True, False, 0.1, "hardest", 0.1)
 
     def f(e):
-        rows, nz, _ = triplet_mined_rows(e, e, y, y, True, False, 0.3, "semihard", 0.2, 4)
+        rows, nz, _ = triplet_mined_rows(e, e, y, y, True, False, 0.3, "semihard", 0.2,
+                                         chunk=4)
         return rows.sum() / nz.sum().clamp_min(1)
 
     compiled = torch.compile(f, fullgraph=True, backend="eager")

@@ -12,6 +12,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common/triplet.h"
@@ -22,8 +23,9 @@ namespace metrix_ops {
 namespace {
 
 struct MineRule {
-  int kind;      // TriMineKind
+  int kind;       // TriMineKind
   double margin;  // the miner's margin m2
+  bool smooth;    // the loss's smooth_loss: softplus terms, summed over the kept window
 };
 
 void check_mine_rule(int64_t kind, double mine_margin) {
@@ -32,9 +34,9 @@ void check_mine_rule(int64_t kind, double mine_margin) {
   TORCH_CHECK(std::isfinite(mine_margin), "mine_margin must be finite, got ", mine_margin);
 }
 
-// For each negative j of the row (anchor label li, column `self` skipped): f(j, kn, lo, hi,
-// kept) with [lo, hi) the sorted ranks of the kept positives whose triplet has loss > 0
-// (empty when hi ≤ lo) and `kept` the number of positives the miner keeps with j.
+// For each negative j of the row (anchor label li, column `self` skipped): f(j, kn, klo,
+// khi, lo, hi) with [klo, khi) the sorted ranks of the positives the miner keeps with j and
+// [lo, hi) those of them whose hinge term is > 0 (each empty when hi ≤ lo, normalised so).
 template <typename T, typename F>
 void for_negatives(const T* row, int64_t m, const TripletCtx& c, const MineRule& rule,
                    int64_t li, int64_t self, const SortedPositives<T>& pos, F f) {
@@ -45,21 +47,34 @@ void for_negatives(const T* row, int64_t m, const TripletCtx& c, const MineRule&
     const T kn = tri_key(row[j], c.cosine);
     long klo, khi;
     tri_mined_window(pos.keys.data(), np, kn, rule.kind, m2, &klo, &khi);
-    const long kept = khi > klo ? khi - klo : 0;
+    khi = std::max(klo, khi);
     const long lo = std::max(klo, tri_first_active(pos.keys.data(), np, kn, mg));
-    f(j, kn, lo, std::max(lo, khi), kept);
+    f(j, kn, klo, khi, lo, std::max(lo, khi));
   }
+}
+
+// PML's smooth term, F.softplus(v) (beta 1, threshold 20), and its derivative as torch's
+// softplus backward computes it.
+template <typename T>
+T tri_softplus(T v) { return v > T(20) ? v : std::log1p(std::exp(v)); }
+template <typename T>
+T tri_softplus_grad(T v) {
+  if (v > T(20)) return T(1);
+  const T z = std::exp(v);
+  return z / (z + T(1));
 }
 
 // Rows [r0, r0 + nr) from their block s: Σ over kept triplets of [(k_p − k_n) + m]₊, their
 // number with loss > 0, and the number kept. Over a window of active positives the sum is
-// Σ k_p + c·(m − k_n), from prefix sums in double.
+// Σ k_p + c·(m − k_n), from prefix sums in double. smooth: softplus of every kept
+// triplet, one by one (O(kept) a row: the terms are no longer linear in the keys).
 template <typename T>
 void mined_fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx& c,
                      const MineRule& rule, T* rows, int64_t* nonzero, int64_t* kept_out) {
   at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
     SortedPositives<T> pos;
     std::vector<double> pre;  // pre[t] = Σ_{q < t} sorted positive keys
+    const T mg = T(c.margin);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = r0 + i, li = c.labels[gi], self = c.exclude_diag ? gi : -1;
       pos.build(s + i * m, m, c.ref_labels, li, self, c.cosine);
@@ -70,11 +85,19 @@ void mined_fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Triple
       int64_t active = 0, kept = 0;
       if (np > 0)
         for_negatives(s + i * m, m, c, rule, li, self, pos,
-                      [&](int64_t, T kn, long lo, long hi, long k) {
+                      [&](int64_t, T kn, long klo, long khi, long lo, long hi) {
+                        kept += khi - klo;
+                        if (rule.smooth) {
+                          for (long t = klo; t < khi; ++t) {
+                            const T term = tri_softplus(tri_violation(pos.keys[t], kn, mg));
+                            sum += double(term);
+                            active += term > T(0);
+                          }
+                          return;
+                        }
                         const long cnt = hi - lo;
                         sum += (pre[hi] - pre[lo]) + double(cnt) * (c.margin - double(kn));
                         active += cnt;
-                        kept += k;
                       });
       rows[gi] = T(sum);
       nonzero[gi] = active;
@@ -85,13 +108,16 @@ void mined_fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Triple
 
 // Block s (rows [r0, r0 + nr)) becomes g_i ∂row_i/∂s_ij in place: a negative gets
 // −(its active kept positives) · dk/ds, a positive +(the negatives whose window holds its
-// rank) · dk/ds, the latter from a difference array over the ranks.
+// rank) · dk/ds, the latter from a difference array over the ranks. smooth: each kept
+// triplet's softplus' instead of 1, accumulated per rank.
 template <typename T>
 void mined_grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx& c,
                       const MineRule& rule, const T* g) {
   at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
     SortedPositives<T> pos;
     std::vector<int64_t> diff;
+    std::vector<T> wpos;  // smooth: Σ over the kept negatives of softplus' per rank
+    const T mg = T(c.margin);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = r0 + i, li = c.labels[gi], self = c.exclude_diag ? gi : -1;
       T* row = s + i * m;
@@ -102,16 +128,28 @@ void mined_grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx&
         continue;
       }
       diff.assign(np + 1, 0);
+      wpos.assign(np, T(0));
       for_negatives(row, m, c, rule, li, self, pos,
-                    [&](int64_t j, T kn, long lo, long hi, long) {
-                      ++diff[lo];
-                      --diff[hi];
-                      row[j] = -g[gi] * T(hi - lo) * tri_key_grad(kn, c.cosine);
+                    [&](int64_t j, T kn, long klo, long khi, long lo, long hi) {
+                      T w = T(hi - lo);
+                      if (rule.smooth) {
+                        w = T(0);
+                        for (long t = klo; t < khi; ++t) {
+                          const T d = tri_softplus_grad(tri_violation(pos.keys[t], kn, mg));
+                          wpos[t] += d;
+                          w += d;
+                        }
+                      } else {
+                        ++diff[lo];
+                        --diff[hi];
+                      }
+                      row[j] = -g[gi] * w * tri_key_grad(kn, c.cosine);
                     });
       int64_t active = 0;
       for (int64_t t = 0; t < np; ++t) {
         active += diff[t];
-        row[pos.kj[t].second] = g[gi] * T(active) * tri_key_grad(pos.kj[t].first, c.cosine);
+        const T w = rule.smooth ? wpos[t] : T(active);
+        row[pos.kj[t].second] = g[gi] * w * tri_key_grad(pos.kj[t].first, c.cosine);
       }
       if (self >= 0) row[self] = T(0);
     }
@@ -125,7 +163,7 @@ void mined_grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double margin,
-    int64_t mine_kind, double mine_margin, int64_t chunk) {
+    int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk) {
   check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
   check_mine_rule(mine_kind, mine_margin);
   auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
@@ -135,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cpu(
   at::Tensor nonzero = at::zeros({B}, labels.options()), kept = at::zeros({B}, labels.options());
   const TripletCtx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag,
                      cosine, margin};
-  const MineRule rule{int(mine_kind), mine_margin};
+  const MineRule rule{int(mine_kind), mine_margin, smooth};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_mined_fwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
@@ -151,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor> triplet_mined_bwd_cpu(
     const at::Tensor& grad_rows_, const at::Tensor& x_, const at::Tensor& r_,
     const at::Tensor& labels_, const at::Tensor& ref_labels_, bool exclude_diag, bool cosine,
-    double margin, int64_t mine_kind, double mine_margin, int64_t chunk) {
+    double margin, int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk) {
   check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
   check_mine_rule(mine_kind, mine_margin);
   check_vec(grad_rows_, x_.size(0), "grad_rows");
@@ -162,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_mined_bwd_cpu(
   at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
   const TripletCtx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag,
                      cosine, margin};
-  const MineRule rule{int(mine_kind), mine_margin};
+  const MineRule rule{int(mine_kind), mine_margin, smooth};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_mined_bwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
@@ -179,13 +217,14 @@ std::tuple<at::Tensor, at::Tensor> triplet_mined_bwd_cpu(
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // TripletMarginLoss over the triplets TripletMarginMiner(mine_margin, kind) keeps, the
   // miner on the loss's distance; arguments as triplet_all_fwd. mine_kind: 0 all, 1 hard,
-  // 2 semihard, 3 easy. Per anchor (loss sum, #kept with loss > 0, #kept).
+  // 2 semihard, 3 easy; smooth: softplus terms (smooth_loss). Per anchor (loss sum,
+  // #kept with loss > 0, #kept).
   m.def("triplet_mined_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "bool exclude_diag, bool cosine, float margin, int mine_kind, float mine_margin, "
-        "int chunk) -> (Tensor, Tensor, Tensor)");
+        "bool smooth, int chunk) -> (Tensor, Tensor, Tensor)");
   m.def("triplet_mined_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
         "Tensor ref_labels, bool exclude_diag, bool cosine, float margin, int mine_kind, "
-        "float mine_margin, int chunk) -> (Tensor, Tensor)");
+        "float mine_margin, bool smooth, int chunk) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

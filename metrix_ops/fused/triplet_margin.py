@@ -89,8 +89,9 @@ def _miner_distance(miner, default):
 
 def miner_supports(params, inp, miner) -> bool:
     """TripletMarginMiner on the loss's own distance, or BatchHardMiner on any distance,
-    with the loss on cosine or normalised L2, no swap. PML's miners and ours alike; the
-    self pair is dropped by labels identity in both miners and the loss, as inp.same_set."""
+    with the loss on cosine or normalised L2, no swap (smooth_loss is served). PML's
+    miners and ours alike; the self pair is dropped by labels identity in both miners and
+    the loss, as inp.same_set."""
     kind = type(miner).__name__
     if (inp.labels is None or params.get("swap", False)
             or _unit_distance(inp.distance) is None):
@@ -102,8 +103,7 @@ def miner_supports(params, inp, miner) -> bool:
                 and getattr(miner, "allowed_neg_range", None) is None)
     if kind == "TripletMarginMiner":
         mdist = _miner_distance(miner, LpDistance)
-        return (HAS_OP and not params.get("smooth_loss", False)
-                and getattr(miner, "type_of_triplets", None) in MINE_KINDS
+        return (HAS_OP and getattr(miner, "type_of_triplets", None) in MINE_KINDS
                 and mdist is not None
                 and _unit_distance(mdist) == _unit_distance(inp.distance))
     return False
@@ -158,10 +158,12 @@ def batch_hard_impl(params, inp, reducer, miner):
 
 def triplet_miner_impl(params, inp, reducer, miner, chunk: int = 256):
     """TripletMarginMiner + TripletMarginLoss: per-anchor totals over the kept triplets from
-    triplet_mined_fwd; a reducer needing per-triplet terms takes the miner's tuple."""
+    triplet_mined_fwd (hinge or, with smooth_loss, softplus terms); a reducer needing
+    per-triplet terms takes the miner's tuple."""
     def rows_fn(xu, ru, labels, ref_labels, exclude_diag, cosine, margin):
         return triplet_mined_rows(xu, ru, labels, ref_labels, exclude_diag, cosine, margin,
-                                  miner.type_of_triplets, float(miner.margin), chunk)
+                                  miner.type_of_triplets, float(miner.margin),
+                                  params.get("smooth_loss", False), chunk)
     return totals_impl(rows_fn, params, inp, reducer,
                        fallback=lambda: _mined_by_tuple(params, inp, reducer, miner))
 
