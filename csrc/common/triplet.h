@@ -62,4 +62,50 @@ MO_HD long tri_count_pos(const T* kp, long n, T kn, T margin) {
   return n - lo;
 }
 
+// ---- TripletMarginMiner inside the op -------------------------------------------------
+// The miner keeps a triplet by its gap g = k_an − k_ap (PML's d_an − d_ap, or s_ap − s_an
+// for a similarity: with k = −s the same bits) against its margin m2, compared in T as
+// torch compares a tensor with a Python float:
+//   all: g ≤ m2;  hard: g ≤ m2 and g ≤ 0;  semihard: 0 < g ≤ m2;  easy: g > m2.
+// For a fixed negative, g is non-increasing in k_ap (rounding is monotone), so over the
+// sorted positive keys "g ≤ c" holds on a suffix and "g > c" on a prefix: the kept
+// positives are a window of sorted ranks, and so are the kept ones with loss > 0.
+enum TriMineKind : int { kTriMineAll = 0, kTriMineHard = 1, kTriMineSemihard = 2,
+                         kTriMineEasy = 3 };
+
+template <typename T>
+MO_HD T tri_gap(T kp, T kn) { return kn - kp; }
+
+// First sorted rank t in [0, n) with gap(kp[t], kn) ≤ c (a suffix starts there); n if none.
+template <typename T>
+MO_HD long tri_first_gap_le(const T* kp, long n, T kn, T c) {
+  long lo = 0, hi = n;
+  while (lo < hi) {
+    const long mid = lo + (hi - lo) / 2;
+    if (tri_gap(kp[mid], kn) <= c) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Ranks [lo, hi) of the sorted positives kept by the miner with negative key kn; hi ≤ lo
+// means none.
+template <typename T>
+MO_HD void tri_mined_window(const T* kp, long n, T kn, int kind, T m2, long* lo, long* hi) {
+  switch (kind) {
+    case kTriMineAll: *lo = tri_first_gap_le(kp, n, kn, m2); *hi = n; break;
+    case kTriMineHard:  // g ≤ m2 and g ≤ 0 is g ≤ min(m2, 0): both compared in T
+      *lo = tri_first_gap_le(kp, n, kn, m2 < T(0) ? m2 : T(0)); *hi = n; break;
+    case kTriMineSemihard:
+      *lo = tri_first_gap_le(kp, n, kn, m2); *hi = tri_first_gap_le(kp, n, kn, T(0)); break;
+    default: *lo = 0; *hi = tri_first_gap_le(kp, n, kn, m2); break;  // easy
+  }
+}
+
+// First sorted rank whose triplet with kn has loss > 0 (the active positives: a suffix).
+template <typename T>
+MO_HD long tri_first_active(const T* kp, long n, T kn, T margin) {
+  return n - tri_count_pos(kp, n, kn, margin);
+}
+
 }  // namespace metrix_ops

@@ -18,56 +18,17 @@
 #include "common/checks.h"
 #include "common/triplet.h"
 #include "cpu/op_checks.h"
+#include "cpu/triplet_blocks.h"
 
 namespace metrix_ops {
 
 namespace {
 
-void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
-                          const at::Tensor& ref_labels, bool exclude_diag, double margin,
-                          int64_t chunk) {
-  check_sim_inputs(x, r, 1.0, chunk);
-  check_labels_of(labels, x.size(0), "labels");
-  check_labels_of(ref_labels, r.size(0), "ref_labels");
-  // exclude_diag: row i skips column i, so r holds the batch first (the batch itself, or a
-  // CrossBatchMemory bank rolled to start at the batch's slots)
-  TORCH_CHECK(!exclude_diag || x.size(0) <= r.size(0),
-              "exclude_diag needs r to start with the batch (at least as many rows as x)");
-  TORCH_CHECK(std::isfinite(margin), "margin must be finite, got ", margin);
-}
-
-struct Ctx {
-  const int64_t* labels;
-  const int64_t* ref_labels;
-  bool exclude_diag, cosine;
-  double margin;
-};
-
-// A row's positive keys with their columns, sorted by key. Only the positives are sorted
-// (typically a handful): each negative then finds its active positives, a suffix, by
-// binary search, so a row costs O(M log P) and the negatives are never sorted.
-template <typename T>
-struct SortedPositives {
-  std::vector<std::pair<T, int64_t>> kj;  // (key, column)
-  std::vector<T> keys;
-
-  void build(const T* s, int64_t m, const int64_t* col, int64_t label, int64_t self,
-             bool cosine) {
-    kj.clear();
-    for (int64_t j = 0; j < m; ++j)
-      if (j != self && col[j] == label) kj.emplace_back(tri_key(s[j], cosine), j);
-    std::sort(kj.begin(), kj.end());
-    keys.resize(kj.size());
-    for (size_t t = 0; t < kj.size(); ++t) keys[t] = kj[t].first;
-  }
-  int64_t size() const { return int64_t(kj.size()); }
-};
-
 // Forward of rows [r0, r0 + nr) from their block s of values (nr × m). For a negative with
 // c active positives (the top c keys): Σ_p [(k_p − k_n) + m]₊ = Σ_top-c k_p + c·(m − k_n).
 template <typename T>
-void fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, T* rows,
-               int64_t* nonzero, int64_t* triplets) {
+void fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx& c,
+               T* rows, int64_t* nonzero, int64_t* triplets) {
   at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
     SortedPositives<T> pos;
     std::vector<double> suffix;  // suffix[t] = Σ_{q ≥ t} sorted positive keys, in double
@@ -104,7 +65,7 @@ void fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, T* r
 //   at sorted rank t is active with every positive of rank ≥ t, so these counts are the
 //   running sum of a histogram of the negatives' first ranks.
 template <typename T>
-void grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, const T* g) {
+void grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx& c, const T* g) {
   at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
     SortedPositives<T> pos;
     std::vector<int64_t> first;  // histogram over the first active rank, 0..P
@@ -137,18 +98,6 @@ void grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const Ctx& c, const T* 
   });
 }
 
-// The block of values the keys come from, rows [start, start + len). L2: distances exactly
-// as PML's LpDistance computes them, torch.cdist on the unit rows with the matmul-or-direct
-// choice cdist makes for the whole B×M call, so that rounding-level ties (quantised
-// embeddings, margin 0) fall on the same side of the hinge as in PML. Cosine: S, as PML.
-at::Tensor value_block(const at::Tensor& x, const at::Tensor& r, int64_t start, int64_t len,
-                       bool cosine) {
-  const at::Tensor xc = x.narrow(0, start, len);
-  if (cosine) return at::mm(xc, r.t()).contiguous();
-  const int64_t mode = (x.size(0) > 25 || r.size(0) > 25) ? 1 : 2;  // use / do not use mm
-  return at::cdist(xc, r, 2.0, mode).contiguous();
-}
-
 }  // namespace
 
 // Returns per-anchor (loss sum, #triplets with loss > 0, #triplets); the reducers need
@@ -164,8 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cpu(
   const int64_t B = x.size(0), M = r.size(0);
   at::Tensor rows = at::zeros({B}, x.options());
   at::Tensor nonzero = at::zeros({B}, labels.options()), triplets = at::zeros({B}, labels.options());
-  const Ctx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag, cosine,
-              margin};
+  const TripletCtx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag,
+                     cosine, margin};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_fwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
@@ -188,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
   auto g = grad_rows_.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), M = r.size(0);
   at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
-  const Ctx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag, cosine,
-              margin};
+  const TripletCtx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag,
+                     cosine, margin};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_bwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);

@@ -2,19 +2,28 @@
 loss sums and triplet counts from triplet_all_fwd, no triplet list, no B×M matrix.
 
 The op returns totals, not per-triplet terms, so only reducers that are functions of the
-totals are served here (AvgNonZero, Mean, Sum); any other reducer gets the reference."""
+totals are served here (AvgNonZero, Mean, Sum); any other reducer gets the reference.
+
+The loss option miner= runs inside too (register_miner): TripletMarginMiner through
+triplet_mined_fwd (its window of kept triplets counted per row, as the all-triplets op),
+BatchHardMiner by streaming row blocks (one triplet per anchor, then the loss on those)."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..distances import is_cosine, is_normalized_l2
+from ..distances import LpDistance, as_distance, is_cosine, is_normalized_l2
+from ..miners.batch_hard import batch_hard_streaming
+from ..miners.row_blocks import BLOCK_ENTRIES
 from ..ops.triplet import triplet_all_rows
+from ..ops.triplet_mined import HAS_OP, MINE_KINDS, triplet_mined_rows
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
                         reduce_loss_dict, zero_loss)
 from ..spec import get_spec
-from . import register
+from . import register, register_miner
 
 
 def supports(params, inp, expansion) -> bool:
@@ -32,12 +41,15 @@ def _divisor_kind(reducer):
     return {MeanReducer: "all", SumReducer: "one"}.get(type(reducer))
 
 
-def totals_impl(rows_fn, params, inp, reducer):
+def totals_impl(rows_fn, params, inp, reducer, fallback=None):
     """The loss from a backend's per-anchor totals: rows_fn(x_unit, r_unit, labels,
-    ref_labels, exclude_diag, cosine, margin) -> (loss sums, #terms > 0, #triplets)."""
+    ref_labels, exclude_diag, cosine, margin) -> (loss sums, #terms > 0, #triplets).
+    A reducer that needs the per-triplet terms gets fallback() (default: the reference)."""
     x = inp.embeddings
     kind = _divisor_kind(reducer)
     if kind is None:  # needs the per-triplet terms: the reference has them
+        if fallback is not None:
+            return fallback()
         spec = get_spec("TripletMarginLoss")
         return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
     xu = F.normalize(x, dim=1)
@@ -62,4 +74,105 @@ def totals_impl(rows_fn, params, inp, reducer):
 def impl(params, inp, reducer, chunk: int = 256):
     return totals_impl(lambda *args: triplet_all_rows(*args, chunk), params, inp, reducer)
 
+
+def _unit_distance(d):
+    """'cosine' / 'l2' for the distances the ops compute (of unit rows), else None."""
+    return "cosine" if is_cosine(d) else "l2" if is_normalized_l2(d) else None
+
+
+def _miner_distance(miner, default):
+    try:
+        return as_distance(getattr(miner, "distance", None), default)
+    except (TypeError, ValueError):  # a distance we do not know
+        return None
+
+
+def miner_supports(params, inp, miner) -> bool:
+    """TripletMarginMiner on the loss's own distance, or BatchHardMiner on any distance,
+    with the loss on cosine or normalised L2, no swap (smooth_loss is served). PML's
+    miners and ours alike; the self pair is dropped by labels identity in both miners and
+    the loss, as inp.same_set."""
+    kind = type(miner).__name__
+    if (inp.labels is None or params.get("swap", False)
+            or _unit_distance(inp.distance) is None):
+        return False
+    if kind == "BatchHardMiner":
+        # PML's BatchHardMiner passes allowed_pos/neg_range on to BatchEasyHardMiner
+        return (_miner_distance(miner, LpDistance) is not None
+                and getattr(miner, "allowed_pos_range", None) is None
+                and getattr(miner, "allowed_neg_range", None) is None)
+    if kind == "TripletMarginMiner":
+        mdist = _miner_distance(miner, LpDistance)
+        return (HAS_OP and getattr(miner, "type_of_triplets", None) in MINE_KINDS
+                and mdist is not None
+                and _unit_distance(mdist) == _unit_distance(inp.distance))
+    return False
+
+
+def _units(inp):
+    xu = F.normalize(inp.embeddings, dim=1)
+    return xu, (xu if inp.ref_emb is inp.embeddings else F.normalize(inp.ref_emb, dim=1))
+
+
+def _mined_by_tuple(params, inp, reducer, miner):
+    """PML's two calls: the miner's index tuple, then the reference loss on it."""
+    tup = miner(inp.embeddings, inp.labels, inp.ref_emb, inp.ref_labels)
+    inp = dataclasses.replace(inp, indices_tuple=tup)
+    spec = get_spec("TripletMarginLoss")
+    return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, inp.embeddings)
+
+
+def _with_exact_grad(value, xu, ru, a, j, cosine: bool):
+    """The loss distance's value at pairs (a, j), read off its full matrix's entries
+    (`value`, no graph), with the gradient of that distance in S = X Rᵀ: ds for cosine,
+    −ds/d for the L2 distance of unit rows (0 at d = 0, as torch's cdist backward). The
+    value stays bit-exact: the added term is exactly 0."""
+    s = (xu[a] * ru[j]).sum(1)
+    ds = s - s.detach()
+    if cosine:
+        return value + ds
+    tiny = torch.finfo(value.dtype).tiny
+    return value + ds * torch.where(value > 0, -1 / value.clamp(min=tiny), 0.0)
+
+
+def batch_hard_impl(params, inp, reducer, miner):
+    """BatchHardMiner + TripletMarginLoss: each anchor's hardest positive and negative by
+    the miner's distance in one pass over row blocks (no B×M), then the loss on those B
+    triplets in PyTorch (any reducer, smooth_loss) with the loss distance's exact values."""
+    x, dist = inp.embeddings, inp.distance
+    a, p, n, vp, vn = batch_hard_streaming(
+        _miner_distance(miner, LpDistance), x, inp.ref_emb, inp.labels, inp.ref_labels,
+        inp.same_set, value_distance=dist,
+        entries=getattr(miner, "block_entries", BLOCK_ENTRIES))
+    if len(a) == 0:  # PML: no triplet, a zero that keeps the graph
+        return zero_loss(x)
+    xu, ru = _units(inp)
+    cosine = is_cosine(dist)
+    ap = _with_exact_grad(vp, xu, ru, a, p, cosine)
+    an = _with_exact_grad(vn, xu, ru, a, n, cosine)
+    violation = dist.margin(ap, an) + params.get("margin", 0.05)
+    losses = F.softplus(violation) if params.get("smooth_loss", False) else F.relu(violation)
+    return reduce_loss_dict({"loss": {"losses": losses, "indices": (a, p, n),
+                                      "reduction_type": "triplet"}}, reducer, x)
+
+
+def triplet_miner_impl(params, inp, reducer, miner, chunk: int = 256):
+    """TripletMarginMiner + TripletMarginLoss: per-anchor totals over the kept triplets from
+    triplet_mined_fwd (hinge or, with smooth_loss, softplus terms); a reducer needing
+    per-triplet terms takes the miner's tuple."""
+    def rows_fn(xu, ru, labels, ref_labels, exclude_diag, cosine, margin):
+        return triplet_mined_rows(xu, ru, labels, ref_labels, exclude_diag, cosine, margin,
+                                  miner.type_of_triplets, float(miner.margin),
+                                  params.get("smooth_loss", False), chunk)
+    return totals_impl(rows_fn, params, inp, reducer,
+                       fallback=lambda: _mined_by_tuple(params, inp, reducer, miner))
+
+
+def miner_impl(params, inp, reducer, miner):
+    if type(miner).__name__ == "BatchHardMiner":
+        return batch_hard_impl(params, inp, reducer, miner)
+    return triplet_miner_impl(params, inp, reducer, miner)
+
+
 register("cpu", "TripletMarginLoss", supports, impl)
+register_miner("cpu", "TripletMarginLoss", miner_supports, miner_impl)

@@ -4,14 +4,60 @@ import torch
 
 from ..distances import CosineSimilarity
 from .base import BaseMiner
+from .row_blocks import block_diagonal, block_rows, distance_row_blocks
+
+
+def ms_candidates(labels, ref_labels, drop_self_pos: bool, drop_self_both: bool, start=0,
+                  n_rows=None):
+    """(is_pos, is_neg, pos_cand, neg_cand) for the rows [start, start + n_rows).
+
+    PML quirk, kept for parity: the candidates searched are "not a negative" for the
+    positives and "not a positive" for the negatives. The diagonal leaves the positives by
+    *labels* identity (drop_self_pos: `ref_labels is labels`) but leaves both candidate
+    sets by *embedding* identity (drop_self_both: `embeddings is ref_emb`). The two agree
+    in the usual calls (no ref_emb; or ref_emb with other labels). When ref_emb is another
+    tensor but ref_labels is labels, the self pair (a, a) is neither positive nor negative,
+    so PML searches it on both sides: it may come back as a hard positive *and* a hard
+    negative, and it takes part in the hardest-pair thresholds."""
+    n_rows = len(labels) - start if n_rows is None else n_rows
+    same = labels[start:start + n_rows, None] == ref_labels[None, :]
+    is_pos, is_neg = same.clone(), ~same
+    diag = block_diagonal(start, n_rows, len(ref_labels), same.device)
+    if drop_self_pos:
+        is_pos[diag] = False
+    pos_cand, neg_cand = ~is_neg, ~is_pos
+    if drop_self_both:
+        pos_cand[diag] = False
+        neg_cand[diag] = False
+    return is_pos, is_neg, pos_cand, neg_cand
+
+
+def ms_keep(mat, pos_cand, neg_cand, epsilon, inverted: bool):
+    """PML's rule on rows of the matrix: (keep_pos, keep_neg) masks."""
+    big = torch.finfo(mat.dtype).max  # PML's ±inf fill: finfo.max/min of the dtype
+    if inverted:
+        hardest_neg = mat.masked_fill(~neg_cand, -big).amax(1, keepdim=True)
+        hardest_pos = mat.masked_fill(~pos_cand, big).amin(1, keepdim=True)
+        return (pos_cand & (mat - epsilon < hardest_neg),
+                neg_cand & (mat + epsilon > hardest_pos))
+    hardest_neg = mat.masked_fill(~neg_cand, big).amin(1, keepdim=True)
+    hardest_pos = mat.masked_fill(~pos_cand, -big).amax(1, keepdim=True)
+    return (pos_cand & (mat + epsilon > hardest_neg),
+            neg_cand & (mat - epsilon < hardest_pos))
+
+
+def _empty(device):
+    e = torch.empty(0, dtype=torch.long, device=device)
+    return e, e.clone(), e.clone(), e.clone()
 
 
 class MultiSimilarityMiner(BaseMiner):
     """MS pair mining (Wang et al. 2019), PML's rule. With a similarity s: keep the positive
     (a, p) when s_ap − ε < max_n s_an (harder than the hardest negative, up to ε), and the
     negative (a, n) when s_an + ε > min_p s_ap; mirrored for distances. Returns PML's index
-    tuple (a1, p, a2, n); the same pairs as PML's miner (PML orders them by row, then by
-    value — compare them as sets)."""
+    tuple (a1, p, a2, n), row by row, columns ascending: the same pairs as PML's miner (PML
+    orders them by row, then by value — compare them as sets). The bounds are per row, so
+    one pass over row blocks of the matrix finds both bounds and the kept pairs."""
 
     default_distance = CosineSimilarity
 
@@ -20,37 +66,33 @@ class MultiSimilarityMiner(BaseMiner):
         self.epsilon = epsilon
 
     def mine(self, x, labels, ref, ref_labels, same_set):
-        same = labels[:, None] == ref_labels[None, :]
-        is_pos, is_neg = same.clone(), ~same
-        if ref_labels is labels:  # PML drops self pairs by *labels* identity ...
-            is_pos.fill_diagonal_(False)
-        if not is_pos.any() or not is_neg.any():
-            e = torch.empty(0, dtype=torch.long, device=x.device)
-            return e, e.clone(), e.clone(), e.clone()
-        # PML quirk, kept for parity: the candidates searched are "not a negative" for the
-        # positives and "not a positive" for the negatives, and the diagonal is removed from
-        # both by *embedding* identity (`embeddings is ref_emb`). The two identities agree
-        # in the usual calls (no ref_emb; or ref_emb with other labels). When ref_emb is
-        # another tensor but ref_labels is labels, the self pair (a, a) is neither positive
-        # nor negative, so PML searches it on both sides: it may come back as a hard positive
-        # *and* a hard negative, and it takes part in the hardest-pair thresholds.
-        pos_cand, neg_cand = ~is_neg, ~is_pos
-        if x is ref:
-            pos_cand.fill_diagonal_(False)
-            neg_cand.fill_diagonal_(False)
+        rows = block_rows(len(ref), self.block_entries)
+        a1, p, a2, n = [], [], [], []
+        any_pos = any_neg = False
+        for start, mat in distance_row_blocks(self.distance, x, ref, rows):
+            is_pos, is_neg, pos_cand, neg_cand = ms_candidates(
+                labels, ref_labels, ref_labels is labels, x is ref, start, len(mat))
+            any_pos = any_pos or bool(is_pos.any())
+            any_neg = any_neg or bool(is_neg.any())
+            keep_pos, keep_neg = ms_keep(mat, pos_cand, neg_cand, self.epsilon,
+                                         self.distance.is_inverted)
+            for keep, rows_out, cols_out in ((keep_pos, a1, p), (keep_neg, a2, n)):
+                r, c = torch.where(keep)
+                rows_out.append(r + start)
+                cols_out.append(c)
+        # PML returns nothing unless the whole batch has a positive and a negative pair
+        if not (any_pos and any_neg):
+            return _empty(x.device)
+        return tuple(torch.cat(t) for t in (a1, p, a2, n))
 
-        mat = self.distance(x, ref)
-        big = torch.finfo(mat.dtype).max  # PML's ±inf fill: finfo.max/min of the dtype
-        if self.distance.is_inverted:
-            hardest_neg = mat.masked_fill(~neg_cand, -big).amax(1, keepdim=True)
-            hardest_pos = mat.masked_fill(~pos_cand, big).amin(1, keepdim=True)
-            keep_pos = pos_cand & (mat - self.epsilon < hardest_neg)
-            keep_neg = neg_cand & (mat + self.epsilon > hardest_pos)
-        else:
-            hardest_neg = mat.masked_fill(~neg_cand, big).amin(1, keepdim=True)
-            hardest_pos = mat.masked_fill(~pos_cand, -big).amax(1, keepdim=True)
-            keep_pos = pos_cand & (mat + self.epsilon > hardest_neg)
-            keep_neg = neg_cand & (mat - self.epsilon < hardest_pos)
+    def mine_dense(self, x, labels, ref, ref_labels, same_set):
+        """The reference: the rule on the whole B×M matrix at once."""
+        is_pos, is_neg, pos_cand, neg_cand = ms_candidates(labels, ref_labels,
+                                                           ref_labels is labels, x is ref)
+        if not is_pos.any() or not is_neg.any():
+            return _empty(x.device)
+        keep_pos, keep_neg = ms_keep(self.distance(x, ref), pos_cand, neg_cand, self.epsilon,
+                                     self.distance.is_inverted)
         a1, p = torch.where(keep_pos)
         a2, n = torch.where(keep_neg)
         return a1, p, a2, n

@@ -1,10 +1,26 @@
 from __future__ import annotations
 
+import torch
+
 from ..distances import LpDistance
 from ..reference.pairs import all_triplets
 from .base import BaseMiner
+from .batch_hard import block_masks
+from .row_blocks import block_rows, distance_row_blocks
 
 TYPES = ("all", "hard", "semihard", "easy")
+
+
+def triplet_keep(gap, margin, type_of_triplets: str):
+    """PML's condition on the gaps g = margin(d_an, d_ap): which triplets are kept."""
+    if type_of_triplets == "easy":
+        return gap > margin
+    keep = gap <= margin
+    if type_of_triplets == "hard":
+        keep &= gap <= 0
+    elif type_of_triplets == "semihard":
+        keep &= gap > 0
+    return keep
 
 
 class TripletMarginMiner(BaseMiner):
@@ -13,7 +29,12 @@ class TripletMarginMiner(BaseMiner):
     all triplets it keeps g ≤ margin ("all": the margin is violated), additionally g ≤ 0
     ("hard": the negative is at least as close as the positive) or g > 0 ("semihard"), or
     g > margin ("easy", the complement of "all"). Triplets in PML's order (row-major over
-    anchor, positive, negative)."""
+    anchor, positive, negative).
+
+    Streams row blocks of the distance matrix; the candidates of a few rows at a time are
+    their (rows × P_max × M) grid of positive and reference columns, within the miner's
+    block_entries (at least one row: P_max × M), besides the output (which holds the kept
+    triplets: the miner's contract, possibly large)."""
 
     default_distance = LpDistance
 
@@ -24,17 +45,41 @@ class TripletMarginMiner(BaseMiner):
         self.margin = margin
         self.type_of_triplets = type_of_triplets
 
+    def _gap(self, ap, an):
+        return ap - an if self.distance.is_inverted else an - ap
+
     def mine(self, x, labels, ref, ref_labels, same_set):
+        m = len(ref)
+        out = []
+        for start, mat in distance_row_blocks(self.distance, x, ref,
+                                              block_rows(m, self.block_entries)):
+            pos, neg = block_masks(labels, ref_labels, same_set, start, len(mat))
+            # each row's positive columns, ascending, padded with M up to the block's most
+            width = int(pos.sum(1).max()) if len(pos) else 0
+            if width == 0:
+                continue
+            cols = torch.where(pos, torch.arange(m, device=pos.device), m)
+            cols = cols.sort(1).values[:, :width]
+            ap = mat.gather(1, cols.clamp(max=m - 1))
+            # sub-blocks of rows whose (rows × width × M) grid of candidates fits the budget
+            step = block_rows(width * m, self.block_entries)
+            for s in range(0, len(mat), step):
+                sl = slice(s, s + step)
+                # g[r, k, n] elementwise as PML's mat[a, p] and mat[a, n] over its triplets
+                keep = triplet_keep(self._gap(ap[sl, :, None], mat[sl, None, :]),
+                                    self.margin, self.type_of_triplets)
+                keep &= (cols[sl] < m)[:, :, None] & neg[sl, None, :]
+                r, k, n = torch.where(keep)  # row-major: anchor, positive, negative
+                out.append((r + (start + s), cols[sl][r, k], n))
+        if not out:
+            e = torch.empty(0, dtype=torch.long, device=x.device)
+            return e, e.clone(), e.clone()
+        return tuple(torch.cat(t) for t in zip(*out))
+
+    def mine_dense(self, x, labels, ref, ref_labels, same_set):
+        """The reference: every triplet's gap from the whole B×M matrix."""
         a, p, n = all_triplets(labels, ref_labels, same_set)
         mat = self.distance(x, ref)
-        ap, an = mat[a, p], mat[a, n]
-        gap = ap - an if self.distance.is_inverted else an - ap
-        if self.type_of_triplets == "easy":
-            keep = gap > self.margin
-        else:
-            keep = gap <= self.margin
-            if self.type_of_triplets == "hard":
-                keep &= gap <= 0
-            elif self.type_of_triplets == "semihard":
-                keep &= gap > 0
+        keep = triplet_keep(self._gap(mat[a, p], mat[a, n]), self.margin,
+                            self.type_of_triplets)
         return a[keep], p[keep], n[keep]
