@@ -67,8 +67,11 @@ void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
     const T w0 = int32_t(c) == ya ? k.lam : T(0), w1 = w0 + k.om;
     const T p0 = log_weight(w0), p1 = log_weight(w1);
     const T n0 = log_weight(T(1) - w0), n1 = log_weight(T(1) - w1);
-    const bool has_c = k.cnt[c] > (int32_t(c) == ya ? 1 : 0);
-    const bool do_pos = p0 > ninf || (has_c && p1 > ninf);
+    // positive terms: every partner when a's own share is on c, else only the partners
+    // of class c (few): lane groups without one skip the positive exponent
+    const bool pos_all = p0 > ninf;
+    const bool do_pos = pos_all || (k.cnt[c] > (int32_t(c) == ya ? 1 : 0) && p1 > ninf);
+    // returns whether vp holds positive exponents for this lane group
     auto args = [&](auto L, int64_t j, auto& vp, auto& vn) {
       using Ln = decltype(L);
       const auto valid = partners<Ln>(k, a, ya, j);
@@ -76,24 +79,24 @@ void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
       const auto s = mix_cos(k.lam, k.om, Ln::splat(sa), Ln::load(sc + j), Ln::load(r + j));
       const auto al = Ln::splat(k.alpha), mg = Ln::splat(k.margin), off = Ln::splat(ninf);
       vn = Ln::sel(valid, pa_neg_arg(s, al, mg) + Ln::sel(own, Ln::splat(n1), Ln::splat(n0)), off);
-      if (do_pos)
-        vp = Ln::sel(valid, pa_pos_arg(s, al, mg) + Ln::sel(own, Ln::splat(p1), Ln::splat(p0)), off);
+      if (!(pos_all || (do_pos && Ln::any(own)))) return false;
+      vp = Ln::sel(valid, pa_pos_arg(s, al, mg) + Ln::sel(own, Ln::splat(p1), Ln::splat(p0)), off);
+      return true;
     };
     T mp = ninf, mn = ninf;
     for_lanes<T>(B, [&](auto L, int64_t j) {
       typename decltype(L)::V vp{}, vn{};
-      args(L, j, vp, vn);
+      if (args(L, j, vp, vn)) mp = std::max(mp, decltype(L)::hmax(vp));
       mn = std::max(mn, decltype(L)::hmax(vn));
-      if (do_pos) mp = std::max(mp, decltype(L)::hmax(vp));
     });
     T sp = 0, sn = 0;
     if (mp > ninf || mn > ninf)
       for_lanes<T>(B, [&](auto L, int64_t j) {
         using Ln = decltype(L);
         typename Ln::V vp{}, vn{};
-        args(L, j, vp, vn);
+        const bool has_pos = args(L, j, vp, vn);
         if (mn > ninf) sn += Ln::hsum(Ln::exp(vn - Ln::splat(mn)));
-        if (mp > ninf) sp += Ln::hsum(Ln::exp(vp - Ln::splat(mp)));
+        if (has_pos && mp > ninf) sp += Ln::hsum(Ln::exp(vp - Ln::splat(mp)));
       });
     outp[c] = mp > ninf ? mp + std::log(sp) : ninf;
     outn[c] = mn > ninf ? mn + std::log(sn) : ninf;
@@ -123,8 +126,9 @@ void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, 
     const T pu0 = log_weight(u0), pu1 = log_weight(u1), pv0 = log_weight(v0), pv1 = log_weight(v1);
     const T nu0 = log_weight(T(1) - u0), nu1 = log_weight(T(1) - u1);
     const T nv0 = log_weight(T(1) - v0), nv1 = log_weight(T(1) - v1);
-    const bool has_c = k.cnt[c] > (is_a ? 1 : 0);
-    const bool do_pos = pu0 > ninf || pv0 > ninf || (has_c && (pu1 > ninf || pv1 > ninf));
+    // as in fwd_row: positive terms for every partner, or only for the partners of class c
+    const bool pos_all = pu0 > ninf || pv0 > ninf;
+    const bool do_pos = pos_all || (k.cnt[c] > (is_a ? 1 : 0) && (pu1 > ninf || pv1 > ninf));
     // d(term)/ds = −α·gp·e^{pos arg − pos_c} + α·gn·e^{neg arg − neg_c}
     const T cp = -k.alpha * gp[c], cn = k.alpha * gn[c], lpc = lp[c], lnc = ln[c];
     T dsa = 0;
@@ -139,7 +143,7 @@ void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, 
       auto pick = [&](T one, T zero) { return Ln::sel(own, Ln::splat(one), Ln::splat(zero)); };
       auto g1 = cn * Ln::exp(pa_neg_arg(s1, al, mg) + pick(nu1, nu0) - Ln::splat(lnc));
       auto g2 = cn * Ln::exp(pa_neg_arg(s2, al, mg) + pick(nv1, nv0) - Ln::splat(lnc));
-      if (do_pos) {
+      if (pos_all || (do_pos && Ln::any(own))) {
         g1 += cp * Ln::exp(pa_pos_arg(s1, al, mg) + pick(pu1, pu0) - Ln::splat(lpc));
         g2 += cp * Ln::exp(pa_pos_arg(s2, al, mg) + pick(pv1, pv0) - Ln::splat(lpc));
       }

@@ -32,6 +32,7 @@ struct Lane<float, 4> {
     return (iota + int32_t(j - a)) != 0;
   }
   static V sel(M m, V a, V b) { return m ? a : b; }
+  static bool any(M m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
   static V exp(V v) { return fast_exp<V, M>(v); }
   static float hsum(V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
   static float hmax(V v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
@@ -49,6 +50,7 @@ struct Lane<T, 1> {
   static M ne(const int32_t* y, int32_t c) { return *y != c; }
   static M not_index(int64_t j, int64_t a) { return j != a; }
   static V sel(M m, V a, V b) { return m ? a : b; }
+  static bool any(M m) { return m; }
   static V exp(V v) {
     if constexpr (std::is_same_v<T, float>) return fast_exp(v);
     else return std::exp(v);

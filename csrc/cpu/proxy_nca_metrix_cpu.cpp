@@ -7,7 +7,8 @@
 //
 // Nothing of size B²·C or B² is held: sp = X̂ P̂ᵀ (B×C, so a candidate's C cosines are two
 // contiguous rows) and one block of Gram rows at a time (at::mm). Each candidate's softmax is
-// two passes over its C logits (max, then Σ e^{logit − max}) in a scratch row.
+// two passes over its C logits (max, then e^{logit − max} and their sum) in a scratch row,
+// which the backward then reads as the softmax (no second exp).
 //
 // Parallel layout: over the owner row u, as the proxy-anchor Metrix op and for the same
 // reason: in the backward the candidate (u, w) feeds ∂sp[u,·], ∂sp[w,·] and ∂G[u,w], so row
@@ -45,43 +46,56 @@ bool is_partner(const NcaMix<T>& k, int64_t a, int64_t b) {
   return b != a && (k.same ? k.y[b] == k.y[a] : k.y[b] != k.y[a]);
 }
 
-// logits of the candidate mix(u, w) (rows su, sw of sp) into lg; returns their logsumexp
+// The candidate mix(u, w) (rows su, sw of sp): its logits' max and e^{logit − max} into e;
+// returns the logsumexp and sets inv_sum = 1 / Σ e (softmax_c = e_c · inv_sum)
 template <typename T>
-T logits_lse(const NcaMix<T>& k, const T* su, const T* sw, T r, T* lg) {
+T softmax_row(const NcaMix<T>& k, const T* su, const T* sw, T r, T* e, T& inv_sum) {
   T mx = -T(kInf);
   for_lanes<T>(k.C, [&](auto L, int64_t j) {
     using Ln = decltype(L);
     const auto s = mix_cos(k.lam, k.om, Ln::load(su + j), Ln::load(sw + j), Ln::splat(r));
     const auto l = pm_nca_logit(s, k.scale, k.cosine);
-    Ln::store(lg + j, l);
+    Ln::store(e + j, l);
     mx = std::max(mx, Ln::hmax(l));
   });
   T sum = 0;
   for_lanes<T>(k.C, [&](auto L, int64_t j) {
     using Ln = decltype(L);
-    sum += Ln::hsum(Ln::exp(Ln::load(lg + j) - Ln::splat(mx)));
+    const auto v = Ln::exp(Ln::load(e + j) - Ln::splat(mx));
+    Ln::store(e + j, v);
+    sum += Ln::hsum(v);
   });
+  inv_sum = T(1) / sum;
   return mx + std::log(sum);
 }
 
-// Σ_w ℓ(mix(a, w)) over row a's candidates; g: its Gram row, lg: scratch of length C
+// the logit of proxy c for the candidate mix(u, w)
 template <typename T>
-T fwd_row(const NcaMix<T>& k, int64_t a, const T* g, T* lg) {
+T logit_of(const NcaMix<T>& k, const T* su, const T* sw, T r, int32_t c) {
+  return pm_nca_logit(mix_cos(k.lam, k.om, su[c], sw[c], r), k.scale, k.cosine);
+}
+
+// Σ_w ℓ(mix(a, w)) over row a's candidates; g: its Gram row, e: scratch of length C
+template <typename T>
+T fwd_row(const NcaMix<T>& k, int64_t a, const T* g, T* e) {
   const int32_t ya = k.y[a];
   const T* sa = k.sp + a * k.C;
-  T total = 0;
+  T total = 0, inv_sum;
   for (int64_t b = 0; b < k.B; ++b) {
     if (!is_partner(k, a, b)) continue;
-    const T lse = logits_lse(k, sa, k.sp + b * k.C, mix_inv_norm(k.c0, k.c1, g[b]), lg);
+    const T* sb = k.sp + b * k.C;
+    const T r = mix_inv_norm(k.c0, k.c1, g[b]);
+    const T lse = softmax_row(k, sa, sb, r, e, inv_sum);
     const int32_t yb = k.y[b];
-    if (k.same) total -= (k.lam + k.om) * (lg[ya] - lse);
-    else total -= k.lam * (lg[ya] - lse) + k.om * (lg[yb] - lse);
+    if (k.same) total -= (k.lam + k.om) * (logit_of(k, sa, sb, r, ya) - lse);
+    else total -= k.lam * (logit_of(k, sa, sb, r, ya) - lse) + k.om * (logit_of(k, sa, sb, r, yb) - lse);
   }
   return total;
 }
 
 // Row a's gradients: ∂L/∂sp[a,·] into dsa, H[a,w] into g (its Gram row, replaced).
-// q: the upstream gradient of each row's Σ ℓ; lg1, lg2: scratch of length C.
+// q: the upstream gradient of each row's Σ ℓ; lg1, lg2: scratch of length C (the two
+// orderings' e^{logit − max}).
 template <typename T>
 void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T* lg2) {
   const int32_t ya = k.y[a];
@@ -95,20 +109,19 @@ void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T*
     const T* sb = k.sp + b * k.C;
     const int32_t yb = k.y[b];
     const T r = mix_inv_norm(k.c0, k.c1, g[b]);
-    const T lse1 = logits_lse(k, sa, sb, r, lg1);  // candidate (a, b), in row a's sum
-    const T lse2 = logits_lse(k, sb, sa, r, lg2);  // candidate (b, a), in row b's sum
+    T inv1, inv2;
+    softmax_row(k, sa, sb, r, lg1, inv1);  // candidate (a, b), in row a's sum
+    softmax_row(k, sb, sa, r, lg2, inv2);  // candidate (b, a), in row b's sum
     // ∂ℓ/∂logit_c = Y·softmax_c − y_c: the softmax part for every c here, the −y_c
     // part (two classes at most) below
-    const T f1 = q[a] * mass, f2 = q[b] * mass;
+    const T f1 = q[a] * mass * inv1, f2 = q[b] * mass * inv2;
     T hacc = 0;
     for_lanes<T>(k.C, [&](auto L, int64_t j) {
       using Ln = decltype(L);
       const auto u = Ln::load(sa + j), w = Ln::load(sb + j), rv = Ln::splat(r);
       const auto s1 = mix_cos(k.lam, k.om, u, w, rv), s2 = mix_cos(k.lam, k.om, w, u, rv);
-      const auto t1 = f1 * Ln::exp(Ln::load(lg1 + j) - Ln::splat(lse1)) *
-                      pm_nca_dlogit(s1, k.scale, k.cosine);
-      const auto t2 = f2 * Ln::exp(Ln::load(lg2 + j) - Ln::splat(lse2)) *
-                      pm_nca_dlogit(s2, k.scale, k.cosine);
+      const auto t1 = f1 * Ln::load(lg1 + j) * pm_nca_dlogit(s1, k.scale, k.cosine);
+      const auto t2 = f2 * Ln::load(lg2 + j) * pm_nca_dlogit(s2, k.scale, k.cosine);
       Ln::store(dsa + j, Ln::load(dsa + j) + rv * (k.lam * t1 + k.om * t2));
       hacc += Ln::hsum(t1 * s1 + t2 * s2);
     });
