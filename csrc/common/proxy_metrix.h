@@ -1,0 +1,68 @@
+// Embedding-level Metrix of the proxy losses: per-element math of a mixed candidate
+// v = mix(x_u, x_w, λ) of unit rows against a unit proxy, in closed form (DESIGN §1):
+//
+//   s(v̂, p_c) = (λ·sp[u,c] + (1−λ)·sp[w,c]) · r_uw,   r_uw = 1 / ‖v‖,
+//   ‖v‖² = c0 + c1·G[u,w],  c0 = λ² + (1−λ)²,  c1 = 2λ(1−λ),
+//
+// with ‖v‖ clamped below at EPS as the reference's mix_norm (a mix of antipodal points has
+// no direction). Written over a "lane" type V: the scalar T, or a GCC vector of floats with
+// the same operators, so the CPU kernels run it one element or W elements at a time.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "common/proxy_anchor.h"  // pa_pos_arg, pa_neg_arg
+#include "common/proxy_nca.h"     // kNcaCosine, kNcaSquaredL2
+
+namespace metrix_ops {
+
+// reference/metrix.py's EPS
+constexpr double kMixEps = 1e-12;
+
+// 1/‖v‖ from the Gram entry of the pair (scalar: computed once per pair, not per proxy)
+template <typename T>
+MO_HD T mix_inv_norm(T c0, T c1, T g) {
+  T n2 = c0 + c1 * g;
+  T n = std::sqrt(n2 > T(0) ? n2 : T(0));
+  return T(1) / (n > T(kMixEps) ? n : T(kMixEps));
+}
+
+// ∂r/∂G · ‖v‖ = −(c1/2)·r²: ∂s/∂G = s·that, so the Gram entry's gradient is that times
+// Σ_c g_c·s_c. Zero where the norm was clamped (the clamp's zero subgradient).
+template <typename T>
+MO_HD T mix_norm_coef(T c1, T r) {
+  return r < T(1.0 / kMixEps) ? -T(0.5) * c1 * r * r : T(0);
+}
+
+// the candidate's cosine to a proxy from the two sources' cosines su, sw
+template <typename V, typename T>
+MO_HD V mix_cos(T lam, T om, V su, V sw, V r) { return (lam * su + om * sw) * r; }
+
+// log of a class-mass weight, −inf where there is no such term (weight ≤ 0): the
+// reference's _log_weighted, so Σ w·e^{x} is a log-sum-exp of x + log w
+template <typename T>
+MO_HD T log_weight(T w) {
+  return w > T(0) ? std::log(w) : -std::numeric_limits<T>::infinity();
+}
+
+// ProxyNCA logit of a cosine s under the loss's metric (reference loss_metric): cosine →
+// scale·s; squared L2 of unit vectors → −scale·max(2 − 2s, 0)
+template <typename V, typename T>
+MO_HD V pm_nca_logit(V s, T scale, bool cosine) {
+  if (cosine) return scale * s;
+  V d2 = T(2) - T(2) * s;
+  d2 = d2 > T(0) ? d2 : V{} * T(0) + T(0);
+  return -scale * d2;
+}
+
+// d(logit)/ds; the squared distance's zero subgradient for coincident points (2 − 2s below
+// 16 eps), as the reference's loss_metric
+template <typename V, typename T>
+MO_HD V pm_nca_dlogit(V s, T scale, bool cosine) {
+  if (cosine) return V{} * T(0) + scale;
+  const V d2 = T(2) - T(2) * s;
+  return d2 < T(16) * std::numeric_limits<T>::epsilon() ? V{} * T(0) : V{} * T(0) + T(2) * scale;
+}
+
+}  // namespace metrix_ops

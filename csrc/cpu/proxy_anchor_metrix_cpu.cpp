@@ -1,0 +1,291 @@
+// Embedding-level Metrix term of ProxyAnchorLoss on the CPU: the proxies are the anchors
+// and the candidates are the mixes v = mix(x_u, x_w, λ) of every ordered batch pair u ≠ w of
+// different labels (same label for pos_pos), with class mass λ·onehot(y_u) + (1−λ)·onehot(y_w)
+// (reference/metrix.py). Per proxy c:
+//   pos_c = log(1 + Σ_v y_c(v)·e^{−α(s(v,c) − δ)}),  neg_c = log(1 + Σ_v (1 − y_c(v))·e^{α(s(v,c) + δ)})
+// as log-sum-exps of arg + log(weight) (α = 32 overflows a plain sum).
+//
+// Nothing of size B²·C or B² is held: sp = X̂ P̂ᵀ (kept as Sᵀ, C×B, so a proxy's row of
+// partners is contiguous) and one block of Gram rows G[a0:a1, :] at a time (at::mm); each
+// candidate's cosine is then O(1) (common/proxy_metrix.h).
+//
+// Parallel layout: over the owner row u of the candidates (u, ·), inside each Gram block.
+// Forward: row u folds its B candidates into one log-sum-exp per proxy, written to its own
+// row of a B×C buffer; the per-proxy merge over u then runs in a fixed order, so the result
+// does not depend on the thread count. Backward: the candidate (u, w) feeds ∂sp[u,·],
+// ∂sp[w,·] and ∂G[u,w]; so that every row's gradients have one writer (deterministic, no
+// atomics, no per-thread B×C copies), row u computes both orderings (u, w) and (w, u) of
+// each of its pairs: it owns ∂sp[u,·] whole and H[u,w] = ∂L/∂G[u,w] + ∂L/∂G[w,u], and
+// dX̂[u] = Σ_w H[u,w]·x̂_w is one product per block. The price is each candidate's exps
+// twice in the backward (one owner per endpoint); proxy-parallel would need a reduction
+// of ∂G across threads instead.
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/lse_acc.h"
+#include "common/proxy_metrix.h"
+#include "cpu/op_checks.h"
+#include "cpu/proxy_metrix_lanes.h"
+
+namespace metrix_ops {
+namespace {
+
+using pm::for_lanes;
+
+template <typename T>
+struct PaMix {
+  const T* st;          // Sᵀ = P̂ X̂ᵀ, C×B
+  const int32_t* y;     // labels
+  const int64_t* cnt;   // examples per class
+  int64_t B, C;
+  T lam, om, c0, c1, alpha, margin;
+  bool same;            // pos_pos: pairs of the same label, else of different labels
+};
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Lanes j.. that are candidates (a, j): j ≠ a and the pair's labels as `same` asks
+template <typename Ln, typename T>
+inline typename Ln::M partners(const PaMix<T>& k, int64_t a, int32_t ya, int64_t j) {
+  return Ln::not_index(j, a) & (k.same ? Ln::eq(k.y + j, ya) : Ln::ne(k.y + j, ya));
+}
+
+// Row a's log-sum-exp of the positive and negative exponents over its candidates (a, w),
+// for every proxy; r: the Gram row, turned into 1/‖v‖ in place.
+template <typename T>
+void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
+  const int64_t B = k.B;
+  for (int64_t j = 0; j < B; ++j) r[j] = mix_inv_norm(k.c0, k.c1, r[j]);
+  const int32_t ya = k.y[a];
+  const T ninf = -T(kInf);
+  for (int64_t c = 0; c < k.C; ++c) {
+    const T* sc = k.st + c * B;
+    const T sa = sc[a];
+    // mass of the candidate on c: λ if a is of class c, plus (1−λ) if the partner is
+    const T w0 = int32_t(c) == ya ? k.lam : T(0), w1 = w0 + k.om;
+    const T p0 = log_weight(w0), p1 = log_weight(w1);
+    const T n0 = log_weight(T(1) - w0), n1 = log_weight(T(1) - w1);
+    // positive terms: every partner when a's own share is on c, else only the partners
+    // of class c (few): lane groups without one skip the positive exponent
+    const bool pos_all = p0 > ninf;
+    const bool do_pos = pos_all || (k.cnt[c] > (int32_t(c) == ya ? 1 : 0) && p1 > ninf);
+    // returns whether vp holds positive exponents for this lane group
+    auto args = [&](auto L, int64_t j, auto& vp, auto& vn) {
+      using Ln = decltype(L);
+      const auto valid = partners<Ln>(k, a, ya, j);
+      const auto own = Ln::eq(k.y + j, int32_t(c));
+      const auto s = mix_cos(k.lam, k.om, Ln::splat(sa), Ln::load(sc + j), Ln::load(r + j));
+      const auto al = Ln::splat(k.alpha), mg = Ln::splat(k.margin), off = Ln::splat(ninf);
+      vn = Ln::sel(valid, pa_neg_arg(s, al, mg) + Ln::sel(own, Ln::splat(n1), Ln::splat(n0)), off);
+      if (!(pos_all || (do_pos && Ln::any(own)))) return false;
+      vp = Ln::sel(valid, pa_pos_arg(s, al, mg) + Ln::sel(own, Ln::splat(p1), Ln::splat(p0)), off);
+      return true;
+    };
+    T mp = ninf, mn = ninf;
+    for_lanes<T>(B, [&](auto L, int64_t j) {
+      typename decltype(L)::V vp{}, vn{};
+      if (args(L, j, vp, vn)) mp = std::max(mp, decltype(L)::hmax(vp));
+      mn = std::max(mn, decltype(L)::hmax(vn));
+    });
+    T sp = 0, sn = 0;
+    if (mp > ninf || mn > ninf)
+      for_lanes<T>(B, [&](auto L, int64_t j) {
+        using Ln = decltype(L);
+        typename Ln::V vp{}, vn{};
+        const bool has_pos = args(L, j, vp, vn);
+        if (mn > ninf) sn += Ln::hsum(Ln::exp(vn - Ln::splat(mn)));
+        if (has_pos && mp > ninf) sp += Ln::hsum(Ln::exp(vp - Ln::splat(mp)));
+      });
+    outp[c] = mp > ninf ? mp + std::log(sp) : ninf;
+    outn[c] = mn > ninf ? mn + std::log(sn) : ninf;
+  }
+}
+
+// Row a's gradients: ∂L/∂sp[a,·] into dsp, and H[a,w] (both orderings of the pair, through
+// ‖v‖) into g, the Gram row, which it replaces. rr, hh, hrow: scratch of length B.
+template <typename T>
+void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, const T* gp,
+             const T* gn, const T* lp, const T* ln) {
+  const int64_t B = k.B;
+  for (int64_t j = 0; j < B; ++j) {
+    rr[j] = mix_inv_norm(k.c0, k.c1, g[j]);
+    hh[j] = mix_norm_coef(k.c1, rr[j]);
+    hrow[j] = 0;
+  }
+  const int32_t ya = k.y[a];
+  const T ninf = -T(kInf);
+  for (int64_t c = 0; c < k.C; ++c) {
+    const T* sc = k.st + c * B;
+    const T sa = sc[a];
+    const bool is_a = int32_t(c) == ya;
+    // mass on c of (a, w) and of (w, a), for a partner w not of class c / of class c
+    const T u0 = is_a ? k.lam : T(0), u1 = u0 + k.om;
+    const T v0 = is_a ? k.om : T(0), v1 = k.lam + v0;
+    const T pu0 = log_weight(u0), pu1 = log_weight(u1), pv0 = log_weight(v0), pv1 = log_weight(v1);
+    const T nu0 = log_weight(T(1) - u0), nu1 = log_weight(T(1) - u1);
+    const T nv0 = log_weight(T(1) - v0), nv1 = log_weight(T(1) - v1);
+    // as in fwd_row: positive terms for every partner, or only for the partners of class c
+    const bool pos_all = pu0 > ninf || pv0 > ninf;
+    const bool do_pos = pos_all || (k.cnt[c] > (is_a ? 1 : 0) && (pu1 > ninf || pv1 > ninf));
+    // d(term)/ds = −α·gp·e^{pos arg − pos_c} + α·gn·e^{neg arg − neg_c}
+    const T cp = -k.alpha * gp[c], cn = k.alpha * gn[c], lpc = lp[c], lnc = ln[c];
+    T dsa = 0;
+    for_lanes<T>(B, [&](auto L, int64_t j) {
+      using Ln = decltype(L);
+      const auto valid = partners<Ln>(k, a, ya, j);
+      const auto own = Ln::eq(k.y + j, int32_t(c));
+      const auto rv = Ln::load(rr + j), sw = Ln::load(sc + j), sav = Ln::splat(sa);
+      const auto s1 = mix_cos(k.lam, k.om, sav, sw, rv);  // candidate (a, w)
+      const auto s2 = mix_cos(k.lam, k.om, sw, sav, rv);  // candidate (w, a)
+      const auto al = Ln::splat(k.alpha), mg = Ln::splat(k.margin);
+      auto pick = [&](T one, T zero) { return Ln::sel(own, Ln::splat(one), Ln::splat(zero)); };
+      auto g1 = cn * Ln::exp(pa_neg_arg(s1, al, mg) + pick(nu1, nu0) - Ln::splat(lnc));
+      auto g2 = cn * Ln::exp(pa_neg_arg(s2, al, mg) + pick(nv1, nv0) - Ln::splat(lnc));
+      if (pos_all || (do_pos && Ln::any(own))) {
+        g1 += cp * Ln::exp(pa_pos_arg(s1, al, mg) + pick(pu1, pu0) - Ln::splat(lpc));
+        g2 += cp * Ln::exp(pa_pos_arg(s2, al, mg) + pick(pv1, pv0) - Ln::splat(lpc));
+      }
+      g1 = Ln::sel(valid, g1, Ln::splat(T(0)));
+      g2 = Ln::sel(valid, g2, Ln::splat(T(0)));
+      dsa += Ln::hsum(rv * (k.lam * g1 + k.om * g2));
+      Ln::store(hrow + j, Ln::load(hrow + j) + Ln::load(hh + j) * (g1 * s1 + g2 * s2));
+    });
+    dsp[c] = dsa;
+  }
+  std::copy(hrow, hrow + B, g);
+}
+
+void check_mix_args(double lam, int64_t B, int64_t C) {
+  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got ", lam);
+  TORCH_CHECK(B < (int64_t(1) << 31) && C < (int64_t(1) << 31),
+              "x and proxies must have fewer than 2^31 rows");
+}
+
+template <typename T>
+PaMix<T> make_mix(const T* st, const int32_t* y, const int64_t* cnt, int64_t B, int64_t C,
+                  double alpha, double margin, double lam, bool same) {
+  return PaMix<T>{st, y, cnt, B, C, T(lam), T(1.0 - lam),
+                  T(lam * lam + (1.0 - lam) * (1.0 - lam)), T(2.0 * lam * (1.0 - lam)),
+                  T(alpha), T(margin), same};
+}
+
+std::vector<int64_t> class_counts(const at::Tensor& y32, int64_t C) {
+  std::vector<int64_t> cnt(C, 0);
+  const int32_t* y = y32.data_ptr<int32_t>();
+  for (int64_t j = 0; j < y32.numel(); ++j) ++cnt[y[j]];
+  return cnt;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& p_, const at::Tensor& labels_, double alpha,
+    double margin, double lam, bool same_label, int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  auto x = x_.contiguous(), p = p_.contiguous();
+  const int64_t B = x.size(0), C = p.size(0);
+  check_mix_args(lam, B, C);
+  at::Tensor pos = at::zeros({C}, x.options()), neg = at::zeros({C}, x.options());
+  const at::Tensor y32 = labels_.to(at::kInt).contiguous();
+  const std::vector<int64_t> cnt = class_counts(y32, C);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_anchor_metrix_fwd_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor st = at::mm(p, x.t()).contiguous();
+    const auto k = make_mix<T>(st.data_ptr<T>(), y32.data_ptr<int32_t>(), cnt.data(), B, C,
+                               alpha, margin, lam, same_label);
+    at::Tensor rows_p = at::empty({B, C}, x.options()), rows_n = at::empty({B, C}, x.options());
+    T *rp = rows_p.data_ptr<T>(), *rn = rows_n.data_ptr<T>();
+    at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
+    for (int64_t start = 0; start < B; start += chunk) {
+      const int64_t len = std::min(chunk, B - start);
+      at::Tensor gb = buf.narrow(0, 0, len);  // a row prefix: contiguous
+      at::mm_out(gb, x.narrow(0, start, len), x.t());
+      T* g = gb.data_ptr<T>();
+      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
+        for (int64_t a = a0; a < a1; ++a)
+          fwd_row(k, a, g + (a - start) * B, rp + a * C, rn + a * C);
+      });
+    }
+    // log(1 + Σ over rows), merged in row order
+    T *po = pos.data_ptr<T>(), *ne = neg.data_ptr<T>();
+    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        OnlineLse<T> lp = lse_with_one<T>(), ln = lse_with_one<T>();
+        for (int64_t a = 0; a < B; ++a) {
+          lp.push(rp[a * C + c]);
+          ln.push(rn[a * C + c]);
+        }
+        po[c] = lp.value();
+        ne[c] = ln.value();
+      }
+    });
+  });
+  return {pos, neg};
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_bwd_cpu(
+    const at::Tensor& grad_pos_, const at::Tensor& grad_neg_, const at::Tensor& x_,
+    const at::Tensor& p_, const at::Tensor& labels_, const at::Tensor& pos_,
+    const at::Tensor& neg_, double alpha, double margin, double lam, bool same_label,
+    int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  const int64_t B = x_.size(0), C = p_.size(0);
+  check_mix_args(lam, B, C);
+  check_vec(grad_pos_, C, "grad_pos");
+  check_vec(grad_neg_, C, "grad_neg");
+  check_vec(pos_, C, "pos");
+  check_vec(neg_, C, "neg");
+  auto x = x_.contiguous(), p = p_.contiguous();
+  const auto dt = x.scalar_type();
+  auto gp = grad_pos_.to(dt).contiguous(), gn = grad_neg_.to(dt).contiguous();
+  auto lp = pos_.to(dt).contiguous(), ln = neg_.to(dt).contiguous();
+  const at::Tensor y32 = labels_.to(at::kInt).contiguous();
+  const std::vector<int64_t> cnt = class_counts(y32, C);
+  at::Tensor dx = at::zeros_like(x), dsp = at::zeros({B, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "proxy_anchor_metrix_bwd_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor st = at::mm(p, x.t()).contiguous();
+    const auto k = make_mix<T>(st.data_ptr<T>(), y32.data_ptr<int32_t>(), cnt.data(), B, C,
+                               alpha, margin, lam, same_label);
+    T* d = dsp.data_ptr<T>();
+    const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
+    const T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
+    at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
+    for (int64_t start = 0; start < B; start += chunk) {
+      const int64_t len = std::min(chunk, B - start);
+      at::Tensor gb = buf.narrow(0, 0, len);
+      at::mm_out(gb, x.narrow(0, start, len), x.t());  // becomes H in place
+      T* g = gb.data_ptr<T>();
+      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
+        std::vector<T> scratch(3 * B);
+        for (int64_t a = a0; a < a1; ++a)
+          bwd_row(k, a, g + (a - start) * B, scratch.data(), scratch.data() + B,
+                  scratch.data() + 2 * B, d + a * C, gpp, gnp, lpp, lnp);
+      });
+      dx.narrow(0, start, len).addmm_(gb, x);
+    }
+  });
+  dx.addmm_(dsp, p);
+  return {dx, at::mm(dsp.t(), x)};
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // Metrix term of the proxy-anchor loss: unit x against unit proxies p, candidates
+  // mix(x_u, x_w, lam) of ordered pairs u ≠ w of different labels (same_label: of the same
+  // label), Gram rows streamed `chunk` at a time. Per proxy: log(1 + Σ y·e^{−α(s−δ)}) and
+  // log(1 + Σ (1−y)·e^{α(s+δ)}), y the candidate's class mass on the proxy.
+  m.def("proxy_anchor_metrix_fwd(Tensor x, Tensor p, Tensor labels, float alpha, float margin, "
+        "float lam, bool same_label, int chunk) -> (Tensor, Tensor)");
+  m.def("proxy_anchor_metrix_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor p, "
+        "Tensor labels, Tensor pos, Tensor neg, float alpha, float margin, float lam, "
+        "bool same_label, int chunk) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("proxy_anchor_metrix_fwd", &proxy_anchor_metrix_fwd_cpu);
+  m.impl("proxy_anchor_metrix_bwd", &proxy_anchor_metrix_bwd_cpu);
+}
+
+}  // namespace metrix_ops

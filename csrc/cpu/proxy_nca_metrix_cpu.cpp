@@ -1,0 +1,248 @@
+// Embedding-level Metrix term of ProxyNCALoss(++) on the CPU: the candidates are the mixes
+// v = mix(x_u, x_w, λ) of every ordered batch pair u ≠ w of different labels (same label for
+// pos_pos), the queries of a soft-target cross-entropy over the C proxies (reference/metrix.py,
+// metrix_soft_forms.proxy_nca_soft):
+//   ℓ(v) = −Σ_c y_c·log softmax_c(logit(s(v, c))),  y = λ·onehot(y_u) + (1−λ)·onehot(y_w),
+// returned per owner row u (Σ_w ℓ(mix(u, w))); the glue takes the mean over candidates.
+//
+// Nothing of size B²·C or B² is held: sp = X̂ P̂ᵀ (B×C, so a candidate's C cosines are two
+// contiguous rows) and one block of Gram rows at a time (at::mm). Each candidate's softmax is
+// two passes over its C logits (max, then e^{logit − max} and their sum) in a scratch row,
+// which the backward then reads as the softmax (no second exp).
+//
+// Parallel layout: over the owner row u, as the proxy-anchor Metrix op and for the same
+// reason: in the backward the candidate (u, w) feeds ∂sp[u,·], ∂sp[w,·] and ∂G[u,w], so row
+// u computes both orderings (u, w) and (w, u) of each pair and owns ∂sp[u,·] and
+// H[u,w] = ∂L/∂G[u,w] + ∂L/∂G[w,u] outright: one writer per row, deterministic, each
+// candidate's softmax computed twice in the backward.
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/proxy_metrix.h"
+#include "cpu/op_checks.h"
+#include "cpu/proxy_metrix_lanes.h"
+
+namespace metrix_ops {
+namespace {
+
+using pm::for_lanes;
+
+template <typename T>
+struct NcaMix {
+  const T* sp;       // X̂ P̂ᵀ, B×C
+  const int32_t* y;  // labels
+  int64_t B, C;
+  T lam, om, c0, c1, scale;
+  bool cosine;       // logit = scale·s, else −scale·(2 − 2s) (squared L2)
+  bool same;         // pos_pos: pairs of the same label, else of different labels
+};
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+template <typename T>
+bool is_partner(const NcaMix<T>& k, int64_t a, int64_t b) {
+  return b != a && (k.same ? k.y[b] == k.y[a] : k.y[b] != k.y[a]);
+}
+
+// The candidate mix(u, w) (rows su, sw of sp): its logits' max and e^{logit − max} into e;
+// returns the logsumexp and sets inv_sum = 1 / Σ e (softmax_c = e_c · inv_sum)
+template <typename T>
+T softmax_row(const NcaMix<T>& k, const T* su, const T* sw, T r, T* e, T& inv_sum) {
+  T mx = -T(kInf);
+  for_lanes<T>(k.C, [&](auto L, int64_t j) {
+    using Ln = decltype(L);
+    const auto s = mix_cos(k.lam, k.om, Ln::load(su + j), Ln::load(sw + j), Ln::splat(r));
+    const auto l = pm_nca_logit(s, k.scale, k.cosine);
+    Ln::store(e + j, l);
+    mx = std::max(mx, Ln::hmax(l));
+  });
+  T sum = 0;
+  for_lanes<T>(k.C, [&](auto L, int64_t j) {
+    using Ln = decltype(L);
+    const auto v = Ln::exp(Ln::load(e + j) - Ln::splat(mx));
+    Ln::store(e + j, v);
+    sum += Ln::hsum(v);
+  });
+  inv_sum = T(1) / sum;
+  return mx + std::log(sum);
+}
+
+// the logit of proxy c for the candidate mix(u, w)
+template <typename T>
+T logit_of(const NcaMix<T>& k, const T* su, const T* sw, T r, int32_t c) {
+  return pm_nca_logit(mix_cos(k.lam, k.om, su[c], sw[c], r), k.scale, k.cosine);
+}
+
+// Σ_w ℓ(mix(a, w)) over row a's candidates; g: its Gram row, e: scratch of length C
+template <typename T>
+T fwd_row(const NcaMix<T>& k, int64_t a, const T* g, T* e) {
+  const int32_t ya = k.y[a];
+  const T* sa = k.sp + a * k.C;
+  T total = 0, inv_sum;
+  for (int64_t b = 0; b < k.B; ++b) {
+    if (!is_partner(k, a, b)) continue;
+    const T* sb = k.sp + b * k.C;
+    const T r = mix_inv_norm(k.c0, k.c1, g[b]);
+    const T lse = softmax_row(k, sa, sb, r, e, inv_sum);
+    const int32_t yb = k.y[b];
+    if (k.same) total -= (k.lam + k.om) * (logit_of(k, sa, sb, r, ya) - lse);
+    else total -= k.lam * (logit_of(k, sa, sb, r, ya) - lse) + k.om * (logit_of(k, sa, sb, r, yb) - lse);
+  }
+  return total;
+}
+
+// Row a's gradients: ∂L/∂sp[a,·] into dsa, H[a,w] into g (its Gram row, replaced).
+// q: the upstream gradient of each row's Σ ℓ; lg1, lg2: scratch of length C (the two
+// orderings' e^{logit − max}).
+template <typename T>
+void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T* lg2) {
+  const int32_t ya = k.y[a];
+  const T* sa = k.sp + a * k.C;
+  const T mass = k.lam + k.om;  // Σ_c y_c of every candidate
+  for (int64_t b = 0; b < k.B; ++b) {
+    if (!is_partner(k, a, b)) {
+      g[b] = 0;
+      continue;
+    }
+    const T* sb = k.sp + b * k.C;
+    const int32_t yb = k.y[b];
+    const T r = mix_inv_norm(k.c0, k.c1, g[b]);
+    T inv1, inv2;
+    softmax_row(k, sa, sb, r, lg1, inv1);  // candidate (a, b), in row a's sum
+    softmax_row(k, sb, sa, r, lg2, inv2);  // candidate (b, a), in row b's sum
+    // ∂ℓ/∂logit_c = Y·softmax_c − y_c: the softmax part for every c here, the −y_c
+    // part (two classes at most) below
+    const T f1 = q[a] * mass * inv1, f2 = q[b] * mass * inv2;
+    T hacc = 0;
+    for_lanes<T>(k.C, [&](auto L, int64_t j) {
+      using Ln = decltype(L);
+      const auto u = Ln::load(sa + j), w = Ln::load(sb + j), rv = Ln::splat(r);
+      const auto s1 = mix_cos(k.lam, k.om, u, w, rv), s2 = mix_cos(k.lam, k.om, w, u, rv);
+      const auto t1 = f1 * Ln::load(lg1 + j) * pm_nca_dlogit(s1, k.scale, k.cosine);
+      const auto t2 = f2 * Ln::load(lg2 + j) * pm_nca_dlogit(s2, k.scale, k.cosine);
+      Ln::store(dsa + j, Ln::load(dsa + j) + rv * (k.lam * t1 + k.om * t2));
+      hacc += Ln::hsum(t1 * s1 + t2 * s2);
+    });
+    // −y_c·dlogit terms; `first`: candidate (a, b) (a's share λ), else (b, a) (a's share 1−λ)
+    auto target = [&](bool first, int32_t c, T yc) {
+      const T s = first ? mix_cos(k.lam, k.om, sa[c], sb[c], r) : mix_cos(k.lam, k.om, sb[c], sa[c], r);
+      const T t = -(first ? q[a] : q[b]) * yc * pm_nca_dlogit(s, k.scale, k.cosine);
+      dsa[c] += r * (first ? k.lam : k.om) * t;
+      hacc += t * s;
+    };
+    if (k.same) {
+      target(true, ya, mass);
+      target(false, ya, mass);
+    } else {
+      target(true, ya, k.lam);
+      target(true, yb, k.om);
+      target(false, yb, k.lam);
+      target(false, ya, k.om);
+    }
+    g[b] = mix_norm_coef(k.c1, r) * hacc;
+  }
+}
+
+void check_args(double lam, double scale, int64_t kind, int64_t B) {
+  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "lam must be in [0, 1], got ", lam);
+  TORCH_CHECK(kind == kNcaCosine || kind == kNcaSquaredL2, "kind must be 0 or 1, got ", kind);
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(B < (int64_t(1) << 31), "x must have fewer than 2^31 rows");
+}
+
+template <typename T>
+NcaMix<T> make_mix(const T* sp, const int32_t* y, int64_t B, int64_t C, double scale,
+                   int64_t kind, double lam, bool same) {
+  return NcaMix<T>{sp, y, B, C, T(lam), T(1.0 - lam),
+                   T(lam * lam + (1.0 - lam) * (1.0 - lam)), T(2.0 * lam * (1.0 - lam)),
+                   T(scale), kind == kNcaCosine, same};
+}
+
+}  // namespace
+
+at::Tensor proxy_nca_metrix_fwd_cpu(const at::Tensor& x_, const at::Tensor& p_,
+                                    const at::Tensor& labels_, double scale, int64_t kind,
+                                    double lam, bool same_label, int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  auto x = x_.contiguous(), p = p_.contiguous();
+  const int64_t B = x.size(0), C = p.size(0);
+  check_args(lam, scale, kind, B);
+  at::Tensor rows = at::zeros({B}, x.options());
+  const at::Tensor y32 = labels_.to(at::kInt).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_nca_metrix_fwd_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor sp = at::mm(x, p.t()).contiguous();
+    const auto k = make_mix<T>(sp.data_ptr<T>(), y32.data_ptr<int32_t>(), B, C, scale, kind,
+                               lam, same_label);
+    T* out = rows.data_ptr<T>();
+    at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
+    for (int64_t start = 0; start < B; start += chunk) {
+      const int64_t len = std::min(chunk, B - start);
+      at::Tensor gb = buf.narrow(0, 0, len);  // a row prefix: contiguous
+      at::mm_out(gb, x.narrow(0, start, len), x.t());
+      const T* g = gb.data_ptr<T>();
+      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
+        std::vector<T> lg(C);
+        for (int64_t a = a0; a < a1; ++a) out[a] = fwd_row(k, a, g + (a - start) * B, lg.data());
+      });
+    }
+  });
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_nca_metrix_bwd_cpu(
+    const at::Tensor& grad_rows_, const at::Tensor& x_, const at::Tensor& p_,
+    const at::Tensor& labels_, double scale, int64_t kind, double lam, bool same_label,
+    int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  const int64_t B = x_.size(0), C = p_.size(0);
+  check_args(lam, scale, kind, B);
+  check_vec(grad_rows_, B, "grad_rows");
+  auto x = x_.contiguous(), p = p_.contiguous();
+  auto q = grad_rows_.to(x.scalar_type()).contiguous();
+  const at::Tensor y32 = labels_.to(at::kInt).contiguous();
+  at::Tensor dx = at::zeros_like(x), dsp = at::zeros({B, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_nca_metrix_bwd_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor sp = at::mm(x, p.t()).contiguous();
+    const auto k = make_mix<T>(sp.data_ptr<T>(), y32.data_ptr<int32_t>(), B, C, scale, kind,
+                               lam, same_label);
+    const T* qp = q.data_ptr<T>();
+    T* d = dsp.data_ptr<T>();
+    at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
+    for (int64_t start = 0; start < B; start += chunk) {
+      const int64_t len = std::min(chunk, B - start);
+      at::Tensor gb = buf.narrow(0, 0, len);
+      at::mm_out(gb, x.narrow(0, start, len), x.t());  // becomes H in place
+      T* g = gb.data_ptr<T>();
+      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
+        std::vector<T> lg(2 * C);
+        for (int64_t a = a0; a < a1; ++a)
+          bwd_row(k, a, g + (a - start) * B, d + a * C, qp, lg.data(), lg.data() + C);
+      });
+      dx.narrow(0, start, len).addmm_(gb, x);
+    }
+  });
+  dx.addmm_(dsp, p);
+  return {dx, at::mm(dsp.t(), x)};
+}
+
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // Metrix term of ProxyNCA(++): unit x against unit proxies p, candidates mix(x_u, x_w, lam)
+  // of ordered pairs u ≠ w of different labels (same_label: of the same label), Gram rows
+  // streamed `chunk` at a time. Per row u: Σ_w −Σ_c y_c·log softmax_c(logit), y the
+  // candidate's class mass; kind 0: logit = scale·s, 1: −scale·(2 − 2s).
+  m.def("proxy_nca_metrix_fwd(Tensor x, Tensor p, Tensor labels, float scale, int kind, "
+        "float lam, bool same_label, int chunk) -> Tensor");
+  m.def("proxy_nca_metrix_bwd(Tensor grad_rows, Tensor x, Tensor p, Tensor labels, "
+        "float scale, int kind, float lam, bool same_label, int chunk) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("proxy_nca_metrix_fwd", &proxy_nca_metrix_fwd_cpu);
+  m.impl("proxy_nca_metrix_bwd", &proxy_nca_metrix_bwd_cpu);
+}
+
+}  // namespace metrix_ops
