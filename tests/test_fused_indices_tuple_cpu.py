@@ -436,3 +436,72 @@ def test_no_batch_by_batch_matrix(name):
     out = losses(name)(x, y, it)
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(x.grad).all()
+
+
+# -- ProxyNCALoss: the tuple weights examples (PML's convert_to_weights over the anchors) -----
+
+def _proxy_call(name, backend, c, d, **kw):
+    from torch.func import functional_call
+    if backend == "pml":
+        from pytorch_metric_learning import losses as pl
+        mod = getattr(pl, name)(c, d, **kw)
+    else:
+        mod = getattr(mo.losses, name)(c, d, backend=backend, **kw)
+    return lambda y, it: lambda e, p: functional_call(mod, {"proxies": p}, (e, y, it))
+
+
+NCA_SETTINGS = {  # ours, PML's (ProxyNCA++'s temperature is PML's softmax_scale / T)
+    "l2": ({}, {}),
+    "cosine": ({"distance": mo.distances.CosineSimilarity()}, {"distance": "cosine"}),
+    "temperature": ({"softmax_scale": 2.0, "temperature": 0.5}, {"softmax_scale": 4.0}),
+}
+
+
+@pytest.mark.parametrize("setting", list(NCA_SETTINGS))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_proxy_nca_weights_match_reference_and_pml(case, setting, monkeypatch, one_thread):
+    from pytorch_metric_learning import distances as pd
+
+    from metrix_ops.fused.indices import proxies
+    x, y = make_case(case, seed=11)
+    c, dim = int(y.max()) + 2, x.shape[1]
+    p = torch.randn(c, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    calls = []
+    real = proxies.proxy_nca_rows
+    monkeypatch.setattr(proxies, "proxy_nca_rows", lambda *a: calls.append(1) or real(*a))
+    kw, pml_kw = NCA_SETTINGS[setting]
+    pml_kw = {k: (pd.CosineSimilarity() if k == "distance" else v) for k, v in pml_kw.items()}
+    for kind, it in tuples(x, y, seed=11, overlapping=True).items():
+        fused, ref = (_proxy_call("ProxyNCALoss", b, c, dim, **kw)(y, it) for b in ("cpu", "reference"))
+        assert_close_vg(fused, ref, x, p)
+        assert_close_vg(fused, _proxy_call("ProxyNCALoss", "pml", c, dim, **pml_kw)(y, it), x, p)
+    assert calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_proxy_nca_underflow_dropped_before_weights(case):
+    """softmax_scale 900 on cosines: some examples' own-proxy probability underflows to 0 and
+    is dropped (before the weights, as PML) whatever its weight. Values only: the reference's
+    (and PML's) gradient is NaN there, the fused op's finite."""
+    x, y = make_case(case, seed=12)
+    c, dim = int(y.max()) + 2, x.shape[1]
+    p = torch.randn(c, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    kw = {"distance": mo.distances.CosineSimilarity(), "softmax_scale": 900.0}
+    for kind, it in tuples(x, y, seed=12, overlapping=True).items():
+        xg = x.detach().clone().requires_grad_()
+        v = _proxy_call("ProxyNCALoss", "cpu", c, dim, **kw)(y, it)(xg, p)
+        torch.testing.assert_close(v, _proxy_call("ProxyNCALoss", "reference", c, dim, **kw)(y, it)(x, p),
+                                   equal_nan=True)
+        if v.requires_grad and torch.isfinite(v):
+            v.backward()
+            assert torch.isfinite(xg.grad).all()
+
+
+def test_proxy_anchor_with_a_tuple_stays_on_the_reference():
+    x, y = make_case(CASES[1])
+    p = torch.randn(6, x.shape[1], dtype=torch.float64)
+    it = tuples(x, y)["ms_miner"]
+    torch.testing.assert_close(_proxy_call("ProxyAnchorLoss", "auto", 6, x.shape[1])(y, it)(x, p),
+                               _proxy_call("ProxyAnchorLoss", "reference", 6, x.shape[1])(y, it)(x, p))
+    with pytest.raises(NotImplementedError, match="does not cover this ProxyAnchorLoss call"):
+        _proxy_call("ProxyAnchorLoss", "cpu", 6, x.shape[1])(y, it)(x, p)
