@@ -505,3 +505,19 @@ def test_proxy_anchor_with_a_tuple_stays_on_the_reference():
                                _proxy_call("ProxyAnchorLoss", "reference", 6, x.shape[1])(y, it)(x, p))
     with pytest.raises(NotImplementedError, match="does not cover this ProxyAnchorLoss call"):
         _proxy_call("ProxyAnchorLoss", "cpu", 6, x.shape[1])(y, it)(x, p)
+
+
+def test_self_pairs_past_25_rows_are_exact_zero_distances():
+    """Past 25 rows torch.cdist (the reference's and PML's) may give d(x, x) as rounding noise
+    (~1e-8 in fp64), which AvgNonZero counts as a positive term; the fused path's d(x, x) is
+    exactly 0 (as cdist's direct path below 26 rows), so a positive self pair adds nothing:
+    the loss equals the reference's without those pairs."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(40, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    a1, p, a2, n = labelled_pairs(y, y, 60, g, self_pairs=False)
+    a1, p = a1[a1 != p], p[a1 != p]  # random draws may hold self pairs too
+    k = torch.arange(5)
+    with_self = (torch.cat([a1, k]), torch.cat([p, k]), a2, n)
+    fused, ref = (losses("ContrastiveLoss", b, pos_margin=0.0) for b in ("cpu", "reference"))
+    assert_close_vg(lambda e: fused(e, y, with_self), lambda e: ref(e, y, (a1, p, a2, n)), x)
