@@ -109,7 +109,7 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
         if backend != "auto":
             raise NotImplementedError(
                 f"backend={backend!r} does not cover this {name} call (its fused op supports "
-                "the default cosine distance, no indices_tuple and no expansion=); use "
+                "the default cosine distance, an indices_tuple or none, and no expansion=); use "
                 "backend='auto' or 'reference'")
         chosen = "reference"
 

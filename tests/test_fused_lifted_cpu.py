@@ -247,8 +247,8 @@ def test_outside_scope_falls_back_or_refuses():
         auto = getattr(mo.losses, name)(backend="auto")
         ref = getattr(mo.losses, name)(backend="reference")
         torch.testing.assert_close(auto(x, y, it), ref(x, y, it))
-        with pytest.raises(NotImplementedError, match=f"does not cover this {name} call"):
-            getattr(mo.losses, name)(backend="cpu")(x, y, it)
+        torch.testing.assert_close(getattr(mo.losses, name)(backend="cpu")(x, y, it),
+                                   ref(x, y, it))  # an indices_tuple: fused/indices/
         with pytest.raises(NotImplementedError, match=f"does not cover this {name} call"):
             getattr(mo.losses, name)(backend="cpu", distance=raw)(x, y)
         torch.testing.assert_close(getattr(mo.losses, name)(backend="auto", distance=raw)(x, y),
@@ -405,7 +405,8 @@ def test_cross_batch_memory(name, op_calls):
     """CrossBatchMemory over fills and wrap-arounds equals PML. GeneralizedLifted streams the
     bank through the general op; Lifted's partner rows are indexed by unrolled bank slots,
     which the rolled bank of fused.run_with_memory hides: it keeps the listing path ('auto'),
-    and backend='cpu' refuses rather than compute something else."""
+    and backend='cpu' runs that path's index tuple on fused/indices/ (the partner rows by bank
+    slot, as PML)."""
     from test_cross_batch_memory import _batches, _pair, _step
     backend = "cpu" if name == NAMES[0] else "auto"
     ours, theirs = _pair(name, 29, 6, backend=backend)
@@ -416,9 +417,10 @@ def test_cross_batch_memory(name, op_calls):
         torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
     assert op_calls == (["gen_lifted_rows"] * 4 if name == NAMES[0] else [])
     if name == NAMES[1]:
-        cbm = mo.losses.CrossBatchMemory(mo.losses.LiftedStructureLoss(backend="cpu"), 6, memory_size=29)
-        with pytest.raises(NotImplementedError, match="does not cover this LiftedStructureLoss call"):
-            cbm(*_batches([13], 6, 5)[0])
+        cbm, ref = (mo.losses.CrossBatchMemory(mo.losses.LiftedStructureLoss(backend=b), 6,
+                                               memory_size=29) for b in ("cpu", "reference"))
+        for x, y in _batches([13, 17, 11, 15], 6, 5, seed=4):
+            torch.testing.assert_close(cbm(x, y), ref(x, y))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -188,8 +188,8 @@ def test_falls_back_or_refuses_outside_its_scope():
     it = mo.miners.BatchHardMiner()(x, y) if hasattr(mo.miners, "BatchHardMiner") else None
     if it is not None:
         torch.testing.assert_close(auto(x, y, it), ref(x, y, it))
-        with pytest.raises(NotImplementedError, match="does not cover"):
-            mo.losses.TripletMarginLoss(backend="cpu")(x, y, it)
+        torch.testing.assert_close(mo.losses.TripletMarginLoss(backend="cpu", margin=0.2)(x, y, it),
+                                   ref(x, y, it))  # an indices_tuple: fused/indices/
     for kw in ({"swap": True}, {"smooth_loss": True}, {"triplets_per_anchor": 3}):
         with pytest.raises(NotImplementedError, match="does not cover"):
             mo.losses.TripletMarginLoss(backend="cpu", **kw)(x, y)
