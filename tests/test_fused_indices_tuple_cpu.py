@@ -10,9 +10,17 @@ from pytorch_metric_learning import miners as pm
 
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, pml_pair
+from metrix_ops.fused import indices as indices_mod
 from metrix_ops.ops import pair_sims as ps_mod
 
 pytestmark = pytest.mark.skipif(not ps_mod.HAS_OP, reason="extension (pair_sims op) not built")
+
+
+@pytest.fixture(autouse=True)
+def pair_path_always(monkeypatch):
+    """The small cases' tuples list most pairs, which the fused path sends to the dense
+    reference (fused/indices DENSE_FRACTION); here the pair path runs whatever the density."""
+    monkeypatch.setattr(indices_mod, "DENSE_FRACTION", float("inf"))
 
 NAMES = ["ContrastiveLoss", "MultiSimilarityLoss", "TripletMarginLoss", "CircleLoss",
          "NTXentLoss", "SupConLoss", "GeneralizedLiftedStructureLoss", "LiftedStructureLoss",
@@ -521,3 +529,22 @@ def test_self_pairs_past_25_rows_are_exact_zero_distances():
     with_self = (torch.cat([a1, k]), torch.cat([p, k]), a2, n)
     fused, ref = (losses("ContrastiveLoss", b, pos_margin=0.0) for b in ("cpu", "reference"))
     assert_close_vg(lambda e: fused(e, y, with_self), lambda e: ref(e, y, (a1, p, a2, n)), x)
+
+
+@pytest.mark.parametrize("fraction,fused", [(0.25, False), (0.9, True)])
+def test_dense_tuples_take_the_dense_reference(fraction, fused, monkeypatch):
+    """A tuple listing at least DENSE_FRACTION of all pairs runs the reference (no pair_sims
+    call), a sparser one the pair op; both equal the reference."""
+    monkeypatch.setattr(indices_mod, "DENSE_FRACTION", fraction)
+    calls = []
+    real = torch.ops.metrix_ops.pair_sims_fwd
+    monkeypatch.setattr(torch.ops.metrix_ops, "pair_sims_fwd",
+                        lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (20,), generator=g)
+    tup = pm.MultiSimilarityMiner(0.5)(x, y)  # lists more than 1/4 but less than 0.9 of 400
+    assert 0.25 * 400 <= len(tup[0]) + len(tup[2]) < 0.9 * 400
+    fused_loss, ref = (mo.losses.ContrastiveLoss(backend=b) for b in ("cpu", "reference"))
+    assert_close_vg(lambda e: fused_loss(e, y, tup), lambda e: ref(e, y, tup), x)
+    assert bool(calls) == fused
