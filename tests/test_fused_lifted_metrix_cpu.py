@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
 from metrix_ops import _ext
-from test_fused_circle_metrix_cpu import (LAM_PAIRS, check_blocks, check_bwd_rejects,
+from test_fused_circle_metrix_cpu import (LAM_PAIRS, assert_close_fp32, check_blocks, check_bwd_rejects,
                                           check_compiles, check_half_inputs, check_op_rejects,
                                           check_simd_level, metrix_pair, spy)
 
@@ -80,8 +80,7 @@ def test_fp32_matches_fp64_reference(kind):
     y = torch.randint(0, 9, (67,), generator=g)
     for lam, pairs in [(0.35, "pos_neg"), (0.7, "anchor_neg")]:
         fused, ref = pair(lam, pairs, kind)
-        assert_close_vg(lambda e: fused(e, y).double(), lambda e: ref(e.double(), y), x,
-                        rtol=1e-4, atol=1e-6)
+        assert_close_fp32(lambda e: fused(e, y), lambda e: ref(e, y), x)
 
 
 @pytest.mark.parametrize("simd", ["baseline", "avx2", "avx512"])
