@@ -44,23 +44,12 @@ def op_calls(monkeypatch):
     return calls
 
 
-def _coincident_mix(case, pairs, kind):
-    # The "duplicates" case has a negative that duplicates its anchor: with anchor_neg the
-    # mix(a, n, λ) is a itself, whose L2 distance to a is rounding noise (~1e-8). The
-    # reference keeps that noise as the term's value (loss_metric: only the slope is zeroed
-    # below 16 eps), so AvgNonZero counts it or not by the sign of the rounding, which the
-    # op's closed form (rsqrt, a different product order) does not reproduce bit for bit.
-    return case[0] == "duplicates" and pairs == "anchor_neg" and kind != "cosine"
-
-
 @pytest.mark.parametrize("kind", ["l2", "l2_paper", "cosine"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("lam,pairs", LAM_PAIRS)
-def test_matches_reference_fp64(case, lam, pairs, kind, op_calls, request):
-    if _coincident_mix(case, pairs, kind) and 0 < lam < 1:
-        request.applymarker(pytest.mark.xfail(reason="rounding-noise term of a mix that "
-                                              "coincides with its anchor (see _coincident_mix)",
-                                              strict=False))
+def test_matches_reference_fp64(case, lam, pairs, kind, op_calls):
+    # "duplicates" has a negative duplicating its anchor: with anchor_neg, mix(a, n, λ) is a
+    # itself, at rounding-noise distance; both sides take d = 0 there (no AvgNonZero term)
     x, y = make_case(case)
     fused, ref = pair(lam, pairs=pairs, kind=kind)
     assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)

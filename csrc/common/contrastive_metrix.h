@@ -7,10 +7,10 @@
 // all candidates of all anchors (DESIGN §3): a term counts when its value is > 0.
 //
 // Coincident points (reference/metrix_soft_forms.py::loss_metric): where 2 − 2s̃ is below
-// 16 eps the value keeps d = sqrt(max(2 − 2s̃, 0)) but the slope is 0 (the 1/d of d(√·)/ds̃
-// would blow rounding noise up into a meaningless gradient). This differs from the clean
-// term (contrastive.h::unit_l2_from_sim, which zeroes the value as cdist does): the mixed
-// reference keeps it.
+// 16 eps it is rounding noise, so d = 0 and the slope is 0, as cdist (PML) gives them: its
+// √ (~1e-8) would otherwise count as a nonzero term under AvgNonZero, and the 1/d of
+// d(√·)/ds̃ would blow it up into a meaningless gradient. The caller flags such a candidate
+// by inv_d = 0 (con_mix_terms then takes d as 0).
 #pragma once
 
 #include <cmath>
@@ -47,12 +47,13 @@ struct ConMixTerms {
   F dpos, dneg;  // ∂pos/∂s̃, ∂neg/∂s̃
 };
 
-// x: the metric (d for L2, s̃ for cosine); inv_d: 1/d for L2 where it has a slope, else 0
-// (unused for cosine).
+// x: the metric (d for L2, s̃ for cosine); inv_d: 1/d for L2 where it has a slope, else 0,
+// which marks a coincident candidate: its d is taken as 0 (unused for cosine).
 template <typename F, typename T>
 MO_CMX ConMixTerms<F> con_mix_terms(F x, F inv_d, bool cosine, T lam, T pos_margin,
                                    T neg_margin) {
   const F zero = x * T(0);
+  if (!cosine) x = inv_d > T(0) ? x : zero;
   const F vp = cosine ? pos_margin - x : x - pos_margin;
   const F vn = cosine ? x - neg_margin : neg_margin - x;
   // ∂x/∂s̃: 1 for cosine, −1/d for L2; the positive side's hinge has slope ∓1 in x

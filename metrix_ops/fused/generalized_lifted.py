@@ -6,10 +6,13 @@ CosineSimilarity; other distances, unnormalised embeddings and indices_tuple go 
 reference."""
 from __future__ import annotations
 
+import torch.nn.functional as F
+
 from .. import _ext
-from ..distances import is_dot_of_normalized, is_normalized_l2
+from ..distances import is_cosine, is_dot_of_normalized, is_normalized_l2
 from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
-from . import register
+from ..ops.lifted_metrix import lifted_metrix_loss
+from . import register, register_metrix
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
 from .multi_similarity import _self_pairs_only as self_pairs_only
@@ -35,4 +38,26 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     return _reduce_clean(rows, inp, reducer)
 
 
+def metrix_supports(params, inp, expansion, metrix) -> bool:
+    """The fused Metrix op: embedding level, pos_neg or anchor_neg pairs, the batch against
+    itself, L2 or the plain cosine (the reference mixes L2-normalised rows: another p of
+    CosineSimilarity would not be the clean loss's similarity of the mixes)."""
+    d = inp.distance
+    return (supports(params, inp, expansion) and metrix.level == "embedding"
+            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs_only(inp)
+            and (is_normalized_l2(d) or is_cosine(d)))
+
+
+def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
+    """L(clean) + weight · L̃: the clean term from the clean op (`impl`), the mixed term from
+    lifted_metrix_self_fwd (mean over anchors with a candidate, as the reference's
+    generalized_lifted_soft); see fused/circle.py for why two passes."""
+    x = inp.embeddings
+    mixed = lifted_metrix_loss(F.normalize(x, dim=1), inp.labels, is_cosine(inp.distance),
+                               params["pos_margin"], params["neg_margin"], lam, metrix.pairs,
+                               block, like=x)
+    return impl(params, inp, reducer) + metrix.weight * mixed
+
+
 register("cpu", "GeneralizedLiftedStructureLoss", supports, impl)
+register_metrix("cpu", "GeneralizedLiftedStructureLoss", metrix_supports, metrix_impl)

@@ -31,11 +31,13 @@ def loss_metric(s: torch.Tensor, distance) -> torch.Tensor:
     if distance.p != 2:
         raise NotImplementedError("Metrix on an Lp distance needs p=2")
     d2 = (2 - 2 * s).clamp_min(0)
-    # For coincident points 2 − 2s is rounding noise (~eps), and sqrt's slope 1/(2d) would
-    # blow it up into a large, meaningless gradient. cdist (PML) gives them d = 0 and the
-    # zero subgradient; we keep the value and take the zero subgradient below 16·eps.
+    # For coincident points 2 − 2s is rounding noise (~eps): its sqrt (~1e-8) would count
+    # as a nonzero term under AvgNonZero, and sqrt's slope 1/(2d) would blow it up into a
+    # large, meaningless gradient. cdist (PML) gives them d = 0 and the zero subgradient;
+    # so do we, below 16·eps.
     coincident = d2 < 16 * torch.finfo(s.dtype).eps
-    d = torch.where(coincident, d2.detach().sqrt(), d2.clamp_min(torch.finfo(s.dtype).tiny).sqrt())
+    d = torch.where(coincident, torch.zeros_like(d2),
+                    d2.clamp_min(torch.finfo(s.dtype).tiny).sqrt())
     return d if distance.power == 1 else d**distance.power
 
 

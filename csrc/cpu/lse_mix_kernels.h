@@ -1,0 +1,154 @@
+// The per-element passes of embedding-level Metrix (pairs "pos_neg" or "anchor_neg") for the
+// losses whose mixed term is a function of two per-anchor log-sum-exps over the candidates,
+// lse⁺(a) = log Σ_v e^{pos(s̃_v)} and lse⁻(a) = log Σ_v e^{neg(s̃_v)} (CircleLoss,
+// GeneralizedLiftedStructureLoss; common/lse_mix_terms.h). The candidates and the chain rule
+// are MixLanes' (metrix_mix_kernels.h) as for MS and contrastive; what differs from MS's
+// kernels (ms_metrix_kernels.h) is that the exponents have no fixed range to shift by
+// (Circle's γ = 80 spans e^{±300} over s̃ ∈ [−1, 1]), so every anchor takes two passes over
+// its candidates: the maxima, then the sums of e^{x − max}. The label weights, empty sides,
+// softplus / hinge and reductions stay in PyTorch on these two per-anchor values, so the
+// kernels know nothing of λ's role in the loss. Instantiated per ISA in lse_mix_simd.cpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/circle_metrix.h"
+#include "common/lifted_metrix.h"
+#include "cpu/contrastive_metrix_kernels.h"  // ConMixRowKernel::sqrt_lanes
+#include "cpu/metrix_mix_kernels.h"
+
+namespace metrix_ops {
+
+template <typename T>
+struct LiftedMixParams {
+  bool cosine;
+  T pos_margin, neg_margin;
+};
+
+// One block side (MixGeom) with the loss's constants P.
+template <typename T, class P>
+struct LseMixBlock : MixGeom<T> {
+  P p;
+  // gradient only, per anchor: ∂L/∂lse⁺, ∂L/∂lse⁻, and the finished lse⁺, lse⁻
+  const T *g_pos, *g_neg, *lse_pos, *lse_neg;
+};
+
+template <typename T>
+using CircleMixBlock = LseMixBlock<T, CircleConsts<T>>;
+template <typename T>
+using LiftedMixBlock = LseMixBlock<T, LiftedMixParams<T>>;
+
+// Kernels over the anchors [a0, a1) (whole classes, global rows) of one block side: fold
+// their candidates into the anchors' two log-sum-exp states, or add their terms of ∂L/∂S.
+template <typename T>
+struct LseMixKernels {
+  void (*circle_fold)(const CircleMixBlock<T>& b, int64_t a0, int64_t a1, OnlineLse<T>* pos,
+                      OnlineLse<T>* neg);
+  void (*circle_grad)(const CircleMixBlock<T>& b, int64_t a0, int64_t a1);
+  void (*lifted_fold)(const LiftedMixBlock<T>& b, int64_t a0, int64_t a1, OnlineLse<T>* pos,
+                      OnlineLse<T>* neg);
+  void (*lifted_grad)(const LiftedMixBlock<T>& b, int64_t a0, int64_t a1);
+};
+
+// The level ms_kernels_f32 uses (METRIX_OPS_SIMD, else the widest available); fp64 scalar.
+const LseMixKernels<float>& lse_mix_kernels_f32();
+const LseMixKernels<double>& lse_mix_kernels_f64();
+template <typename T>
+const LseMixKernels<T>& lse_mix_kernels();
+template <>
+inline const LseMixKernels<float>& lse_mix_kernels<float>() { return lse_mix_kernels_f32(); }
+template <>
+inline const LseMixKernels<double>& lse_mix_kernels<double>() { return lse_mix_kernels_f64(); }
+
+#define MO_INLINE inline __attribute__((always_inline))
+#define MO_LAMBDA_INLINE __attribute__((always_inline))
+
+// A loss's exponents per lane: at(p, v) → LseMixTerms<F>.
+template <typename T, int W>
+struct CircleLanes {
+  using P = CircleConsts<T>;
+  template <class F>
+  static MO_INLINE LseMixTerms<F> at(const P& c, F v) { return circle_mix_terms<F, T>(v, c); }
+};
+
+template <typename T, int W>
+struct LiftedLanes {
+  using P = LiftedMixParams<T>;
+  template <class F>
+  static MO_INLINE LseMixTerms<F> at(const P& p, F v) {
+    const F zero = v * T(0);
+    if (p.cosine) return lifted_mix_terms<F, T>(v, zero + T(1), true, p.pos_margin, p.neg_margin);
+    const F q = con_mix_sq_dist<F, T>(v);
+    F d, inv;
+    ConMixRowKernel<T, W>::sqrt_lanes(q, d, inv);
+    // coincident: d = 0 with no slope (lifted_metrix.h)
+    const auto far = q >= con_mix_coincident_below<T>();
+    return lifted_mix_terms<F, T>(far ? d : zero, far ? inv : zero, false, p.pos_margin,
+                                  p.neg_margin);
+  }
+};
+
+template <typename T, int W, template <typename, int> class Terms>
+struct LseMixKernel {
+  using M = MixLanes<T, W>;
+  using L = typename M::L;
+  using F = typename M::F;
+  using I = typename M::I;
+  using R = typename M::R;
+  using P = typename Terms<T, W>::P;
+  using B = LseMixBlock<T, P>;
+
+  // Folds anchors [a0, a1)'s candidates in this block into pos[a], neg[a]: the maxima of
+  // each side's exponents, then the sums of e^{x − max} (exact log-sum-exps at any γ).
+  static MO_INLINE void fold(const B& b, int64_t a0, int64_t a1, OnlineLse<T>* pos,
+                             OnlineLse<T>* neg) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const F zero{};
+    for (int64_t a = a0; a < a1; ++a) {
+      F hp = zero - inf, hn = zero - inf;
+      I any{};
+      M::for_candidates(b, a, [&](F v, auto ok) MO_LAMBDA_INLINE {
+        const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+        hp = (ok & (t.pos > hp)) ? t.pos : hp;
+        hn = (ok & (t.neg > hn)) ? t.neg : hn;
+        any |= ok;
+      });
+      if (!M::any_lane(any)) continue;  // no negative in these columns
+      auto max = [](T x, T y) { return y > x ? y : x; };
+      const T mp = R::reduce(hp, max), mn = R::reduce(hn, max);
+      F sp{}, sn{};
+      M::for_candidates(b, a, [&](F v, auto ok) MO_LAMBDA_INLINE {
+        const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+        sp += ok ? L::exp(t.pos - mp) : zero;
+        sn += ok ? L::exp(t.neg - mn) : zero;
+      });
+      pos[a].merge(OnlineLse<T>{mp, M::sum(sp)});
+      neg[a].merge(OnlineLse<T>{mn, M::sum(sn)});
+    }
+  }
+
+  // w = ∂L/∂s̃ = g⁺·e^{pos − lse⁺}·∂pos/∂s̃ + g⁻·e^{neg − lse⁻}·∂neg/∂s̃ (each side's softmax
+  // weight; both exponents are ≤ ~0 since lse⁺, lse⁻ hold every term)
+  struct Weights {
+    const B& b;
+    MO_INLINE bool active(int64_t a) const { return b.g_pos[a] != T(0) || b.g_neg[a] != T(0); }
+    MO_INLINE auto at(int64_t a) const {
+      const T gp = b.g_pos[a], gn = b.g_neg[a], tp = b.lse_pos[a], tn = b.lse_neg[a];
+      const P& p = b.p;
+      return [gp, gn, tp, tn, &p](F v) MO_LAMBDA_INLINE {
+        const LseMixTerms<F> t = Terms<T, W>::at(p, v);
+        return gp * L::exp(t.pos - tp) * t.dpos + gn * L::exp(t.neg - tn) * t.dneg;
+      };
+    }
+  };
+
+  // Adds anchors [a0, a1)'s terms of ∂L/∂S into gm and gw (MixLanes::grad)
+  static MO_INLINE void grad(const B& b, int64_t a0, int64_t a1) { M::grad(b, a0, a1, Weights{b}); }
+};
+
+#undef MO_INLINE
+#undef MO_LAMBDA_INLINE
+
+}  // namespace metrix_ops

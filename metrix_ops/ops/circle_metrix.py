@@ -1,0 +1,39 @@
+"""CircleLoss's embedding-level Metrix term L̃ (pairs "pos_neg" or "anchor_neg") from the
+fused op circle_metrix_self_fwd (per-anchor log-sum-exps of the mixed candidates' logits,
+ops/lse_mix.py), finished as the reference's circle_soft: per anchor
+softplus(log λ + lse⁺ + log(1 − λ) + lse⁻), 0 for an anchor without candidates, and 0 for all
+at λ ∈ {0, 1} (a side without label mass: log 0 = −∞); AvgNonZero over anchors."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..reducers import zero_loss
+from . import lse_mix
+
+lse_mix.register("circle_metrix_self")
+
+
+def circle_metrix_lses(x_unit, labels, m: float, gamma: float, lam: float,
+                       pairs: str = "pos_neg", block: int = 1024):
+    """(lse⁺, lse⁻) per anchor (caller's order) of the logits −γ[O_p − s̃]₊(s̃ − Δ_p) and
+    γ[s̃ − O_n]₊(s̃ − Δ_n) over its candidates, the weights [·]₊ detached; −inf without one."""
+    return lse_mix.lse_rows("circle_metrix_self", x_unit, labels, (float(m), float(gamma)), lam,
+                            pairs, block)
+
+
+def circle_metrix_loss(x_unit, labels, m: float, gamma: float, lam: float,
+                       pairs: str = "pos_neg", block: int = 1024, like=None):
+    """L̃ (unweighted); `like` carries the zero loss's graph (default x_unit)."""
+    like = x_unit if like is None else like
+    lse_mix.check_pairs(pairs)
+    if not 0.0 < lam < 1.0:  # one side has no label mass anywhere: every ℓ̃(a) is 0
+        return zero_loss(like)
+    lp, ln = circle_metrix_lses(x_unit, labels, m, gamma, lam, pairs, block)
+    has = torch.isfinite(lp)  # a candidate (then both sides are finite)
+    pre = torch.where(has, lp + ln, 0.0) + (math.log(lam) + math.log1p(-lam))
+    rows = torch.where(has, F.softplus(pre), 0.0)
+    kept = (rows > 0).sum()
+    return torch.where(kept > 0, rows.sum() / kept.clamp(min=1), zero_loss(like))

@@ -1,0 +1,43 @@
+"""GeneralizedLiftedStructureLoss's embedding-level Metrix term L̃ (pairs "pos_neg" or
+"anchor_neg") from the fused op lifted_metrix_self_fwd (per-anchor log-sum-exps of the mixed
+candidates' exponents, ops/lse_mix.py), finished as the reference's generalized_lifted_soft:
+per anchor [log λ + lse⁺ + log(1 − λ) + lse⁻]₊, a side without label mass (λ = 0 or 1)
+contributing 0; the mean over anchors with a candidate."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..reducers import zero_loss
+from . import lse_mix
+
+lse_mix.register("lifted_metrix_self")
+
+
+def lifted_metrix_lses(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
+                       lam: float, pairs: str = "pos_neg", block: int = 1024):
+    """(lse⁺, lse⁻) per anchor (caller's order) of PML's lifted exponents over its candidates
+    (L2: d − m⁺ and m⁻ − d, d = 0 for a candidate coinciding with a; cosine: m⁺ − s̃ and
+    s̃ − m⁻); −inf without one."""
+    return lse_mix.lse_rows("lifted_metrix_self", x_unit, labels,
+                            (bool(cosine), float(pos_margin), float(neg_margin)), lam, pairs,
+                            block)
+
+
+def lifted_metrix_loss(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
+                       lam: float, pairs: str = "pos_neg", block: int = 1024, like=None):
+    """L̃ (unweighted); `like` carries the zero loss's graph (default x_unit)."""
+    like = x_unit if like is None else like
+    lp, ln = lifted_metrix_lses(x_unit, labels, cosine, pos_margin, neg_margin, lam, pairs,
+                                block)
+    has = torch.isfinite(lp)  # a candidate (then both sides are finite)
+    pre = torch.zeros_like(lp)
+    if lam > 0.0:
+        pre = pre + torch.where(has, lp, 0.0) + math.log(lam)
+    if lam < 1.0:
+        pre = pre + torch.where(has, ln, 0.0) + math.log1p(-lam)
+    rows = torch.where(has, F.relu(pre), 0.0)
+    n = has.sum()
+    return torch.where(n > 0, rows.sum() / n.clamp(min=1), zero_loss(like))

@@ -1,0 +1,62 @@
+"""The glue shared by the embedding-level Metrix ops of CircleLoss and
+GeneralizedLiftedStructureLoss (csrc/cpu/circle_metrix_self_cpu.cpp,
+lifted_metrix_self_cpu.cpp): each returns, per anchor of a label-sorted batch against itself,
+the two log-sum-exps lse⁺(a) = log Σ_v e^{pos(s̃_v)}, lse⁻(a) = log Σ_v e^{neg(s̃_v)} over
+its mixed candidates v (−inf without one), both differentiable; the loss's own use of them
+(label weights λ, 1 − λ, empty sides, softplus / hinge, reduction) is PyTorch in
+ops/circle_metrix.py and ops/lifted_metrix.py. Here: fake kernels for torch.compile,
+autograd, and the sorted call."""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .ms_metrix import label_sorted
+
+
+def register(name: str):
+    """Fake kernel and autograd of `metrix_ops::{name}_fwd(x, labels, *params)` →
+    (lse_pos, lse_neg), whose backward is `{name}_bwd(grad_pos, grad_neg, x, labels, lse_pos,
+    lse_neg, *params)`."""
+    if not _ext.HAS_EXT:
+        return
+    fwd = f"metrix_ops::{name}_fwd"
+
+    @torch.library.register_fake(fwd)
+    def _fake(x, labels, *params):
+        return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+    @torch.library.register_fake(f"metrix_ops::{name}_bwd")
+    def _fake_bwd(grad_pos, grad_neg, x, labels, lse_pos, lse_neg, *params):
+        return torch.empty_like(x)
+
+    def _setup(ctx, inputs, output):
+        x, labels, *params = inputs
+        ctx.save_for_backward(x, labels, *output)
+        ctx.params = tuple(params)
+
+    def _backward(ctx, g_pos, g_neg):
+        x, labels, lse_pos, lse_neg = ctx.saved_tensors
+        # an output nobody used may come back as None; the op wants both row gradients
+        gs = [torch.zeros_like(lse_pos) if g is None else g.contiguous() for g in (g_pos, g_neg)]
+        dx = getattr(torch.ops.metrix_ops, f"{name}_bwd")(*gs, x, labels, lse_pos, lse_neg,
+                                                         *ctx.params)
+        return (dx, None) + (None,) * len(ctx.params)
+
+    torch.library.register_autograd(fwd, _backward, setup_context=_setup)
+
+
+def check_pairs(pairs: str):
+    if pairs not in ("pos_neg", "anchor_neg"):
+        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
+
+
+def lse_rows(name: str, x_unit, labels, params: tuple, lam: float, pairs: str, block: int):
+    """(lse_pos, lse_neg), each (B,), in the caller's order, from op `name` on the sorted
+    batch: candidates mix(p, n, λ), n ∈ N(a), p ∈ P(a) for pairs "pos_neg" (a itself when
+    P(a) is empty), p = a for "anchor_neg"."""
+    check_pairs(pairs)
+    xs, ys, inverse = label_sorted(x_unit, labels)
+    lp, ln = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
+        xs, ys, *params, float(lam), pairs == "anchor_neg", int(block))
+    return lp.index_select(0, inverse), ln.index_select(0, inverse)
