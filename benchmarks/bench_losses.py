@@ -65,13 +65,32 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
                                  "GeneralizedLiftedStructureLoss", "gram"),
           "lifted": ("LiftedStructureLoss", "LiftedStructureLoss", "gram"),
           # NPairs uses one pair per class (B/4 rows here): the "gram" floor overstates it
-          "npairs": ("NPairsLoss", "NPairsLoss", "gram")}
+          "npairs": ("NPairsLoss", "NPairsLoss", "gram"),
+          # embedding-level Metrix (pos_neg, λ drawn, weight 0.4) on more losses; "pml" is
+          # PML's clean loss. The proxy losses' mixed term is every ordered pair against
+          # every proxy (B²·C terms), far beyond the clean loss's B·C.
+          "metrix_proxy_anchor": ("ProxyAnchorLoss", "ProxyAnchorLoss", "proxy"),
+          "metrix_circle": ("CircleLoss", "CircleLoss", "gram"),
+          "metrix_generalized_lifted": ("GeneralizedLiftedStructureLoss",
+                                        "GeneralizedLiftedStructureLoss", "gram"),
+          # MultiSimilarityLoss with Embedding Expansion (n_points=2, pairs="all"): every
+          # (anchor, negative point) pair scored by its closest pair; "pml" is PML's clean MS
+          "ee_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # TripletMarginLoss with TripletMarginMiner(0.2, "semihard"): PML's two calls
+          # against our miner= option (counted inside the op); "clean" is our triplet "all"
+          "triplet_semihard": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
 
 # --loss name -> the options that make our module the augmented loss
 AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "metrix_contrastive": lambda mo: {"metrix": mo.Metrix()},
            "ms_miner": lambda mo: {"miner": mo.miners.MultiSimilarityMiner(0.1)},
-           "ee_hphn": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")}}
+           "ee_hphn": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
+           "metrix_proxy_anchor": lambda mo: {"metrix": mo.Metrix()},
+           "metrix_circle": lambda mo: {"metrix": mo.Metrix()},
+           "metrix_generalized_lifted": lambda mo: {"metrix": mo.Metrix()},
+           "ee_ms": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
+           "triplet_semihard": lambda mo: {
+               "miner": mo.miners.TripletMarginMiner(0.2, type_of_triplets="semihard")}}
 
 
 FUSED_IMPLS = ("cpu", "cuda", "triton")
@@ -89,6 +108,10 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
         if loss == "ms_miner":
             from pytorch_metric_learning import miners as pm
             fn, miner = pl.MultiSimilarityLoss(), pm.MultiSimilarityMiner(0.1)
+            return lambda x, y: fn(x, y, miner(x, y))
+        if loss == "triplet_semihard":
+            from pytorch_metric_learning import miners as pm
+            fn, miner = pl.TripletMarginLoss(), pm.TripletMarginMiner(0.2, type_of_triplets="semihard")
             return lambda x, y: fn(x, y, miner(x, y))
         return getattr(pl, LOSSES[loss][0])(*ctor_args)
     import metrix_ops as mo
