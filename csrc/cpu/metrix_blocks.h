@@ -21,7 +21,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/metrix_mix_kernels.h"
 #include "cpu/sym_blocks.h"
@@ -81,14 +86,31 @@ std::vector<T> within_class_cosines(const at::Tensor& x, const ClassLayout& c) {
 }
 
 // 1/‖mix(row, column)‖ for n entries of S: 1/sqrt(max(‖v‖², ε²)) is 1/max(‖v‖, ε) for
-// ‖v‖² ≥ 0 (NaN passes). Without errno the compiler vectorises the square root and the
-// division (both correctly rounded, as ATen's rsqrt).
+// ‖v‖² ≥ 0 (NaN passes). SSE2's square root and division where there are (both correctly
+// rounded, as ATen's rsqrt; a scalar std::sqrt does not vectorise, for errno), else scalar.
 template <typename T>
-__attribute__((optimize("no-math-errno"))) void mix_inv_norms(const T* s, int64_t n, T lam,
-                                                             T* inv) {
+void mix_inv_norms(const T* s, int64_t n, T lam, T* inv) {
   const T q0 = lam * lam + (1 - lam) * (1 - lam), q1 = 2 * lam * (1 - lam);
   const T lo = T(kMixEps * kMixEps);
-  for (int64_t k = 0; k < n; ++k) {
+  int64_t k = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m128 a = _mm_set1_ps(q1), b = _mm_set1_ps(q0), l = _mm_set1_ps(lo),
+                 one = _mm_set1_ps(1.0f);
+    for (; k + 4 <= n; k += 4) {  // max_ps(l, q) is q where q is NaN
+      const __m128 q = _mm_max_ps(l, _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(s + k), a), b));
+      _mm_storeu_ps(inv + k, _mm_div_ps(one, _mm_sqrt_ps(q)));
+    }
+  } else {
+    const __m128d a = _mm_set1_pd(q1), b = _mm_set1_pd(q0), l = _mm_set1_pd(lo),
+                  one = _mm_set1_pd(1.0);
+    for (; k + 2 <= n; k += 2) {
+      const __m128d q = _mm_max_pd(l, _mm_add_pd(_mm_mul_pd(_mm_loadu_pd(s + k), a), b));
+      _mm_storeu_pd(inv + k, _mm_div_pd(one, _mm_sqrt_pd(q)));
+    }
+  }
+#endif
+  for (; k < n; ++k) {
     const T q = s[k] * q1 + q0;
     inv[k] = T(1) / std::sqrt(q < lo ? lo : q);
   }
