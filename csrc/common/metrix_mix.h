@@ -6,8 +6,8 @@
 //   ∂s/∂s_ap = λ/‖v‖,   ∂s/∂s_an = (1−λ)/‖v‖,   ∂s/∂s_pn = −s λ(1−λ)/‖v‖²
 //
 // ‖v‖ is clamped below at kMixEps (as F.normalize: a mix of antipodal points has no
-// direction); where the clamp holds, ∂s/∂s_pn is 0. The CPU ops compute 1/‖v‖ per block
-// with ATen (ms_metrix_self_cpu.cpp) and the rest per lane (cpu/ms_metrix_kernels.h).
+// direction); where the clamp holds, ∂s/∂s_pn is 0. The CPU ops compute 1/‖v‖ per class
+// tile of a block (cpu/metrix_blocks.h) and the rest per lane (cpu/metrix_mix_kernels.h).
 #pragma once
 
 namespace metrix_ops {

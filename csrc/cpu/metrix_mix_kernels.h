@@ -23,7 +23,8 @@
 
 namespace metrix_ops {
 
-// One side of a block: what every loss's Metrix kernel needs to walk its candidates.
+// One side of a block: what every loss's Metrix kernel needs to walk its candidates. The
+// walk (metrix_blocks.h) gives one class at a time: its rows of S, or of Sᵀ gathered.
 template <typename T>
 struct MixGeom {
   const T* s;    // the block of S: rows r0.. (anchors and their positives), columns c0..
@@ -137,15 +138,16 @@ struct MixLanes {
                   [&](int64_t j, int64_t m, F v, F ip, auto ok) MO_LAMBDA_INLINE {
           F w = w_of(v);
           w = ok ? w : zero;
+          const F u = w * ip;  // w/‖v‖, the factor every entry's term shares
           F x{};
           std::memcpy(&x, gma + j, m * sizeof(T));
-          x += w * cb * ip;
+          x += cb * u;
           std::memcpy(gma + j, &x, m * sizeof(T));
-          const F coef = (ip < thr) ? (zero - lam * cb) * ip * ip : zero;
+          const F coef = (ip < thr) ? (zero - lam * cb) * ip : zero;
           std::memcpy(&x, gmp + j, m * sizeof(T));  // p == a: the row just written
-          x += w * v * coef;
+          x += u * v * coef;
           std::memcpy(gmp + j, &x, m * sizeof(T));
-          acc += w * ip;
+          acc += u;
         });
         if (p != a) b.gw[b.wc_off[a] + (p - lo)] += lam * sum(acc);
       });

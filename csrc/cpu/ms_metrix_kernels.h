@@ -5,6 +5,7 @@
 // weight ∂ℓ̃/∂s̃. The entry points are instantiated per ISA in ms_simd.cpp.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -32,10 +33,37 @@ struct MixRowKernel {
   using I = typename M::I;
   using R = typename M::R;
 
+  // e^x for the one-pass fold and the weights, two per candidate (most of its cost), with
+  // x clamped into [−87, 88] first: never 0 or inf, as fast_exp_clamped (whose callers
+  // bound or check the sums), but in that range n = round(x·log2 e) ∈ [−126, 127] and
+  // e^(x − n ln 2) ∈ [0.7, 1.42] make 2^n one normal exponent field (one scale, not
+  // fast_exp's two), and a degree-5 polynomial (relative error 1.7e-7, about 3 ulp, against
+  // the fp32 contract's 1e-4; coefficients fitted to e^r on |r| ≤ ln2/2). fp64: std::exp.
+  static MO_INLINE F exp_mix(F x) {
+    if constexpr (W == 1) {
+      return std::exp(x);
+    } else {
+      using namespace fexp;
+      const F lo = F{} - 87.0f, hi = F{} + 88.0f;
+      x = x < lo ? lo : x;
+      x = x > hi ? hi : x;
+      const F t = x * kLog2e + kRound;  // low mantissa bits: n
+      const F n = t - kRound;
+      const F r = (x - n * kLn2Hi) - n * kLn2Lo;
+      F p = F{} + 8.333842270076275e-3f;
+      p = p * r + 4.189859703183174e-2f;
+      p = p * r + 1.666688621044159e-1f;
+      p = p * r + 4.999914169311523e-1f;
+      p = p * (r * r) + r + 1.0f;
+      constexpr int32_t bias = std::bit_cast<int32_t>(kRound) - 127;
+      return p * as_float<F>((as_int<I>(t) - bias) << 23);
+    }
+  }
+
   // Folds anchors [a0, a1) (global rows) into their states. With b.shift_pos/neg finite,
   // one pass of Σ e^{arg − shift}: the shifts are fixed per call so that every candidate
   // of cosine s ∈ [−1, 1] neither overflows nor underflows (ms_metrix_shifts), which lets
-  // the fp32 exp skip its range handling (exp_clamped). An anchor whose sum still comes
+  // the fp32 exp skip its range handling (exp_mix). An anchor whose sum still comes
   // out 0 or too large for that bound (a cosine far outside [−1, 1], from a mix of
   // near-antipodal points, clamped at e^88) is redone as MsRowKernel::fold_row does it:
   // the extremes first, then the sums of e^{arg − max arg}.
@@ -50,8 +78,8 @@ struct MixRowKernel {
         F sp{}, sn{};
         I any{};
         over([&](F v, auto ok) MO_LAMBDA_INLINE {
-          sp += ok ? L::exp_clamped(kp - b.alpha * v) : zero;
-          sn += ok ? L::exp_clamped(b.beta * v + kn) : zero;
+          sp += ok ? exp_mix(kp - b.alpha * v) : zero;
+          sn += ok ? exp_mix(b.beta * v + kn) : zero;
           any |= ok;
         });
         if (!M::any_lane(any)) continue;  // no negative in these columns
@@ -91,10 +119,10 @@ struct MixRowKernel {
               base = b.base;
       return [=](F v) MO_LAMBDA_INLINE {
         const F zero{};
-        // both exponents are ≤ ~0 (tp, tn include every term), so clamping below at
-        // ln FLT_MIN changes a weight by at most 1e-38
-        return ga * (L::exp_clamped(beta * (v - base) - tn) -
-                     L::exp_clamped((zero - alpha) * (v - base) - tp));
+        // both exponents are ≤ ~0 (tp, tn include every term), so clamping below at −87
+        // changes a weight by at most 2e-38
+        return ga * (exp_mix(beta * (v - base) - tn) -
+                     exp_mix((zero - alpha) * (v - base) - tp));
       };
     }
   };

@@ -1,0 +1,59 @@
+"""The fp32 Metrix kernels of the fused MS and contrastive ops (csrc/cpu/ms_metrix_kernels.h,
+contrastive_metrix_kernels.h) at every SIMD level this CPU has, against the same ops in
+float64 (which the loss tests hold to the reference): the fold's and the weights' own exp
+(exp_mix, about 3 ulp), the lanes' tails, and the class tiles of both sides of a block
+(several blocks, so the column side's gathered tiles are walked too)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metrix_ops import _ext
+from test_fast_exp import simd_level, simd_levels
+
+pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
+
+
+def batch(seed, n=150, d=20, classes=19):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, d, dtype=torch.float64, generator=g), dim=1)
+    y = torch.randint(0, classes, (n,), generator=g).sort().values
+    w = torch.rand(8, n, dtype=torch.float64, generator=g)
+    return x, y, w
+
+
+def value_and_grad(fn, x, w):
+    """Σ_k w_k · (differentiable output k) and its gradient in x, in float64."""
+    e = x.clone().requires_grad_(True)
+    v = sum((o.double() * wk).sum() for o, wk in zip(fn(e), w))
+    (gx,) = torch.autograd.grad(v, e)
+    return v.detach(), gx.double()
+
+
+def ms(y, lam, anchor_neg, block):
+    # rows and mixed rows (the log normalisers are not differentiable outputs)
+    return lambda e: torch.ops.metrix_ops.ms_metrix_self_fwd(
+        e, y, 2.0, 50.0, 0.5, lam, anchor_neg, block)[0::3]
+
+
+def con(y, cosine, lam, anchor_neg, block):
+    # the four sums (the counts are integers)
+    inf = float("inf")
+    return lambda e: torch.ops.metrix_ops.contrastive_metrix_self_fwd(
+        e, y, cosine, 0.1 if cosine else 0.3, 0.5 if cosine else 1.1, -inf, inf, lam,
+        anchor_neg, block)[0::2]
+
+
+@pytest.mark.parametrize("level", simd_levels())
+@pytest.mark.parametrize("op", ["ms", "ms_anchor_neg", "con_l2", "con_cos"])
+@pytest.mark.parametrize("block", [40, 1024])
+def test_fp32_kernels_match_fp64(level, op, block):
+    x, y, w = batch(block + len(op))
+    fn = {"ms": ms(y, 0.35, False, block), "ms_anchor_neg": ms(y, 0.7, True, block),
+          "con_l2": con(y, False, 0.4, False, block),
+          "con_cos": con(y, True, 0.6, False, block)}[op]
+    v64, g64 = value_and_grad(fn, x, w)
+    with simd_level(level):
+        v32, g32 = value_and_grad(fn, x.float(), w.float())
+    assert g64.abs().max() > 0
+    torch.testing.assert_close(v32, v64, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(g32, g64, rtol=2e-4, atol=2e-5 * g64.abs().max().item())
