@@ -15,6 +15,7 @@ from metrix_ops.ops.ee_mining import all_segments
 from metrix_ops.reducers import AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer
 
 from cases import CASES, CASE_IDS, assert_close_vg, make_case, value_and_grad
+from test_fused_hphn_cpu import batch  # the random (or class-paired) batch of the EE tests
 
 pytestmark = [pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built"),
               pytest.mark.usefixtures("one_thread")]
@@ -29,16 +30,6 @@ def chunk(request, monkeypatch):
     monkeypatch.setattr(fused_ee, "CHUNK", request.param)
     return request.param
 
-
-def batch(b, d, classes, seed=0, dtype=torch.float64, contiguous=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype)
-    y = torch.randint(0, classes, (b,), generator=g)
-    if contiguous:  # rows 2t, 2t+1 share a label (pairs="adjacent")
-        b -= b % 2
-        x, y = x[:b], y[:b].clone()
-        y[1::2] = y[0::2]
-    return x, y
 
 
 def pair(name, n, pairs="all", normalize=True, dist=None, **kw):

@@ -42,9 +42,10 @@ def first_pairs(labels):
     return order[first], order[first + 1]
 
 
-def impl(params, inp, reducer, chunk=None):
+def pairs_loss(inp, reducer, a, p, chunk=None):
+    """The N-pairs loss of the pairs (a_k, p_k): anchor k's softmax over every p_l, its own
+    p_k the target (the fused ProxyNCA op over the K×K problem), reduced per anchor."""
     x = inp.embeddings
-    a, p = first_pairs(inp.labels)
     if len(a) == 0:
         return reduce_loss_dict({"loss": {"losses": 0, "indices": None,
                                           "reduction_type": "already_reduced"}}, reducer, x)
@@ -53,6 +54,10 @@ def impl(params, inp, reducer, chunk=None):
                           torch.arange(len(a), device=x.device), 1.0, COSINE, chunk)
     return reduce_loss_dict({"loss": {"losses": rows, "indices": a, "reduction_type": "element"}},
                             reducer, x)
+
+
+def impl(params, inp, reducer, chunk=None):
+    return pairs_loss(inp, reducer, *first_pairs(inp.labels), chunk)
 
 
 register("cpu", "NPairsLoss", supports, impl)
