@@ -258,6 +258,8 @@ def main():
                    "tf32": args.tf32}
             for impl in args.impls.split(","):
                 row[impl] = run(args, impl, b, d)
+                # each case as it ends: a run cut short by a time limit keeps what it measured
+                print(json.dumps({"B": b, "D": d, impl: row[impl]}), file=sys.stderr, flush=True)
             print(json.dumps(ratios(row)), flush=True)
             rows.append(row)
     write_result(args.out, torch.device(args.device), rows)
