@@ -4,7 +4,11 @@ exactly what the JSON holds:
     python benchmarks/readme_table.py benchmarks/results/cpu_ms.json
     python benchmarks/readme_table.py --summary 4096 512 benchmarks/results/cpu_*.json
 
-(--summary: one row per file, its case at B, D, for the fused CPU op.)
+    python benchmarks/readme_table.py --gpu benchmarks/results/h200_*.json
+
+(--summary: one row per file, its case at B, D, for the fused CPU op. --gpu: every row of
+GPU files in milliseconds, CUDA and Triton side by side, the faster of the two against PML
+and the floor.)
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ def _cell(entry, fmt="{:.3f}"):
     err = entry.get("error", "")
     if "timeout" in err:
         return err
+    if "NotImplementedError" in err:
+        return "not implemented"
     return "out of memory" if "allocate" in err or "out of memory" in err else "failed"
 
 
@@ -93,8 +99,35 @@ def summary(paths, b: int, d: int) -> str:
     return "\n".join(lines)
 
 
+def gpu_summary(paths) -> str:
+    """Every row of GPU result files: CUDA and Triton engines in ms, the faster one's ratio
+    to PML and to the product floor, peak MiB (max_memory_allocated above the inputs)."""
+    head = ["loss", "B", "D", "dtype", "cuda ms", "triton ms", "PML ms", "floor ms",
+            "faster engine vs PML", "over floor", "engine / PML peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ms = lambda e: f"{e['median_s'] * 1e3:.2f}" if "median_s" in e else _cell(e)  # noqa: E731
+    for path in paths:
+        with open(path) as f:
+            rows = json.load(f)["results"]
+        for r in rows:
+            timed = [k for k in ("cuda", "triton") if "median_s" in r.get(k, {})]
+            best = min(timed, key=lambda k: r[k]["median_s"]) if timed else None
+            cell = lambda k: ms(r[k]) if k in r else "–"  # noqa: E731
+            t = lambda k: r[k]["median_s"] if "median_s" in r.get(k, {}) else None  # noqa: E731
+            mib = lambda k: f"{r[k]['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r.get(k, {}) else "–"  # noqa: E731
+            lines.append("| " + " | ".join([
+                r["loss"], str(r["B"]), str(r["D"]), r.get("dtype", "float32"),
+                cell("cuda"), cell("triton"), cell("pml"), cell("floor"),
+                f"{best} {_speed(t('pml') / t(best))}" if best and t("pml") else "–",
+                f"{best} {_times(t(best) / t('floor'))}" if best and t("floor") else "–",
+                f"{mib(best) if best else '–'} / {mib('pml')}"]) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--summary"]:
+    if sys.argv[1:2] == ["--gpu"]:
+        print(gpu_summary(sys.argv[2:]))
+    elif sys.argv[1:2] == ["--summary"]:
         print(summary(sys.argv[4:], int(sys.argv[2]), int(sys.argv[3])))
     else:
         for p in sys.argv[1:]:

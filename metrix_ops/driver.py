@@ -96,6 +96,12 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     # λ is drawn for the embedding level only: feature/input mixes carry their own λ
     lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
     chosen = backend_mod.resolve(backend, name, embeddings.device)
+    if backend == "auto" and chosen != "reference":
+        # the preferred engine may not cover this call's options (a miner, ref_emb, Lp ...)
+        # where the next one does: take the first that does
+        chosen = next((b for b in backend_mod.auto_order(name, embeddings.device)
+                       if (fused.miner_supported(b, name, params, inp, miner) if miner is not None
+                           else fused.supported(b, name, params, inp, expansion))), chosen)
     mined_loss = None
     if miner is not None:
         if chosen != "reference" and fused.miner_supported(chosen, name, params, inp, miner):

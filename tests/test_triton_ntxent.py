@@ -2,7 +2,6 @@
 gradients over odd shapes and tile splits, PML's edge cases, ref_emb, reducers (NT-Xent's
 per-positive-pair windows), the tiny guard at small temperatures, dtypes, that the kernels
 really run, and bad input. On a CPU they run under TRITON_INTERPRET=1."""
-import os
 
 import pytest
 import torch
@@ -10,10 +9,10 @@ import torch.nn.functional as F
 
 import metrix_ops as mo
 import metrix_ops.triton as mt
+from triton_cases import DEVICE
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 
-DEV = torch.device("cuda" if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
-                   else "cpu")
+DEV = DEVICE  # the GPU, or CPU tensors under TRITON_INTERPRET=1
 pytestmark = pytest.mark.skipif(not mt.usable_on(DEV), reason=f"Triton cannot run on {DEV} here")
 
 if mt.usable_on(DEV):

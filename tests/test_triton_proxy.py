@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 import metrix_ops as mo
 import metrix_ops.triton as mt
+from triton_cases import DEVICE
 from cases import assert_close_vg, value_and_grad
 from test_fused_proxy_cpu import module_fn, pml_module_fn
 
-DEV = torch.device("cuda" if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
-                   else "cpu")
+DEV = DEVICE  # the GPU, or CPU tensors under TRITON_INTERPRET=1
 pytestmark = pytest.mark.skipif(not mt.usable_on(DEV), reason=f"Triton cannot run on {DEV} here")
 
 if mt.usable_on(DEV):

@@ -51,7 +51,10 @@ def _brute_rows(e, f, y, ry, exclude_diag, cosine, margin):
     """Per-anchor (Σ terms, #terms > 0, #triplets) by enumerating every triplet. The op takes
     unit rows as given, its L2 distance is √(2 − 2s) (the gradient flows through s)."""
     s = e @ f.T
-    k = -s if cosine else (2 - 2 * s).clamp_min(0).sqrt()
+    # √ with a 0 slope at d = 0 (the op's rule): on a GPU s_ii can round to 1 exactly, and
+    # √0's infinite slope times the masked-out diagonal's 0 would make NaN gradients
+    q = (2 - 2 * s).clamp_min(0)
+    k = -s if cosine else torch.where(q > 0, torch.where(q > 0, q, 1).sqrt(), 0)
     same = y[:, None] == ry[None, :]
     valid = torch.ones_like(same)
     if exclude_diag:
@@ -133,7 +136,10 @@ def test_margin_zero_ties_and_duplicates(cosine):
     xu = F.normalize(x, dim=1)
     rows, nz, n = triplet_all_rows_triton(xu, xu, y, y, True, cosine, 0.0)
     s = (xu[:, None, :] * xu[None, :, :]).sum(-1)  # equal rows, equal sums
-    k = -s if cosine else (2 - 2 * s).clamp_min(0).sqrt()
+    # √ with a 0 slope at d = 0 (the op's rule): on a GPU s_ii can round to 1 exactly, and
+    # √0's infinite slope times the masked-out diagonal's 0 would make NaN gradients
+    q = (2 - 2 * s).clamp_min(0)
+    k = -s if cosine else torch.where(q > 0, torch.where(q > 0, q, 1).sqrt(), 0)
     same = y[:, None] == y[None, :]
     eye = torch.eye(len(y), dtype=torch.bool, device=DEVICE)
     m = (same & ~eye)[:, :, None] & (~same)[:, None, :]

@@ -14,7 +14,9 @@ requires_triton = pytest.mark.skipif(not mt.usable_on(DEVICE),
 
 
 def on_dev(*ts):
-    return [t.to(DEVICE) for t in ts]
+    # leaves on the device: t.to(cuda) of a leaf that requires grad is a non-leaf, whose .grad
+    # stays None (on the CPU, under the interpreter, .to is the tensor itself)
+    return [t.detach().to(DEVICE).requires_grad_(t.requires_grad) for t in ts]
 
 
 def compile_sm90(fn, constexprs: dict, float_type: str, num_warps: int = 4,

@@ -5,7 +5,6 @@
 // weight ∂ℓ̃/∂s̃. The entry points are instantiated per ISA in ms_simd.cpp.
 #pragma once
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -55,7 +54,9 @@ struct MixRowKernel {
       p = p * r + 1.666688621044159e-1f;
       p = p * r + 4.999914169311523e-1f;
       p = p * (r * r) + r + 1.0f;
-      constexpr int32_t bias = std::bit_cast<int32_t>(kRound) - 127;
+      // the bits of kRound (1.5·2^23 = 0x4B400000) less the exponent bias; a literal rather
+      // than std::bit_cast, which older standard libraries (GCC < 11) lack
+      constexpr int32_t bias = 0x4B400000 - 127;
       return p * as_float<F>((as_int<I>(t) - bias) << 23);
     }
   }

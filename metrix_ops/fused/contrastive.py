@@ -17,6 +17,7 @@ from ..ops.contrastive_metrix import contrastive_metrix_rows
 from ..spec import get_spec
 from . import register, register_metrix
 from .pair_counts import pair_count_tensors
+from .multi_similarity import _self_pairs_only
 
 _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
 
@@ -88,13 +89,6 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         rows = contrastive_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels,
                                 inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk)
     return _reduce_clean(rows, n_pos, n_neg, reducer, x)
-
-
-def _self_pairs_only(inp) -> bool:
-    # the batch against itself, self pairs excluded: S is symmetric. ref_emb=embeddings with
-    # ref_labels a different tensor is not this case: PML then keeps the diagonal pairs
-    # (the symmetric self op is CPU-only; the CUDA engine runs the general op with r = x)
-    return inp.ref_emb is inp.embeddings and inp.same_set and inp.embeddings.device.type == "cpu"
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:

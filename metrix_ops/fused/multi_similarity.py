@@ -19,11 +19,16 @@ def supports(params, inp, expansion) -> bool:
             and is_cosine(inp.distance) and inp.labels is not None)
 
 
-def _self_pairs_only(inp) -> bool:
+def self_pairs(inp) -> bool:
     # the batch against itself, self pairs excluded (PML keeps them when ref_labels is another
     # tensor, even with ref_emb the batch): S is symmetric
-    # (the symmetric self op is CPU-only; the CUDA engine runs the general op with r = x)
-    return inp.ref_emb is inp.embeddings and inp.same_set and inp.embeddings.device.type == "cpu"
+    return inp.ref_emb is inp.embeddings and inp.same_set
+
+
+def _self_pairs_only(inp) -> bool:
+    # ... and on the CPU, where the symmetric self op is (the CUDA engine runs the general op
+    # with r = x; the Triton glue asks self_pairs itself)
+    return self_pairs(inp) and inp.embeddings.device.type == "cpu"
 
 
 def _reduce_clean(rows, inp, reducer, counts=None):

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .. import fused
 from ..distances import is_cosine
-from ..fused.multi_similarity import _reduce_clean, _self_pairs_only
+from ..fused.multi_similarity import _reduce_clean, self_pairs
 from ..fused.pair_counts import pair_counts
 from .launch import usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
@@ -208,7 +208,7 @@ def impl(params, inp, reducer):
         return torch.sum(x * 0)
     xu = F.normalize(x, dim=1)
     # the batch against itself passes one tensor twice: S's gradient reaches x both ways
-    ru = xu if _self_pairs_only(inp) else F.normalize(inp.ref_emb, dim=1)
+    ru = xu if self_pairs(inp) else F.normalize(inp.ref_emb, dim=1)
     rows = ms_rows_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
                           params["beta"], params["base"])
     return _reduce_clean(rows, inp, reducer)

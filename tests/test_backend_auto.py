@@ -1,0 +1,69 @@
+"""backend="auto": the order of the fused engines per loss (backend.GPU_ORDER, from the GPU
+measurements), and the driver taking the next engine in that order when the preferred one
+does not cover a call's options. Run on the CPU with the CPU op and the Triton engine (under
+TRITON_INTERPRET=1) standing in for the two GPU engines."""
+import pytest
+import torch
+
+import metrix_ops as mo
+import metrix_ops.triton as mt
+from metrix_ops import backend, fused
+
+
+def test_auto_order_follows_gpu_order_and_skips_engines_without_the_loss(monkeypatch):
+    dev = torch.device("cuda")  # a device object only: nothing runs on it
+    monkeypatch.setattr(backend, "_available", lambda b: True)
+    monkeypatch.setattr(backend, "_device_ok", lambda b, d: True)
+    for b in ("cuda", "triton"):  # as on a GPU build, whichever engines this build registered
+        monkeypatch.setitem(backend.FUSED, b, backend.FUSED[b] | {"MultiSimilarityLoss"})
+    monkeypatch.setitem(backend.GPU_ORDER, "MultiSimilarityLoss", ("cuda", "triton"))
+    assert backend.auto_order("MultiSimilarityLoss", dev) == ["cuda", "triton"]
+    assert backend.resolve("auto", "MultiSimilarityLoss", dev) == "cuda"
+    monkeypatch.setitem(backend.GPU_ORDER, "MultiSimilarityLoss", ("triton", "cuda"))
+    assert backend.resolve("auto", "MultiSimilarityLoss", dev) == "triton"
+    # an engine that does not implement the loss is not in the order at all
+    monkeypatch.setitem(backend.FUSED, "cuda", backend.FUSED["cuda"] - {"MultiSimilarityLoss"})
+    assert backend.auto_order("MultiSimilarityLoss", dev) == ["triton"]
+    # unmeasured losses: Triton first
+    assert backend.GPU_DEFAULT_ORDER[0] == "triton"
+    assert backend.auto_order("NoSuchLoss", dev) == []
+    assert backend.resolve("auto", "NoSuchLoss", dev) == "reference"
+
+
+def test_measured_order_prefers_cuda_for_ms_and_triton_for_proxy_anchor():
+    # the H200 figures (benchmarks/results/h200_*.json) the table was filled from
+    assert backend.GPU_ORDER["MultiSimilarityLoss"][0] == "cuda"
+    assert backend.GPU_ORDER["ProxyAnchorLoss"][0] == "triton"
+
+
+@pytest.mark.skipif(not mt.usable_on(torch.device("cpu")),
+                    reason="needs TRITON_INTERPRET=1 (the Triton engine on CPU tensors)")
+@pytest.mark.skipif(not mo._ext.HAS_EXT, reason="needs the compiled CPU ops")
+def test_auto_takes_the_next_engine_that_covers_the_call(monkeypatch):
+    """The first engine refuses this call (its supports() says no): "auto" runs the second
+    engine's fused op, not the reference, and the loss still equals the reference."""
+    name = "MultiSimilarityLoss"
+    monkeypatch.setattr(backend, "auto_order", lambda loss, dev: ["cpu", "triton"])
+    _, cpu_impl = fused.IMPLS[("cpu", name)]
+    monkeypatch.setitem(fused.IMPLS, ("cpu", name), (lambda *a: False, cpu_impl))
+    ran = []
+    supports, triton_impl = fused.IMPLS[("triton", name)]
+
+    def spy(*a, **k):
+        ran.append("triton")
+        return triton_impl(*a, **k)
+
+    monkeypatch.setitem(fused.IMPLS, ("triton", name), (supports, spy))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(21, 9, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (21,), generator=g)
+    got = mo.losses.MultiSimilarityLoss(backend="auto")(x, y)
+    want = mo.losses.MultiSimilarityLoss(backend="reference")(x, y)
+    assert ran == ["triton"]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    # when no engine covers it, the reference runs (no error under "auto")
+    monkeypatch.setitem(fused.IMPLS, ("triton", name), (lambda *a: False, spy))
+    ran.clear()
+    torch.testing.assert_close(mo.losses.MultiSimilarityLoss(backend="auto")(x, y), want,
+                               rtol=1e-6, atol=1e-9)
+    assert ran == []
