@@ -11,17 +11,21 @@ import torch
 
 
 class BaseReducer:
+    """reduce(): `keep`, when given, is a bool mask of the terms that count (the others are
+    as absent): what a loss gives instead of losses[keep], whose shape depends on the data
+    and would break a torch.compile(fullgraph=True) graph."""
+
     def reduce(self, losses, reduction_type: str, embeddings: torch.Tensor,
-               divisor=None) -> torch.Tensor:
+               divisor=None, keep=None) -> torch.Tensor:
         if not torch.is_tensor(losses):
             if losses == 0:
                 return zero_loss(embeddings)
             raise TypeError(f"losses must be a tensor or 0, got {type(losses).__name__}")
         if reduction_type == "already_reduced":
             return losses.reshape(())
-        return self.reduce_terms(losses, embeddings)
+        return self.reduce_terms(losses, embeddings, keep)
 
-    def reduce_terms(self, losses, embeddings):
+    def reduce_terms(self, losses, embeddings, keep=None):
         raise NotImplementedError
 
     def __repr__(self):
@@ -32,24 +36,30 @@ class DivisorReducer(BaseReducer):
     """Sum of the terms over a divisor the loss supplies (ProxyAnchor: the number of
     proxies with positives for the positive sub-loss, all proxies for the negative one)."""
 
-    def reduce(self, losses, reduction_type, embeddings, divisor=None):
+    def reduce(self, losses, reduction_type, embeddings, divisor=None, keep=None):
         if torch.is_tensor(losses) and reduction_type != "already_reduced":
             if divisor is None:
                 raise ValueError("DivisorReducer needs the loss to give a divisor")
+            total = _kept_sum(losses, keep)
+            if torch.is_tensor(divisor):  # a count left on the device: a select, no sync
+                return torch.where(divisor > 0, total / divisor.clamp_min(1),
+                                   zero_loss(embeddings))
             if divisor == 0:
                 return zero_loss(embeddings)
-            return losses.sum() / divisor
+            return total / divisor
         return super().reduce(losses, reduction_type, embeddings)
 
 
 class MeanReducer(BaseReducer):
-    def reduce_terms(self, losses, embeddings):
-        return losses.mean()  # an empty tensor gives NaN, as in PML
+    def reduce_terms(self, losses, embeddings, keep=None):
+        if keep is None:
+            return losses.mean()  # an empty tensor gives NaN, as in PML
+        return _kept_sum(losses, keep) / keep.sum()  # none kept: 0/0, NaN as the mean of none
 
 
 class SumReducer(BaseReducer):
-    def reduce_terms(self, losses, embeddings):
-        return losses.sum()
+    def reduce_terms(self, losses, embeddings, keep=None):
+        return _kept_sum(losses, keep)
 
 
 class ThresholdReducer(BaseReducer):
@@ -60,12 +70,17 @@ class ThresholdReducer(BaseReducer):
             raise ValueError("ThresholdReducer needs low or high")
         self.low, self.high = low, high
 
-    def reduce_terms(self, losses, embeddings):
+    def reduce_terms(self, losses, embeddings, keep=None):
+        # masks and a select rather than losses[losses > low]: no data-dependent shape, so
+        # the reduction traces whole under torch.compile(fullgraph=True)
+        keep = torch.ones_like(losses, dtype=torch.bool) if keep is None else keep
         if self.low is not None:
-            losses = losses[losses > self.low]
+            keep = keep & (losses > self.low)
         if self.high is not None:
-            losses = losses[losses < self.high]
-        return losses.mean() if losses.numel() >= 1 else zero_loss(embeddings)
+            keep = keep & (losses < self.high)
+        n = keep.sum()
+        total = _kept_sum(losses, keep)
+        return torch.where(n >= 1, total / n.clamp_min(1), zero_loss(embeddings))
 
     def __repr__(self):
         return f"{type(self).__name__}(low={self.low}, high={self.high})"
@@ -77,6 +92,14 @@ class AvgNonZeroReducer(ThresholdReducer):
 
     def __repr__(self):
         return "AvgNonZeroReducer()"
+
+
+def _kept_sum(losses, keep):
+    """Σ losses over the kept terms (all when keep is None); a select, so a NaN or Inf term
+    that is not kept reaches neither the value nor the gradient."""
+    if keep is None:
+        return losses.sum()
+    return torch.where(keep, losses, torch.zeros_like(losses)).sum()
 
 
 def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
@@ -105,7 +128,11 @@ def as_reducer(obj, default=None) -> BaseReducer:
 def reduce_loss_dict(loss_dict: dict, reducer: BaseReducer, embeddings: torch.Tensor) -> torch.Tensor:
     total = None
     for info in loss_dict.values():
+        keep = info.get("keep")
         value = reducer.reduce(info["losses"], info["reduction_type"], embeddings,
-                               divisor=info.get("divisor"))
+                               divisor=info.get("divisor"), keep=keep)
+        if keep is not None and info.get("none_kept") == "zero":
+            # as a loss dict with no terms (losses 0), without a data-dependent branch
+            value = torch.where(keep.any(), value, zero_loss(embeddings))
         total = value if total is None else total + value
     return total if total is not None else zero_loss(embeddings)

@@ -1,6 +1,9 @@
 """Loss modules on their fused CPU path trace whole under torch.compile(fullgraph=True) (input
-checks, pair counts, PML's no-pairs rule, the reducer) and match eager in value and
-gradient; NaN input still fails, at run time."""
+checks, pair counts, PML's no-pairs rule, the reducer, ProxyAnchor's divisor, ProxyNCA's
+underflow mask, HPHN's anchors without a pair) and match eager in value and gradient; NaN
+input and out-of-range proxy labels still fail, at run time. (Not yet whole under
+fullgraph: NPairs, whose kept pairs are a data-dependent set, the EE and indices_tuple glue,
+and the proxy losses' Metrix term.)"""
 import pytest
 import torch
 
@@ -21,6 +24,20 @@ MODULES = [
     ("TripletMarginLoss", {}),
     ("TripletMarginLoss", {"reducer": mo.reducers.MeanReducer(), "margin": 0.3}),
     ("TripletMarginLoss", {"reducer": mo.reducers.SumReducer()}),
+    ("ProxyAnchorLoss", {"num_classes": 6, "embedding_size": 7}),  # DivisorReducer's count
+    ("ProxyAnchorLoss", {"num_classes": 6, "embedding_size": 7,
+                         "reducer": mo.reducers.MeanReducer()}),
+    ("ProxyNCALoss", {"num_classes": 6, "embedding_size": 7}),  # the underflow mask
+    ("ProxyNCALoss", {"num_classes": 6, "embedding_size": 7, "softmax_scale": 90.0,
+                      "reducer": mo.reducers.AvgNonZeroReducer()}),
+    ("HPHNTripletLoss", {}),  # anchors without a positive or negative
+    ("HPHNTripletLoss", {"reduction": "sum", "margin": 1e-5}),  # the official runs' setting
+    ("NTXentLoss", {}),
+    ("SupConLoss", {}),
+    ("CircleLoss", {}),
+    ("CircleLoss", {"metrix": mo.Metrix(lam=0.3)}),
+    ("GeneralizedLiftedStructureLoss", {}),
+    ("LiftedStructureLoss", {}),
 ]
 
 
@@ -34,9 +51,14 @@ def test_module_under_fullgraph_compile_equals_eager(name, kw):
         x, y = torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g)
         va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
         vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
-        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+        # Circle's γ = 80 scales the rounding of a differently fused graph: fp32's contract
+        rtol, atol = (1e-4, 1e-5) if name == "CircleLoss" else (1e-5, 1e-6)
+        torch.testing.assert_close(va, vb, rtol=rtol, atol=atol)
+        torch.testing.assert_close(ga, gb, rtol=rtol, atol=atol)
     bad = torch.randn(13, 7)
+    if "num_classes" in kw:  # a label outside the proxies: an error at run time too
+        with pytest.raises(RuntimeError, match="labels must be in"):
+            compiled(torch.randn(5, 7), torch.tensor([0, 1, 6, 2, 3]))
     bad[2, 3] = float("nan")
     with pytest.raises(RuntimeError, match="embeddings contains NaN or Inf"):
         compiled(bad, torch.randint(0, 4, (13,), generator=g))

@@ -28,7 +28,8 @@ def terms_impl(terms_fn, params, inp, reducer):
     # as the reference: a differentiable cast, so the parameter keeps its dtype
     p = F.normalize(proxies.to(x.dtype), dim=1)
     pos, neg = terms_fn(F.normalize(x, dim=1), p, labels, params["alpha"], params["margin"])
-    n_with_pos = int(torch.bincount(labels, minlength=p.shape[0]).count_nonzero())
+    # a tensor, not int(): no host sync on a GPU, no graph break under torch.compile
+    n_with_pos = torch.bincount(labels, minlength=p.shape[0]).count_nonzero()
     idx = torch.arange(p.shape[0], device=x.device)
     loss_dict = {
         "pos_loss": {"losses": pos, "indices": idx, "reduction_type": "element",

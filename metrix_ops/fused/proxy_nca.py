@@ -41,10 +41,11 @@ def rows_impl(rows_fn, params, inp, reducer):
                         params.get("normalize_proxies"))
     p = F.normalize(proxies.to(x.dtype), dim=1)  # differentiable cast, as the reference
     rows = rows_fn(F.normalize(x, dim=1), p, labels, scale, _kind(inp.distance))
-    # PML drops an example whose own-proxy probability underflows to 0
+    # PML drops an example whose own-proxy probability underflows to 0: a mask for the
+    # reducer rather than rows[keep] (no data-dependent shape: torch.compile traces it whole)
     keep = torch.exp(-rows.detach()) != 0
-    loss_dict = {"loss": {"losses": rows[keep], "indices": torch.arange(len(x), device=x.device)[keep],
-                          "reduction_type": "element"}}
+    loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(x), device=x.device),
+                          "reduction_type": "element", "keep": keep}}
     return reduce_loss_dict(loss_dict, reducer, x)
 
 

@@ -43,6 +43,12 @@ def hardest_pair(mat: torch.Tensor, mask: torch.Tensor, inverted: bool, farthest
 def hphn_terms(hardest_pos, has_pos, hardest_neg, has_neg, distance, margin) -> dict:
     """The loss dict: one element per anchor with a positive and a negative."""
     keep = has_pos & has_neg
+    if torch.compiler.is_compiling():
+        # no data-dependent branch or shape under torch.compile(fullgraph=True): every anchor's
+        # term, the reducer told which count, and no kept anchor gives the zero loss
+        losses = F.relu(distance.margin(hardest_pos, hardest_neg) + margin)
+        return {"loss": {"losses": losses, "indices": torch.arange(len(keep), device=keep.device),
+                         "reduction_type": "element", "keep": keep, "none_kept": "zero"}}
     if not keep.any():
         return dict(ZERO)
     a = torch.where(keep)[0]

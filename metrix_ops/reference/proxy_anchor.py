@@ -59,7 +59,11 @@ def check_proxies(proxies, embeddings, labels, loss_name: str = "this loss"):
         raise TypeError(f"proxies must be a floating-point tensor, got {proxies.dtype}")
     if proxies.device != embeddings.device:
         raise ValueError(f"proxies are on {proxies.device} but embeddings are on {embeddings.device}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
+    if torch.compiler.is_compiling():
+        # a Python bool of tensor data would end a fullgraph=True graph: check at run time
+        torch._assert_async(((labels >= 0) & (labels < proxies.shape[0])).all(),
+                            f"labels must be in [0, num_classes={proxies.shape[0]})")
+    elif labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
         raise ValueError(f"labels must be in [0, num_classes={proxies.shape[0]}), got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")
 
