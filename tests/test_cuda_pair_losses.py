@@ -75,6 +75,29 @@ def test_ref_emb_and_reducer(name, kw):
                     lambda e, f: ref(e, y, ref_emb=f, ref_labels=yr), x, r)
 
 
+@pytest.mark.parametrize("name,kw", LOSSES[::2], ids=LOSS_IDS[::2])
+def test_warp_per_row_fold_at_large_batch(name, kw):
+    """From 32 rows per multiprocessor on, the fold takes one warp per row (pair_rows.cuh)
+    instead of one block: a batch just past that, and a ref_emb one row short of it, against
+    the fused CPU op in fp64 (itself checked against the reference in the CPU tests; the
+    reference's NTXent would hold a positive-pairs × negatives matrix of 300 GB here)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    b = 32 * sms + 7
+    g = torch.Generator().manual_seed(b)
+    x = torch.randn(b, 12, dtype=torch.float64, generator=g).cuda()
+    y = torch.randint(0, b // 4, (b,), generator=g).cuda()  # about 4 per class
+    kw = dict(kw, distance=CosineSimilarity()) if kw.get("distance") == "cosine" else kw
+    fused = getattr(mo.losses, name)(backend="cuda", **kw)
+    cpu = getattr(mo.losses, name)(backend="cpu", **kw)
+    yc = y.cpu()
+    assert_close_vg(lambda e: fused(e, y), lambda e: cpu(e.cpu(), yc).cuda(), x,
+                    rtol=1e-6, atol=1e-9)
+    r, yr = x[: b - 1].clone(), y[: b - 1].clone()
+    assert_close_vg(lambda e, f: fused(e, y, ref_emb=f, ref_labels=yr),
+                    lambda e, f: cpu(e.cpu(), yc, ref_emb=f.cpu(), ref_labels=yr.cpu()).cuda(),
+                    x, r, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_chunk_boundaries(chunk):
     """The op's streaming over reference chunks (several kernel launches, partial chunks)."""

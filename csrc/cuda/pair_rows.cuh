@@ -1,7 +1,7 @@
 // The CUDA engine of the fused pair losses whose loss is a function of per-anchor row
 // statistics (multi-similarity, contrastive, ...): S = x rᵀ streamed in chunks of r, each
 // chunk's product through cuBLAS (at::mm: tensor cores, TF32 where PyTorch allows it), then
-//   forward:  one block per row folds the chunk's pairs into the row's state (a loss-given
+//   forward:  one warp (or block) per row folds the chunk's pairs into the row's state (a loss-given
 //             struct: log-sum-exps, sums, counts) held in device memory between chunks;
 //   backward: the chunk is recomputed and overwritten in place by G = ∂L/∂S, one thread per
 //             entry, then dx += G r_c and dr_c = Gᵀ x (cuBLAS again).
@@ -18,8 +18,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <type_traits>
 
 #include "common/row_state.h"  // MO_HD
 
@@ -28,49 +31,88 @@ namespace cuda_pairs {
 
 constexpr int kThreads = 256;
 
-// 1: positive pair, 0: negative pair, -1: the excluded self pair
-__device__ __forceinline__ int pair_kind(const int64_t* __restrict__ yr,
-                                         const int64_t* __restrict__ yc, int64_t i, int64_t gj,
-                                         bool exclude_diag) {
+// 1: positive pair, 0: negative pair, -1: the excluded self pair (yi: row i's label)
+__device__ __forceinline__ int pair_kind(int64_t yi, const int64_t* __restrict__ yc, int64_t i,
+                                         int64_t gj, bool exclude_diag) {
   if (exclude_diag && gj == i) return -1;
-  return yr[i] == yc[gj] ? 1 : 0;
+  return yc[gj] == yi ? 1 : 0;
 }
 
-// Strided columns (a warp reads consecutive entries: coalesced), per-thread states merged by
-// a fixed shared-memory tree, so the result does not depend on scheduling.
-template <class Loss, typename T>
-__global__ void fold_rows_kernel(const T* __restrict__ s, int64_t len, int64_t start,
-                                 const int64_t* __restrict__ yr, const int64_t* __restrict__ yc,
-                                 bool exclude_diag, Loss loss, typename Loss::State* state) {
+// A POD state moved down the warp by `off` lanes, 32-bit word by word.
+template <class State>
+__device__ __forceinline__ State shfl_down_state(const State& v, int off) {
+  static_assert(std::is_trivially_copyable<State>::value, "State must be POD");
+  static_assert(sizeof(State) % sizeof(int) == 0, "State must be whole 32-bit words");
+  constexpr int kWords = sizeof(State) / sizeof(int);
+  int w[kWords];
+  memcpy(w, &v, sizeof(State));
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) w[k] = __shfl_down_sync(0xffffffffu, w[k], off);
+  State out;
+  memcpy(&out, w, sizeof(State));
+  return out;
+}
+
+// kRowWarps warps per row (1, or kThreads / 32 for one block per row), lanes taking strided
+// columns (a warp reads consecutive entries: coalesced). The states merge by a fixed tree:
+// lane l takes lane l + 16, + 8, ..., + 1 (shuffles), then the row's warps in order, so the
+// result does not depend on scheduling. One warp per row when there are rows enough to fill
+// the GPU: no shared memory or block barrier, and 32× the columns per reduction; a block per
+// row when there are few (ProxyAnchor's C proxies as rows).
+template <class Loss, typename T, int kRowWarps>
+__global__ void fold_rows_kernel(const T* __restrict__ s, int64_t rows, int64_t len,
+                                 int64_t start, const int64_t* __restrict__ yr,
+                                 const int64_t* __restrict__ yc, bool exclude_diag, Loss loss,
+                                 typename Loss::State* state) {
   using State = typename Loss::State;
-  const int64_t i = blockIdx.x;
-  const T* row = s + i * len;
+  constexpr int kRowThreads = 32 * kRowWarps, kRowsPerBlock = kThreads / kRowThreads;
+  static_assert(kThreads % kRowThreads == 0, "a block holds whole rows");
+  const int t = threadIdx.x % kRowThreads, lane = threadIdx.x % 32;
+  const int64_t i = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kRowThreads;
   State local = State::empty();
-  for (int64_t j = threadIdx.x; j < len; j += kThreads) {
-    const int kind = pair_kind(yr, yc, i, start + j, exclude_diag);
-    if (kind >= 0) loss.fold(local, row[j], kind == 1, i);
+  if (i < rows) {
+    const T* row = s + i * len;
+    const int64_t yi = yr[i];
+    for (int64_t j = t; j < len; j += kRowThreads) {
+      const int kind = pair_kind(yi, yc, i, start + j, exclude_diag);
+      if (kind >= 0) loss.fold(local, row[j], kind == 1, i);
+    }
   }
-  __shared__ State shared[kThreads];
-  shared[threadIdx.x] = local;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) shared[threadIdx.x].merge(shared[threadIdx.x + stride]);
+  for (int off = 16; off > 0; off >>= 1) {  // every lane shuffles (full mask)
+    const State other = shfl_down_state(local, off);
+    if (lane < off) local.merge(other);
+  }
+  if constexpr (kRowWarps == 1) {
+    if (lane == 0 && i < rows) state[i].merge(local);
+  } else {
+    __shared__ State partial[kThreads / 32];
+    if (lane == 0) partial[threadIdx.x / 32] = local;
     __syncthreads();
+    if (t == 0 && i < rows) {
+      const int w0 = (threadIdx.x / 32);
+      State acc = partial[w0];
+      for (int w = 1; w < kRowWarps; ++w) acc.merge(partial[w0 + w]);
+      state[i].merge(acc);
+    }
   }
-  if (threadIdx.x == 0) state[i].merge(shared[0]);
 }
 
+// G in place: grid.y over rows (strided), grid.x over the chunk's columns; row and column
+// come from the grid, not from dividing a flat index (64-bit division costs ~100 instructions
+// per entry on the GPU).
 template <class Loss, typename T>
 __global__ void grad_entries_kernel(T* __restrict__ s, int64_t rows, int64_t len, int64_t start,
                                     const int64_t* __restrict__ yr,
                                     const int64_t* __restrict__ yc, bool exclude_diag,
                                     Loss loss) {
-  const int64_t n = rows * len;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n;
-       k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t i = k / len;
-    const int kind = pair_kind(yr, yc, i, start + k % len, exclude_diag);
-    s[k] = kind < 0 ? T(0) : loss.grad(s[k], kind == 1, i);
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    T* row = s + i * len;
+    const int64_t yi = yr[i];
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < len;
+         j += (int64_t)gridDim.x * blockDim.x) {
+      const int kind = pair_kind(yi, yc, i, start + j, exclude_diag);
+      row[j] = kind < 0 ? T(0) : loss.grad(row[j], kind == 1, i);
+    }
   }
 }
 
@@ -78,10 +120,6 @@ template <class State>
 __global__ void init_states_kernel(State* state, int64_t n, State init) {
   const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (i < n) state[i] = init;
-}
-
-inline int blocks_for(int64_t n) {
-  return (int)std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
 }
 
 // The rows' states in device memory (a byte tensor keeps the allocation with the caching
@@ -107,12 +145,23 @@ void fold_all(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels
   const int64_t B = x.size(0), M = r.size(0);
   if (B == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  // a warp per row once the rows give every multiprocessor 32 warps or more
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const bool warp_rows = B >= 32 * (int64_t)sms;
   for (int64_t start = 0; start < M; start += chunk) {
     const int64_t len = std::min(chunk, M - start);
     at::Tensor s = at::mm(x, r.narrow(0, start, len).t()).contiguous();
-    fold_rows_kernel<Loss, T><<<(unsigned)B, kThreads, 0, stream>>>(
-        s.data_ptr<T>(), len, start, labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(),
-        exclude_diag, loss, state);
+    const T* sp = s.data_ptr<T>();
+    const int64_t* yr = labels.data_ptr<int64_t>();
+    const int64_t* yc = ref_labels.data_ptr<int64_t>();
+    if (warp_rows) {
+      fold_rows_kernel<Loss, T, 1><<<(unsigned)((B + kThreads / 32 - 1) / (kThreads / 32)),
+                                     kThreads, 0, stream>>>(sp, B, len, start, yr, yc,
+                                                            exclude_diag, loss, state);
+    } else {
+      fold_rows_kernel<Loss, T, kThreads / 32><<<(unsigned)B, kThreads, 0, stream>>>(
+          sp, B, len, start, yr, yc, exclude_diag, loss, state);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -133,7 +182,9 @@ std::tuple<at::Tensor, at::Tensor> grad_all(const at::Tensor& x, const at::Tenso
     const int64_t len = std::min(chunk, M - start);
     at::Tensor rc = r.narrow(0, start, len);
     at::Tensor s = at::mm(x, rc.t()).contiguous();  // becomes G in place
-    grad_entries_kernel<Loss, T><<<blocks_for(B * len), kThreads, 0, stream>>>(
+    const dim3 grid((unsigned)((len + kThreads - 1) / kThreads),
+                    (unsigned)std::min<int64_t>(B, 65535));
+    grad_entries_kernel<Loss, T><<<grid, kThreads, 0, stream>>>(
         s.data_ptr<T>(), B, len, start, labels.data_ptr<int64_t>(),
         ref_labels.data_ptr<int64_t>(), exclude_diag, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
