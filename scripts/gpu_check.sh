@@ -84,6 +84,10 @@ for eng in MultiSimilarityLoss:cuda MultiSimilarityLoss:triton ProxyAnchorLoss:t
     >> "$RES/profile.txt" 2>&1; grep "busy" "$RES/profile.txt" | tail -1
 done
 pack "profiles"
+# Triton tile sizes (METRIX_OPS_TRITON_TILES) for MS, each checked against the default's result
+limited 120 python3 benchmarks/sweep_triton.py --sizes 8192,65536 --d 512 --repeats 3 \
+  --out "$RES/sweep_triton.json" 2>&1 | tail -n 16
+pack "triton tile sweep"
 for loss in contrastive proxy_anchor ntxent supcon circle triplet; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done

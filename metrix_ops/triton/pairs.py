@@ -4,6 +4,8 @@ dR = Gᵀ X or, for the batch against itself, (G + Gᵀ) X; their launcher pair_
 tile sizes of a launch (launch_config, max_dim); the loss constants as a tensor; and the
 custom-op helpers for gradients that are not needed (needs_grads, grads_or_empty,
 fake_grads) and for the symmetric case (is_symmetric)."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -133,14 +135,40 @@ def launch_config(x, r, grad: bool = False):
     full-width tile of rows and the BLOCK×BLOCK_DO accumulator fit."""
     dev, d = x.device, x.shape[1]
     block_do = max(16, next_pow2(d))
-    bm, bn = row_block(x.shape[0], dev), row_block(r.shape[0], dev)
+    tune = tile_override() if dev.type == "cuda" else {}
+    bm = tune.get("bm", row_block(x.shape[0], dev))
+    bn = tune.get("bn", row_block(r.shape[0], dev))
     if grad:
         cap = max(16, _GRAD_TILE_BYTES // (block_do * x.element_size()))
         bm, bn = min(bm, cap), min(bn, cap)
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=dim_block(d, dev), ACC=acc_dtype(x.dtype),
-               PRECISION=dot_precision(x.dtype, dev))
-    warps = dict(num_warps=4 if block_do <= 128 else 8) if dev.type == "cuda" else {}
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=tune.get("bd", dim_block(d, dev)),
+               ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, dev))
+    warps = {}
+    if dev.type == "cuda":
+        warps = dict(num_warps=tune.get("warps", 4 if block_do <= 128 else 8))
+        if "stages" in tune:
+            warps["num_stages"] = tune["stages"]
     return cfg, block_do, warps
+
+
+def tile_override() -> dict:
+    """METRIX_OPS_TRITON_TILES="bm=64,bn=32,bd=32,warps=4,stages=3" (any subset): tile sizes
+    and launch settings for a sweep on a GPU (benchmarks/sweep_triton.py), so that one device
+    call can time several; the defaults above are what runs without it. Tile sizes are powers
+    of two ≥ 16."""
+    spec = os.environ.get("METRIX_OPS_TRITON_TILES", "").strip()
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, _, val = item.partition("=")
+        key = key.strip()
+        if key not in ("bm", "bn", "bd", "warps", "stages") or not val.strip().isdigit():
+            raise ValueError(f"METRIX_OPS_TRITON_TILES: bad entry {item!r}; expected "
+                             "bm=, bn=, bd=, warps=, stages= with integer values")
+        v = int(val)
+        if key in ("bm", "bn", "bd") and (v < 16 or v & (v - 1)):
+            raise ValueError(f"METRIX_OPS_TRITON_TILES: {key}={v} must be a power of two ≥ 16")
+        out[key] = v
+    return out
 
 
 def loss_constants(x, *values):
