@@ -11,7 +11,7 @@ from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self, ms_mined_rows
 from ..ops.ms_metrix import ms_metrix_rows
 from ..reducers import reduce_loss_dict
 from . import register, register_metrix, register_miner
-from .pair_counts import pair_count_tensors, pair_counts
+from .pair_counts import pair_count_tensors
 
 
 def supports(params, inp, expansion) -> bool:
@@ -50,17 +50,16 @@ def _reduce_clean(rows, inp, reducer, counts=None):
 
 def impl(params, inp, reducer, chunk: int = 2048):
     x = inp.embeddings
-    if not torch.compiler.is_compiling():
-        pos, neg = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
-        if pos <= 1 and neg <= 1:  # skip the op: PML's no-loss rule
-            return torch.sum(x * 0)
+    counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)  # once per call
+    if not torch.compiler.is_compiling() and int(counts[0]) <= 1 and int(counts[1]) <= 1:
+        return torch.sum(x * 0)  # skip the op: PML's no-loss rule
     xu = F.normalize(x, dim=1)
     if _self_pairs_only(inp):
         rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"])
     else:
         rows = ms_loss_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
                             inp.same_set, params["alpha"], params["beta"], params["base"], chunk)
-    return _reduce_clean(rows, inp, reducer)
+    return _reduce_clean(rows, inp, reducer, counts)
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
