@@ -82,11 +82,15 @@ struct Miner {
 
   // best negative point of anchor-side row u (class c; u's columns in class-sorted slot
   // order): (cosine, point index), the largest cosine, lowest point index on ties. cmax:
-  // scratch of one entry per class.
+  // scratch of one entry per class. With a floor (has_floor), only cosines ≥ floor count:
+  // the search starts there, so the bounds skip far more, and returns index kNone when no
+  // negative reaches it.
+  static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
   std::pair<T, int64_t> best_negative(const T* u, int64_t c, int64_t first_neg, int64_t first_slot,
-                                      T* cmax) const {
-    T best = u[first_slot];  // labels decide who is a negative; NaN rows stay on this one
-    int64_t bq = first_neg;
+                                      T* cmax, bool has_floor = false, T floor = T(0)) const {
+    // labels decide who is a negative; NaN rows stay on the first one
+    T best = has_floor ? floor : u[first_slot];
+    int64_t bq = has_floor ? kNone : first_neg;
     auto take = [&](T v, int64_t q) {
       if (v > best || (v == best && q < bq)) best = v, bq = q;
     };
@@ -242,29 +246,45 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       const int64_t npts = nr + int64_t(pt_seg.size());
       std::vector<T> best(npts);
       std::vector<int64_t> bestq(npts, -1);
-      at::parallel_for(0, npts, 8, [&](int64_t p0, int64_t p1) {
+      // Two passes. First the originals; then each synthetic point with a floor: it can only
+      // change an owner's pick (its segment's two endpoints, both anchors of this chunk) if
+      // it reaches the smaller of their best cosines so far, so its search starts there
+      // (ties kept: a cosine equal to the floor still counts, for the index tie rules). On
+      // random 128-d data this skips most negative classes a synthetic point would otherwise
+      // walk, which are ~96% of the anchor-side points.
+      auto search = [&](int64_t p0, int64_t p1) {
         std::vector<T> buf(B), cmax(C);
         for (int64_t p = p0; p < p1; ++p) {
           const T* u;
           int64_t c;
+          bool has_floor = false;
+          T floor = T(0);
           if (p < nr) {
             u = Up + p * B;
             c = cls[rows[p]];
           } else {
             const int64_t e = pt_seg[p - nr], t = p - seg_base[e];
             const T a = mn.cu[e * n + t], b = mn.cw[e * n + t];
-            const T* Ui = Up + local[segs.si[e]] * B;
-            const T* Uj = Up + local[segs.sj[e]] * B;
+            const int64_t li = local[segs.si[e]], lj = local[segs.sj[e]];
+            const T* Ui = Up + li * B;
+            const T* Uj = Up + lj * B;
             for (int64_t k = 0; k < B; ++k) buf[k] = ee_mix_sim(a, b, Ui[k], Uj[k]);
             u = buf.data();
             c = segs.cls[e];
+            if (bestq[li] >= 0 && bestq[lj] >= 0) {
+              has_floor = true;
+              floor = std::min(best[li], best[lj]);
+            }
           }
           if (first_neg[c] < 0) continue;
-          auto r = mn.best_negative(u, c, first_neg[c], first_slot[c], cmax.data());
+          auto r = mn.best_negative(u, c, first_neg[c], first_slot[c], cmax.data(), has_floor,
+                                    floor);
           best[p] = r.first;
-          bestq[p] = r.second;
+          bestq[p] = r.second == Miner<T>::kNone ? -1 : r.second;
         }
-      });
+      };
+      at::parallel_for(0, nr, 8, search);
+      at::parallel_for(nr, npts, 8, search);
 
       at::parallel_for(0, nr, 16, [&](int64_t q0, int64_t q1) {
         for (int64_t r = q0; r < q1; ++r) {
@@ -280,8 +300,9 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
           if (bestq[r] < 0) continue;
           // closest pair: x_i, then its segments' points; ties to the lower negative index
           int64_t ba = r;
-          auto better = [&](int64_t p) {
-            return best[p] > best[ba] || (best[p] == best[ba] && bestq[p] < bestq[ba]);
+          auto better = [&](int64_t p) {  // a point below its floor (bestq −1) has no pick
+            return bestq[p] >= 0 &&
+                   (best[p] > best[ba] || (best[p] == best[ba] && bestq[p] < bestq[ba]));
           };
           for (int64_t e : segs.of_anchor[i])
             for (int64_t t = 0; t < n; ++t)
