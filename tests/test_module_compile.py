@@ -1,9 +1,9 @@
 """Loss modules on their fused CPU path trace whole under torch.compile(fullgraph=True) (input
 checks, pair counts, PML's no-pairs rule, the reducer, ProxyAnchor's divisor, ProxyNCA's
-underflow mask, HPHN's anchors without a pair) and match eager in value and gradient; NaN
-input and out-of-range proxy labels still fail, at run time. (Not yet whole under
-fullgraph: NPairs, whose kept pairs are a data-dependent set, the EE and indices_tuple glue,
-and the proxy losses' Metrix term.)"""
+underflow mask, HPHN's anchors without a pair, NPairs' data-dependent number of pairs) and
+match eager in value and gradient; NaN input and out-of-range proxy labels still fail, at run
+time. (Not yet whole under fullgraph: the EE and indices_tuple glue, and the proxy losses'
+Metrix term.)"""
 import pytest
 import torch
 
@@ -38,6 +38,8 @@ MODULES = [
     ("CircleLoss", {"metrix": mo.Metrix(lam=0.3)}),
     ("GeneralizedLiftedStructureLoss", {}),
     ("LiftedStructureLoss", {}),
+    ("NPairsLoss", {}),  # a data-dependent number of pairs (nonzero), none kept at B = 1
+    ("NPairsLoss", {"reducer": mo.reducers.SumReducer()}),
 ]
 
 

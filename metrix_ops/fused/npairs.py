@@ -17,6 +17,7 @@ import torch
 
 from .. import _ext
 from ..distances import CosineSimilarity, DotProductSimilarity
+from ..ops.proxy_anchor import default_chunk
 from ..ops.proxy_nca import COSINE, proxy_nca_rows
 from ..reducers import reduce_loss_dict
 from . import register
@@ -46,14 +47,19 @@ def pairs_loss(inp, reducer, a, p, chunk=None):
     """The N-pairs loss of the pairs (a_k, p_k): anchor k's softmax over every p_l, its own
     p_k the target (the fused ProxyNCA op over the K×K problem), reduced per anchor."""
     x = inp.embeddings
-    if len(a) == 0:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and len(a) == 0:
         return reduce_loss_dict({"loss": {"losses": 0, "indices": None,
                                           "reduction_type": "already_reduced"}}, reducer, x)
     xk = inp.distance.maybe_normalize(x)  # as the reference: its p, or none
+    if compiling and chunk is None:  # a tile size from the batch, not from the data's K
+        chunk = default_chunk(max(1, x.shape[0] // 2))
     rows = proxy_nca_rows(xk.index_select(0, a), xk.index_select(0, p),
                           torch.arange(len(a), device=x.device), 1.0, COSINE, chunk)
-    return reduce_loss_dict({"loss": {"losses": rows, "indices": a, "reduction_type": "element"}},
-                            reducer, x)
+    info = {"losses": rows, "indices": a, "reduction_type": "element"}
+    if compiling:  # the number of pairs is data: no branch on it, the zero loss by a select
+        info.update(keep=torch.ones_like(rows, dtype=torch.bool), none_kept="zero")
+    return reduce_loss_dict({"loss": info}, reducer, x)
 
 
 def impl(params, inp, reducer, chunk=None):
