@@ -2,8 +2,7 @@
 checks, pair counts, PML's no-pairs rule, the reducer, ProxyAnchor's divisor, ProxyNCA's
 underflow mask, HPHN's anchors without a pair, NPairs' data-dependent number of pairs) and
 match eager in value and gradient; NaN input and out-of-range proxy labels still fail, at run
-time. (Not yet whole under fullgraph: the EE and indices_tuple glue, and the proxy losses'
-Metrix term.)"""
+time. (Not yet whole under fullgraph: the EE and indices_tuple glue.)"""
 import pytest
 import torch
 
@@ -38,6 +37,11 @@ MODULES = [
     ("CircleLoss", {"metrix": mo.Metrix(lam=0.3)}),
     ("GeneralizedLiftedStructureLoss", {}),
     ("LiftedStructureLoss", {}),
+    ("ProxyAnchorLoss", {"num_classes": 6, "embedding_size": 7,
+                         "metrix": mo.Metrix(lam=0.3)}),  # clean + Metrix, B²·C candidates
+    ("ProxyAnchorLoss", {"num_classes": 6, "embedding_size": 7,
+                         "metrix": mo.Metrix(lam=0.7, pairs="pos_pos")}),
+    ("ProxyNCALoss", {"num_classes": 6, "embedding_size": 7, "metrix": mo.Metrix(lam=0.4)}),
     ("NPairsLoss", {}),  # a data-dependent number of pairs (nonzero), none kept at B = 1
     ("NPairsLoss", {"reducer": mo.reducers.SumReducer()}),
 ]

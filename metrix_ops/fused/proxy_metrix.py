@@ -46,8 +46,8 @@ def anchor_mixed(params, inp, pairs: str, lam: float, chunk=None):
     # class of two examples or more (λ + (1−λ) > 0 always)
     counts = torch.bincount(labels, minlength=p.shape[0])
     with_mass = (counts >= 2) if same else (counts > 0) & (counts < len(labels))
-    n = int(with_mass.sum())
-    pos_loss = pos.sum() / n if n else pos.sum() * 0
+    n = with_mass.sum()  # a tensor and a select: no host sync, no graph break
+    pos_loss = torch.where(n > 0, pos.sum() / n.clamp_min(1), pos.sum() * 0)
     return pos_loss + neg.sum() / p.shape[0]
 
 
@@ -60,7 +60,7 @@ def nca_mixed(params, inp, pairs: str, lam: float, chunk=None):
     rows = proxy_nca_metrix_rows(xu, p, labels, scale, proxy_nca._kind(inp.distance), lam, same,
                                  chunk)
     k = candidate_count(labels, p.shape[0], same)
-    return rows.sum() / k if k else rows.sum() * 0
+    return torch.where(k > 0, rows.sum() / k.clamp_min(1), rows.sum() * 0)
 
 
 def anchor_impl(params, inp, reducer, metrix, lam: float):

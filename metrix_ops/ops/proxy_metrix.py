@@ -65,10 +65,11 @@ def default_chunk(batch: int, budget: int = 1 << 20) -> int:
     return max(1, budget // max(batch, 1))
 
 
-def candidate_count(labels, num_classes: int, same_label: bool) -> int:
-    """Ordered pairs u ≠ w of the same label (same_label) or of different labels."""
+def candidate_count(labels, num_classes: int, same_label: bool) -> torch.Tensor:
+    """Ordered pairs u ≠ w of the same label (same_label) or of different labels, as a 0-d
+    tensor (no host sync, no graph break under torch.compile)."""
     counts = torch.bincount(labels, minlength=num_classes)
-    same = int((counts * counts).sum()) - len(labels)
+    same = (counts * counts).sum() - len(labels)
     return same if same_label else len(labels) ** 2 - len(labels) - same
 
 
