@@ -46,7 +46,10 @@ def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device) -> 
             raise TypeError(f"indices_tuple[{k}] must be a 1-D integer tensor")
         if t.device != device:
             raise ValueError(f"indices_tuple[{k}] is on {t.device} but the embeddings are on {device}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
+        if torch.compiler.is_compiling():  # no Python bool of tensor data in a graph
+            torch._assert_async(((t >= 0) & (t < size)).all(),
+                                f"indices_tuple[{k}] holds indices outside [0, {size})")
+        elif t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
             raise ValueError(f"indices_tuple[{k}] holds indices outside [0, {size})")
     if len(indices_tuple) == 3:
         groups = [(0, 1, 2)]

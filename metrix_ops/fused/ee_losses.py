@@ -100,8 +100,11 @@ def multi_similarity(params, inp, reducer, expansion=None):
     alpha, beta, base = params.get("alpha", 2.0), params.get("beta", 50.0), params.get("base", 0.5)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
     counts = _class_counts(labels)
-    if not bool((counts > 1).any()) and len(counts) < 2:  # no positive, no negative: PML's 0
-        return zero_loss(x)  # the reference's empty loss dict reduces to this
+    if not torch.compiler.is_compiling() and len(counts) < 2:
+        # one class (no negative) and, eagerly, no positive either: PML's 0 (the reference's
+        # empty loss dict); a single class of two or more still has its positive terms
+        if not bool((counts > 1).any()):
+            return zero_loss(x)
     b = len(labels)
     a, p = _positive_pairs(labels)
     pos = _log1p_sum_exp(alpha * d.margin(_pair_metric(inp, a, p), base), a, b) / alpha
