@@ -84,6 +84,8 @@ for eng in MultiSimilarityLoss:cuda MultiSimilarityLoss:triton ProxyAnchorLoss:t
     >> "$RES/profile.txt" 2>&1; grep "busy" "$RES/profile.txt" | tail -1
 done
 pack "profiles"
+# B = 65536: where the fold and G kernels dominate (GPU_NOTES.md's prediction)
+bench gpu_ms_large_float32 --loss multi_similarity --impls triton,cuda,floor --sizes 32768,65536 --dims 512,128 --repeats 3
 # Triton tile sizes (METRIX_OPS_TRITON_TILES) for MS, each checked against the default's result
 limited 120 python3 benchmarks/sweep_triton.py --sizes 8192,65536 --d 512 --repeats 3 \
   --out "$RES/sweep_triton.json" 2>&1 | tail -n 16
@@ -92,7 +94,6 @@ for loss in contrastive proxy_anchor ntxent supcon circle triplet; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
 bench gpu_ms_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10
-bench gpu_ms_large_float32 --loss multi_similarity --impls triton,cuda,floor --sizes 32768,65536 --dims 512,128 --repeats 3
 bench gpu_ms_large_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,floor --sizes 32768,65536 --dims 512 --repeats 3
 for loss in contrastive proxy_anchor ntxent triplet; do
   bench "gpu_${loss}_bfloat16" --loss $loss --dtype bfloat16 --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
