@@ -26,6 +26,7 @@
 
 #include "common/lse_acc.h"
 #include "common/proxy_metrix.h"
+#include "cpu/gram_rows.h"
 #include "cpu/op_checks.h"
 #include "cpu/proxy_metrix_lanes.h"
 
@@ -197,17 +198,9 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_fwd_cpu(
                                alpha, margin, lam, same_label);
     at::Tensor rows_p = at::empty({B, C}, x.options()), rows_n = at::empty({B, C}, x.options());
     T *rp = rows_p.data_ptr<T>(), *rn = rows_n.data_ptr<T>();
-    at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
-    for (int64_t start = 0; start < B; start += chunk) {
-      const int64_t len = std::min(chunk, B - start);
-      at::Tensor gb = buf.narrow(0, 0, len);  // a row prefix: contiguous
-      at::mm_out(gb, x.narrow(0, start, len), x.t());
-      T* g = gb.data_ptr<T>();
-      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
-        for (int64_t a = a0; a < a1; ++a)
-          fwd_row(k, a, g + (a - start) * B, rp + a * C, rn + a * C);
-      });
-    }
+    for_gram_rows<T>(x, chunk, 0, nullptr, [&](int64_t a, T* h, T*) {
+      fwd_row(k, a, h, rp + a * C, rn + a * C);
+    });
     // log(1 + Σ over rows), merged in row order
     T *po = pos.data_ptr<T>(), *ne = neg.data_ptr<T>();
     at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
@@ -252,20 +245,10 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_bwd_cpu(
     T* d = dsp.data_ptr<T>();
     const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
     const T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
-    at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
-    for (int64_t start = 0; start < B; start += chunk) {
-      const int64_t len = std::min(chunk, B - start);
-      at::Tensor gb = buf.narrow(0, 0, len);
-      at::mm_out(gb, x.narrow(0, start, len), x.t());  // becomes H in place
-      T* g = gb.data_ptr<T>();
-      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
-        std::vector<T> scratch(3 * B);
-        for (int64_t a = a0; a < a1; ++a)
-          bwd_row(k, a, g + (a - start) * B, scratch.data(), scratch.data() + B,
-                  scratch.data() + 2 * B, d + a * C, gpp, gnp, lpp, lnp);
-      });
-      dx.narrow(0, start, len).addmm_(gb, x);
-    }
+    // each row of H becomes its row of ∂L/∂H in place, then dx += (∂L/∂H) x per chunk
+    for_gram_rows<T>(x, chunk, 3 * B, &dx, [&](int64_t a, T* h, T* scratch) {
+      bwd_row(k, a, h, scratch, scratch + B, scratch + 2 * B, d + a * C, gpp, gnp, lpp, lnp);
+    });
   });
   dx.addmm_(dsp, p);
   return {dx, at::mm(dsp.t(), x)};

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "common/proxy_metrix.h"
+#include "cpu/gram_rows.h"
 #include "cpu/op_checks.h"
 #include "cpu/proxy_metrix_lanes.h"
 
@@ -177,17 +178,9 @@ at::Tensor proxy_nca_metrix_fwd_cpu(const at::Tensor& x_, const at::Tensor& p_,
     const auto k = make_mix<T>(sp.data_ptr<T>(), y32.data_ptr<int32_t>(), B, C, scale, kind,
                                lam, same_label);
     T* out = rows.data_ptr<T>();
-    at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
-    for (int64_t start = 0; start < B; start += chunk) {
-      const int64_t len = std::min(chunk, B - start);
-      at::Tensor gb = buf.narrow(0, 0, len);  // a row prefix: contiguous
-      at::mm_out(gb, x.narrow(0, start, len), x.t());
-      const T* g = gb.data_ptr<T>();
-      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
-        std::vector<T> lg(C);
-        for (int64_t a = a0; a < a1; ++a) out[a] = fwd_row(k, a, g + (a - start) * B, lg.data());
-      });
-    }
+    for_gram_rows<T>(x, chunk, C, nullptr, [&](int64_t a, const T* h, T* lg) {
+      out[a] = fwd_row(k, a, h, lg);
+    });
   });
   return rows;
 }
@@ -211,19 +204,10 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_metrix_bwd_cpu(
                                lam, same_label);
     const T* qp = q.data_ptr<T>();
     T* d = dsp.data_ptr<T>();
-    at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
-    for (int64_t start = 0; start < B; start += chunk) {
-      const int64_t len = std::min(chunk, B - start);
-      at::Tensor gb = buf.narrow(0, 0, len);
-      at::mm_out(gb, x.narrow(0, start, len), x.t());  // becomes H in place
-      T* g = gb.data_ptr<T>();
-      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
-        std::vector<T> lg(2 * C);
-        for (int64_t a = a0; a < a1; ++a)
-          bwd_row(k, a, g + (a - start) * B, d + a * C, qp, lg.data(), lg.data() + C);
-      });
-      dx.narrow(0, start, len).addmm_(gb, x);
-    }
+    // each row of H becomes its row of ∂L/∂H in place, then dx += (∂L/∂H) x per chunk
+    for_gram_rows<T>(x, chunk, 2 * C, &dx, [&](int64_t a, T* h, T* lg) {
+      bwd_row(k, a, h, d + a * C, qp, lg, lg + C);
+    });
   });
   dx.addmm_(dsp, p);
   return {dx, at::mm(dsp.t(), x)};
