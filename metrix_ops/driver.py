@@ -99,9 +99,17 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     if backend == "auto" and chosen != "reference":
         # the preferred engine may not cover this call's options (a miner, ref_emb, Lp ...)
         # where the next one does: take the first that does
-        chosen = next((b for b in backend_mod.auto_order(name, embeddings.device)
-                       if (fused.miner_supported(b, name, params, inp, miner) if miner is not None
-                           else fused.supported(b, name, params, inp, expansion))), chosen)
+        def covers(b):
+            return (fused.miner_supported(b, name, params, inp, miner) if miner is not None
+                    else fused.supported(b, name, params, inp, expansion))
+
+        order = [b for b in backend_mod.auto_order(name, embeddings.device) if covers(b)]
+        if lam_value is not None and metrix.weight > 0 and miner is None:
+            # an engine that fuses the Metrix term too comes first (else that term runs the
+            # materialising reference)
+            order.sort(key=lambda b: not fused.metrix_supported(b, name, params, inp,
+                                                                expansion, metrix))
+        chosen = order[0] if order else chosen
     mined_loss = None
     if miner is not None:
         if chosen != "reference" and fused.miner_supported(chosen, name, params, inp, miner):

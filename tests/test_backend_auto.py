@@ -67,3 +67,32 @@ def test_auto_takes_the_next_engine_that_covers_the_call(monkeypatch):
     torch.testing.assert_close(mo.losses.MultiSimilarityLoss(backend="auto")(x, y), want,
                                rtol=1e-6, atol=1e-9)
     assert ran == []
+
+
+@pytest.mark.skipif(not mt.usable_on(torch.device("cpu")),
+                    reason="needs TRITON_INTERPRET=1 (the Triton engine on CPU tensors)")
+@pytest.mark.skipif(not mo._ext.HAS_EXT, reason="needs the compiled CPU ops")
+def test_auto_prefers_the_engine_that_fuses_metrix(monkeypatch):
+    """Both engines cover the clean loss, only the second fuses this Metrix call: "auto" takes
+    the second (else the mixed term would run the materialising reference)."""
+    name = "MultiSimilarityLoss"
+    monkeypatch.setattr(backend, "auto_order", lambda loss, dev: ["cpu", "triton"])
+    _, cpu_mix = fused.METRIX_IMPLS[("cpu", name)]
+    monkeypatch.setitem(fused.METRIX_IMPLS, ("cpu", name), (lambda *a: False, cpu_mix))
+    ran = []
+    supports, triton_mix = fused.METRIX_IMPLS[("triton", name)]
+    monkeypatch.setitem(fused.METRIX_IMPLS, ("triton", name),
+                        (supports, lambda *a, **k: ran.append("triton") or triton_mix(*a, **k)))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(19, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (19,), generator=g)
+    cfg = mo.Metrix(lam=0.4)
+    got = mo.losses.MultiSimilarityLoss(backend="auto", metrix=cfg)(x, y)
+    want = mo.losses.MultiSimilarityLoss(backend="reference", metrix=cfg)(x, y)
+    assert ran == ["triton"]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    # with the CPU op fusing it again, the preferred engine keeps the call
+    monkeypatch.setitem(fused.METRIX_IMPLS, ("cpu", name), (lambda *a: True, cpu_mix))
+    ran.clear()
+    mo.losses.MultiSimilarityLoss(backend="auto", metrix=cfg)(x, y)
+    assert ran == []

@@ -1,0 +1,286 @@
+"""MultiSimilarityLoss with embedding-level Metrix (pairs "pos_neg" or "anchor_neg") on the
+Triton engine: the mixed term ℓ̃(a) of every anchor of a batch against itself,
+
+    ℓ̃(a) = (1/α) log(1 + λ Σ_V e^{−α(s̃−base)}) + (1/β) log(1 + (1−λ) Σ_V e^{β(s̃−base)}),
+
+over the closed-form candidates V(a) of metrix_tiles.py (no mixed point materialised, no
+B×B or B×B×B tensor). The clean MS term is the clean Triton op's (multi_similarity.py).
+
+- forward (one program per chunk of whole classes): streams column tiles, and per anchor and
+  side keeps an online log-sum-exp started from the term 1/y (y = λ or 1−λ, the side's label
+  weight), so that it ends as log(1/y + Σ e^·), the normaliser the gradient divides by, and
+  ℓ̃'s side is (that + log y)/k. A side with y = 0 contributes nothing (flag 0).
+- backward: w = ∂ℓ̃/∂s̃ = g_a (e^{β(s̃−base) − lse⁻_a} − e^{−α(s̃−base) − lse⁺_a}) per
+  candidate, through the chain rule of the mix into a ∂L/∂S tile on the chunk's rows. Its
+  product with the column rows goes to the chunk's own dX rows (row programs, which also add
+  the within-class entries); its transpose times the chunk's rows goes to the columns' dX,
+  which column programs own (a second kernel recomputing the candidates): no atomics,
+  deterministic. The candidates are recomputed rather than stored: there are (K−1)·B per
+  anchor (K per class), more than the B×B matrix this engine exists not to hold."""
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import fused
+from ..ops.ms_metrix import label_sorted
+
+from .metrix_tiles import (MAX_CLASS, candidate_grads, candidate_tile, chunk_rows, chunk_table,
+                           class_sizes)
+from .multi_similarity import ms_rows_triton, supports as clean_supports
+from .pairs import launch_config, loss_constants
+from .tiles import add_tile_product
+
+# the loss constants tensor: α, β, base, λ, then per side (+, −) the start of the online
+# log-sum-exp (−log y, or 0 for y = 0), log y (0 for y = 0) and the side's flag (y > 0)
+_ALPHA, _BETA, _BASE, _LAM, _M0P, _M0N, _LYP, _LYN, _FP, _FN = range(10)
+
+
+@triton.jit
+def _ms_mix_args(v, ok, prm_ptr):
+    """Each candidate's two exponents, −inf off the candidates."""
+    alpha, beta, base = tl.load(prm_ptr + 0), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
+    xp = tl.where(ok, -alpha * (v - base), float("-inf"))
+    xn = tl.where(ok, beta * (v - base), float("-inf"))
+    return xp, xn
+
+
+@triton.jit
+def _fold3(m, s, x):
+    """An online log-sum-exp per anchor (running max m, Σ e^{·−m}) folding x (KB×KB×N)."""
+    m_new = tl.maximum(m, tl.max(tl.max(x, axis=2), axis=1))
+    e = tl.exp(x - m_new[:, None, None])
+    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.sum(e, axis=2), axis=1)
+
+
+@triton.jit
+def _ms_mix_weights(v, ok, g, lp, ln, prm_ptr):
+    """w = ∂L/∂s̃ per candidate from the anchors' upstream gradients and log normalisers;
+    every exponent is ≤ ~0 (each normaliser includes its terms)."""
+    xp, xn = _ms_mix_args(v, ok, prm_ptr)
+    fp, fn = tl.load(prm_ptr + 8), tl.load(prm_ptr + 9)
+    w = fn * tl.exp(xn - ln[:, None, None]) - fp * tl.exp(xp - lp[:, None, None])
+    return tl.where(ok, g[:, None, None] * w, 0.0)
+
+
+@triton.jit
+def _ms_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, mix_ptr, lp_ptr, ln_ptr,
+                       B, D, stride_x, ANCHOR_NEG: tl.constexpr, KB: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr, x_ptr,
+                                            D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+    lam = tl.load(prm_ptr + 3)
+    mp = tl.zeros((KB,), dtype=ACC) + tl.load(prm_ptr + 4)
+    mn = tl.zeros((KB,), dtype=ACC) + tl.load(prm_ptr + 5)
+    sp = tl.full((KB,), 1.0, dtype=ACC)
+    sn = tl.full((KB,), 1.0, dtype=ACC)
+    for n0 in range(0, B, BLOCK_N):
+        v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
+                                          stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        xp, xn = _ms_mix_args(v, ok, prm_ptr)
+        mp, sp = _fold3(mp, sp, xp)
+        mn, sn = _fold3(mn, sn, xn)
+    lp = mp + tl.log(sp)
+    ln = mn + tl.log(sn)
+    alpha, beta = tl.load(prm_ptr + 0), tl.load(prm_ptr + 1)
+    lyp, lyn = tl.load(prm_ptr + 6), tl.load(prm_ptr + 7)
+    fp, fn = tl.load(prm_ptr + 8), tl.load(prm_ptr + 9)
+    mix = fp * (lp + lyp) / alpha + fn * (ln + lyn) / beta
+    row_ok = offs_k < c1
+    tl.store(mix_ptr + offs_k, mix, mask=row_ok)
+    tl.store(lp_ptr + offs_k, lp, mask=row_ok)
+    tl.store(ln_ptr + offs_k, ln, mask=row_ok)
+
+
+@triton.jit
+def _ms_mix_bwd_rows_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, g_ptr, lp_ptr, ln_ptr,
+                            dx_ptr, B, D, stride_x, stride_dx, ANCHOR_NEG: tl.constexpr,
+                            KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dX of the chunk's rows: (∂L/∂S tile) · X_N over the column tiles, plus the
+    within-class entries (G_ij + G_ji) x_j."""
+    offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr, x_ptr,
+                                            D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+    row_ok = offs_k < c1
+    lam = tl.load(prm_ptr + 3)
+    g = tl.load(g_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+    lp = tl.load(lp_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+    ln = tl.load(ln_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+    acc = tl.zeros((KB, BLOCK_DO), dtype=ACC)
+    gw = tl.zeros((KB, KB), dtype=ACC)
+    for n0 in range(0, B, BLOCK_N):
+        v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
+                                          stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        gt, gwt = candidate_grads(_ms_mix_weights(v, ok, g, lp, ln, prm_ptr), v, r, lam)
+        gw += gwt
+        acc = add_tile_product(acc, gt, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
+    acc = add_tile_product(acc, gw + tl.trans(gw), x_ptr, offs_k, c1, D, stride_x, BLOCK_DO,
+                           PRECISION)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dx_ptr + offs_k[:, None] * stride_dx + offs_d[None, :], acc,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _ms_mix_bwd_cols_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, g_ptr, lp_ptr, ln_ptr,
+                            dx_ptr, n_chunks, B, D, stride_x, stride_dx,
+                            ANCHOR_NEG: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """dX of BLOCK_N columns: Σ over the chunks of (∂L/∂S tile)ᵀ · X_chunk."""
+    n0 = tl.program_id(0) * BLOCK_N
+    lam = tl.load(prm_ptr + 3)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
+    for c in range(0, n_chunks):
+        offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, c, lab_ptr, cnt_ptr, x_ptr, D,
+                                                stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC,
+                                                PRECISION)
+        row_ok = offs_k < c1
+        g = tl.load(g_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+        lp = tl.load(lp_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+        ln = tl.load(ln_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+        v, ok, r, _ = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
+                                     stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        gt, _ = candidate_grads(_ms_mix_weights(v, ok, g, lp, ln, prm_ptr), v, r, lam)
+        acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_k, c1, D, stride_x, BLOCK_DO,
+                               PRECISION)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DO)
+    tl.store(dx_ptr + offs_n[:, None] * stride_dx + offs_d[None, :], acc,
+             mask=(offs_n[:, None] < B) & (offs_d[None, :] < D))
+
+
+def _constants(x, alpha, beta, base, lam):
+    def side(y):  # (start of the online lse, log y, flag)
+        return (-math.log(y), math.log(y), 1.0) if y > 0 else (0.0, 0.0, 0.0)
+    (m0p, lyp, fp), (m0n, lyn, fn) = side(lam), side(1.0 - lam)
+    return loss_constants(x, alpha, beta, base, lam, m0p, m0n, lyp, lyn, fp, fn)
+
+
+def _config(x, kb):
+    """Launch settings: the chunk height KB, and columns per tile so that the KB×KB×BLOCK_N
+    candidate tensor stays at about 8K entries (16 columns at least, for tl.dot)."""
+    cfg, block_do, warps = launch_config(x, x, grad=True)
+    cfg = dict(cfg)
+    cfg.pop("BLOCK_M")
+    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], 8192 // (kb * kb)))
+    return cfg, block_do, warps
+
+
+_FWD = "metrix_ops::triton_ms_metrix"
+_BWD = "metrix_ops::triton_ms_metrix_bwd"
+
+
+@torch.library.custom_op(_FWD, mutates_args=())
+def _ms_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
+                  chunks: torch.Tensor, kb: int, alpha: float, beta: float, base: float,
+                  lam: float, anchor_neg: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    b, d = x.shape
+    mix, lp, ln = (torch.zeros(b, dtype=x.dtype, device=x.device) for _ in range(3))
+    if b == 0:
+        return mix, lp, ln
+    cfg, _, warps = _config(x, kb)
+    _ms_mix_fwd_kernel[(len(chunks) - 1,)](
+        x, labels, counts, chunks, _constants(x, alpha, beta, base, lam), mix, lp, ln, b, d,
+        x.stride(0), ANCHOR_NEG=bool(anchor_neg), KB=kb, **cfg, **warps)
+    return mix, lp, ln
+
+
+@_ms_metrix_op.register_fake
+def _(x, labels, counts, chunks, kb, alpha, beta, base, lam, anchor_neg):
+    return tuple(x.new_empty(x.shape[0]) for _ in range(3))
+
+
+@torch.library.custom_op(_BWD, mutates_args=())
+def _ms_metrix_bwd_op(g: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+                      counts: torch.Tensor, chunks: torch.Tensor, lse_pos: torch.Tensor,
+                      lse_neg: torch.Tensor, kb: int, alpha: float, beta: float, base: float,
+                      lam: float, anchor_neg: bool) -> torch.Tensor:
+    x = x.contiguous()
+    b, d = x.shape
+    if b == 0:
+        return torch.zeros_like(x)
+    cfg, block_do, warps = _config(x, kb)
+    args = (x, labels, counts, chunks, _constants(x, alpha, beta, base, lam),
+            g.to(x.dtype).contiguous(), lse_pos.contiguous(), lse_neg.contiguous())
+    meta = dict(ANCHOR_NEG=bool(anchor_neg), KB=kb, BLOCK_DO=block_do, **cfg, **warps)
+    dx_rows, dx_cols = torch.empty_like(x), torch.empty_like(x)
+    n_chunks = len(chunks) - 1
+    _ms_mix_bwd_rows_kernel[(n_chunks,)](*args, dx_rows, b, d, x.stride(0), dx_rows.stride(0),
+                                         **meta)
+    _ms_mix_bwd_cols_kernel[(triton.cdiv(b, cfg["BLOCK_N"]),)](
+        *args, dx_cols, n_chunks, b, d, x.stride(0), dx_cols.stride(0), **meta)
+    return dx_rows + dx_cols
+
+
+@_ms_metrix_bwd_op.register_fake
+def _(g, x, labels, counts, chunks, lse_pos, lse_neg, kb, alpha, beta, base, lam, anchor_neg):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    x, labels, counts, chunks, *consts = inputs
+    ctx.save_for_backward(x, labels, counts, chunks, output[1], output[2])
+    ctx.consts = tuple(consts)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, g_mix, _g_lp, _g_ln):
+    x, labels, counts, chunks, lp, ln = ctx.saved_tensors
+    dx = torch.ops.metrix_ops.triton_ms_metrix_bwd(g_mix, x, labels, counts, chunks, lp, ln,
+                                                   *ctx.consts)
+    return (dx,) + (None,) * 9
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+
+
+def ms_metrix_rows_triton(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
+                          pairs: str = "pos_neg"):
+    """ℓ̃(a) for each anchor (B,), in the caller's order, of unit rows x_unit against
+    themselves (0 where V(a) is empty); differentiable in x_unit. None when a class has more
+    than MAX_CLASS rows (not covered)."""
+    if pairs not in ("pos_neg", "anchor_neg"):
+        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
+    xs, ys, inverse = label_sorted(x_unit, labels)
+    table = chunk_table(ys)
+    if table is None:
+        return None
+    chunks, kb = table
+    mix, _, _ = torch.ops.metrix_ops.triton_ms_metrix(
+        xs, ys, class_sizes(ys), chunks, kb, float(alpha), float(beta), float(base),
+        float(lam), pairs == "anchor_neg")
+    return mix.index_select(0, inverse)
+
+
+def _largest_class(labels) -> int:
+    return int(torch.unique(labels, return_counts=True)[1].max()) if len(labels) else 0
+
+
+def metrix_supports(params, inp, expansion, metrix) -> bool:
+    """Embedding level, pos_neg or anchor_neg, the batch against itself, classes of at most
+    MAX_CLASS rows."""
+    from ..fused.multi_similarity import self_pairs
+    return (clean_supports(params, inp, expansion) and metrix.level == "embedding"
+            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp)
+            and _largest_class(inp.labels) <= MAX_CLASS)
+
+
+def metrix_impl(params, inp, reducer, metrix, lam: float):
+    """L(clean) + weight · L̃, L̃ the mean of ℓ̃(a) over the anchors with a candidate (as the
+    CPU op's glue: with one class every ℓ̃(a) is 0, so the sum over B is that mean)."""
+    from ..fused.multi_similarity import _reduce_clean
+    x = inp.embeddings
+    xu = F.normalize(x, dim=1)
+    a, b, base = params["alpha"], params["beta"], params["base"]
+    rows = ms_rows_triton(xu, xu, inp.labels, inp.labels, True, a, b, base)
+    mix = ms_metrix_rows_triton(xu, inp.labels, a, b, base, lam, metrix.pairs)
+    return _reduce_clean(rows, inp, reducer) + metrix.weight * (mix.sum() / max(len(mix), 1))
+
+
+fused.register_metrix("triton", "MultiSimilarityLoss", metrix_supports, metrix_impl)

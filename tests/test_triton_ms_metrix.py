@@ -1,0 +1,210 @@
+"""MultiSimilarityLoss + embedding-level Metrix on the Triton engine against the reference
+(closed-form candidates over dense B×B×B tensors): values and gradients over the shared
+cases, λ at and inside [0, 1], pos_neg and anchor_neg, chunks packing several classes, a
+class filling a chunk of 32 and of 64 rows, several column tiles; the mixed rows alone with
+unequal weights; fp32 and half inputs; what is not covered; opcheck; sm_90 compilation.
+
+Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrix_ops as mo
+from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from triton_cases import DEVICE, on_dev, requires_triton
+
+pytestmark = requires_triton
+
+
+def pair(lam, weight=0.4, pairs="pos_neg", **kw):
+    cfg = mo.Metrix(level="embedding", pairs=pairs, lam=lam, weight=weight)
+    return (mo.losses.MultiSimilarityLoss(backend="triton", metrix=cfg, **kw),
+            mo.losses.MultiSimilarityLoss(backend="reference", metrix=cfg, **kw))
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """How many times the module reached the Triton Metrix op."""
+    import metrix_ops.triton.ms_metrix as tm
+    calls, real = [], tm.ms_metrix_rows_triton
+    monkeypatch.setattr(tm, "ms_metrix_rows_triton",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("lam,pairs", [(0.0, "pos_neg"), (0.3, "pos_neg"), (1.0, "pos_neg"),
+                                       (0.7, "anchor_neg")])
+def test_matches_reference_fp64(case, lam, pairs, op_calls):
+    x, y = on_dev(*make_case(case))
+    tri, ref = pair(lam, pairs=pairs)
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    assert op_calls
+
+
+def _labels(sizes, g):
+    """Labels with the given class sizes, shuffled (the op sorts them)."""
+    y = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    return y[torch.randperm(len(y), generator=g)]
+
+
+# chunk packing (classes of 1..8 rows, several per chunk of 16), a class of 17 (chunks of
+# 32), a class of 64 (chunks of 64), and enough rows for several column tiles
+@pytest.mark.parametrize("sizes", [[3, 1, 8, 5, 2, 7, 4, 1, 6], [17, 2, 9, 1],
+                                   [64, 3, 5], [2] * 30])
+@pytest.mark.parametrize("lam", [0.45, 0.9])
+def test_chunks_and_tiles_fp64(sizes, lam, op_calls):
+    g = torch.Generator().manual_seed(sum(sizes) + int(10 * lam))
+    y = _labels(sizes, g)
+    x = torch.randn(len(y), 11, dtype=torch.float64, generator=g)
+    x, y = on_dev(x, y)
+    tri, ref = pair(lam, weight=1.3, alpha=1.3, beta=20.0, base=0.3)
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    assert op_calls
+
+
+def _ref_mix_rows(u, y, lam, pairs, alpha=2.0, beta=50.0, base=0.5):
+    """ℓ̃(a) per anchor from the reference's dense candidates."""
+    from metrix_ops.reference.metrix import _in_batch_candidates
+    from metrix_ops.reference.pairs import match_masks
+    pos, neg = match_masks(y, y, True)
+    s, _, member = _in_batch_candidates(u @ u.t(), u @ u.t(), pos, neg, lam, pairs)
+    zero = torch.zeros(len(u), 1, dtype=u.dtype, device=u.device)
+
+    def side(arg, weight):  # (1/k) log(1 + y Σ e^arg), y the side's label weight
+        if weight == 0:
+            return zero[:, 0]
+        return torch.logsumexp(torch.cat([zero, torch.where(member, arg + math.log(weight),
+                                                            -torch.inf)], 1), 1)
+    return side(-alpha * (s - base), lam) / alpha + side(beta * (s - base), 1 - lam) / beta
+
+
+@pytest.mark.parametrize("lam,pairs", [(0.35, "pos_neg"), (0.6, "anchor_neg"), (1.0, "pos_neg")])
+def test_mixed_rows_with_unequal_weights(lam, pairs):
+    """The op's rows weighted unequally: each anchor's upstream gradient, through both
+    gradient kernels (the chunk rows and the column owners)."""
+    from metrix_ops.triton.ms_metrix import ms_metrix_rows_triton
+    g = torch.Generator().manual_seed(int(100 * lam))
+    y = _labels([4, 1, 6, 3, 9, 2, 5], g)
+    x = torch.randn(len(y), 6, dtype=torch.float64, generator=g)
+    w = torch.randn(len(y), dtype=torch.float64, generator=g)
+    x, y, w = on_dev(x, y, w)
+    assert_close_vg(
+        lambda e: (ms_metrix_rows_triton(F.normalize(e, dim=1), y, 2.0, 50.0, 0.5, lam, pairs) * w).sum(),
+        lambda e: (_ref_mix_rows(F.normalize(e, dim=1), y, lam, pairs) * w).sum(), x)
+
+
+def test_fp32_matches_fp64_reference():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(67, 24, generator=g)
+    y = torch.randint(0, 9, (67,), generator=g)
+    x, y = on_dev(x, y)
+    tri, ref = pair(0.35)
+    assert_close_vg(lambda e: tri(e, y).double(), lambda e: ref(e.double(), y), x,
+                    rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 16, generator=g).to(dtype)
+    y = torch.randint(0, 6, (40,), generator=g)
+    x, y = on_dev(x, y)
+    tri, ref = pair(0.6)
+    x.requires_grad_(True)
+    v = tri(x, y)
+    v.backward()
+    assert v.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(v, ref(x.detach().float(), y), rtol=1e-4, atol=1e-5)
+
+
+def test_not_covered_calls_match_reference(op_calls):
+    """A class over 64 rows, pos_pos pairs, a separate ref_emb: the Triton op is not used
+    (the clean term stays on Triton, the mixed one is the reference's), values still equal."""
+    g = torch.Generator().manual_seed(3)
+    y = _labels([65, 4, 3], g)
+    x = torch.randn(len(y), 5, dtype=torch.float64, generator=g)
+    x, y = on_dev(x, y)
+    tri, ref = pair(0.4)
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    x2, y2 = on_dev(*make_case(CASES[1]))
+    tri, ref = pair(0.4, pairs="pos_pos")
+    assert_close_vg(lambda e: tri(e, y2), lambda e: ref(e, y2), x2)
+    r = x2.detach().flip(0)
+    tri, ref = pair(0.4)
+    assert_close_vg(lambda e: tri(e, y2, ref_emb=r, ref_labels=y2),
+                    lambda e: ref(e, y2, ref_emb=r, ref_labels=y2), x2)
+    assert not op_calls
+
+
+def test_opcheck():
+    from metrix_ops.triton.metrix_tiles import chunk_table, class_sizes
+    from metrix_ops.ops.ms_metrix import label_sorted
+    g = torch.Generator().manual_seed(4)
+    y = _labels([3, 1, 5, 2, 6], g)
+    x = F.normalize(torch.randn(len(y), 5, dtype=torch.float64, generator=g), dim=1)
+    xs, ys, _ = label_sorted(*on_dev(x, y))
+    chunks, kb = chunk_table(ys)
+    ops = torch.ops.metrix_ops
+    for anchor_neg in (False, True):
+        args = (xs.clone().requires_grad_(), ys, class_sizes(ys), chunks, kb, 2.0, 50.0, 0.5,
+                0.3, anchor_neg)
+        torch.library.opcheck(ops.triton_ms_metrix.default, args)
+        mix, lp, ln = ops.triton_ms_metrix(*args)
+        gm = torch.randn(len(y), dtype=torch.float64, generator=g).to(DEVICE)
+        torch.library.opcheck(ops.triton_ms_metrix_bwd.default,
+                              (gm, xs, ys, class_sizes(ys), chunks, lp.detach(), ln.detach(),
+                               kb, 2.0, 50.0, 0.5, 0.3, anchor_neg))
+
+
+def test_chunk_table_packs_whole_classes():
+    from metrix_ops.triton.metrix_tiles import MAX_CLASS, chunk_table
+    ys = torch.tensor(sorted([0] * 5 + [1] * 9 + [2] * 2 + [3] * 16 + [4] * 1))
+    chunks, kb = chunk_table(ys)
+    assert kb == 16 and chunks.tolist() == [0, 16, 32, 33]  # 5 + 9 + 2 rows share one
+    chunks, kb = chunk_table(torch.zeros(17, dtype=torch.long))
+    assert kb == 32 and chunks.tolist() == [0, 17]
+    assert chunk_table(torch.zeros(MAX_CLASS + 1, dtype=torch.long)) is None
+
+
+_SM90 = r'''
+import sys
+import triton.language as tl
+sys.path.insert(0, sys.argv[1])
+from triton_cases import compile_sm90
+import metrix_ops.triton.ms_metrix as mm
+
+failed = []
+ptrs = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32"}
+for fdt, acc, prec, kb, bn, width in [("fp32", tl.float32, "tf32", 16, 32, 128),
+                                      ("fp32", tl.float32, "tf32", 64, 16, 512),
+                                      ("fp64", tl.float64, "ieee", 16, 32, 512)]:
+    tiles = dict(KB=kb, BLOCK_N=bn, BLOCK_D=64, ACC=acc, PRECISION=prec, ANCHOR_NEG=False,
+                 BLOCK_DO=width)
+    for fn in (mm._ms_mix_fwd_kernel, mm._ms_mix_bwd_rows_kernel, mm._ms_mix_bwd_cols_kernel):
+        consts = {k: v for k, v in tiles.items() if k in fn.arg_names}
+        try:
+            compile_sm90(fn, consts, fdt, num_warps=4 if width <= 128 else 8, pointer_types=ptrs)
+        except Exception as e:  # noqa: BLE001
+            failed.append(f"{fn.__name__} {fdt} KB{kb} D{width}: {type(e).__name__}: {str(e)[:300]}")
+print("\n".join(failed))
+sys.exit(1 if failed else 0)
+'''
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels run")
+def test_kernels_compile_for_h100():
+    """The three Metrix kernels compile for sm_90 at GPU tile sizes, fp32 and fp64."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no CUDA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SM90, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
