@@ -22,6 +22,11 @@ Gradient (the chain rule of the mix, as the CPU kernels' MixLanes::grad):
 ∂s̃/∂s_ij = λ r_jn. So a tile's weights give a ∂L/∂S tile on the chunk's rows (its anchors'
 entries (i, n) and its positives' entries (j, n)) and a KB×KB within-chunk block.
 
+The backward kernels are shared (mix_grads): a loss supplies its candidate weight as a
+@triton.jit function WEIGHTS(v, ok, a, b, c, prm_ptr) of three per-anchor vectors (its
+upstream gradients and saved row statistics) and its constants, as the clean pair losses
+supply their G tile to pairs.py.
+
 Classes are at most 64 rows (KB ≤ 64: the candidate tensor is KB²·BLOCK_N); a batch with a
 larger class is not covered (the driver takes the next engine)."""
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from .launch import HAS_TRITON, next_pow2
+from .pairs import launch_config
 
 MAX_CLASS = 64
 MIX_EPS = 1e-12  # as F.normalize and the CPU kernels (common/metrix_mix.h kMixEps)
@@ -64,7 +70,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .tiles import sim_tile
+    from .tiles import add_tile_product, sim_tile
 
     _EPS2 = tl.constexpr(MIX_EPS * MIX_EPS)
     _CLAMPED = tl.constexpr(0.5 / MIX_EPS)  # r above this is 1/ε: ‖v‖ was clamped
@@ -121,3 +127,95 @@ if HAS_TRITON:
         g_pos = tl.sum(u * v, axis=0) * coef
         g_within = lam * tl.sum(u, axis=2)
         return g_anchor + g_pos, g_within
+
+    @triton.jit
+    def _chunk_vecs(a_ptr, b_ptr, c_ptr, offs_k, row_ok, ACC: tl.constexpr):
+        a = tl.load(a_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+        b = tl.load(b_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+        c = tl.load(c_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
+        return a, b, c
+
+    @triton.jit
+    def mix_grad_rows_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, a_ptr, b_ptr, c_ptr,
+                             dx_ptr, B, D, stride_x, stride_dx, WEIGHTS: tl.constexpr,
+                             ANCHOR_NEG: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """dX of a chunk's rows: (∂L/∂S tile) · X_N over the column tiles, plus the
+        within-class entries (G_ij + G_ji) x_j."""
+        offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr,
+                                                x_ptr, D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC,
+                                                PRECISION)
+        row_ok = offs_k < c1
+        a, b, c = _chunk_vecs(a_ptr, b_ptr, c_ptr, offs_k, row_ok, ACC)
+        lam = tl.load(prm_ptr)
+        acc = tl.zeros((KB, BLOCK_DO), dtype=ACC)
+        gw = tl.zeros((KB, KB), dtype=ACC)
+        for n0 in range(0, B, BLOCK_N):
+            v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B,
+                                              D, stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC,
+                                              PRECISION)
+            gt, gwt = candidate_grads(WEIGHTS(v, ok, a, b, c, prm_ptr), v, r, lam)
+            gw += gwt
+            acc = add_tile_product(acc, gt, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
+        acc = add_tile_product(acc, gw + tl.trans(gw), x_ptr, offs_k, c1, D, stride_x, BLOCK_DO,
+                               PRECISION)
+        offs_d = tl.arange(0, BLOCK_DO)
+        tl.store(dx_ptr + offs_k[:, None] * stride_dx + offs_d[None, :], acc,
+                 mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+    @triton.jit
+    def mix_grad_cols_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, a_ptr, b_ptr, c_ptr,
+                             dx_ptr, n_chunks, B, D, stride_x, stride_dx,
+                             WEIGHTS: tl.constexpr, ANCHOR_NEG: tl.constexpr, KB: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """dX of BLOCK_N columns: Σ over the chunks of (∂L/∂S tile)ᵀ · X_chunk."""
+        n0 = tl.program_id(0) * BLOCK_N
+        lam = tl.load(prm_ptr)
+        acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
+        for ci in range(0, n_chunks):
+            offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, ci, lab_ptr, cnt_ptr, x_ptr, D,
+                                                    stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC,
+                                                    PRECISION)
+            a, b, c = _chunk_vecs(a_ptr, b_ptr, c_ptr, offs_k, offs_k < c1, ACC)
+            v, ok, r, _ = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
+                                         stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+            gt, _ = candidate_grads(WEIGHTS(v, ok, a, b, c, prm_ptr), v, r, lam)
+            acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_k, c1, D, stride_x, BLOCK_DO,
+                                   PRECISION)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_DO)
+        tl.store(dx_ptr + offs_n[:, None] * stride_dx + offs_d[None, :], acc,
+                 mask=(offs_n[:, None] < B) & (offs_d[None, :] < D))
+
+
+def mix_config(x, kb):
+    """Launch settings: the chunk height KB, and columns per tile so that the KB×KB×BLOCK_N
+    candidate tensor stays at about 8K entries (16 columns at least, for tl.dot)."""
+    cfg, block_do, warps = launch_config(x, x, grad=True)
+    cfg = dict(cfg)
+    cfg.pop("BLOCK_M")
+    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], 8192 // (kb * kb)))
+    return cfg, block_do, warps
+
+
+def mix_grads(weights, x, labels, counts, chunks, kb, prm, vecs, anchor_neg):
+    """dX of a Metrix term from the per-candidate weights `weights` (a @triton.jit function of
+    the three per-anchor vectors `vecs` and the constants `prm`, a tensor of x's dtype whose
+    entry 0 is λ): the chunk rows' part and the column owners' part, summed."""
+    b, d = x.shape
+    if b == 0:
+        return torch.zeros_like(x)
+    cfg, block_do, warps = mix_config(x, kb)
+    args = (x, labels, counts, chunks, prm, *(v.to(x.dtype).contiguous() for v in vecs))
+    meta = dict(WEIGHTS=weights, ANCHOR_NEG=bool(anchor_neg), KB=kb, BLOCK_DO=block_do, **cfg,
+                **warps)
+    dx_rows, dx_cols = torch.empty_like(x), torch.empty_like(x)
+    n_chunks = len(chunks) - 1
+    mix_grad_rows_kernel[(n_chunks,)](*args, dx_rows, b, d, x.stride(0),
+                                      dx_rows.stride(0), **meta)
+    mix_grad_cols_kernel[(triton.cdiv(b, cfg["BLOCK_N"]),)](
+        *args, dx_cols, n_chunks, b, d, x.stride(0), dx_cols.stride(0), **meta)
+    return dx_rows + dx_cols

@@ -26,22 +26,16 @@ import triton.language as tl
 
 from .. import fused
 from ..ops.ms_metrix import label_sorted
-
-from .metrix_tiles import (MAX_CLASS, candidate_grads, candidate_tile, chunk_rows, chunk_table,
-                           class_sizes)
+from .metrix_tiles import (MAX_CLASS, candidate_tile, chunk_rows, chunk_table, class_sizes,
+                           mix_config, mix_grads)
 from .multi_similarity import ms_rows_triton, supports as clean_supports
-from .pairs import launch_config, loss_constants
-from .tiles import add_tile_product
-
-# the loss constants tensor: α, β, base, λ, then per side (+, −) the start of the online
-# log-sum-exp (−log y, or 0 for y = 0), log y (0 for y = 0) and the side's flag (y > 0)
-_ALPHA, _BETA, _BASE, _LAM, _M0P, _M0N, _LYP, _LYN, _FP, _FN = range(10)
+from .pairs import loss_constants
 
 
 @triton.jit
 def _ms_mix_args(v, ok, prm_ptr):
     """Each candidate's two exponents, −inf off the candidates."""
-    alpha, beta, base = tl.load(prm_ptr + 0), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
+    alpha, beta, base = tl.load(prm_ptr + 1), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
     xp = tl.where(ok, -alpha * (v - base), float("-inf"))
     xn = tl.where(ok, beta * (v - base), float("-inf"))
     return xp, xn
@@ -57,8 +51,8 @@ def _fold3(m, s, x):
 
 @triton.jit
 def _ms_mix_weights(v, ok, g, lp, ln, prm_ptr):
-    """w = ∂L/∂s̃ per candidate from the anchors' upstream gradients and log normalisers;
-    every exponent is ≤ ~0 (each normaliser includes its terms)."""
+    """w = ∂L/∂s̃ per candidate from the anchors' upstream gradients and log normalisers
+    (metrix_tiles' WEIGHTS); every exponent is ≤ ~0 (each normaliser includes its terms)."""
     xp, xn = _ms_mix_args(v, ok, prm_ptr)
     fp, fn = tl.load(prm_ptr + 8), tl.load(prm_ptr + 9)
     w = fn * tl.exp(xn - ln[:, None, None]) - fp * tl.exp(xp - lp[:, None, None])
@@ -72,7 +66,7 @@ def _ms_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, mix_ptr, lp_
                        PRECISION: tl.constexpr):
     offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr, x_ptr,
                                             D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
-    lam = tl.load(prm_ptr + 3)
+    lam = tl.load(prm_ptr)
     mp = tl.zeros((KB,), dtype=ACC) + tl.load(prm_ptr + 4)
     mn = tl.zeros((KB,), dtype=ACC) + tl.load(prm_ptr + 5)
     sp = tl.full((KB,), 1.0, dtype=ACC)
@@ -85,7 +79,7 @@ def _ms_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, mix_ptr, lp_
         mn, sn = _fold3(mn, sn, xn)
     lp = mp + tl.log(sp)
     ln = mn + tl.log(sn)
-    alpha, beta = tl.load(prm_ptr + 0), tl.load(prm_ptr + 1)
+    alpha, beta = tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     lyp, lyn = tl.load(prm_ptr + 6), tl.load(prm_ptr + 7)
     fp, fn = tl.load(prm_ptr + 8), tl.load(prm_ptr + 9)
     mix = fp * (lp + lyp) / alpha + fn * (ln + lyn) / beta
@@ -95,79 +89,14 @@ def _ms_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, mix_ptr, lp_
     tl.store(ln_ptr + offs_k, ln, mask=row_ok)
 
 
-@triton.jit
-def _ms_mix_bwd_rows_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, g_ptr, lp_ptr, ln_ptr,
-                            dx_ptr, B, D, stride_x, stride_dx, ANCHOR_NEG: tl.constexpr,
-                            KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """dX of the chunk's rows: (∂L/∂S tile) · X_N over the column tiles, plus the
-    within-class entries (G_ij + G_ji) x_j."""
-    offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr, x_ptr,
-                                            D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
-    row_ok = offs_k < c1
-    lam = tl.load(prm_ptr + 3)
-    g = tl.load(g_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
-    lp = tl.load(lp_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
-    ln = tl.load(ln_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
-    acc = tl.zeros((KB, BLOCK_DO), dtype=ACC)
-    gw = tl.zeros((KB, KB), dtype=ACC)
-    for n0 in range(0, B, BLOCK_N):
-        v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
-                                          stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
-        gt, gwt = candidate_grads(_ms_mix_weights(v, ok, g, lp, ln, prm_ptr), v, r, lam)
-        gw += gwt
-        acc = add_tile_product(acc, gt, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
-    acc = add_tile_product(acc, gw + tl.trans(gw), x_ptr, offs_k, c1, D, stride_x, BLOCK_DO,
-                           PRECISION)
-    offs_d = tl.arange(0, BLOCK_DO)
-    tl.store(dx_ptr + offs_k[:, None] * stride_dx + offs_d[None, :], acc,
-             mask=row_ok[:, None] & (offs_d[None, :] < D))
-
-
-@triton.jit
-def _ms_mix_bwd_cols_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, g_ptr, lp_ptr, ln_ptr,
-                            dx_ptr, n_chunks, B, D, stride_x, stride_dx,
-                            ANCHOR_NEG: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
-                            PRECISION: tl.constexpr):
-    """dX of BLOCK_N columns: Σ over the chunks of (∂L/∂S tile)ᵀ · X_chunk."""
-    n0 = tl.program_id(0) * BLOCK_N
-    lam = tl.load(prm_ptr + 3)
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
-    for c in range(0, n_chunks):
-        offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, c, lab_ptr, cnt_ptr, x_ptr, D,
-                                                stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC,
-                                                PRECISION)
-        row_ok = offs_k < c1
-        g = tl.load(g_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
-        lp = tl.load(lp_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
-        ln = tl.load(ln_ptr + offs_k, mask=row_ok, other=0.0).to(ACC)
-        v, ok, r, _ = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
-                                     stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
-        gt, _ = candidate_grads(_ms_mix_weights(v, ok, g, lp, ln, prm_ptr), v, r, lam)
-        acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_k, c1, D, stride_x, BLOCK_DO,
-                               PRECISION)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_DO)
-    tl.store(dx_ptr + offs_n[:, None] * stride_dx + offs_d[None, :], acc,
-             mask=(offs_n[:, None] < B) & (offs_d[None, :] < D))
-
-
 def _constants(x, alpha, beta, base, lam):
+    """The constants tensor: λ (first, as metrix_tiles wants), α, β, base, then per side (+, −)
+    the start of the online log-sum-exp (−log y, or 0 for y = 0), log y (0 for y = 0) and
+    the side's flag (y > 0)."""
     def side(y):  # (start of the online lse, log y, flag)
         return (-math.log(y), math.log(y), 1.0) if y > 0 else (0.0, 0.0, 0.0)
     (m0p, lyp, fp), (m0n, lyn, fn) = side(lam), side(1.0 - lam)
-    return loss_constants(x, alpha, beta, base, lam, m0p, m0n, lyp, lyn, fp, fn)
-
-
-def _config(x, kb):
-    """Launch settings: the chunk height KB, and columns per tile so that the KB×KB×BLOCK_N
-    candidate tensor stays at about 8K entries (16 columns at least, for tl.dot)."""
-    cfg, block_do, warps = launch_config(x, x, grad=True)
-    cfg = dict(cfg)
-    cfg.pop("BLOCK_M")
-    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], 8192 // (kb * kb)))
-    return cfg, block_do, warps
+    return loss_constants(x, lam, alpha, beta, base, m0p, m0n, lyp, lyn, fp, fn)
 
 
 _FWD = "metrix_ops::triton_ms_metrix"
@@ -184,7 +113,7 @@ def _ms_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
     mix, lp, ln = (torch.zeros(b, dtype=x.dtype, device=x.device) for _ in range(3))
     if b == 0:
         return mix, lp, ln
-    cfg, _, warps = _config(x, kb)
+    cfg, _, warps = mix_config(x, kb)
     _ms_mix_fwd_kernel[(len(chunks) - 1,)](
         x, labels, counts, chunks, _constants(x, alpha, beta, base, lam), mix, lp, ln, b, d,
         x.stride(0), ANCHOR_NEG=bool(anchor_neg), KB=kb, **cfg, **warps)
@@ -202,20 +131,8 @@ def _ms_metrix_bwd_op(g: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
                       lse_neg: torch.Tensor, kb: int, alpha: float, beta: float, base: float,
                       lam: float, anchor_neg: bool) -> torch.Tensor:
     x = x.contiguous()
-    b, d = x.shape
-    if b == 0:
-        return torch.zeros_like(x)
-    cfg, block_do, warps = _config(x, kb)
-    args = (x, labels, counts, chunks, _constants(x, alpha, beta, base, lam),
-            g.to(x.dtype).contiguous(), lse_pos.contiguous(), lse_neg.contiguous())
-    meta = dict(ANCHOR_NEG=bool(anchor_neg), KB=kb, BLOCK_DO=block_do, **cfg, **warps)
-    dx_rows, dx_cols = torch.empty_like(x), torch.empty_like(x)
-    n_chunks = len(chunks) - 1
-    _ms_mix_bwd_rows_kernel[(n_chunks,)](*args, dx_rows, b, d, x.stride(0), dx_rows.stride(0),
-                                         **meta)
-    _ms_mix_bwd_cols_kernel[(triton.cdiv(b, cfg["BLOCK_N"]),)](
-        *args, dx_cols, n_chunks, b, d, x.stride(0), dx_cols.stride(0), **meta)
-    return dx_rows + dx_cols
+    return mix_grads(_ms_mix_weights, x, labels, counts, chunks, kb,
+                     _constants(x, alpha, beta, base, lam), (g, lse_pos, lse_neg), anchor_neg)
 
 
 @_ms_metrix_bwd_op.register_fake

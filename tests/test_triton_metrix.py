@@ -1,8 +1,9 @@
-"""MultiSimilarityLoss + embedding-level Metrix on the Triton engine against the reference
-(closed-form candidates over dense B×B×B tensors): values and gradients over the shared
-cases, λ at and inside [0, 1], pos_neg and anchor_neg, chunks packing several classes, a
-class filling a chunk of 32 and of 64 rows, several column tiles; the mixed rows alone with
-unequal weights; fp32 and half inputs; what is not covered; opcheck; sm_90 compilation.
+"""Embedding-level Metrix on the Triton engine (MultiSimilarityLoss; ContrastiveLoss with L2
+and cosine distances) against the reference (closed-form candidates over dense B×B×B
+tensors): values and gradients over the shared cases, λ at and inside [0, 1], pos_neg and
+anchor_neg, chunks packing several classes, a class filling a chunk of 32 and of 64 rows,
+several column tiles; the mixed rows alone with unequal weights; fp32 and half inputs; what
+is not covered; opcheck; sm_90 compilation.
 
 Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors."""
 import math
@@ -21,28 +22,52 @@ from triton_cases import DEVICE, on_dev, requires_triton
 pytestmark = requires_triton
 
 
-def pair(lam, weight=0.4, pairs="pos_neg", **kw):
+# loss id -> (class name, hyper-parameter variants, the module and function of its Triton
+# Metrix rows)
+LOSSES = {
+    "ms": ("MultiSimilarityLoss", [{}, {"alpha": 1.3, "beta": 20.0, "base": 0.3}],
+           "ms_metrix", "ms_metrix_rows_triton"),
+    "con_l2": ("ContrastiveLoss", [{}, {"pos_margin": 0.2, "neg_margin": 0.9}],
+               "contrastive_metrix", "contrastive_metrix_rows_triton"),
+    "con_cos": ("ContrastiveLoss",
+                [{"distance": mo.distances.CosineSimilarity(), "pos_margin": 0.9,
+                  "neg_margin": 0.1},
+                 {"distance": mo.distances.CosineSimilarity(), "pos_margin": 0.6,
+                  "neg_margin": 0.3}],
+                "contrastive_metrix", "contrastive_metrix_rows_triton"),
+}
+
+
+def pair(loss, lam, weight=0.4, pairs="pos_neg", variant=0):
+    name, variants = LOSSES[loss][:2]
     cfg = mo.Metrix(level="embedding", pairs=pairs, lam=lam, weight=weight)
-    return (mo.losses.MultiSimilarityLoss(backend="triton", metrix=cfg, **kw),
-            mo.losses.MultiSimilarityLoss(backend="reference", metrix=cfg, **kw))
+    kw = variants[variant]
+    return (getattr(mo.losses, name)(backend="triton", metrix=cfg, **kw),
+            getattr(mo.losses, name)(backend="reference", metrix=cfg, **kw))
+
+
+@pytest.fixture(params=list(LOSSES))
+def loss(request):
+    return request.param
 
 
 @pytest.fixture
-def op_calls(monkeypatch):
-    """How many times the module reached the Triton Metrix op."""
-    import metrix_ops.triton.ms_metrix as tm
-    calls, real = [], tm.ms_metrix_rows_triton
-    monkeypatch.setattr(tm, "ms_metrix_rows_triton",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+def op_calls(monkeypatch, loss):
+    """How many times the module reached the loss's Triton Metrix op."""
+    import importlib
+    mod = importlib.import_module("metrix_ops.triton." + LOSSES[loss][2])
+    fn = LOSSES[loss][3]
+    calls, real = [], getattr(mod, fn)
+    monkeypatch.setattr(mod, fn, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("lam,pairs", [(0.0, "pos_neg"), (0.3, "pos_neg"), (1.0, "pos_neg"),
                                        (0.7, "anchor_neg")])
-def test_matches_reference_fp64(case, lam, pairs, op_calls):
+def test_matches_reference_fp64(loss, case, lam, pairs, op_calls):
     x, y = on_dev(*make_case(case))
-    tri, ref = pair(lam, pairs=pairs)
+    tri, ref = pair(loss, lam, pairs=pairs)
     assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
     assert op_calls
 
@@ -58,12 +83,12 @@ def _labels(sizes, g):
 @pytest.mark.parametrize("sizes", [[3, 1, 8, 5, 2, 7, 4, 1, 6], [17, 2, 9, 1],
                                    [64, 3, 5], [2] * 30])
 @pytest.mark.parametrize("lam", [0.45, 0.9])
-def test_chunks_and_tiles_fp64(sizes, lam, op_calls):
+def test_chunks_and_tiles_fp64(loss, sizes, lam, op_calls):
     g = torch.Generator().manual_seed(sum(sizes) + int(10 * lam))
     y = _labels(sizes, g)
     x = torch.randn(len(y), 11, dtype=torch.float64, generator=g)
     x, y = on_dev(x, y)
-    tri, ref = pair(lam, weight=1.3, alpha=1.3, beta=20.0, base=0.3)
+    tri, ref = pair(loss, lam, weight=1.3, variant=1)
     assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
     assert op_calls
 
@@ -99,23 +124,81 @@ def test_mixed_rows_with_unequal_weights(lam, pairs):
         lambda e: (_ref_mix_rows(F.normalize(e, dim=1), y, lam, pairs) * w).sum(), x)
 
 
-def test_fp32_matches_fp64_reference():
+def _ref_con_rows(u, y, lam, pairs, cosine, pos_m, neg_m):
+    """Per anchor (pos_sum, pos_count, neg_sum, neg_count) of the mixed contrastive terms from
+    the reference's dense candidates; d̃ = 0 (no slope) where 2 − 2s̃ < 16 eps."""
+    from metrix_ops.reference.metrix import _in_batch_candidates
+    from metrix_ops.reference.pairs import match_masks
+    pos, neg = match_masks(y, y, True)
+    s, _, member = _in_batch_candidates(u @ u.t(), u @ u.t(), pos, neg, lam, pairs)
+    if cosine:
+        vp, vn = pos_m - s, s - neg_m
+    else:
+        q = (2 - 2 * s).clamp_min(0)
+        far = q >= 16 * torch.finfo(u.dtype).eps
+        d = torch.where(far, torch.where(far, q, 1.0).sqrt(), 0.0)
+        vp, vn = d - pos_m, neg_m - d
+    tp = torch.where(member, lam * vp.clamp_min(0), 0.0)
+    tn = torch.where(member, (1 - lam) * vn.clamp_min(0), 0.0)
+    return tp.sum(1), (tp > 0).sum(1), tn.sum(1), (tn > 0).sum(1)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("lam,pairs", [(0.35, "pos_neg"), (0.6, "anchor_neg")])
+def test_contrastive_mixed_rows_with_unequal_weights(cosine, lam, pairs):
+    """The contrastive op's four rows: counts equal, the two sums weighted unequally (each
+    anchor's two upstream gradients), values and gradients."""
+    from metrix_ops.triton.contrastive_metrix import contrastive_metrix_rows_triton
+    g = torch.Generator().manual_seed(int(100 * lam) + cosine)
+    y = _labels([4, 1, 6, 3, 9, 2, 5], g)
+    x = torch.randn(len(y), 6, dtype=torch.float64, generator=g)
+    w1, w2 = (torch.randn(len(y), dtype=torch.float64, generator=g) for _ in range(2))
+    x, y, w1, w2 = on_dev(x, y, w1, w2)
+    pm, nm = (0.8, 0.2) if cosine else (0.3, 1.1)
+    got = contrastive_metrix_rows_triton(F.normalize(x, dim=1), y, cosine, pm, nm, lam, pairs)
+    want = _ref_con_rows(F.normalize(x, dim=1), y, lam, pairs, cosine, pm, nm)
+    assert torch.equal(got[1].long(), want[1]) and torch.equal(got[3].long(), want[3])
+    assert int(want[1].sum()) > 0 and int(want[3].sum()) > 0  # both sides have kept terms
+
+    def weighted(rows):
+        return (rows[0] * w1).sum() + (rows[2] * w2).sum()
+    assert_close_vg(
+        lambda e: weighted(contrastive_metrix_rows_triton(F.normalize(e, dim=1), y, cosine, pm,
+                                                          nm, lam, pairs)),
+        lambda e: weighted(_ref_con_rows(F.normalize(e, dim=1), y, lam, pairs, cosine, pm, nm)),
+        x)
+
+
+def test_contrastive_duplicates_have_no_slope():
+    """A positive duplicated (mix of the anchor's twin): the candidate at d̃ ≈ 0 counts as
+    d̃ = 0 with no gradient, as the reference; gradients stay finite."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(12, 4, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4])
+    x[1] = x[0]
+    x[4] = x[3]
+    x, y = on_dev(x, y)
+    tri, ref = pair("con_l2", 1.0)  # λ = 1: the candidates are the positives themselves
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+
+
+def test_fp32_matches_fp64_reference(loss):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(67, 24, generator=g)
     y = torch.randint(0, 9, (67,), generator=g)
     x, y = on_dev(x, y)
-    tri, ref = pair(0.35)
+    tri, ref = pair(loss, 0.35)
     assert_close_vg(lambda e: tri(e, y).double(), lambda e: ref(e.double(), y), x,
                     rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs(dtype):
+def test_half_inputs(loss, dtype):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(40, 16, generator=g).to(dtype)
     y = torch.randint(0, 6, (40,), generator=g)
     x, y = on_dev(x, y)
-    tri, ref = pair(0.6)
+    tri, ref = pair(loss, 0.6)
     x.requires_grad_(True)
     v = tri(x, y)
     v.backward()
@@ -123,20 +206,20 @@ def test_half_inputs(dtype):
     torch.testing.assert_close(v, ref(x.detach().float(), y), rtol=1e-4, atol=1e-5)
 
 
-def test_not_covered_calls_match_reference(op_calls):
+def test_not_covered_calls_match_reference(loss, op_calls):
     """A class over 64 rows, pos_pos pairs, a separate ref_emb: the Triton op is not used
     (the clean term stays on Triton, the mixed one is the reference's), values still equal."""
     g = torch.Generator().manual_seed(3)
     y = _labels([65, 4, 3], g)
     x = torch.randn(len(y), 5, dtype=torch.float64, generator=g)
     x, y = on_dev(x, y)
-    tri, ref = pair(0.4)
+    tri, ref = pair(loss, 0.4)
     assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
     x2, y2 = on_dev(*make_case(CASES[1]))
-    tri, ref = pair(0.4, pairs="pos_pos")
+    tri, ref = pair(loss, 0.4, pairs="pos_pos")
     assert_close_vg(lambda e: tri(e, y2), lambda e: ref(e, y2), x2)
     r = x2.detach().flip(0)
-    tri, ref = pair(0.4)
+    tri, ref = pair(loss, 0.4)
     assert_close_vg(lambda e: tri(e, y2, ref_emb=r, ref_labels=y2),
                     lambda e: ref(e, y2, ref_emb=r, ref_labels=y2), x2)
     assert not op_calls
@@ -160,6 +243,13 @@ def test_opcheck():
         torch.library.opcheck(ops.triton_ms_metrix_bwd.default,
                               (gm, xs, ys, class_sizes(ys), chunks, lp.detach(), ln.detach(),
                                kb, 2.0, 50.0, 0.5, 0.3, anchor_neg))
+        for cosine, pm, nm in ((False, 0.0, 1.0), (True, 0.9, 0.1)):
+            args = (xs.clone().requires_grad_(), ys, class_sizes(ys), chunks, kb, cosine, pm, nm,
+                    0.3, anchor_neg)
+            torch.library.opcheck(ops.triton_contrastive_metrix.default, args)
+            torch.library.opcheck(ops.triton_contrastive_metrix_bwd.default,
+                                  (gm, gm.flip(0), xs, ys, class_sizes(ys), chunks, kb, cosine,
+                                   pm, nm, 0.3, anchor_neg))
 
 
 def test_chunk_table_packs_whole_classes():
@@ -178,16 +268,23 @@ import triton.language as tl
 sys.path.insert(0, sys.argv[1])
 from triton_cases import compile_sm90
 import metrix_ops.triton.ms_metrix as mm
+import metrix_ops.triton.contrastive_metrix as cm
+import metrix_ops.triton.metrix_tiles as mt
 
 failed = []
-ptrs = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32"}
+ptrs = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32", "pc_ptr": "*i32",
+        "nc_ptr": "*i32"}
 for fdt, acc, prec, kb, bn, width in [("fp32", tl.float32, "tf32", 16, 32, 128),
                                       ("fp32", tl.float32, "tf32", 64, 16, 512),
                                       ("fp64", tl.float64, "ieee", 16, 32, 512)]:
     tiles = dict(KB=kb, BLOCK_N=bn, BLOCK_D=64, ACC=acc, PRECISION=prec, ANCHOR_NEG=False,
                  BLOCK_DO=width)
-    for fn in (mm._ms_mix_fwd_kernel, mm._ms_mix_bwd_rows_kernel, mm._ms_mix_bwd_cols_kernel):
-        consts = {k: v for k, v in tiles.items() if k in fn.arg_names}
+    cases = [(mm._ms_mix_fwd_kernel, {}), (cm._con_mix_fwd_kernel, {"COSINE": False}),
+             (cm._con_mix_fwd_kernel, {"COSINE": True})]
+    for w in (mm._ms_mix_weights, cm._con_mix_weights_l2, cm._con_mix_weights_cos):
+        cases += [(mt.mix_grad_rows_kernel, {"WEIGHTS": w}), (mt.mix_grad_cols_kernel, {"WEIGHTS": w})]
+    for fn, extra in cases:
+        consts = {k: v for k, v in dict(tiles, **extra).items() if k in fn.arg_names}
         try:
             compile_sm90(fn, consts, fdt, num_warps=4 if width <= 128 else 8, pointer_types=ptrs)
         except Exception as e:  # noqa: BLE001
@@ -199,7 +296,8 @@ sys.exit(1 if failed else 0)
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels run")
 def test_kernels_compile_for_h100():
-    """The three Metrix kernels compile for sm_90 at GPU tile sizes, fp32 and fp64."""
+    """The Metrix kernels (forward of each loss, the shared gradient kernels with each loss's
+    weights) compile for sm_90 at GPU tile sizes, fp32 and fp64."""
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
