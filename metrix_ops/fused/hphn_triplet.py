@@ -42,17 +42,30 @@ def _point_norm(xu, u, w, lam):
     return torch.where(u == w, torch.ones_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
 
 
+def segments_for(labels, expansion):
+    """The segments (seg_i, seg_j) of EE's synthetic points, in O(#pairs) memory: none
+    without expansion or with n = 0; "adjacent" validates the pairing (raises as the
+    reference)."""
+    if expansion is None or (expansion.n_points == 0 and expansion.pairs == "all"):
+        return labels.new_empty(0), labels.new_empty(0)
+    if expansion.pairs == "all":
+        return all_segments(labels)
+    return expansion_segments(labels, expansion.pairs)
+
+
 def impl(params, inp, reducer, expansion=None):
-    x, labels, d = inp.embeddings, inp.labels.long(), inp.distance
-    xu = d.maybe_normalize(x)
+    labels = inp.labels.long()
+    xu = inp.distance.maybe_normalize(inp.embeddings)
     n = 0 if expansion is None else expansion.n_points
-    if expansion is None:
-        seg_i = seg_j = labels.new_empty(0)
-    elif expansion.pairs == "all":
-        seg_i, seg_j = all_segments(labels) if n > 0 else (labels.new_empty(0),) * 2
-    else:  # validates the pairing (raises as the reference) and is O(B)
-        seg_i, seg_j = expansion_segments(labels, expansion.pairs)
+    seg_i, seg_j = segments_for(labels, expansion)
     idx = ee_hphn_mine(xu, labels, seg_i, seg_j, n, CHUNK)
+    return picks_loss(params, inp, reducer, xu, idx, n)
+
+
+def picks_loss(params, inp, reducer, xu, idx, n):
+    """The loss from the mined picks idx (B × 7 [p, a_u, a_w, a_k, q_u, q_w, q_k], −1: none;
+    the CPU op's or the Triton engine's): the chosen distances recomputed with gradient."""
+    x, d = inp.embeddings, inp.distance
     has_pos, has_neg = idx[:, 0] >= 0, idx[:, 4] >= 0
     idx = idx.clamp_min(0)  # rows without a pick compute a throw-away value
     p = idx[:, 0]

@@ -12,9 +12,9 @@ reference's torch.argmax/argmin: within a tile the smallest tied index is taken,
 tile replaces the running pick only when strictly better. Equal rows give bit-equal s (every
 entry is computed by the same code), so duplicates tie exactly and pick the lower index.
 
-Not covered (supports() is False, "auto" takes another backend): expansion= (EE's synthetic
-anchor/negative points; the CPU op ee_hphn_mine does it), indices_tuple, distances other
-than cosine and normalised L2."""
+Not covered (supports() is False, "auto" takes another backend): indices_tuple, distances
+other than cosine and normalised L2. With expansion= (EE's synthetic anchor and negative
+points) the loss goes to triton/ee_hphn.py, whose picks reuse this module's positive mining."""
 import torch
 import triton
 import triton.language as tl

@@ -1,0 +1,195 @@
+"""HPHNTripletLoss with Embedding Expansion on the Triton engine: the hard-negative-pair
+mining of DESIGN §4 by one streaming kernel over the points, without gradient; the chosen
+distances are then recomputed with gradient by the CPU path's glue (fused/hphn_triplet.py),
+so both engines share one loss given the same picks.
+
+Points (reference/expansion_points.py): the B originals, then n synthetic points per segment
+(segment-major, k = 1..n), each an index triple (u, w, λ) into the unit rows: never
+materialised. The kernel takes rows of points against column tiles of points and forms
+their inner products in closed form from four gathered Gram tiles, in the reference's
+association (⟨p, q⟩ = λ_p H_{u_p q} + (1−λ_p) H_{w_p q}, H_{b q} = λ_q G_{b u_q} + (1−λ_q)
+G_{b w_q}, then / (‖p‖‖q‖)), and keeps per row point its closest point of another class in
+the loss's metric (cosine, or √(2 − 2s) with cdist's 0 below 16 eps), ties to the lowest
+column. Then per anchor i, over its side A_i (x_i and the points on its segments): the
+closest of those, ties to the lowest negative point and then the earliest a in A_i — the
+reference's order (q-major: d̂(i, q) = min over A_i, then the lowest q).
+
+Work: four products per tile over the (B + n·#segments)² point pairs, with no pruning (the
+CPU op skips classes and arcs on bounds); memory O(P) index tables beside X, no P×D stack."""
+import torch
+import triton
+import triton.language as tl
+
+from .. import fused
+from ..distances import is_cosine, is_normalized_l2
+from ..fused.hphn_triplet import picks_loss, segments_for
+from ..reference.expansion_points import ExpansionPoints
+from .hphn_triplet import hphn_mine_triton
+from .launch import usable_on
+from .pairs import launch_config, loss_constants, max_dim
+from .tiles import sim_tile
+
+
+@triton.jit
+def _ee_mine_kernel(x_ptr, pu_ptr, pw_ptr, plam_ptr, pscale_ptr, plab_ptr, prm_ptr, best_ptr,
+                    col_ptr, B, P, D, stride_x, INVERTED: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < P
+    u_m = tl.load(pu_ptr + offs_m, mask=row_ok, other=0)
+    w_m = tl.load(pw_ptr + offs_m, mask=row_ok, other=0)
+    lam_m = tl.load(plam_ptr + offs_m, mask=row_ok, other=1.0).to(ACC)
+    sc_m = tl.load(pscale_ptr + offs_m, mask=row_ok, other=1.0).to(ACC)
+    lab_m = tl.load(plab_ptr + offs_m, mask=row_ok, other=0)
+    tiny, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
+    if INVERTED:
+        best = tl.full((BLOCK_M,), float("-inf"), ACC)
+    else:
+        best = tl.full((BLOCK_M,), float("inf"), ACC)
+    bcol = tl.zeros((BLOCK_M,), tl.int32) + P
+    for n0 in range(0, P, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < P
+        u_n = tl.load(pu_ptr + offs_n, mask=col_ok, other=0)
+        w_n = tl.load(pw_ptr + offs_n, mask=col_ok, other=0)
+        lam_n = tl.load(plam_ptr + offs_n, mask=col_ok, other=1.0).to(ACC)
+        sc_n = tl.load(pscale_ptr + offs_n, mask=col_ok, other=1.0).to(ACC)
+        lab_n = tl.load(plab_ptr + offs_n, mask=col_ok, other=0)
+        g_uu = sim_tile(x_ptr, x_ptr, u_m, u_n, B, B, D, stride_x, stride_x, BLOCK_M, BLOCK_N,
+                        BLOCK_D, ACC, PRECISION)
+        g_uw = sim_tile(x_ptr, x_ptr, u_m, w_n, B, B, D, stride_x, stride_x, BLOCK_M, BLOCK_N,
+                        BLOCK_D, ACC, PRECISION)
+        g_wu = sim_tile(x_ptr, x_ptr, w_m, u_n, B, B, D, stride_x, stride_x, BLOCK_M, BLOCK_N,
+                        BLOCK_D, ACC, PRECISION)
+        g_ww = sim_tile(x_ptr, x_ptr, w_m, w_n, B, B, D, stride_x, stride_x, BLOCK_M, BLOCK_N,
+                        BLOCK_D, ACC, PRECISION)
+        h_u = lam_n[None, :] * g_uu + (1 - lam_n[None, :]) * g_uw
+        h_w = lam_n[None, :] * g_wu + (1 - lam_n[None, :]) * g_ww
+        s = (lam_m[:, None] * h_u + (1 - lam_m[:, None]) * h_w) / (sc_m[:, None] * sc_n[None, :])
+        neg = row_ok[:, None] & col_ok[None, :] & (lab_m[:, None] != lab_n[None, :])
+        cols = offs_n[None, :].to(tl.int32)
+        if INVERTED:
+            m = tl.where(neg, s, float("-inf"))
+            tb = tl.max(m, axis=1)
+        else:
+            d2 = 2.0 - 2.0 * s
+            m = tl.where(d2 < tiny, 0.0, tl.sqrt(tl.maximum(d2, eps)))
+            m = tl.where(neg, m, float("inf"))
+            tb = tl.min(m, axis=1)
+        targ = tl.min(tl.where(neg & (m == tb[:, None]), cols, P), axis=1)
+        if INVERTED:
+            closer = tb > best
+        else:
+            closer = tb < best
+        better = (targ < P) & (closer | (bcol == P))
+        bcol = tl.where(better, targ, bcol)
+        best = tl.where(better, tb, best)
+    tl.store(best_ptr + offs_m, best, mask=row_ok)
+    tl.store(col_ptr + offs_m, tl.where(bcol < P, bcol, -1).to(tl.int64), mask=row_ok)
+
+
+def _point_scales(xu, pts):
+    """(‖point‖, λ in x's dtype) of each point as the reference's PointMetric takes them:
+    originals exactly 1, synthetic points the norm of the unnormalised point (the cosine
+    divides by it; with normalize the L2 of the normalised points is √(2 − 2·cosine)); O(P)
+    from the Gram entries of the ends."""
+    lam = pts.lam.to(xu.dtype)
+
+    def g(a, b):
+        return (xu[a] * xu[b]).sum(1)
+    u, w = pts.u, pts.w
+    h_u = lam * g(u, u) + (1 - lam) * g(u, w)
+    h_w = lam * g(w, u) + (1 - lam) * g(w, w)
+    sq = lam * h_u + (1 - lam) * h_w
+    return torch.where(pts.synthetic, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(),
+                       torch.ones_like(sq)), lam
+
+
+@torch.library.custom_op("metrix_ops::triton_ee_point_mine", mutates_args=())
+def _ee_point_mine_op(x: torch.Tensor, pu: torch.Tensor, pw: torch.Tensor, plam: torch.Tensor,
+                      pscale: torch.Tensor, plab: torch.Tensor, inverted: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    p = pu.shape[0]
+    best = torch.empty(p, dtype=x.dtype, device=x.device)
+    col = torch.empty(p, dtype=torch.long, device=x.device)
+    if p == 0:
+        return best, col
+    eps = torch.finfo(x.dtype).eps
+    cfg, _, warps = launch_config(x, x)
+    _ee_mine_kernel[(triton.cdiv(p, cfg["BLOCK_M"]),)](
+        x, pu.contiguous(), pw.contiguous(), plam.contiguous(), pscale.contiguous(),
+        plab.contiguous(), loss_constants(x, 16 * eps, eps), best, col, x.shape[0], p,
+        x.shape[1], x.stride(0), INVERTED=bool(inverted), **cfg, **warps)
+    return best, col
+
+
+@_ee_point_mine_op.register_fake
+def _(x, pu, pw, plam, pscale, plab, inverted):
+    return x.new_empty(pu.shape[0]), pu.new_empty(pu.shape[0])
+
+
+def ee_hphn_mine_triton(x_unit, labels, seg_i, seg_j, n_points: int,
+                        inverted: bool) -> torch.Tensor:
+    """B × 7 int64 [p, a_u, a_w, a_k, q_u, q_w, q_k] per anchor (−1: none), as the CPU op
+    ops.ee_mining.ee_hphn_mine: the farthest original positive, and the closest pair across
+    the anchor side and the negative points; points as (u, w, k), originals (i, i, n+1)."""
+    x = x_unit.detach().contiguous()
+    labels = labels.long()
+    b, n, dev = len(labels), n_points, x.device
+    if b == 0:
+        return torch.full((0, 7), -1, dtype=torch.long, device=dev)
+    # the reference's point table (build_points) for the given segments, in O(P)
+    orig = torch.arange(b, device=dev)
+    k = torch.arange(1, n + 1, device=dev, dtype=torch.float64)
+    u = torch.cat([orig, seg_i.repeat_interleave(n)])
+    lam64 = torch.cat([torch.ones(b, dtype=torch.float64, device=dev), (k / (n + 1)).repeat(len(seg_i))])
+    pts = ExpansionPoints(b, n, seg_i, seg_j, u, torch.cat([orig, seg_j.repeat_interleave(n)]),
+                          lam64, labels[u], torch.arange(len(u), device=dev) >= b)
+    scale, lam = _point_scales(x, pts)
+    best, col = torch.ops.metrix_ops.triton_ee_point_mine(x, pts.u, pts.w, lam, scale,
+                                                          pts.labels, bool(inverted))
+    out = torch.full((b, 7), -1, dtype=torch.long, device=x.device)
+    out[:, 0] = hphn_mine_triton(x, x, labels, labels, True)[:, 0]
+    # per anchor over its side: the closest value, then the lowest negative point, then the
+    # earliest side point
+    side = pts.anchor_side()
+    valid = (side >= 0) & (col[side.clamp_min(0)] >= 0)
+    vals = best[side.clamp_min(0)]
+    far = float("-inf") if inverted else float("inf")
+    vals = torch.where(valid, vals, far)
+    top = vals.max(1, keepdim=True).values if inverted else vals.min(1, keepdim=True).values
+    tied = valid & (vals == top)
+    cols = torch.where(tied, col[side.clamp_min(0)], pts.size)
+    q = cols.min(1).values
+    first = torch.argmax((tied & (cols == q[:, None])).to(torch.int8), 1)
+    a = side.gather(1, first[:, None])[:, 0]
+    has = tied.any(1)
+
+    def enc(t):
+        k = torch.where(pts.synthetic[t], torch.round(pts.lam[t] * (n + 1)).long(),
+                        torch.full_like(t, n + 1))
+        return torch.stack([pts.u[t], pts.w[t], k], 1)
+    a, q = a.clamp_min(0), q.clamp(0, max(pts.size - 1, 0))
+    out[has, 1:] = torch.cat([enc(a), enc(q)], 1)[has]
+    return out
+
+
+def supports(params, inp, expansion) -> bool:
+    x, d = inp.embeddings, inp.distance
+    return (expansion is not None and inp.indices_tuple is None and inp.labels is not None
+            and inp.same_set and inp.ref_emb is x and (is_cosine(d) or is_normalized_l2(d))
+            and (expansion.normalize or expansion.n_points == 0 or is_cosine(d))
+            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device))
+
+
+def impl(params, inp, reducer, expansion):
+    labels, d = inp.labels.long(), inp.distance
+    xu = d.maybe_normalize(inp.embeddings)
+    seg_i, seg_j = segments_for(labels, expansion)
+    idx = ee_hphn_mine_triton(xu, labels, seg_i, seg_j, expansion.n_points, d.is_inverted)
+    return picks_loss(params, inp, reducer, xu, idx, expansion.n_points)
+
+
+fused.register_expansion("triton", "HPHNTripletLoss", supports, impl)
