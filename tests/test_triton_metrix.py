@@ -1,5 +1,5 @@
 """Embedding-level Metrix on the Triton engine (MultiSimilarityLoss; ContrastiveLoss with L2
-and cosine distances) against the reference (closed-form candidates over dense B×B×B
+and cosine distances; CircleLoss) against the reference (closed-form candidates over dense B×B×B
 tensors): values and gradients over the shared cases, λ at and inside [0, 1], pos_neg and
 anchor_neg, chunks packing several classes, a class filling a chunk of 32 and of 64 rows,
 several column tiles; the mixed rows alone with unequal weights; fp32 and half inputs; what
@@ -35,6 +35,8 @@ LOSSES = {
                  {"distance": mo.distances.CosineSimilarity(), "pos_margin": 0.6,
                   "neg_margin": 0.3}],
                 "contrastive_metrix", "contrastive_metrix_rows_triton"),
+    "circle": ("CircleLoss", [{}, {"m": 0.25, "gamma": 256.0}], "circle_metrix",
+               "circle_metrix_lses_triton"),
 }
 
 
@@ -69,7 +71,8 @@ def test_matches_reference_fp64(loss, case, lam, pairs, op_calls):
     x, y = on_dev(*make_case(case))
     tri, ref = pair(loss, lam, pairs=pairs)
     assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
-    assert op_calls
+    # Circle's mixed term is 0 at λ ∈ {0, 1} (a side without label mass): no launch
+    assert bool(op_calls) != (loss == "circle" and lam in (0.0, 1.0))
 
 
 def _labels(sizes, g):
@@ -250,6 +253,13 @@ def test_opcheck():
             torch.library.opcheck(ops.triton_contrastive_metrix_bwd.default,
                                   (gm, gm.flip(0), xs, ys, class_sizes(ys), chunks, kb, cosine,
                                    pm, nm, 0.3, anchor_neg))
+        args = (xs.clone().requires_grad_(), ys, class_sizes(ys), chunks, kb, 0.25, 80.0, 0.3,
+                anchor_neg)
+        torch.library.opcheck(ops.triton_circle_metrix.default, args)
+        _, lp, ln = ops.triton_circle_metrix(*args)
+        torch.library.opcheck(ops.triton_circle_metrix_bwd.default,
+                              (gm, xs, ys, class_sizes(ys), chunks, lp.detach(), ln.detach(), kb,
+                               0.25, 80.0, 0.3, anchor_neg))
 
 
 def test_chunk_table_packs_whole_classes():
@@ -269,6 +279,7 @@ sys.path.insert(0, sys.argv[1])
 from triton_cases import compile_sm90
 import metrix_ops.triton.ms_metrix as mm
 import metrix_ops.triton.contrastive_metrix as cm
+import metrix_ops.triton.circle_metrix as ci
 import metrix_ops.triton.metrix_tiles as mt
 
 failed = []
@@ -280,8 +291,9 @@ for fdt, acc, prec, kb, bn, width in [("fp32", tl.float32, "tf32", 16, 32, 128),
     tiles = dict(KB=kb, BLOCK_N=bn, BLOCK_D=64, ACC=acc, PRECISION=prec, ANCHOR_NEG=False,
                  BLOCK_DO=width)
     cases = [(mm._ms_mix_fwd_kernel, {}), (cm._con_mix_fwd_kernel, {"COSINE": False}),
-             (cm._con_mix_fwd_kernel, {"COSINE": True})]
-    for w in (mm._ms_mix_weights, cm._con_mix_weights_l2, cm._con_mix_weights_cos):
+             (cm._con_mix_fwd_kernel, {"COSINE": True}), (ci._circle_mix_fwd_kernel, {})]
+    for w in (mm._ms_mix_weights, cm._con_mix_weights_l2, cm._con_mix_weights_cos,
+              ci._circle_mix_weights):
         cases += [(mt.mix_grad_rows_kernel, {"WEIGHTS": w}), (mt.mix_grad_cols_kernel, {"WEIGHTS": w})]
     for fn, extra in cases:
         consts = {k: v for k, v in dict(tiles, **extra).items() if k in fn.arg_names}

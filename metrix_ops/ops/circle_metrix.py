@@ -32,8 +32,14 @@ def circle_metrix_loss(x_unit, labels, m: float, gamma: float, lam: float,
     if not 0.0 < lam < 1.0:  # one side has no label mass anywhere: every ℓ̃(a) is 0
         return zero_loss(like)
     lp, ln = circle_metrix_lses(x_unit, labels, m, gamma, lam, pairs, block)
-    has = torch.isfinite(lp)  # a candidate (then both sides are finite)
-    pre = torch.where(has, lp + ln, 0.0) + (math.log(lam) + math.log1p(-lam))
+    return finish_circle_mixed(torch.isfinite(lp), lp + ln, lam, like)
+
+
+def finish_circle_mixed(has, z, lam: float, like):
+    """L̃ from each anchor's z = lse⁺ + lse⁻ and whether it has a candidate (then both sides
+    are finite): softplus(log λ + log(1 − λ) + z) per anchor, AvgNonZero over anchors (shared
+    by the CPU op's glue and the Triton engine's)."""
+    pre = torch.where(has, z, 0.0) + (math.log(lam) + math.log1p(-lam))
     rows = torch.where(has, F.softplus(pre), 0.0)
     kept = (rows > 0).sum()
     return torch.where(kept > 0, rows.sum() / kept.clamp(min=1), zero_loss(like))
