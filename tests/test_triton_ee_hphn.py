@@ -4,9 +4,6 @@ duplicates; loss and gradient over n, pairs, distances, edge labels, fp32 and ha
 routing; opcheck; sm_90 compilation.
 
 Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from metrix_ops.distances import CosineSimilarity, LpDistance
 from metrix_ops.ops.ee_mining import all_segments
 from metrix_ops.reference.expansion_points import expansion_segments
 from test_fused_hphn_cpu import batch, ref_picks
-from triton_cases import DEVICE, on_dev, requires_triton
+from triton_cases import DEVICE, compiles_only, on_dev, requires_triton, run_sm90_script
 
 pytestmark = requires_triton
 
@@ -135,10 +132,6 @@ def test_opcheck():
 
 
 _SM90 = r'''
-import sys
-import triton.language as tl
-sys.path.insert(0, sys.argv[1])
-from triton_cases import compile_sm90
 import metrix_ops.triton.ee_hphn as ee
 
 failed = []
@@ -156,13 +149,6 @@ sys.exit(1 if failed else 0)
 '''
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels run")
+@compiles_only
 def test_kernel_compiles_for_h100():
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no CUDA backend to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SM90, os.path.dirname(__file__)], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    run_sm90_script(_SM90)

@@ -1,16 +1,13 @@
 """The Triton pair losses as modules: whole under torch.compile(fullgraph=True), unchanged by
 bf16 autocast, and CrossBatchMemory's bank streamed through the kernels; and their kernels
 compiled for an H100 (sm_90) on a machine without a GPU."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import metrix_ops as mo
 from cases import value_and_grad
-from triton_cases import DEVICE, on_dev, requires_triton
+from triton_cases import DEVICE, compiles_only, on_dev, requires_triton, run_sm90_script
 
 pytestmark = requires_triton
 
@@ -66,10 +63,6 @@ def test_cross_batch_memory_streams_through_the_kernels(name):
 
 
 _SM90 = r'''
-import sys
-import triton.language as tl
-sys.path.insert(0, sys.argv[1])
-from triton_cases import compile_sm90
 import metrix_ops.triton.multi_similarity as ms
 import metrix_ops.triton.contrastive as con
 import metrix_ops.triton.hphn_triplet as hp
@@ -102,15 +95,8 @@ sys.exit(1 if failed else 0)
 '''
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels run")
+@compiles_only
 def test_pair_kernels_compile_for_h100():
     """The MS, contrastive and HPHN kernels and the shared gradient kernels (with each loss's
     G tile) compile for sm_90 at the GPU tile sizes, fp32 and fp64, without a GPU."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no CUDA backend to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SM90, os.path.dirname(__file__)], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    run_sm90_script(_SM90)

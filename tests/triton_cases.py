@@ -42,3 +42,28 @@ def compile_sm90(fn, constexprs: dict, float_type: str, num_warps: int = 4,
     src = ASTSource(fn, {n: kind(n) for n in fn.arg_names},
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def run_sm90_script(body: str):
+    """Runs `body` (Python that compiles kernels with compile_sm90 and exits non-zero on a
+    failure) in a subprocess without TRITON_INTERPRET, where triton.jit gives real kernels;
+    skips where this triton has no CUDA backend. `sys`, `tl` and compile_sm90 are imported
+    for it."""
+    import os
+    import subprocess
+    import sys
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no CUDA backend to compile with")
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = ("import sys\nimport triton.language as tl\nsys.path.insert(0, sys.argv[1])\n"
+              "from triton_cases import compile_sm90\n" + body)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script, here], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+
+
+# the sm_90 compilation tests run where kernels cannot (on a GPU they run instead)
+compiles_only = pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels run")

@@ -18,25 +18,18 @@ import triton.language as tl
 
 from .. import fused
 from ..ops.circle_metrix import finish_circle_mixed
-from ..ops.ms_metrix import label_sorted
 from ..reducers import zero_loss
-from .circle import impl as clean_impl, supports as clean_supports
-from .metrix_tiles import (MAX_CLASS, candidate_tile, chunk_rows, chunk_table, class_sizes,
-                           mix_config, mix_grads)
-from .ms_metrix import _largest_class
+from .circle import _circle_logits, impl as clean_impl, supports as clean_supports
+from .metrix_tiles import (candidate_tile, chunk_rows, covers, mix_config, mix_grads,
+                           register_lse_autograd, run_sorted)
 from .pairs import loss_constants
 
 
 @triton.jit
 def _circle_mix_logits(v, ok, prm_ptr):
-    """The candidates' two logits (−inf off the candidates) and their slopes ∂/∂s̃."""
-    gamma, op, on = tl.load(prm_ptr + 1), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
-    dp, dn = tl.load(prm_ptr + 4), tl.load(prm_ptr + 5)
-    wp = gamma * tl.maximum(op - v, 0.0)
-    wn = gamma * tl.maximum(v - on, 0.0)
-    xp = tl.where(ok, -wp * (v - dp), float("-inf"))
-    xn = tl.where(ok, wn * (v - dn), float("-inf"))
-    return xp, xn, -wp, wn
+    """The candidates' two logits (−inf off the candidates) and their slopes ∂/∂s̃: the clean
+    tile's (circle.py) over the KB×KB×N candidates, its constants after λ."""
+    return _circle_logits(v, ok, ok, prm_ptr + 1)
 
 
 @triton.jit
@@ -129,47 +122,20 @@ def _(g_z, x, labels, counts, chunks, lse_pos, lse_neg, kb, m, gamma, lam, ancho
     return torch.empty_like(x)
 
 
-def _setup(ctx, inputs, output):
-    x, labels, counts, chunks, *consts = inputs
-    ctx.save_for_backward(x, labels, counts, chunks, output[1], output[2])
-    ctx.consts = tuple(consts)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward(ctx, g_z, _g_lp, _g_ln):
-    x, labels, counts, chunks, lp, ln = ctx.saved_tensors
-    dx = torch.ops.metrix_ops.triton_circle_metrix_bwd(g_z, x, labels, counts, chunks, lp, ln,
-                                                       *ctx.consts)
-    return (dx,) + (None,) * 8
-
-
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_lse_autograd(_FWD, torch.ops.metrix_ops.triton_circle_metrix_bwd, 9)
 
 
 def circle_metrix_lses_triton(x_unit, labels, m: float, gamma: float, lam: float,
                               pairs: str = "pos_neg"):
     """(z = lse⁺ + lse⁻ differentiable, has-a-candidate mask), each (B,) in the caller's
     order. None when a class has more than MAX_CLASS rows (not covered)."""
-    if pairs not in ("pos_neg", "anchor_neg"):
-        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
-    xs, ys, inverse = label_sorted(x_unit, labels)
-    table = chunk_table(ys)
-    if table is None:
-        return None
-    chunks, kb = table
-    z, lp, _ = torch.ops.metrix_ops.triton_circle_metrix(
-        xs, ys, class_sizes(ys), chunks, kb, float(m), float(gamma), float(lam),
-        pairs == "anchor_neg")
-    return z.index_select(0, inverse), torch.isfinite(lp).index_select(0, inverse)
+    out = run_sorted(torch.ops.metrix_ops.triton_circle_metrix, x_unit, labels, pairs,
+                     float(m), float(gamma), float(lam))
+    return None if out is None else (out[0], torch.isfinite(out[1]))
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    """Embedding level, pos_neg or anchor_neg, the batch against itself, classes of at most
-    MAX_CLASS rows."""
-    from ..fused.multi_similarity import self_pairs
-    return (clean_supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp)
-            and _largest_class(inp.labels) <= MAX_CLASS)
+    return covers(clean_supports, params, inp, expansion, metrix)
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float):

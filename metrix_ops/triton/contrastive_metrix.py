@@ -20,15 +20,12 @@ import triton.language as tl
 from .. import fused
 from ..distances import is_cosine
 from ..fused.contrastive import _avg_kept, _reduce_clean, _window
-from ..fused.multi_similarity import self_pairs
 from ..fused.pair_counts import pair_count_tensors
-from ..ops.ms_metrix import label_sorted
 from ..reducers import reduce_loss_dict
 from ..spec import get_spec
 from .contrastive import contrastive_rows_triton, supports as clean_supports
-from .metrix_tiles import (MAX_CLASS, candidate_tile, chunk_rows, chunk_table, class_sizes,
-                           mix_config, mix_grads)
-from .ms_metrix import _largest_class
+from .metrix_tiles import (candidate_tile, chunk_rows, covers, mix_config, mix_grads,
+                           run_sorted)
 from .pairs import loss_constants
 
 
@@ -178,25 +175,12 @@ def contrastive_metrix_rows_triton(x_unit, labels, cosine: bool, pos_margin: flo
     """(pos_sum, pos_count, neg_sum, neg_count), each (B,) in the caller's order, of each
     anchor's mixed candidates' terms (kept when > 0); the sums are differentiable in x_unit.
     None when a class has more than MAX_CLASS rows (not covered)."""
-    if pairs not in ("pos_neg", "anchor_neg"):
-        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
-    xs, ys, inverse = label_sorted(x_unit, labels)
-    table = chunk_table(ys)
-    if table is None:
-        return None
-    chunks, kb = table
-    out = torch.ops.metrix_ops.triton_contrastive_metrix(
-        xs, ys, class_sizes(ys), chunks, kb, bool(cosine), float(pos_margin),
-        float(neg_margin), float(lam), pairs == "anchor_neg")
-    return tuple(t.index_select(0, inverse) for t in out)
+    return run_sorted(torch.ops.metrix_ops.triton_contrastive_metrix, x_unit, labels, pairs,
+                      bool(cosine), float(pos_margin), float(neg_margin), float(lam))
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    """Embedding level, pos_neg or anchor_neg, the batch against itself, classes of at most
-    MAX_CLASS rows."""
-    return (clean_supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp)
-            and _largest_class(inp.labels) <= MAX_CLASS)
+    return covers(clean_supports, params, inp, expansion, metrix)
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float):

@@ -59,6 +59,49 @@ def chunk_table(sorted_labels: torch.Tensor):
     return torch.tensor(starts, dtype=torch.int32, device=sorted_labels.device), kb
 
 
+def run_sorted(op, x_unit, labels, pairs: str, *consts):
+    """op(xs, ys, class sizes, chunks, KB, *consts, anchor_neg) on the label-sorted batch, its
+    per-anchor outputs back in the caller's order; None when a class has more than MAX_CLASS
+    rows (not covered)."""
+    from ..ops.ms_metrix import label_sorted
+    if pairs not in ("pos_neg", "anchor_neg"):
+        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
+    xs, ys, inverse = label_sorted(x_unit, labels)
+    table = chunk_table(ys)
+    if table is None:
+        return None
+    chunks, kb = table
+    out = op(xs, ys, class_sizes(ys), chunks, kb, *consts, pairs == "anchor_neg")
+    return tuple(t.index_select(0, inverse) for t in out)
+
+
+def covers(clean_supports, params, inp, expansion, metrix) -> bool:
+    """A Metrix loss of this engine covers the call: its clean loss does, embedding level,
+    pos_neg or anchor_neg, the batch against itself, classes of at most MAX_CLASS rows."""
+    from ..fused.multi_similarity import self_pairs
+    if not (clean_supports(params, inp, expansion) and metrix.level == "embedding"
+            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp)):
+        return False
+    labels = inp.labels
+    return len(labels) == 0 or int(torch.unique(labels, return_counts=True)[1].max()) <= MAX_CLASS
+
+
+def register_lse_autograd(fwd_name: str, bwd_op, n_inputs: int):
+    """Autograd for an op returning (rows, lse⁺, lse⁻) per anchor of inputs (x, labels, class
+    sizes, chunks, *constants): rows differentiable, the lses saved for bwd_op(g_rows, x,
+    labels, sizes, chunks, lse⁺, lse⁻, *constants) → dx."""
+    def setup(ctx, inputs, output):
+        x, labels, counts, chunks, *consts = inputs
+        ctx.save_for_backward(x, labels, counts, chunks, output[1], output[2])
+        ctx.consts = tuple(consts)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def backward(ctx, g_rows, _g_lp, _g_ln):
+        return (bwd_op(g_rows, *ctx.saved_tensors, *ctx.consts),) + (None,) * (n_inputs - 1)
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup)
+
+
 def class_sizes(sorted_labels: torch.Tensor) -> torch.Tensor:
     """Each row's class size (int32), for the rule "no positive: mix the anchor itself"."""
     _, inverse, counts = torch.unique_consecutive(sorted_labels, return_inverse=True,

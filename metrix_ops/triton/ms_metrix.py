@@ -25,9 +25,8 @@ import triton
 import triton.language as tl
 
 from .. import fused
-from ..ops.ms_metrix import label_sorted
-from .metrix_tiles import (MAX_CLASS, candidate_tile, chunk_rows, chunk_table, class_sizes,
-                           mix_config, mix_grads)
+from .metrix_tiles import (candidate_tile, chunk_rows, covers, mix_config, mix_grads,
+                           register_lse_autograd, run_sorted)
 from .multi_similarity import ms_rows_triton, supports as clean_supports
 from .pairs import loss_constants
 
@@ -140,21 +139,7 @@ def _(g, x, labels, counts, chunks, lse_pos, lse_neg, kb, alpha, beta, base, lam
     return torch.empty_like(x)
 
 
-def _setup(ctx, inputs, output):
-    x, labels, counts, chunks, *consts = inputs
-    ctx.save_for_backward(x, labels, counts, chunks, output[1], output[2])
-    ctx.consts = tuple(consts)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward(ctx, g_mix, _g_lp, _g_ln):
-    x, labels, counts, chunks, lp, ln = ctx.saved_tensors
-    dx = torch.ops.metrix_ops.triton_ms_metrix_bwd(g_mix, x, labels, counts, chunks, lp, ln,
-                                                   *ctx.consts)
-    return (dx,) + (None,) * 9
-
-
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_lse_autograd(_FWD, torch.ops.metrix_ops.triton_ms_metrix_bwd, 10)
 
 
 def ms_metrix_rows_triton(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
@@ -162,30 +147,13 @@ def ms_metrix_rows_triton(x_unit, labels, alpha: float, beta: float, base: float
     """ℓ̃(a) for each anchor (B,), in the caller's order, of unit rows x_unit against
     themselves (0 where V(a) is empty); differentiable in x_unit. None when a class has more
     than MAX_CLASS rows (not covered)."""
-    if pairs not in ("pos_neg", "anchor_neg"):
-        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
-    xs, ys, inverse = label_sorted(x_unit, labels)
-    table = chunk_table(ys)
-    if table is None:
-        return None
-    chunks, kb = table
-    mix, _, _ = torch.ops.metrix_ops.triton_ms_metrix(
-        xs, ys, class_sizes(ys), chunks, kb, float(alpha), float(beta), float(base),
-        float(lam), pairs == "anchor_neg")
-    return mix.index_select(0, inverse)
-
-
-def _largest_class(labels) -> int:
-    return int(torch.unique(labels, return_counts=True)[1].max()) if len(labels) else 0
+    out = run_sorted(torch.ops.metrix_ops.triton_ms_metrix, x_unit, labels, pairs,
+                     float(alpha), float(beta), float(base), float(lam))
+    return None if out is None else out[0]
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    """Embedding level, pos_neg or anchor_neg, the batch against itself, classes of at most
-    MAX_CLASS rows."""
-    from ..fused.multi_similarity import self_pairs
-    return (clean_supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp)
-            and _largest_class(inp.labels) <= MAX_CLASS)
+    return covers(clean_supports, params, inp, expansion, metrix)
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float):
