@@ -307,3 +307,24 @@ def test_kernels_compile_for_h100():
     """The Metrix kernels (forward of each loss, the shared gradient kernels with each loss's
     weights) compile for sm_90 at GPU tile sizes, fp32 and fp64."""
     run_sm90_script(_SM90)
+
+
+def test_gpu_launch_settings():
+    """The settings chosen for CUDA tensors from ptxas's spill report (GPU_NOTES.md): the
+    Metrix gradient kernels take half the forward's columns; EE mining 32×32 tiles, 4 warps.
+    Checked with a stand-in for a CUDA tensor (only its device, shape and dtype are read)."""
+    import types
+    from metrix_ops.triton.ee_hphn import mine_config
+    from metrix_ops.triton.metrix_tiles import mix_config
+    x = torch.empty(4096, 512)
+    fake = types.SimpleNamespace(device=torch.device("cuda"), shape=x.shape, dtype=x.dtype,
+                                 element_size=x.element_size)
+    fwd, _, _ = mix_config(fake, 16)
+    grad, block_do, warps = mix_config(fake, 16, grad=True)
+    assert (fwd["BLOCK_N"], grad["BLOCK_N"], block_do) == (32, 16, 512)
+    assert warps["num_warps"] == 8 and "BLOCK_M" not in grad
+    assert mix_config(fake, 64, grad=True)[0]["BLOCK_N"] == 16  # tl.dot's least
+    cfg, warps = mine_config(fake)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], warps["num_warps"]) == (32, 32, 32, 4)
+    # on CPU tensors (the interpreter) the settings stay the larger, faster-to-interpret ones
+    assert mix_config(x, 16, grad=True)[0]["BLOCK_N"] == 32

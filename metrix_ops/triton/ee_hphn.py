@@ -106,6 +106,17 @@ def _point_scales(xu, pts):
                        torch.ones_like(sq)), lam
 
 
+def mine_config(x):
+    """The mining kernel's tiles and warps. On a GPU four product tiles live at once: 64×64
+    tiles spill 1–2 KB per thread on sm_90, 32×32 with 32-wide feature steps and 4 warps 88
+    bytes (ptxas -v, benchmarks/triton_spills.py)."""
+    cfg, _, warps = launch_config(x, x)
+    if x.device.type == "cuda":
+        cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32)
+        warps = dict(warps, num_warps=4)
+    return cfg, warps
+
+
 @torch.library.custom_op("metrix_ops::triton_ee_point_mine", mutates_args=())
 def _ee_point_mine_op(x: torch.Tensor, pu: torch.Tensor, pw: torch.Tensor, plam: torch.Tensor,
                       pscale: torch.Tensor, plab: torch.Tensor, inverted: bool
@@ -117,7 +128,7 @@ def _ee_point_mine_op(x: torch.Tensor, pu: torch.Tensor, pw: torch.Tensor, plam:
     if p == 0:
         return best, col
     eps = torch.finfo(x.dtype).eps
-    cfg, _, warps = launch_config(x, x)
+    cfg, warps = mine_config(x)
     _ee_mine_kernel[(triton.cdiv(p, cfg["BLOCK_M"]),)](
         x, pu.contiguous(), pw.contiguous(), plam.contiguous(), pscale.contiguous(),
         plab.contiguous(), loss_constants(x, 16 * eps, eps), best, col, x.shape[0], p,

@@ -234,13 +234,17 @@ if HAS_TRITON:
                  mask=(offs_n[:, None] < B) & (offs_d[None, :] < D))
 
 
-def mix_config(x, kb):
+def mix_config(x, kb, grad: bool = False):
     """Launch settings: the chunk height KB, and columns per tile so that the KB×KB×BLOCK_N
-    candidate tensor stays at about 8K entries (16 columns at least, for tl.dot)."""
+    candidate tensor stays at about 8K entries (16 columns at least, for tl.dot). On a GPU
+    the gradient kernels take half that: compiled for sm_90 at D = 512 (8 warps, ptxas -v,
+    benchmarks/triton_spills.py), KB = 16 with 32 columns spills 124–216 bytes in the
+    gradient kernels and none in the forward; with 16 columns 16–32 bytes."""
     cfg, block_do, warps = launch_config(x, x, grad=True)
     cfg = dict(cfg)
     cfg.pop("BLOCK_M")
-    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], 8192 // (kb * kb)))
+    entries = 4096 if grad and x.device.type == "cuda" else 8192
+    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], entries // (kb * kb)))
     return cfg, block_do, warps
 
 
@@ -251,7 +255,7 @@ def mix_grads(weights, x, labels, counts, chunks, kb, prm, vecs, anchor_neg):
     b, d = x.shape
     if b == 0:
         return torch.zeros_like(x)
-    cfg, block_do, warps = mix_config(x, kb)
+    cfg, block_do, warps = mix_config(x, kb, grad=True)
     args = (x, labels, counts, chunks, prm, *(v.to(x.dtype).contiguous() for v in vecs))
     meta = dict(WEIGHTS=weights, ANCHOR_NEG=bool(anchor_neg), KB=kb, BLOCK_DO=block_do, **cfg,
                 **warps)

@@ -1,0 +1,71 @@
+"""Registers and spills of the Triton kernels on sm_90, without a GPU: each kernel is compiled
+by Triton for an H100 (tests/triton_cases.compile_sm90) and its PTX assembled by the CUDA
+toolkit's `ptxas -v`, which reports registers per thread and spill bytes. What the interpreter
+cannot show, and what the launch settings (metrix_tiles.mix_config, ee_hphn's tile override)
+were chosen from.
+
+    python benchmarks/triton_spills.py [--ptxas /usr/local/cuda/bin/ptxas]
+
+Run without TRITON_INTERPRET (the kernels must be real ones)."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+PTRS = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32", "pu_ptr": "*i64",
+        "pw_ptr": "*i64", "plab_ptr": "*i64", "col_ptr": "*i64", "pc_ptr": "*i32",
+        "nc_ptr": "*i32"}
+
+
+def cases():
+    import triton.language as tl
+
+    import metrix_ops.triton.ee_hphn as ee
+    import metrix_ops.triton.metrix_tiles as mt
+    import metrix_ops.triton.ms_metrix as mm
+    out = []
+    for kb, bn in ((16, 32), (16, 16), (32, 16)):
+        t = dict(KB=kb, BLOCK_N=bn, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32",
+                 ANCHOR_NEG=False, BLOCK_DO=512)
+        out += [(f"ms_metrix fwd KB={kb} N={bn}", mm._ms_mix_fwd_kernel, t, 8),
+                (f"metrix grad rows KB={kb} N={bn}", mt.mix_grad_rows_kernel,
+                 dict(t, WEIGHTS=mm._ms_mix_weights), 8),
+                (f"metrix grad cols KB={kb} N={bn}", mt.mix_grad_cols_kernel,
+                 dict(t, WEIGHTS=mm._ms_mix_weights), 8)]
+    for bm, bd, warps in ((64, 64, 8), (32, 32, 4)):
+        out.append((f"ee mine {bm}x{bm} D-step {bd} warps {warps}", ee._ee_mine_kernel,
+                    dict(INVERTED=False, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, ACC=tl.float32,
+                         PRECISION="tf32"), warps))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ptxas", default=os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                                                    "bin", "ptxas"))
+    args = ap.parse_args()
+    from triton_cases import compile_sm90
+    for name, fn, consts, warps in cases():
+        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+        kernel = compile_sm90(fn, consts, "fp32", num_warps=warps, pointer_types=PTRS)
+        with tempfile.TemporaryDirectory() as d:
+            ptx = os.path.join(d, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(kernel.asm["ptx"])
+            res = subprocess.run([args.ptxas, "-arch=sm_90a", "-v", ptx, "-o",
+                                  os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        info = [line.split("ptxas info    :")[-1].strip()
+                for line in (res.stderr + res.stdout).splitlines()
+                if "registers" in line or "spill" in line]
+        print(f"{name}: " + "; ".join(info))
+
+
+if __name__ == "__main__":
+    main()
