@@ -226,46 +226,47 @@ def test_not_covered_calls_match_reference(loss, op_calls):
 
 
 def test_opcheck():
-    from metrix_ops.triton.metrix_tiles import chunk_table, class_sizes
+    from metrix_ops.triton.metrix_tiles import chunk_table
     from metrix_ops.ops.ms_metrix import label_sorted
     g = torch.Generator().manual_seed(4)
     y = _labels([3, 1, 5, 2, 6], g)
     x = F.normalize(torch.randn(len(y), 5, dtype=torch.float64, generator=g), dim=1)
     xs, ys, _ = label_sorted(*on_dev(x, y))
-    chunks, kb = chunk_table(ys)
+    chunks, kb, sizes = chunk_table(ys)
     ops = torch.ops.metrix_ops
     for anchor_neg in (False, True):
-        args = (xs.clone().requires_grad_(), ys, class_sizes(ys), chunks, kb, 2.0, 50.0, 0.5,
+        args = (xs.clone().requires_grad_(), ys, sizes, chunks, kb, 2.0, 50.0, 0.5,
                 0.3, anchor_neg)
         torch.library.opcheck(ops.triton_ms_metrix.default, args)
         mix, lp, ln = ops.triton_ms_metrix(*args)
         gm = torch.randn(len(y), dtype=torch.float64, generator=g).to(DEVICE)
         torch.library.opcheck(ops.triton_ms_metrix_bwd.default,
-                              (gm, xs, ys, class_sizes(ys), chunks, lp.detach(), ln.detach(),
+                              (gm, xs, ys, sizes, chunks, lp.detach(), ln.detach(),
                                kb, 2.0, 50.0, 0.5, 0.3, anchor_neg))
         for cosine, pm, nm in ((False, 0.0, 1.0), (True, 0.9, 0.1)):
-            args = (xs.clone().requires_grad_(), ys, class_sizes(ys), chunks, kb, cosine, pm, nm,
+            args = (xs.clone().requires_grad_(), ys, sizes, chunks, kb, cosine, pm, nm,
                     0.3, anchor_neg)
             torch.library.opcheck(ops.triton_contrastive_metrix.default, args)
             torch.library.opcheck(ops.triton_contrastive_metrix_bwd.default,
-                                  (gm, gm.flip(0), xs, ys, class_sizes(ys), chunks, kb, cosine,
+                                  (gm, gm.flip(0), xs, ys, sizes, chunks, kb, cosine,
                                    pm, nm, 0.3, anchor_neg))
-        args = (xs.clone().requires_grad_(), ys, class_sizes(ys), chunks, kb, 0.25, 80.0, 0.3,
+        args = (xs.clone().requires_grad_(), ys, sizes, chunks, kb, 0.25, 80.0, 0.3,
                 anchor_neg)
         torch.library.opcheck(ops.triton_circle_metrix.default, args)
         _, lp, ln = ops.triton_circle_metrix(*args)
         torch.library.opcheck(ops.triton_circle_metrix_bwd.default,
-                              (gm, xs, ys, class_sizes(ys), chunks, lp.detach(), ln.detach(), kb,
+                              (gm, xs, ys, sizes, chunks, lp.detach(), ln.detach(), kb,
                                0.25, 80.0, 0.3, anchor_neg))
 
 
 def test_chunk_table_packs_whole_classes():
     from metrix_ops.triton.metrix_tiles import MAX_CLASS, chunk_table
     ys = torch.tensor(sorted([0] * 5 + [1] * 9 + [2] * 2 + [3] * 16 + [4] * 1))
-    chunks, kb = chunk_table(ys)
+    chunks, kb, sizes = chunk_table(ys)
     assert kb == 16 and chunks.tolist() == [0, 16, 32, 33]  # 5 + 9 + 2 rows share one
-    chunks, kb = chunk_table(torch.zeros(17, dtype=torch.long))
-    assert kb == 32 and chunks.tolist() == [0, 17]
+    assert sizes.tolist() == [5] * 5 + [9] * 9 + [2] * 2 + [16] * 16 + [1]
+    chunks, kb, sizes = chunk_table(torch.zeros(17, dtype=torch.long))
+    assert kb == 32 and chunks.tolist() == [0, 17] and sizes.tolist() == [17] * 17
     assert chunk_table(torch.zeros(MAX_CLASS + 1, dtype=torch.long)) is None
 
 

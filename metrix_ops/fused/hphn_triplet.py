@@ -36,7 +36,7 @@ def _point_inner(xu, pu, pw, plam, qu, qw, qlam):
             + (1 - plam) * (qlam * g(pw, qu) + (1 - qlam) * g(pw, qw)))
 
 
-def _point_norm(xu, u, w, lam):
+def point_norm(xu, u, w, lam):
     """‖point‖ (1 for originals, exactly, as the reference)."""
     sq = _point_inner(xu, u, w, lam, u, w, lam)
     return torch.where(u == w, torch.ones_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
@@ -74,7 +74,7 @@ def picks_loss(params, inp, reducer, xu, idx, n):
     lam_q = (idx[:, 6].double() / (n + 1)).to(xu.dtype)
     au, aw, qu, qw = idx[:, 1], idx[:, 2], idx[:, 4], idx[:, 5]
     s_an = _point_inner(xu, au, aw, lam_a, qu, qw, lam_q) / (
-        _point_norm(xu, au, aw, lam_a) * _point_norm(xu, qu, qw, lam_q))
+        point_norm(xu, au, aw, lam_a) * point_norm(xu, qu, qw, lam_q))
     if d.is_inverted:
         hp, hn = (xu * xu[p]).sum(1), s_an
     else:

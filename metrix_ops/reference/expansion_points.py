@@ -95,8 +95,13 @@ class ExpansionPoints:
 
 
 def build_points(labels: torch.Tensor, n_points: int, pairs: str) -> ExpansionPoints:
+    return points_on_segments(labels, n_points, *expansion_segments(labels, pairs))
+
+
+def points_on_segments(labels: torch.Tensor, n_points: int, seg_i: torch.Tensor,
+                       seg_j: torch.Tensor) -> ExpansionPoints:
+    """The point table of given segments, in O(P) (build_points with its segments found)."""
     b, dev = len(labels), labels.device
-    seg_i, seg_j = expansion_segments(labels, pairs)
     n, s = n_points, len(seg_i)
     orig = torch.arange(b, device=dev)
     # synthetic point B + e·n + (k−1): segment-major, k = 1..n within a segment

@@ -20,7 +20,7 @@ from .. import fused
 from ..ops.circle_metrix import finish_circle_mixed
 from ..reducers import zero_loss
 from .circle import _circle_logits, impl as clean_impl, supports as clean_supports
-from .metrix_tiles import (candidate_tile, chunk_rows, covers, mix_config, mix_grads,
+from .metrix_tiles import (candidate_tile, chunk_rows, covers, fold3, mix_config, mix_grads,
                            register_lse_autograd, run_sorted)
 from .pairs import loss_constants
 
@@ -30,15 +30,6 @@ def _circle_mix_logits(v, ok, prm_ptr):
     """The candidates' two logits (−inf off the candidates) and their slopes ∂/∂s̃: the clean
     tile's (circle.py) over the KB×KB×N candidates, its constants after λ."""
     return _circle_logits(v, ok, ok, prm_ptr + 1)
-
-
-@triton.jit
-def _fold3(m, t, x):
-    """An online log-sum-exp per anchor over a KB×KB×N tile, started at (−inf, 0)."""
-    m_new = tl.maximum(m, tl.max(tl.max(x, axis=2), axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(x - m_safe[:, None, None])
-    return m_new, t * tl.exp(m - m_safe) + tl.sum(tl.sum(e, axis=2), axis=1)
 
 
 @triton.jit
@@ -67,8 +58,8 @@ def _circle_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, lp_ptr, 
         v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
                                           stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
         xp, xn, _, _ = _circle_mix_logits(v, ok, prm_ptr)
-        mp, tp = _fold3(mp, tp, xp)
-        mn, tn = _fold3(mn, tn, xn)
+        mp, tp = fold3(mp, tp, xp)
+        mn, tn = fold3(mn, tn, xn)
     row_ok = offs_k < c1
     # no candidate: −inf (a clamped log, then the select: no log(0)); else the sum is ≥ 1
     tl.store(lp_ptr + offs_k, tl.where(tp > 0, mp + tl.log(tl.maximum(tp, 1e-30)),

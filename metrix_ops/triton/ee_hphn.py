@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .. import fused
 from ..distances import is_cosine, is_normalized_l2
-from ..fused.hphn_triplet import picks_loss, segments_for
-from ..reference.expansion_points import ExpansionPoints
+from ..fused.hphn_triplet import point_norm, picks_loss, segments_for
+from ..reference.expansion_points import points_on_segments
 from .hphn_triplet import hphn_mine_triton
 from .launch import usable_on
 from .pairs import launch_config, loss_constants, max_dim
@@ -89,23 +89,6 @@ def _ee_mine_kernel(x_ptr, pu_ptr, pw_ptr, plam_ptr, pscale_ptr, plab_ptr, prm_p
     tl.store(col_ptr + offs_m, tl.where(bcol < P, bcol, -1).to(tl.int64), mask=row_ok)
 
 
-def _point_scales(xu, pts):
-    """(‖point‖, λ in x's dtype) of each point as the reference's PointMetric takes them:
-    originals exactly 1, synthetic points the norm of the unnormalised point (the cosine
-    divides by it; with normalize the L2 of the normalised points is √(2 − 2·cosine)); O(P)
-    from the Gram entries of the ends."""
-    lam = pts.lam.to(xu.dtype)
-
-    def g(a, b):
-        return (xu[a] * xu[b]).sum(1)
-    u, w = pts.u, pts.w
-    h_u = lam * g(u, u) + (1 - lam) * g(u, w)
-    h_w = lam * g(w, u) + (1 - lam) * g(w, w)
-    sq = lam * h_u + (1 - lam) * h_w
-    return torch.where(pts.synthetic, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(),
-                       torch.ones_like(sq)), lam
-
-
 def mine_config(x):
     """The mining kernel's tiles and warps. On a GPU four product tiles live at once: 64×64
     tiles spill 1–2 KB per thread on sm_90, 32×32 with 32-wide feature steps and 4 warps 88
@@ -151,14 +134,11 @@ def ee_hphn_mine_triton(x_unit, labels, seg_i, seg_j, n_points: int,
     b, n, dev = len(labels), n_points, x.device
     if b == 0:
         return torch.full((0, 7), -1, dtype=torch.long, device=dev)
-    # the reference's point table (build_points) for the given segments, in O(P)
-    orig = torch.arange(b, device=dev)
-    k = torch.arange(1, n + 1, device=dev, dtype=torch.float64)
-    u = torch.cat([orig, seg_i.repeat_interleave(n)])
-    lam64 = torch.cat([torch.ones(b, dtype=torch.float64, device=dev), (k / (n + 1)).repeat(len(seg_i))])
-    pts = ExpansionPoints(b, n, seg_i, seg_j, u, torch.cat([orig, seg_j.repeat_interleave(n)]),
-                          lam64, labels[u], torch.arange(len(u), device=dev) >= b)
-    scale, lam = _point_scales(x, pts)
+    pts = points_on_segments(labels, n, seg_i, seg_j)
+    # ‖point‖ as the reference's PointMetric takes it (originals exactly 1; the cosine divides
+    # by it; with normalize the L2 of the normalised points is √(2 − 2·cosine))
+    lam = pts.lam.to(x.dtype)
+    scale = point_norm(x, pts.u, pts.w, lam)
     best, col = torch.ops.metrix_ops.triton_ee_point_mine(x, pts.u, pts.w, lam, scale,
                                                           pts.labels, bool(inverted))
     out = torch.full((b, 7), -1, dtype=torch.long, device=x.device)

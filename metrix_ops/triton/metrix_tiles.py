@@ -41,11 +41,14 @@ MIX_EPS = 1e-12  # as F.normalize and the CPU kernels (common/metrix_mix.h kMixE
 
 
 def chunk_table(sorted_labels: torch.Tensor):
-    """(chunk starts with the end appended, as int32 on the labels' device; KB): whole
-    classes of the sorted labels packed greedily into chunks of at most KB rows, KB the
-    smallest power of two ≥ 16 (tl.dot's least) that holds the largest class. None when a
-    class is larger than MAX_CLASS."""
-    counts = torch.unique_consecutive(sorted_labels, return_counts=True)[1].tolist()
+    """(chunk starts with the end appended, as int32 on the labels' device; KB; each row's
+    class size, int32, for the rule "no positive: mix the anchor itself"): whole classes of
+    the sorted labels packed greedily into chunks of at most KB rows, KB the smallest power of
+    two ≥ 16 (tl.dot's least) that holds the largest class. None when a class is larger than
+    MAX_CLASS."""
+    _, inverse, sizes = torch.unique_consecutive(sorted_labels, return_inverse=True,
+                                                 return_counts=True)
+    counts = sizes.tolist()
     biggest = max(counts, default=1)
     if biggest > MAX_CLASS:
         return None
@@ -56,7 +59,8 @@ def chunk_table(sorted_labels: torch.Tensor):
             starts.append(row)
         row += c
     starts.append(row)
-    return torch.tensor(starts, dtype=torch.int32, device=sorted_labels.device), kb
+    return (torch.tensor(starts, dtype=torch.int32, device=sorted_labels.device), kb,
+            sizes[inverse].to(torch.int32))
 
 
 def run_sorted(op, x_unit, labels, pairs: str, *consts):
@@ -70,8 +74,8 @@ def run_sorted(op, x_unit, labels, pairs: str, *consts):
     table = chunk_table(ys)
     if table is None:
         return None
-    chunks, kb = table
-    out = op(xs, ys, class_sizes(ys), chunks, kb, *consts, pairs == "anchor_neg")
+    chunks, kb, sizes = table
+    out = op(xs, ys, sizes, chunks, kb, *consts, pairs == "anchor_neg")
     return tuple(t.index_select(0, inverse) for t in out)
 
 
@@ -100,13 +104,6 @@ def register_lse_autograd(fwd_name: str, bwd_op, n_inputs: int):
         return (bwd_op(g_rows, *ctx.saved_tensors, *ctx.consts),) + (None,) * (n_inputs - 1)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup)
-
-
-def class_sizes(sorted_labels: torch.Tensor) -> torch.Tensor:
-    """Each row's class size (int32), for the rule "no positive: mix the anchor itself"."""
-    _, inverse, counts = torch.unique_consecutive(sorted_labels, return_inverse=True,
-                                                  return_counts=True)
-    return counts[inverse].to(torch.int32)
 
 
 if HAS_TRITON:
@@ -158,6 +155,15 @@ if HAS_TRITON:
         v = r[None, :, :] * (lam * sap[:, :, None] + (1 - lam) * s[:, None, :])
         ok = pm[:, :, None] & neg[:, None, :]
         return v, ok, r, offs_n
+
+    @triton.jit
+    def fold3(m, t, x):
+        """An online log-sum-exp per anchor (running max m, Σ e^{·−m}) folding a KB×KB×N
+        tile x; a state started at (−inf, 0) stays so until a finite term comes."""
+        m_new = tl.maximum(m, tl.max(tl.max(x, axis=2), axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.exp(x - m_safe[:, None, None])
+        return m_new, t * tl.exp(m - m_safe) + tl.sum(tl.sum(e, axis=2), axis=1)
 
     @triton.jit
     def candidate_grads(w, v, r, lam):

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import fused
-from .metrix_tiles import (candidate_tile, chunk_rows, covers, mix_config, mix_grads,
+from .metrix_tiles import (candidate_tile, chunk_rows, covers, fold3, mix_config, mix_grads,
                            register_lse_autograd, run_sorted)
 from .multi_similarity import ms_rows_triton, supports as clean_supports
 from .pairs import loss_constants
@@ -38,14 +38,6 @@ def _ms_mix_args(v, ok, prm_ptr):
     xp = tl.where(ok, -alpha * (v - base), float("-inf"))
     xn = tl.where(ok, beta * (v - base), float("-inf"))
     return xp, xn
-
-
-@triton.jit
-def _fold3(m, s, x):
-    """An online log-sum-exp per anchor (running max m, Σ e^{·−m}) folding x (KB×KB×N)."""
-    m_new = tl.maximum(m, tl.max(tl.max(x, axis=2), axis=1))
-    e = tl.exp(x - m_new[:, None, None])
-    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.sum(e, axis=2), axis=1)
 
 
 @triton.jit
@@ -74,8 +66,8 @@ def _ms_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, mix_ptr, lp_
         v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
                                           stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
         xp, xn = _ms_mix_args(v, ok, prm_ptr)
-        mp, sp = _fold3(mp, sp, xp)
-        mn, sn = _fold3(mn, sn, xn)
+        mp, sp = fold3(mp, sp, xp)
+        mn, sn = fold3(mn, sn, xn)
     lp = mp + tl.log(sp)
     ln = mn + tl.log(sn)
     alpha, beta = tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
