@@ -116,33 +116,44 @@ def test_not_covered_and_auto(monkeypatch):
 
 
 def test_opcheck():
+    """The shared two-side log-sum-exp ops (triton/side_lse.py) of Circle's kind."""
+    from metrix_ops.triton.circle import CIRCLE
     x = F.normalize(torch.randn(11, 4, dtype=torch.float64), dim=1).to(DEVICE)
     r = F.normalize(torch.randn(7, 4, dtype=torch.float64), dim=1).to(DEVICE)
     y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 0], device=DEVICE)
     ry = torch.tensor([0, 1, 1, 2, 3, 5, 0], device=DEVICE)
+    consts = [256.0, 1.25, -0.25, 0.75, 0.25]
+    check_side_lse_ops(x, r, y, ry, CIRCLE, consts)
+
+
+def check_side_lse_ops(x, r, y, ry, kind, consts):
+    """opcheck of the forward op (general and symmetric) and of its backward op."""
     ops = torch.ops.metrix_ops
-    torch.library.opcheck(ops.triton_circle_rows.default,
+    torch.library.opcheck(ops.triton_side_lse_rows.default,
                           (x.clone().requires_grad_(), r.clone().requires_grad_(), y, ry, False,
-                           0.25, 256.0, False))
+                           kind, consts, False))
     xs = x.clone().requires_grad_()
-    torch.library.opcheck(ops.triton_circle_rows.default, (xs, xs, y, y, True, 0.25, 256.0, True))
-    z, lp, ln = ops.triton_circle_rows(x, x, y, y, True, 0.25, 256.0, True)
-    gz = torch.randn(11, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(ops.triton_side_lse_rows.default, (xs, xs, y, y, True, kind, consts,
+                                                             True))
+    z, lp, ln = ops.triton_side_lse_rows(x, x, y, y, True, kind, consts, True)
+    gz = torch.randn(x.shape[0], dtype=x.dtype, device=x.device)
     for sym, need in ((False, (True, True)), (True, (True, False))):
-        torch.library.opcheck(ops.triton_circle_rows_bwd.default,
-                              (gz, x, x, y, y, lp, ln, True, 0.25, 256.0, sym) + need)
+        torch.library.opcheck(ops.triton_side_lse_rows_bwd.default,
+                              (gz, x, x, y, y, lp, ln, True, kind, consts, sym) + need)
 
 
 _SM90 = r'''
 import metrix_ops.triton.circle as ci
 import metrix_ops.triton.pairs as pairs
+import metrix_ops.triton.side_lse as side
 
 failed = []
 for fdt, acc, prec, rows, width in [("fp32", tl.float32, "tf32", 32, 512),
                                     ("fp64", tl.float64, "ieee", 16, 512)]:
     tiles = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, ACC=acc, PRECISION=prec)
     grad = dict(tiles, BLOCK_DO=width, GRAD_TILE=ci._circle_grad_tile)
-    for fn, consts in [(ci._circle_fwd_kernel, dict(tiles, EXCLUDE_DIAG=True)),
+    fwd = dict(tiles, EXCLUDE_DIAG=True, LOGITS=ci._circle_logits, EMPTY_ZERO=False)
+    for fn, consts in [(side.side_lse_fwd_kernel, fwd),
                        (pairs.pair_grad_dx_kernel, dict(grad, EXCLUDE_DIAG=True)),
                        (pairs.pair_grad_dr_kernel, dict(grad, EXCLUDE_DIAG=False)),
                        (pairs.pair_grad_sym_kernel, grad)]:
