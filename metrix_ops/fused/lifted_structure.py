@@ -28,7 +28,10 @@ def supports(params, inp, expansion) -> bool:
             and not (inp.same_set and inp.ref_labels is not inp.labels))
 
 
-def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
+def lifted_loss(params, inp, reducer, rows):
+    """PML's LiftedStructureLoss from an engine's rows(x_unit, cosine, pos_margin, neg_margin,
+    low, high) -> (sums, counts) of the kept terms per anchor (any anchor order): the
+    reducer's window, PML's no-loss rules and the pos-pair reduction as a ratio of totals."""
     x = inp.embeddings
     window = _window(reducer)
     if window is None:  # a reducer that is no ratio of totals: the reference's pair losses
@@ -42,14 +45,18 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         return zero_loss(x)
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
     xu, cosine = inp.distance.maybe_normalize(x), is_dot_of_normalized(inp.distance)
-    pm, nm = params["pos_margin"], params["neg_margin"]
-    if self_pairs_only(inp):
-        sums, counts = lifted_rows_self(xu, inp.labels, cosine, pm, nm, *window, block)
-    else:
-        sums, counts = lifted_rows(xu, inp.distance.maybe_normalize(inp.ref_emb), inp.labels,
-                                   inp.ref_labels, inp.same_set, cosine, pm, nm, *window, chunk)
+    sums, counts = rows(xu, cosine, params["pos_margin"], params["neg_margin"], *window)
     loss = _reduce_side(sums, counts, n_pos, reducer, x)
     return torch.where(none, zero_loss(x), loss) if compiling else loss
+
+
+def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
+    def rows(xu, cosine, pm, nm, low, high):
+        if self_pairs_only(inp):
+            return lifted_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
+        return lifted_rows(xu, inp.distance.maybe_normalize(inp.ref_emb), inp.labels,
+                           inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk)
+    return lifted_loss(params, inp, reducer, rows)
 
 
 register("cpu", "LiftedStructureLoss", supports, impl)

@@ -84,6 +84,21 @@ def register_kind(kind: int, logits, grad_tile, empty_zero: bool):
     _KINDS[kind] = (logits, grad_tile, bool(empty_zero))
 
 
+def side_lse_launch(kind: int, prm, x, r, labels, ref_labels, exclude_diag: bool):
+    """The forward kernel on contiguous inputs (int64 labels, constants tensor prm): (z, lse⁺,
+    lse⁻) per anchor, for the ops here and for losses built on a side's log-sum-exp."""
+    b = x.shape[0]
+    z, lp, ln = (torch.empty(b, dtype=x.dtype, device=x.device) for _ in range(3))
+    if b > 0:
+        logits, _, empty_zero = _KINDS[kind]
+        cfg, _, warps = launch_config(x, r)
+        side_lse_fwd_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
+            x, r, labels, ref_labels, prm, z, lp, ln, b, r.shape[0], x.shape[1], x.stride(0),
+            r.stride(0), LOGITS=logits, EMPTY_ZERO=empty_zero,
+            EXCLUDE_DIAG=bool(exclude_diag), **cfg, **warps)
+    return z, lp, ln
+
+
 _FWD = "metrix_ops::triton_side_lse_rows"
 _BWD = "metrix_ops::triton_side_lse_rows_bwd"
 
@@ -94,18 +109,9 @@ def _side_lse_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                       consts: list[float], symmetric: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z, lse⁺, lse⁻) per anchor; −inf for an empty side."""
-    x, r = x.contiguous(), r.contiguous()
-    b = x.shape[0]
-    z, lp, ln = (torch.empty(b, dtype=x.dtype, device=x.device) for _ in range(3))
-    if b > 0:
-        logits, _, empty_zero = _KINDS[kind]
-        cfg, _, warps = launch_config(x, r)
-        side_lse_fwd_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
-            x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
-            loss_constants(x, *consts), z, lp, ln, b, r.shape[0], x.shape[1], x.stride(0),
-            r.stride(0), LOGITS=logits, EMPTY_ZERO=empty_zero,
-            EXCLUDE_DIAG=bool(exclude_diag), **cfg, **warps)
-    return z, lp, ln
+    return side_lse_launch(kind, loss_constants(x, *consts), x.contiguous(), r.contiguous(),
+                           labels.contiguous().long(), ref_labels.contiguous().long(),
+                           exclude_diag)
 
 
 @_side_lse_rows_op.register_fake
