@@ -23,11 +23,11 @@ from ..reducers import reduce_loss_dict
 from . import register
 
 
-def supports(params, inp, expansion) -> bool:
+def supports(params, inp, expansion, need_ext: bool = True) -> bool:
     d = inp.distance
     # ref_emb is refused before this for a call; CrossBatchMemory's bank (fused.run_with_memory)
     # arrives as ref_emb and must reach the same refusal
-    return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
+    return ((_ext.HAS_EXT or not need_ext) and expansion is None and inp.indices_tuple is None
             and inp.labels is not None and inp.ref_emb is inp.embeddings
             and type(d) in (CosineSimilarity, DotProductSimilarity) and d.power == 1)
 
@@ -43,9 +43,11 @@ def first_pairs(labels):
     return order[first], order[first + 1]
 
 
-def pairs_loss(inp, reducer, a, p, chunk=None):
+def pairs_loss(inp, reducer, a, p, chunk=None, rows_fn=None):
     """The N-pairs loss of the pairs (a_k, p_k): anchor k's softmax over every p_l, its own
-    p_k the target (the fused ProxyNCA op over the K×K problem), reduced per anchor."""
+    p_k the target (the fused ProxyNCA op over the K×K problem), reduced per anchor.
+    rows_fn(anchors, positives, targets): another engine's ProxyNCA rows (default the CPU
+    op's)."""
     x = inp.embeddings
     compiling = torch.compiler.is_compiling()
     if not compiling and len(a) == 0:
@@ -54,8 +56,11 @@ def pairs_loss(inp, reducer, a, p, chunk=None):
     xk = inp.distance.maybe_normalize(x)  # as the reference: its p, or none
     if compiling and chunk is None:  # a tile size from the batch, not from the data's K
         chunk = default_chunk(max(1, x.shape[0] // 2))
-    rows = proxy_nca_rows(xk.index_select(0, a), xk.index_select(0, p),
-                          torch.arange(len(a), device=x.device), 1.0, COSINE, chunk)
+    if rows_fn is None:
+        def rows_fn(xa, xp, targets):
+            return proxy_nca_rows(xa, xp, targets, 1.0, COSINE, chunk)
+    rows = rows_fn(xk.index_select(0, a), xk.index_select(0, p),
+                   torch.arange(len(a), device=x.device))
     info = {"losses": rows, "indices": a, "reduction_type": "element"}
     if compiling:  # the number of pairs is data: no branch on it, the zero loss by a select
         info.update(keep=torch.ones_like(rows, dtype=torch.bool), none_kept="zero")
