@@ -1,5 +1,5 @@
-"""Embedding-level Metrix on the Triton engine (MultiSimilarityLoss; ContrastiveLoss with L2
-and cosine distances; CircleLoss) against the reference (closed-form candidates over dense B×B×B
+"""Embedding-level Metrix on the Triton engine (MultiSimilarityLoss; ContrastiveLoss and
+GeneralizedLiftedStructureLoss with L2 and cosine distances; CircleLoss) against the reference (closed-form candidates over dense B×B×B
 tensors): values and gradients over the shared cases, λ at and inside [0, 1], pos_neg and
 anchor_neg, chunks packing several classes, a class filling a chunk of 32 and of 64 rows,
 several column tiles; the mixed rows alone with unequal weights; fp32 and half inputs; what
@@ -34,6 +34,14 @@ LOSSES = {
                 "contrastive_metrix", "contrastive_metrix_rows_triton"),
     "circle": ("CircleLoss", [{}, {"m": 0.25, "gamma": 256.0}], "circle_metrix",
                "circle_metrix_lses_triton"),
+    "gl_l2": ("GeneralizedLiftedStructureLoss", [{}, {"pos_margin": 0.2, "neg_margin": 0.8}],
+              "generalized_lifted_metrix", "lifted_metrix_lses_triton"),
+    "gl_cos": ("GeneralizedLiftedStructureLoss",
+               [{"distance": mo.distances.CosineSimilarity(), "pos_margin": 0.9,
+                 "neg_margin": 0.1},
+                {"distance": mo.distances.CosineSimilarity(), "pos_margin": 0.6,
+                 "neg_margin": 0.3}],
+               "generalized_lifted_metrix", "lifted_metrix_lses_triton"),
 }
 
 
@@ -169,6 +177,56 @@ def test_contrastive_mixed_rows_with_unequal_weights(cosine, lam, pairs):
         x)
 
 
+def _ref_lifted_sides(u, y, lam, pairs, cosine, pos_m, neg_m):
+    """Per anchor (lse⁺, lse⁻) of the mixed lifted exponents from the reference's dense
+    candidates, −inf without one; d̃ = 0 where 2 − 2s̃ < 16 eps (as _ref_con_rows)."""
+    from metrix_ops.reference.metrix import _in_batch_candidates
+    from metrix_ops.reference.pairs import match_masks
+    pos, neg = match_masks(y, y, True)
+    s, _, member = _in_batch_candidates(u @ u.t(), u @ u.t(), pos, neg, lam, pairs)
+    if cosine:
+        xp, xn = pos_m - s, s - neg_m
+    else:
+        q = (2 - 2 * s).clamp_min(0)
+        far = q >= 16 * torch.finfo(u.dtype).eps
+        d = torch.where(far, torch.where(far, q, 1.0).sqrt(), 0.0)
+        xp, xn = d - pos_m, neg_m - d
+    return (torch.logsumexp(torch.where(member, xp, -torch.inf), 1),
+            torch.logsumexp(torch.where(member, xn, -torch.inf), 1))
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("lam,pairs", [(0.35, "pos_neg"), (0.6, "anchor_neg"), (0.0, "pos_neg"),
+                                       (1.0, "pos_neg")])
+def test_lifted_mixed_sides_with_unequal_weights(cosine, lam, pairs):
+    """GeneralizedLifted's op: z (the sides with label mass; λ = 0 or 1 switches one off in
+    the kernel) weighted unequally per anchor, values and gradients, and its candidate mask."""
+    from metrix_ops.triton.generalized_lifted_metrix import lifted_metrix_lses_triton
+    g = torch.Generator().manual_seed(int(100 * lam) + cosine)
+    y = _labels([4, 1, 6, 3, 9, 2, 5], g)
+    x = torch.randn(len(y), 6, dtype=torch.float64, generator=g)
+    w = torch.randn(len(y), dtype=torch.float64, generator=g)
+    x, y, w = on_dev(x, y, w)
+    pm, nm = (0.8, 0.2) if cosine else (0.3, 1.1)
+
+    def ref_z(e):
+        lp, ln = _ref_lifted_sides(F.normalize(e, dim=1), y, lam, pairs, cosine, pm, nm)
+        has = torch.isfinite(lp)
+        z = torch.zeros_like(lp)
+        if lam > 0:
+            z = z + torch.where(has, lp, 0.0)
+        if lam < 1:
+            z = z + torch.where(has, ln, 0.0)
+        return z, has
+
+    z, has = lifted_metrix_lses_triton(F.normalize(x, dim=1), y, cosine, pm, nm, lam, pairs)
+    assert torch.equal(has, ref_z(x)[1]) and bool(has.any())
+    assert_close_vg(
+        lambda e: (lifted_metrix_lses_triton(F.normalize(e, dim=1), y, cosine, pm, nm, lam,
+                                             pairs)[0] * w).sum(),
+        lambda e: (ref_z(e)[0] * w).sum(), x)
+
+
 def test_contrastive_duplicates_have_no_slope():
     """A positive duplicated (mix of the anchor's twin): the candidate at d̃ ≈ 0 counts as
     d̃ = 0 with no gradient, as the reference; gradients stay finite."""
@@ -250,13 +308,20 @@ def test_opcheck():
             torch.library.opcheck(ops.triton_contrastive_metrix_bwd.default,
                                   (gm, gm.flip(0), xs, ys, sizes, chunks, kb, cosine,
                                    pm, nm, 0.3, anchor_neg))
-        args = (xs.clone().requires_grad_(), ys, sizes, chunks, kb, 0.25, 80.0, 0.3,
-                anchor_neg)
-        torch.library.opcheck(ops.triton_circle_metrix.default, args)
-        _, lp, ln = ops.triton_circle_metrix(*args)
-        torch.library.opcheck(ops.triton_circle_metrix_bwd.default,
-                              (gm, xs, ys, sizes, chunks, lp.detach(), ln.detach(), kb,
-                               0.25, 80.0, 0.3, anchor_neg))
+        # the shared two-side op (lse_metrix.py): Circle's kind, GeneralizedLifted's two
+        # (with a side switched off, as at λ = 0)
+        from metrix_ops.triton.circle_metrix import CIRCLE_MIX
+        from metrix_ops.triton.generalized_lifted_metrix import LIFTED_MIX_COS, LIFTED_MIX_L2
+        for kind, consts in ((CIRCLE_MIX, [80.0, 1.25, -0.25, 0.75, 0.25]),
+                             (LIFTED_MIX_L2, [0.1, 0.9, 3e-15, 1.0, 1.0]),
+                             (LIFTED_MIX_COS, [0.8, 0.2, 3e-15, 0.0, 1.0])):
+            args = (xs.clone().requires_grad_(), ys, sizes, chunks, kb, kind, consts, 0.3,
+                    anchor_neg)
+            torch.library.opcheck(ops.triton_lse_metrix.default, args)
+            _, lp, ln = ops.triton_lse_metrix(*args)
+            torch.library.opcheck(ops.triton_lse_metrix_bwd.default,
+                                  (gm, xs, ys, sizes, chunks, lp.detach(), ln.detach(), kb,
+                                   kind, consts, 0.3, anchor_neg))
 
 
 def test_chunk_table_packs_whole_classes():
@@ -274,6 +339,8 @@ _SM90 = r'''
 import metrix_ops.triton.ms_metrix as mm
 import metrix_ops.triton.contrastive_metrix as cm
 import metrix_ops.triton.circle_metrix as ci
+import metrix_ops.triton.generalized_lifted_metrix as gl
+import metrix_ops.triton.lse_metrix as lm
 import metrix_ops.triton.metrix_tiles as mt
 
 failed = []
@@ -288,8 +355,11 @@ for fdt, acc, prec, kb, bn, width in [("fp32", tl.float32, "tf32", 16, 32, 128),
     weights = [mm._ms_mix_weights]
     if kb == 16:  # every loss at the common chunk height; the tallest chunk for MS only
         cases += [(cm._con_mix_fwd_kernel, {"COSINE": False}),
-                  (cm._con_mix_fwd_kernel, {"COSINE": True}), (ci._circle_mix_fwd_kernel, {})]
-        weights += [cm._con_mix_weights_l2, cm._con_mix_weights_cos, ci._circle_mix_weights]
+                  (cm._con_mix_fwd_kernel, {"COSINE": True})]
+        cases += [(lm.lse_mix_fwd_kernel, {"LOGITS": f}) for f in
+                  (ci._circle_mix_logits, gl._lifted_mix_logits_l2, gl._lifted_mix_logits_cos)]
+        weights += [cm._con_mix_weights_l2, cm._con_mix_weights_cos, ci._circle_mix_weights,
+                    gl._lifted_mix_weights_l2, gl._lifted_mix_weights_cos]
     for w in weights:
         cases += [(mt.mix_grad_rows_kernel, {"WEIGHTS": w}), (mt.mix_grad_cols_kernel, {"WEIGHTS": w})]
     for fn, extra in cases:

@@ -33,11 +33,24 @@ def lifted_metrix_loss(x_unit, labels, cosine: bool, pos_margin: float, neg_marg
     lp, ln = lifted_metrix_lses(x_unit, labels, cosine, pos_margin, neg_margin, lam, pairs,
                                 block)
     has = torch.isfinite(lp)  # a candidate (then both sides are finite)
-    pre = torch.zeros_like(lp)
+    z = torch.zeros_like(lp)
     if lam > 0.0:
-        pre = pre + torch.where(has, lp, 0.0) + math.log(lam)
+        z = z + torch.where(has, lp, 0.0)
     if lam < 1.0:
-        pre = pre + torch.where(has, ln, 0.0) + math.log1p(-lam)
+        z = z + torch.where(has, ln, 0.0)
+    return finish_lifted_mixed(has, z, lam, like)
+
+
+def finish_lifted_mixed(has, z, lam: float, like):
+    """L̃ from each anchor's z, the sum of its sides' log-sum-exps that carry label mass
+    (lse⁺ for λ > 0, lse⁻ for λ < 1), and whether it has a candidate: [z + log λ +
+    log(1 − λ)]₊ (the logs of the sides present), the mean over anchors with a candidate
+    (shared by the CPU op's glue and the Triton engine's)."""
+    pre = torch.where(has, z, 0.0)
+    if lam > 0.0:
+        pre = pre + math.log(lam)
+    if lam < 1.0:
+        pre = pre + math.log1p(-lam)
     rows = torch.where(has, F.relu(pre), 0.0)
     n = has.sum()
     return torch.where(n > 0, rows.sum() / n.clamp(min=1), zero_loss(like))
