@@ -58,7 +58,8 @@ x = torch.randn(37, 16, device='cuda'); r = torch.randn(301, 16, device='cuda')
 for dt in (torch.float32, torch.float64, torch.bfloat16):
     out = sim_row_stats(x.to(dt), r.to(dt), 2.0, 64); torch.cuda.synchronize()
 y = torch.randint(0, 5, (37,), device='cuda')
-for name in ('MultiSimilarityLoss', 'ContrastiveLoss', 'CircleLoss', 'NTXentLoss', 'SupConLoss'):
+for name in ('MultiSimilarityLoss', 'ContrastiveLoss', 'CircleLoss', 'NTXentLoss', 'SupConLoss',
+             'GeneralizedLiftedStructureLoss', 'NPairsLoss'):
     for dt in (torch.float32, torch.float64):  # the row-chunk engine, fwd + bwd
         e = x.to(dt).requires_grad_(True)
         getattr(metrix_ops.losses, name)(backend='cuda')(e, y).backward(); torch.cuda.synchronize()
@@ -94,9 +95,14 @@ for loss in contrastive proxy_anchor ntxent supcon circle triplet; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
 # embedding-level Metrix on the Triton engine (the only GPU engine with it) against the clean loss
-for loss in metrix_ms metrix_contrastive metrix_circle; do
+for loss in metrix_ms metrix_contrastive metrix_circle metrix_generalized_lifted; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
+# the losses new to the GPU engines in the seventh session (none has run on a GPU yet)
+for loss in generalized_lifted npairs; do
+  bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
+done
+bench gpu_lifted_float32 --loss lifted --impls triton,floor,pml --sizes 8192 --dims 512 --repeats 10
 # EE-HPHN (n = 8) on the Triton engine: brute-force mining over all (B + 8·#pairs)² point pairs
 bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 bench gpu_ms_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10

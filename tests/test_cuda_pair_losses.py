@@ -1,9 +1,10 @@
 """backend="cuda" (csrc/cuda/*_cuda.cu on the row-chunk engine csrc/cuda/pair_rows.cuh:
-MultiSimilarity, Contrastive, Circle, NTXent, SupCon, ProxyAnchor, ProxyNCA) against the
+MultiSimilarity, Contrastive, Circle, NTXent, SupCon, ProxyAnchor, ProxyNCA,
+GeneralizedLiftedStructure, NPairs on the ProxyNCA op) against the
 reference on the same device: values and gradients over the shared cases, chunk boundaries,
 ref_emb, reducers; opcheck; bad input. Skipped without a GPU and the compiled CUDA kernels; the per-pair math they run
 is the headers the CPU tests check (common/lse_acc.h, contrastive.h, circle.h, ntxent.h,
-proxy_anchor.h, proxy_nca.h)."""
+proxy_anchor.h, proxy_nca.h, lifted.h)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,14 @@ LOSSES = [
     ("NTXentLoss", {"temperature": 0.5}),
     ("SupConLoss", {}),
     ("SupConLoss", {"temperature": 0.3}),
+    ("GeneralizedLiftedStructureLoss", {}),
+    ("GeneralizedLiftedStructureLoss", {"distance": "cosine", "pos_margin": 0.9,
+                                        "neg_margin": 0.2}),
 ]
 LOSS_IDS = ["ms", "ms_kw", "con", "con_kw", "con_cos", "circle", "circle_kw", "ntxent",
-            "ntxent_t", "supcon", "supcon_t"]
+            "ntxent_t", "supcon", "supcon_t", "gen_lifted", "gen_lifted_cos"]
+# the batch against itself only (PML's N-pairs takes no ref_emb): the shared cases
+BATCH_ONLY = [("NPairsLoss", {})]
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +58,7 @@ def pair(name, kw, **extra):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("name,kw", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("name,kw", LOSSES + BATCH_ONLY, ids=LOSS_IDS + ["npairs"])
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-6, 1e-9),
                                              (torch.float32, 1e-4, 1e-5)])
 def test_matches_reference(case, name, kw, dtype, rtol, atol):
@@ -123,7 +129,7 @@ def test_explicit_cuda_runs_the_cuda_op(monkeypatch):
     torch.testing.assert_close(out, mo.losses.MultiSimilarityLoss(backend="reference")(x, y))
 
 
-@pytest.mark.parametrize("op", ["ms", "con"])
+@pytest.mark.parametrize("op", ["ms", "con", "gen_lifted"])
 def test_opcheck(op):
     x = F.normalize(torch.randn(9, 5, dtype=torch.float64, device="cuda"), dim=1)
     y = torch.randint(0, 3, (9,), device="cuda")
@@ -131,10 +137,13 @@ def test_opcheck(op):
     if op == "ms":
         args = (x, x.detach().clone().requires_grad_(True), y, y, True, 2.0, 50.0, 0.5, 4)
         torch.library.opcheck(torch.ops.metrix_ops.ms_loss_fwd.default, args)
-    else:
+    elif op == "con":
         args = (x, x.detach().clone().requires_grad_(True), y, y, True, False, 0.0, 1.0, 0.0,
                 float("inf"), 4)
         torch.library.opcheck(torch.ops.metrix_ops.contrastive_fwd.default, args)
+    else:
+        args = (x, x.detach().clone().requires_grad_(True), y, y, True, False, 0.1, 0.9, 4)
+        torch.library.opcheck(torch.ops.metrix_ops.gen_lifted_fwd.default, args)
 
 
 def test_bad_input_names_the_argument():

@@ -15,16 +15,11 @@ namespace metrix_ops {
 
 namespace {
 
+using cuda_pairs::check_cuda_pair_call;
 using cuda_pairs::fold_all;
 using cuda_pairs::grad_all;
 using cuda_pairs::kThreads;
 using cuda_pairs::make_states;
-
-void check_cuda_pair_call(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
-                          const at::Tensor& ref_labels, int64_t chunk) {
-  check_pair_op_inputs(x, r, labels, ref_labels, chunk);
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
-}
 
 // ---- multi-similarity: per row log(1 + Σ_pos e^{−α(s−b)}) and log(1 + Σ_neg e^{β(s−b)})
 

@@ -24,10 +24,19 @@
 
 #include <type_traits>
 
+#include "common/checks.h"
 #include "common/row_state.h"  // MO_HD
 
 namespace metrix_ops {
 namespace cuda_pairs {
+
+// The pair ops' input checks (common/checks.h), and that x lives on a CUDA device.
+inline void check_cuda_pair_call(const at::Tensor& x, const at::Tensor& r,
+                                 const at::Tensor& labels, const at::Tensor& ref_labels,
+                                 int64_t chunk) {
+  check_pair_op_inputs(x, r, labels, ref_labels, chunk);
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+}
 
 constexpr int kThreads = 256;
 

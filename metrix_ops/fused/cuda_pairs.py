@@ -1,13 +1,15 @@
 """backend="cuda": the CPU glue as is for the losses whose general ops have CUDA
 implementations (csrc/cuda/pair_losses_cuda.cu: ms_loss, contrastive, circle;
-csrc/cuda/proxy_losses_cuda.cu: proxy_anchor, proxy_nca; csrc/cuda/ntxent_cuda.cu: ntxent,
-supcon; dispatched by device), for CUDA
+csrc/cuda/lifted_cuda.cu: gen_lifted; csrc/cuda/proxy_losses_cuda.cu: proxy_anchor, proxy_nca,
+which NPairsLoss also runs on; csrc/cuda/ntxent_cuda.cu: ntxent, supcon; dispatched by
+device), for CUDA
 tensors when the CUDA kernels were compiled. The symmetric self ops are CPU-only: the glue
 takes the general op with r = x on CUDA tensors."""
 from __future__ import annotations
 
 from .. import _ext
-from . import circle, contrastive, multi_similarity, ntxent, proxy_anchor, proxy_nca, register
+from . import (circle, contrastive, generalized_lifted, multi_similarity, npairs, ntxent,
+               proxy_anchor, proxy_nca, register)
 
 
 def _on_cuda(supports):
@@ -24,5 +26,7 @@ for _name, _supports, _impl in [
         ("NTXentLoss", ntxent.supports, ntxent.ntxent_impl),
         ("SupConLoss", ntxent.supports, ntxent.supcon_impl),
         ("ProxyAnchorLoss", proxy_anchor.supports, proxy_anchor.impl),
-        ("ProxyNCALoss", proxy_nca.supports, proxy_nca.impl)]:
+        ("ProxyNCALoss", proxy_nca.supports, proxy_nca.impl),
+        ("GeneralizedLiftedStructureLoss", generalized_lifted.supports, generalized_lifted.impl),
+        ("NPairsLoss", npairs.supports, npairs.impl)]:
     register("cuda", _name, _on_cuda(_supports), _impl)
