@@ -13,7 +13,11 @@ pytestmark = requires_triton
 
 COMPILABLE = [("MultiSimilarityLoss", {}), ("ContrastiveLoss", {}),
               ("ContrastiveLoss", {"reducer": mo.reducers.MeanReducer(), "pos_margin": 0.1}),
-              ("TripletMarginLoss", {})]
+              ("TripletMarginLoss", {}), ("CircleLoss", {}),
+              ("GeneralizedLiftedStructureLoss", {}), ("LiftedStructureLoss", {}),
+              ("NPairsLoss", {}), ("ProxyAnchorLoss", {"num_classes": 6, "embedding_size": 7}),
+              ("ProxyNCALoss", {"num_classes": 6, "embedding_size": 7}),
+              ("NTXentLoss", {}), ("SupConLoss", {})]
 
 
 @pytest.mark.parametrize("name,kw", COMPILABLE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(COMPILABLE)])
@@ -21,7 +25,7 @@ def test_module_under_fullgraph_compile_equals_eager(name, kw):
     """The launches are custom ops: the whole module traces (input checks, pair counts, the
     no-pairs rule, the reducer), as on the CPU backend."""
     torch._dynamo.reset()
-    loss = getattr(mo.losses, name)(backend="triton", **kw)
+    loss = getattr(mo.losses, name)(backend="triton", **kw).to(DEVICE)  # proxies too
     compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
     g = torch.Generator().manual_seed(3)
     for b, k in [(13, 4), (6, 6), (1, 1)]:  # random, no positives, the no-pairs rule

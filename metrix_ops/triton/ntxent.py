@@ -26,6 +26,8 @@ the reference labels are the batch labels).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..distances import is_cosine
@@ -231,91 +233,151 @@ def _hp(x, temperature, low=None, high=None):
                  -float("inf") if low is None else low, float("inf") if high is None else high)
 
 
-def _pair_bwd(ctx, loss, g, sa, sb, sc):
+def _pair_bwd(loss, x, r, labels, ref_labels, same_set, hp, g, sa, sb, sc, need_dx, need_dr):
     """dX (row programs) and dR (column programs) of either loss, as the inputs need them."""
-    x, r, labels, ref_labels = ctx.saved_tensors[:4]
     B, M, D = x.shape[0], r.shape[0], x.shape[1]
     stats = (g.to(x.dtype).contiguous(), sa, sb, sc)
-    common = dict(LOSS=loss, SAME=ctx.same_set)
+    common = dict(LOSS=loss, SAME=bool(same_set))
     dx = dr = None
-    if ctx.needs_input_grad[0]:
+    if need_dx:
         dx = torch.empty_like(x)
         t = tile_config(x, B, M, grad=True)
         _pair_dx_kernel[_grids(B, D, t)](
             x, r, labels, ref_labels, *stats, dx, B, M, D, x.stride(0), r.stride(0),
-            dx.stride(0), ctx.hp, **common, BLOCK_A=t["own"], BLOCK_R=t["loop"],
+            dx.stride(0), hp, **common, BLOCK_A=t["own"], BLOCK_R=t["loop"],
             BLOCK_D=t["d"], BLOCK_DO=t["out"], **t["kw"])
-    if ctx.needs_input_grad[1]:
-        dr = column_grads(_pair_dr_kernel, x, r, (x, r, labels, ref_labels, *stats), ctx.hp,
+    if need_dr:
+        dr = column_grads(_pair_dr_kernel, x, r, (x, r, labels, ref_labels, *stats), hp,
                           ("BLOCK_R", "BLOCK_A"), **common)
     return dx, dr
 
 
-def _prepare(ctx, x, r, labels, ref_labels, same_set, temperature, low=None, high=None):
+def _prepare(x, r, labels, ref_labels, temperature):
     x, r = x.contiguous(), r.contiguous()
     labels, ref_labels = labels.contiguous(), ref_labels.contiguous()
     _check(x, r, labels, ref_labels, temperature)
-    ctx.same_set, ctx.hp = bool(same_set), _hp(x, temperature, low, high)
     return x, r, labels, ref_labels, tile_config(x, x.shape[0], r.shape[0])
 
 
-class NtxentRows(torch.autograd.Function):
-    """(x, r, labels, ref_labels) -> per anchor (sum, count) of its NT-Xent positive-pair
-    losses inside low < loss < high; counts are int64 and not differentiable."""
-
-    @staticmethod
-    def forward(ctx, x, r, labels, ref_labels, same_set, temperature, low, high):
-        x, r, labels, ref_labels, t = _prepare(ctx, x, r, labels, ref_labels, same_set,
-                                               temperature, low, high)
-        B, M, D = x.shape[0], r.shape[0], x.shape[1]
-        sums, m, l, w = (x.new_empty(B) for _ in range(4))
-        counts = torch.empty(B, dtype=torch.int32, device=x.device)
-        _ntx_fwd_kernel[(triton.cdiv(B, t["own"]),)](
-            x, r, labels, ref_labels, sums, counts, m, l, w, B, M, D, x.stride(0), r.stride(0),
-            ctx.hp, SAME=ctx.same_set, BLOCK_A=t["own"], BLOCK_R=t["loop"], BLOCK_D=t["d"],
-            **t["kw"])
-        ctx.save_for_backward(x, r, labels, ref_labels, m, l, w)
-        counts = counts.long()
-        ctx.mark_non_differentiable(counts)
-        return sums, counts
-
-    @staticmethod
-    def backward(ctx, g_sums, _g_counts):
-        m, l, w = ctx.saved_tensors[4:]
-        g = torch.zeros_like(m) if g_sums is None else g_sums
-        return _pair_bwd(ctx, NTXENT, g, m, l, w) + (None,) * 6
+# The launches are torch.library custom ops (fake kernels and autograd registered here), so
+# that torch.compile(fullgraph=True) traces the modules around them, as the pair losses'.
+_NTX = "metrix_ops::triton_ntxent_rows"
+_SUP = "metrix_ops::triton_supcon_rows"
 
 
-class SupconRows(torch.autograd.Function):
-    """(x, r, labels, ref_labels) -> per-anchor SupCon losses (0 without positives)."""
+@torch.library.custom_op(_NTX, mutates_args=())
+def _ntxent_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
+                    ref_labels: torch.Tensor, same_set: bool, temperature: float, low: float,
+                    high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
+    """Per anchor (sum, count) of its NT-Xent positive-pair losses inside low < loss < high
+    (counts int64, not differentiable), and the row statistics (m, l, w) the backward reads."""
+    x, r, labels, ref_labels, t = _prepare(x, r, labels, ref_labels, temperature)
+    B, M, D = x.shape[0], r.shape[0], x.shape[1]
+    sums, m, l, w = (x.new_empty(B) for _ in range(4))
+    counts = torch.empty(B, dtype=torch.int32, device=x.device)
+    _ntx_fwd_kernel[(triton.cdiv(B, t["own"]),)](
+        x, r, labels, ref_labels, sums, counts, m, l, w, B, M, D, x.stride(0), r.stride(0),
+        _hp(x, temperature, low, high), SAME=bool(same_set), BLOCK_A=t["own"],
+        BLOCK_R=t["loop"], BLOCK_D=t["d"], **t["kw"])
+    return sums, counts.long(), m, l, w
 
-    @staticmethod
-    def forward(ctx, x, r, labels, ref_labels, same_set, temperature):
-        x, r, labels, ref_labels, t = _prepare(ctx, x, r, labels, ref_labels, same_set,
-                                               temperature)
-        B, M, D = x.shape[0], r.shape[0], x.shape[1]
-        rows, lse, n_pos = (x.new_empty(B) for _ in range(3))
-        _sup_fwd_kernel[(triton.cdiv(B, t["own"]),)](
-            x, r, labels, ref_labels, rows, lse, n_pos, B, M, D, x.stride(0), r.stride(0),
-            ctx.hp, SAME=ctx.same_set, BLOCK_A=t["own"], BLOCK_R=t["loop"], BLOCK_D=t["d"],
-            **t["kw"])
-        ctx.save_for_backward(x, r, labels, ref_labels, lse, n_pos)
-        return rows
 
-    @staticmethod
-    def backward(ctx, g_rows):
-        lse, n_pos = ctx.saved_tensors[4:]
-        return _pair_bwd(ctx, SUPCON, g_rows, lse, n_pos, n_pos) + (None,) * 4
+@_ntxent_rows_op.register_fake
+def _(x, r, labels, ref_labels, same_set, temperature, low, high):
+    b = x.shape[0]
+    return (x.new_empty(b), x.new_empty(b, dtype=torch.long), x.new_empty(b), x.new_empty(b),
+            x.new_empty(b))
+
+
+@torch.library.custom_op(_SUP, mutates_args=())
+def _supcon_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
+                    ref_labels: torch.Tensor, same_set: bool, temperature: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-anchor SupCon losses (0 without positives), and (lse, n_pos) for the backward."""
+    x, r, labels, ref_labels, t = _prepare(x, r, labels, ref_labels, temperature)
+    B, M, D = x.shape[0], r.shape[0], x.shape[1]
+    rows, lse, n_pos = (x.new_empty(B) for _ in range(3))
+    _sup_fwd_kernel[(triton.cdiv(B, t["own"]),)](
+        x, r, labels, ref_labels, rows, lse, n_pos, B, M, D, x.stride(0), r.stride(0),
+        _hp(x, temperature), SAME=bool(same_set), BLOCK_A=t["own"], BLOCK_R=t["loop"],
+        BLOCK_D=t["d"], **t["kw"])
+    return rows, lse, n_pos
+
+
+@_supcon_rows_op.register_fake
+def _(x, r, labels, ref_labels, same_set, temperature):
+    return tuple(x.new_empty(x.shape[0]) for _ in range(3))
+
+
+@torch.library.custom_op("metrix_ops::triton_ntx_pair_bwd", mutates_args=())
+def _pair_bwd_op(loss: int, g: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
+                 labels: torch.Tensor, ref_labels: torch.Tensor, sa: torch.Tensor,
+                 sb: torch.Tensor, sc: torch.Tensor, same_set: bool, temperature: float,
+                 low: float, high: float, need_dx: bool, need_dr: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    x, r, labels, ref_labels, _ = _prepare(x, r, labels, ref_labels, temperature)
+    dx, dr = _pair_bwd(loss, x, r, labels, ref_labels, same_set, _hp(x, temperature, low, high),
+                       g, sa, sb, sc, need_dx, need_dr)
+    return (x.new_empty(0) if dx is None else dx), (r.new_empty(0) if dr is None else dr)
+
+
+@_pair_bwd_op.register_fake
+def _(loss, g, x, r, labels, ref_labels, sa, sb, sc, same_set, temperature, low, high,
+      need_dx, need_dr):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(r) if need_dr else r.new_empty(0))
+
+
+def _setup(ctx, inputs, output, stats, window):
+    x, r, labels, ref_labels, same_set, temperature = inputs[:6]
+    ctx.save_for_backward(x, r, labels, ref_labels, *stats)
+    ctx.args = (same_set, temperature) + window
+
+
+def _backward(ctx, loss, g):
+    x, r, labels, ref_labels, sa, sb, sc = ctx.saved_tensors
+    need_dx, need_dr = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dr = torch.ops.metrix_ops.triton_ntx_pair_bwd(loss, g, x, r, labels, ref_labels, sa, sb,
+                                                      sc, *ctx.args, need_dx, need_dr)
+    return (dx if need_dx else None), (dr if need_dr else None)
+
+
+def _ntx_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    _setup(ctx, inputs, output, output[2:], tuple(inputs[6:]))
+
+
+def _ntx_backward(ctx, g_sums, *_):
+    g = torch.zeros_like(ctx.saved_tensors[4]) if g_sums is None else g_sums
+    return _backward(ctx, NTXENT, g) + (None,) * 6
+
+
+def _sup_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    lse, n_pos = output[1], output[2]
+    _setup(ctx, inputs, output, (lse, n_pos, n_pos), (-math.inf, math.inf))
+
+
+def _sup_backward(ctx, g_rows, *_):
+    return _backward(ctx, SUPCON, g_rows) + (None,) * 4
+
+
+torch.library.register_autograd(_NTX, _ntx_backward, setup_context=_ntx_setup)
+torch.library.register_autograd(_SUP, _sup_backward, setup_context=_sup_setup)
 
 
 def ntxent_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, temperature: float,
                 low=None, high=None):
-    return NtxentRows.apply(x_unit, r_unit, labels, ref_labels, bool(same_set),
-                            float(temperature), low, high)
+    sums, counts, *_ = torch.ops.metrix_ops.triton_ntxent_rows(
+        x_unit, r_unit, labels, ref_labels, bool(same_set), float(temperature),
+        -math.inf if low is None else float(low), math.inf if high is None else float(high))
+    return sums, counts
 
 
 def supcon_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, temperature: float):
-    return SupconRows.apply(x_unit, r_unit, labels, ref_labels, bool(same_set), float(temperature))
+    return torch.ops.metrix_ops.triton_supcon_rows(x_unit, r_unit, labels, ref_labels,
+                                                   bool(same_set), float(temperature))[0]
 
 
 def supports(params, inp, expansion) -> bool:

@@ -289,32 +289,66 @@ def _pa_bwd(x, p, labels, gp, gn, lp, ln, alpha, margin, need_dx=True, need_dp=T
     return dx, dp
 
 
-class ProxyAnchorTerms(torch.autograd.Function):
-    """(x, p, labels) -> per-proxy (pos, neg), the CPU op's proxy_anchor_fwd/bwd on Triton.
-    The terms are also the log-sum-exps the backward needs, so nothing else is saved."""
+# The launches are torch.library custom ops (fake kernels and autograd registered here), so
+# that torch.compile(fullgraph=True) traces the module around them, as the pair losses'.
+_FWD = "metrix_ops::triton_proxy_anchor_terms"
 
-    @staticmethod
-    def forward(ctx, x, p, labels, alpha, margin):
-        x, p, labels = x.contiguous(), p.contiguous(), labels.contiguous()
-        check_unit_inputs(x, p, labels)
-        pos, neg = _pa_fwd(x, p, labels, alpha, margin)
-        ctx.save_for_backward(x, p, labels, pos, neg)
-        ctx.args = (alpha, margin)
-        return pos, neg
 
-    @staticmethod
-    def backward(ctx, g_pos, g_neg):
-        x, p, labels, pos, neg = ctx.saved_tensors
-        g_pos = torch.zeros_like(pos) if g_pos is None else g_pos.to(pos.dtype).contiguous()
-        g_neg = torch.zeros_like(neg) if g_neg is None else g_neg.to(neg.dtype).contiguous()
-        dx, dp = _pa_bwd(x, p, labels, g_pos, g_neg, pos, neg, *ctx.args,
-                         need_dx=ctx.needs_input_grad[0], need_dp=ctx.needs_input_grad[1])
-        return dx, dp, None, None, None
+@torch.library.custom_op(_FWD, mutates_args=())
+def _pa_terms_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, alpha: float,
+                 margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-proxy (pos, neg), the CPU op's proxy_anchor_fwd on Triton. The terms are also the
+    log-sum-exps the backward needs, so nothing else is saved."""
+    x, p, labels = x.contiguous(), p.contiguous(), labels.contiguous()
+    check_unit_inputs(x, p, labels)
+    return _pa_fwd(x, p, labels, alpha, margin)
+
+
+@_pa_terms_op.register_fake
+def _(x, p, labels, alpha, margin):
+    return p.new_empty(p.shape[0]), p.new_empty(p.shape[0])
+
+
+@torch.library.custom_op("metrix_ops::triton_proxy_anchor_terms_bwd", mutates_args=())
+def _pa_terms_bwd_op(g_pos: torch.Tensor, g_neg: torch.Tensor, x: torch.Tensor,
+                     p: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
+                     neg: torch.Tensor, alpha: float, margin: float, need_dx: bool,
+                     need_dp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dp = _pa_bwd(x, p, labels, g_pos.to(pos.dtype).contiguous(),
+                     g_neg.to(neg.dtype).contiguous(), pos, neg, alpha, margin,
+                     need_dx=need_dx, need_dp=need_dp)
+    return (x.new_empty(0) if dx is None else dx), (p.new_empty(0) if dp is None else dp)
+
+
+@_pa_terms_bwd_op.register_fake
+def _(g_pos, g_neg, x, p, labels, pos, neg, alpha, margin, need_dx, need_dp):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(p) if need_dp else p.new_empty(0))
+
+
+def _pa_setup(ctx, inputs, output):
+    x, p, labels, alpha, margin = inputs
+    ctx.save_for_backward(x.contiguous(), p.contiguous(), labels.contiguous(), *output)
+    ctx.args = (alpha, margin)
+
+
+def _pa_backward(ctx, g_pos, g_neg):
+    x, p, labels, pos, neg = ctx.saved_tensors
+    g_pos = torch.zeros_like(pos) if g_pos is None else g_pos
+    g_neg = torch.zeros_like(neg) if g_neg is None else g_neg
+    need_dx, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dp = torch.ops.metrix_ops.triton_proxy_anchor_terms_bwd(
+        g_pos, g_neg, x, p, labels, pos, neg, *ctx.args, need_dx, need_dp)
+    return (dx if need_dx else None), (dp if need_dp else None), None, None, None
+
+
+torch.library.register_autograd(_FWD, _pa_backward, setup_context=_pa_setup)
 
 
 def proxy_anchor_terms(x_unit, p_unit, labels, alpha: float, margin: float):
     """Per-proxy (pos, neg): log(1 + Σ_{y=c} e^{−α(s−δ)}) and log(1 + Σ_{y≠c} e^{α(s+δ)})."""
-    return ProxyAnchorTerms.apply(x_unit, p_unit, labels, float(alpha), float(margin))
+    return torch.ops.metrix_ops.triton_proxy_anchor_terms(x_unit, p_unit, labels, float(alpha),
+                                                          float(margin))
 
 
 def supports(params, inp, expansion) -> bool:

@@ -152,34 +152,66 @@ def _nca_bwd(x, p, labels, g, lse, scale, kind, need_dx=True, need_dp=True):
     return dx, dp
 
 
-class ProxyNcaRows(torch.autograd.Function):
-    """(x, p, labels) -> per-example (lse − own logit, lse), the CPU op's proxy_nca_fwd/bwd
-    on Triton; the lse is saved for the backward and not differentiable."""
+# The launches are torch.library custom ops (fake kernels and autograd registered here), so
+# that torch.compile(fullgraph=True) traces the module around them, as the pair losses'.
+_FWD = "metrix_ops::triton_proxy_nca_rows"
 
-    @staticmethod
-    def forward(ctx, x, p, labels, scale, kind):
-        x, p, labels = x.contiguous(), p.contiguous(), labels.contiguous()
-        check_unit_inputs(x, p, labels)
-        if kind not in (COSINE, SQUARED_L2):
-            raise ValueError(f"kind must be {COSINE} or {SQUARED_L2}, got {kind}")
-        rows, lse = _nca_fwd(x, p, labels, scale, kind)
-        ctx.save_for_backward(x, p, labels, lse)
-        ctx.args = (scale, kind)
-        ctx.mark_non_differentiable(lse)
-        return rows, lse
 
-    @staticmethod
-    def backward(ctx, g_rows, _g_lse):
-        x, p, labels, lse = ctx.saved_tensors
-        g = torch.zeros_like(lse) if g_rows is None else g_rows.to(lse.dtype).contiguous()
-        dx, dp = _nca_bwd(x, p, labels, g, lse, *ctx.args,
-                          need_dx=ctx.needs_input_grad[0], need_dp=ctx.needs_input_grad[1])
-        return dx, dp, None, None, None
+@torch.library.custom_op(_FWD, mutates_args=())
+def _nca_rows_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, scale: float,
+                 kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example (lse − own logit, lse), the CPU op's proxy_nca_fwd on Triton; the lse is
+    saved for the backward and not differentiable."""
+    x, p, labels = x.contiguous(), p.contiguous(), labels.contiguous()
+    check_unit_inputs(x, p, labels)
+    if kind not in (COSINE, SQUARED_L2):
+        raise ValueError(f"kind must be {COSINE} or {SQUARED_L2}, got {kind}")
+    return _nca_fwd(x, p, labels, scale, kind)
+
+
+@_nca_rows_op.register_fake
+def _(x, p, labels, scale, kind):
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+@torch.library.custom_op("metrix_ops::triton_proxy_nca_rows_bwd", mutates_args=())
+def _nca_rows_bwd_op(g: torch.Tensor, x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor,
+                     lse: torch.Tensor, scale: float, kind: int, need_dx: bool,
+                     need_dp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dp = _nca_bwd(x, p, labels, g.to(lse.dtype).contiguous(), lse, scale, kind,
+                      need_dx=need_dx, need_dp=need_dp)
+    return (x.new_empty(0) if dx is None else dx), (p.new_empty(0) if dp is None else dp)
+
+
+@_nca_rows_bwd_op.register_fake
+def _(g, x, p, labels, lse, scale, kind, need_dx, need_dp):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(p) if need_dp else p.new_empty(0))
+
+
+def _nca_setup(ctx, inputs, output):
+    x, p, labels, scale, kind = inputs
+    ctx.save_for_backward(x.contiguous(), p.contiguous(), labels.contiguous(), output[1])
+    ctx.args = (scale, kind)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _nca_backward(ctx, g_rows, _g_lse):
+    x, p, labels, lse = ctx.saved_tensors
+    g = torch.zeros_like(lse) if g_rows is None else g_rows
+    need_dx, need_dp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dp = torch.ops.metrix_ops.triton_proxy_nca_rows_bwd(g, x, p, labels, lse, *ctx.args,
+                                                          need_dx, need_dp)
+    return (dx if need_dx else None), (dp if need_dp else None), None, None, None
+
+
+torch.library.register_autograd(_FWD, _nca_backward, setup_context=_nca_setup)
 
 
 def proxy_nca_rows(x_unit, p_unit, labels, scale: float, kind: int):
     """Per example: logsumexp over proxies of the logits − the logit of its own proxy."""
-    return ProxyNcaRows.apply(x_unit, p_unit, labels, float(scale), int(kind))[0]
+    return torch.ops.metrix_ops.triton_proxy_nca_rows(x_unit, p_unit, labels, float(scale),
+                                                      int(kind))[0]
 
 
 def supports(params, inp, expansion) -> bool:
