@@ -173,8 +173,8 @@ def test_backend_triton_runs_the_kernels(monkeypatch):
             return fn(*a, **k)
         monkeypatch.setattr(tms, name, wrapped)
 
-    spy("_ms_forward", tms._ms_forward)
-    spy("_ms_backward", tms._ms_backward)
+    spy("ms_forward", tms.ms_forward)
+    spy("ms_backward", tms.ms_backward)
     symmetric = []
     grads = tms.pair_grads
 
@@ -193,7 +193,7 @@ def test_backend_triton_runs_the_kernels(monkeypatch):
     loss = mo.losses.MultiSimilarityLoss(backend="triton")
     loss(x, y).backward()
     loss(x, y, ref_emb=x.detach() + 0, ref_labels=y).backward()
-    assert calls == ["_ms_forward", "_ms_backward"] * 2
+    assert calls == ["ms_forward", "ms_backward"] * 2
     assert symmetric == [True, False]  # the batch against itself: one symmetric kernel
     assert "MultiSimilarityLoss" in mo.backend.FUSED["triton"]
     if DEVICE.type == "cuda" and "MultiSimilarityLoss" not in mo.backend.FUSED["cuda"]:
@@ -206,7 +206,7 @@ def test_no_pairs_rule_skips_the_launch(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("launched")
 
-    monkeypatch.setattr(tms, "_ms_forward", boom)
+    monkeypatch.setattr(tms, "ms_forward", boom)
     tri, ref = pair()
     x = torch.randn(1, 5, dtype=torch.float64, device=DEVICE)
     y = torch.zeros(1, dtype=torch.long, device=DEVICE)

@@ -39,6 +39,9 @@ def compile_sm90(fn, constexprs: dict, float_type: str, num_warps: int = 4,
             return "*i64" if "lab" in n or n in ("y_ptr", "yr_ptr") else "*" + float_type
         return "i32"
 
+    # constexpr parameters with a default (e.g. MINE=False) take it unless given
+    constexprs = dict({p.name: p.default for p in fn.params
+                       if p.is_constexpr and p.has_default}, **constexprs)
     src = ASTSource(fn, {n: kind(n) for n in fn.arg_names},
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})

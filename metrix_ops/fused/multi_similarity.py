@@ -80,31 +80,44 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     return _reduce_clean(rows, inp, reducer) + metrix.weight * mixed
 
 
-def miner_supports(params, inp, miner) -> bool:
-    """MultiSimilarityMiner (ours or PML's) with a cosine similarity, inside the op. Not the
-    calls where PML's miner and loss disagree on the self pair (ref_emb is the batch but
-    ref_labels another tensor, or the reverse): those take the miner's index tuple."""
+def miner_fits(inp, miner) -> bool:
+    """MultiSimilarityMiner (ours or PML's) with a cosine similarity, which an engine's MS op
+    can run inside. Not the calls where PML's miner and loss disagree on the self pair
+    (ref_emb is the batch but ref_labels another tensor, or the reverse): those take the
+    miner's index tuple."""
     if type(miner).__name__ != "MultiSimilarityMiner" or not hasattr(miner, "epsilon"):
         return False
     try:
         cosine = is_cosine(as_distance(getattr(miner, "distance", None), CosineSimilarity))
     except (TypeError, ValueError):  # a distance we do not know
         return False
-    return (supports(params, inp, None) and cosine
-            and (inp.ref_emb is inp.embeddings) == inp.same_set)
+    return cosine and (inp.ref_emb is inp.embeddings) == inp.same_set
 
 
-def miner_impl(params, inp, reducer, miner, chunk: int = 2048):
-    """The loss over the pairs MultiSimilarityMiner(ε) keeps: each anchor's hardest positive
-    and negative in one streaming pass, then the loss over the kept pairs in the next."""
+def miner_supports(params, inp, miner) -> bool:
+    return supports(params, inp, None) and miner_fits(inp, miner)
+
+
+def mined_loss(params, inp, reducer, miner, rows_fn):
+    """The loss over the pairs MultiSimilarityMiner(ε) keeps, from an engine's
+    rows_fn(x_unit, r_unit, labels, ref_labels, exclude_diag, alpha, beta, base, eps) ->
+    (per-anchor terms, kept pairs B×2): PML's reduction and its no-pairs rule on the kept
+    pairs' totals."""
     x = inp.embeddings
     xu = F.normalize(x, dim=1)
     ref = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
-    rows, kept = ms_mined_rows(xu, ref, inp.labels, inp.ref_labels, inp.same_set,
-                               params["alpha"], params["beta"], params["base"],
-                               float(miner.epsilon), chunk)
+    rows, kept = rows_fn(xu, ref, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
+                         params["beta"], params["base"], float(miner.epsilon))
     totals = kept.sum(0)
     return _reduce_clean(rows, inp, reducer, (totals[0], totals[1]))
+
+
+def miner_impl(params, inp, reducer, miner, chunk: int = 2048):
+    """Each anchor's hardest positive and negative in one streaming pass, then the loss over
+    the kept pairs in the next."""
+    def rows(*args):
+        return ms_mined_rows(*args, chunk)
+    return mined_loss(params, inp, reducer, miner, rows)
 
 
 register("cpu", "MultiSimilarityLoss", supports, impl)

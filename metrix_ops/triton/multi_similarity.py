@@ -42,7 +42,7 @@ from ..fused.multi_similarity import _reduce_clean, self_pairs
 from ..fused.pair_counts import pair_counts
 from .launch import usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
-                    max_dim, needs_grads, pair_grads)
+                    max_dim, mined_masks, needs_grads, pair_grads)
 from .tiles import pair_masks, sim_tile
 
 
@@ -78,9 +78,12 @@ def _ms_grad_tile(s, pos, neg, g, lp, ln, prm_ptr):
 
 @triton.jit
 def _ms_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, rows_ptr, lp_ptr, ln_ptr,
-                   B, M, D, stride_x, stride_r, EXCLUDE_DIAG: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   ACC: tl.constexpr, PRECISION: tl.constexpr):
+                   hn_ptr, hp_ptr, eps_ptr, kept_ptr, B, M, D, stride_x, stride_r,
+                   EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                   MINE: tl.constexpr = False):
+    """MINE: over the pairs MultiSimilarityMiner keeps (pairs.mined_masks), counting each
+    row's kept positive and negative pairs into kept (B×2 int64)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
@@ -90,14 +93,23 @@ def _ms_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, rows_ptr, lp_ptr, l
     sp = tl.full((BLOCK_M,), 1.0, dtype=ACC)
     mn = tl.zeros((BLOCK_M,), dtype=ACC)
     sn = tl.full((BLOCK_M,), 1.0, dtype=ACC)
+    kp = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    kn = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for n0 in range(0, M, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        if MINE:
+            pos, neg = mined_masks(s, pos, neg, offs_m, row_ok, hn_ptr, hp_ptr, eps_ptr)
+            kp += tl.sum(pos.to(tl.int32), axis=1)
+            kn += tl.sum(neg.to(tl.int32), axis=1)
         ap, an = _ms_args(s, pos, neg, alpha, beta, base)
         mp, sp, mn, sn = _ms_fold(mp, sp, mn, sn, ap, an, pos)
+    if MINE:
+        tl.store(kept_ptr + 2 * offs_m, kp.to(tl.int64), mask=row_ok)
+        tl.store(kept_ptr + 2 * offs_m + 1, kn.to(tl.int64), mask=row_ok)
     lp = mp + tl.log(sp)
     ln = mn + tl.log(sn)
     tl.store(lp_ptr + offs_m, lp, mask=row_ok)
@@ -105,21 +117,25 @@ def _ms_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, rows_ptr, lp_ptr, l
     tl.store(rows_ptr + offs_m, lp / alpha + ln / beta, mask=row_ok)
 
 
-def _ms_forward(x, r, labels, ref_labels, exclude_diag, prm):
+def ms_forward(x, r, labels, ref_labels, exclude_diag, prm, mine=None):
+    """(rows, lse⁺, lse⁻), and with mine = (hardest negative, hardest positive, ε tensor) the
+    rows over the pairs MultiSimilarityMiner keeps, with the kept counts (B×2) after them."""
     b = x.shape[0]
     rows, lp, ln = (torch.empty(b, dtype=x.dtype, device=x.device) for _ in range(3))
+    kept = torch.zeros((b, 2), dtype=torch.long, device=x.device)
     cfg, _, warps = launch_config(x, r)
     grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
-    _ms_fwd_kernel[grid](x, r, labels, ref_labels, prm, rows, lp, ln, b, r.shape[0],
+    _ms_fwd_kernel[grid](x, r, labels, ref_labels, prm, rows, lp, ln,
+                         *(mine if mine is not None else (x, x, x)), kept, b, r.shape[0],
                          x.shape[1], x.stride(0), r.stride(0), EXCLUDE_DIAG=exclude_diag,
-                         **cfg, **warps)
-    return rows, lp, ln
+                         MINE=mine is not None, **cfg, **warps)
+    return (rows, lp, ln) if mine is None else (rows, lp, ln, kept)
 
 
-def _ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, symmetric, prm, need_x,
-                 need_r):
+def ms_backward(g, x, r, labels, ref_labels, lp, ln, exclude_diag, symmetric, prm, need_x,
+                need_r, mine=None):
     return pair_grads(_ms_grad_tile, x, r, labels, ref_labels, prm, (g, lp, ln), exclude_diag,
-                      symmetric, need_x, need_r)
+                      symmetric, need_x, need_r, mine)
 
 
 # The launches are torch.library custom ops: opaque to torch.compile (the module traces whole
@@ -136,8 +152,8 @@ def _ms_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                 base: float, symmetric: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, r = x.contiguous(), r.contiguous()
-    return _ms_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
-                       exclude_diag, loss_constants(x, alpha, beta, base))
+    return ms_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
+                      exclude_diag, loss_constants(x, alpha, beta, base))
 
 
 @_ms_rows_op.register_fake
@@ -152,10 +168,10 @@ def _ms_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                     base: float, symmetric: bool, need_x: bool, need_r: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     x, r = x.contiguous(), r.contiguous()
-    dx, dr = _ms_backward(g_rows.to(x.dtype).contiguous(), x, r, labels.contiguous().long(),
-                          ref_labels.contiguous().long(), lse_pos.contiguous(),
-                          lse_neg.contiguous(), exclude_diag, symmetric,
-                          loss_constants(x, alpha, beta, base), need_x, need_r)
+    dx, dr = ms_backward(g_rows.to(x.dtype).contiguous(), x, r, labels.contiguous().long(),
+                         ref_labels.contiguous().long(), lse_pos.contiguous(),
+                         lse_neg.contiguous(), exclude_diag, symmetric,
+                         loss_constants(x, alpha, beta, base), need_x, need_r)
     return grads_or_empty(dx, dr, x)
 
 

@@ -23,12 +23,25 @@ from .tiles import acc_dtype, add_tile_product, dot_precision, pair_masks, sim_t
 
 
 @triton.jit
+def mined_masks(s, pos, neg, offs, ok, hn_ptr, hp_ptr, eps_ptr):
+    """The pairs MultiSimilarityMiner(ε) keeps of a tile whose rows are `offs`: a positive
+    when s − ε < the row's hardest negative, a negative when s + ε > its hardest positive
+    (PML's comparisons as PML writes them; thresholds from ms_mined.py's bounds kernel)."""
+    hn = tl.load(hn_ptr + offs, mask=ok, other=0.0).to(s.dtype)
+    hp = tl.load(hp_ptr + offs, mask=ok, other=0.0).to(s.dtype)
+    eps = tl.load(eps_ptr).to(s.dtype)
+    return pos & (s - eps < hn[:, None]), neg & (s + eps > hp[:, None])
+
+
+@triton.jit
 def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr,
-                        B, M, D, stride_x, stride_r, stride_dx, GRAD_TILE: tl.constexpr,
-                        EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                        ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles."""
+                        hn_ptr, hp_ptr, eps_ptr, B, M, D, stride_x, stride_r, stride_dx,
+                        GRAD_TILE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        MINE: tl.constexpr = False):
+    """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles. MINE:
+    only the pairs MultiSimilarityMiner keeps (mined_masks)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
@@ -42,6 +55,8 @@ def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        if MINE:
+            pos, neg = mined_masks(s, pos, neg, offs_m, row_ok, hn_ptr, hp_ptr, eps_ptr)
         gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
         acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
     offs_d = tl.arange(0, BLOCK_DO)
@@ -51,10 +66,11 @@ def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
 
 @triton.jit
 def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dr_ptr,
-                        B, M, D, stride_x, stride_r, stride_dr, GRAD_TILE: tl.constexpr,
-                        EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                        ACC: tl.constexpr, PRECISION: tl.constexpr):
+                        hn_ptr, hp_ptr, eps_ptr, B, M, D, stride_x, stride_r, stride_dr,
+                        GRAD_TILE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        MINE: tl.constexpr = False):
     """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles (with
     each tile, its rows' statistics)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,6 +87,8 @@ def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
+        if MINE:
+            pos, neg = mined_masks(s, pos, neg, offs_m, row_ok, hn_ptr, hp_ptr, eps_ptr)
         gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
         acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
                                PRECISION)
@@ -80,10 +98,11 @@ def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
 
 
 @triton.jit
-def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, B, D, stride_x,
-                         stride_dx, GRAD_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                         ACC: tl.constexpr, PRECISION: tl.constexpr):
+def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, hn_ptr, hp_ptr,
+                         eps_ptr, B, D, stride_x, stride_dx, GRAD_TILE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                         MINE: tl.constexpr = False):
     """The batch against itself (R = X, self pairs excluded): S is symmetric, so the whole
     gradient of X is (G + Gᵀ) X, and the tile (I, J) of Gᵀ is G_JI, computed from the same
     s_ij with the statistics of rows J. One kernel of row programs, 2 products per tile (S
@@ -106,8 +125,13 @@ def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, B
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, B, True)
         pos_t, neg_t = pair_masks(offs_n, offs_m, lab_n, lab_m, B, B, True)
+        s_t = tl.trans(s)
+        if MINE:  # each side's pairs by its own rows' thresholds
+            pos, neg = mined_masks(s, pos, neg, offs_m, row_ok, hn_ptr, hp_ptr, eps_ptr)
+            pos_t, neg_t = mined_masks(s_t, pos_t, neg_t, offs_n, col_ok, hn_ptr, hp_ptr,
+                                       eps_ptr)
         h = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
-        h += tl.trans(GRAD_TILE(tl.trans(s), pos_t, neg_t, a_n, b_n, c_n, prm_ptr))
+        h += tl.trans(GRAD_TILE(s_t, pos_t, neg_t, a_n, b_n, c_n, prm_ptr))
         acc = add_tile_product(acc, h, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
     offs_d = tl.arange(0, BLOCK_DO)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
@@ -178,31 +202,34 @@ def loss_constants(x, *values):
 
 
 def pair_grads(grad_tile, x, r, labels, ref_labels, prm, row_vecs, exclude_diag, symmetric,
-               need_x, need_r):
+               need_x, need_r, mine=None):
     """(dX, dR) of a pair loss (None where not needed) by the shared gradient kernels;
     row_vecs: the three per-anchor vectors grad_tile reads (a, b, c). symmetric: r is x and
     ref_labels is labels, self pairs excluded; then dX is the whole gradient of that one
-    tensor (one kernel, pair_grad_sym_kernel) and dR is None."""
+    tensor (one kernel, pair_grad_sym_kernel) and dR is None. mine: (hardest negative,
+    hardest positive, ε as a 1-element tensor) per anchor: only the pairs
+    MultiSimilarityMiner keeps."""
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     cfg, block_do, warps = launch_config(x, r, grad=True)
+    thresholds = tuple(mine) if mine is not None else (x, x, x)  # unread without MINE
     if symmetric:
         dx = torch.empty_like(x)
         pair_grad_sym_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
-            x, labels, prm, *row_vecs, dx, b, d, x.stride(0), dx.stride(0),
-            GRAD_TILE=grad_tile, BLOCK_DO=block_do, **cfg, **warps)
+            x, labels, prm, *row_vecs, dx, *thresholds, b, d, x.stride(0), dx.stride(0),
+            GRAD_TILE=grad_tile, BLOCK_DO=block_do, MINE=mine is not None, **cfg, **warps)
         return dx, None
     args = (x, r, labels, ref_labels, prm, *row_vecs)
     meta = dict(GRAD_TILE=grad_tile, EXCLUDE_DIAG=bool(exclude_diag), BLOCK_DO=block_do,
-                **cfg, **warps)
+                MINE=mine is not None, **cfg, **warps)
     dx = dr = None
     if need_x:
         dx = torch.empty_like(x)
         pair_grad_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
-            *args, dx, b, m, d, x.stride(0), r.stride(0), dx.stride(0), **meta)
+            *args, dx, *thresholds, b, m, d, x.stride(0), r.stride(0), dx.stride(0), **meta)
     if need_r:
         dr = torch.empty_like(r)
         pair_grad_dr_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](
-            *args, dr, b, m, d, x.stride(0), r.stride(0), dr.stride(0), **meta)
+            *args, dr, *thresholds, b, m, d, x.stride(0), r.stride(0), dr.stride(0), **meta)
     return dx, dr
 
 
