@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 PTRS = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32", "pu_ptr": "*i64",
         "pw_ptr": "*i64", "plab_ptr": "*i64", "col_ptr": "*i64", "pc_ptr": "*i32",
-        "nc_ptr": "*i32"}
+        "nc_ptr": "*i32", "lo_ptr": "*i32", "hi_ptr": "*i32", "kept_ptr": "*i64"}
 
 
 def cases():
@@ -43,7 +43,41 @@ def cases():
         out.append((f"ee mine {bm}x{bm} D-step {bd} warps {warps}", ee._ee_mine_kernel,
                     dict(INVERTED=False, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, ACC=tl.float32,
                          PRECISION="tf32"), warps))
-    return out
+    return out + seventh_session_cases()
+
+
+def seventh_session_cases():
+    """The kernels of the seventh session at the tiles launch_config gives CUDA tensors at
+    D = 512 (64 rows forward, 32 for the gradient kernels; feature steps of 64; 8 warps)."""
+    import triton.language as tl
+
+    import metrix_ops.triton.generalized_lifted as gl
+    import metrix_ops.triton.generalized_lifted_metrix as glm
+    import metrix_ops.triton.lifted_structure as ls
+    import metrix_ops.triton.lse_metrix as lm
+    import metrix_ops.triton.ms_mined as mmd
+    import metrix_ops.triton.multi_similarity as ms
+    import metrix_ops.triton.pairs as pairs
+    import metrix_ops.triton.side_lse as side
+    fwd = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32")
+    grad = dict(fwd, BLOCK_M=32, BLOCK_N=32, BLOCK_DO=512)
+    return [
+        ("gen lifted fwd (side_lse) 64x64", side.side_lse_fwd_kernel,
+         dict(fwd, LOGITS=gl._lifted_logits_l2, EMPTY_ZERO=True, EXCLUDE_DIAG=True), 8),
+        ("gen lifted grad sym 32x32", pairs.pair_grad_sym_kernel,
+         dict(grad, GRAD_TILE=gl._lifted_grad_tile_l2), 8),
+        ("lifted positive pass fwd 64x64", ls._lifted_pos_kernel,
+         dict(fwd, BLOCK_DO=512, BWD=False, COSINE=False), 8),
+        ("lifted positive pass bwd 32x32", ls._lifted_pos_kernel,
+         dict(grad, BWD=True, COSINE=False), 8),
+        ("ms miner bounds 64x64", mmd._ms_bounds_kernel, dict(fwd, EXCLUDE_DIAG=True), 8),
+        ("ms mined fwd 64x64", ms._ms_fwd_kernel, dict(fwd, EXCLUDE_DIAG=True, MINE=True), 8),
+        ("ms mined grad sym 32x32", pairs.pair_grad_sym_kernel,
+         dict(grad, GRAD_TILE=ms._ms_grad_tile, MINE=True), 8),
+        ("gen lifted metrix fwd KB=16 N=32", lm.lse_mix_fwd_kernel,
+         dict(KB=16, BLOCK_N=32, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32",
+              ANCHOR_NEG=False, LOGITS=glm._lifted_mix_logits_l2), 8),
+    ]
 
 
 def main():

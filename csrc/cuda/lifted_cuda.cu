@@ -21,14 +21,7 @@ using cuda_pairs::make_states;
 
 template <typename T>
 struct GenLiftedRowLoss {
-  struct State {
-    OnlineLse<T> pos, neg;
-    MO_HD static State empty() { return {OnlineLse<T>::empty(), OnlineLse<T>::empty()}; }
-    MO_HD void merge(const State& o) {
-      pos.merge(o.pos);
-      neg.merge(o.neg);
-    }
-  };
+  using State = cuda_pairs::TwoSideLse<T>;
   bool cosine;
   T pos_margin, neg_margin;
   const T* g_rows = nullptr;  // backward: ∂L/∂row and the rows' side log-sum-exps

@@ -25,14 +25,7 @@ using cuda_pairs::make_states;
 
 template <typename T>
 struct MsRowLoss {
-  struct State {
-    OnlineLse<T> pos, neg;
-    MO_HD static State empty() { return {OnlineLse<T>::empty(), OnlineLse<T>::empty()}; }
-    MO_HD void merge(const State& o) {
-      pos.merge(o.pos);
-      neg.merge(o.neg);
-    }
-  };
+  using State = cuda_pairs::TwoSideLse<T>;
   T alpha, beta, base;
   const T* g_rows = nullptr;  // backward: ∂L/∂row and the rows' finished log-sum-exps
   const T* lse_pos = nullptr;
@@ -221,14 +214,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(
 
 template <typename T>
 struct CircleRowLoss {
-  struct State {
-    OnlineLse<T> pos, neg;
-    MO_HD static State empty() { return {OnlineLse<T>::empty(), OnlineLse<T>::empty()}; }
-    MO_HD void merge(const State& o) {
-      pos.merge(o.pos);
-      neg.merge(o.neg);
-    }
-  };
+  using State = cuda_pairs::TwoSideLse<T>;
   CircleConsts<T> c;
   const T* g_rows = nullptr;  // backward: ∂L/∂row and the rows' side log-sum-exps
   const T* lse_pos = nullptr;

@@ -30,6 +30,18 @@
 namespace metrix_ops {
 namespace cuda_pairs {
 
+// The state of a loss that keeps one online log-sum-exp per side of a row (positives,
+// negatives): MS, Circle, GeneralizedLifted, and ProxyAnchor's per-proxy terms.
+template <typename T>
+struct TwoSideLse {
+  OnlineLse<T> pos, neg;
+  MO_HD static TwoSideLse empty() { return {OnlineLse<T>::empty(), OnlineLse<T>::empty()}; }
+  MO_HD void merge(const TwoSideLse& o) {
+    pos.merge(o.pos);
+    neg.merge(o.neg);
+  }
+};
+
 // The pair ops' input checks (common/checks.h), and that x lives on a CUDA device.
 inline void check_cuda_pair_call(const at::Tensor& x, const at::Tensor& r,
                                  const at::Tensor& labels, const at::Tensor& ref_labels,

@@ -40,14 +40,7 @@ int launch_blocks(int64_t n) { return (int)((n + kThreads - 1) / kThreads); }
 
 template <typename T>
 struct PaRowLoss {
-  struct State {
-    OnlineLse<T> pos, neg;
-    MO_HD static State empty() { return {OnlineLse<T>::empty(), OnlineLse<T>::empty()}; }
-    MO_HD void merge(const State& o) {
-      pos.merge(o.pos);
-      neg.merge(o.neg);
-    }
-  };
+  using State = cuda_pairs::TwoSideLse<T>;
   T alpha, margin;
   const T* g_pos = nullptr;  // backward: the proxies' upstream gradients and finished terms
   const T* g_neg = nullptr;
