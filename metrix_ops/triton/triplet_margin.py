@@ -85,18 +85,44 @@ def _tri_pos_rank(offs_n, crank_ptr, srank, M):
 
 
 @triton.jit
-def _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS):
+def _tri_mined(kp, kn, m2, MINE: tl.constexpr):
+    """Whether TripletMarginMiner keeps the triplets of positive keys kp and negative keys kn
+    (common/triplet.h): by the gap g = k_n − k_p (PML's d_an − d_ap, or s_ap − s_an: the
+    same bits) against its margin m2. MINE: 1 all (g ≤ m2), 2 hard (also g ≤ 0), 3 semihard
+    (0 < g ≤ m2), 4 easy (g > m2)."""
+    g = kn - kp
+    if MINE == 4:
+        keep = g > m2
+    else:
+        keep = g <= m2
+        if MINE == 2:
+            keep = keep & (g <= 0.0)
+        if MINE == 3:
+            keep = keep & (g > 0.0)
+    return keep
+
+
+@triton.jit
+def _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, m2, PMAX, PS,
+                   MINE: tl.constexpr):
     """Over the row's positive keys kp[i, 0..npos_i): per entry of the tile, Σ_t of the active
-    terms v = (kp_t − k_n) + m > 0 on negatives, and how many are active."""
+    terms v = (kp_t − k_n) + m > 0 on negatives, how many are active, and how many triplets
+    there are (with MINE, only those the miner keeps: _tri_mined)."""
     vsum = tl.zeros(kn.shape, kn.dtype)
     cnt = tl.zeros(kn.shape, tl.int32)
+    kept = tl.zeros(kn.shape, tl.int32)
     for t in range(0, PMAX):
-        kp = tl.load(kp_ptr + offs_m * PS + t, mask=row_ok & (t < npos), other=float("-inf"))
+        ok_t = row_ok & (t < npos)
+        kp = tl.load(kp_ptr + offs_m * PS + t, mask=ok_t, other=float("-inf"))
         v = (kp[:, None] - kn) + margin
-        act = neg & (v > 0.0)
+        keep = neg & ok_t[:, None]
+        if MINE != 0:
+            keep = keep & _tri_mined(kp[:, None], kn, m2, MINE)
+        act = keep & (v > 0.0)
         vsum += tl.where(act, v, 0.0)
         cnt += act.to(tl.int32)
-    return vsum, cnt
+        kept += keep.to(tl.int32)
+    return vsum, cnt, kept
 
 
 @triton.jit
@@ -127,17 +153,20 @@ def _tri_pos_keys_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, 
 
 @triton.jit
 def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, nrm_ptr, kp_ptr,
-                    rows_ptr, nz_ptr, B, M, D, stride_x, stride_r, PMAX, PS,
+                    rows_ptr, nz_ptr, trip_ptr, B, M, D, stride_x, stride_r, PMAX, PS,
                     COSINE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    ACC: tl.constexpr, PRECISION: tl.constexpr):
+                    ACC: tl.constexpr, PRECISION: tl.constexpr, MINE: tl.constexpr = 0):
+    """Per row: the sum of its active terms, how many, and (with MINE) how many triplets the
+    miner keeps (without MINE the host counts them: #positives × #negatives)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
     npos = tl.load(npos_ptr + offs_m, mask=row_ok, other=0)
-    margin, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
+    margin, eps, m2 = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     total = tl.zeros((BLOCK_M,), dtype=ACC)
     nz = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    trip = tl.zeros((BLOCK_M,), dtype=tl.int64)
     for n0 in range(0, M, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
@@ -145,11 +174,15 @@ def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, nrm_ptr,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         _, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
         kn = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE)
-        vsum, cnt = _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS)
+        vsum, cnt, kept = _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, m2,
+                                         PMAX, PS, MINE)
         total += tl.sum(vsum, axis=1)
         nz += tl.sum(cnt, axis=1).to(tl.int64)
+        trip += tl.sum(kept, axis=1).to(tl.int64)
     tl.store(rows_ptr + offs_m, total, mask=row_ok)
     tl.store(nz_ptr + offs_m, nz, mask=row_ok)
+    if MINE != 0:
+        tl.store(trip_ptr + offs_m, trip, mask=row_ok)
 
 
 @triton.jit
@@ -157,8 +190,9 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, n
                            kp_ptr, cnt_ptr, B, M, D, stride_x, stride_r, PS, COSINE: tl.constexpr,
                            EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                           ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """cnt[i, t] = #negatives active with positive t, for BLOCK_M rows and the BLOCK_P
+                           ACC: tl.constexpr, PRECISION: tl.constexpr, MINE: tl.constexpr = 0):
+    """cnt[i, t] = #negatives active with positive t (with MINE, of the triplets the miner
+    keeps), for BLOCK_M rows and the BLOCK_P
     positives p0.. (grid axis 1) of each, held in registers over the column tiles (each
     program writes its block once: no read-modify-write of global memory)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -166,7 +200,7 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, n
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
     npos = tl.load(npos_ptr + offs_m, mask=row_ok, other=0)
-    margin, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
+    margin, eps, m2 = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     offs_p = tl.arange(0, BLOCK_P)
     counts = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.int32)
     for n0 in range(0, M, BLOCK_N):
@@ -181,6 +215,8 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, n
             kp = tl.load(kp_ptr + offs_m * PS + t, mask=row_ok & (t < npos),
                          other=float("-inf"))
             act = neg & (((kp[:, None] - kn) + margin) > 0.0)
+            if MINE != 0:
+                act = act & _tri_mined(kp[:, None], kn, m2, MINE)
             c = tl.sum(act.to(tl.int32), axis=1)
             counts += tl.where(offs_p[None, :] == tt, c[:, None], 0)
     t_ok = row_ok[:, None] & ((p0 + offs_p)[None, :] < npos[:, None])
@@ -190,13 +226,14 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, n
 @triton.jit
 def _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr, w_ptr,
                    crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE: tl.constexpr,
-                   EXCLUDE_DIAG: tl.constexpr):
+                   EXCLUDE_DIAG: tl.constexpr, MINE: tl.constexpr):
     """G = ∂(Σ_i g_i row_i)/∂S of a tile: positives read their weight from w[i, rank]
     (g_i · #active negatives · dk/ds), negatives count their active positives here."""
-    margin, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
+    margin, eps, m2 = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
     k = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE)
-    _, cnt = _tri_neg_terms(k, neg, kp_ptr, offs_m, row_ok, npos, margin, PMAX, PS)
+    _, cnt, _ = _tri_neg_terms(k, neg, kp_ptr, offs_m, row_ok, npos, margin, m2, PMAX, PS,
+                               MINE)
     gneg = -g[:, None] * cnt.to(s.dtype) * _tri_key_grad(k, COSINE)
     rank = _tri_pos_rank(offs_n, crank_ptr, srank, M)
     gpos = tl.load(w_ptr + offs_m[:, None] * PS + rank, mask=pos & (rank < npos[:, None]),
@@ -210,7 +247,8 @@ def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
                         stride_r, stride_dx, PMAX, PS, COSINE: tl.constexpr,
                         EXCLUDE_DIAG: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        MINE: tl.constexpr = 0):
     """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
@@ -226,7 +264,7 @@ def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         gt = _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr,
                             w_ptr, crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE,
-                            EXCLUDE_DIAG)
+                            EXCLUDE_DIAG, MINE)
         acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
     offs_d = tl.arange(0, BLOCK_DO)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
@@ -239,7 +277,8 @@ def _tri_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
                         stride_r, stride_dr, PMAX, PS, COSINE: tl.constexpr,
                         EXCLUDE_DIAG: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        MINE: tl.constexpr = 0):
     """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < M
@@ -256,7 +295,7 @@ def _tri_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         gt = _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr,
                             w_ptr, crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE,
-                            EXCLUDE_DIAG)
+                            EXCLUDE_DIAG, MINE)
         acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
                                PRECISION)
     offs_d = tl.arange(0, BLOCK_DO)
@@ -287,10 +326,11 @@ def _positive_layout(labels, ref_labels, exclude_diag):
     return crank, srank, npos, nneg
 
 
-def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts):
+def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, mine=0):
     """Kernel A's positive-key table kp (B × P_max, in the accumulation type), then kernel
-    B's per-row (sum, #active) or, with `counts`, each positive's active negatives
-    (B × P_max int32): (kp, layout, rows, nonzero, cnt)."""
+    B's per-row (sum, #active, #triplets) or, with `counts`, each positive's active negatives
+    (B × P_max int32): (kp, layout, rows, nonzero, cnt, triplets). mine: 0, or 1 + the
+    TripletMarginMiner kind (the triplets it keeps only; its margin is prm[2])."""
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     crank, srank, npos, nneg = _positive_layout(labels, ref_labels, exclude_diag)
     # rows with no negative have no triplet: their positives need no slot
@@ -305,9 +345,10 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts):
     common = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, **cfg, **warps)
     rows = torch.zeros(b, dtype=acc, device=x.device)
     nz = torch.zeros(b, dtype=torch.long, device=x.device)
+    trip = npos * nneg if mine == 0 else torch.zeros(b, dtype=torch.long, device=x.device)
     cnt = None
     if pmax == 0:
-        return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt
+        return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt, trip
     _tri_pos_keys_kernel[grid](x, r, labels, ref_labels, crank, srank, npos, prm, nrm, kp, b, m,
                                d,
                                x.stride(0), r.stride(0), ps, **common)
@@ -316,11 +357,11 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts):
         block_p = min(16, next_pow2(pmax))
         _tri_pos_counts_kernel[(grid[0], triton.cdiv(pmax, block_p))](
             x, r, labels, ref_labels, npos, prm, nrm, kp, cnt, b, m, d, x.stride(0), r.stride(0),
-            ps, BLOCK_P=block_p, **common)
+            ps, BLOCK_P=block_p, MINE=mine, **common)
     else:
-        _tri_fwd_kernel[grid](x, r, labels, ref_labels, npos, prm, nrm, kp, rows, nz, b, m, d,
-                              x.stride(0), r.stride(0), pmax, ps, **common)
-    return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt
+        _tri_fwd_kernel[grid](x, r, labels, ref_labels, npos, prm, nrm, kp, rows, nz, trip, b, m,
+                              d, x.stride(0), r.stride(0), pmax, ps, MINE=mine, **common)
+    return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt, trip
 
 
 def _sq_norms(x, r):
@@ -330,19 +371,19 @@ def _sq_norms(x, r):
     return torch.cat([nx, nx if r is x else r.to(acc).pow(2).sum(1)])
 
 
-def _tri_forward(x, r, labels, ref_labels, exclude_diag, cosine, prm):
-    _, lay, rows, nz, _ = _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm,
-                                        False)
-    _, _, npos, nneg, _, _ = lay
-    return rows, nz, npos * nneg
+def _tri_forward(x, r, labels, ref_labels, exclude_diag, cosine, prm, mine=0):
+    _, _, rows, nz, _, trip = _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine,
+                                            prm, False, mine)
+    return rows, nz, trip
 
 
-def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x, need_r):
+def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x, need_r,
+                  mine=0):
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     dx = torch.zeros_like(x) if need_x else None
     dr = torch.zeros_like(r) if need_r else None
-    kp, (crank, srank, npos, _, pmax, ps), _, _, cnt = _side_buffers(
-        x, r, labels, ref_labels, exclude_diag, cosine, prm, True)
+    kp, (crank, srank, npos, _, pmax, ps), _, _, cnt, _ = _side_buffers(
+        x, r, labels, ref_labels, exclude_diag, cosine, prm, True, mine)
     if pmax == 0:  # no triplet: zero gradients
         return dx, dr
     g = g.to(kp.dtype).contiguous()
@@ -357,7 +398,8 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
     w = w.contiguous()
     cfg, block_do, warps = launch_config(x, r, grad=True)
     args = (x, r, labels, ref_labels, crank, srank, npos, g, prm, _sq_norms(x, r), kp, w)
-    meta = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **cfg, **warps)
+    meta = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, MINE=mine, **cfg,
+                **warps)
     if need_x:
         dx = torch.empty_like(x)
         _tri_grad_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
@@ -369,12 +411,13 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
     return dx, dr
 
 
-def _constants(x, margin):
+def _constants(x, margin, mine_margin=0.0):
     # L2: d² = ‖x‖² + ‖r‖² − 2s below 8·√D ulps of the accumulation type is rounding (the
-    # norms and s sum the same products in different orders), taken as 0
+    # norms and s sum the same products in different orders), taken as 0; then the miner's
+    # margin (compared in the accumulation type)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     eps = 8 * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
-    return loss_constants(torch.empty(0, dtype=acc, device=x.device), margin, eps)
+    return loss_constants(torch.empty(0, dtype=acc, device=x.device), margin, eps, mine_margin)
 
 
 def _acc_dtype(x):  # fp16/bf16 rows are summed in fp32, as the CPU op
@@ -397,16 +440,19 @@ _FWD = "metrix_ops::triton_triplet_all_rows"
 
 @torch.library.custom_op(_FWD, mutates_args=())
 def _tri_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
-                 ref_labels: torch.Tensor, exclude_diag: bool, cosine: bool, margin: float
+                 ref_labels: torch.Tensor, exclude_diag: bool, cosine: bool, margin: float,
+                 mine: int = 0, mine_margin: float = 0.0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per anchor (Σ active terms, #active, #triplets); mine: 0 (every triplet) or 1 + a
+    TripletMarginMiner kind (MINE_KINDS) with its margin: the triplets that miner keeps."""
     _check(x, r, labels, ref_labels, exclude_diag)
     x, r = x.contiguous(), r.contiguous()
     return _tri_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
-                        exclude_diag, cosine, _constants(x, margin))
+                        exclude_diag, cosine, _constants(x, margin, mine_margin), mine)
 
 
 @_tri_rows_op.register_fake
-def _(x, r, labels, ref_labels, exclude_diag, cosine, margin):
+def _(x, r, labels, ref_labels, exclude_diag, cosine, margin, mine=0, mine_margin=0.0):
     b = x.shape[0]
     return (x.new_empty(b, dtype=_acc_dtype(x)), x.new_empty(b, dtype=torch.long),
             x.new_empty(b, dtype=torch.long))
@@ -415,35 +461,49 @@ def _(x, r, labels, ref_labels, exclude_diag, cosine, margin):
 @torch.library.custom_op("metrix_ops::triton_triplet_all_rows_bwd", mutates_args=())
 def _tri_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                      labels: torch.Tensor, ref_labels: torch.Tensor, exclude_diag: bool,
-                     cosine: bool, margin: float, need_x: bool, need_r: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     cosine: bool, margin: float, need_x: bool, need_r: bool, mine: int = 0,
+                     mine_margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     x, r = x.contiguous(), r.contiguous()
     dx, dr = _tri_backward(g_rows.contiguous(), x, r, labels.contiguous().long(),
                            ref_labels.contiguous().long(), exclude_diag, cosine,
-                           _constants(x, margin), need_x, need_r)
+                           _constants(x, margin, mine_margin), need_x, need_r, mine)
     return grads_or_empty(dx, dr, x)
 
 
 @_tri_rows_bwd_op.register_fake
-def _(g_rows, x, r, labels, ref_labels, exclude_diag, cosine, margin, need_x, need_r):
+def _(g_rows, x, r, labels, ref_labels, exclude_diag, cosine, margin, need_x, need_r, mine=0,
+      mine_margin=0.0):
     return fake_grads(x, r, need_x, need_r)
 
 
 def _tri_setup(ctx, inputs, output):
     x, r, labels, ref_labels, *consts = inputs
     ctx.save_for_backward(x, r, labels, ref_labels)
-    ctx.consts = tuple(consts)
+    ctx.consts = tuple(consts[:3])  # exclude_diag, cosine, margin
+    ctx.mine = tuple(consts[3:])    # the miner's kind and margin, when given
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _tri_backward_rule(ctx, g_rows, _g_nz, _g_n):
     need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dr = torch.ops.metrix_ops.triton_triplet_all_rows_bwd(
-        g_rows, *ctx.saved_tensors, *ctx.consts, need_x, need_r)
-    return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 5
+        g_rows, *ctx.saved_tensors, *ctx.consts, need_x, need_r, *ctx.mine)
+    return ((dx if need_x else None), (dr if need_r else None)) + (None,) * (5 + len(ctx.mine))
 
 
 torch.library.register_autograd(_FWD, _tri_backward_rule, setup_context=_tri_setup)
+
+
+def triplet_mined_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
+                              cosine: bool, margin: float, type_of_triplets: str,
+                              mine_margin: float):
+    """triplet_all_rows_triton over the triplets TripletMarginMiner(mine_margin,
+    type_of_triplets) keeps (the miner on the loss's distance): per-anchor (Σ active terms,
+    #active, #kept triplets)."""
+    from ..ops.triplet_mined import MINE_KINDS
+    return torch.ops.metrix_ops.triton_triplet_all_rows(
+        x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(margin),
+        1 + MINE_KINDS[type_of_triplets], float(mine_margin))
 
 
 def triplet_all_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,

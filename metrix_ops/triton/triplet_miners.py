@@ -1,0 +1,88 @@
+"""TripletMarginLoss with a miner as a loss option (`miner=`) on the Triton engine, as the
+CPU path does it (fused/triplet_margin.py):
+
+- BatchHardMiner: each anchor's hardest positive and negative from the HPHN mining kernel
+  (triton/hphn_triplet.py: farthest positive and closest negative in one streaming pass
+  over S, ties to the lowest column, no B×M), then the loss on those B triplets in PyTorch
+  (any reducer, smooth_loss). The picks are made in cosine space, which orders pairs as the
+  miner's distance does when that is the cosine or the L2 distance of normalised rows
+  (d = √(2 − 2s) falls as s grows); PML drops anchors without a positive or a negative, and
+  so does this.
+- TripletMarginMiner (all, hard, semihard, easy) on the loss's own distance: the "all"
+  triplets kernels of triton/triplet_margin.py with the miner's window on each triplet's gap
+  (MINE), per-anchor totals over the kept triplets; a reducer needing per-triplet terms
+  (and smooth_loss) takes the miner's index tuple."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import fused
+from ..distances import LpDistance, is_cosine, is_normalized_l2
+from ..fused.triplet_margin import (_mined_by_tuple, _miner_distance, _unit_distance, _units,
+                                    totals_impl)
+from ..fused.triplet_margin import miner_supports as cpu_miner_supports
+from ..ops.triplet_mined import MINE_KINDS
+from ..reducers import reduce_loss_dict, zero_loss
+from ..reference.expansion_points import safe_sqrt
+from .hphn_triplet import hphn_mine_triton
+from .launch import usable_on
+from .pairs import max_dim
+from .triplet_margin import triplet_mined_rows_triton
+
+
+def miner_supports(params, inp, miner) -> bool:
+    x = inp.embeddings
+    kind = type(miner).__name__
+    if not (x.shape[1] <= max_dim(x.dtype) and usable_on(x.device)):
+        return False
+    if kind == "BatchHardMiner":
+        mdist = _miner_distance(miner, LpDistance)
+        return (cpu_miner_supports(params, inp, miner)
+                and (is_cosine(mdist) or is_normalized_l2(mdist)))
+    if kind == "TripletMarginMiner":
+        mdist = _miner_distance(miner, LpDistance)
+        return (inp.labels is not None and not params.get("swap", False)
+                and not params.get("smooth_loss", False)
+                and getattr(miner, "type_of_triplets", None) in MINE_KINDS
+                and mdist is not None and _unit_distance(inp.distance) is not None
+                and _unit_distance(mdist) == _unit_distance(inp.distance))
+    return False
+
+
+def triplet_miner_impl(params, inp, reducer, miner):
+    """Per-anchor totals over the triplets TripletMarginMiner keeps; a reducer needing the
+    per-triplet terms takes the miner's tuple."""
+    def rows_fn(xu, ru, labels, ref_labels, exclude_diag, cosine, margin):
+        return triplet_mined_rows_triton(xu, ru, labels, ref_labels, exclude_diag, cosine,
+                                         margin, miner.type_of_triplets, float(miner.margin))
+    return totals_impl(rows_fn, params, inp, reducer,
+                       fallback=lambda: _mined_by_tuple(params, inp, reducer, miner))
+
+
+def batch_hard_impl(params, inp, reducer, miner):
+    x, dist = inp.embeddings, inp.distance
+    xu, ru = _units(inp)
+    picks = hphn_mine_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set)
+    a = torch.nonzero((picks[:, 0] >= 0) & (picks[:, 1] >= 0)).squeeze(1)
+    if len(a) == 0:  # PML: no triplet, a zero that keeps the graph
+        return zero_loss(x)
+    p, n = picks[a, 0], picks[a, 1]
+    if dist.is_inverted:
+        ap, an = (xu[a] * ru[p]).sum(1), (xu[a] * ru[n]).sum(1)
+    else:  # the difference, as cdist: exact 0 (and no gradient) for duplicates
+        ap = safe_sqrt(((xu[a] - ru[p]) ** 2).sum(1))
+        an = safe_sqrt(((xu[a] - ru[n]) ** 2).sum(1))
+    violation = dist.margin(ap, an) + params.get("margin", 0.05)
+    losses = F.softplus(violation) if params.get("smooth_loss", False) else F.relu(violation)
+    return reduce_loss_dict({"loss": {"losses": losses, "indices": (a, p, n),
+                                      "reduction_type": "triplet"}}, reducer, x)
+
+
+def miner_impl(params, inp, reducer, miner):
+    if type(miner).__name__ == "BatchHardMiner":
+        return batch_hard_impl(params, inp, reducer, miner)
+    return triplet_miner_impl(params, inp, reducer, miner)
+
+
+fused.register_miner("triton", "TripletMarginLoss", miner_supports, miner_impl)
