@@ -103,6 +103,10 @@ for loss in generalized_lifted npairs; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
 bench gpu_lifted_float32 --loss lifted --impls triton,floor,pml --sizes 8192 --dims 512 --repeats 10
+# miner= on the Triton engine: PML's miner + loss against the mined kernels and the clean loss
+for loss in ms_miner triplet_semihard; do
+  bench "gpu_${loss}_float32" --loss $loss --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
+done
 # EE-HPHN (n = 8) on the Triton engine: brute-force mining over all (B + 8·#pairs)² point pairs
 bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 bench gpu_ms_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10
