@@ -51,14 +51,15 @@ def anchor_mixed(params, inp, pairs: str, lam: float, chunk=None):
     return pos_loss + neg.sum() / p.shape[0]
 
 
-def nca_mixed(params, inp, pairs: str, lam: float, chunk=None):
-    """L̃ of ProxyNCALoss: the soft-target cross-entropy's mean over the candidates."""
+def nca_mixed(params, inp, pairs: str, lam: float, chunk=None, rows_fn=None):
+    """L̃ of ProxyNCALoss: the soft-target cross-entropy's mean over the candidates; rows_fn:
+    an engine's per-row sums (default the CPU op's proxy_nca_metrix_rows)."""
     xu, p = _units(params, inp)
     labels, same = inp.labels, pairs == "pos_pos"
     scale = logit_scale(params["softmax_scale"], params.get("temperature"),
                         params.get("normalize_proxies"))
-    rows = proxy_nca_metrix_rows(xu, p, labels, scale, proxy_nca._kind(inp.distance), lam, same,
-                                 chunk)
+    rows_fn = proxy_nca_metrix_rows if rows_fn is None else rows_fn
+    rows = rows_fn(xu, p, labels, scale, proxy_nca._kind(inp.distance), lam, same, chunk)
     k = candidate_count(labels, p.shape[0], same)
     return torch.where(k > 0, rows.sum() / k.clamp_min(1), rows.sum() * 0)
 

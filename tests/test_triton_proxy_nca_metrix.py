@@ -1,0 +1,151 @@
+"""ProxyNCALoss with embedding-level Metrix on the Triton engine (triton/proxy_nca_metrix.py:
+candidate-logit tiles over (rows, partners, proxies), both candidate orders in the backward)
+against the reference (closed-form candidates over a dense K × C matrix): values and
+gradients in the embeddings and the proxies over the shared cases, every `pairs`, λ at and
+inside [0, 1], both metrics (PML's squared L2 and cosine), ProxyNCA++'s temperature, shapes
+over several row, partner and proxy tiles; the per-row sums against the CPU op with unequal
+weights; fp32 and half inputs; opcheck; sm_90 compilation.
+
+Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrix_ops as mo
+from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from metrix_ops import _ext
+from triton_cases import DEVICE, compiles_only, on_dev, requires_triton, run_sm90_script
+
+pytestmark = requires_triton
+
+
+def pair(c, d, lam, pairs="pos_neg", cosine=False, dtype=torch.float64, **kw):
+    cfg = mo.Metrix(level="embedding", pairs=pairs, lam=lam, weight=0.7)
+    if cosine:
+        kw["distance"] = mo.distances.CosineSimilarity()
+    tri = mo.losses.ProxyNCALoss(c, d, backend="triton", metrix=cfg, **kw).to(DEVICE, dtype)
+    ref = mo.losses.ProxyNCALoss(c, d, backend="reference", metrix=cfg, **kw).to(DEVICE, dtype)
+    ref.load_state_dict(tri.state_dict())
+    return tri, ref
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    import metrix_ops.triton.proxy_nca_metrix as m
+    calls, real = [], m.proxy_nca_metrix_rows_triton
+    monkeypatch.setattr(m, "proxy_nca_metrix_rows_triton",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def check(tri, ref, x, y):
+    """Values and gradients in the embeddings and in the proxies."""
+    def run(loss):
+        def f(e):
+            return loss(e, y)
+        return f
+    assert_close_vg(run(tri), run(ref), x)
+    tri.zero_grad()
+    ref.zero_grad()
+    tri(x.detach(), y).backward()
+    ref(x.detach(), y).backward()
+    torch.testing.assert_close(tri.proxies.grad, ref.proxies.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("pairs,lam", [("pos_neg", 0.3), ("pos_pos", 0.6), ("anchor_neg", 0.0),
+                                       ("neg_neg", 1.0)])
+def test_matches_reference_fp64(case, pairs, lam, op_calls):
+    x, y = on_dev(*make_case(case))
+    c = int(y.max()) + 2  # a proxy without examples too
+    tri, ref = pair(c, x.shape[1], lam, pairs, cosine=(pairs == "pos_pos"))
+    check(tri, ref, x, y)
+    assert op_calls
+
+
+@pytest.mark.parametrize("b,c,d", [(40, 37, 9), (17, 70, 5)])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_tiles_and_settings(b, c, d, cosine, op_calls):
+    g = torch.Generator().manual_seed(b + c)
+    x = torch.randn(b, d, dtype=torch.float64, generator=g)
+    y = torch.randint(0, min(c, 9), (b,), generator=g)
+    x, y = on_dev(x, y)
+    tri, ref = pair(c, d, 0.45, cosine=cosine, softmax_scale=3.0, temperature=0.5)
+    check(tri, ref, x, y)
+    assert op_calls
+
+
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="the CPU op is the oracle here")
+@pytest.mark.parametrize("kind,same", [(0, False), (1, True)])
+def test_rows_with_unequal_weights_match_the_cpu_op(kind, same):
+    """Each row's upstream weight differs: both candidate orders' weights (g_u and g_w)."""
+    from metrix_ops.ops.proxy_metrix import proxy_nca_metrix_rows
+    from metrix_ops.triton.proxy_nca_metrix import proxy_nca_metrix_rows_triton
+    g = torch.Generator().manual_seed(kind)
+    x = F.normalize(torch.randn(26, 6, dtype=torch.float64, generator=g), dim=1)
+    p = F.normalize(torch.randn(7, 6, dtype=torch.float64, generator=g), dim=1)
+    y = torch.randint(0, 5, (26,), generator=g)
+    w = torch.randn(26, dtype=torch.float64, generator=g)
+    cpu = [t.clone().requires_grad_() for t in (x, p)]
+    v_cpu = (proxy_nca_metrix_rows(*cpu, y, 2.5, kind, 0.35, same) * w).sum()
+    d_cpu = torch.autograd.grad(v_cpu, cpu)
+    tri = [t.requires_grad_() for t in on_dev(x, p)]
+    yd, wd = on_dev(y, w)
+    v_tri = (proxy_nca_metrix_rows_triton(*tri, yd, 2.5, kind, 0.35, same) * wd).sum()
+    d_tri = torch.autograd.grad(v_tri, tri)
+    torch.testing.assert_close(v_tri.cpu(), v_cpu, rtol=1e-10, atol=1e-10)
+    for a, b in zip(d_tri, d_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-10)
+
+
+def test_fp32_and_half_inputs():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(33, 12, generator=g)
+    y = torch.randint(0, 6, (33,), generator=g)
+    x, y = on_dev(x, y)
+    tri, ref = pair(6, 12, 0.3, dtype=torch.float32)
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x, rtol=1e-4, atol=1e-5)
+    h = x.detach().half().requires_grad_()
+    v = tri(h, y)
+    v.backward()
+    assert torch.isfinite(h.grad).all()
+    torch.testing.assert_close(v.float(), ref(h.detach().float(), y).float(), rtol=1e-3,
+                               atol=1e-3)
+
+
+def test_opcheck():
+    x = F.normalize(torch.randn(11, 4, dtype=torch.float64), dim=1).to(DEVICE)
+    p = F.normalize(torch.randn(5, 4, dtype=torch.float64), dim=1).to(DEVICE)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 0], device=DEVICE)
+    ops = torch.ops.metrix_ops
+    for kind, same in ((0, False), (1, True)):
+        args = (x.clone().requires_grad_(), p.clone().requires_grad_(), y, 2.0, kind, 0.4, same)
+        torch.library.opcheck(ops.triton_proxy_nca_metrix_rows.default, args)
+        gr = torch.randn(11, dtype=torch.float64, device=DEVICE)
+        torch.library.opcheck(ops.triton_proxy_nca_metrix_rows_bwd.default,
+                              (gr, x, p, y, 2.0, kind, 0.4, same))
+
+
+_SM90 = r'''
+import metrix_ops.triton.proxy_nca_metrix as m
+
+failed = []
+ptrs = {"y_ptr": "*i64"}
+for fdt, acc, prec in [("fp32", tl.float32, "tf32"), ("fp64", tl.float64, "ieee")]:
+    for kind in (0, 1):
+        consts = dict(BLOCK_U=16, BLOCK_W=16, BLOCK_C=16, BLOCK_D=64, ACC=acc, PRECISION=prec,
+                      SAME=False, KIND=kind, BLOCK_DO=512)
+        for fn in (m._nca_mix_fwd_kernel, m._nca_mix_bwd_kernel):
+            cc = {k: v for k, v in consts.items() if k in fn.arg_names}
+            try:
+                compile_sm90(fn, cc, fdt, num_warps=4, pointer_types=ptrs)
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"{fn.__name__} {fdt} kind={kind}: {type(e).__name__}: {str(e)[:300]}")
+print("\n".join(failed))
+sys.exit(1 if failed else 0)
+'''
+
+
+@compiles_only
+def test_kernels_compile_for_h100():
+    run_sm90_script(_SM90)
