@@ -70,6 +70,7 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # PML's clean loss. The proxy losses' mixed term is every ordered pair against
           # every proxy (B²·C terms), far beyond the clean loss's B·C.
           "metrix_proxy_anchor": ("ProxyAnchorLoss", "ProxyAnchorLoss", "proxy"),
+          "metrix_proxy_nca": ("ProxyNCALoss", "ProxyNCALoss", "proxy"),
           "metrix_circle": ("CircleLoss", "CircleLoss", "gram"),
           "metrix_generalized_lifted": ("GeneralizedLiftedStructureLoss",
                                         "GeneralizedLiftedStructureLoss", "gram"),
@@ -86,6 +87,7 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "ms_miner": lambda mo: {"miner": mo.miners.MultiSimilarityMiner(0.1)},
            "ee_hphn": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
            "metrix_proxy_anchor": lambda mo: {"metrix": mo.Metrix()},
+           "metrix_proxy_nca": lambda mo: {"metrix": mo.Metrix()},
            "metrix_circle": lambda mo: {"metrix": mo.Metrix()},
            "metrix_generalized_lifted": lambda mo: {"metrix": mo.Metrix()},
            "ee_ms": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
