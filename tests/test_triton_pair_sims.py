@@ -77,3 +77,36 @@ def test_tuple_losses_on_cuda_match_reference(name, miner):
     ours = getattr(mo.losses, name)(backend="triton")
     ref = getattr(mo.losses, name)(backend="reference")
     assert_close_vg(lambda e: ours(e, y, t), lambda e: ref(e, y, t), x)
+
+
+def test_kernels_check_their_inputs():
+    """Called as the ops' CUDA kernels without the Python wrapper, they check as the CPU op."""
+    from metrix_ops.triton.pair_sims import pair_sims_bwd_triton, pair_sims_triton
+    x, r = on_dev(torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))
+    rows, cols = on_dev(torch.tensor([0, 1]), torch.tensor([2, 4]))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        pair_sims_triton(x.half(), r.half(), rows, cols)
+    with pytest.raises(ValueError, match="same width"):
+        pair_sims_triton(x, r[:, :2], rows, cols)
+    with pytest.raises(ValueError, match="1-D int64"):
+        pair_sims_triton(x, r, rows.int(), cols)
+    with pytest.raises(RuntimeError, match="pair_sims: rows must be in"):
+        pair_sims_triton(x, r, rows + 3, cols)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="one entry per pair"):
+        pair_sims_bwd_triton(torch.ones(3, dtype=x.dtype, device=x.device), x, r, rows, cols)
+
+
+def test_backward_refuses_deterministic_mode():
+    from metrix_ops.triton.pair_sims import pair_sims_bwd_triton
+    x, r = on_dev(torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))
+    rows, cols, g = on_dev(torch.tensor([0, 1]), torch.tensor([2, 4]),
+                           torch.ones(2, dtype=torch.float64))
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            pair_sims_bwd_triton(g, x, r, rows, cols)
+    finally:
+        torch.use_deterministic_algorithms(old)

@@ -35,12 +35,13 @@ def _units(params, inp):
     return F.normalize(x, dim=1), F.normalize(params["proxies"].to(x.dtype), dim=1)
 
 
-def anchor_mixed(params, inp, pairs: str, lam: float, chunk=None):
-    """L̃ of ProxyAnchorLoss: Σ_c pos_c / #proxies with positive mass + Σ_c neg_c / C."""
+def anchor_mixed(params, inp, pairs: str, lam: float, chunk=None, terms_fn=None):
+    """L̃ of ProxyAnchorLoss: Σ_c pos_c / #proxies with positive mass + Σ_c neg_c / C;
+    terms_fn: an engine's per-proxy terms (default the CPU op's)."""
     xu, p = _units(params, inp)
     labels, same = inp.labels, pairs == "pos_pos"
-    pos, neg = proxy_anchor_metrix_terms(xu, p, labels, params["alpha"], params["margin"], lam,
-                                         same, chunk)
+    terms_fn = proxy_anchor_metrix_terms if terms_fn is None else terms_fn
+    pos, neg = terms_fn(xu, p, labels, params["alpha"], params["margin"], lam, same, chunk)
     # a proxy has positive mass iff some candidate's pair holds its class: with
     # different-label pairs, a present class beside another one; with same-label pairs, a
     # class of two examples or more (λ + (1−λ) > 0 always)

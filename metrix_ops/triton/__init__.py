@@ -16,4 +16,4 @@ if HAS_TRITON:
     from . import circle, ms_metrix, contrastive_metrix, circle_metrix, ee_hphn  # noqa: F401
     from . import generalized_lifted, lifted_structure, npairs  # noqa: F401
     from . import generalized_lifted_metrix, ms_mined, pair_sims, triplet_miners  # noqa: F401
-    from . import proxy_nca_metrix  # noqa: F401
+    from . import proxy_anchor_metrix, proxy_nca_metrix  # noqa: F401

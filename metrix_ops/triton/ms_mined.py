@@ -10,8 +10,11 @@ index tuple, as the CPU op does it (fused/multi_similarity.py's miner path):
    (pairs.mined_masks), counting each row's kept pairs for PML's no-pairs rule;
 3. the shared gradient kernels of pairs.py with the same masks (for the batch against
    itself, the transposed tile takes its own rows' thresholds).
-S is recomputed by the same tile code in every pass, so a pair is compared with the
-thresholds in the arithmetic they were found in."""
+S is recomputed in every pass by tile products whose block sizes may differ (the gradient
+kernels take smaller tiles at large D, and the symmetric one reads row j's pairs as the
+transpose of row i's tile), so a pair's s can differ from the one its row's threshold was
+found with in the last bit; that changes a kept pair only at an exact tie with the
+threshold (ε = 0 and one embedding under two labels, say)."""
 import torch
 import triton
 import triton.language as tl

@@ -13,6 +13,8 @@ backend="triton".
   depend on the order the GPU runs them in."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,7 @@ import triton.language as tl
 from .. import fused
 from ..fused import indices  # noqa: F401 (its CPU registrations, copied below)
 from ..ops.pair_sims import HAS_OP
+from .launch import usable_on
 from .tiles import acc_dtype
 
 
@@ -59,12 +62,45 @@ def _sims_bwd_kernel(g_ptr, x_ptr, r_ptr, rows_ptr, cols_ptr, dx_ptr, dr_ptr, P,
                       mask=m)
 
 
+def _check(x, r, rows, cols):
+    """The checks of the CPU kernel (csrc/cpu/pair_sims_cpu.cpp), since the ops can be called
+    without the Python wrapper: dtypes, shapes, and every index in range (the range by an
+    asynchronous device assert: no host sync)."""
+    if x.dtype not in (torch.float32, torch.float64) or r.dtype != x.dtype:
+        raise TypeError(f"x and r must both be float32 or float64, got {x.dtype} and {r.dtype}")
+    if x.dim() != 2 or r.dim() != 2 or x.shape[1] != r.shape[1]:
+        raise ValueError(f"x and r must be 2-D with the same width, got {tuple(x.shape)} and "
+                         f"{tuple(r.shape)}")
+    if (rows.dtype != torch.int64 or cols.dtype != torch.int64 or rows.dim() != 1
+            or cols.shape != rows.shape):
+        raise ValueError("rows and cols must be 1-D int64 tensors of one length, got "
+                         f"{rows.dtype} {tuple(rows.shape)} and {cols.dtype} {tuple(cols.shape)}")
+    if rows.numel() > 0:
+        torch._assert_async(((rows >= 0) & (rows < x.shape[0])).all()
+                            & ((cols >= 0) & (cols < r.shape[0])).all(),
+                            "pair_sims: rows must be in [0, len(x)) and cols in [0, len(r))")
+
+
+def _alert_not_deterministic(caller: str):
+    """The atomic adds' order is the GPU's: under torch.use_deterministic_algorithms(True)
+    this raises (or, with warn_only, warns), as torch's own nondeterministic kernels do."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{caller} does not have a deterministic implementation, but you set "
+           "'torch.use_deterministic_algorithms(True)'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
+
+
 def _blocks(d: int):
     return dict(BLOCK_P=32, BLOCK_D=max(16, min(128, triton.next_power_of_2(d))))
 
 
 def pair_sims_triton(x, r, rows, cols):
     """x[rows_k] · r[cols_k] per pair, in x's dtype (fp32 or fp64 rows, int64 indices)."""
+    _check(x, r, rows, cols)
     x, r, rows, cols = x.contiguous(), r.contiguous(), rows.contiguous(), cols.contiguous()
     p, d = rows.shape[0], x.shape[1]
     out = torch.empty(p, dtype=x.dtype, device=x.device)
@@ -77,6 +113,11 @@ def pair_sims_triton(x, r, rows, cols):
 
 def pair_sims_bwd_triton(grad, x, r, rows, cols):
     """(dx, dr) of Σ_k grad_k s_k."""
+    _check(x, r, rows, cols)
+    if grad.shape != rows.shape:
+        raise ValueError(f"grad must have one entry per pair, got {tuple(grad.shape)} for "
+                         f"{rows.shape[0]} pairs")
+    _alert_not_deterministic("pair_sims_bwd (Triton, CUDA)")
     x, r, rows, cols = x.contiguous(), r.contiguous(), rows.contiguous(), cols.contiguous()
     p, d = rows.shape[0], x.shape[1]
     dx, dr = torch.zeros_like(x), torch.zeros_like(r)
@@ -96,7 +137,8 @@ if HAS_OP:
 
     def _on_cuda(supports):
         def cuda_supports(params, inp, expansion) -> bool:
-            return inp.embeddings.device.type == "cuda" and supports(params, inp, expansion)
+            dev = inp.embeddings.device
+            return dev.type == "cuda" and usable_on(dev) and supports(params, inp, expansion)
         return cuda_supports
 
     # the losses whose listed-pairs path needs nothing but pair_sims (NPairs and ProxyNCA

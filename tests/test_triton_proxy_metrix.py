@@ -1,9 +1,10 @@
-"""ProxyNCALoss with embedding-level Metrix on the Triton engine (triton/proxy_nca_metrix.py:
-candidate-logit tiles over (rows, partners, proxies), both candidate orders in the backward)
-against the reference (closed-form candidates over a dense K × C matrix): values and
-gradients in the embeddings and the proxies over the shared cases, every `pairs`, λ at and
-inside [0, 1], both metrics (PML's squared L2 and cosine), ProxyNCA++'s temperature, shapes
-over several row, partner and proxy tiles; the per-row sums against the CPU op with unequal
+"""ProxyNCALoss and ProxyAnchorLoss with embedding-level Metrix on the Triton engine
+(triton/proxy_nca_metrix.py, proxy_anchor_metrix.py: candidate tiles over (rows, partners,
+proxies), both candidate orders in the backward) against the reference (closed-form
+candidates over a dense K × C matrix): values and gradients in the embeddings and the proxies
+over the shared cases, every `pairs`, λ at and inside [0, 1], ProxyNCA's two metrics (PML's
+squared L2 and cosine) and ProxyNCA++'s temperature, ProxyAnchor's α and δ, shapes over
+several row, partner and proxy tiles; the ops against the CPU ops with unequal upstream
 weights; fp32 and half inputs; opcheck; sm_90 compilation.
 
 Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors."""
@@ -19,22 +20,34 @@ from triton_cases import DEVICE, compiles_only, on_dev, requires_triton, run_sm9
 pytestmark = requires_triton
 
 
-def pair(c, d, lam, pairs="pos_neg", cosine=False, dtype=torch.float64, **kw):
+LOSSES = ["ProxyNCALoss", "ProxyAnchorLoss"]
+
+
+def pair(c, d, lam, pairs="pos_neg", cosine=False, dtype=torch.float64, loss="ProxyNCALoss",
+         **kw):
     cfg = mo.Metrix(level="embedding", pairs=pairs, lam=lam, weight=0.7)
-    if cosine:
+    if cosine and loss == "ProxyNCALoss":
         kw["distance"] = mo.distances.CosineSimilarity()
-    tri = mo.losses.ProxyNCALoss(c, d, backend="triton", metrix=cfg, **kw).to(DEVICE, dtype)
-    ref = mo.losses.ProxyNCALoss(c, d, backend="reference", metrix=cfg, **kw).to(DEVICE, dtype)
+    cls = getattr(mo.losses, loss)
+    tri = cls(c, d, backend="triton", metrix=cfg, **kw).to(DEVICE, dtype)
+    ref = cls(c, d, backend="reference", metrix=cfg, **kw).to(DEVICE, dtype)
     ref.load_state_dict(tri.state_dict())
     return tri, ref
 
 
+@pytest.fixture(params=LOSSES)
+def loss(request):
+    return request.param
+
+
 @pytest.fixture
-def op_calls(monkeypatch):
-    import metrix_ops.triton.proxy_nca_metrix as m
-    calls, real = [], m.proxy_nca_metrix_rows_triton
-    monkeypatch.setattr(m, "proxy_nca_metrix_rows_triton",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+def op_calls(monkeypatch, loss):
+    import metrix_ops.triton.proxy_anchor_metrix as pa
+    import metrix_ops.triton.proxy_nca_metrix as nca
+    mod, fn = ((nca, "proxy_nca_metrix_rows_triton") if loss == "ProxyNCALoss"
+               else (pa, "proxy_anchor_metrix_terms_triton"))
+    calls, real = [], getattr(mod, fn)
+    monkeypatch.setattr(mod, fn, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -55,22 +68,24 @@ def check(tri, ref, x, y):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("pairs,lam", [("pos_neg", 0.3), ("pos_pos", 0.6), ("anchor_neg", 0.0),
                                        ("neg_neg", 1.0)])
-def test_matches_reference_fp64(case, pairs, lam, op_calls):
+def test_matches_reference_fp64(loss, case, pairs, lam, op_calls):
     x, y = on_dev(*make_case(case))
     c = int(y.max()) + 2  # a proxy without examples too
-    tri, ref = pair(c, x.shape[1], lam, pairs, cosine=(pairs == "pos_pos"))
+    tri, ref = pair(c, x.shape[1], lam, pairs, cosine=(pairs == "pos_pos"), loss=loss)
     check(tri, ref, x, y)
     assert op_calls
 
 
 @pytest.mark.parametrize("b,c,d", [(40, 37, 9), (17, 70, 5)])
 @pytest.mark.parametrize("cosine", [False, True])
-def test_tiles_and_settings(b, c, d, cosine, op_calls):
+def test_tiles_and_settings(loss, b, c, d, cosine, op_calls):
     g = torch.Generator().manual_seed(b + c)
     x = torch.randn(b, d, dtype=torch.float64, generator=g)
     y = torch.randint(0, min(c, 9), (b,), generator=g)
     x, y = on_dev(x, y)
-    tri, ref = pair(c, d, 0.45, cosine=cosine, softmax_scale=3.0, temperature=0.5)
+    kw = (dict(softmax_scale=3.0, temperature=0.5) if loss == "ProxyNCALoss"
+          else dict(alpha=16.0 if cosine else 32.0, margin=0.2))
+    tri, ref = pair(c, d, 0.45, cosine=cosine, loss=loss, **kw)
     check(tri, ref, x, y)
     assert op_calls
 
@@ -98,12 +113,38 @@ def test_rows_with_unequal_weights_match_the_cpu_op(kind, same):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-10)
 
 
-def test_fp32_and_half_inputs():
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="the CPU op is the oracle here")
+@pytest.mark.parametrize("same", [False, True])
+def test_anchor_terms_with_unequal_weights_match_the_cpu_op(same):
+    """Each proxy's two upstream weights differ, through both candidate orders."""
+    from metrix_ops.ops.proxy_metrix import proxy_anchor_metrix_terms
+    from metrix_ops.triton.proxy_anchor_metrix import proxy_anchor_metrix_terms_triton
+    g = torch.Generator().manual_seed(7 + same)
+    x = F.normalize(torch.randn(26, 6, dtype=torch.float64, generator=g), dim=1)
+    p = F.normalize(torch.randn(7, 6, dtype=torch.float64, generator=g), dim=1)
+    y = torch.randint(0, 5, (26,), generator=g)
+    wp, wn = (torch.randn(7, dtype=torch.float64, generator=g) for _ in range(2))
+
+    def weighted(terms):
+        return (terms[0] * wp).sum() + (terms[1] * wn).sum()
+    cpu = [t.clone().requires_grad_() for t in (x, p)]
+    v_cpu = weighted(proxy_anchor_metrix_terms(*cpu, y, 32.0, 0.1, 0.35, same))
+    d_cpu = torch.autograd.grad(v_cpu, cpu)
+    tri = [t.requires_grad_() for t in on_dev(x, p)]
+    yd, wp, wn = on_dev(y, wp, wn)
+    v_tri = weighted(proxy_anchor_metrix_terms_triton(*tri, yd, 32.0, 0.1, 0.35, same))
+    d_tri = torch.autograd.grad(v_tri, tri)
+    torch.testing.assert_close(v_tri.cpu(), v_cpu, rtol=1e-10, atol=1e-10)
+    for a, b in zip(d_tri, d_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-8)
+
+
+def test_fp32_and_half_inputs(loss):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(33, 12, generator=g)
     y = torch.randint(0, 6, (33,), generator=g)
     x, y = on_dev(x, y)
-    tri, ref = pair(6, 12, 0.3, dtype=torch.float32)
+    tri, ref = pair(6, 12, 0.3, dtype=torch.float32, loss=loss)
     assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x, rtol=1e-4, atol=1e-5)
     h = x.detach().half().requires_grad_()
     v = tri(h, y)
@@ -124,10 +165,18 @@ def test_opcheck():
         gr = torch.randn(11, dtype=torch.float64, device=DEVICE)
         torch.library.opcheck(ops.triton_proxy_nca_metrix_rows_bwd.default,
                               (gr, x, p, y, 2.0, kind, 0.4, same))
+        args = (x.clone().requires_grad_(), p.clone().requires_grad_(), y, 32.0, 0.1, 0.4,
+                same)
+        torch.library.opcheck(ops.triton_proxy_anchor_metrix_terms.default, args)
+        pos, neg = ops.triton_proxy_anchor_metrix_terms(x, p, y, 32.0, 0.1, 0.4, same)
+        gp, gn = (torch.randn(5, dtype=torch.float64, device=DEVICE) for _ in range(2))
+        torch.library.opcheck(ops.triton_proxy_anchor_metrix_terms_bwd.default,
+                              (gp, gn, x, p, y, pos, neg, 32.0, 0.1, 0.4, same))
 
 
 _SM90 = r'''
 import metrix_ops.triton.proxy_nca_metrix as m
+import metrix_ops.triton.proxy_anchor_metrix as pa
 
 failed = []
 ptrs = {"y_ptr": "*i64"}
@@ -135,7 +184,8 @@ for fdt, acc, prec in [("fp32", tl.float32, "tf32"), ("fp64", tl.float64, "ieee"
     for kind in (0, 1):
         consts = dict(BLOCK_U=16, BLOCK_W=16, BLOCK_C=16, BLOCK_D=64, ACC=acc, PRECISION=prec,
                       SAME=False, KIND=kind, BLOCK_DO=512)
-        for fn in (m._nca_mix_fwd_kernel, m._nca_mix_bwd_kernel):
+        for fn in (m._nca_mix_fwd_kernel, m._nca_mix_bwd_kernel, pa._pa_mix_fwd_kernel,
+                   pa._pa_mix_bwd_kernel):
             cc = {k: v for k, v in consts.items() if k in fn.arg_names}
             try:
                 compile_sm90(fn, cc, fdt, num_warps=4, pointer_types=ptrs)
