@@ -95,7 +95,8 @@ for loss in contrastive proxy_anchor ntxent supcon circle triplet; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
 # embedding-level Metrix on the Triton engine (the only GPU engine with it) against the clean loss
-for loss in metrix_ms metrix_contrastive metrix_circle metrix_generalized_lifted metrix_proxy_nca; do
+for loss in metrix_ms metrix_contrastive metrix_circle metrix_generalized_lifted metrix_proxy_nca \
+            metrix_proxy_anchor; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
 # the losses new to the GPU engines in the seventh session (none has run on a GPU yet)
