@@ -28,8 +28,8 @@ from ..fused import proxy_metrix
 from .launch import next_pow2
 from .proxy_anchor import check_unit_inputs, hyper
 from .proxy_anchor import impl as clean_impl, supports as clean_supports
-from .proxy_nca_metrix import _pair_tile
-from .tiles import acc_dtype, add_tile_product, dot_precision, sim_tile
+from .proxy_nca_metrix import _pair_tile, proxy_mix_config as _config
+from .tiles import add_tile_product, sim_tile
 
 
 @triton.jit
@@ -137,15 +137,6 @@ def _pa_mix_bwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, ne
     offs_d = tl.arange(0, BLOCK_DO)
     tl.store(dx_ptr + offs_u[:, None] * stride_dx + offs_d[None, :], acc,
              mask=u_ok[:, None] & (offs_d[None, :] < D))
-
-
-def _config(x, c):
-    """16 rows × 16 partners × BLOCK_C proxies per candidate tensor (16 proxies on a GPU)."""
-    dev, d = x.device, x.shape[1]
-    bc = 16 if dev.type == "cuda" else max(16, min(64, next_pow2(c)))
-    warps = dict(num_warps=4) if dev.type == "cuda" else {}
-    return dict(BLOCK_U=16, BLOCK_W=16, BLOCK_C=bc, BLOCK_D=max(16, min(64, next_pow2(d))),
-                ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, dev)), warps
 
 
 def _constants(x, alpha, margin, lam):

@@ -193,9 +193,10 @@ def _nca_mix_bwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, g_ptr, dsp_ptr, dx_ptr, B,
              mask=u_ok[:, None] & (offs_d[None, :] < D))
 
 
-def _config(x, c):
-    """Rows per program, partners and proxies per tile: the candidate tensor is
-    BLOCK_U × BLOCK_W × BLOCK_C (4K entries on a GPU, 16K under the interpreter)."""
+def proxy_mix_config(x, c):
+    """Rows per program, partners and proxies per tile of the proxy losses' Metrix kernels:
+    the candidate tensor is BLOCK_U × BLOCK_W × BLOCK_C (4K entries on a GPU, up to 16K under
+    the interpreter, where fewer, larger tiles run faster)."""
     dev, d = x.device, x.shape[1]
     if dev.type == "cuda":
         bu, bw, bc, warps = 16, 16, 16, dict(num_warps=4)
@@ -226,7 +227,7 @@ def _nca_mix_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, scale: f
     b = x.shape[0]
     rows = torch.zeros(b, dtype=x.dtype, device=x.device)
     if b > 0:
-        cfg, warps = _config(x, p.shape[0])
+        cfg, warps = proxy_mix_config(x, p.shape[0])
         _nca_mix_fwd_kernel[(triton.cdiv(b, cfg["BLOCK_U"]),)](
             x, p, labels, _constants(x, scale, lam), rows, b, p.shape[0], x.shape[1],
             x.stride(0), p.stride(0), SAME=bool(same), KIND=int(kind), **cfg, **warps)
@@ -247,7 +248,7 @@ def _nca_mix_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, p: torch.Tensor,
     dx = torch.zeros_like(x)
     dsp = torch.zeros(b, c, dtype=x.dtype, device=x.device)
     if b > 0:
-        cfg, warps = _config(x, c)
+        cfg, warps = proxy_mix_config(x, c)
         _nca_mix_bwd_kernel[(triton.cdiv(b, cfg["BLOCK_U"]),)](
             x, p, labels, _constants(x, scale, lam), g_rows.to(x.dtype).contiguous(), dsp, dx,
             b, c, d, x.stride(0), p.stride(0), dsp.stride(0), dx.stride(0), SAME=bool(same),
