@@ -3,7 +3,6 @@
 // the row-chunk engine of cuda/pair_rows.cuh: per row the log-sum-exps of PML's margin
 // exponents on each side, loss [lse⁺ + lse⁻]₊ with an empty side adding 0. Per-pair math:
 // common/lifted.h, the header the CPU op uses.
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/lifted.h"
@@ -12,12 +11,6 @@
 namespace metrix_ops {
 
 namespace {
-
-using cuda_pairs::check_cuda_pair_call;
-using cuda_pairs::fold_all;
-using cuda_pairs::grad_all;
-using cuda_pairs::kThreads;
-using cuda_pairs::make_states;
 
 template <typename T>
 struct GenLiftedRowLoss {
@@ -33,74 +26,39 @@ struct GenLiftedRowLoss {
     if (pos) st.pos.push(lifted_pos_arg(t, cosine, pos_margin));
     else st.neg.push(lifted_neg_arg(t, cosine, neg_margin));
   }
+  // the row's loss from its finished log-sum-exps: [lse⁺ + lse⁻]₊, an empty side adding 0
+  __device__ T finish(T lp, T ln) const {
+    const T pre = gen_lifted_pre(lp, ln);
+    return pre > T(0) ? pre : T(0);
+  }
   __device__ T grad(T s, bool pos, int64_t i) const {
     return gen_lifted_grad(s, pos, cosine, pos_margin, neg_margin, g_rows[i], lse_pos[i],
                            lse_neg[i]);
   }
 };
 
-template <typename T>
-__global__ void gen_lifted_finish_kernel(const typename GenLiftedRowLoss<T>::State* state,
-                                         int64_t n, T* rows, T* lse_pos, T* lse_neg) {
-  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const T lp = state[i].pos.value(), ln = state[i].neg.value();  // −inf for an empty side
-  lse_pos[i] = lp;
-  lse_neg[i] = ln;
-  const T pre = gen_lifted_pre(lp, ln);
-  rows[i] = pre > T(0) ? pre : T(0);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cuda(
-    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
-    const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double pos_margin,
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, bool exclude_diag, bool cosine, double pos_margin,
     double neg_margin, int64_t chunk) {
-  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
-  c10::cuda::CUDAGuard guard(x_.device());
-  auto x = x_.contiguous(), r = r_.contiguous();
-  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
-  const int64_t B = x.size(0);
-  at::Tensor rows = at::empty({B}, x.options()), lp = at::empty_like(rows),
-             ln = at::empty_like(rows);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gen_lifted_fwd_cuda", [&] {
-    using T = scalar_t;
-    using State = typename GenLiftedRowLoss<T>::State;
-    const GenLiftedRowLoss<T> loss{cosine, T(pos_margin), T(neg_margin)};
-    at::Tensor buf = make_states(B, State::empty(), x.options());
-    State* state = reinterpret_cast<State*>(buf.data_ptr());
-    fold_all<GenLiftedRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
-    if (B > 0) {
-      gen_lifted_finish_kernel<T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
-                                    c10::cuda::getCurrentCUDAStream()>>>(
-          state, B, rows.data_ptr<T>(), lp.data_ptr<T>(), ln.data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+  return cuda_pairs::two_side_fwd(x, r, labels, ref_labels, exclude_diag, chunk,
+                                  [&](auto g, auto lp, auto ln) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return GenLiftedRowLoss<T>{cosine, T(pos_margin), T(neg_margin), g, lp, ln};
   });
-  return {rows, lp, ln};
 }
 
 std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cuda(
-    const at::Tensor& grad_rows, const at::Tensor& x_, const at::Tensor& r_,
-    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_pos_,
-    const at::Tensor& lse_neg_, bool exclude_diag, bool cosine, double pos_margin,
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& r,
+    const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& lse_pos,
+    const at::Tensor& lse_neg, bool exclude_diag, bool cosine, double pos_margin,
     double neg_margin, int64_t chunk) {
-  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
-  check_row_vec(grad_rows, x_, "grad_rows");
-  check_row_vec(lse_pos_, x_, "lse_pos");
-  check_row_vec(lse_neg_, x_, "lse_neg");
-  c10::cuda::CUDAGuard guard(x_.device());
-  auto x = x_.contiguous(), r = r_.contiguous();
-  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
-  auto g = grad_rows.to(x.scalar_type()).contiguous();
-  auto lp = lse_pos_.to(x.scalar_type()).contiguous(), ln = lse_neg_.to(x.scalar_type()).contiguous();
-  std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gen_lifted_bwd_cuda", [&] {
-    using T = scalar_t;
-    const GenLiftedRowLoss<T> loss{cosine, T(pos_margin), T(neg_margin), g.data_ptr<T>(),
-                                   lp.data_ptr<T>(), ln.data_ptr<T>()};
-    out = grad_all<GenLiftedRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss);
+  return cuda_pairs::two_side_bwd(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg,
+                                  exclude_diag, chunk, true,
+                                  [&](auto g, auto lp, auto ln) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return GenLiftedRowLoss<T>{cosine, T(pos_margin), T(neg_margin), g, lp, ln};
   });
-  return out;
 }
 
 }  // namespace

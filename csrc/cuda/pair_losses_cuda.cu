@@ -224,6 +224,10 @@ struct CircleRowLoss {
     if (pos) st.pos.push(circle_pos_logit(s, c));
     else st.neg.push(circle_neg_logit(s, c));
   }
+  // the row's loss from its finished log-sum-exps: 0 when a side is empty
+  __device__ T finish(T lp, T ln) const {
+    return (isinf(lp) || isinf(ln)) ? T(0) : softplus20(lp + ln);
+  }
   // g · softplus'(lse⁺ + lse⁻) · softmax within the side · ∓weight; 0 when a side is empty
   __device__ T grad(T s, bool pos, int64_t i) const {
     const T lp = lse_pos[i], ln = lse_neg[i];
@@ -234,67 +238,27 @@ struct CircleRowLoss {
   }
 };
 
-template <typename T>
-__global__ void circle_finish_kernel(const typename CircleRowLoss<T>::State* state, int64_t n,
-                                     T* rows, T* lse_pos, T* lse_neg) {
-  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const T lp = state[i].pos.value(), ln = state[i].neg.value();  // −inf for an empty side
-  lse_pos[i] = lp;
-  lse_neg[i] = ln;
-  rows[i] = (isinf(lp) || isinf(ln)) ? T(0) : softplus20(lp + ln);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_fwd_cuda(
-    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
-    const at::Tensor& ref_labels_, bool exclude_diag, double m, double gamma, int64_t chunk) {
-  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
-  c10::cuda::CUDAGuard guard(x_.device());
-  auto x = x_.contiguous(), r = r_.contiguous();
-  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
-  const int64_t B = x.size(0);
-  at::Tensor rows = at::empty({B}, x.options()), lp = at::empty_like(rows),
-             ln = at::empty_like(rows);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "circle_fwd_cuda", [&] {
-    using T = scalar_t;
-    using State = typename CircleRowLoss<T>::State;
-    const CircleRowLoss<T> loss{circle_consts<T>(m, gamma)};
-    at::Tensor buf = make_states(B, State::empty(), x.options());
-    State* state = reinterpret_cast<State*>(buf.data_ptr());
-    fold_all<CircleRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
-    if (B > 0) {
-      circle_finish_kernel<T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
-                                c10::cuda::getCurrentCUDAStream()>>>(
-          state, B, rows.data_ptr<T>(), lp.data_ptr<T>(), ln.data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, bool exclude_diag, double m, double gamma, int64_t chunk) {
+  return cuda_pairs::two_side_fwd(x, r, labels, ref_labels, exclude_diag, chunk,
+                                  [&](auto g, auto lp, auto ln) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return CircleRowLoss<T>{circle_consts<T>(m, gamma), g, lp, ln};
   });
-  return {rows, lp, ln};
 }
 
 std::tuple<at::Tensor, at::Tensor> circle_bwd_cuda(
-    const at::Tensor& grad_rows, const at::Tensor& x_, const at::Tensor& r_,
-    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_pos_,
-    const at::Tensor& lse_neg_, bool exclude_diag, double m, double gamma, int64_t chunk,
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& r,
+    const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& lse_pos,
+    const at::Tensor& lse_neg, bool exclude_diag, double m, double gamma, int64_t chunk,
     bool need_dr) {
-  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
-  check_row_vec(grad_rows, x_, "grad_rows");
-  check_row_vec(lse_pos_, x_, "lse_pos");
-  check_row_vec(lse_neg_, x_, "lse_neg");
-  c10::cuda::CUDAGuard guard(x_.device());
-  auto x = x_.contiguous(), r = r_.contiguous();
-  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
-  auto g = grad_rows.to(x.scalar_type()).contiguous();
-  auto lp = lse_pos_.to(x.scalar_type()).contiguous(), ln = lse_neg_.to(x.scalar_type()).contiguous();
-  std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "circle_bwd_cuda", [&] {
-    using T = scalar_t;
-    const CircleRowLoss<T> loss{circle_consts<T>(m, gamma), g.data_ptr<T>(), lp.data_ptr<T>(),
-                                ln.data_ptr<T>()};
-    out = grad_all<CircleRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss,
-                                        need_dr);
+  return cuda_pairs::two_side_bwd(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg,
+                                  exclude_diag, chunk, need_dr,
+                                  [&](auto g, auto lp, auto ln) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return CircleRowLoss<T>{circle_consts<T>(m, gamma), g, lp, ln};
   });
-  return out;
 }
 
 }  // namespace

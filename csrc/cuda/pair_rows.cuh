@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -213,6 +214,78 @@ std::tuple<at::Tensor, at::Tensor> grad_all(const at::Tensor& x, const at::Tenso
     if (need_dr) dr.narrow(0, start, len).addmm_(s.t(), x);
   }
   return {dx, dr};
+}
+
+// The op entry points of a loss with a TwoSideLse row state (Circle, GeneralizedLifted): the
+// checks, the device guard, contiguous inputs, the dtype dispatch, then fold_all and a
+// finish kernel (rows[i] = loss.finish(lse⁺_i, lse⁻_i), the two log-sum-exps kept for the
+// backward), or grad_all. make_loss(g, lse⁺, lse⁻) builds the loss for one dtype from the
+// backward's per-row pointers (const T*; all null for the forward), so one lambda serves both.
+template <class Loss, typename T>
+__global__ void two_side_finish_kernel(const TwoSideLse<T>* state, int64_t n, Loss loss,
+                                       T* rows, T* lse_pos, T* lse_neg) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const T lp = state[i].pos.value(), ln = state[i].neg.value();  // −inf for an empty side
+  lse_pos[i] = lp;
+  lse_neg[i] = ln;
+  rows[i] = loss.finish(lp, ln);
+}
+
+template <class MakeLoss>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> two_side_fwd(
+    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
+    const at::Tensor& ref_labels_, bool exclude_diag, int64_t chunk, MakeLoss make_loss) {
+  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  const int64_t B = x.size(0);
+  at::Tensor rows = at::empty({B}, x.options()), lp = at::empty_like(rows),
+             ln = at::empty_like(rows);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_side_fwd_cuda", [&] {
+    using T = scalar_t;
+    const T* none = nullptr;
+    const auto loss = make_loss(none, none, none);
+    using Loss = std::remove_cv_t<decltype(loss)>;
+    at::Tensor buf = make_states(B, TwoSideLse<T>::empty(), x.options());
+    auto* state = reinterpret_cast<TwoSideLse<T>*>(buf.data_ptr());
+    fold_all<Loss, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
+    if (B > 0) {
+      two_side_finish_kernel<Loss, T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
+                                        c10::cuda::getCurrentCUDAStream()>>>(
+          state, B, loss, rows.data_ptr<T>(), lp.data_ptr<T>(), ln.data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {rows, lp, ln};
+}
+
+template <class MakeLoss>
+std::tuple<at::Tensor, at::Tensor> two_side_bwd(
+    const at::Tensor& grad_rows, const at::Tensor& x_, const at::Tensor& r_,
+    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_pos_,
+    const at::Tensor& lse_neg_, bool exclude_diag, int64_t chunk, bool need_dr,
+    MakeLoss make_loss) {
+  check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
+  check_row_vec(grad_rows, x_, "grad_rows");
+  check_row_vec(lse_pos_, x_, "lse_pos");
+  check_row_vec(lse_neg_, x_, "lse_neg");
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), r = r_.contiguous();
+  auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  auto g = grad_rows.to(x.scalar_type()).contiguous();
+  auto lp = lse_pos_.to(x.scalar_type()).contiguous();
+  auto ln = lse_neg_.to(x.scalar_type()).contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "two_side_bwd_cuda", [&] {
+    using T = scalar_t;
+    const T *gp = g.data_ptr<T>(), *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
+    const auto loss = make_loss(gp, lpp, lnp);
+    using Loss = std::remove_cv_t<decltype(loss)>;
+    out = grad_all<Loss, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, need_dr);
+  });
+  return out;
 }
 
 }  // namespace cuda_pairs

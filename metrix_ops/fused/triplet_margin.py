@@ -87,26 +87,31 @@ def _miner_distance(miner, default):
         return None
 
 
-def miner_supports(params, inp, miner) -> bool:
+def miner_fits(params, inp, miner) -> bool:
     """TripletMarginMiner on the loss's own distance, or BatchHardMiner on any distance,
-    with the loss on cosine or normalised L2, no swap (smooth_loss is served). PML's
-    miners and ours alike; the self pair is dropped by labels identity in both miners and
-    the loss, as inp.same_set."""
+    with the loss on cosine or normalised L2, no swap: the calls an engine's ops can mine
+    inside. PML's miners and ours alike; the self pair is dropped by labels identity in both
+    miners and the loss, as inp.same_set."""
     kind = type(miner).__name__
     if (inp.labels is None or params.get("swap", False)
             or _unit_distance(inp.distance) is None):
         return False
+    mdist = _miner_distance(miner, LpDistance)
     if kind == "BatchHardMiner":
         # PML's BatchHardMiner passes allowed_pos/neg_range on to BatchEasyHardMiner
-        return (_miner_distance(miner, LpDistance) is not None
+        return (mdist is not None
                 and getattr(miner, "allowed_pos_range", None) is None
                 and getattr(miner, "allowed_neg_range", None) is None)
     if kind == "TripletMarginMiner":
-        mdist = _miner_distance(miner, LpDistance)
-        return (HAS_OP and getattr(miner, "type_of_triplets", None) in MINE_KINDS
-                and mdist is not None
+        return (getattr(miner, "type_of_triplets", None) in MINE_KINDS and mdist is not None
                 and _unit_distance(mdist) == _unit_distance(inp.distance))
     return False
+
+
+def miner_supports(params, inp, miner) -> bool:
+    """miner_fits, TripletMarginMiner through the C++ op (smooth_loss is served)."""
+    return miner_fits(params, inp, miner) and (
+        type(miner).__name__ != "TripletMarginMiner" or HAS_OP)
 
 
 def _units(inp):

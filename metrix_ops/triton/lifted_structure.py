@@ -27,10 +27,11 @@ from .. import fused
 from ..distances import is_dot_of_normalized, is_normalized_l2
 from ..fused.lifted_structure import lifted_loss
 from ..ops.contrastive import _bound
-from .generalized_lifted import GEN_LIFTED_COS, GEN_LIFTED_L2
+from .generalized_lifted import (GEN_LIFTED_COS, GEN_LIFTED_L2, _lifted_grad_tile_cos,
+                                 _lifted_grad_tile_l2)
 from .launch import usable_on
 from .pairs import launch_config, loss_constants, max_dim, pair_grads
-from .side_lse import _KINDS, side_lse_launch
+from .side_lse import side_lse_launch
 from .tiles import add_tile_product, pair_masks, sim_tile
 
 
@@ -109,19 +110,20 @@ def _kind(cosine: bool) -> int:
 def _pos_launch(x, labels, lo, hi, lneg, prm, cosine, g=None):
     """The positive pass: (sums, counts) forward; (w, dX of the positive entries) with g."""
     b, d = x.shape
-    cfg, block_do, warps = launch_config(x, x, grad=g is not None)
+    bwd = g is not None
+    cfg, block_do, warps = launch_config(x, x, grad=bwd)
     none = x.new_empty(0)  # the pointers the other direction's pass does not touch
-    if g is None:
-        sums, cnt = torch.empty_like(lneg), torch.empty(b, dtype=torch.long, device=x.device)
-        g, w, dx = none, none, none
-    else:
+    if bwd:
         w, dx = torch.empty_like(lneg), torch.empty_like(x)
         sums, cnt = none, none
+    else:
+        sums, cnt = torch.empty_like(lneg), torch.empty(b, dtype=torch.long, device=x.device)
+        g, w, dx = none, none, none
     _lifted_pos_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
         x, labels, lo, hi, lneg, g, prm, sums, cnt, w, dx, b, d, x.stride(0),
-        dx.stride(0) if dx.dim() == 2 else 0, BWD=bool(w.numel()), COSINE=bool(cosine),
-        BLOCK_DO=block_do, **cfg, **warps)
-    return (w, dx) if w.numel() else (sums, cnt)
+        dx.stride(0) if bwd else 0, BWD=bwd, COSINE=bool(cosine), BLOCK_DO=block_do, **cfg,
+        **warps)
+    return (w, dx) if bwd else (sums, cnt)
 
 
 def _constants(x, pos_margin, neg_margin, low, high):
@@ -166,7 +168,8 @@ def _lifted_rows_bwd_op(g_sums: torch.Tensor, x: torch.Tensor, labels: torch.Ten
     w, dx = _pos_launch(x, labels, lo.contiguous(), hi.contiguous(), lneg, prm, cosine,
                         g=g_sums.to(x.dtype).contiguous())
     no_pos = torch.full_like(lneg, float("inf"))  # lse⁺ = +inf: G's positive entries are 0
-    dx_neg, _ = pair_grads(_KINDS[_kind(cosine)][1], x, x, labels, labels, prm,
+    grad_tile = _lifted_grad_tile_cos if cosine else _lifted_grad_tile_l2
+    dx_neg, _ = pair_grads(grad_tile, x, x, labels, labels, prm,
                            (w, no_pos, lneg.contiguous()), True, True, True, False)
     return dx + dx_neg
 

@@ -19,10 +19,8 @@ import torch.nn.functional as F
 
 from .. import fused
 from ..distances import LpDistance, is_cosine, is_normalized_l2
-from ..fused.triplet_margin import (_mined_by_tuple, _miner_distance, _unit_distance, _units,
+from ..fused.triplet_margin import (_mined_by_tuple, _miner_distance, _units, miner_fits,
                                     totals_impl)
-from ..fused.triplet_margin import miner_supports as cpu_miner_supports
-from ..ops.triplet_mined import MINE_KINDS
 from ..reducers import reduce_loss_dict, zero_loss
 from ..reference.expansion_points import safe_sqrt
 from .hphn_triplet import hphn_mine_triton
@@ -32,22 +30,17 @@ from .triplet_margin import triplet_mined_rows_triton
 
 
 def miner_supports(params, inp, miner) -> bool:
+    """The CPU path's calls (fused/triplet_margin.miner_fits), less two: BatchHardMiner only
+    on a distance ordered as the cosine (its picks are made in cosine space), and
+    TripletMarginMiner without smooth_loss (the "all" kernels sum hinge terms)."""
     x = inp.embeddings
-    kind = type(miner).__name__
-    if not (x.shape[1] <= max_dim(x.dtype) and usable_on(x.device)):
+    if not (x.shape[1] <= max_dim(x.dtype) and usable_on(x.device)
+            and miner_fits(params, inp, miner)):
         return False
-    if kind == "BatchHardMiner":
+    if type(miner).__name__ == "BatchHardMiner":
         mdist = _miner_distance(miner, LpDistance)
-        return (cpu_miner_supports(params, inp, miner)
-                and (is_cosine(mdist) or is_normalized_l2(mdist)))
-    if kind == "TripletMarginMiner":
-        mdist = _miner_distance(miner, LpDistance)
-        return (inp.labels is not None and not params.get("swap", False)
-                and not params.get("smooth_loss", False)
-                and getattr(miner, "type_of_triplets", None) in MINE_KINDS
-                and mdist is not None and _unit_distance(inp.distance) is not None
-                and _unit_distance(mdist) == _unit_distance(inp.distance))
-    return False
+        return is_cosine(mdist) or is_normalized_l2(mdist)
+    return not params.get("smooth_loss", False)
 
 
 def triplet_miner_impl(params, inp, reducer, miner):
