@@ -21,7 +21,9 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 PTRS = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32", "pu_ptr": "*i64",
         "pw_ptr": "*i64", "plab_ptr": "*i64", "col_ptr": "*i64", "pc_ptr": "*i32",
-        "nc_ptr": "*i32", "lo_ptr": "*i32", "hi_ptr": "*i32", "kept_ptr": "*i64"}
+        "nc_ptr": "*i32", "lo_ptr": "*i32", "hi_ptr": "*i32", "kept_ptr": "*i64",
+        "y_ptr": "*i64", "crank_ptr": "*i64", "srank_ptr": "*i64", "npos_ptr": "*i64",
+        "nz_ptr": "*i64", "trip_ptr": "*i64"}
 
 
 def cases():
@@ -77,7 +79,29 @@ def seventh_session_cases():
         ("gen lifted metrix fwd KB=16 N=32", lm.lse_mix_fwd_kernel,
          dict(KB=16, BLOCK_N=32, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32",
               ANCHOR_NEG=False, LOGITS=glm._lifted_mix_logits_l2), 8),
-    ]
+    ] + proxy_and_triplet_cases()
+
+
+def proxy_and_triplet_cases():
+    """The proxy losses' Metrix kernels (16×16×16 candidate tiles, 4 warps) and the
+    "all"-triplets kernels with TripletMarginMiner's window (semihard), as on CUDA tensors."""
+    import triton.language as tl
+
+    import metrix_ops.triton.proxy_anchor_metrix as pam
+    import metrix_ops.triton.proxy_nca_metrix as pnm
+    import metrix_ops.triton.triplet_margin as tm
+    mix = dict(BLOCK_U=16, BLOCK_W=16, BLOCK_C=16, BLOCK_D=64, ACC=tl.float32,
+               PRECISION="tf32", SAME=False, KIND=1, BLOCK_DO=512)
+    tri = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32",
+               EXCLUDE_DIAG=True, COSINE=False, BLOCK_P=16, MINE=3)
+    grad = dict(tri, BLOCK_M=32, BLOCK_N=32, BLOCK_DO=512)
+    return [("proxy nca metrix fwd", pnm._nca_mix_fwd_kernel, mix, 4),
+            ("proxy nca metrix bwd", pnm._nca_mix_bwd_kernel, mix, 4),
+            ("proxy anchor metrix fwd", pam._pa_mix_fwd_kernel, mix, 4),
+            ("proxy anchor metrix bwd", pam._pa_mix_bwd_kernel, mix, 4),
+            ("triplet mined fwd 64x64", tm._tri_fwd_kernel, tri, 8),
+            ("triplet mined counts 64x64", tm._tri_pos_counts_kernel, tri, 8),
+            ("triplet mined grad dx 32x32", tm._tri_grad_dx_kernel, grad, 8)]
 
 
 def main():
