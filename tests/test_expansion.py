@@ -14,10 +14,11 @@ import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
 
 NAMES = ["HPHNTripletLoss", "LiftedStructureLoss", "MultiSimilarityLoss", "NPairsLoss",
-         "TripletMarginLoss"]
+         "TripletMarginLoss", "GeneralizedLiftedStructureLoss"]
 HP = {"HPHNTripletLoss": {"margin": 0.3}, "TripletMarginLoss": {"margin": 0.1},
       "MultiSimilarityLoss": {"alpha": 3.0, "beta": 40.0, "base": 0.4},
-      "LiftedStructureLoss": {"neg_margin": 0.8, "pos_margin": 0.1}, "NPairsLoss": {}}
+      "LiftedStructureLoss": {"neg_margin": 0.8, "pos_margin": 0.1}, "NPairsLoss": {},
+      "GeneralizedLiftedStructureLoss": {"neg_margin": 0.9, "pos_margin": 0.2}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,6 +122,17 @@ def official(name, x, y, n, pairs, normalize, hp, distance=None):
                 pos = M[a, p] - hp["pos_margin"] if not inverted else hp["pos_margin"] - M[a, p]
                 terms.append(torch.relu(torch.logsumexp(negs, 0) + pos) ** 2 / 2)
         return torch.stack(terms).mean()
+    if name == "GeneralizedLiftedStructureLoss":
+        if not any(P) and not any(Q):
+            return zero
+        sgn = 1 if inverted else -1
+        out = []
+        for i in range(b):
+            # each side: log Σ e^{·}, or 0 when the side is empty (PML's masked form)
+            pos = torch.logsumexp(sgn * (hp["pos_margin"] - M[i, P[i]]), 0) if P[i] else zero
+            neg = torch.logsumexp(sgn * (dhat[i] - hp["neg_margin"]), 0) if Q[i] else zero
+            out.append(torch.relu(pos + neg))
+        return torch.stack(out).mean()
     # NPairsLoss: PML's one pair per label; negative logits over the other pairs' positives
     # and every synthetic point of another class, each by its closest pair
     a_idx, p_idx = lmu.convert_to_pos_pairs_with_unique_labels(None, y)
@@ -203,6 +215,8 @@ ALT = [  # non-default distances and options
     ("LiftedStructureLoss", {"neg_margin": 0.3, "pos_margin": 0.9}, pml_dist.CosineSimilarity()),
     ("LiftedStructureLoss", {"neg_margin": 1.5, "pos_margin": 0.0}, pml_dist.LpDistance(power=2)),
     ("NPairsLoss", {}, pml_dist.LpDistance()),
+    ("GeneralizedLiftedStructureLoss", {"neg_margin": 0.3, "pos_margin": 0.9},
+     pml_dist.CosineSimilarity()),
 ]
 
 
@@ -273,7 +287,8 @@ class _MaxNumel(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("name", ["HPHNTripletLoss", "MultiSimilarityLoss", "NPairsLoss"])
+@pytest.mark.parametrize("name", ["HPHNTripletLoss", "MultiSimilarityLoss", "NPairsLoss",
+                                  "GeneralizedLiftedStructureLoss"])
 def test_no_points_by_points_matrix(name):
     # 3 classes of 10 rows, n = 4, all pairs: P = 30 + 4·135 = 570 points. Every tensor the
     # forward and backward create stays O(B·P); the official algorithm's P×P matrix would

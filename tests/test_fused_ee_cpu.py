@@ -1,5 +1,5 @@
-"""Fused CPU Embedding Expansion for MultiSimilarityLoss, LiftedStructureLoss, NPairsLoss
-(ee_neg_lse) and TripletMarginLoss (ee_triplet) against the reference: loss and gradient on the shared cases and on
+"""Fused CPU Embedding Expansion for MultiSimilarityLoss, LiftedStructureLoss, NPairsLoss,
+GeneralizedLiftedStructureLoss (ee_neg_lse) and TripletMarginLoss (ee_triplet) against the reference: loss and gradient on the shared cases and on
 class-contiguous batches ("adjacent"), n_points 0..3, both distances, normalised and not,
 reducers, chunking, dtypes, dispatch, errors and opcheck."""
 import pytest
@@ -20,9 +20,11 @@ from test_fused_hphn_cpu import batch  # the random (or class-paired) batch of t
 pytestmark = [pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built"),
               pytest.mark.usefixtures("one_thread")]
 
-LOSSES = ["MultiSimilarityLoss", "LiftedStructureLoss", "NPairsLoss", "TripletMarginLoss"]
+LOSSES = ["MultiSimilarityLoss", "LiftedStructureLoss", "NPairsLoss", "TripletMarginLoss",
+          "GeneralizedLiftedStructureLoss"]
 COS = {"MultiSimilarityLoss": CosineSimilarity, "LiftedStructureLoss": CosineSimilarity,
-       "NPairsLoss": DotProductSimilarity, "TripletMarginLoss": CosineSimilarity}
+       "NPairsLoss": DotProductSimilarity, "TripletMarginLoss": CosineSimilarity,
+       "GeneralizedLiftedStructureLoss": CosineSimilarity}
 
 
 @pytest.fixture(params=[256, 3], ids=["chunk256", "chunk3"])
@@ -92,6 +94,8 @@ def test_hyper_parameters(name):
            "LiftedStructureLoss": [dict(neg_margin=0.3, pos_margin=0.2),
                                    dict(neg_margin=2.0, pos_margin=0.0)],
            "NPairsLoss": [{}],
+           "GeneralizedLiftedStructureLoss": [dict(neg_margin=0.3, pos_margin=0.2),
+                                              dict(neg_margin=2.5, pos_margin=0.0)],
            "TripletMarginLoss": [dict(margin=0.3), dict(margin=1e-4), dict(smooth_loss=True),
                                  dict(margin=25.0, smooth_loss=True)]}[name]
     for kw in kws:

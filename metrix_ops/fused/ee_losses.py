@@ -1,5 +1,5 @@
-"""MultiSimilarityLoss, LiftedStructureLoss, NPairsLoss and TripletMarginLoss with Embedding
-Expansion on the CPU. The negative side, a term for every (anchor, original or synthetic
+"""MultiSimilarityLoss, LiftedStructureLoss, GeneralizedLiftedStructureLoss, NPairsLoss and
+TripletMarginLoss with Embedding Expansion on the CPU. The negative side, a term for every (anchor, original or synthetic
 negative point) pair scored by its closest pair, comes from a fused op (no B×P matrix, no
 point stack): ee_neg_lse's per-anchor log-sum-exp, or ee_triplet's per-anchor totals over
 (positive, negative point). The clean side (original positive pairs, O(Σ_c |c|²) of them)
@@ -130,6 +130,33 @@ def lifted_structure(params, inp, reducer, expansion=None):
     return _reduce(losses, (a, p), "pos_pair", reducer, x)
 
 
+def _masked_lse(v, idx, b):
+    """log Σ_{idx = i} e^v per i in [0, b), 0 where i has no term (PML's masked form)."""
+    m = v.new_zeros(b).scatter_reduce(0, idx, v.detach(), "amax", include_self=False)
+    total = v.new_zeros(b).index_add(0, idx, torch.exp(v - m[idx]))
+    has = torch.zeros(b, dtype=torch.bool, device=v.device).index_fill(0, idx, True)
+    return torch.where(has, m + torch.log(torch.where(has, total, torch.ones_like(total))),
+                       torch.zeros_like(total))
+
+
+def generalized_lifted(params, inp, reducer, expansion=None):
+    x, labels, d = inp.embeddings, inp.labels, inp.distance
+    neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
+    segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
+    counts = _class_counts(labels)
+    if not torch.compiler.is_compiling() and len(counts) < 2 and not bool((counts > 1).any()):
+        return zero_loss(x)  # PML: no positive and no negative pair (the reference's dict)
+    b = len(labels)
+    a, p = _positive_pairs(labels)
+    pos = _masked_lse(d.margin(_pair_metric(inp, a, p), pos_margin), a, b)
+    # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance; an anchor with
+    # no negative point gets −inf from the op, and its side adds 0 (PML's masked form)
+    sign = 1.0 if d.is_inverted else -1.0
+    lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin)
+    neg = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return _reduce(F.relu(pos + neg), torch.arange(b, device=x.device), "element", reducer, x)
+
+
 def first_pairs(labels):
     """PML's N-pair pairs in O(B): per label with two members or more (ascending), its first
     two rows, as reference/npairs.unique_label_pos_pairs picks them."""
@@ -188,4 +215,5 @@ def triplet_margin(params, inp, reducer, expansion=None):
 register_expansion("cpu", "MultiSimilarityLoss", supports, multi_similarity)
 register_expansion("cpu", "LiftedStructureLoss", supports, lifted_structure)
 register_expansion("cpu", "NPairsLoss", supports, npairs)
+register_expansion("cpu", "GeneralizedLiftedStructureLoss", supports, generalized_lifted)
 register_expansion("cpu", "TripletMarginLoss", triplet_supports, triplet_margin)

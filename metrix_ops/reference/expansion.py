@@ -25,6 +25,9 @@ the clean loss when n_points = 0:
   LiftedStructureLoss  per ordered original positive pair (a, p), PML's form with the
                        negatives of both ends: ½[log(Σ_{Q_a} e^{m−d̂(a,·)} + Σ_{Q_p} e^{m−d̂(p,·)})
                        + d(a, p) − m_pos]₊², mean over positive pairs by default.
+  GeneralizedLiftedStructureLoss  per anchor [log Σ_{P_i} e^{d(i,p) − m_pos}
+                       + log Σ_{Q_i} e^{m_neg − d̂(i,q)}]₊ (an empty side adds 0, as PML's
+                       masked log-sum-exp), mean over the B anchors by default.
   NPairsLoss           PML's pairs (a_k, p_k), one per label; anchor a_k's target logit is
                        s(a_k, p_k), its negative logits ŝ(a_k, p_l), l ≠ k, and ŝ(a_k, q) for
                        every synthetic point q of another class (−d̂ with a distance).
@@ -96,6 +99,16 @@ def lifted_structure(eb: ExpandedBatch, neg_margin=1.0, pos_margin=0.0):
     return {"loss": {"losses": losses, "indices": (a, p), "reduction_type": "pos_pair"}}
 
 
+def generalized_lifted_structure(eb: ExpandedBatch, neg_margin=1.0, pos_margin=0.0):
+    if not eb.pos.any() and not eb.neg.any():  # PML: no pairs at all, zero loss
+        return _zero()
+    d = eb.distance
+    pos = masked_logsumexp(d.margin(eb.clean, pos_margin), eb.pos, add_one=False)
+    neg = masked_logsumexp(d.margin(neg_margin, eb.negative_scores()), eb.neg, add_one=False)
+    losses = F.relu(pos + neg).squeeze(1)
+    return {"loss": {"losses": losses, "indices": eb.anchors, "reduction_type": "element"}}
+
+
 def npairs(eb: ExpandedBatch, labels: torch.Tensor):
     a, p = unique_label_pos_pairs(None, labels)
     if len(a) == 0:
@@ -114,7 +127,8 @@ def npairs(eb: ExpandedBatch, labels: torch.Tensor):
 
 EXPANSION_LOSSES = {"HPHNTripletLoss": hphn_triplet, "TripletMarginLoss": triplet_margin,
                     "MultiSimilarityLoss": multi_similarity,
-                    "LiftedStructureLoss": lifted_structure, "NPairsLoss": npairs}
+                    "LiftedStructureLoss": lifted_structure, "NPairsLoss": npairs,
+                    "GeneralizedLiftedStructureLoss": generalized_lifted_structure}
 
 
 def expansion_loss_dict(name: str, params: dict, inp: LossInputs, cfg) -> dict:
