@@ -31,16 +31,21 @@ def _cosine_like(d) -> bool:
             and d.p == 2 and d.power == 1)
 
 
-def supports(params, inp, expansion) -> bool:
+def fits(inp, expansion) -> bool:
+    """The call is one this glue computes, on any engine: EE on the batch against itself, no
+    indices_tuple, a cosine-like similarity or the L2 distance of normalised points."""
     d = inp.distance
-    if not (_ext.HAS_EXT and expansion is not None and inp.indices_tuple is None
-            and inp.labels is not None and inp.same_set and inp.ref_emb is inp.embeddings
-            and inp.embeddings.device.type == "cpu"):
+    if not (expansion is not None and inp.indices_tuple is None and inp.labels is not None
+            and inp.same_set and inp.ref_emb is inp.embeddings):
         return False
     if _cosine_like(d):
         return True
     # L2 between unnormalised mixes is not a function of their cosine: the reference only
     return is_normalized_l2(d) and (expansion.normalize or expansion.n_points == 0)
+
+
+def supports(params, inp, expansion) -> bool:
+    return _ext.HAS_EXT and inp.embeddings.device.type == "cpu" and fits(inp, expansion)
 
 
 def _segments(labels, expansion):
@@ -53,12 +58,17 @@ def _segments(labels, expansion):
     return all_segments(labels)  # O(#pairs), no B×B mask
 
 
-def _neg_lse(inp, expansion, segs, scale, offset, anchor_mask=None, neg_mask=None):
-    """log Σ_{Q_i} exp(scale·m̂ + offset) per anchor, m̂ = ŝ or d̂ as the distance is."""
+def _neg_lse(inp, expansion, segs, scale, offset, anchor_mask=None, neg_mask=None,
+             lse_fn=None):
+    """log Σ_{Q_i} exp(scale·m̂ + offset) per anchor, m̂ = ŝ or d̂ as the distance is: by the
+    CPU op, or by an engine's op of the same signature (lse_fn, e.g. the Triton one)."""
     x, labels = inp.embeddings, inp.labels
     seg_i, seg_j = segs
     xu = inp.distance.maybe_normalize(x)
     l2 = not inp.distance.is_inverted
+    if lse_fn is not None:
+        return lse_fn(xu, labels, seg_i, seg_j, expansion.n_points, l2, scale, offset,
+                      anchor_mask, neg_mask)
     return ee_neg_lse(xu, labels, seg_i, seg_j, expansion.n_points, l2, scale, offset,
                       anchor_mask, neg_mask, CHUNK)
 
@@ -95,7 +105,7 @@ def _log1p_sum_exp(v, idx, b):
     return m + torch.log(torch.exp(-m).index_add(0, idx, torch.exp(v - m[idx])))
 
 
-def multi_similarity(params, inp, reducer, expansion=None):
+def multi_similarity(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     alpha, beta, base = params.get("alpha", 2.0), params.get("beta", 50.0), params.get("base", 0.5)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
@@ -110,12 +120,12 @@ def multi_similarity(params, inp, reducer, expansion=None):
     pos = _log1p_sum_exp(alpha * d.margin(_pair_metric(inp, a, p), base), a, b) / alpha
     # β·margin(base, m̂): β(ŝ − base) for a similarity, β(base − d̂) for a distance
     sign = 1.0 if d.is_inverted else -1.0
-    lse = _neg_lse(inp, expansion, segs, sign * beta, -sign * beta * base)
+    lse = _neg_lse(inp, expansion, segs, sign * beta, -sign * beta * base, lse_fn=lse_fn)
     neg = torch.logaddexp(lse, torch.zeros_like(lse)) / beta
     return _reduce(pos + neg, torch.arange(b, device=x.device), "element", reducer, x)
 
 
-def lifted_structure(params, inp, reducer, expansion=None):
+def lifted_structure(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
@@ -124,7 +134,7 @@ def lifted_structure(params, inp, reducer, expansion=None):
         return zero_loss(x)  # the reference's empty loss dict reduces to this
     # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance
     sign = 1.0 if d.is_inverted else -1.0
-    lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin)
+    lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin, lse_fn=lse_fn)
     both = torch.logaddexp(lse[a], lse[p])  # the negatives of both ends of the pair
     losses = F.relu(both + d.margin(_pair_metric(inp, a, p), pos_margin)) ** 2 / 2
     return _reduce(losses, (a, p), "pos_pair", reducer, x)
@@ -139,7 +149,7 @@ def _masked_lse(v, idx, b):
                        torch.zeros_like(total))
 
 
-def generalized_lifted(params, inp, reducer, expansion=None):
+def generalized_lifted(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
@@ -152,7 +162,7 @@ def generalized_lifted(params, inp, reducer, expansion=None):
     # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance; an anchor with
     # no negative point gets −inf from the op, and its side adds 0 (PML's masked form)
     sign = 1.0 if d.is_inverted else -1.0
-    lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin)
+    lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin, lse_fn=lse_fn)
     neg = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     return _reduce(F.relu(pos + neg), torch.arange(b, device=x.device), "element", reducer, x)
 
@@ -167,7 +177,7 @@ def first_pairs(labels):
     return order[start], order[start + 1]
 
 
-def npairs(params, inp, reducer, expansion=None):
+def npairs(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
     a, p = first_pairs(labels)
@@ -179,7 +189,7 @@ def npairs(params, inp, reducer, expansion=None):
     # negatives: the other pairs' positives (originals) and every synthetic point of another
     # class, each scored by its closest pair; the target is the plain s(a_k, p_k)
     negs = torch.zeros(b, dtype=torch.bool, device=x.device).index_fill(0, p, True)
-    lse = _neg_lse(inp, expansion, segs, sign, 0.0, anchors, negs)[a]
+    lse = _neg_lse(inp, expansion, segs, sign, 0.0, anchors, negs, lse_fn)[a]
     target = sign * _pair_metric(inp, a, p)
     return _reduce(torch.logaddexp(lse, target) - target, a, "element", reducer, x)
 

@@ -17,3 +17,4 @@ if HAS_TRITON:
     from . import generalized_lifted, lifted_structure, npairs  # noqa: F401
     from . import generalized_lifted_metrix, ms_mined, pair_sims, triplet_miners  # noqa: F401
     from . import proxy_anchor_metrix, proxy_nca_metrix  # noqa: F401
+    from . import ee_losses  # noqa: F401

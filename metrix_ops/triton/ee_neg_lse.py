@@ -1,0 +1,436 @@
+"""The negative side of the Embedding Expansion losses that score every (anchor, negative
+point) pair (MultiSimilarity, LiftedStructure, GeneralizedLiftedStructure, NPairs) on the
+Triton engine: per original anchor i
+
+    lse_i = log Σ_{q ∈ Q_i} exp(scale · m̂(i, q) + offset),
+    m̂(i, q) = ŝ(i, q) = max_{a ∈ A_i} s(a, q)   (cosine), or √(2 − 2ŝ) (L2, cdist's 0),
+
+the same op as the CPU engine's ee_neg_lse (csrc/cpu/ee_losses_cpu.cpp), so the losses share
+its glue (fused/ee_losses.py). A_i: x_i, then the points of i's segments in the reference's
+order (ties to the earliest); Q_i: originals of another class allowed by neg_mask, and every
+synthetic point of another class.
+
+Layout: the batch label-sorted and cut into chunks of at most KB rows holding whole classes
+(metrix_tiles.chunk_table), so an anchor's side points have both endpoints among its chunk's
+rows. Points are index triples (u, w, λ), never materialised, listed chunk by chunk (each
+chunk's originals, then its segments' points). A program takes one chunk:
+- against a tile of BQ points, two tl.dots give G_u = X_c X[q_u]ᵀ and G_w = X_c X[q_w]ᵀ, and
+  H = λ_q G_u + (1−λ_q) G_w (KB × BQ, ⟨x_r, q⟩ for the chunk's rows r);
+- each anchor's side points are a selection matrix (BA × KB: λ_a at u_a, 1−λ_a at w_a), so
+  one more tl.dot gives their inner products with the tile, / (‖a‖‖q‖), and ŝ is a max
+  over them (the earliest side point on ties, as the reference).
+Forward: an online log-sum-exp per anchor, no atomics. Backward (recomputing ŝ and its
+argmax, as the CPU op does, instead of a B×P table): the winning side point's weight goes
+back through the selection matrix to ∂L/∂H, then to the Gram entries. A program writes only
+its own chunk's rows: first as the anchor side (its anchors against every point), then as the
+point side (every chunk's anchors against its own points), so the gradient has one writer
+per row and no atomics; the side points' and points' norms get their gradient in per-entry
+buffers, and the norms (computed in PyTorch from per-segment Gram entries) carry it to X.
+
+Work: forward one pass, backward two, each (chunk, point tile) a few KB-sized products;
+memory O(B·D + n·#segments) beside X. Classes of at most 64 rows (else not covered)."""
+from __future__ import annotations
+
+import torch
+
+from .launch import HAS_TRITON, next_pow2, usable_on
+from .metrix_tiles import MAX_CLASS, chunk_table
+from .tiles import acc_dtype, dot_precision
+
+_FWD = "metrix_ops::triton_ee_neg_lse_fwd"
+_BWD = "metrix_ops::triton_ee_neg_lse_bwd"
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .tiles import add_tile_product, sim_tile
+
+    @triton.jit
+    def _tile_h(x_ptr, offs_k, r1, qu, qw, ql, B, D, stride_x, KB: tl.constexpr,
+                BQ: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                PRECISION: tl.constexpr):
+        """H[r, q] = λ_q ⟨x_r, x_{q_u}⟩ + (1−λ_q) ⟨x_r, x_{q_w}⟩ for the chunk rows offs_k."""
+        gu = sim_tile(x_ptr, x_ptr, offs_k, qu, r1, B, D, stride_x, stride_x, KB, BQ, BLOCK_D,
+                      ACC, PRECISION)
+        gw = sim_tile(x_ptr, x_ptr, offs_k, qw, r1, B, D, stride_x, stride_x, KB, BQ, BLOCK_D,
+                      ACC, PRECISION)
+        return ql[None, :] * gu + (1 - ql[None, :]) * gw
+
+    @triton.jit
+    def _side_block(r0, b0, s_hi, su_ptr, sw_ptr, sl_ptr, sp_ptr, pn_ptr, KB: tl.constexpr,
+                    BA: tl.constexpr, ACC: tl.constexpr):
+        """Side entries [b0, b0 + BA) (< s_hi): their selection matrix (BA × KB, λ at the
+        local row of u, 1−λ at w; an original is 1 at its own row), norms, indices, mask."""
+        offs_s = b0 + tl.arange(0, BA)
+        s_ok = offs_s < s_hi
+        su = tl.load(su_ptr + offs_s, mask=s_ok, other=0) - r0
+        sw = tl.load(sw_ptr + offs_s, mask=s_ok, other=0) - r0
+        sl = tl.load(sl_ptr + offs_s, mask=s_ok, other=0.0).to(ACC)
+        sp = tl.load(sp_ptr + offs_s, mask=s_ok, other=-1)
+        sn = tl.load(pn_ptr + sp, mask=s_ok & (sp >= 0), other=1.0).to(ACC)
+        cols = tl.arange(0, KB)
+        sel = (tl.where(cols[None, :] == su[:, None], sl[:, None], 0.0)
+               + tl.where(cols[None, :] == sw[:, None], 1 - sl[:, None], 0.0))
+        sel = tl.where(s_ok[:, None], sel, 0.0).to(ACC)
+        return sel, sn, offs_s, s_ok
+
+    @triton.jit
+    def _anchor_best(h, qn, r0, s_lo, s_hi, su_ptr, sw_ptr, sl_ptr, sp_ptr, pn_ptr,
+                     KB: tl.constexpr, BQ: tl.constexpr, BA: tl.constexpr, ACC: tl.constexpr):
+        """(ŝ, winning side entry) per point of the tile for the anchor whose side entries are
+        [s_lo, s_hi): the max over them, the earliest on ties (strict improvement)."""
+        best = tl.full((BQ,), float("-inf"), ACC)
+        barg = tl.full((BQ,), -1, tl.int32)
+        for b0 in range(s_lo, s_hi, BA):
+            sel, sn, offs_s, s_ok = _side_block(r0, b0, s_hi, su_ptr, sw_ptr, sl_ptr, sp_ptr,
+                                                pn_ptr, KB, BA, ACC)
+            v = tl.dot(sel, h, input_precision="ieee", out_dtype=ACC) / (sn[:, None] * qn[None, :])
+            v = tl.where(s_ok[:, None], v, float("-inf"))
+            bm = tl.max(v, axis=0)
+            bi = tl.min(tl.where(v == bm[None, :], offs_s[:, None], 2147483647), axis=0)
+            win = bm > best
+            best = tl.where(win, bm, best)
+            barg = tl.where(win, bi, barg)
+        return best, barg
+
+    @triton.jit
+    def _metric(s, L2: tl.constexpr, tiny, eps):
+        """The loss metric of a cosine: itself, or the reference's safe_sqrt(2 − 2s)."""
+        if L2:
+            d2 = 2.0 - 2.0 * s
+            return tl.where(d2 < tiny, 0.0, tl.sqrt(tl.maximum(d2, eps)))
+        return s
+
+    @triton.jit
+    def _load_points(offs_q, q_ok, pu_ptr, pw_ptr, pl_ptr, pp_ptr, pok_ptr, pn_ptr, cls_ptr,
+                     ACC: tl.constexpr):
+        qu = tl.load(pu_ptr + offs_q, mask=q_ok, other=0)
+        qw = tl.load(pw_ptr + offs_q, mask=q_ok, other=0)
+        ql = tl.load(pl_ptr + offs_q, mask=q_ok, other=1.0).to(ACC)
+        qp = tl.load(pp_ptr + offs_q, mask=q_ok, other=-1)
+        qn = tl.load(pn_ptr + qp, mask=q_ok & (qp >= 0), other=1.0).to(ACC)
+        qok = tl.load(pok_ptr + offs_q, mask=q_ok, other=0) != 0
+        qc = tl.load(cls_ptr + qu, mask=q_ok, other=-1)
+        return qu, qw, ql, qp, qn, qok & q_ok, qc
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, pn_ptr, chunk_ptr, cls_ptr, amask_ptr, pstart_ptr, pu_ptr, pw_ptr,
+                    pl_ptr, pp_ptr, pok_ptr, soff_ptr, su_ptr, sw_ptr, sl_ptr, sp_ptr, prm_ptr,
+                    out_ptr, B, D, stride_x, n_chunks, L2: tl.constexpr, KB: tl.constexpr,
+                    BQ: tl.constexpr, BA: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ACC: tl.constexpr, PRECISION: tl.constexpr):
+        c = tl.program_id(0)
+        r0 = tl.load(chunk_ptr + c)
+        r1 = tl.load(chunk_ptr + c + 1)
+        lanes = tl.arange(0, KB)
+        offs_k = r0 + lanes
+        scale, offset = tl.load(prm_ptr), tl.load(prm_ptr + 1)
+        tiny, eps = tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
+        m_run = tl.full((KB,), float("-inf"), ACC)
+        s_run = tl.zeros((KB,), ACC)
+        n_pts = tl.load(pstart_ptr + n_chunks)
+        for q0 in range(0, n_pts, BQ):
+            offs_q = q0 + tl.arange(0, BQ)
+            qu, qw, ql, qp, qn, qok, qc = _load_points(offs_q, offs_q < n_pts, pu_ptr, pw_ptr,
+                                                       pl_ptr, pp_ptr, pok_ptr, pn_ptr, cls_ptr,
+                                                       ACC)
+            h = _tile_h(x_ptr, offs_k, r1, qu, qw, ql, B, D, stride_x, KB, BQ, BLOCK_D, ACC,
+                        PRECISION)
+            for a in range(0, r1 - r0):
+                i = r0 + a
+                if tl.load(amask_ptr + i) != 0:
+                    best, barg = _anchor_best(h, qn, r0, tl.load(soff_ptr + i),
+                                              tl.load(soff_ptr + i + 1), su_ptr, sw_ptr, sl_ptr,
+                                              sp_ptr, pn_ptr, KB, BQ, BA, ACC)
+                    term = qok & (qc != tl.load(cls_ptr + i)) & (barg >= 0)
+                    v = tl.where(term, scale * _metric(best, L2, tiny, eps) + offset,
+                                 float("-inf"))
+                    lane = lanes == a
+                    mi = tl.max(tl.where(lane, m_run, float("-inf")), axis=0)
+                    si = tl.sum(tl.where(lane, s_run, 0.0), axis=0)
+                    mn = tl.maximum(mi, tl.max(v, axis=0))
+                    safe = tl.where(mn == float("-inf"), 0.0, mn)
+                    sn = si * tl.exp(mi - safe) + tl.sum(tl.exp(v - safe), axis=0)
+                    m_run = tl.where(lane, mn, m_run)
+                    s_run = tl.where(lane, sn, s_run)
+        out = tl.where(s_run > 0, m_run + tl.log(tl.where(s_run > 0, s_run, 1.0)), float("-inf"))
+        tl.store(out_ptr + offs_k, out, mask=offs_k < r1)
+
+    @triton.jit
+    def _anchors_dh(h, qn, qok, qc, a0, a1, g_ptr, lse_ptr, amask_ptr, cls_ptr, soff_ptr,
+                    su_ptr, sw_ptr, sl_ptr, sp_ptr, pn_ptr, dside_ptr, scale, offset, tiny, eps,
+                    L2: tl.constexpr, DSIDE: tl.constexpr, KB: tl.constexpr, BQ: tl.constexpr,
+                    BA: tl.constexpr, ACC: tl.constexpr):
+        """∂L/∂H (KB × BQ) of the anchors of the chunk [a0, a1) against a point tile, and the
+        points' ∂L/∂‖q‖; with DSIDE, the winning side entries' ∂L/∂‖a‖ added to dside (each
+        side entry belongs to one anchor, hence to one program)."""
+        dh = tl.zeros((KB, BQ), ACC)
+        dqn = tl.zeros((BQ,), ACC)
+        for a in range(0, a1 - a0):
+            i = a0 + a
+            g = tl.load(g_ptr + i).to(ACC)
+            lse = tl.load(lse_ptr + i).to(ACC)
+            if (tl.load(amask_ptr + i) != 0) & (g != 0) & (lse > float("-inf")):
+                s_lo, s_hi = tl.load(soff_ptr + i), tl.load(soff_ptr + i + 1)
+                best, barg = _anchor_best(h, qn, a0, s_lo, s_hi, su_ptr, sw_ptr, sl_ptr, sp_ptr,
+                                          pn_ptr, KB, BQ, BA, ACC)
+                term = qok & (qc != tl.load(cls_ptr + i)) & (barg >= 0)
+                m = _metric(best, L2, tiny, eps)
+                # ∂lse/∂ŝ: the term's softmax weight, times scale and ∂m̂/∂ŝ (1, or −1/d̂)
+                if L2:
+                    dm = tl.where(m > 0, -1.0 / tl.where(m > 0, m, 1.0), 0.0)
+                else:
+                    dm = tl.full((BQ,), 1.0, ACC)
+                wq = tl.where(term, g * tl.exp(scale * m + offset - lse) * scale * dm, 0.0)
+                dqn -= wq * tl.where(term, best, 0.0) / qn
+                for b0 in range(s_lo, s_hi, BA):
+                    sel, sn, offs_s, s_ok = _side_block(a0, b0, s_hi, su_ptr, sw_ptr, sl_ptr,
+                                                        sp_ptr, pn_ptr, KB, BA, ACC)
+                    win = offs_s[:, None] == barg[None, :]
+                    wsel = tl.where(win, wq[None, :] / (sn[:, None] * qn[None, :]), 0.0)
+                    dh += tl.dot(tl.trans(sel), wsel.to(ACC), input_precision="ieee",
+                                 out_dtype=ACC)
+                    if DSIDE:
+                        ds = tl.sum(tl.where(win, wq[None, :] * best[None, :], 0.0), axis=1) / sn
+                        old = tl.load(dside_ptr + offs_s, mask=s_ok, other=0.0)
+                        tl.store(dside_ptr + offs_s, old - ds, mask=s_ok)
+        return dh, dqn
+
+    @triton.jit
+    def _bwd_kernel(g_ptr, lse_ptr, x_ptr, pn_ptr, chunk_ptr, cls_ptr, amask_ptr, pstart_ptr,
+                    pu_ptr, pw_ptr, pl_ptr, pp_ptr, pok_ptr, soff_ptr, su_ptr, sw_ptr, sl_ptr,
+                    sp_ptr, prm_ptr, dx_ptr, dside_ptr, dpn_ptr, B, D, stride_x, stride_dx,
+                    n_chunks, L2: tl.constexpr, KB: tl.constexpr, BQ: tl.constexpr,
+                    BA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                    ACC: tl.constexpr, PRECISION: tl.constexpr):
+        c = tl.program_id(0)
+        r0 = tl.load(chunk_ptr + c)
+        r1 = tl.load(chunk_ptr + c + 1)
+        lanes = tl.arange(0, KB)
+        offs_k = r0 + lanes
+        scale, offset = tl.load(prm_ptr), tl.load(prm_ptr + 1)
+        tiny, eps = tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
+        acc = tl.zeros((KB, BLOCK_DO), ACC)
+        # 1) the anchor side: this chunk's anchors against every point; ∂L/∂G[r, q_u or q_w]
+        #    times the points' endpoint rows
+        n_pts = tl.load(pstart_ptr + n_chunks)
+        for q0 in range(0, n_pts, BQ):
+            offs_q = q0 + tl.arange(0, BQ)
+            qu, qw, ql, qp, qn, qok, qc = _load_points(offs_q, offs_q < n_pts, pu_ptr, pw_ptr,
+                                                       pl_ptr, pp_ptr, pok_ptr, pn_ptr, cls_ptr,
+                                                       ACC)
+            h = _tile_h(x_ptr, offs_k, r1, qu, qw, ql, B, D, stride_x, KB, BQ, BLOCK_D, ACC,
+                        PRECISION)
+            dh, _ = _anchors_dh(h, qn, qok, qc, r0, r1, g_ptr, lse_ptr, amask_ptr, cls_ptr,
+                                soff_ptr, su_ptr, sw_ptr, sl_ptr, sp_ptr, pn_ptr, dside_ptr,
+                                scale, offset, tiny, eps, L2, True, KB, BQ, BA, ACC)
+            acc = add_tile_product(acc, dh * ql[None, :], x_ptr, qu, B, D, stride_x, BLOCK_DO,
+                                   PRECISION)
+            acc = add_tile_product(acc, dh * (1 - ql[None, :]), x_ptr, qw, B, D, stride_x,
+                                   BLOCK_DO, PRECISION)
+        # 2) the point side: every chunk's anchors against this chunk's points; ∂L/∂G[r, ·]
+        #    through the points' selection (λ_q at q_u, 1−λ_q at q_w) times the anchor rows
+        p0, p1 = tl.load(pstart_ptr + c), tl.load(pstart_ptr + c + 1)
+        for q0 in range(p0, p1, BQ):
+            offs_q = q0 + tl.arange(0, BQ)
+            q_ok = offs_q < p1
+            qu, qw, ql, qp, qn, qok, qc = _load_points(offs_q, q_ok, pu_ptr, pw_ptr, pl_ptr,
+                                                       pp_ptr, pok_ptr, pn_ptr, cls_ptr, ACC)
+            selq = (tl.where(lanes[None, :] == (qu - r0)[:, None], ql[:, None], 0.0)
+                    + tl.where(lanes[None, :] == (qw - r0)[:, None], 1 - ql[:, None], 0.0))
+            selq = tl.where(q_ok[:, None], selq, 0.0).to(ACC)  # BQ × KB
+            dqn = tl.zeros((BQ,), ACC)
+            for c1 in range(0, n_chunks):
+                a0 = tl.load(chunk_ptr + c1)
+                a1 = tl.load(chunk_ptr + c1 + 1)
+                offs_a = a0 + lanes
+                h = _tile_h(x_ptr, offs_a, a1, qu, qw, ql, B, D, stride_x, KB, BQ, BLOCK_D, ACC,
+                            PRECISION)
+                dh, dq = _anchors_dh(h, qn, qok, qc, a0, a1, g_ptr, lse_ptr, amask_ptr, cls_ptr,
+                                     soff_ptr, su_ptr, sw_ptr, sl_ptr, sp_ptr, pn_ptr, dside_ptr,
+                                     scale, offset, tiny, eps, L2, False, KB, BQ, BA, ACC)
+                dqn += dq
+                m = tl.dot(tl.trans(selq), tl.trans(dh), input_precision="ieee", out_dtype=ACC)
+                acc = add_tile_product(acc, m, x_ptr, offs_a, a1, D, stride_x, BLOCK_DO,
+                                       PRECISION)
+            tl.store(dpn_ptr + qp, dqn, mask=q_ok & (qp >= 0))
+        offs_do = tl.arange(0, BLOCK_DO)
+        tl.store(dx_ptr + offs_k[:, None] * stride_dx + offs_do[None, :], acc,
+                 mask=(offs_k[:, None] < r1) & (offs_do[None, :] < D))
+
+
+def _config(x, kb: int, max_side: int, grad: bool):
+    dev, d = x.device, x.shape[1]
+    cuda = dev.type == "cuda"
+    bq = 16 if (cuda and grad) else 32
+    ba = max(16, min(64, next_pow2(max_side)))
+    block_d = max(16, min(64 if cuda else 128, next_pow2(d)))
+    cfg = dict(KB=kb, BQ=bq, BA=ba, BLOCK_D=block_d, ACC=acc_dtype(x.dtype),
+               PRECISION=dot_precision(x.dtype, dev))
+    warps = dict(num_warps=4) if cuda else {}
+    return cfg, warps
+
+
+@torch.library.custom_op(_FWD, mutates_args=())
+def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, tables: list[torch.Tensor], kb: int,
+            l2: bool, scale: float, offset: float) -> torch.Tensor:
+    chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp = tables
+    b = xs.shape[0]
+    out = torch.full((b,), float("-inf"), dtype=xs.dtype, device=xs.device)
+    if b == 0:
+        return out
+    eps = torch.finfo(xs.dtype).eps
+    prm = torch.tensor([scale, offset, 16 * eps, eps], dtype=xs.dtype, device=xs.device)
+    max_side = int((soff[1:] - soff[:-1]).max())
+    cfg, warps = _config(xs, kb, max_side, grad=False)
+    _fwd_kernel[(len(chunks) - 1,)](
+        xs, pnorm, chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp, prm,
+        out, b, xs.shape[1], xs.stride(0), len(chunks) - 1, L2=bool(l2), **cfg, **warps)
+    return out
+
+
+@_fwd_op.register_fake
+def _(xs, pnorm, tables, kb, l2, scale, offset):
+    return xs.new_empty(xs.shape[0])
+
+
+@torch.library.custom_op(_BWD, mutates_args=())
+def _bwd_op(grad: torch.Tensor, lse: torch.Tensor, xs: torch.Tensor, pnorm: torch.Tensor,
+            tables: list[torch.Tensor], kb: int, l2: bool, scale: float, offset: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp = tables
+    b, d = xs.shape
+    dx = torch.zeros_like(xs)
+    dside = torch.zeros(len(su), dtype=xs.dtype, device=xs.device)
+    dpn = torch.zeros_like(pnorm)
+    if b == 0:
+        return dx, dpn
+    eps = torch.finfo(xs.dtype).eps
+    prm = torch.tensor([scale, offset, 16 * eps, eps], dtype=xs.dtype, device=xs.device)
+    max_side = int((soff[1:] - soff[:-1]).max())
+    cfg, warps = _config(xs, kb, max_side, grad=True)
+    _bwd_kernel[(len(chunks) - 1,)](
+        grad.to(xs.dtype).contiguous(), lse.contiguous(), xs, pnorm, chunks, cls, amask, pstart,
+        pu, pw, pl, pp, pok, soff, su, sw, sl, sp, prm, dx, dside, dpn, b, d, xs.stride(0),
+        dx.stride(0), len(chunks) - 1, L2=bool(l2), BLOCK_DO=max(16, next_pow2(d)), **cfg,
+        **warps)
+    syn = sp >= 0  # the side entries' norm gradients, onto their points
+    dpn.index_add_(0, sp[syn].long(), dside[syn])
+    return dx, dpn
+
+
+@_bwd_op.register_fake
+def _(grad, lse, xs, pnorm, tables, kb, l2, scale, offset):
+    return torch.empty_like(xs), torch.empty_like(pnorm)
+
+
+def _setup(ctx, inputs, output):
+    xs, pnorm, tables, kb, l2, scale, offset = inputs
+    ctx.save_for_backward(output, xs, pnorm, *tables)
+    ctx.consts = (kb, l2, scale, offset)
+
+
+def _backward(ctx, grad):
+    lse, xs, pnorm, *tables = ctx.saved_tensors
+    dx, dpn = torch.ops.metrix_ops.triton_ee_neg_lse_bwd(grad.contiguous(), lse, xs, pnorm,
+                                                         list(tables), *ctx.consts)
+    return dx, dpn, [None] * len(tables), None, None, None, None
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+
+
+def _tables(xs, ys, seg_i, seg_j, n: int, amask, nmask):
+    """The chunk, point and side tables of the label-sorted batch (segments and masks already
+    in sorted positions): see the module docstring. None when a class is too large."""
+    table = chunk_table(ys)
+    if table is None:
+        return None
+    chunks, kb, _ = table
+    b, dev, i32 = len(ys), ys.device, torch.int32
+    n_chunks = len(chunks) - 1
+    _, cls = torch.unique_consecutive(ys, return_inverse=True)
+    chunk_of = torch.repeat_interleave(torch.arange(n_chunks, device=dev),
+                                       (chunks[1:] - chunks[:-1]).long())
+    s = len(seg_i) if n > 0 else 0
+    k = torch.arange(n, device=dev)
+    syn_u, syn_w = seg_i[:s].repeat_interleave(n), seg_j[:s].repeat_interleave(n)
+    syn_lam = ((k + 1).double() / (n + 1)).repeat(s)
+    pid = torch.arange(s * n, device=dev)
+    rows = torch.arange(b, device=dev)
+    ones = torch.ones(b, dtype=torch.float64, device=dev)
+    # points: per chunk its originals, then its segments' points
+    order = torch.argsort(torch.cat([chunk_of * 2, chunk_of[syn_u] * 2 + 1]), stable=True)
+    pu = torch.cat([rows, syn_u])[order]
+    pw = torch.cat([rows, syn_w])[order]
+    pl = torch.cat([ones, syn_lam])[order]
+    pp = torch.cat([torch.full_like(rows, -1), pid])[order]
+    pok = torch.cat([nmask, torch.ones(s * n, dtype=torch.bool, device=dev)])[order]
+    per_chunk = torch.bincount(chunk_of[pu], minlength=n_chunks)
+    pstart = torch.cat([per_chunk.new_zeros(1), torch.cumsum(per_chunk, 0)])
+    # side entries: per anchor itself, then its segments' points as first endpoint, then as
+    # second (each in segment order, k ascending): the reference's A_i order
+    owner = torch.cat([rows, syn_u, syn_w])
+    order = torch.argsort(owner, stable=True)
+    sp = torch.cat([torch.full_like(rows, -1), pid, pid])[order]
+    su = torch.cat([rows, syn_u, syn_u])[order]
+    sw = torch.cat([rows, syn_w, syn_w])[order]
+    sl = torch.cat([ones, syn_lam, syn_lam])[order]
+    per_anchor = torch.bincount(owner, minlength=b)
+    soff = torch.cat([per_anchor.new_zeros(1), torch.cumsum(per_anchor, 0)])
+    dt = torch.float64  # λ as the reference's float64 grid, rounded to x's dtype in-kernel
+    tables = [chunks.to(i32), cls.to(i32), amask.to(torch.int8), pstart.to(i32), pu.to(i32),
+              pw.to(i32), pl.to(dt), pp.to(i32), pok.to(torch.int8), soff.to(i32), su.to(i32),
+              sw.to(i32), sl.to(dt), sp.to(i32)]
+    return [t.contiguous() for t in tables], kb, (syn_u, syn_w, syn_lam)
+
+
+def _synthetic_norms(xs, syn_u, syn_w, syn_lam, s: int, n: int):
+    """‖λ x̂_u + (1−λ) x̂_w‖ per synthetic point, differentiable, from three Gram entries per
+    segment (S row dots, not a point stack), in the CPU op's association; plus a trailing 1 so
+    that the table is never empty."""
+    lam = syn_lam.to(xs.dtype)
+    if s * n > 0:
+        e = torch.arange(s, device=xs.device).repeat_interleave(n)
+        u, w = syn_u[::n], syn_w[::n]
+        xu, xw = xs.index_select(0, u), xs.index_select(0, w)
+        g_uu, g_uw, g_ww = ((xu * xu).sum(1)[e], (xu * xw).sum(1)[e], (xw * xw).sum(1)[e])
+        mu = 1 - lam
+        sq = lam * (lam * g_uu + mu * g_uw) + mu * (lam * g_uw + mu * g_ww)
+        norm = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+    else:
+        norm = xs.new_zeros(0)
+    return torch.cat([norm, xs.new_ones(1)])
+
+
+def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, scale: float,
+                      offset: float, anchor_mask=None, neg_mask=None):
+    """ops.ee_losses.ee_neg_lse on the Triton engine: (B,) log Σ_{q ∈ Q_i} exp(scale·m̂ + offset)
+    per anchor in the caller's order, −inf where none; differentiable in x_unit. None when a
+    class has more than MAX_CLASS rows."""
+    b, dev = x_unit.shape[0], x_unit.device
+    ones = torch.ones(b, dtype=torch.bool, device=dev)
+    amask = ones if anchor_mask is None else anchor_mask
+    nmask = ones if neg_mask is None else neg_mask
+    labels = labels.long()
+    order = torch.argsort(labels, stable=True)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(b, device=dev)
+    xs, ys = x_unit.index_select(0, order).contiguous(), labels.index_select(0, order)
+    n = int(n_points)
+    found = _tables(xs, ys, pos[seg_i.long()], pos[seg_j.long()], n, amask[order], nmask[order])
+    if found is None:
+        return None
+    tables, kb, syn = found
+    pnorm = _synthetic_norms(xs, *syn, len(seg_i) if n > 0 else 0, n)
+    lse = torch.ops.metrix_ops.triton_ee_neg_lse_fwd(xs, pnorm, tables, kb, bool(l2),
+                                                     float(scale), float(offset))
+    return lse.index_select(0, pos)
+
+
+def covers(x, labels) -> bool:
+    """Triton runs on x's device and every class has at most MAX_CLASS rows."""
+    if not usable_on(x.device):
+        return False
+    return len(labels) == 0 or int(torch.unique(labels, return_counts=True)[1].max()) <= MAX_CLASS
