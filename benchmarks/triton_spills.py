@@ -101,7 +101,25 @@ def proxy_and_triplet_cases():
             ("proxy anchor metrix bwd", pam._pa_mix_bwd_kernel, mix, 4),
             ("triplet mined fwd 64x64", tm._tri_fwd_kernel, tri, 8),
             ("triplet mined counts 64x64", tm._tri_pos_counts_kernel, tri, 8),
-            ("triplet mined grad dx 32x32", tm._tri_grad_dx_kernel, grad, 8)]
+            ("triplet mined grad dx 32x32", tm._tri_grad_dx_kernel, grad, 8)] + ee_lse_cases()
+
+
+def ee_lse_cases():
+    """The EE negative-side kernels (eighth session) at the CUDA launch settings: KB = 16
+    (classes of ≤ 16), 64 side entries per block, 32 points per forward tile, 16 backward."""
+    import triton.language as tl
+
+    import metrix_ops.triton.ee_neg_lse as el
+    ints = ("chunk_ptr", "cls_ptr", "pstart_ptr", "pu_ptr", "pw_ptr", "pp_ptr", "soff_ptr",
+            "su_ptr", "sw_ptr", "sp_ptr")
+    ptrs = dict({k: "*i32" for k in ints}, amask_ptr="*i8", pok_ptr="*i8", pl_ptr="*fp64",
+                sl_ptr="*fp64")
+    base = dict(L2=True, KB=16, BA=64, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32")
+    return [("ee neg lse fwd KB=16 Q=32", el._fwd_kernel, dict(base, BQ=32), 4, ptrs),
+            ("ee neg lse bwd KB=16 Q=16 4 warps", el._bwd_kernel,
+             dict(base, BQ=16, BLOCK_DO=512), 4, ptrs),
+            ("ee neg lse bwd KB=16 Q=16 8 warps", el._bwd_kernel,
+             dict(base, BQ=16, BLOCK_DO=512), 8, ptrs)]
 
 
 def main():
@@ -110,9 +128,10 @@ def main():
                                                     "bin", "ptxas"))
     args = ap.parse_args()
     from triton_cases import compile_sm90
-    for name, fn, consts, warps in cases():
+    for name, fn, consts, warps, *ptrs in cases():  # a 5th entry: its own pointer types
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-        kernel = compile_sm90(fn, consts, "fp32", num_warps=warps, pointer_types=PTRS)
+        kernel = compile_sm90(fn, consts, "fp32", num_warps=warps,
+                              pointer_types=dict(PTRS, **(ptrs[0] if ptrs else {})))
         with tempfile.TemporaryDirectory() as d:
             ptx = os.path.join(d, "k.ptx")
             with open(ptx, "w") as f:

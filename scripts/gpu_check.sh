@@ -110,6 +110,8 @@ for loss in ms_miner triplet_semihard; do
 done
 # EE-HPHN (n = 8) on the Triton engine: brute-force mining over all (B + 8·#pairs)² point pairs
 bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
+# EE-MS (n = 2) on the Triton engine (eighth session: triton/ee_neg_lse.py), against clean MS
+bench gpu_ee_ms_float32 --loss ee_ms --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 bench gpu_ms_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10
 bench gpu_ms_large_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,floor --sizes 32768,65536 --dims 512 --repeats 3
 for loss in contrastive proxy_anchor ntxent triplet; do

@@ -1,0 +1,205 @@
+"""Embedding Expansion for MultiSimilarityLoss, LiftedStructureLoss,
+GeneralizedLiftedStructureLoss and NPairsLoss on the Triton engine (triton/ee_neg_lse.py):
+the op against the CPU engine's C++ op (values and gradients, anchor and negative masks,
+duplicates, antipodal segments), the losses against the reference (shared edge cases, n,
+pairs, distances, reducers, fp32 and half inputs), routing, opcheck, sm_90 compilation.
+
+Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrix_ops as mo
+from cases import CASES, CASE_IDS, assert_close_vg, make_case
+from metrix_ops import _ext
+from metrix_ops.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+from metrix_ops.ops.ee_mining import all_segments
+from metrix_ops.reducers import AvgNonZeroReducer, SumReducer
+from test_expansion import assert_close_up_to_ties
+from test_fused_hphn_cpu import batch
+from triton_cases import compiles_only, on_dev, requires_triton, run_sm90_script
+
+pytestmark = requires_triton
+
+LOSSES = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss",
+          "NPairsLoss"]
+SIM = {"NPairsLoss": DotProductSimilarity}
+
+
+def lse_triton(*args):
+    from metrix_ops.triton.ee_neg_lse import ee_neg_lse_triton
+    return ee_neg_lse_triton(*args)
+
+
+def dists(name):
+    return [SIM.get(name, CosineSimilarity), LpDistance]
+
+
+def pair(name, n, pairs="all", dist=None, **kw):
+    """(triton, reference) losses of class `name` with Expansion(n, pairs)."""
+    ee = mo.Expansion(n_points=n, pairs=pairs)
+    extra = dict(kw, **({} if dist is None else {"distance": dist()}))
+    return [getattr(mo.losses, name)(backend=be, expansion=ee, **extra)
+            for be in ("triton", "reference")]
+
+
+# ---------------------------------------------------------------- the op against the C++ op
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("n", [0, 2])
+@pytest.mark.parametrize("l2", [False, True])
+def test_op_equals_cpu_op(n, l2):
+    from metrix_ops.ops.ee_losses import ee_neg_lse
+    x, y = batch(27, 6, 5, seed=3 + n)
+    x[4] = x[2] if y[4] == y[2] else x[4]
+    x[9] = -x[10]  # an antipodal pair
+    xu = F.normalize(x.detach(), dim=1)
+    si, sj = all_segments(y)
+    g = torch.Generator().manual_seed(n)
+    amask = torch.rand(27, generator=g) > 0.2
+    nmask = torch.rand(27, generator=g) > 0.3
+    w = torch.randn(27, dtype=torch.float64, generator=g)
+    for masks in ((None, None), (amask, nmask)):
+        want = ee_neg_lse(xu.requires_grad_(), y, si, sj, n, l2, 3.0, -0.7, *masks)
+        gw = torch.autograd.grad(torch.where(torch.isfinite(want), want * w, 0).sum(), xu)[0]
+        xd, yd = on_dev(xu.detach(), y)
+        xd.requires_grad_()
+        got = lse_triton(xd, yd, *on_dev(si, sj), n, l2, 3.0, -0.7,
+                         *(None if m is None else on_dev(m)[0] for m in masks))
+        wd = on_dev(w)[0]
+        gg = torch.autograd.grad(torch.where(torch.isfinite(got), got * wd, 0).sum(), xd)[0]
+        torch.testing.assert_close(got.cpu(), want.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gg.cpu(), gw, rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------- the losses
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_shared_cases_float64(name, case):
+    # duplicate rows make a segment's points coincide with its ends: ŝ ties between them,
+    # and which one takes the gradient depends on the last bit of each engine's arithmetic;
+    # any split among the duplicates is a valid subgradient, so those are compared per group
+    x, y = make_case(case)
+    x, y = on_dev(x, y)
+    tri, ref = pair(name, 2)
+    assert_close_up_to_ties(lambda e: tri(e, y), lambda e: ref(e, y), x, case[0])
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("n,pairs", [(1, "all"), (3, "adjacent")])
+def test_distances_and_pairs(name, n, pairs):
+    x, y = batch(20, 9, 5, seed=n, contiguous=pairs == "adjacent")
+    x, y = on_dev(x, y)
+    for dist in dists(name):
+        tri, ref = pair(name, n, pairs, dist)
+        assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "GeneralizedLiftedStructureLoss"])
+def test_reducers_and_hyper_parameters(name):
+    x, y = batch(22, 8, 4, seed=6)
+    x, y = on_dev(x, y)
+    hp = ({"alpha": 5.0, "beta": 80.0, "base": 0.9} if name == "MultiSimilarityLoss"
+          else {"neg_margin": 2.5, "pos_margin": 0.2})
+    for reducer in (SumReducer, AvgNonZeroReducer):
+        tri, ref = pair(name, 2, reducer=reducer(), **hp)
+        assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+
+
+def test_multi_class_chunks():
+    """Classes of 1–20 rows: chunks of several small classes, KB = 32, segments spanning
+    several point tiles."""
+    y = torch.tensor([0] * 20 + [1] * 3 + [2] + [3] * 9 + [4] * 2)
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    x, _ = batch(len(y), 5, 1, seed=8)
+    x, y = on_dev(x, y)
+    tri, ref = pair("MultiSimilarityLoss", 1)
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_float32_and_half(name):
+    x, y = batch(21, 16, 4, seed=2)
+    x, y = on_dev(x, y)
+    tri, ref = pair(name, 2)
+    assert_close_vg(lambda e: tri(e.float(), y).double(), lambda e: ref(e, y), x,
+                    rtol=1e-4, atol=1e-6)
+    h = x.detach().to(torch.bfloat16).requires_grad_()
+    v = tri(h, y)
+    v.backward()
+    assert v.dtype == torch.float32 and torch.isfinite(h.grad.float()).all()
+    torch.testing.assert_close(v, ref(h.detach().float(), y), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- routing
+def test_routing(monkeypatch):
+    import metrix_ops.triton.ee_losses as tel
+    calls = []
+    real = tel.ee_neg_lse_triton
+    for name in LOSSES:
+        sup, impl = mo.fused.EXPANSION_IMPLS[("triton", name)]
+        monkeypatch.setitem(mo.fused.EXPANSION_IMPLS, ("triton", name),
+                            (sup, lambda *a, _i=impl, **k: calls.append(1) or _i(*a, **k)))
+    x, y = on_dev(*batch(12, 4, 3, seed=1))
+    for name in LOSSES:
+        getattr(mo.losses, name)(backend="triton", expansion=mo.Expansion(n_points=2))(x, y)
+    assert len(calls) == len(LOSSES) and real is not None
+    # a class of more than 64 rows is not covered: explicit triton raises, auto runs another
+    big = torch.tensor([0] * 65 + [1] * 3)
+    xb = on_dev(torch.randn(68, 4, dtype=torch.float64))[0]
+    yb = on_dev(big)[0]
+    with pytest.raises(NotImplementedError):
+        mo.losses.MultiSimilarityLoss(backend="triton", expansion=mo.Expansion(n_points=1))(xb, yb)
+    ref = mo.losses.MultiSimilarityLoss(backend="reference", expansion=mo.Expansion(n_points=1))
+    torch.testing.assert_close(
+        mo.losses.MultiSimilarityLoss(expansion=mo.Expansion(n_points=1))(xb, yb), ref(xb, yb))
+    # unnormalised synthetic points with L2 are not a function of cosines: not covered
+    tri = mo.losses.LiftedStructureLoss(backend="triton",
+                                        expansion=mo.Expansion(n_points=2, normalize=False))
+    with pytest.raises(NotImplementedError):
+        tri(x, y)
+
+
+def test_opcheck():
+    from metrix_ops.triton import ee_neg_lse as mod
+    x, y = batch(11, 4, 3, seed=2)
+    xu = F.normalize(x.detach(), dim=1)
+    si, sj = all_segments(y)
+    xu, y, si, sj = on_dev(xu, y, si, sj)
+    order = torch.argsort(y, stable=True)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(11, device=y.device)
+    ones = torch.ones(11, dtype=torch.bool, device=y.device)
+    xs = xu[order].contiguous().requires_grad_()
+    tables, kb, syn = mod._tables(xs, y[order], pos[si], pos[sj], 2, ones, ones)
+    pnorm = mod._synthetic_norms(xs.detach(), *syn, len(si), 2).requires_grad_()
+    for l2 in (False, True):
+        torch.library.opcheck(torch.ops.metrix_ops.triton_ee_neg_lse_fwd.default,
+                              (xs, pnorm, tables, kb, l2, 2.0, -0.5))
+
+
+_SM90 = r'''
+import metrix_ops.triton.ee_neg_lse as m
+
+failed = []
+ints = ["chunk_ptr", "cls_ptr", "pstart_ptr", "pu_ptr", "pw_ptr", "pp_ptr", "soff_ptr",
+        "su_ptr", "sw_ptr", "sp_ptr"]
+ptrs = dict({k: "*i32" for k in ints}, amask_ptr="*i8", pok_ptr="*i8", pl_ptr="*fp64",
+            sl_ptr="*fp64")
+for fdt, acc, prec in [("fp32", tl.float32, "tf32"), ("fp64", tl.float64, "ieee")]:
+    for l2 in (False, True):
+        base = dict(L2=l2, KB=16, BA=64, BLOCK_D=64, ACC=acc, PRECISION=prec)
+        for kernel, extra in ((m._fwd_kernel, dict(BQ=32)),
+                              (m._bwd_kernel, dict(BQ=16, BLOCK_DO=512))):
+            try:
+                compile_sm90(kernel, dict(base, **extra), fdt, pointer_types=ptrs)
+            except Exception as e:  # noqa: BLE001
+                failed.append(f"{kernel.__name__} {fdt} l2={l2}: {type(e).__name__}: "
+                              f"{str(e)[:300]}")
+print("\n".join(failed))
+sys.exit(1 if failed else 0)
+'''
+
+
+@compiles_only
+def test_kernels_compile_for_h100():
+    run_sm90_script(_SM90)
