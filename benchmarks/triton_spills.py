@@ -83,7 +83,7 @@ def seventh_session_cases():
 
 
 def proxy_and_triplet_cases():
-    """The proxy losses' Metrix kernels (16×16×16 candidate tiles, 4 warps) and the
+    """The proxy losses' Metrix kernels (16×16×16 candidate tiles, 4 and 8 warps) and the
     "all"-triplets kernels with TripletMarginMiner's window (semihard), as on CUDA tensors."""
     import triton.language as tl
 
@@ -95,13 +95,15 @@ def proxy_and_triplet_cases():
     tri = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32",
                EXCLUDE_DIAG=True, COSINE=False, BLOCK_P=16, MINE=3)
     grad = dict(tri, BLOCK_M=32, BLOCK_N=32, BLOCK_DO=512)
-    return [("proxy nca metrix fwd", pnm._nca_mix_fwd_kernel, mix, 4),
-            ("proxy nca metrix bwd", pnm._nca_mix_bwd_kernel, mix, 4),
-            ("proxy anchor metrix fwd", pam._pa_mix_fwd_kernel, mix, 4),
-            ("proxy anchor metrix bwd", pam._pa_mix_bwd_kernel, mix, 4),
-            ("triplet mined fwd 64x64", tm._tri_fwd_kernel, tri, 8),
-            ("triplet mined counts 64x64", tm._tri_pos_counts_kernel, tri, 8),
-            ("triplet mined grad dx 32x32", tm._tri_grad_dx_kernel, grad, 8)] + ee_lse_cases()
+    proxy = [("proxy nca metrix fwd", pnm._nca_mix_fwd_kernel),
+             ("proxy nca metrix bwd", pnm._nca_mix_bwd_kernel),
+             ("proxy anchor metrix fwd", pam._pa_mix_fwd_kernel),
+             ("proxy anchor metrix bwd", pam._pa_mix_bwd_kernel)]
+    return [(f"{name}{' 8 warps' if w == 8 else ''}", fn, mix, w)
+            for w in (4, 8) for name, fn in proxy] + [
+        ("triplet mined fwd 64x64", tm._tri_fwd_kernel, tri, 8),
+        ("triplet mined counts 64x64", tm._tri_pos_counts_kernel, tri, 8),
+        ("triplet mined grad dx 32x32", tm._tri_grad_dx_kernel, grad, 8)] + ee_lse_cases()
 
 
 def ee_lse_cases():

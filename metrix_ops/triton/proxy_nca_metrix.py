@@ -196,10 +196,12 @@ def _nca_mix_bwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, g_ptr, dsp_ptr, dx_ptr, B,
 def proxy_mix_config(x, c):
     """Rows per program, partners and proxies per tile of the proxy losses' Metrix kernels:
     the candidate tensor is BLOCK_U × BLOCK_W × BLOCK_C (4K entries on a GPU, up to 16K under
-    the interpreter, where fewer, larger tiles run faster)."""
+    the interpreter, where fewer, larger tiles run faster). 8 warps on a GPU: ptxas on sm_90
+    (benchmarks/triton_spills.py, D = 512) gives the forwards no spills (4 warps: 56–272 B)
+    and the backwards 0.2–0.5 KB (4 warps: 1.5–2.4 KB per thread)."""
     dev, d = x.device, x.shape[1]
     if dev.type == "cuda":
-        bu, bw, bc, warps = 16, 16, 16, dict(num_warps=4)
+        bu, bw, bc, warps = 16, 16, 16, dict(num_warps=8)
     else:
         bu = bw = 16
         bc, warps = max(16, min(64, next_pow2(c))), {}
