@@ -2,9 +2,9 @@
 checks, pair counts, PML's no-pairs rule, the reducer, ProxyAnchor's divisor, ProxyNCA's
 underflow mask, HPHN's anchors without a pair, NPairs' data-dependent number of pairs) and
 match eager in value and gradient; NaN input and out-of-range proxy labels still fail, at run
-time; an indices_tuple from a miner, passed in, traces too. (Not yet whole under fullgraph:
-Embedding Expansion, whose segment lists have a data-dependent length that some batches
-(one member per class) turn into a guard.)"""
+time; an indices_tuple from a miner, passed in, traces too; so do the Embedding Expansion
+losses, whose segment lists have a data-dependent length (none at one member per class),
+"adjacent" pairs of different labels failing at run time (in the op)."""
 import pytest
 import torch
 
@@ -99,3 +99,33 @@ def test_indices_tuple_under_fullgraph_compile_equals_eager(name, miner):
     # scheduled that gather first: an error either way, never a silent wrong loss
     with pytest.raises(RuntimeError, match="outside|out of bounds"):
         compiled(x, y, bad)
+
+
+EE = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss",
+      "NPairsLoss", "TripletMarginLoss", "HPHNTripletLoss"]
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+@pytest.mark.parametrize("name", EE)
+def test_expansion_under_fullgraph_compile_equals_eager(name, pairs):
+    torch._dynamo.reset()
+    loss = getattr(mo.losses, name)(backend="cpu",
+                                    expansion=mo.Expansion(n_points=2, pairs=pairs))
+    compiled = torch.compile(lambda e, l: loss(e, l), fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(3)
+    # random, no positives, B = 1 (no pair at all), one class (no negative)
+    for b, k in [(13, 4), (6, 6), (1, 1), (8, 1)]:
+        x, y = torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g)
+        if pairs == "adjacent":  # class-contiguous pairs of rows, an even batch
+            b -= b % 2
+            if b == 0:
+                continue
+            x, y = x[:b], y[:b].clone()
+            y[1::2] = y[0::2]
+        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
+        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    if pairs == "adjacent":  # rows 2 and 3 of different labels: the op's error at run time
+        with pytest.raises(RuntimeError, match="different labels"):
+            compiled(torch.randn(6, 7), torch.tensor([0, 0, 1, 2, 2, 2]))

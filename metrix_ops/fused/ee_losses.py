@@ -130,14 +130,27 @@ def lifted_structure(params, inp, reducer, expansion=None, lse_fn=None):
     neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
     a, p = _positive_pairs(labels)
-    if len(a) == 0 or len(_class_counts(labels)) < 2:  # PML: no positive or negative pair
-        return zero_loss(x)  # the reference's empty loss dict reduces to this
+    compiling = torch.compiler.is_compiling()
+    if not compiling and (len(a) == 0 or len(_class_counts(labels)) < 2):
+        return zero_loss(x)  # PML: no positive or negative pair (the reference's empty dict)
     # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance
     sign = 1.0 if d.is_inverted else -1.0
     lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin, lse_fn=lse_fn)
     both = torch.logaddexp(lse[a], lse[p])  # the negatives of both ends of the pair
     losses = F.relu(both + d.margin(_pair_metric(inp, a, p), pos_margin)) ** 2 / 2
-    return _reduce(losses, (a, p), "pos_pair", reducer, x)
+    loss = _reduce(losses, (a, p), "pos_pair", reducer, x)
+    if compiling:  # the same rule as a select on tensors: the graph has no data-dependent branch
+        pos, neg = _has_pos_neg(labels)
+        return torch.where(pos & neg, loss, zero_loss(x))
+    return loss
+
+
+def _has_pos_neg(labels):
+    """(some class has two rows, there are two classes) as 0-d tensors, without a guard on a
+    data-dependent size (torch.compile)."""
+    s = torch.sort(labels).values
+    same = s[1:] == s[:-1]
+    return same.any(), (~same).any()
 
 
 def _masked_lse(v, idx, b):
@@ -181,7 +194,8 @@ def npairs(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
     a, p = first_pairs(labels)
-    if len(a) == 0:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and len(a) == 0:
         return zero_loss(x)  # the reference's empty loss dict reduces to this
     b = len(labels)
     sign = 1.0 if d.is_inverted else -1.0  # logits: similarities, or −distances
@@ -191,7 +205,10 @@ def npairs(params, inp, reducer, expansion=None, lse_fn=None):
     negs = torch.zeros(b, dtype=torch.bool, device=x.device).index_fill(0, p, True)
     lse = _neg_lse(inp, expansion, segs, sign, 0.0, anchors, negs, lse_fn)[a]
     target = sign * _pair_metric(inp, a, p)
-    return _reduce(torch.logaddexp(lse, target) - target, a, "element", reducer, x)
+    loss = _reduce(torch.logaddexp(lse, target) - target, a, "element", reducer, x)
+    if compiling:  # no pair: the select form of the branch above
+        return torch.where(_has_pos_neg(labels)[0], loss, zero_loss(x))
+    return loss
 
 
 def triplet_supports(params, inp, expansion) -> bool:

@@ -21,12 +21,15 @@ def all_segments(labels: torch.Tensor):
     b = len(labels)
     order = torch.argsort(labels, stable=True)  # each class in index order
     _, counts = torch.unique_consecutive(labels[order], return_counts=True)
-    end = torch.cumsum(counts, 0).repeat_interleave(counts)  # one past the class, per slot
+    # output_size: the sizes torch.compile cannot infer from data (b, then the pair count),
+    # so that the elementwise ops below see one size and need no guard on it
+    end = torch.cumsum(counts, 0).repeat_interleave(counts, output_size=b)  # one past the class
     slot = torch.arange(b, device=labels.device)
     partners = end - 1 - slot  # the later members of the same class
     first = slot.repeat_interleave(partners)
     k = torch.arange(len(first), device=labels.device)
-    second = first + 1 + k - (torch.cumsum(partners, 0) - partners).repeat_interleave(partners)
+    second = first + 1 + k - (torch.cumsum(partners, 0) - partners).repeat_interleave(
+        partners, output_size=len(first))
     i, j = order[first], order[second]
     keep = torch.argsort(i * b + j)
     return i[keep], j[keep]
