@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common/expansion.h"
+#include "cpu/ee_closest.h"
 #include "cpu/op_checks.h"
 
 namespace metrix_ops {
@@ -124,6 +125,7 @@ struct EeOp {
   T scale, offset;
   int64_t chunk, tile;
   std::vector<T> sq, nrm;  // per synthetic point: ‖v‖² and the clamped norm
+  EeClosestFn<T> kernel = ee_closest<T>();
 
   int64_t rows0(int64_t t) const { return L.cstart[L.chunk_cls[t]]; }
   int64_t rows(int64_t t) const { return L.cstart[L.chunk_cls[t + 1]] - rows0(t); }
@@ -202,26 +204,25 @@ struct EeOp {
     });
   }
 
-  // ŝ(i, q) and the winning side index (as T: one vector width with best, so the branch-free
-  // select vectorises) over the tile, for the anchor row h0 = H + r·nt. The division by
-  // ‖a‖‖q‖ (not a multiply by its reciprocal) keeps the reference's rounding, so exact ties
-  // (duplicate rows: a segment's points coincide with x_i) go the same way.
+  // One thread's buffers for the side's rows in the kernel's layout.
+  struct SideRows {
+    std::vector<const T*> hu, hw;
+    std::vector<T> lam, mu, norm;
+  };
+
+  // ŝ(i, q) and the winning side index (as T: one vector width with best) over the tile, for
+  // the anchor whose side is `side` (ee_closest.h: the kernel of the level in use)
   void closest(const T* H, int64_t nt, const std::vector<EePt<T>>& side, const T* qn, T* best,
-               T* arg) const {
-    const T* h0 = H + side[0].u * nt;
-    for (int64_t c = 0; c < nt; ++c) best[c] = h0[c] / qn[c], arg[c] = T(0);
-    for (int64_t a = 1; a < int64_t(side.size()); ++a) {
-      const EePt<T>& p = side[a];
-      const T* hu = H + p.u * nt;
-      const T* hw = H + p.w * nt;
-      const T lam = p.lam, mu = p.mu, na = p.norm, ta = T(a);
-      for (int64_t c = 0; c < nt; ++c) {
-        const T s = (lam * hu[c] + mu * hw[c]) / (na * qn[c]);
-        const bool win = s > best[c];  // strict: the earliest a keeps a tie
-        best[c] = win ? s : best[c];
-        arg[c] = win ? ta : arg[c];
-      }
+               T* arg, SideRows& sr) const {
+    const size_t A = side.size();
+    sr.hu.resize(A), sr.hw.resize(A), sr.lam.resize(A), sr.mu.resize(A), sr.norm.resize(A);
+    for (size_t a = 0; a < A; ++a) {
+      sr.hu[a] = H + side[a].u * nt, sr.hw[a] = H + side[a].w * nt;
+      sr.lam[a] = side[a].lam, sr.mu[a] = side[a].mu, sr.norm[a] = side[a].norm;
     }
+    kernel({sr.hu.data(), sr.hw.data(), sr.lam.data(), sr.mu.data(), sr.norm.data(),
+            int64_t(A)},
+           qn, nt, best, arg);
   }
 
   T metric(T s) const { return l2 ? ee_safe_sqrt(T(2) - T(2) * s) : s; }
@@ -252,11 +253,12 @@ struct EeOp {
             std::vector<T> best(nt);
             std::vector<T> arg(nt);
             std::vector<EePt<T>> side;
+            SideRows sr;
             for (int64_t r = a0; r < a1; ++r) {
               const int64_t i = L.order[r0 + r];
               if (!amask[i]) continue;
               side_of(r, r0, side);
-              closest(H.data(), nt, side, qn.data(), best.data(), arg.data());
+              closest(H.data(), nt, side, qn.data(), best.data(), arg.data(), sr);
               visit(i, L.cls[i], best.data(), pcls.data() + q0, pok.data() + q0, nt);
             }
           });
@@ -296,12 +298,13 @@ struct EeOp {
             std::vector<T> best(nt);
             std::vector<T> arg(nt);
             std::vector<EePt<T>> side;
+            SideRows sr;
             for (int64_t c = a0; c < a1; ++c)
               for (int64_t s = L.cstart[c]; s < L.cstart[c + 1]; ++s) {
                 const int64_t r = s - r0, i = L.order[s];
                 if (!amask[i] || !active(i)) continue;
                 side_of(r, r0, side);
-                closest(H.data(), nt, side, qn.data(), best.data(), arg.data());
+                closest(H.data(), nt, side, qn.data(), best.data(), arg.data(), sr);
                 for (int64_t q = 0; q < nt; ++q) {
                   if (pcls[q0 + q] == c || !pok[q0 + q]) continue;
                   const T sh = best[q];
@@ -317,14 +320,18 @@ struct EeOp {
                 }
               }
           });
-          // 2) ∂L/∂‖q‖ = −(1/‖q‖) Σ_r Tg[r, q] H[r, q], one column per task
-          at::parallel_for(0, nt, 16, [&](int64_t a0, int64_t a1) {
-            for (int64_t q = a0; q < a1; ++q) {
-              if (pts[q0 + q].pid < 0) continue;
-              T acc = 0;
-              for (int64_t r = 0; r < nr; ++r) acc += Tg[r * nt + q] * H[r * nt + q];
-              dnorm[pts[q0 + q].pid] -= acc / qn[q];
+          // 2) ∂L/∂‖q‖ = −(1/‖q‖) Σ_r Tg[r, q] H[r, q], a block of columns per task, rows
+          // outer so that both tiles are read along their rows (the sum per column is still
+          // in row order)
+          at::parallel_for(0, nt, 64, [&](int64_t a0, int64_t a1) {
+            std::vector<T> acc(a1 - a0, T(0));
+            for (int64_t r = 0; r < nr; ++r) {
+              const T* tr = Tg.data() + r * nt;
+              const T* hr = H.data() + r * nt;
+              for (int64_t q = a0; q < a1; ++q) acc[q - a0] += tr[q] * hr[q];
             }
+            for (int64_t q = a0; q < a1; ++q)
+              if (pts[q0 + q].pid >= 0) dnorm[pts[q0 + q].pid] -= acc[q - a0] / qn[q];
           });
           // 3) Tg -> ∂L/∂U through H's two gathers, one row per task
           at::parallel_for(0, nr, row_grain(nt), [&](int64_t a0, int64_t a1) {

@@ -1,0 +1,48 @@
+// The Embedding Expansion closest-pair kernel (ee_closest.h) compiled per x86 level, chosen
+// as the MS kernels' level (ms_simd.cpp: METRIX_OPS_SIMD, else the widest this CPU has).
+// Contraction into FMA is off in this file: the reference rounds each product apart, and
+// exact ties must fall the same way (ee_closest.h).
+#pragma GCC optimize("fp-contract=off")
+
+#include <cstring>
+
+#include "cpu/ee_closest.h"
+#include "cpu/ms_kernels.h"
+
+namespace metrix_ops {
+
+namespace {
+
+#define MO_EE_LEVEL(NAME, TARGET, W)                                                     \
+  TARGET void closest_##NAME(const EeSideRows<float>& sd, const float* qn, int64_t nt,   \
+                             float* best, float* arg) {                                 \
+    EeClosestKernel<float, W>::run(sd, qn, nt, best, arg);                               \
+  }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+MO_EE_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2"))), 16)
+MO_EE_LEVEL(avx2, __attribute__((target("avx2"))), 8)
+#endif
+MO_EE_LEVEL(baseline, , 4)
+#undef MO_EE_LEVEL
+
+void closest_f64(const EeSideRows<double>& sd, const double* qn, int64_t nt, double* best,
+                 double* arg) {
+  EeClosestKernel<double, 1>::run(sd, qn, nt, best, arg);
+}
+
+}  // namespace
+
+EeClosestFn<float> ee_closest_f32() {
+  const char* level = ms_kernels_f32().level;  // validated there
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (!std::strcmp(level, "avx512")) return &closest_avx512;
+  if (!std::strcmp(level, "avx2")) return &closest_avx2;
+#endif
+  (void)level;
+  return &closest_baseline;
+}
+
+EeClosestFn<double> ee_closest_f64() { return &closest_f64; }
+
+}  // namespace metrix_ops
