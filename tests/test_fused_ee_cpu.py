@@ -190,8 +190,9 @@ def test_op_errors():
     si, sj = torch.tensor([0, 2]), torch.tensor([1, 3])
     m = torch.ones(6, dtype=torch.bool)
     op = torch.ops.metrix_ops.ee_neg_lse_fwd
-    with pytest.raises(RuntimeError, match="different labels"):
-        op(x, y, torch.tensor([0]), torch.tensor([2]), m, m, 2, False, 1.0, 0.0, 4)
+    for n in (2, 0):  # n = 0 too: segments are checked even where no point is placed on them
+        with pytest.raises(RuntimeError, match="different labels"):
+            op(x, y, torch.tensor([0]), torch.tensor([2]), m, m, n, False, 1.0, 0.0, 4)
     with pytest.raises(RuntimeError, match="distinct rows"):
         op(x, y, torch.tensor([0]), torch.tensor([9]), m, m, 2, False, 1.0, 0.0, 4)
     with pytest.raises(RuntimeError, match="chunk"):

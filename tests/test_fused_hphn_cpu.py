@@ -243,8 +243,9 @@ def test_op_errors():
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     si, sj = torch.tensor([0, 2]), torch.tensor([1, 3])
     op = torch.ops.metrix_ops.ee_hphn_mine
-    with pytest.raises(RuntimeError, match="different labels"):
-        op(x, y, torch.tensor([0]), torch.tensor([2]), 2, 4)
+    for n in (2, 0):  # n = 0 too: segments are checked even where no point is placed on them
+        with pytest.raises(RuntimeError, match="different labels"):
+            op(x, y, torch.tensor([0]), torch.tensor([2]), n, 4)
     with pytest.raises(RuntimeError, match="distinct rows"):
         op(x, y, torch.tensor([0]), torch.tensor([9]), 2, 4)
     with pytest.raises(RuntimeError, match="chunk"):

@@ -4,7 +4,7 @@ underflow mask, HPHN's anchors without a pair, NPairs' data-dependent number of 
 match eager in value and gradient; NaN input and out-of-range proxy labels still fail, at run
 time; an indices_tuple from a miner, passed in, traces too; so do the Embedding Expansion
 losses, whose segment lists have a data-dependent length (none at one member per class),
-"adjacent" pairs of different labels failing at run time (in the op)."""
+"adjacent" pairs of different labels failing at run time (in the op), n_points = 0 included."""
 import pytest
 import torch
 
@@ -129,3 +129,17 @@ def test_expansion_under_fullgraph_compile_equals_eager(name, pairs):
     if pairs == "adjacent":  # rows 2 and 3 of different labels: the op's error at run time
         with pytest.raises(RuntimeError, match="different labels"):
             compiled(torch.randn(6, 7), torch.tensor([0, 0, 1, 2, 2, 2]))
+
+
+@pytest.mark.parametrize("name", EE)
+def test_expansion_adjacent_bad_labels_fail_under_compile_with_no_points(name):
+    """n_points = 0 places no point on the "adjacent" segments, but their labels are still
+    checked (by the op, at run time, as eager checks them in Python): never a silent loss."""
+    torch._dynamo.reset()
+    loss = getattr(mo.losses, name)(backend="cpu",
+                                    expansion=mo.Expansion(n_points=0, pairs="adjacent"))
+    compiled = torch.compile(lambda e, l: loss(e, l), fullgraph=True, dynamic=False)
+    x, good = torch.randn(6, 7), torch.tensor([0, 0, 1, 1, 2, 2])
+    torch.testing.assert_close(compiled(x, good), loss(x, good))
+    with pytest.raises(RuntimeError, match="different labels"):
+        compiled(x, torch.tensor([0, 0, 1, 2, 2, 2]))

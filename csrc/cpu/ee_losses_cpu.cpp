@@ -61,6 +61,7 @@ EeLayout make_layout(const at::Tensor& labels, const at::Tensor& seg_i, const at
   EeLayout L;
   const int64_t B = L.B = labels.size(0);
   L.n = n;
+  check_segments(labels.data_ptr<int64_t>(), B, seg_i, seg_j);
   L.S = n > 0 ? seg_i.size(0) : 0;
   const int64_t* lab = labels.data_ptr<int64_t>();
   L.order.resize(B);
@@ -87,10 +88,6 @@ EeLayout make_layout(const at::Tensor& labels, const at::Tensor& seg_i, const at
     L.sj.assign(pj, pj + L.S);
     for (int64_t e = 0; e < L.S; ++e) {
       const int64_t i = pi[e], j = pj[e];
-      TORCH_CHECK(i >= 0 && i < B && j >= 0 && j < B && i != j, "seg_i/seg_j: segment ", e,
-                  " = (", i, ", ", j, ") must join two distinct rows in [0, ", B, ")");
-      TORCH_CHECK(lab[i] == lab[j], "seg_i/seg_j: segment ", e, " = (", i, ", ", j,
-                  ") joins rows of different labels; segments are positive pairs");
       L.class_segs[L.cls[i]].push_back(e);
       L.of_anchor[i].push_back(e);
     }

@@ -141,6 +141,7 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
   auto seg_i = seg_i_.contiguous(), seg_j = seg_j_.contiguous();
   const int64_t B = x.size(0), S = n > 0 ? seg_i.size(0) : 0;
   const int64_t* lab = labels.data_ptr<int64_t>();
+  check_segments(lab, B, seg_i, seg_j);
   at::Tensor out = at::full({B, 7}, -1, labels.options());
   if (B == 0) return out;
 
@@ -167,10 +168,6 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
     segs.cls.resize(S);
     for (int64_t e = 0; e < S; ++e) {
       const int64_t i = pi[e], j = pj[e];
-      TORCH_CHECK(i >= 0 && i < B && j >= 0 && j < B && i != j,
-                  "segment ", e, " = (", i, ", ", j, ") must join two distinct rows in [0, ", B, ")");
-      TORCH_CHECK(lab[i] == lab[j], "segment ", e, " = (", i, ", ", j,
-                  ") joins rows of different labels; segments are positive pairs");
       segs.cls[e] = cls[i];
       class_segs[cls[i]].push_back(e);
       segs.of_anchor[i].push_back(e);  // (i, ·) first, then (·, i): the reference's order

@@ -51,6 +51,22 @@ inline void check_proxy_inputs(const at::Tensor& x, const at::Tensor& p, const a
   }
 }
 
+// Embedding Expansion segments (seg_i[e], seg_j[e]): positive pairs of distinct rows in
+// [0, B). Checked whatever n_points is, so that n_points = 0 rejects a batch the other n do
+// ("adjacent" pairs of different labels, which under torch.compile only the op can see).
+inline void check_segments(const int64_t* lab, int64_t B, const at::Tensor& seg_i,
+                           const at::Tensor& seg_j) {
+  const int64_t* pi = seg_i.data_ptr<int64_t>();
+  const int64_t* pj = seg_j.data_ptr<int64_t>();
+  for (int64_t e = 0; e < seg_i.size(0); ++e) {
+    const int64_t i = pi[e], j = pj[e];
+    TORCH_CHECK(i >= 0 && i < B && j >= 0 && j < B && i != j, "seg_i/seg_j: segment ", e,
+                " = (", i, ", ", j, ") must join two distinct rows in [0, ", B, ")");
+    TORCH_CHECK(lab[i] == lab[j], "seg_i/seg_j: segment ", e, " = (", i, ", ", j,
+                ") joins rows of different labels; segments are positive pairs");
+  }
+}
+
 // a vector of one value per row / proxy, as the backward ops take
 inline void check_vec(const at::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be of shape (", n, ",)");
