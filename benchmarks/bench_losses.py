@@ -77,6 +77,8 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # MultiSimilarityLoss with Embedding Expansion (n_points=2, pairs="all"): every
           # (anchor, negative point) pair scored by its closest pair; "pml" is PML's clean MS
           "ee_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # the same with n_points=8, the n of DESIGN §7's EE target
+          "ee_ms_n8": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # TripletMarginLoss with TripletMarginMiner(0.2, "semihard"): PML's two calls
           # against our miner= option (counted inside the op); "clean" is our triplet "all"
           "triplet_semihard": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
@@ -91,6 +93,7 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "metrix_circle": lambda mo: {"metrix": mo.Metrix()},
            "metrix_generalized_lifted": lambda mo: {"metrix": mo.Metrix()},
            "ee_ms": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
+           "ee_ms_n8": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
            "triplet_semihard": lambda mo: {
                "miner": mo.miners.TripletMarginMiner(0.2, type_of_triplets="semihard")}}
 
