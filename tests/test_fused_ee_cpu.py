@@ -1,7 +1,8 @@
 """Fused CPU Embedding Expansion for MultiSimilarityLoss, LiftedStructureLoss, NPairsLoss,
-GeneralizedLiftedStructureLoss (ee_neg_lse) and TripletMarginLoss (ee_triplet) against the reference: loss and gradient on the shared cases and on
-class-contiguous batches ("adjacent"), n_points 0..3, both distances, normalised and not,
-reducers, chunking, dtypes, dispatch, errors and opcheck."""
+GeneralizedLiftedStructureLoss (ee_neg_lse) and TripletMarginLoss (ee_triplet) against the
+reference: loss and gradient on the shared cases and on class-contiguous batches
+("adjacent"), n_points 0..3, both distances, normalised and not, reducers, chunking, dtypes,
+SIMD levels, dispatch, errors and opcheck."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -52,6 +52,7 @@ MODULES = [
 @pytest.mark.parametrize("name,kw", MODULES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(MODULES)])
 def test_module_under_fullgraph_compile_equals_eager(name, kw):
     torch._dynamo.reset()
+    torch.manual_seed(0)  # the proxies' init: the same whatever ran before
     loss = getattr(mo.losses, name)(backend="cpu", **kw)
     compiled = torch.compile(lambda e, l: loss(e, l), fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(3)
@@ -59,8 +60,10 @@ def test_module_under_fullgraph_compile_equals_eager(name, kw):
         x, y = torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g)
         va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
         vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
-        # Circle's γ = 80 scales the rounding of a differently fused graph: fp32's contract
-        rtol, atol = (1e-4, 1e-5) if name == "CircleLoss" else (1e-5, 1e-6)
+        # Circle's γ = 80 and ProxyNCA's softmax_scale = 90 scale the rounding of a differently
+        # fused graph (up to 4e-5 on ProxyNCA's gradient over 60 proxy inits): fp32's contract
+        rtol, atol = ((1e-4, 1e-5) if name == "CircleLoss" else
+                      (1e-4, 5e-5) if kw.get("softmax_scale", 1.0) > 10 else (1e-5, 1e-6))
         torch.testing.assert_close(va, vb, rtol=rtol, atol=atol)
         torch.testing.assert_close(ga, gb, rtol=rtol, atol=atol)
     bad = torch.randn(13, 7)

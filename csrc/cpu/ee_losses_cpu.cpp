@@ -61,9 +61,9 @@ EeLayout make_layout(const at::Tensor& labels, const at::Tensor& seg_i, const at
   EeLayout L;
   const int64_t B = L.B = labels.size(0);
   L.n = n;
-  check_segments(labels.data_ptr<int64_t>(), B, seg_i, seg_j);
-  L.S = n > 0 ? seg_i.size(0) : 0;
   const int64_t* lab = labels.data_ptr<int64_t>();
+  check_segments(lab, B, seg_i, seg_j);
+  L.S = n > 0 ? seg_i.size(0) : 0;
   L.order.resize(B);
   std::iota(L.order.begin(), L.order.end(), 0);
   std::stable_sort(L.order.begin(), L.order.end(),

@@ -20,6 +20,7 @@ from ..reducers import reduce_loss_dict, zero_loss
 from ..reference.expansion import expansion_loss_dict
 from ..reference.expansion_points import expansion_segments, safe_sqrt
 from . import register_expansion
+from .pair_counts import pair_count_tensors
 from .triplet_margin import _divisor_kind
 
 CHUNK = 256  # rows per class chunk of the op; tests set it small
@@ -130,27 +131,20 @@ def lifted_structure(params, inp, reducer, expansion=None, lse_fn=None):
     neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
     a, p = _positive_pairs(labels)
+    # PML: no loss without a positive or a negative pair (the reference's empty dict); eagerly
+    # a branch that skips the op, under torch.compile a select (as fused/lifted_structure.py)
+    n_pos, n_neg = pair_count_tensors(labels, labels, True)
+    none = (n_pos == 0) | (n_neg == 0)
     compiling = torch.compiler.is_compiling()
-    if not compiling and (len(a) == 0 or len(_class_counts(labels)) < 2):
-        return zero_loss(x)  # PML: no positive or negative pair (the reference's empty dict)
+    if not compiling and bool(none):
+        return zero_loss(x)
     # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance
     sign = 1.0 if d.is_inverted else -1.0
     lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin, lse_fn=lse_fn)
     both = torch.logaddexp(lse[a], lse[p])  # the negatives of both ends of the pair
     losses = F.relu(both + d.margin(_pair_metric(inp, a, p), pos_margin)) ** 2 / 2
     loss = _reduce(losses, (a, p), "pos_pair", reducer, x)
-    if compiling:  # the same rule as a select on tensors: the graph has no data-dependent branch
-        pos, neg = _has_pos_neg(labels)
-        return torch.where(pos & neg, loss, zero_loss(x))
-    return loss
-
-
-def _has_pos_neg(labels):
-    """(some class has two rows, there are two classes) as 0-d tensors, without a guard on a
-    data-dependent size (torch.compile)."""
-    s = torch.sort(labels).values
-    same = s[1:] == s[:-1]
-    return same.any(), (~same).any()
+    return torch.where(none, zero_loss(x), loss) if compiling else loss
 
 
 def _masked_lse(v, idx, b):
@@ -207,7 +201,8 @@ def npairs(params, inp, reducer, expansion=None, lse_fn=None):
     target = sign * _pair_metric(inp, a, p)
     loss = _reduce(torch.logaddexp(lse, target) - target, a, "element", reducer, x)
     if compiling:  # no pair: the select form of the branch above
-        return torch.where(_has_pos_neg(labels)[0], loss, zero_loss(x))
+        n_pos, _ = pair_count_tensors(labels, labels, True)
+        return torch.where(n_pos == 0, zero_loss(x), loss)
     return loss
 
 
