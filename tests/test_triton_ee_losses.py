@@ -1,6 +1,7 @@
 """Embedding Expansion for MultiSimilarityLoss, LiftedStructureLoss,
-GeneralizedLiftedStructureLoss and NPairsLoss on the Triton engine (triton/ee_neg_lse.py):
-the op against the CPU engine's C++ op (values and gradients, anchor and negative masks,
+GeneralizedLiftedStructureLoss, NPairsLoss (triton/ee_neg_lse.py) and TripletMarginLoss
+(triton/ee_triplet.py, the same kernels' MODE 1) on the Triton engine: the ops against the CPU
+engine's C++ ops (values and gradients, anchor and negative masks,
 duplicates, antipodal segments), the losses against the reference (shared edge cases, n,
 pairs, distances, reducers, fp32 and half inputs), routing, opcheck, sm_90 compilation.
 
@@ -14,7 +15,7 @@ from cases import CASES, CASE_IDS, assert_close_vg, make_case
 from metrix_ops import _ext
 from metrix_ops.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from metrix_ops.ops.ee_mining import all_segments
-from metrix_ops.reducers import AvgNonZeroReducer, SumReducer
+from metrix_ops.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from test_expansion import assert_close_up_to_ties
 from test_fused_hphn_cpu import batch
 from triton_cases import compiles_only, on_dev, requires_triton, run_sm90_script
@@ -22,7 +23,7 @@ from triton_cases import compiles_only, on_dev, requires_triton, run_sm90_script
 pytestmark = requires_triton
 
 LOSSES = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss",
-          "NPairsLoss"]
+          "NPairsLoss", "TripletMarginLoss"]
 SIM = {"NPairsLoss": DotProductSimilarity}
 
 
@@ -71,6 +72,46 @@ def test_op_equals_cpu_op(n, l2):
         torch.testing.assert_close(gg.cpu(), gw, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("n", [0, 2])
+@pytest.mark.parametrize("l2", [False, True])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_triplet_op_equals_cpu_op(n, l2, smooth):
+    """(Σ f, #f > 0, #triplets) per anchor and the gradients into x and the positives' metrics,
+    on a batch with a duplicate row, an antipodal pair and a singleton class (no positive)."""
+    from metrix_ops.fused.ee_losses import _positive_pairs
+    from metrix_ops.ops.ee_losses import ee_triplet
+    from metrix_ops.triton.ee_triplet import ee_triplet_triton
+    x, y = batch(23, 6, 4, seed=5 + n)
+    y[7] = 99  # a class of one: no positive, no triplet, still a negative of the others
+    x[4] = x[2] if y[4] == y[2] else x[4]
+    x[9] = -x[10]
+    xu = F.normalize(x.detach(), dim=1)
+    si, sj = all_segments(y)
+    a, p = _positive_pairs(y)
+    pos = (xu[a] * xu[p]).sum(1) if not l2 else (xu[a] - xu[p]).norm(dim=1)
+    w = torch.randn(23, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    xu.requires_grad_(), pos.requires_grad_()
+    want = ee_triplet(xu, y, si, sj, pos, n, l2, 0.3, smooth)
+    gw = torch.autograd.grad((want[0] * w).sum(), (xu, pos))
+    xd, yd, posd, wd = on_dev(xu, y, pos, w)
+    got = ee_triplet_triton(xd, yd, *on_dev(si, sj), posd, n, l2, 0.3, smooth)
+    gg = torch.autograd.grad((got[0] * wd).sum(), (xd, posd))
+    torch.testing.assert_close(got[0].cpu(), want[0].detach(), rtol=1e-10, atol=1e-11)
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
+    assert int(want[2][7]) == 0 and int(want[2].sum()) > 0
+    for g_got, g_want in zip(gg, gw):
+        torch.testing.assert_close(g_got.cpu(), g_want, rtol=1e-9, atol=1e-11)
+
+
+def test_triplet_op_checks_pos():
+    from metrix_ops.triton.ee_triplet import ee_triplet_triton
+    x, y = on_dev(*batch(9, 4, 3, seed=1))
+    si, sj = all_segments(y)
+    with pytest.raises(ValueError, match="pos must have shape"):
+        ee_triplet_triton(F.normalize(x, dim=1), y, si, sj, x[:3, 0], 2, False, 0.1, False)
+
+
 # ---------------------------------------------------------------- the losses
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -94,13 +135,17 @@ def test_distances_and_pairs(name, n, pairs):
         assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
 
 
-@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "GeneralizedLiftedStructureLoss"])
+HYPER = {"MultiSimilarityLoss": {"alpha": 5.0, "beta": 80.0, "base": 0.9},
+         "GeneralizedLiftedStructureLoss": {"neg_margin": 2.5, "pos_margin": 0.2},
+         "TripletMarginLoss": {"margin": 0.3, "smooth_loss": True}}
+
+
+@pytest.mark.parametrize("name", sorted(HYPER))
 def test_reducers_and_hyper_parameters(name):
     x, y = batch(22, 8, 4, seed=6)
     x, y = on_dev(x, y)
-    hp = ({"alpha": 5.0, "beta": 80.0, "base": 0.9} if name == "MultiSimilarityLoss"
-          else {"neg_margin": 2.5, "pos_margin": 0.2})
-    for reducer in (SumReducer, AvgNonZeroReducer):
+    hp = HYPER[name]
+    for reducer in (SumReducer, AvgNonZeroReducer, MeanReducer):
         tri, ref = pair(name, 2, reducer=reducer(), **hp)
         assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
 
@@ -172,9 +217,15 @@ def test_opcheck():
     xs = xu[order].contiguous().requires_grad_()
     tables, kb, syn = mod._tables(xs, y[order], pos[si], pos[sj], 2, ones, ones)
     pnorm = mod._synthetic_norms(xs.detach(), *syn, len(si), 2).requires_grad_()
+    counts = torch.bincount(y)[y] - 1
+    pst = (torch.cumsum(counts, 0) - counts)[order].to(torch.int32)
+    pct = counts[order].to(torch.int32)
+    pv = torch.rand(int(counts.sum()), dtype=xs.dtype, device=xs.device).requires_grad_()
     for l2 in (False, True):
         torch.library.opcheck(torch.ops.metrix_ops.triton_ee_neg_lse_fwd.default,
                               (xs, pnorm, tables, kb, l2, 2.0, -0.5))
+        torch.library.opcheck(torch.ops.metrix_ops.triton_ee_triplet_fwd.default,
+                              (xs, pnorm, pv, tables, pst, pct, kb, l2, 0.2, not l2))
 
 
 _SM90 = r'''
@@ -182,18 +233,19 @@ import metrix_ops.triton.ee_neg_lse as m
 
 failed = []
 ints = ["chunk_ptr", "cls_ptr", "pstart_ptr", "pu_ptr", "pw_ptr", "pp_ptr", "soff_ptr",
-        "su_ptr", "sw_ptr", "sp_ptr"]
+        "su_ptr", "sw_ptr", "sp_ptr", "pst_ptr", "pct_ptr", "nz_ptr", "ct_ptr"]
 ptrs = dict({k: "*i32" for k in ints}, amask_ptr="*i8", pok_ptr="*i8", pl_ptr="*fp64",
             sl_ptr="*fp64")
 for fdt, acc, prec in [("fp32", tl.float32, "tf32"), ("fp64", tl.float64, "ieee")]:
-    for l2 in (False, True):
-        base = dict(L2=l2, KB=16, BA=64, BLOCK_D=64, ACC=acc, PRECISION=prec)
+    for l2, mode in ((False, {}), (True, {}), (False, dict(MODE=1, SMOOTH=True, KP=64)),
+                     (True, dict(MODE=1, KP=16))):
+        base = dict(L2=l2, KB=16, BA=64, BLOCK_D=64, ACC=acc, PRECISION=prec, **mode)
         for kernel, extra in ((m._fwd_kernel, dict(BQ=32)),
                               (m._bwd_kernel, dict(BQ=16, BLOCK_DO=512))):
             try:
                 compile_sm90(kernel, dict(base, **extra), fdt, pointer_types=ptrs)
             except Exception as e:  # noqa: BLE001
-                failed.append(f"{kernel.__name__} {fdt} l2={l2}: {type(e).__name__}: "
+                failed.append(f"{kernel.__name__} {fdt} l2={l2} {mode}: {type(e).__name__}: "
                               f"{str(e)[:300]}")
 print("\n".join(failed))
 sys.exit(1 if failed else 0)

@@ -1,5 +1,5 @@
 """MultiSimilarityLoss, LiftedStructureLoss, GeneralizedLiftedStructureLoss, NPairsLoss and
-TripletMarginLoss with Embedding Expansion on the CPU. The negative side, a term for every (anchor, original or synthetic
+TripletMarginLoss with Embedding Expansion on the CPU (and, with the Triton ops, on that engine). The negative side, a term for every (anchor, original or synthetic
 negative point) pair scored by its closest pair, comes from a fused op (no B×P matrix, no
 point stack): ee_neg_lse's per-anchor log-sum-exp, or ee_triplet's per-anchor totals over
 (positive, negative point). The clean side (original positive pairs, O(Σ_c |c|²) of them)
@@ -206,13 +206,23 @@ def npairs(params, inp, reducer, expansion=None, lse_fn=None):
     return loss
 
 
-def triplet_supports(params, inp, expansion) -> bool:
+def triplet_fits(params, inp, expansion) -> bool:
     """"all" triplets without swap: the reference's only EE form of the loss."""
-    return (supports(params, inp, expansion) and not params.get("swap", False)
+    return (fits(inp, expansion) and not params.get("swap", False)
             and params.get("triplets_per_anchor", "all") == "all")
 
 
-def triplet_margin(params, inp, reducer, expansion=None):
+def triplet_supports(params, inp, expansion) -> bool:
+    return supports(params, inp, expansion) and triplet_fits(params, inp, expansion)
+
+
+def _triplet_cpu(xu, labels, seg_i, seg_j, pos, n, l2, margin, smooth):
+    return ee_triplet(xu, labels, seg_i, seg_j, pos, n, l2, margin, smooth, CHUNK)
+
+
+def triplet_margin(params, inp, reducer, expansion=None, trip_fn=None):
+    """trip_fn: an engine's op of ee_triplet's signature (without chunk), e.g. the Triton one;
+    the CPU op by default."""
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     seg_i, seg_j = _segments(labels, expansion)  # first: a bad "adjacent" batch raises
     kind = _divisor_kind(reducer)
@@ -220,10 +230,10 @@ def triplet_margin(params, inp, reducer, expansion=None):
         return reduce_loss_dict(expansion_loss_dict("TripletMarginLoss", params, inp, expansion),
                                 reducer, x)
     a, p = _positive_pairs(labels)  # anchor-major, as the op reads `pos`
-    sums, nonzero, triplets = ee_triplet(
+    sums, nonzero, triplets = (trip_fn or _triplet_cpu)(
         d.maybe_normalize(x), labels, seg_i, seg_j, _pair_metric(inp, a, p),
         expansion.n_points, not d.is_inverted, params.get("margin", 0.05),
-        params.get("smooth_loss", False), CHUNK)
+        params.get("smooth_loss", False))
     # counts summed in int64, selects rather than branches (as fused/triplet_margin.py)
     n_all, total, zero = triplets.sum(), sums.sum(), zero_loss(x)
     if kind == "one":

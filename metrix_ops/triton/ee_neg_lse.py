@@ -103,6 +103,40 @@ if HAS_TRITON:
         return s
 
     @triton.jit
+    def _triplet_tile(best, term, i, pos_ptr, pst_ptr, pct_ptr, margin, L2: tl.constexpr,
+                      KP: tl.constexpr, ACC: tl.constexpr, tiny, eps):
+        """TripletMarginLoss "all" (MODE 1): v = margin(pos_ip, m̂(i, q)) + margin over anchor
+        i's positives (their clean metric, pos[pst_i + j], j < pct_i) × the tile's points
+        (KP × BQ), with where (p, q) is a triplet, and i's positive slots."""
+        m = _metric(best, L2, tiny, eps)
+        offs_p = tl.arange(0, KP)
+        p0 = tl.load(pst_ptr + i)
+        p_ok = offs_p < tl.load(pct_ptr + i)
+        pv = tl.load(pos_ptr + p0 + offs_p, mask=p_ok, other=0.0).to(ACC)
+        if L2:
+            v = pv[:, None] - m[None, :] + margin
+        else:
+            v = m[None, :] - pv[:, None] + margin
+        return v, p_ok[:, None] & term[None, :], p0 + offs_p, p_ok
+
+    @triton.jit
+    def _hinge(v, SMOOTH: tl.constexpr):
+        """relu, or F.softplus (linear past 20), as the CPU op's ee_trip_f."""
+        if SMOOTH:
+            r = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+        else:
+            r = tl.maximum(v, 0.0)
+        return r.to(v.dtype)
+
+    @triton.jit
+    def _dhinge(v, SMOOTH: tl.constexpr):
+        if SMOOTH:
+            r = tl.where(v > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-tl.minimum(v, 20.0))))
+        else:
+            r = tl.where(v > 0.0, 1.0, 0.0)
+        return r.to(v.dtype)
+
+    @triton.jit
     def _load_points(offs_q, q_ok, pu_ptr, pw_ptr, pl_ptr, pp_ptr, pok_ptr, pn_ptr, cls_ptr,
                      ACC: tl.constexpr):
         qu = tl.load(pu_ptr + offs_q, mask=q_ok, other=0)
@@ -117,9 +151,12 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_kernel(x_ptr, pn_ptr, chunk_ptr, cls_ptr, amask_ptr, pstart_ptr, pu_ptr, pw_ptr,
                     pl_ptr, pp_ptr, pok_ptr, soff_ptr, su_ptr, sw_ptr, sl_ptr, sp_ptr, prm_ptr,
-                    out_ptr, B, D, stride_x, n_chunks, L2: tl.constexpr, KB: tl.constexpr,
-                    BQ: tl.constexpr, BA: tl.constexpr, BLOCK_D: tl.constexpr,
-                    ACC: tl.constexpr, PRECISION: tl.constexpr):
+                    out_ptr, pos_ptr, pst_ptr, pct_ptr, nz_ptr, ct_ptr, B, D, stride_x, n_chunks,
+                    L2: tl.constexpr, KB: tl.constexpr, BQ: tl.constexpr, BA: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                    MODE: tl.constexpr = 0, SMOOTH: tl.constexpr = False, KP: tl.constexpr = 16):
+        """MODE 0: the log-sum-exp per anchor into out. MODE 1 (TripletMarginLoss "all"): per
+        anchor Σ f(v) into out, #f > 0 into nz and #triplets into ct (prm[4]: the margin)."""
         c = tl.program_id(0)
         r0 = tl.load(chunk_ptr + c)
         r1 = tl.load(chunk_ptr + c + 1)
@@ -127,8 +164,14 @@ if HAS_TRITON:
         offs_k = r0 + lanes
         scale, offset = tl.load(prm_ptr), tl.load(prm_ptr + 1)
         tiny, eps = tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
-        m_run = tl.full((KB,), float("-inf"), ACC)
+        margin = tl.load(prm_ptr + 4)
+        if MODE == 0:
+            m_run = tl.full((KB,), float("-inf"), ACC)
+        else:
+            m_run = tl.zeros((KB,), ACC)  # the triplet sums
         s_run = tl.zeros((KB,), ACC)
+        nz_run = tl.zeros((KB,), tl.int32)
+        ct_run = tl.zeros((KB,), tl.int32)
         n_pts = tl.load(pstart_ptr + n_chunks)
         for q0 in range(0, n_pts, BQ):
             offs_q = q0 + tl.arange(0, BQ)
@@ -144,27 +187,46 @@ if HAS_TRITON:
                                               tl.load(soff_ptr + i + 1), su_ptr, sw_ptr, sl_ptr,
                                               sp_ptr, pn_ptr, KB, BQ, BA, ACC)
                     term = qok & (qc != tl.load(cls_ptr + i)) & (barg >= 0)
-                    v = tl.where(term, scale * _metric(best, L2, tiny, eps) + offset,
-                                 float("-inf"))
                     lane = lanes == a
-                    mi = tl.max(tl.where(lane, m_run, float("-inf")), axis=0)
-                    si = tl.sum(tl.where(lane, s_run, 0.0), axis=0)
-                    mn = tl.maximum(mi, tl.max(v, axis=0))
-                    safe = tl.where(mn == float("-inf"), 0.0, mn)
-                    sn = si * tl.exp(mi - safe) + tl.sum(tl.exp(v - safe), axis=0)
-                    m_run = tl.where(lane, mn, m_run)
-                    s_run = tl.where(lane, sn, s_run)
-        out = tl.where(s_run > 0, m_run + tl.log(tl.where(s_run > 0, s_run, 1.0)), float("-inf"))
-        tl.store(out_ptr + offs_k, out, mask=offs_k < r1)
+                    if MODE == 0:
+                        v = tl.where(term, scale * _metric(best, L2, tiny, eps) + offset,
+                                     float("-inf"))
+                        mi = tl.max(tl.where(lane, m_run, float("-inf")), axis=0)
+                        si = tl.sum(tl.where(lane, s_run, 0.0), axis=0)
+                        mn = tl.maximum(mi, tl.max(v, axis=0))
+                        safe = tl.where(mn == float("-inf"), 0.0, mn)
+                        sn = si * tl.exp(mi - safe) + tl.sum(tl.exp(v - safe), axis=0)
+                        m_run = tl.where(lane, mn, m_run)
+                        s_run = tl.where(lane, sn, s_run)
+                    else:
+                        v, ok, _, _ = _triplet_tile(best, term, i, pos_ptr, pst_ptr, pct_ptr,
+                                                    margin, L2, KP, ACC, tiny, eps)
+                        f = tl.where(ok, _hinge(v, SMOOTH), 0.0)
+                        m_run += tl.where(lane, tl.sum(tl.sum(f, axis=1), axis=0), 0.0)
+                        nz = tl.sum(tl.sum((ok & (f > 0)).to(tl.int32), axis=1), axis=0)
+                        ct = tl.sum(tl.sum(ok.to(tl.int32), axis=1), axis=0)
+                        nz_run += tl.where(lane, nz, 0)
+                        ct_run += tl.where(lane, ct, 0)
+        if MODE == 0:
+            out = tl.where(s_run > 0, m_run + tl.log(tl.where(s_run > 0, s_run, 1.0)),
+                           float("-inf"))
+            tl.store(out_ptr + offs_k, out, mask=offs_k < r1)
+        else:
+            tl.store(out_ptr + offs_k, m_run, mask=offs_k < r1)
+            tl.store(nz_ptr + offs_k, nz_run, mask=offs_k < r1)
+            tl.store(ct_ptr + offs_k, ct_run, mask=offs_k < r1)
 
     @triton.jit
     def _anchors_dh(h, qn, qok, qc, a0, a1, g_ptr, lse_ptr, amask_ptr, cls_ptr, soff_ptr,
                     su_ptr, sw_ptr, sl_ptr, sp_ptr, pn_ptr, dside_ptr, scale, offset, tiny, eps,
-                    L2: tl.constexpr, DSIDE: tl.constexpr, KB: tl.constexpr, BQ: tl.constexpr,
-                    BA: tl.constexpr, ACC: tl.constexpr):
+                    pos_ptr, pst_ptr, pct_ptr, dpos_ptr, margin, L2: tl.constexpr,
+                    DSIDE: tl.constexpr, KB: tl.constexpr, BQ: tl.constexpr, BA: tl.constexpr,
+                    ACC: tl.constexpr, MODE: tl.constexpr, SMOOTH: tl.constexpr,
+                    KP: tl.constexpr):
         """∂L/∂H (KB × BQ) of the anchors of the chunk [a0, a1) against a point tile, and the
         points' ∂L/∂‖q‖; with DSIDE, the winning side entries' ∂L/∂‖a‖ added to dside (each
-        side entry belongs to one anchor, hence to one program)."""
+        side entry belongs to one anchor, hence to one program), and in MODE 1 the anchors'
+        ∂L/∂pos (likewise theirs alone)."""
         dh = tl.zeros((KB, BQ), ACC)
         dqn = tl.zeros((BQ,), ACC)
         rows = tl.arange(0, KB)
@@ -183,7 +245,24 @@ if HAS_TRITON:
                     dm = tl.where(m > 0, -1.0 / tl.where(m > 0, m, 1.0), 0.0)
                 else:
                     dm = tl.full((BQ,), 1.0, ACC)
-                wq = tl.where(term, g * tl.exp(scale * m + offset - lse) * scale * dm, 0.0)
+                if MODE == 0:
+                    wq = tl.where(term, g * tl.exp(scale * m + offset - lse) * scale * dm, 0.0)
+                else:
+                    # Σ over i's positives of f'(v): +∂v/∂m̂ for a similarity, − for a
+                    # distance; the positives' metrics take the opposite sign
+                    v, ok, p_at, p_ok = _triplet_tile(best, term, i, pos_ptr, pst_ptr, pct_ptr,
+                                                      margin, L2, KP, ACC, tiny, eps)
+                    df = tl.where(ok, g * _dhinge(v, SMOOTH), 0.0)
+                    if L2:
+                        wq = tl.where(term, -tl.sum(df, axis=0) * dm, 0.0)
+                    else:
+                        wq = tl.where(term, tl.sum(df, axis=0) * dm, 0.0)
+                    if DSIDE:
+                        dp = tl.sum(df, axis=1)
+                        if not L2:
+                            dp = -dp
+                        old_p = tl.load(dpos_ptr + p_at, mask=p_ok, other=0.0)
+                        tl.store(dpos_ptr + p_at, old_p + dp, mask=p_ok)
                 dqn -= wq * tl.where(term, best, 0.0) / qn
                 # the winner's endpoints (local rows), weight and norm, gathered per point
                 ua = tl.load(su_ptr + barg, mask=term, other=0) - a0
@@ -210,10 +289,13 @@ if HAS_TRITON:
     @triton.jit
     def _bwd_kernel(g_ptr, lse_ptr, x_ptr, pn_ptr, chunk_ptr, cls_ptr, amask_ptr, pstart_ptr,
                     pu_ptr, pw_ptr, pl_ptr, pp_ptr, pok_ptr, soff_ptr, su_ptr, sw_ptr, sl_ptr,
-                    sp_ptr, prm_ptr, dx_ptr, dside_ptr, dpn_ptr, B, D, stride_x, stride_dx,
-                    n_chunks, L2: tl.constexpr, KB: tl.constexpr, BQ: tl.constexpr,
-                    BA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                    ACC: tl.constexpr, PRECISION: tl.constexpr):
+                    sp_ptr, prm_ptr, dx_ptr, dside_ptr, dpn_ptr, pos_ptr, pst_ptr, pct_ptr,
+                    dpos_ptr, B, D, stride_x, stride_dx, n_chunks, L2: tl.constexpr,
+                    KB: tl.constexpr, BQ: tl.constexpr, BA: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                    MODE: tl.constexpr = 0, SMOOTH: tl.constexpr = False, KP: tl.constexpr = 16):
+        """MODE 0: the log-sum-exp's gradient (lse_ptr: the forward's output). MODE 1: the
+        triplet sums' gradient, also into dpos (lse_ptr: zeros)."""
         c = tl.program_id(0)
         r0 = tl.load(chunk_ptr + c)
         r1 = tl.load(chunk_ptr + c + 1)
@@ -221,6 +303,7 @@ if HAS_TRITON:
         offs_k = r0 + lanes
         scale, offset = tl.load(prm_ptr), tl.load(prm_ptr + 1)
         tiny, eps = tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
+        margin = tl.load(prm_ptr + 4)
         acc = tl.zeros((KB, BLOCK_DO), ACC)
         # 1) the anchor side: this chunk's anchors against every point; ∂L/∂G[r, q_u or q_w]
         #    times the points' endpoint rows
@@ -234,7 +317,8 @@ if HAS_TRITON:
                         PRECISION)
             dh, _ = _anchors_dh(h, qn, qok, qc, r0, r1, g_ptr, lse_ptr, amask_ptr, cls_ptr,
                                 soff_ptr, su_ptr, sw_ptr, sl_ptr, sp_ptr, pn_ptr, dside_ptr,
-                                scale, offset, tiny, eps, L2, True, KB, BQ, BA, ACC)
+                                scale, offset, tiny, eps, pos_ptr, pst_ptr, pct_ptr, dpos_ptr,
+                                margin, L2, True, KB, BQ, BA, ACC, MODE, SMOOTH, KP)
             acc = add_tile_product(acc, dh * ql[None, :], x_ptr, qu, B, D, stride_x, BLOCK_DO,
                                    PRECISION)
             acc = add_tile_product(acc, dh * (1 - ql[None, :]), x_ptr, qw, B, D, stride_x,
@@ -259,7 +343,9 @@ if HAS_TRITON:
                             PRECISION)
                 dh, dq = _anchors_dh(h, qn, qok, qc, a0, a1, g_ptr, lse_ptr, amask_ptr, cls_ptr,
                                      soff_ptr, su_ptr, sw_ptr, sl_ptr, sp_ptr, pn_ptr, dside_ptr,
-                                     scale, offset, tiny, eps, L2, False, KB, BQ, BA, ACC)
+                                     scale, offset, tiny, eps, pos_ptr, pst_ptr, pct_ptr,
+                                     dpos_ptr, margin, L2, False, KB, BQ, BA, ACC, MODE, SMOOTH,
+                                     KP)
                 dqn += dq
                 m = tl.dot(tl.trans(selq), tl.trans(dh), input_precision="ieee", out_dtype=ACC)
                 acc = add_tile_product(acc, m, x_ptr, offs_a, a1, D, stride_x, BLOCK_DO,
@@ -284,21 +370,67 @@ def _config(x, kb: int, max_side: int, grad: bool):
     return cfg, warps
 
 
+def _params(xs, scale: float, offset: float, margin: float = 0.0):
+    eps = torch.finfo(xs.dtype).eps
+    return torch.tensor([scale, offset, 16 * eps, eps, margin], dtype=xs.dtype,
+                        device=xs.device)
+
+
+def _trip_cfg(trip, xs):
+    """The triplet tables and constexprs of MODE 1 (trip = (pos, pst, pct, smooth)); in MODE 0
+    one-entry placeholders that the kernels never read."""
+    if trip is None:
+        z = xs.new_zeros(1)
+        zi = torch.zeros(1, dtype=torch.int32, device=xs.device)
+        return (z, zi, zi), {}
+    pos, pst, pct, smooth = trip
+    kp = max(16, next_pow2(int(pct.max()) if len(pct) else 1))
+    return (pos, pst, pct), dict(MODE=1, SMOOTH=bool(smooth), KP=kp)
+
+
+def launch_fwd(xs, pnorm, tables, kb: int, l2: bool, prm, out, trip=None, nz=None, ct=None):
+    """One forward launch over the chunks; trip (MODE 1): see _trip_cfg, nz and ct its counts."""
+    chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp = tables
+    b = xs.shape[0]
+    max_side = int((soff[1:] - soff[:-1]).max())
+    cfg, warps = _config(xs, kb, max_side, grad=False)
+    (pos, pst, pct), mode = _trip_cfg(trip, xs)
+    nz, ct = (pst, pst) if trip is None else (nz, ct)
+    _fwd_kernel[(len(chunks) - 1,)](
+        xs, pnorm, chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp, prm,
+        out, pos, pst, pct, nz, ct, b, xs.shape[1], xs.stride(0), len(chunks) - 1,
+        L2=bool(l2), **cfg, **mode, **warps)
+
+
+def launch_bwd(grad, lse, xs, pnorm, tables, kb: int, l2: bool, prm, trip=None, dpos=None):
+    """One backward launch: (dx, dpnorm); trip (MODE 1) also fills dpos (lse: zeros)."""
+    chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp = tables
+    b, d = xs.shape
+    dx = torch.zeros_like(xs)
+    dside = torch.zeros(len(su), dtype=xs.dtype, device=xs.device)
+    dpn = torch.zeros_like(pnorm)
+    if b == 0:
+        return dx, dpn
+    max_side = int((soff[1:] - soff[:-1]).max())
+    cfg, warps = _config(xs, kb, max_side, grad=True)
+    (pos, pst, pct), mode = _trip_cfg(trip, xs)
+    dpos = pos if trip is None else dpos
+    _bwd_kernel[(len(chunks) - 1,)](
+        grad.to(xs.dtype).contiguous(), lse.contiguous(), xs, pnorm, chunks, cls, amask, pstart,
+        pu, pw, pl, pp, pok, soff, su, sw, sl, sp, prm, dx, dside, dpn, pos, pst, pct, dpos, b,
+        d, xs.stride(0), dx.stride(0), len(chunks) - 1, L2=bool(l2),
+        BLOCK_DO=max(16, next_pow2(d)), **cfg, **mode, **warps)
+    syn = sp >= 0  # the side entries' norm gradients, onto their points
+    dpn.index_add_(0, sp[syn].long(), dside[syn])
+    return dx, dpn
+
+
 @torch.library.custom_op(_FWD, mutates_args=())
 def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, tables: list[torch.Tensor], kb: int,
             l2: bool, scale: float, offset: float) -> torch.Tensor:
-    chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp = tables
-    b = xs.shape[0]
-    out = torch.full((b,), float("-inf"), dtype=xs.dtype, device=xs.device)
-    if b == 0:
-        return out
-    eps = torch.finfo(xs.dtype).eps
-    prm = torch.tensor([scale, offset, 16 * eps, eps], dtype=xs.dtype, device=xs.device)
-    max_side = int((soff[1:] - soff[:-1]).max())
-    cfg, warps = _config(xs, kb, max_side, grad=False)
-    _fwd_kernel[(len(chunks) - 1,)](
-        xs, pnorm, chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp, prm,
-        out, b, xs.shape[1], xs.stride(0), len(chunks) - 1, L2=bool(l2), **cfg, **warps)
+    out = torch.full((xs.shape[0],), float("-inf"), dtype=xs.dtype, device=xs.device)
+    if xs.shape[0] > 0:
+        launch_fwd(xs, pnorm, tables, kb, l2, _params(xs, scale, offset), out)
     return out
 
 
@@ -311,25 +443,7 @@ def _(xs, pnorm, tables, kb, l2, scale, offset):
 def _bwd_op(grad: torch.Tensor, lse: torch.Tensor, xs: torch.Tensor, pnorm: torch.Tensor,
             tables: list[torch.Tensor], kb: int, l2: bool, scale: float, offset: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp = tables
-    b, d = xs.shape
-    dx = torch.zeros_like(xs)
-    dside = torch.zeros(len(su), dtype=xs.dtype, device=xs.device)
-    dpn = torch.zeros_like(pnorm)
-    if b == 0:
-        return dx, dpn
-    eps = torch.finfo(xs.dtype).eps
-    prm = torch.tensor([scale, offset, 16 * eps, eps], dtype=xs.dtype, device=xs.device)
-    max_side = int((soff[1:] - soff[:-1]).max())
-    cfg, warps = _config(xs, kb, max_side, grad=True)
-    _bwd_kernel[(len(chunks) - 1,)](
-        grad.to(xs.dtype).contiguous(), lse.contiguous(), xs, pnorm, chunks, cls, amask, pstart,
-        pu, pw, pl, pp, pok, soff, su, sw, sl, sp, prm, dx, dside, dpn, b, d, xs.stride(0),
-        dx.stride(0), len(chunks) - 1, L2=bool(l2), BLOCK_DO=max(16, next_pow2(d)), **cfg,
-        **warps)
-    syn = sp >= 0  # the side entries' norm gradients, onto their points
-    dpn.index_add_(0, sp[syn].long(), dside[syn])
-    return dx, dpn
+    return launch_bwd(grad, lse, xs, pnorm, tables, kb, l2, _params(xs, scale, offset))
 
 
 @_bwd_op.register_fake
@@ -416,29 +530,40 @@ def _synthetic_norms(xs, syn_u, syn_w, syn_lam, s: int, n: int):
     return torch.cat([norm, xs.new_ones(1)])
 
 
-def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, scale: float,
-                      offset: float, anchor_mask=None, neg_mask=None):
-    """ops.ee_losses.ee_neg_lse on the Triton engine: (B,) log Σ_{q ∈ Q_i} exp(scale·m̂ + offset)
-    per anchor in the caller's order, −inf where none; differentiable in x_unit. None when a
-    class has more than MAX_CLASS rows."""
+def prepare(x_unit, labels, seg_i, seg_j, n_points: int, anchor_mask=None, neg_mask=None):
+    """The label-sorted batch and its tables: (order, slot of each row, xs, tables, kb, pnorm);
+    None when a class has more than MAX_CLASS rows."""
     b, dev = x_unit.shape[0], x_unit.device
     ones = torch.ones(b, dtype=torch.bool, device=dev)
     amask = ones if anchor_mask is None else anchor_mask
     nmask = ones if neg_mask is None else neg_mask
     labels = labels.long()
     order = torch.argsort(labels, stable=True)
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(b, device=dev)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(b, device=dev)
     xs, ys = x_unit.index_select(0, order).contiguous(), labels.index_select(0, order)
     n = int(n_points)
-    found = _tables(xs, ys, pos[seg_i.long()], pos[seg_j.long()], n, amask[order], nmask[order])
+    found = _tables(xs, ys, slot[seg_i.long()], slot[seg_j.long()], n, amask[order],
+                    nmask[order])
     if found is None:
         return None
     tables, kb, syn = found
     pnorm = _synthetic_norms(xs, *syn, len(seg_i) if n > 0 else 0, n)
+    return order, slot, xs, tables, kb, pnorm
+
+
+def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, scale: float,
+                      offset: float, anchor_mask=None, neg_mask=None):
+    """ops.ee_losses.ee_neg_lse on the Triton engine: (B,) log Σ_{q ∈ Q_i} exp(scale·m̂ + offset)
+    per anchor in the caller's order, −inf where none; differentiable in x_unit. None when a
+    class has more than MAX_CLASS rows."""
+    found = prepare(x_unit, labels, seg_i, seg_j, n_points, anchor_mask, neg_mask)
+    if found is None:
+        return None
+    _, slot, xs, tables, kb, pnorm = found
     lse = torch.ops.metrix_ops.triton_ee_neg_lse_fwd(xs, pnorm, tables, kb, bool(l2),
                                                      float(scale), float(offset))
-    return lse.index_select(0, pos)
+    return lse.index_select(0, slot)
 
 
 def covers(x, labels) -> bool:
