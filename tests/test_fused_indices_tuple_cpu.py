@@ -507,14 +507,59 @@ def test_proxy_nca_underflow_dropped_before_weights(case):
             assert torch.isfinite(xg.grad).all()
 
 
-def test_proxy_anchor_with_a_tuple_stays_on_the_reference():
-    x, y = make_case(CASES[1])
-    p = torch.randn(6, x.shape[1], dtype=torch.float64)
-    it = tuples(x, y)["ms_miner"]
-    torch.testing.assert_close(_proxy_call("ProxyAnchorLoss", "auto", 6, x.shape[1])(y, it)(x, p),
-                               _proxy_call("ProxyAnchorLoss", "reference", 6, x.shape[1])(y, it)(x, p))
-    with pytest.raises(NotImplementedError, match="does not cover this ProxyAnchorLoss call"):
-        _proxy_call("ProxyAnchorLoss", "cpu", 6, x.shape[1])(y, it)(x, p)
+# -- ProxyAnchorLoss: w − 1 (every position counted) inside each exponent --------------------
+
+PA_SETTINGS = {"default": {}, "margin_alpha": {"margin": 0.3, "alpha": 16.0}}
+
+
+@pytest.mark.parametrize("setting", list(PA_SETTINGS))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_proxy_anchor_weights_match_reference_and_pml(case, setting, monkeypatch, one_thread):
+    """The weighted op against the reference and PML on every tuple kind (miners' pairs and
+    triplets, random tuples, one pair, empty tuples: all ones), values and gradients into
+    the embeddings and the proxies; a dense tuple stays on the op (no pair list to beat)."""
+    from metrix_ops.fused.indices import proxies
+    x, y = make_case(case, seed=14)
+    c, dim = int(y.max()) + 2, x.shape[1]  # a proxy without examples, too
+    p = torch.randn(c, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    calls = []
+    real = proxies.proxy_anchor_terms
+    monkeypatch.setattr(proxies, "proxy_anchor_terms",
+                        lambda *a, **k: calls.append(k["log_w"]) or real(*a, **k))
+    kw = PA_SETTINGS[setting]
+    for kind, it in tuples(x, y, seed=14, overlapping=True).items():
+        fused, ref = (_proxy_call("ProxyAnchorLoss", b, c, dim, **kw)(y, it)
+                      for b in ("cpu", "reference"))
+        assert_close_vg(fused, ref, x, p)
+        assert_close_vg(fused, _proxy_call("ProxyAnchorLoss", "pml", c, dim, **kw)(y, it), x, p)
+    assert len(calls) >= len(TUPLE_KINDS)  # every kind ran the op (twice: value, gradient)
+    assert len(y) < 3 or any(bool((w < 0).any()) for w in calls)  # some weights were < 1
+
+
+def test_proxy_anchor_weighted_op_float32_and_checks():
+    """fp32 within fp32 tolerance of the float64 op; α = 32 with cosines near 1 does not
+    overflow; a log_w of the wrong shape or dtype is refused by name."""
+    from metrix_ops.ops.proxy_anchor import proxy_anchor_terms
+    g = torch.Generator().manual_seed(15)
+    x = F.normalize(torch.randn(45, 9, dtype=torch.float64, generator=g), dim=1)
+    p = torch.cat([x[:3], F.normalize(torch.randn(4, 9, dtype=torch.float64, generator=g), dim=1)])
+    y = torch.randint(0, 7, (45,), generator=g)
+    lw = -torch.rand(45, dtype=torch.float64, generator=g)
+    want = proxy_anchor_terms(x, p, y, 32.0, 0.1, log_w=lw)
+    got = proxy_anchor_terms(x.float(), p.float(), y, 32.0, 0.1, log_w=lw.float())
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    # the weights shift the terms: all-zero log-weights are the unweighted op
+    for a, b in zip(proxy_anchor_terms(x, p, y, 32.0, 0.1, log_w=torch.zeros_like(lw)),
+                    proxy_anchor_terms(x, p, y, 32.0, 0.1)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    op = torch.ops.metrix_ops.proxy_anchor_weighted_fwd
+    with pytest.raises(RuntimeError, match="log_w must be a \\(45,\\) tensor"):
+        op(x, p, y, lw[:5], 32.0, 0.1, 8)
+    with pytest.raises(RuntimeError, match="log_w must be"):
+        op(x, p, y, lw.float(), 32.0, 0.1, 8)
+    torch.library.opcheck(op.default, (x.requires_grad_(), p.requires_grad_(), y, lw, 32.0, 0.1, 3))
 
 
 def test_self_pairs_past_25_rows_are_exact_zero_distances():

@@ -78,7 +78,10 @@ def test_module_under_fullgraph_compile_equals_eager(name, kw):
 INDEXED = [("MultiSimilarityLoss", mo.miners.MultiSimilarityMiner(0.3)),
            ("ContrastiveLoss", mo.miners.MultiSimilarityMiner(0.3)),
            ("CircleLoss", mo.miners.MultiSimilarityMiner(0.3)),
-           ("TripletMarginLoss", mo.miners.TripletMarginMiner(0.3))]
+           ("TripletMarginLoss", mo.miners.TripletMarginMiner(0.3)),
+           # the tuple weights examples (counts by index_add: a static shape)
+           ("ProxyAnchorLoss", mo.miners.MultiSimilarityMiner(0.3)),
+           ("ProxyNCALoss", mo.miners.TripletMarginMiner(0.3))]
 
 
 @pytest.mark.parametrize("name,miner", INDEXED, ids=[n for n, _ in INDEXED])
@@ -86,7 +89,8 @@ def test_indices_tuple_under_fullgraph_compile_equals_eager(name, miner):
     """The listed-pairs path (fused/indices/): the tuple is an input of the graph, its index
     range checked at run time."""
     torch._dynamo.reset()
-    loss = getattr(mo.losses, name)(backend="cpu")
+    kw = {"num_classes": 4, "embedding_size": 7} if name.startswith("Proxy") else {}
+    loss = getattr(mo.losses, name)(backend="cpu", **kw)
     compiled = torch.compile(lambda e, l, t: loss(e, l, t), fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(17, 7, generator=g), torch.randint(0, 4, (17,), generator=g)

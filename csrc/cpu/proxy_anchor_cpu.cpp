@@ -12,6 +12,10 @@
 // exponent, one summing e^{arg − max}. fp32 runs those passes 4 floats at a time with
 // fast_exp (branch-free; scalar std::exp and an online update cost as much as the products),
 // fp64 one element at a time with std::exp.
+//
+// proxy_anchor_weighted_*: the same with a per-example log-weight lw_j added to every
+// exponent of example j (PML's ProxyAnchorLoss with an indices_tuple: w − 1, w the example's
+// count in the tuple over the largest count; reference/proxy_anchor.py). lw = nullptr: none.
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -46,42 +50,48 @@ T exp_of(T v) {
   else return std::exp(v);
 }
 
-// log(1 + Σ_{y_j ≠ c} e^{α(s_j + δ)}) over one row of Sᵀ (proxy c against the batch)
+// example j's log-weight (0 without weights), scalar and 4 at a time
 template <typename T>
-T pa_neg_lse(const T* row, const int32_t* y, int64_t B, int32_t c, T a, T m) {
+T lw_at(const T* lw, int64_t j) { return lw ? lw[j] : T(0); }
+inline FV lw_at4(const float* lw, int64_t j) { return lw ? loadv(lw + j) : FV{}; }
+
+// log(1 + Σ_{y_j ≠ c} e^{α(s_j + δ) + lw_j}) over one row of Sᵀ (proxy c against the batch)
+template <typename T>
+T pa_neg_lse(const T* row, const int32_t* y, int64_t B, int32_t c, T a, T m, const T* lw) {
   T mx = 0;  // the e^0 term
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
     const FV av = FV{} + a, mv = FV{} + m;
     FV mxv = FV{};
     for (; j + W <= B; j += W) {
-      const FV v = ownv(y + j, c) ? FV{} : pa_neg_arg(loadv(row + j), av, mv);
+      const FV v = ownv(y + j, c) ? FV{} : pa_neg_arg(loadv(row + j), av, mv) + lw_at4(lw, j);
       mxv = v > mxv ? v : mxv;
     }
     for (int k = 0; k < W; ++k) mx = std::max(mx, mxv[k]);
   }
   for (int64_t k = j; k < B; ++k)
-    if (y[k] != c) mx = std::max(mx, pa_neg_arg(row[k], a, m));
+    if (y[k] != c) mx = std::max(mx, pa_neg_arg(row[k], a, m) + lw_at(lw, k));
   T sum = exp_of(-mx);
   j = 0;
   if constexpr (std::is_same_v<T, float>) {
     const FV av = FV{} + a, mv = FV{} + m, mxv = FV{} + mx;
     FV acc{};
     for (; j + W <= B; j += W) {
-      const FV e = fast_exp<FV, IV>(pa_neg_arg(loadv(row + j), av, mv) - mxv);
+      const FV e = fast_exp<FV, IV>(pa_neg_arg(loadv(row + j), av, mv) + lw_at4(lw, j) - mxv);
       acc += ownv(y + j, c) ? FV{} : e;
     }
     for (int k = 0; k < W; ++k) sum += acc[k];
   }
   for (; j < B; ++j)
-    if (y[j] != c) sum += exp_of(pa_neg_arg(row[j], a, m) - mx);
+    if (y[j] != c) sum += exp_of(pa_neg_arg(row[j], a, m) + lw_at(lw, j) - mx);
   return mx + std::log(sum);
 }
 
 // the row of Sᵀ becomes the row of Gᵀ: ∂L/∂s_jc from the proxy's two finished terms
+// (a weight shifts the finished term the entry is divided by: e^{arg + lw − lse})
 template <typename T>
 void pa_grad_row(T* row, const int32_t* y, int64_t B, int32_t c, T a, T m, T gp, T gn, T lp,
-                 T ln) {
+                 T ln, const T* lw) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>) {
     const FV av = FV{} + a, mv = FV{} + m, lpv = FV{} + lp, lnv = FV{} + ln;
@@ -89,11 +99,13 @@ void pa_grad_row(T* row, const int32_t* y, int64_t B, int32_t c, T a, T m, T gp,
     for (; j + W <= B; j += W) {
       const FV s = loadv(row + j);
       const IV own = ownv(y + j, c);
-      const FV arg = own ? pa_pos_arg(s, av, mv) - lpv : pa_neg_arg(s, av, mv) - lnv;
+      const FV arg = (own ? pa_pos_arg(s, av, mv) - lpv : pa_neg_arg(s, av, mv) - lnv)
+                     + lw_at4(lw, j);
       storev(row + j, (own ? cp : cn) * fast_exp<FV, IV>(arg));
     }
   }
-  for (; j < B; ++j) row[j] = pa_grad(row[j], y[j] == c, a, m, gp, gn, lp, ln);
+  for (; j < B; ++j)
+    row[j] = pa_grad(row[j], y[j] == c, a, m, gp, gn, lp - lw_at(lw, j), ln - lw_at(lw, j));
 }
 
 // example indices by class (a counting sort): the positives of proxy c are
@@ -110,11 +122,27 @@ struct ByClass {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cpu(const at::Tensor& x_, const at::Tensor& p_,
-                                                        const at::Tensor& labels_, double alpha,
-                                                        double margin, int64_t chunk) {
+namespace {
+
+// lw: undefined, or the per-example log-weights (B,) of x's dtype
+at::Tensor checked_log_w(const at::Tensor& lw, const at::Tensor& x) {
+  if (!lw.defined()) return lw;
+  TORCH_CHECK(lw.dim() == 1 && lw.size(0) == x.size(0) && lw.scalar_type() == x.scalar_type() &&
+                  lw.device() == x.device(),
+              "log_w must be a (", x.size(0), ",) tensor of x's dtype and device, got shape ",
+              lw.sizes(), " ", lw.scalar_type());
+  return lw.contiguous();
+}
+
+template <typename T>
+const T* lw_ptr(const at::Tensor& lw) { return lw.defined() ? lw.data_ptr<T>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> pa_fwd(const at::Tensor& x_, const at::Tensor& p_,
+                                          const at::Tensor& labels_, const at::Tensor& lw_,
+                                          double alpha, double margin, int64_t chunk) {
   check_proxy_inputs(x_, p_, labels_, chunk);
   auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
+  const at::Tensor lwc = checked_log_w(lw_, x);
   const int64_t B = x.size(0), C = p.size(0);
   at::Tensor pos = at::zeros({C}, x.options()), neg = at::zeros({C}, x.options());
   const at::Tensor y32 = labels.to(at::kInt).contiguous();  // in [0, C): fits
@@ -125,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cpu(const at::Tensor& x_, co
     T* po = pos.data_ptr<T>();
     T* ne = neg.data_ptr<T>();
     const T a = T(alpha), m = T(margin);
+    const T* lw = lw_ptr<T>(lwc);
     at::Tensor buf = at::empty({std::min(chunk, C), B}, x.options());  // one tile, reused
     for (int64_t start = 0; start < C; start += chunk) {
       const int64_t len = std::min(chunk, C - start);
@@ -137,9 +166,9 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cpu(const at::Tensor& x_, co
           const T* row = s + r * B;
           OnlineLse<T> lp = lse_with_one<T>();
           for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k)
-            lp.push(pa_pos_arg(row[by.idx[k]], a, m));
+            lp.push(pa_pos_arg(row[by.idx[k]], a, m) + lw_at(lw, by.idx[k]));
           po[c] = lp.value();  // log(1 + nothing) = 0 for a proxy with no positive
-          ne[c] = pa_neg_lse(row, y, B, int32_t(c), a, m);
+          ne[c] = pa_neg_lse(row, y, B, int32_t(c), a, m, lw);
         }
       });
     }
@@ -147,11 +176,12 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cpu(const at::Tensor& x_, co
   return {pos, neg};
 }
 
-std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor> pa_bwd(
     const at::Tensor& grad_pos_, const at::Tensor& grad_neg_, const at::Tensor& x_,
-    const at::Tensor& p_, const at::Tensor& labels_, const at::Tensor& pos_,
+    const at::Tensor& p_, const at::Tensor& labels_, const at::Tensor& lw_, const at::Tensor& pos_,
     const at::Tensor& neg_, double alpha, double margin, int64_t chunk) {
   check_proxy_inputs(x_, p_, labels_, chunk);
+  const at::Tensor lwc = checked_log_w(lw_, x_);
   const int64_t C = p_.size(0);
   check_vec(grad_pos_, C, "grad_pos");
   check_vec(grad_neg_, C, "grad_neg");
@@ -169,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cpu(
     const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
     const T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
     const T a = T(alpha), m = T(margin);
+    const T* lw = lw_ptr<T>(lwc);
     at::Tensor buf = at::empty({std::min(chunk, C), B}, x.options());
     for (int64_t start = 0; start < C; start += chunk) {
       const int64_t len = std::min(chunk, C - start);
@@ -179,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cpu(
       at::parallel_for(0, len, row_grain(B), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t c = start + r;
-          pa_grad_row(s + r * B, y, B, int32_t(c), a, m, gpp[c], gnp[c], lpp[c], lnp[c]);
+          pa_grad_row(s + r * B, y, B, int32_t(c), a, m, gpp[c], gnp[c], lpp[c], lnp[c], lw);
         }
       });
       dp.narrow(0, start, len).addmm_(st, x);
@@ -189,6 +220,34 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cpu(
   return {dx, dp};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cpu(const at::Tensor& x, const at::Tensor& p,
+                                                        const at::Tensor& labels, double alpha,
+                                                        double margin, int64_t chunk) {
+  return pa_fwd(x, p, labels, at::Tensor(), alpha, margin, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cpu(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& p, const at::Tensor& labels, const at::Tensor& pos, const at::Tensor& neg,
+    double alpha, double margin, int64_t chunk) {
+  return pa_bwd(grad_pos, grad_neg, x, p, labels, at::Tensor(), pos, neg, alpha, margin, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_weighted_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, const at::Tensor& log_w,
+    double alpha, double margin, int64_t chunk) {
+  return pa_fwd(x, p, labels, log_w, alpha, margin, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_weighted_bwd_cpu(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& p, const at::Tensor& labels, const at::Tensor& log_w, const at::Tensor& pos,
+    const at::Tensor& neg, double alpha, double margin, int64_t chunk) {
+  return pa_bwd(grad_pos, grad_neg, x, p, labels, log_w, pos, neg, alpha, margin, chunk);
+}
+
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // Proxy-anchor loss of unit embeddings x against unit proxies p, streamed over p in chunks
   // of `chunk` proxies: per proxy, log(1 + Σ_pos e^{−α(s−δ)}) and log(1 + Σ_neg e^{α(s+δ)}).
@@ -196,11 +255,20 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
         "int chunk) -> (Tensor, Tensor)");
   m.def("proxy_anchor_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor p, Tensor labels, "
         "Tensor pos, Tensor neg, float alpha, float margin, int chunk) -> (Tensor, Tensor)");
+  // the same with log_w (B,) added to every exponent of each example (PML's indices_tuple
+  // weights, w − 1); CPU only
+  m.def("proxy_anchor_weighted_fwd(Tensor x, Tensor p, Tensor labels, Tensor log_w, "
+        "float alpha, float margin, int chunk) -> (Tensor, Tensor)");
+  m.def("proxy_anchor_weighted_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor p, "
+        "Tensor labels, Tensor log_w, Tensor pos, Tensor neg, float alpha, float margin, "
+        "int chunk) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
   m.impl("proxy_anchor_fwd", &proxy_anchor_fwd_cpu);
   m.impl("proxy_anchor_bwd", &proxy_anchor_bwd_cpu);
+  m.impl("proxy_anchor_weighted_fwd", &proxy_anchor_weighted_fwd_cpu);
+  m.impl("proxy_anchor_weighted_bwd", &proxy_anchor_weighted_bwd_cpu);
 }
 
 }  // namespace metrix_ops

@@ -42,9 +42,10 @@ def miner_weights(indices_tuple, n: int, dtype, device, anchors_only: bool = Fal
             torch.cat([indices_tuple[0], indices_tuple[2]])
     else:
         idx = torch.cat(list(indices_tuple))
-    uniq, counts = torch.unique(idx, return_counts=True)
-    w[uniq] = counts.to(dtype) / counts.max()
-    return w
+    # counts by index_add, not torch.unique: the same values with a static shape, so that a
+    # loss under torch.compile(fullgraph=True) traces through
+    counts = w.index_add(0, idx, torch.ones_like(idx, dtype=dtype))
+    return counts / counts.max()
 
 
 def check_proxies(proxies, embeddings, labels, loss_name: str = "this loss"):

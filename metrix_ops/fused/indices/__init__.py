@@ -35,6 +35,8 @@ def _dense_aware(name, impl):
     return run
 
 
+# the proxy losses' tuples only weight examples (proxies.py): their ops take no pair list
+_WEIGHTS_ONLY = ("ProxyNCALoss", "ProxyAnchorLoss")
 for (_backend, _name), (_supports, _impl) in list(INDICES_IMPLS.items()):
-    if _backend == "cpu":
+    if _backend == "cpu" and _name not in _WEIGHTS_ONLY:
         INDICES_IMPLS[(_backend, _name)] = (_supports, _dense_aware(_name, _impl))

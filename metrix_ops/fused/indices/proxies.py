@@ -1,17 +1,19 @@
-"""ProxyNCALoss with an indices_tuple. PML does not select terms there: each example's loss
-is weighted by its count among the tuple's anchors over the largest count
-(reference.proxy_anchor.miner_weights, anchors_only), so the clean fused op's per-example
-rows serve, weighted. ProxyAnchorLoss's weights enter inside its exponentials (per example,
-per proxy sum), which its op does not take: it stays on the reference."""
+"""ProxyNCALoss and ProxyAnchorLoss with an indices_tuple. PML does not select terms there:
+it weights examples by their count in the tuple over the largest count
+(reference.proxy_anchor.miner_weights). ProxyNCA weights each example's loss (counting the
+tuple's anchors only), so the clean fused op's per-example rows serve, weighted.
+ProxyAnchor counts every position and adds w − 1 to each exponent of the example (inside its
+per-proxy sums): its op's weighted form (proxy_anchor_weighted_*) takes those log-weights."""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
 
+from ...ops.proxy_anchor import proxy_anchor_terms
 from ...ops.proxy_nca import proxy_nca_rows
 from ...reference.proxy_anchor import miner_weights
-from .. import proxy_nca, register_indices
+from .. import proxy_anchor, proxy_nca, register_indices
 
 
 def supports(params, inp, expansion) -> bool:
@@ -35,3 +37,19 @@ def impl(params, inp, reducer):
 
 
 register_indices("cpu", "ProxyNCALoss", supports, impl)
+
+
+def anchor_supports(params, inp, expansion) -> bool:
+    return (inp.indices_tuple is not None and inp.embeddings.device.type == "cpu"
+            and proxy_anchor.supports(params, dataclasses.replace(inp, indices_tuple=None),
+                                      expansion))
+
+
+def anchor_impl(params, inp, reducer):
+    x = inp.embeddings
+    log_w = miner_weights(inp.indices_tuple, len(x), x.dtype, x.device) - 1
+    return proxy_anchor.terms_impl(
+        lambda *args: proxy_anchor_terms(*args, log_w=log_w.detach()), params, inp, reducer)
+
+
+register_indices("cpu", "ProxyAnchorLoss", anchor_supports, anchor_impl)
