@@ -216,6 +216,62 @@ def test_many_chunks_equal_one():
         assert torch.equal(ee_hphn_mine(xu, y, si, sj, 4, c), one)
 
 
+# ---------------------------------------------------------------- references (ref_emb)
+REF_CASES = {  # (batch, batch classes, references, reference labels' range, seed)
+    "random": (23, 5, 31, 7, 1),
+    "no_positive_in_refs": (9, 3, 12, (3, 6), 2),  # reference labels disjoint from the batch's
+    "one_class": (8, 1, 10, 1, 3),                 # no negative anywhere: the zero loss
+    "b1": (1, 1, 6, 3, 4),
+    "duplicates": (12, 3, 14, 3, 5),
+}
+
+
+def ref_data(b, classes, m, ref_range, seed, d=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, dtype=torch.float64, generator=g)
+    y = torch.randint(0, classes, (b,), generator=g)
+    lo, hi = ref_range if isinstance(ref_range, tuple) else (0, ref_range)
+    r = torch.randn(m, d, dtype=torch.float64, generator=g)
+    ry = torch.randint(lo, hi, (m,), generator=g)
+    return x, y, r, ry
+
+
+@pytest.mark.parametrize("case", list(REF_CASES))
+@pytest.mark.parametrize("dist", [None, CosineSimilarity])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ref_emb_equals_reference_and_pml(case, dist, reduction):
+    """The batch against references: loss and gradients into both, against the reference and
+    PML's TripletMarginLoss on BatchHardMiner triplets (what HPHN is without expansion)."""
+    from pytorch_metric_learning import distances as pd
+    from pytorch_metric_learning import losses as pl
+    from pytorch_metric_learning import miners as pm
+    from pytorch_metric_learning import reducers as pr
+    x, y, r, ry = ref_data(*REF_CASES[case])
+    if case == "duplicates":
+        r[3], r[8], x[2] = r[1], r[1], r[1]  # tied distances: the lowest index wins
+        ry[3] = ry[8] = ry[1]
+    kw = dict(reduction=reduction, **({} if dist is None else {"distance": dist()}))
+    cpu, ref = (mo.losses.HPHNTripletLoss(backend=be, **kw) for be in ("cpu", "reference"))
+    assert_close_vg(lambda e, q: cpu(e, y, ref_emb=q, ref_labels=ry),
+                    lambda e, q: ref(e, y, ref_emb=q, ref_labels=ry), x, r)
+    pdist = pd.LpDistance() if dist is None else pd.CosineSimilarity()
+    red = pr.MeanReducer() if reduction == "mean" else pr.SumReducer()
+    pml = pl.TripletMarginLoss(margin=0.2, distance=pdist, reducer=red)
+    miner = pm.BatchHardMiner(distance=pdist)
+    assert_close_vg(lambda e, q: cpu(e, y, ref_emb=q, ref_labels=ry),
+                    lambda e, q: pml(e, y, miner(e, y, q, ry), q, ry), x, r)
+
+
+def test_ref_emb_float32_and_empty_refs_refused():
+    x, y, r, ry = ref_data(*REF_CASES["random"])
+    cpu, ref = (mo.losses.HPHNTripletLoss(backend=be) for be in ("cpu", "reference"))
+    assert_close_vg(lambda e, q: cpu(e.float(), y, ref_emb=q.float(), ref_labels=ry).double(),
+                    lambda e, q: ref(e, y, ref_emb=q, ref_labels=ry), x, r,
+                    rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="ref_emb is empty"):  # as an empty batch
+        cpu(x, y, ref_emb=r[:0], ref_labels=ry[:0])
+
+
 # ---------------------------------------------------------------- dispatch and op contract
 def test_auto_picks_cpu(monkeypatch):
     called = []
@@ -227,11 +283,15 @@ def test_auto_picks_cpu(monkeypatch):
                mo.Expansion(n_points=2, pairs="adjacent")):
         mo.losses.HPHNTripletLoss(backend="auto", expansion=ee)(x, y)
     assert len(called) == 4
-    # not covered: unnormalised points with L2, a non-normalising distance, ref_emb -> reference
+    mo.losses.HPHNTripletLoss()(x, y, ref_emb=x.clone(), ref_labels=y.clone())
+    assert len(called) == 5  # references: the clean loss by refs_impl
+    # not covered: unnormalised points with L2, a non-normalising distance, EE with ref_emb
     before = len(called)
     mo.losses.HPHNTripletLoss(expansion=mo.Expansion(n_points=2, normalize=False))(x, y)
     mo.losses.HPHNTripletLoss(distance=LpDistance(normalize_embeddings=False))(x, y)
-    mo.losses.HPHNTripletLoss()(x, y, ref_emb=x.clone(), ref_labels=y.clone())
+    with pytest.raises(NotImplementedError):
+        mo.losses.HPHNTripletLoss(expansion=mo.Expansion(n_points=2))(
+            x, y, ref_emb=x.clone(), ref_labels=y.clone())
     assert len(called) == before
     with pytest.raises(NotImplementedError):
         mo.losses.HPHNTripletLoss(backend="cpu", expansion=mo.Expansion(

@@ -1,19 +1,23 @@
 """HPHNTripletLoss, clean (batch-hard) and with Embedding Expansion, through the fused CPU
-mining op: the op returns per anchor the farthest positive and the closest (anchor-side,
+mining op (against references, e.g. a CrossBatchMemory bank: the streamed batch-hard miner,
+refs_impl): the op returns per anchor the farthest positive and the closest (anchor-side,
 negative) point pair without gradient; those few distances are then recomputed with gradient
 in closed form from gathered unit rows, as the reference recomputes its chosen pairs. Memory
 O(B·D + chunk·B); no B×B gradient matrix, no B(n+1)-point stack."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import is_cosine, is_normalized_l2
+from ..miners.batch_hard import batch_hard_streaming
 from ..ops.ee_mining import all_segments, ee_hphn_mine
 from ..reducers import reduce_loss_dict
 from ..reference.expansion_points import expansion_segments, safe_sqrt
 from ..reference.hphn_triplet import hphn_terms
 from . import register
+from .triplet_margin import _with_exact_grad
 
 CHUNK = 256  # rows of U = X̂_chunk X̂ᵀ per step (whole classes); tests set it small
 
@@ -21,8 +25,12 @@ CHUNK = 256  # rows of U = X̂_chunk X̂ᵀ per step (whole classes); tests set 
 def supports(params, inp, expansion) -> bool:
     d = inp.distance
     if not (_ext.HAS_EXT and inp.indices_tuple is None and inp.labels is not None
-            and inp.same_set and inp.ref_emb is inp.embeddings
             and (is_cosine(d) or is_normalized_l2(d))):
+        return False
+    if inp.ref_emb is not inp.embeddings:
+        # references (ref_emb, or CrossBatchMemory's bank): the clean loss, by refs_impl
+        return expansion is None and inp.ref_labels is not None
+    if not inp.same_set:
         return False
     # unnormalised synthetic points change L2 distances (not a function of the cosine)
     return expansion is None or expansion.normalize or expansion.n_points == 0 or is_cosine(d)
@@ -53,7 +61,26 @@ def segments_for(labels, expansion):
     return expansion_segments(labels, expansion.pairs)
 
 
+def refs_impl(params, inp, reducer):
+    """The batch against references: each anchor's farthest positive and closest negative by
+    the loss distance over row blocks (miners/batch_hard.batch_hard_streaming, as the
+    BatchHardMiner option of TripletMarginLoss: PML's ties, O(rows·M) memory), then those
+    distances with gradient into both sides (their values the full matrix's entries)."""
+    x, d = inp.embeddings, inp.distance
+    a, p, n, vp, vn = batch_hard_streaming(d, x, inp.ref_emb, inp.labels, inp.ref_labels,
+                                           inp.same_set, value_distance=d)
+    xu, ru = F.normalize(x, dim=1), F.normalize(inp.ref_emb, dim=1)
+    cosine = is_cosine(d)
+    hp = x.new_zeros(len(x)).index_put((a,), _with_exact_grad(vp, xu, ru, a, p, cosine))
+    hn = x.new_zeros(len(x)).index_put((a,), _with_exact_grad(vn, xu, ru, a, n, cosine))
+    has = torch.zeros(len(x), dtype=torch.bool, device=x.device).index_fill(0, a, True)
+    return reduce_loss_dict(hphn_terms(hp, has, hn, has, d, params.get("margin", 0.2)),
+                            reducer, x)
+
+
 def impl(params, inp, reducer, expansion=None):
+    if inp.ref_emb is not inp.embeddings:
+        return refs_impl(params, inp, reducer)
     labels = inp.labels.long()
     xu = inp.distance.maybe_normalize(inp.embeddings)
     n = 0 if expansion is None else expansion.n_points
