@@ -79,6 +79,10 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           "ee_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # the same with n_points=8, the n of DESIGN §7's EE target
           "ee_ms_n8": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # EE with n = 8 on the official code's pairing, pairs="adjacent" (rows 2t, 2t+1:
+          # the labels are drawn per row pair): one segment per anchor instead of K − 1
+          "ee_hphn_adjacent": ("TripletMarginLoss", "HPHNTripletLoss", "gram"),
+          "ee_ms_n8_adjacent": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # TripletMarginLoss with TripletMarginMiner(0.2, "semihard"): PML's two calls
           # against our miner= option (counted inside the op); "clean" is our triplet "all"
           "triplet_semihard": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
@@ -94,6 +98,10 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "metrix_generalized_lifted": lambda mo: {"metrix": mo.Metrix()},
            "ee_ms": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
            "ee_ms_n8": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
+           "ee_hphn_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
+                                                                     pairs="adjacent")},
+           "ee_ms_n8_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
+                                                                      pairs="adjacent")},
            "triplet_semihard": lambda mo: {
                "miner": mo.miners.TripletMarginMiner(0.2, type_of_triplets="semihard")}}
 
@@ -105,7 +113,7 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
     """The loss module of `impl` (pml, cpu, cuda, triton, reference, clean) for --loss `loss`."""
     if impl == "pml":
         from pytorch_metric_learning import losses as pl
-        if loss == "ee_hphn":
+        if loss.startswith("ee_hphn"):
             from pytorch_metric_learning import miners as pm
             from pytorch_metric_learning import reducers as pr
             fn, miner = pl.TripletMarginLoss(margin=0.2, reducer=pr.MeanReducer()), pm.BatchHardMiner()
@@ -138,7 +146,10 @@ def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32"):
     torch.manual_seed(0)
     x0 = torch.randn(b, d, device=dev).to(dt)
     n_classes = max(2, b // 8)
-    y = torch.randint(0, n_classes, (b,), device=dev)
+    if loss.endswith("_adjacent"):  # rows 2t and 2t + 1 share a label (still ~8 per class)
+        y = torch.randint(0, n_classes, ((b + 1) // 2,), device=dev).repeat_interleave(2)[:b]
+    else:
+        y = torch.randint(0, n_classes, (b,), device=dev)
     proxy = LOSSES[loss][2] == "proxy"
     ctor_args = (n_classes, d) if proxy else ()
     autocast = (torch.autocast(dev.type, dtype=dt) if dt in (torch.float16, torch.bfloat16)

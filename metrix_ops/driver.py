@@ -147,7 +147,16 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
         loss = reduce_loss_dict(spec.loss_dict(inp, **params), red, embeddings)
 
     if metrix is not None and metrix.weight > 0:
-        from .reference.metrix import metrix_loss
-        loss = loss + metrix.weight * metrix_loss(name, params, inp, metrix, lam_value,
-                                                  mixed_embeddings, mixed)
+        mixed_loss = None
+        if chosen != "reference" and lam_value is not None:
+            # pos_pos candidates live in class blocks: any engine takes them without B×B×B
+            from .fused import metrix_pos_pos
+            if metrix_pos_pos.covers(name, inp, metrix):
+                with no_autocast(embeddings):
+                    mixed_loss = metrix_pos_pos.mixed_term(name, params, inp, lam_value)
+        if mixed_loss is None:
+            from .reference.metrix import metrix_loss
+            mixed_loss = metrix_loss(name, params, inp, metrix, lam_value, mixed_embeddings,
+                                     mixed)
+        loss = loss + metrix.weight * mixed_loss
     return loss

@@ -1,0 +1,75 @@
+"""Embedding-level Metrix with pairs="pos_pos" on the fused engines, for the in-batch losses
+whose soft form the reference has (MultiSimilarity, Contrastive, Circle,
+GeneralizedLiftedStructure): every candidate of anchor a is mix(p, p′, λ) of two other
+members of a's class, label 1, so its cosine to a needs only that class's Gram block,
+
+    s(a, mix(p, p′)) = (λ G_ap + (1−λ) G_ap′) / ‖v_pp′‖,   ‖v_pp′‖² = λ² + (1−λ)² + 2λ(1−λ) G_pp′.
+
+Each anchor's (K−1)(K−2) candidates come out as one padded row of a B × K² table (K: the
+largest class), built from per-class K × K blocks in PyTorch on the embeddings' device, and
+the loss's own soft form (reference/metrix_soft_forms) reduces them exactly as the reference
+reduces its rows. Memory O(C·K³) = O(B·K²) for classes of K, where the reference's candidate
+tensor is B × B × B; no custom op, so every engine (CPU, CUDA, Triton) serves it beside its
+clean loss (driver.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..reference.metrix import mix_norm
+from ..reference.metrix_soft_forms import SOFT_FORMS
+
+LOSSES = ("MultiSimilarityLoss", "ContrastiveLoss", "CircleLoss",
+          "GeneralizedLiftedStructureLoss")
+# entries of the C × K × K × K candidate tensor beyond which the reference runs instead (a
+# class so large that K³ is far past B·K²; the reference is B³ there anyway)
+MAX_ENTRIES = 1 << 26
+
+
+def covers(name: str, inp, metrix) -> bool:
+    """Embedding level, pos_pos, the batch against itself, a loss with a soft form."""
+    return (name in LOSSES and metrix.level == "embedding" and metrix.pairs == "pos_pos"
+            and inp.labels is not None and inp.same_set and inp.ref_emb is inp.embeddings
+            and inp.distance.normalize_embeddings)
+
+
+def candidate_rows(xu, labels, lam: float):
+    """(s, member), B × K²: anchor i's row holds s(i, mix(p, p′)) for the ordered pairs of
+    its class's members (p, p′ at their ranks in the class), member where p ≠ p′ and both
+    differ from i. None when the class blocks would exceed MAX_ENTRIES."""
+    b, dev = len(labels), labels.device
+    order = torch.argsort(labels, stable=True)
+    _, inv, counts = torch.unique_consecutive(labels[order], return_inverse=True,
+                                              return_counts=True)
+    k, c = int(counts.max()), len(counts)
+    if c * k ** 3 > MAX_ENTRIES:
+        return None
+    rank = torch.arange(b, device=dev) - (torch.cumsum(counts, 0) - counts)[inv]
+    slot = torch.full((c, k), -1, dtype=torch.long, device=dev)
+    slot[inv, rank] = order  # class c's members (batch indices) in index order, −1 padding
+    valid = slot >= 0
+    xc = xu[slot.clamp(min=0)] * valid[..., None].to(xu.dtype)  # padding rows: 0
+    g = xc @ xc.transpose(1, 2)  # C × K × K
+    s = (lam * g[:, :, :, None] + (1 - lam) * g[:, :, None, :]) / mix_norm(lam, g)[:, None]
+    eye = torch.eye(k, dtype=torch.bool, device=dev)
+    member = (valid[:, None, :, None] & valid[:, None, None, :] & ~eye[None, :, :, None]
+              & ~eye[None, :, None, :] & ~eye[None, None, :, :])
+    keep = valid.reshape(-1)  # the (class, rank) rows that are anchors, in sorted order
+    rows_s = s.reshape(c * k, k * k)[keep]
+    rows_m = member.expand(c, k, k, k).reshape(c * k, k * k)[keep]
+    back = torch.empty_like(order)
+    back[order] = torch.arange(b, device=dev)
+    return rows_s.index_select(0, back), rows_m.index_select(0, back)
+
+
+def mixed_term(name: str, params: dict, inp, lam: float):
+    """L̃ (unweighted) of a pos_pos call covers() accepts; None where the reference must run."""
+    x = inp.embeddings
+    found = candidate_rows(F.normalize(x, dim=1), inp.labels, lam)
+    if found is None:
+        return None
+    s, member = found
+    if not bool(member.any()):
+        return torch.sum(x * 0)  # no anchor has two other class members: as the reference
+    hyper = {k: v for k, v in params.items() if k != "proxies"}
+    return SOFT_FORMS[name](s, torch.ones_like(s), member, inp.distance, **hyper)
