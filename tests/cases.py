@@ -55,6 +55,18 @@ def assert_close_vg(fn_a, fn_b, *tensors, rtol=1e-6, atol=1e-9):
     return va
 
 
+def assert_float32_and_bf16(fn, ref_fn, x, rtol=1e-4, atol=1e-5):
+    """fn (a fused loss of the embeddings) in fp32 against ref_fn in float64, values and
+    gradients; then on bf16 embeddings: an fp32 loss, a finite gradient, and the value of
+    ref_fn on the same (rounded) embeddings in fp32."""
+    assert_close_vg(lambda e: fn(e.float()).double(), ref_fn, x, rtol=1e-4, atol=1e-6)
+    h = x.detach().to(torch.bfloat16).requires_grad_()
+    v = fn(h)
+    v.backward()
+    assert v.dtype == torch.float32 and torch.isfinite(h.grad.float()).all()
+    torch.testing.assert_close(v, ref_fn(h.detach().float()), rtol=rtol, atol=atol)
+
+
 def pml_pair(name, kw=None, dist=None, reducer=None):
     """(ours on the reference backend, PML's) for loss class `name`, built with the same
     hyper-parameters, distance (a constructor of PML's) and reducer (a class name)."""

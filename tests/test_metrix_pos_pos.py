@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import CASE_IDS, CASES, assert_close_vg, assert_float32_and_bf16, make_case
 from metrix_ops import _ext
 from metrix_ops.fused import metrix_pos_pos as mpp
 from triton_cases import on_dev, requires_triton
@@ -76,13 +76,7 @@ def test_hyper_parameters_and_distances(name, counted):
 def test_float32_and_half(counted):
     x, y = make_case(CASES[1], seed=5)
     fused, ref = pair("MultiSimilarityLoss")
-    assert_close_vg(lambda e: fused(e.float(), y).double(), lambda e: ref(e, y), x,
-                    rtol=1e-4, atol=1e-6)
-    h = x.detach().to(torch.bfloat16).requires_grad_()
-    v = fused(h, y)
-    v.backward()
-    assert v.dtype == torch.float32 and torch.isfinite(h.grad.float()).all()
-    torch.testing.assert_close(v, ref(h.detach().float(), y), rtol=1e-5, atol=1e-6)
+    assert_float32_and_bf16(lambda e: fused(e, y), lambda e: ref(e, y), x)
 
 
 def test_large_class_falls_back_to_the_reference(monkeypatch, counted):

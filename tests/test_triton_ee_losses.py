@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-from cases import CASES, CASE_IDS, assert_close_vg, make_case
+from cases import CASES, CASE_IDS, assert_close_vg, assert_float32_and_bf16, make_case
 from metrix_ops import _ext
 from metrix_ops.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from metrix_ops.ops.ee_mining import all_segments
@@ -166,13 +166,7 @@ def test_float32_and_half(name):
     x, y = batch(21, 16, 4, seed=2)
     x, y = on_dev(x, y)
     tri, ref = pair(name, 2)
-    assert_close_vg(lambda e: tri(e.float(), y).double(), lambda e: ref(e, y), x,
-                    rtol=1e-4, atol=1e-6)
-    h = x.detach().to(torch.bfloat16).requires_grad_()
-    v = tri(h, y)
-    v.backward()
-    assert v.dtype == torch.float32 and torch.isfinite(h.grad.float()).all()
-    torch.testing.assert_close(v, ref(h.detach().float(), y), rtol=1e-4, atol=1e-5)
+    assert_float32_and_bf16(lambda e: tri(e, y), lambda e: ref(e, y), x)
 
 
 # ---------------------------------------------------------------- routing
