@@ -79,6 +79,9 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           "ee_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # the same with n_points=8, the n of DESIGN §7's EE target
           "ee_ms_n8": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # MS + embedding-level Metrix with pairs="pos_pos" (class blocks beside the clean
+          # op); "pml" is PML's clean MS
+          "metrix_ms_pos_pos": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # EE with n = 8 on the official code's pairing, pairs="adjacent" (rows 2t, 2t+1:
           # the labels are drawn per row pair): one segment per anchor instead of K − 1
           "ee_hphn_adjacent": ("TripletMarginLoss", "HPHNTripletLoss", "gram"),
@@ -98,6 +101,7 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "metrix_generalized_lifted": lambda mo: {"metrix": mo.Metrix()},
            "ee_ms": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
            "ee_ms_n8": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
+           "metrix_ms_pos_pos": lambda mo: {"metrix": mo.Metrix(pairs="pos_pos")},
            "ee_hphn_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
                                                                      pairs="adjacent")},
            "ee_ms_n8_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
