@@ -79,6 +79,9 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           "ee_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # the same with n_points=8, the n of DESIGN §7's EE target
           "ee_ms_n8": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # TripletMarginLoss ("all") with EE (n_points=2, pairs="all"); "pml" is PML's clean
+          # triplet "all"
+          "ee_triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
           # MS + embedding-level Metrix with pairs="pos_pos" (class blocks beside the clean
           # op); "pml" is PML's clean MS
           "metrix_ms_pos_pos": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
@@ -101,6 +104,7 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "metrix_generalized_lifted": lambda mo: {"metrix": mo.Metrix()},
            "ee_ms": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
            "ee_ms_n8": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
+           "ee_triplet": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
            "metrix_ms_pos_pos": lambda mo: {"metrix": mo.Metrix(pairs="pos_pos")},
            "ee_hphn_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
                                                                      pairs="adjacent")},

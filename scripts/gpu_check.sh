@@ -112,6 +112,11 @@ done
 bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 # EE-MS (n = 2) on the Triton engine (eighth session: triton/ee_neg_lse.py), against clean MS
 bench gpu_ee_ms_float32 --loss ee_ms --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
+# ninth session: TripletMarginLoss with EE (triton/ee_triplet.py), EE-HPHN on the official
+# pairing, and Metrix pos_pos (class blocks beside the engine's clean op)
+bench gpu_ee_triplet_float32 --loss ee_triplet --impls triton,clean --sizes 2048,8192 --dims 512 --repeats 3
+bench gpu_ee_hphn_adjacent_float32 --loss ee_hphn_adjacent --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 3
+bench gpu_metrix_ms_pos_pos_float32 --loss metrix_ms_pos_pos --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
 bench gpu_ms_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10
 bench gpu_ms_large_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,floor --sizes 32768,65536 --dims 512 --repeats 3
 for loss in contrastive proxy_anchor ntxent triplet; do
