@@ -80,7 +80,7 @@ def test_float32_and_half(counted):
 
 
 def test_large_class_falls_back_to_the_reference(monkeypatch, counted):
-    monkeypatch.setattr(mpp, "MAX_ENTRIES", 100)  # 4 classes of ~5: 4·5³ > 100
+    monkeypatch.setattr(mpp, "MAX_ENTRIES", 100)  # 31 rows × K² (K ≥ 5) > 100
     x, y = make_case(CASES[1], seed=6)
     fused, ref = pair("ContrastiveLoss")
     assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
@@ -98,6 +98,19 @@ def test_batch_against_references_stays_on_the_reference(counted):
     assert not counted
 
 
+def test_one_large_class_among_singletons():
+    """One class of 40 and 60 singletons: the rows are B·K² (padded to the large class), not
+    C·K³; the result as the reference's."""
+    g = torch.Generator().manual_seed(10)
+    y = torch.cat([torch.zeros(40, dtype=torch.long), torch.arange(1, 61)])
+    y = y[torch.randperm(100, generator=g)]
+    x = torch.randn(100, 6, dtype=torch.float64, generator=g)
+    s, member = mpp.candidate_rows(F.normalize(x, dim=1), y, 0.3)
+    assert s.shape == (100, 1600) and int(member.sum()) == 40 * 39 * 38
+    fused, ref = pair("MultiSimilarityLoss")
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
+
+
 @requires_triton
 def test_triton_engine(counted):
     x, y = make_case(CASES[0], seed=8)
@@ -109,7 +122,7 @@ def test_triton_engine(counted):
 
 def test_big_batch_without_cubic_memory():
     """B = 3000 in classes of 6: the reference's candidate tensor would be 3000³ entries
-    (216 GB in float64); the class blocks are C·K³ = 108 000. Values against the same
+    (216 GB in float64); the rows here are B·K² = 108 000. Values against the same
     classes computed one by one (each class alone is a batch the reference can take)."""
     g = torch.Generator().manual_seed(9)
     y = torch.arange(3000) // 6

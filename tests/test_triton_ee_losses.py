@@ -104,6 +104,24 @@ def test_triplet_op_equals_cpu_op(n, l2, smooth):
         torch.testing.assert_close(g_got.cpu(), g_want, rtol=1e-9, atol=1e-11)
 
 
+def test_triplet_smooth_keeps_tiny_terms_float32():
+    """softplus of v ≈ −17 (a margin of −17): log1p-exact terms and counts in fp32, as the C++
+    op's log1p(exp(v)); a plain log(1 + e^v) would round them to 0."""
+    from metrix_ops.fused.ee_losses import _positive_pairs
+    from metrix_ops.ops.ee_losses import ee_triplet
+    from metrix_ops.triton.ee_triplet import ee_triplet_triton
+    x, y = batch(12, 4, 3, seed=9)
+    xu = F.normalize(x.detach(), dim=1).float()
+    si, sj = all_segments(y)
+    a, p = _positive_pairs(y)
+    pos = (xu[a] * xu[p]).sum(1)
+    want = ee_triplet(xu, y, si, sj, pos, 2, False, -17.0, True)
+    got = ee_triplet_triton(*on_dev(xu, y, si, sj, pos), 2, False, -17.0, True)
+    assert bool((want[0] > 0).all())
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=2e-6, atol=0)
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
+
+
 def test_triplet_op_checks_pos():
     from metrix_ops.triton.ee_triplet import ee_triplet_triton
     x, y = on_dev(*batch(9, 4, 3, seed=1))
@@ -227,9 +245,9 @@ import metrix_ops.triton.ee_neg_lse as m
 
 failed = []
 ints = ["chunk_ptr", "cls_ptr", "pstart_ptr", "pu_ptr", "pw_ptr", "pp_ptr", "soff_ptr",
-        "su_ptr", "sw_ptr", "sp_ptr", "pst_ptr", "pct_ptr", "nz_ptr", "ct_ptr"]
+        "su_ptr", "sw_ptr", "sp_ptr", "pst_ptr", "pct_ptr"]
 ptrs = dict({k: "*i32" for k in ints}, amask_ptr="*i8", pok_ptr="*i8", pl_ptr="*fp64",
-            sl_ptr="*fp64")
+            sl_ptr="*fp64", nz_ptr="*i64", ct_ptr="*i64")
 for fdt, acc, prec in [("fp32", tl.float32, "tf32"), ("fp64", tl.float64, "ieee")]:
     for l2, mode in ((False, {}), (True, {}), (False, dict(MODE=1, SMOOTH=True, KP=64)),
                      (True, dict(MODE=1, KP=16))):

@@ -8,7 +8,7 @@ members of a's class, label 1, so its cosine to a needs only that class's Gram b
 Each anchor's (K−1)(K−2) candidates come out as one padded row of a B × K² table (K: the
 largest class), built from per-class K × K blocks in PyTorch on the embeddings' device, and
 the loss's own soft form (reference/metrix_soft_forms) reduces them exactly as the reference
-reduces its rows. Memory O(C·K³) = O(B·K²) for classes of K, where the reference's candidate
+reduces its rows. Memory O(B·K²) (K the largest class), where the reference's candidate
 tensor is B × B × B; no custom op, so every engine (CPU, CUDA, Triton) serves it beside its
 clean loss (driver.py)."""
 from __future__ import annotations
@@ -21,8 +21,8 @@ from ..reference.metrix_soft_forms import SOFT_FORMS
 
 LOSSES = ("MultiSimilarityLoss", "ContrastiveLoss", "CircleLoss",
           "GeneralizedLiftedStructureLoss")
-# entries of the C × K × K × K candidate tensor beyond which the reference runs instead (a
-# class so large that K³ is far past B·K²; the reference is B³ there anyway)
+# entries of the B × K² candidate table beyond which the reference runs instead (a class of
+# thousands; the reference's table is B³ there)
 MAX_ENTRIES = 1 << 26
 
 
@@ -36,30 +36,32 @@ def covers(name: str, inp, metrix) -> bool:
 def candidate_rows(xu, labels, lam: float):
     """(s, member), B × K²: anchor i's row holds s(i, mix(p, p′)) for the ordered pairs of
     its class's members (p, p′ at their ranks in the class), member where p ≠ p′ and both
-    differ from i. None when the class blocks would exceed MAX_ENTRIES."""
+    differ from i. Built per anchor from its class's K × K block (B × K × K, never C × K³).
+    None when the rows would exceed MAX_ENTRIES."""
     b, dev = len(labels), labels.device
     order = torch.argsort(labels, stable=True)
     _, inv, counts = torch.unique_consecutive(labels[order], return_inverse=True,
                                               return_counts=True)
     k, c = int(counts.max()), len(counts)
-    if c * k ** 3 > MAX_ENTRIES:
+    if b * k * k > MAX_ENTRIES:
         return None
     rank = torch.arange(b, device=dev) - (torch.cumsum(counts, 0) - counts)[inv]
     slot = torch.full((c, k), -1, dtype=torch.long, device=dev)
     slot[inv, rank] = order  # class c's members (batch indices) in index order, −1 padding
     valid = slot >= 0
     xc = xu[slot.clamp(min=0)] * valid[..., None].to(xu.dtype)  # padding rows: 0
-    g = xc @ xc.transpose(1, 2)  # C × K × K
-    s = (lam * g[:, :, :, None] + (1 - lam) * g[:, :, None, :]) / mix_norm(lam, g)[:, None]
+    g = xc @ xc.transpose(1, 2)  # C × K × K: each class's Gram block
+    norm = mix_norm(lam, g)
+    # per anchor (in sorted order): its row of the block and its class's norms
+    ga, na = g[inv, rank], norm[inv]  # B × K, B × K × K
+    s = (lam * ga[:, :, None] + (1 - lam) * ga[:, None, :]) / na
+    own = torch.arange(k, device=dev)[None, :] == rank[:, None]  # B × K: the anchor itself
+    ok = valid[inv] & ~own
     eye = torch.eye(k, dtype=torch.bool, device=dev)
-    member = (valid[:, None, :, None] & valid[:, None, None, :] & ~eye[None, :, :, None]
-              & ~eye[None, :, None, :] & ~eye[None, None, :, :])
-    keep = valid.reshape(-1)  # the (class, rank) rows that are anchors, in sorted order
-    rows_s = s.reshape(c * k, k * k)[keep]
-    rows_m = member.expand(c, k, k, k).reshape(c * k, k * k)[keep]
+    member = ok[:, :, None] & ok[:, None, :] & ~eye
     back = torch.empty_like(order)
     back[order] = torch.arange(b, device=dev)
-    return rows_s.index_select(0, back), rows_m.index_select(0, back)
+    return s.reshape(b, k * k).index_select(0, back), member.reshape(b, k * k).index_select(0, back)
 
 
 def mixed_term(name: str, params: dict, inp, lam: float):

@@ -123,7 +123,12 @@ if HAS_TRITON:
     def _hinge(v, SMOOTH: tl.constexpr):
         """relu, or F.softplus (linear past 20), as the CPU op's ee_trip_f."""
         if SMOOTH:
-            r = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+            # log1p(e) as log(u)·e/(u − 1), u = 1 + e (Kahan): exact where 1 + e rounds,
+            # which log(1 + e) is not (fp32 loses terms below v ≈ −16)
+            e = tl.exp(tl.minimum(v, 20.0))
+            u = 1.0 + e
+            d = tl.where(u == 1.0, 1.0, u - 1.0)
+            r = tl.where(v > 20.0, v, tl.where(u == 1.0, e, tl.log(u) * (e / d)))
         else:
             r = tl.maximum(v, 0.0)
         return r.to(v.dtype)
@@ -170,8 +175,8 @@ if HAS_TRITON:
         else:
             m_run = tl.zeros((KB,), ACC)  # the triplet sums
         s_run = tl.zeros((KB,), ACC)
-        nz_run = tl.zeros((KB,), tl.int32)
-        ct_run = tl.zeros((KB,), tl.int32)
+        nz_run = tl.zeros((KB,), tl.int64)
+        ct_run = tl.zeros((KB,), tl.int64)
         n_pts = tl.load(pstart_ptr + n_chunks)
         for q0 in range(0, n_pts, BQ):
             offs_q = q0 + tl.arange(0, BQ)
@@ -203,8 +208,8 @@ if HAS_TRITON:
                                                     margin, L2, KP, ACC, tiny, eps)
                         f = tl.where(ok, _hinge(v, SMOOTH), 0.0)
                         m_run += tl.where(lane, tl.sum(tl.sum(f, axis=1), axis=0), 0.0)
-                        nz = tl.sum(tl.sum((ok & (f > 0)).to(tl.int32), axis=1), axis=0)
-                        ct = tl.sum(tl.sum(ok.to(tl.int32), axis=1), axis=0)
+                        nz = tl.sum(tl.sum((ok & (f > 0)).to(tl.int64), axis=1), axis=0)
+                        ct = tl.sum(tl.sum(ok.to(tl.int64), axis=1), axis=0)
                         nz_run += tl.where(lane, nz, 0)
                         ct_run += tl.where(lane, ct, 0)
         if MODE == 0:
@@ -263,6 +268,7 @@ if HAS_TRITON:
                             dp = -dp
                         old_p = tl.load(dpos_ptr + p_at, mask=p_ok, other=0.0)
                         tl.store(dpos_ptr + p_at, old_p + dp, mask=p_ok)
+                        tl.debug_barrier()  # as for dside above
                 dqn -= wq * tl.where(term, best, 0.0) / qn
                 # the winner's endpoints (local rows), weight and norm, gathered per point
                 ua = tl.load(su_ptr + barg, mask=term, other=0) - a0
@@ -284,6 +290,9 @@ if HAS_TRITON:
                         ds = tl.sum(tl.where(win, ds_q[None, :], 0.0), axis=1)
                         old = tl.load(dside_ptr + offs_s, mask=s_ok, other=0.0)
                         tl.store(dside_ptr + offs_s, old - ds, mask=s_ok)
+                        # the next read of these entries may be another thread's: make the
+                        # store visible across the block first (a CTA barrier)
+                        tl.debug_barrier()
         return dh, dqn
 
     @triton.jit

@@ -27,13 +27,12 @@ def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, pos: torch.Tensor,
             margin: float, smooth: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b = xs.shape[0]
     sums = xs.new_zeros(b)
-    # per-anchor counts fit int32 (≤ 63 positives × the points); summed in int64 by the glue
-    nz = torch.zeros(b, dtype=torch.int32, device=xs.device)
+    nz = torch.zeros(b, dtype=torch.int64, device=xs.device)
     ct = torch.zeros_like(nz)
     if b > 0:
         launch_fwd(xs, pnorm, tables, kb, l2, _params(xs, 1.0, 0.0, margin), sums,
                    (pos, pst, pct, smooth), nz, ct)
-    return sums, nz.long(), ct.long()
+    return sums, nz, ct
 
 
 @_fwd_op.register_fake
