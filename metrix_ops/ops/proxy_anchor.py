@@ -10,57 +10,41 @@ from .. import _ext
 _FWD = "metrix_ops::proxy_anchor_fwd"
 _WFWD = "metrix_ops::proxy_anchor_weighted_fwd"
 
-if _ext.HAS_EXT:
-    @torch.library.register_fake(_FWD)
-    def _fake(x, p, labels, alpha, margin, chunk):
-        c = p.shape[0]
-        return x.new_empty(c), x.new_empty(c)
 
-    @torch.library.register_fake("metrix_ops::proxy_anchor_bwd")
-    def _fake_bwd(grad_pos, grad_neg, x, p, labels, pos, neg, alpha, margin, chunk):
+def _register(fwd: str, n_tensors: int):
+    """Fake kernels and autograd of a proxy-anchor op pair: fwd(x, p, labels[, log_w], alpha,
+    margin, chunk) -> (pos, neg) and its _bwd(grad_pos, grad_neg, <the same tensors>, pos, neg,
+    alpha, margin, chunk) -> (dx, dp). The inputs after x and p (labels, log_w: the weighted
+    form's per-example log-weights, counts of an index tuple) take no gradient."""
+    bwd = fwd.replace("_fwd", "_bwd")
+
+    @torch.library.register_fake(fwd)
+    def _fake(x, p, *rest):
+        return x.new_empty(p.shape[0]), x.new_empty(p.shape[0])
+
+    @torch.library.register_fake(bwd)
+    def _fake_bwd(grad_pos, grad_neg, x, p, *rest):
         return torch.empty_like(x), torch.empty_like(p)
 
     def _setup_context(ctx, inputs, output):
-        x, p, labels, alpha, margin, chunk = inputs
         # the terms are the log-sum-exps the backward needs
-        ctx.save_for_backward(x, p, labels, output[0], output[1])
-        ctx.args = (alpha, margin, chunk)
+        ctx.save_for_backward(*inputs[:n_tensors], output[0], output[1])
+        ctx.args = inputs[n_tensors:]
 
     def _backward(ctx, g_pos, g_neg):
-        x, p, labels, pos, neg = ctx.saved_tensors
+        *tensors, pos, neg = ctx.saved_tensors
         g_pos = torch.zeros_like(pos) if g_pos is None else g_pos.contiguous()
         g_neg = torch.zeros_like(neg) if g_neg is None else g_neg.contiguous()
-        dx, dp = torch.ops.metrix_ops.proxy_anchor_bwd(g_pos, g_neg, x, p, labels, pos, neg,
-                                                       *ctx.args)
-        return dx, dp, None, None, None, None
+        op = getattr(torch.ops.metrix_ops, bwd.split("::")[1])
+        dx, dp = op(g_pos, g_neg, *tensors, pos, neg, *ctx.args)
+        return (dx, dp) + (None,) * (n_tensors - 2 + len(ctx.args))
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
 
-    # the same with per-example log-weights added to the exponents (not differentiated: they
-    # come from an index tuple's counts)
-    @torch.library.register_fake(_WFWD)
-    def _fake_w(x, p, labels, log_w, alpha, margin, chunk):
-        c = p.shape[0]
-        return x.new_empty(c), x.new_empty(c)
 
-    @torch.library.register_fake("metrix_ops::proxy_anchor_weighted_bwd")
-    def _fake_w_bwd(grad_pos, grad_neg, x, p, labels, log_w, pos, neg, alpha, margin, chunk):
-        return torch.empty_like(x), torch.empty_like(p)
-
-    def _setup_w(ctx, inputs, output):
-        x, p, labels, log_w, alpha, margin, chunk = inputs
-        ctx.save_for_backward(x, p, labels, log_w, output[0], output[1])
-        ctx.args = (alpha, margin, chunk)
-
-    def _backward_w(ctx, g_pos, g_neg):
-        x, p, labels, log_w, pos, neg = ctx.saved_tensors
-        g_pos = torch.zeros_like(pos) if g_pos is None else g_pos.contiguous()
-        g_neg = torch.zeros_like(neg) if g_neg is None else g_neg.contiguous()
-        dx, dp = torch.ops.metrix_ops.proxy_anchor_weighted_bwd(g_pos, g_neg, x, p, labels,
-                                                                log_w, pos, neg, *ctx.args)
-        return dx, dp, None, None, None, None, None
-
-    torch.library.register_autograd(_WFWD, _backward_w, setup_context=_setup_w)
+if _ext.HAS_EXT:
+    _register(_FWD, 3)  # x, p, labels
+    _register(_WFWD, 4)  # x, p, labels, log_w
 
 
 def default_chunk(batch: int, budget: int = 1 << 21) -> int:
