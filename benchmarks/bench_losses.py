@@ -85,6 +85,9 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # MS + embedding-level Metrix with pairs="pos_pos" (class blocks beside the clean
           # op); "pml" is PML's clean MS
           "metrix_ms_pos_pos": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # MS + Metrix (pos_neg) against references: ref_emb a second set of B rows (labels
+          # from the same classes), both with gradient; "pml"/"clean" the clean loss so called
+          "metrix_ms_refs": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # EE with n = 8 on the official code's pairing, pairs="adjacent" (rows 2t, 2t+1:
           # the labels are drawn per row pair): one segment per anchor instead of K − 1
           "ee_hphn_adjacent": ("TripletMarginLoss", "HPHNTripletLoss", "gram"),
@@ -106,6 +109,7 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "ee_ms_n8": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
            "ee_triplet": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
            "metrix_ms_pos_pos": lambda mo: {"metrix": mo.Metrix(pairs="pos_pos")},
+           "metrix_ms_refs": lambda mo: {"metrix": mo.Metrix()},
            "ee_hphn_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
                                                                      pairs="adjacent")},
            "ee_ms_n8_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
@@ -180,12 +184,18 @@ def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32"):
         if isinstance(loss_fn, torch.nn.Module):
             loss_fn.to(dev)
 
+        refs = {}
+        if loss.endswith("_refs"):
+            r0, ry = torch.randn(b, d, device=dev).to(dt), torch.randint(0, n_classes, (b,), device=dev)
+
         def step():
             x = x0.clone().requires_grad_(True)
             if isinstance(loss_fn, torch.nn.Module):
                 loss_fn.zero_grad(set_to_none=True)  # proxies: a fresh gradient each step
+            if loss.endswith("_refs"):
+                refs.update(ref_emb=r0.clone().requires_grad_(True), ref_labels=ry)
             with autocast:
-                out = loss_fn(x, y)
+                out = loss_fn(x, y, **refs)
             out.backward()
             return x.grad
     peak = peak_memory(step, dev)  # first: RSS peaks are sticky within a process

@@ -149,11 +149,14 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     if metrix is not None and metrix.weight > 0:
         mixed_loss = None
         if chosen != "reference" and lam_value is not None:
-            # pos_pos candidates live in class blocks: any engine takes them without B×B×B
-            from .fused import metrix_pos_pos
-            if metrix_pos_pos.covers(name, inp, metrix):
-                with no_autocast(embeddings):
+            # pos_pos candidates live in class blocks: any engine takes them without B×B×B;
+            # the other pairs (and ref_emb) in checkpointed anchor chunks, O(chunk) memory
+            from .fused import metrix_pos_pos, metrix_refs
+            with no_autocast(embeddings):
+                if metrix_pos_pos.covers(name, inp, metrix):
                     mixed_loss = metrix_pos_pos.mixed_term(name, params, inp, lam_value)
+                elif metrix_refs.covers(name, inp, metrix):
+                    mixed_loss = metrix_refs.mixed_term(name, params, inp, metrix, lam_value)
         if mixed_loss is None:
             from .reference.metrix import metrix_loss
             mixed_loss = metrix_loss(name, params, inp, metrix, lam_value, mixed_embeddings,

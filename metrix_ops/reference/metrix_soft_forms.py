@@ -9,7 +9,9 @@ over its mixed terms (DESIGN §3): pair-reduced losses (contrastive) AvgNonZero-
 positive terms y·ρ⁺ and the negative terms (1−y)·ρ⁻ apart over all member pairs, then
 sum; anchor-reduced losses (MS, generalised lifted) take the mean of ℓ(a) over anchors
 with a non-empty V(a); CircleLoss keeps its own AvgNonZero over anchors; the proxy losses
-keep theirs (per-proxy divisors for ProxyAnchor, mean over queries for ProxyNCA).
+keep theirs (per-proxy divisors for ProxyAnchor, mean over queries for ProxyNCA). The
+in-batch forms are also given as parts (SOFT_PARTS: the sums and counts of their means),
+which add up over disjoint sets of anchors.
 Sums Σ y·e^{x} are log-sum-exps of x + log y over the terms with y > 0 (MS β = 50 and
 ProxyAnchor α = 32 overflow a naive exp). Clean losses are the case y ∈ {0, 1}, with the
 clean loss's conventions for an empty side; the tests check that identity against PML.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..reducers import AvgNonZeroReducer
 from .lse import masked_logsumexp
 
 
@@ -41,21 +42,37 @@ def loss_metric(s: torch.Tensor, distance) -> torch.Tensor:
     return d if distance.power == 1 else d**distance.power
 
 
-def contrastive_soft(s, y, member, distance, pos_margin=0.0, neg_margin=1.0):
+# Each form below is written as its parts: a list of (Σ kept terms, number kept), whose
+# loss is Σ Σ/n over the parts (0 with a graph where n = 0). The parts of disjoint sets of
+# anchors add up, so a caller may evaluate the anchors in chunks (fused/metrix_refs.py).
+
+
+def combine_parts(parts, s):
+    """The loss of (total, count) parts: Σ total / count, a part with count 0 giving 0."""
+    zero = torch.sum(s * 0)
+    out = zero
+    for total, n in parts:
+        out = out + torch.where(n >= 1, total / n.clamp_min(1), zero)
+    return out
+
+
+def _kept(terms, keep):
+    """(Σ terms over keep, #keep); a select, so terms outside keep reach no gradient."""
+    return torch.where(keep, terms, torch.zeros_like(terms)).sum(), keep.sum()
+
+
+def contrastive_parts(s, y, member, distance, pos_margin=0.0, neg_margin=1.0):
     """Pair-reduced: y·[d − m⁺]₊ and (1−y)·[m⁻ − d]₊ over all member pairs, each sub-loss
-    AvgNonZero-reduced, then summed (as the clean loss)."""
+    AvgNonZero-reduced (the nonzero terms' mean), then summed (as the clean loss)."""
     d = loss_metric(s, distance)
-    pos = (y * F.relu(distance.margin(d, pos_margin)))[member]
-    neg = ((1 - y) * F.relu(distance.margin(neg_margin, d)))[member]
-    red, ref = AvgNonZeroReducer(), s
-    return red.reduce(pos, "pos_pair", ref) + red.reduce(neg, "neg_pair", ref)
+    pos = y * F.relu(distance.margin(d, pos_margin))
+    neg = (1 - y) * F.relu(distance.margin(neg_margin, d))
+    return [_kept(pos, member & (pos > 0)), _kept(neg, member & (neg > 0))]
 
 
-def _mean_over_anchors(per_anchor, member, s):
-    has = member.any(1)
-    if not has.any():
-        return torch.sum(s * 0)
-    return per_anchor[has].mean()
+def _over_anchors(per_anchor, member):
+    """the mean over anchors with a non-empty V(a), as one part"""
+    return [_kept(per_anchor, member.any(1))]
 
 
 def _log_weighted(y, member):
@@ -65,7 +82,7 @@ def _log_weighted(y, member):
     return torch.log(y.clamp_min(torch.finfo(y.dtype).tiny)), keep
 
 
-def multi_similarity_soft(s, y, member, distance, alpha=2.0, beta=50.0, base=0.5):
+def multi_similarity_parts(s, y, member, distance, alpha=2.0, beta=50.0, base=0.5):
     """Anchor-reduced: (1/α)log(1 + Σ y e^{−α(s−base)}) + (1/β)log(1 + Σ (1−y) e^{β(s−base)}),
     mean over anchors with a non-empty V(a)."""
     m = loss_metric(s, distance)
@@ -73,7 +90,7 @@ def multi_similarity_soft(s, y, member, distance, alpha=2.0, beta=50.0, base=0.5
     l1y, kn = _log_weighted(1 - y, member)
     pos = masked_logsumexp(alpha * distance.margin(m, base) + ly, kp, add_one=True) / alpha
     neg = masked_logsumexp(beta * distance.margin(base, m) + l1y, kn, add_one=True) / beta
-    return _mean_over_anchors((pos + neg).squeeze(1), member, s)
+    return _over_anchors((pos + neg).squeeze(1), member)
 
 
 def proxy_anchor_soft(s, y, member, distance, margin=0.1, alpha=32.0):
@@ -106,7 +123,7 @@ def proxy_nca_soft(s, y, member, distance, softmax_scale=1.0, temperature=None,
     return per_query[rows].mean() if rows.any() else torch.sum(s * 0)
 
 
-def circle_soft(s, y, member, distance, m=0.4, gamma=80.0):
+def circle_parts(s, y, member, distance, m=0.4, gamma=80.0):
     """softplus(log Σ y e^{−γ[O_p − s]₊(s − Δ_p)} + log Σ (1−y) e^{γ[s − O_n]₊(s − Δ_n)}),
     O_p = 1 + m, Δ_p = 1 − m, O_n = −m, Δ_n = m, the weights [·]₊ detached (as the clean
     loss); an anchor with no positive or no negative mass gives 0 (log 0 = −∞, as the
@@ -118,11 +135,12 @@ def circle_soft(s, y, member, distance, m=0.4, gamma=80.0):
     l1y, kn = _log_weighted(1 - y, member)
     lse_p = masked_logsumexp(logit_p + ly, kp, add_one=False)
     lse_n = masked_logsumexp(logit_n + l1y, kn, add_one=False)
-    losses = F.softplus(lse_p + lse_n).squeeze(1) * (kp.any(1) & kn.any(1)).to(s.dtype)
-    return AvgNonZeroReducer().reduce(losses, "element", s)
+    both = kp.any(1) & kn.any(1)
+    losses = F.softplus(lse_p + lse_n).squeeze(1)
+    return [_kept(losses, both & (losses > 0))]
 
 
-def generalized_lifted_soft(s, y, member, distance, neg_margin=1.0, pos_margin=0.0):
+def generalized_lifted_parts(s, y, member, distance, neg_margin=1.0, pos_margin=0.0):
     """[log Σ y e^{d − m⁺} + log Σ (1−y) e^{m⁻ − d}]₊ (margins through distance.margin),
     a side with no mass contributing 0 (the clean loss's, i.e. PML's, empty-side rule);
     mean over anchors with a non-empty V(a)."""
@@ -131,8 +149,30 @@ def generalized_lifted_soft(s, y, member, distance, neg_margin=1.0, pos_margin=0
     l1y, kn = _log_weighted(1 - y, member)
     pos = masked_logsumexp(distance.margin(d, pos_margin) + ly, kp, add_one=False)
     neg = masked_logsumexp(distance.margin(neg_margin, d) + l1y, kn, add_one=False)
-    return _mean_over_anchors(F.relu(pos + neg).squeeze(1), member, s)
+    return _over_anchors(F.relu(pos + neg).squeeze(1), member)
 
+
+# the in-batch anchors' forms as parts (chunkable over anchors)
+SOFT_PARTS = {
+    "CircleLoss": circle_parts,
+    "ContrastiveLoss": contrastive_parts,
+    "GeneralizedLiftedStructureLoss": generalized_lifted_parts,
+    "MultiSimilarityLoss": multi_similarity_parts,
+}
+
+
+def _whole(parts_fn):
+    def soft(s, y, member, distance, **hyper):
+        return combine_parts(parts_fn(s, y, member, distance, **hyper), s)
+    soft.__name__ = parts_fn.__name__.replace("_parts", "_soft")
+    soft.__doc__ = parts_fn.__doc__
+    return soft
+
+
+contrastive_soft = _whole(contrastive_parts)
+multi_similarity_soft = _whole(multi_similarity_parts)
+circle_soft = _whole(circle_parts)
+generalized_lifted_soft = _whole(generalized_lifted_parts)
 
 SOFT_FORMS = {
     "CircleLoss": circle_soft,

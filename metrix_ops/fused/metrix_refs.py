@@ -1,0 +1,147 @@
+"""Embedding-level Metrix in anchor chunks, O(chunk) memory, on any engine: the mixed term
+of a call that no fused Metrix op takes (references `ref_emb`, an `indices_tuple` beside
+Metrix, a class too large for the Triton tiles, an engine without a Metrix op), for the
+in-batch losses whose soft form the reference has (MultiSimilarity, Contrastive, Circle,
+GeneralizedLiftedStructure) and pairs pos_neg, anchor_neg or pos_pos.
+
+The reference builds every anchor's candidates against every reference pair at once
+(B × M × M). Here anchor a of class c (references R, labels y_R) gets
+
+    pos_neg     s(a, mix(p, n)) = (λ S_ap + (1−λ) S_an) / ‖v_pn‖  for p ∈ P(a), n ∈ N(a),
+                a K × M row from S = X Rᵀ and its class's K × M rows of R Rᵀ (K: the
+                largest class of R among the chunk's); an anchor with no positive, and
+                every anchor under anchor_neg, mix(a, n): (λ + (1−λ) S_an) / ‖v_an‖
+    pos_pos     the K × K pairs of its positives, from its class's K × K block
+
+(‖v_uw‖² = λ² + (1−λ)² + 2λ(1−λ) s_uw), the membership rules of reference/metrix.py, and
+the loss's soft form as parts (sums and counts of its means, metrix_soft_forms.SOFT_PARTS)
+adds each chunk's part. Each chunk runs under activation checkpointing: backward rebuilds
+its candidates, so memory stays one chunk's, not the B·K·M candidates'. Anchors are taken
+in order of their class size, so a chunk pads to nearly its own classes' K.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..reference.metrix import mix_norm
+from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
+
+PAIRS = ("pos_neg", "anchor_neg", "pos_pos")
+# candidate entries per chunk (each of the soft form's temporaries is one such tensor)
+CHUNK_ENTRIES = 1 << 20
+# one anchor's row beyond this (a class of tens of thousands against a large R): reference
+MAX_ROW = 1 << 26
+
+
+def covers(name: str, inp, metrix) -> bool:
+    """Embedding level, a pair kind the chunks build, a loss with a soft form as parts."""
+    return (name in SOFT_PARTS and metrix.level == "embedding" and metrix.pairs in PAIRS
+            and inp.labels is not None and inp.distance.normalize_embeddings)
+
+
+def _ref_classes(ref_labels):
+    """(class labels, K_max, slot): slot[c, k] is the k-th member (index into R) of class c,
+    −1 past its size."""
+    order = torch.argsort(ref_labels, stable=True)
+    classes, inv, counts = torch.unique_consecutive(ref_labels[order], return_inverse=True,
+                                                    return_counts=True)
+    k = int(counts.max()) if len(counts) else 0
+    slot = torch.full((len(classes), max(k, 1)), -1, dtype=torch.long, device=ref_labels.device)
+    rank = torch.arange(len(order), device=ref_labels.device) - (torch.cumsum(counts, 0)
+                                                                  - counts)[inv]
+    slot[inv, rank] = order
+    return classes, slot
+
+
+def _anchor_slots(labels, classes, slot):
+    """Per anchor its class's row of slot (all −1 where R has no member of its class)."""
+    if len(classes) == 0:
+        return torch.full((len(labels), 1), -1, dtype=torch.long, device=labels.device)
+    at = torch.searchsorted(classes, labels.contiguous()).clamp(max=len(classes) - 1)
+    found = classes[at] == labels
+    return torch.where(found[:, None], slot[at], torch.full_like(slot[at], -1))
+
+
+def _chunk_parts(name, hyper, distance, pairs, lam, anchors, pslots, self_idx, ref_labels,
+                 labels, xh, rh):
+    """The soft form's parts over the anchors `anchors` (their positive slots `pslots`,
+    chunk × K, and their own index in R or −1)."""
+    xa, la = xh[anchors], labels[anchors]
+    S = xa @ rh.t()  # chunk × M
+    m = rh.shape[0]
+    neg = la[:, None] != ref_labels[None, :]
+    valid = (pslots >= 0) & (pslots != self_idx[:, None])  # P(a): its class in R, not a
+    ps = pslots.clamp(min=0)
+    sp = S.gather(1, ps)  # chunk × K: S_ap
+    rows = []
+    if pairs == "pos_pos":
+        gpp = (rh[ps] @ rh[ps].transpose(1, 2))  # chunk × K × K
+        sim = (lam * sp[:, :, None] + (1 - lam) * sp[:, None, :]) / mix_norm(lam, gpp)
+        member = valid[:, :, None] & valid[:, None, :] & (ps[:, :, None] != ps[:, None, :])
+        k = ps.shape[1]
+        rows.append((sim.reshape(-1, k * k), torch.ones_like(sim).reshape(-1, k * k),
+                     member.reshape(-1, k * k)))
+    else:
+        has_pos = valid.any(1)
+        if pairs == "pos_neg":
+            gpn = rh[ps] @ rh.t()  # chunk × K × M: each positive's row of R Rᵀ
+            sim = (lam * sp[:, :, None] + (1 - lam) * S[:, None, :]) / mix_norm(lam, gpn)
+            member = valid[:, :, None] & neg[:, None, :]
+            k = ps.shape[1]
+            rows.append((sim.reshape(-1, k * m), torch.full_like(sim, lam).reshape(-1, k * m),
+                         member.reshape(-1, k * m)))
+        # mix(a, n): s(a, a) = 1 for a unit anchor, and ‖v_an‖ from S_an itself
+        own = (lam + (1 - lam) * S) / mix_norm(lam, S)
+        keep = neg if pairs == "anchor_neg" else neg & ~has_pos[:, None]
+        rows.append((own, torch.full_like(own, lam), keep))
+    s, y, member = (torch.cat(t, dim=1) for t in zip(*rows))
+    parts = SOFT_PARTS[name](s, y, member, distance, **hyper)
+    return torch.stack([t for t, _ in parts]), torch.stack([n for _, n in parts])
+
+
+def _chunks(width, entries):
+    """Consecutive runs of the anchors in order of class size whose candidate tables
+    (rows × entries(K of the run's largest class)) stay within CHUNK_ENTRIES."""
+    order = torch.argsort(width, stable=True)
+    sizes = width[order].tolist()
+    start = 0
+    while start < len(sizes):
+        end = start + 1
+        while end < len(sizes) and (end + 1 - start) * entries(sizes[end]) <= CHUNK_ENTRIES:
+            end += 1
+        yield order[start:end], max(sizes[end - 1], 1)
+        start = end
+
+
+def mixed_term(name: str, params: dict, inp, metrix, lam: float):
+    """L̃ (unweighted) of a call covers() accepts; None where one anchor's row would exceed
+    MAX_ROW (the reference runs)."""
+    x, labels, ref_labels = inp.embeddings, inp.labels, inp.ref_labels
+    b, m, pairs = x.shape[0], inp.ref_emb.shape[0], metrix.pairs
+    if b == 0 or m == 0:
+        return torch.sum(x * 0)
+    xh = F.normalize(x, dim=1)
+    rh = xh if inp.ref_emb is x else F.normalize(inp.ref_emb.to(x.dtype), dim=1)
+    classes, slot = _ref_classes(ref_labels)
+    pslots = _anchor_slots(labels, classes, slot)  # B × K_max
+    width = (pslots >= 0).sum(1)  # each anchor's class size in R
+
+    def entries(k):
+        return {"pos_neg": (k + 1) * m, "anchor_neg": m, "pos_pos": k * k}[pairs]
+
+    if entries(int(width.max())) > MAX_ROW:
+        return None
+    self_idx = (torch.arange(b, device=x.device) if inp.same_set
+                else torch.full((b,), -1, dtype=torch.long, device=x.device))
+    hyper = {k: v for k, v in params.items() if k != "proxies"}
+    totals = counts = None
+    for anchors, k in _chunks(width, entries):
+        def run(xh_, rh_, anchors=anchors, k=k):
+            return _chunk_parts(name, hyper, inp.distance, pairs, lam, anchors,
+                                pslots[anchors, :k], self_idx[anchors], ref_labels, labels,
+                                xh_, rh_)
+        t, n = checkpoint(run, xh, rh, use_reentrant=False)
+        totals, counts = (t, n) if totals is None else (totals + t, counts + n)
+    return combine_parts(list(zip(totals, counts)), xh)
