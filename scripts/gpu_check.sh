@@ -44,7 +44,8 @@ if [ "${GPU_TESTS:-gpu}" = all ]; then
   TESTS=tests
 else  # the files with GPU cases: the Triton engine, the CUDA ops, autocast, mixed batches, auto
   TESTS="tests/test_triton_*.py tests/test_cuda_pair_losses.py tests/test_row_stats_op.py
-         tests/test_autocast.py tests/test_metrix_mixed_batch.py tests/test_backend_auto.py"
+         tests/test_autocast.py tests/test_metrix_mixed_batch.py tests/test_backend_auto.py
+         tests/test_metrix_refs.py tests/test_metrix_pos_pos.py"
 fi
 TRITON_INTERPRET=0 limited 300 python3 -m pytest $TEST_OPTS $TESTS > "$RES/pytest_gpu.log" 2>&1
 echo "GPU tests: $(tail -1 "$RES/pytest_gpu.log")"
@@ -117,6 +118,8 @@ bench gpu_ee_ms_float32 --loss ee_ms --impls triton,clean,pml --sizes 2048,8192 
 bench gpu_ee_triplet_float32 --loss ee_triplet --impls triton,clean --sizes 2048,8192 --dims 512 --repeats 3
 bench gpu_ee_hphn_adjacent_float32 --loss ee_hphn_adjacent --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 3
 bench gpu_metrix_ms_pos_pos_float32 --loss metrix_ms_pos_pos --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
+# tenth session: Metrix against ref_emb in checkpointed anchor chunks (fused/metrix_refs.py)
+bench gpu_metrix_ms_refs_float32 --loss metrix_ms_refs --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 bench gpu_ms_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10
 bench gpu_ms_large_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,floor --sizes 32768,65536 --dims 512 --repeats 3
 for loss in contrastive proxy_anchor ntxent triplet; do
