@@ -148,14 +148,17 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
 
     if metrix is not None and metrix.weight > 0:
         mixed_loss = None
-        if chosen != "reference" and lam_value is not None:
+        if backend != "reference" and lam_value is not None:
             # pos_pos candidates live in class blocks: any engine takes them without B×B×B;
-            # the other pairs (and ref_emb) in checkpointed anchor chunks, O(chunk) memory
+            # the other pairs (and ref_emb, or pos_pos past the blocks' cap) in checkpointed
+            # anchor chunks, O(chunk) memory; also where the clean loss fell back to the
+            # reference under "auto" (an Lp distance the ops lack, ...): the chunks are
+            # PyTorch and take any normalised distance
             from .fused import metrix_pos_pos, metrix_refs
             with no_autocast(embeddings):
                 if metrix_pos_pos.covers(name, inp, metrix):
                     mixed_loss = metrix_pos_pos.mixed_term(name, params, inp, lam_value)
-                elif metrix_refs.covers(name, inp, metrix):
+                if mixed_loss is None and metrix_refs.covers(name, inp, metrix):
                     mixed_loss = metrix_refs.mixed_term(name, params, inp, metrix, lam_value)
         if mixed_loss is None:
             from .reference.metrix import metrix_loss

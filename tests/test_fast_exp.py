@@ -60,7 +60,7 @@ def test_level_is_reported(level):
 @pytest.mark.parametrize("unset", ["", "auto"])
 def test_auto_prefers_avx2(unset):
     # not avx512: GCC lowers these kernels' combined comparison masks lane by lane there
-    # (csrc/cpu/ms_simd.cpp, widest), so the 8-lane level is the faster one
+    # (csrc/cpu/ms_simd.cpp, default_level), so the 8-lane level is the faster one
     with simd_level(unset):
         got = torch.ops.metrix_ops._simd_level()
     assert got == ("avx2" if "avx2" in LEVELS else "baseline")

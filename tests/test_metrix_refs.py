@@ -74,7 +74,8 @@ def test_one_anchor_per_chunk(pairs, monkeypatch, counted):
     assert counted
 
 
-def test_chunks_cover_every_anchor_once():
+def test_chunks_cover_every_anchor_once(monkeypatch):
+    monkeypatch.setattr(mr, "CHUNK_ENTRIES", 100)  # several chunks
     width = torch.tensor([3, 0, 7, 1, 1, 7, 2, 0, 5])
     seen, ks = [], []
     for anchors, k in mr._chunks(width, lambda k: (k + 1) * 10):
@@ -83,7 +84,7 @@ def test_chunks_cover_every_anchor_once():
         assert k == max(int(width[anchors].max()), 1)
         assert len(anchors) == 1 or len(anchors) * (k + 1) * 10 <= mr.CHUNK_ENTRIES
     assert sorted(seen) == list(range(len(width)))
-    assert ks == sorted(ks)  # in order of class size: a chunk pads to its own classes
+    assert ks == sorted(ks) and len(ks) > 2  # by class size: a chunk pads to its classes
 
 
 @pytest.mark.parametrize("pairs", mr.PAIRS)
@@ -131,14 +132,43 @@ def test_float32_and_half(counted):
     rd = r.detach()
     assert_float32_and_bf16(lambda e: fused(e, y, ref_emb=rd.to(e.dtype), ref_labels=ry),
                             lambda e: ref(e, y, ref_emb=rd.to(e.dtype), ref_labels=ry), x)
+    h = x.detach().half()  # fp16 too: computed in fp32 as the driver does for half inputs
+    torch.testing.assert_close(fused(h, y, ref_emb=rd.half(), ref_labels=ry),
+                               ref(h.float(), y, ref_emb=rd.half().float(), ref_labels=ry),
+                               rtol=1e-4, atol=1e-5)
 
 
-def test_long_rows_fall_back_to_the_reference(monkeypatch, counted):
-    monkeypatch.setattr(mr, "MAX_ROW", 10)  # (K + 1)·M > 10
+def test_rows_longer_than_a_chunk_still_run(monkeypatch, counted):
+    """An anchor whose row alone exceeds CHUNK_ENTRIES is a chunk of its own (the reference
+    would hold every anchor's row at once)."""
+    monkeypatch.setattr(mr, "CHUNK_ENTRIES", 10)  # below (K + 1)·M for every anchor
     x, y = make_case(CASES[0], seed=13)
     r, ry = refs_for(x, y, seed=14)
     check_refs("CircleLoss", "pos_neg", x, y, r, ry)
-    assert counted and all(c is None for c in counted)
+    assert counted and all(c is not None for c in counted)
+
+
+def test_large_pos_pos_class_goes_to_the_chunks(monkeypatch, counted):
+    """pos_pos of the batch against itself past the class blocks' cap: the chunks, not the
+    reference's B × B × B tensor"""
+    from metrix_ops.fused import metrix_pos_pos
+    monkeypatch.setattr(metrix_pos_pos, "MAX_ENTRIES", 10)
+    x, y = make_case(CASES[1], seed=20)
+    fused, ref = pair("MultiSimilarityLoss", "pos_pos")
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
+    assert counted
+
+
+def test_clean_loss_on_the_reference_keeps_the_chunked_mixed_term(counted):
+    """backend="auto" runs the clean loss on the reference where no op takes its distance
+    (squared L2 here); the mixed term still comes from the chunks"""
+    x, y = make_case(CASES[0], seed=21)
+    r, ry = refs_for(x, y, seed=22)
+    dist = mo.distances.LpDistance(power=2)
+    fused, ref = pair("ContrastiveLoss", "pos_neg", backend="auto", distance=dist)
+    assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=ry),
+                    lambda e, q: ref(e, y, ref_emb=q, ref_labels=ry), x, r)
+    assert counted
 
 
 def test_neg_neg_stays_on_the_reference(counted):

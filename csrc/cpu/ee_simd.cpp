@@ -1,5 +1,5 @@
 // The Embedding Expansion closest-pair kernel (ee_closest.h) compiled per x86 level, chosen
-// as the MS kernels' level (ms_simd.cpp: METRIX_OPS_SIMD, else the widest this CPU has).
+// by METRIX_OPS_SIMD when set, else the widest level this CPU has (AVX-512 included; see below).
 // Contraction into FMA is off in this file: the reference rounds each product apart, and
 // exact ties must fall the same way (ee_closest.h).
 #pragma GCC optimize("fp-contract=off")
@@ -37,8 +37,8 @@ void closest_f64(const EeSideRows<double>& sd, const double* qn, int64_t nt, dou
 EeClosestFn<float> ee_closest_f32() {
   const char* level = ms_kernels_f32().level;  // validated there
 #if defined(__x86_64__) && defined(__GNUC__)
-  // Unlike the MS-family kernels (ms_simd.cpp, widest), this one compiles to whole 512-bit
-  // vectors (no combined masks), so "auto" keeps AVX-512 where the CPU has it: EE-MS
+  // Unlike the MS-family kernels (ms_simd.cpp, default_level), this one compiles to whole
+  // 512-bit vectors (no combined masks), so "auto" keeps AVX-512 where the CPU has it: EE-MS
   // (n = 8, adjacent) at B = 2048, D = 512 takes 0.52 s with it against 0.55 s with AVX2.
   const char* want = std::getenv("METRIX_OPS_SIMD");
   const bool automatic = !want || !*want || !std::strcmp(want, "auto");

@@ -52,7 +52,7 @@ struct LseMixKernels {
   void (*lifted_grad)(const LiftedMixBlock<T>& b, int64_t a0, int64_t a1);
 };
 
-// The level ms_kernels_f32 uses (METRIX_OPS_SIMD, else the widest available); fp64 scalar.
+// The level ms_kernels_f32 uses (METRIX_OPS_SIMD, else AVX2 where the CPU has it); fp64 scalar.
 const LseMixKernels<float>& lse_mix_kernels_f32();
 const LseMixKernels<double>& lse_mix_kernels_f64();
 template <typename T>

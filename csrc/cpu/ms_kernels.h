@@ -68,7 +68,7 @@ struct MsKernels {
 };
 
 // The fp32 kernels of the level in use: METRIX_OPS_SIMD=avx512|avx2|baseline when set (an
-// error if this CPU lacks it), else the widest this CPU supports (ms_simd.cpp).
+// error if this CPU lacks it), else AVX2 where the CPU has it (ms_simd.cpp: default_level).
 const MsKernels<float>& ms_kernels_f32();
 const MsKernels<double>& ms_kernels_f64();
 template <typename T>

@@ -131,7 +131,7 @@ const ConMixKernels<float>& con_of(const MsKernels<float>& k) {
 // a 2-core Zen 4 (fp32, fwd+bwd, B = 2048, D = 128): MS 0.064 s (avx512) vs 0.031 s (avx2),
 // Metrix-Circle 0.44 vs 0.17, EE-MS 0.79 vs 0.60; the _exp_f32 kernel alone 1.8× slower.
 // METRIX_OPS_SIMD=avx512 still selects it (the tests compare every level).
-const MsKernels<float>& widest() {
+const MsKernels<float>& default_level() {
   static const MsKernels<float>* best = [] {
     return cpu_has("avx2") ? by_name("avx2") : &k_baseline;
   }();
@@ -144,7 +144,7 @@ const MsKernels<float>& widest() {
 // switch levels within one process.
 const MsKernels<float>& ms_kernels_f32() {
   const char* want = std::getenv("METRIX_OPS_SIMD");
-  if (!want || !*want || !std::strcmp(want, "auto")) return widest();
+  if (!want || !*want || !std::strcmp(want, "auto")) return default_level();
   const MsKernels<float>* k = by_name(want);
   TORCH_CHECK(k, "METRIX_OPS_SIMD=", want, ": expected avx512, avx2, baseline or auto");
   TORCH_CHECK(cpu_has(want), "METRIX_OPS_SIMD=", want, ": this CPU does not support it");
@@ -181,7 +181,7 @@ at::Tensor exp_f32(const at::Tensor& x_) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
-  // The SIMD level of the fp32 CPU kernels (METRIX_OPS_SIMD, else the widest available).
+  // The SIMD level of the fp32 CPU kernels (METRIX_OPS_SIMD, else AVX2 where the CPU has it).
   m.def("_simd_level() -> str", &simd_level);
   // The fp32 exp of those kernels, elementwise (for tests against torch.exp).
   m.def("_exp_f32(Tensor x) -> Tensor", &exp_f32);

@@ -31,8 +31,6 @@ from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
 PAIRS = ("pos_neg", "anchor_neg", "pos_pos")
 # candidate entries per chunk (each of the soft form's temporaries is one such tensor)
 CHUNK_ENTRIES = 1 << 20
-# one anchor's row beyond this (a class of tens of thousands against a large R): reference
-MAX_ROW = 1 << 26
 
 
 def covers(name: str, inp, metrix) -> bool:
@@ -69,24 +67,26 @@ def _chunk_parts(name, hyper, distance, pairs, lam, anchors, pslots, self_idx, r
     """The soft form's parts over the anchors `anchors` (their positive slots `pslots`,
     chunk × K, and their own index in R or −1)."""
     xa, la = xh[anchors], labels[anchors]
-    S = xa @ rh.t()  # chunk × M
-    m = rh.shape[0]
-    neg = la[:, None] != ref_labels[None, :]
     valid = (pslots >= 0) & (pslots != self_idx[:, None])  # P(a): its class in R, not a
     ps = pslots.clamp(min=0)
-    sp = S.gather(1, ps)  # chunk × K: S_ap
+    rp = rh[ps]  # chunk × K × D: the anchors' positives
     rows = []
-    if pairs == "pos_pos":
-        gpp = (rh[ps] @ rh[ps].transpose(1, 2))  # chunk × K × K
+    if pairs == "pos_pos":  # only the class blocks: no chunk × M product
+        sp = torch.einsum("cd,ckd->ck", xa, rp)  # S_ap
+        gpp = rp @ rp.transpose(1, 2)  # chunk × K × K
         sim = (lam * sp[:, :, None] + (1 - lam) * sp[:, None, :]) / mix_norm(lam, gpp)
         member = valid[:, :, None] & valid[:, None, :] & (ps[:, :, None] != ps[:, None, :])
         k = ps.shape[1]
         rows.append((sim.reshape(-1, k * k), torch.ones_like(sim).reshape(-1, k * k),
                      member.reshape(-1, k * k)))
     else:
+        S = xa @ rh.t()  # chunk × M
+        m = rh.shape[0]
+        neg = la[:, None] != ref_labels[None, :]
+        sp = S.gather(1, ps)  # chunk × K: S_ap
         has_pos = valid.any(1)
         if pairs == "pos_neg":
-            gpn = rh[ps] @ rh.t()  # chunk × K × M: each positive's row of R Rᵀ
+            gpn = rp @ rh.t()  # chunk × K × M: each positive's row of R Rᵀ
             sim = (lam * sp[:, :, None] + (1 - lam) * S[:, None, :]) / mix_norm(lam, gpn)
             member = valid[:, :, None] & neg[:, None, :]
             k = ps.shape[1]
@@ -103,7 +103,9 @@ def _chunk_parts(name, hyper, distance, pairs, lam, anchors, pslots, self_idx, r
 
 def _chunks(width, entries):
     """Consecutive runs of the anchors in order of class size whose candidate tables
-    (rows × entries(K of the run's largest class)) stay within CHUNK_ENTRIES."""
+    (rows × entries(K of the run's largest class)) stay within CHUNK_ENTRIES; an anchor
+    whose own row is larger is a chunk of its own (still one row where the reference holds
+    all of them)."""
     order = torch.argsort(width, stable=True)
     sizes = width[order].tolist()
     start = 0
@@ -116,10 +118,9 @@ def _chunks(width, entries):
 
 
 def mixed_term(name: str, params: dict, inp, metrix, lam: float):
-    """L̃ (unweighted) of a call covers() accepts; None where one anchor's row would exceed
-    MAX_ROW (the reference runs)."""
+    """L̃ (unweighted) of a call covers() accepts."""
     x, labels, ref_labels = inp.embeddings, inp.labels, inp.ref_labels
-    b, m, pairs = x.shape[0], inp.ref_emb.shape[0], metrix.pairs
+    b, m, d, pairs = x.shape[0], inp.ref_emb.shape[0], x.shape[1], metrix.pairs
     if b == 0 or m == 0:
         return torch.sum(x * 0)
     xh = F.normalize(x, dim=1)
@@ -128,11 +129,9 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float):
     pslots = _anchor_slots(labels, classes, slot)  # B × K_max
     width = (pslots >= 0).sum(1)  # each anchor's class size in R
 
-    def entries(k):
-        return {"pos_neg": (k + 1) * m, "anchor_neg": m, "pos_pos": k * k}[pairs]
+    def entries(k):  # per anchor: its candidates, and its positives' rows (K × D)
+        return {"pos_neg": (k + 1) * m, "anchor_neg": m, "pos_pos": k * k}[pairs] + k * d
 
-    if entries(int(width.max())) > MAX_ROW:
-        return None
     self_idx = (torch.arange(b, device=x.device) if inp.same_set
                 else torch.full((b,), -1, dtype=torch.long, device=x.device))
     hyper = {k: v for k, v in params.items() if k != "proxies"}

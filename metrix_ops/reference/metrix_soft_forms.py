@@ -48,12 +48,12 @@ def loss_metric(s: torch.Tensor, distance) -> torch.Tensor:
 
 
 def combine_parts(parts, s):
-    """The loss of (total, count) parts: Σ total / count, a part with count 0 giving 0."""
-    zero = torch.sum(s * 0)
-    out = zero
-    for total, n in parts:
-        out = out + torch.where(n >= 1, total / n.clamp_min(1), zero)
-    return out
+    """The loss of (total, count) parts: Σ total / count, a part with count 0 giving 0 (with
+    a graph; the zero enters only through the select, so it adds no temporary the size of s
+    and a non-finite entry of s that no part kept stays out)."""
+    zero = s.reshape(-1)[:1].sum() * 0
+    terms = [torch.where(n >= 1, total / n.clamp_min(1), zero) for total, n in parts]
+    return sum(terms[1:], terms[0]) if terms else zero
 
 
 def _kept(terms, keep):
