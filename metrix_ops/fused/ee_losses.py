@@ -79,8 +79,8 @@ def _pair_metric(inp, a, p):
     positives' differences are exact for duplicate rows, as cdist's."""
     xu = inp.distance.maybe_normalize(inp.embeddings)
     if inp.distance.is_inverted:
-        return (xu[a] * xu[p]).sum(1)
-    return safe_sqrt(((xu[a] - xu[p]) ** 2).sum(1))
+        return (xu.index_select(0, a) * xu.index_select(0, p)).sum(1)
+    return safe_sqrt(((xu.index_select(0, a) - xu.index_select(0, p)) ** 2).sum(1))
 
 
 def _positive_pairs(labels):

@@ -132,7 +132,9 @@ def _with_exact_grad(value, xu, ru, a, j, cosine: bool):
     (`value`, no graph), with the gradient of that distance in S = X Rᵀ: ds for cosine,
     −ds/d for the L2 distance of unit rows (0 at d = 0, as torch's cdist backward). The
     value stays bit-exact: the added term is exactly 0."""
-    s = (xu[a] * ru[j]).sum(1)
+    # index_select, not xu[a]: its backward is an index_add, where advanced indexing's is a
+    # serial index_put with accumulation
+    s = (xu.index_select(0, a) * ru.index_select(0, j)).sum(1)
     ds = s - s.detach()
     if cosine:
         return value + ds
