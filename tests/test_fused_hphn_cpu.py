@@ -106,6 +106,19 @@ def test_indices_equal_reference_pruning_cases(n):
             assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
 
 
+@pytest.mark.parametrize("n", [3, 8])
+def test_indices_equal_reference_low_dim_adjacent(n):
+    """The synthetic anchor-side points' search from their floor (class bounds from the
+    endpoints' class maxima, u built only on the classes that remain) on the official
+    pairing, in 3-d: large cosines, many classes near the floor, near-ties."""
+    x, y = batch(200, 3, 30, seed=20 + n, contiguous=True)
+    for dist in (LpDistance(), CosineSimilarity()):
+        expect = ref_picks(x, y, n, "adjacent", dist)
+        for chunk in (256, 9):
+            got = fused_picks(x, y, n, "adjacent", chunk)
+            assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
+
+
 def test_nan_row_hides_no_class_member():
     """A NaN row never wins, and does not hide the other members of its class (the op skips
     classes on their largest cosine, which must ignore NaN)."""

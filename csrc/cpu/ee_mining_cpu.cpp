@@ -167,7 +167,7 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
     segs.sj.assign(pj, pj + S);
     segs.cls.resize(S);
     for (int64_t e = 0; e < S; ++e) {
-      const int64_t i = pi[e], j = pj[e];
+      const int64_t i = pi[e];
       segs.cls[e] = cls[i];
       class_segs[cls[i]].push_back(e);
       segs.of_anchor[i].push_back(e);  // (i, ·) first, then (·, i): the reference's order
