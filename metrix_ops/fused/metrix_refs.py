@@ -70,34 +70,39 @@ def _chunk_parts(name, hyper, distance, pairs, lam, anchors, pslots, self_idx, r
     valid = (pslots >= 0) & (pslots != self_idx[:, None])  # P(a): its class in R, not a
     ps = pslots.clamp(min=0)
     rp = rh[ps]  # chunk × K × D: the anchors' positives
-    rows = []
+    k = ps.shape[1]
+    # every candidate has the same soft label (λ, or 1 for pos_pos): one broadcast entry
+    y = xa.new_full((1, 1), 1.0 if pairs == "pos_pos" else lam)
+    tables = []  # (s, member) of disjoint sets of the chunk's anchors
     if pairs == "pos_pos":  # only the class blocks: no chunk × M product
         sp = torch.einsum("cd,ckd->ck", xa, rp)  # S_ap
         gpp = rp @ rp.transpose(1, 2)  # chunk × K × K
         sim = (lam * sp[:, :, None] + (1 - lam) * sp[:, None, :]) / mix_norm(lam, gpp)
         member = valid[:, :, None] & valid[:, None, :] & (ps[:, :, None] != ps[:, None, :])
-        k = ps.shape[1]
-        rows.append((sim.reshape(-1, k * k), torch.ones_like(sim).reshape(-1, k * k),
-                     member.reshape(-1, k * k)))
+        tables.append((sim.reshape(-1, k * k), member.reshape(-1, k * k)))
     else:
         S = xa @ rh.t()  # chunk × M
         m = rh.shape[0]
         neg = la[:, None] != ref_labels[None, :]
-        sp = S.gather(1, ps)  # chunk × K: S_ap
-        has_pos = valid.any(1)
-        if pairs == "pos_neg":
-            gpn = rp @ rh.t()  # chunk × K × M: each positive's row of R Rᵀ
-            sim = (lam * sp[:, :, None] + (1 - lam) * S[:, None, :]) / mix_norm(lam, gpn)
-            member = valid[:, :, None] & neg[:, None, :]
-            k = ps.shape[1]
-            rows.append((sim.reshape(-1, k * m), torch.full_like(sim, lam).reshape(-1, k * m),
-                         member.reshape(-1, k * m)))
-        # mix(a, n): s(a, a) = 1 for a unit anchor, and ‖v_an‖ from S_an itself
-        own = (lam + (1 - lam) * S) / mix_norm(lam, S)
-        keep = neg if pairs == "anchor_neg" else neg & ~has_pos[:, None]
-        rows.append((own, torch.full_like(own, lam), keep))
-    s, y, member = (torch.cat(t, dim=1) for t in zip(*rows))
-    parts = SOFT_PARTS[name](s, y, member, distance, **hyper)
+        # each anchor's candidates are either mixes of its positives or, with none (or
+        # under anchor_neg), mixes of itself: two tables over two sets of anchors
+        own = torch.ones_like(la, dtype=torch.bool) if pairs == "anchor_neg" else ~valid.any(1)
+        rest = (~own).nonzero().squeeze(1)
+        if len(rest):
+            sr = S.index_select(0, rest)
+            sp = sr.gather(1, ps.index_select(0, rest))  # S_ap
+            gpn = rp.index_select(0, rest) @ rh.t()  # each positive's row of R Rᵀ
+            sim = (lam * sp[:, :, None] + (1 - lam) * sr[:, None, :]) / mix_norm(lam, gpn)
+            member = valid.index_select(0, rest)[:, :, None] & neg.index_select(0, rest)[:, None, :]
+            tables.append((sim.reshape(-1, k * m), member.reshape(-1, k * m)))
+        mine = own.nonzero().squeeze(1)
+        if len(mine):  # mix(a, n): s(a, a) = 1 for a unit anchor, ‖v_an‖ from S_an itself
+            so = S.index_select(0, mine)
+            tables.append(((lam + (1 - lam) * so) / mix_norm(lam, so), neg.index_select(0, mine)))
+    parts = None
+    for s, member in tables:
+        got = SOFT_PARTS[name](s, y, member, distance, **hyper)
+        parts = got if parts is None else [(t + t2, n + n2) for (t, n), (t2, n2) in zip(parts, got)]
     return torch.stack([t for t, _ in parts]), torch.stack([n for _, n in parts])
 
 
