@@ -56,6 +56,12 @@ def machine(device):
         info["device"] = torch.cuda.get_device_name(device)
     else:
         info["device"] = platform.processor() or "cpu"
+        # the fp32 kernels' SIMD level (METRIX_OPS_SIMD or the default): it moves CPU times
+        try:
+            import metrix_ops  # noqa: F401  (loads the extension)
+            info["simd_level"] = torch.ops.metrix_ops._simd_level()
+        except (ImportError, AttributeError, RuntimeError):
+            pass
     return info
 
 

@@ -94,17 +94,6 @@ void con_mix_grad_f64(const ConMixBlock<double>& b, int64_t a0, int64_t a1) {
   ConMixRowKernel<double, 1>::grad(b, a0, a1);
 }
 
-bool cpu_has(const char* level) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (!std::strcmp(level, "avx512"))
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  if (!std::strcmp(level, "avx2"))
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-  return !std::strcmp(level, "baseline");
-}
-
 const MsKernels<float>* by_name(const char* level) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (!std::strcmp(level, "avx512")) return &k_avx512;
@@ -128,8 +117,8 @@ const ConMixKernels<float>& con_of(const MsKernels<float>& k) {
 // vector type; under AVX-512 (whose comparisons yield mask registers) every mask that is
 // combined (ok & (v < lo), nested selects) is then lowered one lane at a time: objdump
 // shows ~1000 scalar vcomiss/set per avx512 fold kernel against ~10 for avx2. Measured on
-// a 2-core Zen 4 (fp32, fwd+bwd, B = 2048, D = 128): MS 0.064 s (avx512) vs 0.031 s (avx2),
-// Metrix-Circle 0.44 vs 0.17, EE-MS 0.79 vs 0.60; the _exp_f32 kernel alone 1.8× slower.
+// a 2-core Zen 4 (fp32, fwd+bwd, B = 2048, D = 128; benchmarks/results/cpu_simd_*.json):
+// MS 0.052 s (avx512) vs 0.023 s (avx2), Metrix-Circle 0.43 vs 0.16.
 // METRIX_OPS_SIMD=avx512 still selects it (the tests compare every level).
 const MsKernels<float>& default_level() {
   static const MsKernels<float>* best = [] {
@@ -140,11 +129,27 @@ const MsKernels<float>& default_level() {
 
 }  // namespace
 
+bool cpu_has(const char* level) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (!std::strcmp(level, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (!std::strcmp(level, "avx2"))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return !std::strcmp(level, "baseline");
+}
+
+bool simd_auto() {
+  const char* want = std::getenv("METRIX_OPS_SIMD");
+  return !want || !*want || !std::strcmp(want, "auto");
+}
+
 // Read on every call (a getenv per op is nothing next to a block of S), so that tests can
 // switch levels within one process.
 const MsKernels<float>& ms_kernels_f32() {
+  if (simd_auto()) return default_level();
   const char* want = std::getenv("METRIX_OPS_SIMD");
-  if (!want || !*want || !std::strcmp(want, "auto")) return default_level();
   const MsKernels<float>* k = by_name(want);
   TORCH_CHECK(k, "METRIX_OPS_SIMD=", want, ": expected avx512, avx2, baseline or auto");
   TORCH_CHECK(cpu_has(want), "METRIX_OPS_SIMD=", want, ": this CPU does not support it");

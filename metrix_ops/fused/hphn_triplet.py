@@ -48,11 +48,8 @@ def _point_inner(pu, pw, plam, qu, qw, qlam):
 
 
 def _norm_of_rows(u, w, same, lam):
-    """‖point‖ from its endpoints' rows, _point_inner of the point with itself (⟨u, w⟩ taken
-    once for both cross terms: a product is commutative); 1 for originals (same), exactly,
-    as the reference."""
-    uw = _dot(u, w)
-    sq = lam * (lam * _dot(u, u) + (1 - lam) * uw) + (1 - lam) * (lam * uw + (1 - lam) * _dot(w, w))
+    """‖point‖ from its endpoints' rows; 1 for originals (same), exactly, as the reference."""
+    sq = _point_inner(u, w, lam, u, w, lam)
     return torch.where(same, torch.ones_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
 
 

@@ -33,21 +33,30 @@ def covers(name: str, inp, metrix) -> bool:
             and inp.distance.normalize_embeddings)
 
 
+def class_slots(labels):
+    """(order, classes, inv, rank, slot) of the labels: order sorts them (stable), classes are
+    the distinct labels, inv / rank each sorted row's class and place in it, and slot[c, k]
+    the k-th member (index into labels) of class c, −1 past its size."""
+    order = torch.argsort(labels, stable=True)
+    classes, inv, counts = torch.unique_consecutive(labels[order], return_inverse=True,
+                                                    return_counts=True)
+    k = int(counts.max()) if len(counts) else 0
+    rank = torch.arange(len(order), device=labels.device) - (torch.cumsum(counts, 0) - counts)[inv]
+    slot = torch.full((len(classes), max(k, 1)), -1, dtype=torch.long, device=labels.device)
+    slot[inv, rank] = order
+    return order, classes, inv, rank, slot
+
+
 def candidate_rows(xu, labels, lam: float):
     """(s, member), B × K²: anchor i's row holds s(i, mix(p, p′)) for the ordered pairs of
     its class's members (p, p′ at their ranks in the class), member where p ≠ p′ and both
     differ from i. Built per anchor from its class's K × K block (B × K × K, never C × K³).
     None when the rows would exceed MAX_ENTRIES."""
     b, dev = len(labels), labels.device
-    order = torch.argsort(labels, stable=True)
-    _, inv, counts = torch.unique_consecutive(labels[order], return_inverse=True,
-                                              return_counts=True)
-    k, c = int(counts.max()), len(counts)
+    order, _, inv, rank, slot = class_slots(labels)  # slot: C × K, members in index order
+    k = slot.shape[1]
     if b * k * k > MAX_ENTRIES:
         return None
-    rank = torch.arange(b, device=dev) - (torch.cumsum(counts, 0) - counts)[inv]
-    slot = torch.full((c, k), -1, dtype=torch.long, device=dev)
-    slot[inv, rank] = order  # class c's members (batch indices) in index order, −1 padding
     valid = slot >= 0
     xc = xu[slot.clamp(min=0)] * valid[..., None].to(xu.dtype)  # padding rows: 0
     g = xc @ xc.transpose(1, 2)  # C × K × K: each class's Gram block

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..reference.metrix import mix_norm
 from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
+from .metrix_pos_pos import class_slots
 
 PAIRS = ("pos_neg", "anchor_neg", "pos_pos")
 # candidate entries per chunk (each of the soft form's temporaries is one such tensor)
@@ -37,20 +38,6 @@ def covers(name: str, inp, metrix) -> bool:
     """Embedding level, a pair kind the chunks build, a loss with a soft form as parts."""
     return (name in SOFT_PARTS and metrix.level == "embedding" and metrix.pairs in PAIRS
             and inp.labels is not None and inp.distance.normalize_embeddings)
-
-
-def _ref_classes(ref_labels):
-    """(class labels, K_max, slot): slot[c, k] is the k-th member (index into R) of class c,
-    −1 past its size."""
-    order = torch.argsort(ref_labels, stable=True)
-    classes, inv, counts = torch.unique_consecutive(ref_labels[order], return_inverse=True,
-                                                    return_counts=True)
-    k = int(counts.max()) if len(counts) else 0
-    slot = torch.full((len(classes), max(k, 1)), -1, dtype=torch.long, device=ref_labels.device)
-    rank = torch.arange(len(order), device=ref_labels.device) - (torch.cumsum(counts, 0)
-                                                                  - counts)[inv]
-    slot[inv, rank] = order
-    return classes, slot
 
 
 def _anchor_slots(labels, classes, slot):
@@ -130,7 +117,7 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float):
         return torch.sum(x * 0)
     xh = F.normalize(x, dim=1)
     rh = xh if inp.ref_emb is x else F.normalize(inp.ref_emb.to(x.dtype), dim=1)
-    classes, slot = _ref_classes(ref_labels)
+    _, classes, _, _, slot = class_slots(ref_labels)  # slot[c, k]: k-th member of R's class c
     pslots = _anchor_slots(labels, classes, slot)  # B × K_max
     width = (pslots >= 0).sum(1)  # each anchor's class size in R
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..reducers import _kept_sum
 from .lse import masked_logsumexp
 
 
@@ -58,7 +59,7 @@ def combine_parts(parts, s):
 
 def _kept(terms, keep):
     """(Σ terms over keep, #keep); a select, so terms outside keep reach no gradient."""
-    return torch.where(keep, terms, torch.zeros_like(terms)).sum(), keep.sum()
+    return _kept_sum(terms, keep), keep.sum()
 
 
 def contrastive_parts(s, y, member, distance, pos_margin=0.0, neg_margin=1.0):
