@@ -23,13 +23,25 @@ HYPER = {"MultiSimilarityLoss": {"alpha": 3.0, "beta": 40.0, "base": 0.3},
 LOSSES = tuple(HYPER)
 
 
+@pytest.fixture(autouse=True)
+def chunks_only(monkeypatch):
+    """This file tests the PyTorch chunks: the CPU op that takes MS's term against
+    references instead is tested in test_metrix_refs_op.py."""
+    monkeypatch.setattr(mr, "_fused_term", lambda *a: None)
+
+
+def record_calls(monkeypatch, module, name):
+    """module.name wrapped to keep its results, each time it is called; the list of them."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(real(*a)) or calls[-1])
+    return calls
+
+
 @pytest.fixture
 def counted(monkeypatch):
     """The anchor-chunk term's results, each time the driver called it."""
-    calls = []
-    real = mr.mixed_term
-    monkeypatch.setattr(mr, "mixed_term", lambda *a: calls.append(real(*a)) or calls[-1])
-    return calls
+    return record_calls(monkeypatch, mr, "mixed_term")
 
 
 def pair(name, pairs, backend="cpu", lam=0.35, **kw):
@@ -178,18 +190,24 @@ def test_neg_neg_stays_on_the_reference(counted):
     assert not counted
 
 
+def large_reference_case():
+    """(x, y, r, ry, metrix, MS params): 64 anchors, 3000 references in classes of 6, some
+    anchors without a class among them."""
+    g = torch.Generator().manual_seed(17)
+    r = torch.randn(3000, 8, dtype=torch.float64, generator=g)
+    ry = torch.arange(3000) // 6
+    x = torch.randn(64, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 600, (64,), generator=g)
+    mx = mo.Metrix(level="embedding", pairs="pos_neg", lam=0.4)
+    return x, y, r, ry, mx, {"alpha": 2.0, "beta": 50.0, "base": 0.5}
+
+
 def test_large_reference_set_without_cubic_memory():
     """B = 64 against M = 3000 references in classes of 6: the reference's candidate
     tensor would be 64 · 3000² entries (4.6 GB in float64); a chunk holds at most
     CHUNK_ENTRIES. Every eighth anchor against the mean of one-anchor references (B = 1:
     3000² entries each), MS being a mean over anchors with a non-empty V(a)."""
-    g = torch.Generator().manual_seed(17)
-    r = torch.randn(3000, 8, dtype=torch.float64, generator=g)
-    ry = torch.arange(3000) // 6
-    x = torch.randn(64, 8, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 600, (64,), generator=g)  # some without a class in R
-    mx = mo.Metrix(level="embedding", pairs="pos_neg", lam=0.4)
-    params = {"alpha": 2.0, "beta": 50.0, "base": 0.5}
+    x, y, r, ry, mx, params = large_reference_case()
     cos = mo.distances.CosineSimilarity()
 
     def inputs(rows):

@@ -41,6 +41,11 @@ struct MixGeom {
   // gradient only
   T* gm;  // the block of ∂L/∂S (entries (a, n) and (p, n)), added to
   T* gw;  // ∂L/∂s_ap, laid out as wc, added to
+  // per anchor, the one row of [cls_lo, cls_hi) that is not its positive (−1: none); null:
+  // the anchor itself (the batch against itself). Against references (metrix_refs_walk.h)
+  // an anchor's positives are rows of another matrix, placed after the anchors' rows, and
+  // the anchor's own slot among them (a bank that holds the batch) is not a positive.
+  const int64_t* self_row = nullptr;
 };
 
 #define MO_INLINE inline __attribute__((always_inline))
@@ -70,13 +75,14 @@ struct MixLanes {
   template <class Fn>
   static MO_INLINE void for_positives(const MixGeom<T>& b, int64_t a, Fn f) {
     const int64_t lo = b.cls_lo[a], hi = b.cls_hi[a];
-    if (b.anchor_neg || hi - lo == 1) {
+    const int64_t self = b.self_row ? b.self_row[a] : a;
+    if (b.anchor_neg || hi - lo == (self >= lo && self < hi ? 1 : 0)) {
       f(a, T(1));
       return;
     }
     const T* w = b.wc + b.wc_off[a];
     for (int64_t p = lo; p < hi; ++p)
-      if (p != a) f(p, w[p - lo]);
+      if (p != self) f(p, w[p - lo]);
   }
 
   // f(j, m, v, ip, ok): W columns at a time, v the candidates' cosines, ip the rows' 1/‖v‖,

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import _ext
+from ..distances import is_cosine
+from ..ops.ms_metrix import ms_metrix_refs_rows
 from ..reference.metrix import mix_norm
 from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
 from .metrix_pos_pos import class_slots
@@ -109,6 +112,26 @@ def _chunks(width, entries):
         start = end
 
 
+def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
+    """L̃ from the CPU engine's op of anchors against references (csrc/cpu/metrix_refs_walk.h:
+    per class its anchors' rows of X Rᵀ and its positives' rows of R Rᵀ, the candidates in
+    the in-batch op's kernels), or None where it has none: MS with its cosine similarity,
+    pos_neg or anchor_neg, CPU tensors."""
+    if not (_ext.HAS_EXT and name == "MultiSimilarityLoss" and pairs in ("pos_neg", "anchor_neg")
+            and xh.device.type == "cpu" and is_cosine(inp.distance)):
+        return None
+    labels, ref_labels = inp.labels, inp.ref_labels
+    if xh.dtype in (torch.float16, torch.bfloat16):  # computed in fp32, as the clean ops
+        xh, rh = xh.float(), rh.float()
+    rows = ms_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, params["alpha"],
+                               params["beta"], params["base"], lam, pairs)
+    # V(a) is non-empty where a has a negative among the references (its candidates mix
+    # its positives, or itself, with those)
+    srt = torch.sort(ref_labels).values
+    same = (torch.searchsorted(srt, labels, right=True) - torch.searchsorted(srt, labels))
+    return combine_parts([(rows.sum(), (same < len(ref_labels)).sum())], xh)
+
+
 def mixed_term(name: str, params: dict, inp, metrix, lam: float):
     """L̃ (unweighted) of a call covers() accepts."""
     x, labels, ref_labels = inp.embeddings, inp.labels, inp.ref_labels
@@ -126,6 +149,9 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float):
 
     self_idx = (torch.arange(b, device=x.device) if inp.same_set
                 else torch.full((b,), -1, dtype=torch.long, device=x.device))
+    fused = _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx)
+    if fused is not None:
+        return fused
     hyper = {k: v for k, v in params.items() if k != "proxies"}
     totals = counts = None
     for anchors, k in _chunks(width, entries):

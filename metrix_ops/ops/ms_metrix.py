@@ -9,6 +9,9 @@ import torch
 from .. import _ext
 
 _FWD = "metrix_ops::ms_metrix_self_fwd"
+# the refs op's classes go in groups whose tiles (anchors' and positives' rows × M) hold
+# about this many entries: three such tiles (S, 1/‖v‖, ∂L/∂S) per group, 48 MiB in fp32
+GROUP_ENTRIES = 1 << 22
 
 if _ext.HAS_EXT:
     @torch.library.register_fake(_FWD)
@@ -37,6 +40,33 @@ if _ext.HAS_EXT:
 
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
+    _REFS = "metrix_ops::ms_metrix_refs_fwd"
+
+    @torch.library.register_fake(_REFS)
+    def _fake_refs(x, r, labels, ref_labels, self_rows, alpha, beta, base, lam, anchor_neg,
+                   group):
+        return tuple(x.new_empty(x.shape[0]) for _ in range(3))
+
+    @torch.library.register_fake("metrix_ops::ms_metrix_refs_bwd")
+    def _fake_refs_bwd(grad_rows, x, r, labels, ref_labels, self_rows, tp, tn, alpha, beta,
+                       base, lam, anchor_neg, group, need_dr):
+        return torch.empty_like(x), torch.empty_like(r)
+
+    def _setup_refs(ctx, inputs, output):
+        x, r, labels, ref_labels, self_rows, *consts = inputs
+        ctx.save_for_backward(x, r, labels, ref_labels, self_rows, output[1], output[2])
+        ctx.consts = tuple(consts)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward_refs(ctx, g_rows, _gtp, _gtn):
+        x, r, labels, ref_labels, self_rows, tp, tn = ctx.saved_tensors
+        dx, dr = torch.ops.metrix_ops.ms_metrix_refs_bwd(
+            g_rows.contiguous(), x, r, labels, ref_labels, self_rows, tp, tn, *ctx.consts,
+            ctx.needs_input_grad[1])
+        return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * 9
+
+    torch.library.register_autograd(_REFS, _backward_refs, setup_context=_setup_refs)
+
 
 def label_sorted(x, labels):
     """(x, labels) sorted by label (stably) for the Metrix ops, which cut their blocks between
@@ -61,3 +91,26 @@ def ms_metrix_rows(x_unit, labels, alpha: float, beta: float, base: float, lam: 
         xs, ys, float(alpha), float(beta), float(base), float(lam), pairs == "anchor_neg",
         int(block))
     return rows.index_select(0, inverse), mix.index_select(0, inverse)
+
+
+def ms_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, alpha: float,
+                        beta: float, base: float, lam: float, pairs: str = "pos_neg",
+                        group: int | None = None):
+    """ℓ̃(a) per anchor (B,), in the caller's order, over its candidates against the
+    references: mix(p, n, λ) of a reference positive p (not self_idx[a], a's own row of the
+    references, −1: none) and a reference negative n; with no such p, or pairs "anchor_neg",
+    mix(a, n). 0 where a has no negative among the references."""
+    if pairs not in ("pos_neg", "anchor_neg"):
+        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
+    xs, ys, inverse = label_sorted(x_unit, labels)
+    order = torch.argsort(ref_labels, stable=True)
+    rs, rys = r_unit.index_select(0, order).contiguous(), ref_labels.index_select(0, order)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    own = self_idx.index_select(0, torch.argsort(labels, stable=True))
+    own = torch.where(own >= 0, rank.index_select(0, own.clamp(min=0)) if len(rank) else own,
+                      own)
+    rows, _, _ = torch.ops.metrix_ops.ms_metrix_refs_fwd(
+        xs, rs, ys, rys.contiguous(), own.contiguous(), float(alpha), float(beta), float(base),
+        float(lam), pairs == "anchor_neg", int(GROUP_ENTRIES if group is None else group))
+    return rows.index_select(0, inverse)

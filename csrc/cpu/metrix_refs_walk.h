@@ -1,0 +1,195 @@
+// The walk of the embedding-level Metrix ops of anchors X against references R (`ref_emb`,
+// or a cross-batch memory bank), pairs "pos_neg" or "anchor_neg": the counterpart of
+// metrix_blocks.h, feeding the same per-loss kernels (MixGeom sides), so that every loss
+// whose in-batch Metrix op has a kernel gets the same term against references.
+//
+// Anchor a of class c has the candidates mix(p, n, λ), p a reference of class c (not a's own
+// slot, when R holds the batch), n a reference of another class:
+//
+//   s̃ = (λ S_ap + (1−λ) S_an) / ‖v_pn‖,   ‖v_pn‖ from (R Rᵀ)_pn,   S = X Rᵀ,
+//
+// so a class needs its anchors' rows of S and its positives' rows of R Rᵀ, nothing else.
+// Both sets are label-sorted (the Python side sorts them): a class is a run of anchors and a
+// run of references. Classes are taken in groups: the group's anchors and positives stacked
+// class by class into Q (each class's anchors, then its positives), one product Q Rᵀ gives
+// every class its tile (K_a + K_p rows against all M references), and the tiles run in
+// parallel. A tile is laid out as the in-batch kernels expect a block side whose rows hold
+// a class: the anchors keep their global row numbers (rows of the tile from r0 = the run's
+// first anchor) and the positives follow them as rows hi, hi + 1, ... (MixGeom::cls_lo/hi
+// give each anchor that range, self_row its own slot in it). An anchor with no positive
+// mixes itself, whose 1/‖v_an‖ comes from its own row of S.
+//
+// Backward: the kernels add ∂L/∂S into the group's gradient tile (anchors' rows: entries
+// (a, n); positives' rows: entries (p, n)) and ∂L/∂s_ap into gw, which is added back at
+// the anchors' rows and the positives' columns (s_ap is S's entry there); then
+// dQ = G R, dR += Gᵀ Q, and dQ goes back to the anchors' and positives' rows.
+// Memory: the group's three (rows × M) tiles, about `group` entries each (the op's argument);
+// a single class larger than that makes a larger group (its K × M is what one anchor's
+// candidates need).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/metrix_blocks.h"
+
+namespace metrix_ops {
+
+// The runs of the label-sorted anchors and their positives among the label-sorted
+// references, and each anchor's MixGeom fields.
+struct RefsLayout {
+  std::vector<int64_t> run_lo, run_hi, pos_lo, pos_hi;   // per class run
+  std::vector<int64_t> cls_lo, cls_hi, self_row, wc_off;  // per anchor
+  int64_t group = 1;  // entries of a group's tiles (rows × M), at least one class
+};
+
+// self[a]: a's own row among the sorted references (−1: none)
+inline RefsLayout refs_layout(const at::Tensor& labels, const at::Tensor& ref_labels,
+                              const at::Tensor& self, int64_t group) {
+  TORCH_CHECK(group > 0, "group must be > 0, got ", group);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const int64_t* yr = ref_labels.data_ptr<int64_t>();
+  const int64_t* own = self.data_ptr<int64_t>();
+  const int64_t B = labels.size(0), M = ref_labels.size(0);
+  for (int64_t j = 1; j < M; ++j)
+    TORCH_CHECK(yr[j] >= yr[j - 1], "ref_labels must be sorted (non-decreasing): the Metrix "
+                "op takes each class's positives as one run");
+  RefsLayout L;
+  L.group = group;
+  L.cls_lo.resize(B);
+  L.cls_hi.resize(B);
+  L.self_row.resize(B);
+  L.wc_off.resize(B);
+  for (int64_t s = 0; s < B;) {
+    int64_t e = s + 1;
+    while (e < B && y[e] == y[s]) ++e;
+    TORCH_CHECK(e == B || y[e] > y[s], "labels must be sorted (non-decreasing): the Metrix "
+                "op takes each class's anchors as one run");
+    const int64_t plo = std::lower_bound(yr, yr + M, y[s]) - yr;
+    const int64_t phi = std::upper_bound(yr, yr + M, y[s]) - yr;
+    for (int64_t a = s; a < e; ++a) {
+      const int64_t o = own[a];
+      TORCH_CHECK(o == -1 || (o >= plo && o < phi), "self: anchor ", a, "'s own row ", o,
+                  " must be -1 or a reference of its label");
+      L.cls_lo[a] = e;
+      L.cls_hi[a] = e + (phi - plo);
+      L.self_row[a] = o == -1 ? -1 : e + (o - plo);
+    }
+    L.run_lo.push_back(s);
+    L.run_hi.push_back(e);
+    L.pos_lo.push_back(plo);
+    L.pos_hi.push_back(phi);
+    s = e;
+  }
+  return L;
+}
+
+// Per group of runs: the stacked rows' first row per run, and their total.
+struct RefsGroup {
+  int64_t k0, k1;            // runs [k0, k1)
+  std::vector<int64_t> off;  // per run of the group: its first row in Q
+  int64_t rows = 0, wc = 0;  // Q's rows; the group's s_ap entries
+};
+
+inline std::vector<RefsGroup> refs_groups(const RefsLayout& L, int64_t M) {
+  std::vector<RefsGroup> out;
+  const int64_t n = static_cast<int64_t>(L.run_lo.size());
+  for (int64_t k = 0; k < n;) {
+    RefsGroup g{k, k, {}, 0, 0};
+    while (g.k1 < n) {
+      const int64_t ka = L.run_hi[g.k1] - L.run_lo[g.k1], kp = L.pos_hi[g.k1] - L.pos_lo[g.k1];
+      if (g.k1 > g.k0 && (g.rows + ka + kp) * std::max<int64_t>(M, 1) > L.group) break;
+      g.off.push_back(g.rows);
+      g.rows += ka + kp;
+      g.wc += ka * kp;
+      ++g.k1;
+    }
+    k = g.k1;
+    out.push_back(std::move(g));
+  }
+  return out;
+}
+
+// Walks the groups: per group Q (stacked rows), S = Q Rᵀ, each anchor's s_ap (wc, laid out
+// per anchor from wc_off), and per run side(geom)(lo, hi) in parallel over the runs, geom
+// over its tile of S and of 1/‖v‖ (and of gm, the group's zeroed gradient tile, when
+// with_grad). Then done(group, Q, S-or-G) — backward gets gm with gw already added in.
+template <typename T, class Side, class Done>
+void metrix_refs_walk(const at::Tensor& x, const at::Tensor& r, RefsLayout& L,
+                      const int32_t* ids_x, const int32_t* ids_r, T lam, bool anchor_neg,
+                      bool with_grad, Side&& side, Done&& done) {
+  const int64_t M = r.size(0);
+  const at::Tensor rt = r.t();
+  for (const RefsGroup& g : refs_groups(L, M)) {
+    std::vector<at::Tensor> parts;
+    for (int64_t k = g.k0; k < g.k1; ++k) {
+      parts.push_back(x.narrow(0, L.run_lo[k], L.run_hi[k] - L.run_lo[k]));
+      parts.push_back(r.narrow(0, L.pos_lo[k], L.pos_hi[k] - L.pos_lo[k]));
+    }
+    const at::Tensor q = at::cat(parts);
+    const at::Tensor s = at::mm(q, rt);
+    std::vector<T> inv(g.rows * M), wc(g.wc), gw(with_grad ? g.wc : 0, T(0));
+    at::Tensor gm = with_grad ? at::zeros_like(s) : at::Tensor();
+    const T* sp = s.data_ptr<T>();
+    // each anchor's s_ap: its row of S at its positives' columns
+    for (int64_t k = g.k0, w = 0; k < g.k1; ++k) {
+      const int64_t lo = L.run_lo[k], kp = L.pos_hi[k] - L.pos_lo[k];
+      for (int64_t a = lo; a < L.run_hi[k]; ++a, w += kp) {
+        L.wc_off[a] = w;
+        const T* row = sp + (g.off[k - g.k0] + a - lo) * M + L.pos_lo[k];
+        std::copy(row, row + kp, wc.begin() + w);
+      }
+    }
+    at::parallel_for(g.k0, g.k1, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t lo = L.run_lo[k], hi = L.run_hi[k], o = g.off[k - g.k0];
+        const int64_t n = (hi - lo + L.pos_hi[k] - L.pos_lo[k]) * M;
+        mix_inv_norms<T>(sp + o * M, n, lam, inv.data() + o * M);
+        const MixGeom<T> geo{sp + o * M, inv.data() + o * M, M, lo, 0, ids_x, ids_r,
+                             L.cls_lo.data(), L.cls_hi.data(), wc.data(), L.wc_off.data(), lam,
+                             anchor_neg, with_grad ? gm.data_ptr<T>() + o * M : nullptr,
+                             with_grad ? gw.data() : nullptr, L.self_row.data()};
+        side(geo)(lo, hi);
+      }
+    });
+    if (with_grad) {  // ∂L/∂s_ap is S's entry at (a, its positive's column)
+      T* gp = gm.data_ptr<T>();
+      for (int64_t k = g.k0; k < g.k1; ++k) {
+        const int64_t lo = L.run_lo[k], kp = L.pos_hi[k] - L.pos_lo[k];
+        for (int64_t a = lo; a < L.run_hi[k]; ++a) {
+          T* row = gp + (g.off[k - g.k0] + a - lo) * M + L.pos_lo[k];
+          const T* w = gw.data() + L.wc_off[a];
+          for (int64_t j = 0; j < kp; ++j) row[j] += w[j];
+        }
+      }
+    }
+    done(g, q, with_grad ? gm : s);
+  }
+}
+
+// Backward of the walk: dx, and dr when need_dr, from the kernels' gradient tiles.
+template <typename T, class Side>
+std::pair<at::Tensor, at::Tensor> metrix_refs_grad(const at::Tensor& x, const at::Tensor& r,
+                                                   RefsLayout& L, const int32_t* ids_x,
+                                                   const int32_t* ids_r, T lam,
+                                                   bool anchor_neg, bool need_dr,
+                                                   Side&& side) {
+  at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
+  metrix_refs_walk<T>(x, r, L, ids_x, ids_r, lam, anchor_neg, /*with_grad=*/true, side,
+                      [&](const RefsGroup& g, const at::Tensor& q, const at::Tensor& gm) {
+    const at::Tensor dq = at::mm(gm, r);  // rows of Q: the anchors' and positives' gradients
+    if (need_dr) dr.addmm_(gm.t(), q);
+    for (int64_t k = g.k0; k < g.k1; ++k) {
+      const int64_t lo = L.run_lo[k], ka = L.run_hi[k] - lo, kp = L.pos_hi[k] - L.pos_lo[k];
+      const int64_t o = g.off[k - g.k0];
+      dx.narrow(0, lo, ka).add_(dq.narrow(0, o, ka));
+      if (need_dr && kp) dr.narrow(0, L.pos_lo[k], kp).add_(dq.narrow(0, o + ka, kp));
+    }
+  });
+  return {dx, dr};
+}
+
+}  // namespace metrix_ops

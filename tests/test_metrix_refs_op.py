@@ -1,0 +1,178 @@
+"""The CPU op of MultiSimilarityLoss's embedding-level Metrix term against references
+(csrc/cpu/metrix_refs_walk.h, ms_metrix_refs_cpu.cpp: per class its anchors' rows of X Rᵀ and
+its positives' rows of R Rᵀ, the candidates in the in-batch op's kernels): the loss with
+`ref_emb` against the reference, which builds the B × M × M candidate tensor, over the shared
+edge cases, in one group and in one class per group; the op against the in-batch op (a bank
+that is the batch, in any order, each anchor's own row excluded); against the PyTorch chunks
+on a reference set of 3000 rows; fp32 and half inputs; opcheck; and its input errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrix_ops as mo
+from cases import CASE_IDS, CASES, assert_close_vg, assert_float32_and_bf16, make_case
+from metrix_ops import _ext
+from metrix_ops.fused import metrix_refs as mr
+from metrix_ops.ops import ms_metrix
+from test_metrix_refs import check_refs as check_name_refs
+from test_metrix_refs import pair as metrix_pair
+from test_metrix_refs import large_reference_case, record_calls, refs_for
+
+pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
+
+HYPER = {"alpha": 3.0, "beta": 40.0, "base": 0.3}
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The op's per-anchor rows, each time the Metrix term called it."""
+    return record_calls(monkeypatch, mr, "ms_metrix_refs_rows")
+
+
+def pair(pairs, **kw):
+    return metrix_pair("MultiSimilarityLoss", pairs, **kw)
+
+
+def check_refs(pairs, x, y, r, ry, **kw):
+    check_name_refs("MultiSimilarityLoss", pairs, x, y, r, ry, **kw)
+
+
+@pytest.mark.parametrize("group", [1, None], ids=["class_per_group", "one_group"])
+@pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_ref_emb_equals_reference(case, pairs, group, op_calls, monkeypatch):
+    if group is not None:
+        monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", group)
+    x, y = make_case(case, seed=3)
+    r, ry = refs_for(x, y, seed=4)
+    check_refs(pairs, x, y, r, ry)
+    check_refs(pairs, x, y, r, ry, **HYPER)
+    assert op_calls
+
+
+def test_references_without_a_class_of_the_batch(op_calls):
+    """no anchor has a positive among the references (each mixes itself), and a reference
+    set of one class that is the anchors' own (no candidate: the term is 0)"""
+    x, y = make_case(CASES[1], seed=5)
+    g = torch.Generator().manual_seed(6)
+    r = torch.randn(9, x.shape[1], dtype=x.dtype, generator=g)
+    check_refs("pos_neg", x, y, r, y.max() + 1 + torch.arange(9) % 3)
+    one = torch.zeros(5, dtype=torch.long)
+    check_refs("pos_neg", x[:4], one[:4], r[:5], one)
+    assert len(op_calls) == 2
+
+
+def _bank_rows(xu, y, perm, pairs, group=None):
+    """The op's rows for the batch against a bank holding it in the order perm (each
+    anchor's own row excluded)."""
+    own = torch.empty_like(perm)
+    own[perm] = torch.arange(len(perm))
+    return ms_metrix.ms_metrix_refs_rows(xu, xu[perm], y, y[perm], own, 2.0, 50.0, 0.5, 0.3,
+                                         pairs, group)
+
+
+@pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_a_bank_that_is_the_batch_equals_the_in_batch_op(case, pairs):
+    """The batch against itself through the references op, the bank in any order, equals
+    the in-batch op's mixed rows (its own walk over the symmetric S), values and gradient."""
+    x, y = make_case(case, seed=7)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(8))
+
+    def in_batch(e):
+        return ms_metrix.ms_metrix_rows(F.normalize(e, dim=1), y, 2.0, 50.0, 0.5, 0.3,
+                                        pairs)[1].sum()
+
+    for group in (1, None):
+        assert_close_vg(lambda e: _bank_rows(F.normalize(e, dim=1), y, perm, pairs, group).sum(),
+                        in_batch, x)
+
+
+def test_batch_against_itself_with_an_indices_tuple(op_calls):
+    """Metrix beside a miner's tuple: the clean loss on the tuple, the mixed term (same_set:
+    no self pair) from the op"""
+    x, y = make_case(CASES[1], seed=10)
+    a, p, n = mo.miners.TripletMarginMiner(margin=0.3)(x.detach(), y)
+    fused, ref = pair("pos_neg")
+    assert_close_vg(lambda e: fused(e, y, (a, p, n)), lambda e: ref(e, y, (a, p, n)), x)
+    assert op_calls
+
+
+def test_large_reference_set_equals_the_chunks(monkeypatch):
+    """B = 64 against M = 3000 references in classes of 6 (the reference's candidate tensor
+    would be 4.6 GB), small groups: the op against the PyTorch chunks, values and both
+    gradients."""
+    x, y, r, ry, mx, params = large_reference_case()
+
+    def term(e, q):
+        inp = mo.spec.LossInputs(e, y, None, q, ry, False, mo.distances.CosineSimilarity())
+        return mr.mixed_term("MultiSimilarityLoss", params, inp, mx, 0.4)
+
+    def chunks(e, q):  # the same term with the op switched off
+        with monkeypatch.context() as m:
+            m.setattr(mr, "_fused_term", lambda *a: None)
+            return term(e, q)
+
+    monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", 20 * 3000)  # about 20 rows a group
+    assert_close_vg(term, chunks, x, r, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_and_half(op_calls):
+    x, y = make_case(CASES[1], seed=11)
+    r, ry = refs_for(x, y, seed=12)
+    fused, ref = pair("pos_neg")
+    rd = r.detach()
+    assert_float32_and_bf16(lambda e: fused(e, y, ref_emb=rd.to(e.dtype), ref_labels=ry),
+                            lambda e: ref(e, y, ref_emb=rd.to(e.dtype), ref_labels=ry), x)
+    h = x.detach().half()  # fp16 too: computed in fp32
+    torch.testing.assert_close(fused(h, y, ref_emb=rd.half(), ref_labels=ry),
+                               ref(h.float(), y, ref_emb=rd.half().float(), ref_labels=ry),
+                               rtol=1e-4, atol=1e-5)
+    assert all(c.dtype == torch.float32 for c in op_calls)
+
+
+def test_references_without_grad_get_none(op_calls):
+    """a detached bank: dx only (the op skips dR's product), the same dx"""
+    x, y = make_case(CASES[0], seed=13)
+    r, ry = refs_for(x, y, seed=14)
+    fused, ref = pair("pos_neg")
+    rd = r.detach()
+    assert_close_vg(lambda e: fused(e, y, ref_emb=rd, ref_labels=ry),
+                    lambda e: ref(e, y, ref_emb=rd, ref_labels=ry), x)
+
+
+def _op_args(b=7, m=9, d=4, seed=15):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(b, d, dtype=torch.float64, generator=g), dim=1)
+    r = F.normalize(torch.randn(m, d, dtype=torch.float64, generator=g), dim=1)
+    y = torch.sort(torch.randint(0, 3, (b,), generator=g)).values
+    ry = torch.sort(torch.randint(0, 4, (m,), generator=g)).values
+    return x, r, y, ry, torch.full((b,), -1, dtype=torch.long)
+
+
+def test_opcheck():
+    x, r, y, ry, own = _op_args()
+    x.requires_grad_()
+    r.requires_grad_()
+    for anchor_neg in (False, True):
+        torch.library.opcheck(torch.ops.metrix_ops.ms_metrix_refs_fwd,
+                              (x, r, y, ry, own, 2.0, 50.0, 0.5, 0.3, anchor_neg, 1 << 22))
+
+
+def test_input_errors():
+    x, r, y, ry, own = _op_args()
+    op = torch.ops.metrix_ops.ms_metrix_refs_fwd
+    with pytest.raises(RuntimeError, match="ref_labels must be sorted"):
+        op(x, r, y, ry.flip(0), own, 2.0, 50.0, 0.5, 0.3, False, 64)
+    with pytest.raises(RuntimeError, match="labels must be sorted"):
+        op(x, r, y.flip(0), ry, own, 2.0, 50.0, 0.5, 0.3, False, 64)
+    bad = own.clone()
+    bad[0] = int((ry != y[0]).nonzero()[0])  # a reference of another label
+    with pytest.raises(RuntimeError, match="self: anchor 0"):
+        op(x, r, y, ry, bad, 2.0, 50.0, 0.5, 0.3, False, 64)
+    with pytest.raises(RuntimeError, match="lam must be in"):
+        op(x, r, y, ry, own, 2.0, 50.0, 0.5, 1.5, False, 64)
+    with pytest.raises(RuntimeError, match="same D"):
+        op(x, r[:, :3], y, ry, own, 2.0, 50.0, 0.5, 0.3, False, 64)
+    with pytest.raises(RuntimeError, match="group must be > 0"):
+        op(x, r, y, ry, own, 2.0, 50.0, 0.5, 0.3, False, 0)
