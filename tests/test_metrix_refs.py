@@ -10,7 +10,9 @@ import torch
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, assert_float32_and_bf16, make_case
 from metrix_ops import _ext
+from metrix_ops import fused
 from metrix_ops.fused import metrix_refs as mr
+from metrix_ops.fused import multi_similarity as fused_ms
 from metrix_ops.reference.metrix import metrix_loss
 from triton_cases import on_dev, requires_triton
 
@@ -25,8 +27,12 @@ LOSSES = tuple(HYPER)
 
 @pytest.fixture(autouse=True)
 def chunks_only(monkeypatch):
-    """This file tests the PyTorch chunks: the CPU op that takes MS's term against
-    references instead is tested in test_metrix_refs_op.py."""
+    """This file tests the PyTorch chunks: the CPU op that takes MS's loss and term against
+    references instead is tested in test_metrix_refs_op.py (off here: MS's fused Metrix
+    entry keeps to the batch against itself, and the chunks do not call the op)."""
+    supports, impl = fused.METRIX_IMPLS[("cpu", "MultiSimilarityLoss")]
+    monkeypatch.setitem(fused.METRIX_IMPLS, ("cpu", "MultiSimilarityLoss"),
+                        (lambda *a: supports(*a) and fused_ms.self_pairs(a[1]), impl))
     monkeypatch.setattr(mr, "_fused_term", lambda *a: None)
 
 
@@ -34,7 +40,7 @@ def record_calls(monkeypatch, module, name):
     """module.name wrapped to keep its results, each time it is called; the list of them."""
     calls = []
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
     return calls
 
 

@@ -13,6 +13,7 @@ import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, assert_float32_and_bf16, make_case
 from metrix_ops import _ext
 from metrix_ops.fused import metrix_refs as mr
+from metrix_ops.fused import multi_similarity as fused_ms
 from metrix_ops.ops import ms_metrix
 from test_metrix_refs import check_refs as check_name_refs
 from test_metrix_refs import pair as metrix_pair
@@ -25,8 +26,11 @@ HYPER = {"alpha": 3.0, "beta": 40.0, "base": 0.3}
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The op's per-anchor rows, each time the Metrix term called it."""
-    return record_calls(monkeypatch, mr, "ms_metrix_refs_rows")
+    """The op's per-anchor rows, each time the loss (clean and mixed terms) or the Metrix
+    term beside another clean path (mixed term only) called it."""
+    calls = record_calls(monkeypatch, fused_ms, "ms_metrix_refs_rows")
+    monkeypatch.setattr(mr, "ms_metrix_refs_rows", fused_ms.ms_metrix_refs_rows)
+    return calls
 
 
 def pair(pairs, **kw):
@@ -63,29 +67,33 @@ def test_references_without_a_class_of_the_batch(op_calls):
 
 
 def _bank_rows(xu, y, perm, pairs, group=None):
-    """The op's rows for the batch against a bank holding it in the order perm (each
-    anchor's own row excluded)."""
+    """The op's (clean rows, mixed rows) for the batch against a bank holding it in the
+    order perm (each anchor's own row excluded)."""
     own = torch.empty_like(perm)
     own[perm] = torch.arange(len(perm))
     return ms_metrix.ms_metrix_refs_rows(xu, xu[perm], y, y[perm], own, 2.0, 50.0, 0.5, 0.3,
-                                         pairs, group)
+                                         pairs, group=group)
 
 
 @pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_a_bank_that_is_the_batch_equals_the_in_batch_op(case, pairs):
     """The batch against itself through the references op, the bank in any order, equals
-    the in-batch op's mixed rows (its own walk over the symmetric S), values and gradient."""
+    the in-batch op (its own walk over the symmetric S), clean and mixed rows, values and
+    gradient."""
     x, y = make_case(case, seed=7)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(8))
+    w = torch.rand(len(y), generator=torch.Generator().manual_seed(9), dtype=x.dtype)
 
     def in_batch(e):
-        return ms_metrix.ms_metrix_rows(F.normalize(e, dim=1), y, 2.0, 50.0, 0.5, 0.3,
-                                        pairs)[1].sum()
+        rows, mix = ms_metrix.ms_metrix_rows(F.normalize(e, dim=1), y, 2.0, 50.0, 0.5, 0.3, pairs)
+        return (w * rows).sum() + (mix * w.flip(0)).sum()
 
     for group in (1, None):
-        assert_close_vg(lambda e: _bank_rows(F.normalize(e, dim=1), y, perm, pairs, group).sum(),
-                        in_batch, x)
+        def bank(e, group=group):
+            rows, mix = _bank_rows(F.normalize(e, dim=1), y, perm, pairs, group)
+            return (w * rows).sum() + (mix * w.flip(0)).sum()
+        assert_close_vg(bank, in_batch, x)
 
 
 def test_batch_against_itself_with_an_indices_tuple(op_calls):
@@ -128,7 +136,7 @@ def test_float32_and_half(op_calls):
     torch.testing.assert_close(fused(h, y, ref_emb=rd.half(), ref_labels=ry),
                                ref(h.float(), y, ref_emb=rd.half().float(), ref_labels=ry),
                                rtol=1e-4, atol=1e-5)
-    assert all(c.dtype == torch.float32 for c in op_calls)
+    assert op_calls and all(m.dtype == torch.float32 for _, m in op_calls)
 
 
 def test_references_without_grad_get_none(op_calls):
@@ -154,25 +162,39 @@ def test_opcheck():
     x, r, y, ry, own = _op_args()
     x.requires_grad_()
     r.requires_grad_()
+    own[0] = int((ry == y[0]).nonzero()[0]) if (ry == y[0]).any() else -1  # one own row
     for anchor_neg in (False, True):
-        torch.library.opcheck(torch.ops.metrix_ops.ms_metrix_refs_fwd,
-                              (x, r, y, ry, own, 2.0, 50.0, 0.5, 0.3, anchor_neg, 1 << 22))
+        for clean in (False, True):
+            torch.library.opcheck(torch.ops.metrix_ops.ms_metrix_refs_fwd,
+                                  (x, r, y, ry, own, 2.0, 50.0, 0.5, 0.3, anchor_neg, clean, 1))
 
 
 def test_input_errors():
     x, r, y, ry, own = _op_args()
     op = torch.ops.metrix_ops.ms_metrix_refs_fwd
     with pytest.raises(RuntimeError, match="ref_labels must be sorted"):
-        op(x, r, y, ry.flip(0), own, 2.0, 50.0, 0.5, 0.3, False, 64)
+        op(x, r, y, ry.flip(0), own, 2.0, 50.0, 0.5, 0.3, False, True, 64)
     with pytest.raises(RuntimeError, match="labels must be sorted"):
-        op(x, r, y.flip(0), ry, own, 2.0, 50.0, 0.5, 0.3, False, 64)
+        op(x, r, y.flip(0), ry, own, 2.0, 50.0, 0.5, 0.3, False, True, 64)
     bad = own.clone()
     bad[0] = int((ry != y[0]).nonzero()[0])  # a reference of another label
     with pytest.raises(RuntimeError, match="self: anchor 0"):
-        op(x, r, y, ry, bad, 2.0, 50.0, 0.5, 0.3, False, 64)
+        op(x, r, y, ry, bad, 2.0, 50.0, 0.5, 0.3, False, True, 64)
     with pytest.raises(RuntimeError, match="lam must be in"):
-        op(x, r, y, ry, own, 2.0, 50.0, 0.5, 1.5, False, 64)
+        op(x, r, y, ry, own, 2.0, 50.0, 0.5, 1.5, False, True, 64)
     with pytest.raises(RuntimeError, match="same D"):
-        op(x, r[:, :3], y, ry, own, 2.0, 50.0, 0.5, 0.3, False, 64)
+        op(x, r[:, :3], y, ry, own, 2.0, 50.0, 0.5, 0.3, False, True, 64)
     with pytest.raises(RuntimeError, match="group must be > 0"):
-        op(x, r, y, ry, own, 2.0, 50.0, 0.5, 0.3, False, 0)
+        op(x, r, y, ry, own, 2.0, 50.0, 0.5, 0.3, False, True, 0)
+
+
+@pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
+def test_a_copy_of_the_batch_with_its_labels(pairs, op_calls):
+    """ref_emb a copy of the batch and ref_labels the labels themselves: PML's same set, so
+    row i's own column is no pair (the op's self rows), against the reference"""
+    for case in (CASES[0], CASES[6], CASES[7]):
+        x, y = make_case(case, seed=16)
+        fused, ref = pair(pairs)
+        assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=y),
+                        lambda e, q: ref(e, y, ref_emb=q, ref_labels=y), x, x.detach() * 1.0)
+    assert len(op_calls) == 3

@@ -1,7 +1,8 @@
-// The embedding-level Metrix term of the multi-similarity loss (pairs "pos_neg" or
+// The multi-similarity loss with its embedding-level Metrix term (pairs "pos_neg" or
 // "anchor_neg", DESIGN §3) of anchors against references (`ref_emb`, a memory bank): the
-// walk of metrix_refs_walk.h with the in-batch op's kernels (ms_metrix_kernels.h). The clean
-// loss is the clean op's (ms_loss_fwd); this op carries the mixed term only.
+// walk of metrix_refs_walk.h with the in-batch op's kernels (ms_metrix_kernels.h), the clean
+// terms on the same rows of S. `clean` off: the mixed term alone (beside a clean loss that
+// another path computes, e.g. on an indices_tuple).
 #include <torch/library.h>
 
 #include "cpu/metrix_refs_walk.h"
@@ -21,85 +22,120 @@ void check_refs_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tenso
 
 }  // namespace
 
-// (mixed rows ℓ̃(a), their two log normalisers) per anchor of the label-sorted unit rows x
-// against the label-sorted unit references r
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_metrix_refs_fwd_cpu(
-    const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
-    const at::Tensor& ref_labels_, const at::Tensor& self_, double alpha, double beta,
-    double base, double lam, bool anchor_neg, int64_t group) {
+// The clean MS terms of a class tile's anchor rows (rows of S = X Rᵀ against all of R, the
+// anchor's own slot skipped): the same kernels as the clean op, on the rows the walk has
+// computed anyway, so the clean loss against references costs no product of its own.
+template <typename T>
+MsBlock<T> clean_rows_block(const MixGeom<T>& geo, const T* g, const T* lp, const T* ln,
+                            T alpha, T beta, T base, const int64_t* own) {
+  MsBlock<T> b{geo.nc, geo.r0, 0, geo.row_lab, geo.col_lab, false, alpha, beta, base, g, lp, ln};
+  b.skip_col = own;
+  return b;
+}
+
+// (clean rows, their lse⁺, lse⁻, mixed rows ℓ̃(a), their two log normalisers) per anchor of
+// the label-sorted unit rows x against the label-sorted unit references r
+SixTensors ms_metrix_refs_fwd_cpu(const at::Tensor& x_, const at::Tensor& r_,
+                                  const at::Tensor& labels_, const at::Tensor& ref_labels_,
+                                  const at::Tensor& self_, double alpha, double beta,
+                                  double base, double lam, bool anchor_neg, bool clean,
+                                  int64_t group) {
   check_refs_inputs(x_, r_, labels_, ref_labels_, self_, lam);
   const at::Tensor x = x_.contiguous(), r = r_.contiguous(), labels = labels_.contiguous(),
-                   ref_labels = ref_labels_.contiguous();
-  RefsLayout L = refs_layout(labels, ref_labels, self_.contiguous(), group);
+                   ref_labels = ref_labels_.contiguous(), own = self_.contiguous();
+  RefsLayout L = refs_layout(labels, ref_labels, own, group);
   const auto ids = ms_label_ids(labels, ref_labels);
   const int64_t B = x.size(0);
-  at::Tensor rows = at::zeros({B}, x.options()), tp = at::zeros({B}, x.options()),
-             tn = at::zeros({B}, x.options());
+  auto vec = [&] { return at::zeros({B}, x.options()); };
+  at::Tensor rows = vec(), lse_pos = vec(), lse_neg = vec(), mix = vec(), tp = vec(), tn = vec();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_metrix_refs_fwd_cpu", [&] {
     using T = scalar_t;
+    std::vector<OnlineLse<T>> pos(B, lse_with_one<T>()), neg(B, lse_with_one<T>());
     std::vector<OnlineLse<T>> mpos(B, OnlineLse<T>::empty()), mneg(B, OnlineLse<T>::empty());
     const MsMix<T> mm{T(alpha), T(beta), T(base)};
     const auto& k = ms_kernels<T>();
+    const int64_t* op = own.data_ptr<int64_t>();
     metrix_refs_walk<T>(
         x, r, L, ids.first.data_ptr<int32_t>(), ids.second.data_ptr<int32_t>(), T(lam),
         anchor_neg, /*with_grad=*/false,
         [&](const MixGeom<T>& geo) {
-          return [&k, b = mm.side(geo), &mpos, &mneg](int64_t a0, int64_t a1) {
+          return [&, b = mm.side(geo), geo](int64_t a0, int64_t a1) {
             k.mix_fold(b, a0, a1, mpos.data(), mneg.data());
+            if (clean)
+              k.fold(geo.s, 0, a1 - a0, clean_rows_block<T>(geo, nullptr, nullptr, nullptr,
+                     T(alpha), T(beta), T(base), op), pos.data(), neg.data());
           };
         },
         [](const RefsGroup&, const at::Tensor&, const at::Tensor&) {});
-    finish_mixed<T>(mpos, mneg, T(lam), T(alpha), T(beta), rows, tp, tn);
+    if (clean) ms_finish_rows<T>(pos, neg, T(alpha), T(beta), rows, lse_pos, lse_neg);
+    finish_mixed<T>(mpos, mneg, T(lam), T(alpha), T(beta), mix, tp, tn);
   });
-  return {rows, tp, tn};
+  return {rows, lse_pos, lse_neg, mix, tp, tn};
 }
 
 std::tuple<at::Tensor, at::Tensor> ms_metrix_refs_bwd_cpu(
-    const at::Tensor& grad_rows, const at::Tensor& x_, const at::Tensor& r_,
-    const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& self_,
+    const at::Tensor& grad_rows, const at::Tensor& grad_mix, const at::Tensor& x_,
+    const at::Tensor& r_, const at::Tensor& labels_, const at::Tensor& ref_labels_,
+    const at::Tensor& self_, const at::Tensor& lse_pos_, const at::Tensor& lse_neg_,
     const at::Tensor& tp_, const at::Tensor& tn_, double alpha, double beta, double base,
-    double lam, bool anchor_neg, int64_t group, bool need_dr) {
+    double lam, bool anchor_neg, bool clean, int64_t group, bool need_dr) {
   check_refs_inputs(x_, r_, labels_, ref_labels_, self_, lam);
   const int64_t B = x_.size(0);
   check_vec(grad_rows, B, "grad_rows");
+  check_vec(grad_mix, B, "grad_mix");
+  check_vec(lse_pos_, B, "lse_pos");
+  check_vec(lse_neg_, B, "lse_neg");
   check_vec(tp_, B, "tp");
   check_vec(tn_, B, "tn");
   const at::Tensor x = x_.contiguous(), r = r_.contiguous(), labels = labels_.contiguous(),
-                   ref_labels = ref_labels_.contiguous();
+                   ref_labels = ref_labels_.contiguous(), own = self_.contiguous();
   auto as_x = [&](const at::Tensor& t) { return t.to(x.scalar_type()).contiguous(); };
-  const at::Tensor g = as_x(grad_rows), tp = as_x(tp_), tn = as_x(tn_);
-  RefsLayout L = refs_layout(labels, ref_labels, self_.contiguous(), group);
+  const at::Tensor g = as_x(grad_rows), gmix = as_x(grad_mix), lse_pos = as_x(lse_pos_),
+                   lse_neg = as_x(lse_neg_), tp = as_x(tp_), tn = as_x(tn_);
+  RefsLayout L = refs_layout(labels, ref_labels, own, group);
   const auto ids = ms_label_ids(labels, ref_labels);
   std::pair<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_metrix_refs_bwd_cpu", [&] {
     using T = scalar_t;
     MsMix<T> mm{T(alpha), T(beta), T(base)};
-    mm.g = g.data_ptr<T>();
+    mm.g = gmix.data_ptr<T>();
     mm.tp = tp.data_ptr<T>();
     mm.tn = tn.data_ptr<T>();
     const auto& k = ms_kernels<T>();
-    out = metrix_refs_grad<T>(x, r, L, ids.first.data_ptr<int32_t>(),
-                              ids.second.data_ptr<int32_t>(), T(lam), anchor_neg, need_dr,
-                              [&](const MixGeom<T>& geo) {
-                                return [&k, b = mm.side(geo)](int64_t a0, int64_t a1) {
-                                  k.mix_grad(b, a0, a1);
-                                };
-                              });
+    const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
+    const int64_t* op = own.data_ptr<int64_t>();
+    out = metrix_refs_grad<T>(
+        x, r, L, ids.first.data_ptr<int32_t>(), ids.second.data_ptr<int32_t>(), T(lam),
+        anchor_neg, need_dr, [&](const MixGeom<T>& geo) {
+          return [&, b = mm.side(geo), geo](int64_t a0, int64_t a1) {
+            k.mix_grad(b, a0, a1);
+            if (!clean) return;
+            // the anchors' rows of S, read by the mixed kernel above and by nothing else,
+            // become their clean G in place, which is added to the tile's ∂L/∂S
+            T* s = const_cast<T*>(geo.s);
+            k.grad(s, 0, a1 - a0, clean_rows_block<T>(geo, gp, lp, ln, T(alpha), T(beta),
+                                                      T(base), op));
+            const int64_t n = (a1 - a0) * geo.nc;
+            for (int64_t e = 0; e < n; ++e) geo.gm[e] += s[e];
+          };
+        });
   });
   return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
-  // The Metrix term of MS (pos_neg, or anchor_neg) for label-sorted unit anchors x against
+  // MS and its Metrix term (pos_neg, or anchor_neg) for label-sorted unit anchors x against
   // label-sorted unit references r; self[a] is anchor a's own row of r (−1: none), which is
-  // not its positive: (ℓ̃(a), 0 without a candidate; its two log normalisers). The classes
-  // go in groups whose tiles hold about `group` entries each (one class at least).
+  // neither a pair nor a positive: (clean rows, their lse⁺, lse⁻ — zeros unless clean —,
+  // mixed rows ℓ̃(a), 0 without a candidate, their two log normalisers). The classes go in
+  // groups whose tiles hold about `group` entries each (one class at least).
   m.def("ms_metrix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, Tensor self, "
-        "float alpha, float beta, float base, float lam, bool anchor_neg, int group) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("ms_metrix_refs_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
-        "Tensor ref_labels, Tensor self, Tensor tp, Tensor tn, float alpha, float beta, "
-        "float base, float lam, bool anchor_neg, int group, bool need_dr) -> (Tensor, Tensor)");
+        "float alpha, float beta, float base, float lam, bool anchor_neg, bool clean, "
+        "int group) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ms_metrix_refs_bwd(Tensor grad_rows, Tensor grad_mix, Tensor x, Tensor r, "
+        "Tensor labels, Tensor ref_labels, Tensor self, Tensor lse_pos, Tensor lse_neg, "
+        "Tensor tp, Tensor tn, float alpha, float beta, float base, float lam, bool anchor_neg, "
+        "bool clean, int group, bool need_dr) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

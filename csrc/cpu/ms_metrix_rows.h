@@ -14,6 +14,9 @@
 
 namespace metrix_ops {
 
+// the ops' outputs: clean rows and their two lse's, mixed rows and their two normalisers
+using SixTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 // Fixed shifts for the one-pass fold of the mixed sums (+inf: two passes). Every exponent
 // of a cosine in [−1, 1] lies in [top − 2k, top] (k = α or β); shifted by top − H it lies
 // in [H − 2k, H]: no term underflows while H − 2k ≥ −87 (fp32), and no sum of up to 2^31

@@ -10,8 +10,6 @@
 
 namespace metrix_ops {
 
-using SixTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 SixTensors ms_metrix_self_fwd_cpu(const at::Tensor& x_, const at::Tensor& labels_,
                                                double alpha, double beta, double base,
                                                double lam, bool anchor_neg, int64_t block) {

@@ -112,24 +112,29 @@ def _chunks(width, entries):
         start = end
 
 
+def with_negatives(labels, ref_labels):
+    """How many anchors have a negative among the references: those whose V(a) is non-empty
+    (their candidates mix their positives, or themselves, with those negatives)."""
+    srt = torch.sort(ref_labels).values
+    same = torch.searchsorted(srt, labels, right=True) - torch.searchsorted(srt, labels)
+    return (same < len(ref_labels)).sum()
+
+
 def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
     """L̃ from the CPU engine's op of anchors against references (csrc/cpu/metrix_refs_walk.h:
     per class its anchors' rows of X Rᵀ and its positives' rows of R Rᵀ, the candidates in
-    the in-batch op's kernels), or None where it has none: MS with its cosine similarity,
-    pos_neg or anchor_neg, CPU tensors."""
+    the in-batch op's kernels), its mixed term alone (the clean loss is another path's here:
+    an indices_tuple, ...), or None where it has none: MS with its cosine similarity, pos_neg
+    or anchor_neg, CPU tensors."""
     if not (_ext.HAS_EXT and name == "MultiSimilarityLoss" and pairs in ("pos_neg", "anchor_neg")
             and xh.device.type == "cpu" and is_cosine(inp.distance)):
         return None
     labels, ref_labels = inp.labels, inp.ref_labels
     if xh.dtype in (torch.float16, torch.bfloat16):  # computed in fp32, as the clean ops
         xh, rh = xh.float(), rh.float()
-    rows = ms_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, params["alpha"],
-                               params["beta"], params["base"], lam, pairs)
-    # V(a) is non-empty where a has a negative among the references (its candidates mix
-    # its positives, or itself, with those)
-    srt = torch.sort(ref_labels).values
-    same = (torch.searchsorted(srt, labels, right=True) - torch.searchsorted(srt, labels))
-    return combine_parts([(rows.sum(), (same < len(ref_labels)).sum())], xh)
+    _, rows = ms_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, params["alpha"],
+                                  params["beta"], params["base"], lam, pairs, clean=False)
+    return combine_parts([(rows.sum(), with_negatives(labels, ref_labels))], xh)
 
 
 def mixed_term(name: str, params: dict, inp, metrix, lam: float):

@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from .. import _ext
 from ..distances import CosineSimilarity, as_distance, is_cosine
 from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self, ms_mined_rows
-from ..ops.ms_metrix import ms_metrix_rows
+from ..ops.ms_metrix import ms_metrix_refs_rows, ms_metrix_rows
+from ..reference.metrix_soft_forms import combine_parts
 from ..reducers import reduce_loss_dict
 from . import register, register_metrix, register_miner
+from .metrix_refs import with_negatives
 from .pair_counts import pair_count_tensors
 
 
@@ -63,20 +65,30 @@ def impl(params, inp, reducer, chunk: int = 2048):
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    """The fused clean + Metrix op: embedding level, pos_neg or anchor_neg pairs, the batch
-    against itself."""
+    """The fused clean + Metrix ops: embedding level, pos_neg or anchor_neg pairs, the batch
+    against itself or against references (`ref_emb`), CPU tensors."""
     return (supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and _self_pairs_only(inp))
+            and metrix.pairs in ("pos_neg", "anchor_neg")
+            and inp.embeddings.device.type == "cpu")
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     """L(clean) + weight · L̃: the mixed term is the mean of ℓ̃(a) over anchors with a
-    candidate, i.e. with a negative; with two classes or more that is every anchor, and with
-    one class every ℓ̃(a) is 0, so the sum over B is that mean either way."""
+    candidate, i.e. with a negative. In the batch: with two classes or more that is every
+    anchor, and with one class every ℓ̃(a) is 0, so the sum over B is that mean either way.
+    Against references: the anchors with a negative among them."""
     x = inp.embeddings
-    rows, mix = ms_metrix_rows(F.normalize(x, dim=1), inp.labels, params["alpha"],
-                               params["beta"], params["base"], lam, metrix.pairs, block)
-    mixed = mix.sum() / max(len(mix), 1)
+    xu = F.normalize(x, dim=1)
+    hyper = (params["alpha"], params["beta"], params["base"], lam, metrix.pairs)
+    if _self_pairs_only(inp):
+        rows, mix = ms_metrix_rows(xu, inp.labels, *hyper, block)
+        mixed = mix.sum() / max(len(mix), 1)
+    else:
+        ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
+        own = (torch.arange(len(x)) if inp.same_set
+               else torch.full((len(x),), -1, dtype=torch.long))
+        rows, mix = ms_metrix_refs_rows(xu, ru, inp.labels, inp.ref_labels, own, *hyper)
+        mixed = combine_parts([(mix.sum(), with_negatives(inp.labels, inp.ref_labels))], xu)
     return _reduce_clean(rows, inp, reducer) + metrix.weight * mixed
 
 

@@ -44,26 +44,30 @@ if _ext.HAS_EXT:
 
     @torch.library.register_fake(_REFS)
     def _fake_refs(x, r, labels, ref_labels, self_rows, alpha, beta, base, lam, anchor_neg,
-                   group):
-        return tuple(x.new_empty(x.shape[0]) for _ in range(3))
+                   clean, group):
+        return tuple(x.new_empty(x.shape[0]) for _ in range(6))
 
     @torch.library.register_fake("metrix_ops::ms_metrix_refs_bwd")
-    def _fake_refs_bwd(grad_rows, x, r, labels, ref_labels, self_rows, tp, tn, alpha, beta,
-                       base, lam, anchor_neg, group, need_dr):
+    def _fake_refs_bwd(grad_rows, grad_mix, x, r, labels, ref_labels, self_rows, lse_pos,
+                       lse_neg, tp, tn, alpha, beta, base, lam, anchor_neg, clean, group,
+                       need_dr):
         return torch.empty_like(x), torch.empty_like(r)
 
     def _setup_refs(ctx, inputs, output):
         x, r, labels, ref_labels, self_rows, *consts = inputs
-        ctx.save_for_backward(x, r, labels, ref_labels, self_rows, output[1], output[2])
+        _, lse_pos, lse_neg, _, tp, tn = output
+        ctx.save_for_backward(x, r, labels, ref_labels, self_rows, lse_pos, lse_neg, tp, tn)
         ctx.consts = tuple(consts)
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.mark_non_differentiable(lse_pos, lse_neg, tp, tn)
 
-    def _backward_refs(ctx, g_rows, _gtp, _gtn):
-        x, r, labels, ref_labels, self_rows, tp, tn = ctx.saved_tensors
+    def _backward_refs(ctx, g_rows, _glp, _gln, g_mix, _gtp, _gtn):
+        x, r, labels, ref_labels, self_rows, *stats = ctx.saved_tensors
+        zero = torch.zeros_like(stats[0])
         dx, dr = torch.ops.metrix_ops.ms_metrix_refs_bwd(
-            g_rows.contiguous(), x, r, labels, ref_labels, self_rows, tp, tn, *ctx.consts,
-            ctx.needs_input_grad[1])
-        return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * 9
+            zero if g_rows is None else g_rows.contiguous(),
+            zero if g_mix is None else g_mix.contiguous(), x, r, labels, ref_labels, self_rows,
+            *stats, *ctx.consts, ctx.needs_input_grad[1])
+        return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * 10
 
     torch.library.register_autograd(_REFS, _backward_refs, setup_context=_setup_refs)
 
@@ -95,11 +99,12 @@ def ms_metrix_rows(x_unit, labels, alpha: float, beta: float, base: float, lam: 
 
 def ms_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, alpha: float,
                         beta: float, base: float, lam: float, pairs: str = "pos_neg",
-                        group: int | None = None):
-    """ℓ̃(a) per anchor (B,), in the caller's order, over its candidates against the
-    references: mix(p, n, λ) of a reference positive p (not self_idx[a], a's own row of the
-    references, −1: none) and a reference negative n; with no such p, or pairs "anchor_neg",
-    mix(a, n). 0 where a has no negative among the references."""
+                        clean: bool = True, group: int | None = None):
+    """(clean rows, mixed rows), each (B,), in the caller's order, of the anchors against the
+    references: the MS terms of each anchor (its own row self_idx[a] of the references, −1:
+    none, is not a pair), zeros unless clean; and ℓ̃(a) over the candidates mix(p, n, λ) of a
+    reference positive p (not a's own row) and a reference negative n, or, with no such p
+    or under pairs "anchor_neg", mix(a, n); 0 where a has no negative among the references."""
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels)
@@ -110,7 +115,8 @@ def ms_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, alpha: flo
     own = self_idx.index_select(0, torch.argsort(labels, stable=True))
     own = torch.where(own >= 0, rank.index_select(0, own.clamp(min=0)) if len(rank) else own,
                       own)
-    rows, _, _ = torch.ops.metrix_ops.ms_metrix_refs_fwd(
+    rows, _, _, mix, _, _ = torch.ops.metrix_ops.ms_metrix_refs_fwd(
         xs, rs, ys, rys.contiguous(), own.contiguous(), float(alpha), float(beta), float(base),
-        float(lam), pairs == "anchor_neg", int(GROUP_ENTRIES if group is None else group))
-    return rows.index_select(0, inverse)
+        float(lam), pairs == "anchor_neg", bool(clean),
+        int(GROUP_ENTRIES if group is None else group))
+    return rows.index_select(0, inverse), mix.index_select(0, inverse)
