@@ -10,19 +10,20 @@
 //
 // so a class needs its anchors' rows of S and its positives' rows of R Rᵀ, nothing else.
 // Both sets are label-sorted (the Python side sorts them): a class is a run of anchors and a
-// run of references. Classes are taken in groups: the group's anchors and positives stacked
-// class by class into Q (each class's anchors, then its positives), one product Q Rᵀ gives
-// every class its tile (K_a + K_p rows against all M references), and the tiles run in
-// parallel. A tile is laid out as the in-batch kernels expect a block side whose rows hold
-// a class: the anchors keep their global row numbers (rows of the tile from r0 = the run's
-// first anchor) and the positives follow them as rows hi, hi + 1, ... (MixGeom::cls_lo/hi
-// give each anchor that range, self_row its own slot in it). An anchor with no positive
-// mixes itself, whose 1/‖v_an‖ comes from its own row of S.
+// run of references. Classes are taken in groups of consecutive classes: the group's
+// anchors (one slice of X) then its classes' positives stacked into Q, one product Q Rᵀ
+// gives every class its rows (K_a + K_p against all M references), and the classes run in
+// parallel. The rows are laid out as the in-batch kernels expect a block side that holds a
+// class: MixGeom::r0 is the group's first anchor, so an anchor's row of S is its own
+// number's, and its positives sit further down as rows that MixGeom::cls_lo/hi give (with
+// self_row its own slot among them), set per group. An anchor with no positive mixes itself,
+// whose 1/‖v_an‖ comes from its own row of S.
 //
-// Backward: the kernels add ∂L/∂S into the group's gradient tile (anchors' rows: entries
-// (a, n); positives' rows: entries (p, n)) and ∂L/∂s_ap into gw, which is added back at
-// the anchors' rows and the positives' columns (s_ap is S's entry there); then
-// dQ = G R, dR += Gᵀ Q, and dQ goes back to the anchors' and positives' rows.
+// Backward: the kernels add ∂L/∂S into the group's gradient rows (anchors': entries (a, n);
+// positives': entries (p, n)) and ∂L/∂s_ap into gw, which is added back at the anchors' rows
+// and the positives' columns (s_ap is S's entry there); then dX_g = G_a R, and where R needs
+// a gradient dR += Gᵀ Q and the positives' rows G_p R. With R detached (a memory bank) that
+// is one product, not three.
 // Memory: the group's three (rows × M) tiles, about `group` entries each (the op's argument);
 // a single class larger than that makes a larger group (its K × M is what one anchor's
 // candidates need).
@@ -42,7 +43,8 @@ namespace metrix_ops {
 // references, and each anchor's MixGeom fields.
 struct RefsLayout {
   std::vector<int64_t> run_lo, run_hi, pos_lo, pos_hi;   // per class run
-  std::vector<int64_t> cls_lo, cls_hi, self_row, wc_off;  // per anchor
+  std::vector<int64_t> self_off;  // per anchor: its own row's place among its positives, or −1
+  std::vector<int64_t> cls_lo, cls_hi, self_row, wc_off;  // per anchor: MixGeom's, per group
   int64_t group = 1;  // entries of a group's tiles (rows × M), at least one class
 };
 
@@ -59,10 +61,7 @@ inline RefsLayout refs_layout(const at::Tensor& labels, const at::Tensor& ref_la
                 "op takes each class's positives as one run");
   RefsLayout L;
   L.group = group;
-  L.cls_lo.resize(B);
-  L.cls_hi.resize(B);
-  L.self_row.resize(B);
-  L.wc_off.resize(B);
+  for (auto* v : {&L.self_off, &L.cls_lo, &L.cls_hi, &L.self_row, &L.wc_off}) v->resize(B);
   for (int64_t s = 0; s < B;) {
     int64_t e = s + 1;
     while (e < B && y[e] == y[s]) ++e;
@@ -74,9 +73,7 @@ inline RefsLayout refs_layout(const at::Tensor& labels, const at::Tensor& ref_la
       const int64_t o = own[a];
       TORCH_CHECK(o == -1 || (o >= plo && o < phi), "self: anchor ", a, "'s own row ", o,
                   " must be -1 or a reference of its label");
-      L.cls_lo[a] = e;
-      L.cls_hi[a] = e + (phi - plo);
-      L.self_row[a] = o == -1 ? -1 : e + (o - plo);
+      L.self_off[a] = o == -1 ? -1 : o - plo;
     }
     L.run_lo.push_back(s);
     L.run_hi.push_back(e);
@@ -87,10 +84,12 @@ inline RefsLayout refs_layout(const at::Tensor& labels, const at::Tensor& ref_la
   return L;
 }
 
-// Per group of runs: the stacked rows' first row per run, and their total.
+// Per group of consecutive runs: its anchors [lo, hi) of X, and each run's first positive
+// row in Q (after the group's anchors).
 struct RefsGroup {
   int64_t k0, k1;            // runs [k0, k1)
-  std::vector<int64_t> off;  // per run of the group: its first row in Q
+  int64_t lo, hi;            // the group's anchors
+  std::vector<int64_t> off;  // per run of the group: its positives' first row in Q
   int64_t rows = 0, wc = 0;  // Q's rows; the group's s_ap entries
 };
 
@@ -98,25 +97,29 @@ inline std::vector<RefsGroup> refs_groups(const RefsLayout& L, int64_t M) {
   std::vector<RefsGroup> out;
   const int64_t n = static_cast<int64_t>(L.run_lo.size());
   for (int64_t k = 0; k < n;) {
-    RefsGroup g{k, k, {}, 0, 0};
+    RefsGroup g{k, k, L.run_lo[k], L.run_lo[k], {}, 0, 0};
+    int64_t pos_rows = 0;
     while (g.k1 < n) {
       const int64_t ka = L.run_hi[g.k1] - L.run_lo[g.k1], kp = L.pos_hi[g.k1] - L.pos_lo[g.k1];
       if (g.k1 > g.k0 && (g.rows + ka + kp) * std::max<int64_t>(M, 1) > L.group) break;
-      g.off.push_back(g.rows);
+      g.off.push_back(pos_rows);
+      pos_rows += kp;
       g.rows += ka + kp;
       g.wc += ka * kp;
+      g.hi = L.run_hi[g.k1];
       ++g.k1;
     }
+    for (int64_t& o : g.off) o += g.hi - g.lo;
     k = g.k1;
     out.push_back(std::move(g));
   }
   return out;
 }
 
-// Walks the groups: per group Q (stacked rows), S = Q Rᵀ, each anchor's s_ap (wc, laid out
-// per anchor from wc_off), and per run side(geom)(lo, hi) in parallel over the runs, geom
-// over its tile of S and of 1/‖v‖ (and of gm, the group's zeroed gradient tile, when
-// with_grad). Then done(group, Q, S-or-G) — backward gets gm with gw already added in.
+// Walks the groups: per group Q (anchors, then positives), S = Q Rᵀ, each anchor's s_ap (wc)
+// and its MixGeom rows, and per run side(geom)(lo, hi) in parallel over the runs, geom over
+// the group's S and 1/‖v‖ (and gm, its zeroed gradient, when with_grad). Then done(group, Q,
+// S-or-G) — backward gets gm with gw already added in.
 template <typename T, class Side, class Done>
 void metrix_refs_walk(const at::Tensor& x, const at::Tensor& r, RefsLayout& L,
                       const int32_t* ids_x, const int32_t* ids_r, T lam, bool anchor_neg,
@@ -124,33 +127,40 @@ void metrix_refs_walk(const at::Tensor& x, const at::Tensor& r, RefsLayout& L,
   const int64_t M = r.size(0);
   const at::Tensor rt = r.t();
   for (const RefsGroup& g : refs_groups(L, M)) {
-    std::vector<at::Tensor> parts;
-    for (int64_t k = g.k0; k < g.k1; ++k) {
-      parts.push_back(x.narrow(0, L.run_lo[k], L.run_hi[k] - L.run_lo[k]));
+    std::vector<at::Tensor> parts{x.narrow(0, g.lo, g.hi - g.lo)};
+    for (int64_t k = g.k0; k < g.k1; ++k)
       parts.push_back(r.narrow(0, L.pos_lo[k], L.pos_hi[k] - L.pos_lo[k]));
-    }
     const at::Tensor q = at::cat(parts);
     const at::Tensor s = at::mm(q, rt);
     std::vector<T> inv(g.rows * M), wc(g.wc), gw(with_grad ? g.wc : 0, T(0));
     at::Tensor gm = with_grad ? at::zeros_like(s) : at::Tensor();
     const T* sp = s.data_ptr<T>();
-    // each anchor's s_ap: its row of S at its positives' columns
+    // each anchor's positives as rows of the group (numbered from r0 = g.lo), and its s_ap:
+    // its row of S at its positives' columns
     for (int64_t k = g.k0, w = 0; k < g.k1; ++k) {
-      const int64_t lo = L.run_lo[k], kp = L.pos_hi[k] - L.pos_lo[k];
-      for (int64_t a = lo; a < L.run_hi[k]; ++a, w += kp) {
+      const int64_t kp = L.pos_hi[k] - L.pos_lo[k], first = g.lo + g.off[k - g.k0];
+      for (int64_t a = L.run_lo[k]; a < L.run_hi[k]; ++a, w += kp) {
+        L.self_row[a] = L.self_off[a] < 0 ? -1 : first + L.self_off[a];
+        L.cls_lo[a] = first;
+        L.cls_hi[a] = first + kp;
         L.wc_off[a] = w;
-        const T* row = sp + (g.off[k - g.k0] + a - lo) * M + L.pos_lo[k];
+        const T* row = sp + (a - g.lo) * M + L.pos_lo[k];
         std::copy(row, row + kp, wc.begin() + w);
       }
     }
     at::parallel_for(g.k0, g.k1, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        const int64_t lo = L.run_lo[k], hi = L.run_hi[k], o = g.off[k - g.k0];
-        const int64_t n = (hi - lo + L.pos_hi[k] - L.pos_lo[k]) * M;
-        mix_inv_norms<T>(sp + o * M, n, lam, inv.data() + o * M);
-        const MixGeom<T> geo{sp + o * M, inv.data() + o * M, M, lo, 0, ids_x, ids_r,
-                             L.cls_lo.data(), L.cls_hi.data(), wc.data(), L.wc_off.data(), lam,
-                             anchor_neg, with_grad ? gm.data_ptr<T>() + o * M : nullptr,
+        const int64_t lo = L.run_lo[k], hi = L.run_hi[k], kp = L.pos_hi[k] - L.pos_lo[k];
+        const int64_t pos_row = g.off[k - g.k0];
+        mix_inv_norms<T>(sp + pos_row * M, kp * M, lam, inv.data() + pos_row * M);
+        bool own_mix = anchor_neg;  // some anchor mixes itself: its 1/‖v_an‖ too
+        for (int64_t a = lo; a < hi && !own_mix; ++a)
+          own_mix = L.cls_hi[a] - L.cls_lo[a] == (L.self_row[a] >= 0 ? 1 : 0);
+        if (own_mix)
+          mix_inv_norms<T>(sp + (lo - g.lo) * M, (hi - lo) * M, lam, inv.data() + (lo - g.lo) * M);
+        const MixGeom<T> geo{sp, inv.data(), M, g.lo, 0, ids_x, ids_r, L.cls_lo.data(),
+                             L.cls_hi.data(), wc.data(), L.wc_off.data(), lam, anchor_neg,
+                             with_grad ? gm.data_ptr<T>() : nullptr,
                              with_grad ? gw.data() : nullptr, L.self_row.data()};
         side(geo)(lo, hi);
       }
@@ -158,9 +168,9 @@ void metrix_refs_walk(const at::Tensor& x, const at::Tensor& r, RefsLayout& L,
     if (with_grad) {  // ∂L/∂s_ap is S's entry at (a, its positive's column)
       T* gp = gm.data_ptr<T>();
       for (int64_t k = g.k0; k < g.k1; ++k) {
-        const int64_t lo = L.run_lo[k], kp = L.pos_hi[k] - L.pos_lo[k];
-        for (int64_t a = lo; a < L.run_hi[k]; ++a) {
-          T* row = gp + (g.off[k - g.k0] + a - lo) * M + L.pos_lo[k];
+        const int64_t kp = L.pos_hi[k] - L.pos_lo[k];
+        for (int64_t a = L.run_lo[k]; a < L.run_hi[k]; ++a) {
+          T* row = gp + (a - g.lo) * M + L.pos_lo[k];
           const T* w = gw.data() + L.wc_off[a];
           for (int64_t j = 0; j < kp; ++j) row[j] += w[j];
         }
@@ -170,26 +180,27 @@ void metrix_refs_walk(const at::Tensor& x, const at::Tensor& r, RefsLayout& L,
   }
 }
 
-// Backward of the walk: dx, and dr when need_dr, from the kernels' gradient tiles.
+// Backward of the walk: dx, and dr when need_dr, from the kernels' gradient rows.
 template <typename T, class Side>
 std::pair<at::Tensor, at::Tensor> metrix_refs_grad(const at::Tensor& x, const at::Tensor& r,
                                                    RefsLayout& L, const int32_t* ids_x,
                                                    const int32_t* ids_r, T lam,
                                                    bool anchor_neg, bool need_dr,
                                                    Side&& side) {
-  at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
+  at::Tensor dx = at::zeros_like(x), dr = need_dr ? at::zeros_like(r) : at::Tensor();
   metrix_refs_walk<T>(x, r, L, ids_x, ids_r, lam, anchor_neg, /*with_grad=*/true, side,
                       [&](const RefsGroup& g, const at::Tensor& q, const at::Tensor& gm) {
-    const at::Tensor dq = at::mm(gm, r);  // rows of Q: the anchors' and positives' gradients
-    if (need_dr) dr.addmm_(gm.t(), q);
+    const int64_t na = g.hi - g.lo;
+    dx.narrow(0, g.lo, na).addmm_(gm.narrow(0, 0, na), r);
+    if (!need_dr) return;
+    dr.addmm_(gm.t(), q);
+    const at::Tensor dp = at::mm(gm.narrow(0, na, g.rows - na), r);  // the positives' rows
     for (int64_t k = g.k0; k < g.k1; ++k) {
-      const int64_t lo = L.run_lo[k], ka = L.run_hi[k] - lo, kp = L.pos_hi[k] - L.pos_lo[k];
-      const int64_t o = g.off[k - g.k0];
-      dx.narrow(0, lo, ka).add_(dq.narrow(0, o, ka));
-      if (need_dr && kp) dr.narrow(0, L.pos_lo[k], kp).add_(dq.narrow(0, o + ka, kp));
+      const int64_t kp = L.pos_hi[k] - L.pos_lo[k];
+      if (kp) dr.narrow(0, L.pos_lo[k], kp).add_(dp.narrow(0, g.off[k - g.k0] - na, kp));
     }
   });
-  return {dx, dr};
+  return {dx, need_dr ? dr : at::zeros_like(r)};
 }
 
 }  // namespace metrix_ops

@@ -26,11 +26,17 @@ void check_refs_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tenso
 // anchor's own slot skipped): the same kernels as the clean op, on the rows the walk has
 // computed anyway, so the clean loss against references costs no product of its own.
 template <typename T>
-MsBlock<T> clean_rows_block(const MixGeom<T>& geo, const T* g, const T* lp, const T* ln,
-                            T alpha, T beta, T base, const int64_t* own) {
-  MsBlock<T> b{geo.nc, geo.r0, 0, geo.row_lab, geo.col_lab, false, alpha, beta, base, g, lp, ln};
+MsBlock<T> clean_rows_block(const MixGeom<T>& geo, int64_t a0, const T* g, const T* lp,
+                            const T* ln, T alpha, T beta, T base, const int64_t* own) {
+  MsBlock<T> b{geo.nc, a0, 0, geo.row_lab, geo.col_lab, false, alpha, beta, base, g, lp, ln};
   b.skip_col = own;
   return b;
+}
+
+// anchor a0's row of S in the walk's rows
+template <typename T, typename P>
+P* anchor_rows(const MixGeom<T>& geo, P* base, int64_t a0) {
+  return base + (a0 - geo.r0) * geo.nc;
 }
 
 // (clean rows, their lse⁺, lse⁻, mixed rows ℓ̃(a), their two log normalisers) per anchor of
@@ -62,8 +68,10 @@ SixTensors ms_metrix_refs_fwd_cpu(const at::Tensor& x_, const at::Tensor& r_,
           return [&, b = mm.side(geo), geo](int64_t a0, int64_t a1) {
             k.mix_fold(b, a0, a1, mpos.data(), mneg.data());
             if (clean)
-              k.fold(geo.s, 0, a1 - a0, clean_rows_block<T>(geo, nullptr, nullptr, nullptr,
-                     T(alpha), T(beta), T(base), op), pos.data(), neg.data());
+              k.fold(anchor_rows(geo, geo.s, a0), 0, a1 - a0,
+                     clean_rows_block<T>(geo, a0, nullptr, nullptr, nullptr, T(alpha),
+                                         T(beta), T(base), op),
+                     pos.data(), neg.data());
           };
         },
         [](const RefsGroup&, const at::Tensor&, const at::Tensor&) {});
@@ -112,11 +120,12 @@ std::tuple<at::Tensor, at::Tensor> ms_metrix_refs_bwd_cpu(
             if (!clean) return;
             // the anchors' rows of S, read by the mixed kernel above and by nothing else,
             // become their clean G in place, which is added to the tile's ∂L/∂S
-            T* s = const_cast<T*>(geo.s);
-            k.grad(s, 0, a1 - a0, clean_rows_block<T>(geo, gp, lp, ln, T(alpha), T(beta),
+            T* s = anchor_rows(geo, const_cast<T*>(geo.s), a0);
+            T* gm = anchor_rows(geo, geo.gm, a0);
+            k.grad(s, 0, a1 - a0, clean_rows_block<T>(geo, a0, gp, lp, ln, T(alpha), T(beta),
                                                       T(base), op));
             const int64_t n = (a1 - a0) * geo.nc;
-            for (int64_t e = 0; e < n; ++e) geo.gm[e] += s[e];
+            for (int64_t e = 0; e < n; ++e) gm[e] += s[e];
           };
         });
   });
