@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, assert_float32_and_bf16, make_case
+from cases import (CASE_IDS, CASES, assert_close_vg, assert_float32_and_bf16, make_case,
+                   value_and_grad)
 from metrix_ops import _ext
 from metrix_ops.fused import metrix_refs as mr
 from metrix_ops.fused import multi_similarity as fused_ms
-from metrix_ops.ops import ms_metrix
+from metrix_ops.ops import lse_mix, ms_metrix
 from test_metrix_refs import check_refs as check_name_refs
 from test_metrix_refs import pair as metrix_pair
 from test_metrix_refs import large_reference_case, record_calls, refs_for
@@ -22,6 +23,20 @@ from test_metrix_refs import large_reference_case, record_calls, refs_for
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
 HYPER = {"alpha": 3.0, "beta": 40.0, "base": 0.3}
+
+
+# each loss with its options: Circle's defaults and other m, γ; GeneralizedLifted on the
+# (normalised) L2 distance and on the cosine
+LSE_LOSSES = {"CircleLoss": [{}, {"m": 0.3, "gamma": 40.0}],
+              "GeneralizedLiftedStructureLoss": [
+                  {"pos_margin": 0.2, "neg_margin": 0.9},
+                  {"distance": mo.distances.CosineSimilarity(), "neg_margin": 0.3}]}
+
+
+@pytest.fixture
+def lse_calls(monkeypatch):
+    """Each call of the Circle / GeneralizedLifted refs ops' rows."""
+    return record_calls(monkeypatch, lse_mix, "lse_refs_rows")
 
 
 @pytest.fixture
@@ -52,6 +67,47 @@ def test_ref_emb_equals_reference(case, pairs, group, op_calls, monkeypatch):
     check_refs(pairs, x, y, r, ry)
     check_refs(pairs, x, y, r, ry, **HYPER)
     assert op_calls
+
+
+@pytest.mark.parametrize("group", [1, None], ids=["class_per_group", "one_group"])
+@pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
+@pytest.mark.parametrize("name", LSE_LOSSES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_lse_losses_ref_emb_equals_reference(case, name, pairs, group, lse_calls, monkeypatch):
+    """Circle and GeneralizedLifted (L2 and cosine): their clean ops against references and
+    their mixed terms' two log-sum-exps from the refs ops (lse_mix_refs_cpu.cpp)"""
+    if group is not None:
+        monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", group)
+    x, y = make_case(case, seed=23)
+    r, ry = refs_for(x, y, seed=24)
+    for kw in LSE_LOSSES[name]:
+        check_name_refs(name, pairs, x, y, r, ry, **kw)
+    assert lse_calls
+
+
+@pytest.mark.parametrize("name", LSE_LOSSES)
+def test_lse_losses_copy_of_the_batch_and_half(name, lse_calls):
+    """the same set (own rows excluded) against the reference; fp32 and bf16 inputs"""
+    x, y = make_case(CASES[6], seed=25)
+    fused, ref = metrix_pair(name, "pos_neg")
+    assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=y),
+                    lambda e, q: ref(e, y, ref_emb=q, ref_labels=y), x, x.detach() * 1.0)
+    r, ry = refs_for(x, y, seed=26)
+    rd = r.detach().to(torch.bfloat16).double()  # the same values whatever e's dtype
+    v64, (g64,) = value_and_grad(lambda e: ref(e, y, ref_emb=rd, ref_labels=ry), x)
+    v32, (g32,) = value_and_grad(lambda e: fused(e.float(), y, ref_emb=rd.float(), ref_labels=ry),
+                                 x)
+    # γ = 80 amplifies fp32 rounding in the gradient's cancelling terms: its tolerance is
+    # relative to the gradient's scale
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=1e-5 * float(g64.abs().max()))
+    h = x.detach().to(torch.bfloat16).requires_grad_()
+    v = fused(h, y, ref_emb=rd.to(torch.bfloat16), ref_labels=ry)
+    v.backward()
+    assert v.dtype == torch.float32 and torch.isfinite(h.grad.float()).all()
+    torch.testing.assert_close(v, ref(h.detach().float(), y, ref_emb=rd.float(), ref_labels=ry),
+                               rtol=1e-4, atol=1e-5)
+    assert lse_calls
 
 
 def test_references_without_a_class_of_the_batch(op_calls):
@@ -198,3 +254,14 @@ def test_a_copy_of_the_batch_with_its_labels(pairs, op_calls):
         assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=y),
                         lambda e, q: ref(e, y, ref_emb=q, ref_labels=y), x, x.detach() * 1.0)
     assert len(op_calls) == 3
+
+
+@pytest.mark.parametrize("name", LSE_LOSSES)
+def test_lse_losses_beside_an_indices_tuple(name, lse_calls):
+    """the clean loss on a miner's tuple, the mixed term (same set) from the refs ops"""
+    x, y = make_case(CASES[1], seed=27)
+    a, p, n = mo.miners.TripletMarginMiner(margin=0.3)(x.detach(), y)
+    for kw in LSE_LOSSES[name]:
+        fused, ref = metrix_pair(name, "pos_neg", **kw)
+        assert_close_vg(lambda e: fused(e, y, (a, p, n)), lambda e: ref(e, y, (a, p, n)), x)
+    assert len(lse_calls) == len(LSE_LOSSES[name])

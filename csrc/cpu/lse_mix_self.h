@@ -29,6 +29,21 @@ inline void check_lse_mix(const at::Tensor& x, const at::Tensor& labels, double 
   TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
 }
 
+// The folded states' values as two tensors (lse⁺, lse⁻)
+template <typename T>
+std::pair<at::Tensor, at::Tensor> lse_values(const std::vector<OnlineLse<T>>& pos,
+                                             const std::vector<OnlineLse<T>>& neg,
+                                             const at::TensorOptions& options) {
+  const int64_t B = static_cast<int64_t>(pos.size());
+  at::Tensor lp = at::empty({B}, options), ln = at::empty({B}, options);
+  T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
+  for (int64_t a = 0; a < B; ++a) {
+    lpp[a] = pos[a].value();
+    lnp[a] = neg[a].value();
+  }
+  return {lp, ln};
+}
+
 // (lse⁺, lse⁻) per anchor of the label-sorted unit rows x (−inf: no candidate)
 template <typename T, class P>
 std::pair<at::Tensor, at::Tensor> lse_mix_fwd(const at::Tensor& x, const at::Tensor& labels,
@@ -47,13 +62,7 @@ std::pair<at::Tensor, at::Tensor> lse_mix_fwd(const at::Tensor& x, const at::Ten
                 &neg](int64_t a0, int64_t a1) { fold(b, a0, a1, pos.data(), neg.data()); };
       },
       [](at::Tensor&, int64_t, int64_t, int64_t, int64_t) {});  // no clean term here
-  at::Tensor lp = at::empty({B}, x.options()), ln = at::empty({B}, x.options());
-  T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
-  for (int64_t a = 0; a < B; ++a) {
-    lpp[a] = pos[a].value();
-    lnp[a] = neg[a].value();
-  }
-  return {lp, ln};
+  return lse_values<T>(pos, neg, x.options());
 }
 
 // dx of Σ_a g⁺_a lse⁺_a + g⁻_a lse⁻_a (all four per-anchor vectors in x's dtype)

@@ -36,8 +36,18 @@
 #include <vector>
 
 #include "cpu/metrix_blocks.h"
+#include "cpu/op_checks.h"
 
 namespace metrix_ops {
+
+// The arguments every op of the walk takes: unit anchors and references, their labels, each
+// anchor's own row of the references (int64, −1: none), and λ.
+inline void check_refs_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                              const at::Tensor& ref_labels, const at::Tensor& self, double lam) {
+  check_pair_inputs(x, r, labels, ref_labels, 1);
+  check_labels_of(self, x.size(0), "self");
+  TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
+}
 
 // The runs of the label-sorted anchors and their positives among the label-sorted
 // references, and each anchor's MixGeom fields.

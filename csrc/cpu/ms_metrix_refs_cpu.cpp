@@ -13,15 +13,6 @@ namespace metrix_ops {
 
 namespace {
 
-void check_refs_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
-                       const at::Tensor& ref_labels, const at::Tensor& self, double lam) {
-  check_pair_inputs(x, r, labels, ref_labels, 1);
-  check_labels_of(self, x.size(0), "self");
-  TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
-}
-
-}  // namespace
-
 // The clean MS terms of a class tile's anchor rows (rows of S = X Rᵀ against all of R, the
 // anchor's own slot skipped): the same kernels as the clean op, on the rows the walk has
 // computed anyway, so the clean loss against references costs no product of its own.
@@ -38,6 +29,8 @@ template <typename T, typename P>
 P* anchor_rows(const MixGeom<T>& geo, P* base, int64_t a0) {
   return base + (a0 - geo.r0) * geo.nc;
 }
+
+}  // namespace
 
 // (clean rows, their lse⁺, lse⁻, mixed rows ℓ̃(a), their two log normalisers) per anchor of
 // the label-sorted unit rows x against the label-sorted unit references r

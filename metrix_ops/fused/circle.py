@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..ops.circle import circle_rows
 from ..ops.circle_metrix import circle_metrix_loss
 from . import register, register_metrix
-from .multi_similarity import _self_pairs_only as self_pairs_only
+from .multi_similarity import metrix_refs_args
 from .ntxent import guarded, reduce_rows, supports, unit_pair
 
 
@@ -24,10 +24,11 @@ def impl(params, inp, reducer, chunk=None):
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    """The fused Metrix op: embedding level, pos_neg or anchor_neg pairs, the batch against
-    itself."""
+    """The fused Metrix ops: embedding level, pos_neg or anchor_neg pairs, the batch against
+    itself or against references, CPU tensors."""
     return (supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs_only(inp))
+            and metrix.pairs in ("pos_neg", "anchor_neg")
+            and inp.embeddings.device.type == "cpu")
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
@@ -38,8 +39,9 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     classes, fwd + bwd, 2 loaded cores: clean op ~110 ms, mixed op ~600 ms, one S = X Xᵀ
     with its backward ~35 ms)."""
     x = inp.embeddings
-    mixed = circle_metrix_loss(F.normalize(x, dim=1), inp.labels, params["m"], params["gamma"],
-                               lam, metrix.pairs, block, like=x)
+    xu = F.normalize(x, dim=1)
+    mixed = circle_metrix_loss(xu, inp.labels, params["m"], params["gamma"], lam, metrix.pairs,
+                               block, like=x, refs=metrix_refs_args(inp, xu))
     return impl(params, inp, reducer) + metrix.weight * mixed
 
 

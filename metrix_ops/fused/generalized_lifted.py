@@ -16,6 +16,7 @@ from . import register, register_metrix
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
 from .multi_similarity import _self_pairs_only as self_pairs_only
+from .multi_similarity import metrix_refs_args
 
 
 def supports(params, inp, expansion) -> bool:
@@ -39,12 +40,12 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    """The fused Metrix op: embedding level, pos_neg or anchor_neg pairs, the batch against
-    itself, L2 or the plain cosine (the reference mixes L2-normalised rows: another p of
+    """The fused Metrix ops: embedding level, pos_neg or anchor_neg pairs, the batch against
+    itself or against references (CPU tensors), L2 or the plain cosine (the reference mixes L2-normalised rows: another p of
     CosineSimilarity would not be the clean loss's similarity of the mixes)."""
     d = inp.distance
     return (supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs_only(inp)
+            and metrix.pairs in ("pos_neg", "anchor_neg") and inp.embeddings.device.type == "cpu"
             and (is_normalized_l2(d) or is_cosine(d)))
 
 
@@ -53,9 +54,10 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     lifted_metrix_self_fwd (mean over anchors with a candidate, as the reference's
     generalized_lifted_soft); see fused/circle.py for why two passes."""
     x = inp.embeddings
-    mixed = lifted_metrix_loss(F.normalize(x, dim=1), inp.labels, is_cosine(inp.distance),
-                               params["pos_margin"], params["neg_margin"], lam, metrix.pairs,
-                               block, like=x)
+    xu = F.normalize(x, dim=1)
+    mixed = lifted_metrix_loss(xu, inp.labels, is_cosine(inp.distance), params["pos_margin"],
+                               params["neg_margin"], lam, metrix.pairs, block, like=x,
+                               refs=metrix_refs_args(inp, xu))
     return impl(params, inp, reducer) + metrix.weight * mixed
 
 

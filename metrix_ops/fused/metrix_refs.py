@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import _ext
-from ..distances import is_cosine
+from ..distances import is_cosine, is_normalized_l2
+from ..ops.circle_metrix import circle_metrix_loss
+from ..ops.lifted_metrix import lifted_metrix_loss
 from ..ops.ms_metrix import ms_metrix_refs_rows
 from ..reference.metrix import mix_norm
 from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
@@ -121,20 +123,29 @@ def with_negatives(labels, ref_labels):
 
 
 def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
-    """L̃ from the CPU engine's op of anchors against references (csrc/cpu/metrix_refs_walk.h:
+    """L̃ from the CPU engine's ops of anchors against references (csrc/cpu/metrix_refs_walk.h:
     per class its anchors' rows of X Rᵀ and its positives' rows of R Rᵀ, the candidates in
-    the in-batch op's kernels), its mixed term alone (the clean loss is another path's here:
-    an indices_tuple, ...), or None where it has none: MS with its cosine similarity, pos_neg
-    or anchor_neg, CPU tensors."""
-    if not (_ext.HAS_EXT and name == "MultiSimilarityLoss" and pairs in ("pos_neg", "anchor_neg")
-            and xh.device.type == "cpu" and is_cosine(inp.distance)):
+    the in-batch ops' kernels), the mixed term alone (the clean loss is another path's here:
+    an indices_tuple, ...), or None where they have none: pos_neg or anchor_neg, CPU tensors,
+    MS and Circle with their cosine, GeneralizedLifted with the normalised L2 or the cosine."""
+    d = inp.distance
+    if not (_ext.HAS_EXT and pairs in ("pos_neg", "anchor_neg") and xh.device.type == "cpu"):
         return None
     labels, ref_labels = inp.labels, inp.ref_labels
     if xh.dtype in (torch.float16, torch.bfloat16):  # computed in fp32, as the clean ops
         xh, rh = xh.float(), rh.float()
-    _, rows = ms_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, params["alpha"],
-                                  params["beta"], params["base"], lam, pairs, clean=False)
-    return combine_parts([(rows.sum(), with_negatives(labels, ref_labels))], xh)
+    refs = (rh, ref_labels, self_idx)
+    if name == "MultiSimilarityLoss" and is_cosine(d):
+        _, rows = ms_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, params["alpha"],
+                                      params["beta"], params["base"], lam, pairs, clean=False)
+        return combine_parts([(rows.sum(), with_negatives(labels, ref_labels))], xh)
+    if name == "CircleLoss" and is_cosine(d):
+        return circle_metrix_loss(xh, labels, params["m"], params["gamma"], lam, pairs,
+                                  like=xh, refs=refs)
+    if name == "GeneralizedLiftedStructureLoss" and (is_cosine(d) or is_normalized_l2(d)):
+        return lifted_metrix_loss(xh, labels, is_cosine(d), params["pos_margin"],
+                                  params["neg_margin"], lam, pairs, like=xh, refs=refs)
+    return None
 
 
 def mixed_term(name: str, params: dict, inp, metrix, lam: float):

@@ -77,19 +77,30 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     candidate, i.e. with a negative. In the batch: with two classes or more that is every
     anchor, and with one class every ℓ̃(a) is 0, so the sum over B is that mean either way.
     Against references: the anchors with a negative among them."""
-    x = inp.embeddings
-    xu = F.normalize(x, dim=1)
+    xu = F.normalize(inp.embeddings, dim=1)
     hyper = (params["alpha"], params["beta"], params["base"], lam, metrix.pairs)
-    if _self_pairs_only(inp):
+    refs = metrix_refs_args(inp, xu)
+    if refs is None:
         rows, mix = ms_metrix_rows(xu, inp.labels, *hyper, block)
         mixed = mix.sum() / max(len(mix), 1)
     else:
-        ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
-        own = (torch.arange(len(x)) if inp.same_set
-               else torch.full((len(x),), -1, dtype=torch.long))
-        rows, mix = ms_metrix_refs_rows(xu, ru, inp.labels, inp.ref_labels, own, *hyper)
-        mixed = combine_parts([(mix.sum(), with_negatives(inp.labels, inp.ref_labels))], xu)
+        ru, ref_labels, own = refs
+        rows, mix = ms_metrix_refs_rows(xu, ru, inp.labels, ref_labels, own, *hyper)
+        mixed = combine_parts([(mix.sum(), with_negatives(inp.labels, ref_labels))], xu)
     return _reduce_clean(rows, inp, reducer) + metrix.weight * mixed
+
+
+def metrix_refs_args(inp, xu):
+    """(unit references, their labels, each anchor's own row of them or −1) for the CPU
+    Metrix ops against references; None for the batch against itself, which has its own ops
+    (metrix_blocks.h). xu: the unit anchors."""
+    if _self_pairs_only(inp):
+        return None
+    x = inp.embeddings
+    ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
+    own = (torch.arange(len(x)) if inp.same_set
+           else torch.full((len(x),), -1, dtype=torch.long))
+    return ru, inp.ref_labels, own
 
 
 def miner_fits(inp, miner) -> bool:

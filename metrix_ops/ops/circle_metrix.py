@@ -14,24 +14,32 @@ from ..reducers import zero_loss
 from . import lse_mix
 
 lse_mix.register("circle_metrix_self")
+lse_mix.register_refs("circle_metrix_refs")
 
 
 def circle_metrix_lses(x_unit, labels, m: float, gamma: float, lam: float,
-                       pairs: str = "pos_neg", block: int = 1024):
+                       pairs: str = "pos_neg", block: int = 1024, refs=None):
     """(lse⁺, lse⁻) per anchor (caller's order) of the logits −γ[O_p − s̃]₊(s̃ − Δ_p) and
-    γ[s̃ − O_n]₊(s̃ − Δ_n) over its candidates, the weights [·]₊ detached; −inf without one."""
-    return lse_mix.lse_rows("circle_metrix_self", x_unit, labels, (float(m), float(gamma)), lam,
-                            pairs, block)
+    γ[s̃ − O_n]₊(s̃ − Δ_n) over its candidates, the weights [·]₊ detached; −inf without one.
+    refs: (unit references, their labels, each anchor's own row of them or −1), else the
+    batch against itself."""
+    params = (float(m), float(gamma))
+    if refs is not None:
+        r_unit, ref_labels, own = refs
+        return lse_mix.lse_refs_rows("circle_metrix_refs", x_unit, r_unit, labels, ref_labels, own, params,
+                                     lam, pairs)
+    return lse_mix.lse_rows("circle_metrix_self", x_unit, labels, params, lam, pairs, block)
 
 
 def circle_metrix_loss(x_unit, labels, m: float, gamma: float, lam: float,
-                       pairs: str = "pos_neg", block: int = 1024, like=None):
-    """L̃ (unweighted); `like` carries the zero loss's graph (default x_unit)."""
+                       pairs: str = "pos_neg", block: int = 1024, like=None, refs=None):
+    """L̃ (unweighted); `like` carries the zero loss's graph (default x_unit); refs as
+    circle_metrix_lses."""
     like = x_unit if like is None else like
     lse_mix.check_pairs(pairs)
     if not 0.0 < lam < 1.0:  # one side has no label mass anywhere: every ℓ̃(a) is 0
         return zero_loss(like)
-    lp, ln = circle_metrix_lses(x_unit, labels, m, gamma, lam, pairs, block)
+    lp, ln = circle_metrix_lses(x_unit, labels, m, gamma, lam, pairs, block, refs)
     return finish_circle_mixed(torch.isfinite(lp), lp + ln, lam, like)
 
 

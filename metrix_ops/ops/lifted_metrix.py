@@ -14,24 +14,31 @@ from ..reducers import zero_loss
 from . import lse_mix
 
 lse_mix.register("lifted_metrix_self")
+lse_mix.register_refs("lifted_metrix_refs")
 
 
 def lifted_metrix_lses(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
-                       lam: float, pairs: str = "pos_neg", block: int = 1024):
+                       lam: float, pairs: str = "pos_neg", block: int = 1024, refs=None):
     """(lse⁺, lse⁻) per anchor (caller's order) of PML's lifted exponents over its candidates
     (L2: d − m⁺ and m⁻ − d, d = 0 for a candidate coinciding with a; cosine: m⁺ − s̃ and
-    s̃ − m⁻); −inf without one."""
-    return lse_mix.lse_rows("lifted_metrix_self", x_unit, labels,
-                            (bool(cosine), float(pos_margin), float(neg_margin)), lam, pairs,
-                            block)
+    s̃ − m⁻); −inf without one. refs: (unit references, their labels, each anchor's own row
+    of them or −1), else the batch against itself."""
+    params = (bool(cosine), float(pos_margin), float(neg_margin))
+    if refs is not None:
+        r_unit, ref_labels, own = refs
+        return lse_mix.lse_refs_rows("lifted_metrix_refs", x_unit, r_unit, labels, ref_labels, own, params,
+                                     lam, pairs)
+    return lse_mix.lse_rows("lifted_metrix_self", x_unit, labels, params, lam, pairs, block)
 
 
 def lifted_metrix_loss(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
-                       lam: float, pairs: str = "pos_neg", block: int = 1024, like=None):
-    """L̃ (unweighted); `like` carries the zero loss's graph (default x_unit)."""
+                       lam: float, pairs: str = "pos_neg", block: int = 1024, like=None,
+                       refs=None):
+    """L̃ (unweighted); `like` carries the zero loss's graph (default x_unit); refs as
+    lifted_metrix_lses."""
     like = x_unit if like is None else like
     lp, ln = lifted_metrix_lses(x_unit, labels, cosine, pos_margin, neg_margin, lam, pairs,
-                                block)
+                                block, refs)
     has = torch.isfinite(lp)  # a candidate (then both sides are finite)
     z = torch.zeros_like(lp)
     if lam > 0.0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .ms_metrix import label_sorted
+from .ms_metrix import group_entries, label_sorted, refs_sorted
 
 
 def register(name: str):
@@ -46,6 +46,39 @@ def register(name: str):
     torch.library.register_autograd(fwd, _backward, setup_context=_setup)
 
 
+def register_refs(name: str):
+    """Fake kernel and autograd of `metrix_ops::{name}_fwd(x, r, labels, ref_labels, self,
+    *params, group)` → (lse_pos, lse_neg), the same per-anchor values against references,
+    whose backward `{name}_bwd(grad_pos, grad_neg, x, r, labels, ref_labels, self, lse_pos,
+    lse_neg, *params, group, need_dr)` → (dx, dr)."""
+    if not _ext.HAS_EXT:
+        return
+    fwd = f"metrix_ops::{name}_fwd"
+
+    @torch.library.register_fake(fwd)
+    def _fake(x, r, labels, ref_labels, self_rows, *params):
+        return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+    @torch.library.register_fake(f"metrix_ops::{name}_bwd")
+    def _fake_bwd(grad_pos, grad_neg, x, r, *rest):
+        return torch.empty_like(x), torch.empty_like(r)
+
+    def _setup(ctx, inputs, output):
+        x, r, labels, ref_labels, self_rows, *params = inputs
+        ctx.save_for_backward(x, r, labels, ref_labels, self_rows, *output)
+        ctx.params = tuple(params)
+
+    def _backward(ctx, g_pos, g_neg):
+        x, r, labels, ref_labels, self_rows, lse_pos, lse_neg = ctx.saved_tensors
+        gs = [torch.zeros_like(lse_pos) if g is None else g.contiguous() for g in (g_pos, g_neg)]
+        dx, dr = getattr(torch.ops.metrix_ops, f"{name}_bwd")(
+            *gs, x, r, labels, ref_labels, self_rows, lse_pos, lse_neg, *ctx.params,
+            ctx.needs_input_grad[1])
+        return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * (3 + len(ctx.params))
+
+    torch.library.register_autograd(fwd, _backward, setup_context=_setup)
+
+
 def check_pairs(pairs: str):
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
@@ -59,4 +92,16 @@ def lse_rows(name: str, x_unit, labels, params: tuple, lam: float, pairs: str, b
     xs, ys, inverse = label_sorted(x_unit, labels)
     lp, ln = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
         xs, ys, *params, float(lam), pairs == "anchor_neg", int(block))
+    return lp.index_select(0, inverse), ln.index_select(0, inverse)
+
+
+def lse_refs_rows(name: str, x_unit, r_unit, labels, ref_labels, self_idx, params: tuple,
+                  lam: float, pairs: str):
+    """lse_rows of the anchors against references, from op `name`: the candidates mix(p, n, λ)
+    of a reference positive p (not self_idx[a], a's own row of them; −1: none) and a reference
+    negative n, or mix(a, n) (no such p, or "anchor_neg")."""
+    check_pairs(pairs)
+    *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
+    lp, ln = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
+        *args, *params, float(lam), pairs == "anchor_neg", group_entries())
     return lp.index_select(0, inverse), ln.index_select(0, inverse)

@@ -107,6 +107,17 @@ def ms_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, alpha: flo
     or under pairs "anchor_neg", mix(a, n); 0 where a has no negative among the references."""
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
+    *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
+    rows, _, _, mix, _, _ = torch.ops.metrix_ops.ms_metrix_refs_fwd(
+        *args, float(alpha), float(beta), float(base), float(lam), pairs == "anchor_neg",
+        bool(clean), group_entries(group))
+    return rows.index_select(0, inverse), mix.index_select(0, inverse)
+
+
+def refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx):
+    """The refs ops' inputs (xs, rs, ys, rys, own) — anchors and references each sorted by
+    label, each anchor's own row self_idx (−1: none) renumbered into the sorted references —
+    and the permutation that takes per-anchor outputs back to the caller's order."""
     xs, ys, inverse = label_sorted(x_unit, labels)
     order = torch.argsort(ref_labels, stable=True)
     rs, rys = r_unit.index_select(0, order).contiguous(), ref_labels.index_select(0, order)
@@ -115,8 +126,8 @@ def ms_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, alpha: flo
     own = self_idx.index_select(0, torch.argsort(labels, stable=True))
     own = torch.where(own >= 0, rank.index_select(0, own.clamp(min=0)) if len(rank) else own,
                       own)
-    rows, _, _, mix, _, _ = torch.ops.metrix_ops.ms_metrix_refs_fwd(
-        xs, rs, ys, rys.contiguous(), own.contiguous(), float(alpha), float(beta), float(base),
-        float(lam), pairs == "anchor_neg", bool(clean),
-        int(GROUP_ENTRIES if group is None else group))
-    return rows.index_select(0, inverse), mix.index_select(0, inverse)
+    return xs, rs, ys, rys.contiguous(), own.contiguous(), inverse
+
+
+def group_entries(group=None) -> int:
+    return int(GROUP_ENTRIES if group is None else group)
