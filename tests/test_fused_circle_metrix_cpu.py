@@ -225,10 +225,13 @@ def test_module_uses_the_fused_op(op_calls):
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="anchor_neg"))(x, y)
     assert len(op_calls) == 2, "backend='auto' did not take the fused Metrix op"
     # what it does not cover goes to the reference (auto)
+    # against references: the refs op (test_metrix_refs_op.py)
+    op_calls.clear()
+    mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
+    assert len(op_calls) == 1
     op_calls.clear()
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="pos_pos"))(x, y)
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="neg_neg"))(x, y)
-    mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
     assert not op_calls
 
 

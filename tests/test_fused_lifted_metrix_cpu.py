@@ -112,11 +112,14 @@ def test_module_uses_the_fused_op(op_calls):
                                              distance=mo.distances.CosineSimilarity())(x, y)
     assert len(op_calls) == 2, "backend='auto' did not take the fused Metrix op"
     # what it does not cover goes to the reference (auto)
-    op_calls.clear()
+    # against references: the refs op (test_metrix_refs_op.py)
     loss = mo.losses.GeneralizedLiftedStructureLoss
+    op_calls.clear()
+    loss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
+    assert len(op_calls) == 1
+    op_calls.clear()
     loss(metrix=mo.Metrix(lam=0.5, pairs="pos_pos"))(x, y)
     loss(metrix=mo.Metrix(lam=0.5, pairs="neg_neg"))(x, y)
-    loss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
     loss(metrix=mo.Metrix(lam=0.5), distance=mo.distances.CosineSimilarity(p=1))(x, y)
     assert not op_calls
 

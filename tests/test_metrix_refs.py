@@ -27,12 +27,13 @@ LOSSES = tuple(HYPER)
 
 @pytest.fixture(autouse=True)
 def chunks_only(monkeypatch):
-    """This file tests the PyTorch chunks: the CPU op that takes MS's loss and term against
-    references instead is tested in test_metrix_refs_op.py (off here: MS's fused Metrix
-    entry keeps to the batch against itself, and the chunks do not call the op)."""
-    supports, impl = fused.METRIX_IMPLS[("cpu", "MultiSimilarityLoss")]
-    monkeypatch.setitem(fused.METRIX_IMPLS, ("cpu", "MultiSimilarityLoss"),
-                        (lambda *a: supports(*a) and fused_ms.self_pairs(a[1]), impl))
+    """This file tests the PyTorch chunks: the CPU ops that take these losses' Metrix terms
+    against references instead are tested in test_metrix_refs_op.py (off here: the fused
+    Metrix entries keep to the batch against itself, and the chunks call no op)."""
+    for name in LOSSES:
+        supports, impl = fused.METRIX_IMPLS[("cpu", name)]
+        monkeypatch.setitem(fused.METRIX_IMPLS, ("cpu", name),
+                            (lambda *a, s=supports: s(*a) and fused_ms.self_pairs(a[1]), impl))
     monkeypatch.setattr(mr, "_fused_term", lambda *a: None)
 
 
