@@ -37,9 +37,10 @@ def chunks_only(monkeypatch):
     monkeypatch.setattr(mr, "_fused_term", lambda *a: None)
 
 
-def record_calls(monkeypatch, module, name):
-    """module.name wrapped to keep its results, each time it is called; the list of them."""
-    calls = []
+def record_calls(monkeypatch, module, name, calls=None):
+    """module.name wrapped to keep its results, each time it is called, in `calls` (a new
+    list by default); the list."""
+    calls = [] if calls is None else calls
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
     return calls

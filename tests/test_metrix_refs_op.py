@@ -15,6 +15,8 @@ from cases import (CASE_IDS, CASES, assert_close_vg, assert_float32_and_bf16, ma
 from metrix_ops import _ext
 from metrix_ops.fused import metrix_refs as mr
 from metrix_ops.fused import multi_similarity as fused_ms
+from metrix_ops.fused import contrastive as fused_con
+from metrix_ops.ops import contrastive_metrix as cm
 from metrix_ops.ops import lse_mix, ms_metrix
 from test_metrix_refs import check_refs as check_name_refs
 from test_metrix_refs import pair as metrix_pair
@@ -25,9 +27,14 @@ pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 HYPER = {"alpha": 3.0, "beta": 40.0, "base": 0.3}
 
 
-# each loss with its options: Circle's defaults and other m, γ; GeneralizedLifted on the
-# (normalised) L2 distance and on the cosine
+# the losses whose mixed term alone comes from a refs op (the clean loss from the clean op),
+# each with its options: Circle's defaults and other m, γ; Contrastive and GeneralizedLifted
+# on the (normalised) L2 distance and on the cosine
 LSE_LOSSES = {"CircleLoss": [{}, {"m": 0.3, "gamma": 40.0}],
+              "ContrastiveLoss": [
+                  {"pos_margin": 0.1, "neg_margin": 0.7},
+                  {"distance": mo.distances.CosineSimilarity(), "pos_margin": 0.8,
+                   "neg_margin": 0.3}],
               "GeneralizedLiftedStructureLoss": [
                   {"pos_margin": 0.2, "neg_margin": 0.9},
                   {"distance": mo.distances.CosineSimilarity(), "neg_margin": 0.3}]}
@@ -35,8 +42,12 @@ LSE_LOSSES = {"CircleLoss": [{}, {"m": 0.3, "gamma": 40.0}],
 
 @pytest.fixture
 def lse_calls(monkeypatch):
-    """Each call of the Circle / GeneralizedLifted refs ops' rows."""
-    return record_calls(monkeypatch, lse_mix, "lse_refs_rows")
+    """Each call of the Circle / GeneralizedLifted / Contrastive refs ops' rows."""
+    calls = record_calls(monkeypatch, lse_mix, "lse_refs_rows")
+    record_calls(monkeypatch, cm, "contrastive_metrix_refs_rows", calls)
+    for module in (mr, fused_con):  # the modules that import the name
+        monkeypatch.setattr(module, "contrastive_metrix_refs_rows", cm.contrastive_metrix_refs_rows)
+    return calls
 
 
 @pytest.fixture
@@ -74,8 +85,9 @@ def test_ref_emb_equals_reference(case, pairs, group, op_calls, monkeypatch):
 @pytest.mark.parametrize("name", LSE_LOSSES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_lse_losses_ref_emb_equals_reference(case, name, pairs, group, lse_calls, monkeypatch):
-    """Circle and GeneralizedLifted (L2 and cosine): their clean ops against references and
-    their mixed terms' two log-sum-exps from the refs ops (lse_mix_refs_cpu.cpp)"""
+    """Circle, Contrastive and GeneralizedLifted (L2 and cosine): their clean ops against
+    references and their mixed terms from the refs ops (lse_mix_refs_cpu.cpp,
+    contrastive_metrix_refs_cpu.cpp)"""
     if group is not None:
         monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", group)
     x, y = make_case(case, seed=23)

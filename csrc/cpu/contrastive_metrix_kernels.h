@@ -146,6 +146,19 @@ struct ConMixRowKernel {
   }
 };
 
+// The contrastive constants of the Metrix ops (batch against itself, against references),
+// and one block side's ConMixBlock.
+template <typename T>
+struct ConMix {
+  bool cosine;
+  T pos_margin, neg_margin;
+  const T *g_pos = nullptr, *g_neg = nullptr;
+
+  ConMixBlock<T> side(const MixGeom<T>& geo) const {
+    return ConMixBlock<T>{geo, cosine, pos_margin, neg_margin, g_pos, g_neg};
+  }
+};
+
 #undef MO_INLINE
 #undef MO_LAMBDA_INLINE
 

@@ -16,18 +16,6 @@ namespace metrix_ops {
 
 namespace {
 
-// The contrastive constants of the Metrix kernels, and one block side's ConMixBlock.
-template <typename T>
-struct ConMix {
-  bool cosine;
-  T pos_margin, neg_margin;
-  const T *g_pos = nullptr, *g_neg = nullptr;
-
-  ConMixBlock<T> side(const MixGeom<T>& geo) const {
-    return ConMixBlock<T>{geo, cosine, pos_margin, neg_margin, g_pos, g_neg};
-  }
-};
-
 void check_con_metrix(const at::Tensor& x, const at::Tensor& labels, double lam, int64_t block) {
   check_self_inputs(x, labels, block);
   TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);

@@ -13,26 +13,6 @@ namespace metrix_ops {
 
 namespace {
 
-// The sorted inputs of a refs op, checked and contiguous, with the walk's layout and the
-// shared label ids.
-struct RefsCall {
-  at::Tensor x, r, labels, ref_labels, own;
-  RefsLayout layout;
-  std::pair<at::Tensor, at::Tensor> ids;
-
-  RefsCall(const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
-           const at::Tensor& ref_labels_, const at::Tensor& self, double lam, int64_t group) {
-    check_refs_inputs(x_, r_, labels_, ref_labels_, self, lam);
-    x = x_.contiguous();
-    r = r_.contiguous();
-    labels = labels_.contiguous();
-    ref_labels = ref_labels_.contiguous();
-    own = self.contiguous();
-    layout = refs_layout(labels, ref_labels, own, group);
-    ids = ms_label_ids(labels, ref_labels);
-  }
-};
-
 template <typename T, class P>
 std::tuple<at::Tensor, at::Tensor> lse_mix_refs_fwd(RefsCall& c, const P& p, double lam,
                                                     bool anchor_neg,
@@ -41,14 +21,10 @@ std::tuple<at::Tensor, at::Tensor> lse_mix_refs_fwd(RefsCall& c, const P& p, dou
                                                                  OnlineLse<T>*, OnlineLse<T>*)) {
   const int64_t B = c.x.size(0);
   std::vector<OnlineLse<T>> pos(B, OnlineLse<T>::empty()), neg(B, OnlineLse<T>::empty());
-  metrix_refs_walk<T>(
-      c.x, c.r, c.layout, c.ids.first.data_ptr<int32_t>(), c.ids.second.data_ptr<int32_t>(),
-      T(lam), anchor_neg, /*with_grad=*/false,
-      [&](const MixGeom<T>& geo) {
-        return [fold, b = LseMixBlock<T, P>{geo, p, nullptr, nullptr, nullptr, nullptr}, &pos,
-                &neg](int64_t a0, int64_t a1) { fold(b, a0, a1, pos.data(), neg.data()); };
-      },
-      [](const RefsGroup&, const at::Tensor&, const at::Tensor&) {});
+  c.fold<T>(lam, anchor_neg, [&](const MixGeom<T>& geo) {
+    return [fold, b = LseMixBlock<T, P>{geo, p, nullptr, nullptr, nullptr, nullptr}, &pos,
+            &neg](int64_t a0, int64_t a1) { fold(b, a0, a1, pos.data(), neg.data()); };
+  });
   return lse_values<T>(pos, neg, c.x.options());
 }
 
@@ -58,13 +34,11 @@ std::tuple<at::Tensor, at::Tensor> lse_mix_refs_bwd(
     void (*grad)(const LseMixBlock<T, P>&, int64_t, int64_t), const std::vector<at::Tensor>& v) {
   const LseMixBlock<T, P> proto{MixGeom<T>{}, p, v[0].data_ptr<T>(), v[1].data_ptr<T>(),
                                 v[2].data_ptr<T>(), v[3].data_ptr<T>()};
-  return metrix_refs_grad<T>(c.x, c.r, c.layout, c.ids.first.data_ptr<int32_t>(),
-                             c.ids.second.data_ptr<int32_t>(), T(lam), anchor_neg, need_dr,
-                             [&](const MixGeom<T>& geo) {
-                               LseMixBlock<T, P> b = proto;
-                               static_cast<MixGeom<T>&>(b) = geo;
-                               return [grad, b](int64_t a0, int64_t a1) { grad(b, a0, a1); };
-                             });
+  return c.grad<T>(lam, anchor_neg, need_dr, [&](const MixGeom<T>& geo) {
+    LseMixBlock<T, P> b = proto;
+    static_cast<MixGeom<T>&>(b) = geo;
+    return [grad, b](int64_t a0, int64_t a1) { grad(b, a0, a1); };
+  });
 }
 
 }  // namespace

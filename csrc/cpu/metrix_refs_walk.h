@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "cpu/metrix_blocks.h"
+#include "cpu/ms_blocks.h"
 #include "cpu/op_checks.h"
 
 namespace metrix_ops {
@@ -212,5 +213,41 @@ std::pair<at::Tensor, at::Tensor> metrix_refs_grad(const at::Tensor& x, const at
   });
   return {dx, need_dr ? dr : at::zeros_like(r)};
 }
+
+// The sorted inputs of a refs op, checked and contiguous, with the walk's layout and the
+// shared label ids.
+struct RefsCall {
+  at::Tensor x, r, labels, ref_labels, own;
+  RefsLayout layout;
+  std::pair<at::Tensor, at::Tensor> ids;
+
+  RefsCall(const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
+           const at::Tensor& ref_labels_, const at::Tensor& self, double lam, int64_t group) {
+    check_refs_inputs(x_, r_, labels_, ref_labels_, self, lam);
+    x = x_.contiguous();
+    r = r_.contiguous();
+    labels = labels_.contiguous();
+    ref_labels = ref_labels_.contiguous();
+    own = self.contiguous();
+    layout = refs_layout(labels, ref_labels, own, group);
+    ids = ms_label_ids(labels, ref_labels);
+  }
+
+  // forward: side(geom) → kernel(a0, a1) folds each class's candidates
+  template <typename T, class Side>
+  void fold(double lam, bool anchor_neg, Side&& side) {
+    metrix_refs_walk<T>(x, r, layout, ids.first.data_ptr<int32_t>(),
+                        ids.second.data_ptr<int32_t>(), T(lam), anchor_neg, /*with_grad=*/false,
+                        side, [](const RefsGroup&, const at::Tensor&, const at::Tensor&) {});
+  }
+
+  // backward: (dx, dr) from side(geom) → kernel(a0, a1) adding each class's ∂L/∂S
+  template <typename T, class Side>
+  std::pair<at::Tensor, at::Tensor> grad(double lam, bool anchor_neg, bool need_dr, Side&& side) {
+    return metrix_refs_grad<T>(x, r, layout, ids.first.data_ptr<int32_t>(),
+                               ids.second.data_ptr<int32_t>(), T(lam), anchor_neg, need_dr,
+                               side);
+  }
+};
 
 }  // namespace metrix_ops

@@ -39,11 +39,8 @@ SixTensors ms_metrix_refs_fwd_cpu(const at::Tensor& x_, const at::Tensor& r_,
                                   const at::Tensor& self_, double alpha, double beta,
                                   double base, double lam, bool anchor_neg, bool clean,
                                   int64_t group) {
-  check_refs_inputs(x_, r_, labels_, ref_labels_, self_, lam);
-  const at::Tensor x = x_.contiguous(), r = r_.contiguous(), labels = labels_.contiguous(),
-                   ref_labels = ref_labels_.contiguous(), own = self_.contiguous();
-  RefsLayout L = refs_layout(labels, ref_labels, own, group);
-  const auto ids = ms_label_ids(labels, ref_labels);
+  RefsCall c(x_, r_, labels_, ref_labels_, self_, lam, group);
+  const at::Tensor& x = c.x;
   const int64_t B = x.size(0);
   auto vec = [&] { return at::zeros({B}, x.options()); };
   at::Tensor rows = vec(), lse_pos = vec(), lse_neg = vec(), mix = vec(), tp = vec(), tn = vec();
@@ -53,21 +50,17 @@ SixTensors ms_metrix_refs_fwd_cpu(const at::Tensor& x_, const at::Tensor& r_,
     std::vector<OnlineLse<T>> mpos(B, OnlineLse<T>::empty()), mneg(B, OnlineLse<T>::empty());
     const MsMix<T> mm{T(alpha), T(beta), T(base)};
     const auto& k = ms_kernels<T>();
-    const int64_t* op = own.data_ptr<int64_t>();
-    metrix_refs_walk<T>(
-        x, r, L, ids.first.data_ptr<int32_t>(), ids.second.data_ptr<int32_t>(), T(lam),
-        anchor_neg, /*with_grad=*/false,
-        [&](const MixGeom<T>& geo) {
-          return [&, b = mm.side(geo), geo](int64_t a0, int64_t a1) {
-            k.mix_fold(b, a0, a1, mpos.data(), mneg.data());
-            if (clean)
-              k.fold(anchor_rows(geo, geo.s, a0), 0, a1 - a0,
-                     clean_rows_block<T>(geo, a0, nullptr, nullptr, nullptr, T(alpha),
-                                         T(beta), T(base), op),
-                     pos.data(), neg.data());
-          };
-        },
-        [](const RefsGroup&, const at::Tensor&, const at::Tensor&) {});
+    const int64_t* op = c.own.data_ptr<int64_t>();
+    c.fold<T>(lam, anchor_neg, [&](const MixGeom<T>& geo) {
+      return [&, b = mm.side(geo), geo](int64_t a0, int64_t a1) {
+        k.mix_fold(b, a0, a1, mpos.data(), mneg.data());
+        if (clean)
+          k.fold(anchor_rows(geo, geo.s, a0), 0, a1 - a0,
+                 clean_rows_block<T>(geo, a0, nullptr, nullptr, nullptr, T(alpha),
+                                     T(beta), T(base), op),
+                 pos.data(), neg.data());
+      };
+    });
     if (clean) ms_finish_rows<T>(pos, neg, T(alpha), T(beta), rows, lse_pos, lse_neg);
     finish_mixed<T>(mpos, mneg, T(lam), T(alpha), T(beta), mix, tp, tn);
   });
@@ -80,21 +73,18 @@ std::tuple<at::Tensor, at::Tensor> ms_metrix_refs_bwd_cpu(
     const at::Tensor& self_, const at::Tensor& lse_pos_, const at::Tensor& lse_neg_,
     const at::Tensor& tp_, const at::Tensor& tn_, double alpha, double beta, double base,
     double lam, bool anchor_neg, bool clean, int64_t group, bool need_dr) {
-  check_refs_inputs(x_, r_, labels_, ref_labels_, self_, lam);
-  const int64_t B = x_.size(0);
+  RefsCall c(x_, r_, labels_, ref_labels_, self_, lam, group);
+  const at::Tensor& x = c.x;
+  const int64_t B = x.size(0);
   check_vec(grad_rows, B, "grad_rows");
   check_vec(grad_mix, B, "grad_mix");
   check_vec(lse_pos_, B, "lse_pos");
   check_vec(lse_neg_, B, "lse_neg");
   check_vec(tp_, B, "tp");
   check_vec(tn_, B, "tn");
-  const at::Tensor x = x_.contiguous(), r = r_.contiguous(), labels = labels_.contiguous(),
-                   ref_labels = ref_labels_.contiguous(), own = self_.contiguous();
   auto as_x = [&](const at::Tensor& t) { return t.to(x.scalar_type()).contiguous(); };
   const at::Tensor g = as_x(grad_rows), gmix = as_x(grad_mix), lse_pos = as_x(lse_pos_),
                    lse_neg = as_x(lse_neg_), tp = as_x(tp_), tn = as_x(tn_);
-  RefsLayout L = refs_layout(labels, ref_labels, own, group);
-  const auto ids = ms_label_ids(labels, ref_labels);
   std::pair<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_metrix_refs_bwd_cpu", [&] {
     using T = scalar_t;
@@ -104,23 +94,21 @@ std::tuple<at::Tensor, at::Tensor> ms_metrix_refs_bwd_cpu(
     mm.tn = tn.data_ptr<T>();
     const auto& k = ms_kernels<T>();
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
-    const int64_t* op = own.data_ptr<int64_t>();
-    out = metrix_refs_grad<T>(
-        x, r, L, ids.first.data_ptr<int32_t>(), ids.second.data_ptr<int32_t>(), T(lam),
-        anchor_neg, need_dr, [&](const MixGeom<T>& geo) {
-          return [&, b = mm.side(geo), geo](int64_t a0, int64_t a1) {
-            k.mix_grad(b, a0, a1);
-            if (!clean) return;
-            // the anchors' rows of S, read by the mixed kernel above and by nothing else,
-            // become their clean G in place, which is added to the tile's ∂L/∂S
-            T* s = anchor_rows(geo, const_cast<T*>(geo.s), a0);
-            T* gm = anchor_rows(geo, geo.gm, a0);
-            k.grad(s, 0, a1 - a0, clean_rows_block<T>(geo, a0, gp, lp, ln, T(alpha), T(beta),
-                                                      T(base), op));
-            const int64_t n = (a1 - a0) * geo.nc;
-            for (int64_t e = 0; e < n; ++e) gm[e] += s[e];
-          };
-        });
+    const int64_t* op = c.own.data_ptr<int64_t>();
+    out = c.grad<T>(lam, anchor_neg, need_dr, [&](const MixGeom<T>& geo) {
+      return [&, b = mm.side(geo), geo](int64_t a0, int64_t a1) {
+        k.mix_grad(b, a0, a1);
+        if (!clean) return;
+        // the anchors' rows of S, read by the mixed kernel above and by nothing else,
+        // become their clean G in place, which is added to the tile's ∂L/∂S
+        T* s = anchor_rows(geo, const_cast<T*>(geo.s), a0);
+        T* gm = anchor_rows(geo, geo.gm, a0);
+        k.grad(s, 0, a1 - a0, clean_rows_block<T>(geo, a0, gp, lp, ln, T(alpha), T(beta),
+                                                  T(base), op));
+        const int64_t n = (a1 - a0) * geo.nc;
+        for (int64_t e = 0; e < n; ++e) gm[e] += s[e];
+      };
+    });
   });
   return out;
 }

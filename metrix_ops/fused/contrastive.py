@@ -13,11 +13,11 @@ from ..distances import is_cosine, is_normalized_l2
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
                         reduce_loss_dict, zero_loss)
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
-from ..ops.contrastive_metrix import contrastive_metrix_rows
+from ..ops.contrastive_metrix import contrastive_metrix_refs_rows, contrastive_metrix_rows
 from ..spec import get_spec
 from . import register, register_metrix
 from .pair_counts import pair_count_tensors
-from .multi_similarity import _self_pairs_only
+from .multi_similarity import _self_pairs_only, metrix_refs_args
 
 _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
 
@@ -92,10 +92,11 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    """The fused clean + Metrix op: embedding level, pos_neg or anchor_neg pairs, the batch
-    against itself."""
+    """The fused clean + Metrix ops: embedding level, pos_neg or anchor_neg pairs, the batch
+    against itself or against references, CPU tensors."""
     return (supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and _self_pairs_only(inp))
+            and metrix.pairs in ("pos_neg", "anchor_neg")
+            and inp.embeddings.device.type == "cpu")
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
@@ -108,12 +109,24 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
         from ..reference.metrix import metrix_loss
         clean = reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
         return clean + metrix.weight * metrix_loss("ContrastiveLoss", params, inp, metrix, lam)
+    xu = F.normalize(x, dim=1)
+    cosine, pm, nm = is_cosine(inp.distance), params["pos_margin"], params["neg_margin"]
+    refs = metrix_refs_args(inp, xu)
+    if refs is not None:  # the clean op against references, beside the mixed term's op
+        mixed = contrastive_metrix_refs_rows(xu, refs[0], inp.labels, refs[1], refs[2], cosine,
+                                             pm, nm, lam, metrix.pairs)
+        return impl(params, inp, reducer) + metrix.weight * mixed_contrastive(mixed, x)
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
-    clean, mixed = contrastive_metrix_rows(
-        F.normalize(x, dim=1), inp.labels, is_cosine(inp.distance), params["pos_margin"],
-        params["neg_margin"], lam, metrix.pairs, window[0], window[1], block)
-    mixed_loss = _avg_kept(mixed[0], mixed[1], x) + _avg_kept(mixed[2], mixed[3], x)
-    return _reduce_clean(clean, n_pos, n_neg, reducer, x) + metrix.weight * mixed_loss
+    clean, mixed = contrastive_metrix_rows(xu, inp.labels, cosine, pm, nm, lam, metrix.pairs,
+                                           window[0], window[1], block)
+    return (_reduce_clean(clean, n_pos, n_neg, reducer, x)
+            + metrix.weight * mixed_contrastive(mixed, x))
+
+
+def mixed_contrastive(mixed, x):
+    """L̃ from the per-anchor (pos_sum, pos_count, neg_sum, neg_count) of the mixed terms:
+    each side AvgNonZero-reduced over all candidates, then summed (DESIGN §3)."""
+    return _avg_kept(mixed[0], mixed[1], x) + _avg_kept(mixed[2], mixed[3], x)
 
 
 register("cpu", "ContrastiveLoss", supports, impl)

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import _ext
 from ..distances import is_cosine, is_normalized_l2
 from ..ops.circle_metrix import circle_metrix_loss
+from ..ops.contrastive_metrix import contrastive_metrix_refs_rows
 from ..ops.lifted_metrix import lifted_metrix_loss
 from ..ops.ms_metrix import ms_metrix_refs_rows
 from ..reference.metrix import mix_norm
@@ -127,7 +128,8 @@ def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
     per class its anchors' rows of X Rᵀ and its positives' rows of R Rᵀ, the candidates in
     the in-batch ops' kernels), the mixed term alone (the clean loss is another path's here:
     an indices_tuple, ...), or None where they have none: pos_neg or anchor_neg, CPU tensors,
-    MS and Circle with their cosine, GeneralizedLifted with the normalised L2 or the cosine."""
+    MS and Circle with their cosine, Contrastive and GeneralizedLifted with the normalised L2
+    or the cosine."""
     d = inp.distance
     if not (_ext.HAS_EXT and pairs in ("pos_neg", "anchor_neg") and xh.device.type == "cpu"):
         return None
@@ -142,6 +144,12 @@ def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
     if name == "CircleLoss" and is_cosine(d):
         return circle_metrix_loss(xh, labels, params["m"], params["gamma"], lam, pairs,
                                   like=xh, refs=refs)
+    if name == "ContrastiveLoss" and (is_cosine(d) or is_normalized_l2(d)):
+        from .contrastive import mixed_contrastive  # lazy: contrastive → multi_similarity → here
+        mixed = contrastive_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, is_cosine(d),
+                                             params["pos_margin"], params["neg_margin"], lam,
+                                             pairs)
+        return mixed_contrastive(mixed, xh)
     if name == "GeneralizedLiftedStructureLoss" and (is_cosine(d) or is_normalized_l2(d)):
         return lifted_metrix_loss(xh, labels, is_cosine(d), params["pos_margin"],
                                   params["neg_margin"], lam, pairs, like=xh, refs=refs)

@@ -14,7 +14,7 @@ import math
 import torch
 
 from .. import _ext
-from .ms_metrix import label_sorted
+from .ms_metrix import group_entries, label_sorted, refs_sorted
 
 _FWD = "metrix_ops::contrastive_metrix_self_fwd"
 
@@ -46,6 +46,34 @@ if _ext.HAS_EXT:
 
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
+    _REFS = "metrix_ops::contrastive_metrix_refs_fwd"
+
+    @torch.library.register_fake(_REFS)
+    def _fake_refs(x, r, labels, ref_labels, self_rows, cosine, pos_margin, neg_margin, lam,
+                   anchor_neg, group):
+        b = x.shape[0]
+        return tuple(x.new_empty(b, dtype=torch.float64 if k % 2 == 0 else torch.long)
+                     for k in range(4))
+
+    @torch.library.register_fake("metrix_ops::contrastive_metrix_refs_bwd")
+    def _fake_refs_bwd(grad_pos, grad_neg, x, r, *rest):
+        return torch.empty_like(x), torch.empty_like(r)
+
+    def _setup_refs(ctx, inputs, output):
+        x, r, labels, ref_labels, self_rows, *args = inputs
+        ctx.save_for_backward(x, r, labels, ref_labels, self_rows, output[0])
+        ctx.args = tuple(args)
+        ctx.mark_non_differentiable(output[1], output[3])
+
+    def _backward_refs(ctx, g_pos, _gpc, g_neg, _gnc):
+        x, r, labels, ref_labels, self_rows, like = ctx.saved_tensors
+        gs = [torch.zeros_like(like) if g is None else g.contiguous() for g in (g_pos, g_neg)]
+        dx, dr = torch.ops.metrix_ops.contrastive_metrix_refs_bwd(
+            *gs, x, r, labels, ref_labels, self_rows, *ctx.args, ctx.needs_input_grad[1])
+        return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * 9
+
+    torch.library.register_autograd(_REFS, _backward_refs, setup_context=_setup_refs)
+
 
 def contrastive_metrix_rows(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
                             lam: float, pairs: str = "pos_neg", low=None, high=None,
@@ -64,3 +92,19 @@ def contrastive_metrix_rows(x_unit, labels, cosine: bool, pos_margin: float, neg
         float(lam), pairs == "anchor_neg", int(block))
     out = [t.index_select(0, inverse) for t in out]
     return tuple(out[:4]), tuple(out[4:])
+
+
+def contrastive_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, cosine: bool,
+                                 pos_margin: float, neg_margin: float, lam: float,
+                                 pairs: str = "pos_neg"):
+    """The mixed (pos_sum, pos_count, neg_sum, neg_count) of contrastive_metrix_rows for the
+    anchors against references: the candidates mix(p, n, λ) of a reference positive p (not
+    self_idx[a], a's own row of them; −1: none) and a reference negative n, or mix(a, n) (no
+    such p, or "anchor_neg")."""
+    if pairs not in ("pos_neg", "anchor_neg"):
+        raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
+    *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
+    out = torch.ops.metrix_ops.contrastive_metrix_refs_fwd(
+        *args, bool(cosine), float(pos_margin), float(neg_margin), float(lam),
+        pairs == "anchor_neg", group_entries())
+    return tuple(t.index_select(0, inverse) for t in out)
