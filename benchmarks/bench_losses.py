@@ -88,6 +88,11 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # MS + Metrix (pos_neg) against references: ref_emb a second set of B rows (labels
           # from the same classes), both with gradient; "pml"/"clean" the clean loss so called
           "metrix_ms_refs": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # the same for the other losses with a Metrix op against references
+          "metrix_contrastive_refs": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
+          "metrix_circle_refs": ("CircleLoss", "CircleLoss", "gram"),
+          "metrix_generalized_lifted_refs": ("GeneralizedLiftedStructureLoss",
+                                             "GeneralizedLiftedStructureLoss", "gram"),
           # EE with n = 8 on the official code's pairing, pairs="adjacent" (rows 2t, 2t+1:
           # the labels are drawn per row pair): one segment per anchor instead of K − 1
           "ee_hphn_adjacent": ("TripletMarginLoss", "HPHNTripletLoss", "gram"),
@@ -110,6 +115,9 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "ee_triplet": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
            "metrix_ms_pos_pos": lambda mo: {"metrix": mo.Metrix(pairs="pos_pos")},
            "metrix_ms_refs": lambda mo: {"metrix": mo.Metrix()},
+           "metrix_contrastive_refs": lambda mo: {"metrix": mo.Metrix()},
+           "metrix_circle_refs": lambda mo: {"metrix": mo.Metrix()},
+           "metrix_generalized_lifted_refs": lambda mo: {"metrix": mo.Metrix()},
            "ee_hphn_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
                                                                      pairs="adjacent")},
            "ee_ms_n8_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,

@@ -277,3 +277,27 @@ def test_lse_losses_beside_an_indices_tuple(name, lse_calls):
         fused, ref = metrix_pair(name, "pos_neg", **kw)
         assert_close_vg(lambda e: fused(e, y, (a, p, n)), lambda e: ref(e, y, (a, p, n)), x)
     assert len(lse_calls) == len(LSE_LOSSES[name])
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", *LSE_LOSSES])
+def test_empty_batch_and_empty_references(name):
+    """an empty batch or an empty reference set: the reference's clear error, naming the
+    argument, before any op runs"""
+    g = torch.Generator().manual_seed(28)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (6,), generator=g)
+    for loss in metrix_pair(name, "pos_neg"):
+        with pytest.raises(ValueError, match="embeddings is empty"):
+            loss(x[:0], y[:0], ref_emb=x, ref_labels=y.clone())
+        with pytest.raises(ValueError, match="ref_emb is empty"):
+            loss(x, y, ref_emb=x[:0], ref_labels=y[:0].clone())
+
+
+def test_nan_references_are_rejected():
+    x, y = make_case(CASES[0], seed=29)
+    r, ry = refs_for(x, y, seed=30)
+    r = r.detach().clone()
+    r[2, 1] = float("nan")
+    fused, _ = pair("pos_neg")
+    with pytest.raises(ValueError, match="NaN"):
+        fused(x, y, ref_emb=r, ref_labels=ry)
