@@ -6,6 +6,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 import metrix_ops as mo
+from metrix_ops.reference.metrix import metrix_loss
 
 LOSSES = ["MultiSimilarityLoss", "ContrastiveLoss", "TripletMarginLoss", "NTXentLoss",
           "CircleLoss", "LiftedStructureLoss", "SupConLoss", "GeneralizedLiftedStructureLoss"]
@@ -153,3 +154,67 @@ def test_bad_calls():
             enqueue_mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="labels"):
         cbm(torch.randn(3, 4), torch.zeros(2, dtype=torch.long))
+
+
+METRIX_LOSSES = ["MultiSimilarityLoss", "ContrastiveLoss", "CircleLoss",
+                 "GeneralizedLiftedStructureLoss"]
+
+
+def _expected_with_metrix(clean_cbm, name, x, y, lam, pairs, weight, enqueue_mask=None):
+    """The clean loss of a reference-backend CrossBatchMemory (PML-tested above) plus
+    weight × the reference's Metrix term (reference/metrix.py: the B × M × M candidates) of
+    the batch against the bank it holds after the call, each anchor's own slot excluded
+    (rolled to column i, the reference's same-set rule)."""
+    start = clean_cbm.queue_idx
+    clean = clean_cbm(x, y, enqueue_mask=enqueue_mask)
+    bank, bank_y = clean_cbm._bank()
+    if enqueue_mask is None:
+        bank, bank_y, xs, ys = (torch.roll(bank, -start, 0), torch.roll(bank_y, -start, 0),
+                                x, y)
+    else:
+        xs, ys = x[~enqueue_mask], y[~enqueue_mask]
+    loss = getattr(mo.losses, name)()
+    spec = mo.spec.get_spec(name)
+    inp = mo.spec.LossInputs(xs, ys, None, bank, bank_y, enqueue_mask is None,
+                             mo.distances.as_distance(loss.distance, spec.default_distance))
+    mixed = metrix_loss(name, loss.loss_params(), inp,
+                        mo.Metrix(level="embedding", pairs=pairs), lam)
+    return clean + weight * mixed
+
+
+@pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg", "pos_pos"])
+@pytest.mark.parametrize("name", METRIX_LOSSES)
+def test_embedding_metrix_against_the_bank(name, pairs):
+    """Embedding-level Metrix through the bank (PML has no Metrix): over calls that fill and
+    wrap it, and a call with enqueue_mask, values and gradients against the clean reference
+    module plus the reference's Metrix term; the CPU ops and the reference backend alike."""
+    mx = mo.Metrix(level="embedding", pairs=pairs, weight=0.6)
+    mods = {b: mo.losses.CrossBatchMemory(getattr(mo.losses, name)(backend=b, metrix=mx), 5,
+                                          memory_size=23)
+            for b in ("auto", "reference")}
+    clean = mo.losses.CrossBatchMemory(getattr(mo.losses, name)(backend="reference"), 5,
+                                       memory_size=23)
+    for k, (x, y) in enumerate(_batches([7, 9, 8, 11, 5], 5, 4, seed=31)):
+        lam = 0.2 + 0.1 * k
+        mask = torch.arange(len(y)) % 3 == 0 if k == 3 else None
+        x = x.requires_grad_(True)
+        want = _expected_with_metrix(clean, name, x, y, lam, pairs, 0.6, mask)
+        (g_want,) = torch.autograd.grad(want, x)
+        for mod in mods.values():
+            got = mod(x, y, enqueue_mask=mask, lam=lam)
+            (g_got,) = torch.autograd.grad(got, x)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-9)
+
+
+def test_metrix_the_bank_cannot_take():
+    for loss, msg in [(mo.losses.MultiSimilarityLoss(metrix=mo.Metrix(pairs="neg_neg")), "pairs"),
+                      (mo.losses.ContrastiveLoss(metrix=mo.Metrix(
+                          level="feature")), "embedding level"),
+                      (mo.losses.TripletMarginLoss(metrix=mo.Metrix()), "TripletMarginLoss"),
+                      (mo.losses.ContrastiveLoss(metrix=mo.Metrix(),
+                                                 distance=mo.distances.LpDistance(
+                                                     normalize_embeddings=False)), "normalising"),
+                      (mo.losses.MultiSimilarityLoss(expansion=mo.Expansion()), "expansion")]:
+        with pytest.raises(ValueError, match=msg):
+            mo.losses.CrossBatchMemory(loss, 4, memory_size=8)

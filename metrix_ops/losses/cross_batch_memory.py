@@ -3,6 +3,9 @@ the last `memory_size` (detached) embeddings and labels; each call enqueues the 
 the rows of `enqueue_mask`) and computes the wrapped loss of the batch against the bank.
 
 The batch's own entries in the bank are not its positives (PML's remove_self_comparisons).
+With an embedding-level Metrix on the wrapped loss (PML has none), the mixed term is that of
+the batch against the bank under the same rule: mixes of bank entries, each anchor's own
+slot neither its positive nor mixed (`_mixed`).
 Where a fused op covers the loss (`fused.run_with_memory`: each anchor excludes one bank
 slot, (start + row) mod len(bank)), the bank goes through the streaming op and no B×M pair
 list exists: a bank of tens of thousands costs O(M·D). Otherwise the pairs are listed as PML lists them
@@ -10,12 +13,15 @@ and the loss runs on them: exact, and O(B·M) memory, as in PML.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import fused
+from ..distances import as_distance
+from ..driver import draw_lam, no_autocast, run_loss
+from ..fused import metrix_refs
+from ..reference.metrix import metrix_loss
 from ..reference.pairs import all_pairs, to_pairs, to_triplets
+from ..spec import LossInputs, get_spec
 from ..validation import check_embeddings, check_labels
 from .base import BaseMetricLoss
 
@@ -37,9 +43,18 @@ class CrossBatchMemory(torch.nn.Module):
         for arg, v in (("embedding_size", embedding_size), ("memory_size", memory_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {v!r}")
-        if loss.metrix is not None or loss.expansion is not None:
-            raise ValueError("CrossBatchMemory: the wrapped loss must not use metrix= or "
-                             "expansion= (the bank holds no pair metadata)")
+        if loss.expansion is not None:
+            raise ValueError("CrossBatchMemory: the wrapped loss must not use expansion= "
+                             "(Embedding Expansion mines the batch's own positive pairs)")
+        mx = loss.metrix
+        normalized = as_distance(loss.distance, get_spec(name).default_distance).normalize_embeddings
+        if mx is not None and not (mx.level == "embedding" and mx.pairs in metrix_refs.PAIRS
+                                   and name in metrix_refs.SOFT_PARTS and normalized):
+            raise ValueError(
+                "CrossBatchMemory takes Metrix at the embedding level (mixes of bank entries in "
+                f"closed form), pairs in {list(metrix_refs.PAIRS)}, on "
+                f"{sorted(metrix_refs.SOFT_PARTS)} with a normalising distance; got {mx!r} on "
+                f"{name}")
         if getattr(loss, "miner", None) is not None:
             raise ValueError("CrossBatchMemory: give the miner to CrossBatchMemory(miner=...), "
                              "not to the wrapped loss (it mines the batch against the bank)")
@@ -55,7 +70,7 @@ class CrossBatchMemory(torch.nn.Module):
         self.has_been_filled = False
         self.queue_idx = 0
 
-    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None, *, lam=None):
         check_embeddings(embeddings, allow_empty=True)
         check_labels(labels, len(embeddings), embeddings.device)
         if embeddings.shape[1] != self.embedding_size:
@@ -83,14 +98,45 @@ class CrossBatchMemory(torch.nn.Module):
         mem_emb, mem_labels = self._bank()
         exclude_start = start if enqueue_mask is None else None
 
+        loss = None
         if indices_tuple is None and self.miner is None and exclude_start is not None:
             loss = fused.run_with_memory(self.loss, embeddings, labels, mem_emb, mem_labels,
                                          exclude_start)
-            if loss is not None:
-                return loss
-        pairs = self._indices(embeddings, labels, mem_emb, mem_labels, indices_tuple,
-                              exclude_start)
-        return self.loss(embeddings, labels, pairs, mem_emb, mem_labels)
+        if loss is None:
+            pairs = self._indices(embeddings, labels, mem_emb, mem_labels, indices_tuple,
+                                  exclude_start)
+            loss = self._clean(embeddings, labels, pairs, mem_emb, mem_labels)
+        mx = self.loss.metrix
+        if mx is None or mx.weight == 0:
+            return loss
+        return loss + mx.weight * self._mixed(embeddings, labels, mem_emb, mem_labels,
+                                              exclude_start, draw_lam(mx, lam))
+
+    def _clean(self, *args):
+        """The wrapped loss without its Metrix term (that term is _mixed's)."""
+        loss = self.loss
+        return run_loss(loss.loss_name, loss.loss_params(), *args, distance=loss.distance,
+                        reducer=loss.reducer, backend=loss.backend)
+
+    def _mixed(self, emb, labels, mem_emb, mem_labels, exclude_start, lam: float):
+        """The Metrix term L̃ of the batch against the bank: mixes of bank entries (DESIGN §3
+        with the bank as references), each anchor's own slot neither a positive nor mixed,
+        as the clean loss's pairs. From the CPU engine's refs ops on CPU tensors, else the
+        anchor chunks (fused/metrix_refs.py): no B × M × M tensor; backend="reference": the
+        reference's, which builds it."""
+        if emb.dtype in (torch.float16, torch.bfloat16):
+            emb, mem_emb = emb.float(), mem_emb.float()
+        own = exclude_start is not None  # the bank rolled so that row i's slot is column i
+        if own:
+            mem_emb, mem_labels = (torch.roll(t, -exclude_start, 0) for t in (mem_emb, mem_labels))
+        spec = get_spec(self.loss.loss_name)
+        inp = LossInputs(emb, labels.long(), None, mem_emb, mem_labels.long(), own,
+                         as_distance(self.loss.distance, spec.default_distance))
+        args = (self.loss.loss_name, self.loss.loss_params(), inp, self.loss.metrix, lam)
+        if self.loss.backend == "reference":
+            return metrix_loss(*args)
+        with no_autocast(emb):
+            return metrix_refs.mixed_term(*args)
 
     def _enqueue(self, emb, labels) -> int:
         """Writes the rows at queue_idx, queue_idx+1, ... (mod memory_size); returns the start."""
