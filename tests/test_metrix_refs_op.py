@@ -301,3 +301,18 @@ def test_nan_references_are_rejected():
     fused, _ = pair("pos_neg")
     with pytest.raises(ValueError, match="NaN"):
         fused(x, y, ref_emb=r, ref_labels=ry)
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", *LSE_LOSSES])
+def test_under_fullgraph_compile_equals_eager(name):
+    """the module with Metrix against references traces whole (sorting, the refs ops, the
+    soft form's reduction), values and both gradients as eager"""
+    torch._dynamo.reset()
+    loss = getattr(mo.losses, name)(metrix=mo.Metrix(lam=0.3))
+    g = torch.Generator().manual_seed(32)
+    x, r = torch.randn(13, 6, generator=g), torch.randn(17, 6, generator=g)
+    y, ry = torch.randint(0, 4, (13,), generator=g), torch.randint(0, 5, (17,), generator=g)
+    compiled = torch.compile(lambda e, q: loss(e, y, ref_emb=q, ref_labels=ry), fullgraph=True,
+                             backend="eager")
+    assert_close_vg(compiled, lambda e, q: loss(e, y, ref_emb=q, ref_labels=ry), x, r,
+                    rtol=1e-5, atol=1e-6)
