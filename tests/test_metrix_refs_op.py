@@ -207,14 +207,29 @@ def test_float32_and_half(op_calls):
     assert op_calls and all(m.dtype == torch.float32 for _, m in op_calls)
 
 
-def test_references_without_grad_get_none(op_calls):
-    """a detached bank: dx only (the op skips dR's product), the same dx"""
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", *LSE_LOSSES])
+def test_references_without_grad(name, monkeypatch):
+    """a detached bank: the backward ops are asked for dX only (no dR products), and dX is
+    the reference's"""
+    asked = []
+    for op in ("ms", "circle", "lifted", "contrastive"):
+        real = getattr(torch.ops.metrix_ops, f"{op}_metrix_refs_bwd")
+
+        def spy(*args, real=real):
+            asked.append(args[-1])  # need_dr, the last argument of every refs backward
+            return real(*args)
+        monkeypatch.setattr(torch.ops.metrix_ops, f"{op}_metrix_refs_bwd", spy)
     x, y = make_case(CASES[0], seed=13)
     r, ry = refs_for(x, y, seed=14)
-    fused, ref = pair("pos_neg")
+    fused, ref = metrix_pair(name, "pos_neg")
     rd = r.detach()
     assert_close_vg(lambda e: fused(e, y, ref_emb=rd, ref_labels=ry),
                     lambda e: ref(e, y, ref_emb=rd, ref_labels=ry), x)
+    assert asked and not any(asked)
+    asked.clear()
+    assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=ry),
+                    lambda e, q: ref(e, y, ref_emb=q, ref_labels=ry), x, r)
+    assert asked and all(asked)
 
 
 def _op_args(b=7, m=9, d=4, seed=15):
@@ -226,15 +241,25 @@ def _op_args(b=7, m=9, d=4, seed=15):
     return x, r, y, ry, torch.full((b,), -1, dtype=torch.long)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    """every refs op: fake kernel (shapes and dtypes), autograd, schema"""
     x, r, y, ry, own = _op_args()
-    x.requires_grad_()
-    r.requires_grad_()
-    own[0] = int((ry == y[0]).nonzero()[0]) if (ry == y[0]).any() else -1  # one own row
+    x, r = x.to(dtype).requires_grad_(), r.to(dtype).requires_grad_()
+    assert (ry == y[0]).any()
+    own[0] = int((ry == y[0]).nonzero()[0])  # one own row
+    ops = torch.ops.metrix_ops
     for anchor_neg in (False, True):
+        tail = (0.3, anchor_neg)
         for clean in (False, True):
-            torch.library.opcheck(torch.ops.metrix_ops.ms_metrix_refs_fwd,
-                                  (x, r, y, ry, own, 2.0, 50.0, 0.5, 0.3, anchor_neg, clean, 1))
+            torch.library.opcheck(ops.ms_metrix_refs_fwd,
+                                  (x, r, y, ry, own, 2.0, 50.0, 0.5, *tail, clean, 1))
+        torch.library.opcheck(ops.circle_metrix_refs_fwd, (x, r, y, ry, own, 0.4, 20.0, *tail, 1))
+        for cosine in (False, True):
+            torch.library.opcheck(ops.lifted_metrix_refs_fwd,
+                                  (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, 1))
+            torch.library.opcheck(ops.contrastive_metrix_refs_fwd,
+                                  (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, 1))
 
 
 def test_input_errors():

@@ -164,6 +164,11 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float):
         return torch.sum(x * 0)
     xh = F.normalize(x, dim=1)
     rh = xh if inp.ref_emb is x else F.normalize(inp.ref_emb.to(x.dtype), dim=1)
+    self_idx = (torch.arange(b, device=x.device) if inp.same_set
+                else torch.full((b,), -1, dtype=torch.long, device=x.device))
+    fused = _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx)
+    if fused is not None:
+        return fused
     _, classes, _, _, slot = class_slots(ref_labels)  # slot[c, k]: k-th member of R's class c
     pslots = _anchor_slots(labels, classes, slot)  # B × K_max
     width = (pslots >= 0).sum(1)  # each anchor's class size in R
@@ -171,11 +176,6 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float):
     def entries(k):  # per anchor: its candidates, and its positives' rows (K × D)
         return {"pos_neg": (k + 1) * m, "anchor_neg": m, "pos_pos": k * k}[pairs] + k * d
 
-    self_idx = (torch.arange(b, device=x.device) if inp.same_set
-                else torch.full((b,), -1, dtype=torch.long, device=x.device))
-    fused = _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx)
-    if fused is not None:
-        return fused
     hyper = {k: v for k, v in params.items() if k != "proxies"}
     totals = counts = None
     for anchors, k in _chunks(width, entries):

@@ -51,8 +51,8 @@ if _ext.HAS_EXT:
     @torch.library.register_fake(_REFS)
     def _fake_refs(x, r, labels, ref_labels, self_rows, cosine, pos_margin, neg_margin, lam,
                    anchor_neg, group):
-        b = x.shape[0]
-        return tuple(x.new_empty(b, dtype=torch.float64 if k % 2 == 0 else torch.long)
+        b = x.shape[0]  # sums in x's dtype, counts int64 (con_outputs)
+        return tuple(x.new_empty(b) if k % 2 == 0 else x.new_empty(b, dtype=torch.long)
                      for k in range(4))
 
     @torch.library.register_fake("metrix_ops::contrastive_metrix_refs_bwd")
