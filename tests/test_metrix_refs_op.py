@@ -67,7 +67,11 @@ def check_refs(pairs, x, y, r, ry, **kw):
     check_name_refs("MultiSimilarityLoss", pairs, x, y, r, ry, **kw)
 
 
-@pytest.mark.parametrize("group", [1, None], ids=["class_per_group", "one_group"])
+# group sizes: one class and one reference column per tile; a few columns per tile; all
+GROUPS = [1, 40, None]
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=["column_tiles", "small_tiles", "one_group"])
 @pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_ref_emb_equals_reference(case, pairs, group, op_calls, monkeypatch):
@@ -80,7 +84,7 @@ def test_ref_emb_equals_reference(case, pairs, group, op_calls, monkeypatch):
     assert op_calls
 
 
-@pytest.mark.parametrize("group", [1, None], ids=["class_per_group", "one_group"])
+@pytest.mark.parametrize("group", GROUPS, ids=["column_tiles", "small_tiles", "one_group"])
 @pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
 @pytest.mark.parametrize("name", LSE_LOSSES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -157,7 +161,7 @@ def test_a_bank_that_is_the_batch_equals_the_in_batch_op(case, pairs):
         rows, mix = ms_metrix.ms_metrix_rows(F.normalize(e, dim=1), y, 2.0, 50.0, 0.5, 0.3, pairs)
         return (w * rows).sum() + (mix * w.flip(0)).sum()
 
-    for group in (1, None):
+    for group in GROUPS:
         def bank(e, group=group):
             rows, mix = _bank_rows(F.normalize(e, dim=1), y, perm, pairs, group)
             return (w * rows).sum() + (mix * w.flip(0)).sum()
@@ -189,7 +193,7 @@ def test_large_reference_set_equals_the_chunks(monkeypatch):
             m.setattr(mr, "_fused_term", lambda *a: None)
             return term(e, q)
 
-    monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", 20 * 3000)  # about 20 rows a group
+    monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", 5000)  # a class a group, column chunks
     assert_close_vg(term, chunks, x, r, rtol=1e-9, atol=1e-12)
 
 

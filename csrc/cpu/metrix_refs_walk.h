@@ -11,22 +11,25 @@
 // so a class needs its anchors' rows of S and its positives' rows of R Rᵀ, nothing else.
 // Both sets are label-sorted (the Python side sorts them): a class is a run of anchors and a
 // run of references. Classes are taken in groups of consecutive classes: the group's
-// anchors (one slice of X) then its classes' positives stacked into Q, one product Q Rᵀ
-// gives every class its rows (K_a + K_p against all M references), and the classes run in
+// anchors (one slice of X) then its classes' positives stacked into Q, one product Q Rᵀ (per
+// column chunk, below) gives every class its rows (K_a + K_p), and the classes run in
 // parallel. The rows are laid out as the in-batch kernels expect a block side that holds a
 // class: MixGeom::r0 is the group's first anchor, so an anchor's row of S is its own
 // number's, and its positives sit further down as rows that MixGeom::cls_lo/hi give (with
 // self_row its own slot among them), set per group. An anchor with no positive mixes itself,
 // whose 1/‖v_an‖ comes from its own row of S.
 //
-// Backward: the kernels add ∂L/∂S into the group's gradient rows (anchors': entries (a, n);
-// positives': entries (p, n)) and ∂L/∂s_ap into gw, which is added back at the anchors' rows
-// and the positives' columns (s_ap is S's entry there); then dX_g = G_a R, and where R needs
-// a gradient dR += Gᵀ Q and the positives' rows G_p R. With R detached (a memory bank) that
+// The references' columns go in chunks where a group's rows × M would exceed `group`
+// entries (the op's argument): the kernels' per-anchor states merge over column blocks, as
+// in the in-batch walk, so memory is three (rows × chunk) tiles whatever the bank's size or
+// the classes' (a class of K positives against M references costs K·M candidates per
+// anchor, never K·M entries held).
+//
+// Backward: per chunk the kernels add ∂L/∂S into the chunk's gradient rows (anchors':
+// entries (a, n); positives': entries (p, n)), and ∂L/∂s_ap into gw over the chunks; each
+// chunk gives dX_g += G_a R_c, and where R needs a gradient dR_c += Gᵀ Q and the positives'
+// G_p R_c; gw (s_ap = x_a·r_p) goes to both at the end. With R detached (a memory bank) that
 // is one product, not three.
-// Memory: the group's three (rows × M) tiles, about `group` entries each (the op's argument);
-// a single class larger than that makes a larger group (its K × M is what one anchor's
-// candidates need).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -127,27 +130,34 @@ inline std::vector<RefsGroup> refs_groups(const RefsLayout& L, int64_t M) {
   return out;
 }
 
-// Walks the groups: per group Q (anchors, then positives), S = Q Rᵀ, each anchor's s_ap (wc)
-// and its MixGeom rows, and per run side(geom)(lo, hi) in parallel over the runs, geom over
-// the group's S and 1/‖v‖ (and gm, its zeroed gradient, when with_grad). Then done(group, Q,
-// S-or-G) — backward gets gm with gw already added in.
-template <typename T, class Side, class Done>
+// The gradients a backward walk adds to (dr only when need_dr).
+struct RefsGrads {
+  at::Tensor dx, dr;
+  bool need_dr;
+};
+
+// Walks the groups: per group Q (anchors, then positives), each anchor's s_ap (wc, a dot
+// product per (anchor, positive)) and its MixGeom rows; then per chunk of the references'
+// columns S = Q R_chunkᵀ, and per run side(geom)(lo, hi) in parallel over the runs, geom over
+// the chunk's S and 1/‖v‖ (and, backward, gm: the chunk's zeroed ∂L/∂S, and gw: the group's
+// ∂L/∂s_ap). A group's rows × chunk hold about L.group entries: the whole of R when they fit,
+// else column chunks, whose fold states merge as the in-batch blocks' do. Backward (grads):
+// each chunk's dX_g += G_a R_c, and with need_dr dR_c += Gᵀ Q and the positives' G_p R_c;
+// the group's gw then adds x_a·r_p's share to both.
+template <typename T, class Side>
 void metrix_refs_walk(const at::Tensor& x, const at::Tensor& r, RefsLayout& L,
                       const int32_t* ids_x, const int32_t* ids_r, T lam, bool anchor_neg,
-                      bool with_grad, Side&& side, Done&& done) {
-  const int64_t M = r.size(0);
-  const at::Tensor rt = r.t();
+                      RefsGrads* grads, Side&& side) {
+  const int64_t M = r.size(0), D = x.size(1);
+  const T* xp = x.data_ptr<T>();
   for (const RefsGroup& g : refs_groups(L, M)) {
     std::vector<at::Tensor> parts{x.narrow(0, g.lo, g.hi - g.lo)};
     for (int64_t k = g.k0; k < g.k1; ++k)
       parts.push_back(r.narrow(0, L.pos_lo[k], L.pos_hi[k] - L.pos_lo[k]));
     const at::Tensor q = at::cat(parts);
-    const at::Tensor s = at::mm(q, rt);
-    std::vector<T> inv(g.rows * M), wc(g.wc), gw(with_grad ? g.wc : 0, T(0));
-    at::Tensor gm = with_grad ? at::zeros_like(s) : at::Tensor();
-    const T* sp = s.data_ptr<T>();
-    // each anchor's positives as rows of the group (numbered from r0 = g.lo), and its s_ap:
-    // its row of S at its positives' columns
+    const int64_t na = g.hi - g.lo;
+    std::vector<T> wc(g.wc), gw(grads ? g.wc : 0, T(0));
+    // each anchor's positives as rows of the group (numbered from r0 = g.lo), and its s_ap
     for (int64_t k = g.k0, w = 0; k < g.k1; ++k) {
       const int64_t kp = L.pos_hi[k] - L.pos_lo[k], first = g.lo + g.off[k - g.k0];
       for (int64_t a = L.run_lo[k]; a < L.run_hi[k]; ++a, w += kp) {
@@ -155,39 +165,84 @@ void metrix_refs_walk(const at::Tensor& x, const at::Tensor& r, RefsLayout& L,
         L.cls_lo[a] = first;
         L.cls_hi[a] = first + kp;
         L.wc_off[a] = w;
-        const T* row = sp + (a - g.lo) * M + L.pos_lo[k];
-        std::copy(row, row + kp, wc.begin() + w);
       }
     }
-    at::parallel_for(g.k0, g.k1, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t lo = L.run_lo[k], hi = L.run_hi[k], kp = L.pos_hi[k] - L.pos_lo[k];
-        const int64_t pos_row = g.off[k - g.k0];
-        mix_inv_norms<T>(sp + pos_row * M, kp * M, lam, inv.data() + pos_row * M);
-        bool own_mix = anchor_neg;  // some anchor mixes itself: its 1/‖v_an‖ too
-        for (int64_t a = lo; a < hi && !own_mix; ++a)
-          own_mix = L.cls_hi[a] - L.cls_lo[a] == (L.self_row[a] >= 0 ? 1 : 0);
-        if (own_mix)
-          mix_inv_norms<T>(sp + (lo - g.lo) * M, (hi - lo) * M, lam, inv.data() + (lo - g.lo) * M);
-        const MixGeom<T> geo{sp, inv.data(), M, g.lo, 0, ids_x, ids_r, L.cls_lo.data(),
-                             L.cls_hi.data(), wc.data(), L.wc_off.data(), lam, anchor_neg,
-                             with_grad ? gm.data_ptr<T>() : nullptr,
-                             with_grad ? gw.data() : nullptr, L.self_row.data()};
-        side(geo)(lo, hi);
-      }
-    });
-    if (with_grad) {  // ∂L/∂s_ap is S's entry at (a, its positive's column)
-      T* gp = gm.data_ptr<T>();
-      for (int64_t k = g.k0; k < g.k1; ++k) {
-        const int64_t kp = L.pos_hi[k] - L.pos_lo[k];
-        for (int64_t a = L.run_lo[k]; a < L.run_hi[k]; ++a) {
-          T* row = gp + (a - g.lo) * M + L.pos_lo[k];
-          const T* w = gw.data() + L.wc_off[a];
-          for (int64_t j = 0; j < kp; ++j) row[j] += w[j];
+    const T* qp = q.data_ptr<T>();  // a positive's row: its MixGeom row less g.lo
+    at::parallel_for(g.lo, g.hi, 16, [&](int64_t a0, int64_t a1) {
+      for (int64_t a = a0; a < a1; ++a) {
+        const T* xa = xp + a * D;
+        for (int64_t j = 0; j < L.cls_hi[a] - L.cls_lo[a]; ++j) {
+          const T* rj = qp + (L.cls_lo[a] - g.lo + j) * D;
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)  // a reordered sum, as the product's own
+          for (int64_t e = 0; e < D; ++e) acc += xa[e] * rj[e];
+          wc[L.wc_off[a] + j] = acc;
         }
       }
+    });
+    const int64_t ncols =
+        std::min<int64_t>(M, std::max<int64_t>(1, L.group / std::max<int64_t>(g.rows, 1)));
+    at::Tensor dp =  // the positives' gradient rows, over the chunks
+        grads && grads->need_dr ? at::zeros({g.rows - na, D}, x.options()) : at::Tensor();
+    for (int64_t c0 = 0; c0 < M; c0 += ncols) {
+      const int64_t nc = std::min(ncols, M - c0);
+      const at::Tensor rc = r.narrow(0, c0, nc);
+      const at::Tensor s = at::mm(q, rc.t());
+      std::vector<T> inv(g.rows * nc);
+      at::Tensor gm = grads ? at::zeros_like(s) : at::Tensor();
+      const T* sp = s.data_ptr<T>();
+      at::parallel_for(g.k0, g.k1, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t lo = L.run_lo[k], hi = L.run_hi[k], kp = L.pos_hi[k] - L.pos_lo[k];
+          const int64_t pos_row = g.off[k - g.k0];
+          mix_inv_norms<T>(sp + pos_row * nc, kp * nc, lam, inv.data() + pos_row * nc);
+          bool own_mix = anchor_neg;  // some anchor mixes itself: its 1/‖v_an‖ too
+          for (int64_t a = lo; a < hi && !own_mix; ++a)
+            own_mix = L.cls_hi[a] - L.cls_lo[a] == (L.self_row[a] >= 0 ? 1 : 0);
+          if (own_mix)
+            mix_inv_norms<T>(sp + (lo - g.lo) * nc, (hi - lo) * nc, lam,
+                             inv.data() + (lo - g.lo) * nc);
+          const MixGeom<T> geo{sp, inv.data(), nc, g.lo, c0, ids_x, ids_r, L.cls_lo.data(),
+                               L.cls_hi.data(), wc.data(), L.wc_off.data(), lam, anchor_neg,
+                               grads ? gm.data_ptr<T>() : nullptr,
+                               grads ? gw.data() : nullptr, L.self_row.data()};
+          side(geo)(lo, hi);
+        }
+      });
+      if (!grads) continue;
+      grads->dx.narrow(0, g.lo, na).addmm_(gm.narrow(0, 0, na), rc);
+      if (!grads->need_dr) continue;
+      grads->dr.narrow(0, c0, nc).addmm_(gm.t(), q);
+      dp.addmm_(gm.narrow(0, na, g.rows - na), rc);  // the positives' rows
     }
-    done(g, q, with_grad ? gm : s);
+    if (!grads) continue;
+    // s_ap = x_a·r_p: dx_a += Σ_p gw r_p and, with need_dr, dr_p += Σ_a gw x_a
+    T* dxp = grads->dx.data_ptr<T>();
+    at::parallel_for(g.lo, g.hi, 16, [&](int64_t a0, int64_t a1) {
+      for (int64_t a = a0; a < a1; ++a)
+        for (int64_t j = 0; j < L.cls_hi[a] - L.cls_lo[a]; ++j) {
+          const T w = gw[L.wc_off[a] + j];
+          const T* rj = qp + (L.cls_lo[a] - g.lo + j) * D;
+          if (w != T(0))
+            for (int64_t e = 0; e < D; ++e) dxp[a * D + e] += w * rj[e];
+        }
+    });
+    if (!grads->need_dr) continue;
+    T* dpp = dp.data_ptr<T>();
+    at::parallel_for(g.k0, g.k1, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t a = L.run_lo[k]; a < L.run_hi[k]; ++a)
+          for (int64_t j = 0; j < L.cls_hi[a] - L.cls_lo[a]; ++j) {
+            const T w = gw[L.wc_off[a] + j];
+            T* dj = dpp + (L.cls_lo[a] - g.lo - na + j) * D;
+            if (w != T(0))
+              for (int64_t e = 0; e < D; ++e) dj[e] += w * xp[a * D + e];
+          }
+    });
+    for (int64_t k = g.k0; k < g.k1; ++k) {
+      const int64_t kp = L.pos_hi[k] - L.pos_lo[k];
+      if (kp) grads->dr.narrow(0, L.pos_lo[k], kp).add_(dp.narrow(0, g.off[k - g.k0] - na, kp));
+    }
   }
 }
 
@@ -198,20 +253,9 @@ std::pair<at::Tensor, at::Tensor> metrix_refs_grad(const at::Tensor& x, const at
                                                    const int32_t* ids_r, T lam,
                                                    bool anchor_neg, bool need_dr,
                                                    Side&& side) {
-  at::Tensor dx = at::zeros_like(x), dr = need_dr ? at::zeros_like(r) : at::Tensor();
-  metrix_refs_walk<T>(x, r, L, ids_x, ids_r, lam, anchor_neg, /*with_grad=*/true, side,
-                      [&](const RefsGroup& g, const at::Tensor& q, const at::Tensor& gm) {
-    const int64_t na = g.hi - g.lo;
-    dx.narrow(0, g.lo, na).addmm_(gm.narrow(0, 0, na), r);
-    if (!need_dr) return;
-    dr.addmm_(gm.t(), q);
-    const at::Tensor dp = at::mm(gm.narrow(0, na, g.rows - na), r);  // the positives' rows
-    for (int64_t k = g.k0; k < g.k1; ++k) {
-      const int64_t kp = L.pos_hi[k] - L.pos_lo[k];
-      if (kp) dr.narrow(0, L.pos_lo[k], kp).add_(dp.narrow(0, g.off[k - g.k0] - na, kp));
-    }
-  });
-  return {dx, need_dr ? dr : at::zeros_like(r)};
+  RefsGrads grads{at::zeros_like(x), at::zeros_like(r), need_dr};
+  metrix_refs_walk<T>(x, r, L, ids_x, ids_r, lam, anchor_neg, &grads, side);
+  return {grads.dx, grads.dr};
 }
 
 // The sorted inputs of a refs op, checked and contiguous, with the walk's layout and the
@@ -237,8 +281,7 @@ struct RefsCall {
   template <typename T, class Side>
   void fold(double lam, bool anchor_neg, Side&& side) {
     metrix_refs_walk<T>(x, r, layout, ids.first.data_ptr<int32_t>(),
-                        ids.second.data_ptr<int32_t>(), T(lam), anchor_neg, /*with_grad=*/false,
-                        side, [](const RefsGroup&, const at::Tensor&, const at::Tensor&) {});
+                        ids.second.data_ptr<int32_t>(), T(lam), anchor_neg, nullptr, side);
   }
 
   // backward: (dx, dr) from side(geom) → kernel(a0, a1) adding each class's ∂L/∂S

@@ -40,7 +40,7 @@ struct MsBlock {
   const T* hardest_pos = nullptr;
   T eps = T(0);
   int64_t* kept = nullptr;
-  // per global row, the local column of its self pair (−1: none), for references in another
+  // per global row, the global column of its self pair (−1: none), for references in another
   // order than the rows (the Metrix op against references); null: exclude_diag's rule
   const int64_t* skip_col = nullptr;
 };
@@ -298,7 +298,10 @@ struct MsRowKernel {
   }
 
   static MO_INLINE int32_t skip_of(const MsBlock<T>& b, int64_t i) {
-    if (b.skip_col) return static_cast<int32_t>(b.skip_col[b.r0 + i]);
+    if (b.skip_col) {
+      const int64_t d = b.skip_col[b.r0 + i] - b.c0;  // −1 − c0 < 0: none
+      return d >= 0 && d < b.nc ? static_cast<int32_t>(d) : -1;
+    }
     const int64_t d = b.r0 + i - b.c0;  // local column of the self pair
     return b.exclude_diag && d >= 0 && d < b.nc ? static_cast<int32_t>(d) : -1;
   }

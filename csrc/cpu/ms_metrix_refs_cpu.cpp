@@ -13,13 +13,14 @@ namespace metrix_ops {
 
 namespace {
 
-// The clean MS terms of a class tile's anchor rows (rows of S = X Rᵀ against all of R, the
-// anchor's own slot skipped): the same kernels as the clean op, on the rows the walk has
+// The clean MS terms of a class tile's anchor rows (rows of S = X Rᵀ against a chunk of R's
+// columns, the anchor's own slot skipped): the same kernels as the clean op, on the rows the walk has
 // computed anyway, so the clean loss against references costs no product of its own.
 template <typename T>
 MsBlock<T> clean_rows_block(const MixGeom<T>& geo, int64_t a0, const T* g, const T* lp,
                             const T* ln, T alpha, T beta, T base, const int64_t* own) {
-  MsBlock<T> b{geo.nc, a0, 0, geo.row_lab, geo.col_lab, false, alpha, beta, base, g, lp, ln};
+  MsBlock<T> b{geo.nc, a0, geo.c0, geo.row_lab, geo.col_lab, false, alpha, beta, base, g, lp,
+               ln};
   b.skip_col = own;
   return b;
 }
