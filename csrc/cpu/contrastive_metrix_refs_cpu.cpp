@@ -40,11 +40,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_metrix_refs_bwd_cpu(
     const at::Tensor& self, bool cosine, double pos_margin, double neg_margin, double lam,
     bool anchor_neg, int64_t group, bool need_dr) {
   RefsCall c(x, r, labels, ref_labels, self, lam, group);
-  const int64_t B = c.x.size(0);
-  check_vec(grad_pos, B, "grad_pos");
-  check_vec(grad_neg, B, "grad_neg");
-  const at::Tensor gp = grad_pos.to(c.x.scalar_type()).contiguous(),
-                   gn = grad_neg.to(c.x.scalar_type()).contiguous();
+  const auto v = row_vectors(c.x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"}});
+  const at::Tensor &gp = v[0], &gn = v[1];
   std::pair<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "contrastive_metrix_refs_bwd_cpu", [&] {
     using T = scalar_t;

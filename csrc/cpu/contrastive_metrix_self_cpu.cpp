@@ -74,18 +74,13 @@ at::Tensor contrastive_metrix_self_bwd_cpu(const at::Tensor& grad_pos, const at:
                                            double high, double lam, bool anchor_neg,
                                            int64_t block) {
   check_con_metrix(x_, labels_, lam, block);
-  const int64_t B = x_.size(0);
-  check_vec(grad_pos, B, "grad_pos");
-  check_vec(grad_neg, B, "grad_neg");
-  check_vec(grad_mix_pos, B, "grad_mix_pos");
-  check_vec(grad_mix_neg, B, "grad_mix_neg");
   auto x = x_.contiguous();
   auto labels = labels_.contiguous();
   const at::Tensor ids = ms_label_ids(labels);
   const ClassLayout cls = class_layout(labels, block);
-  auto as_x = [&](const at::Tensor& t) { return t.to(x.scalar_type()).contiguous(); };
-  const at::Tensor gp = as_x(grad_pos), gn = as_x(grad_neg), gmp = as_x(grad_mix_pos),
-                   gmn = as_x(grad_mix_neg);
+  const auto v = row_vectors(x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
+                                 {&grad_mix_pos, "grad_mix_pos"}, {&grad_mix_neg, "grad_mix_neg"}});
+  const at::Tensor &gp = v[0], &gn = v[1], &gmp = v[2], &gmn = v[3];
   at::Tensor dx;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_metrix_self_bwd_cpu", [&] {
     using T = scalar_t;

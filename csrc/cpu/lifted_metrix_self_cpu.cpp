@@ -30,7 +30,7 @@ at::Tensor lifted_metrix_self_bwd_cpu(const at::Tensor& grad_pos, const at::Tens
                                       double lam, bool anchor_neg, int64_t block) {
   check_lse_mix(x_, labels, lam, block);
   const at::Tensor x = x_.contiguous();
-  const auto v = lse_mix_bwd_vectors(x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
+  const auto v = row_vectors(x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
                                          {&lse_pos, "lse_pos"}, {&lse_neg, "lse_neg"}});
   at::Tensor dx;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lifted_metrix_self_bwd_cpu", [&] {

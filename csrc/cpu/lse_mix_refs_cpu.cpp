@@ -66,7 +66,7 @@ TwoTensors circle_metrix_refs_bwd_cpu(const at::Tensor& grad_pos, const at::Tens
                                       const at::Tensor& lse_neg, double m, double gamma,
                                       double lam, bool anchor_neg, int64_t group, bool need_dr) {
   RefsCall c(x, r, labels, ref_labels, self, lam, group);
-  const auto v = lse_mix_bwd_vectors(c.x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
+  const auto v = row_vectors(c.x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
                                            {&lse_pos, "lse_pos"}, {&lse_neg, "lse_neg"}});
   TwoTensors out;
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "circle_metrix_refs_bwd_cpu", [&] {
@@ -101,7 +101,7 @@ TwoTensors lifted_metrix_refs_bwd_cpu(const at::Tensor& grad_pos, const at::Tens
                                       double neg_margin, double lam, bool anchor_neg,
                                       int64_t group, bool need_dr) {
   RefsCall c(x, r, labels, ref_labels, self, lam, group);
-  const auto v = lse_mix_bwd_vectors(c.x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
+  const auto v = row_vectors(c.x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
                                            {&lse_pos, "lse_pos"}, {&lse_neg, "lse_neg"}});
   TwoTensors out;
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "lifted_metrix_refs_bwd_cpu", [&] {

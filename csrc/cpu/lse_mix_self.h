@@ -90,15 +90,4 @@ at::Tensor lse_mix_bwd(const at::Tensor& x, const at::Tensor& labels, const P& p
       [](at::Tensor& s, int64_t, int64_t, int64_t, int64_t) { s.zero_(); });
 }
 
-// The backward's per-anchor inputs, checked and in x's dtype
-inline std::vector<at::Tensor> lse_mix_bwd_vectors(
-    const at::Tensor& x, std::initializer_list<std::pair<const at::Tensor*, const char*>> vs) {
-  std::vector<at::Tensor> out;
-  for (const auto& v : vs) {
-    check_vec(*v.first, x.size(0), v.second);
-    out.push_back(v.first->to(x.scalar_type()).contiguous());
-  }
-  return out;
-}
-
 }  // namespace metrix_ops

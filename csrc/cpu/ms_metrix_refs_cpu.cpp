@@ -76,16 +76,11 @@ std::tuple<at::Tensor, at::Tensor> ms_metrix_refs_bwd_cpu(
     double lam, bool anchor_neg, bool clean, int64_t group, bool need_dr) {
   RefsCall c(x_, r_, labels_, ref_labels_, self_, lam, group);
   const at::Tensor& x = c.x;
-  const int64_t B = x.size(0);
-  check_vec(grad_rows, B, "grad_rows");
-  check_vec(grad_mix, B, "grad_mix");
-  check_vec(lse_pos_, B, "lse_pos");
-  check_vec(lse_neg_, B, "lse_neg");
-  check_vec(tp_, B, "tp");
-  check_vec(tn_, B, "tn");
-  auto as_x = [&](const at::Tensor& t) { return t.to(x.scalar_type()).contiguous(); };
-  const at::Tensor g = as_x(grad_rows), gmix = as_x(grad_mix), lse_pos = as_x(lse_pos_),
-                   lse_neg = as_x(lse_neg_), tp = as_x(tp_), tn = as_x(tn_);
+  const auto v = row_vectors(x, {{&grad_rows, "grad_rows"}, {&grad_mix, "grad_mix"},
+                                 {&lse_pos_, "lse_pos"}, {&lse_neg_, "lse_neg"}, {&tp_, "tp"},
+                                 {&tn_, "tn"}});
+  const at::Tensor &g = v[0], &gmix = v[1], &lse_pos = v[2], &lse_neg = v[3], &tp = v[4],
+                   &tn = v[5];
   std::pair<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_metrix_refs_bwd_cpu", [&] {
     using T = scalar_t;

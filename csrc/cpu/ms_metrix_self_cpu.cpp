@@ -56,18 +56,14 @@ at::Tensor ms_metrix_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor&
                                   int64_t block) {
   check_self_inputs(x_, labels_, block);
   TORCH_CHECK(lam >= 0 && lam <= 1, "lam must be in [0, 1], got ", lam);
-  check_vec(grad_rows, x_.size(0), "grad_rows");
-  check_vec(grad_mix, x_.size(0), "grad_mix");
-  check_vec(lse_pos_, x_.size(0), "lse_pos");
-  check_vec(lse_neg_, x_.size(0), "lse_neg");
-  check_vec(tp_, x_.size(0), "tp");
-  check_vec(tn_, x_.size(0), "tn");
   auto x = x_.contiguous();
   const at::Tensor ids = ms_label_ids(labels_);
   const ClassLayout cls = class_layout(labels_, block);
-  auto as_x = [&](const at::Tensor& t) { return t.to(x.scalar_type()).contiguous(); };
-  const at::Tensor g = as_x(grad_rows), gmix = as_x(grad_mix), lse_pos = as_x(lse_pos_),
-                   lse_neg = as_x(lse_neg_), tp = as_x(tp_), tn = as_x(tn_);
+  const auto v = row_vectors(x, {{&grad_rows, "grad_rows"}, {&grad_mix, "grad_mix"},
+                                 {&lse_pos_, "lse_pos"}, {&lse_neg_, "lse_neg"}, {&tp_, "tp"},
+                                 {&tn_, "tn"}});
+  const at::Tensor &g = v[0], &gmix = v[1], &lse_pos = v[2], &lse_neg = v[3], &tp = v[4],
+                   &tn = v[5];
   at::Tensor dx;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_metrix_self_bwd_cpu", [&] {
     using T = scalar_t;

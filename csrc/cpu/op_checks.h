@@ -3,6 +3,9 @@
 #pragma once
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
+#include <vector>
 
 #include <torch/types.h>
 
@@ -70,6 +73,18 @@ inline void check_segments(const int64_t* lab, int64_t B, const at::Tensor& seg_
 // a vector of one value per row / proxy, as the backward ops take
 inline void check_vec(const at::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be of shape (", n, ",)");
+}
+
+// A backward op's per-anchor inputs (row gradients, saved row statistics), each checked to be
+// one value per row of x and returned contiguous in x's dtype, in the order given
+inline std::vector<at::Tensor> row_vectors(
+    const at::Tensor& x, std::initializer_list<std::pair<const at::Tensor*, const char*>> vs) {
+  std::vector<at::Tensor> out;
+  for (const auto& v : vs) {
+    check_vec(*v.first, x.size(0), v.second);
+    out.push_back(v.first->to(x.scalar_type()).contiguous());
+  }
+  return out;
 }
 
 // rows of a tile per parallel task: about 32k entries, whole rows of length n
