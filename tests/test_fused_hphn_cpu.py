@@ -119,6 +119,31 @@ def test_indices_equal_reference_low_dim_adjacent(n):
             assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
 
 
+@pytest.mark.parametrize("n", [2, 8])
+def test_indices_equal_reference_signed_floors(n):
+    """The search from a floor (the best original negative for an original, the smaller of
+    the endpoints' picks for a synthetic point) visits only the classes whose bound reaches
+    it when the floor is positive, and every class when it is not: classes clustered at
+    opposite poles (every negative cosine below 0) beside classes that overlap, with
+    duplicate rows for exact ties, and rows split over many chunks."""
+    g = torch.Generator().manual_seed(n)
+    y = torch.arange(90) % 9
+    x = torch.randn(90, 5, generator=g, dtype=torch.float64) * 0.3
+    x[:, 0] += torch.where(y == 0, 2.0, -2.0).double()  # class 0 at +e0, the rest at -e0
+    x[10] = x[1]  # an exact duplicate within class 1
+    x[20] = x[30]  # and across classes 2 and 3
+    x[9] = x[0]  # and within class 0
+    for dist in (LpDistance(), CosineSimilarity()):
+        expect = ref_picks(x, y, n, "all", dist)
+        for chunk in (256, 11):
+            got = fused_picks(x, y, n, "all", chunk)
+            assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
+    # some anchors' floors are at or below 0 here
+    xu = F.normalize(x, dim=1)
+    s = (xu @ xu.t()).masked_fill(y[:, None] == y[None, :], float("-inf"))
+    assert (s.max(1).values <= 0).any() and (s.max(1).values > 0).any()
+
+
 def test_nan_row_hides_no_class_member():
     """A NaN row never wins, and does not hide the other members of its class (the op skips
     classes on their largest cosine, which must ignore NaN)."""
