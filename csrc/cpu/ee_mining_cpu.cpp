@@ -19,11 +19,12 @@
 // the cosine at the continuous maximiser along the segment), and only the rest are
 // evaluated at all n points. Every point searches from a floor (below), so one vectorised
 // pass over its row finds the few classes whose bound reaches the floor, and only those are
-// walked: at B = 4096, D = 128 (512 classes, all pairs, n = 8, one thread) the mining op
-// went from 1.33–1.54 s to 1.12–1.29 s (this 2-core VM, 10 runs each). What remains is the
-// row build itself (~28·B points × B entries) and ~29 class visits per point, of which
-// ~3 evaluate any segment: the marks' bound (the class's largest 1/‖v‖ times the cosine)
-// is much looser than the arc bound the visit applies per segment.
+// walked, and a walked class's segments are first bounded all at once on their arcs
+// (class_arc_below): at B = 4096, D = 128 (512 classes, all pairs, n = 8, one thread) the
+// mining op went from 1.33–1.54 s to 0.96–1.18 s (this 2-core VM, 10 runs each; the marks
+// alone: 1.10–1.38 s). What remains is the row build itself (~28·B points × B entries) and
+// ~29 class visits per point (the marks' bound, the class's largest 1/‖v‖ times the cosine,
+// is looser than the arc bound the visit applies), of which ~3 evaluate any segment.
 //
 // Ties as the reference (reference/expansion_mining.py): the hardest negative is the lowest
 // point index (originals 0..B−1, then B + e·n + k−1), then the earliest anchor-side point
@@ -81,6 +82,7 @@ struct Miner {
   std::vector<T> slot_kmax;  // per slot, max(1, its class's cwmax)·(1 + 32ε) (best_negative_above)
   std::vector<int64_t> slot_cls;        // per slot, its class
   std::vector<int64_t> inc_ptr, inc_seg;  // per slot, the segments it ends (CSR)
+  std::vector<T> arc_p, arc_q;  // per class: max of its segments' p, r and of |q| (NaN: none)
 
   T dot(int64_t a, int64_t b) const {
     const T* p = xu + a * D;
@@ -100,11 +102,17 @@ struct Miner {
       if (v > best || (v == best && q < bq)) best = v, bq = q;
     };
     const int64_t s0 = cstart[m], s1 = cstart[m + 1];
-    T mx = -std::numeric_limits<T>::infinity();
-    for (int64_t s = s0; s < s1; ++s) mx = u[s] > mx ? u[s] : mx;
+    T mx = -std::numeric_limits<T>::infinity(), t1 = T(0), t2 = T(0);  // t1 ≥ t2: top |u|
+    for (int64_t s = s0; s < s1; ++s) {
+      mx = u[s] > mx ? u[s] : mx;
+      const T a = std::abs(u[s]);
+      t2 = a > t1 ? t1 : (a > t2 ? a : t2);
+      t1 = a > t1 ? a : t1;
+    }
     if (mx >= best)
       for (int64_t s = s0; s < s1; ++s) take(u[s], order[s]);
     if (class_segs[m].empty() || ee_mix_bound(cwmin[m], cwmax[m], mx, mx) < best) return;
+    if (class_arc_below(m, t1, t2, best)) return;
     // A segment passes its own bound only if one of its endpoints passes the class's
     // (monotone in the cosine), so its segments are walked from those endpoints: each from
     // the first one that passes (one that passes now passed at any earlier, lower best).
@@ -125,6 +133,22 @@ struct Miner {
         for (int64_t t = 0; t < n; ++t) take(ee_mix_sim(a[t], b[t], uk, ul), B + e * n + t);
       }
     }
+  }
+
+  // ee_arc_below for every segment of class m at once, from the two largest |u| of its
+  // slots (t1 ≥ t2; NaN makes it false): each segment's bᵀG⁻¹b = p u_k² − 2q u_k u_l + r u_l²
+  // is at most P(t1² + t2²) + 2Q t1 t2 (P, Q: the class's largest p or r and |q|), and its
+  // slack term sl(|u_k| + |u_l|) at most sl(t1 + t2); one more sl covers the rounding of
+  // this bound. A class with a segment without an arc bound (NaN, see ee_arc) is never
+  // skipped here. On random 128-d data most classes the marks visit end here, where the
+  // bound of their largest cosine (ee_mix_bound, × the largest 1/‖v‖ ≈ √2) let them through.
+  bool class_arc_below(int64_t m, T t1, T t2, T best) const {
+    const T P = arc_p[m], Q = arc_q[m];
+    if (!(P >= T(0))) return false;  // NaN: some segment has no arc bound
+    const T sl = T(4096) * std::numeric_limits<T>::epsilon();
+    const T lo = best - sl * (t1 + t2);
+    const T b2 = P * (t1 * t1 + t2 * t2) + T(2) * Q * t1 * t2;
+    return lo > T(0) && b2 * (T(1) + 2 * sl) < lo * lo;
   }
 
   // best negative point of anchor-side row u (class c): (cosine, point index), over every
@@ -278,6 +302,19 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
         mn.cwmin[c] = first ? mn.wmin[e] : std::min(mn.cwmin[c], mn.wmin[e]);
         mn.cwmax[c] = first ? mn.wmax[e] : std::max(mn.cwmax[c], mn.wmax[e]);
       }
+    mn.arc_p.assign(C, std::numeric_limits<T>::quiet_NaN());
+    mn.arc_q.assign(C, T(0));
+    for (int64_t c = 0; c < C; ++c) {
+      T P = T(0), Q = T(0);
+      bool ok = !class_segs[c].empty();
+      for (int64_t e : class_segs[c]) {
+        const EeArc<T>& a = mn.arc[e];
+        ok = ok && a.p >= T(0) && a.r >= T(0) && std::abs(a.q) >= T(0);  // false on NaN
+        P = std::max(P, std::max(a.p, a.r));
+        Q = std::max(Q, std::abs(a.q));
+      }
+      if (ok) mn.arc_p[c] = P, mn.arc_q[c] = Q;
+    }
     mn.inc_ptr.assign(B + 1, 0);
     for (int64_t e = 0; e < S; ++e) {
       ++mn.inc_ptr[mn.pu[e] + 1];
