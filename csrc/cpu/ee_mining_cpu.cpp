@@ -20,13 +20,13 @@
 // evaluated at all n points. The synthetic anchor-side points search from a floor
 // (below), so one vectorised pass over a point's row finds the few classes whose bound
 // reaches the floor, only those are walked, and a walked class's segments are first bounded
-// all at once on their arcs (class_arc_below). At B = 4096, D = 128 (512 classes, n = 8,
-// one thread, 10 runs each on this 2-core VM, interleaved with the previous build) the
-// mining op takes 0.92–1.14 s against 1.40–1.83 s with all pairs, and 0.19–0.27 s against
-// 0.17–0.25 s with adjacent pairs (one segment per anchor: little to skip, the marks cost
-// about what they save). The originals' first pass walks every class, segment by segment:
-// a floor for them (their best original negative) measured slower (a serial max over the
-// row, then the marks). What remains is the row build itself (~28·B points × B entries
+// all at once on their arcs (class_arc_below). EE-HPHN at B = 4096, D = 128 (512 classes,
+// n = 8, all pairs) went from 0.793 to 0.548 s (benchmarks/results/cpu_ee_hphn.json, its
+// tenth- and twelfth-session runs); with adjacent pairs (one segment per anchor: little to
+// skip, the marks cost about what they save) it stayed within noise (0.131 → 0.145 s,
+// cpu_ee_hphn_adjacent.json). The originals' first pass walks every class, segment by
+// segment: a floor for them (their best original negative) measured slower (a serial max
+// over the row, then the marks). What remains is the row build itself (~28·B points × B entries
 // with all pairs) and ~29 class visits per point (the marks' bound, the class's largest
 // 1/‖v‖ times the cosine, is looser than the arc bound the visit applies), of which ~3
 // evaluate any segment.
@@ -40,7 +40,6 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
