@@ -16,6 +16,7 @@ from metrix_ops.reference.hphn_triplet import hardest_pair
 from metrix_ops.spec import LossInputs
 
 from cases import assert_close_vg
+from test_fast_exp import LEVELS, simd_level
 
 pytestmark = [pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built"),
               pytest.mark.usefixtures("one_thread")]
@@ -142,6 +143,26 @@ def test_indices_equal_reference_signed_floors(n):
     xu = F.normalize(x, dim=1)
     s = (xu @ xu.t()).masked_fill(y[:, None] == y[None, :], float("-inf"))
     assert (s.max(1).values <= 0).any() and (s.max(1).values > 0).any()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("n", [3, 8])
+def test_fp32_indices_every_simd_level(level, n):
+    """The synthetic anchor-side points' marks (a segment's n points at once: each slot's
+    largest cosine over them against the floor, ee_closest.h's seg_marks, compiled per x86
+    level) in fp32: the picks are bit-for-bit the scalar baseline's at every level and equal
+    the reference's. Odd sizes leave lane tails of every width; duplicate rows make exact
+    ties; 6-d rows make large cosines, so many slots reach their floor."""
+    x, y = batch(203, 6, 25, seed=30 + n, dtype=torch.float32)
+    x[1], y[1] = x[0], y[0]  # a duplicate positive: its segment's points coincide with x_0
+    x[5], y[5] = x[3], (y[3] + 1) % 25  # a duplicate negative
+    for chunk in (256, 40):
+        with simd_level("baseline"):
+            base = fused_picks(x, y, n, "all", chunk)
+        with simd_level(level):
+            got = fused_picks(x, y, n, "all", chunk)
+        assert torch.equal(got, base), (chunk, (got != base).nonzero()[:5])
+        assert torch.equal(got, ref_picks(x, y, n, "all", CosineSimilarity()))
 
 
 def test_nan_row_hides_no_class_member():

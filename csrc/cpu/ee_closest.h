@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "common/fast_exp.h"
 
@@ -85,6 +86,67 @@ struct EeClosestKernel {
       }
       best[c] = b, arg[c] = g;
     }
+  }
+};
+
+// The marks of the HPHN mining's synthetic anchor-side points (ee_mining_cpu.cpp,
+// segment_best_above), also compiled per level: for the n points of one segment with
+// coefficients (a[k], b[k]) and the segment's endpoint rows Ui, Uj, the slots s < B where
+// max_k (a[k]·Ui[s] + b[k]·Uj[s]) · km[s] ≥ fm, written in increasing order to `marked`;
+// returns their count. The max over k is exact and each cosine rounds as ee_mix_sim (no
+// FMA), so a slot is marked exactly when one of the points would mark it on its own.
+template <typename T>
+using EeSegMarksFn = int64_t (*)(const T* a, const T* b, int64_t n, const T* Ui, const T* Uj,
+                                 const T* km, T fm, int64_t B, int64_t* marked);
+
+EeSegMarksFn<float> ee_seg_marks_f32();
+EeSegMarksFn<double> ee_seg_marks_f64();
+template <typename T>
+EeSegMarksFn<T> ee_seg_marks();
+template <>
+inline EeSegMarksFn<float> ee_seg_marks<float>() { return ee_seg_marks_f32(); }
+template <>
+inline EeSegMarksFn<double> ee_seg_marks<double>() { return ee_seg_marks_f64(); }
+
+template <typename T, int W>
+struct EeSegMarksKernel {
+  static inline __attribute__((always_inline)) int64_t run(const T* a, const T* b, int64_t n,
+                                                           const T* Ui, const T* Uj,
+                                                           const T* km, T fm, int64_t B,
+                                                           int64_t* marked) {
+    int64_t s = 0, count = 0;
+    if constexpr (W > 1) {
+      using F = typename Lanes<W>::F;
+      using I = typename Lanes<W>::I;
+      for (; s + W <= B; s += W) {
+        F x, y, k;
+        std::memcpy(&x, Ui + s, sizeof(F));
+        std::memcpy(&y, Uj + s, sizeof(F));
+        std::memcpy(&k, km + s, sizeof(F));
+        F mx = F{} - __builtin_inff();
+        for (int64_t t = 0; t < n; ++t) {
+          const F v = a[t] * x + b[t] * y;
+          mx = v > mx ? v : mx;  // NaN never wins, as a point's own mark ignores it
+        }
+        const I hit = mx * k >= fm;
+        int32_t h[W];
+        std::memcpy(h, &hit, sizeof(h));
+        int any = 0;
+        for (int l = 0; l < W; ++l) any |= h[l];
+        if (!any) continue;  // the common case
+        for (int l = 0; l < W; ++l)
+          if (h[l]) marked[count++] = s + l;
+      }
+    }
+    for (; s < B; ++s) {  // the tail (all of it for W = 1), the same arithmetic per lane
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t t = 0; t < n; ++t) {
+        const T v = a[t] * Ui[s] + b[t] * Uj[s];
+        mx = v > mx ? v : mx;
+      }
+      if (mx * km[s] >= fm) marked[count++] = s;
+    }
+    return count;
   }
 };
 

@@ -4,8 +4,9 @@
 // gradient from gathered rows (O(B·D)); no B×B or P×P matrix is ever needed for the loss.
 //
 // The rows are processed in chunks of whole classes (a segment's two endpoints are in the
-// same chunk): U = X̂_chunk X̂ᵀ (chunk × B). Every anchor-side point a = mix(i, j, λ) of
-// the chunk builds its row u = (λ U_i + (1−λ) U_j)/‖v‖ once; then s(a, original k) = u_k and
+// same chunk): U = X̂_chunk X̂ᵀ (chunk × B). An anchor-side point a = mix(i, j, λ) of the
+// chunk has the cosines u = (λ U_i + (1−λ) U_j)/‖v‖ with the originals (formed only on the
+// classes its search visits); then s(a, original k) = u_k and
 // s(a, mix(k, l, μ)) = cu·u_k + cw·u_l with the per-segment coefficients cu, cw
 // (common/expansion.h). The negative side of a class is the same for all its anchors, so
 // each anchor-side point finds its best negative once and each anchor takes the best over
@@ -18,18 +19,16 @@
 // surviving segment is then skipped on ee_mix_bound and on its arc bound (ee_arc_below,
 // the cosine at the continuous maximiser along the segment), and only the rest are
 // evaluated at all n points. The synthetic anchor-side points search from a floor
-// (below), so one vectorised pass over a point's row finds the few classes whose bound
-// reaches the floor, only those are walked, and a walked class's segments are first bounded
-// all at once on their arcs (class_arc_below). EE-HPHN at B = 4096, D = 128 (512 classes,
-// n = 8, all pairs) went from 0.793 to 0.548 s (benchmarks/results/cpu_ee_hphn.json, its
-// tenth- and twelfth-session runs); with adjacent pairs (one segment per anchor: little to
-// skip, the marks cost about what they save) it stayed within noise (0.131 → 0.145 s,
-// cpu_ee_hphn_adjacent.json). The originals' first pass walks every class, segment by
-// segment: a floor for them (their best original negative) measured slower (a serial max
-// over the row, then the marks). What remains is the row build itself (~28·B points × B entries
-// with all pairs) and ~29 class visits per point (the marks' bound, the class's largest
-// 1/‖v‖ times the cosine, is looser than the arc bound the visit applies), of which ~3
-// evaluate any segment.
+// (below), a segment's n points together: one vectorised pass over the endpoints' rows
+// takes each slot's largest cosine over the n points and marks the slots where a class's
+// bound could reach the floor (segment_best_above); only the marked classes get the points'
+// cosines, over their own slots, and each point walks those its own mark keeps, where a
+// walked class's segments are first bounded all at once on their arcs (class_arc_below).
+// The originals' first pass walks every class, segment by segment: a floor for them (their
+// best original negative) measured slower (a serial max over the row, then the marks).
+// What remains is ~23 class visits per synthetic point (the marks' bound, the largest 1/‖v‖
+// of a slot's segments times the cosine, is looser than the arc bound the visit applies), of
+// which ~3 evaluate any segment.
 //
 // Ties as the reference (reference/expansion_mining.py): the hardest negative is the lowest
 // point index (originals 0..B−1, then B + e·n + k−1), then the earliest anchor-side point
@@ -46,6 +45,7 @@
 
 #include "common/checks.h"
 #include "common/expansion.h"
+#include "cpu/ee_closest.h"
 #include "cpu/op_checks.h"
 
 namespace metrix_ops {
@@ -83,10 +83,12 @@ struct Miner {
   std::vector<T> wmin, wmax;  // per segment, min and max over k of cu + cw (= 1/‖v‖)
   std::vector<EeArc<T>> arc;  // per segment, its arc bound (ee_arc)
   std::vector<T> cwmin, cwmax;  // per class, min and max of wmin, wmax over its segments
-  std::vector<T> slot_kmax;  // per slot, max(1, its class's cwmax)·(1 + 32ε) (best_negative_above)
+  // per slot, max(1, the largest wmax of the segments it ends)·(1 + 32ε) (best_negative_above)
+  std::vector<T> slot_kmax;
   std::vector<int64_t> slot_cls;        // per slot, its class
   std::vector<int64_t> inc_ptr, inc_seg;  // per slot, the segments it ends (CSR)
   std::vector<T> arc_p, arc_q;  // per class: max of its segments' p, r and of |q| (NaN: none)
+  EeSegMarksFn<T> seg_marks = ee_seg_marks<T>();  // the level in use (ee_simd.cpp)
 
   T dot(int64_t a, int64_t b) const {
     const T* p = xu + a * D;
@@ -225,6 +227,57 @@ struct Miner {
     classes.clear();
     return {best, bq};
   }
+
+  // best_negative_above for all n points of segment e at once (they share the floor and the
+  // endpoints' rows Ui, Uj), into best[k], bq[k]. A point visits exactly the classes it would
+  // visit alone, in the same order, so the picks are the same; what changes is the cost: the
+  // n rows of B cosines are not built. One vectorised pass over the slots (seg_marks,
+  // ee_closest.h) takes each slot's largest cosine over the n points and marks the slots
+  // where it reaches the floor (the union of the points' own marks: the product with km > 0
+  // keeps the order); only the marked classes get
+  // the n points' cosines over their own slots, and each point checks its own mark there. A
+  // floor ≤ 0 (every class visited) goes point by point.
+  void segment_best_above(int64_t e, const T* Ui, const T* Uj, int64_t c, T floor, T* best,
+                          int64_t* bq, T* u, std::vector<int64_t>& classes,
+                          std::vector<int64_t>& marked) const {
+    const T* a = cu.data() + e * n;
+    const T* b = cw.data() + e * n;
+    const T eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
+    const T fm = floor * (T(1) - 64 * eps) - 4 * tiny;  // best_negative_above's
+    if (!(floor > T(0))) {
+      for (int64_t k = 0; k < n; ++k) {
+        const auto r = best_negative_above(Ui, Uj, a[k], b[k], c, floor, u, classes);
+        best[k] = r.first, bq[k] = r.second;
+      }
+      return;
+    }
+    for (int64_t k = 0; k < n; ++k) best[k] = floor, bq[k] = kNone;
+    const T* km = slot_kmax.data();
+    const int64_t own0 = cstart[c], own1 = cstart[c + 1];
+    if (int64_t(marked.size()) < B) marked.resize(B);
+    const int64_t nm = seg_marks(a, b, n, Ui, Uj, km, fm, B, marked.data());
+    int64_t last = -1;
+    for (int64_t t = 0; t < nm; ++t) {
+      const int64_t s = marked[t], m = slot_cls[s];
+      if (m == last || (s >= own0 && s < own1)) continue;
+      last = m;
+      classes.push_back(m);
+    }
+    T* uk = u;  // B entries; a point's cosines over one class's slots at a time
+    for (int64_t m : classes) {
+      const int64_t s0 = cstart[m], s1 = cstart[m + 1];
+      for (int64_t k = 0; k < n; ++k) {
+        int hit = 0;  // the point's own mark, as best_negative_above computes it
+        for (int64_t s = s0; s < s1; ++s) {
+          const T v = ee_mix_sim(a[k], b[k], Ui[s], Uj[s]);
+          uk[s] = v;
+          hit |= v * km[s] >= fm;
+        }
+        if (hit) visit_class<true>(uk, m, best[k], bq[k]);
+      }
+    }
+    classes.clear();
+  }
 };
 
 }  // namespace
@@ -348,7 +401,9 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
     mn.slot_cls.resize(B);
     for (int64_t c = 0; c < C; ++c)
       for (int64_t s = cstart[c]; s < cstart[c + 1]; ++s) {
-        const T w = class_segs[c].empty() ? T(1) : std::max(T(1), mn.cwmax[c]);
+        T w = T(1);  // the largest 1/‖v‖ of the segments the slot ends, at least 1
+        for (int64_t k = mn.inc_ptr[s]; k < mn.inc_ptr[s + 1]; ++k)
+          w = std::max(w, mn.wmax[mn.inc_seg[k]]);
         mn.slot_kmax[s] = w * (T(1) + 32 * std::numeric_limits<T>::epsilon());
         mn.slot_cls[s] = c;
       }
@@ -378,42 +433,42 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       const int64_t npts = nr + int64_t(pt_seg.size());
       std::vector<T> best(npts);
       std::vector<int64_t> bestq(npts, -1);
-      // Two passes. First the originals; then each synthetic point with a floor: it can only
-      // change an owner's pick (its segment's two endpoints, both anchors of this chunk) if
-      // it reaches the smaller of their best cosines so far, so its search starts there
-      // (ties kept: a cosine equal to the floor still counts, for the index tie rules). On
-      // random 128-d data this skips most negative classes a synthetic point would otherwise
-      // walk, which are ~96% of the anchor-side points.
-      auto search = [&](int64_t p0, int64_t p1) {
-        std::vector<T> buf(B);
-        std::vector<int64_t> classes;
+      // Two passes. First the originals, every class, segment by segment: a floor for them
+      // (their best original negative) costs more than it saves (a serial max over the row,
+      // then the marks; measured at B = 4096, D = 128 with adjacent pairs).
+      at::parallel_for(0, nr, 8, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
-          std::pair<T, int64_t> r;
-          if (p < nr) {
-            const int64_t c = cls[rows[p]];
-            if (first_neg[c] < 0) continue;
-            // every class, segment by segment: a floor for the originals (their best
-            // original negative) costs more than it saves (a serial max over the row, then
-            // the marks; measured at B = 4096, D = 128 with adjacent pairs)
-            r = mn.best_negative(Up + p * B, c, first_neg[c], first_slot[c]);
-          } else {
-            const int64_t e = pt_seg[p - nr], t = p - seg_base[e], c = segs.cls[e];
-            if (first_neg[c] < 0) continue;
-            const T a = mn.cu[e * n + t], b = mn.cw[e * n + t];
-            const int64_t li = local[segs.si[e]], lj = local[segs.sj[e]];
-            const T* Ui = Up + li * B;
-            const T* Uj = Up + lj * B;
-            // the floor: the smaller of the endpoints' best cosines (the first pass gives
-            // every original of a class that has negatives a pick)
-            const T floor = std::min(best[li], best[lj]);
-            r = mn.best_negative_above(Ui, Uj, a, b, c, floor, buf.data(), classes);
-          }
+          const int64_t c = cls[rows[p]];
+          if (first_neg[c] < 0) continue;
+          const auto r = mn.best_negative(Up + p * B, c, first_neg[c], first_slot[c]);
           best[p] = r.first;
-          bestq[p] = r.second == Miner<T>::kNone ? -1 : r.second;
+          bestq[p] = r.second;
         }
-      };
-      at::parallel_for(0, nr, 8, search);
-      at::parallel_for(nr, npts, 8, search);
+      });
+      // Then the synthetic points, with a floor: a point can only change an owner's pick (its
+      // segment's two endpoints, both anchors of this chunk) if it reaches the smaller of
+      // their best cosines (the first pass gives every original of a class that has
+      // negatives a pick), so its search starts there (ties kept: a cosine equal to the floor
+      // still counts, for the index tie rules). A segment's n points share that floor and
+      // are searched together (segment_best_above). On random 128-d data this skips most
+      // negative classes a synthetic point would otherwise walk, which are ~96% of the
+      // anchor-side points.
+      std::vector<int64_t> chunk_segs;
+      for (int64_t c = c0; c < c1; ++c)
+        chunk_segs.insert(chunk_segs.end(), class_segs[c].begin(), class_segs[c].end());
+      at::parallel_for(0, int64_t(chunk_segs.size()), 1, [&](int64_t g0, int64_t g1) {
+        std::vector<T> buf(B);
+        std::vector<int64_t> classes, marked, bq(n);
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t e = chunk_segs[g], c = segs.cls[e], p = seg_base[e];
+          if (first_neg[c] < 0) continue;
+          const int64_t li = local[segs.si[e]], lj = local[segs.sj[e]];
+          mn.segment_best_above(e, Up + li * B, Up + lj * B, c, std::min(best[li], best[lj]),
+                                best.data() + p, bq.data(), buf.data(), classes, marked);
+          for (int64_t t = 0; t < n; ++t)
+            bestq[p + t] = bq[t] == Miner<T>::kNone ? -1 : bq[t];
+        }
+      });
 
       at::parallel_for(0, nr, 16, [&](int64_t q0, int64_t q1) {
         for (int64_t r = q0; r < q1; ++r) {

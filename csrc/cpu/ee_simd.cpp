@@ -1,4 +1,5 @@
-// The Embedding Expansion closest-pair kernel (ee_closest.h) compiled per x86 level, chosen
+// The Embedding Expansion closest-pair kernel and the HPHN mining's segment marks
+// (ee_closest.h) compiled per x86 level, chosen
 // by METRIX_OPS_SIMD when set, else the widest level this CPU has (AVX-512 included; see below).
 // Contraction into FMA is off in this file: the reference rounds each product apart, and
 // exact ties must fall the same way (ee_closest.h).
@@ -17,6 +18,11 @@ namespace {
   TARGET void closest_##NAME(const EeSideRows<float>& sd, const float* qn, int64_t nt,   \
                              float* best, float* arg) {                                 \
     EeClosestKernel<float, W>::run(sd, qn, nt, best, arg);                               \
+  }                                                                                      \
+  TARGET int64_t seg_marks_##NAME(const float* a, const float* b, int64_t n,             \
+                                  const float* Ui, const float* Uj, const float* km,     \
+                                  float fm, int64_t B, int64_t* marked) {                \
+    return EeSegMarksKernel<float, W>::run(a, b, n, Ui, Uj, km, fm, B, marked);          \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -29,6 +35,12 @@ MO_EE_LEVEL(baseline, , 4)
 void closest_f64(const EeSideRows<double>& sd, const double* qn, int64_t nt, double* best,
                  double* arg) {
   EeClosestKernel<double, 1>::run(sd, qn, nt, best, arg);
+}
+
+int64_t seg_marks_f64(const double* a, const double* b, int64_t n, const double* Ui,
+                      const double* Uj, const double* km, double fm, int64_t B,
+                      int64_t* marked) {
+  return EeSegMarksKernel<double, 1>::run(a, b, n, Ui, Uj, km, fm, B, marked);
 }
 
 }  // namespace
@@ -49,5 +61,19 @@ EeClosestFn<float> ee_closest_f32() {
 }
 
 EeClosestFn<double> ee_closest_f64() { return &closest_f64; }
+
+// The same level as the closest-pair kernel above (the marks' loop also compiles to whole
+// vectors).
+EeSegMarksFn<float> ee_seg_marks_f32() {
+  const EeClosestFn<float> c = ee_closest_f32();
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (c == &closest_avx512) return &seg_marks_avx512;
+  if (c == &closest_avx2) return &seg_marks_avx2;
+#endif
+  (void)c;
+  return &seg_marks_baseline;
+}
+
+EeSegMarksFn<double> ee_seg_marks_f64() { return &seg_marks_f64; }
 
 }  // namespace metrix_ops
