@@ -26,8 +26,8 @@
 // walked class's segments are first bounded all at once on their arcs (class_arc_below).
 // The originals' first pass walks every class, segment by segment: a floor for them (their
 // best original negative) measured slower (a serial max over the row, then the marks).
-// A class's segments are searched in turn, each from the smaller of its endpoints' best so
-// far (synthetic points included), so the floors rise as the search goes: on random 128-d
+// Each segment is searched from the smaller of its endpoints' best so far (synthetic points
+// included), so the floors rise as the search goes: on random 128-d
 // data (B = 4096, 512 classes, n = 8) ~23 % of the synthetic points reach theirs, and a
 // point walks ~10 classes (the marks' bound, the largest 1/‖v‖ of a slot's segments times
 // the cosine, is looser than the arc bound the walk applies).
@@ -41,6 +41,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -455,29 +456,37 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       // are searched together (segment_best_above). On random 128-d data this skips most
       // negative classes a synthetic point would otherwise walk, which are ~96% of the
       // anchor-side points.
-      // The floor rises as a class's segments are searched: an anchor's best so far over
-      // its original and its searched synthetic points (abest) is at most its final best, so
-      // a point below the smaller of its endpoints' abest changes neither pick, and one that
-      // ties or beats it is still searched exactly. One task per class: its segments in
-      // order, its anchors' abest its own.
-      std::vector<T> abest(best.begin(), best.begin() + nr);
-      at::parallel_for(c0, c1, 1, [&](int64_t k0, int64_t k1) {
+      // The floors rise as the segments are searched: an anchor's best so far over its
+      // original and its searched synthetic points (abest) is at most its final best, so a
+      // point below the smaller of its endpoints' abest changes neither pick, and one that
+      // ties or beats it is still searched exactly. Any value abest held serves, so the
+      // segments run in parallel (a thread's range is consecutive segments, mostly of one
+      // class) with relaxed atomic loads and maxima: the picks do not depend on the timing.
+      std::vector<std::atomic<T>> abest(nr);
+      for (int64_t r = 0; r < nr; ++r) abest[r].store(best[r], std::memory_order_relaxed);
+      auto raise = [](std::atomic<T>& a, T v) {  // NaN never raises
+        T cur = a.load(std::memory_order_relaxed);
+        while (v > cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {}
+      };
+      std::vector<int64_t> chunk_segs;
+      for (int64_t c = c0; c < c1; ++c)
+        if (first_neg[c] >= 0)
+          chunk_segs.insert(chunk_segs.end(), class_segs[c].begin(), class_segs[c].end());
+      at::parallel_for(0, int64_t(chunk_segs.size()), 1, [&](int64_t g0, int64_t g1) {
         std::vector<T> buf(B);
         std::vector<int64_t> classes, marked, bq(n);
-        for (int64_t c = k0; c < k1; ++c) {
-          if (first_neg[c] < 0) continue;
-          for (int64_t e : class_segs[c]) {
-            const int64_t p = seg_base[e], li = local[segs.si[e]], lj = local[segs.sj[e]];
-            mn.segment_best_above(e, Up + li * B, Up + lj * B, c,
-                                  std::min(abest[li], abest[lj]), best.data() + p, bq.data(),
-                                  buf.data(), classes, marked);
-            for (int64_t t = 0; t < n; ++t) {
-              bestq[p + t] = bq[t] == Miner<T>::kNone ? -1 : bq[t];
-              if (bestq[p + t] < 0) continue;
-              const T v = best[p + t];
-              abest[li] = v > abest[li] ? v : abest[li];
-              abest[lj] = v > abest[lj] ? v : abest[lj];
-            }
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t e = chunk_segs[g], p = seg_base[e];
+          const int64_t li = local[segs.si[e]], lj = local[segs.sj[e]];
+          const T floor = std::min(abest[li].load(std::memory_order_relaxed),
+                                   abest[lj].load(std::memory_order_relaxed));
+          mn.segment_best_above(e, Up + li * B, Up + lj * B, segs.cls[e], floor,
+                                best.data() + p, bq.data(), buf.data(), classes, marked);
+          for (int64_t t = 0; t < n; ++t) {
+            bestq[p + t] = bq[t] == Miner<T>::kNone ? -1 : bq[t];
+            if (bestq[p + t] < 0) continue;
+            raise(abest[li], best[p + t]);
+            raise(abest[lj], best[p + t]);
           }
         }
       });
