@@ -150,4 +150,51 @@ struct EeSegMarksKernel {
   }
 };
 
+// The largest of u[0..count) into *mx (kept where larger already) and whether any entry is
+// NaN into *nan (or-ed): the HPHN mining's floor of an original anchor, its best original
+// negative (ee_mining_cpu.cpp). The max is exact (NaN never wins), so every level agrees.
+template <typename T>
+using EeRowMaxFn = void (*)(const T* u, int64_t count, T* mx, int* nan);
+
+EeRowMaxFn<float> ee_row_max_f32();
+EeRowMaxFn<double> ee_row_max_f64();
+template <typename T>
+EeRowMaxFn<T> ee_row_max();
+template <>
+inline EeRowMaxFn<float> ee_row_max<float>() { return ee_row_max_f32(); }
+template <>
+inline EeRowMaxFn<double> ee_row_max<double>() { return ee_row_max_f64(); }
+
+template <typename T, int W>
+struct EeRowMaxKernel {
+  static inline __attribute__((always_inline)) void run(const T* u, int64_t count, T* mx,
+                                                        int* nan) {
+    int64_t s = 0;
+    T m = *mx;
+    int bad = 0;
+    if constexpr (W > 1) {
+      using F = typename Lanes<W>::F;
+      using I = typename Lanes<W>::I;
+      F vm = F{} + m;
+      I vb = I{};
+      for (; s + W <= count; s += W) {
+        F v;
+        std::memcpy(&v, u + s, sizeof(F));
+        vm = v > vm ? v : vm;
+        vb |= v != v;
+      }
+      for (int l = 0; l < W; ++l) {
+        m = vm[l] > m ? vm[l] : m;
+        bad |= vb[l];
+      }
+    }
+    for (; s < count; ++s) {
+      m = u[s] > m ? u[s] : m;
+      bad |= u[s] != u[s];
+    }
+    *mx = m;
+    *nan |= bad;
+  }
+};
+
 }  // namespace metrix_ops

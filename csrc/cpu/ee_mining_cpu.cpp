@@ -24,8 +24,8 @@
 // bound could reach the floor (segment_best_above); only the marked classes get the points'
 // cosines, over their own slots, and each point walks those its own mark keeps, where a
 // walked class's segments are first bounded all at once on their arcs (class_arc_below).
-// The originals' first pass walks every class, segment by segment: a floor for them (their
-// best original negative) measured slower (a serial max over the row, then the marks).
+// The originals search the same way from their best original negative (a vectorised max
+// over the row, ee_row_max, then the marks of their one point).
 // Each segment is searched from the smaller of its endpoints' best so far (synthetic points
 // included), so the floors rise as the search goes: on random 128-d
 // data (B = 4096, 512 classes, n = 8) ~23 % of the synthetic points reach theirs, and a
@@ -92,6 +92,7 @@ struct Miner {
   std::vector<int64_t> inc_ptr, inc_seg;  // per slot, the segments it ends (CSR)
   std::vector<T> arc_p, arc_q;  // per class: max of its segments' p, r and of |q| (NaN: none)
   EeSegMarksFn<T> seg_marks = ee_seg_marks<T>();  // the level in use (ee_simd.cpp)
+  EeRowMaxFn<T> row_max = ee_row_max<T>();
 
   T dot(int64_t a, int64_t b) const {
     const T* p = xu + a * D;
@@ -186,6 +187,49 @@ struct Miner {
     return {best, bq};
   }
 
+  // The classes other than c (in order) with a slot that one of the points a[k]·Ui + b[k]·Uj
+  // marks against fm (seg_marks), into `classes`.
+  void marked_classes(const T* a, const T* b, int64_t np, const T* Ui, const T* Uj, T fm,
+                      int64_t c, std::vector<int64_t>& marked,
+                      std::vector<int64_t>& classes) const {
+    if (int64_t(marked.size()) < B) marked.resize(B);
+    const int64_t nm = seg_marks(a, b, np, Ui, Uj, slot_kmax.data(), fm, B, marked.data());
+    const int64_t own0 = cstart[c], own1 = cstart[c + 1];
+    int64_t last = -1;
+    for (int64_t t = 0; t < nm; ++t) {
+      const int64_t s = marked[t], m = slot_cls[s];
+      if (m == last || (s >= own0 && s < own1)) continue;
+      last = m;
+      classes.push_back(m);
+    }
+  }
+
+  // best_negative of an original's row u, searched from a floor: its best original negative
+  // (the largest cosine outside its class, ee_row_max), which the result can only match or
+  // beat. One vectorised pass marks the slots whose bound reaches it (seg_marks with the one
+  // point 1·u + 0·u = u) and only their classes are walked, as a synthetic point's (below).
+  // A row with a NaN outside its class, or a floor ≤ 0, walks every class (best_negative,
+  // whose NaN rules are the reference's).
+  std::pair<T, int64_t> best_negative_floored(const T* u, int64_t c, int64_t first_neg,
+                                              int64_t first_slot, std::vector<int64_t>& marked,
+                                              std::vector<int64_t>& classes) const {
+    const int64_t own0 = cstart[c], own1 = cstart[c + 1];
+    T floor = -std::numeric_limits<T>::infinity();
+    int nan = 0;
+    row_max(u, own0, &floor, &nan);
+    row_max(u + own1, B - own1, &floor, &nan);
+    if (nan || !(floor > T(0))) return best_negative(u, c, first_neg, first_slot);
+    const T eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
+    const T fm = floor * (T(1) - 64 * eps) - 4 * tiny;  // best_negative_above's
+    const T one = T(1), zero = T(0);
+    marked_classes(&one, &zero, 1, u, u, fm, c, marked, classes);
+    T best = floor;
+    int64_t bq = kNone;  // found: the floor is one of the row's own entries, and is marked
+    for (int64_t m : classes) visit_class<true>(u, m, best, bq);
+    classes.clear();
+    return {best, bq};
+  }
+
   // The same for the synthetic point mix(U_i, U_j) with coefficients (a, b), counting only
   // cosines ≥ floor (kNone when no negative reaches it). Its row is built into `u` in one
   // vectorised pass that also marks, per block of kBlock slots, whether any slot can reach
@@ -256,16 +300,7 @@ struct Miner {
     }
     for (int64_t k = 0; k < n; ++k) best[k] = floor, bq[k] = kNone;
     const T* km = slot_kmax.data();
-    const int64_t own0 = cstart[c], own1 = cstart[c + 1];
-    if (int64_t(marked.size()) < B) marked.resize(B);
-    const int64_t nm = seg_marks(a, b, n, Ui, Uj, km, fm, B, marked.data());
-    int64_t last = -1;
-    for (int64_t t = 0; t < nm; ++t) {
-      const int64_t s = marked[t], m = slot_cls[s];
-      if (m == last || (s >= own0 && s < own1)) continue;
-      last = m;
-      classes.push_back(m);
-    }
+    marked_classes(a, b, n, Ui, Uj, fm, c, marked, classes);
     T* uk = u;  // B entries; a point's cosines over one class's slots at a time
     for (int64_t m : classes) {
       const int64_t s0 = cstart[m], s1 = cstart[m + 1];
@@ -436,26 +471,23 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       const int64_t npts = nr + int64_t(pt_seg.size());
       std::vector<T> best(npts);
       std::vector<int64_t> bestq(npts, -1);
-      // Two passes. First the originals, every class, segment by segment: a floor for them
-      // (their best original negative) costs more than it saves (a serial max over the row,
-      // then the marks; measured at B = 4096, D = 128 with adjacent pairs).
+      // Two passes. First the originals, each from its best original negative
+      // (best_negative_floored). Then the synthetic points from a floor, a segment's n points
+      // together (segment_best_above): a point can only change an owner's pick (its
+      // segment's two endpoints, both anchors of this chunk) if it reaches the smaller of
+      // their best cosines (ties with the floor still count, for the index tie rules).
       at::parallel_for(0, nr, 8, [&](int64_t p0, int64_t p1) {
+        std::vector<int64_t> marked, classes;
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t c = cls[rows[p]];
           if (first_neg[c] < 0) continue;
-          const auto r = mn.best_negative(Up + p * B, c, first_neg[c], first_slot[c]);
+          const auto r =
+              mn.best_negative_floored(Up + p * B, c, first_neg[c], first_slot[c], marked,
+                                       classes);
           best[p] = r.first;
           bestq[p] = r.second;
         }
       });
-      // Then the synthetic points, with a floor: a point can only change an owner's pick (its
-      // segment's two endpoints, both anchors of this chunk) if it reaches the smaller of
-      // their best cosines (the first pass gives every original of a class that has
-      // negatives a pick), so its search starts there (ties kept: a cosine equal to the floor
-      // still counts, for the index tie rules). A segment's n points share that floor and
-      // are searched together (segment_best_above). On random 128-d data this skips most
-      // negative classes a synthetic point would otherwise walk, which are ~96% of the
-      // anchor-side points.
       // The floors rise as the segments are searched: an anchor's best so far over its
       // original and its searched synthetic points (abest) is at most its final best, so a
       // point below the smaller of its endpoints' abest changes neither pick, and one that

@@ -1,4 +1,4 @@
-// The Embedding Expansion closest-pair kernel and the HPHN mining's segment marks
+// The Embedding Expansion closest-pair kernel and the HPHN mining's marks and row maxima
 // (ee_closest.h) compiled per x86 level, chosen
 // by METRIX_OPS_SIMD when set, else the widest level this CPU has (AVX-512 included; see below).
 // Contraction into FMA is off in this file: the reference rounds each product apart, and
@@ -14,6 +14,13 @@ namespace metrix_ops {
 
 namespace {
 
+// The fp32 kernels of one x86 level.
+struct EeLevel {
+  EeClosestFn<float> closest;
+  EeSegMarksFn<float> seg_marks;
+  EeRowMaxFn<float> row_max;
+};
+
 #define MO_EE_LEVEL(NAME, TARGET, W)                                                     \
   TARGET void closest_##NAME(const EeSideRows<float>& sd, const float* qn, int64_t nt,   \
                              float* best, float* arg) {                                 \
@@ -23,7 +30,11 @@ namespace {
                                   const float* Ui, const float* Uj, const float* km,     \
                                   float fm, int64_t B, int64_t* marked) {                \
     return EeSegMarksKernel<float, W>::run(a, b, n, Ui, Uj, km, fm, B, marked);          \
-  }
+  }                                                                                      \
+  TARGET void row_max_##NAME(const float* u, int64_t count, float* mx, int* nan) {       \
+    EeRowMaxKernel<float, W>::run(u, count, mx, nan);                                    \
+  }                                                                                      \
+  const EeLevel level_##NAME{&closest_##NAME, &seg_marks_##NAME, &row_max_##NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 MO_EE_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2"))), 16)
@@ -43,37 +54,34 @@ int64_t seg_marks_f64(const double* a, const double* b, int64_t n, const double*
   return EeSegMarksKernel<double, 1>::run(a, b, n, Ui, Uj, km, fm, B, marked);
 }
 
-}  // namespace
+void row_max_f64(const double* u, int64_t count, double* mx, int* nan) {
+  EeRowMaxKernel<double, 1>::run(u, count, mx, nan);
+}
 
-EeClosestFn<float> ee_closest_f32() {
+// The level in use, for all three kernels (the marks' and the maxima's loops also compile
+// to whole vectors).
+const EeLevel& ee_level() {
   const char* level = ms_kernels_f32().level;  // validated there
 #if defined(__x86_64__) && defined(__GNUC__)
-  // Unlike the MS-family kernels (ms_simd.cpp, default_level), this one compiles to whole
-  // 512-bit vectors (no combined masks), so "auto" keeps AVX-512 where the CPU has it: EE-MS
-  // (n = 8, adjacent) at B = 2048, D = 512 takes 0.435 s with it against 0.448 s with AVX2
-  // (benchmarks/results/cpu_simd_{auto,avx2}_ee_ms_n8_adjacent.json).
-  if (simd_auto() && cpu_has("avx512")) return &closest_avx512;
-  if (!std::strcmp(level, "avx512")) return &closest_avx512;
-  if (!std::strcmp(level, "avx2")) return &closest_avx2;
+  // Unlike the MS-family kernels (ms_simd.cpp, default_level), the closest-pair kernel
+  // compiles to whole 512-bit vectors (no combined masks), so "auto" keeps AVX-512 where the
+  // CPU has it: EE-MS (n = 8, adjacent) at B = 2048, D = 512 takes 0.435 s with it against
+  // 0.448 s with AVX2 (benchmarks/results/cpu_simd_{auto,avx2}_ee_ms_n8_adjacent.json).
+  if (simd_auto() && cpu_has("avx512")) return level_avx512;
+  if (!std::strcmp(level, "avx512")) return level_avx512;
+  if (!std::strcmp(level, "avx2")) return level_avx2;
 #endif
   (void)level;
-  return &closest_baseline;
+  return level_baseline;
 }
 
+}  // namespace
+
+EeClosestFn<float> ee_closest_f32() { return ee_level().closest; }
 EeClosestFn<double> ee_closest_f64() { return &closest_f64; }
-
-// The same level as the closest-pair kernel above (the marks' loop also compiles to whole
-// vectors).
-EeSegMarksFn<float> ee_seg_marks_f32() {
-  const EeClosestFn<float> c = ee_closest_f32();
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (c == &closest_avx512) return &seg_marks_avx512;
-  if (c == &closest_avx2) return &seg_marks_avx2;
-#endif
-  (void)c;
-  return &seg_marks_baseline;
-}
-
+EeSegMarksFn<float> ee_seg_marks_f32() { return ee_level().seg_marks; }
 EeSegMarksFn<double> ee_seg_marks_f64() { return &seg_marks_f64; }
+EeRowMaxFn<float> ee_row_max_f32() { return ee_level().row_max; }
+EeRowMaxFn<double> ee_row_max_f64() { return &row_max_f64; }
 
 }  // namespace metrix_ops
