@@ -1,12 +1,16 @@
-// The inner loop of the Embedding Expansion sweeps (ee_losses_cpu.cpp): for one anchor i and
+// The inner loops of the Embedding Expansion sweeps (ee_losses_cpu.cpp): for one anchor i and
 // a tile of negative points q, the hard-negative-pair similarity
 //
 //     ŝ(i, q) = max_{a ∈ A_i} s(a, q),   s(a, q) = (λ_a H[a_u, q] + μ_a H[a_w, q]) / (‖a‖‖q‖),
 //
-// and the winning a (the earliest on ties), where a = 0 is x_i itself (s = H[i, q] / ‖q‖).
-// This is B·|A_i|·P evaluations per sweep, the EE losses' whole cost, so it is written over
-// lane types and compiled per x86 level (ee_simd.cpp), as the MS kernels are: lanes run
-// over q, the loop over a is inside, so best/arg stay in registers.
+// and the winning a (the earliest on ties), where a = 0 is x_i itself (s = H[i, q] / ‖q‖)
+// and then come the n points of each of i's segments. A segment's points belong to both of
+// its anchors' sides, so the sweep takes it in two steps: each segment's best point over the
+// tile once (EeClosestKernel), then per anchor the best of x_i and of its segments' bests
+// (EeCombineKernel). These are the EE losses' main cost (B·|A_i|·P evaluations of s), so
+// they are written over lane types and compiled per x86 level (ee_simd.cpp), as the MS
+// kernels are: lanes run over q, the loops over points inside, so best/arg stay in
+// registers.
 //
 // Rounding is the reference's (reference/expansion_points.py): two products, a sum, then a
 // division by the product of the norms; no FMA contraction (ee_simd.cpp turns it off), so
@@ -21,8 +25,8 @@
 
 namespace metrix_ops {
 
-// One anchor's side A_i, structure of arrays: the H rows of each a's endpoints (for a = 0
-// both are x_i's row), its weights and its norm.
+// A set of points (a segment's n), structure of arrays: the H rows of each point's
+// endpoints, its weights and its norm.
 template <typename T>
 struct EeSideRows {
   const T* const* hu;
@@ -33,8 +37,9 @@ struct EeSideRows {
   int64_t count;
 };
 
-// ŝ over the nt columns into best, the winning a (as T, exact for any side size in use)
-// into arg; qn: the columns' norms.
+// The best of the points over the nt columns into best (−inf: none; NaN never wins), the
+// first winning point (as T, exact for any count in use; −1: none) into arg; qn: the
+// columns' norms.
 template <typename T>
 using EeClosestFn = void (*)(const EeSideRows<T>& side, const T* qn, int64_t nt, T* best,
                              T* arg);
@@ -56,19 +61,19 @@ struct EeClosestKernel {
   static inline __attribute__((always_inline)) void run(const EeSideRows<T>& sd, const T* qn,
                                                         int64_t nt, T* best, T* arg) {
     int64_t c = 0;
+    const T ninf = -std::numeric_limits<T>::infinity();
     if constexpr (W > 1) {
       using F = typename Lanes<W>::F;
       for (; c + W <= nt; c += W) {
-        F q, h;
+        F q;
         std::memcpy(&q, qn + c, sizeof(F));
-        std::memcpy(&h, sd.hu[0] + c, sizeof(F));
-        F b = h / q, g = F{};
-        for (int64_t a = 1; a < sd.count; ++a) {
+        F b = F{} + ninf, g = F{} - 1.0f;
+        for (int64_t a = 0; a < sd.count; ++a) {
           F hu, hw;
           std::memcpy(&hu, sd.hu[a] + c, sizeof(F));
           std::memcpy(&hw, sd.hw[a] + c, sizeof(F));
           const F s = (sd.lam[a] * hu + sd.mu[a] * hw) / (sd.norm[a] * q);
-          const auto win = s > b;  // strict: the earliest a keeps a tie
+          const auto win = s > b;  // strict: the earliest point keeps a tie
           b = win ? s : b;
           g = win ? F{} + float(a) : g;
         }
@@ -77,12 +82,75 @@ struct EeClosestKernel {
       }
     }
     for (; c < nt; ++c) {  // the tail (all of it for W = 1), the same arithmetic per lane
-      T b = sd.hu[0][c] / qn[c], g = T(0);
-      for (int64_t a = 1; a < sd.count; ++a) {
+      T b = ninf, g = T(-1);
+      for (int64_t a = 0; a < sd.count; ++a) {
         const T s = (sd.lam[a] * sd.hu[a][c] + sd.mu[a] * sd.hw[a][c]) / (sd.norm[a] * qn[c]);
         const bool win = s > b;
         b = win ? s : b;
         g = win ? T(a) : g;
+      }
+      best[c] = b, arg[c] = g;
+    }
+  }
+};
+
+// ŝ(i, q) and the winning a of A_i from x_i's row h0 and the best points of its segments
+// (EeClosestKernel): segment t of A_i has values m[t], their point k[t] (−1: none) and its
+// points' first index in A_i base[t] (1 + t·n), in A_i's order. The first segment holding
+// the maximum wins, and in it the first point: the earliest a of A_i, as one scan over A_i
+// in that order would pick, from the same roundings.
+template <typename T>
+struct EeSegBest {
+  const T* const* m;
+  const T* const* k;
+  const T* base;
+  int64_t count;
+};
+
+template <typename T>
+using EeCombineFn = void (*)(const T* h0, const EeSegBest<T>& sb, const T* qn, int64_t nt,
+                             T* best, T* arg);
+
+EeCombineFn<float> ee_combine_f32();
+EeCombineFn<double> ee_combine_f64();
+template <typename T>
+EeCombineFn<T> ee_combine();
+template <>
+inline EeCombineFn<float> ee_combine<float>() { return ee_combine_f32(); }
+template <>
+inline EeCombineFn<double> ee_combine<double>() { return ee_combine_f64(); }
+
+template <typename T, int W>
+struct EeCombineKernel {
+  static inline __attribute__((always_inline)) void run(const T* h0, const EeSegBest<T>& sb,
+                                                        const T* qn, int64_t nt, T* best,
+                                                        T* arg) {
+    int64_t c = 0;
+    if constexpr (W > 1) {
+      using F = typename Lanes<W>::F;
+      for (; c + W <= nt; c += W) {
+        F q, h;
+        std::memcpy(&q, qn + c, sizeof(F));
+        std::memcpy(&h, h0 + c, sizeof(F));
+        F b = h / q, g = F{};
+        for (int64_t t = 0; t < sb.count; ++t) {
+          F m, k;
+          std::memcpy(&m, sb.m[t] + c, sizeof(F));
+          std::memcpy(&k, sb.k[t] + c, sizeof(F));
+          const auto win = m > b;  // strict: the earlier segment keeps a tie
+          b = win ? m : b;
+          g = win ? k + sb.base[t] : g;
+        }
+        std::memcpy(best + c, &b, sizeof(F));
+        std::memcpy(arg + c, &g, sizeof(F));
+      }
+    }
+    for (; c < nt; ++c) {
+      T b = h0[c] / qn[c], g = T(0);
+      for (int64_t t = 0; t < sb.count; ++t) {
+        const bool win = sb.m[t][c] > b;
+        b = win ? sb.m[t][c] : b;
+        g = win ? sb.k[t][c] + sb.base[t] : g;
       }
       best[c] = b, arg[c] = g;
     }

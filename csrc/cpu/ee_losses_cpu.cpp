@@ -16,7 +16,8 @@
 // pair (C1 anchors, C2 negatives) one product U = X̂_C1 X̂_C2ᵀ; C2's points (its originals, then
 // its segments' points) are visited in column tiles: H[r, q] = μ_q U[r, q_u] + (1−μ_q) U[r, q_w]
 // (nr × tile), and s(a, q) = (λ_a H[a_u, q] + (1−λ_a) H[a_w, q]) / (‖a‖‖q‖), the reference's
-// association (reference/expansion_points.py), a couple of FMAs per (a, q). Memory
+// association (reference/expansion_points.py), a couple of FMAs per (a, q); a segment's
+// points, on both its anchors' sides, are scanned once per tile (tile_closest). Memory
 // O(B·D + S·n + chunk² + chunk·tile), never B×B nor B×P.
 //
 // Backward recomputes ŝ and its argmax instead of keeping them from the forward: the argmax
@@ -52,6 +53,7 @@ struct EeLayout {
   std::vector<int64_t> order, slot, cls, cstart;  // slot -> row, row -> slot, row -> class
   std::vector<int64_t> si, sj;                    // segment endpoints (rows)
   std::vector<std::vector<int64_t>> class_segs;   // segments of each class, in order
+  std::vector<int64_t> seg_rank;                  // a segment's place in its class's list
   std::vector<std::vector<int64_t>> of_anchor;    // A_i's segments: (i, ·) then (·, i)
   std::vector<int64_t> chunk_cls;                 // chunk t: classes [chunk_cls[t], [t + 1])
 };
@@ -86,8 +88,10 @@ EeLayout make_layout(const at::Tensor& labels, const at::Tensor& seg_i, const at
     const int64_t* pj = seg_j.data_ptr<int64_t>();
     L.si.assign(pi, pi + L.S);
     L.sj.assign(pj, pj + L.S);
+    L.seg_rank.resize(L.S);
     for (int64_t e = 0; e < L.S; ++e) {
-      const int64_t i = pi[e], j = pj[e];
+      const int64_t i = pi[e];
+      L.seg_rank[e] = int64_t(L.class_segs[L.cls[i]].size());
       L.class_segs[L.cls[i]].push_back(e);
       L.of_anchor[i].push_back(e);
     }
@@ -122,7 +126,8 @@ struct EeOp {
   T scale, offset;
   int64_t chunk, tile;
   std::vector<T> sq, nrm;  // per synthetic point: ‖v‖² and the clamped norm
-  EeClosestFn<T> kernel = ee_closest<T>();
+  EeClosestFn<T> seg_kernel = ee_closest<T>();
+  EeCombineFn<T> combine_kernel = ee_combine<T>();
 
   int64_t rows0(int64_t t) const { return L.cstart[L.chunk_cls[t]]; }
   int64_t rows(int64_t t) const { return L.cstart[L.chunk_cls[t + 1]] - rows0(t); }
@@ -201,25 +206,73 @@ struct EeOp {
     });
   }
 
-  // One thread's buffers for the side's rows in the kernel's layout.
+  // One thread's buffers for a segment's points in the kernel's layout.
   struct SideRows {
     std::vector<const T*> hu, hw;
     std::vector<T> lam, mu, norm;
   };
 
-  // ŝ(i, q) and the winning side index (as T: one vector width with best) over the tile, for
-  // the anchor whose side is `side` (ee_closest.h: the kernel of the level in use)
-  void closest(const T* H, int64_t nt, const std::vector<EePt<T>>& side, const T* qn, T* best,
-               T* arg, SideRows& sr) const {
-    const size_t A = side.size();
-    sr.hu.resize(A), sr.hw.resize(A), sr.lam.resize(A), sr.mu.resize(A), sr.norm.resize(A);
-    for (size_t a = 0; a < A; ++a) {
-      sr.hu[a] = H + side[a].u * nt, sr.hw[a] = H + side[a].w * nt;
-      sr.lam[a] = side[a].lam, sr.mu[a] = side[a].mu, sr.norm[a] = side[a].norm;
+  // ŝ(i, q) and the winning index into side_of(i) (as T: one vector width with best) over the
+  // tile's columns for every anchor of chunk t1 with want(i), into its row of best and arg
+  // (nr × nt). The work the two anchors of a segment share is done once (ee_closest.h): per
+  // class and block of columns, each of the class's segments' best point (seg_kernel), then
+  // each of its anchors' combination of x_i and its segments' bests (combine_kernel), about
+  // half the evaluations of s(a, q) (one division each) of a scan over each A_i. A task is a
+  // class and a block of columns narrow enough that its table of segment bests stays in cache
+  // (kSegTable entries; a large class gets several blocks).
+  static constexpr int64_t kSegTable = int64_t(1) << 14;
+  template <class Want>
+  void tile_closest(int64_t t1, const T* H, int64_t nt, const T* qn, Want&& want, T* best,
+                    T* arg) const {
+    const int64_t r0 = rows0(t1), n = L.n;
+    struct Task {
+      int64_t c, q0, w;
+    };
+    std::vector<Task> tasks;
+    for (int64_t c = L.chunk_cls[t1]; c < L.chunk_cls[t1 + 1]; ++c) {
+      const int64_t ns = int64_t(L.class_segs[c].size());
+      const int64_t w = ns == 0 ? nt : std::min(nt, std::max<int64_t>(16, kSegTable / ns));
+      for (int64_t q0 = 0; q0 < nt; q0 += w) tasks.push_back({c, q0, std::min(w, nt - q0)});
     }
-    kernel({sr.hu.data(), sr.hw.data(), sr.lam.data(), sr.mu.data(), sr.norm.data(),
-            int64_t(A)},
-           qn, nt, best, arg);
+    at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t k0, int64_t k1) {
+      SideRows sr;
+      sr.hu.resize(n), sr.hw.resize(n), sr.lam.resize(n), sr.mu.resize(n), sr.norm.resize(n);
+      std::vector<T> M, K, base;
+      std::vector<int64_t> row;  // a segment's row of the table, by its place in the class
+      std::vector<const T*> mp, kp;
+      for (int64_t k = k0; k < k1; ++k) {
+        const Task tk = tasks[k];
+        const std::vector<int64_t>& segs = L.class_segs[tk.c];
+        const int64_t ns = int64_t(segs.size());
+        M.resize(ns * tk.w), K.resize(ns * tk.w);
+        for (int64_t g = 0; g < ns; ++g) {
+          const int64_t e = segs[g];
+          const int64_t u = L.slot[L.si[e]] - r0, v = L.slot[L.sj[e]] - r0;
+          for (int64_t t = 0; t < n; ++t) {
+            const T lam = ee_lambda<T>(t + 1, n);
+            sr.hu[t] = H + u * nt + tk.q0, sr.hw[t] = H + v * nt + tk.q0;
+            sr.lam[t] = lam, sr.mu[t] = T(1) - lam, sr.norm[t] = nrm[e * n + t];
+          }
+          seg_kernel({sr.hu.data(), sr.hw.data(), sr.lam.data(), sr.mu.data(), sr.norm.data(),
+                      n},
+                     qn + tk.q0, tk.w, M.data() + g * tk.w, K.data() + g * tk.w);
+        }
+        for (int64_t s = L.cstart[tk.c]; s < L.cstart[tk.c + 1]; ++s) {
+          const int64_t r = s - r0, i = L.order[s];
+          if (!want(i)) continue;
+          mp.clear(), kp.clear(), base.clear();
+          for (const int64_t e : L.of_anchor[i]) {
+            const int64_t g = L.seg_rank[e];
+            mp.push_back(M.data() + g * tk.w);
+            kp.push_back(K.data() + g * tk.w);
+            base.push_back(T(1 + int64_t(base.size()) * n));
+          }
+          combine_kernel(H + r * nt + tk.q0,
+                         {mp.data(), kp.data(), base.data(), int64_t(mp.size())}, qn + tk.q0,
+                         tk.w, best + r * nt + tk.q0, arg + r * nt + tk.q0);
+        }
+      }
+    });
   }
 
   T metric(T s) const { return l2 ? ee_safe_sqrt(T(2) - T(2) * s) : s; }
@@ -231,6 +284,7 @@ struct EeOp {
   // pcls[q] != ci and pok[q]). Anchors run in parallel: visit writes only anchor i's state.
   template <class Visit>
   void forward_sweep(Visit&& visit) {
+    auto want = [&](int64_t i) { return amask[i]; };
     for (int64_t t1 = 0; t1 < nchunks(); ++t1) {
       const int64_t r0 = rows0(t1), nr = rows(t1);
       for (int64_t t2 = 0; t2 < nchunks(); ++t2) {
@@ -239,24 +293,19 @@ struct EeOp {
         std::vector<int64_t> pcls;
         std::vector<char> pok;
         const auto pts = points_of(t2, pcls, pok);
-        const int64_t P = int64_t(pts.size());
-        std::vector<T> H(nr * std::min(tile, P));
+        const int64_t P = int64_t(pts.size()), tw = std::min(tile, P);
+        std::vector<T> H(nr * tw), best(nr * tw), arg(nr * tw);
         for (int64_t q0 = 0; q0 < P; q0 += tile) {
           const int64_t nt = std::min(tile, P - q0);
           h_tile(U.data_ptr<T>(), nr, nc, pts.data() + q0, nt, H.data());
           std::vector<T> qn(nt);
           for (int64_t c = 0; c < nt; ++c) qn[c] = pts[q0 + c].norm;
+          tile_closest(t1, H.data(), nt, qn.data(), want, best.data(), arg.data());
           at::parallel_for(0, nr, 1, [&](int64_t a0, int64_t a1) {
-            std::vector<T> best(nt);
-            std::vector<T> arg(nt);
-            std::vector<EePt<T>> side;
-            SideRows sr;
             for (int64_t r = a0; r < a1; ++r) {
               const int64_t i = L.order[r0 + r];
               if (!amask[i]) continue;
-              side_of(r, r0, side);
-              closest(H.data(), nt, side, qn.data(), best.data(), arg.data(), sr);
-              visit(i, L.cls[i], best.data(), pcls.data() + q0, pok.data() + q0, nt);
+              visit(i, L.cls[i], best.data() + r * nt, pcls.data() + q0, pok.data() + q0, nt);
             }
           });
         }
@@ -271,6 +320,7 @@ struct EeOp {
   void backward_sweep(at::Tensor& dxo, Active&& active, Weight&& weight) {
     const int64_t n = L.n, D = xo.size(1);
     std::vector<T> dnorm(L.S * n, T(0));  // ∂L/∂‖p‖ per synthetic point
+    auto want = [&](int64_t i) { return amask[i] && active(i); };
     for (int64_t t1 = 0; t1 < nchunks(); ++t1) {
       const int64_t r0 = rows0(t1), nr = rows(t1);
       const int64_t k0 = L.chunk_cls[t1], k1 = L.chunk_cls[t1 + 1];
@@ -282,7 +332,7 @@ struct EeOp {
         std::vector<char> pok;
         const auto pts = points_of(t2, pcls, pok);
         const int64_t P = int64_t(pts.size()), tw = std::min(tile, P);
-        std::vector<T> H(nr * tw), Tg(nr * tw);
+        std::vector<T> H(nr * tw), Tg(nr * tw), best(nr * tw), arg(nr * tw);
         T* du = dU.data_ptr<T>();
         for (int64_t q0 = 0; q0 < P; q0 += tile) {
           const int64_t nt = std::min(tile, P - q0);
@@ -290,24 +340,24 @@ struct EeOp {
           std::fill(Tg.begin(), Tg.begin() + nr * nt, T(0));
           std::vector<T> qn(nt);
           for (int64_t c = 0; c < nt; ++c) qn[c] = pts[q0 + c].norm;
-          // 1) per anchor class (its rows of Tg and its segments' dnorm are its own)
+          // 1) ŝ and its argmax for the chunk's anchors, then per anchor class (its rows of Tg
+          // and its segments' dnorm are its own)
+          tile_closest(t1, H.data(), nt, qn.data(), want, best.data(), arg.data());
           at::parallel_for(k0, k1, 1, [&](int64_t a0, int64_t a1) {
-            std::vector<T> best(nt);
-            std::vector<T> arg(nt);
             std::vector<EePt<T>> side;
-            SideRows sr;
             for (int64_t c = a0; c < a1; ++c)
               for (int64_t s = L.cstart[c]; s < L.cstart[c + 1]; ++s) {
                 const int64_t r = s - r0, i = L.order[s];
-                if (!amask[i] || !active(i)) continue;
+                if (!want(i)) continue;
                 side_of(r, r0, side);
-                closest(H.data(), nt, side, qn.data(), best.data(), arg.data(), sr);
+                const T* br = best.data() + r * nt;
+                const T* ar = arg.data() + r * nt;
                 for (int64_t q = 0; q < nt; ++q) {
                   if (pcls[q0 + q] == c || !pok[q0 + q]) continue;
-                  const T sh = best[q];
+                  const T sh = br[q];
                   const T ws = weight(i, sh);
                   if (ws == T(0)) continue;
-                  const EePt<T>& a = side[int64_t(arg[q])];
+                  const EePt<T>& a = side[int64_t(ar[q])];
                   const T wi = ws / (a.norm * qn[q]);
                   Tg[a.u * nt + q] += a.lam * wi;
                   if (a.pid >= 0) {

@@ -1,4 +1,4 @@
-// The Embedding Expansion closest-pair kernel and the HPHN mining's marks and row maxima
+// The Embedding Expansion closest-pair kernels and the HPHN mining's marks and row maxima
 // (ee_closest.h) compiled per x86 level, chosen
 // by METRIX_OPS_SIMD when set, else the widest level this CPU has (AVX-512 included; see below).
 // Contraction into FMA is off in this file: the reference rounds each product apart, and
@@ -17,6 +17,7 @@ namespace {
 // The fp32 kernels of one x86 level.
 struct EeLevel {
   EeClosestFn<float> closest;
+  EeCombineFn<float> combine;
   EeSegMarksFn<float> seg_marks;
   EeRowMaxFn<float> row_max;
 };
@@ -26,6 +27,10 @@ struct EeLevel {
                              float* best, float* arg) {                                 \
     EeClosestKernel<float, W>::run(sd, qn, nt, best, arg);                               \
   }                                                                                      \
+  TARGET void combine_##NAME(const float* h0, const EeSegBest<float>& sb,                \
+                             const float* qn, int64_t nt, float* best, float* arg) {     \
+    EeCombineKernel<float, W>::run(h0, sb, qn, nt, best, arg);                           \
+  }                                                                                      \
   TARGET int64_t seg_marks_##NAME(const float* a, const float* b, int64_t n,             \
                                   const float* Ui, const float* Uj, const float* km,     \
                                   float fm, int64_t B, int64_t* marked) {                \
@@ -34,7 +39,8 @@ struct EeLevel {
   TARGET void row_max_##NAME(const float* u, int64_t count, float* mx, int* nan) {       \
     EeRowMaxKernel<float, W>::run(u, count, mx, nan);                                    \
   }                                                                                      \
-  const EeLevel level_##NAME{&closest_##NAME, &seg_marks_##NAME, &row_max_##NAME};
+  const EeLevel level_##NAME{&closest_##NAME, &combine_##NAME, &seg_marks_##NAME,         \
+                            &row_max_##NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 MO_EE_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2"))), 16)
@@ -46,6 +52,11 @@ MO_EE_LEVEL(baseline, , 4)
 void closest_f64(const EeSideRows<double>& sd, const double* qn, int64_t nt, double* best,
                  double* arg) {
   EeClosestKernel<double, 1>::run(sd, qn, nt, best, arg);
+}
+
+void combine_f64(const double* h0, const EeSegBest<double>& sb, const double* qn, int64_t nt,
+                 double* best, double* arg) {
+  EeCombineKernel<double, 1>::run(h0, sb, qn, nt, best, arg);
 }
 
 int64_t seg_marks_f64(const double* a, const double* b, int64_t n, const double* Ui,
@@ -79,6 +90,8 @@ const EeLevel& ee_level() {
 
 EeClosestFn<float> ee_closest_f32() { return ee_level().closest; }
 EeClosestFn<double> ee_closest_f64() { return &closest_f64; }
+EeCombineFn<float> ee_combine_f32() { return ee_level().combine; }
+EeCombineFn<double> ee_combine_f64() { return &combine_f64; }
 EeSegMarksFn<float> ee_seg_marks_f32() { return ee_level().seg_marks; }
 EeSegMarksFn<double> ee_seg_marks_f64() { return &seg_marks_f64; }
 EeRowMaxFn<float> ee_row_max_f32() { return ee_level().row_max; }
