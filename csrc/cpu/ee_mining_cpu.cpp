@@ -27,10 +27,10 @@
 // The originals search the same way from their best original negative (a vectorised max
 // over the row, ee_row_max, then the marks of their one point).
 // Each segment is searched from the smaller of its endpoints' best so far (synthetic points
-// included), so the floors rise as the search goes: on random 128-d
-// data (B = 4096, 512 classes, n = 8) ~23 % of the synthetic points reach theirs, and a
-// point walks ~10 classes (the marks' bound, the largest 1/‖v‖ of a slot's segments times
-// the cosine, is looser than the arc bound the walk applies).
+// included), so the floors rise as the search goes and most synthetic points stay below
+// theirs. What remains is the marks' slack: their bound, the largest 1/‖v‖ of a slot's
+// segments times the cosine, is looser than the arc bound the walk applies, so most walked
+// classes end at class_arc_below.
 //
 // Ties as the reference (reference/expansion_mining.py): the hardest negative is the lowest
 // point index (originals 0..B−1, then B + e·n + k−1), then the earliest anchor-side point
