@@ -237,8 +237,7 @@ struct EeOp {
     at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t k0, int64_t k1) {
       SideRows sr;
       sr.hu.resize(n), sr.hw.resize(n), sr.lam.resize(n), sr.mu.resize(n), sr.norm.resize(n);
-      std::vector<T> M, K, base;
-      std::vector<int64_t> row;  // a segment's row of the table, by its place in the class
+      std::vector<T> M, K, base;  // M, K: a row per segment of the class (its seg_rank)
       std::vector<const T*> mp, kp;
       for (int64_t k = k0; k < k1; ++k) {
         const Task tk = tasks[k];
