@@ -86,7 +86,8 @@ struct Miner {
   std::vector<T> wmin, wmax;  // per segment, min and max over k of cu + cw (= 1/‖v‖)
   std::vector<EeArc<T>> arc;  // per segment, its arc bound (ee_arc)
   std::vector<T> cwmin, cwmax;  // per class, min and max of wmin, wmax over its segments
-  // per slot, max(1, the largest wmax of the segments it ends)·(1 + 32ε) (best_negative_above)
+  // per slot, max(1, the largest wmax of the segments it ends)·(1 + 32ε): a bound on the
+  // cosine of any negative point the slot ends, over its original's (segment_best_above)
   std::vector<T> slot_kmax;
   std::vector<int64_t> slot_cls;        // per slot, its class
   std::vector<int64_t> inc_ptr, inc_seg;  // per slot, the segments it ends (CSR)
@@ -219,8 +220,7 @@ struct Miner {
     row_max(u, own0, &floor, &nan);
     row_max(u + own1, B - own1, &floor, &nan);
     if (nan || !(floor > T(0))) return best_negative(u, c, first_neg, first_slot);
-    const T eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
-    const T fm = floor * (T(1) - 64 * eps) - 4 * tiny;  // best_negative_above's
+    const T fm = floor_mark(floor);
     const T one = T(1), zero = T(0);
     marked_classes(&one, &zero, 1, u, u, fm, c, marked, classes);
     T best = floor;
@@ -230,70 +230,47 @@ struct Miner {
     return {best, bq};
   }
 
-  // The same for the synthetic point mix(U_i, U_j) with coefficients (a, b), counting only
-  // cosines ≥ floor (kNone when no negative reaches it). Its row is built into `u` in one
-  // vectorised pass that also marks, per block of kBlock slots, whether any slot can reach
-  // the floor: for floor > 0 that needs v·kmax ≥ floor, kmax the slot's class's largest
-  // 1/‖v‖ (≥ 1, so it covers the slot's original too) with room for the rounding of
-  // ee_mix_bound, which it bounds from above. Only the classes of marked slots are visited;
-  // the others would be skipped on those same bounds. On random 128-d data about 7 % of the
-  // classes are visited, where the class-by-class walk read every class's run of slots.
+  // The margin below a floor at which a cosine (times its slot's slot_kmax) still marks: room
+  // for the rounding of ee_mix_bound, which slot_kmax bounds from above.
+  static T floor_mark(T floor) {
+    return floor * (T(1) - 64 * std::numeric_limits<T>::epsilon()) -
+           4 * std::numeric_limits<T>::min();
+  }
+
   static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
-  static constexpr int64_t kBlock = 16;
-  std::pair<T, int64_t> best_negative_above(const T* Ui, const T* Uj, T a, T b, int64_t c,
-                                            T floor, T* u, std::vector<int64_t>& classes) const {
+
+  // segment_best_above's case of a floor ≤ 0 (or NaN), one point mix(U_i, U_j) with
+  // coefficients (a, b): its row into u, then every other class, each on its own bounds,
+  // counting only cosines ≥ floor (kNone when none reaches it).
+  std::pair<T, int64_t> best_negative_everywhere(const T* Ui, const T* Uj, T a, T b, int64_t c,
+                                                 T floor, T* u) const {
     T best = floor;
     int64_t bq = kNone;
-    const int64_t own0 = cstart[c], own1 = cstart[c + 1];
-    const T eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
-    // floor ≤ 0 (or NaN): every class is visited, each on its own bounds
-    const bool all = !(floor > T(0));
-    const T fm = floor * (T(1) - 64 * eps) - 4 * tiny;
-    const T* km = slot_kmax.data();
-    // blocks of kBlock slots: the row and whether any slot of the block can reach the floor
-    // (one vectorised loop), then the marked blocks' slots one by one
-    int64_t last = -1;  // the last class listed: slots are class-sorted
-    for (int64_t k0 = 0; k0 < B; k0 += kBlock) {
-      const int64_t k1 = std::min(B, k0 + kBlock);
-      int any = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const T v = ee_mix_sim(a, b, Ui[k], Uj[k]);
-        u[k] = v;
-        any |= v * km[k] >= fm;
-      }
-      if (!(any || all)) continue;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t m = slot_cls[k];
-        if (m == last || (k >= own0 && k < own1) || !(all || u[k] * km[k] >= fm)) continue;
-        last = m;
-        classes.push_back(m);
-      }
-    }
-    // visited once u is whole: a class's run of slots may go past the block that marked it
-    for (int64_t m : classes) visit_class<true>(u, m, best, bq);
-    classes.clear();
+    for (int64_t k = 0; k < B; ++k) u[k] = ee_mix_sim(a, b, Ui[k], Uj[k]);
+    const int64_t C = int64_t(cstart.size()) - 1;
+    for (int64_t m = 0; m < C; ++m)
+      if (m != c) visit_class<true>(u, m, best, bq);
     return {best, bq};
   }
 
-  // best_negative_above for all n points of segment e at once (they share the floor and the
-  // endpoints' rows Ui, Uj), into best[k], bq[k]. A point visits exactly the classes it would
-  // visit alone, in the same order, so the picks are the same; what changes is the cost: the
-  // n rows of B cosines are not built. One vectorised pass over the slots (seg_marks,
-  // ee_closest.h) takes each slot's largest cosine over the n points and marks the slots
-  // where it reaches the floor (the union of the points' own marks: the product with km > 0
-  // keeps the order); only the marked classes get
-  // the n points' cosines over their own slots, and each point checks its own mark there. A
-  // floor ≤ 0 (every class visited) goes point by point.
+  // The best negative point (cosine, point index) of each of segment e's n synthetic points,
+  // counting only cosines ≥ floor (kNone when none reaches it), into best[k], bq[k]; they
+  // share the floor and the endpoints' rows Ui, Uj. A point needs only the classes with a
+  // slot whose cosine times slot_kmax reaches the floor (floor_mark): no negative point of
+  // the others can. One vectorised pass over the slots (seg_marks, ee_closest.h) takes each
+  // slot's largest cosine over the n points and marks the slots where it reaches the floor
+  // (the union of the points' own marks: the product with km > 0 keeps the order); only the
+  // marked classes get the n points' cosines over their own slots, and each point walks
+  // those its own mark keeps. A floor ≤ 0 (every class visited) goes point by point.
   void segment_best_above(int64_t e, const T* Ui, const T* Uj, int64_t c, T floor, T* best,
                           int64_t* bq, T* u, std::vector<int64_t>& classes,
                           std::vector<int64_t>& marked) const {
     const T* a = cu.data() + e * n;
     const T* b = cw.data() + e * n;
-    const T eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
-    const T fm = floor * (T(1) - 64 * eps) - 4 * tiny;  // best_negative_above's
+    const T fm = floor_mark(floor);
     if (!(floor > T(0))) {
       for (int64_t k = 0; k < n; ++k) {
-        const auto r = best_negative_above(Ui, Uj, a[k], b[k], c, floor, u, classes);
+        const auto r = best_negative_everywhere(Ui, Uj, a[k], b[k], c, floor, u);
         best[k] = r.first, bq[k] = r.second;
       }
       return;
@@ -305,7 +282,7 @@ struct Miner {
     for (int64_t m : classes) {
       const int64_t s0 = cstart[m], s1 = cstart[m + 1];
       for (int64_t k = 0; k < n; ++k) {
-        int hit = 0;  // the point's own mark, as best_negative_above computes it
+        int hit = 0;  // the point's own mark
         for (int64_t s = s0; s < s1; ++s) {
           const T v = ee_mix_sim(a[k], b[k], Ui[s], Uj[s]);
           uk[s] = v;
