@@ -101,6 +101,38 @@ def test_lse_losses_ref_emb_equals_reference(case, name, pairs, group, lse_calls
     assert lse_calls
 
 
+@pytest.mark.parametrize("group", [1, None], ids=["column_tiles", "one_group"])
+@pytest.mark.parametrize("reducer", [None, "MeanReducer", "SumReducer", "threshold",
+                                     "threshold_zeros"])
+def test_contrastive_clean_terms_in_the_walk(reducer, group, monkeypatch):
+    """Contrastive with Metrix against references: the clean terms come from the refs op's
+    walk (no clean op of their own), under every reducer the op expresses (its window: the
+    ThresholdReducer's; one whose window holds 0, so that it counts zero terms and would
+    count an own row taken for a pair), against the reference; references of other classes
+    and a copy of the batch (each anchor's own row no pair)"""
+    import metrix_ops.ops.contrastive as clean_ops
+    if group is not None:
+        monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", group)
+    clean_calls = record_calls(monkeypatch, clean_ops, "contrastive_rows")
+    monkeypatch.setattr(fused_con, "contrastive_rows", clean_ops.contrastive_rows)
+    walk = record_calls(monkeypatch, cm, "contrastive_metrix_refs_rows")
+    monkeypatch.setattr(fused_con, "contrastive_metrix_refs_rows", cm.contrastive_metrix_refs_rows)
+    windows = {"threshold": (0.05, 0.9), "threshold_zeros": (-0.5, 0.9)}
+    red = (None if reducer is None else mo.reducers.ThresholdReducer(*windows[reducer])
+           if reducer in windows else getattr(mo.reducers, reducer)())
+    x, y = make_case(CASES[6], seed=31)
+    r, ry = refs_for(x, y, seed=32)
+    for kw in LSE_LOSSES["ContrastiveLoss"]:
+        for pairs in ("pos_neg", "anchor_neg"):
+            check_name_refs("ContrastiveLoss", pairs, x, y, r, ry, reducer=red, **kw)
+            fused, ref = metrix_pair("ContrastiveLoss", pairs, reducer=red, **kw)
+            assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=y),
+                            lambda e, q: ref(e, y, ref_emb=q, ref_labels=y), x,
+                            x.detach() * 1.0)
+    assert len(walk) == 8 and not clean_calls
+    assert all(float(c[1].sum()) > 0 for c, _ in walk)  # the walk counted clean terms
+
+
 @pytest.mark.parametrize("name", LSE_LOSSES)
 def test_lse_losses_copy_of_the_batch_and_half(name, lse_calls):
     """the same set (own rows excluded) against the reference; fp32 and bf16 inputs"""
@@ -262,8 +294,10 @@ def test_opcheck(dtype):
         for cosine in (False, True):
             torch.library.opcheck(ops.lifted_metrix_refs_fwd,
                                   (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, 1))
-            torch.library.opcheck(ops.contrastive_metrix_refs_fwd,
-                                  (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, 1))
+            for clean, low, high in ((False, -float("inf"), float("inf")), (True, 0.0, 0.6)):
+                torch.library.opcheck(ops.contrastive_metrix_refs_fwd,
+                                      (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, clean, low,
+                                       high, 1))
 
 
 def test_input_errors():

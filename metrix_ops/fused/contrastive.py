@@ -112,13 +112,14 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     xu = F.normalize(x, dim=1)
     cosine, pm, nm = is_cosine(inp.distance), params["pos_margin"], params["neg_margin"]
     refs = metrix_refs_args(inp, xu)
-    if refs is not None:  # the clean op against references, beside the mixed term's op
-        mixed = contrastive_metrix_refs_rows(xu, refs[0], inp.labels, refs[1], refs[2], cosine,
-                                             pm, nm, lam, metrix.pairs)
-        return impl(params, inp, reducer) + metrix.weight * mixed_contrastive(mixed, x)
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
-    clean, mixed = contrastive_metrix_rows(xu, inp.labels, cosine, pm, nm, lam, metrix.pairs,
-                                           window[0], window[1], block)
+    if refs is not None:  # both terms on the rows of one walk (contrastive_metrix_refs_cpu.cpp)
+        clean, mixed = contrastive_metrix_refs_rows(xu, refs[0], inp.labels, refs[1], refs[2],
+                                                    cosine, pm, nm, lam, metrix.pairs,
+                                                    True, window[0], window[1])
+    else:
+        clean, mixed = contrastive_metrix_rows(xu, inp.labels, cosine, pm, nm, lam,
+                                               metrix.pairs, window[0], window[1], block)
     return (_reduce_clean(clean, n_pos, n_neg, reducer, x)
             + metrix.weight * mixed_contrastive(mixed, x))
 

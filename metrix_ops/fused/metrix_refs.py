@@ -146,9 +146,9 @@ def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
                                   like=xh, refs=refs)
     if name == "ContrastiveLoss" and (is_cosine(d) or is_normalized_l2(d)):
         from .contrastive import mixed_contrastive  # lazy: contrastive → multi_similarity → here
-        mixed = contrastive_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, is_cosine(d),
-                                             params["pos_margin"], params["neg_margin"], lam,
-                                             pairs)
+        _, mixed = contrastive_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx,
+                                                is_cosine(d), params["pos_margin"],
+                                                params["neg_margin"], lam, pairs)
         return mixed_contrastive(mixed, xh)
     if name == "GeneralizedLiftedStructureLoss" and (is_cosine(d) or is_normalized_l2(d)):
         return lifted_metrix_loss(xh, labels, is_cosine(d), params["pos_margin"],
