@@ -219,16 +219,20 @@ def test_blocks_cut_between_classes(block, pairs):
                  *circle_logits(), pairs=pairs)
 
 
-def test_module_uses_the_fused_op(op_calls):
+def test_module_uses_the_fused_op(op_calls, monkeypatch):
+    import metrix_ops.fused.circle as fc
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5))(x, y)
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="anchor_neg"))(x, y)
     assert len(op_calls) == 2, "backend='auto' did not take the fused Metrix op"
     # what it does not cover goes to the reference (auto)
-    # against references: the refs op (test_metrix_refs_op.py)
+    # against references: both terms from the refs op's one walk, no clean op
+    # (test_metrix_refs_op.py checks the values)
     op_calls.clear()
+    walks, clean_ops = spy(monkeypatch, fc, "circle_metrix_refs_lses"), spy(monkeypatch, fc,
+                                                                             "circle_rows")
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
-    assert len(op_calls) == 1
+    assert len(walks) == 1 and not clean_ops and not op_calls
     op_calls.clear()
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="pos_pos"))(x, y)
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="neg_neg"))(x, y)

@@ -101,36 +101,55 @@ def test_lse_losses_ref_emb_equals_reference(case, name, pairs, group, lse_calls
     assert lse_calls
 
 
-@pytest.mark.parametrize("group", [1, None], ids=["column_tiles", "one_group"])
-@pytest.mark.parametrize("reducer", [None, "MeanReducer", "SumReducer", "threshold",
-                                     "threshold_zeros"])
-def test_contrastive_clean_terms_in_the_walk(reducer, group, monkeypatch):
-    """Contrastive with Metrix against references: the clean terms come from the refs op's
-    walk (no clean op of their own), under every reducer the op expresses (its window: the
-    ThresholdReducer's; one whose window holds 0, so that it counts zero terms and would
-    count an own row taken for a pair), against the reference; references of other classes
-    and a copy of the batch (each anchor's own row no pair)"""
+# the reducers each loss's clean term takes from the walk: every one the ops express; for
+# Contrastive also a window holding 0, which counts zero terms (and would count an anchor's
+# own row, were it taken for a pair)
+WALK_REDUCERS = {"ContrastiveLoss": {None: None, "mean": mo.reducers.MeanReducer(),
+                                     "sum": mo.reducers.SumReducer(),
+                                     "threshold": mo.reducers.ThresholdReducer(0.05, 0.9),
+                                     "threshold_zeros": mo.reducers.ThresholdReducer(-0.5, 0.9)},
+                 "CircleLoss": {None: None, "mean": mo.reducers.MeanReducer(),
+                                "sum": mo.reducers.SumReducer(),
+                                "threshold": mo.reducers.ThresholdReducer(0.5, 30.0)}}
+
+
+@pytest.fixture
+def walk_calls(monkeypatch):
+    """(walk, clean): the calls of each loss's refs op with its clean terms, and of its
+    clean op (none expected)"""
+    import metrix_ops.fused.circle as fused_circle
     import metrix_ops.ops.contrastive as clean_ops
+    clean = record_calls(monkeypatch, clean_ops, "contrastive_rows")
+    monkeypatch.setattr(fused_con, "contrastive_rows", clean_ops.contrastive_rows)
+    record_calls(monkeypatch, fused_circle, "circle_rows", clean)
+    walk = record_calls(monkeypatch, fused_con, "contrastive_metrix_refs_rows")
+    record_calls(monkeypatch, fused_circle, "circle_metrix_refs_lses", walk)
+    return walk, clean
+
+
+@pytest.mark.parametrize("group", [1, None], ids=["column_tiles", "one_group"])
+@pytest.mark.parametrize("name,reducer", [(n, r) for n in WALK_REDUCERS for r in WALK_REDUCERS[n]])
+def test_clean_terms_in_the_walk(name, reducer, group, walk_calls, monkeypatch):
+    """Contrastive and Circle with Metrix against references: their clean terms come from the
+    refs op's walk (no clean op of their own), under each reducer, against the reference;
+    references of other classes, and a copy of the batch (each anchor's own row no pair)"""
     if group is not None:
         monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", group)
-    clean_calls = record_calls(monkeypatch, clean_ops, "contrastive_rows")
-    monkeypatch.setattr(fused_con, "contrastive_rows", clean_ops.contrastive_rows)
-    walk = record_calls(monkeypatch, cm, "contrastive_metrix_refs_rows")
-    monkeypatch.setattr(fused_con, "contrastive_metrix_refs_rows", cm.contrastive_metrix_refs_rows)
-    windows = {"threshold": (0.05, 0.9), "threshold_zeros": (-0.5, 0.9)}
-    red = (None if reducer is None else mo.reducers.ThresholdReducer(*windows[reducer])
-           if reducer in windows else getattr(mo.reducers, reducer)())
+    red = WALK_REDUCERS[name][reducer]
     x, y = make_case(CASES[6], seed=31)
     r, ry = refs_for(x, y, seed=32)
-    for kw in LSE_LOSSES["ContrastiveLoss"]:
+    for kw in LSE_LOSSES[name]:
         for pairs in ("pos_neg", "anchor_neg"):
-            check_name_refs("ContrastiveLoss", pairs, x, y, r, ry, reducer=red, **kw)
-            fused, ref = metrix_pair("ContrastiveLoss", pairs, reducer=red, **kw)
+            check_name_refs(name, pairs, x, y, r, ry, reducer=red, **kw)
+            fused, ref = metrix_pair(name, pairs, reducer=red, **kw)
             assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=y),
                             lambda e, q: ref(e, y, ref_emb=q, ref_labels=y), x,
                             x.detach() * 1.0)
-    assert len(walk) == 8 and not clean_calls
-    assert all(float(c[1].sum()) > 0 for c, _ in walk)  # the walk counted clean terms
+    walk, clean = walk_calls
+    assert len(walk) == 8 and not clean
+    # the walk gave clean terms: Contrastive's positive counts, Circle's finite lse⁺
+    assert all(float(c[0][1].sum()) > 0 if name == "ContrastiveLoss"
+               else torch.isfinite(c[2]).any() for c in walk)
 
 
 @pytest.mark.parametrize("name", LSE_LOSSES)
@@ -290,7 +309,9 @@ def test_opcheck(dtype):
         for clean in (False, True):
             torch.library.opcheck(ops.ms_metrix_refs_fwd,
                                   (x, r, y, ry, own, 2.0, 50.0, 0.5, *tail, clean, 1))
-        torch.library.opcheck(ops.circle_metrix_refs_fwd, (x, r, y, ry, own, 0.4, 20.0, *tail, 1))
+        for clean in (False, True):
+            torch.library.opcheck(ops.circle_metrix_refs_fwd,
+                                  (x, r, y, ry, own, 0.4, 20.0, *tail, clean, 1))
         for cosine in (False, True):
             torch.library.opcheck(ops.lifted_metrix_refs_fwd,
                                   (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, 1))

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "common/circle_metrix.h"
@@ -27,12 +28,25 @@ struct LiftedMixParams {
   T pos_margin, neg_margin;
 };
 
+// The clean terms of the same anchors, where a walk's tile holds their rows of S = X R_cᵀ
+// (metrix_refs_walk.h: anchors against references) and the op folds both terms from it:
+// each anchor's pairs with the tile's columns, its own slot own[a] (a global column, −1:
+// none) no pair, into its own two states (forward) or their entries of ∂L/∂S (backward,
+// from these per-anchor gradients and finished values). own null: no clean term.
+template <typename T>
+struct LseClean {
+  const int64_t* own = nullptr;
+  OnlineLse<T>*pos = nullptr, *neg = nullptr;
+  const T *g_pos = nullptr, *g_neg = nullptr, *lse_pos = nullptr, *lse_neg = nullptr;
+};
+
 // One block side (MixGeom) with the loss's constants P.
 template <typename T, class P>
 struct LseMixBlock : MixGeom<T> {
   P p;
   // gradient only, per anchor: ∂L/∂lse⁺, ∂L/∂lse⁻, and the finished lse⁺, lse⁻
   const T *g_pos, *g_neg, *lse_pos, *lse_neg;
+  LseClean<T> clean{};
 };
 
 template <typename T>
@@ -127,6 +141,75 @@ struct LseMixKernel {
       pos[a].merge(OnlineLse<T>{mp, M::sum(sp)});
       neg[a].merge(OnlineLse<T>{mn, M::sum(sn)});
     }
+    if (b.clean.own) clean_fold(b, a0, a1);
+  }
+
+  // f(j, m, v, ok⁺, ok⁻) over anchor a's row of S in this tile, W columns at a time (m of
+  // them real): its clean positives (its label, not its own slot) and negatives
+  template <class Fn>
+  static MO_INLINE void for_clean_pairs(const B& b, int64_t a, Fn f) {
+    const T* row = b.s + (a - b.r0) * b.nc;
+    const int32_t la = b.row_lab[a];
+    const int32_t* col = b.col_lab + b.c0;
+    const int64_t own = b.clean.own[a] - b.c0;
+    const int32_t n32 = static_cast<int32_t>(b.nc);
+    const int32_t own32 = own >= 0 && own < b.nc ? static_cast<int32_t>(own) : -1;
+    const I lanes = R::iota();
+    for (int64_t j = 0; j < b.nc; j += W) {
+      const int64_t m = b.nc - j < W ? b.nc - j : W;
+      F v{};
+      I c{};
+      std::memcpy(&v, row + j, m * sizeof(T));
+      std::memcpy(&c, col + j, m * sizeof(int32_t));
+      const I idx = lanes + static_cast<int32_t>(j);
+      const auto in = idx < n32;
+      f(j, m, v, (c == la) & (idx != own32) & in, (c != la) & in);
+    }
+  }
+
+  // The clean pairs' two log-sum-exps, as fold's (maxima, then sums of e^{x − max})
+  static MO_INLINE void clean_fold(const B& b, int64_t a0, int64_t a1) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const F zero{};
+    auto max = [](T x, T y) { return y > x ? y : x; };
+    for (int64_t a = a0; a < a1; ++a) {
+      F hp = zero - inf, hn = zero - inf;
+      for_clean_pairs(b, a, [&](int64_t, int64_t, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
+        const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+        hp = (okp & (t.pos > hp)) ? t.pos : hp;
+        hn = (okn & (t.neg > hn)) ? t.neg : hn;
+      });
+      const T mp = R::reduce(hp, max), mn = R::reduce(hn, max);
+      F sp{}, sn{};
+      for_clean_pairs(b, a, [&](int64_t, int64_t, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
+        const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+        sp += okp ? L::exp(t.pos - mp) : zero;
+        sn += okn ? L::exp(t.neg - mn) : zero;
+      });
+      if (mp > -inf) b.clean.pos[a].merge(OnlineLse<T>{mp, M::sum(sp)});
+      if (mn > -inf) b.clean.neg[a].merge(OnlineLse<T>{mn, M::sum(sn)});
+    }
+  }
+
+  // Their entries of ∂L/∂S added into the tile's gradient rows: each side's softmax weight
+  // times its upstream gradient and the exponent's slope (Weights' rule, on plain pairs)
+  static MO_INLINE void clean_grad(const B& b, int64_t a0, int64_t a1) {
+    const F zero{};
+    for (int64_t a = a0; a < a1; ++a) {
+      const T gp = b.clean.g_pos[a], gn = b.clean.g_neg[a];
+      if (gp == T(0) && gn == T(0)) continue;
+      const T tp = b.clean.lse_pos[a], tn = b.clean.lse_neg[a];
+      T* g = b.gm + (a - b.r0) * b.nc;
+      for_clean_pairs(b, a, [&](int64_t j, int64_t m, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
+        const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+        F w = okp ? gp * L::exp(t.pos - tp) * t.dpos : zero;
+        w = okn ? gn * L::exp(t.neg - tn) * t.dneg : w;
+        F x{};
+        std::memcpy(&x, g + j, m * sizeof(T));
+        x += w;
+        std::memcpy(g + j, &x, m * sizeof(T));
+      });
+    }
   }
 
   // w = ∂L/∂s̃ = g⁺·e^{pos − lse⁺}·∂pos/∂s̃ + g⁻·e^{neg − lse⁻}·∂neg/∂s̃ (each side's softmax
@@ -145,7 +228,10 @@ struct LseMixKernel {
   };
 
   // Adds anchors [a0, a1)'s terms of ∂L/∂S into gm and gw (MixLanes::grad)
-  static MO_INLINE void grad(const B& b, int64_t a0, int64_t a1) { M::grad(b, a0, a1, Weights{b}); }
+  static MO_INLINE void grad(const B& b, int64_t a0, int64_t a1) {
+    M::grad(b, a0, a1, Weights{b});
+    if (b.clean.own) clean_grad(b, a0, a1);
+  }
 };
 
 #undef MO_INLINE

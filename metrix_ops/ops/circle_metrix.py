@@ -14,7 +14,7 @@ from ..reducers import zero_loss
 from . import lse_mix
 
 lse_mix.register("circle_metrix_self")
-lse_mix.register_refs("circle_metrix_refs")
+lse_mix.register_refs("circle_metrix_refs", n_out=4)
 
 
 def circle_metrix_lses(x_unit, labels, m: float, gamma: float, lam: float,
@@ -25,10 +25,26 @@ def circle_metrix_lses(x_unit, labels, m: float, gamma: float, lam: float,
     batch against itself."""
     params = (float(m), float(gamma))
     if refs is not None:
-        r_unit, ref_labels, own = refs
-        return lse_mix.lse_refs_rows("circle_metrix_refs", x_unit, r_unit, labels, ref_labels, own, params,
-                                     lam, pairs)
+        return circle_metrix_refs_lses(x_unit, labels, m, gamma, lam, pairs, refs)[:2]
     return lse_mix.lse_rows("circle_metrix_self", x_unit, labels, params, lam, pairs, block)
+
+
+def circle_metrix_refs_lses(x_unit, labels, m: float, gamma: float, lam: float, pairs: str,
+                            refs, clean: bool = False):
+    """(mixed lse⁺, lse⁻, clean lse⁺, lse⁻) per anchor against references refs (as
+    circle_metrix_lses): the clean ones of its pairs with the references (its own row no pair;
+    −inf for an empty side, and everywhere unless clean), from the same walk."""
+    r_unit, ref_labels, own = refs
+    return lse_mix.lse_refs_rows("circle_metrix_refs", x_unit, r_unit, labels, ref_labels, own,
+                                 (float(m), float(gamma)), lam, pairs, (bool(clean),))
+
+
+def circle_clean_rows(lse_pos, lse_neg):
+    """The clean loss per anchor from its two log-sum-exps, as circle_fwd's rows:
+    softplus(lse⁺ + lse⁻), 0 when a side is empty (a select first, so that no gradient meets
+    the −inf)."""
+    has = torch.isfinite(lse_pos) & torch.isfinite(lse_neg)
+    return torch.where(has, F.softplus(torch.where(has, lse_pos + lse_neg, 0.0)), 0.0)
 
 
 def circle_metrix_loss(x_unit, labels, m: float, gamma: float, lam: float,

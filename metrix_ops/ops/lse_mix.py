@@ -46,21 +46,22 @@ def register(name: str):
     torch.library.register_autograd(fwd, _backward, setup_context=_setup)
 
 
-def register_refs(name: str):
+def register_refs(name: str, n_out: int = 2):
     """Fake kernel and autograd of `metrix_ops::{name}_fwd(x, r, labels, ref_labels, self,
-    *params, group)` → (lse_pos, lse_neg), the same per-anchor values against references,
-    whose backward `{name}_bwd(grad_pos, grad_neg, x, r, labels, ref_labels, self, lse_pos,
-    lse_neg, *params, group, need_dr)` → (dx, dr)."""
+    *params, group)` → n_out per-anchor values (lse⁺, lse⁻ against references, and Circle's
+    clean lse⁺, lse⁻), whose backward `{name}_bwd(*grads, x, r, labels, ref_labels, self,
+    *values, *params, group, need_dr)` → (dx, dr)."""
     if not _ext.HAS_EXT:
         return
     fwd = f"metrix_ops::{name}_fwd"
 
     @torch.library.register_fake(fwd)
     def _fake(x, r, labels, ref_labels, self_rows, *params):
-        return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+        return tuple(x.new_empty(x.shape[0]) for _ in range(n_out))
 
     @torch.library.register_fake(f"metrix_ops::{name}_bwd")
-    def _fake_bwd(grad_pos, grad_neg, x, r, *rest):
+    def _fake_bwd(*args):
+        x, r = args[n_out], args[n_out + 1]
         return torch.empty_like(x), torch.empty_like(r)
 
     def _setup(ctx, inputs, output):
@@ -68,11 +69,12 @@ def register_refs(name: str):
         ctx.save_for_backward(x, r, labels, ref_labels, self_rows, *output)
         ctx.params = tuple(params)
 
-    def _backward(ctx, g_pos, g_neg):
-        x, r, labels, ref_labels, self_rows, lse_pos, lse_neg = ctx.saved_tensors
-        gs = [torch.zeros_like(lse_pos) if g is None else g.contiguous() for g in (g_pos, g_neg)]
+    def _backward(ctx, *grads):
+        x, r, labels, ref_labels, self_rows, *values = ctx.saved_tensors
+        # an output nobody used may come back as None; the op wants every row gradient
+        gs = [torch.zeros_like(values[0]) if g is None else g.contiguous() for g in grads]
         dx, dr = getattr(torch.ops.metrix_ops, f"{name}_bwd")(
-            *gs, x, r, labels, ref_labels, self_rows, lse_pos, lse_neg, *ctx.params,
+            *gs, x, r, labels, ref_labels, self_rows, *values, *ctx.params,
             ctx.needs_input_grad[1])
         return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * (3 + len(ctx.params))
 
@@ -96,12 +98,13 @@ def lse_rows(name: str, x_unit, labels, params: tuple, lam: float, pairs: str, b
 
 
 def lse_refs_rows(name: str, x_unit, r_unit, labels, ref_labels, self_idx, params: tuple,
-                  lam: float, pairs: str):
+                  lam: float, pairs: str, extra: tuple = ()):
     """lse_rows of the anchors against references, from op `name`: the candidates mix(p, n, λ)
     of a reference positive p (not self_idx[a], a's own row of them; −1: none) and a reference
-    negative n, or mix(a, n) (no such p, or "anchor_neg")."""
+    negative n, or mix(a, n) (no such p, or "anchor_neg"); `extra`: the op's arguments after
+    anchor_neg (Circle's clean), and then every output of the op, in the caller's order."""
     check_pairs(pairs)
     *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
-    lp, ln = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
-        *args, *params, float(lam), pairs == "anchor_neg", group_entries())
-    return lp.index_select(0, inverse), ln.index_select(0, inverse)
+    out = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
+        *args, *params, float(lam), pairs == "anchor_neg", *extra, group_entries())
+    return tuple(t.index_select(0, inverse) for t in out)
