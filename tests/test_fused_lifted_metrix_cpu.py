@@ -105,18 +105,22 @@ def test_blocks_cut_between_classes(block, pairs, cosine):
                  *lifted_logits(cosine, pm, nm), pairs=pairs)
 
 
-def test_module_uses_the_fused_op(op_calls):
+def test_module_uses_the_fused_op(op_calls, monkeypatch):
+    import metrix_ops.fused.generalized_lifted as fgl
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     mo.losses.GeneralizedLiftedStructureLoss(metrix=mo.Metrix(lam=0.5))(x, y)
     mo.losses.GeneralizedLiftedStructureLoss(metrix=mo.Metrix(lam=0.5, pairs="anchor_neg"),
                                              distance=mo.distances.CosineSimilarity())(x, y)
     assert len(op_calls) == 2, "backend='auto' did not take the fused Metrix op"
     # what it does not cover goes to the reference (auto)
-    # against references: the refs op (test_metrix_refs_op.py)
+    # against references: both terms from the refs op's one walk, no clean op
+    # (test_metrix_refs_op.py checks the values)
     loss = mo.losses.GeneralizedLiftedStructureLoss
     op_calls.clear()
+    walks, clean_ops = spy(monkeypatch, fgl, "lifted_metrix_refs_lses"), spy(monkeypatch, fgl,
+                                                                             "gen_lifted_rows")
     loss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
-    assert len(op_calls) == 1
+    assert len(walks) == 1 and not clean_ops and not op_calls
     op_calls.clear()
     loss(metrix=mo.Metrix(lam=0.5, pairs="pos_pos"))(x, y)
     loss(metrix=mo.Metrix(lam=0.5, pairs="neg_neg"))(x, y)

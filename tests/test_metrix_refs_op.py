@@ -110,7 +110,10 @@ WALK_REDUCERS = {"ContrastiveLoss": {None: None, "mean": mo.reducers.MeanReducer
                                      "threshold_zeros": mo.reducers.ThresholdReducer(-0.5, 0.9)},
                  "CircleLoss": {None: None, "mean": mo.reducers.MeanReducer(),
                                 "sum": mo.reducers.SumReducer(),
-                                "threshold": mo.reducers.ThresholdReducer(0.5, 30.0)}}
+                                "threshold": mo.reducers.ThresholdReducer(0.5, 30.0)},
+                 "GeneralizedLiftedStructureLoss": {
+                     None: None, "sum": mo.reducers.SumReducer(),
+                     "threshold": mo.reducers.ThresholdReducer(0.2, 2.5)}}
 
 
 @pytest.fixture
@@ -118,21 +121,25 @@ def walk_calls(monkeypatch):
     """(walk, clean): the calls of each loss's refs op with its clean terms, and of its
     clean op (none expected)"""
     import metrix_ops.fused.circle as fused_circle
+    import metrix_ops.fused.generalized_lifted as fused_gl
     import metrix_ops.ops.contrastive as clean_ops
     clean = record_calls(monkeypatch, clean_ops, "contrastive_rows")
     monkeypatch.setattr(fused_con, "contrastive_rows", clean_ops.contrastive_rows)
     record_calls(monkeypatch, fused_circle, "circle_rows", clean)
+    record_calls(monkeypatch, fused_gl, "gen_lifted_rows", clean)
     walk = record_calls(monkeypatch, fused_con, "contrastive_metrix_refs_rows")
     record_calls(monkeypatch, fused_circle, "circle_metrix_refs_lses", walk)
+    record_calls(monkeypatch, fused_gl, "lifted_metrix_refs_lses", walk)
     return walk, clean
 
 
 @pytest.mark.parametrize("group", [1, None], ids=["column_tiles", "one_group"])
 @pytest.mark.parametrize("name,reducer", [(n, r) for n in WALK_REDUCERS for r in WALK_REDUCERS[n]])
 def test_clean_terms_in_the_walk(name, reducer, group, walk_calls, monkeypatch):
-    """Contrastive and Circle with Metrix against references: their clean terms come from the
-    refs op's walk (no clean op of their own), under each reducer, against the reference;
-    references of other classes, and a copy of the batch (each anchor's own row no pair)"""
+    """Contrastive, Circle and GeneralizedLifted with Metrix against references: their clean
+    terms come from the refs op's walk (no clean op of their own), under each reducer,
+    against the reference; references of other classes, and a copy of the batch (each
+    anchor's own row no pair: for L2 a duplicate at distance 0)"""
     if group is not None:
         monkeypatch.setattr(ms_metrix, "GROUP_ENTRIES", group)
     red = WALK_REDUCERS[name][reducer]
@@ -147,7 +154,7 @@ def test_clean_terms_in_the_walk(name, reducer, group, walk_calls, monkeypatch):
                             x.detach() * 1.0)
     walk, clean = walk_calls
     assert len(walk) == 8 and not clean
-    # the walk gave clean terms: Contrastive's positive counts, Circle's finite lse⁺
+    # the walk gave clean terms: Contrastive's positive counts, the others' finite lse⁺
     assert all(float(c[0][1].sum()) > 0 if name == "ContrastiveLoss"
                else torch.isfinite(c[2]).any() for c in walk)
 
@@ -313,8 +320,9 @@ def test_opcheck(dtype):
             torch.library.opcheck(ops.circle_metrix_refs_fwd,
                                   (x, r, y, ry, own, 0.4, 20.0, *tail, clean, 1))
         for cosine in (False, True):
-            torch.library.opcheck(ops.lifted_metrix_refs_fwd,
-                                  (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, 1))
+            for clean in (False, True):
+                torch.library.opcheck(ops.lifted_metrix_refs_fwd,
+                                      (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, clean, 1))
             for clean, low, high in ((False, -float("inf"), float("inf")), (True, 0.0, 0.6)):
                 torch.library.opcheck(ops.contrastive_metrix_refs_fwd,
                                       (x, r, y, ry, own, cosine, 0.1, 0.8, *tail, clean, low,

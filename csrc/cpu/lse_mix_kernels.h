@@ -90,21 +90,42 @@ struct CircleLanes {
 template <typename T, int W>
 struct LiftedLanes {
   using P = LiftedMixParams<T>;
+  // L2: d from 2 − 2s̃, and coincident (d = 0, no slope) below `far_from` (lifted_metrix.h)
   template <class F>
-  static MO_INLINE LseMixTerms<F> at(const P& p, F v) {
+  static MO_INLINE LseMixTerms<F> at_far_from(const P& p, F v, T far_from) {
     const F zero = v * T(0);
     if (p.cosine) return lifted_mix_terms<F, T>(v, zero + T(1), true, p.pos_margin, p.neg_margin);
     const F q = con_mix_sq_dist<F, T>(v);
     F d, inv;
     ConMixRowKernel<T, W>::sqrt_lanes(q, d, inv);
-    // coincident: d = 0 with no slope (lifted_metrix.h)
-    const auto far = q >= con_mix_coincident_below<T>();
+    const auto far = q >= far_from;
     return lifted_mix_terms<F, T>(far ? d : zero, far ? inv : zero, false, p.pos_margin,
                                   p.neg_margin);
   }
+  template <class F>
+  static MO_INLINE LseMixTerms<F> at(const P& p, F v) {
+    return at_far_from(p, v, con_mix_coincident_below<T>());
+  }
 };
 
-template <typename T, int W, template <typename, int> class Terms>
+// The clean pairs' exponents of GeneralizedLifted (LseClean): LiftedLanes' on a pair's own s,
+// with the clean ops' rule at coincident rows (common/contrastive.h unit_l2_from_sim: d = 0
+// unless 2 − 2s > 8 eps, i.e. ≥ the next value above 8 eps), not the candidates' 16 eps.
+template <typename T, int W>
+struct LiftedCleanLanes {
+  using P = LiftedMixParams<T>;
+  template <class F>
+  static MO_INLINE LseMixTerms<F> at(const P& p, F v) {
+    // 8 eps is a power of two, so the next value above it is exactly 8 eps (1 + eps)
+    constexpr T eps = std::numeric_limits<T>::epsilon();
+    return LiftedLanes<T, W>::at_far_from(p, v, T(8) * eps * (T(1) + eps));
+  }
+};
+
+// Terms: the candidates' exponents; CleanTerms: the clean pairs' (LseClean), the same
+// functions but for GeneralizedLifted's coincidence rule.
+template <typename T, int W, template <typename, int> class Terms,
+          template <typename, int> class CleanTerms = Terms>
 struct LseMixKernel {
   using M = MixLanes<T, W>;
   using L = typename M::L;
@@ -175,14 +196,14 @@ struct LseMixKernel {
     for (int64_t a = a0; a < a1; ++a) {
       F hp = zero - inf, hn = zero - inf;
       for_clean_pairs(b, a, [&](int64_t, int64_t, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
-        const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+        const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
         hp = (okp & (t.pos > hp)) ? t.pos : hp;
         hn = (okn & (t.neg > hn)) ? t.neg : hn;
       });
       const T mp = R::reduce(hp, max), mn = R::reduce(hn, max);
       F sp{}, sn{};
       for_clean_pairs(b, a, [&](int64_t, int64_t, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
-        const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+        const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
         sp += okp ? L::exp(t.pos - mp) : zero;
         sn += okn ? L::exp(t.neg - mn) : zero;
       });
@@ -201,7 +222,7 @@ struct LseMixKernel {
       const T tp = b.clean.lse_pos[a], tn = b.clean.lse_neg[a];
       T* g = b.gm + (a - b.r0) * b.nc;
       for_clean_pairs(b, a, [&](int64_t j, int64_t m, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
-        const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+        const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
         F w = okp ? gp * L::exp(t.pos - tp) * t.dpos : zero;
         w = okn ? gn * L::exp(t.neg - tn) * t.dneg : w;
         F x{};

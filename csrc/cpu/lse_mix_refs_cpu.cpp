@@ -3,12 +3,13 @@
 // of metrix_refs_walk.h with the in-batch ops' kernels (lse_mix_kernels.h), as their two
 // per-anchor log-sum-exps over the mixed candidates, and the λ weights and the losses' own
 // finish are the in-batch ops' Python glue (metrix_ops/ops/circle_metrix.py, lifted_metrix.py).
-// Circle's op also folds the clean loss's two log-sum-exps from the anchors' rows of S that
-// the walk computes for the candidates (LseMixKernel::clean_fold), so that the clean loss
-// against references costs no product of its own (one fewer in the forward, two in the
-// backward: most of this op's time at D = 512). GeneralizedLifted's clean loss stays the
-// clean op's: its L2 pairs' rule at coincident rows (common/lifted.h) is not the candidates'.
+// With `clean` the ops also fold the clean loss's two log-sum-exps from the anchors' rows of
+// S that the walk computes for the candidates (LseMixKernel::clean_fold), so that the clean
+// loss against references costs no product of its own (one fewer in the forward, two in the
+// backward: the products are most of this op's time at D = 512).
 #include <torch/library.h>
+
+#include <array>
 
 #include "cpu/lse_mix_self.h"
 #include "cpu/metrix_refs_walk.h"
@@ -60,6 +61,15 @@ std::tuple<at::Tensor, at::Tensor> lse_mix_refs_bwd(
   });
 }
 
+// The backward's eight per-anchor vectors (lse_mix_refs_bwd's v), checked, in x's dtype
+inline std::vector<at::Tensor> bwd_vectors(const RefsCall& c,
+                                           const std::array<at::Tensor, 8>& t) {
+  return row_vectors(c.x, {{&t[0], "grad_pos"}, {&t[1], "grad_neg"}, {&t[2], "lse_pos"},
+                           {&t[3], "lse_neg"}, {&t[4], "grad_clean_pos"},
+                           {&t[5], "grad_clean_neg"}, {&t[6], "clean_pos"},
+                           {&t[7], "clean_neg"}});
+}
+
 }  // namespace
 
 using TwoTensors = std::tuple<at::Tensor, at::Tensor>;
@@ -90,11 +100,8 @@ TwoTensors circle_metrix_refs_bwd_cpu(const at::Tensor& grad_pos, const at::Tens
                                       double m, double gamma, double lam, bool anchor_neg,
                                       bool clean, int64_t group, bool need_dr) {
   RefsCall c(x, r, labels, ref_labels, self, lam, group);
-  const auto v = row_vectors(c.x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
-                                   {&lse_pos, "lse_pos"}, {&lse_neg, "lse_neg"},
-                                   {&grad_clean_pos, "grad_clean_pos"},
-                                   {&grad_clean_neg, "grad_clean_neg"},
-                                   {&clean_pos, "clean_pos"}, {&clean_neg, "clean_neg"}});
+  const auto v = bwd_vectors(c, {grad_pos, grad_neg, lse_pos, lse_neg, grad_clean_pos,
+                                 grad_clean_neg, clean_pos, clean_neg});
   TwoTensors out;
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "circle_metrix_refs_bwd_cpu", [&] {
     using T = scalar_t;
@@ -105,39 +112,40 @@ TwoTensors circle_metrix_refs_bwd_cpu(const at::Tensor& grad_pos, const at::Tens
   return out;
 }
 
-TwoTensors lifted_metrix_refs_fwd_cpu(const at::Tensor& x, const at::Tensor& r,
-                                      const at::Tensor& labels, const at::Tensor& ref_labels,
-                                      const at::Tensor& self, bool cosine, double pos_margin,
-                                      double neg_margin, double lam, bool anchor_neg,
-                                      int64_t group) {
+FourTensors lifted_metrix_refs_fwd_cpu(const at::Tensor& x, const at::Tensor& r,
+                                       const at::Tensor& labels, const at::Tensor& ref_labels,
+                                       const at::Tensor& self, bool cosine, double pos_margin,
+                                       double neg_margin, double lam, bool anchor_neg,
+                                       bool clean, int64_t group) {
   RefsCall c(x, r, labels, ref_labels, self, lam, group);
-  TwoTensors out;
+  std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "lifted_metrix_refs_fwd_cpu", [&] {
     using T = scalar_t;
     const LiftedMixParams<T> p{cosine, T(pos_margin), T(neg_margin)};
-    const auto lses = lse_mix_refs_fwd<T, LiftedMixParams<T>>(
-        c, p, lam, anchor_neg, /*clean=*/false, lse_mix_kernels<T>().lifted_fold);
-    out = {lses[0], lses[1]};
+    out = lse_mix_refs_fwd<T, LiftedMixParams<T>>(c, p, lam, anchor_neg, clean,
+                                                   lse_mix_kernels<T>().lifted_fold);
   });
-  return out;
+  return {out[0], out[1], out[2], out[3]};
 }
 
 TwoTensors lifted_metrix_refs_bwd_cpu(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
-                                      const at::Tensor& x, const at::Tensor& r,
-                                      const at::Tensor& labels, const at::Tensor& ref_labels,
-                                      const at::Tensor& self, const at::Tensor& lse_pos,
-                                      const at::Tensor& lse_neg, bool cosine, double pos_margin,
-                                      double neg_margin, double lam, bool anchor_neg,
-                                      int64_t group, bool need_dr) {
+                                      const at::Tensor& grad_clean_pos,
+                                      const at::Tensor& grad_clean_neg, const at::Tensor& x,
+                                      const at::Tensor& r, const at::Tensor& labels,
+                                      const at::Tensor& ref_labels, const at::Tensor& self,
+                                      const at::Tensor& lse_pos, const at::Tensor& lse_neg,
+                                      const at::Tensor& clean_pos, const at::Tensor& clean_neg,
+                                      bool cosine, double pos_margin, double neg_margin,
+                                      double lam, bool anchor_neg, bool clean, int64_t group,
+                                      bool need_dr) {
   RefsCall c(x, r, labels, ref_labels, self, lam, group);
-  const auto v = row_vectors(c.x, {{&grad_pos, "grad_pos"}, {&grad_neg, "grad_neg"},
-                                           {&lse_pos, "lse_pos"}, {&lse_neg, "lse_neg"}});
+  const auto v = bwd_vectors(c, {grad_pos, grad_neg, lse_pos, lse_neg, grad_clean_pos,
+                                 grad_clean_neg, clean_pos, clean_neg});
   TwoTensors out;
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "lifted_metrix_refs_bwd_cpu", [&] {
     using T = scalar_t;
     const LiftedMixParams<T> p{cosine, T(pos_margin), T(neg_margin)};
-    out = lse_mix_refs_bwd<T, LiftedMixParams<T>>(c, p, lam, anchor_neg, need_dr,
-                                                   /*clean=*/false,
+    out = lse_mix_refs_bwd<T, LiftedMixParams<T>>(c, p, lam, anchor_neg, need_dr, clean,
                                                    lse_mix_kernels<T>().lifted_grad, v);
   });
   return out;
@@ -147,9 +155,9 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // As circle_metrix_self_fwd / lifted_metrix_self_fwd, for label-sorted unit anchors x
   // against label-sorted unit references r (self[a]: a's own row of r, −1: none, which is
   // not its positive); classes in groups of about `group` entries (ms_metrix_refs_fwd).
-  // Circle's also takes `clean`: then its third and fourth outputs are lse⁺, lse⁻ of each
-  // anchor's clean pairs with the references (its own row no pair; −inf without), the clean
-  // op's (circle_fwd), from the same walk; −inf unless clean.
+  // With `clean`, the third and fourth outputs are lse⁺, lse⁻ of each anchor's clean pairs
+  // with the references (its own row no pair; −inf for an empty side), the clean ops'
+  // (circle_fwd, gen_lifted_fwd), from the same walk; −inf unless clean.
   m.def("circle_metrix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor self, float m, float gamma, float lam, bool anchor_neg, bool clean, int group) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
@@ -160,11 +168,12 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
         "bool need_dr) -> (Tensor, Tensor)");
   m.def("lifted_metrix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor self, bool cosine, float pos_margin, float neg_margin, float lam, "
-        "bool anchor_neg, int group) -> (Tensor, Tensor)");
-  m.def("lifted_metrix_refs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor r, "
-        "Tensor labels, Tensor ref_labels, Tensor self, Tensor lse_pos, Tensor lse_neg, "
+        "bool anchor_neg, bool clean, int group) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lifted_metrix_refs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor grad_clean_pos, "
+        "Tensor grad_clean_neg, Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "Tensor self, Tensor lse_pos, Tensor lse_neg, Tensor clean_pos, Tensor clean_neg, "
         "bool cosine, float pos_margin, float neg_margin, float lam, bool anchor_neg, "
-        "int group, bool need_dr) -> (Tensor, Tensor)");
+        "bool clean, int group, bool need_dr) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

@@ -20,10 +20,10 @@ namespace {
   }                                                                                         \
   TARGET void lifted_fold_##NAME(const LiftedMixBlock<float>& b, int64_t a0, int64_t a1,    \
                                  OnlineLse<float>* pos, OnlineLse<float>* neg) {            \
-    LseMixKernel<float, W, LiftedLanes>::fold(b, a0, a1, pos, neg);                         \
+    LseMixKernel<float, W, LiftedLanes, LiftedCleanLanes>::fold(b, a0, a1, pos, neg);       \
   }                                                                                         \
   TARGET void lifted_grad_##NAME(const LiftedMixBlock<float>& b, int64_t a0, int64_t a1) {  \
-    LseMixKernel<float, W, LiftedLanes>::grad(b, a0, a1);                                   \
+    LseMixKernel<float, W, LiftedLanes, LiftedCleanLanes>::grad(b, a0, a1);                 \
   }                                                                                         \
   const LseMixKernels<float> k_##NAME{&circle_fold_##NAME, &circle_grad_##NAME,             \
                                       &lifted_fold_##NAME, &lifted_grad_##NAME};
@@ -44,10 +44,10 @@ void circle_grad_f64(const CircleMixBlock<double>& b, int64_t a0, int64_t a1) {
 }
 void lifted_fold_f64(const LiftedMixBlock<double>& b, int64_t a0, int64_t a1,
                      OnlineLse<double>* pos, OnlineLse<double>* neg) {
-  LseMixKernel<double, 1, LiftedLanes>::fold(b, a0, a1, pos, neg);
+  LseMixKernel<double, 1, LiftedLanes, LiftedCleanLanes>::fold(b, a0, a1, pos, neg);
 }
 void lifted_grad_f64(const LiftedMixBlock<double>& b, int64_t a0, int64_t a1) {
-  LseMixKernel<double, 1, LiftedLanes>::grad(b, a0, a1);
+  LseMixKernel<double, 1, LiftedLanes, LiftedCleanLanes>::grad(b, a0, a1);
 }
 
 }  // namespace

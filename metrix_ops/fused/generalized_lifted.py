@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from .. import _ext
 from ..distances import is_cosine, is_dot_of_normalized, is_normalized_l2
 from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
-from ..ops.lifted_metrix import lifted_metrix_loss
+from ..ops.lifted_metrix import (finish_lifted_lses, gen_lifted_clean_rows, lifted_metrix_loss,
+                                 lifted_metrix_refs_lses)
 from . import register, register_metrix
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
@@ -50,14 +51,20 @@ def metrix_supports(params, inp, expansion, metrix) -> bool:
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
-    """L(clean) + weight · L̃: the clean term from the clean op (`impl`), the mixed term from
-    lifted_metrix_self_fwd (mean over anchors with a candidate, as the reference's
-    generalized_lifted_soft); see fused/circle.py for why two passes."""
+    """L(clean) + weight · L̃, the mixed term the mean over anchors with a candidate (the
+    reference's generalized_lifted_soft). The batch against itself: the clean term from the
+    clean op (`impl`), the mixed one from lifted_metrix_self_fwd (see fused/circle.py for why
+    two passes); against references both from lifted_metrix_refs_fwd's one walk."""
     x = inp.embeddings
     xu = F.normalize(x, dim=1)
-    mixed = lifted_metrix_loss(xu, inp.labels, is_cosine(inp.distance), params["pos_margin"],
-                               params["neg_margin"], lam, metrix.pairs, block, like=x,
-                               refs=metrix_refs_args(inp, xu))
+    cosine, pm, nm = is_cosine(inp.distance), params["pos_margin"], params["neg_margin"]
+    refs = metrix_refs_args(inp, xu)
+    if refs is not None:  # against references both terms from one walk (see fused/circle.py)
+        lp, ln, clp, cln = lifted_metrix_refs_lses(xu, inp.labels, cosine, pm, nm, lam,
+                                                   metrix.pairs, refs, clean=True)
+        clean = _reduce_clean(gen_lifted_clean_rows(clp, cln), inp, reducer)
+        return clean + metrix.weight * finish_lifted_lses(lp, ln, lam, x)
+    mixed = lifted_metrix_loss(xu, inp.labels, cosine, pm, nm, lam, metrix.pairs, block, like=x)
     return impl(params, inp, reducer) + metrix.weight * mixed
 
 

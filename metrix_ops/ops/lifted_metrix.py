@@ -14,7 +14,7 @@ from ..reducers import zero_loss
 from . import lse_mix
 
 lse_mix.register("lifted_metrix_self")
-lse_mix.register_refs("lifted_metrix_refs")
+lse_mix.register_refs("lifted_metrix_refs", n_out=4)
 
 
 def lifted_metrix_lses(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
@@ -25,10 +25,28 @@ def lifted_metrix_lses(x_unit, labels, cosine: bool, pos_margin: float, neg_marg
     of them or −1), else the batch against itself."""
     params = (bool(cosine), float(pos_margin), float(neg_margin))
     if refs is not None:
-        r_unit, ref_labels, own = refs
-        return lse_mix.lse_refs_rows("lifted_metrix_refs", x_unit, r_unit, labels, ref_labels, own, params,
-                                     lam, pairs)
+        return lifted_metrix_refs_lses(x_unit, labels, cosine, pos_margin, neg_margin, lam,
+                                       pairs, refs)[:2]
     return lse_mix.lse_rows("lifted_metrix_self", x_unit, labels, params, lam, pairs, block)
+
+
+def lifted_metrix_refs_lses(x_unit, labels, cosine: bool, pos_margin: float,
+                            neg_margin: float, lam: float, pairs: str, refs,
+                            clean: bool = False):
+    """(mixed lse⁺, lse⁻, clean lse⁺, lse⁻) per anchor against references refs (as
+    lifted_metrix_lses): the clean ones of its pairs with the references (its own row no
+    pair; −inf for an empty side, and everywhere unless clean), from the same walk."""
+    r_unit, ref_labels, own = refs
+    params = (bool(cosine), float(pos_margin), float(neg_margin))
+    return lse_mix.lse_refs_rows("lifted_metrix_refs", x_unit, r_unit, labels, ref_labels, own,
+                                 params, lam, pairs, (bool(clean),))
+
+
+def gen_lifted_clean_rows(lse_pos, lse_neg):
+    """The clean loss per anchor from its two log-sum-exps, as gen_lifted_fwd's rows:
+    [lse⁺ + lse⁻]₊, an empty side (−inf) adding 0 (PML's masked log-sum-exp)."""
+    return F.relu(torch.where(torch.isfinite(lse_pos), lse_pos, 0.0)
+                  + torch.where(torch.isfinite(lse_neg), lse_neg, 0.0))
 
 
 def lifted_metrix_loss(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
@@ -39,6 +57,11 @@ def lifted_metrix_loss(x_unit, labels, cosine: bool, pos_margin: float, neg_marg
     like = x_unit if like is None else like
     lp, ln = lifted_metrix_lses(x_unit, labels, cosine, pos_margin, neg_margin, lam, pairs,
                                 block, refs)
+    return finish_lifted_lses(lp, ln, lam, like)
+
+
+def finish_lifted_lses(lp, ln, lam: float, like):
+    """L̃ from the candidates' per-anchor lse⁺, lse⁻ (−inf without a candidate)."""
     has = torch.isfinite(lp)  # a candidate (then both sides are finite)
     z = torch.zeros_like(lp)
     if lam > 0.0:
