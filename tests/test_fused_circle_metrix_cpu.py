@@ -44,14 +44,32 @@ def dense_lses(u, y, lam, pairs, pos_logit, neg_logit):
     return lse(pos_logit(s)), lse(neg_logit(s))
 
 
-def check_blocks(block, lses_fn, pos_logit, neg_logit, pairs="pos_neg"):
+def dense_clean_lses(u, y, lam, pairs, pos_logit, neg_logit):
+    """shared: per-anchor (lse⁺, lse⁻) of the clean pairs (the self pair out), −inf for an
+    empty side (λ and pairs play no part)."""
+    from metrix_ops.reference.pairs import match_masks
+    pos, neg = match_masks(y, y, True)
+    s = u @ u.t()
+
+    def lse(t, mask):  # a row without a pair: −inf, and no NaN in the gradient
+        has = mask.any(1)
+        v = torch.logsumexp(torch.where(mask & has[:, None], t, -torch.inf).where(
+            has[:, None], 0.0), 1)
+        return torch.where(has, v, -torch.inf)
+    return lse(pos_logit(s), pos), lse(neg_logit(s), neg)
+
+
+def check_blocks(block, lses_fn, pos_logit, neg_logit, pairs="pos_neg", dense=dense_lses):
     """shared: blocks of `block` rows rounded to whole classes (several blocks, a class of 7
     larger than a block, one block): both per-anchor outputs against the dense reference,
-    values and gradients under unequal row weights."""
+    values and gradients under unequal row weights; a singleton class and a duplicated row."""
     g = torch.Generator().manual_seed(block)
     x = torch.randn(37, 6, dtype=torch.float64, generator=g)
-    y = torch.cat([torch.full((7,), 3), torch.randint(0, 8, (30,), generator=g)])
-    y = y[torch.randperm(37, generator=g)]
+    y = torch.cat([torch.full((7,), 3), torch.randint(0, 8, (29,), generator=g),
+                   torch.tensor([9])])
+    x[8] = x[9]  # two rows of one class or two: a pair at distance 0
+    perm = torch.randperm(37, generator=g)
+    x, y = x[perm], y[perm]
     w1, w2 = (torch.rand(37, dtype=torch.float64, generator=g) for _ in range(2))
     lam = 0.45
 
@@ -60,8 +78,8 @@ def check_blocks(block, lses_fn, pos_logit, neg_logit, pairs="pos_neg"):
             (torch.where(torch.isfinite(ln), ln, 0) * w2).sum()
 
     fused = lambda e: total(*lses_fn(F.normalize(e, dim=1), y, lam, pairs, block))  # noqa: E731
-    ref = lambda e: total(*dense_lses(F.normalize(e, dim=1), y, lam, pairs,  # noqa: E731
-                                      pos_logit, neg_logit))
+    ref = lambda e: total(*dense(F.normalize(e, dim=1), y, lam, pairs,  # noqa: E731
+                                 pos_logit, neg_logit))
     assert_close_vg(fused, ref, x)
 
 
@@ -126,26 +144,29 @@ def check_op_rejects(op, tail):
     """shared: the forward op's input checks, `tail` its arguments after (x, labels) up to lam."""
     x = F.normalize(torch.randn(6, 3), dim=1)
     with pytest.raises(RuntimeError, match="labels must be sorted"):
-        op(x, torch.tensor([0, 1, 0, 1, 2, 2]), *tail, 0.5, False, 64)
+        op(x, torch.tensor([0, 1, 0, 1, 2, 2]), *tail, 0.5, False, True, 64)
     with pytest.raises(RuntimeError, match="lam must be in"):
-        op(x, torch.tensor([0, 0, 1, 1, 2, 2]), *tail, 1.5, False, 64)
+        op(x, torch.tensor([0, 0, 1, 1, 2, 2]), *tail, 1.5, False, True, 64)
     with pytest.raises(RuntimeError, match="labels must be int64"):
-        op(x, torch.zeros(6, dtype=torch.int32), *tail, 0.5, False, 64)
+        op(x, torch.zeros(6, dtype=torch.int32), *tail, 0.5, False, True, 64)
     with pytest.raises(RuntimeError, match="x must be 2-D"):
-        op(x[0], torch.zeros(6, dtype=torch.long), *tail, 0.5, False, 64)
+        op(x[0], torch.zeros(6, dtype=torch.long), *tail, 0.5, False, True, 64)
     with pytest.raises(RuntimeError, match="block must be > 0"):
-        op(x, torch.zeros(6, dtype=torch.long), *tail, 0.5, False, 0)
+        op(x, torch.zeros(6, dtype=torch.long), *tail, 0.5, False, True, 0)
 
 
 def check_bwd_rejects(fwd, bwd, tail):
-    """shared: the backward op refuses per-anchor vectors of the wrong length."""
+    """shared: the backward op refuses per-anchor vectors of the wrong length (the mixed
+    and the clean terms' gradients and log-sum-exps)."""
     x = F.normalize(torch.randn(6, 3, dtype=torch.float64), dim=1)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
-    lp, ln = fwd(x, y, *tail, 0.5, False, 64)
+    lses = fwd(x, y, *tail, 0.5, False, True, 64)
     g, short = torch.ones(6, dtype=x.dtype), torch.ones(5, dtype=x.dtype)
-    args = [g, g, x, y, lp, ln, *tail, 0.5, False, 64]
+    args = [g, g, g, g, x, y, *lses, *tail, 0.5, False, True, 64]
     assert bwd(*args).abs().sum() > 0  # the right lengths pass
-    for k, name in [(0, "grad_pos"), (1, "grad_neg"), (4, "lse_pos"), (5, "lse_neg")]:
+    for k, name in [(0, "grad_pos"), (1, "grad_neg"), (2, "grad_clean_pos"),
+                    (3, "grad_clean_neg"), (6, "lse_pos"), (7, "lse_neg"), (8, "clean_pos"),
+                    (9, "clean_neg")]:
         bad = list(args)
         bad[k] = short
         with pytest.raises(RuntimeError, match=rf"{name} must be of shape \(6,\)"):
@@ -161,7 +182,7 @@ def pair(lam, pairs="pos_neg", weight=0.4, **kw):
 @pytest.fixture
 def op_calls(monkeypatch):
     import metrix_ops.fused.circle as fc
-    return spy(monkeypatch, fc, "circle_metrix_loss")
+    return spy(monkeypatch, fc, "circle_metrix_terms")
 
 
 def circle_logits(m=0.4, gamma=80.0):
@@ -219,6 +240,19 @@ def test_blocks_cut_between_classes(block, pairs):
                  *circle_logits(), pairs=pairs)
 
 
+@pytest.mark.parametrize("block", [1, 4, 9, 1000])
+def test_clean_terms_over_blocks(block):
+    """the op's clean log-sum-exps (clean=True) from the blocks' rows and, off the diagonal,
+    their columns, against the dense clean pairs; the mixed ones unchanged by them"""
+    from metrix_ops.ops.circle_metrix import circle_metrix_terms
+    check_blocks(block, lambda u, y, lam, p, b: circle_metrix_terms(u, y, 0.4, 80.0, lam, p, b,
+                                                                    clean=True)[2:],
+                 *circle_logits(), dense=dense_clean_lses)
+    check_blocks(block, lambda u, y, lam, p, b: circle_metrix_terms(u, y, 0.4, 80.0, lam, p, b,
+                                                                    clean=True)[:2],
+                 *circle_logits())
+
+
 def test_module_uses_the_fused_op(op_calls, monkeypatch):
     import metrix_ops.fused.circle as fc
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
@@ -226,13 +260,13 @@ def test_module_uses_the_fused_op(op_calls, monkeypatch):
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="anchor_neg"))(x, y)
     assert len(op_calls) == 2, "backend='auto' did not take the fused Metrix op"
     # what it does not cover goes to the reference (auto)
-    # against references: both terms from the refs op's one walk, no clean op
-    # (test_metrix_refs_op.py checks the values)
+    # against references too: both terms from one op's pass (test_metrix_refs_op.py checks
+    # the values), and never the clean op
     op_calls.clear()
-    walks, clean_ops = spy(monkeypatch, fc, "circle_metrix_refs_lses"), spy(monkeypatch, fc,
-                                                                             "circle_rows")
+    clean_ops = spy(monkeypatch, fc, "circle_rows")
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
-    assert len(walks) == 1 and not clean_ops and not op_calls
+    mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5))(x, y)
+    assert len(op_calls) == 2 and not clean_ops
     op_calls.clear()
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="pos_pos"))(x, y)
     mo.losses.CircleLoss(metrix=mo.Metrix(lam=0.5, pairs="neg_neg"))(x, y)
@@ -264,8 +298,9 @@ def test_op_checks():
 def test_opcheck(dtype, anchor_neg):
     x = F.normalize(torch.randn(14, 5, dtype=dtype), dim=1).requires_grad_(True)
     y = torch.sort(torch.randint(0, 4, (14,))).values
-    torch.library.opcheck(torch.ops.metrix_ops.circle_metrix_self_fwd.default,
-                          (x, y, 0.4, 80.0, 0.3, anchor_neg, 4))
+    for clean in (False, True):
+        torch.library.opcheck(torch.ops.metrix_ops.circle_metrix_self_fwd.default,
+                              (x, y, 0.4, 80.0, 0.3, anchor_neg, clean, 4))
 
 
 def test_compiles_fullgraph():

@@ -13,6 +13,7 @@ import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
 from metrix_ops import _ext
 from test_fused_circle_metrix_cpu import (LAM_PAIRS, assert_close_fp32, check_blocks, check_bwd_rejects,
+                                          dense_clean_lses,
                                           check_compiles, check_half_inputs, check_op_rejects,
                                           check_simd_level, metrix_pair, spy)
 
@@ -38,7 +39,7 @@ def pair(lam, pairs="pos_neg", kind="l2", weight=0.4, **kw):
 @pytest.fixture
 def op_calls(monkeypatch):
     import metrix_ops.fused.generalized_lifted as fgl
-    return spy(monkeypatch, fgl, "lifted_metrix_loss")
+    return spy(monkeypatch, fgl, "lifted_metrix_terms")
 
 
 def lifted_logits(cosine, pm, nm):
@@ -105,6 +106,18 @@ def test_blocks_cut_between_classes(block, pairs, cosine):
                  *lifted_logits(cosine, pm, nm), pairs=pairs)
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("block", [1, 4, 9, 1000])
+def test_clean_terms_over_blocks(block, cosine):
+    """the op's clean log-sum-exps (clean=True) from the blocks' rows and, off the diagonal,
+    their columns, against the dense clean pairs (L2: a duplicated row at distance 0)"""
+    from metrix_ops.ops.lifted_metrix import lifted_metrix_terms
+    pm, nm = (0.8, 0.3) if cosine else (0.1, 0.9)
+    check_blocks(block, lambda u, y, lam, p, b: lifted_metrix_terms(u, y, cosine, pm, nm, lam,
+                                                                    p, b, clean=True)[2:],
+                 *lifted_logits(cosine, pm, nm), dense=dense_clean_lses)
+
+
 def test_module_uses_the_fused_op(op_calls, monkeypatch):
     import metrix_ops.fused.generalized_lifted as fgl
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
@@ -113,14 +126,15 @@ def test_module_uses_the_fused_op(op_calls, monkeypatch):
                                              distance=mo.distances.CosineSimilarity())(x, y)
     assert len(op_calls) == 2, "backend='auto' did not take the fused Metrix op"
     # what it does not cover goes to the reference (auto)
-    # against references: both terms from the refs op's one walk, no clean op
-    # (test_metrix_refs_op.py checks the values)
+    # against references too: both terms from one op's pass (test_metrix_refs_op.py checks
+    # the values), and never the clean op
     loss = mo.losses.GeneralizedLiftedStructureLoss
     op_calls.clear()
-    walks, clean_ops = spy(monkeypatch, fgl, "lifted_metrix_refs_lses"), spy(monkeypatch, fgl,
-                                                                             "gen_lifted_rows")
+    clean_ops = spy(monkeypatch, fgl, "gen_lifted_rows")
+    clean_self = spy(monkeypatch, fgl, "gen_lifted_rows_self")
     loss(metrix=mo.Metrix(lam=0.5))(x, y, ref_emb=x.clone(), ref_labels=y)
-    assert len(walks) == 1 and not clean_ops and not op_calls
+    loss(metrix=mo.Metrix(lam=0.5))(x, y)
+    assert len(op_calls) == 2 and not clean_ops and not clean_self
     op_calls.clear()
     loss(metrix=mo.Metrix(lam=0.5, pairs="pos_pos"))(x, y)
     loss(metrix=mo.Metrix(lam=0.5, pairs="neg_neg"))(x, y)
@@ -150,8 +164,9 @@ def test_op_checks():
 def test_opcheck(dtype, anchor_neg, cosine):
     x = F.normalize(torch.randn(14, 5, dtype=dtype), dim=1).requires_grad_(True)
     y = torch.sort(torch.randint(0, 4, (14,))).values
-    torch.library.opcheck(torch.ops.metrix_ops.lifted_metrix_self_fwd.default,
-                          (x, y, cosine, 0.1, 0.8, 0.3, anchor_neg, 4))
+    for clean in (False, True):
+        torch.library.opcheck(torch.ops.metrix_ops.lifted_metrix_self_fwd.default,
+                              (x, y, cosine, 0.1, 0.8, 0.3, anchor_neg, clean, 4))
 
 
 def test_compiles_fullgraph():

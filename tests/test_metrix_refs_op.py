@@ -128,8 +128,8 @@ def walk_calls(monkeypatch):
     record_calls(monkeypatch, fused_circle, "circle_rows", clean)
     record_calls(monkeypatch, fused_gl, "gen_lifted_rows", clean)
     walk = record_calls(monkeypatch, fused_con, "contrastive_metrix_refs_rows")
-    record_calls(monkeypatch, fused_circle, "circle_metrix_refs_lses", walk)
-    record_calls(monkeypatch, fused_gl, "lifted_metrix_refs_lses", walk)
+    record_calls(monkeypatch, fused_circle, "circle_metrix_terms", walk)
+    record_calls(monkeypatch, fused_gl, "lifted_metrix_terms", walk)
     return walk, clean
 
 

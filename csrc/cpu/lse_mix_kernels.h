@@ -64,6 +64,12 @@ struct LseMixKernels {
   void (*lifted_fold)(const LiftedMixBlock<T>& b, int64_t a0, int64_t a1, OnlineLse<T>* pos,
                       OnlineLse<T>* neg);
   void (*lifted_grad)(const LiftedMixBlock<T>& b, int64_t a0, int64_t a1);
+  // The clean pairs of the batch against itself (lse_mix_self.h): fold anchors [a0, a1)'s
+  // rows of a block into b.clean's states; turn rows [i0, i1) of a block into its clean H
+  void (*circle_clean_fold)(const CircleMixBlock<T>& b, int64_t a0, int64_t a1);
+  void (*circle_clean_grad)(const CircleMixBlock<T>& b, T* s, int64_t i0, int64_t i1);
+  void (*lifted_clean_fold)(const LiftedMixBlock<T>& b, int64_t a0, int64_t a1);
+  void (*lifted_clean_grad)(const LiftedMixBlock<T>& b, T* s, int64_t i0, int64_t i1);
 };
 
 // The level ms_kernels_f32 uses (METRIX_OPS_SIMD, else AVX2 where the CPU has it); fp64 scalar.
@@ -230,6 +236,45 @@ struct LseMixKernel {
         x += w;
         std::memcpy(g + j, &x, m * sizeof(T));
       });
+    }
+  }
+
+  // The clean H = G_IJ + G_JIᵀ of rows [i0, i1) of a block of S = X Xᵀ, in place (b: its
+  // geometry, rows r0.., columns c0..; b.clean: the per-anchor upstream gradients and
+  // finished lses): entry (i, j) is pair (i, j)'s share of both its anchors' losses, each
+  // its side's softmax weight times the exponent's slope (the self pair: 0). The block
+  // walk's backward (metrix_blocks.h) then adds the mixed H and takes the products.
+  static MO_INLINE void clean_sym_grad(const B& b, T* s, int64_t i0, int64_t i1) {
+    const F zero{};
+    const I lanes = R::iota();
+    const int32_t n32 = static_cast<int32_t>(b.nc);
+    const LseClean<T>& c = b.clean;
+    const int32_t* col = b.col_lab + b.c0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t gi = b.r0 + i;
+      const int32_t li = b.row_lab[gi];
+      const int32_t self = gi >= b.c0 && gi < b.c0 + b.nc ? static_cast<int32_t>(gi - b.c0) : -1;
+      const T gpi = c.g_pos[gi], gni = c.g_neg[gi], lpi = c.lse_pos[gi], lni = c.lse_neg[gi];
+      T* row = s + i * b.nc;
+      for (int64_t j = 0; j < b.nc; j += W) {
+        const int64_t m = b.nc - j < W ? b.nc - j : W;
+        F v{}, gpj{}, gnj{}, lpj{}, lnj{};
+        I cl{};
+        std::memcpy(&v, row + j, m * sizeof(T));
+        std::memcpy(&cl, col + j, m * sizeof(int32_t));
+        std::memcpy(&gpj, c.g_pos + b.c0 + j, m * sizeof(T));
+        std::memcpy(&gnj, c.g_neg + b.c0 + j, m * sizeof(T));
+        std::memcpy(&lpj, c.lse_pos + b.c0 + j, m * sizeof(T));
+        std::memcpy(&lnj, c.lse_neg + b.c0 + j, m * sizeof(T));
+        const I idx = lanes + static_cast<int32_t>(j);
+        const auto in = idx < n32;
+        const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
+        const F wp = (gpi * L::exp(t.pos - lpi) + gpj * L::exp(t.pos - lpj)) * t.dpos;
+        const F wn = (gni * L::exp(t.neg - lni) + gnj * L::exp(t.neg - lnj)) * t.dneg;
+        F w = ((cl == li) & (idx != self) & in) ? wp : zero;
+        w = ((cl != li) & in) ? wn : w;
+        std::memcpy(row + j, &w, m * sizeof(T));
+      }
     }
   }
 

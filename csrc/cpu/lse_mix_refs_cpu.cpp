@@ -9,8 +9,6 @@
 // backward: the products are most of this op's time at D = 512).
 #include <torch/library.h>
 
-#include <array>
-
 #include "cpu/lse_mix_self.h"
 #include "cpu/metrix_refs_walk.h"
 
@@ -61,15 +59,6 @@ std::tuple<at::Tensor, at::Tensor> lse_mix_refs_bwd(
   });
 }
 
-// The backward's eight per-anchor vectors (lse_mix_refs_bwd's v), checked, in x's dtype
-inline std::vector<at::Tensor> bwd_vectors(const RefsCall& c,
-                                           const std::array<at::Tensor, 8>& t) {
-  return row_vectors(c.x, {{&t[0], "grad_pos"}, {&t[1], "grad_neg"}, {&t[2], "lse_pos"},
-                           {&t[3], "lse_neg"}, {&t[4], "grad_clean_pos"},
-                           {&t[5], "grad_clean_neg"}, {&t[6], "clean_pos"},
-                           {&t[7], "clean_neg"}});
-}
-
 }  // namespace
 
 using TwoTensors = std::tuple<at::Tensor, at::Tensor>;
@@ -100,7 +89,7 @@ TwoTensors circle_metrix_refs_bwd_cpu(const at::Tensor& grad_pos, const at::Tens
                                       double m, double gamma, double lam, bool anchor_neg,
                                       bool clean, int64_t group, bool need_dr) {
   RefsCall c(x, r, labels, ref_labels, self, lam, group);
-  const auto v = bwd_vectors(c, {grad_pos, grad_neg, lse_pos, lse_neg, grad_clean_pos,
+  const auto v = lse_bwd_vectors(c.x, {grad_pos, grad_neg, lse_pos, lse_neg, grad_clean_pos,
                                  grad_clean_neg, clean_pos, clean_neg});
   TwoTensors out;
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "circle_metrix_refs_bwd_cpu", [&] {
@@ -139,7 +128,7 @@ TwoTensors lifted_metrix_refs_bwd_cpu(const at::Tensor& grad_pos, const at::Tens
                                       double lam, bool anchor_neg, bool clean, int64_t group,
                                       bool need_dr) {
   RefsCall c(x, r, labels, ref_labels, self, lam, group);
-  const auto v = bwd_vectors(c, {grad_pos, grad_neg, lse_pos, lse_neg, grad_clean_pos,
+  const auto v = lse_bwd_vectors(c.x, {grad_pos, grad_neg, lse_pos, lse_neg, grad_clean_pos,
                                  grad_clean_neg, clean_pos, clean_neg});
   TwoTensors out;
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "lifted_metrix_refs_bwd_cpu", [&] {

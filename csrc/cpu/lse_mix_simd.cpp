@@ -25,8 +25,26 @@ namespace {
   TARGET void lifted_grad_##NAME(const LiftedMixBlock<float>& b, int64_t a0, int64_t a1) {  \
     LseMixKernel<float, W, LiftedLanes, LiftedCleanLanes>::grad(b, a0, a1);                 \
   }                                                                                         \
-  const LseMixKernels<float> k_##NAME{&circle_fold_##NAME, &circle_grad_##NAME,             \
-                                      &lifted_fold_##NAME, &lifted_grad_##NAME};
+  TARGET void circle_clean_fold_##NAME(const CircleMixBlock<float>& b, int64_t a0,          \
+                                       int64_t a1) {                                        \
+    LseMixKernel<float, W, CircleLanes>::clean_fold(b, a0, a1);                             \
+  }                                                                                         \
+  TARGET void circle_clean_grad_##NAME(const CircleMixBlock<float>& b, float* s, int64_t i0, \
+                                       int64_t i1) {                                        \
+    LseMixKernel<float, W, CircleLanes>::clean_sym_grad(b, s, i0, i1);                      \
+  }                                                                                         \
+  TARGET void lifted_clean_fold_##NAME(const LiftedMixBlock<float>& b, int64_t a0,          \
+                                       int64_t a1) {                                        \
+    LseMixKernel<float, W, LiftedLanes, LiftedCleanLanes>::clean_fold(b, a0, a1);           \
+  }                                                                                         \
+  TARGET void lifted_clean_grad_##NAME(const LiftedMixBlock<float>& b, float* s, int64_t i0, \
+                                       int64_t i1) {                                        \
+    LseMixKernel<float, W, LiftedLanes, LiftedCleanLanes>::clean_sym_grad(b, s, i0, i1);    \
+  }                                                                                         \
+  const LseMixKernels<float> k_##NAME{&circle_fold_##NAME,       &circle_grad_##NAME,       \
+                                      &lifted_fold_##NAME,       &lifted_grad_##NAME,       \
+                                      &circle_clean_fold_##NAME, &circle_clean_grad_##NAME, \
+                                      &lifted_clean_fold_##NAME, &lifted_clean_grad_##NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 MO_LSE_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), 16)
@@ -50,6 +68,19 @@ void lifted_grad_f64(const LiftedMixBlock<double>& b, int64_t a0, int64_t a1) {
   LseMixKernel<double, 1, LiftedLanes, LiftedCleanLanes>::grad(b, a0, a1);
 }
 
+void circle_clean_fold_f64(const CircleMixBlock<double>& b, int64_t a0, int64_t a1) {
+  LseMixKernel<double, 1, CircleLanes>::clean_fold(b, a0, a1);
+}
+void circle_clean_grad_f64(const CircleMixBlock<double>& b, double* s, int64_t i0, int64_t i1) {
+  LseMixKernel<double, 1, CircleLanes>::clean_sym_grad(b, s, i0, i1);
+}
+void lifted_clean_fold_f64(const LiftedMixBlock<double>& b, int64_t a0, int64_t a1) {
+  LseMixKernel<double, 1, LiftedLanes, LiftedCleanLanes>::clean_fold(b, a0, a1);
+}
+void lifted_clean_grad_f64(const LiftedMixBlock<double>& b, double* s, int64_t i0, int64_t i1) {
+  LseMixKernel<double, 1, LiftedLanes, LiftedCleanLanes>::clean_sym_grad(b, s, i0, i1);
+}
+
 }  // namespace
 
 const LseMixKernels<float>& lse_mix_kernels_f32() {
@@ -62,8 +93,10 @@ const LseMixKernels<float>& lse_mix_kernels_f32() {
 }
 
 const LseMixKernels<double>& lse_mix_kernels_f64() {
-  static const LseMixKernels<double> k{&circle_fold_f64, &circle_grad_f64, &lifted_fold_f64,
-                                       &lifted_grad_f64};
+  static const LseMixKernels<double> k{&circle_fold_f64,       &circle_grad_f64,
+                                       &lifted_fold_f64,       &lifted_grad_f64,
+                                       &circle_clean_fold_f64, &circle_clean_grad_f64,
+                                       &lifted_clean_fold_f64, &lifted_clean_grad_f64};
   return k;
 }
 

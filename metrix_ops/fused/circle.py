@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.circle import circle_rows
-from ..ops.circle_metrix import (circle_clean_rows, circle_metrix_loss,
-                                 circle_metrix_refs_lses, finish_circle_mixed)
+from ..ops.circle_metrix import circle_clean_rows, circle_metrix_terms, finish_circle_mixed
 from ..reducers import zero_loss
 from . import register, register_metrix
 from .multi_similarity import metrix_refs_args
@@ -36,30 +35,20 @@ def metrix_supports(params, inp, expansion, metrix) -> bool:
 
 def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     """L(clean) + weight · L̃, the mixed term AvgNonZero over anchors (the reference's
-    circle_soft). The batch against itself: the clean term from the clean op (`impl`), the
-    mixed one from circle_metrix_self_fwd. Two ops rather than one there: the mixed term's
-    per-candidate work (|P(a)|·|N(a)| per anchor) dwarfs the products of S a merged op would
-    share (measured, B = 1024, D = 128, 32 classes, fwd + bwd, 2 loaded cores: clean op
-    ~110 ms, mixed op ~600 ms, one S = X Xᵀ with its backward ~35 ms). Against references
-    one walk gives both (circle_metrix_refs_fwd with clean): there the walk's products (its
-    anchors' and their positives' rows of S) are most of the time, and the clean op's three
-    would come on top."""
+    circle_soft), both from one op's pass over S: the batch against itself (its symmetric
+    blocks, circle_metrix_self_fwd) or references (circle_metrix_refs_fwd). The clean terms
+    ride on the products the candidates need, which at D = 512 are most of the clean op's
+    time; their per-pair exponentials are the clean op's own work, moved."""
     x = inp.embeddings
     xu = F.normalize(x, dim=1)
-    refs = metrix_refs_args(inp, xu)
-    if refs is not None:  # against references both terms come from one walk (the products
-        # of S are most of the time there: the clean op would repeat three of them)
-        m, gamma = params["m"], params["gamma"]
-        lp, ln, clp, cln = circle_metrix_refs_lses(xu, inp.labels, m, gamma, lam,
-                                                   metrix.pairs, refs, clean=True)
-        clean = guarded(lambda _n: reduce_rows(circle_clean_rows(clp, cln), reducer, x), inp,
-                        need_both=False)
-        if not 0.0 < lam < 1.0:  # one side has no label mass: every ℓ̃(a) is 0
-            return clean + metrix.weight * zero_loss(x)
-        return clean + metrix.weight * finish_circle_mixed(torch.isfinite(lp), lp + ln, lam, x)
-    mixed = circle_metrix_loss(xu, inp.labels, params["m"], params["gamma"], lam, metrix.pairs,
-                               block, like=x)
-    return impl(params, inp, reducer) + metrix.weight * mixed
+    m, gamma = params["m"], params["gamma"]
+    lp, ln, clp, cln = circle_metrix_terms(xu, inp.labels, m, gamma, lam, metrix.pairs, block,
+                                           metrix_refs_args(inp, xu), clean=True)
+    clean = guarded(lambda _n: reduce_rows(circle_clean_rows(clp, cln), reducer, x), inp,
+                    need_both=False)
+    if not 0.0 < lam < 1.0:  # one side has no label mass: every ℓ̃(a) is 0
+        return clean + metrix.weight * zero_loss(x)
+    return clean + metrix.weight * finish_circle_mixed(torch.isfinite(lp), lp + ln, lam, x)
 
 
 register("cpu", "CircleLoss", supports, impl)

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from .. import _ext
 from ..distances import is_cosine, is_dot_of_normalized, is_normalized_l2
 from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
-from ..ops.lifted_metrix import (finish_lifted_lses, gen_lifted_clean_rows, lifted_metrix_loss,
-                                 lifted_metrix_refs_lses)
+from ..ops.lifted_metrix import finish_lifted_lses, gen_lifted_clean_rows, lifted_metrix_terms
 from . import register, register_metrix
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
@@ -52,20 +51,15 @@ def metrix_supports(params, inp, expansion, metrix) -> bool:
 
 def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     """L(clean) + weight · L̃, the mixed term the mean over anchors with a candidate (the
-    reference's generalized_lifted_soft). The batch against itself: the clean term from the
-    clean op (`impl`), the mixed one from lifted_metrix_self_fwd (see fused/circle.py for why
-    two passes); against references both from lifted_metrix_refs_fwd's one walk."""
+    reference's generalized_lifted_soft), both from one op's pass over S (the batch against
+    itself or references; see fused/circle.py)."""
     x = inp.embeddings
     xu = F.normalize(x, dim=1)
     cosine, pm, nm = is_cosine(inp.distance), params["pos_margin"], params["neg_margin"]
-    refs = metrix_refs_args(inp, xu)
-    if refs is not None:  # against references both terms from one walk (see fused/circle.py)
-        lp, ln, clp, cln = lifted_metrix_refs_lses(xu, inp.labels, cosine, pm, nm, lam,
-                                                   metrix.pairs, refs, clean=True)
-        clean = _reduce_clean(gen_lifted_clean_rows(clp, cln), inp, reducer)
-        return clean + metrix.weight * finish_lifted_lses(lp, ln, lam, x)
-    mixed = lifted_metrix_loss(xu, inp.labels, cosine, pm, nm, lam, metrix.pairs, block, like=x)
-    return impl(params, inp, reducer) + metrix.weight * mixed
+    lp, ln, clp, cln = lifted_metrix_terms(xu, inp.labels, cosine, pm, nm, lam, metrix.pairs,
+                                           block, metrix_refs_args(inp, xu), clean=True)
+    clean = _reduce_clean(gen_lifted_clean_rows(clp, cln), inp, reducer)
+    return clean + metrix.weight * finish_lifted_lses(lp, ln, lam, x)
 
 
 register("cpu", "GeneralizedLiftedStructureLoss", supports, impl)

@@ -23,20 +23,17 @@ def circle_metrix_lses(x_unit, labels, m: float, gamma: float, lam: float,
     γ[s̃ − O_n]₊(s̃ − Δ_n) over its candidates, the weights [·]₊ detached; −inf without one.
     refs: (unit references, their labels, each anchor's own row of them or −1), else the
     batch against itself."""
-    params = (float(m), float(gamma))
-    if refs is not None:
-        return circle_metrix_refs_lses(x_unit, labels, m, gamma, lam, pairs, refs)[:2]
-    return lse_mix.lse_rows("circle_metrix_self", x_unit, labels, params, lam, pairs, block)
+    return circle_metrix_terms(x_unit, labels, m, gamma, lam, pairs, block, refs)[:2]
 
 
-def circle_metrix_refs_lses(x_unit, labels, m: float, gamma: float, lam: float, pairs: str,
-                            refs, clean: bool = False):
-    """(mixed lse⁺, lse⁻, clean lse⁺, lse⁻) per anchor against references refs (as
-    circle_metrix_lses): the clean ones of its pairs with the references (its own row no pair;
-    −inf for an empty side, and everywhere unless clean), from the same walk."""
-    r_unit, ref_labels, own = refs
-    return lse_mix.lse_refs_rows("circle_metrix_refs", x_unit, r_unit, labels, ref_labels, own,
-                                 (float(m), float(gamma)), lam, pairs, (bool(clean),))
+def circle_metrix_terms(x_unit, labels, m: float, gamma: float, lam: float,
+                        pairs: str = "pos_neg", block: int = 1024, refs=None,
+                        clean: bool = False):
+    """(lse⁺, lse⁻ of the candidates, as circle_metrix_lses; lse⁺, lse⁻ of the clean pairs,
+    circle_fwd's: −inf for an empty side, and everywhere unless clean) per anchor, both from
+    one op's pass over S (the batch against itself, or refs)."""
+    return lse_mix.lse_terms("circle_metrix", x_unit, labels, (float(m), float(gamma)), lam,
+                             pairs, block, refs, clean)
 
 
 def circle_clean_rows(lse_pos, lse_neg):

@@ -23,23 +23,19 @@ def lifted_metrix_lses(x_unit, labels, cosine: bool, pos_margin: float, neg_marg
     (L2: d − m⁺ and m⁻ − d, d = 0 for a candidate coinciding with a; cosine: m⁺ − s̃ and
     s̃ − m⁻); −inf without one. refs: (unit references, their labels, each anchor's own row
     of them or −1), else the batch against itself."""
-    params = (bool(cosine), float(pos_margin), float(neg_margin))
-    if refs is not None:
-        return lifted_metrix_refs_lses(x_unit, labels, cosine, pos_margin, neg_margin, lam,
-                                       pairs, refs)[:2]
-    return lse_mix.lse_rows("lifted_metrix_self", x_unit, labels, params, lam, pairs, block)
+    return lifted_metrix_terms(x_unit, labels, cosine, pos_margin, neg_margin, lam, pairs,
+                               block, refs)[:2]
 
 
-def lifted_metrix_refs_lses(x_unit, labels, cosine: bool, pos_margin: float,
-                            neg_margin: float, lam: float, pairs: str, refs,
-                            clean: bool = False):
-    """(mixed lse⁺, lse⁻, clean lse⁺, lse⁻) per anchor against references refs (as
-    lifted_metrix_lses): the clean ones of its pairs with the references (its own row no
-    pair; −inf for an empty side, and everywhere unless clean), from the same walk."""
-    r_unit, ref_labels, own = refs
+def lifted_metrix_terms(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
+                        lam: float, pairs: str = "pos_neg", block: int = 1024, refs=None,
+                        clean: bool = False):
+    """(lse⁺, lse⁻ of the candidates, as lifted_metrix_lses; lse⁺, lse⁻ of the clean pairs,
+    gen_lifted_fwd's: −inf for an empty side, and everywhere unless clean) per anchor, both
+    from one op's pass over S (the batch against itself, or refs)."""
     params = (bool(cosine), float(pos_margin), float(neg_margin))
-    return lse_mix.lse_refs_rows("lifted_metrix_refs", x_unit, r_unit, labels, ref_labels, own,
-                                 params, lam, pairs, (bool(clean),))
+    return lse_mix.lse_terms("lifted_metrix", x_unit, labels, params, lam, pairs, block, refs,
+                             clean)
 
 
 def gen_lifted_clean_rows(lse_pos, lse_neg):

@@ -14,39 +14,38 @@ from .. import _ext
 from .ms_metrix import group_entries, label_sorted, refs_sorted
 
 
-def register(name: str):
-    """Fake kernel and autograd of `metrix_ops::{name}_fwd(x, labels, *params)` →
-    (lse_pos, lse_neg), whose backward is `{name}_bwd(grad_pos, grad_neg, x, labels, lse_pos,
-    lse_neg, *params)`."""
+def register(name: str, n_out: int = 4):
+    """Fake kernel and autograd of `metrix_ops::{name}_fwd(x, labels, *params)` → n_out
+    per-anchor values (the candidates' lse⁺, lse⁻, then the clean pairs'), whose backward is
+    `{name}_bwd(*grads, x, labels, *values, *params)` → dx."""
     if not _ext.HAS_EXT:
         return
     fwd = f"metrix_ops::{name}_fwd"
 
     @torch.library.register_fake(fwd)
     def _fake(x, labels, *params):
-        return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+        return tuple(x.new_empty(x.shape[0]) for _ in range(n_out))
 
     @torch.library.register_fake(f"metrix_ops::{name}_bwd")
-    def _fake_bwd(grad_pos, grad_neg, x, labels, lse_pos, lse_neg, *params):
-        return torch.empty_like(x)
+    def _fake_bwd(*args):
+        return torch.empty_like(args[n_out])
 
     def _setup(ctx, inputs, output):
         x, labels, *params = inputs
         ctx.save_for_backward(x, labels, *output)
         ctx.params = tuple(params)
 
-    def _backward(ctx, g_pos, g_neg):
-        x, labels, lse_pos, lse_neg = ctx.saved_tensors
-        # an output nobody used may come back as None; the op wants both row gradients
-        gs = [torch.zeros_like(lse_pos) if g is None else g.contiguous() for g in (g_pos, g_neg)]
-        dx = getattr(torch.ops.metrix_ops, f"{name}_bwd")(*gs, x, labels, lse_pos, lse_neg,
-                                                         *ctx.params)
+    def _backward(ctx, *grads):
+        x, labels, *values = ctx.saved_tensors
+        # an output nobody used may come back as None; the op wants every row gradient
+        gs = [torch.zeros_like(values[0]) if g is None else g.contiguous() for g in grads]
+        dx = getattr(torch.ops.metrix_ops, f"{name}_bwd")(*gs, x, labels, *values, *ctx.params)
         return (dx, None) + (None,) * len(ctx.params)
 
     torch.library.register_autograd(fwd, _backward, setup_context=_setup)
 
 
-def register_refs(name: str, n_out: int = 2):
+def register_refs(name: str, n_out: int = 4):
     """Fake kernel and autograd of `metrix_ops::{name}_fwd(x, r, labels, ref_labels, self,
     *params, group)` → n_out per-anchor values (lse⁺, lse⁻ against references, and Circle's
     clean lse⁺, lse⁻), whose backward `{name}_bwd(*grads, x, r, labels, ref_labels, self,
@@ -86,15 +85,17 @@ def check_pairs(pairs: str):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
 
 
-def lse_rows(name: str, x_unit, labels, params: tuple, lam: float, pairs: str, block: int):
-    """(lse_pos, lse_neg), each (B,), in the caller's order, from op `name` on the sorted
-    batch: candidates mix(p, n, λ), n ∈ N(a), p ∈ P(a) for pairs "pos_neg" (a itself when
-    P(a) is empty), p = a for "anchor_neg"."""
+def lse_rows(name: str, x_unit, labels, params: tuple, lam: float, pairs: str, block: int,
+             clean: bool = False):
+    """(lse⁺, lse⁻ of the candidates, lse⁺, lse⁻ of the clean pairs — −inf unless clean),
+    each (B,), in the caller's order, from op `name` on the sorted batch: candidates
+    mix(p, n, λ), n ∈ N(a), p ∈ P(a) for pairs "pos_neg" (a itself when P(a) is empty),
+    p = a for "anchor_neg"."""
     check_pairs(pairs)
     xs, ys, inverse = label_sorted(x_unit, labels)
-    lp, ln = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
-        xs, ys, *params, float(lam), pairs == "anchor_neg", int(block))
-    return lp.index_select(0, inverse), ln.index_select(0, inverse)
+    out = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
+        xs, ys, *params, float(lam), pairs == "anchor_neg", bool(clean), int(block))
+    return tuple(t.index_select(0, inverse) for t in out)
 
 
 def lse_refs_rows(name: str, x_unit, r_unit, labels, ref_labels, self_idx, params: tuple,
@@ -108,3 +109,15 @@ def lse_refs_rows(name: str, x_unit, r_unit, labels, ref_labels, self_idx, param
     out = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
         *args, *params, float(lam), pairs == "anchor_neg", *extra, group_entries())
     return tuple(t.index_select(0, inverse) for t in out)
+
+
+def lse_terms(name: str, x_unit, labels, params: tuple, lam: float, pairs: str, block: int,
+              refs=None, clean: bool = False):
+    """The four per-anchor lses (candidates', then clean pairs') of op `{name}_self` on the
+    batch against itself, or of `{name}_refs` against refs = (unit references, their labels,
+    each anchor's own row of them or −1)."""
+    if refs is None:
+        return lse_rows(f"{name}_self", x_unit, labels, params, lam, pairs, block, clean)
+    r_unit, ref_labels, own = refs
+    return lse_refs_rows(f"{name}_refs", x_unit, r_unit, labels, ref_labels, own, params, lam,
+                         pairs, (bool(clean),))
