@@ -151,8 +151,18 @@ def test_drawn_lambda_is_the_reference_draw(name):
     assert not torch.allclose(b[0], c[0])  # the draw matters
 
 
+@pytest.mark.parametrize("simd", [None, "baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("name", LOSSES)
-def test_fp32_matches_fp64_reference(name):
+def test_fp32_matches_fp64_reference(name, simd, monkeypatch):
+    """fp32 against the fp64 reference, at the default level and at each x86 level (the
+    ProxyAnchor rows take 4 floats a lane group in the baseline build, 8 under AVX2 and
+    AVX-512; B = 67 leaves a tail of lanes at both widths)"""
+    if simd is not None:
+        monkeypatch.setenv("METRIX_OPS_SIMD", simd)
+        try:
+            torch.ops.metrix_ops._simd_level()
+        except RuntimeError:
+            pytest.skip(f"this CPU lacks {simd}")
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(67, 24, generator=g), torch.randint(0, 9, (67,), generator=g)
     P = proxies(11, 24, 7, torch.float32)

@@ -9,11 +9,26 @@
 // the same operators, so the CPU kernels run it one element or W elements at a time.
 #pragma once
 
+// as common/fast_exp.h: vectors wider than the baseline appear only inlined into functions
+// compiled for a wider target (before the includes: proxy_anchor.h's helpers take them too)
+#if !defined(__CUDACC__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include <cmath>
 #include <limits>
 
 #include "common/proxy_anchor.h"  // pa_pos_arg, pa_neg_arg
 #include "common/proxy_nca.h"     // kNcaCosine, kNcaSquaredL2
+
+// The lane-typed helpers are forced inline on the host too: the CPU kernels call them from
+// functions compiled for AVX2 (proxy_anchor_metrix_cpu.cpp) with 8-float lanes, which must
+// be compiled for that caller's target, not called out of line.
+#if defined(__CUDACC__)
+#define MO_PMX __host__ __device__ __forceinline__
+#else
+#define MO_PMX inline __attribute__((always_inline))
+#endif
 
 namespace metrix_ops {
 
@@ -37,7 +52,7 @@ MO_HD T mix_norm_coef(T c1, T r) {
 
 // the candidate's cosine to a proxy from the two sources' cosines su, sw
 template <typename V, typename T>
-MO_HD V mix_cos(T lam, T om, V su, V sw, V r) { return (lam * su + om * sw) * r; }
+MO_PMX V mix_cos(T lam, T om, V su, V sw, V r) { return (lam * su + om * sw) * r; }
 
 // log of a class-mass weight, −inf where there is no such term (weight ≤ 0): the
 // reference's _log_weighted, so Σ w·e^{x} is a log-sum-exp of x + log w
@@ -49,7 +64,7 @@ MO_HD T log_weight(T w) {
 // ProxyNCA logit of a cosine s under the loss's metric (reference loss_metric): cosine →
 // scale·s; squared L2 of unit vectors → −scale·max(2 − 2s, 0)
 template <typename V, typename T>
-MO_HD V pm_nca_logit(V s, T scale, bool cosine) {
+MO_PMX V pm_nca_logit(V s, T scale, bool cosine) {
   if (cosine) return scale * s;
   V d2 = T(2) - T(2) * s;
   d2 = d2 > T(0) ? d2 : V{} * T(0) + T(0);
@@ -59,7 +74,7 @@ MO_HD V pm_nca_logit(V s, T scale, bool cosine) {
 // d(logit)/ds; the squared distance's zero subgradient for coincident points (2 − 2s below
 // 16 eps), as the reference's loss_metric
 template <typename V, typename T>
-MO_HD V pm_nca_dlogit(V s, T scale, bool cosine) {
+MO_PMX V pm_nca_dlogit(V s, T scale, bool cosine) {
   if (cosine) return V{} * T(0) + scale;
   const V d2 = T(2) - T(2) * s;
   return d2 < T(16) * std::numeric_limits<T>::epsilon() ? V{} * T(0) : V{} * T(0) + T(2) * scale;

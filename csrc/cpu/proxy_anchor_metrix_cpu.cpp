@@ -19,6 +19,8 @@
 // dX̂[u] = Σ_w H[u,w]·x̂_w is one product per block. The price is each candidate's exps
 // twice in the backward (one owner per endpoint); proxy-parallel would need a reduction
 // of ∂G across threads instead.
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -27,6 +29,7 @@
 #include "common/lse_acc.h"
 #include "common/proxy_metrix.h"
 #include "cpu/gram_rows.h"
+#include "cpu/ms_kernels.h"
 #include "cpu/op_checks.h"
 #include "cpu/proxy_metrix_lanes.h"
 
@@ -49,14 +52,14 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Lanes j.. that are candidates (a, j): j ≠ a and the pair's labels as `same` asks
 template <typename Ln, typename T>
-inline typename Ln::M partners(const PaMix<T>& k, int64_t a, int32_t ya, int64_t j) {
+MO_PM_INLINE typename Ln::M partners(const PaMix<T>& k, int64_t a, int32_t ya, int64_t j) {
   return Ln::not_index(j, a) & (k.same ? Ln::eq(k.y + j, ya) : Ln::ne(k.y + j, ya));
 }
 
 // Row a's log-sum-exp of the positive and negative exponents over its candidates (a, w),
 // for every proxy; r: the Gram row, turned into 1/‖v‖ in place.
-template <typename T>
-void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
+template <typename T, int W>
+MO_PM_INLINE void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
   const int64_t B = k.B;
   for (int64_t j = 0; j < B; ++j) r[j] = mix_inv_norm(k.c0, k.c1, r[j]);
   const int32_t ya = k.y[a];
@@ -73,7 +76,7 @@ void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
     const bool pos_all = p0 > ninf;
     const bool do_pos = pos_all || (k.cnt[c] > (int32_t(c) == ya ? 1 : 0) && p1 > ninf);
     // returns whether vp holds positive exponents for this lane group
-    auto args = [&](auto L, int64_t j, auto& vp, auto& vn) {
+    auto args = [&](auto L, int64_t j, auto& vp, auto& vn) MO_PM_LAMBDA {
       using Ln = decltype(L);
       const auto valid = partners<Ln>(k, a, ya, j);
       const auto own = Ln::eq(k.y + j, int32_t(c));
@@ -85,14 +88,14 @@ void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
       return true;
     };
     T mp = ninf, mn = ninf;
-    for_lanes<T>(B, [&](auto L, int64_t j) {
+    for_lanes<T, W>(B, [&](auto L, int64_t j) MO_PM_LAMBDA {
       typename decltype(L)::V vp{}, vn{};
       if (args(L, j, vp, vn)) mp = std::max(mp, decltype(L)::hmax(vp));
       mn = std::max(mn, decltype(L)::hmax(vn));
     });
     T sp = 0, sn = 0;
     if (mp > ninf || mn > ninf)
-      for_lanes<T>(B, [&](auto L, int64_t j) {
+      for_lanes<T, W>(B, [&](auto L, int64_t j) MO_PM_LAMBDA {
         using Ln = decltype(L);
         typename Ln::V vp{}, vn{};
         const bool has_pos = args(L, j, vp, vn);
@@ -106,9 +109,9 @@ void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
 
 // Row a's gradients: ∂L/∂sp[a,·] into dsp, and H[a,w] (both orderings of the pair, through
 // ‖v‖) into g, the Gram row, which it replaces. rr, hh, hrow: scratch of length B.
-template <typename T>
-void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, const T* gp,
-             const T* gn, const T* lp, const T* ln) {
+template <typename T, int W>
+MO_PM_INLINE void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp,
+                          const T* gp, const T* gn, const T* lp, const T* ln) {
   const int64_t B = k.B;
   for (int64_t j = 0; j < B; ++j) {
     rr[j] = mix_inv_norm(k.c0, k.c1, g[j]);
@@ -133,7 +136,7 @@ void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, 
     // d(term)/ds = −α·gp·e^{pos arg − pos_c} + α·gn·e^{neg arg − neg_c}
     const T cp = -k.alpha * gp[c], cn = k.alpha * gn[c], lpc = lp[c], lnc = ln[c];
     T dsa = 0;
-    for_lanes<T>(B, [&](auto L, int64_t j) {
+    for_lanes<T, W>(B, [&](auto L, int64_t j) MO_PM_LAMBDA {
       using Ln = decltype(L);
       const auto valid = partners<Ln>(k, a, ya, j);
       const auto own = Ln::eq(k.y + j, int32_t(c));
@@ -141,7 +144,7 @@ void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, 
       const auto s1 = mix_cos(k.lam, k.om, sav, sw, rv);  // candidate (a, w)
       const auto s2 = mix_cos(k.lam, k.om, sw, sav, rv);  // candidate (w, a)
       const auto al = Ln::splat(k.alpha), mg = Ln::splat(k.margin);
-      auto pick = [&](T one, T zero) { return Ln::sel(own, Ln::splat(one), Ln::splat(zero)); };
+      auto pick = [&](T one, T zero) MO_PM_LAMBDA { return Ln::sel(own, Ln::splat(one), Ln::splat(zero)); };
       auto g1 = cn * Ln::exp(pa_neg_arg(s1, al, mg) + pick(nu1, nu0) - Ln::splat(lnc));
       auto g2 = cn * Ln::exp(pa_neg_arg(s2, al, mg) + pick(nv1, nv0) - Ln::splat(lnc));
       if (pos_all || (do_pos && Ln::any(own))) {
@@ -156,6 +159,52 @@ void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, 
     dsp[c] = dsa;
   }
   std::copy(hrow, hrow + B, g);
+}
+
+// The row kernels at the fp32 kernels' level (ms_kernels_f32: METRIX_OPS_SIMD, else AVX2
+// where the CPU has it): 8 floats a lane group under AVX2 or AVX-512, 4 in the baseline
+// build; fp64 one element at a time. The exps are most of the term's time.
+template <typename T>
+struct PaRows {
+  void (*fwd)(const PaMix<T>&, int64_t, T*, T*, T*);
+  void (*bwd)(const PaMix<T>&, int64_t, T*, T*, T*, T*, T*, const T*, const T*, const T*,
+              const T*);
+};
+
+template <typename T, int W>
+void fwd_at(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
+  fwd_row<T, W>(k, a, r, outp, outn);
+}
+template <typename T, int W>
+void bwd_at(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, const T* gp,
+            const T* gn, const T* lp, const T* ln) {
+  bwd_row<T, W>(k, a, g, rr, hh, hrow, dsp, gp, gn, lp, ln);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) void fwd_avx2(const PaMix<float>& k, int64_t a, float* r,
+                                                  float* outp, float* outn) {
+  fwd_row<float, 8>(k, a, r, outp, outn);
+}
+__attribute__((target("avx2,fma"))) void bwd_avx2(const PaMix<float>& k, int64_t a, float* g,
+                                                  float* rr, float* hh, float* hrow,
+                                                  float* dsp, const float* gp,
+                                                  const float* gn, const float* lp,
+                                                  const float* ln) {
+  bwd_row<float, 8>(k, a, g, rr, hh, hrow, dsp, gp, gn, lp, ln);
+}
+#endif
+
+template <typename T>
+PaRows<T> pa_rows() {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (std::strcmp(ms_kernels_f32().level, "baseline") != 0) return {&fwd_avx2, &bwd_avx2};
+#endif
+    return {&fwd_at<float, 4>, &bwd_at<float, 4>};
+  } else {
+    return {&fwd_at<T, 1>, &bwd_at<T, 1>};
+  }
 }
 
 void check_mix_args(double lam, int64_t B, int64_t C) {
@@ -198,8 +247,9 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_fwd_cpu(
                                alpha, margin, lam, same_label);
     at::Tensor rows_p = at::empty({B, C}, x.options()), rows_n = at::empty({B, C}, x.options());
     T *rp = rows_p.data_ptr<T>(), *rn = rows_n.data_ptr<T>();
+    const PaRows<T> rows = pa_rows<T>();
     for_gram_rows<T>(x, chunk, 0, nullptr, [&](int64_t a, T* h, T*) {
-      fwd_row(k, a, h, rp + a * C, rn + a * C);
+      rows.fwd(k, a, h, rp + a * C, rn + a * C);
     });
     // log(1 + Σ over rows), merged in row order
     T *po = pos.data_ptr<T>(), *ne = neg.data_ptr<T>();
@@ -246,8 +296,9 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_bwd_cpu(
     const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
     const T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
     // each row of H becomes its row of ∂L/∂H in place, then dx += (∂L/∂H) x per chunk
+    const PaRows<T> rows = pa_rows<T>();
     for_gram_rows<T>(x, chunk, 3 * B, &dx, [&](int64_t a, T* h, T* scratch) {
-      bwd_row(k, a, h, scratch, scratch + B, scratch + 2 * B, d + a * C, gpp, gnp, lpp, lnp);
+      rows.bwd(k, a, h, scratch, scratch + B, scratch + 2 * B, d + a * C, gpp, gnp, lpp, lnp);
     });
   });
   dx.addmm_(dsp, p);

@@ -1,9 +1,12 @@
 // Lane types for the proxy Metrix kernels: one loop body written once (a generic lambda
-// taking a lane tag) runs 4 floats at a time with fast_exp for fp32 and one element at a
-// time otherwise (fp64 with std::exp, fp32 tails with scalar fast_exp). 4 floats: SSE2's
-// native width, which the baseline build has everywhere (as proxy_anchor_cpu.cpp).
+// taking a lane tag) runs W floats at a time with fast_exp for fp32 and one element at a
+// time otherwise (fp64 with std::exp, fp32 tails with scalar fast_exp). W = 4: SSE2's
+// native width, which the baseline build has everywhere (as proxy_anchor_cpu.cpp); W = 8
+// inside functions compiled for AVX2 (proxy_anchor_metrix_cpu.cpp), where the loop bodies
+// must be inlined (MO_PM_INLINE, MO_PM_LAMBDA) to be compiled for that target.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -13,30 +16,55 @@
 namespace metrix_ops {
 namespace pm {
 
+#define MO_PM_INLINE inline __attribute__((always_inline))
+#define MO_PM_LAMBDA __attribute__((always_inline))
+
 template <typename T, int W>
 struct Lane;
 
-template <>
-struct Lane<float, 4> {
-  static constexpr int w = 4;
-  using V = Lanes<4>::F;
-  using M = Lanes<4>::I;  // −1 / 0 per lane
-  static V load(const float* p) { V v; std::memcpy(&v, p, sizeof(v)); return v; }
-  static void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
-  static V splat(float x) { return V{} + x; }
-  static M eq(const int32_t* y, int32_t c) { M v; std::memcpy(&v, y, sizeof(v)); return v == (M{} + c); }
-  static M ne(const int32_t* y, int32_t c) { M v; std::memcpy(&v, y, sizeof(v)); return v != (M{} + c); }
-  // lanes j..j+3 other than index a
-  static M not_index(int64_t j, int64_t a) {
-    const M iota = {0, 1, 2, 3};
+// W floats at a time (4: SSE2, the baseline; 8: AVX2, inside functions compiled for it,
+// where all of this is inlined)
+template <int W>
+struct FloatLanes {
+  static constexpr int w = W;
+  using V = typename Lanes<W>::F;
+  using M = typename Lanes<W>::I;  // −1 / 0 per lane
+  static MO_PM_INLINE V load(const float* p) { V v; std::memcpy(&v, p, sizeof(v)); return v; }
+  static MO_PM_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+  static MO_PM_INLINE V splat(float x) { return V{} + x; }
+  static MO_PM_INLINE M eq(const int32_t* y, int32_t c) { M v; std::memcpy(&v, y, sizeof(v)); return v == (M{} + c); }
+  static MO_PM_INLINE M ne(const int32_t* y, int32_t c) { M v; std::memcpy(&v, y, sizeof(v)); return v != (M{} + c); }
+  // lanes j..j+W−1 other than index a
+  static MO_PM_INLINE M not_index(int64_t j, int64_t a) {
+    M iota{};
+    for (int k = 0; k < W; ++k) iota[k] = k;
     return (iota + int32_t(j - a)) != 0;
   }
-  static V sel(M m, V a, V b) { return m ? a : b; }
-  static bool any(M m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
-  static V exp(V v) { return fast_exp<V, M>(v); }
-  static float hsum(V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-  static float hmax(V v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
+  static MO_PM_INLINE V sel(M m, V a, V b) { return m ? a : b; }
+  static MO_PM_INLINE bool any(M m) {
+    int32_t o = 0;
+    for (int k = 0; k < W; ++k) o |= m[k];
+    return o != 0;
+  }
+  static MO_PM_INLINE V exp(V v) { return fast_exp<V, M>(v); }
+  static MO_PM_INLINE float hsum(V v) {
+    if constexpr (W == 4) {
+      return (v[0] + v[1]) + (v[2] + v[3]);
+    } else {
+      float t = 0;
+      for (int k = 0; k < W; ++k) t += v[k];
+      return t;
+    }
+  }
+  static MO_PM_INLINE float hmax(V v) {
+    float m = v[0];
+    for (int k = 1; k < W; ++k) m = std::max(m, float(v[k]));
+    return m;
+  }
 };
+
+template <>
+struct Lane<float, 4> : FloatLanes<4> {};
 
 template <typename T>
 struct Lane<T, 1> {
@@ -59,12 +87,13 @@ struct Lane<T, 1> {
   static T hmax(V v) { return v; }
 };
 
-// f(lane tag, j) over j in [0, n): 4-float groups for fp32, then single elements
-template <typename T, typename F>
-inline void for_lanes(int64_t n, F&& f) {
+// f(lane tag, j) over j in [0, n): W-float groups for fp32 (W = 4 unless the caller is
+// compiled for a wider target), then single elements
+template <typename T, int W = 4, typename F>
+MO_PM_INLINE void for_lanes(int64_t n, F&& f) {
   int64_t j = 0;
   if constexpr (std::is_same_v<T, float>)
-    for (; j + 4 <= n; j += 4) f(Lane<float, 4>{}, j);
+    for (; j + W <= n; j += W) f(FloatLanes<W>{}, j);
   for (; j < n; ++j) f(Lane<T, 1>{}, j);
 }
 
