@@ -19,7 +19,6 @@
 // dX̂[u] = Σ_w H[u,w]·x̂_w is one product per block. The price is each candidate's exps
 // twice in the backward (one owner per endpoint); proxy-parallel would need a reduction
 // of ∂G across threads instead.
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -29,7 +28,6 @@
 #include "common/lse_acc.h"
 #include "common/proxy_metrix.h"
 #include "cpu/gram_rows.h"
-#include "cpu/ms_kernels.h"
 #include "cpu/op_checks.h"
 #include "cpu/proxy_metrix_lanes.h"
 
@@ -161,9 +159,9 @@ MO_PM_INLINE void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* h
   std::copy(hrow, hrow + B, g);
 }
 
-// The row kernels at the fp32 kernels' level (ms_kernels_f32: METRIX_OPS_SIMD, else AVX2
-// where the CPU has it): 8 floats a lane group under AVX2 or AVX-512, 4 in the baseline
-// build; fp64 one element at a time. The exps are most of the term's time.
+// The row kernels at the fp32 kernels' level (pm::wide_fp32): 8 floats a lane group under
+// AVX2 or AVX-512, 4 in the baseline build; fp64 one element at a time. The exps are most
+// of the term's time.
 template <typename T>
 struct PaRows {
   void (*fwd)(const PaMix<T>&, int64_t, T*, T*, T*);
@@ -199,7 +197,7 @@ template <typename T>
 PaRows<T> pa_rows() {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (std::strcmp(ms_kernels_f32().level, "baseline") != 0) return {&fwd_avx2, &bwd_avx2};
+    if (pm::wide_fp32()) return {&fwd_avx2, &bwd_avx2};
 #endif
     return {&fwd_at<float, 4>, &bwd_at<float, 4>};
   } else {

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common/fast_exp.h"
+#include "cpu/ms_kernels.h"
 
 namespace metrix_ops {
 namespace pm {
@@ -96,6 +97,10 @@ MO_PM_INLINE void for_lanes(int64_t n, F&& f) {
     for (; j + W <= n; j += W) f(FloatLanes<W>{}, j);
   for (; j < n; ++j) f(Lane<T, 1>{}, j);
 }
+
+// Whether the fp32 rows take 8 floats a lane group: the fp32 kernels' level
+// (ms_kernels_f32: METRIX_OPS_SIMD, else AVX2 where the CPU has it) is above the baseline
+inline bool wide_fp32() { return std::strcmp(ms_kernels_f32().level, "baseline") != 0; }
 
 }  // namespace pm
 }  // namespace metrix_ops

@@ -15,6 +15,7 @@
 // u computes both orderings (u, w) and (w, u) of each pair and owns ∂sp[u,·] and
 // H[u,w] = ∂L/∂G[u,w] + ∂L/∂G[w,u] outright: one writer per row, deterministic, each
 // candidate's softmax computed twice in the backward.
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -43,16 +44,16 @@ struct NcaMix {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 template <typename T>
-bool is_partner(const NcaMix<T>& k, int64_t a, int64_t b) {
+MO_PM_INLINE bool is_partner(const NcaMix<T>& k, int64_t a, int64_t b) {
   return b != a && (k.same ? k.y[b] == k.y[a] : k.y[b] != k.y[a]);
 }
 
 // The candidate mix(u, w) (rows su, sw of sp): its logits' max and e^{logit − max} into e;
 // returns the logsumexp and sets inv_sum = 1 / Σ e (softmax_c = e_c · inv_sum)
-template <typename T>
-T softmax_row(const NcaMix<T>& k, const T* su, const T* sw, T r, T* e, T& inv_sum) {
+template <typename T, int W>
+MO_PM_INLINE T softmax_row(const NcaMix<T>& k, const T* su, const T* sw, T r, T* e, T& inv_sum) {
   T mx = -T(kInf);
-  for_lanes<T>(k.C, [&](auto L, int64_t j) {
+  for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
     using Ln = decltype(L);
     const auto s = mix_cos(k.lam, k.om, Ln::load(su + j), Ln::load(sw + j), Ln::splat(r));
     const auto l = pm_nca_logit(s, k.scale, k.cosine);
@@ -60,7 +61,7 @@ T softmax_row(const NcaMix<T>& k, const T* su, const T* sw, T r, T* e, T& inv_su
     mx = std::max(mx, Ln::hmax(l));
   });
   T sum = 0;
-  for_lanes<T>(k.C, [&](auto L, int64_t j) {
+  for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
     using Ln = decltype(L);
     const auto v = Ln::exp(Ln::load(e + j) - Ln::splat(mx));
     Ln::store(e + j, v);
@@ -72,13 +73,13 @@ T softmax_row(const NcaMix<T>& k, const T* su, const T* sw, T r, T* e, T& inv_su
 
 // the logit of proxy c for the candidate mix(u, w)
 template <typename T>
-T logit_of(const NcaMix<T>& k, const T* su, const T* sw, T r, int32_t c) {
+MO_PM_INLINE T logit_of(const NcaMix<T>& k, const T* su, const T* sw, T r, int32_t c) {
   return pm_nca_logit(mix_cos(k.lam, k.om, su[c], sw[c], r), k.scale, k.cosine);
 }
 
 // Σ_w ℓ(mix(a, w)) over row a's candidates; g: its Gram row, e: scratch of length C
-template <typename T>
-T fwd_row(const NcaMix<T>& k, int64_t a, const T* g, T* e) {
+template <typename T, int W>
+MO_PM_INLINE T fwd_row(const NcaMix<T>& k, int64_t a, const T* g, T* e) {
   const int32_t ya = k.y[a];
   const T* sa = k.sp + a * k.C;
   T total = 0, inv_sum;
@@ -86,7 +87,7 @@ T fwd_row(const NcaMix<T>& k, int64_t a, const T* g, T* e) {
     if (!is_partner(k, a, b)) continue;
     const T* sb = k.sp + b * k.C;
     const T r = mix_inv_norm(k.c0, k.c1, g[b]);
-    const T lse = softmax_row(k, sa, sb, r, e, inv_sum);
+    const T lse = softmax_row<T, W>(k, sa, sb, r, e, inv_sum);
     const int32_t yb = k.y[b];
     if (k.same) total -= (k.lam + k.om) * (logit_of(k, sa, sb, r, ya) - lse);
     else total -= k.lam * (logit_of(k, sa, sb, r, ya) - lse) + k.om * (logit_of(k, sa, sb, r, yb) - lse);
@@ -97,8 +98,9 @@ T fwd_row(const NcaMix<T>& k, int64_t a, const T* g, T* e) {
 // Row a's gradients: ∂L/∂sp[a,·] into dsa, H[a,w] into g (its Gram row, replaced).
 // q: the upstream gradient of each row's Σ ℓ; lg1, lg2: scratch of length C (the two
 // orderings' e^{logit − max}).
-template <typename T>
-void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T* lg2) {
+template <typename T, int W>
+MO_PM_INLINE void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1,
+                          T* lg2) {
   const int32_t ya = k.y[a];
   const T* sa = k.sp + a * k.C;
   const T mass = k.lam + k.om;  // Σ_c y_c of every candidate
@@ -111,13 +113,13 @@ void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T*
     const int32_t yb = k.y[b];
     const T r = mix_inv_norm(k.c0, k.c1, g[b]);
     T inv1, inv2;
-    softmax_row(k, sa, sb, r, lg1, inv1);  // candidate (a, b), in row a's sum
-    softmax_row(k, sb, sa, r, lg2, inv2);  // candidate (b, a), in row b's sum
+    softmax_row<T, W>(k, sa, sb, r, lg1, inv1);  // candidate (a, b), in row a's sum
+    softmax_row<T, W>(k, sb, sa, r, lg2, inv2);  // candidate (b, a), in row b's sum
     // ∂ℓ/∂logit_c = Y·softmax_c − y_c: the softmax part for every c here, the −y_c
     // part (two classes at most) below
     const T f1 = q[a] * mass * inv1, f2 = q[b] * mass * inv2;
     T hacc = 0;
-    for_lanes<T>(k.C, [&](auto L, int64_t j) {
+    for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
       using Ln = decltype(L);
       const auto u = Ln::load(sa + j), w = Ln::load(sb + j), rv = Ln::splat(r);
       const auto s1 = mix_cos(k.lam, k.om, u, w, rv), s2 = mix_cos(k.lam, k.om, w, u, rv);
@@ -127,7 +129,7 @@ void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T*
       hacc += Ln::hsum(t1 * s1 + t2 * s2);
     });
     // −y_c·dlogit terms; `first`: candidate (a, b) (a's share λ), else (b, a) (a's share 1−λ)
-    auto target = [&](bool first, int32_t c, T yc) {
+    auto target = [&](bool first, int32_t c, T yc) MO_PM_LAMBDA {
       const T s = first ? mix_cos(k.lam, k.om, sa[c], sb[c], r) : mix_cos(k.lam, k.om, sb[c], sa[c], r);
       const T t = -(first ? q[a] : q[b]) * yc * pm_nca_dlogit(s, k.scale, k.cosine);
       dsa[c] += r * (first ? k.lam : k.om) * t;
@@ -143,6 +145,46 @@ void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T*
       target(false, ya, k.om);
     }
     g[b] = mix_norm_coef(k.c1, r) * hacc;
+  }
+}
+
+// The row kernels at the fp32 kernels' level, as proxy_anchor_metrix_cpu.cpp's: 8 floats a
+// lane group under AVX2 or AVX-512 (pm::wide_fp32), 4 in the baseline build; fp64 one at a
+// time.
+template <typename T>
+struct NcaRows {
+  T (*fwd)(const NcaMix<T>&, int64_t, const T*, T*);
+  void (*bwd)(const NcaMix<T>&, int64_t, T*, T*, const T*, T*, T*);
+};
+
+template <typename T, int W>
+T fwd_at(const NcaMix<T>& k, int64_t a, const T* g, T* e) { return fwd_row<T, W>(k, a, g, e); }
+template <typename T, int W>
+void bwd_at(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T* lg2) {
+  bwd_row<T, W>(k, a, g, dsa, q, lg1, lg2);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) float fwd_avx2(const NcaMix<float>& k, int64_t a,
+                                                   const float* g, float* e) {
+  return fwd_row<float, 8>(k, a, g, e);
+}
+__attribute__((target("avx2,fma"))) void bwd_avx2(const NcaMix<float>& k, int64_t a, float* g,
+                                                  float* dsa, const float* q, float* lg1,
+                                                  float* lg2) {
+  bwd_row<float, 8>(k, a, g, dsa, q, lg1, lg2);
+}
+#endif
+
+template <typename T>
+NcaRows<T> nca_rows() {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (pm::wide_fp32()) return {&fwd_avx2, &bwd_avx2};
+#endif
+    return {&fwd_at<float, 4>, &bwd_at<float, 4>};
+  } else {
+    return {&fwd_at<T, 1>, &bwd_at<T, 1>};
   }
 }
 
@@ -178,8 +220,9 @@ at::Tensor proxy_nca_metrix_fwd_cpu(const at::Tensor& x_, const at::Tensor& p_,
     const auto k = make_mix<T>(sp.data_ptr<T>(), y32.data_ptr<int32_t>(), B, C, scale, kind,
                                lam, same_label);
     T* out = rows.data_ptr<T>();
+    const NcaRows<T> kr = nca_rows<T>();
     for_gram_rows<T>(x, chunk, C, nullptr, [&](int64_t a, const T* h, T* lg) {
-      out[a] = fwd_row(k, a, h, lg);
+      out[a] = kr.fwd(k, a, h, lg);
     });
   });
   return rows;
@@ -205,8 +248,9 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_metrix_bwd_cpu(
     const T* qp = q.data_ptr<T>();
     T* d = dsp.data_ptr<T>();
     // each row of H becomes its row of ∂L/∂H in place, then dx += (∂L/∂H) x per chunk
+    const NcaRows<T> kr = nca_rows<T>();
     for_gram_rows<T>(x, chunk, 2 * C, &dx, [&](int64_t a, T* h, T* lg) {
-      bwd_row(k, a, h, d + a * C, qp, lg, lg + C);
+      kr.bwd(k, a, h, d + a * C, qp, lg, lg + C);
     });
   });
   dx.addmm_(dsp, p);
