@@ -269,11 +269,13 @@ struct LseMixKernel {
         const I idx = lanes + static_cast<int32_t>(j);
         const auto in = idx < n32;
         const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
-        const F wp = (gpi * L::exp(t.pos - lpi) + gpj * L::exp(t.pos - lpj)) * t.dpos;
-        const F wn = (gni * L::exp(t.neg - lni) + gnj * L::exp(t.neg - lnj)) * t.dneg;
-        F w = ((cl == li) & (idx != self) & in) ? wp : zero;
-        w = ((cl != li) & in) ? wn : w;
-        std::memcpy(row + j, &w, m * sizeof(T));
+        // each lane's side picked before the exps: two per entry, not four
+        const auto same = cl == li;
+        const F xi = same ? t.pos - lpi : t.neg - lni, xj = same ? t.pos - lpj : t.neg - lnj;
+        const F gi = same ? zero + gpi : zero + gni, gj = same ? gpj : gnj;
+        const F w = (gi * L::exp(xi) + gj * L::exp(xj)) * (same ? t.dpos : t.dneg);
+        const F out = ((same & (idx != self) & in) | ((cl != li) & in)) ? w : zero;
+        std::memcpy(row + j, &out, m * sizeof(T));
       }
     }
   }
