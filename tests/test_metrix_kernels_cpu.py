@@ -43,7 +43,7 @@ def con(y, cosine, lam, anchor_neg, block):
         anchor_neg, block)[0::2]
 
 
-@pytest.mark.parametrize("level", simd_levels())
+@pytest.mark.parametrize("level", simd_levels() + ["auto"])
 @pytest.mark.parametrize("op", ["ms", "ms_anchor_neg", "con_l2", "con_cos"])
 @pytest.mark.parametrize("block", [40, 1024])
 def test_fp32_kernels_match_fp64(level, op, block):
@@ -57,3 +57,35 @@ def test_fp32_kernels_match_fp64(level, op, block):
     assert g64.abs().max() > 0
     torch.testing.assert_close(v32, v64, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(g32, g64, rtol=2e-4, atol=2e-5 * g64.abs().max().item())
+
+
+@pytest.mark.skipif("avx512" not in simd_levels(), reason="the CPU lacks AVX-512")
+@pytest.mark.parametrize("block", [40, 1024])
+def test_auto_takes_16_lane_ms_metrix_kernels(block):
+    # on an AVX-512 CPU the default is the AVX2 table with MS's two Metrix kernels at 16
+    # lanes (ms_simd.cpp, k_avx2_mix512): its clean rows are the AVX2 kernels' bit for bit,
+    # its mixed rows and gradient the AVX-512 kernels', and contrastive's Metrix stays AVX2
+    x, y, w = batch(block + 7)
+    x = x.float()
+
+    def run(level, fn):
+        with simd_level(level):
+            e = x.clone().requires_grad_(True)
+            out = fn(e)
+            (g,) = torch.autograd.grad(sum((o * wk.float()).sum() for o, wk in zip(out, w)), e)
+            return [o.detach() for o in out], g
+
+    def grad_of_mix(fn):  # only the mixed rows carry gradient
+        return lambda e: [fn(e)[1]]
+
+    f = ms(y, 0.35, False, block)
+    (rows, mix), _ = run("auto", f)
+    (rows2, _), _ = run("avx2", f)
+    (_, mix16), _ = run("avx512", f)
+    assert torch.equal(rows, rows2) and torch.equal(mix, mix16)
+    _, g = run("auto", grad_of_mix(f))
+    _, g16 = run("avx512", grad_of_mix(f))
+    _, g8 = run("avx2", grad_of_mix(f))
+    assert torch.equal(g, g16) and not torch.equal(g, g8)
+    c = con(y, False, 0.4, False, block)
+    assert all(torch.equal(a, b) for a, b in zip(run("auto", c)[0], run("avx2", c)[0]))

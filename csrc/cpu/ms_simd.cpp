@@ -63,6 +63,18 @@ MO_MS_LEVEL(avx2, __attribute__((target("avx2,fma"))), 8)
 MO_MS_LEVEL(baseline, , 4)  // SSE2 on x86-64, NEON on aarch64: both have 4-float vectors
 #undef MO_MS_LEVEL
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The default on an AVX-512 CPU: the AVX2 kernels, except MS's two Metrix kernels at 16
+// lanes. Their hot loops compile to whole-register code (k-mask selects, no spills; only
+// the rare two-pass fallback of mix_fold has lane-by-lane compares), and they are what
+// Metrix-MS spends its extra time in: one thread, B = 2048, D = 128, forward 57 → 47 ms
+// and backward 93 → 78 ms over three interleaved runs (the clean MS kernels and the
+// contrastive Metrix kernels are slower at 16 lanes: 155 → 270 ms for Metrix-contrastive).
+const MsKernels<float> k_avx2_mix512{&fold_avx2,      &grad_avx2,      &fold_cols_avx2,
+                                     &grad_sym_avx2,  &exp_avx2,       &mix_fold_avx512,
+                                     &mix_grad_avx512, "avx2"};
+#endif
+
 // fp64 stays scalar with std::exp: its contract is 1e-6 against the reference.
 using K64 = MsRowKernel<double, 1>;
 void fold_f64(const double* s, int64_t i0, int64_t i1, const MsBlock<double>& b,
@@ -107,10 +119,11 @@ const MsKernels<float>* by_name(const char* level) {
 const ConMixKernels<float>& con_of(const MsKernels<float>& k) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (&k == &k_avx512) return c_avx512;
-  if (&k == &k_avx2) return c_avx2;
+  if (&k == &k_avx2 || &k == &k_avx2_mix512) return c_avx2;
 #endif
   return c_baseline;
 }
+
 
 // The default level: AVX2 where the CPU has it, not AVX-512. GCC (12) gives a comparison
 // inside these kernel templates, which carry no target attribute of their own, an integer
@@ -122,6 +135,9 @@ const ConMixKernels<float>& con_of(const MsKernels<float>& k) {
 // METRIX_OPS_SIMD=avx512 still selects it (the tests compare every level).
 const MsKernels<float>& default_level() {
   static const MsKernels<float>* best = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_has("avx512")) return &k_avx2_mix512;
+#endif
     return cpu_has("avx2") ? by_name("avx2") : &k_baseline;
   }();
   return *best;
