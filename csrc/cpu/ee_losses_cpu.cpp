@@ -42,6 +42,8 @@
 #include "common/expansion.h"
 #include "cpu/ee_closest.h"
 #include "cpu/op_checks.h"
+#include "cpu/parallel_tasks.h"
+#include "cpu/row_tiles.h"
 
 namespace metrix_ops {
 
@@ -234,12 +236,16 @@ struct EeOp {
       const int64_t w = ns == 0 ? nt : std::min(nt, std::max<int64_t>(16, kSegTable / ns));
       for (int64_t q0 = 0; q0 < nt; q0 += w) tasks.push_back({c, q0, std::min(w, nt - q0)});
     }
-    at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t k0, int64_t k1) {
+    // largest first, handed out one at a time: a class's work grows as its size squared
+    std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+      return L.class_segs[a.c].size() * a.w > L.class_segs[b.c].size() * b.w;
+    });
+    parallel_tasks(int64_t(tasks.size()), [&](int64_t k) {
       SideRows sr;
       sr.hu.resize(n), sr.hw.resize(n), sr.lam.resize(n), sr.mu.resize(n), sr.norm.resize(n);
       std::vector<T> M, K, base;  // M, K: a row per segment of the class (its seg_rank)
       std::vector<const T*> mp, kp;
-      for (int64_t k = k0; k < k1; ++k) {
+      {
         const Task tk = tasks[k];
         const std::vector<int64_t>& segs = L.class_segs[tk.c];
         const int64_t ns = int64_t(segs.size());
@@ -312,11 +318,13 @@ struct EeOp {
     }
   }
 
-  // Backward: ∂L/∂X̂ in slot order into dxo, given weight(i, ŝ) = ∂L/∂ŝ(i, q) for each term of
-  // an anchor with active(i). weight runs on one thread per anchor class: it may write
-  // per-anchor state of i. See the file comment for the routing.
-  template <class Active, class Weight>
-  void backward_sweep(at::Tensor& dxo, Active&& active, Weight&& weight) {
+  // Backward: ∂L/∂X̂ in slot order into dxo, given weights(i, ci, ŝ, pcls, pok, nt, w), which
+  // fills w[q] = ∂L/∂ŝ(i, q) for the tile's columns (a term where pcls[q] != ci and pok[q];
+  // 0 elsewhere) of an anchor with active(i); a whole row at once, so that a loss can take
+  // its exps as one vectorised pass. weights runs on one thread per anchor class: it may
+  // write per-anchor state of i. See the file comment for the routing.
+  template <class Active, class Weights>
+  void backward_sweep(at::Tensor& dxo, Active&& active, Weights&& weights) {
     const int64_t n = L.n, D = xo.size(1);
     std::vector<T> dnorm(L.S * n, T(0));  // ∂L/∂‖p‖ per synthetic point
     auto want = [&](int64_t i) { return amask[i] && active(i); };
@@ -342,29 +350,30 @@ struct EeOp {
           // 1) ŝ and its argmax for the chunk's anchors, then per anchor class (its rows of Tg
           // and its segments' dnorm are its own)
           tile_closest(t1, H.data(), nt, qn.data(), want, best.data(), arg.data());
-          at::parallel_for(k0, k1, 1, [&](int64_t a0, int64_t a1) {
+          parallel_tasks(k1 - k0, [&](int64_t kc) {
+            const int64_t c = k0 + kc;
             std::vector<EePt<T>> side;
-            for (int64_t c = a0; c < a1; ++c)
-              for (int64_t s = L.cstart[c]; s < L.cstart[c + 1]; ++s) {
-                const int64_t r = s - r0, i = L.order[s];
-                if (!want(i)) continue;
-                side_of(r, r0, side);
-                const T* br = best.data() + r * nt;
-                const T* ar = arg.data() + r * nt;
-                for (int64_t q = 0; q < nt; ++q) {
-                  if (pcls[q0 + q] == c || !pok[q0 + q]) continue;
-                  const T sh = br[q];
-                  const T ws = weight(i, sh);
-                  if (ws == T(0)) continue;
-                  const EePt<T>& a = side[int64_t(ar[q])];
-                  const T wi = ws / (a.norm * qn[q]);
-                  Tg[a.u * nt + q] += a.lam * wi;
-                  if (a.pid >= 0) {
-                    Tg[a.w * nt + q] += a.mu * wi;
-                    dnorm[a.pid] -= ws * sh / a.norm;
-                  }
+            std::vector<T> w(nt);
+            for (int64_t s = L.cstart[c]; s < L.cstart[c + 1]; ++s) {
+              const int64_t r = s - r0, i = L.order[s];
+              if (!want(i)) continue;
+              side_of(r, r0, side);
+              const T* br = best.data() + r * nt;
+              const T* ar = arg.data() + r * nt;
+              weights(i, c, br, pcls.data() + q0, pok.data() + q0, nt, w.data());
+              for (int64_t q = 0; q < nt; ++q) {
+                const T ws = w[q];
+                if (ws == T(0)) continue;
+                const T sh = br[q];
+                const EePt<T>& a = side[int64_t(ar[q])];
+                const T wi = ws / (a.norm * qn[q]);
+                Tg[a.u * nt + q] += a.lam * wi;
+                if (a.pid >= 0) {
+                  Tg[a.w * nt + q] += a.mu * wi;
+                  dnorm[a.pid] -= ws * sh / a.norm;
                 }
               }
+            }
           });
           // 2) ∂L/∂‖q‖ = −(1/‖q‖) Σ_r Tg[r, q] H[r, q], a block of columns per task, rows
           // outer so that both tiles are read along their rows (the sum per column is still
@@ -494,9 +503,10 @@ at::Tensor ee_neg_lse_fwd_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       }
       if (tmax == ninf) return;
       const T m = std::max(mx[i], tmax);
+      for (int64_t c = 0; c < nt; ++c) best[c] -= m;  // −inf stays −inf: e^x = 0
+      exp_row(best, nt);
       T acc = sm[i] * std::exp(mx[i] - m);
-      for (int64_t c = 0; c < nt; ++c)
-        if (best[c] != ninf) acc += std::exp(best[c] - m);
+      for (int64_t c = 0; c < nt; ++c) acc += best[c];
       mx[i] = m, sm[i] = acc;
     });
     T* o = out.data_ptr<T>();
@@ -530,9 +540,16 @@ at::Tensor ee_neg_lse_bwd_cpu(const at::Tensor& grad_, const at::Tensor& lse_,
     const T* ls = lse.data_ptr<T>();
     op.backward_sweep(
         dxo, [&](int64_t i) { return g[i] != T(0) && ls[i] != -std::numeric_limits<T>::infinity(); },
-        [&](int64_t i, T sh) {
-          const T m = op.metric(sh);
-          return g[i] * std::exp(op.scale * m + op.offset - ls[i]) * op.scale * op.dmetric(m);
+        [&](int64_t i, int64_t ci, const T* sh, const int64_t* pcls, const char* pok,
+            int64_t nt, T* w) {
+          // g · e^{scale·m̂ + offset − lse} · scale · ∂m̂/∂ŝ, the exps as one pass (e^−inf = 0)
+          const T ninf = -std::numeric_limits<T>::infinity();
+          for (int64_t q = 0; q < nt; ++q)
+            w[q] = pcls[q] == ci || !pok[q] ? ninf : op.scale * op.metric(sh[q]) + op.offset - ls[i];
+          exp_row(w, nt);
+          const T gs = g[i] * op.scale;
+          for (int64_t q = 0; q < nt; ++q)
+            if (w[q] != T(0)) w[q] *= gs * op.dmetric(op.metric(sh[q]));
         });
   });
   return unslot(L, labels, dxo);
@@ -648,15 +665,20 @@ std::tuple<at::Tensor, at::Tensor> ee_triplet_bwd_cpu(
     const T m = T(margin);
     op.backward_sweep(
         dxo, [&](int64_t i) { return g[i] != T(0) && off[i + 1] > off[i]; },
-        [&](int64_t i, T sh) {
-          const T mh = op.metric(sh);
-          T sum = 0;
-          for (int64_t j = off[i]; j < off[i + 1]; ++j) {
-            const T df = g[i] * ee_trip_df((l2 ? pv[j] - mh : mh - pv[j]) + m, smooth);
-            sum += df;
-            dp[j] += l2 ? df : -df;
+        [&](int64_t i, int64_t ci, const T* sh, const int64_t* pcls, const char* pok,
+            int64_t nt, T* w) {
+          for (int64_t q = 0; q < nt; ++q) {
+            w[q] = T(0);
+            if (pcls[q] == ci || !pok[q]) continue;
+            const T mh = op.metric(sh[q]);
+            T sum = 0;
+            for (int64_t j = off[i]; j < off[i + 1]; ++j) {
+              const T df = g[i] * ee_trip_df((l2 ? pv[j] - mh : mh - pv[j]) + m, smooth);
+              sum += df;
+              dp[j] += l2 ? df : -df;
+            }
+            w[q] = (l2 ? -sum : sum) * op.dmetric(mh);
           }
-          return (l2 ? -sum : sum) * op.dmetric(mh);
         });
   });
   return {unslot(L, labels, dxo), dpos};

@@ -1,0 +1,28 @@
+// Tasks of uneven size (a class's work grows as its size squared) handed out one at a time
+// to ATen's threads: at::parallel_for cuts its range into one contiguous piece per thread, so
+// a run of large classes leaves the other threads waiting at the join. Each task must write
+// only its own outputs, so the results do not depend on which thread runs it.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace metrix_ops {
+
+// fn(k) for every k in [0, n)
+template <class Fn>
+void parallel_tasks(int64_t n, Fn&& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n;
+         k = next.fetch_add(1, std::memory_order_relaxed))
+      fn(k);
+  });
+}
+
+}  // namespace metrix_ops
