@@ -89,6 +89,8 @@ inline const LseMixKernels<double>& lse_mix_kernels<double>() { return lse_mix_k
 template <typename T, int W>
 struct CircleLanes {
   using P = CircleConsts<T>;
+  // no fixed shifts: γ = 80 spans e^{±300} over s̃ ∈ [−1, 1] (two passes, LseMixKernel::fold)
+  static MO_INLINE bool shifts(const P&, T&, T&) { return false; }
   template <class F>
   static MO_INLINE LseMixTerms<F> at(const P& c, F v) { return circle_mix_terms<F, T>(v, c); }
 };
@@ -96,6 +98,14 @@ struct CircleLanes {
 template <typename T, int W>
 struct LiftedLanes {
   using P = LiftedMixParams<T>;
+  // The exponents' largest values over the metric's range for a true cosine s̃ ∈ [−1, 1]
+  // (d ∈ [0, 2], or s̃ itself): every such candidate's e^{x − shift} lies in [e^{−2}, 1], so
+  // one pass of sums needs no maxima (LseMixKernel::fold)
+  static MO_INLINE bool shifts(const P& p, T& pos, T& neg) {
+    pos = p.cosine ? p.pos_margin + T(1) : T(2) - p.pos_margin;
+    neg = p.cosine ? T(1) - p.neg_margin : p.neg_margin;
+    return true;
+  }
   // L2: d from 2 − 2s̃, and coincident (d = 0, no slope) below `far_from` (lifted_metrix.h)
   template <class F>
   static MO_INLINE LseMixTerms<F> at_far_from(const P& p, F v, T far_from) {
@@ -142,12 +152,36 @@ struct LseMixKernel {
   using B = LseMixBlock<T, P>;
 
   // Folds anchors [a0, a1)'s candidates in this block into pos[a], neg[a]: the maxima of
-  // each side's exponents, then the sums of e^{x − max} (exact log-sum-exps at any γ).
+  // each side's exponents, then the sums of e^{x − max} (exact log-sum-exps at any γ). A
+  // loss whose exponents have fixed shifts (Terms::shifts: GeneralizedLifted) takes one pass
+  // of Σ e^{x − shift} instead, as MS's kernels do; an anchor whose sums come out 0, too
+  // large or NaN (a candidate far outside [−1, 1], from a mix of near-antipodal points whose
+  // norm is clamped) is redone with the two passes.
   static MO_INLINE void fold(const B& b, int64_t a0, int64_t a1, OnlineLse<T>* pos,
                              OnlineLse<T>* neg) {
     const T inf = std::numeric_limits<T>::infinity();
     const F zero{};
+    T shp = inf, shn = inf;
+    const bool one_pass = Terms<T, W>::shifts(b.p, shp, shn);
     for (int64_t a = a0; a < a1; ++a) {
+      if (one_pass) {
+        F sp{}, sn{};
+        I any{};
+        M::for_candidates(b, a, [&](F v, auto ok) MO_LAMBDA_INLINE {
+          const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
+          sp += ok ? L::exp(t.pos - shp) : zero;
+          sn += ok ? L::exp(t.neg - shn) : zero;
+          any |= ok;
+        });
+        if (!M::any_lane(any)) continue;  // no negative in these columns
+        const T tp = M::sum(sp), tn = M::sum(sn);
+        // in-range terms are ≥ e^{−2} and ≤ 1 each: far from 0 and from 1e30
+        if (tp > T(0) && tp < T(1e30) && tn > T(0) && tn < T(1e30)) {
+          pos[a].merge(OnlineLse<T>{shp, tp});
+          neg[a].merge(OnlineLse<T>{shn, tn});
+          continue;
+        }
+      }
       F hp = zero - inf, hn = zero - inf;
       I any{};
       M::for_candidates(b, a, [&](F v, auto ok) MO_LAMBDA_INLINE {

@@ -67,20 +67,22 @@ inline ClassLayout class_layout(const at::Tensor& labels, int64_t block) {
   return c;
 }
 
-// s_ap for every pair of rows of one class, in the layout's order
+// s_ap for every pair of rows of one class, in the layout's order: a class's rows are
+// contiguous (the batch is label-sorted) and its entries a K×K row-major block at the first
+// row's wc_off, so each class is one product X_c X_cᵀ written in place (a scalar dot per
+// pair, as before, did not vectorise: 2× the mixed term's overhead at B = 4096, D = 512)
 template <typename T>
 std::vector<T> within_class_cosines(const at::Tensor& x, const ClassLayout& c) {
   std::vector<T> wc(c.wc_size);
-  const T* xp = x.data_ptr<T>();
-  const int64_t B = x.size(0), D = x.size(1);
-  at::parallel_for(0, B, 16, [&](int64_t a0, int64_t a1) {
-    for (int64_t a = a0; a < a1; ++a)
-      for (int64_t p = c.lo[a]; p < c.hi[a]; ++p) {
-        T acc = 0;
-#pragma omp simd reduction(+ : acc)  // a reordered sum, as the product's own
-        for (int64_t k = 0; k < D; ++k) acc += xp[a * D + k] * xp[p * D + k];
-        wc[c.wc_off[a] + (p - c.lo[a])] = acc;
-      }
+  std::vector<int64_t> starts;
+  for (int64_t a = 0; a < x.size(0); a = c.hi[a]) starts.push_back(a);
+  at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t lo = starts[k], K = c.hi[lo] - lo;
+      const at::Tensor xc = x.narrow(0, lo, K).detach();  // mm_out records no graph
+      at::Tensor out = at::from_blob(wc.data() + c.wc_off[lo], {K, K}, xc.options());
+      at::mm_out(out, xc, xc.t());
+    }
   });
   return wc;
 }
