@@ -88,12 +88,20 @@ struct ConMixRowKernel {
     }
   }
 
+  // c += 1 in the lanes of mask. A vector comparison's true lane is −1, so it is subtracted:
+  // no select on the combined mask, which GCC lowers one lane at a time under AVX-512
+  // (ms_simd.cpp). One lane: a bool.
+  template <class Mask>
+  static MO_INLINE void count(I& c, Mask mask) {
+    if constexpr (W == 1) c += mask ? 1 : 0;
+    else c -= mask;
+  }
+
   // Adds anchors [a0, a1)'s terms to acc: per side the sum of the terms and how many are
   // > 0, in double per positive (a row of W-lane partial sums is short)
   template <bool Cos>
   static MO_INLINE void fold_as(const ConMixBlock<T>& b, int64_t a0, int64_t a1, ConAcc* acc) {
     const F zero{};
-    const I one = I{} + 1, none{};
     for (int64_t a = a0; a < a1; ++a) {
       const T* sa = b.s + (a - b.r0) * b.nc;
       const int32_t la = b.row_lab[a];
@@ -106,8 +114,8 @@ struct ConMixRowKernel {
           const ConMixTerms<F> t = terms<Cos>(b, v);
           sp += ok ? t.pos : zero;
           sn += ok ? t.neg : zero;
-          cp += (ok & (t.pos > T(0))) ? one : none;
-          cn += (ok & (t.neg > T(0))) ? one : none;
+          count(cp, ok & (t.pos > T(0)));
+          count(cn, ok & (t.neg > T(0)));
         });
         auto add = [](int64_t x, int64_t y) { return x + y; };
         out.pos_sum += M::sum(sp);

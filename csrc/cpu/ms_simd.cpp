@@ -64,12 +64,14 @@ MO_MS_LEVEL(baseline, , 4)  // SSE2 on x86-64, NEON on aarch64: both have 4-floa
 #undef MO_MS_LEVEL
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The default on an AVX-512 CPU: the AVX2 kernels, except MS's two Metrix kernels at 16
-// lanes. Their hot loops compile to whole-register code (k-mask selects, no spills; only
-// the rare two-pass fallback of mix_fold has lane-by-lane compares), and they are what
-// Metrix-MS spends its extra time in: one thread, B = 2048, D = 128, forward 57 → 47 ms
-// and backward 93 → 78 ms over three interleaved runs (the clean MS kernels and the
-// contrastive Metrix kernels are slower at 16 lanes: 155 → 270 ms for Metrix-contrastive).
+// The default on an AVX-512 CPU: the AVX2 kernels, except the Metrix kernels (MS's two here,
+// contrastive's in con_of) at 16 lanes. Their hot loops compile to whole-register code
+// (k-mask selects, no spills; only the rare two-pass fallback of mix_fold has lane-by-lane
+// compares), and they are what the Metrix losses spend their extra time in: Metrix-MS on one
+// thread, B = 2048, D = 128, forward 57 → 47 ms and backward 93 → 78 ms over three
+// interleaved runs; Metrix-contrastive (since its counts stopped selecting on a combined
+// mask) fwd+bwd 560–573 → 491–507 ms at B = 4096, D = 512. The clean MS kernels stay at
+// AVX2 (default_level below).
 const MsKernels<float> k_avx2_mix512{&fold_avx2,      &grad_avx2,      &fold_cols_avx2,
                                      &grad_sym_avx2,  &exp_avx2,       &mix_fold_avx512,
                                      &mix_grad_avx512, "avx2"};
@@ -119,7 +121,8 @@ const MsKernels<float>* by_name(const char* level) {
 const ConMixKernels<float>& con_of(const MsKernels<float>& k) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (&k == &k_avx512) return c_avx512;
-  if (&k == &k_avx2 || &k == &k_avx2_mix512) return c_avx2;
+  if (&k == &k_avx2_mix512) return c_avx512;
+  if (&k == &k_avx2) return c_avx2;
 #endif
   return c_baseline;
 }
