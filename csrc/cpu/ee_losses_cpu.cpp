@@ -28,7 +28,9 @@
 // anchor-side point, and (from T ⊙ H summed over a column) to ∂L/∂‖q‖; T becomes ∂L/∂U, and
 // dX̂ += ∂L/∂U X̂_C2 for C1, ∂L/∂Uᵀ X̂_C1 for C2 (block products, in a fixed order). The norms'
 // gradients reach the within-class Gram entries g_uu, g_uw, g_wu, g_ww of their segments.
-// Deterministic for a given thread count: no atomics, every accumulator has one writer.
+// Deterministic for a given thread count: no atomic accumulation, every accumulator has one
+// writer (tasks are handed out by an atomic counter, parallel_tasks.h, but each writes only
+// its own outputs).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>

@@ -71,7 +71,8 @@ struct MsKernels {
 };
 
 // The fp32 kernels of the level in use: METRIX_OPS_SIMD=avx512|avx2|baseline when set (an
-// error if this CPU lacks it), else AVX2 where the CPU has it (ms_simd.cpp: default_level).
+// error if this CPU lacks it), else AVX2 where the CPU has it, its Metrix kernels at 16 lanes
+// where it has AVX-512 (ms_simd.cpp: default_level).
 const MsKernels<float>& ms_kernels_f32();
 // Whether this CPU runs level "avx512", "avx2" or "baseline"; whether METRIX_OPS_SIMD is
 // unset or "auto" (ms_simd.cpp)

@@ -127,8 +127,8 @@ const ConMixKernels<float>& con_of(const MsKernels<float>& k) {
   return c_baseline;
 }
 
-
-// The default level: AVX2 where the CPU has it, not AVX-512. GCC (12) gives a comparison
+// The default level: AVX2 where the CPU has it, not AVX-512 (but with the Metrix kernels of
+// k_avx2_mix512 at 16 lanes on an AVX-512 CPU, above). GCC (12) gives a comparison
 // inside these kernel templates, which carry no target attribute of their own, an integer
 // vector type; under AVX-512 (whose comparisons yield mask registers) every mask that is
 // combined (ok & (v < lo), nested selects) is then lowered one lane at a time: objdump
