@@ -247,37 +247,35 @@ struct EeOp {
       sr.hu.resize(n), sr.hw.resize(n), sr.lam.resize(n), sr.mu.resize(n), sr.norm.resize(n);
       std::vector<T> M, K, base;  // M, K: a row per segment of the class (its seg_rank)
       std::vector<const T*> mp, kp;
-      {
-        const Task tk = tasks[k];
-        const std::vector<int64_t>& segs = L.class_segs[tk.c];
-        const int64_t ns = int64_t(segs.size());
-        M.resize(ns * tk.w), K.resize(ns * tk.w);
-        for (int64_t g = 0; g < ns; ++g) {
-          const int64_t e = segs[g];
-          const int64_t u = L.slot[L.si[e]] - r0, v = L.slot[L.sj[e]] - r0;
-          for (int64_t t = 0; t < n; ++t) {
-            const T lam = ee_lambda<T>(t + 1, n);
-            sr.hu[t] = H + u * nt + tk.q0, sr.hw[t] = H + v * nt + tk.q0;
-            sr.lam[t] = lam, sr.mu[t] = T(1) - lam, sr.norm[t] = nrm[e * n + t];
-          }
-          seg_kernel({sr.hu.data(), sr.hw.data(), sr.lam.data(), sr.mu.data(), sr.norm.data(),
-                      n},
-                     qn + tk.q0, tk.w, M.data() + g * tk.w, K.data() + g * tk.w);
+      const Task tk = tasks[k];
+      const std::vector<int64_t>& segs = L.class_segs[tk.c];
+      const int64_t ns = int64_t(segs.size());
+      M.resize(ns * tk.w), K.resize(ns * tk.w);
+      for (int64_t g = 0; g < ns; ++g) {
+        const int64_t e = segs[g];
+        const int64_t u = L.slot[L.si[e]] - r0, v = L.slot[L.sj[e]] - r0;
+        for (int64_t t = 0; t < n; ++t) {
+          const T lam = ee_lambda<T>(t + 1, n);
+          sr.hu[t] = H + u * nt + tk.q0, sr.hw[t] = H + v * nt + tk.q0;
+          sr.lam[t] = lam, sr.mu[t] = T(1) - lam, sr.norm[t] = nrm[e * n + t];
         }
-        for (int64_t s = L.cstart[tk.c]; s < L.cstart[tk.c + 1]; ++s) {
-          const int64_t r = s - r0, i = L.order[s];
-          if (!want(i)) continue;
-          mp.clear(), kp.clear(), base.clear();
-          for (const int64_t e : L.of_anchor[i]) {
-            const int64_t g = L.seg_rank[e];
-            mp.push_back(M.data() + g * tk.w);
-            kp.push_back(K.data() + g * tk.w);
-            base.push_back(T(1 + int64_t(base.size()) * n));
-          }
-          combine_kernel(H + r * nt + tk.q0,
-                         {mp.data(), kp.data(), base.data(), int64_t(mp.size())}, qn + tk.q0,
-                         tk.w, best + r * nt + tk.q0, arg + r * nt + tk.q0);
+        seg_kernel({sr.hu.data(), sr.hw.data(), sr.lam.data(), sr.mu.data(), sr.norm.data(),
+                    n},
+                   qn + tk.q0, tk.w, M.data() + g * tk.w, K.data() + g * tk.w);
+      }
+      for (int64_t s = L.cstart[tk.c]; s < L.cstart[tk.c + 1]; ++s) {
+        const int64_t r = s - r0, i = L.order[s];
+        if (!want(i)) continue;
+        mp.clear(), kp.clear(), base.clear();
+        for (const int64_t e : L.of_anchor[i]) {
+          const int64_t g = L.seg_rank[e];
+          mp.push_back(M.data() + g * tk.w);
+          kp.push_back(K.data() + g * tk.w);
+          base.push_back(T(1 + int64_t(base.size()) * n));
         }
+        combine_kernel(H + r * nt + tk.q0,
+                       {mp.data(), kp.data(), base.data(), int64_t(mp.size())}, qn + tk.q0,
+                       tk.w, best + r * nt + tk.q0, arg + r * nt + tk.q0);
       }
     });
   }
