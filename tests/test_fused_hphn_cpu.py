@@ -145,6 +145,19 @@ def test_indices_equal_reference_signed_floors(n):
     assert (s.max(1).values <= 0).any() and (s.max(1).values > 0).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_indices_equal_reference_realistic_pruning(dtype):
+    """A shape where the synthetic points' search prunes as on real batches (~8 per class,
+    n = 8, 24-d): a segment keeps few of the slots (the two-level marks, group maxima then
+    slots), and the pair-of-arcs bound (all n × n pairs of two segments' points in one test)
+    skips most of the segments those slots end. Any bound that skipped a pick would show."""
+    x, y = batch(168, 24, 21, seed=5, dtype=dtype)
+    expect = ref_picks(x.double(), y, 8, "all", CosineSimilarity())
+    for chunk in (256, 30):
+        got = fused_picks(x, y, 8, "all", chunk)
+        assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("n", [3, 8])
 def test_fp32_indices_every_simd_level(level, n):

@@ -197,13 +197,14 @@ struct EeSegMarksKernel {
           mx = v > mx ? v : mx;  // NaN never wins, as a point's own mark ignores it
         }
         const I hit = mx * k >= fm;
+        if (!any_lane<W>(hit)) continue;  // the common case
         int32_t h[W];
         std::memcpy(h, &hit, sizeof(h));
-        int any = 0;
-        for (int l = 0; l < W; ++l) any |= h[l];
-        if (!any) continue;  // the common case
-        for (int l = 0; l < W; ++l)
-          if (h[l]) marked[count++] = s + l;
+        // branch-free: a vector with a hit often has several, at random lanes
+        for (int l = 0; l < W; ++l) {
+          marked[count] = s + l;
+          count += h[l] & 1;
+        }
       }
     }
     for (; s < B; ++s) {  // the tail (all of it for W = 1), the same arithmetic per lane
@@ -213,6 +214,46 @@ struct EeSegMarksKernel {
         mx = v > mx ? v : mx;
       }
       if (mx * km[s] >= fm) marked[count++] = s;
+    }
+    return count;
+  }
+};
+
+// The second stage of the HPHN mining's two-level marks: seg_marks's marks within the listed
+// groups of kEeGroup slots only (groups[0..ng), increasing), written in increasing order.
+// Each group is one vector of 8 lanes (W is capped at 8).
+constexpr int64_t kEeGroup = 8;
+
+template <typename T>
+using EeGroupMarksFn = int64_t (*)(const T* a, const T* b, int64_t n, const T* Ui, const T* Uj,
+                                   const T* km, T fm, int64_t B, const int64_t* groups,
+                                   int64_t ng, int64_t* marked);
+
+EeGroupMarksFn<float> ee_group_marks_f32();
+EeGroupMarksFn<double> ee_group_marks_f64();
+template <typename T>
+EeGroupMarksFn<T> ee_group_marks();
+template <>
+inline EeGroupMarksFn<float> ee_group_marks<float>() { return ee_group_marks_f32(); }
+template <>
+inline EeGroupMarksFn<double> ee_group_marks<double>() { return ee_group_marks_f64(); }
+
+template <typename T, int W>
+struct EeGroupMarksKernel {
+  static inline __attribute__((always_inline)) int64_t run(const T* a, const T* b, int64_t n,
+                                                           const T* Ui, const T* Uj,
+                                                           const T* km, T fm, int64_t B,
+                                                           const int64_t* groups, int64_t ng,
+                                                           int64_t* marked) {
+    constexpr int V = W > 8 ? 8 : W;
+    int64_t count = 0;
+    for (int64_t t = 0; t < ng; ++t) {
+      const int64_t s0 = groups[t] * kEeGroup;
+      const int64_t len = B - s0 < kEeGroup ? B - s0 : kEeGroup;
+      const int64_t c = EeSegMarksKernel<T, V>::run(a, b, n, Ui + s0, Uj + s0, km + s0, fm,
+                                                    len, marked + count);
+      for (int64_t i = count; i < count + c; ++i) marked[i] += s0;
+      count += c;
     }
     return count;
   }

@@ -18,19 +18,20 @@
 // largest cosine skips its originals and bounds all its segments at once (ee_mix_bound); a
 // surviving segment is then skipped on ee_mix_bound and on its arc bound (ee_arc_below,
 // the cosine at the continuous maximiser along the segment), and only the rest are
-// evaluated at all n points. The synthetic anchor-side points search from a floor
-// (below), a segment's n points together: one vectorised pass over the endpoints' rows
-// takes each slot's largest cosine over the n points and marks the slots where a class's
-// bound could reach the floor (segment_best_above); only the marked classes get the points'
-// cosines, over their own slots, and each point walks those its own mark keeps, where a
-// walked class's segments are first bounded all at once on their arcs (class_arc_below).
-// The originals search the same way from their best original negative (a vectorised max
-// over the row, ee_row_max, then the marks of their one point).
-// Each segment is searched from the smaller of its endpoints' best so far (synthetic points
-// included), so the floors rise as the search goes and most synthetic points stay below
-// theirs. What remains is the marks' slack: their bound, the largest 1/‖v‖ of a slot's
-// segments times the cosine, is looser than the arc bound the walk applies, so most walked
-// classes end at class_arc_below.
+// evaluated at all n points. The originals search from a floor, their best original negative
+// (a vectorised max over the row, ee_row_max): one vectorised pass marks the slots whose
+// cosine, times the largest 1/‖v‖ of the segments they end (slot_kmax), reaches it
+// (seg_marks), and only those classes are walked, a walked class's segments first bounded
+// all at once on their arcs (class_arc_below).
+// The synthetic points search a segment's n points together (segment_best_above), from the
+// smaller of its endpoints' best so far (synthetic points included), so the floors rise as
+// the search goes. Their marks take two vectorised passes: on the rows' maxima over groups
+// of 8 slots, then on the slots of the marked groups. A kept slot brings its original and
+// the segments it ends; those are filtered on their bound from both endpoints' largest
+// cosines, then on the pair-of-arcs bound (ee_arcs_below: all n × n pairs of points of the
+// two segments in one test), and only the few left are searched point by point. On random
+// 128-d rows (B = 4096, ~8 per class) a segment keeps ~30 of 4096 slots, ~130 of their
+// ~225 segments pass the first filter and ~6 the second.
 //
 // Ties as the reference (reference/expansion_mining.py): the hardest negative is the lowest
 // point index (originals 0..B−1, then B + e·n + k−1), then the earliest anchor-side point
@@ -90,10 +91,16 @@ struct Miner {
   // cosine of any negative point the slot ends, over its original's (segment_best_above)
   std::vector<T> slot_kmax;
   std::vector<int64_t> slot_cls;        // per slot, its class
+  // slots in groups of kGroup (the last one shorter): per group the largest slot_kmax, for
+  // segment_best_above's first marks on the group maxima of the rows
+  static constexpr int64_t kGroup = kEeGroup;
+  std::vector<T> group_kmax;
   std::vector<int64_t> inc_ptr, inc_seg;  // per slot, the segments it ends (CSR)
+  std::vector<int64_t> inc_other;  // per entry of inc_seg, the segment's other endpoint slot
   std::vector<T> arc_p, arc_q;  // per class: max of its segments' p, r and of |q| (NaN: none)
   EeSegMarksFn<T> seg_marks = ee_seg_marks<T>();  // the level in use (ee_simd.cpp)
   EeRowMaxFn<T> row_max = ee_row_max<T>();
+  EeGroupMarksFn<T> group_marks = ee_group_marks<T>();
 
   T dot(int64_t a, int64_t b) const {
     const T* p = xu + a * D;
@@ -101,6 +108,24 @@ struct Miner {
     T s = 0;
     for (int64_t d = 0; d < D; ++d) s += p[d] * q[d];
     return s;
+  }
+
+  // Segment e's n points against one anchor-side point whose cosines with e's endpoints are
+  // uk, ul: into (best, bq) as visit_class's take, each bound first (ee_mix_bound, then the
+  // tighter, dearer arc bound), then the n cosines.
+  void segment_points(int64_t e, T uk, T ul, T& best, int64_t& bq) const {
+    if (ee_mix_bound(wmin[e], wmax[e], uk, ul) < best) return;
+    if (ee_arc_below(arc[e], uk, ul, best)) return;
+    const T* a = cu.data() + e * n;
+    const T* b = cw.data() + e * n;
+    T mm = ee_mix_sim(a[0], b[0], uk, ul);
+    for (int64_t t = 1; t < n; ++t) mm = std::max(mm, ee_mix_sim(a[t], b[t], uk, ul));
+    if (!(mm >= best)) return;  // the common case: one max per segment, no index work
+    for (int64_t t = 0; t < n; ++t) {
+      const T v = ee_mix_sim(a[t], b[t], uk, ul);
+      const int64_t q = B + e * n + t;
+      if (v > best || (v == best && q < bq)) best = v, bq = q;
+    }
   }
 
   // The hardest negative of one class m for anchor-side row u (class-sorted slots): its
@@ -119,17 +144,7 @@ struct Miner {
     if (mx >= best)
       for (int64_t s = s0; s < s1; ++s) take(u[s], order[s]);
     if (class_segs[m].empty() || ee_mix_bound(cwmin[m], cwmax[m], mx, mx) < best) return;
-    auto segment = [&](int64_t e) {
-      const T uk = u[pu[e]], ul = u[pw[e]];
-      if (ee_mix_bound(wmin[e], wmax[e], uk, ul) < best) return;
-      if (ee_arc_below(arc[e], uk, ul, best)) return;  // tighter, dearer
-      const T* a = cu.data() + e * n;
-      const T* b = cw.data() + e * n;
-      T mm = ee_mix_sim(a[0], b[0], uk, ul);
-      for (int64_t t = 1; t < n; ++t) mm = std::max(mm, ee_mix_sim(a[t], b[t], uk, ul));
-      if (!(mm >= best)) return;  // the common case: one max per segment, no index work
-      for (int64_t t = 0; t < n; ++t) take(ee_mix_sim(a[t], b[t], uk, ul), B + e * n + t);
-    };
+    auto segment = [&](int64_t e) { segment_points(e, u[pu[e]], u[pw[e]], best, bq); };
     if constexpr (!kMarked) {
       // the walk of every class (the originals' first pass): segment by segment, the
       // cheapest per class while the best is still rising
@@ -253,45 +268,127 @@ struct Miner {
     return {best, bq};
   }
 
+  // The largest entry of each group of kGroup slots of row u (B entries) into g (NaN never
+  // wins: −inf for a group of NaN).
+  void group_maxima(const T* u, T* g) const {
+    const int64_t full = B / kGroup;
+    for (int64_t k = 0; k < full; ++k) {  // a fixed trip count: unrolled
+      const T* v = u + k * kGroup;
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t s = 0; s < kGroup; ++s) m = v[s] > m ? v[s] : m;
+      g[k] = m;
+    }
+    if (full * kGroup < B) {
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t s = full * kGroup; s < B; ++s) m = u[s] > m ? u[s] : m;
+      g[full] = m;
+    }
+  }
+
+  // One thread's buffers for segment_best_above.
+  struct Scratch {
+    std::vector<T> u;  // B entries
+    std::vector<int64_t> groups, kept;  // the marked groups; the kept slots
+    std::vector<int32_t> local;  // per slot, its row among the kept (−1: none); reset after
+    std::vector<T> wtop;  // per kept slot, the n points' largest cosine with it
+    std::vector<int64_t> cand;   // the segments left by a filter
+  };
+
   // The best negative point (cosine, point index) of each of segment e's n synthetic points,
   // counting only cosines ≥ floor (kNone when none reaches it), into best[k], bq[k]; they
-  // share the floor and the endpoints' rows Ui, Uj. A point needs only the classes with a
-  // slot whose cosine times slot_kmax reaches the floor (floor_mark): no negative point of
-  // the others can. One vectorised pass over the slots (seg_marks, ee_closest.h) takes each
-  // slot's largest cosine over the n points and marks the slots where it reaches the floor
-  // (the union of the points' own marks: the product with km > 0 keeps the order); only the
-  // marked classes get the n points' cosines over their own slots, and each point walks
-  // those its own mark keeps. A floor ≤ 0 (every class visited) goes point by point.
-  void segment_best_above(int64_t e, const T* Ui, const T* Uj, int64_t c, T floor, T* best,
-                          int64_t* bq, T* u, std::vector<int64_t>& classes,
-                          std::vector<int64_t>& marked) const {
+  // share the floor and the endpoints' rows Ui, Uj (and their group maxima Gi, Gj). A
+  // negative point's cosine reaches the floor only if one of its segment's endpoints has,
+  // times slot_kmax, a cosine that does (ee_mix_bound; for an original, the point itself):
+  // such a slot is kept. One vectorised pass over the groups of kGroup slots (seg_marks,
+  // ee_closest.h, on the rows' group maxima and group_kmax: an upper bound of each member's
+  // mark, the coefficients being ≥ 0) marks the groups that can hold one; their slots are then
+  // tested one by one. The kept slots' originals are the points' candidates, and so are the
+  // segments that end at a kept slot, each from its first kept endpoint: first on its bound
+  // from both endpoints' largest cosines (ee_mix_bound), then on the pair-of-arcs bound of the
+  // two segments, one test for all n × n pairs of points (ee_arcs_below), then point by point
+  // (segment_points). A bound is tested against the n points' smallest best so far. A floor
+  // ≤ 0 (every class visited) goes point by point.
+  void segment_best_above(int64_t e, const T* Ui, const T* Uj, const T* Gi, const T* Gj,
+                          int64_t c, T floor, T* best, int64_t* bq, Scratch& sc) const {
     const T* a = cu.data() + e * n;
     const T* b = cw.data() + e * n;
-    const T fm = floor_mark(floor);
     if (!(floor > T(0))) {
+      if (int64_t(sc.u.size()) < B) sc.u.resize(B);
       for (int64_t k = 0; k < n; ++k) {
-        const auto r = best_negative_everywhere(Ui, Uj, a[k], b[k], c, floor, u);
+        const auto r = best_negative_everywhere(Ui, Uj, a[k], b[k], c, floor, sc.u.data());
         best[k] = r.first, bq[k] = r.second;
       }
       return;
     }
     for (int64_t k = 0; k < n; ++k) best[k] = floor, bq[k] = kNone;
-    const T* km = slot_kmax.data();
-    marked_classes(a, b, n, Ui, Uj, fm, c, marked, classes);
-    T* uk = u;  // B entries; a point's cosines over one class's slots at a time
-    for (int64_t m : classes) {
-      const int64_t s0 = cstart[m], s1 = cstart[m + 1];
+    if (int64_t(sc.kept.size()) < B) {
+      sc.groups.resize(B), sc.kept.resize(B), sc.local.assign(B, -1);
+      sc.wtop.resize(B + 1);
+    }
+    const T fm = floor_mark(floor);
+    const int64_t ng = int64_t(group_kmax.size());
+    const int64_t nm = seg_marks(a, b, n, Gi, Gj, group_kmax.data(), fm, ng, sc.groups.data());
+    auto take = [&](int64_t k, T v, int64_t q) {
+      if (v > best[k] || (v == best[k] && q < bq[k])) best[k] = v, bq[k] = q;
+    };
+    const int64_t own0 = cstart[c], own1 = cstart[c + 1];
+    int64_t* kept = sc.kept.data();
+    const int64_t ns =
+        group_marks(a, b, n, Ui, Uj, slot_kmax.data(), fm, B, sc.groups.data(), nm, kept);
+    int64_t nk = 0;
+    for (int64_t t = 0; t < ns; ++t) {
+      const int64_t s = kept[t];
+      if (s >= own0 && s < own1) continue;
+      T top = -std::numeric_limits<T>::infinity();  // NaN never wins, as in the marks
       for (int64_t k = 0; k < n; ++k) {
-        int hit = 0;  // the point's own mark
-        for (int64_t s = s0; s < s1; ++s) {
-          const T v = ee_mix_sim(a[k], b[k], Ui[s], Uj[s]);
-          uk[s] = v;
-          hit |= v * km[s] >= fm;
-        }
-        if (hit) visit_class<true>(uk, m, best[k], bq[k]);
+        const T w = ee_mix_sim(a[k], b[k], Ui[s], Uj[s]);
+        top = w > top ? w : top;
+        take(k, w, order[s]);
+      }
+      sc.wtop[nk] = top;
+      sc.local[s] = int32_t(nk);
+      kept[nk++] = s;  // compacted in place (nk ≤ t)
+    }
+    // The segments that end at a kept slot, each once (from its first kept endpoint): on their
+    // bound from both endpoints' largest cosines (ee_mix_bound), then on the pair-of-arcs
+    // bound, against the points' smallest best after the originals (it only rises); the
+    // few left point by point. The two filters are branch-free passes: about half of the
+    // first's candidates fail it, in no order a branch could predict.
+    T lo = best[0];
+    for (int64_t k = 1; k < n; ++k) lo = best[k] < lo ? best[k] : lo;
+    sc.wtop[nk] = -std::numeric_limits<T>::infinity();  // an endpoint not kept
+    if (sc.cand.size() < inc_seg.size()) sc.cand.resize(inc_seg.size());
+    int64_t* cand = sc.cand.data();
+    int64_t nc = 0;
+    for (int64_t r = 0; r < nk; ++r) {
+      const int64_t s = kept[r];
+      const T top_s = sc.wtop[r];
+      for (int64_t i = inc_ptr[s]; i < inc_ptr[s + 1]; ++i) {
+        const int64_t f = inc_seg[i], o = inc_other[i];
+        const int32_t ro = sc.local[o];
+        // an endpoint not kept has cosines below the floor even times slot_kmax
+        const T top_o = sc.wtop[ro >= 0 ? ro : nk];
+        const T top = top_o > top_s ? top_o : top_s;
+        const bool walked = ro >= 0 && o < s;  // walked from o
+        cand[nc] = f;
+        nc += !walked & !(ee_mix_bound(wmin[f], wmax[f], top, top) < lo);
       }
     }
-    classes.clear();
+    const EeArc<T>& ae = arc[e];
+    int64_t np = 0;
+    for (int64_t t = 0; t < nc; ++t) {
+      const int64_t f = cand[t];
+      cand[np] = f;
+      np += !ee_arcs_below(ae, arc[f], Ui[pu[f]], Ui[pw[f]], Uj[pu[f]], Uj[pw[f]], lo);
+    }
+    for (int64_t t = 0; t < np; ++t) {
+      const int64_t f = cand[t];
+      const T ik = Ui[pu[f]], il = Ui[pw[f]], jk = Uj[pu[f]], jl = Uj[pw[f]];
+      for (int64_t k = 0; k < n; ++k)
+        segment_points(f, ee_mix_sim(a[k], b[k], ik, jk), ee_mix_sim(a[k], b[k], il, jl),
+                       best[k], bq[k]);
+    }
+    for (int64_t r = 0; r < nk; ++r) sc.local[kept[r]] = -1;
   }
 };
 
@@ -405,11 +502,16 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
     }
     for (int64_t k = 0; k < B; ++k) mn.inc_ptr[k + 1] += mn.inc_ptr[k];
     mn.inc_seg.resize(mn.inc_ptr[B]);
+    mn.inc_other.resize(mn.inc_ptr[B]);
     {
       std::vector<int64_t> fill(mn.inc_ptr.begin(), mn.inc_ptr.end() - 1);
       for (int64_t e = 0; e < S; ++e) {
+        mn.inc_other[fill[mn.pu[e]]] = mn.pw[e];
         mn.inc_seg[fill[mn.pu[e]]++] = e;
-        if (mn.pw[e] != mn.pu[e]) mn.inc_seg[fill[mn.pw[e]]++] = e;
+        if (mn.pw[e] != mn.pu[e]) {
+          mn.inc_other[fill[mn.pw[e]]] = mn.pu[e];
+          mn.inc_seg[fill[mn.pw[e]]++] = e;
+        }
       }
     }
     mn.slot_kmax.resize(B);
@@ -422,6 +524,12 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
         mn.slot_kmax[s] = w * (T(1) + 32 * std::numeric_limits<T>::epsilon());
         mn.slot_cls[s] = c;
       }
+    const int64_t ng = (B + Miner<T>::kGroup - 1) / Miner<T>::kGroup;
+    mn.group_kmax.assign(ng, T(0));
+    for (int64_t s = 0; s < B; ++s) {
+      T& g = mn.group_kmax[s / Miner<T>::kGroup];
+      g = std::max(g, mn.slot_kmax[s]);
+    }
     // X̂ in slot order: U's columns are then class-contiguous
     at::Tensor xo = x.index_select(0, at::from_blob(order.data(), {B}, labels.options()));
 
@@ -436,6 +544,11 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       // nr × B, row r: original rows[r] (slot r0 + r); columns in slot order
       at::Tensor U = at::mm(xo.narrow(0, r0, nr), xo.t()).contiguous();
       const T* Up = U.data_ptr<T>();
+      // per row, the largest entry of each group of slots
+      std::vector<T> GU(nr * ng);
+      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) mn.group_maxima(Up + r * B, GU.data() + r * ng);
+      });
 
       // the chunk's anchor-side points: its originals, then (segment, k) of its classes
       std::vector<int64_t> pt_seg;  // segment of synthetic point r − nr
@@ -482,15 +595,16 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
         if (first_neg[c] >= 0)
           chunk_segs.insert(chunk_segs.end(), class_segs[c].begin(), class_segs[c].end());
       at::parallel_for(0, int64_t(chunk_segs.size()), 1, [&](int64_t g0, int64_t g1) {
-        std::vector<T> buf(B);
-        std::vector<int64_t> classes, marked, bq(n);
+        typename Miner<T>::Scratch sc;
+        std::vector<int64_t> bq(n);
         for (int64_t g = g0; g < g1; ++g) {
           const int64_t e = chunk_segs[g], p = seg_base[e];
           const int64_t li = local[segs.si[e]], lj = local[segs.sj[e]];
           const T floor = std::min(abest[li].load(std::memory_order_relaxed),
                                    abest[lj].load(std::memory_order_relaxed));
-          mn.segment_best_above(e, Up + li * B, Up + lj * B, segs.cls[e], floor,
-                                best.data() + p, bq.data(), buf.data(), classes, marked);
+          mn.segment_best_above(e, Up + li * B, Up + lj * B, GU.data() + li * ng,
+                                GU.data() + lj * ng, segs.cls[e], floor,
+                                best.data() + p, bq.data(), sc);
           for (int64_t t = 0; t < n; ++t) {
             bestq[p + t] = bq[t] == Miner<T>::kNone ? -1 : bq[t];
             if (bestq[p + t] < 0) continue;

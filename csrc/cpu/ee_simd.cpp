@@ -20,6 +20,7 @@ struct EeLevel {
   EeCombineFn<float> combine;
   EeSegMarksFn<float> seg_marks;
   EeRowMaxFn<float> row_max;
+  EeGroupMarksFn<float> group_marks;
 };
 
 #define MO_EE_LEVEL(NAME, TARGET, W)                                                     \
@@ -39,8 +40,15 @@ struct EeLevel {
   TARGET void row_max_##NAME(const float* u, int64_t count, float* mx, int* nan) {       \
     EeRowMaxKernel<float, W>::run(u, count, mx, nan);                                    \
   }                                                                                      \
+  TARGET int64_t group_marks_##NAME(const float* a, const float* b, int64_t n,           \
+                                    const float* Ui, const float* Uj, const float* km,   \
+                                    float fm, int64_t B, const int64_t* groups,          \
+                                    int64_t ng, int64_t* marked) {                       \
+    return EeGroupMarksKernel<float, W>::run(a, b, n, Ui, Uj, km, fm, B, groups, ng,     \
+                                             marked);                                    \
+  }                                                                                      \
   const EeLevel level_##NAME{&closest_##NAME, &combine_##NAME, &seg_marks_##NAME,         \
-                            &row_max_##NAME};
+                            &row_max_##NAME, &group_marks_##NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 MO_EE_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2"))), 16)
@@ -67,6 +75,12 @@ int64_t seg_marks_f64(const double* a, const double* b, int64_t n, const double*
 
 void row_max_f64(const double* u, int64_t count, double* mx, int* nan) {
   EeRowMaxKernel<double, 1>::run(u, count, mx, nan);
+}
+
+int64_t group_marks_f64(const double* a, const double* b, int64_t n, const double* Ui,
+                        const double* Uj, const double* km, double fm, int64_t B,
+                        const int64_t* groups, int64_t ng, int64_t* marked) {
+  return EeGroupMarksKernel<double, 1>::run(a, b, n, Ui, Uj, km, fm, B, groups, ng, marked);
 }
 
 // The level in use, for all three kernels (the marks' and the maxima's loops also compile
@@ -96,5 +110,7 @@ EeSegMarksFn<float> ee_seg_marks_f32() { return ee_level().seg_marks; }
 EeSegMarksFn<double> ee_seg_marks_f64() { return &seg_marks_f64; }
 EeRowMaxFn<float> ee_row_max_f32() { return ee_level().row_max; }
 EeRowMaxFn<double> ee_row_max_f64() { return &row_max_f64; }
+EeGroupMarksFn<float> ee_group_marks_f32() { return ee_level().group_marks; }
+EeGroupMarksFn<double> ee_group_marks_f64() { return &group_marks_f64; }
 
 }  // namespace metrix_ops
