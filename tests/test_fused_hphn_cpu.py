@@ -153,17 +153,20 @@ def test_indices_equal_reference_realistic_pruning(dtype):
     skips most of the segments those slots end. Any bound that skipped a pick would show."""
     x, y = batch(168, 24, 21, seed=5, dtype=dtype)
     expect = ref_picks(x.double(), y, 8, "all", CosineSimilarity())
-    for chunk in (256, 30):
-        got = fused_picks(x, y, 8, "all", chunk)
-        assert torch.equal(got, expect), (chunk, (got != expect).nonzero()[:5])
+    # fp32: the pair filter's double lanes differ per level (fp64 runs it scalar)
+    for level in LEVELS if dtype == torch.float32 else ["auto"]:
+        for chunk in (256, 30):
+            with simd_level(level):
+                got = fused_picks(x, y, 8, "all", chunk)
+            assert torch.equal(got, expect), (level, chunk, (got != expect).nonzero()[:5])
 
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("n", [3, 8])
 def test_fp32_indices_every_simd_level(level, n):
     """The synthetic anchor-side points' marks (a segment's n points at once: each slot's
-    largest cosine over them against the floor, ee_closest.h's seg_marks, compiled per x86
-    level) in fp32: the picks are bit-for-bit the scalar baseline's at every level and equal
+    largest cosine over them against the floor, ee_closest.h's seg_marks) and their
+    pair-of-arcs filter (arcs_filter, in double lanes), both compiled per x86 level, in fp32: the picks are bit-for-bit the scalar baseline's at every level and equal
     the reference's. Odd sizes leave lane tails of every width; duplicate rows make exact
     ties; 6-d rows make large cosines, so many slots reach their floor."""
     x, y = batch(203, 6, 25, seed=30 + n, dtype=torch.float32)

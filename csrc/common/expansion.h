@@ -8,6 +8,14 @@
 
 #include "common/row_state.h"  // MO_HD
 
+// always inlined on the host too: ee_arcs_below_lanes takes the vectors of the levels'
+// kernels, which must not cross a call (ee_closest.h)
+#if defined(__CUDACC__)
+#define MO_EEX __host__ __device__ __forceinline__
+#else
+#define MO_EEX inline __attribute__((always_inline))
+#endif
+
 namespace metrix_ops {
 
 // λ_k = k/(n+1), computed in double and rounded once, as the reference's float64 grid.
@@ -99,34 +107,46 @@ MO_HD bool ee_arc_below(const EeArc<T>& c, T s_au, T s_aw, T best) {
 
 // The pair-of-arcs bound: the points of segment e = (i, j) lie on the great circle through
 // x̂_i, x̂_j and those of f = (k, l) on the one through x̂_k, x̂_l, so the cosine of any point of
-// e with any point of f is at most the largest singular value of the cross cosines
+// e with any point of f is at most σ, the largest singular value of the cross cosines
 // M = [[s_ik, s_il], [s_jk, s_jl]] in the two circles' metrics:
-//     σ² = λ_max(G_e⁻¹ M G_f⁻¹ Mᵀ) = (tr + √(tr² − 4 det)) / 2   (a 2×2 eigenvalue),
-// with det = det(M)² det(G_e⁻¹) det(G_f⁻¹), both eigenvalues ≥ 0. One test covers a segment's n
-// points against another's n, where ee_arc_below takes one point at a time. True when every
-// such cosine, as ee_mix_sim computes it (coefficients from the same Gram entries), is
-// strictly below `best`. Computed in double: the discriminant's square root keeps only about
-// half of the digits where the eigenvalues are close, ~1e-7 relative in double (det G ≥ ¼
-// bounds every factor), far inside the slack, which is at least 1e-6 for double inputs.
-// NaN (a segment without an arc bound, a NaN cosine) gives false: never skipped.
+//     σ² = λ₁ of A = G_e⁻¹ M G_f⁻¹ Mᵀ,   tr A = tr(G_e⁻¹ Q) with Q = M G_f⁻¹ Mᵀ,
+//     det A = det(M)² det(G_e⁻¹) det(G_f⁻¹),   both eigenvalues ≥ 0.
+// One test covers a segment's n points against another's n, where ee_arc_below takes one
+// point at a time. With L = lo², λ₁ < L exactly when L > tr/2 and p(L) = L² − tr·L + det > 0
+// (L lies above both roots of A's characteristic polynomial): no square root. True when
+// every such cosine, as ee_mix_sim computes it (coefficients from the same Gram entries), is
+// strictly below `best`. Computed in double, lanes or scalars (D: double or a GCC vector of
+// doubles, for the vectorised filter in ee_closest.h): near a double root p(L)'s rounding
+// moves the decision by ~1e-7 relative in L, inside the slack `sl` (ee_arcs_slack: at least
+// 4e-6; det G ≥ ¼ bounds every factor). NaN (a segment without an arc bound, a NaN cosine)
+// gives false: never skipped.
+template <typename D>
+MO_EEX auto ee_arcs_below_lanes(D pe, D qe, D re, D pf, D qf, D rf, D ik, D il, D jk, D jl,
+                               D best, double sl) {
+  const D q11 = pf * ik * ik - 2.0 * qf * ik * il + rf * il * il;
+  const D q22 = pf * jk * jk - 2.0 * qf * jk * jl + rf * jl * jl;
+  const D q12 = pf * ik * jk - qf * (ik * jl + il * jk) + rf * il * jl;
+  const D tr = pe * q11 - 2.0 * qe * q12 + re * q22;
+  const D dm = ik * jl - il * jk;
+  const D det = dm * dm * (pe * re - qe * qe) * (pf * rf - qf * qf);
+  const D mag = (ik < 0.0 ? -ik : ik) + (il < 0.0 ? -il : il) + (jk < 0.0 ? -jk : jk) +
+                (jl < 0.0 ? -jl : jl);
+  const D lo = best - sl * mag;
+  const D L = lo * lo * (1.0 - sl);
+  return (lo > 0.0) & (tr < 2.0 * L) & (L * L - tr * L + det > 0.0);
+}
+
+template <typename T>
+MO_HD double ee_arcs_slack() {
+  const double s = 4096 * double(std::numeric_limits<T>::epsilon());
+  return s > 4e-6 ? s : 4e-6;
+}
+
 template <typename T>
 MO_HD bool ee_arcs_below(const EeArc<T>& e, const EeArc<T>& f, T s_ik, T s_il, T s_jk, T s_jl,
                          T best) {
-  const double eps = double(std::numeric_limits<T>::epsilon());
-  const double sl = 4096 * eps > 1e-6 ? 4096 * eps : 1e-6;
-  const double ik = s_ik, il = s_il, jk = s_jk, jl = s_jl;
-  const double pf = f.p, qf = f.q, rf = f.r, pe = e.p, qe = e.q, re = e.r;
-  // Q = M G_f⁻¹ Mᵀ, then tr(G_e⁻¹ Q)
-  const double q11 = pf * ik * ik - 2 * qf * ik * il + rf * il * il;
-  const double q22 = pf * jk * jk - 2 * qf * jk * jl + rf * jl * jl;
-  const double q12 = pf * ik * jk - qf * (ik * jl + il * jk) + rf * il * jl;
-  const double tr = pe * q11 - 2 * qe * q12 + re * q22;
-  const double dm = ik * jl - il * jk;
-  const double det = dm * dm * (pe * re - qe * qe) * (pf * rf - qf * qf);
-  const double disc = tr * tr - 4 * det;
-  const double lam = 0.5 * (tr + std::sqrt(disc > 0 ? disc : 0.0));
-  const double lo = double(best) - sl * (std::abs(ik) + std::abs(il) + std::abs(jk) + std::abs(jl));
-  return lo > 0 && lam * (1 + sl) < lo * lo;
+  return ee_arcs_below_lanes<double>(e.p, e.q, e.r, f.p, f.q, f.r, s_ik, s_il, s_jk, s_jl, best,
+                                     ee_arcs_slack<T>());
 }
 
 }  // namespace metrix_ops

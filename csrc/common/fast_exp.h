@@ -26,6 +26,36 @@ struct Lanes {
   typedef int32_t I __attribute__((vector_size(4 * W)));
 };
 
+// The lanes of a W-lane comparison result (0 or −1 per lane) as the bits of an integer
+// (lane l: bit l), by halving OR-reductions of the lanes' own bits.
+template <int W, class I>
+inline __attribute__((always_inline)) uint32_t lane_bits(I v) {
+  if constexpr (W == 16) {
+    const I bit = {1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7,
+                   1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15};
+    const I b = v & bit;
+    const auto h8 = __builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7) |
+                    __builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15);
+    const auto h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) |
+                    __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    const auto h2 = __builtin_shufflevector(h4, h4, 0, 1) | __builtin_shufflevector(h4, h4, 2, 3);
+    return uint32_t(h2[0] | h2[1]);
+  } else if constexpr (W == 8) {
+    const I bit = {1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7};
+    const I b = v & bit;
+    const auto h4 = __builtin_shufflevector(b, b, 0, 1, 2, 3) |
+                    __builtin_shufflevector(b, b, 4, 5, 6, 7);
+    const auto h2 = __builtin_shufflevector(h4, h4, 0, 1) | __builtin_shufflevector(h4, h4, 2, 3);
+    return uint32_t(h2[0] | h2[1]);
+  } else {
+    static_assert(W == 4, "lanes: 4, 8 or 16");
+    const I bit = {1 << 0, 1 << 1, 1 << 2, 1 << 3};
+    const I b = v & bit;
+    const auto h2 = __builtin_shufflevector(b, b, 0, 1) | __builtin_shufflevector(b, b, 2, 3);
+    return uint32_t(h2[0] | h2[1]);
+  }
+}
+
 // Whether any lane of a W-lane comparison result (0 or −1 per lane) is set, by halving
 // OR-reductions: whole-vector operations, where a loop over the lanes is scalarised.
 template <int W, class I>

@@ -21,7 +21,8 @@
 #include <cstring>
 #include <limits>
 
-#include "common/fast_exp.h"
+#include "common/fast_exp.h"  // first: its -Wpsabi note covers expansion.h's lanes too
+#include "common/expansion.h"  // EeArc, ee_arcs_below_lanes
 
 namespace metrix_ops {
 
@@ -197,14 +198,8 @@ struct EeSegMarksKernel {
           mx = v > mx ? v : mx;  // NaN never wins, as a point's own mark ignores it
         }
         const I hit = mx * k >= fm;
-        if (!any_lane<W>(hit)) continue;  // the common case
-        int32_t h[W];
-        std::memcpy(h, &hit, sizeof(h));
-        // branch-free: a vector with a hit often has several, at random lanes
-        for (int l = 0; l < W; ++l) {
-          marked[count] = s + l;
-          count += h[l] & 1;
-        }
+        // the set lanes in increasing order, one step each (a vector has few)
+        for (uint32_t m = lane_bits<W>(hit); m; m &= m - 1) marked[count++] = s + __builtin_ctz(m);
       }
     }
     for (; s < B; ++s) {  // the tail (all of it for W = 1), the same arithmetic per lane
@@ -219,43 +214,66 @@ struct EeSegMarksKernel {
   }
 };
 
-// The second stage of the HPHN mining's two-level marks: seg_marks's marks within the listed
-// groups of kEeGroup slots only (groups[0..ng), increasing), written in increasing order.
-// Each group is one vector of 8 lanes (W is capped at 8).
-constexpr int64_t kEeGroup = 8;
-
+// The HPHN mining's pair-of-arcs filter (ee_mining_cpu.cpp, segment_best_above): keeps, in
+// order, the candidate segments f of cand[0..nc) that ee_arcs_below(e, arc[f], Ui[pu[f]],
+// Ui[pw[f]], Uj[pu[f]], Uj[pw[f]], lo) does not rule out, and returns their count. W/2
+// candidates per vector of doubles (gathered lane by lane), the same lane arithmetic as the
+// scalar test (ee_arcs_below_lanes), so every level keeps the same candidates.
 template <typename T>
-using EeGroupMarksFn = int64_t (*)(const T* a, const T* b, int64_t n, const T* Ui, const T* Uj,
-                                   const T* km, T fm, int64_t B, const int64_t* groups,
-                                   int64_t ng, int64_t* marked);
+using EeArcsFilterFn = int64_t (*)(const EeArc<T>& e, const EeArc<T>* arc, const T* Ui,
+                                   const T* Uj, const int64_t* pu, const int64_t* pw, T lo,
+                                   int64_t* cand, int64_t nc);
 
-EeGroupMarksFn<float> ee_group_marks_f32();
-EeGroupMarksFn<double> ee_group_marks_f64();
+EeArcsFilterFn<float> ee_arcs_filter_f32();
+EeArcsFilterFn<double> ee_arcs_filter_f64();
 template <typename T>
-EeGroupMarksFn<T> ee_group_marks();
+EeArcsFilterFn<T> ee_arcs_filter();
 template <>
-inline EeGroupMarksFn<float> ee_group_marks<float>() { return ee_group_marks_f32(); }
+inline EeArcsFilterFn<float> ee_arcs_filter<float>() { return ee_arcs_filter_f32(); }
 template <>
-inline EeGroupMarksFn<double> ee_group_marks<double>() { return ee_group_marks_f64(); }
+inline EeArcsFilterFn<double> ee_arcs_filter<double>() { return ee_arcs_filter_f64(); }
+
+template <int V>
+struct DoubleLanes {
+  typedef double D __attribute__((vector_size(8 * V)));
+};
 
 template <typename T, int W>
-struct EeGroupMarksKernel {
-  static inline __attribute__((always_inline)) int64_t run(const T* a, const T* b, int64_t n,
-                                                           const T* Ui, const T* Uj,
-                                                           const T* km, T fm, int64_t B,
-                                                           const int64_t* groups, int64_t ng,
-                                                           int64_t* marked) {
-    constexpr int V = W > 8 ? 8 : W;
-    int64_t count = 0;
-    for (int64_t t = 0; t < ng; ++t) {
-      const int64_t s0 = groups[t] * kEeGroup;
-      const int64_t len = B - s0 < kEeGroup ? B - s0 : kEeGroup;
-      const int64_t c = EeSegMarksKernel<T, V>::run(a, b, n, Ui + s0, Uj + s0, km + s0, fm,
-                                                    len, marked + count);
-      for (int64_t i = count; i < count + c; ++i) marked[i] += s0;
-      count += c;
+struct EeArcsFilterKernel {
+  static inline __attribute__((always_inline)) int64_t run(const EeArc<T>& e,
+                                                           const EeArc<T>* arc, const T* Ui,
+                                                           const T* Uj, const int64_t* pu,
+                                                           const int64_t* pw, T lo,
+                                                           int64_t* cand, int64_t nc) {
+    const double sl = ee_arcs_slack<T>();
+    int64_t np = 0, t = 0;
+    if constexpr (W >= 4) {
+      constexpr int V = W / 2;
+      using D = typename DoubleLanes<V>::D;
+      const D pe = D{} + double(e.p), qe = D{} + double(e.q), re = D{} + double(e.r);
+      const D best = D{} + double(lo);
+      for (; t + V <= nc; t += V) {
+        D pf, qf, rf, ik, il, jk, jl;
+        int64_t f[V];
+        for (int l = 0; l < V; ++l) {
+          f[l] = cand[t + l];
+          const EeArc<T>& a = arc[f[l]];
+          pf[l] = a.p, qf[l] = a.q, rf[l] = a.r;
+          ik[l] = Ui[pu[f[l]]], il[l] = Ui[pw[f[l]]], jk[l] = Uj[pu[f[l]]], jl[l] = Uj[pw[f[l]]];
+        }
+        const auto skip = ee_arcs_below_lanes<D>(pe, qe, re, pf, qf, rf, ik, il, jk, jl, best, sl);
+        for (int l = 0; l < V; ++l) {
+          cand[np] = f[l];
+          np += skip[l] == 0;
+        }
+      }
     }
-    return count;
+    for (; t < nc; ++t) {
+      const int64_t f = cand[t];
+      cand[np] = f;
+      np += !ee_arcs_below(e, arc[f], Ui[pu[f]], Ui[pw[f]], Uj[pu[f]], Uj[pw[f]], lo);
+    }
+    return np;
   }
 };
 

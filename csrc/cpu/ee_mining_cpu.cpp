@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -93,14 +94,14 @@ struct Miner {
   std::vector<int64_t> slot_cls;        // per slot, its class
   // slots in groups of kGroup (the last one shorter): per group the largest slot_kmax, for
   // segment_best_above's first marks on the group maxima of the rows
-  static constexpr int64_t kGroup = kEeGroup;
+  static constexpr int64_t kGroup = 8;
   std::vector<T> group_kmax;
   std::vector<int64_t> inc_ptr, inc_seg;  // per slot, the segments it ends (CSR)
   std::vector<int64_t> inc_other;  // per entry of inc_seg, the segment's other endpoint slot
   std::vector<T> arc_p, arc_q;  // per class: max of its segments' p, r and of |q| (NaN: none)
   EeSegMarksFn<T> seg_marks = ee_seg_marks<T>();  // the level in use (ee_simd.cpp)
   EeRowMaxFn<T> row_max = ee_row_max<T>();
-  EeGroupMarksFn<T> group_marks = ee_group_marks<T>();
+  EeArcsFilterFn<T> arcs_filter = ee_arcs_filter<T>();
 
   T dot(int64_t a, int64_t b) const {
     const T* p = xu + a * D;
@@ -289,6 +290,7 @@ struct Miner {
   struct Scratch {
     std::vector<T> u;  // B entries
     std::vector<int64_t> groups, kept;  // the marked groups; the kept slots
+    std::vector<T> gx, gy, gk;  // the marked groups' entries of Ui, Uj and slot_kmax
     std::vector<int32_t> local;  // per slot, its row among the kept (−1: none); reset after
     std::vector<T> wtop;  // per kept slot, the n points' largest cosine with it
     std::vector<int64_t> cand;   // the segments left by a filter
@@ -323,6 +325,7 @@ struct Miner {
     for (int64_t k = 0; k < n; ++k) best[k] = floor, bq[k] = kNone;
     if (int64_t(sc.kept.size()) < B) {
       sc.groups.resize(B), sc.kept.resize(B), sc.local.assign(B, -1);
+      sc.gx.resize(B + kGroup), sc.gy.resize(B + kGroup), sc.gk.resize(B + kGroup);
       sc.wtop.resize(B + 1);
     }
     const T fm = floor_mark(floor);
@@ -332,12 +335,34 @@ struct Miner {
       if (v > best[k] || (v == best[k] && q < bq[k])) best[k] = v, bq[k] = q;
     };
     const int64_t own0 = cstart[c], own1 = cstart[c + 1];
+    // the marked groups' slots gathered into whole vectors (a short last group padded with
+    // −inf, which never marks), then marked by the same kernel
+    T* gx = sc.gx.data();
+    T* gy = sc.gy.data();
+    T* gk = sc.gk.data();
+    for (int64_t t = 0; t < nm; ++t) {
+      const int64_t s0 = sc.groups[t] * kGroup, len = std::min(kGroup, B - s0);
+      T* x = gx + t * kGroup;
+      T* y = gy + t * kGroup;
+      T* k = gk + t * kGroup;
+      if (len == kGroup) {  // a fixed size: inline vector moves, not a call
+        std::memcpy(x, Ui + s0, kGroup * sizeof(T));
+        std::memcpy(y, Uj + s0, kGroup * sizeof(T));
+        std::memcpy(k, slot_kmax.data() + s0, kGroup * sizeof(T));
+        continue;
+      }
+      for (int64_t l = 0; l < kGroup; ++l) {
+        const bool in = l < len;
+        x[l] = in ? Ui[s0 + l] : -std::numeric_limits<T>::infinity();
+        y[l] = in ? Uj[s0 + l] : -std::numeric_limits<T>::infinity();
+        k[l] = in ? slot_kmax[s0 + l] : T(1);
+      }
+    }
     int64_t* kept = sc.kept.data();
-    const int64_t ns =
-        group_marks(a, b, n, Ui, Uj, slot_kmax.data(), fm, B, sc.groups.data(), nm, kept);
+    const int64_t ns = seg_marks(a, b, n, gx, gy, gk, fm, nm * kGroup, kept);
     int64_t nk = 0;
     for (int64_t t = 0; t < ns; ++t) {
-      const int64_t s = kept[t];
+      const int64_t s = sc.groups[kept[t] / kGroup] * kGroup + kept[t] % kGroup;
       if (s >= own0 && s < own1) continue;
       T top = -std::numeric_limits<T>::infinity();  // NaN never wins, as in the marks
       for (int64_t k = 0; k < n; ++k) {
@@ -352,8 +377,9 @@ struct Miner {
     // The segments that end at a kept slot, each once (from its first kept endpoint): on their
     // bound from both endpoints' largest cosines (ee_mix_bound), then on the pair-of-arcs
     // bound, against the points' smallest best after the originals (it only rises); the
-    // few left point by point. The two filters are branch-free passes: about half of the
-    // first's candidates fail it, in no order a branch could predict.
+    // few left point by point. The two filters are branch-free passes (about half of the
+    // first's candidates fail it, in no order a branch could predict); the second runs in
+    // double lanes, per level (arcs_filter, ee_closest.h).
     T lo = best[0];
     for (int64_t k = 1; k < n; ++k) lo = best[k] < lo ? best[k] : lo;
     sc.wtop[nk] = -std::numeric_limits<T>::infinity();  // an endpoint not kept
@@ -374,13 +400,8 @@ struct Miner {
         nc += !walked & !(ee_mix_bound(wmin[f], wmax[f], top, top) < lo);
       }
     }
-    const EeArc<T>& ae = arc[e];
-    int64_t np = 0;
-    for (int64_t t = 0; t < nc; ++t) {
-      const int64_t f = cand[t];
-      cand[np] = f;
-      np += !ee_arcs_below(ae, arc[f], Ui[pu[f]], Ui[pw[f]], Uj[pu[f]], Uj[pw[f]], lo);
-    }
+    const int64_t np =
+        arcs_filter(arc[e], arc.data(), Ui, Uj, pu.data(), pw.data(), lo, cand, nc);
     for (int64_t t = 0; t < np; ++t) {
       const int64_t f = cand[t];
       const T ik = Ui[pu[f]], il = Ui[pw[f]], jk = Uj[pu[f]], jl = Uj[pw[f]];

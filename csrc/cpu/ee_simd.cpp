@@ -20,7 +20,7 @@ struct EeLevel {
   EeCombineFn<float> combine;
   EeSegMarksFn<float> seg_marks;
   EeRowMaxFn<float> row_max;
-  EeGroupMarksFn<float> group_marks;
+  EeArcsFilterFn<float> arcs_filter;
 };
 
 #define MO_EE_LEVEL(NAME, TARGET, W)                                                     \
@@ -40,15 +40,14 @@ struct EeLevel {
   TARGET void row_max_##NAME(const float* u, int64_t count, float* mx, int* nan) {       \
     EeRowMaxKernel<float, W>::run(u, count, mx, nan);                                    \
   }                                                                                      \
-  TARGET int64_t group_marks_##NAME(const float* a, const float* b, int64_t n,           \
-                                    const float* Ui, const float* Uj, const float* km,   \
-                                    float fm, int64_t B, const int64_t* groups,          \
-                                    int64_t ng, int64_t* marked) {                       \
-    return EeGroupMarksKernel<float, W>::run(a, b, n, Ui, Uj, km, fm, B, groups, ng,     \
-                                             marked);                                    \
+  TARGET int64_t arcs_filter_##NAME(const EeArc<float>& e, const EeArc<float>* arc,      \
+                                    const float* Ui, const float* Uj, const int64_t* pu, \
+                                    const int64_t* pw, float lo, int64_t* cand,          \
+                                    int64_t nc) {                                        \
+    return EeArcsFilterKernel<float, W>::run(e, arc, Ui, Uj, pu, pw, lo, cand, nc);      \
   }                                                                                      \
   const EeLevel level_##NAME{&closest_##NAME, &combine_##NAME, &seg_marks_##NAME,         \
-                            &row_max_##NAME, &group_marks_##NAME};
+                            &row_max_##NAME, &arcs_filter_##NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 MO_EE_LEVEL(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2"))), 16)
@@ -77,10 +76,10 @@ void row_max_f64(const double* u, int64_t count, double* mx, int* nan) {
   EeRowMaxKernel<double, 1>::run(u, count, mx, nan);
 }
 
-int64_t group_marks_f64(const double* a, const double* b, int64_t n, const double* Ui,
-                        const double* Uj, const double* km, double fm, int64_t B,
-                        const int64_t* groups, int64_t ng, int64_t* marked) {
-  return EeGroupMarksKernel<double, 1>::run(a, b, n, Ui, Uj, km, fm, B, groups, ng, marked);
+int64_t arcs_filter_f64(const EeArc<double>& e, const EeArc<double>* arc, const double* Ui,
+                        const double* Uj, const int64_t* pu, const int64_t* pw, double lo,
+                        int64_t* cand, int64_t nc) {
+  return EeArcsFilterKernel<double, 1>::run(e, arc, Ui, Uj, pu, pw, lo, cand, nc);
 }
 
 // The level in use, for all three kernels (the marks' and the maxima's loops also compile
@@ -110,7 +109,7 @@ EeSegMarksFn<float> ee_seg_marks_f32() { return ee_level().seg_marks; }
 EeSegMarksFn<double> ee_seg_marks_f64() { return &seg_marks_f64; }
 EeRowMaxFn<float> ee_row_max_f32() { return ee_level().row_max; }
 EeRowMaxFn<double> ee_row_max_f64() { return &row_max_f64; }
-EeGroupMarksFn<float> ee_group_marks_f32() { return ee_level().group_marks; }
-EeGroupMarksFn<double> ee_group_marks_f64() { return &group_marks_f64; }
+EeArcsFilterFn<float> ee_arcs_filter_f32() { return ee_level().arcs_filter; }
+EeArcsFilterFn<double> ee_arcs_filter_f64() { return &arcs_filter_f64; }
 
 }  // namespace metrix_ops
