@@ -97,7 +97,14 @@ struct Miner {
   static constexpr int64_t kGroup = 8;
   std::vector<T> group_kmax;
   std::vector<int64_t> inc_ptr, inc_seg;  // per slot, the segments it ends (CSR)
-  std::vector<int64_t> inc_other;  // per entry of inc_seg, the segment's other endpoint slot
+  // per entry of inc_seg, the segment, its other endpoint's slot and its wmax, side by side
+  // for segment_best_above's candidate pass
+  struct IncEnd {
+    int64_t seg;
+    int32_t other;
+    T wmax;
+  };
+  std::vector<IncEnd> inc_end;
   std::vector<T> arc_p, arc_q;  // per class: max of its segments' p, r and of |q| (NaN: none)
   EeSegMarksFn<T> seg_marks = ee_seg_marks<T>();  // the level in use (ee_simd.cpp)
   EeRowMaxFn<T> row_max = ee_row_max<T>();
@@ -390,14 +397,15 @@ struct Miner {
       const int64_t s = kept[r];
       const T top_s = sc.wtop[r];
       for (int64_t i = inc_ptr[s]; i < inc_ptr[s + 1]; ++i) {
-        const int64_t f = inc_seg[i], o = inc_other[i];
+        const IncEnd& ie = inc_end[i];
+        const int64_t f = ie.seg, o = ie.other;
         const int32_t ro = sc.local[o];
         // an endpoint not kept has cosines below the floor even times slot_kmax
         const T top_o = sc.wtop[ro >= 0 ? ro : nk];
         const T top = top_o > top_s ? top_o : top_s;
         const bool walked = ro >= 0 && o < s;  // walked from o
         cand[nc] = f;
-        nc += !walked & !(ee_mix_bound(wmin[f], wmax[f], top, top) < lo);
+        nc += !walked & !(ee_mix_bound(ie.wmax, ie.wmax, top, top) < lo);  // top > 0
       }
     }
     const int64_t np =
@@ -523,16 +531,16 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
     }
     for (int64_t k = 0; k < B; ++k) mn.inc_ptr[k + 1] += mn.inc_ptr[k];
     mn.inc_seg.resize(mn.inc_ptr[B]);
-    mn.inc_other.resize(mn.inc_ptr[B]);
+    mn.inc_end.resize(mn.inc_ptr[B]);
     {
       std::vector<int64_t> fill(mn.inc_ptr.begin(), mn.inc_ptr.end() - 1);
+      auto add = [&](int64_t s, int64_t e, int64_t o) {
+        mn.inc_end[fill[s]] = {e, int32_t(o), mn.wmax[e]};
+        mn.inc_seg[fill[s]++] = e;
+      };
       for (int64_t e = 0; e < S; ++e) {
-        mn.inc_other[fill[mn.pu[e]]] = mn.pw[e];
-        mn.inc_seg[fill[mn.pu[e]]++] = e;
-        if (mn.pw[e] != mn.pu[e]) {
-          mn.inc_other[fill[mn.pw[e]]] = mn.pu[e];
-          mn.inc_seg[fill[mn.pw[e]]++] = e;
-        }
+        add(mn.pu[e], e, mn.pw[e]);
+        if (mn.pw[e] != mn.pu[e]) add(mn.pw[e], e, mn.pu[e]);
       }
     }
     mn.slot_kmax.resize(B);
