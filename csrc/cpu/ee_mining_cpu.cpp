@@ -310,13 +310,14 @@ struct Miner {
   // times slot_kmax, a cosine that does (ee_mix_bound; for an original, the point itself):
   // such a slot is kept. One vectorised pass over the groups of kGroup slots (seg_marks,
   // ee_closest.h, on the rows' group maxima and group_kmax: an upper bound of each member's
-  // mark, the coefficients being ≥ 0) marks the groups that can hold one; their slots are then
-  // tested one by one. The kept slots' originals are the points' candidates, and so are the
-  // segments that end at a kept slot, each from its first kept endpoint: first on its bound
-  // from both endpoints' largest cosines (ee_mix_bound), then on the pair-of-arcs bound of the
-  // two segments, one test for all n × n pairs of points (ee_arcs_below), then point by point
-  // (segment_points). A bound is tested against the n points' smallest best so far. A floor
-  // ≤ 0 (every class visited) goes point by point.
+  // mark, the coefficients being ≥ 0) marks the groups that can hold one; their slots,
+  // gathered into whole vectors, are then marked by the same kernel. The kept slots' originals
+  // are the points' candidates, and so are the segments that end at a kept slot, each from its
+  // first kept endpoint: first on its bound from both endpoints' largest cosines
+  // (ee_mix_bound), then on the pair-of-arcs bound of the two segments, one test for all
+  // n × n pairs of points (ee_arcs_below), then point by point (segment_points). The two
+  // filters test against the n points' smallest best after the originals. A floor ≤ 0 (every
+  // class visited) goes point by point.
   void segment_best_above(int64_t e, const T* Ui, const T* Uj, const T* Gi, const T* Gj,
                           int64_t c, T floor, T* best, int64_t* bq, Scratch& sc) const {
     const T* a = cu.data() + e * n;
