@@ -56,24 +56,6 @@ inline __attribute__((always_inline)) uint32_t lane_bits(I v) {
   }
 }
 
-// Whether any lane of a W-lane comparison result (0 or −1 per lane) is set, by halving
-// OR-reductions: whole-vector operations, where a loop over the lanes is scalarised.
-template <int W, class I>
-inline __attribute__((always_inline)) bool any_lane(I v) {
-  if constexpr (W == 16) {
-    return any_lane<8>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) |
-                       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-  } else if constexpr (W == 8) {
-    return any_lane<4>(__builtin_shufflevector(v, v, 0, 1, 2, 3) |
-                       __builtin_shufflevector(v, v, 4, 5, 6, 7));
-  } else if constexpr (W == 4) {
-    return any_lane<2>(__builtin_shufflevector(v, v, 0, 1) | __builtin_shufflevector(v, v, 2, 3));
-  } else {
-    static_assert(W == 2, "lanes: 2, 4, 8 or 16");
-    return (v[0] | v[1]) != 0;
-  }
-}
-
 namespace fexp {
 
 // Reinterpreting bits: a cast for GCC vectors, memcpy for scalars.

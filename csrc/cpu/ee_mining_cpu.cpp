@@ -96,9 +96,9 @@ struct Miner {
   // segment_best_above's first marks on the group maxima of the rows
   static constexpr int64_t kGroup = 8;
   std::vector<T> group_kmax;
-  std::vector<int64_t> inc_ptr, inc_seg;  // per slot, the segments it ends (CSR)
-  // per entry of inc_seg, the segment, its other endpoint's slot and its wmax, side by side
-  // for segment_best_above's candidate pass
+  // per slot, the segments it ends (CSR: inc_end[inc_ptr[s] .. inc_ptr[s + 1])), each with its
+  // other endpoint's slot and its wmax side by side, for segment_best_above's candidate pass
+  std::vector<int64_t> inc_ptr;
   struct IncEnd {
     int64_t seg;
     int32_t other;
@@ -174,7 +174,7 @@ struct Miner {
       for (int64_t s = s0; s < s1; ++s) {
         if (!high(s)) continue;
         for (int64_t k = inc_ptr[s]; k < inc_ptr[s + 1]; ++k) {
-          const int64_t e = inc_seg[k], o = pu[e] == s ? pw[e] : pu[e];
+          const int64_t e = inc_end[k].seg, o = inc_end[k].other;
           if (!(o < s && high(o))) segment(e);  // else walked from o
         }
       }
@@ -391,7 +391,7 @@ struct Miner {
     T lo = best[0];
     for (int64_t k = 1; k < n; ++k) lo = best[k] < lo ? best[k] : lo;
     sc.wtop[nk] = -std::numeric_limits<T>::infinity();  // an endpoint not kept
-    if (sc.cand.size() < inc_seg.size()) sc.cand.resize(inc_seg.size());
+    if (sc.cand.size() < inc_end.size()) sc.cand.resize(inc_end.size());
     int64_t* cand = sc.cand.data();
     int64_t nc = 0;
     for (int64_t r = 0; r < nk; ++r) {
@@ -531,13 +531,11 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       if (mn.pw[e] != mn.pu[e]) ++mn.inc_ptr[mn.pw[e] + 1];
     }
     for (int64_t k = 0; k < B; ++k) mn.inc_ptr[k + 1] += mn.inc_ptr[k];
-    mn.inc_seg.resize(mn.inc_ptr[B]);
     mn.inc_end.resize(mn.inc_ptr[B]);
     {
       std::vector<int64_t> fill(mn.inc_ptr.begin(), mn.inc_ptr.end() - 1);
       auto add = [&](int64_t s, int64_t e, int64_t o) {
-        mn.inc_end[fill[s]] = {e, int32_t(o), mn.wmax[e]};
-        mn.inc_seg[fill[s]++] = e;
+        mn.inc_end[fill[s]++] = {e, int32_t(o), mn.wmax[e]};
       };
       for (int64_t e = 0; e < S; ++e) {
         add(mn.pu[e], e, mn.pw[e]);
@@ -550,7 +548,7 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       for (int64_t s = cstart[c]; s < cstart[c + 1]; ++s) {
         T w = T(1);  // the largest 1/‖v‖ of the segments the slot ends, at least 1
         for (int64_t k = mn.inc_ptr[s]; k < mn.inc_ptr[s + 1]; ++k)
-          w = std::max(w, mn.wmax[mn.inc_seg[k]]);
+          w = std::max(w, mn.inc_end[k].wmax);
         mn.slot_kmax[s] = w * (T(1) + 32 * std::numeric_limits<T>::epsilon());
         mn.slot_cls[s] = c;
       }

@@ -82,8 +82,8 @@ int64_t arcs_filter_f64(const EeArc<double>& e, const EeArc<double>* arc, const 
   return EeArcsFilterKernel<double, 1>::run(e, arc, Ui, Uj, pu, pw, lo, cand, nc);
 }
 
-// The level in use, for all three kernels (the marks' and the maxima's loops also compile
-// to whole vectors).
+// The level in use, for all of these kernels (the marks', the maxima's and the pair filter's
+// loops also compile to whole vectors).
 const EeLevel& ee_level() {
   const char* level = ms_kernels_f32().level;  // validated there
 #if defined(__x86_64__) && defined(__GNUC__)
