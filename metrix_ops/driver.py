@@ -35,6 +35,31 @@ def draw_lam(metrix: Metrix, lam: Optional[float]) -> float:
     return lam
 
 
+def empty_loss(*tensors) -> torch.Tensor:
+    """PML's loss of an empty batch or an empty reference set: 0, without a miner, a Metrix
+    draw or an op, still attached to the inputs (their gradients are zeros, not None), in
+    the embeddings' dtype (fp32 for half inputs, as every loss here)."""
+    x = tensors[0]
+    zero = x.new_zeros((), dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16)
+                       else x.dtype)
+    for t in tensors:
+        if t is not None:
+            zero = zero + t.sum().to(zero.dtype) * 0
+    return zero
+
+
+def check_options(name: str, params: dict, inp: LossInputs, metrix, expansion) -> None:
+    """The Metrix and EE checks that do not depend on the batch's values, which the losses
+    run as they build their terms: an empty batch, which builds none, refuses the same
+    configurations."""
+    if metrix is not None:
+        from .reference.metrix import _check_supported
+        _check_supported(name, inp)
+    if expansion is not None:
+        from .reference.expansion import check_expansion
+        check_expansion(name, params, inp)
+
+
 def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
              ref_emb=None, ref_labels=None, *, distance=None, reducer=None, backend="auto",
              metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
@@ -95,7 +120,10 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     red = as_reducer(reducer, spec.default_reducer)
     # λ is drawn for the embedding level only: feature/input mixes carry their own λ
     lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
-    chosen = backend_mod.resolve(backend, name, embeddings.device)
+    chosen = backend_mod.resolve(backend, name, embeddings.device)  # its errors first
+    if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
+        check_options(name, params, inp, metrix, expansion)  # refused as on any batch
+        return empty_loss(embeddings, ref_emb, params.get("proxies"))
     if backend == "auto" and chosen != "reference":
         # the preferred engine may not cover this call's options (a miner, ref_emb, Lp ...)
         # where the next one does: take the first that does

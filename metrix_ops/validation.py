@@ -63,7 +63,8 @@ def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device) -> 
 def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                       labels_required: bool = True) -> None:
     """Checks the PML call signature `(embeddings, labels, indices_tuple, ref_emb, ref_labels)`."""
-    check_embeddings(embeddings, "embeddings")
+    # an empty batch or reference set is PML's zero loss (driver.empty_loss), not an error
+    check_embeddings(embeddings, "embeddings", allow_empty=True)
     n, dev = embeddings.shape[0], embeddings.device
     if labels is None:
         if labels_required and indices_tuple is None:
@@ -72,7 +73,7 @@ def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
         check_labels(labels, n, dev, "labels")
     m = n
     if ref_emb is not None:
-        check_embeddings(ref_emb, "ref_emb")
+        check_embeddings(ref_emb, "ref_emb", allow_empty=True)
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(f"ref_emb has embedding_dim {ref_emb.shape[1]} but embeddings has "
                              f"{embeddings.shape[1]}")

@@ -28,7 +28,6 @@ BAD = [
     ("rank", lambda x, y: (x[None], y), ValueError, "embeddings must be 2-D"),
     ("not_tensor", lambda x, y: (x.tolist(), y), TypeError, "embeddings must be a torch.Tensor"),
     ("int_embeddings", lambda x, y: (x.long(), y), TypeError, "embeddings must be a floating"),
-    ("empty", lambda x, y: (x[:0], y[:0]), ValueError, "embeddings is empty"),
     ("nan", lambda x, y: (x.index_fill(0, torch.tensor([2]), float("nan")), y), ValueError, "NaN or Inf"),
     ("inf", lambda x, y: (x.index_fill(0, torch.tensor([1]), float("inf")), y), ValueError, "NaN or Inf"),
     ("float_labels", lambda x, y: (x, y.float()), TypeError, "labels must hold integer"),

@@ -256,8 +256,9 @@ def test_refuses_outside_its_scope_and_bad_input():
     with pytest.raises(NotImplementedError, match="does not cover"):
         mo.losses.TripletMarginLoss(backend="triton")(x, y, it)
     tri = mo.losses.TripletMarginLoss(backend="triton")
-    with pytest.raises(ValueError, match="embeddings is empty"):
-        tri(torch.zeros(0, 5, device=DEVICE), torch.zeros(0, dtype=torch.long, device=DEVICE))
+    # an empty batch: PML's zero loss (test_empty_batch.py), on this engine's device too
+    assert tri(torch.zeros(0, 5, device=DEVICE),
+               torch.zeros(0, dtype=torch.long, device=DEVICE)).item() == 0.0
     with pytest.raises(ValueError, match="labels has 4 entries"):
         tri(x, y[:4])
     bad = x.detach().clone()

@@ -61,9 +61,7 @@ def hphn_triplet(eb: ExpandedBatch, margin=0.2):
 
 def triplet_margin(eb: ExpandedBatch, margin=0.05, swap=False, smooth_loss=False,
                    triplets_per_anchor="all"):
-    if swap or triplets_per_anchor != "all":
-        raise NotImplementedError("Embedding Expansion with TripletMarginLoss supports "
-                                  "triplets_per_anchor='all' and swap=False")
+    # swap / triplets_per_anchor: refused by check_expansion
     a, p, q = torch.where(eb.pos[:, :, None] & eb.neg[:, None, :])
     if len(a) == 0:
         return _zero()
@@ -131,12 +129,22 @@ EXPANSION_LOSSES = {"HPHNTripletLoss": hphn_triplet, "TripletMarginLoss": triple
                     "GeneralizedLiftedStructureLoss": generalized_lifted_structure}
 
 
-def expansion_loss_dict(name: str, params: dict, inp: LossInputs, cfg) -> dict:
-    """The PML-style loss dict of loss `name` with Embedding Expansion `cfg`."""
+def check_expansion(name: str, params: dict, inp: LossInputs) -> None:
+    """The loss, distance and options EE takes (NotImplementedError otherwise), whatever
+    the batch holds: the driver runs it on an empty batch too."""
     if name not in EXPANSION_LOSSES:
         raise NotImplementedError(f"Embedding Expansion is implemented for "
                                   f"{sorted(EXPANSION_LOSSES)}, not {name}")
     check_expansion_inputs(inp)
+    if name == "TripletMarginLoss" and (params.get("swap", False)
+                                        or params.get("triplets_per_anchor", "all") != "all"):
+        raise NotImplementedError("Embedding Expansion with TripletMarginLoss supports "
+                                  "triplets_per_anchor='all' and swap=False")
+
+
+def expansion_loss_dict(name: str, params: dict, inp: LossInputs, cfg) -> dict:
+    """The PML-style loss dict of loss `name` with Embedding Expansion `cfg`."""
+    check_expansion(name, params, inp)
     eb = ExpandedBatch(inp, cfg)
     if name == "NPairsLoss":
         return npairs(eb, inp.labels, **params)
