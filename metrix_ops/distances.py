@@ -98,6 +98,12 @@ def is_normalized_l2(d: BaseDistance) -> bool:
     return type(d) is LpDistance and d.normalize_embeddings and d.p == 2 and d.power == 1
 
 
+def is_normalized_sq_l2(d: BaseDistance) -> bool:
+    """Squared L2 of unit rows (FaceNet's triplet distance): 2 − 2s of their cosine s, so a
+    loss whose terms are hinges of it is 2× the cosine loss with halved margins."""
+    return type(d) is LpDistance and d.normalize_embeddings and d.p == 2 and d.power == 2
+
+
 def is_dot_of_normalized(d: BaseDistance) -> bool:
     """A CosineSimilarity of any p: the dot product of rows the distance normalises itself
     (`d.maybe_normalize`); ops that normalise through the distance take every p."""

@@ -51,6 +51,37 @@ def test_reducers_and_distances_match_pml(reducer, dist):
         assert_close_vg(lambda e: fused(e, y), lambda e: pml(e, y), x)
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("reducer", ["AvgNonZeroReducer", "MeanReducer", "SumReducer",
+                                     "ThresholdReducer"])
+@pytest.mark.parametrize("margins", [(0.0, 1.0), (0.1, 0.5), (0.3, 1.5)])
+def test_squared_l2_matches_pml(case, reducer, margins):
+    """Squared L2 of unit rows (2 − 2s) on the cosine ops at margins 1 − m/2, terms doubled
+    (fused/contrastive.op_form), against PML's cdist², with references too. A window bound
+    equal to a margin is avoided: a coincident pair's term is exactly that margin in PML and
+    off by rounding here (2 − 2s of one row with itself is noise, not 0), so which side of
+    that bound it falls on is rounding's."""
+    from pytorch_metric_learning import distances as pd
+    from pytorch_metric_learning import losses as pl
+    from pytorch_metric_learning import reducers as pr
+    pm, nm = margins
+    red = (dict(low=0.2, high=1.4) if reducer == "ThresholdReducer" else {})
+    kw = {"pos_margin": pm, "neg_margin": nm}
+    pml = pl.ContrastiveLoss(distance=pd.LpDistance(power=2),
+                             reducer=getattr(pr, reducer)(**red), **kw)
+    fused = mo.losses.ContrastiveLoss(backend="cpu", distance=mo.distances.LpDistance(power=2),
+                                      reducer=getattr(mo.reducers, reducer)(**red), **kw)
+    x, y = make_case(case, seed=4)
+    assert_close_vg(lambda e: fused(e, y), lambda e: pml(e, y), x)
+    g = torch.Generator().manual_seed(9)
+    r = torch.randn(11, x.shape[1], dtype=torch.float64, generator=g)
+    ry = torch.randint(0, 3, (11,), generator=g)
+    assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=ry),
+                    lambda e, q: pml(e, y, ref_emb=q, ref_labels=ry), x, r)
+    assert_close_vg(lambda e: fused(e.float(), y).double(), lambda e: pml(e, y), x,
+                    rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("low,high", [(0.1, None), (None, 0.6), (0.2, 0.9), (5.0, None)])
 def test_threshold_reducer(low, high):
     x, y = make_case(CASES[1], seed=3)

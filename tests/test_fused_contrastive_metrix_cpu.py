@@ -22,14 +22,18 @@ LAM_PAIRS = [(0.0, "pos_neg"), (0.3, "pos_neg"), (0.85, "pos_neg"), (1.0, "pos_n
 # the cosine similarity (positives want s ≥ pos_margin, negatives s ≤ neg_margin)
 KINDS = {"l2": (None, {}), "l2_paper": (None, {"neg_margin": 0.5}),
          "l2_margins": (None, {"pos_margin": 0.3, "neg_margin": 1.2}),
-         "cosine": ("cos", {"pos_margin": 0.6, "neg_margin": 0.2})}
+         "cosine": ("cos", {"pos_margin": 0.6, "neg_margin": 0.2}),
+         # squared L2 (fused/contrastive.op_form: the cosine ops at 1 − m/2, terms doubled)
+         "l2sq": ("sq", {"neg_margin": 0.5}),
+         "l2sq_margins": ("sq", {"pos_margin": 0.3, "neg_margin": 1.2})}
 
 
 def pair(lam, weight=0.4, pairs="pos_neg", kind="l2", **kw):
     cfg = mo.Metrix(level="embedding", pairs=pairs, lam=lam, weight=weight)
     dist, margins = KINDS[kind]
     kw = {**margins, **kw}
-    mk = lambda: mo.distances.CosineSimilarity() if dist == "cos" else None  # noqa: E731
+    mk = lambda: {"cos": mo.distances.CosineSimilarity, "sq": lambda: mo.distances.LpDistance(  # noqa: E731
+        power=2), None: lambda: None}[dist]()
     return (mo.losses.ContrastiveLoss(backend="cpu", metrix=cfg, distance=mk(), **kw),
             mo.losses.ContrastiveLoss(backend="reference", metrix=cfg, distance=mk(), **kw))
 
@@ -44,7 +48,7 @@ def op_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kind", ["l2", "l2_paper", "cosine"])
+@pytest.mark.parametrize("kind", ["l2", "l2_paper", "cosine", "l2sq"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("lam,pairs", LAM_PAIRS)
 def test_matches_reference_fp64(case, lam, pairs, kind, op_calls):
@@ -56,7 +60,7 @@ def test_matches_reference_fp64(case, lam, pairs, kind, op_calls):
     assert op_calls
 
 
-@pytest.mark.parametrize("kind", ["l2_margins", "cosine"])
+@pytest.mark.parametrize("kind", ["l2_margins", "cosine", "l2sq_margins"])
 @pytest.mark.parametrize("reducer", [None, "MeanReducer", "SumReducer", "threshold"])
 def test_margins_weight_and_clean_reducers(kind, reducer, op_calls):
     """The clean term takes the loss's reducer; the mixed one is AvgNonZero whatever it is."""
@@ -71,7 +75,7 @@ def test_margins_weight_and_clean_reducers(kind, reducer, op_calls):
     assert op_calls
 
 
-@pytest.mark.parametrize("kind", ["l2_paper", "cosine"])
+@pytest.mark.parametrize("kind", ["l2_paper", "cosine", "l2sq"])
 def test_fp32_matches_fp64_reference(kind):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(67, 24, generator=g)

@@ -36,6 +36,15 @@ def test_matches_reference_fp64(case, cosine):
     assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_squared_l2_matches_reference_fp64(case):
+    """FaceNet's squared L2 on the cosine kernels at half the margin, doubled (totals_impl)"""
+    x, y = on_dev(*make_case(case))
+    kw = {"distance": mo.distances.LpDistance(power=2), "margin": 0.2}
+    tri, ref = (mo.losses.TripletMarginLoss(backend=b, **kw) for b in ("triton", "reference"))
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+
+
 @pytest.mark.parametrize("b", [1, 2, 5, 17, 33])
 @pytest.mark.parametrize("d,classes", [(3, 2), (16, 5), (37, 11)])
 def test_odd_shapes_fp64(b, d, classes):

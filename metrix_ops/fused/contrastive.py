@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..distances import is_cosine, is_normalized_l2
+from ..distances import is_cosine, is_normalized_l2, is_normalized_sq_l2
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
                         reduce_loss_dict, zero_loss)
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
@@ -25,7 +25,33 @@ _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
 def supports(params, inp, expansion) -> bool:
     d = inp.distance
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
-            and inp.labels is not None and (is_normalized_l2(d) or is_cosine(d)))
+            and inp.labels is not None
+            and (is_normalized_l2(d) or is_cosine(d) or is_normalized_sq_l2(d)))
+
+
+def op_form(distance, params, window, dtype):
+    """(cosine, pos_margin, neg_margin, window, scale): what the ops take for the loss's
+    distance, whose terms are scale × the ops' terms. Squared L2 of unit rows is 2 − 2s, so
+    [d² − m⁺]₊ = 2·[(1 − m⁺/2) − s]₊ and [m⁻ − d²]₊ = 2·[s − (1 − m⁻/2)]₊: the cosine ops at
+    those margins, the reducer's window halved. A positive margin in [0, 16ε) is taken as
+    16ε: below it d² is the rounding noise of coincident rows, which PML's cdist and the
+    reference's Metrix metric give as exactly 0 (not a term AvgNonZero counts)."""
+    pm, nm = params["pos_margin"], params["neg_margin"]
+    if not is_normalized_sq_l2(distance):
+        return is_cosine(distance), pm, nm, window, 1.0
+    snap = 16 * torch.finfo(dtype).eps
+    pm = snap if 0 <= pm < snap else pm
+    low, high = window
+    half = lambda v: None if v is None else v / 2  # noqa: E731
+    return True, 1 - pm / 2, 1 - nm / 2, (half(low), half(high)), 2.0
+
+
+def _scaled(rows, scale):
+    """(pos_sum, pos_count, neg_sum, neg_count) with the sums times scale"""
+    if scale == 1.0:
+        return rows
+    ps, pc, ns, nc = rows
+    return ps * scale, pc, ns * scale, nc
 
 
 def _window(reducer):
@@ -73,22 +99,20 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         # e.g. DivisorReducer (which PML's contrastive cannot feed) or a user subclass; the
         # driver's supports() does not see the reducer, so the fallback is here
         return reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
-    low, high = window
     # PML's rule: no loss when no side has two pairs; eagerly a branch that skips the op,
     # under torch.compile a select (as in fused/multi_similarity.py)
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     compiling = torch.compiler.is_compiling()
     if not compiling and int(n_pos) <= 1 and int(n_neg) <= 1:
         return zero_loss(x)
-    cosine = is_cosine(inp.distance)
-    pm, nm = params["pos_margin"], params["neg_margin"]
+    cosine, pm, nm, (low, high), scale = op_form(inp.distance, params, window, x.dtype)
     xu = F.normalize(x, dim=1)
     if _self_pairs_only(inp):
         rows = contrastive_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
     else:
         rows = contrastive_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels,
                                 inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk)
-    return _reduce_clean(rows, n_pos, n_neg, reducer, x)
+    return _reduce_clean(_scaled(rows, scale), n_pos, n_neg, reducer, x)
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
@@ -110,7 +134,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
         clean = reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
         return clean + metrix.weight * metrix_loss("ContrastiveLoss", params, inp, metrix, lam)
     xu = F.normalize(x, dim=1)
-    cosine, pm, nm = is_cosine(inp.distance), params["pos_margin"], params["neg_margin"]
+    cosine, pm, nm, window, scale = op_form(inp.distance, params, window, x.dtype)
     refs = metrix_refs_args(inp, xu)
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     if refs is not None:  # both terms on the rows of one walk (contrastive_metrix_refs_cpu.cpp)
@@ -120,8 +144,8 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     else:
         clean, mixed = contrastive_metrix_rows(xu, inp.labels, cosine, pm, nm, lam,
                                                metrix.pairs, window[0], window[1], block)
-    return (_reduce_clean(clean, n_pos, n_neg, reducer, x)
-            + metrix.weight * mixed_contrastive(mixed, x))
+    return (_reduce_clean(_scaled(clean, scale), n_pos, n_neg, reducer, x)
+            + metrix.weight * mixed_contrastive(_scaled(mixed, scale), x))
 
 
 def mixed_contrastive(mixed, x):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from ..distances import LpDistance, as_distance, is_cosine, is_normalized_l2
+from ..distances import (LpDistance, as_distance, is_cosine, is_normalized_l2,
+                         is_normalized_sq_l2)
 from ..miners.batch_hard import batch_hard_streaming
 from ..miners.row_blocks import BLOCK_ENTRIES
 from ..ops.triplet import triplet_all_rows
@@ -30,7 +31,13 @@ def supports(params, inp, expansion) -> bool:
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
             and inp.labels is not None and params.get("triplets_per_anchor", "all") == "all"
             and not params.get("swap", False) and not params.get("smooth_loss", False)
-            and (is_cosine(inp.distance) or is_normalized_l2(inp.distance)))
+            and unit_distance(inp.distance))
+
+
+def unit_distance(d) -> bool:
+    """The distances the all-triplets ops serve: cosine and L2 of unit rows, and squared L2
+    through the cosine ops (totals_impl)."""
+    return is_cosine(d) or is_normalized_l2(d) or is_normalized_sq_l2(d)
 
 
 def _divisor_kind(reducer):
@@ -54,8 +61,14 @@ def totals_impl(rows_fn, params, inp, reducer, fallback=None):
         return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
     xu = F.normalize(x, dim=1)
     ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
+    margin = params.get("margin", 0.05)
+    # squared L2 of unit rows is 2 − 2s: a triplet's term [d²_ap − d²_an + m]₊ is
+    # 2·[s_an − s_ap + m/2]₊, the cosine op's term at half the margin (the same terms > 0)
+    sq = is_normalized_sq_l2(inp.distance)
     rows, nonzero, triplets = rows_fn(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
-                                      is_cosine(inp.distance), params.get("margin", 0.05))
+                                      sq or is_cosine(inp.distance), margin / 2 if sq else margin)
+    if sq:
+        rows = rows * 2
     # counts summed in int64 (they can pass 2**24, past what fp32 holds exactly), then
     # tensor selects rather than Python branches, so the module traces under
     # torch.compile(fullgraph=True)

@@ -42,8 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import fused
-from ..distances import is_cosine, is_normalized_l2
-from ..fused.triplet_margin import totals_impl
+from ..fused.triplet_margin import totals_impl, unit_distance
 from .launch import next_pow2, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
 from .tiles import add_tile_product, pair_masks, sim_tile
@@ -520,7 +519,7 @@ def supports(params, inp, expansion) -> bool:
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and params.get("triplets_per_anchor", "all") == "all"
             and not params.get("swap", False) and not params.get("smooth_loss", False)
-            and (is_cosine(inp.distance) or is_normalized_l2(inp.distance))
+            and unit_distance(inp.distance)
             and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device))
 
 
