@@ -341,3 +341,35 @@ def test_nca_falls_back_or_refuses_outside_its_scope():
         torch.ops.metrix_ops.proxy_nca_fwd(x, P, y, 1.0, 2, 4)
     with pytest.raises(RuntimeError, match=r"labels must be in \[0, num_classes=4\)"):
         torch.ops.metrix_ops.proxy_nca_fwd(x, P, y + 1, 1.0, 1, 4)
+
+
+@pytest.mark.parametrize("scale", [30.0, 60.0])
+def test_nca_confident_rows_count_as_pml_in_fp32(scale):
+    """AvgNonZero counts the rows with loss > 0. A row whose own proxy holds nearly all of the
+    softmax is −log p with p just below 1 in PML: > 0 unless p rounds to 1. The op's row is
+    (max − own) + log Σ, so it is 0 exactly then too; as lse − own (its form before) it also
+    rounded to 0 whenever the other proxies' mass was below half an ulp of the logits, and
+    the fp32 mean ran over fewer rows than PML's (11.80 against 11.07 in one case)."""
+    from pytorch_metric_learning import reducers as pr
+    g = torch.Generator().manual_seed(0)
+    C, D, B = 4, 16, 40
+    P = torch.randn(C, D, generator=g)
+    y = torch.arange(B) % C
+    # examples at spreads from 0.003 to 3 around their own proxy: confident rows and others
+    spread = torch.logspace(-2.5, 0.5, B)[torch.randperm(B, generator=g)]
+    x = F.normalize(P, dim=1)[y] + spread[:, None] * torch.randn(B, D, generator=g) / 4
+    d2 = torch.cdist(F.normalize(x, dim=1), F.normalize(P, dim=1)) ** 2
+    pml_rows = -torch.log(torch.softmax(-scale * d2, 1).gather(1, y[:, None]).squeeze(1))
+    # rows PML gives as 0 and rows it counts although they are below 1e-5
+    assert (pml_rows == 0).any() and ((pml_rows > 0) & (pml_rows < 1e-5)).any()
+    rows = nca_rows_cpu(x, y, P, scale)
+    assert torch.equal(rows == 0, pml_rows == 0)
+    kw = {"softmax_scale": scale}
+    ours = module_fn("ProxyNCALoss", C, D, "cpu", reducer=mo.reducers.AvgNonZeroReducer(), **kw)
+    pml = pml_module_fn("ProxyNCALoss", C, D, reducer=pr.AvgNonZeroReducer(), **kw)
+    assert_close_vg(ours(y), pml(y), x, P, rtol=1e-4, atol=1e-4)
+
+
+def nca_rows_cpu(x, y, P, scale):
+    from metrix_ops.ops.proxy_nca import SQUARED_L2, proxy_nca_rows
+    return proxy_nca_rows(F.normalize(x, dim=1), F.normalize(P, dim=1), y, scale, SQUARED_L2)

@@ -125,6 +125,28 @@ def test_fp32_matches_fp64_reference(loss):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max())
 
 
+@pytest.mark.parametrize("scale", [30.0, 60.0])
+def test_nca_confident_rows_count_as_pml_in_fp32(scale):
+    """The kernel's row is (max − own) + log Σ: 0 exactly where PML's own-proxy probability
+    rounds to 1, so AvgNonZero counts PML's rows (test_fused_proxy_cpu.py's case)."""
+    from pytorch_metric_learning import reducers as pr
+    from test_fused_proxy_cpu import pml_module_fn
+    g = torch.Generator().manual_seed(0)
+    C, D, B = 4, 16, 40
+    P = torch.randn(C, D, generator=g)
+    y = torch.arange(B) % C
+    spread = torch.logspace(-2.5, 0.5, B)[torch.randperm(B, generator=g)]
+    x = F.normalize(P, dim=1)[y] + spread[:, None] * torch.randn(B, D, generator=g) / 4
+    kw = {"softmax_scale": scale}
+    ours = nca_fn(C, D, "triton", reducer=mo.reducers.AvgNonZeroReducer(), **kw)
+    pml = pml_module_fn("ProxyNCALoss", C, D, reducer=pr.AvgNonZeroReducer(), **kw)
+    va, ga = value_and_grad(ours(y.to(DEV)), x.to(DEV), P.to(DEV))
+    vb, gb = value_and_grad(pml(y), x, P)
+    torch.testing.assert_close(va.cpu(), vb, rtol=1e-5, atol=0)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("loss", ["ProxyAnchorLoss", "ProxyNCALoss"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_half_inputs(loss, dtype, tol):

@@ -30,4 +30,15 @@ MO_HD T nca_grad(T s, bool own, T scale, int64_t kind, T lse) {
   return nca_dlogit(scale, kind) * (own ? sm - T(1) : sm);
 }
 
+// The row loss lse − own as (max − own) + log(sum) of the row's online log-sum-exp: for a
+// row whose own logit is the largest that is log(1 + t), t the other proxies' mass, with no
+// cancellation against the logits' magnitude, so it is exactly 0 only when 1 + t rounds to 1,
+// as PML's −log of the own proxy's softmax probability is (AvgNonZero leaves such rows out).
+// lse − own would round to 0 whenever t is below half an ulp of the logits: a row PML
+// counts (e.g. t = 1.3e-7 at logits near −6 in fp32).
+template <typename T>
+MO_HD T nca_row_loss(const OnlineLse<T>& acc, T own) {
+  return (acc.m - own) + std::log(acc.s);
+}
+
 }  // namespace metrix_ops

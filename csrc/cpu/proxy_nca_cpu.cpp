@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_fwd_cpu(const at::Tensor& x_, const
           for (int64_t c = 0; c < C; ++c) acc.push(nca_logit(row[c], sc, kind));
           const int64_t i = start + r;
           lo[i] = acc.value();
-          out[i] = lo[i] - nca_logit(row[y[i]], sc, kind);
+          out[i] = nca_row_loss(acc, nca_logit(row[y[i]], sc, kind));
         }
       });
     }

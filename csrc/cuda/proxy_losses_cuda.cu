@@ -157,7 +157,7 @@ __global__ void nca_finish_kernel(const typename NcaRowLoss<T>::State* state, in
   const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (i >= n) return;
   lse[i] = state[i].lse.value();
-  rows[i] = lse[i] - state[i].own;
+  rows[i] = nca_row_loss(state[i].lse, state[i].own);
 }
 
 void check_kind(int64_t kind) {

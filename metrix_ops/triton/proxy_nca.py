@@ -67,9 +67,11 @@ if HAS_TRITON:
             m, l = online_lse(m, l, logit, valid)
             own = valid & (y[:, None] == offs_c[None, :])
             own_logit += tl.sum(tl.where(own, logit, 0.0), 1)
-        lse = m + tl.log(tl.where(in_b, l, 1.0))  # rows past B: no log(0)
-        tl.store(lse_ptr + offs_b, lse, mask=in_b)
-        tl.store(rows_ptr + offs_b, lse - own_logit, mask=in_b)
+        log_l = tl.log(tl.where(in_b, l, 1.0))  # rows past B: no log(0)
+        tl.store(lse_ptr + offs_b, m + log_l, mask=in_b)
+        # (max − own) + log Σ, not lse − own: exactly 0 only where PML's own-proxy
+        # probability rounds to 1 (common/proxy_nca.h, nca_row_loss)
+        tl.store(rows_ptr + offs_b, (m - own_logit) + log_l, mask=in_b)
 
     @triton.jit
     def _nca_dx_kernel(x_ptr, p_ptr, y_ptr, g_ptr, lse_ptr, dx_ptr, B, C, D, stride_x,
