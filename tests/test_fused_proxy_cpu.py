@@ -351,13 +351,8 @@ def test_nca_confident_rows_count_as_pml_in_fp32(scale):
     rounded to 0 whenever the other proxies' mass was below half an ulp of the logits, and
     the fp32 mean ran over fewer rows than PML's (11.80 against 11.07 in one case)."""
     from pytorch_metric_learning import reducers as pr
-    g = torch.Generator().manual_seed(0)
-    C, D, B = 4, 16, 40
-    P = torch.randn(C, D, generator=g)
-    y = torch.arange(B) % C
-    # examples at spreads from 0.003 to 3 around their own proxy: confident rows and others
-    spread = torch.logspace(-2.5, 0.5, B)[torch.randperm(B, generator=g)]
-    x = F.normalize(P, dim=1)[y] + spread[:, None] * torch.randn(B, D, generator=g) / 4
+    x, y, P = confident_nca_case()
+    C, D = P.shape
     d2 = torch.cdist(F.normalize(x, dim=1), F.normalize(P, dim=1)) ** 2
     pml_rows = -torch.log(torch.softmax(-scale * d2, 1).gather(1, y[:, None]).squeeze(1))
     # rows PML gives as 0 and rows it counts although they are below 1e-5
@@ -368,6 +363,17 @@ def test_nca_confident_rows_count_as_pml_in_fp32(scale):
     ours = module_fn("ProxyNCALoss", C, D, "cpu", reducer=mo.reducers.AvgNonZeroReducer(), **kw)
     pml = pml_module_fn("ProxyNCALoss", C, D, reducer=pr.AvgNonZeroReducer(), **kw)
     assert_close_vg(ours(y), pml(y), x, P, rtol=1e-4, atol=1e-4)
+
+
+def confident_nca_case(C=4, D=16, B=40):
+    """fp32 (x, y, P), the examples at spreads from 0.003 to 3 around their own proxy:
+    confident rows and others"""
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(C, D, generator=g)
+    y = torch.arange(B) % C
+    spread = torch.logspace(-2.5, 0.5, B)[torch.randperm(B, generator=g)]
+    x = F.normalize(P, dim=1)[y] + spread[:, None] * torch.randn(B, D, generator=g) / 4
+    return x, y, P
 
 
 def nca_rows_cpu(x, y, P, scale):

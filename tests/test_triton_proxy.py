@@ -130,13 +130,9 @@ def test_nca_confident_rows_count_as_pml_in_fp32(scale):
     """The kernel's row is (max − own) + log Σ: 0 exactly where PML's own-proxy probability
     rounds to 1, so AvgNonZero counts PML's rows (test_fused_proxy_cpu.py's case)."""
     from pytorch_metric_learning import reducers as pr
-    from test_fused_proxy_cpu import pml_module_fn
-    g = torch.Generator().manual_seed(0)
-    C, D, B = 4, 16, 40
-    P = torch.randn(C, D, generator=g)
-    y = torch.arange(B) % C
-    spread = torch.logspace(-2.5, 0.5, B)[torch.randperm(B, generator=g)]
-    x = F.normalize(P, dim=1)[y] + spread[:, None] * torch.randn(B, D, generator=g) / 4
+    from test_fused_proxy_cpu import confident_nca_case, pml_module_fn
+    x, y, P = confident_nca_case()
+    C, D = P.shape
     kw = {"softmax_scale": scale}
     ours = nca_fn(C, D, "triton", reducer=mo.reducers.AvgNonZeroReducer(), **kw)
     pml = pml_module_fn("ProxyNCALoss", C, D, reducer=pr.AvgNonZeroReducer(), **kw)
