@@ -32,6 +32,8 @@ AvgNonZero = pr.AvgNonZeroReducer
 def dist_kw(name, ours: bool):
     if name == "l2":
         return {}
+    if name == "l2sq":  # FaceNet's squared L2: the cosine ops at half the margins, doubled
+        return {"distance": mo.distances.LpDistance(power=2) if ours else pd.LpDistance(power=2)}
     return {"distance": mo.distances.CosineSimilarity() if ours else pd.CosineSimilarity()}
 
 
@@ -62,7 +64,7 @@ def losses_for(dist, mk_ours, mk_pml, margin=0.1, pml_miner=False, **kw):
 
 @needs_op
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("dist", ["l2", "cos"])
+@pytest.mark.parametrize("dist", ["l2", "cos", "l2sq"])
 @pytest.mark.parametrize("miner", MINERS, ids=MINER_IDS)
 def test_fused_equals_pml_and_reference(case, dist, miner, spy):
     x, y = make_case(case)
@@ -82,7 +84,7 @@ def test_reducers(reducer, miner, spy):
     x, y = make_case(CASES[1])
     red = (lambda: getattr(pr, reducer)(low=0.02)) if reducer == "ThresholdReducer" \
         else getattr(pr, reducer)
-    for dist in ("l2", "cos"):
+    for dist in ("l2", "cos", "l2sq"):  # Mean counts every kept triplet, zero terms too
         fused_loss, _, theirs = losses_for(dist, miner[1], miner[2], margin=0.3, reducer=red)
         assert_close_vg(lambda e: fused_loss(e, y), lambda e: theirs(e, y), x)
     assert spy
@@ -176,7 +178,11 @@ def test_op_counts_are_the_miners(cosine):
 @pytest.mark.parametrize("kw,miner", [
     ({"swap": True}, lambda: pm.TripletMarginMiner(0.2, "semihard")),
     ({"swap": True}, lambda: pm.BatchHardMiner()),
-    ({"distance": pd.LpDistance(power=2)}, lambda: pm.BatchHardMiner()),
+    ({"distance": pd.LpDistance(normalize_embeddings=False)}, lambda: pm.BatchHardMiner()),
+    # squared L2 with smooth_loss: softplus of the doubled argument is not twice the cosine
+    # op's softplus
+    ({"distance": pd.LpDistance(power=2), "smooth_loss": True},
+     lambda: pm.TripletMarginMiner(0.2, "semihard", distance=pd.LpDistance(power=2))),
     ({}, lambda: pm.TripletMarginMiner(0.2, "hard", distance=pd.CosineSimilarity())),
     ({}, lambda: pm.BatchEasyHardMiner()),
 ])

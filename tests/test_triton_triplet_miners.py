@@ -30,6 +30,8 @@ def dists(name):
     """(ours, PML's) distance kwargs of a distance name."""
     if name == "l2":
         return {}, {}
+    if name == "l2sq":  # FaceNet's squared L2
+        return {"distance": mo.distances.LpDistance(power=2)}, {"distance": pd.LpDistance(power=2)}
     return {"distance": mo.distances.CosineSimilarity()}, {"distance": pd.CosineSimilarity()}
 
 
@@ -53,7 +55,7 @@ def calls(monkeypatch):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("loss_dist,miner_dist", [("l2", "l2"), ("cos", "cos"), ("cos", "l2"),
-                                                  ("l2", "cos")])
+                                                  ("l2", "cos"), ("l2sq", "l2"), ("l2sq", "cos")])
 def test_matches_pml(case, loss_dist, miner_dist, calls):
     x, y = on_dev(*make_case(case))
     ours, theirs = build(loss_dist, miner_dist, margin=0.3)
@@ -168,10 +170,14 @@ def test_triplet_miner_odd_shapes_and_ref_emb(kind, calls):
 
 
 @pytest.mark.parametrize("reducer", ["MeanReducer", "SumReducer", "AvgNonZeroReducer"])
-def test_triplet_miner_reducers(reducer):
+@pytest.mark.parametrize("dist", ["l2", "l2sq"])
+def test_triplet_miner_reducers(reducer, dist):
+    """Mean counts every kept triplet, zero terms too: squared L2's window (the miner's margin
+    halved with the loss's) must keep PML's triplets"""
     x, y = on_dev(*make_case(CASES[1]))
-    ours, theirs = build_tm("semihard", 0.4, reducer=reducer)
-    assert_close_vg(lambda e: ours(e, y), lambda e: theirs(e, y), x)
+    for kind in ("semihard", "easy"):
+        ours, theirs = build_tm(kind, 0.4, dist, reducer=reducer)
+        assert_close_vg(lambda e: ours(e, y), lambda e: theirs(e, y), x)
 
 
 def test_triplet_miner_kept_counts_are_the_miners():

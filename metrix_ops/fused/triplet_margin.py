@@ -89,8 +89,9 @@ def impl(params, inp, reducer, chunk: int = 256):
 
 
 def _unit_distance(d):
-    """'cosine' / 'l2' for the distances the ops compute (of unit rows), else None."""
-    return "cosine" if is_cosine(d) else "l2" if is_normalized_l2(d) else None
+    """'cosine' / 'l2' / 'l2sq' for the distances the ops compute (of unit rows), else None."""
+    return ("cosine" if is_cosine(d) else "l2" if is_normalized_l2(d)
+            else "l2sq" if is_normalized_sq_l2(d) else None)
 
 
 def _miner_distance(miner, default):
@@ -116,8 +117,11 @@ def miner_fits(params, inp, miner) -> bool:
                 and getattr(miner, "allowed_pos_range", None) is None
                 and getattr(miner, "allowed_neg_range", None) is None)
     if kind == "TripletMarginMiner":
+        # squared L2 runs the cosine op at half the margins, its terms doubled (totals_impl):
+        # true of hinges, not of smooth_loss's softplus
         return (getattr(miner, "type_of_triplets", None) in MINE_KINDS and mdist is not None
-                and _unit_distance(mdist) == _unit_distance(inp.distance))
+                and _unit_distance(mdist) == _unit_distance(inp.distance)
+                and not (is_normalized_sq_l2(inp.distance) and params.get("smooth_loss", False)))
     return False
 
 
@@ -140,17 +144,19 @@ def _mined_by_tuple(params, inp, reducer, miner):
     return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, inp.embeddings)
 
 
-def _with_exact_grad(value, xu, ru, a, j, cosine: bool):
+def _with_exact_grad(value, xu, ru, a, j, cosine: bool, squared: bool = False):
     """The loss distance's value at pairs (a, j), read off its full matrix's entries
     (`value`, no graph), with the gradient of that distance in S = X Rᵀ: ds for cosine,
-    −ds/d for the L2 distance of unit rows (0 at d = 0, as torch's cdist backward). The
-    value stays bit-exact: the added term is exactly 0."""
+    −2 ds for squared L2 (2 − 2s), −ds/d for the L2 distance of unit rows (0 at d = 0, as
+    torch's cdist backward). The value stays bit-exact: the added term is exactly 0."""
     # index_select, not xu[a]: its backward is an index_add, where advanced indexing's is a
     # serial index_put with accumulation
     s = (xu.index_select(0, a) * ru.index_select(0, j)).sum(1)
     ds = s - s.detach()
     if cosine:
         return value + ds
+    if squared:
+        return value - 2 * ds
     tiny = torch.finfo(value.dtype).tiny
     return value + ds * torch.where(value > 0, -1 / value.clamp(min=tiny), 0.0)
 
@@ -167,22 +173,31 @@ def batch_hard_impl(params, inp, reducer, miner):
     if len(a) == 0:  # PML: no triplet, a zero that keeps the graph
         return zero_loss(x)
     xu, ru = _units(inp)
-    cosine = is_cosine(dist)
-    ap = _with_exact_grad(vp, xu, ru, a, p, cosine)
-    an = _with_exact_grad(vn, xu, ru, a, n, cosine)
+    cosine, squared = is_cosine(dist), is_normalized_sq_l2(dist)
+    ap = _with_exact_grad(vp, xu, ru, a, p, cosine, squared)
+    an = _with_exact_grad(vn, xu, ru, a, n, cosine, squared)
     violation = dist.margin(ap, an) + params.get("margin", 0.05)
     losses = F.softplus(violation) if params.get("smooth_loss", False) else F.relu(violation)
     return reduce_loss_dict({"loss": {"losses": losses, "indices": (a, p, n),
                                       "reduction_type": "triplet"}}, reducer, x)
 
 
+def miner_margin(miner, inp) -> float:
+    """TripletMarginMiner's margin in the units of the op's gap: halved for squared L2, whose
+    gap d²_an − d²_ap is twice the cosine op's s_ap − s_an (miner_fits: the miner and the
+    loss share the distance)."""
+    return float(miner.margin) / (2 if is_normalized_sq_l2(inp.distance) else 1)
+
+
 def triplet_miner_impl(params, inp, reducer, miner, chunk: int = 256):
     """TripletMarginMiner + TripletMarginLoss: per-anchor totals over the kept triplets from
     triplet_mined_fwd (hinge or, with smooth_loss, softplus terms); a reducer needing
     per-triplet terms takes the miner's tuple."""
+    mm = miner_margin(miner, inp)
+
     def rows_fn(xu, ru, labels, ref_labels, exclude_diag, cosine, margin):
         return triplet_mined_rows(xu, ru, labels, ref_labels, exclude_diag, cosine, margin,
-                                  miner.type_of_triplets, float(miner.margin),
+                                  miner.type_of_triplets, mm,
                                   params.get("smooth_loss", False), chunk)
     return totals_impl(rows_fn, params, inp, reducer,
                        fallback=lambda: _mined_by_tuple(params, inp, reducer, miner))

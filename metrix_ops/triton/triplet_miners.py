@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import fused
-from ..distances import LpDistance, is_cosine, is_normalized_l2
+from ..distances import LpDistance, is_cosine, is_normalized_l2, is_normalized_sq_l2
 from ..fused.triplet_margin import (_mined_by_tuple, _miner_distance, _units, miner_fits,
+                                    miner_margin,
                                     totals_impl)
 from ..reducers import reduce_loss_dict, zero_loss
 from ..reference.expansion_points import safe_sqrt
@@ -46,9 +47,11 @@ def miner_supports(params, inp, miner) -> bool:
 def triplet_miner_impl(params, inp, reducer, miner):
     """Per-anchor totals over the triplets TripletMarginMiner keeps; a reducer needing the
     per-triplet terms takes the miner's tuple."""
+    mm = miner_margin(miner, inp)
+
     def rows_fn(xu, ru, labels, ref_labels, exclude_diag, cosine, margin):
         return triplet_mined_rows_triton(xu, ru, labels, ref_labels, exclude_diag, cosine,
-                                         margin, miner.type_of_triplets, float(miner.margin))
+                                         margin, miner.type_of_triplets, mm)
     return totals_impl(rows_fn, params, inp, reducer,
                        fallback=lambda: _mined_by_tuple(params, inp, reducer, miner))
 
@@ -64,8 +67,11 @@ def batch_hard_impl(params, inp, reducer, miner):
     if dist.is_inverted:
         ap, an = (xu[a] * ru[p]).sum(1), (xu[a] * ru[n]).sum(1)
     else:  # the difference, as cdist: exact 0 (and no gradient) for duplicates
-        ap = safe_sqrt(((xu[a] - ru[p]) ** 2).sum(1))
-        an = safe_sqrt(((xu[a] - ru[n]) ** 2).sum(1))
+        sq_ap, sq_an = (((xu[a] - ru[j]) ** 2).sum(1) for j in (p, n))
+        if is_normalized_sq_l2(dist):  # FaceNet's squared L2: d² itself
+            ap, an = sq_ap, sq_an
+        else:
+            ap, an = safe_sqrt(sq_ap), safe_sqrt(sq_an)
     violation = dist.margin(ap, an) + params.get("margin", 0.05)
     losses = F.softplus(violation) if params.get("smooth_loss", False) else F.relu(violation)
     return reduce_loss_dict({"loss": {"losses": losses, "indices": (a, p, n),
