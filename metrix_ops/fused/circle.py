@@ -4,11 +4,11 @@ accepts; others raise in the reference) with no indices_tuple."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..ops.circle import circle_rows
 from ..ops.circle_metrix import circle_clean_rows, circle_metrix_terms, finish_circle_mixed
 from ..reducers import zero_loss
+from ..ops.unit_rows import unit_rows
 from . import register, register_metrix
 from .multi_similarity import metrix_refs_args
 from .ntxent import guarded, reduce_rows, supports, unit_pair
@@ -40,7 +40,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     ride on the products the candidates need, which at D = 512 are most of the clean op's
     time; their per-pair exponentials are the clean op's own work, moved."""
     x = inp.embeddings
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     m, gamma = params["m"], params["gamma"]
     lp, ln, clp, cln = circle_metrix_terms(xu, inp.labels, m, gamma, lam, metrix.pairs, block,
                                            metrix_refs_args(inp, xu), clean=True)

@@ -6,7 +6,6 @@ window), Mean, Sum — run here; any other reducer gets the reference's per-pair
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import is_cosine, is_normalized_l2, is_normalized_sq_l2
@@ -15,6 +14,7 @@ from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdRed
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
 from ..ops.contrastive_metrix import contrastive_metrix_refs_rows, contrastive_metrix_rows
 from ..spec import get_spec
+from ..ops.unit_rows import unit_rows
 from . import register, register_metrix
 from .pair_counts import pair_count_tensors
 from .multi_similarity import _self_pairs_only, metrix_refs_args
@@ -106,11 +106,11 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     if not compiling and int(n_pos) <= 1 and int(n_neg) <= 1:
         return zero_loss(x)
     cosine, pm, nm, (low, high), scale = op_form(inp.distance, params, window, x.dtype)
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     if _self_pairs_only(inp):
         rows = contrastive_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
     else:
-        rows = contrastive_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels,
+        rows = contrastive_rows(xu, unit_rows(inp.ref_emb), inp.labels,
                                 inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk)
     return _reduce_clean(_scaled(rows, scale), n_pos, n_neg, reducer, x)
 
@@ -133,7 +133,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
         from ..reference.metrix import metrix_loss
         clean = reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
         return clean + metrix.weight * metrix_loss("ContrastiveLoss", params, inp, metrix, lam)
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     cosine, pm, nm, window, scale = op_form(inp.distance, params, window, x.dtype)
     refs = metrix_refs_args(inp, xu)
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)

@@ -19,6 +19,7 @@ from ..ops.ee_mining import all_segments
 from ..reducers import reduce_loss_dict, zero_loss
 from ..reference.expansion import expansion_loss_dict
 from ..reference.expansion_points import expansion_segments, safe_sqrt
+from ..ops.unit_rows import normalized
 from . import register_expansion
 from .pair_counts import pair_count_tensors
 from .triplet_margin import _divisor_kind
@@ -65,7 +66,7 @@ def _neg_lse(inp, expansion, segs, scale, offset, anchor_mask=None, neg_mask=Non
     CPU op, or by an engine's op of the same signature (lse_fn, e.g. the Triton one)."""
     x, labels = inp.embeddings, inp.labels
     seg_i, seg_j = segs
-    xu = inp.distance.maybe_normalize(x)
+    xu = normalized(inp.distance, x)
     l2 = not inp.distance.is_inverted
     if lse_fn is not None:
         return lse_fn(xu, labels, seg_i, seg_j, expansion.n_points, l2, scale, offset,
@@ -77,7 +78,7 @@ def _neg_lse(inp, expansion, segs, scale, offset, anchor_mask=None, neg_mask=Non
 def _pair_metric(inp, a, p):
     """The loss metric between originals a and p (the clean distance), with gradient;
     positives' differences are exact for duplicate rows, as cdist's."""
-    xu = inp.distance.maybe_normalize(inp.embeddings)
+    xu = normalized(inp.distance, inp.embeddings)
     if inp.distance.is_inverted:
         return (xu.index_select(0, a) * xu.index_select(0, p)).sum(1)
     return safe_sqrt(((xu.index_select(0, a) - xu.index_select(0, p)) ** 2).sum(1))
@@ -231,7 +232,7 @@ def triplet_margin(params, inp, reducer, expansion=None, trip_fn=None):
                                 reducer, x)
     a, p = _positive_pairs(labels)  # anchor-major, as the op reads `pos`
     sums, nonzero, triplets = (trip_fn or _triplet_cpu)(
-        d.maybe_normalize(x), labels, seg_i, seg_j, _pair_metric(inp, a, p),
+        normalized(d, x), labels, seg_i, seg_j, _pair_metric(inp, a, p),
         expansion.n_points, not d.is_inverted, params.get("margin", 0.05),
         params.get("smooth_loss", False))
     # counts summed in int64, selects rather than branches (as fused/triplet_margin.py)

@@ -6,12 +6,12 @@ CosineSimilarity; other distances, unnormalised embeddings and indices_tuple go 
 reference."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import is_cosine, is_dot_of_normalized, is_normalized_l2
 from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
 from ..ops.lifted_metrix import finish_lifted_lses, gen_lifted_clean_rows, lifted_metrix_terms
+from ..ops.unit_rows import unit_rows, normalized
 from . import register, register_metrix
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
@@ -29,11 +29,11 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     d, cosine = inp.distance, is_dot_of_normalized(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
-    xu = d.maybe_normalize(inp.embeddings)
+    xu = normalized(d, inp.embeddings)
     if self_pairs_only(inp):
         rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block)
     else:
-        rows = gen_lifted_rows(xu, d.maybe_normalize(inp.ref_emb), inp.labels, inp.ref_labels,
+        rows = gen_lifted_rows(xu, normalized(d, inp.ref_emb), inp.labels, inp.ref_labels,
                                inp.same_set, cosine, pm, nm, chunk)
     # PML's no-pairs rule and the element reduction are MS's (one term per anchor)
     return _reduce_clean(rows, inp, reducer)
@@ -54,7 +54,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     reference's generalized_lifted_soft), both from one op's pass over S (the batch against
     itself or references; see fused/circle.py)."""
     x = inp.embeddings
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     cosine, pm, nm = is_cosine(inp.distance), params["pos_margin"], params["neg_margin"]
     lp, ln, clp, cln = lifted_metrix_terms(xu, inp.labels, cosine, pm, nm, lam, metrix.pairs,
                                            block, metrix_refs_args(inp, xu), clean=True)

@@ -7,7 +7,6 @@ O(B·D + chunk·B); no B×B gradient matrix, no B(n+1)-point stack."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import is_cosine, is_normalized_l2
@@ -16,6 +15,7 @@ from ..ops.ee_mining import all_segments, ee_hphn_mine
 from ..reducers import reduce_loss_dict
 from ..reference.expansion_points import expansion_segments, safe_sqrt
 from ..reference.hphn_triplet import hphn_terms
+from ..ops.unit_rows import unit_rows, normalized
 from . import register
 from .triplet_margin import _with_exact_grad
 
@@ -77,7 +77,7 @@ def refs_impl(params, inp, reducer):
     x, d = inp.embeddings, inp.distance
     a, p, n, vp, vn = batch_hard_streaming(d, x, inp.ref_emb, inp.labels, inp.ref_labels,
                                            inp.same_set, value_distance=d)
-    xu, ru = F.normalize(x, dim=1), F.normalize(inp.ref_emb, dim=1)
+    xu, ru = unit_rows(x), unit_rows(inp.ref_emb)
     cosine = is_cosine(d)
     hp = x.new_zeros(len(x)).index_put((a,), _with_exact_grad(vp, xu, ru, a, p, cosine))
     hn = x.new_zeros(len(x)).index_put((a,), _with_exact_grad(vn, xu, ru, a, n, cosine))
@@ -90,7 +90,7 @@ def impl(params, inp, reducer, expansion=None):
     if inp.ref_emb is not inp.embeddings:
         return refs_impl(params, inp, reducer)
     labels = inp.labels.long()
-    xu = inp.distance.maybe_normalize(inp.embeddings)
+    xu = normalized(inp.distance, inp.embeddings)
     n = 0 if expansion is None else expansion.n_points
     seg_i, seg_j = segments_for(labels, expansion)
     idx = ee_hphn_mine(xu, labels, seg_i, seg_j, n, CHUNK)

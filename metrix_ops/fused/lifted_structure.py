@@ -14,6 +14,7 @@ from ..distances import is_dot_of_normalized
 from ..ops.lifted import lifted_rows, lifted_rows_self
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
+from ..ops.unit_rows import normalized
 from . import generalized_lifted, register
 from .contrastive import _reduce_side, _window
 from .generalized_lifted import self_pairs_only
@@ -44,7 +45,7 @@ def lifted_loss(params, inp, reducer, rows):
     if not compiling and bool(none):
         return zero_loss(x)
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
-    xu, cosine = inp.distance.maybe_normalize(x), is_dot_of_normalized(inp.distance)
+    xu, cosine = normalized(inp.distance, x), is_dot_of_normalized(inp.distance)
     sums, counts = rows(xu, cosine, params["pos_margin"], params["neg_margin"], *window)
     loss = _reduce_side(sums, counts, n_pos, reducer, x)
     return torch.where(none, zero_loss(x), loss) if compiling else loss
@@ -54,7 +55,7 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     def rows(xu, cosine, pm, nm, low, high):
         if self_pairs_only(inp):
             return lifted_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
-        return lifted_rows(xu, inp.distance.maybe_normalize(inp.ref_emb), inp.labels,
+        return lifted_rows(xu, normalized(inp.distance, inp.ref_emb), inp.labels,
                            inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk)
     return lifted_loss(params, inp, reducer, rows)
 

@@ -14,10 +14,10 @@ clean loss (driver.py)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..reference.metrix import mix_norm
 from ..reference.metrix_soft_forms import SOFT_FORMS
+from ..ops.unit_rows import unit_rows
 
 LOSSES = ("MultiSimilarityLoss", "ContrastiveLoss", "CircleLoss",
           "GeneralizedLiftedStructureLoss")
@@ -76,7 +76,7 @@ def candidate_rows(xu, labels, lam: float):
 def mixed_term(name: str, params: dict, inp, lam: float):
     """L̃ (unweighted) of a pos_pos call covers() accepts; None where the reference must run."""
     x = inp.embeddings
-    found = candidate_rows(F.normalize(x, dim=1), inp.labels, lam)
+    found = candidate_rows(unit_rows(x), inp.labels, lam)
     if found is None:
         return None
     s, member = found

@@ -22,7 +22,6 @@ in order of their class size, so a chunk pads to nearly its own classes' K.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import _ext
@@ -33,6 +32,7 @@ from ..ops.lifted_metrix import lifted_metrix_loss
 from ..ops.ms_metrix import ms_metrix_refs_rows
 from ..reference.metrix import mix_norm
 from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
+from ..ops.unit_rows import unit_rows
 from .metrix_pos_pos import class_slots
 
 PAIRS = ("pos_neg", "anchor_neg", "pos_pos")
@@ -162,8 +162,8 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float):
     b, m, d, pairs = x.shape[0], inp.ref_emb.shape[0], x.shape[1], metrix.pairs
     if b == 0 or m == 0:
         return torch.sum(x * 0)
-    xh = F.normalize(x, dim=1)
-    rh = xh if inp.ref_emb is x else F.normalize(inp.ref_emb.to(x.dtype), dim=1)
+    xh = unit_rows(x)
+    rh = xh if inp.ref_emb is x else unit_rows(inp.ref_emb.to(x.dtype))
     self_idx = (torch.arange(b, device=x.device) if inp.same_set
                 else torch.full((b,), -1, dtype=torch.long, device=x.device))
     fused = _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx)

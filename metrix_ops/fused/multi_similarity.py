@@ -3,7 +3,6 @@ from ms_loss_fwd (no B×M matrix); PML's reducers then apply to them as usual.""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import CosineSimilarity, as_distance, is_cosine
@@ -11,6 +10,7 @@ from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self, ms_mined_rows
 from ..ops.ms_metrix import ms_metrix_refs_rows, ms_metrix_rows
 from ..reference.metrix_soft_forms import combine_parts
 from ..reducers import reduce_loss_dict
+from ..ops.unit_rows import unit_rows
 from . import register, register_metrix, register_miner
 from .metrix_refs import with_negatives
 from .pair_counts import pair_count_tensors
@@ -55,11 +55,11 @@ def impl(params, inp, reducer, chunk: int = 2048):
     counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)  # once per call
     if not torch.compiler.is_compiling() and int(counts[0]) <= 1 and int(counts[1]) <= 1:
         return torch.sum(x * 0)  # skip the op: PML's no-loss rule
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     if _self_pairs_only(inp):
         rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"])
     else:
-        rows = ms_loss_rows(xu, F.normalize(inp.ref_emb, dim=1), inp.labels, inp.ref_labels,
+        rows = ms_loss_rows(xu, unit_rows(inp.ref_emb), inp.labels, inp.ref_labels,
                             inp.same_set, params["alpha"], params["beta"], params["base"], chunk)
     return _reduce_clean(rows, inp, reducer, counts)
 
@@ -77,7 +77,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float, block: int = 1024):
     candidate, i.e. with a negative. In the batch: with two classes or more that is every
     anchor, and with one class every ℓ̃(a) is 0, so the sum over B is that mean either way.
     Against references: the anchors with a negative among them."""
-    xu = F.normalize(inp.embeddings, dim=1)
+    xu = unit_rows(inp.embeddings)
     hyper = (params["alpha"], params["beta"], params["base"], lam, metrix.pairs)
     refs = metrix_refs_args(inp, xu)
     if refs is None:
@@ -97,7 +97,7 @@ def metrix_refs_args(inp, xu):
     if _self_pairs_only(inp):
         return None
     x = inp.embeddings
-    ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
+    ru = xu if inp.ref_emb is x else unit_rows(inp.ref_emb)
     own = (torch.arange(len(x)) if inp.same_set
            else torch.full((len(x),), -1, dtype=torch.long))
     return ru, inp.ref_labels, own
@@ -127,8 +127,8 @@ def mined_loss(params, inp, reducer, miner, rows_fn):
     (per-anchor terms, kept pairs B×2): PML's reduction and its no-pairs rule on the kept
     pairs' totals."""
     x = inp.embeddings
-    xu = F.normalize(x, dim=1)
-    ref = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
+    xu = unit_rows(x)
+    ref = xu if inp.ref_emb is x else unit_rows(inp.ref_emb)
     rows, kept = rows_fn(xu, ref, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
                          params["beta"], params["base"], float(miner.epsilon))
     totals = kept.sum(0)

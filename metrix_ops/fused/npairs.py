@@ -20,6 +20,7 @@ from ..distances import CosineSimilarity, DotProductSimilarity
 from ..ops.proxy_anchor import default_chunk
 from ..ops.proxy_nca import COSINE, proxy_nca_rows
 from ..reducers import reduce_loss_dict
+from ..ops.unit_rows import normalized
 from . import register
 
 
@@ -53,7 +54,7 @@ def pairs_loss(inp, reducer, a, p, chunk=None, rows_fn=None):
     if not compiling and len(a) == 0:
         return reduce_loss_dict({"loss": {"losses": 0, "indices": None,
                                           "reduction_type": "already_reduced"}}, reducer, x)
-    xk = inp.distance.maybe_normalize(x)  # as the reference: its p, or none
+    xk = normalized(inp.distance, x)  # as the reference: its p, or none
     if compiling and chunk is None:  # a tile size from the batch, not from the data's K
         chunk = default_chunk(max(1, x.shape[0] // 2))
     if rows_fn is None:

@@ -8,13 +8,13 @@ Covers the default cosine similarity, no indices_tuple; else "auto" runs the ref
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import is_cosine
 from ..ops.ntxent import ntxent_rows, supcon_rows
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
+from ..ops.unit_rows import unit_rows
 from . import register
 from .contrastive import _reduce_side, _window
 from .pair_counts import pair_count_tensors
@@ -27,8 +27,8 @@ def supports(params, inp, expansion) -> bool:
 
 def unit_pair(inp):
     """The unit anchors and references; the batch against itself is one tensor."""
-    xu = F.normalize(inp.embeddings, dim=1)
-    return xu, (xu if inp.ref_emb is inp.embeddings else F.normalize(inp.ref_emb, dim=1))
+    xu = unit_rows(inp.embeddings)
+    return xu, (xu if inp.ref_emb is inp.embeddings else unit_rows(inp.ref_emb))
 
 
 def guarded(compute, inp, need_both: bool):

@@ -4,13 +4,13 @@ terms, so the loss dict and every reducer (PML's DivisorReducer by default) appl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import is_cosine
 from ..ops.proxy_anchor import proxy_anchor_terms
 from ..reducers import reduce_loss_dict
 from ..reference.proxy_anchor import check_proxies
+from ..ops.unit_rows import unit_rows
 from . import register
 
 
@@ -26,8 +26,8 @@ def terms_impl(terms_fn, params, inp, reducer):
     x, labels, proxies = inp.embeddings, inp.labels, params["proxies"]
     check_proxies(proxies, x, labels, "ProxyAnchorLoss")
     # as the reference: a differentiable cast, so the parameter keeps its dtype
-    p = F.normalize(proxies.to(x.dtype), dim=1)
-    pos, neg = terms_fn(F.normalize(x, dim=1), p, labels, params["alpha"], params["margin"])
+    p = unit_rows(proxies.to(x.dtype))
+    pos, neg = terms_fn(unit_rows(x), p, labels, params["alpha"], params["margin"])
     # a tensor, not int(): no host sync on a GPU, no graph break under torch.compile
     n_with_pos = torch.bincount(labels, minlength=p.shape[0]).count_nonzero()
     idx = torch.arange(p.shape[0], device=x.device)

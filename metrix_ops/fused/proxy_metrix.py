@@ -7,11 +7,11 @@ candidates; an empty candidate set gives a zero term."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..ops.proxy_metrix import (candidate_count, proxy_anchor_metrix_terms,
                                 proxy_nca_metrix_rows)
 from ..reference.proxy_nca import logit_scale
+from ..ops.unit_rows import unit_rows
 from . import proxy_anchor, proxy_nca, register_metrix
 
 
@@ -32,7 +32,7 @@ def nca_supports(params, inp, expansion, metrix) -> bool:
 def _units(params, inp):
     x = inp.embeddings
     # as the reference: a differentiable cast, so the parameter keeps its dtype
-    return F.normalize(x, dim=1), F.normalize(params["proxies"].to(x.dtype), dim=1)
+    return unit_rows(x), unit_rows(params["proxies"].to(x.dtype))
 
 
 def anchor_mixed(params, inp, pairs: str, lam: float, chunk=None, terms_fn=None):

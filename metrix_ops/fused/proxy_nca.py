@@ -6,7 +6,6 @@ LpDistance(power=2) or CosineSimilarity, with the ProxyNCA++ temperature; raw pr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import LpDistance, is_cosine
@@ -14,6 +13,7 @@ from ..ops.proxy_nca import COSINE, SQUARED_L2, proxy_nca_rows
 from ..reducers import reduce_loss_dict
 from ..reference.proxy_anchor import check_proxies
 from ..reference.proxy_nca import logit_scale
+from ..ops.unit_rows import unit_rows
 from . import register
 
 
@@ -39,8 +39,8 @@ def rows_impl(rows_fn, params, inp, reducer):
     check_proxies(proxies, x, labels, "ProxyNCALoss")
     scale = logit_scale(params["softmax_scale"], params.get("temperature"),
                         params.get("normalize_proxies"))
-    p = F.normalize(proxies.to(x.dtype), dim=1)  # differentiable cast, as the reference
-    rows = rows_fn(F.normalize(x, dim=1), p, labels, scale, _kind(inp.distance))
+    p = unit_rows(proxies.to(x.dtype))  # differentiable cast, as the reference
+    rows = rows_fn(unit_rows(x), p, labels, scale, _kind(inp.distance))
     # PML drops an example whose own-proxy probability underflows to 0: a mask for the
     # reducer rather than rows[keep] (no data-dependent shape: torch.compile traces it whole)
     keep = torch.exp(-rows.detach()) != 0

@@ -24,6 +24,7 @@ from ..ops.triplet_mined import HAS_OP, MINE_KINDS, triplet_mined_rows
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
                         reduce_loss_dict, zero_loss)
 from ..spec import get_spec
+from ..ops.unit_rows import unit_rows
 from . import register, register_miner
 
 
@@ -59,8 +60,8 @@ def totals_impl(rows_fn, params, inp, reducer, fallback=None):
             return fallback()
         spec = get_spec("TripletMarginLoss")
         return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
-    xu = F.normalize(x, dim=1)
-    ru = xu if inp.ref_emb is x else F.normalize(inp.ref_emb, dim=1)
+    xu = unit_rows(x)
+    ru = xu if inp.ref_emb is x else unit_rows(inp.ref_emb)
     margin = params.get("margin", 0.05)
     # squared L2 of unit rows is 2 − 2s: a triplet's term [d²_ap − d²_an + m]₊ is
     # 2·[s_an − s_ap + m/2]₊, the cosine op's term at half the margin (the same terms > 0)
@@ -132,8 +133,8 @@ def miner_supports(params, inp, miner) -> bool:
 
 
 def _units(inp):
-    xu = F.normalize(inp.embeddings, dim=1)
-    return xu, (xu if inp.ref_emb is inp.embeddings else F.normalize(inp.ref_emb, dim=1))
+    xu = unit_rows(inp.embeddings)
+    return xu, (xu if inp.ref_emb is inp.embeddings else unit_rows(inp.ref_emb))
 
 
 def _mined_by_tuple(params, inp, reducer, miner):

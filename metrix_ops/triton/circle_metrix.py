@@ -6,13 +6,13 @@ metrix_tiles.py, by the shared kernels of lse_metrix.py; the op returns z = lse�
 the CPU glue's finish_circle_mixed turns it into L̃ (softplus(log λ + log(1 − λ) + z),
 AvgNonZero over anchors). The clean term is the clean Triton op's (circle.py)."""
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl  # noqa: F401 (must be visible to the jit functions here)
 
 from .. import fused
 from ..ops.circle_metrix import finish_circle_mixed
 from ..reducers import zero_loss
+from ..ops.unit_rows import unit_rows
 from .circle import _circle_logits, impl as clean_impl, supports as clean_supports
 from .lse_metrix import lse_metrix_rows, lse_mix_weights, register_kind
 from .metrix_tiles import covers
@@ -53,7 +53,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float):
     """L(clean) + weight · L̃ (L̃ 0 at λ ∈ {0, 1}: a side without label mass)."""
     x = inp.embeddings
     if 0.0 < lam < 1.0:
-        z, has = circle_metrix_lses_triton(F.normalize(x, dim=1), inp.labels, params["m"],
+        z, has = circle_metrix_lses_triton(unit_rows(x), inp.labels, params["m"],
                                            params["gamma"], lam, metrix.pairs)
         mixed = finish_circle_mixed(has, z, lam, x)
     else:

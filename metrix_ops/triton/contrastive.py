@@ -26,7 +26,6 @@ beyond the inputs, the terms are a function of s alone)."""
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -37,6 +36,7 @@ from ..fused.pair_counts import pair_count_tensors
 from ..ops.contrastive import _bound
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
+from ..ops.unit_rows import unit_rows
 from .launch import usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
                     max_dim, needs_grads, pair_grads)
@@ -227,9 +227,9 @@ def impl(params, inp, reducer):
     compiling = torch.compiler.is_compiling()
     if not compiling and bool(no_pairs):
         return zero_loss(x)
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     # the batch against itself, self pairs excluded: one tensor passed twice
-    ru = xu if inp.ref_emb is x and inp.same_set else F.normalize(inp.ref_emb, dim=1)
+    ru = xu if inp.ref_emb is x and inp.same_set else unit_rows(inp.ref_emb)
     ps, pc, ns, nc = contrastive_rows_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
                                              is_cosine(inp.distance), params["pos_margin"],
                                              params["neg_margin"], *window)

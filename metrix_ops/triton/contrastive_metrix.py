@@ -13,7 +13,6 @@ slope (common/contrastive_metrix.h, reference/metrix_soft_forms.py). The per-can
 weight ∂L/∂s̃ = g⁺_a ∂term⁺/∂s̃ + g⁻_a ∂term⁻/∂s̃ goes through metrix_tiles' shared gradient
 kernels; the terms are recomputed there, not stored."""
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -23,6 +22,7 @@ from ..fused.contrastive import _avg_kept, _reduce_clean, _window
 from ..fused.pair_counts import pair_count_tensors
 from ..reducers import reduce_loss_dict
 from ..spec import get_spec
+from ..ops.unit_rows import unit_rows
 from .contrastive import contrastive_rows_triton, supports as clean_supports
 from .metrix_tiles import (candidate_tile, chunk_rows, covers, mix_config, mix_grads,
                            run_sorted)
@@ -195,7 +195,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float):
         return clean + metrix.weight * metrix_loss("ContrastiveLoss", params, inp, metrix, lam)
     cosine = is_cosine(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     low, high = window
     clean = contrastive_rows_triton(xu, xu, inp.labels, inp.labels, True, cosine, pm, nm,
                                     low, high)

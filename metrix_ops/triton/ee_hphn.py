@@ -24,6 +24,7 @@ from .. import fused
 from ..distances import is_cosine, is_normalized_l2
 from ..fused.hphn_triplet import point_norm, picks_loss, segments_for
 from ..reference.expansion_points import points_on_segments
+from ..ops.unit_rows import normalized
 from .hphn_triplet import hphn_mine_triton
 from .launch import usable_on
 from .pairs import launch_config, loss_constants, max_dim
@@ -177,7 +178,7 @@ def supports(params, inp, expansion) -> bool:
 
 def impl(params, inp, reducer, expansion):
     labels, d = inp.labels.long(), inp.distance
-    xu = d.maybe_normalize(inp.embeddings)
+    xu = normalized(d, inp.embeddings)
     seg_i, seg_j = segments_for(labels, expansion)
     idx = ee_hphn_mine_triton(xu, labels, seg_i, seg_j, expansion.n_points, d.is_inverted)
     return picks_loss(params, inp, reducer, xu, idx, expansion.n_points)

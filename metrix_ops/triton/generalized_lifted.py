@@ -15,6 +15,7 @@ import triton.language as tl
 from .. import fused
 from ..distances import is_dot_of_normalized, is_normalized_l2
 from ..fused.generalized_lifted import _reduce_clean
+from ..ops.unit_rows import normalized
 from .launch import usable_on
 from .pairs import is_symmetric, max_dim
 from .side_lse import register_kind, side_grad, side_lse_rows
@@ -85,8 +86,8 @@ def supports(params, inp, expansion) -> bool:
 def impl(params, inp, reducer):
     d, x = inp.distance, inp.embeddings
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
-    xu = d.maybe_normalize(x)
-    ru = xu if inp.ref_emb is x and inp.same_set else d.maybe_normalize(inp.ref_emb)
+    xu = normalized(d, x)
+    ru = xu if inp.ref_emb is x and inp.same_set else normalized(d, inp.ref_emb)
     z, _, _ = lifted_side_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
                                is_dot_of_normalized(d), params["pos_margin"],
                                params["neg_margin"])

@@ -12,13 +12,13 @@ off in the kernel (its exponents −inf), so the op's z is the other side alone,
 reference's empty-side rule gives."""
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .. import fused
 from ..distances import is_cosine, is_normalized_l2
 from ..ops.lifted_metrix import finish_lifted_mixed
+from ..ops.unit_rows import unit_rows
 from .generalized_lifted import impl as clean_impl, supports as clean_supports
 from .lse_metrix import lse_metrix_rows, lse_mix_weights, register_kind
 from .metrix_tiles import covers
@@ -90,7 +90,7 @@ def metrix_supports(params, inp, expansion, metrix) -> bool:
 def metrix_impl(params, inp, reducer, metrix, lam: float):
     """L(clean) + weight · L̃."""
     x = inp.embeddings
-    z, has = lifted_metrix_lses_triton(F.normalize(x, dim=1), inp.labels,
+    z, has = lifted_metrix_lses_triton(unit_rows(x), inp.labels,
                                        is_cosine(inp.distance), params["pos_margin"],
                                        params["neg_margin"], lam, metrix.pairs)
     mixed = finish_lifted_mixed(has, z, lam, x)

@@ -24,6 +24,7 @@ from ..distances import is_cosine, is_normalized_l2
 from ..reducers import reduce_loss_dict
 from ..reference.expansion_points import safe_sqrt
 from ..reference.hphn_triplet import hphn_terms
+from ..ops.unit_rows import normalized
 from .launch import usable_on
 from .pairs import launch_config, max_dim
 from .tiles import pair_masks, sim_tile
@@ -109,8 +110,8 @@ def supports(params, inp, expansion) -> bool:
 
 def impl(params, inp, reducer):
     x, d = inp.embeddings, inp.distance
-    xu = d.maybe_normalize(x)
-    ru = xu if inp.ref_emb is x else d.maybe_normalize(inp.ref_emb)
+    xu = normalized(d, x)
+    ru = xu if inp.ref_emb is x else normalized(d, inp.ref_emb)
     idx = hphn_mine_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set)
     has_pos, has_neg = idx[:, 0] >= 0, idx[:, 1] >= 0
     idx = idx.clamp_min(0)  # rows without a pick compute a throw-away value

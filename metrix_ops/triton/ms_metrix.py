@@ -20,11 +20,11 @@ B×B or B×B×B tensor). The clean MS term is the clean Triton op's (multi_simil
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .. import fused
+from ..ops.unit_rows import unit_rows
 from .metrix_tiles import (candidate_tile, chunk_rows, covers, fold3, mix_config, mix_grads,
                            register_lse_autograd, run_sorted)
 from .multi_similarity import ms_rows_triton, supports as clean_supports
@@ -153,7 +153,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float):
     CPU op's glue: with one class every ℓ̃(a) is 0, so the sum over B is that mean)."""
     from ..fused.multi_similarity import _reduce_clean
     x = inp.embeddings
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     a, b, base = params["alpha"], params["beta"], params["base"]
     rows = ms_rows_triton(xu, xu, inp.labels, inp.labels, True, a, b, base)
     mix = ms_metrix_rows_triton(xu, inp.labels, a, b, base, lam, metrix.pairs)

@@ -32,7 +32,6 @@ negative; with exclude_diag (the batch against itself, or ref_labels *is* labels
 column i are no pair. Normalisation and its gradient stay in PyTorch; PML's reduction and
 no-pairs rule come from the CPU glue (fused/multi_similarity.py)."""
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -40,6 +39,7 @@ from .. import fused
 from ..distances import is_cosine
 from ..fused.multi_similarity import _reduce_clean, self_pairs
 from ..fused.pair_counts import pair_counts
+from ..ops.unit_rows import unit_rows
 from .launch import usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
                     max_dim, mined_masks, needs_grads, pair_grads)
@@ -222,9 +222,9 @@ def impl(params, inp, reducer):
     if not torch.compiler.is_compiling() and max(pair_counts(inp.labels, inp.ref_labels,
                                                              inp.same_set)) <= 1:
         return torch.sum(x * 0)
-    xu = F.normalize(x, dim=1)
+    xu = unit_rows(x)
     # the batch against itself passes one tensor twice: S's gradient reaches x both ways
-    ru = xu if self_pairs(inp) else F.normalize(inp.ref_emb, dim=1)
+    ru = xu if self_pairs(inp) else unit_rows(inp.ref_emb)
     rows = ms_rows_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
                           params["beta"], params["base"])
     return _reduce_clean(rows, inp, reducer)

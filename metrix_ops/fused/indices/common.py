@@ -8,6 +8,7 @@ import torch
 from ...distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from ...ops.pair_sims import HAS_OP, pair_sims
 from ...reference.pairs import to_pairs
+from ...ops.unit_rows import normalized
 
 ZERO = {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
 
@@ -50,8 +51,8 @@ class ListedPairs:
         self.distance, self.kind = d, pair_kind(d)
         # normalisation and its gradient stay in PyTorch (O((B+M)·D)); the batch against
         # itself is normalised once, so both ends of a pair share one graph node
-        self.xu = d.maybe_normalize(inp.embeddings)
-        self.ru = self.xu if inp.ref_emb is inp.embeddings else d.maybe_normalize(inp.ref_emb)
+        self.xu = normalized(d, inp.embeddings)
+        self.ru = self.xu if inp.ref_emb is inp.embeddings else normalized(d, inp.ref_emb)
 
     def of(self, rows, cols, refs_both: bool = False):
         """Distances of the pairs (rows_k, cols_k); refs_both: both ends index the references."""

@@ -1,0 +1,46 @@
+"""Rows scaled to unit L2 norm, as F.normalize(x, dim=1) (eps 1e-12), with a two-pass
+backward: dx = (g − y (y·g)) / ‖x‖. torch's own backward of x / ‖x‖ goes through the
+division's and the norm's generic rules, about ten passes over B×D where this takes three,
+which at B = 4096, D = 512 was 6.5 ms against 2.5 ms of a ~50 ms ProxyAnchor loss. The fused
+engines normalise with it; the reference keeps F.normalize, as PML."""
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12  # F.normalize's
+
+
+class _UnitRows(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        return x / norm.clamp_min(EPS), norm
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, norm = output
+        ctx.save_for_backward(y, norm)
+        ctx.mark_non_differentiable(norm)
+
+    @staticmethod
+    def backward(ctx, g, _g_norm):
+        y, norm = ctx.saved_tensors
+        # a backward run inside an autocast region would take vecdot to bf16: the fused
+        # losses compute in fp32 under autocast, their normalisation's gradient too
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            # the projection off y, except where the norm was clamped (F.normalize's
+            # clamp_min passes no gradient to the norm there: dx = g / eps)
+            dot = torch.linalg.vecdot(g, y, dim=1).unsqueeze(1).masked_fill_(norm < EPS, 0)
+            return torch.addcmul(g, y, dot, value=-1).div_(norm.clamp_min(EPS))
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """F.normalize(x, dim=1)'s value and gradient, cheaper to differentiate."""
+    return _UnitRows.apply(x)[0]
+
+
+def normalized(distance, x: torch.Tensor) -> torch.Tensor:
+    """distance.maybe_normalize(x), through unit_rows for the L2 norm."""
+    if distance.normalize_embeddings and distance.p == 2:
+        return unit_rows(x)
+    return distance.maybe_normalize(x)
