@@ -38,7 +38,7 @@ def supports(params, inp, expansion) -> bool:
 def unit_distance(d) -> bool:
     """The distances the all-triplets ops serve: cosine and L2 of unit rows, and squared L2
     through the cosine ops (totals_impl)."""
-    return is_cosine(d) or is_normalized_l2(d) or is_normalized_sq_l2(d)
+    return _unit_distance(d) is not None
 
 
 def _divisor_kind(reducer):

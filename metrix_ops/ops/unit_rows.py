@@ -1,5 +1,5 @@
-"""Rows scaled to unit L2 norm, as F.normalize(x, dim=1) (eps 1e-12), with a two-pass
-backward: dx = (g − y (y·g)) / ‖x‖. torch's own backward of x / ‖x‖ goes through the
+"""Rows scaled to unit L2 norm, as F.normalize(x, dim=1) (eps 1e-12), with a backward in
+three passes: dx = (g − y (y·g)) / ‖x‖. torch's own backward of x / ‖x‖ goes through the
 division's and the norm's generic rules, about ten passes over B×D where this takes three,
 which at B = 4096, D = 512 was 6.5 ms against 2.5 ms of a ~50 ms ProxyAnchor loss. The fused
 engines normalise with it; the reference keeps F.normalize, as PML."""
