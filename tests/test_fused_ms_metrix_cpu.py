@@ -105,6 +105,27 @@ def test_blocks_cut_between_classes(block):
     assert_close_vg(fused, ref, x)
 
 
+@pytest.mark.parametrize("B,block", [(200, 64), (301, 97)])
+def test_fp32_blocks_agree_with_one_block(B, block):
+    """fp32 blocks large enough for the tiled transposes of the block walk
+    (cpu/block_transpose.h: whole 32×32 tiles of 8×8 register transposes, and ragged edges)
+    give the values and gradients of one block, which needs no transpose."""
+    from metrix_ops.ops.ms_metrix import ms_metrix_rows
+    g = torch.Generator().manual_seed(B)
+    x = F.normalize(torch.randn(B, 11, generator=g), dim=1)
+    y = torch.randint(0, B // 6, (B,), generator=g)
+    w1, w2 = torch.rand(B, generator=g), torch.rand(B, generator=g)
+
+    def run(blk):
+        e = x.clone().requires_grad_(True)
+        rows, mix = ms_metrix_rows(e, y, 2.0, 50.0, 0.5, 0.4, block=blk)
+        ((rows * w1).sum() + (mix * w2).sum()).backward()
+        return rows.detach(), mix.detach(), e.grad
+
+    for got, want in zip(run(block), run(10 * B)):  # fp32 sums in another order
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
 def test_module_uses_the_fused_op(op_calls):
     calls = op_calls
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))

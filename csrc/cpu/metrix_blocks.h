@@ -8,10 +8,9 @@
 // hand (metrix_mix_kernels.h). A class larger than `block` makes a larger block.
 //
 // Block (I, J), I < J, serves the anchors of I against the negatives in J through s, and
-// those of J against I through sᵀ, one class at a time (MixLayout::side_tiles): a class's
-// K rows of sᵀ are gathered into a small tile (the mixed terms read two rows of S per
-// candidate, which a column walk would make strided), and the 1/‖v‖ of the tile are computed
-// beside it, so no whole-block pass is added to the clean loss's. The within-class cosines
+// those of J against I through sᵀ (a tiled transpose of the block: the mixed terms read two
+// rows of S per candidate, which a column walk would make strided), one class at a time
+// (MixLayout::side_tiles), with the 1/‖v‖ of the class's rows computed beside them. The within-class cosines
 // s_ap, which every block of a row needs, are computed once up front (O(B·K·D)). Forward
 // keeps per-anchor states only; backward recomputes the blocks.
 #pragma once
@@ -28,7 +27,9 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/block_transpose.h"
 #include "cpu/metrix_mix_kernels.h"
+#include "cpu/parallel_tasks.h"
 #include "cpu/sym_blocks.h"
 
 namespace metrix_ops {
@@ -118,13 +119,6 @@ void mix_inv_norms(const T* s, int64_t n, T lam, T* inv) {
   }
 }
 
-// The same for a whole block, as a tensor (the interface before the class tiles below)
-template <typename T>
-at::Tensor mix_inv_norms(const at::Tensor& s, T lam) {
-  const double l = lam, q0 = l * l + (1 - l) * (1 - l), q1 = 2 * l * (1 - l);
-  return (s * q1 + q0).clamp_min_(kMixEps * kMixEps).rsqrt_();
-}
-
 // The per-call constants every Metrix kernel's block side needs.
 template <typename T>
 struct MixLayout {
@@ -141,10 +135,6 @@ struct MixLayout {
     return MixGeom<T>{s, inv, nc, r0, c0, lab, lab, cls.lo.data(), cls.hi.data(), wc,
                       cls.wc_off.data(), lam, anchor_neg, gm, gw};
   }
-  MixGeom<T> geom(const at::Tensor& s, const at::Tensor& inv, int64_t r0, int64_t c0,
-                  T* gm) const {
-    return geom(s.data_ptr<T>(), inv.data_ptr<T>(), s.size(1), r0, c0, gm);
-  }
 
   // the first row of each class among the rows [r0, r0 + nr)
   std::vector<int64_t> class_starts(int64_t r0, int64_t nr) const {
@@ -153,71 +143,27 @@ struct MixLayout {
     return starts;
   }
 
-  // fn(a0, a1) for each class among the rows [r0, r0 + nr), in parallel
-  template <class Fn>
-  void for_classes(int64_t r0, int64_t nr, Fn&& fn) const {
-    const std::vector<int64_t> starts = class_starts(r0, nr);
-    at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) fn(starts[k], cls.hi[starts[k]]);
-    });
-  }
-
-  // One side of block s (nr×nc; rows r0.., columns c0..): with rows, the anchors are the
-  // classes of the rows against the columns; else those of the columns against the rows.
-  // Each class runs side(g)(lo, hi) on a tile of its own, g over K = hi − lo rows: on the
-  // row side its rows of s in place, on the column side its columns gathered into rows
-  // (K·nr values: no transposed copy of the block); beside it the tile's 1/‖v‖, computed
-  // here where the tile is hot in cache. Backward (gm: the block's mixed ∂L/∂S, nr×nc, added
-  // to): the row side adds into gm's rows in place, the column side into a zeroed tile that
-  // is added back down gm's columns.
+  // One side of block s (nr×nc; rows r0.., columns c0..): the anchors are the classes of
+  // its rows, against its columns (the other side of an off-diagonal block is this on the
+  // transposed block, transpose_block). Each class runs side(g)(lo, hi) on its K = hi − lo
+  // rows of s in place, beside them the tile's 1/‖v‖, computed here where the rows are hot
+  // in cache. Backward (gm: the block's mixed ∂L/∂S, nr×nc, added to): into gm's rows of
+  // the class in place.
   template <class Side>
-  void side_tiles(const T* s, int64_t r0, int64_t nr, int64_t c0, int64_t nc, bool rows, T* gm,
+  void side_tiles(const T* s, int64_t r0, int64_t nr, int64_t c0, int64_t nc, T* gm,
                   Side&& side) const {
-    const int64_t o0 = rows ? c0 : r0, no = rows ? nc : nr;  // the negatives' range
-    const std::vector<int64_t> starts = rows ? class_starts(r0, nr) : class_starts(c0, nc);
-    at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t k0, int64_t k1) {
-      std::vector<T> buf;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t lo = starts[k], hi = cls.hi[lo], K = hi - lo, n = K * no;
-        buf.resize(rows ? n : (gm ? 3 : 2) * n);
-        T* inv = buf.data();
-        const T* st = s + (lo - r0) * nc;
-        T* gt = gm ? gm + (lo - r0) * nc : nullptr;
-        if (!rows) {
-          T* t = inv + n;
-          for (int64_t i = 0; i < nr; ++i)
-            for (int64_t a = 0; a < K; ++a) t[a * nr + i] = s[i * nc + (lo - c0) + a];
-          st = t;
-          gt = gm ? t + n : nullptr;
-          if (gt) std::fill(gt, gt + n, T(0));
-        }
-        mix_inv_norms<T>(st, n, lam, inv);
-        side(geom(st, inv, no, lo, o0, gt))(lo, hi);
-        if (!rows && gt)
-          for (int64_t i = 0; i < nr; ++i)
-            for (int64_t a = 0; a < K; ++a) gm[i * nc + (lo - c0) + a] += gt[a * nr + i];
-      }
+    const std::vector<int64_t> starts = class_starts(r0, nr);
+    // a class's work grows as K², and label-sorted runs of large classes left one of two
+    // threads waiting ~10% of the Metrix-MS time at B = 4096 (perf: libgomp's spin), so the
+    // classes are handed out one at a time (parallel_tasks.h), each worker with its buffer
+    parallel_tasks_with<std::vector<T>>(static_cast<int64_t>(starts.size()), [&](int64_t k,
+                                                                             std::vector<T>& buf) {
+      const int64_t lo = starts[k], hi = cls.hi[lo], n = (hi - lo) * nc;
+      buf.resize(n);
+      const T* st = s + (lo - r0) * nc;
+      mix_inv_norms<T>(st, n, lam, buf.data());
+      side(geom(st, buf.data(), nc, lo, c0, gm ? gm + (lo - r0) * nc : nullptr))(lo, hi);
     });
-  }
-
-  // Both sides of block (r0.., c0..) through side(g) → kernel(a0, a1) over whole-block
-  // tensors (the interface before side_tiles): the rows of s, and off the diagonal the rows
-  // of sᵀ. Backward (with_grad) gives each side a zeroed ∂L/∂S block to add to and returns
-  // them (the second is the first on the diagonal).
-  template <class Side>
-  std::pair<at::Tensor, at::Tensor> both_sides(const at::Tensor& s, int64_t r0, int64_t nr,
-                                               int64_t c0, int64_t nc, bool with_grad,
-                                               Side&& side) const {
-    auto one = [&](const at::Tensor& st, int64_t rr0, int64_t rnr, int64_t cc0) {
-      const at::Tensor inv = mix_inv_norms<T>(st, lam);
-      at::Tensor gm = with_grad ? at::zeros_like(st) : at::Tensor();
-      const auto kernel = side(geom(st, inv, rr0, cc0, with_grad ? gm.data_ptr<T>() : nullptr));
-      for_classes(rr0, rnr, kernel);
-      return gm;
-    };
-    at::Tensor gm = one(s, r0, nr, c0);
-    at::Tensor gmt = c0 != r0 ? one(s.t().contiguous(), c0, nc, r0) : gm;
-    return {gm, gmt};
   }
 };
 
@@ -226,11 +172,16 @@ struct MixLayout {
 template <typename T, class Mixed, class Clean>
 void metrix_fold_blocks(const at::Tensor& x, const MixLayout<T>& ml, Mixed&& mixed,
                         Clean&& clean) {
+  std::vector<T> st;  // an off-diagonal block transposed: the columns' side
   for_upper_blocks_at(x, ml.cls.bounds, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0,
                                             int64_t nc) {
     const T* sp = s.data_ptr<T>();
-    ml.side_tiles(sp, r0, nr, c0, nc, /*rows=*/true, nullptr, mixed);
-    if (c0 != r0) ml.side_tiles(sp, r0, nr, c0, nc, /*rows=*/false, nullptr, mixed);
+    ml.side_tiles(sp, r0, nr, c0, nc, nullptr, mixed);
+    if (c0 != r0) {
+      st.resize(nr * nc);
+      transpose_block(sp, nr, nc, st.data());
+      ml.side_tiles(st.data(), c0, nc, r0, nr, nullptr, mixed);
+    }
     clean(s, r0, nr, c0, nc);
   });
 }
@@ -245,18 +196,24 @@ template <typename T, class Mixed, class Clean>
 at::Tensor metrix_grad_blocks(const at::Tensor& x, const MixLayout<T>& ml, Mixed&& mixed,
                               Clean&& clean) {
   at::Tensor dx = at::zeros_like(x);
-  std::vector<T> gm;
+  std::vector<T> gm, st, gmt;  // the block's mixed ∂L/∂S; off the diagonal, sᵀ and its own
   for_upper_blocks_at(x, ml.cls.bounds, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0,
                                             int64_t nc) {
     gm.assign(nr * nc, T(0));
     // the mixed terms read s before the clean gradient overwrites it with H
     const T* sp = s.data_ptr<T>();
-    ml.side_tiles(sp, r0, nr, c0, nc, /*rows=*/true, gm.data(), mixed);
-    if (c0 != r0) ml.side_tiles(sp, r0, nr, c0, nc, /*rows=*/false, gm.data(), mixed);
+    ml.side_tiles(sp, r0, nr, c0, nc, gm.data(), mixed);
+    if (c0 != r0) {
+      st.resize(nr * nc);
+      transpose_block(sp, nr, nc, st.data());
+      gmt.assign(nr * nc, T(0));
+      ml.side_tiles(st.data(), c0, nc, r0, nr, gmt.data(), mixed);
+      add_transposed(gm.data(), nr, nc, gmt.data());
+    }
     clean(s, r0, nr, c0, nc);
-    const at::Tensor g = at::from_blob(gm.data(), {nr, nc}, s.options());
-    s.add_(g);
-    if (c0 == r0) s.add_(g.t());  // a diagonal H is G + Gᵀ (add_sym_block_grad)
+    s.add_(at::from_blob(gm.data(), {nr, nc}, s.options()));
+    // a diagonal H is G + Gᵀ (add_sym_block_grad)
+    if (c0 == r0) add_transposed(s.data_ptr<T>(), nr, nc, gm.data());
     add_sym_block_grad(dx, x, s, r0, nr, c0, nc);
   });
   const ClassLayout& cls = ml.cls;

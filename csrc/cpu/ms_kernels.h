@@ -67,6 +67,7 @@ struct MsKernels {
   void (*mix_fold)(const MixBlock<T>& b, int64_t a0, int64_t a1, OnlineLse<T>* pos,
                    OnlineLse<T>* neg);
   void (*mix_grad)(const MixBlock<T>& b, int64_t a0, int64_t a1);
+  void (*mix_exp2)(const T* x, T* y, int64_t n);  // their clamped 2^x, elementwise (tests)
   const char* level;
 };
 

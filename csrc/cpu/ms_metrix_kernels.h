@@ -7,11 +7,14 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "cpu/metrix_mix_kernels.h"
 
 namespace metrix_ops {
+
+constexpr double kLog2eD = 1.4426950408889634;  // log2 e
 
 template <typename T>
 struct MixBlock : MixGeom<T> {
@@ -32,39 +35,52 @@ struct MixRowKernel {
   using I = typename M::I;
   using R = typename M::R;
 
-  // e^x for the one-pass fold and the weights, two per candidate (most of its cost), with
-  // x clamped into [−87, 88] first: never 0 or inf, as fast_exp_clamped (whose callers
-  // bound or check the sums), but in that range n = round(x·log2 e) ∈ [−126, 127] and
-  // e^(x − n ln 2) ∈ [0.7, 1.42] make 2^n one normal exponent field (one scale, not
-  // fast_exp's two), and a degree-5 polynomial (relative error 1.7e-7, about 3 ulp, against
-  // the fp32 contract's 1e-4; coefficients fitted to e^r on |r| ≤ ln2/2). fp64: std::exp.
-  static MO_INLINE F exp_mix(F x) {
+  // 2^y for the one-pass fold and the weights, two per candidate (most of its cost); the
+  // callers scale their exponents by log2 e once per anchor, so that the range reduction is
+  // exact: n = round(y), r = y − n ∈ [−½, ½] (one subtraction, no ln 2 split), 2^r by a
+  // degree-5 polynomial (Horner; coefficients fitted to 2^r on |r| ≤ ½ in relative error:
+  // 1.9e-7 with fp32 rounding; tests/test_fast_exp.py measures ≤ 2.2 ulp, against the fp32
+  // contract's 1e-4), and 2^n added into the exponent field of 2^r as an integer. y is
+  // clamped into [−126, 127] first (lane_max and lane_min): never 0 or inf, as
+  // fast_exp_clamped (whose callers bound or check the sums), and in that range 2^r·2^n is a normal number (n = −126 only with
+  // r ≥ 0, n = 127 only with r ≤ 0). Twelve vector operations, where the e^x it replaced
+  // took seventeen with its clamps (GCC's compare-and-blend for each). fp64: std::exp2.
+  static MO_INLINE F exp2_mix(F y) {
     if constexpr (W == 1) {
-      return std::exp(x);
+      return std::exp2(y);
     } else {
       using namespace fexp;
-      const F lo = F{} - 87.0f, hi = F{} + 88.0f;
-      x = x < lo ? lo : x;
-      x = x > hi ? hi : x;
-      const F t = x * kLog2e + kRound;  // low mantissa bits: n
-      const F n = t - kRound;
-      const F r = (x - n * kLn2Hi) - n * kLn2Lo;
-      F p = F{} + 8.333842270076275e-3f;
-      p = p * r + 4.189859703183174e-2f;
-      p = p * r + 1.666688621044159e-1f;
-      p = p * r + 4.999914169311523e-1f;
-      p = p * (r * r) + r + 1.0f;
-      // the bits of kRound (1.5·2^23 = 0x4B400000) less the exponent bias; a literal rather
-      // than std::bit_cast, which older standard libraries (GCC < 11) lack
-      constexpr int32_t bias = 0x4B400000 - 127;
-      return p * as_float<F>((as_int<I>(t) - bias) << 23);
+      typedef uint32_t U __attribute__((vector_size(4 * W)));
+      const F lo = F{} - 126.0f, hi = F{} + 127.0f;
+      y = lane_min(lane_max(y, lo), hi);
+      const F t = y + kRound;  // low mantissa bits: n
+      const F r = y - (t - kRound);
+      F p = F{} + 1.326472731307149e-3f;
+      p = p * r + 9.671512991189957e-3f;
+      p = p * r + 5.550733581185341e-2f;
+      p = p * r + 2.402224242687225e-1f;
+      p = p * r + 6.931470036506653e-1f;
+      p = p * r + 1.0f;
+      // the bits of t are those of 1.5·2^23 plus n, and 1.5·2^23's shifted out of the top:
+      // t << 23 is n << 23 (mod 2^32), the exponent of 2^n
+      return as_float<F>(as_int<U>(p) + (as_int<U>(t) << 23));
+    }
+  }
+
+  static MO_INLINE void exp2_array(const T* x, T* y, int64_t n) {
+    for (int64_t j = 0; j < n; j += W) {
+      const int64_t m = n - j < W ? n - j : W;
+      F v{};
+      std::memcpy(&v, x + j, m * sizeof(T));
+      v = exp2_mix(v);
+      std::memcpy(y + j, &v, m * sizeof(T));
     }
   }
 
   // Folds anchors [a0, a1) (global rows) into their states. With b.shift_pos/neg finite,
   // one pass of Σ e^{arg − shift}: the shifts are fixed per call so that every candidate
   // of cosine s ∈ [−1, 1] neither overflows nor underflows (ms_metrix_shifts), which lets
-  // the fp32 exp skip its range handling (exp_mix). An anchor whose sum still comes
+  // the fp32 exp skip its range handling (exp2_mix). An anchor whose sum still comes
   // out 0 or too large for that bound (a cosine far outside [−1, 1], from a mix of
   // near-antipodal points, clamped at e^88) is redone as MsRowKernel::fold_row does it:
   // the extremes first, then the sums of e^{arg − max arg}.
@@ -75,17 +91,19 @@ struct MixRowKernel {
     for (int64_t a = a0; a < a1; ++a) {
       auto over = [&](auto f) MO_LAMBDA_INLINE { M::for_candidates(b, a, f); };
       if (b.shift_pos < inf) {
-        const T kp = b.alpha * b.base - b.shift_pos, kn = -b.beta * b.base - b.shift_neg;
+        // the exponents in base 2: 2^(y·log2 e) = e^y
+        const T l2e = T(kLog2eD);
+        const T kp = (b.alpha * b.base - b.shift_pos) * l2e, ap = b.alpha * l2e,
+                kn = (-b.beta * b.base - b.shift_neg) * l2e, bn = b.beta * l2e;
         F sp{}, sn{};
-        I any{};
         over([&](F v, auto ok) MO_LAMBDA_INLINE {
-          sp += ok ? exp_mix(kp - b.alpha * v) : zero;
-          sn += ok ? exp_mix(b.beta * v + kn) : zero;
-          any |= ok;
+          sp += ok ? exp2_mix(kp - ap * v) : zero;
+          sn += ok ? exp2_mix(bn * v + kn) : zero;
         });
-        if (!M::any_lane(any)) continue;  // no negative in these columns
         const T tp = M::sum(sp), tn = M::sum(sn);
-        // valid sums are below 2^31·e^60 < 1e37; one clamped e^88 term is above it
+        // valid sums are below 2^31·e^60 < 1e37; one clamped 2^127 term is above it. Sums of
+        // 0 (no negative of the anchor in these columns: every term is ≥ 2^−126) go on to
+        // the two-pass form, which finds no candidate.
         if (tp > T(0) && tp < T(1e37) && tn > T(0) && tn < T(1e37)) {
           pos[a].merge(OnlineLse<T>{b.shift_pos, tp});
           neg[a].merge(OnlineLse<T>{b.shift_neg, tn});
@@ -116,14 +134,15 @@ struct MixRowKernel {
     const MixBlock<T>& b;
     MO_INLINE bool active(int64_t a) const { return b.g[a] != T(0); }
     MO_INLINE auto at(int64_t a) const {
-      const T ga = b.g[a], tp = b.tp[a], tn = b.tn[a], alpha = b.alpha, beta = b.beta,
-              base = b.base;
+      // the exponents β(v − base) − tn and −α(v − base) − tp in base 2, as bn·v − cn and
+      // cp − ap·v
+      const T l2e = T(kLog2eD), ga = b.g[a];
+      const T bn = b.beta * l2e, cn = (b.beta * b.base + b.tn[a]) * l2e;
+      const T ap = b.alpha * l2e, cp = (b.alpha * b.base - b.tp[a]) * l2e;
       return [=](F v) MO_LAMBDA_INLINE {
-        const F zero{};
-        // both exponents are ≤ ~0 (tp, tn include every term), so clamping below at −87
+        // both exponents are ≤ ~0 (tp, tn include every term), so clamping below at 2^−126
         // changes a weight by at most 2e-38
-        return ga * (exp_mix(beta * (v - base) - tn) -
-                     exp_mix((zero - alpha) * (v - base) - tp));
+        return (exp2_mix(bn * v - cn) - exp2_mix(cp - ap * v)) * ga;
       };
     }
   };

@@ -44,6 +44,9 @@ namespace {
   TARGET void mix_grad_##NAME(const MixBlock<float>& b, int64_t a0, int64_t a1) {          \
     MixRowKernel<float, W>::grad(b, a0, a1);                                               \
   }                                                                                        \
+  TARGET void mix_exp2_##NAME(const float* x, float* y, int64_t n) {                       \
+    MixRowKernel<float, W>::exp2_array(x, y, n);                                           \
+  }                                                                                        \
   TARGET void con_mix_fold_##NAME(const ConMixBlock<float>& b, int64_t a0, int64_t a1,     \
                                   ConAcc* acc) {                                           \
     ConMixRowKernel<float, W>::fold(b, a0, a1, acc);                                       \
@@ -53,7 +56,7 @@ namespace {
   }                                                                                        \
   const MsKernels<float> k_##NAME{&fold_##NAME,     &grad_##NAME,     &fold_cols_##NAME,   \
                                   &grad_sym_##NAME, &exp_##NAME,      &mix_fold_##NAME,    \
-                                  &mix_grad_##NAME, #NAME};                                \
+                                  &mix_grad_##NAME, &mix_exp2_##NAME, #NAME};              \
   const ConMixKernels<float> c_##NAME{&con_mix_fold_##NAME, &con_mix_grad_##NAME};
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -74,7 +77,7 @@ MO_MS_LEVEL(baseline, , 4)  // SSE2 on x86-64, NEON on aarch64: both have 4-floa
 // AVX2 (default_level below).
 const MsKernels<float> k_avx2_mix512{&fold_avx2,      &grad_avx2,      &fold_cols_avx2,
                                      &grad_sym_avx2,  &exp_avx2,       &mix_fold_avx512,
-                                     &mix_grad_avx512, "avx2"};
+                                     &mix_grad_avx512, &mix_exp2_avx512, "avx2"};
 #endif
 
 // fp64 stays scalar with std::exp: its contract is 1e-6 against the reference.
@@ -100,6 +103,9 @@ void mix_fold_f64(const MixBlock<double>& b, int64_t a0, int64_t a1, OnlineLse<d
 }
 void mix_grad_f64(const MixBlock<double>& b, int64_t a0, int64_t a1) {
   MixRowKernel<double, 1>::grad(b, a0, a1);
+}
+void mix_exp2_f64(const double* x, double* y, int64_t n) {
+  MixRowKernel<double, 1>::exp2_array(x, y, n);
 }
 void con_mix_fold_f64(const ConMixBlock<double>& b, int64_t a0, int64_t a1, ConAcc* acc) {
   ConMixRowKernel<double, 1>::fold(b, a0, a1, acc);
@@ -178,7 +184,7 @@ const MsKernels<float>& ms_kernels_f32() {
 const MsKernels<double>& ms_kernels_f64() {
   static const MsKernels<double> k{&fold_f64, &grad_f64,     &fold_cols_f64,
                                    &grad_sym_f64, &exp_f64, &mix_fold_f64,
-                                   &mix_grad_f64, "scalar"};
+                                   &mix_grad_f64, &mix_exp2_f64, "scalar"};
   return k;
 }
 
@@ -202,6 +208,15 @@ at::Tensor exp_f32(const at::Tensor& x_) {
   return y;
 }
 
+at::Tensor exp2_mix_f32(const at::Tensor& x_) {
+  TORCH_CHECK(x_.device().is_cpu() && x_.scalar_type() == at::kFloat,
+              "_exp2_mix_f32 takes a float32 CPU tensor");
+  at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty_like(x);
+  ms_kernels_f32().mix_exp2(x.data_ptr<float>(), y.data_ptr<float>(), x.numel());
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
@@ -209,6 +224,8 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("_simd_level() -> str", &simd_level);
   // The fp32 exp of those kernels, elementwise (for tests against torch.exp).
   m.def("_exp_f32(Tensor x) -> Tensor", &exp_f32);
+  // The clamped 2^x of the Metrix-MS kernels (ms_metrix_kernels.h: exp2_mix), elementwise.
+  m.def("_exp2_mix_f32(Tensor x) -> Tensor", &exp2_mix_f32);
 }
 
 }  // namespace metrix_ops

@@ -25,4 +25,19 @@ void parallel_tasks(int64_t n, Fn&& fn) {
   });
 }
 
+// fn(k, state) for every k in [0, n), with one default-constructed State per worker that
+// its tasks share (a scratch buffer, allocated once per worker rather than once per task)
+template <class State, class Fn>
+void parallel_tasks_with(int64_t n, Fn&& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    State state;
+    for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n;
+         k = next.fetch_add(1, std::memory_order_relaxed))
+      fn(k, state);
+  });
+}
+
 }  // namespace metrix_ops
