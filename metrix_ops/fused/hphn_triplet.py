@@ -53,6 +53,12 @@ def _norm_of_rows(u, w, same, lam):
     return torch.where(same, torch.ones_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
 
 
+def _point_norm(pt, same):
+    """‖pt‖ of points given by their rows; 1 for originals (same), exactly, as the reference."""
+    sq = _dot(pt, pt)
+    return torch.where(same, torch.ones_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
+
+
 def point_norm(xu, u, w, lam):
     """‖point‖ of the points (u, w, λ) of xu's rows."""
     return _norm_of_rows(xu.index_select(0, u), xu.index_select(0, w), u == w, lam)
@@ -112,8 +118,11 @@ def picks_loss(params, inp, reducer, xu, idx, n):
     # (the 24 advanced-index gathers before had serial index_put backwards, about half of
     # the clean loss's time at B = 4096, D = 128)
     ru, rw, rqu, rqw, rp = (xu.index_select(0, i) for i in (au, aw, qu, qw, p))
-    s_an = _point_inner(ru, rw, lam_a, rqu, rqw, lam_q) / (
-        _norm_of_rows(ru, rw, au == aw, lam_a) * _norm_of_rows(rqu, rqw, qu == qw, lam_q))
+    # the points themselves, λu + (1 − λ)w (lerp is exact at λ = 1: an original is its row),
+    # then three dots: ten dots of endpoint rows before, each a B×D product forward and two
+    # backward (this step fwd+bwd: 58 → 30 ms at B = 4096, D = 512 on the 2-core VM)
+    pa, pq = torch.lerp(rw, ru, lam_a[:, None]), torch.lerp(rqw, rqu, lam_q[:, None])
+    s_an = _dot(pa, pq) / (_point_norm(pa, au == aw) * _point_norm(pq, qu == qw))
     if d.is_inverted:
         hp, hn = (xu * rp).sum(1), s_an
     else:
