@@ -206,6 +206,52 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.metrix_ops.proxy_anchor_fwd.default, args)
 
 
+@pytest.mark.parametrize("B,C,D,chunk", [(1, 1, 3, 1), (37, 5, 17, 2), (200, 31, 9, 7)])
+def test_gradient_from_the_forward_parts(B, C, D, chunk):
+    """proxy_anchor_grad_fwd's parts give the recomputing backward's dx and dp: per-proxy
+    grad_pos of any values (applied to the kept positive weights), grad_neg one value (the
+    stored products, scaled) or not (then it recomputes); a class with no example included."""
+    x, y, P = data(B, C, D, seed=B + C)
+    y = torch.where(y == C - 1, 0, y) if C > 1 else y  # proxy C − 1 has no positive
+    xu, pu = F.normalize(x, dim=1), F.normalize(P, dim=1)
+    ops = torch.ops.metrix_ops
+    pos, neg, w, dxn, dpn = ops.proxy_anchor_grad_fwd(xu, pu, y, 32.0, 0.1, chunk)
+    pos0, neg0 = ops.proxy_anchor_fwd(xu, pu, y, 32.0, 0.1, chunk)
+    torch.testing.assert_close((pos, neg), (pos0, neg0), rtol=0, atol=0)
+    g = torch.Generator().manual_seed(3)
+    g_pos = torch.rand(C, dtype=torch.float64, generator=g)
+    for g_neg in (torch.full((C,), 0.7, dtype=torch.float64),
+                  torch.rand(C, dtype=torch.float64, generator=g)):
+        got = ops.proxy_anchor_grad_bwd(g_pos, g_neg, xu, pu, y, pos, neg, w, dxn, dpn, 32.0,
+                                        0.1, chunk)
+        want = ops.proxy_anchor_bwd(g_pos, g_neg, xu, pu, y, pos, neg, 32.0, 0.1, chunk)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_module_forms_the_gradient_in_its_forward_only_when_wanted():
+    x, y, P = data(20, 4, 6, seed=4, dtype=torch.float32)
+    xu, pu = F.normalize(x, dim=1), F.normalize(P, dim=1)
+    pos, _ = pa_ops.proxy_anchor_terms(xu.requires_grad_(), pu, y, 32.0, 0.1)
+    assert "proxy_anchor_grad_fwd" in pos.grad_fn.name()
+    with torch.no_grad():
+        assert torch.equal(pa_ops.proxy_anchor_terms(xu, pu, y, 32.0, 0.1)[0], pos.detach())
+    pos2, _ = pa_ops.proxy_anchor_terms(xu.detach(), pu, y, 32.0, 0.1)
+    assert pos2.grad_fn is None
+
+
+def test_opcheck_gradient_ops():
+    x, y, P = data(9, 4, 5, seed=14, dtype=torch.float32)
+    args = (F.normalize(x, dim=1).requires_grad_(), F.normalize(P, dim=1).requires_grad_(),
+            y, 32.0, 0.1, 3)
+    torch.library.opcheck(torch.ops.metrix_ops.proxy_anchor_grad_fwd.default, args)
+    pos, neg, w, dxn, dpn = torch.ops.metrix_ops.proxy_anchor_grad_fwd(*args)
+    xd, pd = args[0].detach(), args[1].detach()
+    for g_neg in (torch.full((4,), 0.25), torch.rand(4)):
+        torch.library.opcheck(torch.ops.metrix_ops.proxy_anchor_grad_bwd.default,
+                              (torch.rand(4), g_neg, xd, pd, y, pos, neg, w, dxn, dpn, 32.0,
+                               0.1, 3))
+
+
 def test_auto_picks_cpu(monkeypatch):
     import metrix_ops.fused as fused
     assert mo.backend.resolve("auto", "ProxyAnchorLoss", torch.device("cpu")) == "cpu"

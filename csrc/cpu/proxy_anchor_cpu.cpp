@@ -5,7 +5,9 @@
 // chunking proxies keeps every such sum inside one chunk, as one contiguous row of the tile
 // (no cross-chunk merging, no column scans). Forward returns the per-proxy terms, which are
 // also the log-sum-exps the backward needs; backward recomputes each tile, turns it into the
-// tile of Gᵀ = (∂L/∂S)ᵀ in place, then dp_c = Gᵀ_c x and dx += G_c p_c.
+// tile of Gᵀ = (∂L/∂S)ᵀ in place, then dp_c = Gᵀ_c x and dx += G_c p_c. When a gradient is
+// wanted the module takes proxy_anchor_grad_fwd instead (pa_grad_fwd below): the same tile
+// turned into the negative side's Gᵀ in the forward, three products in all, not four.
 //
 // Per row, the positives (few: a proxy's own class) are found through a by-class index and
 // folded one by one; the negatives are every other entry: one pass for their largest
@@ -220,7 +222,126 @@ std::tuple<at::Tensor, at::Tensor> pa_bwd(
   return {dx, dp};
 }
 
+// The forward with the gradient's parts (proxy_anchor_grad_fwd): per proxy chunk, the tile
+// of Sᵀ gives the two terms, is then turned in place into the negative side's Gᵀ at unit
+// upstream gradient (every proxy's ∂L/∂neg_c = 1), and dp_neg = Gᵀ x, dx_neg += G p: three
+// products in all, where forward plus pa_bwd take four (the backward recomputes each tile).
+// The positive side has one entry per example (its own class's proxy), so it needs no
+// product: its weights w_j = ∂pos_{y_j}/∂s_{j,y_j} are kept, and the backward applies any
+// per-proxy upstream gradient to them exactly (proxy_anchor_grad_bwd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_grad_fwd(
+    const at::Tensor& x_, const at::Tensor& p_, const at::Tensor& labels_, double alpha,
+    double margin, int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
+  const int64_t B = x.size(0), C = p.size(0);
+  at::Tensor pos = at::zeros({C}, x.options()), neg = at::zeros({C}, x.options());
+  at::Tensor w = at::zeros({B}, x.options()), dx = at::zeros_like(x), dp = at::empty_like(p);
+  const at::Tensor y32 = labels.to(at::kInt).contiguous();
+  const ByClass by(y32.data_ptr<int32_t>(), B, C);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_anchor_grad_fwd_cpu", [&] {
+    using T = scalar_t;
+    const int32_t* y = y32.data_ptr<int32_t>();
+    T *po = pos.data_ptr<T>(), *ne = neg.data_ptr<T>(), *wp = w.data_ptr<T>();
+    const T a = T(alpha), m = T(margin);
+    at::Tensor buf = at::empty({std::min(chunk, C), B}, x.options());
+    for (int64_t start = 0; start < C; start += chunk) {
+      const int64_t len = std::min(chunk, C - start);
+      at::Tensor pc = p.narrow(0, start, len);
+      at::Tensor st = buf.narrow(0, 0, len);
+      at::mm_out(st, pc, x.t());  // becomes the negative side's Gᵀ in place
+      T* s = st.data_ptr<T>();
+      at::parallel_for(0, len, row_grain(B), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t c = start + r;
+          T* row = s + r * B;
+          OnlineLse<T> lp = lse_with_one<T>();
+          for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k)
+            lp.push(pa_pos_arg(row[by.idx[k]], a, m));
+          po[c] = lp.value();
+          ne[c] = pa_neg_lse(row, y, B, int32_t(c), a, m, static_cast<const T*>(nullptr));
+          for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k)  // each example is in one row
+            wp[by.idx[k]] = pa_pos_grad(row[by.idx[k]], a, m, po[c]);
+          pa_grad_row(row, y, B, int32_t(c), a, m, T(0), T(1), po[c], ne[c],
+                      static_cast<const T*>(nullptr));
+        }
+      });
+      at::Tensor dpc = dp.narrow(0, start, len);
+      at::mm_out(dpc, st, x);
+      dx.addmm_(st.t(), pc);
+    }
+  });
+  return {pos, neg, w, dx, dp};
+}
+
+// dx, dp from proxy_anchor_grad_fwd's parts: the positive side from its weights and the
+// per-proxy grad_pos (O(B·D)); the negative side is its stored products times grad_neg when
+// grad_neg is one value for every proxy (the Divisor, Mean and Sum reducers of the per-proxy
+// terms), else the whole gradient is recomputed as pa_bwd does.
+std::tuple<at::Tensor, at::Tensor> pa_grad_bwd(
+    const at::Tensor& grad_pos_, const at::Tensor& grad_neg_, const at::Tensor& x_,
+    const at::Tensor& p_, const at::Tensor& labels_, const at::Tensor& pos_,
+    const at::Tensor& neg_, const at::Tensor& w_, const at::Tensor& dx_neg,
+    const at::Tensor& dp_neg, double alpha, double margin, int64_t chunk) {
+  check_proxy_inputs(x_, p_, labels_, chunk);
+  const int64_t B = x_.size(0), C = p_.size(0), D = x_.size(1);
+  check_vec(grad_pos_, C, "grad_pos");
+  check_vec(grad_neg_, C, "grad_neg");
+  check_vec(w_, B, "w");
+  TORCH_CHECK(dx_neg.sizes() == x_.sizes() && dp_neg.sizes() == p_.sizes() &&
+                  dx_neg.scalar_type() == x_.scalar_type() &&
+                  dp_neg.scalar_type() == x_.scalar_type(),
+              "dx_neg, dp_neg must have x's and p's shapes and x's dtype");
+  const at::Tensor gn = grad_neg_.to(x_.scalar_type()).contiguous();
+  const bool uniform = C == 0 || (gn == gn[0]).all().item<bool>();
+  if (!uniform)
+    return pa_bwd(grad_pos_, grad_neg_, x_, p_, labels_, at::Tensor(), pos_, neg_, alpha,
+                  margin, chunk);
+  auto x = x_.contiguous(), p = p_.contiguous();
+  at::Tensor dx = C ? dx_neg * gn[0] : at::zeros_like(x), dp = C ? dp_neg * gn[0] : at::zeros_like(p);
+  const at::Tensor gp = grad_pos_.to(x.scalar_type()).contiguous(), w = w_.contiguous();
+  const at::Tensor y32 = labels_.to(at::kInt).contiguous();
+  const ByClass by(y32.data_ptr<int32_t>(), B, C);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_anchor_grad_bwd_cpu", [&] {
+    using T = scalar_t;
+    const int32_t* y = y32.data_ptr<int32_t>();
+    const T *gpp = gp.data_ptr<T>(), *wp = w.data_ptr<T>(), *xp = x.data_ptr<T>(),
+            *pp = p.data_ptr<T>();
+    T *dxp = dx.data_ptr<T>(), *dpp = dp.data_ptr<T>();
+    // each proxy's examples by class: a proxy's row of dp and its examples' rows of dx are
+    // written by one task
+    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k) {
+          const int64_t j = by.idx[k];
+          const T g = gpp[c] * wp[j];
+          if (g == T(0)) continue;
+          for (int64_t d = 0; d < D; ++d) {
+            dxp[j * D + d] += g * pp[c * D + d];
+            dpp[c * D + d] += g * xp[j * D + d];
+          }
+        }
+    });
+  });
+  return {dx, dp};
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anchor_grad_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double alpha,
+    double margin, int64_t chunk) {
+  return pa_grad_fwd(x, p, labels, alpha, margin, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_grad_bwd_cpu(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& p, const at::Tensor& labels, const at::Tensor& pos, const at::Tensor& neg,
+    const at::Tensor& w, const at::Tensor& dx_neg, const at::Tensor& dp_neg, double alpha,
+    double margin, int64_t chunk) {
+  return pa_grad_bwd(grad_pos, grad_neg, x, p, labels, pos, neg, w, dx_neg, dp_neg, alpha,
+                     margin, chunk);
+}
 
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cpu(const at::Tensor& x, const at::Tensor& p,
                                                         const at::Tensor& labels, double alpha,
@@ -264,7 +385,21 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
         "int chunk) -> (Tensor, Tensor)");
 }
 
+TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
+  // The same terms with the gradient's parts for the backward (CPU only; the module takes it
+  // when a gradient is wanted): (pos, neg, w: the positive entries' ∂pos/∂s per example,
+  // dx_neg, dp_neg: the negative terms' gradient at unit upstream gradient), and its
+  // backward from them.
+  m.def("proxy_anchor_grad_fwd(Tensor x, Tensor p, Tensor labels, float alpha, float margin, "
+        "int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("proxy_anchor_grad_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor p, "
+        "Tensor labels, Tensor pos, Tensor neg, Tensor w, Tensor dx_neg, Tensor dp_neg, "
+        "float alpha, float margin, int chunk) -> (Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {
+  m.impl("proxy_anchor_grad_fwd", &proxy_anchor_grad_fwd_cpu);
+  m.impl("proxy_anchor_grad_bwd", &proxy_anchor_grad_bwd_cpu);
   m.impl("proxy_anchor_fwd", &proxy_anchor_fwd_cpu);
   m.impl("proxy_anchor_bwd", &proxy_anchor_bwd_cpu);
   m.impl("proxy_anchor_weighted_fwd", &proxy_anchor_weighted_fwd_cpu);

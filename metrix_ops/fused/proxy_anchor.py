@@ -1,5 +1,6 @@
 """ProxyAnchorLoss through the fused streaming op: the per-proxy positive and negative
-terms come from proxy_anchor_fwd (no B×C matrix). They are the reference's per-proxy
+terms come from proxy_anchor_fwd, or with a gradient wanted from proxy_anchor_grad_fwd,
+which forms the gradient's parts in the same pass (ops/proxy_anchor.py; no B×C matrix). They are the reference's per-proxy
 terms, so the loss dict and every reducer (PML's DivisorReducer by default) apply as is."""
 from __future__ import annotations
 

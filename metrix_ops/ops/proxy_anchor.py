@@ -42,9 +42,44 @@ def _register(fwd: str, n_tensors: int):
     torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
 
 
+_GFWD = "metrix_ops::proxy_anchor_grad_fwd"
+
+
+def _register_grad_fwd():
+    """Fake kernels and autograd of proxy_anchor_grad_fwd(x, p, labels, alpha, margin, chunk)
+    -> (pos, neg, w, dx_neg, dp_neg), whose backward takes the gradient from the parts its
+    forward computed (csrc/cpu/proxy_anchor_cpu.cpp: pa_grad_fwd); w, dx_neg, dp_neg are
+    not differentiable outputs."""
+
+    @torch.library.register_fake(_GFWD)
+    def _fake(x, p, *rest):
+        return (x.new_empty(p.shape[0]), x.new_empty(p.shape[0]), x.new_empty(x.shape[0]),
+                torch.empty_like(x), torch.empty_like(p))
+
+    @torch.library.register_fake(_GFWD.replace("_fwd", "_bwd"))
+    def _fake_bwd(grad_pos, grad_neg, x, p, *rest):
+        return torch.empty_like(x), torch.empty_like(p)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3], *output)
+        ctx.mark_non_differentiable(*output[2:])
+        ctx.args = inputs[3:]
+
+    def _backward(ctx, g_pos, g_neg, *_):
+        x, p, labels, pos, neg, w, dx_neg, dp_neg = ctx.saved_tensors
+        g_pos = torch.zeros_like(pos) if g_pos is None else g_pos.contiguous()
+        g_neg = torch.zeros_like(neg) if g_neg is None else g_neg.contiguous()
+        dx, dp = torch.ops.metrix_ops.proxy_anchor_grad_bwd(
+            g_pos, g_neg, x, p, labels, pos, neg, w, dx_neg, dp_neg, *ctx.args)
+        return dx, dp, None, None, None, None
+
+    torch.library.register_autograd(_GFWD, _backward, setup_context=_setup_context)
+
+
 if _ext.HAS_EXT:
     _register(_FWD, 3)  # x, p, labels
     _register(_WFWD, 4)  # x, p, labels, log_w
+    _register_grad_fwd()
 
 
 def default_chunk(batch: int, budget: int = 1 << 21) -> int:
@@ -61,4 +96,11 @@ def proxy_anchor_terms(x_unit, p_unit, labels, alpha: float, margin: float, chun
     if log_w is not None:
         return torch.ops.metrix_ops.proxy_anchor_weighted_fwd(
             *args, log_w.to(x_unit.dtype).contiguous(), float(alpha), float(margin), int(chunk))
+    if (x_unit.device.type == "cpu" and torch.is_grad_enabled()
+            and (x_unit.requires_grad or p_unit.requires_grad)):
+        # a gradient will be wanted: the forward that also forms it (three products, not
+        # four: the backward then needs no second pass over the proxies' tiles)
+        pos, neg, *_ = torch.ops.metrix_ops.proxy_anchor_grad_fwd(
+            *args, float(alpha), float(margin), int(chunk))
+        return pos, neg
     return torch.ops.metrix_ops.proxy_anchor_fwd(*args, float(alpha), float(margin), int(chunk))
