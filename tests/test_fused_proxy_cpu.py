@@ -228,6 +228,43 @@ def test_gradient_from_the_forward_parts(B, C, D, chunk):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", [nca_ops.COSINE, nca_ops.SQUARED_L2])
+@pytest.mark.parametrize("B,C,D,chunk", [(1, 1, 3, 1), (37, 5, 17, 4), (200, 31, 9, 7)])
+def test_nca_gradient_from_the_forward(B, C, D, chunk, kind):
+    """proxy_nca_grad_fwd's gradient at unit upstream gradient gives the recomputing
+    backward's dx and dp: scaled when grad_rows is one value, recomputed when it is not."""
+    x, y, P = data(B, C, D, seed=7 * B + C)
+    xu, pu = F.normalize(x, dim=1), F.normalize(P, dim=1)
+    ops = torch.ops.metrix_ops
+    rows, lse, dx1, dp1 = ops.proxy_nca_grad_fwd(xu, pu, y, 9.0, kind, chunk)
+    torch.testing.assert_close((rows, lse), ops.proxy_nca_fwd(xu, pu, y, 9.0, kind, chunk),
+                               rtol=0, atol=0)
+    g = torch.Generator().manual_seed(5)
+    for g_rows in (torch.full((B,), 0.3, dtype=torch.float64),
+                   torch.rand(B, dtype=torch.float64, generator=g)):
+        got = ops.proxy_nca_grad_bwd(g_rows, xu, pu, y, lse, dx1, dp1, 9.0, kind, chunk)
+        want = ops.proxy_nca_bwd(g_rows, xu, pu, y, lse, 9.0, kind, chunk)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_nca_module_forms_the_gradient_in_its_forward_only_when_wanted():
+    x, y, P = data(20, 4, 6, seed=9, dtype=torch.float32)
+    xu, pu = F.normalize(x, dim=1), F.normalize(P, dim=1).requires_grad_()
+    rows = nca_ops.proxy_nca_rows(xu, pu, y, 9.0, nca_ops.COSINE)
+    assert "proxy_nca_grad_fwd" in rows.grad_fn.name()
+    with torch.no_grad():
+        torch.testing.assert_close(nca_ops.proxy_nca_rows(xu, pu, y, 9.0, nca_ops.COSINE),
+                                   rows.detach(), rtol=0, atol=0)
+    assert nca_ops.proxy_nca_rows(xu, pu.detach(), y, 9.0, nca_ops.COSINE).grad_fn is None
+    args = (xu.requires_grad_(), pu.detach().requires_grad_(), y, 9.0, nca_ops.COSINE, 3)
+    torch.library.opcheck(torch.ops.metrix_ops.proxy_nca_grad_fwd.default, args)
+    _, lse, dx1, dp1 = torch.ops.metrix_ops.proxy_nca_grad_fwd(*args)
+    for g_rows in (torch.full((20,), 0.05), torch.rand(20)):
+        torch.library.opcheck(torch.ops.metrix_ops.proxy_nca_grad_bwd.default,
+                              (g_rows, xu.detach(), pu.detach(), y, lse, dx1, dp1, 9.0,
+                               nca_ops.COSINE, 3))
+
+
 def test_module_forms_the_gradient_in_its_forward_only_when_wanted():
     x, y, P = data(20, 4, 6, seed=4, dtype=torch.float32)
     xu, pu = F.normalize(x, dim=1), F.normalize(P, dim=1)

@@ -35,11 +35,42 @@ if _ext.HAS_EXT:
 
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
+    # proxy_nca_grad_fwd: the same rows, and their gradient at unit upstream gradient formed
+    # in the forward pass (csrc/cpu/proxy_nca_cpu.cpp); the backward scales or recomputes it
+    _GFWD = "metrix_ops::proxy_nca_grad_fwd"
+
+    @torch.library.register_fake(_GFWD)
+    def _fake_grad_fwd(x, p, labels, scale, kind, chunk):
+        b = x.shape[0]
+        return x.new_empty(b), x.new_empty(b), torch.empty_like(x), torch.empty_like(p)
+
+    @torch.library.register_fake("metrix_ops::proxy_nca_grad_bwd")
+    def _fake_grad_bwd(grad_rows, x, p, *rest):
+        return torch.empty_like(x), torch.empty_like(p)
+
+    def _setup_grad_context(ctx, inputs, output):
+        x, p, labels, scale, kind, chunk = inputs
+        ctx.save_for_backward(x, p, labels, *output[1:])
+        ctx.args = (scale, kind, chunk)
+        ctx.mark_non_differentiable(*output[1:])
+
+    def _grad_backward(ctx, g_rows, *_):
+        x, p, labels, lse, dx1, dp1 = ctx.saved_tensors
+        dx, dp = torch.ops.metrix_ops.proxy_nca_grad_bwd(g_rows.contiguous(), x, p, labels, lse,
+                                                         dx1, dp1, *ctx.args)
+        return dx, dp, None, None, None, None
+
+    torch.library.register_autograd(_GFWD, _grad_backward, setup_context=_setup_grad_context)
+
 
 def proxy_nca_rows(x_unit, p_unit, labels, scale: float, kind: int, chunk=None):
     """Per example: logsumexp over proxies of the logits − the logit of its own proxy."""
     chunk = default_chunk(p_unit.shape[0]) if chunk is None else chunk
-    rows, _ = torch.ops.metrix_ops.proxy_nca_fwd(x_unit.contiguous(), p_unit.contiguous(),
-                                                 labels.contiguous(), float(scale), int(kind),
-                                                 int(chunk))
-    return rows
+    args = (x_unit.contiguous(), p_unit.contiguous(), labels.contiguous(), float(scale),
+            int(kind), int(chunk))
+    if (x_unit.device.type == "cpu" and torch.is_grad_enabled()
+            and (x_unit.requires_grad or p_unit.requires_grad)):
+        # a gradient will be wanted: the forward that also forms it (three products, not
+        # four: the backward then needs no second pass over the tiles)
+        return torch.ops.metrix_ops.proxy_nca_grad_fwd(*args)[0]
+    return torch.ops.metrix_ops.proxy_nca_fwd(*args)[0]
