@@ -44,6 +44,7 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           "contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
           "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
           "proxy_anchor": ("ProxyAnchorLoss", "ProxyAnchorLoss", "proxy"),
+          "proxy_nca": ("ProxyNCALoss", "ProxyNCALoss", "proxy"),
           # MS + embedding-level Metrix (pos_neg, λ drawn per call, weight 0.4). PML has no
           # Metrix: its column is PML's clean MS, the loss a user would run without us.
           "metrix_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
