@@ -88,14 +88,44 @@ std::vector<T> within_class_cosines(const at::Tensor& x, const ClassLayout& c) {
   return wc;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// mix_inv_norms' fp32 loop 16 at a time, for AVX-512 CPUs; returns how many it did. The
+// product and sum round apart (the _round_ forms: a plain mul and add could be contracted
+// into an FMA), so every value is the SSE2 loop's, bit for bit.
+__attribute__((target("avx512f"))) inline int64_t mix_inv_norms_avx512(const float* s, int64_t n,
+                                                                      float q0, float q1,
+                                                                      float lo, float* inv) {
+  constexpr int kR = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 a = _mm512_set1_ps(q1), b = _mm512_set1_ps(q0), l = _mm512_set1_ps(lo),
+               one = _mm512_set1_ps(1.0f);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 q = _mm512_max_ps(
+        l, _mm512_add_round_ps(_mm512_mul_round_ps(_mm512_loadu_ps(s + k), a, kR), b, kR));
+    _mm512_storeu_ps(inv + k, _mm512_div_ps(one, _mm512_sqrt_ps(q)));
+  }
+  return k;
+}
+
+inline bool has_avx512f() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
 // 1/‖mix(row, column)‖ for n entries of S: 1/sqrt(max(‖v‖², ε²)) is 1/max(‖v‖, ε) for
-// ‖v‖² ≥ 0 (NaN passes). SSE2's square root and division where there are (both correctly
-// rounded, as ATen's rsqrt; a scalar std::sqrt does not vectorise, for errno), else scalar.
+// ‖v‖² ≥ 0 (NaN passes). SSE2's (or AVX-512's) square root and division where there are
+// (both correctly rounded, as ATen's rsqrt; a scalar std::sqrt does not vectorise, for
+// errno), else scalar.
 template <typename T>
 void mix_inv_norms(const T* s, int64_t n, T lam, T* inv) {
   const T q0 = lam * lam + (1 - lam) * (1 - lam), q1 = 2 * lam * (1 - lam);
   const T lo = T(kMixEps * kMixEps);
   int64_t k = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, float>)
+    if (has_avx512f()) k = mix_inv_norms_avx512(s, n, q0, q1, lo, inv);
+#endif
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
     const __m128 a = _mm_set1_ps(q1), b = _mm_set1_ps(q0), l = _mm_set1_ps(lo),
