@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/ms_kernels.h"  // cpu_has
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -57,7 +59,7 @@ __attribute__((target("avx2"))) void tile_avx2(const float* src, int64_t ls, flo
 }
 
 inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
+  static const bool yes = cpu_has("avx2");  // read once: tile() asks per 32×32 tile
   return yes;
 }
 #endif

@@ -108,7 +108,7 @@ __attribute__((target("avx512f"))) inline int64_t mix_inv_norms_avx512(const flo
 }
 
 inline bool has_avx512f() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = cpu_has("avx512");
   return yes;
 }
 #endif

@@ -6,7 +6,7 @@
 // (no cross-chunk merging, no column scans). Forward returns the per-proxy terms, which are
 // also the log-sum-exps the backward needs; backward recomputes each tile, turns it into the
 // tile of Gᵀ = (∂L/∂S)ᵀ in place, then dp_c = Gᵀ_c x and dx += G_c p_c. When a gradient is
-// wanted the module takes proxy_anchor_grad_fwd instead (pa_grad_fwd below): the same tile
+// wanted the module takes proxy_anchor_grad_fwd instead (pa_fwd with_grad): the same tile
 // turned into the negative side's Gᵀ in the forward, three products in all, not four.
 //
 // Per row, the positives (few: a proxy's own class) are found through a by-class index and
@@ -139,43 +139,64 @@ at::Tensor checked_log_w(const at::Tensor& lw, const at::Tensor& x) {
 template <typename T>
 const T* lw_ptr(const at::Tensor& lw) { return lw.defined() ? lw.data_ptr<T>() : nullptr; }
 
-std::tuple<at::Tensor, at::Tensor> pa_fwd(const at::Tensor& x_, const at::Tensor& p_,
-                                          const at::Tensor& labels_, const at::Tensor& lw_,
-                                          double alpha, double margin, int64_t chunk) {
+// The forward: per proxy, log(1 + Σ_pos e^{·}) and log(1 + Σ_neg e^{·}); with_grad also the
+// gradient's parts (proxy_anchor_grad_fwd): once a tile's terms are done it is turned in
+// place into the negative side's Gᵀ at unit upstream gradient (every proxy's
+// ∂L/∂neg_c = 1), and dp_neg = Gᵀ x, dx_neg += G p follow: three products in all, where
+// forward plus pa_bwd take four (the backward recomputes each tile). The positive side has
+// one entry per example (its own class's proxy), so it needs no product: its weights
+// w_j = ∂pos_{y_j}/∂s_{j,y_j} are kept, and the backward applies any per-proxy upstream
+// gradient to them exactly (proxy_anchor_grad_bwd). (pos, neg, w, dx_neg, dp_neg), the last
+// three undefined without with_grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_fwd(
+    const at::Tensor& x_, const at::Tensor& p_, const at::Tensor& labels_, const at::Tensor& lw_,
+    double alpha, double margin, int64_t chunk, bool with_grad) {
   check_proxy_inputs(x_, p_, labels_, chunk);
   auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
   const at::Tensor lwc = checked_log_w(lw_, x);
+  TORCH_CHECK(!(with_grad && lwc.defined()), "the gradient's parts have no weighted form");
   const int64_t B = x.size(0), C = p.size(0);
   at::Tensor pos = at::zeros({C}, x.options()), neg = at::zeros({C}, x.options());
+  at::Tensor w, dx, dp;
+  if (with_grad) w = at::zeros({B}, x.options()), dx = at::zeros_like(x), dp = at::empty_like(p);
   const at::Tensor y32 = labels.to(at::kInt).contiguous();  // in [0, C): fits
   const ByClass by(y32.data_ptr<int32_t>(), B, C);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_anchor_fwd_cpu", [&] {
     using T = scalar_t;
     const int32_t* y = y32.data_ptr<int32_t>();
-    T* po = pos.data_ptr<T>();
-    T* ne = neg.data_ptr<T>();
+    T *po = pos.data_ptr<T>(), *ne = neg.data_ptr<T>();
+    T* wp = with_grad ? w.data_ptr<T>() : nullptr;
     const T a = T(alpha), m = T(margin);
     const T* lw = lw_ptr<T>(lwc);
     at::Tensor buf = at::empty({std::min(chunk, C), B}, x.options());  // one tile, reused
     for (int64_t start = 0; start < C; start += chunk) {
       const int64_t len = std::min(chunk, C - start);
+      at::Tensor pc = p.narrow(0, start, len);
       at::Tensor st = buf.narrow(0, 0, len);  // a row prefix: contiguous
-      at::mm_out(st, p.narrow(0, start, len), x.t());
-      const T* s = st.data_ptr<T>();
+      at::mm_out(st, pc, x.t());
+      T* s = st.data_ptr<T>();
       at::parallel_for(0, len, row_grain(B), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t c = start + r;
-          const T* row = s + r * B;
+          T* row = s + r * B;
           OnlineLse<T> lp = lse_with_one<T>();
           for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k)
             lp.push(pa_pos_arg(row[by.idx[k]], a, m) + lw_at(lw, by.idx[k]));
           po[c] = lp.value();  // log(1 + nothing) = 0 for a proxy with no positive
           ne[c] = pa_neg_lse(row, y, B, int32_t(c), a, m, lw);
+          if (!with_grad) continue;
+          for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k)  // each example is in one row
+            wp[by.idx[k]] = pa_pos_grad(row[by.idx[k]], a, m, po[c]);
+          pa_grad_row(row, y, B, int32_t(c), a, m, T(0), T(1), po[c], ne[c], lw);
         }
       });
+      if (!with_grad) continue;
+      at::Tensor dpc = dp.narrow(0, start, len);
+      at::mm_out(dpc, st, x);
+      dx.addmm_(st.t(), pc);
     }
   });
-  return {pos, neg};
+  return {pos, neg, w, dx, dp};
 }
 
 std::tuple<at::Tensor, at::Tensor> pa_bwd(
@@ -222,57 +243,6 @@ std::tuple<at::Tensor, at::Tensor> pa_bwd(
   return {dx, dp};
 }
 
-// The forward with the gradient's parts (proxy_anchor_grad_fwd): per proxy chunk, the tile
-// of Sᵀ gives the two terms, is then turned in place into the negative side's Gᵀ at unit
-// upstream gradient (every proxy's ∂L/∂neg_c = 1), and dp_neg = Gᵀ x, dx_neg += G p: three
-// products in all, where forward plus pa_bwd take four (the backward recomputes each tile).
-// The positive side has one entry per example (its own class's proxy), so it needs no
-// product: its weights w_j = ∂pos_{y_j}/∂s_{j,y_j} are kept, and the backward applies any
-// per-proxy upstream gradient to them exactly (proxy_anchor_grad_bwd).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pa_grad_fwd(
-    const at::Tensor& x_, const at::Tensor& p_, const at::Tensor& labels_, double alpha,
-    double margin, int64_t chunk) {
-  check_proxy_inputs(x_, p_, labels_, chunk);
-  auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
-  const int64_t B = x.size(0), C = p.size(0);
-  at::Tensor pos = at::zeros({C}, x.options()), neg = at::zeros({C}, x.options());
-  at::Tensor w = at::zeros({B}, x.options()), dx = at::zeros_like(x), dp = at::empty_like(p);
-  const at::Tensor y32 = labels.to(at::kInt).contiguous();
-  const ByClass by(y32.data_ptr<int32_t>(), B, C);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_anchor_grad_fwd_cpu", [&] {
-    using T = scalar_t;
-    const int32_t* y = y32.data_ptr<int32_t>();
-    T *po = pos.data_ptr<T>(), *ne = neg.data_ptr<T>(), *wp = w.data_ptr<T>();
-    const T a = T(alpha), m = T(margin);
-    at::Tensor buf = at::empty({std::min(chunk, C), B}, x.options());
-    for (int64_t start = 0; start < C; start += chunk) {
-      const int64_t len = std::min(chunk, C - start);
-      at::Tensor pc = p.narrow(0, start, len);
-      at::Tensor st = buf.narrow(0, 0, len);
-      at::mm_out(st, pc, x.t());  // becomes the negative side's Gᵀ in place
-      T* s = st.data_ptr<T>();
-      at::parallel_for(0, len, row_grain(B), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t c = start + r;
-          T* row = s + r * B;
-          OnlineLse<T> lp = lse_with_one<T>();
-          for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k)
-            lp.push(pa_pos_arg(row[by.idx[k]], a, m));
-          po[c] = lp.value();
-          ne[c] = pa_neg_lse(row, y, B, int32_t(c), a, m, static_cast<const T*>(nullptr));
-          for (int64_t k = by.off[c]; k < by.off[c + 1]; ++k)  // each example is in one row
-            wp[by.idx[k]] = pa_pos_grad(row[by.idx[k]], a, m, po[c]);
-          pa_grad_row(row, y, B, int32_t(c), a, m, T(0), T(1), po[c], ne[c],
-                      static_cast<const T*>(nullptr));
-        }
-      });
-      at::Tensor dpc = dp.narrow(0, start, len);
-      at::mm_out(dpc, st, x);
-      dx.addmm_(st.t(), pc);
-    }
-  });
-  return {pos, neg, w, dx, dp};
-}
 
 // dx, dp from proxy_anchor_grad_fwd's parts: the positive side from its weights and the
 // per-proxy grad_pos (O(B·D)); the negative side is its stored products times grad_neg when
@@ -331,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> pa_grad_bwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proxy_anchor_grad_fwd_cpu(
     const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, double alpha,
     double margin, int64_t chunk) {
-  return pa_grad_fwd(x, p, labels, alpha, margin, chunk);
+  return pa_fwd(x, p, labels, at::Tensor(), alpha, margin, chunk, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_grad_bwd_cpu(
@@ -346,7 +316,8 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_grad_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cpu(const at::Tensor& x, const at::Tensor& p,
                                                         const at::Tensor& labels, double alpha,
                                                         double margin, int64_t chunk) {
-  return pa_fwd(x, p, labels, at::Tensor(), alpha, margin, chunk);
+  auto out = pa_fwd(x, p, labels, at::Tensor(), alpha, margin, chunk, false);
+  return {std::get<0>(out), std::get<1>(out)};
 }
 
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cpu(
@@ -359,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_weighted_fwd_cpu(
     const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, const at::Tensor& log_w,
     double alpha, double margin, int64_t chunk) {
-  return pa_fwd(x, p, labels, log_w, alpha, margin, chunk);
+  auto out = pa_fwd(x, p, labels, log_w, alpha, margin, chunk, false);
+  return {std::get<0>(out), std::get<1>(out)};
 }
 
 std::tuple<at::Tensor, at::Tensor> proxy_anchor_weighted_bwd_cpu(

@@ -82,6 +82,14 @@ if _ext.HAS_EXT:
     _register_grad_fwd()
 
 
+def gradient_wanted_on_cpu(x, p) -> bool:
+    """Whether the proxy ops' forward should also form the gradient (their *_grad_fwd, CPU
+    only): three products, not four, the backward then needing no second pass over the
+    tiles; without a gradient to come that would be two products wasted."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled()
+            and (x.requires_grad or p.requires_grad))
+
+
 def default_chunk(batch: int, budget: int = 1 << 21) -> int:
     """Proxies per tile so that a tile (chunk × batch) stays near `budget` entries."""
     return max(1, budget // max(batch, 1))
@@ -96,10 +104,7 @@ def proxy_anchor_terms(x_unit, p_unit, labels, alpha: float, margin: float, chun
     if log_w is not None:
         return torch.ops.metrix_ops.proxy_anchor_weighted_fwd(
             *args, log_w.to(x_unit.dtype).contiguous(), float(alpha), float(margin), int(chunk))
-    if (x_unit.device.type == "cpu" and torch.is_grad_enabled()
-            and (x_unit.requires_grad or p_unit.requires_grad)):
-        # a gradient will be wanted: the forward that also forms it (three products, not
-        # four: the backward then needs no second pass over the proxies' tiles)
+    if gradient_wanted_on_cpu(x_unit, p_unit):
         pos, neg, *_ = torch.ops.metrix_ops.proxy_anchor_grad_fwd(
             *args, float(alpha), float(margin), int(chunk))
         return pos, neg

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .proxy_anchor import default_chunk
+from .proxy_anchor import default_chunk, gradient_wanted_on_cpu
 
 _FWD = "metrix_ops::proxy_nca_fwd"
 COSINE, SQUARED_L2 = 0, 1  # the op's `kind`: logit = scale·s, or −scale·(2 − 2s)
@@ -68,9 +68,6 @@ def proxy_nca_rows(x_unit, p_unit, labels, scale: float, kind: int, chunk=None):
     chunk = default_chunk(p_unit.shape[0]) if chunk is None else chunk
     args = (x_unit.contiguous(), p_unit.contiguous(), labels.contiguous(), float(scale),
             int(kind), int(chunk))
-    if (x_unit.device.type == "cpu" and torch.is_grad_enabled()
-            and (x_unit.requires_grad or p_unit.requires_grad)):
-        # a gradient will be wanted: the forward that also forms it (three products, not
-        # four: the backward then needs no second pass over the tiles)
+    if gradient_wanted_on_cpu(x_unit, p_unit):
         return torch.ops.metrix_ops.proxy_nca_grad_fwd(*args)[0]
     return torch.ops.metrix_ops.proxy_nca_fwd(*args)[0]
