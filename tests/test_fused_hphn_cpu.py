@@ -195,6 +195,70 @@ def test_nan_row_hides_no_class_member():
     assert torch.equal(got[ok, 4], s.argmax(1)[ok])
 
 
+def dense_batch_hard(xu, y):
+    """Each anchor's farthest positive and closest negative by cosine on the whole matrix,
+    lowest index on ties (argmax/argmin return the first), −1 where there is none."""
+    s = xu @ xu.t()
+    same = y[:, None] == y[None, :]
+    pos = same & ~torch.eye(len(y), dtype=torch.bool)
+    p = s.masked_fill(~pos, float("inf")).argmin(1).masked_fill(~pos.any(1), -1)
+    q = s.masked_fill(same, float("-inf")).argmax(1).masked_fill(same.all(1), -1)
+    return p, q
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_segment_miner_ties_across_chunks(seed):
+    """Without segments the op mines from half of the Gram matrix (batch_hard_self.h): a
+    chunk's rows take their picks from its block row and later slots their negatives from
+    its columns. Rows drawn from a pool of four exact unit vectors tie everywhere, across
+    chunks, and labels out of index order make slot order differ from index order: the
+    picks must still be the lowest index on every tie."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.6, 0.8, 0], [0, 0, -1.0]],
+                        dtype=torch.float64)
+    b = 41
+    xu = pool[torch.randint(0, 4, (b,), generator=g)]
+    y = torch.randint(0, 9, (b,), generator=g).flip(0)
+    p, q = dense_batch_hard(xu, y)
+    e = y.new_empty(0)
+    for chunk in (1, 2, 5, 13, 256):
+        got = ee_hphn_mine(xu, y, e, e, 0, chunk)
+        assert torch.equal(got[:, 0], p), chunk
+        assert torch.equal(got[:, 4], q), chunk
+        has = q >= 0
+        assert torch.equal(got[has, 1], torch.arange(b)[has]) and (got[has, 3] == 1).all()
+        assert (got[~has, 1:] == -1).all()
+
+
+def test_no_segment_miner_nan_rows():
+    """A NaN row never wins; an anchor whose first candidate is NaN (or which is NaN) keeps
+    that first candidate, as the full-row walk does (nothing beats NaN)."""
+    x, y = batch(30, 4, 3, seed=11)
+    xu = F.normalize(x, dim=1)
+    xu[4] = float("nan")
+    e = y.new_empty(0)
+    got = ee_hphn_mine(xu, y, e, e, 0, 5)
+    for i in range(30):
+        same = (y == y[i]).nonzero().flatten().tolist()
+        others = [j for j in same if j != i]
+        negs = (y != y[i]).nonzero().flatten().tolist()
+        s = xu[i] @ xu.t()
+        if others:
+            first = others[0]
+            if s[first].isnan():
+                assert got[i, 0] == first
+            else:
+                ok = [j for j in others if not s[j].isnan()]
+                assert got[i, 0] == min(ok, key=lambda j: (s[j].item(), j))
+        if negs:
+            first = negs[0]
+            if s[first].isnan():
+                assert got[i, 4] == first
+            else:
+                ok = [j for j in negs if not s[j].isnan()]
+                assert got[i, 4] == min(ok, key=lambda j: (-s[j].item(), j))
+
+
 def test_all_segments_equal_reference_order():
     for seed, (b, k) in enumerate([(1, 1), (2, 1), (9, 3), (40, 5), (64, 64), (50, 1)]):
         y = torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(seed))

@@ -50,6 +50,7 @@
 
 #include "common/checks.h"
 #include "common/expansion.h"
+#include "cpu/batch_hard_self.h"
 #include "cpu/ee_closest.h"
 #include "cpu/op_checks.h"
 
@@ -479,6 +480,12 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
   int64_t* o = out.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ee_hphn_mine_cpu", [&] {
     using T = scalar_t;
+    // X̂ in slot order: U's columns are then class-contiguous
+    at::Tensor xo = x.index_select(0, at::from_blob(order.data(), {B}, labels.options()));
+    if (S == 0) {  // no synthetic point: half of U serves (batch_hard_self.h)
+      BatchHardSelf<T>{xo, order, cstart, first_neg, chunk}.run(n + 1, o);
+      return;
+    }
     Miner<T> mn{x.data_ptr<T>(), lab, B, x.size(1), n, order, cstart, class_segs, segs};
     mn.pu.resize(S);
     mn.pw.resize(S);
@@ -558,9 +565,6 @@ at::Tensor ee_hphn_mine_cpu(const at::Tensor& x_, const at::Tensor& labels_,
       T& g = mn.group_kmax[s / Miner<T>::kGroup];
       g = std::max(g, mn.slot_kmax[s]);
     }
-    // X̂ in slot order: U's columns are then class-contiguous
-    at::Tensor xo = x.index_select(0, at::from_blob(order.data(), {B}, labels.options()));
-
     for (int64_t c0 = 0; c0 < C;) {
       // a chunk of whole classes: at least one, then while the rows fit in `chunk`
       int64_t c1 = c0 + 1;

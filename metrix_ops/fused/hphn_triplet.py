@@ -12,6 +12,7 @@ from .. import _ext
 from ..distances import is_cosine, is_normalized_l2
 from ..miners.batch_hard import batch_hard_streaming
 from ..ops.ee_mining import all_segments, ee_hphn_mine
+from ..ops.hphn_picks import hphn_pick_sims
 from ..reducers import reduce_loss_dict
 from ..reference.expansion_points import expansion_segments, safe_sqrt
 from ..reference.hphn_triplet import hphn_terms
@@ -103,11 +104,8 @@ def impl(params, inp, reducer, expansion=None):
     return picks_loss(params, inp, reducer, xu, idx, n)
 
 
-def picks_loss(params, inp, reducer, xu, idx, n):
-    """The loss from the mined picks idx (B × 7 [p, a_u, a_w, a_k, q_u, q_w, q_k], −1: none;
-    the CPU op's or the Triton engine's): the chosen distances recomputed with gradient."""
-    x, d = inp.embeddings, inp.distance
-    has_pos, has_neg = idx[:, 0] >= 0, idx[:, 4] >= 0
+def _pick_sims_torch(xu, idx, n, l2_pos):
+    """hphn_pick_sims (ops/hphn_picks.py) in PyTorch, for GPU tensors: (pos, s_an)."""
     idx = idx.clamp_min(0)  # rows without a pick compute a throw-away value
     p = idx[:, 0]
     # the reference's float64 grid λ = k/(n+1), then the loss dtype (originals: exactly 1)
@@ -115,22 +113,33 @@ def picks_loss(params, inp, reducer, xu, idx, n):
     lam_q = (idx[:, 6].double() / (n + 1)).to(xu.dtype)
     au, aw, qu, qw = idx[:, 1], idx[:, 2], idx[:, 4], idx[:, 5]
     # each endpoint's rows gathered once, by index_select: its backward is one index_add
-    # (the 24 advanced-index gathers before had serial index_put backwards, about half of
-    # the clean loss's time at B = 4096, D = 128)
     ru, rw, rqu, rqw, rp = (xu.index_select(0, i) for i in (au, aw, qu, qw, p))
     # the points themselves, λu + (1 − λ)w (lerp is exact at λ = 1: an original is its row),
-    # then three dots: ten dots of endpoint rows before, each a B×D product forward and two
-    # backward (this step fwd+bwd: 58 → 30 ms at B = 4096, D = 512 on the 2-core VM)
+    # then three dots
     pa, pq = torch.lerp(rw, ru, lam_a[:, None]), torch.lerp(rqw, rqu, lam_q[:, None])
     s_an = _dot(pa, pq) / (_point_norm(pa, au == aw) * _point_norm(pq, qu == qw))
-    if d.is_inverted:
-        hp, hn = (xu * rp).sum(1), s_an
+    # positives are originals: their difference, as cdist, is exact for duplicates
+    pos = ((xu - rp) ** 2).sum(1) if l2_pos else (xu * rp).sum(1)
+    return pos, s_an
+
+
+def picks_loss(params, inp, reducer, xu, idx, n):
+    """The loss from the mined picks idx (B × 7 [p, a_u, a_w, a_k, q_u, q_w, q_k], −1: none;
+    the CPU op's or the Triton engine's): the chosen distances recomputed with gradient."""
+    x, d = inp.embeddings, inp.distance
+    has_pos, has_neg = idx[:, 0] >= 0, idx[:, 4] >= 0
+    if xu.device.type == "cpu":
+        # the op reads the picked rows in place (hphn_picks_cpu.cpp): no gathered B×D rows
+        pos, s_an = hphn_pick_sims(xu, idx, n, not d.is_inverted)
     else:
-        # positives are originals: their difference, as cdist, is exact for duplicates
-        hp = safe_sqrt(((xu - rp) ** 2).sum(1))
-        hn = safe_sqrt(2 - 2 * s_an)
+        pos, s_an = _pick_sims_torch(xu, idx, n, not d.is_inverted)
+    if d.is_inverted:
+        hp, hn = pos, s_an
+    else:
+        hp, hn = safe_sqrt(pos), safe_sqrt(2 - 2 * s_an)
     terms = hphn_terms(hp, has_pos, hn, has_neg, d, params.get("margin", 0.2))
     return reduce_loss_dict(terms, reducer, x)
 
 
 register("cpu", "HPHNTripletLoss", supports, impl)
+
