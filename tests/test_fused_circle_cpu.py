@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
+import metrix_ops.fused.circle as fused_circle
 import metrix_ops.ops.circle as circle_ops
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 from metrix_ops import _ext
@@ -25,8 +26,10 @@ def pair(**kw):
 
 @pytest.fixture
 def chunk(request, monkeypatch):
+    """The general op's row chunks and the self op's blocks (the batch against itself)."""
     if request.param is not None:
         monkeypatch.setattr(circle_ops, "default_chunk", lambda n: request.param)
+        monkeypatch.setattr(fused_circle, "SELF_BLOCK", request.param)
     return request.param
 
 
@@ -139,6 +142,25 @@ def test_op_rows_and_chunks():
                                    rtol=1e-12, atol=1e-12)
 
 
+def test_self_op_rows_and_blocks():
+    """The self op's rows against the reference's, for blocks from one row to all; the
+    duplicates and a class of one exercise ties and an empty positive side."""
+    from metrix_ops.ops.circle import circle_rows_self
+    from metrix_ops.reference.circle import circle_loss_dict
+    from metrix_ops.spec import LossInputs
+    g = torch.Generator().manual_seed(15)
+    x = F.normalize(torch.randn(19, 6, dtype=torch.float64, generator=g), dim=1)
+    x[5] = x[2]
+    y = torch.randint(0, 4, (19,), generator=g)
+    y[0] = 9  # no positive: 0
+    inp = LossInputs(x, y, None, x, y, True, mo.distances.CosineSimilarity())
+    want = circle_loss_dict(inp)["loss"]["losses"]
+    assert want[0] == 0 and (want[1:] > 0).any()
+    for b in (1, 2, 5, 19, 100):
+        torch.testing.assert_close(circle_rows_self(x, y, 0.4, 80.0, b), want,
+                                   rtol=1e-12, atol=1e-12)
+
+
 def test_opcheck_and_compile():
     g = torch.Generator().manual_seed(13)
     x = F.normalize(torch.randn(9, 5, generator=g), dim=1).requires_grad_()
@@ -148,6 +170,7 @@ def test_opcheck_and_compile():
                           (x, r, y, ry, False, 0.4, 80.0, 4))
     torch.library.opcheck(torch.ops.metrix_ops.circle_fwd.default,
                           (x, x.detach().clone().requires_grad_(), y, y, True, 0.25, 64.0, 2))
+    torch.library.opcheck(torch.ops.metrix_ops.circle_self_fwd.default, (x, y, 0.25, 64.0, 4))
     xd, yd = data(21, 8, seed=14)
     fused, ref = pair()
     compiled = torch.compile(lambda e: fused(e, yd), fullgraph=True, backend="eager")
@@ -155,14 +178,21 @@ def test_opcheck_and_compile():
 
 
 def test_auto_calls_the_op(monkeypatch):
+    """The batch against itself takes the symmetric self op, references the general one."""
     assert mo.backend.resolve("auto", "CircleLoss", torch.device("cpu")) == "cpu"
     calls = []
-    real = torch.ops.metrix_ops.circle_fwd
-    monkeypatch.setattr(torch.ops.metrix_ops, "circle_fwd", lambda *a: calls.append(1) or real(*a))
+    for name in ("circle_fwd", "circle_self_fwd"):
+        real = getattr(torch.ops.metrix_ops, name)
+        monkeypatch.setattr(torch.ops.metrix_ops, name,
+                            lambda *a, n=name, r=real: calls.append(n) or r(*a))
     x, y = data(12, 5, seed=17)
     out = mo.losses.CircleLoss(backend="auto")(x, y)
-    assert calls == [1]
+    assert calls == ["circle_self_fwd"]
     torch.testing.assert_close(out, pair()[1](x, y))
+    r, ry = data(7, 5, seed=18)
+    out = mo.losses.CircleLoss(backend="auto")(x, y, ref_emb=r, ref_labels=ry)
+    assert calls == ["circle_self_fwd", "circle_fwd"]
+    torch.testing.assert_close(out, pair()[1](x, y, ref_emb=r, ref_labels=ry))
 
 
 def test_falls_back_or_refuses_outside_its_scope():
@@ -191,6 +221,13 @@ def test_bad_input_raises_clearly():
         fwd(x, r, y, y, False, 0.4, 80.0, 2)
     with pytest.raises(RuntimeError, match="chunk must be > 0"):
         fwd(x, r, y, ry, False, 0.4, 80.0, -1)
+    with pytest.raises(RuntimeError, match=r"labels must be int64 of shape \(6,\)"):
+        torch.ops.metrix_ops.circle_self_fwd(x, y[:5], 0.4, 80.0, 2)
+    with pytest.raises(RuntimeError, match="block"):
+        torch.ops.metrix_ops.circle_self_fwd(x, y, 0.4, 80.0, 0)
+    with pytest.raises(RuntimeError, match=r"lse_pos must be of shape \(6,\)"):
+        torch.ops.metrix_ops.circle_self_bwd(torch.ones(6), x, y, torch.ones(5), torch.ones(6),
+                                             0.4, 80.0, 2)
     with pytest.raises(RuntimeError, match=r"lse_neg must be of shape \(6,\)"):
         torch.ops.metrix_ops.circle_bwd(torch.ones(6), x, r, y, ry, torch.ones(6), torch.ones(5),
                                         False, 0.4, 80.0, 2, True)

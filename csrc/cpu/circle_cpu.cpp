@@ -2,16 +2,13 @@
 // streaming S = x rᵀ in chunks of anchors (cpu/row_tiles.h); never B×M.
 //
 // Forward gives per anchor its loss (0 without a positive or without a negative, as PML)
-// and the log-sum-exps of its two sides (two passes over the row: the maxima, then the
-// exponentials at once), which the backward reuses: there each entry of G is one
-// exponential, g · softplus'(lse⁺ + lse⁻) · softmax within its side · ∓weight.
+// and the log-sum-exps of its two sides, which the backward reuses (circle_rows.h).
 #include <cmath>
 #include <limits>
 
 #include <torch/library.h>
 
-#include "common/circle.h"
-#include "cpu/row_tiles.h"
+#include "cpu/circle_rows.h"
 
 namespace metrix_ops {
 
@@ -29,32 +26,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_fwd_cpu(
     const PairLabels lab = pair_labels(ids, exclude_diag, M);
     const auto c = circle_consts<T>(m, gamma);
     T *out = rows.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
-    const T ninf = kNegInf<T>;
     for_each_sim_row<T>(x, r, chunk, [&](const T* s, int64_t i, T* u) {
-      const int32_t yi = lab.row[i];
-      const int64_t skip = lab.skip(i);
-      const int32_t* col = lab.col;
-      T mp = ninf, mn = ninf;  // each side's max logit
-      _Pragma("omp simd reduction(max : mp, mn)")
-      for (int64_t j = 0; j < M; ++j) {
-        const bool pos = col[j] == yi && j != skip, neg = col[j] != yi;
-        const T l = pos ? circle_pos_logit(s[j], c) : (neg ? circle_neg_logit(s[j], c) : ninf);
-        u[j] = l;
-        mp = pos && l > mp ? l : mp;
-        mn = neg && l > mn ? l : mn;
-      }
-      MO_SIMD
-      for (int64_t j = 0; j < M; ++j) u[j] -= col[j] == yi ? (j != skip ? mp : T(0)) : mn;
-      exp_row(u, M);
-      T sp = T(0), sn = T(0);
-      _Pragma("omp simd reduction(+ : sp, sn)")
-      for (int64_t j = 0; j < M; ++j) {  // the self pair's 0 may land in sp
-        sp += col[j] == yi ? u[j] : T(0);
-        sn += col[j] != yi ? u[j] : T(0);
-      }
-      lp[i] = sp > T(0) ? mp + std::log(sp) : ninf;  // −inf for an empty side
-      ln[i] = sn > T(0) ? mn + std::log(sn) : ninf;
-      if (sp > T(0) && sn > T(0)) out[i] = softplus20(lp[i] + ln[i]);
+      OnlineLse<T> pos = OnlineLse<T>::empty(), neg = OnlineLse<T>::empty();
+      circle_fold_piece(s, M, lab.row[i], lab.col, lab.skip(i), c, u, pos, neg);
+      lp[i] = pos.value();  // −inf for an empty side
+      ln[i] = neg.value();
+      out[i] = circle_row_loss(lp[i], ln[i]);
     });
   });
   return {rows, lse_pos, lse_neg};
@@ -81,27 +58,8 @@ std::tuple<at::Tensor, at::Tensor> circle_bwd_cpu(
     const PairLabels lab = pair_labels(ids, exclude_diag, M);
     const auto c = circle_consts<T>(m, gamma);
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
-    const T ninf = kNegInf<T>;
     std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* s, int64_t i, T* u) {
-      const T lpi = lp[i], lni = ln[i];
-      if (lpi == ninf || lni == ninf) {  // a side is empty: the anchor's loss is 0
-        std::fill(s, s + M, T(0));
-        return;
-      }
-      const int32_t yi = lab.row[i];
-      const int64_t skip = lab.skip(i);
-      const int32_t* col = lab.col;
-      const T gi = gp[i] * softplus20_grad(lpi + lni);
-      MO_SIMD
-      for (int64_t j = 0; j < M; ++j) {  // softmax within the side × ∓weight
-        const T v = s[j];
-        const bool pos = col[j] == yi && j != skip, neg = col[j] != yi;
-        u[j] = pos ? circle_pos_logit(v, c) - lpi : (neg ? circle_neg_logit(v, c) - lni : ninf);
-        s[j] = pos ? -gi * circle_pos_weight(v, c) : (neg ? gi * circle_neg_weight(v, c) : T(0));
-      }
-      exp_row(u, M);
-      MO_SIMD
-      for (int64_t j = 0; j < M; ++j) s[j] *= u[j];
+      circle_grad_piece(s, M, lab.row[i], lab.col, lab.skip(i), c, gp[i], lp[i], ln[i], u);
     });
   });
   return {dx, dr};

@@ -27,7 +27,7 @@
 #include "common/lifted.h"
 #include "cpu/contrastive_blocks.h"  // ConLabels
 #include "cpu/op_checks.h"
-#include "cpu/sym_blocks.h"
+#include "cpu/self_walk.h"
 
 namespace metrix_ops {
 
@@ -73,76 +73,6 @@ void fold_row(const T* s, int64_t nc, int64_t gi, int64_t c0, const LiftLabels& 
   }
   if (any_pos) pos->merge(OnlineLse<T>{top_p, sp});
   if (any_neg) neg.merge(OnlineLse<T>{top_n, sn});
-}
-
-// How S is walked. General: x against r in chunks of `chunk` references, each chunk all
-// rows. Self (r is x, self pairs excluded): the blocks I <= J of the symmetric S = x xᵀ once
-// (sym_blocks.h), an off-diagonal block also serving J's rows through its transposed copy:
-// half the similarity products, and one gradient product per block pair.
-struct Walk {
-  const at::Tensor& x;
-  const at::Tensor& r;
-  bool self;
-  int64_t chunk;
-};
-
-// rows [0, nr) of tile s (nr×nc; global rows r0.., columns c0..) through fn(row, nc, gi, c0)
-template <typename T, class F>
-void tile_rows(T* s, int64_t r0, int64_t nr, int64_t c0, int64_t nc, F& fn) {
-  at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) fn(s + i * nc, nc, r0 + i, c0);
-  });
-}
-
-// fn(row, nc, gi, c0) for every row of S, in pieces of at most `chunk` columns (read only)
-template <typename T, class F>
-void walk_rows(const Walk& w, F&& fn) {
-  if (!w.self) {
-    const int64_t B = w.x.size(0), M = w.r.size(0);
-    for (int64_t start = 0; start < M; start += w.chunk) {
-      const int64_t len = std::min(w.chunk, M - start);
-      at::Tensor s = at::mm(w.x, w.r.narrow(0, start, len).t()).contiguous();
-      tile_rows(s.data_ptr<T>(), 0, B, start, len, fn);
-    }
-    return;
-  }
-  for_upper_blocks(w.x, w.chunk, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    tile_rows(s.data_ptr<T>(), r0, nr, c0, nc, fn);
-    if (c0 == r0) return;
-    at::Tensor st = s.t().contiguous();
-    tile_rows(st.data_ptr<T>(), c0, nc, r0, nr, fn);
-  });
-}
-
-// grad(row, nc, gi, c0) overwrites every row of S with its row of G = ∂L/∂S, and the walk
-// adds dx += G r, dr += Gᵀ x (self: dx += (G + Gᵀ) x, dr untouched).
-template <typename T, class F>
-void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
-  if (!w.self) {
-    const int64_t B = w.x.size(0), M = w.r.size(0);
-    for (int64_t start = 0; start < M; start += w.chunk) {
-      const int64_t len = std::min(w.chunk, M - start);
-      at::Tensor rc = w.r.narrow(0, start, len);
-      at::Tensor s = at::mm(w.x, rc.t()).contiguous();  // becomes G in place
-      tile_rows(s.data_ptr<T>(), 0, B, start, len, grad);
-      dx.addmm_(s, rc);
-      dr.narrow(0, start, len).addmm_(s.t(), w.x);
-    }
-    return;
-  }
-  for_upper_blocks(w.x, w.chunk, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    if (c0 == r0) {  // G of a diagonal block; H = G + Gᵀ
-      tile_rows(s.data_ptr<T>(), r0, nr, c0, nc, grad);
-      add_sym_block_grad(dx, w.x, s + s.t(), r0, nr, c0, nc);
-      return;
-    }
-    // a copy, always: for a single row or column, s.t() is already "contiguous" and
-    // .contiguous() would alias s, which the next line overwrites
-    at::Tensor st = s.t().clone(at::MemoryFormat::Contiguous);
-    tile_rows(s.data_ptr<T>(), r0, nr, c0, nc, grad);   // G_IJ
-    tile_rows(st.data_ptr<T>(), c0, nc, r0, nr, grad);  // G_JI
-    add_sym_block_grad(dx, w.x, s.add_(st.t()), r0, nr, c0, nc);
-  });
 }
 
 template <typename T>

@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.circle import circle_rows
+from ..ops.circle import circle_rows, circle_rows_self
 from ..ops.circle_metrix import circle_clean_rows, circle_metrix_terms, finish_circle_mixed
 from ..reducers import zero_loss
 from ..ops.unit_rows import unit_rows
 from . import register, register_metrix
+from .multi_similarity import _self_pairs_only as self_pairs_only
 from .multi_similarity import metrix_refs_args
 from .ntxent import guarded, reduce_rows, supports, unit_pair
 
 
+SELF_BLOCK = 1024  # rows per block of the batch against itself (tests set it small)
+
+
 def impl(params, inp, reducer, chunk=None):
     def compute(_n_pos):
-        xu, ru = unit_pair(inp)
-        rows = circle_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["m"],
-                           params["gamma"], chunk)
+        m, gamma = params["m"], params["gamma"]
+        if self_pairs_only(inp):  # S symmetric: half the products
+            rows = circle_rows_self(unit_rows(inp.embeddings), inp.labels, m, gamma, SELF_BLOCK)
+        else:
+            xu, ru = unit_pair(inp)
+            rows = circle_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, m, gamma,
+                               chunk)
         return reduce_rows(rows, reducer, inp.embeddings)
 
     # PML: zero unless some pair list has two entries; an anchor lacking a side gives 0

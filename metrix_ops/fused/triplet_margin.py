@@ -19,6 +19,7 @@ from ..distances import (LpDistance, as_distance, is_cosine, is_normalized_l2,
                          is_normalized_sq_l2)
 from ..miners.batch_hard import batch_hard_streaming
 from ..miners.row_blocks import BLOCK_ENTRIES
+from ..ops.pair_sims import HAS_OP as PAIR_SIMS, pair_sims
 from ..ops.triplet import triplet_all_rows
 from ..ops.triplet_mined import HAS_OP, MINE_KINDS, triplet_mined_rows
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
@@ -150,9 +151,13 @@ def _with_exact_grad(value, xu, ru, a, j, cosine: bool, squared: bool = False):
     (`value`, no graph), with the gradient of that distance in S = X Rᵀ: ds for cosine,
     −2 ds for squared L2 (2 − 2s), −ds/d for the L2 distance of unit rows (0 at d = 0, as
     torch's cdist backward). The value stays bit-exact: the added term is exactly 0."""
-    # index_select, not xu[a]: its backward is an index_add, where advanced indexing's is a
-    # serial index_put with accumulation
-    s = (xu.index_select(0, a) * ru.index_select(0, j)).sum(1)
+    if xu.device.type == "cpu" and PAIR_SIMS:
+        # the listed pairs' dots read in place (pair_sims_cpu.cpp): no gathered B×D rows
+        s = pair_sims(xu, ru, a, j)
+    else:
+        # index_select, not xu[a]: its backward is an index_add, where advanced indexing's
+        # is a serial index_put with accumulation
+        s = (xu.index_select(0, a) * ru.index_select(0, j)).sum(1)
     ds = s - s.detach()
     if cosine:
         return value + ds
