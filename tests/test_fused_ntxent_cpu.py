@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
+import metrix_ops.fused.ntxent as fused_ntx
 import metrix_ops.ops.ntxent as ntx_ops
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 from metrix_ops import _ext
@@ -49,9 +50,11 @@ def data(b, d, layout="random", seed=0, dtype=torch.float64, dup=False):
 
 @pytest.fixture
 def chunk(request, monkeypatch):
-    """Anchors per tile of the fused ops; None: the ops' default."""
+    """Anchors per tile of the fused ops, and rows per block of SupCon's batch against
+    itself; None: the ops' default."""
     if request.param is not None:
         monkeypatch.setattr(ntx_ops, "default_chunk", lambda n: request.param)
+        monkeypatch.setattr(fused_ntx, "SELF_BLOCK", request.param)
     return request.param
 
 
@@ -210,6 +213,26 @@ def test_op_rows_chunks_and_gradcheck():
     assert torch.autograd.gradcheck(lambda e: (supcon_rows(e, e, y, y, True, 0.3, 4) * w).sum(), (xs,))
 
 
+def test_supcon_self_op_rows_blocks_and_gradcheck():
+    """SupCon's op for the batch against itself (symmetric blocks, no row shift) against the
+    reference's rows, for blocks from one row to all, with a duplicate row, a class of one
+    (no positive: 0, no gradient) and finite differences."""
+    from metrix_ops.ops.ntxent import supcon_rows_self
+    g = torch.Generator().manual_seed(21)
+    x = F.normalize(torch.randn(17, 5, dtype=torch.float64, generator=g), dim=1)
+    x[4] = x[1]
+    y = torch.randint(0, 4, (17,), generator=g)
+    y[0] = 9
+    want = _unit_ref("SupConLoss", x, x, y, y, True, 0.2)["losses"]
+    assert want[0] == 0 and (want[1:] > 0).all()
+    for b in (1, 2, 5, 17, 100):
+        torch.testing.assert_close(supcon_rows_self(x, y, 0.2, b), want, rtol=1e-12, atol=1e-13)
+    w = torch.randn(17, dtype=torch.float64, generator=g)
+    for b in (3, 100):
+        assert torch.autograd.gradcheck(lambda e: (supcon_rows_self(e, y, 0.2, b) * w).sum(),
+                                        (x.clone().requires_grad_(),))
+
+
 def test_opcheck():
     g = torch.Generator().manual_seed(13)
     x = F.normalize(torch.randn(9, 5, generator=g), dim=1).requires_grad_()
@@ -223,6 +246,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.metrix_ops.supcon_fwd.default, (x, r, y, ry, False, 0.1, 4))
     torch.library.opcheck(torch.ops.metrix_ops.supcon_fwd.default,
                           (x, x.detach().clone().requires_grad_(), y, y, True, 0.07, 3))
+    torch.library.opcheck(torch.ops.metrix_ops.supcon_self_fwd.default, (x, y, 0.07, 3))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -260,7 +284,8 @@ def test_auto_calls_the_op(name, monkeypatch):
     import metrix_ops.fused as fused
     assert mo.backend.resolve("auto", name, torch.device("cpu")) == "cpu"
     calls = []
-    op = "ntxent_fwd" if name == "NTXentLoss" else "supcon_fwd"
+    # SupCon of the batch against itself: its symmetric op
+    op = "ntxent_fwd" if name == "NTXentLoss" else "supcon_self_fwd"
     real = getattr(torch.ops.metrix_ops, op)
     monkeypatch.setattr(torch.ops.metrix_ops, op, lambda *a: calls.append(1) or real(*a))
     x, y = data(12, 5, seed=17)
@@ -322,5 +347,12 @@ def test_bad_input_raises_clearly():
     with pytest.raises(RuntimeError, match=r"neg_sum must be of shape \(6,\)"):
         torch.ops.metrix_ops.ntxent_bwd(torch.ones(6), x, r, y, ry, torch.ones(6), torch.ones(3),
                                         False, 0.1, -inf, inf, 2, True)
+    self_fwd, self_bwd = torch.ops.metrix_ops.supcon_self_fwd, torch.ops.metrix_ops.supcon_self_bwd
+    with pytest.raises(RuntimeError, match="temperature must be finite and nonzero"):
+        self_fwd(x, y, float("nan"), 2)
+    with pytest.raises(RuntimeError, match=r"labels must be int64 of shape \(6,\)"):
+        self_fwd(x, y[:5], 0.1, 2)
+    with pytest.raises(RuntimeError, match=r"lse must be of shape \(6,\)"):
+        self_bwd(torch.ones(6), x, y, torch.ones(2), 0.1, 2)
     with pytest.raises(RuntimeError, match=r"lse must be of shape \(6,\)"):
         torch.ops.metrix_ops.supcon_bwd(torch.ones(6), x, r, y, ry, torch.ones(2), False, 0.1, 2, True)

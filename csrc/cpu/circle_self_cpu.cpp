@@ -15,18 +15,6 @@
 
 namespace metrix_ops {
 
-namespace {
-
-// a scratch row of at least n entries, one per thread
-template <typename T>
-T* scratch_row(int64_t n) {
-  thread_local std::vector<T> buf;
-  if (int64_t(buf.size()) < n) buf.resize(n);
-  return buf.data();
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_self_fwd_cpu(const at::Tensor& x_,
                                                                    const at::Tensor& labels,
                                                                    double m, double gamma,

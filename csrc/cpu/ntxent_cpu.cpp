@@ -13,6 +13,7 @@
 #include "common/contrastive.h"  // in_window
 #include "common/ntxent.h"
 #include "cpu/row_tiles.h"
+#include "cpu/supcon_rows.h"
 
 namespace metrix_ops {
 
@@ -209,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
     using T = scalar_t;
     const PairLabels lab = pair_labels(ids, exclude_diag, M);
     const T *gp = g.data_ptr<T>(), *lp = lse.data_ptr<T>();
-    const T t = T(temperature), ninf = kNegInf<T>;
+    const T t = T(temperature);
     std::tie(dx, dr) = sim_rows_backward<T>(x, r, chunk, need_dr, [&](T* z, int64_t i, T* u) {
       const int32_t yi = lab.row[i];
       const int64_t skip = lab.skip(i);
@@ -217,18 +218,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(
       int64_t n_pos = 0;
       _Pragma("omp simd reduction(+ : n_pos)")
       for (int64_t j = 0; j < M; ++j) n_pos += col[j] == yi && j != skip;
-      if (n_pos == 0) {  // no loss, no gradient
-        std::fill(z, z + M, T(0));
-        return;
-      }
-      const T gi = gp[i] / t, inv_n = T(1) / T(n_pos), L = lp[i];
-      MO_SIMD
-      for (int64_t j = 0; j < M; ++j)  // the softmax over the pairs
-        u[j] = j != skip ? ntx_logit(z[j], t) - L : ninf;
-      exp_row(u, M);
-      MO_SIMD
-      for (int64_t j = 0; j < M; ++j)
-        z[j] = gi * supcon_grad(u[j], col[j] == yi && j != skip, inv_n);
+      supcon_grad_piece(z, M, yi, col, skip, t, gp[i], lp[i], n_pos, u);
     });
   });
   return {dx, dr};

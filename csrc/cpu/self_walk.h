@@ -17,6 +17,14 @@
 
 namespace metrix_ops {
 
+// a scratch row of at least n entries, one per thread (the row functions' exp arguments)
+template <typename T>
+T* scratch_row(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 // How S is walked. General: x against r in chunks of `chunk` references, each chunk all
 // rows. Self (r is x, self pairs excluded): the blocks I <= J of the symmetric S = x xᵀ once
 // (sym_blocks.h), an off-diagonal block also serving J's rows through its transposed copy:

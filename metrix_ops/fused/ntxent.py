@@ -11,12 +11,13 @@ import torch
 
 from .. import _ext
 from ..distances import is_cosine
-from ..ops.ntxent import ntxent_rows, supcon_rows
+from ..ops.ntxent import ntxent_rows, supcon_rows, supcon_rows_self
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from . import register
 from .contrastive import _reduce_side, _window
+from .multi_similarity import _self_pairs_only as self_pairs_only
 from .pair_counts import pair_count_tensors
 
 
@@ -98,8 +99,16 @@ def ntxent_impl(params, inp, reducer, chunk=None):
     return ntxent_from_rows(lambda *a: ntxent_rows(*a, chunk=chunk), params, inp, reducer)
 
 
+SELF_BLOCK = 1024  # rows per block of SupCon's batch against itself (tests set it small)
+
+
 def supcon_impl(params, inp, reducer, chunk=None):
-    return supcon_from_rows(lambda *a: supcon_rows(*a, chunk), params, inp, reducer)
+    def rows(xu, ru, labels, ref_labels, same_set, temperature):
+        if self_pairs_only(inp):  # S symmetric: half the products
+            return supcon_rows_self(xu, labels, temperature, SELF_BLOCK)
+        return supcon_rows(xu, ru, labels, ref_labels, same_set, temperature, chunk)
+
+    return supcon_from_rows(rows, params, inp, reducer)
 
 
 register("cpu", "NTXentLoss", supports, ntxent_impl)

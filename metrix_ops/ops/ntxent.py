@@ -12,6 +12,7 @@ from .proxy_anchor import default_chunk
 
 _NTX = "metrix_ops::ntxent_fwd"
 _SUP = "metrix_ops::supcon_fwd"
+_SUP_SELF = "metrix_ops::supcon_self_fwd"
 
 
 def _row_grad(g, like):
@@ -74,6 +75,31 @@ if _ext.HAS_EXT:
 
     torch.library.register_autograd(_SUP, _backward_sup, setup_context=_setup_sup)
 
+    # SupCon of the batch against itself: one input, one gradient
+    @torch.library.register_fake(_SUP_SELF)
+    def _fake_sup_self(x, labels, temperature, block):
+        b = x.shape[0]
+        return x.new_empty(b), x.new_empty(b)
+
+    @torch.library.register_fake("metrix_ops::supcon_self_bwd")
+    def _fake_sup_self_bwd(grad_rows, x, labels, lse, temperature, block):
+        return torch.empty_like(x)
+
+    def _setup_sup_self(ctx, inputs, output):
+        x, labels, *args = inputs
+        ctx.save_for_backward(x, labels, output[1])
+        ctx.args = tuple(args)
+        ctx.mark_non_differentiable(output[1])
+
+    def _backward_sup_self(ctx, g_rows, _g_lse):
+        x, labels, lse = ctx.saved_tensors
+        dx = torch.ops.metrix_ops.supcon_self_bwd(_row_grad(g_rows, lse), x, labels, lse,
+                                                  *ctx.args)
+        return (dx,) + (None,) * 3
+
+    torch.library.register_autograd(_SUP_SELF, _backward_sup_self,
+                                    setup_context=_setup_sup_self)
+
 
 def ntxent_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, temperature: float,
                 low=None, high=None, chunk=None):
@@ -94,4 +120,12 @@ def supcon_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, temperat
     rows, _ = torch.ops.metrix_ops.supcon_fwd(
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(temperature), int(chunk))
+    return rows
+
+
+def supcon_rows_self(x_unit, labels, temperature: float, block: int = 1024):
+    """supcon_rows of the batch against itself (self pairs excluded), from the symmetric
+    blocks of S (csrc/cpu/supcon_self_cpu.cpp): half the products."""
+    rows, _ = torch.ops.metrix_ops.supcon_self_fwd(x_unit.contiguous(), labels.contiguous(),
+                                                   float(temperature), int(block))
     return rows
