@@ -100,7 +100,10 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           "ee_ms_n8_adjacent": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # TripletMarginLoss with TripletMarginMiner(0.2, "semihard"): PML's two calls
           # against our miner= option (counted inside the op); "clean" is our triplet "all"
-          "triplet_semihard": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
+          "triplet_semihard": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
+          # TripletMarginLoss with BatchHardMiner (the batch-hard recipe): PML's two calls
+          # against our miner= option (mined by streamed row blocks, PML's exact values)
+          "triplet_batch_hard": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
 
 # --loss name -> the options that make our module the augmented loss
 AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
@@ -124,7 +127,8 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "ee_ms_n8_adjacent": lambda mo: {"expansion": mo.Expansion(n_points=8,
                                                                       pairs="adjacent")},
            "triplet_semihard": lambda mo: {
-               "miner": mo.miners.TripletMarginMiner(0.2, type_of_triplets="semihard")}}
+               "miner": mo.miners.TripletMarginMiner(0.2, type_of_triplets="semihard")},
+           "triplet_batch_hard": lambda mo: {"miner": mo.miners.BatchHardMiner()}}
 
 
 FUSED_IMPLS = ("cpu", "cuda", "triton")
@@ -146,6 +150,10 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
         if loss == "triplet_semihard":
             from pytorch_metric_learning import miners as pm
             fn, miner = pl.TripletMarginLoss(), pm.TripletMarginMiner(0.2, type_of_triplets="semihard")
+            return lambda x, y: fn(x, y, miner(x, y))
+        if loss == "triplet_batch_hard":
+            from pytorch_metric_learning import miners as pm
+            fn, miner = pl.TripletMarginLoss(), pm.BatchHardMiner()
             return lambda x, y: fn(x, y, miner(x, y))
         return getattr(pl, LOSSES[loss][0])(*ctor_args)
     import metrix_ops as mo

@@ -213,6 +213,37 @@ def test_op_rows_chunks_and_gradcheck():
     assert torch.autograd.gradcheck(lambda e: (supcon_rows(e, e, y, y, True, 0.3, 4) * w).sum(), (xs,))
 
 
+def test_ntxent_self_op_sums_windows_blocks_and_gradcheck():
+    """NT-Xent's op for the batch against itself (symmetric blocks; the pair losses after the
+    walk) against the reference's pair losses summed per anchor, for blocks from one row to
+    all, with and without a window on the pair losses, a duplicate row, a class of one (no
+    pair) and a class spanning every block; finite differences."""
+    from metrix_ops.ops.ntxent import ntxent_rows_self
+    g = torch.Generator().manual_seed(22)
+    x = F.normalize(torch.randn(19, 5, dtype=torch.float64, generator=g), dim=1)
+    x[6] = x[2]
+    y = torch.randint(0, 4, (19,), generator=g)
+    y[0] = 9
+    pairs = _unit_ref("NTXentLoss", x, x, y, y, True, 0.3)
+    a1, losses = pairs["indices"][0], pairs["losses"]
+    q30, q70 = losses.quantile(torch.tensor([0.3, 0.7], dtype=torch.float64)).tolist()
+    for low, high in ((None, None), (q30, None), (None, q70), (q30, q70)):
+        keep = torch.ones_like(losses, dtype=torch.bool)
+        keep &= losses > (low if low is not None else -float("inf"))
+        keep &= losses < (high if high is not None else float("inf"))
+        want = torch.zeros(19, dtype=torch.float64).index_add_(0, a1[keep], losses[keep])
+        assert 0 < keep.sum() and (low is None and high is None or not keep.all())
+        for b in (1, 2, 5, 19, 100):
+            sums, counts = ntxent_rows_self(x, y, 0.3, low, high, b)
+            torch.testing.assert_close(sums, want, rtol=1e-12, atol=1e-13)
+            assert torch.equal(counts, torch.bincount(a1[keep], minlength=19))
+    w = torch.randn(19, dtype=torch.float64, generator=g)
+    for b in (3, 100):
+        assert torch.autograd.gradcheck(
+            lambda e: (ntxent_rows_self(e, y, 0.3, None, None, b)[0] * w).sum(),
+            (x.clone().requires_grad_(),))
+
+
 def test_supcon_self_op_rows_blocks_and_gradcheck():
     """SupCon's op for the batch against itself (symmetric blocks, no row shift) against the
     reference's rows, for blocks from one row to all, with a duplicate row, a class of one
@@ -247,6 +278,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.metrix_ops.supcon_fwd.default,
                           (x, x.detach().clone().requires_grad_(), y, y, True, 0.07, 3))
     torch.library.opcheck(torch.ops.metrix_ops.supcon_self_fwd.default, (x, y, 0.07, 3))
+    torch.library.opcheck(torch.ops.metrix_ops.ntxent_self_fwd.default, (x, y, 0.1, -inf, inf, 3))
+    torch.library.opcheck(torch.ops.metrix_ops.ntxent_self_fwd.default, (x, y, 0.5, 0.1, 3.0, 2))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -284,8 +317,8 @@ def test_auto_calls_the_op(name, monkeypatch):
     import metrix_ops.fused as fused
     assert mo.backend.resolve("auto", name, torch.device("cpu")) == "cpu"
     calls = []
-    # SupCon of the batch against itself: its symmetric op
-    op = "ntxent_fwd" if name == "NTXentLoss" else "supcon_self_fwd"
+    # the batch against itself: the symmetric ops
+    op = "ntxent_self_fwd" if name == "NTXentLoss" else "supcon_self_fwd"
     real = getattr(torch.ops.metrix_ops, op)
     monkeypatch.setattr(torch.ops.metrix_ops, op, lambda *a: calls.append(1) or real(*a))
     x, y = data(12, 5, seed=17)
@@ -347,6 +380,13 @@ def test_bad_input_raises_clearly():
     with pytest.raises(RuntimeError, match=r"neg_sum must be of shape \(6,\)"):
         torch.ops.metrix_ops.ntxent_bwd(torch.ones(6), x, r, y, ry, torch.ones(6), torch.ones(3),
                                         False, 0.1, -inf, inf, 2, True)
+    nfwd, nbwd = torch.ops.metrix_ops.ntxent_self_fwd, torch.ops.metrix_ops.ntxent_self_bwd
+    with pytest.raises(RuntimeError, match="temperature must be finite and nonzero"):
+        nfwd(x, y, 0.0, -inf, inf, 2)
+    with pytest.raises(RuntimeError, match="block"):
+        nfwd(x, y, 0.1, -inf, inf, 0)
+    with pytest.raises(RuntimeError, match=r"w_total must be of shape \(6,\)"):
+        nbwd(torch.ones(6), x, y, torch.ones(6), torch.ones(6), torch.ones(4), 0.1, -inf, inf, 2)
     self_fwd, self_bwd = torch.ops.metrix_ops.supcon_self_fwd, torch.ops.metrix_ops.supcon_self_bwd
     with pytest.raises(RuntimeError, match="temperature must be finite and nonzero"):
         self_fwd(x, y, float("nan"), 2)

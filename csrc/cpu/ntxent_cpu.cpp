@@ -13,6 +13,7 @@
 #include "common/contrastive.h"  // in_window
 #include "common/ntxent.h"
 #include "cpu/row_tiles.h"
+#include "cpu/ntxent_rows.h"
 #include "cpu/supcon_rows.h"
 
 namespace metrix_ops {
@@ -118,22 +119,11 @@ std::tuple<at::Tensor, at::Tensor> ntxent_bwd_cpu(
       const int32_t yi = lab.row[i];
       const int64_t skip = lab.skip(i);
       const int32_t* col = lab.col;
-      const T m = nm[i], s = ns[i], gi = gp[i] / t;  // dz/ds = 1/τ
-      MO_SIMD
-      for (int64_t j = 0; j < M; ++j) z[j] = ntx_logit(z[j], t);
-      T w_total = T(0);
-      for (int64_t j = 0; j < M; ++j) {  // the positives' G entries (their z is used up)
-        if (col[j] != yi || j == skip) continue;
-        const NtxProb<T> p = ntx_prob(z[j], m, s);
-        const T w = in_window(ntx_loss(p), lo, hi) ? ntx_pos_weight(p) : T(0);
-        w_total += w;
-        z[j] = -gi * w;
-      }
-      neg_exp_sum(z, u, M, m, col, yi);  // positives' entries are not read: u = 0 there
-      const T neg_scale = s > T(0) ? gi * w_total / s : T(0);
-      MO_SIMD
-      for (int64_t j = 0; j < M; ++j)  // the self pair: neg_scale · 0
-        z[j] = col[j] == yi && j != skip ? z[j] : neg_scale * u[j];
+      const T m = nm[i], s = ns[i];
+      T w_total = T(0);  // the weights of the row's kept pairs, then its G (ntxent_rows.h)
+      for (int64_t j = 0; j < M; ++j)
+        if (col[j] == yi && j != skip) w_total += ntxent_kept_weight(ntx_logit(z[j], t), m, s, lo, hi);
+      ntxent_grad_piece(z, M, yi, col, skip, t, gp[i] / t, m, s, w_total, lo, hi, u);  // dz/ds = 1/τ
     });
   });
   return {dx, dr};

@@ -11,7 +11,7 @@ import torch
 
 from .. import _ext
 from ..distances import is_cosine
-from ..ops.ntxent import ntxent_rows, supcon_rows, supcon_rows_self
+from ..ops.ntxent import ntxent_rows, ntxent_rows_self, supcon_rows, supcon_rows_self
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
@@ -95,11 +95,16 @@ def supcon_from_rows(rows_fn, params, inp, reducer):
     return guarded(compute, inp, need_both=True)
 
 
+SELF_BLOCK = 1024  # rows per block of the batch against itself (tests set it small)
+
+
 def ntxent_impl(params, inp, reducer, chunk=None):
-    return ntxent_from_rows(lambda *a: ntxent_rows(*a, chunk=chunk), params, inp, reducer)
+    def rows(xu, ru, labels, ref_labels, same_set, temperature, low, high):
+        if self_pairs_only(inp):  # S symmetric: half the products
+            return ntxent_rows_self(xu, labels, temperature, low, high, SELF_BLOCK)
+        return ntxent_rows(xu, ru, labels, ref_labels, same_set, temperature, low, high, chunk)
 
-
-SELF_BLOCK = 1024  # rows per block of SupCon's batch against itself (tests set it small)
+    return ntxent_from_rows(rows, params, inp, reducer)
 
 
 def supcon_impl(params, inp, reducer, chunk=None):

@@ -13,6 +13,7 @@ from .proxy_anchor import default_chunk
 _NTX = "metrix_ops::ntxent_fwd"
 _SUP = "metrix_ops::supcon_fwd"
 _SUP_SELF = "metrix_ops::supcon_self_fwd"
+_NTX_SELF = "metrix_ops::ntxent_self_fwd"
 
 
 def _row_grad(g, like):
@@ -75,6 +76,32 @@ if _ext.HAS_EXT:
 
     torch.library.register_autograd(_SUP, _backward_sup, setup_context=_setup_sup)
 
+    # NT-Xent of the batch against itself: one input, one gradient
+    @torch.library.register_fake(_NTX_SELF)
+    def _fake_self(x, labels, temperature, low, high, block):
+        b = x.shape[0]
+        v = x.new_empty(b)
+        return v, x.new_empty(b, dtype=torch.long), x.new_empty(b), x.new_empty(b), v.clone()
+
+    @torch.library.register_fake("metrix_ops::ntxent_self_bwd")
+    def _fake_self_bwd(grad_sums, x, labels, neg_max, neg_sum, w_total, temperature, low,
+                       high, block):
+        return torch.empty_like(x)
+
+    def _setup_self(ctx, inputs, output):
+        x, labels, *args = inputs
+        ctx.save_for_backward(x, labels, output[0], *output[2:])
+        ctx.args = tuple(args)
+        ctx.mark_non_differentiable(*output[1:])
+
+    def _backward_self(ctx, g_sums, *_):
+        x, labels, like, neg_max, neg_sum, w_total = ctx.saved_tensors
+        dx = torch.ops.metrix_ops.ntxent_self_bwd(_row_grad(g_sums, like), x, labels, neg_max,
+                                                  neg_sum, w_total, *ctx.args)
+        return (dx,) + (None,) * 5
+
+    torch.library.register_autograd(_NTX_SELF, _backward_self, setup_context=_setup_self)
+
     # SupCon of the batch against itself: one input, one gradient
     @torch.library.register_fake(_SUP_SELF)
     def _fake_sup_self(x, labels, temperature, block):
@@ -110,6 +137,16 @@ def ntxent_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, temperat
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(temperature), _bound(low, -float("inf")),
         _bound(high, float("inf")), int(chunk))
+    return sums, counts
+
+
+def ntxent_rows_self(x_unit, labels, temperature: float, low=None, high=None,
+                     block: int = 1024):
+    """ntxent_rows of the batch against itself (self pairs excluded), from the symmetric
+    blocks of S (csrc/cpu/ntxent_self_cpu.cpp): half the products."""
+    sums, counts, _, _, _ = torch.ops.metrix_ops.ntxent_self_fwd(
+        x_unit.contiguous(), labels.contiguous(), float(temperature),
+        _bound(low, -float("inf")), _bound(high, float("inf")), int(block))
     return sums, counts
 
 
