@@ -117,6 +117,21 @@ def test_quantised_embeddings_many_ties(margin, dist):
     _check_vs_reference_and_pml(x, y, margin, dist)
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.25])
+@pytest.mark.parametrize("dist", EXACT_DISTS)
+def test_many_positives_sorted_path_and_few_dense_path(margin, dist):
+    """Rows with more than 64 positives take the sorted-positives path (a binary search per
+    negative), rows with fewer every (p, n) in SIMD lanes: one batch with a class of 70 and
+    small classes runs both, on the exact grid of test_exact_grid_ties_on_the_hinge (whole
+    groups of triplets on the hinge) and on random rows, against the reference and PML."""
+    g = torch.Generator().manual_seed(21)
+    y = torch.cat([torch.zeros(70, dtype=torch.long), torch.randint(1, 6, (31,), generator=g)])
+    grid = torch.randint(0, 2, (101, 4), generator=g).double() - 0.5
+    _check_vs_reference_and_pml(grid, y, margin, dist)
+    _check_vs_reference_and_pml(torch.randn(101, 6, dtype=torch.float64, generator=g), y,
+                                margin, dist)
+
+
 def test_duplicates_give_finite_gradients():
     x = torch.randn(3, 5, dtype=torch.float64).repeat(4, 1)  # every row four times
     y = torch.tensor([0, 1, 2] * 4)
