@@ -68,16 +68,19 @@ def test_ms_miner_fused_with_references_and_chunks(chunk, same_set):
 
 
 def ours_chunked(loss, e, y, chunk):
-    """The module's call with the op's chunk forced, to cross chunk boundaries."""
+    """The module's call with the op's chunk (and the batch-against-itself op's block)
+    forced, to cross chunk and block boundaries."""
     from metrix_ops.fused import multi_similarity as ms
-    orig = ms.miner_impl
+    orig, block = ms.miner_impl, ms.MINED_SELF_BLOCK
     try:
         key = ("cpu", "MultiSimilarityLoss")
         fused.MINER_IMPLS[key] = (ms.miner_supports,
                                   lambda p, i, r, m: orig(p, i, r, m, chunk=chunk))
+        ms.MINED_SELF_BLOCK = chunk
         return loss(e, y)
     finally:
         fused.MINER_IMPLS[key] = (ms.miner_supports, orig)
+        ms.MINED_SELF_BLOCK = block
 
 
 @needs_ext
@@ -134,7 +137,7 @@ def test_ms_miner_op_bounds_and_counts():
     """The op's own outputs: each anchor's hardest pairs and the pairs it keeps, against the
     miner's mask."""
     import torch.nn.functional as F
-    from metrix_ops.ops.ms_loss import ms_mined_rows
+    from metrix_ops.ops.ms_loss import ms_mined_rows, ms_mined_rows_self
     g = torch.Generator().manual_seed(5)
     x = F.normalize(torch.randn(30, 6, dtype=torch.float64, generator=g), dim=1)
     y = torch.randint(0, 4, (30,), generator=g)
@@ -144,10 +147,18 @@ def test_ms_miner_op_bounds_and_counts():
     pos = same & ~torch.eye(30, dtype=torch.bool)
     torch.testing.assert_close(hn, s.masked_fill(same, -float("inf")).amax(1))
     torch.testing.assert_close(hp, s.masked_fill(~pos, float("inf")).amin(1))
-    _, kept = ms_mined_rows(x, x, y, y, True, 2.0, 50.0, 0.5, 0.1, 7)
+    rows, kept = ms_mined_rows(x, x, y, y, True, 2.0, 50.0, 0.5, 0.1, 7)
     a1, p, a2, n = mo.miners.MultiSimilarityMiner(0.1)(x, y)
     assert kept[:, 0].tolist() == torch.bincount(a1, minlength=30).tolist()
     assert kept[:, 1].tolist() == torch.bincount(a2, minlength=30).tolist()
+    # the batch-against-itself ops (symmetric blocks): the same bounds (up to the blocks'
+    # rounding), counts and rows for blocks from one row to all
+    for b in (1, 4, 7, 30, 64):
+        hn_s, hp_s = torch.ops.metrix_ops.ms_mine_bounds_self(x, y, b)
+        torch.testing.assert_close((hn_s, hp_s), (hn, hp), rtol=1e-14, atol=1e-14)
+        rows_s, kept_s = ms_mined_rows_self(x, y, 2.0, 50.0, 0.5, 0.1, b)
+        assert torch.equal(kept_s, kept)
+        torch.testing.assert_close(rows_s, rows, rtol=1e-12, atol=1e-13)
 
 
 @needs_ext
@@ -161,8 +172,18 @@ def test_ms_mined_ops_opcheck_and_bad_thresholds():
     xg = x.clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.metrix_ops.ms_mined_fwd.default,
                           (xg, xg, y, y, hn, hp, True, 2.0, 50.0, 0.5, 0.1, 4))
+    torch.library.opcheck(torch.ops.metrix_ops.ms_mine_bounds_self.default, (x, y, 4))
+    torch.library.opcheck(torch.ops.metrix_ops.ms_mined_self_fwd.default,
+                          (xg, y, hn, hp, 2.0, 50.0, 0.5, 0.1, 4))
     with pytest.raises(RuntimeError, match="hardest_neg"):
         torch.ops.metrix_ops.ms_mined_fwd(x, x, y, y, hn[:5], hp, True, 2.0, 50.0, 0.5, 0.1, 4)
+    with pytest.raises(RuntimeError, match="hardest_pos"):
+        torch.ops.metrix_ops.ms_mined_self_fwd(x, y, hn, hp[:3], 2.0, 50.0, 0.5, 0.1, 4)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.metrix_ops.ms_mined_self_fwd(x, y, hn.float(), hp.float(), 2.0, 50.0, 0.5,
+                                               0.1, 4)
+    with pytest.raises(RuntimeError, match="block"):
+        torch.ops.metrix_ops.ms_mine_bounds_self(x, y, 0)
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.metrix_ops.ms_mined_fwd(x, x, y, y, hn.float(), hp.float(), True, 2.0, 50.0,
                                           0.5, 0.1, 4)

@@ -6,7 +6,7 @@ import torch
 
 from .. import _ext
 from ..distances import CosineSimilarity, as_distance, is_cosine
-from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self, ms_mined_rows
+from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self, ms_mined_rows, ms_mined_rows_self
 from ..ops.ms_metrix import ms_metrix_refs_rows, ms_metrix_rows
 from ..reference.metrix_soft_forms import combine_parts
 from ..reducers import reduce_loss_dict
@@ -135,11 +135,17 @@ def mined_loss(params, inp, reducer, miner, rows_fn):
     return _reduce_clean(rows, inp, reducer, (totals[0], totals[1]))
 
 
+MINED_SELF_BLOCK = 1024  # rows per block of the mined batch against itself (tests set it)
+
+
 def miner_impl(params, inp, reducer, miner, chunk: int = 2048):
     """Each anchor's hardest positive and negative in one streaming pass, then the loss over
-    the kept pairs in the next."""
-    def rows(*args):
-        return ms_mined_rows(*args, chunk)
+    the kept pairs in the next; the batch against itself over the symmetric blocks of S."""
+    def rows(xu, ru, labels, ref_labels, same_set, alpha, beta, base, eps):
+        if _self_pairs_only(inp):
+            return ms_mined_rows_self(xu, labels, alpha, beta, base, eps, MINED_SELF_BLOCK)
+        return ms_mined_rows(xu, ru, labels, ref_labels, same_set, alpha, beta, base, eps,
+                             chunk)
     return mined_loss(params, inp, reducer, miner, rows)
 
 

@@ -92,6 +92,38 @@ if _ext.HAS_EXT:
     torch.library.register_autograd("metrix_ops::ms_mined_fwd", _backward_mined,
                                     setup_context=_setup_mined)
 
+    # the miner and the loss of the batch against itself (csrc/cpu/ms_mined_self_cpu.cpp)
+    @torch.library.register_fake("metrix_ops::ms_mine_bounds_self")
+    def _fake_bounds_self(x, labels, block):
+        b = x.shape[0]
+        return x.new_empty(b), x.new_empty(b)
+
+    @torch.library.register_fake("metrix_ops::ms_mined_self_fwd")
+    def _fake_mined_self(x, labels, hardest_neg, hardest_pos, alpha, beta, base, eps, block):
+        b = x.shape[0]
+        return (x.new_empty(b), x.new_empty(b), x.new_empty(b),
+                x.new_empty((b, 2), dtype=torch.long))
+
+    @torch.library.register_fake("metrix_ops::ms_mined_self_bwd")
+    def _fake_mined_self_bwd(grad_rows, x, labels, lse_pos, lse_neg, hardest_neg, hardest_pos,
+                             alpha, beta, base, eps, block):
+        return torch.empty_like(x)
+
+    def _setup_mined_self(ctx, inputs, output):
+        x, labels, hn, hp, *args = inputs
+        ctx.save_for_backward(x, labels, output[1], output[2], hn, hp)
+        ctx.args = tuple(args)
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+    def _backward_mined_self(ctx, g_rows, _g_lp, _g_ln, _g_kept):
+        x, labels, lse_pos, lse_neg, hn, hp = ctx.saved_tensors
+        dx = torch.ops.metrix_ops.ms_mined_self_bwd(g_rows.contiguous(), x, labels, lse_pos,
+                                                    lse_neg, hn, hp, *ctx.args)
+        return (dx,) + (None,) * 8
+
+    torch.library.register_autograd("metrix_ops::ms_mined_self_fwd", _backward_mined_self,
+                                    setup_context=_setup_mined_self)
+
 
 def ms_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
                   beta: float, base: float, epsilon: float, chunk: int = 2048):
@@ -104,6 +136,18 @@ def ms_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha:
     rows, _, _, kept = torch.ops.metrix_ops.ms_mined_fwd(
         *args, hn, hp, bool(exclude_diag), float(alpha), float(beta), float(base), float(epsilon),
         int(chunk))
+    return rows, kept
+
+
+def ms_mined_rows_self(x_unit, labels, alpha: float, beta: float, base: float,
+                       epsilon: float, block: int = 1024):
+    """ms_mined_rows of the batch against itself (self pairs excluded), both passes over the
+    symmetric blocks of S: half the products."""
+    x, labels = x_unit.contiguous(), labels.contiguous()
+    with torch.no_grad():  # PML's miner is not differentiated
+        hn, hp = torch.ops.metrix_ops.ms_mine_bounds_self(x, labels, int(block))
+    rows, _, _, kept = torch.ops.metrix_ops.ms_mined_self_fwd(
+        x, labels, hn, hp, float(alpha), float(beta), float(base), float(epsilon), int(block))
     return rows, kept
 
 
