@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "common/checks.h"
@@ -25,70 +24,6 @@
 namespace metrix_ops {
 
 namespace {
-
-// Rows with few positives (the usual P×K batch: K − 1 of them) take every (p, n) directly,
-// vectorised over the negatives: P·M hinge evaluations in SIMD lanes cost less than M scalar
-// binary searches (B = 4096, P = 7: the search was most of the op's time). Each triplet's
-// violation is PML's own expression in T, so the active set is the same bit for bit.
-constexpr int64_t kDensePositives = 64;
-
-// The row's negative keys with +inf in every other column (its positives and self pair):
-// (k_p − inf) + m = −inf is inactive for every p
-template <typename T>
-void negative_keys(const T* row, int64_t m, const int64_t* col, int64_t label, int64_t self,
-                   bool cosine, T* kn) {
-  const T inf = std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < m; ++j)
-    kn[j] = (j == self || col[j] == label) ? inf : tri_key(row[j], cosine);
-}
-
-// Σ over the row's triplets of [(k_p − k_n) + m]₊ (per positive in T lanes, then double) and
-// the number of active ones
-template <typename T>
-void dense_row_sum(const SortedPositives<T>& pos, const T* kn, int64_t m, T mg, double& sum,
-                   int64_t& active) {
-  for (int64_t t = 0; t < pos.size(); ++t) {
-    const T kp = pos.keys[t];
-    T acc = T(0);
-    int64_t cnt = 0;
-    _Pragma("omp simd reduction(+ : acc, cnt)")
-    for (int64_t j = 0; j < m; ++j) {
-      const T v = tri_violation(kp, kn[j], mg);
-      acc += v > T(0) ? v : T(0);
-      cnt += v > T(0);
-    }
-    sum += double(acc);
-    active += cnt;
-  }
-}
-
-// G of a row with few positives: each negative −g (#active positives) dk/ds, each positive
-// g (#active negatives) dk/ds, the self pair 0
-template <typename T>
-void dense_row_grad(T* row, const SortedPositives<T>& pos, const T* kn, T* cnt, int64_t m,
-                    T mg, T g, bool cosine, int64_t self) {
-  std::fill(cnt, cnt + m, T(0));
-  for (int64_t t = 0; t < pos.size(); ++t) {
-    const T kp = pos.keys[t];
-    int64_t act = 0;
-    _Pragma("omp simd reduction(+ : act)")
-    for (int64_t j = 0; j < m; ++j) {
-      const bool a = tri_active(kp, kn[j], mg);
-      cnt[j] += a ? T(1) : T(0);
-      act += a;
-    }
-    row[pos.kj[t].second] = T(act);  // kept here until the negatives are written
-  }
-  T* tmp = cnt;  // the negatives' G (0 where kn = inf: no active positive)
-  _Pragma("omp simd")
-  for (int64_t j = 0; j < m; ++j) tmp[j] = -g * cnt[j] * tri_key_grad(kn[j], cosine);
-  for (int64_t t = 0; t < pos.size(); ++t) {
-    const int64_t j = pos.kj[t].second;
-    tmp[j] = g * row[j] * tri_key_grad(pos.keys[t], cosine);
-  }
-  if (self >= 0) tmp[self] = T(0);
-  std::copy(tmp, tmp + m, row);
-}
 
 // Forward of rows [r0, r0 + nr) from their block s of values (nr × m). For a negative with
 // c active positives (the top c keys): Σ_p [(k_p − k_n) + m]₊ = Σ_top-c k_p + c·(m − k_n).
@@ -112,7 +47,7 @@ void fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx& 
       if (np > 0 && nn > 0 && np <= kDensePositives) {
         kn.resize(m);
         negative_keys(row, m, c.ref_labels, li, self, c.cosine, kn.data());
-        dense_row_sum(pos, kn.data(), m, mg, sum, active);
+        dense_row_sum(pos, kn.data(), m, mg, KeepAll{}, sum, active);
       } else if (np > 0 && nn > 0) {
         suffix.assign(np + 1, 0.0);
         for (int64_t t = np - 1; t >= 0; --t) suffix[t] = suffix[t + 1] + double(pos.keys[t]);
@@ -154,7 +89,7 @@ void grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx& c, co
       if (np <= kDensePositives) {
         kn.resize(m), cnt.resize(m);
         negative_keys(row, m, c.ref_labels, li, self, c.cosine, kn.data());
-        dense_row_grad(row, pos, kn.data(), cnt.data(), m, mg, g[gi], c.cosine, self);
+        dense_row_grad(row, pos, kn.data(), cnt.data(), m, mg, g[gi], c.cosine, self, KeepAll{});
         continue;
       }
       first.assign(np + 1, 0);

@@ -1,7 +1,9 @@
 // TripletMarginLoss over the triplets a TripletMarginMiner keeps, inside one streaming op
 // (the loss option miner=): per-anchor sums and counts, no triplet list, no B×M matrix.
 //
-// As the all-triplets op (triplet_cpu.cpp): per anchor row, sort the positive keys; for a
+// As the all-triplets op (triplet_cpu.cpp): hinge terms of a row with at most
+// kDensePositives positives are evaluated for every (p, n) in SIMD lanes, with the miner's
+// keep rule per triplet (triplet_blocks.h). Otherwise, per anchor row, sort the positive keys; for a
 // negative n, the positives the miner keeps are a window of sorted ranks and those with
 // loss > 0 a suffix (common/triplet.h), so the kept triplets with loss > 0 are a window too:
 // each negative costs a few binary searches and a prefix-sum difference, O(M log P) a row.
@@ -53,6 +55,23 @@ void for_negatives(const T* row, int64_t m, const TripletCtx& c, const MineRule&
   }
 }
 
+// f(keep) with the miner's keep rule for the dense path (triplet_blocks.h)
+template <typename T, typename F>
+void with_keep(const MineRule& rule, F&& f) {
+  const T m2 = T(rule.margin);
+  switch (rule.kind) {
+    case kTriMineAll: f(KeepMined<kTriMineAll, T>{m2}); break;
+    case kTriMineHard: f(KeepMined<kTriMineHard, T>{m2}); break;
+    case kTriMineSemihard: f(KeepMined<kTriMineSemihard, T>{m2}); break;
+    default: f(KeepMined<kTriMineEasy, T>{m2}); break;
+  }
+}
+
+// the dense path: few positives, hinge terms (smooth_loss's softplus stays on the searches)
+inline bool dense_rows(int64_t np, const MineRule& rule) {
+  return !rule.smooth && np <= kDensePositives;
+}
+
 // PML's smooth term, F.softplus(v) (beta 1, threshold 20), and its derivative as torch's
 // softplus backward computes it.
 template <typename T>
@@ -74,6 +93,7 @@ void mined_fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Triple
   at::parallel_for(0, nr, 4, [&](int64_t i0, int64_t i1) {
     SortedPositives<T> pos;
     std::vector<double> pre;  // pre[t] = Σ_{q < t} sorted positive keys
+    std::vector<T> kn;        // the dense path's negative keys
     const T mg = T(c.margin);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = r0 + i, li = c.labels[gi], self = c.exclude_diag ? gi : -1;
@@ -83,7 +103,13 @@ void mined_fwd_block(const T* s, int64_t nr, int64_t m, int64_t r0, const Triple
       for (int64_t t = 0; t < np; ++t) pre[t + 1] = pre[t] + double(pos.keys[t]);
       double sum = 0;
       int64_t active = 0, kept = 0;
-      if (np > 0)
+      if (np > 0 && dense_rows(np, rule)) {
+        kn.resize(m);
+        negative_keys(s + i * m, m, c.ref_labels, li, self, c.cosine, kn.data());
+        with_keep<T>(rule, [&](auto keep) {
+          dense_row_sum(pos, kn.data(), m, mg, keep, sum, active, &kept);
+        });
+      } else if (np > 0)
         for_negatives(s + i * m, m, c, rule, li, self, pos,
                       [&](int64_t, T kn, long klo, long khi, long lo, long hi) {
                         kept += khi - klo;
@@ -117,6 +143,7 @@ void mined_grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx&
     SortedPositives<T> pos;
     std::vector<int64_t> diff;
     std::vector<T> wpos;  // smooth: Σ over the kept negatives of softplus' per rank
+    std::vector<T> kn, cnt;  // the dense path's negative keys and active counts
     const T mg = T(c.margin);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t gi = r0 + i, li = c.labels[gi], self = c.exclude_diag ? gi : -1;
@@ -125,6 +152,14 @@ void mined_grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx&
       const int64_t np = pos.size();
       if (np == 0 || g[gi] == T(0)) {
         std::fill(row, row + m, T(0));
+        continue;
+      }
+      if (dense_rows(np, rule)) {
+        kn.resize(m), cnt.resize(m);
+        negative_keys(row, m, c.ref_labels, li, self, c.cosine, kn.data());
+        with_keep<T>(rule, [&](auto keep) {
+          dense_row_grad(row, pos, kn.data(), cnt.data(), m, mg, g[gi], c.cosine, self, keep);
+        });
         continue;
       }
       diff.assign(np + 1, 0);
