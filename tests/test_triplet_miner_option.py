@@ -157,21 +157,27 @@ def test_op_chunks(chunk, monkeypatch):
 def test_op_counts_are_the_miners(cosine):
     """Per anchor, the op's kept count is the miner's triplets of that anchor and its
     nonzero count those with loss > 0."""
-    from metrix_ops.ops.triplet_mined import triplet_mined_rows
     g = torch.Generator().manual_seed(6)
     x = F.normalize(torch.randn(40, 5, dtype=torch.float64, generator=g), dim=1)
-    y = torch.randint(0, 5, (40,), generator=g)
+    _check_counts(x, torch.randint(0, 5, (40,), generator=g), cosine, chunk=7)
+
+
+def _check_counts(x, y, cosine, chunk):
+    """The op's per-anchor kept and nonzero counts and sums against the miner's triplets,
+    for every kind and margins below, at and above 0."""
+    from metrix_ops.ops.triplet_mined import triplet_mined_rows
+    b = len(x)
     d = mo.distances.CosineSimilarity() if cosine else mo.distances.LpDistance()
     mat = d(x, x)
     for t in TYPES:
         for m2 in (-0.1, 0.0, 0.3):
             a, p, n = mo.miners.TripletMarginMiner(m2, t, distance=d)(x, y)
             rows, nonzero, kept = triplet_mined_rows(x, x, y, y, True, cosine, 0.2, t, m2,
-                                                     chunk=7)
-            assert kept.tolist() == torch.bincount(a, minlength=40).tolist()
+                                                     chunk=chunk)
+            assert kept.tolist() == torch.bincount(a, minlength=b).tolist(), (t, m2)
             viol = d.margin(mat[a, p], mat[a, n]) + 0.2
-            assert nonzero.tolist() == torch.bincount(a[viol > 0], minlength=40).tolist()
-            torch.testing.assert_close(rows, torch.zeros(40, dtype=torch.float64).index_add(
+            assert nonzero.tolist() == torch.bincount(a[viol > 0], minlength=b).tolist()
+            torch.testing.assert_close(rows, torch.zeros(b, dtype=torch.float64).index_add(
                 0, a, viol.clamp(min=0)))
 
 
@@ -181,22 +187,10 @@ def test_op_counts_both_paths(cosine):
     """Rows with more than 64 positives take the sorted-rank windows, the others every
     (p, n) in SIMD lanes with the keep rule per triplet: a batch with a class of 70 runs
     both; per anchor the kept and nonzero counts are the miner's and the sums its terms'."""
-    from metrix_ops.ops.triplet_mined import triplet_mined_rows
     g = torch.Generator().manual_seed(8)
     x = F.normalize(torch.randn(101, 4, dtype=torch.float64, generator=g), dim=1)
     y = torch.cat([torch.zeros(70, dtype=torch.long), torch.randint(1, 6, (31,), generator=g)])
-    d = mo.distances.CosineSimilarity() if cosine else mo.distances.LpDistance()
-    mat = d(x, x)
-    for t in TYPES:
-        for m2 in (-0.1, 0.0, 0.3):
-            a, p, n = mo.miners.TripletMarginMiner(m2, t, distance=d)(x, y)
-            rows, nonzero, kept = triplet_mined_rows(x, x, y, y, True, cosine, 0.2, t, m2,
-                                                     chunk=16)
-            assert kept.tolist() == torch.bincount(a, minlength=101).tolist(), (t, m2)
-            viol = d.margin(mat[a, p], mat[a, n]) + 0.2
-            assert nonzero.tolist() == torch.bincount(a[viol > 0], minlength=101).tolist()
-            torch.testing.assert_close(rows, torch.zeros(101, dtype=torch.float64).index_add(
-                0, a, viol.clamp(min=0)))
+    _check_counts(x, y, cosine, chunk=16)
 
 
 @pytest.mark.parametrize("kw,miner", [
