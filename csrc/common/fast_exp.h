@@ -60,7 +60,7 @@ inline __attribute__((always_inline)) uint32_t lane_bits(I v) {
 // encoding: the 8- and 16-lane vectors of the AVX2 and AVX-512 kernels). GCC (12) turns the
 // same select inside these target-less templates into a compare and a blend, two
 // operations, in the AVX-512 code (see cpu/ms_simd.cpp); in a per-candidate exp that does two
-// clamps it was 4 of ~44 operations. NaN in a gives b, as the select does.
+// clamps it was 4 of ~44 operations. NaN in either gives b, as the select does.
 template <class F>
 inline __attribute__((always_inline)) F lane_max(F a, F b) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -82,6 +82,22 @@ inline __attribute__((always_inline)) F lane_min(F a, F b) {
   }
 #endif
   return a < b ? a : b;
+}
+
+// m ? a : b lane by lane, m one comparison's result. GCC (12) builds a comparison inside
+// these target-less templates with the baseline ISA's mask type, and once inlined into an
+// AVX-512 function it lowers two such masks combined (m1 & m2, m1 | m2, or two selects of
+// one value that it merges into one) a lane at a time: a vcomiss and a seta per lane, ~1000
+// scalar operations in a fold kernel. A select on one comparison lowers to a vector compare
+// and a blend; the empty asm on its result keeps GCC from merging it with the next select.
+// So in code that runs 16 lanes: one comparison per select, combined through lane_pick.
+template <class M, class F>
+inline __attribute__((always_inline)) F lane_pick(M m, F a, F b) {
+  F r = m ? a : b;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (sizeof(F) == 64) asm("" : "+v"(r));
+#endif
+  return r;
 }
 
 namespace fexp {
@@ -143,15 +159,14 @@ template <class F, class I>
 inline __attribute__((always_inline)) F fast_exp(F x) {
   using namespace fexp;
   const F zero{};
-  const F one = zero + 1.0f;
-  // Lanes that will flush or overflow compute e^0 instead: keeps n small and every
-  // intermediate normal (no subnormal arithmetic, no int overflow). NaN passes through.
-  const auto flush = x < kUnderflow;
-  const auto over = x > kOverflow;
-  F y = fast_exp_in_range<F, I>((flush | over) ? zero : x);
-  y = (y < kFltMin) ? zero : y;  // the one value at the underflow boundary
-  y = flush ? zero : y;
-  return over ? one * __builtin_inff() : y;
+  // Lanes that will flush or overflow compute a clamped argument instead: keeps n in range
+  // and every intermediate normal (no subnormal arithmetic, no int overflow). NaN passes
+  // through the clamps (lane_max and lane_min return their second operand on NaN). One
+  // comparison per select (lane_pick): the AVX-512 kernels stay vector code.
+  F y = fast_exp_in_range<F, I>(lane_min(zero + kOverflow, lane_max(zero + kUnderflow, x)));
+  y = lane_pick(y < kFltMin, zero, y);  // the one value at the underflow boundary
+  y = lane_pick(x < kUnderflow, zero, y);
+  return lane_pick(x > kOverflow, zero + __builtin_inff(), y);
 }
 
 // e^x with x clamped into [ln FLT_MIN, ln FLT_MAX] first: never 0 or inf, two operations
@@ -159,10 +174,8 @@ inline __attribute__((always_inline)) F fast_exp(F x) {
 template <class F, class I>
 inline __attribute__((always_inline)) F fast_exp_clamped(F x) {
   using namespace fexp;
-  const F lo = F{} + kUnderflow, hi = F{} + kOverflow;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  return fast_exp_in_range<F, I>(x);
+  // NaN passes through (lane_max and lane_min return their second operand on NaN)
+  return fast_exp_in_range<F, I>(lane_min(F{} + kOverflow, lane_max(F{} + kUnderflow, x)));
 }
 
 inline float fast_exp(float x) { return fast_exp<float, int32_t>(x); }

@@ -182,12 +182,15 @@ struct LseMixKernel {
           continue;
         }
       }
-      F hp = zero - inf, hn = zero - inf;
+      const F ninf = zero - inf;
+      F hp = ninf, hn = ninf;
       I any{};
       M::for_candidates(b, a, [&](F v, auto ok) MO_LAMBDA_INLINE {
         const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
-        hp = (ok & (t.pos > hp)) ? t.pos : hp;
-        hn = (ok & (t.neg > hn)) ? t.neg : hn;
+        // the maxima over the candidate lanes, NaN exponents skipped (lane_max gives its
+        // second operand on NaN); no combined masks (fast_exp.h lane_pick)
+        hp = lane_max(lane_pick(ok, t.pos, ninf), hp);
+        hn = lane_max(lane_pick(ok, t.neg, ninf), hn);
         any |= ok;
       });
       if (!M::any_lane(any)) continue;  // no negative in these columns
@@ -205,10 +208,15 @@ struct LseMixKernel {
     if (b.clean.own) clean_fold(b, a0, a1);
   }
 
-  // f(j, m, v, ok⁺, ok⁻) over anchor a's row of S in this tile, W columns at a time (m of
-  // them real): its clean positives (its label, not its own slot) and negatives
-  template <class Fn>
+  // f(j, m, x⁺, x⁻, t, same) over anchor a's row of S in this tile, W columns at a time (m
+  // of them real): t the pairs' exponents, x⁺ = t.pos on its clean positives (its label, not
+  // its own slot) and −inf elsewhere, x⁻ = t.neg on its negatives and −inf elsewhere, same
+  // the lanes of its label. The masks are applied one comparison at a time (lane_pick), the
+  // padding lanes' only in the last group.
+  template <template <typename, int> class Tm, class Fn>
   static MO_INLINE void for_clean_pairs(const B& b, int64_t a, Fn f) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const F ninf = F{} - inf;
     const T* row = b.s + (a - b.r0) * b.nc;
     const int32_t la = b.row_lab[a];
     const int32_t* col = b.col_lab + b.c0;
@@ -216,16 +224,25 @@ struct LseMixKernel {
     const int32_t n32 = static_cast<int32_t>(b.nc);
     const int32_t own32 = own >= 0 && own < b.nc ? static_cast<int32_t>(own) : -1;
     const I lanes = R::iota();
-    for (int64_t j = 0; j < b.nc; j += W) {
-      const int64_t m = b.nc - j < W ? b.nc - j : W;
+    auto group = [&](int64_t j, int64_t m, auto tail) MO_LAMBDA_INLINE {
       F v{};
       I c{};
       std::memcpy(&v, row + j, m * sizeof(T));
       std::memcpy(&c, col + j, m * sizeof(int32_t));
       const I idx = lanes + static_cast<int32_t>(j);
-      const auto in = idx < n32;
-      f(j, m, v, (c == la) & (idx != own32) & in, (c != la) & in);
-    }
+      const LseMixTerms<F> t = Tm<T, W>::at(b.p, v);
+      const auto same = c == la;
+      F xp = lane_pick(same, t.pos, ninf), xn = lane_pick(same, ninf, t.neg);
+      xp = lane_pick(idx == own32, ninf, xp);
+      if constexpr (decltype(tail)::value) {
+        xp = lane_pick(idx < n32, xp, ninf);
+        xn = lane_pick(idx < n32, xn, ninf);
+      }
+      f(j, m, xp, xn, t, same);
+    };
+    int64_t j = 0;
+    for (; j + W <= b.nc; j += W) group(j, W, std::false_type{});
+    if (j < b.nc) group(j, b.nc - j, std::true_type{});
   }
 
   // The clean pairs' two log-sum-exps, as fold's (maxima, then sums of e^{x − max})
@@ -235,17 +252,19 @@ struct LseMixKernel {
     auto max = [](T x, T y) { return y > x ? y : x; };
     for (int64_t a = a0; a < a1; ++a) {
       F hp = zero - inf, hn = zero - inf;
-      for_clean_pairs(b, a, [&](int64_t, int64_t, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
-        const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
-        hp = (okp & (t.pos > hp)) ? t.pos : hp;
-        hn = (okn & (t.neg > hn)) ? t.neg : hn;
+      // NaN exponents skipped, as fold's
+      for_clean_pairs<CleanTerms>(b, a, [&](int64_t, int64_t, F xp, F xn, const auto&, auto)
+                                                MO_LAMBDA_INLINE {
+        hp = lane_max(xp, hp);
+        hn = lane_max(xn, hn);
       });
       const T mp = R::reduce(hp, max), mn = R::reduce(hn, max);
+      // e^{−inf − m} is 0 (m > −inf: a side without pairs is not merged below)
       F sp{}, sn{};
-      for_clean_pairs(b, a, [&](int64_t, int64_t, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
-        const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
-        sp += okp ? L::exp(t.pos - mp) : zero;
-        sn += okn ? L::exp(t.neg - mn) : zero;
+      for_clean_pairs<CleanTerms>(b, a, [&](int64_t, int64_t, F xp, F xn, const auto&, auto)
+                                                MO_LAMBDA_INLINE {
+        sp += L::exp(xp - mp);
+        sn += L::exp(xn - mn);
       });
       if (mp > -inf) b.clean.pos[a].merge(OnlineLse<T>{mp, M::sum(sp)});
       if (mn > -inf) b.clean.neg[a].merge(OnlineLse<T>{mn, M::sum(sn)});
@@ -261,10 +280,13 @@ struct LseMixKernel {
       if (gp == T(0) && gn == T(0)) continue;
       const T tp = b.clean.lse_pos[a], tn = b.clean.lse_neg[a];
       T* g = b.gm + (a - b.r0) * b.nc;
-      for_clean_pairs(b, a, [&](int64_t j, int64_t m, F v, auto okp, auto okn) MO_LAMBDA_INLINE {
-        const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
-        F w = okp ? gp * L::exp(t.pos - tp) * t.dpos : zero;
-        w = okn ? gn * L::exp(t.neg - tn) * t.dneg : w;
+      for_clean_pairs<CleanTerms>(b, a, [&](int64_t j, int64_t m, F xp, F xn,
+                                            const LseMixTerms<F>& t, auto same) MO_LAMBDA_INLINE {
+        // the lane's side picked before the exp; lanes of neither side have x = −inf, so
+        // e^{x − lse} = 0 (a side with a pair has a finite lse)
+        const F x_l = lane_pick(same, xp - tp, xn - tn);
+        F w = L::exp(x_l) * lane_pick(same, gp * t.dpos, gn * t.dneg);
+        w = lane_pick(x_l == x_l, w, zero);  // −inf − (−inf): no pair on either side
         F x{};
         std::memcpy(&x, g + j, m * sizeof(T));
         x += w;
@@ -281,7 +303,6 @@ struct LseMixKernel {
   static MO_INLINE void clean_sym_grad(const B& b, T* s, int64_t i0, int64_t i1) {
     const F zero{};
     const I lanes = R::iota();
-    const int32_t n32 = static_cast<int32_t>(b.nc);
     const LseClean<T>& c = b.clean;
     const int32_t* col = b.col_lab + b.c0;
     for (int64_t i = i0; i < i1; ++i) {
@@ -301,14 +322,14 @@ struct LseMixKernel {
         std::memcpy(&lpj, c.lse_pos + b.c0 + j, m * sizeof(T));
         std::memcpy(&lnj, c.lse_neg + b.c0 + j, m * sizeof(T));
         const I idx = lanes + static_cast<int32_t>(j);
-        const auto in = idx < n32;
         const LseMixTerms<F> t = CleanTerms<T, W>::at(b.p, v);
         // each lane's side picked before the exps: two per entry, not four
         const auto same = cl == li;
         const F xi = same ? t.pos - lpi : t.neg - lni, xj = same ? t.pos - lpj : t.neg - lnj;
         const F gi = same ? zero + gpi : zero + gni, gj = same ? gpj : gnj;
         const F w = (gi * L::exp(xi) + gj * L::exp(xj)) * (same ? t.dpos : t.dneg);
-        const F out = ((same & (idx != self) & in) | ((cl != li) & in)) ? w : zero;
+        // the self pair is no pair; the padding lanes are not stored
+        const F out = lane_pick(idx == self, zero, w);
         std::memcpy(row + j, &out, m * sizeof(T));
       }
     }
