@@ -89,3 +89,27 @@ def test_auto_takes_16_lane_ms_metrix_kernels(block):
     assert torch.equal(g, g16) and not torch.equal(g, g8)
     c = con(y, False, 0.4, False, block)
     assert all(torch.equal(a, b) for a, b in zip(run("auto", c)[0], run("avx512", c)[0]))
+
+
+@pytest.mark.skipif("avx512" not in simd_levels(), reason="the CPU lacks AVX-512")
+@pytest.mark.parametrize("loss", ["CircleLoss", "GeneralizedLiftedStructureLoss"])
+def test_auto_takes_16_lane_lse_metrix_kernels(loss):
+    # on an AVX-512 CPU the default runs Circle's and GeneralizedLifted's Metrix kernels at 16
+    # lanes (lse_mix_simd.cpp): the loss and its gradient are the avx512 level's bit for bit.
+    # 45 rows: a tail of lanes at every width
+    import metrix_ops as mo
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(45, 24, generator=g)
+    y = torch.randint(0, 7, (45,), generator=g)
+    fn = getattr(mo.losses, loss)(backend="cpu", metrix=mo.Metrix(lam=0.35))
+
+    def run(level):
+        with simd_level(level):
+            e = x.clone().requires_grad_(True)
+            v = fn(e, y)
+            (gx,) = torch.autograd.grad(v, e)
+        return v.detach(), gx
+
+    (va, ga), (v16, g16), (v8, g8) = run("auto"), run("avx512"), run("avx2")
+    assert torch.equal(va, v16) and torch.equal(ga, g16)
+    torch.testing.assert_close(v8, v16, rtol=1e-5, atol=1e-6)  # the same loss at 8 lanes

@@ -154,21 +154,6 @@ inline __attribute__((always_inline)) F fast_exp_in_range(F x) {
   return p * as_float<F>((n1 + 127) << 23) * as_float<F>((n2 + 127) << 23);
 }
 
-// e^x for F = float (I = int32_t) or F = Lanes<W>::F (I = Lanes<W>::I).
-template <class F, class I>
-inline __attribute__((always_inline)) F fast_exp(F x) {
-  using namespace fexp;
-  const F zero{};
-  // Lanes that will flush or overflow compute a clamped argument instead: keeps n in range
-  // and every intermediate normal (no subnormal arithmetic, no int overflow). NaN passes
-  // through the clamps (lane_max and lane_min return their second operand on NaN). One
-  // comparison per select (lane_pick): the AVX-512 kernels stay vector code.
-  F y = fast_exp_in_range<F, I>(lane_min(zero + kOverflow, lane_max(zero + kUnderflow, x)));
-  y = lane_pick(y < kFltMin, zero, y);  // the one value at the underflow boundary
-  y = lane_pick(x < kUnderflow, zero, y);
-  return lane_pick(x > kOverflow, zero + __builtin_inff(), y);
-}
-
 // e^x with x clamped into [ln FLT_MIN, ln FLT_MAX] first: never 0 or inf, two operations
 // instead of fast_exp's range handling, for sums whose callers bound or check the result.
 template <class F, class I>
@@ -176,6 +161,20 @@ inline __attribute__((always_inline)) F fast_exp_clamped(F x) {
   using namespace fexp;
   // NaN passes through (lane_max and lane_min return their second operand on NaN)
   return fast_exp_in_range<F, I>(lane_min(F{} + kOverflow, lane_max(F{} + kUnderflow, x)));
+}
+
+// e^x for F = float (I = int32_t) or F = Lanes<W>::F (I = Lanes<W>::I).
+template <class F, class I>
+inline __attribute__((always_inline)) F fast_exp(F x) {
+  using namespace fexp;
+  const F zero{};
+  // Lanes that will flush or overflow compute the clamped exp first: keeps n in range and
+  // every intermediate normal (no subnormal arithmetic, no int overflow); NaN passes through.
+  // One comparison per select (lane_pick): the AVX-512 kernels stay vector code.
+  F y = fast_exp_clamped<F, I>(x);
+  y = lane_pick(y < kFltMin, zero, y);  // the one value at the underflow boundary
+  y = lane_pick(x < kUnderflow, zero, y);
+  return lane_pick(x > kOverflow, zero + __builtin_inff(), y);
 }
 
 inline float fast_exp(float x) { return fast_exp<float, int32_t>(x); }

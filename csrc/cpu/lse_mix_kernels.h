@@ -72,7 +72,8 @@ struct LseMixKernels {
   void (*lifted_clean_grad)(const LiftedMixBlock<T>& b, T* s, int64_t i0, int64_t i1);
 };
 
-// The level ms_kernels_f32 uses (METRIX_OPS_SIMD, else AVX2 where the CPU has it); fp64 scalar.
+// The level METRIX_OPS_SIMD names; unset or auto, AVX-512 where the CPU has it, else AVX2
+// (lse_mix_simd.cpp); fp64 scalar.
 const LseMixKernels<float>& lse_mix_kernels_f32();
 const LseMixKernels<double>& lse_mix_kernels_f64();
 template <typename T>
