@@ -187,3 +187,38 @@ def test_ms_mined_ops_opcheck_and_bad_thresholds():
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.metrix_ops.ms_mined_fwd(x, x, y, y, hn.float(), hp.float(), True, 2.0, 50.0,
                                           0.5, 0.1, 4)
+
+
+@needs_ext
+def test_ms_miner_fp32_kernels_at_every_simd_level():
+    """The mined fp32 row kernels of every SIMD level (they mask the miner's thresholds, the
+    self pair and the lane tails one comparison at a time): odd sizes put tails and self pairs
+    at every lane position of 4, 8 and 16. The kept counts are the same comparisons on the
+    same S at every level, so they must be equal; rows, loss and gradient against PML in
+    float64."""
+    import torch.nn.functional as F
+    from test_fast_exp import LEVELS, simd_level
+    from metrix_ops.ops.ms_loss import ms_mined_rows, ms_mined_rows_self
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(83, 21, generator=g)
+    y = torch.randint(0, 6, (83,), generator=g)
+    xu = F.normalize(x, dim=1)
+    hn, hp = torch.ops.metrix_ops.ms_mine_bounds(xu, xu, y, y, True, 13)
+    a1, _, a2, _ = pm.MultiSimilarityMiner(0.1)(x.double(), y)
+    want = torch.stack([torch.bincount(a1, minlength=83), torch.bincount(a2, minlength=83)], 1)
+    ours = mo.losses.MultiSimilarityLoss(backend="cpu", miner=mo.miners.MultiSimilarityMiner(0.1))
+    theirs = pml_mined(pl.MultiSimilarityLoss(), pm.MultiSimilarityMiner(0.1))
+    counts = {}
+    for level in LEVELS:
+        with simd_level(level):
+            rows, kept = ms_mined_rows(xu, xu, y, y, True, 2.0, 50.0, 0.5, 0.1, 13)
+            rows_s, kept_s = ms_mined_rows_self(xu, y, 2.0, 50.0, 0.5, 0.1, 13)
+            assert torch.equal(kept_s, kept), level
+            torch.testing.assert_close(rows_s, rows, rtol=1e-5, atol=1e-6)
+            counts[level] = kept
+            assert_close_vg(lambda e: ours(e.float(), y).double(), lambda e: theirs(e, y),
+                            x.double(), rtol=1e-4, atol=1e-6)
+    # fp32 similarities may round across a threshold that fp64's do not: a few pairs at most
+    assert (counts[LEVELS[-1]] - want).abs().sum() <= 2
+    for level in LEVELS:
+        assert torch.equal(counts[level], counts[LEVELS[-1]]), level

@@ -62,9 +62,10 @@ def test_fp32_kernels_match_fp64(level, op, block):
 @pytest.mark.skipif("avx512" not in simd_levels(), reason="the CPU lacks AVX-512")
 @pytest.mark.parametrize("block", [40, 1024])
 def test_auto_takes_16_lane_ms_metrix_kernels(block):
-    # on an AVX-512 CPU the default is the AVX2 table with the Metrix kernels at 16 lanes
-    # (ms_simd.cpp, k_avx2_mix512): MS's clean rows are the AVX2 kernels' bit for bit, its
-    # mixed rows and gradient the AVX-512 kernels', and so are contrastive's Metrix sums
+    # on an AVX-512 CPU the default runs MS's row kernels and its Metrix kernels at 16 lanes
+    # (ms_simd.cpp, default_level): MS's clean and mixed rows and its gradient are the AVX-512
+    # kernels' bit for bit (the AVX2 ones sum in another order), and so are contrastive's
+    # Metrix sums
     x, y, w = batch(block + 7)
     x = x.float()
 
@@ -80,9 +81,9 @@ def test_auto_takes_16_lane_ms_metrix_kernels(block):
 
     f = ms(y, 0.35, False, block)
     (rows, mix), _ = run("auto", f)
-    (rows2, _), _ = run("avx2", f)
-    (_, mix16), _ = run("avx512", f)
-    assert torch.equal(rows, rows2) and torch.equal(mix, mix16)
+    (rows16, mix16), _ = run("avx512", f)
+    (rows8, _), _ = run("avx2", f)
+    assert torch.equal(rows, rows16) and torch.equal(mix, mix16) and not torch.equal(rows, rows8)
     _, g = run("auto", grad_of_mix(f))
     _, g16 = run("avx512", grad_of_mix(f))
     _, g8 = run("avx2", grad_of_mix(f))
@@ -92,16 +93,19 @@ def test_auto_takes_16_lane_ms_metrix_kernels(block):
 
 
 @pytest.mark.skipif("avx512" not in simd_levels(), reason="the CPU lacks AVX-512")
-@pytest.mark.parametrize("loss", ["CircleLoss", "GeneralizedLiftedStructureLoss"])
-def test_auto_takes_16_lane_lse_metrix_kernels(loss):
-    # on an AVX-512 CPU the default runs Circle's and GeneralizedLifted's Metrix kernels at 16
-    # lanes (lse_mix_simd.cpp): the loss and its gradient are the avx512 level's bit for bit.
-    # 45 rows: a tail of lanes at every width
+@pytest.mark.parametrize("loss,metrix", [("CircleLoss", True),
+                                         ("GeneralizedLiftedStructureLoss", True),
+                                         ("MultiSimilarityLoss", False)])
+def test_auto_takes_16_lane_kernels(loss, metrix):
+    # on an AVX-512 CPU the default runs Circle's and GeneralizedLifted's Metrix kernels
+    # (lse_mix_simd.cpp) and MS's clean row kernels (ms_simd.cpp) at 16 lanes: the loss and
+    # its gradient are the avx512 level's bit for bit (the avx2 kernels sum in another
+    # order, so they would show in the bits). 45 rows: a tail of lanes at every width
     import metrix_ops as mo
     g = torch.Generator().manual_seed(11)
     x = torch.randn(45, 24, generator=g)
     y = torch.randint(0, 7, (45,), generator=g)
-    fn = getattr(mo.losses, loss)(backend="cpu", metrix=mo.Metrix(lam=0.35))
+    fn = getattr(mo.losses, loss)(backend="cpu", metrix=mo.Metrix(lam=0.35) if metrix else None)
 
     def run(level):
         with simd_level(level):
@@ -111,5 +115,5 @@ def test_auto_takes_16_lane_lse_metrix_kernels(loss):
         return v.detach(), gx
 
     (va, ga), (v16, g16), (v8, g8) = run("auto"), run("avx512"), run("avx2")
-    assert torch.equal(va, v16) and torch.equal(ga, g16)
+    assert torch.equal(va, v16) and torch.equal(ga, g16) and not torch.equal(ga, g8)
     torch.testing.assert_close(v8, v16, rtol=1e-5, atol=1e-6)  # the same loss at 8 lanes

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "common/fast_exp.h"
 #include "common/lse_acc.h"
@@ -72,8 +73,8 @@ struct MsKernels {
 };
 
 // The fp32 kernels of the level in use: METRIX_OPS_SIMD=avx512|avx2|baseline when set (an
-// error if this CPU lacks it), else AVX2 where the CPU has it, its Metrix kernels at 16 lanes
-// where it has AVX-512 (ms_simd.cpp: default_level).
+// error if this CPU lacks it), else the 16-lane kernels (with the 8-lane elementwise exp) where
+// it has AVX-512, AVX2 where it has that (ms_simd.cpp: default_level).
 const MsKernels<float>& ms_kernels_f32();
 // Whether this CPU runs level "avx512", "avx2" or "baseline"; whether METRIX_OPS_SIMD is
 // unset or "auto" (ms_simd.cpp)
@@ -144,41 +145,74 @@ struct MsRowKernel {
     }
   }
 
-  // Calls f(j, m, v, is_pos, is_neg) for each group of W elements of the row: m of them
-  // real (m == W, a constant, in the main loop: whole-vector loads and stores), is_pos/is_neg
-  // lane masks (the self pair and the padding are in neither).
-  template <class Fn>
+  // Calls f(j, m, v, same, keep) for each group of W elements of the row: m of them real
+  // (m == W, a constant, in the main loop: whole-vector loads and stores), same the lanes
+  // whose column has the row's label (the positive side), keep(x, out) x where the lane's
+  // pair is in and out where it is not (the self pair, the padding after the row's end and,
+  // with Mine, the pairs the miner drops: hn, hp, eps are the row's hardest negative, hardest
+  // positive and ε). Every mask is applied by its own single-comparison lane_pick, never
+  // combined with another: GCC (12) lowers combined masks a lane at a time in the AVX-512
+  // code (common/fast_exp.h).
+  template <bool Mine, class Fn>
   static MO_INLINE void for_lanes(const T* row, int64_t n, const int32_t* col, int32_t li,
-                                  int32_t skip, Fn f) {
+                                  int32_t skip, T hn, T hp, T eps, Fn f) {
     const I lanes = iota();
     const int32_t n32 = static_cast<int32_t>(n);
-    auto group = [&](int64_t j, int64_t m) MO_LAMBDA_INLINE {
+    auto group = [&](int64_t j, int64_t m, auto tail) MO_LAMBDA_INLINE {
       F v{};
       I c{};
       std::memcpy(&v, row + j, m * sizeof(T));
       std::memcpy(&c, col + j, m * sizeof(int32_t));
       const I idx = lanes + static_cast<int32_t>(j);
-      const auto ok = (idx != skip) & (idx < n32);
-      f(j, m, v, (c == li) & ok, (c != li) & ok);
+      const auto same = c == li;
+      // PML's miner keeps a positive when s − ε < hn and a negative when s + ε > hp: one
+      // comparison u < bound, with the negatives' side negated (exact, NaN still fails)
+      F u{}, bound{};
+      if constexpr (Mine) {
+        u = lane_pick(same, v - eps, -(v + eps));
+        bound = lane_pick(same, F{} + hn, F{} - hp);
+      }
+      auto keep = [&](F x, F out) MO_LAMBDA_INLINE {
+        if constexpr (sizeof(F) < 64) {  // up to 8 lanes: combined masks stay vector code
+          auto ok = idx != skip;
+          if constexpr (Mine) ok = ok & (u < bound);
+          if constexpr (decltype(tail)::value) ok = ok & (idx < n32);
+          return F(ok ? x : out);
+        } else {
+          x = lane_pick(idx == skip, out, x);
+          if constexpr (Mine) x = lane_pick(u < bound, x, out);
+          if constexpr (decltype(tail)::value) x = lane_pick(idx < n32, x, out);
+          return x;
+        }
+      };
+      f(j, m, v, same, keep);
     };
     int64_t j = 0;
-    for (; j + W <= n; j += W) group(j, W);
-    if (j < n) group(j, n - j);
+    for (; j + W <= n; j += W) group(j, W, std::false_type{});
+    if (j < n) group(j, n - j, std::true_type{});
   }
 
-  // The row's pairs as for_lanes gives them, less those the miner drops (Mine: hn, hp, eps
-  // are the row's hardest negative, hardest positive and ε).
-  template <bool Mine, class Fn>
-  static MO_INLINE void for_kept(const T* row, int64_t n, const int32_t* col, int32_t li,
-                                 int32_t skip, T hn, T hp, T eps, Fn f) {
-    if constexpr (Mine) {
-      for_lanes(row, n, col, li, skip,
-                [&](int64_t j, int64_t m, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
-        f(j, m, v, isp & ((v - (F{} + eps)) < (F{} + hn)), isn & ((v + (F{} + eps)) > (F{} + hp)));
-      });
-    } else {
-      for_lanes(row, n, col, li, skip, f);
-    }
+  // The row's pairs' extremes: min s over its positives into lo, max s over its negatives
+  // into hi (NaN skipped: lane_min/lane_max keep their second operand), and with Mine the
+  // kept pairs per lane (a kept positive has s − ε < hn, so s < +inf: it is counted by
+  // vp < inf; a kept negative by vn > −inf).
+  template <bool Mine>
+  static MO_INLINE void row_extremes(const T* row, int64_t n, const int32_t* col, int32_t li,
+                                     int32_t skip, T hn, T hp, T eps, F& lo, F& hi, I& np,
+                                     I& nn) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const F pinf = F{} + inf, ninf = F{} - inf;
+    for_lanes<Mine>(row, n, col, li, skip, hn, hp, eps,
+                    [&](int64_t, int64_t, F v, auto same, auto keep) MO_LAMBDA_INLINE {
+      const F vp = keep(lane_pick(same, v, pinf), pinf);
+      const F vn = keep(lane_pick(same, ninf, v), ninf);
+      lo = lane_min(vp, lo);
+      hi = lane_max(vn, hi);
+      if constexpr (Mine) {
+        np += lane_pick(vp < inf, I{} + 1, I{});
+        nn += lane_pick(vn > -inf, I{} + 1, I{});
+      }
+    });
   }
 
   template <bool Mine>
@@ -188,15 +222,7 @@ struct MsRowKernel {
     const T inf = std::numeric_limits<T>::infinity();
     F lo = F{} + inf, hi = F{} - inf;
     I np{}, nn{};  // kept pairs per lane (Mine)
-    for_kept<Mine>(row, n, col, li, skip, hn, hp, eps,
-                   [&](int64_t, int64_t, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
-      lo = (isp & (v < lo)) ? v : lo;
-      hi = (isn & (v > hi)) ? v : hi;
-      if constexpr (Mine) {
-        np += isp ? I{} + 1 : I{};
-        nn += isn ? I{} + 1 : I{};
-      }
-    });
+    row_extremes<Mine>(row, n, col, li, skip, hn, hp, eps, lo, hi, np, nn);
     if constexpr (Mine) {
       auto add = [](int64_t x, int64_t y) { return x + y; };
       kept[0] += reduce_int(np, add);
@@ -205,15 +231,18 @@ struct MsRowKernel {
     const T s_lo = reduce(lo, [](T x, T y) { return y < x ? y : x; });
     const T s_hi = reduce(hi, [](T x, T y) { return y > x ? y : x; });
     if (!(s_lo < inf) && !(s_hi > -inf)) return;  // no pair on either side
-    // e^{arg − max arg}: −α(s − s_lo) for positives, β(s − s_hi) for negatives
+    // e^{arg − max arg}: −α(s − s_lo) for positives, β(s − s_hi) for negatives; the side is
+    // picked before the one exp, and a lane out of the row gets −inf. Clamped exp: those
+    // lanes and arguments below ln FLT_MIN add FLT_MIN (1.2e-38) instead of 0 to a sum whose
+    // largest term is 1, far below its last bit, and it saves fast_exp's three range picks.
     F sp{}, sn{};
-    const F zero{};
-    for_kept<Mine>(row, n, col, li, skip, hn, hp, eps,
-                   [&](int64_t, int64_t, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
-      const F k = isp ? F{} - a : F{} + bt;
-      const F e = MsLanes<T, W>::exp(k * (v - (isp ? F{} + s_lo : F{} + s_hi)));
-      sp += isp ? e : zero;
-      sn += isn ? e : zero;
+    const F zero{}, ninf = zero - inf;
+    for_lanes<Mine>(row, n, col, li, skip, hn, hp, eps,
+                    [&](int64_t, int64_t, F v, auto same, auto keep) MO_LAMBDA_INLINE {
+      const F k = lane_pick(same, F{} - a, F{} + bt);
+      const F e = MsLanes<T, W>::exp_clamped(keep(k * (v - lane_pick(same, F{} + s_lo, F{} + s_hi)), ninf));
+      sp += lane_pick(same, e, zero);
+      sn += lane_pick(same, zero, e);
     });
     auto add = [](T x, T y) { return x + y; };
     if (s_lo < inf) pos.merge(OnlineLse<T>{ms_pos_arg(s_lo, a, bs), reduce(sp, add)});
@@ -229,18 +258,20 @@ struct MsRowKernel {
                                  const T* cp, const T* cn, T hn = T(0), T hp = T(0),
                                  T eps = T(0)) {
     const F zero{};
-    for_kept<Mine>(row, n, col, li, skip, hn, hp, eps,
-                   [&](int64_t j, int64_t m, F v, auto isp, auto isn) MO_LAMBDA_INLINE {
-      const F t = (isp ? F{} - a : F{} + bt) * (v - bs);
-      F w = g * MsLanes<T, W>::exp(t - (isp ? F{} + lp : F{} + ln));
+    for_lanes<Mine>(row, n, col, li, skip, hn, hp, eps,
+                    [&](int64_t j, int64_t m, F v, auto same, auto keep) MO_LAMBDA_INLINE {
+      const F t = lane_pick(same, F{} - a, F{} + bt) * (v - bs);
+      F w = g * MsLanes<T, W>::exp(t - lane_pick(same, F{} + lp, F{} + ln));
       if constexpr (Sym) {
         F gc{}, lpc{}, lnc{};
         std::memcpy(&gc, cg + j, m * sizeof(T));
         std::memcpy(&lpc, cp + j, m * sizeof(T));
         std::memcpy(&lnc, cn + j, m * sizeof(T));
-        w += gc * MsLanes<T, W>::exp(t - (isp ? lpc : lnc));
+        w += gc * MsLanes<T, W>::exp(t - lane_pick(same, lpc, lnc));
       }
-      const F out = isp ? zero - w : (isn ? w : zero);
+      // masked after the exps: a side without pairs has lse −inf, e^{t + inf} = inf
+      w = keep(w, zero);
+      const F out = lane_pick(same, zero - w, w);
       std::memcpy(row + j, &out, m * sizeof(T));
     });
   }
@@ -250,52 +281,69 @@ struct MsRowKernel {
   static MO_INLINE void fold_cols(const T* s, int64_t nr, int64_t j0, int64_t j1,
                                   const MsBlock<T>& b, OnlineLse<T>* pos, OnlineLse<T>* neg) {
     const T inf = std::numeric_limits<T>::infinity();
+    const F pinf = F{} + inf, ninf = F{} - inf, zero{};
     const T a = b.alpha, bt = b.beta, bs = b.base;
     const I lanes = iota();
-    for (int64_t j = j0; j < j1; j += W) {
-      const int64_t m = j1 - j < W ? j1 - j : W;
+    auto group = [&](int64_t j, int64_t m, auto tail) MO_LAMBDA_INLINE {
       I c{};
       std::memcpy(&c, b.col_lab + b.c0 + j, m * sizeof(int32_t));
       const I gcol = lanes + static_cast<int32_t>(b.c0 + j);
-      const I real = (lanes < static_cast<int32_t>(m)) ? lanes - lanes - 1 : lanes - lanes;
+      const int32_t m32 = static_cast<int32_t>(m);
+      // f(v, same, keep) down the rows, keep as for_lanes' (the self pair is the lane whose
+      // global column is the row's global index)
       auto down = [&](auto f) MO_LAMBDA_INLINE {
         for (int64_t i = 0; i < nr; ++i) {
           F v{};
-          if (m == W) std::memcpy(&v, s + i * b.nc + j, sizeof(F));
-          else std::memcpy(&v, s + i * b.nc + j, m * sizeof(T));
+          if constexpr (decltype(tail)::value) std::memcpy(&v, s + i * b.nc + j, m * sizeof(T));
+          else std::memcpy(&v, s + i * b.nc + j, sizeof(F));
           const int32_t gi = static_cast<int32_t>(b.r0 + i), li = b.row_lab[gi];
-          const I ok = b.exclude_diag ? (real & (gcol != gi)) : real;
-          f(v, (c == li) & ok, (c != li) & ok);
+          const int32_t skip = b.exclude_diag ? gi : -1;
+          auto keep = [&](F x, F out) MO_LAMBDA_INLINE {
+            x = lane_pick(gcol == skip, out, x);
+            if constexpr (decltype(tail)::value) x = lane_pick(lanes < m32, x, out);
+            return x;
+          };
+          f(v, c == li, keep);
         }
       };
-      F lo = F{} + inf, hi = F{} - inf;
-      down([&](F v, auto isp, auto isn) MO_LAMBDA_INLINE {
-        lo = (isp & (v < lo)) ? v : lo;
-        hi = (isn & (v > hi)) ? v : hi;
+      F lo = pinf, hi = ninf;
+      down([&](F v, auto same, auto keep) MO_LAMBDA_INLINE {
+        lo = lane_min(keep(lane_pick(same, v, pinf), pinf), lo);
+        hi = lane_max(keep(lane_pick(same, ninf, v), ninf), hi);
       });
       F sp{}, sn{};
-      const F zero{};
-      down([&](F v, auto isp, auto isn) MO_LAMBDA_INLINE {
-        const F k = isp ? F{} - a : F{} + bt;
-        const F e = MsLanes<T, W>::exp(k * (v - (isp ? lo : hi)));
-        sp += isp ? e : zero;
-        sn += isn ? e : zero;
+      down([&](F v, auto same, auto keep) MO_LAMBDA_INLINE {
+        const F k = lane_pick(same, F{} - a, F{} + bt);
+        const F e = MsLanes<T, W>::exp_clamped(keep(k * (v - lane_pick(same, lo, hi)), ninf));
+        sp += lane_pick(same, e, zero);
+        sn += lane_pick(same, zero, e);
       });
       for (int64_t k = 0; k < m; ++k) {
         const T l = lane(lo, k), h = lane(hi, k);
         if (l < inf) pos[b.c0 + j + k].merge(OnlineLse<T>{ms_pos_arg(l, a, bs), lane(sp, k)});
         if (h > -inf) neg[b.c0 + j + k].merge(OnlineLse<T>{ms_neg_arg(h, bt, bs), lane(sn, k)});
       }
-    }
+    };
+    int64_t j = j0;
+    for (; j + W <= j1; j += W) group(j, W, std::false_type{});
+    if (j < j1) group(j, j1 - j, std::true_type{});
   }
 
+  // y = exp(x): whole vectors, then one partial group (a fixed-size copy per vector; the
+  // variable-length copy only once)
   static MO_INLINE void exp_array(const T* x, T* y, int64_t n) {
-    for (int64_t j = 0; j < n; j += W) {
-      const int64_t m = n - j < W ? n - j : W;
-      F v{};
-      std::memcpy(&v, x + j, m * sizeof(T));
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      F v;
+      std::memcpy(&v, x + j, sizeof(F));
       v = MsLanes<T, W>::exp(v);
-      std::memcpy(y + j, &v, m * sizeof(T));
+      std::memcpy(y + j, &v, sizeof(F));
+    }
+    if (j < n) {
+      F v{};
+      std::memcpy(&v, x + j, (n - j) * sizeof(T));
+      v = MsLanes<T, W>::exp(v);
+      std::memcpy(y + j, &v, (n - j) * sizeof(T));
     }
   }
 

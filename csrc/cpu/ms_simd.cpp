@@ -67,17 +67,16 @@ MO_MS_LEVEL(baseline, , 4)  // SSE2 on x86-64, NEON on aarch64: both have 4-floa
 #undef MO_MS_LEVEL
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The default on an AVX-512 CPU: the AVX2 kernels, except the Metrix kernels (MS's two here,
-// contrastive's in con_of) at 16 lanes. Their hot loops compile to whole-register code
-// (k-mask selects, no spills; only the rare two-pass fallback of mix_fold has lane-by-lane
-// compares), and they are what the Metrix losses spend their extra time in: Metrix-MS on one
-// thread, B = 2048, D = 128, forward 57 → 47 ms and backward 93 → 78 ms over three
-// interleaved runs; Metrix-contrastive (since its counts stopped selecting on a combined
-// mask) fwd+bwd 560–573 → 491–507 ms at B = 4096, D = 512. The clean MS kernels stay at
-// AVX2 (default_level below).
-const MsKernels<float> k_avx2_mix512{&fold_avx2,      &grad_avx2,      &fold_cols_avx2,
-                                     &grad_sym_avx2,  &exp_avx2,       &mix_fold_avx512,
-                                     &mix_grad_avx512, &mix_exp2_avx512, "avx2"};
+// The default on an AVX-512 CPU: every kernel at 16 lanes except the elementwise exp, which
+// stays at 8. The row kernels combine no comparison masks at 16 lanes (ms_kernels.h
+// for_lanes), so GCC keeps them whole-register code, and they are faster there: MS fwd+bwd
+// at B = 4096, D = 128, interleaved, 63-67 ms at 8 lanes against 53-62 ms at 16. The exp
+// alone is faster at 16 lanes too (0.34 against 0.61 ns per element), but the losses that
+// call it between rows of 128-bit code (Circle, SupCon, NTXent through row_tiles.h exp_row)
+// were 2-7 % slower with it: Circle at D = 512, 180 against 194 ms.
+const MsKernels<float> k_avx512_exp8{&fold_avx512,     &grad_avx512,     &fold_cols_avx512,
+                                     &grad_sym_avx512, &exp_avx2,        &mix_fold_avx512,
+                                     &mix_grad_avx512, &mix_exp2_avx512, "avx512"};
 #endif
 
 // fp64 stays scalar with std::exp: its contract is 1e-6 against the reference.
@@ -127,25 +126,22 @@ const MsKernels<float>* by_name(const char* level) {
 const ConMixKernels<float>& con_of(const MsKernels<float>& k) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (&k == &k_avx512) return c_avx512;
-  if (&k == &k_avx2_mix512) return c_avx512;
+  if (&k == &k_avx512_exp8) return c_avx512;
   if (&k == &k_avx2) return c_avx2;
 #endif
   return c_baseline;
 }
 
-// The default level: AVX2 where the CPU has it, not AVX-512 (but with the Metrix kernels of
-// k_avx2_mix512 at 16 lanes on an AVX-512 CPU, above). GCC (12) gives a comparison
-// inside these kernel templates, which carry no target attribute of their own, an integer
-// vector type; under AVX-512 (whose comparisons yield mask registers) every mask that is
-// combined (ok & (v < lo), nested selects) is then lowered one lane at a time: objdump
-// shows ~1000 scalar vcomiss/set per avx512 fold kernel against ~10 for avx2. Measured on
-// a 2-core Zen 4 (fp32, fwd+bwd, B = 2048, D = 128; benchmarks/results/cpu_simd_*.json):
-// MS 0.052 s (avx512) vs 0.023 s (avx2), Metrix-Circle 0.43 vs 0.16.
-// METRIX_OPS_SIMD=avx512 still selects it (the tests compare every level).
+// The default level: the 16-lane kernels (but the 8-lane exp, above) on an AVX-512 CPU,
+// else AVX2 where the CPU has it. Until the row kernels masked one comparison at a time,
+// GCC (12) lowered their combined masks a lane at a time under AVX-512 (~500 scalar
+// vcomiss/seta in the fold kernel, against 20 now) and AVX2 was the faster level.
+// METRIX_OPS_SIMD=avx512|avx2|baseline forces one level for every kernel (the tests compare
+// them all).
 const MsKernels<float>& default_level() {
   static const MsKernels<float>* best = [] {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (cpu_has("avx512")) return &k_avx2_mix512;
+    if (cpu_has("avx512")) return &k_avx512_exp8;
 #endif
     return cpu_has("avx2") ? by_name("avx2") : &k_baseline;
   }();
@@ -220,11 +216,11 @@ at::Tensor exp2_mix_f32(const at::Tensor& x_) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
-  // The SIMD level of the fp32 CPU kernels (METRIX_OPS_SIMD, else AVX2 where the CPU has it).
+  // The SIMD level of the fp32 CPU kernels (METRIX_OPS_SIMD, else the widest this CPU has).
   m.def("_simd_level() -> str", &simd_level);
   // The fp32 exp of those kernels, elementwise (for tests against torch.exp).
   m.def("_exp_f32(Tensor x) -> Tensor", &exp_f32);
-  // The clamped 2^x of the Metrix-MS kernels (ms_metrix_kernels.h: exp2_mix), elementwise.
+  // The clamped 2^x of the Metrix kernels (metrix_mix_kernels.h: exp2_mix), elementwise.
   m.def("_exp2_mix_f32(Tensor x) -> Tensor", &exp2_mix_f32);
 }
 

@@ -99,7 +99,7 @@ MO_PM_INLINE void for_lanes(int64_t n, F&& f) {
 }
 
 // Whether the fp32 rows take 8 floats a lane group: the fp32 kernels' level
-// (ms_kernels_f32: METRIX_OPS_SIMD, else AVX2 where the CPU has it) is above the baseline
+// (ms_kernels_f32: METRIX_OPS_SIMD, else the widest the CPU has) is above the baseline
 inline bool wide_fp32() { return std::strcmp(ms_kernels_f32().level, "baseline") != 0; }
 
 }  // namespace pm
