@@ -152,6 +152,16 @@ struct LseMixKernel {
   using P = typename Terms<T, W>::P;
   using B = LseMixBlock<T, P>;
 
+  // e^x of the candidates' exponents as 2^{x·log2 e} (MixLanes::exp2_mix: a multiply and 12
+  // operations, against fast_exp's ~20 with its range picks), two per candidate. Clamped into
+  // [2^−126, 2^127], never 0 or inf: the fold's sums are of e^{x − max} ≤ 1 (one pass: of
+  // terms ≥ e^{−2}, checked), and the weights' exponents are ≤ ~0, so a clamped term changes
+  // a sum or a weight by at most 2e-38. fp64: std::exp.
+  static MO_INLINE F exp_c(F x) {
+    if constexpr (W == 1) return L::exp(x);
+    else return M::exp2_mix(x * T(kLog2eD));
+  }
+
   // Folds anchors [a0, a1)'s candidates in this block into pos[a], neg[a]: the maxima of
   // each side's exponents, then the sums of e^{x − max} (exact log-sum-exps at any γ). A
   // loss whose exponents have fixed shifts (Terms::shifts: GeneralizedLifted) takes one pass
@@ -170,14 +180,15 @@ struct LseMixKernel {
         I any{};
         M::for_candidates(b, a, [&](F v, auto ok) MO_LAMBDA_INLINE {
           const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
-          sp += ok ? L::exp(t.pos - shp) : zero;
-          sn += ok ? L::exp(t.neg - shn) : zero;
+          sp += ok ? exp_c(t.pos - shp) : zero;
+          sn += ok ? exp_c(t.neg - shn) : zero;
           any |= ok;
         });
         if (!M::any_lane(any)) continue;  // no negative in these columns
         const T tp = M::sum(sp), tn = M::sum(sn);
-        // in-range terms are ≥ e^{−2} and ≤ 1 each: far from 0 and from 1e30
-        if (tp > T(0) && tp < T(1e30) && tn > T(0) && tn < T(1e30)) {
+        // in-range terms are ≥ e^{−2} and ≤ 1 each: far from 1e-30 (out-of-range ones are
+        // clamped to 2^−126, not 0) and from 1e30 (a clamped 2^127 is above it)
+        if (tp > T(1e-30) && tp < T(1e30) && tn > T(1e-30) && tn < T(1e30)) {
           pos[a].merge(OnlineLse<T>{shp, tp});
           neg[a].merge(OnlineLse<T>{shn, tn});
           continue;
@@ -200,8 +211,8 @@ struct LseMixKernel {
       F sp{}, sn{};
       M::for_candidates(b, a, [&](F v, auto ok) MO_LAMBDA_INLINE {
         const LseMixTerms<F> t = Terms<T, W>::at(b.p, v);
-        sp += ok ? L::exp(t.pos - mp) : zero;
-        sn += ok ? L::exp(t.neg - mn) : zero;
+        sp += ok ? exp_c(t.pos - mp) : zero;
+        sn += ok ? exp_c(t.neg - mn) : zero;
       });
       pos[a].merge(OnlineLse<T>{mp, M::sum(sp)});
       neg[a].merge(OnlineLse<T>{mn, M::sum(sn)});
@@ -346,7 +357,7 @@ struct LseMixKernel {
       const P& p = b.p;
       return [gp, gn, tp, tn, &p](F v) MO_LAMBDA_INLINE {
         const LseMixTerms<F> t = Terms<T, W>::at(p, v);
-        return gp * L::exp(t.pos - tp) * t.dpos + gn * L::exp(t.neg - tn) * t.dneg;
+        return gp * exp_c(t.pos - tp) * t.dpos + gn * exp_c(t.neg - tn) * t.dneg;
       };
     }
   };

@@ -51,6 +51,8 @@ struct MixGeom {
 #define MO_INLINE inline __attribute__((always_inline))
 #define MO_LAMBDA_INLINE __attribute__((always_inline))
 
+constexpr double kLog2eD = 1.4426950408889634;  // log2 e
+
 template <typename T, int W>
 struct MixLanes {
   using L = MsLanes<T, W>;
@@ -69,6 +71,39 @@ struct MixLanes {
   }
 
   static MO_INLINE T sum(F v) { return R::reduce(v, [](T x, T y) { return x + y; }); }
+
+  // 2^y for the Metrix kernels' per-candidate exps (MS's one-pass fold and weights, two per
+  // candidate, most of their cost; Circle's and GeneralizedLifted's, lse_mix_kernels.h); the
+  // callers scale their exponents by log2 e once per anchor, so that the range reduction is
+  // exact: n = round(y), r = y − n ∈ [−½, ½] (one subtraction, no ln 2 split), 2^r by a
+  // degree-5 polynomial (Horner; coefficients fitted to 2^r on |r| ≤ ½ in relative error:
+  // 1.9e-7 with fp32 rounding; tests/test_fast_exp.py measures ≤ 2.2 ulp, against the fp32
+  // contract's 1e-4), and 2^n added into the exponent field of 2^r as an integer. y is
+  // clamped into [−126, 127] first (lane_max and lane_min): never 0 or inf, as
+  // fast_exp_clamped (whose callers bound or check the sums), and in that range 2^r·2^n is a normal number (n = −126 only with
+  // r ≥ 0, n = 127 only with r ≤ 0). Twelve vector operations, where the e^x it replaced
+  // took seventeen with its clamps (GCC's compare-and-blend for each). fp64: std::exp2.
+  static MO_INLINE F exp2_mix(F y) {
+    if constexpr (W == 1) {
+      return std::exp2(y);
+    } else {
+      using namespace fexp;
+      typedef uint32_t U __attribute__((vector_size(4 * W)));
+      const F lo = F{} - 126.0f, hi = F{} + 127.0f;
+      y = lane_min(lane_max(y, lo), hi);
+      const F t = y + kRound;  // low mantissa bits: n
+      const F r = y - (t - kRound);
+      F p = F{} + 1.326472731307149e-3f;
+      p = p * r + 9.671512991189957e-3f;
+      p = p * r + 5.550733581185341e-2f;
+      p = p * r + 2.402224242687225e-1f;
+      p = p * r + 6.931470036506653e-1f;
+      p = p * r + 1.0f;
+      // the bits of t are those of 1.5·2^23 plus n, and 1.5·2^23's shifted out of the top:
+      // t << 23 is n << 23 (mod 2^32), the exponent of 2^n
+      return as_float<F>(as_int<U>(p) + (as_int<U>(t) << 23));
+    }
+  }
 
   // f(p, s_ap) for each positive p of a, or (a, 1) for an anchor without one (and for every
   // anchor with anchor_neg)
