@@ -125,24 +125,21 @@ struct MixLanes {
   template <class Fn>
   static MO_INLINE void for_lanes(const MixGeom<T>& b, const T* sa, const T* ip, T ca,
                                   int32_t la, Fn f) {
-    const I lanes = R::iota();
-    const int32_t n32 = static_cast<int32_t>(b.nc);
     const int32_t* col = b.col_lab + b.c0;
     const T cb = T(1) - b.lam;
-    auto group = [&](int64_t j, int64_t m, auto tail) MO_LAMBDA_INLINE {
+    auto group = [&](int64_t j, int64_t m) MO_LAMBDA_INLINE {
       F s{}, inv{};
-      I c{};
+      // padding lanes keep the anchor's own label, so they are no candidates (no second mask
+      // for the tail)
+      I c = I{} + la;
       std::memcpy(&s, sa + j, m * sizeof(T));
       std::memcpy(&inv, ip + j, m * sizeof(T));
       std::memcpy(&c, col + j, m * sizeof(int32_t));
-      if constexpr (decltype(tail)::value)  // padding lanes are not candidates
-        f(j, m, inv * (ca + cb * s), inv, (c != la) & ((lanes + static_cast<int32_t>(j)) < n32));
-      else
-        f(j, m, inv * (ca + cb * s), inv, c != la);
+      f(j, m, inv * (ca + cb * s), inv, c != la);
     };
     int64_t j = 0;
-    for (; j + W <= b.nc; j += W) group(j, W, std::false_type{});
-    if (j < b.nc) group(j, b.nc - j, std::true_type{});
+    for (; j + W <= b.nc; j += W) group(j, W);
+    if (j < b.nc) group(j, b.nc - j);
   }
 
   // f(v, ok) for every candidate of anchor a in this block, W at a time

@@ -78,10 +78,13 @@ struct MixRowKernel {
           continue;
         }
       }
-      F lo = F{} + inf, hi = F{} - inf;
+      // the extremes of the candidate lanes, one comparison per select (fast_exp.h
+      // lane_pick; lane_min/lane_max skip NaN as v < lo did)
+      const F pinf = F{} + inf, ninf = F{} - inf;
+      F lo = pinf, hi = ninf;
       over([&](F v, auto ok) MO_LAMBDA_INLINE {
-        lo = (ok & (v < lo)) ? v : lo;
-        hi = (ok & (v > hi)) ? v : hi;
+        lo = lane_min(lane_pick(ok, v, pinf), lo);
+        hi = lane_max(lane_pick(ok, v, ninf), hi);
       });
       const T s_lo = R::reduce(lo, [](T x, T y) { return y < x ? y : x; });
       const T s_hi = R::reduce(hi, [](T x, T y) { return y > x ? y : x; });
