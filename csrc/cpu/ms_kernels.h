@@ -150,9 +150,10 @@ struct MsRowKernel {
   // whose column has the row's label (the positive side), keep(x, out) x where the lane's
   // pair is in and out where it is not (the self pair, the padding after the row's end and,
   // with Mine, the pairs the miner drops: hn, hp, eps are the row's hardest negative, hardest
-  // positive and ε). Every mask is applied by its own single-comparison lane_pick, never
-  // combined with another: GCC (12) lowers combined masks a lane at a time in the AVX-512
-  // code (common/fast_exp.h).
+  // positive and ε). At 16 lanes every mask is applied by its own single-comparison
+  // lane_pick, never combined with another: GCC (12) lowers combined masks a lane at a time
+  // in the AVX-512 code (common/fast_exp.h). Up to 8 lanes they combine into one select,
+  // which stays vector code there.
   template <bool Mine, class Fn>
   static MO_INLINE void for_lanes(const T* row, int64_t n, const int32_t* col, int32_t li,
                                   int32_t skip, T hn, T hp, T eps, Fn f) {
