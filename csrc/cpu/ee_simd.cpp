@@ -87,11 +87,11 @@ int64_t arcs_filter_f64(const EeArc<double>& e, const EeArc<double>* arc, const 
 const EeLevel& ee_level() {
   const char* level = ms_kernels_f32().level;  // validated there
 #if defined(__x86_64__) && defined(__GNUC__)
-  // The closest-pair kernel compiles to whole 512-bit vectors, so "auto" takes AVX-512 where
-  // the CPU has it (as ms_simd.cpp's default_level does since its row kernels were rewritten
-  // in single-comparison picks; the pair filter still has ~30 lane-wise compares): EE-MS (n = 8, adjacent) at B = 2048, D = 512 takes 0.435 s with it against
-  // 0.448 s with AVX2 (benchmarks/results/cpu_simd_{auto,avx2}_ee_ms_n8_adjacent.json).
-  if (simd_auto() && cpu_has("avx512")) return level_avx512;
+  // The level of ms_kernels_f32, which is AVX-512 under "auto" on a CPU that has it. The
+  // closest-pair kernel compiles to whole 512-bit vectors (the pair filter still has ~30
+  // lane-wise compares): EE-MS (n = 8, adjacent) at B = 2048, D = 512 takes 0.435 s with
+  // it against 0.448 s with AVX2
+  // (benchmarks/results/cpu_simd_{auto,avx2}_ee_ms_n8_adjacent.json).
   if (!std::strcmp(level, "avx512")) return level_avx512;
   if (!std::strcmp(level, "avx2")) return level_avx2;
 #endif

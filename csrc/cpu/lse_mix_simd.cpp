@@ -83,14 +83,13 @@ void lifted_clean_grad_f64(const LiftedMixBlock<double>& b, double* s, int64_t i
 
 }  // namespace
 
-// Unset or auto: 16 lanes on an AVX-512 CPU, as MS's Metrix kernels (ms_simd.cpp). These
-// kernels combine no comparison masks (common/fast_exp.h lane_pick), so GCC keeps them vector
-// code there. benchmarks/results/cpu_metrix_circle.json (Intel VM, B = 4096, D = 512):
+// The level of ms_kernels_f32 (unset or auto: 16 lanes on an AVX-512 CPU). These kernels
+// combine no comparison masks (common/fast_exp.h lane_pick), so GCC keeps them vector code
+// there. benchmarks/results/cpu_metrix_circle.json (Intel VM, B = 4096, D = 512):
 // 0.470 s at 8 lanes, 0.374 s at 16; cpu_metrix_generalized_lifted.json 0.555 → 0.443 s.
 const LseMixKernels<float>& lse_mix_kernels_f32() {
   const char* level = ms_kernels_f32().level;  // checks METRIX_OPS_SIMD against this CPU
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (simd_auto() && cpu_has("avx512")) return k_avx512;
   if (!std::strcmp(level, "avx512")) return k_avx512;
   if (!std::strcmp(level, "avx2")) return k_avx2;
 #endif

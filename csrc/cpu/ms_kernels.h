@@ -76,10 +76,8 @@ struct MsKernels {
 // error if this CPU lacks it), else the 16-lane kernels (with the 8-lane elementwise exp) where
 // it has AVX-512, AVX2 where it has that (ms_simd.cpp: default_level).
 const MsKernels<float>& ms_kernels_f32();
-// Whether this CPU runs level "avx512", "avx2" or "baseline"; whether METRIX_OPS_SIMD is
-// unset or "auto" (ms_simd.cpp)
+// Whether this CPU runs level "avx512", "avx2" or "baseline" (ms_simd.cpp)
 bool cpu_has(const char* level);
-bool simd_auto();
 const MsKernels<double>& ms_kernels_f64();
 template <typename T>
 const MsKernels<T>& ms_kernels();

@@ -33,14 +33,12 @@ struct MixRowKernel {
   using I = typename M::I;
   using R = typename M::R;
 
-  static MO_INLINE F exp2_mix(F y) { return M::exp2_mix(y); }
-
   static MO_INLINE void exp2_array(const T* x, T* y, int64_t n) {
     for (int64_t j = 0; j < n; j += W) {
       const int64_t m = n - j < W ? n - j : W;
       F v{};
       std::memcpy(&v, x + j, m * sizeof(T));
-      v = exp2_mix(v);
+      v = M::exp2_mix(v);
       std::memcpy(y + j, &v, m * sizeof(T));
     }
   }
@@ -65,8 +63,8 @@ struct MixRowKernel {
                 kn = (-b.beta * b.base - b.shift_neg) * l2e, bn = b.beta * l2e;
         F sp{}, sn{};
         over([&](F v, auto ok) MO_LAMBDA_INLINE {
-          sp += ok ? exp2_mix(kp - ap * v) : zero;
-          sn += ok ? exp2_mix(bn * v + kn) : zero;
+          sp += ok ? M::exp2_mix(kp - ap * v) : zero;
+          sn += ok ? M::exp2_mix(bn * v + kn) : zero;
         });
         const T tp = M::sum(sp), tn = M::sum(sn);
         // valid sums are below 2^31·e^60 < 1e37; one clamped 2^127 term is above it. Sums of
@@ -113,7 +111,7 @@ struct MixRowKernel {
       return [=](F v) MO_LAMBDA_INLINE {
         // both exponents are ≤ ~0 (tp, tn include every term), so clamping below at 2^−126
         // changes a weight by at most 2e-38
-        return (exp2_mix(bn * v - cn) - exp2_mix(cp - ap * v)) * ga;
+        return (M::exp2_mix(bn * v - cn) - M::exp2_mix(cp - ap * v)) * ga;
       };
     }
   };

@@ -70,7 +70,7 @@ MO_MS_LEVEL(baseline, , 4)  // SSE2 on x86-64, NEON on aarch64: both have 4-floa
 // The default on an AVX-512 CPU: every kernel at 16 lanes except the elementwise exp, which
 // stays at 8. The row kernels combine no comparison masks at 16 lanes (ms_kernels.h
 // for_lanes), so GCC keeps them whole-register code, and they are faster there: MS fwd+bwd
-// at B = 4096, D = 128, interleaved, 63-67 ms at 8 lanes against 53-62 ms at 16. The exp
+// at B = 4096, D = 128, interleaved, 63-72 ms at 8 lanes against 53-65 ms at 16. The exp
 // alone is faster at 16 lanes too (0.34 against 0.61 ns per element), but the losses that
 // call it between rows of 128-bit code (Circle, SupCon, NTXent through row_tiles.h exp_row)
 // were 2-7 % slower with it: Circle at D = 512, 180 against 194 ms.
@@ -161,10 +161,15 @@ bool cpu_has(const char* level) {
   return !std::strcmp(level, "baseline");
 }
 
+namespace {
+
+// whether METRIX_OPS_SIMD is unset or "auto"
 bool simd_auto() {
   const char* want = std::getenv("METRIX_OPS_SIMD");
   return !want || !*want || !std::strcmp(want, "auto");
 }
+
+}  // namespace
 
 // Read on every call (a getenv per op is nothing next to a block of S), so that tests can
 // switch levels within one process.
