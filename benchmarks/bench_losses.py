@@ -52,6 +52,8 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # its "pml" column is the clean loss, TripletMarginLoss on BatchHardMiner triplets
           # (= HPHN without expansion).
           "ee_hphn": ("TripletMarginLoss", "HPHNTripletLoss", "gram"),
+          # the clean HPHN triplet (batch hard); "pml" as for ee_hphn
+          "hphn": ("TripletMarginLoss", "HPHNTripletLoss", "gram"),
           # ContrastiveLoss + embedding-level Metrix (pos_neg, λ drawn, weight 0.4); "pml" is
           # PML's clean contrastive
           "metrix_contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
@@ -138,7 +140,7 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
     """The loss module of `impl` (pml, cpu, cuda, triton, reference, clean) for --loss `loss`."""
     if impl == "pml":
         from pytorch_metric_learning import losses as pl
-        if loss.startswith("ee_hphn"):
+        if loss.startswith("ee_hphn") or loss == "hphn":
             from pytorch_metric_learning import miners as pm
             from pytorch_metric_learning import reducers as pr
             fn, miner = pl.TripletMarginLoss(margin=0.2, reducer=pr.MeanReducer()), pm.BatchHardMiner()

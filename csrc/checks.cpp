@@ -40,6 +40,30 @@ void check_row_vec(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
 }
 
+void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                          const at::Tensor& ref_labels, bool exclude_diag, double margin,
+                          int64_t chunk) {
+  check_sim_inputs(x, r, 1.0, chunk);
+  check_labels_of(labels, x.size(0), "labels");
+  check_labels_of(ref_labels, r.size(0), "ref_labels");
+  TORCH_CHECK(labels.device() == x.device() && ref_labels.device() == x.device(),
+              "x, r, labels and ref_labels must be on one device, got ", x.device(), ", ",
+              r.device(), ", ", labels.device(), ", ", ref_labels.device());
+  // exclude_diag: row i skips column i, so r holds the batch first (the batch itself, or a
+  // CrossBatchMemory bank rolled to start at the batch's slots)
+  TORCH_CHECK(!exclude_diag || x.size(0) <= r.size(0),
+              "exclude_diag needs r to start with the batch (at least as many rows as x)");
+  TORCH_CHECK(std::isfinite(margin), "margin must be finite, got ", margin);
+}
+
+at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t start,
+                               int64_t len, bool cosine) {
+  const at::Tensor xc = x.narrow(0, start, len);
+  if (cosine) return at::mm(xc, r.t()).contiguous();
+  const int64_t mode = (x.size(0) > 25 || r.size(0) > 25) ? 1 : 2;  // use / do not use mm
+  return at::cdist(xc, r, 2.0, mode).contiguous();
+}
+
 at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -43,7 +43,7 @@ TEST_OPTS="-q -p no:cacheprovider -rs --timeout=120 -n 8"
 if [ "${GPU_TESTS:-gpu}" = all ]; then
   TESTS=tests
 else  # the files with GPU cases: the Triton engine, the CUDA ops, autocast, mixed batches, auto
-  TESTS="tests/test_triton_*.py tests/test_cuda_pair_losses.py tests/test_row_stats_op.py
+  TESTS="tests/test_triton_*.py tests/test_cuda_*.py tests/test_row_stats_op.py
          tests/test_autocast.py tests/test_metrix_mixed_batch.py tests/test_backend_auto.py
          tests/test_metrix_refs.py tests/test_metrix_pos_pos.py"
 fi
@@ -60,7 +60,7 @@ for dt in (torch.float32, torch.float64, torch.bfloat16):
     out = sim_row_stats(x.to(dt), r.to(dt), 2.0, 64); torch.cuda.synchronize()
 y = torch.randint(0, 5, (37,), device='cuda')
 for name in ('MultiSimilarityLoss', 'ContrastiveLoss', 'CircleLoss', 'NTXentLoss', 'SupConLoss',
-             'GeneralizedLiftedStructureLoss', 'NPairsLoss'):
+             'GeneralizedLiftedStructureLoss', 'NPairsLoss', 'TripletMarginLoss', 'HPHNTripletLoss'):
     for dt in (torch.float32, torch.float64):  # the row-chunk engine, fwd + bwd
         e = x.to(dt).requires_grad_(True)
         getattr(metrix_ops.losses, name)(backend='cuda')(e, y).backward(); torch.cuda.synchronize()
@@ -92,7 +92,7 @@ bench gpu_ms_large_float32 --loss multi_similarity --impls triton,cuda,floor --s
 limited 120 python3 benchmarks/sweep_triton.py --sizes 8192,65536 --d 512 --repeats 3 \
   --out "$RES/sweep_triton.json" 2>&1 | tail -n 16
 pack "triton tile sweep"
-for loss in contrastive proxy_anchor ntxent supcon circle triplet; do
+for loss in contrastive proxy_anchor ntxent supcon circle triplet hphn; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
 # embedding-level Metrix on the Triton engine (the only GPU engine with it) against the clean loss

@@ -41,12 +41,8 @@ BATCH_ONLY = [("NPairsLoss", {})]
 
 
 @pytest.fixture(autouse=True)
-def no_tf32():
-    # the fp32 tolerance is for fp32 products; TF32 (10-bit mantissa) is the benchmarks' choice
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+def _fp32_products(no_tf32):  # conftest.py
+    pass
 
 
 def pair(name, kw, **extra):

@@ -266,14 +266,6 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.HAS_CUDA_EXT),
                           reason="needs a GPU and the CUDA kernels")
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 # Also a row longer than one warp's stride, more rows than one block, and chunks that are
 # not multiples of 32.
 CUDA_SHAPES = SHAPES + [(33, 1030, 64, 257), (300, 9, 3, 4), (1, 5000, 16, 5000)]

@@ -27,6 +27,22 @@ void check_proxy_op_inputs(const at::Tensor& x, const at::Tensor& p, const at::T
 // on x's device.
 void check_row_vec(const at::Tensor& t, const at::Tensor& x, const char* name);
 
+// The all-triplets ops' inputs (csrc/cpu/triplet_cpu.cpp, triplet_mined_cpu.cpp,
+// csrc/cuda/triplet_cuda.cu): unit anchors x against unit references r of one floating
+// dtype, int64 labels of matching lengths, all on one device; exclude_diag needs r to
+// start with the batch; a finite margin.
+void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                          const at::Tensor& ref_labels, bool exclude_diag, double margin,
+                          int64_t chunk);
+
+// The triplet ops' block of values, rows [start, start + len) of x against r. L2: distances
+// exactly as PML's LpDistance computes them, torch.cdist on the unit rows with the
+// matmul-or-direct choice cdist makes for the whole B×M call, so that rounding-level ties
+// (quantised embeddings, margin 0) fall on the same side of the hinge as in PML. Cosine: S,
+// as PML. Any device (ATen's products).
+at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t start,
+                               int64_t len, bool cosine);
+
 // Accumulation type: fp64 for fp64 inputs, fp32 for everything else (fp16/bf16 included).
 at::ScalarType acc_type(const at::Tensor& x);
 

@@ -1,7 +1,8 @@
 // Pieces of the fused triplet ops shared by triplet_cpu.cpp (all triplets) and
-// triplet_mined_cpu.cpp (the triplets a TripletMarginMiner keeps): argument checks, the
-// row's sorted positives and the block of values the keys come from. CPU-only, so inline
-// definitions carry no ODR risk (see cpu/op_checks.h).
+// triplet_mined_cpu.cpp (the triplets a TripletMarginMiner keeps): the row's sorted
+// positives and the dense paths. CPU-only, so inline definitions carry no ODR risk (see
+// cpu/op_checks.h). The argument checks and the block of values the keys come from serve
+// the CUDA op too: common/checks.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,19 +19,6 @@
 #include "cpu/op_checks.h"
 
 namespace metrix_ops {
-
-inline void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r,
-                                 const at::Tensor& labels, const at::Tensor& ref_labels,
-                                 bool exclude_diag, double margin, int64_t chunk) {
-  check_sim_inputs(x, r, 1.0, chunk);
-  check_labels_of(labels, x.size(0), "labels");
-  check_labels_of(ref_labels, r.size(0), "ref_labels");
-  // exclude_diag: row i skips column i, so r holds the batch first (the batch itself, or a
-  // CrossBatchMemory bank rolled to start at the batch's slots)
-  TORCH_CHECK(!exclude_diag || x.size(0) <= r.size(0),
-              "exclude_diag needs r to start with the batch (at least as many rows as x)");
-  TORCH_CHECK(std::isfinite(margin), "margin must be finite, got ", margin);
-}
 
 struct TripletCtx {
   const int64_t* labels;
@@ -148,18 +136,6 @@ void dense_row_grad(T* row, const SortedPositives<T>& pos, const T* kn, T* cnt, 
   }
   if (self >= 0) out[self] = T(0);
   std::copy(out, out + m, row);
-}
-
-// The block of values the keys come from, rows [start, start + len). L2: distances exactly
-// as PML's LpDistance computes them, torch.cdist on the unit rows with the matmul-or-direct
-// choice cdist makes for the whole B×M call, so that rounding-level ties (quantised
-// embeddings, margin 0) fall on the same side of the hinge as in PML. Cosine: S, as PML.
-inline at::Tensor value_block(const at::Tensor& x, const at::Tensor& r, int64_t start,
-                              int64_t len, bool cosine) {
-  const at::Tensor xc = x.narrow(0, start, len);
-  if (cosine) return at::mm(xc, r.t()).contiguous();
-  const int64_t mode = (x.size(0) > 25 || r.size(0) > 25) ? 1 : 2;  // use / do not use mm
-  return at::cdist(xc, r, 2.0, mode).contiguous();
 }
 
 }  // namespace metrix_ops

@@ -7,7 +7,7 @@
 // O(M log P) per row instead of O(P·N).
 // S is streamed over chunks of anchor rows (chunk × M); the backward recomputes each chunk,
 // turns it into G = ∂(Σ_i g_i row_i)/∂S in place and adds G r to dx and Gᵀ x to dr. For L2
-// the block holds distances (value_block) and G goes through dd/ds = −1/d.
+// the block holds distances (triplet_value_block) and G goes through dd/ds = −1/d.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_fwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor s = value_block(x, r, start, len, cosine);
+      at::Tensor s = triplet_value_block(x, r, start, len, cosine);
       fwd_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rows.data_ptr<scalar_t>(),
                           nonzero.data_ptr<int64_t>(), triplets.data_ptr<int64_t>());
     }
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
       at::Tensor xc = x.narrow(0, start, len);
-      at::Tensor s = value_block(x, r, start, len, cosine);  // becomes G in place
+      at::Tensor s = triplet_value_block(x, r, start, len, cosine);  // becomes G in place
       grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, g.data_ptr<scalar_t>());
       dx.narrow(0, start, len).addmm_(s, r);
       dr.addmm_(s.t(), xc);

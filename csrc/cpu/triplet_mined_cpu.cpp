@@ -212,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_mined_fwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor s = value_block(x, r, start, len, cosine);
+      at::Tensor s = triplet_value_block(x, r, start, len, cosine);
       mined_fwd_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rule,
                                 rows.data_ptr<scalar_t>(), nonzero.data_ptr<int64_t>(),
                                 kept.data_ptr<int64_t>());
@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_mined_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_mined_bwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor s = value_block(x, r, start, len, cosine);  // becomes G in place
+      at::Tensor s = triplet_value_block(x, r, start, len, cosine);  // becomes G in place
       mined_grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rule,
                                  g.data_ptr<scalar_t>());
       dx.narrow(0, start, len).addmm_(s, r);

@@ -1,15 +1,18 @@
 """backend="cuda": the CPU glue as is for the losses whose general ops have CUDA
 implementations (csrc/cuda/pair_losses_cuda.cu: ms_loss, contrastive, circle;
 csrc/cuda/lifted_cuda.cu: gen_lifted; csrc/cuda/proxy_losses_cuda.cu: proxy_anchor, proxy_nca,
-which NPairsLoss also runs on; csrc/cuda/ntxent_cuda.cu: ntxent, supcon; dispatched by
-device), for CUDA
-tensors when the CUDA kernels were compiled. The symmetric self ops are CPU-only: the glue
+which NPairsLoss also runs on; csrc/cuda/ntxent_cuda.cu: ntxent, supcon; csrc/cuda/triplet_cuda.cu: triplet_all, the
+all-triplets TripletMarginLoss; csrc/cuda/hphn_mine_cuda.cu: ee_hphn_mine without segments,
+the clean HPHNTripletLoss; csrc/cuda/lifted_cuda.cu: lifted, LiftedStructureLoss; dispatched
+by device), for CUDA tensors when the CUDA kernels were
+compiled. The symmetric self ops are CPU-only: the glue
 takes the general op with r = x on CUDA tensors."""
 from __future__ import annotations
 
 from .. import _ext
-from . import (circle, contrastive, generalized_lifted, multi_similarity, npairs, ntxent,
-               proxy_anchor, proxy_nca, register)
+from . import (circle, contrastive, generalized_lifted, hphn_triplet, lifted_structure,
+               multi_similarity, npairs, ntxent, proxy_anchor, proxy_nca, register,
+               triplet_margin)
 
 
 def _on_cuda(supports):
@@ -17,6 +20,11 @@ def _on_cuda(supports):
         return (_ext.HAS_CUDA_EXT and inp.embeddings.device.type == "cuda"
                 and supports(params, inp, expansion))
     return cuda_supports
+
+
+def _hphn_supports(params, inp, expansion) -> bool:
+    """The clean loss only: the CUDA mining op has no Embedding Expansion search."""
+    return expansion is None and hphn_triplet.supports(params, inp, expansion)
 
 
 for _name, _supports, _impl in [
@@ -28,5 +36,8 @@ for _name, _supports, _impl in [
         ("ProxyAnchorLoss", proxy_anchor.supports, proxy_anchor.impl),
         ("ProxyNCALoss", proxy_nca.supports, proxy_nca.impl),
         ("GeneralizedLiftedStructureLoss", generalized_lifted.supports, generalized_lifted.impl),
-        ("NPairsLoss", npairs.supports, npairs.impl)]:
+        ("NPairsLoss", npairs.supports, npairs.impl),
+        ("TripletMarginLoss", triplet_margin.supports, triplet_margin.impl),
+        ("HPHNTripletLoss", _hphn_supports, hphn_triplet.impl),
+        ("LiftedStructureLoss", lifted_structure.supports, lifted_structure.impl)]:
     register("cuda", _name, _on_cuda(_supports), _impl)
