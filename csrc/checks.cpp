@@ -56,6 +56,12 @@ void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Te
   TORCH_CHECK(std::isfinite(margin), "margin must be finite, got ", margin);
 }
 
+void check_mine_rule(int64_t kind, double mine_margin) {
+  TORCH_CHECK(kind >= 0 && kind <= 3,
+              "mine_kind must be 0 (all), 1 (hard), 2 (semihard) or 3 (easy), got ", kind);
+  TORCH_CHECK(std::isfinite(mine_margin), "mine_margin must be finite, got ", mine_margin);
+}
+
 at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t start,
                                int64_t len, bool cosine) {
   const at::Tensor xc = x.narrow(0, start, len);

@@ -56,10 +56,23 @@ def _device_ok(backend: str, device: torch.device) -> bool:
     return True
 
 
-def auto_order(loss_name: str, device: torch.device) -> list:
+# Calls with a loss option that runs inside the op, on CUDA tensors: miner= (mined inside the
+# op) and an embedding-level Metrix term. Triton first, whose mined and Metrix kernels share
+# the clean ones' tiles; the CUDA engine's mined MS and TripletMargin and Metrix MS
+# (twenty-second session) have not run on a GPU yet.
+GPU_MINER_ORDER: dict = {}
+GPU_METRIX_ORDER: dict = {}
+_GPU_TABLES = {"clean": GPU_ORDER, "miner": GPU_MINER_ORDER, "metrix": GPU_METRIX_ORDER}
+
+
+def auto_order(loss_name: str, device: torch.device, variant: str = "clean") -> list:
     """The fused engines "auto" may use for `loss_name` on `device`, preferred first (the
-    driver takes the first that covers the call's options)."""
-    order = GPU_ORDER.get(loss_name, GPU_DEFAULT_ORDER) if device.type == "cuda" else ("cpu",)
+    driver takes the first that covers the call's options); `variant`: "clean", "miner"
+    (the call has miner=) or "metrix" (an embedding-level Metrix term)."""
+    if device.type != "cuda":
+        order = ("cpu",)
+    else:
+        order = _GPU_TABLES[variant].get(loss_name, GPU_DEFAULT_ORDER)
     return [b for b in order if loss_name in FUSED[b] and _available(b) and _device_ok(b, device)]
 
 

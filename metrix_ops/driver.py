@@ -131,8 +131,11 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
             return (fused.miner_supported(b, name, params, inp, miner) if miner is not None
                     else fused.supported(b, name, params, inp, expansion))
 
-        order = [b for b in backend_mod.auto_order(name, embeddings.device) if covers(b)]
-        if lam_value is not None and metrix.weight > 0 and miner is None:
+        mixing = lam_value is not None and metrix.weight > 0 and miner is None
+        variant = "miner" if miner is not None else "metrix" if mixing else "clean"
+        order = [b for b in backend_mod.auto_order(name, embeddings.device, variant)
+                 if covers(b)]
+        if mixing:
             # an engine that fuses the Metrix term too comes first (else that term runs the
             # materialising reference)
             order.sort(key=lambda b: not fused.metrix_supported(b, name, params, inp,

@@ -64,6 +64,15 @@ for name in ('MultiSimilarityLoss', 'ContrastiveLoss', 'CircleLoss', 'NTXentLoss
     for dt in (torch.float32, torch.float64):  # the row-chunk engine, fwd + bwd
         e = x.to(dt).requires_grad_(True)
         getattr(metrix_ops.losses, name)(backend='cuda')(e, y).backward(); torch.cuda.synchronize()
+e = x.clone().requires_grad_(True)  # Metrix MS on the CUDA engine
+metrix_ops.losses.MultiSimilarityLoss(backend='cuda', metrix=metrix_ops.Metrix(lam=0.3))(e, y).backward()
+for miner in (metrix_ops.miners.MultiSimilarityMiner(0.1),):  # miner= inside the CUDA ops
+    e = x.clone().requires_grad_(True)
+    metrix_ops.losses.MultiSimilarityLoss(backend='cuda', miner=miner)(e, y).backward()
+for miner in (metrix_ops.miners.TripletMarginMiner(0.2, type_of_triplets='semihard'),):
+    e = x.clone().requires_grad_(True)
+    metrix_ops.losses.TripletMarginLoss(backend='cuda', miner=miner, smooth_loss=True)(e, y).backward()
+torch.cuda.synchronize()
 for name in ('ProxyAnchorLoss', 'ProxyNCALoss'):
     fn = getattr(metrix_ops.losses, name)(5, 16, backend='cuda').cuda()
     e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
@@ -95,8 +104,10 @@ pack "triton tile sweep"
 for loss in contrastive proxy_anchor ntxent supcon circle triplet hphn; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
-# embedding-level Metrix on the Triton engine (the only GPU engine with it) against the clean loss
-for loss in metrix_ms metrix_contrastive metrix_circle metrix_generalized_lifted metrix_proxy_nca \
+# embedding-level Metrix on the Triton engine against the clean loss; MS's also on the CUDA
+# engine (twenty-second session: csrc/cuda/ms_metrix_cuda.cu)
+bench gpu_metrix_ms_float32 --loss metrix_ms --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 5
+for loss in metrix_contrastive metrix_circle metrix_generalized_lifted metrix_proxy_nca \
             metrix_proxy_anchor; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
@@ -105,9 +116,9 @@ for loss in generalized_lifted npairs; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
 bench gpu_lifted_float32 --loss lifted --impls triton,floor,pml --sizes 8192 --dims 512 --repeats 10
-# miner= on the Triton engine: PML's miner + loss against the mined kernels and the clean loss
+# miner= on the Triton and CUDA engines: PML's miner + loss against the mined ops and the clean loss
 for loss in ms_miner triplet_semihard; do
-  bench "gpu_${loss}_float32" --loss $loss --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
+  bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
 # EE-HPHN (n = 8) on the Triton engine: brute-force mining over all (B + 8·#pairs)² point pairs
 bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3

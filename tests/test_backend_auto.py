@@ -30,6 +30,24 @@ def test_auto_order_follows_gpu_order_and_skips_engines_without_the_loss(monkeyp
     assert backend.resolve("auto", "NoSuchLoss", dev) == "reference"
 
 
+def test_mined_and_metrix_calls_keep_triton_first_until_measured(monkeypatch):
+    """miner= or Metrix on CUDA tensors: GPU_MINER_ORDER / GPU_METRIX_ORDER, not the clean
+    loss's measured order (the CUDA engine's mined and Metrix MS have not run on a GPU)."""
+    dev = torch.device("cuda")
+    monkeypatch.setattr(backend, "_available", lambda b: True)
+    monkeypatch.setattr(backend, "_device_ok", lambda b, d: True)
+    for b in ("cuda", "triton"):
+        monkeypatch.setitem(backend.FUSED, b, backend.FUSED[b] | {"MultiSimilarityLoss"})
+    assert backend.auto_order("MultiSimilarityLoss", dev)[0] == "cuda"
+    for variant, table in (("miner", backend.GPU_MINER_ORDER),
+                           ("metrix", backend.GPU_METRIX_ORDER)):
+        assert backend.auto_order("MultiSimilarityLoss", dev, variant) == ["triton", "cuda"]
+        monkeypatch.setitem(table, "MultiSimilarityLoss", ("cuda", "triton"))
+        assert backend.auto_order("MultiSimilarityLoss", dev, variant) == ["cuda", "triton"]
+        # CPU tensors: the CPU engine either way
+        assert backend.auto_order("MultiSimilarityLoss", torch.device("cpu"), variant) == ["cpu"]
+
+
 def test_measured_order_prefers_cuda_for_ms_and_triton_for_proxy_anchor():
     # the H200 figures (benchmarks/results/h200_*.json) the table was filled from
     assert backend.GPU_ORDER["MultiSimilarityLoss"][0] == "cuda"
@@ -43,7 +61,7 @@ def test_auto_takes_the_next_engine_that_covers_the_call(monkeypatch):
     """The first engine refuses this call (its supports() says no): "auto" runs the second
     engine's fused op, not the reference, and the loss still equals the reference."""
     name = "MultiSimilarityLoss"
-    monkeypatch.setattr(backend, "auto_order", lambda loss, dev: ["cpu", "triton"])
+    monkeypatch.setattr(backend, "auto_order", lambda loss, dev, variant="clean": ["cpu", "triton"])
     _, cpu_impl = fused.IMPLS[("cpu", name)]
     monkeypatch.setitem(fused.IMPLS, ("cpu", name), (lambda *a: False, cpu_impl))
     ran = []
@@ -76,7 +94,7 @@ def test_auto_prefers_the_engine_that_fuses_metrix(monkeypatch):
     """Both engines cover the clean loss, only the second fuses this Metrix call: "auto" takes
     the second (else the mixed term would run the materialising reference)."""
     name = "MultiSimilarityLoss"
-    monkeypatch.setattr(backend, "auto_order", lambda loss, dev: ["cpu", "triton"])
+    monkeypatch.setattr(backend, "auto_order", lambda loss, dev, variant="clean": ["cpu", "triton"])
     _, cpu_mix = fused.METRIX_IMPLS[("cpu", name)]
     monkeypatch.setitem(fused.METRIX_IMPLS, ("cpu", name), (lambda *a: False, cpu_mix))
     ran = []

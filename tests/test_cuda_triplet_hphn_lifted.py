@@ -1,10 +1,12 @@
 """backend="cuda" for TripletMarginLoss (triplets_per_anchor="all"; csrc/cuda/triplet_cuda.cu),
 the clean HPHNTripletLoss (its mining op, csrc/cuda/hphn_mine_cuda.cu) and
-LiftedStructureLoss (csrc/cuda/lifted_cuda.cu): values and gradients against the reference
+LiftedStructureLoss (csrc/cuda/lifted_cuda.cu), and the loss option miner= on the CUDA engine:
+MultiSimilarityLoss with MultiSimilarityMiner (csrc/cuda/ms_mined_cuda.cu), TripletMarginLoss
+with TripletMarginMiner (triplet_cuda.cu's mined op) or BatchHardMiner: values and gradients against the reference
 over the shared cases, the ops against the CPU ops (chunk boundaries, many positives per
 row, ties, PML's partner rows), ref_emb, reducers, opcheck, bad input. Skipped without a GPU
 and the compiled CUDA kernels; the per-element math the kernels run is common/triplet.h and
-common/lifted.h, which the CPU tests check."""
+common/lifted.h and common/lse_acc.h, which the CPU tests check."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,9 +167,100 @@ def test_lifted_op_equals_the_cpu_op(cosine, chunk):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
 
 
+MINERS = [({}, 0.1), ({"alpha": 1.3, "beta": 20.0, "base": 0.3}, 0.05), ({}, 0.0)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kw,eps", MINERS, ids=["ms", "ms_kw", "eps0"])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-6, 1e-9),
+                                             (torch.float32, 1e-4, 1e-5)])
+def test_ms_miner_matches_pml_two_calls(case, kw, eps, dtype, rtol, atol):
+    """miner= inside the CUDA op against the reference loss on the miner's index tuple (PML's
+    loss(x, y, miner(x, y)))."""
+    x, y = make_case(case, dtype)
+    x, y = x.detach().cuda(), y.cuda()
+    miner = mo.miners.MultiSimilarityMiner(eps)
+    fused = mo.losses.MultiSimilarityLoss(backend="cuda", miner=miner, **kw)
+    ref = mo.losses.MultiSimilarityLoss(backend="reference", **kw)
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y, miner(e, y)), x, rtol=rtol,
+                    atol=atol)
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 64])
+def test_ms_mined_ops_equal_the_cpu_ops(chunk):
+    """Bounds, kept counts, rows and gradients against the CPU ops in fp64, chunked, with
+    references (exclude_diag off) and without."""
+    g = torch.Generator().manual_seed(chunk)
+    x = F.normalize(torch.randn(45, 7, dtype=torch.float64, generator=g), dim=1)
+    y = torch.randint(0, 5, (45,), generator=g)
+    gr = torch.rand(45, dtype=torch.float64, generator=g)
+    op = torch.ops.metrix_ops
+    for r, yr, excl in [(x, y, True), (x[:30].flip(0).contiguous(), y[:30].flip(0).contiguous(),
+                                        False)]:
+        cpu_b = op.ms_mine_bounds(x, r, y, yr, excl, chunk)
+        dev_in = [t.cuda() for t in (x, r, y, yr)]
+        dev_b = op.ms_mine_bounds(*dev_in, excl, chunk)
+        for a, b in zip(dev_b, cpu_b):
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
+        args = (excl, 2.0, 40.0, 0.5, 0.1, chunk)
+        cpu = op.ms_mined_fwd(x, r, y, yr, *cpu_b, *args)
+        dev = op.ms_mined_fwd(*dev_in, *dev_b, *args)
+        for a, b in zip(dev, cpu):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+        cpu = op.ms_mined_bwd(gr, x, r, y, yr, cpu[1], cpu[2], *cpu_b, *args)
+        dev = op.ms_mined_bwd(gr.cuda(), *dev_in, dev[1], dev[2], *dev_b, *args)
+        for a, b in zip(dev, cpu):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
+TRIPLET_MINERS = [("all", 0.2, {}), ("hard", 0.1, {"distance": "cosine"}),
+                  ("semihard", 0.2, {"margin": 0.1}), ("easy", 0.3, {}),
+                  ("semihard", 0.2, {"smooth_loss": True}), ("batch_hard", None, {}),
+                  ("batch_hard", None, {"distance": "cosine", "reducer": "sum"})]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kind,mm,kw", TRIPLET_MINERS,
+                         ids=["all", "hard_cos", "semihard", "easy", "semihard_smooth", "bh",
+                              "bh_cos_sum"])
+def test_triplet_miners_match_pml_two_calls(case, kind, mm, kw):
+    x, y = make_case(case, torch.float64)
+    x, y = x.detach().cuda(), y.cuda()
+    dist = CosineSimilarity() if kw.get("distance") == "cosine" else None
+    if kind == "batch_hard":
+        miner = mo.miners.BatchHardMiner(**({"distance": dist} if dist else {}))
+    else:
+        miner = mo.miners.TripletMarginMiner(mm, type_of_triplets=kind,
+                                             **({"distance": dist} if dist else {}))
+    fused = make("TripletMarginLoss", dict(kw, miner=miner), "cuda")
+    ref = make("TripletMarginLoss", kw, "reference")
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y, miner(e, y)), x)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])
+@pytest.mark.parametrize("chunk", [1, 9, 64])
+def test_triplet_mined_op_equals_the_cpu_op(smooth, kind, chunk):
+    g = torch.Generator().manual_seed(chunk * 7 + kind)
+    x = F.normalize(torch.randn(50, 5, dtype=torch.float64, generator=g), dim=1)
+    y = torch.randint(0, 3, (50,), generator=g)  # ~16 positives per row: past the dense path
+    gr = torch.rand(50, dtype=torch.float64, generator=g)
+    op = torch.ops.metrix_ops
+    for cosine in (True, False):
+        args = (True, cosine, 0.1, kind, 0.15, smooth, chunk)
+        cpu = op.triplet_mined_fwd(x, x, y, y, *args)
+        dev = op.triplet_mined_fwd(x.cuda(), x.cuda(), y.cuda(), y.cuda(), *args)
+        for a, b in zip(dev, cpu):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+        cpu = op.triplet_mined_bwd(gr, x, x, y, y, *args)
+        dev = op.triplet_mined_bwd(gr.cuda(), x.cuda(), x.cuda(), y.cuda(), y.cuda(), *args)
+        for a, b in zip(dev, cpu):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
 def test_explicit_cuda_runs_the_cuda_ops(monkeypatch):
     calls = []
-    for op in ("triplet_all_fwd", "ee_hphn_mine", "lifted_fwd"):
+    for op in ("triplet_all_fwd", "ee_hphn_mine", "lifted_fwd", "ms_mined_fwd"):
         real = getattr(torch.ops.metrix_ops, op)
         monkeypatch.setattr(torch.ops.metrix_ops, op,
                             lambda *a, real=real, op=op: calls.append((op, a[0].device.type))
@@ -177,8 +270,11 @@ def test_explicit_cuda_runs_the_cuda_ops(monkeypatch):
     for name in ("TripletMarginLoss", "HPHNTripletLoss", "LiftedStructureLoss"):
         out = make(name, {}, "cuda")(x, y)
         torch.testing.assert_close(out, make(name, {}, "reference")(x, y))
+    miner = mo.miners.MultiSimilarityMiner(0.1)
+    out = mo.losses.MultiSimilarityLoss(backend="cuda", miner=miner)(x, y)
+    torch.testing.assert_close(out, make("MultiSimilarityLoss", {}, "reference")(x, y, miner(x, y)))
     assert calls == [("triplet_all_fwd", "cuda"), ("ee_hphn_mine", "cuda"),
-                     ("lifted_fwd", "cuda")]
+                     ("lifted_fwd", "cuda"), ("ms_mined_fwd", "cuda")]
 
 
 def test_hphn_with_expansion_is_not_the_cuda_engines():
@@ -201,6 +297,9 @@ def test_opcheck(cosine):
     args = (x.requires_grad_(True), x.detach().clone().requires_grad_(True), y, y, True, cosine,
             0.1, 4)
     torch.library.opcheck(torch.ops.metrix_ops.triplet_all_fwd.default, args)
+    hn, hp = torch.ops.metrix_ops.ms_mine_bounds(x.detach(), x.detach(), y, y, True, 4)
+    torch.library.opcheck(torch.ops.metrix_ops.ms_mined_fwd.default,
+                          args[:4] + (hn, hp, True, 2.0, 50.0, 0.5, 0.1, 4))
     torch.library.opcheck(torch.ops.metrix_ops.lifted_fwd.default,
                           args[:4] + (torch.arange(9, device="cuda"), True, cosine, 0.0, 0.8, 0.0,
                                       float("inf"), 4))
@@ -217,6 +316,11 @@ def test_bad_input_names_the_argument():
         torch.ops.metrix_ops.triplet_all_fwd(x, x, y, y, True, True, float("nan"), 8)
     with pytest.raises(RuntimeError, match="labels"):
         torch.ops.metrix_ops.ee_hphn_mine(x, y[:4], NO_EMPTY.cuda(), NO_EMPTY.cuda(), 0, 8)
+    with pytest.raises(RuntimeError, match="mine_kind"):
+        torch.ops.metrix_ops.triplet_mined_fwd(x, x, y, y, True, True, 0.1, 7, 0.2, False, 8)
+    with pytest.raises(RuntimeError, match="hardest_neg"):
+        torch.ops.metrix_ops.ms_mined_fwd(x, x, y, y, y.double(), y.double(), True, 2.0, 50.0,
+                                          0.5, 0.1, 8)
     ys, p = y.sort().values, torch.arange(6, device="cuda")
     inf = float("inf")
     with pytest.raises(RuntimeError, match="labels must be sorted"):

@@ -35,6 +35,10 @@ void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Te
                           const at::Tensor& ref_labels, bool exclude_diag, double margin,
                           int64_t chunk);
 
+// The mined-triplet ops' rule: mine_kind 0 (all), 1 (hard), 2 (semihard) or 3 (easy)
+// (common/triplet.h's TriMineKind), a finite mine_margin.
+void check_mine_rule(int64_t kind, double mine_margin);
+
 // The triplet ops' block of values, rows [start, start + len) of x against r. L2: distances
 // exactly as PML's LpDistance computes them, torch.cdist on the unit rows with the
 // matmul-or-direct choice cdist makes for the whole B×M call, so that rounding-level ties

@@ -33,4 +33,12 @@ MO_HD T ms_pos_grad(T s, T alpha, T base, T lse) { return -std::exp(ms_pos_arg(s
 template <typename T>
 MO_HD T ms_neg_grad(T s, T beta, T base, T lse) { return std::exp(ms_neg_arg(s, beta, base) - lse); }
 
+// PML's MultiSimilarityMiner: row i keeps a positive pair when s − ε < hn_i (its hardest
+// negative) and a negative pair when s + ε > hp_i (its hardest positive), compared in T; a
+// NaN keeps nothing. (The CPU kernels, cpu/ms_kernels.h, take the same comparisons in lanes.)
+template <typename T>
+MO_HD bool ms_miner_keeps(T s, bool pos, T hn, T hp, T eps) {
+  return pos ? (s - eps < hn) : (s + eps > hp);
+}
+
 }  // namespace metrix_ops

@@ -102,6 +102,17 @@ MO_HD void tri_mined_window(const T* kp, long n, T kn, int kind, T m2, long* lo,
   }
 }
 
+// PML's smooth term (smooth_loss), F.softplus(v) (beta 1, threshold 20), and its derivative
+// as torch's softplus backward computes it.
+template <typename T>
+MO_HD T tri_softplus(T v) { return v > T(20) ? v : std::log1p(std::exp(v)); }
+template <typename T>
+MO_HD T tri_softplus_grad(T v) {
+  if (v > T(20)) return T(1);
+  const T z = std::exp(v);
+  return z / (z + T(1));
+}
+
 // First sorted rank whose triplet with kn has loss > 0 (the active positives: a suffix).
 template <typename T>
 MO_HD long tri_first_active(const T* kp, long n, T kn, T margin) {

@@ -30,12 +30,6 @@ struct MineRule {
   bool smooth;    // the loss's smooth_loss: softplus terms, summed over the kept window
 };
 
-void check_mine_rule(int64_t kind, double mine_margin) {
-  TORCH_CHECK(kind >= kTriMineAll && kind <= kTriMineEasy,
-              "mine_kind must be 0 (all), 1 (hard), 2 (semihard) or 3 (easy), got ", kind);
-  TORCH_CHECK(std::isfinite(mine_margin), "mine_margin must be finite, got ", mine_margin);
-}
-
 // For each negative j of the row (anchor label li, column `self` skipped): f(j, kn, klo,
 // khi, lo, hi) with [klo, khi) the sorted ranks of the positives the miner keeps with j and
 // [lo, hi) those of them whose hinge term is > 0 (each empty when hi ≤ lo, normalised so).
@@ -70,17 +64,6 @@ void with_keep(const MineRule& rule, F&& f) {
 // the dense path: few positives, hinge terms (smooth_loss's softplus stays on the searches)
 inline bool dense_rows(int64_t np, const MineRule& rule) {
   return !rule.smooth && np <= kDensePositives;
-}
-
-// PML's smooth term, F.softplus(v) (beta 1, threshold 20), and its derivative as torch's
-// softplus backward computes it.
-template <typename T>
-T tri_softplus(T v) { return v > T(20) ? v : std::log1p(std::exp(v)); }
-template <typename T>
-T tri_softplus_grad(T v) {
-  if (v > T(20)) return T(1);
-  const T z = std::exp(v);
-  return z / (z + T(1));
 }
 
 // Rows [r0, r0 + nr) from their block s: Σ over kept triplets of [(k_p − k_n) + m]₊, their

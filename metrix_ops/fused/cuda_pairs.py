@@ -3,8 +3,10 @@ implementations (csrc/cuda/pair_losses_cuda.cu: ms_loss, contrastive, circle;
 csrc/cuda/lifted_cuda.cu: gen_lifted; csrc/cuda/proxy_losses_cuda.cu: proxy_anchor, proxy_nca,
 which NPairsLoss also runs on; csrc/cuda/ntxent_cuda.cu: ntxent, supcon; csrc/cuda/triplet_cuda.cu: triplet_all, the
 all-triplets TripletMarginLoss; csrc/cuda/hphn_mine_cuda.cu: ee_hphn_mine without segments,
-the clean HPHNTripletLoss; csrc/cuda/lifted_cuda.cu: lifted, LiftedStructureLoss; dispatched
-by device), for CUDA tensors when the CUDA kernels were
+the clean HPHNTripletLoss; csrc/cuda/lifted_cuda.cu: lifted, LiftedStructureLoss;
+csrc/cuda/ms_mined_cuda.cu: ms_mine_bounds and ms_mined, MultiSimilarityLoss with
+miner=MultiSimilarityMiner; triplet_cuda.cu's triplet_mined, TripletMarginLoss with
+miner=TripletMarginMiner (BatchHardMiner's streamed picks are PyTorch); dispatched by device), for CUDA tensors when the CUDA kernels were
 compiled. The symmetric self ops are CPU-only: the glue
 takes the general op with r = x on CUDA tensors."""
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from .. import _ext
 from . import (circle, contrastive, generalized_lifted, hphn_triplet, lifted_structure,
                multi_similarity, npairs, ntxent, proxy_anchor, proxy_nca, register,
-               triplet_margin)
+               register_miner, triplet_margin)
 
 
 def _on_cuda(supports):
@@ -41,3 +43,9 @@ for _name, _supports, _impl in [
         ("HPHNTripletLoss", _hphn_supports, hphn_triplet.impl),
         ("LiftedStructureLoss", lifted_structure.supports, lifted_structure.impl)]:
     register("cuda", _name, _on_cuda(_supports), _impl)
+
+# miner= inside the op: the same glue as the CPU's (its general ops, not the symmetric ones)
+register_miner("cuda", "MultiSimilarityLoss", _on_cuda(multi_similarity.miner_supports),
+               multi_similarity.miner_impl)
+register_miner("cuda", "TripletMarginLoss", _on_cuda(triplet_margin.miner_supports),
+               triplet_margin.miner_impl)

@@ -1,0 +1,112 @@
+"""backend="cuda" for MultiSimilarityLoss with embedding-level Metrix (pos_neg, anchor_neg;
+csrc/cuda/ms_metrix_cuda.cu beside the CUDA engine's clean MS op) against the reference
+(closed-form candidates over dense B×B×B tensors) and the CPU engine: values and gradients
+over the shared cases, λ at and inside [0, 1], chunks cut between classes, a class larger
+than a chunk and than the Triton engine's limit of 64; opcheck; bad input; that the module
+uses the op. Skipped without a GPU and the compiled CUDA kernels."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrix_ops as mo
+from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from metrix_ops import _ext
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.HAS_CUDA_EXT),
+                                reason="needs a CUDA device and the compiled CUDA kernels")
+
+
+@pytest.fixture(autouse=True)
+def _fp32_products(no_tf32):  # conftest.py
+    pass
+
+
+def make(backend, lam, weight=0.4, pairs="pos_neg", **kw):
+    cfg = mo.Metrix(level="embedding", pairs=pairs, lam=lam, weight=weight)
+    return mo.losses.MultiSimilarityLoss(backend=backend, metrix=cfg, **kw)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """How many times the module reached the CUDA Metrix op."""
+    import metrix_ops.fused.cuda_metrix as cm
+    calls, real = [], cm.ms_metrix_rows_cuda
+    monkeypatch.setattr(cm, "ms_metrix_rows_cuda",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("lam,pairs", [(0.0, "pos_neg"), (0.3, "pos_neg"), (0.85, "pos_neg"),
+                                       (1.0, "pos_neg"), (0.3, "anchor_neg"), (1.0, "anchor_neg")])
+def test_matches_reference_fp64(case, lam, pairs, op_calls):
+    x, y = make_case(case)
+    x, y = x.detach().cuda(), y.cuda()
+    fused, ref = make("cuda", lam, pairs=pairs), make("reference", lam, pairs=pairs)
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
+    assert op_calls
+
+
+@pytest.mark.parametrize("kw", [{"alpha": 1.3, "beta": 20.0, "base": 0.3},
+                                {"alpha": 4.0, "beta": 80.0, "base": 0.7}])
+def test_hyper_parameters_and_weight(kw):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(29, 9, dtype=torch.float64, generator=g).cuda()
+    y = torch.randint(0, 5, (29,), generator=g).cuda()
+    fused, ref = make("cuda", 0.4, weight=1.7, **kw), make("reference", 0.4, weight=1.7, **kw)
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
+
+
+def test_fp32_and_bf16():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(67, 24, generator=g).cuda()
+    y = torch.randint(0, 9, (67,), generator=g).cuda()
+    fused, ref = make("cuda", 0.35), make("reference", 0.35)
+    assert_close_vg(lambda e: fused(e, y).double(), lambda e: ref(e.double(), y), x,
+                    rtol=1e-4, atol=1e-6)
+    xb = x.bfloat16().requires_grad_(True)
+    out = fused(xb, y)
+    out.backward()
+    assert out.dtype == torch.float32 and torch.isfinite(xb.grad.float()).all()
+
+
+@pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
+@pytest.mark.parametrize("chunk", [1, 10, 4096])
+def test_chunks_and_large_classes_equal_the_cpu_engine(pairs, chunk, monkeypatch):
+    """Chunks of whole classes (1: every class its own chunk; 10: classes straddling the
+    target), classes of 70 and 3 rows and singletons, against the CPU engine in fp64."""
+    import metrix_ops.fused.cuda_metrix as cm
+    monkeypatch.setattr(cm, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(chunk)
+    y = torch.cat([torch.zeros(70, dtype=torch.long), torch.randint(1, 12, (60,), generator=g),
+                   torch.arange(100, 104)])[torch.randperm(134, generator=g)]
+    x = torch.randn(134, 16, dtype=torch.float64, generator=g)
+    fused, cpu = make("cuda", 0.6, pairs=pairs), make("cpu", 0.6, pairs=pairs)
+    assert_close_vg(lambda e: fused(e, y.cuda()), lambda e: cpu(e.cpu(), y).cuda(), x.cuda())
+
+
+def test_opcheck():
+    from metrix_ops.fused.cuda_metrix import class_layout
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3], device="cuda")
+    x = F.normalize(torch.randn(8, 5, dtype=torch.float64, device="cuda"), dim=1)
+    start, size = class_layout(y)
+    for anchor_neg in (False, True):
+        torch.library.opcheck(torch.ops.metrix_ops.ms_metrix_mix_fwd.default,
+                              (x.requires_grad_(True), y, start, size, 2.0, 50.0, 0.5, 0.3,
+                               anchor_neg, 4))
+
+
+def test_bad_input_names_the_argument():
+    from metrix_ops.fused.cuda_metrix import class_layout
+    y = torch.tensor([0, 0, 1, 1, 2], device="cuda")
+    x = F.normalize(torch.randn(5, 4, device="cuda"), dim=1)
+    start, size = class_layout(y)
+    op = torch.ops.metrix_ops.ms_metrix_mix_fwd
+    with pytest.raises(RuntimeError, match="lam must be in"):
+        op(x, y, start, size, 2.0, 50.0, 0.5, 1.5, False, 8)
+    with pytest.raises(RuntimeError, match="class_size"):
+        op(x, y, start, size[:3], 2.0, 50.0, 0.5, 0.5, False, 8)
+    with pytest.raises(RuntimeError, match="label-sorted"):
+        op(x, y, start.flip(0).contiguous(), size, 2.0, 50.0, 0.5, 0.5, False, 8)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        op(x.cpu(), y, start, size, 2.0, 50.0, 0.5, 0.5, False, 8)
