@@ -1,5 +1,6 @@
-"""backend="cuda" for MultiSimilarityLoss with embedding-level Metrix (pos_neg, anchor_neg;
-csrc/cuda/ms_metrix_cuda.cu beside the CUDA engine's clean MS op) against the reference
+"""backend="cuda" for MultiSimilarityLoss and ContrastiveLoss with embedding-level Metrix
+(pos_neg, anchor_neg; csrc/cuda/ms_metrix_cuda.cu and contrastive_metrix_cuda.cu on
+cuda/metrix_rows.cuh, beside the CUDA engine's clean ops) against the reference
 (closed-form candidates over dense B×B×B tensors) and the CPU engine: values and gradients
 over the shared cases, λ at and inside [0, 1], chunks cut between classes, a class larger
 than a chunk and than the Triton engine's limit of 64; opcheck; bad input; that the module
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
 from metrix_ops import _ext
+from metrix_ops.distances import CosineSimilarity
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.HAS_CUDA_EXT),
                                 reason="needs a CUDA device and the compiled CUDA kernels")
@@ -21,28 +23,40 @@ def _fp32_products(no_tf32):  # conftest.py
     pass
 
 
-def make(backend, lam, weight=0.4, pairs="pos_neg", **kw):
+LOSSES = [("MultiSimilarityLoss", {}), ("ContrastiveLoss", {}),
+          ("ContrastiveLoss", {"distance": "cosine", "pos_margin": 0.9, "neg_margin": 0.4}),
+          ("ContrastiveLoss", {"pos_margin": 0.1, "neg_margin": 0.8,
+                               "reducer": mo.reducers.MeanReducer()})]
+LOSS_IDS = ["ms", "con", "con_cos", "con_mean"]
+
+
+def make(backend, lam, weight=0.4, pairs="pos_neg", name="MultiSimilarityLoss", **kw):
     cfg = mo.Metrix(level="embedding", pairs=pairs, lam=lam, weight=weight)
-    return mo.losses.MultiSimilarityLoss(backend=backend, metrix=cfg, **kw)
+    if kw.get("distance") == "cosine":
+        kw = dict(kw, distance=CosineSimilarity())
+    return getattr(mo.losses, name)(backend=backend, metrix=cfg, **kw)
 
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """How many times the module reached the CUDA Metrix op."""
+    """How many times the module reached a CUDA Metrix op."""
     import metrix_ops.fused.cuda_metrix as cm
-    calls, real = [], cm.ms_metrix_rows_cuda
-    monkeypatch.setattr(cm, "ms_metrix_rows_cuda",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = []
+    for fn in ("ms_metrix_rows_cuda", "con_metrix_rows_cuda"):
+        real = getattr(cm, fn)
+        monkeypatch.setattr(cm, fn, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("lam,pairs", [(0.0, "pos_neg"), (0.3, "pos_neg"), (0.85, "pos_neg"),
                                        (1.0, "pos_neg"), (0.3, "anchor_neg"), (1.0, "anchor_neg")])
-def test_matches_reference_fp64(case, lam, pairs, op_calls):
+@pytest.mark.parametrize("name,kw", LOSSES, ids=LOSS_IDS)
+def test_matches_reference_fp64(case, lam, pairs, name, kw, op_calls):
     x, y = make_case(case)
     x, y = x.detach().cuda(), y.cuda()
-    fused, ref = make("cuda", lam, pairs=pairs), make("reference", lam, pairs=pairs)
+    fused = make("cuda", lam, pairs=pairs, name=name, **kw)
+    ref = make("reference", lam, pairs=pairs, name=name, **kw)
     assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
     assert op_calls
 
@@ -57,11 +71,12 @@ def test_hyper_parameters_and_weight(kw):
     assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
 
 
-def test_fp32_and_bf16():
+@pytest.mark.parametrize("name,kw", LOSSES, ids=LOSS_IDS)
+def test_fp32_and_bf16(name, kw):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(67, 24, generator=g).cuda()
     y = torch.randint(0, 9, (67,), generator=g).cuda()
-    fused, ref = make("cuda", 0.35), make("reference", 0.35)
+    fused, ref = make("cuda", 0.35, name=name, **kw), make("reference", 0.35, name=name, **kw)
     assert_close_vg(lambda e: fused(e, y).double(), lambda e: ref(e.double(), y), x,
                     rtol=1e-4, atol=1e-6)
     xb = x.bfloat16().requires_grad_(True)
@@ -70,9 +85,10 @@ def test_fp32_and_bf16():
     assert out.dtype == torch.float32 and torch.isfinite(xb.grad.float()).all()
 
 
+@pytest.mark.parametrize("name,kw", LOSSES, ids=LOSS_IDS)
 @pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
 @pytest.mark.parametrize("chunk", [1, 10, 4096])
-def test_chunks_and_large_classes_equal_the_cpu_engine(pairs, chunk, monkeypatch):
+def test_chunks_and_large_classes_equal_the_cpu_engine(pairs, chunk, name, kw, monkeypatch):
     """Chunks of whole classes (1: every class its own chunk; 10: classes straddling the
     target), classes of 70 and 3 rows and singletons, against the CPU engine in fp64."""
     import metrix_ops.fused.cuda_metrix as cm
@@ -81,7 +97,8 @@ def test_chunks_and_large_classes_equal_the_cpu_engine(pairs, chunk, monkeypatch
     y = torch.cat([torch.zeros(70, dtype=torch.long), torch.randint(1, 12, (60,), generator=g),
                    torch.arange(100, 104)])[torch.randperm(134, generator=g)]
     x = torch.randn(134, 16, dtype=torch.float64, generator=g)
-    fused, cpu = make("cuda", 0.6, pairs=pairs), make("cpu", 0.6, pairs=pairs)
+    fused = make("cuda", 0.6, pairs=pairs, name=name, **kw)
+    cpu = make("cpu", 0.6, pairs=pairs, name=name, **kw)
     assert_close_vg(lambda e: fused(e, y.cuda()), lambda e: cpu(e.cpu(), y).cuda(), x.cuda())
 
 
@@ -90,10 +107,13 @@ def test_opcheck():
     y = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3], device="cuda")
     x = F.normalize(torch.randn(8, 5, dtype=torch.float64, device="cuda"), dim=1)
     start, size = class_layout(y)
+    x.requires_grad_(True)
     for anchor_neg in (False, True):
         torch.library.opcheck(torch.ops.metrix_ops.ms_metrix_mix_fwd.default,
-                              (x.requires_grad_(True), y, start, size, 2.0, 50.0, 0.5, 0.3,
-                               anchor_neg, 4))
+                              (x, y, start, size, 2.0, 50.0, 0.5, 0.3, anchor_neg, 4))
+        for cosine in (False, True):
+            torch.library.opcheck(torch.ops.metrix_ops.contrastive_metrix_mix_fwd.default,
+                                  (x, y, start, size, cosine, 0.1, 0.8, 0.3, anchor_neg, 4))
 
 
 def test_bad_input_names_the_argument():
@@ -110,3 +130,6 @@ def test_bad_input_names_the_argument():
         op(x, y, start.flip(0).contiguous(), size, 2.0, 50.0, 0.5, 0.5, False, 8)
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         op(x.cpu(), y, start, size, 2.0, 50.0, 0.5, 0.5, False, 8)
+    with pytest.raises(RuntimeError, match="lam must be in"):
+        torch.ops.metrix_ops.contrastive_metrix_mix_fwd(x, y, start, size, False, 0.0, 1.0, -0.1,
+                                                        False, 8)

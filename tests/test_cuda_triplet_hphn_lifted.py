@@ -95,21 +95,23 @@ def test_bf16_embeddings_give_an_fp32_loss():
 
 @pytest.mark.parametrize("cosine", [True, False])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-@pytest.mark.parametrize("classes", [2, 9])  # 2: ~30 positives per row (a deep sort)
+# 2 classes: ~80 positives per row, past the CPU op's dense path (64) into its search path,
+# the one the CUDA kernels follow; 9: ~18, its dense path
+@pytest.mark.parametrize("classes", [2, 9])
 def test_triplet_op_equals_the_cpu_op(cosine, chunk, classes):
     """The CUDA op's totals and gradients against the CPU op's (itself checked against the
     reference in the CPU tests) in fp64: chunks of anchors, rows with many positives, tied
     keys from duplicated rows (cosine), a margin at which some triplets are exactly 0."""
     g = torch.Generator().manual_seed(chunk * 10 + classes)
-    x = F.normalize(torch.randn(61, 5, dtype=torch.float64, generator=g), dim=1)
+    x = F.normalize(torch.randn(161, 5, dtype=torch.float64, generator=g), dim=1)
     if cosine:  # tied keys (L2 distances of equal rows are cdist's rounding, device-specific)
         x[7] = x[3]
         x[20] = x[3]
-    y = torch.randint(0, classes, (61,), generator=g)
-    grad = torch.rand(61, dtype=torch.float64, generator=g)
+    y = torch.randint(0, classes, (161,), generator=g)
+    grad = torch.rand(161, dtype=torch.float64, generator=g)
     grad[5] = 0  # a row whose gradient is skipped
     for same in (True, False):
-        r, yr = (x, y) if same else (x[:45].flip(0).contiguous(), y[:45].flip(0).contiguous())
+        r, yr = (x, y) if same else (x[:145].flip(0).contiguous(), y[:145].flip(0).contiguous())
         args = (same, cosine, 0.1, chunk)
         cpu = torch.ops.metrix_ops.triplet_all_fwd(x, r, y, yr, *args)
         dev = torch.ops.metrix_ops.triplet_all_fwd(x.cuda(), r.cuda(), y.cuda(), yr.cuda(), *args)
@@ -200,8 +202,10 @@ def test_ms_mined_ops_equal_the_cpu_ops(chunk):
         cpu_b = op.ms_mine_bounds(x, r, y, yr, excl, chunk)
         dev_in = [t.cuda() for t in (x, r, y, yr)]
         dev_b = op.ms_mine_bounds(*dev_in, excl, chunk)
-        for a, b in zip(dev_b, cpu_b):
-            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
+        for a, b in zip(dev_b, cpu_b):  # entries of S from two BLAS: equal to rounding
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-14)
+        # both ops on the CPU's bounds, so that the kept pairs are the same set
+        dev_b = [t.cuda() for t in cpu_b]
         args = (excl, 2.0, 40.0, 0.5, 0.1, chunk)
         cpu = op.ms_mined_fwd(x, r, y, yr, *cpu_b, *args)
         dev = op.ms_mined_fwd(*dev_in, *dev_b, *args)
@@ -240,11 +244,12 @@ def test_triplet_miners_match_pml_two_calls(case, kind, mm, kw):
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("kind", [0, 1, 2, 3])
 @pytest.mark.parametrize("chunk", [1, 9, 64])
-def test_triplet_mined_op_equals_the_cpu_op(smooth, kind, chunk):
+@pytest.mark.parametrize("classes", [2, 9])  # the CPU op's search path (> 64 positives), dense
+def test_triplet_mined_op_equals_the_cpu_op(smooth, kind, chunk, classes):
     g = torch.Generator().manual_seed(chunk * 7 + kind)
-    x = F.normalize(torch.randn(50, 5, dtype=torch.float64, generator=g), dim=1)
-    y = torch.randint(0, 3, (50,), generator=g)  # ~16 positives per row: past the dense path
-    gr = torch.rand(50, dtype=torch.float64, generator=g)
+    x = F.normalize(torch.randn(150, 5, dtype=torch.float64, generator=g), dim=1)
+    y = torch.randint(0, classes, (150,), generator=g)
+    gr = torch.rand(150, dtype=torch.float64, generator=g)
     op = torch.ops.metrix_ops
     for cosine in (True, False):
         args = (True, cosine, 0.1, kind, 0.15, smooth, chunk)
@@ -288,6 +293,13 @@ def test_hphn_with_expansion_is_not_the_cuda_engines():
     seg = torch.tensor([0], device="cuda")
     with pytest.raises(RuntimeError, match="Triton engine"):
         torch.ops.metrix_ops.ee_hphn_mine(F.normalize(x, dim=1), y, seg, seg + 1, 2, 8)
+    # n_points = 0: the segments carry no point but are checked, as the CPU op checks them
+    xu = F.normalize(x, dim=1)
+    no_points = torch.ops.metrix_ops.ee_hphn_mine(xu, y, seg, seg + 1, 0, 8)
+    torch.testing.assert_close(no_points, torch.ops.metrix_ops.ee_hphn_mine(
+        xu, y, NO_EMPTY.cuda(), NO_EMPTY.cuda(), 0, 8))
+    with pytest.raises(RuntimeError, match="different labels"):
+        torch.ops.metrix_ops.ee_hphn_mine(xu, y, seg + 1, seg + 2, 0, 8)
 
 
 @pytest.mark.parametrize("cosine", [True, False])

@@ -84,9 +84,21 @@ at::Tensor ee_hphn_mine_cuda(const at::Tensor& x_, const at::Tensor& labels_,
   TORCH_CHECK(n >= 0, "n_points must be >= 0, got ", n);
   TORCH_CHECK(seg_i.dim() == 1 && seg_j.dim() == 1 && seg_i.size(0) == seg_j.size(0),
               "seg_i and seg_j must be of the same shape (S,)");
-  TORCH_CHECK(seg_i.size(0) == 0,
-              "ee_hphn_mine on CUDA tensors mines the clean loss only (no segments); Embedding "
-              "Expansion on CUDA tensors runs on the Triton engine (backend='triton')");
+  TORCH_CHECK(n == 0 || seg_i.size(0) == 0,
+              "ee_hphn_mine on CUDA tensors mines the clean loss only (n_points = 0 or no "
+              "segments); Embedding Expansion on CUDA tensors runs on the Triton engine "
+              "(backend='triton')");
+  if (seg_i.size(0) > 0) {  // no points on them, but checked as the CPU op checks them
+    TORCH_CHECK(seg_i.scalar_type() == at::kLong && seg_j.scalar_type() == at::kLong,
+                "seg_i and seg_j must be int64");
+    const at::Tensor si = seg_i.to(labels_.device()), sj = seg_j.to(labels_.device());
+    const int64_t B = x_.size(0);
+    TORCH_CHECK(((si >= 0) & (si < B) & (sj >= 0) & (sj < B) & (si != sj)).all().item<bool>(),
+                "seg_i/seg_j: every segment must join two distinct rows in [0, ", B, ")");
+    TORCH_CHECK(labels_.index_select(0, si).eq(labels_.index_select(0, sj)).all().item<bool>(),
+                "seg_i/seg_j: a segment joins rows of different labels; segments are positive "
+                "pairs");
+  }
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous();
   auto labels = labels_.contiguous();

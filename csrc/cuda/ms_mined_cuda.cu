@@ -81,7 +81,9 @@ template <typename T>
 struct MinedState {
   OnlineLse<T> pos, neg;
   long long kept_pos, kept_neg;
-  MO_HD static MinedState empty() { return {lse_with_one<T>(), lse_with_one<T>(), 0, 0}; }
+  // the identity of merge (every lane of the fold starts from it); the rows' e^0 term of
+  // log(1 + Σ) is their initial state instead (make_states' init)
+  MO_HD static MinedState empty() { return {OnlineLse<T>::empty(), OnlineLse<T>::empty(), 0, 0}; }
   MO_HD void merge(const MinedState& o) {
     pos.merge(o.pos);
     neg.merge(o.neg);
@@ -158,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_mined_fwd_cuda(
     using T = scalar_t;
     const MinedRows<T> loss{T(alpha), T(beta), T(base), T(eps), hn.data_ptr<T>(),
                             hp.data_ptr<T>()};
-    at::Tensor buf = cuda_pairs::make_states(B, MinedState<T>::empty(), x.options());
+    const MinedState<T> init{lse_with_one<T>(), lse_with_one<T>(), 0, 0};
+    at::Tensor buf = cuda_pairs::make_states(B, init, x.options());
     auto* state = reinterpret_cast<MinedState<T>*>(buf.data_ptr());
     cuda_pairs::fold_all<MinedRows<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss,
                                           state);

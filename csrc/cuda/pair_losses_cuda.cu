@@ -107,17 +107,7 @@ std::tuple<at::Tensor, at::Tensor> ms_loss_bwd_cuda(
 
 // ---- contrastive: per row the sum and count of the kept hinge terms of each side
 
-struct ConState {
-  double pos_sum, neg_sum;  // fp64 sums, as the CPU op: B·M terms would lose digits in fp32
-  long long pos_cnt, neg_cnt;
-  MO_HD static ConState empty() { return {0.0, 0.0, 0, 0}; }
-  MO_HD void merge(const ConState& o) {
-    pos_sum += o.pos_sum;
-    neg_sum += o.neg_sum;
-    pos_cnt += o.pos_cnt;
-    neg_cnt += o.neg_cnt;
-  }
-};
+using ConState = cuda_pairs::SideSums;
 
 template <typename T>
 struct ConRowLoss {

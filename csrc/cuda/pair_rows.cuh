@@ -43,6 +43,21 @@ struct TwoSideLse {
   }
 };
 
+// The state of a loss that keeps per row the sum and count of its kept terms on each side
+// (contrastive, clean and mixed): fp64 sums, as the CPU ops (B·M terms would lose digits in
+// fp32).
+struct SideSums {
+  double pos_sum, neg_sum;
+  long long pos_cnt, neg_cnt;
+  MO_HD static SideSums empty() { return {0.0, 0.0, 0, 0}; }
+  MO_HD void merge(const SideSums& o) {
+    pos_sum += o.pos_sum;
+    neg_sum += o.neg_sum;
+    pos_cnt += o.pos_cnt;
+    neg_cnt += o.neg_cnt;
+  }
+};
+
 // The pair ops' input checks (common/checks.h), and that x lives on a CUDA device.
 inline void check_cuda_pair_call(const at::Tensor& x, const at::Tensor& r,
                                  const at::Tensor& labels, const at::Tensor& ref_labels,

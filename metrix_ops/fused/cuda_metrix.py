@@ -1,21 +1,27 @@
-"""backend="cuda": MultiSimilarityLoss with its embedding-level Metrix term (pairs "pos_neg"
-or "anchor_neg", the batch against itself): the clean loss from the CUDA engine's MS op, the
-mixed term ℓ̃(a) from csrc/cuda/ms_metrix_cuda.cu on the label-sorted batch (chunks of whole
-classes, candidates in closed form; no class-size limit). Fake kernels for torch.compile and
-autograd for the op are here; CUDA builds only."""
+"""backend="cuda": MultiSimilarityLoss and ContrastiveLoss with their embedding-level Metrix
+term (pairs "pos_neg" or "anchor_neg", the batch against itself): the clean loss from the
+CUDA engine's op, the mixed term from csrc/cuda/ms_metrix_cuda.cu or
+contrastive_metrix_cuda.cu (the engine cuda/metrix_rows.cuh) on the label-sorted batch
+(chunks of whole classes, candidates in closed form; no class-size limit). Fake kernels for
+torch.compile and autograd for the ops are here; CUDA builds only."""
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
+from ..ops.contrastive import contrastive_rows
 from ..ops.ms_loss import ms_loss_rows
 from ..ops.ms_metrix import label_sorted
 from ..ops.unit_rows import unit_rows
 from . import register_metrix
+from . import contrastive as con
 from .multi_similarity import _reduce_clean, self_pairs, supports as clean_supports
+from .pair_counts import pair_count_tensors
 
 _FWD = "metrix_ops::ms_metrix_mix_fwd"
-HAS_OP = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "ms_metrix_mix_fwd")
+_CON = "metrix_ops::contrastive_metrix_mix_fwd"
+HAS_OP = (_ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "ms_metrix_mix_fwd")
+          and hasattr(torch.ops.metrix_ops, "contrastive_metrix_mix_fwd"))
 CHUNK = 1024  # rows of whole classes per product S_rows = X_rows Xᵀ (tests set it small)
 
 if HAS_OP:
@@ -35,11 +41,42 @@ if HAS_OP:
         ctx.mark_non_differentiable(output[1], output[2])
 
     def _backward(ctx, g_mix, _g_lp, _g_ln):
-        dx = torch.ops.metrix_ops.ms_metrix_mix_bwd(g_mix.contiguous(), *ctx.saved_tensors,
+        x = ctx.saved_tensors[0]
+        g = torch.zeros(len(x), dtype=x.dtype, device=x.device) if g_mix is None else g_mix
+        dx = torch.ops.metrix_ops.ms_metrix_mix_bwd(g.contiguous(), *ctx.saved_tensors,
                                                     *ctx.consts)
         return (dx,) + (None,) * 9
 
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake(_CON)
+    def _fake_con(x, labels, class_start, class_size, cosine, pos_margin, neg_margin, lam,
+                  anchor_neg, chunk):
+        b = x.shape[0]  # sums in x's dtype, counts int64
+        return tuple(x.new_empty(b) if k % 2 == 0 else x.new_empty(b, dtype=torch.long)
+                     for k in range(4))
+
+    @torch.library.register_fake("metrix_ops::contrastive_metrix_mix_bwd")
+    def _fake_con_bwd(grad_pos, grad_neg, x, labels, class_start, class_size, cosine,
+                      pos_margin, neg_margin, lam, anchor_neg, chunk):
+        return torch.empty_like(x)
+
+    def _setup_con(ctx, inputs, output):
+        x, labels, class_start, class_size, *consts = inputs
+        ctx.save_for_backward(x, labels, class_start, class_size)
+        ctx.consts = tuple(consts)
+        ctx.mark_non_differentiable(output[1], output[3])
+
+    def _backward_con(ctx, g_pos, _g_pc, g_neg, _g_nc):
+        x = ctx.saved_tensors[0]
+        # an output nobody used may come back as None; the op wants both row gradients
+        gs = [torch.zeros(len(x), dtype=x.dtype, device=x.device) if g is None
+              else g.contiguous() for g in (g_pos, g_neg)]
+        dx = torch.ops.metrix_ops.contrastive_metrix_mix_bwd(*gs, *ctx.saved_tensors,
+                                                             *ctx.consts)
+        return (dx,) + (None,) * 9
+
+    torch.library.register_autograd(_CON, _backward_con, setup_context=_setup_con)
 
 
 def class_layout(sorted_labels):
@@ -49,24 +86,43 @@ def class_layout(sorted_labels):
     return (torch.cumsum(sizes, 0) - sizes)[inverse], sizes[inverse]
 
 
-def ms_metrix_rows_cuda(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
-                        pairs: str = "pos_neg", chunk: int | None = None):
-    """ℓ̃(a) for each anchor (B,), in the caller's order, of unit rows x_unit against
-    themselves (0 where V(a) is empty); differentiable in x_unit."""
+def _sorted_call(op, x_unit, labels, pairs, consts, chunk):
+    """op on the label-sorted batch with its class layout, every output back in the caller's
+    order."""
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels.long())
     start, size = class_layout(ys)
-    mix, _, _ = torch.ops.metrix_ops.ms_metrix_mix_fwd(
-        xs, ys, start, size, float(alpha), float(beta), float(base), float(lam),
-        pairs == "anchor_neg", int(chunk or CHUNK))
-    return mix.index_select(0, inverse)
+    out = op(xs, ys, start, size, *consts, pairs == "anchor_neg", int(chunk or CHUNK))
+    return tuple(t.index_select(0, inverse) for t in out)
+
+
+def ms_metrix_rows_cuda(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
+                        pairs: str = "pos_neg", chunk: int | None = None):
+    """ℓ̃(a) for each anchor (B,), in the caller's order, of unit rows x_unit against
+    themselves (0 where V(a) is empty); differentiable in x_unit."""
+    consts = (float(alpha), float(beta), float(base), float(lam))
+    return _sorted_call(torch.ops.metrix_ops.ms_metrix_mix_fwd, x_unit, labels, pairs, consts,
+                        chunk)[0]
+
+
+def con_metrix_rows_cuda(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
+                         lam: float, pairs: str = "pos_neg", chunk: int | None = None):
+    """Per anchor (pos_sum, pos_count, neg_sum, neg_count) of its Metrix candidates'
+    contrastive terms > 0, in the caller's order; the sums differentiable in x_unit."""
+    consts = (bool(cosine), float(pos_margin), float(neg_margin), float(lam))
+    return _sorted_call(torch.ops.metrix_ops.contrastive_metrix_mix_fwd, x_unit, labels, pairs,
+                        consts, chunk)
+
+
+def _covers(clean, params, inp, expansion, metrix) -> bool:
+    return (HAS_OP and inp.embeddings.device.type == "cuda"
+            and clean(params, inp, expansion) and metrix.level == "embedding"
+            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp))
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    return (HAS_OP and inp.embeddings.device.type == "cuda"
-            and clean_supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp))
+    return _covers(clean_supports, params, inp, expansion, metrix)
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float):
@@ -79,4 +135,30 @@ def metrix_impl(params, inp, reducer, metrix, lam: float):
     return _reduce_clean(rows, inp, reducer) + metrix.weight * (mix.sum() / max(len(mix), 1))
 
 
+def con_metrix_supports(params, inp, expansion, metrix) -> bool:
+    return _covers(con.supports, params, inp, expansion, metrix)
+
+
+def con_metrix_impl(params, inp, reducer, metrix, lam: float):
+    """The CPU glue's form (fused/contrastive.py metrix_impl): the clean rows reduced as the
+    clean loss does; the mixed term AvgNonZero-reduces its two sides apart over all
+    candidates of all anchors, then sums them, whatever the clean loss's reducer."""
+    x = inp.embeddings
+    window = con._window(reducer)
+    if window is None:  # a reducer the ops cannot express: the reference, both terms
+        from ..reference.metrix import metrix_loss
+        from ..reducers import reduce_loss_dict
+        from ..spec import get_spec
+        clean = reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
+        return clean + metrix.weight * metrix_loss("ContrastiveLoss", params, inp, metrix, lam)
+    xu = unit_rows(x)
+    cosine, pm, nm, (low, high), scale = con.op_form(inp.distance, params, window, x.dtype)
+    n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+    clean = contrastive_rows(xu, xu, inp.labels, inp.labels, True, cosine, pm, nm, low, high)
+    mixed = con_metrix_rows_cuda(xu, inp.labels, cosine, pm, nm, lam, metrix.pairs)
+    return (con._reduce_clean(con._scaled(clean, scale), n_pos, n_neg, reducer, x)
+            + metrix.weight * con.mixed_contrastive(con._scaled(mixed, scale), x))
+
+
 register_metrix("cuda", "MultiSimilarityLoss", metrix_supports, metrix_impl)
+register_metrix("cuda", "ContrastiveLoss", con_metrix_supports, con_metrix_impl)
