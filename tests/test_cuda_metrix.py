@@ -128,6 +128,10 @@ def test_bad_input_names_the_argument():
         op(x, y, start, size[:3], 2.0, 50.0, 0.5, 0.5, False, 8)
     with pytest.raises(RuntimeError, match="label-sorted"):
         op(x, y, start.flip(0).contiguous(), size, 2.0, 50.0, 0.5, 0.5, False, 8)
+    bad = size.clone()
+    bad[1] = 3  # a row inside a class disagreeing with its class's first row
+    with pytest.raises(RuntimeError, match="label-sorted"):
+        op(x, y, start, bad, 2.0, 50.0, 0.5, 0.5, False, 8)
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         op(x.cpu(), y, start, size, 2.0, 50.0, 0.5, 0.5, False, 8)
     with pytest.raises(RuntimeError, match="lam must be in"):

@@ -222,6 +222,9 @@ inline std::vector<int64_t> class_chunks(const at::Tensor& cstart, const at::Ten
     TORCH_CHECK(s[r] == r && k[r] > 0 && r + k[r] <= B,
                 "class_start/class_size must describe the classes of a label-sorted batch");
     const int64_t end = r + k[r];
+    for (int64_t q = r + 1; q < end; ++q)  // every row of the class: the kernels trust them
+      TORCH_CHECK(s[q] == r && k[q] == k[r],
+                  "class_start/class_size must describe the classes of a label-sorted batch");
     if (end - out.back() > chunk && r > out.back()) out.push_back(r);
     r = end;
   }

@@ -20,11 +20,11 @@ from .pair_counts import pair_count_tensors
 
 _FWD = "metrix_ops::ms_metrix_mix_fwd"
 _CON = "metrix_ops::contrastive_metrix_mix_fwd"
-HAS_OP = (_ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "ms_metrix_mix_fwd")
-          and hasattr(torch.ops.metrix_ops, "contrastive_metrix_mix_fwd"))
+HAS_MS = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "ms_metrix_mix_fwd")
+HAS_CON = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "contrastive_metrix_mix_fwd")
 CHUNK = 1024  # rows of whole classes per product S_rows = X_rows Xᵀ (tests set it small)
 
-if HAS_OP:
+if HAS_MS:
     @torch.library.register_fake(_FWD)
     def _fake(x, labels, class_start, class_size, alpha, beta, base, lam, anchor_neg, chunk):
         return tuple(x.new_empty(x.shape[0]) for _ in range(3))
@@ -42,13 +42,14 @@ if HAS_OP:
 
     def _backward(ctx, g_mix, _g_lp, _g_ln):
         x = ctx.saved_tensors[0]
-        g = torch.zeros(len(x), dtype=x.dtype, device=x.device) if g_mix is None else g_mix
+        g = x.new_zeros(x.shape[0]) if g_mix is None else g_mix
         dx = torch.ops.metrix_ops.ms_metrix_mix_bwd(g.contiguous(), *ctx.saved_tensors,
                                                     *ctx.consts)
         return (dx,) + (None,) * 9
 
     torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
+if HAS_CON:
     @torch.library.register_fake(_CON)
     def _fake_con(x, labels, class_start, class_size, cosine, pos_margin, neg_margin, lam,
                   anchor_neg, chunk):
@@ -70,8 +71,7 @@ if HAS_OP:
     def _backward_con(ctx, g_pos, _g_pc, g_neg, _g_nc):
         x = ctx.saved_tensors[0]
         # an output nobody used may come back as None; the op wants both row gradients
-        gs = [torch.zeros(len(x), dtype=x.dtype, device=x.device) if g is None
-              else g.contiguous() for g in (g_pos, g_neg)]
+        gs = [x.new_zeros(x.shape[0]) if g is None else g.contiguous() for g in (g_pos, g_neg)]
         dx = torch.ops.metrix_ops.contrastive_metrix_mix_bwd(*gs, *ctx.saved_tensors,
                                                              *ctx.consts)
         return (dx,) + (None,) * 9
@@ -115,14 +115,14 @@ def con_metrix_rows_cuda(x_unit, labels, cosine: bool, pos_margin: float, neg_ma
                         consts, chunk)
 
 
-def _covers(clean, params, inp, expansion, metrix) -> bool:
-    return (HAS_OP and inp.embeddings.device.type == "cuda"
+def _covers(has_op, clean, params, inp, expansion, metrix) -> bool:
+    return (has_op and inp.embeddings.device.type == "cuda"
             and clean(params, inp, expansion) and metrix.level == "embedding"
             and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp))
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    return _covers(clean_supports, params, inp, expansion, metrix)
+    return _covers(HAS_MS, clean_supports, params, inp, expansion, metrix)
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float):
@@ -136,7 +136,7 @@ def metrix_impl(params, inp, reducer, metrix, lam: float):
 
 
 def con_metrix_supports(params, inp, expansion, metrix) -> bool:
-    return _covers(con.supports, params, inp, expansion, metrix)
+    return _covers(HAS_CON, con.supports, params, inp, expansion, metrix)
 
 
 def con_metrix_impl(params, inp, reducer, metrix, lam: float):
