@@ -58,8 +58,8 @@ def _device_ok(backend: str, device: torch.device) -> bool:
 
 # Calls with a loss option that runs inside the op, on CUDA tensors: miner= (mined inside the
 # op) and an embedding-level Metrix term. Triton first, whose mined and Metrix kernels share
-# the clean ones' tiles; the CUDA engine's mined MS and TripletMargin and its Metrix MS and
-# Contrastive (twenty-second session) have not run on a GPU yet.
+# the clean ones' tiles; the CUDA engine's mined MS and TripletMargin and its Metrix MS,
+# Contrastive, Circle and GeneralizedLifted (twenty-second session) have not run on a GPU yet.
 GPU_MINER_ORDER: dict = {}
 GPU_METRIX_ORDER: dict = {}
 _GPU_TABLES = {"clean": GPU_ORDER, "miner": GPU_MINER_ORDER, "metrix": GPU_METRIX_ORDER}

@@ -66,8 +66,9 @@ for name in ('MultiSimilarityLoss', 'ContrastiveLoss', 'CircleLoss', 'NTXentLoss
         getattr(metrix_ops.losses, name)(backend='cuda')(e, y).backward(); torch.cuda.synchronize()
 e = x.clone().requires_grad_(True)  # Metrix MS on the CUDA engine
 metrix_ops.losses.MultiSimilarityLoss(backend='cuda', metrix=metrix_ops.Metrix(lam=0.3))(e, y).backward()
-e = x.clone().requires_grad_(True)
-metrix_ops.losses.ContrastiveLoss(backend='cuda', metrix=metrix_ops.Metrix(lam=0.3))(e, y).backward()
+for name in ('ContrastiveLoss', 'CircleLoss', 'GeneralizedLiftedStructureLoss'):
+    e = x.clone().requires_grad_(True)
+    getattr(metrix_ops.losses, name)(backend='cuda', metrix=metrix_ops.Metrix(lam=0.3))(e, y).backward()
 for miner in (metrix_ops.miners.MultiSimilarityMiner(0.1),):  # miner= inside the CUDA ops
     e = x.clone().requires_grad_(True)
     metrix_ops.losses.MultiSimilarityLoss(backend='cuda', miner=miner)(e, y).backward()
@@ -106,13 +107,12 @@ pack "triton tile sweep"
 for loss in contrastive proxy_anchor ntxent supcon circle triplet hphn; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
-# embedding-level Metrix on the Triton engine against the clean loss; MS's and contrastive's
-# also on the CUDA engine (twenty-second session: csrc/cuda/*_metrix_cuda.cu)
-for loss in metrix_ms metrix_contrastive; do
+# embedding-level Metrix on the Triton engine against the clean loss; all but the proxy
+# losses' also on the CUDA engine (twenty-second session: csrc/cuda/*_metrix_cuda.cu)
+for loss in metrix_ms metrix_contrastive metrix_circle metrix_generalized_lifted; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
-for loss in metrix_circle metrix_generalized_lifted metrix_proxy_nca \
-            metrix_proxy_anchor; do
+for loss in metrix_proxy_nca metrix_proxy_anchor; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
 # the losses new to the GPU engines in the seventh session (none has run on a GPU yet)

@@ -1,5 +1,6 @@
-"""backend="cuda" for MultiSimilarityLoss and ContrastiveLoss with embedding-level Metrix
-(pos_neg, anchor_neg; csrc/cuda/ms_metrix_cuda.cu and contrastive_metrix_cuda.cu on
+"""backend="cuda" for MultiSimilarityLoss, ContrastiveLoss, CircleLoss and
+GeneralizedLiftedStructureLoss with embedding-level Metrix (pos_neg, anchor_neg;
+csrc/cuda/ms_metrix_cuda.cu, contrastive_metrix_cuda.cu and lse_metrix_cuda.cu on
 cuda/metrix_rows.cuh, beside the CUDA engine's clean ops) against the reference
 (closed-form candidates over dense B×B×B tensors) and the CPU engine: values and gradients
 over the shared cases, λ at and inside [0, 1], chunks cut between classes, a class larger
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 from metrix_ops import _ext
 from metrix_ops.distances import CosineSimilarity
 
@@ -26,8 +27,13 @@ def _fp32_products(no_tf32):  # conftest.py
 LOSSES = [("MultiSimilarityLoss", {}), ("ContrastiveLoss", {}),
           ("ContrastiveLoss", {"distance": "cosine", "pos_margin": 0.9, "neg_margin": 0.4}),
           ("ContrastiveLoss", {"pos_margin": 0.1, "neg_margin": 0.8,
-                               "reducer": mo.reducers.MeanReducer()})]
-LOSS_IDS = ["ms", "con", "con_cos", "con_mean"]
+                               "reducer": mo.reducers.MeanReducer()}),
+          ("CircleLoss", {}), ("CircleLoss", {"m": 0.4, "gamma": 32.0}),
+          ("GeneralizedLiftedStructureLoss", {}),
+          ("GeneralizedLiftedStructureLoss", {"distance": "cosine", "pos_margin": 0.9,
+                                              "neg_margin": 0.2})]
+LOSS_IDS = ["ms", "con", "con_cos", "con_mean", "circle", "circle_kw", "gen_lifted",
+            "gen_lifted_cos"]
 
 
 def make(backend, lam, weight=0.4, pairs="pos_neg", name="MultiSimilarityLoss", **kw):
@@ -42,7 +48,7 @@ def op_calls(monkeypatch):
     """How many times the module reached a CUDA Metrix op."""
     import metrix_ops.fused.cuda_metrix as cm
     calls = []
-    for fn in ("ms_metrix_rows_cuda", "con_metrix_rows_cuda"):
+    for fn in ("ms_metrix_rows_cuda", "con_metrix_rows_cuda", "lse_metrix_rows_cuda"):
         real = getattr(cm, fn)
         monkeypatch.setattr(cm, fn, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     return calls
@@ -77,8 +83,13 @@ def test_fp32_and_bf16(name, kw):
     x = torch.randn(67, 24, generator=g).cuda()
     y = torch.randint(0, 9, (67,), generator=g).cuda()
     fused, ref = make("cuda", 0.35, name=name, **kw), make("reference", 0.35, name=name, **kw)
-    assert_close_vg(lambda e: fused(e, y).double(), lambda e: ref(e.double(), y), x,
-                    rtol=1e-4, atol=1e-6)
+    va, (ga,) = value_and_grad(lambda e: fused(e, y).double(), x)
+    vb, (gb,) = value_and_grad(lambda e: ref(e.double(), y), x)
+    torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-6)
+    # Circle's γ turns fp32 cosines' rounding into ~γ·eps·|g| per gradient entry (the CPU
+    # tests' rule): entries to 1e-4 of the largest
+    atol = 1e-4 * float(gb.abs().max()) if name == "CircleLoss" else 1e-6
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=atol)
     xb = x.bfloat16().requires_grad_(True)
     out = fused(xb, y)
     out.backward()
@@ -114,6 +125,10 @@ def test_opcheck():
         for cosine in (False, True):
             torch.library.opcheck(torch.ops.metrix_ops.contrastive_metrix_mix_fwd.default,
                                   (x, y, start, size, cosine, 0.1, 0.8, 0.3, anchor_neg, 4))
+            torch.library.opcheck(torch.ops.metrix_ops.lifted_metrix_mix_fwd.default,
+                                  (x, y, start, size, cosine, 0.1, 0.8, 0.3, anchor_neg, 4))
+        torch.library.opcheck(torch.ops.metrix_ops.circle_metrix_mix_fwd.default,
+                              (x, y, start, size, 0.25, 80.0, 0.3, anchor_neg, 4))
 
 
 def test_bad_input_names_the_argument():

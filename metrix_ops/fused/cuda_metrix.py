@@ -1,9 +1,11 @@
-"""backend="cuda": MultiSimilarityLoss and ContrastiveLoss with their embedding-level Metrix
-term (pairs "pos_neg" or "anchor_neg", the batch against itself): the clean loss from the
-CUDA engine's op, the mixed term from csrc/cuda/ms_metrix_cuda.cu or
-contrastive_metrix_cuda.cu (the engine cuda/metrix_rows.cuh) on the label-sorted batch
-(chunks of whole classes, candidates in closed form; no class-size limit). Fake kernels for
-torch.compile and autograd for the ops are here; CUDA builds only."""
+"""backend="cuda": MultiSimilarityLoss, ContrastiveLoss, CircleLoss and
+GeneralizedLiftedStructureLoss with their embedding-level Metrix term (pairs "pos_neg" or
+"anchor_neg", the batch against itself): the clean loss from the CUDA engine's op, the mixed
+term from csrc/cuda/ms_metrix_cuda.cu, contrastive_metrix_cuda.cu or lse_metrix_cuda.cu (the
+engine cuda/metrix_rows.cuh) on the label-sorted batch (chunks of whole classes, candidates
+in closed form; no class-size limit), finished in PyTorch as the CPU glue finishes its ops'
+outputs. Fake kernels for torch.compile and autograd for the ops are here; CUDA builds
+only."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +16,11 @@ from ..ops.ms_loss import ms_loss_rows
 from ..ops.ms_metrix import label_sorted
 from ..ops.unit_rows import unit_rows
 from . import register_metrix
+from ..distances import is_cosine, is_normalized_l2
+from ..ops.circle_metrix import finish_circle_mixed
+from ..ops.lifted_metrix import finish_lifted_lses
+from ..reducers import zero_loss
+from . import circle, generalized_lifted
 from . import contrastive as con
 from .multi_similarity import _reduce_clean, self_pairs, supports as clean_supports
 from .pair_counts import pair_count_tensors
@@ -22,6 +29,7 @@ _FWD = "metrix_ops::ms_metrix_mix_fwd"
 _CON = "metrix_ops::contrastive_metrix_mix_fwd"
 HAS_MS = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "ms_metrix_mix_fwd")
 HAS_CON = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "contrastive_metrix_mix_fwd")
+HAS_LSE = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "circle_metrix_mix_fwd")
 CHUNK = 1024  # rows of whole classes per product S_rows = X_rows Xᵀ (tests set it small)
 
 if HAS_MS:
@@ -79,6 +87,41 @@ if HAS_CON:
     torch.library.register_autograd(_CON, _backward_con, setup_context=_setup_con)
 
 
+def _register_lse_op(name: str):
+    """Fake kernel and autograd of a (lse⁺, lse⁻) Metrix op `name`_fwd (inputs x, labels,
+    class_start, class_size, then constants) with its backward `name`_bwd(grad_pos,
+    grad_neg, x, labels, class_start, class_size, lse_pos, lse_neg, constants)."""
+    fwd = f"metrix_ops::{name}_fwd"
+    bwd = getattr(torch.ops.metrix_ops, f"{name}_bwd")
+
+    @torch.library.register_fake(fwd)
+    def _fake_lse(x, *args):
+        return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+    @torch.library.register_fake(f"metrix_ops::{name}_bwd")
+    def _fake_lse_bwd(grad_pos, grad_neg, x, *args):
+        return torch.empty_like(x)
+
+    def setup(ctx, inputs, output):
+        x, labels, class_start, class_size, *consts = inputs
+        ctx.save_for_backward(x, labels, class_start, class_size, output[0], output[1])
+        ctx.consts = tuple(consts)
+        ctx.n_inputs = len(inputs)
+
+    def backward(ctx, g_pos, g_neg):
+        x, labels, start, size, lp, ln = ctx.saved_tensors
+        gs = [x.new_zeros(x.shape[0]) if g is None else g.contiguous() for g in (g_pos, g_neg)]
+        dx = bwd(*gs, x, labels, start, size, lp, ln, *ctx.consts)
+        return (dx,) + (None,) * (ctx.n_inputs - 1)
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup)
+
+
+if HAS_LSE:
+    _register_lse_op("circle_metrix_mix")
+    _register_lse_op("lifted_metrix_mix")
+
+
 def class_layout(sorted_labels):
     """Each row's class start and size in a label-sorted batch (int64)."""
     _, inverse, sizes = torch.unique_consecutive(sorted_labels, return_inverse=True,
@@ -113,6 +156,14 @@ def con_metrix_rows_cuda(x_unit, labels, cosine: bool, pos_margin: float, neg_ma
     consts = (bool(cosine), float(pos_margin), float(neg_margin), float(lam))
     return _sorted_call(torch.ops.metrix_ops.contrastive_metrix_mix_fwd, x_unit, labels, pairs,
                         consts, chunk)
+
+
+def lse_metrix_rows_cuda(name: str, x_unit, labels, consts: tuple, lam: float,
+                         pairs: str = "pos_neg", chunk: int | None = None):
+    """(lse⁺, lse⁻) per anchor of its candidates' exponents (−inf without one), in the
+    caller's order, from op `name`_fwd ("circle_metrix_mix" or "lifted_metrix_mix")."""
+    op = getattr(torch.ops.metrix_ops, f"{name}_fwd")
+    return _sorted_call(op, x_unit, labels, pairs, consts + (float(lam),), chunk)
 
 
 def _covers(has_op, clean, params, inp, expansion, metrix) -> bool:
@@ -160,5 +211,42 @@ def con_metrix_impl(params, inp, reducer, metrix, lam: float):
             + metrix.weight * con.mixed_contrastive(con._scaled(mixed, scale), x))
 
 
+def circle_metrix_supports(params, inp, expansion, metrix) -> bool:
+    return _covers(HAS_LSE, circle.supports, params, inp, expansion, metrix)
+
+
+def circle_metrix_impl(params, inp, reducer, metrix, lam: float):
+    """The clean loss (the CUDA engine's circle op) + weight · L̃, L̃ finished from the
+    candidates' lses as the CPU glue (ops/circle_metrix.py)."""
+    x = inp.embeddings
+    clean = circle.impl(params, inp, reducer)
+    if not 0.0 < lam < 1.0:  # one side has no label mass: every ℓ̃(a) is 0
+        return clean + metrix.weight * zero_loss(x)
+    consts = (float(params["m"]), float(params["gamma"]))
+    lp, ln = lse_metrix_rows_cuda("circle_metrix_mix", unit_rows(x), inp.labels, consts, lam,
+                                  metrix.pairs)
+    return clean + metrix.weight * finish_circle_mixed(torch.isfinite(lp), lp + ln, lam, x)
+
+
+def lifted_metrix_supports(params, inp, expansion, metrix) -> bool:
+    d = inp.distance
+    return (_covers(HAS_LSE, generalized_lifted.supports, params, inp, expansion, metrix)
+            and (is_normalized_l2(d) or is_cosine(d)))
+
+
+def lifted_metrix_impl(params, inp, reducer, metrix, lam: float):
+    """The clean loss (the CUDA engine's gen_lifted op) + weight · L̃, L̃ finished from the
+    candidates' lses as the CPU glue (ops/lifted_metrix.py)."""
+    x = inp.embeddings
+    consts = (is_cosine(inp.distance), float(params["pos_margin"]), float(params["neg_margin"]))
+    lp, ln = lse_metrix_rows_cuda("lifted_metrix_mix", unit_rows(x), inp.labels, consts, lam,
+                                  metrix.pairs)
+    return (generalized_lifted.impl(params, inp, reducer)
+            + metrix.weight * finish_lifted_lses(lp, ln, lam, x))
+
+
 register_metrix("cuda", "MultiSimilarityLoss", metrix_supports, metrix_impl)
 register_metrix("cuda", "ContrastiveLoss", con_metrix_supports, con_metrix_impl)
+register_metrix("cuda", "CircleLoss", circle_metrix_supports, circle_metrix_impl)
+register_metrix("cuda", "GeneralizedLiftedStructureLoss", lifted_metrix_supports,
+                lifted_metrix_impl)
