@@ -79,6 +79,10 @@ torch.cuda.synchronize()
 for name in ('ProxyAnchorLoss', 'ProxyNCALoss'):
     fn = getattr(metrix_ops.losses, name)(5, 16, backend='cuda').cuda()
     e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
+    for pairs in ('pos_neg', 'pos_pos'):  # Metrix: csrc/cuda/proxy_metrix_cuda.cu
+        fn = getattr(metrix_ops.losses, name)(5, 16, backend='cuda',
+                                              metrix=metrix_ops.Metrix(lam=0.3, pairs=pairs)).cuda()
+        e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
 print('memcheck case ran')
 " > "$RES/memcheck.log" 2>&1
 tail -3 "$RES/memcheck.log"
@@ -107,13 +111,10 @@ pack "triton tile sweep"
 for loss in contrastive proxy_anchor ntxent supcon circle triplet hphn; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
 done
-# embedding-level Metrix on the Triton engine against the clean loss; all but the proxy
-# losses' also on the CUDA engine (twenty-second session: csrc/cuda/*_metrix_cuda.cu)
-for loss in metrix_ms metrix_contrastive metrix_circle metrix_generalized_lifted; do
+# embedding-level Metrix on the Triton and CUDA engines against the clean loss
+# (csrc/cuda/*_metrix_cuda.cu: twenty-second session; proxy_metrix_cuda.cu: twenty-third)
+for loss in metrix_ms metrix_contrastive metrix_circle metrix_generalized_lifted metrix_proxy_nca metrix_proxy_anchor; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 5
-done
-for loss in metrix_proxy_nca metrix_proxy_anchor; do
-  bench "gpu_${loss}_float32" --loss $loss --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
 # the losses new to the GPU engines in the seventh session (none has run on a GPU yet)
 for loss in generalized_lifted npairs; do
