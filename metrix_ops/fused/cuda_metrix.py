@@ -25,101 +25,62 @@ from . import contrastive as con
 from .multi_similarity import _reduce_clean, self_pairs, supports as clean_supports
 from .pair_counts import pair_count_tensors
 
-_FWD = "metrix_ops::ms_metrix_mix_fwd"
-_CON = "metrix_ops::contrastive_metrix_mix_fwd"
 HAS_MS = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "ms_metrix_mix_fwd")
 HAS_CON = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "contrastive_metrix_mix_fwd")
 HAS_LSE = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "circle_metrix_mix_fwd")
 CHUNK = 1024  # rows of whole classes per product S_rows = X_rows Xᵀ (tests set it small)
 
-if HAS_MS:
-    @torch.library.register_fake(_FWD)
-    def _fake(x, labels, class_start, class_size, alpha, beta, base, lam, anchor_neg, chunk):
-        return tuple(x.new_empty(x.shape[0]) for _ in range(3))
 
-    @torch.library.register_fake("metrix_ops::ms_metrix_mix_bwd")
-    def _fake_bwd(grad, x, labels, class_start, class_size, lse_pos, lse_neg, alpha, beta, base,
-                  lam, anchor_neg, chunk):
-        return torch.empty_like(x)
-
-    def _setup_context(ctx, inputs, output):
-        x, labels, class_start, class_size, *consts = inputs
-        ctx.save_for_backward(x, labels, class_start, class_size, output[1], output[2])
-        ctx.consts = tuple(consts)
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    def _backward(ctx, g_mix, _g_lp, _g_ln):
-        x = ctx.saved_tensors[0]
-        g = x.new_zeros(x.shape[0]) if g_mix is None else g_mix
-        dx = torch.ops.metrix_ops.ms_metrix_mix_bwd(g.contiguous(), *ctx.saved_tensors,
-                                                    *ctx.consts)
-        return (dx,) + (None,) * 9
-
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
-
-if HAS_CON:
-    @torch.library.register_fake(_CON)
-    def _fake_con(x, labels, class_start, class_size, cosine, pos_margin, neg_margin, lam,
-                  anchor_neg, chunk):
-        b = x.shape[0]  # sums in x's dtype, counts int64
-        return tuple(x.new_empty(b) if k % 2 == 0 else x.new_empty(b, dtype=torch.long)
-                     for k in range(4))
-
-    @torch.library.register_fake("metrix_ops::contrastive_metrix_mix_bwd")
-    def _fake_con_bwd(grad_pos, grad_neg, x, labels, class_start, class_size, cosine,
-                      pos_margin, neg_margin, lam, anchor_neg, chunk):
-        return torch.empty_like(x)
-
-    def _setup_con(ctx, inputs, output):
-        x, labels, class_start, class_size, *consts = inputs
-        ctx.save_for_backward(x, labels, class_start, class_size)
-        ctx.consts = tuple(consts)
-        ctx.mark_non_differentiable(output[1], output[3])
-
-    def _backward_con(ctx, g_pos, _g_pc, g_neg, _g_nc):
-        x = ctx.saved_tensors[0]
-        # an output nobody used may come back as None; the op wants both row gradients
-        gs = [x.new_zeros(x.shape[0]) if g is None else g.contiguous() for g in (g_pos, g_neg)]
-        dx = torch.ops.metrix_ops.contrastive_metrix_mix_bwd(*gs, *ctx.saved_tensors,
-                                                             *ctx.consts)
-        return (dx,) + (None,) * 9
-
-    torch.library.register_autograd(_CON, _backward_con, setup_context=_setup_con)
-
-
-def _register_lse_op(name: str):
-    """Fake kernel and autograd of a (lse⁺, lse⁻) Metrix op `name`_fwd (inputs x, labels,
-    class_start, class_size, then constants) with its backward `name`_bwd(grad_pos,
-    grad_neg, x, labels, class_start, class_size, lse_pos, lse_neg, constants)."""
+def _register_mix_op(name: str, n_out: int, grad_outputs: tuple, saved_outputs: tuple,
+                     long_outputs: tuple = ()):
+    """Fake kernel and autograd of the Metrix op `name`_fwd(x, labels, class_start,
+    class_size, *constants) -> n_out per-row outputs (int64 at long_outputs, else x's dtype).
+    Its backward is `name`_bwd(*the gradients of grad_outputs, x, labels, class_start,
+    class_size, *saved_outputs, *constants) -> dx; the other outputs are not
+    differentiable."""
     fwd = f"metrix_ops::{name}_fwd"
     bwd = getattr(torch.ops.metrix_ops, f"{name}_bwd")
 
     @torch.library.register_fake(fwd)
-    def _fake_lse(x, *args):
-        return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+    def _fake(x, *args):
+        return tuple(x.new_empty(x.shape[0], dtype=torch.long if k in long_outputs else None)
+                     for k in range(n_out))
 
     @torch.library.register_fake(f"metrix_ops::{name}_bwd")
-    def _fake_lse_bwd(grad_pos, grad_neg, x, *args):
-        return torch.empty_like(x)
+    def _fake_bwd(*args):
+        return torch.empty_like(args[len(grad_outputs)])  # dx, like x
 
     def setup(ctx, inputs, output):
         x, labels, class_start, class_size, *consts = inputs
-        ctx.save_for_backward(x, labels, class_start, class_size, output[0], output[1])
+        ctx.save_for_backward(x, labels, class_start, class_size,
+                              *(output[k] for k in saved_outputs))
         ctx.consts = tuple(consts)
         ctx.n_inputs = len(inputs)
+        fixed = [output[k] for k in range(n_out) if k not in grad_outputs]
+        if fixed:
+            ctx.mark_non_differentiable(*fixed)
 
-    def backward(ctx, g_pos, g_neg):
-        x, labels, start, size, lp, ln = ctx.saved_tensors
-        gs = [x.new_zeros(x.shape[0]) if g is None else g.contiguous() for g in (g_pos, g_neg)]
-        dx = bwd(*gs, x, labels, start, size, lp, ln, *ctx.consts)
+    def backward(ctx, *grads):
+        x = ctx.saved_tensors[0]
+        # an output nobody used may come back as None; the op wants every gradient it takes
+        gs = [x.new_zeros(x.shape[0]) if grads[k] is None else grads[k].contiguous()
+              for k in grad_outputs]
+        dx = bwd(*gs, *ctx.saved_tensors, *ctx.consts)
         return (dx,) + (None,) * (ctx.n_inputs - 1)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup)
 
 
+# MS: (ℓ̃, lse⁺, lse⁻), the lses saved for the backward; Contrastive: (pos_sum, pos_count,
+# neg_sum, neg_count); Circle and GeneralizedLifted: (lse⁺, lse⁻), both differentiable
+if HAS_MS:
+    _register_mix_op("ms_metrix_mix", 3, grad_outputs=(0,), saved_outputs=(1, 2))
+if HAS_CON:
+    _register_mix_op("contrastive_metrix_mix", 4, grad_outputs=(0, 2), saved_outputs=(),
+                     long_outputs=(1, 3))
 if HAS_LSE:
-    _register_lse_op("circle_metrix_mix")
-    _register_lse_op("lifted_metrix_mix")
+    for _name in ("circle_metrix_mix", "lifted_metrix_mix"):
+        _register_mix_op(_name, 2, grad_outputs=(0, 1), saved_outputs=(0, 1))
 
 
 def class_layout(sorted_labels):
