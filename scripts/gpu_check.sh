@@ -83,6 +83,9 @@ for name in ('ProxyAnchorLoss', 'ProxyNCALoss'):
         fn = getattr(metrix_ops.losses, name)(5, 16, backend='cuda',
                                               metrix=metrix_ops.Metrix(lam=0.3, pairs=pairs)).cuda()
         e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
+for n in (2, 9):  # EE-HPHN: csrc/cuda/ee_point_mine_cuda.cu (9: a segment over two warps)
+    fn = metrix_ops.losses.HPHNTripletLoss(backend='cuda', expansion=metrix_ops.Expansion(n_points=n))
+    e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
 print('memcheck case ran')
 " > "$RES/memcheck.log" 2>&1
 tail -3 "$RES/memcheck.log"
@@ -126,13 +129,13 @@ for loss in ms_miner triplet_semihard; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
 # EE-HPHN (n = 8) on the Triton engine: brute-force mining over all (B + 8·#pairs)² point pairs
-bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
+bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,cuda,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 # EE-MS (n = 2) on the Triton engine (eighth session: triton/ee_neg_lse.py), against clean MS
 bench gpu_ee_ms_float32 --loss ee_ms --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 # ninth session: TripletMarginLoss with EE (triton/ee_triplet.py), EE-HPHN on the official
 # pairing, and Metrix pos_pos (class blocks beside the engine's clean op)
 bench gpu_ee_triplet_float32 --loss ee_triplet --impls triton,clean --sizes 2048,8192 --dims 512 --repeats 3
-bench gpu_ee_hphn_adjacent_float32 --loss ee_hphn_adjacent --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 3
+bench gpu_ee_hphn_adjacent_float32 --loss ee_hphn_adjacent --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 3
 bench gpu_metrix_ms_pos_pos_float32 --loss metrix_ms_pos_pos --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
 # tenth session: Metrix against ref_emb in checkpointed anchor chunks (fused/metrix_refs.py)
 bench gpu_metrix_ms_refs_float32 --loss metrix_ms_refs --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3

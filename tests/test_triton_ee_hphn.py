@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import metrix_ops as mo
 from cases import assert_close_vg
 from metrix_ops.distances import CosineSimilarity, LpDistance
 from metrix_ops.ops.ee_mining import all_segments
 from metrix_ops.reference.expansion_points import expansion_segments
+from ee_hphn_checks import (check_duplicate_embeddings, check_edge_labels,
+                            check_float32_and_half, degenerate_batch, engine_losses)
 from test_fused_hphn_cpu import batch, ref_picks
 from triton_cases import DEVICE, compiles_only, on_dev, requires_triton, run_sm90_script
 
@@ -46,23 +47,10 @@ def test_indices_equal_reference(n, pairs, dist, b, d, classes):
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("dist", [LpDistance, CosineSimilarity])
 def test_indices_near_ties_and_degenerate_segments(n, dist):
-    """Low dimension (large cosines, near-ties), a coincident segment whose points tie with
-    its ends, an antipodal one, a nearly coincident one, a duplicate negative."""
-    x, y = batch(48, 4, 16, seed=n)
-    y[:12] = torch.arange(12) % 3
-    x[3] = x[0]
-    x[4] = -x[1]
-    x[6] = x[0] + 1e-9 * x[2]
-    x[13], y[13] = x[5], (y[5] + 1) % 12
+    x, y = degenerate_batch(n)
     expect = ref_picks(x, y, n, "all", dist())
     x, y = on_dev(x, y)
     assert torch.equal(picks(x, y, n, "all", dist).cpu(), expect)
-
-
-def losses(n, pairs="all", **kw):
-    ee = mo.Expansion(n_points=n, pairs=pairs)
-    return [mo.losses.HPHNTripletLoss(backend=be, expansion=ee, **kw)
-            for be in ("triton", "reference")]
 
 
 @pytest.fixture
@@ -78,7 +66,7 @@ def op_calls(monkeypatch):
 def test_loss_and_grad_float64(n, pairs, dist, op_calls):
     x, y = batch(29, 7, 5, seed=n, contiguous=pairs == "adjacent")
     x, y = on_dev(x, y)
-    tri, ref = losses(n, pairs, distance=dist(), margin=0.3)
+    tri, ref = engine_losses("triton", n, pairs, distance=dist(), margin=0.3)
     assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
     assert op_calls
 
@@ -86,37 +74,15 @@ def test_loss_and_grad_float64(n, pairs, dist, op_calls):
 @pytest.mark.parametrize("labels", [[0], [0, 0, 0, 0, 0], [0, 1, 2, 3, 4], [0, 0, 1, 2, 2, 2, 3]],
                          ids=["b1", "one_class", "singletons", "size1_classes"])
 def test_edge_labels(labels):
-    y = torch.tensor(labels)
-    x, _ = batch(len(labels), 5, 1, seed=4)
-    x, y = on_dev(x, y)
-    tri, ref = losses(2)
-    v = assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
-    if len(set(labels)) in (1, len(labels)):
-        assert v == 0
+    check_edge_labels("triton", on_dev, labels)
 
 
 def test_duplicate_embeddings():
-    x, y = batch(12, 6, 3, seed=5)
-    x[1], y[1] = x[0], y[0]  # a duplicate positive
-    x[5], y[5] = x[3], (y[3] + 1) % 3  # a duplicate negative: distance 0
-    x[7] = x[9]
-    x, y = on_dev(x, y)
-    for n in (0, 1, 8):
-        tri, ref = losses(n, margin=0.3)
-        assert torch.isfinite(assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x))
+    check_duplicate_embeddings("triton", on_dev)
 
 
 def test_float32_and_half():
-    x, y = batch(40, 16, 6, seed=2)
-    x, y = on_dev(x, y)
-    tri, ref = losses(2)
-    assert_close_vg(lambda e: tri(e.float(), y).double(),
-                    lambda e: ref(e, y), x, rtol=1e-4, atol=1e-6)
-    h = x.detach().half().requires_grad_()
-    v = tri(h, y)
-    v.backward()
-    assert v.dtype == torch.float32 and torch.isfinite(h.grad).all()
-    torch.testing.assert_close(v, ref(h.detach().float(), y), rtol=1e-4, atol=1e-5)
+    check_float32_and_half("triton", on_dev)
 
 
 def test_opcheck():

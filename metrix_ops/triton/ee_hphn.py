@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .. import fused
 from ..distances import is_cosine, is_normalized_l2
-from ..fused.hphn_triplet import point_norm, picks_loss, segments_for
-from ..reference.expansion_points import points_on_segments
+from ..fused.ee_hphn_picks import ee_hphn_picks
+from ..fused.hphn_triplet import picks_loss, segments_for
 from ..ops.unit_rows import normalized
 from .hphn_triplet import hphn_mine_triton
 from .launch import usable_on
@@ -127,45 +127,16 @@ def _(x, pu, pw, plam, pscale, plab, inverted):
 
 def ee_hphn_mine_triton(x_unit, labels, seg_i, seg_j, n_points: int,
                         inverted: bool) -> torch.Tensor:
-    """B × 7 int64 [p, a_u, a_w, a_k, q_u, q_w, q_k] per anchor (−1: none), as the CPU op
-    ops.ee_mining.ee_hphn_mine: the farthest original positive, and the closest pair across
-    the anchor side and the negative points; points as (u, w, k), originals (i, i, n+1)."""
-    x = x_unit.detach().contiguous()
-    labels = labels.long()
-    b, n, dev = len(labels), n_points, x.device
-    if b == 0:
-        return torch.full((0, 7), -1, dtype=torch.long, device=dev)
-    pts = points_on_segments(labels, n, seg_i, seg_j)
-    # ‖point‖ as the reference's PointMetric takes it (originals exactly 1; the cosine divides
-    # by it; with normalize the L2 of the normalised points is √(2 − 2·cosine))
-    lam = pts.lam.to(x.dtype)
-    scale = point_norm(x, pts.u, pts.w, lam)
-    best, col = torch.ops.metrix_ops.triton_ee_point_mine(x, pts.u, pts.w, lam, scale,
-                                                          pts.labels, bool(inverted))
-    out = torch.full((b, 7), -1, dtype=torch.long, device=x.device)
-    out[:, 0] = hphn_mine_triton(x, x, labels, labels, True)[:, 0]
-    # per anchor over its side: the closest value, then the lowest negative point, then the
-    # earliest side point
-    side = pts.anchor_side()
-    valid = (side >= 0) & (col[side.clamp_min(0)] >= 0)
-    vals = best[side.clamp_min(0)]
-    far = float("-inf") if inverted else float("inf")
-    vals = torch.where(valid, vals, far)
-    top = vals.max(1, keepdim=True).values if inverted else vals.min(1, keepdim=True).values
-    tied = valid & (vals == top)
-    cols = torch.where(tied, col[side.clamp_min(0)], pts.size)
-    q = cols.min(1).values
-    first = torch.argmax((tied & (cols == q[:, None])).to(torch.int8), 1)
-    a = side.gather(1, first[:, None])[:, 0]
-    has = tied.any(1)
+    """B × 7 int64 picks per anchor, as the CPU op ops.ee_mining.ee_hphn_mine
+    (fused/ee_hphn_picks.py), from this engine's point mining kernel."""
+    def point_mine(x, pts, lam, scale):
+        return torch.ops.metrix_ops.triton_ee_point_mine(x, pts.u, pts.w, lam, scale, pts.labels,
+                                                         bool(inverted))
 
-    def enc(t):
-        k = torch.where(pts.synthetic[t], torch.round(pts.lam[t] * (n + 1)).long(),
-                        torch.full_like(t, n + 1))
-        return torch.stack([pts.u[t], pts.w[t], k], 1)
-    a, q = a.clamp_min(0), q.clamp(0, max(pts.size - 1, 0))
-    out[has, 1:] = torch.cat([enc(a), enc(q)], 1)[has]
-    return out
+    def farthest_positive(x, labels):
+        return hphn_mine_triton(x, x, labels, labels, True)[:, 0]
+    return ee_hphn_picks(x_unit, labels, seg_i, seg_j, n_points, inverted, point_mine,
+                         farthest_positive)
 
 
 def supports(params, inp, expansion) -> bool:
