@@ -307,8 +307,9 @@ def main():
     rows = []
     for b in map(int, args.sizes.split(",")):
         for d in map(int, args.dims.split(",")):
-            row = {"loss": LOSSES[args.loss][1], "B": b, "D": d, "dtype": args.dtype,
-                   "tf32": args.tf32}
+            # "case": the --loss key (the option set), which derive_gpu_order.py reads
+            row = {"loss": LOSSES[args.loss][1], "case": args.loss, "B": b, "D": d,
+                   "dtype": args.dtype, "tf32": args.tf32}
             for impl in args.impls.split(","):
                 row[impl] = run(args, impl, b, d)
                 # each case as it ends: a run cut short by a time limit keeps what it measured

@@ -6,6 +6,8 @@ implement the loss raises, so a benchmark never silently measures the wrong thin
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
 import torch
@@ -19,23 +21,51 @@ FUSED: dict[str, set] = {"cpu": set(), "cuda": set(), "triton": set()}
 
 _warned_no_ext = False
 
-# "auto" on CUDA tensors: the engines in order of preference, per loss, from the H200 run
-# (benchmarks/results/h200_*.json, fwd+bwd at B = 8192, D = 512, fp32 with TF32 and bf16;
-# MS also at B up to 65536 and D = 128): the CUDA row-chunk engine was faster for MS (1.3-3.8x),
-# contrastive (1.3-1.4x), NTXent and SupCon (1.3x); Triton for ProxyAnchor (2-3x). Losses
-# with one GPU engine, or not measured on both, keep Triton first (DESIGN §7: the slower of
-# the two is not the default).
+# "auto" on CUDA tensors: the engines in order of preference per call variant, loss and batch
+# size, measured: gpu_order.json, written by benchmarks/derive_gpu_order.py from the GPU
+# benchmark results (now the H200 run, benchmarks/results/h200_*.json: fwd+bwd at B = 8192,
+# D = 512, fp32 with TF32 and bf16, MS also at B up to 65536 and D = 128; CUDA faster for MS,
+# Contrastive, NTXent and SupCon, Triton for ProxyAnchor; Circle measured on CUDA only, the
+# triplet on Triton only). A table's value: an order for every size, or a tuple of
+# (max_b, order) ranges (max_b None: no upper bound). Losses not measured keep Triton first
+# (DESIGN §7: the slower of the two is not the default; the unmeasured one is not trusted).
 GPU_DEFAULT_ORDER = ("triton", "cuda")
-GPU_ORDER: dict = {
-    "MultiSimilarityLoss": ("cuda", "triton"),
-    "ContrastiveLoss": ("cuda", "triton"),
-    "NTXentLoss": ("cuda", "triton"),
-    "SupConLoss": ("cuda", "triton"),
-    "ProxyAnchorLoss": ("triton", "cuda"),
-    # measured on the CUDA engine only (5.8 ms at 8192/512 fp32, 7.8x PML); the Triton Circle
-    # kernels (sixth session) have not run on a GPU yet: the engine that has comes first
-    "CircleLoss": ("cuda", "triton"),
-}
+VARIANTS = ("clean", "miner", "metrix", "expansion")
+
+
+def load_gpu_order(path: str) -> dict:
+    """variant -> {loss: ((max_b, order), ...)} from a derive_gpu_order.py file ({} per
+    variant when the file is absent)."""
+    tables = {v: {} for v in VARIANTS}
+    try:
+        with open(path) as f:
+            orders = json.load(f)["orders"]
+    except FileNotFoundError:
+        return tables
+    for variant, losses in orders.items():
+        for loss, ranges in losses.items():
+            tables.setdefault(variant, {})[loss] = tuple(
+                (r["max_b"], tuple(r["order"])) for r in ranges)
+    return tables
+
+
+_MEASURED = load_gpu_order(os.path.join(os.path.dirname(__file__), "gpu_order.json"))
+GPU_ORDER: dict = _MEASURED["clean"]
+GPU_MINER_ORDER: dict = _MEASURED["miner"]
+GPU_METRIX_ORDER: dict = _MEASURED["metrix"]
+GPU_EXPANSION_ORDER: dict = _MEASURED["expansion"]
+_GPU_TABLES = {"clean": GPU_ORDER, "miner": GPU_MINER_ORDER, "metrix": GPU_METRIX_ORDER,
+               "expansion": GPU_EXPANSION_ORDER}
+
+
+def order_for(entry, batch: int | None) -> tuple:
+    """The order of a table entry for a batch of `batch` rows (None: the first range's)."""
+    if not entry or isinstance(entry[0], str):  # one order for every size
+        return tuple(entry)
+    for max_b, order in entry:
+        if max_b is None or batch is None or batch <= max_b:
+            return order
+    return entry[-1][1]
 
 
 def _available(backend: str) -> bool:
@@ -56,23 +86,17 @@ def _device_ok(backend: str, device: torch.device) -> bool:
     return True
 
 
-# Calls with a loss option that runs inside the op, on CUDA tensors: miner= (mined inside the
-# op) and an embedding-level Metrix term. Triton first, whose mined and Metrix kernels share
-# the clean ones' tiles; the CUDA engine's mined MS and TripletMargin and its Metrix MS,
-# Contrastive, Circle and GeneralizedLifted (twenty-second session) have not run on a GPU yet.
-GPU_MINER_ORDER: dict = {}
-GPU_METRIX_ORDER: dict = {}
-_GPU_TABLES = {"clean": GPU_ORDER, "miner": GPU_MINER_ORDER, "metrix": GPU_METRIX_ORDER}
-
-
-def auto_order(loss_name: str, device: torch.device, variant: str = "clean") -> list:
+def auto_order(loss_name: str, device: torch.device, variant: str = "clean",
+               batch: int | None = None) -> list:
     """The fused engines "auto" may use for `loss_name` on `device`, preferred first (the
     driver takes the first that covers the call's options); `variant`: "clean", "miner"
-    (the call has miner=) or "metrix" (an embedding-level Metrix term)."""
+    (the call has miner=), "metrix" (an embedding-level Metrix term) or "expansion"
+    (expansion=); `batch`: the call's batch size (the measured orders may change with it)."""
     if device.type != "cuda":
         order = ("cpu",)
     else:
-        order = _GPU_TABLES[variant].get(loss_name, GPU_DEFAULT_ORDER)
+        entry = _GPU_TABLES[variant].get(loss_name)
+        order = GPU_DEFAULT_ORDER if entry is None else order_for(entry, batch)
     return [b for b in order if loss_name in FUSED[b] and _available(b) and _device_ok(b, device)]
 
 

@@ -132,8 +132,10 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
                     else fused.supported(b, name, params, inp, expansion))
 
         mixing = lam_value is not None and metrix.weight > 0 and miner is None
-        variant = "miner" if miner is not None else "metrix" if mixing else "clean"
-        order = [b for b in backend_mod.auto_order(name, embeddings.device, variant)
+        variant = ("miner" if miner is not None else "metrix" if mixing
+                   else "expansion" if expansion is not None else "clean")
+        order = [b for b in backend_mod.auto_order(name, embeddings.device, variant,
+                                                   embeddings.shape[0])
                  if covers(b)]
         if mixing:
             # an engine that fuses the Metrix term too comes first (else that term runs the

@@ -97,6 +97,10 @@ pack "memcheck done"
 bench() { local name=$1; shift
   limited 120 python3 benchmarks/bench_losses.py --device cuda --tf32 --out "$RES/$name.json" "$@" \
     2>&1 | tee "$RES/$name.log" | grep -v '^{"B"' | tail -4
+  # backend="auto"'s GPU order from this run's results so far: the proposal for
+  # metrix_ops/gpu_order.json (derive it again with the results kept in benchmarks/results/)
+  python3 benchmarks/derive_gpu_order.py "$RES"/gpu_*.json --out "$RES/gpu_order.json" \
+    > "$RES/gpu_order.txt" 2>&1
   pack "bench $name"; }
 bench gpu_ms_float32 --loss multi_similarity --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10
 # where the time goes at the target size: kernels by device time, wall against their sum
@@ -128,7 +132,7 @@ bench gpu_lifted_float32 --loss lifted --impls triton,floor,pml --sizes 8192 --d
 for loss in ms_miner triplet_semihard; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
-# EE-HPHN (n = 8) on the Triton engine: brute-force mining over all (B + 8·#pairs)² point pairs
+# EE-HPHN (n = 8) on the Triton and CUDA engines: brute-force mining over all (B + 8·#pairs)² point pairs
 bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,cuda,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 # EE-MS (n = 2) on the Triton engine (eighth session: triton/ee_neg_lse.py), against clean MS
 bench gpu_ee_ms_float32 --loss ee_ms --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3

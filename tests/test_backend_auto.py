@@ -40,7 +40,8 @@ def test_mined_and_metrix_calls_keep_triton_first_until_measured(monkeypatch):
         monkeypatch.setitem(backend.FUSED, b, backend.FUSED[b] | {"MultiSimilarityLoss"})
     assert backend.auto_order("MultiSimilarityLoss", dev)[0] == "cuda"
     for variant, table in (("miner", backend.GPU_MINER_ORDER),
-                           ("metrix", backend.GPU_METRIX_ORDER)):
+                           ("metrix", backend.GPU_METRIX_ORDER),
+                           ("expansion", backend.GPU_EXPANSION_ORDER)):
         assert backend.auto_order("MultiSimilarityLoss", dev, variant) == ["triton", "cuda"]
         monkeypatch.setitem(table, "MultiSimilarityLoss", ("cuda", "triton"))
         assert backend.auto_order("MultiSimilarityLoss", dev, variant) == ["cuda", "triton"]
@@ -49,9 +50,72 @@ def test_mined_and_metrix_calls_keep_triton_first_until_measured(monkeypatch):
 
 
 def test_measured_order_prefers_cuda_for_ms_and_triton_for_proxy_anchor():
-    # the H200 figures (benchmarks/results/h200_*.json) the table was filled from
-    assert backend.GPU_ORDER["MultiSimilarityLoss"][0] == "cuda"
-    assert backend.GPU_ORDER["ProxyAnchorLoss"][0] == "triton"
+    # the H200 figures (benchmarks/results/h200_*.json) gpu_order.json was derived from
+    for b in (None, 1024, 8192, 65536):
+        assert backend.order_for(backend.GPU_ORDER["MultiSimilarityLoss"], b)[0] == "cuda"
+        assert backend.order_for(backend.GPU_ORDER["ProxyAnchorLoss"], b)[0] == "triton"
+
+
+def test_the_shipped_order_is_the_one_the_results_give(tmp_path):
+    """metrix_ops/gpu_order.json is derive_gpu_order.py's output for the results it lists."""
+    import json
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    from derive_gpu_order import main
+    with open(os.path.join(root, "metrix_ops", "gpu_order.json")) as f:
+        shipped = json.load(f)
+    out = tmp_path / "order.json"
+    main([os.path.join(root, p) for p in shipped["files"]] + ["--out", str(out)])
+    assert json.loads(out.read_text())["orders"] == shipped["orders"]
+
+
+def test_auto_order_changes_with_the_batch_size(monkeypatch):
+    dev = torch.device("cuda")
+    monkeypatch.setattr(backend, "_available", lambda b: True)
+    monkeypatch.setattr(backend, "_device_ok", lambda b, d: True)
+    for b in ("cuda", "triton"):
+        monkeypatch.setitem(backend.FUSED, b, backend.FUSED[b] | {"MultiSimilarityLoss"})
+    monkeypatch.setitem(backend.GPU_ORDER, "MultiSimilarityLoss",
+                        ((4096, ("triton", "cuda")), (None, ("cuda", "triton"))))
+    assert backend.auto_order("MultiSimilarityLoss", dev, batch=4096)[0] == "triton"
+    assert backend.auto_order("MultiSimilarityLoss", dev, batch=4097)[0] == "cuda"
+    assert backend.auto_order("MultiSimilarityLoss", dev)[0] == "triton"  # size unknown: first
+
+
+def _result(loss, case, b, cuda, triton, d=512):
+    cell = (lambda t: {"median_s": t} if isinstance(t, float) else {"error": "NotImplementedError"})
+    return {"loss": loss, "case": case, "B": b, "D": d, "cuda": cell(cuda),
+            "triton": cell(triton)}
+
+
+def test_derive_ranks_by_summed_time_and_merges_sizes():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "benchmarks"))
+    from derive_gpu_order import derive
+    ms = "MultiSimilarityLoss"
+    res = {"machine": {"device": "GPU X"}, "command": "bench --loss multi_similarity",
+           "results": [
+               _result(ms, "multi_similarity", 1024, 2.0, 1.0),
+               _result(ms, "multi_similarity", 2048, 3.0, 1.0, d=128),
+               _result(ms, "multi_similarity", 2048, 1.0, 2.0),  # summed: triton 3 < cuda 4
+               _result(ms, "multi_similarity", 8192, 1.0, 5.0),
+               _result(ms, "multi_similarity", 65536, 1.0, 9.0),
+               _result(ms, "metrix_ms", 8192, 4.0, 2.0),
+               _result(ms, "metrix_ms_refs", 8192, 1.0, 9.0),  # another routing: left out
+               _result(ms, "ms_miner", 8192, 1.0, "none"),  # triton failed: after cuda
+               _result("HPHNTripletLoss", "ee_hphn", 8192, "none", "none")]}  # nothing measured
+    t = derive([res])
+    assert t["devices"] == ["GPU X"]
+    assert t["orders"]["clean"][ms] == [
+        {"max_b": 4096, "order": ["triton", "cuda"]},  # √(2048·8192)
+        {"max_b": None, "order": ["cuda", "triton"]}]
+    assert t["orders"]["metrix"][ms] == [{"max_b": None, "order": ["triton", "cuda"]}]
+    assert t["orders"]["miner"][ms] == [{"max_b": None, "order": ["cuda", "triton"]}]
+    assert "expansion" not in t["orders"]
 
 
 @pytest.mark.skipif(not mt.usable_on(torch.device("cpu")),
@@ -61,7 +125,7 @@ def test_auto_takes_the_next_engine_that_covers_the_call(monkeypatch):
     """The first engine refuses this call (its supports() says no): "auto" runs the second
     engine's fused op, not the reference, and the loss still equals the reference."""
     name = "MultiSimilarityLoss"
-    monkeypatch.setattr(backend, "auto_order", lambda loss, dev, variant="clean": ["cpu", "triton"])
+    monkeypatch.setattr(backend, "auto_order", lambda *a, **k: ["cpu", "triton"])
     _, cpu_impl = fused.IMPLS[("cpu", name)]
     monkeypatch.setitem(fused.IMPLS, ("cpu", name), (lambda *a: False, cpu_impl))
     ran = []
@@ -94,7 +158,7 @@ def test_auto_prefers_the_engine_that_fuses_metrix(monkeypatch):
     """Both engines cover the clean loss, only the second fuses this Metrix call: "auto" takes
     the second (else the mixed term would run the materialising reference)."""
     name = "MultiSimilarityLoss"
-    monkeypatch.setattr(backend, "auto_order", lambda loss, dev, variant="clean": ["cpu", "triton"])
+    monkeypatch.setattr(backend, "auto_order", lambda *a, **k: ["cpu", "triton"])
     _, cpu_mix = fused.METRIX_IMPLS[("cpu", name)]
     monkeypatch.setitem(fused.METRIX_IMPLS, ("cpu", name), (lambda *a: False, cpu_mix))
     ran = []
