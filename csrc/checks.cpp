@@ -79,4 +79,33 @@ at::Tensor normalize_rows(const at::Tensor& x) {
   return xa.div(xa.norm(2, {1}, true).clamp_min(1e-12));
 }
 
+void check_pair_sims_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& rows,
+                            const at::Tensor& cols) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D (B, D), got ", x.dim(), "-D");
+  TORCH_CHECK(r.dim() == 2, "r must be 2-D (M, D), got ", r.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x must be float32 or float64 (half inputs are upcast before the op), got ",
+              x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == r.scalar_type(), "x and r must have the same dtype, got ",
+              x.scalar_type(), " and ", r.scalar_type());
+  TORCH_CHECK(x.size(1) == r.size(1), "x and r must have the same D, got ", x.size(1), " and ",
+              r.size(1));
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be 1-D int64");
+  TORCH_CHECK(cols.dim() == 1 && cols.scalar_type() == at::kLong, "cols must be 1-D int64");
+  TORCH_CHECK(rows.size(0) == cols.size(0), "rows and cols must have the same length, got ",
+              rows.size(0), " and ", cols.size(0));
+  TORCH_CHECK(r.device() == x.device() && rows.device() == x.device() &&
+                  cols.device() == x.device(),
+              "x, r, rows and cols must be on one device, got ", x.device(), ", ", r.device(),
+              ", ", rows.device(), ", ", cols.device());
+  if (rows.numel()) {
+    const int64_t lo = rows.min().item<int64_t>(), hi = rows.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < x.size(0), "rows must be in [0, ", x.size(0), "), got values in [",
+                lo, ", ", hi, "]");
+    const int64_t clo = cols.min().item<int64_t>(), chi = cols.max().item<int64_t>();
+    TORCH_CHECK(clo >= 0 && chi < r.size(0), "cols must be in [0, ", r.size(0),
+                "), got values in [", clo, ", ", chi, "]");
+  }
+}
+
 }  // namespace metrix_ops

@@ -23,6 +23,15 @@ if HAS_EXT:
     except (AttributeError, RuntimeError):  # a stale build from before the op existed
         HAS_CUDA_EXT = False
 
+
+
+def has_cuda_kernel(op: str) -> bool:
+    """Whether the build registered a CUDA kernel for metrix_ops::`op` (ops defined by the CPU
+    build too get one only in a CUDA build)."""
+    return HAS_CUDA_EXT and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"metrix_ops::{op}", "CUDA")
+
+
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"
 
 

@@ -81,3 +81,18 @@ def pml_pair(name, kw=None, dist=None, reducer=None):
     if reducer is not None:
         kw["reducer"] = getattr(pr, reducer)()
     return getattr(mo.losses, name)(backend="reference", **kw), getattr(pl, name)(**kw)
+
+
+def check_tuple_loss_on_cuda(backend: str, name: str, miner: str):
+    """A loss over a miner's indices_tuple on CUDA tensors (a GPU engine's listed-pairs path)
+    against the reference; miner "ms" (MultiSimilarityMiner) or "tm" (semihard triplets)."""
+    import metrix_ops as mo
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 12, dtype=torch.float64, generator=g).cuda()
+    y = torch.randint(0, 5, (40,), generator=g).cuda()
+    m = (mo.miners.MultiSimilarityMiner(0.1) if miner == "ms"
+         else mo.miners.TripletMarginMiner(0.2, "semihard"))
+    t = m(x, y)
+    ours = getattr(mo.losses, name)(backend=backend)
+    ref = getattr(mo.losses, name)(backend="reference")
+    assert_close_vg(lambda e: ours(e, y, t), lambda e: ref(e, y, t), x)

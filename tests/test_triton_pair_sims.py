@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import metrix_ops as mo
-from cases import assert_close_vg
+from cases import assert_close_vg, check_tuple_loss_on_cuda
 from metrix_ops import fused
 from metrix_ops.ops.pair_sims import HAS_OP
 from triton_cases import DEVICE, on_dev, requires_triton
@@ -68,15 +68,7 @@ def test_indices_paths_registered_for_cuda_tensors():
                                         ("ContrastiveLoss", "ms"), ("TripletMarginLoss", "tm"),
                                         ("LiftedStructureLoss", "ms"), ("NTXentLoss", "ms")])
 def test_tuple_losses_on_cuda_match_reference(name, miner):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(40, 12, dtype=torch.float64, generator=g).cuda()
-    y = torch.randint(0, 5, (40,), generator=g).cuda()
-    m = (mo.miners.MultiSimilarityMiner(0.1) if miner == "ms"
-         else mo.miners.TripletMarginMiner(0.2, "semihard"))
-    t = m(x, y)
-    ours = getattr(mo.losses, name)(backend="triton")
-    ref = getattr(mo.losses, name)(backend="reference")
-    assert_close_vg(lambda e: ours(e, y, t), lambda e: ref(e, y, t), x)
+    check_tuple_loss_on_cuda("triton", name, miner)
 
 
 def test_kernels_check_their_inputs():

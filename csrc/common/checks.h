@@ -19,6 +19,11 @@ void check_sim_inputs(const at::Tensor& x, const at::Tensor& r, double scale, in
 void check_pair_op_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
                           const at::Tensor& ref_labels, int64_t chunk);
 
+// The listed-pairs similarity ops' inputs (pair_sims_fwd/bwd): x (B, D) and r (M, D) of one
+// floating dtype, int64 rows in [0, B) and cols in [0, M) of one length, all on one device.
+void check_pair_sims_inputs(const at::Tensor& x, const at::Tensor& r, const at::Tensor& rows,
+                            const at::Tensor& cols);
+
 // Examples x against class proxies p (labels in [0, num_classes)), all on one device.
 void check_proxy_op_inputs(const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels,
                            int64_t chunk);

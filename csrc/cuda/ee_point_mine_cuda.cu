@@ -123,8 +123,10 @@ __global__ void point_mine_kernel(const T* __restrict__ Gu, const T* __restrict_
         col[k] = oc;
       }
     }
-    if (lane == 0 && k < cnt) {
-      best_out[p0 + k] = best[k];
+    if (lane == 0 && k < cnt) {  // no other-class point: ∓inf and −1, as the Triton kernel
+      const T none = inverted ? -std::numeric_limits<T>::infinity()
+                              : std::numeric_limits<T>::infinity();
+      best_out[p0 + k] = col[k] < P ? best[k] : none;
       col_out[p0 + k] = col[k] < P ? col[k] : -1;
     }
   }

@@ -205,7 +205,7 @@ __device__ __forceinline__ T nca_target(const PairMix<T>& m, int64_t c, int32_t 
 }
 
 // Forward: thread (i, w), candidate (a, w)'s cross-entropy −Σ_c y_c (logit_c − lse); block
-// totals per row into part[a, blockIdx.x]
+// totals per row of the Gram block into part[i, blockIdx.x]
 template <typename T>
 __global__ void nca_fwd_kernel(NcaArgs<T> k, T* __restrict__ part, int64_t n_part) {
   const auto& m = k.m;
@@ -228,7 +228,7 @@ __global__ void nca_fwd_kernel(NcaArgs<T> k, T* __restrict__ part, int64_t n_par
   if (threadIdx.x == 0) {
     T t = 0;
     for (int j = 0; j < kWarps; ++j) t += warp_part[j];  // fixed order
-    part[a * n_part + blockIdx.x] = t;
+    part[i * n_part + blockIdx.x] = t;
   }
 }
 
@@ -433,23 +433,27 @@ at::Tensor proxy_nca_metrix_fwd_cuda(const at::Tensor& x_, const at::Tensor& p_,
   auto x = x_.contiguous(), p = p_.contiguous();
   const int64_t B = x.size(0), C = p.size(0);
   const at::Tensor y32 = labels_.to(at::kInt).contiguous();
-  const int64_t n_part = (B + kThreads - 1) / kThreads;
-  at::Tensor part = at::zeros({B, n_part}, x.options());
+  const int64_t n_part = (B + kThreads - 1) / kThreads;  // blocks per row
+  at::Tensor rows = at::zeros({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_nca_metrix_fwd_cuda", [&] {
     using T = scalar_t;
     const at::Tensor st = at::mm(p, x.t()).contiguous();
     NcaArgs<T> k{make_mix<T>(st, y32, B, C, lam, same_label), T(scale), kind == kNcaCosine,
                  nullptr, nullptr, nullptr};
     if (C == 0) return;  // then B = 0 too (labels in [0, C))
-    for_gram_blocks(x, block_rows(chunk, C), [&](int64_t a0, int64_t n, const at::Tensor& g) {
+    const int64_t rows_per = block_rows(chunk, C);
+    // the block totals of one Gram block's rows (rows_per × B/256: O(chunk), not B²)
+    at::Tensor part = at::empty({std::min(rows_per, B), n_part}, x.options());
+    for_gram_blocks(x, rows_per, [&](int64_t a0, int64_t n, const at::Tensor& g) {
       k.m.g = g.data_ptr<T>();
       k.m.a0 = a0;
       k.m.rows = n;
       nca_fwd_kernel<T><<<entry_grid(B, n), kThreads, 0, stream()>>>(k, part.data_ptr<T>(), n_part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      rows.narrow(0, a0, n).copy_(part.narrow(0, 0, n).sum(1));  // fixed order per row
     });
   });
-  return part.sum(1);
+  return rows;
 }
 
 std::tuple<at::Tensor, at::Tensor> proxy_nca_metrix_bwd_cuda(

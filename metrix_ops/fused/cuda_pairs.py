@@ -6,15 +6,16 @@ all-triplets TripletMarginLoss; csrc/cuda/hphn_mine_cuda.cu: ee_hphn_mine withou
 the clean HPHNTripletLoss; csrc/cuda/lifted_cuda.cu: lifted, LiftedStructureLoss;
 csrc/cuda/ms_mined_cuda.cu: ms_mine_bounds and ms_mined, MultiSimilarityLoss with
 miner=MultiSimilarityMiner; triplet_cuda.cu's triplet_mined, TripletMarginLoss with
-miner=TripletMarginMiner (BatchHardMiner's streamed picks are PyTorch); dispatched by device), for CUDA tensors when the CUDA kernels were
-compiled. The symmetric self ops are CPU-only: the glue
+miner=TripletMarginMiner (BatchHardMiner's streamed picks are PyTorch); csrc/cuda/pair_sims_cuda.cu:
+pair_sims, the indices_tuple paths of fused/indices/; dispatched by device), for CUDA tensors
+when the CUDA kernels were compiled. The symmetric self ops are CPU-only: the glue
 takes the general op with r = x on CUDA tensors."""
 from __future__ import annotations
 
 from .. import _ext
 from . import (circle, contrastive, generalized_lifted, hphn_triplet, lifted_structure,
                multi_similarity, npairs, ntxent, proxy_anchor, proxy_nca, register,
-               register_miner, triplet_margin)
+               register_indices, register_miner, triplet_margin, INDICES_IMPLS)
 
 
 def _on_cuda(supports):
@@ -43,6 +44,14 @@ for _name, _supports, _impl in [
         ("HPHNTripletLoss", _hphn_supports, hphn_triplet.impl),
         ("LiftedStructureLoss", lifted_structure.supports, lifted_structure.impl)]:
     register("cuda", _name, _on_cuda(_supports), _impl)
+
+# indices_tuple: the CPU glue (fused/indices/) on CUDA tensors, whose ops have CUDA kernels:
+# pair_sims (csrc/cuda/pair_sims_cuda.cu) and, for NPairs and ProxyNCA, the ProxyNCA op;
+# ProxyAnchor's weighted op is CPU-only
+if _ext.has_cuda_kernel("pair_sims_fwd"):
+    for (_backend, _name), (_supports, _impl) in list(INDICES_IMPLS.items()):
+        if _backend == "cpu" and _name != "ProxyAnchorLoss":
+            register_indices("cuda", _name, _on_cuda(_supports), _impl)
 
 # miner= inside the op: the same glue as the CPU's (its general ops, not the symmetric ones)
 register_miner("cuda", "MultiSimilarityLoss", _on_cuda(multi_similarity.miner_supports),

@@ -4,20 +4,13 @@ to their CUDA implementations (csrc/cuda/proxy_metrix_cuda.cu, the CPU ops' sche
 rows streamed in blocks of about GPU_BLOCK entries (the CPU's 2^20 would leave a GPU idle)."""
 from __future__ import annotations
 
-import torch
-
 from .. import _ext
 from ..ops.proxy_metrix import proxy_anchor_metrix_terms, proxy_nca_metrix_rows
 from . import proxy_anchor, proxy_metrix, proxy_nca, register_metrix
 
 
-def _has_cuda_kernel(op: str) -> bool:
-    # the ops are defined by the CPU build too; a CUDA build registers a CUDA kernel for them
-    return _ext.HAS_CUDA_EXT and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"metrix_ops::{op}", "CUDA")
-
-
-HAS_PROXY = _has_cuda_kernel("proxy_anchor_metrix_fwd") and _has_cuda_kernel("proxy_nca_metrix_fwd")
+HAS_PROXY = (_ext.has_cuda_kernel("proxy_anchor_metrix_fwd")
+             and _ext.has_cuda_kernel("proxy_nca_metrix_fwd"))
 GPU_BLOCK = 1 << 24  # Gram entries per block: 64 MiB in fp32, whatever the batch
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import fused
+from .. import _ext, fused
 from ..fused import indices  # noqa: F401 (its CPU registrations, copied below)
 from ..ops.pair_sims import HAS_OP
 from .launch import usable_on
@@ -130,10 +130,13 @@ def pair_sims_bwd_triton(grad, x, r, rows, cols):
 
 
 if HAS_OP:
-    # the extension's ops get these as their CUDA kernels (they have CPU ones only)
-    _LIB = torch.library.Library("metrix_ops", "IMPL")
-    _LIB.impl("pair_sims_fwd", pair_sims_triton, "CUDA")
-    _LIB.impl("pair_sims_bwd", pair_sims_bwd_triton, "CUDA")
+    # the extension's ops get these as their CUDA kernels where the build has none of its own
+    # (a CPU-only build on a GPU machine); a CUDA build's (csrc/cuda/pair_sims_cuda.cu,
+    # deterministic) serve both GPU engines' tuple paths
+    if not _ext.has_cuda_kernel("pair_sims_fwd"):
+        _LIB = torch.library.Library("metrix_ops", "IMPL")
+        _LIB.impl("pair_sims_fwd", pair_sims_triton, "CUDA")
+        _LIB.impl("pair_sims_bwd", pair_sims_bwd_triton, "CUDA")
 
     def _on_cuda(supports):
         def cuda_supports(params, inp, expansion) -> bool:
