@@ -86,6 +86,10 @@ for name in ('ProxyAnchorLoss', 'ProxyNCALoss'):
 for n in (2, 9):  # EE-HPHN: csrc/cuda/ee_point_mine_cuda.cu (9: a segment over two warps)
     fn = metrix_ops.losses.HPHNTripletLoss(backend='cuda', expansion=metrix_ops.Expansion(n_points=n))
     e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
+t = metrix_ops.miners.MultiSimilarityMiner(0.1)(x, y)  # indices_tuple: pair_sims_cuda.cu
+for name in ('ContrastiveLoss', 'MultiSimilarityLoss', 'TripletMarginLoss'):
+    e = x.clone().requires_grad_(True)
+    getattr(metrix_ops.losses, name)(backend='cuda')(e, y, t).backward(); torch.cuda.synchronize()
 print('memcheck case ran')
 " > "$RES/memcheck.log" 2>&1
 tail -3 "$RES/memcheck.log"
