@@ -3,8 +3,9 @@ pair_sims_fwd / pair_sims_bwd ops' CUDA implementations) against the C++ CPU op:
 the gradients over pairs listed several times and rows shared by many pairs (bucketed per
 output row, summed in listed order: bitwise repeatable, allowed under torch's deterministic
 mode); odd widths; an empty list; bad input. And the indices_tuple paths they serve on
-backend="cuda" (fused/cuda_pairs.py: the CPU glue of fused/indices/) against the reference.
-The registration is checked on any CUDA build; the rest needs a GPU."""
+backend="cuda" (fused/cuda_pairs.py: the CPU glue of fused/indices/) against the reference,
+with the weighted ProxyAnchor op (csrc/cuda/proxy_losses_cuda.cu) against the CPU op. The
+registration is checked on any CUDA build; the rest needs a GPU."""
 import pytest
 import torch
 
@@ -26,9 +27,9 @@ def _fp32_products(no_tf32):  # conftest.py
 def test_tuple_paths_registered_for_the_cuda_engine():
     names = {n for (b, n) in fused.INDICES_IMPLS if b == "cuda"}
     cpu = {n for (b, n) in fused.INDICES_IMPLS if b == "cpu"}
-    assert names == cpu - {"ProxyAnchorLoss"}  # its weighted op is CPU-only
+    assert names == cpu
     assert {"MultiSimilarityLoss", "ContrastiveLoss", "TripletMarginLoss", "NPairsLoss",
-            "ProxyNCALoss"} <= names
+            "ProxyNCALoss", "ProxyAnchorLoss"} <= names
 
 
 def _pairs(b, m, p, g):
@@ -103,12 +104,40 @@ def test_tuple_losses_on_cuda_match_reference(name, miner):
 
 
 @on_gpu
-def test_proxy_nca_tuple_on_cuda_matches_reference():
+@pytest.mark.parametrize("name", ["ProxyNCALoss", "ProxyAnchorLoss"])
+def test_proxy_tuples_on_cuda_match_reference(name):
+    """PML weights the examples by their count in the tuple: ProxyNCA its rows, ProxyAnchor
+    every exponent (the weighted op, proxy_anchor_weighted_* on CUDA)."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(30, 8, dtype=torch.float64, generator=g).cuda()
     y = torch.randint(0, 6, (30,), generator=g).cuda()
     t = mo.miners.MultiSimilarityMiner(0.1)(x, y)
-    ours = mo.losses.ProxyNCALoss(6, 8, backend="cuda").cuda().double()
-    ref = mo.losses.ProxyNCALoss(6, 8, backend="reference").cuda().double()
+    ours = getattr(mo.losses, name)(6, 8, backend="cuda").cuda().double()
+    ref = getattr(mo.losses, name)(6, 8, backend="reference").cuda().double()
     ref.load_state_dict(ours.state_dict())
     assert_close_vg(lambda e: ours(e, y, t), lambda e: ref(e, y, t), x)
+    ours.zero_grad()
+    ref.zero_grad()
+    ours(x, y, t).backward()
+    ref(x, y, t).backward()
+    torch.testing.assert_close(ours.proxies.grad, ref.proxies.grad, rtol=1e-7, atol=1e-10)
+
+
+@on_gpu
+def test_weighted_proxy_anchor_op_matches_the_cpu_op():
+    from metrix_ops.ops.proxy_anchor import proxy_anchor_terms
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(41, 7, dtype=torch.float64, generator=g), dim=1)
+    p = torch.nn.functional.normalize(torch.randn(6, 7, dtype=torch.float64, generator=g), dim=1)
+    y = torch.randint(0, 6, (41,), generator=g)
+    lw = torch.randn(41, dtype=torch.float64, generator=g)
+    wp, wn = (torch.randn(6, dtype=torch.float64, generator=g) for _ in range(2))
+
+    def run(dev, chunk):
+        leaves = [t.to(dev).clone().requires_grad_() for t in (x, p)]
+        pos, neg = proxy_anchor_terms(*leaves, y.to(dev), 32.0, 0.1, chunk, log_w=lw.to(dev))
+        v = (pos * wp.to(dev)).sum() + (neg * wn.to(dev)).sum()
+        return [t.detach().cpu() for t in (pos, neg, *torch.autograd.grad(v, leaves))]
+    for chunk in (4, 64):
+        for a, b in zip(run("cuda", chunk), run("cpu", 8)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -12,6 +12,7 @@
 //   struct State { static MO_HD State empty(); MO_HD void merge(const State&); }  (POD)
 //   __device__ void fold(State&, T s, bool positive, int64_t row) const
 //   __device__ T grad(T s, bool positive, int64_t row) const
+// (or fold_at / grad_at, which take the reference index too: below).
 // Why recompute rather than keep G from the forward: keeping it is the B×M matrix this
 // engine exists to avoid; the recomputation is one chunk product per chunk (4 products in
 // all against the floor's 3).
@@ -92,6 +93,28 @@ __device__ __forceinline__ State shfl_down_state(const State& v, int off) {
 
 // kRowWarps warps per row (1, or kThreads / 32 for one block per row), lanes taking strided
 // columns (a warp reads consecutive entries: coalesced). The states merge by a fixed tree:
+// A Loss may instead take the entry's reference index too, fold_at(State&, s, positive, row,
+// ref) and grad_at(s, positive, row, ref) (ProxyAnchor's per-example weights); the others
+// see the row only.
+template <class L, class = void>
+struct TakesRef : std::false_type {};
+template <class L>
+struct TakesRef<L, std::void_t<decltype(&L::fold_at)>> : std::true_type {};
+
+template <class Loss, class State, typename T>
+__device__ __forceinline__ void fold_entry(const Loss& loss, State& st, T s, bool pos,
+                                           int64_t row, int64_t ref) {
+  if constexpr (TakesRef<Loss>::value) loss.fold_at(st, s, pos, row, ref);
+  else loss.fold(st, s, pos, row);
+}
+
+template <class Loss, typename T>
+__device__ __forceinline__ T grad_entry(const Loss& loss, T s, bool pos, int64_t row,
+                                        int64_t ref) {
+  if constexpr (TakesRef<Loss>::value) return loss.grad_at(s, pos, row, ref);
+  else return loss.grad(s, pos, row);
+}
+
 // lane l takes lane l + 16, + 8, ..., + 1 (shuffles), then the row's warps in order, so the
 // result does not depend on scheduling. One warp per row when there are rows enough to fill
 // the GPU: no shared memory or block barrier, and 32× the columns per reduction; a block per
@@ -112,7 +135,7 @@ __global__ void fold_rows_kernel(const T* __restrict__ s, int64_t rows, int64_t 
     const int64_t yi = yr[i];
     for (int64_t j = t; j < len; j += kRowThreads) {
       const int kind = pair_kind(yi, yc, i, start + j, exclude_diag);
-      if (kind >= 0) loss.fold(local, row[j], kind == 1, i);
+      if (kind >= 0) fold_entry(loss, local, row[j], kind == 1, i, start + j);
     }
   }
   for (int off = 16; off > 0; off >>= 1) {  // every lane shuffles (full mask)
@@ -148,7 +171,7 @@ __global__ void grad_entries_kernel(T* __restrict__ s, int64_t rows, int64_t len
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < len;
          j += (int64_t)gridDim.x * blockDim.x) {
       const int kind = pair_kind(yi, yc, i, start + j, exclude_diag);
-      row[j] = kind < 0 ? T(0) : loss.grad(row[j], kind == 1, i);
+      row[j] = kind < 0 ? T(0) : grad_entry(loss, row[j], kind == 1, i, start + j);
     }
   }
 }

@@ -38,23 +38,42 @@ int launch_blocks(int64_t n) { return (int)((n + kThreads - 1) / kThreads); }
 
 // ---- ProxyAnchor
 
+// Rows are the proxies c, references the examples j; lw: the examples' log-weights added to
+// every exponent (PML's indices_tuple weights, the weighted ops), or none
 template <typename T>
 struct PaRowLoss {
   using State = cuda_pairs::TwoSideLse<T>;
   T alpha, margin;
+  const T* lw = nullptr;
   const T* g_pos = nullptr;  // backward: the proxies' upstream gradients and finished terms
   const T* g_neg = nullptr;
   const T* lp = nullptr;
   const T* ln = nullptr;
 
-  __device__ void fold(State& st, T s, bool pos, int64_t) const {
-    if (pos) st.pos.push(pa_pos_arg(s, alpha, margin));
-    else st.neg.push(pa_neg_arg(s, alpha, margin));
+  __device__ T weight(int64_t j) const { return lw ? lw[j] : T(0); }
+  __device__ void fold_at(State& st, T s, bool pos, int64_t, int64_t j) const {
+    if (pos) st.pos.push(pa_pos_arg(s, alpha, margin) + weight(j));
+    else st.neg.push(pa_neg_arg(s, alpha, margin) + weight(j));
   }
-  __device__ T grad(T s, bool pos, int64_t c) const {
-    return pa_grad(s, pos, alpha, margin, g_pos[c], g_neg[c], lp[c], ln[c]);
+  // a weight shifts the finished term the entry is divided by: e^{arg + lw − lse}
+  __device__ T grad_at(T s, bool pos, int64_t c, int64_t j) const {
+    const T w = weight(j);
+    return pa_grad(s, pos, alpha, margin, g_pos[c], g_neg[c], lp[c] - w, ln[c] - w);
   }
 };
+
+// lw: undefined, or (B,) of x's dtype and device (returned contiguous)
+at::Tensor checked_log_w(const at::Tensor& lw, const at::Tensor& x) {
+  if (!lw.defined()) return lw;
+  TORCH_CHECK(lw.dim() == 1 && lw.size(0) == x.size(0) && lw.scalar_type() == x.scalar_type() &&
+                  lw.device() == x.device(),
+              "log_w must be a (", x.size(0), ",) tensor of x's dtype and device, got shape ",
+              lw.sizes(), " ", lw.scalar_type(), " on ", lw.device());
+  return lw.contiguous();
+}
+
+template <typename T>
+const T* lw_ptr(const at::Tensor& lw) { return lw.defined() ? lw.data_ptr<T>() : nullptr; }
 
 template <typename T>
 __global__ void pa_finish_kernel(const typename PaRowLoss<T>::State* state, int64_t n, T* pos,
@@ -65,20 +84,19 @@ __global__ void pa_finish_kernel(const typename PaRowLoss<T>::State* state, int6
   neg[c] = state[c].neg.value();
 }
 
-std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cuda(const at::Tensor& x_,
-                                                         const at::Tensor& p_,
-                                                         const at::Tensor& labels_,
-                                                         double alpha, double margin,
-                                                         int64_t chunk) {
+std::tuple<at::Tensor, at::Tensor> pa_fwd(const at::Tensor& x_, const at::Tensor& p_,
+                                          const at::Tensor& labels_, const at::Tensor& lw_,
+                                          double alpha, double margin, int64_t chunk) {
   check_cuda_proxy_call(x_, p_, labels_, chunk);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), p = p_.contiguous(), labels = labels_.contiguous();
+  const at::Tensor lw = checked_log_w(lw_, x_);
   const int64_t C = p.size(0);
   at::Tensor pos = at::empty({C}, x.options()), neg = at::empty_like(pos);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "proxy_anchor_fwd_cuda", [&] {
     using T = scalar_t;
     using State = typename PaRowLoss<T>::State;
-    const PaRowLoss<T> loss{T(alpha), T(margin)};
+    const PaRowLoss<T> loss{T(alpha), T(margin), lw_ptr<T>(lw)};
     // every proxy's terms start from the e^0 term of log(1 + Σ)
     at::Tensor buf = make_states(C, State{lse_with_one<T>(), lse_with_one<T>()}, x.options());
     State* state = reinterpret_cast<State*>(buf.data_ptr());
@@ -92,11 +110,13 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cuda(const at::Tensor& x_,
   return {pos, neg};
 }
 
-std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor> pa_bwd(
     const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x_,
-    const at::Tensor& p_, const at::Tensor& labels_, const at::Tensor& pos_,
-    const at::Tensor& neg_, double alpha, double margin, int64_t chunk) {
+    const at::Tensor& p_, const at::Tensor& labels_, const at::Tensor& lw_,
+    const at::Tensor& pos_, const at::Tensor& neg_, double alpha, double margin,
+    int64_t chunk) {
   check_cuda_proxy_call(x_, p_, labels_, chunk);
+  const at::Tensor lw = checked_log_w(lw_, x_);
   check_row_vec(grad_pos, p_, "grad_pos");
   check_row_vec(grad_neg, p_, "grad_neg");
   check_row_vec(pos_, p_, "pos");
@@ -109,11 +129,41 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cuda(
   at::Tensor dx, dp;
   AT_DISPATCH_FLOATING_TYPES(dt, "proxy_anchor_bwd_cuda", [&] {
     using T = scalar_t;
-    const PaRowLoss<T> loss{T(alpha), T(margin), gp.data_ptr<T>(), gn.data_ptr<T>(),
-                            lp.data_ptr<T>(), ln.data_ptr<T>()};
+    const PaRowLoss<T> loss{T(alpha), T(margin), lw_ptr<T>(lw), gp.data_ptr<T>(),
+                            gn.data_ptr<T>(), lp.data_ptr<T>(), ln.data_ptr<T>()};
     std::tie(dp, dx) = grad_all<PaRowLoss<T>, T>(p, x, class_ids(p), labels, false, chunk, loss);
   });
   return {dx, dp};
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_fwd_cuda(const at::Tensor& x,
+                                                         const at::Tensor& p,
+                                                         const at::Tensor& labels,
+                                                         double alpha, double margin,
+                                                         int64_t chunk) {
+  return pa_fwd(x, p, labels, at::Tensor(), alpha, margin, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_bwd_cuda(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& p, const at::Tensor& labels, const at::Tensor& pos, const at::Tensor& neg,
+    double alpha, double margin, int64_t chunk) {
+  return pa_bwd(grad_pos, grad_neg, x, p, labels, at::Tensor(), pos, neg, alpha, margin, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_weighted_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& p, const at::Tensor& labels, const at::Tensor& log_w,
+    double alpha, double margin, int64_t chunk) {
+  TORCH_CHECK(log_w.defined(), "log_w must be a tensor");
+  return pa_fwd(x, p, labels, log_w, alpha, margin, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor> proxy_anchor_weighted_bwd_cuda(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& p, const at::Tensor& labels, const at::Tensor& log_w, const at::Tensor& pos,
+    const at::Tensor& neg, double alpha, double margin, int64_t chunk) {
+  TORCH_CHECK(log_w.defined(), "log_w must be a tensor");
+  return pa_bwd(grad_pos, grad_neg, x, p, labels, log_w, pos, neg, alpha, margin, chunk);
 }
 
 // ---- ProxyNCA
@@ -215,6 +265,8 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_bwd_cuda(const at::Tensor& grad_row
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
   m.impl("proxy_anchor_fwd", &proxy_anchor_fwd_cuda);
   m.impl("proxy_anchor_bwd", &proxy_anchor_bwd_cuda);
+  m.impl("proxy_anchor_weighted_fwd", &proxy_anchor_weighted_fwd_cuda);
+  m.impl("proxy_anchor_weighted_bwd", &proxy_anchor_weighted_bwd_cuda);
   m.impl("proxy_nca_fwd", &proxy_nca_fwd_cuda);
   m.impl("proxy_nca_bwd", &proxy_nca_bwd_cuda);
 }

@@ -46,11 +46,11 @@ for _name, _supports, _impl in [
     register("cuda", _name, _on_cuda(_supports), _impl)
 
 # indices_tuple: the CPU glue (fused/indices/) on CUDA tensors, whose ops have CUDA kernels:
-# pair_sims (csrc/cuda/pair_sims_cuda.cu) and, for NPairs and ProxyNCA, the ProxyNCA op;
-# ProxyAnchor's weighted op is CPU-only
+# pair_sims (csrc/cuda/pair_sims_cuda.cu), the ProxyNCA op (NPairs, ProxyNCA) and the
+# weighted ProxyAnchor op (proxy_losses_cuda.cu)
 if _ext.has_cuda_kernel("pair_sims_fwd"):
     for (_backend, _name), (_supports, _impl) in list(INDICES_IMPLS.items()):
-        if _backend == "cpu" and _name != "ProxyAnchorLoss":
+        if _backend == "cpu":
             register_indices("cuda", _name, _on_cuda(_supports), _impl)
 
 # miner= inside the op: the same glue as the CPU's (its general ops, not the symmetric ones)

@@ -98,7 +98,7 @@ def default_chunk(batch: int, budget: int = 1 << 21) -> int:
 def proxy_anchor_terms(x_unit, p_unit, labels, alpha: float, margin: float, chunk=None,
                        log_w=None):
     """Per-proxy (pos, neg): log(1 + Σ_{y=c} e^{−α(s−δ) + lw}) and log(1 + Σ_{y≠c} e^{α(s+δ) + lw}),
-    lw the examples' log-weights (log_w, CPU only; none by default)."""
+    lw the examples' log-weights (log_w; none by default)."""
     chunk = default_chunk(x_unit.shape[0]) if chunk is None else chunk
     args = (x_unit.contiguous(), p_unit.contiguous(), labels.contiguous())
     if log_w is not None:

@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from ... import _ext
 from ...ops.proxy_anchor import proxy_anchor_terms
 from ...ops.proxy_nca import proxy_nca_rows
 from ...reference.proxy_anchor import miner_weights
@@ -40,7 +41,10 @@ register_indices("cpu", "ProxyNCALoss", supports, impl)
 
 
 def anchor_supports(params, inp, expansion) -> bool:
-    return (inp.indices_tuple is not None and inp.embeddings.device.type == "cpu"
+    # the weighted op: C++ on the CPU, and csrc/cuda/proxy_losses_cuda.cu in a CUDA build
+    on_device = (inp.embeddings.device.type == "cpu"
+                 or _ext.has_cuda_kernel("proxy_anchor_weighted_fwd"))
+    return (inp.indices_tuple is not None and on_device
             and proxy_anchor.supports(params, dataclasses.replace(inp, indices_tuple=None),
                                       expansion))
 
