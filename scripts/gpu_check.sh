@@ -90,6 +90,9 @@ t = metrix_ops.miners.MultiSimilarityMiner(0.1)(x, y)  # indices_tuple: pair_sim
 for name in ('ContrastiveLoss', 'MultiSimilarityLoss', 'TripletMarginLoss'):
     e = x.clone().requires_grad_(True)
     getattr(metrix_ops.losses, name)(backend='cuda')(e, y, t).backward(); torch.cuda.synchronize()
+e = x.clone().requires_grad_(True)  # ProxyAnchor's tuple: the weighted op
+metrix_ops.losses.ProxyAnchorLoss(5, 16, backend='cuda').cuda()(e, y, t).backward()
+torch.cuda.synchronize()
 print('memcheck case ran')
 " > "$RES/memcheck.log" 2>&1
 tail -3 "$RES/memcheck.log"
