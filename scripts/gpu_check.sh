@@ -86,6 +86,12 @@ for name in ('ProxyAnchorLoss', 'ProxyNCALoss'):
 for n in (2, 9):  # EE-HPHN: csrc/cuda/ee_point_mine_cuda.cu (9: a segment over two warps)
     fn = metrix_ops.losses.HPHNTripletLoss(backend='cuda', expansion=metrix_ops.Expansion(n_points=n))
     e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
+for name in ('MultiSimilarityLoss', 'LiftedStructureLoss', 'NPairsLoss', 'TripletMarginLoss'):
+    for n in (0, 3):  # EE of the other losses: csrc/cuda/ee_losses_cuda.cu, chunks of 7 rows
+        import metrix_ops.fused.cuda_ee_losses as cel; cel.GPU_CHUNK = 7
+        fn = getattr(metrix_ops.losses, name)(backend='cuda', expansion=metrix_ops.Expansion(n_points=n))
+        e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
+cel.GPU_CHUNK = 512
 t = metrix_ops.miners.MultiSimilarityMiner(0.1)(x, y)  # indices_tuple: pair_sims_cuda.cu
 for name in ('ContrastiveLoss', 'MultiSimilarityLoss', 'TripletMarginLoss'):
     e = x.clone().requires_grad_(True)
@@ -141,11 +147,12 @@ for loss in ms_miner triplet_semihard; do
 done
 # EE-HPHN (n = 8) on the Triton and CUDA engines: brute-force mining over all (B + 8·#pairs)² point pairs
 bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,cuda,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
-# EE-MS (n = 2) on the Triton engine (eighth session: triton/ee_neg_lse.py), against clean MS
-bench gpu_ee_ms_float32 --loss ee_ms --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
+# EE-MS (n = 2) on the Triton engine (eighth session: triton/ee_neg_lse.py) and the CUDA one
+# (twenty-fourth: csrc/cuda/ee_losses_cuda.cu), against clean MS
+bench gpu_ee_ms_float32 --loss ee_ms --impls triton,cuda,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 # ninth session: TripletMarginLoss with EE (triton/ee_triplet.py), EE-HPHN on the official
 # pairing, and Metrix pos_pos (class blocks beside the engine's clean op)
-bench gpu_ee_triplet_float32 --loss ee_triplet --impls triton,clean --sizes 2048,8192 --dims 512 --repeats 3
+bench gpu_ee_triplet_float32 --loss ee_triplet --impls triton,cuda,clean --sizes 2048,8192 --dims 512 --repeats 3
 bench gpu_ee_hphn_adjacent_float32 --loss ee_hphn_adjacent --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 3
 bench gpu_metrix_ms_pos_pos_float32 --loss metrix_ms_pos_pos --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
 # tenth session: Metrix against ref_emb in checkpointed anchor chunks (fused/metrix_refs.py)

@@ -10,38 +10,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ee_losses_checks as checks
 import metrix_ops as mo
-from cases import CASES, CASE_IDS, assert_close_vg, assert_float32_and_bf16, make_case
+from cases import CASES, CASE_IDS
 from metrix_ops import _ext
-from metrix_ops.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from metrix_ops.ops.ee_mining import all_segments
-from metrix_ops.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
-from test_expansion import assert_close_up_to_ties
 from test_fused_hphn_cpu import batch
 from triton_cases import compiles_only, on_dev, requires_triton, run_sm90_script
 
 pytestmark = requires_triton
 
-LOSSES = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss",
-          "NPairsLoss", "TripletMarginLoss"]
-SIM = {"NPairsLoss": DotProductSimilarity}
+LOSSES = checks.LOSSES
 
 
 def lse_triton(*args):
     from metrix_ops.triton.ee_neg_lse import ee_neg_lse_triton
     return ee_neg_lse_triton(*args)
-
-
-def dists(name):
-    return [SIM.get(name, CosineSimilarity), LpDistance]
-
-
-def pair(name, n, pairs="all", dist=None, **kw):
-    """(triton, reference) losses of class `name` with Expansion(n, pairs)."""
-    ee = mo.Expansion(n_points=n, pairs=pairs)
-    extra = dict(kw, **({} if dist is None else {"distance": dist()}))
-    return [getattr(mo.losses, name)(backend=be, expansion=ee, **extra)
-            for be in ("triton", "reference")]
 
 
 # ---------------------------------------------------------------- the op against the C++ op
@@ -134,57 +118,30 @@ def test_triplet_op_checks_pos():
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_shared_cases_float64(name, case):
-    # duplicate rows make a segment's points coincide with its ends: ŝ ties between them,
-    # and which one takes the gradient depends on the last bit of each engine's arithmetic;
-    # any split among the duplicates is a valid subgradient, so those are compared per group
-    x, y = make_case(case)
-    x, y = on_dev(x, y)
-    tri, ref = pair(name, 2)
-    assert_close_up_to_ties(lambda e: tri(e, y), lambda e: ref(e, y), x, case[0])
+    checks.check_shared_case("triton", on_dev, name, case)
 
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("n,pairs", [(1, "all"), (3, "adjacent")])
 def test_distances_and_pairs(name, n, pairs):
-    x, y = batch(20, 9, 5, seed=n, contiguous=pairs == "adjacent")
-    x, y = on_dev(x, y)
-    for dist in dists(name):
-        tri, ref = pair(name, n, pairs, dist)
-        assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    checks.check_distances_and_pairs("triton", on_dev, name, n, pairs)
 
 
-HYPER = {"MultiSimilarityLoss": {"alpha": 5.0, "beta": 80.0, "base": 0.9},
-         "GeneralizedLiftedStructureLoss": {"neg_margin": 2.5, "pos_margin": 0.2},
-         "TripletMarginLoss": {"margin": 0.3, "smooth_loss": True}}
-
-
-@pytest.mark.parametrize("name", sorted(HYPER))
+@pytest.mark.parametrize("name", sorted(checks.HYPER))
 def test_reducers_and_hyper_parameters(name):
-    x, y = batch(22, 8, 4, seed=6)
-    x, y = on_dev(x, y)
-    hp = HYPER[name]
-    for reducer in (SumReducer, AvgNonZeroReducer, MeanReducer):
-        tri, ref = pair(name, 2, reducer=reducer(), **hp)
-        assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    checks.check_reducers_and_hyper_parameters("triton", on_dev, name)
 
 
 def test_multi_class_chunks():
     """Classes of 1–20 rows: chunks of several small classes, KB = 32, segments spanning
     several point tiles."""
-    y = torch.tensor([0] * 20 + [1] * 3 + [2] + [3] * 9 + [4] * 2)
-    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
-    x, _ = batch(len(y), 5, 1, seed=8)
-    x, y = on_dev(x, y)
-    tri, ref = pair("MultiSimilarityLoss", 1)
-    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    checks.check_labels("triton", on_dev, torch.tensor([0] * 20 + [1] * 3 + [2] + [3] * 9
+                                                       + [4] * 2))
 
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_float32_and_half(name):
-    x, y = batch(21, 16, 4, seed=2)
-    x, y = on_dev(x, y)
-    tri, ref = pair(name, 2)
-    assert_float32_and_bf16(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    checks.check_float32_and_half("triton", on_dev, name)
 
 
 # ---------------------------------------------------------------- routing

@@ -149,4 +149,18 @@ MO_HD bool ee_arcs_below(const EeArc<T>& e, const EeArc<T>& f, T s_ik, T s_il, T
                                      ee_arcs_slack<T>());
 }
 
+// TripletMarginLoss's term f(v) with EE (relu, or F.softplus: linear past threshold 20) and
+// its derivative, for the CPU and CUDA ee_triplet ops.
+template <typename T>
+MO_HD T ee_trip_f(T v, bool smooth) {  // F.softplus: linear past threshold 20
+  if (!smooth) return v > T(0) ? v : T(0);
+  return v > T(20) ? v : std::log1p(std::exp(v));
+}
+
+template <typename T>
+MO_HD T ee_trip_df(T v, bool smooth) {
+  if (!smooth) return v > T(0) ? T(1) : T(0);
+  return v > T(20) ? T(1) : T(1) / (T(1) + std::exp(-v));
+}
+
 }  // namespace metrix_ops

@@ -43,6 +43,7 @@
 
 #include "common/expansion.h"
 #include "cpu/ee_closest.h"
+#include "cpu/ee_layout.h"
 #include "cpu/op_checks.h"
 #include "cpu/parallel_tasks.h"
 #include "cpu/row_tiles.h"
@@ -50,66 +51,6 @@
 namespace metrix_ops {
 
 namespace {
-
-// Classes, segments and chunks of one call (dtype-free).
-struct EeLayout {
-  int64_t B = 0, n = 0, S = 0, C = 0;
-  std::vector<int64_t> order, slot, cls, cstart;  // slot -> row, row -> slot, row -> class
-  std::vector<int64_t> si, sj;                    // segment endpoints (rows)
-  std::vector<std::vector<int64_t>> class_segs;   // segments of each class, in order
-  std::vector<int64_t> seg_rank;                  // a segment's place in its class's list
-  std::vector<std::vector<int64_t>> of_anchor;    // A_i's segments: (i, ·) then (·, i)
-  std::vector<int64_t> chunk_cls;                 // chunk t: classes [chunk_cls[t], [t + 1])
-};
-
-EeLayout make_layout(const at::Tensor& labels, const at::Tensor& seg_i, const at::Tensor& seg_j,
-                     int64_t n, int64_t chunk) {
-  EeLayout L;
-  const int64_t B = L.B = labels.size(0);
-  L.n = n;
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  check_segments(lab, B, seg_i, seg_j);
-  L.S = n > 0 ? seg_i.size(0) : 0;
-  L.order.resize(B);
-  std::iota(L.order.begin(), L.order.end(), 0);
-  std::stable_sort(L.order.begin(), L.order.end(),
-                   [&](int64_t a, int64_t b) { return lab[a] < lab[b]; });
-  L.slot.resize(B);
-  L.cls.resize(B);
-  L.cstart = {0};
-  for (int64_t r = 0; r < B; ++r) {
-    if (r > 0 && lab[L.order[r]] != lab[L.order[r - 1]]) L.cstart.push_back(r);
-    L.cls[L.order[r]] = int64_t(L.cstart.size()) - 1;
-    L.slot[L.order[r]] = r;
-  }
-  L.cstart.push_back(B);
-  L.C = B > 0 ? int64_t(L.cstart.size()) - 1 : 0;
-  if (B == 0) L.cstart = {0};
-  L.class_segs.resize(L.C);
-  L.of_anchor.resize(B);
-  if (L.S > 0) {
-    const int64_t* pi = seg_i.data_ptr<int64_t>();
-    const int64_t* pj = seg_j.data_ptr<int64_t>();
-    L.si.assign(pi, pi + L.S);
-    L.sj.assign(pj, pj + L.S);
-    L.seg_rank.resize(L.S);
-    for (int64_t e = 0; e < L.S; ++e) {
-      const int64_t i = pi[e];
-      L.seg_rank[e] = int64_t(L.class_segs[L.cls[i]].size());
-      L.class_segs[L.cls[i]].push_back(e);
-      L.of_anchor[i].push_back(e);
-    }
-    for (int64_t e = 0; e < L.S; ++e) L.of_anchor[pj[e]].push_back(e);
-  }
-  L.chunk_cls = {0};
-  for (int64_t c0 = 0; c0 < L.C;) {  // at least one class, then while the rows fit
-    int64_t c1 = c0 + 1;
-    while (c1 < L.C && L.cstart[c1 + 1] - L.cstart[c0] <= chunk) ++c1;
-    L.chunk_cls.push_back(c1);
-    c0 = c1;
-  }
-  return L;
-}
 
 // A point as one side of the closed form: endpoints (local rows of its chunk), weights and
 // norm; pid: its synthetic index e·n + k − 1, or −1 for an original.
@@ -444,16 +385,7 @@ struct EeOp {
 void check_ee_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& seg_i,
                      const at::Tensor& seg_j, const at::Tensor& anchor_mask,
                      const at::Tensor& neg_mask, int64_t n, int64_t chunk) {
-  check_rows_labels(x, labels, "x", "labels");
-  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
-  TORCH_CHECK(n >= 0, "n_points must be >= 0, got ", n);
-  TORCH_CHECK(seg_i.dim() == 1 && seg_j.dim() == 1 && seg_i.size(0) == seg_j.size(0) &&
-                  seg_i.scalar_type() == at::kLong && seg_j.scalar_type() == at::kLong,
-              "seg_i and seg_j must be int64 of the same shape (S,)");
-  for (const at::Tensor* m : {&anchor_mask, &neg_mask})
-    TORCH_CHECK(m->dim() == 1 && m->size(0) == x.size(0) && m->scalar_type() == at::kBool,
-                m == &anchor_mask ? "anchor_mask" : "neg_mask", " must be bool of shape (",
-                x.size(0), ",)");
+  check_ee_args(x, labels, seg_i, seg_j, anchor_mask, neg_mask, n, chunk);
   for (const at::Tensor* t : {&x, &labels, &seg_i, &seg_j, &anchor_mask, &neg_mask})
     TORCH_CHECK(t->device().is_cpu(), "ee ops: all inputs must be CPU tensors");
 }
@@ -558,37 +490,8 @@ at::Tensor ee_neg_lse_bwd_cpu(const at::Tensor& grad_, const at::Tensor& lse_,
 // TripletMarginLoss "all" with EE: per anchor i, over its positives p (pos: their clean metric,
 // anchor-major CSR in index order, each anchor's class members but itself in index order)
 // and every negative point q, the terms f(v) with v = margin(pos_ip, m̂(i, q)) + margin and f
-// relu or (smooth) softplus. Returns (Σ f, #f > 0, #triplets) per anchor; no triplet list.
-namespace {
-
-template <typename T>
-MO_HD T ee_trip_f(T v, bool smooth) {  // F.softplus: linear past threshold 20
-  if (!smooth) return v > T(0) ? v : T(0);
-  return v > T(20) ? v : std::log1p(std::exp(v));
-}
-
-template <typename T>
-MO_HD T ee_trip_df(T v, bool smooth) {
-  if (!smooth) return v > T(0) ? T(1) : T(0);
-  return v > T(20) ? T(1) : T(1) / (T(1) + std::exp(-v));
-}
-
-// first CSR entry of each anchor: anchors in index order, |class| − 1 positives each
-std::vector<int64_t> pos_offsets(const EeLayout& L) {
-  std::vector<int64_t> off(L.B + 1, 0);
-  for (int64_t i = 0; i < L.B; ++i)
-    off[i + 1] = off[i] + (L.cstart[L.cls[i] + 1] - L.cstart[L.cls[i]] - 1);
-  return off;
-}
-
-void check_pos(const EeLayout& L, const at::Tensor& pos, const at::Tensor& x) {
-  const int64_t want = pos_offsets(L)[L.B];
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == want && pos.scalar_type() == x.scalar_type(),
-              "pos must be of x's dtype and shape (", want, ",): each anchor's clean metric to "
-              "its positives");
-}
-
-}  // namespace
+// relu or (smooth) softplus (ee_trip_f, common/expansion.h). Returns (Σ f, #f > 0,
+// #triplets) per anchor; no triplet list.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ee_triplet_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& labels_, const at::Tensor& seg_i_,

@@ -60,12 +60,7 @@ namespace {
 
 void check_mine_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& seg_i,
                        const at::Tensor& seg_j, int64_t n, int64_t chunk) {
-  check_rows_labels(x, labels, "x", "labels");
-  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
-  TORCH_CHECK(n >= 0, "n_points must be >= 0, got ", n);
-  TORCH_CHECK(seg_i.dim() == 1 && seg_j.dim() == 1 && seg_i.size(0) == seg_j.size(0) &&
-                  seg_i.scalar_type() == at::kLong && seg_j.scalar_type() == at::kLong,
-              "seg_i and seg_j must be int64 of the same shape (S,)");
+  check_ee_rows_segments(x, labels, seg_i, seg_j, n, chunk);
   TORCH_CHECK(seg_i.device().is_cpu() && seg_j.device().is_cpu() && x.device().is_cpu() &&
                   labels.device().is_cpu(), "ee_hphn_mine: all inputs must be CPU tensors");
 }

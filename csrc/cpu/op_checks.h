@@ -70,6 +70,18 @@ inline void check_segments(const int64_t* lab, int64_t B, const at::Tensor& seg_
   }
 }
 
+// The arguments every Embedding Expansion op takes: rows, labels, segments, n and chunk.
+inline void check_ee_rows_segments(const at::Tensor& x, const at::Tensor& labels,
+                                   const at::Tensor& seg_i, const at::Tensor& seg_j, int64_t n,
+                                   int64_t chunk) {
+  check_rows_labels(x, labels, "x", "labels");
+  TORCH_CHECK(chunk > 0, "chunk must be > 0, got ", chunk);
+  TORCH_CHECK(n >= 0, "n_points must be >= 0, got ", n);
+  TORCH_CHECK(seg_i.dim() == 1 && seg_j.dim() == 1 && seg_i.size(0) == seg_j.size(0) &&
+                  seg_i.scalar_type() == at::kLong && seg_j.scalar_type() == at::kLong,
+              "seg_i and seg_j must be int64 of the same shape (S,)");
+}
+
 // a vector of one value per row / proxy, as the backward ops take
 inline void check_vec(const at::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be of shape (", n, ",)");

@@ -69,6 +69,12 @@ struct PairMix {
   __device__ __forceinline__ T inv_norm(int64_t i, int64_t w) const {
     return mix_inv_norm(c0, c1, g[i * B + w]);
   }
+  // the block of Gram rows [first, first + n) the next kernels read
+  void at_block(int64_t first, int64_t n, const at::Tensor& gram) {
+    g = gram.data_ptr<T>();
+    a0 = first;
+    rows = n;
+  }
 };
 
 template <typename T>
@@ -368,9 +374,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_fwd_cuda(
                 T(alpha), T(margin), nullptr, nullptr, nullptr, nullptr};
     if (C == 0) return;
     for_gram_blocks(x, block_rows(chunk, C), [&](int64_t a0, int64_t n, const at::Tensor& g) {
-      k.m.g = g.data_ptr<T>();
-      k.m.a0 = a0;
-      k.m.rows = n;
+      k.m.at_block(a0, n, g);
       pa_fold_kernel<T><<<warp_blocks(n, C), kThreads, 0, stream()>>>(
           k, rows_p.data_ptr<T>(), rows_n.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -409,9 +413,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_bwd_cuda(
                 ln.data_ptr<T>()};
     if (C == 0) return;
     for_gram_blocks(x, block_rows(chunk, C), [&](int64_t a0, int64_t n, const at::Tensor& g) {
-      k.m.g = g.data_ptr<T>();
-      k.m.a0 = a0;
-      k.m.rows = n;
+      k.m.at_block(a0, n, g);
       dsp_kernel<PaArgs<T>, T><<<warp_blocks(n, C), kThreads, 0, stream()>>>(k, dsp.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // the Gram block becomes H in place, read before written by each entry's one thread
@@ -445,9 +447,7 @@ at::Tensor proxy_nca_metrix_fwd_cuda(const at::Tensor& x_, const at::Tensor& p_,
     // the block totals of one Gram block's rows (rows_per × B/256: O(chunk), not B²)
     at::Tensor part = at::empty({std::min(rows_per, B), n_part}, x.options());
     for_gram_blocks(x, rows_per, [&](int64_t a0, int64_t n, const at::Tensor& g) {
-      k.m.g = g.data_ptr<T>();
-      k.m.a0 = a0;
-      k.m.rows = n;
+      k.m.at_block(a0, n, g);
       nca_fwd_kernel<T><<<entry_grid(B, n), kThreads, 0, stream()>>>(k, part.data_ptr<T>(), n_part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       rows.narrow(0, a0, n).copy_(part.narrow(0, 0, n).sum(1));  // fixed order per row
@@ -480,9 +480,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_metrix_bwd_cuda(
     k.lse1 = lse.data_ptr<T>();
     k.lse2 = k.lse1 + lse.size(1) * B;
     for_gram_blocks(x, rows_per, [&](int64_t a0, int64_t n, const at::Tensor& g) {
-      k.m.g = g.data_ptr<T>();
-      k.m.a0 = a0;
-      k.m.rows = n;
+      k.m.at_block(a0, n, g);
       nca_lse_kernel<T><<<entry_grid(B, n), kThreads, 0, stream()>>>(k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       dsp_kernel<NcaArgs<T>, T><<<warp_blocks(n, C), kThreads, 0, stream()>>>(k, dsp.data_ptr<T>());

@@ -13,7 +13,7 @@ from ..ops.unit_rows import normalized
 from . import hphn_triplet, register_expansion
 from .ee_hphn_picks import ee_hphn_picks
 
-HAS_EE_MINE = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "ee_point_mine")
+HAS_EE_MINE = _ext.has_cuda_kernel("ee_point_mine")
 GPU_BLOCK = 1 << 23  # Gram entries per product (two per chunk of units)
 
 if HAS_EE_MINE:
@@ -40,8 +40,9 @@ def ee_hphn_mine_cuda(x_unit, labels, seg_i, seg_j, n_points: int, inverted: boo
 
 
 def supports(params, inp, expansion) -> bool:
+    # (hphn_triplet.supports takes an EE call only on the batch against itself)
     return (HAS_EE_MINE and expansion is not None and inp.embeddings.device.type == "cuda"
-            and inp.ref_emb is inp.embeddings and hphn_triplet.supports(params, inp, expansion))
+            and hphn_triplet.supports(params, inp, expansion))
 
 
 def impl(params, inp, reducer, expansion):

@@ -25,9 +25,9 @@ from . import contrastive as con
 from .multi_similarity import _reduce_clean, self_pairs, supports as clean_supports
 from .pair_counts import pair_count_tensors
 
-HAS_MS = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "ms_metrix_mix_fwd")
-HAS_CON = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "contrastive_metrix_mix_fwd")
-HAS_LSE = _ext.HAS_CUDA_EXT and hasattr(torch.ops.metrix_ops, "circle_metrix_mix_fwd")
+HAS_MS = _ext.has_cuda_kernel("ms_metrix_mix_fwd")
+HAS_CON = _ext.has_cuda_kernel("contrastive_metrix_mix_fwd")
+HAS_LSE = _ext.has_cuda_kernel("circle_metrix_mix_fwd")
 CHUNK = 1024  # rows of whole classes per product S_rows = X_rows Xᵀ (tests set it small)
 
 

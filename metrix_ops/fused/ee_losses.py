@@ -1,5 +1,7 @@
 """MultiSimilarityLoss, LiftedStructureLoss, GeneralizedLiftedStructureLoss, NPairsLoss and
-TripletMarginLoss with Embedding Expansion on the CPU (and, with the Triton ops, on that engine). The negative side, a term for every (anchor, original or synthetic
+TripletMarginLoss with Embedding Expansion on the CPU (and, with the Triton ops, on that
+engine; the CUDA engine's ops have the CPU ops' schemas, fused/cuda_ee_losses.py). The negative
+side, a term for every (anchor, original or synthetic
 negative point) pair scored by its closest pair, comes from a fused op (no B×P matrix, no
 point stack): ee_neg_lse's per-anchor log-sum-exp, or ee_triplet's per-anchor totals over
 (positive, negative point). The clean side (original positive pairs, O(Σ_c |c|²) of them)
