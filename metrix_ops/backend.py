@@ -59,9 +59,8 @@ _GPU_TABLES = {"clean": GPU_ORDER, "miner": GPU_MINER_ORDER, "metrix": GPU_METRI
 
 
 def order_for(entry, batch: int | None) -> tuple:
-    """The order of a table entry for a batch of `batch` rows (None: the first range's)."""
-    if not entry or isinstance(entry[0], str):  # one order for every size
-        return tuple(entry)
+    """The order of a table entry ((max_b, order) ranges, max_b None: no upper bound) for a
+    batch of `batch` rows (None: the first range's)."""
     for max_b, order in entry:
         if max_b is None or batch is None or batch <= max_b:
             return order

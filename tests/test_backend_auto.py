@@ -16,10 +16,12 @@ def test_auto_order_follows_gpu_order_and_skips_engines_without_the_loss(monkeyp
     monkeypatch.setattr(backend, "_device_ok", lambda b, d: True)
     for b in ("cuda", "triton"):  # as on a GPU build, whichever engines this build registered
         monkeypatch.setitem(backend.FUSED, b, backend.FUSED[b] | {"MultiSimilarityLoss"})
-    monkeypatch.setitem(backend.GPU_ORDER, "MultiSimilarityLoss", ("cuda", "triton"))
+    monkeypatch.setitem(backend.GPU_ORDER, "MultiSimilarityLoss",
+                        ((None, ("cuda", "triton")),))
     assert backend.auto_order("MultiSimilarityLoss", dev) == ["cuda", "triton"]
     assert backend.resolve("auto", "MultiSimilarityLoss", dev) == "cuda"
-    monkeypatch.setitem(backend.GPU_ORDER, "MultiSimilarityLoss", ("triton", "cuda"))
+    monkeypatch.setitem(backend.GPU_ORDER, "MultiSimilarityLoss",
+                        ((None, ("triton", "cuda")),))
     assert backend.resolve("auto", "MultiSimilarityLoss", dev) == "triton"
     # an engine that does not implement the loss is not in the order at all
     monkeypatch.setitem(backend.FUSED, "cuda", backend.FUSED["cuda"] - {"MultiSimilarityLoss"})
@@ -43,7 +45,7 @@ def test_mined_and_metrix_calls_keep_triton_first_until_measured(monkeypatch):
                            ("metrix", backend.GPU_METRIX_ORDER),
                            ("expansion", backend.GPU_EXPANSION_ORDER)):
         assert backend.auto_order("MultiSimilarityLoss", dev, variant) == ["triton", "cuda"]
-        monkeypatch.setitem(table, "MultiSimilarityLoss", ("cuda", "triton"))
+        monkeypatch.setitem(table, "MultiSimilarityLoss", ((None, ("cuda", "triton")),))
         assert backend.auto_order("MultiSimilarityLoss", dev, variant) == ["cuda", "triton"]
         # CPU tensors: the CPU engine either way
         assert backend.auto_order("MultiSimilarityLoss", torch.device("cpu"), variant) == ["cpu"]

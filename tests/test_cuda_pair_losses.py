@@ -181,7 +181,9 @@ def test_proxy_losses_match_reference(name, kw, B, C, D, dtype, rtol, atol):
 def test_auto_follows_the_measured_gpu_order(monkeypatch):
     """backend="auto" on CUDA tensors takes the first engine of the loss's GPU order."""
     dev = torch.device("cuda")
-    monkeypatch.setitem(mo.backend.GPU_ORDER, "MultiSimilarityLoss", ("cuda", "triton"))
+    monkeypatch.setitem(mo.backend.GPU_ORDER, "MultiSimilarityLoss",
+                        ((None, ("cuda", "triton")),))
     assert mo.backend.resolve("auto", "MultiSimilarityLoss", dev) == "cuda"
-    monkeypatch.setitem(mo.backend.GPU_ORDER, "MultiSimilarityLoss", ("triton", "cuda"))
+    monkeypatch.setitem(mo.backend.GPU_ORDER, "MultiSimilarityLoss",
+                        ((None, ("triton", "cuda")),))
     assert mo.backend.resolve("auto", "MultiSimilarityLoss", dev) == "triton"
