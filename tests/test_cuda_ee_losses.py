@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import ee_losses_checks as checks
 import metrix_ops as mo
-from cases import CASES, CASE_IDS
+from cases import CASES, CASE_IDS, value_and_grad
 from metrix_ops import _ext
 from metrix_ops.ops.ee_mining import all_segments
 from metrix_ops.reference.expansion_points import expansion_segments
@@ -158,6 +158,29 @@ def test_class_over_64_rows(name):
 @pytest.mark.parametrize("name", LOSSES)
 def test_float32_and_half(name):
     checks.check_float32_and_half("cuda", _cuda, name)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_fullgraph_compile_equals_eager(name):
+    """The glue traces whole around the CUDA ops (their fake kernels), as on the CPU
+    (test_module_compile.py); "adjacent" pairs of different labels fail in the op."""
+    torch._dynamo.reset()
+    loss = getattr(mo.losses, name)(backend="cuda", expansion=mo.Expansion(n_points=2))
+    compiled = torch.compile(lambda e, l: loss(e, l), fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(3)
+    # random, no positives, B = 1 (no pair at all), one class (no negative)
+    for b, k in [(13, 4), (6, 6), (1, 1), (8, 1)]:
+        x, y = _cuda(torch.randn(b, 7, generator=g, dtype=torch.float64),
+                     torch.randint(0, k, (b,), generator=g))
+        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
+        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
+        torch.testing.assert_close(va, vb, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
+    adj = getattr(mo.losses, name)(backend="cuda",
+                                   expansion=mo.Expansion(n_points=2, pairs="adjacent"))
+    compiled = torch.compile(lambda e, l: adj(e, l), fullgraph=True, dynamic=False)
+    with pytest.raises(RuntimeError, match="different labels"):
+        compiled(torch.randn(6, 7, device="cuda"), torch.tensor([0, 0, 1, 2, 2, 2], device="cuda"))
 
 
 # ---------------------------------------------------------------- routing, opcheck, errors

@@ -50,7 +50,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int64_t kMaxRows = 65535;  // anchor rows per chunk: the grid's y dimension
+constexpr int64_t kMaxRows = 65535;  // anchor rows per launch: the grid's y dimension
+constexpr int64_t kTileEntries = int64_t(1) << 23;  // anchor rows × points of a tile's buffers
 // per-warp partial sums of a backward tile (entries of A_i's and of the positives, times warps
 // of points): the tile narrows to keep them within this
 constexpr int64_t kPartials = int64_t(1) << 24;
@@ -108,10 +109,22 @@ struct Tabs {
 };
 
 // One tile: anchors of slots [r0, r0 + nr) against points [q0, q0 + nt) of the chunk whose
-// slots are [c0, c0 + nc) and whose first point is p0; U is their nr × nc product.
+// slots are [c0, c0 + nc) and whose first point is p0; U is their nr × nc product. A launch
+// takes the rows from y0 on, one per block row (over_rows).
 struct Tile {
-  int64_t r0, nr, c0, nc, p0, q0, nt;
+  int64_t r0, nr, c0, nc, p0, q0, nt, y0;
 };
+
+// launch(tile, rows) over the tile's anchor rows in slabs of at most kMaxRows, the grid's y
+// limit (a class larger than that is a chunk of its own, with pairs="adjacent")
+template <class Launch>
+void over_rows(const Tile& tl, Launch&& launch) {
+  for (int64_t y0 = 0; y0 < tl.nr; y0 += kMaxRows) {
+    Tile t = tl;
+    t.y0 = y0;
+    launch(t, unsigned(std::min(kMaxRows, tl.nr - y0)));
+  }
+}
 
 template <typename T>
 struct Closest {
@@ -155,7 +168,7 @@ __device__ Closest<T> closest(const Tabs<T>& tb, const Tile& tl, const T* __rest
 template <typename T>
 __global__ void lse_terms_kernel(Tabs<T> tb, Tile tl, const T* __restrict__ U, bool l2,
                                  T scale, T offset, T* __restrict__ val) {
-  const int64_t r = blockIdx.y, q = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const int64_t r = tl.y0 + blockIdx.y, q = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (q >= tl.nt) return;
   const Closest<T> c = closest(tb, tl, U, r, q);
   val[r * tl.nt + q] =
@@ -178,7 +191,7 @@ template <typename T>
 __global__ void trip_terms_kernel(Tabs<T> tb, Tile tl, const T* __restrict__ U, bool l2,
                                   Positives<T> ps, T* __restrict__ fsum,
                                   int32_t* __restrict__ fcount) {
-  const int64_t r = blockIdx.y, q = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const int64_t r = tl.y0 + blockIdx.y, q = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (q >= tl.nt) return;
   const int64_t s = tl.r0 + r, np = ps.np[s];
   const Closest<T> c = closest(tb, tl, U, r, q);
@@ -227,7 +240,7 @@ struct Grads {
 template <typename T, bool TRIP>
 __global__ void weights_kernel(Tabs<T> tb, Tile tl, const T* __restrict__ U, bool l2,
                                Upstream<T> up, Positives<T> ps, Grads<T> gr) {
-  const int64_t r = blockIdx.y, q = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const int64_t r = tl.y0 + blockIdx.y, q = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   const int lane = threadIdx.x % 32;
   const int64_t qw = q / 32, s = tl.r0 + r, n = tb.n;
   const bool valid = q < tl.nt;
@@ -286,7 +299,7 @@ __global__ void weights_kernel(Tabs<T> tb, Tile tl, const T* __restrict__ U, boo
 template <typename T>
 __global__ void tg_kernel(Tabs<T> tb, Tile tl, const T* __restrict__ wn,
                           const int32_t* __restrict__ arg, T* __restrict__ tg) {
-  const int64_t r = blockIdx.y, q = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const int64_t r = tl.y0 + blockIdx.y, q = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (q >= tl.nt) return;
   const int64_t s = tl.r0 + r, cl = tb.cls[s], n = tb.n;
   T acc = 0;
@@ -321,7 +334,7 @@ struct Incidence {
 template <typename T>
 __global__ void du_kernel(Tabs<T> tb, Tile tl, Incidence inc, const T* __restrict__ tg,
                           T* __restrict__ du) {
-  const int64_t r = blockIdx.y, c = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const int64_t r = tl.y0 + blockIdx.y, c = (int64_t)blockIdx.x * kThreads + threadIdx.x;
   if (c >= tl.nc) return;
   const int64_t n = tb.n, q1 = tl.q0 + tl.nt;
   const T* t = tg + r * tl.nt;  // t[q − q0] for the chunk's point q in the tile
@@ -486,7 +499,7 @@ struct Tables {
          const at::Tensor& amask_, const at::Tensor& nmask_, int64_t n, int64_t chunk,
          const at::Device& d)
       : L(make_layout(labels.cpu().contiguous(), seg_i.cpu().contiguous(),
-                      seg_j.cpu().contiguous(), n, std::min<int64_t>(chunk, kMaxRows))) {
+                      seg_j.cpu().contiguous(), n, chunk)) {
     const int64_t B = L.B, S = L.S;
     const at::Tensor am = amask_.cpu(), nm = nmask_.cpu();
     const bool* amp = am.data_ptr<bool>();
@@ -617,21 +630,28 @@ struct EeRun {
 
   Tabs<T> tabs() const { return tb.tabs<T>(lam, nrm); }
 
+  // Points per tile of anchor chunk t1: `tile`, narrower where the chunk's rows (a large
+  // class) would make the nr × tile buffers, or the backward's per-warp partials of
+  // `partials` entries each, larger than their budgets; a multiple of 32 (whole warps).
+  int64_t tile_for(int64_t t1, int64_t partials) const {
+    int64_t w = std::min(tile, kTileEntries / tb.rows(t1));
+    if (partials > 0) w = std::min(w, kPartials / partials * 32);
+    return std::max<int64_t>(32, w / 32 * 32);
+  }
+
   // visit(tile, U, t1) for every chunk pair and tile of the point chunk's points (tiles of
   // at most tile_of(t1) points); after_pair(t1, t2, U) once a pair's tiles are done.
   template <class Visit, class After, class TileOf>
   void sweep(Visit&& visit, After&& after_pair, TileOf&& tile_of) const {
     for (int64_t t1 = 0; t1 < tb.nchunks(); ++t1) {
       const int64_t r0 = tb.rows0(t1), nr = tb.rows(t1);
-      TORCH_CHECK(nr <= kMaxRows, "Embedding Expansion on CUDA: a class of ", nr,
-                  " rows is over the kernels' limit of ", kMaxRows);
       for (int64_t t2 = 0; t2 < tb.nchunks(); ++t2) {
         const int64_t c0 = tb.rows0(t2), nc = tb.rows(t2);
         const at::Tensor U =
             at::mm(xo.narrow(0, r0, nr), xo.narrow(0, c0, nc).t()).contiguous();
         const int64_t P = tb.pstart[t2 + 1] - tb.pstart[t2], w = tile_of(t1);
         for (int64_t q0 = 0; q0 < P; q0 += w)
-          visit(Tile{r0, nr, c0, nc, tb.pstart[t2], q0, std::min(w, P - q0)}, U, t1);
+          visit(Tile{r0, nr, c0, nc, tb.pstart[t2], q0, std::min(w, P - q0), 0}, U, t1);
         after_pair(t1, t2, U);
       }
     }
@@ -671,14 +691,15 @@ at::Tensor ee_neg_lse_fwd_cuda(const at::Tensor& x_, const at::Tensor& labels,
     run.sweep(
         [&](const Tile& tl, const at::Tensor& U, int64_t) {
           at::Tensor val = at::empty({tl.nr, tl.nt}, x.options());
-          lse_terms_kernel<T><<<dim3(blocks(tl.nt), unsigned(tl.nr)), kThreads, 0,
-                                run.stream>>>(tabs, tl, U.data_ptr<T>(), l2, T(scale),
-                                              T(offset), val.data_ptr<T>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          over_rows(tl, [&](const Tile& t, unsigned ny) {
+            lse_terms_kernel<T><<<dim3(blocks(t.nt), ny), kThreads, 0, run.stream>>>(
+                tabs, t, U.data_ptr<T>(), l2, T(scale), T(offset), val.data_ptr<T>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
           at::Tensor rows = lse.narrow(0, tl.r0, tl.nr);
           rows.copy_(at::logaddexp(rows, at::logsumexp(val, {1})));
         },
-        [](int64_t, int64_t, const at::Tensor&) {}, [&](int64_t) { return run.tile; });
+        [](int64_t, int64_t, const at::Tensor&) {}, [&](int64_t t1) { return run.tile_for(t1, 0); });
   });
   return unslot(tb, lse);
 }
@@ -715,17 +736,22 @@ at::Tensor ee_backward(const Tables& tb, const at::Tensor& x, int64_t chunk, boo
           gr.ppart = ppart.data_ptr<T>();
           gr.pos_flat = pos_flat.data_ptr<int64_t>();
         }
-        const dim3 grid(blocks(tl.nt), unsigned(tl.nr));
-        weights_kernel<T, TRIP><<<grid, kThreads, 0, run.stream>>>(tabs, tl, U.data_ptr<T>(),
-                                                                  l2, up, ps, gr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         at::Tensor tg = at::empty({tl.nr, tl.nt}, opt);
-        tg_kernel<T><<<grid, kThreads, 0, run.stream>>>(tabs, tl, wn.data_ptr<T>(),
-                                                       arg.data_ptr<int32_t>(), tg.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        du_kernel<T><<<dim3(blocks(tl.nc), unsigned(tl.nr)), kThreads, 0, run.stream>>>(
-            tabs, tl, inc, tg.data_ptr<T>(), dU.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        over_rows(tl, [&](const Tile& t, unsigned ny) {
+          weights_kernel<T, TRIP><<<dim3(blocks(t.nt), ny), kThreads, 0, run.stream>>>(
+              tabs, t, U.data_ptr<T>(), l2, up, ps, gr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        over_rows(tl, [&](const Tile& t, unsigned ny) {  // after every row's weights
+          tg_kernel<T><<<dim3(blocks(t.nt), ny), kThreads, 0, run.stream>>>(
+              tabs, t, wn.data_ptr<T>(), arg.data_ptr<int32_t>(), tg.data_ptr<T>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        over_rows(tl, [&](const Tile& t, unsigned ny) {
+          du_kernel<T><<<dim3(blocks(t.nc), ny), kThreads, 0, run.stream>>>(
+              tabs, t, inc, tg.data_ptr<T>(), dU.data_ptr<T>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
         qnorm_kernel<T><<<blocks(tl.nt), kThreads, 0, run.stream>>>(tabs, tl, cw.data_ptr<T>(),
                                                                    dnorm.data_ptr<T>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -750,11 +776,11 @@ at::Tensor ee_backward(const Tables& tb, const at::Tensor& x, int64_t chunk, boo
         dxo.narrow(0, c0, nc).addmm_(dU.t(), xo.narrow(0, r0, nr));
         dU = at::Tensor();
       },
-      [&](int64_t t1) {  // narrower tiles where A_i (a large class, many points) is long
+      [&](int64_t t1) {  // the per-warp partials of A_i's entries (and the positives') too
         const int64_t r0 = tb.rows0(t1), r1 = r0 + tb.rows(t1);
         int64_t entries = tb.side_flat_h[r1] - tb.side_flat_h[r0];
         if (TRIP) entries += pos_flat_h[r1] - pos_flat_h[r0];
-        return std::max<int64_t>(32, std::min(run.tile, kPartials / entries * 32));
+        return run.tile_for(t1, entries);
       });
   if (tb.L.S * n > 0) {
     at::Tensor coef = at::empty({3 * tb.L.S}, x.options());
@@ -863,16 +889,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ee_triplet_fwd_cuda(
         [&](const Tile& tl, const at::Tensor& U, int64_t) {
           at::Tensor f = at::empty({tl.nr, tl.nt}, x.options());
           at::Tensor k = at::empty({tl.nr, tl.nt}, x.options().dtype(at::kInt));
-          trip_terms_kernel<T><<<dim3(blocks(tl.nt), unsigned(tl.nr)), kThreads, 0,
-                                 run.stream>>>(tabs, tl, U.data_ptr<T>(), l2, ps,
-                                               f.data_ptr<T>(), k.data_ptr<int32_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          over_rows(tl, [&](const Tile& t, unsigned ny) {
+            trip_terms_kernel<T><<<dim3(blocks(t.nt), ny), kThreads, 0, run.stream>>>(
+                tabs, t, U.data_ptr<T>(), l2, ps, f.data_ptr<T>(), k.data_ptr<int32_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
           sums.narrow(0, tl.r0, tl.nr).add_(f.sum(1));
           nonzero.narrow(0, tl.r0, tl.nr).add_(k.clamp_min(0).sum({1}, false, at::kLong));
           count.narrow(0, tl.r0, tl.nr)
               .add_(k.ge(0).sum({1}, false, at::kLong) * np.narrow(0, tl.r0, tl.nr));
         },
-        [](int64_t, int64_t, const at::Tensor&) {}, [&](int64_t) { return run.tile; });
+        [](int64_t, int64_t, const at::Tensor&) {}, [&](int64_t t1) { return run.tile_for(t1, 0); });
   });
   return {unslot(tb, sums), unslot(tb, nonzero), unslot(tb, count)};
 }
