@@ -1,6 +1,7 @@
 """The negative side of the Embedding Expansion losses over every (anchor, negative point)
-pair (csrc/cpu/ee_losses_cpu.cpp): the op wrapper, its fake kernels for torch.compile and its
-autograd. Inputs are unit rows; the normalisation and its gradient stay in PyTorch."""
+pair (csrc/cpu/ee_losses_cpu.cpp; on CUDA tensors csrc/cuda/ee_losses_cuda.cu): the op
+wrapper, its fake kernels for torch.compile and its autograd. Inputs are unit rows; the
+normalisation and its gradient stay in PyTorch."""
 from __future__ import annotations
 
 import torch
