@@ -110,6 +110,21 @@ def test_triplet_equals_cpu_op(n, l2, smooth, chunk):
         torch.testing.assert_close(g_got.cpu(), g_want, rtol=1e-9, atol=1e-11)
 
 
+def test_empty_batch():
+    """B = 0: the ops return empty per-anchor outputs; the losses the reference's zero."""
+    from metrix_ops.ops.ee_losses import ee_neg_lse, ee_triplet
+    x = torch.zeros(0, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device="cuda")
+    lse = ee_neg_lse(x, y, y, y, 2, False, 1.0, 0.0)
+    assert lse.shape == (0,)
+    assert torch.autograd.grad(lse.sum(), x)[0].shape == (0, 5)
+    sums, nz, ct = ee_triplet(x, y, y, y, x.new_zeros(0), 2, True, 0.1, False)
+    assert sums.shape == nz.shape == ct.shape == (0,)
+    for name in LOSSES:
+        cu, ref = checks.pair("cuda", name, 2)
+        torch.testing.assert_close(cu(x, y), ref(x, y))
+
+
 def test_float32_ops_and_determinism():
     """fp32 against the CPU op, and two backward passes bit for bit (no atomics)."""
     from metrix_ops.ops.ee_losses import ee_neg_lse
