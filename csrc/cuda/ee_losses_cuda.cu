@@ -28,7 +28,8 @@
 //     ballot loop), into per-warp partials that one thread per side point folds over both of
 //     its segment's anchors; at the end they reach the segments' Gram entries, so X̂.
 // Every buffer entry has one writer per kernel and the kernels run in a fixed order: no
-// atomics, deterministic. Memory O(B·D + P + chunk·(chunk + tile)), never B×B nor B×P.
+// atomics, deterministic. Memory O(B·D + P + c·(c + tile)), c a chunk's rows (GPU_CHUNK, or
+// the largest class: a chunk holds whole classes), never B×B nor B×P.
 // fp32/fp64 (the driver computes half inputs in fp32).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
