@@ -909,8 +909,8 @@ std::tuple<at::Tensor, at::Tensor> ee_triplet_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x_, const at::Tensor& labels,
     const at::Tensor& seg_i, const at::Tensor& seg_j, const at::Tensor& pos_, int64_t n,
     bool l2, double margin, bool smooth, int64_t chunk) {
-  check_row_vec(grad, x_, "grad");
   const TripletCall call(x_, labels, seg_i, seg_j, pos_, n, chunk);
+  check_row_vec(grad, x_, "grad");
   c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor &x = call.x, &pos = call.pos;
   const Tables& tb = call.tb;
