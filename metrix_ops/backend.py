@@ -26,8 +26,8 @@ _warned_no_ext = False
 # benchmark results (now the H200 run, benchmarks/results/h200_*.json: fwd+bwd at B = 8192,
 # D = 512, fp32 with TF32 and bf16, MS also at B up to 65536 and D = 128; CUDA faster for MS,
 # Contrastive, NTXent and SupCon, Triton for ProxyAnchor; Circle measured on CUDA only, the
-# triplet on Triton only). A table's value: an order for every size, or a tuple of
-# (max_b, order) ranges (max_b None: no upper bound). Losses not measured keep Triton first
+# triplet on Triton only). A table's value: a tuple of (max_b, order) ranges (max_b None: no
+# upper bound; one range for an order of every size). Losses not measured keep Triton first
 # (DESIGN §7: the slower of the two is not the default; the unmeasured one is not trusted).
 GPU_DEFAULT_ORDER = ("triton", "cuda")
 VARIANTS = ("clean", "miner", "metrix", "expansion")
