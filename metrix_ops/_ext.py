@@ -27,9 +27,13 @@ if HAS_EXT:
 
 def has_cuda_kernel(op: str) -> bool:
     """Whether the build registered a CUDA kernel for metrix_ops::`op` (ops defined by the CPU
-    build too get one only in a CUDA build)."""
-    return HAS_CUDA_EXT and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"metrix_ops::{op}", "CUDA")
+    build too get one only in a CUDA build; an op a stale build lacks has none)."""
+    if not HAS_CUDA_EXT:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"metrix_ops::{op}", "CUDA")
+    except RuntimeError:  # "operator ... does not exist"
+        return False
 
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"

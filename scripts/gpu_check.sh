@@ -92,6 +92,14 @@ for name in ('MultiSimilarityLoss', 'LiftedStructureLoss', 'NPairsLoss', 'Triple
         fn = getattr(metrix_ops.losses, name)(backend='cuda', expansion=metrix_ops.Expansion(n_points=n))
         e = x.clone().requires_grad_(True); fn(e, y).backward(); torch.cuda.synchronize()
 cel.GPU_CHUNK = 512
+import metrix_ops.fused.cuda_metrix_refs as cmr; cmr.CHUNK = 7  # Metrix against a bank
+r = torch.randn(301, 16, device='cuda'); yr = torch.randint(0, 7, (301,), device='cuda')
+for name in ('MultiSimilarityLoss', 'ContrastiveLoss', 'CircleLoss', 'GeneralizedLiftedStructureLoss'):
+    for pairs in ('pos_neg', 'anchor_neg'):  # csrc/cuda/*_metrix_cuda.cu's refs ops
+        e, q = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        getattr(metrix_ops.losses, name)(backend='cuda', metrix=metrix_ops.Metrix(lam=0.3, pairs=pairs))(
+            e, y, ref_emb=q, ref_labels=yr).backward(); torch.cuda.synchronize()
+cmr.CHUNK = 1024
 t = metrix_ops.miners.MultiSimilarityMiner(0.1)(x, y)  # indices_tuple: pair_sims_cuda.cu
 for name in ('ContrastiveLoss', 'MultiSimilarityLoss', 'TripletMarginLoss'):
     e = x.clone().requires_grad_(True)
@@ -155,8 +163,9 @@ bench gpu_ee_ms_float32 --loss ee_ms --impls triton,cuda,clean,pml --sizes 2048,
 bench gpu_ee_triplet_float32 --loss ee_triplet --impls triton,cuda,clean --sizes 2048,8192 --dims 512 --repeats 3
 bench gpu_ee_hphn_adjacent_float32 --loss ee_hphn_adjacent --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 3
 bench gpu_metrix_ms_pos_pos_float32 --loss metrix_ms_pos_pos --impls triton,clean,pml --sizes 8192 --dims 512 --repeats 5
-# tenth session: Metrix against ref_emb in checkpointed anchor chunks (fused/metrix_refs.py)
-bench gpu_metrix_ms_refs_float32 --loss metrix_ms_refs --impls triton,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
+# Metrix against ref_emb: triton's mixed term in checkpointed anchor chunks
+# (fused/metrix_refs.py), cuda's from the CUDA refs ops (twenty-fifth session)
+bench gpu_metrix_ms_refs_float32 --loss metrix_ms_refs --impls triton,cuda,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 bench gpu_ms_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10
 bench gpu_ms_large_bfloat16 --loss multi_similarity --dtype bfloat16 --impls triton,cuda,floor --sizes 32768,65536 --dims 512 --repeats 3
 for loss in contrastive proxy_anchor ntxent triplet; do

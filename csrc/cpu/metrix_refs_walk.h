@@ -41,6 +41,7 @@
 #include "cpu/metrix_blocks.h"
 #include "cpu/ms_blocks.h"
 #include "cpu/op_checks.h"
+#include "cpu/refs_runs.h"
 
 namespace metrix_ops {
 
@@ -70,30 +71,15 @@ inline RefsLayout refs_layout(const at::Tensor& labels, const at::Tensor& ref_la
   const int64_t* yr = ref_labels.data_ptr<int64_t>();
   const int64_t* own = self.data_ptr<int64_t>();
   const int64_t B = labels.size(0), M = ref_labels.size(0);
-  for (int64_t j = 1; j < M; ++j)
-    TORCH_CHECK(yr[j] >= yr[j - 1], "ref_labels must be sorted (non-decreasing): the Metrix "
-                "op takes each class's positives as one run");
   RefsLayout L;
   L.group = group;
   for (auto* v : {&L.self_off, &L.cls_lo, &L.cls_hi, &L.self_row, &L.wc_off}) v->resize(B);
-  for (int64_t s = 0; s < B;) {
-    int64_t e = s + 1;
-    while (e < B && y[e] == y[s]) ++e;
-    TORCH_CHECK(e == B || y[e] > y[s], "labels must be sorted (non-decreasing): the Metrix "
-                "op takes each class's anchors as one run");
-    const int64_t plo = std::lower_bound(yr, yr + M, y[s]) - yr;
-    const int64_t phi = std::upper_bound(yr, yr + M, y[s]) - yr;
-    for (int64_t a = s; a < e; ++a) {
-      const int64_t o = own[a];
-      TORCH_CHECK(o == -1 || (o >= plo && o < phi), "self: anchor ", a, "'s own row ", o,
-                  " must be -1 or a reference of its label");
-      L.self_off[a] = o == -1 ? -1 : o - plo;
-    }
-    L.run_lo.push_back(s);
-    L.run_hi.push_back(e);
-    L.pos_lo.push_back(plo);
-    L.pos_hi.push_back(phi);
-    s = e;
+  for (const ClassRun& u : class_runs(y, B, yr, M, own)) {
+    for (int64_t a = u.lo; a < u.hi; ++a) L.self_off[a] = own[a] == -1 ? -1 : own[a] - u.plo;
+    L.run_lo.push_back(u.lo);
+    L.run_hi.push_back(u.hi);
+    L.pos_lo.push_back(u.plo);
+    L.pos_hi.push_back(u.phi);
   }
   return L;
 }

@@ -1,7 +1,7 @@
 // Embedding-level Metrix for ContrastiveLoss on the CUDA engine (cuda/metrix_rows.cuh: pairs
-// "pos_neg" or "anchor_neg", the batch against itself): per anchor the sums and counts of its
-// candidates' terms λ·[·]₊ (positive side) and (1−λ)·[·]₊ (negative side), each counted when
-// > 0 (common/contrastive_metrix.h, the CPU kernels' per-candidate code); the glue
+// "pos_neg" or "anchor_neg", the batch against itself or against references): per anchor the
+// sums and counts of its candidates' terms λ·[·]₊ (positive side) and (1−λ)·[·]₊ (negative
+// side), each counted when > 0 (common/contrastive_metrix.h, the CPU kernels' per-candidate code); the glue
 // AvgNonZero-reduces each side over all candidates of all anchors (DESIGN §3). The
 // candidates' weight: w = g⁺_a ∂pos/∂s̃ + g⁻_a ∂neg/∂s̃.
 #include <torch/library.h>
@@ -15,7 +15,7 @@ namespace metrix_ops {
 
 namespace {
 
-using cuda_metrix::MixCall;
+using cuda_metrix::MixPlan;
 using cuda_metrix::kThreads;
 
 using ConMixState = cuda_pairs::SideSums;  // (K−1)·B² terms: fp64 sums
@@ -60,15 +60,11 @@ __global__ void con_mix_finish_kernel(const ConMixState* state, int64_t n, T* ps
   nc[a] = state[a].neg_cnt;
 }
 
-}  // namespace
+using FourTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_metrix_mix_fwd_cuda(
-    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& cstart,
-    const at::Tensor& csize, bool cosine, double pos_margin, double neg_margin, double lam,
-    bool anchor_neg, int64_t chunk) {
-  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
-  c10::cuda::CUDAGuard guard(x.device());
-  const MixCall c = cuda_metrix::mix_call(x, labels, cstart, csize, chunk);
+// The ops' bodies on a call's plan
+FourTensors con_mix_fwd(const MixPlan& c, bool cosine, double pos_margin, double neg_margin,
+                        double lam, bool anchor_neg) {
   const int64_t B = c.x.size(0);
   at::Tensor ps = at::zeros({B}, c.x.options()), ns = at::zeros_like(ps);
   at::Tensor pc = at::zeros({B}, c.labels.options()), nc = at::zeros_like(pc);
@@ -88,6 +84,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_metrix_mi
   return {ps, pc, ns, nc};
 }
 
+std::pair<at::Tensor, at::Tensor> con_mix_bwd(const MixPlan& c, const at::Tensor& grad_pos,
+                                              const at::Tensor& grad_neg, bool cosine,
+                                              double pos_margin, double neg_margin, double lam,
+                                              bool anchor_neg, bool need_dc) {
+  check_row_vec(grad_pos, c.x, "grad_pos");
+  check_row_vec(grad_neg, c.x, "grad_neg");
+  auto gp = grad_pos.to(c.x.scalar_type()).contiguous();
+  auto gn = grad_neg.to(c.x.scalar_type()).contiguous();
+  std::pair<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "contrastive_metrix_mix_bwd_cuda", [&] {
+    using T = scalar_t;
+    const ConMix<T> m{cosine, T(lam), T(pos_margin), T(neg_margin), gp.data_ptr<T>(),
+                      gn.data_ptr<T>()};
+    out = cuda_metrix::grad_all_mix<ConMix<T>, T>(c, anchor_neg, T(lam), m, need_dc);
+  });
+  return out;
+}
+
+}  // namespace
+
+FourTensors contrastive_metrix_mix_fwd_cuda(const at::Tensor& x, const at::Tensor& labels,
+                                            const at::Tensor& cstart, const at::Tensor& csize,
+                                            bool cosine, double pos_margin, double neg_margin,
+                                            double lam, bool anchor_neg, int64_t chunk) {
+  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
+  c10::cuda::CUDAGuard guard(x.device());
+  return con_mix_fwd(cuda_metrix::self_plan(x, labels, cstart, csize, chunk), cosine,
+                     pos_margin, neg_margin, lam, anchor_neg);
+}
+
 at::Tensor contrastive_metrix_mix_bwd_cuda(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
                                            const at::Tensor& x, const at::Tensor& labels,
                                            const at::Tensor& cstart, const at::Tensor& csize,
@@ -95,19 +121,32 @@ at::Tensor contrastive_metrix_mix_bwd_cuda(const at::Tensor& grad_pos, const at:
                                            double lam, bool anchor_neg, int64_t chunk) {
   cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
   c10::cuda::CUDAGuard guard(x.device());
-  const MixCall c = cuda_metrix::mix_call(x, labels, cstart, csize, chunk);
-  check_row_vec(grad_pos, x, "grad_pos");
-  check_row_vec(grad_neg, x, "grad_neg");
-  auto gp = grad_pos.to(c.x.scalar_type()).contiguous();
-  auto gn = grad_neg.to(c.x.scalar_type()).contiguous();
-  at::Tensor dx;
-  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "contrastive_metrix_mix_bwd_cuda", [&] {
-    using T = scalar_t;
-    const ConMix<T> m{cosine, T(lam), T(pos_margin), T(neg_margin), gp.data_ptr<T>(),
-                      gn.data_ptr<T>()};
-    dx = cuda_metrix::grad_all_mix<ConMix<T>, T>(c, anchor_neg, T(lam), m);
-  });
-  return dx;
+  return con_mix_bwd(cuda_metrix::self_plan(x, labels, cstart, csize, chunk), grad_pos,
+                     grad_neg, cosine, pos_margin, neg_margin, lam, anchor_neg, true)
+      .first;
+}
+
+FourTensors contrastive_metrix_mix_refs_fwd_cuda(const at::Tensor& x, const at::Tensor& r,
+                                                 const at::Tensor& labels,
+                                                 const at::Tensor& ref_labels,
+                                                 const at::Tensor& self, bool cosine,
+                                                 double pos_margin, double neg_margin,
+                                                 double lam, bool anchor_neg, int64_t chunk) {
+  cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  return con_mix_fwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), cosine,
+                     pos_margin, neg_margin, lam, anchor_neg);
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_metrix_mix_refs_bwd_cuda(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& r, const at::Tensor& labels, const at::Tensor& ref_labels,
+    const at::Tensor& self, bool cosine, double pos_margin, double neg_margin, double lam,
+    bool anchor_neg, int64_t chunk, bool need_dr) {
+  cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  return con_mix_bwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), grad_pos,
+                     grad_neg, cosine, pos_margin, neg_margin, lam, anchor_neg, need_dr);
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
@@ -121,11 +160,21 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("contrastive_metrix_mix_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor labels, "
         "Tensor class_start, Tensor class_size, bool cosine, float pos_margin, "
         "float neg_margin, float lam, bool anchor_neg, int chunk) -> Tensor");
+  // The same against references (ms_metrix_mix_refs_fwd's arguments and chunks)
+  m.def("contrastive_metrix_mix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "Tensor self, bool cosine, float pos_margin, float neg_margin, float lam, "
+        "bool anchor_neg, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("contrastive_metrix_mix_refs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor r, "
+        "Tensor labels, Tensor ref_labels, Tensor self, bool cosine, float pos_margin, "
+        "float neg_margin, float lam, bool anchor_neg, int chunk, bool need_dr) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
   m.impl("contrastive_metrix_mix_fwd", &contrastive_metrix_mix_fwd_cuda);
   m.impl("contrastive_metrix_mix_bwd", &contrastive_metrix_mix_bwd_cuda);
+  m.impl("contrastive_metrix_mix_refs_fwd", &contrastive_metrix_mix_refs_fwd_cuda);
+  m.impl("contrastive_metrix_mix_refs_bwd", &contrastive_metrix_mix_refs_bwd_cuda);
 }
 
 }  // namespace metrix_ops

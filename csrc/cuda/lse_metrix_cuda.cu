@@ -1,8 +1,8 @@
 // Embedding-level Metrix for CircleLoss and GeneralizedLiftedStructureLoss on the CUDA engine
-// (cuda/metrix_rows.cuh: pairs "pos_neg" or "anchor_neg", the batch against itself): per
-// anchor the two log-sum-exps lse⁺ = log Σ_V e^{pos(s̃)} and lse⁻ = log Σ_V e^{neg(s̃)} of its
-// candidates' exponents (−inf without a candidate), the per-candidate code of the CPU kernels
-// (common/circle_metrix.h, common/lifted_metrix.h). The label weights, the softplus or hinge
+// (cuda/metrix_rows.cuh: pairs "pos_neg" or "anchor_neg", the batch against itself or
+// against references): per anchor the two log-sum-exps lse⁺ = log Σ_V e^{pos(s̃)} and
+// lse⁻ = log Σ_V e^{neg(s̃)} of its candidates' exponents (−inf without a candidate), the
+// per-candidate code of the CPU kernels (common/circle_metrix.h, common/lifted_metrix.h). The label weights, the softplus or hinge
 // and the reduction are applied to them in PyTorch, as for the CPU ops (ops/circle_metrix.py,
 // ops/lifted_metrix.py). The candidates' weight: w = g⁺_a e^{pos − lse⁺_a} ∂pos/∂s̃ +
 // g⁻_a e^{neg − lse⁻_a} ∂neg/∂s̃.
@@ -18,7 +18,7 @@ namespace metrix_ops {
 
 namespace {
 
-using cuda_metrix::MixCall;
+using cuda_metrix::MixPlan;
 using cuda_metrix::kThreads;
 
 // Circle's exponents at a candidate's cosine
@@ -77,15 +77,10 @@ __global__ void lse_finish_kernel(const cuda_pairs::TwoSideLse<T>* state, int64_
   ln[a] = state[a].neg.value();
 }
 
-// The two ops' bodies: make_exp(T{}) builds the loss's exponents for one dtype
+// The ops' bodies on a call's plan: make_exp(T{}) builds the loss's exponents for one dtype
 template <class MakeExp>
-std::tuple<at::Tensor, at::Tensor> lse_mix_fwd(const at::Tensor& x, const at::Tensor& labels,
-                                               const at::Tensor& cstart, const at::Tensor& csize,
-                                               double lam, bool anchor_neg, int64_t chunk,
+std::tuple<at::Tensor, at::Tensor> lse_mix_fwd(const MixPlan& c, double lam, bool anchor_neg,
                                                MakeExp make_exp) {
-  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
-  c10::cuda::CUDAGuard guard(x.device());
-  const MixCall c = cuda_metrix::mix_call(x, labels, cstart, csize, chunk);
   const int64_t B = c.x.size(0);
   at::Tensor lp = at::full({B}, -std::numeric_limits<double>::infinity(), c.x.options());
   at::Tensor ln = lp.clone();
@@ -107,31 +102,44 @@ std::tuple<at::Tensor, at::Tensor> lse_mix_fwd(const at::Tensor& x, const at::Te
 }
 
 template <class MakeExp>
-at::Tensor lse_mix_bwd(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
-                       const at::Tensor& x, const at::Tensor& labels, const at::Tensor& cstart,
-                       const at::Tensor& csize, const at::Tensor& lse_pos,
-                       const at::Tensor& lse_neg, double lam, bool anchor_neg, int64_t chunk,
-                       MakeExp make_exp) {
-  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);
-  check_row_vec(grad_pos, x, "grad_pos");
-  check_row_vec(grad_neg, x, "grad_neg");
-  check_row_vec(lse_pos, x, "lse_pos");
-  check_row_vec(lse_neg, x, "lse_neg");
-  c10::cuda::CUDAGuard guard(x.device());
-  const MixCall c = cuda_metrix::mix_call(x, labels, cstart, csize, chunk);
+std::pair<at::Tensor, at::Tensor> lse_mix_bwd(const MixPlan& c, const at::Tensor& grad_pos,
+                                              const at::Tensor& grad_neg,
+                                              const at::Tensor& lse_pos,
+                                              const at::Tensor& lse_neg, double lam,
+                                              bool anchor_neg, bool need_dc, MakeExp make_exp) {
+  check_row_vec(grad_pos, c.x, "grad_pos");
+  check_row_vec(grad_neg, c.x, "grad_neg");
+  check_row_vec(lse_pos, c.x, "lse_pos");
+  check_row_vec(lse_neg, c.x, "lse_neg");
   const auto dt = c.x.scalar_type();
   auto gp = grad_pos.to(dt).contiguous(), gn = grad_neg.to(dt).contiguous();
   auto lp = lse_pos.to(dt).contiguous(), ln = lse_neg.to(dt).contiguous();
-  at::Tensor dx;
+  std::pair<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(dt, "lse_metrix_mix_bwd_cuda", [&] {
     using T = scalar_t;
     using Exp = decltype(make_exp(T{}));
     const LseMix<T, Exp> loss{make_exp(T{}), gp.data_ptr<T>(), gn.data_ptr<T>(),
                               lp.data_ptr<T>(), ln.data_ptr<T>()};
-    dx = cuda_metrix::grad_all_mix<LseMix<T, Exp>, T>(c, anchor_neg, T(lam), loss);
+    out = cuda_metrix::grad_all_mix<LseMix<T, Exp>, T>(c, anchor_neg, T(lam), loss, need_dc);
   });
-  return dx;
+  return out;
 }
+
+// The losses' exponents for the dtype of the argument (make_exp(T{}) above)
+struct CircleMaker {
+  double m, gamma;
+  template <typename T>
+  CircleExp<T> operator()(T) const { return CircleExp<T>{circle_consts<T>(m, gamma)}; }
+};
+
+struct LiftedMaker {
+  bool cosine;
+  double pos_margin, neg_margin;
+  template <typename T>
+  LiftedExp<T> operator()(T) const {
+    return LiftedExp<T>{cosine, T(pos_margin), T(neg_margin)};
+  }
+};
 
 }  // namespace
 
@@ -139,46 +147,89 @@ std::tuple<at::Tensor, at::Tensor> circle_metrix_mix_fwd_cuda(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& cstart,
     const at::Tensor& csize, double m, double gamma, double lam, bool anchor_neg,
     int64_t chunk) {
-  return lse_mix_fwd(x, labels, cstart, csize, lam, anchor_neg, chunk, [&](auto t) {
-    using T = decltype(t);
-    return CircleExp<T>{circle_consts<T>(m, gamma)};
-  });
+  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
+  c10::cuda::CUDAGuard guard(x.device());
+  return lse_mix_fwd(cuda_metrix::self_plan(x, labels, cstart, csize, chunk), lam, anchor_neg,
+                     CircleMaker{m, gamma});
 }
 
-at::Tensor circle_metrix_mix_bwd_cuda(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
-                                      const at::Tensor& x, const at::Tensor& labels,
-                                      const at::Tensor& cstart, const at::Tensor& csize,
-                                      const at::Tensor& lse_pos, const at::Tensor& lse_neg,
-                                      double m, double gamma, double lam, bool anchor_neg,
-                                      int64_t chunk) {
-  return lse_mix_bwd(grad_pos, grad_neg, x, labels, cstart, csize, lse_pos, lse_neg, lam,
-                     anchor_neg, chunk, [&](auto t) {
-    using T = decltype(t);
-    return CircleExp<T>{circle_consts<T>(m, gamma)};
-  });
+at::Tensor circle_metrix_mix_bwd_cuda(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& labels, const at::Tensor& cstart, const at::Tensor& csize,
+    const at::Tensor& lse_pos, const at::Tensor& lse_neg, double m, double gamma, double lam,
+    bool anchor_neg, int64_t chunk) {
+  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
+  c10::cuda::CUDAGuard guard(x.device());
+  return lse_mix_bwd(cuda_metrix::self_plan(x, labels, cstart, csize, chunk), grad_pos,
+                     grad_neg, lse_pos, lse_neg, lam, anchor_neg, true, CircleMaker{m, gamma})
+      .first;
 }
 
 std::tuple<at::Tensor, at::Tensor> lifted_metrix_mix_fwd_cuda(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& cstart,
     const at::Tensor& csize, bool cosine, double pos_margin, double neg_margin, double lam,
     bool anchor_neg, int64_t chunk) {
-  return lse_mix_fwd(x, labels, cstart, csize, lam, anchor_neg, chunk, [&](auto t) {
-    using T = decltype(t);
-    return LiftedExp<T>{cosine, T(pos_margin), T(neg_margin)};
-  });
+  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
+  c10::cuda::CUDAGuard guard(x.device());
+  return lse_mix_fwd(cuda_metrix::self_plan(x, labels, cstart, csize, chunk), lam, anchor_neg,
+                     LiftedMaker{cosine, pos_margin, neg_margin});
 }
 
-at::Tensor lifted_metrix_mix_bwd_cuda(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
-                                      const at::Tensor& x, const at::Tensor& labels,
-                                      const at::Tensor& cstart, const at::Tensor& csize,
-                                      const at::Tensor& lse_pos, const at::Tensor& lse_neg,
-                                      bool cosine, double pos_margin, double neg_margin,
-                                      double lam, bool anchor_neg, int64_t chunk) {
-  return lse_mix_bwd(grad_pos, grad_neg, x, labels, cstart, csize, lse_pos, lse_neg, lam,
-                     anchor_neg, chunk, [&](auto t) {
-    using T = decltype(t);
-    return LiftedExp<T>{cosine, T(pos_margin), T(neg_margin)};
-  });
+at::Tensor lifted_metrix_mix_bwd_cuda(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& labels, const at::Tensor& cstart, const at::Tensor& csize,
+    const at::Tensor& lse_pos, const at::Tensor& lse_neg, bool cosine, double pos_margin,
+    double neg_margin, double lam, bool anchor_neg, int64_t chunk) {
+  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
+  c10::cuda::CUDAGuard guard(x.device());
+  return lse_mix_bwd(cuda_metrix::self_plan(x, labels, cstart, csize, chunk), grad_pos,
+                     grad_neg, lse_pos, lse_neg, lam, anchor_neg, true,
+                     LiftedMaker{cosine, pos_margin, neg_margin})
+      .first;
+}
+
+std::tuple<at::Tensor, at::Tensor> circle_metrix_mix_refs_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, const at::Tensor& self, double m, double gamma, double lam,
+    bool anchor_neg, int64_t chunk) {
+  cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  return lse_mix_fwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), lam,
+                     anchor_neg, CircleMaker{m, gamma});
+}
+
+std::tuple<at::Tensor, at::Tensor> circle_metrix_mix_refs_bwd_cuda(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& r, const at::Tensor& labels, const at::Tensor& ref_labels,
+    const at::Tensor& self, const at::Tensor& lse_pos, const at::Tensor& lse_neg,
+    double m, double gamma, double lam, bool anchor_neg, int64_t chunk, bool need_dr) {
+  cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  return lse_mix_bwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), grad_pos,
+                     grad_neg, lse_pos, lse_neg, lam, anchor_neg, need_dr, CircleMaker{m, gamma});
+}
+
+std::tuple<at::Tensor, at::Tensor> lifted_metrix_mix_refs_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, const at::Tensor& self, bool cosine, double pos_margin,
+    double neg_margin, double lam, bool anchor_neg, int64_t chunk) {
+  cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  return lse_mix_fwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), lam,
+                     anchor_neg, LiftedMaker{cosine, pos_margin, neg_margin});
+}
+
+std::tuple<at::Tensor, at::Tensor> lifted_metrix_mix_refs_bwd_cuda(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x,
+    const at::Tensor& r, const at::Tensor& labels, const at::Tensor& ref_labels,
+    const at::Tensor& self, const at::Tensor& lse_pos, const at::Tensor& lse_neg,
+    bool cosine, double pos_margin, double neg_margin, double lam, bool anchor_neg,
+    int64_t chunk, bool need_dr) {
+  cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  return lse_mix_bwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), grad_pos,
+                     grad_neg, lse_pos, lse_neg, lam, anchor_neg, need_dr,
+                     LiftedMaker{cosine, pos_margin, neg_margin});
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
@@ -197,6 +248,21 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("lifted_metrix_mix_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor labels, "
         "Tensor class_start, Tensor class_size, Tensor lse_pos, Tensor lse_neg, bool cosine, "
         "float pos_margin, float neg_margin, float lam, bool anchor_neg, int chunk) -> Tensor");
+  // The same against references (ms_metrix_mix_refs_fwd's arguments and chunks)
+  m.def("circle_metrix_mix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "Tensor self, float m, float gamma, float lam, bool anchor_neg, int chunk) "
+        "-> (Tensor, Tensor)");
+  m.def("circle_metrix_mix_refs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor r, "
+        "Tensor labels, Tensor ref_labels, Tensor self, Tensor lse_pos, Tensor lse_neg, "
+        "float m, float gamma, float lam, bool anchor_neg, int chunk, bool need_dr) "
+        "-> (Tensor, Tensor)");
+  m.def("lifted_metrix_mix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "Tensor self, bool cosine, float pos_margin, float neg_margin, float lam, "
+        "bool anchor_neg, int chunk) -> (Tensor, Tensor)");
+  m.def("lifted_metrix_mix_refs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor r, "
+        "Tensor labels, Tensor ref_labels, Tensor self, Tensor lse_pos, Tensor lse_neg, "
+        "bool cosine, float pos_margin, float neg_margin, float lam, bool anchor_neg, "
+        "int chunk, bool need_dr) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
@@ -204,6 +270,10 @@ TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
   m.impl("circle_metrix_mix_bwd", &circle_metrix_mix_bwd_cuda);
   m.impl("lifted_metrix_mix_fwd", &lifted_metrix_mix_fwd_cuda);
   m.impl("lifted_metrix_mix_bwd", &lifted_metrix_mix_bwd_cuda);
+  m.impl("circle_metrix_mix_refs_fwd", &circle_metrix_mix_refs_fwd_cuda);
+  m.impl("circle_metrix_mix_refs_bwd", &circle_metrix_mix_refs_bwd_cuda);
+  m.impl("lifted_metrix_mix_refs_fwd", &lifted_metrix_mix_refs_fwd_cuda);
+  m.impl("lifted_metrix_mix_refs_bwd", &lifted_metrix_mix_refs_bwd_cuda);
 }
 
 }  // namespace metrix_ops

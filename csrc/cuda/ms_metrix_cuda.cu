@@ -1,5 +1,6 @@
 // Embedding-level Metrix for MultiSimilarityLoss on the CUDA engine (cuda/metrix_rows.cuh:
-// pairs "pos_neg" or "anchor_neg", the batch against itself): per anchor a its mixed term
+// pairs "pos_neg" or "anchor_neg", the batch against itself or against references): per
+// anchor a its mixed term
 //
 //     ℓ̃(a) = (1/α) log(1 + λ Σ_V e^{−α(s̃−base)}) + (1/β) log(1 + (1−λ) Σ_V e^{β(s̃−base)}).
 //
@@ -19,7 +20,7 @@ namespace metrix_ops {
 
 namespace {
 
-using cuda_metrix::MixCall;
+using cuda_metrix::MixPlan;
 using cuda_metrix::kThreads;
 
 // MS's constants for one call, and per side (+, −) the start of the finished log-sum-exp
@@ -71,15 +72,10 @@ __global__ void ms_mix_finish_kernel(const cuda_pairs::TwoSideLse<T>* state, int
   mix[a] = m.flag_p * (lp[a] + m.logy_p) / m.alpha + m.flag_n * (ln[a] + m.logy_n) / m.beta;
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_metrix_mix_fwd_cuda(
-    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& cstart,
-    const at::Tensor& csize, double alpha, double beta, double base, double lam,
-    bool anchor_neg, int64_t chunk) {
-  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
-  c10::cuda::CUDAGuard guard(x.device());
-  const MixCall c = cuda_metrix::mix_call(x, labels, cstart, csize, chunk);
+// The two ops' bodies on a call's plan
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_mix_fwd(const MixPlan& c, double alpha,
+                                                          double beta, double base, double lam,
+                                                          bool anchor_neg) {
   const int64_t B = c.x.size(0);
   at::Tensor mix = at::zeros({B}, c.x.options()), lp = at::zeros_like(mix),
              ln = at::zeros_like(mix);
@@ -99,6 +95,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_metrix_mix_fwd_cuda(
   return {mix, lp, ln};
 }
 
+std::pair<at::Tensor, at::Tensor> ms_mix_bwd(const MixPlan& c, const at::Tensor& grad,
+                                             const at::Tensor& lse_pos, const at::Tensor& lse_neg,
+                                             double alpha, double beta, double base, double lam,
+                                             bool anchor_neg, bool need_dc) {
+  check_row_vec(grad, c.x, "grad");
+  check_row_vec(lse_pos, c.x, "lse_pos");
+  check_row_vec(lse_neg, c.x, "lse_neg");
+  auto g = grad.to(c.x.scalar_type()).contiguous();
+  auto lp = lse_pos.to(c.x.scalar_type()).contiguous();
+  auto ln = lse_neg.to(c.x.scalar_type()).contiguous();
+  std::pair<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "ms_metrix_mix_bwd_cuda", [&] {
+    using T = scalar_t;
+    MsMix<T> m = ms_mix<T>(lam, alpha, beta, base);
+    m.g = g.data_ptr<T>();
+    m.lp = lp.data_ptr<T>();
+    m.ln = ln.data_ptr<T>();
+    out = cuda_metrix::grad_all_mix<MsMix<T>, T>(c, anchor_neg, T(lam), m, need_dc);
+  });
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_metrix_mix_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& cstart,
+    const at::Tensor& csize, double alpha, double beta, double base, double lam,
+    bool anchor_neg, int64_t chunk) {
+  cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
+  c10::cuda::CUDAGuard guard(x.device());
+  return ms_mix_fwd(cuda_metrix::self_plan(x, labels, cstart, csize, chunk), alpha, beta, base,
+                    lam, anchor_neg);
+}
+
 at::Tensor ms_metrix_mix_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
                                   const at::Tensor& labels, const at::Tensor& cstart,
                                   const at::Tensor& csize, const at::Tensor& lse_pos,
@@ -106,23 +136,30 @@ at::Tensor ms_metrix_mix_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
                                   double base, double lam, bool anchor_neg, int64_t chunk) {
   cuda_metrix::check_mix_call(x, labels, cstart, csize, lam, chunk);  // x on CUDA first
   c10::cuda::CUDAGuard guard(x.device());
-  const MixCall c = cuda_metrix::mix_call(x, labels, cstart, csize, chunk);
-  check_row_vec(grad, x, "grad");
-  check_row_vec(lse_pos, x, "lse_pos");
-  check_row_vec(lse_neg, x, "lse_neg");
-  auto g = grad.to(c.x.scalar_type()).contiguous();
-  auto lp = lse_pos.to(c.x.scalar_type()).contiguous();
-  auto ln = lse_neg.to(c.x.scalar_type()).contiguous();
-  at::Tensor dx;
-  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "ms_metrix_mix_bwd_cuda", [&] {
-    using T = scalar_t;
-    MsMix<T> m = ms_mix<T>(lam, alpha, beta, base);
-    m.g = g.data_ptr<T>();
-    m.lp = lp.data_ptr<T>();
-    m.ln = ln.data_ptr<T>();
-    dx = cuda_metrix::grad_all_mix<MsMix<T>, T>(c, anchor_neg, T(lam), m);
-  });
-  return dx;
+  return ms_mix_bwd(cuda_metrix::self_plan(x, labels, cstart, csize, chunk), grad, lse_pos,
+                    lse_neg, alpha, beta, base, lam, anchor_neg, true)
+      .first;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_metrix_mix_refs_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, const at::Tensor& self, double alpha, double beta, double base,
+    double lam, bool anchor_neg, int64_t chunk) {
+  cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  return ms_mix_fwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), alpha, beta,
+                    base, lam, anchor_neg);
+}
+
+std::tuple<at::Tensor, at::Tensor> ms_metrix_mix_refs_bwd_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, const at::Tensor& self, const at::Tensor& lse_pos,
+    const at::Tensor& lse_neg, double alpha, double beta, double base, double lam,
+    bool anchor_neg, int64_t chunk, bool need_dr) {
+  cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  return ms_mix_bwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), grad,
+                    lse_pos, lse_neg, alpha, beta, base, lam, anchor_neg, need_dr);
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
@@ -135,11 +172,24 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("ms_metrix_mix_bwd(Tensor grad, Tensor x, Tensor labels, Tensor class_start, "
         "Tensor class_size, Tensor lse_pos, Tensor lse_neg, float alpha, float beta, "
         "float base, float lam, bool anchor_neg, int chunk) -> Tensor");
+  // The same against references: label-sorted unit anchors x and unit references r, self[a]
+  // anchor a's own row of r (−1: none; neither a pair nor a positive). Chunks of whole
+  // classes whose anchors and positives come to about `chunk` rows. Backward: (dx, dr), dr
+  // zeros unless need_dr.
+  m.def("ms_metrix_mix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
+        "Tensor self, float alpha, float beta, float base, float lam, bool anchor_neg, "
+        "int chunk) -> (Tensor, Tensor, Tensor)");
+  m.def("ms_metrix_mix_refs_bwd(Tensor grad, Tensor x, Tensor r, Tensor labels, "
+        "Tensor ref_labels, Tensor self, Tensor lse_pos, Tensor lse_neg, float alpha, "
+        "float beta, float base, float lam, bool anchor_neg, int chunk, bool need_dr) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
   m.impl("ms_metrix_mix_fwd", &ms_metrix_mix_fwd_cuda);
   m.impl("ms_metrix_mix_bwd", &ms_metrix_mix_bwd_cuda);
+  m.impl("ms_metrix_mix_refs_fwd", &ms_metrix_mix_refs_fwd_cuda);
+  m.impl("ms_metrix_mix_refs_bwd", &ms_metrix_mix_refs_bwd_cuda);
 }
 
 }  // namespace metrix_ops

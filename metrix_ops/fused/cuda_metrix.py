@@ -31,15 +31,17 @@ HAS_LSE = _ext.has_cuda_kernel("circle_metrix_mix_fwd")
 CHUNK = 1024  # rows of whole classes per product S_rows = X_rows Xᵀ (tests set it small)
 
 
-def _register_mix_op(name: str, n_out: int, grad_outputs: tuple, saved_outputs: tuple,
-                     long_outputs: tuple = ()):
+def register_mix_op(name: str, n_out: int, grad_outputs: tuple, saved_outputs: tuple,
+                    long_outputs: tuple = (), refs: bool = False):
     """Fake kernel and autograd of the Metrix op `name`_fwd(x, labels, class_start,
     class_size, *constants) -> n_out per-row outputs (int64 at long_outputs, else x's dtype).
     Its backward is `name`_bwd(*the gradients of grad_outputs, x, labels, class_start,
     class_size, *saved_outputs, *constants) -> dx; the other outputs are not
-    differentiable."""
+    differentiable. refs: the op against references, `name`_fwd(x, r, labels, ref_labels,
+    self, *constants), whose backward takes those five tensors and need_dr after the
+    constants and returns (dx, dr)."""
     fwd = f"metrix_ops::{name}_fwd"
-    bwd = getattr(torch.ops.metrix_ops, f"{name}_bwd")
+    n_tensors = 5 if refs else 4  # the op's tensor inputs, saved for the backward
 
     @torch.library.register_fake(fwd)
     def _fake(x, *args):
@@ -48,13 +50,13 @@ def _register_mix_op(name: str, n_out: int, grad_outputs: tuple, saved_outputs: 
 
     @torch.library.register_fake(f"metrix_ops::{name}_bwd")
     def _fake_bwd(*args):
-        return torch.empty_like(args[len(grad_outputs)])  # dx, like x
+        x = args[len(grad_outputs)]
+        return (torch.empty_like(x), torch.empty_like(args[len(grad_outputs) + 1])) if refs \
+            else torch.empty_like(x)
 
     def setup(ctx, inputs, output):
-        x, labels, class_start, class_size, *consts = inputs
-        ctx.save_for_backward(x, labels, class_start, class_size,
-                              *(output[k] for k in saved_outputs))
-        ctx.consts = tuple(consts)
+        ctx.save_for_backward(*inputs[:n_tensors], *(output[k] for k in saved_outputs))
+        ctx.consts = tuple(inputs[n_tensors:])
         ctx.n_inputs = len(inputs)
         fixed = [output[k] for k in range(n_out) if k not in grad_outputs]
         if fixed:
@@ -65,8 +67,12 @@ def _register_mix_op(name: str, n_out: int, grad_outputs: tuple, saved_outputs: 
         # an output nobody used may come back as None; the op wants every gradient it takes
         gs = [x.new_zeros(x.shape[0]) if grads[k] is None else grads[k].contiguous()
               for k in grad_outputs]
-        dx = bwd(*gs, *ctx.saved_tensors, *ctx.consts)
-        return (dx,) + (None,) * (ctx.n_inputs - 1)
+        bwd = getattr(torch.ops.metrix_ops, f"{name}_bwd")  # looked up per call (tests spy)
+        if not refs:
+            return (bwd(*gs, *ctx.saved_tensors, *ctx.consts),) + (None,) * (ctx.n_inputs - 1)
+        need_dr = ctx.needs_input_grad[1]
+        dx, dr = bwd(*gs, *ctx.saved_tensors, *ctx.consts, need_dr)
+        return (dx, dr if need_dr else None) + (None,) * (ctx.n_inputs - 2)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup)
 
@@ -74,13 +80,13 @@ def _register_mix_op(name: str, n_out: int, grad_outputs: tuple, saved_outputs: 
 # MS: (ℓ̃, lse⁺, lse⁻), the lses saved for the backward; Contrastive: (pos_sum, pos_count,
 # neg_sum, neg_count); Circle and GeneralizedLifted: (lse⁺, lse⁻), both differentiable
 if HAS_MS:
-    _register_mix_op("ms_metrix_mix", 3, grad_outputs=(0,), saved_outputs=(1, 2))
+    register_mix_op("ms_metrix_mix", 3, grad_outputs=(0,), saved_outputs=(1, 2))
 if HAS_CON:
-    _register_mix_op("contrastive_metrix_mix", 4, grad_outputs=(0, 2), saved_outputs=(),
+    register_mix_op("contrastive_metrix_mix", 4, grad_outputs=(0, 2), saved_outputs=(),
                      long_outputs=(1, 3))
 if HAS_LSE:
     for _name in ("circle_metrix_mix", "lifted_metrix_mix"):
-        _register_mix_op(_name, 2, grad_outputs=(0, 1), saved_outputs=(0, 1))
+        register_mix_op(_name, 2, grad_outputs=(0, 1), saved_outputs=(0, 1))
 
 
 def class_layout(sorted_labels):

@@ -129,13 +129,20 @@ def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
     the in-batch ops' kernels), the mixed term alone (the clean loss is another path's here:
     an indices_tuple, ...), or None where they have none: pos_neg or anchor_neg, CPU tensors,
     MS and Circle with their cosine, Contrastive and GeneralizedLifted with the normalised L2
-    or the cosine."""
+    or the cosine. CUDA tensors: the CUDA engine's refs ops (fused/cuda_metrix_refs.py), for
+    the same losses and distances."""
     d = inp.distance
-    if not (_ext.HAS_EXT and pairs in ("pos_neg", "anchor_neg") and xh.device.type == "cpu"):
+    if not (_ext.HAS_EXT and pairs in ("pos_neg", "anchor_neg")
+            and xh.device.type in ("cpu", "cuda")):
         return None
     labels, ref_labels = inp.labels, inp.ref_labels
     if xh.dtype in (torch.float16, torch.bfloat16):  # computed in fp32, as the clean ops
         xh, rh = xh.float(), rh.float()
+    if xh.device.type == "cuda":
+        from . import cuda_metrix_refs  # lazy: it imports this module
+        if not cuda_metrix_refs.covers(name, d):
+            return None
+        return cuda_metrix_refs.mixed_term(name, params, inp, pairs, lam, xh, rh, self_idx)
     refs = (rh, ref_labels, self_idx)
     if name == "MultiSimilarityLoss" and is_cosine(d):
         _, rows = ms_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, params["alpha"],
