@@ -191,11 +191,46 @@ def test_clean_loss_on_the_reference_keeps_the_chunked_mixed_term(counted):
     assert counted
 
 
-def test_neg_neg_stays_on_the_reference(counted):
-    x, y = make_case(CASES[0], seed=15)
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_neg_neg_in_chunks_equals_reference(name, case, counted, monkeypatch):
+    """neg_neg (every ordered pair of distinct negatives, label 0) against references and
+    the batch against itself, in chunks of one anchor (M² past CHUNK_ENTRIES) and of all:
+    the reference's values and gradients"""
+    x, y = make_case(case, seed=15)
     r, ry = refs_for(x, y, seed=16)
-    check_refs("MultiSimilarityLoss", "neg_neg", x, y, r, ry)
-    assert not counted
+    for entries in (1, mr.CHUNK_ENTRIES):
+        monkeypatch.setattr(mr, "CHUNK_ENTRIES", entries)
+        check_refs(name, "neg_neg", x, y, r, ry, **HYPER[name])
+        fused, ref = pair(name, "neg_neg", **HYPER[name])
+        assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
+    assert counted
+
+
+def test_neg_neg_without_the_cubic_tensor(counted):
+    """B = 48 against M = 1500 references: the reference's candidate tensor would be
+    48 · 1500² entries (0.9 GB in float64); the chunks hold one anchor's M² at a time (and
+    the shared M × M norms), checked against the same term summed anchor by anchor through
+    the reference"""
+    g = torch.Generator().manual_seed(19)
+    r = torch.randn(1500, 6, dtype=torch.float64, generator=g)
+    ry = torch.randint(0, 40, (1500,), generator=g)
+    x = torch.randn(48, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 40, (48,), generator=g)
+    mx = mo.Metrix(level="embedding", pairs="neg_neg", lam=0.3)
+    params = HYPER["MultiSimilarityLoss"]
+    inp = mo.spec.LossInputs(x, y, None, r, ry, False, mo.distances.CosineSimilarity())
+    got = mr.mixed_term("MultiSimilarityLoss", params, inp, mx, 0.3)
+    # MS's L̃ is the mean of ℓ̃(a) over anchors with candidates: every anchor has some here
+    want = sum(metrix_loss("MultiSimilarityLoss", params,
+                           mo.spec.LossInputs(x[i:i + 1], y[i:i + 1], None, r, ry, False,
+                                              mo.distances.CosineSimilarity()), mx, 0.3)
+               for i in range(0, 48, 6)) / 8
+    sub = mr.mixed_term("MultiSimilarityLoss", params,
+                        mo.spec.LossInputs(x[::6], y[::6], None, r, ry, False,
+                                           mo.distances.CosineSimilarity()), mx, 0.3)
+    torch.testing.assert_close(sub, want, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(got) and counted
 
 
 def large_reference_case():

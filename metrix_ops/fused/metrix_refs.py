@@ -1,8 +1,8 @@
 """Embedding-level Metrix in anchor chunks, O(chunk) memory, on any engine: the mixed term
 of a call that no fused Metrix op takes (references `ref_emb`, an `indices_tuple` beside
-Metrix, a class too large for the Triton tiles, an engine without a Metrix op), for the
-in-batch losses whose soft form the reference has (MultiSimilarity, Contrastive, Circle,
-GeneralizedLiftedStructure) and pairs pos_neg, anchor_neg or pos_pos.
+Metrix, a class too large for the Triton tiles, an engine without a Metrix op, pairs
+neg_neg), for the in-batch losses whose soft form the reference has (MultiSimilarity,
+Contrastive, Circle, GeneralizedLiftedStructure) and every pairs.
 
 The reference builds every anchor's candidates against every reference pair at once
 (B × M × M). Here anchor a of class c (references R, labels y_R) gets
@@ -12,6 +12,11 @@ The reference builds every anchor's candidates against every reference pair at o
                 largest class of R among the chunk's); an anchor with no positive, and
                 every anchor under anchor_neg, mix(a, n): (λ + (1−λ) S_an) / ‖v_an‖
     pos_pos     the K × K pairs of its positives, from its class's K × K block
+    neg_neg     the M × M ordered pairs of distinct references of other classes than a's,
+                label 0, s = (λ S_an + (1−λ) S_an′) / ‖v_nn′‖ with ‖v‖ from R Rᵀ, whose
+                M × M norms every chunk shares (computed once); a chunk is then one
+                anchor as soon as M² reaches CHUNK_ENTRIES: O(M²) memory where the
+                reference holds B × M × M, B·M² work either way
 
 (‖v_uw‖² = λ² + (1−λ)² + 2λ(1−λ) s_uw), the membership rules of reference/metrix.py, and
 the loss's soft form as parts (sums and counts of its means, metrix_soft_forms.SOFT_PARTS)
@@ -35,7 +40,7 @@ from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
 from ..ops.unit_rows import unit_rows
 from .metrix_pos_pos import class_slots
 
-PAIRS = ("pos_neg", "anchor_neg", "pos_pos")
+PAIRS = ("pos_neg", "anchor_neg", "pos_pos", "neg_neg")
 # candidate entries per chunk (each of the soft form's temporaries is one such tensor)
 CHUNK_ENTRIES = 1 << 20
 
@@ -56,16 +61,28 @@ def _anchor_slots(labels, classes, slot):
 
 
 def _chunk_parts(name, hyper, distance, pairs, lam, anchors, pslots, self_idx, ref_labels,
-                 labels, xh, rh):
+                 labels, xh, rh, norm_rr=None):
     """The soft form's parts over the anchors `anchors` (their positive slots `pslots`,
-    chunk × K, and their own index in R or −1)."""
+    chunk × K, and their own index in R or −1); neg_neg: norm_rr, ‖v_nn′‖ of every ordered
+    pair of references (M × M, shared by the chunks)."""
     xa, la = xh[anchors], labels[anchors]
+    # every candidate has the same soft label (λ, 1 for pos_pos, 0 for neg_neg): one
+    # broadcast entry
+    y = xa.new_full((1, 1), {"pos_pos": 1.0, "neg_neg": 0.0}.get(pairs, lam))
+    if pairs == "neg_neg":  # every ordered pair of distinct negatives: chunk × M × M
+        S = xa @ rh.t()
+        m = rh.shape[0]
+        neg = la[:, None] != ref_labels[None, :]
+        sim = (lam * S[:, :, None] + (1 - lam) * S[:, None, :]) / norm_rr[None]
+        distinct = ~torch.eye(m, dtype=torch.bool, device=xh.device)[None]
+        member = neg[:, :, None] & neg[:, None, :] & distinct
+        parts = SOFT_PARTS[name](sim.reshape(-1, m * m), y, member.reshape(-1, m * m),
+                                 distance, **hyper)
+        return torch.stack([t for t, _ in parts]), torch.stack([n for _, n in parts])
     valid = (pslots >= 0) & (pslots != self_idx[:, None])  # P(a): its class in R, not a
     ps = pslots.clamp(min=0)
     rp = rh[ps]  # chunk × K × D: the anchors' positives
     k = ps.shape[1]
-    # every candidate has the same soft label (λ, or 1 for pos_pos): one broadcast entry
-    y = xa.new_full((1, 1), 1.0 if pairs == "pos_pos" else lam)
     tables = []  # (s, member) of disjoint sets of the chunk's anchors
     if pairs == "pos_pos":  # only the class blocks: no chunk × M product
         sp = torch.einsum("cd,ckd->ck", xa, rp)  # S_ap
@@ -181,15 +198,19 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float):
     width = (pslots >= 0).sum(1)  # each anchor's class size in R
 
     def entries(k):  # per anchor: its candidates, and its positives' rows (K × D)
+        if pairs == "neg_neg":
+            return m * m
         return {"pos_neg": (k + 1) * m, "anchor_neg": m, "pos_pos": k * k}[pairs] + k * d
 
+    # neg_neg: the M × M mixes' norms once (every chunk's candidates use all of them)
+    norm_rr = mix_norm(lam, rh @ rh.t()) if pairs == "neg_neg" else None
     hyper = {k: v for k, v in params.items() if k != "proxies"}
     totals = counts = None
     for anchors, k in _chunks(width, entries):
-        def run(xh_, rh_, anchors=anchors, k=k):
+        def run(xh_, rh_, norm_, anchors=anchors, k=k):
             return _chunk_parts(name, hyper, inp.distance, pairs, lam, anchors,
                                 pslots[anchors, :k], self_idx[anchors], ref_labels, labels,
-                                xh_, rh_)
-        t, n = checkpoint(run, xh, rh, use_reentrant=False)
+                                xh_, rh_, norm_)
+        t, n = checkpoint(run, xh, rh, norm_rr, use_reentrant=False)
         totals, counts = (t, n) if totals is None else (totals + t, counts + n)
     return combine_parts(list(zip(totals, counts)), xh)

@@ -32,6 +32,10 @@ SUPPORTED = ("CircleLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss",
              "LiftedStructureLoss", "MultiSimilarityLoss", "NTXentLoss", "SupConLoss",
              "TripletMarginLoss")
 
+# Metrix pairs a bank takes: neg_neg would mix every pair of the bank's negatives, B·M²
+# candidates a step against a bank of M (the chunks run it, but not at bank sizes)
+BANK_PAIRS = tuple(p for p in metrix_refs.PAIRS if p != "neg_neg")
+
 
 class CrossBatchMemory(torch.nn.Module):
     def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None):
@@ -48,11 +52,11 @@ class CrossBatchMemory(torch.nn.Module):
                              "(Embedding Expansion mines the batch's own positive pairs)")
         mx = loss.metrix
         normalized = as_distance(loss.distance, get_spec(name).default_distance).normalize_embeddings
-        if mx is not None and not (mx.level == "embedding" and mx.pairs in metrix_refs.PAIRS
+        if mx is not None and not (mx.level == "embedding" and mx.pairs in BANK_PAIRS
                                    and name in metrix_refs.SOFT_PARTS and normalized):
             raise ValueError(
                 "CrossBatchMemory takes Metrix at the embedding level (mixes of bank entries in "
-                f"closed form), pairs in {list(metrix_refs.PAIRS)}, on "
+                f"closed form), pairs in {list(BANK_PAIRS)}, on "
                 f"{sorted(metrix_refs.SOFT_PARTS)} with a normalising distance; got {mx!r} on "
                 f"{name}")
         if getattr(loss, "miner", None) is not None:
