@@ -192,7 +192,8 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
                 if metrix_pos_pos.covers(name, inp, metrix):
                     mixed_loss = metrix_pos_pos.mixed_term(name, params, inp, lam_value)
                 if mixed_loss is None and metrix_refs.covers(name, inp, metrix):
-                    mixed_loss = metrix_refs.mixed_term(name, params, inp, metrix, lam_value)
+                    mixed_loss = metrix_refs.mixed_term(name, params, inp, metrix, lam_value,
+                                                        chosen)
         if mixed_loss is None:
             from .reference.metrix import metrix_loss
             mixed_loss = metrix_loss(name, params, inp, metrix, lam_value, mixed_embeddings,

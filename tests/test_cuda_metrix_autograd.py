@@ -1,9 +1,11 @@
 """The autograd and fake-kernel registrations of the CUDA engine's Metrix ops
-(fused/cuda_metrix.py's _register_mix_op), checked without a GPU: the CUDA-only ops get
+(fused/cuda_metrix.py's register_mix_op), checked without a GPU: the CUDA-only ops get
 stand-in CPU kernels for the test's duration (simple functions of x with known gradients,
 whose backwards assert that they receive the saved outputs and constants in the schema's
-order), then gradcheck, the differentiable outputs, and opcheck. Needs a build with the CUDA
-kernels compiled (as CI's), not a GPU."""
+order), then gradcheck, the differentiable outputs, and opcheck; the refs ops
+(fused/cuda_metrix_refs.py) get the CPU refs ops as stand-ins, under which the CUDA glue's
+mixed term equals the reference's. Needs a build with the CUDA kernels compiled (as CI's),
+not a GPU."""
 import pytest
 import torch
 
@@ -103,3 +105,115 @@ def test_opcheck(stand_ins):
     torch.library.opcheck(ops.contrastive_metrix_mix_fwd.default, (x, y, s, z, *CON))
     for name, c in LSE.items():
         torch.library.opcheck(getattr(ops, f"{name}_fwd").default, (x, y, s, z, *c))
+
+
+# The refs ops (fused/cuda_metrix_refs.py): stand-ins that run the CPU refs ops, which give
+# the same per-anchor values, so that the CUDA glue's whole mixed term (sorting, the ops'
+# argument order, autograd with need_dr, the finishing) runs here against the reference.
+NEED_DR = []  # the need_dr of each stand-in backward call
+
+
+def _refs_stand_in(op):
+    """the CPU refs op `op` in the CUDA refs op's schema: (fwd, bwd), the backward recording
+    its need_dr in NEED_DR"""
+    cpu = getattr(torch.ops.metrix_ops, f"{op}_fwd")
+    cpu_bwd = getattr(torch.ops.metrix_ops, f"{op}_bwd")
+    inf = float("inf")
+    if op == "ms_metrix_refs":
+        def fwd(x, r, y, ry, own, *c):
+            *p, lam, an, chunk = c
+            out = cpu(x, r, y, ry, own, *p, lam, an, False, chunk)
+            return out[3].clone(), out[4].clone(), out[5].clone()
+
+        def bwd(g, x, r, y, ry, own, tp, tn, *c):
+            *p, lam, an, chunk, need_dr = c
+            z = torch.zeros_like(g)
+            return cpu_bwd(z, g, x, r, y, ry, own, z, z, tp, tn, *p, lam, an, False, chunk,
+                           need_dr)
+    elif op == "contrastive_metrix_refs":
+        def fwd(x, r, y, ry, own, *c):
+            *p, lam, an, chunk = c
+            return tuple(t.clone() for t in cpu(x, r, y, ry, own, *p, lam, an, False, -inf, inf,
+                                                 chunk)[4:])
+
+        def bwd(gp, gn, x, r, y, ry, own, *c):
+            *p, lam, an, chunk, need_dr = c
+            z = torch.zeros_like(gp)
+            return cpu_bwd(z, z, gp, gn, x, r, y, ry, own, *p, lam, an, False, -inf, inf, chunk,
+                           need_dr)
+    else:
+        def fwd(x, r, y, ry, own, *c):
+            *p, lam, an, chunk = c
+            out = cpu(x, r, y, ry, own, *p, lam, an, False, chunk)
+            return out[0].clone(), out[1].clone()
+
+        def bwd(gp, gn, x, r, y, ry, own, lp, ln, *c):
+            *p, lam, an, chunk, need_dr = c
+            z = torch.zeros_like(gp)
+            return cpu_bwd(gp, gn, z, z, x, r, y, ry, own, lp, ln, z, z, *p, lam, an, False,
+                           chunk, need_dr)
+    return fwd, bwd
+
+
+@pytest.fixture
+def refs_stand_ins():
+    from metrix_ops.fused import cuda_metrix_refs as cmr
+    if not cmr.HAS_OPS:
+        pytest.skip("a build without the CUDA refs ops")
+    lib = torch.library.Library("metrix_ops", "IMPL")  # dropped after the test
+    for op in cmr.OPS:
+        fwd, bwd = _refs_stand_in(op.replace("_mix_refs", "_refs"))
+        lib.impl(f"{op}_fwd", fwd, "CPU")
+        lib.impl(f"{op}_bwd", lambda *a, bwd=bwd: NEED_DR.append(a[-1]) or bwd(*a), "CPU")
+    yield cmr
+    lib._destroy()
+
+
+REFS_LOSSES = [("MultiSimilarityLoss", {"alpha": 3.0, "beta": 40.0, "base": 0.3}),
+               ("CircleLoss", {"m": 0.3, "gamma": 40.0}),
+               ("ContrastiveLoss", {"pos_margin": 0.1, "neg_margin": 0.7}),
+               ("ContrastiveLoss", {"distance": "cosine", "pos_margin": 0.8, "neg_margin": 0.3}),
+               ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.2, "neg_margin": 0.9}),
+               ("GeneralizedLiftedStructureLoss", {"distance": "cosine", "neg_margin": 0.3})]
+
+
+@pytest.mark.parametrize("own_rows", [False, True], ids=["bank", "copy_of_batch"])
+@pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
+@pytest.mark.parametrize("name,kw", REFS_LOSSES,
+                         ids=["ms", "circle", "con", "con_cos", "gen_lifted", "gen_lifted_cos"])
+def test_refs_glue_equals_the_reference(refs_stand_ins, name, kw, pairs, own_rows):
+    """cuda_metrix_refs.mixed_term (on the stand-ins) against the reference's L̃, values and
+    the gradients of both x and the references; a detached bank asks for no dR"""
+    import torch.nn.functional as F
+
+    import metrix_ops as mo
+    from cases import assert_close_vg
+    from metrix_ops.reference.metrix import metrix_loss
+    cmr = refs_stand_ins
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (13,), generator=g)
+    if own_rows:
+        r, ry, own = x.clone(), y, torch.arange(13)
+    else:
+        r = torch.randn(17, 5, dtype=torch.float64, generator=g)
+        ry, own = torch.randint(1, 6, (17,), generator=g), torch.full((13,), -1)
+    kw = dict(kw)
+    dist = mo.distances.CosineSimilarity() if kw.pop("distance", None) or name in (
+        "MultiSimilarityLoss", "CircleLoss") else mo.distances.LpDistance()
+    params = {**getattr(mo.losses, name)().loss_params(), **kw}
+    mx = mo.Metrix(level="embedding", pairs=pairs, lam=0.35)
+
+    def inputs(e, q):
+        return mo.spec.LossInputs(e, y, None, q, ry, own_rows, dist)
+
+    def glue(e, q):
+        return cmr.mixed_term(name, params, inputs(e, q), pairs, 0.35, F.normalize(e, dim=1),
+                              F.normalize(q, dim=1), own)
+
+    NEED_DR.clear()
+    assert_close_vg(glue, lambda e, q: metrix_loss(name, params, inputs(e, q), mx, 0.35), x, r)
+    assert NEED_DR == [True]
+    xl = x.clone().requires_grad_()
+    glue(xl, r).backward()  # a detached bank
+    assert NEED_DR == [True, False] and xl.grad.abs().sum() > 0

@@ -6,7 +6,8 @@ tensor) over the shared edge cases, reference sets sharing only some classes wit
 chunks of one class and of many; each op against the CPU refs op per anchor, values and
 both gradients; a copy of the batch with its labels (own rows), an indices_tuple beside
 Metrix, a detached bank (no dR), λ at 0 and 1, references of no batch class, the empty
-reference set, fp32 and half, fullgraph compile, opcheck and bad input. Skipped without a
+reference set, fp32 and half, fullgraph compile, opcheck and bad input; the Triton engine's
+calls keep the PyTorch chunks. Skipped without a
 GPU and the compiled CUDA kernels."""
 import pytest
 import torch
@@ -70,6 +71,19 @@ def test_ref_emb_equals_reference(case, name, kw, pairs, chunk, op_calls, monkey
     x, y, r, ry = on_cuda(x, y, r, ry)
     check(name, pairs, x, y, r, ry, **kw)
     assert op_calls
+
+
+def test_the_triton_engine_keeps_the_chunks(op_calls):
+    """beside Triton's clean loss the mixed term stays in the anchor chunks (the refs ops
+    serve backend="cuda" until measured), with the reference's values"""
+    pytest.importorskip("triton")
+    x, y = make_case(CASES[1], seed=19)
+    r, ry = refs_for(x, y, seed=20)
+    fused, ref = pair("MultiSimilarityLoss", "pos_neg", backend="triton")
+    x, y, r, ry = on_cuda(x, y, r, ry)
+    assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=ry),
+                    lambda e, q: ref(e, y, ref_emb=q, ref_labels=ry), x, r)
+    assert not op_calls
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])

@@ -134,8 +134,9 @@ FourTensors contrastive_metrix_mix_refs_fwd_cuda(const at::Tensor& x, const at::
                                                  double lam, bool anchor_neg, int64_t chunk) {
   cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
   c10::cuda::CUDAGuard guard(x.device());
-  return con_mix_fwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), cosine,
-                     pos_margin, neg_margin, lam, anchor_neg);
+  const MixPlan c =
+      cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk, anchor_neg);
+  return con_mix_fwd(c, cosine, pos_margin, neg_margin, lam, anchor_neg);
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_metrix_mix_refs_bwd_cuda(
@@ -145,8 +146,10 @@ std::tuple<at::Tensor, at::Tensor> contrastive_metrix_mix_refs_bwd_cuda(
     bool anchor_neg, int64_t chunk, bool need_dr) {
   cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
   c10::cuda::CUDAGuard guard(x.device());
-  return con_mix_bwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), grad_pos,
-                     grad_neg, cosine, pos_margin, neg_margin, lam, anchor_neg, need_dr);
+  const MixPlan c =
+      cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk, anchor_neg);
+  return con_mix_bwd(c, grad_pos, grad_neg, cosine, pos_margin, neg_margin, lam, anchor_neg,
+                     need_dr);
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {

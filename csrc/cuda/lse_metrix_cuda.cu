@@ -194,8 +194,9 @@ std::tuple<at::Tensor, at::Tensor> circle_metrix_mix_refs_fwd_cuda(
     bool anchor_neg, int64_t chunk) {
   cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
   c10::cuda::CUDAGuard guard(x.device());
-  return lse_mix_fwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), lam,
-                     anchor_neg, CircleMaker{m, gamma});
+  const MixPlan c =
+      cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk, anchor_neg);
+  return lse_mix_fwd(c, lam, anchor_neg, CircleMaker{m, gamma});
 }
 
 std::tuple<at::Tensor, at::Tensor> circle_metrix_mix_refs_bwd_cuda(
@@ -205,8 +206,10 @@ std::tuple<at::Tensor, at::Tensor> circle_metrix_mix_refs_bwd_cuda(
     double m, double gamma, double lam, bool anchor_neg, int64_t chunk, bool need_dr) {
   cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
   c10::cuda::CUDAGuard guard(x.device());
-  return lse_mix_bwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), grad_pos,
-                     grad_neg, lse_pos, lse_neg, lam, anchor_neg, need_dr, CircleMaker{m, gamma});
+  const MixPlan c =
+      cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk, anchor_neg);
+  return lse_mix_bwd(c, grad_pos, grad_neg, lse_pos, lse_neg, lam, anchor_neg, need_dr,
+                     CircleMaker{m, gamma});
 }
 
 std::tuple<at::Tensor, at::Tensor> lifted_metrix_mix_refs_fwd_cuda(
@@ -215,8 +218,9 @@ std::tuple<at::Tensor, at::Tensor> lifted_metrix_mix_refs_fwd_cuda(
     double neg_margin, double lam, bool anchor_neg, int64_t chunk) {
   cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
   c10::cuda::CUDAGuard guard(x.device());
-  return lse_mix_fwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), lam,
-                     anchor_neg, LiftedMaker{cosine, pos_margin, neg_margin});
+  const MixPlan c =
+      cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk, anchor_neg);
+  return lse_mix_fwd(c, lam, anchor_neg, LiftedMaker{cosine, pos_margin, neg_margin});
 }
 
 std::tuple<at::Tensor, at::Tensor> lifted_metrix_mix_refs_bwd_cuda(
@@ -227,8 +231,9 @@ std::tuple<at::Tensor, at::Tensor> lifted_metrix_mix_refs_bwd_cuda(
     int64_t chunk, bool need_dr) {
   cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
   c10::cuda::CUDAGuard guard(x.device());
-  return lse_mix_bwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), grad_pos,
-                     grad_neg, lse_pos, lse_neg, lam, anchor_neg, need_dr,
+  const MixPlan c =
+      cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk, anchor_neg);
+  return lse_mix_bwd(c, grad_pos, grad_neg, lse_pos, lse_neg, lam, anchor_neg, need_dr,
                      LiftedMaker{cosine, pos_margin, neg_margin});
 }
 

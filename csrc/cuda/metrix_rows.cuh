@@ -339,10 +339,12 @@ inline MixPlan self_plan(const at::Tensor& x, const at::Tensor& labels, const at
 
 // Anchors against references (after check_refs_call, under the device guard): both sorted by
 // label (checked by class_runs); each class's run of anchors and its run of references (its
-// positives), the runs taken in chunks of whole classes whose rows of Q (anchors and
-// positives) come to about `chunk` (a class larger than that is a chunk of its own).
+// positives; none under anchor_neg), the runs taken in chunks of whole classes whose rows of
+// Q (anchors and positives) come to about `chunk` (a class larger than that is a chunk of
+// its own).
 inline MixPlan refs_plan(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
-                         const at::Tensor& ref_labels, const at::Tensor& own, int64_t chunk) {
+                         const at::Tensor& ref_labels, const at::Tensor& own, int64_t chunk,
+                         bool anchor_neg) {
   MixPlan p;
   p.x = x.contiguous();
   p.c = r.contiguous();
@@ -353,8 +355,11 @@ inline MixPlan refs_plan(const at::Tensor& x, const at::Tensor& r, const at::Ten
   const int64_t *y = yh.data_ptr<int64_t>(), *yr = ryh.data_ptr<int64_t>();
   const int64_t* o = oh.data_ptr<int64_t>();
   const int64_t B = p.x.size(0), M = p.c.size(0);
-  const std::vector<ClassRun> runs = class_runs(y, B, yr, M, o);  // checked there
-  for (const ClassRun& u : runs) p.P += u.phi - u.plo;
+  std::vector<ClassRun> runs = class_runs(y, B, yr, M, o);  // checked there
+  for (ClassRun& u : runs) {
+    if (anchor_neg) u.phi = u.plo;  // every anchor mixes itself: no positive rows in Q
+    p.P += u.phi - u.plo;
+  }
   HostTables h(B, p.P);
   int64_t q = 0;  // the next positive row of the plan
   for (size_t k0 = 0; k0 < runs.size();) {
@@ -411,7 +416,7 @@ std::pair<at::Tensor, at::Tensor> grad_all_mix(const MixPlan& p, bool anchor_neg
                                       stream>>>(S.data_ptr<T>(), G.data_ptr<T>(), c, L,
                                                 MixGeom<T>{lam}, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (c.np > 0) {
+    if (c.np > 0 && (need_dc || !p.extra)) {  // extra positive rows feed dC alone
       mix_grad_positive_kernel<Loss, T><<<(unsigned)((c.np + kWarps - 1) / kWarps), kThreads, 0,
                                           stream>>>(S.data_ptr<T>(), G.data_ptr<T>(), c, L,
                                                     MixGeom<T>{lam}, loss);

@@ -147,8 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_metrix_mix_refs_fwd_cuda(
     double lam, bool anchor_neg, int64_t chunk) {
   cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
   c10::cuda::CUDAGuard guard(x.device());
-  return ms_mix_fwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), alpha, beta,
-                    base, lam, anchor_neg);
+  const MixPlan c =
+      cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk, anchor_neg);
+  return ms_mix_fwd(c, alpha, beta, base, lam, anchor_neg);
 }
 
 std::tuple<at::Tensor, at::Tensor> ms_metrix_mix_refs_bwd_cuda(
@@ -158,8 +159,9 @@ std::tuple<at::Tensor, at::Tensor> ms_metrix_mix_refs_bwd_cuda(
     bool anchor_neg, int64_t chunk, bool need_dr) {
   cuda_metrix::check_refs_call(x, r, labels, ref_labels, self, lam, chunk);
   c10::cuda::CUDAGuard guard(x.device());
-  return ms_mix_bwd(cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk), grad,
-                    lse_pos, lse_neg, alpha, beta, base, lam, anchor_neg, need_dr);
+  const MixPlan c =
+      cuda_metrix::refs_plan(x, r, labels, ref_labels, self, chunk, anchor_neg);
+  return ms_mix_bwd(c, grad, lse_pos, lse_neg, alpha, beta, base, lam, anchor_neg, need_dr);
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {

@@ -140,22 +140,24 @@ def with_negatives(labels, ref_labels):
     return (same < len(ref_labels)).sum()
 
 
-def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
+def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx, engine=None):
     """L̃ from the CPU engine's ops of anchors against references (csrc/cpu/metrix_refs_walk.h:
     per class its anchors' rows of X Rᵀ and its positives' rows of R Rᵀ, the candidates in
     the in-batch ops' kernels), the mixed term alone (the clean loss is another path's here:
     an indices_tuple, ...), or None where they have none: pos_neg or anchor_neg, CPU tensors,
     MS and Circle with their cosine, Contrastive and GeneralizedLifted with the normalised L2
-    or the cosine. CUDA tensors: the CUDA engine's refs ops (fused/cuda_metrix_refs.py), for
-    the same losses and distances."""
+    or the cosine. CUDA tensors, beside the CUDA engine's clean loss (engine "cuda"): its
+    refs ops (fused/cuda_metrix_refs.py), for the same losses and distances; the other
+    engines keep the chunks until the ops are measured on a GPU."""
     d = inp.distance
+    on_cuda = xh.device.type == "cuda" and engine == "cuda"
     if not (_ext.HAS_EXT and pairs in ("pos_neg", "anchor_neg")
-            and xh.device.type in ("cpu", "cuda")):
+            and (xh.device.type == "cpu" or on_cuda)):
         return None
     labels, ref_labels = inp.labels, inp.ref_labels
     if xh.dtype in (torch.float16, torch.bfloat16):  # computed in fp32, as the clean ops
         xh, rh = xh.float(), rh.float()
-    if xh.device.type == "cuda":
+    if on_cuda:
         from . import cuda_metrix_refs  # lazy: it imports this module
         if not cuda_metrix_refs.covers(name, d):
             return None
@@ -180,8 +182,9 @@ def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx):
     return None
 
 
-def mixed_term(name: str, params: dict, inp, metrix, lam: float):
-    """L̃ (unweighted) of a call covers() accepts."""
+def mixed_term(name: str, params: dict, inp, metrix, lam: float, engine: str | None = None):
+    """L̃ (unweighted) of a call covers() accepts, beside the clean loss of `engine` (the
+    driver's chosen backend, which picks the refs ops of CUDA tensors)."""
     x, labels, ref_labels = inp.embeddings, inp.labels, inp.ref_labels
     b, m, d, pairs = x.shape[0], inp.ref_emb.shape[0], x.shape[1], metrix.pairs
     if b == 0 or m == 0:
@@ -190,7 +193,7 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float):
     rh = xh if inp.ref_emb is x else unit_rows(inp.ref_emb.to(x.dtype))
     self_idx = (torch.arange(b, device=x.device) if inp.same_set
                 else torch.full((b,), -1, dtype=torch.long, device=x.device))
-    fused = _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx)
+    fused = _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx, engine)
     if fused is not None:
         return fused
     _, classes, _, _, slot = class_slots(ref_labels)  # slot[c, k]: k-th member of R's class c

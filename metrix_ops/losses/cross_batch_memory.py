@@ -125,9 +125,9 @@ class CrossBatchMemory(torch.nn.Module):
     def _mixed(self, emb, labels, mem_emb, mem_labels, exclude_start, lam: float):
         """The Metrix term L̃ of the batch against the bank: mixes of bank entries (DESIGN §3
         with the bank as references), each anchor's own slot neither a positive nor mixed,
-        as the clean loss's pairs. From the CPU engine's refs ops on CPU tensors, else the
-        anchor chunks (fused/metrix_refs.py): no B × M × M tensor; backend="reference": the
-        reference's, which builds it."""
+        as the clean loss's pairs. From the CPU engine's refs ops on CPU tensors, the CUDA
+        engine's with backend="cuda", else the anchor chunks (fused/metrix_refs.py): no
+        B × M × M tensor; backend="reference": the reference's, which builds it."""
         if emb.dtype in (torch.float16, torch.bfloat16):
             emb, mem_emb = emb.float(), mem_emb.float()
         own = exclude_start is not None  # the bank rolled so that row i's slot is column i
@@ -140,7 +140,7 @@ class CrossBatchMemory(torch.nn.Module):
         if self.loss.backend == "reference":
             return metrix_loss(*args)
         with no_autocast(emb):
-            return metrix_refs.mixed_term(*args)
+            return metrix_refs.mixed_term(*args, engine=self.loss.backend)
 
     def _enqueue(self, emb, labels) -> int:
         """Writes the rows at queue_idx, queue_idx+1, ... (mod memory_size); returns the start."""
