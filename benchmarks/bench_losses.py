@@ -88,6 +88,9 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # MS + embedding-level Metrix with pairs="pos_pos" (class blocks beside the clean
           # op); "pml" is PML's clean MS
           "metrix_ms_pos_pos": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # ... and with pairs="neg_neg": B·B² candidates (every ordered pair of an anchor's
+          # negatives), the anchor chunks against the reference's B × B × B tensor
+          "metrix_ms_neg_neg": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # MS + Metrix (pos_neg) against references: ref_emb a second set of B rows (labels
           # from the same classes), both with gradient; "pml"/"clean" the clean loss so called
           "metrix_ms_refs": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
@@ -120,6 +123,7 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
            "ee_ms_n8": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
            "ee_triplet": lambda mo: {"expansion": mo.Expansion(n_points=2, pairs="all")},
            "metrix_ms_pos_pos": lambda mo: {"metrix": mo.Metrix(pairs="pos_pos")},
+           "metrix_ms_neg_neg": lambda mo: {"metrix": mo.Metrix(pairs="neg_neg")},
            "metrix_ms_refs": lambda mo: {"metrix": mo.Metrix()},
            "metrix_contrastive_refs": lambda mo: {"metrix": mo.Metrix()},
            "metrix_circle_refs": lambda mo: {"metrix": mo.Metrix()},

@@ -705,11 +705,34 @@ at::Tensor ee_neg_lse_fwd_cuda(const at::Tensor& x_, const at::Tensor& labels,
   return unslot(tb, lse);
 }
 
-// The backward shared by both losses: ∂L/∂X̂ (caller's order), ∂L/∂pos into dpos (TRIP).
+// Per anchor (in slot order): its first positive in `pos` (anchors in index order) and count.
+struct PosLayout {
+  std::vector<int64_t> flat;  // per slot: cumulative count (B + 1)
+  at::Tensor off, np, flat_d;
+  PosLayout(const Tables& tb, const at::Device& d) {
+    const EeLayout& L = tb.L;
+    const std::vector<int64_t> po = pos_offsets(L);
+    std::vector<int64_t> off_s(L.B), np_s(L.B);
+    flat = {0};
+    for (int64_t s = 0; s < L.B; ++s) {
+      const int64_t i = L.order[s];
+      off_s[s] = po[i], np_s[s] = po[i + 1] - po[i];
+      flat.push_back(flat.back() + np_s[s]);
+    }
+    off = dev(off_s, d), np = dev32(np_s, d), flat_d = dev(flat, d);
+  }
+  template <typename T>
+  Positives<T> positives(const at::Tensor& pos, double margin, bool smooth) const {
+    return {pos.data_ptr<T>(), off.data_ptr<int64_t>(), np.data_ptr<int32_t>(), T(margin),
+            smooth};
+  }
+};
+
+// The backward shared by both losses: ∂L/∂X̂ (caller's order), ∂L/∂pos into dpos (TRIP, with
+// the positives' layout pl).
 template <typename T, bool TRIP>
 at::Tensor ee_backward(const Tables& tb, const at::Tensor& x, int64_t chunk, bool l2,
-                       const Upstream<T>& up, const Positives<T>& ps,
-                       const std::vector<int64_t>& pos_flat_h, const at::Tensor& pos_flat,
+                       const Upstream<T>& up, const Positives<T>& ps, const PosLayout* pl,
                        at::Tensor* dpos) {
   const EeRun<T> run(tb, x, chunk);
   const Tabs<T> tabs = run.tabs();
@@ -733,9 +756,9 @@ at::Tensor ee_backward(const Tables& tb, const at::Tensor& x, int64_t chunk, boo
                     spart.data_ptr<T>(), nullptr, tb.side_flat.data_ptr<int64_t>(),
                     nullptr, nqw};
         if constexpr (TRIP) {
-          ppart = at::empty({(pos_flat_h[tl.r0 + tl.nr] - pos_flat_h[tl.r0]) * nqw}, opt);
+          ppart = at::empty({(pl->flat[tl.r0 + tl.nr] - pl->flat[tl.r0]) * nqw}, opt);
           gr.ppart = ppart.data_ptr<T>();
-          gr.pos_flat = pos_flat.data_ptr<int64_t>();
+          gr.pos_flat = pl->flat_d.data_ptr<int64_t>();
         }
         at::Tensor tg = at::empty({tl.nr, tl.nt}, opt);
         over_rows(tl, [&](const Tile& t, unsigned ny) {
@@ -765,7 +788,7 @@ at::Tensor ee_backward(const Tables& tb, const at::Tensor& x, int64_t chunk, boo
         }
         if constexpr (TRIP) {
           pos_fold_kernel<T><<<blocks(tl.nr), kThreads, 0, run.stream>>>(
-              ps, pos_flat.data_ptr<int64_t>(), tl.r0, tl.nr, ppart.data_ptr<T>(), nqw,
+              ps, pl->flat_d.data_ptr<int64_t>(), tl.r0, tl.nr, ppart.data_ptr<T>(), nqw,
               dpos->data_ptr<T>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
@@ -780,7 +803,7 @@ at::Tensor ee_backward(const Tables& tb, const at::Tensor& x, int64_t chunk, boo
       [&](int64_t t1) {  // the per-warp partials of A_i's entries (and the positives') too
         const int64_t r0 = tb.rows0(t1), r1 = r0 + tb.rows(t1);
         int64_t entries = tb.side_flat_h[r1] - tb.side_flat_h[r0];
-        if (TRIP) entries += pos_flat_h[r1] - pos_flat_h[r0];
+        if (TRIP) entries += pl->flat[r1] - pl->flat[r0];
         return run.tile_for(t1, entries);
       });
   if (tb.L.S * n > 0) {
@@ -818,33 +841,10 @@ at::Tensor ee_neg_lse_bwd_cuda(const at::Tensor& grad, const at::Tensor& lse,
     const Upstream<T> up{g.data_ptr<T>(), act.data_ptr<bool>(), ls.data_ptr<T>(), T(scale),
                          T(offset)};
     const Positives<T> none{nullptr, nullptr, nullptr, T(0), false};
-    out = ee_backward<T, false>(tb, x, chunk, l2, up, none, {}, at::Tensor(), nullptr);
+    out = ee_backward<T, false>(tb, x, chunk, l2, up, none, nullptr, nullptr);
   });
   return out;
 }
-
-// Per anchor (in slot order): its first positive in `pos` (anchors in index order) and count.
-struct PosLayout {
-  std::vector<int64_t> flat;  // per slot: cumulative count (B + 1)
-  at::Tensor off, np, flat_d;
-  PosLayout(const Tables& tb, const at::Device& d) {
-    const EeLayout& L = tb.L;
-    const std::vector<int64_t> po = pos_offsets(L);
-    std::vector<int64_t> off_s(L.B), np_s(L.B);
-    flat = {0};
-    for (int64_t s = 0; s < L.B; ++s) {
-      const int64_t i = L.order[s];
-      off_s[s] = po[i], np_s[s] = po[i + 1] - po[i];
-      flat.push_back(flat.back() + np_s[s]);
-    }
-    off = dev(off_s, d), np = dev32(np_s, d), flat_d = dev(flat, d);
-  }
-  template <typename T>
-  Positives<T> positives(const at::Tensor& pos, double margin, bool smooth) const {
-    return {pos.data_ptr<T>(), off.data_ptr<int64_t>(), np.data_ptr<int32_t>(), T(margin),
-            smooth};
-  }
-};
 
 // The triplet ops' inputs, checked (every anchor computed, every original a negative), x and
 // pos contiguous, and the call's tables.
@@ -923,8 +923,8 @@ std::tuple<at::Tensor, at::Tensor> ee_triplet_bwd_cuda(
     const at::Tensor g = grad.to(x.scalar_type()).index_select(0, tb.order).contiguous();
     const at::Tensor act = g.ne(0).logical_and(pl.np.gt(0)).contiguous();
     const Upstream<T> up{g.data_ptr<T>(), act.data_ptr<bool>(), nullptr, T(1), T(0)};
-    dx = ee_backward<T, true>(tb, x, chunk, l2, up, pl.positives<T>(pos, margin, smooth),
-                              pl.flat, pl.flat_d, &dpos);
+    dx = ee_backward<T, true>(tb, x, chunk, l2, up, pl.positives<T>(pos, margin, smooth), &pl,
+                              &dpos);
   });
   return {dx, dpos};
 }
