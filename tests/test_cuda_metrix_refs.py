@@ -93,6 +93,7 @@ def test_lam_at_the_ends(lam, name, kw, op_calls):
     r, ry = refs_for(x, y, seed=6)
     for pairs in ("pos_neg", "anchor_neg"):
         check(name, pairs, *on_cuda(x, y, r, ry), lam=lam, **kw)
+    assert len(op_calls) == 2
 
 
 # per CUDA refs op and constants: the CPU refs op, which of its outputs the CUDA op returns

@@ -5,8 +5,9 @@ contrastive_metrix_cuda.cu, lse_metrix_cuda.cu on cuda/metrix_rows.cuh: per chun
 classes one product of its anchors and its classes' reference positives against the
 references, the candidates in closed form, no B×M matrix) for MultiSimilarity and Circle
 (cosine), Contrastive and GeneralizedLifted (cosine or normalised L2). The mixed term alone,
-beside whichever engine's clean loss, finished as fused/metrix_refs.py finishes the CPU ops'
-outputs. Fake kernels and autograd here; CUDA builds only."""
+beside the CUDA engine's clean loss (the other engines keep the PyTorch chunks until a GPU
+run measures both), finished as fused/metrix_refs.py finishes the CPU ops' outputs. Fake
+kernels and autograd here; CUDA builds only."""
 from __future__ import annotations
 
 import torch

@@ -14,9 +14,9 @@ The reference builds every anchor's candidates against every reference pair at o
     pos_pos     the K × K pairs of its positives, from its class's K × K block
     neg_neg     the M × M ordered pairs of distinct references of other classes than a's,
                 label 0, s = (λ S_an + (1−λ) S_an′) / ‖v_nn′‖ with ‖v‖ from R Rᵀ, whose
-                M × M norms every chunk shares (computed once); a chunk is then one
-                anchor as soon as M² reaches CHUNK_ENTRIES: O(M²) memory where the
-                reference holds B × M × M, B·M² work either way
+                M × M norms every chunk shares (computed once); a chunk is one anchor
+                once 2·M² exceeds CHUNK_ENTRIES: O(M²) memory where the reference holds
+                B × M × M, B·M² work either way
 
 (‖v_uw‖² = λ² + (1−λ)² + 2λ(1−λ) s_uw), the membership rules of reference/metrix.py, and
 the loss's soft form as parts (sums and counts of its means, metrix_soft_forms.SOFT_PARTS)
@@ -74,8 +74,8 @@ def _chunk_parts(name, hyper, distance, pairs, lam, anchors, pslots, self_idx, r
         m = rh.shape[0]
         neg = la[:, None] != ref_labels[None, :]
         sim = (lam * S[:, :, None] + (1 - lam) * S[:, None, :]) / norm_rr[None]
-        distinct = ~torch.eye(m, dtype=torch.bool, device=xh.device)[None]
-        member = neg[:, :, None] & neg[:, None, :] & distinct
+        member = neg[:, :, None] & neg[:, None, :]
+        member.diagonal(dim1=1, dim2=2).fill_(False)  # n ≠ n′
         parts = SOFT_PARTS[name](sim.reshape(-1, m * m), y, member.reshape(-1, m * m),
                                  distance, **hyper)
         return torch.stack([t for t, _ in parts]), torch.stack([n for _, n in parts])
@@ -196,8 +196,11 @@ def mixed_term(name: str, params: dict, inp, metrix, lam: float, engine: str | N
     fused = _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx, engine)
     if fused is not None:
         return fused
-    _, classes, _, _, slot = class_slots(ref_labels)  # slot[c, k]: k-th member of R's class c
-    pslots = _anchor_slots(labels, classes, slot)  # B × K_max
+    if pairs == "neg_neg":  # no positive enters: one column of no slot
+        pslots = torch.full((b, 1), -1, dtype=torch.long, device=x.device)
+    else:
+        _, classes, _, _, slot = class_slots(ref_labels)  # slot[c, k]: R's class c's k-th row
+        pslots = _anchor_slots(labels, classes, slot)  # B × K_max
     width = (pslots >= 0).sum(1)  # each anchor's class size in R
 
     def entries(k):  # per anchor: its candidates, and its positives' rows (K × D)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import backend as backend_mod
 from .. import fused
 from ..distances import as_distance
 from ..driver import draw_lam, no_autocast, run_loss
@@ -126,7 +127,7 @@ class CrossBatchMemory(torch.nn.Module):
         """The Metrix term L̃ of the batch against the bank: mixes of bank entries (DESIGN §3
         with the bank as references), each anchor's own slot neither a positive nor mixed,
         as the clean loss's pairs. From the CPU engine's refs ops on CPU tensors, the CUDA
-        engine's with backend="cuda", else the anchor chunks (fused/metrix_refs.py): no
+        engine's beside its clean term, else the anchor chunks (fused/metrix_refs.py): no
         B × M × M tensor; backend="reference": the reference's, which builds it."""
         if emb.dtype in (torch.float16, torch.bfloat16):
             emb, mem_emb = emb.float(), mem_emb.float()
@@ -140,7 +141,15 @@ class CrossBatchMemory(torch.nn.Module):
         if self.loss.backend == "reference":
             return metrix_loss(*args)
         with no_autocast(emb):
-            return metrix_refs.mixed_term(*args, engine=self.loss.backend)
+            return metrix_refs.mixed_term(*args, engine=self._engine(emb))
+
+    def _engine(self, emb):
+        """The engine that takes the clean term against the bank (as fused.run_with_memory
+        resolves it), beside which the Metrix term runs; None where none does."""
+        try:
+            return backend_mod.resolve(self.loss.backend, self.loss.loss_name, emb.device)
+        except NotImplementedError:
+            return None
 
     def _enqueue(self, emb, labels) -> int:
         """Writes the rows at queue_idx, queue_idx+1, ... (mod memory_size); returns the start."""
