@@ -4,8 +4,8 @@ csrc/cuda/ms_metrix_cuda.cu, contrastive_metrix_cuda.cu and lse_metrix_cuda.cu o
 cuda/metrix_rows.cuh, beside the CUDA engine's clean ops) against the reference
 (closed-form candidates over dense B×B×B tensors) and the CPU engine: values and gradients
 over the shared cases, λ at and inside [0, 1], chunks cut between classes, a class larger
-than a chunk and than the Triton engine's limit of 64; opcheck; bad input; that the module
-uses the op. Skipped without a GPU and the compiled CUDA kernels."""
+than a chunk and than the Triton engine's limit of 64; fullgraph compile; opcheck; bad
+input; that the module uses the op. Skipped without a GPU and the compiled CUDA kernels."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,19 @@ def test_chunks_and_large_classes_equal_the_cpu_engine(pairs, chunk, name, kw, m
     fused = make("cuda", 0.6, pairs=pairs, name=name, **kw)
     cpu = make("cpu", 0.6, pairs=pairs, name=name, **kw)
     assert_close_vg(lambda e: fused(e, y.cuda()), lambda e: cpu(e.cpu(), y).cuda(), x.cuda())
+
+
+@pytest.mark.parametrize("name,kw", LOSSES[::2], ids=LOSS_IDS[::2])
+def test_under_fullgraph_compile_equals_eager(name, kw):
+    """the module with Metrix on the CUDA engine traces whole (the sort, the class layout,
+    the clean and Metrix ops, the finishing), values and gradient as eager"""
+    torch._dynamo.reset()
+    loss = make("cuda", 0.3, name=name, **kw)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(23, 6, generator=g).cuda()
+    y = torch.randint(0, 5, (23,), generator=g).cuda()
+    compiled = torch.compile(lambda e: loss(e, y), fullgraph=True, backend="eager")
+    assert_close_vg(compiled, lambda e: loss(e, y), x, rtol=1e-5, atol=1e-6)
 
 
 def test_opcheck():

@@ -217,3 +217,25 @@ def test_refs_glue_equals_the_reference(refs_stand_ins, name, kw, pairs, own_row
     xl = x.clone().requires_grad_()
     glue(xl, r).backward()  # a detached bank
     assert NEED_DR == [True, False] and xl.grad.abs().sum() > 0
+
+
+def test_class_layout_has_no_value_dependent_shape():
+    """fused/cuda_metrix.py class_layout (each row's class start and size, from running
+    maxima and minima): unique_consecutive's answer on random sorted labels, the empty batch,
+    one row, one class; and it traces whole under torch.compile(fullgraph=True)"""
+    from metrix_ops.fused.cuda_metrix import class_layout
+
+    def by_unique(y):
+        _, inv, sizes = torch.unique_consecutive(y, return_inverse=True, return_counts=True)
+        return (torch.cumsum(sizes, 0) - sizes)[inv], sizes[inv]
+
+    g = torch.Generator().manual_seed(4)
+    cases = [torch.zeros(0, dtype=torch.long), torch.tensor([7]), torch.zeros(5, dtype=torch.long)]
+    cases += [torch.sort(torch.randint(0, k, (n,), generator=g)).values
+              for n, k in ((9, 3), (31, 12), (64, 64))]
+    torch._dynamo.reset()
+    traced = torch.compile(class_layout, fullgraph=True, backend="eager", dynamic=True)
+    for y in cases:
+        for got in (class_layout(y), traced(y)):
+            want = by_unique(y)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (y, got, want)

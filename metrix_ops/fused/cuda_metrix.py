@@ -90,10 +90,17 @@ if HAS_LSE:
 
 
 def class_layout(sorted_labels):
-    """Each row's class start and size in a label-sorted batch (int64)."""
-    _, inverse, sizes = torch.unique_consecutive(sorted_labels, return_inverse=True,
-                                                 return_counts=True)
-    return (torch.cumsum(sizes, 0) - sizes)[inverse], sizes[inverse]
+    """Each row's class start and size in a label-sorted batch (int64), from running maxima
+    and minima over the rows (no tensor whose size depends on the labels' values, so the
+    call traces under torch.compile(fullgraph=True))."""
+    b = sorted_labels.shape[0]
+    rows = torch.arange(b, device=sorted_labels.device)
+    change = sorted_labels[1:] != sorted_labels[:-1]  # a class ends between rows i and i + 1
+    first = torch.cat([change.new_ones(min(b, 1)), change])
+    last = torch.cat([change, change.new_ones(min(b, 1))])
+    start = torch.cummax(torch.where(first, rows, 0), 0).values
+    end = torch.cummin(torch.where(last, rows, b).flip(0), 0).values.flip(0)
+    return start, end - start + 1
 
 
 def _sorted_call(op, x_unit, labels, pairs, consts, chunk):
