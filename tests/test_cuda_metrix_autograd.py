@@ -2,10 +2,10 @@
 (fused/cuda_metrix.py's register_mix_op), checked without a GPU: the CUDA-only ops get
 stand-in CPU kernels for the test's duration (simple functions of x with known gradients,
 whose backwards assert that they receive the saved outputs and constants in the schema's
-order), then gradcheck, the differentiable outputs, and opcheck; the refs ops
-(fused/cuda_metrix_refs.py) get the CPU refs ops as stand-ins, under which the CUDA glue's
-mixed term equals the reference's. Needs a build with the CUDA kernels compiled (as CI's),
-not a GPU."""
+order), then gradcheck, the differentiable outputs, and opcheck. Then the CPU Metrix ops
+as stand-ins (the same per-anchor values): under them the CUDA engine's in-batch Metrix
+losses (eagerly and compiled whole) and its refs glue (fused/cuda_metrix_refs.py) equal the
+reference. Needs a build with the CUDA kernels compiled (as CI's), not a GPU."""
 import pytest
 import torch
 
@@ -239,3 +239,93 @@ def test_class_layout_has_no_value_dependent_shape():
         for got in (class_layout(y), traced(y)):
             want = by_unique(y)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (y, got, want)
+
+
+# The in-batch ops the same way: the CPU in-batch Metrix ops as stand-ins (the same
+# per-anchor values), so that the CUDA engine's whole Metrix loss (fused/cuda_metrix.py's
+# *_metrix_impl: the clean op, the sort, the class layout, the mixed op, the finishing)
+# runs here against the reference, eagerly and under fullgraph compile.
+def _self_stand_ins():
+    ops, inf, blk = torch.ops.metrix_ops, float("inf"), 64
+
+    def ms_fwd(x, y, cs, cz, a, b, base, lam, an, chunk):
+        out = ops.ms_metrix_self_fwd(x, y, a, b, base, lam, an, blk)
+        return out[3].clone(), out[4].clone(), out[5].clone()
+
+    def ms_bwd(g, x, y, cs, cz, tp, tn, a, b, base, lam, an, chunk):
+        z = torch.zeros_like(g)
+        return ops.ms_metrix_self_bwd(z, g, x, y, z, z, tp, tn, a, b, base, lam, an, blk)
+
+    def con_fwd(x, y, cs, cz, cos, pm, nm, lam, an, chunk):
+        out = ops.contrastive_metrix_self_fwd(x, y, cos, pm, nm, -inf, inf, lam, an, blk)
+        return tuple(t.clone() for t in out[4:])
+
+    def con_bwd(gp, gn, x, y, cs, cz, cos, pm, nm, lam, an, chunk):
+        z = torch.zeros_like(gp)
+        return ops.contrastive_metrix_self_bwd(z, z, gp, gn, x, y, cos, pm, nm, -inf, inf, lam,
+                                               an, blk)
+
+    def lse(name):
+        fwd_op = getattr(ops, f"{name}_metrix_self_fwd")
+        bwd_op = getattr(ops, f"{name}_metrix_self_bwd")
+
+        def fwd(x, y, cs, cz, *c):
+            *p, lam, an, chunk = c
+            out = fwd_op(x, y, *p, lam, an, False, blk)
+            return out[0].clone(), out[1].clone()
+
+        def bwd(gp, gn, x, y, cs, cz, lp, ln, *c):
+            *p, lam, an, chunk = c
+            z = torch.zeros_like(gp)
+            return bwd_op(gp, gn, z, z, x, y, lp, ln, z, z, *p, lam, an, False, blk)
+        return fwd, bwd
+
+    return {"ms_metrix_mix": (ms_fwd, ms_bwd), "contrastive_metrix_mix": (con_fwd, con_bwd),
+            "circle_metrix_mix": lse("circle"), "lifted_metrix_mix": lse("lifted")}
+
+
+@pytest.fixture
+def self_stand_ins():
+    lib = torch.library.Library("metrix_ops", "IMPL")  # dropped after the test
+    for op, (fwd, bwd) in _self_stand_ins().items():
+        lib.impl(f"{op}_fwd", fwd, "CPU")
+        lib.impl(f"{op}_bwd", bwd, "CPU")
+    yield
+    lib._destroy()
+
+
+@pytest.mark.parametrize("pairs", ["pos_neg", "anchor_neg"])
+@pytest.mark.parametrize("name,kw", REFS_LOSSES,
+                         ids=["ms", "circle", "con", "con_cos", "gen_lifted", "gen_lifted_cos"])
+def test_in_batch_glue_equals_the_reference(self_stand_ins, name, kw, pairs):
+    """the CUDA engine's Metrix loss (its registered impl, on the stand-ins) against the
+    reference module, values and gradient, eagerly and compiled whole"""
+    import metrix_ops as mo
+    from cases import assert_close_vg
+    from metrix_ops import fused
+    from metrix_ops.reducers import as_reducer
+    from metrix_ops.spec import get_spec
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(19, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (19,), generator=g)
+    y[0] = 9  # a class of one: it mixes itself
+    kw = dict(kw)
+    if kw.pop("distance", None):
+        kw["distance"] = mo.distances.CosineSimilarity()
+    mx = mo.Metrix(level="embedding", pairs=pairs, lam=0.35)
+    module = getattr(mo.losses, name)(**kw)
+    ref = getattr(mo.losses, name)(backend="reference", metrix=mx, **kw)
+    spec = get_spec(name)
+    impl = fused.METRIX_IMPLS[("cuda", name)][1]
+
+    def cuda_glue(e):
+        inp = mo.spec.LossInputs(e, y, None, e, y, True,
+                                 mo.distances.as_distance(module.distance,
+                                                          spec.default_distance))
+        return impl(module.loss_params(), inp, as_reducer(module.reducer, spec.default_reducer),
+                    mx, 0.35)
+
+    assert_close_vg(cuda_glue, lambda e: ref(e, y), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(cuda_glue, fullgraph=True, backend="eager")
+    assert_close_vg(compiled, cuda_glue, x)
