@@ -5,10 +5,10 @@ GeneralizedLifted with `ref_emb` against the reference (which builds the B × M 
 tensor) over the shared edge cases, reference sets sharing only some classes with the batch,
 chunks of one class and of many; each op against the CPU refs op per anchor, values and
 both gradients; a copy of the batch with its labels (own rows), an indices_tuple beside
-Metrix, a detached bank (no dR), λ at 0 and 1, references of no batch class, the empty
-reference set, fp32 and half, fullgraph compile, opcheck and bad input; the Triton engine's
-calls keep the PyTorch chunks. Skipped without a
-GPU and the compiled CUDA kernels."""
+Metrix, a detached bank (no dR), CrossBatchMemory, λ at 0 and 1, references of no batch
+class, the empty reference set, fp32 and half, fullgraph compile, opcheck and bad input;
+the Triton engine's calls keep the PyTorch chunks. Skipped without a GPU and the compiled
+CUDA kernels."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,30 @@ def test_the_triton_engine_keeps_the_chunks(op_calls):
     assert_close_vg(lambda e, q: fused(e, y, ref_emb=q, ref_labels=ry),
                     lambda e, q: ref(e, y, ref_emb=q, ref_labels=ry), x, r)
     assert not op_calls
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss", "CircleLoss",
+                                  "GeneralizedLiftedStructureLoss"])
+def test_cross_batch_memory_with_metrix(name, op_calls):
+    """CrossBatchMemory wrapping a backend="cuda" loss with Metrix: the term against the bank
+    from the refs ops (each anchor's own slot excluded), over calls that fill and wrap the
+    bank, against the clean reference module plus the reference's Metrix term"""
+    from test_cross_batch_memory import _batches, _expected_with_metrix
+    mx = mo.Metrix(level="embedding", pairs="pos_neg", weight=0.6)
+    mod = mo.losses.CrossBatchMemory(getattr(mo.losses, name)(backend="cuda", metrix=mx), 5,
+                                     memory_size=23).cuda()
+    clean = mo.losses.CrossBatchMemory(getattr(mo.losses, name)(backend="reference"), 5,
+                                       memory_size=23).cuda()
+    for k, (x, y) in enumerate(_batches([7, 9, 8, 11, 5], 5, 4, seed=31)):
+        lam = 0.2 + 0.1 * k
+        x, y = x.cuda().requires_grad_(True), y.cuda()
+        want = _expected_with_metrix(clean, name, x, y, lam, "pos_neg", 0.6)
+        (g_want,) = torch.autograd.grad(want, x)
+        got = mod(x, y, lam=lam)
+        (g_got,) = torch.autograd.grad(got, x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-9)
+    assert len(op_calls) == 5
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
