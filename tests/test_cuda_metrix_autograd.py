@@ -182,12 +182,14 @@ REFS_LOSSES = [("MultiSimilarityLoss", {"alpha": 3.0, "beta": 40.0, "base": 0.3}
 @pytest.mark.parametrize("name,kw", REFS_LOSSES,
                          ids=["ms", "circle", "con", "con_cos", "gen_lifted", "gen_lifted_cos"])
 def test_refs_glue_equals_the_reference(refs_stand_ins, name, kw, pairs, own_rows):
-    """cuda_metrix_refs.mixed_term (on the stand-ins) against the reference's L̃, values and
+    """the CUDA branch of the refs term (cuda_metrix_refs.refs_rows on the stand-ins, then
+    metrix_refs' finishing) against the reference's L̃, values and
     the gradients of both x and the references; a detached bank asks for no dR"""
     import torch.nn.functional as F
 
     import metrix_ops as mo
     from cases import assert_close_vg
+    from metrix_ops.fused import metrix_refs as mr
     from metrix_ops.reference.metrix import metrix_loss
     cmr = refs_stand_ins
     g = torch.Generator().manual_seed(3)
@@ -208,8 +210,9 @@ def test_refs_glue_equals_the_reference(refs_stand_ins, name, kw, pairs, own_row
         return mo.spec.LossInputs(e, y, None, q, ry, own_rows, dist)
 
     def glue(e, q):
-        return cmr.mixed_term(name, params, inputs(e, q), pairs, 0.35, F.normalize(e, dim=1),
-                              F.normalize(q, dim=1), own)
+        xh, rh = F.normalize(e, dim=1), F.normalize(q, dim=1)
+        out = cmr.refs_rows(name, params, inputs(e, q), pairs, 0.35, xh, rh, own)
+        return mr._finish(name, out, 0.35, xh, y, ry)
 
     NEED_DR.clear()
     assert_close_vg(glue, lambda e, q: metrix_loss(name, params, inputs(e, q), mx, 0.35), x, r)

@@ -31,12 +31,13 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import _ext
 from ..distances import is_cosine, is_normalized_l2
-from ..ops.circle_metrix import circle_metrix_loss
+from ..ops.circle_metrix import circle_metrix_lses, finish_circle_mixed
 from ..ops.contrastive_metrix import contrastive_metrix_refs_rows
-from ..ops.lifted_metrix import lifted_metrix_loss
+from ..ops.lifted_metrix import finish_lifted_lses, lifted_metrix_lses
 from ..ops.ms_metrix import ms_metrix_refs_rows
 from ..reference.metrix import mix_norm
 from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
+from ..reducers import zero_loss
 from ..ops.unit_rows import unit_rows
 from .metrix_pos_pos import class_slots
 
@@ -140,46 +141,70 @@ def with_negatives(labels, ref_labels):
     return (same < len(ref_labels)).sum()
 
 
+def ops_cover(name: str, distance) -> bool:
+    """Whether the engines' refs ops take `name`'s mixed term under `distance`: MS and Circle
+    with their cosine, Contrastive and GeneralizedLifted with the cosine or the normalised
+    L2."""
+    cosine = is_cosine(distance)
+    if name in ("MultiSimilarityLoss", "CircleLoss"):
+        return cosine
+    return name in ("ContrastiveLoss", "GeneralizedLiftedStructureLoss") and (
+        cosine or is_normalized_l2(distance))
+
+
+def _finish(name, out, lam, xh, labels, ref_labels):
+    """L̃ from a refs op's per-anchor outputs, either engine's, in any anchor order: MS's
+    ℓ̃(a) (the mean over anchors with a negative among the references), Circle's and
+    GeneralizedLifted's candidate (lse⁺, lse⁻), Contrastive's (sums, counts)."""
+    if name == "MultiSimilarityLoss":
+        return combine_parts([(out.sum(), with_negatives(labels, ref_labels))], xh)
+    if name == "CircleLoss":
+        return finish_circle_mixed(torch.isfinite(out[0]), out[0] + out[1], lam, xh)
+    if name == "ContrastiveLoss":
+        from .contrastive import mixed_contrastive  # lazy: contrastive → multi_similarity → here
+        return mixed_contrastive(out, xh)
+    return finish_lifted_lses(out[0], out[1], lam, xh)
+
+
 def _fused_term(name, params, inp, pairs, lam, xh, rh, self_idx, engine=None):
     """L̃ from the CPU engine's ops of anchors against references (csrc/cpu/metrix_refs_walk.h:
     per class its anchors' rows of X Rᵀ and its positives' rows of R Rᵀ, the candidates in
     the in-batch ops' kernels), the mixed term alone (the clean loss is another path's here:
     an indices_tuple, ...), or None where they have none: pos_neg or anchor_neg, CPU tensors,
-    MS and Circle with their cosine, Contrastive and GeneralizedLifted with the normalised L2
-    or the cosine. CUDA tensors, beside the CUDA engine's clean loss (engine "cuda"): its
-    refs ops (fused/cuda_metrix_refs.py), for the same losses and distances; the other
-    engines keep the chunks until the ops are measured on a GPU."""
+    the losses and distances of ops_cover. CUDA tensors, beside the CUDA engine's clean loss
+    (engine "cuda"): its refs ops (fused/cuda_metrix_refs.py), for the same losses and
+    distances; the other engines keep the chunks until the ops are measured on a GPU."""
     d = inp.distance
     on_cuda = xh.device.type == "cuda" and engine == "cuda"
-    if not (_ext.HAS_EXT and pairs in ("pos_neg", "anchor_neg")
+    if not (_ext.HAS_EXT and pairs in ("pos_neg", "anchor_neg") and ops_cover(name, d)
             and (xh.device.type == "cpu" or on_cuda)):
         return None
+    if name == "CircleLoss" and not 0.0 < lam < 1.0:  # a side without label mass: ℓ̃ = 0
+        return zero_loss(xh)
     labels, ref_labels = inp.labels, inp.ref_labels
     if xh.dtype in (torch.float16, torch.bfloat16):  # computed in fp32, as the clean ops
         xh, rh = xh.float(), rh.float()
     if on_cuda:
         from . import cuda_metrix_refs  # lazy: it imports this module
-        if not cuda_metrix_refs.covers(name, d):
+        if not cuda_metrix_refs.HAS_OPS:
             return None
-        return cuda_metrix_refs.mixed_term(name, params, inp, pairs, lam, xh, rh, self_idx)
+        out = cuda_metrix_refs.refs_rows(name, params, inp, pairs, lam, xh, rh, self_idx)
+        return _finish(name, out, lam, xh, labels, ref_labels)
     refs = (rh, ref_labels, self_idx)
-    if name == "MultiSimilarityLoss" and is_cosine(d):
-        _, rows = ms_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, params["alpha"],
-                                      params["beta"], params["base"], lam, pairs, clean=False)
-        return combine_parts([(rows.sum(), with_negatives(labels, ref_labels))], xh)
-    if name == "CircleLoss" and is_cosine(d):
-        return circle_metrix_loss(xh, labels, params["m"], params["gamma"], lam, pairs,
-                                  like=xh, refs=refs)
-    if name == "ContrastiveLoss" and (is_cosine(d) or is_normalized_l2(d)):
-        from .contrastive import mixed_contrastive  # lazy: contrastive → multi_similarity → here
-        _, mixed = contrastive_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx,
-                                                is_cosine(d), params["pos_margin"],
-                                                params["neg_margin"], lam, pairs)
-        return mixed_contrastive(mixed, xh)
-    if name == "GeneralizedLiftedStructureLoss" and (is_cosine(d) or is_normalized_l2(d)):
-        return lifted_metrix_loss(xh, labels, is_cosine(d), params["pos_margin"],
-                                  params["neg_margin"], lam, pairs, like=xh, refs=refs)
-    return None
+    if name == "MultiSimilarityLoss":
+        _, out = ms_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx, params["alpha"],
+                                     params["beta"], params["base"], lam, pairs, clean=False)
+    elif name == "CircleLoss":
+        out = circle_metrix_lses(xh, labels, params["m"], params["gamma"], lam, pairs,
+                                 refs=refs)
+    elif name == "ContrastiveLoss":
+        _, out = contrastive_metrix_refs_rows(xh, rh, labels, ref_labels, self_idx,
+                                              is_cosine(d), params["pos_margin"],
+                                              params["neg_margin"], lam, pairs)
+    else:
+        out = lifted_metrix_lses(xh, labels, is_cosine(d), params["pos_margin"],
+                                 params["neg_margin"], lam, pairs, refs=refs)
+    return _finish(name, out, lam, xh, labels, ref_labels)
 
 
 def mixed_term(name: str, params: dict, inp, metrix, lam: float, engine: str | None = None):
