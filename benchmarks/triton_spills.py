@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 PTRS = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32", "pu_ptr": "*i64",
-        "pw_ptr": "*i64", "plab_ptr": "*i64", "col_ptr": "*i64", "pc_ptr": "*i32",
+        "pw_ptr": "*i64", "plab_ptr": "*i64", "si_ptr": "*i64", "sj_ptr": "*i64",
+        "col_ptr": "*i64", "pc_ptr": "*i32",
         "nc_ptr": "*i32", "lo_ptr": "*i32", "hi_ptr": "*i32", "kept_ptr": "*i64",
         "y_ptr": "*i64", "crank_ptr": "*i64", "srank_ptr": "*i64", "npos_ptr": "*i64",
         "nz_ptr": "*i64", "trip_ptr": "*i64"}
@@ -41,10 +42,11 @@ def cases():
                  dict(t, WEIGHTS=mm._ms_mix_weights), 8),
                 (f"metrix grad cols KB={kb} N={bn}", mt.mix_grad_cols_kernel,
                  dict(t, WEIGHTS=mm._ms_mix_weights), 8)]
-    for bm, bd, warps in ((64, 64, 8), (32, 32, 4)):
-        out.append((f"ee mine {bm}x{bm} D-step {bd} warps {warps}", ee._ee_mine_kernel,
-                    dict(INVERTED=False, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, ACC=tl.float32,
-                         PRECISION="tf32"), warps))
+    for row_seg, br, npr in ((False, 32, 1), (True, 16, 8), (True, 16, 16)):
+        name = f"ee mine {'segment' if row_seg else 'original'} rows {br}x{npr}"
+        out.append((name, ee._ee_mine_kernel,
+                    dict(ROW_SEG=row_seg, INVERTED=False, BR=br, NPR=npr, BCO=32, BCS=16,
+                         BLOCK_D=32, ACC=tl.float32, PRECISION="tf32"), 4))
     return out + seventh_session_cases()
 
 

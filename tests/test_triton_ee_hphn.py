@@ -31,10 +31,11 @@ def picks(x, y, n, pairs, dist):
 
 
 # (n, b, d, classes); the interpreter runs every point pair, so the large-class case (two
-# classes of ~16: ~2000 points at n = 8) runs at n = 2 only
+# classes of ~16: ~2000 points at n = 8) runs at n = 2 only; 70 rows: several tiles of
+# originals (64 per tile on the CPU) and of segments, as rows and as columns
 @pytest.mark.parametrize("n,b,d,classes", [(n, *c) for n in (0, 2, 8)
                                            for c in ((2, 3, 1), (7, 16, 3), (33, 16, 5))]
-                         + [(2, 33, 3, 2)])
+                         + [(2, 33, 3, 2), (2, 70, 5, 10)])
 @pytest.mark.parametrize("pairs", ["all", "adjacent"])
 @pytest.mark.parametrize("dist", [LpDistance, CosineSimilarity])
 def test_indices_equal_reference(n, pairs, dist, b, d, classes):
@@ -51,6 +52,59 @@ def test_indices_near_ties_and_degenerate_segments(n, dist):
     expect = ref_picks(x, y, n, "all", dist())
     x, y = on_dev(x, y)
     assert torch.equal(picks(x, y, n, "all", dist).cpu(), expect)
+
+
+def brute_point_mine(x, labels, si, sj, n, lam, scale, inverted):
+    """The op's contract by brute force over all point pairs (float64, the same association):
+    per point its closest point of another class, ties to the lowest column."""
+    b = len(labels)
+    u = torch.cat([torch.arange(b), si.repeat_interleave(n)])
+    w = torch.cat([torch.arange(b), sj.repeat_interleave(n)])
+    g = x @ x.T
+    lr, lc = lam[:, None], lam[None, :]
+    h_u = lc * g[u][:, u] + (1 - lc) * g[u][:, w]
+    h_w = lc * g[w][:, u] + (1 - lc) * g[w][:, w]
+    s = (lr * h_u + (1 - lr) * h_w) / (scale[:, None] * scale[None, :])
+    neg = labels[u][:, None] != labels[u][None, :]
+    if inverted:
+        m = s.masked_fill(~neg, float("-inf"))
+        best = m.max(1).values
+    else:
+        d2 = 2 - 2 * s
+        eps = torch.finfo(x.dtype).eps
+        m = torch.where(d2 < 16 * eps, 0.0, d2.clamp_min(eps).sqrt()).masked_fill(~neg, float("inf"))
+        best = m.min(1).values
+    cols = torch.where(neg & (m == best[:, None]), torch.arange(len(u)), len(u)).min(1).values
+    return best, torch.where(cols < len(u), cols, -1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("inverted", [False, True])
+def test_point_mine_equals_brute_force_with_ties_across_tiles(n, inverted):
+    """The op against brute force on arbitrary tables (any λ and norm per point, segments of
+    any rows), with exact ties the kernel meets in the order that is not the columns': a
+    segment's later point equal to an earlier-visited point of a later segment (same rows,
+    the same λ at another k), and duplicate rows in other classes."""
+    g = torch.Generator().manual_seed(n + 10 * inverted)
+    b = 75
+    x = F.normalize(torch.randn(b, 3, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 6, (b,), generator=g)
+    x[40:46] = x[0]  # duplicates of row 0 in every class: exact ties among originals
+    labels[40:46] = torch.arange(6)
+    s = 50
+    si, sj = torch.randint(0, b, (s,), generator=g), torch.randint(0, b, (s,), generator=g)
+    si[1::2], sj[1::2] = si[0::2], sj[0::2]  # segment pairs on the same rows
+    lam = torch.rand(s, n, generator=g, dtype=torch.float64)
+    lam[1::2] = lam[0::2].flip(1)  # ... with their λ in the other order
+    lam = torch.cat([torch.ones(b, dtype=torch.float64), lam.reshape(-1)])
+    scale = torch.rand(len(lam), generator=g, dtype=torch.float64) + 0.5
+    scale[b:] = scale[b:].reshape(s, n)[0::2].repeat_interleave(2, 0).reshape(-1)
+    scale[b:].reshape(s, n)[1::2] = scale[b:].reshape(s, n)[1::2].flip(1)
+    best, col = torch.ops.metrix_ops.triton_ee_point_mine(
+        *on_dev(x, labels, si, sj), n, *on_dev(lam, scale), inverted)
+    eb, ec = brute_point_mine(x, labels, si, sj, n, lam, scale, inverted)
+    assert torch.equal(col.cpu(), ec)
+    torch.testing.assert_close(best.cpu(), eb, rtol=1e-12, atol=1e-12)
 
 
 @pytest.fixture
@@ -87,29 +141,31 @@ def test_float32_and_half():
 
 def test_opcheck():
     x = F.normalize(torch.randn(9, 4, dtype=torch.float64), dim=1).to(DEVICE)
-    pu = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 3], device=DEVICE)
-    pw = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 1, 1, 4], device=DEVICE)
-    lam = torch.tensor([1.0] * 9 + [2 / 3, 1 / 3, 0.5], dtype=torch.float64, device=DEVICE)
-    scale = torch.ones(12, dtype=torch.float64, device=DEVICE)
-    lab = torch.tensor([0, 0, 1, 2, 2, 1, 3, 3, 0, 0, 0, 2], device=DEVICE)
-    for inverted in (False, True):
+    lab = torch.tensor([0, 0, 1, 2, 2, 1, 3, 3, 0], device=DEVICE)
+    si, sj = torch.tensor([0, 3], device=DEVICE), torch.tensor([1, 4], device=DEVICE)
+    for n, inverted in [(2, False), (3, True), (0, False)]:
+        lam = torch.cat([torch.ones(9), torch.arange(1, n + 1).repeat(2) / (n + 1)])
+        scale = torch.rand(9 + 2 * n, generator=torch.Generator().manual_seed(n)) + 0.5
         torch.library.opcheck(torch.ops.metrix_ops.triton_ee_point_mine.default,
-                              (x, pu, pw, lam, scale, lab, inverted))
+                              (x, lab, si, sj, n, lam.double().to(DEVICE),
+                               scale.double().to(DEVICE), inverted))
 
 
 _SM90 = r'''
 import metrix_ops.triton.ee_hphn as ee
 
 failed = []
-ptrs = {"pu_ptr": "*i64", "pw_ptr": "*i64", "plab_ptr": "*i64", "col_ptr": "*i64"}
-for fdt, acc, prec, rows in [("fp32", tl.float32, "tf32", 64), ("fp64", tl.float64, "ieee", 32)]:
-    for inverted in (False, True):
-        consts = dict(INVERTED=inverted, BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, ACC=acc,
-                      PRECISION=prec)
+ptrs = {"lab_ptr": "*i64", "si_ptr": "*i64", "sj_ptr": "*i64", "col_ptr": "*i64"}
+for fdt, acc, prec in [("fp32", tl.float32, "tf32"), ("fp64", tl.float64, "ieee")]:
+    for inverted, row_seg, npr in [(False, False, 1), (True, False, 1), (False, True, 8),
+                                   (True, True, 16)]:
+        consts = dict(ROW_SEG=row_seg, INVERTED=inverted, BR=16 if row_seg else 32, NPR=npr,
+                      BCO=32, BCS=16, BLOCK_D=32, ACC=acc, PRECISION=prec)
         try:
             compile_sm90(ee._ee_mine_kernel, consts, fdt, pointer_types=ptrs)
         except Exception as e:  # noqa: BLE001
-            failed.append(f"{fdt} inverted={inverted}: {type(e).__name__}: {str(e)[:300]}")
+            failed.append(f"{fdt} inverted={inverted} row_seg={row_seg}: "
+                          f"{type(e).__name__}: {str(e)[:300]}")
 print("\n".join(failed))
 sys.exit(1 if failed else 0)
 '''

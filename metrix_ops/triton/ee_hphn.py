@@ -4,18 +4,25 @@ distances are then recomputed with gradient by the CPU path's glue (fused/hphn_t
 so both engines share one loss given the same picks.
 
 Points (reference/expansion_points.py): the B originals, then n synthetic points per segment
-(segment-major, k = 1..n), each an index triple (u, w, λ) into the unit rows: never
-materialised. The kernel takes rows of points against column tiles of points and forms
-their inner products in closed form from four gathered Gram tiles, in the reference's
-association (⟨p, q⟩ = λ_p H_{u_p q} + (1−λ_p) H_{w_p q}, H_{b q} = λ_q G_{b u_q} + (1−λ_q)
-G_{b w_q}, then / (‖p‖‖q‖)), and keeps per row point its closest point of another class in
-the loss's metric (cosine, or √(2 − 2s) with cdist's 0 below 16 eps), ties to the lowest
-column. Then per anchor i, over its side A_i (x_i and the points on its segments): the
-closest of those, ties to the lowest negative point and then the earliest a in A_i — the
-reference's order (q-major: d̂(i, q) = min over A_i, then the lowest q).
+(segment-major, k = 1..n), each (u, w, λ) into the unit rows: never materialised. Per point
+the kernel keeps its closest point of another class in the loss's metric (cosine, or
+√(2 − 2s) with cdist's 0 below 16 eps), ties to the lowest column; then per anchor i, over
+its side A_i (x_i and the points on its segments): the closest of those, ties to the lowest
+negative point and then the earliest a in A_i — the reference's order (q-major: d̂(i, q) =
+min over A_i, then the lowest q).
 
-Work: four products per tile over the (B + n·#segments)² point pairs, with no pruning (the
-CPU op skips classes and arcs on bounds); memory O(P) index tables beside X, no P×D stack."""
+Tiles are of *units*, not points: a unit is an original (one point, u = w) or a segment (its
+n points share u and w). A program takes BR row units against column tiles of units; per
+tile pair the four Gram tiles G[u_r, u_c], G[u_r, w_c], G[w_r, u_c], G[w_r, w_c] (tl.dot of
+gathered rows; two for an original side, one for two) give every point pair of the tile in
+closed form, in the reference's association (⟨p, q⟩ = λ_p H_{u_p q} + (1−λ_p) H_{w_p q},
+H_{b q} = λ_q G_{b u_q} + (1−λ_q) G_{b w_q}, then / (‖p‖‖q‖)): the row points of a unit
+along a second axis (NPR = n rounded up to a power of two), the column points one k at a
+time. So the products are per unit pair, not per point pair: n² fewer than a point-pair
+tiling (64× at n = 8), and the point pairs cost a few FMAs each.
+
+Work: 4·(B + S)²·D multiply-adds for S segments (B + S units), and (B + n·S)² point pairs;
+no pruning (the CPU op skips classes and arcs on bounds); memory O(P) beside X."""
 import torch
 import triton
 import triton.language as tl
@@ -26,103 +33,170 @@ from ..fused.ee_hphn_picks import ee_hphn_picks
 from ..fused.hphn_triplet import picks_loss, segments_for
 from ..ops.unit_rows import normalized
 from .hphn_triplet import hphn_mine_triton
-from .launch import usable_on
+from .launch import next_pow2, usable_on
 from .pairs import launch_config, loss_constants, max_dim
 from .tiles import sim_tile
 
 
 @triton.jit
-def _ee_mine_kernel(x_ptr, pu_ptr, pw_ptr, plam_ptr, pscale_ptr, plab_ptr, prm_ptr, best_ptr,
-                    col_ptr, B, P, D, stride_x, INVERTED: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < P
-    u_m = tl.load(pu_ptr + offs_m, mask=row_ok, other=0)
-    w_m = tl.load(pw_ptr + offs_m, mask=row_ok, other=0)
-    lam_m = tl.load(plam_ptr + offs_m, mask=row_ok, other=1.0).to(ACC)
-    sc_m = tl.load(pscale_ptr + offs_m, mask=row_ok, other=1.0).to(ACC)
-    lab_m = tl.load(plab_ptr + offs_m, mask=row_ok, other=0)
+def _fold_points(best, bcol, s, neg, cols, P, tiny, eps, INVERTED: tl.constexpr):
+    """Each row point's (best, column) updated by a (row units × NPR × columns) tile of inner
+    products s: the closest column of another class (neg), ties to the lowest column, so
+    the result does not depend on the order tiles come in."""
+    if INVERTED:
+        m = tl.where(neg, s, float("-inf"))
+        tb = tl.max(m, axis=2)
+    else:
+        d2 = 2.0 - 2.0 * s
+        m = tl.where(d2 < tiny, 0.0, tl.sqrt(tl.maximum(d2, eps)))
+        m = tl.where(neg, m, float("inf"))
+        tb = tl.min(m, axis=2)
+    targ = tl.min(tl.where(neg & (m == tb[:, :, None]), cols, P), axis=2)
+    if INVERTED:
+        closer = tb > best
+    else:
+        closer = tb < best
+    better = (targ < P) & (closer | (bcol == P) | ((tb == best) & (targ < bcol)))
+    return tl.where(better, tb, best), tl.where(better, targ, bcol)
+
+
+@triton.jit
+def _point_sims(lam_r, sc_r, h_u, h_w, sc_c):
+    """⟨p, q⟩/(‖p‖‖q‖) for row points (units × NPR: λ_p, ‖p‖) against columns (H_u, H_w per
+    row unit and column, ‖q‖ per column)."""
+    return ((lam_r[:, :, None] * h_u[:, None, :] + (1 - lam_r[:, :, None]) * h_w[:, None, :])
+            / (sc_r[:, :, None] * sc_c[None, None, :]))
+
+
+@triton.jit
+def _ee_mine_kernel(x_ptr, lab_ptr, si_ptr, sj_ptr, plam_ptr, pscale_ptr, prm_ptr, best_ptr,
+                    col_ptr, B, S, n, D, stride_x, ROW_SEG: tl.constexpr,
+                    INVERTED: tl.constexpr, BR: tl.constexpr, NPR: tl.constexpr,
+                    BCO: tl.constexpr, BCS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """BR row units (originals, or segments with ROW_SEG) against every unit: each row
+    point's closest point of another class."""
+    P = B + S * n
+    offs_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    k = tl.arange(0, NPR)
+    if ROW_SEG:
+        row_ok = offs_r < S
+        u_r = tl.load(si_ptr + offs_r, mask=row_ok, other=0)
+        w_r = tl.load(sj_ptr + offs_r, mask=row_ok, other=0)
+        pt_ok = row_ok[:, None] & (k[None, :] < n)
+        p_r = B + offs_r[:, None] * n + k[None, :]
+    else:  # NPR = 1: the original itself
+        row_ok = offs_r < B
+        u_r = offs_r
+        w_r = offs_r
+        pt_ok = row_ok[:, None] & (k[None, :] == 0)
+        p_r = offs_r[:, None] + k[None, :]
+    lab_r = tl.load(lab_ptr + u_r, mask=row_ok, other=0)
+    lam_r = tl.load(plam_ptr + p_r, mask=pt_ok, other=1.0).to(ACC)
+    sc_r = tl.load(pscale_ptr + p_r, mask=pt_ok, other=1.0).to(ACC)
     tiny, eps = tl.load(prm_ptr), tl.load(prm_ptr + 1)
     if INVERTED:
-        best = tl.full((BLOCK_M,), float("-inf"), ACC)
+        best = tl.full((BR, NPR), float("-inf"), ACC)
     else:
-        best = tl.full((BLOCK_M,), float("inf"), ACC)
-    bcol = tl.zeros((BLOCK_M,), tl.int32) + P
-    for n0 in range(0, P, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < P
-        u_n = tl.load(pu_ptr + offs_n, mask=col_ok, other=0)
-        w_n = tl.load(pw_ptr + offs_n, mask=col_ok, other=0)
-        lam_n = tl.load(plam_ptr + offs_n, mask=col_ok, other=1.0).to(ACC)
-        sc_n = tl.load(pscale_ptr + offs_n, mask=col_ok, other=1.0).to(ACC)
-        lab_n = tl.load(plab_ptr + offs_n, mask=col_ok, other=0)
-        g_uu = sim_tile(x_ptr, x_ptr, u_m, u_n, B, B, D, stride_x, stride_x, BLOCK_M, BLOCK_N,
-                        BLOCK_D, ACC, PRECISION)
-        g_uw = sim_tile(x_ptr, x_ptr, u_m, w_n, B, B, D, stride_x, stride_x, BLOCK_M, BLOCK_N,
-                        BLOCK_D, ACC, PRECISION)
-        g_wu = sim_tile(x_ptr, x_ptr, w_m, u_n, B, B, D, stride_x, stride_x, BLOCK_M, BLOCK_N,
-                        BLOCK_D, ACC, PRECISION)
-        g_ww = sim_tile(x_ptr, x_ptr, w_m, w_n, B, B, D, stride_x, stride_x, BLOCK_M, BLOCK_N,
-                        BLOCK_D, ACC, PRECISION)
-        h_u = lam_n[None, :] * g_uu + (1 - lam_n[None, :]) * g_uw
-        h_w = lam_n[None, :] * g_wu + (1 - lam_n[None, :]) * g_ww
-        s = (lam_m[:, None] * h_u + (1 - lam_m[:, None]) * h_w) / (sc_m[:, None] * sc_n[None, :])
-        neg = row_ok[:, None] & col_ok[None, :] & (lab_m[:, None] != lab_n[None, :])
-        cols = offs_n[None, :].to(tl.int32)
-        if INVERTED:
-            m = tl.where(neg, s, float("-inf"))
-            tb = tl.max(m, axis=1)
+        best = tl.full((BR, NPR), float("inf"), ACC)
+    bcol = tl.zeros((BR, NPR), tl.int32) + P
+    # columns: the originals (λ = 1, u = w: H_u = G[u_r, c], H_w = G[w_r, c])
+    for c0 in range(0, B, BCO):
+        offs_c = c0 + tl.arange(0, BCO)
+        c_ok = offs_c < B
+        lab_c = tl.load(lab_ptr + offs_c, mask=c_ok, other=0)
+        sc_c = tl.load(pscale_ptr + offs_c, mask=c_ok, other=1.0).to(ACC)
+        g_u = sim_tile(x_ptr, x_ptr, u_r, offs_c, B, B, D, stride_x, stride_x, BR, BCO,
+                       BLOCK_D, ACC, PRECISION)
+        if ROW_SEG:
+            g_w = sim_tile(x_ptr, x_ptr, w_r, offs_c, B, B, D, stride_x, stride_x, BR, BCO,
+                           BLOCK_D, ACC, PRECISION)
         else:
-            d2 = 2.0 - 2.0 * s
-            m = tl.where(d2 < tiny, 0.0, tl.sqrt(tl.maximum(d2, eps)))
-            m = tl.where(neg, m, float("inf"))
-            tb = tl.min(m, axis=1)
-        targ = tl.min(tl.where(neg & (m == tb[:, None]), cols, P), axis=1)
-        if INVERTED:
-            closer = tb > best
+            g_w = g_u
+        neg = pt_ok[:, :, None] & (c_ok & (lab_r[:, None] != lab_c[None, :]))[:, None, :]
+        best, bcol = _fold_points(best, bcol, _point_sims(lam_r, sc_r, g_u, g_w, sc_c), neg,
+                                  offs_c[None, None, :], P, tiny, eps, INVERTED)
+    # columns: the segments, their n points one k at a time
+    for c0 in range(0, S, BCS):
+        offs_c = c0 + tl.arange(0, BCS)
+        c_ok = offs_c < S
+        u_c = tl.load(si_ptr + offs_c, mask=c_ok, other=0)
+        w_c = tl.load(sj_ptr + offs_c, mask=c_ok, other=0)
+        lab_c = tl.load(lab_ptr + u_c, mask=c_ok, other=0)
+        g_uu = sim_tile(x_ptr, x_ptr, u_r, u_c, B, B, D, stride_x, stride_x, BR, BCS,
+                        BLOCK_D, ACC, PRECISION)
+        g_uw = sim_tile(x_ptr, x_ptr, u_r, w_c, B, B, D, stride_x, stride_x, BR, BCS,
+                        BLOCK_D, ACC, PRECISION)
+        if ROW_SEG:
+            g_wu = sim_tile(x_ptr, x_ptr, w_r, u_c, B, B, D, stride_x, stride_x, BR, BCS,
+                            BLOCK_D, ACC, PRECISION)
+            g_ww = sim_tile(x_ptr, x_ptr, w_r, w_c, B, B, D, stride_x, stride_x, BR, BCS,
+                            BLOCK_D, ACC, PRECISION)
         else:
-            closer = tb < best
-        better = (targ < P) & (closer | (bcol == P))
-        bcol = tl.where(better, targ, bcol)
-        best = tl.where(better, tb, best)
-    tl.store(best_ptr + offs_m, best, mask=row_ok)
-    tl.store(col_ptr + offs_m, tl.where(bcol < P, bcol, -1).to(tl.int64), mask=row_ok)
+            g_wu = g_uu
+            g_ww = g_uw
+        neg = pt_ok[:, :, None] & (c_ok & (lab_r[:, None] != lab_c[None, :]))[:, None, :]
+        for l in range(0, n):
+            p_c = B + offs_c * n + l
+            lam_c = tl.load(plam_ptr + p_c, mask=c_ok, other=1.0).to(ACC)[None, :]
+            sc_c = tl.load(pscale_ptr + p_c, mask=c_ok, other=1.0).to(ACC)
+            h_u = lam_c * g_uu + (1 - lam_c) * g_uw
+            h_w = lam_c * g_wu + (1 - lam_c) * g_ww
+            best, bcol = _fold_points(best, bcol, _point_sims(lam_r, sc_r, h_u, h_w, sc_c),
+                                      neg, p_c[None, None, :], P, tiny, eps, INVERTED)
+    tl.store(best_ptr + p_r, best, mask=pt_ok)
+    tl.store(col_ptr + p_r, tl.where(bcol < P, bcol, -1).to(tl.int64), mask=pt_ok)
 
 
 def mine_config(x):
-    """The mining kernel's tiles and warps. On a GPU four product tiles live at once: 64×64
-    tiles spill 1–2 KB per thread on sm_90, 32×32 with 32-wide feature steps and 4 warps 88
-    bytes (ptxas -v, benchmarks/triton_spills.py)."""
+    """(rows of originals, rows of segments, original and segment columns per tile; the
+    launch settings shared by both row kinds; warps for original rows, for segment rows).
+    The interpreter runs one numpy program per tile, so there the tiles are as large as the
+    batch allows. On a GPU (ptxas -v for sm_90, benchmarks/triton_spills.py, fp32): original
+    rows 32 × 32 on 4 warps, 222 registers, no spills; segment rows (four 16 × 16 Gram tiles
+    and a 16 × NPR × 16 tile of point pairs) 234 registers and no spills on 8 warps at NPR = 8
+    (n ≤ 8), 36 B of spills at NPR = 16; on 4 warps 56 and 360 B."""
     cfg, _, warps = launch_config(x, x)
-    if x.device.type == "cuda":
-        cfg.update(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32)
-        warps = dict(warps, num_warps=4)
-    return cfg, warps
+    del cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if x.device.type != "cuda":
+        return dict(BRO=64, BRS=32, BCO=64, BCS=32), cfg, warps, warps
+    cfg.update(BLOCK_D=32)
+    return (dict(BRO=32, BRS=16, BCO=32, BCS=16), cfg, dict(warps, num_warps=4),
+            dict(warps, num_warps=8))
 
 
 @torch.library.custom_op("metrix_ops::triton_ee_point_mine", mutates_args=())
-def _ee_point_mine_op(x: torch.Tensor, pu: torch.Tensor, pw: torch.Tensor, plam: torch.Tensor,
-                      pscale: torch.Tensor, plab: torch.Tensor, inverted: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _ee_point_mine_op(x: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor,
+                      seg_j: torch.Tensor, n: int, plam: torch.Tensor, pscale: torch.Tensor,
+                      inverted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point of the expansion (B originals, then n per segment (seg_i, seg_j), λ and
+    norm per point) its closest point of another class and that distance (or similarity
+    when inverted); column −1 where every point shares its class."""
     x = x.contiguous()
-    p = pu.shape[0]
+    b, s = x.shape[0], (seg_i.shape[0] if n > 0 else 0)
+    p = b + s * n
     best = torch.empty(p, dtype=x.dtype, device=x.device)
     col = torch.empty(p, dtype=torch.long, device=x.device)
     if p == 0:
         return best, col
     eps = torch.finfo(x.dtype).eps
-    cfg, warps = mine_config(x)
-    _ee_mine_kernel[(triton.cdiv(p, cfg["BLOCK_M"]),)](
-        x, pu.contiguous(), pw.contiguous(), plam.contiguous(), pscale.contiguous(),
-        plab.contiguous(), loss_constants(x, 16 * eps, eps), best, col, x.shape[0], p,
-        x.shape[1], x.stride(0), INVERTED=bool(inverted), **cfg, **warps)
+    units, cfg, warps_o, warps_s = mine_config(x)
+    args = (x, labels.contiguous(), seg_i.contiguous(), seg_j.contiguous(), plam.contiguous(),
+            pscale.contiguous(), loss_constants(x, 16 * eps, eps), best, col, b, s, n,
+            x.shape[1], x.stride(0))
+    common = dict(INVERTED=bool(inverted), BCO=units["BCO"], BCS=units["BCS"], **cfg)
+    _ee_mine_kernel[(triton.cdiv(b, units["BRO"]),)](*args, ROW_SEG=False, BR=units["BRO"],
+                                                     NPR=1, **common, **warps_o)
+    if s > 0:
+        _ee_mine_kernel[(triton.cdiv(s, units["BRS"]),)](*args, ROW_SEG=True, BR=units["BRS"],
+                                                         NPR=next_pow2(n), **common, **warps_s)
     return best, col
 
 
 @_ee_point_mine_op.register_fake
-def _(x, pu, pw, plam, pscale, plab, inverted):
-    return x.new_empty(pu.shape[0]), pu.new_empty(pu.shape[0])
+def _(x, labels, seg_i, seg_j, n, plam, pscale, inverted):
+    p = x.shape[0] + (seg_i.shape[0] if n > 0 else 0) * n
+    return x.new_empty(p), labels.new_empty(p)
 
 
 def ee_hphn_mine_triton(x_unit, labels, seg_i, seg_j, n_points: int,
@@ -130,8 +204,8 @@ def ee_hphn_mine_triton(x_unit, labels, seg_i, seg_j, n_points: int,
     """B × 7 int64 picks per anchor, as the CPU op ops.ee_mining.ee_hphn_mine
     (fused/ee_hphn_picks.py), from this engine's point mining kernel."""
     def point_mine(x, pts, lam, scale):
-        return torch.ops.metrix_ops.triton_ee_point_mine(x, pts.u, pts.w, lam, scale, pts.labels,
-                                                         bool(inverted))
+        return torch.ops.metrix_ops.triton_ee_point_mine(
+            x, pts.labels[:pts.b], pts.seg_i, pts.seg_j, pts.n, lam, scale, bool(inverted))
 
     def farthest_positive(x, labels):
         return hphn_mine_triton(x, x, labels, labels, True)[:, 0]
