@@ -14,8 +14,9 @@ from metrix_ops import _ext
 from metrix_ops.distances import CosineSimilarity, LpDistance
 from metrix_ops.ops.ee_mining import all_segments
 from metrix_ops.reference.expansion_points import expansion_segments
-from ee_hphn_checks import (check_duplicate_embeddings, check_edge_labels,
-                            check_float32_and_half, degenerate_batch, engine_losses)
+from ee_hphn_checks import (brute_point_mine, check_duplicate_embeddings, check_edge_labels,
+                            check_float32_and_half, degenerate_batch, engine_losses,
+                            tie_tables)
 from test_fused_hphn_cpu import batch, ref_picks
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.HAS_CUDA_EXT),
@@ -106,6 +107,24 @@ def test_opcheck():
     for inverted in (False, True):
         torch.library.opcheck(torch.ops.metrix_ops.ee_point_mine.default,
                               (*_table(), 2, inverted, 3))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 11])
+@pytest.mark.parametrize("inverted", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_point_mine_equals_brute_force_with_ties(n, inverted, chunk):
+    """The op against brute force on arbitrary λ and norms per point, with exact ties across
+    column segments in an order other than the columns' (ee_hphn_checks.tie_tables), and
+    n = 11 (a segment over two row units)."""
+    x, labels, si, sj, lam, scale = tie_tables(n, inverted)
+    b = len(labels)
+    pu = torch.cat([torch.arange(b), si.repeat_interleave(n)])
+    pw = torch.cat([torch.arange(b), sj.repeat_interleave(n)])
+    best, col = torch.ops.metrix_ops.ee_point_mine(*_cuda(x, pu, pw, lam, scale, labels[pu]),
+                                                   n, inverted, chunk)
+    eb, ec = brute_point_mine(x, labels, si, sj, n, lam, scale, inverted)
+    assert torch.equal(col.cpu(), ec)
+    torch.testing.assert_close(best.cpu(), eb, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_input_names_the_argument():

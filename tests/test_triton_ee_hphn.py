@@ -13,8 +13,9 @@ from cases import assert_close_vg
 from metrix_ops.distances import CosineSimilarity, LpDistance
 from metrix_ops.ops.ee_mining import all_segments
 from metrix_ops.reference.expansion_points import expansion_segments
-from ee_hphn_checks import (check_duplicate_embeddings, check_edge_labels,
-                            check_float32_and_half, degenerate_batch, engine_losses)
+from ee_hphn_checks import (brute_point_mine, check_duplicate_embeddings, check_edge_labels,
+                            check_float32_and_half, degenerate_batch, engine_losses,
+                            tie_tables)
 from test_fused_hphn_cpu import batch, ref_picks
 from triton_cases import DEVICE, compiles_only, on_dev, requires_triton, run_sm90_script
 
@@ -54,52 +55,12 @@ def test_indices_near_ties_and_degenerate_segments(n, dist):
     assert torch.equal(picks(x, y, n, "all", dist).cpu(), expect)
 
 
-def brute_point_mine(x, labels, si, sj, n, lam, scale, inverted):
-    """The op's contract by brute force over all point pairs (float64, the same association):
-    per point its closest point of another class, ties to the lowest column."""
-    b = len(labels)
-    u = torch.cat([torch.arange(b), si.repeat_interleave(n)])
-    w = torch.cat([torch.arange(b), sj.repeat_interleave(n)])
-    g = x @ x.T
-    lr, lc = lam[:, None], lam[None, :]
-    h_u = lc * g[u][:, u] + (1 - lc) * g[u][:, w]
-    h_w = lc * g[w][:, u] + (1 - lc) * g[w][:, w]
-    s = (lr * h_u + (1 - lr) * h_w) / (scale[:, None] * scale[None, :])
-    neg = labels[u][:, None] != labels[u][None, :]
-    if inverted:
-        m = s.masked_fill(~neg, float("-inf"))
-        best = m.max(1).values
-    else:
-        d2 = 2 - 2 * s
-        eps = torch.finfo(x.dtype).eps
-        m = torch.where(d2 < 16 * eps, 0.0, d2.clamp_min(eps).sqrt()).masked_fill(~neg, float("inf"))
-        best = m.min(1).values
-    cols = torch.where(neg & (m == best[:, None]), torch.arange(len(u)), len(u)).min(1).values
-    return best, torch.where(cols < len(u), cols, -1)
-
-
 @pytest.mark.parametrize("n", [1, 2, 5])
 @pytest.mark.parametrize("inverted", [False, True])
 def test_point_mine_equals_brute_force_with_ties_across_tiles(n, inverted):
-    """The op against brute force on arbitrary tables (any λ and norm per point, segments of
-    any rows), with exact ties the kernel meets in the order that is not the columns': a
-    segment's later point equal to an earlier-visited point of a later segment (same rows,
-    the same λ at another k), and duplicate rows in other classes."""
-    g = torch.Generator().manual_seed(n + 10 * inverted)
-    b = 75
-    x = F.normalize(torch.randn(b, 3, generator=g, dtype=torch.float64), dim=1)
-    labels = torch.randint(0, 6, (b,), generator=g)
-    x[40:46] = x[0]  # duplicates of row 0 in every class: exact ties among originals
-    labels[40:46] = torch.arange(6)
-    s = 50
-    si, sj = torch.randint(0, b, (s,), generator=g), torch.randint(0, b, (s,), generator=g)
-    si[1::2], sj[1::2] = si[0::2], sj[0::2]  # segment pairs on the same rows
-    lam = torch.rand(s, n, generator=g, dtype=torch.float64)
-    lam[1::2] = lam[0::2].flip(1)  # ... with their λ in the other order
-    lam = torch.cat([torch.ones(b, dtype=torch.float64), lam.reshape(-1)])
-    scale = torch.rand(len(lam), generator=g, dtype=torch.float64) + 0.5
-    scale[b:] = scale[b:].reshape(s, n)[0::2].repeat_interleave(2, 0).reshape(-1)
-    scale[b:].reshape(s, n)[1::2] = scale[b:].reshape(s, n)[1::2].flip(1)
+    """The op against brute force on arbitrary tables (ee_hphn_checks.tie_tables), with exact
+    ties the kernel meets in an order that is not the columns'."""
+    x, labels, si, sj, lam, scale = tie_tables(n, inverted)
     best, col = torch.ops.metrix_ops.triton_ee_point_mine(
         *on_dev(x, labels, si, sj), n, *on_dev(lam, scale), inverted)
     eb, ec = brute_point_mine(x, labels, si, sj, n, lam, scale, inverted)

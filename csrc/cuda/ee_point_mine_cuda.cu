@@ -9,12 +9,14 @@
 // The points are never materialised: a point is (u, w, λ), and its inner product with q is
 // the reference's association (PointMetric: H_bq = λ_q G_{b u_q} + (1−λ_q) G_{b w_q}, then
 // ⟨p, q⟩ = λ_p H_{u_p q} + (1−λ_p) H_{w_p q}, over ‖p‖‖q‖). The n points of a segment share
-// their endpoints, so they are mined together: a "unit" is an original, or up to kUnit points
-// of one segment. Per chunk of units two cuBLAS products hold the Gram rows of their endpoints
-// (Gu = X[u] Xᵀ, Gw = X[w] Xᵀ); a warp per unit, lanes over the columns q: four Gram entries
-// per (unit, q), then a few FMAs per point of the unit. Memory O(P + chunk·B); no P×D stack,
-// no P×P matrix. Work O(P² · ⌈n/kUnit⌉ / n) Gram gathers, no pruning (the CPU op skips classes
-// and arcs on bounds).
+// their endpoints, so they are mined together: a row "unit" is an original, or up to kUnit
+// points of one segment. Per chunk of units two cuBLAS products hold the Gram rows of their
+// endpoints (Gu = X[u] Xᵀ, Gw = X[w] Xᵀ); a warp per unit, lanes over the column units (an
+// original, or a whole segment: twenty-sixth session, before lanes went over column points):
+// four Gram entries per (row unit, column unit), then per column point its λ and norm and a
+// few FMAs per point of the row unit. Memory O(P + chunk·B); no P×D stack, no P×P matrix.
+// Work: 4 Gram gathers per pair of units, (B + S·⌈n/kUnit⌉)·(B + S) of them for S segments,
+// and P² point pairs; no pruning (the CPU op skips classes and arcs on bounds).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,9 +34,10 @@ constexpr int kUnit = 8;  // points of one segment mined by one warp
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 
-// The unit's points: unit t < B is original t; then ⌈n/kUnit⌉ units per segment
+// The row unit's points: unit t < B is original t; then ⌈n/kUnit⌉ units per segment. The
+// column units are the B originals and the S whole segments.
 struct Units {
-  int64_t B, n, groups;  // groups: units per segment
+  int64_t B, n, groups, S;  // groups: row units per segment
   __device__ __forceinline__ void of(int64_t t, int64_t& p0, int& cnt) const {
     if (t < B) {
       p0 = t;
@@ -92,24 +95,30 @@ __global__ void point_mine_kernel(const T* __restrict__ Gu, const T* __restrict_
     best[k] = T(0);
     col[k] = P;
   }
-  for (int64_t q = lane; q < P; q += 32) {
-    if (pts.label[q] == lab) continue;
-    const int64_t uq = pts.u[q], wq = pts.w[q];
-    const T lq = pts.lam[q], sq = pts.scale[q];
-    const T h_u = lq * gu[uq] + (T(1) - lq) * gu[wq];
-    const T h_w = lq * gw[uq] + (T(1) - lq) * gw[wq];
+  for (int64_t c = lane; c < B + units.S; c += 32) {
+    // column unit c: original c, or segment c − B's n points (their endpoints and label are
+    // the first's: the host checks the runs)
+    const int64_t q0 = c < B ? c : B + (c - B) * units.n;
+    if (pts.label[q0] == lab) continue;
+    const int64_t uq = pts.u[q0], wq = pts.w[q0], q1 = c < B ? q0 + 1 : q0 + units.n;
+    const T g_uu = gu[uq], g_uw = gu[wq], g_wu = gw[uq], g_ww = gw[wq];
+    for (int64_t q = q0; q < q1; ++q) {
+      const T lq = pts.lam[q], sq = pts.scale[q];
+      const T h_u = lq * g_uu + (T(1) - lq) * g_uw;
+      const T h_w = lq * g_wu + (T(1) - lq) * g_ww;
 #pragma unroll
-    for (int k = 0; k < kUnit; ++k) {
-      if (k >= cnt) break;
-      const T s = (lam[k] * h_u + (T(1) - lam[k]) * h_w) / (sc[k] * sq);
-      T m = s;
-      if (!inverted) {
-        const T d2 = T(2) - T(2) * s;
-        m = d2 < tiny ? T(0) : std::sqrt(d2 > eps ? d2 : eps);
-      }
-      if (beats(m, q, best[k], col[k], inverted, P)) {  // columns rise along a lane
-        best[k] = m;
-        col[k] = q;
+      for (int k = 0; k < kUnit; ++k) {
+        if (k >= cnt) break;
+        const T s = (lam[k] * h_u + (T(1) - lam[k]) * h_w) / (sc[k] * sq);
+        T m = s;
+        if (!inverted) {
+          const T d2 = T(2) - T(2) * s;
+          m = d2 < tiny ? T(0) : std::sqrt(d2 > eps ? d2 : eps);
+        }
+        if (beats(m, q, best[k], col[k], inverted, P)) {  // columns rise along a lane
+          best[k] = m;
+          col[k] = q;
+        }
       }
     }
   }
@@ -194,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> ee_point_mine_cuda(
     const T eps = std::numeric_limits<T>::epsilon();
     const Points<T> pts{u.data_ptr<int64_t>(), w.data_ptr<int64_t>(), lab.data_ptr<int64_t>(),
                         lam.data_ptr<T>(), scale.data_ptr<T>(), P};
-    const Units units{B, n_points, std::max<int64_t>(groups, 1)};
+    const Units units{B, n_points, std::max<int64_t>(groups, 1), S};
     auto stream = c10::cuda::getCurrentCUDAStream();
     for (int64_t t0 = 0; t0 < U; t0 += chunk) {
       const int64_t T_ = std::min(chunk, U - t0);
