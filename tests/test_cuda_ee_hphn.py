@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import metrix_ops as mo
 from cases import assert_close_vg
 from metrix_ops import _ext
 from metrix_ops.distances import CosineSimilarity, LpDistance
@@ -125,6 +126,18 @@ def test_point_mine_equals_brute_force_with_ties(n, inverted, chunk):
     eb, ec = brute_point_mine(x, labels, si, sj, n, lam, scale, inverted)
     assert torch.equal(col.cpu(), ec)
     torch.testing.assert_close(best.cpu(), eb, rtol=1e-12, atol=1e-12)
+
+
+def test_under_fullgraph_compile_equals_eager():
+    """The module traces whole: the per-anchor picks (fused/ee_hphn_picks.py, shared with
+    Triton) are scatter reductions, no table sized by the labels' values."""
+    torch._dynamo.reset()
+    loss = mo.losses.HPHNTripletLoss(backend="cuda", expansion=mo.Expansion(n_points=3))
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
+    for b, k in [(14, 4), (6, 6), (2, 1)]:
+        x, y = batch(b, 7, k, seed=b)
+        x, y = _cuda(x, y)
+        assert_close_vg(lambda e: compiled(e, y), lambda e: loss(e, y), x)
 
 
 def test_bad_input_names_the_argument():

@@ -184,17 +184,18 @@ def test_opcheck():
     pos[order] = torch.arange(11, device=y.device)
     ones = torch.ones(11, dtype=torch.bool, device=y.device)
     xs = xu[order].contiguous().requires_grad_()
-    tables, kb, syn = mod._tables(xs, y[order], pos[si], pos[sj], 2, ones, ones)
-    pnorm = mod._synthetic_norms(xs.detach(), *syn, len(si), 2).requires_grad_()
+    layout = [y[order], pos[si], pos[sj], ones, ones]
+    pnorm = mod._synthetic_norms(xs.detach(), *mod._synthetic(pos[si], pos[sj], 2),
+                                 2).requires_grad_()
     counts = torch.bincount(y)[y] - 1
     pst = (torch.cumsum(counts, 0) - counts)[order].to(torch.int32)
     pct = counts[order].to(torch.int32)
     pv = torch.rand(int(counts.sum()), dtype=xs.dtype, device=xs.device).requires_grad_()
     for l2 in (False, True):
         torch.library.opcheck(torch.ops.metrix_ops.triton_ee_neg_lse_fwd.default,
-                              (xs, pnorm, tables, kb, l2, 2.0, -0.5))
+                              (xs, pnorm, layout, 2, l2, 2.0, -0.5))
         torch.library.opcheck(torch.ops.metrix_ops.triton_ee_triplet_fwd.default,
-                              (xs, pnorm, pv, tables, pst, pct, kb, l2, 0.2, not l2))
+                              (xs, pnorm, pv, layout, pst, pct, 2, l2, 0.2, not l2))
 
 
 _SM90 = r'''

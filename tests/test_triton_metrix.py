@@ -284,30 +284,25 @@ def test_not_covered_calls_match_reference(loss, op_calls):
 
 
 def test_opcheck():
-    from metrix_ops.triton.metrix_tiles import chunk_table
     from metrix_ops.ops.ms_metrix import label_sorted
     g = torch.Generator().manual_seed(4)
     y = _labels([3, 1, 5, 2, 6], g)
     x = F.normalize(torch.randn(len(y), 5, dtype=torch.float64, generator=g), dim=1)
     xs, ys, _ = label_sorted(*on_dev(x, y))
-    chunks, kb, sizes = chunk_table(ys)
     ops = torch.ops.metrix_ops
     for anchor_neg in (False, True):
-        args = (xs.clone().requires_grad_(), ys, sizes, chunks, kb, 2.0, 50.0, 0.5,
-                0.3, anchor_neg)
+        args = (xs.clone().requires_grad_(), ys, 2.0, 50.0, 0.5, 0.3, anchor_neg)
         torch.library.opcheck(ops.triton_ms_metrix.default, args)
         mix, lp, ln = ops.triton_ms_metrix(*args)
         gm = torch.randn(len(y), dtype=torch.float64, generator=g).to(DEVICE)
         torch.library.opcheck(ops.triton_ms_metrix_bwd.default,
-                              (gm, xs, ys, sizes, chunks, lp.detach(), ln.detach(),
-                               kb, 2.0, 50.0, 0.5, 0.3, anchor_neg))
+                              (gm, xs, ys, lp.detach(), ln.detach(), 2.0, 50.0, 0.5, 0.3,
+                               anchor_neg))
         for cosine, pm, nm in ((False, 0.0, 1.0), (True, 0.9, 0.1)):
-            args = (xs.clone().requires_grad_(), ys, sizes, chunks, kb, cosine, pm, nm,
-                    0.3, anchor_neg)
+            args = (xs.clone().requires_grad_(), ys, cosine, pm, nm, 0.3, anchor_neg)
             torch.library.opcheck(ops.triton_contrastive_metrix.default, args)
             torch.library.opcheck(ops.triton_contrastive_metrix_bwd.default,
-                                  (gm, gm.flip(0), xs, ys, sizes, chunks, kb, cosine,
-                                   pm, nm, 0.3, anchor_neg))
+                                  (gm, gm.flip(0), xs, ys, cosine, pm, nm, 0.3, anchor_neg))
         # the shared two-side op (lse_metrix.py): Circle's kind, GeneralizedLifted's two
         # (with a side switched off, as at λ = 0)
         from metrix_ops.triton.circle_metrix import CIRCLE_MIX
@@ -315,13 +310,12 @@ def test_opcheck():
         for kind, consts in ((CIRCLE_MIX, [80.0, 1.25, -0.25, 0.75, 0.25]),
                              (LIFTED_MIX_L2, [0.1, 0.9, 3e-15, 1.0, 1.0]),
                              (LIFTED_MIX_COS, [0.8, 0.2, 3e-15, 0.0, 1.0])):
-            args = (xs.clone().requires_grad_(), ys, sizes, chunks, kb, kind, consts, 0.3,
-                    anchor_neg)
+            args = (xs.clone().requires_grad_(), ys, kind, consts, 0.3, anchor_neg)
             torch.library.opcheck(ops.triton_lse_metrix.default, args)
             _, lp, ln = ops.triton_lse_metrix(*args)
             torch.library.opcheck(ops.triton_lse_metrix_bwd.default,
-                                  (gm, xs, ys, sizes, chunks, lp.detach(), ln.detach(), kb,
-                                   kind, consts, 0.3, anchor_neg))
+                                  (gm, xs, ys, lp.detach(), ln.detach(), kind, consts, 0.3,
+                                   anchor_neg))
 
 
 def test_chunk_table_packs_whole_classes():
@@ -395,7 +389,8 @@ def test_gpu_launch_settings():
     assert (fwd["BLOCK_N"], grad["BLOCK_N"], block_do) == (32, 16, 512)
     assert warps["num_warps"] == 8 and "BLOCK_M" not in grad
     assert mix_config(fake, 64, grad=True)[0]["BLOCK_N"] == 16  # tl.dot's least
-    cfg, warps = mine_config(fake)
-    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], warps["num_warps"]) == (32, 32, 32, 4)
+    units, cfg, warps_o, warps_s = mine_config(fake)  # EE mining: original / segment rows
+    assert units == dict(BRO=32, BRS=16, BCO=32, BCS=16) and cfg["BLOCK_D"] == 32
+    assert (warps_o["num_warps"], warps_s["num_warps"]) == (4, 8)
     # on CPU tensors (the interpreter) the settings stay the larger, faster-to-interpret ones
     assert mix_config(x, 16, grad=True)[0]["BLOCK_N"] == 32

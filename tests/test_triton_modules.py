@@ -36,6 +36,60 @@ def test_module_under_fullgraph_compile_equals_eager(name, kw):
         torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
 
 
+AUGMENTED = [("MultiSimilarityLoss", {"metrix": mo.Metrix(lam=0.3)}),
+             ("ContrastiveLoss", {"metrix": mo.Metrix(lam=0.6, pairs="anchor_neg")}),
+             ("CircleLoss", {"metrix": mo.Metrix(lam=0.3)}),
+             ("GeneralizedLiftedStructureLoss", {"metrix": mo.Metrix(lam=0.3)}),
+             ("MultiSimilarityLoss", {"expansion": mo.Expansion(n_points=2)}),
+             ("NPairsLoss", {"expansion": mo.Expansion(n_points=1)}),
+             ("TripletMarginLoss", {"expansion": mo.Expansion(n_points=2)}),
+             ("HPHNTripletLoss", {"expansion": mo.Expansion(n_points=3)}),
+             ("HPHNTripletLoss", {"expansion": mo.Expansion(n_points=2, pairs="adjacent"),
+                                  "distance": mo.distances.CosineSimilarity()})]
+
+
+@pytest.mark.parametrize("name,kw", AUGMENTED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(AUGMENTED)])
+def test_metrix_and_ee_under_fullgraph_compile_equal_eager(name, kw, monkeypatch):
+    """Metrix and EE on this engine trace whole too: the chunk tables, whose sizes depend on
+    the labels' values, are built inside the ops, and EE-HPHN's per-anchor picks are scatter
+    reductions (no padded table). The op calls are counted, so the Triton kernels ran."""
+    import metrix_ops.triton.ee_hphn as te
+    import metrix_ops.triton.metrix_tiles as mt
+    calls = []
+    for mod, fn in ((mt, "chunk_table"), (te, "ee_hphn_mine_triton")):
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    torch._dynamo.reset()
+    loss = getattr(mo.losses, name)(backend="triton", **kw).to(DEVICE)
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(5)
+    for b, k in [(14, 4), (6, 6), (2, 1)]:  # random, no positives, one class
+        x, y = on_dev(torch.randn(b, 7, generator=g, dtype=torch.float64),
+                      torch.randint(0, k, (b,), generator=g))
+        if "pairs" in str(kw):  # adjacent: rows 2t, 2t+1 share a label
+            y[1::2] = y[0::2]
+        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
+        vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
+        torch.testing.assert_close(va, vb, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
+    assert calls
+
+
+def test_compiled_metrix_names_a_class_over_the_kernels_limit():
+    """Eagerly a class over MAX_CLASS rows goes to the next engine; compiled, the engine is
+    chosen without the labels' values, and the op says what to do instead of failing inside."""
+    from metrix_ops.triton.metrix_tiles import MAX_CLASS
+    loss = mo.losses.MultiSimilarityLoss(backend="triton", metrix=mo.Metrix(lam=0.3))
+    ref = mo.losses.MultiSimilarityLoss(backend="reference", metrix=mo.Metrix(lam=0.3))
+    x, y = on_dev(torch.randn(MAX_CLASS + 3, 5, dtype=torch.float64),
+                  torch.tensor([0] * (MAX_CLASS + 1) + [1, 2]))
+    torch.testing.assert_close(loss(x, y), ref(x, y))  # eagerly: covered by the fallback
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
+    with pytest.raises(ValueError, match=f"labels: .* at most {MAX_CLASS} rows.*backend='cuda'"):
+        compiled(x, y)
+
+
 @pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss"])
 def test_under_bf16_autocast(name):
     """Under autocast the loss is computed in fp32 from the (fp32) leaf, as without it."""

@@ -32,25 +32,45 @@ def ee_hphn_picks(x_unit, labels, seg_i, seg_j, n_points: int, inverted: bool, p
     best, col = point_mine(x, pts, lam, point_norm(x, pts.u, pts.w, lam))
     out = torch.full((b, 7), -1, dtype=torch.long, device=x.device)
     out[:, 0] = farthest_positive(x, labels)
-    # per anchor over its side: the closest value, then the lowest negative point, then the
-    # earliest side point
-    side = pts.anchor_side()
-    valid = (side >= 0) & (col[side.clamp_min(0)] >= 0)
-    vals = best[side.clamp_min(0)]
-    far = float("-inf") if inverted else float("inf")
-    vals = torch.where(valid, vals, far)
-    top = vals.max(1, keepdim=True).values if inverted else vals.min(1, keepdim=True).values
-    tied = valid & (vals == top)
-    cols = torch.where(tied, col[side.clamp_min(0)], pts.size)
-    q = cols.min(1).values
-    first = torch.argmax((tied & (cols == q[:, None])).to(torch.int8), 1)
-    a = side.gather(1, first[:, None])[:, 0]
-    has = tied.any(1)
+    a, q, has = _closest_side_pairs(pts, best, col, inverted)
 
     def enc(t):
         k = torch.where(pts.synthetic[t], torch.round(pts.lam[t] * (n + 1)).long(),
                         torch.full_like(t, n + 1))
         return torch.stack([pts.u[t], pts.w[t], k], 1)
-    a, q = a.clamp_min(0), q.clamp(0, max(pts.size - 1, 0))
-    out[has, 1:] = torch.cat([enc(a), enc(q)], 1)[has]
+    out[:, 1:] = torch.where(has[:, None], torch.cat([enc(a), enc(q)], 1), -1)
     return out
+
+
+def _closest_side_pairs(pts, best, col, inverted: bool):
+    """Per anchor i, over its side A_i (x_i, then the points of the segments with i as their
+    first endpoint, then as their second, each k ascending: the reference's order), the
+    side point a and negative point q of the closest pair: the closest value, then the
+    lowest q, then the earliest a. (a, q, has a pair), each (B,).
+
+    By scatter reductions over the side entries (B + 2·n·S of them), not a padded
+    B × (1 + n·max degree) table, so no shape depends on the labels' values and the modules
+    trace under torch.compile(fullgraph=True)."""
+    b, dev = pts.b, best.device
+    syn_u, syn_w = pts.u[b:], pts.w[b:]
+    rows = torch.arange(b, device=dev)
+    point = torch.arange(pts.size, device=dev)
+    owner = torch.cat([rows, syn_u, syn_w])
+    order = torch.argsort(owner, stable=True)  # entries in A_i order, anchor by anchor
+    owner = owner[order]
+    side = torch.cat([rows, point[b:], point[b:]])[order]
+    valid = col[side] >= 0
+    vals = best[side]
+    far = float("-inf") if inverted else float("inf")
+    top = torch.full((b,), far, dtype=vals.dtype, device=dev).scatter_reduce(
+        0, owner, torch.where(valid, vals, far), "amax" if inverted else "amin")
+    tied = valid & (vals == top[owner])
+    big = pts.size
+    q = torch.full((b,), big, dtype=torch.long, device=dev).scatter_reduce(
+        0, owner, torch.where(tied, col[side], big), "amin")
+    entry = torch.arange(len(owner), device=dev)
+    first = torch.full((b,), len(owner), dtype=torch.long, device=dev).scatter_reduce(
+        0, owner, torch.where(tied & (col[side] == q[owner]), entry, len(owner)), "amin")
+    has = q < big
+    a = side[first.clamp_max(len(owner) - 1)]  # (B ≥ 1: at least one entry)
+    return torch.where(has, a, 0), torch.where(has, q, 0), has

@@ -25,7 +25,7 @@ from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from .contrastive import contrastive_rows_triton, supports as clean_supports
 from .metrix_tiles import (candidate_tile, chunk_rows, covers, mix_config, mix_grads,
-                           run_sorted)
+                           run_sorted, sorted_table)
 from .pairs import loss_constants
 
 
@@ -109,8 +109,7 @@ _BWD = "metrix_ops::triton_contrastive_metrix_bwd"
 
 
 @torch.library.custom_op(_FWD, mutates_args=())
-def _con_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
-                   chunks: torch.Tensor, kb: int, cosine: bool, pos_margin: float,
+def _con_metrix_op(x: torch.Tensor, labels: torch.Tensor, cosine: bool, pos_margin: float,
                    neg_margin: float, lam: float, anchor_neg: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.contiguous()
@@ -118,6 +117,7 @@ def _con_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
     ps, ns = (torch.zeros(b, dtype=x.dtype, device=x.device) for _ in range(2))
     pc, nc = (torch.zeros(b, dtype=torch.int32, device=x.device) for _ in range(2))
     if b > 0:
+        chunks, kb, counts = sorted_table(labels)
         cfg, _, warps = mix_config(x, kb)
         _con_mix_fwd_kernel[(len(chunks) - 1,)](
             x, labels, counts, chunks, _constants(x, pos_margin, neg_margin, lam), ps, pc, ns,
@@ -127,7 +127,7 @@ def _con_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
 
 
 @_con_metrix_op.register_fake
-def _(x, labels, counts, chunks, kb, cosine, pos_margin, neg_margin, lam, anchor_neg):
+def _(x, labels, cosine, pos_margin, neg_margin, lam, anchor_neg):
     b = x.shape[0]
     return (x.new_empty(b), x.new_empty(b, dtype=torch.int32), x.new_empty(b),
             x.new_empty(b, dtype=torch.int32))
@@ -135,25 +135,22 @@ def _(x, labels, counts, chunks, kb, cosine, pos_margin, neg_margin, lam, anchor
 
 @torch.library.custom_op(_BWD, mutates_args=())
 def _con_metrix_bwd_op(g_pos: torch.Tensor, g_neg: torch.Tensor, x: torch.Tensor,
-                       labels: torch.Tensor, counts: torch.Tensor, chunks: torch.Tensor,
-                       kb: int, cosine: bool, pos_margin: float, neg_margin: float, lam: float,
-                       anchor_neg: bool) -> torch.Tensor:
+                       labels: torch.Tensor, cosine: bool, pos_margin: float,
+                       neg_margin: float, lam: float, anchor_neg: bool) -> torch.Tensor:
     x = x.contiguous()
     weights = _con_mix_weights_cos if cosine else _con_mix_weights_l2
-    return mix_grads(weights, x, labels, counts, chunks, kb,
-                     _constants(x, pos_margin, neg_margin, lam), (g_pos, g_neg, g_pos),
+    return mix_grads(weights, x, labels, _constants(x, pos_margin, neg_margin, lam), (g_pos, g_neg, g_pos),
                      anchor_neg)
 
 
 @_con_metrix_bwd_op.register_fake
-def _(g_pos, g_neg, x, labels, counts, chunks, kb, cosine, pos_margin, neg_margin, lam,
-      anchor_neg):
+def _(g_pos, g_neg, x, labels, cosine, pos_margin, neg_margin, lam, anchor_neg):
     return torch.empty_like(x)
 
 
 def _setup(ctx, inputs, output):
-    x, labels, counts, chunks, *consts = inputs
-    ctx.save_for_backward(x, labels, counts, chunks)
+    x, labels, *consts = inputs
+    ctx.save_for_backward(x, labels)
     ctx.consts = tuple(consts)
     ctx.mark_non_differentiable(output[1], output[3])
 
@@ -164,7 +161,7 @@ def _backward(ctx, g_pos, _g_pc, g_neg, _g_nc):
     g_pos, g_neg = (x.new_zeros(x.shape[0]) if g is None else g for g in (g_pos, g_neg))
     dx = torch.ops.metrix_ops.triton_contrastive_metrix_bwd(g_pos, g_neg, *ctx.saved_tensors,
                                                             *ctx.consts)
-    return (dx,) + (None,) * 9
+    return (dx,) + (None,) * 6
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
@@ -174,7 +171,7 @@ def contrastive_metrix_rows_triton(x_unit, labels, cosine: bool, pos_margin: flo
                                    neg_margin: float, lam: float, pairs: str = "pos_neg"):
     """(pos_sum, pos_count, neg_sum, neg_count), each (B,) in the caller's order, of each
     anchor's mixed candidates' terms (kept when > 0); the sums are differentiable in x_unit.
-    None when a class has more than MAX_CLASS rows (not covered)."""
+    Classes of at most MAX_CLASS rows (covers)."""
     return run_sorted(torch.ops.metrix_ops.triton_contrastive_metrix, x_unit, labels, pairs,
                       bool(cosine), float(pos_margin), float(neg_margin), float(lam))
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from .launch import HAS_TRITON, next_pow2, usable_on
-from .metrix_tiles import MAX_CLASS, chunk_table
+from .metrix_tiles import largest_class_fits, sorted_table
 from .tiles import acc_dtype, dot_precision
 
 _FWD = "metrix_ops::triton_ee_neg_lse_fwd"
@@ -435,64 +435,76 @@ def launch_bwd(grad, lse, xs, pnorm, tables, kb: int, l2: bool, prm, trip=None, 
 
 
 @torch.library.custom_op(_FWD, mutates_args=())
-def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, tables: list[torch.Tensor], kb: int,
+def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, layout: list[torch.Tensor], n: int,
             l2: bool, scale: float, offset: float) -> torch.Tensor:
     out = torch.full((xs.shape[0],), float("-inf"), dtype=xs.dtype, device=xs.device)
     if xs.shape[0] > 0:
+        tables, kb = layout_tables(layout, n)
         launch_fwd(xs, pnorm, tables, kb, l2, _params(xs, scale, offset), out)
     return out
 
 
 @_fwd_op.register_fake
-def _(xs, pnorm, tables, kb, l2, scale, offset):
+def _(xs, pnorm, layout, n, l2, scale, offset):
     return xs.new_empty(xs.shape[0])
 
 
 @torch.library.custom_op(_BWD, mutates_args=())
 def _bwd_op(grad: torch.Tensor, lse: torch.Tensor, xs: torch.Tensor, pnorm: torch.Tensor,
-            tables: list[torch.Tensor], kb: int, l2: bool, scale: float, offset: float
+            layout: list[torch.Tensor], n: int, l2: bool, scale: float, offset: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
+    if xs.shape[0] == 0:
+        return torch.zeros_like(xs), torch.zeros_like(pnorm)
+    tables, kb = layout_tables(layout, n)
     return launch_bwd(grad, lse, xs, pnorm, tables, kb, l2, _params(xs, scale, offset))
 
 
 @_bwd_op.register_fake
-def _(grad, lse, xs, pnorm, tables, kb, l2, scale, offset):
+def _(grad, lse, xs, pnorm, layout, n, l2, scale, offset):
     return torch.empty_like(xs), torch.empty_like(pnorm)
 
 
 def _setup(ctx, inputs, output):
-    xs, pnorm, tables, kb, l2, scale, offset = inputs
-    ctx.save_for_backward(output, xs, pnorm, *tables)
-    ctx.consts = (kb, l2, scale, offset)
+    xs, pnorm, layout, *consts = inputs
+    ctx.save_for_backward(output, xs, pnorm, *layout)
+    ctx.consts = tuple(consts)
 
 
 def _backward(ctx, grad):
-    lse, xs, pnorm, *tables = ctx.saved_tensors
+    lse, xs, pnorm, *layout = ctx.saved_tensors
     dx, dpn = torch.ops.metrix_ops.triton_ee_neg_lse_bwd(grad.contiguous(), lse, xs, pnorm,
-                                                         list(tables), *ctx.consts)
-    return dx, dpn, [None] * len(tables), None, None, None, None
+                                                         list(layout), *ctx.consts)
+    return dx, dpn, [None] * len(layout), None, None, None, None
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
 
 
-def _tables(xs, ys, seg_i, seg_j, n: int, amask, nmask):
-    """The chunk, point and side tables of the label-sorted batch (segments and masks already
-    in sorted positions): see the module docstring. None when a class is too large."""
-    table = chunk_table(ys)
-    if table is None:
-        return None
-    chunks, kb, _ = table
+def _synthetic(seg_u, seg_w, n: int):
+    """Each synthetic point's endpoints and λ (the reference's float64 grid k/(n+1)), segment-
+    major, from the segments in sorted positions."""
+    s = len(seg_u) if n > 0 else 0
+    k = torch.arange(n, device=seg_u.device)
+    return (seg_u[:s].repeat_interleave(n), seg_w[:s].repeat_interleave(n),
+            ((k + 1).double() / (n + 1)).repeat(s))
+
+
+def layout_tables(layout, n: int):
+    """(the chunk, point and side tables of the label-sorted batch, KB) from its layout
+    [sorted labels, segments in sorted positions (u, w), anchor mask, negative mask]: see the
+    module docstring. Built inside the ops (the chunk table depends on the labels' values,
+    which a compiled graph cannot branch on; metrix_tiles.sorted_table raises for a class
+    over MAX_CLASS rows)."""
+    ys, seg_u, seg_w, amask, nmask = layout
+    chunks, kb, _ = sorted_table(ys)
     b, dev, i32 = len(ys), ys.device, torch.int32
     n_chunks = len(chunks) - 1
     _, cls = torch.unique_consecutive(ys, return_inverse=True)
     chunk_of = torch.repeat_interleave(torch.arange(n_chunks, device=dev),
                                        (chunks[1:] - chunks[:-1]).long())
-    s = len(seg_i) if n > 0 else 0
-    k = torch.arange(n, device=dev)
-    syn_u, syn_w = seg_i[:s].repeat_interleave(n), seg_j[:s].repeat_interleave(n)
-    syn_lam = ((k + 1).double() / (n + 1)).repeat(s)
-    pid = torch.arange(s * n, device=dev)
+    syn_u, syn_w, syn_lam = _synthetic(seg_u, seg_w, n)
+    sn = len(syn_u)
+    pid = torch.arange(sn, device=dev)
     rows = torch.arange(b, device=dev)
     ones = torch.ones(b, dtype=torch.float64, device=dev)
     # points: per chunk its originals, then its segments' points
@@ -501,7 +513,7 @@ def _tables(xs, ys, seg_i, seg_j, n: int, amask, nmask):
     pw = torch.cat([rows, syn_w])[order]
     pl = torch.cat([ones, syn_lam])[order]
     pp = torch.cat([torch.full_like(rows, -1), pid])[order]
-    pok = torch.cat([nmask, torch.ones(s * n, dtype=torch.bool, device=dev)])[order]
+    pok = torch.cat([nmask, torch.ones(sn, dtype=torch.bool, device=dev)])[order]
     per_chunk = torch.bincount(chunk_of[pu], minlength=n_chunks)
     pstart = torch.cat([per_chunk.new_zeros(1), torch.cumsum(per_chunk, 0)])
     # side entries: per anchor itself, then its segments' points as first endpoint, then as
@@ -518,16 +530,17 @@ def _tables(xs, ys, seg_i, seg_j, n: int, amask, nmask):
     tables = [chunks.to(i32), cls.to(i32), amask.to(torch.int8), pstart.to(i32), pu.to(i32),
               pw.to(i32), pl.to(dt), pp.to(i32), pok.to(torch.int8), soff.to(i32), su.to(i32),
               sw.to(i32), sl.to(dt), sp.to(i32)]
-    return [t.contiguous() for t in tables], kb, (syn_u, syn_w, syn_lam)
+    return [t.contiguous() for t in tables], kb
 
 
-def _synthetic_norms(xs, syn_u, syn_w, syn_lam, s: int, n: int):
+def _synthetic_norms(xs, syn_u, syn_w, syn_lam, n: int):
     """‖λ x̂_u + (1−λ) x̂_w‖ per synthetic point, differentiable, from three Gram entries per
     segment (S row dots, not a point stack), in the CPU op's association; plus a trailing 1 so
-    that the table is never empty."""
+    that the table is never empty. No branch on the number of segments (a compiled graph
+    cannot take one)."""
     lam = syn_lam.to(xs.dtype)
-    if s * n > 0:
-        e = torch.arange(s, device=xs.device).repeat_interleave(n)
+    if n > 0:
+        e = torch.arange(len(syn_u), device=xs.device) // n
         u, w = syn_u[::n], syn_w[::n]
         xu, xw = xs.index_select(0, u), xs.index_select(0, w)
         g_uu, g_uw, g_ww = ((xu * xu).sum(1)[e], (xu * xw).sum(1)[e], (xw * xw).sum(1)[e])
@@ -540,8 +553,8 @@ def _synthetic_norms(xs, syn_u, syn_w, syn_lam, s: int, n: int):
 
 
 def prepare(x_unit, labels, seg_i, seg_j, n_points: int, anchor_mask=None, neg_mask=None):
-    """The label-sorted batch and its tables: (order, slot of each row, xs, tables, kb, pnorm);
-    None when a class has more than MAX_CLASS rows."""
+    """The label-sorted batch: (order, slot of each row, xs, its layout for the ops
+    (layout_tables), the synthetic points' norms (differentiable))."""
     b, dev = x_unit.shape[0], x_unit.device
     ones = torch.ones(b, dtype=torch.bool, device=dev)
     amask = ones if anchor_mask is None else anchor_mask
@@ -552,31 +565,24 @@ def prepare(x_unit, labels, seg_i, seg_j, n_points: int, anchor_mask=None, neg_m
     slot[order] = torch.arange(b, device=dev)
     xs, ys = x_unit.index_select(0, order).contiguous(), labels.index_select(0, order)
     n = int(n_points)
-    found = _tables(xs, ys, slot[seg_i.long()], slot[seg_j.long()], n, amask[order],
-                    nmask[order])
-    if found is None:
-        return None
-    tables, kb, syn = found
-    pnorm = _synthetic_norms(xs, *syn, len(seg_i) if n > 0 else 0, n)
-    return order, slot, xs, tables, kb, pnorm
+    seg_u, seg_w = slot[seg_i.long()], slot[seg_j.long()]
+    layout = [t.contiguous() for t in (ys, seg_u, seg_w, amask[order], nmask[order])]
+    pnorm = _synthetic_norms(xs, *_synthetic(seg_u, seg_w, n), n)
+    return order, slot, xs, layout, pnorm
 
 
 def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, scale: float,
                       offset: float, anchor_mask=None, neg_mask=None):
     """ops.ee_losses.ee_neg_lse on the Triton engine: (B,) log Σ_{q ∈ Q_i} exp(scale·m̂ + offset)
-    per anchor in the caller's order, −inf where none; differentiable in x_unit. None when a
-    class has more than MAX_CLASS rows."""
-    found = prepare(x_unit, labels, seg_i, seg_j, n_points, anchor_mask, neg_mask)
-    if found is None:
-        return None
-    _, slot, xs, tables, kb, pnorm = found
-    lse = torch.ops.metrix_ops.triton_ee_neg_lse_fwd(xs, pnorm, tables, kb, bool(l2),
-                                                     float(scale), float(offset))
+    per anchor in the caller's order, −inf where none; differentiable in x_unit. Classes of at
+    most MAX_CLASS rows (covers)."""
+    _, slot, xs, layout, pnorm = prepare(x_unit, labels, seg_i, seg_j, n_points, anchor_mask,
+                                         neg_mask)
+    lse = torch.ops.metrix_ops.triton_ee_neg_lse_fwd(xs, pnorm, layout, int(n_points),
+                                                     bool(l2), float(scale), float(offset))
     return lse.index_select(0, slot)
 
 
 def covers(x, labels) -> bool:
     """Triton runs on x's device and every class has at most MAX_CLASS rows."""
-    if not usable_on(x.device):
-        return False
-    return len(labels) == 0 or int(torch.unique(labels, return_counts=True)[1].max()) <= MAX_CLASS
+    return usable_on(x.device) and largest_class_fits(labels)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .ee_neg_lse import _params, launch_bwd, launch_fwd, prepare
+from .ee_neg_lse import _params, launch_bwd, launch_fwd, layout_tables, prepare
 
 _FWD = "metrix_ops::triton_ee_triplet_fwd"
 _BWD = "metrix_ops::triton_ee_triplet_bwd"
@@ -23,20 +23,21 @@ _BWD = "metrix_ops::triton_ee_triplet_bwd"
 
 @torch.library.custom_op(_FWD, mutates_args=())
 def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, pos: torch.Tensor,
-            tables: list[torch.Tensor], pst: torch.Tensor, pct: torch.Tensor, kb: int, l2: bool,
+            layout: list[torch.Tensor], pst: torch.Tensor, pct: torch.Tensor, n: int, l2: bool,
             margin: float, smooth: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b = xs.shape[0]
     sums = xs.new_zeros(b)
     nz = torch.zeros(b, dtype=torch.int64, device=xs.device)
     ct = torch.zeros_like(nz)
     if b > 0:
+        tables, kb = layout_tables(layout, n)
         launch_fwd(xs, pnorm, tables, kb, l2, _params(xs, 1.0, 0.0, margin), sums,
                    (pos, pst, pct, smooth), nz, ct)
     return sums, nz, ct
 
 
 @_fwd_op.register_fake
-def _(xs, pnorm, pos, tables, pst, pct, kb, l2, margin, smooth):
+def _(xs, pnorm, pos, layout, pst, pct, n, l2, margin, smooth):
     b = xs.shape[0]
     return (xs.new_empty(b), xs.new_empty(b, dtype=torch.long),
             xs.new_empty(b, dtype=torch.long))
@@ -44,31 +45,34 @@ def _(xs, pnorm, pos, tables, pst, pct, kb, l2, margin, smooth):
 
 @torch.library.custom_op(_BWD, mutates_args=())
 def _bwd_op(grad: torch.Tensor, xs: torch.Tensor, pnorm: torch.Tensor, pos: torch.Tensor,
-            tables: list[torch.Tensor], pst: torch.Tensor, pct: torch.Tensor, kb: int, l2: bool,
+            layout: list[torch.Tensor], pst: torch.Tensor, pct: torch.Tensor, n: int, l2: bool,
             margin: float, smooth: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dpos = torch.zeros_like(pos)
+    if xs.shape[0] == 0:
+        return torch.zeros_like(xs), torch.zeros_like(pnorm), dpos
+    tables, kb = layout_tables(layout, n)
     dx, dpn = launch_bwd(grad, xs.new_zeros(xs.shape[0]), xs, pnorm, tables, kb, l2,
                          _params(xs, 1.0, 0.0, margin), (pos, pst, pct, smooth), dpos)
     return dx, dpn, dpos
 
 
 @_bwd_op.register_fake
-def _(grad, xs, pnorm, pos, tables, pst, pct, kb, l2, margin, smooth):
+def _(grad, xs, pnorm, pos, layout, pst, pct, n, l2, margin, smooth):
     return torch.empty_like(xs), torch.empty_like(pnorm), torch.empty_like(pos)
 
 
 def _setup(ctx, inputs, output):
-    xs, pnorm, pos, tables, pst, pct, *consts = inputs
-    ctx.save_for_backward(xs, pnorm, pos, pst, pct, *tables)
+    xs, pnorm, pos, layout, pst, pct, *consts = inputs
+    ctx.save_for_backward(xs, pnorm, pos, pst, pct, *layout)
     ctx.consts = tuple(consts)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward(ctx, grad, _g_nonzero, _g_count):
-    xs, pnorm, pos, pst, pct, *tables = ctx.saved_tensors
+    xs, pnorm, pos, pst, pct, *layout = ctx.saved_tensors
     dx, dpn, dpos = torch.ops.metrix_ops.triton_ee_triplet_bwd(
-        grad.contiguous(), xs, pnorm, pos, list(tables), pst, pct, *ctx.consts)
-    return dx, dpn, dpos, [None] * len(tables), None, None, None, None, None, None
+        grad.contiguous(), xs, pnorm, pos, list(layout), pst, pct, *ctx.consts)
+    return dx, dpn, dpos, [None] * len(layout), None, None, None, None, None, None
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
@@ -78,12 +82,9 @@ def ee_triplet_triton(x_unit, labels, seg_i, seg_j, pos, n_points: int, l2: bool
                       margin: float, smooth: bool):
     """ops.ee_losses.ee_triplet on the Triton engine: per anchor in the caller's order
     (Σ f, #f > 0, #triplets); `pos`: each anchor's clean metric to its positives (the other
-    members of its class in index order), anchor-major. Differentiable in x_unit and pos. None
-    when a class has more than MAX_CLASS rows."""
-    found = prepare(x_unit, labels, seg_i, seg_j, n_points)
-    if found is None:
-        return None
-    order, slot, xs, tables, kb, pnorm = found
+    members of its class in index order), anchor-major. Differentiable in x_unit and pos.
+    Classes of at most MAX_CLASS rows (ee_neg_lse.covers)."""
+    order, slot, xs, layout, pnorm = prepare(x_unit, labels, seg_i, seg_j, n_points)
     _, inv, counts = torch.unique(labels.long(), return_inverse=True, return_counts=True)
     npos = counts[inv] - 1  # per anchor: its class's other members
     start = torch.cumsum(npos, 0) - npos
@@ -92,6 +93,6 @@ def ee_triplet_triton(x_unit, labels, seg_i, seg_j, pos, n_points: int, l2: bool
                          f"to its positives, got {tuple(pos.shape)}")
     i32 = torch.int32
     sums, nz, ct = torch.ops.metrix_ops.triton_ee_triplet_fwd(
-        xs, pnorm, pos.to(xs.dtype).contiguous(), tables, start[order].to(i32).contiguous(),
-        npos[order].to(i32).contiguous(), kb, bool(l2), float(margin), bool(smooth))
+        xs, pnorm, pos.to(xs.dtype).contiguous(), layout, start[order].to(i32).contiguous(),
+        npos[order].to(i32).contiguous(), int(n_points), bool(l2), float(margin), bool(smooth))
     return sums.index_select(0, slot), nz.index_select(0, slot), ct.index_select(0, slot)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .metrix_tiles import (candidate_tile, chunk_rows, fold3, mix_config, mix_grads,
-                           register_lse_autograd, run_sorted)
+                           register_lse_autograd, run_sorted, sorted_table)
 from .pairs import loss_constants
 
 
@@ -73,14 +73,15 @@ _BWD = "metrix_ops::triton_lse_metrix_bwd"
 
 
 @torch.library.custom_op(_FWD, mutates_args=())
-def _lse_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
-                   chunks: torch.Tensor, kb: int, kind: int, consts: list[float], lam: float,
-                   anchor_neg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lse_metrix_op(x: torch.Tensor, labels: torch.Tensor, kind: int, consts: list[float],
+                   lam: float, anchor_neg: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z, lse⁺, lse⁻) per anchor of the label-sorted batch."""
     x = x.contiguous()
     b, d = x.shape
     lp, ln = (torch.full((b,), -math.inf, dtype=x.dtype, device=x.device) for _ in range(2))
     if b > 0:
+        chunks, kb, counts = sorted_table(labels)
         cfg, _, warps = mix_config(x, kb)
         lse_mix_fwd_kernel[(len(chunks) - 1,)](
             x, labels, counts, chunks, loss_constants(x, lam, *consts), lp, ln, b, d,
@@ -92,30 +93,29 @@ def _lse_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
 
 
 @_lse_metrix_op.register_fake
-def _(x, labels, counts, chunks, kb, kind, consts, lam, anchor_neg):
+def _(x, labels, kind, consts, lam, anchor_neg):
     return tuple(x.new_empty(x.shape[0]) for _ in range(3))
 
 
 @torch.library.custom_op(_BWD, mutates_args=())
 def _lse_metrix_bwd_op(g_z: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
-                       counts: torch.Tensor, chunks: torch.Tensor, lse_pos: torch.Tensor,
-                       lse_neg: torch.Tensor, kb: int, kind: int, consts: list[float],
-                       lam: float, anchor_neg: bool) -> torch.Tensor:
+                       lse_pos: torch.Tensor, lse_neg: torch.Tensor, kind: int,
+                       consts: list[float], lam: float, anchor_neg: bool) -> torch.Tensor:
     x = x.contiguous()
-    return mix_grads(_KINDS[kind][1], x, labels, counts, chunks, kb,
-                     loss_constants(x, lam, *consts), (g_z, lse_pos, lse_neg), anchor_neg)
+    return mix_grads(_KINDS[kind][1], x, labels, loss_constants(x, lam, *consts),
+                     (g_z, lse_pos, lse_neg), anchor_neg)
 
 
 @_lse_metrix_bwd_op.register_fake
-def _(g_z, x, labels, counts, chunks, lse_pos, lse_neg, kb, kind, consts, lam, anchor_neg):
+def _(g_z, x, labels, lse_pos, lse_neg, kind, consts, lam, anchor_neg):
     return torch.empty_like(x)
 
 
-register_lse_autograd(_FWD, torch.ops.metrix_ops.triton_lse_metrix_bwd, 9)
+register_lse_autograd(_FWD, torch.ops.metrix_ops.triton_lse_metrix_bwd, 6)
 
 
 def lse_metrix_rows(kind: int, consts, x_unit, labels, lam: float, pairs: str):
     """(z differentiable, lse⁺, lse⁻), each (B,) in the caller's order, of a
-    registered kind; None when a class has more than MAX_CLASS rows (not covered)."""
+    registered kind; classes of at most MAX_CLASS rows (covers)."""
     return run_sorted(torch.ops.metrix_ops.triton_lse_metrix, x_unit, labels, pairs, int(kind),
                       [float(c) for c in consts], float(lam))

@@ -63,20 +63,39 @@ def chunk_table(sorted_labels: torch.Tensor):
             sizes[inverse].to(torch.int32))
 
 
+def sorted_table(sorted_labels: torch.Tensor):
+    """chunk_table inside an op (eager there, so the table may depend on the labels' values
+    and the modules trace under torch.compile(fullgraph=True)). A class over MAX_CLASS rows
+    raises: covers() sends such a batch to the next engine eagerly, but under compile it
+    cannot read the labels and lets every batch through."""
+    table = chunk_table(sorted_labels)
+    if table is None:
+        raise ValueError(
+            f"labels: the Triton engine's Metrix and EE kernels take classes of at most "
+            f"{MAX_CLASS} rows, and this batch has a larger class. Outside torch.compile such a "
+            "batch goes to the next engine; under it the engine is chosen without the labels' "
+            "values: use backend='cuda' or 'cpu' for such batches, or call the loss outside "
+            "the compiled region")
+    return table
+
+
 def run_sorted(op, x_unit, labels, pairs: str, *consts):
-    """op(xs, ys, class sizes, chunks, KB, *consts, anchor_neg) on the label-sorted batch, its
-    per-anchor outputs back in the caller's order; None when a class has more than MAX_CLASS
-    rows (not covered)."""
+    """op(xs, ys, *consts, anchor_neg) on the label-sorted batch (the op builds its chunk
+    table: sorted_table), its per-anchor outputs back in the caller's order."""
     from ..ops.ms_metrix import label_sorted
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels)
-    table = chunk_table(ys)
-    if table is None:
-        return None
-    chunks, kb, sizes = table
-    out = op(xs, ys, sizes, chunks, kb, *consts, pairs == "anchor_neg")
+    out = op(xs, ys, *consts, pairs == "anchor_neg")
     return tuple(t.index_select(0, inverse) for t in out)
+
+
+def largest_class_fits(labels) -> bool:
+    """Every class has at most MAX_CLASS rows; True under torch.compile, which cannot look
+    (the ops raise there: sorted_table)."""
+    if len(labels) == 0 or torch.compiler.is_compiling():
+        return True
+    return int(torch.unique(labels, return_counts=True)[1].max()) <= MAX_CLASS
 
 
 def covers(clean_supports, params, inp, expansion, metrix) -> bool:
@@ -86,17 +105,16 @@ def covers(clean_supports, params, inp, expansion, metrix) -> bool:
     if not (clean_supports(params, inp, expansion) and metrix.level == "embedding"
             and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp)):
         return False
-    labels = inp.labels
-    return len(labels) == 0 or int(torch.unique(labels, return_counts=True)[1].max()) <= MAX_CLASS
+    return largest_class_fits(inp.labels)
 
 
 def register_lse_autograd(fwd_name: str, bwd_op, n_inputs: int):
-    """Autograd for an op returning (rows, lse⁺, lse⁻) per anchor of inputs (x, labels, class
-    sizes, chunks, *constants): rows differentiable, the lses saved for bwd_op(g_rows, x,
-    labels, sizes, chunks, lse⁺, lse⁻, *constants) → dx."""
+    """Autograd for an op returning (rows, lse⁺, lse⁻) per anchor of inputs (x, labels,
+    *constants): rows differentiable, the lses saved for bwd_op(g_rows, x, labels, lse⁺,
+    lse⁻, *constants) → dx."""
     def setup(ctx, inputs, output):
-        x, labels, counts, chunks, *consts = inputs
-        ctx.save_for_backward(x, labels, counts, chunks, output[1], output[2])
+        x, labels, *consts = inputs
+        ctx.save_for_backward(x, labels, output[1], output[2])
         ctx.consts = tuple(consts)
         ctx.mark_non_differentiable(output[1], output[2])
 
@@ -254,13 +272,15 @@ def mix_config(x, kb, grad: bool = False):
     return cfg, block_do, warps
 
 
-def mix_grads(weights, x, labels, counts, chunks, kb, prm, vecs, anchor_neg):
-    """dX of a Metrix term from the per-candidate weights `weights` (a @triton.jit function of
-    the three per-anchor vectors `vecs` and the constants `prm`, a tensor of x's dtype whose
-    entry 0 is λ): the chunk rows' part and the column owners' part, summed."""
+def mix_grads(weights, x, labels, prm, vecs, anchor_neg):
+    """dX of a Metrix term over the label-sorted batch from the per-candidate weights
+    `weights` (a @triton.jit function of the three per-anchor vectors `vecs` and the constants
+    `prm`, a tensor of x's dtype whose entry 0 is λ): the chunk rows' part and the column
+    owners' part, summed."""
     b, d = x.shape
     if b == 0:
         return torch.zeros_like(x)
+    chunks, kb, counts = sorted_table(labels)
     cfg, block_do, warps = mix_config(x, kb, grad=True)
     args = (x, labels, counts, chunks, prm, *(v.to(x.dtype).contiguous() for v in vecs))
     meta = dict(WEIGHTS=weights, ANCHOR_NEG=bool(anchor_neg), KB=kb, BLOCK_DO=block_do, **cfg,

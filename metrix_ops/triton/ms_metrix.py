@@ -26,7 +26,7 @@ import triton.language as tl
 from .. import fused
 from ..ops.unit_rows import unit_rows
 from .metrix_tiles import (candidate_tile, chunk_rows, covers, fold3, mix_config, mix_grads,
-                           register_lse_autograd, run_sorted)
+                           register_lse_autograd, run_sorted, sorted_table)
 from .multi_similarity import ms_rows_triton, supports as clean_supports
 from .pairs import loss_constants
 
@@ -95,15 +95,15 @@ _BWD = "metrix_ops::triton_ms_metrix_bwd"
 
 
 @torch.library.custom_op(_FWD, mutates_args=())
-def _ms_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
-                  chunks: torch.Tensor, kb: int, alpha: float, beta: float, base: float,
-                  lam: float, anchor_neg: bool
+def _ms_metrix_op(x: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float,
+                  base: float, lam: float, anchor_neg: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     b, d = x.shape
     mix, lp, ln = (torch.zeros(b, dtype=x.dtype, device=x.device) for _ in range(3))
     if b == 0:
         return mix, lp, ln
+    chunks, kb, counts = sorted_table(labels)
     cfg, _, warps = mix_config(x, kb)
     _ms_mix_fwd_kernel[(len(chunks) - 1,)](
         x, labels, counts, chunks, _constants(x, alpha, beta, base, lam), mix, lp, ln, b, d,
@@ -112,36 +112,34 @@ def _ms_metrix_op(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
 
 
 @_ms_metrix_op.register_fake
-def _(x, labels, counts, chunks, kb, alpha, beta, base, lam, anchor_neg):
+def _(x, labels, alpha, beta, base, lam, anchor_neg):
     return tuple(x.new_empty(x.shape[0]) for _ in range(3))
 
 
 @torch.library.custom_op(_BWD, mutates_args=())
 def _ms_metrix_bwd_op(g: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
-                      counts: torch.Tensor, chunks: torch.Tensor, lse_pos: torch.Tensor,
-                      lse_neg: torch.Tensor, kb: int, alpha: float, beta: float, base: float,
-                      lam: float, anchor_neg: bool) -> torch.Tensor:
+                      lse_pos: torch.Tensor, lse_neg: torch.Tensor, alpha: float, beta: float,
+                      base: float, lam: float, anchor_neg: bool) -> torch.Tensor:
     x = x.contiguous()
-    return mix_grads(_ms_mix_weights, x, labels, counts, chunks, kb,
+    return mix_grads(_ms_mix_weights, x, labels,
                      _constants(x, alpha, beta, base, lam), (g, lse_pos, lse_neg), anchor_neg)
 
 
 @_ms_metrix_bwd_op.register_fake
-def _(g, x, labels, counts, chunks, lse_pos, lse_neg, kb, alpha, beta, base, lam, anchor_neg):
+def _(g, x, labels, lse_pos, lse_neg, alpha, beta, base, lam, anchor_neg):
     return torch.empty_like(x)
 
 
-register_lse_autograd(_FWD, torch.ops.metrix_ops.triton_ms_metrix_bwd, 10)
+register_lse_autograd(_FWD, torch.ops.metrix_ops.triton_ms_metrix_bwd, 7)
 
 
 def ms_metrix_rows_triton(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
                           pairs: str = "pos_neg"):
     """ℓ̃(a) for each anchor (B,), in the caller's order, of unit rows x_unit against
-    themselves (0 where V(a) is empty); differentiable in x_unit. None when a class has more
-    than MAX_CLASS rows (not covered)."""
-    out = run_sorted(torch.ops.metrix_ops.triton_ms_metrix, x_unit, labels, pairs,
-                     float(alpha), float(beta), float(base), float(lam))
-    return None if out is None else out[0]
+    themselves (0 where V(a) is empty); differentiable in x_unit. Classes of at most
+    MAX_CLASS rows (covers)."""
+    return run_sorted(torch.ops.metrix_ops.triton_ms_metrix, x_unit, labels, pairs,
+                      float(alpha), float(beta), float(base), float(lam))[0]
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
