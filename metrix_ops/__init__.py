@@ -12,6 +12,6 @@ __all__ = ["Metrix", "Expansion", "losses", "functional", "miners", "reducers", 
 def __getattr__(name):
     # Heavier or optional parts load on first use.
     import importlib
-    if name in ("mixup", "metrics", "ops", "train", "expansion"):
+    if name in ("mixup", "metrics", "ops", "train", "expansion", "utils"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(name)

@@ -38,6 +38,43 @@ SUPPORTED = ("CircleLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss",
 BANK_PAIRS = tuple(p for p in metrix_refs.PAIRS if p != "neg_neg")
 
 
+def check_metrix_against_refs(loss, who: str, what: str) -> None:
+    """A wrapper that runs the loss's Metrix term against references (`what`) takes it at
+    the embedding level, pairs in BANK_PAIRS, on a loss with a soft form and a normalising
+    distance; else a ValueError naming `who`."""
+    mx, name = loss.metrix, loss.loss_name
+    normalized = as_distance(loss.distance, get_spec(name).default_distance).normalize_embeddings
+    if mx is not None and not (mx.level == "embedding" and mx.pairs in BANK_PAIRS
+                               and name in metrix_refs.SOFT_PARTS and normalized):
+        raise ValueError(
+            f"{who} takes Metrix at the embedding level (mixes of {what} in closed form), "
+            f"pairs in {list(BANK_PAIRS)}, on {sorted(metrix_refs.SOFT_PARTS)} with a "
+            f"normalising distance; got {mx!r} on {name}")
+
+
+def mixed_against_refs(loss, emb, labels, refs, ref_labels, own: bool, lam: float):
+    """The Metrix term L̃ (unweighted) of `loss` for the anchors emb against references
+    (DESIGN §3 with refs as the candidates' set: mixes of references); with `own`, row i's
+    own entry is column i of refs and is neither its positive nor mixed. From the CPU
+    engine's refs ops on CPU tensors, the CUDA engine's beside its clean term, else the
+    anchor chunks (fused/metrix_refs.py): no B × M × M tensor; backend="reference": the
+    reference's, which builds it."""
+    if emb.dtype in (torch.float16, torch.bfloat16):
+        emb, refs = emb.float(), refs.float()
+    spec = get_spec(loss.loss_name)
+    inp = LossInputs(emb, labels.long(), None, refs, ref_labels.long(), own,
+                     as_distance(loss.distance, spec.default_distance))
+    args = (loss.loss_name, loss.loss_params(), inp, loss.metrix, lam)
+    if loss.backend == "reference":
+        return metrix_loss(*args)
+    try:  # the engine that takes the clean term (as fused.run_with_memory resolves it)
+        engine = backend_mod.resolve(loss.backend, loss.loss_name, emb.device)
+    except NotImplementedError:
+        engine = None
+    with no_autocast(emb):
+        return metrix_refs.mixed_term(*args, engine=engine)
+
+
 class CrossBatchMemory(torch.nn.Module):
     def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None):
         super().__init__()
@@ -51,15 +88,7 @@ class CrossBatchMemory(torch.nn.Module):
         if loss.expansion is not None:
             raise ValueError("CrossBatchMemory: the wrapped loss must not use expansion= "
                              "(Embedding Expansion mines the batch's own positive pairs)")
-        mx = loss.metrix
-        normalized = as_distance(loss.distance, get_spec(name).default_distance).normalize_embeddings
-        if mx is not None and not (mx.level == "embedding" and mx.pairs in BANK_PAIRS
-                                   and name in metrix_refs.SOFT_PARTS and normalized):
-            raise ValueError(
-                "CrossBatchMemory takes Metrix at the embedding level (mixes of bank entries in "
-                f"closed form), pairs in {list(BANK_PAIRS)}, on "
-                f"{sorted(metrix_refs.SOFT_PARTS)} with a normalising distance; got {mx!r} on "
-                f"{name}")
+        check_metrix_against_refs(loss, "CrossBatchMemory", "bank entries")
         if getattr(loss, "miner", None) is not None:
             raise ValueError("CrossBatchMemory: give the miner to CrossBatchMemory(miner=...), "
                              "not to the wrapped loss (it mines the batch against the bank)")
@@ -124,32 +153,12 @@ class CrossBatchMemory(torch.nn.Module):
                         reducer=loss.reducer, backend=loss.backend)
 
     def _mixed(self, emb, labels, mem_emb, mem_labels, exclude_start, lam: float):
-        """The Metrix term L̃ of the batch against the bank: mixes of bank entries (DESIGN §3
-        with the bank as references), each anchor's own slot neither a positive nor mixed,
-        as the clean loss's pairs. From the CPU engine's refs ops on CPU tensors, the CUDA
-        engine's beside its clean term, else the anchor chunks (fused/metrix_refs.py): no
-        B × M × M tensor; backend="reference": the reference's, which builds it."""
-        if emb.dtype in (torch.float16, torch.bfloat16):
-            emb, mem_emb = emb.float(), mem_emb.float()
+        """The Metrix term L̃ of the batch against the bank: mixes of bank entries, each
+        anchor's own slot neither a positive nor mixed, as the clean loss's pairs."""
         own = exclude_start is not None  # the bank rolled so that row i's slot is column i
         if own:
             mem_emb, mem_labels = (torch.roll(t, -exclude_start, 0) for t in (mem_emb, mem_labels))
-        spec = get_spec(self.loss.loss_name)
-        inp = LossInputs(emb, labels.long(), None, mem_emb, mem_labels.long(), own,
-                         as_distance(self.loss.distance, spec.default_distance))
-        args = (self.loss.loss_name, self.loss.loss_params(), inp, self.loss.metrix, lam)
-        if self.loss.backend == "reference":
-            return metrix_loss(*args)
-        with no_autocast(emb):
-            return metrix_refs.mixed_term(*args, engine=self._engine(emb))
-
-    def _engine(self, emb):
-        """The engine that takes the clean term against the bank (as fused.run_with_memory
-        resolves it), beside which the Metrix term runs; None where none does."""
-        try:
-            return backend_mod.resolve(self.loss.backend, self.loss.loss_name, emb.device)
-        except NotImplementedError:
-            return None
+        return mixed_against_refs(self.loss, emb, labels, mem_emb, mem_labels, own, lam)
 
     def _enqueue(self, emb, labels) -> int:
         """Writes the rows at queue_idx, queue_idx+1, ... (mod memory_size); returns the start."""

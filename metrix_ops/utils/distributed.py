@@ -1,0 +1,185 @@
+"""Multi-process training (torch.distributed, e.g. DDP) with the API and numbers of PML's
+wrappers (pytorch_metric_learning.utils.distributed), for metrix_ops losses and miners, which
+PML's wrappers refuse (they take only PML's own classes).
+
+Each rank gathers every rank's embeddings and labels: its own rows first, keeping their
+graph, then the other ranks' in rank order, as constants (PML's order).
+
+- DistributedLossWrapper(loss, efficient=False): every rank computes the loss of the whole
+  gathered batch, times the world size, so that DDP's average of the ranks' gradients is the
+  whole batch's gradient.
+- efficient=True: each rank computes only its own anchors against the gathered set, row i's
+  own entry (column i) not a pair (PML's remove_self_comparisons). PML lists all B × world·B
+  pairs for it; where a fused op covers the loss (fused.run_with_memory, CrossBatchMemory's
+  path) no pair list exists and the gathered set streams through the op: O(world·B·D).
+  An embedding-level Metrix term runs against the gathered set under the same rule, as
+  CrossBatchMemory's against its bank (PML has no Metrix).
+- Ranks may hold different numbers of rows (the last batch of an epoch): they are gathered
+  padded to the largest (PML's all_gather needs equal sizes).
+- An embedding-level Metrix λ not given is drawn on rank 0 and broadcast, so every rank
+  mixes with the λ one process would use.
+- Not in a process group (or world size 1) the wrappers call the loss or miner as is (PML
+  warns in the first case; so do these)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from .. import fused
+from ..driver import draw_lam, run_loss
+from ..losses.base import BaseMetricLoss
+from ..losses.cross_batch_memory import (CrossBatchMemory, check_metrix_against_refs,
+                                         mixed_against_refs)
+from ..reference.pairs import all_pairs
+
+__all__ = ["DistributedLossWrapper", "DistributedMinerWrapper", "gather", "is_distributed"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """x (the local rows, any trailing shape) with every other rank's rows below it, in rank
+    order; the local rows keep their graph, the others are constants. Sizes may differ
+    between ranks."""
+    if x.dtype == torch.bool:  # (not every backend moves bool tensors)
+        return gather(x.to(torch.uint8)).bool()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    top = max(sizes)
+    padded = torch.cat([x.detach(), x.new_zeros((top - x.shape[0],) + tuple(x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([x] + [parts[r][:sizes[r]] for r in range(world) if r != rank])
+
+
+def _gather_opt(x):
+    return None if x is None else gather(x)
+
+
+def _shared_lam(loss, lam, device):
+    """The λ of an embedding-level Metrix term: the caller's, else drawn on rank 0 and sent to
+    every rank (None when the loss has no such term)."""
+    mx = getattr(loss, "metrix", None)
+    if mx is None or mx.level != "embedding" or mx.weight == 0:
+        return lam
+    t = torch.tensor([draw_lam(mx, lam)], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t)
+
+
+class DistributedLossWrapper(torch.nn.Module):
+    """PML's DistributedLossWrapper for a metrix_ops loss or CrossBatchMemory."""
+
+    def __init__(self, loss, efficient: bool = False):
+        super().__init__()
+        if not isinstance(loss, (BaseMetricLoss, CrossBatchMemory)):
+            raise TypeError("DistributedLossWrapper wraps a metrix_ops loss or CrossBatchMemory, "
+                            f"got {type(loss).__name__} (for a PML loss use PML's wrapper)")
+        if isinstance(loss, CrossBatchMemory) and efficient:
+            raise ValueError("CrossBatchMemory with efficient=True is not supported (as in PML)")
+        if efficient:
+            if loss.expansion is not None:
+                raise ValueError("efficient=True: the loss must not use expansion= (Embedding "
+                                 "Expansion mines the batch's own positive pairs); use "
+                                 "efficient=False")
+            if loss.miner is not None:
+                raise ValueError("efficient=True: give the miner as DistributedMinerWrapper("
+                                 "miner, efficient=True) and its tuple to the call, not as the "
+                                 "loss's miner=")
+            check_metrix_against_refs(loss, "DistributedLossWrapper(efficient=True)",
+                                      "the gathered embeddings")
+        self.loss = loss
+        self.efficient = efficient
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
+                ref_labels=None, enqueue_mask=None, *, lam=None):
+        if not is_distributed():
+            warnings.warn("DistributedLossWrapper is being used in a non-distributed setting. "
+                          "Returning the loss as is.")
+            return self._local(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                               enqueue_mask, lam)
+        world = dist.get_world_size()
+        lam = _shared_lam(self.loss, lam, embeddings.device)
+        if world <= 1:
+            return self._local(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                               enqueue_mask, lam)
+        if isinstance(self.loss, CrossBatchMemory):
+            if ref_emb is not None or ref_labels is not None:
+                raise ValueError("CrossBatchMemory is not compatible with ref_emb and ref_labels")
+            mask = _gather_opt(enqueue_mask)
+            return self.loss(gather(embeddings), gather(labels), indices_tuple, mask,
+                             lam=lam) * world
+        if enqueue_mask is not None:
+            raise ValueError("enqueue_mask is for a wrapped CrossBatchMemory")
+        all_emb, all_labels = gather(embeddings), _gather_opt(labels)
+        all_ref, all_ref_labels = _gather_opt(ref_emb), _gather_opt(ref_labels)
+        if not self.efficient:
+            return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels,
+                             lam=lam) * world
+        refs = all_emb if all_ref is None else all_ref
+        ref_lab = all_labels if all_ref_labels is None else all_ref_labels
+        return self._against(embeddings, labels, indices_tuple, refs, ref_lab, lam) * world
+
+    def _local(self, emb, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask, lam):
+        if isinstance(self.loss, CrossBatchMemory):
+            return self.loss(emb, labels, indices_tuple, enqueue_mask, lam=lam)
+        return self.loss(emb, labels, indices_tuple, ref_emb, ref_labels, lam=lam)
+
+    def _against(self, emb, labels, indices_tuple, refs, ref_labels, lam):
+        """The local anchors against the gathered set, row i's own entry (column i) not a
+        pair: the clean term streamed by a fused op where one covers it, else over PML's pair
+        list; then the Metrix term against the same set."""
+        if labels is None:
+            raise ValueError("efficient=True needs labels")
+        loss = self.loss
+        clean = None
+        if indices_tuple is None:
+            clean = fused.run_with_memory(loss, emb, labels, refs, ref_labels, 0)
+            if clean is None:  # PML's get_indices_tuple: all pairs but (i, column i)
+                indices_tuple = all_pairs(labels.long(), ref_labels.long(), same_set=True)
+        if clean is None:
+            clean = run_loss(loss.loss_name, loss.loss_params(), emb, labels, indices_tuple,
+                             refs, ref_labels, distance=loss.distance, reducer=loss.reducer,
+                             backend=loss.backend)
+        mx = loss.metrix
+        if mx is None or mx.weight == 0 or mx.level != "embedding":
+            return clean
+        return clean + mx.weight * mixed_against_refs(loss, emb, labels, refs, ref_labels, True,
+                                                      draw_lam(mx, lam))
+
+
+class DistributedMinerWrapper(torch.nn.Module):
+    """PML's DistributedMinerWrapper: the wrapped miner's tuple over the gathered batch
+    (efficient=False: indices into the gathered batch, for a DistributedLossWrapper with
+    efficient=False), or of the local rows against it without (i, column i) (efficient=True:
+    for one with efficient=True)."""
+
+    def __init__(self, miner, efficient: bool = False):
+        super().__init__()
+        if not callable(miner):
+            raise TypeError(f"miner must be a miner module, got {type(miner).__name__}")
+        self.miner = miner
+        self.efficient = efficient
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        if not is_distributed() or dist.get_world_size() <= 1:
+            return self.miner(embeddings, labels, ref_emb, ref_labels)
+        all_emb, all_labels = gather(embeddings), gather(labels)
+        all_ref, all_ref_labels = _gather_opt(ref_emb), _gather_opt(ref_labels)
+        if not self.efficient:
+            return self.miner(all_emb, all_labels, all_ref, all_ref_labels)
+        refs = all_emb if all_ref is None else all_ref
+        ref_lab = all_labels if all_ref_labels is None else all_ref_labels
+        tup = tuple(self.miner(embeddings, labels, refs, ref_lab))
+        # PML's remove_self_comparisons: the positive (or anchor–positive) pairs (i, i)
+        keep = tup[0] != tup[1]
+        if len(tup) == 4:
+            return tup[0][keep], tup[1][keep], tup[2], tup[3]
+        return tuple(t[keep] for t in tup)
