@@ -100,6 +100,7 @@ def loss_cases():
 def rank_main(rank, store, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD)
+    import pytorch_metric_learning.losses as pl
     import pytorch_metric_learning.miners as pm
     from pytorch_metric_learning.utils import distributed as pml_dist
 
@@ -128,6 +129,17 @@ def rank_main(rank, store, out_dir):
             ref.backend = "reference"
             out[key + "/oracle"] = whole_batch_oracle(ref, parts, rank, eff, 0.3 if "ms" in key
                                                       else 0.6)
+    # a reference set beside the batch (gathered too; efficient: row i's own entry is
+    # column i of the gathered references, as PML's remove_self_comparisons takes it)
+    for eff in (False, True):
+        for name in ("MultiSimilarityLoss", "ContrastiveLoss"):
+            parts = global_batch((6, 6), seed=80)
+            refs = global_batch((7, 7), seed=81)
+            (x, y), (r, ry) = parts[rank], refs[rank]
+            ours = DistributedLossWrapper(getattr(mo.losses, name)(backend="cpu"), efficient=eff)
+            pml = pml_dist.DistributedLossWrapper(getattr(pl, name)(), efficient=eff)
+            out[f"ref-{name}-{eff}"] = value_grad(lambda e: ours(e, y, None, r, ry), x)
+            out[f"ref-{name}-{eff}/oracle"] = value_grad(lambda e: pml(e, y, None, r, ry), x)
     # λ drawn once and broadcast: every rank's whole-batch loss is the same number, though
     # the ranks' generators differ (each would draw its own λ)
     torch.manual_seed(100 + rank)
@@ -137,7 +149,6 @@ def rank_main(rank, store, out_dir):
                                                                    metrix=mo.Metrix()))
     out["drawn-lam"] = value_grad(lambda e: wrapped(e, y), x)
     # CrossBatchMemory wrapped: against PML's wrapper around PML's CrossBatchMemory, two calls
-    import pytorch_metric_learning.losses as pl
     ours_xbm = DistributedLossWrapper(mo.losses.CrossBatchMemory(
         mo.losses.ContrastiveLoss(backend="cpu"), D, memory_size=20))
     pml_xbm = pml_dist.DistributedLossWrapper(pl.CrossBatchMemory(pl.ContrastiveLoss(), D,

@@ -31,7 +31,9 @@ def ranks():
                 for r in range(dc.WORLD)]
 
 
-CASES = [c[0] for c in dc.loss_cases()] + ["xbm-0", "xbm-1"]
+CASES = ([c[0] for c in dc.loss_cases()] + ["xbm-0", "xbm-1"]
+         + [f"ref-{n}-{e}" for n in ("MultiSimilarityLoss", "ContrastiveLoss")
+            for e in (False, True)])
 
 
 @pytest.mark.parametrize("key", CASES)

@@ -9,11 +9,13 @@ graph, then the other ranks' in rank order, as constants (PML's order).
   gathered batch, times the world size, so that DDP's average of the ranks' gradients is the
   whole batch's gradient.
 - efficient=True: each rank computes only its own anchors against the gathered set, row i's
-  own entry (column i) not a pair (PML's remove_self_comparisons). PML lists all B × world·B
-  pairs for it; where a fused op covers the loss (fused.run_with_memory, CrossBatchMemory's
-  path) no pair list exists and the gathered set streams through the op: O(world·B·D).
-  An embedding-level Metrix term runs against the gathered set under the same rule, as
-  CrossBatchMemory's against its bank (PML has no Metrix).
+  own entry (column i) not a positive (PML's remove_self_comparisons). PML lists all
+  B × world·B pairs for it; where a fused op covers the loss (fused.run_with_memory,
+  CrossBatchMemory's path) no pair list exists and the gathered set streams through the op:
+  O(world·B·D). An embedding-level Metrix term runs against the gathered set under the same
+  rule, as CrossBatchMemory's against its bank (PML has no Metrix). With ref_emb the
+  gathered references are the set, and PML's rule still drops the positive (i, column i);
+  that case runs over PML's pair list.
 - Ranks may hold different numbers of rows (the last batch of an epoch): they are gathered
   padded to the largest (PML's all_gather needs equal sizes).
 - An embedding-level Metrix λ not given is drawn on rank 0 and broadcast, so every rank
@@ -123,26 +125,33 @@ class DistributedLossWrapper(torch.nn.Module):
         if not self.efficient:
             return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels,
                              lam=lam) * world
-        refs = all_emb if all_ref is None else all_ref
-        ref_lab = all_labels if all_ref_labels is None else all_ref_labels
-        return self._against(embeddings, labels, indices_tuple, refs, ref_lab, lam) * world
+        if all_ref is None:
+            return self._against(embeddings, labels, indices_tuple, all_emb, all_labels, True,
+                                 lam) * world
+        return self._against(embeddings, labels, indices_tuple, all_ref, all_ref_labels, False,
+                             lam) * world
 
     def _local(self, emb, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask, lam):
         if isinstance(self.loss, CrossBatchMemory):
             return self.loss(emb, labels, indices_tuple, enqueue_mask, lam=lam)
         return self.loss(emb, labels, indices_tuple, ref_emb, ref_labels, lam=lam)
 
-    def _against(self, emb, labels, indices_tuple, refs, ref_labels, lam):
-        """The local anchors against the gathered set, row i's own entry (column i) not a
-        pair: the clean term streamed by a fused op where one covers it, else over PML's pair
-        list; then the Metrix term against the same set."""
+    def _against(self, emb, labels, indices_tuple, refs, ref_labels, own: bool, lam):
+        """The local anchors against the gathered set without PML's self comparisons (the
+        positive pairs (i, column i)). Where the set is the gathered batch (`own`), column i
+        is row i itself, so a fused op that skips it streams the clean term
+        (fused.run_with_memory) and the Metrix term leaves it out too; against gathered
+        references (PML's quirk: column i is then some other row, a negative where the labels
+        differ) the clean term runs over PML's pair list and the Metrix term takes every
+        reference."""
         if labels is None:
             raise ValueError("efficient=True needs labels")
         loss = self.loss
         clean = None
         if indices_tuple is None:
-            clean = fused.run_with_memory(loss, emb, labels, refs, ref_labels, 0)
-            if clean is None:  # PML's get_indices_tuple: all pairs but (i, column i)
+            if own:
+                clean = fused.run_with_memory(loss, emb, labels, refs, ref_labels, 0)
+            if clean is None:  # PML's get_indices_tuple: all pairs but the positive (i, i)
                 indices_tuple = all_pairs(labels.long(), ref_labels.long(), same_set=True)
         if clean is None:
             clean = run_loss(loss.loss_name, loss.loss_params(), emb, labels, indices_tuple,
@@ -151,7 +160,7 @@ class DistributedLossWrapper(torch.nn.Module):
         mx = loss.metrix
         if mx is None or mx.weight == 0 or mx.level != "embedding":
             return clean
-        return clean + mx.weight * mixed_against_refs(loss, emb, labels, refs, ref_labels, True,
+        return clean + mx.weight * mixed_against_refs(loss, emb, labels, refs, ref_labels, own,
                                                       draw_lam(mx, lam))
 
 
