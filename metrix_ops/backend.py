@@ -31,6 +31,11 @@ _warned_no_ext = False
 # (DESIGN §7: the slower of the two is not the default; the unmeasured one is not trusted).
 GPU_DEFAULT_ORDER = ("triton", "cuda")
 VARIANTS = ("clean", "miner", "metrix", "expansion")
+# engines whose coverage of a variant depends on the labels' values (Triton's Metrix and EE
+# kernels take classes of at most 64 rows): a compiled graph cannot read them, so under
+# torch.compile "auto" tries these engines last (eagerly a larger class goes to the next
+# engine; compiled, the Triton op could only raise)
+VALUE_DEPENDENT = {"triton": ("metrix", "expansion")}
 
 
 def load_gpu_order(path: str) -> dict:
@@ -96,6 +101,8 @@ def auto_order(loss_name: str, device: torch.device, variant: str = "clean",
     else:
         entry = _GPU_TABLES[variant].get(loss_name)
         order = GPU_DEFAULT_ORDER if entry is None else order_for(entry, batch)
+        if torch.compiler.is_compiling():
+            order = sorted(order, key=lambda b: variant in VALUE_DEPENDENT.get(b, ()))
     return [b for b in order if loss_name in FUSED[b] and _available(b) and _device_ok(b, device)]
 
 

@@ -80,7 +80,8 @@ def brute_point_mine(x, labels, si, sj, n, lam, scale, inverted):
     else:
         d2 = 2 - 2 * s
         eps = torch.finfo(x.dtype).eps
-        m = torch.where(d2 < 16 * eps, 0.0, d2.clamp_min(eps).sqrt()).masked_fill(~neg, float("inf"))
+        m = torch.where(d2 < 16 * eps, 0.0, d2.clamp_min(eps).sqrt())
+        m = m.masked_fill(~neg, float("inf"))
         best = m.min(1).values
     cols = torch.where(neg & (m == best[:, None]), torch.arange(len(u)), len(u)).min(1).values
     return best, torch.where(cols < len(u), cols, -1)
@@ -88,7 +89,7 @@ def brute_point_mine(x, labels, si, sj, n, lam, scale, inverted):
 
 def tie_tables(n, inverted):
     """Inputs of a point-mining op (x, labels, segments, λ and norm per point; any λ in (0, 1),
-    segments of any rows) with exact ties that come in an order other than the columns':
+    segments of any positive pairs) with exact ties that come in an order other than the columns':
     segment pairs on the same rows whose λ (and norms) run in opposite orders, so a
     segment's later point equals an earlier point of the next segment; and duplicates of
     row 0 in every class."""
@@ -98,7 +99,10 @@ def tie_tables(n, inverted):
     labels = torch.randint(0, 6, (b,), generator=g)
     x[40:46] = x[0]
     labels[40:46] = torch.arange(6)
-    si, sj = torch.randint(0, b, (s,), generator=g), torch.randint(0, b, (s,), generator=g)
+    # segments: positive pairs (a row and a random member of its class, itself included)
+    si = torch.randint(0, b, (s,), generator=g)
+    pick = torch.rand(s, b, generator=g) * (labels[None, :] == labels[si][:, None])
+    sj = pick.argmax(1)
     si[1::2], sj[1::2] = si[0::2], sj[0::2]
     lam = torch.rand(s, n, generator=g, dtype=torch.float64)
     lam[1::2] = lam[0::2].flip(1)

@@ -51,6 +51,25 @@ def test_mined_and_metrix_calls_keep_triton_first_until_measured(monkeypatch):
         assert backend.auto_order("MultiSimilarityLoss", torch.device("cpu"), variant) == ["cpu"]
 
 
+def test_under_compile_auto_tries_triton_last_for_metrix_and_ee(monkeypatch):
+    """Triton's Metrix and EE kernels take classes of at most 64 rows, which a compiled graph
+    cannot check: under torch.compile "auto" puts the CUDA engine (no such limit) first for
+    those calls; the clean and mined calls keep their order; eagerly nothing changes."""
+    dev = torch.device("cuda")
+    monkeypatch.setattr(backend, "_available", lambda b: True)
+    monkeypatch.setattr(backend, "_device_ok", lambda b, d: True)
+    for b in ("cuda", "triton"):
+        monkeypatch.setitem(backend.FUSED, b, backend.FUSED[b] | {"ProxyAnchorLoss"})
+
+    def orders():
+        return {v: backend.auto_order("ProxyAnchorLoss", dev, v) for v in backend.VARIANTS}
+    eager = orders()
+    assert eager["metrix"][0] == eager["expansion"][0] == eager["clean"][0] == "triton"
+    compiled = torch.compile(orders, fullgraph=True, backend="eager")()
+    assert compiled["metrix"] == compiled["expansion"] == ["cuda", "triton"]
+    assert compiled["clean"] == eager["clean"] and compiled["miner"] == eager["miner"]
+
+
 def test_measured_order_prefers_cuda_for_ms_and_triton_for_proxy_anchor():
     # the H200 figures (benchmarks/results/h200_*.json) gpu_order.json was derived from
     for b in (None, 1024, 8192, 65536):

@@ -55,17 +55,53 @@ def test_indices_near_ties_and_degenerate_segments(n, dist):
     assert torch.equal(picks(x, y, n, "all", dist).cpu(), expect)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("n", [1, 2, 5, 11])
 @pytest.mark.parametrize("inverted", [False, True])
-def test_point_mine_equals_brute_force_with_ties_across_tiles(n, inverted):
+def test_point_mine_equals_brute_force_with_ties_across_tiles(n, inverted, monkeypatch):
     """The op against brute force on arbitrary tables (ee_hphn_checks.tie_tables), with exact
-    ties the kernel meets in an order that is not the columns'."""
+    ties the kernel meets in an order that is not the columns'; n = 11 and a cap of 4 points
+    per row program: a segment's points in groups along the grid's second axis."""
+    import metrix_ops.triton.ee_hphn as te
+    monkeypatch.setattr(te, "MAX_NPR", 4)
     x, labels, si, sj, lam, scale = tie_tables(n, inverted)
     best, col = torch.ops.metrix_ops.triton_ee_point_mine(
         *on_dev(x, labels, si, sj), n, *on_dev(lam, scale), inverted)
     eb, ec = brute_point_mine(x, labels, si, sj, n, lam, scale, inverted)
     assert torch.equal(col.cpu(), ec)
     torch.testing.assert_close(best.cpu(), eb, rtol=1e-12, atol=1e-12)
+
+
+def test_point_mine_checks_its_tables():
+    x, labels, si, sj, lam, scale = tie_tables(2, False)
+    op = torch.ops.metrix_ops.triton_ee_point_mine
+    op(*on_dev(x, labels, si, sj), 2, *on_dev(lam, scale), False)  # as given: fine
+    cross = labels.clone()
+    cross[sj[0]] = cross[si[0]] + 10  # a segment across two classes
+    if si[0] != sj[0]:
+        with pytest.raises(ValueError, match="different labels"):
+            op(*on_dev(x, cross, si, sj), 2, *on_dev(lam, scale), False)
+    with pytest.raises(ValueError, match="plam must have shape"):
+        op(*on_dev(x, labels, si, sj), 2, *on_dev(lam[:-1], scale), False)
+    with pytest.raises(ValueError, match="rows of the batch"):
+        op(*on_dev(x, labels, si + len(labels), sj), 2, *on_dev(lam, scale), False)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        op(*on_dev(x, labels[:-1], si, sj), 2, *on_dev(lam, scale), False)
+
+
+@pytest.mark.parametrize("name,n", [("HPHNTripletLoss", 2), ("HPHNTripletLoss", 0),
+                                    ("MultiSimilarityLoss", 2), ("TripletMarginLoss", 1)])
+def test_compiled_adjacent_pairs_of_different_labels_fail_in_the_op(name, n):
+    """Compiled, "adjacent" pairs cannot be checked before the ops: they check them at run
+    time (as the CPU ops do), n = 0 included, never a silent loss."""
+    import metrix_ops as mo
+    torch._dynamo.reset()
+    loss = getattr(mo.losses, name)(backend="triton",
+                                    expansion=mo.Expansion(n_points=n, pairs="adjacent"))
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
+    x, good = on_dev(torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2]))
+    torch.testing.assert_close(compiled(x, good), loss(x, good))
+    with pytest.raises(Exception, match="different labels"):
+        compiled(x, on_dev(torch.tensor([0, 0, 1, 2, 2, 2]))[0])
 
 
 @pytest.fixture

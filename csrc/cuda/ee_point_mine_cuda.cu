@@ -187,6 +187,13 @@ std::tuple<at::Tensor, at::Tensor> ee_point_mine_cuda(
   check_runs(pu, B, S, n_points, "pu");
   check_runs(pw, B, S, n_points, "pw");
   check_runs(plab, B, S, n_points, "plab");
+  // EE's segments are positive pairs (checked here, where a compiled module cannot check
+  // pairs="adjacent" before the op, as the CPU op does)
+  const at::Tensor ends = plab.narrow(0, 0, B);
+  TORCH_CHECK(ends.index_select(0, pu).eq(ends.index_select(0, pw)).all().item<bool>(),
+              "each segment's ends (pu, pw) must be rows of one label: Embedding Expansion's "
+              "segments are positive pairs, not rows of different labels (with "
+              "pairs='adjacent', rows 2t and 2t+1 of a class-contiguous batch)");
   auto x = x_.contiguous();
   auto u = pu.contiguous(), w = pw.contiguous(), lab = plab.contiguous();
   auto lam = plam.contiguous(), scale = pscale.contiguous();

@@ -43,7 +43,8 @@ def expansion_segments(labels: torch.Tensor, pairs: str):
         if torch.compiler.is_compiling():
             # no Python branch on tensor data in a graph; nor a device assert, which inductor
             # may fuse into a parallel CPU kernel, where its throw terminates the process. The
-            # fused ops check their segments' labels at run time instead (an error there)
+            # fused ops (CPU, Triton and CUDA EE) check their segments' labels at run time
+            # instead (an error there)
             return i, i + 1
         bad = torch.where(labels[i] != labels[i + 1])[0]
         if len(bad):

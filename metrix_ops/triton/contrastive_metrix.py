@@ -139,8 +139,8 @@ def _con_metrix_bwd_op(g_pos: torch.Tensor, g_neg: torch.Tensor, x: torch.Tensor
                        neg_margin: float, lam: float, anchor_neg: bool) -> torch.Tensor:
     x = x.contiguous()
     weights = _con_mix_weights_cos if cosine else _con_mix_weights_l2
-    return mix_grads(weights, x, labels, _constants(x, pos_margin, neg_margin, lam), (g_pos, g_neg, g_pos),
-                     anchor_neg)
+    return mix_grads(weights, x, labels, _constants(x, pos_margin, neg_margin, lam),
+                     (g_pos, g_neg, g_pos), anchor_neg)
 
 
 @_con_metrix_bwd_op.register_fake

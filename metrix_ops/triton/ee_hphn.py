@@ -34,6 +34,7 @@ from ..fused.hphn_triplet import picks_loss, segments_for
 from ..ops.unit_rows import normalized
 from .hphn_triplet import hphn_mine_triton
 from .launch import next_pow2, usable_on
+from .metrix_tiles import check_segment_labels
 from .pairs import launch_config, loss_constants, max_dim
 from .tiles import sim_tile
 
@@ -74,11 +75,11 @@ def _ee_mine_kernel(x_ptr, lab_ptr, si_ptr, sj_ptr, plam_ptr, pscale_ptr, prm_pt
                     INVERTED: tl.constexpr, BR: tl.constexpr, NPR: tl.constexpr,
                     BCO: tl.constexpr, BCS: tl.constexpr, BLOCK_D: tl.constexpr,
                     ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """BR row units (originals, or segments with ROW_SEG) against every unit: each row
-    point's closest point of another class."""
+    """BR row units (originals, or segments with ROW_SEG: NPR of their points, the group
+    program_id(1)) against every unit: each row point's closest point of another class."""
     P = B + S * n
     offs_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    k = tl.arange(0, NPR)
+    k = tl.program_id(1) * NPR + tl.arange(0, NPR)  # a group of each segment's points
     if ROW_SEG:
         row_ok = offs_r < S
         u_r = tl.load(si_ptr + offs_r, mask=row_ok, other=0)
@@ -165,6 +166,30 @@ def mine_config(x):
             dict(warps, num_warps=8))
 
 
+# a segment's points per row program at most (a group of them; more points take more groups
+# along the grid's second axis): the 16 × NPR × 16 tile spills past 8 on sm_90 (mine_config)
+MAX_NPR = 8
+
+
+def _check_tables(x, labels, seg_i, seg_j, n, plam, pscale):
+    """The op's tables fit x (a bad one would read out of bounds in the kernel), and each
+    segment's ends share a label (metrix_tiles.check_segment_labels), n = 0 included."""
+    b, s = x.shape[0], (seg_i.shape[0] if n > 0 else 0)
+    p = b + s * n
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if labels.shape != (b,):
+        raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
+    if seg_i.shape != seg_j.shape or seg_i.dim() != 1:
+        raise ValueError(f"seg_i and seg_j must be 1-D of one length, got {tuple(seg_i.shape)} "
+                         f"and {tuple(seg_j.shape)}")
+    for name, t in (("plam", plam), ("pscale", pscale)):
+        if t.shape != (p,):
+            raise ValueError(f"{name} must have shape ({p},) (B + n·S points), got "
+                             f"{tuple(t.shape)}")
+    check_segment_labels(labels, seg_i, seg_j)
+
+
 @torch.library.custom_op("metrix_ops::triton_ee_point_mine", mutates_args=())
 def _ee_point_mine_op(x: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor,
                       seg_j: torch.Tensor, n: int, plam: torch.Tensor, pscale: torch.Tensor,
@@ -175,6 +200,7 @@ def _ee_point_mine_op(x: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor
     x = x.contiguous()
     b, s = x.shape[0], (seg_i.shape[0] if n > 0 else 0)
     p = b + s * n
+    _check_tables(x, labels, seg_i, seg_j, n, plam, pscale)
     best = torch.empty(p, dtype=x.dtype, device=x.device)
     col = torch.empty(p, dtype=torch.long, device=x.device)
     if p == 0:
@@ -185,18 +211,19 @@ def _ee_point_mine_op(x: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor
             pscale.contiguous(), loss_constants(x, 16 * eps, eps), best, col, b, s, n,
             x.shape[1], x.stride(0))
     common = dict(INVERTED=bool(inverted), BCO=units["BCO"], BCS=units["BCS"], **cfg)
-    _ee_mine_kernel[(triton.cdiv(b, units["BRO"]),)](*args, ROW_SEG=False, BR=units["BRO"],
-                                                     NPR=1, **common, **warps_o)
+    _ee_mine_kernel[(triton.cdiv(b, units["BRO"]), 1)](*args, ROW_SEG=False, BR=units["BRO"],
+                                                        NPR=1, **common, **warps_o)
     if s > 0:
-        _ee_mine_kernel[(triton.cdiv(s, units["BRS"]),)](*args, ROW_SEG=True, BR=units["BRS"],
-                                                         NPR=next_pow2(n), **common, **warps_s)
+        npr = min(next_pow2(n), MAX_NPR)
+        _ee_mine_kernel[(triton.cdiv(s, units["BRS"]), triton.cdiv(n, npr))](
+            *args, ROW_SEG=True, BR=units["BRS"], NPR=npr, **common, **warps_s)
     return best, col
 
 
 @_ee_point_mine_op.register_fake
 def _(x, labels, seg_i, seg_j, n, plam, pscale, inverted):
     p = x.shape[0] + (seg_i.shape[0] if n > 0 else 0) * n
-    return x.new_empty(p), labels.new_empty(p)
+    return x.new_empty(p), x.new_empty(p, dtype=torch.long)
 
 
 def ee_hphn_mine_triton(x_unit, labels, seg_i, seg_j, n_points: int,

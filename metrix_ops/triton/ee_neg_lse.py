@@ -28,13 +28,14 @@ per row and no atomics; the side points' and points' norms get their gradient in
 buffers, and the norms (computed in PyTorch from per-segment Gram entries) carry it to X.
 
 Work: forward one pass, backward two, each (chunk, point tile) a few KB-sized products;
-memory O(B·D + n·#segments) beside X. Classes of at most 64 rows (else not covered)."""
+memory O(B·D + n·#segments) beside X. Classes of at most 64 rows (else not covered; the
+tables are built inside the ops, as metrix_tiles.sorted_table says)."""
 from __future__ import annotations
 
 import torch
 
 from .launch import HAS_TRITON, next_pow2, usable_on
-from .metrix_tiles import largest_class_fits, sorted_table
+from .metrix_tiles import check_segment_labels, largest_class_fits, sorted_table
 from .tiles import acc_dtype, dot_precision
 
 _FWD = "metrix_ops::triton_ee_neg_lse_fwd"
@@ -496,6 +497,7 @@ def layout_tables(layout, n: int):
     which a compiled graph cannot branch on; metrix_tiles.sorted_table raises for a class
     over MAX_CLASS rows)."""
     ys, seg_u, seg_w, amask, nmask = layout
+    check_segment_labels(ys, seg_u, seg_w)
     chunks, kb, _ = sorted_table(ys)
     b, dev, i32 = len(ys), ys.device, torch.int32
     n_chunks = len(chunks) - 1

@@ -28,7 +28,10 @@ upstream gradients and saved row statistics) and its constants, as the clean pai
 supply their G tile to pairs.py.
 
 Classes are at most 64 rows (KB ≤ 64: the candidate tensor is KB²·BLOCK_N); a batch with a
-larger class is not covered (the driver takes the next engine)."""
+larger class is not covered (the driver takes the next engine). The chunk table is built
+inside the ops (sorted_table), so the modules trace under torch.compile; there the class
+sizes cannot be read before the op, "auto" tries the CUDA engine first (backend.py,
+VALUE_DEPENDENT), and a larger class reaching the op raises an error naming the fix."""
 from __future__ import annotations
 
 import torch
@@ -77,6 +80,24 @@ def sorted_table(sorted_labels: torch.Tensor):
             "values: use backend='cuda' or 'cpu' for such batches, or call the loss outside "
             "the compiled region")
     return table
+
+
+def check_segment_labels(labels, seg_i, seg_j) -> None:
+    """EE's segments are positive pairs: both ends rows of the batch with one label. Checked in
+    the ops (eagerly, whatever n), where a compiled module cannot check them before the op
+    (pairs="adjacent" on a batch that is not class-contiguous), as the CPU ops check them."""
+    if len(seg_i) == 0:
+        return
+    b = len(labels)
+    ends = torch.cat([seg_i, seg_j])
+    if int(ends.min()) < 0 or int(ends.max()) >= b:
+        raise ValueError(f"seg_i and seg_j must be rows of the batch, in [0, {b})")
+    bad = torch.nonzero(labels[seg_i] != labels[seg_j])
+    if len(bad):
+        e = int(bad[0, 0])
+        raise ValueError(f"Embedding Expansion's segment ({int(seg_i[e])}, {int(seg_j[e])}) joins "
+                         "rows of different labels: segments are positive pairs (with "
+                         "pairs='adjacent', rows 2t and 2t+1 of a class-contiguous batch)")
 
 
 def run_sorted(op, x_unit, labels, pairs: str, *consts):
