@@ -7,6 +7,7 @@ Oracles: PML's own DistributedLossWrapper / DistributedMinerWrapper around the P
 miner, in the same process group (equal batch sizes: PML's all_gather needs them); for
 unequal sizes and for Metrix (PML has none) the whole gathered batch computed in one process
 from the global data, on the reference backend."""
+import datetime
 import os
 
 import torch
@@ -99,7 +100,7 @@ def loss_cases():
 
 def rank_main(rank, store, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     import pytorch_metric_learning.losses as pl
     import pytorch_metric_learning.miners as pm
     from pytorch_metric_learning.utils import distributed as pml_dist
@@ -148,6 +149,19 @@ def rank_main(rank, store, out_dir):
     wrapped = DistributedLossWrapper(mo.losses.MultiSimilarityLoss(backend="cpu",
                                                                    metrix=mo.Metrix()))
     out["drawn-lam"] = value_grad(lambda e: wrapped(e, y), x)
+    # ... and for a wrapped CrossBatchMemory's Metrix term
+    xbm = DistributedLossWrapper(mo.losses.CrossBatchMemory(
+        mo.losses.MultiSimilarityLoss(backend="cpu", metrix=mo.Metrix()), D, memory_size=30))
+    out["drawn-lam-xbm"] = value_grad(lambda e: xbm(e, y), x)
+    # one row per rank, efficient: the row with itself is not a pair (PML keeps it there: the
+    # module docstring), against the whole batch computed in one process
+    parts = global_batch((1, 1), seed=55, classes=1)
+    x, y = parts[rank]
+    ms = mo.losses.MultiSimilarityLoss(backend="cpu")
+    one = DistributedLossWrapper(ms, efficient=True)
+    out["one-row"] = value_grad(lambda e: one(e, y), x)
+    ref = mo.losses.MultiSimilarityLoss(backend="reference")
+    out["one-row/oracle"] = whole_batch_oracle(ref, parts, rank, True, None)
     # CrossBatchMemory wrapped: against PML's wrapper around PML's CrossBatchMemory, two calls
     ours_xbm = DistributedLossWrapper(mo.losses.CrossBatchMemory(
         mo.losses.ContrastiveLoss(backend="cpu"), D, memory_size=20))
@@ -157,12 +171,35 @@ def rank_main(rank, store, out_dir):
         x, y = global_batch((6, 6), seed=60 + step)[rank]
         out[f"xbm-{step}"] = value_grad(lambda e: ours_xbm(e, y), x)
         out[f"xbm-{step}/oracle"] = value_grad(lambda e: pml_xbm(e, y), x)
-    # miners: the tuples against PML's wrapper around PML's miner
+    # CrossBatchMemory with an enqueue_mask (gathered too)
+    ours_xbm = DistributedLossWrapper(mo.losses.CrossBatchMemory(
+        mo.losses.MultiSimilarityLoss(backend="cpu"), D, memory_size=20))
+    pml_xbm = pml_dist.DistributedLossWrapper(pl.CrossBatchMemory(pl.MultiSimilarityLoss(), D,
+                                                                  memory_size=20))
+    for step in range(2):
+        x, y = global_batch((6, 6), seed=65 + step)[rank]
+        mask = torch.arange(6) % 3 == rank
+        out[f"xbm-mask-{step}"] = value_grad(lambda e: ours_xbm(e, y, None, None, None, mask), x)
+        out[f"xbm-mask-{step}/oracle"] = value_grad(lambda e: pml_xbm(e, y, None, None, None,
+                                                                      mask), x)
+    # miners: the tuples against PML's wrapper around PML's miner; then a loss on the tuple
     x, y = global_batch((8, 8), seed=70)[rank]
+    miners = {"ms": (mo.miners.MultiSimilarityMiner(0.1), pm.MultiSimilarityMiner(0.1)),
+              "triplet": (mo.miners.TripletMarginMiner(0.3, type_of_triplets="all"),
+                          pm.TripletMarginMiner(0.3, type_of_triplets="all"))}
     for eff in (False, True):
-        ours_m = DistributedMinerWrapper(mo.miners.MultiSimilarityMiner(0.1), efficient=eff)
-        pml_m = pml_dist.DistributedMinerWrapper(pm.MultiSimilarityMiner(0.1), efficient=eff)
-        out[f"miner-{eff}"] = tuple(t.cpu() for t in ours_m(x, y))
-        out[f"miner-{eff}/oracle"] = tuple(t.cpu() for t in pml_m(x, y))
+        for kind, (m_ours, m_pml) in miners.items():
+            ours_m = DistributedMinerWrapper(m_ours, efficient=eff)
+            pml_m = pml_dist.DistributedMinerWrapper(m_pml, efficient=eff)
+            tup, ptup = ours_m(x, y), pml_m(x, y)
+            out[f"miner-{kind}-{eff}"] = tuple(t.cpu() for t in tup)
+            out[f"miner-{kind}-{eff}/oracle"] = tuple(t.cpu() for t in ptup)
+            if kind == "triplet":  # TripletMarginLoss on the mined triplets, both wrappers
+                ours_l = DistributedLossWrapper(mo.losses.TripletMarginLoss(0.3, backend="cpu"),
+                                                efficient=eff)
+                pml_l = pml_dist.DistributedLossWrapper(pl.TripletMarginLoss(0.3),
+                                                        efficient=eff)
+                out[f"mined-{eff}"] = value_grad(lambda e: ours_l(e, y, tup), x)
+                out[f"mined-{eff}/oracle"] = value_grad(lambda e: pml_l(e, y, ptup), x)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

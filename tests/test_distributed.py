@@ -31,7 +31,8 @@ def ranks():
                 for r in range(dc.WORLD)]
 
 
-CASES = ([c[0] for c in dc.loss_cases()] + ["xbm-0", "xbm-1"]
+CASES = ([c[0] for c in dc.loss_cases()] + ["xbm-0", "xbm-1", "xbm-mask-0", "xbm-mask-1",
+                                            "one-row", "mined-False", "mined-True"]
          + [f"ref-{n}-{e}" for n in ("MultiSimilarityLoss", "ContrastiveLoss")
             for e in (False, True)])
 
@@ -50,22 +51,25 @@ def test_every_rank_computes_the_whole_batch_loss(ranks, key):
     torch.testing.assert_close(ranks[0][key][0], ranks[1][key][0], rtol=1e-12, atol=1e-14)
 
 
-def test_metrix_lam_is_drawn_once_for_all_ranks(ranks):
+@pytest.mark.parametrize("key", ["drawn-lam", "drawn-lam-xbm"])
+def test_metrix_lam_is_drawn_once_for_all_ranks(ranks, key):
     """The ranks' generators are seeded differently (their own draws of λ differ), yet their
-    whole-batch losses agree: λ came from rank 0."""
-    torch.testing.assert_close(ranks[0]["drawn-lam"][0], ranks[1]["drawn-lam"][0],
-                               rtol=1e-12, atol=1e-14)
+    whole-batch losses agree: λ came from rank 0 (also for a wrapped CrossBatchMemory)."""
+    torch.testing.assert_close(ranks[0][key][0], ranks[1][key][0], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("efficient", [False, True])
-def test_miner_wrapper_equals_pml(ranks, efficient):
+@pytest.mark.parametrize("kind", ["ms", "triplet"])
+def test_miner_wrapper_equals_pml(ranks, kind, efficient):
     for out in ranks:
-        ours, pml = out[f"miner-{efficient}"], out[f"miner-{efficient}/oracle"]
-        assert len(ours) == len(pml) == 4
-        for side in ((0, 1), (2, 3)):  # the positive pairs, then the negative pairs, as sets
-            def pairs(t):
-                return sorted(zip(t[side[0]].tolist(), t[side[1]].tolist()))
-            assert pairs(ours) == pairs(pml) and len(pairs(ours)) > 0
+        ours, pml = out[f"miner-{kind}-{efficient}"], out[f"miner-{kind}-{efficient}/oracle"]
+        assert len(ours) == len(pml)
+        # as sets: (a, p) and (a, n) pairs, or (a, p, n) triplets
+        groups = ((0, 1), (2, 3)) if len(ours) == 4 else ((0, 1, 2),)
+        for g in groups:
+            def rows(t):
+                return sorted(zip(*(t[i].tolist() for i in g)))
+            assert rows(ours) == rows(pml) and len(rows(ours)) > 0
 
 
 def test_outside_a_process_group_the_loss_runs_as_is():
@@ -89,8 +93,15 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="CrossBatchMemory with efficient=True"):
         DistributedLossWrapper(mo.losses.CrossBatchMemory(ms, 4), efficient=True)
     with pytest.raises(ValueError, match="expansion="):
-        DistributedLossWrapper(mo.losses.HPHNTripletLoss(expansion=mo.Expansion(n_points=2)),
-                               efficient=True)
+        DistributedLossWrapper(mo.losses.MultiSimilarityLoss(
+            expansion=mo.Expansion(n_points=2)), efficient=True)
+    with pytest.raises(ValueError, match="HPHNTripletLoss does not take; use efficient=False"):
+        DistributedLossWrapper(mo.losses.HPHNTripletLoss(), efficient=True)
+    with pytest.raises(ValueError, match="embedding level; got level='feature'"):
+        DistributedLossWrapper(mo.losses.MultiSimilarityLoss(metrix=mo.Metrix(level="feature")))
+    xbm = DistributedLossWrapper(mo.losses.CrossBatchMemory(ms, 4))
+    with pytest.raises(ValueError, match="not compatible with ref_emb"):  # as PML, any world
+        xbm(torch.randn(3, 4), torch.zeros(3), ref_emb=torch.randn(3, 4))
     with pytest.raises(ValueError, match="DistributedMinerWrapper"):
         DistributedLossWrapper(mo.losses.MultiSimilarityLoss(
             miner=mo.miners.MultiSimilarityMiner()), efficient=True)

@@ -21,7 +21,16 @@ graph, then the other ranks' in rank order, as constants (PML's order).
 - An embedding-level Metrix λ not given is drawn on rank 0 and broadcast, so every rank
   mixes with the λ one process would use.
 - Not in a process group (or world size 1) the wrappers call the loss or miner as is (PML
-  warns in the first case; so do these)."""
+  warns in the first case; so do these).
+- Where PML differs, on purpose: a rank of one row in efficient mode. PML's
+  remove_self_comparisons reads a one-row batch as a wrapped-around range and keeps the pair
+  (i, column i), the row with itself, as a positive; here it is dropped as for any other
+  size (CrossBatchMemory with a batch of one differs from PML's the same way). With unequal
+  sizes, efficient mode averages each rank's own anchors (each rank's loss times the world
+  size), so a short rank's anchors weigh more than in the whole batch's loss; efficient=False
+  is the whole batch's loss exactly.
+- Metrix at the feature or input level is not taken (its mixed batch is built per rank, and
+  the wrappers do not gather it)."""
 from __future__ import annotations
 
 import warnings
@@ -35,6 +44,7 @@ from ..losses.base import BaseMetricLoss
 from ..losses.cross_batch_memory import (CrossBatchMemory, check_metrix_against_refs,
                                          mixed_against_refs)
 from ..reference.pairs import all_pairs
+from ..spec import get_spec
 
 __all__ = ["DistributedLossWrapper", "DistributedMinerWrapper", "gather", "is_distributed"]
 
@@ -66,14 +76,19 @@ def _gather_opt(x):
 
 
 def _shared_lam(loss, lam, device):
-    """The λ of an embedding-level Metrix term: the caller's, else drawn on rank 0 and sent to
-    every rank (None when the loss has no such term)."""
-    mx = getattr(loss, "metrix", None)
+    """The λ of an embedding-level Metrix term (of the loss, or of the loss a CrossBatchMemory
+    wraps): the caller's, else drawn on rank 0 and sent to every rank (the caller's lam when
+    there is no such term)."""
+    mx = _inner(loss).metrix
     if mx is None or mx.level != "embedding" or mx.weight == 0:
         return lam
     t = torch.tensor([draw_lam(mx, lam)], dtype=torch.float64, device=device)
     dist.broadcast(t, 0)
     return float(t)
+
+
+def _inner(loss):
+    return loss.loss if isinstance(loss, CrossBatchMemory) else loss
 
 
 class DistributedLossWrapper(torch.nn.Module):
@@ -86,7 +101,17 @@ class DistributedLossWrapper(torch.nn.Module):
                             f"got {type(loss).__name__} (for a PML loss use PML's wrapper)")
         if isinstance(loss, CrossBatchMemory) and efficient:
             raise ValueError("CrossBatchMemory with efficient=True is not supported (as in PML)")
+        mx = _inner(loss).metrix
+        if mx is not None and mx.level != "embedding":
+            raise ValueError(f"DistributedLossWrapper takes Metrix at the embedding level; "
+                             f"got level={mx.level!r} (a feature- or input-level mixed batch is "
+                             "built per rank, and the wrapper does not gather it)")
         if efficient:
+            spec = get_spec(loss.loss_name)
+            if not (spec.supports_ref_emb and spec.supports_indices_tuple):
+                raise ValueError(f"efficient=True runs each rank's rows against the gathered "
+                                 f"rows (ref_emb, or PML's pair list), which {loss.loss_name} "
+                                 "does not take; use efficient=False")
             if loss.expansion is not None:
                 raise ValueError("efficient=True: the loss must not use expansion= (Embedding "
                                  "Expansion mines the batch's own positive pairs); use "
@@ -102,6 +127,13 @@ class DistributedLossWrapper(torch.nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
                 ref_labels=None, enqueue_mask=None, *, lam=None):
+        if isinstance(self.loss, CrossBatchMemory) and (ref_emb is not None
+                                                        or ref_labels is not None):
+            raise ValueError("CrossBatchMemory is not compatible with ref_emb and ref_labels")
+        # every tensor gathered from the embeddings' device (NCCL moves CUDA tensors only)
+        dev = embeddings.device
+        labels, ref_labels, enqueue_mask = (None if t is None else t.to(dev)
+                                            for t in (labels, ref_labels, enqueue_mask))
         if not is_distributed():
             warnings.warn("DistributedLossWrapper is being used in a non-distributed setting. "
                           "Returning the loss as is.")
@@ -113,8 +145,6 @@ class DistributedLossWrapper(torch.nn.Module):
             return self._local(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                enqueue_mask, lam)
         if isinstance(self.loss, CrossBatchMemory):
-            if ref_emb is not None or ref_labels is not None:
-                raise ValueError("CrossBatchMemory is not compatible with ref_emb and ref_labels")
             mask = _gather_opt(enqueue_mask)
             return self.loss(gather(embeddings), gather(labels), indices_tuple, mask,
                              lam=lam) * world
@@ -128,6 +158,9 @@ class DistributedLossWrapper(torch.nn.Module):
         if all_ref is None:
             return self._against(embeddings, labels, indices_tuple, all_emb, all_labels, True,
                                  lam) * world
+        if all_ref_labels is None and (indices_tuple is None or self.loss.metrix is not None):
+            raise ValueError("efficient=True with ref_emb needs ref_labels (the pairs, or the "
+                             "Metrix term, are built from them)")
         return self._against(embeddings, labels, indices_tuple, all_ref, all_ref_labels, False,
                              lam) * world
 
@@ -144,9 +177,10 @@ class DistributedLossWrapper(torch.nn.Module):
         references (PML's quirk: column i is then some other row, a negative where the labels
         differ) the clean term runs over PML's pair list and the Metrix term takes every
         reference."""
-        if labels is None:
-            raise ValueError("efficient=True needs labels")
         loss = self.loss
+        if labels is None and (indices_tuple is None or loss.metrix is not None):
+            raise ValueError("efficient=True needs labels (the pairs, or the Metrix term, are "
+                             "built from them), or an indices_tuple")
         clean = None
         if indices_tuple is None:
             if own:
@@ -178,6 +212,8 @@ class DistributedMinerWrapper(torch.nn.Module):
         self.efficient = efficient
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        dev = embeddings.device  # gathered from the embeddings' device, as the loss wrapper
+        labels, ref_labels = (None if t is None else t.to(dev) for t in (labels, ref_labels))
         if not is_distributed() or dist.get_world_size() <= 1:
             return self.miner(embeddings, labels, ref_emb, ref_labels)
         all_emb, all_labels = gather(embeddings), gather(labels)
