@@ -163,25 +163,19 @@ def rank_main(rank, store, out_dir):
     ref = mo.losses.MultiSimilarityLoss(backend="reference")
     out["one-row/oracle"] = whole_batch_oracle(ref, parts, rank, True, None)
     # CrossBatchMemory wrapped: against PML's wrapper around PML's CrossBatchMemory, two calls
-    ours_xbm = DistributedLossWrapper(mo.losses.CrossBatchMemory(
-        mo.losses.ContrastiveLoss(backend="cpu"), D, memory_size=20))
-    pml_xbm = pml_dist.DistributedLossWrapper(pl.CrossBatchMemory(pl.ContrastiveLoss(), D,
-                                                                  memory_size=20))
-    for step in range(2):
-        x, y = global_batch((6, 6), seed=60 + step)[rank]
-        out[f"xbm-{step}"] = value_grad(lambda e: ours_xbm(e, y), x)
-        out[f"xbm-{step}/oracle"] = value_grad(lambda e: pml_xbm(e, y), x)
-    # CrossBatchMemory with an enqueue_mask (gathered too)
-    ours_xbm = DistributedLossWrapper(mo.losses.CrossBatchMemory(
-        mo.losses.MultiSimilarityLoss(backend="cpu"), D, memory_size=20))
-    pml_xbm = pml_dist.DistributedLossWrapper(pl.CrossBatchMemory(pl.MultiSimilarityLoss(), D,
-                                                                  memory_size=20))
-    for step in range(2):
-        x, y = global_batch((6, 6), seed=65 + step)[rank]
-        mask = torch.arange(6) % 3 == rank
-        out[f"xbm-mask-{step}"] = value_grad(lambda e: ours_xbm(e, y, None, None, None, mask), x)
-        out[f"xbm-mask-{step}/oracle"] = value_grad(lambda e: pml_xbm(e, y, None, None, None,
-                                                                      mask), x)
+    # that fill the bank; without and with an enqueue_mask (gathered too)
+    for key, name, masked in (("xbm", "ContrastiveLoss", False),
+                              ("xbm-mask", "MultiSimilarityLoss", True)):
+        ours_xbm = DistributedLossWrapper(mo.losses.CrossBatchMemory(
+            getattr(mo.losses, name)(backend="cpu"), D, memory_size=20))
+        pml_xbm = pml_dist.DistributedLossWrapper(pl.CrossBatchMemory(
+            getattr(pl, name)(), D, memory_size=20))
+        for step in range(2):
+            x, y = global_batch((6, 6), seed=60 + step + 5 * masked)[rank]
+            mask = (torch.arange(6) % 3 == rank) if masked else None
+            out[f"{key}-{step}"] = value_grad(lambda e: ours_xbm(e, y, None, None, None, mask), x)
+            out[f"{key}-{step}/oracle"] = value_grad(
+                lambda e: pml_xbm(e, y, None, None, None, mask), x)
     # miners: the tuples against PML's wrapper around PML's miner; then a loss on the tuple
     x, y = global_batch((8, 8), seed=70)[rank]
     miners = {"ms": (mo.miners.MultiSimilarityMiner(0.1), pm.MultiSimilarityMiner(0.1)),
