@@ -96,3 +96,30 @@ def check_tuple_loss_on_cuda(backend: str, name: str, miner: str):
     ours = getattr(mo.losses, name)(backend=backend)
     ref = getattr(mo.losses, name)(backend="reference")
     assert_close_vg(lambda e: ours(e, y, t), lambda e: ref(e, y, t), x)
+
+
+OWN_ROWS_LOSSES = ["MultiSimilarityLoss", "ContrastiveLoss", "TripletMarginLoss", "CircleLoss",
+                   "NTXentLoss"]
+
+
+def check_own_rows_with_gradient(backend, dev, name):
+    """fused.run_with_memory with references whose first rows are the batch itself (the
+    distributed wrapper's efficient mode: the gathered set, own rows first, row i skipping
+    column i): the gradient reaches the batch through both sides, as PML's pair list gives
+    it on the reference backend. `dev` moves the test tensors to the engine's device."""
+    import metrix_ops as mo
+    from metrix_ops import fused
+    from metrix_ops.reference.pairs import all_pairs
+    g = torch.Generator().manual_seed(13)
+    x, y = dev(torch.randn(9, 5, generator=g, dtype=torch.float64),
+               torch.randint(0, 3, (9,), generator=g))
+    other, yo = dev(torch.randn(8, 5, generator=g, dtype=torch.float64),
+                    torch.randint(0, 3, (8,), generator=g))
+    loss, ref = (getattr(mo.losses, name)(backend=b) for b in (backend, "reference"))
+    y_all = torch.cat([y, yo])
+    v, (gx,) = value_and_grad(
+        lambda e: fused.run_with_memory(loss, e, y, torch.cat([e, other]), y_all, 0), x)
+    vr, (gr,) = value_and_grad(
+        lambda e: ref(e, y, all_pairs(y, y_all, same_set=True), torch.cat([e, other]), y_all), x)
+    torch.testing.assert_close(v, vr, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gx, gr, rtol=1e-6, atol=1e-9)

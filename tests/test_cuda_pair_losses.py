@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import (CASE_IDS, CASES, OWN_ROWS_LOSSES, assert_close_vg, check_own_rows_with_gradient,
+                   make_case)
 from metrix_ops import _ext
 from metrix_ops.distances import CosineSimilarity
 from metrix_ops.reducers import MeanReducer
@@ -187,3 +188,10 @@ def test_auto_follows_the_measured_gpu_order(monkeypatch):
     monkeypatch.setitem(mo.backend.GPU_ORDER, "MultiSimilarityLoss",
                         ((None, ("triton", "cuda")),))
     assert mo.backend.resolve("auto", "MultiSimilarityLoss", dev) == "triton"
+
+
+@pytest.mark.parametrize("name", [n for n in OWN_ROWS_LOSSES if n != "TripletMarginLoss"])
+def test_own_rows_path_with_references_that_carry_gradient(name):
+    """The distributed wrapper's efficient path (and CrossBatchMemory's) on this engine, with
+    the gathered references carrying the batch's gradient (cases.py)."""
+    check_own_rows_with_gradient("cuda", lambda *ts: tuple(t.cuda() for t in ts), name)

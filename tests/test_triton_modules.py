@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import metrix_ops as mo
-from cases import value_and_grad
+from cases import OWN_ROWS_LOSSES, check_own_rows_with_gradient, value_and_grad
 from triton_cases import DEVICE, compiles_only, on_dev, requires_triton, run_sm90_script
 
 pytestmark = requires_triton
@@ -120,6 +120,11 @@ def test_cross_batch_memory_streams_through_the_kernels(name):
         vr, (gr,) = value_and_grad(lambda e: mods[1](e, y), x)
         torch.testing.assert_close(v, vr, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(gx, gr, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", OWN_ROWS_LOSSES)
+def test_own_rows_path_with_references_that_carry_gradient(name):
+    check_own_rows_with_gradient("triton", on_dev, name)
 
 
 _SM90 = r'''
