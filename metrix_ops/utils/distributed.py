@@ -53,26 +53,30 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """x (the local rows, any trailing shape) with every other rank's rows below it, in rank
-    order; the local rows keep their graph, the others are constants. Sizes may differ
-    between ranks."""
-    if x.dtype == torch.bool:  # (not every backend moves bool tensors)
-        return gather(x.to(torch.uint8)).bool()
+def gather(*xs):
+    """Each x (the local rows, any trailing shape; all with the same number of local rows;
+    None passes through) with every other rank's rows below it, in rank order: the local
+    rows keep their graph, the others are constants. Sizes may differ between ranks: they
+    are gathered once, then each tensor padded to the largest."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    first = next(x for x in xs if x is not None)
+    n = torch.tensor([first.shape[0]], dtype=torch.long, device=first.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     sizes = [int(s) for s in sizes]
     top = max(sizes)
-    padded = torch.cat([x.detach(), x.new_zeros((top - x.shape[0],) + tuple(x.shape[1:]))])
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([x] + [parts[r][:sizes[r]] for r in range(world) if r != rank])
 
-
-def _gather_opt(x):
-    return None if x is None else gather(x)
+    def one(x):
+        if x is None:
+            return None
+        if x.dtype == torch.bool:  # (not every backend moves bool tensors)
+            return one(x.to(torch.uint8)).bool()
+        pad = x.new_zeros((top - x.shape[0],) + tuple(x.shape[1:]))
+        parts = [x.new_empty((top,) + tuple(x.shape[1:])) for _ in range(world)]
+        dist.all_gather(parts, torch.cat([x.detach(), pad]).contiguous())
+        return torch.cat([x] + [parts[r][:sizes[r]] for r in range(world) if r != rank])
+    out = tuple(one(x) for x in xs)
+    return out[0] if len(xs) == 1 else out
 
 
 def _shared_lam(loss, lam, device):
@@ -145,13 +149,13 @@ class DistributedLossWrapper(torch.nn.Module):
             return self._local(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                enqueue_mask, lam)
         if isinstance(self.loss, CrossBatchMemory):
-            mask = _gather_opt(enqueue_mask)
-            return self.loss(gather(embeddings), gather(labels), indices_tuple, mask,
+            all_emb, all_labels, mask = gather(embeddings, labels, enqueue_mask)
+            return self.loss(all_emb, all_labels, indices_tuple, mask,
                              lam=lam) * world
         if enqueue_mask is not None:
             raise ValueError("enqueue_mask is for a wrapped CrossBatchMemory")
-        all_emb, all_labels = gather(embeddings), _gather_opt(labels)
-        all_ref, all_ref_labels = _gather_opt(ref_emb), _gather_opt(ref_labels)
+        all_emb, all_labels = gather(embeddings, labels)
+        all_ref, all_ref_labels = (None, None) if ref_emb is None else gather(ref_emb, ref_labels)
         if not self.efficient:
             return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels,
                              lam=lam) * world
@@ -216,8 +220,8 @@ class DistributedMinerWrapper(torch.nn.Module):
         labels, ref_labels = (None if t is None else t.to(dev) for t in (labels, ref_labels))
         if not is_distributed() or dist.get_world_size() <= 1:
             return self.miner(embeddings, labels, ref_emb, ref_labels)
-        all_emb, all_labels = gather(embeddings), gather(labels)
-        all_ref, all_ref_labels = _gather_opt(ref_emb), _gather_opt(ref_labels)
+        all_emb, all_labels = gather(embeddings, labels)
+        all_ref, all_ref_labels = (None, None) if ref_emb is None else gather(ref_emb, ref_labels)
         if not self.efficient:
             return self.miner(all_emb, all_labels, all_ref, all_ref_labels)
         refs = all_emb if all_ref is None else all_ref
