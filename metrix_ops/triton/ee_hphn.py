@@ -17,8 +17,9 @@ tile pair the four Gram tiles G[u_r, u_c], G[u_r, w_c], G[w_r, u_c], G[w_r, w_c]
 gathered rows; two for an original side, one for two) give every point pair of the tile in
 closed form, in the reference's association (⟨p, q⟩ = λ_p H_{u_p q} + (1−λ_p) H_{w_p q},
 H_{b q} = λ_q G_{b u_q} + (1−λ_q) G_{b w_q}, then / (‖p‖‖q‖)): the row points of a unit
-along a second axis (NPR = n rounded up to a power of two), the column points one k at a
-time. So the products are per unit pair, not per point pair: n² fewer than a point-pair
+along a second axis (NPR of them, n rounded up to a power of two and at most MAX_NPR; a
+larger n takes groups of points along the grid's second axis), the column points one k at
+a time. So the products are per unit pair, not per point pair: n² fewer than a point-pair
 tiling (64× at n = 8), and the point pairs cost a few FMAs each.
 
 Work: 4·(B + S)²·D multiply-adds for S segments (B + S units), and (B + n·S)² point pairs;
