@@ -326,7 +326,8 @@ def test_chunk_table_packs_whole_classes():
     assert sizes.tolist() == [5] * 5 + [9] * 9 + [2] * 2 + [16] * 16 + [1]
     chunks, kb, sizes = chunk_table(torch.zeros(17, dtype=torch.long))
     assert kb == 32 and chunks.tolist() == [0, 17] and sizes.tolist() == [17] * 17
-    assert chunk_table(torch.zeros(MAX_CLASS + 1, dtype=torch.long)) is None
+    with pytest.raises(ValueError, match=f"at most {MAX_CLASS} rows"):
+        chunk_table(torch.zeros(MAX_CLASS + 1, dtype=torch.long))
 
 
 _SM90 = r'''

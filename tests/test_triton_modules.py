@@ -57,9 +57,10 @@ def test_metrix_and_ee_under_fullgraph_compile_equal_eager(name, kw, monkeypatch
     the labels' values, are built inside the ops, and EE-HPHN's per-anchor picks are scatter
     reductions (no padded table). The op calls are counted, so the Triton kernels ran."""
     import metrix_ops.triton.ee_hphn as te
+    import metrix_ops.triton.ee_neg_lse as neg
     import metrix_ops.triton.metrix_tiles as mt
     calls = []
-    for mod, fn in ((mt, "chunk_table"), (te, "ee_hphn_mine_triton")):
+    for mod, fn in ((mt, "chunk_table"), (neg, "chunk_table"), (te, "ee_hphn_mine_triton")):
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     torch._dynamo.reset()

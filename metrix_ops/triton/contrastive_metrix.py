@@ -24,8 +24,8 @@ from ..reducers import reduce_loss_dict
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from .contrastive import contrastive_rows_triton, supports as clean_supports
-from .metrix_tiles import (candidate_tile, chunk_rows, covers, mix_config, mix_grads,
-                           run_sorted, sorted_table)
+from .metrix_tiles import (candidate_tile, chunk_rows, chunk_table, covers, mix_config, mix_grads,
+                           run_sorted)
 from .pairs import loss_constants
 
 
@@ -117,7 +117,7 @@ def _con_metrix_op(x: torch.Tensor, labels: torch.Tensor, cosine: bool, pos_marg
     ps, ns = (torch.zeros(b, dtype=x.dtype, device=x.device) for _ in range(2))
     pc, nc = (torch.zeros(b, dtype=torch.int32, device=x.device) for _ in range(2))
     if b > 0:
-        chunks, kb, counts = sorted_table(labels)
+        chunks, kb, counts = chunk_table(labels)
         cfg, _, warps = mix_config(x, kb)
         _con_mix_fwd_kernel[(len(chunks) - 1,)](
             x, labels, counts, chunks, _constants(x, pos_margin, neg_margin, lam), ps, pc, ns,

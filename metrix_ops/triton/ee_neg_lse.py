@@ -29,13 +29,13 @@ buffers, and the norms (computed in PyTorch from per-segment Gram entries) carry
 
 Work: forward one pass, backward two, each (chunk, point tile) a few KB-sized products;
 memory O(B·D + n·#segments) beside X. Classes of at most 64 rows (else not covered; the
-tables are built inside the ops, as metrix_tiles.sorted_table says)."""
+tables are built inside the ops, as metrix_tiles.chunk_table says)."""
 from __future__ import annotations
 
 import torch
 
 from .launch import HAS_TRITON, next_pow2, usable_on
-from .metrix_tiles import check_segment_labels, largest_class_fits, sorted_table
+from .metrix_tiles import check_segment_labels, chunk_table, largest_class_fits
 from .tiles import acc_dtype, dot_precision
 
 _FWD = "metrix_ops::triton_ee_neg_lse_fwd"
@@ -494,11 +494,11 @@ def layout_tables(layout, n: int):
     """(the chunk, point and side tables of the label-sorted batch, KB) from its layout
     [sorted labels, segments in sorted positions (u, w), anchor mask, negative mask]: see the
     module docstring. Built inside the ops (the chunk table depends on the labels' values,
-    which a compiled graph cannot branch on; metrix_tiles.sorted_table raises for a class
+    which a compiled graph cannot branch on; metrix_tiles.chunk_table raises for a class
     over MAX_CLASS rows)."""
     ys, seg_u, seg_w, amask, nmask = layout
     check_segment_labels(ys, seg_u, seg_w)
-    chunks, kb, _ = sorted_table(ys)
+    chunks, kb, _ = chunk_table(ys)
     b, dev, i32 = len(ys), ys.device, torch.int32
     n_chunks = len(chunks) - 1
     _, cls = torch.unique_consecutive(ys, return_inverse=True)

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .metrix_tiles import (candidate_tile, chunk_rows, fold3, mix_config, mix_grads,
-                           register_lse_autograd, run_sorted, sorted_table)
+from .metrix_tiles import (candidate_tile, chunk_rows, chunk_table, fold3, mix_config, mix_grads,
+                           register_lse_autograd, run_sorted)
 from .pairs import loss_constants
 
 
@@ -81,7 +81,7 @@ def _lse_metrix_op(x: torch.Tensor, labels: torch.Tensor, kind: int, consts: lis
     b, d = x.shape
     lp, ln = (torch.full((b,), -math.inf, dtype=x.dtype, device=x.device) for _ in range(2))
     if b > 0:
-        chunks, kb, counts = sorted_table(labels)
+        chunks, kb, counts = chunk_table(labels)
         cfg, _, warps = mix_config(x, kb)
         lse_mix_fwd_kernel[(len(chunks) - 1,)](
             x, labels, counts, chunks, loss_constants(x, lam, *consts), lp, ln, b, d,

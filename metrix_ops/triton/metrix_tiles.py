@@ -29,7 +29,7 @@ supply their G tile to pairs.py.
 
 Classes are at most 64 rows (KB ≤ 64: the candidate tensor is KB²·BLOCK_N); a batch with a
 larger class is not covered (the driver takes the next engine). The chunk table is built
-inside the ops (sorted_table), so the modules trace under torch.compile; there the class
+inside the ops (chunk_table), so the modules trace under torch.compile; there the class
 sizes cannot be read before the op, "auto" tries the CUDA engine first (backend.py,
 VALUE_DEPENDENT), and a larger class reaching the op raises an error naming the fix."""
 from __future__ import annotations
@@ -47,14 +47,23 @@ def chunk_table(sorted_labels: torch.Tensor):
     """(chunk starts with the end appended, as int32 on the labels' device; KB; each row's
     class size, int32, for the rule "no positive: mix the anchor itself"): whole classes of
     the sorted labels packed greedily into chunks of at most KB rows, KB the smallest power of
-    two ≥ 16 (tl.dot's least) that holds the largest class. None when a class is larger than
-    MAX_CLASS."""
+    two ≥ 16 (tl.dot's least) that holds the largest class.
+
+    Built inside the ops (eager there, so the table may depend on the labels' values and the
+    modules trace under torch.compile(fullgraph=True)). A class over MAX_CLASS rows raises:
+    covers() sends such a batch to the next engine eagerly, but under compile it cannot read
+    the labels and lets every batch through."""
     _, inverse, sizes = torch.unique_consecutive(sorted_labels, return_inverse=True,
                                                  return_counts=True)
     counts = sizes.tolist()
     biggest = max(counts, default=1)
     if biggest > MAX_CLASS:
-        return None
+        raise ValueError(
+            f"labels: the Triton engine's Metrix and EE kernels take classes of at most "
+            f"{MAX_CLASS} rows, and this batch has a larger class. Outside torch.compile such a "
+            "batch goes to the next engine; under it the engine is chosen without the labels' "
+            "values: use backend='cuda' or 'cpu' for such batches, or call the loss outside "
+            "the compiled region")
     kb = max(16, next_pow2(biggest))
     starts, row = [0], 0
     for c in counts:
@@ -64,22 +73,6 @@ def chunk_table(sorted_labels: torch.Tensor):
     starts.append(row)
     return (torch.tensor(starts, dtype=torch.int32, device=sorted_labels.device), kb,
             sizes[inverse].to(torch.int32))
-
-
-def sorted_table(sorted_labels: torch.Tensor):
-    """chunk_table inside an op (eager there, so the table may depend on the labels' values
-    and the modules trace under torch.compile(fullgraph=True)). A class over MAX_CLASS rows
-    raises: covers() sends such a batch to the next engine eagerly, but under compile it
-    cannot read the labels and lets every batch through."""
-    table = chunk_table(sorted_labels)
-    if table is None:
-        raise ValueError(
-            f"labels: the Triton engine's Metrix and EE kernels take classes of at most "
-            f"{MAX_CLASS} rows, and this batch has a larger class. Outside torch.compile such a "
-            "batch goes to the next engine; under it the engine is chosen without the labels' "
-            "values: use backend='cuda' or 'cpu' for such batches, or call the loss outside "
-            "the compiled region")
-    return table
 
 
 def check_segment_labels(labels, seg_i, seg_j) -> None:
@@ -102,7 +95,7 @@ def check_segment_labels(labels, seg_i, seg_j) -> None:
 
 def run_sorted(op, x_unit, labels, pairs: str, *consts):
     """op(xs, ys, *consts, anchor_neg) on the label-sorted batch (the op builds its chunk
-    table: sorted_table), its per-anchor outputs back in the caller's order."""
+    table: chunk_table), its per-anchor outputs back in the caller's order."""
     from ..ops.ms_metrix import label_sorted
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
@@ -113,7 +106,7 @@ def run_sorted(op, x_unit, labels, pairs: str, *consts):
 
 def largest_class_fits(labels) -> bool:
     """Every class has at most MAX_CLASS rows; True under torch.compile, which cannot look
-    (the ops raise there: sorted_table)."""
+    (the ops raise there: chunk_table)."""
     if len(labels) == 0 or torch.compiler.is_compiling():
         return True
     return int(torch.unique(labels, return_counts=True)[1].max()) <= MAX_CLASS
@@ -301,7 +294,7 @@ def mix_grads(weights, x, labels, prm, vecs, anchor_neg):
     b, d = x.shape
     if b == 0:
         return torch.zeros_like(x)
-    chunks, kb, counts = sorted_table(labels)
+    chunks, kb, counts = chunk_table(labels)
     cfg, block_do, warps = mix_config(x, kb, grad=True)
     args = (x, labels, counts, chunks, prm, *(v.to(x.dtype).contiguous() for v in vecs))
     meta = dict(WEIGHTS=weights, ANCHOR_NEG=bool(anchor_neg), KB=kb, BLOCK_DO=block_do, **cfg,

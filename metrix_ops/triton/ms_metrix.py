@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .. import fused
 from ..ops.unit_rows import unit_rows
-from .metrix_tiles import (candidate_tile, chunk_rows, covers, fold3, mix_config, mix_grads,
-                           register_lse_autograd, run_sorted, sorted_table)
+from .metrix_tiles import (candidate_tile, chunk_rows, chunk_table, covers, fold3, mix_config,
+                           mix_grads, register_lse_autograd, run_sorted)
 from .multi_similarity import ms_rows_triton, supports as clean_supports
 from .pairs import loss_constants
 
@@ -103,7 +103,7 @@ def _ms_metrix_op(x: torch.Tensor, labels: torch.Tensor, alpha: float, beta: flo
     mix, lp, ln = (torch.zeros(b, dtype=x.dtype, device=x.device) for _ in range(3))
     if b == 0:
         return mix, lp, ln
-    chunks, kb, counts = sorted_table(labels)
+    chunks, kb, counts = chunk_table(labels)
     cfg, _, warps = mix_config(x, kb)
     _ms_mix_fwd_kernel[(len(chunks) - 1,)](
         x, labels, counts, chunks, _constants(x, alpha, beta, base, lam), mix, lp, ln, b, d,
