@@ -34,13 +34,14 @@ def cases():
     import metrix_ops.triton.metrix_tiles as mt
     import metrix_ops.triton.ms_metrix as mm
     out = []
-    for kb, bn in ((16, 32), (16, 16), (32, 16)):
+    for kb, bn, split in ((16, 32, False), (16, 16, False), (32, 16, False), (32, 16, True), (16, 16, True)):
         t = dict(KB=kb, BLOCK_N=bn, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32",
-                 ANCHOR_NEG=False, BLOCK_DO=512)
-        out += [(f"ms_metrix fwd KB={kb} N={bn}", mm._ms_mix_fwd_kernel, t, 8),
-                (f"metrix grad rows KB={kb} N={bn}", mt.mix_grad_rows_kernel,
+                 ANCHOR_NEG=False, SPLIT=split, BLOCK_DO=512)
+        tag = f"KB={kb} N={bn}" + (" split" if split else "")
+        out += [(f"ms_metrix fwd {tag}", mm._ms_mix_fwd_kernel, t, 8),
+                (f"metrix grad rows {tag}", mt.mix_grad_rows_kernel,
                  dict(t, WEIGHTS=mm._ms_mix_weights), 8),
-                (f"metrix grad cols KB={kb} N={bn}", mt.mix_grad_cols_kernel,
+                (f"metrix grad cols {tag}", mt.mix_grad_cols_kernel,
                  dict(t, WEIGHTS=mm._ms_mix_weights), 8)]
     for row_seg, br, npr in ((False, 32, 1), (True, 16, 8), (True, 16, 16)):
         name = f"ee mine {'segment' if row_seg else 'original'} rows {br}x{npr}"
@@ -80,7 +81,7 @@ def seventh_session_cases():
          dict(grad, GRAD_TILE=ms._ms_grad_tile, MINE=True), 8),
         ("gen lifted metrix fwd KB=16 N=32", lm.lse_mix_fwd_kernel,
          dict(KB=16, BLOCK_N=32, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32",
-              ANCHOR_NEG=False, LOGITS=glm._lifted_mix_logits_l2), 8),
+              ANCHOR_NEG=False, SPLIT=False, LOGITS=glm._lifted_mix_logits_l2), 8),
     ] + proxy_and_triplet_cases()
 
 

@@ -31,11 +31,11 @@ _warned_no_ext = False
 # (DESIGN §7: the slower of the two is not the default; the unmeasured one is not trusted).
 GPU_DEFAULT_ORDER = ("triton", "cuda")
 VARIANTS = ("clean", "miner", "metrix", "expansion")
-# engines whose coverage of a variant depends on the labels' values (Triton's Metrix and EE
-# kernels take classes of at most 64 rows): a compiled graph cannot read them, so under
-# torch.compile "auto" tries these engines last (eagerly a larger class goes to the next
-# engine; compiled, the Triton op could only raise)
-VALUE_DEPENDENT = {"triton": ("metrix", "expansion")}
+# engines whose coverage of a variant depends on the labels' values (Triton's EE kernels take
+# classes of at most 64 rows; its Metrix kernels cut larger classes into blocks): a compiled
+# graph cannot read them, so under torch.compile "auto" tries these engines last (eagerly a
+# larger class goes to the next engine; compiled, the Triton op could only raise)
+VALUE_DEPENDENT = {"triton": ("expansion",)}
 
 
 def load_gpu_order(path: str) -> dict:

@@ -160,7 +160,13 @@ def main():
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     ap.add_argument("--only", type=int, default=-1, help="replay case ONLY of this seed")
+    ap.add_argument("--small-blocks", action="store_true",
+                    help="Triton Metrix: cut classes over 8 rows into blocks of 16, so that the "
+                         "drawn batches (B ≤ 31) reach the cut-class kernels")
     args = ap.parse_args()
+    if args.small_blocks:
+        import metrix_ops.triton.metrix_tiles as tiles
+        tiles.MAX_CLASS, tiles.SPLIT_KB = 8, 16
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)

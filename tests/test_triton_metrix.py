@@ -265,14 +265,8 @@ def test_half_inputs(loss, dtype):
 
 
 def test_not_covered_calls_match_reference(loss, op_calls):
-    """A class over 64 rows, pos_pos pairs, a separate ref_emb: the Triton op is not used
-    (the clean term stays on Triton, the mixed one is the reference's), values still equal."""
-    g = torch.Generator().manual_seed(3)
-    y = _labels([65, 4, 3], g)
-    x = torch.randn(len(y), 5, dtype=torch.float64, generator=g)
-    x, y = on_dev(x, y)
-    tri, ref = pair(loss, 0.4)
-    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    """pos_pos pairs, a separate ref_emb: the Triton op is not used (the clean term stays on
+    Triton, the mixed one is the reference's), values still equal."""
     x2, y2 = on_dev(*make_case(CASES[1]))
     tri, ref = pair(loss, 0.4, pairs="pos_pos")
     assert_close_vg(lambda e: tri(e, y2), lambda e: ref(e, y2), x2)
@@ -318,16 +312,80 @@ def test_opcheck():
                                    anchor_neg))
 
 
-def test_chunk_table_packs_whole_classes():
-    from metrix_ops.triton.metrix_tiles import MAX_CLASS, chunk_table
+def test_chunk_table_packs_whole_classes_and_cuts_larger_ones():
+    from metrix_ops.triton.metrix_tiles import MAX_CLASS, SPLIT_KB, chunk_table
     ys = torch.tensor(sorted([0] * 5 + [1] * 9 + [2] * 2 + [3] * 16 + [4] * 1))
-    chunks, kb, sizes = chunk_table(ys)
-    assert kb == 16 and chunks.tolist() == [0, 16, 32, 33]  # 5 + 9 + 2 rows share one
-    assert sizes.tolist() == [5] * 5 + [9] * 9 + [2] * 2 + [16] * 16 + [1]
-    chunks, kb, sizes = chunk_table(torch.zeros(17, dtype=torch.long))
-    assert kb == 32 and chunks.tolist() == [0, 17] and sizes.tolist() == [17] * 17
-    with pytest.raises(ValueError, match=f"at most {MAX_CLASS} rows"):
-        chunk_table(torch.zeros(MAX_CLASS + 1, dtype=torch.long))
+    for anchor_neg in (False, True):
+        table, kb, sizes, split = chunk_table(ys, anchor_neg)
+        assert kb == 16 and not split  # 5 + 9 + 2 rows share one chunk; positives its own
+        assert table.view(-1, 4).tolist() == [[0, 16, 0, 16], [16, 32, 16, 32], [32, 33, 32, 33]]
+        assert sizes.tolist() == [5] * 5 + [9] * 9 + [2] * 2 + [16] * 16 + [1]
+    table, kb, sizes, split = chunk_table(torch.zeros(17, dtype=torch.long), False)
+    assert kb == 32 and table.tolist() == [0, 17, 0, 17] and sizes.tolist() == [17] * 17
+    # a class over MAX_CLASS rows: blocks of SPLIT_KB whose positives are the whole class;
+    # the classes of at most SPLIT_KB rows around it are still packed
+    big = MAX_CLASS + 5
+    ys = torch.tensor([0] * 3 + [1] * big + [2] * 2 + [3] * 4)
+    table, kb, sizes, split = chunk_table(ys, False)
+    blocks = [(a, min(a + SPLIT_KB, 3 + big), 3, 3 + big) for a in range(3, 3 + big, SPLIT_KB)]
+    assert kb == SPLIT_KB and split
+    assert table.view(-1, 4).tolist() == [[0, 3, 0, 3], *map(list, blocks),
+                                          [3 + big, 9 + big, 3 + big, 9 + big]]
+    # under anchor_neg a block's one positive per anchor is itself: nothing to split
+    table, kb, _, split = chunk_table(ys, True)
+    assert kb == SPLIT_KB and not split
+    assert table.view(-1, 4).tolist()[1:-1] == [[a, b, a, b] for a, b, _, _ in blocks]
+
+
+def test_ee_class_chunks_keep_whole_classes():
+    from metrix_ops.triton.ee_chunks import EE_MAX_CLASS, class_chunks
+    ys = torch.tensor(sorted([0] * 5 + [1] * 9 + [2] * 2 + [3] * 16 + [4] * 1))
+    chunks, kb = class_chunks(ys)
+    assert kb == 16 and chunks.tolist() == [0, 16, 32, 33]
+    with pytest.raises(ValueError, match=f"at most {EE_MAX_CLASS} rows"):
+        class_chunks(torch.zeros(EE_MAX_CLASS + 1, dtype=torch.long))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Cut classes over 16 rows into blocks of 16 (the kernels' least), so that small batches
+    take the cut-class path; the tables the ops built, recorded."""
+    import metrix_ops.triton.metrix_tiles as tiles
+    monkeypatch.setattr(tiles, "MAX_CLASS", 16)
+    monkeypatch.setattr(tiles, "SPLIT_KB", 16)
+    tables, real = [], tiles.chunk_table
+    monkeypatch.setattr(tiles, "chunk_table",
+                        lambda *a: tables.append(real(*a)) or tables[-1])
+    return tables
+
+
+# a class cut into three blocks (the last partial) beside packed small classes, a class of one
+# and a second cut class; classes of exactly one block's rows beside one that is cut
+@pytest.mark.parametrize("sizes", [[37, 3, 1, 20, 5], [17, 16, 1]])
+@pytest.mark.parametrize("lam,pairs", [(0.45, "pos_neg"), (0.7, "anchor_neg")])
+def test_classes_cut_into_blocks_fp64(loss, sizes, lam, pairs, op_calls, small_blocks):
+    """A class larger than a chunk: its blocks' positives range over the whole class (the
+    forward's loop over the class's blocks, the gradient's row programs taking each pair of
+    blocks both ways, the column programs both tiles' parts)."""
+    g = torch.Generator().manual_seed(sum(sizes) + int(10 * lam))
+    y = _labels(sizes, g)
+    x, y = on_dev(torch.randn(len(y), 6, dtype=torch.float64, generator=g), y)
+    tri, ref = pair(loss, lam, weight=1.3, pairs=pairs)
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    assert op_calls and small_blocks
+    assert all(t[3] == (pairs == "pos_neg") for t in small_blocks)  # split only for pos_neg
+
+
+def test_a_class_over_max_class_at_the_real_block_size(loss, op_calls):
+    """The cut at the shipped sizes (MAX_CLASS, SPLIT_KB): values and gradients equal the
+    reference's, and the Triton op ran (no fallback: there is no class limit)."""
+    from metrix_ops.triton.metrix_tiles import MAX_CLASS
+    g = torch.Generator().manual_seed(71)
+    y = _labels([MAX_CLASS + 6, 4, 1], g)
+    x, y = on_dev(torch.randn(len(y), 5, dtype=torch.float64, generator=g), y)
+    tri, ref = pair(loss, 0.4, weight=1.1)
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    assert op_calls
 
 
 _SM90 = r'''
@@ -341,11 +399,12 @@ import metrix_ops.triton.metrix_tiles as mt
 failed = []
 ptrs = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32", "pc_ptr": "*i32",
         "nc_ptr": "*i32"}
-for fdt, acc, prec, kb, bn, width in [("fp32", tl.float32, "tf32", 16, 32, 128),
-                                      ("fp32", tl.float32, "tf32", 64, 16, 512),
-                                      ("fp64", tl.float64, "ieee", 16, 32, 512)]:
+for fdt, acc, prec, kb, bn, width, split in [("fp32", tl.float32, "tf32", 16, 32, 128, False),
+                                             ("fp32", tl.float32, "tf32", 64, 16, 512, False),
+                                             ("fp32", tl.float32, "tf32", 32, 16, 512, True),
+                                             ("fp64", tl.float64, "ieee", 16, 32, 512, False)]:
     tiles = dict(KB=kb, BLOCK_N=bn, BLOCK_D=64, ACC=acc, PRECISION=prec, ANCHOR_NEG=False,
-                 BLOCK_DO=width)
+                 SPLIT=split, BLOCK_DO=width)
     cases = [(mm._ms_mix_fwd_kernel, {})]
     weights = [mm._ms_mix_weights]
     if kb == 16:  # every loss at the common chunk height; the tallest chunk for MS only
@@ -362,7 +421,7 @@ for fdt, acc, prec, kb, bn, width in [("fp32", tl.float32, "tf32", 16, 32, 128),
         try:
             compile_sm90(fn, consts, fdt, num_warps=4 if width <= 128 else 8, pointer_types=ptrs)
         except Exception as e:  # noqa: BLE001
-            failed.append(f"{fn.__name__} {fdt} KB{kb} D{width}: {type(e).__name__}: {str(e)[:300]}")
+            failed.append(f"{fn.__name__} {fdt} KB{kb} D{width} split={split}: {type(e).__name__}: {str(e)[:300]}")
 print("\n".join(failed))
 sys.exit(1 if failed else 0)
 '''
@@ -371,7 +430,8 @@ sys.exit(1 if failed else 0)
 @compiles_only
 def test_kernels_compile_for_h100():
     """The Metrix kernels (forward of each loss, the shared gradient kernels with each loss's
-    weights) compile for sm_90 at GPU tile sizes, fp32 and fp64."""
+    weights) compile for sm_90 at GPU tile sizes, fp32 and fp64, and MS's with a cut class
+    (SPLIT) at SPLIT_KB."""
     run_sm90_script(_SM90)
 
 

@@ -60,7 +60,7 @@ def test_metrix_and_ee_under_fullgraph_compile_equal_eager(name, kw, monkeypatch
     import metrix_ops.triton.ee_neg_lse as neg
     import metrix_ops.triton.metrix_tiles as mt
     calls = []
-    for mod, fn in ((mt, "chunk_table"), (neg, "chunk_table"), (te, "ee_hphn_mine_triton")):
+    for mod, fn in ((mt, "chunk_table"), (neg, "class_chunks"), (te, "ee_hphn_mine_triton")):
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     torch._dynamo.reset()
@@ -80,18 +80,39 @@ def test_metrix_and_ee_under_fullgraph_compile_equal_eager(name, kw, monkeypatch
         torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
 
 
-def test_compiled_metrix_names_a_class_over_the_kernels_limit():
-    """Eagerly a class over MAX_CLASS rows goes to the next engine; compiled, the engine is
-    chosen without the labels' values, and the op says what to do instead of failing inside."""
+def test_compiled_metrix_takes_a_class_over_max_class(monkeypatch):
+    """Metrix cuts a class over MAX_CLASS rows into blocks, so a compiled call needs no
+    fallback: fullgraph, it runs the Triton op and equals the reference."""
+    import metrix_ops.triton.ms_metrix as mm
     from metrix_ops.triton.metrix_tiles import MAX_CLASS
+    calls, real = [], mm.ms_metrix_rows_triton
+    monkeypatch.setattr(mm, "ms_metrix_rows_triton",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     loss = mo.losses.MultiSimilarityLoss(backend="triton", metrix=mo.Metrix(lam=0.3))
     ref = mo.losses.MultiSimilarityLoss(backend="reference", metrix=mo.Metrix(lam=0.3))
     x, y = on_dev(torch.randn(MAX_CLASS + 3, 5, dtype=torch.float64),
                   torch.tensor([0] * (MAX_CLASS + 1) + [1, 2]))
-    torch.testing.assert_close(loss(x, y), ref(x, y))  # eagerly: covered by the fallback
     torch._dynamo.reset()
     compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
-    with pytest.raises(ValueError, match=f"labels: .* at most {MAX_CLASS} rows.*backend='cuda'"):
+    torch.testing.assert_close(compiled(x, y), ref(x, y))
+    assert calls
+
+
+def test_compiled_ee_names_a_class_over_the_kernels_limit():
+    """Eagerly a class over EE_MAX_CLASS rows is not covered (the call names backend='auto',
+    which takes the next engine); compiled, the engine is chosen without the labels' values,
+    and the op says what to do instead of failing inside."""
+    from metrix_ops.triton.ee_chunks import EE_MAX_CLASS
+    ee = mo.Expansion(n_points=1, pairs="adjacent")
+    loss = mo.losses.MultiSimilarityLoss(backend="triton", expansion=ee)
+    x, y = on_dev(torch.randn(EE_MAX_CLASS + 4, 5, dtype=torch.float64),
+                  torch.tensor([0] * (EE_MAX_CLASS + 2) + [1, 1]))
+    with pytest.raises(NotImplementedError, match="backend='auto'"):
+        loss(x, y)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
+    with pytest.raises(ValueError,
+                       match=f"labels: .* at most {EE_MAX_CLASS} rows.*backend='cuda'"):
         compiled(x, y)
 
 

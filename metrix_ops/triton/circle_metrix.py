@@ -39,7 +39,7 @@ register_kind(CIRCLE_MIX, _circle_mix_logits, _circle_mix_weights)
 def circle_metrix_lses_triton(x_unit, labels, m: float, gamma: float, lam: float,
                               pairs: str = "pos_neg"):
     """(z = lse⁺ + lse⁻ differentiable, has-a-candidate mask), each (B,) in the caller's
-    order; classes of at most MAX_CLASS rows (covers)."""
+    order."""
     # γ, O_p, O_n, Δ_p, Δ_n from Python floats (common/circle.h)
     out = lse_metrix_rows(CIRCLE_MIX, (gamma, 1 + m, -m, 1 - m, m), x_unit, labels, lam, pairs)
     return out[0], torch.isfinite(out[1])

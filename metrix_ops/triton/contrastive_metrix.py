@@ -24,7 +24,7 @@ from ..reducers import reduce_loss_dict
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from .contrastive import contrastive_rows_triton, supports as clean_supports
-from .metrix_tiles import (candidate_tile, chunk_rows, chunk_table, covers, mix_config, mix_grads,
+from .metrix_tiles import (candidate_tile, chunk_launch, chunk_rows, covers, mix_grads, pos_block,
                            run_sorted)
 from .pairs import loss_constants
 
@@ -75,24 +75,28 @@ def _sum2(t):
 @triton.jit
 def _con_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, ps_ptr, pc_ptr, ns_ptr,
                         nc_ptr, B, D, stride_x, COSINE: tl.constexpr, ANCHOR_NEG: tl.constexpr,
-                        KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        ACC: tl.constexpr, PRECISION: tl.constexpr):
-    offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr, x_ptr,
-                                            D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+                        SPLIT: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    offs_k, a1, lab_k, cnt_k, p0, p1 = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr,
+                                                  KB)
     lam = tl.load(prm_ptr)
     ps = tl.zeros((KB,), dtype=ACC)
     ns = tl.zeros((KB,), dtype=ACC)
     pc = tl.zeros((KB,), dtype=tl.int32)
     nc = tl.zeros((KB,), dtype=tl.int32)
-    for n0 in range(0, B, BLOCK_N):
-        v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
-                                          stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
-        tp, tn, _, _ = _con_mix_terms(v, ok, prm_ptr, COSINE)
-        ps += _sum2(tp)
-        ns += _sum2(tn)
-        pc += _sum2((tp > 0).to(tl.int32))
-        nc += _sum2((tn > 0).to(tl.int32))
-    row_ok = offs_k < c1
+    for p in range(p0, p1, KB):
+        offs_p, lab_p, pm, sap = pos_block(x_ptr, lab_ptr, offs_k, a1, lab_k, cnt_k, p, p1, D,
+                                       stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+        for n0 in range(0, B, BLOCK_N):
+            v, ok, r, offs_n, s_a, s_p, lab_n = candidate_tile(
+                x_ptr, lab_ptr, offs_k, a1, lab_k, offs_p, p1, pm, sap, n0, B, D, stride_x, lam,
+                SPLIT, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+            tp, tn, _, _ = _con_mix_terms(v, ok, prm_ptr, COSINE)
+            ps += _sum2(tp)
+            ns += _sum2(tn)
+            pc += _sum2((tp > 0).to(tl.int32))
+            nc += _sum2((tn > 0).to(tl.int32))
+    row_ok = offs_k < a1
     tl.store(ps_ptr + offs_k, ps, mask=row_ok)
     tl.store(ns_ptr + offs_k, ns, mask=row_ok)
     tl.store(pc_ptr + offs_k, pc, mask=row_ok)
@@ -117,12 +121,10 @@ def _con_metrix_op(x: torch.Tensor, labels: torch.Tensor, cosine: bool, pos_marg
     ps, ns = (torch.zeros(b, dtype=x.dtype, device=x.device) for _ in range(2))
     pc, nc = (torch.zeros(b, dtype=torch.int32, device=x.device) for _ in range(2))
     if b > 0:
-        chunks, kb, counts = chunk_table(labels)
-        cfg, _, warps = mix_config(x, kb)
-        _con_mix_fwd_kernel[(len(chunks) - 1,)](
-            x, labels, counts, chunks, _constants(x, pos_margin, neg_margin, lam), ps, pc, ns,
-            nc, b, d, x.stride(0), COSINE=bool(cosine), ANCHOR_NEG=bool(anchor_neg), KB=kb,
-            **cfg, **warps)
+        table, counts, n_chunks, meta, _ = chunk_launch(x, labels, anchor_neg)
+        _con_mix_fwd_kernel[(n_chunks,)](
+            x, labels, counts, table, _constants(x, pos_margin, neg_margin, lam), ps, pc, ns,
+            nc, b, d, x.stride(0), COSINE=bool(cosine), **meta)
     return ps, pc, ns, nc
 
 
@@ -171,7 +173,7 @@ def contrastive_metrix_rows_triton(x_unit, labels, cosine: bool, pos_margin: flo
                                    neg_margin: float, lam: float, pairs: str = "pos_neg"):
     """(pos_sum, pos_count, neg_sum, neg_count), each (B,) in the caller's order, of each
     anchor's mixed candidates' terms (kept when > 0); the sums are differentiable in x_unit.
-    Classes of at most MAX_CLASS rows (covers)."""
+    """
     return run_sorted(torch.ops.metrix_ops.triton_contrastive_metrix, x_unit, labels, pairs,
                       bool(cosine), float(pos_margin), float(neg_margin), float(lam))
 

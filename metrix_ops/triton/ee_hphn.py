@@ -35,7 +35,7 @@ from ..fused.hphn_triplet import picks_loss, segments_for
 from ..ops.unit_rows import normalized
 from .hphn_triplet import hphn_mine_triton
 from .launch import next_pow2, usable_on
-from .metrix_tiles import check_segment_labels
+from .ee_chunks import check_segment_labels
 from .pairs import launch_config, loss_constants, max_dim
 from .tiles import sim_tile
 
@@ -174,7 +174,7 @@ MAX_NPR = 8
 
 def _check_tables(x, labels, seg_i, seg_j, n, plam, pscale):
     """The op's tables fit x (a bad one would read out of bounds in the kernel), and each
-    segment's ends share a label (metrix_tiles.check_segment_labels), n = 0 included."""
+    segment's ends share a label (ee_chunks.check_segment_labels), n = 0 included."""
     b, s = x.shape[0], (seg_i.shape[0] if n > 0 else 0)
     p = b + s * n
     if n < 0:

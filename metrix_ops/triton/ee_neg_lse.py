@@ -11,7 +11,7 @@ order (ties to the earliest); Q_i: originals of another class allowed by neg_mas
 synthetic point of another class.
 
 Layout: the batch label-sorted and cut into chunks of at most KB rows holding whole classes
-(metrix_tiles.chunk_table), so an anchor's side points have both endpoints among its chunk's
+(ee_chunks.class_chunks), so an anchor's side points have both endpoints among its chunk's
 rows. Points are index triples (u, w, λ), never materialised, listed chunk by chunk (each
 chunk's originals, then its segments' points). A program takes one chunk:
 - against a tile of BQ points, two tl.dots give G_u = X_c X[q_u]ᵀ and G_w = X_c X[q_w]ᵀ, and
@@ -29,13 +29,13 @@ buffers, and the norms (computed in PyTorch from per-segment Gram entries) carry
 
 Work: forward one pass, backward two, each (chunk, point tile) a few KB-sized products;
 memory O(B·D + n·#segments) beside X. Classes of at most 64 rows (else not covered; the
-tables are built inside the ops, as metrix_tiles.chunk_table says)."""
+tables are built inside the ops, as ee_chunks.class_chunks says)."""
 from __future__ import annotations
 
 import torch
 
 from .launch import HAS_TRITON, next_pow2, usable_on
-from .metrix_tiles import check_segment_labels, chunk_table, largest_class_fits
+from .ee_chunks import check_segment_labels, class_chunks, largest_class_fits
 from .tiles import acc_dtype, dot_precision
 
 _FWD = "metrix_ops::triton_ee_neg_lse_fwd"
@@ -494,11 +494,11 @@ def layout_tables(layout, n: int):
     """(the chunk, point and side tables of the label-sorted batch, KB) from its layout
     [sorted labels, segments in sorted positions (u, w), anchor mask, negative mask]: see the
     module docstring. Built inside the ops (the chunk table depends on the labels' values,
-    which a compiled graph cannot branch on; metrix_tiles.chunk_table raises for a class
-    over MAX_CLASS rows)."""
+    which a compiled graph cannot branch on; ee_chunks.class_chunks raises for a class
+    over EE_MAX_CLASS rows)."""
     ys, seg_u, seg_w, amask, nmask = layout
     check_segment_labels(ys, seg_u, seg_w)
-    chunks, kb, _ = chunk_table(ys)
+    chunks, kb = class_chunks(ys)
     b, dev, i32 = len(ys), ys.device, torch.int32
     n_chunks = len(chunks) - 1
     _, cls = torch.unique_consecutive(ys, return_inverse=True)
@@ -577,7 +577,7 @@ def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, sca
                       offset: float, anchor_mask=None, neg_mask=None):
     """ops.ee_losses.ee_neg_lse on the Triton engine: (B,) log Σ_{q ∈ Q_i} exp(scale·m̂ + offset)
     per anchor in the caller's order, −inf where none; differentiable in x_unit. Classes of at
-    most MAX_CLASS rows (covers)."""
+    most EE_MAX_CLASS rows (covers)."""
     _, slot, xs, layout, pnorm = prepare(x_unit, labels, seg_i, seg_j, n_points, anchor_mask,
                                          neg_mask)
     lse = torch.ops.metrix_ops.triton_ee_neg_lse_fwd(xs, pnorm, layout, int(n_points),
@@ -586,5 +586,5 @@ def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, sca
 
 
 def covers(x, labels) -> bool:
-    """Triton runs on x's device and every class has at most MAX_CLASS rows."""
+    """Triton runs on x's device and every class has at most EE_MAX_CLASS rows."""
     return usable_on(x.device) and largest_class_fits(labels)

@@ -83,7 +83,7 @@ def ee_triplet_triton(x_unit, labels, seg_i, seg_j, pos, n_points: int, l2: bool
     """ops.ee_losses.ee_triplet on the Triton engine: per anchor in the caller's order
     (Σ f, #f > 0, #triplets); `pos`: each anchor's clean metric to its positives (the other
     members of its class in index order), anchor-major. Differentiable in x_unit and pos.
-    Classes of at most MAX_CLASS rows (ee_neg_lse.covers)."""
+    Classes of at most EE_MAX_CLASS rows (ee_neg_lse.covers)."""
     order, slot, xs, layout, pnorm = prepare(x_unit, labels, seg_i, seg_j, n_points)
     _, inv, counts = torch.unique(labels.long(), return_inverse=True, return_counts=True)
     npos = counts[inv] - 1  # per anchor: its class's other members

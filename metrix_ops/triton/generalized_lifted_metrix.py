@@ -70,7 +70,7 @@ register_kind(LIFTED_MIX_L2, _lifted_mix_logits_l2, _lifted_mix_weights_l2)
 def lifted_metrix_lses_triton(x_unit, labels, cosine: bool, pos_margin: float,
                               neg_margin: float, lam: float, pairs: str = "pos_neg"):
     """(z differentiable: the sum of the sides with label mass, has-a-candidate mask), each
-    (B,) in the caller's order; classes of at most MAX_CLASS rows (covers)."""
+    (B,) in the caller's order."""
     consts = (pos_margin, neg_margin, 16 * torch.finfo(x_unit.dtype).eps,
               float(lam > 0.0), float(lam < 1.0))
     z, lp, ln = lse_metrix_rows(LIFTED_MIX_COS if cosine else LIFTED_MIX_L2, consts, x_unit,

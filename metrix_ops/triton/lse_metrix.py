@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .metrix_tiles import (candidate_tile, chunk_rows, chunk_table, fold3, mix_config, mix_grads,
+from .metrix_tiles import (candidate_tile, chunk_launch, chunk_rows, fold3, mix_grads, pos_block,
                            register_lse_autograd, run_sorted)
 from .pairs import loss_constants
 
@@ -37,22 +37,26 @@ def lse_mix_weights(xp, xn, dp, dn, ok, g, lp, ln):
 @triton.jit
 def lse_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, lp_ptr, ln_ptr, B, D,
                        stride_x, LOGITS: tl.constexpr, ANCHOR_NEG: tl.constexpr,
-                       KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       ACC: tl.constexpr, PRECISION: tl.constexpr):
-    offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr, x_ptr,
-                                            D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+                       SPLIT: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    offs_k, a1, lab_k, cnt_k, p0, p1 = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr,
+                                                  KB)
     lam = tl.load(prm_ptr)
     mp = tl.full((KB,), float("-inf"), ACC)
     mn = tl.full((KB,), float("-inf"), ACC)
     tp = tl.zeros((KB,), ACC)
     tn = tl.zeros((KB,), ACC)
-    for n0 in range(0, B, BLOCK_N):
-        v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
-                                          stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
-        xp, xn, _, _ = LOGITS(v, ok, prm_ptr)
-        mp, tp = fold3(mp, tp, xp)
-        mn, tn = fold3(mn, tn, xn)
-    row_ok = offs_k < c1
+    for p in range(p0, p1, KB):
+        offs_p, lab_p, pm, sap = pos_block(x_ptr, lab_ptr, offs_k, a1, lab_k, cnt_k, p, p1, D,
+                                       stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+        for n0 in range(0, B, BLOCK_N):
+            v, ok, r, offs_n, s_a, s_p, lab_n = candidate_tile(
+                x_ptr, lab_ptr, offs_k, a1, lab_k, offs_p, p1, pm, sap, n0, B, D, stride_x, lam,
+                SPLIT, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+            xp, xn, _, _ = LOGITS(v, ok, prm_ptr)
+            mp, tp = fold3(mp, tp, xp)
+            mn, tn = fold3(mn, tn, xn)
+    row_ok = offs_k < a1
     # no candidate: −inf (a clamped log, then the select: no log(0)); else the sum is ≥ 1
     tl.store(lp_ptr + offs_k, tl.where(tp > 0, mp + tl.log(tl.maximum(tp, 1e-30)),
                                        float("-inf")), mask=row_ok)
@@ -81,12 +85,10 @@ def _lse_metrix_op(x: torch.Tensor, labels: torch.Tensor, kind: int, consts: lis
     b, d = x.shape
     lp, ln = (torch.full((b,), -math.inf, dtype=x.dtype, device=x.device) for _ in range(2))
     if b > 0:
-        chunks, kb, counts = chunk_table(labels)
-        cfg, _, warps = mix_config(x, kb)
-        lse_mix_fwd_kernel[(len(chunks) - 1,)](
-            x, labels, counts, chunks, loss_constants(x, lam, *consts), lp, ln, b, d,
-            x.stride(0), LOGITS=_KINDS[kind][0], ANCHOR_NEG=bool(anchor_neg), KB=kb, **cfg,
-            **warps)
+        table, counts, n_chunks, meta, _ = chunk_launch(x, labels, anchor_neg)
+        lse_mix_fwd_kernel[(n_chunks,)](
+            x, labels, counts, table, loss_constants(x, lam, *consts), lp, ln, b, d,
+            x.stride(0), LOGITS=_KINDS[kind][0], **meta)
     # an empty side adds 0 (its lse stays −inf): a loss that drops a side (e.g. λ = 0, no
     # positive label mass) switches its exponents off in LOGITS, and z is the other side
     return torch.where(lp > -math.inf, lp, 0) + torch.where(ln > -math.inf, ln, 0), lp, ln
@@ -116,6 +118,6 @@ register_lse_autograd(_FWD, torch.ops.metrix_ops.triton_lse_metrix_bwd, 6)
 
 def lse_metrix_rows(kind: int, consts, x_unit, labels, lam: float, pairs: str):
     """(z differentiable, lse⁺, lse⁻), each (B,) in the caller's order, of a
-    registered kind; classes of at most MAX_CLASS rows (covers)."""
+    registered kind."""
     return run_sorted(torch.ops.metrix_ops.triton_lse_metrix, x_unit, labels, pairs, int(kind),
                       [float(c) for c in consts], float(lam))

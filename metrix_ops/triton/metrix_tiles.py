@@ -27,11 +27,12 @@ The backward kernels are shared (mix_grads): a loss supplies its candidate weigh
 upstream gradients and saved row statistics) and its constants, as the clean pair losses
 supply their G tile to pairs.py.
 
-Classes are at most 64 rows (KB ≤ 64: the candidate tensor is KB²·BLOCK_N); a batch with a
-larger class is not covered (the driver takes the next engine). The chunk table is built
-inside the ops (chunk_table), so the modules trace under torch.compile; there the class
-sizes cannot be read before the op, "auto" tries the CUDA engine first (backend.py,
-VALUE_DEPENDENT), and a larger class reaching the op raises an error naming the fix."""
+Large classes. Classes of at most MAX_CLASS rows stay whole in one chunk (the candidate
+tensor is KB²·BLOCK_N). A larger class is cut into blocks of SPLIT_KB rows, each a chunk of
+anchors whose positives range over the whole class (chunk_table); the kernels then loop over
+the class's blocks, with a second S tile for the positives' rows (SPLIT), and the gradient's
+row programs take each pair of blocks both ways, so that every row still has one writer. The
+chunk table is built inside the ops, so the modules trace under torch.compile."""
 from __future__ import annotations
 
 import torch
@@ -39,58 +40,58 @@ import torch
 from .launch import HAS_TRITON, next_pow2
 from .pairs import launch_config
 
-MAX_CLASS = 64
+MAX_CLASS = 64  # the largest class a chunk holds whole; larger ones are cut into blocks
+# the block height when a class is cut: ptxas for sm_90 (D = 512, 8 warps, 16 columns) gives
+# the cut path's gradient row kernel 888 bytes of spills at 16 rows and 7148 at 32
+SPLIT_KB = 16
 MIX_EPS = 1e-12  # as F.normalize and the CPU kernels (common/metrix_mix.h kMixEps)
 
 
-def chunk_table(sorted_labels: torch.Tensor):
-    """(chunk starts with the end appended, as int32 on the labels' device; KB; each row's
-    class size, int32, for the rule "no positive: mix the anchor itself"): whole classes of
-    the sorted labels packed greedily into chunks of at most KB rows, KB the smallest power of
-    two ≥ 16 (tl.dot's least) that holds the largest class.
-
-    Built inside the ops (eager there, so the table may depend on the labels' values and the
-    modules trace under torch.compile(fullgraph=True)). A class over MAX_CLASS rows raises:
-    covers() sends such a batch to the next engine eagerly, but under compile it cannot read
-    the labels and lets every batch through."""
+def _class_sizes(sorted_labels):
+    """(each class's size as a list, each row's class size as int32) of sorted labels."""
     _, inverse, sizes = torch.unique_consecutive(sorted_labels, return_inverse=True,
                                                  return_counts=True)
-    counts = sizes.tolist()
+    return sizes.tolist(), sizes[inverse].to(torch.int32)
+
+
+def chunk_table(sorted_labels: torch.Tensor, anchor_neg: bool):
+    """(the chunk table, int32 on the labels' device: per chunk its anchor rows [a0, a1) and
+    the range [p0, p1) its positives come from, flattened; KB; each row's class size, int32,
+    for the rule "no positive: mix the anchor itself"; SPLIT, whether a chunk's positives may
+    be rows of other chunks).
+
+    With every class at most MAX_CLASS rows, whole classes are packed greedily into chunks of
+    at most KB rows, KB the smallest power of two ≥ 16 (tl.dot's least) that holds the largest
+    class, and each chunk's positives are its own rows (p = a). Otherwise KB = SPLIT_KB: classes
+    of at most KB rows are packed as before, and a larger class is cut into blocks of KB rows
+    whose positives range over the whole class (SPLIT; the kernels then loop over the class's
+    blocks). Under anchor_neg an anchor's one "positive" is itself, so the blocks of a cut
+    class keep p = a and nothing is split.
+
+    Built inside the ops (eager there, so the table may depend on the labels' values and the
+    modules trace under torch.compile(fullgraph=True))."""
+    counts, row_counts = _class_sizes(sorted_labels)
     biggest = max(counts, default=1)
-    if biggest > MAX_CLASS:
-        raise ValueError(
-            f"labels: the Triton engine's Metrix and EE kernels take classes of at most "
-            f"{MAX_CLASS} rows, and this batch has a larger class. Outside torch.compile such a "
-            "batch goes to the next engine; under it the engine is chosen without the labels' "
-            "values: use backend='cuda' or 'cpu' for such batches, or call the loss outside "
-            "the compiled region")
-    kb = max(16, next_pow2(biggest))
-    starts, row = [0], 0
+    cut = biggest > MAX_CLASS
+    kb = SPLIT_KB if cut else max(16, next_pow2(biggest))
+    table, start, row = [], 0, 0
     for c in counts:
-        if row + c - starts[-1] > kb:  # the class does not fit: it opens the next chunk
-            starts.append(row)
+        if c > kb:  # a cut class: it closes the open chunk and takes blocks of its own
+            if row > start:
+                table.append((start, row, start, row))
+            for a0 in range(row, row + c, kb):
+                a1 = min(a0 + kb, row + c)
+                table.append((a0, a1, a0, a1) if anchor_neg else (a0, a1, row, row + c))
+            start = row + c
+        elif row + c - start > kb:  # the class does not fit: it opens the next chunk
+            table.append((start, row, start, row))
+            start = row
         row += c
-    starts.append(row)
-    return (torch.tensor(starts, dtype=torch.int32, device=sorted_labels.device), kb,
-            sizes[inverse].to(torch.int32))
-
-
-def check_segment_labels(labels, seg_i, seg_j) -> None:
-    """EE's segments are positive pairs: both ends rows of the batch with one label. Checked in
-    the ops (eagerly, whatever n), where a compiled module cannot check them before the op
-    (pairs="adjacent" on a batch that is not class-contiguous), as the CPU ops check them."""
-    if len(seg_i) == 0:
-        return
-    b = len(labels)
-    ends = torch.cat([seg_i, seg_j])
-    if int(ends.min()) < 0 or int(ends.max()) >= b:
-        raise ValueError(f"seg_i and seg_j must be rows of the batch, in [0, {b})")
-    bad = torch.nonzero(labels[seg_i] != labels[seg_j])
-    if len(bad):
-        e = int(bad[0, 0])
-        raise ValueError(f"Embedding Expansion's segment ({int(seg_i[e])}, {int(seg_j[e])}) joins "
-                         "rows of different labels: segments are positive pairs (with "
-                         "pairs='adjacent', rows 2t and 2t+1 of a class-contiguous batch)")
+    if row > start:
+        table.append((start, row, start, row))
+    flat = torch.tensor(table, dtype=torch.int32, device=sorted_labels.device).reshape(-1)
+    split = any(p0 != a0 or p1 != a1 for a0, a1, p0, p1 in table)
+    return flat, kb, row_counts, split
 
 
 def run_sorted(op, x_unit, labels, pairs: str, *consts):
@@ -104,22 +105,12 @@ def run_sorted(op, x_unit, labels, pairs: str, *consts):
     return tuple(t.index_select(0, inverse) for t in out)
 
 
-def largest_class_fits(labels) -> bool:
-    """Every class has at most MAX_CLASS rows; True under torch.compile, which cannot look
-    (the ops raise there: chunk_table)."""
-    if len(labels) == 0 or torch.compiler.is_compiling():
-        return True
-    return int(torch.unique(labels, return_counts=True)[1].max()) <= MAX_CLASS
-
-
 def covers(clean_supports, params, inp, expansion, metrix) -> bool:
     """A Metrix loss of this engine covers the call: its clean loss does, embedding level,
-    pos_neg or anchor_neg, the batch against itself, classes of at most MAX_CLASS rows."""
+    pos_neg or anchor_neg, the batch against itself (any class sizes)."""
     from ..fused.multi_similarity import self_pairs
-    if not (clean_supports(params, inp, expansion) and metrix.level == "embedding"
-            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp)):
-        return False
-    return largest_class_fits(inp.labels)
+    return (clean_supports(params, inp, expansion) and metrix.level == "embedding"
+            and metrix.pairs in ("pos_neg", "anchor_neg") and self_pairs(inp))
 
 
 def register_lse_autograd(fwd_name: str, bwd_op, n_inputs: int):
@@ -148,45 +139,79 @@ if HAS_TRITON:
     _CLAMPED = tl.constexpr(0.5 / MIX_EPS)  # r above this is 1/ε: ‖v‖ was clamped
 
     @triton.jit
-    def chunk_rows(chunk_ptr, c, lab_ptr, cnt_ptr, x_ptr, D, stride_x, ANCHOR_NEG: tl.constexpr,
-                   KB: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                   PRECISION: tl.constexpr):
-        """Chunk c's rows and what every tile of it shares: (offs_k, end, its labels, the
-        anchor–positive mask pm (KB×KB), s_ij with s_ii = 1)."""
-        c0 = tl.load(chunk_ptr + c)
-        c1 = tl.load(chunk_ptr + c + 1)
-        offs_k = c0 + tl.arange(0, KB)
-        row_ok = offs_k < c1
+    def chunk_rows(chunk_ptr, c, lab_ptr, cnt_ptr, KB: tl.constexpr):
+        """Chunk c's anchor rows: (offs_k, their end a1, labels, class sizes, the range
+        [p0, p1) of its positives' rows)."""
+        a0 = tl.load(chunk_ptr + 4 * c)
+        a1 = tl.load(chunk_ptr + 4 * c + 1)
+        p0 = tl.load(chunk_ptr + 4 * c + 2)
+        p1 = tl.load(chunk_ptr + 4 * c + 3)
+        offs_k = a0 + tl.arange(0, KB)
+        row_ok = offs_k < a1
         lab_k = tl.load(lab_ptr + offs_k, mask=row_ok, other=-1)
         cnt_k = tl.load(cnt_ptr + offs_k, mask=row_ok, other=0)
-        w = sim_tile(x_ptr, x_ptr, offs_k, offs_k, c1, c1, D, stride_x, stride_x,
+        return offs_k, a1, lab_k, cnt_k, p0, p1
+
+    @triton.jit
+    def pos_block(x_ptr, lab_ptr, offs_k, a1, lab_k, cnt_k, p, p1, D, stride_x,
+                  ANCHOR_NEG: tl.constexpr, KB: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr):
+        """The anchors offs_k against a block of KB candidate positives from row p (< p1):
+        (offs_p, their labels, the anchor–positive mask pm (KB×KB), s_ij with s_ii = 1)."""
+        offs_p = p + tl.arange(0, KB)
+        p_ok = offs_p < p1
+        lab_p = tl.load(lab_ptr + offs_p, mask=p_ok, other=-1)
+        w = sim_tile(x_ptr, x_ptr, offs_k, offs_p, a1, p1, D, stride_x, stride_x,
                      KB, KB, BLOCK_D, ACC, PRECISION)
-        diag = offs_k[:, None] == offs_k[None, :]
-        same = (lab_k[:, None] == lab_k[None, :]) & row_ok[:, None] & row_ok[None, :]
+        diag = offs_k[:, None] == offs_p[None, :]
+        same = (lab_k[:, None] == lab_p[None, :]) & (offs_k < a1)[:, None] & p_ok[None, :]
         if ANCHOR_NEG:
             pm = same & diag
         else:  # positives, or the anchor itself when it has none
             pm = same & tl.where(cnt_k[:, None] > 1, ~diag, diag)
         sap = tl.where(diag, 1.0, w)
-        return offs_k, c1, lab_k, pm, sap
+        return offs_p, lab_p, pm, sap
 
     @triton.jit
-    def candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D, stride_x, lam,
-                       KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       ACC: tl.constexpr, PRECISION: tl.constexpr):
-        """The chunk's candidates against columns n0..n0+BLOCK_N: (s̃ as KB(i)×KB(j)×BLOCK_N,
-        the candidate mask, r_jn (KB×BLOCK_N), offs_n)."""
+    def col_sims(x_ptr, lab_ptr, offs_r, r1, n0, B, D, stride_x, KB: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                 PRECISION: tl.constexpr):
+        """Rows offs_r (< r1) against the columns n0..n0+BLOCK_N: (S tile, offs_n, the
+        columns' labels, -1 past B)."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < B
-        lab_n = tl.load(lab_ptr + offs_n, mask=col_ok, other=-1)
-        s = sim_tile(x_ptr, x_ptr, offs_k, offs_n, c1, B, D, stride_x, stride_x,
+        lab_n = tl.load(lab_ptr + offs_n, mask=offs_n < B, other=-1)
+        s = sim_tile(x_ptr, x_ptr, offs_r, offs_n, r1, B, D, stride_x, stride_x,
                      KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
-        q = (lam * lam + (1 - lam) * (1 - lam)) + (2 * lam * (1 - lam)) * s
+        return s, offs_n, lab_n
+
+    @triton.jit
+    def mix_candidates(s_a, s_p, lab_k, lab_n, offs_n, B, pm, sap, lam):
+        """Candidates of anchors (rows of s_a) with positives (rows of s_p) against the
+        columns: (s̃ as KB(i)×KB(j)×BLOCK_N, the candidate mask, r_jn (KB×BLOCK_N))."""
+        q = (lam * lam + (1 - lam) * (1 - lam)) + (2 * lam * (1 - lam)) * s_p
         r = 1.0 / tl.sqrt(tl.maximum(q, _EPS2))  # 1/max(‖v‖, ε)
-        neg = col_ok[None, :] & (lab_k[:, None] != lab_n[None, :])  # padding rows: pm is 0
-        v = r[None, :, :] * (lam * sap[:, :, None] + (1 - lam) * s[:, None, :])
+        neg = (offs_n < B)[None, :] & (lab_k[:, None] != lab_n[None, :])  # padding: pm is 0
+        v = r[None, :, :] * (lam * sap[:, :, None] + (1 - lam) * s_a[:, None, :])
         ok = pm[:, :, None] & neg[:, None, :]
-        return v, ok, r, offs_n
+        return v, ok, r
+
+    @triton.jit
+    def candidate_tile(x_ptr, lab_ptr, offs_k, a1, lab_k, offs_p, p1, pm, sap, n0, B, D,
+                       stride_x, lam, SPLIT: tl.constexpr, KB: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                       PRECISION: tl.constexpr):
+        """The candidates of anchors offs_k with positives offs_p against columns
+        n0..n0+BLOCK_N: (s̃, mask, r_jn, offs_n; as mix_candidates), and the two S tiles. Without
+        SPLIT the positives are the anchors' own rows and one S tile serves both."""
+        s_a, offs_n, lab_n = col_sims(x_ptr, lab_ptr, offs_k, a1, n0, B, D, stride_x, KB,
+                                      BLOCK_N, BLOCK_D, ACC, PRECISION)
+        if SPLIT:
+            s_p, _, _ = col_sims(x_ptr, lab_ptr, offs_p, p1, n0, B, D, stride_x, KB, BLOCK_N,
+                                 BLOCK_D, ACC, PRECISION)
+        else:
+            s_p = s_a
+        v, ok, r = mix_candidates(s_a, s_p, lab_k, lab_n, offs_n, B, pm, sap, lam)
+        return v, ok, r, offs_n, s_a, s_p, lab_n
 
     @triton.jit
     def fold3(m, t, x):
@@ -199,15 +224,15 @@ if HAS_TRITON:
 
     @triton.jit
     def candidate_grads(w, v, r, lam):
-        """From candidate weights w (KB×KB×BLOCK_N, 0 off the candidates): the ∂L/∂S tile of
-        the chunk's rows against the columns (anchor entries (i, n) plus positive entries
-        (j, n)) and the within-chunk block ∂L/∂s_ij (KB×KB)."""
+        """From candidate weights w (KB×KB×BLOCK_N, 0 off the candidates): the ∂L/∂S tiles of
+        the anchors' entries (i, n) and of the positives' entries (j, n) against the columns,
+        and the block ∂L/∂s_ij (KB×KB)."""
         u = w * r[None, :, :]  # w/‖v‖, which every entry's term shares
         g_anchor = (1 - lam) * tl.sum(u, axis=1)
         coef = tl.where(r < _CLAMPED, -lam * (1 - lam) * r, 0.0)
         g_pos = tl.sum(u * v, axis=0) * coef
         g_within = lam * tl.sum(u, axis=2)
-        return g_anchor + g_pos, g_within
+        return g_anchor, g_pos, g_within
 
     @triton.jit
     def _chunk_vecs(a_ptr, b_ptr, c_ptr, offs_k, row_ok, ACC: tl.constexpr):
@@ -217,30 +242,75 @@ if HAS_TRITON:
         return a, b, c
 
     @triton.jit
+    def _rows_against_block(acc, x_ptr, lab_ptr, cnt_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, offs_k,
+                            a0, a1, lab_k, cnt_k, a, b, c, lam, p, p1, B, D, stride_x,
+                            WEIGHTS: tl.constexpr, ANCHOR_NEG: tl.constexpr,
+                            SPLIT: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        """acc + the dX of the anchors offs_k (rows R) from the block of positives at p."""
+        offs_p, lab_p, pm, sap = pos_block(x_ptr, lab_ptr, offs_k, a1, lab_k, cnt_k, p, p1, D,
+                                           stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+        if SPLIT:  # the reverse tile's anchors P: their vectors and masks
+            p_ok = offs_p < p1
+            cnt_p = tl.load(cnt_ptr + offs_p, mask=p_ok, other=0)
+            ap, bp, cp = _chunk_vecs(a_ptr, b_ptr, c_ptr, offs_p, p_ok, ACC)
+            offs_q, lab_q, pm_r, sap_r = pos_block(x_ptr, lab_ptr, offs_p, p1, lab_p, cnt_p, a0,
+                                                   a1, D, stride_x, ANCHOR_NEG, KB, BLOCK_D,
+                                                   ACC, PRECISION)
+        gw = tl.zeros((KB, KB), dtype=ACC)
+        for n0 in range(0, B, BLOCK_N):
+            v, ok, r, offs_n, s_a, s_p, lab_n = candidate_tile(
+                x_ptr, lab_ptr, offs_k, a1, lab_k, offs_p, p1, pm, sap, n0, B, D, stride_x,
+                lam, SPLIT, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+            g_anc, g_pos, g_w = candidate_grads(WEIGHTS(v, ok, a, b, c, prm_ptr), v, r, lam)
+            if SPLIT:
+                v, ok, r = mix_candidates(s_p, s_a, lab_p, lab_n, offs_n, B, pm_r, sap_r, lam)
+                g_anc_r, g_pos, g_w_r = candidate_grads(WEIGHTS(v, ok, ap, bp, cp, prm_ptr), v,
+                                                        r, lam)
+                gw += g_w + tl.trans(g_w_r)
+            else:
+                gw += g_w
+            acc = add_tile_product(acc, g_anc + g_pos, x_ptr, offs_n, B, D, stride_x,
+                                   BLOCK_DO, PRECISION)
+        if SPLIT:  # gw[i, j] (i in R, j in P) pairs x_i with x_j
+            return add_tile_product(acc, gw, x_ptr, offs_p, p1, D, stride_x, BLOCK_DO,
+                                    PRECISION)
+        return add_tile_product(acc, gw + tl.trans(gw), x_ptr, offs_k, a1, D, stride_x,
+                                BLOCK_DO, PRECISION)
+
+    @triton.jit
     def mix_grad_rows_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, a_ptr, b_ptr, c_ptr,
                              dx_ptr, B, D, stride_x, stride_dx, WEIGHTS: tl.constexpr,
-                             ANCHOR_NEG: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+                             ANCHOR_NEG: tl.constexpr, SPLIT: tl.constexpr, KB: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
                              PRECISION: tl.constexpr):
-        """dX of a chunk's rows: (∂L/∂S tile) · X_N over the column tiles, plus the
-        within-class entries (G_ij + G_ji) x_j."""
-        offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr,
-                                                x_ptr, D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC,
-                                                PRECISION)
-        row_ok = offs_k < c1
+        """dX of a chunk's rows R: (∂L/∂S tile) · X_N over the column tiles, plus the
+        anchor–positive entries. Without SPLIT one candidate tile per column tile holds R both
+        as anchors and as positives. With SPLIT, per block P of R's class, the tile of anchors
+        R with positives P gives R's anchor entries and the tile of anchors P with positives R
+        its positive entries (P = R included: the two tiles are then one tile's two parts).
+        (Without SPLIT there is no loop over blocks: on sm_90 the loop alone raised the
+        spills of this kernel at KB = 16 from 32 to 204 bytes.)"""
+        c_id = tl.program_id(0)
+        offs_k, a1, lab_k, cnt_k, p0, p1 = chunk_rows(chunk_ptr, c_id, lab_ptr, cnt_ptr, KB)
+        a0 = tl.load(chunk_ptr + 4 * c_id)
+        row_ok = offs_k < a1
         a, b, c = _chunk_vecs(a_ptr, b_ptr, c_ptr, offs_k, row_ok, ACC)
         lam = tl.load(prm_ptr)
         acc = tl.zeros((KB, BLOCK_DO), dtype=ACC)
-        gw = tl.zeros((KB, KB), dtype=ACC)
-        for n0 in range(0, B, BLOCK_N):
-            v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B,
-                                              D, stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC,
-                                              PRECISION)
-            gt, gwt = candidate_grads(WEIGHTS(v, ok, a, b, c, prm_ptr), v, r, lam)
-            gw += gwt
-            acc = add_tile_product(acc, gt, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
-        acc = add_tile_product(acc, gw + tl.trans(gw), x_ptr, offs_k, c1, D, stride_x, BLOCK_DO,
-                               PRECISION)
+        if SPLIT:
+            for p in range(p0, p1, KB):
+                acc = _rows_against_block(acc, x_ptr, lab_ptr, cnt_ptr, prm_ptr, a_ptr, b_ptr,
+                                          c_ptr, offs_k, a0, a1, lab_k, cnt_k, a, b, c, lam, p,
+                                          p1, B, D, stride_x, WEIGHTS, ANCHOR_NEG, SPLIT, KB,
+                                          BLOCK_N, BLOCK_D, BLOCK_DO, ACC, PRECISION)
+        else:  # the positives are the chunk's own rows
+            acc = _rows_against_block(acc, x_ptr, lab_ptr, cnt_ptr, prm_ptr, a_ptr, b_ptr,
+                                      c_ptr, offs_k, a0, a1, lab_k, cnt_k, a, b, c, lam, a0, a1,
+                                      B, D, stride_x, WEIGHTS, ANCHOR_NEG, SPLIT, KB, BLOCK_N,
+                                      BLOCK_D, BLOCK_DO, ACC, PRECISION)
         offs_d = tl.arange(0, BLOCK_DO)
         tl.store(dx_ptr + offs_k[:, None] * stride_dx + offs_d[None, :], acc,
                  mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -248,24 +318,34 @@ if HAS_TRITON:
     @triton.jit
     def mix_grad_cols_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, a_ptr, b_ptr, c_ptr,
                              dx_ptr, n_chunks, B, D, stride_x, stride_dx,
-                             WEIGHTS: tl.constexpr, ANCHOR_NEG: tl.constexpr, KB: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
+                             WEIGHTS: tl.constexpr, ANCHOR_NEG: tl.constexpr,
+                             SPLIT: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC: tl.constexpr,
                              PRECISION: tl.constexpr):
-        """dX of BLOCK_N columns: Σ over the chunks of (∂L/∂S tile)ᵀ · X_chunk."""
+        """dX of BLOCK_N columns: Σ over the chunks and their positive blocks of the ∂L/∂S
+        tiles' transposes times the anchors' and the positives' rows."""
         n0 = tl.program_id(0) * BLOCK_N
         lam = tl.load(prm_ptr)
         acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
         for ci in range(0, n_chunks):
-            offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, ci, lab_ptr, cnt_ptr, x_ptr, D,
-                                                    stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC,
-                                                    PRECISION)
-            a, b, c = _chunk_vecs(a_ptr, b_ptr, c_ptr, offs_k, offs_k < c1, ACC)
-            v, ok, r, _ = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
-                                         stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
-            gt, _ = candidate_grads(WEIGHTS(v, ok, a, b, c, prm_ptr), v, r, lam)
-            acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_k, c1, D, stride_x, BLOCK_DO,
-                                   PRECISION)
+            offs_k, a1, lab_k, cnt_k, p0, p1 = chunk_rows(chunk_ptr, ci, lab_ptr, cnt_ptr, KB)
+            a, b, c = _chunk_vecs(a_ptr, b_ptr, c_ptr, offs_k, offs_k < a1, ACC)
+            for p in range(p0, p1, KB):
+                offs_p, lab_p, pm, sap = pos_block(x_ptr, lab_ptr, offs_k, a1, lab_k, cnt_k, p, p1,
+                                               D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC,
+                                               PRECISION)
+                v, ok, r, offs_n, s_a, s_p, lab_n = candidate_tile(
+                    x_ptr, lab_ptr, offs_k, a1, lab_k, offs_p, p1, pm, sap, n0, B, D, stride_x,
+                    lam, SPLIT, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+                g_anc, g_pos, g_w = candidate_grads(WEIGHTS(v, ok, a, b, c, prm_ptr), v, r, lam)
+                if SPLIT:
+                    acc = add_tile_product(acc, tl.trans(g_anc), x_ptr, offs_k, a1, D,
+                                           stride_x, BLOCK_DO, PRECISION)
+                    acc = add_tile_product(acc, tl.trans(g_pos), x_ptr, offs_p, p1, D,
+                                           stride_x, BLOCK_DO, PRECISION)
+                else:
+                    acc = add_tile_product(acc, tl.trans(g_anc + g_pos), x_ptr, offs_k, a1, D,
+                                           stride_x, BLOCK_DO, PRECISION)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_DO)
         tl.store(dx_ptr + offs_n[:, None] * stride_dx + offs_d[None, :], acc,
@@ -286,6 +366,15 @@ def mix_config(x, kb, grad: bool = False):
     return cfg, block_do, warps
 
 
+def chunk_launch(x, labels, anchor_neg, grad: bool = False):
+    """(the chunk table, the rows' class sizes, the number of chunks, the kernels' shared
+    meta-parameters, BLOCK_DO) of the label-sorted batch (chunk_table, mix_config)."""
+    table, kb, counts, split = chunk_table(labels, anchor_neg)
+    cfg, block_do, warps = mix_config(x, kb, grad)
+    meta = dict(ANCHOR_NEG=bool(anchor_neg), SPLIT=split, KB=kb, **cfg, **warps)
+    return table, counts, len(table) // 4, meta, block_do
+
+
 def mix_grads(weights, x, labels, prm, vecs, anchor_neg):
     """dX of a Metrix term over the label-sorted batch from the per-candidate weights
     `weights` (a @triton.jit function of the three per-anchor vectors `vecs` and the constants
@@ -294,15 +383,12 @@ def mix_grads(weights, x, labels, prm, vecs, anchor_neg):
     b, d = x.shape
     if b == 0:
         return torch.zeros_like(x)
-    chunks, kb, counts = chunk_table(labels)
-    cfg, block_do, warps = mix_config(x, kb, grad=True)
-    args = (x, labels, counts, chunks, prm, *(v.to(x.dtype).contiguous() for v in vecs))
-    meta = dict(WEIGHTS=weights, ANCHOR_NEG=bool(anchor_neg), KB=kb, BLOCK_DO=block_do, **cfg,
-                **warps)
+    table, counts, n_chunks, meta, block_do = chunk_launch(x, labels, anchor_neg, grad=True)
+    args = (x, labels, counts, table, prm, *(v.to(x.dtype).contiguous() for v in vecs))
+    meta = dict(meta, WEIGHTS=weights, BLOCK_DO=block_do)
     dx_rows, dx_cols = torch.empty_like(x), torch.empty_like(x)
-    n_chunks = len(chunks) - 1
     mix_grad_rows_kernel[(n_chunks,)](*args, dx_rows, b, d, x.stride(0),
                                       dx_rows.stride(0), **meta)
-    mix_grad_cols_kernel[(triton.cdiv(b, cfg["BLOCK_N"]),)](
+    mix_grad_cols_kernel[(triton.cdiv(b, meta["BLOCK_N"]),)](
         *args, dx_cols, n_chunks, b, d, x.stride(0), dx_cols.stride(0), **meta)
     return dx_rows + dx_cols

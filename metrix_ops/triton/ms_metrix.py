@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .. import fused
 from ..ops.unit_rows import unit_rows
-from .metrix_tiles import (candidate_tile, chunk_rows, chunk_table, covers, fold3, mix_config,
-                           mix_grads, register_lse_autograd, run_sorted)
+from .metrix_tiles import (candidate_tile, chunk_launch, chunk_rows, covers, fold3, mix_grads,
+                           pos_block, register_lse_autograd, run_sorted)
 from .multi_similarity import ms_rows_triton, supports as clean_supports
 from .pairs import loss_constants
 
@@ -52,29 +52,33 @@ def _ms_mix_weights(v, ok, g, lp, ln, prm_ptr):
 
 @triton.jit
 def _ms_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, mix_ptr, lp_ptr, ln_ptr,
-                       B, D, stride_x, ANCHOR_NEG: tl.constexpr, KB: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    offs_k, c1, lab_k, pm, sap = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr, x_ptr,
-                                            D, stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+                       B, D, stride_x, ANCHOR_NEG: tl.constexpr, SPLIT: tl.constexpr,
+                       KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr):
+    offs_k, a1, lab_k, cnt_k, p0, p1 = chunk_rows(chunk_ptr, tl.program_id(0), lab_ptr, cnt_ptr,
+                                                  KB)
     lam = tl.load(prm_ptr)
     mp = tl.zeros((KB,), dtype=ACC) + tl.load(prm_ptr + 4)
     mn = tl.zeros((KB,), dtype=ACC) + tl.load(prm_ptr + 5)
     sp = tl.full((KB,), 1.0, dtype=ACC)
     sn = tl.full((KB,), 1.0, dtype=ACC)
-    for n0 in range(0, B, BLOCK_N):
-        v, ok, r, offs_n = candidate_tile(x_ptr, lab_ptr, offs_k, c1, lab_k, pm, sap, n0, B, D,
-                                          stride_x, lam, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
-        xp, xn = _ms_mix_args(v, ok, prm_ptr)
-        mp, sp = fold3(mp, sp, xp)
-        mn, sn = fold3(mn, sn, xn)
+    for p in range(p0, p1, KB):
+        offs_p, lab_p, pm, sap = pos_block(x_ptr, lab_ptr, offs_k, a1, lab_k, cnt_k, p, p1, D,
+                                       stride_x, ANCHOR_NEG, KB, BLOCK_D, ACC, PRECISION)
+        for n0 in range(0, B, BLOCK_N):
+            v, ok, r, offs_n, s_a, s_p, lab_n = candidate_tile(
+                x_ptr, lab_ptr, offs_k, a1, lab_k, offs_p, p1, pm, sap, n0, B, D, stride_x, lam,
+                SPLIT, KB, BLOCK_N, BLOCK_D, ACC, PRECISION)
+            xp, xn = _ms_mix_args(v, ok, prm_ptr)
+            mp, sp = fold3(mp, sp, xp)
+            mn, sn = fold3(mn, sn, xn)
     lp = mp + tl.log(sp)
     ln = mn + tl.log(sn)
     alpha, beta = tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     lyp, lyn = tl.load(prm_ptr + 6), tl.load(prm_ptr + 7)
     fp, fn = tl.load(prm_ptr + 8), tl.load(prm_ptr + 9)
     mix = fp * (lp + lyp) / alpha + fn * (ln + lyn) / beta
-    row_ok = offs_k < c1
+    row_ok = offs_k < a1
     tl.store(mix_ptr + offs_k, mix, mask=row_ok)
     tl.store(lp_ptr + offs_k, lp, mask=row_ok)
     tl.store(ln_ptr + offs_k, ln, mask=row_ok)
@@ -103,11 +107,10 @@ def _ms_metrix_op(x: torch.Tensor, labels: torch.Tensor, alpha: float, beta: flo
     mix, lp, ln = (torch.zeros(b, dtype=x.dtype, device=x.device) for _ in range(3))
     if b == 0:
         return mix, lp, ln
-    chunks, kb, counts = chunk_table(labels)
-    cfg, _, warps = mix_config(x, kb)
-    _ms_mix_fwd_kernel[(len(chunks) - 1,)](
-        x, labels, counts, chunks, _constants(x, alpha, beta, base, lam), mix, lp, ln, b, d,
-        x.stride(0), ANCHOR_NEG=bool(anchor_neg), KB=kb, **cfg, **warps)
+    table, counts, n_chunks, meta, _ = chunk_launch(x, labels, anchor_neg)
+    _ms_mix_fwd_kernel[(n_chunks,)](
+        x, labels, counts, table, _constants(x, alpha, beta, base, lam), mix, lp, ln, b, d,
+        x.stride(0), **meta)
     return mix, lp, ln
 
 
@@ -136,8 +139,7 @@ register_lse_autograd(_FWD, torch.ops.metrix_ops.triton_ms_metrix_bwd, 7)
 def ms_metrix_rows_triton(x_unit, labels, alpha: float, beta: float, base: float, lam: float,
                           pairs: str = "pos_neg"):
     """ℓ̃(a) for each anchor (B,), in the caller's order, of unit rows x_unit against
-    themselves (0 where V(a) is empty); differentiable in x_unit. Classes of at most
-    MAX_CLASS rows (covers)."""
+    themselves (0 where V(a) is empty); differentiable in x_unit."""
     return run_sorted(torch.ops.metrix_ops.triton_ms_metrix, x_unit, labels, pairs,
                       float(alpha), float(beta), float(base), float(lam))[0]
 
