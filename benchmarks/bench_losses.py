@@ -48,6 +48,10 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # MS + embedding-level Metrix (pos_neg, λ drawn per call, weight 0.4). PML has no
           # Metrix: its column is PML's clean MS, the loss a user would run without us.
           "metrix_ms": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
+          # the same with classes of 128 rows (B // 128 labels): on the Triton engine classes
+          # over 64 rows are cut into blocks (metrix_tiles.chunk_table); "clean" and "pml" as
+          # for metrix_ms, on the same labels
+          "metrix_ms_big_classes": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           # HPHN triplet with Embedding Expansion (n_points=8, pairs="all"). PML has no EE:
           # its "pml" column is the clean loss, TripletMarginLoss on BatchHardMiner triplets
           # (= HPHN without expansion).
@@ -112,6 +116,7 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
 
 # --loss name -> the options that make our module the augmented loss
 AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
+           "metrix_ms_big_classes": lambda mo: {"metrix": mo.Metrix()},
            "metrix_contrastive": lambda mo: {"metrix": mo.Metrix()},
            "ms_miner": lambda mo: {"miner": mo.miners.MultiSimilarityMiner(0.1)},
            "ee_hphn": lambda mo: {"expansion": mo.Expansion(n_points=8, pairs="all")},
@@ -180,7 +185,7 @@ def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32"):
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     x0 = torch.randn(b, d, device=dev).to(dt)
-    n_classes = max(2, b // 8)
+    n_classes = max(2, b // (128 if loss.endswith("_big_classes") else 8))
     if loss.endswith("_adjacent"):  # rows 2t and 2t + 1 share a label (still ~8 per class)
         y = torch.randint(0, n_classes, ((b + 1) // 2,), device=dev).repeat_interleave(2)[:b]
     else:

@@ -144,6 +144,9 @@ done
 for loss in metrix_ms metrix_contrastive metrix_circle metrix_generalized_lifted metrix_proxy_nca metrix_proxy_anchor; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
+# Metrix MS with classes of 128 rows: Triton cuts them into blocks of 16 (twenty-seventh
+# session), CUDA has no class limit
+bench gpu_metrix_ms_big_classes_float32 --loss metrix_ms_big_classes --impls triton,cuda,clean --sizes 8192 --dims 512 --repeats 3
 # the losses new to the GPU engines in the seventh session (none has run on a GPU yet)
 for loss in generalized_lifted npairs; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,floor,pml --sizes 8192 --dims 512 --repeats 10
