@@ -5,6 +5,7 @@
     python -m metrix_ops.train --expansion 8            # + Embedding Expansion
     python -m metrix_ops.train --compare --seeds 3      # baseline vs +Metrix vs +EE, JSON + PNG
     python -m metrix_ops.train --data CUB_200_2011/images --backbone resnet50 --pretrained
+    torchrun --nproc_per_node=8 -m metrix_ops.train --device cuda --data ...   # DDP, 8 GPUs
 
 Default data: scikit-learn's bundled digits as a zero-shot split (train on classes 0–4,
 retrieve among 5–9). `--data ROOT` takes ROOT/<class>/<image>; the first half of the
@@ -21,6 +22,7 @@ from typing import List, Optional
 from .config import EXPANSION_PAIRS, METRIX_LEVELS, METRIX_PAIRS
 from .training.compare import REPORTED, compare, summarize
 from .training.config import TrainConfig, loss_names
+from .training.distributed import teardown
 from .training.loop import train
 
 _SHORT = {"precision_at_1": "R@1", "recall_at_2": "R@2", "recall_at_4": "R@4",
@@ -89,11 +91,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if args.compare and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--compare runs in one process, not under torchrun")
         if args.compare:
             report = compare(cfg, seeds=args.seeds, out_dir=args.out, progress=not args.quiet)
             summary = report["summary"]
         else:
             result = train(cfg, progress=not args.quiet)
+            teardown()
+            if "history" not in result:  # a torchrun rank other than 0: rank 0 reports
+                return 0
             summary = {cfg.describe(): summarize([result])}
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
@@ -105,7 +112,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"metrix-train: error: {e}", file=sys.stderr)
         return 2
     data = cfg.data or "digits (scikit-learn; train classes 0-4, test 5-9)"
-    print(f"\nzero-shot retrieval on {data}, {cfg.epochs} epochs, final evaluation:")
+    ranks = result.get("world_size", 1) if not args.compare else 1
+    on = f", {ranks} processes" if ranks > 1 else ""
+    print(f"\nzero-shot retrieval on {data}, {cfg.epochs} epochs{on}, final evaluation:")
     print(table(summary))
     for path in report.get("files", []):
         print(f"wrote {path}")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .. import metrics
 from ..mixup import mix_pairs, mixing_hook
+from . import distributed as ddp
 from .config import TrainConfig
 from .data import Split, digits_split, image_folder_split
 from .loss_setup import build_loss
@@ -45,10 +46,12 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def loss_step(model, loss_fn, x, y, cfg: TrainConfig) -> torch.Tensor:
+def loss_step(model, loss_fn, x, y, cfg: TrainConfig, net=None) -> torch.Tensor:
     """The loss of one batch. Feature level: the mixes of the pairs chosen on the clean
     embeddings replace the mixing point's output in a second pass (the model is not
-    changed); input level: the mixed images go through the whole network."""
+    changed); input level: the mixed images go through the whole network. `net`: the model
+    itself where `model` wraps it (its mixing point)."""
+    net = model if net is None else net
     emb = model(x)
     if cfg.metrix in (None, "embedding"):
         return loss_fn(emb, y)
@@ -60,7 +63,7 @@ def loss_step(model, loss_fn, x, y, cfg: TrainConfig) -> torch.Tensor:
     elif cfg.metrix == "input":
         mixed_emb = model(mixed.inputs)
     else:
-        with mixing_hook(model.mix_point, mixed):
+        with mixing_hook(net.mix_point, mixed):
             mixed_emb = model(x)
     return loss_fn(emb, y, mixed_embeddings=mixed_emb, mixed=mixed)
 
@@ -86,44 +89,60 @@ def evaluate(model, split: Split, device, seed: int = 0, workers: int = 0) -> di
 def train(cfg: TrainConfig, split: Optional[Split] = None, progress: bool = True) -> dict:
     """Trains from scratch with `cfg.seed` and returns {"config", "history" (one dict per
     evaluation, epoch 0 included: epoch, mean training loss (None at 0), metrics), "final",
-    "seconds"}."""
+    "seconds"}. Under torchrun (distributed.py) every rank trains on its shard of the
+    batches and rank 0 evaluates: the other ranks return {} ("world_size" says how many)."""
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    ranks = ddp.setup(_device(cfg.device))
+    device = ranks.device
     split = split if split is not None else load_split(cfg)
-    model = build_model(cfg.backbone, split.in_channels, split.image_size, cfg.embedding_dim,
-                        cfg.pretrained).to(device)
+    net = build_model(cfg.backbone, split.in_channels, split.image_size, cfg.embedding_dim,
+                      cfg.pretrained).to(device)
     loss_fn = build_loss(cfg, split.num_train_classes, cfg.embedding_dim).to(device)
-    groups = [{"params": model.parameters(), "lr": cfg.lr}]
+    groups = [{"params": net.parameters(), "lr": cfg.lr}]
     if list(loss_fn.parameters()):
         groups.append({"params": loss_fn.parameters(), "lr": cfg.loss_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    model = ddp.wrap_model(net, cfg.metrix, ranks)
+    step_loss = ddp.wrap_loss(loss_fn, cfg.metrix, ranks)
     sampler = ClassBalancedBatches(split.train_labels, cfg.classes_per_batch,
-                                   cfg.samples_per_class, seed=cfg.seed)
+                                   cfg.samples_per_class, seed=cfg.seed, rank=ranks.rank,
+                                   world_size=ranks.world)
     loader = torch.utils.data.DataLoader(_Indexed(split.train), batch_sampler=sampler,
                                          num_workers=cfg.workers)
     start = time.perf_counter()
+
+    def evaluated(row):  # on rank 0; the others wait for it
+        if ranks.main:
+            row.update(evaluate(net, split, device, cfg.seed, cfg.workers))
+        ddp.barrier(ranks)
+        return row
     # epoch 0: the untrained network, the point training on the seen classes is judged from
-    history = [{"epoch": 0, "loss": None, **evaluate(model, split, device, cfg.seed, cfg.workers)}]
-    bar = tqdm(range(1, cfg.epochs + 1), disable=not progress, desc=cfg.describe(),
-               unit="epoch", leave=False)
+    history = [evaluated({"epoch": 0, "loss": None})]
+    bar = tqdm(range(1, cfg.epochs + 1), disable=not (progress and ranks.main),
+               desc=cfg.describe(), unit="epoch", leave=False)
     for epoch in bar:
         sampler.set_epoch(epoch)
         model.train()
         total, steps = 0.0, 0
         for x, idx in loader:
             x, y = x.to(device), split.train_labels[idx].to(device)
-            loss = loss_step(model, loss_fn, x, y, cfg)
+            loss = loss_step(model, step_loss, x, y, cfg, net)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch}; "
                                          "lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            ddp.sync_grads(net, loss_fn, cfg.metrix, ranks)
             opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
+            # the gathered loss is world × the whole batch's: the logged value is the latter
+            scale = 1 if step_loss is loss_fn else ranks.world
+            total, steps = total + float(loss.detach()) / scale, steps + 1
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            row = {"epoch": epoch, "loss": total / max(steps, 1),
-                   **evaluate(model, split, device, cfg.seed, cfg.workers)}
+            row = evaluated({"epoch": epoch, "loss": total / max(steps, 1)})
             history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", R1=f"{row['precision_at_1']:.3f}")
+            if ranks.main:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", R1=f"{row['precision_at_1']:.3f}")
+    if not ranks.main:
+        return {"world_size": ranks.world}
     return {"config": cfg.to_dict(), "history": history, "final": history[-1],
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "world_size": ranks.world}

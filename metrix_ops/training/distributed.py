@@ -1,0 +1,110 @@
+"""The reference training run over several processes (DDP), as `torchrun` starts them:
+
+    torchrun --nproc_per_node=8 -m metrix_ops.train --device cuda --data ROOT ...
+
+Each rank draws its own P×K batch (ClassBalancedBatches' rank shard of one shared stream, so
+one step of W ranks sees the W consecutive batches one process would see in W steps) and
+its model is wrapped in DistributedDataParallel, which averages the ranks' gradients.
+
+- The clean loss, embedding-level Metrix and EE go through DistributedLossWrapper
+  (utils/distributed.py): every rank computes the loss of the gathered batch of all ranks'
+  embeddings, times the world size, so the averaged gradient is the gathered batch's (its
+  Metrix λ drawn once, on rank 0). A proxy loss's proxies are the same on every rank and
+  get the same (world-size times too large) gradient there: it is divided back (all-reduced,
+  so the ranks cannot drift apart).
+- Metrix at the feature or input level mixes inside each rank's network, so its mixed batch
+  is per rank: each rank's loss is over its own batch (no gathering), and the gradients
+  are averaged after the backward (two forward passes per step, which DDP does not take).
+- Evaluation runs on rank 0 alone (the others wait); only rank 0 prints and writes.
+
+Not under torchrun (WORLD_SIZE unset or 1) nothing here changes the single-process run."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: torch.device) -> Ranks:
+    """This process's rank and device: from torchrun's environment (WORLD_SIZE, RANK,
+    LOCAL_RANK), joining the process group (NCCL on CUDA devices, gloo on the CPU) if it is
+    not joined yet; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(0, 1, device)
+    if device.type == "cuda":  # one GPU per rank: the local rank's
+        if device.index not in (None, 0):
+            raise ValueError(f"--device {device}: under torchrun each rank takes the GPU of "
+                             "its LOCAL_RANK; pass --device cuda")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _per_rank(metrix_level) -> bool:
+    """Feature/input-level Metrix: two forward passes per step (clean, then mixed), which
+    DistributedDataParallel's one-forward-per-backward bookkeeping does not take; so the
+    model is not wrapped and each rank's gradients are averaged after the backward."""
+    return metrix_level in ("feature", "input")
+
+
+def wrap_model(model: torch.nn.Module, metrix_level, ranks: Ranks) -> torch.nn.Module:
+    if ranks.world <= 1 or _per_rank(metrix_level):
+        return model
+    ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def wrap_loss(loss_fn, metrix_level, ranks: Ranks):
+    """The loss every rank calls: the gathered batch's (DistributedLossWrapper), or, for
+    feature/input-level Metrix, the rank's own."""
+    if ranks.world <= 1 or _per_rank(metrix_level):
+        return loss_fn
+    from ..utils.distributed import DistributedLossWrapper
+    return DistributedLossWrapper(loss_fn)
+
+
+def _all_reduce_grads(params, scale: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= scale
+
+
+def sync_grads(model, loss_fn, metrix_level, ranks: Ranks) -> None:
+    """After the backward, what DDP does not average. The gathered loss is the world size
+    times the whole batch's on every rank, so the loss's own parameters (proxies) get world ×
+    their gradient, the same on each rank: summed over the ranks and divided by world², it is
+    the whole batch's. With a rank's own loss (feature/input-level Metrix) the model's and
+    the loss's gradients are averaged."""
+    if ranks.world <= 1:
+        return
+    if _per_rank(metrix_level):
+        _all_reduce_grads(list(model.parameters()) + list(loss_fn.parameters()), ranks.world)
+    else:
+        _all_reduce_grads(loss_fn.parameters(), ranks.world ** 2)
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,65 @@
+"""The work of each rank for test_train_distributed.py (a module the spawned processes
+import): one training step of the reference run's distributed pieces
+(metrix_ops/training/distributed.py) on a small linear model, and the same step computed in
+one process from every rank's batch, both saved for the test process to compare."""
+import os
+
+import torch
+
+WORLD = 2
+SIZES = (6, 9)  # the ranks' batch sizes (unequal, as the last batch of an epoch may be)
+
+# (key, loss class, constructor kwargs, Metrix level the run would have)
+CASES = [("ms", "MultiSimilarityLoss", {}, None),
+         ("ms-metrix", "MultiSimilarityLoss", {"metrix": "embedding"}, "embedding"),
+         ("proxy-anchor", "ProxyAnchorLoss", {"num_classes": 3, "embedding_size": 4}, None),
+         ("per-rank", "ProxyAnchorLoss", {"num_classes": 3, "embedding_size": 4}, "feature")]
+
+
+def batches():
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randn(b, 6, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (b,), generator=g)) for b in SIZES]
+
+
+def build(name, kw):
+    import metrix_ops as mo
+    kw = dict(kw)
+    if kw.pop("metrix", None):
+        kw["metrix"] = mo.Metrix(lam=0.35)
+    torch.manual_seed(3)  # the same model and proxies on every rank
+    net = torch.nn.Linear(6, 4).double()
+    loss = getattr(mo.losses, name)(backend="cpu", **kw).double()
+    return net, loss
+
+
+def grads(net, loss):
+    return [p.grad.clone() for p in list(net.parameters()) + list(loss.parameters())]
+
+
+def rank_main(rank, store, out_dir):
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=open(store).read().strip())
+    from metrix_ops.training import distributed as ddp
+    ranks = ddp.setup(torch.device("cpu"))
+    parts = batches()
+    x, y = parts[rank]
+    out = {"ranks": (ranks.rank, ranks.world)}
+    for key, name, kw, level in CASES:
+        net, loss_fn = build(name, kw)
+        model = ddp.wrap_model(net, level, ranks)
+        step_loss = ddp.wrap_loss(loss_fn, level, ranks)
+        step_loss(model(x), y).backward()
+        ddp.sync_grads(net, loss_fn, level, ranks)
+        out[key] = grads(net, loss_fn)
+        # one process: the whole batch's loss, or (per rank) the mean of the ranks' losses
+        net, loss_fn = build(name, kw)
+        if level in ("feature", "input"):
+            ref = sum(loss_fn(net(xr), yr) for xr, yr in parts) / WORLD
+        else:
+            ref = loss_fn(net(torch.cat([p[0] for p in parts])),
+                          torch.cat([p[1] for p in parts]))
+        ref.backward()
+        out[key + "/oracle"] = grads(net, loss_fn)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    ddp.teardown()
