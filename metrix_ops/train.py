@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     a("--image-size", type=int, default=d.image_size, help="for --data")
     a("--backbone", default=d.backbone, help="small_cnn, resnet18/34/50/... (torchvision), timm:NAME")
     a("--pretrained", action="store_true", help="ImageNet weights for the backbone")
+    a("--amp", action="store_true",
+      help="bf16 autocast for the training step's forward (the losses compute in fp32 from "
+           "the bf16 embeddings; evaluation in fp32)")
     a("--workers", type=int, default=d.workers, help="data loader worker processes")
     a("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs")
     a("--compare", action="store_true", help="run baseline, +Metrix and +EE over --seeds seeds")

@@ -150,3 +150,21 @@ def test_cli_runs_and_prints_the_table(tmp_path, capsys, monkeypatch, small_spli
     assert "R@1" in out and "MAP@R" in out and "MultiSimilarityLoss" in out
     saved = json.loads((tmp_path / "MultiSimilarityLoss-seed0.json").read_text())
     assert saved["config"]["epochs"] == 1 and len(saved["history"]) == 2
+
+
+def test_amp_trains_the_network_in_bf16(small_split, monkeypatch):
+    """--amp: the network's forward runs under bf16 autocast, so the loss receives bf16
+    embeddings (and computes in fp32); the run is deterministic and still learns."""
+    seen = []
+    real = mo.losses.MultiSimilarityLoss.forward
+    monkeypatch.setattr(mo.losses.MultiSimilarityLoss, "forward",
+                        lambda self, emb, *a, **k: seen.append(emb.dtype) or real(self, emb, *a, **k))
+    cfg = TrainConfig(**FAST, amp=True)
+    a = train(cfg, small_split, progress=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert train(cfg, small_split, progress=False)["history"] == a["history"]
+    seen.clear()
+    fp32 = train(TrainConfig(**FAST), small_split, progress=False)
+    assert set(seen) == {torch.float32} and fp32["history"] != a["history"]
+    assert a["history"][-1]["precision_at_1"] > a["history"][0]["precision_at_1"]
+    assert a["config"]["amp"] is True

@@ -43,6 +43,7 @@ class TrainConfig:
     pretrained: bool = False
     workers: int = 0
     eval_every: int = 1
+    amp: bool = False   # bf16 autocast for the training step (the losses compute in fp32)
 
     def __post_init__(self):
         names = loss_names()

@@ -126,7 +126,8 @@ def train(cfg: TrainConfig, split: Optional[Split] = None, progress: bool = True
         total, steps = 0.0, 0
         for x, idx in loader:
             x, y = x.to(device), split.train_labels[idx].to(device)
-            loss = loss_step(model, step_loss, x, y, cfg, net)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                loss = loss_step(model, step_loss, x, y, cfg, net)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch}; "
                                          "lower --lr")
