@@ -161,8 +161,9 @@ def main():
     ap.add_argument("--dtype", default="float64", choices=("float64", "float32"))
     ap.add_argument("--only", type=int, default=-1, help="replay case ONLY of this seed")
     ap.add_argument("--small-blocks", action="store_true",
-                    help="Triton Metrix: cut classes over 8 rows into blocks of 16, so that the "
-                         "drawn batches (B ≤ 31) reach the cut-class kernels")
+                    help="Triton Metrix: the cut layout (KB = 16) whenever a class has over 8 "
+                         "rows, so that drawn batches (B ≤ 31) reach the cut-class kernels "
+                         "when a class has 17 rows or more (its blocks of 16)")
     args = ap.parse_args()
     if args.small_blocks:
         import metrix_ops.triton.metrix_tiles as tiles

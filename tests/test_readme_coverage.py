@@ -1,6 +1,7 @@
 """The README's coverage table (loss × clean / Metrix / EE / miner=) says what each engine
-fuses; this checks every cell against the engines' registries (metrix_ops.fused), so the
-table stays true when an engine gains or loses an op."""
+fuses; this checks every cell against the engines' registries (metrix_ops.fused), and its
+"n/a" marks against the options each loss defines, so the table stays true when an engine
+gains or loses an op."""
 import os
 import re
 
@@ -22,7 +23,8 @@ def table_rows():
     for line in block.group(1).splitlines()[2:]:  # past the header and its rule
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         name = cells[0].split()[0]
-        rows[name] = [set(re.findall(r"\b(cpu|triton|cuda)\b", c.split("(")[0])) for c in cells[1:]]
+        rows[name] = [(set(re.findall(r"\b(cpu|triton|cuda)\b", c.split("(")[0])),
+                       c if c in ("n/a", "tuple") else None) for c in cells[1:]]
     return rows
 
 
@@ -55,8 +57,18 @@ def test_each_cell_equals_the_registries(name):
     from metrix_ops.triton.launch import HAS_TRITON
     # without triton its modules register nothing: compare the other engines
     here = set(ENGINES) if HAS_TRITON else {"cpu", "cuda"}
+    from metrix_ops.reference.expansion import EXPANSION_LOSSES
+    from metrix_ops.reference.metrix_soft_forms import SOFT_FORMS
+    from metrix_ops.spec import get_spec
     cells = table_rows()[name]
     have = [registered(fused.IMPLS, name), registered(fused.METRIX_IMPLS, name),
             expansion_engines(name), registered(fused.MINER_IMPLS, name)]
-    for column, said, got in zip(("clean", "Metrix", "EE", "miner="), cells, have):
+    for column, (said, mark), got in zip(("clean", "Metrix", "EE", "miner="), cells, have):
         assert said & here == got & here, f"{name}, {column}: README {said}, registered {got}"
+        assert mark is None or not got, f"{name}, {column}: {mark} beside fused engines"
+    # "n/a": the option is not defined for the loss; "tuple": miner= takes the tuple path
+    defined = [True, name in SOFT_FORMS, name in EXPANSION_LOSSES,
+               get_spec(name).supports_indices_tuple]
+    for column, (_, mark), ok in zip(("clean", "Metrix", "EE", "miner="), cells, defined):
+        assert (mark == "n/a") == (not ok), f"{name}, {column}: {mark}, defined: {ok}"
+    assert cells[3][1] != "tuple" or defined[3]

@@ -401,13 +401,15 @@ ptrs = {"lab_ptr": "*i64", "cnt_ptr": "*i32", "chunk_ptr": "*i32", "pc_ptr": "*i
         "nc_ptr": "*i32"}
 for fdt, acc, prec, kb, bn, width, split in [("fp32", tl.float32, "tf32", 16, 32, 128, False),
                                              ("fp32", tl.float32, "tf32", 64, 16, 512, False),
-                                             ("fp32", tl.float32, "tf32", 32, 16, 512, True),
-                                             ("fp64", tl.float64, "ieee", 16, 32, 512, False)]:
+                                             ("fp32", tl.float32, "tf32", 16, 16, 512, True),
+                                             ("fp64", tl.float64, "ieee", 16, 32, 512, False),
+                                             ("fp64", tl.float64, "ieee", 16, 16, 512, True)]:
     tiles = dict(KB=kb, BLOCK_N=bn, BLOCK_D=64, ACC=acc, PRECISION=prec, ANCHOR_NEG=False,
                  SPLIT=split, BLOCK_DO=width)
     cases = [(mm._ms_mix_fwd_kernel, {})]
     weights = [mm._ms_mix_weights]
-    if kb == 16:  # every loss at the common chunk height; the tallest chunk for MS only
+    if kb == 16 and fdt == "fp32":  # every loss at the common chunk height (SPLIT_KB too);
+        # the tallest chunk and fp64 for MS only
         cases += [(cm._con_mix_fwd_kernel, {"COSINE": False}),
                   (cm._con_mix_fwd_kernel, {"COSINE": True})]
         cases += [(lm.lse_mix_fwd_kernel, {"LOGITS": f}) for f in
@@ -430,8 +432,8 @@ sys.exit(1 if failed else 0)
 @compiles_only
 def test_kernels_compile_for_h100():
     """The Metrix kernels (forward of each loss, the shared gradient kernels with each loss's
-    weights) compile for sm_90 at GPU tile sizes, fp32 and fp64, and MS's with a cut class
-    (SPLIT) at SPLIT_KB."""
+    weights) compile for sm_90 at GPU tile sizes, fp32 and fp64, with and without a cut class
+    (SPLIT, at SPLIT_KB = 16: every loss in fp32, MS in fp64)."""
     run_sm90_script(_SM90)
 
 

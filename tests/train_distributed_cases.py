@@ -61,5 +61,16 @@ def rank_main(rank, store, out_dir):
                           torch.cat([p[1] for p in parts]))
         ref.backward()
         out[key + "/oracle"] = grads(net, loss_fn)
+    # the ranks stop together: rank 1's NaN loss is every rank's stop
+    out["finite"] = (ddp.all_finite(torch.tensor(1.0), ranks),
+                     ddp.all_finite(torch.tensor(float("nan") if rank == 1 else 2.0), ranks))
+    out["mean"] = ddp.mean_over_ranks(float(rank + 1), ranks)
+    # the per-rank mode starts every rank from rank 0's parameters and buffers
+    torch.manual_seed(100 + rank)
+    bn = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    bn[1].running_mean.fill_(rank + 5.0)
+    model = ddp.wrap_model(bn, "feature", ranks)
+    out["per-rank-state"] = [t.detach().clone() for t in
+                             list(model.parameters()) + list(model.buffers())]
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     ddp.teardown()

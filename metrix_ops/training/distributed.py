@@ -20,6 +20,7 @@ its model is wrapped in DistributedDataParallel, which averages the ranks' gradi
 Not under torchrun (WORLD_SIZE unset or 1) nothing here changes the single-process run."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -52,7 +53,10 @@ def setup(device: torch.device) -> Ranks:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0's evaluation of a large --data set may outlast the 10-minute default while
+        # the other ranks wait in a barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
     return Ranks(dist.get_rank(), dist.get_world_size(), device)
 
 
@@ -64,7 +68,14 @@ def _per_rank(metrix_level) -> bool:
 
 
 def wrap_model(model: torch.nn.Module, metrix_level, ranks: Ranks) -> torch.nn.Module:
-    if ranks.world <= 1 or _per_rank(metrix_level):
+    """DistributedDataParallel, or in the per-rank mode the model itself with rank 0's
+    parameters and buffers broadcast once (as DDP does when it wraps a model). Its BatchNorm
+    running statistics then stay each rank's own; rank 0 evaluates with its own."""
+    if ranks.world <= 1:
+        return model
+    if _per_rank(metrix_level):
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, 0)
         return model
     ids = [ranks.device.index] if ranks.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -98,6 +109,24 @@ def sync_grads(model, loss_fn, metrix_level, ranks: Ranks) -> None:
         _all_reduce_grads(list(model.parameters()) + list(loss_fn.parameters()), ranks.world)
     else:
         _all_reduce_grads(loss_fn.parameters(), ranks.world ** 2)
+
+
+def all_finite(loss: torch.Tensor, ranks: Ranks) -> bool:
+    """Whether every rank's loss is finite (one all-reduce): the ranks stop together, where a
+    rank raising alone would leave the others waiting in a collective."""
+    ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if ranks.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def mean_over_ranks(value: float, ranks: Ranks) -> float:
+    """A per-rank loss averaged over the ranks (the logged value of the per-rank mode)."""
+    if ranks.world <= 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=ranks.device)
+    dist.all_reduce(t)
+    return float(t.item()) / ranks.world
 
 
 def barrier(ranks: Ranks) -> None:

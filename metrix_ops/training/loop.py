@@ -128,16 +128,20 @@ def train(cfg: TrainConfig, split: Optional[Split] = None, progress: bool = True
             x, y = x.to(device), split.train_labels[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 loss = loss_step(model, step_loss, x, y, cfg, net)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch}; "
-                                         "lower --lr")
+            if not ddp.all_finite(loss, ranks):
+                raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch} "
+                                         "(on this process or another rank); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             ddp.sync_grads(net, loss_fn, cfg.metrix, ranks)
             opt.step()
-            # the gathered loss is world × the whole batch's: the logged value is the latter
-            scale = 1 if step_loss is loss_fn else ranks.world
-            total, steps = total + float(loss.detach()) / scale, steps + 1
+            # the gathered loss is world × the whole batch's: the logged value is the latter;
+            # a per-rank loss is averaged over the ranks
+            if step_loss is loss_fn:
+                value = ddp.mean_over_ranks(float(loss.detach()), ranks)
+            else:
+                value = float(loss.detach()) / ranks.world
+            total, steps = total + value, steps + 1
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             row = evaluated({"epoch": epoch, "loss": total / max(steps, 1)})
             history.append(row)

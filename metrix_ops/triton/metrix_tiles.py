@@ -5,8 +5,9 @@ weight w = ∂L/∂s̃ back into the Gram entries. A loss module (ms_metrix.py) 
 of the candidates and its weight.
 
 Layout. The batch is sorted by label and cut into chunks of at most KB rows that hold whole
-classes (several small classes share a chunk). A chunk's rows are its anchors and, since an
-anchor's positives are in its own class, also all their positives. Against a column tile N
+classes (several small classes share a chunk), or blocks of a class too large for one
+(below). A chunk's rows are its anchors and, when it holds whole classes, since an anchor's
+positives are in its own class, also all their positives. Against a column tile N
 of the batch (BLOCK_N rows), one tl.dot gives S_chunk,N, and with it every candidate of the
 chunk's anchors against those columns: for anchor i, positive j (both chunk rows) and
 negative n,
