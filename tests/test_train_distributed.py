@@ -77,6 +77,9 @@ def test_ranks_stop_together_and_share_state(ranks):
     for a, b in zip(ranks[0]["per-rank-state"], ranks[1]["per-rank-state"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert float(ranks[1]["per-rank-state"][-3][0]) == 5.0  # rank 0's running mean
+    for a, b in zip(ranks[0]["per-rank-buffers"], ranks[1]["per-rank-buffers"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(ranks[0]["per-rank-buffers"][0][0]) != 5.0  # the step moved them
 
 
 def test_torchrun_training_run():

@@ -72,5 +72,10 @@ def rank_main(rank, store, out_dir):
     model = ddp.wrap_model(bn, "feature", ranks)
     out["per-rank-state"] = [t.detach().clone() for t in
                              list(model.parameters()) + list(model.buffers())]
+    # a step on each rank's own batch moves each rank's running statistics its own way;
+    # sync_grads leaves rank 0's on every rank (as DDP's buffer broadcast)
+    model(torch.randn(4, 3) + rank).sum().backward()
+    ddp.sync_grads(model, torch.nn.Module(), "feature", ranks)
+    out["per-rank-buffers"] = [t.clone() for t in model.buffers()]
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     ddp.teardown()

@@ -69,8 +69,8 @@ def _per_rank(metrix_level) -> bool:
 
 def wrap_model(model: torch.nn.Module, metrix_level, ranks: Ranks) -> torch.nn.Module:
     """DistributedDataParallel, or in the per-rank mode the model itself with rank 0's
-    parameters and buffers broadcast once (as DDP does when it wraps a model). Its BatchNorm
-    running statistics then stay each rank's own; rank 0 evaluates with its own."""
+    parameters and buffers broadcast once (as DDP does when it wraps a model; sync_grads
+    then sends rank 0's buffers after every step)."""
     if ranks.world <= 1:
         return model
     if _per_rank(metrix_level):
@@ -102,11 +102,14 @@ def sync_grads(model, loss_fn, metrix_level, ranks: Ranks) -> None:
     times the whole batch's on every rank, so the loss's own parameters (proxies) get world ×
     their gradient, the same on each rank: summed over the ranks and divided by world², it is
     the whole batch's. With a rank's own loss (feature/input-level Metrix) the model's and
-    the loss's gradients are averaged."""
+    the loss's gradients are averaged, and rank 0's buffers (BatchNorm's running statistics)
+    sent to the others, as DDP sends them at each forward."""
     if ranks.world <= 1:
         return
     if _per_rank(metrix_level):
         _all_reduce_grads(list(model.parameters()) + list(loss_fn.parameters()), ranks.world)
+        for t in model.buffers():
+            dist.broadcast(t.data, 0)
     else:
         _all_reduce_grads(loss_fn.parameters(), ranks.world ** 2)
 
