@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     a("--amp", action="store_true",
       help="bf16 autocast for the training step's forward (the losses compute in fp32 from "
            "the bf16 embeddings; evaluation in fp32)")
+    a("--save-model", default=None, metavar="PATH",
+      help="write the trained network here (metrix_ops.training.models.load_trained reads it)")
     a("--workers", type=int, default=d.workers, help="data loader worker processes")
     a("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs")
     a("--compare", action="store_true", help="run baseline, +Metrix and +EE over --seeds seeds")

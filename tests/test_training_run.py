@@ -168,3 +168,19 @@ def test_amp_trains_the_network_in_bf16(small_split, monkeypatch):
     assert set(seen) == {torch.float32} and fp32["history"] != a["history"]
     assert a["history"][-1]["precision_at_1"] > a["history"][0]["precision_at_1"]
     assert a["config"]["amp"] is True
+
+
+def test_saved_network_reproduces_the_final_evaluation(small_split, tmp_path):
+    """--save-model: the file rebuilds the trained network, whose test embeddings give the
+    run's final R@1 and MAP@R again."""
+    from metrix_ops.training.loop import evaluate
+    from metrix_ops.training.models import load_trained
+    path = str(tmp_path / "net.pt")
+    res = train(TrainConfig(**FAST, save_model=path), small_split, progress=False)
+    net = load_trained(path)
+    again = evaluate(net, small_split, torch.device("cpu"), seed=0)
+    for k in ("precision_at_1", "mean_average_precision_at_r"):
+        assert again[k] == pytest.approx(res["final"][k], abs=1e-12)
+    untrained = evaluate(small_cnn(1, 8, FAST["embedding_dim"]), small_split,
+                         torch.device("cpu"), seed=0)
+    assert again["precision_at_1"] != untrained["precision_at_1"]

@@ -44,6 +44,7 @@ class TrainConfig:
     workers: int = 0
     eval_every: int = 1
     amp: bool = False   # bf16 autocast for the training step (the losses compute in fp32)
+    save_model: Optional[str] = None   # a file for the trained network (models.load_trained)
 
     def __post_init__(self):
         names = loss_names()

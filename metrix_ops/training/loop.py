@@ -15,7 +15,7 @@ from . import distributed as ddp
 from .config import TrainConfig
 from .data import Split, digits_split, image_folder_split
 from .loss_setup import build_loss
-from .models import build_model
+from .models import build_model, save_trained
 from .sampler import ClassBalancedBatches
 
 
@@ -149,5 +149,7 @@ def train(cfg: TrainConfig, split: Optional[Split] = None, progress: bool = True
                 bar.set_postfix(loss=f"{row['loss']:.4f}", R1=f"{row['precision_at_1']:.3f}")
     if not ranks.main:
         return {"world_size": ranks.world}
+    if cfg.save_model:
+        save_trained(net, cfg, split.in_channels, split.image_size, cfg.save_model)
     return {"config": cfg.to_dict(), "history": history, "final": history[-1],
             "seconds": time.perf_counter() - start, "world_size": ranks.world}

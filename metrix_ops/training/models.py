@@ -50,6 +50,26 @@ class _TimmFeatures(nn.Module):
         return self.model.forward_features(x)
 
 
+def save_trained(net: nn.Module, cfg, in_channels: int, image_size: int, path: str) -> None:
+    """The trained network's weights with what rebuilds it (backbone, input shape, embedding
+    size), for load_trained."""
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"backbone": cfg.backbone, "in_channels": in_channels, "image_size": image_size,
+                "embedding_dim": cfg.embedding_dim, "config": cfg.to_dict(),
+                "state_dict": net.state_dict()}, path)
+
+
+def load_trained(path: str, device="cpu") -> EmbeddingNet:
+    """The network `metrix-train --save-model PATH` wrote, in eval mode (no pretrained weights
+    are downloaded: the file holds all of them)."""
+    saved = torch.load(path, map_location=device, weights_only=False)
+    net = build_model(saved["backbone"], saved["in_channels"], saved["image_size"],
+                      saved["embedding_dim"], pretrained=False)
+    net.load_state_dict(saved["state_dict"])
+    return net.to(device).eval()
+
+
 def build_model(backbone: str, in_channels: int, image_size: int, embedding_dim: int,
                 pretrained: bool = False) -> EmbeddingNet:
     """`small_cnn`, a torchvision ResNet name (`resnet18`, `resnet50`, ...), or `timm:NAME`."""
