@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     a("--amp", action="store_true",
       help="bf16 autocast for the training step's forward (the losses compute in fp32 from "
            "the bf16 embeddings; evaluation in fp32)")
+    a("--ddp-efficient", action="store_true",
+      help="under torchrun: each rank's own anchors against all ranks' embeddings "
+           "(DistributedLossWrapper(efficient=True), PML's cheaper form), not the whole "
+           "gathered batch's loss on every rank")
     a("--save-model", default=None, metavar="PATH",
       help="write the trained network here (metrix_ops.training.models.load_trained reads it)")
     a("--workers", type=int, default=d.workers, help="data loader worker processes")

@@ -134,6 +134,8 @@ def test_variants_only_where_the_loss_supports_them():
     (["--classes-per-batch", "9"], "only 5 classes"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),
     (["--data", "/nonexistent/folder"], "not a directory"),
+    (["--ddp-efficient", "--expansion", "2"], "--ddp-efficient takes neither"),
+    (["--ddp-efficient", "--metrix", "feature"], "--ddp-efficient takes neither"),
 ])
 def test_cli_bad_arguments_exit_2_with_a_message(argv, msg, capsys):
     assert cli.main(argv + ["--quiet", "--out", ""]) == 2

@@ -9,11 +9,32 @@ import torch
 WORLD = 2
 SIZES = (6, 9)  # the ranks' batch sizes (unequal, as the last batch of an epoch may be)
 
-# (key, loss class, constructor kwargs, Metrix level the run would have)
-CASES = [("ms", "MultiSimilarityLoss", {}, None),
-         ("ms-metrix", "MultiSimilarityLoss", {"metrix": "embedding"}, "embedding"),
-         ("proxy-anchor", "ProxyAnchorLoss", {"num_classes": 3, "embedding_size": 4}, None),
-         ("per-rank", "ProxyAnchorLoss", {"num_classes": 3, "embedding_size": 4}, "feature")]
+# (key, loss class, constructor kwargs, Metrix level the run would have, --ddp-efficient)
+CASES = [("ms", "MultiSimilarityLoss", {}, None, False),
+         ("ms-metrix", "MultiSimilarityLoss", {"metrix": "embedding"}, "embedding", False),
+         ("proxy-anchor", "ProxyAnchorLoss", {"num_classes": 3, "embedding_size": 4}, None,
+          False),
+         ("per-rank", "ProxyAnchorLoss", {"num_classes": 3, "embedding_size": 4}, "feature",
+          False),
+         ("ms-efficient", "MultiSimilarityLoss", {}, None, True),
+         ("contrastive-efficient", "ContrastiveLoss", {}, None, True)]
+
+
+def efficient_oracle(name, kw, net, parts):
+    """Σ_r L_r, L_r rank r's own anchors against all ranks' embeddings with its own column
+    not a pair (PML's efficient rule: its pair list on the reference backend), the other
+    ranks' embeddings constants: the objective DDP's average of the ranks' gradients follows."""
+    import metrix_ops as mo
+    from metrix_ops.reference.pairs import all_pairs
+    loss = getattr(mo.losses, name)(backend="reference", **kw)
+    total = 0
+    for r, (xr, yr) in enumerate(parts):
+        own = net(xr)
+        others = [net(x).detach() for q, (x, _) in enumerate(parts) if q != r]
+        ys = torch.cat([yr] + [y for q, (_, y) in enumerate(parts) if q != r])
+        total = total + loss(own, yr, all_pairs(yr, ys, same_set=True),
+                             torch.cat([own] + others), ys)
+    return total
 
 
 def batches():
@@ -45,16 +66,18 @@ def rank_main(rank, store, out_dir):
     parts = batches()
     x, y = parts[rank]
     out = {"ranks": (ranks.rank, ranks.world)}
-    for key, name, kw, level in CASES:
+    for key, name, kw, level, efficient in CASES:
         net, loss_fn = build(name, kw)
         model = ddp.wrap_model(net, level, ranks)
-        step_loss = ddp.wrap_loss(loss_fn, level, ranks)
+        step_loss = ddp.wrap_loss(loss_fn, level, ranks, efficient)
         step_loss(model(x), y).backward()
-        ddp.sync_grads(net, loss_fn, level, ranks)
+        ddp.sync_grads(net, loss_fn, level, ranks, efficient)
         out[key] = grads(net, loss_fn)
         # one process: the whole batch's loss, or (per rank) the mean of the ranks' losses
         net, loss_fn = build(name, kw)
-        if level in ("feature", "input"):
+        if efficient:
+            ref = efficient_oracle(name, kw, net, parts)
+        elif level in ("feature", "input"):
             ref = sum(loss_fn(net(xr), yr) for xr, yr in parts) / WORLD
         else:
             ref = loss_fn(net(torch.cat([p[0] for p in parts])),

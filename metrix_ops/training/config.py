@@ -45,6 +45,7 @@ class TrainConfig:
     eval_every: int = 1
     amp: bool = False   # bf16 autocast for the training step (the losses compute in fp32)
     save_model: Optional[str] = None   # a file for the trained network (models.load_trained)
+    ddp_efficient: bool = False   # under torchrun: DistributedLossWrapper(efficient=True)
 
     def __post_init__(self):
         names = loss_names()
@@ -83,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0.0 < self.metrix_alpha or not 0.0 <= self.metrix_weight:
             raise ValueError("--metrix-alpha must be > 0 and --metrix-weight >= 0")
+        if self.ddp_efficient and (self.expansion or self.metrix in ("feature", "input")):
+            raise ValueError("--ddp-efficient takes neither --expansion (EE mines the batch's "
+                             "own positive pairs) nor --metrix feature/input (each rank's loss "
+                             "is its own there)")
         if not isinstance(self.loss_kwargs, dict):
             raise ValueError("--loss-kwargs must be a JSON object, e.g. '{\"margin\": 0.2}'")
 

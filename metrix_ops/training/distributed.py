@@ -9,7 +9,8 @@ its model is wrapped in DistributedDataParallel, which averages the ranks' gradi
 - The clean loss, embedding-level Metrix and EE go through DistributedLossWrapper
   (utils/distributed.py): every rank computes the loss of the gathered batch of all ranks'
   embeddings, times the world size, so the averaged gradient is the gathered batch's (its
-  Metrix λ drawn once, on rank 0). A proxy loss's proxies are the same on every rank and
+  Metrix λ drawn once, on rank 0). With --ddp-efficient, each rank's own anchors against the
+  gathered batch (PML's efficient mode: the objective is the sum of the ranks' losses). A proxy loss's proxies are the same on every rank and
   get the same (world-size times too large) gradient there: it is divided back (all-reduced,
   so the ranks cannot drift apart).
 - Metrix at the feature or input level mixes inside each rank's network, so its mixed batch
@@ -81,13 +82,14 @@ def wrap_model(model: torch.nn.Module, metrix_level, ranks: Ranks) -> torch.nn.M
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def wrap_loss(loss_fn, metrix_level, ranks: Ranks):
-    """The loss every rank calls: the gathered batch's (DistributedLossWrapper), or, for
-    feature/input-level Metrix, the rank's own."""
+def wrap_loss(loss_fn, metrix_level, ranks: Ranks, efficient: bool = False):
+    """The loss every rank calls: the gathered batch's (DistributedLossWrapper; with
+    `efficient`, the rank's own anchors against the gathered batch), or, for feature/input-level
+    Metrix, the rank's own."""
     if ranks.world <= 1 or _per_rank(metrix_level):
         return loss_fn
     from ..utils.distributed import DistributedLossWrapper
-    return DistributedLossWrapper(loss_fn)
+    return DistributedLossWrapper(loss_fn, efficient=efficient)
 
 
 def _all_reduce_grads(params, scale: float) -> None:
@@ -97,13 +99,15 @@ def _all_reduce_grads(params, scale: float) -> None:
             p.grad /= scale
 
 
-def sync_grads(model, loss_fn, metrix_level, ranks: Ranks) -> None:
+def sync_grads(model, loss_fn, metrix_level, ranks: Ranks, efficient: bool = False) -> None:
     """After the backward, what DDP does not average. The gathered loss is the world size
     times the whole batch's on every rank, so the loss's own parameters (proxies) get world ×
     their gradient, the same on each rank: summed over the ranks and divided by world², it is
-    the whole batch's. With a rank's own loss (feature/input-level Metrix) the model's and
-    the loss's gradients are averaged, and rank 0's buffers (BatchNorm's running statistics)
-    sent to the others, as DDP sends them at each forward."""
+    the whole batch's. With `efficient` each rank's loss L_r is its own (times the world
+    size), and DDP's average makes the model's gradient that of Σ_r L_r: the proxies' sum over
+    the ranks is divided by the world size to match. With a rank's own loss (feature/input-
+    level Metrix) the model's and the loss's gradients are averaged, and rank 0's buffers
+    (BatchNorm's running statistics) sent to the others, as DDP sends them at each forward."""
     if ranks.world <= 1:
         return
     if _per_rank(metrix_level):
@@ -111,7 +115,7 @@ def sync_grads(model, loss_fn, metrix_level, ranks: Ranks) -> None:
         for t in model.buffers():
             dist.broadcast(t.data, 0)
     else:
-        _all_reduce_grads(loss_fn.parameters(), ranks.world ** 2)
+        _all_reduce_grads(loss_fn.parameters(), ranks.world if efficient else ranks.world ** 2)
 
 
 def all_finite(loss: torch.Tensor, ranks: Ranks) -> bool:

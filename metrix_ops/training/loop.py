@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, split: Optional[Split] = None, progress: bool = True
         groups.append({"params": loss_fn.parameters(), "lr": cfg.loss_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     model = ddp.wrap_model(net, cfg.metrix, ranks)
-    step_loss = ddp.wrap_loss(loss_fn, cfg.metrix, ranks)
+    step_loss = ddp.wrap_loss(loss_fn, cfg.metrix, ranks, cfg.ddp_efficient)
     sampler = ClassBalancedBatches(split.train_labels, cfg.classes_per_batch,
                                    cfg.samples_per_class, seed=cfg.seed, rank=ranks.rank,
                                    world_size=ranks.world)
@@ -133,15 +133,12 @@ def train(cfg: TrainConfig, split: Optional[Split] = None, progress: bool = True
                                          "(on this process or another rank); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            ddp.sync_grads(net, loss_fn, cfg.metrix, ranks)
+            ddp.sync_grads(net, loss_fn, cfg.metrix, ranks, cfg.ddp_efficient)
             opt.step()
-            # the gathered loss is world × the whole batch's: the logged value is the latter;
-            # a per-rank loss is averaged over the ranks
-            if step_loss is loss_fn:
-                value = ddp.mean_over_ranks(float(loss.detach()), ranks)
-            else:
-                value = float(loss.detach()) / ranks.world
-            total, steps = total + value, steps + 1
+            # a wrapped loss is world × the whole batch's (or, efficient, the rank's own
+            # anchors'): logged without that factor, averaged over the ranks
+            value = float(loss.detach()) / (1 if step_loss is loss_fn else ranks.world)
+            total, steps = total + ddp.mean_over_ranks(value, ranks), steps + 1
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             row = evaluated({"epoch": epoch, "loss": total / max(steps, 1)})
             history.append(row)
