@@ -4,7 +4,7 @@ toolkit's `ptxas -v`, which reports registers per thread and spill bytes. What t
 cannot show, and what the launch settings (metrix_tiles.mix_config, ee_hphn's tile override)
 were chosen from.
 
-    python benchmarks/triton_spills.py [--ptxas /usr/local/cuda/bin/ptxas]
+    python benchmarks/triton_spills.py [--ptxas /usr/local/cuda/bin/ptxas] [--out FILE.json]
 
 Run without TRITON_INTERPRET (the kernels must be real ones)."""
 from __future__ import annotations
@@ -131,8 +131,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ptxas", default=os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
                                                     "bin", "ptxas"))
+    ap.add_argument("--out", help="also write the figures as JSON (machine and command)")
     args = ap.parse_args()
     from triton_cases import compile_sm90
+    rows = []
     for name, fn, consts, warps, *ptrs in cases():  # a 5th entry: its own pointer types
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
         kernel = compile_sm90(fn, consts, "fp32", num_warps=warps,
@@ -147,6 +149,22 @@ def main():
                 for line in (res.stderr + res.stdout).splitlines()
                 if "registers" in line or "spill" in line]
         print(f"{name}: " + "; ".join(info))
+        text = " ".join(info)
+        rows.append({"kernel": name, "warps": warps, "ptxas": text,
+                     "registers": _number(text, "Used", "registers"),
+                     "spill_stores_bytes": _number(text, "", "bytes spill stores"),
+                     "spill_loads_bytes": _number(text, "", "bytes spill loads")})
+    if args.out:
+        import torch
+        from harness import write_result
+        write_result(args.out, torch.device("cpu"), rows)
+
+
+def _number(text: str, before: str, after: str):
+    """The integer between `before` and `after` in ptxas's line (None if absent)."""
+    import re
+    m = re.search(rf"{before}\s*(\d+)\s*{after}", text)
+    return int(m.group(1)) if m else None
 
 
 if __name__ == "__main__":

@@ -69,11 +69,11 @@ def test_one_step_gradients_equal_one_process(ranks, key):
 
 
 def test_ranks_stop_together_and_share_state(ranks):
-    """all_finite is every rank's verdict (a NaN on rank 1 stops rank 0 too); the logged
-    per-rank loss is the ranks' mean; the per-rank mode starts from rank 0's parameters and
-    buffers (the ranks seeded them differently)."""
+    """step_value's verdict is every rank's (a NaN on rank 1 stops rank 0 too); the logged
+    loss is the ranks' mean of loss / scale; the per-rank mode starts from rank 0's
+    parameters and buffers (the ranks seeded them differently)."""
     assert [r["finite"] for r in ranks] == [(True, False)] * tc.WORLD
-    assert [r["mean"] for r in ranks] == [1.5] * tc.WORLD
+    assert [r["mean"] for r in ranks] == [0.75] * tc.WORLD
     for a, b in zip(ranks[0]["per-rank-state"], ranks[1]["per-rank-state"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert float(ranks[1]["per-rank-state"][-3][0]) == 5.0  # rank 0's running mean

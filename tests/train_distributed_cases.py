@@ -85,9 +85,10 @@ def rank_main(rank, store, out_dir):
         ref.backward()
         out[key + "/oracle"] = grads(net, loss_fn)
     # the ranks stop together: rank 1's NaN loss is every rank's stop
-    out["finite"] = (ddp.all_finite(torch.tensor(1.0), ranks),
-                     ddp.all_finite(torch.tensor(float("nan") if rank == 1 else 2.0), ranks))
-    out["mean"] = ddp.mean_over_ranks(float(rank + 1), ranks)
+    out["finite"] = (ddp.step_value(torch.tensor(1.0), 1, ranks)[0],
+                     ddp.step_value(torch.tensor(float("nan") if rank == 1 else 2.0), 1,
+                                    ranks)[0])
+    out["mean"] = ddp.step_value(torch.tensor(float(rank + 1)), 2, ranks)[1]
     # the per-rank mode starts every rank from rank 0's parameters and buffers
     torch.manual_seed(100 + rank)
     bn = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))

@@ -118,22 +118,16 @@ def sync_grads(model, loss_fn, metrix_level, ranks: Ranks, efficient: bool = Fal
         _all_reduce_grads(loss_fn.parameters(), ranks.world if efficient else ranks.world ** 2)
 
 
-def all_finite(loss: torch.Tensor, ranks: Ranks) -> bool:
-    """Whether every rank's loss is finite (one all-reduce): the ranks stop together, where a
-    rank raising alone would leave the others waiting in a collective."""
-    ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+def step_value(loss: torch.Tensor, scale: float, ranks: Ranks):
+    """(whether every rank's loss is finite, loss / scale averaged over the ranks) from one
+    all-reduce and one host read per step: the ranks stop together on a non-finite loss,
+    where a rank raising alone would leave the others waiting in a collective."""
+    v = loss.detach().to(torch.float64).reshape(1) / scale
+    t = torch.cat([torch.isfinite(v).to(torch.float64), v])
     if ranks.world > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def mean_over_ranks(value: float, ranks: Ranks) -> float:
-    """A per-rank loss averaged over the ranks (the logged value of the per-rank mode)."""
-    if ranks.world <= 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=ranks.device)
-    dist.all_reduce(t)
-    return float(t.item()) / ranks.world
+        dist.all_reduce(t)
+    ok, total = t.tolist()
+    return ok == ranks.world, total / ranks.world
 
 
 def barrier(ranks: Ranks) -> None:

@@ -128,17 +128,18 @@ def train(cfg: TrainConfig, split: Optional[Split] = None, progress: bool = True
             x, y = x.to(device), split.train_labels[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 loss = loss_step(model, step_loss, x, y, cfg, net)
-            if not ddp.all_finite(loss, ranks):
+            # a wrapped loss is world × the whole batch's (or, efficient, the rank's own
+            # anchors'): logged without that factor, averaged over the ranks
+            finite, value = ddp.step_value(loss, 1 if step_loss is loss_fn else ranks.world,
+                                           ranks)
+            if not finite:
                 raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch} "
                                          "(on this process or another rank); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             ddp.sync_grads(net, loss_fn, cfg.metrix, ranks, cfg.ddp_efficient)
             opt.step()
-            # a wrapped loss is world × the whole batch's (or, efficient, the rank's own
-            # anchors'): logged without that factor, averaged over the ranks
-            value = float(loss.detach()) / (1 if step_loss is loss_fn else ranks.world)
-            total, steps = total + ddp.mean_over_ranks(value, ranks), steps + 1
+            total, steps = total + value, steps + 1
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             row = evaluated({"epoch": epoch, "loss": total / max(steps, 1)})
             history.append(row)

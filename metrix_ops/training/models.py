@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -53,7 +54,6 @@ class _TimmFeatures(nn.Module):
 def save_trained(net: nn.Module, cfg, in_channels: int, image_size: int, path: str) -> None:
     """The trained network's weights with what rebuilds it (backbone, input shape, embedding
     size), for load_trained."""
-    import os
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"backbone": cfg.backbone, "in_channels": in_channels, "image_size": image_size,
                 "embedding_dim": cfg.embedding_dim, "config": cfg.to_dict(),
