@@ -1,12 +1,12 @@
 """metrix_ops: fused deep-metric-learning losses, drop-in for pytorch-metric-learning,
 with Metrix (mixup with interpolated labels) and Embedding Expansion on any loss."""
 from . import reference  # registers every loss  # noqa: F401  (must come first)
-from . import distances, functional, losses, miners, reducers  # noqa: F401
+from . import distances, functional, losses, miners, reducers, regularizers  # noqa: F401
 from .config import Expansion, Metrix
 
 __version__ = "0.1.0"
-__all__ = ["Metrix", "Expansion", "losses", "functional", "miners", "reducers", "distances",
-           "reference"]
+__all__ = ["Metrix", "Expansion", "losses", "functional", "miners", "reducers", "regularizers",
+           "distances", "reference"]
 
 
 def __getattr__(name):

@@ -11,9 +11,10 @@ from . import backend as backend_mod
 from . import fused
 from .config import Expansion, Metrix
 from .distances import as_distance
-from .reducers import as_reducer, reduce_loss_dict
+from .reducers import ForeignReducer, as_reducer, reduce_loss_dict
+from .regularizers import check_regularizer, regularization
 from .spec import LossInputs, get_spec
-from .validation import check_loss_inputs
+from .validation import check_loss_inputs, pml_indices, pml_labels
 
 def no_autocast(t: torch.Tensor):
     """Fused ops compute in the precision of their (fp32 or fp64) inputs: under autocast the
@@ -48,6 +49,23 @@ def empty_loss(*tensors) -> torch.Tensor:
     return zero
 
 
+def reference_only(name: str, params: dict, reducer) -> str:
+    """Why this call needs the reference backend ("" when it does not): the fused ops take
+    hyper-parameters as constants, so a learned one (a tensor that requires grad: a
+    temperature, a margin) would silently get no gradient there; and they reduce with the
+    reducers reimplemented here, so another of PML's (a ForeignReducer) needs PML's loss
+    dict."""
+    learned = sorted(k for k, v in params.items()
+                     if k != "proxies" and torch.is_tensor(v) and v.requires_grad)
+    if learned:
+        return (f"{name}'s {learned} require grad (learned hyper-parameters), which the fused "
+                "ops take as constants (the reference differentiates through them, as PML)")
+    if isinstance(reducer, ForeignReducer):
+        return (f"the reducer {type(reducer.module).__name__} is called on PML's loss dict, "
+                "which the reference backend builds")
+    return ""
+
+
 def check_options(name: str, params: dict, inp: LossInputs, metrix, expansion) -> None:
     """The Metrix and EE checks that do not depend on the batch's values, which the losses
     run as they build their terms: an empty batch, which builds none, refuses the same
@@ -61,9 +79,31 @@ def check_options(name: str, params: dict, inp: LossInputs, metrix, expansion) -
 
 
 def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
-             ref_emb=None, ref_labels=None, *, distance=None, reducer=None, backend="auto",
-             metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
-             lam=None, mixed_embeddings=None, mixed=None, miner=None) -> torch.Tensor:
+             ref_emb=None, ref_labels=None, *, embedding_regularizer=None,
+             embedding_reg_weight=1, weight_regularizer=None, weight_reg_weight=1,
+             **options) -> torch.Tensor:
+    """The loss (clean, or with its Metrix term) plus PML's regularization sub-losses
+    (`regularizers.regularization`); `options` as `loss_terms`."""
+    check_regularizer("embedding_regularizer", embedding_regularizer, embedding_reg_weight)
+    check_regularizer("weight_regularizer", weight_regularizer, weight_reg_weight)
+    if weight_regularizer is not None and "proxies" not in params:
+        raise ValueError(f"weight_regularizer is for the proxy losses (ProxyAnchorLoss, "
+                         f"ProxyNCALoss), which have weights; {name} has none")
+    loss = loss_terms(name, params, embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                      **options)
+    return regularization(loss, embeddings, params.get("proxies"),
+                          embedding_regularizer=embedding_regularizer,
+                          embedding_reg_weight=embedding_reg_weight,
+                          weight_regularizer=weight_regularizer,
+                          weight_reg_weight=weight_reg_weight)
+
+
+def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
+               ref_emb=None, ref_labels=None, *, distance=None, reducer=None, backend="auto",
+               metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
+               lam=None, mixed_embeddings=None, mixed=None, miner=None) -> torch.Tensor:
+    """The loss without regularizers: validate, pick the backend, the clean (or expanded)
+    loss reduced as PML does, plus the Metrix term."""
     spec = get_spec(name)
     if miner is not None:
         if indices_tuple is not None:
@@ -92,6 +132,12 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     if metrix is not None and metrix.level != "embedding" and mixed is None:
         raise ValueError(f"Metrix(level={metrix.level!r}) needs mixed_embeddings= and mixed= "
                          "(build them with metrix_ops.mixup.mix_pairs)")
+    # PML moves the labels to the embeddings' device (and ref_labels to ref_emb's), and takes
+    # float labels
+    same_labels = ref_labels is labels
+    labels = pml_labels(labels, embeddings)
+    ref_labels = labels if same_labels else pml_labels(ref_labels, ref_emb, "ref_labels")
+    indices_tuple = pml_indices(indices_tuple, embeddings)
     check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                       labels_required=spec.labels_required or metrix is not None
                       or expansion is not None)
@@ -121,6 +167,12 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     # λ is drawn for the embedding level only: feature/input mixes carry their own λ
     lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
     chosen = backend_mod.resolve(backend, name, embeddings.device)  # its errors first
+    learned = reference_only(name, params, red)
+    if learned and chosen != "reference":
+        if backend != "auto":
+            raise NotImplementedError(f"backend={backend!r}: {learned}; use backend='auto' or "
+                                      "'reference'")
+        chosen = "reference"
     if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
         check_options(name, params, inp, metrix, expansion)  # refused as on any batch
         return empty_loss(embeddings, ref_emb, params.get("proxies"))
@@ -175,13 +227,19 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
                                                                         expansion=expansion)
     elif expansion is not None:
         from .reference.expansion import expansion_loss_dict
-        loss = reduce_loss_dict(expansion_loss_dict(name, params, inp, expansion), red, embeddings)
+        loss = reduce_loss_dict(expansion_loss_dict(name, params, inp, expansion), red,
+                                embeddings, inp.labels)
     else:
-        loss = reduce_loss_dict(spec.loss_dict(inp, **params), red, embeddings)
+        loss = reduce_loss_dict(spec.loss_dict(inp, **params), red, embeddings, inp.labels,
+                                loss_name=name)
 
     if metrix is not None and metrix.weight > 0:
+        if not torch.is_tensor(loss):
+            raise ValueError(f"the reducer ({type(red.module).__name__}) returned the loss dict, "
+                             "to which the Metrix term cannot be added: use a reducer that "
+                             "returns the loss, or metrix=None")
         mixed_loss = None
-        if backend != "reference" and lam_value is not None:
+        if backend != "reference" and lam_value is not None and not learned:
             # pos_pos candidates live in class blocks: any engine takes them without B×B×B;
             # the other pairs (and ref_emb, or pos_pos past the blocks' cap) in checkpointed
             # anchor chunks, O(chunk) memory; also where the clean loss fell back to the

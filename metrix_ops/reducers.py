@@ -110,22 +110,85 @@ _BY_NAME = {"MeanReducer": MeanReducer, "SumReducer": SumReducer,
             "AvgNonZeroReducer": AvgNonZeroReducer, "DivisorReducer": DivisorReducer}
 
 
-def as_reducer(obj, default=None) -> BaseReducer:
-    """Ours as is; PML's Mean/Sum/AvgNonZero/Threshold reducers by class name; None -> default."""
+class ForeignReducer:
+    """A reducer module of PML's that is not reimplemented here (DoNothingReducer,
+    PerAnchorReducer, ClassWeightedReducer, MultipleReducers, a user's subclass): called on
+    the reference backend's loss dict in PML's format, as a PML loss calls it. A dict of
+    several sub-losses goes one sub-loss at a time, the values summed (PML's MultipleReducers
+    around the reducer), unless the reducer is a MultipleReducers or a DoNothingReducer,
+    which take the whole dict. Not a BaseReducer: the fused ops never take it (the driver
+    runs such calls on the reference backend)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def reduce_dict(self, loss_dict: dict, embeddings, labels, loss_name: str = ""):
+        d = {k: _pml_entry(v, loss_name in COLUMN_LOSSES) for k, v in loss_dict.items()}
+        if len(d) == 1 or type(self.module).__name__ in ("MultipleReducers", "DoNothingReducer"):
+            return self.module(d, embeddings, labels)
+        total = None
+        for k, v in d.items():
+            value = self.module({k: v}, embeddings, labels)
+            total = value if total is None else total + value
+        return total
+
+    def __repr__(self):
+        return f"ForeignReducer({self.module!r})"
+
+
+# PML's losses whose terms come as a column (n, 1), from its keepdim log-sum-exps: a reducer
+# of PML's sees that shape (ClassWeightedReducer's product broadcasts on it)
+COLUMN_LOSSES = ("MultiSimilarityLoss", "CircleLoss", "LiftedStructureLoss",
+                 "GeneralizedLiftedStructureLoss")
+
+
+def _pml_entry(info: dict, column: bool) -> dict:
+    """One sub-loss as PML lists it: the terms a `keep` mask drops are left out (PML's loss
+    never lists them), none kept under none_kept="zero" is PML's zero loss, and the terms of
+    a COLUMN_LOSSES loss are a column."""
+    out = {k: v for k, v in info.items() if k not in ("keep", "none_kept")}
+    keep = info.get("keep")
+    if column and torch.is_tensor(out["losses"]) and out["losses"].ndim == 1:
+        out["losses"] = out["losses"][:, None]
+        keep = None if keep is None else keep.reshape(-1, 1)
+    if keep is None:
+        return out
+    if info.get("none_kept") == "zero" and not bool(keep.any()):
+        return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+    idx = info.get("indices")
+    rows = keep.reshape(-1)
+    out["losses"] = out["losses"][rows]
+    if isinstance(idx, (tuple, list)):
+        out["indices"] = tuple(t[rows] for t in idx)
+    elif torch.is_tensor(idx):
+        out["indices"] = idx[rows]
+    return out
+
+
+def as_reducer(obj, default=None):
+    """Ours as is; PML's Mean/Sum/AvgNonZero/Divisor/Threshold reducers by class name as ours;
+    another reducer module (PML's others, or a subclass) as a ForeignReducer; None -> default."""
     if obj is None:
         return default() if callable(default) else default
-    if isinstance(obj, BaseReducer):
+    if isinstance(obj, (BaseReducer, ForeignReducer)):
         return obj
     name = type(obj).__name__
     if name in _BY_NAME:
         return _BY_NAME[name]()
     if name == "ThresholdReducer":
         return ThresholdReducer(low=obj.low, high=obj.high)
-    raise TypeError(f"reducer must be one of {sorted(_BY_NAME) + ['ThresholdReducer']} "
-                    f"(ours or PML's), got {name}")
+    if isinstance(obj, torch.nn.Module):
+        return ForeignReducer(obj)
+    raise TypeError(f"reducer must be a reducer: one of {sorted(_BY_NAME) + ['ThresholdReducer']}"
+                    f" (ours or PML's), or another of PML's reducer modules; got {name}")
 
 
-def reduce_loss_dict(loss_dict: dict, reducer: BaseReducer, embeddings: torch.Tensor) -> torch.Tensor:
+def reduce_loss_dict(loss_dict: dict, reducer, embeddings: torch.Tensor, labels=None,
+                     loss_name: str = ""):
+    """The loss dict reduced: each sub-loss by the reducer, summed (PML's MultipleReducers);
+    a ForeignReducer gets the dict in PML's format, with the batch's labels."""
+    if isinstance(reducer, ForeignReducer):
+        return reducer.reduce_dict(loss_dict, embeddings, labels, loss_name)
     total = None
     for info in loss_dict.values():
         keep = info.get("keep")

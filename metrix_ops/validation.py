@@ -45,6 +45,41 @@ def check_labels(labels, n: int, device: torch.device, name: str = "labels") -> 
         raise ValueError(f"{name} is on {labels.device} but the embeddings are on {device}")
 
 
+def _movable(t, like) -> bool:
+    return (torch.is_tensor(t) and torch.is_tensor(like) and t.device != like.device
+            and "meta" not in (t.device.type, like.device.type))
+
+
+def pml_labels(labels, like, name: str = "labels"):
+    """labels as PML's losses, miners and CrossBatchMemory take them: moved to the device of
+    `like` (the embeddings, or ref_emb; PML's c_f.to_device), and float class ids of whole
+    values as int64 (PML compares float labels as they are; the ops take integers). A tensor
+    without data (meta) stays, for check_labels to name; float labels with a fractional, NaN
+    or Inf value are an error naming them."""
+    if _movable(labels, like):
+        labels = labels.to(like.device)
+    if not (torch.is_tensor(labels) and labels.is_floating_point() and labels.ndim == 1
+            and labels.device.type != "meta"):
+        return labels
+    whole = (labels == labels.round()).all() & torch.isfinite(labels).all()
+    msg = (f"{name} must hold class ids: float labels are taken when every value is a whole "
+           "number (they are used as int64)")
+    if torch.compiler.is_compiling():
+        torch._assert_async(whole, msg)
+    elif not bool(whole):
+        raise ValueError(f"{msg}; got dtype {labels.dtype} with fractional, NaN or Inf values")
+    return labels.long()
+
+
+def pml_indices(indices_tuple, like):
+    """An indices_tuple's tensors moved to the embeddings' device (PML indexes with them
+    wherever they are)."""
+    if not isinstance(indices_tuple, (tuple, list)):
+        return indices_tuple
+    return type(indices_tuple)(t.to(like.device) if _movable(t, like) else t
+                               for t in indices_tuple)
+
+
 def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device) -> None:
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise ValueError("indices_tuple must be a tuple of 3 (anchors, positives, negatives) "

@@ -65,6 +65,7 @@ def _ctor_kwargs(loss):
 def loss_cases():
     """(key, our loss factory, PML loss factory or None, efficient, sizes)."""
     import pytorch_metric_learning.losses as pl
+    import pytorch_metric_learning.regularizers as preg
 
     import metrix_ops as mo
     cases = []
@@ -86,6 +87,12 @@ def loss_cases():
              eff, (6, 6)),
             (f"ntxent-{eff}", lambda: mo.losses.NTXentLoss(backend="cpu"),
              lambda: pl.NTXentLoss(), eff, (6, 6)),
+            # the embedding regularizer: of the gathered batch, or (efficient) of the local rows
+            (f"ms-regularized-{eff}", lambda: mo.losses.MultiSimilarityLoss(
+                backend="cpu", embedding_regularizer=mo.regularizers.LpRegularizer(power=2),
+                embedding_reg_weight=0.3),
+             lambda: pl.MultiSimilarityLoss(embedding_regularizer=preg.LpRegularizer(power=2),
+                                            embedding_reg_weight=0.3), eff, (6, 6)),
             (f"ms-unequal-{eff}", lambda: mo.losses.MultiSimilarityLoss(backend="cpu"), None, eff,
              (7, 3)),
             (f"ms-metrix-{eff}", lambda: mo.losses.MultiSimilarityLoss(

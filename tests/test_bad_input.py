@@ -30,7 +30,11 @@ BAD = [
     ("int_embeddings", lambda x, y: (x.long(), y), TypeError, "embeddings must be a floating"),
     ("nan", lambda x, y: (x.index_fill(0, torch.tensor([2]), float("nan")), y), ValueError, "NaN or Inf"),
     ("inf", lambda x, y: (x.index_fill(0, torch.tensor([1]), float("inf")), y), ValueError, "NaN or Inf"),
-    ("float_labels", lambda x, y: (x, y.float()), TypeError, "labels must hold integer"),
+    ("fractional_labels", lambda x, y: (x, y.float() + 0.5), ValueError,
+     "labels must hold class ids: float labels are taken when every value is a whole number"),
+    ("nan_labels", lambda x, y: (x, y.float().index_fill(0, torch.tensor([3]), float("nan"))),
+     ValueError, "labels must hold class ids"),
+    ("bool_labels", lambda x, y: (x, y > 1), TypeError, "labels must hold integer"),
     ("labels_rank", lambda x, y: (x, y[:, None]), ValueError, "labels must be 1-D"),
     ("length", lambda x, y: (x, y[:-1]), ValueError, "labels has 7 entries but there are 8"),
 ]

@@ -19,5 +19,6 @@ def loss_function(fn_name: str, loss_name: str, **defaults):
     fn.__doc__ = (f"Functional {loss_name}. Hyper-parameters (keyword): "
                   + ", ".join(f"{k}={v!r}" for k, v in defaults.items())
                   + ". Options: distance, reducer, backend, metrix, expansion, lam, "
-                  "mixed_embeddings, mixed.")
+                  "mixed_embeddings, mixed, miner, embedding_regularizer, "
+                  "embedding_reg_weight.")
     return fn

@@ -7,6 +7,8 @@ import torch
 
 from ..config import Expansion, Metrix
 from ..driver import run_loss
+from ..spec import get_spec
+from ..regularizers import check_regularizer, module_options
 
 
 class BaseMetricLoss(torch.nn.Module):
@@ -19,8 +21,13 @@ class BaseMetricLoss(torch.nn.Module):
 
     def __init__(self, *args, distance=None, reducer=None, backend: str = "auto",
                  metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
-                 miner=None, **hyper):
+                 miner=None, embedding_regularizer=None, embedding_reg_weight=1,
+                 collect_stats: bool = False, **hyper):
         super().__init__()
+        # PML's flag, taken for drop-in construction; PML's per-call statistics (e.g.
+        # num_pos_pairs on a loss) are not recorded
+        self.collect_stats = collect_stats
+        check_regularizer("embedding_regularizer", embedding_regularizer, embedding_reg_weight)
         names = list(self.defaults)
         if len(args) > len(names):
             raise TypeError(f"{type(self).__name__} takes at most {len(names)} positional "
@@ -34,14 +41,24 @@ class BaseMetricLoss(torch.nn.Module):
         params.update(hyper)
         for k, v in params.items():
             setattr(self, k, v)
-        self.distance = distance
-        self.reducer = reducer
+        # PML's loss.distance and loss.reducer: the defaults as objects when not given
+        self.distance = distance if distance is not None else self.get_default_distance()
+        self.reducer = reducer if reducer is not None else self.get_default_reducer()
         self.backend = backend
         self.metrix = metrix
         self.expansion = expansion
         # a miner module run on every call in place of an indices_tuple; the fused backends
         # run the rules they know inside the loss op (MultiSimilarityMiner with MS)
         self.miner = miner
+        # PML's EmbeddingRegularizerMixin: weight · regularizer(embeddings) added to the loss
+        self.embedding_regularizer = embedding_regularizer
+        self.embedding_reg_weight = embedding_reg_weight
+
+    def get_default_distance(self):
+        return get_spec(self.loss_name).default_distance()
+
+    def get_default_reducer(self):
+        return get_spec(self.loss_name).default_reducer()
 
     def loss_params(self) -> dict:
         return {k: getattr(self, k) for k in self.defaults}
@@ -51,7 +68,8 @@ class BaseMetricLoss(torch.nn.Module):
         return run_loss(self.loss_name, self.loss_params(), embeddings, labels, indices_tuple,
                         ref_emb, ref_labels, distance=self.distance, reducer=self.reducer,
                         backend=self.backend, metrix=self.metrix, expansion=self.expansion,
-                        lam=lam, mixed_embeddings=mixed_embeddings, mixed=mixed, miner=self.miner)
+                        lam=lam, mixed_embeddings=mixed_embeddings, mixed=mixed, miner=self.miner,
+                        **module_options(self))
 
     def extra_repr(self) -> str:
         parts = [f"{k}={v!r}" for k, v in self.loss_params().items() if not torch.is_tensor(v)]
@@ -60,5 +78,9 @@ class BaseMetricLoss(torch.nn.Module):
             parts.append(f"metrix={self.metrix!r}")
         if self.expansion is not None:
             parts.append(f"expansion={self.expansion!r}")
+        for name, weight in (("embedding_regularizer", "embedding_reg_weight"),
+                             ("weight_regularizer", "weight_reg_weight")):
+            if getattr(self, name, None) is not None:  # the regularizer prints as a submodule
+                parts.append(f"{weight}={getattr(self, weight)!r}")
 
         return ", ".join(parts)

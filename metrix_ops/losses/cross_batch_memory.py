@@ -19,11 +19,12 @@ from .. import backend as backend_mod
 from .. import fused
 from ..distances import as_distance
 from ..driver import draw_lam, no_autocast, run_loss
+from ..regularizers import module_options, regularization
 from ..fused import metrix_refs
 from ..reference.metrix import metrix_loss
 from ..reference.pairs import all_pairs, to_pairs, to_triplets
 from ..spec import LossInputs, get_spec
-from ..validation import check_embeddings, check_labels
+from ..validation import check_embeddings, check_labels, pml_labels
 from .base import BaseMetricLoss
 
 __all__ = ["CrossBatchMemory"]
@@ -106,6 +107,7 @@ class CrossBatchMemory(torch.nn.Module):
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None, *, lam=None):
         check_embeddings(embeddings, allow_empty=True)
+        labels = pml_labels(labels, embeddings)  # as PML's
         check_labels(labels, len(embeddings), embeddings.device)
         if embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must have embedding_size={self.embedding_size} "
@@ -141,10 +143,12 @@ class CrossBatchMemory(torch.nn.Module):
                                   exclude_start)
             loss = self._clean(embeddings, labels, pairs, mem_emb, mem_labels)
         mx = self.loss.metrix
-        if mx is None or mx.weight == 0:
-            return loss
-        return loss + mx.weight * self._mixed(embeddings, labels, mem_emb, mem_labels,
-                                              exclude_start, draw_lam(mx, lam))
+        if mx is not None and mx.weight > 0:
+            loss = loss + mx.weight * self._mixed(embeddings, labels, mem_emb, mem_labels,
+                                                  exclude_start, draw_lam(mx, lam))
+        # PML calls the wrapped loss on the batch's (non-enqueued) rows: its embedding
+        # regularizer sees those rows, never the bank
+        return regularization(loss, embeddings, **module_options(self.loss))
 
     def _clean(self, *args):
         """The wrapped loss without its Metrix term (that term is _mixed's)."""

@@ -3,20 +3,41 @@ from __future__ import annotations
 
 import torch
 
+from ..regularizers import check_regularizer
 from .base import BaseMetricLoss
 
 
 class ProxyLossBase(BaseMetricLoss):
     init = staticmethod(torch.nn.init.normal_)  # PML's default weight init
 
-    def __init__(self, num_classes: int, embedding_size: int, *args, **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, *args, weight_regularizer=None,
+                 weight_reg_weight=1, weight_init_func=None, **kwargs):
         super().__init__(*args, **kwargs)
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(f"num_classes and embedding_size must be >= 1, got "
                              f"{num_classes} and {embedding_size}")
+        check_regularizer("weight_regularizer", weight_regularizer, weight_reg_weight)
+        if weight_init_func is not None and not callable(weight_init_func):
+            raise TypeError(f"weight_init_func must be a callable that fills the proxies in "
+                            f"place (e.g. torch.nn.init.xavier_normal_), got "
+                            f"{type(weight_init_func).__name__}")
         self.num_classes = num_classes
         self.proxies = torch.nn.Parameter(torch.empty(num_classes, embedding_size))
-        self.init(self.proxies)
+        # PML's WeightMixin: weight_init_func(proxies), else the loss's default init
+        self.weight_init_func = weight_init_func or self.init
+        self.weight_init_func(self.proxies)
+        # PML's WeightRegularizerMixin: weight · regularizer(proxies) added to the loss
+        self.weight_regularizer = weight_regularizer
+        self.weight_reg_weight = weight_reg_weight
 
     def loss_params(self):
         return {**super().loss_params(), "proxies": self.proxies}
+
+    def forward(self, embeddings, *args, **kwargs):
+        # PML's cast_types: proxies left on another device follow the embeddings (in place,
+        # the same Parameter), so a loss that was never .to(device)-ed still runs
+        dev = getattr(embeddings, "device", None)
+        if (dev is not None and self.proxies.device != dev and dev.type != "meta"
+                and self.proxies.device.type != "meta"):
+            self.proxies.data = self.proxies.data.to(dev)
+        return super().forward(embeddings, *args, **kwargs)

@@ -61,8 +61,8 @@ class MultiSimilarityMiner(BaseMiner):
 
     default_distance = CosineSimilarity
 
-    def __init__(self, epsilon=0.1, distance=None):
-        super().__init__(distance)
+    def __init__(self, epsilon=0.1, distance=None, collect_stats: bool = False):
+        super().__init__(distance, collect_stats)
         self.epsilon = epsilon
 
     def mine(self, x, labels, ref, ref_labels, same_set):

@@ -38,8 +38,9 @@ class TripletMarginMiner(BaseMiner):
 
     default_distance = LpDistance
 
-    def __init__(self, margin=0.2, type_of_triplets="all", distance=None):
-        super().__init__(distance)
+    def __init__(self, margin=0.2, type_of_triplets="all", distance=None,
+                 collect_stats: bool = False):
+        super().__init__(distance, collect_stats)
         if type_of_triplets not in TYPES:
             raise ValueError(f"type_of_triplets must be one of {TYPES}, got {type_of_triplets!r}")
         self.margin = margin

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from .launch import HAS_TRITON, next_pow2, usable_on
+from . import table_cache
 from .ee_chunks import check_segment_labels, class_chunks, largest_class_fits
 from .tiles import acc_dtype, dot_precision
 
@@ -456,7 +457,7 @@ def _bwd_op(grad: torch.Tensor, lse: torch.Tensor, xs: torch.Tensor, pnorm: torc
             ) -> tuple[torch.Tensor, torch.Tensor]:
     if xs.shape[0] == 0:
         return torch.zeros_like(xs), torch.zeros_like(pnorm)
-    tables, kb = layout_tables(layout, n)
+    tables, kb = layout_tables(layout, n, backward=True)
     return launch_bwd(grad, lse, xs, pnorm, tables, kb, l2, _params(xs, scale, offset))
 
 
@@ -490,12 +491,17 @@ def _synthetic(seg_u, seg_w, n: int):
             ((k + 1).double() / (n + 1)).repeat(s))
 
 
-def layout_tables(layout, n: int):
+def layout_tables(layout, n: int, backward: bool = False):
     """(the chunk, point and side tables of the label-sorted batch, KB) from its layout
     [sorted labels, segments in sorted positions (u, w), anchor mask, negative mask]: see the
     module docstring. Built inside the ops (the chunk table depends on the labels' values,
     which a compiled graph cannot branch on; ee_chunks.class_chunks raises for a class
-    over EE_MAX_CLASS rows)."""
+    over EE_MAX_CLASS rows); a backward op takes its forward's (table_cache)."""
+    return table_cache.handed(tuple(layout), ("ee", int(n)), lambda: _build_tables(layout, n),
+                              backward)
+
+
+def _build_tables(layout, n: int):
     ys, seg_u, seg_w, amask, nmask = layout
     check_segment_labels(ys, seg_u, seg_w)
     chunks, kb = class_chunks(ys)

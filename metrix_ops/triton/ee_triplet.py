@@ -50,7 +50,7 @@ def _bwd_op(grad: torch.Tensor, xs: torch.Tensor, pnorm: torch.Tensor, pos: torc
     dpos = torch.zeros_like(pos)
     if xs.shape[0] == 0:
         return torch.zeros_like(xs), torch.zeros_like(pnorm), dpos
-    tables, kb = layout_tables(layout, n)
+    tables, kb = layout_tables(layout, n, backward=True)
     dx, dpn = launch_bwd(grad, xs.new_zeros(xs.shape[0]), xs, pnorm, tables, kb, l2,
                          _params(xs, 1.0, 0.0, margin), (pos, pst, pct, smooth), dpos)
     return dx, dpn, dpos

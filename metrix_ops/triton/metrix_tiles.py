@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from . import table_cache
 from .launch import HAS_TRITON, next_pow2
 from .pairs import launch_config
 
@@ -369,8 +370,10 @@ def mix_config(x, kb, grad: bool = False):
 
 def chunk_launch(x, labels, anchor_neg, grad: bool = False):
     """(the chunk table, the rows' class sizes, the number of chunks, the kernels' shared
-    meta-parameters, BLOCK_DO) of the label-sorted batch (chunk_table, mix_config)."""
-    table, kb, counts, split = chunk_table(labels, anchor_neg)
+    meta-parameters, BLOCK_DO) of the label-sorted batch (chunk_table, mix_config); the
+    gradient ops (grad) take the table their forward built (table_cache)."""
+    table, kb, counts, split = table_cache.handed(
+        (labels,), ("metrix", bool(anchor_neg)), lambda: chunk_table(labels, anchor_neg), grad)
     cfg, block_do, warps = mix_config(x, kb, grad)
     meta = dict(ANCHOR_NEG=bool(anchor_neg), SPLIT=split, KB=kb, **cfg, **warps)
     return table, counts, len(table) // 4, meta, block_do

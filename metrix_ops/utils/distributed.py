@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from .. import fused
 from ..driver import draw_lam, run_loss
+from ..regularizers import module_options, regularization
 from ..losses.base import BaseMetricLoss
 from ..losses.cross_batch_memory import (CrossBatchMemory, check_metrix_against_refs,
                                          mixed_against_refs)
@@ -196,10 +197,12 @@ class DistributedLossWrapper(torch.nn.Module):
                              refs, ref_labels, distance=loss.distance, reducer=loss.reducer,
                              backend=loss.backend)
         mx = loss.metrix
-        if mx is None or mx.weight == 0 or mx.level != "embedding":
-            return clean
-        return clean + mx.weight * mixed_against_refs(loss, emb, labels, refs, ref_labels, own,
-                                                      draw_lam(mx, lam))
+        if mx is not None and mx.weight > 0 and mx.level == "embedding":
+            clean = clean + mx.weight * mixed_against_refs(loss, emb, labels, refs, ref_labels,
+                                                           own, draw_lam(mx, lam))
+        # PML's efficient mode calls the loss on the local rows: its embedding regularizer
+        # sees this rank's embeddings
+        return regularization(clean, emb, **module_options(loss))
 
 
 class DistributedMinerWrapper(torch.nn.Module):

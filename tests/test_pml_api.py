@@ -1,0 +1,139 @@
+"""What PML users read and pass beside the losses' numbers, against PML 2.9: the miners'
+counts (num_triplets, num_pos_pairs, num_neg_pairs), loss.distance / loss.reducer defaults,
+learned hyper-parameters (tensors that require grad: values and their gradients), float
+labels, MultipleLosses' weights as PML keeps them, and PML's collect_stats flag."""
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning import losses as pl
+from pytorch_metric_learning import miners as pm
+
+import metrix_ops as mo
+from cases import assert_close_vg
+
+MINERS = [
+    (lambda: mo.miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"),
+     lambda: pm.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")),
+    (lambda: mo.miners.TripletMarginMiner(), lambda: pm.TripletMarginMiner()),
+    (lambda: mo.miners.BatchHardMiner(), lambda: pm.BatchHardMiner()),
+    (lambda: mo.miners.MultiSimilarityMiner(epsilon=0.2), lambda: pm.MultiSimilarityMiner(epsilon=0.2)),
+]
+
+
+def _batch(b=19, d=6, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, d, generator=g, dtype=torch.float64),
+            torch.randint(0, classes, (b,), generator=g))
+
+
+@pytest.mark.parametrize("k", range(len(MINERS)), ids=["semihard", "all", "batch_hard", "ms"])
+def test_miner_counts_as_pml(k):
+    ours, theirs = MINERS[k][0](), MINERS[k][1]()
+    names = ("num_triplets", "num_pos_pairs", "num_neg_pairs")
+    assert all(getattr(ours, n) == 0 for n in names)  # (PML's appear at the first call)
+    for seed in range(3):
+        x, y = _batch(seed=seed)
+        ours(x, y), theirs(x, y)
+        # PML sets the counts of the tuple's kind; ours keeps the others at 0
+        kept = [n for n in names if hasattr(theirs, n)]
+        assert kept and [getattr(ours, n) for n in kept] == [getattr(theirs, n) for n in kept]
+        assert all(getattr(ours, n) == 0 for n in names if n not in kept)
+    assert max(getattr(ours, n) for n in names) > 0
+
+
+LOSSES = [("ContrastiveLoss", ()), ("TripletMarginLoss", ()), ("MultiSimilarityLoss", ()),
+          ("NTXentLoss", ()), ("SupConLoss", ()), ("CircleLoss", ()), ("LiftedStructureLoss", ()),
+          ("GeneralizedLiftedStructureLoss", ()), ("NPairsLoss", ()),
+          ("ProxyAnchorLoss", (3, 4)), ("ProxyNCALoss", (3, 4))]
+
+
+@pytest.mark.parametrize("name,args", LOSSES, ids=[n for n, _ in LOSSES])
+def test_default_distance_and_reducer_are_objects_as_pml(name, args):
+    ours, theirs = getattr(mo.losses, name)(*args), getattr(pl, name)(*args)
+    d, pd = ours.distance, theirs.distance
+    assert (type(d).__name__, d.normalize_embeddings, d.p, d.power, d.is_inverted) == (
+        type(pd).__name__, pd.normalize_embeddings, pd.p, pd.power, pd.is_inverted)
+    # PML wraps a loss of several sub-losses in MultipleReducers, one reducer per sub-loss
+    pml_red = theirs.reducer
+    if hasattr(pml_red, "reducers"):
+        pml_red = next(iter(pml_red.reducers.values()))
+    assert type(ours.reducer).__name__ == type(pml_red).__name__
+    assert type(ours.get_default_distance()) is type(ours.distance)
+    given = mo.distances.CosineSimilarity()
+    assert getattr(mo.losses, name)(*args, distance=given).distance is given
+
+
+LEARNED = [("NTXentLoss", "temperature", 0.2), ("SupConLoss", "temperature", 0.3),
+           ("CircleLoss", "m", 0.3), ("MultiSimilarityLoss", "beta", 20.0),
+           ("MultiSimilarityLoss", "base", 0.4)]
+
+
+@pytest.mark.parametrize("name,hyper,value", LEARNED, ids=[f"{n}-{h}" for n, h, _ in LEARNED])
+def test_learned_hyper_parameters_get_pml_gradients(name, hyper, value):
+    """A hyper-parameter given as a tensor that requires grad: `auto` runs the reference,
+    which differentiates through it, as PML; an explicit fused backend refuses."""
+    x, y = _batch()
+    grads = []
+    for lib in (mo.losses, pl):
+        t = torch.nn.Parameter(torch.tensor(value, dtype=torch.float64))
+        loss = getattr(lib, name)(**{hyper: t})
+        e = x.clone().requires_grad_(True)
+        out = loss(e, y)
+        out.backward()
+        grads.append((out.detach(), e.grad, t.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    t = torch.nn.Parameter(torch.tensor(value, dtype=torch.float64))
+    with pytest.raises(NotImplementedError, match=f"{hyper}.*require grad"):
+        getattr(mo.losses, name)(backend="cpu", **{hyper: t})(x, y)
+    # a tensor that does not require grad is a constant: the fused op takes it
+    fixed = getattr(mo.losses, name)(backend="cpu", **{hyper: torch.tensor(value)})
+    torch.testing.assert_close(fixed(x, y), getattr(mo.losses, name)(**{hyper: value})(x, y))
+
+
+def test_learned_hyper_parameter_with_metrix_differentiates_the_mixed_term_too():
+    x, y = _batch()
+    t = torch.nn.Parameter(torch.tensor(20.0, dtype=torch.float64))
+    loss = mo.losses.MultiSimilarityLoss(beta=t, metrix=mo.Metrix(weight=0.5))
+    ref = mo.losses.MultiSimilarityLoss(beta=t, metrix=mo.Metrix(weight=0.5), backend="reference")
+    (g_auto,) = torch.autograd.grad(loss(x, y, lam=0.3), t)
+    (g_ref,) = torch.autograd.grad(ref(x, y, lam=0.3), t)
+    (g_clean,) = torch.autograd.grad(mo.losses.MultiSimilarityLoss(beta=t)(x, y), t)
+    torch.testing.assert_close(g_auto, g_ref)
+    assert not torch.allclose(g_auto, g_clean)  # the mixed term's part is there
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_float_labels_of_whole_values_as_pml(backend):
+    x, y = _batch()
+    for name in ("MultiSimilarityLoss", "TripletMarginLoss", "NTXentLoss"):
+        ours = getattr(mo.losses, name)(backend=backend)
+        assert_close_vg(lambda e: ours(e, y.double()), lambda e: getattr(pl, name)()(e, y.double()), x)
+    pa = mo.losses.ProxyAnchorLoss(4, 6, backend=backend).double()
+    torch.testing.assert_close(pa(x, y.float()), pa(x, y))
+    for make_ours, make_pml in MINERS:
+        for a, b in zip(make_ours()(x, y.float()), make_ours()(x, y)):
+            assert torch.equal(a, b)
+    xbm = mo.losses.CrossBatchMemory(mo.losses.ContrastiveLoss(), 6, memory_size=40)
+    xbm_int = mo.losses.CrossBatchMemory(mo.losses.ContrastiveLoss(), 6, memory_size=40)
+    torch.testing.assert_close(xbm(x, y.float()), xbm_int(x, y))
+
+
+def test_multiple_losses_weights_as_pml_keeps_them():
+    x, y = _batch()
+    w = [1, np.float32(0.5), torch.tensor(2.0, dtype=torch.float64)]
+    ours = mo.losses.MultipleLosses([mo.losses.NTXentLoss(), mo.losses.MultiSimilarityLoss(),
+                                     mo.losses.ContrastiveLoss()], weights=w)
+    theirs = pl.MultipleLosses([pl.NTXentLoss(), pl.MultiSimilarityLoss(), pl.ContrastiveLoss()],
+                               weights=w)
+    assert ours.weights is w
+    assert_close_vg(lambda e: ours(e, y), lambda e: theirs(e, y), x)
+    assert mo.losses.MultipleLosses([mo.losses.NTXentLoss()] * 2).weights == [1, 1]
+
+
+def test_collect_stats_is_taken():
+    assert mo.losses.TripletMarginLoss(margin=0.1, collect_stats=True).collect_stats
+    miner = mo.miners.TripletMarginMiner(collect_stats=True)
+    x, y = _batch()
+    miner(x, y)
+    assert miner.collect_stats and miner.num_triplets == pm.TripletMarginMiner()(x, y)[0].numel()
