@@ -137,3 +137,24 @@ def test_collect_stats_is_taken():
     x, y = _batch()
     miner(x, y)
     assert miner.collect_stats and miner.num_triplets == pm.TripletMarginMiner()(x, y)[0].numel()
+
+
+@pytest.mark.parametrize("per_anchor", [1, 3])
+@pytest.mark.parametrize("refs", [False, True])
+def test_random_triplets_per_anchor_are_pml_draw_for_draw(per_anchor, refs):
+    """triplets_per_anchor=k samples PML's triplets at the same seed: the same loss value and
+    gradient, not just the same distribution."""
+    x, y = _batch(b=23, classes=5, seed=4)
+    call = {}
+    if refs:
+        r, ry = _batch(b=9, classes=5, seed=5)
+        call = {"ref_emb": r, "ref_labels": ry}
+    ours = mo.losses.TripletMarginLoss(margin=0.3, triplets_per_anchor=per_anchor)
+    theirs = pl.TripletMarginLoss(margin=0.3, triplets_per_anchor=per_anchor)
+
+    def seeded(loss):
+        def f(e):
+            torch.manual_seed(7)
+            return loss(e, y, **call)
+        return f
+    assert_close_vg(seeded(ours), seeded(theirs), x)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import ee_losses_checks as checks
 import metrix_ops as mo
-from cases import CASES, CASE_IDS
+from cases import CASES, CASE_IDS, assert_close_vg
 from metrix_ops import _ext
 from metrix_ops.ops.ee_mining import all_segments
 from test_fused_hphn_cpu import batch
@@ -137,6 +137,23 @@ def test_multi_class_chunks():
     several point tiles."""
     checks.check_labels("triton", on_dev, torch.tensor([0] * 20 + [1] * 3 + [2] + [3] * 9
                                                        + [4] * 2))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_adjacent_pairs_take_a_class_over_the_whole_class_limit(name, monkeypatch):
+    """pairs="adjacent" (the official pairing): a chunk keeps pairs of rows whole, not
+    classes, so a class of 70 rows (over EE_MAX_CLASS) is cut across chunks and the op runs
+    (no fallback), equal to the reference in values and gradients."""
+    from metrix_ops.triton import ee_neg_lse as neg
+    calls = []
+    real = neg.unit_chunks
+    monkeypatch.setattr(neg, "unit_chunks", lambda *a: calls.append(1) or real(*a))
+    y = torch.tensor([0] * 70 + [1] * 4 + [2] * 2 + [3] * 6)  # class-contiguous, even classes
+    x, _ = batch(len(y), 5, 1, seed=12)
+    x, y = on_dev(x, y)
+    eng, ref = checks.pair("triton", name, 2, "adjacent")
+    assert_close_vg(lambda e: eng(e, y), lambda e: ref(e, y), x)
+    assert calls
 
 
 @pytest.mark.parametrize("name", LOSSES)

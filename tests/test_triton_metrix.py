@@ -337,13 +337,25 @@ def test_chunk_table_packs_whole_classes_and_cuts_larger_ones():
     assert table.view(-1, 4).tolist()[1:-1] == [[a, b, a, b] for a, b, _, _ in blocks]
 
 
-def test_ee_class_chunks_keep_whole_classes():
-    from metrix_ops.triton.ee_chunks import EE_MAX_CLASS, class_chunks
+def test_ee_unit_chunks_keep_segments_whole():
+    """pairs="all": units are whole classes; "adjacent": pairs of rows, so a class of any
+    size is cut between pairs; no segment: single rows."""
+    from metrix_ops.reference.expansion_points import expansion_segments as segments
+    from metrix_ops.triton.ee_chunks import EE_MAX_CLASS, unit_chunks
     ys = torch.tensor(sorted([0] * 5 + [1] * 9 + [2] * 2 + [3] * 16 + [4] * 1))
-    chunks, kb = class_chunks(ys)
+    chunks, kb = unit_chunks(ys, *segments(ys, "all"))
     assert kb == 16 and chunks.tolist() == [0, 16, 32, 33]
-    with pytest.raises(ValueError, match=f"at most {EE_MAX_CLASS} rows"):
-        class_chunks(torch.zeros(EE_MAX_CLASS + 1, dtype=torch.long))
+    big = torch.zeros(EE_MAX_CLASS + 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"at most {EE_MAX_CLASS} rows with pairs='all'"):
+        unit_chunks(big, *segments(big, "all"))
+    chunks, kb = unit_chunks(big, *segments(big, "adjacent"))
+    assert kb == 16 and chunks.tolist() == list(range(0, EE_MAX_CLASS + 2, 16)) + [EE_MAX_CLASS + 2]
+    odd = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])  # a segment (1, 2) across positions 1..2
+    chunks, _ = unit_chunks(odd, torch.tensor([0, 1, 4]), torch.tensor([1, 2, 7]))
+    assert chunks.tolist() == [0, 10]  # every unit fits one chunk of 16
+    empty = torch.zeros(0, dtype=torch.long)
+    chunks, kb = unit_chunks(torch.zeros(20, dtype=torch.long), empty, empty)
+    assert kb == 16 and chunks.tolist() == [0, 16, 20]
 
 
 @pytest.fixture

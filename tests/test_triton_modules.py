@@ -60,7 +60,7 @@ def test_metrix_and_ee_under_fullgraph_compile_equal_eager(name, kw, monkeypatch
     import metrix_ops.triton.ee_neg_lse as neg
     import metrix_ops.triton.metrix_tiles as mt
     calls = []
-    for mod, fn in ((mt, "chunk_table"), (neg, "class_chunks"), (te, "ee_hphn_mine_triton")):
+    for mod, fn in ((mt, "chunk_table"), (neg, "unit_chunks"), (te, "ee_hphn_mine_triton")):
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     torch._dynamo.reset()
@@ -103,7 +103,7 @@ def test_compiled_ee_names_a_class_over_the_kernels_limit():
     which takes the next engine); compiled, the engine is chosen without the labels' values,
     and the op says what to do instead of failing inside."""
     from metrix_ops.triton.ee_chunks import EE_MAX_CLASS
-    ee = mo.Expansion(n_points=1, pairs="adjacent")
+    ee = mo.Expansion(n_points=1, pairs="all")  # ("adjacent" takes any class: a unit is a pair)
     loss = mo.losses.MultiSimilarityLoss(backend="triton", expansion=ee)
     x, y = on_dev(torch.randn(EE_MAX_CLASS + 4, 5, dtype=torch.float64),
                   torch.tensor([0] * (EE_MAX_CLASS + 2) + [1, 1]))

@@ -28,21 +28,35 @@ def check_triplets_per_anchor(t) -> None:
 
 
 def random_triplets(labels, ref_labels, same_set: bool, per_anchor: int):
-    """`per_anchor` random triplets for every anchor that has a positive and a negative.
-
-    The distribution is PML's (get_random_triplet_indices): the positive uniform over the
-    anchor's positives (itself excluded when the references are the batch), the negative
-    uniform over its negatives, both drawn with replacement. PML groups its output by
-    label; the order differs here, which no reducer sees. Uses the global torch RNG."""
-    pos, neg = match_masks(labels, ref_labels, same_set)
-    ok = torch.where(pos.any(1) & neg.any(1))[0]
-    if len(ok) == 0 or per_anchor == 0:
-        e = torch.empty(0, dtype=torch.long, device=labels.device)
+    """`per_anchor` random triplets for every anchor that has a positive and a negative:
+    PML's get_random_triplet_indices draw for draw, so that a seeded run gives PML's triplets.
+    Per label (ascending), its anchors' positives uniform over the label's references (the
+    anchor itself excluded when the references are the batch), then the negatives uniform
+    over the other labels' references, both with replacement, from the global CPU generator
+    (torch.randint, as PML, whatever the labels' device)."""
+    dev = labels.device
+    a_idx, p_idx, n_idx = [], [], []
+    for label in torch.unique(labels):
+        p_inds = torch.where(ref_labels == label)[0]
+        a_inds = p_inds if same_set else torch.where(labels == label)[0]
+        n_inds = torch.where(ref_labels != label)[0]
+        n_a, n_p = len(a_inds), len(p_inds)
+        if n_p < (2 if same_set else 1) or len(n_inds) < 1:
+            continue
+        num = n_a * per_anchor
+        cand = p_inds.expand((n_a, n_p))
+        if same_set:  # an anchor is not its own positive
+            cand = cand[~torch.eye(n_a, dtype=torch.bool, device=dev)].view(n_a, n_a - 1)
+        p_ = torch.randint(0, cand.shape[1], (num,)).to(dev)
+        a_ = torch.arange(n_a).view(-1, 1).repeat(1, per_anchor).view(num).to(dev)
+        n_ = torch.randint(0, len(n_inds), (num,)).to(dev)
+        a_idx.append(a_inds[a_])
+        p_idx.append(cand[a_, p_])
+        n_idx.append(n_inds[n_])
+    if not a_idx:
+        e = torch.empty(0, dtype=torch.long, device=dev)
         return e, e.clone(), e.clone()
-    # multinomial over a 0/1 row is uniform over that row's True entries
-    p = torch.multinomial(pos[ok].float(), per_anchor, replacement=True).reshape(-1)
-    n = torch.multinomial(neg[ok].float(), per_anchor, replacement=True).reshape(-1)
-    return ok.repeat_interleave(per_anchor), p, n
+    return torch.cat(a_idx), torch.cat(p_idx), torch.cat(n_idx)
 
 
 def triplet_terms(inp: LossInputs, a, p, n, margin, swap, smooth_loss):

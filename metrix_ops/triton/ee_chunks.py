@@ -1,8 +1,9 @@
 """The chunk table of the Triton engine's Embedding Expansion kernels and the checks on their
-inputs. The EE kernels (ee_neg_lse.py, ee_triplet.py) keep whole classes in a chunk, since an
-anchor's side points are the points of its segments and their selection matrix needs both
-endpoints among the chunk's rows; so classes are at most EE_MAX_CLASS rows there. (The Metrix
-kernels cut larger classes into blocks instead: metrix_tiles.chunk_table.)"""
+inputs. The EE kernels (ee_neg_lse.py, ee_triplet.py) keep each segment's two ends in one
+chunk, since an anchor's side points are the points of its segments and their selection
+matrix needs both endpoints among the chunk's rows: with pairs="all" whole classes, so classes
+of at most EE_MAX_CLASS rows; with "adjacent" pairs of rows, so any class. (The Metrix kernels
+cut larger classes into blocks instead: metrix_tiles.chunk_table.)"""
 from __future__ import annotations
 
 import torch
@@ -12,29 +13,41 @@ from .launch import next_pow2
 EE_MAX_CLASS = 64
 
 
-def class_chunks(sorted_labels: torch.Tensor):
-    """(chunk starts with the end appended, int32; KB): whole classes of the sorted labels
-    packed greedily into chunks of at most KB rows, KB the smallest power of two ≥ 16 that
-    holds the largest class. For the EE kernels (ee_neg_lse.py), whose selection matrices need
-    an anchor's segments inside its chunk: a class over EE_MAX_CLASS rows raises (covers() sends
-    such a batch to the next engine eagerly; under compile it cannot read the labels)."""
-    counts = torch.unique_consecutive(sorted_labels, return_counts=True)[1].tolist()
-    biggest = max(counts, default=1)
+def unit_chunks(sorted_labels: torch.Tensor, seg_u: torch.Tensor, seg_w: torch.Tensor):
+    """(chunk starts with the end appended, int32; KB) of the label-sorted batch for the EE
+    kernels (ee_neg_lse.py), whose selection matrices need both ends of each of a chunk's
+    segments among its rows: the rows are cut into units, the shortest runs that no segment
+    (u, w in sorted positions) crosses, packed greedily into chunks of at most KB rows, KB the
+    smallest power of two ≥ 16 that holds the largest unit. With pairs="all" a unit is a whole
+    class; with the official "adjacent" pairing, a pair of rows, so any class size fits. A
+    unit over EE_MAX_CLASS rows raises (covers() sends such a batch to the next engine
+    eagerly; under compile it cannot read the labels)."""
+    b, dev = len(sorted_labels), sorted_labels.device
+    # cover[p] > 0: some segment spans rows p−1 and p, so no unit may start at p
+    cover = torch.zeros(b + 1, dtype=torch.int64, device=dev)
+    if len(seg_u):
+        lo, hi = torch.minimum(seg_u, seg_w).long(), torch.maximum(seg_u, seg_w).long()
+        cover.index_add_(0, lo + 1, torch.ones_like(lo))
+        cover.index_add_(0, hi + 1, -torch.ones_like(hi))
+    starts = torch.nonzero(torch.cumsum(cover, 0)[:b] == 0).flatten()
+    sizes = torch.diff(starts, append=starts.new_tensor([b])).tolist()
+    biggest = max(sizes, default=1)
     if biggest > EE_MAX_CLASS:
         raise ValueError(
             f"labels: the Triton engine's Embedding Expansion kernels take classes of at most "
-            f"{EE_MAX_CLASS} rows, and this batch has a larger class. Outside torch.compile such a "
-            "batch goes to the next engine; under it the engine is chosen without the labels' "
-            "values: use backend='cuda' or 'cpu' for such batches, or call the loss outside "
-            "the compiled region")
+            f"{EE_MAX_CLASS} rows with pairs='all' (any size with pairs='adjacent'), and this "
+            "batch has a larger class. Outside torch.compile such a batch goes to the next "
+            "engine; under it the engine is chosen without the labels' values: use "
+            "backend='cuda' or 'cpu' for such batches, or call the loss outside the compiled "
+            "region")
     kb = max(16, next_pow2(biggest))
-    starts, row = [0], 0
-    for c in counts:
-        if row + c - starts[-1] > kb:
-            starts.append(row)
+    chunk_starts, row = [0], 0
+    for c in sizes:
+        if row + c - chunk_starts[-1] > kb:
+            chunk_starts.append(row)
         row += c
-    starts.append(row)
-    return torch.tensor(starts, dtype=torch.int32, device=sorted_labels.device), kb
+    chunk_starts.append(row)
+    return torch.tensor(chunk_starts, dtype=torch.int32, device=dev), kb
 
 
 def check_segment_labels(labels, seg_i, seg_j) -> None:
@@ -55,9 +68,10 @@ def check_segment_labels(labels, seg_i, seg_j) -> None:
                          "pairs='adjacent', rows 2t and 2t+1 of a class-contiguous batch)")
 
 
-def largest_class_fits(labels) -> bool:
-    """Every class has at most EE_MAX_CLASS rows (the EE kernels' bound); True under
-    torch.compile, which cannot look (the EE ops raise there: class_chunks)."""
-    if len(labels) == 0 or torch.compiler.is_compiling():
+def largest_unit_fits(labels, pairs: str) -> bool:
+    """Every unit of unit_chunks has at most EE_MAX_CLASS rows: always with pairs="adjacent"
+    (a unit is a pair of rows); with "all" every class at most EE_MAX_CLASS rows. True under
+    torch.compile, which cannot look (the EE ops raise there: unit_chunks)."""
+    if pairs == "adjacent" or len(labels) == 0 or torch.compiler.is_compiling():
         return True
     return int(torch.unique(labels, return_counts=True)[1].max()) <= EE_MAX_CLASS

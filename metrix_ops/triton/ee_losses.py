@@ -17,7 +17,7 @@ from .pairs import max_dim
 def supports(params, inp, expansion) -> bool:
     x = inp.embeddings
     return (glue.fits(inp, expansion) and x.shape[1] <= max_dim(x.dtype)
-            and covers(x, inp.labels))
+            and covers(x, inp.labels, expansion.pairs))
 
 
 def triplet_supports(params, inp, expansion) -> bool:

@@ -10,9 +10,9 @@ its glue (fused/ee_losses.py). A_i: x_i, then the points of i's segments in the 
 order (ties to the earliest); Q_i: originals of another class allowed by neg_mask, and every
 synthetic point of another class.
 
-Layout: the batch label-sorted and cut into chunks of at most KB rows holding whole classes
-(ee_chunks.class_chunks), so an anchor's side points have both endpoints among its chunk's
-rows. Points are index triples (u, w, λ), never materialised, listed chunk by chunk (each
+Layout: the batch label-sorted and cut into chunks of at most KB rows that no segment crosses
+(ee_chunks.unit_chunks: whole classes with pairs="all", pairs of rows with "adjacent"), so an
+anchor's side points have both endpoints among its chunk's rows. Points are index triples (u, w, λ), never materialised, listed chunk by chunk (each
 chunk's originals, then its segments' points). A program takes one chunk:
 - against a tile of BQ points, two tl.dots give G_u = X_c X[q_u]ᵀ and G_w = X_c X[q_w]ᵀ, and
   H = λ_q G_u + (1−λ_q) G_w (KB × BQ, ⟨x_r, q⟩ for the chunk's rows r);
@@ -28,15 +28,16 @@ per row and no atomics; the side points' and points' norms get their gradient in
 buffers, and the norms (computed in PyTorch from per-segment Gram entries) carry it to X.
 
 Work: forward one pass, backward two, each (chunk, point tile) a few KB-sized products;
-memory O(B·D + n·#segments) beside X. Classes of at most 64 rows (else not covered; the
-tables are built inside the ops, as ee_chunks.class_chunks says)."""
+memory O(B·D + n·#segments) beside X. With pairs="all", classes of at most 64 rows (else not
+covered; the tables are built inside the ops, as ee_chunks.unit_chunks says); with
+"adjacent", any class."""
 from __future__ import annotations
 
 import torch
 
 from .launch import HAS_TRITON, next_pow2, usable_on
 from . import table_cache
-from .ee_chunks import check_segment_labels, class_chunks, largest_class_fits
+from .ee_chunks import check_segment_labels, largest_unit_fits, unit_chunks
 from .tiles import acc_dtype, dot_precision
 
 _FWD = "metrix_ops::triton_ee_neg_lse_fwd"
@@ -399,11 +400,11 @@ def _trip_cfg(trip, xs):
     return (pos, pst, pct), dict(MODE=1, SMOOTH=bool(smooth), KP=kp)
 
 
-def launch_fwd(xs, pnorm, tables, kb: int, l2: bool, prm, out, trip=None, nz=None, ct=None):
+def launch_fwd(xs, pnorm, tables, sizes, l2: bool, prm, out, trip=None, nz=None, ct=None):
     """One forward launch over the chunks; trip (MODE 1): see _trip_cfg, nz and ct its counts."""
     chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp = tables
     b = xs.shape[0]
-    max_side = int((soff[1:] - soff[:-1]).max())
+    kb, max_side = sizes
     cfg, warps = _config(xs, kb, max_side, grad=False)
     (pos, pst, pct), mode = _trip_cfg(trip, xs)
     nz, ct = (pst, pst) if trip is None else (nz, ct)
@@ -413,7 +414,7 @@ def launch_fwd(xs, pnorm, tables, kb: int, l2: bool, prm, out, trip=None, nz=Non
         L2=bool(l2), **cfg, **mode, **warps)
 
 
-def launch_bwd(grad, lse, xs, pnorm, tables, kb: int, l2: bool, prm, trip=None, dpos=None):
+def launch_bwd(grad, lse, xs, pnorm, tables, sizes, l2: bool, prm, trip=None, dpos=None):
     """One backward launch: (dx, dpnorm); trip (MODE 1) also fills dpos (lse: zeros)."""
     chunks, cls, amask, pstart, pu, pw, pl, pp, pok, soff, su, sw, sl, sp = tables
     b, d = xs.shape
@@ -422,7 +423,7 @@ def launch_bwd(grad, lse, xs, pnorm, tables, kb: int, l2: bool, prm, trip=None, 
     dpn = torch.zeros_like(pnorm)
     if b == 0:
         return dx, dpn
-    max_side = int((soff[1:] - soff[:-1]).max())
+    kb, max_side = sizes
     cfg, warps = _config(xs, kb, max_side, grad=True)
     (pos, pst, pct), mode = _trip_cfg(trip, xs)
     dpos = pos if trip is None else dpos
@@ -441,8 +442,8 @@ def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, layout: list[torch.Tensor], n
             l2: bool, scale: float, offset: float) -> torch.Tensor:
     out = torch.full((xs.shape[0],), float("-inf"), dtype=xs.dtype, device=xs.device)
     if xs.shape[0] > 0:
-        tables, kb = layout_tables(layout, n)
-        launch_fwd(xs, pnorm, tables, kb, l2, _params(xs, scale, offset), out)
+        tables, sizes = layout_tables(layout, n)
+        launch_fwd(xs, pnorm, tables, sizes, l2, _params(xs, scale, offset), out)
     return out
 
 
@@ -457,8 +458,8 @@ def _bwd_op(grad: torch.Tensor, lse: torch.Tensor, xs: torch.Tensor, pnorm: torc
             ) -> tuple[torch.Tensor, torch.Tensor]:
     if xs.shape[0] == 0:
         return torch.zeros_like(xs), torch.zeros_like(pnorm)
-    tables, kb = layout_tables(layout, n, backward=True)
-    return launch_bwd(grad, lse, xs, pnorm, tables, kb, l2, _params(xs, scale, offset))
+    tables, sizes = layout_tables(layout, n, backward=True)
+    return launch_bwd(grad, lse, xs, pnorm, tables, sizes, l2, _params(xs, scale, offset))
 
 
 @_bwd_op.register_fake
@@ -492,11 +493,12 @@ def _synthetic(seg_u, seg_w, n: int):
 
 
 def layout_tables(layout, n: int, backward: bool = False):
-    """(the chunk, point and side tables of the label-sorted batch, KB) from its layout
+    """(the chunk, point and side tables of the label-sorted batch, (KB, the most side entries
+    of an anchor)) from its layout
     [sorted labels, segments in sorted positions (u, w), anchor mask, negative mask]: see the
     module docstring. Built inside the ops (the chunk table depends on the labels' values,
-    which a compiled graph cannot branch on; ee_chunks.class_chunks raises for a class
-    over EE_MAX_CLASS rows); a backward op takes its forward's (table_cache)."""
+    which a compiled graph cannot branch on; ee_chunks.unit_chunks raises for a unit over
+    EE_MAX_CLASS rows); a backward op takes its forward's (table_cache)."""
     return table_cache.handed(tuple(layout), ("ee", int(n)), lambda: _build_tables(layout, n),
                               backward)
 
@@ -504,7 +506,7 @@ def layout_tables(layout, n: int, backward: bool = False):
 def _build_tables(layout, n: int):
     ys, seg_u, seg_w, amask, nmask = layout
     check_segment_labels(ys, seg_u, seg_w)
-    chunks, kb = class_chunks(ys)
+    chunks, kb = unit_chunks(ys, seg_u, seg_w)
     b, dev, i32 = len(ys), ys.device, torch.int32
     n_chunks = len(chunks) - 1
     _, cls = torch.unique_consecutive(ys, return_inverse=True)
@@ -538,7 +540,8 @@ def _build_tables(layout, n: int):
     tables = [chunks.to(i32), cls.to(i32), amask.to(torch.int8), pstart.to(i32), pu.to(i32),
               pw.to(i32), pl.to(dt), pp.to(i32), pok.to(torch.int8), soff.to(i32), su.to(i32),
               sw.to(i32), sl.to(dt), sp.to(i32)]
-    return [t.contiguous() for t in tables], kb
+    max_side = int(per_anchor.max()) if b else 1  # the kernels' side block (read once here)
+    return [t.contiguous() for t in tables], (kb, max_side)
 
 
 def _synthetic_norms(xs, syn_u, syn_w, syn_lam, n: int):
@@ -582,7 +585,7 @@ def prepare(x_unit, labels, seg_i, seg_j, n_points: int, anchor_mask=None, neg_m
 def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, scale: float,
                       offset: float, anchor_mask=None, neg_mask=None):
     """ops.ee_losses.ee_neg_lse on the Triton engine: (B,) log Σ_{q ∈ Q_i} exp(scale·m̂ + offset)
-    per anchor in the caller's order, −inf where none; differentiable in x_unit. Classes of at
+    per anchor in the caller's order, −inf where none; differentiable in x_unit. Units of at
     most EE_MAX_CLASS rows (covers)."""
     _, slot, xs, layout, pnorm = prepare(x_unit, labels, seg_i, seg_j, n_points, anchor_mask,
                                          neg_mask)
@@ -591,6 +594,7 @@ def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, sca
     return lse.index_select(0, slot)
 
 
-def covers(x, labels) -> bool:
-    """Triton runs on x's device and every class has at most EE_MAX_CLASS rows."""
-    return usable_on(x.device) and largest_class_fits(labels)
+def covers(x, labels, pairs: str) -> bool:
+    """Triton runs on x's device and every chunk unit has at most EE_MAX_CLASS rows (any
+    class with pairs="adjacent"; with "all", classes of at most EE_MAX_CLASS rows)."""
+    return usable_on(x.device) and largest_unit_fits(labels, pairs)

@@ -30,8 +30,8 @@ def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, pos: torch.Tensor,
     nz = torch.zeros(b, dtype=torch.int64, device=xs.device)
     ct = torch.zeros_like(nz)
     if b > 0:
-        tables, kb = layout_tables(layout, n)
-        launch_fwd(xs, pnorm, tables, kb, l2, _params(xs, 1.0, 0.0, margin), sums,
+        tables, sizes = layout_tables(layout, n)
+        launch_fwd(xs, pnorm, tables, sizes, l2, _params(xs, 1.0, 0.0, margin), sums,
                    (pos, pst, pct, smooth), nz, ct)
     return sums, nz, ct
 
@@ -50,8 +50,8 @@ def _bwd_op(grad: torch.Tensor, xs: torch.Tensor, pnorm: torch.Tensor, pos: torc
     dpos = torch.zeros_like(pos)
     if xs.shape[0] == 0:
         return torch.zeros_like(xs), torch.zeros_like(pnorm), dpos
-    tables, kb = layout_tables(layout, n, backward=True)
-    dx, dpn = launch_bwd(grad, xs.new_zeros(xs.shape[0]), xs, pnorm, tables, kb, l2,
+    tables, sizes = layout_tables(layout, n, backward=True)
+    dx, dpn = launch_bwd(grad, xs.new_zeros(xs.shape[0]), xs, pnorm, tables, sizes, l2,
                          _params(xs, 1.0, 0.0, margin), (pos, pst, pct, smooth), dpos)
     return dx, dpn, dpos
 
@@ -83,7 +83,7 @@ def ee_triplet_triton(x_unit, labels, seg_i, seg_j, pos, n_points: int, l2: bool
     """ops.ee_losses.ee_triplet on the Triton engine: per anchor in the caller's order
     (Σ f, #f > 0, #triplets); `pos`: each anchor's clean metric to its positives (the other
     members of its class in index order), anchor-major. Differentiable in x_unit and pos.
-    Classes of at most EE_MAX_CLASS rows (ee_neg_lse.covers)."""
+    Units of at most EE_MAX_CLASS rows (ee_neg_lse.covers)."""
     order, slot, xs, layout, pnorm = prepare(x_unit, labels, seg_i, seg_j, n_points)
     _, inv, counts = torch.unique(labels.long(), return_inverse=True, return_counts=True)
     npos = counts[inv] - 1  # per anchor: its class's other members
