@@ -81,17 +81,26 @@ _BY_NAME = {"LpDistance": LpDistance, "CosineSimilarity": CosineSimilarity,
             "DotProductSimilarity": DotProductSimilarity}
 
 
-def as_distance(obj, default=None) -> BaseDistance:
-    """Ours as is; a PML distance converted by class name and settings; None -> default."""
+_DISTANCE_API = ("compute_mat", "maybe_normalize", "margin", "is_inverted", "power")
+
+
+def as_distance(obj, default=None):
+    """Ours as is; PML's LpDistance, CosineSimilarity and DotProductSimilarity converted by
+    class name and settings; another distance of PML's API (SNRDistance, a subclass of one of
+    PML's) as it is: the fused ops do not cover it (their checks are by our types), so the
+    reference computes with it, as PML would; None -> default."""
     if obj is None:
         return default() if callable(default) else default
     if isinstance(obj, BaseDistance):
         return obj
     cls = _BY_NAME.get(type(obj).__name__)
-    if cls is None:
-        raise TypeError(f"distance must be one of {sorted(_BY_NAME)} (ours or PML's), "
-                        f"got {type(obj).__name__}")
-    return cls(normalize_embeddings=obj.normalize_embeddings, p=obj.p, power=obj.power)
+    if cls is not None:
+        return cls(normalize_embeddings=obj.normalize_embeddings, p=obj.p, power=obj.power)
+    if callable(obj) and all(hasattr(obj, a) for a in _DISTANCE_API):
+        return obj
+    raise TypeError(f"distance must be a distance: one of {sorted(_BY_NAME)} (ours or PML's), "
+                    f"or an object with PML's distance API ({', '.join(_DISTANCE_API)}); got "
+                    f"{type(obj).__name__}")
 
 
 def is_normalized_l2(d: BaseDistance) -> bool:

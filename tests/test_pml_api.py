@@ -158,3 +158,40 @@ def test_random_triplets_per_anchor_are_pml_draw_for_draw(per_anchor, refs):
             return loss(e, y, **call)
         return f
     assert_close_vg(seeded(ours), seeded(theirs), x)
+
+
+class _SubCosine(__import__("pytorch_metric_learning.distances", fromlist=["x"]).CosineSimilarity):
+    """A user's subclass of PML's cosine similarity (another class name)."""
+
+
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "MultiSimilarityLoss", "TripletMarginLoss",
+                                  "NTXentLoss", "LiftedStructureLoss", "SupConLoss",
+                                  "GeneralizedLiftedStructureLoss", "NPairsLoss"])
+def test_other_distances_of_pml_run_on_the_reference_as_pml(name):
+    from pytorch_metric_learning import distances as pd
+    x, y = _batch()
+    for make in (pd.SNRDistance, _SubCosine):
+        ours, theirs = getattr(mo.losses, name)(distance=make()), getattr(pl, name)(distance=make())
+        assert_close_vg(lambda e: ours(e, y), lambda e: theirs(e, y), x)
+    with pytest.raises(NotImplementedError, match="backend='auto' or 'reference'"):
+        getattr(mo.losses, name)(distance=pd.SNRDistance(), backend="cpu")(x, y)
+
+
+def test_other_distances_of_pml_in_miners_as_pml():
+    from pytorch_metric_learning import distances as pd
+    x, y = _batch()
+    for ours, theirs in ((mo.miners.TripletMarginMiner(distance=pd.SNRDistance()),
+                          pm.TripletMarginMiner(distance=pd.SNRDistance())),
+                         (mo.miners.BatchHardMiner(distance=pd.SNRDistance()),
+                          pm.BatchHardMiner(distance=pd.SNRDistance())),
+                         (mo.miners.MultiSimilarityMiner(distance=_SubCosine()),
+                          pm.MultiSimilarityMiner(distance=_SubCosine()))):
+        a, b = ours(x, y), theirs(x, y)
+        assert [len(t) for t in a] == [len(t) for t in b]
+        # the same pairs or triplets (PML's order within a row may differ: README)
+        groups = [(0, 1), (2, 3)] if len(a) == 4 else [(0, 1, 2)]
+        for g in groups:
+            assert (sorted(zip(*[a[k].tolist() for k in g]))
+                    == sorted(zip(*[b[k].tolist() for k in g])))
+    with pytest.raises(TypeError, match="distance must be a distance"):
+        mo.losses.ContrastiveLoss(distance="cosine")(x, y)
