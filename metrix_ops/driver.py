@@ -66,6 +66,14 @@ def reference_only(name: str, params: dict, reducer) -> str:
     return ""
 
 
+def check_addable(loss, reducer) -> None:
+    """The clean loss can take the Metrix term: not a loss dict (PML's DoNothingReducer)."""
+    if not torch.is_tensor(loss):
+        raise ValueError(f"the reducer ({type(getattr(reducer, 'module', reducer)).__name__}) "
+                         "returned the loss dict, to which the Metrix term cannot be added: use "
+                         "a reducer that returns the loss, or metrix=None")
+
+
 def check_options(name: str, params: dict, inp: LossInputs, metrix, expansion) -> None:
     """The Metrix and EE checks that do not depend on the batch's values, which the losses
     run as they build their terms: an empty batch, which builds none, refuses the same
@@ -234,10 +242,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
                                 loss_name=name)
 
     if metrix is not None and metrix.weight > 0:
-        if not torch.is_tensor(loss):
-            raise ValueError(f"the reducer ({type(red.module).__name__}) returned the loss dict, "
-                             "to which the Metrix term cannot be added: use a reducer that "
-                             "returns the loss, or metrix=None")
+        check_addable(loss, red)
         mixed_loss = None
         if backend != "reference" and lam_value is not None and not learned:
             # pos_pos candidates live in class blocks: any engine takes them without B×B×B;

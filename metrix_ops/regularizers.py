@@ -11,6 +11,7 @@ PML's regularizer objects are accepted as they are (any module x -> scalar tenso
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +115,14 @@ def check_regularizer(name: str, regularizer, weight) -> None:
         raise TypeError(f"{name} must be a regularizer module (metrix_ops.regularizers' or "
                         f"PML's) or None, got {type(regularizer).__name__}")
     reg_weight = name.replace("regularizer", "reg_weight")
-    if torch.is_tensor(weight) and weight.numel() == 1:
-        weight = weight.item()
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise ValueError(f"{reg_weight} must be a finite real number, got {weight!r}")
+    if torch.is_tensor(weight):  # a one-element tensor (it may be learned): not read here
+        ok = weight.numel() == 1 and not weight.is_complex()
+    else:
+        ok = (isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+              and math.isfinite(float(weight)))
+    if not ok:
+        raise ValueError(f"{reg_weight} must be a finite real number (or a one-element tensor), "
+                         f"got {weight!r}")
 
 
 def _term(name: str, regularizer, x: torch.Tensor, weight) -> torch.Tensor:

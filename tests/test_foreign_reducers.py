@@ -109,5 +109,9 @@ def test_refusals():
     loss = mo.losses.MultiSimilarityLoss(reducer=pr.DoNothingReducer(), metrix=mo.Metrix())
     with pytest.raises(ValueError, match="returned the loss dict, to which the Metrix term"):
         loss(x, y, lam=0.5)
+    xbm = mo.losses.CrossBatchMemory(mo.losses.MultiSimilarityLoss(
+        reducer=pr.DoNothingReducer(), metrix=mo.Metrix()), 5, memory_size=30)
+    with pytest.raises(ValueError, match="returned the loss dict, to which the Metrix term"):
+        xbm(x, y, lam=0.5)
     with pytest.raises(TypeError, match="reducer must be a reducer"):
         mo.losses.ContrastiveLoss(reducer="mean")(x, y)

@@ -103,6 +103,26 @@ def test_learned_hyper_parameter_with_metrix_differentiates_the_mixed_term_too()
     assert not torch.allclose(g_auto, g_clean)  # the mixed term's part is there
 
 
+def test_learned_hyper_parameter_in_the_bank_differentiates_its_metrix_term():
+    """CrossBatchMemory's Metrix term against the bank takes a learned hyper-parameter on the
+    reference too (its ops would take a constant)."""
+    x, y = _batch(b=8)
+    grads = []
+    for backend in ("auto", "reference"):
+        t = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+        inner = mo.losses.MultiSimilarityLoss(alpha=t, backend=backend,
+                                              metrix=mo.Metrix(weight=0.5))
+        xbm = mo.losses.CrossBatchMemory(inner, 6, memory_size=20)
+        (g,) = torch.autograd.grad(xbm(x, y, lam=0.4), t)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1])
+    t = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    xbm = mo.losses.CrossBatchMemory(mo.losses.MultiSimilarityLoss(
+        alpha=t, backend="cpu", metrix=mo.Metrix()), 6, memory_size=20)
+    with pytest.raises(NotImplementedError, match="require grad"):
+        xbm(x, y, lam=0.4)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_float_labels_of_whole_values_as_pml(backend):
     x, y = _batch()

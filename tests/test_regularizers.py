@@ -237,13 +237,24 @@ def test_cross_batch_memory_regularizes_the_batch_rows_as_pml(name, masked):
         _assert_same(ours, theirs, x, y, **call)
 
 
-def test_the_distributed_wrapper_of_one_process_regularizes_as_the_loss():
-    from metrix_ops.utils.distributed import DistributedLossWrapper
-    loss = mo.losses.MultiSimilarityLoss(embedding_regularizer=reg.LpRegularizer())
+# (DistributedLossWrapper: tests/distributed_cases.py's "ms-regularized" cases, against PML's
+# wrapper in a two-process group, gathered and efficient)
+
+
+def test_weights_of_other_number_types():
+    """NumPy scalars (PML takes them) and one-element tensors, which may be learned: the
+    weight's gradient is the regularizer's value."""
+    import numpy as np
     x, y = make_case(CASES[0])
-    with pytest.warns(UserWarning):
-        out = DistributedLossWrapper(loss)(x, y)
-    torch.testing.assert_close(out, loss(x, y))
+    r = reg.LpRegularizer()
+    base = mo.losses.MultiSimilarityLoss()(x, y)
+    out = mo.losses.MultiSimilarityLoss(embedding_regularizer=r,
+                                        embedding_reg_weight=np.float32(0.5))(x, y)
+    torch.testing.assert_close(out, base + 0.5 * r(x))
+    w = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    out = mo.losses.MultiSimilarityLoss(embedding_regularizer=r, embedding_reg_weight=w)(x, y)
+    (gw,) = torch.autograd.grad(out, w)
+    torch.testing.assert_close(gw, r(x).detach())
 
 
 # ---- bad arguments ------------------------------------------------------------------------

@@ -350,9 +350,13 @@ def test_ee_unit_chunks_keep_segments_whole():
         unit_chunks(big, *segments(big, "all"))
     chunks, kb = unit_chunks(big, *segments(big, "adjacent"))
     assert kb == 16 and chunks.tolist() == list(range(0, EE_MAX_CLASS + 2, 16)) + [EE_MAX_CLASS + 2]
-    odd = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])  # a segment (1, 2) across positions 1..2
-    chunks, _ = unit_chunks(odd, torch.tensor([0, 1, 4]), torch.tensor([1, 2, 7]))
-    assert chunks.tolist() == [0, 10]  # every unit fits one chunk of 16
+    # 40 rows, one segment (18, 14) over rows 14..18: that unit of 5 opens the second chunk
+    # (14 + 5 > 16), where single rows would pack as 0, 16, 32
+    rows = torch.zeros(40, dtype=torch.long)
+    chunks, kb = unit_chunks(rows, torch.tensor([18]), torch.tensor([14]))
+    assert kb == 16 and chunks.tolist() == [0, 14, 30, 40]
+    chunks, _ = unit_chunks(rows, torch.tensor([16]), torch.tensor([15]))  # rows 15, 16
+    assert chunks.tolist() == [0, 15, 31, 40]
     empty = torch.zeros(0, dtype=torch.long)
     chunks, kb = unit_chunks(torch.zeros(20, dtype=torch.long), empty, empty)
     assert kb == 16 and chunks.tolist() == [0, 16, 20]

@@ -18,7 +18,8 @@ import torch
 from .. import backend as backend_mod
 from .. import fused
 from ..distances import as_distance
-from ..driver import draw_lam, no_autocast, run_loss
+from ..driver import check_addable, draw_lam, no_autocast, reference_only, run_loss
+from ..reducers import as_reducer
 from ..regularizers import module_options, regularization
 from ..fused import metrix_refs
 from ..reference.metrix import metrix_loss
@@ -67,6 +68,12 @@ def mixed_against_refs(loss, emb, labels, refs, ref_labels, own: bool, lam: floa
                      as_distance(loss.distance, spec.default_distance))
     args = (loss.loss_name, loss.loss_params(), inp, loss.metrix, lam)
     if loss.backend == "reference":
+        return metrix_loss(*args)
+    why = reference_only(loss.loss_name, loss.loss_params(), as_reducer(loss.reducer))
+    if why:  # a learned hyper-parameter: the ops would take it as a constant
+        if loss.backend != "auto":
+            raise NotImplementedError(f"backend={loss.backend!r}: {why}; use backend='auto' or "
+                                      "'reference'")
         return metrix_loss(*args)
     try:  # the engine that takes the clean term (as fused.run_with_memory resolves it)
         engine = backend_mod.resolve(loss.backend, loss.loss_name, emb.device)
@@ -144,6 +151,7 @@ class CrossBatchMemory(torch.nn.Module):
             loss = self._clean(embeddings, labels, pairs, mem_emb, mem_labels)
         mx = self.loss.metrix
         if mx is not None and mx.weight > 0:
+            check_addable(loss, self.loss.reducer)
             loss = loss + mx.weight * self._mixed(embeddings, labels, mem_emb, mem_labels,
                                                   exclude_start, draw_lam(mx, lam))
         # PML calls the wrapped loss on the batch's (non-enqueued) rows: its embedding

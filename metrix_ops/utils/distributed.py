@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .. import fused
-from ..driver import draw_lam, run_loss
+from ..driver import check_addable, draw_lam, run_loss
 from ..regularizers import module_options, regularization
 from ..losses.base import BaseMetricLoss
 from ..losses.cross_batch_memory import (CrossBatchMemory, check_metrix_against_refs,
@@ -198,6 +198,7 @@ class DistributedLossWrapper(torch.nn.Module):
                              backend=loss.backend)
         mx = loss.metrix
         if mx is not None and mx.weight > 0 and mx.level == "embedding":
+            check_addable(clean, loss.reducer)
             clean = clean + mx.weight * mixed_against_refs(loss, emb, labels, refs, ref_labels,
                                                            own, draw_lam(mx, lam))
         # PML's efficient mode calls the loss on the local rows: its embedding regularizer
