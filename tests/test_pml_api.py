@@ -184,6 +184,15 @@ class _SubCosine(__import__("pytorch_metric_learning.distances", fromlist=["x"])
     """A user's subclass of PML's cosine similarity (another class name)."""
 
 
+def test_circle_takes_a_subclass_of_pml_cosine_as_pml():
+    from pytorch_metric_learning import distances as pd
+    x, y = _batch()
+    ours, theirs = mo.losses.CircleLoss(distance=_SubCosine()), pl.CircleLoss(distance=_SubCosine())
+    assert_close_vg(lambda e: ours(e, y), lambda e: theirs(e, y), x)
+    with pytest.raises(ValueError, match="CircleLoss requires the distance to be CosineSimilarity"):
+        mo.losses.CircleLoss(distance=pd.SNRDistance())(x, y)
+
+
 @pytest.mark.parametrize("name", ["ContrastiveLoss", "MultiSimilarityLoss", "TripletMarginLoss",
                                   "NTXentLoss", "LiftedStructureLoss", "SupConLoss",
                                   "GeneralizedLiftedStructureLoss", "NPairsLoss"])
@@ -215,3 +224,17 @@ def test_other_distances_of_pml_in_miners_as_pml():
                     == sorted(zip(*[b[k].tolist() for k in g])))
     with pytest.raises(TypeError, match="distance must be a distance"):
         mo.losses.ContrastiveLoss(distance="cosine")(x, y)
+
+
+def test_cross_batch_memory_api_as_pml():
+    ours = mo.losses.CrossBatchMemory(mo.losses.ContrastiveLoss(), 6, memory_size=10)
+    theirs = pl.CrossBatchMemory(pl.ContrastiveLoss(), 6, memory_size=10).double()
+    assert set(ours.supported_losses()) <= set(theirs.supported_losses())
+    ours.check_loss_support("NTXentLoss")
+    with pytest.raises(ValueError, match="does not support ProxyAnchorLoss"):
+        ours.check_loss_support("ProxyAnchorLoss")
+    for seed in range(3):  # 7 + 7 + 7 rows wrap around a bank of 10
+        x, y = _batch(b=7, seed=seed)
+        ours(x, y), theirs(x, y)
+        assert torch.equal(ours.curr_batch_idx, theirs.curr_batch_idx)
+

@@ -106,6 +106,18 @@ class CrossBatchMemory(torch.nn.Module):
         self.memory_size = memory_size
         self.reset_queue()
 
+    @staticmethod
+    def supported_losses():
+        """The wrapped losses this bank takes (PML's list, less the losses metrix_ops does not
+        have)."""
+        return list(SUPPORTED)
+
+    @classmethod
+    def check_loss_support(cls, loss_name):
+        if loss_name not in cls.supported_losses():
+            raise ValueError(f"CrossBatchMemory does not support {loss_name}; it wraps one of "
+                             f"{cls.supported_losses()}")
+
     def reset_queue(self) -> None:
         self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
         self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.long))
@@ -176,6 +188,7 @@ class CrossBatchMemory(torch.nn.Module):
         """Writes the rows at queue_idx, queue_idx+1, ... (mod memory_size); returns the start."""
         start, n = self.queue_idx, len(emb)
         idx = torch.arange(start, start + n, device=emb.device) % self.memory_size
+        self.curr_batch_idx = idx  # PML's: the bank slots of the last enqueued rows
         self.embedding_memory[idx] = emb.detach()
         self.label_memory[idx] = labels.detach()
         self.queue_idx = (start + n) % self.memory_size

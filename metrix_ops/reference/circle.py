@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..distances import CosineSimilarity, DotProductSimilarity
+from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity
 from ..reducers import AvgNonZeroReducer
 from ..spec import LossInputs, register_loss
 from .lse import masked_logsumexp
@@ -19,7 +19,12 @@ def circle_loss_dict(inp: LossInputs, m=0.4, gamma=80.0):
     # PML asserts isinstance(distance, CosineSimilarity); there DotProductSimilarity is the
     # parent class, so it is refused too (ours has the hierarchy the other way round)
     d = inp.distance
-    if not isinstance(d, CosineSimilarity) or isinstance(d, DotProductSimilarity):
+    ours = isinstance(d, CosineSimilarity) and not isinstance(d, DotProductSimilarity)
+    # a subclass of PML's CosineSimilarity (kept as it is: distances.as_distance) passes
+    # PML's isinstance too
+    theirs = (not isinstance(d, BaseDistance)
+              and any(c.__name__ == "CosineSimilarity" for c in type(d).__mro__[1:]))
+    if not (ours or theirs):
         raise ValueError(f"CircleLoss requires the distance to be CosineSimilarity (as PML), "
                          f"got {type(d).__name__}")
     found = mat_and_masks(inp)
