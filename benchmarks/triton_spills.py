@@ -5,6 +5,7 @@ cannot show, and what the launch settings (metrix_tiles.mix_config, ee_hphn's ti
 were chosen from.
 
     python benchmarks/triton_spills.py [--ptxas /usr/local/cuda/bin/ptxas] [--out FILE.json]
+        [--only TEXT]
 
 Run without TRITON_INTERPRET (the kernels must be real ones)."""
 from __future__ import annotations
@@ -120,11 +121,18 @@ def ee_lse_cases():
     ptrs = dict({k: "*i32" for k in ints}, amask_ptr="*i8", pok_ptr="*i8", pl_ptr="*fp64",
                 sl_ptr="*fp64")
     base = dict(L2=True, KB=16, BA=64, BLOCK_D=64, ACC=tl.float32, PRECISION="tf32")
+    # the triplet mode (MODE 1, ee_triplet.py): positives in blocks of KP = KP_MAX
+    trip_ptrs = dict(ptrs, pst_ptr="*i32", pct_ptr="*i32", nz_ptr="*i64", ct_ptr="*i64")
+    trip = dict(MODE=1, SMOOTH=False, KP=el.KP_MAX)
     return [("ee neg lse fwd KB=16 Q=32", el._fwd_kernel, dict(base, BQ=32), 4, ptrs),
             ("ee neg lse bwd KB=16 Q=16 4 warps", el._bwd_kernel,
              dict(base, BQ=16, BLOCK_DO=512), 4, ptrs),
             ("ee neg lse bwd KB=16 Q=16 8 warps", el._bwd_kernel,
-             dict(base, BQ=16, BLOCK_DO=512), 8, ptrs)]
+             dict(base, BQ=16, BLOCK_DO=512), 8, ptrs),
+            (f"ee triplet fwd KB=16 Q=32 KP={el.KP_MAX}", el._fwd_kernel,
+             dict(base, BQ=32, **trip), 4, trip_ptrs),
+            (f"ee triplet bwd KB=16 Q=16 KP={el.KP_MAX} 8 warps", el._bwd_kernel,
+             dict(base, BQ=16, BLOCK_DO=512, **trip), 8, trip_ptrs)]
 
 
 def main():
@@ -132,10 +140,13 @@ def main():
     ap.add_argument("--ptxas", default=os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
                                                     "bin", "ptxas"))
     ap.add_argument("--out", help="also write the figures as JSON (machine and command)")
+    ap.add_argument("--only", help="only the kernels whose name contains this text")
     args = ap.parse_args()
     from triton_cases import compile_sm90
     rows = []
     for name, fn, consts, warps, *ptrs in cases():  # a 5th entry: its own pointer types
+        if args.only and args.only not in name:
+            continue
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
         kernel = compile_sm90(fn, consts, "fp32", num_warps=warps,
                               pointer_types=dict(PTRS, **(ptrs[0] if ptrs else {})))

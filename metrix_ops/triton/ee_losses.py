@@ -9,7 +9,6 @@ import functools
 
 from .. import fused
 from ..fused import ee_losses as glue
-from .ee_chunks import largest_unit_fits
 from .ee_neg_lse import covers, ee_neg_lse_triton
 from .ee_triplet import ee_triplet_triton
 from .pairs import max_dim
@@ -22,10 +21,7 @@ def supports(params, inp, expansion) -> bool:
 
 
 def triplet_supports(params, inp, expansion) -> bool:
-    # the triplet mode holds an anchor's positives in one register tile (KP × point tile):
-    # classes of at most EE_MAX_CLASS rows, with either pairing, until the positives are tiled
-    return (glue.triplet_fits(params, inp, expansion) and supports(params, inp, expansion)
-            and largest_unit_fits(inp.labels, "all"))
+    return glue.triplet_fits(params, inp, expansion) and supports(params, inp, expansion)
 
 
 for _name, _fn in (("MultiSimilarityLoss", glue.multi_similarity),

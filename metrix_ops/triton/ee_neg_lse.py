@@ -106,13 +106,14 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _triplet_tile(best, term, i, pos_ptr, pst_ptr, pct_ptr, margin, L2: tl.constexpr,
+    def _triplet_tile(best, term, i, j0, pos_ptr, pst_ptr, pct_ptr, margin, L2: tl.constexpr,
                       KP: tl.constexpr, ACC: tl.constexpr, tiny, eps):
-        """TripletMarginLoss "all" (MODE 1): v = margin(pos_ip, m̂(i, q)) + margin over anchor
-        i's positives (their clean metric, pos[pst_i + j], j < pct_i) × the tile's points
-        (KP × BQ), with where (p, q) is a triplet, and i's positive slots."""
+        """TripletMarginLoss "all" (MODE 1): v = margin(pos_ip, m̂(i, q)) + margin over the
+        block [j0, j0 + KP) of anchor i's positives (their clean metric, pos[pst_i + j],
+        j < pct_i) × the tile's points (KP × BQ), with where (p, q) is a triplet, and those
+        positives' slots. The callers loop over the blocks, so a class of any size fits."""
         m = _metric(best, L2, tiny, eps)
-        offs_p = tl.arange(0, KP)
+        offs_p = j0 + tl.arange(0, KP)
         p0 = tl.load(pst_ptr + i)
         p_ok = offs_p < tl.load(pct_ptr + i)
         pv = tl.load(pos_ptr + p0 + offs_p, mask=p_ok, other=0.0).to(ACC)
@@ -207,14 +208,15 @@ if HAS_TRITON:
                         m_run = tl.where(lane, mn, m_run)
                         s_run = tl.where(lane, sn, s_run)
                     else:
-                        v, ok, _, _ = _triplet_tile(best, term, i, pos_ptr, pst_ptr, pct_ptr,
-                                                    margin, L2, KP, ACC, tiny, eps)
-                        f = tl.where(ok, _hinge(v, SMOOTH), 0.0)
-                        m_run += tl.where(lane, tl.sum(tl.sum(f, axis=1), axis=0), 0.0)
-                        nz = tl.sum(tl.sum((ok & (f > 0)).to(tl.int64), axis=1), axis=0)
-                        ct = tl.sum(tl.sum(ok.to(tl.int64), axis=1), axis=0)
-                        nz_run += tl.where(lane, nz, 0)
-                        ct_run += tl.where(lane, ct, 0)
+                        for j0 in range(0, tl.load(pct_ptr + i), KP):
+                            v, ok, _, _ = _triplet_tile(best, term, i, j0, pos_ptr, pst_ptr,
+                                                        pct_ptr, margin, L2, KP, ACC, tiny, eps)
+                            f = tl.where(ok, _hinge(v, SMOOTH), 0.0)
+                            m_run += tl.where(lane, tl.sum(tl.sum(f, axis=1), axis=0), 0.0)
+                            nz = tl.sum(tl.sum((ok & (f > 0)).to(tl.int64), axis=1), axis=0)
+                            ct = tl.sum(tl.sum(ok.to(tl.int64), axis=1), axis=0)
+                            nz_run += tl.where(lane, nz, 0)
+                            ct_run += tl.where(lane, ct, 0)
         if MODE == 0:
             out = tl.where(s_run > 0, m_run + tl.log(tl.where(s_run > 0, s_run, 1.0)),
                            float("-inf"))
@@ -258,20 +260,24 @@ if HAS_TRITON:
                 else:
                     # Σ over i's positives of f'(v): +∂v/∂m̂ for a similarity, − for a
                     # distance; the positives' metrics take the opposite sign
-                    v, ok, p_at, p_ok = _triplet_tile(best, term, i, pos_ptr, pst_ptr, pct_ptr,
-                                                      margin, L2, KP, ACC, tiny, eps)
-                    df = tl.where(ok, g * _dhinge(v, SMOOTH), 0.0)
+                    dfq = tl.zeros((BQ,), ACC)  # Σ over i's positives, block by block
+                    for j0 in range(0, tl.load(pct_ptr + i), KP):
+                        v, ok, p_at, p_ok = _triplet_tile(best, term, i, j0, pos_ptr, pst_ptr,
+                                                          pct_ptr, margin, L2, KP, ACC, tiny,
+                                                          eps)
+                        df = tl.where(ok, g * _dhinge(v, SMOOTH), 0.0)
+                        dfq += tl.sum(df, axis=0)
+                        if DSIDE:
+                            dp = tl.sum(df, axis=1)
+                            if not L2:
+                                dp = -dp
+                            old_p = tl.load(dpos_ptr + p_at, mask=p_ok, other=0.0)
+                            tl.store(dpos_ptr + p_at, old_p + dp, mask=p_ok)
+                            tl.debug_barrier()  # as for dside above
                     if L2:
-                        wq = tl.where(term, -tl.sum(df, axis=0) * dm, 0.0)
+                        wq = tl.where(term, -dfq * dm, 0.0)
                     else:
-                        wq = tl.where(term, tl.sum(df, axis=0) * dm, 0.0)
-                    if DSIDE:
-                        dp = tl.sum(df, axis=1)
-                        if not L2:
-                            dp = -dp
-                        old_p = tl.load(dpos_ptr + p_at, mask=p_ok, other=0.0)
-                        tl.store(dpos_ptr + p_at, old_p + dp, mask=p_ok)
-                        tl.debug_barrier()  # as for dside above
+                        wq = tl.where(term, dfq * dm, 0.0)
                 dqn -= wq * tl.where(term, best, 0.0) / qn
                 # the winner's endpoints (local rows), weight and norm, gathered per point
                 ua = tl.load(su_ptr + barg, mask=term, other=0) - a0
@@ -368,6 +374,9 @@ if HAS_TRITON:
                  mask=(offs_k[:, None] < r1) & (offs_do[None, :] < D))
 
 
+KP_MAX = 64
+
+
 def _config(x, kb: int, max_side: int, grad: bool):
     dev, d = x.device, x.shape[1]
     cuda = dev.type == "cuda"
@@ -396,7 +405,9 @@ def _trip_cfg(trip, xs):
         zi = torch.zeros(1, dtype=torch.int32, device=xs.device)
         return (z, zi, zi), {}
     pos, pst, pct, smooth = trip
-    kp = max(16, next_pow2(int(pct.max()) if len(pct) else 1))
+    # the positives' block: the largest count up to KP_MAX (one block for classes of up to
+    # KP_MAX + 1 rows, as before the loop); larger classes take several
+    kp = max(16, min(KP_MAX, next_pow2(int(pct.max()) if len(pct) else 1)))
     return (pos, pst, pct), dict(MODE=1, SMOOTH=bool(smooth), KP=kp)
 
 
