@@ -14,7 +14,7 @@ from .distances import as_distance
 from .reducers import ForeignReducer, as_reducer, reduce_loss_dict
 from .regularizers import check_regularizer, regularization
 from .spec import LossInputs, get_spec
-from .validation import check_loss_inputs, pml_indices, pml_labels
+from .validation import check_loss_inputs, pml_indices, pml_label_pair
 
 def no_autocast(t: torch.Tensor):
     """Fused ops compute in the precision of their (fp32 or fp64) inputs: under autocast the
@@ -49,7 +49,17 @@ def empty_loss(*tensors) -> torch.Tensor:
     return zero
 
 
-def reference_only(name: str, params: dict, reducer) -> str:
+def needs_reference(name: str, params: dict, reducer, backend: str) -> bool:
+    """Whether this call must run on the reference backend (_reference_reason); an explicit
+    fused backend refuses it, naming the reason."""
+    why = _reference_reason(name, params, as_reducer(reducer))
+    if why and backend not in ("auto", "reference"):
+        raise NotImplementedError(f"backend={backend!r}: {why}; use backend='auto' or "
+                                  "'reference'")
+    return bool(why)
+
+
+def _reference_reason(name: str, params: dict, reducer) -> str:
     """Why this call needs the reference backend ("" when it does not): the fused ops take
     hyper-parameters as constants, so a learned one (a tensor that requires grad: a
     temperature, a margin) would silently get no gradient there; and they reduce with the
@@ -142,9 +152,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
                          "(build them with metrix_ops.mixup.mix_pairs)")
     # PML moves the labels to the embeddings' device (and ref_labels to ref_emb's), and takes
     # float labels
-    same_labels = ref_labels is labels
-    labels = pml_labels(labels, embeddings)
-    ref_labels = labels if same_labels else pml_labels(ref_labels, ref_emb, "ref_labels")
+    labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
     indices_tuple = pml_indices(indices_tuple, embeddings)
     check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                       labels_required=spec.labels_required or metrix is not None
@@ -175,11 +183,8 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     # λ is drawn for the embedding level only: feature/input mixes carry their own λ
     lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
     chosen = backend_mod.resolve(backend, name, embeddings.device)  # its errors first
-    learned = reference_only(name, params, red)
-    if learned and chosen != "reference":
-        if backend != "auto":
-            raise NotImplementedError(f"backend={backend!r}: {learned}; use backend='auto' or "
-                                      "'reference'")
+    to_reference = needs_reference(name, params, red, backend)
+    if to_reference:
         chosen = "reference"
     if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
         check_options(name, params, inp, metrix, expansion)  # refused as on any batch
@@ -244,7 +249,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     if metrix is not None and metrix.weight > 0:
         check_addable(loss, red)
         mixed_loss = None
-        if backend != "reference" and lam_value is not None and not learned:
+        if backend != "reference" and lam_value is not None and not to_reference:
             # pos_pos candidates live in class blocks: any engine takes them without B×B×B;
             # the other pairs (and ref_emb, or pos_pos past the blocks' cap) in checkpointed
             # anchor chunks, O(chunk) memory; also where the clean loss fell back to the

@@ -11,13 +11,13 @@ PML's regularizer objects are accepted as they are (any module x -> scalar tenso
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .distances import as_distance, is_cosine, CosineSimilarity
 from .reducers import MeanReducer, as_reducer, reduce_loss_dict
+from .validation import is_weight
 
 
 class BaseRegularizer(torch.nn.Module):
@@ -115,12 +115,7 @@ def check_regularizer(name: str, regularizer, weight) -> None:
         raise TypeError(f"{name} must be a regularizer module (metrix_ops.regularizers' or "
                         f"PML's) or None, got {type(regularizer).__name__}")
     reg_weight = name.replace("regularizer", "reg_weight")
-    if torch.is_tensor(weight):  # a one-element tensor (it may be learned): not read here
-        ok = weight.numel() == 1 and not weight.is_complex()
-    else:
-        ok = (isinstance(weight, numbers.Real) and not isinstance(weight, bool)
-              and math.isfinite(float(weight)))
-    if not ok:
+    if not is_weight(weight):
         raise ValueError(f"{reg_weight} must be a finite real number (or a one-element tensor), "
                          f"got {weight!r}")
 
@@ -140,10 +135,7 @@ def regularization(loss: torch.Tensor, embeddings: torch.Tensor, proxies=None, *
     embedding_reg_weight · R_e(embeddings), on the embeddings as the loss received them
     (before any normalisation). An empty batch has nothing to regularize: its embedding term
     is 0 (PML's mean over no rows is NaN); the proxies' term is there for any batch, as PML's."""
-    if weight_regularizer is not None:
-        if proxies is None:
-            raise ValueError("weight_regularizer is for the proxy losses (ProxyAnchorLoss, "
-                             "ProxyNCALoss), which have weights; this loss has none")
+    if weight_regularizer is not None:  # (run_loss has checked that the loss has proxies)
         loss = _add(loss, "weight_reg_loss",
                     _term("weight_regularizer", weight_regularizer, proxies, weight_reg_weight))
     if embedding_regularizer is not None and embeddings.shape[0] > 0:

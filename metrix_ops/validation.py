@@ -2,6 +2,9 @@
 never a crash deep in C++ and never a silent NaN."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -69,6 +72,23 @@ def pml_labels(labels, like, name: str = "labels"):
     elif not bool(whole):
         raise ValueError(f"{msg}; got dtype {labels.dtype} with fractional, NaN or Inf values")
     return labels.long()
+
+
+def pml_label_pair(labels, ref_labels, embeddings, ref_emb):
+    """(labels, ref_labels) as pml_labels makes them, keeping `ref_labels is labels` (the
+    same-set rule reads that identity)."""
+    same = ref_labels is labels
+    labels = pml_labels(labels, embeddings)
+    return labels, labels if same else pml_labels(ref_labels, ref_emb, "ref_labels")
+
+
+def is_weight(w) -> bool:
+    """A loss weight as PML takes it: a finite real number (Python's or NumPy's), or a
+    one-element tensor, which may be learned (not read on the host)."""
+    if torch.is_tensor(w):
+        return w.numel() == 1 and not w.is_complex()
+    return (isinstance(w, numbers.Real) and not isinstance(w, bool)
+            and math.isfinite(float(w)))
 
 
 def pml_indices(indices_tuple, like):

@@ -93,8 +93,8 @@ def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
         return None
     if chosen == "reference":
         return None
-    from ..driver import reference_only
-    if reference_only(loss.loss_name, loss.loss_params(), as_reducer(loss.reducer)):
+    from ..driver import needs_reference
+    if needs_reference(loss.loss_name, loss.loss_params(), loss.reducer, loss.backend):
         return None  # learned hyper-parameters, or a reducer of PML's: the reference path
     labels, mem_labels = labels.long(), mem_labels.long()  # as the driver: the ops take int64
     if emb.dtype in (torch.float16, torch.bfloat16):  # as the driver: computed in fp32

@@ -18,8 +18,7 @@ import torch
 from .. import backend as backend_mod
 from .. import fused
 from ..distances import as_distance
-from ..driver import check_addable, draw_lam, no_autocast, reference_only, run_loss
-from ..reducers import as_reducer
+from ..driver import check_addable, draw_lam, needs_reference, no_autocast, run_loss
 from ..regularizers import module_options, regularization
 from ..fused import metrix_refs
 from ..reference.metrix import metrix_loss
@@ -67,13 +66,9 @@ def mixed_against_refs(loss, emb, labels, refs, ref_labels, own: bool, lam: floa
     inp = LossInputs(emb, labels.long(), None, refs, ref_labels.long(), own,
                      as_distance(loss.distance, spec.default_distance))
     args = (loss.loss_name, loss.loss_params(), inp, loss.metrix, lam)
-    if loss.backend == "reference":
-        return metrix_loss(*args)
-    why = reference_only(loss.loss_name, loss.loss_params(), as_reducer(loss.reducer))
-    if why:  # a learned hyper-parameter: the ops would take it as a constant
-        if loss.backend != "auto":
-            raise NotImplementedError(f"backend={loss.backend!r}: {why}; use backend='auto' or "
-                                      "'reference'")
+    # (a learned hyper-parameter: the ops would take it as a constant)
+    if loss.backend == "reference" or needs_reference(loss.loss_name, loss.loss_params(),
+                                                      loss.reducer, loss.backend):
         return metrix_loss(*args)
     try:  # the engine that takes the clean term (as fused.run_with_memory resolves it)
         engine = backend_mod.resolve(loss.backend, loss.loss_name, emb.device)

@@ -1,10 +1,9 @@
 """PML's MultipleLosses: a weighted sum of losses over one batch, each with its own miner."""
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
+
+from ..validation import is_weight
 
 __all__ = ["MultipleLosses"]
 
@@ -44,7 +43,7 @@ class MultipleLosses(torch.nn.Module):
         if weights is None:  # as PML: a dict of ones, or a list of ones
             weights = {k: 1 for k in keys} if self.is_dict else [1] * len(keys)
         for k, w in self._per_loss("weights", weights, keys, every=True).items():
-            if not _is_weight(w):
+            if not is_weight(w):
                 raise ValueError(f"weights[{k!r}] must be a finite real number (or a one-element "
                                  f"tensor), got {w!r}")
         self.weights = weights  # as given, as PML keeps it
@@ -76,11 +75,3 @@ class MultipleLosses(torch.nn.Module):
             total = total + self.losses[k](embeddings, labels, tup) * self.weights[k]
         return total
 
-
-def _is_weight(w) -> bool:
-    """A real number (Python's or NumPy's) that is finite, or a one-element tensor (which may
-    be learned)."""
-    if torch.is_tensor(w):
-        return w.numel() == 1 and not w.is_complex()
-    return (isinstance(w, numbers.Real) and not isinstance(w, bool)
-            and math.isfinite(float(w)))

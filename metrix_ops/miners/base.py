@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distances import as_distance
-from ..validation import check_loss_inputs, pml_labels
+from ..validation import check_loss_inputs, pml_label_pair
 from .row_blocks import BLOCK_ENTRIES
 
 
@@ -46,9 +46,7 @@ class BaseMiner(torch.nn.Module):
         same_set = ref_emb is None or ref_labels is labels
         # PML's miners move the labels to the embeddings' device (ref_labels to ref_emb's)
         # and take float labels
-        same_labels = ref_labels is labels
-        labels = pml_labels(labels, embeddings)
-        ref_labels = labels if same_labels else pml_labels(ref_labels, ref_emb, "ref_labels")
+        labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
         check_loss_inputs(embeddings, labels, None, ref_emb, ref_labels)
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
