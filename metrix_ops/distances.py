@@ -10,22 +10,41 @@ import torch
 import torch.nn.functional as F
 
 
-class BaseDistance:
+class BaseDistance(torch.nn.Module):
+    """A module, as PML's distances are (so they sit in a loss's module tree and take hooks);
+    holds no parameters."""
     is_inverted = False  # True for similarities: larger means closer
 
-    def __init__(self, normalize_embeddings: bool = True, p: float = 2, power: float = 1):
+    def __init__(self, normalize_embeddings: bool = True, p: float = 2, power: float = 1,
+                 collect_stats: bool = False):
+        super().__init__()
         self.normalize_embeddings = normalize_embeddings
         self.p = p
         self.power = power
+        # PML's flag, taken for drop-in construction; its norm statistics are not recorded
+        self.collect_stats = collect_stats
 
-    def __call__(self, query: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        """The query × ref matrix (query × query without ref), as PML's distance call."""
+        if ref is not None and ref.shape[1:] != query.shape[1:]:
+            raise ValueError(f"ref must have the query's embedding size {query.shape[1]}, got "
+                             f"shape {tuple(ref.shape)}")
         q = self.maybe_normalize(query)
         r = q if ref is None else self.maybe_normalize(ref)
         mat = self.compute_mat(q, r)
         return mat**self.power if self.power != 1 else mat
 
-    def maybe_normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, p=self.p, dim=1) if self.normalize_embeddings else x
+    def settings(self) -> tuple:
+        return (type(self), self.normalize_embeddings, self.p, self.power)
+
+    def normalize(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return F.normalize(x, p=self.p, dim=dim)
+
+    def maybe_normalize(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return self.normalize(x, dim) if self.normalize_embeddings else x
+
+    def get_norm(self, x: torch.Tensor, dim: int = 1, **kwargs) -> torch.Tensor:
+        return torch.linalg.vector_norm(x, ord=self.p, dim=dim, **kwargs)
 
     def compute_mat(self, q, r):
         raise NotImplementedError
@@ -43,9 +62,8 @@ class BaseDistance:
     def largest_dist(self, *args, **kwargs):
         return torch.min(*args, **kwargs) if self.is_inverted else torch.max(*args, **kwargs)
 
-    def __repr__(self):
-        return (f"{type(self).__name__}(normalize_embeddings={self.normalize_embeddings}, "
-                f"p={self.p}, power={self.power})")
+    def extra_repr(self):
+        return f"normalize_embeddings={self.normalize_embeddings}, p={self.p}, power={self.power}"
 
 
 class LpDistance(BaseDistance):

@@ -11,6 +11,7 @@ from . import backend as backend_mod
 from . import fused
 from .config import Expansion, Metrix
 from .distances import as_distance
+from .miners.base import record_counts
 from .reducers import ForeignReducer, as_reducer, reduce_loss_dict
 from .regularizers import check_regularizer, regularization
 from .spec import LossInputs, get_spec
@@ -188,7 +189,14 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
         chosen = "reference"
     if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
         check_options(name, params, inp, metrix, expansion)  # refused as on any batch
-        return empty_loss(embeddings, ref_emb, params.get("proxies"))
+        if miner is not None:  # PML's miner on an empty batch counts nothing
+            record_counts(miner)
+        zero = empty_loss(embeddings, ref_emb, params.get("proxies"))
+        if isinstance(red, ForeignReducer):  # PML's zero_losses() through its reducer
+            return red.reduce_dict({k: {"losses": zero, "indices": None,
+                                        "reduction_type": "already_reduced"}
+                                    for k in spec.sub_losses}, embeddings, labels, name)
+        return zero
     if backend == "auto" and chosen != "reference":
         # the preferred engine may not cover this call's options (a miner, ref_emb, Lp ...)
         # where the next one does: take the first that does

@@ -7,6 +7,8 @@ and reduces to `sum(embeddings * 0)` so the graph still reaches the embeddings.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -124,7 +126,7 @@ class ForeignReducer:
 
     def reduce_dict(self, loss_dict: dict, embeddings, labels, loss_name: str = ""):
         d = {k: _pml_entry(v, loss_name in COLUMN_LOSSES) for k, v in loss_dict.items()}
-        if len(d) == 1 or type(self.module).__name__ in ("MultipleReducers", "DoNothingReducer"):
+        if len(d) == 1 or takes_whole_dict(self.module):
             return self.module(d, embeddings, labels)
         total = None
         for k, v in d.items():
@@ -163,6 +165,22 @@ def _pml_entry(info: dict, column: bool) -> dict:
     elif torch.is_tensor(idx):
         out["indices"] = idx[rows]
     return out
+
+
+def takes_whole_dict(module) -> bool:
+    """PML's MultipleReducers and DoNothingReducer, or a subclass (PML tests isinstance),
+    take the whole loss dict rather than one sub-loss at a time."""
+    return any(c.__name__ in ("MultipleReducers", "DoNothingReducer")
+               for c in type(module).__mro__)
+
+
+def kept_reducer(obj):
+    """The reducer a loss keeps: as PML's losses (their set_reducer), a deep copy of a
+    reducer module other than MultipleReducers and DoNothingReducer, so that the calls do
+    not change the user's object (ClassWeightedReducer casts its weights in place)."""
+    if isinstance(obj, torch.nn.Module) and not takes_whole_dict(obj):
+        return copy.deepcopy(obj)
+    return obj
 
 
 def as_reducer(obj, default=None):

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .distances import as_distance, is_cosine, CosineSimilarity
+from .distances import CosineSimilarity, LpDistance, as_distance, is_cosine
 from .reducers import MeanReducer, as_reducer, reduce_loss_dict
 from .validation import is_weight
 
@@ -24,9 +24,15 @@ class BaseRegularizer(torch.nn.Module):
     """compute_loss(x) gives a loss dict of per-row ("element") terms; forward reduces it with
     the regularizer's reducer. Half inputs are computed in fp32, as the losses are."""
 
-    def __init__(self, reducer=None):
+    default_distance = LpDistance  # PML's (a regularizer module with records and distance)
+
+    def __init__(self, reducer=None, distance=None, collect_stats: bool = False):
         super().__init__()
         self.reducer = as_reducer(reducer, MeanReducer)
+        # PML's options, taken for drop-in construction (only some regularizers use a
+        # distance; PML's per-call statistics are not recorded)
+        self.distance = as_distance(distance, self.default_distance)
+        self.collect_stats = collect_stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(x) or x.ndim != 2 or not x.is_floating_point():
@@ -51,8 +57,8 @@ class LpRegularizer(BaseRegularizer):
     """‖x_i‖_p^power per row (PML's default: the L2 norm; the N-pair paper's L2 penalty is
     p=2, power=2)."""
 
-    def __init__(self, p: float = 2, power: float = 1, reducer=None):
-        super().__init__(reducer)
+    def __init__(self, p: float = 2, power: float = 1, reducer=None, **kwargs):
+        super().__init__(reducer, **kwargs)
         self.p, self.power = p, power
 
     def compute_loss(self, x):
@@ -71,10 +77,22 @@ class ZeroMeanRegularizer(BaseRegularizer):
 
 
 class CenterInvariantRegularizer(BaseRegularizer):
-    """(‖w_i‖² − mean_j ‖w_j‖²)² / 4 per row (CenterInvariant loss, for proxies/weights)."""
+    """(‖w_i‖² − mean_j ‖w_j‖²)² / 4 per row (CenterInvariant loss, for proxies/weights), the
+    norm the distance's: an LpDistance(power=1, normalize_embeddings=False) of any p, as PML."""
+
+    def __init__(self, reducer=None, distance=None, **kwargs):
+        super().__init__(reducer, distance, **kwargs)
+        d = self.distance
+        if not (type(d) is LpDistance and d.power == 1 and not d.normalize_embeddings):
+            raise ValueError(f"CenterInvariantRegularizer: distance must be an LpDistance with "
+                             f"power=1 and normalize_embeddings=False, got {d!r}")
+
+    @staticmethod
+    def default_distance():
+        return LpDistance(power=1, normalize_embeddings=False)
 
     def compute_loss(self, w):
-        sq = torch.linalg.vector_norm(w, dim=1) ** 2
+        sq = self.distance.get_norm(w) ** 2
         return _element((sq - sq.mean()) ** 2 / 4)
 
 
@@ -84,13 +102,13 @@ class RegularFaceRegularizer(BaseRegularizer):
     PML (a single row is its own nearest: the term is 1). `distance`: cosine similarity only
     (PML asserts an inverted distance; cosine is its default and the paper's)."""
 
-    def __init__(self, distance=None, reducer=None):
-        super().__init__(reducer)
-        dist = as_distance(distance, CosineSimilarity)
-        if not is_cosine(dist):
+    default_distance = CosineSimilarity
+
+    def __init__(self, distance=None, reducer=None, **kwargs):
+        super().__init__(reducer, distance, **kwargs)
+        if not is_cosine(self.distance):
             raise ValueError(f"RegularFaceRegularizer: distance must be the cosine similarity "
-                             f"(CosineSimilarity()), got {dist!r}")
-        self.distance = dist
+                             f"(CosineSimilarity()), got {self.distance!r}")
 
     def compute_loss(self, w):
         wn = F.normalize(w, dim=1)
@@ -125,6 +143,8 @@ def _term(name: str, regularizer, x: torch.Tensor, weight) -> torch.Tensor:
     if not torch.is_tensor(value) or value.numel() != 1:
         raise ValueError(f"{name} must return a scalar tensor (a reduced loss), got "
                          f"{_describe(value)}")
+    if torch.is_tensor(weight):  # a one-element tensor: PML's scalar slot, the loss's dtype
+        weight = weight.reshape(()).to(value)
     return value.reshape(()) * weight
 
 

@@ -36,6 +36,7 @@ class LossSpec:
     labels_required: bool = True
     supports_ref_emb: bool = True
     supports_indices_tuple: bool = True
+    sub_losses: tuple = ("loss",)  # PML's sub_loss_names(): the loss dict's keys
 
 
 SPECS: dict[str, LossSpec] = {}

@@ -46,7 +46,8 @@ else  # the files with GPU cases: the Triton engine, the CUDA ops, autocast, mix
       # labels and proxies on another device
   TESTS="tests/test_triton_*.py tests/test_cuda_*.py tests/test_row_stats_op.py
          tests/test_autocast.py tests/test_metrix_mixed_batch.py tests/test_backend_auto.py
-         tests/test_metrix_refs.py tests/test_metrix_pos_pos.py tests/test_labels_device.py"
+         tests/test_metrix_refs.py tests/test_metrix_pos_pos.py tests/test_labels_device.py
+         tests/test_miner_counts.py"
 fi
 TRITON_INTERPRET=0 limited 300 python3 -m pytest $TEST_OPTS $TESTS > "$RES/pytest_gpu.log" 2>&1
 echo "GPU tests: $(tail -1 "$RES/pytest_gpu.log")"

@@ -115,3 +115,46 @@ def test_refusals():
         xbm(x, y, lam=0.5)
     with pytest.raises(TypeError, match="reducer must be a reducer"):
         mo.losses.ContrastiveLoss(reducer="mean")(x, y)
+
+
+class MeanOfSubLosses(pr.MultipleReducers):  # a user's subclasses of PML's dict reducers
+    def sub_loss_reduction(self, sub_losses, embeddings=None, labels=None):
+        return sub_losses.mean()
+
+
+class MyDoNothing(pr.DoNothingReducer):
+    pass
+
+
+def test_subclasses_of_the_dict_reducers_take_the_whole_dict_as_pml():
+    x, y = _batch(seed=3)
+    ours = mo.losses.ContrastiveLoss(reducer=MeanOfSubLosses({}))
+    theirs = pl.ContrastiveLoss(reducer=MeanOfSubLosses({}))
+    assert_close_vg(lambda e: ours(e, y), lambda e: theirs(e, y), x)
+    _assert_same_dicts(mo.losses.ContrastiveLoss(reducer=MyDoNothing())(x, y),
+                       pl.ContrastiveLoss(reducer=MyDoNothing())(x, y))
+
+
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "MultiSimilarityLoss", "TripletMarginLoss"])
+def test_empty_batch_through_pml_reducers_as_pml(name):
+    x, y = torch.zeros(0, 5, requires_grad=True), torch.zeros(0, dtype=torch.long)
+    got = getattr(mo.losses, name)(reducer=pr.DoNothingReducer())(x, y)
+    want = getattr(pl, name)(reducer=pr.DoNothingReducer())(x, y)
+    _assert_same_dicts(got, want)  # PML's zero_losses(): its sub-loss names, already reduced
+    for red in (lambda: pr.PerAnchorReducer(), lambda: pr.ClassWeightedReducer(torch.ones(3))):
+        got = getattr(mo.losses, name)(reducer=red())(x, y)
+        assert float(got.detach()) == float(getattr(pl, name)(reducer=red())(x, y).detach()) == 0
+        got.backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_the_loss_keeps_a_copy_of_the_users_reducer_as_pml():
+    # PML deep-copies a reducer other than MultipleReducers / DoNothingReducer
+    x, y = _batch(seed=4)
+    for lib in (pl, mo.losses):
+        red = pr.ClassWeightedReducer(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        loss = lib.ContrastiveLoss(reducer=red)
+        loss(x, y)  # (PML's reducer casts its weights to the batch's dtype)
+        assert red.weights.dtype == torch.float32 and loss.reducer is not red
+    dn = pr.DoNothingReducer()
+    assert mo.losses.ContrastiveLoss(reducer=dn).reducer is dn

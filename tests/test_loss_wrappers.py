@@ -116,3 +116,13 @@ def test_multiple_losses_with_miners_refuse_an_indices_tuple():
     ml = mo.losses.MultipleLosses([mo.losses.NTXentLoss()], miners=[pm.MultiSimilarityMiner()])
     with pytest.raises(ValueError, match="give no indices_tuple"):
         ml(x, y, pm.MultiSimilarityMiner()(x, y))
+
+
+def test_multiple_losses_with_an_empty_miners_dict_take_the_tuple_as_pml():
+    # PML refuses a tuple only beside a non-empty miners argument (its truth value)
+    x, y = _batch(2)
+    tup = pm.MultiSimilarityMiner()(x, y)
+    ours = mo.losses.MultipleLosses({"c": mo.losses.ContrastiveLoss(), "m": mo.losses.CircleLoss()},
+                                    miners={})
+    theirs = pl.MultipleLosses({"c": pl.ContrastiveLoss(), "m": pl.CircleLoss()}, miners={})
+    assert_close_vg(lambda e: ours(e, y, tup), lambda e: theirs(e, y, tup), x)

@@ -238,3 +238,114 @@ def test_cross_batch_memory_api_as_pml():
         ours(x, y), theirs(x, y)
         assert torch.equal(ours.curr_batch_idx, theirs.curr_batch_idx)
 
+
+
+class _PmlStyleMiner(mo.miners.BaseMiner):
+    """A custom miner written for PML: mine() without same_set, every (anchor, other) pair of
+    the same label closer than the batch's median distance."""
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        d = torch.cdist(embeddings, ref_emb)
+        same = labels[:, None] == ref_labels[None]
+        close = d < d.median()
+        a1, p = torch.where(same & close)
+        a2, n = torch.where(~same & close)
+        return a1, p, a2, n
+
+
+class _PmlTheirs(pm.BaseMiner):
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        return _PmlStyleMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
+
+
+@pytest.mark.parametrize("refs", [False, True])
+def test_custom_miner_written_for_pml_runs_as_pml(refs):
+    x, y = _batch(b=17, seed=3)
+    r, yr = _batch(b=11, seed=4) if refs else (None, None)
+    ours, theirs = _PmlStyleMiner(), _PmlTheirs()
+    got, want = ours(x, y, r, yr), theirs(x, y, r, yr)
+    assert [t.tolist() for t in got] == [t.tolist() for t in want]
+    assert (ours.num_pos_pairs, ours.num_neg_pairs) == (theirs.num_pos_pairs, theirs.num_neg_pairs)
+    # the tuple feeds a loss as PML's does, and as the loss's miner= option
+    loss, ref = mo.losses.ContrastiveLoss(), pl.ContrastiveLoss()
+    if not refs:
+        assert_close_vg(lambda e: loss(e, y, ours(e, y)), lambda e: ref(e, y, theirs(e, y)), x)
+        assert_close_vg(lambda e: mo.losses.ContrastiveLoss(miner=_PmlStyleMiner())(e, y),
+                        lambda e: ref(e, y, theirs(e, y)), x)
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (lambda x, y, r, yr: torch.arange(3), TypeError, "tuple of 3"),
+    (lambda x, y, r, yr: (torch.arange(3), torch.arange(3), torch.arange(2)), ValueError,
+     "lengths [3, 3, 2]"),
+    (lambda x, y, r, yr: (torch.arange(3), torch.arange(2), torch.arange(2), torch.arange(2)),
+     ValueError, "a1 == p"),
+])
+def test_custom_miner_with_a_bad_output_is_named(bad, error, words):
+    class Bad(mo.miners.BaseMiner):
+        def mine(self, embeddings, labels, ref_emb, ref_labels):
+            return bad(embeddings, labels, ref_emb, ref_labels)
+
+    x, y = _batch(b=6)
+    with pytest.raises(error, match="Bad.mine") as info:
+        Bad()(x, y)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("LpDistance", {}), ("LpDistance", dict(normalize_embeddings=False, p=1)),
+    ("LpDistance", dict(power=2)), ("CosineSimilarity", {}),
+    ("DotProductSimilarity", dict(normalize_embeddings=False))])
+def test_distances_are_modules_computing_pml_matrices(name, kwargs):
+    from pytorch_metric_learning import distances as pd
+    ours, theirs = getattr(mo.distances, name)(**kwargs), getattr(pd, name)(**kwargs)
+    assert isinstance(ours, torch.nn.Module) and not list(ours.parameters())
+    x, _ = _batch(b=9, seed=5)
+    r, _ = _batch(b=4, seed=6)
+    for args in ((x,), (x, r)):
+        torch.testing.assert_close(ours(*args), theirs(*args))
+    torch.testing.assert_close(ours.get_norm(x), theirs.get_norm(x))
+    torch.testing.assert_close(ours.normalize(x), theirs.normalize(x))
+    # a loss holds its distance as a submodule, as PML's losses do
+    loss = mo.losses.ContrastiveLoss(distance=ours)
+    assert dict(loss.named_children())["distance"] is ours
+    with pytest.raises(ValueError, match="ref must have the query's embedding size 6"):
+        ours(x, torch.randn(3, 5, dtype=x.dtype))
+
+
+def test_pml_style_miner_api():
+    """What custom miners written for PML use: the default distance (PML's LpDistance),
+    super().mine() with PML's four arguments from a subclass of one of our miners, settable
+    counts, add_to_recordable_attributes and reset_stats."""
+    class Counting(mo.miners.MultiSimilarityMiner):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.add_to_recordable_attributes(name="calls_pos", is_stat=True)
+
+        def mine(self, embeddings, labels, ref_emb, ref_labels):
+            out = super().mine(embeddings, labels, ref_emb, ref_labels)
+            self.calls_pos += len(out[0])
+            return out
+
+    class ByDistance(mo.miners.BaseMiner):
+        def mine(self, embeddings, labels, ref_emb, ref_labels):
+            d = self.distance(embeddings, ref_emb)  # PML's default: LpDistance
+            a, n = torch.where((labels[:, None] != ref_labels[None]) & (d < 1.0))
+            return a, n, a, n
+
+    x, y = _batch(b=21, seed=7)
+    r, yr = _batch(b=8, seed=8)
+    m = Counting(epsilon=0.2)
+    assert m.calls_pos == 0
+    for args in ((x, y), (x, y, r, yr)):
+        got, want = m(*args), pm.MultiSimilarityMiner(epsilon=0.2)(*args)
+        for i in (0, 2):  # the positive pairs, the negative pairs (order within rows aside)
+            assert (sorted(zip(got[i].tolist(), got[i + 1].tolist()))
+                    == sorted(zip(want[i].tolist(), want[i + 1].tolist())))
+        assert m.calls_pos == len(want[0]) == m.num_pos_pairs  # reset_stats at each call
+    m.num_pos_pairs = 0  # PML's counts are plain attributes
+    assert m.num_pos_pairs == 0
+    assert isinstance(ByDistance().distance, mo.distances.LpDistance)
+    got = ByDistance()(x, y)
+    d = torch.cdist(torch.nn.functional.normalize(x), torch.nn.functional.normalize(x))
+    assert len(got[0]) == int(((y[:, None] != y[None]) & (d < 1.0)).sum()) > 0

@@ -257,6 +257,20 @@ def test_weights_of_other_number_types():
     torch.testing.assert_close(gw, r(x).detach())
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("w", [torch.tensor([0.5]), torch.tensor([[0.5]]),
+                               torch.tensor(0.5, dtype=torch.float64)], ids=["1", "1x1", "fp64"])
+def test_a_tensor_weight_keeps_the_loss_a_scalar_of_its_dtype_as_pml(w, backend):
+    x = torch.randn(11, 5, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(11) % 3
+    ours = mo.losses.ContrastiveLoss(backend=backend, embedding_regularizer=reg.LpRegularizer(),
+                                     embedding_reg_weight=w)(x, y)
+    theirs = pl.ContrastiveLoss(embedding_regularizer=preg.LpRegularizer(),
+                                embedding_reg_weight=w)(x, y)
+    assert ours.shape == theirs.shape == () and ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+
+
 # ---- bad arguments ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,err,msg", [
@@ -310,3 +324,18 @@ def test_under_fullgraph_compile_equals_eager():
     x, y = make_case(CASES[1], dtype=torch.float32)
     compiled = torch.compile(lambda e, l: loss(e, l), fullgraph=True, dynamic=False)
     assert_close_vg(lambda e: compiled(e, y), lambda e: loss(e, y), x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_center_invariant_takes_pml_distance_option(p):
+    from pytorch_metric_learning import distances as pd
+    w = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(p))
+    ours = reg.CenterInvariantRegularizer(
+        distance=mo.distances.LpDistance(p=p, power=1, normalize_embeddings=False))
+    theirs = preg.CenterInvariantRegularizer(
+        distance=pd.LpDistance(p=p, power=1, normalize_embeddings=False))
+    assert_close_vg(ours, theirs, w)
+    # PML's other options are taken (a distance on the regularizers that use none)
+    assert reg.LpRegularizer(distance=pd.LpDistance(), collect_stats=True)(w) == preg.LpRegularizer()(w)
+    with pytest.raises(ValueError, match="distance must be an LpDistance with power=1"):
+        reg.CenterInvariantRegularizer(distance=mo.distances.LpDistance())

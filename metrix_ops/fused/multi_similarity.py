@@ -9,6 +9,7 @@ from ..distances import CosineSimilarity, as_distance, is_cosine
 from ..ops.ms_loss import ms_loss_rows, ms_loss_rows_self, ms_mined_rows, ms_mined_rows_self
 from ..ops.ms_metrix import ms_metrix_refs_rows, ms_metrix_rows
 from ..reference.metrix_soft_forms import combine_parts
+from ..miners.base import record_counts
 from ..reducers import reduce_loss_dict
 from ..ops.unit_rows import unit_rows
 from . import register, register_metrix, register_miner
@@ -132,6 +133,7 @@ def mined_loss(params, inp, reducer, miner, rows_fn):
     rows, kept = rows_fn(xu, ref, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
                          params["beta"], params["base"], float(miner.epsilon))
     totals = kept.sum(0)
+    record_counts(miner, pos_pairs=totals[0], neg_pairs=totals[1])
     return _reduce_clean(rows, inp, reducer, (totals[0], totals[1]))
 
 

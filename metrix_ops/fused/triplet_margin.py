@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .. import _ext
 from ..distances import (LpDistance, as_distance, is_cosine, is_normalized_l2,
                          is_normalized_sq_l2)
+from ..miners.base import record_counts
 from ..miners.batch_hard import batch_hard_streaming
 from ..miners.row_blocks import BLOCK_ENTRIES
 from ..ops.pair_sims import HAS_OP as PAIR_SIMS, pair_sims
@@ -50,10 +51,11 @@ def _divisor_kind(reducer):
     return {MeanReducer: "all", SumReducer: "one"}.get(type(reducer))
 
 
-def totals_impl(rows_fn, params, inp, reducer, fallback=None):
+def totals_impl(rows_fn, params, inp, reducer, fallback=None, miner=None):
     """The loss from a backend's per-anchor totals: rows_fn(x_unit, r_unit, labels,
     ref_labels, exclude_diag, cosine, margin) -> (loss sums, #terms > 0, #triplets).
-    A reducer that needs the per-triplet terms gets fallback() (default: the reference)."""
+    A reducer that needs the per-triplet terms gets fallback() (default: the reference).
+    A miner whose rule the rows ran gets its count of triplets."""
     x = inp.embeddings
     kind = _divisor_kind(reducer)
     if kind is None:  # needs the per-triplet terms: the reference has them
@@ -75,6 +77,8 @@ def totals_impl(rows_fn, params, inp, reducer, fallback=None):
     # tensor selects rather than Python branches, so the module traces under
     # torch.compile(fullgraph=True)
     n_all = triplets.sum()
+    if miner is not None:
+        record_counts(miner, triplets=n_all)
     zero = zero_loss(x)
     total = rows.sum()
     if kind == "one":
@@ -176,6 +180,7 @@ def batch_hard_impl(params, inp, reducer, miner):
         _miner_distance(miner, LpDistance), x, inp.ref_emb, inp.labels, inp.ref_labels,
         inp.same_set, value_distance=dist,
         entries=getattr(miner, "block_entries", BLOCK_ENTRIES))
+    record_counts(miner, triplets=len(a))
     if len(a) == 0:  # PML: no triplet, a zero that keeps the graph
         return zero_loss(x)
     xu, ru = _units(inp)
@@ -206,7 +211,7 @@ def triplet_miner_impl(params, inp, reducer, miner, chunk: int = 256):
                                   miner.type_of_triplets, mm,
                                   params.get("smooth_loss", False), chunk)
     return totals_impl(rows_fn, params, inp, reducer,
-                       fallback=lambda: _mined_by_tuple(params, inp, reducer, miner))
+                       fallback=lambda: _mined_by_tuple(params, inp, reducer, miner), miner=miner)
 
 
 def miner_impl(params, inp, reducer, miner):

@@ -8,6 +8,7 @@ import torch
 from ..config import Expansion, Metrix
 from ..driver import run_loss
 from ..spec import get_spec
+from ..reducers import kept_reducer
 from ..regularizers import check_regularizer, module_options
 
 
@@ -43,7 +44,8 @@ class BaseMetricLoss(torch.nn.Module):
             setattr(self, k, v)
         # PML's loss.distance and loss.reducer: the defaults as objects when not given
         self.distance = distance if distance is not None else self.get_default_distance()
-        self.reducer = reducer if reducer is not None else self.get_default_reducer()
+        self.reducer = (kept_reducer(reducer) if reducer is not None
+                        else self.get_default_reducer())
         self.backend = backend
         self.metrix = metrix
         self.expansion = expansion

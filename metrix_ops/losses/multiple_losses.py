@@ -31,6 +31,8 @@ class MultipleLosses(torch.nn.Module):
         self.losses = (torch.nn.ModuleDict(losses) if self.is_dict
                        else torch.nn.ModuleList(losses))
         self.miners = None
+        # PML refuses an indices_tuple only beside a non-empty miners argument (its truth)
+        self._mines = bool(miners)
         if miners is not None:
             self.miners = self._per_loss("miners", miners, keys, every=False)
             for k, m in self.miners.items():
@@ -65,7 +67,7 @@ class MultipleLosses(torch.nn.Module):
         return dict(zip(keys, given))
 
     def forward(self, embeddings, labels, indices_tuple=None):
-        if self.miners is not None and indices_tuple is not None:
+        if self._mines and indices_tuple is not None:
             raise ValueError("MultipleLosses with miners mines each loss's pairs itself: "
                              "give no indices_tuple")
         total = 0

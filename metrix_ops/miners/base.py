@@ -4,17 +4,26 @@ index tuple, computed without gradient. They stream row blocks of the distance m
 the reference. The fused engines run the same rules inside the loss op (the option miner=)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from ..distances import as_distance
+from ..distances import LpDistance, as_distance
 from ..validation import check_loss_inputs, pml_label_pair
 from .row_blocks import BLOCK_ENTRIES
 
+COUNT_NAMES = ("num_triplets", "num_pos_pairs", "num_neg_pairs")
+
 
 class BaseMiner(torch.nn.Module):
-    default_distance = None
+    default_distance = LpDistance  # PML's default for a miner that names none
     # entries of one row block of the distance matrix the streaming miners hold at a time
     block_entries = BLOCK_ENTRIES
+    _pml_mine = False  # mine() has PML's four arguments (no same_set): set per subclass
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._pml_mine = not _takes_same_set(cls.mine)
 
     def __init__(self, distance=None, collect_stats: bool = False):
         super().__init__()
@@ -22,21 +31,73 @@ class BaseMiner(torch.nn.Module):
         # PML's flag, taken for drop-in calls: the counts below are kept either way (as PML
         # keeps them); PML's other per-call statistics are not recorded
         self.collect_stats = collect_stats
-        self._count(())
+        self._counts = (0, 0, 0)
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        return self._count(self._call(self.mine, embeddings, labels, ref_emb, ref_labels))
+        self.reset_stats()  # a PML-style miner's own statistics, as PML's forward
+        mine = self.mine
+        if self._pml_mine:  # written for PML: mine(emb, labels, ref, ref_labels)
+            mine = _drop_same_set(mine)
+        return self._count(self._check_output(
+            self._call(mine, embeddings, labels, ref_emb, ref_labels)))
 
     def _count(self, tup):
         """PML's counts of the last call's output (read by training loops for logging):
         num_triplets of a triplet tuple, num_pos_pairs and num_neg_pairs of a pair tuple,
         the others 0."""
-        if torch.compiler.is_compiling():  # the sizes are data-dependent there
-            return tup
-        self.num_triplets = len(tup[0]) if len(tup) == 3 else 0
-        self.num_pos_pairs = len(tup[0]) if len(tup) == 4 else 0
-        self.num_neg_pairs = len(tup[2]) if len(tup) == 4 else 0
+        if not torch.compiler.is_compiling():  # the sizes are data-dependent there
+            self._counts = ((len(tup[0]), 0, 0) if len(tup) == 3
+                            else (0, len(tup[0]), len(tup[2])))
         return tup
+
+    # Read lazily: a fused miner= call leaves its counts as device tensors (record_counts),
+    # converted (one host sync) only when a training loop reads them. Settable, as PML's.
+    num_triplets = property(lambda self: self._read_count(0),
+                            lambda self, v: self._set_count(0, v))
+    num_pos_pairs = property(lambda self: self._read_count(1),
+                             lambda self, v: self._set_count(1, v))
+    num_neg_pairs = property(lambda self: self._read_count(2),
+                             lambda self, v: self._set_count(2, v))
+
+    def _read_count(self, i: int) -> int:
+        if any(isinstance(c, torch.Tensor) for c in self._counts):
+            self._counts = tuple(int(c) for c in self._counts)
+        return self._counts[i]
+
+    def _set_count(self, i: int, value):
+        self._counts = self._counts[:i] + (value,) + self._counts[i + 1:]
+
+    # PML's ModuleWithRecords API, which custom miners written for PML call: named statistics
+    # (attributes set to 0 when registered and by reset_stats)
+    def add_to_recordable_attributes(self, name=None, list_of_names=None, is_stat=False):
+        names = ([name] if name is not None else []) + list(list_of_names or [])
+        for n in names:
+            if not hasattr(self, n):
+                setattr(self, n, 0)
+        if is_stat:
+            self._stat_names = getattr(self, "_stat_names", ()) + tuple(names)
+
+    def reset_stats(self):
+        for n in getattr(self, "_stat_names", ()):
+            setattr(self, n, 0)
+
+    def _check_output(self, tup):
+        """PML's output check, so that a custom mine() returning something else fails here,
+        naming the miner, rather than inside a loss."""
+        if torch.compiler.is_compiling():  # lengths are data-dependent there
+            return tup
+        name = type(self).__name__
+        if not isinstance(tup, (tuple, list)) or len(tup) not in (3, 4) or not all(
+                isinstance(t, torch.Tensor) and t.dim() == 1 for t in tup):
+            raise TypeError(f"{name}.mine must return a tuple of 3 (anchors, positives, "
+                            f"negatives) or 4 (a1, p, a2, n) 1-D index tensors")
+        sizes = [len(t) for t in tup]
+        if (len(tup) == 3 and len(set(sizes)) != 1) or (
+                len(tup) == 4 and (sizes[0] != sizes[1] or sizes[2] != sizes[3])):
+            raise ValueError(f"{name}.mine returned index tensors of lengths {sizes}: a "
+                             f"triplet tuple needs three equal lengths, a pair tuple a1 == p "
+                             f"and a2 == n")
+        return tuple(tup)
 
     def reference(self, embeddings, labels, ref_emb=None, ref_labels=None):
         """The same call through `mine_dense`, the rule on the whole B×M matrix (tests)."""
@@ -53,8 +114,45 @@ class BaseMiner(torch.nn.Module):
         with torch.no_grad():
             return mine(embeddings, labels, ref_emb, ref_labels, same_set)
 
-    def mine(self, embeddings, labels, ref_emb, ref_labels, same_set):
+    def mine(self, embeddings, labels, ref_emb, ref_labels, same_set=None):
+        """The rule; `same_set` says the references are the batch itself (skip i == i; None:
+        PML's test, ref_labels is labels). A subclass may define PML's
+        mine(embeddings, labels, ref_emb, ref_labels) instead, and call ours with super()."""
         raise NotImplementedError
 
     def mine_dense(self, embeddings, labels, ref_emb, ref_labels, same_set):
         raise NotImplementedError
+
+
+def _takes_same_set(mine) -> bool:
+    """Whether the (unbound) mine takes ours five arguments: a parameter named same_set, or a
+    fifth positional one without a default (a PML-style mine may add optional ones)."""
+    params = inspect.signature(mine).parameters
+    if "same_set" in params:
+        return True
+    positional = [p for p in params.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 6 and positional[5].default is inspect.Parameter.empty
+
+
+def resolve_same_set(same_set, labels, ref_labels) -> bool:
+    """same_set as given, or PML's test when a PML-style caller gave none."""
+    return ref_labels is labels if same_set is None else bool(same_set)
+
+
+def _drop_same_set(mine):
+    return lambda x, labels, ref, ref_labels, same_set: mine(x, labels, ref, ref_labels)
+
+
+def record_counts(miner, triplets=0, pos_pairs=0, neg_pairs=0):
+    """The counts PML's miner would have set, for a miner whose rule ran inside a fused loss
+    op (the loss option miner=): ints or 0-dim tensors, read lazily by our miners; a PML
+    miner object gets ints (its attributes are plain)."""
+    if torch.compiler.is_compiling():
+        return
+    counts = (triplets, pos_pairs, neg_pairs)
+    if isinstance(miner, BaseMiner):
+        miner._counts = counts
+    else:
+        for name, c in zip(COUNT_NAMES, counts):
+            setattr(miner, name, int(c))

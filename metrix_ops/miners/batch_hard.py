@@ -4,7 +4,7 @@ import torch
 
 from ..distances import LpDistance
 from ..reference.pairs import match_masks
-from .base import BaseMiner
+from .base import BaseMiner, resolve_same_set
 from .row_blocks import (BLOCK_ENTRIES, block_diagonal, block_rows, distance_row_blocks,
                          same_distance)
 
@@ -70,7 +70,8 @@ class BatchHardMiner(BaseMiner):
 
     default_distance = LpDistance
 
-    def mine(self, x, labels, ref, ref_labels, same_set):
+    def mine(self, x, labels, ref, ref_labels, same_set=None):
+        same_set = resolve_same_set(same_set, labels, ref_labels)
         return batch_hard_streaming(self.distance, x, ref, labels, ref_labels, same_set,
                                     entries=self.block_entries)
 

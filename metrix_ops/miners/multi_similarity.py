@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from ..distances import CosineSimilarity
-from .base import BaseMiner
+from .base import BaseMiner, resolve_same_set
 from .row_blocks import block_diagonal, block_rows, distance_row_blocks
 
 
@@ -65,7 +65,8 @@ class MultiSimilarityMiner(BaseMiner):
         super().__init__(distance, collect_stats)
         self.epsilon = epsilon
 
-    def mine(self, x, labels, ref, ref_labels, same_set):
+    def mine(self, x, labels, ref, ref_labels, same_set=None):
+        same_set = resolve_same_set(same_set, labels, ref_labels)
         rows = block_rows(len(ref), self.block_entries)
         a1, p, a2, n = [], [], [], []
         any_pos = any_neg = False

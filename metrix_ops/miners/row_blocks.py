@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distances import BaseDistance, LpDistance
+from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
 
 # entries of one block (rows × M): 8 MiB in fp32, whatever B. Each block pays a pass over
 # the whole reference side (cdist re-forms its padded B×(D+2) copy and norms per call), so
@@ -45,7 +45,10 @@ def distance_row_blocks(distance: BaseDistance, x, ref, rows: int):
 
 def same_distance(a: BaseDistance, b: BaseDistance) -> bool:
     """Whether two distance objects compute the same matrix (one pass serves both)."""
-    return a is b or (type(a) is type(b) and vars(a) == vars(b))
+    # settings decide only for our own classes: a subclass may hold more state
+    return a is b or (type(a) is type(b) and type(a) in (LpDistance, CosineSimilarity,
+                                                         DotProductSimilarity)
+                      and a.settings() == b.settings())
 
 
 def block_diagonal(start: int, n_rows: int, m: int, device):

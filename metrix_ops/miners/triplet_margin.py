@@ -4,7 +4,7 @@ import torch
 
 from ..distances import LpDistance
 from ..reference.pairs import all_triplets
-from .base import BaseMiner
+from .base import BaseMiner, resolve_same_set
 from .batch_hard import block_masks
 from .row_blocks import block_rows, distance_row_blocks
 
@@ -49,7 +49,8 @@ class TripletMarginMiner(BaseMiner):
     def _gap(self, ap, an):
         return ap - an if self.distance.is_inverted else an - ap
 
-    def mine(self, x, labels, ref, ref_labels, same_set):
+    def mine(self, x, labels, ref, ref_labels, same_set=None):
+        same_set = resolve_same_set(same_set, labels, ref_labels)
         m = len(ref)
         out = []
         for start, mat in distance_row_blocks(self.distance, x, ref,

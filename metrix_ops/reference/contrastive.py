@@ -10,7 +10,8 @@ from ..spec import LossInputs, register_loss
 from .pairs import to_pairs
 
 
-@register_loss("ContrastiveLoss", LpDistance, AvgNonZeroReducer)
+@register_loss("ContrastiveLoss", LpDistance, AvgNonZeroReducer,
+               sub_losses=("pos_loss", "neg_loss"))
 def contrastive_loss_dict(inp: LossInputs, pos_margin=0.0, neg_margin=1.0):
     a1, p, a2, n = to_pairs(inp.indices_tuple, inp.labels, inp.ref_labels, inp.same_set)
     d = inp.distance

@@ -69,7 +69,8 @@ def check_proxies(proxies, embeddings, labels, loss_name: str = "this loss"):
                          f"[{int(labels.min())}, {int(labels.max())}]")
 
 
-@register_loss("ProxyAnchorLoss", CosineSimilarity, DivisorReducer, supports_ref_emb=False)
+@register_loss("ProxyAnchorLoss", CosineSimilarity, DivisorReducer, supports_ref_emb=False,
+               sub_losses=("pos_loss", "neg_loss"))
 def proxy_anchor_loss_dict(inp: LossInputs, proxies, margin=0.1, alpha=32.0):
     x, labels = inp.embeddings, inp.labels
     check_proxies(proxies, x, labels, "ProxyAnchorLoss")

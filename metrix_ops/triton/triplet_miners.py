@@ -22,6 +22,7 @@ from ..distances import LpDistance, is_cosine, is_normalized_l2, is_normalized_s
 from ..fused.triplet_margin import (_mined_by_tuple, _miner_distance, _units, miner_fits,
                                     miner_margin,
                                     totals_impl)
+from ..miners.base import record_counts
 from ..reducers import reduce_loss_dict, zero_loss
 from ..reference.expansion_points import safe_sqrt
 from .hphn_triplet import hphn_mine_triton
@@ -53,7 +54,7 @@ def triplet_miner_impl(params, inp, reducer, miner):
         return triplet_mined_rows_triton(xu, ru, labels, ref_labels, exclude_diag, cosine,
                                          margin, miner.type_of_triplets, mm)
     return totals_impl(rows_fn, params, inp, reducer,
-                       fallback=lambda: _mined_by_tuple(params, inp, reducer, miner))
+                       fallback=lambda: _mined_by_tuple(params, inp, reducer, miner), miner=miner)
 
 
 def batch_hard_impl(params, inp, reducer, miner):
@@ -61,6 +62,7 @@ def batch_hard_impl(params, inp, reducer, miner):
     xu, ru = _units(inp)
     picks = hphn_mine_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set)
     a = torch.nonzero((picks[:, 0] >= 0) & (picks[:, 1] >= 0)).squeeze(1)
+    record_counts(miner, triplets=len(a))
     if len(a) == 0:  # PML: no triplet, a zero that keeps the graph
         return zero_loss(x)
     p, n = picks[a, 0], picks[a, 1]
