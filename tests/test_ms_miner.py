@@ -1,5 +1,7 @@
 """metrix_ops.miners.MultiSimilarityMiner returns the pairs PML's MultiSimilarityMiner
-returns (as sets: PML orders them by row, then by similarity)."""
+returns, in PML's order (by row, then by value; tied values, which PML's unstable sort
+leaves open, by column): compared as sets over the shared cases (duplicates among them), as
+lists on tie-free batches."""
 import pytest
 import torch
 from pytorch_metric_learning import distances as pd
@@ -113,3 +115,30 @@ def test_mined_pairs_feed_the_loss_like_pml():
     b = pl.MultiSimilarityLoss()(x, y, it_pml)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     assert a.requires_grad
+
+
+@pytest.mark.parametrize("dist", list(DISTANCES))
+@pytest.mark.parametrize("refs", [False, True])
+def test_order_within_rows_is_pmls(dist, refs):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (37,), generator=g)
+    args = (x, y) + ((torch.randn(23, 6, generator=g, dtype=torch.float64),
+                      torch.randint(0, 5, (23,), generator=g)) if refs else ())
+    for eps in (0.1, 0.5):
+        ours, pml = miners(eps, DISTANCES[dist])
+        ours.block_entries = 5 * 37  # several row blocks
+        got, want = ours(*args), pml(*args)
+        assert len(got[0]) > 10 and len(got[2]) > 10
+        assert [t.tolist() for t in got] == [t.tolist() for t in want]
+        assert [t.tolist() for t in ours.reference(*args)] == [t.tolist() for t in want]
+
+
+def test_tied_values_come_by_column():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.1]],
+                     dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 0])
+    a1, p, a2, n = mo.miners.MultiSimilarityMiner(epsilon=1.0)(x, y)
+    # row 0's negatives 1 and 2 are the same point: by column
+    assert [c for a, c in zip(a2.tolist(), n.tolist()) if a == 0] == [1, 2]
+    assert_same_pairs((a1, p, a2, n), pm.MultiSimilarityMiner(epsilon=1.0)(x, y))

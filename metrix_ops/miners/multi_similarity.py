@@ -46,6 +46,16 @@ def ms_keep(mat, pos_cand, neg_cand, epsilon, inverted: bool):
             neg_cand & (mat - epsilon < hardest_pos))
 
 
+def in_value_order(keep, mat):
+    """(rows, cols) of the kept entries, row by row and, within a row, by the matrix's value
+    ascending (ties by column): the order of PML's miner, which reads its pairs off each
+    row's sorted values."""
+    r, c = torch.where(keep)
+    order = torch.sort(mat[r, c], stable=True).indices
+    order = order[torch.sort(r[order], stable=True).indices]
+    return r[order], c[order]
+
+
 def _empty(device):
     e = torch.empty(0, dtype=torch.long, device=device)
     return e, e.clone(), e.clone(), e.clone()
@@ -55,9 +65,9 @@ class MultiSimilarityMiner(BaseMiner):
     """MS pair mining (Wang et al. 2019), PML's rule. With a similarity s: keep the positive
     (a, p) when s_ap − ε < max_n s_an (harder than the hardest negative, up to ε), and the
     negative (a, n) when s_an + ε > min_p s_ap; mirrored for distances. Returns PML's index
-    tuple (a1, p, a2, n), row by row, columns ascending: the same pairs as PML's miner (PML
-    orders them by row, then by value — compare them as sets). The bounds are per row, so
-    one pass over row blocks of the matrix finds both bounds and the kept pairs."""
+    tuple (a1, p, a2, n) in PML's order: row by row, within a row by value ascending (ties,
+    which PML's unstable sort leaves open, by column). The bounds are per row, so one pass
+    over row blocks of the matrix finds both bounds and the kept pairs."""
 
     default_distance = CosineSimilarity
 
@@ -78,7 +88,7 @@ class MultiSimilarityMiner(BaseMiner):
             keep_pos, keep_neg = ms_keep(mat, pos_cand, neg_cand, self.epsilon,
                                          self.distance.is_inverted)
             for keep, rows_out, cols_out in ((keep_pos, a1, p), (keep_neg, a2, n)):
-                r, c = torch.where(keep)
+                r, c = in_value_order(keep, mat)
                 rows_out.append(r + start)
                 cols_out.append(c)
         # PML returns nothing unless the whole batch has a positive and a negative pair
@@ -92,8 +102,7 @@ class MultiSimilarityMiner(BaseMiner):
                                                            ref_labels is labels, x is ref)
         if not is_pos.any() or not is_neg.any():
             return _empty(x.device)
-        keep_pos, keep_neg = ms_keep(self.distance(x, ref), pos_cand, neg_cand, self.epsilon,
+        mat = self.distance(x, ref)
+        keep_pos, keep_neg = ms_keep(mat, pos_cand, neg_cand, self.epsilon,
                                      self.distance.is_inverted)
-        a1, p = torch.where(keep_pos)
-        a2, n = torch.where(keep_neg)
-        return a1, p, a2, n
+        return in_value_order(keep_pos, mat) + in_value_order(keep_neg, mat)
