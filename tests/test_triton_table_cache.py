@@ -1,4 +1,5 @@
-"""The Metrix and EE ops' chunk tables handed from the forward op to its backward
+"""The Metrix and EE ops' chunk tables (and the triplet kernels' slot count) handed from the
+forward op to its backward
 (triton/table_cache.py): one build per step; the same gradients whether the backward takes
 the forward's table or builds its own; never a table for other contents (an in-place write, a
 bigger table set, an inference tensor)."""
@@ -74,8 +75,12 @@ def _ee_ms(backend):
     return mo.losses.MultiSimilarityLoss(backend=backend, expansion=mo.Expansion(n_points=2))
 
 
+def _triplet(backend):  # the "all"-triplets kernels' slot count (the largest class's)
+    return mo.losses.TripletMarginLoss(margin=0.3, backend=backend)
+
+
 @requires_triton
-@pytest.mark.parametrize("make", [_ms_metrix, _ee_ms], ids=["metrix", "ee"])
+@pytest.mark.parametrize("make", [_ms_metrix, _ee_ms, _triplet], ids=["metrix", "ee", "triplet"])
 def test_a_training_step_builds_each_table_once(make):
     x = torch.randn(12, 5, dtype=torch.float64)
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])
@@ -92,7 +97,7 @@ def test_a_training_step_builds_each_table_once(make):
 
 
 @requires_triton
-@pytest.mark.parametrize("make", [_ms_metrix, _ee_ms], ids=["metrix", "ee"])
+@pytest.mark.parametrize("make", [_ms_metrix, _ee_ms, _triplet], ids=["metrix", "ee", "triplet"])
 def test_gradients_are_the_same_with_or_without_the_kept_table(make, monkeypatch):
     x = torch.randn(11, 6, dtype=torch.float64)
     y = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3])

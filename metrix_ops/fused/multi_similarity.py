@@ -37,8 +37,10 @@ def _self_pairs_only(inp) -> bool:
 def _reduce_clean(rows, inp, reducer, counts=None):
     """PML's reduction of the per-anchor terms, with its rule: no loss when no side has two
     pairs (`counts`: the (positive, negative) pair totals, default all pairs of the call).
-    Eagerly a Python branch; under torch.compile a select on the counts, so the graph has no
-    data-dependent branch."""
+    A select on the counts, not a Python branch: reading them here, after the op is queued,
+    would be a host sync that waits for the whole forward on a GPU (the callers skip the op
+    before queuing it where the counts say so); and the graph has no data-dependent branch
+    under torch.compile."""
     x = inp.embeddings
     loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
                           "reduction_type": "element"}}
@@ -46,16 +48,18 @@ def _reduce_clean(rows, inp, reducer, counts=None):
     if counts is None:
         counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     pos, neg = counts
-    if torch.compiler.is_compiling():
-        return torch.where((pos <= 1) & (neg <= 1), torch.sum(x * 0), loss)
-    return torch.sum(x * 0) if int(pos) <= 1 and int(neg) <= 1 else loss
+    if isinstance(pos, int) and isinstance(neg, int):  # read before the op already
+        return torch.sum(x * 0) if pos <= 1 and neg <= 1 else loss
+    return torch.where((pos <= 1) & (neg <= 1), torch.sum(x * 0), loss)
 
 
 def impl(params, inp, reducer, chunk: int = 2048):
     x = inp.embeddings
     counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)  # once per call
-    if not torch.compiler.is_compiling() and int(counts[0]) <= 1 and int(counts[1]) <= 1:
-        return torch.sum(x * 0)  # skip the op: PML's no-loss rule
+    if not torch.compiler.is_compiling():
+        counts = tuple(torch.stack(counts).tolist())  # one host sync, before the op
+        if max(counts) <= 1:
+            return torch.sum(x * 0)  # skip the op: PML's no-loss rule
     xu = unit_rows(x)
     if _self_pairs_only(inp):
         rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"])

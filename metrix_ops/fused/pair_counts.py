@@ -19,6 +19,6 @@ def pair_count_tensors(labels, ref_labels, same_set):
 
 
 def pair_counts(labels, ref_labels, same_set):
-    """pair_count_tensors as Python ints."""
-    pos, neg = pair_count_tensors(labels, ref_labels, same_set)
-    return int(pos), int(neg)
+    """pair_count_tensors as Python ints, read in one host sync."""
+    pos, neg = torch.stack(pair_count_tensors(labels, ref_labels, same_set)).tolist()
+    return pos, neg

@@ -64,9 +64,11 @@ def check_proxies(proxies, embeddings, labels, loss_name: str = "this loss"):
         # a Python bool of tensor data would end a fullgraph=True graph: check at run time
         torch._assert_async(((labels >= 0) & (labels < proxies.shape[0])).all(),
                             f"labels must be in [0, num_classes={proxies.shape[0]})")
-    elif labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= proxies.shape[0]):
-        raise ValueError(f"labels must be in [0, num_classes={proxies.shape[0]}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    elif labels.numel():
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host sync
+        if lo < 0 or hi >= proxies.shape[0]:
+            raise ValueError(f"labels must be in [0, num_classes={proxies.shape[0]}), got "
+                             f"values in [{lo}, {hi}]")
 
 
 @register_loss("ProxyAnchorLoss", CosineSimilarity, DivisorReducer, supports_ref_emb=False,

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import fused
+from . import table_cache
 from ..fused.triplet_margin import totals_impl, unit_distance
 from .launch import next_pow2, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
@@ -334,7 +335,10 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, m
     crank, srank, npos, nneg = _positive_layout(labels, ref_labels, exclude_diag)
     # rows with no negative have no triplet: their positives need no slot
     npos = torch.where(nneg > 0, npos, torch.zeros_like(npos))
-    pmax = int(npos.max()) if b > 0 else 0
+    # the largest class's slot count sizes the buffers: a host read, made by the forward
+    # and handed to the backward (table_cache), so the backward drains no queue
+    pmax = table_cache.handed((labels, ref_labels), ("triplet pmax", bool(exclude_diag)),
+                              lambda: int(npos.max()), backward=counts) if b > 0 else 0
     ps = max(pmax, 1)
     cfg, _, warps = launch_config(x, r)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
