@@ -240,13 +240,11 @@ def test_backend_triton_runs_the_kernels(monkeypatch):
     assert "ContrastiveLoss" in mo.backend.FUSED["triton"]
 
 
-def test_no_pairs_rule_skips_the_launch(monkeypatch):
-    import metrix_ops.triton.contrastive as tc
-
-    def boom(*a, **k):
-        raise AssertionError("launched")
-
-    monkeypatch.setattr(tc, "_con_forward", boom)
+def test_no_pairs_rule_is_a_select_without_a_host_read():
+    """PML's no-loss rule on batches without two pairs: the reference's zero loss and
+    gradient, selected on the pair counts after the op; the call's one host read is the
+    NaN check (a branch on the counts would wait on the GPU)."""
+    from host_reads import SyncCounter
     tri, ref = pair()
     x = torch.randn(1, 5, dtype=torch.float64, device=DEVICE)
     y = torch.zeros(1, dtype=torch.long, device=DEVICE)
@@ -254,6 +252,10 @@ def test_no_pairs_rule_skips_the_launch(monkeypatch):
     r, ry = torch.randn(1, 5, dtype=torch.float64, device=DEVICE), y + 1
     assert_close_vg(lambda e, f: tri(e, y, ref_emb=f, ref_labels=ry),
                     lambda e, f: ref(e, y, ref_emb=f, ref_labels=ry), x, r)
+    with SyncCounter() as counter:
+        tri(x.clone().requires_grad_(), y).backward()
+    assert [k.split()[0].split(":")[0] for k in counter.sites] == ["metrix_ops/validation.py"]
+    assert counter.total == 1
 
 
 def test_routes_refuses_and_bad_input():

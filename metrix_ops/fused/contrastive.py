@@ -99,12 +99,8 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         # e.g. DivisorReducer (which PML's contrastive cannot feed) or a user subclass; the
         # driver's supports() does not see the reducer, so the fallback is here
         return reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
-    # PML's rule: no loss when no side has two pairs; eagerly a branch that skips the op,
-    # under torch.compile a select (as in fused/multi_similarity.py)
+    # PML's rule (no loss when no side has two pairs) is _reduce_clean's select: no host read
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and int(n_pos) <= 1 and int(n_neg) <= 1:
-        return zero_loss(x)
     cosine, pm, nm, (low, high), scale = op_form(inp.distance, params, window, x.dtype)
     xu = unit_rows(x)
     if _self_pairs_only(inp):

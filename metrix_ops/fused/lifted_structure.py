@@ -38,17 +38,14 @@ def lifted_loss(params, inp, reducer, rows):
     if window is None:  # a reducer that is no ratio of totals: the reference's pair losses
         return reduce_loss_dict(get_spec("LiftedStructureLoss").loss_dict(inp, **params), reducer, x)
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
-    # PML: no loss when no index list has two entries, or when either side is empty;
-    # eagerly a branch that skips the op, under torch.compile a select
+    # PML: no loss when no index list has two entries, or when either side is empty; a
+    # select, not a branch on the counts (a host sync on a GPU)
     none = (n_pos == 0) | (n_neg == 0) | ((n_pos <= 1) & (n_neg <= 1))
-    compiling = torch.compiler.is_compiling()
-    if not compiling and bool(none):
-        return zero_loss(x)
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
     xu, cosine = normalized(inp.distance, x), is_dot_of_normalized(inp.distance)
     sums, counts = rows(xu, cosine, params["pos_margin"], params["neg_margin"], *window)
     loss = _reduce_side(sums, counts, n_pos, reducer, x)
-    return torch.where(none, zero_loss(x), loss) if compiling else loss
+    return torch.where(none, zero_loss(x), loss)
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):

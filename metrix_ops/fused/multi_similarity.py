@@ -37,10 +37,10 @@ def _self_pairs_only(inp) -> bool:
 def _reduce_clean(rows, inp, reducer, counts=None):
     """PML's reduction of the per-anchor terms, with its rule: no loss when no side has two
     pairs (`counts`: the (positive, negative) pair totals, default all pairs of the call).
-    A select on the counts, not a Python branch: reading them here, after the op is queued,
-    would be a host sync that waits for the whole forward on a GPU (the callers skip the op
-    before queuing it where the counts say so); and the graph has no data-dependent branch
-    under torch.compile."""
+    A select on the counts, never a Python branch: a read of them is a host sync on a GPU
+    (after the op is queued it would wait for the whole forward), and the graph has no
+    data-dependent branch under torch.compile. The op runs on a batch without pairs too: its
+    rows are finite there, and the select gives them no gradient."""
     x = inp.embeddings
     loss_dict = {"loss": {"losses": rows, "indices": torch.arange(len(rows), device=x.device),
                           "reduction_type": "element"}}
@@ -48,25 +48,18 @@ def _reduce_clean(rows, inp, reducer, counts=None):
     if counts is None:
         counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     pos, neg = counts
-    if isinstance(pos, int) and isinstance(neg, int):  # read before the op already
-        return torch.sum(x * 0) if pos <= 1 and neg <= 1 else loss
     return torch.where((pos <= 1) & (neg <= 1), torch.sum(x * 0), loss)
 
 
 def impl(params, inp, reducer, chunk: int = 2048):
     x = inp.embeddings
-    counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)  # once per call
-    if not torch.compiler.is_compiling():
-        counts = tuple(torch.stack(counts).tolist())  # one host sync, before the op
-        if max(counts) <= 1:
-            return torch.sum(x * 0)  # skip the op: PML's no-loss rule
     xu = unit_rows(x)
     if _self_pairs_only(inp):
         rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"])
     else:
         rows = ms_loss_rows(xu, unit_rows(inp.ref_emb), inp.labels, inp.ref_labels,
                             inp.same_set, params["alpha"], params["beta"], params["base"], chunk)
-    return _reduce_clean(rows, inp, reducer, counts)
+    return _reduce_clean(rows, inp, reducer)
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:

@@ -35,15 +35,13 @@ def unit_pair(inp):
 def guarded(compute, inp, need_both: bool):
     """compute(n_pos), or the zero loss under PML's "no pairs, no loss" rules: every pair
     list with at most one entry (GenericPairLoss); with need_both, also no positive or no
-    negative pair at all. Eagerly a Python branch that skips the op, under torch.compile a
-    select (no data-dependent branch in the graph)."""
+    negative pair at all. A select, never a branch on the counts: no host sync on a GPU and
+    no data-dependent branch under torch.compile (the op runs on such a batch too, finite)."""
     x = inp.embeddings
     pos, neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     empty = (pos <= 1) & (neg <= 1)
     if need_both:
         empty = empty | (pos == 0) | (neg == 0)
-    if not torch.compiler.is_compiling():
-        return zero_loss(x) if bool(empty) else compute(pos)
     return torch.where(empty, zero_loss(x), compute(pos))
 
 

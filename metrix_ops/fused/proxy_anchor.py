@@ -13,6 +13,7 @@ from ..reducers import reduce_loss_dict
 from ..reference.proxy_anchor import check_proxies
 from ..ops.unit_rows import unit_rows
 from . import register
+from .pair_counts import class_counts
 
 
 def supports(params, inp, expansion) -> bool:
@@ -30,7 +31,7 @@ def terms_impl(terms_fn, params, inp, reducer):
     p = unit_rows(proxies.to(x.dtype))
     pos, neg = terms_fn(unit_rows(x), p, labels, params["alpha"], params["margin"])
     # a tensor, not int(): no host sync on a GPU, no graph break under torch.compile
-    n_with_pos = torch.bincount(labels, minlength=p.shape[0]).count_nonzero()
+    n_with_pos = class_counts(labels, p.shape[0]).count_nonzero()
     idx = torch.arange(p.shape[0], device=x.device)
     loss_dict = {
         "pos_loss": {"losses": pos, "indices": idx, "reduction_type": "element",

@@ -11,6 +11,7 @@ import torch
 from ..ops.proxy_metrix import (candidate_count, proxy_anchor_metrix_terms,
                                 proxy_nca_metrix_rows)
 from ..reference.proxy_nca import logit_scale
+from .pair_counts import class_counts
 from ..ops.unit_rows import unit_rows
 from . import proxy_anchor, proxy_nca, register_metrix
 
@@ -45,7 +46,7 @@ def anchor_mixed(params, inp, pairs: str, lam: float, chunk=None, terms_fn=None)
     # a proxy has positive mass iff some candidate's pair holds its class: with
     # different-label pairs, a present class beside another one; with same-label pairs, a
     # class of two examples or more (λ + (1−λ) > 0 always)
-    counts = torch.bincount(labels, minlength=p.shape[0])
+    counts = class_counts(labels, p.shape[0])
     with_mass = (counts >= 2) if same else (counts > 0) & (counts < len(labels))
     n = with_mass.sum()  # a tensor and a select: no host sync, no graph break
     pos_loss = torch.where(n > 0, pos.sum() / n.clamp_min(1), pos.sum() * 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fused.pair_counts import class_counts
 from .. import _ext
 
 _PA = "metrix_ops::proxy_anchor_metrix_fwd"
@@ -68,7 +69,7 @@ def default_chunk(batch: int, budget: int = 1 << 20) -> int:
 def candidate_count(labels, num_classes: int, same_label: bool) -> torch.Tensor:
     """Ordered pairs u ≠ w of the same label (same_label) or of different labels, as a 0-d
     tensor (no host sync, no graph break under torch.compile)."""
-    counts = torch.bincount(labels, minlength=num_classes)
+    counts = class_counts(labels, num_classes)
     same = (counts * counts).sum() - len(labels)
     return same if same_label else len(labels) ** 2 - len(labels) - same
 

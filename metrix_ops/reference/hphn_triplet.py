@@ -41,19 +41,15 @@ def hardest_pair(mat: torch.Tensor, mask: torch.Tensor, inverted: bool, farthest
 
 
 def hphn_terms(hardest_pos, has_pos, hardest_neg, has_neg, distance, margin) -> dict:
-    """The loss dict: one element per anchor with a positive and a negative."""
+    """The loss dict: one element per anchor with a positive and a negative. Every anchor's
+    term, with the reducer told which count (`keep`) and no kept anchor giving the zero
+    loss: no data-dependent shape or branch, so no host sync on a GPU and one graph under
+    torch.compile. A dropped anchor's term is finite (hardest_pair's entries are real ones),
+    and the reducers' selects give it no gradient."""
     keep = has_pos & has_neg
-    if torch.compiler.is_compiling():
-        # no data-dependent branch or shape under torch.compile(fullgraph=True): every anchor's
-        # term, the reducer told which count, and no kept anchor gives the zero loss
-        losses = F.relu(distance.margin(hardest_pos, hardest_neg) + margin)
-        return {"loss": {"losses": losses, "indices": torch.arange(len(keep), device=keep.device),
-                         "reduction_type": "element", "keep": keep, "none_kept": "zero"}}
-    if not keep.any():
-        return dict(ZERO)
-    a = torch.where(keep)[0]
-    losses = F.relu(distance.margin(hardest_pos[a], hardest_neg[a]) + margin)
-    return {"loss": {"losses": losses, "indices": a, "reduction_type": "element"}}
+    losses = F.relu(distance.margin(hardest_pos, hardest_neg) + margin)
+    return {"loss": {"losses": losses, "indices": torch.arange(len(keep), device=keep.device),
+                     "reduction_type": "element", "keep": keep, "none_kept": "zero"}}
 
 
 @register_loss("HPHNTripletLoss", LpDistance, MeanReducer, supports_indices_tuple=False)

@@ -31,10 +31,10 @@ import triton.language as tl
 
 from .. import fused
 from ..distances import is_cosine, is_normalized_l2
-from ..fused.contrastive import _reduce_side, _window
+from ..fused.contrastive import _reduce_clean, _window
 from ..fused.pair_counts import pair_count_tensors
 from ..ops.contrastive import _bound
-from ..reducers import reduce_loss_dict, zero_loss
+from ..reducers import reduce_loss_dict
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from .launch import usable_on
@@ -223,18 +223,13 @@ def impl(params, inp, reducer):
     if window is None:  # a reducer that is not a ratio of totals: the reference's pair terms
         return reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
-    no_pairs = (n_pos <= 1) & (n_neg <= 1)  # PML's rule: no loss; eagerly no launch
-    compiling = torch.compiler.is_compiling()
-    if not compiling and bool(no_pairs):
-        return zero_loss(x)
     xu = unit_rows(x)
     # the batch against itself, self pairs excluded: one tensor passed twice
     ru = xu if inp.ref_emb is x and inp.same_set else unit_rows(inp.ref_emb)
     ps, pc, ns, nc = contrastive_rows_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
                                              is_cosine(inp.distance), params["pos_margin"],
                                              params["neg_margin"], *window)
-    loss = _reduce_side(ps, pc, n_pos, reducer, x) + _reduce_side(ns, nc, n_neg, reducer, x)
-    return torch.where(no_pairs, zero_loss(x), loss) if compiling else loss
+    return _reduce_clean((ps, pc, ns, nc), n_pos, n_neg, reducer, x)
 
 
 fused.register("triton", "ContrastiveLoss", supports, impl)

@@ -38,7 +38,6 @@ import triton.language as tl
 from .. import fused
 from ..distances import is_cosine
 from ..fused.multi_similarity import _reduce_clean, self_pairs
-from ..fused.pair_counts import pair_counts
 from ..ops.unit_rows import unit_rows
 from .launch import usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
@@ -218,19 +217,12 @@ def supports(params, inp, expansion) -> bool:
 
 def impl(params, inp, reducer):
     x = inp.embeddings
-    # PML's no-loss rule: eagerly no launch (the counts read once, before any launch);
-    # under torch.compile _reduce_clean's select
-    counts = None
-    if not torch.compiler.is_compiling():
-        counts = pair_counts(inp.labels, inp.ref_labels, inp.same_set)
-        if max(counts) <= 1:
-            return torch.sum(x * 0)
     xu = unit_rows(x)
     # the batch against itself passes one tensor twice: S's gradient reaches x both ways
     ru = xu if self_pairs(inp) else unit_rows(inp.ref_emb)
     rows = ms_rows_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set, params["alpha"],
                           params["beta"], params["base"])
-    return _reduce_clean(rows, inp, reducer, counts)
+    return _reduce_clean(rows, inp, reducer)
 
 
 fused.register("triton", "MultiSimilarityLoss", supports, impl)

@@ -1,0 +1,96 @@
+"""Host syncs per forward + backward: the reads of tensor data the library's glue makes
+(tests/host_reads.py counts them on the CPU; on CUDA tensors each one drains the GPU queue).
+Upper bounds per loss, so that a read added to a hot path fails here rather than showing up
+as idle GPU time in a benchmark. The one read every loss makes is the NaN/Inf check of the
+embeddings, before any launch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metrix_ops as mo
+from host_reads import SyncCounter, reads_per_step
+
+L = mo.losses
+NAN_CHECK = "metrix_ops/validation.py"
+
+
+def _clean(backend):
+    return {
+        "ms": (lambda: L.MultiSimilarityLoss(backend=backend), 1),
+        "contrastive": (lambda: L.ContrastiveLoss(backend=backend), 1),
+        "contrastive_sq_l2": (lambda: L.ContrastiveLoss(
+            distance=mo.distances.LpDistance(power=2), backend=backend), 1),
+        "circle": (lambda: L.CircleLoss(backend=backend), 1),
+        "ntxent": (lambda: L.NTXentLoss(backend=backend), 1),
+        "supcon": (lambda: L.SupConLoss(backend=backend), 1),
+        "lifted": (lambda: L.LiftedStructureLoss(backend=backend), 1),
+        "generalized_lifted": (lambda: L.GeneralizedLiftedStructureLoss(backend=backend), 1),
+        "triplet": (lambda: L.TripletMarginLoss(backend=backend), 1),
+        "hphn": (lambda: L.HPHNTripletLoss(backend=backend), 1),
+        # the pairs' count sizes the op (one nonzero)
+        "npairs": (lambda: L.NPairsLoss(backend=backend), 2),
+        # the labels' range against the proxies (one read of min and max)
+        "proxy_anchor": (lambda: L.ProxyAnchorLoss(5, 9, backend=backend), 2),
+        "proxy_nca": (lambda: L.ProxyNCALoss(5, 9, backend=backend), 2),
+        "ms_metrix": (lambda: L.MultiSimilarityLoss(metrix=mo.Metrix(), backend=backend), 1),
+        "proxy_anchor_metrix": (lambda: L.ProxyAnchorLoss(5, 9, metrix=mo.Metrix(),
+                                                          backend=backend), 2),
+        "ms_miner": (lambda: L.MultiSimilarityLoss(miner=mo.miners.MultiSimilarityMiner(),
+                                                   backend=backend), 1),
+        "triplet_semihard": (lambda: L.TripletMarginLoss(
+            miner=mo.miners.TripletMarginMiner(type_of_triplets="semihard"),
+            backend=backend), 1),
+    }
+
+
+CPU_CASES = _clean("cpu")
+
+
+def _batch(b=23, d=9, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randint(0, classes, (b,), generator=g)
+
+
+@pytest.mark.parametrize("name", sorted(CPU_CASES))
+def test_cpu_engine_reads(name):
+    make, bound = CPU_CASES[name]
+    x, y = _batch()
+    counter = reads_per_step(make(), x, y)
+    assert NAN_CHECK in " ".join(counter.sites), "the NaN check no longer reads?"
+    assert counter.total <= bound, dict(counter.sites)
+
+
+@pytest.mark.parametrize("name", ["ms", "contrastive", "circle", "lifted", "hphn", "proxy_anchor"])
+def test_degenerate_batches_read_no_more(name):
+    """Few or no pairs (one row; all rows of one class; one pair of one class): PML's zero loss
+    is a select after the op, not a branch before it, so the reads stay the same."""
+    make, bound = CPU_CASES[name]
+    x, _ = _batch(b=6)
+    for y in (torch.zeros(6, dtype=torch.long), torch.arange(6) % 5, torch.zeros(1, dtype=torch.long)):
+        xb = x[:len(y)]
+        loss_fn = make()
+        ref = L.__dict__[type(loss_fn).__name__](
+            **({"num_classes": 5, "embedding_size": 9} if "proxy" in name else {}),
+            backend="reference")
+        if "proxy" in name:
+            ref.proxies.data.copy_(loss_fn.proxies.data)
+        counter = reads_per_step(loss_fn, xb, y)
+        assert counter.total <= bound, dict(counter.sites)
+        a, b = xb.clone().requires_grad_(), xb.clone().requires_grad_()
+        la, lb = loss_fn(a, y), ref(b, y)
+        la.backward(), lb.backward()
+        torch.testing.assert_close(la, lb)
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_counter_sees_a_read():
+    """The counter itself: a read the glue makes is charged to it, the caller's are not."""
+    x = torch.randn(4, 3)
+    with SyncCounter() as c:
+        float(x.sum())  # the test's own read
+        x.tolist()
+    assert c.total == 0
+    with SyncCounter() as c:
+        mo.losses.MultiSimilarityLoss(backend="cpu")(x, torch.tensor([0, 0, 1, 1]))
+    assert c.total == 1 and NAN_CHECK in " ".join(c.sites)
