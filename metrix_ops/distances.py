@@ -131,6 +131,12 @@ def is_normalized_sq_l2(d: BaseDistance) -> bool:
     return type(d) is LpDistance and d.normalize_embeddings and d.p == 2 and d.power == 2
 
 
+def unit_l2_form(d: BaseDistance) -> bool:
+    """An L2 of normalised rows, which the fused ops compute from the rows' cosine s as
+    √(2 − 2s) or 2 − 2s: exact for unit rows, not for a zero row (normalised to zero)."""
+    return is_normalized_l2(d) or is_normalized_sq_l2(d)
+
+
 def is_dot_of_normalized(d: BaseDistance) -> bool:
     """A CosineSimilarity of any p: the dot product of rows the distance normalises itself
     (`d.maybe_normalize`); ops that normalise through the distance take every p."""

@@ -10,7 +10,7 @@ import torch
 from . import backend as backend_mod
 from . import fused
 from .config import Expansion, Metrix
-from .distances import as_distance
+from .distances import as_distance, unit_l2_form
 from .miners.base import record_counts
 from .reducers import ForeignReducer, as_reducer, reduce_loss_dict
 from .regularizers import check_regularizer, regularization
@@ -136,6 +136,8 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
         if not callable(miner):
             raise TypeError(f"miner must be a miner module (PML's or metrix_ops.miners'), got "
                             f"{type(miner).__name__}")
+    if not spec.supports_ref_emb and ref_emb is embeddings and ref_labels is labels:
+        ref_emb = ref_labels = None  # the batch itself, as PML's ref_not_supported takes it
     if ref_emb is not None and not spec.supports_ref_emb:
         raise ValueError(f"{name} does not take ref_emb/ref_labels")
     if indices_tuple is not None and not spec.supports_indices_tuple:
@@ -155,9 +157,13 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     # float labels
     labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
     indices_tuple = pml_indices(indices_tuple, embeddings)
-    check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                      labels_required=spec.labels_required or metrix is not None
-                      or expansion is not None)
+    distance = as_distance(distance, spec.default_distance)
+    # the fused ops' L2 is √(2 − 2s), true of unit rows only: a zero row (PML's normalize
+    # leaves it zero, at distance 1 from every unit row), or one under normalize's eps, is
+    # looked for in the NaN check's read
+    zero_row = check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                                 labels_required=spec.labels_required or metrix is not None
+                                 or expansion is not None, zero_rows=unit_l2_form(distance))
 
     same_set = ref_emb is None or ref_labels is labels
     # labels of any integer dtype are int64 from here on (the ops take int64), keeping PML's
@@ -178,8 +184,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     miner_refs = (ref_emb, ref_labels)  # as the caller gave them, for an index-tuple miner
     if ref_emb is None:
         ref_emb, ref_labels = embeddings, labels
-    inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,
-                     as_distance(distance, spec.default_distance))
+    inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set, distance)
     red = as_reducer(reducer, spec.default_reducer)
     # λ is drawn for the embedding level only: feature/input mixes carry their own λ
     lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
@@ -216,6 +221,15 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
             order.sort(key=lambda b: not fused.metrix_supported(b, name, params, inp,
                                                                 expansion, metrix))
         chosen = order[0] if order else chosen
+    if zero_row and chosen != "reference":
+        if backend != "auto":
+            raise NotImplementedError(
+                f"backend={backend!r}: a row of embeddings or ref_emb is all zeros (its norm "
+                "is under F.normalize's eps, 1e-12), and the "
+                f"fused ops' {type(distance).__name__} assumes unit rows (PML puts a zero row "
+                "at distance 1 from every other); use backend='auto' (which runs 'reference' "
+                "for such a batch) or 'reference'")
+        chosen = "reference"
     mined_loss = None
     if miner is not None:
         if chosen != "reference" and fused.miner_supported(chosen, name, params, inp, miner):

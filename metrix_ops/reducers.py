@@ -12,10 +12,15 @@ import copy
 import torch
 
 
-class BaseReducer:
+class BaseReducer(torch.nn.Module):
     """reduce(): `keep`, when given, is a bool mask of the terms that count (the others are
     as absent): what a loss gives instead of losses[keep], whose shape depends on the data
-    and would break a torch.compile(fullgraph=True) graph."""
+    and would break a torch.compile(fullgraph=True) graph. A module, as PML's reducers are
+    (a loss holds its reducer as a submodule, and either kind may replace the other)."""
+
+    def forward(self, loss_dict, embeddings, labels=None):
+        """PML's call: a whole loss dict reduced, each sub-loss on its own, then summed."""
+        return reduce_loss_dict(loss_dict, self, embeddings, labels)
 
     def reduce(self, losses, reduction_type: str, embeddings: torch.Tensor,
                divisor=None, keep=None) -> torch.Tensor:
@@ -68,6 +73,7 @@ class ThresholdReducer(BaseReducer):
     """Mean of the terms with low < term < high; zero (with graph) if none passes."""
 
     def __init__(self, low=None, high=None):
+        super().__init__()
         if low is None and high is None:
             raise ValueError("ThresholdReducer needs low or high")
         self.low, self.high = low, high

@@ -7,8 +7,15 @@ import numbers
 
 import torch
 
+NORMALIZE_EPS = 1e-12  # F.normalize's, below which a row does not normalise to unit length
 
-def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False) -> None:
+
+def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False,
+                     zero_rows: bool = False) -> bool:
+    """Shape, dtype and NaN/Inf checks. With zero_rows, also whether some row has an L2 norm
+    under F.normalize's eps (1e-12: a row that normalising leaves shorter than 1, zero
+    included), read in the same host sync as the NaN check (False under torch.compile, which
+    cannot read it; False when not asked)."""
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 2:
@@ -20,12 +27,22 @@ def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False) -> 
     if x.shape[1] == 0:
         raise ValueError(f"{name} has embedding_dim 0, got shape {tuple(x.shape)}")
     if x.numel() == 0:
-        return
+        return False
+    finite = all_finite(x)
     if torch.compiler.is_compiling():
         # a Python bool of tensor data would end a fullgraph=True graph: check at run time
-        torch._assert_async(all_finite(x), f"{name} contains NaN or Inf")
-    elif not bool(all_finite(x)):
+        torch._assert_async(finite, f"{name} contains NaN or Inf")
+        return False
+    if zero_rows:
+        # in fp32 at least: 1e-12 is 0 in half precision
+        wide = torch.promote_types(x.dtype, torch.float32)
+        short = (torch.linalg.vector_norm(x, dim=1, dtype=wide) < NORMALIZE_EPS).any()
+        finite, zero = torch.stack((finite, short)).tolist()  # one sync
+    else:
+        finite, zero = bool(finite), False
+    if not finite:
         raise ValueError(f"{name} contains NaN or Inf")
+    return bool(zero)
 
 
 def all_finite(x: torch.Tensor) -> torch.Tensor:
@@ -125,10 +142,12 @@ def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device) -> 
 
 
 def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                      labels_required: bool = True) -> None:
-    """Checks the PML call signature `(embeddings, labels, indices_tuple, ref_emb, ref_labels)`."""
+                      labels_required: bool = True, zero_rows: bool = False) -> bool:
+    """Checks the PML call signature `(embeddings, labels, indices_tuple, ref_emb, ref_labels)`.
+    With zero_rows, returns whether a row of embeddings or ref_emb is all zeros (in the NaN
+    checks' reads: check_embeddings)."""
     # an empty batch or reference set is PML's zero loss (driver.empty_loss), not an error
-    check_embeddings(embeddings, "embeddings", allow_empty=True)
+    zero = check_embeddings(embeddings, "embeddings", allow_empty=True, zero_rows=zero_rows)
     n, dev = embeddings.shape[0], embeddings.device
     if labels is None:
         if labels_required and indices_tuple is None:
@@ -137,7 +156,9 @@ def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
         check_labels(labels, n, dev, "labels")
     m = n
     if ref_emb is not None:
-        check_embeddings(ref_emb, "ref_emb", allow_empty=True)
+        if ref_emb is not embeddings:  # (the batch as its own references: checked once)
+            zero = check_embeddings(ref_emb, "ref_emb", allow_empty=True,
+                                    zero_rows=zero_rows) or zero
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(f"ref_emb has embedding_dim {ref_emb.shape[1]} but embeddings has "
                              f"{embeddings.shape[1]}")
@@ -153,3 +174,4 @@ def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
         raise ValueError("ref_labels was given without ref_emb")
     if indices_tuple is not None:
         check_indices_tuple(indices_tuple, n, m, dev)
+    return zero

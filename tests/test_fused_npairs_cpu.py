@@ -129,7 +129,7 @@ def test_outside_scope_falls_back_or_refuses(op_calls):
             call(mo.losses.NPairsLoss(backend="cpu"))
     assert not op_calls
     with pytest.raises(ValueError, match="does not take ref_emb"):
-        mo.losses.NPairsLoss(backend="cpu")(x, y, ref_emb=x, ref_labels=y)
+        mo.losses.NPairsLoss(backend="cpu")(x, y, ref_emb=x.clone(), ref_labels=y)
 
 
 

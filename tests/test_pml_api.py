@@ -350,3 +350,101 @@ def test_pml_style_miner_api():
     got = ByDistance()(x, y)
     d = torch.cdist(torch.nn.functional.normalize(x), torch.nn.functional.normalize(x))
     assert len(got[0]) == int(((y[:, None] != y[None]) & (d < 1.0)).sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["NPairsLoss", "ProxyAnchorLoss", "ProxyNCALoss"])
+def test_ref_emb_that_is_the_batch_is_taken_as_pml(name):
+    """PML's ref_not_supported takes ref_emb/ref_labels that are the batch's own objects (its
+    forward sets them so when None); other references are refused, on both sides."""
+    from pytorch_metric_learning import losses as pl
+    x, y = _batch(classes=5)
+    args = (5, x.shape[1]) if name.startswith("Proxy") else ()
+    ours = getattr(mo.losses, name)(*args).double()
+    pml = getattr(pl, name)(*args).double()
+    if args:
+        with torch.no_grad():
+            ours.proxies.copy_(pml.proxies)
+    assert_close_vg(lambda e: ours(e, y, None, e, y), lambda e: pml(e, y, None, e, y), x)
+    for other in ((x.clone(), y), (x, y.clone())):
+        with pytest.raises(ValueError, match="ref_emb"):
+            pml(x, y, None, *other)
+        with pytest.raises(ValueError, match="ref_emb"):
+            ours(x, y, None, *other)
+
+
+REGS = {"embedding_regularizer": lambda: mo.regularizers.LpRegularizer()}
+LOSS_ARGS = [("ContrastiveLoss", ()), ("MultiSimilarityLoss", ()), ("TripletMarginLoss", ()),
+             ("NTXentLoss", ()), ("CircleLoss", ()), ("ProxyAnchorLoss", (3, 4)),
+             ("ProxyNCALoss", (3, 4)), ("GeneralizedLiftedStructureLoss", ())]
+
+
+@pytest.mark.parametrize("name,args", LOSS_ARGS)
+@pytest.mark.parametrize("regs", [(), ("embedding",), ("embedding", "weight")])
+def test_sub_loss_names_and_zero_losses_as_pml(name, args, regs):
+    from pytorch_metric_learning import losses as pl
+    from pytorch_metric_learning import regularizers as pr
+    if "weight" in regs and not args:
+        pytest.skip("weight_regularizer is the proxy losses' option")
+    kw = {f"{r}_regularizer": None for r in regs}
+    ours = getattr(mo.losses, name)(*args, **{k: mo.regularizers.LpRegularizer() for k in kw})
+    pml = getattr(pl, name)(*args, **{k: pr.LpRegularizer() for k in kw})
+    assert ours.sub_loss_names() == pml.sub_loss_names()
+    assert ours.zero_losses() == pml.zero_losses()
+
+
+def test_set_reducer_and_records_on_a_loss_as_pml():
+    from pytorch_metric_learning import losses as pl
+    from pytorch_metric_learning import reducers as pr
+    x, y = _batch()
+    ours, pml = mo.losses.ContrastiveLoss(), pl.ContrastiveLoss()
+    red = pr.ThresholdReducer(low=0.1)
+    ours.set_reducer(red)
+    pml.set_reducer(red)
+    assert ours.reducer is not red  # a copy, as PML's losses keep one
+    torch.testing.assert_close(ours(x, y), pml(x, y))
+    ours.set_reducer(None)
+    assert type(ours.reducer).__name__ == "AvgNonZeroReducer"
+    ours.add_to_recordable_attributes(name="my_stat", is_stat=True)
+    ours.my_stat = 5
+    ours.reset_stats()
+    assert ours.my_stat == 0
+
+
+@pytest.mark.parametrize("name", ["ProxyAnchorLoss", "ProxyNCALoss"])
+def test_proxy_get_logits_and_cast_types_as_pml(name):
+    from pytorch_metric_learning import losses as pl
+    x, _ = _batch(b=9, d=5)
+    ours, pml = getattr(mo.losses, name)(4, 5), getattr(pl, name)(4, 5)
+    with torch.no_grad():
+        ours.proxies.copy_(pml.proxies)
+    pml.cast_types(torch.float64, x.device)
+    ours.cast_types(torch.float64, x.device)
+    assert ours.proxies.dtype == torch.float64 and isinstance(ours.proxies, torch.nn.Parameter)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, lb = ours.get_logits(a), pml.get_logits(b)
+    assert la.shape == (9, 4)
+    torch.testing.assert_close(la, lb)
+    la.square().sum().backward()
+    lb.square().sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(ours.proxies.grad, pml.proxies.grad)
+    if name == "ProxyNCALoss":
+        assert torch.equal(ours.proxy_labels, pml.proxy_labels)
+
+
+@pytest.mark.parametrize("make", [lambda r: r.MeanReducer(), lambda r: r.SumReducer(),
+                                  lambda r: r.AvgNonZeroReducer(),
+                                  lambda r: r.ThresholdReducer(low=0.2, high=0.9)],
+                         ids=["mean", "sum", "avg_non_zero", "threshold"])
+def test_our_reducers_are_modules_called_as_pml(make):
+    from pytorch_metric_learning import reducers as pr
+    ours, pml = make(mo.reducers), make(pr)
+    assert isinstance(ours, torch.nn.Module)
+    x, y = _batch()
+    g = torch.Generator().manual_seed(3)
+    terms = torch.relu(torch.randn(len(y), generator=g, dtype=torch.float64))
+    loss_dict = {"loss": {"losses": terms, "indices": torch.arange(len(y)),
+                          "reduction_type": "element"}}
+    torch.testing.assert_close(ours(loss_dict, x, y), pml(loss_dict, x, y))
+    loss = mo.losses.MultiSimilarityLoss(reducer=ours)
+    assert dict(loss.named_modules())["reducer"] is loss.reducer

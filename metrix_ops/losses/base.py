@@ -9,10 +9,11 @@ from ..config import Expansion, Metrix
 from ..driver import run_loss
 from ..spec import get_spec
 from ..reducers import kept_reducer
+from ..records import Records
 from ..regularizers import check_regularizer, module_options
 
 
-class BaseMetricLoss(torch.nn.Module):
+class BaseMetricLoss(Records, torch.nn.Module):
     """Subclasses set `loss_name` (the registry key, PML's class name) and `defaults`, the
     loss's own hyper-parameters in PML's positional order; they become attributes, as in
     PML, and are passed to the loss on every call (`loss_params()`)."""
@@ -44,8 +45,7 @@ class BaseMetricLoss(torch.nn.Module):
             setattr(self, k, v)
         # PML's loss.distance and loss.reducer: the defaults as objects when not given
         self.distance = distance if distance is not None else self.get_default_distance()
-        self.reducer = (kept_reducer(reducer) if reducer is not None
-                        else self.get_default_reducer())
+        self.set_reducer(reducer)
         self.backend = backend
         self.metrix = metrix
         self.expansion = expansion
@@ -61,6 +61,27 @@ class BaseMetricLoss(torch.nn.Module):
 
     def get_default_reducer(self):
         return get_spec(self.loss_name).default_reducer()
+
+    def set_reducer(self, reducer):
+        """PML's: the reducer this loss reduces with (the default when None)."""
+        self.reducer = kept_reducer(reducer) if reducer is not None else self.get_default_reducer()
+
+    def sub_loss_names(self) -> list:
+        """PML's: the keys of the loss dict a DoNothingReducer returns, the loss's own then
+        its regularizers' (the proxies' before the embeddings', PML's order)."""
+        names = list(get_spec(self.loss_name).sub_losses)
+        for reg in ("weight", "embedding"):
+            if getattr(self, f"{reg}_regularizer", None) is not None:
+                names.append(f"{reg}_reg_loss")
+        return names
+
+    @staticmethod
+    def zero_loss() -> dict:
+        return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+
+    def zero_losses(self) -> dict:
+        """PML's: a zero entry per sub-loss, what a loss dict holds for an empty batch."""
+        return {name: self.zero_loss() for name in self.sub_loss_names()}
 
     def loss_params(self) -> dict:
         return {k: getattr(self, k) for k in self.defaults}

@@ -30,6 +30,16 @@ class ProxyLossBase(BaseMetricLoss):
         self.weight_regularizer = weight_regularizer
         self.weight_reg_weight = weight_reg_weight
 
+    def cast_types(self, dtype, device):
+        """PML's: the proxies moved and cast in place (the same Parameter)."""
+        self.proxies.data = self.proxies.data.to(device=device, dtype=dtype)
+
+    def get_logits(self, embeddings):
+        """PML's: the loss's distance (similarity) of each embedding to each proxy, B × C,
+        e.g. to classify by the nearest proxy. The proxies are taken in the embeddings'
+        dtype and device for the product, not cast in place."""
+        return self.distance(embeddings, self.proxies.to(embeddings))
+
     def loss_params(self):
         return {**super().loss_params(), "proxies": self.proxies}
 

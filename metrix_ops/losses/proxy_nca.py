@@ -1,3 +1,5 @@
+import torch
+
 from .proxy_base import ProxyLossBase
 
 
@@ -10,3 +12,8 @@ class ProxyNCALoss(ProxyLossBase):
 
     loss_name = "ProxyNCALoss"
     defaults = {"softmax_scale": 1.0, "temperature": None, "normalize_proxies": None}
+
+    @property
+    def proxy_labels(self):
+        """PML's attribute: proxy c stands for class c (a CPU tensor, as PML keeps it)."""
+        return torch.arange(self.num_classes)

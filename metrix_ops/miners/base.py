@@ -10,12 +10,13 @@ import torch
 
 from ..distances import LpDistance, as_distance
 from ..validation import check_loss_inputs, pml_label_pair
+from ..records import Records
 from .row_blocks import BLOCK_ENTRIES
 
 COUNT_NAMES = ("num_triplets", "num_pos_pairs", "num_neg_pairs")
 
 
-class BaseMiner(torch.nn.Module):
+class BaseMiner(Records, torch.nn.Module):
     default_distance = LpDistance  # PML's default for a miner that names none
     # entries of one row block of the distance matrix the streaming miners hold at a time
     block_entries = BLOCK_ENTRIES
@@ -66,20 +67,6 @@ class BaseMiner(torch.nn.Module):
 
     def _set_count(self, i: int, value):
         self._counts = self._counts[:i] + (value,) + self._counts[i + 1:]
-
-    # PML's ModuleWithRecords API, which custom miners written for PML call: named statistics
-    # (attributes set to 0 when registered and by reset_stats)
-    def add_to_recordable_attributes(self, name=None, list_of_names=None, is_stat=False):
-        names = ([name] if name is not None else []) + list(list_of_names or [])
-        for n in names:
-            if not hasattr(self, n):
-                setattr(self, n, 0)
-        if is_stat:
-            self._stat_names = getattr(self, "_stat_names", ()) + tuple(names)
-
-    def reset_stats(self):
-        for n in getattr(self, "_stat_names", ()):
-            setattr(self, n, 0)
 
     def _check_output(self, tup):
         """PML's output check, so that a custom mine() returning something else fails here,

@@ -1,0 +1,115 @@
+"""A row of all zeros under an L2 of normalised rows. PML's LpDistance normalises it to the
+zero vector, at distance 1 from every unit row (0 from another zero row); the fused ops
+compute that L2 from the rows' cosine as √(2 − 2s), which gives √2 there. The driver looks for
+such a row in the NaN check's read: `auto` runs the reference for that batch, an explicit
+fused backend refuses. The cosine losses are exact on a zero row (cosine 0 on both sides)
+and keep their engine."""
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning import distances as pd
+from pytorch_metric_learning import losses as pl
+
+import metrix_ops as mo
+
+L2_LOSSES = [
+    ("ContrastiveLoss", {}, None),
+    ("ContrastiveLoss", {"pos_margin": 0.1, "neg_margin": 1.2}, "sq"),
+    ("LiftedStructureLoss", {}, None),
+    ("GeneralizedLiftedStructureLoss", {"neg_margin": 0.7}, None),
+    ("TripletMarginLoss", {"margin": 0.3}, None),
+]
+
+
+def batch(zero_rows=(0, 6), b=11, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, dtype=torch.float64, generator=g)
+    x[list(zero_rows)] = 0
+    y = torch.randint(0, 3, (b,), generator=g)
+    return x, y
+
+
+def _dist(kind, lib):
+    return {} if kind is None else {"distance": lib.LpDistance(power=2)}
+
+
+def _value_and_grad(fn, *tensors):
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    v = fn(*leaves)
+    v.backward()
+    return v.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("name,kw,kind", L2_LOSSES)
+@pytest.mark.parametrize("zero_rows", [(0,), (0, 6), (3, 4, 5)])
+def test_auto_equals_pml_with_zero_rows(name, kw, kind, zero_rows):
+    x, y = batch(zero_rows)
+    ours = getattr(mo.losses, name)(**kw, **_dist(kind, mo.distances))
+    pml = getattr(pl, name)(**kw, **_dist(kind, pd))
+    v, (g,) = _value_and_grad(lambda e: ours(e, y), x)
+    pv, (pg,) = _value_and_grad(lambda e: pml(e, y), x)
+    torch.testing.assert_close(v, pv, rtol=1e-9, atol=1e-12)
+    # the rows that are not zero (a zero row's gradient is F.normalize's 1/eps there)
+    live = (x != 0).any(1)
+    torch.testing.assert_close(g[live], pg[live], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,kw,kind", L2_LOSSES[:4])
+def test_zero_row_in_ref_emb(name, kw, kind):
+    x, y = batch(())
+    r, ry = batch((2,), b=7, seed=1)
+    ours = getattr(mo.losses, name)(**kw, **_dist(kind, mo.distances))
+    pml = getattr(pl, name)(**kw, **_dist(kind, pd))
+    v, (gx, gr) = _value_and_grad(lambda e, f: ours(e, y, ref_emb=f, ref_labels=ry), x, r)
+    pv, (px, pr) = _value_and_grad(lambda e, f: pml(e, y, ref_emb=f, ref_labels=ry), x, r)
+    torch.testing.assert_close(v, pv, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gx, px, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,kw,kind", L2_LOSSES)
+def test_explicit_fused_backend_refuses(name, kw, kind):
+    x, y = batch((4,))
+    loss = getattr(mo.losses, name)(backend="cpu", **kw, **_dist(kind, mo.distances))
+    with pytest.raises(NotImplementedError, match="all zeros.*unit rows"):
+        loss(x, y)
+    x[4] = 1e-30  # under normalize's eps: normalised to a short row, refused too
+    with pytest.raises(NotImplementedError, match="all zeros.*unit rows"):
+        loss(x, y)
+    x[4] = 1e-11  # over it: normalised to a unit row, the op's form is exact
+    ref = getattr(mo.losses, name)(backend="reference", **kw, **_dist(kind, mo.distances))
+    torch.testing.assert_close(loss(x, y), ref(x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_metrix_and_expansion_follow_the_reference():
+    x, y = batch((0, 6))
+    for make in (lambda b: mo.losses.ContrastiveLoss(metrix=mo.Metrix(lam=0.3), backend=b),
+                 lambda b: mo.losses.GeneralizedLiftedStructureLoss(metrix=mo.Metrix(lam=0.6),
+                                                                    backend=b),
+                 lambda b: mo.losses.HPHNTripletLoss(expansion=mo.Expansion(n_points=2),
+                                                     backend=b),
+                 lambda b: mo.losses.HPHNTripletLoss(backend=b)):
+        v, (g,) = _value_and_grad(lambda e: make("auto")(e, y), x)
+        rv, (rg,) = _value_and_grad(lambda e: make("reference")(e, y), x)
+        torch.testing.assert_close(v, rv, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g, rg, rtol=1e-7, atol=1e-9)
+
+
+def test_cosine_losses_keep_their_engine_on_zero_rows(monkeypatch):
+    """MS on the cosine: a zero row is exact in the op (s = 0, as PML's cosine of a zero
+    row), so the CPU engine keeps the call and matches PML."""
+    x, y = batch((0, 6))
+    ours = mo.losses.MultiSimilarityLoss(backend="cpu")
+    v, (g,) = _value_and_grad(lambda e: ours(e, y), x)
+    pv, (pg,) = _value_and_grad(lambda e: pl.MultiSimilarityLoss()(e, y), x)
+    torch.testing.assert_close(v, pv, rtol=1e-9, atol=1e-12)
+    live = (x != 0).any(1)
+    torch.testing.assert_close(g[live], pg[live], rtol=1e-7, atol=1e-9)
+
+
+def test_half_inputs_with_a_zero_row():
+    x, y = batch((1,))
+    loss = mo.losses.ContrastiveLoss()
+    ref = pl.ContrastiveLoss()
+    torch.testing.assert_close(loss(x.half(), y), ref(x.half().double(), y).float(),
+                               rtol=1e-5, atol=1e-6)
