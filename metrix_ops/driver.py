@@ -161,9 +161,12 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     # the fused ops' L2 is √(2 − 2s), true of unit rows only: a zero row (PML's normalize
     # leaves it zero, at distance 1 from every unit row), or one under normalize's eps, is
     # looked for in the NaN check's read
+    proxies = params.get("proxies")
     zero_row = check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                  labels_required=spec.labels_required or metrix is not None
-                                 or expansion is not None, zero_rows=unit_l2_form(distance))
+                                 or expansion is not None, zero_rows=unit_l2_form(distance),
+                                 num_classes=(len(proxies) if torch.is_tensor(proxies)
+                                              and proxies.ndim == 2 else None))
 
     same_set = ref_emb is None or ref_labels is labels
     # labels of any integer dtype are int64 from here on (the ops take int64), keeping PML's
@@ -202,12 +205,21 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
                                         "reduction_type": "already_reduced"}
                                     for k in spec.sub_losses}, embeddings, labels, name)
         return zero
+    # each engine's op for the call, looked up once: a supports() may read the labels (a host
+    # sync on a GPU: Triton EE's class sizes)
+    impls = {}
+
+    def impl_of(b):
+        if b not in impls:
+            impls[b] = fused.impl_for(b, name, params, inp, expansion)
+        return impls[b]
+
     if backend == "auto" and chosen != "reference":
         # the preferred engine may not cover this call's options (a miner, ref_emb, Lp ...)
         # where the next one does: take the first that does
         def covers(b):
             return (fused.miner_supported(b, name, params, inp, miner) if miner is not None
-                    else fused.supported(b, name, params, inp, expansion))
+                    else impl_of(b) is not None)
 
         mixing = lam_value is not None and metrix.weight > 0 and miner is None
         variant = ("miner" if miner is not None else "metrix" if mixing
@@ -238,8 +250,9 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
                 mined_loss = fused.MINER_IMPLS[(chosen, name)][1](params, inp, red, miner)
         else:  # the miner's index tuple, then the loss on those pairs (PML's two calls)
             inp = dataclasses.replace(inp, indices_tuple=miner(embeddings, labels, *miner_refs))
-    if (mined_loss is None and chosen != "reference"
-            and not fused.supported(chosen, name, params, inp, expansion)):
+            impls.clear()  # looked up for the call without the tuple
+    impl = impl_of(chosen) if mined_loss is None and chosen != "reference" else None
+    if mined_loss is None and chosen != "reference" and impl is None:
         if backend != "auto":
             raise NotImplementedError(
                 f"backend={backend!r} does not cover this {name} call (its fused op supports "
@@ -255,7 +268,6 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
         with no_autocast(embeddings):
             return fused.METRIX_IMPLS[(chosen, name)][1](params, inp, red, metrix, lam_value)
     elif chosen != "reference":
-        impl = fused.impl_for(chosen, name, params, inp, expansion)
         # only the ops that cover expansion= (their supports() says so) take it
         with no_autocast(embeddings):
             loss = impl(params, inp, red) if expansion is None else impl(params, inp, red,

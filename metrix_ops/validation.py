@@ -10,12 +10,61 @@ import torch
 NORMALIZE_EPS = 1e-12  # F.normalize's, below which a row does not normalise to unit length
 
 
+class DataChecks:
+    """Checks of tensor data gathered and read in one host sync: on a GPU each read waits for
+    the queue to drain, so a call's NaN checks, label and index ranges and zero-row flags are
+    read together, before any launch. Under torch.compile nothing is read: the checks run
+    as async asserts and the flags are False (the graph cannot branch on them)."""
+
+    def __init__(self):
+        self._items = []  # (kind, name, 1-d int64 tensor, bound)
+
+    def finite(self, x, name):
+        self._items.append(("finite", name, all_finite(x), None))
+
+    def short_rows(self, x, name):
+        """Whether some row has an L2 norm under F.normalize's eps (1e-12: a row that
+        normalising leaves shorter than 1, zero included)."""
+        wide = torch.promote_types(x.dtype, torch.float32)  # 1e-12 is 0 in half precision
+        self._items.append(("short", name, (torch.linalg.vector_norm(
+            x, dim=1, dtype=wide) < NORMALIZE_EPS).any(), None))
+
+    def within(self, t, bound: int, message: str):
+        """Every value of t in [0, bound); `message` the error's text."""
+        if t.numel():
+            self._items.append(("range", message, torch.stack(torch.aminmax(t)), bound))
+
+    def read(self) -> bool:
+        """Raises the first failed check's error; returns whether a short row was found."""
+        if not self._items:
+            return False
+        if torch.compiler.is_compiling():
+            # a Python bool of tensor data would end a fullgraph=True graph: check at run time
+            for kind, name, t, bound in self._items:
+                if kind == "finite":
+                    torch._assert_async(t, f"{name} contains NaN or Inf")
+                elif kind == "range":
+                    torch._assert_async((t[0] >= 0) & (t[1] < bound), name)
+            return False
+        values = torch.cat([t.reshape(-1).long() for _, _, t, _ in self._items]).tolist()
+        short, at = False, 0
+        for kind, name, t, bound in self._items:
+            if kind == "finite" and not values[at]:
+                raise ValueError(f"{name} contains NaN or Inf")
+            if kind == "range":
+                lo, hi = values[at], values[at + 1]
+                if lo < 0 or hi >= bound:
+                    raise ValueError(f"{name}, got values in [{lo}, {hi}]")
+            short = short or (kind == "short" and bool(values[at]))
+            at += t.numel()
+        return short
+
+
 def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False,
-                     zero_rows: bool = False) -> bool:
-    """Shape, dtype and NaN/Inf checks. With zero_rows, also whether some row has an L2 norm
-    under F.normalize's eps (1e-12: a row that normalising leaves shorter than 1, zero
-    included), read in the same host sync as the NaN check (False under torch.compile, which
-    cannot read it; False when not asked)."""
+                     checks: DataChecks | None = None, zero_rows: bool = False) -> bool:
+    """Shape, dtype and NaN/Inf checks; with zero_rows, whether some row is (nearly) zero
+    (DataChecks.short_rows). The data checks join `checks` when given (read by its owner),
+    else are read here."""
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 2:
@@ -26,23 +75,13 @@ def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False,
         raise ValueError(f"{name} is empty (batch_size 0): a loss needs at least one embedding")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has embedding_dim 0, got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        return False
-    finite = all_finite(x)
-    if torch.compiler.is_compiling():
-        # a Python bool of tensor data would end a fullgraph=True graph: check at run time
-        torch._assert_async(finite, f"{name} contains NaN or Inf")
-        return False
-    if zero_rows:
-        # in fp32 at least: 1e-12 is 0 in half precision
-        wide = torch.promote_types(x.dtype, torch.float32)
-        short = (torch.linalg.vector_norm(x, dim=1, dtype=wide) < NORMALIZE_EPS).any()
-        finite, zero = torch.stack((finite, short)).tolist()  # one sync
-    else:
-        finite, zero = bool(finite), False
-    if not finite:
-        raise ValueError(f"{name} contains NaN or Inf")
-    return bool(zero)
+    own = checks is None
+    checks = DataChecks() if own else checks
+    if x.numel():
+        checks.finite(x, name)
+        if zero_rows:
+            checks.short_rows(x, name)
+    return checks.read() if own else False
 
 
 def all_finite(x: torch.Tensor) -> torch.Tensor:
@@ -117,21 +156,19 @@ def pml_indices(indices_tuple, like):
                                for t in indices_tuple)
 
 
-def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device) -> None:
+def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device,
+                        checks: DataChecks | None = None) -> None:
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise ValueError("indices_tuple must be a tuple of 3 (anchors, positives, negatives) "
                          "or 4 (anchors1, positives, anchors2, negatives) 1-D index tensors")
     sizes = (n, m, m) if len(indices_tuple) == 3 else (n, m, n, m)
+    own = DataChecks()  # read here when no caller's checks are given
     for k, (t, size) in enumerate(zip(indices_tuple, sizes)):
         if not torch.is_tensor(t) or t.ndim != 1 or t.is_floating_point() or t.dtype == torch.bool:
             raise TypeError(f"indices_tuple[{k}] must be a 1-D integer tensor")
         if t.device != device:
             raise ValueError(f"indices_tuple[{k}] is on {t.device} but the embeddings are on {device}")
-        if torch.compiler.is_compiling():  # no Python bool of tensor data in a graph
-            torch._assert_async(((t >= 0) & (t < size)).all(),
-                                f"indices_tuple[{k}] holds indices outside [0, {size})")
-        elif t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
-            raise ValueError(f"indices_tuple[{k}] holds indices outside [0, {size})")
+        (checks or own).within(t, size, f"indices_tuple[{k}] holds indices outside [0, {size})")
     if len(indices_tuple) == 3:
         groups = [(0, 1, 2)]
     else:
@@ -139,26 +176,34 @@ def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device) -> 
     for g in groups:
         if len({indices_tuple[k].numel() for k in g}) != 1:
             raise ValueError(f"indices_tuple entries {g} must have equal lengths")
+    if checks is None:
+        own.read()
 
 
 def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                      labels_required: bool = True, zero_rows: bool = False) -> bool:
-    """Checks the PML call signature `(embeddings, labels, indices_tuple, ref_emb, ref_labels)`.
-    With zero_rows, returns whether a row of embeddings or ref_emb is all zeros (in the NaN
-    checks' reads: check_embeddings)."""
+                      labels_required: bool = True, zero_rows: bool = False,
+                      num_classes: int | None = None) -> bool:
+    """Checks the PML call signature `(embeddings, labels, indices_tuple, ref_emb, ref_labels)`;
+    with num_classes, that the labels are in [0, num_classes) (the proxy losses). Every check
+    of tensor data is read in one host sync (DataChecks). With zero_rows, returns whether a
+    row of embeddings or ref_emb is (nearly) zero."""
+    checks = DataChecks()
     # an empty batch or reference set is PML's zero loss (driver.empty_loss), not an error
-    zero = check_embeddings(embeddings, "embeddings", allow_empty=True, zero_rows=zero_rows)
+    check_embeddings(embeddings, "embeddings", allow_empty=True, checks=checks,
+                     zero_rows=zero_rows)
     n, dev = embeddings.shape[0], embeddings.device
     if labels is None:
         if labels_required and indices_tuple is None:
             raise ValueError("labels is required (or pass indices_tuple)")
     else:
         check_labels(labels, n, dev, "labels")
+        if num_classes is not None:
+            checks.within(labels, num_classes, f"labels must be in [0, num_classes={num_classes})")
     m = n
     if ref_emb is not None:
         if ref_emb is not embeddings:  # (the batch as its own references: checked once)
-            zero = check_embeddings(ref_emb, "ref_emb", allow_empty=True,
-                                    zero_rows=zero_rows) or zero
+            check_embeddings(ref_emb, "ref_emb", allow_empty=True, checks=checks,
+                             zero_rows=zero_rows)
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(f"ref_emb has embedding_dim {ref_emb.shape[1]} but embeddings has "
                              f"{embeddings.shape[1]}")
@@ -173,5 +218,5 @@ def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
     elif ref_labels is not None:
         raise ValueError("ref_labels was given without ref_emb")
     if indices_tuple is not None:
-        check_indices_tuple(indices_tuple, n, m, dev)
-    return zero
+        check_indices_tuple(indices_tuple, n, m, dev, checks)
+    return checks.read()

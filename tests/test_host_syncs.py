@@ -30,12 +30,23 @@ def _clean(backend):
         "hphn": (lambda: L.HPHNTripletLoss(backend=backend), 1),
         # the pairs' count sizes the op (one nonzero)
         "npairs": (lambda: L.NPairsLoss(backend=backend), 2),
-        # the labels' range against the proxies (one read of min and max)
-        "proxy_anchor": (lambda: L.ProxyAnchorLoss(5, 9, backend=backend), 2),
-        "proxy_nca": (lambda: L.ProxyNCALoss(5, 9, backend=backend), 2),
+        # the labels' range against the proxies is read with the NaN check
+        "proxy_anchor": (lambda: L.ProxyAnchorLoss(5, 9, backend=backend), 1),
+        "proxy_nca": (lambda: L.ProxyNCALoss(5, 9, backend=backend), 1),
         "ms_metrix": (lambda: L.MultiSimilarityLoss(metrix=mo.Metrix(), backend=backend), 1),
         "proxy_anchor_metrix": (lambda: L.ProxyAnchorLoss(5, 9, metrix=mo.Metrix(),
-                                                          backend=backend), 2),
+                                                          backend=backend), 1),
+        # Embedding Expansion's segments are every positive pair: their count sizes them
+        "ms_ee": (lambda: L.MultiSimilarityLoss(expansion=mo.Expansion(n_points=3),
+                                                backend=backend), 2),
+        "hphn_ee": (lambda: L.HPHNTripletLoss(expansion=mo.Expansion(n_points=2),
+                                              backend=backend), 2),
+        "lifted_ee": (lambda: L.LiftedStructureLoss(expansion=mo.Expansion(n_points=2),
+                                                    backend=backend), 2),
+        "generalized_lifted_ee": (lambda: L.GeneralizedLiftedStructureLoss(
+            expansion=mo.Expansion(n_points=2), backend=backend), 2),
+        "triplet_ee": (lambda: L.TripletMarginLoss(expansion=mo.Expansion(n_points=2),
+                                                   backend=backend), 2),
         "ms_miner": (lambda: L.MultiSimilarityLoss(miner=mo.miners.MultiSimilarityMiner(),
                                                    backend=backend), 1),
         "triplet_semihard": (lambda: L.TripletMarginLoss(
@@ -94,3 +105,27 @@ def test_counter_sees_a_read():
     with SyncCounter() as c:
         mo.losses.MultiSimilarityLoss(backend="cpu")(x, torch.tensor([0, 0, 1, 1]))
     assert c.total == 1 and NAN_CHECK in " ".join(c.sites)
+
+
+def test_one_read_for_every_data_check():
+    """The NaN checks of embeddings and ref_emb, the zero-row flag, the labels' range against
+    the proxies and an indices_tuple's ranges: one host read in all, and each still raises
+    its own error."""
+    x, y = _batch()
+    r, ry = _batch(b=7, seed=1)
+    it = mo.miners.MultiSimilarityMiner()(x, y, r, ry)
+    with SyncCounter() as c:
+        L.ContrastiveLoss(backend="cpu")(x, y, it, ref_emb=r, ref_labels=ry)
+    assert c.total == 1, dict(c.sites)
+    bad = (it[0], it[1].clone(), it[2], it[3])
+    bad[1][0] = 7
+    with pytest.raises(ValueError, match=r"indices_tuple\[1\] holds indices outside \[0, 7\), "
+                                          r"got values in \[\d+, 7\]"):
+        L.ContrastiveLoss(backend="cpu")(x, y, bad, ref_emb=r, ref_labels=ry)
+    r2 = r.clone()
+    r2[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="ref_emb contains NaN"):
+        L.ContrastiveLoss(backend="cpu")(x, y, it, ref_emb=r2, ref_labels=ry)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes=3\), got values "
+                                         r"in \[0, 3\]"):
+        L.ProxyNCALoss(3, 9, backend="cpu")(x, y)

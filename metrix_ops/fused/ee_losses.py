@@ -86,16 +86,15 @@ def _pair_metric(inp, a, p):
     return safe_sqrt(((xu.index_select(0, a) - xu.index_select(0, p)) ** 2).sum(1))
 
 
-def _positive_pairs(labels):
-    """Every ordered positive pair (a, p), a ≠ p, sorted as torch.where(pos) gives them."""
-    i, j = all_segments(labels)
+def _positive_pairs(labels, expansion=None, segs=None):
+    """Every ordered positive pair (a, p), a ≠ p, sorted as torch.where(pos) gives them;
+    from the call's segments when they are every positive pair (pairs="all", n > 0), as
+    building them again costs host syncs (their count sizes them)."""
+    every = expansion is not None and expansion.pairs == "all" and expansion.n_points > 0
+    i, j = segs if every else all_segments(labels)
     a, p = torch.cat([i, j]), torch.cat([j, i])
     keep = torch.argsort(a * len(labels) + p)
     return a[keep], p[keep]
-
-
-def _class_counts(labels):
-    return torch.unique(labels, return_counts=True)[1]
 
 
 def _reduce(losses, indices, kind, reducer, x):
@@ -113,14 +112,12 @@ def multi_similarity(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     alpha, beta, base = params.get("alpha", 2.0), params.get("beta", 50.0), params.get("base", 0.5)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
-    counts = _class_counts(labels)
-    if not torch.compiler.is_compiling() and len(counts) < 2:
-        # one class (no negative) and, eagerly, no positive either: PML's 0 (the reference's
-        # empty loss dict); a single class of two or more still has its positive terms
-        if not bool((counts > 1).any()):
-            return zero_loss(x)
     b = len(labels)
-    a, p = _positive_pairs(labels)
+    if b < 2:
+        # no negative and no positive: PML's 0 (the reference's empty loss dict); a single
+        # class of two or more still has its positive terms
+        return zero_loss(x)
+    a, p = _positive_pairs(labels, expansion, segs)
     pos = _log1p_sum_exp(alpha * d.margin(_pair_metric(inp, a, p), base), a, b) / alpha
     # β·margin(base, m̂): β(ŝ − base) for a similarity, β(base − d̂) for a distance
     sign = 1.0 if d.is_inverted else -1.0
@@ -133,21 +130,18 @@ def lifted_structure(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
-    a, p = _positive_pairs(labels)
-    # PML: no loss without a positive or a negative pair (the reference's empty dict); eagerly
-    # a branch that skips the op, under torch.compile a select (as fused/lifted_structure.py)
+    a, p = _positive_pairs(labels, expansion, segs)
+    # PML: no loss without a positive or a negative pair (the reference's empty dict); a
+    # select, not a branch on the counts (a host sync on a GPU; as fused/lifted_structure.py)
     n_pos, n_neg = pair_count_tensors(labels, labels, True)
     none = (n_pos == 0) | (n_neg == 0)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and bool(none):
-        return zero_loss(x)
     # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance
     sign = 1.0 if d.is_inverted else -1.0
     lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin, lse_fn=lse_fn)
     both = torch.logaddexp(lse[a], lse[p])  # the negatives of both ends of the pair
     losses = F.relu(both + d.margin(_pair_metric(inp, a, p), pos_margin)) ** 2 / 2
     loss = _reduce(losses, (a, p), "pos_pair", reducer, x)
-    return torch.where(none, zero_loss(x), loss) if compiling else loss
+    return torch.where(none, zero_loss(x), loss)
 
 
 def _masked_lse(v, idx, b):
@@ -163,11 +157,10 @@ def generalized_lifted(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
-    counts = _class_counts(labels)
-    if not torch.compiler.is_compiling() and len(counts) < 2 and not bool((counts > 1).any()):
-        return zero_loss(x)  # PML: no positive and no negative pair (the reference's dict)
     b = len(labels)
-    a, p = _positive_pairs(labels)
+    if b < 2:
+        return zero_loss(x)  # PML: no positive and no negative pair (the reference's dict)
+    a, p = _positive_pairs(labels, expansion, segs)
     pos = _masked_lse(d.margin(_pair_metric(inp, a, p), pos_margin), a, b)
     # margin(neg_margin, m̂): ŝ − m for a similarity, m − d̂ for a distance; an anchor with
     # no negative point gets −inf from the op, and its side adds 0 (PML's masked form)
@@ -232,7 +225,7 @@ def triplet_margin(params, inp, reducer, expansion=None, trip_fn=None):
     if kind is None:  # the reducer needs the per-triplet terms: the reference has them
         return reduce_loss_dict(expansion_loss_dict("TripletMarginLoss", params, inp, expansion),
                                 reducer, x)
-    a, p = _positive_pairs(labels)  # anchor-major, as the op reads `pos`
+    a, p = _positive_pairs(labels, expansion, (seg_i, seg_j))  # anchor-major, as the op reads
     sums, nonzero, triplets = (trip_fn or _triplet_cpu)(
         normalized(d, x), labels, seg_i, seg_j, _pair_metric(inp, a, p),
         expansion.n_points, not d.is_inverted, params.get("margin", 0.05),

@@ -20,14 +20,16 @@ def all_segments(labels: torch.Tensor):
     torch.where(same.triu(1)), but in O(#pairs) memory instead of a B×B mask."""
     b = len(labels)
     order = torch.argsort(labels, stable=True)  # each class in index order
-    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
-    # output_size: the sizes torch.compile cannot infer from data (b, then the pair count),
-    # so that the elementwise ops below see one size and need no guard on it
-    end = torch.cumsum(counts, 0).repeat_interleave(counts, output_size=b)  # one past the class
+    ys = labels[order]
+    # one past each row's class run, by binary search: no host sync (torch.unique's output
+    # size is the number of classes, read from the device)
+    end = torch.searchsorted(ys, ys, right=True)
     slot = torch.arange(b, device=labels.device)
     partners = end - 1 - slot  # the later members of the same class
     first = slot.repeat_interleave(partners)
     k = torch.arange(len(first), device=labels.device)
+    # output_size: the pair count, which torch.compile cannot infer from data, so that the
+    # elementwise ops see one size and need no guard on it
     second = first + 1 + k - (torch.cumsum(partners, 0) - partners).repeat_interleave(
         partners, output_size=len(first))
     i, j = order[first], order[second]
