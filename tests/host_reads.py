@@ -7,9 +7,13 @@ benchmarks/host_syncs.py.
 Counted: `_local_scalar_dense` (item, bool, int, float of a tensor), `nonzero` (torch.where
 with one argument, boolean indexing), `unique`, `masked_select`, `repeat_interleave` without
 `output_size`, `bincount` (CUDA's reads the labels' min and max), `equal`, `is_nonzero`,
-boolean-mask `index`/`index_put`, and the methods `tolist`, `cpu`, `numpy`. A read is charged
-to the innermost frame of the library's own code; reads made by the Triton interpreter itself
-(it copies every kernel argument to NumPy) and by the caller are not counted."""
+boolean-mask `index`/`index_put`, and the methods `tolist`, `cpu`, `numpy`, `item`,
+`__bool__`, `__int__`, `__float__`, `__index__`. A read is charged to the innermost frame of
+the library's own code; reads made by the Triton interpreter itself (it copies every kernel
+argument to NumPy) and by the caller are not counted. The aten ops are seen by a dispatch mode,
+which does not look inside a custom op's implementation (a launcher registered with
+torch.library); the methods, and `nonzero` and `unique` as functions and methods, are
+patched, so they are seen there too."""
 from __future__ import annotations
 
 import collections
@@ -28,7 +32,9 @@ HOST_SIDE = {"draw_lam"}
 # aten ops that read tensor data on the host (or size their output from it)
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive",
             "masked_select", "bincount", "equal", "is_nonzero"}
-SYNC_METHODS = ("tolist", "cpu", "numpy")
+SYNC_METHODS = ("tolist", "cpu", "numpy", "item", "__bool__", "__int__", "__float__",
+                "__index__", "nonzero", "unique")
+SYNC_FUNCTIONS = ("nonzero", "unique")  # torch.<name>, as called inside custom ops
 
 
 def _site():
@@ -60,6 +66,7 @@ class SyncCounter(TorchDispatchMode):
         super().__init__()
         self.sites = collections.Counter()
         self._saved = {}
+        self._in_method = 0  # inside a patched method: its own _local_scalar_dense is not new
 
     def _hit(self, what):
         site = _site()
@@ -68,26 +75,38 @@ class SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if (name in SYNC_OPS
+        if self._in_method:
+            pass
+        elif (name in SYNC_OPS
                 or (name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
                     and torch.is_tensor(args[0]) and func._overloadname != "self_int")
                 or (name in ("index", "index_put", "index_put_") and _bool_index(args))):
             self._hit(name)
         return func(*args, **(kwargs or {}))
 
+    def _patch(self, owner, name):
+        orig = self._saved[(owner, name)] = getattr(owner, name)
+
+        def patched(*a, **k):
+            self._hit(name)
+            self._in_method += 1  # what it dispatches is this one read
+            try:
+                return orig(*a, **k)
+            finally:
+                self._in_method -= 1
+        setattr(owner, name, patched)
+
     def __enter__(self):
         for m in SYNC_METHODS:
-            orig = self._saved[m] = getattr(torch.Tensor, m)
-
-            def patched(t, *a, _orig=orig, _m=m, **k):
-                self._hit(_m)
-                return _orig(t, *a, **k)
-            setattr(torch.Tensor, m, patched)
+            self._patch(torch.Tensor, m)
+        for f in SYNC_FUNCTIONS:
+            self._patch(torch, f)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for m, orig in self._saved.items():
-            setattr(torch.Tensor, m, orig)
+        for (owner, name), orig in self._saved.items():
+            setattr(owner, name, orig)
+        self._saved.clear()
         return super().__exit__(*exc)
 
     @property

@@ -58,11 +58,14 @@ def check_segment_labels(labels, seg_i, seg_j) -> None:
         return
     b = len(labels)
     ends = torch.cat([seg_i, seg_j])
-    if int(ends.min()) < 0 or int(ends.max()) >= b:
+    # the range and the labels in one host read (clamped indices: a bad end is caught by
+    # the range, not by an out-of-bounds gather)
+    differ = labels[seg_i.clamp(0, b - 1)] != labels[seg_j.clamp(0, b - 1)]
+    lo, hi, mixed = torch.stack([ends.min(), ends.max(), differ.any().long()]).tolist()
+    if lo < 0 or hi >= b:
         raise ValueError(f"seg_i and seg_j must be rows of the batch, in [0, {b})")
-    bad = torch.nonzero(labels[seg_i] != labels[seg_j])
-    if len(bad):
-        e = int(bad[0, 0])
+    if mixed:
+        e = int(torch.nonzero(differ)[0, 0])
         raise ValueError(f"Embedding Expansion's segment ({int(seg_i[e])}, {int(seg_j[e])}) joins "
                          "rows of different labels: segments are positive pairs (with "
                          "pairs='adjacent', rows 2t and 2t+1 of a class-contiguous batch)")
