@@ -113,3 +113,20 @@ def test_half_inputs_with_a_zero_row():
     ref = pl.ContrastiveLoss()
     torch.testing.assert_close(loss(x.half(), y), ref(x.half().double(), y).float(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_cross_batch_memory_with_a_zero_row_in_the_bank():
+    """A zero row enqueued by one step is in the bank at the next: the streaming path
+    (fused.run_with_memory) is skipped while the bank may hold it, so each step equals PML's
+    CrossBatchMemory."""
+    from pytorch_metric_learning.losses import CrossBatchMemory as PMLXBM
+    ours = mo.losses.CrossBatchMemory(mo.losses.ContrastiveLoss(), embedding_size=6,
+                                      memory_size=20)
+    pml = PMLXBM(pl.ContrastiveLoss(), embedding_size=6, memory_size=20)
+    for step, zero in enumerate([(2,), (), ()]):
+        x, y = batch(zero, b=7, seed=step)
+        v, (g,) = _value_and_grad(lambda e: ours(e, y), x)
+        pv, (pg,) = _value_and_grad(lambda e: pml(e, y), x)
+        torch.testing.assert_close(v, pv.to(v.dtype), rtol=1e-6, atol=1e-8)
+        live = (x != 0).any(1)
+        torch.testing.assert_close(g[live], pg[live].to(g.dtype), rtol=1e-5, atol=1e-7)

@@ -17,14 +17,14 @@ import torch
 
 from .. import backend as backend_mod
 from .. import fused
-from ..distances import as_distance
+from ..distances import as_distance, unit_l2_form
 from ..driver import check_addable, draw_lam, needs_reference, no_autocast, run_loss
 from ..regularizers import module_options, regularization
 from ..fused import metrix_refs
 from ..reference.metrix import metrix_loss
 from ..reference.pairs import all_pairs, to_pairs, to_triplets
 from ..spec import LossInputs, get_spec
-from ..validation import check_embeddings, check_labels, pml_labels
+from ..validation import DataChecks, check_embeddings, check_labels, pml_labels
 from .base import BaseMetricLoss
 
 __all__ = ["CrossBatchMemory"]
@@ -120,7 +120,16 @@ class CrossBatchMemory(torch.nn.Module):
         self.queue_idx = 0
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None, *, lam=None):
-        check_embeddings(embeddings, allow_empty=True)
+        # the fused ops' L2 of unit rows is wrong for a (nearly) zero row (driver.loss_terms):
+        # the batch's and the bank's rows are looked for in the NaN check's read (the bank
+        # before this batch's rows enter it holds every row the loss will see besides them)
+        checks = DataChecks()
+        l2 = unit_l2_form(as_distance(self.loss.distance,
+                                      get_spec(self.loss.loss_name).default_distance))
+        check_embeddings(embeddings, allow_empty=True, checks=checks, zero_rows=l2)
+        if l2 and len(self._bank()[0]):
+            checks.short_rows(self._bank()[0], "the memory bank")
+        short_rows = checks.read()
         labels = pml_labels(labels, embeddings)  # as PML's
         check_labels(labels, len(embeddings), embeddings.device)
         if embeddings.shape[1] != self.embedding_size:
@@ -149,7 +158,8 @@ class CrossBatchMemory(torch.nn.Module):
         exclude_start = start if enqueue_mask is None else None
 
         loss = None
-        if indices_tuple is None and self.miner is None and exclude_start is not None:
+        if (indices_tuple is None and self.miner is None and exclude_start is not None
+                and not short_rows):
             loss = fused.run_with_memory(self.loss, embeddings, labels, mem_emb, mem_labels,
                                          exclude_start)
         if loss is None:
