@@ -127,8 +127,9 @@ class CrossBatchMemory(torch.nn.Module):
         l2 = unit_l2_form(as_distance(self.loss.distance,
                                       get_spec(self.loss.loss_name).default_distance))
         check_embeddings(embeddings, allow_empty=True, checks=checks, zero_rows=l2)
-        if l2 and len(self._bank()[0]):
-            checks.short_rows(self._bank()[0], "the memory bank")
+        bank = self._bank()[0]
+        if l2 and len(bank):
+            checks.short_rows(bank, "the memory bank")
         short_rows = checks.read()
         labels = pml_labels(labels, embeddings)  # as PML's
         check_labels(labels, len(embeddings), embeddings.device)
