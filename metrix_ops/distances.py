@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .records import Records
 
-class BaseDistance(torch.nn.Module):
+
+class BaseDistance(Records, torch.nn.Module):
     """A module, as PML's distances are (so they sit in a loss's module tree and take hooks);
     holds no parameters."""
     is_inverted = False  # True for similarities: larger means closer
@@ -23,6 +25,7 @@ class BaseDistance(torch.nn.Module):
         self.power = power
         # PML's flag, taken for drop-in construction; its norm statistics are not recorded
         self.collect_stats = collect_stats
+        self.add_to_recordable_attributes(list_of_names=["p", "power"])
 
     def forward(self, query: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
         """The query × ref matrix (query × query without ref), as PML's distance call."""

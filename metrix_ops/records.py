@@ -1,18 +1,25 @@
 """PML's ModuleWithRecords API, which code written for PML calls on losses and miners (a
 custom subclass registering a statistic, a training loop resetting them): named attributes
-set to 0 when registered and, for statistics, by reset_stats."""
+set to 0 when registered and, for statistics, by reset_stats. The names are kept in PML's
+lists, `_record_these` and `_record_these_stats`, which record-keeping code (PML's logging
+hooks) reads."""
 from __future__ import annotations
 
 
 class Records:
     def add_to_recordable_attributes(self, name=None, list_of_names=None, is_stat=False):
+        # PML registers a statistic only when collect_stats is on (and its code still sets
+        # it); ours are registered either way, so that reset_stats zeroes them
         names = ([name] if name is not None else []) + list(list_of_names or [])
+        kept = "_record_these_stats" if is_stat else "_record_these"
+        if kept not in self.__dict__:
+            object.__setattr__(self, kept, [])
         for n in names:
+            if n not in self.__dict__[kept]:
+                self.__dict__[kept].append(n)
             if not hasattr(self, n):
                 setattr(self, n, 0)
-        if is_stat:
-            self._stat_names = getattr(self, "_stat_names", ()) + tuple(names)
 
     def reset_stats(self):
-        for n in getattr(self, "_stat_names", ()):
+        for n in self.__dict__.get("_record_these_stats", ()):
             setattr(self, n, 0)

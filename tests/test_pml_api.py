@@ -448,3 +448,105 @@ def test_our_reducers_are_modules_called_as_pml(make):
     torch.testing.assert_close(ours(loss_dict, x, y), pml(loss_dict, x, y))
     loss = mo.losses.MultiSimilarityLoss(reducer=ours)
     assert dict(loss.named_modules())["reducer"] is loss.reducer
+
+
+@pytest.mark.parametrize("b,classes", [(0, 3), (1, 3), (2, 1), (7, 7), (13, 4), (23, 9)])
+def test_npairs_num_pairs_as_pml(b, classes):
+    """PML's NPairsLoss statistic: the pairs its last call kept, one per label with a
+    positive pair (of the batch, or of an indices_tuple's anchors); 0 after reset_stats."""
+    x, y = _batch(b=b, classes=classes, seed=b)
+    ours = mo.losses.NPairsLoss(backend="reference" if b == 0 else "auto")
+    pml = pl.NPairsLoss()
+    assert ours.num_pairs == 0
+    tuples = [None]
+    if b:
+        tuples += [pm.TripletMarginMiner(1.0)(x, y), pm.PairMarginMiner(0.3, 0.9)(x, y)]
+    for tup in tuples:
+        torch.testing.assert_close(ours(x, y, tup), pml(x, y, tup))
+        assert ours.num_pairs == pml.num_pairs
+    ours(x, y), pml(x, y)
+    assert ours.num_pairs == pml.num_pairs == ours.num_pairs  # read twice: the count is kept
+    assert ours.num_pairs > 0 or b < 2 or b == classes  # these batches have pairs to count
+    ours.reset_stats()
+    assert ours.num_pairs == 0
+
+
+RECORDED = [(n, a) for n, a in LOSS_ARGS] + [("SupConLoss", ()), ("LiftedStructureLoss", ()),
+                                             ("NPairsLoss", ())]
+
+
+@pytest.mark.parametrize("name,args", RECORDED)
+@pytest.mark.parametrize("regularized", [False, True])
+def test_recorded_attributes_as_pml(name, args, regularized):
+    """PML's lists of recordable attributes (`_record_these`, read by its logging hooks):
+    the same names, holding the same values (PML's ProxyNCA lists num_classes but leaves it
+    0: ours holds the number)."""
+    from pytorch_metric_learning import losses as pl
+    from pytorch_metric_learning import regularizers as pr
+    kw_ours, kw_pml = {}, {}
+    if regularized:
+        kw_ours["embedding_regularizer"] = mo.regularizers.LpRegularizer()
+        kw_pml["embedding_regularizer"] = pr.LpRegularizer()
+        if args:
+            kw_ours["weight_regularizer"] = mo.regularizers.LpRegularizer()
+            kw_pml["weight_regularizer"] = pr.LpRegularizer()
+    ours = getattr(mo.losses, name)(*args, **kw_ours)
+    pml = getattr(pl, name)(*args, **kw_pml)
+    names = getattr(pml, "_record_these", [])
+    assert sorted(getattr(ours, "_record_these", [])) == sorted(names)
+    for n in names:
+        if not (name == "ProxyNCALoss" and n == "num_classes"):
+            assert getattr(ours, n) == getattr(pml, n), n
+    assert ours.distance._record_these == pml.distance._record_these
+    if name == "CircleLoss":  # derived from m, as PML's
+        assert (ours.op, ours.on, ours.delta_p, ours.delta_n) == (1.4, -0.4, 0.6, 0.4)
+
+
+STAT_MINERS = {
+    "triplet_margin": (lambda m, d: m.TripletMarginMiner(0.3, collect_stats=True, distance=d),
+                       ("pos_pair_dist", "neg_pair_dist", "avg_triplet_margin")),
+    "batch_hard": (lambda m, d: m.BatchHardMiner(collect_stats=True, distance=d),
+                   ("easiest_triplet", "hardest_triplet", "easiest_pos_pair",
+                    "hardest_pos_pair", "easiest_neg_pair", "hardest_neg_pair")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STAT_MINERS))
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("b,classes", [(1, 2), (2, 1), (9, 9), (17, 3), (30, 5)])
+def test_miner_collect_stats_as_pml(kind, cosine, b, classes):
+    """PML's per-call statistics of a miner built with collect_stats=True: the streamed row
+    blocks (a few rows at a time) give the values of PML's whole matrix, also against
+    ref_emb, and on a batch with no triplet (one class, B = 1) what PML leaves (NaN means,
+    or 0); the registered names in PML's list. Also as the loss option miner=, which then
+    runs PML's two calls."""
+    from pytorch_metric_learning import distances as pdist
+    make, names = STAT_MINERS[kind]
+    x, y = _batch(b=b, classes=classes, seed=b + 7 * cosine)
+    r, yr = _batch(b=b + 3, classes=classes, seed=b + 1)
+    ours = make(mo.miners, mo.distances.CosineSimilarity() if cosine else None)
+    pml = make(pm, pdist.CosineSimilarity() if cosine else pdist.LpDistance())
+    ours.block_entries = 4 * (b + 3)  # blocks of about four rows
+    assert ours._record_these_stats == pml._record_these_stats
+    for args in ((x, y), (x, y, r, yr)):
+        got, want = ours(*args), pml(*args)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        for n in names:
+            a, e = getattr(ours, n), getattr(pml, n)
+            assert (a != a and e != e) or a == pytest.approx(e, rel=1e-12, abs=1e-12), n
+    loss = mo.losses.TripletMarginLoss(miner=ours)
+    torch.testing.assert_close(loss(x, y), pl.TripletMarginLoss()(x, y, pml(x, y)))
+    for n in names:
+        a, e = getattr(ours, n), getattr(pml, n)
+        assert (a != a and e != e) or a == pytest.approx(e, rel=1e-12, abs=1e-12), n
+
+
+def test_cross_batch_memory_records_as_pml():
+    from pytorch_metric_learning import losses as pl
+    ours = mo.losses.CrossBatchMemory(mo.losses.ContrastiveLoss(), 6, memory_size=10)
+    pml = pl.CrossBatchMemory(pl.ContrastiveLoss(), 6, memory_size=10)
+    x, y = _batch(b=7, d=6)
+    ours(x, y), pml(x, y)
+    assert ours._record_these == pml._record_these
+    assert [getattr(ours, n) for n in ours._record_these] == [
+        getattr(pml, n) for n in pml._record_these]

@@ -20,14 +20,17 @@ class BaseMetricLoss(Records, torch.nn.Module):
 
     loss_name: str = ""
     defaults: dict = {}
+    # the attributes PML's loss lists in `_record_these` (its hyper-parameters, in PML's
+    # order), when not every one of `defaults`
+    recorded: Optional[tuple] = None
 
     def __init__(self, *args, distance=None, reducer=None, backend: str = "auto",
                  metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
                  miner=None, embedding_regularizer=None, embedding_reg_weight=1,
                  collect_stats: bool = False, **hyper):
         super().__init__()
-        # PML's flag, taken for drop-in construction; PML's per-call statistics (e.g.
-        # num_pos_pairs on a loss) are not recorded
+        # PML's flag, taken for drop-in construction (of our losses, PML records a statistic
+        # for NPairs only, num_pairs, kept whatever the flag)
         self.collect_stats = collect_stats
         check_regularizer("embedding_regularizer", embedding_regularizer, embedding_reg_weight)
         names = list(self.defaults)
@@ -43,6 +46,8 @@ class BaseMetricLoss(Records, torch.nn.Module):
         params.update(hyper)
         for k, v in params.items():
             setattr(self, k, v)
+        self.add_to_recordable_attributes(
+            list_of_names=list(self.defaults if self.recorded is None else self.recorded))
         # PML's loss.distance and loss.reducer: the defaults as objects when not given
         self.distance = distance if distance is not None else self.get_default_distance()
         self.set_reducer(reducer)
@@ -55,6 +60,8 @@ class BaseMetricLoss(Records, torch.nn.Module):
         # PML's EmbeddingRegularizerMixin: weight · regularizer(embeddings) added to the loss
         self.embedding_regularizer = embedding_regularizer
         self.embedding_reg_weight = embedding_reg_weight
+        if embedding_regularizer is not None:
+            self.add_to_recordable_attributes(name="embedding_reg_weight")
 
     def get_default_distance(self):
         return get_spec(self.loss_name).default_distance()

@@ -20,6 +20,7 @@ from .. import fused
 from ..distances import as_distance, unit_l2_form
 from ..driver import check_addable, draw_lam, needs_reference, no_autocast, run_loss
 from ..regularizers import module_options, regularization
+from ..records import Records
 from ..fused import metrix_refs
 from ..reference.metrix import metrix_loss
 from ..reference.pairs import all_pairs, to_pairs, to_triplets
@@ -78,7 +79,7 @@ def mixed_against_refs(loss, emb, labels, refs, ref_labels, own: bool, lam: floa
         return metrix_refs.mixed_term(*args, engine=engine)
 
 
-class CrossBatchMemory(torch.nn.Module):
+class CrossBatchMemory(Records, torch.nn.Module):
     def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None):
         super().__init__()
         name = getattr(loss, "loss_name", type(loss).__name__)
@@ -100,6 +101,8 @@ class CrossBatchMemory(torch.nn.Module):
         self.embedding_size = embedding_size
         self.memory_size = memory_size
         self.reset_queue()
+        self.add_to_recordable_attributes(
+            list_of_names=["embedding_size", "memory_size", "queue_idx"])
 
     @staticmethod
     def supported_losses():

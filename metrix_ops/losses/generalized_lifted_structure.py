@@ -7,3 +7,4 @@ class GeneralizedLiftedStructureLoss(BaseMetricLoss):
 
     loss_name = "GeneralizedLiftedStructureLoss"
     defaults = {"neg_margin": 1.0, "pos_margin": 0.0}
+    recorded = ("pos_margin", "neg_margin")

@@ -8,3 +8,4 @@ class LiftedStructureLoss(BaseMetricLoss):
 
     loss_name = "LiftedStructureLoss"
     defaults = {"neg_margin": 1.0, "pos_margin": 0.0}
+    recorded = ("pos_margin", "neg_margin")

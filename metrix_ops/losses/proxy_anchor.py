@@ -15,4 +15,5 @@ class ProxyAnchorLoss(ProxyLossBase):
 
     loss_name = "ProxyAnchorLoss"
     defaults = {"margin": 0.1, "alpha": 32.0}
+    recorded = ("num_classes", "alpha", "margin")
     init = staticmethod(_kaiming_fan_out)

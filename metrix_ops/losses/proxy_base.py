@@ -29,6 +29,8 @@ class ProxyLossBase(BaseMetricLoss):
         # PML's WeightRegularizerMixin: weight · regularizer(proxies) added to the loss
         self.weight_regularizer = weight_regularizer
         self.weight_reg_weight = weight_reg_weight
+        if weight_regularizer is not None:
+            self.add_to_recordable_attributes(name="weight_reg_weight")
 
     def cast_types(self, dtype, device):
         """PML's: the proxies moved and cast in place (the same Parameter)."""

@@ -12,6 +12,7 @@ class ProxyNCALoss(ProxyLossBase):
 
     loss_name = "ProxyNCALoss"
     defaults = {"softmax_scale": 1.0, "temperature": None, "normalize_proxies": None}
+    recorded = ("softmax_scale", "num_classes")
 
     @property
     def proxy_labels(self):

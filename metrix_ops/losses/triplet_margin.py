@@ -11,6 +11,7 @@ class TripletMarginLoss(BaseMetricLoss):
 
     loss_name = "TripletMarginLoss"
     defaults = {"margin": 0.05, "swap": False, "smooth_loss": False, "triplets_per_anchor": "all"}
+    recorded = ("margin",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -29,10 +29,13 @@ class BaseMiner(Records, torch.nn.Module):
     def __init__(self, distance=None, collect_stats: bool = False):
         super().__init__()
         self.distance = as_distance(distance, self.default_distance)
-        # PML's flag, taken for drop-in calls: the counts below are kept either way (as PML
-        # keeps them); PML's other per-call statistics are not recorded
+        # PML's flag: the counts below are kept either way (as PML keeps them); with it, the
+        # miners that have more statistics in PML record them (TripletMarginMiner's mean
+        # distances, BatchHardMiner's extremes)
         self.collect_stats = collect_stats
         self._counts = (0, 0, 0)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_pos_pairs", "num_neg_pairs", "num_triplets"], is_stat=True)
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         self.reset_stats()  # a PML-style miner's own statistics, as PML's forward

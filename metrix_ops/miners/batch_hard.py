@@ -9,6 +9,10 @@ from .row_blocks import (BLOCK_ENTRIES, block_diagonal, block_rows, distance_row
                          same_distance)
 
 
+HARD_STATS = ("easiest_triplet", "hardest_triplet", "easiest_pos_pair", "hardest_pos_pair",
+              "easiest_neg_pair", "hardest_neg_pair")
+
+
 def batch_hard(mat, pos, neg, inverted: bool):
     """(a, p, n): for each anchor with a positive and a negative, its hardest positive
     (farthest) and hardest negative (closest).
@@ -70,12 +74,45 @@ class BatchHardMiner(BaseMiner):
 
     default_distance = LpDistance
 
+    def __init__(self, distance=None, collect_stats: bool = False):
+        super().__init__(distance, collect_stats)
+        self.add_to_recordable_attributes(list_of_names=list(HARD_STATS), is_stat=True)
+
     def mine(self, x, labels, ref, ref_labels, same_set=None):
         same_set = resolve_same_set(same_set, labels, ref_labels)
-        return batch_hard_streaming(self.distance, x, ref, labels, ref_labels, same_set,
-                                    entries=self.block_entries)
+        if not self.collect_stats:
+            return batch_hard_streaming(self.distance, x, ref, labels, ref_labels, same_set,
+                                        entries=self.block_entries)
+        a, p, n, d_ap, d_an = batch_hard_streaming(
+            self.distance, x, ref, labels, ref_labels, same_set, value_distance=self.distance,
+            entries=self.block_entries)
+        self._set_stats(d_ap, d_an)
+        return a, p, n
 
     def mine_dense(self, x, labels, ref, ref_labels, same_set):
         """The reference: the rule on the whole B×M matrix at once."""
         pos, neg = match_masks(labels, ref_labels, same_set)
-        return batch_hard(self.distance(x, ref), pos, neg, self.distance.is_inverted)
+        mat = self.distance(x, ref)
+        a, p, n = batch_hard(mat, pos, neg, self.distance.is_inverted)
+        if self.collect_stats:
+            self._set_stats(mat[a, p], mat[a, n])
+        return a, p, n
+
+    def _set_stats(self, d_ap, d_an):
+        """PML's BatchEasyHardMiner statistics (collect_stats) of the kept anchors' picks:
+        the extremes of d_ap − d_an, d_ap and d_an, easiest and hardest by the distance's
+        direction (a similarity's hardest positive is its smallest); left at 0 without
+        anchors, as PML leaves them."""
+        if len(d_ap) == 0:
+            return
+        low_is_hard = self.distance.is_inverted
+        gap = d_ap - d_an
+        values = torch.stack([gap.min(), gap.max(), d_ap.min(), d_ap.max(), d_an.min(),
+                              d_an.max()]).tolist()
+        lo_gap, hi_gap, lo_ap, hi_ap, lo_an, hi_an = values
+        # (easiest, hardest) of the triplet gap and the positives, (easiest, hardest) of the
+        # negatives: a distance's hard positive is far, its hard negative near
+        pairs = ((hi_gap, lo_gap), (hi_ap, lo_ap), (lo_an, hi_an)) if low_is_hard else (
+            (lo_gap, hi_gap), (lo_ap, hi_ap), (hi_an, lo_an))
+        for name, value in zip(HARD_STATS, [v for pair in pairs for v in pair]):
+            setattr(self, name, value)

@@ -74,6 +74,7 @@ class MultiSimilarityMiner(BaseMiner):
     def __init__(self, epsilon=0.1, distance=None, collect_stats: bool = False):
         super().__init__(distance, collect_stats)
         self.epsilon = epsilon
+        self.add_to_recordable_attributes(name="epsilon", is_stat=False)
 
     def mine(self, x, labels, ref, ref_labels, same_set=None):
         same_set = resolve_same_set(same_set, labels, ref_labels)
