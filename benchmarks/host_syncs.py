@@ -1,6 +1,7 @@
-"""Host syncs per loss call, counted on the CPU: the reads of tensor data (and the ops whose
-output shape depends on the data) that the library's Python glue makes during one forward +
-backward. On CUDA tensors each one waits for the GPU queue to drain, so between launches it
+"""Host syncs and launches per loss call, counted on the CPU. Host syncs: the reads of tensor
+data (and the ops whose output shape depends on the data) that the library's Python glue makes
+during one forward + backward. Launches: the kernels the call queues (aten ops that run a
+kernel, Triton kernels, compiled ops), each a few microseconds of fixed cost on a GPU. On CUDA tensors each one waits for the GPU queue to drain, so between launches it
 costs the GPU idle time, and after the forward is queued it keeps the backward from being
 queued early. The glue is the same Python on CPU and CUDA tensors, so counting here tells what
 a GPU run will wait on, without a GPU.
@@ -8,7 +9,8 @@ a GPU run will wait on, without a GPU.
     TRITON_INTERPRET=1 python benchmarks/host_syncs.py [--backend triton|cpu] [--batch 64]
         [--only NAME ...] [--out FILE.json]
 
-What is counted, and how reads are charged: `tests/host_reads.py`."""
+What is counted, and how reads and launches are charged: `tests/host_reads.py`,
+`tests/launch_counter.py`."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.normpath(os.path.join(HERE, "..")))
 sys.path.insert(0, HERE)
 
 from host_reads import reads_per_step  # noqa: E402
+from launch_counter import launches_per_step  # noqa: E402
 
 
 def cases(backend, classes):
@@ -71,9 +74,13 @@ def main():
         if args.only and name not in args.only:
             continue
         c = reads_per_step(make(), x0, labels)
+        n = launches_per_step(make(), x0, labels)
         rows.append({"loss": name, "backend": args.backend, "batch": args.batch,
-                     "host_syncs": c.total, "sites": dict(c.sites)})
-        print(f"{name:32s} {c.total:2d}  " + ", ".join(f"{k} ×{v}" for k, v in c.sites.items()))
+                     "host_syncs": c.total, "sites": dict(c.sites),
+                     "launches": n.total, "launches_by_kind": n.by_kind(),
+                     "launch_sites": dict(n.sites)})
+        print(f"{name:32s} syncs {c.total:2d}, launches {n.total:3d} {n.by_kind()}  "
+              + ", ".join(f"{k} ×{v}" for k, v in c.sites.items()))
     if args.out:
         from harness import write_result
         write_result(args.out, torch.device("cpu"), rows)

@@ -114,6 +114,17 @@ def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
     return torch.sum(embeddings * 0)
 
 
+def zero_unless(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` where the 0-d bool `keep` holds, else PML's zero loss (0, its gradient 0): as
+    torch.where(keep, value, zero_loss(x)), in one product forward and one backward, where
+    the select and its zero take seven small launches per call (a GPU's per-call cost). Only
+    for a value that is finite when not kept (a mean whose count is clamped, over terms that
+    are 0 when none counts: 0 · inf would be NaN) and in the graph of the embeddings (the
+    fused ops' totals; the reducers themselves keep the select, since a caller may give them
+    terms without a graph)."""
+    return value * keep.to(value.dtype)
+
+
 _BY_NAME = {"MeanReducer": MeanReducer, "SumReducer": SumReducer,
             "AvgNonZeroReducer": AvgNonZeroReducer, "DivisorReducer": DivisorReducer}
 

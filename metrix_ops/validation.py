@@ -13,26 +13,32 @@ NORMALIZE_EPS = 1e-12  # F.normalize's, below which a row does not normalise to 
 class DataChecks:
     """Checks of tensor data gathered and read in one host sync: on a GPU each read waits for
     the queue to drain, so a call's NaN checks, label and index ranges and zero-row flags are
-    read together, before any launch. Under torch.compile nothing is read: the checks run
-    as async asserts and the flags are False (the graph cannot branch on them)."""
+    read together, before any launch. Each check queues one reduction (a min and max, or a
+    smallest row norm) and the tests run on the host on the values read, so a call's checks
+    cost a few launches, not a dozen element-wise ops on scalars. Under torch.compile nothing
+    is read: the checks run as async asserts and the flags are False (the graph cannot branch
+    on them)."""
 
     def __init__(self):
-        self._items = []  # (kind, name, 1-d int64 tensor, bound)
+        self._items = []  # (kind, name, 1-element tensors, bound)
 
     def finite(self, x, name):
-        self._items.append(("finite", name, all_finite(x), None))
+        """NaN or Inf anywhere in x: one reduction (NaN propagates through min and max, an
+        inf is one of them)."""
+        lo, hi = torch.aminmax(x)
+        self._items.append(("finite", name, (lo, hi), None))
 
     def short_rows(self, x, name):
         """Whether some row has an L2 norm under F.normalize's eps (1e-12: a row that
         normalising leaves shorter than 1, zero included)."""
         wide = torch.promote_types(x.dtype, torch.float32)  # 1e-12 is 0 in half precision
-        self._items.append(("short", name, (torch.linalg.vector_norm(
-            x, dim=1, dtype=wide) < NORMALIZE_EPS).any(), None))
+        shortest = torch.linalg.vector_norm(x, dim=1, dtype=wide).amin()
+        self._items.append(("short", name, (shortest,), None))
 
     def within(self, t, bound: int, message: str):
         """Every value of t in [0, bound); `message` the error's text."""
         if t.numel():
-            self._items.append(("range", message, torch.stack(torch.aminmax(t)), bound))
+            self._items.append(("range", message, tuple(torch.aminmax(t)), bound))
 
     def read(self) -> bool:
         """Raises the first failed check's error; returns whether a short row was found."""
@@ -40,23 +46,26 @@ class DataChecks:
             return False
         if torch.compiler.is_compiling():
             # a Python bool of tensor data would end a fullgraph=True graph: check at run time
-            for kind, name, t, bound in self._items:
+            for kind, name, (lo, *rest), bound in self._items:
                 if kind == "finite":
-                    torch._assert_async(t, f"{name} contains NaN or Inf")
+                    torch._assert_async(torch.isfinite(lo) & torch.isfinite(rest[0]),
+                                        f"{name} contains NaN or Inf")
                 elif kind == "range":
-                    torch._assert_async((t[0] >= 0) & (t[1] < bound), name)
+                    torch._assert_async((lo >= 0) & (rest[0] < bound), name)
             return False
-        values = torch.cat([t.reshape(-1).long() for _, _, t, _ in self._items]).tolist()
+        # one read: float64 holds every value (class ids up to 2^53 exactly; NaN and Inf)
+        parts = [v.reshape(1) for _, _, vals, _ in self._items for v in vals]
+        first = parts[0]
+        values = torch.cat([first.new_empty(0, dtype=torch.float64)] + parts).tolist()
         short, at = False, 0
-        for kind, name, t, bound in self._items:
-            if kind == "finite" and not values[at]:
+        for kind, name, vals, bound in self._items:
+            got = values[at:at + len(vals)]
+            at += len(vals)
+            if kind == "finite" and not all(map(math.isfinite, got)):
                 raise ValueError(f"{name} contains NaN or Inf")
-            if kind == "range":
-                lo, hi = values[at], values[at + 1]
-                if lo < 0 or hi >= bound:
-                    raise ValueError(f"{name}, got values in [{lo}, {hi}]")
-            short = short or (kind == "short" and bool(values[at]))
-            at += t.numel()
+            if kind == "range" and (got[0] < 0 or got[1] >= bound):
+                raise ValueError(f"{name}, got values in [{int(got[0])}, {int(got[1])}]")
+            short = short or (kind == "short" and got[0] < NORMALIZE_EPS)
         return short
 
 
@@ -82,13 +91,6 @@ def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False,
         if zero_rows:
             checks.short_rows(x, name)
     return checks.read() if own else False
-
-
-def all_finite(x: torch.Tensor) -> torch.Tensor:
-    """isfinite(x).all() in one reduction pass (NaN propagates through min and max, an inf
-    is one of them), where isfinite then all takes three passes over B×D."""
-    lo, hi = torch.aminmax(x)
-    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def check_labels(labels, n: int, device: torch.device, name: str = "labels") -> None:

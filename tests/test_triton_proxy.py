@@ -49,6 +49,24 @@ SHAPES = [(1, 1, 3), (2, 3, 16), (5, 7, 37), (17, 20, 3), (33, 3, 16), (50, 7, 3
 
 # ---------------------------------------------------------------- ProxyAnchorLoss
 
+@pytest.mark.parametrize("parts,C", [(1, 1), (3, 5), (4, 1100)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pa_merge_kernel_matches_torch(parts, C, dtype):
+    """The forward's merge of partial log-sum-exp states (one launch) against its plain-torch
+    form: large and negative maxima, and empty parts (m = −inf, l = 0) of a side."""
+    g = torch.Generator().manual_seed(parts * 7 + C)
+    m = (torch.randn(4, parts, C, generator=g, dtype=torch.float64) * 40).to(dtype)
+    l = (torch.rand(4, parts, C, generator=g, dtype=torch.float64) * 5 + 1).to(dtype)
+    empty = torch.rand(4, parts, C, generator=g) < 0.3
+    empty[:, :, 0] = True  # a proxy with no term on either side: log(1 + 0) = 0
+    m[empty], l[empty] = float("-inf"), 0.0
+    state = torch.stack([m[0], l[0], m[1], l[1]]).contiguous().to(DEV)
+    pos, neg = tpa.merge_states(state)
+    torch.testing.assert_close(pos, tpa.merge_lse_with_one(state[0], state[1]))
+    torch.testing.assert_close(neg, tpa.merge_lse_with_one(state[2], state[3]))
+    assert pos[0] == 0 and neg[0] == 0
+
+
 @pytest.mark.parametrize("B,C,D", SHAPES)
 def test_pa_matches_reference_fp64(B, C, D, tiles):
     x, y, P = data(B, C, D, seed=B * 100 + C)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from metrix_ops.distances import CosineSimilarity, LpDistance
 from metrix_ops.ops.unit_rows import normalized, unit_rows
-from metrix_ops.validation import all_finite
+from metrix_ops.validation import DataChecks
 
 
 def rows(b, d, dtype, seed=0):
@@ -60,14 +60,34 @@ def test_normalized_follows_the_distance():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_all_finite(dtype):
+def test_data_checks_finite_short_rows_and_ranges(dtype):
+    """DataChecks' one read: finite values however large pass, a NaN or an Inf anywhere
+    raises naming the tensor; a row under F.normalize's eps is flagged (not a small one that
+    normalises); an index range check names the bound; several checks in one read."""
+    def read(*adds):
+        c = DataChecks()
+        for add in adds:
+            add(c)
+        return c.read()
+
     big = torch.finfo(dtype).max
-    x = torch.tensor([[1.0, -big], [big, 0.0]], dtype=dtype)  # finite however large
-    assert bool(all_finite(x))
+    x = torch.tensor([[1.0, -big], [big, 0.0], [1e-3, 0.0]], dtype=dtype)  # finite, large
+    assert read(lambda c: c.finite(x, "x")) is False
     for bad in (float("nan"), float("inf"), -float("inf")):
         y = x.clone()
         y[1, 1] = bad
-        assert not bool(all_finite(y))
+        with pytest.raises(ValueError, match="y contains NaN or Inf"):
+            read(lambda c: c.finite(x, "x"), lambda c: c.finite(y, "y"))
+    assert read(lambda c: c.short_rows(x[2:], "x")) is False
+    z = x.clone()
+    z[2] = 0
+    assert read(lambda c: c.finite(x, "x"), lambda c: c.short_rows(z, "z")) is True
+    idx = torch.tensor([0, 4, 2**40 + 1])
+    assert read(lambda c: c.within(idx, 2**40 + 2, "i")) is False
+    with pytest.raises(ValueError, match=r"i past, got values in \[0, 1099511627777\]"):
+        read(lambda c: c.short_rows(x, "x"), lambda c: c.within(idx, 2**40 + 1, "i past"))
+    with pytest.raises(ValueError, match=r"neg, got values in \[-1, 4\]"):
+        read(lambda c: c.within(torch.tensor([4, -1]), 9, "neg"))
 
 
 def test_backward_inside_autocast_stays_fp32():

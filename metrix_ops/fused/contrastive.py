@@ -10,7 +10,7 @@ import torch
 from .. import _ext
 from ..distances import is_cosine, is_normalized_l2, is_normalized_sq_l2
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
-                        reduce_loss_dict, zero_loss)
+                        reduce_loss_dict, zero_unless)
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
 from ..ops.contrastive_metrix import contrastive_metrix_refs_rows, contrastive_metrix_rows
 from ..spec import get_spec
@@ -67,21 +67,21 @@ def _reduce_side(sums, counts, n_pairs, reducer, x):
     """One side's PML reduction from its row sums and kept counts. Tensor selects, not Python
     branches, so the module traces under torch.compile(fullgraph=True); n_pairs is a 0-d
     tensor. PML: a side with no pairs is a zero loss whatever the reducer."""
-    zero = zero_loss(x)
+    # the op's sums are finite, and 0 on a side without pairs (zero_unless's condition)
     if type(reducer) is SumReducer:
         val = sums.sum()
     elif type(reducer) is MeanReducer:
         val = sums.sum() / n_pairs.clamp(min=1)
     else:
         val = _avg_kept(sums, counts, x)
-    return torch.where(n_pairs == 0, zero, val)
+    return zero_unless(n_pairs > 0, val)
 
 
 def _avg_kept(sums, counts, x):
     """The mean of the kept terms from their row sums and counts; a zero loss (with graph)
     when none was kept."""
     kept = counts.sum()
-    return torch.where(kept > 0, sums.sum() / kept.clamp(min=1), zero_loss(x))
+    return zero_unless(kept > 0, sums.sum() / kept.clamp(min=1))
 
 
 def _reduce_clean(rows, n_pos, n_neg, reducer, x):
@@ -89,7 +89,7 @@ def _reduce_clean(rows, n_pos, n_neg, reducer, x):
     reduced apart, then summed; PML's rule (no loss when no side has two pairs) as a select."""
     ps, pc, ns, nc = rows
     loss = _reduce_side(ps, pc, n_pos, reducer, x) + _reduce_side(ns, nc, n_neg, reducer, x)
-    return torch.where((n_pos <= 1) & (n_neg <= 1), zero_loss(x), loss)
+    return zero_unless((n_pos > 1) | (n_neg > 1), loss)
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):

@@ -48,6 +48,8 @@ def _reduce_clean(rows, inp, reducer, counts=None):
     if counts is None:
         counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     pos, neg = counts
+    # a select (not zero_unless): a MeanReducer's mean over no rows (an empty batch against
+    # a bank) is NaN, which the zero replaces
     return torch.where((pos <= 1) & (neg <= 1), torch.sum(x * 0), loss)
 
 

@@ -24,7 +24,7 @@ from ..ops.pair_sims import HAS_OP as PAIR_SIMS, pair_sims
 from ..ops.triplet import triplet_all_rows
 from ..ops.triplet_mined import HAS_OP, MINE_KINDS, triplet_mined_rows
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
-                        reduce_loss_dict, zero_loss)
+                        reduce_loss_dict, zero_loss, zero_unless)
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from . import register, register_miner
@@ -79,15 +79,15 @@ def totals_impl(rows_fn, params, inp, reducer, fallback=None, miner=None):
     n_all = triplets.sum()
     if miner is not None:
         record_counts(miner, triplets=n_all)
-    zero = zero_loss(x)
+    # the totals are 0 without triplets (zero_unless's condition)
     total = rows.sum()
     if kind == "one":
         loss = total
     else:
         n = nonzero.sum() if kind == "nonzero" else n_all
-        loss = torch.where(n > 0, total / n.clamp(min=1), zero)
+        loss = zero_unless(n > 0, total / n.clamp(min=1))
     # no triplet at all: PML returns a zero that keeps the graph
-    return torch.where(n_all == 0, zero, loss)
+    return zero_unless(n_all > 0, loss)
 
 
 def impl(params, inp, reducer, chunk: int = 256):

@@ -105,6 +105,30 @@ if HAS_TRITON:
         tl.store(out + 3 * step, l_neg, mask=in_c)
 
     @triton.jit
+    def _merge_lse_one_kernel(state_ptr, pos_ptr, neg_ptr, S, C, BLOCK_C: tl.constexpr,
+                              ACC: tl.constexpr):
+        """log(1 + Σ) per proxy from the forward's S partial states (state (4, S, C): max and
+        sum of the positives, then of the negatives); program_id(1) picks the side. One
+        launch for what merge_lse_with_one takes a dozen small ops for."""
+        offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        side = tl.program_id(1)
+        in_c = offs < C
+        m_ptr = state_ptr + 2 * side * S * C + offs
+        l_ptr = m_ptr + S * C
+        top = tl.zeros((BLOCK_C,), dtype=ACC)  # the 1 is e^0: the max is at least 0
+        for k in range(S):
+            top = tl.maximum(top, tl.load(m_ptr + k * C, mask=in_c, other=float("-inf")))
+        acc = tl.exp(-top)
+        for k in range(S):
+            m = tl.load(m_ptr + k * C, mask=in_c, other=float("-inf"))
+            # an empty part (m = −inf, l = 0) adds 0
+            acc += tl.load(l_ptr + k * C, mask=in_c, other=0.0) * tl.exp(m - top)
+        if side == 0:
+            tl.store(pos_ptr + offs, top + tl.log(acc), mask=in_c)
+        else:
+            tl.store(neg_ptr + offs, top + tl.log(acc), mask=in_c)
+
+    @triton.jit
     def _pa_dx_kernel(x_ptr, p_ptr, y_ptr, gp_ptr, gn_ptr, lp_ptr, ln_ptr, dx_ptr, B, C, D,
                       stride_x, stride_p, stride_dx, hp_ptr, BLOCK_B: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -255,9 +279,21 @@ def column_grads(kernel, x, own, inputs, hp, names, **const):
 
 def merge_lse_with_one(m, l):
     """log(1 + Σ) from per-part log-sum-exp states (max m, Σ e^{· − m}), parts along dim 0;
-    a part with nothing has m = −inf, l = 0."""
+    a part with nothing has m = −inf, l = 0 (the plain-torch form of _merge_lse_one_kernel,
+    its test's reference)."""
     top = torch.clamp(m.amax(0), min=0)  # the 1 is e^0
     return top + torch.log((l * torch.exp(m - top)).sum(0) + torch.exp(-top))
+
+
+def merge_states(state):
+    """(pos, neg) log(1 + Σ) per proxy from the forward's (4, S, C) states, one launch."""
+    c = state.shape[2]
+    pos, neg = state.new_empty(c), state.new_empty(c)  # apart: a custom op's outputs may
+    # not alias one another
+    block = max(16, min(1024, next_pow2(c)))
+    _merge_lse_one_kernel[(triton.cdiv(c, block), 2)](
+        state, pos, neg, state.shape[1], c, BLOCK_C=block, ACC=acc_dtype(state.dtype))
+    return pos, neg
 
 
 def _pa_fwd(x, p, labels, alpha, margin):
@@ -270,7 +306,7 @@ def _pa_fwd(x, p, labels, alpha, margin):
         x, p, labels, state, B, C, D, x.stride(0), p.stride(0),
         split_len(B, splits, t["loop"]), hyper(x, alpha, margin), BLOCK_C=t["own"],
         BLOCK_B=t["loop"], BLOCK_D=t["d"], **t["kw"])
-    return merge_lse_with_one(state[0], state[1]), merge_lse_with_one(state[2], state[3])
+    return merge_states(state)
 
 
 def _pa_bwd(x, p, labels, gp, gn, lp, ln, alpha, margin, need_dx=True, need_dp=True):
