@@ -28,7 +28,8 @@ PACKAGE = os.path.join(os.path.normpath(os.path.join(os.path.dirname(os.path.abs
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
              "detach", "detach_", "lift_fresh", "resize_", "set_", "_local_scalar_dense",
              "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "resolve_conj",
-             "resolve_neg", "is_same_size", "_has_compatible_shallow_copy_type", "result_type"}
+             "resolve_neg", "is_same_size", "_has_compatible_shallow_copy_type", "result_type",
+             "promote_types", "_unsafe_view"}
 
 
 def _site() -> str:

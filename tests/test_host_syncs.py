@@ -10,6 +10,7 @@ import torch
 
 import metrix_ops as mo
 from host_reads import SyncCounter, reads_per_step
+from launch_counter import LaunchCounter, launches_per_step
 
 L = mo.losses
 NAN_CHECK = "metrix_ops/validation.py"
@@ -129,3 +130,38 @@ def test_one_read_for_every_data_check():
     with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes=3\), got values "
                                          r"in \[0, 3\]"):
         L.ProxyNCALoss(3, 9, backend="cpu")(x, y)
+
+
+# Launches per forward + backward on the CPU engine (tests/launch_counter.py): the glue's
+# small kernels, which on a GPU cost a few microseconds each whatever the batch. Measured
+# 2026-12-04 after the checks became one reduction each and the no-pairs rules products; a
+# change that adds launches to these paths fails here (raise a bound only for a reason).
+LAUNCHES = {"ms": 40, "contrastive": 62, "circle": 57, "ntxent": 52, "supcon": 60,
+            "lifted": 57, "generalized_lifted": 42, "triplet": 36, "hphn": 74, "npairs": 40,
+            "proxy_anchor": 57, "proxy_nca": 46, "ms_metrix": 70, "ms_miner": 36}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHES))
+def test_cpu_engine_launches(name):
+    make, _ = CPU_CASES[name]
+    x, y = _batch()
+    counter = launches_per_step(make(), x, y)
+    assert counter.by_kind().get("compiled", 0) >= 2  # the op's forward and backward
+    assert counter.total <= LAUNCHES[name], sorted(counter.sites.items())
+
+
+def test_launch_counter_counts_kernels():
+    """The counter itself: element-wise ops, reductions and copies count, views and
+    allocations do not; a loss call's data checks are two launches (the NaN check's min/max,
+    then the concatenation its one read takes); the caller's backward seed is charged to
+    autograd, not to the library."""
+    x = torch.randn(5, 4)
+    with LaunchCounter() as c:
+        y = (x * 2)[1:].t().reshape(-1)  # mul, then the copy reshape makes of a transpose
+        torch.empty(3)
+        y.sum()
+    assert c.total == 3 and c.by_kind() == {"aten": 3}, dict(c.sites)
+    from metrix_ops.validation import check_embeddings
+    with LaunchCounter() as c:
+        check_embeddings(x)
+    assert sorted(k.rsplit(" ", 1)[1] for k in c.sites) == ["aminmax", "cat"], dict(c.sites)

@@ -10,9 +10,22 @@ import torch
 EPS = 1e-12  # F.normalize's
 
 
+def one_kernel(x: torch.Tensor) -> bool:
+    """Whether the forward and backward run as one Triton kernel each (triton/unit_rows.py):
+    on CUDA tensors where Triton runs, where the ten small PyTorch launches are a per-call
+    cost. CPU tensors keep the PyTorch form (its passes are not launches there)."""
+    if x.device.type != "cuda" or x.dim() != 2:
+        return False
+    from ..triton.launch import usable_on
+    return usable_on(x.device)
+
+
 class _UnitRows(torch.autograd.Function):
     @staticmethod
     def forward(x):
+        if one_kernel(x):
+            from ..triton.unit_rows import unit_rows_fwd
+            return unit_rows_fwd(x)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         return x / norm.clamp_min(EPS), norm
 
@@ -25,6 +38,9 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _g_norm):
         y, norm = ctx.saved_tensors
+        if one_kernel(y):
+            from ..triton.unit_rows import unit_rows_bwd
+            return unit_rows_bwd(g, y, norm)
         # a backward run inside an autocast region would take vecdot to bf16: the fused
         # losses compute in fp32 under autocast, their normalisation's gradient too
         with torch.autocast(device_type=g.device.type, enabled=False):
