@@ -60,6 +60,7 @@ class LaunchCounter(TorchDispatchMode):
         self.sites = collections.Counter()
         self._in_kernel = 0
         self._saved = None
+        self._depth = 0  # re-entered for each Python custom op's body: patch once
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -75,6 +76,9 @@ class LaunchCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self):
+        self._depth += 1
+        if self._depth > 1:
+            return super().__enter__()
         try:
             import triton.runtime.interpreter as interp
         except ImportError:
@@ -97,7 +101,8 @@ class LaunchCounter(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
-        if self._saved is not None:
+        self._depth -= 1
+        if self._depth == 0 and self._saved is not None:
             owner, orig = self._saved
             owner.run = orig
             self._saved = None

@@ -464,7 +464,9 @@ def test_npairs_num_pairs_as_pml(b, classes):
     for tup in tuples:
         torch.testing.assert_close(ours(x, y, tup), pml(x, y, tup))
         assert ours.num_pairs == pml.num_pairs
-    ours(x, y), pml(x, y)
+    y2 = y.clone()
+    ours(x, y2), pml(x, y2)
+    y2.copy_(torch.arange(b))  # a reused label buffer: the count is the call's
     assert ours.num_pairs == pml.num_pairs == ours.num_pairs  # read twice: the count is kept
     assert ours.num_pairs > 0 or b < 2 or b == classes  # these batches have pairs to count
     ours.reset_stats()
@@ -550,3 +552,15 @@ def test_cross_batch_memory_records_as_pml():
     assert ours._record_these == pml._record_these
     assert [getattr(ours, n) for n in ours._record_these] == [
         getattr(pml, n) for n in pml._record_these]
+
+
+def test_only_miners_with_statistics_leave_the_fused_op():
+    """collect_stats=True sends a miner to PML's two calls only when PML records statistics of
+    its distances (TripletMarginMiner, BatchHardMiner); MultiSimilarityMiner's are its counts,
+    which the fused op gives, so it stays fused."""
+    from metrix_ops.fused import keeps_call_stats
+    for make in (mo.miners, pm):
+        assert keeps_call_stats(make.TripletMarginMiner(collect_stats=True))
+        assert keeps_call_stats(make.BatchHardMiner(collect_stats=True))
+        assert not keeps_call_stats(make.TripletMarginMiner())
+        assert not keeps_call_stats(make.MultiSimilarityMiner(collect_stats=True))

@@ -105,8 +105,8 @@ for fdt, acc in [("fp32", tl.float32), ("fp64", tl.float64)]:
     for fn, consts in [(ur._unit_rows_fwd_kernel, dict(BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc)),
                        (ur._unit_rows_bwd_kernel, dict(BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc)),
                        (pa._merge_lse_one_kernel, dict(BLOCK_C=1024, ACC=acc))]:
-        try:
-            compile_sm90(fn, consts, fdt)
+        try:  # (compile_sm90 takes a y_ptr for labels by default)
+            compile_sm90(fn, consts, fdt, pointer_types={"y_ptr": "*" + fdt})
         except Exception as e:  # noqa: BLE001
             failed.append(f"{fn.__name__} {fdt}: {type(e).__name__}: {str(e)[:300]}")
 print("\\n".join(failed))

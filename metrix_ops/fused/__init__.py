@@ -29,10 +29,19 @@ def register_miner(backend: str, loss_name: str, supports, impl):
     MINER_IMPLS[(backend, loss_name)] = (supports, impl)
 
 
+def keeps_call_stats(miner) -> bool:
+    """A miner that records PML's per-call statistics of the distances it mines
+    (collect_stats=True on a TripletMarginMiner or a BatchHardMiner, ours or PML's) runs as
+    PML's two calls, where it sees them. Its counts alone (every miner's) the fused ops
+    give. Inside torch.compile nothing is recorded, and the fused op keeps the graph whole."""
+    if not getattr(miner, "collect_stats", False) or torch.compiler.is_compiling():
+        return False
+    names = {c.__name__ for c in type(miner).__mro__}
+    return bool(names & {"TripletMarginMiner", "BatchHardMiner", "BatchEasyHardMiner"})
+
+
 def miner_supported(backend: str, loss_name: str, params, inp, miner) -> bool:
-    # a miner collecting PML's statistics (collect_stats) runs as PML's two calls, where it
-    # sees the distances its statistics are taken from
-    if getattr(miner, "collect_stats", False):
+    if keeps_call_stats(miner):
         return False
     entry = MINER_IMPLS.get((backend, loss_name))
     return entry is not None and entry[0](params, inp, miner)

@@ -14,6 +14,8 @@ Sums in fp32 (fp64 for fp64 rows). Registered as custom ops, so a compiled modul
 through them. Tested against the PyTorch form under TRITON_INTERPRET=1 on the CPU."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .launch import HAS_TRITON, next_pow2
@@ -29,8 +31,9 @@ if HAS_TRITON:
         contiguous B × D output, and the mask."""
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = in_r[:, None] & (cols[None, :] < D)
-        v = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
-        return v.to(ACC), rows[:, None] * D + cols[None, :], mask
+        r64 = rows.to(tl.int64)[:, None]  # B·D may pass 2^31 (a large bank of references)
+        v = tl.load(ptr + r64 * stride + cols[None, :], mask=mask, other=0.0)
+        return v.to(ACC), r64 * D + cols[None, :], mask
 
     @triton.jit
     def _unit_rows_fwd_kernel(x_ptr, y_ptr, norm_ptr, B, D, stride_x,
@@ -81,8 +84,11 @@ def _launch(kernel, first, *rest, dtype):
     row stride, the others are contiguous."""
     b, d = first.shape
     block_r, block_d = _blocks(d)
-    kernel[(triton.cdiv(b, block_r),)](first, *rest, b, d, first.stride(0),
-                                       BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_dtype(dtype))
+    # Triton launches on the current device: the tensors' own, as the C++ ops' guard does
+    with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+        kernel[(triton.cdiv(b, block_r),)](first, *rest, b, d, first.stride(0),
+                                           BLOCK_R=block_r, BLOCK_D=block_d,
+                                           ACC=acc_dtype(dtype))
 
 
 def _unit_stride(t):
