@@ -11,7 +11,10 @@ drawn, not chosen): a tool that finds the cases tests then pin down.
 A call both backends refuse counts as agreement; one the backend does not cover (its
 NotImplementedError) is counted apart. Known disagreements that are not bugs: exact ties of
 an argmax (duplicate rows in EE's hard-negative pairs, D = 1) split a gradient otherwise
-(the total over the tied rows agrees); a synthetic or mixed point at the origin (D = 1,
+(the total over the tied rows agrees); the L2 distance of two duplicate rows, which
+torch.cdist's product form (the reference's, PML's) gives as √ε-level noise (2.1e-8 in fp64)
+where the fused ops give their own rounding of √(2 − 2s), so a mean over few positive pairs
+moves by that much (seed 3111, case 152); a synthetic or mixed point at the origin (D = 1,
 antipodal positives) has no direction and both give a huge gradient; fp32 against the fp64
 reference differs where PML's own rules depend on the precision (ProxyNCA's underflow mask).
 """
