@@ -114,12 +114,18 @@ class SyncCounter(TorchDispatchMode):
         return sum(self.sites.values())
 
 
-def reads_per_step(loss_fn, x0, labels):
-    """Host reads of the second of two forward + backward calls (the first compiles the
-    kernels); fresh tensors for each, as in training, so no cache keyed by them carries over."""
+def second_step(make_counter, loss_fn, x0, labels):
+    """A counter (make_counter()) of the second of two forward + backward calls (the first
+    compiles the kernels); fresh tensors for each, as in training, so no cache keyed by them
+    carries over."""
     for _ in range(2):
-        x, labels = x0.clone().requires_grad_(), labels.clone()
-        counter = SyncCounter()
+        x, y = x0.clone().requires_grad_(), labels.clone()
+        counter = make_counter()
         with counter:
-            loss_fn(x, labels).backward()
+            loss_fn(x, y).backward()
     return counter
+
+
+def reads_per_step(loss_fn, x0, labels):
+    """Host reads of one forward + backward (second_step)."""
+    return second_step(SyncCounter, loss_fn, x0, labels)

@@ -64,9 +64,10 @@ def _window(reducer):
 
 
 def _reduce_side(sums, counts, n_pairs, reducer, x):
-    """One side's PML reduction from its row sums and kept counts. Tensor selects, not Python
-    branches, so the module traces under torch.compile(fullgraph=True); n_pairs is a 0-d
-    tensor. PML: a side with no pairs is a zero loss whatever the reducer."""
+    """One side's PML reduction from its row sums and kept counts. Products by the rules' 0/1
+    (zero_unless), not Python branches, so the module traces under
+    torch.compile(fullgraph=True); n_pairs is a 0-d tensor. PML: a side with no pairs is a
+    zero loss whatever the reducer."""
     # the op's sums are finite, and 0 on a side without pairs (zero_unless's condition)
     if type(reducer) is SumReducer:
         val = sums.sum()
@@ -86,7 +87,7 @@ def _avg_kept(sums, counts, x):
 
 def _reduce_clean(rows, n_pos, n_neg, reducer, x):
     """The clean loss from the rows (pos_sum, pos_count, neg_sum, neg_count): each side
-    reduced apart, then summed; PML's rule (no loss when no side has two pairs) as a select."""
+    reduced apart, then summed; PML's rule (no loss when no side has two pairs) as a product."""
     ps, pc, ns, nc = rows
     loss = _reduce_side(ps, pc, n_pos, reducer, x) + _reduce_side(ns, nc, n_neg, reducer, x)
     return zero_unless((n_pos > 1) | (n_neg > 1), loss)

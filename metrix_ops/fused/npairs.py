@@ -33,14 +33,19 @@ def supports(params, inp, expansion, need_ext: bool = True) -> bool:
             and type(d) in (CosineSimilarity, DotProductSimilarity) and d.power == 1)
 
 
+def pair_starts(sorted_labels):
+    """Of sorted labels, the positions (B − 1 flags) where a run of two or more starts: each
+    label with a positive pair once (NPairs' kept pairs; NPairsLoss.num_pairs counts them)."""
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    return starts[:-1] & ~starts[1:]
+
+
 def first_pairs(labels):
     """(a, p): the first and second example of every label that has two or more, sorted by
     label: PML's first positive pair per anchor label (reference.npairs.unique_label_pos_pairs)."""
     order = torch.argsort(labels, stable=True)
-    ys = labels.index_select(0, order)
-    starts = torch.ones_like(ys, dtype=torch.bool)
-    starts[1:] = ys[1:] != ys[:-1]
-    first = torch.nonzero(starts[:-1] & ~starts[1:]).squeeze(1)  # a run of length ≥ 2
+    first = torch.nonzero(pair_starts(labels.index_select(0, order))).squeeze(1)
     return order[first], order[first + 1]
 
 

@@ -1,5 +1,6 @@
 import torch
 
+from ..fused.npairs import pair_starts
 from .base import BaseMetricLoss
 
 
@@ -8,8 +9,9 @@ class NPairsLoss(BaseMetricLoss):
     cross-entropy of each anchor over the kept pairs' positives. DotProductSimilarity by
     default, which L2-normalises as in PML; MeanReducer; no ref_emb.
 
-    `num_pairs` is PML's statistic, the number of pairs kept by the last call: counted in the
-    call as a device tensor (a few small launches, no host sync), converted when read."""
+    `num_pairs` is PML's statistic, the number of pairs kept by the last call. The call keeps
+    a copy of the labels it counts from (one small launch, no host sync); the count is made
+    when read, which most training loops never do."""
 
     loss_name = "NPairsLoss"
     defaults = {}
@@ -25,14 +27,17 @@ class NPairsLoss(BaseMetricLoss):
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                **options)
         if not torch.compiler.is_compiling():  # (inside a graph nothing is recorded)
-            self._num_pairs = kept_pair_count(torch.as_tensor(labels, device=embeddings.device),
-                                              indices_tuple)
+            ys = torch.as_tensor(labels, device=embeddings.device)
+            if indices_tuple is not None:  # the labels of the tuple's positive pairs' anchors
+                ys = ys[torch.as_tensor(indices_tuple[0], device=ys.device)]
+            # a copy: the caller may reuse its label buffer before the count is read
+            self._num_pairs = (ys.clone() if ys is labels else ys, indices_tuple is None)
         return loss
 
     @property
     def num_pairs(self):
-        if torch.is_tensor(self._num_pairs):
-            self._num_pairs = int(self._num_pairs)
+        if isinstance(self._num_pairs, tuple):
+            self._num_pairs = kept_pair_count(*self._num_pairs)
         return self._num_pairs
 
     @num_pairs.setter
@@ -40,18 +45,11 @@ class NPairsLoss(BaseMetricLoss):
         self._num_pairs = value
 
 
-def kept_pair_count(labels, indices_tuple) -> torch.Tensor:
-    """PML's len(anchor_idx) after convert_to_pos_pairs_with_unique_labels, as a 0-d tensor:
-    the number of distinct labels among the positive pairs' anchors (every label with two
-    rows or more when no indices_tuple is given)."""
-    if indices_tuple is None:
-        ys = torch.sort(labels).values
-        repeated = ys[1:] == ys[:-1]
-        # a label has a positive pair when its run is at least two long: count run starts
-        # that repeat
-        starts = torch.ones_like(repeated)
-        starts[1:] = ~repeated[:-1]
-        return (repeated & starts).sum()
-    a = torch.as_tensor(indices_tuple[0], device=labels.device)
-    ys = torch.sort(labels[a]).values
-    return (ys[1:] != ys[:-1]).sum() + int(len(a) > 0)
+def kept_pair_count(labels, whole_batch: bool) -> int:
+    """PML's len(anchor_idx) after convert_to_pos_pairs_with_unique_labels: of the batch's
+    labels, those with two rows or more; of an indices_tuple's anchors' labels, the distinct
+    ones."""
+    ys = torch.sort(labels).values
+    if whole_batch:
+        return int(pair_starts(ys).sum())
+    return int((ys[1:] != ys[:-1]).sum()) + int(len(ys) > 0)

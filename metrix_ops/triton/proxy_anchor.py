@@ -21,8 +21,8 @@ axis) so that the accumulator of a program stays register-sized at any D; each o
 recomputes its S tiles (for D ≤ out_block(D), one block: no recomputation).
 Column kernels own few rows when those are proxies (C = 100: two programs of 64), so on a
 GPU they also split the streamed batch into parts (a grid axis; stream_splits): each part
-writes its own partial log-sum-exp states or partial dP, merged by a small PyTorch
-reduction (O(parts·C·D), deterministic).
+writes its own partial log-sum-exp states (merged by one small kernel) or partial dP
+(summed in PyTorch, O(parts·C·D)); deterministic.
 
 Accumulation is in fp32 (fp64 for fp64 inputs); inputs reach the kernels as fp32 or fp64
 (the driver computes half inputs in fp32, as every backend).
@@ -109,7 +109,7 @@ if HAS_TRITON:
                               ACC: tl.constexpr):
         """log(1 + Σ) per proxy from the forward's S partial states (state (4, S, C): max and
         sum of the positives, then of the negatives); program_id(1) picks the side. One
-        launch for what merge_lse_with_one takes a dozen small ops for."""
+        launch where the plain-torch merge took 13 small ones per side."""
         offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         side = tl.program_id(1)
         in_c = offs < C
@@ -275,14 +275,6 @@ def column_grads(kernel, x, own, inputs, hp, names, **const):
         *inputs, part, n_stream, n_own, d, x.stride(0), own.stride(0), d,
         split_len(n_stream, splits, t["loop"]), hp, **blocks, **const, **t["kw"])
     return part[0] if splits == 1 else part.sum(0)
-
-
-def merge_lse_with_one(m, l):
-    """log(1 + Σ) from per-part log-sum-exp states (max m, Σ e^{· − m}), parts along dim 0;
-    a part with nothing has m = −inf, l = 0 (the plain-torch form of _merge_lse_one_kernel,
-    its test's reference)."""
-    top = torch.clamp(m.amax(0), min=0)  # the 1 is e^0
-    return top + torch.log((l * torch.exp(m - top)).sum(0) + torch.exp(-top))
 
 
 def merge_states(state):
