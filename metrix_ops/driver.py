@@ -2,6 +2,7 @@
 expanded) loss, reduce it as PML does, add the Metrix term."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -17,10 +18,34 @@ from .regularizers import check_regularizer, regularization
 from .spec import LossInputs, get_spec
 from .validation import check_loss_inputs, pml_indices, pml_label_pair
 
-def no_autocast(t: torch.Tensor):
-    """Fused ops compute in the precision of their (fp32 or fp64) inputs: under autocast the
-    products inside them (ATen's mm in the C++ ops, the glue's PyTorch ops) would otherwise
-    come back in half precision and no longer match the kernels' types."""
+class _OnTensorsDevice:
+    """Autocast off, and the tensors' CUDA device current (see op_scope)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.device = t.device
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        self.stack.enter_context(torch.autocast("cuda", enabled=False))
+        self.stack.enter_context(torch.cuda.device(self.device))
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+
+def op_scope(t: torch.Tensor):
+    """Where a fused op runs. Autocast is off: the ops compute in the precision of their
+    (fp32 or fp64) inputs, and under autocast the products inside them (ATen's mm in the C++
+    ops, the glue's PyTorch ops) would come back in half precision and no longer match the
+    kernels' types. On a CUDA tensor its device is made current: Triton launches on the
+    current device (tensors on cuda:1 while cuda:0 is current would be read through the wrong
+    device's context), as the C++ ops' device guard does for theirs. The backward needs no
+    guard (autograd's device threads run each device's nodes with it current), nor does a
+    compiled graph (Inductor's wrapper sets its device first), where the plain autocast
+    object is what Dynamo traces."""
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return _OnTensorsDevice(t)
     return torch.autocast(t.device.type, enabled=False)
 
 
@@ -246,7 +271,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     if miner is not None:
         if chosen != "reference" and fused.miner_supported(chosen, name, params, inp, miner):
             # the miner's rule runs inside the fused op: no index tuple, no B×M matrix
-            with no_autocast(embeddings):
+            with op_scope(embeddings):
                 mined_loss = fused.MINER_IMPLS[(chosen, name)][1](params, inp, red, miner)
         else:  # the miner's index tuple, then the loss on those pairs (PML's two calls)
             inp = dataclasses.replace(inp, indices_tuple=miner(embeddings, labels, *miner_refs))
@@ -265,11 +290,11 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     elif (chosen != "reference" and lam_value is not None and metrix.weight > 0
             and fused.metrix_supported(chosen, name, params, inp, expansion, metrix)):
         # clean and mixed terms from one fused op (the mixed candidates in closed form)
-        with no_autocast(embeddings):
+        with op_scope(embeddings):
             return fused.METRIX_IMPLS[(chosen, name)][1](params, inp, red, metrix, lam_value)
     elif chosen != "reference":
         # only the ops that cover expansion= (their supports() says so) take it
-        with no_autocast(embeddings):
+        with op_scope(embeddings):
             loss = impl(params, inp, red) if expansion is None else impl(params, inp, red,
                                                                         expansion=expansion)
     elif expansion is not None:
@@ -290,7 +315,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
             # reference under "auto" (an Lp distance the ops lack, ...): the chunks are
             # PyTorch and take any normalised distance
             from .fused import metrix_pos_pos, metrix_refs
-            with no_autocast(embeddings):
+            with op_scope(embeddings):
                 if metrix_pos_pos.covers(name, inp, metrix):
                     mixed_loss = metrix_pos_pos.mixed_term(name, params, inp, lam_value)
                 if mixed_loss is None and metrix_refs.covers(name, inp, metrix):

@@ -119,8 +119,8 @@ def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
     params = loss.loss_params()
     if not supported(chosen, loss.loss_name, params, inp, None):
         return None
-    from ..driver import no_autocast
-    with no_autocast(emb):
+    from ..driver import op_scope
+    with op_scope(emb):
         return IMPLS[(chosen, loss.loss_name)][1](params, inp,
                                                   as_reducer(loss.reducer, spec.default_reducer))
 

@@ -18,7 +18,7 @@ import torch
 from .. import backend as backend_mod
 from .. import fused
 from ..distances import as_distance, unit_l2_form
-from ..driver import check_addable, draw_lam, needs_reference, no_autocast, run_loss
+from ..driver import check_addable, draw_lam, needs_reference, op_scope, run_loss
 from ..regularizers import module_options, regularization
 from ..records import Records
 from ..fused import metrix_refs
@@ -75,7 +75,7 @@ def mixed_against_refs(loss, emb, labels, refs, ref_labels, own: bool, lam: floa
         engine = backend_mod.resolve(loss.backend, loss.loss_name, emb.device)
     except NotImplementedError:
         engine = None
-    with no_autocast(emb):
+    with op_scope(emb):
         return metrix_refs.mixed_term(*args, engine=engine)
 
 
