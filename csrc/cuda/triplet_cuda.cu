@@ -20,6 +20,7 @@
 // vary between runs). Then dx += G r, dr += Gᵀ x.
 // Extra memory per chunk: the block, its mask and keys, and chunk × k sorted keys.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -263,6 +264,10 @@ std::tuple<at::Tensor, at::Tensor> triplet_bwd(
     int64_t chunk) {
   check_call(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
   check_row_vec(grad_rows_, x_, "grad_rows");
+  // smooth_loss' float atomics (wpos) add in the GPU's order: as torch's own such kernels,
+  // raise (or warn) under torch.use_deterministic_algorithms(True)
+  if (smooth)
+    at::globalContext().alertNotDeterministic("triplet backward with smooth_loss (CUDA)");
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
