@@ -343,23 +343,31 @@ def test_ee_unit_chunks_keep_segments_whole():
     from metrix_ops.reference.expansion_points import expansion_segments as segments
     from metrix_ops.triton.ee_chunks import EE_MAX_CLASS, unit_chunks
     ys = torch.tensor(sorted([0] * 5 + [1] * 9 + [2] * 2 + [3] * 16 + [4] * 1))
-    chunks, kb = unit_chunks(ys, *segments(ys, "all"))
+    chunks, kb, most_ends = unit_chunks(ys, *segments(ys, "all"))
     assert kb == 16 and chunks.tolist() == [0, 16, 32, 33]
+    assert most_ends == 15  # a row of the class of 16 ends a segment with each other one
     big = torch.zeros(EE_MAX_CLASS + 2, dtype=torch.long)
     with pytest.raises(ValueError, match=f"at most {EE_MAX_CLASS} rows with pairs='all'"):
         unit_chunks(big, *segments(big, "all"))
-    chunks, kb = unit_chunks(big, *segments(big, "adjacent"))
+    chunks, kb, most_ends = unit_chunks(big, *segments(big, "adjacent"))
+    assert most_ends == 1
     assert kb == 16 and chunks.tolist() == list(range(0, EE_MAX_CLASS + 2, 16)) + [EE_MAX_CLASS + 2]
     # 40 rows, one segment (18, 14) over rows 14..18: that unit of 5 opens the second chunk
     # (14 + 5 > 16), where single rows would pack as 0, 16, 32
     rows = torch.zeros(40, dtype=torch.long)
-    chunks, kb = unit_chunks(rows, torch.tensor([18]), torch.tensor([14]))
+    chunks, kb, _ = unit_chunks(rows, torch.tensor([18]), torch.tensor([14]))
     assert kb == 16 and chunks.tolist() == [0, 14, 30, 40]
-    chunks, _ = unit_chunks(rows, torch.tensor([16]), torch.tensor([15]))  # rows 15, 16
+    chunks, _, _ = unit_chunks(rows, torch.tensor([16]), torch.tensor([15]))  # rows 15, 16
     assert chunks.tolist() == [0, 15, 31, 40]
     empty = torch.zeros(0, dtype=torch.long)
-    chunks, kb = unit_chunks(torch.zeros(20, dtype=torch.long), empty, empty)
-    assert kb == 16 and chunks.tolist() == [0, 16, 20]
+    chunks, kb, most_ends = unit_chunks(torch.zeros(20, dtype=torch.long), empty, empty)
+    assert kb == 16 and chunks.tolist() == [0, 16, 20] and most_ends == 0
+    # the segments are checked in the same read: ends out of the batch, ends of two labels
+    with pytest.raises(ValueError, match=r"rows of the batch, in \[0, 20\)"):
+        unit_chunks(rows[:20], torch.tensor([3]), torch.tensor([20]))
+    two = torch.tensor([0] * 10 + [1] * 10)
+    with pytest.raises(ValueError, match=r"segment \(9, 10\) joins rows of different labels"):
+        unit_chunks(two, torch.tensor([0, 9]), torch.tensor([1, 10]))
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ of at most EE_MAX_CLASS rows; with "adjacent" pairs of rows, so any class. (The 
 cut larger classes into blocks instead: metrix_tiles.chunk_table.)"""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .launch import next_pow2
@@ -13,24 +15,42 @@ from .launch import next_pow2
 EE_MAX_CLASS = 64
 
 
-def unit_chunks(sorted_labels: torch.Tensor, seg_u: torch.Tensor, seg_w: torch.Tensor):
-    """(chunk starts with the end appended, int32; KB) of the label-sorted batch for the EE
-    kernels (ee_neg_lse.py), whose selection matrices need both ends of each of a chunk's
-    segments among its rows: the rows are cut into units, the shortest runs that no segment
-    (u, w in sorted positions) crosses, packed greedily into chunks of at most KB rows, KB the
-    smallest power of two ≥ 16 that holds the largest unit. With pairs="all" a unit is a whole
-    class; with the official "adjacent" pairing, a pair of rows, so any class size fits. A
-    unit over EE_MAX_CLASS rows raises (covers() sends such a batch to the next engine
-    eagerly; under compile it cannot read the labels)."""
+class Units(NamedTuple):
+    chunks: torch.Tensor  # chunk starts with the end appended, int32
+    kb: int               # rows per chunk at most
+    most_ends: int        # the most segments any row is an end of
+
+
+def unit_chunks(sorted_labels: torch.Tensor, seg_u: torch.Tensor, seg_w: torch.Tensor) -> Units:
+    """The chunk table of the label-sorted batch for the EE kernels (ee_neg_lse.py), whose
+    selection matrices need both ends of each of a chunk's segments among its rows: the rows
+    are cut into units, the shortest runs that no segment (u, w in sorted positions) crosses,
+    packed greedily into chunks of at most KB rows, KB the smallest power of two ≥ 16 that
+    holds the largest unit. With pairs="all" a unit is a whole class; with the official
+    "adjacent" pairing, a pair of rows, so any class size fits. A unit over EE_MAX_CLASS rows
+    raises (covers() sends such a batch to the next engine eagerly; under compile it cannot
+    read the labels). Also the most segments a row is an end of (an anchor's side entries
+    are itself and n per segment it ends: the kernels' side block).
+
+    One host read, which also carries check_segment_labels' facts (the segments checked as
+    there, before their ends index anything unclamped)."""
     b, dev = len(sorted_labels), sorted_labels.device
+    lo, hi = torch.minimum(seg_u, seg_w).long(), torch.maximum(seg_u, seg_w).long()
+    lo, hi = lo.clamp(0, max(b - 1, 0)), hi.clamp(0, max(b - 1, 0))  # a bad end: caught below
     # cover[p] > 0: some segment spans rows p−1 and p, so no unit may start at p
     cover = torch.zeros(b + 1, dtype=torch.int64, device=dev)
+    ends_per_row = torch.zeros(b + 1, dtype=torch.int64, device=dev)
     if len(seg_u):
-        lo, hi = torch.minimum(seg_u, seg_w).long(), torch.maximum(seg_u, seg_w).long()
-        cover.index_add_(0, lo + 1, torch.ones_like(lo))
-        cover.index_add_(0, hi + 1, -torch.ones_like(hi))
-    starts = torch.nonzero(torch.cumsum(cover, 0)[:b] == 0).flatten()
-    sizes = torch.diff(starts, append=starts.new_tensor([b])).tolist()
+        one = torch.ones_like(lo)
+        cover.index_add_(0, lo + 1, one)
+        cover.index_add_(0, hi + 1, -one)
+        ends_per_row.index_add_(0, torch.cat([lo, hi]), torch.cat([one, one]))
+    facts = _segment_facts(sorted_labels, seg_u, seg_w)
+    starts = torch.cumsum(cover, 0)[:b] == 0
+    read = torch.cat([facts, ends_per_row.max().view(1), starts.long()]).tolist()
+    _raise_on_bad_segments(read[:3], sorted_labels, seg_u, seg_w)
+    most_ends, starts = read[3], [p for p, start in enumerate(read[4:]) if start]
+    sizes = [e - a for a, e in zip(starts, starts[1:] + [b])]
     biggest = max(sizes, default=1)
     if biggest > EE_MAX_CLASS:
         raise ValueError(
@@ -47,28 +67,42 @@ def unit_chunks(sorted_labels: torch.Tensor, seg_u: torch.Tensor, seg_w: torch.T
             chunk_starts.append(row)
         row += c
     chunk_starts.append(row)
-    return torch.tensor(chunk_starts, dtype=torch.int32, device=dev), kb
+    return Units(torch.tensor(chunk_starts, dtype=torch.int32, device=dev), kb, most_ends)
+
+
+def _segment_facts(labels, seg_i, seg_j) -> torch.Tensor:
+    """[lowest end, highest end, 1 if some segment joins two labels else 0] on the device,
+    for one host read; [0, 0, 0] without segments. Gathers through clamped indices: a bad end
+    is caught by the range, not by an out-of-bounds read."""
+    if len(seg_i) == 0:
+        return torch.zeros(3, dtype=torch.int64, device=labels.device)
+    b = len(labels)
+    ends = torch.cat([seg_i, seg_j]).long()
+    differ = labels[seg_i.clamp(0, b - 1)] != labels[seg_j.clamp(0, b - 1)]
+    return torch.stack([ends.min(), ends.max(), differ.any().long()])
+
+
+def _raise_on_bad_segments(facts, labels, seg_i, seg_j) -> None:
+    lo, hi, mixed = facts
+    b = len(labels)
+    if len(seg_i) and (lo < 0 or hi >= b):
+        raise ValueError(f"seg_i and seg_j must be rows of the batch, in [0, {b})")
+    if mixed:
+        differ = labels[seg_i] != labels[seg_j]
+        e = int(torch.nonzero(differ)[0, 0])
+        raise ValueError(f"Embedding Expansion's segment ({int(seg_i[e])}, {int(seg_j[e])}) joins "
+                         "rows of different labels: segments are positive pairs (with "
+                         "pairs='adjacent', rows 2t and 2t+1 of a class-contiguous batch)")
 
 
 def check_segment_labels(labels, seg_i, seg_j) -> None:
     """EE's segments are positive pairs: both ends rows of the batch with one label. Checked in
     the ops (eagerly, whatever n), where a compiled module cannot check them before the op
-    (pairs="adjacent" on a batch that is not class-contiguous), as the CPU ops check them."""
-    if len(seg_i) == 0:
-        return
-    b = len(labels)
-    ends = torch.cat([seg_i, seg_j])
-    # the range and the labels in one host read (clamped indices: a bad end is caught by
-    # the range, not by an out-of-bounds gather)
-    differ = labels[seg_i.clamp(0, b - 1)] != labels[seg_j.clamp(0, b - 1)]
-    lo, hi, mixed = torch.stack([ends.min(), ends.max(), differ.any().long()]).tolist()
-    if lo < 0 or hi >= b:
-        raise ValueError(f"seg_i and seg_j must be rows of the batch, in [0, {b})")
-    if mixed:
-        e = int(torch.nonzero(differ)[0, 0])
-        raise ValueError(f"Embedding Expansion's segment ({int(seg_i[e])}, {int(seg_j[e])}) joins "
-                         "rows of different labels: segments are positive pairs (with "
-                         "pairs='adjacent', rows 2t and 2t+1 of a class-contiguous batch)")
+    (pairs="adjacent" on a batch that is not class-contiguous), as the CPU ops check them.
+    One host read (unit_chunks makes the same checks within its own)."""
+    if len(seg_i):
+        _raise_on_bad_segments(_segment_facts(labels, seg_i, seg_j).tolist(), labels, seg_i,
+                               seg_j)
 
 
 def largest_unit_fits(labels, pairs: str) -> bool:

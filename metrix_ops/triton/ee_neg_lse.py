@@ -37,7 +37,7 @@ import torch
 
 from .launch import HAS_TRITON, next_pow2, usable_on
 from . import table_cache
-from .ee_chunks import check_segment_labels, largest_unit_fits, unit_chunks
+from .ee_chunks import largest_unit_fits, unit_chunks
 from .tiles import acc_dtype, dot_precision
 
 _FWD = "metrix_ops::triton_ee_neg_lse_fwd"
@@ -516,8 +516,7 @@ def layout_tables(layout, n: int, backward: bool = False):
 
 def _build_tables(layout, n: int):
     ys, seg_u, seg_w, amask, nmask = layout
-    check_segment_labels(ys, seg_u, seg_w)
-    chunks, kb = unit_chunks(ys, seg_u, seg_w)
+    chunks, kb, most_ends = unit_chunks(ys, seg_u, seg_w)  # (checks the segments too)
     b, dev, i32 = len(ys), ys.device, torch.int32
     n_chunks = len(chunks) - 1
     _, cls = torch.unique_consecutive(ys, return_inverse=True)
@@ -551,7 +550,7 @@ def _build_tables(layout, n: int):
     tables = [chunks.to(i32), cls.to(i32), amask.to(torch.int8), pstart.to(i32), pu.to(i32),
               pw.to(i32), pl.to(dt), pp.to(i32), pok.to(torch.int8), soff.to(i32), su.to(i32),
               sw.to(i32), sl.to(dt), sp.to(i32)]
-    max_side = int(per_anchor.max()) if b else 1  # the kernels' side block (read once here)
+    max_side = 1 + n * most_ends  # the kernels' side block: itself, n per segment it ends
     return [t.contiguous() for t in tables], (kb, max_side)
 
 
