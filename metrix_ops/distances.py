@@ -12,6 +12,25 @@ import torch.nn.functional as F
 from .records import Records
 
 
+# PML's statistics of a distance call (BaseDistance.record_norms)
+NORM_STATS = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm",
+              "final_avg_ref_norm"]
+
+
+def record_norms(distance, query: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+    """The statistics `distance` (ours, or a PML distance kept as given) records of a call on
+    (query, ref), where the fused ops compute without calling it."""
+    if not getattr(distance, "collect_stats", False) or torch.compiler.is_compiling():
+        return
+    if isinstance(distance, BaseDistance):
+        distance.record_norms(query, ref)
+    elif hasattr(distance, "set_default_stats"):  # PML's (its own .item() reads)
+        ref = query if ref is None else ref
+        with torch.no_grad():
+            distance.set_default_stats(query, ref, distance.maybe_normalize(query),
+                                       distance.maybe_normalize(ref))
+
+
 class BaseDistance(Records, torch.nn.Module):
     """A module, as PML's distances are (so they sit in a loss's module tree and take hooks);
     holds no parameters."""
@@ -23,9 +42,9 @@ class BaseDistance(Records, torch.nn.Module):
         self.normalize_embeddings = normalize_embeddings
         self.p = p
         self.power = power
-        # PML's flag, taken for drop-in construction; its norm statistics are not recorded
         self.collect_stats = collect_stats
         self.add_to_recordable_attributes(list_of_names=["p", "power"])
+        self.add_to_recordable_attributes(list_of_names=NORM_STATS, is_stat=True)
 
     def forward(self, query: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
         """The query × ref matrix (query × query without ref), as PML's distance call."""
@@ -34,8 +53,42 @@ class BaseDistance(Records, torch.nn.Module):
                              f"shape {tuple(ref.shape)}")
         q = self.maybe_normalize(query)
         r = q if ref is None else self.maybe_normalize(ref)
+        self.record_norms(query, ref)
         mat = self.compute_mat(q, r)
         return mat**self.power if self.power != 1 else mat
+
+    def record_norms(self, query: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+        """PML's statistics of a distance call (with collect_stats): the mean norm (in p) of
+        the query and the reference rows before and after normalising. Kept on the device and
+        read on first access (one host sync then, none in the call); not under
+        torch.compile."""
+        if not self.collect_stats or torch.compiler.is_compiling():
+            return
+        ref = query if ref is None else ref
+        with torch.no_grad():
+            means = [self.get_norm(t).mean() for t in (query, ref)]
+            means += [self.get_norm(self.maybe_normalize(t)).mean() for t in (query, ref)]
+            self.__dict__["_norm_stats"] = torch.stack([m.double() for m in means])
+
+    def _norm_stat(self, i: int):
+        stats = self.__dict__.get("_norm_stats", (0, 0, 0, 0))
+        if torch.is_tensor(stats):
+            stats = self.__dict__["_norm_stats"] = tuple(stats.tolist())
+        return stats[i]
+
+    def _set_norm_stat(self, i: int, value) -> None:
+        stats = [self._norm_stat(k) for k in range(4)]
+        stats[i] = value
+        self.__dict__["_norm_stats"] = tuple(stats)
+
+    initial_avg_query_norm = property(lambda self: self._norm_stat(0),
+                                      lambda self, v: self._set_norm_stat(0, v))
+    initial_avg_ref_norm = property(lambda self: self._norm_stat(1),
+                                    lambda self, v: self._set_norm_stat(1, v))
+    final_avg_query_norm = property(lambda self: self._norm_stat(2),
+                                    lambda self, v: self._set_norm_stat(2, v))
+    final_avg_ref_norm = property(lambda self: self._norm_stat(3),
+                                  lambda self, v: self._set_norm_stat(3, v))
 
     def settings(self) -> tuple:
         return (type(self), self.normalize_embeddings, self.p, self.power)

@@ -11,12 +11,12 @@ import torch
 from . import backend as backend_mod
 from . import fused
 from .config import Expansion, Metrix
-from .distances import as_distance, unit_l2_form
+from .distances import as_distance, record_norms, unit_l2_form
 from .miners.base import record_counts
 from .reducers import ForeignReducer, as_reducer, reduce_loss_dict
 from .regularizers import check_regularizer, regularization
 from .spec import LossInputs, get_spec
-from .validation import check_loss_inputs, pml_indices, pml_label_pair
+from .validation import check_loss_inputs, pml_indices, pml_label_pair, pml_labels
 
 class _OnTensorsDevice:
     """Autocast off, and the tensors' CUDA device current (see op_scope)."""
@@ -135,11 +135,40 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
                          f"ProxyNCALoss), which have weights; {name} has none")
     loss = loss_terms(name, params, embeddings, labels, indices_tuple, ref_emb, ref_labels,
                       **options)
+    _record_call_norms(name, params, embeddings, labels, indices_tuple, ref_emb,
+                       options.get("distance"), options.get("miner"))
     return regularization(loss, embeddings, params.get("proxies"),
                           embedding_regularizer=embedding_regularizer,
                           embedding_reg_weight=embedding_reg_weight,
                           weight_regularizer=weight_regularizer,
                           weight_reg_weight=weight_reg_weight)
+
+
+def _record_call_norms(name, params, embeddings, labels, indices_tuple, ref_emb, distance,
+                       miner) -> None:
+    """The norm statistics a distance with collect_stats keeps (distances.record_norms) of the
+    call PML's loss makes on it: (embeddings, ref_emb or the batch), the proxies as the
+    reference for the proxy losses, NPairs' kept anchors and positives (none: no call); a
+    miner's distance of (embeddings, ref_emb or the batch). Set after the loss: the fused ops
+    never call the distance, and the reference's other calls (Metrix's mixed candidates) are
+    not PML's."""
+    miner_distance = getattr(miner, "distance", None)
+    if not (getattr(distance, "collect_stats", False)
+            or getattr(miner_distance, "collect_stats", False)):
+        return
+    ref = embeddings if ref_emb is None else ref_emb
+    record_norms(miner_distance, embeddings, ref)
+    query = embeddings
+    if torch.is_tensor(params.get("proxies")):
+        ref = params["proxies"].to(embeddings.dtype)  # PML casts them to the batch's dtype
+    elif name == "NPairsLoss":
+        from .reference.npairs import unique_label_pos_pairs
+        a, p = unique_label_pos_pairs(pml_indices(indices_tuple, embeddings),
+                                      pml_labels(labels, embeddings).long())
+        if len(a) == 0:
+            return  # PML's NPairs returns before its distance call
+        query, ref = embeddings[a], embeddings[p]
+    record_norms(distance, query, ref)
 
 
 def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=None,

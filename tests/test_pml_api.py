@@ -564,3 +564,93 @@ def test_only_miners_with_statistics_leave_the_fused_op():
         assert keeps_call_stats(make.BatchHardMiner(collect_stats=True))
         assert not keeps_call_stats(make.TripletMarginMiner())
         assert not keeps_call_stats(make.MultiSimilarityMiner(collect_stats=True))
+
+
+NORM_CASES = {  # loss factory given the module (ours or PML's) and a distance
+    "contrastive": lambda m, d: m.ContrastiveLoss(distance=d),
+    "ms-cosine": lambda m, d: m.MultiSimilarityLoss(distance=d),
+    "triplet-lp1": lambda m, d: m.TripletMarginLoss(distance=d),
+    "npairs": lambda m, d: m.NPairsLoss(distance=d),
+    "proxy-anchor": lambda m, d: m.ProxyAnchorLoss(5, 6, distance=d),
+    "proxy-nca": lambda m, d: m.ProxyNCALoss(5, 6, distance=d),
+}
+NORM_DISTANCES = {"contrastive": ("LpDistance", {}), "ms-cosine": ("CosineSimilarity", {}),
+                  "triplet-lp1": ("LpDistance", dict(p=1, normalize_embeddings=False)),
+                  "npairs": ("DotProductSimilarity", {}), "proxy-anchor": ("CosineSimilarity", {}),
+                  "proxy-nca": ("LpDistance", dict(power=2))}
+
+
+def _norm_stats(d):
+    return [getattr(d, n) for n in mo.distances.NORM_STATS]
+
+
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_distance_norm_stats_as_pml(case, backend):
+    """A distance built with collect_stats=True keeps PML's four mean norms of the call the
+    loss makes on it (the batch against ref_emb or itself, against the proxies, NPairs'
+    kept anchors against their positives), though the fused ops never call it; none are
+    read in the call (the values stay on the device until read); a Metrix term's calls on
+    mixed candidates do not replace them."""
+    from pytorch_metric_learning import distances as pdist
+    from host_reads import SyncCounter
+    cls, kw = NORM_DISTANCES[case]
+    ours = NORM_CASES[case](mo.losses, getattr(mo.distances, cls)(collect_stats=True, **kw))
+    ours.backend = backend
+    pml = NORM_CASES[case](pl, getattr(pdist, cls)(collect_stats=True, **kw))
+    if hasattr(pml, "proxies"):
+        pml.proxies.data.copy_(ours.proxies.data)
+    x, y = _batch(b=17, classes=5, seed=3)
+    x = x * 2.5
+    calls = [(x, y)] + ([(x[:9], y[:9], None, x[9:], y[9:])] if case == "triplet-lp1" else [])
+    for args in calls:
+        with SyncCounter() as counter:
+            ours(*args)
+        pml(*args)
+        # (NPairs finds its pairs on the host; an L1 distance runs the reference)
+        if backend == "auto" and case not in ("npairs", "triplet-lp1"):
+            assert counter.total <= 1, dict(counter.sites)  # the input check's one read
+        got, want = _norm_stats(ours.distance), _norm_stats(pml.distance)
+        assert got == pytest.approx(want, rel=1e-12), (got, want)
+        # the rows were not unit rows: a normalising distance's before and after differ
+        assert (got[0] != got[2]) == ours.distance.normalize_embeddings
+    ours.distance.reset_stats()
+    assert _norm_stats(ours.distance) == [0, 0, 0, 0]
+    if case == "ms-cosine":  # Metrix: still the clean call's pair
+        ours.metrix = mo.Metrix(lam=0.4)
+        ours(x, y)
+        assert _norm_stats(ours.distance) == pytest.approx(want, rel=1e-12)
+
+
+def test_miner_and_bank_distance_norm_stats_as_pml():
+    """A miner's distance records (embeddings, ref_emb) as PML's miners' calls do, as a
+    standalone miner and as the loss option miner= (run inside the fused op); the wrapped
+    loss of CrossBatchMemory records the batch against the bank; PML's own distance objects
+    given to our loss record through PML's code."""
+    from pytorch_metric_learning import distances as pdist
+    x, y = _batch(b=15, classes=4, seed=8)
+    x = x * 0.3
+    r = torch.randn(11, 6, dtype=torch.float64) * 4
+    ours = mo.miners.MultiSimilarityMiner(distance=mo.distances.CosineSimilarity(collect_stats=True))
+    pml = pm.MultiSimilarityMiner(distance=pdist.CosineSimilarity(collect_stats=True))
+    for args in ((x, y), (x, y, r, torch.randint(0, 4, (11,)))):
+        ours(*args), pml(*args)
+        assert _norm_stats(ours.distance) == pytest.approx(_norm_stats(pml.distance), rel=1e-12)
+    ours.distance.reset_stats()
+    mo.losses.MultiSimilarityLoss(miner=ours)(x, y)
+    pml(x, y)
+    assert _norm_stats(ours.distance) == pytest.approx(_norm_stats(pml.distance), rel=1e-12)
+    # PML's distance object in our loss: PML's set_default_stats fills it
+    theirs = pdist.LpDistance(collect_stats=True)
+    mo.losses.ContrastiveLoss(distance=theirs)(x, y)
+    pl.ContrastiveLoss(distance=pdist.LpDistance(collect_stats=True))(x, y)
+    assert _norm_stats(theirs) == pytest.approx([x.norm(dim=1).mean().item()] * 2 + [1.0, 1.0])
+    bank_o = mo.losses.CrossBatchMemory(mo.losses.ContrastiveLoss(
+        distance=mo.distances.LpDistance(collect_stats=True)), 6, memory_size=20)
+    bank_p = pl.CrossBatchMemory(pl.ContrastiveLoss(
+        distance=pdist.LpDistance(collect_stats=True)), 6, memory_size=20)
+    for step in range(3):
+        xb = x[5 * step:5 * step + 5] * (step + 1)
+        bank_o(xb, y[5 * step:5 * step + 5]), bank_p(xb, y[5 * step:5 * step + 5])
+        assert _norm_stats(bank_o.loss.distance) == pytest.approx(
+            _norm_stats(bank_p.loss.distance), rel=1e-12)

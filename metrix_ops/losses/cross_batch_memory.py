@@ -17,7 +17,7 @@ import torch
 
 from .. import backend as backend_mod
 from .. import fused
-from ..distances import as_distance, unit_l2_form
+from ..distances import as_distance, record_norms, unit_l2_form
 from ..driver import check_addable, draw_lam, needs_reference, op_scope, run_loss
 from ..regularizers import module_options, regularization
 from ..records import Records
@@ -175,6 +175,8 @@ class CrossBatchMemory(Records, torch.nn.Module):
             check_addable(loss, self.loss.reducer)
             loss = loss + mx.weight * self._mixed(embeddings, labels, mem_emb, mem_labels,
                                                   exclude_start, draw_lam(mx, lam))
+        # PML's wrapped loss calls its distance on (the batch, the bank): its statistics
+        record_norms(self.loss.distance, embeddings, mem_emb)
         # PML calls the wrapped loss on the batch's (non-enqueued) rows: its embedding
         # regularizer sees those rows, never the bank
         return regularization(loss, embeddings, **module_options(self.loss))

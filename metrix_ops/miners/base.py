@@ -8,7 +8,7 @@ import inspect
 
 import torch
 
-from ..distances import LpDistance, as_distance
+from ..distances import LpDistance, as_distance, record_norms
 from ..validation import check_loss_inputs, pml_label_pair
 from ..records import Records
 from .row_blocks import BLOCK_ENTRIES
@@ -42,8 +42,12 @@ class BaseMiner(Records, torch.nn.Module):
         mine = self.mine
         if self._pml_mine:  # written for PML: mine(emb, labels, ref, ref_labels)
             mine = _drop_same_set(mine)
-        return self._count(self._check_output(
+        tup = self._count(self._check_output(
             self._call(mine, embeddings, labels, ref_emb, ref_labels)))
+        # PML's miners call their distance on (embeddings, ref_emb); ours stream without it
+        record_norms(getattr(self, "distance", None), embeddings,
+                     embeddings if ref_emb is None else ref_emb)
+        return tup
 
     def _count(self, tup):
         """PML's counts of the last call's output (read by training loops for logging):
