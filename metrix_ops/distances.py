@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .records import Records
+from .records import Records, lazy_stat
 
 
 # PML's statistics of a distance call (BaseDistance.record_norms)
@@ -70,25 +70,10 @@ class BaseDistance(Records, torch.nn.Module):
             means += [self.get_norm(self.maybe_normalize(t)).mean() for t in (query, ref)]
             self.__dict__["_norm_stats"] = torch.stack([m.double() for m in means])
 
-    def _norm_stat(self, i: int):
-        stats = self.__dict__.get("_norm_stats", (0, 0, 0, 0))
-        if torch.is_tensor(stats):
-            stats = self.__dict__["_norm_stats"] = tuple(stats.tolist())
-        return stats[i]
-
-    def _set_norm_stat(self, i: int, value) -> None:
-        stats = [self._norm_stat(k) for k in range(4)]
-        stats[i] = value
-        self.__dict__["_norm_stats"] = tuple(stats)
-
-    initial_avg_query_norm = property(lambda self: self._norm_stat(0),
-                                      lambda self, v: self._set_norm_stat(0, v))
-    initial_avg_ref_norm = property(lambda self: self._norm_stat(1),
-                                    lambda self, v: self._set_norm_stat(1, v))
-    final_avg_query_norm = property(lambda self: self._norm_stat(2),
-                                    lambda self, v: self._set_norm_stat(2, v))
-    final_avg_ref_norm = property(lambda self: self._norm_stat(3),
-                                  lambda self, v: self._set_norm_stat(3, v))
+    initial_avg_query_norm = lazy_stat("_norm_stats", 0, 4)
+    initial_avg_ref_norm = lazy_stat("_norm_stats", 1, 4)
+    final_avg_query_norm = lazy_stat("_norm_stats", 2, 4)
+    final_avg_ref_norm = lazy_stat("_norm_stats", 3, 4)
 
     def settings(self) -> tuple:
         return (type(self), self.normalize_embeddings, self.p, self.power)

@@ -5,6 +5,8 @@ lists, `_record_these` and `_record_these_stats`, which record-keeping code (PML
 hooks) reads."""
 from __future__ import annotations
 
+import torch
+
 
 class Records:
     def add_to_recordable_attributes(self, name=None, list_of_names=None, is_stat=False):
@@ -23,3 +25,25 @@ class Records:
     def reset_stats(self):
         for n in self.__dict__.get("_record_these_stats", ()):
             setattr(self, n, 0)
+
+
+def lazy_stat(store: str, i: int, size: int) -> property:
+    """A settable attribute, entry i of `self.<store>`: a tuple of `size` values (0 until
+    set), whose entries (or which, whole) may be device tensors that a call left there
+    without reading them; they are read (one host sync) when a training loop first reads one
+    of the attributes."""
+    def values(self) -> tuple:
+        vals = self.__dict__.get(store, (0,) * size)
+        if torch.is_tensor(vals):
+            vals = self.__dict__[store] = tuple(vals.tolist())
+        elif any(torch.is_tensor(v) for v in vals):
+            vals = self.__dict__[store] = tuple(v.item() if torch.is_tensor(v) else v
+                                                for v in vals)
+        return vals
+
+    def write(self, value):
+        vals = list(values(self))
+        vals[i] = value
+        self.__dict__[store] = tuple(vals)
+
+    return property(lambda self: values(self)[i], write)

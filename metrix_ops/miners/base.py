@@ -10,7 +10,7 @@ import torch
 
 from ..distances import LpDistance, as_distance, record_norms
 from ..validation import check_loss_inputs, pml_label_pair
-from ..records import Records
+from ..records import Records, lazy_stat
 from .row_blocks import BLOCK_ENTRIES
 
 COUNT_NAMES = ("num_triplets", "num_pos_pairs", "num_neg_pairs")
@@ -60,20 +60,9 @@ class BaseMiner(Records, torch.nn.Module):
 
     # Read lazily: a fused miner= call leaves its counts as device tensors (record_counts),
     # converted (one host sync) only when a training loop reads them. Settable, as PML's.
-    num_triplets = property(lambda self: self._read_count(0),
-                            lambda self, v: self._set_count(0, v))
-    num_pos_pairs = property(lambda self: self._read_count(1),
-                             lambda self, v: self._set_count(1, v))
-    num_neg_pairs = property(lambda self: self._read_count(2),
-                             lambda self, v: self._set_count(2, v))
-
-    def _read_count(self, i: int) -> int:
-        if any(isinstance(c, torch.Tensor) for c in self._counts):
-            self._counts = tuple(int(c) for c in self._counts)
-        return self._counts[i]
-
-    def _set_count(self, i: int, value):
-        self._counts = self._counts[:i] + (value,) + self._counts[i + 1:]
+    num_triplets = lazy_stat("_counts", 0, 3)
+    num_pos_pairs = lazy_stat("_counts", 1, 3)
+    num_neg_pairs = lazy_stat("_counts", 2, 3)
 
     def _check_output(self, tup):
         """PML's output check, so that a custom mine() returning something else fails here,
