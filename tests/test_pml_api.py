@@ -654,3 +654,60 @@ def test_miner_and_bank_distance_norm_stats_as_pml():
         bank_o(xb, y[5 * step:5 * step + 5]), bank_p(xb, y[5 * step:5 * step + 5])
         assert _norm_stats(bank_o.loss.distance) == pytest.approx(
             _norm_stats(bank_p.loss.distance), rel=1e-12)
+
+
+SUBCLASS_CASES = {  # (name, constructor kwargs, the sub-loss the subclass scales)
+    "contrastive": ("ContrastiveLoss", {}, "pos_loss"),
+    "ms": ("MultiSimilarityLoss", {}, "loss"),
+    "triplet": ("TripletMarginLoss", dict(margin=0.3), "loss"),
+    "proxy-anchor": ("ProxyAnchorLoss", dict(num_classes=4, embedding_size=6), "pos_loss"),
+    "npairs": ("NPairsLoss", {}, "loss"),
+    "ntxent": ("NTXentLoss", {}, "loss"),
+}
+
+
+def _scaling_subclass(base, key):
+    class Scaled(base):  # a user's loss on top of another, PML's way
+        def compute_loss(self, *args):
+            d = super().compute_loss(*args)
+            if torch.is_tensor(d[key]["losses"]):
+                d[key]["losses"] = d[key]["losses"] * 3
+            return d
+    return Scaled
+
+
+@pytest.mark.parametrize("case", sorted(SUBCLASS_CASES))
+def test_subclass_overriding_compute_loss_runs_as_pml(case):
+    """A subclass that overrides compute_loss (PML's extension point) gets PML's forward: its
+    loss dict, the reducer, the regularizer, an indices_tuple, and ref_emb where the loss
+    takes it, equal to the same subclass of PML's loss; the library's own options that
+    cannot go through a loss dict (Metrix) are refused, naming the method. Without an
+    override, compute_loss gives the dict the reduced loss comes from."""
+    name, kw, key = SUBCLASS_CASES[case]
+    reg = dict(embedding_regularizer=mo.regularizers.LpRegularizer(), embedding_reg_weight=0.1)
+    preg = dict(embedding_regularizer=__import__(
+        "pytorch_metric_learning.regularizers", fromlist=["x"]).LpRegularizer(),
+        embedding_reg_weight=0.1)
+    ours = _scaling_subclass(getattr(mo.losses, name), key)(**kw, **reg)
+    pml = _scaling_subclass(getattr(pl, name), key)(**kw, **preg)
+    if hasattr(pml, "proxies"):
+        pml.proxies.data.copy_(ours.proxies.data)
+    x, y = _batch(b=21, classes=4, seed=12)
+    calls = [(x, y), (x, y, pm.BatchEasyHardMiner()(x, y)
+                      if case != "triplet" else pm.TripletMarginMiner(0.2)(x, y))]
+    if case in ("contrastive", "triplet"):
+        calls.append((x[:11], y[:11], None, x[11:], y[11:]))
+    for args in calls:
+        assert_close_vg(lambda e: ours(e, *args[1:]), lambda e: pml(e, *args[1:]), args[0])
+    plain = getattr(mo.losses, name)(**kw, **reg)
+    if hasattr(plain, "proxies"):
+        plain.proxies.data.copy_(ours.proxies.data)
+    assert ours(x, y).item() != pytest.approx(plain(x, y).item(), rel=1e-9)  # the override ran
+    from metrix_ops.reducers import reduce_loss_dict
+    plain.embedding_regularizer = None
+    d = plain.compute_loss(x, y, None, None, None)
+    torch.testing.assert_close(reduce_loss_dict(d, plain.reducer, x, y, loss_name=name),
+                               plain(x, y))
+    ours.metrix = mo.Metrix(lam=0.3)
+    with pytest.raises(NotImplementedError, match="overrides compute_loss"):
+        ours(x, y)

@@ -7,10 +7,12 @@ import torch
 
 from ..config import Expansion, Metrix
 from ..driver import run_loss
-from ..spec import get_spec
-from ..reducers import kept_reducer
+from ..distances import as_distance
+from ..spec import LossInputs, get_spec
+from ..reducers import as_reducer, kept_reducer, reduce_loss_dict
 from ..records import Records
-from ..regularizers import check_regularizer, module_options
+from ..regularizers import check_regularizer, module_options, regularization
+from ..validation import pml_label_pair
 
 
 class BaseMetricLoss(Records, torch.nn.Module):
@@ -93,8 +95,56 @@ class BaseMetricLoss(Records, torch.nn.Module):
     def loss_params(self) -> dict:
         return {k: getattr(self, k) for k in self.defaults}
 
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict:
+        """PML's: the call's loss dict ({sub-loss: {"losses", "indices", "reduction_type"}})
+        before the reducer, from the reference (it materialises the B × M matrix); ref_emb
+        None: the batch itself, as PML's forward sets it. forward() calls it only where a
+        subclass overrides it, PML's way to write a loss on top of another; otherwise the
+        fused ops compute the reduced loss without a loss dict."""
+        spec = get_spec(self.loss_name)
+        labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
+        if ref_emb is None:
+            ref_emb, ref_labels = embeddings, labels
+        inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                         ref_emb is embeddings or ref_labels is labels,
+                         as_distance(self.distance, spec.default_distance))
+        return spec.loss_dict(inp, **self.loss_params())
+
+    def _forward_as_pml(self, embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                        options: dict):
+        """PML's forward, for a subclass whose compute_loss is its own: the loss dict it
+        returns, reduced by the loss's reducer, plus the regularizers. The options that need
+        the library's own loss (Metrix, EE) are refused, not dropped."""
+        name = type(self).__name__
+        if self.metrix is not None or self.expansion is not None or any(
+                v is not None for v in options.values()):
+            raise NotImplementedError(
+                f"{name} overrides compute_loss, so it runs PML's path (its loss dict, then the "
+                "reducer): metrix=, expansion= and lam/mixed_embeddings/mixed need the "
+                "library's own loss; move the change into a wrapper around the loss instead")
+        self.reset_stats()
+        labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
+        if ref_emb is None:  # PML's set_ref_emb
+            ref_emb, ref_labels = embeddings, labels
+        if self.miner is not None:  # the option miner=: its tuple first, as PML's two calls
+            if indices_tuple is not None:
+                raise ValueError("give either indices_tuple or the loss's miner=, not both")
+            same = ref_emb is embeddings
+            indices_tuple = self.miner(embeddings, labels, *((None, None) if same
+                                                            else (ref_emb, ref_labels)))
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        spec = get_spec(self.loss_name)
+        loss = reduce_loss_dict(loss_dict, as_reducer(self.reducer, spec.default_reducer),
+                                embeddings, labels, loss_name=self.loss_name)
+        return regularization(loss, embeddings, self.loss_params().get("proxies"),
+                              **module_options(self))
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
                 ref_labels=None, *, lam=None, mixed_embeddings=None, mixed=None):
+        if type(self).compute_loss is not BaseMetricLoss.compute_loss:
+            return self._forward_as_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                                        dict(lam=lam, mixed_embeddings=mixed_embeddings,
+                                             mixed=mixed))
         return run_loss(self.loss_name, self.loss_params(), embeddings, labels, indices_tuple,
                         ref_emb, ref_labels, distance=self.distance, reducer=self.reducer,
                         backend=self.backend, metrix=self.metrix, expansion=self.expansion,
