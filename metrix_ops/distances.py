@@ -17,14 +17,22 @@ NORM_STATS = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query
               "final_avg_ref_norm"]
 
 
-def record_norms(distance, query: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+def wants_norms(distance) -> bool:
+    """Whether `distance` keeps PML's norm statistics of its calls (collect_stats; never
+    inside torch.compile, where nothing is recorded)."""
+    return bool(getattr(distance, "collect_stats", False)) and not torch.compiler.is_compiling()
+
+
+def record_norms(distance, query: torch.Tensor, ref: torch.Tensor | None = None,
+                 when=True) -> None:
     """The statistics `distance` (ours, or a PML distance kept as given) records of a call on
-    (query, ref), where the fused ops compute without calling it."""
-    if not getattr(distance, "collect_stats", False) or torch.compiler.is_compiling():
+    (query, ref), where the fused ops compute without calling it; `when`: whether the call is
+    made (a 0-d bool tensor: the previous values kept where False, without a host read)."""
+    if not wants_norms(distance) or when is False:
         return
     if isinstance(distance, BaseDistance):
-        distance.record_norms(query, ref)
-    elif hasattr(distance, "set_default_stats"):  # PML's (its own .item() reads)
+        distance.record_norms(query, ref, when)
+    elif hasattr(distance, "set_default_stats") and bool(when):  # PML's (its own .item() reads)
         ref = query if ref is None else ref
         with torch.no_grad():
             distance.set_default_stats(query, ref, distance.maybe_normalize(query),
@@ -57,18 +65,30 @@ class BaseDistance(Records, torch.nn.Module):
         mat = self.compute_mat(q, r)
         return mat**self.power if self.power != 1 else mat
 
-    def record_norms(self, query: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+    def record_norms(self, query: torch.Tensor, ref: torch.Tensor | None = None,
+                     when=True) -> None:
         """PML's statistics of a distance call (with collect_stats): the mean norm (in p) of
         the query and the reference rows before and after normalising. Kept on the device and
         read on first access (one host sync then, none in the call); not under
-        torch.compile."""
-        if not self.collect_stats or torch.compiler.is_compiling():
+        torch.compile. `when` a 0-d bool tensor: the previous values where it is False."""
+        if not wants_norms(self):
             return
         ref = query if ref is None else ref
         with torch.no_grad():
             means = [self.get_norm(t).mean() for t in (query, ref)]
             means += [self.get_norm(self.maybe_normalize(t)).mean() for t in (query, ref)]
-            self.__dict__["_norm_stats"] = torch.stack([m.double() for m in means])
+            new = torch.stack([m.double() for m in means])
+            if torch.is_tensor(when):
+                new = torch.where(when.to(new.device), new, self._held_norms(new))
+            self.__dict__["_norm_stats"] = new
+
+    def _held_norms(self, like: torch.Tensor) -> torch.Tensor:
+        """The statistics held now as a tensor like `like`, without reading a device value."""
+        held = self.__dict__.get("_norm_stats", (0, 0, 0, 0))
+        if torch.is_tensor(held):
+            return held.to(like)
+        return torch.stack([v.reshape(()).to(like) if torch.is_tensor(v)
+                            else like.new_tensor(float(v)) for v in held])
 
     initial_avg_query_norm = lazy_stat("_norm_stats", 0, 4)
     initial_avg_ref_norm = lazy_stat("_norm_stats", 1, 4)

@@ -11,12 +11,13 @@ import torch
 from . import backend as backend_mod
 from . import fused
 from .config import Expansion, Metrix
-from .distances import as_distance, record_norms, unit_l2_form
-from .miners.base import record_counts
+from .distances import as_distance, record_norms, unit_l2_form, wants_norms
+from .fused.pair_counts import pair_count_tensors
+from .miners.base import mined_counts, record_counts, stats_distance
 from .reducers import ForeignReducer, as_reducer, reduce_loss_dict
 from .regularizers import check_regularizer, regularization
 from .spec import LossInputs, get_spec
-from .validation import check_loss_inputs, pml_indices, pml_label_pair, pml_labels
+from .validation import check_loss_inputs, pml_indices, pml_label_pair
 
 class _OnTensorsDevice:
     """Autocast off, and the tensors' CUDA device current (see op_scope)."""
@@ -133,10 +134,13 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
     if weight_regularizer is not None and "proxies" not in params:
         raise ValueError(f"weight_regularizer is for the proxy losses (ProxyAnchorLoss, "
                          f"ProxyNCALoss), which have weights; {name} has none")
+    distance, miner = options.get("distance"), options.get("miner")
+    # the call's inputs as the loss took them (after the miner), for the norm statistics
+    seen = {} if wants_norms(distance) or wants_norms(stats_distance(miner)) else None
     loss = loss_terms(name, params, embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                      **options)
-    _record_call_norms(name, params, embeddings, labels, indices_tuple, ref_emb,
-                       options.get("distance"), options.get("miner"))
+                      seen=seen, **options)
+    if seen:
+        record_call_norms(name, params, embeddings, ref_emb, seen["inp"], distance, miner)
     return regularization(loss, embeddings, params.get("proxies"),
                           embedding_regularizer=embedding_regularizer,
                           embedding_reg_weight=embedding_reg_weight,
@@ -144,37 +148,66 @@ def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=Non
                           weight_reg_weight=weight_reg_weight)
 
 
-def _record_call_norms(name, params, embeddings, labels, indices_tuple, ref_emb, distance,
-                       miner) -> None:
+# PML's GenericPairLoss subclasses: no distance call where every index list has at most one
+# entry (all pairs from the labels, or the tuple's)
+PAIR_LOSSES = {"ContrastiveLoss", "MultiSimilarityLoss", "CircleLoss", "NTXentLoss",
+               "SupConLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss"}
+
+
+def _calls_distance(name, inp, miner=None):
+    """Whether PML's loss calls its distance on this input (it returns its zero losses before
+    the call where there is nothing to compute): a bool, or a 0-d bool tensor (no host read).
+    A miner that ran inside the fused op left its tuple's sizes as its counts."""
+    tup = inp.indices_tuple
+    if tup is None and miner is not None:
+        triplets, pos, neg = mined_counts(miner)
+        if name in PAIR_LOSSES:
+            return (torch.as_tensor(pos) > 1) | (torch.as_tensor(neg) > 1)
+        return torch.as_tensor(triplets) > 0 if name == "TripletMarginLoss" else True
+    if name in PAIR_LOSSES:
+        if tup is not None:  # a pair tuple as is, a triplet tuple as (a, p, a, n)
+            return any(len(t) > 1 for t in tup)
+        pos, neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
+        return (pos > 1) | (neg > 1)
+    if name == "TripletMarginLoss":
+        if tup is not None:  # (a pair tuple's triplets are not counted: taken as a call)
+            return len(tup) != 3 or len(tup[0]) > 0
+        ys = torch.sort(inp.ref_labels).values
+        same = torch.searchsorted(ys, inp.labels, right=True) - torch.searchsorted(ys, inp.labels)
+        pos = same - 1 if inp.same_set else same
+        return ((pos > 0) & (same < len(ys))).any()
+    return True
+
+
+def record_call_norms(name, params, embeddings, ref_emb, inp, distance, miner) -> None:
     """The norm statistics a distance with collect_stats keeps (distances.record_norms) of the
     call PML's loss makes on it: (embeddings, ref_emb or the batch), the proxies as the
-    reference for the proxy losses, NPairs' kept anchors and positives (none: no call); a
-    miner's distance of (embeddings, ref_emb or the batch). Set after the loss: the fused ops
-    never call the distance, and the reference's other calls (Metrix's mixed candidates) are
-    not PML's."""
-    miner_distance = getattr(miner, "distance", None)
-    if not (getattr(distance, "collect_stats", False)
-            or getattr(miner_distance, "collect_stats", False)):
-        return
+    reference for the proxy losses, NPairs' kept anchors and positives; none where PML's loss
+    returns before it (_calls_distance). A miner's distance: (embeddings, ref_emb or the
+    batch). Set after the loss: the fused ops never call the distance, and the reference's
+    other calls (Metrix's mixed candidates) are not PML's. The caller's tensors (half
+    precision as given), the labels and the index tuple as the loss took them."""
     ref = embeddings if ref_emb is None else ref_emb
-    record_norms(miner_distance, embeddings, ref)
+    record_norms(stats_distance(miner), embeddings, ref)
+    if not wants_norms(distance):
+        return
     query = embeddings
     if torch.is_tensor(params.get("proxies")):
         ref = params["proxies"].to(embeddings.dtype)  # PML casts them to the batch's dtype
     elif name == "NPairsLoss":
         from .reference.npairs import unique_label_pos_pairs
-        a, p = unique_label_pos_pairs(pml_indices(indices_tuple, embeddings),
-                                      pml_labels(labels, embeddings).long())
+        a, p = unique_label_pos_pairs(inp.indices_tuple, inp.labels)
         if len(a) == 0:
             return  # PML's NPairs returns before its distance call
         query, ref = embeddings[a], embeddings[p]
-    record_norms(distance, query, ref)
+    record_norms(distance, query, ref, when=_calls_distance(name, inp, miner))
 
 
 def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
                ref_emb=None, ref_labels=None, *, distance=None, reducer=None, backend="auto",
                metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
-               lam=None, mixed_embeddings=None, mixed=None, miner=None) -> torch.Tensor:
+               lam=None, mixed_embeddings=None, mixed=None, miner=None,
+               seen: Optional[dict] = None) -> torch.Tensor:
     """The loss without regularizers: validate, pick the backend, the clean (or expanded)
     loss reduced as PML does, plus the Metrix term."""
     spec = get_spec(name)
@@ -242,6 +275,8 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     if ref_emb is None:
         ref_emb, ref_labels = embeddings, labels
     inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set, distance)
+    if seen is not None:
+        seen["inp"] = inp
     red = as_reducer(reducer, spec.default_reducer)
     # λ is drawn for the embedding level only: feature/input mixes carry their own λ
     lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
@@ -304,6 +339,8 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
                 mined_loss = fused.MINER_IMPLS[(chosen, name)][1](params, inp, red, miner)
         else:  # the miner's index tuple, then the loss on those pairs (PML's two calls)
             inp = dataclasses.replace(inp, indices_tuple=miner(embeddings, labels, *miner_refs))
+            if seen is not None:
+                seen["inp"] = inp
             impls.clear()  # looked up for the call without the tuple
     impl = impl_of(chosen) if mined_loss is None and chosen != "reference" else None
     if mined_loss is None and chosen != "reference" and impl is None:

@@ -30,19 +30,23 @@ class Records:
 def lazy_stat(store: str, i: int, size: int) -> property:
     """A settable attribute, entry i of `self.<store>`: a tuple of `size` values (0 until
     set), whose entries (or which, whole) may be device tensors that a call left there
-    without reading them; they are read (one host sync) when a training loop first reads one
-    of the attributes."""
+    without reading them; they are read together (one host sync) when a training loop first
+    reads one of the attributes. Setting one reads nothing (reset_stats after a call)."""
     def values(self) -> tuple:
         vals = self.__dict__.get(store, (0,) * size)
         if torch.is_tensor(vals):
-            vals = self.__dict__[store] = tuple(vals.tolist())
-        elif any(torch.is_tensor(v) for v in vals):
-            vals = self.__dict__[store] = tuple(v.item() if torch.is_tensor(v) else v
-                                                for v in vals)
+            vals = tuple(vals.unbind()) if vals.dim() else (vals,)
+        held = [v for v in vals if torch.is_tensor(v)]
+        if held:  # one read for all (float64 holds counts up to 2^53 exactly)
+            got = iter(torch.stack([v.reshape(()).to(torch.float64) for v in held]).tolist())
+            vals = tuple((int(next(got)) if not (v.is_floating_point() or v.is_complex())
+                          else next(got)) if torch.is_tensor(v) else v for v in vals)
+            self.__dict__[store] = vals
         return vals
 
     def write(self, value):
-        vals = list(values(self))
+        vals = self.__dict__.get(store, (0,) * size)
+        vals = list(vals.unbind() if torch.is_tensor(vals) else vals)
         vals[i] = value
         self.__dict__[store] = tuple(vals)
 

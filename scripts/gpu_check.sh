@@ -47,7 +47,8 @@ else  # the files with GPU cases: the Triton engine, the CUDA ops, autocast, mix
   TESTS="tests/test_triton_*.py tests/test_cuda_*.py tests/test_row_stats_op.py
          tests/test_autocast.py tests/test_metrix_mixed_batch.py tests/test_backend_auto.py
          tests/test_metrix_refs.py tests/test_metrix_pos_pos.py tests/test_labels_device.py
-         tests/test_miner_counts.py"
+         tests/test_miner_counts.py tests/test_deterministic.py tests/test_cudagraph_tags.py
+         tests/test_other_device.py"
 fi
 TRITON_INTERPRET=0 limited 300 python3 -m pytest $TEST_OPTS $TESTS > "$RES/pytest_gpu.log" 2>&1
 echo "GPU tests: $(tail -1 "$RES/pytest_gpu.log")"
@@ -132,6 +133,8 @@ for eng in MultiSimilarityLoss:cuda MultiSimilarityLoss:triton ProxyAnchorLoss:t
     >> "$RES/profile.txt" 2>&1; grep "busy" "$RES/profile.txt" | tail -1
 done
 pack "profiles"
+# the per-call cost under CUDA graphs: torch.compile(mode="reduce-overhead") against eager
+bench gpu_ms_graphs_float32 --loss multi_similarity --impls cuda,cuda+graphs,triton,triton+graphs --sizes 2048,8192 --dims 512 --repeats 10
 # B = 65536: where the fold and G kernels dominate (GPU_NOTES.md's prediction)
 bench gpu_ms_large_float32 --loss multi_similarity --impls triton,cuda,floor --sizes 32768,65536 --dims 512,128 --repeats 3
 # Triton tile sizes (METRIX_OPS_TRITON_TILES) for MS, each checked against the default's result

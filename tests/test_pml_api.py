@@ -711,3 +711,73 @@ def test_subclass_overriding_compute_loss_runs_as_pml(case):
     ours.metrix = mo.Metrix(lam=0.3)
     with pytest.raises(NotImplementedError, match="overrides compute_loss"):
         ours(x, y)
+
+
+def _scale_all(base):
+    """A subclass scaling every entry of the dict, the regularizers' included; named as its
+    base (PML's CrossBatchMemory checks the class name)."""
+    def compute_loss(self, *args):
+        return {k: dict(v, losses=v["losses"] * 3) for k, v in
+                base.compute_loss(self, *args).items()}
+    return type(base.__name__, (base,), {"compute_loss": compute_loss})
+
+
+def test_override_path_checks_and_wrappers_as_pml():
+    """The override path: the batch against itself by the label tensor's identity (PML's
+    rule); the call's checks (labels' length, ref_emb where the loss takes none); a
+    CrossBatchMemory wrapping such a subclass calls it on the bank, as PML's; the proxies'
+    weight_reg_loss entry in the dict, as PML's proxy losses put it there."""
+    x, y = _batch(b=14, classes=3, seed=21)
+    ours, pml = _scaling_subclass(mo.losses.NTXentLoss, "loss")(), \
+        _scaling_subclass(pl.NTXentLoss, "loss")()
+    args = (x, y, None, x, y.clone())  # ref_emb the batch, ref_labels another tensor
+    torch.testing.assert_close(ours(*args), pml(*args))
+    with pytest.raises(ValueError, match="labels has 5 entries but there are 14"):
+        ours(x, y[:5])
+    with pytest.raises(ValueError, match="NPairsLoss does not take ref_emb"):
+        _scaling_subclass(mo.losses.NPairsLoss, "loss")()(x[:6], y[:6], None, x[6:], y[6:])
+    bank_o = mo.losses.CrossBatchMemory(_scale_all(mo.losses.ContrastiveLoss)(), 6,
+                                        memory_size=30)
+    bank_p = pl.CrossBatchMemory(_scale_all(pl.ContrastiveLoss)(), 6, memory_size=30)
+    for step in range(3):
+        xb, yb = x[4 * step:4 * step + 6], y[4 * step:4 * step + 6]
+        torch.testing.assert_close(bank_o(xb, yb), bank_p(xb, yb))
+    from pytorch_metric_learning import regularizers as preg
+    ours = _scale_all(mo.losses.ProxyAnchorLoss)(
+        3, 6, weight_regularizer=mo.regularizers.LpRegularizer(), weight_reg_weight=0.5)
+    pml = _scale_all(pl.ProxyAnchorLoss)(3, 6, weight_regularizer=preg.LpRegularizer(),
+                                         weight_reg_weight=0.5)
+    pml.proxies.data.copy_(ours.proxies.data)
+    assert "weight_reg_loss" in ours.compute_loss(x, y, None, None, None)
+    assert_close_vg(lambda e: ours(e, y), lambda e: pml(e, y), x)
+
+
+def test_norm_stats_kept_where_pml_makes_no_distance_call():
+    """PML's pair losses call their distance only where some index list has two entries or
+    more, TripletMarginLoss only where there is a triplet: otherwise the previous call's
+    statistics stay (ours decide on the device, no host read); also through miner=, whose
+    tuple sizes the fused op gives. A PML distance given to our miner gets its statistics;
+    resetting reads nothing."""
+    from pytorch_metric_learning import distances as pdist
+    from host_reads import SyncCounter
+    x, y = _batch(b=15, classes=4, seed=5)
+    distinct = (x[:4] * 3, torch.arange(4))
+    for make, cls in ((lambda m, d: m.TripletMarginLoss(distance=d), "LpDistance"),
+                      (lambda m, d: m.ContrastiveLoss(distance=d), "LpDistance"),
+                      (lambda m, d: m.MultiSimilarityLoss(
+                          distance=d, **({"miner": mo.miners.MultiSimilarityMiner()}
+                                         if m is mo.losses else {})), "CosineSimilarity")):
+        ours = make(mo.losses, getattr(mo.distances, cls)(collect_stats=True))
+        pml = make(pl, getattr(pdist, cls)(collect_stats=True))
+        pml_miner = pm.MultiSimilarityMiner() if ours.miner is not None else None
+        for args in ((x, y), distinct, (x[:1], y[:1]), (x[:0], y[:0])):
+            ours(*args)
+            pml(*args, *((pml_miner(*args),) if pml_miner is not None else ()))
+            assert _norm_stats(ours.distance) == pytest.approx(_norm_stats(pml.distance),
+                                                               rel=1e-12, nan_ok=True)
+        with SyncCounter() as counter:
+            ours.distance.reset_stats()
+        assert counter.total == 0 and _norm_stats(ours.distance) == [0, 0, 0, 0]
+    given = pdist.CosineSimilarity(collect_stats=True)
+    mo.miners.MultiSimilarityMiner(distance=given)(x, y)
+    assert given.initial_avg_query_norm == pytest.approx(x.norm(dim=1).mean().item())

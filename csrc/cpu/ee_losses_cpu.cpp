@@ -47,6 +47,7 @@
 #include "cpu/op_checks.h"
 #include "cpu/parallel_tasks.h"
 #include "cpu/row_tiles.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -592,17 +593,21 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // anchor log Σ_{q ∈ Q_i} exp(scale · m̂(i, q) + offset) over unit rows x, m̂ the hard-
   // negative-pair cosine ŝ (l2=False) or L2 distance d̂ (l2=True); −inf without a term.
   m.def("ee_neg_lse_fwd(Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, Tensor anchor_mask, "
-        "Tensor neg_mask, int n_points, bool l2, float scale, float offset, int chunk) -> Tensor");
+        "Tensor neg_mask, int n_points, bool l2, float scale, float offset, int chunk) -> Tensor",
+        METRIX_HOST_READS);
   m.def("ee_neg_lse_bwd(Tensor grad, Tensor lse, Tensor x, Tensor labels, Tensor seg_i, "
         "Tensor seg_j, Tensor anchor_mask, Tensor neg_mask, int n_points, bool l2, float scale, "
-        "float offset, int chunk) -> Tensor");
+        "float offset, int chunk) -> Tensor",
+        METRIX_HOST_READS);
   // TripletMarginLoss "all" with EE: per anchor (Σ f(v), #f > 0, #triplets) over its positives
   // (pos: their clean metric, anchor-major) and every negative point; v = margin(pos, m̂) + m
   m.def("ee_triplet_fwd(Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, Tensor pos, "
-        "int n_points, bool l2, float margin, bool smooth, int chunk) -> (Tensor, Tensor, Tensor)");
+        "int n_points, bool l2, float margin, bool smooth, int chunk) -> (Tensor, Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("ee_triplet_bwd(Tensor grad, Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, "
         "Tensor pos, int n_points, bool l2, float margin, bool smooth, int chunk) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

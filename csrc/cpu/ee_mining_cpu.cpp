@@ -53,6 +53,7 @@
 #include "cpu/batch_hard_self.h"
 #include "cpu/ee_closest.h"
 #include "cpu/op_checks.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -695,7 +696,8 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // segments in the reference's order; n_points synthetic points on each; rows are
   // streamed in chunks of whole classes of about `chunk` rows.
   m.def("ee_hphn_mine(Tensor x, Tensor labels, Tensor seg_i, Tensor seg_j, int n_points, "
-        "int chunk) -> Tensor");
+        "int chunk) -> Tensor",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) { m.impl("ee_hphn_mine", &ee_hphn_mine_cpu); }

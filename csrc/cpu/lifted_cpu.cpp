@@ -28,6 +28,7 @@
 #include "cpu/contrastive_blocks.h"  // ConLabels
 #include "cpu/op_checks.h"
 #include "cpu/self_walk.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -480,10 +481,12 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // log-sum-exp. lse combines the negatives of row a and of row partner[p] (-1: none).
   m.def("lifted_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, Tensor partner, "
         "bool exclude_diag, bool cosine, float pos_margin, float neg_margin, float low, "
-        "float high, int chunk) -> (Tensor, Tensor, Tensor)");
+        "float high, int chunk) -> (Tensor, Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("lifted_bwd(Tensor grad_sums, Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor partner, Tensor lse_neg, bool exclude_diag, bool cosine, float pos_margin, "
-        "float neg_margin, float low, float high, int chunk) -> (Tensor, Tensor)");
+        "float neg_margin, float low, float high, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   // The same against the batch itself (sorted labels, self pairs excluded, partner[p] = p),
   // its negative pass over the blocks I <= J of the symmetric S
   m.def("lifted_self_fwd(Tensor x, Tensor labels, bool cosine, float pos_margin, "

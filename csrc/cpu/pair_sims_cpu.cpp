@@ -14,6 +14,7 @@
 #include "common/checks.h"  // check_pair_sims_inputs
 #include "cpu/op_checks.h"
 #include "cpu/row_gather.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -56,9 +57,11 @@ std::tuple<at::Tensor, at::Tensor> pair_sims_bwd_cpu(const at::Tensor& grad_, co
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // s_k = x[rows_k] · r[cols_k] for P listed pairs (the pairs of an indices_tuple)
-  m.def("pair_sims_fwd(Tensor x, Tensor r, Tensor rows, Tensor cols) -> Tensor");
+  m.def("pair_sims_fwd(Tensor x, Tensor r, Tensor rows, Tensor cols) -> Tensor",
+        METRIX_HOST_READS);
   m.def("pair_sims_bwd(Tensor grad, Tensor x, Tensor r, Tensor rows, Tensor cols) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

@@ -20,6 +20,7 @@
 #include "common/triplet.h"
 #include "cpu/op_checks.h"
 #include "cpu/triplet_blocks.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -170,10 +171,12 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // chunks of x: per-anchor (loss sum, #active triplets, #triplets). cosine=false is the
   // L2 distance of unit rows. exclude_diag: r is the batch, so row i is not its own pair.
   m.def("triplet_all_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
-        "bool exclude_diag, bool cosine, float margin, int chunk) -> (Tensor, Tensor, Tensor)");
+        "bool exclude_diag, bool cosine, float margin, int chunk) -> (Tensor, Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("triplet_all_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
         "Tensor ref_labels, bool exclude_diag, bool cosine, float margin, int chunk) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

@@ -19,6 +19,7 @@
 
 #include "common/triplet.h"
 #include "cpu/triplet_blocks.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -239,10 +240,12 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // #kept with loss > 0, #kept).
   m.def("triplet_mined_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "bool exclude_diag, bool cosine, float margin, int mine_kind, float mine_margin, "
-        "bool smooth, int chunk) -> (Tensor, Tensor, Tensor)");
+        "bool smooth, int chunk) -> (Tensor, Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("triplet_mined_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
         "Tensor ref_labels, bool exclude_diag, bool cosine, float margin, int mine_kind, "
-        "float mine_margin, bool smooth, int chunk) -> (Tensor, Tensor)");
+        "float mine_margin, bool smooth, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

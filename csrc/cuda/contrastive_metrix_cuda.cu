@@ -10,6 +10,7 @@
 
 #include "common/contrastive_metrix.h"
 #include "cuda/metrix_rows.cuh"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -159,18 +160,22 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // candidates' terms > 0. Row chunks of whole classes, about `chunk` rows each.
   m.def("contrastive_metrix_mix_fwd(Tensor x, Tensor labels, Tensor class_start, "
         "Tensor class_size, bool cosine, float pos_margin, float neg_margin, float lam, "
-        "bool anchor_neg, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool anchor_neg, int chunk) -> (Tensor, Tensor, Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("contrastive_metrix_mix_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor labels, "
         "Tensor class_start, Tensor class_size, bool cosine, float pos_margin, "
-        "float neg_margin, float lam, bool anchor_neg, int chunk) -> Tensor");
+        "float neg_margin, float lam, bool anchor_neg, int chunk) -> Tensor",
+        METRIX_HOST_READS);
   // The same against references (ms_metrix_mix_refs_fwd's arguments and chunks)
   m.def("contrastive_metrix_mix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor self, bool cosine, float pos_margin, float neg_margin, float lam, "
-        "bool anchor_neg, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool anchor_neg, int chunk) -> (Tensor, Tensor, Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("contrastive_metrix_mix_refs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor r, "
         "Tensor labels, Tensor ref_labels, Tensor self, bool cosine, float pos_margin, "
         "float neg_margin, float lam, bool anchor_neg, int chunk, bool need_dr) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {

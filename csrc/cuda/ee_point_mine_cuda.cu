@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 namespace {
@@ -235,7 +236,8 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // largest cosine (inverted) or smallest distance to a point of another label, and that
   // point (−1: none), ties to the lowest. Gram rows `chunk` units at a time. No gradient.
   m.def("ee_point_mine(Tensor x, Tensor pu, Tensor pw, Tensor plam, Tensor pscale, "
-        "Tensor plab, int n_points, bool inverted, int chunk) -> (Tensor, Tensor)");
+        "Tensor plab, int n_points, bool inverted, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) { m.impl("ee_point_mine", &ee_point_mine_cuda); }

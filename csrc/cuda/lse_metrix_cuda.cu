@@ -13,6 +13,7 @@
 #include "common/circle_metrix.h"
 #include "common/lifted_metrix.h"
 #include "cuda/metrix_rows.cuh"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -243,31 +244,39 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // (lse⁺, lse⁻) of its candidates' exponents, −inf without a candidate. Row chunks of whole
   // classes, about `chunk` rows each. Lifted: cosine margins, else the L2 distance.
   m.def("circle_metrix_mix_fwd(Tensor x, Tensor labels, Tensor class_start, Tensor class_size, "
-        "float m, float gamma, float lam, bool anchor_neg, int chunk) -> (Tensor, Tensor)");
+        "float m, float gamma, float lam, bool anchor_neg, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("circle_metrix_mix_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor labels, "
         "Tensor class_start, Tensor class_size, Tensor lse_pos, Tensor lse_neg, float m, "
-        "float gamma, float lam, bool anchor_neg, int chunk) -> Tensor");
+        "float gamma, float lam, bool anchor_neg, int chunk) -> Tensor",
+        METRIX_HOST_READS);
   m.def("lifted_metrix_mix_fwd(Tensor x, Tensor labels, Tensor class_start, Tensor class_size, "
         "bool cosine, float pos_margin, float neg_margin, float lam, bool anchor_neg, "
-        "int chunk) -> (Tensor, Tensor)");
+        "int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("lifted_metrix_mix_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor labels, "
         "Tensor class_start, Tensor class_size, Tensor lse_pos, Tensor lse_neg, bool cosine, "
-        "float pos_margin, float neg_margin, float lam, bool anchor_neg, int chunk) -> Tensor");
+        "float pos_margin, float neg_margin, float lam, bool anchor_neg, int chunk) -> Tensor",
+        METRIX_HOST_READS);
   // The same against references (ms_metrix_mix_refs_fwd's arguments and chunks)
   m.def("circle_metrix_mix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor self, float m, float gamma, float lam, bool anchor_neg, int chunk) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("circle_metrix_mix_refs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor r, "
         "Tensor labels, Tensor ref_labels, Tensor self, Tensor lse_pos, Tensor lse_neg, "
         "float m, float gamma, float lam, bool anchor_neg, int chunk, bool need_dr) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("lifted_metrix_mix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor self, bool cosine, float pos_margin, float neg_margin, float lam, "
-        "bool anchor_neg, int chunk) -> (Tensor, Tensor)");
+        "bool anchor_neg, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("lifted_metrix_mix_refs_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor r, "
         "Tensor labels, Tensor ref_labels, Tensor self, Tensor lse_pos, Tensor lse_neg, "
         "bool cosine, float pos_margin, float neg_margin, float lam, bool anchor_neg, "
-        "int chunk, bool need_dr) -> (Tensor, Tensor)");
+        "int chunk, bool need_dr) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {

@@ -15,6 +15,7 @@
 
 #include "common/row_state.h"
 #include "cuda/metrix_rows.cuh"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -170,21 +171,25 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // empty. Row chunks of whole classes, about `chunk` rows each.
   m.def("ms_metrix_mix_fwd(Tensor x, Tensor labels, Tensor class_start, Tensor class_size, "
         "float alpha, float beta, float base, float lam, bool anchor_neg, int chunk) "
-        "-> (Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("ms_metrix_mix_bwd(Tensor grad, Tensor x, Tensor labels, Tensor class_start, "
         "Tensor class_size, Tensor lse_pos, Tensor lse_neg, float alpha, float beta, "
-        "float base, float lam, bool anchor_neg, int chunk) -> Tensor");
+        "float base, float lam, bool anchor_neg, int chunk) -> Tensor",
+        METRIX_HOST_READS);
   // The same against references: label-sorted unit anchors x and unit references r, self[a]
   // anchor a's own row of r (−1: none; neither a pair nor a positive). Chunks of whole
   // classes whose anchors and positives come to about `chunk` rows. Backward: (dx, dr), dr
   // zeros unless need_dr.
   m.def("ms_metrix_mix_refs_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor self, float alpha, float beta, float base, float lam, bool anchor_neg, "
-        "int chunk) -> (Tensor, Tensor, Tensor)");
+        "int chunk) -> (Tensor, Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("ms_metrix_mix_refs_bwd(Tensor grad, Tensor x, Tensor r, Tensor labels, "
         "Tensor ref_labels, Tensor self, Tensor lse_pos, Tensor lse_neg, float alpha, "
         "float beta, float base, float lam, bool anchor_neg, int chunk, bool need_dr) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {

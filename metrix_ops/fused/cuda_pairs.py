@@ -12,6 +12,8 @@ when the CUDA kernels were compiled. The symmetric self ops are CPU-only: the gl
 takes the general op with r = x on CUDA tensors."""
 from __future__ import annotations
 
+import torch
+
 from .. import _ext
 from . import (circle, contrastive, generalized_lifted, hphn_triplet, lifted_structure,
                multi_similarity, npairs, ntxent, proxy_anchor, proxy_nca, register,
@@ -23,6 +25,18 @@ def _on_cuda(supports):
         return (_ext.HAS_CUDA_EXT and inp.embeddings.device.type == "cuda"
                 and supports(params, inp, expansion))
     return cuda_supports
+
+
+def _deterministic_triplet(supports):
+    """smooth_loss' backward adds with float atomics (triplet_cuda.cu): under
+    torch.use_deterministic_algorithms(True) (not warn_only) the call goes to the next engine
+    that covers it (the reference), as torch's ops take their deterministic algorithms; with
+    warn_only the op runs and warns."""
+    def triplet_supports(params, inp, *rest) -> bool:
+        strict = (torch.are_deterministic_algorithms_enabled()
+                  and not torch.is_deterministic_algorithms_warn_only_enabled())
+        return not (strict and params.get("smooth_loss")) and supports(params, inp, *rest)
+    return triplet_supports
 
 
 def _hphn_supports(params, inp, expansion) -> bool:
@@ -40,7 +54,8 @@ for _name, _supports, _impl in [
         ("ProxyNCALoss", proxy_nca.supports, proxy_nca.impl),
         ("GeneralizedLiftedStructureLoss", generalized_lifted.supports, generalized_lifted.impl),
         ("NPairsLoss", npairs.supports, npairs.impl),
-        ("TripletMarginLoss", triplet_margin.supports, triplet_margin.impl),
+        ("TripletMarginLoss", _deterministic_triplet(triplet_margin.supports),
+         triplet_margin.impl),
         ("HPHNTripletLoss", _hphn_supports, hphn_triplet.impl),
         ("LiftedStructureLoss", lifted_structure.supports, lifted_structure.impl)]:
     register("cuda", _name, _on_cuda(_supports), _impl)
@@ -56,5 +71,6 @@ if _ext.has_cuda_kernel("pair_sims_fwd"):
 # miner= inside the op: the same glue as the CPU's (its general ops, not the symmetric ones)
 register_miner("cuda", "MultiSimilarityLoss", _on_cuda(multi_similarity.miner_supports),
                multi_similarity.miner_impl)
-register_miner("cuda", "TripletMarginLoss", _on_cuda(triplet_margin.miner_supports),
+register_miner("cuda", "TripletMarginLoss",
+               _on_cuda(_deterministic_triplet(triplet_margin.miner_supports)),
                triplet_margin.miner_impl)

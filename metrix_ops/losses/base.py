@@ -6,13 +6,20 @@ from typing import Optional
 import torch
 
 from ..config import Expansion, Metrix
-from ..driver import run_loss
-from ..distances import as_distance
+from ..driver import record_call_norms, run_loss
+from ..distances import as_distance, wants_norms
 from ..spec import LossInputs, get_spec
 from ..reducers import as_reducer, kept_reducer, reduce_loss_dict
 from ..records import Records
 from ..regularizers import check_regularizer, module_options, regularization
-from ..validation import pml_label_pair
+from ..validation import check_loss_inputs, pml_label_pair
+
+
+def overrides_compute_loss(loss) -> bool:
+    """A subclass with its own compute_loss: it runs PML's path (its loss dict), wherever the
+    loss is called (the loss itself, CrossBatchMemory, DistributedLossWrapper)."""
+    own = getattr(type(loss).compute_loss, "__module__", "") or ""
+    return isinstance(loss, BaseMetricLoss) and not own.startswith(__package__ + ".")
 
 
 class BaseMetricLoss(Records, torch.nn.Module):
@@ -105,16 +112,17 @@ class BaseMetricLoss(Records, torch.nn.Module):
         labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
+        # the batch against itself as PML (and the driver) take it: the same label tensor
         inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                         ref_emb is embeddings or ref_labels is labels,
-                         as_distance(self.distance, spec.default_distance))
+                         ref_labels is labels, as_distance(self.distance, spec.default_distance))
         return spec.loss_dict(inp, **self.loss_params())
 
     def _forward_as_pml(self, embeddings, labels, indices_tuple, ref_emb, ref_labels,
                         options: dict):
-        """PML's forward, for a subclass whose compute_loss is its own: the loss dict it
-        returns, reduced by the loss's reducer, plus the regularizers. The options that need
-        the library's own loss (Metrix, EE) are refused, not dropped."""
+        """PML's forward, for a subclass whose compute_loss is its own: the call checked as
+        the library's own path checks it, the loss dict it returns reduced by the loss's
+        reducer, plus the embedding regularizer (the proxies' is in the dict, as PML's). The
+        options that need the library's own loss (Metrix, EE) are refused, not dropped."""
         name = type(self).__name__
         if self.metrix is not None or self.expansion is not None or any(
                 v is not None for v in options.values()):
@@ -122,26 +130,39 @@ class BaseMetricLoss(Records, torch.nn.Module):
                 f"{name} overrides compute_loss, so it runs PML's path (its loss dict, then the "
                 "reducer): metrix=, expansion= and lam/mixed_embeddings/mixed need the "
                 "library's own loss; move the change into a wrapper around the loss instead")
+        spec = get_spec(self.loss_name)
         self.reset_stats()
         labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
+        if not spec.supports_ref_emb and ref_emb is not None and not (
+                ref_emb is embeddings and ref_labels is labels):
+            raise ValueError(f"{self.loss_name} does not take ref_emb/ref_labels")
+        if indices_tuple is not None and not spec.supports_indices_tuple:
+            raise ValueError(f"{self.loss_name} does not take indices_tuple")
+        proxies = self.loss_params().get("proxies")
+        check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                          labels_required=spec.labels_required,
+                          num_classes=len(proxies) if torch.is_tensor(proxies) else None)
+        miner_refs = (ref_emb, ref_labels)  # as given, for the miner
         if ref_emb is None:  # PML's set_ref_emb
             ref_emb, ref_labels = embeddings, labels
         if self.miner is not None:  # the option miner=: its tuple first, as PML's two calls
             if indices_tuple is not None:
                 raise ValueError("give either indices_tuple or the loss's miner=, not both")
-            same = ref_emb is embeddings
-            indices_tuple = self.miner(embeddings, labels, *((None, None) if same
-                                                            else (ref_emb, ref_labels)))
+            indices_tuple = self.miner(embeddings, labels, *miner_refs)
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        spec = get_spec(self.loss_name)
+        if wants_norms(self.distance):  # the distance PML's loss would have called
+            inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                             ref_labels is labels, self.distance)
+            record_call_norms(self.loss_name, self.loss_params(), embeddings, miner_refs[0],
+                              inp, self.distance, None)
         loss = reduce_loss_dict(loss_dict, as_reducer(self.reducer, spec.default_reducer),
                                 embeddings, labels, loss_name=self.loss_name)
-        return regularization(loss, embeddings, self.loss_params().get("proxies"),
-                              **module_options(self))
+        options = dict(module_options(self), weight_regularizer=None)  # (in the dict)
+        return regularization(loss, embeddings, proxies, **options)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
                 ref_labels=None, *, lam=None, mixed_embeddings=None, mixed=None):
-        if type(self).compute_loss is not BaseMetricLoss.compute_loss:
+        if overrides_compute_loss(self):
             return self._forward_as_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                         dict(lam=lam, mixed_embeddings=mixed_embeddings,
                                              mixed=mixed))

@@ -26,7 +26,7 @@ from ..reference.metrix import metrix_loss
 from ..reference.pairs import all_pairs, to_pairs, to_triplets
 from ..spec import LossInputs, get_spec
 from ..validation import DataChecks, check_embeddings, check_labels, pml_labels
-from .base import BaseMetricLoss
+from .base import BaseMetricLoss, overrides_compute_loss
 
 __all__ = ["CrossBatchMemory"]
 
@@ -161,6 +161,12 @@ class CrossBatchMemory(Records, torch.nn.Module):
         mem_emb, mem_labels = self._bank()
         exclude_start = start if enqueue_mask is None else None
 
+        if overrides_compute_loss(self.loss):
+            # a subclass's own compute_loss: PML's call of the wrapped loss on the pairs
+            # (its loss dict, its regularizers; Metrix and EE it refuses)
+            pairs = self._indices(embeddings, labels, mem_emb, mem_labels, indices_tuple,
+                                  exclude_start)
+            return self.loss(embeddings, labels, pairs, mem_emb, mem_labels)
         loss = None
         if (indices_tuple is None and self.miner is None and exclude_start is not None
                 and not short_rows):

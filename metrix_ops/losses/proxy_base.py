@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..regularizers import check_regularizer
+from ..regularizers import _term, check_regularizer
 from .base import BaseMetricLoss
 
 
@@ -41,6 +41,17 @@ class ProxyLossBase(BaseMetricLoss):
         e.g. to classify by the nearest proxy. The proxies are taken in the embeddings'
         dtype and device for the product, not cast in place."""
         return self.distance(embeddings, self.proxies.to(embeddings))
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict:
+        """PML's loss dict, with its weight_reg_loss entry when a weight_regularizer is set
+        (PML's proxy losses add it in compute_loss, so a subclass's override sees it)."""
+        loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if self.weight_regularizer is not None:
+            loss_dict["weight_reg_loss"] = {
+                "losses": _term("weight_regularizer", self.weight_regularizer, self.proxies,
+                                self.weight_reg_weight),
+                "indices": None, "reduction_type": "already_reduced"}
+        return loss_dict
 
     def loss_params(self):
         return {**super().loss_params(), "proxies": self.proxies}

@@ -29,6 +29,9 @@ class BaseMiner(Records, torch.nn.Module):
     def __init__(self, distance=None, collect_stats: bool = False):
         super().__init__()
         self.distance = as_distance(distance, self.default_distance)
+        # a PML distance object given is converted; its statistics (collect_stats) are still
+        # recorded on it, where the caller reads them
+        object.__setattr__(self, "_given_distance", distance)
         # PML's flag: the counts below are kept either way (as PML keeps them); with it, the
         # miners that have more statistics in PML record them (TripletMarginMiner's mean
         # distances, BatchHardMiner's extremes)
@@ -45,8 +48,7 @@ class BaseMiner(Records, torch.nn.Module):
         tup = self._count(self._check_output(
             self._call(mine, embeddings, labels, ref_emb, ref_labels)))
         # PML's miners call their distance on (embeddings, ref_emb); ours stream without it
-        record_norms(getattr(self, "distance", None), embeddings,
-                     embeddings if ref_emb is None else ref_emb)
+        record_norms(stats_distance(self), embeddings, embeddings if ref_emb is None else ref_emb)
         return tup
 
     def _count(self, tup):
@@ -125,6 +127,21 @@ def resolve_same_set(same_set, labels, ref_labels) -> bool:
 
 def _drop_same_set(mine):
     return lambda x, labels, ref, ref_labels, same_set: mine(x, labels, ref, ref_labels)
+
+
+def stats_distance(miner):
+    """The distance object a miner's norm statistics go to: the one its caller gave (a PML
+    distance, converted for the mining), else its own."""
+    given = getattr(miner, "_given_distance", None)
+    return given if given is not None else getattr(miner, "distance", None)
+
+
+def mined_counts(miner) -> tuple:
+    """(triplets, positive pairs, negative pairs) of the miner's last call as held, device
+    tensors unread (a fused miner= call's)."""
+    if isinstance(miner, BaseMiner):
+        return miner.__dict__.get("_counts", (0, 0, 0))
+    return tuple(getattr(miner, n, 0) for n in COUNT_NAMES)
 
 
 def record_counts(miner, triplets=0, pos_pairs=0, neg_pairs=0):

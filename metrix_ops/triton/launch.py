@@ -19,6 +19,15 @@ except ImportError:  # a CPU-only install without triton: backend="triton" is un
     HAS_TRITON = False
 
 
+# The custom ops that read tensor data on the host (label layouts, chunk tables, slot counts)
+# or whose backward takes a table its forward read: a CUDA graph cannot capture the read, and
+# would replay the captured call's table. Tagged (torch >= 2.9), torch.compile(mode=
+# "reduce-overhead") leaves them out of its CUDA graphs (csrc/common/op_tags.h: the CUDA
+# engine's ops of the same kind). Usage: @torch.library.custom_op(name, ..., **HOST_READS).
+_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+HOST_READS = {"tags": (_CUDAGRAPH_UNSAFE,)} if _CUDAGRAPH_UNSAFE is not None else {}
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -41,7 +41,8 @@ import torch.distributed as dist
 from .. import fused
 from ..driver import check_addable, draw_lam, run_loss
 from ..regularizers import module_options, regularization
-from ..losses.base import BaseMetricLoss
+from ..distances import record_norms
+from ..losses.base import BaseMetricLoss, overrides_compute_loss
 from ..losses.cross_batch_memory import (CrossBatchMemory, check_metrix_against_refs,
                                          mixed_against_refs)
 from ..reference.pairs import all_pairs
@@ -186,12 +187,14 @@ class DistributedLossWrapper(torch.nn.Module):
         if labels is None and (indices_tuple is None or loss.metrix is not None):
             raise ValueError("efficient=True needs labels (the pairs, or the Metrix term, are "
                              "built from them), or an indices_tuple")
-        clean = None
+        clean = streamed = None
         if indices_tuple is None:
-            if own:
-                clean = fused.run_with_memory(loss, emb, labels, refs, ref_labels, 0)
+            if own and not overrides_compute_loss(loss):
+                clean = streamed = fused.run_with_memory(loss, emb, labels, refs, ref_labels, 0)
             if clean is None:  # PML's get_indices_tuple: all pairs but the positive (i, i)
                 indices_tuple = all_pairs(labels.long(), ref_labels.long(), same_set=True)
+        if overrides_compute_loss(loss):  # a subclass's own compute_loss: PML's call of it
+            return loss(emb, labels, indices_tuple, refs, ref_labels)
         if clean is None:
             clean = run_loss(loss.loss_name, loss.loss_params(), emb, labels, indices_tuple,
                              refs, ref_labels, distance=loss.distance, reducer=loss.reducer,
@@ -201,6 +204,8 @@ class DistributedLossWrapper(torch.nn.Module):
             check_addable(clean, loss.reducer)
             clean = clean + mx.weight * mixed_against_refs(loss, emb, labels, refs, ref_labels,
                                                            own, draw_lam(mx, lam))
+        if streamed is not None:  # the distance PML's loss calls, which the fused op skips
+            record_norms(loss.distance, emb, refs)
         # PML's efficient mode calls the loss on the local rows: its embedding regularizer
         # sees this rank's embeddings
         return regularization(clean, emb, **module_options(loss))
