@@ -9,6 +9,7 @@ one with a tagged op, as Inductor's own check sees them; the CUDA engine's tags 
 CUDA code reads (csrc/common/op_tags.h), and on a GPU the loss under reduce-overhead equal
 to eager."""
 import collections
+import inspect
 import sys
 
 import pytest
@@ -57,7 +58,8 @@ def test_triton_ops_tagged_exactly_where_they_read_the_host(monkeypatch):
     from torch._library import custom_ops
     from host_reads import SyncCounter, second_step
     from metrix_ops.triton import table_cache
-    ops = {d._init_fn.__code__: name.split("::")[1] for name, d in custom_ops.OPDEFS.items()
+    ops = {inspect.unwrap(d._init_fn).__code__: name.split("::")[1]
+           for name, d in custom_ops.OPDEFS.items()
            if name.startswith("metrix_ops::triton_")}
 
     def active_op():

@@ -37,7 +37,7 @@ from ..ops.contrastive import _bound
 from ..reducers import reduce_loss_dict
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
-from .launch import usable_on
+from .launch import triton_op, usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
                     max_dim, needs_grads, pair_grads)
 from .tiles import pair_masks, sim_tile
@@ -137,7 +137,7 @@ def _constants(x, pos_margin, neg_margin, low, high):
     return loss_constants(x, pos_margin, neg_margin, low, high, 8 * torch.finfo(x.dtype).eps)
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _con_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                  ref_labels: torch.Tensor, exclude_diag: bool, symmetric: bool,
                  cosine: bool, pos_margin: float, neg_margin: float, low: float, high: float
@@ -155,7 +155,7 @@ def _(x, r, labels, ref_labels, exclude_diag, symmetric, cosine, pos_margin, neg
             x.new_empty(b, dtype=torch.long))
 
 
-@torch.library.custom_op("metrix_ops::triton_contrastive_rows_bwd", mutates_args=())
+@triton_op("metrix_ops::triton_contrastive_rows_bwd")
 def _con_rows_bwd_op(grad_pos: torch.Tensor, grad_neg: torch.Tensor, x: torch.Tensor,
                      r: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor,
                      exclude_diag: bool, symmetric: bool, cosine: bool, pos_margin: float,

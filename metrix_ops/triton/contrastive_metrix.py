@@ -24,7 +24,7 @@ from ..reducers import reduce_loss_dict
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from .contrastive import contrastive_rows_triton, supports as clean_supports
-from .launch import HOST_READS
+from .launch import triton_op
 from .metrix_tiles import (candidate_tile, chunk_launch, chunk_rows, covers, mix_grads, pos_block,
                            run_sorted)
 from .pairs import loss_constants
@@ -113,7 +113,7 @@ _FWD = "metrix_ops::triton_contrastive_metrix"
 _BWD = "metrix_ops::triton_contrastive_metrix_bwd"
 
 
-@torch.library.custom_op(_FWD, mutates_args=(), **HOST_READS)
+@triton_op(_FWD, host_reads=True)
 def _con_metrix_op(x: torch.Tensor, labels: torch.Tensor, cosine: bool, pos_margin: float,
                    neg_margin: float, lam: float, anchor_neg: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,7 +136,7 @@ def _(x, labels, cosine, pos_margin, neg_margin, lam, anchor_neg):
             x.new_empty(b, dtype=torch.int32))
 
 
-@torch.library.custom_op(_BWD, mutates_args=(), **HOST_READS)
+@triton_op(_BWD, host_reads=True)
 def _con_metrix_bwd_op(g_pos: torch.Tensor, g_neg: torch.Tensor, x: torch.Tensor,
                        labels: torch.Tensor, cosine: bool, pos_margin: float,
                        neg_margin: float, lam: float, anchor_neg: bool) -> torch.Tensor:

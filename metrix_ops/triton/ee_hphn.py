@@ -34,7 +34,7 @@ from ..fused.ee_hphn_picks import ee_hphn_picks
 from ..fused.hphn_triplet import picks_loss, segments_for
 from ..ops.unit_rows import normalized
 from .hphn_triplet import hphn_mine_triton
-from .launch import HOST_READS, next_pow2, usable_on
+from .launch import next_pow2, triton_op, usable_on
 from .ee_chunks import check_segment_labels
 from .pairs import launch_config, loss_constants, max_dim
 from .tiles import sim_tile
@@ -191,7 +191,7 @@ def _check_tables(x, labels, seg_i, seg_j, n, plam, pscale):
     check_segment_labels(labels, seg_i, seg_j)
 
 
-@torch.library.custom_op("metrix_ops::triton_ee_point_mine", mutates_args=(), **HOST_READS)
+@triton_op("metrix_ops::triton_ee_point_mine", host_reads=True)
 def _ee_point_mine_op(x: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor,
                       seg_j: torch.Tensor, n: int, plam: torch.Tensor, pscale: torch.Tensor,
                       inverted: bool) -> tuple[torch.Tensor, torch.Tensor]:

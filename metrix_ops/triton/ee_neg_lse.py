@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import HOST_READS, HAS_TRITON, next_pow2, usable_on
+from .launch import HAS_TRITON, next_pow2, triton_op, usable_on
 from . import table_cache
 from .ee_chunks import largest_unit_fits, unit_chunks
 from .tiles import acc_dtype, dot_precision
@@ -448,7 +448,7 @@ def launch_bwd(grad, lse, xs, pnorm, tables, sizes, l2: bool, prm, trip=None, dp
     return dx, dpn
 
 
-@torch.library.custom_op(_FWD, mutates_args=(), **HOST_READS)
+@triton_op(_FWD, host_reads=True)
 def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, layout: list[torch.Tensor], n: int,
             l2: bool, scale: float, offset: float) -> torch.Tensor:
     out = torch.full((xs.shape[0],), float("-inf"), dtype=xs.dtype, device=xs.device)
@@ -463,7 +463,7 @@ def _(xs, pnorm, layout, n, l2, scale, offset):
     return xs.new_empty(xs.shape[0])
 
 
-@torch.library.custom_op(_BWD, mutates_args=(), **HOST_READS)
+@triton_op(_BWD, host_reads=True)
 def _bwd_op(grad: torch.Tensor, lse: torch.Tensor, xs: torch.Tensor, pnorm: torch.Tensor,
             layout: list[torch.Tensor], n: int, l2: bool, scale: float, offset: float
             ) -> tuple[torch.Tensor, torch.Tensor]:

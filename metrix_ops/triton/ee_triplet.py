@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 
 from .ee_neg_lse import _params, launch_bwd, launch_fwd, layout_tables, prepare
-from .launch import HOST_READS
+from .launch import triton_op
 
 _FWD = "metrix_ops::triton_ee_triplet_fwd"
 _BWD = "metrix_ops::triton_ee_triplet_bwd"
 
 
-@torch.library.custom_op(_FWD, mutates_args=(), **HOST_READS)
+@triton_op(_FWD, host_reads=True)
 def _fwd_op(xs: torch.Tensor, pnorm: torch.Tensor, pos: torch.Tensor,
             layout: list[torch.Tensor], pst: torch.Tensor, pct: torch.Tensor, n: int, l2: bool,
             margin: float, smooth: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,7 +44,7 @@ def _(xs, pnorm, pos, layout, pst, pct, n, l2, margin, smooth):
             xs.new_empty(b, dtype=torch.long))
 
 
-@torch.library.custom_op(_BWD, mutates_args=(), **HOST_READS)
+@triton_op(_BWD, host_reads=True)
 def _bwd_op(grad: torch.Tensor, xs: torch.Tensor, pnorm: torch.Tensor, pos: torch.Tensor,
             layout: list[torch.Tensor], pst: torch.Tensor, pct: torch.Tensor, n: int, l2: bool,
             margin: float, smooth: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from ..reducers import reduce_loss_dict
 from ..reference.expansion_points import safe_sqrt
 from ..reference.hphn_triplet import hphn_terms
 from ..ops.unit_rows import normalized
-from .launch import usable_on
+from .launch import triton_op, usable_on
 from .pairs import launch_config, max_dim
 from .tiles import pair_masks, sim_tile
 
@@ -79,7 +79,7 @@ def _mine(x, r, labels, ref_labels, exclude_diag):
     return out
 
 
-@torch.library.custom_op("metrix_ops::triton_hphn_mine", mutates_args=())
+@triton_op("metrix_ops::triton_hphn_mine")
 def _hphn_mine_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                   ref_labels: torch.Tensor, exclude_diag: bool) -> torch.Tensor:
     if exclude_diag and x.shape[0] > r.shape[0]:

@@ -6,6 +6,7 @@ exact: that is how the CPU test run checks them). The interpreter is chosen by T
 kernel is decorated, so the variable must be set before metrix_ops is imported."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,9 +24,28 @@ except ImportError:  # a CPU-only install without triton: backend="triton" is un
 # or whose backward takes a table its forward read: a CUDA graph cannot capture the read, and
 # would replay the captured call's table. Tagged (torch >= 2.9), torch.compile(mode=
 # "reduce-overhead") leaves them out of its CUDA graphs (csrc/common/op_tags.h: the CUDA
-# engine's ops of the same kind). Usage: @torch.library.custom_op(name, ..., **HOST_READS).
+# engine's ops of the same kind).
 _CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
 HOST_READS = {"tags": (_CUDAGRAPH_UNSAFE,)} if _CUDAGRAPH_UNSAFE is not None else {}
+
+
+def triton_op(name: str, host_reads: bool = False):
+    """torch.library.custom_op (no mutated inputs) for a Triton launcher: tagged where it
+    reads the host (HOST_READS), and run with its first CUDA tensor's device current. Triton
+    launches on the current device, and a caller may have another one current: the library's
+    own calls make it so (driver.op_scope), but a graph compiled by a backend other than
+    Inductor (whose wrapper sets it) calls the op without them."""
+    def register(fn):
+        @functools.wraps(fn)
+        def on_tensors_device(*args, **kwargs):
+            t = next((a for a in args if torch.is_tensor(a) and a.is_cuda), None)
+            if t is None:
+                return fn(*args, **kwargs)
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+        return torch.library.custom_op(name, mutates_args=(),
+                                       **(HOST_READS if host_reads else {}))(on_tensors_device)
+    return register
 
 
 def interpreting() -> bool:

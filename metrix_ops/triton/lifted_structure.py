@@ -29,7 +29,7 @@ from ..fused.lifted_structure import lifted_loss
 from ..ops.contrastive import _bound
 from .generalized_lifted import (GEN_LIFTED_COS, GEN_LIFTED_L2, _lifted_grad_tile_cos,
                                  _lifted_grad_tile_l2)
-from .launch import usable_on
+from .launch import triton_op, usable_on
 from .pairs import launch_config, loss_constants, max_dim, pair_grads
 from .side_lse import side_lse_launch
 from .tiles import add_tile_product, pair_masks, sim_tile
@@ -135,7 +135,7 @@ _FWD = "metrix_ops::triton_lifted_rows"
 _BWD = "metrix_ops::triton_lifted_rows_bwd"
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _lifted_rows_op(x: torch.Tensor, labels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                     cosine: bool, pos_margin: float, neg_margin: float, low: float,
                     high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,7 +156,7 @@ def _(x, labels, lo, hi, cosine, pos_margin, neg_margin, low, high):
     return x.new_empty(b), x.new_empty(b, dtype=torch.long), x.new_empty(b)
 
 
-@torch.library.custom_op(_BWD, mutates_args=())
+@triton_op(_BWD)
 def _lifted_rows_bwd_op(g_sums: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
                         lo: torch.Tensor, hi: torch.Tensor, lneg: torch.Tensor, cosine: bool,
                         pos_margin: float, neg_margin: float, low: float,

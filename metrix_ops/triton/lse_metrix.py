@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import HOST_READS
+from .launch import triton_op
 from .metrix_tiles import (candidate_tile, chunk_launch, chunk_rows, fold3, mix_grads, pos_block,
                            register_lse_autograd, run_sorted)
 from .pairs import loss_constants
@@ -77,7 +77,7 @@ _FWD = "metrix_ops::triton_lse_metrix"
 _BWD = "metrix_ops::triton_lse_metrix_bwd"
 
 
-@torch.library.custom_op(_FWD, mutates_args=(), **HOST_READS)
+@triton_op(_FWD, host_reads=True)
 def _lse_metrix_op(x: torch.Tensor, labels: torch.Tensor, kind: int, consts: list[float],
                    lam: float, anchor_neg: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ def _(x, labels, kind, consts, lam, anchor_neg):
     return tuple(x.new_empty(x.shape[0]) for _ in range(3))
 
 
-@torch.library.custom_op(_BWD, mutates_args=(), **HOST_READS)
+@triton_op(_BWD, host_reads=True)
 def _lse_metrix_bwd_op(g_z: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
                        lse_pos: torch.Tensor, lse_neg: torch.Tensor, kind: int,
                        consts: list[float], lam: float, anchor_neg: bool) -> torch.Tensor:

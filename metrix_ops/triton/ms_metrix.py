@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import fused
 from ..ops.unit_rows import unit_rows
-from .launch import HOST_READS
+from .launch import triton_op
 from .metrix_tiles import (candidate_tile, chunk_launch, chunk_rows, covers, fold3, mix_grads,
                            pos_block, register_lse_autograd, run_sorted)
 from .multi_similarity import ms_rows_triton, supports as clean_supports
@@ -99,7 +99,7 @@ _FWD = "metrix_ops::triton_ms_metrix"
 _BWD = "metrix_ops::triton_ms_metrix_bwd"
 
 
-@torch.library.custom_op(_FWD, mutates_args=(), **HOST_READS)
+@triton_op(_FWD, host_reads=True)
 def _ms_metrix_op(x: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float,
                   base: float, lam: float, anchor_neg: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,7 +120,7 @@ def _(x, labels, alpha, beta, base, lam, anchor_neg):
     return tuple(x.new_empty(x.shape[0]) for _ in range(3))
 
 
-@torch.library.custom_op(_BWD, mutates_args=(), **HOST_READS)
+@triton_op(_BWD, host_reads=True)
 def _ms_metrix_bwd_op(g: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
                       lse_pos: torch.Tensor, lse_neg: torch.Tensor, alpha: float, beta: float,
                       base: float, lam: float, anchor_neg: bool) -> torch.Tensor:

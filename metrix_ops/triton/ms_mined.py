@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import fused
 from ..fused.multi_similarity import mined_loss, miner_fits
-from .launch import usable_on
+from .launch import triton_op, usable_on
 from .multi_similarity import ms_backward, ms_forward, supports as clean_supports
 from .pairs import fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants
 from .pairs import needs_grads
@@ -66,7 +66,7 @@ _FWD = "metrix_ops::triton_ms_mined_rows"
 _BWD = "metrix_ops::triton_ms_mined_rows_bwd"
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _ms_mined_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                  ref_labels: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,
                  base: float, eps: float, symmetric: bool
@@ -90,7 +90,7 @@ def _(x, r, labels, ref_labels, exclude_diag, alpha, beta, base, eps, symmetric)
     return vec[0], vec[1], vec[2], x.new_empty((b, 2), dtype=torch.long), vec[3], vec[4]
 
 
-@torch.library.custom_op(_BWD, mutates_args=())
+@triton_op(_BWD)
 def _ms_mined_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                      labels: torch.Tensor, ref_labels: torch.Tensor, lse_pos: torch.Tensor,
                      lse_neg: torch.Tensor, hardest_neg: torch.Tensor,

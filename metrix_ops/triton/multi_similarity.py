@@ -39,7 +39,7 @@ from .. import fused
 from ..distances import is_cosine
 from ..fused.multi_similarity import _reduce_clean, self_pairs
 from ..ops.unit_rows import unit_rows
-from .launch import usable_on
+from .launch import triton_op, usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
                     max_dim, mined_masks, needs_grads, pair_grads)
 from .tiles import pair_masks, sim_tile
@@ -145,7 +145,7 @@ _FWD = "metrix_ops::triton_ms_rows"
 _BWD = "metrix_ops::triton_ms_rows_bwd"
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _ms_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                 ref_labels: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,
                 base: float, symmetric: bool
@@ -160,7 +160,7 @@ def _(x, r, labels, ref_labels, exclude_diag, alpha, beta, base, symmetric):
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
-@torch.library.custom_op(_BWD, mutates_args=())
+@triton_op(_BWD)
 def _ms_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                     labels: torch.Tensor, ref_labels: torch.Tensor, lse_pos: torch.Tensor,
                     lse_neg: torch.Tensor, exclude_diag: bool, alpha: float, beta: float,

@@ -32,7 +32,7 @@ import torch
 
 from ..distances import is_cosine
 from ..fused.ntxent import ntxent_from_rows, supcon_from_rows
-from .launch import HAS_TRITON
+from .launch import HAS_TRITON, triton_op
 from .proxy_anchor import _grids, column_grads, hyper, tile_config
 
 NTXENT, SUPCON = 0, 1  # the kernels' LOSS
@@ -265,7 +265,7 @@ _NTX = "metrix_ops::triton_ntxent_rows"
 _SUP = "metrix_ops::triton_supcon_rows"
 
 
-@torch.library.custom_op(_NTX, mutates_args=())
+@triton_op(_NTX)
 def _ntxent_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                     ref_labels: torch.Tensor, same_set: bool, temperature: float, low: float,
                     high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -290,7 +290,7 @@ def _(x, r, labels, ref_labels, same_set, temperature, low, high):
             x.new_empty(b))
 
 
-@torch.library.custom_op(_SUP, mutates_args=())
+@triton_op(_SUP)
 def _supcon_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                     ref_labels: torch.Tensor, same_set: bool, temperature: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,7 +310,7 @@ def _(x, r, labels, ref_labels, same_set, temperature):
     return tuple(x.new_empty(x.shape[0]) for _ in range(3))
 
 
-@torch.library.custom_op("metrix_ops::triton_ntx_pair_bwd", mutates_args=())
+@triton_op("metrix_ops::triton_ntx_pair_bwd")
 def _pair_bwd_op(loss: int, g: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                  labels: torch.Tensor, ref_labels: torch.Tensor, sa: torch.Tensor,
                  sb: torch.Tensor, sc: torch.Tensor, same_set: bool, temperature: float,

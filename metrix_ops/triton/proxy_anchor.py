@@ -33,7 +33,7 @@ import torch
 
 from ..distances import is_cosine
 from ..fused.proxy_anchor import terms_impl
-from .launch import HAS_TRITON, dim_block, next_pow2, row_block
+from .launch import HAS_TRITON, dim_block, next_pow2, row_block, triton_op
 from .tiles import acc_dtype, dot_precision
 
 if HAS_TRITON:
@@ -322,7 +322,7 @@ def _pa_bwd(x, p, labels, gp, gn, lp, ln, alpha, margin, need_dx=True, need_dp=T
 _FWD = "metrix_ops::triton_proxy_anchor_terms"
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _pa_terms_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, alpha: float,
                  margin: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-proxy (pos, neg), the CPU op's proxy_anchor_fwd on Triton. The terms are also the
@@ -337,7 +337,7 @@ def _(x, p, labels, alpha, margin):
     return p.new_empty(p.shape[0]), p.new_empty(p.shape[0])
 
 
-@torch.library.custom_op("metrix_ops::triton_proxy_anchor_terms_bwd", mutates_args=())
+@triton_op("metrix_ops::triton_proxy_anchor_terms_bwd")
 def _pa_terms_bwd_op(g_pos: torch.Tensor, g_neg: torch.Tensor, x: torch.Tensor,
                      p: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
                      neg: torch.Tensor, alpha: float, margin: float, need_dx: bool,

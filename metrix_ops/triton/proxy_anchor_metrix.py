@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import fused
 from ..fused import proxy_metrix
-from .launch import next_pow2
+from .launch import next_pow2, triton_op
 from .proxy_anchor import check_unit_inputs, hyper
 from .proxy_anchor import impl as clean_impl, supports as clean_supports
 from .proxy_nca_metrix import _pair_tile, proxy_mix_config as _config
@@ -147,7 +147,7 @@ def _constants(x, alpha, margin, lam):
 _FWD = "metrix_ops::triton_proxy_anchor_metrix_terms"
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _pa_mix_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, alpha: float,
                margin: float, lam: float, same: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per proxy (pos, neg) over the mixed candidates."""
@@ -168,7 +168,7 @@ def _(x, p, labels, alpha, margin, lam, same):
     return p.new_empty(p.shape[0]), p.new_empty(p.shape[0])
 
 
-@torch.library.custom_op("metrix_ops::triton_proxy_anchor_metrix_terms_bwd", mutates_args=())
+@triton_op("metrix_ops::triton_proxy_anchor_metrix_terms_bwd")
 def _pa_mix_bwd_op(g_pos: torch.Tensor, g_neg: torch.Tensor, x: torch.Tensor,
                    p: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                    alpha: float, margin: float, lam: float, same: bool

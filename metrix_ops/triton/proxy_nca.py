@@ -23,7 +23,7 @@ import torch
 
 from ..fused.proxy_nca import _kind, rows_impl
 from ..ops.proxy_nca import COSINE, SQUARED_L2
-from .launch import HAS_TRITON
+from .launch import HAS_TRITON, triton_op
 from .proxy_anchor import _grids, check_unit_inputs, column_grads, hyper, tile_config
 
 if HAS_TRITON:
@@ -159,7 +159,7 @@ def _nca_bwd(x, p, labels, g, lse, scale, kind, need_dx=True, need_dp=True):
 _FWD = "metrix_ops::triton_proxy_nca_rows"
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _nca_rows_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, scale: float,
                  kind: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example (lse − own logit, lse), the CPU op's proxy_nca_fwd on Triton; the lse is
@@ -176,7 +176,7 @@ def _(x, p, labels, scale, kind):
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
-@torch.library.custom_op("metrix_ops::triton_proxy_nca_rows_bwd", mutates_args=())
+@triton_op("metrix_ops::triton_proxy_nca_rows_bwd")
 def _nca_rows_bwd_op(g: torch.Tensor, x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor,
                      lse: torch.Tensor, scale: float, kind: int, need_dx: bool,
                      need_dp: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ import triton.language as tl
 from .. import fused
 from ..fused import proxy_metrix
 from ..ops.proxy_nca import COSINE, SQUARED_L2
-from .launch import next_pow2
+from .launch import next_pow2, triton_op
 from .proxy_anchor import check_unit_inputs, hyper
 from .proxy_nca import impl as clean_impl, supports as clean_supports
 from .tiles import acc_dtype, add_tile_product, dot_precision, sim_tile
@@ -218,7 +218,7 @@ def _constants(x, scale, lam):
 _FWD = "metrix_ops::triton_proxy_nca_metrix_rows"
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _nca_mix_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, scale: float,
                 kind: int, lam: float, same: bool) -> torch.Tensor:
     """Per row u: Σ over its candidates mix(u, w) of the soft-target cross-entropy."""
@@ -241,7 +241,7 @@ def _(x, p, labels, scale, kind, lam, same):
     return x.new_empty(x.shape[0])
 
 
-@torch.library.custom_op("metrix_ops::triton_proxy_nca_metrix_rows_bwd", mutates_args=())
+@triton_op("metrix_ops::triton_proxy_nca_metrix_rows_bwd")
 def _nca_mix_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, p: torch.Tensor,
                     labels: torch.Tensor, scale: float, kind: int, lam: float, same: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:

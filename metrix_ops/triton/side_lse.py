@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import triton_op
 from .pairs import (fake_grads, grads_or_empty, launch_config, loss_constants, needs_grads,
                     pair_grads)
 from .tiles import pair_masks, sim_tile
@@ -103,7 +104,7 @@ _FWD = "metrix_ops::triton_side_lse_rows"
 _BWD = "metrix_ops::triton_side_lse_rows_bwd"
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
+@triton_op(_FWD)
 def _side_lse_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                       ref_labels: torch.Tensor, exclude_diag: bool, kind: int,
                       consts: list[float], symmetric: bool
@@ -119,7 +120,7 @@ def _(x, r, labels, ref_labels, exclude_diag, kind, consts, symmetric):
     return tuple(x.new_empty(x.shape[0]) for _ in range(3))
 
 
-@torch.library.custom_op(_BWD, mutates_args=())
+@triton_op(_BWD)
 def _side_lse_rows_bwd_op(g_z: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                           labels: torch.Tensor, ref_labels: torch.Tensor, lse_p: torch.Tensor,
                           lse_n: torch.Tensor, exclude_diag: bool, kind: int,

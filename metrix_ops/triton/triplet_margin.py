@@ -44,7 +44,7 @@ import triton.language as tl
 from .. import fused
 from . import table_cache
 from ..fused.triplet_margin import totals_impl, unit_distance
-from .launch import HOST_READS, next_pow2, usable_on
+from .launch import next_pow2, triton_op, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
 from .tiles import add_tile_product, pair_masks, sim_tile
 
@@ -441,7 +441,7 @@ def _check(x, r, labels, ref_labels, exclude_diag):
 _FWD = "metrix_ops::triton_triplet_all_rows"
 
 
-@torch.library.custom_op(_FWD, mutates_args=(), **HOST_READS)
+@triton_op(_FWD, host_reads=True)
 def _tri_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                  ref_labels: torch.Tensor, exclude_diag: bool, cosine: bool, margin: float,
                  mine: int = 0, mine_margin: float = 0.0
@@ -461,7 +461,7 @@ def _(x, r, labels, ref_labels, exclude_diag, cosine, margin, mine=0, mine_margi
             x.new_empty(b, dtype=torch.long))
 
 
-@torch.library.custom_op("metrix_ops::triton_triplet_all_rows_bwd", mutates_args=(), **HOST_READS)
+@triton_op("metrix_ops::triton_triplet_all_rows_bwd", host_reads=True)
 def _tri_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                      labels: torch.Tensor, ref_labels: torch.Tensor, exclude_diag: bool,
                      cosine: bool, margin: float, need_x: bool, need_r: bool, mine: int = 0,

@@ -14,11 +14,10 @@ Sums in fp32 (fp64 for fp64 rows). Registered as custom ops, so a compiled modul
 through them. Tested against the PyTorch form under TRITON_INTERPRET=1 on the CPU."""
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
-from .launch import HAS_TRITON, next_pow2
+from .launch import HAS_TRITON, next_pow2, triton_op
 from .tiles import acc_dtype
 
 if HAS_TRITON:
@@ -84,18 +83,16 @@ def _launch(kernel, first, *rest, dtype):
     row stride, the others are contiguous."""
     b, d = first.shape
     block_r, block_d = _blocks(d)
-    # Triton launches on the current device: the tensors' own, as the C++ ops' guard does
-    with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
-        kernel[(triton.cdiv(b, block_r),)](first, *rest, b, d, first.stride(0),
-                                           BLOCK_R=block_r, BLOCK_D=block_d,
-                                           ACC=acc_dtype(dtype))
+    # (on the tensors' device: the ops run with it current, launch.triton_op)
+    kernel[(triton.cdiv(b, block_r),)](first, *rest, b, d, first.stride(0),
+                                       BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_dtype(dtype))
 
 
 def _unit_stride(t):
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("metrix_ops::triton_unit_rows_fwd", mutates_args=())
+@triton_op("metrix_ops::triton_unit_rows_fwd")
 def unit_rows_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / max(‖x‖, eps), ‖x‖ as a B × 1 column), the rows of x normalised."""
     b, d = x.shape
@@ -111,7 +108,7 @@ def _(x):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], 1))
 
 
-@torch.library.custom_op("metrix_ops::triton_unit_rows_bwd", mutates_args=())
+@triton_op("metrix_ops::triton_unit_rows_bwd")
 def unit_rows_bwd(g: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """The gradient of x from the gradient g of y = unit_rows_fwd(x)[0]."""
     b, d = y.shape
