@@ -15,7 +15,9 @@ an argmax (duplicate rows in EE's hard-negative pairs, D = 1) split a gradient o
 torch.cdist's product form (the reference's, PML's) gives as √ε-level noise (2.1e-8 in fp64)
 where the fused ops give their own rounding of √(2 − 2s), so a mean over few positive pairs
 moves by that much (seed 3111, case 152); a synthetic or mixed point at the origin (D = 1,
-antipodal positives) has no direction and both give a huge gradient; fp32 against the fp64
+antipodal positives) has no direction: the reference's normalisation gives a huge gradient
+there, the engines a huge one too or 0 (seed 3202, case 49: MS with EE, where for D = 1 the
+gradient through x / ‖x‖ is 0 wherever it is defined); fp32 against the fp64
 reference differs where PML's own rules depend on the precision (ProxyNCA's underflow mask).
 """
 from __future__ import annotations
