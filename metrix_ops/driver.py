@@ -154,7 +154,7 @@ PAIR_LOSSES = {"ContrastiveLoss", "MultiSimilarityLoss", "CircleLoss", "NTXentLo
                "SupConLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss"}
 
 
-def _calls_distance(name, inp, miner=None):
+def calls_distance(name, inp, miner=None):
     """Whether PML's loss calls its distance on this input (it returns its zero losses before
     the call where there is nothing to compute): a bool, or a 0-d bool tensor (no host read).
     A miner that ran inside the fused op left its tuple's sizes as its counts."""
@@ -170,8 +170,8 @@ def _calls_distance(name, inp, miner=None):
         pos, neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
         return (pos > 1) | (neg > 1)
     if name == "TripletMarginLoss":
-        if tup is not None:  # (a pair tuple's triplets are not counted: taken as a call)
-            return len(tup) != 3 or len(tup[0]) > 0
+        if tup is not None:  # a pair tuple's triplets: anchors with a positive and a negative
+            return len(tup[0]) > 0 if len(tup) == 3 else torch.isin(tup[0], tup[2]).any()
         ys = torch.sort(inp.ref_labels).values
         same = torch.searchsorted(ys, inp.labels, right=True) - torch.searchsorted(ys, inp.labels)
         pos = same - 1 if inp.same_set else same
@@ -183,7 +183,7 @@ def record_call_norms(name, params, embeddings, ref_emb, inp, distance, miner) -
     """The norm statistics a distance with collect_stats keeps (distances.record_norms) of the
     call PML's loss makes on it: (embeddings, ref_emb or the batch), the proxies as the
     reference for the proxy losses, NPairs' kept anchors and positives; none where PML's loss
-    returns before it (_calls_distance). A miner's distance: (embeddings, ref_emb or the
+    returns before it (calls_distance). A miner's distance: (embeddings, ref_emb or the
     batch). Set after the loss: the fused ops never call the distance, and the reference's
     other calls (Metrix's mixed candidates) are not PML's. The caller's tensors (half
     precision as given), the labels and the index tuple as the loss took them."""
@@ -200,7 +200,7 @@ def record_call_norms(name, params, embeddings, ref_emb, inp, distance, miner) -
         if len(a) == 0:
             return  # PML's NPairs returns before its distance call
         query, ref = embeddings[a], embeddings[p]
-    record_norms(distance, query, ref, when=_calls_distance(name, inp, miner))
+    record_norms(distance, query, ref, when=calls_distance(name, inp, miner))
 
 
 def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
@@ -348,7 +348,10 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
             raise NotImplementedError(
                 f"backend={backend!r} does not cover this {name} call (its fused op supports "
                 "the default cosine distance, an indices_tuple or none, and no expansion=); use "
-                "backend='auto' or 'reference'")
+                "backend='auto' or 'reference'"
+                + ("; under torch.use_deterministic_algorithms(True) an op that adds with "
+                   "float atomics (TripletMarginLoss' smooth_loss on 'cuda') is not used"
+                   if torch.are_deterministic_algorithms_enabled() else ""))
         chosen = "reference"
 
     if mined_loss is not None:

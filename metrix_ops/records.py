@@ -38,7 +38,8 @@ def lazy_stat(store: str, i: int, size: int) -> property:
             vals = tuple(vals.unbind()) if vals.dim() else (vals,)
         held = [v for v in vals if torch.is_tensor(v)]
         if held:  # one read for all (float64 holds counts up to 2^53 exactly)
-            got = iter(torch.stack([v.reshape(()).to(torch.float64) for v in held]).tolist())
+            dev = held[0].device
+            got = iter(torch.stack([v.reshape(()).to(dev, torch.float64) for v in held]).tolist())
             vals = tuple((int(next(got)) if not (v.is_floating_point() or v.is_complex())
                           else next(got)) if torch.is_tensor(v) else v for v in vals)
             self.__dict__[store] = vals

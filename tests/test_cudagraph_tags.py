@@ -136,11 +136,15 @@ def test_inductor_sees_which_compiled_graphs_can_be_captured(backend):
 
 
 # the compiled ops whose CUDA implementation reads the host (csrc/cuda: .item(), .cpu(), label
-# layouts built on the host), or whose backward needs its forward's such table
+# layouts built on the host, the proxy ops' label range check), or whose backward needs its
+# forward's such table
 CUDA_READS = (
     ["ee_neg_lse_fwd", "ee_neg_lse_bwd", "ee_triplet_fwd", "ee_triplet_bwd", "ee_hphn_mine",
      "lifted_fwd", "lifted_bwd", "triplet_all_fwd", "triplet_all_bwd", "triplet_mined_fwd",
-     "triplet_mined_bwd", "pair_sims_fwd", "pair_sims_bwd"]
+     "triplet_mined_bwd", "pair_sims_fwd", "pair_sims_bwd", "proxy_anchor_fwd",
+     "proxy_anchor_bwd", "proxy_anchor_weighted_fwd", "proxy_anchor_weighted_bwd",
+     "proxy_nca_fwd", "proxy_nca_bwd", "proxy_anchor_metrix_fwd", "proxy_anchor_metrix_bwd",
+     "proxy_nca_metrix_fwd", "proxy_nca_metrix_bwd"]
     + [f"{loss}_metrix_mix{refs}_{way}" for loss in ("ms", "contrastive", "circle", "lifted")
        for refs in ("", "_refs") for way in ("fwd", "bwd")] + ["ee_point_mine"])
 
@@ -153,14 +157,14 @@ def test_compiled_ops_tagged_where_their_cuda_code_reads():
     for name in names:
         assert UNSAFE in getattr(torch.ops.metrix_ops, name).default.tags, name
     for name in ("ms_loss_fwd", "ms_loss_bwd", "contrastive_fwd", "gen_lifted_fwd",
-                 "proxy_anchor_fwd", "ntxent_fwd", "sim_row_stats"):
+                 "ntxent_fwd", "supcon_fwd", "circle_fwd", "sim_row_stats"):
         assert UNSAFE not in getattr(torch.ops.metrix_ops, name).default.tags, name
 
 
 @needs_tag
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("case", ["ms", "triplet", "ms-metrix"])  # (compiles are slow)
+@pytest.mark.parametrize("case", ["ms", "triplet", "ms-metrix", "proxy-anchor"])
 def test_reduce_overhead_compile_equals_eager_on_gpu(case, backend):
     """Three steps of a compiled loss under mode="reduce-overhead" (the CUDA graphs recorded
     on the second and replayed on the third, where capturable) give eager's values and
@@ -173,8 +177,9 @@ def test_reduce_overhead_compile_equals_eager_on_gpu(case, backend):
             "ms-metrix": lambda: L.MultiSimilarityLoss(backend=backend,
                                                        metrix=mo.Metrix(lam=0.3)),
             "ms-ee": lambda: L.MultiSimilarityLoss(backend=backend,
-                                                   expansion=mo.Expansion(n_points=2))}[case]
-    loss = make()
+                                                   expansion=mo.Expansion(n_points=2)),
+            "proxy-anchor": lambda: L.ProxyAnchorLoss(8, 32, backend=backend)}[case]
+    loss = make().cuda()
     torch._dynamo.reset()
     compiled = torch.compile(lambda e, lab: loss(e, lab), mode="reduce-overhead")
     g = torch.Generator().manual_seed(2)

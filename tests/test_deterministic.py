@@ -6,7 +6,8 @@ ops that add with atomics by default (index_add_, index_select's backward), whic
 deterministic algorithms in that mode. Two kernels add with float atomics and alert there,
 as torch's own nondeterministic kernels do: the Triton index-tuple backward
 (test_triton_pair_sims.py) and the CUDA engine's TripletMarginLoss backward with
-smooth_loss, which backend="auto" then leaves for the reference (checked here on a GPU).
+smooth_loss, which backend="auto" then leaves for the next engine that covers it (Triton,
+else the reference; checked here on a GPU).
 
 The CPU engine is repeatable for a given thread count (its row blocks are fixed by the
 count); the Triton engine runs here under the interpreter, on a GPU it runs there."""
@@ -102,9 +103,9 @@ def test_gpu_engines_repeat_bitwise(case, backend, deterministic_mode):
 @on_gpu
 @pytest.mark.skipif(not _ext.HAS_CUDA_EXT, reason="the CUDA kernels are not built")
 def test_cuda_smooth_triplet_under_deterministic_mode(deterministic_mode):
-    """The CUDA op's float atomics: "auto" takes the reference (bitwise repeatable), an
+    """The CUDA op's float atomics: "auto" takes the next engine (bitwise repeatable), an
     explicit backend="cuda" refuses the call; with warn_only the op runs, its backward warns,
-    and its values are the reference's."""
+    and its values are that engine's."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(20, 8, generator=g).cuda()
     y = torch.randint(0, 3, (20,), generator=g).cuda()

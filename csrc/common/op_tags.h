@@ -2,7 +2,7 @@
 // Tags of an op's schema (TORCH_LIBRARY's m.def(schema, tags)).
 //
 // METRIX_HOST_READS: the op's CUDA implementation reads tensor data on the host (label
-// layouts, chunk tables, index range checks), or its backward takes a table its forward read.
+// layouts, chunk tables, label and index range checks), or its backward takes a table its forward read.
 // A CUDA graph cannot capture such a read, and would bake the table of the captured call
 // into every replay; with the tag, torch.compile(mode="reduce-overhead") leaves the op (and,
 // without Inductor's graph partitioning, its graph) out of the CUDA graphs instead of failing

@@ -28,6 +28,7 @@
 #include "common/fast_exp.h"
 #include "common/proxy_anchor.h"
 #include "cpu/op_checks.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 namespace {
@@ -345,16 +346,20 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // Proxy-anchor loss of unit embeddings x against unit proxies p, streamed over p in chunks
   // of `chunk` proxies: per proxy, log(1 + Σ_pos e^{−α(s−δ)}) and log(1 + Σ_neg e^{α(s+δ)}).
   m.def("proxy_anchor_fwd(Tensor x, Tensor p, Tensor labels, float alpha, float margin, "
-        "int chunk) -> (Tensor, Tensor)");
+        "int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("proxy_anchor_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor p, Tensor labels, "
-        "Tensor pos, Tensor neg, float alpha, float margin, int chunk) -> (Tensor, Tensor)");
+        "Tensor pos, Tensor neg, float alpha, float margin, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   // the same with log_w (B,) added to every exponent of each example (PML's indices_tuple
   // weights, w − 1); CPU only
   m.def("proxy_anchor_weighted_fwd(Tensor x, Tensor p, Tensor labels, Tensor log_w, "
-        "float alpha, float margin, int chunk) -> (Tensor, Tensor)");
+        "float alpha, float margin, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("proxy_anchor_weighted_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor p, "
         "Tensor labels, Tensor log_w, Tensor pos, Tensor neg, float alpha, float margin, "
-        "int chunk) -> (Tensor, Tensor)");
+        "int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {

@@ -30,6 +30,7 @@
 #include "cpu/gram_rows.h"
 #include "cpu/op_checks.h"
 #include "cpu/proxy_metrix_lanes.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 namespace {
@@ -309,10 +310,12 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // label), Gram rows streamed `chunk` at a time. Per proxy: log(1 + Σ y·e^{−α(s−δ)}) and
   // log(1 + Σ (1−y)·e^{α(s+δ)}), y the candidate's class mass on the proxy.
   m.def("proxy_anchor_metrix_fwd(Tensor x, Tensor p, Tensor labels, float alpha, float margin, "
-        "float lam, bool same_label, int chunk) -> (Tensor, Tensor)");
+        "float lam, bool same_label, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("proxy_anchor_metrix_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor p, "
         "Tensor labels, Tensor pos, Tensor neg, float alpha, float margin, float lam, "
-        "bool same_label, int chunk) -> (Tensor, Tensor)");
+        "bool same_label, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

@@ -12,6 +12,7 @@
 #include "common/lse_acc.h"
 #include "common/proxy_nca.h"
 #include "cpu/op_checks.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 
@@ -164,9 +165,11 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // `chunk` rows: per example, logsumexp_c(logit) − logit of its own proxy, and the
   // logsumexp. kind 0: logit = scale·s (cosine); 1: logit = −scale·(2 − 2s) (squared L2).
   m.def("proxy_nca_fwd(Tensor x, Tensor p, Tensor labels, float scale, int kind, int chunk) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   m.def("proxy_nca_bwd(Tensor grad_rows, Tensor x, Tensor p, Tensor labels, Tensor lse, "
-        "float scale, int kind, int chunk) -> (Tensor, Tensor)");
+        "float scale, int kind, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
   // The same rows with their gradient at unit upstream gradient (rows, lse, dx1, dp1; CPU
   // only), and the backward from them.
   m.def("proxy_nca_grad_fwd(Tensor x, Tensor p, Tensor labels, float scale, int kind, "

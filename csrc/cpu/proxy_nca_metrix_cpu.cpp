@@ -25,6 +25,7 @@
 #include "cpu/gram_rows.h"
 #include "cpu/op_checks.h"
 #include "cpu/proxy_metrix_lanes.h"
+#include "common/op_tags.h"
 
 namespace metrix_ops {
 namespace {
@@ -263,9 +264,11 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // streamed `chunk` at a time. Per row u: Σ_w −Σ_c y_c·log softmax_c(logit), y the
   // candidate's class mass; kind 0: logit = scale·s, 1: −scale·(2 − 2s).
   m.def("proxy_nca_metrix_fwd(Tensor x, Tensor p, Tensor labels, float scale, int kind, "
-        "float lam, bool same_label, int chunk) -> Tensor");
+        "float lam, bool same_label, int chunk) -> Tensor",
+        METRIX_HOST_READS);
   m.def("proxy_nca_metrix_bwd(Tensor grad_rows, Tensor x, Tensor p, Tensor labels, "
-        "float scale, int kind, float lam, bool same_label, int chunk) -> (Tensor, Tensor)");
+        "float scale, int kind, float lam, bool same_label, int chunk) -> (Tensor, Tensor)",
+        METRIX_HOST_READS);
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

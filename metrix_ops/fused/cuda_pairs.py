@@ -33,9 +33,13 @@ def _deterministic_triplet(supports):
     that covers it (the reference), as torch's ops take their deterministic algorithms; with
     warn_only the op runs and warns."""
     def triplet_supports(params, inp, *rest) -> bool:
-        strict = (torch.are_deterministic_algorithms_enabled()
-                  and not torch.is_deterministic_algorithms_warn_only_enabled())
-        return not (strict and params.get("smooth_loss")) and supports(params, inp, *rest)
+        # (smooth_loss first: the warn_only query does not trace; inside a compiled graph
+        # the op runs and its backward alerts)
+        if params.get("smooth_loss") and not torch.compiler.is_compiling() and (
+                torch.are_deterministic_algorithms_enabled()
+                and not torch.is_deterministic_algorithms_warn_only_enabled()):
+            return False
+        return supports(params, inp, *rest)
     return triplet_supports
 
 

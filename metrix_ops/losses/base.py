@@ -109,6 +109,7 @@ class BaseMetricLoss(Records, torch.nn.Module):
         subclass overrides it, PML's way to write a loss on top of another; otherwise the
         fused ops compute the reduced loss without a loss dict."""
         spec = get_spec(self.loss_name)
+        self.__dict__["_computed"] = True  # (PML's distance call is in here)
         labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
         if ref_emb is None:
             ref_emb, ref_labels = embeddings, labels
@@ -149,8 +150,10 @@ class BaseMetricLoss(Records, torch.nn.Module):
             if indices_tuple is not None:
                 raise ValueError("give either indices_tuple or the loss's miner=, not both")
             indices_tuple = self.miner(embeddings, labels, *miner_refs)
+        self.__dict__["_computed"] = False
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if wants_norms(self.distance):  # the distance PML's loss would have called
+        if wants_norms(self.distance) and self.__dict__["_computed"]:
+            # the distance call PML's compute_loss makes (when the override calls it)
             inp = LossInputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                              ref_labels is labels, self.distance)
             record_call_norms(self.loss_name, self.loss_params(), embeddings, miner_refs[0],

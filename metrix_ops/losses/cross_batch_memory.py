@@ -17,8 +17,9 @@ import torch
 
 from .. import backend as backend_mod
 from .. import fused
-from ..distances import as_distance, record_norms, unit_l2_form
-from ..driver import check_addable, draw_lam, needs_reference, op_scope, run_loss
+from ..distances import as_distance, record_norms, unit_l2_form, wants_norms
+from ..driver import (calls_distance, check_addable, draw_lam, needs_reference, op_scope,
+                      run_loss)
 from ..regularizers import module_options, regularization
 from ..records import Records
 from ..fused import metrix_refs
@@ -167,7 +168,7 @@ class CrossBatchMemory(Records, torch.nn.Module):
             pairs = self._indices(embeddings, labels, mem_emb, mem_labels, indices_tuple,
                                   exclude_start)
             return self.loss(embeddings, labels, pairs, mem_emb, mem_labels)
-        loss = None
+        loss = pairs = None
         if (indices_tuple is None and self.miner is None and exclude_start is not None
                 and not short_rows):
             loss = fused.run_with_memory(self.loss, embeddings, labels, mem_emb, mem_labels,
@@ -181,11 +182,23 @@ class CrossBatchMemory(Records, torch.nn.Module):
             check_addable(loss, self.loss.reducer)
             loss = loss + mx.weight * self._mixed(embeddings, labels, mem_emb, mem_labels,
                                                   exclude_start, draw_lam(mx, lam))
-        # PML's wrapped loss calls its distance on (the batch, the bank): its statistics
-        record_norms(self.loss.distance, embeddings, mem_emb)
+        if wants_norms(self.loss.distance):  # the distance call of PML's wrapped loss
+            self._record_norms(embeddings, labels, mem_emb, mem_labels, pairs, exclude_start)
         # PML calls the wrapped loss on the batch's (non-enqueued) rows: its embedding
         # regularizer sees those rows, never the bank
         return regularization(loss, embeddings, **module_options(self.loss))
+
+    def _record_norms(self, emb, labels, mem_emb, mem_labels, pairs, exclude_start):
+        """The wrapped loss's distance statistics of (the batch, the bank), where PML's loss
+        makes that call (driver.calls_distance): over the pairs listed, or (the fused path)
+        all pairs but each row's own bank slot, the rolled bank's column i."""
+        d = self.loss.distance
+        if pairs is not None:
+            inp = LossInputs(emb, labels.long(), pairs, mem_emb, mem_labels.long(), False, d)
+        else:
+            rolled = (torch.roll(t, -exclude_start, 0) for t in (mem_emb, mem_labels.long()))
+            inp = LossInputs(emb, labels.long(), None, *rolled, True, d)
+        record_norms(d, emb, mem_emb, when=calls_distance(self.loss.loss_name, inp))
 
     def _clean(self, *args):
         """The wrapped loss without its Metrix term (that term is _mixed's)."""

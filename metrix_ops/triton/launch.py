@@ -7,7 +7,9 @@ kernel is decorated, so the variable must be set before metrix_ops is imported."
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import typing
 
 import torch
 
@@ -43,6 +45,13 @@ def triton_op(name: str, host_reads: bool = False):
                 return fn(*args, **kwargs)
             with torch.cuda.device(t.device):
                 return fn(*args, **kwargs)
+        # the schema from fn's annotations resolved where fn lives (custom_op would evaluate
+        # string annotations in this module's globals)
+        hints, sig = typing.get_type_hints(fn), inspect.signature(fn)
+        on_tensors_device.__signature__ = sig.replace(
+            parameters=[p.replace(annotation=hints.get(p.name, p.annotation))
+                        for p in sig.parameters.values()],
+            return_annotation=hints.get("return", sig.return_annotation))
         return torch.library.custom_op(name, mutates_args=(),
                                        **(HOST_READS if host_reads else {}))(on_tensors_device)
     return register

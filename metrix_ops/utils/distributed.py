@@ -39,14 +39,14 @@ import torch
 import torch.distributed as dist
 
 from .. import fused
-from ..driver import check_addable, draw_lam, run_loss
+from ..driver import calls_distance, check_addable, draw_lam, run_loss
 from ..regularizers import module_options, regularization
-from ..distances import record_norms
+from ..distances import record_norms, wants_norms
 from ..losses.base import BaseMetricLoss, overrides_compute_loss
 from ..losses.cross_batch_memory import (CrossBatchMemory, check_metrix_against_refs,
                                          mixed_against_refs)
 from ..reference.pairs import all_pairs
-from ..spec import get_spec
+from ..spec import LossInputs, get_spec
 
 __all__ = ["DistributedLossWrapper", "DistributedMinerWrapper", "gather", "is_distributed"]
 
@@ -204,8 +204,11 @@ class DistributedLossWrapper(torch.nn.Module):
             check_addable(clean, loss.reducer)
             clean = clean + mx.weight * mixed_against_refs(loss, emb, labels, refs, ref_labels,
                                                            own, draw_lam(mx, lam))
-        if streamed is not None:  # the distance PML's loss calls, which the fused op skips
-            record_norms(loss.distance, emb, refs)
+        if streamed is not None and wants_norms(loss.distance):
+            # the distance PML's loss calls (the fused op does not): all pairs but (i, i)
+            inp = LossInputs(emb, labels.long(), None, refs, ref_labels.long(), True,
+                             loss.distance)
+            record_norms(loss.distance, emb, refs, when=calls_distance(loss.loss_name, inp))
         # PML's efficient mode calls the loss on the local rows: its embedding regularizer
         # sees this rank's embeddings
         return regularization(clean, emb, **module_options(loss))
