@@ -193,3 +193,22 @@ def test_reduce_overhead_compile_equals_eager_on_gpu(case, backend):
         want.backward()
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(not mo.triton.HAS_TRITON, reason="triton is not installed")
+def test_triton_op_schema_from_the_ops_own_annotations():
+    """launch.triton_op wraps the function (its device guard); the schema still comes from
+    the function's own annotations, resolved in its own module (an Optional[Tensor] here,
+    a name launch.py does not have), and the op is a working custom op."""
+    import types
+    from metrix_ops.triton.launch import triton_op
+    mod = types.ModuleType("user_ops")
+    exec("from __future__ import annotations\nfrom typing import Optional\nimport torch\n"
+         "def f(x: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:\n"
+         "    return x * 2 if w is None else x * w\n", mod.__dict__)
+    op = triton_op("metrix_ops_test::scaled")(mod.f)
+    assert str(torch.ops.metrix_ops_test.scaled.default._schema).endswith(
+        "scaled(Tensor x, Tensor? w) -> Tensor")
+    x = torch.randn(3)
+    torch.testing.assert_close(op(x, None), x * 2)
+    assert UNSAFE is None or UNSAFE not in torch.ops.metrix_ops_test.scaled.default.tags

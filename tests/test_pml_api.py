@@ -781,3 +781,20 @@ def test_norm_stats_kept_where_pml_makes_no_distance_call():
     given = pdist.CosineSimilarity(collect_stats=True)
     mo.miners.MultiSimilarityMiner(distance=given)(x, y)
     assert given.initial_avg_query_norm == pytest.approx(x.norm(dim=1).mean().item())
+
+
+def test_triplet_with_pairs_records_norms_as_pml():
+    """TripletMarginLoss given a pair tuple: PML pairs each positive with the negatives of
+    the same anchor and calls its distance only if that makes a triplet."""
+    from pytorch_metric_learning import distances as pdist
+    x, y = _batch(b=8, classes=3, seed=9)
+    ours = mo.losses.TripletMarginLoss(distance=mo.distances.LpDistance(collect_stats=True))
+    pml = pl.TripletMarginLoss(distance=pdist.LpDistance(collect_stats=True))
+    i = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    for tup in ((i(0, 1), i(2, 3), i(4, 5), i(6, 7)),   # anchors 0, 1 vs 4, 5: no triplet
+                (i(0, 1), i(2, 3), i(1, 5), i(6, 7)),   # anchor 1 in both: a triplet
+                (i(), i(), i(0), i(1))):                # no positive pair
+        ours(x * 2, y, tup), pml(x * 2, y, tup)
+        assert _norm_stats(ours.distance) == pytest.approx(_norm_stats(pml.distance),
+                                                           rel=1e-12)
+        x = x + 0.5  # each call's norms differ from the last
