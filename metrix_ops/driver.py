@@ -203,6 +203,20 @@ def record_call_norms(name, params, embeddings, ref_emb, inp, distance, miner) -
     record_norms(distance, query, ref, when=calls_distance(name, inp, miner))
 
 
+def check_call_kind(name, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """The loss takes this kind of call (ref_emb, an indices_tuple); returns (ref_emb,
+    ref_labels), None for the batch itself where the loss takes no references (PML's
+    ref_not_supported)."""
+    spec = get_spec(name)
+    if not spec.supports_ref_emb and ref_emb is embeddings and ref_labels is labels:
+        ref_emb = ref_labels = None
+    if ref_emb is not None and not spec.supports_ref_emb:
+        raise ValueError(f"{name} does not take ref_emb/ref_labels")
+    if indices_tuple is not None and not spec.supports_indices_tuple:
+        raise ValueError(f"{name} does not take indices_tuple")
+    return ref_emb, ref_labels
+
+
 def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
                ref_emb=None, ref_labels=None, *, distance=None, reducer=None, backend="auto",
                metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
@@ -223,12 +237,8 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
         if not callable(miner):
             raise TypeError(f"miner must be a miner module (PML's or metrix_ops.miners'), got "
                             f"{type(miner).__name__}")
-    if not spec.supports_ref_emb and ref_emb is embeddings and ref_labels is labels:
-        ref_emb = ref_labels = None  # the batch itself, as PML's ref_not_supported takes it
-    if ref_emb is not None and not spec.supports_ref_emb:
-        raise ValueError(f"{name} does not take ref_emb/ref_labels")
-    if indices_tuple is not None and not spec.supports_indices_tuple:
-        raise ValueError(f"{name} does not take indices_tuple")
+    ref_emb, ref_labels = check_call_kind(name, embeddings, labels, indices_tuple, ref_emb,
+                                          ref_labels)
     if metrix is not None and not isinstance(metrix, Metrix):
         raise TypeError(f"metrix must be metrix_ops.Metrix or None, got {type(metrix).__name__}")
     if expansion is not None and not isinstance(expansion, Expansion):

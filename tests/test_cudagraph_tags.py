@@ -172,12 +172,9 @@ def test_reduce_overhead_compile_equals_eager_on_gpu(case, backend):
     if backend == "cuda" and not _ext.HAS_CUDA_EXT:
         pytest.skip("the CUDA kernels are not built")
     make = {"ms": lambda: L.MultiSimilarityLoss(backend=backend),
-            "contrastive": lambda: L.ContrastiveLoss(backend=backend),
             "triplet": lambda: L.TripletMarginLoss(backend=backend),
             "ms-metrix": lambda: L.MultiSimilarityLoss(backend=backend,
                                                        metrix=mo.Metrix(lam=0.3)),
-            "ms-ee": lambda: L.MultiSimilarityLoss(backend=backend,
-                                                   expansion=mo.Expansion(n_points=2)),
             "proxy-anchor": lambda: L.ProxyAnchorLoss(8, 32, backend=backend)}[case]
     loss = make().cuda()
     torch._dynamo.reset()

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..config import Expansion, Metrix
-from ..driver import record_call_norms, run_loss
+from ..driver import check_call_kind, record_call_norms, run_loss
 from ..distances import as_distance, wants_norms
 from ..spec import LossInputs, get_spec
 from ..reducers import as_reducer, kept_reducer, reduce_loss_dict
@@ -134,11 +134,8 @@ class BaseMetricLoss(Records, torch.nn.Module):
         spec = get_spec(self.loss_name)
         self.reset_stats()
         labels, ref_labels = pml_label_pair(labels, ref_labels, embeddings, ref_emb)
-        if not spec.supports_ref_emb and ref_emb is not None and not (
-                ref_emb is embeddings and ref_labels is labels):
-            raise ValueError(f"{self.loss_name} does not take ref_emb/ref_labels")
-        if indices_tuple is not None and not spec.supports_indices_tuple:
-            raise ValueError(f"{self.loss_name} does not take indices_tuple")
+        # (the references stay as given: PML's compute_loss gets them)
+        check_call_kind(self.loss_name, embeddings, labels, indices_tuple, ref_emb, ref_labels)
         proxies = self.loss_params().get("proxies")
         check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                           labels_required=spec.labels_required,
