@@ -329,8 +329,11 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
         if mixing:
             # an engine that fuses the Metrix term too comes first (else that term runs the
             # materialising reference)
-            order.sort(key=lambda b: not fused.metrix_supported(b, name, params, inp,
-                                                                expansion, metrix))
+            # (a stable partition: torch 2.4's dynamo cannot sort with a key)
+            fuses = [fused.metrix_supported(b, name, params, inp, expansion, metrix)
+                     for b in order]
+            order = ([b for b, f in zip(order, fuses) if f]
+                     + [b for b, f in zip(order, fuses) if not f])
         chosen = order[0] if order else chosen
     if zero_row and chosen != "reference":
         if backend != "auto":

@@ -83,7 +83,8 @@ class LaunchCounter(TorchDispatchMode):
             import triton.runtime.interpreter as interp
         except ImportError:
             interp = None
-        if interp is not None and hasattr(interp, "InterpretedFunction"):
+        # (triton 3.0's interpreter has no InterpretedFunction.run: nothing of ours runs there)
+        if interp is not None and hasattr(getattr(interp, "InterpretedFunction", None), "run"):
             owner = interp.InterpretedFunction
             orig = owner.run
             counter = self

@@ -3,7 +3,11 @@ sets: parsed into launch settings, applied to CUDA launches only, bad entries na
 import pytest
 import torch
 
-pairs = pytest.importorskip("metrix_ops.triton.pairs")
+import metrix_ops.triton as mt
+
+if not mt.HAS_TRITON:  # absent, or older than the engine takes (launch.MIN_TRITON)
+    pytest.skip(mt.launch.why_not(torch.device("cpu")), allow_module_level=True)
+from metrix_ops.triton import pairs  # noqa: E402
 
 
 def test_override_parsed_and_applied_on_cuda_only(monkeypatch):

@@ -111,7 +111,9 @@ def test_half_inputs_with_a_zero_row():
     x, y = batch((1,))
     loss = mo.losses.ContrastiveLoss()
     ref = pl.ContrastiveLoss()
-    torch.testing.assert_close(loss(x.half(), y), ref(x.half().double(), y).float(),
+    # half inputs are computed in fp32: PML's fp32 numbers on them (its fp64 ones differed by
+    # one counted pair, 1%, on torch 2.4's fp32 distances)
+    torch.testing.assert_close(loss(x.half(), y), ref(x.half().float(), y),
                                rtol=1e-5, atol=1e-6)
 
 

@@ -18,8 +18,15 @@ from ..validation import check_loss_inputs, pml_label_pair
 def overrides_compute_loss(loss) -> bool:
     """A subclass with its own compute_loss: it runs PML's path (its loss dict), wherever the
     loss is called (the loss itself, CrossBatchMemory, DistributedLossWrapper)."""
-    own = getattr(type(loss).compute_loss, "__module__", "") or ""
-    return isinstance(loss, BaseMetricLoss) and not own.startswith(__package__ + ".")
+    if not isinstance(loss, BaseMetricLoss):
+        return False
+    if torch.compiler.is_compiling():  # torch 2.4's dynamo cannot read a function's __module__
+        return type(loss)._user_compute_loss
+    return _defined_outside(type(loss).compute_loss)  # also a method assigned to the class later
+
+
+def _defined_outside(method) -> bool:
+    return not (getattr(method, "__module__", "") or "").startswith(__package__ + ".")
 
 
 class BaseMetricLoss(Records, torch.nn.Module):
@@ -32,6 +39,15 @@ class BaseMetricLoss(Records, torch.nn.Module):
     # the attributes PML's loss lists in `_record_these` (its hyper-parameters, in PML's
     # order), when not every one of `defaults`
     recorded: Optional[tuple] = None
+    # whether the class's compute_loss is a user's (overrides_compute_loss), as the class is
+    # made: what a compiled forward reads
+    _user_compute_loss: bool = False
+    _param_names: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._user_compute_loss = _defined_outside(cls.compute_loss)
+        cls._param_names = tuple(cls.defaults)  # a tuple: torch 2.4's dynamo cannot walk a dict
 
     def __init__(self, *args, distance=None, reducer=None, backend: str = "auto",
                  metrix: Optional[Metrix] = None, expansion: Optional[Expansion] = None,
@@ -100,7 +116,7 @@ class BaseMetricLoss(Records, torch.nn.Module):
         return {name: self.zero_loss() for name in self.sub_loss_names()}
 
     def loss_params(self) -> dict:
-        return {k: getattr(self, k) for k in self.defaults}
+        return {k: getattr(self, k) for k in self._param_names}
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict:
         """PML's: the call's loss dict ({sub-loss: {"losses", "indices", "reduction_type"}})

@@ -59,7 +59,7 @@ class ProxyLossBase(BaseMetricLoss):
     def forward(self, embeddings, *args, **kwargs):
         # PML's cast_types: proxies left on another device follow the embeddings (in place,
         # the same Parameter), so a loss that was never .to(device)-ed still runs
-        dev = getattr(embeddings, "device", None)
+        dev = embeddings.device if torch.is_tensor(embeddings) else None
         if (dev is not None and self.proxies.device != dev and dev.type != "meta"
                 and self.proxies.device.type != "meta"):
             self.proxies.data = self.proxies.data.to(dev)

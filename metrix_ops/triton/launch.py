@@ -9,17 +9,33 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
+import types
 import typing
 
 import torch
+
+# The oldest triton the engine takes: the fp64 path needs tl.dot of fp64 tiles, which
+# triton 3.2, 3.3 and 3.4 refuse ("Unsupported lhs dtype fp64"; 3.5 and 3.6 take it, checked
+# under the interpreter)
+MIN_TRITON = (3, 5)
+
+
+def version_tuple(version: str) -> tuple:
+    """'3.2.0+git…' -> (3, 2); (0, 0) for a version that does not start with two numbers."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
 
 try:
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
 
-    HAS_TRITON = True
+    TRITON_VERSION = triton.__version__
+    # torch 2.4 to 2.8 bring triton 3.0 to 3.4: the engine is then unavailable, not broken
+    HAS_TRITON = version_tuple(TRITON_VERSION) >= MIN_TRITON
 except ImportError:  # a CPU-only install without triton: backend="triton" is unavailable
-    HAS_TRITON = False
+    TRITON_VERSION, HAS_TRITON = None, False
 
 
 # The custom ops that read tensor data on the host (label layouts, chunk tables, slot counts)
@@ -29,6 +45,23 @@ except ImportError:  # a CPU-only install without triton: backend="triton" is un
 # engine's ops of the same kind).
 _CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
 HOST_READS = {"tags": (_CUDAGRAPH_UNSAFE,)} if _CUDAGRAPH_UNSAFE is not None else {}
+
+
+def schema_hint(hint):
+    """An annotation as torch.library's schema inference of every supported torch reads it:
+    `list[float]` as `typing.List[float]`, `tuple[...]` as `typing.Tuple[...]`, `X | None` as
+    `typing.Optional[X]` (torch 2.4 knows only typing's spelling)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is None or not args:
+        return hint
+    args = tuple(schema_hint(a) for a in args)
+    if origin is list:
+        return typing.List[args]
+    if origin is tuple:
+        return typing.Tuple[args]
+    if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):  # (3.10+)
+        return typing.Union[args]
+    return hint
 
 
 def triton_op(name: str, host_reads: bool = False):
@@ -46,12 +79,12 @@ def triton_op(name: str, host_reads: bool = False):
             with torch.cuda.device(t.device):
                 return fn(*args, **kwargs)
         # the schema from fn's annotations resolved where fn lives (custom_op would evaluate
-        # string annotations in this module's globals)
+        # string annotations in this module's globals), in typing's spelling
         hints, sig = typing.get_type_hints(fn), inspect.signature(fn)
         on_tensors_device.__signature__ = sig.replace(
-            parameters=[p.replace(annotation=hints.get(p.name, p.annotation))
+            parameters=[p.replace(annotation=schema_hint(hints.get(p.name, p.annotation)))
                         for p in sig.parameters.values()],
-            return_annotation=hints.get("return", sig.return_annotation))
+            return_annotation=schema_hint(hints.get("return", sig.return_annotation)))
         return torch.library.custom_op(name, mutates_args=(),
                                        **(HOST_READS if host_reads else {}))(on_tensors_device)
     return register
@@ -72,8 +105,11 @@ def usable_on(device: torch.device) -> bool:
 
 def why_not(device: torch.device) -> str:
     """The reason `usable_on(device)` is False, for the error message."""
-    if not HAS_TRITON:
+    if TRITON_VERSION is None:
         return "triton is not installed"
+    if not HAS_TRITON:
+        return (f"triton {TRITON_VERSION} is installed and the Triton engine needs triton >= "
+                f"{'.'.join(map(str, MIN_TRITON))}")
     if device.type == "cuda":
         return "TRITON_INTERPRET=1 is set, which runs Triton kernels on CPU tensors only"
     return (f"Triton kernels need CUDA tensors (got tensors on {device}); on a CPU they run "

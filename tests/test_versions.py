@@ -1,0 +1,55 @@
+"""What keeps the package working on the oldest versions it promises (README: "Oldest
+versions"): torch 2.4's schema inference and dynamo, triton older than the Triton engine
+takes. The whole suite runs on them through scripts/oldest_check.sh."""
+import typing
+
+import pytest
+import torch
+
+import metrix_ops as mo
+from metrix_ops.losses.base import overrides_compute_loss
+from metrix_ops.triton import launch
+
+
+@pytest.mark.parametrize("text,want", [("3.2.0", (3, 2)), ("3.10.1+git4a5b", (3, 10)),
+                                       ("3.5", (3, 5)), ("nightly", (0, 0))])
+def test_version_tuple(text, want):
+    assert launch.version_tuple(text) == want
+
+
+def test_schema_hints_in_typing_spelling():
+    # torch 2.4's custom_op infers schemas from typing.List/Tuple/Optional only
+    assert launch.schema_hint(list[float]) == typing.List[float]
+    assert launch.schema_hint(tuple[torch.Tensor, torch.Tensor]) == \
+        typing.Tuple[torch.Tensor, torch.Tensor]
+    assert launch.schema_hint(typing.Optional[list[int]]) == typing.Optional[typing.List[int]]
+    assert launch.schema_hint(torch.Tensor) is torch.Tensor
+    assert launch.schema_hint(float) is float
+
+
+def test_an_old_triton_leaves_the_engine_off_and_says_why(monkeypatch):
+    monkeypatch.setattr(launch, "HAS_TRITON", False)
+    monkeypatch.setattr(launch, "TRITON_VERSION", "3.0.0")
+    assert not launch.usable_on(torch.device("cuda"))
+    assert "triton 3.0.0 is installed" in launch.why_not(torch.device("cuda"))
+    assert ">= 3.5" in launch.why_not(torch.device("cpu"))
+    monkeypatch.setattr(launch, "TRITON_VERSION", None)
+    assert launch.why_not(torch.device("cuda")) == "triton is not installed"
+
+
+def test_a_users_compute_loss_is_known_from_the_class():
+    """overrides_compute_loss reads the class's flag under torch.compile (torch 2.4's dynamo
+    cannot read a function's __module__), the method itself in eager: both agree."""
+    class Mine(mo.losses.ContrastiveLoss):
+        def compute_loss(self, *args):
+            return super().compute_loss(*args)
+
+    class Theirs(Mine):  # inherits the user's method
+        pass
+
+    for cls, user in [(mo.losses.ContrastiveLoss, False), (mo.losses.ProxyAnchorLoss, False),
+                      (Mine, True), (Theirs, True)]:
+        assert cls._user_compute_loss is user
+        loss = cls(num_classes=3, embedding_size=4) if cls is mo.losses.ProxyAnchorLoss else cls()
+        assert overrides_compute_loss(loss) is user
+    assert mo.losses.MultiSimilarityLoss._param_names == ("alpha", "beta", "base")
