@@ -10,11 +10,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-PY=${PYTHON_OLDEST:-python3.9}
-if ! command -v "$PY" >/dev/null 2>&1; then
-  echo "oldest: $PY not found; the oldest torch runs on python3 instead"
+# a Python 3.9 that runs (a pyenv shim exists for every installed version but fails unless
+# that version is selected: look in pyenv's versions too)
+PY=""
+for c in ${PYTHON_OLDEST:-} python3.9 "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.9*/bin/python3.9; do
+  if "$c" -c "import sys; assert sys.version_info[:2] == (3, 9)" >/dev/null 2>&1; then PY=$c; break; fi
+done
+if [ -z "$PY" ]; then
+  echo "oldest: no Python 3.9 found; the oldest torch runs on python3 instead"
   PY=python3
 fi
+echo "oldest: $PY"
 TORCH=${TORCH_OLDEST:-2.4.1}
 VENV="$root/.venv-oldest"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
