@@ -83,19 +83,20 @@ def _available(backend: str) -> bool:
     return True
 
 
-def _device_ok(backend: str, device: torch.device) -> bool:
+def _device_ok(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
     if backend == "triton":
         from .triton.launch import usable_on
-        return usable_on(device)
+        return usable_on(device, dtype)
     return True
 
 
 def auto_order(loss_name: str, device: torch.device, variant: str = "clean",
-               batch: int | None = None) -> list:
+               batch: int | None = None, dtype: torch.dtype | None = None) -> list:
     """The fused engines "auto" may use for `loss_name` on `device`, preferred first (the
     driver takes the first that covers the call's options); `variant`: "clean", "miner"
     (the call has miner=), "metrix" (an embedding-level Metrix term) or "expansion"
-    (expansion=); `batch`: the call's batch size (the measured orders may change with it)."""
+    (expansion=); `batch`: the call's batch size (the measured orders may change with it);
+    `dtype`: the embeddings' (an engine may not take fp64: Triton older than 3.5)."""
     if device.type != "cuda":
         order = ("cpu",)
     else:
@@ -103,10 +104,12 @@ def auto_order(loss_name: str, device: torch.device, variant: str = "clean",
         order = GPU_DEFAULT_ORDER if entry is None else order_for(entry, batch)
         if torch.compiler.is_compiling():
             order = sorted(order, key=lambda b: variant in VALUE_DEPENDENT.get(b, ()))
-    return [b for b in order if loss_name in FUSED[b] and _available(b) and _device_ok(b, device)]
+    return [b for b in order
+            if loss_name in FUSED[b] and _available(b) and _device_ok(b, device, dtype)]
 
 
-def resolve(backend: str, loss_name: str, device: torch.device) -> str:
+def resolve(backend: str, loss_name: str, device: torch.device,
+            dtype: torch.dtype | None = None) -> str:
     global _warned_no_ext
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -118,7 +121,7 @@ def resolve(backend: str, loss_name: str, device: torch.device) -> str:
             warnings.warn("metrix_ops: the compiled extension is not built; backend='auto' uses "
                           "the pure-PyTorch reference (build with `pip install "
                           "--no-build-isolation -e .`)", RuntimeWarning, stacklevel=3)
-        order = auto_order(loss_name, device)
+        order = auto_order(loss_name, device, dtype=dtype)
         return order[0] if order else "reference"
     if backend in ("cpu", "cuda"):
         _ext.require_ext(backend)
@@ -128,8 +131,8 @@ def resolve(backend: str, loss_name: str, device: torch.device) -> str:
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
     if backend == "triton":
         from .triton.launch import usable_on, why_not
-        if not usable_on(device):
-            raise ValueError(f"backend='triton' cannot run here: {why_not(device)}")
+        if not usable_on(device, dtype):
+            raise ValueError(f"backend='triton' cannot run here: {why_not(device, dtype)}")
     if loss_name not in FUSED[backend]:
         raise NotImplementedError(f"backend={backend!r} does not implement {loss_name} yet; "
                                   "use backend='auto' or 'reference'")

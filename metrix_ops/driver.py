@@ -290,7 +290,8 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     red = as_reducer(reducer, spec.default_reducer)
     # λ is drawn for the embedding level only: feature/input mixes carry their own λ
     lam_value = draw_lam(metrix, lam) if metrix is not None and metrix.level == "embedding" else None
-    chosen = backend_mod.resolve(backend, name, embeddings.device)  # its errors first
+    chosen = backend_mod.resolve(backend, name, embeddings.device,
+                                 embeddings.dtype)  # its errors first
     to_reference = needs_reference(name, params, red, backend)
     if to_reference:
         chosen = "reference"
@@ -324,7 +325,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
         variant = ("miner" if miner is not None else "metrix" if mixing
                    else "expansion" if expansion is not None else "clean")
         order = [b for b in backend_mod.auto_order(name, embeddings.device, variant,
-                                                   embeddings.shape[0])
+                                                   embeddings.shape[0], embeddings.dtype)
                  if covers(b)]
         if mixing:
             # an engine that fuses the Metrix term too comes first (else that term runs the

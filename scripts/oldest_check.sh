@@ -1,35 +1,52 @@
 #!/usr/bin/env bash
-# The test suite on the oldest versions the package promises (pyproject.toml: Python >= 3.9,
-# torch >= 2.4), on the CPU: a venv .venv-oldest with python3.9 and torch 2.4.1 (and the
-# triton 3.0 it brings, older than the Triton engine's launch.MIN_TRITON, 3.5: the engine is
-# off there, and this checks it says so), the CPU extension built in a copy of the tree (the
-# main venv's build stays as it is), then pytest. Run by .ci/run after the main suite; by hand:
-#   bash scripts/oldest_check.sh [pytest args]   (default: the suite but its torch.compile tests)
-# Env: PYTHON_OLDEST (python3.9), TORCH_OLDEST (2.4.1), TORCHVISION_OLDEST (0.19.1).
+# The test suite on the oldest versions the package promises, on the CPU: a venv with an old
+# Python and torch, the CPU extension built in a copy of the tree (the main venv's build stays
+# as it is), then pytest. Run by .ci/run after the main suite, twice:
+# - default: Python 3.9 and torch 2.4.1 (pyproject.toml's floor), .venv-oldest, the suite but
+#   its torch.compile tests. torch 2.4 brings triton 3.0, older than the Triton engine's
+#   launch.MIN_TRITON (3.2): the engine is off there, and this checks it says so.
+# - OLDEST_PRESET=triton32: torch 2.6.0 and the triton 3.2 it brings (the oldest the engine
+#   takes; launch.FP64_DOT is False there: no fp64), .venv-triton32, the Triton engine's tests
+#   under TRITON_INTERPRET=1.
+# By hand: bash scripts/oldest_check.sh [pytest args]
+# Env (each overrides the preset's): PYTHON_OLDEST (the Python version, 3.9), TORCH_OLDEST
+# (2.4.1), TORCHVISION_OLDEST (0.19.1), VENV_OLDEST (.venv-oldest), INTERPRET_OLDEST (0: the
+# value of TRITON_INTERPRET for the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-# a Python 3.9 that runs (a pyenv shim exists for every installed version but fails unless
+case "${OLDEST_PRESET:-}" in
+  "") P_PY=3.9; P_TORCH=2.4.1; P_TV=0.19.1; P_VENV=.venv-oldest; P_INTERP=0
+      P_TESTS=(tests -k "not compile") ;;
+  # (the Triton engine's torch.compile tests run float64, which triton 3.2 does not take;
+  # its sm_90 compilation tests, "h100", run)
+  triton32) P_PY=3.11; P_TORCH=2.6.0; P_TV=0.21.0; P_VENV=.venv-triton32; P_INTERP=1
+      P_TESTS=(tests/test_triton_*.py tests/test_versions.py tests/test_backend_auto.py
+               -k "not compile or h100") ;;
+  *) echo "oldest: OLDEST_PRESET must be empty or triton32"; exit 2 ;;
+esac
+WANT=${PYTHON_OLDEST:-$P_PY}
+# a Python $WANT that runs (a pyenv shim exists for every installed version but fails unless
 # that version is selected: look in pyenv's versions too)
 PY=""
-for c in ${PYTHON_OLDEST:-} python3.9 "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.9*/bin/python3.9; do
-  if "$c" -c "import sys; assert sys.version_info[:2] == (3, 9)" >/dev/null 2>&1; then PY=$c; break; fi
+for c in "python$WANT" "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/"$WANT".*/bin/"python$WANT"; do
+  if "$c" -c "import sys; assert '%d.%d' % sys.version_info[:2] == '$WANT'" >/dev/null 2>&1; then PY=$c; break; fi
 done
 if [ -z "$PY" ]; then
-  echo "oldest: no Python 3.9 found; the oldest torch runs on python3 instead"
+  echo "oldest: no Python $WANT found; the old torch runs on python3 instead"
   PY=python3
 fi
 echo "oldest: $PY"
-TORCH=${TORCH_OLDEST:-2.4.1}
-VENV="$root/.venv-oldest"
+TORCH=${TORCH_OLDEST:-$P_TORCH}
+VENV="$root/${VENV_OLDEST:-$P_VENV}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
 # numpy < 2: the numpy torch 2.4 was built against
 "$VENV/bin/python" -m pip install -q "torch==$TORCH" "numpy<2" "pytorch-metric-learning==2.9.*" \
   scikit-learn pytest tqdm matplotlib ninja
 # the training script's backbones: the torchvision of that torch
-"$VENV/bin/python" -m pip install -q --no-deps "torchvision==${TORCHVISION_OLDEST:-0.19.1}" pillow
+"$VENV/bin/python" -m pip install -q --no-deps "torchvision==${TORCHVISION_OLDEST:-$P_TV}" pillow
 
 # a copy of the tree (tracked and untracked, not ignored files): its own in-place build
 top=$(mktemp -d)
@@ -45,19 +62,23 @@ METRIX_OPS_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_e
 import sys
 import torch
 from metrix_ops import _ext
-from metrix_ops.triton.launch import HAS_TRITON, TRITON_VERSION, why_not
+from metrix_ops.triton.launch import FP64_DOT, HAS_TRITON, TRITON_VERSION, why_not
 print(f"oldest: python {sys.version.split()[0]}, torch {torch.__version__}, triton "
-      f"{TRITON_VERSION} (engine {'on' if HAS_TRITON else 'off'}), extension {_ext.HAS_EXT}")
+      f"{TRITON_VERSION} (engine {'on' if HAS_TRITON else 'off'}, fp64 {FP64_DOT}), "
+      f"extension {_ext.HAS_EXT}")
 if not _ext.HAS_EXT:
     raise SystemExit("oldest: the extension did not build")
 if not HAS_TRITON:
     print(f"oldest: backend='triton' is unavailable: {why_not(torch.device('cuda'))}")
+elif not FP64_DOT:
+    print(f"oldest: backend='triton' on float64: {why_not(torch.device('cuda'), torch.float64)}")
 PY
-unset TRITON_INTERPRET  # (.ci/run exports it; the Triton engine is off here either way)
+# (.ci/run exports TRITON_INTERPRET=1; the preset says whether these tests run the kernels)
+export TRITON_INTERPRET=${INTERPRET_OLDEST:-$P_INTERP}
 set +e
-# default: every test but the torch.compile ones, which torch 2.4's dynamo and Inductor fail
-# in 12 places (README: "Oldest versions")
-if [ "$#" -eq 0 ]; then set -- tests -k "not compile"; fi
+# default: the preset's tests (the torch.compile ones left out: torch 2.4's dynamo and
+# Inductor fail at least 12 of them; README: "Oldest versions")
+if [ "$#" -eq 0 ]; then set -- "${P_TESTS[@]}"; fi
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 set -e

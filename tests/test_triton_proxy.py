@@ -387,9 +387,10 @@ _COMPILE = r'''
 import json, sys
 import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import importlib
 from metrix_ops.triton.proxy_anchor import GPU_TILES
+sys.path.insert(0, sys.argv[3])
+from triton_cases import ast_source
 
 INTS = {"B", "C", "D", "M", "stride_x", "stride_p", "stride_r", "stride_dx", "stride_dp",
         "stride_dr", "split_len"}
@@ -406,7 +407,7 @@ for module, name, extra in json.loads(sys.argv[1]):
         fdt = "fp32" if dtype == torch.float32 else "fp64"
         sig = {n: "constexpr" if n in consts else "i32" if n in INTS else "*i64" if n in ("y_ptr", "yr_ptr")
                else "*i32" if n == "counts_ptr" else "*" + fdt for n in fn.arg_names}
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        src = ast_source(fn, sig, consts)
         try:
             triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         except Exception as e:  # noqa: BLE001
@@ -418,9 +419,10 @@ sys.exit(1 if failed else 0)
 
 def compile_for_sm90(kernels, fp64=False):
     """Compile kernels [(module, name, constexprs)] for an H100 (sm_90) with the GPU tile
-    sizes, fp32 (and fp64), as a GPU run would: what the interpreter cannot check (types of
-    loop-carried values, constexpr branches, tl.dot shapes, shared memory). Needs no GPU;
-    runs in a subprocess without TRITON_INTERPRET, where triton.jit gives real kernels."""
+    sizes, fp32 (and fp64 where this triton can tl.dot it: launch.FP64_DOT), as a GPU run
+    would: what the interpreter cannot check (types of loop-carried values, constexpr
+    branches, tl.dot shapes, shared memory). Needs no GPU; runs in a subprocess without
+    TRITON_INTERPRET, where triton.jit gives real kernels."""
     import json
     import subprocess
     import sys
@@ -430,7 +432,10 @@ def compile_for_sm90(kernels, fp64=False):
     except ImportError:
         pytest.skip("this triton has no CUDA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(kernels), str(1 + fp64)], env=env,
+    from metrix_ops.triton.launch import FP64_DOT
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(kernels),
+                          str(1 + (fp64 and FP64_DOT)), here], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
 

@@ -9,12 +9,13 @@ import torch
 import metrix_ops as mo
 from metrix_ops.losses.base import overrides_compute_loss
 from metrix_ops.triton import launch
+from metrix_ops.versions import version_tuple
 
 
 @pytest.mark.parametrize("text,want", [("3.2.0", (3, 2)), ("3.10.1+git4a5b", (3, 10)),
                                        ("3.5", (3, 5)), ("nightly", (0, 0))])
 def test_version_tuple(text, want):
-    assert launch.version_tuple(text) == want
+    assert version_tuple(text) == want
 
 
 def test_schema_hints_in_typing_spelling():
@@ -32,9 +33,46 @@ def test_an_old_triton_leaves_the_engine_off_and_says_why(monkeypatch):
     monkeypatch.setattr(launch, "TRITON_VERSION", "3.0.0")
     assert not launch.usable_on(torch.device("cuda"))
     assert "triton 3.0.0 is installed" in launch.why_not(torch.device("cuda"))
-    assert ">= 3.5" in launch.why_not(torch.device("cpu"))
+    assert ">= 3.2" in launch.why_not(torch.device("cpu"))
     monkeypatch.setattr(launch, "TRITON_VERSION", None)
     assert launch.why_not(torch.device("cuda")) == "triton is not installed"
+
+
+def test_the_oldest_triton_versions_the_engine_takes():
+    assert launch.MIN_TRITON == (3, 2) and launch.FP64_DOT_TRITON == (3, 5)
+    if launch.TRITON_VERSION is not None:
+        v = version_tuple(launch.TRITON_VERSION)
+        assert launch.HAS_TRITON == (v >= (3, 2)) and launch.FP64_DOT == (v >= (3, 5))
+
+
+def test_triton_without_fp64_dot_takes_fp32_and_gives_fp64_away(monkeypatch):
+    """triton 3.2 to 3.4 (launch.FP64_DOT False): float64 embeddings are not the Triton
+    engine's; an explicit backend="triton" says why, "auto" takes the next engine (the CUDA
+    one on a GPU: here device objects only, nothing runs on them)."""
+    monkeypatch.setattr(launch, "HAS_TRITON", True)
+    monkeypatch.setattr(launch, "FP64_DOT", False)
+    monkeypatch.setattr(launch, "TRITON_VERSION", "3.2.0")
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    assert launch.usable_on(cuda) and launch.usable_on(cuda, torch.float32)
+    assert launch.usable_on(cuda, torch.bfloat16)
+    assert not launch.usable_on(cuda, torch.float64)
+    why = launch.why_not(cuda, torch.float64)
+    assert "triton 3.2.0 cannot multiply float64 tiles" in why and ">= 3.5" in why
+    monkeypatch.setattr(mo.backend, "_available", lambda b: True)
+    for b in ("cuda", "triton"):
+        monkeypatch.setitem(mo.backend.FUSED, b, mo.backend.FUSED[b] | {"MultiSimilarityLoss"})
+    monkeypatch.setitem(mo.backend.GPU_ORDER, "MultiSimilarityLoss",
+                        ((None, ("triton", "cuda")),))
+    order = mo.backend.auto_order
+    assert order("MultiSimilarityLoss", cuda, dtype=torch.float32) == ["triton", "cuda"]
+    assert order("MultiSimilarityLoss", cuda, dtype=torch.float64) == ["cuda"]
+    assert mo.backend.resolve("auto", "MultiSimilarityLoss", cuda, torch.float64) == "cuda"
+    assert mo.backend.resolve("triton", "MultiSimilarityLoss", cuda, torch.float32) == "triton"
+    with pytest.raises(ValueError, match="cannot multiply float64 tiles"):
+        mo.backend.resolve("triton", "MultiSimilarityLoss", cuda, torch.float64)
+    monkeypatch.setattr(launch, "FP64_DOT", True)
+    assert order("MultiSimilarityLoss", cuda, dtype=torch.float64) == ["triton", "cuda"]
 
 
 def test_a_users_compute_loss_is_known_from_the_class():

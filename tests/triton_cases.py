@@ -19,16 +19,32 @@ def on_dev(*ts):
     return [t.detach().to(DEVICE).requires_grad_(t.requires_grad) for t in ts]
 
 
+def ast_source(fn, signature: dict, constexprs: dict):
+    """triton.compile's source of kernel `fn`: `signature` its argument types by name, and the
+    values of its constexpr arguments (by index from triton 3.3, by name in 3.2)."""
+    import inspect
+
+    from triton.compiler import ASTSource
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        return ASTSource(fn, signature,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return ASTSource(fn, signature, constants=dict(constexprs))
+
+
 def compile_sm90(fn, constexprs: dict, float_type: str, num_warps: int = 4,
                  pointer_types: dict | None = None):
     """Compiles @triton.jit kernel `fn` for sm_90 (what the interpreter cannot check: types of
     loop-carried values, tl.dot shapes, shared memory). Pointer arguments are `float_type`
     ("fp32"/"fp64") unless their name says labels ("lab", "y_ptr"); the other runtime
     arguments are i32; `pointer_types` overrides by name (e.g. {"out_ptr": "*i64"}). Needs a
-    process where TRITON_INTERPRET is unset."""
+    process where TRITON_INTERPRET is unset. fp64 with a triton older than 3.5 compiles
+    nothing (launch.FP64_DOT)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from metrix_ops.triton.launch import FP64_DOT
+    if float_type == "fp64" and not FP64_DOT:
+        return None  # this triton cannot tl.dot fp64 tiles: the engine never launches them
 
     def kind(n):
         if n in constexprs:
@@ -42,8 +58,7 @@ def compile_sm90(fn, constexprs: dict, float_type: str, num_warps: int = 4,
     # constexpr parameters with a default (e.g. MINE=False) take it unless given
     constexprs = dict({p.name: p.default for p in fn.params
                        if p.is_constexpr and p.has_default}, **constexprs)
-    src = ASTSource(fn, {n: kind(n) for n in fn.arg_names},
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    src = ast_source(fn, {n: kind(n) for n in fn.arg_names}, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 

@@ -101,7 +101,7 @@ def run_with_memory(loss, emb, labels, mem_emb, mem_labels, exclude_start: int):
     from ..spec import LossInputs, get_spec
 
     try:
-        chosen = backend_mod.resolve(loss.backend, loss.loss_name, emb.device)
+        chosen = backend_mod.resolve(loss.backend, loss.loss_name, emb.device, emb.dtype)
     except NotImplementedError:
         return None
     if chosen == "reference":

@@ -73,7 +73,7 @@ def mixed_against_refs(loss, emb, labels, refs, ref_labels, own: bool, lam: floa
                                                       loss.reducer, loss.backend):
         return metrix_loss(*args)
     try:  # the engine that takes the clean term (as fused.run_with_memory resolves it)
-        engine = backend_mod.resolve(loss.backend, loss.loss_name, emb.device)
+        engine = backend_mod.resolve(loss.backend, loss.loss_name, emb.device, emb.dtype)
     except NotImplementedError:
         engine = None
     with op_scope(emb):

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..versions import TORCH_VERSION
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -140,5 +142,5 @@ def teardown() -> None:
         dist.barrier()  # every rank past its last collective
         # torch 2.4's gloo destroy hung now and then with both ranks in it (1 run in 8 of the
         # two-process test; 0 in 10 on torch 2.6): there the group is left to the exit
-        if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6):
+        if TORCH_VERSION >= (2, 6):
             dist.destroy_process_group()

@@ -64,7 +64,7 @@ def supports(params, inp, expansion) -> bool:
     x = inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and is_cosine(inp.distance) and x.shape[1] <= max_dim(x.dtype)
-            and usable_on(x.device))
+            and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):

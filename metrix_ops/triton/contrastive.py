@@ -40,7 +40,7 @@ from ..ops.unit_rows import unit_rows
 from .launch import triton_op, usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
                     max_dim, needs_grads, pair_grads)
-from .tiles import pair_masks, sim_tile
+from .tiles import count_true, pair_masks, sim_tile
 
 
 @triton.jit
@@ -100,8 +100,8 @@ def _con_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, ps_ptr, pc_ptr, ns
         t, kp, kn, _ = _con_terms(s, pos, neg, prm_ptr, COSINE)
         psum += tl.sum(tl.where(kp, t, 0.0), axis=1)
         nsum += tl.sum(tl.where(kn, t, 0.0), axis=1)
-        pcnt += tl.sum(kp.to(tl.int32), axis=1)
-        ncnt += tl.sum(kn.to(tl.int32), axis=1)
+        pcnt += count_true(kp, 1)
+        ncnt += count_true(kn, 1)
     tl.store(ps_ptr + offs_m, psum, mask=row_ok)
     tl.store(ns_ptr + offs_m, nsum, mask=row_ok)
     tl.store(pc_ptr + offs_m, pcnt.to(tl.int64), mask=row_ok)
@@ -214,7 +214,7 @@ def supports(params, inp, expansion) -> bool:
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and (is_normalized_l2(d) or is_cosine(d))
             and inp.embeddings.shape[1] <= max_dim(inp.embeddings.dtype)
-            and usable_on(inp.embeddings.device))
+            and usable_on(inp.embeddings.device, inp.embeddings.dtype))
 
 
 def impl(params, inp, reducer):

@@ -95,8 +95,8 @@ def _con_mix_fwd_kernel(x_ptr, lab_ptr, cnt_ptr, chunk_ptr, prm_ptr, ps_ptr, pc_
             tp, tn, _, _ = _con_mix_terms(v, ok, prm_ptr, COSINE)
             ps += _sum2(tp)
             ns += _sum2(tn)
-            pc += _sum2((tp > 0).to(tl.int32))
-            nc += _sum2((tn > 0).to(tl.int32))
+            pc += _sum2((tp > 0).to(tl.float32)).to(tl.int32)  # (tiles.count_true: why fp32)
+            nc += _sum2((tn > 0).to(tl.float32)).to(tl.int32)
     row_ok = offs_k < a1
     tl.store(ps_ptr + offs_k, ps, mask=row_ok)
     tl.store(ns_ptr + offs_k, ns, mask=row_ok)

@@ -246,7 +246,7 @@ def supports(params, inp, expansion) -> bool:
     return (expansion is not None and inp.indices_tuple is None and inp.labels is not None
             and inp.same_set and inp.ref_emb is x and (is_cosine(d) or is_normalized_l2(d))
             and (expansion.normalize or expansion.n_points == 0 or is_cosine(d))
-            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device))
+            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer, expansion):

@@ -607,4 +607,4 @@ def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, sca
 def covers(x, labels, pairs: str) -> bool:
     """Triton runs on x's device and every chunk unit has at most EE_MAX_CLASS rows (any
     class with pairs="adjacent"; with "all", classes of at most EE_MAX_CLASS rows)."""
-    return usable_on(x.device) and largest_unit_fits(labels, pairs)
+    return usable_on(x.device, x.dtype) and largest_unit_fits(labels, pairs)

@@ -80,7 +80,7 @@ def supports(params, inp, expansion) -> bool:
     d, x = inp.distance, inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and (is_normalized_l2(d) or is_dot_of_normalized(d))
-            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device))
+            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):

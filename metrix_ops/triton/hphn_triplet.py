@@ -105,7 +105,7 @@ def supports(params, inp, expansion) -> bool:
     x, d = inp.embeddings, inp.distance
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and (is_cosine(d) or is_normalized_l2(d)) and x.shape[1] <= max_dim(x.dtype)
-            and usable_on(x.device))
+            and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):

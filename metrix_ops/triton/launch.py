@@ -9,22 +9,19 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import re
 import types
 import typing
 
 import torch
 
-# The oldest triton the engine takes: the fp64 path needs tl.dot of fp64 tiles, which
-# triton 3.2, 3.3 and 3.4 refuse ("Unsupported lhs dtype fp64"; 3.5 and 3.6 take it, checked
-# under the interpreter)
-MIN_TRITON = (3, 5)
+from ..versions import version_tuple
 
-
-def version_tuple(version: str) -> tuple:
-    """'3.2.0+git…' -> (3, 2); (0, 0) for a version that does not start with two numbers."""
-    found = re.match(r"(\d+)\.(\d+)", version)
-    return (int(found[1]), int(found[2])) if found else (0, 0)
+# The oldest triton the engine takes (torch 2.6 brings 3.2; 2.4 and 2.5 bring 3.0 and 3.1)
+MIN_TRITON = (3, 2)
+# fp64 inputs need tl.dot of fp64 tiles, which triton 3.2, 3.3 and 3.4 refuse ("Unsupported
+# lhs dtype fp64"; 3.5 and 3.6 take it, checked under the interpreter): with those, the engine
+# takes fp32 (and halves, computed in fp32) and "auto" gives fp64 to the next engine
+FP64_DOT_TRITON = (3, 5)
 
 
 try:
@@ -32,10 +29,11 @@ try:
     import triton.language as tl  # noqa: F401
 
     TRITON_VERSION = triton.__version__
-    # torch 2.4 to 2.8 bring triton 3.0 to 3.4: the engine is then unavailable, not broken
+    # torch 2.4 and 2.5 bring triton 3.0 and 3.1: the engine is then unavailable, not broken
     HAS_TRITON = version_tuple(TRITON_VERSION) >= MIN_TRITON
+    FP64_DOT = version_tuple(TRITON_VERSION) >= FP64_DOT_TRITON
 except ImportError:  # a CPU-only install without triton: backend="triton" is unavailable
-    TRITON_VERSION, HAS_TRITON = None, False
+    TRITON_VERSION, HAS_TRITON, FP64_DOT = None, False, False
 
 
 # The custom ops that read tensor data on the host (label layouts, chunk tables, slot counts)
@@ -94,22 +92,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def usable_on(device: torch.device) -> bool:
-    """Can a Triton kernel take tensors on `device`?"""
-    if not HAS_TRITON:
+def _version_text(v: tuple) -> str:
+    return ".".join(map(str, v))
+
+
+def usable_on(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Can a Triton kernel take tensors on `device` (of `dtype`, where given: fp64 needs
+    FP64_DOT)?"""
+    if not HAS_TRITON or (dtype == torch.float64 and not FP64_DOT):
         return False
     if device.type == "cuda":
         return not interpreting()
     return device.type == "cpu" and interpreting()
 
 
-def why_not(device: torch.device) -> str:
-    """The reason `usable_on(device)` is False, for the error message."""
+def why_not(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The reason `usable_on(device, dtype)` is False, for the error message."""
     if TRITON_VERSION is None:
         return "triton is not installed"
     if not HAS_TRITON:
         return (f"triton {TRITON_VERSION} is installed and the Triton engine needs triton >= "
-                f"{'.'.join(map(str, MIN_TRITON))}")
+                f"{_version_text(MIN_TRITON)}")
+    if dtype == torch.float64 and not FP64_DOT:
+        return (f"triton {TRITON_VERSION} cannot multiply float64 tiles (tl.dot of float64 "
+                f"needs triton >= {_version_text(FP64_DOT_TRITON)}); use float32 embeddings, "
+                "or backend='auto', which gives float64 to the next engine")
     if device.type == "cuda":
         return "TRITON_INTERPRET=1 is set, which runs Triton kernels on CPU tensors only"
     return (f"Triton kernels need CUDA tensors (got tensors on {device}); on a CPU they run "

@@ -32,7 +32,7 @@ from .generalized_lifted import (GEN_LIFTED_COS, GEN_LIFTED_L2, _lifted_grad_til
 from .launch import triton_op, usable_on
 from .pairs import launch_config, loss_constants, max_dim, pair_grads
 from .side_lse import side_lse_launch
-from .tiles import add_tile_product, pair_masks, sim_tile
+from .tiles import add_tile_product, count_true, pair_masks, sim_tile
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _lifted_pos_kernel(x_ptr, lab_ptr, lo_ptr, hi_ptr, ln_ptr, g_ptr, prm_ptr, s
                                    PRECISION)
         else:
             sums += tl.sum(tl.where(keep, val, 0.0), axis=1)
-            cnt += tl.sum(keep.to(tl.int32), axis=1)
+            cnt += count_true(keep, 1)
     if BWD:
         tl.store(w_ptr + offs_m, w, mask=row_ok)
         offs_d = tl.arange(0, BLOCK_DO)
@@ -218,7 +218,7 @@ def supports(params, inp, expansion) -> bool:
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and inp.same_set and inp.ref_emb is x and inp.ref_labels is inp.labels
             and (is_normalized_l2(d) or is_dot_of_normalized(d))
-            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device))
+            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):

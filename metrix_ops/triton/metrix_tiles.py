@@ -170,7 +170,7 @@ if HAS_TRITON:
         if ANCHOR_NEG:
             pm = same & diag
         else:  # positives, or the anchor itself when it has none
-            pm = same & tl.where(cnt_k[:, None] > 1, ~diag, diag)
+            pm = same & tl.where(cnt_k[:, None] > 1, offs_k[:, None] != offs_p[None, :], diag)
         sap = tl.where(diag, 1.0, w)
         return offs_p, lab_p, pm, sap
 

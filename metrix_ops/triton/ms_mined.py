@@ -142,7 +142,7 @@ def ms_mined_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
 
 def miner_supports(params, inp, miner) -> bool:
     return (clean_supports(params, inp, None) and miner_fits(inp, miner)
-            and usable_on(inp.embeddings.device))
+            and usable_on(inp.embeddings.device, inp.embeddings.dtype))
 
 
 def miner_impl(params, inp, reducer, miner):

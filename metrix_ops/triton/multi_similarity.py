@@ -42,7 +42,7 @@ from ..ops.unit_rows import unit_rows
 from .launch import triton_op, usable_on
 from .pairs import (fake_grads, grads_or_empty, is_symmetric, launch_config, loss_constants,
                     max_dim, mined_masks, needs_grads, pair_grads)
-from .tiles import pair_masks, sim_tile
+from .tiles import count_true, pair_masks, sim_tile
 
 
 @triton.jit
@@ -102,8 +102,8 @@ def _ms_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, rows_ptr, lp_ptr, l
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
         if MINE:
             pos, neg = mined_masks(s, pos, neg, offs_m, row_ok, hn_ptr, hp_ptr, eps_ptr)
-            kp += tl.sum(pos.to(tl.int32), axis=1)
-            kn += tl.sum(neg.to(tl.int32), axis=1)
+            kp += count_true(pos, 1)
+            kn += count_true(neg, 1)
         ap, an = _ms_args(s, pos, neg, alpha, beta, base)
         mp, sp, mn, sn = _ms_fold(mp, sp, mn, sn, ap, an, pos)
     if MINE:
@@ -212,7 +212,7 @@ def supports(params, inp, expansion) -> bool:
     x = inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and is_cosine(inp.distance) and x.shape[1] <= max_dim(x.dtype)
-            and usable_on(x.device))
+            and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):

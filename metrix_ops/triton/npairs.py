@@ -21,7 +21,8 @@ def _rows(xa, xp, targets):
 
 
 def supports(params, inp, expansion) -> bool:
-    return cpu_supports(params, inp, expansion, need_ext=False) and usable_on(inp.embeddings.device)
+    x = inp.embeddings
+    return cpu_supports(params, inp, expansion, need_ext=False) and usable_on(x.device, x.dtype)
 
 
 def impl(params, inp, reducer):

@@ -42,18 +42,18 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .proxy_anchor import online_lse, rows_product, store_rows
-    from .tiles import sim_tile
+    from .tiles import count_true, sim_tile
 
     @triton.jit
     def _pair_masks(ia, jr, ya, yr, n_a, n_r, SAME: tl.constexpr):
         """(positive, negative) pair masks of a tile from broadcastable anchor indices and
         labels ia, ya and reference indices and labels jr, yr."""
         valid = (ia < n_a) & (jr < n_r)
-        same = ya == yr
-        pos = valid & same
+        pos = valid & (ya == yr)
         if SAME:
             pos = pos & (ia != jr)
-        return pos, valid & ~same
+        # (!= rather than ~(==): triton 3.2's interpreter cannot invert a bool tile)
+        return pos, valid & (ya != yr)
 
     @triton.jit
     def _ntx_prob(z, m, l):
@@ -118,7 +118,7 @@ if HAS_TRITON:
             loss = -tl.log(q + tiny)
             kept = pos & (loss > low) & (loss < high)
             sums += tl.sum(tl.where(kept, loss, 0.0), 1)
-            counts += tl.sum(kept.to(tl.int32), 1)
+            counts += count_true(kept, 1)
             w += tl.sum(tl.where(kept, q * rest / (q + tiny), 0.0), 1)
         in_a = offs_a < B
         tl.store(sums_ptr + offs_a, sums, mask=in_a)

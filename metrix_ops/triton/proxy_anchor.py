@@ -93,9 +93,10 @@ if HAS_TRITON:
                           BLOCK_C, BLOCK_B, BLOCK_D, ACC, PRECISION)  # Sᵀ tile: proxy × example
             y = tl.load(y_ptr + offs_b, mask=offs_b < B, other=-1)
             own = y[None, :] == offs_c[:, None]
+            other = y[None, :] != offs_c[:, None]  # (triton 3.2's interpreter: no ~ of bools)
             in_b = (offs_b < B)[None, :]
             m_pos, l_pos = online_lse(m_pos, l_pos, -alpha * (st - margin), own & in_b)
-            m_neg, l_neg = online_lse(m_neg, l_neg, alpha * (st + margin), (~own) & in_b)
+            m_neg, l_neg = online_lse(m_neg, l_neg, alpha * (st + margin), other & in_b)
         out = state_ptr + split * C + offs_c
         step = n_splits * C
         in_c = offs_c < C

@@ -42,6 +42,14 @@ if HAS_TRITON:
         return tl.dot(g.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
     @triton.jit
+    def count_true(mask, axis: tl.constexpr):
+        """The number of true entries of `mask` along `axis`, int32. Summed in fp32 (exact:
+        a tile has far fewer than 2^24 entries): triton 3.2's interpreter keeps the sum of an
+        int32 tile in int64 (numpy's sum) under the int32 type, and its store then writes 8
+        bytes per 4-byte element, past the buffer's end."""
+        return tl.sum(mask.to(tl.float32), axis).to(tl.int32)
+
+    @triton.jit
     def pair_masks(offs_m, offs_n, lab_m, lab_n, n_a, n_b, EXCLUDE_DIAG: tl.constexpr):
         """(positive, negative) pair masks of a tile from the rows' and columns' labels; pairs
         outside the matrix, and with EXCLUDE_DIAG the self pairs (row i, column i), are in
@@ -49,8 +57,9 @@ if HAS_TRITON:
         valid = (offs_m[:, None] < n_a) & (offs_n[None, :] < n_b)
         if EXCLUDE_DIAG:
             valid = valid & (offs_m[:, None] != offs_n[None, :])
-        same = lab_m[:, None] == lab_n[None, :]
-        return valid & same, valid & (~same)
+        # (!= rather than ~(==): triton 3.2's interpreter cannot invert a bool tile)
+        return (valid & (lab_m[:, None] == lab_n[None, :]),
+                valid & (lab_m[:, None] != lab_n[None, :]))
 
 
 def acc_dtype(dtype: torch.dtype):

@@ -46,7 +46,7 @@ from . import table_cache
 from ..fused.triplet_margin import totals_impl, unit_distance
 from .launch import next_pow2, triton_op, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
-from .tiles import add_tile_product, pair_masks, sim_tile
+from .tiles import add_tile_product, count_true, pair_masks, sim_tile
 
 
 @triton.jit
@@ -217,7 +217,7 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, n
             act = neg & (((kp[:, None] - kn) + margin) > 0.0)
             if MINE != 0:
                 act = act & _tri_mined(kp[:, None], kn, m2, MINE)
-            c = tl.sum(act.to(tl.int32), axis=1)
+            c = count_true(act, 1)
             counts += tl.where(offs_p[None, :] == tt, c[:, None], 0)
     t_ok = row_ok[:, None] & ((p0 + offs_p)[None, :] < npos[:, None])
     tl.store(cnt_ptr + offs_m[:, None] * PS + p0 + offs_p[None, :], counts, mask=t_ok)
@@ -524,7 +524,7 @@ def supports(params, inp, expansion) -> bool:
             and params.get("triplets_per_anchor", "all") == "all"
             and not params.get("swap", False) and not params.get("smooth_loss", False)
             and unit_distance(inp.distance)
-            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device))
+            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):

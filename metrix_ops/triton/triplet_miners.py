@@ -36,7 +36,7 @@ def miner_supports(params, inp, miner) -> bool:
     on a distance ordered as the cosine (its picks are made in cosine space), and
     TripletMarginMiner without smooth_loss (the "all" kernels sum hinge terms)."""
     x = inp.embeddings
-    if not (x.shape[1] <= max_dim(x.dtype) and usable_on(x.device)
+    if not (x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype)
             and miner_fits(params, inp, miner)):
         return False
     if type(miner).__name__ == "BatchHardMiner":
