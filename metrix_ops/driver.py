@@ -3,7 +3,6 @@ expanded) loss, reduce it as PML does, add the Metrix term."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Optional
 
 import torch
@@ -352,7 +351,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
             with op_scope(embeddings):
                 mined_loss = fused.MINER_IMPLS[(chosen, name)][1](params, inp, red, miner)
         else:  # the miner's index tuple, then the loss on those pairs (PML's two calls)
-            inp = dataclasses.replace(inp, indices_tuple=miner(embeddings, labels, *miner_refs))
+            inp = inp.with_indices(miner(embeddings, labels, *miner_refs))
             if seen is not None:
                 seen["inp"] = inp
             impls.clear()  # looked up for the call without the tuple

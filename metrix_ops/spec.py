@@ -26,6 +26,12 @@ class LossInputs:
     same_set: bool  # True when references are the batch: self pairs are excluded
     distance: BaseDistance
 
+    def with_indices(self, indices_tuple) -> "LossInputs":
+        """The same call with another indices_tuple (a miner's, or None). Built field by field:
+        torch 2.6's dynamo cannot trace dataclasses.replace (its is-a-dataclass check)."""
+        return LossInputs(self.embeddings, self.labels, indices_tuple, self.ref_emb,
+                          self.ref_labels, self.same_set, self.distance)
+
 
 @dataclass(frozen=True)
 class LossSpec:

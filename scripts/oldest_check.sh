@@ -2,12 +2,12 @@
 # The test suite on the oldest versions the package promises, on the CPU: a venv with an old
 # Python and torch, the CPU extension built in a copy of the tree (the main venv's build stays
 # as it is), then pytest. Run by .ci/run after the main suite, twice:
-# - default: Python 3.9 and torch 2.4.1 (pyproject.toml's floor), .venv-oldest, the suite but
-#   its torch.compile tests. torch 2.4 brings triton 3.0, older than the Triton engine's
+# - default: Python 3.9 and torch 2.4.1 (pyproject.toml's floor), .venv-oldest, the suite,
+#   its torch.compile tests too. torch 2.4 brings triton 3.0, older than the Triton engine's
 #   launch.MIN_TRITON (3.2): the engine is off there, and this checks it says so.
 # - OLDEST_PRESET=triton32: torch 2.6.0 and the triton 3.2 it brings (the oldest the engine
 #   takes; launch.FP64_DOT is False there: no fp64), .venv-triton32, the Triton engine's tests
-#   under TRITON_INTERPRET=1.
+#   under TRITON_INTERPRET=1 and every torch.compile test (CPU and Triton engines).
 # By hand: bash scripts/oldest_check.sh [pytest args]
 # Env (each overrides the preset's): PYTHON_OLDEST (the Python version, 3.9), TORCH_OLDEST
 # (2.4.1), TORCHVISION_OLDEST (0.19.1), VENV_OLDEST (.venv-oldest), INTERPRET_OLDEST (0: the
@@ -18,12 +18,11 @@ root=$(pwd)
 
 case "${OLDEST_PRESET:-}" in
   "") P_PY=3.9; P_TORCH=2.4.1; P_TV=0.19.1; P_VENV=.venv-oldest; P_INTERP=0
-      P_TESTS=(tests -k "not compile") ;;
-  # (the Triton engine's torch.compile tests run float64, which triton 3.2 does not take;
-  # its sm_90 compilation tests, "h100", run)
+      P_TESTS=(tests) ;;
+  # (every Triton test, float64 ones reported as skipped, and every torch.compile test: the
+  # CPU and Triton engines under torch 2.6's dynamo and Inductor)
   triton32) P_PY=3.11; P_TORCH=2.6.0; P_TV=0.21.0; P_VENV=.venv-triton32; P_INTERP=1
-      P_TESTS=(tests/test_triton_*.py tests/test_versions.py tests/test_backend_auto.py
-               -k "not compile or h100") ;;
+      P_TESTS=(tests -k "triton or test_versions or test_backend_auto or compile") ;;
   *) echo "oldest: OLDEST_PRESET must be empty or triton32"; exit 2 ;;
 esac
 WANT=${PYTHON_OLDEST:-$P_PY}
@@ -76,8 +75,7 @@ PY
 # (.ci/run exports TRITON_INTERPRET=1; the preset says whether these tests run the kernels)
 export TRITON_INTERPRET=${INTERPRET_OLDEST:-$P_INTERP}
 set +e
-# default: the preset's tests (the torch.compile ones left out: torch 2.4's dynamo and
-# Inductor fail at least 12 of them; README: "Oldest versions")
+# default: the preset's tests
 if [ "$#" -eq 0 ]; then set -- "${P_TESTS[@]}"; fi
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 rc=$?

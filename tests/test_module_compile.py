@@ -10,6 +10,7 @@ import torch
 
 import metrix_ops as mo
 from cases import value_and_grad
+from metrix_ops.versions import TORCH_VERSION
 from torch_features import data_dependent_shapes, fails_loudly
 
 MODULES = [
@@ -59,11 +60,13 @@ def test_module_under_fullgraph_compile_equals_eager(name, kw):
     g = torch.Generator().manual_seed(3)
     for b, k in [(13, 4), (6, 6), (1, 1)]:  # random, no positives, the no-pairs rule
         x, y = torch.randn(b, 7, generator=g), torch.randint(0, k, (b,), generator=g)
-        va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
+        with data_dependent_shapes():  # (NPairs' kept pairs, on an older torch)
+            va, (ga,) = value_and_grad(lambda e: compiled(e, y), x)
         vb, (gb,) = value_and_grad(lambda e: loss(e, y), x)
         # Circle's γ = 80 and ProxyNCA's softmax_scale = 90 scale the rounding of a differently
-        # fused graph (up to 4e-5 on ProxyNCA's gradient over 60 proxy inits): fp32's contract
-        rtol, atol = ((1e-4, 1e-5) if name == "CircleLoss" else
+        # fused graph (up to 4e-5 on ProxyNCA's gradient over 60 proxy inits, 1.6e-5 on
+        # Circle's with torch 2.6's Inductor): fp32's contract
+        rtol, atol = ((1e-4, 5e-5) if name == "CircleLoss" else
                       (1e-4, 5e-5) if kw.get("softmax_scale", 1.0) > 10 else (1e-5, 1e-6))
         torch.testing.assert_close(va, vb, rtol=rtol, atol=atol)
         torch.testing.assert_close(ga, gb, rtol=rtol, atol=atol)
@@ -113,9 +116,20 @@ EE = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureL
       "NPairsLoss", "TripletMarginLoss", "HPHNTripletLoss"]
 
 
+# torch 2.4.1's Inductor writes a backward for these "adjacent" calls (the positive pairs
+# a data-dependent list beside the fixed segments) that names the list's unbacked size u0
+# without defining it: NameError when the backward runs. 2.6.0 compiles them.
+INDUCTOR_LOSES_THE_PAIRS_SIZE = {"MultiSimilarityLoss", "LiftedStructureLoss",
+                                 "GeneralizedLiftedStructureLoss", "TripletMarginLoss"}
+
+
 @pytest.mark.parametrize("pairs", ["all", "adjacent"])
 @pytest.mark.parametrize("name", EE)
-def test_expansion_under_fullgraph_compile_equals_eager(name, pairs):
+def test_expansion_under_fullgraph_compile_equals_eager(name, pairs, request):
+    if (pairs == "adjacent" and name in INDUCTOR_LOSES_THE_PAIRS_SIZE
+            and TORCH_VERSION < (2, 6)):
+        request.applymarker(pytest.mark.xfail(raises=NameError, strict=True,
+                                              reason="torch < 2.6: Inductor's unbacked size"))
     torch._dynamo.reset()
     loss = getattr(mo.losses, name)(backend="cpu",
                                     expansion=mo.Expansion(n_points=2, pairs=pairs))

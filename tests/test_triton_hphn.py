@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-from triton_cases import DEVICE, on_dev, requires_triton
+from triton_cases import DEVICE, on_dev, requires_triton, widest_dtype
 from cases import CASE_IDS, CASES, assert_close_vg, make_case, value_and_grad
 
 pytestmark = requires_triton
@@ -163,7 +163,7 @@ def test_refuses_outside_its_scope_and_bad_input():
 
 
 def test_opcheck_and_compile():
-    x = F.normalize(torch.randn(9, 4, dtype=torch.float64), dim=1).to(DEVICE)
+    x = F.normalize(torch.randn(9, 4, dtype=widest_dtype()[0]), dim=1).to(DEVICE)
     y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 0], device=DEVICE)
     torch.library.opcheck(torch.ops.metrix_ops.triton_hphn_mine.default, (x, x, y, y, True),
                           test_utils=("test_schema", "test_faketensor"))

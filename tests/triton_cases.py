@@ -13,6 +13,16 @@ requires_triton = pytest.mark.skipif(not mt.usable_on(DEVICE),
                                      reason="Triton cannot run here (needs CUDA or TRITON_INTERPRET=1)")
 
 
+def widest_dtype():
+    """The widest dtype the engine's products take here, with the tolerance of a comparison of
+    two runs of the same kernels (compiled against eager): float64 (triton >= 3.5 multiplies
+    float64 tiles), else float32, so that those tests run on triton 3.2 to 3.4 too."""
+    from metrix_ops.triton.launch import FP64_DOT
+    if FP64_DOT:
+        return torch.float64, dict(rtol=1e-9, atol=1e-12)
+    return torch.float32, dict(rtol=1e-5, atol=1e-6)
+
+
 def on_dev(*ts):
     # leaves on the device: t.to(cuda) of a leaf that requires grad is a non-leaf, whose .grad
     # stays None (on the CPU, under the interpreter, .to is the tensor itself)

@@ -23,6 +23,7 @@ from ..reference.expansion import expansion_loss_dict
 from ..reference.expansion_points import expansion_segments, safe_sqrt
 from ..ops.unit_rows import normalized
 from . import register_expansion
+from .npairs import first_pairs  # (PML's pairs, as the clean op takes them)
 from .pair_counts import pair_count_tensors
 from .triplet_margin import _divisor_kind
 
@@ -130,6 +131,11 @@ def lifted_structure(params, inp, reducer, expansion=None, lse_fn=None):
     x, labels, d = inp.embeddings, inp.labels, inp.distance
     neg_margin, pos_margin = params.get("neg_margin", 1.0), params.get("pos_margin", 0.0)
     segs = _segments(labels, expansion)  # first: a bad "adjacent" batch raises as the reference
+    if len(labels) < 2:
+        # one row has no pair: PML's zero loss, by the shape (static under torch.compile).
+        # torch 2.6's Inductor cannot vectorise the backward's scatter into a one-row
+        # gradient (an assertion in its C++ codegen) that the select below would compile
+        return zero_loss(x)
     a, p = _positive_pairs(labels, expansion, segs)
     # PML: no loss without a positive or a negative pair (the reference's empty dict); a
     # select, not a branch on the counts (a host sync on a GPU; as fused/lifted_structure.py)
@@ -168,16 +174,6 @@ def generalized_lifted(params, inp, reducer, expansion=None, lse_fn=None):
     lse = _neg_lse(inp, expansion, segs, sign, -sign * neg_margin, lse_fn=lse_fn)
     neg = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     return _reduce(F.relu(pos + neg), torch.arange(b, device=x.device), "element", reducer, x)
-
-
-def first_pairs(labels):
-    """PML's N-pair pairs in O(B): per label with two members or more (ascending), its first
-    two rows, as reference/npairs.unique_label_pos_pairs picks them."""
-    order = torch.argsort(labels, stable=True)
-    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
-    start = torch.cumsum(counts, 0) - counts
-    start = start[counts > 1]
-    return order[start], order[start + 1]
 
 
 def npairs(params, inp, reducer, expansion=None, lse_fn=None):

@@ -69,7 +69,9 @@ def pairs_loss(inp, reducer, a, p, chunk=None, rows_fn=None):
                    torch.arange(len(a), device=x.device))
     info = {"losses": rows, "indices": a, "reduction_type": "element"}
     if compiling:  # the number of pairs is data: no branch on it, the zero loss by a select
-        info.update(keep=torch.ones_like(rows, dtype=torch.bool), none_kept="zero")
+        # (item by item: torch 2.4's dynamo cannot trace dict.update with keywords)
+        info["keep"] = torch.ones_like(rows, dtype=torch.bool)
+        info["none_kept"] = "zero"
     return reduce_loss_dict({"loss": info}, reducer, x)
 
 

@@ -9,7 +9,6 @@ triplet_mined_fwd (its window of kept triplets counted per row, as the all-tripl
 BatchHardMiner by streaming row blocks (one triplet per anchor, then the loss on those)."""
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +144,7 @@ def _units(inp):
 def _mined_by_tuple(params, inp, reducer, miner):
     """PML's two calls: the miner's index tuple, then the reference loss on it."""
     tup = miner(inp.embeddings, inp.labels, inp.ref_emb, inp.ref_labels)
-    inp = dataclasses.replace(inp, indices_tuple=tup)
+    inp = inp.with_indices(tup)
     spec = get_spec("TripletMarginLoss")
     return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, inp.embeddings)
 
