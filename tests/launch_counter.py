@@ -83,29 +83,30 @@ class LaunchCounter(TorchDispatchMode):
             import triton.runtime.interpreter as interp
         except ImportError:
             interp = None
-        # (triton 3.0's interpreter has no InterpretedFunction.run: nothing of ours runs there)
-        if interp is not None and hasattr(getattr(interp, "InterpretedFunction", None), "run"):
-            owner = interp.InterpretedFunction
-            orig = owner.run
+        # every interpreted launch runs a GridExecutor (triton 3.2's InterpretedFunction has
+        # no run method to hook, 3.8's does; both launch through this)
+        if interp is not None and hasattr(getattr(interp, "GridExecutor", None), "__call__"):
+            owner = interp.GridExecutor
+            orig = owner.__call__
             counter = self
 
-            def run(fn, *a, **k):
+            def launch(grid_exec, *a, **k):
                 if not counter._in_kernel:
-                    counter.sites[f"{_site()} triton:{fn.fn.__name__}"] += 1
+                    counter.sites[f"{_site()} triton:{grid_exec.fn.__name__}"] += 1
                 counter._in_kernel += 1  # the interpreter's own ops are the kernel's body
                 try:
-                    return orig(fn, *a, **k)
+                    return orig(grid_exec, *a, **k)
                 finally:
                     counter._in_kernel -= 1
             self._saved = (owner, orig)
-            owner.run = run
+            owner.__call__ = launch
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._depth -= 1
         if self._depth == 0 and self._saved is not None:
             owner, orig = self._saved
-            owner.run = orig
+            owner.__call__ = orig
             self._saved = None
         return super().__exit__(*exc)
 

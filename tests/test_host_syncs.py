@@ -175,11 +175,11 @@ def test_launch_counter_leaves_triton_as_it_was():
     if not mt.usable_on(torch.device("cpu")):
         pytest.skip("needs TRITON_INTERPRET=1")
     import triton.runtime.interpreter as interp
-    before = interp.InterpretedFunction.run
+    before = interp.GridExecutor.__call__
     x, y = _batch()
     counter = launches_per_step(L.ContrastiveLoss(backend="triton"), x, y)
     assert counter.by_kind().get("triton", 0) >= 2
-    assert interp.InterpretedFunction.run is before
+    assert interp.GridExecutor.__call__ is before
     total = counter.total
     L.ContrastiveLoss(backend="triton")(x.clone().requires_grad_(), y).backward()
     assert counter.total == total
