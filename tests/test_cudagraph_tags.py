@@ -9,6 +9,7 @@ one with a tagged op, as Inductor's own check sees them; the CUDA engine's tags 
 CUDA code reads (csrc/common/op_tags.h), and on a GPU the loss under reduce-overhead equal
 to eager."""
 import collections
+import contextlib
 import inspect
 import sys
 
@@ -114,9 +115,15 @@ def _graphs(loss):
 
 
 def _first_unsafe(graphs):
+    from torch._inductor import config
     from torch._inductor.utils import get_first_incompatible_cudagraph_node
-    return [getattr(get_first_incompatible_cudagraph_node(gm), "target", None)
-            for gm in graphs]
+    # with graph_partition on (torch 2.9's default) torch 2.9 cuts the graph at a tagged op
+    # instead of naming it here: asked with it off, it names the op, as 2.14 does either way
+    off = (config.patch(graph_partition=False) if hasattr(config, "graph_partition")
+           else contextlib.nullcontext())
+    with off:
+        return [getattr(get_first_incompatible_cudagraph_node(gm), "target", None)
+                for gm in graphs]
 
 
 @needs_tag

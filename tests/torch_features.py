@@ -42,11 +42,12 @@ def fails_loudly(call, match: str) -> None:
 @functools.lru_cache(maxsize=None)
 def traces_data_dependent_shapes() -> bool:
     """Whether dynamo's default config traces an op whose output size depends on the data
-    (repeat_interleave by counts, as EE's segment lists): torch 2.14 does, 2.4 and 2.6 need
-    capture_dynamic_output_shape_ops."""
+    (repeat_interleave by counts, as EE's segment lists; nonzero, as NPairs' kept pairs):
+    torch 2.14 does, 2.4 and 2.6 need capture_dynamic_output_shape_ops, and 2.9 needs it for
+    nonzero only."""
     try:
-        torch.compile(lambda t: t.repeat_interleave(t), fullgraph=True, backend="eager")(
-            torch.tensor([1, 2]))
+        torch.compile(lambda t: (t.repeat_interleave(t), t.nonzero()), fullgraph=True,
+                      backend="eager")(torch.tensor([1, 2]))
     except Exception:  # dynamo's Unsupported
         return False
     finally:
