@@ -9,7 +9,6 @@ triplet_mined_fwd (its window of kept triplets counted per row, as the all-tripl
 BatchHardMiner by streaming row blocks (one triplet per anchor, then the loss on those)."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

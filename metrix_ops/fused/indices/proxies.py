@@ -6,7 +6,6 @@ ProxyAnchor counts every position and adds w − 1 to each exponent of the examp
 per-proxy sums): its op's weighted form (proxy_anchor_weighted_*) takes those log-weights."""
 from __future__ import annotations
 
-
 import torch
 
 from ... import _ext
@@ -44,8 +43,7 @@ def anchor_supports(params, inp, expansion) -> bool:
     on_device = (inp.embeddings.device.type == "cpu"
                  or _ext.has_cuda_kernel("proxy_anchor_weighted_fwd"))
     return (inp.indices_tuple is not None and on_device
-            and proxy_anchor.supports(params, inp.with_indices(None),
-                                      expansion))
+            and proxy_anchor.supports(params, inp.with_indices(None), expansion))
 
 
 def anchor_impl(params, inp, reducer):
