@@ -2,9 +2,11 @@
 # The test suite on the oldest versions the package promises, on the CPU: a venv with an old
 # Python and torch, the CPU extension built in a copy of the tree (the main venv's build stays
 # as it is), then pytest. Run by .ci/run after the main suite, twice:
-# - default: Python 3.9 and torch 2.4.1 (pyproject.toml's floor), .venv-oldest, the suite,
-#   its torch.compile tests too. torch 2.4 brings triton 3.0, older than the Triton engine's
-#   launch.MIN_TRITON (3.2): the engine is off there, and this checks it says so.
+# - default: Python 3.9 and torch 2.4.1 (pyproject.toml's floor), .venv-oldest, the suite but
+#   its torch.compile tests (they pass there, 4 as expected failures, but Inductor's cold C++
+#   builds take 12 min of CI's 90; the triton32 preset runs them on torch 2.6). torch 2.4
+#   brings triton 3.0, older than the Triton engine's launch.MIN_TRITON (3.2): the engine is
+#   off there, and this checks it says so.
 # - OLDEST_PRESET=triton32: torch 2.6.0 and the triton 3.2 it brings (the oldest the engine
 #   takes; launch.FP64_DOT is False there: no fp64), .venv-triton32, the Triton engine's tests
 #   under TRITON_INTERPRET=1 and every torch.compile test (CPU and Triton engines).
@@ -18,7 +20,7 @@ root=$(pwd)
 
 case "${OLDEST_PRESET:-}" in
   "") P_PY=3.9; P_TORCH=2.4.1; P_TV=0.19.1; P_VENV=.venv-oldest; P_INTERP=0
-      P_TESTS=(tests) ;;
+      P_TESTS=(tests -k "not compile") ;;
   # (every Triton test, float64 ones reported as skipped, and every torch.compile test: the
   # CPU and Triton engines under torch 2.6's dynamo and Inductor)
   triton32) P_PY=3.11; P_TORCH=2.6.0; P_TV=0.21.0; P_VENV=.venv-triton32; P_INTERP=1
