@@ -85,7 +85,7 @@ class LaunchCounter(TorchDispatchMode):
             interp = None
         # every interpreted launch runs a GridExecutor (triton 3.2's InterpretedFunction has
         # no run method to hook, 3.8's does; both launch through this)
-        if interp is not None and hasattr(getattr(interp, "GridExecutor", None), "__call__"):
+        if getattr(interp, "GridExecutor", None) is not None:
             owner = interp.GridExecutor
             orig = owner.__call__
             counter = self

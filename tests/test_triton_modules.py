@@ -118,8 +118,8 @@ def test_compiled_ee_names_a_class_over_the_kernels_limit():
         loss(x, y)
     torch._dynamo.reset()
     compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="eager")
-    with pytest.raises(ValueError, match=f"labels: .* at most {EE_MAX_CLASS} rows.*backend='cuda'"), \
-            data_dependent_shapes():
+    with data_dependent_shapes(), pytest.raises(
+            ValueError, match=f"labels: .* at most {EE_MAX_CLASS} rows.*backend='cuda'"):
         compiled(x, y)
 
 
