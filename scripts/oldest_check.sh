@@ -42,12 +42,14 @@ echo "oldest: $PY"
 TORCH=${TORCH_OLDEST:-$P_TORCH}
 VENV="$root/${VENV_OLDEST:-$P_VENV}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+# --no-cache-dir: each old torch brings ~3 GB of CUDA wheels; a cached copy of them on top of
+# the installed one filled CI's disk once (the triton32 install, after the main and 2.4.1 venvs)
+"$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip >/dev/null
 # numpy < 2: the numpy torch 2.4 was built against
-"$VENV/bin/python" -m pip install -q "torch==$TORCH" "numpy<2" "pytorch-metric-learning==2.9.*" \
+"$VENV/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH" "numpy<2" "pytorch-metric-learning==2.9.*" \
   scikit-learn pytest tqdm matplotlib ninja
 # the training script's backbones: the torchvision of that torch
-"$VENV/bin/python" -m pip install -q --no-deps "torchvision==${TORCHVISION_OLDEST:-$P_TV}" pillow
+"$VENV/bin/python" -m pip install -q --no-cache-dir --no-deps "torchvision==${TORCHVISION_OLDEST:-$P_TV}" pillow
 
 # a copy of the tree (tracked and untracked, not ignored files): its own in-place build
 top=$(mktemp -d)
