@@ -174,12 +174,26 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
 
 
 def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32"):
-    import contextlib
-
     import torch
 
     sys.path.insert(0, HERE)
     from harness import peak_memory, time_fn
+
+    dev = torch.device(device)
+    step = case_step(loss, impl, b, d, device, dtype)
+    peak = peak_memory(step, dev)  # first: RSS peaks are sticky within a process
+    # (a compiled graph: compiled, warmed up, recorded, then replayed)
+    stats = time_fn(step, dev, warmup=3 if impl.endswith("+graphs") else 1, repeats=repeats)
+    stats["peak_bytes"] = peak
+    return stats
+
+
+def case_step(loss, impl, b, d, device="cpu", dtype="float32"):
+    """One timed step of --loss `loss` on `impl`: forward and backward (or the floor's
+    products) on a fixed random batch of B = b rows of D = d, labels in B // 8 classes."""
+    import contextlib
+
+    import torch
 
     dev = torch.device(device)
     dt = getattr(torch, dtype)
@@ -232,11 +246,7 @@ def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32"):
                 out = loss_fn(x, y, **refs)
             out.backward()
             return x.grad
-    peak = peak_memory(step, dev)  # first: RSS peaks are sticky within a process
-    # (a compiled graph: compiled, warmed up, recorded, then replayed)
-    stats = time_fn(step, dev, warmup=3 if impl.endswith("+graphs") else 1, repeats=repeats)
-    stats["peak_bytes"] = peak
-    return stats
+    return step
 
 
 def ratios(row):
