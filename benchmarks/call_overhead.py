@@ -128,11 +128,11 @@ def main():
     for loss in losses:
         for b in (int(s) for s in args.sizes.split(",")):
             row = {"loss": LOSSES[loss][1], "case": loss, "B": b, "D": args.dim}
-            for impl in ("cpu", "pml"):
-                step = case_step(loss, impl, b, args.dim)
+            steps = {impl: case_step(loss, impl, b, args.dim) for impl in ("cpu", "pml")}
+            for impl, step in steps.items():
                 row[impl] = time_fn(step, cpu, warmup=20,
                                     repeats=affordable(step, args.repeats, args.budget_s))
-            step = case_step(loss, "cpu", b, args.dim)
+            step = steps["cpu"]
             row["split"] = profiled_split(step, args.profiled)
             row["python_hotspots"] = python_hotspots(step, args.profiled, args.hotspots)
             s = row["split"]
