@@ -24,6 +24,17 @@ if HAS_EXT:
         HAS_CUDA_EXT = False
 
 
+def has_op(op: str) -> bool:
+    """Whether the build defines metrix_ops::`op`: an extension built before the op existed (a
+    stale build) must not break the import, its callers take their PyTorch form instead."""
+    if not HAS_EXT:
+        return False
+    try:
+        getattr(torch.ops.metrix_ops, op)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
 
 def has_cuda_kernel(op: str) -> bool:
     """Whether the build registered a CUDA kernel for metrix_ops::`op` (ops defined by the CPU

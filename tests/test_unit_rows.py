@@ -1,12 +1,15 @@
 """The fused engines' row normalisation (ops/unit_rows.py) against F.normalize, value and
 gradient, over odd shapes, zero and tiny rows (F.normalize's eps clamp), huge rows, fp64,
-fp32, bf16, gradcheck and torch.compile; and the one-pass finiteness check of the inputs."""
+fp32, bf16, gradcheck and torch.compile; the compiled CPU op (fp32/fp64) against the
+PyTorch form it replaces, on strided inputs and gradients, and its schema (opcheck); and the
+one-pass finiteness check of the inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from metrix_ops.distances import CosineSimilarity, LpDistance
-from metrix_ops.ops.unit_rows import normalized, unit_rows
+from metrix_ops.ops import unit_rows as unit_rows_mod
+from metrix_ops.ops.unit_rows import HAS_CPU_OP, normalized, unit_rows
 from metrix_ops.validation import DataChecks
 
 
@@ -100,3 +103,63 @@ def test_backward_inside_autocast_stays_fp32():
     (gr,) = torch.autograd.grad((unit_rows(r) * g).sum(), r)
     assert ga.dtype == torch.float32
     torch.testing.assert_close(ga, gr, rtol=1e-6, atol=1e-7)
+
+
+needs_op = pytest.mark.skipif(not HAS_CPU_OP, reason="the compiled CPU op is not built")
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("b,d", [(1, 1), (4, 9), (19, 1), (33, 130)])
+def test_cpu_op_matches_the_pytorch_form(b, d, dtype, monkeypatch):
+    """The op on a strided input (a column slice of a wider tensor) and an expanded incoming
+    gradient (stride 0), against the PyTorch form on the same tensors: fp32/fp64 CPU tensors
+    take the op, so F.normalize's comparison above tests it; this checks that the two forms of
+    the one formula agree and that the op reads any strides."""
+    x, g = rows(b, d + 3, dtype, seed=b)
+    x, g0 = x[:, 2:2 + d], g[:1, :d]
+    g = g0.expand(b, d)
+    assert b == 1 or (not x.is_contiguous() and g.stride(0) == 0)  # one row is contiguous
+    assert unit_rows_mod.cpu_op(x)
+
+    def run():
+        a = x.detach().requires_grad_()
+        y = unit_rows(a)
+        (dx,) = torch.autograd.grad(y, a, g)
+        return y, dx
+
+    y_op, dx_op = run()
+    monkeypatch.setattr(unit_rows_mod, "cpu_op", lambda t: False)
+    y_pt, dx_pt = run()
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(y_op, y_pt, rtol=tol, atol=tol)
+    # rows of 1e15 and of 1e-14 in one tensor: compare each row at its own scale
+    scale = dx_pt.abs().amax(1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    torch.testing.assert_close(dx_op / scale, dx_pt / scale, rtol=0, atol=tol)
+
+
+@needs_op
+def test_cpu_op_schema_and_fake_kernels():
+    from torch.library import opcheck
+    x = torch.randn(7, 5, dtype=torch.float64)
+    y, norm = torch.ops.metrix_ops.unit_rows_fwd(x)
+    assert norm.shape == (7, 1)
+    opcheck(torch.ops.metrix_ops.unit_rows_fwd.default, (x,))
+    opcheck(torch.ops.metrix_ops.unit_rows_bwd.default, (torch.randn(7, 5, dtype=torch.float64), y, norm))
+
+
+@needs_op
+def test_cpu_op_refuses_what_it_does_not_take():
+    """Called directly (the Python side never does this), a half tensor, a 1-D tensor or a
+    gradient of another shape is an error naming the argument, not a crash."""
+    fwd, bwd = torch.ops.metrix_ops.unit_rows_fwd, torch.ops.metrix_ops.unit_rows_bwd
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        fwd(torch.randn(3, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        fwd(torch.randn(4))
+    y, norm = fwd(torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="grad must have y's shape and dtype"):
+        bwd(torch.randn(3, 5), y, norm)
+    with pytest.raises(RuntimeError, match="norm must hold one value per row"):
+        bwd(torch.randn(3, 4), y, norm[:2])
+    assert not unit_rows_mod.cpu_op(torch.randn(3, 4, dtype=torch.float16))

@@ -9,18 +9,8 @@ from .. import _ext
 
 _FWD = "metrix_ops::pair_sims_fwd"
 
-
-def _has_op() -> bool:
-    try:
-        torch.ops.metrix_ops.pair_sims_fwd
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-# an extension built before the op existed (a stale build) must not break the import: the
-# indices_tuple calls then take the reference path
-HAS_OP = _ext.HAS_EXT and _has_op()
+# without the op (no build, or a stale one) the indices_tuple calls take the reference path
+HAS_OP = _ext.has_op("pair_sims_fwd")
 
 if HAS_OP:
     @torch.library.register_fake(_FWD)
