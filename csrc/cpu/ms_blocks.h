@@ -3,6 +3,7 @@
 // the rows' streaming log-sum-exps, and turning a block of S into the block of G = ∂L/∂S.
 #pragma once
 
+#include <algorithm>
 #include <limits>
 #include <utility>
 
@@ -27,8 +28,12 @@ struct BlockLabels {
 inline std::pair<at::Tensor, at::Tensor> ms_label_ids(const at::Tensor& labels,
                                                       const at::Tensor& ref_labels) {
   const int64_t lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();
+  // a loop over the (CPU, int64) labels: two reductions and two reads cost more at small B
   auto fits = [&](const at::Tensor& t) {
-    return t.numel() == 0 || (t.min().item<int64_t>() >= lo && t.max().item<int64_t>() <= hi);
+    TORCH_CHECK(t.scalar_type() == at::kLong, "labels must be int64, got ", t.scalar_type());
+    const at::Tensor c = t.contiguous();
+    const int64_t* p = c.data_ptr<int64_t>();
+    return std::all_of(p, p + c.numel(), [&](int64_t v) { return v >= lo && v <= hi; });
   };
   if (fits(labels) && fits(ref_labels))
     return {labels.to(at::kInt).contiguous(), ref_labels.to(at::kInt).contiguous()};
