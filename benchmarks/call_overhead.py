@@ -13,7 +13,8 @@ the per-call cost a GPU run also pays on its host.
   for PML, the same step as bench_losses.py (its `case_step`); fewer than --repeats where
   they would take over --budget-s.
 - split: torch.profiler over `--profiled` further steps. "op": the outermost `metrix_ops::`
-  events (forward and backward, wherever autograd nests them); "glue ops": every other
+  events (the loss op forward and backward, wherever autograd nests them, and the compiled
+  helpers: unit_rows, pair_counts; `op_names` counts each); "glue ops": every other
   top-level event (ATen ops, autograd nodes) less the op time inside it; "outside ops": the
   profiled step's wall less both. The profiler costs a few µs per event, so its steps are slower
   than the unprofiled medians: compare the parts with each other, not with the wall medians.
@@ -41,13 +42,15 @@ from harness import time_fn, write_result  # noqa: E402
 OP_PREFIX = "metrix_ops::"
 
 
-def _op_time(event):
-    """Inclusive µs and count of the outermost metrix_ops events at or under `event`."""
+def _op_time(event, names: dict):
+    """Inclusive µs and count of the outermost metrix_ops events at or under `event`; each
+    one's name counted in `names`."""
     if event.name.startswith(OP_PREFIX):
+        names[event.name] = names.get(event.name, 0) + 1
         return event.cpu_time_total, 1
     total, n = 0.0, 0
     for child in event.cpu_children:
-        t, k = _op_time(child)
+        t, k = _op_time(child, names)
         total, n = total + t, n + k
     return total, n
 
@@ -64,10 +67,11 @@ def profiled_split(step, steps: int) -> dict:
     op_us = glue_us = 0.0
     op_n = glue_n = 0
     glue_names: dict = {}
+    op_names: dict = {}
     for e in prof.events():
         if e.cpu_parent is not None:
             continue
-        t, k = _op_time(e)
+        t, k = _op_time(e, op_names)
         op_us, op_n = op_us + t, op_n + k
         glue_us += e.cpu_time_total - t
         if k == 0:  # a top-level event with no fused op inside: one glue op
@@ -76,7 +80,8 @@ def profiled_split(step, steps: int) -> dict:
     top = sorted(glue_names.items(), key=lambda kv: -kv[1])[:10]
     return {"profiled_step_us": wall_us / steps, "op_us": op_us / steps,
             "glue_ops_us": glue_us / steps, "outside_ops_us": (wall_us - op_us - glue_us) / steps,
-            "op_calls": op_n / steps, "glue_ops": glue_n / steps,
+            "op_calls": op_n / steps, "op_names": {k: n / steps for k, n in sorted(op_names.items())},
+            "glue_ops": glue_n / steps,
             "top_glue_ops_us": {name: t / steps for name, t in top}}
 
 

@@ -246,8 +246,10 @@ def test_fp32_matches_fp64_reference(loss):
     y = torch.randint(0, 9, (67,), generator=g)
     x, y = on_dev(x, y)
     tri, ref = pair(loss, 0.35)
+    # atol: the gradients reach 0.8 (Circle's γ = 80), and fp32 rounding of the normalisation
+    # and the tiles leaves ~1.2e-6 on them (1.5e-6 of the largest, ~25 ulp)
     assert_close_vg(lambda e: tri(e, y).double(), lambda e: ref(e.double(), y), x,
-                    rtol=1e-4, atol=1e-6)
+                    rtol=1e-4, atol=3e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

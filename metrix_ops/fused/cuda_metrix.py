@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..ops.autograd import call, register_autograd
 from ..ops.contrastive import contrastive_rows
 from ..ops.ms_loss import ms_loss_rows
 from ..ops.ms_metrix import label_sorted
@@ -74,7 +75,7 @@ def register_mix_op(name: str, n_out: int, grad_outputs: tuple, saved_outputs: t
         dx, dr = bwd(*gs, *ctx.saved_tensors, *ctx.consts, need_dr)
         return (dx, dr if need_dr else None) + (None,) * (ctx.n_inputs - 2)
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup)
+    register_autograd(fwd, backward, setup_context=setup)
 
 
 # MS: (ℓ̃, lse⁺, lse⁻), the lses saved for the backward; Contrastive: (pos_sum, pos_count,
@@ -110,7 +111,7 @@ def _sorted_call(op, x_unit, labels, pairs, consts, chunk):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels.long())
     start, size = class_layout(ys)
-    out = op(xs, ys, start, size, *consts, pairs == "anchor_neg", int(chunk or CHUNK))
+    out = call(op, xs, ys, start, size, *consts, pairs == "anchor_neg", int(chunk or CHUNK))
     return tuple(t.index_select(0, inverse) for t in out)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from .. import _ext
 from ..distances import is_cosine
+from ..ops.autograd import call
 from ..ops.ms_metrix import refs_sorted
 from .cuda_metrix import register_mix_op
 
@@ -43,13 +44,13 @@ def refs_rows(name: str, params: dict, inp, pairs: str, lam: float, xh, rh, self
     ops, args = torch.ops.metrix_ops, (xs, rs, ys, rys, own)
     tail = (float(lam), pairs == "anchor_neg", int(CHUNK))
     if name == "MultiSimilarityLoss":
-        return ops.ms_metrix_mix_refs_fwd(*args, float(params["alpha"]), float(params["beta"]),
-                                          float(params["base"]), *tail)[0]
+        return call(ops.ms_metrix_mix_refs_fwd, *args, float(params["alpha"]),
+                    float(params["beta"]), float(params["base"]), *tail)[0]
     if name == "CircleLoss":
-        return ops.circle_metrix_mix_refs_fwd(*args, float(params["m"]),
-                                              float(params["gamma"]), *tail)
+        return call(ops.circle_metrix_mix_refs_fwd, *args, float(params["m"]),
+                    float(params["gamma"]), *tail)
     margins = (is_cosine(inp.distance), float(params["pos_margin"]),
                float(params["neg_margin"]))
     op = (ops.contrastive_metrix_mix_refs_fwd if name == "ContrastiveLoss"
           else ops.lifted_metrix_mix_refs_fwd)
-    return op(*args, *margins, *tail)
+    return call(op, *args, *margins, *tail)

@@ -49,8 +49,9 @@ def _reduce_clean(rows, inp, reducer, counts=None):
         counts = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     pos, neg = counts
     # a select (not zero_unless): a MeanReducer's mean over no rows (an empty batch against
-    # a bank) is NaN, which the zero replaces
-    return torch.where((pos <= 1) & (neg <= 1), torch.sum(x * 0), loss)
+    # a bank) is NaN, which the zero replaces. A scalar zero, not sum(x * 0): `loss` is in the
+    # graph of x already (through the op's rows), and the select passes it a zero gradient
+    return torch.where((pos <= 1) & (neg <= 1), 0.0, loss)
 
 
 def impl(params, inp, reducer, chunk: int = 2048):

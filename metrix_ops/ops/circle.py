@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 from .ntxent import _input_grads, _row_grad
 from .proxy_anchor import default_chunk
 
@@ -37,7 +38,7 @@ if _ext.HAS_EXT:
                                                  bool(ctx.needs_input_grad[1]))
         return _input_grads(ctx, dx, dr, 6)
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+    register_autograd(_FWD, _backward, setup_context=_setup)
 
     # the batch against itself: one input, one gradient
     @torch.library.register_fake(_SELF)
@@ -61,14 +62,14 @@ if _ext.HAS_EXT:
                                                   lse_pos, lse_neg, *ctx.args)
         return (dx,) + (None,) * 4
 
-    torch.library.register_autograd(_SELF, _backward_self, setup_context=_setup_self)
+    register_autograd(_SELF, _backward_self, setup_context=_setup_self)
 
 
 def circle_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, m: float,
                 gamma: float, chunk=None):
     """Per-anchor CircleLoss terms (0 for an anchor lacking a positive or a negative)."""
     chunk = default_chunk(r_unit.shape[0]) if chunk is None else chunk
-    rows, _, _ = torch.ops.metrix_ops.circle_fwd(
+    rows, _, _ = call(torch.ops.metrix_ops.circle_fwd, 
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(m), float(gamma), int(chunk))
     return rows
@@ -77,6 +78,6 @@ def circle_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, m: float
 def circle_rows_self(x_unit, labels, m: float, gamma: float, block: int = 1024):
     """circle_rows of the batch against itself (self pairs excluded), from the symmetric
     blocks of S: half the products."""
-    rows, _, _ = torch.ops.metrix_ops.circle_self_fwd(x_unit.contiguous(), labels.contiguous(),
+    rows, _, _ = call(torch.ops.metrix_ops.circle_self_fwd, x_unit.contiguous(), labels.contiguous(),
                                                       float(m), float(gamma), int(block))
     return rows

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 
 _FWD = "metrix_ops::contrastive_fwd"
 _SELF_FWD = "metrix_ops::contrastive_self_fwd"
@@ -54,7 +55,7 @@ if _ext.HAS_EXT:
                                                       *ctx.args)
         return (dx, dr) + (None,) * 9
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+    register_autograd(_FWD, _backward, setup_context=_setup)
 
     @torch.library.register_fake(_SELF_FWD)
     def _fake_self(x, labels, cosine, pos_margin, neg_margin, low, high, block):
@@ -77,7 +78,7 @@ if _ext.HAS_EXT:
         dx = torch.ops.metrix_ops.contrastive_self_bwd(g_pos, g_neg, x, labels, *ctx.args)
         return (dx,) + (None,) * 7
 
-    torch.library.register_autograd(_SELF_FWD, _backward_self, setup_context=_setup_self)
+    register_autograd(_SELF_FWD, _backward_self, setup_context=_setup_self)
 
 
 def _bound(v, default):
@@ -89,7 +90,7 @@ def contrastive_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cos
                      chunk: int = 2048):
     """Per-anchor (pos_sum, pos_count, neg_sum, neg_count) of the contrastive hinge terms of
     unit anchors against unit references; low/high bound the kept terms (None: unbounded)."""
-    return torch.ops.metrix_ops.contrastive_fwd(
+    return call(torch.ops.metrix_ops.contrastive_fwd, 
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), bool(cosine), float(pos_margin), float(neg_margin),
         _bound(low, -math.inf), _bound(high, math.inf), int(chunk))
@@ -99,6 +100,6 @@ def contrastive_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_m
                           low=None, high=None, block: int = 1024):
     """contrastive_rows of a batch against itself (self pairs excluded), using S's symmetry:
     half the similarity products, and one gradient product per block pair."""
-    return torch.ops.metrix_ops.contrastive_self_fwd(
+    return call(torch.ops.metrix_ops.contrastive_self_fwd, 
         x_unit.contiguous(), labels.contiguous(), bool(cosine), float(pos_margin),
         float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf), int(block))

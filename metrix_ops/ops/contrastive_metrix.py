@@ -14,6 +14,7 @@ import math
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 from .ms_metrix import group_entries, label_sorted, refs_sorted
 
 _FWD = "metrix_ops::contrastive_metrix_self_fwd"
@@ -44,7 +45,7 @@ if _ext.HAS_EXT:
         dx = torch.ops.metrix_ops.contrastive_metrix_self_bwd(*gs, x, labels, *ctx.args)
         return (dx,) + (None,) * 9
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    register_autograd(_FWD, _backward, setup_context=_setup_context)
 
     _REFS = "metrix_ops::contrastive_metrix_refs_fwd"
 
@@ -73,7 +74,7 @@ if _ext.HAS_EXT:
             *gs, x, r, labels, ref_labels, self_rows, *ctx.args, ctx.needs_input_grad[1])
         return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * 12
 
-    torch.library.register_autograd(_REFS, _backward_refs, setup_context=_setup_refs)
+    register_autograd(_REFS, _backward_refs, setup_context=_setup_refs)
 
 
 def contrastive_metrix_rows(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
@@ -87,7 +88,7 @@ def contrastive_metrix_rows(x_unit, labels, cosine: bool, pos_margin: float, neg
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels)
-    out = torch.ops.metrix_ops.contrastive_metrix_self_fwd(
+    out = call(torch.ops.metrix_ops.contrastive_metrix_self_fwd, 
         xs, ys, bool(cosine), float(pos_margin), float(neg_margin),
         -math.inf if low is None else float(low), math.inf if high is None else float(high),
         float(lam), pairs == "anchor_neg", int(block))
@@ -107,7 +108,7 @@ def contrastive_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, c
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
-    out = torch.ops.metrix_ops.contrastive_metrix_refs_fwd(
+    out = call(torch.ops.metrix_ops.contrastive_metrix_refs_fwd, 
         *args, bool(cosine), float(pos_margin), float(neg_margin), float(lam),
         pairs == "anchor_neg", bool(clean), -math.inf if low is None else float(low),
         math.inf if high is None else float(high), group_entries())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 
 _FWD = "metrix_ops::hphn_pick_sims"
 
@@ -33,7 +34,7 @@ if _ext.HAS_EXT:
                                                      xu, idx, ctx.n_points, ctx.l2_pos)
         return dx, None, None, None
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
 def hphn_pick_sims(xu: torch.Tensor, idx: torch.Tensor, n_points: int, l2_pos: bool):
@@ -41,5 +42,5 @@ def hphn_pick_sims(xu: torch.Tensor, idx: torch.Tensor, n_points: int, l2_pos: b
     q_k], −1: none, computed from row 0 as a throw-away value): pos = x̂_b·x̂_p, or
     ‖x̂_b − x̂_p‖² with l2_pos; s_an the cosine of the points lerp(x̂_aw, x̂_au, a_k/(n+1)) and
     lerp(x̂_qw, x̂_qu, q_k/(n+1)) (an original's norm exactly 1)."""
-    return torch.ops.metrix_ops.hphn_pick_sims(xu.contiguous(), idx.contiguous(),
+    return call(torch.ops.metrix_ops.hphn_pick_sims, xu.contiguous(), idx.contiguous(),
                                                int(n_points), bool(l2_pos))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 from .ms_metrix import group_entries, label_sorted, refs_sorted
 
 
@@ -42,7 +43,7 @@ def register(name: str, n_out: int = 4):
         dx = getattr(torch.ops.metrix_ops, f"{name}_bwd")(*gs, x, labels, *values, *ctx.params)
         return (dx, None) + (None,) * len(ctx.params)
 
-    torch.library.register_autograd(fwd, _backward, setup_context=_setup)
+    register_autograd(fwd, _backward, setup_context=_setup)
 
 
 def register_refs(name: str, n_out: int = 4):
@@ -77,7 +78,7 @@ def register_refs(name: str, n_out: int = 4):
             ctx.needs_input_grad[1])
         return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * (3 + len(ctx.params))
 
-    torch.library.register_autograd(fwd, _backward, setup_context=_setup)
+    register_autograd(fwd, _backward, setup_context=_setup)
 
 
 def check_pairs(pairs: str):
@@ -93,8 +94,8 @@ def lse_rows(name: str, x_unit, labels, params: tuple, lam: float, pairs: str, b
     p = a for "anchor_neg"."""
     check_pairs(pairs)
     xs, ys, inverse = label_sorted(x_unit, labels)
-    out = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
-        xs, ys, *params, float(lam), pairs == "anchor_neg", bool(clean), int(block))
+    out = call(getattr(torch.ops.metrix_ops, f"{name}_fwd"), xs, ys, *params, float(lam),
+               pairs == "anchor_neg", bool(clean), int(block))
     return tuple(t.index_select(0, inverse) for t in out)
 
 
@@ -106,8 +107,8 @@ def lse_refs_rows(name: str, x_unit, r_unit, labels, ref_labels, self_idx, param
     anchor_neg (Circle's clean), and then every output of the op, in the caller's order."""
     check_pairs(pairs)
     *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
-    out = getattr(torch.ops.metrix_ops, f"{name}_fwd")(
-        *args, *params, float(lam), pairs == "anchor_neg", *extra, group_entries())
+    out = call(getattr(torch.ops.metrix_ops, f"{name}_fwd"), *args, *params, float(lam),
+               pairs == "anchor_neg", *extra, group_entries())
     return tuple(t.index_select(0, inverse) for t in out)
 
 

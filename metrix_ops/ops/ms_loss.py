@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 
 _FWD = "metrix_ops::ms_loss_fwd"
 
@@ -32,7 +33,7 @@ if _ext.HAS_EXT:
                                                   lse_pos, lse_neg, *ctx.args)
         return dx, dr, None, None, None, None, None, None, None
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    register_autograd(_FWD, _backward, setup_context=_setup_context)
 
     @torch.library.register_fake("metrix_ops::ms_loss_self_fwd")
     def _fake_self(x, labels, alpha, beta, base, block):
@@ -55,7 +56,7 @@ if _ext.HAS_EXT:
                                                    lse_neg, *ctx.args)
         return dx, None, None, None, None, None
 
-    torch.library.register_autograd("metrix_ops::ms_loss_self_fwd", _backward_self,
+    register_autograd("metrix_ops::ms_loss_self_fwd", _backward_self,
                                     setup_context=_setup_self)
 
 
@@ -89,7 +90,7 @@ if _ext.HAS_EXT:
                                                    lse_pos, lse_neg, hn, hp, *ctx.args)
         return dx, dr, None, None, None, None, None, None, None, None, None, None
 
-    torch.library.register_autograd("metrix_ops::ms_mined_fwd", _backward_mined,
+    register_autograd("metrix_ops::ms_mined_fwd", _backward_mined,
                                     setup_context=_setup_mined)
 
     # the miner and the loss of the batch against itself (csrc/cpu/ms_mined_self_cpu.cpp)
@@ -121,7 +122,7 @@ if _ext.HAS_EXT:
                                                     lse_neg, hn, hp, *ctx.args)
         return (dx,) + (None,) * 8
 
-    torch.library.register_autograd("metrix_ops::ms_mined_self_fwd", _backward_mined_self,
+    register_autograd("metrix_ops::ms_mined_self_fwd", _backward_mined_self,
                                     setup_context=_setup_mined_self)
 
 
@@ -133,7 +134,7 @@ def ms_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha:
     args = (x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous())
     with torch.no_grad():  # PML's miner is not differentiated
         hn, hp = torch.ops.metrix_ops.ms_mine_bounds(*args, bool(exclude_diag), int(chunk))
-    rows, _, _, kept = torch.ops.metrix_ops.ms_mined_fwd(
+    rows, _, _, kept = call(torch.ops.metrix_ops.ms_mined_fwd, 
         *args, hn, hp, bool(exclude_diag), float(alpha), float(beta), float(base), float(epsilon),
         int(chunk))
     return rows, kept
@@ -146,7 +147,7 @@ def ms_mined_rows_self(x_unit, labels, alpha: float, beta: float, base: float,
     x, labels = x_unit.contiguous(), labels.contiguous()
     with torch.no_grad():  # PML's miner is not differentiated
         hn, hp = torch.ops.metrix_ops.ms_mine_bounds_self(x, labels, int(block))
-    rows, _, _, kept = torch.ops.metrix_ops.ms_mined_self_fwd(
+    rows, _, _, kept = call(torch.ops.metrix_ops.ms_mined_self_fwd, 
         x, labels, hn, hp, float(alpha), float(beta), float(base), float(epsilon), int(block))
     return rows, kept
 
@@ -154,7 +155,7 @@ def ms_mined_rows_self(x_unit, labels, alpha: float, beta: float, base: float,
 def ms_loss_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
                  beta: float, base: float, chunk: int = 2048) -> torch.Tensor:
     """Per-anchor MS loss terms (1/α)log(1+Σ_P e^{−α(s−base)}) + (1/β)log(1+Σ_N e^{β(s−base)})."""
-    rows, _, _ = torch.ops.metrix_ops.ms_loss_fwd(
+    rows, _, _ = call(torch.ops.metrix_ops.ms_loss_fwd, 
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(alpha), float(beta), float(base), int(chunk))
     return rows
@@ -164,7 +165,7 @@ def ms_loss_rows_self(x_unit, labels, alpha: float, beta: float, base: float,
                       block: int = 1024) -> torch.Tensor:
     """ms_loss_rows of a batch against itself (self pairs excluded), using S's symmetry:
     half the similarity products, and one gradient product per block pair."""
-    rows, _, _ = torch.ops.metrix_ops.ms_loss_self_fwd(
+    rows, _, _ = call(torch.ops.metrix_ops.ms_loss_self_fwd, 
         x_unit.contiguous(), labels.contiguous(), float(alpha), float(beta), float(base),
         int(block))
     return rows

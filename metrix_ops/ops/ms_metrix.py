@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 
 _FWD = "metrix_ops::ms_metrix_self_fwd"
 # the refs op's classes go in groups whose tiles (anchors' and positives' rows × M) hold
@@ -39,7 +40,7 @@ if _ext.HAS_EXT:
                                                      tp, tn, *ctx.args)
         return dx, None, None, None, None, None, None, None
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    register_autograd(_FWD, _backward, setup_context=_setup_context)
 
     _REFS = "metrix_ops::ms_metrix_refs_fwd"
 
@@ -70,7 +71,7 @@ if _ext.HAS_EXT:
             *stats, *ctx.consts, ctx.needs_input_grad[1])
         return (dx, dr if ctx.needs_input_grad[1] else None) + (None,) * 10
 
-    torch.library.register_autograd(_REFS, _backward_refs, setup_context=_setup_refs)
+    register_autograd(_REFS, _backward_refs, setup_context=_setup_refs)
 
 
 def label_sorted(x, labels):
@@ -92,7 +93,7 @@ def ms_metrix_rows(x_unit, labels, alpha: float, beta: float, base: float, lam: 
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels)
-    rows, _, _, mix, _, _ = torch.ops.metrix_ops.ms_metrix_self_fwd(
+    rows, _, _, mix, _, _ = call(torch.ops.metrix_ops.ms_metrix_self_fwd, 
         xs, ys, float(alpha), float(beta), float(base), float(lam), pairs == "anchor_neg",
         int(block))
     return rows.index_select(0, inverse), mix.index_select(0, inverse)
@@ -109,7 +110,7 @@ def ms_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, alpha: flo
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
-    rows, _, _, mix, _, _ = torch.ops.metrix_ops.ms_metrix_refs_fwd(
+    rows, _, _, mix, _, _ = call(torch.ops.metrix_ops.ms_metrix_refs_fwd, 
         *args, float(alpha), float(beta), float(base), float(lam), pairs == "anchor_neg",
         bool(clean), group_entries(group))
     return rows.index_select(0, inverse), mix.index_select(0, inverse)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 from .contrastive import _bound
 from .proxy_anchor import default_chunk
 
@@ -49,7 +50,7 @@ if _ext.HAS_EXT:
                                                  bool(ctx.needs_input_grad[1]))
         return _input_grads(ctx, dx, dr, 7)
 
-    torch.library.register_autograd(_NTX, _backward, setup_context=_setup)
+    register_autograd(_NTX, _backward, setup_context=_setup)
 
     @torch.library.register_fake(_SUP)
     def _fake_sup(x, r, labels, ref_labels, exclude_diag, temperature, chunk):
@@ -74,7 +75,7 @@ if _ext.HAS_EXT:
                                                  bool(ctx.needs_input_grad[1]))
         return _input_grads(ctx, dx, dr, 5)
 
-    torch.library.register_autograd(_SUP, _backward_sup, setup_context=_setup_sup)
+    register_autograd(_SUP, _backward_sup, setup_context=_setup_sup)
 
     # NT-Xent of the batch against itself: one input, one gradient
     @torch.library.register_fake(_NTX_SELF)
@@ -100,7 +101,7 @@ if _ext.HAS_EXT:
                                                   neg_sum, w_total, *ctx.args)
         return (dx,) + (None,) * 5
 
-    torch.library.register_autograd(_NTX_SELF, _backward_self, setup_context=_setup_self)
+    register_autograd(_NTX_SELF, _backward_self, setup_context=_setup_self)
 
     # SupCon of the batch against itself: one input, one gradient
     @torch.library.register_fake(_SUP_SELF)
@@ -124,7 +125,7 @@ if _ext.HAS_EXT:
                                                   *ctx.args)
         return (dx,) + (None,) * 3
 
-    torch.library.register_autograd(_SUP_SELF, _backward_sup_self,
+    register_autograd(_SUP_SELF, _backward_sup_self,
                                     setup_context=_setup_sup_self)
 
 
@@ -133,7 +134,7 @@ def ntxent_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, temperat
     """Per anchor (sum, count) of its NT-Xent positive-pair losses inside low < loss < high
     (None: unbounded); the sums are differentiable, the int64 counts are not."""
     chunk = default_chunk(r_unit.shape[0]) if chunk is None else chunk
-    sums, counts, _, _ = torch.ops.metrix_ops.ntxent_fwd(
+    sums, counts, _, _ = call(torch.ops.metrix_ops.ntxent_fwd, 
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(temperature), _bound(low, -float("inf")),
         _bound(high, float("inf")), int(chunk))
@@ -144,7 +145,7 @@ def ntxent_rows_self(x_unit, labels, temperature: float, low=None, high=None,
                      block: int = 1024):
     """ntxent_rows of the batch against itself (self pairs excluded), from the symmetric
     blocks of S (csrc/cpu/ntxent_self_cpu.cpp): half the products."""
-    sums, counts, _, _, _ = torch.ops.metrix_ops.ntxent_self_fwd(
+    sums, counts, _, _, _ = call(torch.ops.metrix_ops.ntxent_self_fwd, 
         x_unit.contiguous(), labels.contiguous(), float(temperature),
         _bound(low, -float("inf")), _bound(high, float("inf")), int(block))
     return sums, counts
@@ -154,7 +155,7 @@ def supcon_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, temperat
                 chunk=None):
     """Per-anchor SupCon losses (0 for an anchor without positives)."""
     chunk = default_chunk(r_unit.shape[0]) if chunk is None else chunk
-    rows, _ = torch.ops.metrix_ops.supcon_fwd(
+    rows, _ = call(torch.ops.metrix_ops.supcon_fwd, 
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(temperature), int(chunk))
     return rows
@@ -163,6 +164,6 @@ def supcon_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, temperat
 def supcon_rows_self(x_unit, labels, temperature: float, block: int = 1024):
     """supcon_rows of the batch against itself (self pairs excluded), from the symmetric
     blocks of S (csrc/cpu/supcon_self_cpu.cpp): half the products."""
-    rows, _ = torch.ops.metrix_ops.supcon_self_fwd(x_unit.contiguous(), labels.contiguous(),
+    rows, _ = call(torch.ops.metrix_ops.supcon_self_fwd, x_unit.contiguous(), labels.contiguous(),
                                                    float(temperature), int(block))
     return rows

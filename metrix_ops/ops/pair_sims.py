@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 
 _FWD = "metrix_ops::pair_sims_fwd"
 
@@ -29,10 +30,10 @@ if HAS_OP:
         dx, dr = torch.ops.metrix_ops.pair_sims_bwd(grad.contiguous(), x, r, rows, cols)
         return dx, dr, None, None
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
 def pair_sims(x, r, rows, cols):
     """x[rows_k] · r[cols_k] for each listed pair k (int64 index vectors of one length)."""
-    return torch.ops.metrix_ops.pair_sims_fwd(x.contiguous(), r.contiguous(), rows.contiguous(),
+    return call(torch.ops.metrix_ops.pair_sims_fwd, x.contiguous(), r.contiguous(), rows.contiguous(),
                                               cols.contiguous())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 
 _FWD = "metrix_ops::proxy_anchor_fwd"
 _WFWD = "metrix_ops::proxy_anchor_weighted_fwd"
@@ -39,7 +40,7 @@ def _register(fwd: str, n_tensors: int):
         dx, dp = op(g_pos, g_neg, *tensors, pos, neg, *ctx.args)
         return (dx, dp) + (None,) * (n_tensors - 2 + len(ctx.args))
 
-    torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
+    register_autograd(fwd, _backward, setup_context=_setup_context)
 
 
 _GFWD = "metrix_ops::proxy_anchor_grad_fwd"
@@ -73,7 +74,7 @@ def _register_grad_fwd():
             g_pos, g_neg, x, p, labels, pos, neg, w, dx_neg, dp_neg, *ctx.args)
         return dx, dp, None, None, None, None
 
-    torch.library.register_autograd(_GFWD, _backward, setup_context=_setup_context)
+    register_autograd(_GFWD, _backward, setup_context=_setup_context)
 
 
 if _ext.HAS_EXT:
@@ -102,10 +103,10 @@ def proxy_anchor_terms(x_unit, p_unit, labels, alpha: float, margin: float, chun
     chunk = default_chunk(x_unit.shape[0]) if chunk is None else chunk
     args = (x_unit.contiguous(), p_unit.contiguous(), labels.contiguous())
     if log_w is not None:
-        return torch.ops.metrix_ops.proxy_anchor_weighted_fwd(
+        return call(torch.ops.metrix_ops.proxy_anchor_weighted_fwd, 
             *args, log_w.to(x_unit.dtype).contiguous(), float(alpha), float(margin), int(chunk))
     if gradient_wanted_on_cpu(x_unit, p_unit):
-        pos, neg, *_ = torch.ops.metrix_ops.proxy_anchor_grad_fwd(
+        pos, neg, *_ = call(torch.ops.metrix_ops.proxy_anchor_grad_fwd, 
             *args, float(alpha), float(margin), int(chunk))
         return pos, neg
-    return torch.ops.metrix_ops.proxy_anchor_fwd(*args, float(alpha), float(margin), int(chunk))
+    return call(torch.ops.metrix_ops.proxy_anchor_fwd, *args, float(alpha), float(margin), int(chunk))

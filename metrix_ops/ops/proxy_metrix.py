@@ -8,6 +8,7 @@ import torch
 
 from ..fused.pair_counts import class_counts
 from .. import _ext
+from .autograd import call, register_autograd
 
 _PA = "metrix_ops::proxy_anchor_metrix_fwd"
 _NCA = "metrix_ops::proxy_nca_metrix_fwd"
@@ -37,7 +38,7 @@ if _ext.HAS_EXT:
                                                               neg, *ctx.args)
         return dx, dp, None, None, None, None, None, None
 
-    torch.library.register_autograd(_PA, _backward_pa, setup_context=_setup_pa)
+    register_autograd(_PA, _backward_pa, setup_context=_setup_pa)
 
     @torch.library.register_fake(_NCA)
     def _fake_nca(x, p, labels, scale, kind, lam, same_label, chunk):
@@ -58,7 +59,7 @@ if _ext.HAS_EXT:
                                                            *ctx.args)
         return dx, dp, None, None, None, None, None, None
 
-    torch.library.register_autograd(_NCA, _backward_nca, setup_context=_setup_nca)
+    register_autograd(_NCA, _backward_nca, setup_context=_setup_nca)
 
 
 def default_chunk(batch: int, budget: int = 1 << 20) -> int:
@@ -79,7 +80,7 @@ def proxy_anchor_metrix_terms(x_unit, p_unit, labels, alpha: float, margin: floa
     """Per-proxy (pos, neg) of the mixed candidates: log(1 + Σ y e^{−α(s−δ)}) and
     log(1 + Σ (1−y) e^{α(s+δ)}), y each candidate's class mass on the proxy."""
     chunk = default_chunk(x_unit.shape[0]) if chunk is None else chunk
-    return torch.ops.metrix_ops.proxy_anchor_metrix_fwd(
+    return call(torch.ops.metrix_ops.proxy_anchor_metrix_fwd, 
         x_unit.contiguous(), p_unit.contiguous(), labels.contiguous(), float(alpha),
         float(margin), float(lam), bool(same_label), int(chunk))
 
@@ -88,6 +89,6 @@ def proxy_nca_metrix_rows(x_unit, p_unit, labels, scale: float, kind: int, lam: 
                           same_label: bool, chunk=None):
     """Per row u: Σ over its candidates mix(u, w) of the soft-target cross-entropy."""
     chunk = default_chunk(x_unit.shape[0]) if chunk is None else chunk
-    return torch.ops.metrix_ops.proxy_nca_metrix_fwd(
+    return call(torch.ops.metrix_ops.proxy_nca_metrix_fwd, 
         x_unit.contiguous(), p_unit.contiguous(), labels.contiguous(), float(scale), int(kind),
         float(lam), bool(same_label), int(chunk))

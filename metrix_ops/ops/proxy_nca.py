@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 from .proxy_anchor import default_chunk, gradient_wanted_on_cpu
 
 _FWD = "metrix_ops::proxy_nca_fwd"
@@ -33,7 +34,7 @@ if _ext.HAS_EXT:
                                                     *ctx.args)
         return dx, dp, None, None, None, None
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    register_autograd(_FWD, _backward, setup_context=_setup_context)
 
     # proxy_nca_grad_fwd: the same rows, and their gradient at unit upstream gradient formed
     # in the forward pass (csrc/cpu/proxy_nca_cpu.cpp); the backward scales or recomputes it
@@ -60,7 +61,7 @@ if _ext.HAS_EXT:
                                                          dx1, dp1, *ctx.args)
         return dx, dp, None, None, None, None
 
-    torch.library.register_autograd(_GFWD, _grad_backward, setup_context=_setup_grad_context)
+    register_autograd(_GFWD, _grad_backward, setup_context=_setup_grad_context)
 
 
 def proxy_nca_rows(x_unit, p_unit, labels, scale: float, kind: int, chunk=None):
@@ -69,5 +70,5 @@ def proxy_nca_rows(x_unit, p_unit, labels, scale: float, kind: int, chunk=None):
     args = (x_unit.contiguous(), p_unit.contiguous(), labels.contiguous(), float(scale),
             int(kind), int(chunk))
     if gradient_wanted_on_cpu(x_unit, p_unit):
-        return torch.ops.metrix_ops.proxy_nca_grad_fwd(*args)[0]
-    return torch.ops.metrix_ops.proxy_nca_fwd(*args)[0]
+        return call(torch.ops.metrix_ops.proxy_nca_grad_fwd, *args)[0]
+    return call(torch.ops.metrix_ops.proxy_nca_fwd, *args)[0]

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 
 _OP = "metrix_ops::sim_row_stats"
 
@@ -86,7 +87,7 @@ if _ext.HAS_EXT:
         dr = _normalize_backward(ra, rh, rn, gr).to(r.dtype)
         return dx, dr, None, None
 
-    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+    register_autograd(_OP, _backward, setup_context=_setup_context)
 
 
 def sim_row_stats(x: torch.Tensor, r: torch.Tensor | None = None, scale: float = 1.0,
@@ -117,4 +118,4 @@ def sim_row_stats(x: torch.Tensor, r: torch.Tensor | None = None, scale: float =
     # After the argument checks, so a wrong argument is reported as such even without the
     # extension; here the device decides which kernels are needed.
     _ext.require_ext("cuda" if x.is_cuda else "cpu")
-    return torch.ops.metrix_ops.sim_row_stats(x, r, float(scale), chunk)
+    return call(torch.ops.metrix_ops.sim_row_stats, x, r, float(scale), chunk)

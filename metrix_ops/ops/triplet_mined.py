@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import call, register_autograd
 
 _FWD = "metrix_ops::triplet_mined_fwd"
 # TripletMarginMiner's type_of_triplets -> the op's mine_kind
@@ -44,7 +45,7 @@ if HAS_OP:
                                                         ref_labels, *ctx.args)
         return (dx, dr) + (None,) * 9
 
-    torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+    register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
 def triplet_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosine: bool,
@@ -57,7 +58,7 @@ def triplet_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, c
     if type_of_triplets not in MINE_KINDS:
         raise ValueError(f"type_of_triplets must be one of {sorted(MINE_KINDS)}, got "
                          f"{type_of_triplets!r}")
-    return torch.ops.metrix_ops.triplet_mined_fwd(
+    return call(torch.ops.metrix_ops.triplet_mined_fwd, 
         x_unit.contiguous(), r_unit.contiguous(), labels.long().contiguous(),
         ref_labels.long().contiguous(), bool(exclude_diag), bool(cosine), float(margin),
         MINE_KINDS[type_of_triplets], float(mine_margin), bool(smooth), int(chunk))

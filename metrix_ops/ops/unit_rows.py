@@ -46,11 +46,11 @@ class _UnitRows(torch.autograd.Function):
     # this form, and apply skips binding the signature (~13 µs a call)
     @staticmethod
     def forward(ctx, x):
-        if cpu_op(x):
-            y, norm = torch.ops.metrix_ops.unit_rows_fwd(x)
-        elif one_kernel(x):
+        if one_kernel(x):
             from ..triton.unit_rows import unit_rows_fwd
             y, norm = unit_rows_fwd(x)
+        elif cpu_op(x):
+            y, norm = torch.ops.metrix_ops.unit_rows_fwd(x)
         else:
             norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
             y = x / norm.clamp_min(EPS)
@@ -61,11 +61,11 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _g_norm):
         y, norm = ctx.saved_tensors
-        if cpu_op(y):
-            return torch.ops.metrix_ops.unit_rows_bwd(g, y, norm)
         if one_kernel(y):
             from ..triton.unit_rows import unit_rows_bwd
             return unit_rows_bwd(g, y, norm)
+        if cpu_op(y):
+            return torch.ops.metrix_ops.unit_rows_bwd(g, y, norm)
         # a backward run inside an autocast region would take vecdot to bf16: the fused
         # losses compute in fp32 under autocast, their normalisation's gradient too
         with torch.autocast(device_type=g.device.type, enabled=False):
