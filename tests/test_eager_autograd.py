@@ -82,3 +82,18 @@ def test_every_formula_is_registered_with_torch():
     for name in ("ms_loss_self_fwd", "contrastive_self_fwd", "proxy_anchor_fwd", "ntxent_fwd",
                  "triplet_all_fwd", "circle_self_fwd", "lifted_self_fwd", "proxy_nca_fwd"):
         assert f"metrix_ops::{name}" in ag._FORMULAS, name
+
+
+def test_under_fullgraph_compile_the_registered_op_runs():
+    """Inside torch.compile `call` is the bare op (dynamo traces no autograd.Function and no
+    C requires_grad test): one graph, and the gradient of torch's registration."""
+    x, y = unit(9, 5, 6), labels(9, 3, 6)
+
+    def f(t):
+        rows = ag.call(torch.ops.metrix_ops.ms_loss_self_fwd, t, y, 2.0, 40.0, 0.5, 4)[0]
+        return (rows * torch.arange(1.0, 10.0, dtype=t.dtype)).sum()
+
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.compile(f, fullgraph=True, backend="eager")(a).backward()
+    f(b).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)

@@ -56,8 +56,9 @@ class _Eager(torch.autograd.Function):
 def call(op, *args):
     """op(*args) with the registered autograd: a plain autograd.Function in eager mode when
     some input needs a gradient, the op itself otherwise (see the module's doc)."""
-    if (torch.is_grad_enabled() and _any_requires_grad(*args)
-            and not torch.compiler.is_compiling()):
+    # is_compiling first: dynamo cannot trace the C test of requires_grad (a graph break)
+    if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and _any_requires_grad(*args)):
         formulas = _FORMULAS.get(getattr(op, "_qualified_op_name", None) or op._name)
         if formulas is not None:
             return _Eager.apply(*args, (op, formulas))
