@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-_FORMULAS: dict = {}  # "metrix_ops::name" -> (setup_context, backward)
+_FORMULAS: dict = {}  # "metrix_ops::name" -> (its _Eager subclass, setup_context, backward)
 
 
 def _any_requires_grad(*args) -> bool:
@@ -30,7 +30,10 @@ _any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad)
 def register_autograd(name: str, backward, setup_context) -> None:
     """torch.library.register_autograd(name, ...), and the same formulas for `call`."""
     torch.library.register_autograd(name, backward, setup_context=setup_context)
-    _FORMULAS[name] = (setup_context, backward)
+    # a class per op, so that its graph nodes name it ("Eager_metrix_ops_<op>Backward"), as
+    # torch's generated ones do: the profiler, anomaly mode and the tests read it
+    fn = type("Eager_" + name.replace("::", "_"), (_Eager,), {})
+    _FORMULAS[name] = (fn, setup_context, backward)
 
 
 class _Eager(torch.autograd.Function):
@@ -39,7 +42,7 @@ class _Eager(torch.autograd.Function):
     # is the op's argument i, as in torch's generated Function.
     @staticmethod
     def forward(ctx, *args):
-        op, (setup_context, backward) = args[-1]
+        op, (_, setup_context, backward) = args[-1]
         inputs = args[:-1]
         with torch._C._AutoDispatchBelowAutograd():
             out = op(*inputs)
@@ -59,7 +62,10 @@ def call(op, *args):
     # is_compiling first: dynamo cannot trace the C test of requires_grad (a graph break)
     if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
             and _any_requires_grad(*args)):
-        formulas = _FORMULAS.get(getattr(op, "_qualified_op_name", None) or op._name)
+        # an OpOverloadPacket (torch.ops.metrix_ops.x) or an OpOverload (.default); anything
+        # else (a test's spy) is called as it is
+        name = getattr(op, "_qualified_op_name", None) or getattr(op, "_name", None)
+        formulas = _FORMULAS.get(name)
         if formulas is not None:
-            return _Eager.apply(*args, (op, formulas))
+            return formulas[0].apply(*args, (op, formulas))
     return op(*args)  # and torch's registered autograd, if any
