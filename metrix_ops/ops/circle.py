@@ -69,7 +69,7 @@ def circle_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, m: float
                 gamma: float, chunk=None):
     """Per-anchor CircleLoss terms (0 for an anchor lacking a positive or a negative)."""
     chunk = default_chunk(r_unit.shape[0]) if chunk is None else chunk
-    rows, _, _ = call(torch.ops.metrix_ops.circle_fwd, 
+    rows, _, _ = call(torch.ops.metrix_ops.circle_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(m), float(gamma), int(chunk))
     return rows
@@ -78,6 +78,6 @@ def circle_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, m: float
 def circle_rows_self(x_unit, labels, m: float, gamma: float, block: int = 1024):
     """circle_rows of the batch against itself (self pairs excluded), from the symmetric
     blocks of S: half the products."""
-    rows, _, _ = call(torch.ops.metrix_ops.circle_self_fwd, x_unit.contiguous(), labels.contiguous(),
-                                                      float(m), float(gamma), int(block))
+    rows, _, _ = call(torch.ops.metrix_ops.circle_self_fwd, x_unit.contiguous(),
+                      labels.contiguous(), float(m), float(gamma), int(block))
     return rows

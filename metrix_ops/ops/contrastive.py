@@ -90,7 +90,7 @@ def contrastive_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cos
                      chunk: int = 2048):
     """Per-anchor (pos_sum, pos_count, neg_sum, neg_count) of the contrastive hinge terms of
     unit anchors against unit references; low/high bound the kept terms (None: unbounded)."""
-    return call(torch.ops.metrix_ops.contrastive_fwd, 
+    return call(torch.ops.metrix_ops.contrastive_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), bool(cosine), float(pos_margin), float(neg_margin),
         _bound(low, -math.inf), _bound(high, math.inf), int(chunk))
@@ -100,6 +100,6 @@ def contrastive_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_m
                           low=None, high=None, block: int = 1024):
     """contrastive_rows of a batch against itself (self pairs excluded), using S's symmetry:
     half the similarity products, and one gradient product per block pair."""
-    return call(torch.ops.metrix_ops.contrastive_self_fwd, 
+    return call(torch.ops.metrix_ops.contrastive_self_fwd,
         x_unit.contiguous(), labels.contiguous(), bool(cosine), float(pos_margin),
         float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf), int(block))

@@ -88,7 +88,7 @@ def contrastive_metrix_rows(x_unit, labels, cosine: bool, pos_margin: float, neg
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels)
-    out = call(torch.ops.metrix_ops.contrastive_metrix_self_fwd, 
+    out = call(torch.ops.metrix_ops.contrastive_metrix_self_fwd,
         xs, ys, bool(cosine), float(pos_margin), float(neg_margin),
         -math.inf if low is None else float(low), math.inf if high is None else float(high),
         float(lam), pairs == "anchor_neg", int(block))
@@ -108,7 +108,7 @@ def contrastive_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, c
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
-    out = call(torch.ops.metrix_ops.contrastive_metrix_refs_fwd, 
+    out = call(torch.ops.metrix_ops.contrastive_metrix_refs_fwd,
         *args, bool(cosine), float(pos_margin), float(neg_margin), float(lam),
         pairs == "anchor_neg", bool(clean), -math.inf if low is None else float(low),
         math.inf if high is None else float(high), group_entries())

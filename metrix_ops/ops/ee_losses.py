@@ -45,7 +45,7 @@ def ee_neg_lse(x_unit: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor,
     are). Differentiable in x_unit."""
     b = x_unit.shape[0]
     ones = torch.ones(b, dtype=torch.bool, device=x_unit.device)
-    return call(torch.ops.metrix_ops.ee_neg_lse_fwd, 
+    return call(torch.ops.metrix_ops.ee_neg_lse_fwd,
         x_unit.contiguous(), labels.long().contiguous(), seg_i.long().contiguous(),
         seg_j.long().contiguous(), ones if anchor_mask is None else anchor_mask.contiguous(),
         ones if neg_mask is None else neg_mask.contiguous(), int(n_points), bool(l2),
@@ -85,7 +85,7 @@ def ee_triplet(x_unit: torch.Tensor, labels: torch.Tensor, seg_i: torch.Tensor,
     v = margin(pos_ip, m̂(i, q)) + margin, f relu or softplus (smooth); `pos`: each anchor's
     clean metric to its positives (other class members, index order), anchor-major.
     Differentiable in x_unit and pos."""
-    return call(torch.ops.metrix_ops.ee_triplet_fwd, 
+    return call(torch.ops.metrix_ops.ee_triplet_fwd,
         x_unit.contiguous(), labels.long().contiguous(), seg_i.long().contiguous(),
         seg_j.long().contiguous(), pos.contiguous(), int(n_points), bool(l2), float(margin),
         bool(smooth), int(chunk))

@@ -124,7 +124,7 @@ def gen_lifted_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosi
                     pos_margin: float, neg_margin: float, chunk: int = 2048) -> torch.Tensor:
     """Per-anchor GeneralizedLiftedStructureLoss terms [lse⁺ + lse⁻]₊ of unit anchors
     against unit references (cosine: CosineSimilarity margins, else normalised L2)."""
-    rows, _, _ = call(torch.ops.metrix_ops.gen_lifted_fwd, 
+    rows, _, _ = call(torch.ops.metrix_ops.gen_lifted_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), bool(cosine), float(pos_margin), float(neg_margin), int(chunk))
     return rows
@@ -134,7 +134,7 @@ def gen_lifted_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_ma
                          block: int = 1024) -> torch.Tensor:
     """gen_lifted_rows of a batch against itself (self pairs excluded), using S's symmetry:
     half the similarity products, and one gradient product per block pair."""
-    rows, _, _ = call(torch.ops.metrix_ops.gen_lifted_self_fwd, 
+    rows, _, _ = call(torch.ops.metrix_ops.gen_lifted_self_fwd,
         x_unit.contiguous(), labels.contiguous(), bool(cosine), float(pos_margin),
         float(neg_margin), int(block))
     return rows
@@ -162,7 +162,7 @@ def lifted_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, cosine: bool
     # partner of sorted reference k: the sorted position of batch row orf[k], or -1
     src = orf.clamp(max=max(b - 1, 0))
     partner = torch.where(orf < b, _inverse(ox)[src] if b else orf, torch.full_like(orf, -1))
-    sums, counts, _ = call(torch.ops.metrix_ops.lifted_fwd, 
+    sums, counts, _ = call(torch.ops.metrix_ops.lifted_fwd,
         x_unit.index_select(0, ox).contiguous(), r_unit.index_select(0, orf).contiguous(),
         labels.index_select(0, ox).contiguous(), ref_labels.index_select(0, orf).contiguous(),
         partner.contiguous(), bool(same_set), bool(cosine), float(pos_margin),
@@ -176,7 +176,7 @@ def lifted_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_margin
     negative pass using S's symmetry: half the similarity products, one gradient product per
     block pair."""
     ox = torch.argsort(labels, stable=True)
-    sums, counts, _ = call(torch.ops.metrix_ops.lifted_self_fwd, 
+    sums, counts, _ = call(torch.ops.metrix_ops.lifted_self_fwd,
         x_unit.index_select(0, ox).contiguous(), labels.index_select(0, ox).contiguous(),
         bool(cosine), float(pos_margin), float(neg_margin), _bound(low, -float("inf")),
         _bound(high, float("inf")), int(block))

@@ -134,7 +134,7 @@ def ms_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha:
     args = (x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous())
     with torch.no_grad():  # PML's miner is not differentiated
         hn, hp = torch.ops.metrix_ops.ms_mine_bounds(*args, bool(exclude_diag), int(chunk))
-    rows, _, _, kept = call(torch.ops.metrix_ops.ms_mined_fwd, 
+    rows, _, _, kept = call(torch.ops.metrix_ops.ms_mined_fwd,
         *args, hn, hp, bool(exclude_diag), float(alpha), float(beta), float(base), float(epsilon),
         int(chunk))
     return rows, kept
@@ -147,7 +147,7 @@ def ms_mined_rows_self(x_unit, labels, alpha: float, beta: float, base: float,
     x, labels = x_unit.contiguous(), labels.contiguous()
     with torch.no_grad():  # PML's miner is not differentiated
         hn, hp = torch.ops.metrix_ops.ms_mine_bounds_self(x, labels, int(block))
-    rows, _, _, kept = call(torch.ops.metrix_ops.ms_mined_self_fwd, 
+    rows, _, _, kept = call(torch.ops.metrix_ops.ms_mined_self_fwd,
         x, labels, hn, hp, float(alpha), float(beta), float(base), float(epsilon), int(block))
     return rows, kept
 
@@ -155,7 +155,7 @@ def ms_mined_rows_self(x_unit, labels, alpha: float, beta: float, base: float,
 def ms_loss_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
                  beta: float, base: float, chunk: int = 2048) -> torch.Tensor:
     """Per-anchor MS loss terms (1/α)log(1+Σ_P e^{−α(s−base)}) + (1/β)log(1+Σ_N e^{β(s−base)})."""
-    rows, _, _ = call(torch.ops.metrix_ops.ms_loss_fwd, 
+    rows, _, _ = call(torch.ops.metrix_ops.ms_loss_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(alpha), float(beta), float(base), int(chunk))
     return rows
@@ -165,7 +165,7 @@ def ms_loss_rows_self(x_unit, labels, alpha: float, beta: float, base: float,
                       block: int = 1024) -> torch.Tensor:
     """ms_loss_rows of a batch against itself (self pairs excluded), using S's symmetry:
     half the similarity products, and one gradient product per block pair."""
-    rows, _, _ = call(torch.ops.metrix_ops.ms_loss_self_fwd, 
+    rows, _, _ = call(torch.ops.metrix_ops.ms_loss_self_fwd,
         x_unit.contiguous(), labels.contiguous(), float(alpha), float(beta), float(base),
         int(block))
     return rows

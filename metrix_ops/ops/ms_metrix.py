@@ -93,7 +93,7 @@ def ms_metrix_rows(x_unit, labels, alpha: float, beta: float, base: float, lam: 
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels)
-    rows, _, _, mix, _, _ = call(torch.ops.metrix_ops.ms_metrix_self_fwd, 
+    rows, _, _, mix, _, _ = call(torch.ops.metrix_ops.ms_metrix_self_fwd,
         xs, ys, float(alpha), float(beta), float(base), float(lam), pairs == "anchor_neg",
         int(block))
     return rows.index_select(0, inverse), mix.index_select(0, inverse)
@@ -110,7 +110,7 @@ def ms_metrix_refs_rows(x_unit, r_unit, labels, ref_labels, self_idx, alpha: flo
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     *args, inverse = refs_sorted(x_unit, r_unit, labels, ref_labels, self_idx)
-    rows, _, _, mix, _, _ = call(torch.ops.metrix_ops.ms_metrix_refs_fwd, 
+    rows, _, _, mix, _, _ = call(torch.ops.metrix_ops.ms_metrix_refs_fwd,
         *args, float(alpha), float(beta), float(base), float(lam), pairs == "anchor_neg",
         bool(clean), group_entries(group))
     return rows.index_select(0, inverse), mix.index_select(0, inverse)

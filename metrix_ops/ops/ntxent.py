@@ -134,7 +134,7 @@ def ntxent_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, temperat
     """Per anchor (sum, count) of its NT-Xent positive-pair losses inside low < loss < high
     (None: unbounded); the sums are differentiable, the int64 counts are not."""
     chunk = default_chunk(r_unit.shape[0]) if chunk is None else chunk
-    sums, counts, _, _ = call(torch.ops.metrix_ops.ntxent_fwd, 
+    sums, counts, _, _ = call(torch.ops.metrix_ops.ntxent_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(temperature), _bound(low, -float("inf")),
         _bound(high, float("inf")), int(chunk))
@@ -145,7 +145,7 @@ def ntxent_rows_self(x_unit, labels, temperature: float, low=None, high=None,
                      block: int = 1024):
     """ntxent_rows of the batch against itself (self pairs excluded), from the symmetric
     blocks of S (csrc/cpu/ntxent_self_cpu.cpp): half the products."""
-    sums, counts, _, _, _ = call(torch.ops.metrix_ops.ntxent_self_fwd, 
+    sums, counts, _, _, _ = call(torch.ops.metrix_ops.ntxent_self_fwd,
         x_unit.contiguous(), labels.contiguous(), float(temperature),
         _bound(low, -float("inf")), _bound(high, float("inf")), int(block))
     return sums, counts
@@ -155,7 +155,7 @@ def supcon_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, temperat
                 chunk=None):
     """Per-anchor SupCon losses (0 for an anchor without positives)."""
     chunk = default_chunk(r_unit.shape[0]) if chunk is None else chunk
-    rows, _ = call(torch.ops.metrix_ops.supcon_fwd, 
+    rows, _ = call(torch.ops.metrix_ops.supcon_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
         bool(exclude_diag), float(temperature), int(chunk))
     return rows

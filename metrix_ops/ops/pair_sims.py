@@ -35,5 +35,5 @@ if HAS_OP:
 
 def pair_sims(x, r, rows, cols):
     """x[rows_k] · r[cols_k] for each listed pair k (int64 index vectors of one length)."""
-    return call(torch.ops.metrix_ops.pair_sims_fwd, x.contiguous(), r.contiguous(), rows.contiguous(),
-                                              cols.contiguous())
+    return call(torch.ops.metrix_ops.pair_sims_fwd, x.contiguous(), r.contiguous(),
+                rows.contiguous(), cols.contiguous())

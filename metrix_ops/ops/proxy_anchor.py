@@ -103,10 +103,11 @@ def proxy_anchor_terms(x_unit, p_unit, labels, alpha: float, margin: float, chun
     chunk = default_chunk(x_unit.shape[0]) if chunk is None else chunk
     args = (x_unit.contiguous(), p_unit.contiguous(), labels.contiguous())
     if log_w is not None:
-        return call(torch.ops.metrix_ops.proxy_anchor_weighted_fwd, 
+        return call(torch.ops.metrix_ops.proxy_anchor_weighted_fwd,
             *args, log_w.to(x_unit.dtype).contiguous(), float(alpha), float(margin), int(chunk))
     if gradient_wanted_on_cpu(x_unit, p_unit):
-        pos, neg, *_ = call(torch.ops.metrix_ops.proxy_anchor_grad_fwd, 
+        pos, neg, *_ = call(torch.ops.metrix_ops.proxy_anchor_grad_fwd,
             *args, float(alpha), float(margin), int(chunk))
         return pos, neg
-    return call(torch.ops.metrix_ops.proxy_anchor_fwd, *args, float(alpha), float(margin), int(chunk))
+    return call(torch.ops.metrix_ops.proxy_anchor_fwd, *args, float(alpha), float(margin),
+                int(chunk))

@@ -80,7 +80,7 @@ def proxy_anchor_metrix_terms(x_unit, p_unit, labels, alpha: float, margin: floa
     """Per-proxy (pos, neg) of the mixed candidates: log(1 + Σ y e^{−α(s−δ)}) and
     log(1 + Σ (1−y) e^{α(s+δ)}), y each candidate's class mass on the proxy."""
     chunk = default_chunk(x_unit.shape[0]) if chunk is None else chunk
-    return call(torch.ops.metrix_ops.proxy_anchor_metrix_fwd, 
+    return call(torch.ops.metrix_ops.proxy_anchor_metrix_fwd,
         x_unit.contiguous(), p_unit.contiguous(), labels.contiguous(), float(alpha),
         float(margin), float(lam), bool(same_label), int(chunk))
 
@@ -89,6 +89,6 @@ def proxy_nca_metrix_rows(x_unit, p_unit, labels, scale: float, kind: int, lam: 
                           same_label: bool, chunk=None):
     """Per row u: Σ over its candidates mix(u, w) of the soft-target cross-entropy."""
     chunk = default_chunk(x_unit.shape[0]) if chunk is None else chunk
-    return call(torch.ops.metrix_ops.proxy_nca_metrix_fwd, 
+    return call(torch.ops.metrix_ops.proxy_nca_metrix_fwd,
         x_unit.contiguous(), p_unit.contiguous(), labels.contiguous(), float(scale), int(kind),
         float(lam), bool(same_label), int(chunk))

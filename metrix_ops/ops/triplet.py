@@ -45,7 +45,7 @@ def triplet_all_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cos
     """Per-anchor (Σ_{p,n} [violation]₊, #triplets with loss > 0, #triplets) over all
     triplets of anchors x against references r; `cosine` picks cosine similarity, else the
     L2 distance of unit rows. Memory O(chunk·M) besides the inputs."""
-    return call(torch.ops.metrix_ops.triplet_all_fwd, 
+    return call(torch.ops.metrix_ops.triplet_all_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.long().contiguous(),
         ref_labels.long().contiguous(), bool(exclude_diag), bool(cosine), float(margin),
         int(chunk))

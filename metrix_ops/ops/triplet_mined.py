@@ -58,7 +58,7 @@ def triplet_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, c
     if type_of_triplets not in MINE_KINDS:
         raise ValueError(f"type_of_triplets must be one of {sorted(MINE_KINDS)}, got "
                          f"{type_of_triplets!r}")
-    return call(torch.ops.metrix_ops.triplet_mined_fwd, 
+    return call(torch.ops.metrix_ops.triplet_mined_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.long().contiguous(),
         ref_labels.long().contiguous(), bool(exclude_diag), bool(cosine), float(margin),
         MINE_KINDS[type_of_triplets], float(mine_margin), bool(smooth), int(chunk))
