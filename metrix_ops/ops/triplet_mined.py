@@ -19,7 +19,7 @@ def _acc(x):  # the op computes fp16/bf16 in fp32
 
 # False with an extension built before this op existed: the loss option then takes the
 # miner's index tuple instead (fused/triplet_margin.py checks it)
-HAS_OP = _ext.HAS_EXT and hasattr(torch.ops.metrix_ops, "triplet_mined_fwd")
+HAS_OP = _ext.has_op("triplet_mined_fwd")
 
 if HAS_OP:
     @torch.library.register_fake(_FWD)
