@@ -27,9 +27,21 @@ def _any_requires_grad(*args) -> bool:
 _any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad)
 
 
+def _takes_tensor_lists(name: str) -> bool:
+    ns, op = name.split("::")
+    schema = getattr(getattr(torch.ops, ns), op).default._schema
+    return any("Tensor" in str(a.type) and str(a.type) != "Tensor"
+               and "List" in str(a.type) for a in schema.arguments)
+
+
 def register_autograd(name: str, backward, setup_context) -> None:
-    """torch.library.register_autograd(name, ...), and the same formulas for `call`."""
+    """torch.library.register_autograd(name, ...), and the same formulas for `call`, except
+    for an op with a Tensor[] argument (some Triton EE ops' layout tables): a plain
+    Function sees a list as one opaque input, where torch's generated one unpacks it, so
+    those keep torch's path."""
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+    if _takes_tensor_lists(name):
+        return
     # a class per op, so that its graph nodes name it ("Eager_metrix_ops_<op>Backward"), as
     # torch's generated ones do: the profiler, anomaly mode and the tests read it
     fn = type("Eager_" + name.replace("::", "_"), (_Eager,), {})

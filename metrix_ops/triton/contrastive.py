@@ -26,6 +26,8 @@ beyond the inputs, the terms are a function of s alone)."""
 import math
 
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -192,7 +194,7 @@ def _con_backward_rule(ctx, g_pos, _g_pc, g_neg, _g_nc):
     return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 9
 
 
-torch.library.register_autograd(_FWD, _con_backward_rule, setup_context=_con_setup)
+register_autograd(_FWD, _con_backward_rule, setup_context=_con_setup)
 
 
 def contrastive_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
@@ -203,7 +205,7 @@ def contrastive_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bo
     bound the kept terms (None: unbounded). The sums are differentiable; the counts are int64
     and are not. The batch against itself (r_unit *is* x_unit, ref_labels *is* labels,
     exclude_diag) takes the symmetric gradient kernel."""
-    return torch.ops.metrix_ops.triton_contrastive_rows(
+    return call(torch.ops.metrix_ops.triton_contrastive_rows,
         x_unit, r_unit, labels, ref_labels, bool(exclude_diag),
         is_symmetric(x_unit, r_unit, labels, ref_labels, exclude_diag), bool(cosine),
         float(pos_margin), float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf))

@@ -13,6 +13,8 @@ slope (common/contrastive_metrix.h, reference/metrix_soft_forms.py). The per-can
 weight ∂L/∂s̃ = g⁺_a ∂term⁺/∂s̃ + g⁻_a ∂term⁻/∂s̃ goes through metrix_tiles' shared gradient
 kernels; the terms are recomputed there, not stored."""
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -167,7 +169,7 @@ def _backward(ctx, g_pos, _g_pc, g_neg, _g_nc):
     return (dx,) + (None,) * 6
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_autograd(_FWD, _backward, setup_context=_setup)
 
 
 def contrastive_metrix_rows_triton(x_unit, labels, cosine: bool, pos_margin: float,

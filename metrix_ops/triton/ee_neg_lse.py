@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.autograd import call, register_autograd
 from .launch import HAS_TRITON, next_pow2, triton_op, usable_on
 from . import table_cache
 from .ee_chunks import largest_unit_fits, unit_chunks
@@ -491,7 +492,7 @@ def _backward(ctx, grad):
     return dx, dpn, [None] * len(layout), None, None, None, None
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_autograd(_FWD, _backward, setup_context=_setup)
 
 
 def _synthetic(seg_u, seg_w, n: int):
@@ -599,8 +600,8 @@ def ee_neg_lse_triton(x_unit, labels, seg_i, seg_j, n_points: int, l2: bool, sca
     most EE_MAX_CLASS rows (covers)."""
     _, slot, xs, layout, pnorm = prepare(x_unit, labels, seg_i, seg_j, n_points, anchor_mask,
                                          neg_mask)
-    lse = torch.ops.metrix_ops.triton_ee_neg_lse_fwd(xs, pnorm, layout, int(n_points),
-                                                     bool(l2), float(scale), float(offset))
+    lse = call(torch.ops.metrix_ops.triton_ee_neg_lse_fwd, xs, pnorm, layout, int(n_points),
+               bool(l2), float(scale), float(offset))
     return lse.index_select(0, slot)
 
 

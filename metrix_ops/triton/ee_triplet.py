@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.autograd import call, register_autograd
 from .ee_neg_lse import _params, launch_bwd, launch_fwd, layout_tables, prepare
 from .launch import triton_op
 
@@ -76,7 +77,7 @@ def _backward(ctx, grad, _g_nonzero, _g_count):
     return dx, dpn, dpos, [None] * len(layout), None, None, None, None, None, None
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_autograd(_FWD, _backward, setup_context=_setup)
 
 
 def ee_triplet_triton(x_unit, labels, seg_i, seg_j, pos, n_points: int, l2: bool,
@@ -93,7 +94,7 @@ def ee_triplet_triton(x_unit, labels, seg_i, seg_j, pos, n_points: int, l2: bool
         raise ValueError(f"pos must have shape ({int(npos.sum())},): each anchor's clean metric "
                          f"to its positives, got {tuple(pos.shape)}")
     i32 = torch.int32
-    sums, nz, ct = torch.ops.metrix_ops.triton_ee_triplet_fwd(
+    sums, nz, ct = call(torch.ops.metrix_ops.triton_ee_triplet_fwd,
         xs, pnorm, pos.to(xs.dtype).contiguous(), layout, start[order].to(i32).contiguous(),
         npos[order].to(i32).contiguous(), int(n_points), bool(l2), float(margin), bool(smooth))
     return sums.index_select(0, slot), nz.index_select(0, slot), ct.index_select(0, slot)

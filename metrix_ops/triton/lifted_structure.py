@@ -20,6 +20,8 @@ No B×B matrix is stored; the positive passes cost O(Σ class²·D), the negativ
 import math
 
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -193,7 +195,7 @@ def _backward(ctx, g_sums, _g_cnt, _g_ln):
     return (dx,) + (None,) * 8
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_autograd(_FWD, _backward, setup_context=_setup)
 
 
 def lifted_rows_triton(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
@@ -205,7 +207,7 @@ def lifted_rows_triton(x_unit, labels, cosine: bool, pos_margin: float, neg_marg
     ys = labels.index_select(0, order)
     lo = torch.searchsorted(ys, ys, right=False)
     hi = torch.searchsorted(ys, ys, right=True)
-    sums, counts, _ = torch.ops.metrix_ops.triton_lifted_rows(
+    sums, counts, _ = call(torch.ops.metrix_ops.triton_lifted_rows,
         x_unit.index_select(0, order), ys, lo.int(), hi.int(), bool(cosine), float(pos_margin),
         float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf))
     return sums, counts

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.autograd import call, register_autograd
 from . import table_cache
 from .launch import HAS_TRITON, next_pow2
 from .pairs import launch_config
@@ -103,7 +104,7 @@ def run_sorted(op, x_unit, labels, pairs: str, *consts):
     if pairs not in ("pos_neg", "anchor_neg"):
         raise ValueError(f"pairs must be 'pos_neg' or 'anchor_neg', got {pairs!r}")
     xs, ys, inverse = label_sorted(x_unit, labels)
-    out = op(xs, ys, *consts, pairs == "anchor_neg")
+    out = call(op, xs, ys, *consts, pairs == "anchor_neg")
     return tuple(t.index_select(0, inverse) for t in out)
 
 
@@ -128,7 +129,7 @@ def register_lse_autograd(fwd_name: str, bwd_op, n_inputs: int):
     def backward(ctx, g_rows, _g_lp, _g_ln):
         return (bwd_op(g_rows, *ctx.saved_tensors, *ctx.consts),) + (None,) * (n_inputs - 1)
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup)
+    register_autograd(fwd_name, backward, setup_context=setup)
 
 
 if HAS_TRITON:

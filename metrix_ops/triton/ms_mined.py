@@ -16,6 +16,8 @@ transpose of row i's tile), so a pair's s can differ from the one its row's thre
 found with in the last bit; that changes a kept pair only at an exact tie with the
 threshold (ε = 0 and one embedding under two labels, say)."""
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -127,14 +129,14 @@ def _backward(ctx, g_rows, *_):
     return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 8
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_autograd(_FWD, _backward, setup_context=_setup)
 
 
 def ms_mined_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
                          beta: float, base: float, eps: float):
     """The Triton twin of ops.ms_mined_rows: per-anchor MS terms over the pairs
     MultiSimilarityMiner(eps) keeps, and the kept (positive, negative) pairs per anchor."""
-    rows, _, _, kept, _, _ = torch.ops.metrix_ops.triton_ms_mined_rows(
+    rows, _, _, kept, _, _ = call(torch.ops.metrix_ops.triton_ms_mined_rows,
         x_unit, r_unit, labels, ref_labels, bool(exclude_diag), float(alpha), float(beta),
         float(base), float(eps), is_symmetric(x_unit, r_unit, labels, ref_labels, exclude_diag))
     return rows, kept

@@ -32,6 +32,8 @@ negative; with exclude_diag (the batch against itself, or ref_labels *is* labels
 column i are no pair. Normalisation and its gradient stay in PyTorch; PML's reduction and
 no-pairs rule come from the CPU glue (fused/multi_similarity.py)."""
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -194,7 +196,7 @@ def _ms_backward_rule(ctx, g_rows, _g_lp, _g_ln):
     return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 7
 
 
-torch.library.register_autograd(_FWD, _ms_backward_rule, setup_context=_ms_setup)
+register_autograd(_FWD, _ms_backward_rule, setup_context=_ms_setup)
 
 
 def ms_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha: float,
@@ -202,7 +204,7 @@ def ms_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, alpha
     """The Triton twin of ops.ms_loss_rows: per-anchor MS loss terms of unit rows x_unit
     against unit rows r_unit, differentiable in both. The batch against itself (r_unit *is*
     x_unit, ref_labels *is* labels, exclude_diag) takes the symmetric gradient kernel."""
-    rows, _, _ = torch.ops.metrix_ops.triton_ms_rows(
+    rows, _, _ = call(torch.ops.metrix_ops.triton_ms_rows,
         x_unit, r_unit, labels, ref_labels, bool(exclude_diag), float(alpha), float(beta),
         float(base), is_symmetric(x_unit, r_unit, labels, ref_labels, exclude_diag))
     return rows

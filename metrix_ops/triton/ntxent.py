@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from ..ops.autograd import call, register_autograd
 from ..distances import is_cosine
 from ..fused.ntxent import ntxent_from_rows, supcon_from_rows
 from .launch import HAS_TRITON, triton_op
@@ -363,21 +364,21 @@ def _sup_backward(ctx, g_rows, *_):
     return _backward(ctx, SUPCON, g_rows) + (None,) * 4
 
 
-torch.library.register_autograd(_NTX, _ntx_backward, setup_context=_ntx_setup)
-torch.library.register_autograd(_SUP, _sup_backward, setup_context=_sup_setup)
+register_autograd(_NTX, _ntx_backward, setup_context=_ntx_setup)
+register_autograd(_SUP, _sup_backward, setup_context=_sup_setup)
 
 
 def ntxent_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, temperature: float,
                 low=None, high=None):
-    sums, counts, *_ = torch.ops.metrix_ops.triton_ntxent_rows(
+    sums, counts, *_ = call(torch.ops.metrix_ops.triton_ntxent_rows,
         x_unit, r_unit, labels, ref_labels, bool(same_set), float(temperature),
         -math.inf if low is None else float(low), math.inf if high is None else float(high))
     return sums, counts
 
 
 def supcon_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, temperature: float):
-    return torch.ops.metrix_ops.triton_supcon_rows(x_unit, r_unit, labels, ref_labels,
-                                                   bool(same_set), float(temperature))[0]
+    return call(torch.ops.metrix_ops.triton_supcon_rows, x_unit, r_unit, labels, ref_labels,
+                bool(same_set), float(temperature))[0]
 
 
 def supports(params, inp, expansion) -> bool:

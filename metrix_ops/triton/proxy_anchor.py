@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.autograd import call, register_autograd
 from ..distances import is_cosine
 from ..fused.proxy_anchor import terms_impl
 from .launch import HAS_TRITON, dim_block, next_pow2, row_block, triton_op
@@ -371,13 +372,13 @@ def _pa_backward(ctx, g_pos, g_neg):
     return (dx if need_dx else None), (dp if need_dp else None), None, None, None
 
 
-torch.library.register_autograd(_FWD, _pa_backward, setup_context=_pa_setup)
+register_autograd(_FWD, _pa_backward, setup_context=_pa_setup)
 
 
 def proxy_anchor_terms(x_unit, p_unit, labels, alpha: float, margin: float):
     """Per-proxy (pos, neg): log(1 + Σ_{y=c} e^{−α(s−δ)}) and log(1 + Σ_{y≠c} e^{α(s+δ)})."""
-    return torch.ops.metrix_ops.triton_proxy_anchor_terms(x_unit, p_unit, labels, float(alpha),
-                                                          float(margin))
+    return call(torch.ops.metrix_ops.triton_proxy_anchor_terms, x_unit, p_unit, labels,
+                float(alpha), float(margin))
 
 
 def supports(params, inp, expansion) -> bool:

@@ -20,6 +20,8 @@ the CPU engine) applies the divisors.
 from __future__ import annotations
 
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -207,13 +209,13 @@ def _backward(ctx, g_pos, g_neg):
     return dx, dp, None, None, None, None, None
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_autograd(_FWD, _backward, setup_context=_setup)
 
 
 def proxy_anchor_metrix_terms_triton(x_unit, p_unit, labels, alpha: float, margin: float,
                                      lam: float, same_label: bool, chunk=None):
     """The Triton twin of ops.proxy_metrix.proxy_anchor_metrix_terms (chunk: unused)."""
-    return torch.ops.metrix_ops.triton_proxy_anchor_metrix_terms(
+    return call(torch.ops.metrix_ops.triton_proxy_anchor_metrix_terms,
         x_unit, p_unit, labels, float(alpha), float(margin), float(lam), bool(same_label))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.autograd import call, register_autograd
 from ..fused.proxy_nca import _kind, rows_impl
 from ..ops.proxy_nca import COSINE, SQUARED_L2
 from .launch import HAS_TRITON, triton_op
@@ -207,13 +208,13 @@ def _nca_backward(ctx, g_rows, _g_lse):
     return (dx if need_dx else None), (dp if need_dp else None), None, None, None
 
 
-torch.library.register_autograd(_FWD, _nca_backward, setup_context=_nca_setup)
+register_autograd(_FWD, _nca_backward, setup_context=_nca_setup)
 
 
 def proxy_nca_rows(x_unit, p_unit, labels, scale: float, kind: int):
     """Per example: logsumexp over proxies of the logits − the logit of its own proxy."""
-    return torch.ops.metrix_ops.triton_proxy_nca_rows(x_unit, p_unit, labels, float(scale),
-                                                      int(kind))[0]
+    return call(torch.ops.metrix_ops.triton_proxy_nca_rows, x_unit, p_unit, labels,
+                float(scale), int(kind))[0]
 
 
 def supports(params, inp, expansion) -> bool:

@@ -26,6 +26,8 @@ the B×C table (the clean loss's logits' size) beside O((B + C)·D)."""
 from __future__ import annotations
 
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -276,13 +278,13 @@ def _backward(ctx, g_rows):
     return dx, dp, None, None, None, None, None
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_autograd(_FWD, _backward, setup_context=_setup)
 
 
 def proxy_nca_metrix_rows_triton(x_unit, p_unit, labels, scale: float, kind: int, lam: float,
                                  same_label: bool, chunk=None):
     """The Triton twin of ops.proxy_metrix.proxy_nca_metrix_rows (chunk: unused)."""
-    return torch.ops.metrix_ops.triton_proxy_nca_metrix_rows(
+    return call(torch.ops.metrix_ops.triton_proxy_nca_metrix_rows,
         x_unit, p_unit, labels, float(scale), int(kind), float(lam), bool(same_label))
 
 

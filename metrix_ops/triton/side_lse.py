@@ -12,6 +12,8 @@ c = ∂L/∂z, through the shared gradient kernels of pairs.py (the symmetric ke
 batch against itself). Every exponent is taken relative to its running maximum, so Circle's
 γ = 256 cannot overflow."""
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -158,12 +160,12 @@ def _backward(ctx, g_z, _g_lp, _g_ln):
     return ((dx if need_x else None), (dr if need_r else None)) + (None,) * 6
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+register_autograd(_FWD, _backward, setup_context=_setup)
 
 
 def side_lse_rows(kind: int, consts, x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
                   symmetric: bool):
     """(z, lse⁺, lse⁻) of a registered kind, z differentiable in x_unit and r_unit."""
-    return torch.ops.metrix_ops.triton_side_lse_rows(
+    return call(torch.ops.metrix_ops.triton_side_lse_rows,
         x_unit, r_unit, labels, ref_labels, bool(exclude_diag), int(kind),
         [float(c) for c in consts], bool(symmetric))

@@ -38,6 +38,8 @@ vectors are saved: the backward op rebuilds its side buffers (kernels A and C) i
 the op's outputs have static shapes and trace under torch.compile (A and C, then
 the two gradient kernels: 4 S products in the backward, 2 in the forward)."""
 import torch
+
+from ..ops.autograd import call, register_autograd
 import triton
 import triton.language as tl
 
@@ -494,7 +496,7 @@ def _tri_backward_rule(ctx, g_rows, _g_nz, _g_n):
     return ((dx if need_x else None), (dr if need_r else None)) + (None,) * (5 + len(ctx.mine))
 
 
-torch.library.register_autograd(_FWD, _tri_backward_rule, setup_context=_tri_setup)
+register_autograd(_FWD, _tri_backward_rule, setup_context=_tri_setup)
 
 
 def triplet_mined_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
@@ -504,7 +506,7 @@ def triplet_mined_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: 
     type_of_triplets) keeps (the miner on the loss's distance): per-anchor (Σ active terms,
     #active, #kept triplets)."""
     from ..ops.triplet_mined import MINE_KINDS
-    return torch.ops.metrix_ops.triton_triplet_all_rows(
+    return call(torch.ops.metrix_ops.triton_triplet_all_rows,
         x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(margin),
         1 + MINE_KINDS[type_of_triplets], float(mine_margin))
 
@@ -514,7 +516,7 @@ def triplet_all_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bo
     """The Triton twin of ops.triplet_all_rows: per-anchor (Σ_{p,n} [violation]₊ in fp32 or
     fp64, #triplets with loss > 0, #triplets) over all triplets of unit rows x_unit against
     unit rows r_unit; differentiable in both (one tensor passed twice gets both parts)."""
-    return torch.ops.metrix_ops.triton_triplet_all_rows(
+    return call(torch.ops.metrix_ops.triton_triplet_all_rows,
         x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(margin))
 
 
