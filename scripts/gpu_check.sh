@@ -48,7 +48,7 @@ else  # the files with GPU cases: the Triton engine, the CUDA ops, autocast, mix
          tests/test_autocast.py tests/test_metrix_mixed_batch.py tests/test_backend_auto.py
          tests/test_metrix_refs.py tests/test_metrix_pos_pos.py tests/test_labels_device.py
          tests/test_miner_counts.py tests/test_deterministic.py tests/test_cudagraph_tags.py
-         tests/test_other_device.py"
+         tests/test_other_device.py tests/test_func_transforms.py tests/test_eager_autograd.py"
 fi
 TRITON_INTERPRET=0 limited 300 python3 -m pytest $TEST_OPTS $TESTS > "$RES/pytest_gpu.log" 2>&1
 echo "GPU tests: $(tail -1 "$RES/pytest_gpu.log")"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .autograd import check_one_transform, once_differentiable
 
 EPS = 1e-12  # F.normalize's
 HAS_CPU_OP = _ext.has_op("unit_rows_fwd")
@@ -41,42 +42,68 @@ def one_kernel(x: torch.Tensor) -> bool:
     return usable_on(x.device)
 
 
+def _forward(x):
+    if one_kernel(x):
+        from ..triton.unit_rows import unit_rows_fwd
+        return unit_rows_fwd(x)
+    if cpu_op(x):
+        return torch.ops.metrix_ops.unit_rows_fwd(x)
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / norm.clamp_min(EPS), norm
+
+
+def _backward(ctx, g, _g_norm):
+    y, norm = ctx.saved_tensors
+    if one_kernel(y):
+        from ..triton.unit_rows import unit_rows_bwd
+        return unit_rows_bwd(g, y, norm)
+    if cpu_op(y):
+        return torch.ops.metrix_ops.unit_rows_bwd(g, y, norm)
+    # a backward run inside an autocast region would take vecdot to bf16: the fused
+    # losses compute in fp32 under autocast, their normalisation's gradient too
+    with torch.autocast(device_type=g.device.type, enabled=False):
+        # the projection off y, except where the norm was clamped (F.normalize's
+        # clamp_min passes no gradient to the norm there: dx = g / eps)
+        dot = torch.linalg.vecdot(g, y, dim=1).unsqueeze(1).masked_fill_(norm < EPS, 0)
+        return torch.addcmul(g, y, dot, value=-1).div_(norm.clamp_min(EPS))
+
+
+_backward = once_differentiable(_backward, "metrix_ops::unit_rows")
+
+
 class _UnitRows(torch.autograd.Function):
     # forward(ctx, ...) rather than forward + setup_context: torch 2.4's dynamo traces only
     # this form, and apply skips binding the signature (~13 µs a call)
     @staticmethod
     def forward(ctx, x):
-        if one_kernel(x):
-            from ..triton.unit_rows import unit_rows_fwd
-            y, norm = unit_rows_fwd(x)
-        elif cpu_op(x):
-            y, norm = torch.ops.metrix_ops.unit_rows_fwd(x)
-        else:
-            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-            y = x / norm.clamp_min(EPS)
+        y, norm = _forward(x)
         ctx.save_for_backward(y, norm)
         ctx.mark_non_differentiable(norm)
         return y, norm
 
+    backward = staticmethod(_backward)
+
+
+class _UnitRowsForTransforms(torch.autograd.Function):
+    # the same in the form torch.func's transforms require (grad, vjp: a separate
+    # setup_context), taken only while one is active. No vmap rule: the compiled ops have none.
     @staticmethod
-    def backward(ctx, g, _g_norm):
-        y, norm = ctx.saved_tensors
-        if one_kernel(y):
-            from ..triton.unit_rows import unit_rows_bwd
-            return unit_rows_bwd(g, y, norm)
-        if cpu_op(y):
-            return torch.ops.metrix_ops.unit_rows_bwd(g, y, norm)
-        # a backward run inside an autocast region would take vecdot to bf16: the fused
-        # losses compute in fp32 under autocast, their normalisation's gradient too
-        with torch.autocast(device_type=g.device.type, enabled=False):
-            # the projection off y, except where the norm was clamped (F.normalize's
-            # clamp_min passes no gradient to the norm there: dx = g / eps)
-            dot = torch.linalg.vecdot(g, y, dim=1).unsqueeze(1).masked_fill_(norm < EPS, 0)
-            return torch.addcmul(g, y, dot, value=-1).div_(norm.clamp_min(EPS))
+    def forward(x):
+        return _forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output)
+        ctx.mark_non_differentiable(output[1])
+
+    backward = staticmethod(_backward)
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """F.normalize(x, dim=1)'s value and gradient, cheaper to differentiate."""
+    if torch._C._are_functorch_transforms_active():
+        check_one_transform("metrix_ops::unit_rows")
+        return _UnitRowsForTransforms.apply(x)[0]
     return _UnitRows.apply(x)[0]
 
 
