@@ -60,12 +60,13 @@ def once_differentiable(backward, name: str):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():  # the usual backward: create_graph=False
+            return backward(ctx, *grads)
         with torch.no_grad():
             got = backward(ctx, *grads)
-        # the usual backward (create_graph=False: the engine disabled grad), or inside one
-        # torch.func transform, whose backward keeps a graph that nothing differentiates
-        # (a nested one is refused at the forward: check_one_transform)
-        if not torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        # inside one torch.func transform, whose backward keeps a graph that nothing
+        # differentiates (a nested one is refused at the forward: check_one_transform)
+        if torch._C._are_functorch_transforms_active():
             return got
         outs = got if isinstance(got, tuple) else (got,)
         kept = [o for o in outs if isinstance(o, torch.Tensor)]
