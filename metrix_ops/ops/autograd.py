@@ -60,7 +60,9 @@ def once_differentiable(backward, name: str):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        if not torch.is_grad_enabled():  # the usual backward: create_graph=False
+        # the usual backward (create_graph=False), and a compiled one: AOTAutograd has no
+        # double backward of its own (and dynamo need not trace the functorch test below)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return backward(ctx, *grads)
         with torch.no_grad():
             got = backward(ctx, *grads)

@@ -101,7 +101,7 @@ class _UnitRowsForTransforms(torch.autograd.Function):
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """F.normalize(x, dim=1)'s value and gradient, cheaper to differentiate."""
-    if torch._C._are_functorch_transforms_active():
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         check_one_transform("metrix_ops::unit_rows")
         return _UnitRowsForTransforms.apply(x)[0]
     return _UnitRows.apply(x)[0]
