@@ -6,6 +6,7 @@ hooks) reads."""
 from __future__ import annotations
 
 import torch
+from .host_read import host_list
 
 
 class Records:
@@ -39,7 +40,8 @@ def lazy_stat(store: str, i: int, size: int) -> property:
         held = [v for v in vals if torch.is_tensor(v)]
         if held:  # one read for all (float64 holds counts up to 2^53 exactly)
             dev = held[0].device
-            got = iter(torch.stack([v.reshape(()).to(dev, torch.float64) for v in held]).tolist())
+            got = iter(host_list(torch.stack([v.reshape(()).to(dev, torch.float64)
+                                               for v in held])))
             vals = tuple((int(next(got)) if not (v.is_floating_point() or v.is_complex())
                           else next(got)) if torch.is_tensor(v) else v for v in vals)
             self.__dict__[store] = vals

@@ -6,6 +6,7 @@ import math
 import numbers
 
 import torch
+from .host_read import host_list
 
 NORMALIZE_EPS = 1e-12  # F.normalize's, below which a row does not normalise to unit length
 
@@ -56,7 +57,7 @@ class DataChecks:
         # one read: float64 holds every value (class ids up to 2^53 exactly; NaN and Inf)
         parts = [v.reshape(1) for _, _, vals, _ in self._items for v in vals]
         first = parts[0]
-        values = torch.cat([first.new_empty(0, dtype=torch.float64)] + parts).tolist()
+        values = host_list(torch.cat([first.new_empty(0, dtype=torch.float64)] + parts))
         short, at = False, 0
         for kind, name, vals, bound in self._items:
             got = values[at:at + len(vals)]

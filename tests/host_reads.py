@@ -45,7 +45,8 @@ def _site():
         name = os.path.normpath(f.f_code.co_filename)
         if os.sep + "triton" + os.sep in name and PACKAGE not in name:
             return None  # inside the Triton package: the interpreter's own copies
-        if name.startswith(PACKAGE):
+        # host_read.py only performs a read for its caller: charge the caller
+        if name.startswith(PACKAGE) and not name.endswith(os.sep + "host_read.py"):
             if f.f_code.co_name in HOST_SIDE:
                 return None
             return f"{os.path.relpath(name, ROOT)}:{f.f_lineno}"

@@ -172,3 +172,21 @@ def check_gpu_engine(backend, name, kw, device, dtype):
     (dx,) = torch.autograd.grad(loss(leaf, y), leaf, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(dx.square().sum(), leaf)
+
+
+def test_host_reads_inside_a_transform():
+    """The package's host reads (data checks, sizes) read through torch.func's wrappers:
+    torch < 2.5 cannot read a wrapped tensor's data at all."""
+    from metrix_ops.host_read import host_list, unwrapped
+    seen = {}
+
+    def f(t):
+        inner = unwrapped(t)
+        seen["wrapped"] = torch._C._functorch.is_functorch_wrapped_tensor(t)
+        seen["plain"] = not torch._C._functorch.is_functorch_wrapped_tensor(inner)
+        seen["values"] = host_list(t[:3])
+        return t.sum()
+
+    x = torch.tensor([1.5, -2.0, 3.25, 4.0], dtype=torch.float64)
+    torch.func.grad(f)(x)
+    assert seen == {"wrapped": True, "plain": True, "values": [1.5, -2.0, 3.25]}

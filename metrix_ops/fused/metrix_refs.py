@@ -40,6 +40,7 @@ from ..reference.metrix_soft_forms import SOFT_PARTS, combine_parts
 from ..reducers import zero_loss
 from ..ops.unit_rows import unit_rows
 from .metrix_pos_pos import class_slots
+from ..host_read import host_list
 
 PAIRS = ("pos_neg", "anchor_neg", "pos_pos", "neg_neg")
 # candidate entries per chunk (each of the soft form's temporaries is one such tensor)
@@ -123,7 +124,7 @@ def _chunks(width, entries):
     whose own row is larger is a chunk of its own (still one row where the reference holds
     all of them)."""
     order = torch.argsort(width, stable=True)
-    sizes = width[order].tolist()
+    sizes = host_list(width[order])
     start = 0
     while start < len(sizes):
         end = start + 1

@@ -4,6 +4,7 @@ import torch
 
 from ..distances import LpDistance
 from ..reference.pairs import match_masks
+from ..host_read import host_list
 from .base import BaseMiner, resolve_same_set
 from .row_blocks import (BLOCK_ENTRIES, block_diagonal, block_rows, distance_row_blocks,
                          same_distance)
@@ -107,8 +108,8 @@ class BatchHardMiner(BaseMiner):
             return
         low_is_hard = self.distance.is_inverted
         gap = d_ap - d_an
-        values = torch.stack([gap.min(), gap.max(), d_ap.min(), d_ap.max(), d_an.min(),
-                              d_an.max()]).tolist()
+        values = host_list(torch.stack([gap.min(), gap.max(), d_ap.min(), d_ap.max(),
+                                        d_an.min(), d_an.max()]))
         lo_gap, hi_gap, lo_ap, hi_ap, lo_an, hi_an = values
         # (easiest, hardest) of the triplet gap and the positives, (easiest, hardest) of the
         # negatives: a distance's hard positive is far, its hard negative near

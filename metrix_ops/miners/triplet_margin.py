@@ -4,6 +4,7 @@ import torch
 
 from ..distances import LpDistance
 from ..reference.pairs import all_triplets
+from ..host_read import host_list
 from .base import BaseMiner, resolve_same_set
 from .batch_hard import block_masks
 from .row_blocks import block_rows, distance_row_blocks
@@ -43,7 +44,7 @@ class TripletStats:
         self.sums = block if self.sums is None else self.sums + block
 
     def record(self, miner):
-        ap, an, count = self.sums.tolist() if self.sums is not None else (0.0, 0.0, 0.0)
+        ap, an, count = host_list(self.sums) if self.sums is not None else (0.0, 0.0, 0.0)
         ap, an = (ap / count, an / count) if count else (float("nan"), float("nan"))
         miner.pos_pair_dist, miner.neg_pair_dist = ap, an
         miner.avg_triplet_margin = ap - an if self.inverted else an - ap

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from .launch import next_pow2
+from ..host_read import host_list
 
 EE_MAX_CLASS = 64
 
@@ -47,7 +48,7 @@ def unit_chunks(sorted_labels: torch.Tensor, seg_u: torch.Tensor, seg_w: torch.T
         ends_per_row.index_add_(0, torch.cat([lo, hi]), torch.cat([one, one]))
     facts = _segment_facts(sorted_labels, seg_u, seg_w)
     starts = torch.cumsum(cover, 0)[:b] == 0
-    read = torch.cat([facts, ends_per_row.max().view(1), starts.long()]).tolist()
+    read = host_list(torch.cat([facts, ends_per_row.max().view(1), starts.long()]))
     _raise_on_bad_segments(read[:3], sorted_labels, seg_u, seg_w)
     most_ends, starts = read[3], [p for p, start in enumerate(read[4:]) if start]
     sizes = [e - a for a, e in zip(starts, starts[1:] + [b])]
@@ -101,7 +102,7 @@ def check_segment_labels(labels, seg_i, seg_j) -> None:
     (pairs="adjacent" on a batch that is not class-contiguous), as the CPU ops check them.
     One host read (unit_chunks makes the same checks within its own)."""
     if len(seg_i):
-        _raise_on_bad_segments(_segment_facts(labels, seg_i, seg_j).tolist(), labels, seg_i,
+        _raise_on_bad_segments(host_list(_segment_facts(labels, seg_i, seg_j)), labels, seg_i,
                                seg_j)
 
 

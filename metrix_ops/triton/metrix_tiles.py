@@ -42,6 +42,7 @@ from ..ops.autograd import call, register_autograd
 from . import table_cache
 from .launch import HAS_TRITON, next_pow2
 from .pairs import launch_config
+from ..host_read import host_list
 
 MAX_CLASS = 64  # the largest class a chunk holds whole; larger ones are cut into blocks
 # the block height when a class is cut: ptxas for sm_90 (D = 512, 8 warps, 16 columns) gives
@@ -54,7 +55,7 @@ def _class_sizes(sorted_labels):
     """(each class's size as a list, each row's class size as int32) of sorted labels."""
     _, inverse, sizes = torch.unique_consecutive(sorted_labels, return_inverse=True,
                                                  return_counts=True)
-    return sizes.tolist(), sizes[inverse].to(torch.int32)
+    return host_list(sizes), sizes[inverse].to(torch.int32)
 
 
 def chunk_table(sorted_labels: torch.Tensor, anchor_neg: bool):
