@@ -83,10 +83,14 @@ def once_differentiable(backward, name: str):
     return wrapper
 
 
-def register_autograd(name: str, backward, setup_context) -> None:
+def register_autograd(name: str, backward, setup_context,
+                      differentiable_backward: bool = False) -> None:
     """torch.library.register_autograd(name, ...), and the same formulas for `call`; the
-    backward once differentiable either way."""
-    backward = once_differentiable(backward, name)
+    backward once differentiable either way, unless it is made of differentiable PyTorch
+    ops (differentiable_backward: sim_row_stats'), whose graph then gives the second
+    derivative."""
+    if not differentiable_backward:
+        backward = once_differentiable(backward, name)
     torch.library.register_autograd(name, backward, setup_context=setup_context)
     # a class per op, so that its graph nodes name it ("Eager_metrix_ops_<op>Backward"), as
     # torch's generated ones do: the profiler, anomaly mode and the tests read it

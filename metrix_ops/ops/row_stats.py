@@ -87,7 +87,8 @@ if _ext.HAS_EXT:
         dr = _normalize_backward(ra, rh, rn, gr).to(r.dtype)
         return dx, dr, None, None
 
-    register_autograd(_OP, _backward, setup_context=_setup_context)
+    # the backward is PyTorch ops: differentiable again (test_row_stats_op's gradgradcheck)
+    register_autograd(_OP, _backward, setup_context=_setup_context, differentiable_backward=True)
 
 
 def sim_row_stats(x: torch.Tensor, r: torch.Tensor | None = None, scale: float = 1.0,
