@@ -2,9 +2,9 @@
 
 On torch 2.4 and 2.6 a read of tensor data inside a transform (`tolist()` of a wrapped
 tensor, or of the tensor it wraps) raises "Cannot access data pointer of Tensor that doesn't
-have storage"; torch 2.14 reads through the wrappers (the versions between were not tried). The values the package reads (check
-results, sizes, counts) carry no gradient, so they are read with the transforms' dispatch
-turned off, from the tensor under the wrappers."""
+have storage"; torch 2.14 reads through the wrappers (the versions between were not tried).
+The values the package reads (check results, sizes, counts) carry no gradient, so they are
+read with the transforms' dispatch turned off, from the tensor under the wrappers."""
 from __future__ import annotations
 
 import torch
