@@ -39,7 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # --loss name -> (PML class, metrix_ops class, floor). "gram": S = X Xᵀ, G X and Gᵀ X, the
 # three products every exact loss of the Gram matrix needs; "proxy": S = X Pᵀ, G P and Gᵀ X
-# against C = B // 8 proxies (the label range below), whose gradient is timed too.
+# against C = B // 8 proxies (the label range below; --classes sets C), whose gradient is
+# timed too.
 LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gram"),
           "contrastive": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
           "triplet": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
@@ -173,14 +174,14 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
     return getattr(mo.losses, LOSSES[loss][1])(*ctor_args, backend=backend, **kw)
 
 
-def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32"):
+def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32", classes=0):
     import torch
 
     sys.path.insert(0, HERE)
     from harness import peak_memory, time_fn
 
     dev = torch.device(device)
-    step = case_step(loss, impl, b, d, device, dtype)
+    step = case_step(loss, impl, b, d, device, dtype, classes)
     peak = peak_memory(step, dev)  # first: RSS peaks are sticky within a process
     # (a compiled graph: compiled, warmed up, recorded, then replayed)
     stats = time_fn(step, dev, warmup=3 if impl.endswith("+graphs") else 1, repeats=repeats)
@@ -188,9 +189,11 @@ def run_case(loss, impl, b, d, repeats, device="cpu", dtype="float32"):
     return stats
 
 
-def case_step(loss, impl, b, d, device="cpu", dtype="float32"):
+def case_step(loss, impl, b, d, device="cpu", dtype="float32", classes=0):
     """One timed step of --loss `loss` on `impl`: forward and backward (or the floor's
-    products) on a fixed random batch of B = b rows of D = d, labels in B // 8 classes."""
+    products) on a fixed random batch of B = b rows of D = d, labels in B // 8 classes (or
+    `classes` of them: the proxy losses' C, as the papers' data sets have, e.g. 11318 for
+    Stanford Online Products at B = 180)."""
     import contextlib
 
     import torch
@@ -199,7 +202,7 @@ def case_step(loss, impl, b, d, device="cpu", dtype="float32"):
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     x0 = torch.randn(b, d, device=dev).to(dt)
-    n_classes = max(2, b // (128 if loss.endswith("_big_classes") else 8))
+    n_classes = classes or max(2, b // (128 if loss.endswith("_big_classes") else 8))
     if loss.endswith("_adjacent"):  # rows 2t and 2t + 1 share a label (still ~8 per class)
         y = torch.randint(0, n_classes, ((b + 1) // 2,), device=dev).repeat_interleave(2)[:b]
     else:
@@ -272,7 +275,8 @@ def case_in_child(args, impl, b, d):
     """One case in its own process (CPU: an honest peak RSS); its stats or {"error": ...}."""
     cmd = [sys.executable, __file__, "--loss", args.loss, "--case", f"{impl}:{b}:{d}",
            "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb),
-           "--device", args.device, "--dtype", args.dtype, "--out", "-"]
+           "--device", args.device, "--dtype", args.dtype, "--classes", str(args.classes),
+           "--out", "-"]
     cmd += ["--tf32"] if args.tf32 else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -287,7 +291,8 @@ def case_in_process(args, impl, b, d):
     """One case in this process (GPU): errors, out of memory included, become the entry."""
     import torch
     try:
-        return run_case(args.loss, impl, b, d, args.repeats, args.device, args.dtype)
+        return run_case(args.loss, impl, b, d, args.repeats, args.device, args.dtype,
+                        args.classes)
     except Exception as e:  # noqa: BLE001  (an impl that cannot run this case is a result)
         return {"error": f"{type(e).__name__}: {e}"[:200]}
     finally:
@@ -310,6 +315,9 @@ def main():
     ap.add_argument("--dims", default="128,512")
     ap.add_argument("--impls", default="cpu,pml,reference,floor")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--classes", default="0",
+                    help="labels in this many classes (the proxy losses' C), a comma list "
+                         "like --sizes; 0: B // 8")
     ap.add_argument("--out", required=True)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -323,7 +331,7 @@ def main():
             cap = int(args.mem_limit_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         print(json.dumps(run_case(args.loss, impl, int(b), int(d), args.repeats, args.device,
-                                  args.dtype)))
+                                  args.dtype, int(args.classes))))
         return
     sys.path.insert(0, HERE)
     import torch
@@ -331,17 +339,20 @@ def main():
 
     run = case_in_process if args.device == "cuda" else case_in_child
     rows = []
-    for b in map(int, args.sizes.split(",")):
-        for d in map(int, args.dims.split(",")):
-            # "case": the --loss key (the option set), which derive_gpu_order.py reads
-            row = {"loss": LOSSES[args.loss][1], "case": args.loss, "B": b, "D": d,
-                   "dtype": args.dtype, "tf32": args.tf32}
-            for impl in args.impls.split(","):
-                row[impl] = run(args, impl, b, d)
-                # each case as it ends: a run cut short by a time limit keeps what it measured
-                print(json.dumps({"B": b, "D": d, impl: row[impl]}), file=sys.stderr, flush=True)
-            print(json.dumps(ratios(row)), flush=True)
-            rows.append(row)
+    shapes = [(b, d, c) for b in map(int, args.sizes.split(","))
+              for d in map(int, args.dims.split(",")) for c in map(int, args.classes.split(","))]
+    for b, d, c in shapes:
+        # "case": the --loss key (the option set), which derive_gpu_order.py reads
+        row = {"loss": LOSSES[args.loss][1], "case": args.loss, "B": b, "D": d,
+               "dtype": args.dtype, "tf32": args.tf32,
+               "classes": c or None}  # None: B // 8 (the older files' rule)
+        one = argparse.Namespace(**{**vars(args), "classes": c})  # this case's C
+        for impl in args.impls.split(","):
+            row[impl] = run(one, impl, b, d)
+            # each case as it ends: a run cut short by a time limit keeps what it measured
+            print(json.dumps({"B": b, "D": d, impl: row[impl]}), file=sys.stderr, flush=True)
+        print(json.dumps(ratios(row)), flush=True)
+        rows.append(row)
     write_result(args.out, torch.device(args.device), rows)
 
 

@@ -65,13 +65,17 @@ def table(path: str) -> str:
     ratios = [x for x in _ratio_columns(fused) if present(x[0])]
     peaks = fused + ["pml"]
     with_dtype = len({r.get("dtype", "float32") for r in rows}) > 1
-    head = (["B", "D"] + (["dtype"] if with_dtype else []) + [t for _, t in cols]
+    with_classes = any(r.get("classes") for r in rows)  # --classes given: C beside B and D
+    head = (["B", "D"] + (["C"] if with_classes else []) + (["dtype"] if with_dtype else [])
+            + [t for _, t in cols]
             + [t for _, t, _ in ratios]
             + [f"{'fused' if k == 'cpu' else ('PML' if k == 'pml' else k)} peak MiB" for k in peaks])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mib = lambda k: f"{r[k]['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r.get(k, {}) else "–"  # noqa: E731
-        cells = [str(r["B"]), str(r["D"])] + ([r.get("dtype", "float32")] if with_dtype else [])
+        cells = [str(r["B"]), str(r["D"])] + ([str(r.get("classes") or r["B"] // 8)]
+                                              if with_classes else [])
+        cells += [r.get("dtype", "float32")] if with_dtype else []
         cells += [_cell(r[k]) if k in r else "–" for k, _ in cols]
         cells += [fmt(r[k]) if k in r else "–" for k, _, fmt in ratios]
         cells += [mib(k) for k in peaks]

@@ -10,6 +10,12 @@
 # - OLDEST_PRESET=triton32: torch 2.6.0 and the triton 3.2 it brings (the oldest the engine
 #   takes; launch.FP64_DOT is False there: no fp64), .venv-triton32, the Triton engine's tests
 #   under TRITON_INTERPRET=1, its torch.compile tests included.
+# - OLDEST_PRESET=device (by hand, not in CI): the device machine's stack, Python 3.12,
+#   torch 2.11.0+cu130 and its triton 3.6.0 (the lent GPU's image), .venv-device; the CUDA
+#   sources built too (sm_90, against that torch's headers, with CUDA_HOME or
+#   /usr/local/cuda), then the whole suite with the Triton engine under TRITON_INTERPRET=1.
+#   A rehearsal before a device session: what breaks on that stack shows here, not in the
+#   device's 15 minutes.
 # By hand: bash scripts/oldest_check.sh [pytest args]
 # Env (each overrides the preset's): PYTHON_OLDEST (the Python version, 3.9), TORCH_OLDEST
 # (2.4.1), TORCHVISION_OLDEST (0.19.1), VENV_OLDEST (.venv-oldest), INTERPRET_OLDEST (0: the
@@ -20,14 +26,22 @@ root=$(pwd)
 
 case "${OLDEST_PRESET:-}" in
   "") P_PY=3.9; P_TORCH=2.4.1; P_TV=0.19.1; P_VENV=.venv-oldest; P_INTERP=0
+      P_NUMPY="numpy<2"; P_CUDA=0
       P_TESTS=(tests -k "not compile") ;;
   # (every Triton test, its torch.compile tests included, float64 ones reported as skipped;
   # the CPU engine's compile tests pass on torch 2.6 too, checked by hand with
   # `-k compile`, but their cold Inductor builds are slow: with them, a 2-core AMD EPYC had
   # run 38% of this selection after 17 min)
   triton32) P_PY=3.11; P_TORCH=2.6.0; P_TV=0.21.0; P_VENV=.venv-triton32; P_INTERP=1
+      P_NUMPY="numpy<2"; P_CUDA=0
       P_TESTS=(tests -k "triton or test_versions or test_backend_auto") ;;
-  *) echo "oldest: OLDEST_PRESET must be empty or triton32"; exit 2 ;;
+  # (numpy 2 below 2.4: the device's image has 2.5.2, but triton 3.6's interpreter takes a
+  # scalar argument's value by int() of a 1-element array, which numpy 2.4 and later refuse,
+  # so every Triton test fails under them; triton 3.8 squeezes first. The device runs the
+  # kernels compiled, where this does not arise.)
+  device) P_PY=3.12; P_TORCH=2.11.0; P_TV=0.26.0; P_VENV=.venv-device; P_INTERP=1
+      P_NUMPY="numpy>=2,<2.4"; P_CUDA=1; P_TESTS=(tests) ;;
+  *) echo "oldest: OLDEST_PRESET must be empty, triton32 or device"; exit 2 ;;
 esac
 WANT=${PYTHON_OLDEST:-$P_PY}
 # a Python $WANT that runs (a pyenv shim exists for every installed version but fails unless
@@ -47,8 +61,8 @@ VENV="$root/${VENV_OLDEST:-$P_VENV}"
 # --no-cache-dir: each old torch brings ~3 GB of CUDA wheels; a cached copy of them on top of
 # the installed one filled CI's disk once (the triton32 install, after the main and 2.4.1 venvs)
 "$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip >/dev/null
-# numpy < 2: the numpy torch 2.4 was built against
-"$VENV/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH" "numpy<2" "pytorch-metric-learning==2.9.*" \
+# numpy < 2 for the old torches: the numpy torch 2.4 was built against
+"$VENV/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH" "$P_NUMPY" "pytorch-metric-learning==2.9.*" \
   scikit-learn pytest tqdm matplotlib ninja
 # the training script's backbones: the torchvision of that torch
 "$VENV/bin/python" -m pip install -q --no-cache-dir --no-deps "torchvision==${TORCHVISION_OLDEST:-$P_TV}" pillow
@@ -61,9 +75,13 @@ mkdir "$work"
 [ -d "$root/../shared" ] && ln -s "$(cd "$root/../shared" && pwd)" "$top/shared"
 git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$work"
 cd "$work"
-METRIX_OPS_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace \
+if [ "$P_CUDA" = 1 ]; then  # as .ci/run builds it: one architecture
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0
+fi
+METRIX_OPS_CUDA=$P_CUDA MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace \
   > build.log 2>&1 || { tail -50 build.log; echo "oldest: the build failed"; exit 1; }
-"$VENV/bin/python" - <<'PY'
+P_CUDA=$P_CUDA "$VENV/bin/python" - <<'PY'
+import os
 import sys
 import torch
 from metrix_ops import _ext
@@ -73,6 +91,8 @@ print(f"oldest: python {sys.version.split()[0]}, torch {torch.__version__}, trit
       f"extension {_ext.HAS_EXT}")
 if not _ext.HAS_EXT:
     raise SystemExit("oldest: the extension did not build")
+if os.environ.get("P_CUDA") == "1" and not _ext.HAS_CUDA_EXT:
+    raise SystemExit(f"oldest: the CUDA sources did not build or load: {_ext._IMPORT_ERROR}")
 if not HAS_TRITON:
     print(f"oldest: backend='triton' is unavailable: {why_not(torch.device('cuda'))}")
 elif not FP64_DOT:

@@ -46,3 +46,15 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), item.location[1] or 0,
                            f"Skipped: triton {launch.TRITON_VERSION} has no float64 tl.dot")
+
+
+
+def pytest_terminal_summary(terminalreporter):
+    """With a broken Triton interpreter (launch.interpreter_fault: triton ≤ 3.6 with numpy ≥
+    2.4) every Triton test fails inside Triton or on the engine being off; the reason, once,
+    at the end of the report (-q included)."""
+    from metrix_ops.triton import launch
+    fault = launch.interpreter_fault()
+    if fault:
+        terminalreporter.write_sep("=", "Triton interpreter unusable here", red=True)
+        terminalreporter.write_line(fault)

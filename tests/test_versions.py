@@ -75,6 +75,34 @@ def test_triton_without_fp64_dot_takes_fp32_and_gives_fp64_away(monkeypatch):
     assert order("MultiSimilarityLoss", cuda, dtype=torch.float64) == ["triton", "cuda"]
 
 
+@pytest.mark.skipif(not (launch.HAS_TRITON and launch.interpreting()),
+                    reason="needs triton under TRITON_INTERPRET=1")
+def test_this_runs_interpreter_runs_the_engines_kernels():
+    """The probe finds the interpreter working where the Triton tests run (were it broken, as
+    triton ≤ 3.6 with numpy ≥ 2.4 is, this names why once, beside the Triton tests'
+    failures), and its loop gave the right count."""
+    assert launch.interpreter_fault() is None
+    assert launch.usable_on(torch.device("cpu"))
+
+
+def test_a_broken_interpreter_leaves_the_engine_off_and_says_why(monkeypatch):
+    """triton ≤ 3.6's interpreter with numpy ≥ 2.4 fails every launch deep inside Triton
+    (triton-lang/triton#9171): the engine is then unavailable on CPU tensors, an explicit
+    backend="triton" names the fault and the fix, and "auto" never took Triton on a CPU."""
+    why = ("triton 3.6.0's interpreter cannot run kernels with numpy 2.4.6 (TypeError: only "
+           "0-dimensional arrays ...; triton-lang/triton#9171: ... numpy<2.4 ...)")
+    monkeypatch.setattr(launch, "HAS_TRITON", True)
+    monkeypatch.setattr(launch, "interpreting", lambda: True)
+    monkeypatch.setattr(launch, "interpreter_fault", lambda: why)
+    cpu = torch.device("cpu")
+    assert not launch.usable_on(cpu) and launch.why_not(cpu) == why
+    with pytest.raises(ValueError, match="numpy<2.4"):
+        mo.backend.resolve("triton", "MultiSimilarityLoss", cpu, torch.float32)
+    assert "triton" not in mo.backend.auto_order("MultiSimilarityLoss", cpu, dtype=torch.float32)
+    with pytest.raises(ValueError, match="triton-lang/triton#9171"):
+        mo.losses.MultiSimilarityLoss(backend="triton")(torch.randn(6, 4), torch.arange(6) % 2)
+
+
 def test_a_users_compute_loss_is_known_from_the_class():
     """overrides_compute_loss reads the class's flag under torch.compile (torch 2.4's dynamo
     cannot read a function's __module__), the method itself in eager: both agree."""

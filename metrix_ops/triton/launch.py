@@ -96,6 +96,38 @@ def _version_text(v: tuple) -> str:
     return ".".join(map(str, v))
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_fault() -> str | None:
+    """None where Triton's interpreter runs the engine's kernels here, else why it cannot.
+    triton ≤ 3.6's interpreter takes a scalar argument's value (a loop bound such as
+    `range(0, M, BLOCK_N)`, in nearly every kernel here) by int() of a one-element numpy
+    array, which numpy ≥ 2.4 refuses (triton-lang/triton#9171, fixed in later triton): every
+    launch then fails deep in the interpreter. Probed once, by running such a loop."""
+    if not (HAS_TRITON and interpreting()):
+        return None
+    try:
+        out = torch.zeros(1)
+        _probe_kernel[(1,)](out, 3)
+        if out.item() == 3:
+            return None
+        fault = f"a loop over a scalar argument gave {out.item()} for 3"
+    except Exception as e:  # noqa: BLE001  (whatever the interpreter raises is the reason)
+        fault = f"{type(e).__name__}: {e}"
+    import numpy
+    return (f"triton {TRITON_VERSION}'s interpreter cannot run kernels with numpy "
+            f"{numpy.__version__} ({fault}; triton-lang/triton#9171: numpy >= 2.4 needs a "
+            "later triton, or install numpy<2.4 for TRITON_INTERPRET=1)")
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _probe_kernel(out_ptr, n):
+        acc = tl.zeros((1,), dtype=tl.float32)
+        for _ in range(0, n, 1):  # the interpreter's int() of a scalar argument
+            acc += 1.0
+        tl.store(out_ptr + tl.arange(0, 1), acc)
+
+
 def usable_on(device: torch.device, dtype: torch.dtype | None = None) -> bool:
     """Can a Triton kernel take tensors on `device` (of `dtype`, where given: fp64 needs
     FP64_DOT)?"""
@@ -103,7 +135,7 @@ def usable_on(device: torch.device, dtype: torch.dtype | None = None) -> bool:
         return False
     if device.type == "cuda":
         return not interpreting()
-    return device.type == "cpu" and interpreting()
+    return device.type == "cpu" and interpreting() and interpreter_fault() is None
 
 
 def why_not(device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -119,6 +151,8 @@ def why_not(device: torch.device, dtype: torch.dtype | None = None) -> str:
                 "or backend='auto', which gives float64 to the next engine")
     if device.type == "cuda":
         return "TRITON_INTERPRET=1 is set, which runs Triton kernels on CPU tensors only"
+    if device.type == "cpu" and interpreting() and interpreter_fault() is not None:
+        return interpreter_fault()
     return (f"Triton kernels need CUDA tensors (got tensors on {device}); on a CPU they run "
             "only under TRITON_INTERPRET=1, set before metrix_ops is imported")
 
