@@ -5,10 +5,11 @@ exactly what the JSON holds:
     python benchmarks/readme_table.py --summary 4096 512 benchmarks/results/cpu_*.json
 
     python benchmarks/readme_table.py --gpu benchmarks/results/h200_*.json
+    python benchmarks/readme_table.py --ms benchmarks/results/cpu_proxy_anchor_papers.json
 
 (--summary: one row per file, its case at B, D, for the fused CPU op. --gpu: every row of
 GPU files in milliseconds, CUDA and Triton side by side, the faster of the two against PML
-and the floor.)
+and the floor. --ms: a file's table in milliseconds, for small cases.)
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _cell(entry, fmt="{:.3f}"):
     if "NotImplementedError" in err:
         return "not implemented"
     return "out of memory" if "allocate" in err or "out of memory" in err else "failed"
+
+
+def _ms_cell(entry):
+    return f"{entry['median_s'] * 1e3:.2f}" if "median_s" in entry else _cell(entry)
 
 
 def _speed(x):
@@ -55,7 +60,7 @@ def _ratio_columns(fused):
     return out
 
 
-def table(path: str) -> str:
+def table(path: str, ms: bool = False) -> str:
     with open(path) as f:
         res = json.load(f)
     rows = res["results"]
@@ -67,7 +72,7 @@ def table(path: str) -> str:
     with_dtype = len({r.get("dtype", "float32") for r in rows}) > 1
     with_classes = any(r.get("classes") for r in rows)  # --classes given: C beside B and D
     head = (["B", "D"] + (["C"] if with_classes else []) + (["dtype"] if with_dtype else [])
-            + [t for _, t in cols]
+            + [t.replace(" s", " ms") if ms else t for _, t in cols]
             + [t for _, t, _ in ratios]
             + [f"{'fused' if k == 'cpu' else ('PML' if k == 'pml' else k)} peak MiB" for k in peaks])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -76,7 +81,7 @@ def table(path: str) -> str:
         cells = [str(r["B"]), str(r["D"])] + ([str(r.get("classes") or r["B"] // 8)]
                                               if with_classes else [])
         cells += [r.get("dtype", "float32")] if with_dtype else []
-        cells += [_cell(r[k]) if k in r else "–" for k, _ in cols]
+        cells += [(_ms_cell(r[k]) if ms else _cell(r[k])) if k in r else "–" for k, _ in cols]
         cells += [fmt(r[k]) if k in r else "–" for k, _, fmt in ratios]
         cells += [mib(k) for k in peaks]
         lines.append("| " + " | ".join(cells) + " |")
@@ -134,5 +139,6 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--summary"]:
         print(summary(sys.argv[4:], int(sys.argv[2]), int(sys.argv[3])))
     else:
-        for p in sys.argv[1:]:
-            print(table(p))
+        ms = sys.argv[1:2] == ["--ms"]
+        for p in sys.argv[1 + ms:]:
+            print(table(p, ms))
