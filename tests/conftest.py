@@ -48,7 +48,6 @@ def pytest_runtest_makereport(item, call):
                            f"Skipped: triton {launch.TRITON_VERSION} has no float64 tl.dot")
 
 
-
 def pytest_terminal_summary(terminalreporter):
     """With a broken Triton interpreter (launch.interpreter_fault: triton ≤ 3.6 with numpy ≥
     2.4) every Triton test fails inside Triton or on the engine being off; the reason, once,

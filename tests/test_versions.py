@@ -77,7 +77,7 @@ def test_triton_without_fp64_dot_takes_fp32_and_gives_fp64_away(monkeypatch):
 
 @pytest.mark.skipif(not (launch.HAS_TRITON and launch.interpreting()),
                     reason="needs triton under TRITON_INTERPRET=1")
-def test_this_runs_interpreter_runs_the_engines_kernels():
+def test_the_interpreter_runs_the_engines_kernels_here():
     """The probe finds the interpreter working where the Triton tests run (were it broken, as
     triton ≤ 3.6 with numpy ≥ 2.4 is, this names why once, beside the Triton tests'
     failures), and its loop gave the right count."""
