@@ -96,15 +96,26 @@ def _version_text(v: tuple) -> str:
     return ".".join(map(str, v))
 
 
-@functools.lru_cache(maxsize=None)
+_FAULT: list = []  # interpreter_fault's answer, once probed
+
+
 def interpreter_fault() -> str | None:
     """None where Triton's interpreter runs the engine's kernels here, else why it cannot.
     triton ≤ 3.6's interpreter takes a scalar argument's value (a loop bound such as
     `range(0, M, BLOCK_N)`, in nearly every kernel here) by int() of a one-element numpy
     array, which numpy ≥ 2.4 refuses (triton-lang/triton#9171, fixed in later triton): every
-    launch then fails deep in the interpreter. Probed once, by running such a loop."""
-    if not (HAS_TRITON and interpreting()):
+    launch then fails deep in the interpreter. Probed once, by running such a loop, in an
+    eager call: while torch.compile traces, None (the probe is a launch and a host read,
+    which the trace must not hold; an eager call has made it, or the kernels fail as they
+    would have)."""
+    if not (HAS_TRITON and interpreting()) or torch.compiler.is_compiling():
         return None
+    if not _FAULT:
+        _FAULT.append(_probe())
+    return _FAULT[0]
+
+
+def _probe() -> str | None:
     try:
         out = torch.zeros(1)
         _probe_kernel[(1,)](out, 3)
