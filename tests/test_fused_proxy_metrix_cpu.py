@@ -195,6 +195,64 @@ def test_large_alpha_near_identical_vectors(dtype):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=gtol * b.abs().max())
 
 
+def _clustered(B, C, D, seed):
+    """Rows near e_0 (cosines ≈ 0.9 between them) and C proxies of which P[0] is near −e_0
+    (cosines ≈ −0.9 to every candidate) and P[1] near e_0."""
+    g = torch.Generator().manual_seed(seed)
+    e0 = torch.zeros(D, dtype=torch.float64)
+    e0[0] = 1.0
+    x = e0 + 0.25 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    P = torch.randn(C, D, generator=g, dtype=torch.float64)
+    P[0] = -e0 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    P[1] = e0 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, C, (B,), generator=g), P
+
+
+@pytest.mark.parametrize("pairs", ["pos_neg", "pos_pos"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_proxy_anchor_exps_below_the_fixed_shift(dtype, pairs):
+    """The fused rows shift every exp by the exponents' bound α(1 + |δ|) and redo a proxy
+    with its max where that sum underflows. At α = 200 in 48 dimensions the cosines stay
+    within ±0.6, so the exponents α(s ± δ) stay ~100 below the bound 220: the shifted sums
+    are 0 in fp32, though the terms (up to e^{100}) dominate the loss."""
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(29, 48, generator=g, dtype=torch.float64), torch.randint(0, 5, (29,), generator=g)
+    P = proxies(5, 48, 12)
+    fused, ref = both("ProxyAnchorLoss", 5, 48, lam=0.4, pairs=pairs, weight=1.0, alpha=200.0,
+                      margin=0.1)
+    v, (gx, gP) = value_and_grad(fused(y), x.to(dtype), P.to(dtype))
+    vr, (gxr, gPr) = value_and_grad(ref(y), x, P)
+    rtol = 1e-6 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(v.double(), vr, rtol=rtol, atol=0)
+    for a, b in ((gx, gxr), (gP, gPr)):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * b.abs().max())
+
+
+def test_proxy_nca_logits_below_the_fixed_shift():
+    """ProxyNCA's candidate softmax is shifted by the logits' bound (|scale| for cosine): with
+    every proxy opposite the data (s ≈ −0.9) at scale 60 every logit is ~114 below it, so each
+    candidate's softmax is the redo with its max. fp64 against the reference; the op in fp32
+    against the op in fp64 (this loss's fp32 value is ill-conditioned here: the reference and
+    PML in fp32 differ from fp64 by 1–3%, as the fused op does)."""
+    x, y, P = _clustered(23, 3, 6, 11)
+    P[1] = P[0] + 0.1
+    P[2] = P[0] - 0.05
+    fused, ref = both("ProxyNCALoss", 3, 6, lam=0.3, weight=1.0, softmax_scale=60.0,
+                      distance=mo.distances.CosineSimilarity())
+    assert_close_vg(fused(y), ref(y), x, P)
+    xu, pu = F.normalize(x, dim=1), F.normalize(P, dim=1)
+    args = (60.0, 0, 0.3, False, 5)
+    rows = torch.ops.metrix_ops.proxy_nca_metrix_fwd(xu, pu, y, *args)
+    rows32 = torch.ops.metrix_ops.proxy_nca_metrix_fwd(xu.float(), pu.float(), y, *args)
+    assert torch.isfinite(rows32).all() and (rows > 0).all()
+    torch.testing.assert_close(rows32.double(), rows, rtol=1e-4, atol=0)
+    q = torch.rand(23, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = torch.ops.metrix_ops.proxy_nca_metrix_bwd(q, xu, pu, y, *args)
+    grads32 = torch.ops.metrix_ops.proxy_nca_metrix_bwd(q.float(), xu.float(), pu.float(), y, *args)
+    for a, b in zip(grads32, grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", LOSSES)
 def test_half_inputs(name, dtype):

@@ -54,6 +54,21 @@ MO_HD T mix_norm_coef(T c1, T r) {
 template <typename V, typename T>
 MO_PMX V mix_cos(T lam, T om, V su, V sw, V r) { return (lam * su + om * sw) * r; }
 
+// Upper bounds on the exponents, the fixed log-sum-exp shifts of the CPU rows (which
+// recompute with the row's max where the shifted sum underflows). ProxyAnchor: for |s| ≤ 1
+// and log weights ≤ 0, ±α(s ∓ δ) + log w ≤ |α|(1 + |δ|).
+template <typename T>
+MO_HD T pa_arg_bound(T alpha, T margin) {
+  return std::abs(alpha) * (T(1) + std::abs(margin));
+}
+
+// ProxyNCA logits: cosine scale·s ≤ |scale|; squared L2 −scale·d², d² ∈ [0, 4] → 0 for
+// scale ≥ 0, −4·scale otherwise
+template <typename T>
+MO_HD T pm_nca_logit_bound(T scale, bool cosine) {
+  return cosine ? std::abs(scale) : (scale >= T(0) ? T(0) : T(-4) * scale);
+}
+
 // log of a class-mass weight, −inf where there is no such term (weight ≤ 0): the
 // reference's _log_weighted, so Σ w·e^{x} is a log-sum-exp of x + log w
 template <typename T>

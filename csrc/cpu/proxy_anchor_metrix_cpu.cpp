@@ -44,6 +44,7 @@ struct PaMix {
   const int64_t* cnt;   // examples per class
   int64_t B, C;
   T lam, om, c0, c1, alpha, margin;
+  T bound;              // every exponent's upper bound (pa_arg_bound): the fixed shift
   bool same;            // pos_pos: pairs of the same label, else of different labels
 };
 
@@ -55,14 +56,34 @@ MO_PM_INLINE typename Ln::M partners(const PaMix<T>& k, int64_t a, int32_t ya, i
   return Ln::not_index(j, a) & (k.same ? Ln::eq(k.y + j, ya) : Ln::ne(k.y + j, ya));
 }
 
+// Whether a row of label ya can have partners of class c: of a's label when the pairs share
+// it, of another label when they do not; and c present beyond row a itself
+template <typename T>
+MO_PM_INLINE bool partners_of(const PaMix<T>& k, int32_t ya, int32_t c) {
+  const bool is_a = c == ya;
+  return (k.same == is_a) && k.cnt[c] > (is_a ? 1 : 0);
+}
+
 // Row a's log-sum-exp of the positive and negative exponents over its candidates (a, w),
-// for every proxy; r: the Gram row, turned into 1/‖v‖ in place.
+// for every proxy; r: the Gram row, turned into 1/‖v‖ in place. One pass a proxy: the exps
+// are shifted by the exponents' bound (pa_arg_bound), not by their max, and only a sum that
+// underflows under that shift (α far above 32, or a proxy far from every candidate) is
+// redone with the max first.
 template <typename T, int W>
 MO_PM_INLINE void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
   const int64_t B = k.B;
-  for (int64_t j = 0; j < B; ++j) r[j] = mix_inv_norm(k.c0, k.c1, r[j]);
   const int32_t ya = k.y[a];
   const T ninf = -T(kInf);
+  int64_t n_partners = 0;
+  for (int64_t j = 0; j < B; ++j) {
+    r[j] = mix_inv_norm(k.c0, k.c1, r[j]);
+    n_partners += j != a && (k.same ? k.y[j] == ya : k.y[j] != ya);
+  }
+  if (n_partners == 0) {  // no candidates: every sum is empty
+    std::fill(outp, outp + k.C, ninf);
+    std::fill(outn, outn + k.C, ninf);
+    return;
+  }
   for (int64_t c = 0; c < k.C; ++c) {
     const T* sc = k.st + c * B;
     const T sa = sc[a];
@@ -70,10 +91,11 @@ MO_PM_INLINE void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) 
     const T w0 = int32_t(c) == ya ? k.lam : T(0), w1 = w0 + k.om;
     const T p0 = log_weight(w0), p1 = log_weight(w1);
     const T n0 = log_weight(T(1) - w0), n1 = log_weight(T(1) - w1);
-    // positive terms: every partner when a's own share is on c, else only the partners
-    // of class c (few): lane groups without one skip the positive exponent
+    // positive terms: every partner when a's own share is on c, else only the partners of
+    // class c (few; of a's class when the partners share a's label, of another class when
+    // they do not): lane groups without one skip the positive exponent
     const bool pos_all = p0 > ninf;
-    const bool do_pos = pos_all || (k.cnt[c] > (int32_t(c) == ya ? 1 : 0) && p1 > ninf);
+    const bool do_pos = pos_all || (p1 > ninf && partners_of(k, ya, int32_t(c)));
     // returns whether vp holds positive exponents for this lane group
     auto args = [&](auto L, int64_t j, auto& vp, auto& vn) MO_PM_LAMBDA {
       using Ln = decltype(L);
@@ -86,22 +108,34 @@ MO_PM_INLINE void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) 
       vp = Ln::sel(valid, pa_pos_arg(s, al, mg) + Ln::sel(own, Ln::splat(p1), Ln::splat(p0)), off);
       return true;
     };
-    T mp = ninf, mn = ninf;
-    for_lanes<T, W>(B, [&](auto L, int64_t j) MO_PM_LAMBDA {
-      typename decltype(L)::V vp{}, vn{};
-      if (args(L, j, vp, vn)) mp = std::max(mp, decltype(L)::hmax(vp));
-      mn = std::max(mn, decltype(L)::hmax(vn));
-    });
-    T sp = 0, sn = 0;
-    if (mp > ninf || mn > ninf)
+    // Σ e^{arg − shift} of both sides in one pass
+    auto sums = [&](T shift_p, T shift_n, T& sp, T& sn) MO_PM_LAMBDA {
+      pm::RowSum<T, W> ap, an;
       for_lanes<T, W>(B, [&](auto L, int64_t j) MO_PM_LAMBDA {
         using Ln = decltype(L);
         typename Ln::V vp{}, vn{};
         const bool has_pos = args(L, j, vp, vn);
-        if (mn > ninf) sn += Ln::hsum(Ln::exp(vn - Ln::splat(mn)));
-        if (has_pos && mp > ninf) sp += Ln::hsum(Ln::exp(vp - Ln::splat(mp)));
+        an.add(L, Ln::exp(vn - Ln::splat(shift_n)));
+        if (has_pos) ap.add(L, Ln::exp(vp - Ln::splat(shift_p)));
       });
-    outp[c] = mp > ninf ? mp + std::log(sp) : ninf;
+      sp = ap.total();
+      sn = an.total();
+    };
+    T mp = k.bound, mn = k.bound, sp, sn;
+    sums(mp, mn, sp, sn);
+    if (!pm::shifted_sum_ok(sn) || (do_pos && !pm::shifted_sum_ok(sp))) {
+      pm::RowMax<T, W> xp, xn;
+      for_lanes<T, W>(B, [&](auto L, int64_t j) MO_PM_LAMBDA {
+        typename decltype(L)::V vp{}, vn{};
+        if (args(L, j, vp, vn)) xp.add(L, vp);
+        xn.add(L, vn);
+      });
+      mp = do_pos ? xp.total() : ninf;
+      mn = xn.total();
+      // an empty side (max −inf) sums to 0 under a shift of 0
+      sums(mp > ninf ? mp : T(0), mn > ninf ? mn : T(0), sp, sn);
+    }
+    outp[c] = do_pos && mp > ninf ? mp + std::log(sp) : ninf;
     outn[c] = mn > ninf ? mn + std::log(sn) : ninf;
   }
 }
@@ -131,10 +165,10 @@ MO_PM_INLINE void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* h
     const T nv0 = log_weight(T(1) - v0), nv1 = log_weight(T(1) - v1);
     // as in fwd_row: positive terms for every partner, or only for the partners of class c
     const bool pos_all = pu0 > ninf || pv0 > ninf;
-    const bool do_pos = pos_all || (k.cnt[c] > (is_a ? 1 : 0) && (pu1 > ninf || pv1 > ninf));
+    const bool do_pos = pos_all || ((pu1 > ninf || pv1 > ninf) && partners_of(k, ya, int32_t(c)));
     // d(term)/ds = −α·gp·e^{pos arg − pos_c} + α·gn·e^{neg arg − neg_c}
     const T cp = -k.alpha * gp[c], cn = k.alpha * gn[c], lpc = lp[c], lnc = ln[c];
-    T dsa = 0;
+    pm::RowSum<T, W> dsa;
     for_lanes<T, W>(B, [&](auto L, int64_t j) MO_PM_LAMBDA {
       using Ln = decltype(L);
       const auto valid = partners<Ln>(k, a, ya, j);
@@ -152,10 +186,10 @@ MO_PM_INLINE void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* h
       }
       g1 = Ln::sel(valid, g1, Ln::splat(T(0)));
       g2 = Ln::sel(valid, g2, Ln::splat(T(0)));
-      dsa += Ln::hsum(rv * (k.lam * g1 + k.om * g2));
+      dsa.add(L, rv * (k.lam * g1 + k.om * g2));
       Ln::store(hrow + j, Ln::load(hrow + j) + Ln::load(hh + j) * (g1 * s1 + g2 * s2));
     });
-    dsp[c] = dsa;
+    dsp[c] = dsa.total();
   }
   std::copy(hrow, hrow + B, g);
 }
@@ -217,7 +251,7 @@ PaMix<T> make_mix(const T* st, const int32_t* y, const int64_t* cnt, int64_t B, 
                   double alpha, double margin, double lam, bool same) {
   return PaMix<T>{st, y, cnt, B, C, T(lam), T(1.0 - lam),
                   T(lam * lam + (1.0 - lam) * (1.0 - lam)), T(2.0 * lam * (1.0 - lam)),
-                  T(alpha), T(margin), same};
+                  T(alpha), T(margin), pa_arg_bound(T(alpha), T(margin)), same};
 }
 
 std::vector<int64_t> class_counts(const at::Tensor& y32, int64_t C) {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "common/fast_exp.h"
@@ -96,6 +97,57 @@ MO_PM_INLINE void for_lanes(int64_t n, F&& f) {
   if constexpr (std::is_same_v<T, float>)
     for (; j + W <= n; j += W) f(FloatLanes<W>{}, j);
   for (; j < n; ++j) f(Lane<T, 1>{}, j);
+}
+
+// Running sum and max over a row's lane groups, reduced across lanes once at the end: a
+// horizontal reduction per group was about a fifth of the forward's operations. W-float
+// vector lanes for the fp32 groups, a scalar for the tail and for fp64. `add(L, v)` takes the
+// group's lane tag (for_lanes' first argument).
+template <typename T, int W>
+struct RowSum {
+  typename Lanes<W>::F v{};
+  T s = 0;
+  template <class Ln, class V>
+  MO_PM_INLINE void add(Ln, V x) {
+    if constexpr (Ln::w == 1) s += x;
+    else v += x;
+  }
+  MO_PM_INLINE T total() const {
+    if constexpr (std::is_same_v<T, float>) return FloatLanes<W>::hsum(v) + s;
+    else return s;
+  }
+};
+
+template <typename T, int W>
+struct RowMax {
+  typename Lanes<W>::F v = typename Lanes<W>::F{} - std::numeric_limits<float>::infinity();
+  T s = -std::numeric_limits<T>::infinity();
+  template <class Ln, class V>
+  MO_PM_INLINE void add(Ln, V x) {
+    if constexpr (Ln::w == 1) s = std::max(s, x);
+    else v = lane_max(x, v);  // x NaN keeps v, as std::max(s, NaN) keeps s
+  }
+  MO_PM_INLINE T total() const {
+    if constexpr (std::is_same_v<T, float>) return std::max(FloatLanes<W>::hmax(v), s);
+    else return s;
+  }
+};
+
+// Below this a log-sum-exp's sum under a fixed shift is recomputed with the row's max: fp32
+// flushes exps under e^{-87.3} to 0, and a sum of at least e^{-50} puts every flushed term
+// more than e^{37} below it: all B of them together stay under fp32's rounding for B below
+// 10^8 (fp64: e^-600 against its e^-708, alike).
+template <typename T>
+constexpr T shifted_sum_floor() {
+  return std::is_same_v<T, float> ? T(1.9287498479639178e-22) /* e^-50 */
+                                  : T(2.6503965530043108e-261) /* e^-600 */;
+}
+
+// whether a sum of e^{arg − U} (every arg ≤ U in exact arithmetic) can stand: finite, and
+// far enough above underflow
+template <typename T>
+MO_PM_INLINE bool shifted_sum_ok(T sum) {
+  return sum >= shifted_sum_floor<T>() && sum <= std::numeric_limits<T>::max();
 }
 
 // Whether the fp32 rows take 8 floats a lane group: the fp32 kernels' level

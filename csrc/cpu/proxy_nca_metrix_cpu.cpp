@@ -7,8 +7,8 @@
 //
 // Nothing of size B²·C or B² is held: sp = X̂ P̂ᵀ (B×C, so a candidate's C cosines are two
 // contiguous rows) and one block of Gram rows at a time (at::mm). Each candidate's softmax is
-// two passes over its C logits (max, then e^{logit − max} and their sum) in a scratch row,
-// which the backward then reads as the softmax (no second exp).
+// one pass over its C logits (e^{logit − bound} and their sum, the bound fixed by the metric)
+// into a scratch row, which the backward then reads as the softmax (no second exp).
 //
 // Parallel layout: over the owner row u, as the proxy-anchor Metrix op and for the same
 // reason: in the backward the candidate (u, w) feeds ∂sp[u,·], ∂sp[w,·] and ∂G[u,w], so row
@@ -38,6 +38,7 @@ struct NcaMix {
   const int32_t* y;  // labels
   int64_t B, C;
   T lam, om, c0, c1, scale;
+  T bound;           // the logits' upper bound (pm_nca_logit_bound): softmax_row's shift
   bool cosine;       // logit = scale·s, else −scale·(2 − 2s) (squared L2)
   bool same;         // pos_pos: pairs of the same label, else of different labels
 };
@@ -49,27 +50,36 @@ MO_PM_INLINE bool is_partner(const NcaMix<T>& k, int64_t a, int64_t b) {
   return b != a && (k.same ? k.y[b] == k.y[a] : k.y[b] != k.y[a]);
 }
 
-// The candidate mix(u, w) (rows su, sw of sp): its logits' max and e^{logit − max} into e;
-// returns the logsumexp and sets inv_sum = 1 / Σ e (softmax_c = e_c · inv_sum)
+// The candidate mix(u, w) (rows su, sw of sp): e^{logit − shift} into e; returns the
+// logsumexp and sets inv_sum = 1 / Σ e (softmax_c = e_c · inv_sum). One pass with the
+// logits' bound as the shift (pm_nca_logit_bound); a sum that underflows under it is redone
+// with the max.
 template <typename T, int W>
 MO_PM_INLINE T softmax_row(const NcaMix<T>& k, const T* su, const T* sw, T r, T* e, T& inv_sum) {
-  T mx = -T(kInf);
-  for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
-    using Ln = decltype(L);
-    const auto s = mix_cos(k.lam, k.om, Ln::load(su + j), Ln::load(sw + j), Ln::splat(r));
-    const auto l = pm_nca_logit(s, k.scale, k.cosine);
-    Ln::store(e + j, l);
-    mx = std::max(mx, Ln::hmax(l));
-  });
-  T sum = 0;
-  for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
-    using Ln = decltype(L);
-    const auto v = Ln::exp(Ln::load(e + j) - Ln::splat(mx));
-    Ln::store(e + j, v);
-    sum += Ln::hsum(v);
-  });
+  auto exps = [&](T shift) MO_PM_LAMBDA {
+    pm::RowSum<T, W> sum;
+    for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
+      using Ln = decltype(L);
+      const auto s = mix_cos(k.lam, k.om, Ln::load(su + j), Ln::load(sw + j), Ln::splat(r));
+      const auto v = Ln::exp(pm_nca_logit(s, k.scale, k.cosine) - Ln::splat(shift));
+      Ln::store(e + j, v);
+      sum.add(L, v);
+    });
+    return sum.total();
+  };
+  T shift = k.bound, sum = exps(shift);
+  if (!pm::shifted_sum_ok(sum)) {
+    pm::RowMax<T, W> mx;
+    for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
+      using Ln = decltype(L);
+      const auto s = mix_cos(k.lam, k.om, Ln::load(su + j), Ln::load(sw + j), Ln::splat(r));
+      mx.add(L, pm_nca_logit(s, k.scale, k.cosine));
+    });
+    shift = mx.total();
+    sum = exps(shift);
+  }
   inv_sum = T(1) / sum;
-  return mx + std::log(sum);
+  return shift + std::log(sum);
 }
 
 // the logit of proxy c for the candidate mix(u, w)
@@ -119,7 +129,7 @@ MO_PM_INLINE void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* 
     // ∂ℓ/∂logit_c = Y·softmax_c − y_c: the softmax part for every c here, the −y_c
     // part (two classes at most) below
     const T f1 = q[a] * mass * inv1, f2 = q[b] * mass * inv2;
-    T hacc = 0;
+    pm::RowSum<T, W> hacc;
     for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
       using Ln = decltype(L);
       const auto u = Ln::load(sa + j), w = Ln::load(sb + j), rv = Ln::splat(r);
@@ -127,14 +137,14 @@ MO_PM_INLINE void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* 
       const auto t1 = f1 * Ln::load(lg1 + j) * pm_nca_dlogit(s1, k.scale, k.cosine);
       const auto t2 = f2 * Ln::load(lg2 + j) * pm_nca_dlogit(s2, k.scale, k.cosine);
       Ln::store(dsa + j, Ln::load(dsa + j) + rv * (k.lam * t1 + k.om * t2));
-      hacc += Ln::hsum(t1 * s1 + t2 * s2);
+      hacc.add(L, t1 * s1 + t2 * s2);
     });
     // −y_c·dlogit terms; `first`: candidate (a, b) (a's share λ), else (b, a) (a's share 1−λ)
     auto target = [&](bool first, int32_t c, T yc) MO_PM_LAMBDA {
       const T s = first ? mix_cos(k.lam, k.om, sa[c], sb[c], r) : mix_cos(k.lam, k.om, sb[c], sa[c], r);
       const T t = -(first ? q[a] : q[b]) * yc * pm_nca_dlogit(s, k.scale, k.cosine);
       dsa[c] += r * (first ? k.lam : k.om) * t;
-      hacc += t * s;
+      hacc.s += t * s;
     };
     if (k.same) {
       target(true, ya, mass);
@@ -145,7 +155,7 @@ MO_PM_INLINE void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* 
       target(false, yb, k.lam);
       target(false, ya, k.om);
     }
-    g[b] = mix_norm_coef(k.c1, r) * hacc;
+    g[b] = mix_norm_coef(k.c1, r) * hacc.total();
   }
 }
 
@@ -201,7 +211,8 @@ NcaMix<T> make_mix(const T* sp, const int32_t* y, int64_t B, int64_t C, double s
                    int64_t kind, double lam, bool same) {
   return NcaMix<T>{sp, y, B, C, T(lam), T(1.0 - lam),
                    T(lam * lam + (1.0 - lam) * (1.0 - lam)), T(2.0 * lam * (1.0 - lam)),
-                   T(scale), kind == kNcaCosine, same};
+                   T(scale), pm_nca_logit_bound(T(scale), kind == kNcaCosine),
+                   kind == kNcaCosine, same};
 }
 
 }  // namespace
