@@ -32,4 +32,26 @@ void for_gram_rows(const at::Tensor& x, int64_t chunk, int64_t scratch_len, at::
   }
 }
 
+// Calls block(start, len, g) for each block of `chunk` Gram rows, g = H[start : start+len, :]
+// (len × B, row-major; the callback may overwrite it). With dx, the callback leaves in g the
+// strict upper triangle U of a symmetric ∂L/∂H (zero on and below the diagonal: each
+// unordered pair once, in the block of its smaller index), and the block goes back as
+// dx[block] += U_blk x and dx += U_blkᵀ x[block].
+template <typename T, class BlockFn>
+void for_gram_blocks(const at::Tensor& x, int64_t chunk, at::Tensor* dx, BlockFn block) {
+  const int64_t B = x.size(0);
+  at::Tensor buf = at::empty({std::min(chunk, std::max<int64_t>(B, 1)), B}, x.options());
+  for (int64_t start = 0; start < B; start += chunk) {
+    const int64_t len = std::min(chunk, B - start);
+    at::Tensor gb = buf.narrow(0, 0, len);
+    const at::Tensor xb = x.narrow(0, start, len);
+    at::mm_out(gb, xb, x.t());
+    block(start, len, gb.data_ptr<T>());
+    if (dx != nullptr) {
+      dx->narrow(0, start, len).addmm_(gb, x);
+      dx->addmm_(gb.t(), xb);
+    }
+  }
+}
+
 }  // namespace metrix_ops

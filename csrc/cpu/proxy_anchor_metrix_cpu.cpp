@@ -9,16 +9,17 @@
 // partners is contiguous) and one block of Gram rows G[a0:a1, :] at a time (at::mm); each
 // candidate's cosine is then O(1) (common/proxy_metrix.h).
 //
-// Parallel layout: over the owner row u of the candidates (u, ·), inside each Gram block.
-// Forward: row u folds its B candidates into one log-sum-exp per proxy, written to its own
-// row of a B×C buffer; the per-proxy merge over u then runs in a fixed order, so the result
-// does not depend on the thread count. Backward: the candidate (u, w) feeds ∂sp[u,·],
-// ∂sp[w,·] and ∂G[u,w]; so that every row's gradients have one writer (deterministic, no
-// atomics, no per-thread B×C copies), row u computes both orderings (u, w) and (w, u) of
-// each of its pairs: it owns ∂sp[u,·] whole and H[u,w] = ∂L/∂G[u,w] + ∂L/∂G[w,u], and
-// dX̂[u] = Σ_w H[u,w]·x̂_w is one product per block. The price is each candidate's exps
-// twice in the backward (one owner per endpoint); proxy-parallel would need a reduction
-// of ∂G across threads instead.
+// Parallel layout. Forward: over the owner row u of the candidates (u, ·), inside each Gram
+// block: row u folds its B candidates into one log-sum-exp per proxy, written to its own row
+// of a B×C buffer; the per-proxy merge over u then runs in a fixed order, so the result does
+// not depend on the thread count. Backward: the candidates (u, w) and (w, u) share their
+// Gram entry and their two cosines' sources, and feed ∂sp[u,c], ∂sp[w,c] and ∂G[u,w]; each
+// unordered pair u < w is visited once (in the block of u), both orderings' exps computed
+// there once. The work is split over proxies: a task owns ∂spᵀ's rows of its proxies
+// outright (C×B, no atomics) and sums its share of ∂G into its own block-sized buffer,
+// which are added in task order after each block: deterministic for a thread count, one
+// block-sized buffer per task (the Gram block's size) in extra memory.
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -140,68 +141,83 @@ MO_PM_INLINE void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) 
   }
 }
 
-// Row a's gradients: ∂L/∂sp[a,·] into dsp, and H[a,w] (both orderings of the pair, through
-// ‖v‖) into g, the Gram row, which it replaces. rr, hh, hrow: scratch of length B.
+// One task's share of a Gram block's backward: proxies [c0, c1), rows a of the block, each
+// against its partners w > a. For the candidates (a, w) and (w, a): ∂L/∂s into dT (∂spᵀ,
+// C×B: rows c0..c1 are this task's) and Σ_c ∂L/∂s·s into hp (len×B, this task's, row a −
+// start), to be scaled by ∂s/∂G / s (mix_norm_coef) once the tasks are summed. R: the
+// block's 1/‖v‖ (len×B, above the diagonal).
 template <typename T, int W>
-MO_PM_INLINE void bwd_row(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp,
-                          const T* gp, const T* gn, const T* lp, const T* ln) {
+MO_PM_INLINE void bwd_task(const PaMix<T>& k, int64_t c0, int64_t c1, int64_t start,
+                           int64_t len, const T* R, T* hp, T* dT, const T* gp, const T* gn,
+                           const T* lp, const T* ln) {
   const int64_t B = k.B;
-  for (int64_t j = 0; j < B; ++j) {
-    rr[j] = mix_inv_norm(k.c0, k.c1, g[j]);
-    hh[j] = mix_norm_coef(k.c1, rr[j]);
-    hrow[j] = 0;
-  }
-  const int32_t ya = k.y[a];
   const T ninf = -T(kInf);
-  for (int64_t c = 0; c < k.C; ++c) {
-    const T* sc = k.st + c * B;
-    const T sa = sc[a];
-    const bool is_a = int32_t(c) == ya;
-    // mass on c of (a, w) and of (w, a), for a partner w not of class c / of class c
-    const T u0 = is_a ? k.lam : T(0), u1 = u0 + k.om;
-    const T v0 = is_a ? k.om : T(0), v1 = k.lam + v0;
-    const T pu0 = log_weight(u0), pu1 = log_weight(u1), pv0 = log_weight(v0), pv1 = log_weight(v1);
-    const T nu0 = log_weight(T(1) - u0), nu1 = log_weight(T(1) - u1);
-    const T nv0 = log_weight(T(1) - v0), nv1 = log_weight(T(1) - v1);
-    // as in fwd_row: positive terms for every partner, or only for the partners of class c
-    const bool pos_all = pu0 > ninf || pv0 > ninf;
-    const bool do_pos = pos_all || ((pu1 > ninf || pv1 > ninf) && partners_of(k, ya, int32_t(c)));
-    // d(term)/ds = −α·gp·e^{pos arg − pos_c} + α·gn·e^{neg arg − neg_c}
-    const T cp = -k.alpha * gp[c], cn = k.alpha * gn[c], lpc = lp[c], lnc = ln[c];
-    pm::RowSum<T, W> dsa;
-    for_lanes<T, W>(B, [&](auto L, int64_t j) MO_PM_LAMBDA {
-      using Ln = decltype(L);
-      const auto valid = partners<Ln>(k, a, ya, j);
-      const auto own = Ln::eq(k.y + j, int32_t(c));
-      const auto rv = Ln::load(rr + j), sw = Ln::load(sc + j), sav = Ln::splat(sa);
-      const auto s1 = mix_cos(k.lam, k.om, sav, sw, rv);  // candidate (a, w)
-      const auto s2 = mix_cos(k.lam, k.om, sw, sav, rv);  // candidate (w, a)
-      const auto al = Ln::splat(k.alpha), mg = Ln::splat(k.margin);
-      auto pick = [&](T one, T zero) MO_PM_LAMBDA { return Ln::sel(own, Ln::splat(one), Ln::splat(zero)); };
-      auto g1 = cn * Ln::exp(pa_neg_arg(s1, al, mg) + pick(nu1, nu0) - Ln::splat(lnc));
-      auto g2 = cn * Ln::exp(pa_neg_arg(s2, al, mg) + pick(nv1, nv0) - Ln::splat(lnc));
-      if (pos_all || (do_pos && Ln::any(own))) {
-        g1 += cp * Ln::exp(pa_pos_arg(s1, al, mg) + pick(pu1, pu0) - Ln::splat(lpc));
-        g2 += cp * Ln::exp(pa_pos_arg(s2, al, mg) + pick(pv1, pv0) - Ln::splat(lpc));
+  constexpr int64_t kTile = 16;  // proxies a row meets while its R and hp rows are in cache
+  for (int64_t cb = c0; cb < c1; cb += kTile) {
+    const int64_t ce = std::min(cb + kTile, c1);
+    for (int64_t a = start; a < start + len; ++a) {
+      const int32_t ya = k.y[a];
+      const T* rr = R + (a - start) * B;
+      T* hrow = hp + (a - start) * B;
+      const int64_t j0 = a + 1;
+      for (int64_t c = cb; c < ce; ++c) {
+        const T* sc = k.st + c * B;
+        T* dc = dT + c * B;
+        const T sa = sc[a];
+        const bool is_a = int32_t(c) == ya;
+        // mass on c of (a, w) and of (w, a), for a partner w not of class c / of class c
+        const T u0 = is_a ? k.lam : T(0), u1 = u0 + k.om;
+        const T v0 = is_a ? k.om : T(0), v1 = k.lam + v0;
+        const T pu0 = log_weight(u0), pu1 = log_weight(u1);
+        const T pv0 = log_weight(v0), pv1 = log_weight(v1);
+        const T nu0 = log_weight(T(1) - u0), nu1 = log_weight(T(1) - u1);
+        const T nv0 = log_weight(T(1) - v0), nv1 = log_weight(T(1) - v1);
+        // as in fwd_row: positive terms for every partner, or only for the partners of c
+        const bool pos_all = pu0 > ninf || pv0 > ninf;
+        const bool do_pos =
+            pos_all || ((pu1 > ninf || pv1 > ninf) && partners_of(k, ya, int32_t(c)));
+        // d(term)/ds = −α·gp·e^{pos arg − pos_c} + α·gn·e^{neg arg − neg_c}
+        const T cp = -k.alpha * gp[c], cn = k.alpha * gn[c], lpc = lp[c], lnc = ln[c];
+        pm::RowSum<T, W> dsa;
+        for_lanes<T, W>(B - j0, [&](auto L, int64_t jj) MO_PM_LAMBDA {
+          using Ln = decltype(L);
+          const int64_t j = j0 + jj;
+          const auto valid = partners<Ln>(k, a, ya, j);
+          const auto own = Ln::eq(k.y + j, int32_t(c));
+          const auto rv = Ln::load(rr + j), sw = Ln::load(sc + j), sav = Ln::splat(sa);
+          const auto s1 = mix_cos(k.lam, k.om, sav, sw, rv);  // candidate (a, w)
+          const auto s2 = mix_cos(k.lam, k.om, sw, sav, rv);  // candidate (w, a)
+          const auto al = Ln::splat(k.alpha), mg = Ln::splat(k.margin);
+          auto pick = [&](T one, T zero) MO_PM_LAMBDA {
+            return Ln::sel(own, Ln::splat(one), Ln::splat(zero));
+          };
+          auto g1 = cn * Ln::exp(pa_neg_arg(s1, al, mg) + pick(nu1, nu0) - Ln::splat(lnc));
+          auto g2 = cn * Ln::exp(pa_neg_arg(s2, al, mg) + pick(nv1, nv0) - Ln::splat(lnc));
+          if (pos_all || (do_pos && Ln::any(own))) {
+            g1 += cp * Ln::exp(pa_pos_arg(s1, al, mg) + pick(pu1, pu0) - Ln::splat(lpc));
+            g2 += cp * Ln::exp(pa_pos_arg(s2, al, mg) + pick(pv1, pv0) - Ln::splat(lpc));
+          }
+          g1 = Ln::sel(valid, g1, Ln::splat(T(0)));
+          g2 = Ln::sel(valid, g2, Ln::splat(T(0)));
+          // s1 = (λ·s_a + (1−λ)·s_w)·r, s2 = (λ·s_w + (1−λ)·s_a)·r
+          dsa.add(L, rv * (k.lam * g1 + k.om * g2));
+          Ln::store(dc + j, Ln::load(dc + j) + rv * (k.om * g1 + k.lam * g2));
+          Ln::store(hrow + j, Ln::load(hrow + j) + (g1 * s1 + g2 * s2));
+        });
+        dc[a] += dsa.total();
       }
-      g1 = Ln::sel(valid, g1, Ln::splat(T(0)));
-      g2 = Ln::sel(valid, g2, Ln::splat(T(0)));
-      dsa.add(L, rv * (k.lam * g1 + k.om * g2));
-      Ln::store(hrow + j, Ln::load(hrow + j) + Ln::load(hh + j) * (g1 * s1 + g2 * s2));
-    });
-    dsp[c] = dsa.total();
+    }
   }
-  std::copy(hrow, hrow + B, g);
 }
 
-// The row kernels at the fp32 kernels' level (pm::wide_fp32): 8 floats a lane group under
-// AVX2 or AVX-512, 4 in the baseline build; fp64 one element at a time. The exps are most
-// of the term's time.
+// The row and task kernels at the fp32 kernels' level (pm::wide_fp32): 8 floats a lane
+// group under AVX2 or AVX-512, 4 in the baseline build; fp64 one element at a time. The
+// exps are most of the term's time.
 template <typename T>
 struct PaRows {
   void (*fwd)(const PaMix<T>&, int64_t, T*, T*, T*);
-  void (*bwd)(const PaMix<T>&, int64_t, T*, T*, T*, T*, T*, const T*, const T*, const T*,
-              const T*);
+  void (*bwd)(const PaMix<T>&, int64_t, int64_t, int64_t, int64_t, const T*, T*, T*,
+              const T*, const T*, const T*, const T*);
 };
 
 template <typename T, int W>
@@ -209,9 +225,9 @@ void fwd_at(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) {
   fwd_row<T, W>(k, a, r, outp, outn);
 }
 template <typename T, int W>
-void bwd_at(const PaMix<T>& k, int64_t a, T* g, T* rr, T* hh, T* hrow, T* dsp, const T* gp,
-            const T* gn, const T* lp, const T* ln) {
-  bwd_row<T, W>(k, a, g, rr, hh, hrow, dsp, gp, gn, lp, ln);
+void bwd_at(const PaMix<T>& k, int64_t c0, int64_t c1, int64_t start, int64_t len, const T* R,
+            T* hp, T* dT, const T* gp, const T* gn, const T* lp, const T* ln) {
+  bwd_task<T, W>(k, c0, c1, start, len, R, hp, dT, gp, gn, lp, ln);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -219,12 +235,12 @@ __attribute__((target("avx2,fma"))) void fwd_avx2(const PaMix<float>& k, int64_t
                                                   float* outp, float* outn) {
   fwd_row<float, 8>(k, a, r, outp, outn);
 }
-__attribute__((target("avx2,fma"))) void bwd_avx2(const PaMix<float>& k, int64_t a, float* g,
-                                                  float* rr, float* hh, float* hrow,
-                                                  float* dsp, const float* gp,
-                                                  const float* gn, const float* lp,
-                                                  const float* ln) {
-  bwd_row<float, 8>(k, a, g, rr, hh, hrow, dsp, gp, gn, lp, ln);
+__attribute__((target("avx2,fma"))) void bwd_avx2(const PaMix<float>& k, int64_t c0,
+                                                  int64_t c1, int64_t start, int64_t len,
+                                                  const float* R, float* hp, float* dT,
+                                                  const float* gp, const float* gn,
+                                                  const float* lp, const float* ln) {
+  bwd_task<float, 8>(k, c0, c1, start, len, R, hp, dT, gp, gn, lp, ln);
 }
 #endif
 
@@ -319,23 +335,50 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_bwd_cpu(
   auto lp = pos_.to(dt).contiguous(), ln = neg_.to(dt).contiguous();
   const at::Tensor y32 = labels_.to(at::kInt).contiguous();
   const std::vector<int64_t> cnt = class_counts(y32, C);
-  at::Tensor dx = at::zeros_like(x), dsp = at::zeros({B, C}, x.options());
+  at::Tensor dx = at::zeros_like(x), dspT = at::zeros({C, B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "proxy_anchor_metrix_bwd_cpu", [&] {
     using T = scalar_t;
     const at::Tensor st = at::mm(p, x.t()).contiguous();
     const auto k = make_mix<T>(st.data_ptr<T>(), y32.data_ptr<int32_t>(), cnt.data(), B, C,
                                alpha, margin, lam, same_label);
-    T* d = dsp.data_ptr<T>();
+    T* dT = dspT.data_ptr<T>();
     const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
     const T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
-    // each row of H becomes its row of ∂L/∂H in place, then dx += (∂L/∂H) x per chunk
     const PaRows<T> rows = pa_rows<T>();
-    for_gram_rows<T>(x, chunk, 3 * B, &dx, [&](int64_t a, T* h, T* scratch) {
-      rows.bwd(k, a, h, scratch, scratch + B, scratch + 2 * B, d + a * C, gpp, gnp, lpp, lnp);
+    // tasks over the proxies, each with its own share of ∂G (one block's size)
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
+    const int64_t rows_max = std::min(chunk, std::max<int64_t>(B, 1));
+    std::vector<T> parts(size_t(tasks * rows_max * B));
+    for_gram_blocks<T>(x, chunk, &dx, [&](int64_t start, int64_t len, T* g) {
+      const int64_t n = len * B;
+      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
+        for (int64_t a = a0; a < a1; ++a) {
+          T* row = g + (a - start) * B;
+          for (int64_t j = a + 1; j < B; ++j) row[j] = mix_inv_norm(k.c0, k.c1, row[j]);
+        }
+      });
+      std::fill(parts.begin(), parts.begin() + tasks * n, T(0));
+      at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          rows.bwd(k, C * t / tasks, C * (t + 1) / tasks, start, len, g, parts.data() + t * n,
+                   dT, gpp, gnp, lpp, lnp);
+      });
+      // ∂L/∂G above the diagonal: the tasks' Σ ∂L/∂s·s in task order, times ∂s/∂G / s
+      at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
+        for (int64_t a = a0; a < a1; ++a) {
+          T* row = g + (a - start) * B;
+          for (int64_t j = 0; j <= a; ++j) row[j] = 0;
+          for (int64_t j = a + 1; j < B; ++j) {
+            T h = 0;
+            for (int64_t t = 0; t < tasks; ++t) h += parts[t * n + (a - start) * B + j];
+            row[j] = mix_norm_coef(k.c1, row[j]) * h;
+          }
+        }
+      });
     });
   });
-  dx.addmm_(dsp, p);
-  return {dx, at::mm(dsp.t(), x)};
+  dx.addmm_(dspT.t(), p);
+  return {dx, at::mm(dspT, x)};
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
