@@ -10,11 +10,12 @@
 // one pass over its C logits (e^{logit − bound} and their sum, the bound fixed by the metric)
 // into a scratch row, which the backward then reads as the softmax (no second exp).
 //
-// Parallel layout: over the owner row u, as the proxy-anchor Metrix op and for the same
-// reason: in the backward the candidate (u, w) feeds ∂sp[u,·], ∂sp[w,·] and ∂G[u,w], so row
-// u computes both orderings (u, w) and (w, u) of each pair and owns ∂sp[u,·] and
-// H[u,w] = ∂L/∂G[u,w] + ∂L/∂G[w,u] outright: one writer per row, deterministic, each
-// candidate's softmax computed twice in the backward.
+// Parallel layout. Forward: over the owner row u, as the proxy-anchor Metrix op. Backward:
+// the candidates (u, w) and (w, u) share their Gram entry and feed ∂sp[u,·], ∂sp[w,·] and
+// ∂G[u,w], so each unordered pair is visited once, both softmaxes computed there once.
+// Pairs go by blocks of rows (gram_rows.h for_pair_blocks): each round of the tournament
+// gives every thread two blocks no other task of the round touches, so ∂sp's rows and dX's
+// have one writer at a time: deterministic, no atomics, no per-thread B×C copies.
 #include <type_traits>
 #include <vector>
 
@@ -106,73 +107,86 @@ MO_PM_INLINE T fwd_row(const NcaMix<T>& k, int64_t a, const T* g, T* e) {
   return total;
 }
 
-// Row a's gradients: ∂L/∂sp[a,·] into dsa, H[a,w] into g (its Gram row, replaced).
-// q: the upstream gradient of each row's Σ ℓ; lg1, lg2: scratch of length C (the two
-// orderings' e^{logit − max}).
+// One pair a < b of partners, both orderings: ∂L/∂sp[a,·] into da, ∂L/∂sp[b,·] into db;
+// returns ∂L/∂G[a,b]. q: the upstream gradient of each row's Σ ℓ; g: the Gram entry; lg1,
+// lg2: scratch of length C (the two orderings' e^{logit − shift}).
 template <typename T, int W>
-MO_PM_INLINE void bwd_row(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1,
-                          T* lg2) {
-  const int32_t ya = k.y[a];
+MO_PM_INLINE T bwd_pair(const NcaMix<T>& k, int64_t a, int64_t b, T g, T* da, T* db,
+                        const T* q, T* lg1, T* lg2) {
+  const int32_t ya = k.y[a], yb = k.y[b];
   const T* sa = k.sp + a * k.C;
+  const T* sb = k.sp + b * k.C;
   const T mass = k.lam + k.om;  // Σ_c y_c of every candidate
-  for (int64_t b = 0; b < k.B; ++b) {
-    if (!is_partner(k, a, b)) {
-      g[b] = 0;
-      continue;
-    }
-    const T* sb = k.sp + b * k.C;
-    const int32_t yb = k.y[b];
-    const T r = mix_inv_norm(k.c0, k.c1, g[b]);
-    T inv1, inv2;
-    softmax_row<T, W>(k, sa, sb, r, lg1, inv1);  // candidate (a, b), in row a's sum
-    softmax_row<T, W>(k, sb, sa, r, lg2, inv2);  // candidate (b, a), in row b's sum
-    // ∂ℓ/∂logit_c = Y·softmax_c − y_c: the softmax part for every c here, the −y_c
-    // part (two classes at most) below
-    const T f1 = q[a] * mass * inv1, f2 = q[b] * mass * inv2;
-    pm::RowSum<T, W> hacc;
-    for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
-      using Ln = decltype(L);
-      const auto u = Ln::load(sa + j), w = Ln::load(sb + j), rv = Ln::splat(r);
-      const auto s1 = mix_cos(k.lam, k.om, u, w, rv), s2 = mix_cos(k.lam, k.om, w, u, rv);
-      const auto t1 = f1 * Ln::load(lg1 + j) * pm_nca_dlogit(s1, k.scale, k.cosine);
-      const auto t2 = f2 * Ln::load(lg2 + j) * pm_nca_dlogit(s2, k.scale, k.cosine);
-      Ln::store(dsa + j, Ln::load(dsa + j) + rv * (k.lam * t1 + k.om * t2));
-      hacc.add(L, t1 * s1 + t2 * s2);
-    });
-    // −y_c·dlogit terms; `first`: candidate (a, b) (a's share λ), else (b, a) (a's share 1−λ)
-    auto target = [&](bool first, int32_t c, T yc) MO_PM_LAMBDA {
-      const T s = first ? mix_cos(k.lam, k.om, sa[c], sb[c], r) : mix_cos(k.lam, k.om, sb[c], sa[c], r);
-      const T t = -(first ? q[a] : q[b]) * yc * pm_nca_dlogit(s, k.scale, k.cosine);
-      dsa[c] += r * (first ? k.lam : k.om) * t;
-      hacc.s += t * s;
-    };
-    if (k.same) {
-      target(true, ya, mass);
-      target(false, ya, mass);
-    } else {
-      target(true, ya, k.lam);
-      target(true, yb, k.om);
-      target(false, yb, k.lam);
-      target(false, ya, k.om);
-    }
-    g[b] = mix_norm_coef(k.c1, r) * hacc.total();
+  const T r = mix_inv_norm(k.c0, k.c1, g);
+  T inv1, inv2;
+  softmax_row<T, W>(k, sa, sb, r, lg1, inv1);  // candidate (a, b), in row a's sum
+  softmax_row<T, W>(k, sb, sa, r, lg2, inv2);  // candidate (b, a), in row b's sum
+  // ∂ℓ/∂logit_c = Y·softmax_c − y_c: the softmax part for every c here, the −y_c part (two
+  // classes at most) below. s1 = (λ·s_a + (1−λ)·s_b)·r, s2 = (λ·s_b + (1−λ)·s_a)·r.
+  const T f1 = q[a] * mass * inv1, f2 = q[b] * mass * inv2;
+  pm::RowSum<T, W> hacc;
+  for_lanes<T, W>(k.C, [&](auto L, int64_t j) MO_PM_LAMBDA {
+    using Ln = decltype(L);
+    const auto u = Ln::load(sa + j), w = Ln::load(sb + j), rv = Ln::splat(r);
+    const auto s1 = mix_cos(k.lam, k.om, u, w, rv), s2 = mix_cos(k.lam, k.om, w, u, rv);
+    const auto t1 = f1 * Ln::load(lg1 + j) * pm_nca_dlogit(s1, k.scale, k.cosine);
+    const auto t2 = f2 * Ln::load(lg2 + j) * pm_nca_dlogit(s2, k.scale, k.cosine);
+    Ln::store(da + j, Ln::load(da + j) + rv * (k.lam * t1 + k.om * t2));
+    Ln::store(db + j, Ln::load(db + j) + rv * (k.om * t1 + k.lam * t2));
+    hacc.add(L, t1 * s1 + t2 * s2);
+  });
+  // −y_c·dlogit terms; `first`: candidate (a, b) (a's share λ), else (b, a) (a's share 1−λ)
+  auto target = [&](bool first, int32_t c, T yc) MO_PM_LAMBDA {
+    const T s = first ? mix_cos(k.lam, k.om, sa[c], sb[c], r)
+                      : mix_cos(k.lam, k.om, sb[c], sa[c], r);
+    const T t = -(first ? q[a] : q[b]) * yc * pm_nca_dlogit(s, k.scale, k.cosine);
+    da[c] += r * (first ? k.lam : k.om) * t;
+    db[c] += r * (first ? k.om : k.lam) * t;
+    hacc.s += t * s;
+  };
+  if (k.same) {
+    target(true, ya, mass);
+    target(false, ya, mass);
+  } else {
+    target(true, ya, k.lam);
+    target(true, yb, k.om);
+    target(false, yb, k.lam);
+    target(false, ya, k.om);
   }
+  return mix_norm_coef(k.c1, r) * hacc.total();
 }
 
-// The row kernels at the fp32 kernels' level, as proxy_anchor_metrix_cpu.cpp's: 8 floats a
-// lane group under AVX2 or AVX-512 (pm::wide_fp32), 4 in the baseline build; fp64 one at a
-// time.
+// The block of pairs rows [a0, a1) × [b0, b1) (only b > a on the diagonal block, a0 == b0):
+// g, their Gram entries (row-major), becomes ∂L/∂G of the pairs (0 for the rest); dsp: B×C,
+// rows a0..a1 and b0..b1 this task's alone. lg: scratch of 2C.
+template <typename T, int W>
+MO_PM_INLINE void bwd_block(const NcaMix<T>& k, int64_t a0, int64_t a1, int64_t b0, int64_t b1,
+                            T* g, T* dsp, const T* q, T* lg) {
+  const int64_t nb = b1 - b0;
+  for (int64_t a = a0; a < a1; ++a)
+    for (int64_t b = b0; b < b1; ++b) {
+      T& h = g[(a - a0) * nb + (b - b0)];
+      h = b > a && is_partner(k, a, b)
+              ? bwd_pair<T, W>(k, a, b, h, dsp + a * k.C, dsp + b * k.C, q, lg, lg + k.C)
+              : T(0);
+    }
+}
+
+// The row and block kernels at the fp32 kernels' level, as proxy_anchor_metrix_cpu.cpp's: 8
+// floats a lane group under AVX2 or AVX-512 (pm::wide_fp32), 4 in the baseline build; fp64
+// one at a time.
 template <typename T>
 struct NcaRows {
   T (*fwd)(const NcaMix<T>&, int64_t, const T*, T*);
-  void (*bwd)(const NcaMix<T>&, int64_t, T*, T*, const T*, T*, T*);
+  void (*bwd)(const NcaMix<T>&, int64_t, int64_t, int64_t, int64_t, T*, T*, const T*, T*);
 };
 
 template <typename T, int W>
 T fwd_at(const NcaMix<T>& k, int64_t a, const T* g, T* e) { return fwd_row<T, W>(k, a, g, e); }
 template <typename T, int W>
-void bwd_at(const NcaMix<T>& k, int64_t a, T* g, T* dsa, const T* q, T* lg1, T* lg2) {
-  bwd_row<T, W>(k, a, g, dsa, q, lg1, lg2);
+void bwd_at(const NcaMix<T>& k, int64_t a0, int64_t a1, int64_t b0, int64_t b1, T* g, T* dsp,
+            const T* q, T* lg) {
+  bwd_block<T, W>(k, a0, a1, b0, b1, g, dsp, q, lg);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -180,10 +194,11 @@ __attribute__((target("avx2,fma"))) float fwd_avx2(const NcaMix<float>& k, int64
                                                    const float* g, float* e) {
   return fwd_row<float, 8>(k, a, g, e);
 }
-__attribute__((target("avx2,fma"))) void bwd_avx2(const NcaMix<float>& k, int64_t a, float* g,
-                                                  float* dsa, const float* q, float* lg1,
-                                                  float* lg2) {
-  bwd_row<float, 8>(k, a, g, dsa, q, lg1, lg2);
+__attribute__((target("avx2,fma"))) void bwd_avx2(const NcaMix<float>& k, int64_t a0,
+                                                  int64_t a1, int64_t b0, int64_t b1,
+                                                  float* g, float* dsp, const float* q,
+                                                  float* lg) {
+  bwd_block<float, 8>(k, a0, a1, b0, b1, g, dsp, q, lg);
 }
 #endif
 
@@ -259,10 +274,11 @@ std::tuple<at::Tensor, at::Tensor> proxy_nca_metrix_bwd_cpu(
                                lam, same_label);
     const T* qp = q.data_ptr<T>();
     T* d = dsp.data_ptr<T>();
-    // each row of H becomes its row of ∂L/∂H in place, then dx += (∂L/∂H) x per chunk
     const NcaRows<T> kr = nca_rows<T>();
-    for_gram_rows<T>(x, chunk, 2 * C, &dx, [&](int64_t a, T* h, T* lg) {
-      kr.bwd(k, a, h, d + a * C, qp, lg, lg + C);
+    for_pair_blocks(x, pair_block_rows(B, chunk), &dx, [&](int64_t a0, int64_t a1, int64_t b0,
+                                                           int64_t b1, at::Tensor& h) {
+      std::vector<T> lg(size_t(2 * C));
+      kr.bwd(k, a0, a1, b0, b1, h.data_ptr<T>(), d, qp, lg.data());
     });
   });
   dx.addmm_(dsp, p);
