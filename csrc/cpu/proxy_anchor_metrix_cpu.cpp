@@ -17,8 +17,8 @@
 // unordered pair u < w is visited once (in the block of u), both orderings' exps computed
 // there once. The work is split over proxies: a task owns ∂spᵀ's rows of its proxies
 // outright (C×B, no atomics) and sums its share of ∂G into its own block-sized buffer,
-// which are added in task order after each block: deterministic for a thread count, one
-// block-sized buffer per task (the Gram block's size) in extra memory.
+// which are added in task order after each block: deterministic for a thread count. The
+// blocks have chunk / tasks rows, so the buffers together hold chunk × B values.
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -345,11 +345,12 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_bwd_cpu(
     const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
     const T *lpp = lp.data_ptr<T>(), *lnp = ln.data_ptr<T>();
     const PaRows<T> rows = pa_rows<T>();
-    // tasks over the proxies, each with its own share of ∂G (one block's size)
+    // tasks over the proxies, each with its own share of ∂G (one block's size); blocks of
+    // chunk / tasks rows, so that the shares together stay within chunk × B
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
-    const int64_t rows_max = std::min(chunk, std::max<int64_t>(B, 1));
-    std::vector<T> parts(size_t(tasks * rows_max * B));
-    for_gram_blocks<T>(x, chunk, &dx, [&](int64_t start, int64_t len, T* g) {
+    const int64_t block_rows = std::max<int64_t>(1, std::min(chunk / tasks, B));
+    std::vector<T> parts(size_t(tasks * block_rows * B));
+    for_gram_blocks<T>(x, block_rows, &dx, [&](int64_t start, int64_t len, T* g) {
       const int64_t n = len * B;
       at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
         for (int64_t a = a0; a < a1; ++a) {

@@ -162,8 +162,9 @@ def why_not(device: torch.device, dtype: torch.dtype | None = None) -> str:
                 "or backend='auto', which gives float64 to the next engine")
     if device.type == "cuda":
         return "TRITON_INTERPRET=1 is set, which runs Triton kernels on CPU tensors only"
-    if device.type == "cpu" and interpreting() and interpreter_fault() is not None:
-        return interpreter_fault()
+    fault = interpreter_fault() if device.type == "cpu" else None
+    if fault is not None:
+        return fault
     return (f"Triton kernels need CUDA tensors (got tensors on {device}); on a CPU they run "
             "only under TRITON_INTERPRET=1, set before metrix_ops is imported")
 
