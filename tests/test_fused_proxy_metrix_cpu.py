@@ -195,19 +195,6 @@ def test_large_alpha_near_identical_vectors(dtype):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=gtol * b.abs().max())
 
 
-def _clustered(B, C, D, seed):
-    """Rows near e_0 (cosines ≈ 0.9 between them) and C proxies of which P[0] is near −e_0
-    (cosines ≈ −0.9 to every candidate) and P[1] near e_0."""
-    g = torch.Generator().manual_seed(seed)
-    e0 = torch.zeros(D, dtype=torch.float64)
-    e0[0] = 1.0
-    x = e0 + 0.25 * torch.randn(B, D, generator=g, dtype=torch.float64)
-    P = torch.randn(C, D, generator=g, dtype=torch.float64)
-    P[0] = -e0 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
-    P[1] = e0 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
-    return x, torch.randint(0, C, (B,), generator=g), P
-
-
 @pytest.mark.parametrize("pairs", ["pos_neg", "pos_pos"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_proxy_anchor_exps_below_the_fixed_shift(dtype, pairs):
@@ -234,9 +221,11 @@ def test_proxy_nca_logits_below_the_fixed_shift():
     candidate's softmax is the redo with its max. fp64 against the reference; the op in fp32
     against the op in fp64 (this loss's fp32 value is ill-conditioned here: the reference and
     PML in fp32 differ from fp64 by 1–3%, as the fused op does)."""
-    x, y, P = _clustered(23, 3, 6, 11)
-    P[1] = P[0] + 0.1
-    P[2] = P[0] - 0.05
+    g = torch.Generator().manual_seed(11)
+    e0 = F.one_hot(torch.tensor(0), 6).double()
+    x = e0 + 0.25 * torch.randn(23, 6, generator=g, dtype=torch.float64)  # rows near e_0
+    y = torch.randint(0, 3, (23,), generator=g)
+    P = -e0 + 0.1 * torch.randn(3, 6, generator=g, dtype=torch.float64)  # proxies near −e_0
     fused, ref = both("ProxyNCALoss", 3, 6, lam=0.3, weight=1.0, softmax_scale=60.0,
                       distance=mo.distances.CosineSimilarity())
     assert_close_vg(fused(y), ref(y), x, P)

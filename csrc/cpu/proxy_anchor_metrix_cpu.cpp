@@ -38,6 +38,24 @@ namespace {
 
 using pm::for_lanes;
 
+// Log class-mass weights of the candidates (a, w) ("u") and (w, a) ("v") on a proxy c, for a
+// partner w not of class c (…0) or of class c (…1), on the positive (p) and negative (n)
+// sides. They depend only on whether a is of class c: computed once a call, for both cases,
+// not per (row, proxy) in the loops.
+template <typename T>
+struct PaLogW {
+  T pu0, pu1, pv0, pv1, nu0, nu1, nv0, nv1;
+};
+
+template <typename T>
+PaLogW<T> pa_log_weights(T lam, T om, bool is_a) {
+  const T u0 = is_a ? lam : T(0), u1 = u0 + om;  // mass on c of (a, w)
+  const T v0 = is_a ? om : T(0), v1 = lam + v0;  // of (w, a)
+  return {log_weight(u0),        log_weight(u1),        log_weight(v0),
+          log_weight(v1),        log_weight(T(1) - u0), log_weight(T(1) - u1),
+          log_weight(T(1) - v0), log_weight(T(1) - v1)};
+}
+
 template <typename T>
 struct PaMix {
   const T* st;          // Sᵀ = P̂ X̂ᵀ, C×B
@@ -47,6 +65,7 @@ struct PaMix {
   T lam, om, c0, c1, alpha, margin;
   T bound;              // every exponent's upper bound (pa_arg_bound): the fixed shift
   bool same;            // pos_pos: pairs of the same label, else of different labels
+  PaLogW<T> lw[2];      // pa_log_weights, [whether the row is of the proxy's class]
 };
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -78,7 +97,7 @@ MO_PM_INLINE void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) 
   int64_t n_partners = 0;
   for (int64_t j = 0; j < B; ++j) {
     r[j] = mix_inv_norm(k.c0, k.c1, r[j]);
-    n_partners += j != a && (k.same ? k.y[j] == ya : k.y[j] != ya);
+    n_partners += partners<pm::Lane<T, 1>>(k, a, ya, j);
   }
   if (n_partners == 0) {  // no candidates: every sum is empty
     std::fill(outp, outp + k.C, ninf);
@@ -89,9 +108,8 @@ MO_PM_INLINE void fwd_row(const PaMix<T>& k, int64_t a, T* r, T* outp, T* outn) 
     const T* sc = k.st + c * B;
     const T sa = sc[a];
     // mass of the candidate on c: λ if a is of class c, plus (1−λ) if the partner is
-    const T w0 = int32_t(c) == ya ? k.lam : T(0), w1 = w0 + k.om;
-    const T p0 = log_weight(w0), p1 = log_weight(w1);
-    const T n0 = log_weight(T(1) - w0), n1 = log_weight(T(1) - w1);
+    const PaLogW<T>& lw = k.lw[int32_t(c) == ya];
+    const T p0 = lw.pu0, p1 = lw.pu1, n0 = lw.nu0, n1 = lw.nu1;
     // positive terms: every partner when a's own share is on c, else only the partners of
     // class c (few; of a's class when the partners share a's label, of another class when
     // they do not): lane groups without one skip the positive exponent
@@ -164,14 +182,9 @@ MO_PM_INLINE void bwd_task(const PaMix<T>& k, int64_t c0, int64_t c1, int64_t st
         const T* sc = k.st + c * B;
         T* dc = dT + c * B;
         const T sa = sc[a];
-        const bool is_a = int32_t(c) == ya;
-        // mass on c of (a, w) and of (w, a), for a partner w not of class c / of class c
-        const T u0 = is_a ? k.lam : T(0), u1 = u0 + k.om;
-        const T v0 = is_a ? k.om : T(0), v1 = k.lam + v0;
-        const T pu0 = log_weight(u0), pu1 = log_weight(u1);
-        const T pv0 = log_weight(v0), pv1 = log_weight(v1);
-        const T nu0 = log_weight(T(1) - u0), nu1 = log_weight(T(1) - u1);
-        const T nv0 = log_weight(T(1) - v0), nv1 = log_weight(T(1) - v1);
+        const PaLogW<T>& lw = k.lw[int32_t(c) == ya];  // locals: the lambda captures them
+        const T pu0 = lw.pu0, pu1 = lw.pu1, pv0 = lw.pv0, pv1 = lw.pv1;
+        const T nu0 = lw.nu0, nu1 = lw.nu1, nv0 = lw.nv0, nv1 = lw.nv1;
         // as in fwd_row: positive terms for every partner, or only for the partners of c
         const bool pos_all = pu0 > ninf || pv0 > ninf;
         const bool do_pos =
@@ -265,9 +278,11 @@ void check_mix_args(double lam, int64_t B, int64_t C) {
 template <typename T>
 PaMix<T> make_mix(const T* st, const int32_t* y, const int64_t* cnt, int64_t B, int64_t C,
                   double alpha, double margin, double lam, bool same) {
-  return PaMix<T>{st, y, cnt, B, C, T(lam), T(1.0 - lam),
+  const T l = T(lam), om = T(1.0 - lam);
+  return PaMix<T>{st, y, cnt, B, C, l, om,
                   T(lam * lam + (1.0 - lam) * (1.0 - lam)), T(2.0 * lam * (1.0 - lam)),
-                  T(alpha), T(margin), pa_arg_bound(T(alpha), T(margin)), same};
+                  T(alpha), T(margin), pa_arg_bound(T(alpha), T(margin)), same,
+                  {pa_log_weights(l, om, false), pa_log_weights(l, om, true)}};
 }
 
 std::vector<int64_t> class_counts(const at::Tensor& y32, int64_t C) {
@@ -350,7 +365,8 @@ std::tuple<at::Tensor, at::Tensor> proxy_anchor_metrix_bwd_cpu(
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
     const int64_t block_rows = std::max<int64_t>(1, std::min(chunk / tasks, B));
     std::vector<T> parts(size_t(tasks * block_rows * B));
-    for_gram_blocks<T>(x, block_rows, &dx, [&](int64_t start, int64_t len, T* g) {
+    for_gram_blocks(x, block_rows, &dx, [&](int64_t start, int64_t len, at::Tensor& gb) {
+      T* g = gb.data_ptr<T>();
       const int64_t n = len * B;
       at::parallel_for(start, start + len, 1, [&](int64_t a0, int64_t a1) {
         for (int64_t a = a0; a < a1; ++a) {
