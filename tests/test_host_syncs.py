@@ -183,3 +183,30 @@ def test_launch_counter_leaves_triton_as_it_was():
     total = counter.total
     L.ContrastiveLoss(backend="triton")(x.clone().requires_grad_(), y).backward()
     assert counter.total == total
+
+
+# Launches per forward + backward on the Triton engine, counted as a GPU run queues them (the
+# row normalisation as its one kernel each way; the Triton kernels run under the
+# interpreter). Measured 2026-12-06 at B = 64 (benchmarks/host_syncs.py's batch), after
+# HPHN's chosen distances and closest side pairs became Triton kernels (triton/pick_sims.py,
+# triton/ee_side_pairs.py: 297 launches before on a GPU, where the PyTorch forms ran) and
+# TripletMargin's backward took its forward's positive layout (103 before).
+TRITON_LAUNCHES = {
+    "hphn_ee": (lambda: L.HPHNTripletLoss(backend="triton", expansion=mo.Expansion(n_points=4)),
+                152),
+    "triplet": (lambda: L.TripletMarginLoss(backend="triton"), 81)}
+
+
+@pytest.mark.parametrize("name", sorted(TRITON_LAUNCHES))
+def test_triton_engine_launches(name, monkeypatch):
+    import metrix_ops.triton as mt
+    if not mt.usable_on(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from metrix_ops.ops import unit_rows
+    monkeypatch.setattr(unit_rows, "one_kernel", lambda t: t.dim() == 2)
+    make, bound = TRITON_LAUNCHES[name]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 32, generator=g), torch.randint(0, 8, (64,), generator=g)
+    counter = launches_per_step(make(), x, y)
+    assert counter.by_kind().get("compiled", 0) == 0, sorted(counter.sites.items())
+    assert counter.total <= bound, sorted(counter.sites.items())

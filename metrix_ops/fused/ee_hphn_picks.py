@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.expansion_points import points_on_segments
-from .hphn_triplet import point_norm
+from .hphn_triplet import expansion_norms
 
 
 def ee_hphn_picks(x_unit, labels, seg_i, seg_j, n_points: int, inverted: bool, point_mine,
@@ -29,17 +29,28 @@ def ee_hphn_picks(x_unit, labels, seg_i, seg_j, n_points: int, inverted: bool, p
     # ‖point‖ as the reference's PointMetric takes it (originals exactly 1; the cosine divides
     # by it; with normalize the L2 of the normalised points is √(2 − 2·cosine))
     lam = pts.lam.to(x.dtype)
-    best, col = point_mine(x, pts, lam, point_norm(x, pts.u, pts.w, lam))
-    out = torch.full((b, 7), -1, dtype=torch.long, device=x.device)
-    out[:, 0] = farthest_positive(x, labels)
+    best, col = point_mine(x, pts, lam, expansion_norms(x, pts, lam))
+    from ..triton.launch import usable_on
+    if usable_on(dev):  # one kernel for the pairs and their encoding (triton/ee_side_pairs.py)
+        from ..triton.ee_side_pairs import ee_side_pairs_triton
+        side = ee_side_pairs_triton(best, col, pts.seg_i, pts.seg_j, b, n, inverted)
+    else:
+        side = side_pairs_torch(pts, best, col, inverted)
+    return torch.cat([farthest_positive(x, labels)[:, None], side], 1)
+
+
+def side_pairs_torch(pts, best, col, inverted: bool) -> torch.Tensor:
+    """(B, 6) int64 [a_u, a_w, a_k, q_u, q_w, q_k] per anchor (−1: none): its closest side
+    pair (_closest_side_pairs), points encoded as (u, w, k), originals (i, i, n+1). In
+    PyTorch, where Triton does not run (triton/ee_side_pairs.py is the kernel)."""
+    n = pts.n
     a, q, has = _closest_side_pairs(pts, best, col, inverted)
 
     def enc(t):
         k = torch.where(pts.synthetic[t], torch.round(pts.lam[t] * (n + 1)).long(),
                         torch.full_like(t, n + 1))
         return torch.stack([pts.u[t], pts.w[t], k], 1)
-    out[:, 1:] = torch.where(has[:, None], torch.cat([enc(a), enc(q)], 1), -1)
-    return out
+    return torch.where(has[:, None], torch.cat([enc(a), enc(q)], 1), -1)
 
 
 def _closest_side_pairs(pts, best, col, inverted: bool):

@@ -41,28 +41,32 @@ def _dot(a, b):
     return (a * b).sum(1)
 
 
-def _point_inner(pu, pw, plam, qu, qw, qlam):
-    """⟨p, q⟩ of unnormalised points from their endpoints' rows (B × D each, gathered once),
-    in the reference's association (rows of H, then λ)."""
-    return (plam * (qlam * _dot(pu, qu) + (1 - qlam) * _dot(pu, qw))
-            + (1 - plam) * (qlam * _dot(pw, qu) + (1 - qlam) * _dot(pw, qw)))
-
-
-def _norm_of_rows(u, w, same, lam):
-    """‖point‖ from its endpoints' rows; 1 for originals (same), exactly, as the reference."""
-    sq = _point_inner(u, w, lam, u, w, lam)
-    return torch.where(same, torch.ones_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
-
-
 def _point_norm(pt, same):
     """‖pt‖ of points given by their rows; 1 for originals (same), exactly, as the reference."""
     sq = _dot(pt, pt)
     return torch.where(same, torch.ones_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
 
 
-def point_norm(xu, u, w, lam):
-    """‖point‖ of the points (u, w, λ) of xu's rows."""
-    return _norm_of_rows(xu.index_select(0, u), xu.index_select(0, w), u == w, lam)
+def expansion_norms(xu, pts, lam):
+    """‖point‖ of every point of an expansion (reference/expansion_points.ExpansionPoints:
+    B originals, exactly 1, then n points per segment, √max(‖λx̂_u + (1−λ)x̂_w‖², tiny)) from
+    three row dots per segment: the values of the points' own gathered rows bit for bit
+    (tests/test_expansion_norms.py), without their two P × D stacks (P = B + n·S: 1 GB in
+    fp32 at B = 8192, D = 512, n = 8, classes of 8)."""
+    b, n, s = pts.b, pts.n, len(pts.seg_i)
+    norm = torch.ones(pts.size, dtype=xu.dtype, device=xu.device)
+    if n == 0 or s == 0:
+        return norm
+    ru, rw = xu.index_select(0, pts.seg_i), xu.index_select(0, pts.seg_j)
+    # per point, λ(λ⟨u,u⟩ + (1−λ)⟨u,w⟩) + (1−λ)(λ⟨w,u⟩ + (1−λ)⟨w,w⟩) (⟨w,u⟩ is ⟨u,w⟩ bit
+    # for bit)
+    g_uu, g_uw, g_ww = (_dot(p, q).repeat_interleave(n) for p, q in ((ru, ru), (ru, rw),
+                                                                      (rw, rw)))
+    lm = lam[b:]
+    sq = lm * (lm * g_uu + (1 - lm) * g_uw) + (1 - lm) * (lm * g_uw + (1 - lm) * g_ww)
+    syn = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+    # a segment between two rows of one index would be an original's (u = w): norm 1
+    return torch.cat([norm[:b], torch.where(pts.u[b:] == pts.w[b:], norm[b:], syn)])
 
 
 def segments_for(labels, expansion):
@@ -123,16 +127,28 @@ def _pick_sims_torch(xu, idx, n, l2_pos):
     return pos, s_an
 
 
-def picks_loss(params, inp, reducer, xu, idx, n):
+def pick_sims(xu, idx, n, l2_pos, triton: bool = False):
+    """hphn_pick_sims by the op of xu's device: the CPU op (hphn_picks_cpu.cpp) on CPU
+    tensors, the Triton kernels (triton/pick_sims.py) where Triton runs on them (and always
+    for the Triton engine, whose kernels run on CPU tensors under the interpreter), else
+    PyTorch from gathered rows. The ops read the picked rows in place: no gathered B×D rows,
+    two launches where PyTorch queues about 45."""
+    from ..triton import usable_on
+    if triton or (xu.device.type != "cpu" and usable_on(xu.device)):
+        from ..triton.pick_sims import hphn_pick_sims_triton
+        return hphn_pick_sims_triton(xu, idx, n, l2_pos)
+    if xu.device.type == "cpu":
+        return hphn_pick_sims(xu, idx, n, l2_pos)
+    return _pick_sims_torch(xu, idx, n, l2_pos)
+
+
+def picks_loss(params, inp, reducer, xu, idx, n, triton: bool = False):
     """The loss from the mined picks idx (B × 7 [p, a_u, a_w, a_k, q_u, q_w, q_k], −1: none;
-    the CPU op's or the Triton engine's): the chosen distances recomputed with gradient."""
+    the CPU op's or the GPU engines'): the chosen distances recomputed with gradient (by the
+    Triton kernels for the Triton engine: pick_sims)."""
     x, d = inp.embeddings, inp.distance
     has_pos, has_neg = idx[:, 0] >= 0, idx[:, 4] >= 0
-    if xu.device.type == "cpu":
-        # the op reads the picked rows in place (hphn_picks_cpu.cpp): no gathered B×D rows
-        pos, s_an = hphn_pick_sims(xu, idx, n, not d.is_inverted)
-    else:
-        pos, s_an = _pick_sims_torch(xu, idx, n, not d.is_inverted)
+    pos, s_an = pick_sims(xu, idx, n, not d.is_inverted, triton)
     if d.is_inverted:
         hp, hn = pos, s_an
     else:

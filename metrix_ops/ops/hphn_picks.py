@@ -11,6 +11,26 @@ from .autograd import call, register_autograd
 
 _FWD = "metrix_ops::hphn_pick_sims"
 
+def register_pick_sims_autograd(fwd_name: str, bwd) -> None:
+    """Autograd of a picks op (xu, idx, n_points, l2_pos) -> (pos, s_an): this CPU op's, and
+    the Triton engine's (triton/pick_sims.py); bwd(grad_pos, grad_san, xu, idx, n_points,
+    l2_pos) -> dxu."""
+    def setup_context(ctx, inputs, output):
+        xu, idx, n_points, l2_pos = inputs
+        ctx.save_for_backward(xu, idx)
+        ctx.n_points, ctx.l2_pos = n_points, l2_pos
+
+    def backward(ctx, grad_pos, grad_san):
+        xu, idx = ctx.saved_tensors
+        # an output not used downstream comes back as None: its gradient is zero
+        grad_pos = torch.zeros_like(xu[:, 0]) if grad_pos is None else grad_pos
+        grad_san = torch.zeros_like(xu[:, 0]) if grad_san is None else grad_san
+        return bwd(grad_pos.contiguous(), grad_san.contiguous(), xu, idx, ctx.n_points,
+                   ctx.l2_pos), None, None, None
+
+    register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
 if _ext.HAS_EXT:
     @torch.library.register_fake(_FWD)
     def _fake(xu, idx, n_points, l2_pos):
@@ -20,21 +40,8 @@ if _ext.HAS_EXT:
     def _fake_bwd(grad_pos, grad_san, xu, idx, n_points, l2_pos):
         return torch.empty_like(xu)
 
-    def _setup_context(ctx, inputs, output):
-        xu, idx, n_points, l2_pos = inputs
-        ctx.save_for_backward(xu, idx)
-        ctx.n_points, ctx.l2_pos = n_points, l2_pos
-
-    def _backward(ctx, grad_pos, grad_san):
-        xu, idx = ctx.saved_tensors
-        # an output not used downstream comes back as None: its gradient is zero
-        grad_pos = torch.zeros_like(xu[:, 0]) if grad_pos is None else grad_pos
-        grad_san = torch.zeros_like(xu[:, 0]) if grad_san is None else grad_san
-        dx = torch.ops.metrix_ops.hphn_pick_sims_bwd(grad_pos.contiguous(), grad_san.contiguous(),
-                                                     xu, idx, ctx.n_points, ctx.l2_pos)
-        return dx, None, None, None
-
-    register_autograd(_FWD, _backward, setup_context=_setup_context)
+    register_pick_sims_autograd(
+        _FWD, lambda *args: torch.ops.metrix_ops.hphn_pick_sims_bwd(*args))
 
 
 def hphn_pick_sims(xu: torch.Tensor, idx: torch.Tensor, n_points: int, l2_pos: bool):

@@ -254,7 +254,7 @@ def impl(params, inp, reducer, expansion):
     xu = normalized(d, inp.embeddings)
     seg_i, seg_j = segments_for(labels, expansion)
     idx = ee_hphn_mine_triton(xu, labels, seg_i, seg_j, expansion.n_points, d.is_inverted)
-    return picks_loss(params, inp, reducer, xu, idx, expansion.n_points)
+    return picks_loss(params, inp, reducer, xu, idx, expansion.n_points, triton=True)
 
 
 fused.register_expansion("triton", "HPHNTripletLoss", supports, impl)

@@ -331,16 +331,21 @@ def _positive_layout(labels, ref_labels, exclude_diag):
 def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, mine=0):
     """Kernel A's positive-key table kp (B × P_max, in the accumulation type), then kernel
     B's per-row (sum, #active, #triplets) or, with `counts`, each positive's active negatives
-    (B × P_max int32): (kp, layout, rows, nonzero, cnt, triplets). mine: 0, or 1 + the
-    TripletMarginMiner kind (the triplets it keeps only; its margin is prm[2])."""
+    (B × P_max int32): (kp, layout, rows, nonzero, cnt, triplets), layout (crank, srank,
+    npos, nneg, pmax, ps, the rows' squared norms). mine: 0, or 1 + the TripletMarginMiner
+    kind (the triplets it keeps only; its margin is prm[2])."""
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
-    crank, srank, npos, nneg = _positive_layout(labels, ref_labels, exclude_diag)
-    # rows with no negative have no triplet: their positives need no slot
-    npos = torch.where(nneg > 0, npos, torch.zeros_like(npos))
-    # the largest class's slot count sizes the buffers: a host read, made by the forward
-    # and handed to the backward (table_cache), so the backward drains no queue
-    pmax = table_cache.handed((labels, ref_labels), ("triplet pmax", bool(exclude_diag)),
-                              lambda: int(npos.max()), backward=counts) if b > 0 else 0
+
+    def layout():
+        crank, srank, npos, nneg = _positive_layout(labels, ref_labels, exclude_diag)
+        # rows with no negative have no triplet: their positives need no slot
+        npos = torch.where(nneg > 0, npos, torch.zeros_like(npos))
+        # the largest class's slot count sizes the buffers: a host read
+        return crank, srank, npos, nneg, (int(npos.max()) if b > 0 else 0)
+    # made by the forward and handed to the backward (table_cache), so that the backward
+    # drains no queue and queues none of the layout's ~15 small ops again
+    crank, srank, npos, nneg, pmax = table_cache.handed(
+        (labels, ref_labels), ("triplet layout", bool(exclude_diag)), layout, backward=counts)
     ps = max(pmax, 1)
     cfg, _, warps = launch_config(x, r)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -353,7 +358,7 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, m
     trip = npos * nneg if mine == 0 else torch.zeros(b, dtype=torch.long, device=x.device)
     cnt = None
     if pmax == 0:
-        return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt, trip
+        return kp, (crank, srank, npos, nneg, pmax, ps, nrm), rows, nz, cnt, trip
     _tri_pos_keys_kernel[grid](x, r, labels, ref_labels, crank, srank, npos, prm, nrm, kp, b, m,
                                d,
                                x.stride(0), r.stride(0), ps, **common)
@@ -366,7 +371,7 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, m
     else:
         _tri_fwd_kernel[grid](x, r, labels, ref_labels, npos, prm, nrm, kp, rows, nz, trip, b, m,
                               d, x.stride(0), r.stride(0), pmax, ps, MINE=mine, **common)
-    return kp, (crank, srank, npos, nneg, pmax, ps), rows, nz, cnt, trip
+    return kp, (crank, srank, npos, nneg, pmax, ps, nrm), rows, nz, cnt, trip
 
 
 def _sq_norms(x, r):
@@ -387,7 +392,7 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     dx = torch.zeros_like(x) if need_x else None
     dr = torch.zeros_like(r) if need_r else None
-    kp, (crank, srank, npos, _, pmax, ps), _, _, cnt, _ = _side_buffers(
+    kp, (crank, srank, npos, _, pmax, ps, nrm), _, _, cnt, _ = _side_buffers(
         x, r, labels, ref_labels, exclude_diag, cosine, prm, True, mine)
     if pmax == 0:  # no triplet: zero gradients
         return dx, dr
@@ -402,7 +407,7 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
     w = torch.where(slot, g[:, None] * cnt.to(kp.dtype) * kgrad, torch.zeros_like(kp))
     w = w.contiguous()
     cfg, block_do, warps = launch_config(x, r, grad=True)
-    args = (x, r, labels, ref_labels, crank, srank, npos, g, prm, _sq_norms(x, r), kp, w)
+    args = (x, r, labels, ref_labels, crank, srank, npos, g, prm, nrm, kp, w)
     meta = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, MINE=mine, **cfg,
                 **warps)
     if need_x:
