@@ -189,9 +189,12 @@ def test_launch_counter_leaves_triton_as_it_was():
 # row normalisation as its one kernel each way; the Triton kernels run under the
 # interpreter). Measured 2026-12-06 at B = 64 (benchmarks/host_syncs.py's batch), after
 # HPHN's chosen distances and closest side pairs became Triton kernels (triton/pick_sims.py,
-# triton/ee_side_pairs.py: 297 launches before on a GPU, where the PyTorch forms ran) and
-# TripletMargin's backward took its forward's positive layout (103 before).
+# triton/ee_side_pairs.py: 297 launches before on a GPU, where the PyTorch forms ran), EE's
+# synthetic points' norms one kernel each way (triton/segment_norms.py; MS + EE 265 before)
+# and TripletMargin's backward took its forward's positive layout (103 before).
 TRITON_LAUNCHES = {
+    "ms_ee": (lambda: L.MultiSimilarityLoss(backend="triton",
+                                            expansion=mo.Expansion(n_points=4)), 201),
     "hphn_ee": (lambda: L.HPHNTripletLoss(backend="triton", expansion=mo.Expansion(n_points=4)),
                 152),
     "triplet": (lambda: L.TripletMarginLoss(backend="triton"), 81)}

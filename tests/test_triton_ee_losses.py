@@ -192,7 +192,7 @@ def test_routing(monkeypatch):
 
 
 def test_opcheck():
-    from metrix_ops.triton import ee_neg_lse as mod
+    from metrix_ops.triton.segment_norms import segment_norms_triton
     x, y = batch(11, 4, 3, seed=2)
     xu = F.normalize(x.detach(), dim=1)
     si, sj = all_segments(y)
@@ -203,8 +203,7 @@ def test_opcheck():
     ones = torch.ones(11, dtype=torch.bool, device=y.device)
     xs = xu[order].contiguous().requires_grad_()
     layout = [y[order], pos[si], pos[sj], ones, ones]
-    pnorm = mod._synthetic_norms(xs.detach(), *mod._synthetic(pos[si], pos[sj], 2),
-                                 2).requires_grad_()
+    pnorm = segment_norms_triton(xs.detach(), pos[si], pos[sj], 2).requires_grad_()
     counts = torch.bincount(y)[y] - 1
     pst = (torch.cumsum(counts, 0) - counts)[order].to(torch.int32)
     pct = counts[order].to(torch.int32)

@@ -39,6 +39,7 @@ from ..ops.autograd import call, register_autograd
 from .launch import HAS_TRITON, next_pow2, triton_op, usable_on
 from . import table_cache
 from .ee_chunks import largest_unit_fits, unit_chunks
+from .segment_norms import segment_norms_triton
 from .tiles import acc_dtype, dot_precision
 
 _FWD = "metrix_ops::triton_ee_neg_lse_fwd"
@@ -555,25 +556,6 @@ def _build_tables(layout, n: int):
     return [t.contiguous() for t in tables], (kb, max_side)
 
 
-def _synthetic_norms(xs, syn_u, syn_w, syn_lam, n: int):
-    """‖λ x̂_u + (1−λ) x̂_w‖ per synthetic point, differentiable, from three Gram entries per
-    segment (S row dots, not a point stack), in the CPU op's association; plus a trailing 1 so
-    that the table is never empty. No branch on the number of segments (a compiled graph
-    cannot take one)."""
-    lam = syn_lam.to(xs.dtype)
-    if n > 0:
-        e = torch.arange(len(syn_u), device=xs.device) // n
-        u, w = syn_u[::n], syn_w[::n]
-        xu, xw = xs.index_select(0, u), xs.index_select(0, w)
-        g_uu, g_uw, g_ww = ((xu * xu).sum(1)[e], (xu * xw).sum(1)[e], (xw * xw).sum(1)[e])
-        mu = 1 - lam
-        sq = lam * (lam * g_uu + mu * g_uw) + mu * (lam * g_uw + mu * g_ww)
-        norm = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
-    else:
-        norm = xs.new_zeros(0)
-    return torch.cat([norm, xs.new_ones(1)])
-
-
 def prepare(x_unit, labels, seg_i, seg_j, n_points: int, anchor_mask=None, neg_mask=None):
     """The label-sorted batch: (order, slot of each row, xs, its layout for the ops
     (layout_tables), the synthetic points' norms (differentiable))."""
@@ -589,7 +571,7 @@ def prepare(x_unit, labels, seg_i, seg_j, n_points: int, anchor_mask=None, neg_m
     n = int(n_points)
     seg_u, seg_w = slot[seg_i.long()], slot[seg_j.long()]
     layout = [t.contiguous() for t in (ys, seg_u, seg_w, amask[order], nmask[order])]
-    pnorm = _synthetic_norms(xs, *_synthetic(seg_u, seg_w, n), n)
+    pnorm = segment_norms_triton(xs, seg_u, seg_w, n)  # (one kernel each way)
     return order, slot, xs, layout, pnorm
 
 
