@@ -132,7 +132,29 @@ def ee_lse_cases():
             (f"ee triplet fwd KB=16 Q=32 KP={el.KP_MAX}", el._fwd_kernel,
              dict(base, BQ=32, **trip), 4, trip_ptrs),
             (f"ee triplet bwd KB=16 Q=16 KP={el.KP_MAX} 8 warps", el._bwd_kernel,
-             dict(base, BQ=16, BLOCK_DO=512, **trip), 8, trip_ptrs)]
+             dict(base, BQ=16, BLOCK_DO=512, **trip), 8, trip_ptrs)] + picks_cases()
+
+
+def picks_cases():
+    """HPHN's picks and EE's point norms (forty-first session) at their launch settings:
+    16 anchors or segments a program, 32 (picks) or 64 (norms) features a step, 4 warps."""
+    import triton.language as tl
+
+    import metrix_ops.triton.ee_side_pairs as sp
+    import metrix_ops.triton.pick_sims as ps
+    import metrix_ops.triton.segment_norms as sn
+    ints = {n: "*i64" for n in ("idx_ptr", "dst_ptr", "seg_i_ptr", "seg_j_ptr", "ends_ptr",
+                                "off_ptr", "out_ptr", "u_ptr", "w_ptr")}
+    picks = dict(TINY=1.1754943508222875e-38, DT=tl.float32, BLOCK_B=16, BLOCK_D=32,
+                 ACC=tl.float32)
+    norms = dict(TINY=1.1754943508222875e-38, DT=tl.float32, BLOCK_S=16, BLOCK_D=64,
+                 ACC=tl.float32)
+    return [("hphn pick sims fwd", ps._pick_sims_fwd_kernel, dict(picks, L2_POS=True), 4, ints),
+            ("hphn pick sims bwd", ps._pick_sims_bwd_kernel, dict(picks, L2_POS=True), 4, ints),
+            ("ee side pairs n=8", sp._side_pairs_kernel,
+             dict(INVERTED=False, BLOCK_S=16, NP=8), 4, ints),
+            ("ee segment norms fwd", sn._norms_fwd_kernel, norms, 4, ints),
+            ("ee segment norms bwd", sn._norms_bwd_kernel, norms, 4, ints)]
 
 
 def main():

@@ -161,7 +161,7 @@ for fdt, acc, dt in [("fp32", tl.float32, tl.float32), ("fp64", tl.float64, tl.f
     for kernel in (ps._pick_sims_fwd_kernel, ps._pick_sims_bwd_kernel):
         for l2 in (False, True):
             consts = dict(L2_POS=l2, TINY=1.1754943508222875e-38, DT=dt, BLOCK_B=16,
-                          BLOCK_D=128, ACC=acc)
+                          BLOCK_D=32, ACC=acc)
             try:
                 compile_sm90(kernel, consts, fdt, pointer_types=ints)
             except Exception as e:  # noqa: BLE001

@@ -95,7 +95,7 @@ ints = {"u_ptr": "*i64", "w_ptr": "*i64", "dst_ptr": "*i64"}
 for fdt, acc, dt in [("fp32", tl.float32, tl.float32), ("fp64", tl.float64, tl.float64),
                      ("bf16", tl.float32, tl.bfloat16)]:
     for kernel in (sn._norms_fwd_kernel, sn._norms_bwd_kernel):
-        consts = dict(TINY=1.1754943508222875e-38, DT=dt, BLOCK_S=16, BLOCK_D=128, ACC=acc)
+        consts = dict(TINY=1.1754943508222875e-38, DT=dt, BLOCK_S=16, BLOCK_D=64, ACC=acc)
         try:
             compile_sm90(kernel, consts, fdt, pointer_types=ints)
         except Exception as e:  # noqa: BLE001

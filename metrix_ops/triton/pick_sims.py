@@ -193,15 +193,16 @@ def _check(xu, idx):
 
 
 def _launch(kernel, xu, *tensors, n: int, l2_pos: bool):
-    """kernel(*tensors, B, D, xu's row stride, n) over blocks of 16 anchors, features 128 at a
-    time at most (six rows' tiles live at once)."""
+    """kernel(*tensors, B, D, xu's row stride, n) over blocks of 16 anchors, 32 features a
+    step at most: six rows' tiles live at once, and ptxas for sm_90 (4 warps,
+    benchmarks/triton_spills.py) spills 1.6–2.4 KB at 128, 0.1–0.3 KB at 64, none at 32."""
     b, d = xu.shape
     wide = xu.dtype == torch.float64
     kernel[(triton.cdiv(b, 16),)](
         *tensors, b, d, xu.stride(0), int(n), L2_POS=bool(l2_pos),
         TINY=torch.finfo(torch.float64 if wide else torch.float32).tiny,
         DT=getattr(tl, str(xu.dtype).split(".")[1]), BLOCK_B=16,
-        BLOCK_D=max(16, min(128, next_pow2(d))), ACC=acc_dtype(xu.dtype))
+        BLOCK_D=max(16, min(32, next_pow2(d))), ACC=acc_dtype(xu.dtype))
 
 
 def _unit_stride(t):
