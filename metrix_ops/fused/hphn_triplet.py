@@ -53,9 +53,9 @@ def expansion_norms(xu, pts, lam):
     three row dots per segment: the values of the points' own gathered rows bit for bit
     (tests/test_expansion_norms.py), without their two P × D stacks (P = B + n·S: 1 GB in
     fp32 at B = 8192, D = 512, n = 8, classes of 8)."""
-    b, n, s = pts.b, pts.n, len(pts.seg_i)
+    b, n = pts.b, pts.n
     norm = torch.ones(pts.size, dtype=xu.dtype, device=xu.device)
-    if n == 0 or s == 0:
+    if n == 0:  # (no branch on the segment count: under torch.compile it is data-dependent)
         return norm
     ru, rw = xu.index_select(0, pts.seg_i), xu.index_select(0, pts.seg_j)
     # per point, λ(λ⟨u,u⟩ + (1−λ)⟨u,w⟩) + (1−λ)(λ⟨w,u⟩ + (1−λ)⟨w,w⟩) (⟨w,u⟩ is ⟨u,w⟩ bit
