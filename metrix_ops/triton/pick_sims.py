@@ -107,12 +107,13 @@ if HAS_TRITON:
         return pos, aa, qq, aq
 
     @triton.jit
-    def _norm(sq, original, TINY: tl.constexpr, ACC: tl.constexpr):
-        """(‖v‖: exactly 1 for an original, else √max(‖v‖², tiny); whether it is
-        differentiated: not for an original, nor where the clamp acts)."""
+    def _norm(sq, u, w, TINY: tl.constexpr, ACC: tl.constexpr):
+        """(‖v‖ of the point on rows u, w: exactly 1 for an original (u = w), else
+        √max(‖v‖², tiny); whether it is differentiated: not for an original, nor where the
+        clamp acts). (u != w, not ~(u == w): triton 3.2's interpreter cannot invert a bool.)"""
         tiny = tl.full((), TINY, ACC)
-        return (tl.where(original, 1.0, tl.sqrt(tl.maximum(sq, tiny))),
-                (~original) & (sq >= tiny))
+        return (tl.where(u == w, 1.0, tl.sqrt(tl.maximum(sq, tiny))),
+                (u != w) & (sq >= tiny))
 
     @triton.jit
     def _pick_sims_fwd_kernel(x_ptr, idx_ptr, pos_ptr, san_ptr, B, D, stride, n,
@@ -123,8 +124,8 @@ if HAS_TRITON:
         p, au, aw, qu, qw, la, lq = _picks(idx_ptr, anchors, in_b, n, DT, ACC)
         pos, aa, qq, aq = _sums(x_ptr, anchors, in_b, p, au, aw, qu, qw, la, lq, D, stride,
                                 L2_POS, BLOCK_B, BLOCK_D, ACC)
-        na, _ = _norm(aa, au == aw, TINY, ACC)
-        nq, _ = _norm(qq, qu == qw, TINY, ACC)
+        na, _ = _norm(aa, au, aw, TINY, ACC)
+        nq, _ = _norm(qq, qu, qw, TINY, ACC)
         tl.store(pos_ptr + anchors, pos, mask=in_b)
         tl.store(san_ptr + anchors, aq / (na * nq), mask=in_b)
 
@@ -146,8 +147,8 @@ if HAS_TRITON:
         gs = tl.load(gs_ptr + anchors, mask=in_b, other=0.0).to(ACC)
         _, aa, qq, aq = _sums(x_ptr, anchors, in_b, p, au, aw, qu, qw, la, lq, D, stride,
                               False, BLOCK_B, BLOCK_D, ACC)
-        na, da = _norm(aa, au == aw, TINY, ACC)
-        nq, dq = _norm(qq, qu == qw, TINY, ACC)
+        na, da = _norm(aa, au, aw, TINY, ACC)
+        nq, dq = _norm(qq, qu, qw, TINY, ACC)
         inv = 1.0 / (na * nq)
         s = aq * inv
         ca = tl.where(da, s / (na * na), 0.0)
