@@ -139,6 +139,59 @@ def test_anchor_terms_with_unequal_weights_match_the_cpu_op(same):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-8)
 
 
+def _anchor_terms_by_formula(x, p, y, alpha, margin, lam, same):
+    """ProxyAnchor's mixed terms straight from the formula, in fp64 by autograd: every
+    candidate mix(u, w) as a unit point, its cosines to the proxies, the class masses, and
+    log(1 + Σ) as a log-sum-exp with the "1 +" as one more exponent of 0."""
+    b = x.shape[0]
+    u, w = torch.meshgrid(torch.arange(b), torch.arange(b), indexing="ij")
+    keep = (u != w) & ((y[u] == y[w]) if same else (y[u] != y[w]))
+    u, w = u[keep], w[keep]
+    mixed = F.normalize(lam * x[u] + (1 - lam) * x[w], dim=1)
+    s = mixed @ p.t()
+    cls = torch.arange(p.shape[0])
+    mass = lam * (y[u, None] == cls).double() + (1 - lam) * (y[w, None] == cls).double()
+
+    def log1p_sum(a, wgt):
+        a = torch.where(wgt > 0, a + torch.log(wgt.clamp_min(1e-300)), float("-inf"))
+        return torch.logsumexp(torch.cat([a, torch.zeros(1, a.shape[1], dtype=a.dtype)]), 0)
+    return (log1p_sum(-alpha * (s - margin), mass),
+            log1p_sum(alpha * (s + margin), 1 - mass))
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_anchor_terms_merge_row_tiles_past_fp32_range(same):
+    """The forward's row programs each keep a (max, sum) pair per proxy, merged afterwards:
+    α(1 + δ) = 96 puts e^a past fp32's range, and rows 16–31 (the second row tile) are
+    singletons, so under pairs="pos_pos" that tile has no candidate at all. fp32 against the
+    formula in fp64, values and gradients under unequal upstream weights. The op takes unit
+    rows and leaves the radial part of their gradient to the normalisation before it (as the
+    losses call it), so both sides start from raw rows."""
+    from metrix_ops.triton.proxy_anchor_metrix import proxy_anchor_metrix_terms_triton
+    g = torch.Generator().manual_seed(31 + same)
+    x = torch.randn(40, 7, dtype=torch.float64, generator=g)
+    p = torch.randn(21, 7, dtype=torch.float64, generator=g)
+    y = torch.cat([torch.randint(0, 2, (16,), generator=g), torch.arange(2, 18),
+                   torch.randint(0, 2, (8,), generator=g)])
+    wp, wn = (torch.rand(21, dtype=torch.float64, generator=g) + 0.5 for _ in range(2))
+    alpha, margin, lam = 64.0, 0.5, 0.3
+    ref = [t.clone().requires_grad_() for t in (x, p)]
+    pos, neg = _anchor_terms_by_formula(*(F.normalize(t, dim=1) for t in ref), y, alpha,
+                                        margin, lam, same)
+    assert pos.max() > 89 or neg.max() > 89  # e^89 > fp32's largest
+    d_ref = torch.autograd.grad((pos * wp).sum() + (neg * wn).sum(), ref)
+    tri = [t.float().requires_grad_() for t in on_dev(x, p)]
+    yd, wpd, wnd = on_dev(y, wp.float(), wn.float())
+    tp, tn = proxy_anchor_metrix_terms_triton(*(F.normalize(t, dim=1) for t in tri), yd,
+                                              alpha, margin, lam, same)
+    d_tri = torch.autograd.grad((tp * wpd).sum() + (tn * wnd).sum(), tri)
+    assert tp.dtype == torch.float32
+    torch.testing.assert_close(tp.cpu().double(), pos.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tn.cpu().double(), neg.detach(), rtol=1e-5, atol=1e-4)
+    for a, b in zip(d_tri, d_ref):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=1e-3, atol=1e-3)
+
+
 def test_fp32_and_half_inputs(loss):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(33, 12, generator=g)

@@ -8,10 +8,14 @@ y_kc = λ[c = y_u] + (1−λ)[c = y_w] the candidate's class mass, s̃_kc = r_uw
 metrix_soft_forms.proxy_anchor_soft). The glue (fused/proxy_metrix.anchor_mixed, shared with
 the CPU engine) applies the divisors.
 
-- forward: proxy programs. A program owns BLOCK_C proxies and streams every (row tile,
-  partner tile) pair: the candidates' cosines to its proxies as a BLOCK_U × BLOCK_W ×
-  BLOCK_C tensor (s_uc, s_wc and g_uw by tl.dot), folded per proxy into two online
-  log-sum-exps started at the "1 +" term, the class masses entering as log-weights.
+- forward: row programs. A program owns BLOCK_U rows u and streams every partner tile (g_uw
+  by tl.dot, once) and, inside, every proxy tile: the candidates' cosines to the proxies as a
+  BLOCK_U × BLOCK_W × BLOCK_C tensor from s_uc and s_wc loaded from S_P = X Pᵀ (one matmul
+  before the kernel, proxy_nca_metrix.proxy_sims), folded per proxy into two online
+  log-sum-exps, the class masses entering as log-weights. Each program keeps its per-proxy
+  (max, sum) pairs in its own row of a (B/BLOCK_U) × 4 × C table, merged with the "1 +"
+  term afterwards. (Proxy programs, the first form, recomputed every Gram tile and every
+  s_wc once per proxy tile, and filled only C/16 programs.)
 - backward: row programs, as triton/proxy_nca_metrix.py's: each handles both orders (u, w)
   and (w, u) of its rows (the candidate set is symmetric), so it writes only its own rows:
   ∂L/∂s_uc into a B×C table, and the g_uw part of dX_u. Then dX += (∂L/∂S_P) P and
@@ -30,8 +34,8 @@ from ..fused import proxy_metrix
 from .launch import next_pow2, triton_op
 from .proxy_anchor import check_unit_inputs, hyper
 from .proxy_anchor import impl as clean_impl, supports as clean_supports
-from .proxy_nca_metrix import _pair_tile, proxy_mix_config as _config
-from .tiles import add_tile_product, sim_tile
+from .proxy_nca_metrix import _pair_tile, proxy_mix_config as _config, proxy_sims
+from .tiles import add_tile_product, load_rows
 
 
 @triton.jit
@@ -49,49 +53,55 @@ def _pa_args(v, yu, yw, offs_c, lu, lw, alpha, margin):
 
 
 @triton.jit
-def _pa_mix_fwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, pos_ptr, neg_ptr, B, C, D, stride_x,
-                       stride_p, SAME: tl.constexpr, BLOCK_U: tl.constexpr,
-                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                       ACC: tl.constexpr, PRECISION: tl.constexpr):
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+def _pa_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, part_ptr, B, C, D, stride_x, stride_sp,
+                       SAME: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Program k owns row tile k's candidates (u in the tile, every partner w) and, per proxy,
+    their running (max, sum) of the positive and of the negative exponents: part[k] holds
+    the four rows mp, tp, mn, tn of C entries, read and written by this program only. The
+    maxima start at 0, the "1 +" term's exponent (the final shift is at least that), so a
+    tile without candidates is no NaN."""
+    pid = tl.program_id(0)
+    offs_u = pid * BLOCK_U + tl.arange(0, BLOCK_U)
+    yu = tl.load(y_ptr + offs_u, mask=offs_u < B, other=-1)
     lam, alpha, margin = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 4)
-    # log(1 + Σ e^a): the e^0 term is the state's start (max 0, sum 1)
-    mp = tl.zeros((BLOCK_C,), ACC)
-    tp = tl.full((BLOCK_C,), 1.0, ACC)
-    mn = tl.zeros((BLOCK_C,), ACC)
-    tn = tl.full((BLOCK_C,), 1.0, ACC)
-    for u0 in range(0, B, BLOCK_U):
-        offs_u = u0 + tl.arange(0, BLOCK_U)
-        yu = tl.load(y_ptr + offs_u, mask=offs_u < B, other=-1)
-        su = sim_tile(x_ptr, p_ptr, offs_u, offs_c, B, C, D, stride_x, stride_p, BLOCK_U,
-                      BLOCK_C, BLOCK_D, ACC, PRECISION)
-        for w0 in range(0, B, BLOCK_W):
-            offs_w = w0 + tl.arange(0, BLOCK_W)
-            yw, valid, r, _ = _pair_tile(x_ptr, y_ptr, offs_u, offs_w, yu, B, D, stride_x,
-                                         prm_ptr, SAME, BLOCK_U, BLOCK_W, BLOCK_D, ACC,
-                                         PRECISION)
-            sw = sim_tile(x_ptr, p_ptr, offs_w, offs_c, B, C, D, stride_x, stride_p, BLOCK_W,
-                          BLOCK_C, BLOCK_D, ACC, PRECISION)
+    part = part_ptr + pid * 4 * C
+    for w0 in range(0, B, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        # (the slope factor is the backward's; `_` must not be reused below: the compiler
+        # sees a loop-carried variable change shape)
+        yw, valid, r, _nc = _pair_tile(x_ptr, y_ptr, offs_u, offs_w, yu, B, D, stride_x,
+                                       prm_ptr, SAME, BLOCK_U, BLOCK_W, BLOCK_D, ACC, PRECISION)
+        ok = valid[:, :, None]
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < C
+            su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
+            sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
             v = r[:, :, None] * (lam * su[:, None, :] + (1 - lam) * sw[None, :, :])
             ap, an, _ = _pa_args(v, yu, yw, offs_c, lam, 1 - lam, alpha, margin)
-            ok = valid[:, :, None]
             ap = tl.where(ok, ap, float("-inf"))
             an = tl.where(ok, an, float("-inf"))
+            mp = tl.load(part + offs_c, mask=c_ok, other=0.0)
+            tp = tl.load(part + C + offs_c, mask=c_ok, other=0.0)
+            mn = tl.load(part + 2 * C + offs_c, mask=c_ok, other=0.0)
+            tn = tl.load(part + 3 * C + offs_c, mask=c_ok, other=0.0)
             mp_new = tl.maximum(mp, tl.max(tl.max(ap, axis=1), axis=0))
             mn_new = tl.maximum(mn, tl.max(tl.max(an, axis=1), axis=0))
             tp = tp * tl.exp(mp - mp_new) + tl.sum(tl.sum(tl.exp(ap - mp_new[None, None, :]),
                                                           axis=1), axis=0)
             tn = tn * tl.exp(mn - mn_new) + tl.sum(tl.sum(tl.exp(an - mn_new[None, None, :]),
                                                           axis=1), axis=0)
-            mp, mn = mp_new, mn_new
-    tl.store(pos_ptr + offs_c, mp + tl.log(tp), mask=c_ok)
-    tl.store(neg_ptr + offs_c, mn + tl.log(tn), mask=c_ok)
+            tl.store(part + offs_c, mp_new, mask=c_ok)
+            tl.store(part + C + offs_c, tp, mask=c_ok)
+            tl.store(part + 2 * C + offs_c, mn_new, mask=c_ok)
+            tl.store(part + 3 * C + offs_c, tn, mask=c_ok)
 
 
 @triton.jit
-def _pa_mix_bwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, neg_ptr, dsp_ptr,
-                       dx_ptr, B, C, D, stride_x, stride_p, stride_dsp, stride_dx,
+def _pa_mix_bwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, neg_ptr,
+                       dsp_ptr, dx_ptr, B, C, D, stride_x, stride_sp, stride_dsp, stride_dx,
                        SAME: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                        ACC: tl.constexpr, PRECISION: tl.constexpr):
@@ -115,10 +125,8 @@ def _pa_mix_bwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, ne
             gn = tl.load(gn_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
             lp = tl.load(pos_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
             ln = tl.load(neg_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
-            su = sim_tile(x_ptr, p_ptr, offs_u, offs_c, B, C, D, stride_x, stride_p, BLOCK_U,
-                          BLOCK_C, BLOCK_D, ACC, PRECISION)
-            sw = sim_tile(x_ptr, p_ptr, offs_w, offs_c, B, C, D, stride_x, stride_p, BLOCK_W,
-                          BLOCK_C, BLOCK_D, ACC, PRECISION)
+            su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
+            sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
             # (u, w): λ on s_u·; (w, u): λ on s_w· (its first member is w)
             v1 = r[:, :, None] * (lam * su[:, None, :] + (1 - lam) * sw[None, :, :])
             v2 = r[:, :, None] * ((1 - lam) * su[:, None, :] + lam * sw[None, :, :])
@@ -155,14 +163,24 @@ def _pa_mix_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, alpha: fl
     """Per proxy (pos, neg) over the mixed candidates."""
     x, p, labels = x.contiguous(), p.contiguous(), labels.contiguous()
     check_unit_inputs(x, p, labels)
-    c = p.shape[0]
-    pos, neg = (torch.zeros(c, dtype=x.dtype, device=x.device) for _ in range(2))
-    if c > 0 and x.shape[0] > 0:
-        cfg, warps = _config(x, c)
-        _pa_mix_fwd_kernel[(triton.cdiv(c, cfg["BLOCK_C"]),)](
-            x, p, labels, _constants(x, alpha, margin, lam), pos, neg, x.shape[0], c, x.shape[1],
-            x.stride(0), p.stride(0), SAME=bool(same), **cfg, **warps)
-    return pos, neg
+    b, c = x.shape[0], p.shape[0]
+    if c == 0 or b == 0:
+        return tuple(torch.zeros(c, dtype=x.dtype, device=x.device) for _ in range(2))
+    cfg, warps = _config(x, c)
+    sp = proxy_sims(x, p)
+    tiles = triton.cdiv(b, cfg["BLOCK_U"])
+    part = torch.zeros(tiles, 4, c, dtype=sp.dtype, device=x.device)
+    _pa_mix_fwd_kernel[(tiles,)](
+        x, sp, labels, _constants(x, alpha, margin, lam), part, b, c, x.shape[1], x.stride(0),
+        sp.stride(0), SAME=bool(same), **cfg, **warps)
+    return tuple(_merge(part[:, k], part[:, k + 1]).to(x.dtype) for k in (0, 2))
+
+
+def _merge(m, t):
+    """log(1 + Σ_k t_k e^{m_k}) over the row tiles' (max, sum) pairs, shifted by the largest
+    max (≥ 0, so e^{−shift} ≤ 1 keeps the "1 +" term and nothing overflows)."""
+    shift = m.amax(0)
+    return shift + torch.log(torch.exp(-shift) + (t * torch.exp(m - shift)).sum(0))
 
 
 @_pa_mix_op.register_fake
@@ -181,10 +199,11 @@ def _pa_mix_bwd_op(g_pos: torch.Tensor, g_neg: torch.Tensor, x: torch.Tensor,
     dsp = torch.zeros(b, c, dtype=x.dtype, device=x.device)
     if b > 0 and c > 0:
         cfg, warps = _config(x, c)
+        sp = proxy_sims(x, p)
         _pa_mix_bwd_kernel[(triton.cdiv(b, cfg["BLOCK_U"]),)](
-            x, p, labels, _constants(x, alpha, margin, lam), g_pos.to(x.dtype).contiguous(),
+            x, sp, labels, _constants(x, alpha, margin, lam), g_pos.to(x.dtype).contiguous(),
             g_neg.to(x.dtype).contiguous(), pos.contiguous(), neg.contiguous(), dsp, dx, b, c,
-            d, x.stride(0), p.stride(0), dsp.stride(0), dx.stride(0), SAME=bool(same),
+            d, x.stride(0), sp.stride(0), dsp.stride(0), dx.stride(0), SAME=bool(same),
             BLOCK_DO=max(16, next_pow2(d)), **cfg, **warps)
     return dx + dsp @ p, dsp.t() @ x
 

@@ -11,9 +11,9 @@ glue (fused/proxy_metrix.nca_mixed, shared with the CPU engine) divides the rows
 the number of candidates.
 
 Layout: row programs over BLOCK_U rows u stream tiles of partners w (their Gram tile g_uw by
-tl.dot) and, inside, proxy tiles (s_uc and s_wc by tl.dot); the BLOCK_U×BLOCK_W×BLOCK_C
-candidate-logit tensor folds into an online log-sum-exp per candidate. No K×C matrix (K ≈ B²
-candidates), no mixed point.
+tl.dot) and, inside, proxy tiles (s_uc and s_wc loaded from S_P = X Pᵀ, one matmul before the
+kernel: proxy_sims); the BLOCK_U×BLOCK_W×BLOCK_C candidate-logit tensor folds into an
+online log-sum-exp per candidate. No K×C matrix (K ≈ B² candidates), no mixed point.
 
 Backward, by the same row programs: the candidate set is symmetric (w is a candidate partner
 of u iff u is one of w), so a program handles both orders (u, w) and (w, u) of its rows and
@@ -22,7 +22,7 @@ for the weights q_c = g·(softmax_c − y_c)·dlogit/ds̃, which go to s_uc (λ 
 for the second order), into a B×C table ∂L/∂S_P that the program owning the row updates in
 place (no atomics), and to g_uw (Σ_c q_c s̃_c · ∂r/∂g / r), whose product with X_W is added
 to dX_u in the program. Then dX += (∂L/∂S_P) P and dP = (∂L/∂S_P)ᵀ X in PyTorch. Memory:
-the B×C table (the clean loss's logits' size) beside O((B + C)·D)."""
+the B×C tables S_P and ∂L/∂S_P (the clean loss's logits' size) beside O((B + C)·D)."""
 from __future__ import annotations
 
 import torch
@@ -37,7 +37,7 @@ from ..ops.proxy_nca import COSINE, SQUARED_L2
 from .launch import next_pow2, triton_op
 from .proxy_anchor import check_unit_inputs, hyper
 from .proxy_nca import impl as clean_impl, supports as clean_supports
-from .tiles import acc_dtype, add_tile_product, dot_precision, sim_tile
+from .tiles import acc_dtype, add_tile_product, dot_precision, load_rows, sim_tile
 
 
 @triton.jit
@@ -86,10 +86,9 @@ def _pair_tile(x_ptr, y_ptr, offs_u, offs_w, yu, B, D, stride_x, prm_ptr, SAME: 
 
 
 @triton.jit
-def _lse_sweep(x_ptr, p_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, D, stride_x,
-               stride_p, KIND: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _lse_sweep(sp_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, stride_sp,
+               KIND: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
+               BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Per candidate (u first: weight λ on s_u·) over every proxy: the log-sum-exp of its
     logits, and its target λ logit(s̃_{y_u}) + (1−λ) logit(s̃_{y_w}) (BLOCK_U × BLOCK_W)."""
     m = tl.full((BLOCK_U, BLOCK_W), float("-inf"), ACC)
@@ -97,10 +96,8 @@ def _lse_sweep(x_ptr, p_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, D, str
     tgt = tl.zeros((BLOCK_U, BLOCK_W), ACC)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        su = sim_tile(x_ptr, p_ptr, offs_u, offs_c, B, C, D, stride_x, stride_p, BLOCK_U,
-                      BLOCK_C, BLOCK_D, ACC, PRECISION)
-        sw = sim_tile(x_ptr, p_ptr, offs_w, offs_c, B, C, D, stride_x, stride_p, BLOCK_W,
-                      BLOCK_C, BLOCK_D, ACC, PRECISION)
+        su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
+        sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
         v = r[:, :, None] * (lam * su[:, None, :] + (1 - lam) * sw[None, :, :])
         lg = tl.where((offs_c < C)[None, None, :], _nca_logit3(v, scale, KIND), float("-inf"))
         m_new = tl.maximum(m, tl.max(lg, axis=2))  # finite: every candidate has C ≥ 1 logits
@@ -114,7 +111,7 @@ def _lse_sweep(x_ptr, p_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, D, str
 
 
 @triton.jit
-def _nca_mix_fwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, rows_ptr, B, C, D, stride_x, stride_p,
+def _nca_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, rows_ptr, B, C, D, stride_x, stride_sp,
                         SAME: tl.constexpr, KIND: tl.constexpr, BLOCK_U: tl.constexpr,
                         BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr):
@@ -127,16 +124,15 @@ def _nca_mix_fwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, rows_ptr, B, C, D, stride_
         offs_w = w0 + tl.arange(0, BLOCK_W)
         yw, valid, r, _ = _pair_tile(x_ptr, y_ptr, offs_u, offs_w, yu, B, D, stride_x, prm_ptr,
                                      SAME, BLOCK_U, BLOCK_W, BLOCK_D, ACC, PRECISION)
-        lse, tgt = _lse_sweep(x_ptr, p_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, D,
-                              stride_x, stride_p, KIND, BLOCK_U, BLOCK_W, BLOCK_C, BLOCK_D, ACC,
-                              PRECISION)
+        lse, tgt = _lse_sweep(sp_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, stride_sp,
+                              KIND, BLOCK_U, BLOCK_W, BLOCK_C, ACC)
         rows += tl.sum(tl.where(valid, lse - tgt, 0.0), axis=1)
     tl.store(rows_ptr + offs_u, rows, mask=u_ok)
 
 
 @triton.jit
-def _nca_mix_bwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, g_ptr, dsp_ptr, dx_ptr, B, C, D,
-                        stride_x, stride_p, stride_dsp, stride_dx, SAME: tl.constexpr,
+def _nca_mix_bwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, g_ptr, dsp_ptr, dx_ptr, B, C, D,
+                        stride_x, stride_sp, stride_dsp, stride_dx, SAME: tl.constexpr,
                         KIND: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr):
@@ -154,22 +150,18 @@ def _nca_mix_bwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, g_ptr, dsp_ptr, dx_ptr, B,
                                       prm_ptr, SAME, BLOCK_U, BLOCK_W, BLOCK_D, ACC, PRECISION)
         gw = tl.load(g_ptr + offs_w, mask=offs_w < B, other=0.0).to(ACC)
         # (u, w): λ on s_u·; (w, u): λ on s_w·, i.e. (1 − λ) on s_u·
-        lse1, _ = _lse_sweep(x_ptr, p_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, D,
-                             stride_x, stride_p, KIND, BLOCK_U, BLOCK_W, BLOCK_C, BLOCK_D, ACC,
-                             PRECISION)
-        lse2, _ = _lse_sweep(x_ptr, p_ptr, offs_u, offs_w, yu, yw, r, 1 - lam, scale, B, C, D,
-                             stride_x, stride_p, KIND, BLOCK_U, BLOCK_W, BLOCK_C, BLOCK_D, ACC,
-                             PRECISION)
+        lse1, _ = _lse_sweep(sp_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, stride_sp,
+                             KIND, BLOCK_U, BLOCK_W, BLOCK_C, ACC)
+        lse2, _ = _lse_sweep(sp_ptr, offs_u, offs_w, yu, yw, r, 1 - lam, scale, B, C,
+                             stride_sp, KIND, BLOCK_U, BLOCK_W, BLOCK_C, ACC)
         w1 = tl.where(valid, gu[:, None], 0.0)
         w2 = tl.where(valid, gw[None, :], 0.0)
         dg = tl.zeros((BLOCK_U, BLOCK_W), ACC)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < C
-            su = sim_tile(x_ptr, p_ptr, offs_u, offs_c, B, C, D, stride_x, stride_p, BLOCK_U,
-                          BLOCK_C, BLOCK_D, ACC, PRECISION)
-            sw = sim_tile(x_ptr, p_ptr, offs_w, offs_c, B, C, D, stride_x, stride_p, BLOCK_W,
-                          BLOCK_C, BLOCK_D, ACC, PRECISION)
+            su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
+            sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
             cc = offs_c[None, None, :]
             is_u = (cc == yu[:, None, None]).to(ACC)
             is_w = (cc == yw[None, :, None]).to(ACC)
@@ -195,12 +187,25 @@ def _nca_mix_bwd_kernel(x_ptr, p_ptr, y_ptr, prm_ptr, g_ptr, dsp_ptr, dx_ptr, B,
              mask=u_ok[:, None] & (offs_d[None, :] < D))
 
 
+def proxy_sims(x, p):
+    """S_P = X Pᵀ (B × C) in the accumulation dtype, by one matmul before the candidate
+    kernels, which then load its tiles. Every candidate tile reads s_uc and s_wc for each
+    proxy tile; recomputing them by tl.dot there cost D/8 multiply-adds per candidate term
+    with 16-wide tiles (B²·C·D/4 flops a proxy sweep, 8.8·10¹² at B = 8192, C = 1024,
+    D = 512, by arithmetic; the NCA backward sweeps three times) where a term itself takes a
+    few flops and an exp. The table is B·C, the size of the backward's ∂L/∂S_P. Halves are widened first,
+    as tl.dot accumulated them in fp32; fp32 follows torch's TF32 setting as PRECISION does."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(acc) @ p.to(acc).t()).contiguous()
+
+
 def proxy_mix_config(x, c):
     """Rows per program, partners and proxies per tile of the proxy losses' Metrix kernels:
     the candidate tensor is BLOCK_U × BLOCK_W × BLOCK_C (4K entries on a GPU, up to 16K under
     the interpreter, where fewer, larger tiles run faster). 8 warps on a GPU: ptxas on sm_90
-    (benchmarks/triton_spills.py, D = 512) gives the forwards no spills (4 warps: 56–272 B)
-    and the backwards 0.2–0.5 KB (4 warps: 1.5–2.4 KB per thread)."""
+    (benchmarks/triton_spills.py, D = 512, with S_P loaded) gives the forwards no spills
+    (175 and 209 registers; 4 warps: 28–120 B) and the backwards 72–76 B (4 warps:
+    1.3–1.6 KB per thread, mostly the 16 × D dX accumulator)."""
     dev, d = x.device, x.shape[1]
     if dev.type == "cuda":
         bu, bw, bc, warps = 16, 16, 16, dict(num_warps=8)
@@ -232,9 +237,10 @@ def _nca_mix_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, scale: f
     rows = torch.zeros(b, dtype=x.dtype, device=x.device)
     if b > 0:
         cfg, warps = proxy_mix_config(x, p.shape[0])
+        sp = proxy_sims(x, p)
         _nca_mix_fwd_kernel[(triton.cdiv(b, cfg["BLOCK_U"]),)](
-            x, p, labels, _constants(x, scale, lam), rows, b, p.shape[0], x.shape[1],
-            x.stride(0), p.stride(0), SAME=bool(same), KIND=int(kind), **cfg, **warps)
+            x, sp, labels, _constants(x, scale, lam), rows, b, p.shape[0], x.shape[1],
+            x.stride(0), sp.stride(0), SAME=bool(same), KIND=int(kind), **cfg, **warps)
     return rows
 
 
@@ -253,9 +259,10 @@ def _nca_mix_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, p: torch.Tensor,
     dsp = torch.zeros(b, c, dtype=x.dtype, device=x.device)
     if b > 0:
         cfg, warps = proxy_mix_config(x, c)
+        sp = proxy_sims(x, p)
         _nca_mix_bwd_kernel[(triton.cdiv(b, cfg["BLOCK_U"]),)](
-            x, p, labels, _constants(x, scale, lam), g_rows.to(x.dtype).contiguous(), dsp, dx,
-            b, c, d, x.stride(0), p.stride(0), dsp.stride(0), dx.stride(0), SAME=bool(same),
+            x, sp, labels, _constants(x, scale, lam), g_rows.to(x.dtype).contiguous(), dsp, dx,
+            b, c, d, x.stride(0), sp.stride(0), dsp.stride(0), dx.stride(0), SAME=bool(same),
             KIND=int(kind), BLOCK_DO=max(16, next_pow2(d)), **cfg, **warps)
     return dx + dsp @ p, dsp.t() @ x
 
