@@ -13,9 +13,10 @@ the CPU engine) applies the divisors.
   BLOCK_U × BLOCK_W × BLOCK_C tensor from s_uc and s_wc loaded from S_P = X Pᵀ (one matmul
   before the kernel, proxy_nca_metrix.proxy_sims), folded per proxy into two online
   log-sum-exps, the class masses entering as log-weights. Each program keeps its per-proxy
-  (max, sum) pairs in its own row of a (B/BLOCK_U) × 4 × C table, merged with the "1 +"
-  term afterwards. (Proxy programs, the first form, recomputed every Gram tile and every
-  s_wc once per proxy tile, and filled only C/16 programs.)
+  (max, sum) pairs in its own column of a 4 × (B/BLOCK_U) × C table, merged with the "1 +"
+  term afterwards by the clean loss's merge kernel (proxy_anchor.merge_states). (Proxy
+  programs, the first form, recomputed every Gram tile and every s_wc once per proxy tile,
+  and filled only C/16 programs.)
 - backward: row programs, as triton/proxy_nca_metrix.py's: each handles both orders (u, w)
   and (w, u) of its rows (the candidate set is symmetric), so it writes only its own rows:
   ∂L/∂s_uc into a B×C table, and the g_uw part of dX_u. Then dX += (∂L/∂S_P) P and
@@ -32,7 +33,7 @@ import triton.language as tl
 from .. import fused
 from ..fused import proxy_metrix
 from .launch import next_pow2, triton_op
-from .proxy_anchor import check_unit_inputs, hyper
+from .proxy_anchor import check_unit_inputs, hyper, merge_states
 from .proxy_anchor import impl as clean_impl, supports as clean_supports
 from .proxy_nca_metrix import _pair_tile, proxy_mix_config as _config, proxy_sims
 from .tiles import add_tile_product, load_rows
@@ -53,20 +54,21 @@ def _pa_args(v, yu, yw, offs_c, lu, lw, alpha, margin):
 
 
 @triton.jit
-def _pa_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, part_ptr, B, C, D, stride_x, stride_sp,
+def _pa_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, state_ptr, B, C, D, stride_x, stride_sp,
                        SAME: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Program k owns row tile k's candidates (u in the tile, every partner w) and, per proxy,
-    their running (max, sum) of the positive and of the negative exponents: part[k] holds
-    the four rows mp, tp, mn, tn of C entries, read and written by this program only. The
-    maxima start at 0, the "1 +" term's exponent (the final shift is at least that), so a
-    tile without candidates is no NaN."""
+    their running (max, sum) of the positive and of the negative exponents: state[:, k]
+    (state 4 × T × C: mp, tp, mn, tn, as proxy_anchor.merge_states takes them), read and
+    written by this program only. The maxima start at 0, the "1 +" term's exponent (the
+    final shift is at least that), so a tile without candidates is no NaN."""
     pid = tl.program_id(0)
     offs_u = pid * BLOCK_U + tl.arange(0, BLOCK_U)
     yu = tl.load(y_ptr + offs_u, mask=offs_u < B, other=-1)
     lam, alpha, margin = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 4)
-    part = part_ptr + pid * 4 * C
+    part = state_ptr + pid * C
+    step = tl.num_programs(0) * C  # from one of the four tables to the next
     for w0 in range(0, B, BLOCK_W):
         offs_w = w0 + tl.arange(0, BLOCK_W)
         # (the slope factor is the backward's; `_` must not be reused below: the compiler
@@ -84,9 +86,9 @@ def _pa_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, part_ptr, B, C, D, stride_
             ap = tl.where(ok, ap, float("-inf"))
             an = tl.where(ok, an, float("-inf"))
             mp = tl.load(part + offs_c, mask=c_ok, other=0.0)
-            tp = tl.load(part + C + offs_c, mask=c_ok, other=0.0)
-            mn = tl.load(part + 2 * C + offs_c, mask=c_ok, other=0.0)
-            tn = tl.load(part + 3 * C + offs_c, mask=c_ok, other=0.0)
+            tp = tl.load(part + step + offs_c, mask=c_ok, other=0.0)
+            mn = tl.load(part + 2 * step + offs_c, mask=c_ok, other=0.0)
+            tn = tl.load(part + 3 * step + offs_c, mask=c_ok, other=0.0)
             mp_new = tl.maximum(mp, tl.max(tl.max(ap, axis=1), axis=0))
             mn_new = tl.maximum(mn, tl.max(tl.max(an, axis=1), axis=0))
             tp = tp * tl.exp(mp - mp_new) + tl.sum(tl.sum(tl.exp(ap - mp_new[None, None, :]),
@@ -94,9 +96,9 @@ def _pa_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, part_ptr, B, C, D, stride_
             tn = tn * tl.exp(mn - mn_new) + tl.sum(tl.sum(tl.exp(an - mn_new[None, None, :]),
                                                           axis=1), axis=0)
             tl.store(part + offs_c, mp_new, mask=c_ok)
-            tl.store(part + C + offs_c, tp, mask=c_ok)
-            tl.store(part + 2 * C + offs_c, mn_new, mask=c_ok)
-            tl.store(part + 3 * C + offs_c, tn, mask=c_ok)
+            tl.store(part + step + offs_c, tp, mask=c_ok)
+            tl.store(part + 2 * step + offs_c, mn_new, mask=c_ok)
+            tl.store(part + 3 * step + offs_c, tn, mask=c_ok)
 
 
 @triton.jit
@@ -169,18 +171,13 @@ def _pa_mix_op(x: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, alpha: fl
     cfg, warps = _config(x, c)
     sp = proxy_sims(x, p)
     tiles = triton.cdiv(b, cfg["BLOCK_U"])
-    part = torch.zeros(tiles, 4, c, dtype=sp.dtype, device=x.device)
+    # (max, sum) of the positives, then of the negatives, per row tile: merge_states' layout
+    state = torch.zeros(4, tiles, c, dtype=sp.dtype, device=x.device)
     _pa_mix_fwd_kernel[(tiles,)](
-        x, sp, labels, _constants(x, alpha, margin, lam), part, b, c, x.shape[1], x.stride(0),
+        x, sp, labels, _constants(x, alpha, margin, lam), state, b, c, x.shape[1], x.stride(0),
         sp.stride(0), SAME=bool(same), **cfg, **warps)
-    return tuple(_merge(part[:, k], part[:, k + 1]).to(x.dtype) for k in (0, 2))
-
-
-def _merge(m, t):
-    """log(1 + Σ_k t_k e^{m_k}) over the row tiles' (max, sum) pairs, shifted by the largest
-    max (≥ 0, so e^{−shift} ≤ 1 keeps the "1 +" term and nothing overflows)."""
-    shift = m.amax(0)
-    return shift + torch.log(torch.exp(-shift) + (t * torch.exp(m - shift)).sum(0))
+    pos, neg = merge_states(state)
+    return pos.to(x.dtype), neg.to(x.dtype)
 
 
 @_pa_mix_op.register_fake
