@@ -192,6 +192,33 @@ def test_anchor_terms_merge_row_tiles_past_fp32_range(same):
         torch.testing.assert_close(a.cpu().double(), b, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("same", [False, True])
+def test_anchor_terms_rows_without_a_proxy(same):
+    """The kernels address S_P and the proxy tables by label: a label outside [0, C) (which
+    the losses refuse before, but the op does not read the host to check) must read no
+    memory out of range and meet no proxy, as in the formula, where its mass is on none."""
+    from metrix_ops.triton.proxy_anchor_metrix import proxy_anchor_metrix_terms_triton
+    g = torch.Generator().manual_seed(5 + same)
+    x = F.normalize(torch.randn(19, 5, dtype=torch.float64, generator=g), dim=1)
+    p = F.normalize(torch.randn(4, 5, dtype=torch.float64, generator=g), dim=1)
+    y = torch.tensor([0, 1, 2, 3, 4, 4, 9, 9, 0, 1, 2, 3, 0, 1, 9, 2, 3, 4, 0])
+    wp, wn = (torch.rand(4, dtype=torch.float64, generator=g) for _ in range(2))
+    ref = [x.clone().requires_grad_(), p.clone().requires_grad_()]
+    pos, neg = _anchor_terms_by_formula(*ref, y, 32.0, 0.1, 0.4, same)
+    d_ref = torch.autograd.grad((pos * wp).sum() + (neg * wn).sum(), ref)
+    tri = [t.requires_grad_() for t in on_dev(x, p)]
+    yd, wpd, wnd = on_dev(y, wp, wn)
+    tp, tn = proxy_anchor_metrix_terms_triton(*tri, yd, 32.0, 0.1, 0.4, same)
+    d_tri = torch.autograd.grad((tp * wpd).sum() + (tn * wnd).sum(), tri)
+    torch.testing.assert_close(tp.cpu(), pos.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tn.cpu(), neg.detach(), rtol=1e-10, atol=1e-10)
+    # the op's row gradient leaves out the radial part (unit rows): compare the tangent part
+    tangent = d_tri[0].cpu() - (d_tri[0].cpu() * x).sum(1, keepdim=True) * x
+    torch.testing.assert_close(tangent, d_ref[0] - (d_ref[0] * x).sum(1, keepdim=True) * x,
+                               rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(d_tri[1].cpu(), d_ref[1], rtol=1e-8, atol=1e-8)
+
+
 def test_fp32_and_half_inputs(loss):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(33, 12, generator=g)

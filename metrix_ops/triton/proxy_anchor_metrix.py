@@ -8,18 +8,26 @@ y_kc = λ[c = y_u] + (1−λ)[c = y_w] the candidate's class mass, s̃_kc = r_uw
 metrix_soft_forms.proxy_anchor_soft). The glue (fused/proxy_metrix.anchor_mixed, shared with
 the CPU engine) applies the divisors.
 
+A candidate's positive mass y_kc is 0 on every proxy but its two members' classes, so the
+positive terms are O(B²), not O(B²·C): the kernels take them per (row, partner) pair (the
+cosine to y_u or y_w gathered from S_P) and sweep the proxies for the negatives only, one exp
+per candidate and proxy (the first form took an exp and a log for each side there).
+
 - forward: row programs. A program owns BLOCK_U rows u and streams every partner tile (g_uw
-  by tl.dot, once) and, inside, every proxy tile: the candidates' cosines to the proxies as a
-  BLOCK_U × BLOCK_W × BLOCK_C tensor from s_uc and s_wc loaded from S_P = X Pᵀ (one matmul
-  before the kernel, proxy_nca_metrix.proxy_sims), folded per proxy into two online
-  log-sum-exps, the class masses entering as log-weights. Each program keeps its per-proxy
-  (max, sum) pairs in its own column of a 4 × (B/BLOCK_U) × C table, merged with the "1 +"
-  term afterwards by the clean loss's merge kernel (proxy_anchor.merge_states). (Proxy
-  programs, the first form, recomputed every Gram tile and every s_wc once per proxy tile,
-  and filled only C/16 programs.)
+  by tl.dot, once). Its rows' positive terms (u's candidates (u, w) and (w, u) on y_u) fold
+  into one online log-sum-exp per row; inside, every proxy tile: the candidates' cosines to
+  the proxies as a BLOCK_U × BLOCK_W × BLOCK_C tensor from s_uc and s_wc loaded from
+  S_P = X Pᵀ (one matmul before the kernel, proxy_nca_metrix.proxy_sims), folded per proxy
+  into the negatives' online log-sum-exp, the class masses entering as log-weights (a
+  select of scalar logs). Each program keeps its per-proxy (max, sum) pairs in its own
+  column of a 4 × (B/BLOCK_U) × C table (the rows' positive states merged into their
+  classes' entries at the end), merged with the "1 +" term afterwards by the clean loss's
+  merge kernel (proxy_anchor.merge_states). (Proxy programs, the first form, recomputed
+  every Gram tile and every s_wc once per proxy tile, and filled only C/16 programs.)
 - backward: row programs, as triton/proxy_nca_metrix.py's: each handles both orders (u, w)
   and (w, u) of its rows (the candidate set is symmetric), so it writes only its own rows:
-  ∂L/∂s_uc into a B×C table, and the g_uw part of dX_u. Then dX += (∂L/∂S_P) P and
+  ∂L/∂s_uc into a B×C table, and the g_uw part of dX_u; the positive terms' weights per
+  pair before the proxy sweep. Then dX += (∂L/∂S_P) P and
   dP = (∂L/∂S_P)ᵀ X in PyTorch. The per-proxy terms are their own log-sum-exps, so the
   backward needs nothing else from the forward."""
 from __future__ import annotations
@@ -40,17 +48,27 @@ from .tiles import add_tile_product, load_rows
 
 
 @triton.jit
-def _pa_args(v, yu, yw, offs_c, lu, lw, alpha, margin):
-    """The candidates' positive and negative exponents with their class masses as
-    log-weights (−inf where a mass is 0), and the masses y = lu[c = y_u] + lw[c = y_w]
-    (rows u on axis 0, partners w on axis 1)."""
-    cc = offs_c[None, None, :]
-    y = (lu * (cc == yu[:, None, None]).to(v.dtype)
-         + lw * (cc == yw[None, :, None]).to(v.dtype))
-    ap = tl.where(y > 0, -alpha * (v - margin) + tl.log(tl.where(y > 0, y, 1.0)), float("-inf"))
-    an = tl.where(1 - y > 0, alpha * (v + margin) + tl.log(tl.where(1 - y > 0, 1 - y, 1.0)),
-                  float("-inf"))
-    return ap, an, y
+def _log_mass(m):
+    """A class mass's log-weight, −inf where the mass is 0 (the term is absent)."""
+    return tl.where(m > 0, tl.log(tl.where(m > 0, m, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _neg_logw(is_u, is_w, at_u, at_w, at_both):
+    """log(1 − y) of the candidates' class masses y on each proxy as a select of scalars:
+    at_u on the first member's class, at_w on the second's, at_both where they are one
+    class, 0 elsewhere (where every other proxy is)."""
+    return tl.where(is_u, tl.where(is_w, at_both, at_u), tl.where(is_w, at_w, 0.0))
+
+
+@triton.jit
+def _own_class(sp_ptr, y_ptr, offs, n, C, stride_sp):
+    """Rows' labels, those labels as addresses (0 where out of range: such a row meets no
+    proxy, as none equals it), and each row's cosine to its own class's proxy."""
+    ok = offs < n
+    y = tl.load(y_ptr + offs, mask=ok, other=-1)
+    ya = tl.where((y >= 0) & (y < C), y, 0)
+    return y, ya, tl.load(sp_ptr + offs * stride_sp + ya, mask=ok, other=0.0)
 
 
 @triton.jit
@@ -62,43 +80,80 @@ def _pa_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, state_ptr, B, C, D, stride
     their running (max, sum) of the positive and of the negative exponents: state[:, k]
     (state 4 × T × C: mp, tp, mn, tn, as proxy_anchor.merge_states takes them), read and
     written by this program only. The maxima start at 0, the "1 +" term's exponent (the
-    final shift is at least that), so a tile without candidates is no NaN."""
+    final shift is at least that), so a tile without candidates is no NaN.
+
+    A candidate's positive mass sits on its members' classes only, so the positive terms are
+    per row, not per proxy: row u's are its candidates (u, w) on y_u (mass λ, or 1 when w is
+    of u's class) and (w, u) on y_u (mass 1 − λ, w of another class), one online
+    log-sum-exp per row over the partner tiles, merged into the proxies at the end. Only the
+    negatives take the rows × partners × proxies tile, one exp an entry (the first form
+    took an exp and a log an entry for each side)."""
     pid = tl.program_id(0)
     offs_u = pid * BLOCK_U + tl.arange(0, BLOCK_U)
-    yu = tl.load(y_ptr + offs_u, mask=offs_u < B, other=-1)
+    yu, yua, s_uu = _own_class(sp_ptr, y_ptr, offs_u, B, C, stride_sp)
     lam, alpha, margin = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 4)
+    om = 1 - lam
+    # log-weights: negatives of the candidate (u, w) (mass λ on y_u, 1 − λ on y_w) ...
+    n_u, n_w, n_uw = _log_mass(1 - lam), _log_mass(1 - om), _log_mass(1 - (lam + om))
+    # ... and positives on y_u: as first member (of another class / of one class), second
+    p_first, p_one, p_second = _log_mass(lam), _log_mass(lam + om), _log_mass(om)
     part = state_ptr + pid * C
     step = tl.num_programs(0) * C  # from one of the four tables to the next
+    m_row = tl.zeros((BLOCK_U,), ACC)
+    t_row = tl.zeros((BLOCK_U,), ACC)
     for w0 in range(0, B, BLOCK_W):
         offs_w = w0 + tl.arange(0, BLOCK_W)
         # (the slope factor is the backward's; `_` must not be reused below: the compiler
         # sees a loop-carried variable change shape)
         yw, valid, r, _nc = _pair_tile(x_ptr, y_ptr, offs_u, offs_w, yu, B, D, stride_x,
                                        prm_ptr, SAME, BLOCK_U, BLOCK_W, BLOCK_D, ACC, PRECISION)
+        s_wu = tl.load(sp_ptr + offs_w[None, :] * stride_sp + yua[:, None], mask=valid,
+                       other=0.0)
+        one = yu[:, None] == yw[None, :]
+        a = tl.where(valid, -alpha * (r * (lam * s_uu[:, None] + om * s_wu) - margin)
+                     + tl.where(one, p_one, p_first), float("-inf"))
+        b = tl.where(valid & (yu[:, None] != yw[None, :]),
+                     -alpha * (r * (om * s_uu[:, None] + lam * s_wu) - margin) + p_second,
+                     float("-inf"))
+        m_new = tl.maximum(m_row, tl.maximum(tl.max(a, axis=1), tl.max(b, axis=1)))
+        t_row = (t_row * tl.exp(m_row - m_new) + tl.sum(tl.exp(a - m_new[:, None]), axis=1)
+                 + tl.sum(tl.exp(b - m_new[:, None]), axis=1))
+        m_row = m_new
         ok = valid[:, :, None]
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < C
             su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
             sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
-            v = r[:, :, None] * (lam * su[:, None, :] + (1 - lam) * sw[None, :, :])
-            ap, an, _ = _pa_args(v, yu, yw, offs_c, lam, 1 - lam, alpha, margin)
-            ap = tl.where(ok, ap, float("-inf"))
+            cc = offs_c[None, None, :]
+            v = r[:, :, None] * (lam * su[:, None, :] + om * sw[None, :, :])
+            an = alpha * (v + margin) + _neg_logw(cc == yu[:, None, None],
+                                                  cc == yw[None, :, None], n_u, n_w, n_uw)
             an = tl.where(ok, an, float("-inf"))
-            mp = tl.load(part + offs_c, mask=c_ok, other=0.0)
-            tp = tl.load(part + step + offs_c, mask=c_ok, other=0.0)
             mn = tl.load(part + 2 * step + offs_c, mask=c_ok, other=0.0)
             tn = tl.load(part + 3 * step + offs_c, mask=c_ok, other=0.0)
-            mp_new = tl.maximum(mp, tl.max(tl.max(ap, axis=1), axis=0))
             mn_new = tl.maximum(mn, tl.max(tl.max(an, axis=1), axis=0))
-            tp = tp * tl.exp(mp - mp_new) + tl.sum(tl.sum(tl.exp(ap - mp_new[None, None, :]),
-                                                          axis=1), axis=0)
             tn = tn * tl.exp(mn - mn_new) + tl.sum(tl.sum(tl.exp(an - mn_new[None, None, :]),
                                                           axis=1), axis=0)
-            tl.store(part + offs_c, mp_new, mask=c_ok)
-            tl.store(part + step + offs_c, tp, mask=c_ok)
             tl.store(part + 2 * step + offs_c, mn_new, mask=c_ok)
             tl.store(part + 3 * step + offs_c, tn, mask=c_ok)
+    # the rows' positive states into their classes' entries (rows of one class merged)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        hit = yu[:, None] == offs_c[None, :]
+        mp = tl.max(tl.where(hit, m_row[:, None], 0.0), axis=0)
+        # (the exponent is 0 off the hits: a row's max over another class's may overflow)
+        tp = tl.sum(tl.where(hit, t_row[:, None], 0.0)
+                    * tl.exp(tl.where(hit, m_row[:, None] - mp[None, :], 0.0)), axis=0)
+        tl.store(part + offs_c, mp, mask=offs_c < C)
+        tl.store(part + step + offs_c, tp, mask=offs_c < C)
+
+
+@triton.jit
+def _pos_grad(gp, lp, v, logw, alpha, margin):
+    """∂pos_c/∂s̃ · g_pos[c] of one candidate's positive term: −α e^{a⁺ − pos_c} g, a⁺ with
+    its log-weight."""
+    return gp * -alpha * tl.exp(-alpha * (v - margin) + logw - lp)
 
 
 @triton.jit
@@ -108,39 +163,76 @@ def _pa_mix_bwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, n
                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                        ACC: tl.constexpr, PRECISION: tl.constexpr):
     """Rows u own ∂L/∂S_P[u, :] (read-modify-write of their rows of the table) and the g_uw
-    part of dX_u, over both candidate orders (u, w) and (w, u)."""
+    part of dX_u, over both candidate orders (u, w) and (w, u). The positive terms live on
+    y_u and y_w only: their weights are computed per (u, w) before the proxy sweep (four
+    exps a pair), their parts of dg there too, and their parts of ∂L/∂S_P selected into the
+    sweep, so the rows × partners × proxies tile takes one exp per order (the negatives'),
+    where the first form took two exps and two logs."""
     offs_u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     u_ok = offs_u < B
-    yu = tl.load(y_ptr + offs_u, mask=u_ok, other=-1)
+    yu, yua, s_uu = _own_class(sp_ptr, y_ptr, offs_u, B, C, stride_sp)
+    gp_u = tl.load(gp_ptr + yua, mask=u_ok, other=0.0).to(ACC)[:, None]
+    lp_u = tl.load(pos_ptr + yua, mask=u_ok, other=0.0).to(ACC)[:, None]
     lam, alpha, margin = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 4)
+    om = 1 - lam
+    # (u, w) has masses λ on y_u and 1 − λ on y_w; (w, u) 1 − λ on y_u and λ on y_w
+    l_lam, l_om, l_one = _log_mass(lam), _log_mass(om), _log_mass(lam + om)
+    n1_u, n1_w, n1_uw = _log_mass(1 - lam), _log_mass(1 - om), _log_mass(1 - (lam + om))
+    n2_u, n2_w, n2_uw = _log_mass(1 - om), _log_mass(1 - lam), _log_mass(1 - (om + lam))
     acc = tl.zeros((BLOCK_U, BLOCK_DO), ACC)
     for w0 in range(0, B, BLOCK_W):
         offs_w = w0 + tl.arange(0, BLOCK_W)
         yw, valid, r, nc = _pair_tile(x_ptr, y_ptr, offs_u, offs_w, yu, B, D, stride_x,
                                       prm_ptr, SAME, BLOCK_U, BLOCK_W, BLOCK_D, ACC, PRECISION)
+        _yw, ywa, s_ww = _own_class(sp_ptr, y_ptr, offs_w, B, C, stride_sp)
+        w_ok = offs_w < B
+        gp_w = tl.load(gp_ptr + ywa, mask=w_ok, other=0.0).to(ACC)[None, :]
+        lp_w = tl.load(pos_ptr + ywa, mask=w_ok, other=0.0).to(ACC)[None, :]
+        s_wu = tl.load(sp_ptr + offs_w[None, :] * stride_sp + yua[:, None], mask=valid,
+                       other=0.0)
+        s_uw = tl.load(sp_ptr + offs_u[:, None] * stride_sp + ywa[None, :], mask=valid,
+                       other=0.0)
+        diff = yu[:, None] != yw[None, :]
+        at_u = valid & (yua == yu)[:, None]  # (y_u in range: a positive term exists)
+        at_w = valid & diff & (ywa == yw)[None, :]
+        # positives: (u, w) on y_u and y_w, (w, u) on y_u and y_w (one term where one class)
+        v1u = r * (lam * s_uu[:, None] + om * s_wu)
+        v2u = r * (om * s_uu[:, None] + lam * s_wu)
+        v1w = r * (lam * s_uw + om * s_ww[None, :])
+        v2w = r * (om * s_uw + lam * s_ww[None, :])
+        p1u = tl.where(at_u, _pos_grad(gp_u, lp_u, v1u, tl.where(diff, l_lam, l_one), alpha,
+                                       margin), 0.0)
+        p2u = tl.where(at_u, _pos_grad(gp_u, lp_u, v2u, tl.where(diff, l_om, l_one), alpha,
+                                       margin), 0.0)
+        p1w = tl.where(at_w, _pos_grad(gp_w, lp_w, v1w, l_om, alpha, margin), 0.0)
+        p2w = tl.where(at_w, _pos_grad(gp_w, lp_w, v2w, l_lam, alpha, margin), 0.0)
+        # their parts of ∂L/∂s_uc: on y_u one entry a row, on y_w selected in the sweep
+        own_u = tl.sum(r * (lam * p1u + om * p2u), axis=1)
+        on_w = (r * (lam * p1w + om * p2w))[:, :, None]
+        dg = p1u * v1u + p2u * v2u + p1w * v1w + p2w * v2w
         ok = valid[:, :, None]
-        dg = tl.zeros((BLOCK_U, BLOCK_W), ACC)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < C
-            gp = tl.load(gp_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
             gn = tl.load(gn_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
-            lp = tl.load(pos_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
             ln = tl.load(neg_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
             su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
             sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
+            cc = offs_c[None, None, :]
+            is_u = cc == yu[:, None, None]
+            is_w = cc == yw[None, :, None]
             # (u, w): λ on s_u·; (w, u): λ on s_w· (its first member is w)
-            v1 = r[:, :, None] * (lam * su[:, None, :] + (1 - lam) * sw[None, :, :])
-            v2 = r[:, :, None] * ((1 - lam) * su[:, None, :] + lam * sw[None, :, :])
-            ap1, an1, _ = _pa_args(v1, yu, yw, offs_c, lam, 1 - lam, alpha, margin)
-            ap2, an2, _ = _pa_args(v2, yu, yw, offs_c, 1 - lam, lam, alpha, margin)
-            # ∂/∂s̃ of pos_c and neg_c: −α e^{a⁺ − pos_c}, α e^{a⁻ − neg_c} (weights inside a)
-            q1 = gp * -alpha * tl.exp(ap1 - lp) + gn * alpha * tl.exp(an1 - ln)
-            q2 = gp * -alpha * tl.exp(ap2 - lp) + gn * alpha * tl.exp(an2 - ln)
+            v1 = r[:, :, None] * (lam * su[:, None, :] + om * sw[None, :, :])
+            v2 = r[:, :, None] * (om * su[:, None, :] + lam * sw[None, :, :])
+            # ∂/∂s̃ of neg_c: α e^{a⁻ − neg_c} (the weight inside a⁻)
             keep = ok & c_ok[None, None, :]
-            q1 = tl.where(keep, q1, 0.0)
-            q2 = tl.where(keep, q2, 0.0)
-            d_su = tl.sum(r[:, :, None] * (lam * q1 + (1 - lam) * q2), axis=1)
+            q1 = tl.where(keep, gn * alpha * tl.exp(
+                alpha * (v1 + margin) + _neg_logw(is_u, is_w, n1_u, n1_w, n1_uw) - ln), 0.0)
+            q2 = tl.where(keep, gn * alpha * tl.exp(
+                alpha * (v2 + margin) + _neg_logw(is_u, is_w, n2_u, n2_w, n2_uw) - ln), 0.0)
+            d_su = (tl.sum(r[:, :, None] * (lam * q1 + om * q2) + tl.where(is_w, on_w, 0.0),
+                           axis=1)
+                    + tl.where(yu[:, None] == offs_c[None, :], own_u[:, None], 0.0))
             ptrs = dsp_ptr + offs_u[:, None] * stride_dsp + offs_c[None, :]
             m2 = u_ok[:, None] & c_ok[None, :]
             tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) + d_su, mask=m2)

@@ -204,8 +204,8 @@ def proxy_mix_config(x, c):
     the candidate tensor is BLOCK_U × BLOCK_W × BLOCK_C (4K entries on a GPU, up to 16K under
     the interpreter, where fewer, larger tiles run faster). 8 warps on a GPU: ptxas on sm_90
     (benchmarks/triton_spills.py, D = 512, with S_P loaded) gives the forwards no spills
-    (175 and 209 registers; 4 warps: 28–120 B) and the backwards 72–76 B (4 warps:
-    1.3–1.6 KB per thread, mostly the 16 × D dX accumulator)."""
+    (NCA 175 registers, ProxyAnchor 242; 4 warps: NCA 28 B) and the backwards 64–76 B
+    (4 warps: 1.1–1.3 KB per thread, mostly the 16 × D dX accumulator)."""
     dev, d = x.device, x.shape[1]
     if dev.type == "cuda":
         bu, bw, bc, warps = 16, 16, 16, dict(num_warps=8)
