@@ -1,6 +1,7 @@
 """Registers and spills of the Triton kernels on sm_90, without a GPU: each kernel is compiled
 by Triton for an H100 (tests/triton_cases.compile_sm90) and its PTX assembled by the CUDA
-toolkit's `ptxas -v`, which reports registers per thread and spill bytes. What the interpreter
+toolkit's `ptxas -v`, which reports registers per thread and spill bytes (and the number of
+exp instructions in the PTX, which ptxas turns one for one into MUFU.EX2). What the interpreter
 cannot show, and what the launch settings (metrix_tiles.mix_config, ee_hphn's tile override)
 were chosen from.
 
@@ -181,9 +182,12 @@ def main():
         info = [line.split("ptxas info    :")[-1].strip()
                 for line in (res.stderr + res.stdout).splitlines()
                 if "registers" in line or "spill" in line]
-        print(f"{name}: " + "; ".join(info))
+        # exps in the code (static: a loop's body counts once); the SFU issues them at an
+        # eighth of the FMA rate, so the count compares two forms of a kernel's inner loop
+        exps = kernel.asm["ptx"].count("ex2.approx")
+        print(f"{name}: " + "; ".join(info) + f"; {exps} ex2 in the PTX")
         text = " ".join(info)
-        rows.append({"kernel": name, "warps": warps, "ptxas": text,
+        rows.append({"kernel": name, "warps": warps, "ptxas": text, "ex2_in_ptx": exps,
                      "registers": _number(text, "Used", "registers"),
                      "spill_stores_bytes": _number(text, "", "bytes spill stores"),
                      "spill_loads_bytes": _number(text, "", "bytes spill loads")})
