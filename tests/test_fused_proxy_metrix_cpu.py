@@ -155,8 +155,8 @@ def test_drawn_lambda_is_the_reference_draw(name):
 @pytest.mark.parametrize("name", LOSSES)
 def test_fp32_matches_fp64_reference(name, simd, monkeypatch):
     """fp32 against the fp64 reference, at the default level and at each x86 level (the
-    ProxyAnchor rows take 4 floats a lane group in the baseline build, 8 under AVX2 and
-    AVX-512; B = 67 leaves a tail of lanes at both widths)"""
+    rows of both losses take 4 floats a lane group in the baseline build, 8 under AVX2, 16
+    under AVX-512; B = 67 leaves a tail of lanes at every width)"""
     if simd is not None:
         monkeypatch.setenv("METRIX_OPS_SIMD", simd)
         try:

@@ -223,8 +223,8 @@ MO_PM_INLINE void bwd_task(const PaMix<T>& k, int64_t c0, int64_t c1, int64_t st
   }
 }
 
-// The row and task kernels at the fp32 kernels' level (pm::wide_fp32): 8 floats a lane
-// group under AVX2 or AVX-512, 4 in the baseline build; fp64 one element at a time. The
+// The row and task kernels at the fp32 kernels' level (pm::fp32_lanes): 16 floats a lane
+// group under AVX-512, 8 under AVX2, 4 in the baseline build; fp64 one element at a time. The
 // exps are most of the term's time.
 template <typename T>
 struct PaRows {
@@ -255,13 +255,24 @@ __attribute__((target("avx2,fma"))) void bwd_avx2(const PaMix<float>& k, int64_t
                                                   const float* lp, const float* ln) {
   bwd_task<float, 8>(k, c0, c1, start, len, R, hp, dT, gp, gn, lp, ln);
 }
+MO_PM_AVX512 void fwd_avx512(const PaMix<float>& k, int64_t a, float* r, float* outp,
+                             float* outn) {
+  fwd_row<float, 16>(k, a, r, outp, outn);
+}
+MO_PM_AVX512 void bwd_avx512(const PaMix<float>& k, int64_t c0, int64_t c1, int64_t start,
+                             int64_t len, const float* R, float* hp, float* dT,
+                             const float* gp, const float* gn, const float* lp,
+                             const float* ln) {
+  bwd_task<float, 16>(k, c0, c1, start, len, R, hp, dT, gp, gn, lp, ln);
+}
 #endif
 
 template <typename T>
 PaRows<T> pa_rows() {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (pm::wide_fp32()) return {&fwd_avx2, &bwd_avx2};
+    if (pm::fp32_lanes() == 16) return {&fwd_avx512, &bwd_avx512};
+    if (pm::fp32_lanes() == 8) return {&fwd_avx2, &bwd_avx2};
 #endif
     return {&fwd_at<float, 4>, &bwd_at<float, 4>};
   } else {

@@ -19,6 +19,8 @@ namespace metrix_ops {
 namespace pm {
 
 #define MO_PM_INLINE inline __attribute__((always_inline))
+// the target of the 16-float row kernels (the fp32 kernels' AVX-512 level, ms_simd.cpp's)
+#define MO_PM_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
 #define MO_PM_LAMBDA __attribute__((always_inline))
 
 template <typename T, int W>
@@ -150,9 +152,14 @@ MO_PM_INLINE bool shifted_sum_ok(T sum) {
   return sum >= shifted_sum_floor<T>() && sum <= std::numeric_limits<T>::max();
 }
 
-// Whether the fp32 rows take 8 floats a lane group: the fp32 kernels' level
-// (ms_kernels_f32: METRIX_OPS_SIMD, else the widest the CPU has) is above the baseline
-inline bool wide_fp32() { return std::strcmp(ms_kernels_f32().level, "baseline") != 0; }
+// Floats a lane group of the fp32 rows at the fp32 kernels' level (ms_kernels_f32:
+// METRIX_OPS_SIMD, else the widest the CPU has): 16 under AVX-512, 8 under AVX2, 4 in the
+// baseline build
+inline int fp32_lanes() {
+  const char* level = ms_kernels_f32().level;
+  if (!std::strcmp(level, "avx512")) return 16;
+  return std::strcmp(level, "baseline") != 0 ? 8 : 4;
+}
 
 }  // namespace pm
 }  // namespace metrix_ops

@@ -172,9 +172,9 @@ MO_PM_INLINE void bwd_block(const NcaMix<T>& k, int64_t a0, int64_t a1, int64_t 
     }
 }
 
-// The row and block kernels at the fp32 kernels' level, as proxy_anchor_metrix_cpu.cpp's: 8
-// floats a lane group under AVX2 or AVX-512 (pm::wide_fp32), 4 in the baseline build; fp64
-// one at a time.
+// The row and block kernels at the fp32 kernels' level, as proxy_anchor_metrix_cpu.cpp's: 16
+// floats a lane group under AVX-512, 8 under AVX2 (pm::fp32_lanes), 4 in the baseline build;
+// fp64 one at a time.
 template <typename T>
 struct NcaRows {
   T (*fwd)(const NcaMix<T>&, int64_t, const T*, T*);
@@ -200,13 +200,21 @@ __attribute__((target("avx2,fma"))) void bwd_avx2(const NcaMix<float>& k, int64_
                                                   float* lg) {
   bwd_block<float, 8>(k, a0, a1, b0, b1, g, dsp, q, lg);
 }
+MO_PM_AVX512 float fwd_avx512(const NcaMix<float>& k, int64_t a, const float* g, float* e) {
+  return fwd_row<float, 16>(k, a, g, e);
+}
+MO_PM_AVX512 void bwd_avx512(const NcaMix<float>& k, int64_t a0, int64_t a1, int64_t b0,
+                             int64_t b1, float* g, float* dsp, const float* q, float* lg) {
+  bwd_block<float, 16>(k, a0, a1, b0, b1, g, dsp, q, lg);
+}
 #endif
 
 template <typename T>
 NcaRows<T> nca_rows() {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (pm::wide_fp32()) return {&fwd_avx2, &bwd_avx2};
+    if (pm::fp32_lanes() == 16) return {&fwd_avx512, &bwd_avx512};
+    if (pm::fp32_lanes() == 8) return {&fwd_avx2, &bwd_avx2};
 #endif
     return {&fwd_at<float, 4>, &bwd_at<float, 4>};
   } else {
