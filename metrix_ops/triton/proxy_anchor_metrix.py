@@ -20,16 +20,15 @@ proxies of the sweep, per thread, 32 → 16 forward and 64 → 32 backward).
   the proxies as a BLOCK_U × BLOCK_W × BLOCK_C tensor from s_uc and s_wc loaded from
   S_P = X Pᵀ (one matmul before the kernel, proxy_nca_metrix.proxy_sims), folded per proxy
   into the negatives' online log-sum-exp, the class masses entering as log-weights (a
-  select of scalar logs; the compiler had hoisted the first form's logs already). Each program keeps its per-proxy (max, sum) pairs in its own
-  column of a 4 × (B/BLOCK_U) × C table (the rows' positive states merged into their
-  classes' entries at the end), merged with the "1 +" term afterwards by the clean loss's
-  merge kernel (proxy_anchor.merge_states). (Proxy programs, the first form, recomputed
+  select of scalar logs; the compiler had hoisted the first form's logs already). Each
+  program keeps its per-proxy (max, sum) pairs in its own column of a 4 × (B/BLOCK_U) × C
+  table (the rows' positive states merged into their classes' entries at the end), merged
+  with the "1 +" term afterwards by the clean loss's merge kernel (proxy_anchor.merge_states). (Proxy programs, the first form, recomputed
   every Gram tile and every s_wc once per proxy tile, and filled only C/16 programs.)
 - backward: row programs, as triton/proxy_nca_metrix.py's: each handles both orders (u, w)
   and (w, u) of its rows (the candidate set is symmetric), so it writes only its own rows:
   ∂L/∂s_uc into a B×C table, and the g_uw part of dX_u; the positive terms' weights per
-  pair before the proxy sweep. Then dX += (∂L/∂S_P) P and
-  dP = (∂L/∂S_P)ᵀ X in PyTorch. The per-proxy terms are their own log-sum-exps, so the
+  pair before the proxy sweep. Then dX += (∂L/∂S_P) P and dP = (∂L/∂S_P)ᵀ X in PyTorch. The per-proxy terms are their own log-sum-exps, so the
   backward needs nothing else from the forward."""
 from __future__ import annotations
 
@@ -44,8 +43,8 @@ from ..fused import proxy_metrix
 from .launch import next_pow2, triton_op
 from .proxy_anchor import check_unit_inputs, hyper, merge_states
 from .proxy_anchor import impl as clean_impl, supports as clean_supports
-from .proxy_nca_metrix import _pair_tile, proxy_mix_config as _config, proxy_sims
-from .tiles import add_tile_product, load_rows
+from .proxy_nca_metrix import _pair_tile, proxy_mix_config as _config, proxy_sims, proxy_tile
+from .tiles import add_tile_product
 
 
 @triton.jit
@@ -63,13 +62,11 @@ def _neg_logw(is_u, is_w, at_u, at_w, at_both):
 
 
 @triton.jit
-def _own_class(sp_ptr, y_ptr, offs, n, C, stride_sp):
-    """Rows' labels, those labels as addresses (0 where out of range: such a row meets no
-    proxy, as none equals it), and each row's cosine to its own class's proxy."""
-    ok = offs < n
-    y = tl.load(y_ptr + offs, mask=ok, other=-1)
+def _own_class(sp_ptr, y, offs, n, C, stride_sp):
+    """Rows' labels y as addresses (0 where out of range: such a row meets no proxy, as none
+    equals it), and each row's cosine to its own class's proxy."""
     ya = tl.where((y >= 0) & (y < C), y, 0)
-    return y, ya, tl.load(sp_ptr + offs * stride_sp + ya, mask=ok, other=0.0)
+    return ya, tl.load(sp_ptr + offs * stride_sp + ya, mask=offs < n, other=0.0)
 
 
 @triton.jit
@@ -91,7 +88,8 @@ def _pa_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, state_ptr, B, C, D, stride
     took two)."""
     pid = tl.program_id(0)
     offs_u = pid * BLOCK_U + tl.arange(0, BLOCK_U)
-    yu, yua, s_uu = _own_class(sp_ptr, y_ptr, offs_u, B, C, stride_sp)
+    yu = tl.load(y_ptr + offs_u, mask=offs_u < B, other=-1)
+    yua, s_uu = _own_class(sp_ptr, yu, offs_u, B, C, stride_sp)
     lam, alpha, margin = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 4)
     om = 1 - lam
     # log-weights: negatives of the candidate (u, w) (mass λ on y_u, 1 − λ on y_w) ...
@@ -122,10 +120,8 @@ def _pa_mix_fwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, state_ptr, B, C, D, stride
         m_row = m_new
         ok = valid[:, :, None]
         for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = offs_c < C
-            su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
-            sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
+            offs_c, c_ok, su, sw = proxy_tile(sp_ptr, offs_u, offs_w, c0, B, C, stride_sp,
+                                              BLOCK_C)
             cc = offs_c[None, None, :]
             v = r[:, :, None] * (lam * su[:, None, :] + om * sw[None, :, :])
             an = alpha * (v + margin) + _neg_logw(cc == yu[:, None, None],
@@ -171,7 +167,8 @@ def _pa_mix_bwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, n
     where the first form took two."""
     offs_u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     u_ok = offs_u < B
-    yu, yua, s_uu = _own_class(sp_ptr, y_ptr, offs_u, B, C, stride_sp)
+    yu = tl.load(y_ptr + offs_u, mask=offs_u < B, other=-1)
+    yua, s_uu = _own_class(sp_ptr, yu, offs_u, B, C, stride_sp)
     gp_u = tl.load(gp_ptr + yua, mask=u_ok, other=0.0).to(ACC)[:, None]
     lp_u = tl.load(pos_ptr + yua, mask=u_ok, other=0.0).to(ACC)[:, None]
     lam, alpha, margin = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 4)
@@ -185,7 +182,7 @@ def _pa_mix_bwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, n
         offs_w = w0 + tl.arange(0, BLOCK_W)
         yw, valid, r, nc = _pair_tile(x_ptr, y_ptr, offs_u, offs_w, yu, B, D, stride_x,
                                       prm_ptr, SAME, BLOCK_U, BLOCK_W, BLOCK_D, ACC, PRECISION)
-        _yw, ywa, s_ww = _own_class(sp_ptr, y_ptr, offs_w, B, C, stride_sp)
+        ywa, s_ww = _own_class(sp_ptr, yw, offs_w, B, C, stride_sp)
         w_ok = offs_w < B
         gp_w = tl.load(gp_ptr + ywa, mask=w_ok, other=0.0).to(ACC)[None, :]
         lp_w = tl.load(pos_ptr + ywa, mask=w_ok, other=0.0).to(ACC)[None, :]
@@ -213,12 +210,10 @@ def _pa_mix_bwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, n
         dg = p1u * v1u + p2u * v2u + p1w * v1w + p2w * v2w
         ok = valid[:, :, None]
         for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = offs_c < C
+            offs_c, c_ok, su, sw = proxy_tile(sp_ptr, offs_u, offs_w, c0, B, C, stride_sp,
+                                              BLOCK_C)
             gn = tl.load(gn_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
             ln = tl.load(neg_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, None, :]
-            su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
-            sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
             cc = offs_c[None, None, :]
             is_u = cc == yu[:, None, None]
             is_w = cc == yw[None, :, None]

@@ -86,6 +86,15 @@ def _pair_tile(x_ptr, y_ptr, offs_u, offs_w, yu, B, D, stride_x, prm_ptr, SAME: 
 
 
 @triton.jit
+def proxy_tile(sp_ptr, offs_u, offs_w, c0, B, C, stride_sp, BLOCK_C: tl.constexpr):
+    """Proxy tile c0's offsets, their mask, and the rows' and partners' cosines to its proxies
+    (tiles of S_P, 0 outside)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    return (offs_c, offs_c < C, load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp),
+            load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp))
+
+
+@triton.jit
 def _lse_sweep(sp_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, stride_sp,
                KIND: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
                BLOCK_C: tl.constexpr, ACC: tl.constexpr):
@@ -95,9 +104,7 @@ def _lse_sweep(sp_ptr, offs_u, offs_w, yu, yw, r, lam, scale, B, C, stride_sp,
     t = tl.zeros((BLOCK_U, BLOCK_W), ACC)
     tgt = tl.zeros((BLOCK_U, BLOCK_W), ACC)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
-        sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
+        offs_c, _c_ok, su, sw = proxy_tile(sp_ptr, offs_u, offs_w, c0, B, C, stride_sp, BLOCK_C)
         v = r[:, :, None] * (lam * su[:, None, :] + (1 - lam) * sw[None, :, :])
         lg = tl.where((offs_c < C)[None, None, :], _nca_logit3(v, scale, KIND), float("-inf"))
         m_new = tl.maximum(m, tl.max(lg, axis=2))  # finite: every candidate has C ≥ 1 logits
@@ -158,10 +165,8 @@ def _nca_mix_bwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, g_ptr, dsp_ptr, dx_ptr, B
         w2 = tl.where(valid, gw[None, :], 0.0)
         dg = tl.zeros((BLOCK_U, BLOCK_W), ACC)
         for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = offs_c < C
-            su = load_rows(sp_ptr, offs_u, B, offs_c, C, stride_sp)
-            sw = load_rows(sp_ptr, offs_w, B, offs_c, C, stride_sp)
+            offs_c, c_ok, su, sw = proxy_tile(sp_ptr, offs_u, offs_w, c0, B, C, stride_sp,
+                                              BLOCK_C)
             cc = offs_c[None, None, :]
             is_u = (cc == yu[:, None, None]).to(ACC)
             is_w = (cc == yw[None, :, None]).to(ACC)
@@ -193,8 +198,9 @@ def proxy_sims(x, p):
     proxy tile; recomputing them by tl.dot there cost D/8 multiply-adds per candidate term
     with 16-wide tiles (B²·C·D/4 flops a proxy sweep, 8.8·10¹² at B = 8192, C = 1024,
     D = 512, by arithmetic; the NCA backward sweeps three times) where a term itself takes a
-    few flops and an exp. The table is B·C, the size of the backward's ∂L/∂S_P. Halves are widened first,
-    as tl.dot accumulated them in fp32; fp32 follows torch's TF32 setting as PRECISION does."""
+    few flops and an exp. The table is B·C, the size of the backward's ∂L/∂S_P. Halves are
+    widened first, as tl.dot accumulated them in fp32; fp32 follows torch's TF32 setting as
+    PRECISION does."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.to(acc) @ p.to(acc).t()).contiguous()
 
