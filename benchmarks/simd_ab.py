@@ -1,8 +1,8 @@
 """Interleaved A/B of the CPU kernels' SIMD levels (METRIX_OPS_SIMD) on the proxy losses'
-embedding-level Metrix ops (ops/proxy_metrix: ProxyAnchor's terms, ProxyNCA's rows), forward
-and backward: each round runs one fresh process per level, alternating, so that a noisy VM's
-drift falls on both levels alike. The level is fixed at a process's first kernel call, hence
-the processes.
+embedding-level Metrix ops (ops/proxy_metrix: ProxyAnchor's terms, ProxyNCA's rows): the
+forward, the backward and the whole call, each timed. Each round runs one fresh process per
+level, alternating, so that a noisy VM's drift falls on both levels alike. The level is fixed
+at a process's first kernel call, hence the processes.
 
     python benchmarks/simd_ab.py --levels avx2,avx512 --shapes 180x3997,180x100 --rounds 3 \
         [--out benchmarks/results/cpu_proxy_metrix_simd_ab.json]
@@ -35,19 +35,27 @@ def _child(b: int, c: int, repeats: int) -> dict:
 
     def anchor():
         pos, neg = proxy_anchor_metrix_terms(x, p, y, 32.0, 0.1, 0.3, False)
-        (pos.sum() + neg.sum()).backward()
+        return pos.sum() + neg.sum()
 
     def nca():
-        proxy_nca_metrix_rows(x, p, y, 3.0, 1, 0.3, False).sum().backward()
+        return proxy_nca_metrix_rows(x, p, y, 3.0, 1, 0.3, False).sum()
     out = {"level": torch.ops.metrix_ops._simd_level()}
     for name, f in (("ProxyAnchor", anchor), ("ProxyNCA", nca)):
-        f()  # warm-up
-        ts = []
+        f().backward()  # warm-up
+        fwd, bwd, tot = [], [], []
         for _ in range(repeats):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-        out[name] = statistics.median(ts)
+            t0 = time.perf_counter()
+            loss = f()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+            tot.append(t2 - t0)
+        # the medians of each side and of the whole call, each taken on its own
+        out[name] = statistics.median(tot)
+        out[name + "_fwd"] = statistics.median(fwd)
+        out[name + "_bwd"] = statistics.median(bwd)
     return out
 
 
@@ -74,8 +82,9 @@ def main():
                                      capture_output=True, text=True)
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 rows.append({"shape": shape, "round": rnd, **r})
-                print(shape, rnd, level, " ".join(f"{k} {1e3 * r[k]:.1f} ms"
-                                                  for k in ("ProxyAnchor", "ProxyNCA")))
+                print(shape, rnd, level, " ".join(
+                    f"{k} {1e3 * r[k]:.1f} ms (fwd {1e3 * r[k + '_fwd']:.1f}, "
+                    f"bwd {1e3 * r[k + '_bwd']:.1f})" for k in ("ProxyAnchor", "ProxyNCA")))
     if args.out:
         sys.path.insert(0, HERE)
         import torch

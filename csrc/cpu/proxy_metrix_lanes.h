@@ -1,9 +1,9 @@
 // Lane types for the proxy Metrix kernels: one loop body written once (a generic lambda
 // taking a lane tag) runs W floats at a time with fast_exp for fp32 and one element at a
 // time otherwise (fp64 with std::exp, fp32 tails with scalar fast_exp). W = 4: SSE2's
-// native width, which the baseline build has everywhere (as proxy_anchor_cpu.cpp); W = 8
-// inside functions compiled for AVX2 (proxy_anchor_metrix_cpu.cpp), where the loop bodies
-// must be inlined (MO_PM_INLINE, MO_PM_LAMBDA) to be compiled for that target.
+// native width, which the baseline build has everywhere (as proxy_anchor_cpu.cpp); W = 8 and
+// 16 inside functions compiled for AVX2 and AVX-512 (proxy_anchor_metrix_cpu.cpp), where the
+// loop bodies must be inlined (MO_PM_INLINE, MO_PM_LAMBDA) to be compiled for that target.
 #pragma once
 
 #include <algorithm>
@@ -92,12 +92,22 @@ struct Lane<T, 1> {
 };
 
 // f(lane tag, j) over j in [0, n): W-float groups for fp32 (W = 4 unless the caller is
-// compiled for a wider target), then single elements
+// compiled for a wider target), then at most one group each of 8 and 4 floats, then single
+// elements. The halving tail matters for short rows: ProxyAnchor's backward walks a triangle
+// (row a's partners w > a), so a row ends (W − 1)/2 elements past its last full group on
+// average, and at W = 16 and B = 100 those, one exp at a time, outnumbered its full groups.
 template <typename T, int W = 4, typename F>
 MO_PM_INLINE void for_lanes(int64_t n, F&& f) {
   int64_t j = 0;
-  if constexpr (std::is_same_v<T, float>)
+  if constexpr (std::is_same_v<T, float>) {
     for (; j + W <= n; j += W) f(FloatLanes<W>{}, j);
+    if constexpr (W > 8) {
+      if (j + 8 <= n) f(FloatLanes<8>{}, j), j += 8;
+    }
+    if constexpr (W > 4) {
+      if (j + 4 <= n) f(FloatLanes<4>{}, j), j += 4;
+    }
+  }
   for (; j < n; ++j) f(Lane<T, 1>{}, j);
 }
 
@@ -112,7 +122,8 @@ struct RowSum {
   template <class Ln, class V>
   MO_PM_INLINE void add(Ln, V x) {
     if constexpr (Ln::w == 1) s += x;
-    else v += x;
+    else if constexpr (Ln::w == W) v += x;
+    else s += FloatLanes<Ln::w>::hsum(x);  // for_lanes' narrower tail groups, once a row
   }
   MO_PM_INLINE T total() const {
     if constexpr (std::is_same_v<T, float>) return FloatLanes<W>::hsum(v) + s;
@@ -127,7 +138,9 @@ struct RowMax {
   template <class Ln, class V>
   MO_PM_INLINE void add(Ln, V x) {
     if constexpr (Ln::w == 1) s = std::max(s, x);
-    else v = lane_max(x, v);  // x NaN keeps v, as std::max(s, NaN) keeps s
+    // x NaN keeps v, as std::max(s, NaN) keeps s
+    else if constexpr (Ln::w == W) v = lane_max(x, v);
+    else s = std::max(s, FloatLanes<Ln::w>::hmax(x));
   }
   MO_PM_INLINE T total() const {
     if constexpr (std::is_same_v<T, float>) return std::max(FloatLanes<W>::hmax(v), s);
