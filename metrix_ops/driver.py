@@ -12,6 +12,7 @@ from . import fused
 from .config import Expansion, Metrix
 from .distances import as_distance, record_norms, unit_l2_form, wants_norms
 from .fused.pair_counts import pair_count_tensors
+from .hyper_checks import check_hyper
 from .miners.base import mined_counts, record_counts, stats_distance
 from .reducers import ForeignReducer, as_reducer, reduce_loss_dict
 from .regularizers import check_regularizer, regularization
@@ -122,6 +123,23 @@ def check_options(name: str, params: dict, inp: LossInputs, metrix, expansion) -
         check_expansion(name, params, inp)
 
 
+def call_features(params: dict, inp: LossInputs, expansion) -> str:
+    """What a call asks of a fused op, for a refusal's message: its distance, hyper-parameters
+    and options."""
+    d = inp.distance
+    shown = ", ".join(f"{a}={getattr(d, a)!r}" for a in ("normalize_embeddings", "p", "power")
+                      if hasattr(d, a))
+    parts = [f"distance={type(d).__name__}({shown})"]
+    parts += [f"{k}={v!r}" for k, v in params.items() if not torch.is_tensor(v)]
+    if not inp.same_set:
+        parts.append("ref_emb")
+    if inp.indices_tuple is not None:
+        parts.append("indices_tuple")
+    if expansion is not None:
+        parts.append(f"expansion={expansion!r}")
+    return ", ".join(parts)
+
+
 def run_loss(name: str, params: dict, embeddings, labels=None, indices_tuple=None,
              ref_emb=None, ref_labels=None, *, embedding_regularizer=None,
              embedding_reg_weight=1, weight_regularizer=None, weight_reg_weight=1,
@@ -224,6 +242,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     """The loss without regularizers: validate, pick the backend, the clean (or expanded)
     loss reduced as PML does, plus the Metrix term."""
     spec = get_spec(name)
+    check_hyper(name, params)
     if miner is not None:
         if indices_tuple is not None:
             raise ValueError("give either indices_tuple or the loss's miner=, not both (the "
@@ -258,11 +277,17 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     # leaves it zero, at distance 1 from every unit row), or one under normalize's eps, is
     # looked for in the NaN check's read
     proxies = params.get("proxies")
+    if labels is None:  # an indices_tuple does not say which pairs share a class
+        for option, what in ((metrix, "metrix= (Metrix mixes pairs by their labels)"),
+                             (expansion, "expansion= (Embedding Expansion interpolates the "
+                              "pairs of each class)")):
+            if option is not None:
+                raise ValueError(f"labels is required with {what}; an indices_tuple alone "
+                                 "is not enough")
     zero_row = check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                  labels_required=spec.labels_required or metrix is not None
                                  or expansion is not None, zero_rows=unit_l2_form(distance),
-                                 num_classes=(len(proxies) if torch.is_tensor(proxies)
-                                              and proxies.ndim == 2 else None))
+                                 proxies=proxies)
 
     same_set = ref_emb is None or ref_labels is labels
     # labels of any integer dtype are int64 from here on (the ops take int64), keeping PML's
@@ -273,13 +298,16 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
         labels = wide
     if ref_labels is not None and ref_labels.dtype != torch.int64:
         ref_labels = ref_labels.long()
-    if embeddings.dtype in (torch.float16, torch.bfloat16):
-        # half inputs are computed (and the loss returned) in fp32: exp/log-sum-exp terms
-        # and means over B² pairs lose too much in 10- or 7-bit mantissas
+    # half inputs are computed (and the loss returned) in fp32: exp/log-sum-exp terms and
+    # means over B² pairs lose too much in 10- or 7-bit mantissas (each tensor on its own:
+    # half embeddings against fp32 references, or the reverse, meet in fp32)
+    half = (torch.float16, torch.bfloat16)
+    if embeddings.dtype in half:
         embeddings = embeddings.float()
-        ref_emb = None if ref_emb is None else ref_emb.float()
         if mixed_embeddings is not None:
             mixed_embeddings = mixed_embeddings.float()
+    if ref_emb is not None and ref_emb.dtype in half:
+        ref_emb = ref_emb.float()
     miner_refs = (ref_emb, ref_labels)  # as the caller gave them, for an index-tuple miner
     if ref_emb is None:
         ref_emb, ref_labels = embeddings, labels
@@ -338,11 +366,11 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     if zero_row and chosen != "reference":
         if backend != "auto":
             raise NotImplementedError(
-                f"backend={backend!r}: a row of embeddings or ref_emb is all zeros (its norm "
-                "is under F.normalize's eps, 1e-12), and the "
-                f"fused ops' {type(distance).__name__} assumes unit rows (PML puts a zero row "
-                "at distance 1 from every other); use backend='auto' (which runs 'reference' "
-                "for such a batch) or 'reference'")
+                f"backend={backend!r}: a row of embeddings, ref_emb or the proxies is all "
+                "zeros (its norm is under F.normalize's eps, 1e-12) or so long that its norm "
+                f"overflows, and the fused ops' {type(distance).__name__} assumes unit rows "
+                "(PML puts a zero row at distance 1 from every other); use backend='auto' "
+                "(which runs 'reference' for such a batch) or 'reference'")
         chosen = "reference"
     mined_loss = None
     if miner is not None:
@@ -358,10 +386,13 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     impl = impl_of(chosen) if mined_loss is None and chosen != "reference" else None
     if mined_loss is None and chosen != "reference" and impl is None:
         if backend != "auto":
+            # a configuration no backend takes gets the reference's own error first (e.g.
+            # expansion= on a loss without Embedding Expansion), not this one
+            check_options(name, params, inp, metrix, expansion)
             raise NotImplementedError(
-                f"backend={backend!r} does not cover this {name} call (its fused op supports "
-                "the default cosine distance, an indices_tuple or none, and no expansion=); use "
-                "backend='auto' or 'reference'"
+                f"backend={backend!r} does not cover this {name} call "
+                f"({call_features(params, inp, expansion)}); use backend='auto' or "
+                "'reference'"
                 + ("; under torch.use_deterministic_algorithms(True) an op that adds with "
                    "float atomics (TripletMarginLoss' smooth_loss on 'cuda') is not used"
                    if torch.are_deterministic_algorithms_enabled() else ""))

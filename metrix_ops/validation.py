@@ -31,10 +31,12 @@ class DataChecks:
 
     def short_rows(self, x, name):
         """Whether some row has an L2 norm under F.normalize's eps (1e-12: a row that
-        normalising leaves shorter than 1, zero included)."""
+        normalising leaves shorter than 1, zero included) or past the float range (finite
+        entries of ~1e19 and more in fp32, whose norm overflows: F.normalize makes such a row
+        zero, the fused ops' unit rows do not)."""
         wide = torch.promote_types(x.dtype, torch.float32)  # 1e-12 is 0 in half precision
-        shortest = torch.linalg.vector_norm(x, dim=1, dtype=wide).amin()
-        self._items.append(("short", name, (shortest,), None))
+        shortest, longest = torch.aminmax(torch.linalg.vector_norm(x, dim=1, dtype=wide))
+        self._items.append(("short", name, (shortest, longest), None))
 
     def within(self, t, bound: int, message: str):
         """Every value of t in [0, bound); `message` the error's text."""
@@ -66,7 +68,8 @@ class DataChecks:
                 raise ValueError(f"{name} contains NaN or Inf")
             if kind == "range" and (got[0] < 0 or got[1] >= bound):
                 raise ValueError(f"{name}, got values in [{int(got[0])}, {int(got[1])}]")
-            short = short or (kind == "short" and got[0] < NORMALIZE_EPS)
+            short = short or (kind == "short" and (got[0] < NORMALIZE_EPS
+                                                   or not math.isfinite(got[1])))
         return short
 
 
@@ -183,18 +186,32 @@ def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device,
         own.read()
 
 
+def compute_dtype(t) -> torch.dtype:
+    """The dtype a loss computes a tensor in: half precision in fp32 (driver)."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
 def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                       labels_required: bool = True, zero_rows: bool = False,
-                      num_classes: int | None = None) -> bool:
+                      proxies=None) -> bool:
     """Checks the PML call signature `(embeddings, labels, indices_tuple, ref_emb, ref_labels)`;
-    with num_classes, that the labels are in [0, num_classes) (the proxy losses). Every check
-    of tensor data is read in one host sync (DataChecks). With zero_rows, returns whether a
-    row of embeddings or ref_emb is (nearly) zero."""
+    with proxies (the proxy losses' (num_classes, D) weights), that they are finite and that
+    the labels are in [0, num_classes). Every check of tensor data is read in one host sync
+    (DataChecks). With zero_rows, returns whether a row of embeddings, ref_emb or proxies
+    has a norm under F.normalize's eps or past the float range (DataChecks.short_rows)."""
     checks = DataChecks()
     # an empty batch or reference set is PML's zero loss (driver.empty_loss), not an error
     check_embeddings(embeddings, "embeddings", allow_empty=True, checks=checks,
                      zero_rows=zero_rows)
     n, dev = embeddings.shape[0], embeddings.device
+    num_classes = None
+    if torch.is_tensor(proxies) and proxies.ndim == 2 and proxies.is_floating_point():
+        num_classes = len(proxies)
+        # (proxies elsewhere are the proxy losses' own error, check_proxies: not read here)
+        if proxies.numel() and proxies.device == dev:
+            checks.finite(proxies.detach(), "proxies")
+            if zero_rows:
+                checks.short_rows(proxies.detach(), "proxies")
     if labels is None:
         if labels_required and indices_tuple is None:
             raise ValueError("labels is required (or pass indices_tuple)")
@@ -212,6 +229,11 @@ def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                              f"{embeddings.shape[1]}")
         if ref_emb.device != dev:
             raise ValueError(f"ref_emb is on {ref_emb.device} but embeddings is on {dev}")
+        if compute_dtype(ref_emb) != compute_dtype(embeddings):
+            raise ValueError(
+                f"ref_emb has dtype {ref_emb.dtype} but embeddings has {embeddings.dtype}: "
+                "they must match (float16 and bfloat16 are computed in float32, so those mix "
+                "with float32)")
         m = ref_emb.shape[0]
         if ref_labels is None:
             if labels_required and indices_tuple is None:

@@ -95,3 +95,98 @@ def test_option_checks():
         mo.losses.ContrastiveLoss(backend="reference", metrix={"pairs": "pos_neg"})(x, y)
     with pytest.raises(ValueError, match="needs mixed_embeddings"):
         mo.losses.ContrastiveLoss(backend="reference", metrix=mo.Metrix(level="feature"))(x, y)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+@pytest.mark.parametrize("name", ["ProxyAnchorLoss", "ProxyNCALoss"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_proxies(name, backend, bad):
+    """The proxies are checked with the embeddings (one host read), on every backend and
+    with Metrix: a NaN or Inf weight is an error naming them, not a NaN loss."""
+    x, y = good()
+    for metrix in (None, mo.Metrix(lam=0.4)):
+        loss = getattr(mo.losses, name)(4, D, backend=backend, metrix=metrix)
+        loss.proxies.data[1, 2] = bad
+        with pytest.raises(ValueError, match="proxies contains NaN or Inf"):
+            loss(x, y)
+
+
+@pytest.mark.parametrize("name", ["ProxyAnchorLoss", "ProxyNCALoss"])
+def test_proxy_constructor_and_embedding_size(name):
+    cls = getattr(mo.losses, name)
+    with pytest.raises(TypeError, match="num_classes must be an int, got float"):
+        cls(3.0, D)
+    with pytest.raises(TypeError, match="embedding_size must be an int, got bool"):
+        cls(3, True)
+    x, y = good()
+    with pytest.raises(ValueError, match=rf"proxies must be \(num_classes, {D}\).*got \(4, 3\)"
+                       ".*embedding_size"):
+        cls(4, 3, backend="reference")(x, y)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+def test_ref_emb_dtype(backend):
+    """ref_emb in the embeddings' dtype; half precision is computed in fp32, so a half and a
+    fp32 tensor meet there (either way round) and give the fp32 numbers."""
+    x, y = good()
+    r, ry = torch.randn(5, D), torch.tensor([0, 1, 2, 3, 3])
+    loss = mo.losses.MultiSimilarityLoss(backend=backend)
+    with pytest.raises(ValueError, match="ref_emb has dtype torch.float64 but embeddings has "
+                                         "torch.float32"):
+        loss(x, y, ref_emb=r.double(), ref_labels=ry)
+    with pytest.raises(ValueError, match="ref_emb has dtype torch.float32 but embeddings has "
+                                         "torch.float64"):
+        loss(x.double(), y, ref_emb=r, ref_labels=ry)
+    want = loss(x.half().float(), y, ref_emb=r, ref_labels=ry)
+    torch.testing.assert_close(loss(x.half(), y, ref_emb=r, ref_labels=ry), want)
+    want = loss(x, y, ref_emb=r.bfloat16().float(), ref_labels=ry)
+    torch.testing.assert_close(loss(x, y, ref_emb=r.bfloat16(), ref_labels=ry), want)
+
+
+def test_metrix_and_expansion_need_labels():
+    """An indices_tuple does not say which pairs share a class, which both options need."""
+    x, _ = good()
+    tup = (torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="labels is required with metrix="):
+        mo.losses.MultiSimilarityLoss(metrix=mo.Metrix(lam=0.3))(x, None, indices_tuple=tup)
+    with pytest.raises(ValueError, match="labels is required with expansion="):
+        mo.losses.TripletMarginLoss(expansion=mo.Expansion())(x, None, indices_tuple=tup)
+    with pytest.raises(ValueError, match="labels is required with metrix="):
+        mo.losses.ContrastiveLoss(metrix=mo.Metrix(lam=0.3))(x, None)
+
+
+HYPER = [("MultiSimilarityLoss", {"alpha": 0}, "alpha must be finite and > 0"),
+         ("MultiSimilarityLoss", {"beta": -1.0}, "beta must be finite and > 0"),
+         ("MultiSimilarityLoss", {"alpha": float("nan")}, "alpha must be finite"),
+         ("NTXentLoss", {"temperature": 0}, "temperature must be finite and > 0"),
+         ("SupConLoss", {"temperature": float("inf")}, "temperature must be finite and > 0"),
+         ("TripletMarginLoss", {"margin": float("inf")}, "margin must be finite")]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+@pytest.mark.parametrize("name,kw,msg", HYPER, ids=[f"{h[0]}-{list(h[1])[0]}" for h in HYPER])
+def test_degenerate_hyper_parameters(name, kw, msg, backend):
+    """One error on every backend, where the reference gave inf or NaN and the CPU op
+    refused (or the reverse); the functional API too."""
+    x, y = good()
+    with pytest.raises(ValueError, match=f"{name}'s {msg}"):
+        getattr(mo.losses, name)(backend=backend, **kw)(x, y)
+    fn = getattr(mo.functional, {"MultiSimilarityLoss": "multi_similarity_loss",
+                                 "NTXentLoss": "ntxent_loss", "SupConLoss": "supcon_loss",
+                                 "TripletMarginLoss": "triplet_margin_loss"}[name])
+    with pytest.raises(ValueError, match=f"{name}'s {msg}"):
+        fn(x, y, backend=backend, **kw)
+
+
+def test_refusals_name_the_call():
+    """An explicit fused backend that has no op for a call names what the call asks (its
+    distance, hyper-parameters, options); a configuration no backend takes gets the
+    reference's own error first."""
+    x, y = good()
+    loss = mo.losses.TripletMarginLoss(backend="cpu", triplets_per_anchor=2)
+    with pytest.raises(NotImplementedError, match=r"does not cover this TripletMarginLoss call "
+                                                  r"\(distance=LpDistance\(normalize_embeddings"
+                                                  r"=True.*triplets_per_anchor=2\)"):
+        loss(x, y)
+    with pytest.raises(NotImplementedError, match="Embedding Expansion is implemented for"):
+        mo.losses.ContrastiveLoss(backend="cpu", expansion=mo.Expansion())(x, y)

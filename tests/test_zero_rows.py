@@ -132,3 +132,48 @@ def test_cross_batch_memory_with_a_zero_row_in_the_bank():
         torch.testing.assert_close(v, pv.to(v.dtype), rtol=1e-6, atol=1e-8)
         live = (x != 0).any(1)
         torch.testing.assert_close(g[live], pg[live].to(g.dtype), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", ["zero", "overflow"])
+def test_proxy_row_zero_or_past_the_float_range(bad):
+    """ProxyNCA's proxies are normalised as the embeddings are (LpDistance, squared L2): a
+    zero proxy, or one whose fp32 norm overflows (F.normalize makes it zero), sits at
+    distance 1 from every row, where the op's 2 − 2s gives 2. `auto` runs the reference
+    (PML's numbers), an explicit fused backend refuses; a finite proxy row elsewhere keeps
+    the engine."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 5, generator=g)
+    y = torch.randint(0, 4, (9,), generator=g)
+    p = torch.randn(4, 5, generator=g)
+    p[2] = 0 if bad == "zero" else p[2] * 1e20
+    ours, pml = mo.losses.ProxyNCALoss(4, 5), pl.ProxyNCALoss(4, 5)
+    ours.proxies.data.copy_(p)
+    pml.proxies.data.copy_(p)
+    v, (gx,) = _value_and_grad(lambda e: ours(e, y), x)
+    pv, (px,) = _value_and_grad(lambda e: pml(e, y), x)
+    torch.testing.assert_close(v, pv, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, px, rtol=1e-4, atol=1e-6)
+    cpu = mo.losses.ProxyNCALoss(4, 5, backend="cpu")
+    cpu.proxies.data.copy_(p)
+    with pytest.raises(NotImplementedError, match="proxies is all zeros.*overflows"):
+        cpu(x, y)
+    cpu.proxies.data[2] = 1.0
+    ref = mo.losses.ProxyNCALoss(4, 5, backend="reference")
+    ref.proxies.data.copy_(cpu.proxies.data)
+    torch.testing.assert_close(cpu(x, y), ref(x, y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,kw,kind", L2_LOSSES[:3])
+def test_rows_whose_norm_overflows(name, kw, kind):
+    """Finite entries of 1e20 in fp32: the norm overflows, F.normalize makes the row zero
+    (PML's numbers); the fused ops' unit rows do not. Found like a zero row: `auto` equals
+    PML, an explicit fused backend refuses."""
+    x, y = batch(())
+    x = x.float()
+    x[3] *= 1e20
+    ours = getattr(mo.losses, name)(**kw, **_dist(kind, mo.distances))
+    pml = getattr(pl, name)(**kw, **_dist(kind, pd))
+    torch.testing.assert_close(ours(x, y), pml(x, y), rtol=1e-5, atol=1e-6)
+    cpu = getattr(mo.losses, name)(backend="cpu", **kw, **_dist(kind, mo.distances))
+    with pytest.raises(NotImplementedError, match="overflows"):
+        cpu(x, y)

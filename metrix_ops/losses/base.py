@@ -155,7 +155,7 @@ class BaseMetricLoss(Records, torch.nn.Module):
         proxies = self.loss_params().get("proxies")
         check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                           labels_required=spec.labels_required,
-                          num_classes=len(proxies) if torch.is_tensor(proxies) else None)
+                          proxies=proxies)
         miner_refs = (ref_emb, ref_labels)  # as given, for the miner
         if ref_emb is None:  # PML's set_ref_emb
             ref_emb, ref_labels = embeddings, labels

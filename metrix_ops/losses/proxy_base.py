@@ -1,6 +1,8 @@
 """Proxy losses own their proxies (one learnable row per class), initialised as PML does."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..regularizers import _term, check_regularizer
@@ -13,6 +15,9 @@ class ProxyLossBase(BaseMetricLoss):
     def __init__(self, num_classes: int, embedding_size: int, *args, weight_regularizer=None,
                  weight_reg_weight=1, weight_init_func=None, **kwargs):
         super().__init__(*args, **kwargs)
+        for name, v in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(f"num_classes and embedding_size must be >= 1, got "
                              f"{num_classes} and {embedding_size}")

@@ -55,7 +55,10 @@ def check_proxies(proxies, embeddings, labels, loss_name: str = "this loss"):
         raise ValueError(f"proxies must be passed to the functional {loss_name}: proxies=, a "
                          f"(num_classes, {embeddings.shape[1]}) tensor (the module owns its own)")
     if not torch.is_tensor(proxies) or proxies.ndim != 2 or proxies.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"proxies must be (num_classes, {embeddings.shape[1]})")
+        got = tuple(proxies.shape) if torch.is_tensor(proxies) else type(proxies).__name__
+        raise ValueError(f"proxies must be (num_classes, {embeddings.shape[1]}), the embeddings' "
+                         f"dim, got {got} (a proxy loss's embedding_size must match the "
+                         "embeddings)")
     if not proxies.is_floating_point():
         raise TypeError(f"proxies must be a floating-point tensor, got {proxies.dtype}")
     if proxies.device != embeddings.device:
