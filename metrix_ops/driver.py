@@ -17,7 +17,7 @@ from .miners.base import mined_counts, record_counts, stats_distance
 from .reducers import ForeignReducer, as_reducer, reduce_loss_dict
 from .regularizers import check_regularizer, regularization
 from .spec import LossInputs, get_spec
-from .validation import check_loss_inputs, pml_indices, pml_label_pair
+from .validation import check_loss_inputs, compute_dtype, pml_indices, pml_label_pair
 
 class _OnTensorsDevice:
     """Autocast off, and the tensors' CUDA device current (see op_scope)."""
@@ -301,12 +301,11 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
     # half inputs are computed (and the loss returned) in fp32: exp/log-sum-exp terms and
     # means over B² pairs lose too much in 10- or 7-bit mantissas (each tensor on its own:
     # half embeddings against fp32 references, or the reverse, meet in fp32)
-    half = (torch.float16, torch.bfloat16)
-    if embeddings.dtype in half:
+    if embeddings.dtype != compute_dtype(embeddings):
         embeddings = embeddings.float()
         if mixed_embeddings is not None:
             mixed_embeddings = mixed_embeddings.float()
-    if ref_emb is not None and ref_emb.dtype in half:
+    if ref_emb is not None and ref_emb.dtype != compute_dtype(ref_emb):
         ref_emb = ref_emb.float()
     miner_refs = (ref_emb, ref_labels)  # as the caller gave them, for an index-tuple miner
     if ref_emb is None:

@@ -23,13 +23,15 @@ proxies of the sweep, per thread, 32 → 16 forward and 64 → 32 backward).
   select of scalar logs; the compiler had hoisted the first form's logs already). Each
   program keeps its per-proxy (max, sum) pairs in its own column of a 4 × (B/BLOCK_U) × C
   table (the rows' positive states merged into their classes' entries at the end), merged
-  with the "1 +" term afterwards by the clean loss's merge kernel (proxy_anchor.merge_states). (Proxy programs, the first form, recomputed
-  every Gram tile and every s_wc once per proxy tile, and filled only C/16 programs.)
+  with the "1 +" term afterwards by the clean loss's merge kernel
+  (proxy_anchor.merge_states). (Proxy programs, the first form, recomputed every Gram tile
+  and every s_wc once per proxy tile, and filled only C/16 programs.)
 - backward: row programs, as triton/proxy_nca_metrix.py's: each handles both orders (u, w)
   and (w, u) of its rows (the candidate set is symmetric), so it writes only its own rows:
   ∂L/∂s_uc into a B×C table, and the g_uw part of dX_u; the positive terms' weights per
-  pair before the proxy sweep. Then dX += (∂L/∂S_P) P and dP = (∂L/∂S_P)ᵀ X in PyTorch. The per-proxy terms are their own log-sum-exps, so the
-  backward needs nothing else from the forward."""
+  pair before the proxy sweep. Then dX += (∂L/∂S_P) P and dP = (∂L/∂S_P)ᵀ X in PyTorch.
+  The per-proxy terms are their own log-sum-exps, so the backward needs nothing else from
+  the forward."""
 from __future__ import annotations
 
 import torch
@@ -167,7 +169,7 @@ def _pa_mix_bwd_kernel(x_ptr, sp_ptr, y_ptr, prm_ptr, gp_ptr, gn_ptr, pos_ptr, n
     where the first form took two."""
     offs_u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     u_ok = offs_u < B
-    yu = tl.load(y_ptr + offs_u, mask=offs_u < B, other=-1)
+    yu = tl.load(y_ptr + offs_u, mask=u_ok, other=-1)
     yua, s_uu = _own_class(sp_ptr, yu, offs_u, B, C, stride_sp)
     gp_u = tl.load(gp_ptr + yua, mask=u_ok, other=0.0).to(ACC)[:, None]
     lp_u = tl.load(pos_ptr + yua, mask=u_ok, other=0.0).to(ACC)[:, None]
