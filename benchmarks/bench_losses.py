@@ -113,7 +113,14 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           "triplet_semihard": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
           # TripletMarginLoss with BatchHardMiner (the batch-hard recipe): PML's two calls
           # against our miner= option (mined by streamed row blocks, PML's exact values)
-          "triplet_batch_hard": ("TripletMarginLoss", "TripletMarginLoss", "gram")}
+          "triplet_batch_hard": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
+          # the L2 of unnormalised rows (LpDistance(normalize_embeddings=False)), ours and
+          # PML's: the batch-hard recipe of person re-identification, the triplet "all" and
+          # the contrastive loss (fused/raw_l2.py)
+          "triplet_batch_hard_raw": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
+          "triplet_raw": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
+          "contrastive_raw": ("ContrastiveLoss", "ContrastiveLoss", "gram")}
+RAW = ("triplet_batch_hard_raw", "triplet_raw", "contrastive_raw")
 
 # --loss name -> the options that make our module the augmented loss
 AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
@@ -140,15 +147,25 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
                                                                       pairs="adjacent")},
            "triplet_semihard": lambda mo: {
                "miner": mo.miners.TripletMarginMiner(0.2, type_of_triplets="semihard")},
-           "triplet_batch_hard": lambda mo: {"miner": mo.miners.BatchHardMiner()}}
+           "triplet_batch_hard": lambda mo: {"miner": mo.miners.BatchHardMiner()},
+           "triplet_batch_hard_raw": lambda mo: {"miner": mo.miners.BatchHardMiner(
+               distance=mo.distances.LpDistance(normalize_embeddings=False))}}
 
 
 FUSED_IMPLS = ("cpu", "cuda", "triton")
 
 
+def raw_distance(loss, distances) -> dict:
+    """{"distance": the L2 of unnormalised rows} for the RAW losses (ours or PML's
+    `distances` module), else {}."""
+    return ({"distance": distances.LpDistance(normalize_embeddings=False)} if loss in RAW
+            else {})
+
+
 def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
     """The loss module of `impl` (pml, cpu, cuda, triton, reference, clean) for --loss `loss`."""
     if impl == "pml":
+        from pytorch_metric_learning import distances as pd
         from pytorch_metric_learning import losses as pl
         if loss.startswith("ee_hphn") or loss == "hphn":
             from pytorch_metric_learning import miners as pm
@@ -163,13 +180,15 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
             from pytorch_metric_learning import miners as pm
             fn, miner = pl.TripletMarginLoss(), pm.TripletMarginMiner(0.2, type_of_triplets="semihard")
             return lambda x, y: fn(x, y, miner(x, y))
-        if loss == "triplet_batch_hard":
+        if loss in ("triplet_batch_hard", "triplet_batch_hard_raw"):
             from pytorch_metric_learning import miners as pm
-            fn, miner = pl.TripletMarginLoss(), pm.BatchHardMiner()
+            dist = raw_distance(loss, pd)
+            fn, miner = pl.TripletMarginLoss(**dist), pm.BatchHardMiner(**dist)
             return lambda x, y: fn(x, y, miner(x, y))
-        return getattr(pl, LOSSES[loss][0])(*ctor_args)
+        return getattr(pl, LOSSES[loss][0])(*ctor_args, **raw_distance(loss, pd))
     import metrix_ops as mo
     kw = AUGMENT[loss](mo) if loss in AUGMENT and impl != "clean" else {}
+    kw.update(raw_distance(loss, mo.distances))
     backend = clean_backend if impl == "clean" else impl
     return getattr(mo.losses, LOSSES[loss][1])(*ctor_args, backend=backend, **kw)
 

@@ -198,6 +198,24 @@ def unit_l2_form(d: BaseDistance) -> bool:
     return is_normalized_l2(d) or is_normalized_sq_l2(d)
 
 
+def is_raw_l2(d: BaseDistance) -> bool:
+    """L2 or squared L2 of the rows as they are (no normalising): fused/raw_l2.py."""
+    return (type(d) is LpDistance and not d.normalize_embeddings and d.p == 2
+            and d.power in (1, 2))
+
+
+# torch.cdist's p = 2 takes row differences directly when both sides have at most this many
+# rows, and the Gram form ‖x‖² + ‖y‖² − 2x·y (ATen's use_mm_for_euclid_dist_if_necessary) past it
+CDIST_DIRECT_ROWS = 25
+
+
+def cdist_is_direct(n_query: int, n_ref: int) -> bool:
+    """Whether PML's LpDistance (torch.cdist, p = 2) computes exact differences for a call of
+    n_query × n_ref rows. Then two rows closer than ~1e-3 get their true distance; the fused
+    ops' √(2 − 2s) (like cdist's Gram form) cannot resolve it from a cosine s rounded near 1."""
+    return n_query <= CDIST_DIRECT_ROWS and n_ref <= CDIST_DIRECT_ROWS
+
+
 def is_dot_of_normalized(d: BaseDistance) -> bool:
     """A CosineSimilarity of any p: the dot product of rows the distance normalises itself
     (`d.maybe_normalize`); ops that normalise through the distance take every p."""

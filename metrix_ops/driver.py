@@ -10,7 +10,8 @@ import torch
 from . import backend as backend_mod
 from . import fused
 from .config import Expansion, Metrix
-from .distances import as_distance, record_norms, unit_l2_form, wants_norms
+from .distances import (as_distance, cdist_is_direct, is_raw_l2, record_norms, unit_l2_form,
+                        wants_norms)
 from .fused.pair_counts import pair_count_tensors
 from .hyper_checks import check_hyper
 from .miners.base import mined_counts, record_counts, stats_distance
@@ -220,6 +221,19 @@ def record_call_norms(name, params, embeddings, ref_emb, inp, distance, miner) -
     record_norms(distance, query, ref, when=calls_distance(name, inp, miner))
 
 
+def counts_near_zero_distances(name, distance, n_query, n_ref) -> bool:
+    """A ContrastiveLoss call whose L2 PML computes exactly (cdist's direct path, ≤ 25 rows a
+    side). Its positive term is d itself at the default pos_margin 0, and AvgNonZero counts
+    every d > 0: there a pair closer than ~1e-3 counts in PML and is d = 0 in the fused ops'
+    √(2 − 2s) (s rounds to 1), which changes the mean's divisor, not just a last digit. So
+    "auto" takes the reference for it; such small calls gain nothing from a fused op. Past 25
+    rows PML's cdist is the Gram form too and gives such a pair rounding noise of either
+    kind (0 or ~3e-4), which no backend reproduces. Not under torch.compile: the reference's
+    pair lists have data-dependent sizes, which a fullgraph trace refuses."""
+    return (name == "ContrastiveLoss" and (unit_l2_form(distance) or is_raw_l2(distance))
+            and cdist_is_direct(n_query, n_ref) and not torch.compiler.is_compiling())
+
+
 def check_call_kind(name, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """The loss takes this kind of call (ref_emb, an indices_tuple); returns (ref_emb,
     ref_labels), None for the batch itself where the loss takes no references (PML's
@@ -362,6 +376,9 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
             order = ([b for b, f in zip(order, fuses) if f]
                      + [b for b, f in zip(order, fuses) if not f])
         chosen = order[0] if order else chosen
+    if backend == "auto" and chosen != "reference" and counts_near_zero_distances(
+            name, distance, embeddings.shape[0], ref_emb.shape[0]):
+        chosen = "reference"
     if zero_row and chosen != "reference":
         if backend != "auto":
             raise NotImplementedError(

@@ -88,6 +88,9 @@ def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False,
         raise ValueError(f"{name} is empty (batch_size 0): a loss needs at least one embedding")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has embedding_dim 0, got shape {tuple(x.shape)}")
+    if x.device.type == "meta":  # (torch.compile's fake tensors carry the real device)
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no data: a "
+                         "loss needs the values (CPU or CUDA tensors)")
     own = checks is None
     checks = DataChecks() if own else checks
     if x.numel():

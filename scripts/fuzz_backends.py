@@ -72,7 +72,8 @@ def labels_for(r, g, b):
 
 DISTANCES = {"cos": lambda: mo.distances.CosineSimilarity(), "l2": lambda: mo.distances.LpDistance(),
              "l2_raw": lambda: mo.distances.LpDistance(normalize_embeddings=False),
-             "l2sq": lambda: mo.distances.LpDistance(power=2)}
+             "l2sq": lambda: mo.distances.LpDistance(power=2),
+             "l2sq_raw": lambda: mo.distances.LpDistance(normalize_embeddings=False, power=2)}
 REDUCERS = {"mean": lambda: mo.reducers.MeanReducer(), "sum": lambda: mo.reducers.SumReducer(),
             "avgnz": lambda: mo.reducers.AvgNonZeroReducer(),
             "thr": lambda: mo.reducers.ThresholdReducer(low=0.05)}

@@ -57,6 +57,18 @@ def test_labels_on_another_device(name):
         make(name)(x, fake_device_labels)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_meta_embeddings_are_named(name):
+    """meta tensors have shapes but no data: one ValueError naming the argument, not the
+    "Cannot copy out of meta tensor" of the data checks' read"""
+    x, y = good()
+    with pytest.raises(ValueError, match="embeddings is on the meta device"):
+        make(name)(x.to("meta"), y.to("meta"))
+    if name not in ("NPairsLoss", "ProxyAnchorLoss", "ProxyNCALoss"):  # (no ref_emb)
+        with pytest.raises(ValueError, match="ref_emb is on the meta device"):
+            make(name)(x, y, ref_emb=x.to("meta"), ref_labels=y)
+
+
 def test_ref_emb_checks():
     x, y = good()
     loss = mo.losses.ContrastiveLoss(backend="reference")

@@ -290,3 +290,58 @@ def test_compile_fullgraph_matches_eager():
     ga = torch.autograd.grad(compiled(x), x)[0]
     gb = torch.autograd.grad(f(x), x)[0]
     torch.testing.assert_close(ga, gb)
+
+
+def _near_duplicates(b, m=None, seed=0):
+    """b rows of 3 classes (and, with m, m reference rows) where rows 0, 1, 4 share a class:
+    row 1 within ~1e-4 of row 0 after normalising, row 4 a multiple of row 0 (the same unit
+    row)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 7, generator=g)
+    y = torch.arange(b) % 3
+    x[1] = x[0] + 1e-4 * torch.randn(7, generator=g)
+    x[4] = 3 * x[0]
+    y[1] = y[4] = y[0]
+    if m is None:
+        return x, y, None, None
+    r = torch.cat([x[:5], torch.randn(m - 5, 7, generator=g)])
+    return x, y, r, torch.cat([y[:5], torch.arange(m - 5) % 3])
+
+
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("b, m", [(6, None), (25, None), (9, 25), (25, 12)])
+def test_near_duplicates_in_small_calls_count_as_pml(b, m, power):
+    """At most 25 rows a side, PML's cdist takes exact row differences, so a positive pair
+    ~1e-4 apart has that distance and AvgNonZero counts it (pos_margin 0); the fused ops'
+    √(2 − 2s) of a cosine rounded to 1 gives 0 and leaves it out, which moves the mean by
+    far more than rounding. There "auto" runs the reference: PML's value and gradients."""
+    from pytorch_metric_learning import distances as pd
+    from pytorch_metric_learning import losses as pl
+    x, y, r, ry = _near_duplicates(b, m)
+    ours = mo.losses.ContrastiveLoss(distance=mo.distances.LpDistance(power=power))
+    pml = pl.ContrastiveLoss(distance=pd.LpDistance(power=power))
+    if r is None:
+        assert_close_vg(lambda e: ours(e, y), lambda e: pml(e, y), x, rtol=1e-5, atol=1e-6)
+    else:
+        assert_close_vg(lambda e, q: ours(e, y, ref_emb=q, ref_labels=ry),
+                        lambda e, q: pml(e, y, ref_emb=q, ref_labels=ry), x, r,
+                        rtol=1e-5, atol=1e-6)
+    # the case is one where it matters: the fused op alone leaves the pair out
+    fused = mo.losses.ContrastiveLoss(distance=mo.distances.LpDistance(power=power),
+                                      backend="cpu")
+    args = (y,) if r is None else (y, None, r, ry)
+    assert not math.isclose(fused(x, *args).item(), pml(x, *args).item(), rel_tol=1e-3)
+
+
+def test_near_duplicates_past_25_rows_keep_the_fused_op():
+    """Past 25 rows PML's cdist is the Gram form as well (its value for such a pair is
+    rounding noise), and auto keeps the fused op: the same numbers as backend='cpu'."""
+    x, y, _, _ = _near_duplicates(26)
+    auto = mo.losses.ContrastiveLoss()
+    cpu = mo.losses.ContrastiveLoss(backend="cpu")
+    assert torch.equal(auto(x, y), cpu(x, y))
+    # a cosine distance has no such pair: the fused op at any size
+    cos = mo.distances.CosineSimilarity()
+    x, y, _, _ = _near_duplicates(6)
+    assert torch.equal(mo.losses.ContrastiveLoss(distance=cos)(x, y),
+                       mo.losses.ContrastiveLoss(distance=cos, backend="cpu")(x, y))

@@ -288,7 +288,7 @@ def test_uncovered_calls_fall_back_or_refuse():
     x, y = make_case(CASES[0])
     it = tuples(x, y)["random_pairs"]
     for name, dist in (("ContrastiveLoss", mo.distances.LpDistance(p=1)),
-                       ("TripletMarginLoss", mo.distances.LpDistance(normalize_embeddings=False)),
+                       ("TripletMarginLoss", mo.distances.LpDistance(p=3)),
                        ("MultiSimilarityLoss", mo.distances.CosineSimilarity(power=2))):
         auto, ref = losses(name, "auto", distance=dist), losses(name, "reference", distance=dist)
         torch.testing.assert_close(auto(x, y, it), ref(x, y, it))

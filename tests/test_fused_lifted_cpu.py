@@ -242,7 +242,7 @@ def test_labels_far_apart():
 def test_outside_scope_falls_back_or_refuses():
     x, y = make_case(CASES[1])
     it = mo.miners.MultiSimilarityMiner()(x, y)
-    raw = mo.distances.LpDistance(normalize_embeddings=False)
+    raw = mo.distances.LpDistance(p=1)  # (raw L2 is fused: tests/test_raw_l2.py)
     for name in NAMES:
         auto = getattr(mo.losses, name)(backend="auto")
         ref = getattr(mo.losses, name)(backend="reference")

@@ -221,7 +221,7 @@ def test_falls_back_or_refuses_outside_its_scope():
             mo.losses.TripletMarginLoss(backend="cpu", **kw)(x, y)
     with pytest.raises(NotImplementedError, match="does not cover"):
         mo.losses.TripletMarginLoss(
-            backend="cpu", distance=mo.distances.LpDistance(normalize_embeddings=False))(x, y)
+            backend="cpu", distance=mo.distances.LpDistance(p=1))(x, y)
     # a reducer that needs the per-triplet terms: the reference runs inside the cpu backend
     red = mo.reducers.ThresholdReducer(low=0.05, high=0.3)
     fused, ref = pair(margin=0.2, reducer=red)

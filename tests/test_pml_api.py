@@ -600,7 +600,7 @@ def test_distance_norm_stats_as_pml(case, backend):
     pml = NORM_CASES[case](pl, getattr(pdist, cls)(collect_stats=True, **kw))
     if hasattr(pml, "proxies"):
         pml.proxies.data.copy_(ours.proxies.data)
-    x, y = _batch(b=17, classes=5, seed=3)
+    x, y = _batch(b=27, classes=5, seed=3)
     x = x * 2.5
     calls = [(x, y)] + ([(x[:9], y[:9], None, x[9:], y[9:])] if case == "triplet-lp1" else [])
     for args in calls:

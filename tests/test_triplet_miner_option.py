@@ -196,7 +196,7 @@ def test_op_counts_both_paths(cosine):
 @pytest.mark.parametrize("kw,miner", [
     ({"swap": True}, lambda: pm.TripletMarginMiner(0.2, "semihard")),
     ({"swap": True}, lambda: pm.BatchHardMiner()),
-    ({"distance": pd.LpDistance(normalize_embeddings=False)}, lambda: pm.BatchHardMiner()),
+    ({"distance": pd.LpDistance(p=1)}, lambda: pm.BatchHardMiner()),
     # squared L2 with smooth_loss: softplus of the doubled argument is not twice the cosine
     # op's softplus
     ({"distance": pd.LpDistance(power=2), "smooth_loss": True},

@@ -7,7 +7,8 @@
 // O(M log P) per row instead of O(P·N).
 // S is streamed over chunks of anchor rows (chunk × M); the backward recomputes each chunk,
 // turns it into G = ∂(Σ_i g_i row_i)/∂S in place and adds G r to dx and Gᵀ x to dr. For L2
-// the block holds distances (triplet_value_block) and G goes through dd/ds = −1/d.
+// the block holds distances (triplet_value_block), G goes through dd/ds = −1/d, and the
+// gradient takes cdist's radial part too (add_triplet_block_grad): exact for raw rows.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -156,11 +157,9 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_bwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor xc = x.narrow(0, start, len);
       at::Tensor s = triplet_value_block(x, r, start, len, cosine);  // becomes G in place
       grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, g.data_ptr<scalar_t>());
-      dx.narrow(0, start, len).addmm_(s, r);
-      dr.addmm_(s.t(), xc);
+      add_triplet_block_grad(dx, dr, s, x, r, start, len, cosine);
     }
   });
   return {dx.to(x_.scalar_type()), dr.to(r_.scalar_type())};

@@ -226,8 +226,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_mined_bwd_cpu(
       at::Tensor s = triplet_value_block(x, r, start, len, cosine);  // becomes G in place
       mined_grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rule,
                                  g.data_ptr<scalar_t>());
-      dx.narrow(0, start, len).addmm_(s, r);
-      dr.addmm_(s.t(), x.narrow(0, start, len));
+      add_triplet_block_grad(dx, dr, s, x, r, start, len, cosine);
     }
   });
   return {dx.to(x_.scalar_type()), dr.to(r_.scalar_type())};

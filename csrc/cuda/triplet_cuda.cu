@@ -17,7 +17,8 @@
 // dk/ds, the running sum of a per-row difference array over the ranks (integer atomics: the
 // same counts whatever the order); with smooth_loss each kept triplet's softplus' instead of
 // 1, accumulated per rank by floating-point atomics (sums whose order, and so last bits, may
-// vary between runs). Then dx += G r, dr += Gᵀ x.
+// vary between runs). Then dx += G r, dr += Gᵀ x, and for L2 cdist's radial part
+// (add_triplet_block_grad).
 // Extra memory per chunk: the block, its mask and keys, and chunk × k sorted keys.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -299,8 +300,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_bwd(
           p.cols.data_ptr<int64_t>(), p.k, active.data_ptr<int64_t>(),
           smooth ? wpos.data_ptr<T>() : nullptr, g.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dx.narrow(0, start, len).addmm_(s, r);
-      dr.addmm_(s.t(), x.narrow(0, start, len));
+      add_triplet_block_grad(dx, dr, s, x, r, start, len, cosine);  // (as the CPU ops)
     }
   });
   return {dx.to(x_.scalar_type()), dr.to(r_.scalar_type())};

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..distances import is_cosine, is_normalized_l2, is_normalized_sq_l2
+from ..distances import is_cosine, is_normalized_l2, is_normalized_sq_l2, is_raw_l2
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
                         reduce_loss_dict, zero_unless)
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
@@ -17,6 +17,7 @@ from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from . import register, register_metrix
 from .pair_counts import pair_count_tensors
+from .raw_l2 import lift_rows, raw_on_cpu
 from .multi_similarity import _self_pairs_only, metrix_refs_args
 
 _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
@@ -26,18 +27,21 @@ def supports(params, inp, expansion) -> bool:
     d = inp.distance
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
             and inp.labels is not None
-            and (is_normalized_l2(d) or is_cosine(d) or is_normalized_sq_l2(d)))
+            and (is_normalized_l2(d) or is_cosine(d) or is_normalized_sq_l2(d)
+                 or raw_on_cpu(inp)))
 
 
 def op_form(distance, params, window, dtype):
     """(cosine, pos_margin, neg_margin, window, scale): what the ops take for the loss's
-    distance, whose terms are scale × the ops' terms. Squared L2 of unit rows is 2 − 2s, so
+    distance, whose terms are scale × the ops' terms. Squared L2 of unit rows (or of the
+    raw rows lifted as raw_l2.py does) is 2 − 2s, so
     [d² − m⁺]₊ = 2·[(1 − m⁺/2) − s]₊ and [m⁻ − d²]₊ = 2·[s − (1 − m⁻/2)]₊: the cosine ops at
     those margins, the reducer's window halved. A positive margin in [0, 16ε) is taken as
     16ε: below it d² is the rounding noise of coincident rows, which PML's cdist and the
     reference's Metrix metric give as exactly 0 (not a term AvgNonZero counts)."""
     pm, nm = params["pos_margin"], params["neg_margin"]
-    if not is_normalized_sq_l2(distance):
+    squared = is_normalized_sq_l2(distance) or (is_raw_l2(distance) and distance.power == 2)
+    if not squared:
         return is_cosine(distance), pm, nm, window, 1.0
     snap = 16 * torch.finfo(dtype).eps
     pm = snap if 0 <= pm < snap else pm
@@ -103,6 +107,11 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     # PML's rule (no loss when no side has two pairs) is _reduce_clean's select: no host read
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     cosine, pm, nm, (low, high), scale = op_form(inp.distance, params, window, x.dtype)
+    if is_raw_l2(inp.distance):  # the general op on lifted rows, self pairs out by index
+        xl, rl = lift_rows(x, inp.ref_emb)
+        rows = contrastive_rows(xl, rl, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,
+                                nm, low, high, chunk)
+        return _reduce_clean(_scaled(rows, scale), n_pos, n_neg, reducer, x)
     xu = unit_rows(x)
     if _self_pairs_only(inp):
         rows = contrastive_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
@@ -116,6 +125,7 @@ def metrix_supports(params, inp, expansion, metrix) -> bool:
     """The fused clean + Metrix ops: embedding level, pos_neg or anchor_neg pairs, the batch
     against itself or against references, CPU tensors."""
     return (supports(params, inp, expansion) and metrix.level == "embedding"
+            and not is_raw_l2(inp.distance)  # (the mixes' closed forms are of unit rows)
             and metrix.pairs in ("pos_neg", "anchor_neg")
             and inp.embeddings.device.type == "cpu")
 

@@ -1,18 +1,19 @@
 """GeneralizedLiftedStructureLoss through the fused streaming op: per-anchor terms from
 gen_lifted_fwd (no B×M matrix), then PML's element reduction with any reducer.
 
-Covers PML's default LpDistance on normalised embeddings (d = sqrt(max(2 − 2s, 0))) and
-CosineSimilarity; other distances, unnormalised embeddings and indices_tuple go to the
-reference."""
+Covers PML's default LpDistance on normalised embeddings (d = sqrt(max(2 − 2s, 0))),
+CosineSimilarity and (CPU tensors) the L2 of unnormalised rows through lifted rows
+(raw_l2.py); other distances and indices_tuple go to the reference."""
 from __future__ import annotations
 
 
 from .. import _ext
-from ..distances import is_cosine, is_dot_of_normalized, is_normalized_l2
+from ..distances import is_cosine, is_dot_of_normalized, is_normalized_l2, is_raw_l2
 from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
 from ..ops.lifted_metrix import finish_lifted_lses, gen_lifted_clean_rows, lifted_metrix_terms
 from ..ops.unit_rows import unit_rows, normalized
 from . import register, register_metrix
+from .raw_l2 import lift_rows, raw_on_cpu
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
 from .multi_similarity import _self_pairs_only as self_pairs_only
@@ -22,7 +23,8 @@ from .multi_similarity import metrix_refs_args
 def supports(params, inp, expansion) -> bool:
     d = inp.distance
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
-            and inp.labels is not None and (is_normalized_l2(d) or is_dot_of_normalized(d)))
+            and inp.labels is not None and (is_normalized_l2(d) or is_dot_of_normalized(d)
+                                            or raw_on_cpu(inp, powers=(1,))))
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
@@ -30,11 +32,13 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     pm, nm = params["pos_margin"], params["neg_margin"]
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
     xu = normalized(d, inp.embeddings)
-    if self_pairs_only(inp):
+    if self_pairs_only(inp) and not is_raw_l2(d):
         rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block)
     else:
-        rows = gen_lifted_rows(xu, normalized(d, inp.ref_emb), inp.labels, inp.ref_labels,
-                               inp.same_set, cosine, pm, nm, chunk)
+        xu, ru = (lift_rows(inp.embeddings, inp.ref_emb) if is_raw_l2(d)
+                  else (xu, normalized(d, inp.ref_emb)))
+        rows = gen_lifted_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,
+                               nm, chunk)
     # PML's no-pairs rule and the element reduction are MS's (one term per anchor)
     return _reduce_clean(rows, inp, reducer)
 

@@ -2,15 +2,15 @@
 pairs' terms that the reducer keeps (no B×M matrix, no per-pair tensor), then PML's
 pos-pair reduction as a ratio of totals, as the contrastive op does.
 
-Covers PML's default LpDistance on normalised embeddings and CosineSimilarity, with the
-Mean, Sum, AvgNonZero and Threshold reducers; any other reducer gets the reference's
-per-pair losses, and other distances, unnormalised embeddings and indices_tuple go to the
-reference."""
+Covers PML's default LpDistance on normalised embeddings, CosineSimilarity and (CPU
+tensors) the L2 of unnormalised rows through lifted rows (raw_l2.py), with the Mean, Sum,
+AvgNonZero and Threshold reducers; any other reducer gets the reference's per-pair losses,
+and other distances and indices_tuple go to the reference."""
 from __future__ import annotations
 
 import torch
 
-from ..distances import is_dot_of_normalized
+from ..distances import is_dot_of_normalized, is_raw_l2
 from ..ops.lifted import lifted_rows, lifted_rows_self
 from ..reducers import reduce_loss_dict, zero_loss
 from ..spec import get_spec
@@ -19,6 +19,7 @@ from . import generalized_lifted, register
 from .contrastive import _reduce_side, _window
 from .generalized_lifted import self_pairs_only
 from .pair_counts import pair_count_tensors
+from .raw_l2 import lift_rows
 
 
 def supports(params, inp, expansion) -> bool:
@@ -50,10 +51,13 @@ def lifted_loss(params, inp, reducer, rows):
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     def rows(xu, cosine, pm, nm, low, high):
-        if self_pairs_only(inp):
+        raw = is_raw_l2(inp.distance)  # raw L2: the general op on lifted rows (raw_l2.py)
+        if self_pairs_only(inp) and not raw:
             return lifted_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
-        return lifted_rows(xu, normalized(inp.distance, inp.ref_emb), inp.labels,
-                           inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk)
+        xu, ru = (lift_rows(inp.embeddings, inp.ref_emb) if raw
+                  else (xu, normalized(inp.distance, inp.ref_emb)))
+        return lifted_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, cosine, pm, nm,
+                           low, high, chunk)
     return lifted_loss(params, inp, reducer, rows)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import (LpDistance, as_distance, is_cosine, is_normalized_l2,
-                         is_normalized_sq_l2)
+                         is_normalized_sq_l2, is_raw_l2)
 from ..miners.base import record_counts
 from ..miners.batch_hard import batch_hard_streaming
 from ..miners.row_blocks import BLOCK_ENTRIES
@@ -26,13 +26,43 @@ from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdRed
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from . import register, register_miner
+from .raw_l2 import lift_rows, raw_on_cpu
 
 
 def supports(params, inp, expansion) -> bool:
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
             and inp.labels is not None and params.get("triplets_per_anchor", "all") == "all"
             and not params.get("swap", False) and not params.get("smooth_loss", False)
-            and unit_distance(inp.distance))
+            and op_kind(inp) is not None)
+
+
+def op_kind(inp):
+    """_unit_distance's kinds, plus "raw" / "rawsq" for the L2 / squared L2 of unnormalised
+    rows on CPU tensors (raw_l2.raw_on_cpu)."""
+    d = inp.distance
+    if is_raw_l2(d):
+        return None if not raw_on_cpu(inp) else "raw" if d.power == 1 else "rawsq"
+    return _unit_distance(d)
+
+
+def _op_rows(inp):
+    """(x, r, cosine, squared) as the all-triplets ops take the call's distance:
+    - cosine, L2 of unit rows: the unit rows;
+    - squared L2 of unit rows: the same, through the cosine ops (squared: the caller halves
+      the margins and doubles the terms, see totals_impl);
+    - L2 of raw rows: the rows themselves (the CPU ops read L2 through torch.cdist, whose
+      gradient, radial term included, their backward gives);
+    - squared L2 of raw rows: lifted rows (raw_l2.py), whose cosine is 1 − d²/2, so again
+      the cosine ops at half the margin."""
+    kind, x, ref = op_kind(inp), inp.embeddings, inp.ref_emb
+    if kind == "raw":
+        return x, ref, False, False
+    if kind == "rawsq":
+        xl, rl = lift_rows(x, ref)
+        return xl, rl, True, True
+    xu = unit_rows(x)
+    ru = xu if ref is x else unit_rows(ref)
+    return xu, ru, kind != "l2", kind == "l2sq"
 
 
 def unit_distance(d) -> bool:
@@ -61,14 +91,12 @@ def totals_impl(rows_fn, params, inp, reducer, fallback=None, miner=None):
             return fallback()
         spec = get_spec("TripletMarginLoss")
         return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
-    xu = unit_rows(x)
-    ru = xu if inp.ref_emb is x else unit_rows(inp.ref_emb)
+    xo, ro, cosine, sq = _op_rows(inp)
     margin = params.get("margin", 0.05)
-    # squared L2 of unit rows is 2 − 2s: a triplet's term [d²_ap − d²_an + m]₊ is
+    # squared L2 of unit (or lifted) rows is 2 − 2s: a triplet's term [d²_ap − d²_an + m]₊ is
     # 2·[s_an − s_ap + m/2]₊, the cosine op's term at half the margin (the same terms > 0)
-    sq = is_normalized_sq_l2(inp.distance)
-    rows, nonzero, triplets = rows_fn(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
-                                      sq or is_cosine(inp.distance), margin / 2 if sq else margin)
+    rows, nonzero, triplets = rows_fn(xo, ro, inp.labels, inp.ref_labels, inp.same_set,
+                                      cosine, margin / 2 if sq else margin)
     if sq:
         rows = rows * 2
     # counts summed in int64 (they can pass 2**24, past what fp32 holds exactly), then
@@ -111,8 +139,7 @@ def miner_fits(params, inp, miner) -> bool:
     inside. PML's miners and ours alike; the self pair is dropped by labels identity in both
     miners and the loss, as inp.same_set."""
     kind = type(miner).__name__
-    if (inp.labels is None or params.get("swap", False)
-            or _unit_distance(inp.distance) is None):
+    if inp.labels is None or params.get("swap", False) or op_kind(inp) is None:
         return False
     mdist = _miner_distance(miner, LpDistance)
     if kind == "BatchHardMiner":
@@ -124,9 +151,20 @@ def miner_fits(params, inp, miner) -> bool:
         # squared L2 runs the cosine op at half the margins, its terms doubled (totals_impl):
         # true of hinges, not of smooth_loss's softplus
         return (getattr(miner, "type_of_triplets", None) in MINE_KINDS and mdist is not None
-                and _unit_distance(mdist) == _unit_distance(inp.distance)
-                and not (is_normalized_sq_l2(inp.distance) and params.get("smooth_loss", False)))
+                and _same_kind(mdist, inp.distance)
+                and not (_squared(inp.distance) and params.get("smooth_loss", False)))
     return False
+
+
+def _same_kind(a, b) -> bool:
+    """Whether two distances compute the same matrix, of those the ops take."""
+    if is_raw_l2(a) or is_raw_l2(b):
+        return is_raw_l2(a) and is_raw_l2(b) and a.power == b.power
+    return _unit_distance(a) is not None and _unit_distance(a) == _unit_distance(b)
+
+
+def _squared(d) -> bool:
+    return is_normalized_sq_l2(d) or (is_raw_l2(d) and d.power == 2)
 
 
 def miner_supports(params, inp, miner) -> bool:
@@ -169,6 +207,18 @@ def _with_exact_grad(value, xu, ru, a, j, cosine: bool, squared: bool = False):
     return value + ds * torch.where(value > 0, -1 / value.clamp(min=tiny), 0.0)
 
 
+def _raw_with_exact_grad(value, x, r, a, j, squared: bool):
+    """As _with_exact_grad for the L2 (or squared L2) of raw rows: the value as its full
+    matrix holds it, the gradient of ‖x_a − r_j‖ ((x_a − r_j)/d, 0 at d = 0 as torch's cdist
+    backward) or of its square (2·(x_a − r_j)), from the B listed differences."""
+    diff = x.index_select(0, a) - r.index_select(0, j)
+    dd = (diff.detach() * (diff - diff.detach())).sum(1)  # value 0, gradient diff
+    if squared:
+        return value + 2 * dd
+    tiny = torch.finfo(value.dtype).tiny
+    return value + dd * torch.where(value > 0, 1 / value.clamp(min=tiny), 0.0)
+
+
 def batch_hard_impl(params, inp, reducer, miner):
     """BatchHardMiner + TripletMarginLoss: each anchor's hardest positive and negative by
     the miner's distance in one pass over row blocks (no B×M), then the loss on those B
@@ -181,10 +231,14 @@ def batch_hard_impl(params, inp, reducer, miner):
     record_counts(miner, triplets=len(a))
     if len(a) == 0:  # PML: no triplet, a zero that keeps the graph
         return zero_loss(x)
-    xu, ru = _units(inp)
-    cosine, squared = is_cosine(dist), is_normalized_sq_l2(dist)
-    ap = _with_exact_grad(vp, xu, ru, a, p, cosine, squared)
-    an = _with_exact_grad(vn, xu, ru, a, n, cosine, squared)
+    if is_raw_l2(dist):
+        ap = _raw_with_exact_grad(vp, x, inp.ref_emb, a, p, dist.power == 2)
+        an = _raw_with_exact_grad(vn, x, inp.ref_emb, a, n, dist.power == 2)
+    else:
+        xu, ru = _units(inp)
+        cosine, squared = is_cosine(dist), is_normalized_sq_l2(dist)
+        ap = _with_exact_grad(vp, xu, ru, a, p, cosine, squared)
+        an = _with_exact_grad(vn, xu, ru, a, n, cosine, squared)
     violation = dist.margin(ap, an) + params.get("margin", 0.05)
     losses = F.softplus(violation) if params.get("smooth_loss", False) else F.relu(violation)
     return reduce_loss_dict({"loss": {"losses": losses, "indices": (a, p, n),
@@ -195,7 +249,7 @@ def miner_margin(miner, inp) -> float:
     """TripletMarginMiner's margin in the units of the op's gap: halved for squared L2, whose
     gap d²_an − d²_ap is twice the cosine op's s_ap − s_an (miner_fits: the miner and the
     loss share the distance)."""
-    return float(miner.margin) / (2 if is_normalized_sq_l2(inp.distance) else 1)
+    return float(miner.margin) / (2 if _squared(inp.distance) else 1)
 
 
 def triplet_miner_impl(params, inp, reducer, miner, chunk: int = 256):

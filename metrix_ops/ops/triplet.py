@@ -1,6 +1,7 @@
 """All-triplets margin loss from the fused streaming op (csrc/cpu/triplet_cpu.cpp): fake
-kernels for torch.compile, autograd, and the call. Inputs are unit rows; normalisation and
-its gradient stay in PyTorch (O(B·D))."""
+kernels for torch.compile, autograd, and the call. Inputs are unit rows (normalisation and
+its gradient stay in PyTorch, O(B·D)), or for L2 any rows: the op reads the distance through
+torch.cdist and its backward gives cdist's gradient (fused/raw_l2.py)."""
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,8 @@ if _ext.HAS_EXT:
 def triplet_all_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosine: bool,
                      margin: float, chunk: int = 256):
     """Per-anchor (Σ_{p,n} [violation]₊, #triplets with loss > 0, #triplets) over all
-    triplets of anchors x against references r; `cosine` picks cosine similarity, else the
-    L2 distance of unit rows. Memory O(chunk·M) besides the inputs."""
+    triplets of anchors x against references r; `cosine` picks cosine similarity (of unit
+    rows), else the L2 distance (of any rows). Memory O(chunk·M) besides the inputs."""
     return call(torch.ops.metrix_ops.triplet_all_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.long().contiguous(),
         ref_labels.long().contiguous(), bool(exclude_diag), bool(cosine), float(margin),

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from .. import fused
 from ..distances import LpDistance, is_cosine, is_normalized_l2, is_normalized_sq_l2
 from ..fused.triplet_margin import (_mined_by_tuple, _miner_distance, _units, miner_fits,
-                                    miner_margin,
-                                    totals_impl)
+                                    miner_margin, totals_impl, unit_distance)
 from ..miners.base import record_counts
 from ..reducers import reduce_loss_dict, zero_loss
 from ..reference.expansion_points import safe_sqrt
@@ -32,12 +31,13 @@ from .triplet_margin import triplet_mined_rows_triton
 
 
 def miner_supports(params, inp, miner) -> bool:
-    """The CPU path's calls (fused/triplet_margin.miner_fits), less two: BatchHardMiner only
-    on a distance ordered as the cosine (its picks are made in cosine space), and
-    TripletMarginMiner without smooth_loss (the "all" kernels sum hinge terms)."""
+    """The CPU path's calls (fused/triplet_margin.miner_fits), less three: the loss on the
+    unit-row distances only (not the L2 of raw rows), BatchHardMiner only on a distance
+    ordered as the cosine (its picks are made in cosine space), and TripletMarginMiner
+    without smooth_loss (the "all" kernels sum hinge terms)."""
     x = inp.embeddings
     if not (x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype)
-            and miner_fits(params, inp, miner)):
+            and unit_distance(inp.distance) and miner_fits(params, inp, miner)):
         return False
     if type(miner).__name__ == "BatchHardMiner":
         mdist = _miner_distance(miner, LpDistance)

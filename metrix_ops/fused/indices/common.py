@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from ...distances import CosineSimilarity, DotProductSimilarity, LpDistance
+from ...distances import CosineSimilarity, DotProductSimilarity, LpDistance, is_raw_l2
 from ...ops.pair_sims import HAS_OP, pair_sims
 from ...reference.pairs import to_pairs
 from ...ops.unit_rows import normalized
+from ..raw_l2 import lift_rows, raw_on_cpu
 
 ZERO = {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
 
@@ -16,19 +17,22 @@ ZERO = {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
 def pair_kind(d):
     """'sim' for a similarity of the rows as the distance normalises them (Cosine /
     DotProduct, power 1: any p, or none): s = x̂·r̂ exactly; 'l2' for the L2 distance of unit
-    rows (LpDistance, normalised, p=2, power 1 or 2): a function of s; None otherwise (the
-    reference: an unnormalised or non-Euclidean distance is not a function of one product)."""
+    rows (LpDistance, normalised, p=2, power 1 or 2): a function of s; 'raw' for the L2 of
+    unnormalised rows, the same function of the lifted rows' product (fused/raw_l2.py); None
+    otherwise (the reference: a non-Euclidean distance is not a function of one product)."""
     if type(d) in (CosineSimilarity, DotProductSimilarity) and d.power == 1:
         return "sim"
     if type(d) is LpDistance and d.normalize_embeddings and d.p == 2 and d.power in (1, 2):
         return "l2"
-    return None
+    return "raw" if is_raw_l2(d) else None
 
 
 def covers(inp, expansion) -> bool:
-    """The shared scope of the indices_tuple ops: a tuple, no expansion, a covered distance."""
+    """The shared scope of the indices_tuple ops: a tuple, no expansion, a covered distance
+    (raw L2 on CPU tensors: the CUDA engine shares this glue, and has not run lifted rows)."""
+    kind = pair_kind(inp.distance)
     return (HAS_OP and expansion is None and inp.indices_tuple is not None
-            and pair_kind(inp.distance) is not None)
+            and kind is not None and (kind != "raw" or raw_on_cpu(inp)))
 
 
 def unit_l2_from_sims(s, power):
@@ -49,6 +53,10 @@ class ListedPairs:
     def __init__(self, inp):
         d = inp.distance
         self.distance, self.kind = d, pair_kind(d)
+        self.ref = inp.ref_emb
+        if self.kind == "raw":  # anchors and references lifted apart (their products: 1 − d²/2)
+            self.xu, self.ru = lift_rows(inp.embeddings, inp.ref_emb)
+            return
         # normalisation and its gradient stay in PyTorch (O((B+M)·D)); the batch against
         # itself is normalised once, so both ends of a pair share one graph node
         self.xu = normalized(d, inp.embeddings)
@@ -56,7 +64,10 @@ class ListedPairs:
 
     def of(self, rows, cols, refs_both: bool = False):
         """Distances of the pairs (rows_k, cols_k); refs_both: both ends index the references."""
-        s = pair_sims(self.ru if refs_both else self.xu, self.ru, rows, cols)
+        left = self.xu
+        if refs_both:  # (raw: the references lifted as anchors are)
+            left = lift_rows(self.ref, self.ref)[0] if self.kind == "raw" else self.ru
+        s = pair_sims(left, self.ru, rows, cols)
         return s if self.kind == "sim" else unit_l2_from_sims(s, self.distance.power)
 
     def of_lists(self, *pairs):

@@ -1,0 +1,186 @@
+"""The L2 distance of unnormalised rows (LpDistance(normalize_embeddings=False), p = 2) on
+the CPU engine: lifted rows through the unit-row ops (fused/raw_l2.py) for Contrastive,
+Lifted and GeneralizedLifted and the squared triplet; the raw rows through the all-triplets
+ops' cdist (their backward's radial term) for the L2 triplet; BatchHardMiner's exact picks
+with the listed pairs' gradients. Values and gradients against the reference (fp64, the
+shared cases) and PML (fp32, past cdist's 25-row switch), ref_emb, miners and their index
+tuples, auto's choice, and Metrix' refusal on every backend."""
+import pytest
+import torch
+from pytorch_metric_learning import distances as pd
+from pytorch_metric_learning import losses as pl
+from pytorch_metric_learning import miners as pm
+
+import metrix_ops as mo
+from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from metrix_ops import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
+
+# (loss, its hyper-parameters, power): margins scaled to distances of rows of norm ~√D·3
+LOSSES = [
+    ("ContrastiveLoss", {}, 1),
+    ("ContrastiveLoss", {"pos_margin": 0.5, "neg_margin": 6.0}, 1),
+    ("ContrastiveLoss", {"pos_margin": 1.0, "neg_margin": 30.0}, 2),
+    ("LiftedStructureLoss", {"neg_margin": 6.0}, 1),
+    ("GeneralizedLiftedStructureLoss", {"pos_margin": 1.0, "neg_margin": 6.0}, 1),
+    ("TripletMarginLoss", {}, 1),
+    ("TripletMarginLoss", {"margin": 2.0}, 1),
+    ("TripletMarginLoss", {"margin": 8.0}, 2),
+]
+LOSS_IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(LOSSES)]
+
+
+def raw(lib, power):
+    return lib.LpDistance(normalize_embeddings=False, power=power)
+
+
+def ours(name, kw, power, backend="cpu", **extra):
+    return getattr(mo.losses, name)(distance=raw(mo.distances, power), backend=backend,
+                                    **kw, **extra)
+
+
+def scaled_case(case, dtype=torch.float64, seed=0):
+    """A shared case with rows of norm ~3√D, as an unnormalised embedding has."""
+    x, y = make_case(case, dtype, seed)
+    return (3 * x.detach()).requires_grad_(), y
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("loss", LOSSES, ids=LOSS_IDS)
+def test_matches_reference_fp64(case, loss):
+    name, kw, power = loss
+    if case[0] == "duplicates" and name == "ContrastiveLoss" and not kw:
+        # at pos_margin 0 a coincident pair's rounding decides whether AvgNonZero counts it
+        # (cdist's exact 0 here, ~1e-8 from a product form): auto runs the reference for
+        # such small calls, test_auto_takes_the_fused_op_past_25_rows
+        pytest.skip("a coincident positive pair at pos_margin 0")
+    x, y = scaled_case(case)
+    fused, ref = ours(name, kw, power), ours(name, kw, power, "reference")
+    assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("refs", [False, True])
+def test_matches_pml_fp32(loss, refs):
+    """fp32 past 25 rows, where PML's cdist is the product form too: PML's numbers."""
+    name, kw, power = loss
+    g = torch.Generator().manual_seed(7)
+    x, y = 3 * torch.randn(53, 19, generator=g), torch.randint(0, 6, (53,), generator=g)
+    r, ry = 3 * torch.randn(37, 19, generator=g), torch.randint(0, 6, (37,), generator=g)
+    mine, theirs = ours(name, kw, power), getattr(pl, name)(distance=raw(pd, power), **kw)
+    if not refs:
+        assert_close_vg(lambda e: mine(e, y), lambda e: theirs(e, y), x, rtol=2e-5, atol=1e-6)
+    else:
+        assert_close_vg(lambda e, q: mine(e, y, ref_emb=q, ref_labels=ry),
+                        lambda e, q: theirs(e, y, ref_emb=q, ref_labels=ry), x, r,
+                        rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("miner_normalizes", [False, True])
+@pytest.mark.parametrize("refs", [False, True])
+def test_batch_hard_miner_option(power, miner_normalizes, refs):
+    """TripletMarginLoss(miner=BatchHardMiner()) on raw L2 (person re-identification's
+    batch-hard triplet): the miner's picks by its own distance, the loss on raw distances,
+    against PML's two calls, fp64."""
+    g = torch.Generator().manual_seed(power + 2 * miner_normalizes)
+    x = 3 * torch.randn(47, 11, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 7, (47,), generator=g)
+    r = 3 * torch.randn(33, 11, dtype=torch.float64, generator=g)
+    ry = torch.randint(0, 7, (33,), generator=g)
+    mdist = dict(distance=pd.LpDistance(normalize_embeddings=miner_normalizes))
+    loss = ours("TripletMarginLoss", {"margin": 0.3}, power,
+                miner=mo.miners.BatchHardMiner(
+                    distance=mo.distances.LpDistance(normalize_embeddings=miner_normalizes)))
+    pml_loss = pl.TripletMarginLoss(margin=0.3, distance=raw(pd, power))
+    pml_miner = pm.BatchHardMiner(**mdist)
+    if not refs:
+        assert_close_vg(lambda e: loss(e, y), lambda e: pml_loss(e, y, pml_miner(e, y)), x)
+    else:
+        assert_close_vg(
+            lambda e, q: loss(e, y, ref_emb=q, ref_labels=ry),
+            lambda e, q: pml_loss(e, y, pml_miner(e, y, q, ry), q, ry), x, r)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("kind", ["all", "hard", "semihard", "easy"])
+def test_triplet_margin_miner_option(power, kind):
+    g = torch.Generator().manual_seed(11)
+    x = 3 * torch.randn(41, 9, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 5, (41,), generator=g)
+    margin = 2.0 if power == 1 else 10.0
+    loss = ours("TripletMarginLoss", {"margin": margin}, power,
+                miner=mo.miners.TripletMarginMiner(margin, kind,
+                                                   distance=raw(mo.distances, power)))
+    pml_loss = pl.TripletMarginLoss(margin=margin, distance=raw(pd, power))
+    pml_miner = pm.TripletMarginMiner(margin, kind, distance=raw(pd, power))
+    assert_close_vg(lambda e: loss(e, y), lambda e: pml_loss(e, y, pml_miner(e, y)), x)
+
+
+def test_auto_takes_the_fused_op_past_25_rows(monkeypatch):
+    """auto runs the CPU engine on raw L2 (it ran the reference before), except a
+    ContrastiveLoss call of at most 25 rows a side (driver.counts_near_zero_distances),
+    where PML's cdist takes exact differences."""
+    from metrix_ops.fused import contrastive
+    calls = []
+    real = contrastive.contrastive_rows
+    monkeypatch.setattr(contrastive, "contrastive_rows",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, y = 3 * torch.randn(30, 8, generator=g), torch.randint(0, 4, (30,), generator=g)
+    auto = ours("ContrastiveLoss", {}, 1, backend="auto")
+    assert torch.equal(auto(x, y), ours("ContrastiveLoss", {}, 1)(x, y))
+    assert len(calls) == 2
+    x[1] = x[0]  # a coincident pair in a small call: PML's exact 0
+    theirs = pl.ContrastiveLoss(distance=raw(pd, 1))
+    torch.testing.assert_close(auto(x[:20], y[:20]), theirs(x[:20], y[:20]))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "GeneralizedLiftedStructureLoss"])
+@pytest.mark.parametrize("backend", ["cpu", "auto", "reference"])
+def test_metrix_on_raw_l2_is_refused_alike(name, backend):
+    """Metrix mixes L2-normalised rows (DESIGN §1): on raw L2 every backend refuses it with
+    the reference's message, though the clean loss is fused."""
+    x, y = 3 * torch.randn(29, 6), torch.randint(0, 4, (29,))
+    loss = ours(name, {"pos_margin": 0.5, "neg_margin": 6.0}, 1, backend,
+                metrix=mo.Metrix(lam=0.4))
+    with pytest.raises(NotImplementedError, match="Metrix mixes L2-normalised embeddings"):
+        loss(x, y)
+
+
+def test_half_inputs():
+    """bf16 rows are computed in fp32: the fp32 loss of the rounded rows."""
+    g = torch.Generator().manual_seed(2)
+    x, y = 3 * torch.randn(40, 16, generator=g), torch.randint(0, 5, (40,), generator=g)
+    h = x.to(torch.bfloat16)
+    for name, kw, power in LOSSES:
+        torch.testing.assert_close(ours(name, kw, power)(h, y),
+                                   ours(name, kw, power, "reference")(h.float(), y),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kw", [("ContrastiveLoss", {"pos_margin": 0.5, "neg_margin": 6.0}),
+                                      ("TripletMarginLoss", {"margin": 2.0}),
+                                      ("TripletMarginLoss", {"margin": 2.0, "swap": True}),
+                                      ("LiftedStructureLoss", {"neg_margin": 6.0}),
+                                      ("GeneralizedLiftedStructureLoss", {"neg_margin": 6.0})])
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("miner", ["batch_hard", "semihard", "pairs"])
+def test_indices_tuple_of_a_miner(name, kw, power, miner):
+    """PML's two calls, loss(x, y, miner(x, y)), on raw L2: the listed pairs' distances from
+    the lifted rows' products (fused/indices/common.py), against PML in fp64."""
+    if power == 2 and "Lifted" in name:
+        pytest.skip("(the lifted losses' squared L2 is not a case of interest)")
+    g = torch.Generator().manual_seed(power)
+    x = 3 * torch.randn(43, 10, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 6, (43,), generator=g)
+    dist = raw(pd, power)
+    m = {"batch_hard": lambda: pm.BatchHardMiner(distance=raw(pd, power)),
+         "semihard": lambda: pm.TripletMarginMiner(1.0, "semihard", distance=raw(pd, power)),
+         "pairs": lambda: pm.PairMarginMiner(1.0, 4.0, distance=raw(pd, power))}[miner]()
+    tup = m(x, y)
+    mine = ours(name, kw, power)
+    theirs = getattr(pl, name)(distance=dist, **kw)
+    assert_close_vg(lambda e: mine(e, y, tup), lambda e: theirs(e, y, tup), x)
