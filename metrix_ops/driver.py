@@ -221,17 +221,23 @@ def record_call_norms(name, params, embeddings, ref_emb, inp, distance, miner) -
     record_norms(distance, query, ref, when=calls_distance(name, inp, miner))
 
 
-def counts_near_zero_distances(name, distance, n_query, n_ref) -> bool:
-    """A ContrastiveLoss call whose L2 PML computes exactly (cdist's direct path, ≤ 25 rows a
-    side). Its positive term is d itself at the default pos_margin 0, and AvgNonZero counts
-    every d > 0: there a pair closer than ~1e-3 counts in PML and is d = 0 in the fused ops'
-    √(2 − 2s) (s rounds to 1), which changes the mean's divisor, not just a last digit. So
-    "auto" takes the reference for it; such small calls gain nothing from a fused op. Past 25
-    rows PML's cdist is the Gram form too and gives such a pair rounding noise of either
-    kind (0 or ~3e-4), which no backend reproduces. Not under torch.compile: the reference's
+def pml_exact_where_fused_rounds(name, distance, n_query, n_ref) -> bool:
+    """A call of at most 25 rows a side (cdist's direct path: PML computes exact row
+    differences) on a distance whose fused form rounds where those are exact:
+    - ContrastiveLoss on an L2 (of unit or raw rows): its positive term is d itself at the
+      default pos_margin 0, and AvgNonZero counts every d > 0, so a pair closer than ~1e-3
+      counts in PML and is d = 0 in the fused ops' √(2 − 2s) (s rounds to 1), which moves
+      the mean's divisor, not just a last digit;
+    - any loss on the L2 of raw rows: the fused Gram form (fused/raw_l2.py) gives coincident
+      rows a distance of rounding noise (~√(ε·‖x‖²)) where PML's is exactly 0, and a 1/d
+      gradient of noise.
+    "auto" takes the reference for these: PML's numbers, and such small calls gain nothing
+    from a fused op. Past 25 rows PML's cdist is the Gram form too, with noise of its own
+    for such pairs, which no backend reproduces. Not under torch.compile: the reference's
     pair lists have data-dependent sizes, which a fullgraph trace refuses."""
-    return (name == "ContrastiveLoss" and (unit_l2_form(distance) or is_raw_l2(distance))
-            and cdist_is_direct(n_query, n_ref) and not torch.compiler.is_compiling())
+    if torch.compiler.is_compiling() or not cdist_is_direct(n_query, n_ref):
+        return False
+    return is_raw_l2(distance) or (name == "ContrastiveLoss" and unit_l2_form(distance))
 
 
 def check_call_kind(name, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -376,7 +382,7 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
             order = ([b for b, f in zip(order, fuses) if f]
                      + [b for b, f in zip(order, fuses) if not f])
         chosen = order[0] if order else chosen
-    if backend == "auto" and chosen != "reference" and counts_near_zero_distances(
+    if backend == "auto" and chosen != "reference" and pml_exact_where_fused_rounds(
             name, distance, embeddings.shape[0], ref_emb.shape[0]):
         chosen = "reference"
     if zero_row and chosen != "reference":

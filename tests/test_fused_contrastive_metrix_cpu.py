@@ -165,7 +165,7 @@ def test_blocks_cut_between_classes(block, cosine):
 def test_module_uses_the_fused_op(op_calls):
     calls = op_calls
     # over 25 rows: at most 25 a side, auto takes the reference for ContrastiveLoss' L2
-    # (driver.counts_near_zero_distances)
+    # (driver.pml_exact_where_fused_rounds)
     x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
     mo.losses.ContrastiveLoss(metrix=mo.Metrix(lam=0.5))(x, y)
     mo.losses.ContrastiveLoss(metrix=mo.Metrix(lam=0.5, pairs="anchor_neg"),

@@ -119,9 +119,7 @@ def test_triplet_margin_miner_option(power, kind):
 
 
 def test_auto_takes_the_fused_op_past_25_rows(monkeypatch):
-    """auto runs the CPU engine on raw L2 (it ran the reference before), except a
-    ContrastiveLoss call of at most 25 rows a side (driver.counts_near_zero_distances),
-    where PML's cdist takes exact differences."""
+    """auto runs the CPU engine on raw L2 past 25 rows (it ran the reference before)."""
     from metrix_ops.fused import contrastive
     calls = []
     real = contrastive.contrastive_rows
@@ -132,10 +130,26 @@ def test_auto_takes_the_fused_op_past_25_rows(monkeypatch):
     auto = ours("ContrastiveLoss", {}, 1, backend="auto")
     assert torch.equal(auto(x, y), ours("ContrastiveLoss", {}, 1)(x, y))
     assert len(calls) == 2
-    x[1] = x[0]  # a coincident pair in a small call: PML's exact 0
-    theirs = pl.ContrastiveLoss(distance=raw(pd, 1))
-    torch.testing.assert_close(auto(x[:20], y[:20]), theirs(x[:20], y[:20]))
+    auto(x[:25], y[:25], ref_emb=x[:9], ref_labels=y[:9])  # small: the reference
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=LOSS_IDS)
+def test_small_calls_with_coincident_rows_are_pml_under_auto(loss):
+    """At most 25 rows a side PML's cdist takes exact differences: coincident rows are at
+    distance 0 with a zero gradient, where the fused Gram form gives them rounding noise
+    (~√(ε‖x‖²) in fp32) and a 1/d gradient of noise. There auto runs the reference
+    (driver.pml_exact_where_fused_rounds): PML's values and gradients, fp32."""
+    name, kw, power = loss
+    g = torch.Generator().manual_seed(0)
+    # (a case where the fused Gram form of the L2 losses, not the squared ones, gives
+    # the coincident pairs noise: explicit backend="cpu" differs from PML here)
+    x, y = 3 * torch.randn(17, 5, generator=g) + 2, torch.randint(0, 3, (17,), generator=g)
+    x[1], x[3] = x[0], x[2]  # a coincident positive and a coincident negative
+    y[1], y[3] = y[0], (y[2] + 1) % 3
+    theirs = getattr(pl, name)(distance=raw(pd, power), **kw)
+    assert_close_vg(lambda e: ours(name, kw, power, "auto")(e, y), lambda e: theirs(e, y), x,
+                    rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["ContrastiveLoss", "GeneralizedLiftedStructureLoss"])
