@@ -70,16 +70,21 @@ at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t
   return at::cdist(xc, r, 2.0, mode).contiguous();
 }
 
-void add_triplet_block_grad(at::Tensor& dx, at::Tensor& dr, const at::Tensor& g,
-                            const at::Tensor& x, const at::Tensor& r, int64_t start,
-                            int64_t len, bool cosine) {
+void add_triplet_block_grad(at::Tensor& dx, at::Tensor& dr, at::Tensor& col_sums,
+                            const at::Tensor& g, const at::Tensor& x, const at::Tensor& r,
+                            int64_t start, int64_t len, bool cosine) {
   const at::Tensor xc = x.narrow(0, start, len);
   at::Tensor dxc = dx.narrow(0, start, len);
   dxc.addmm_(g, r);
   dr.addmm_(g.t(), xc);
   if (cosine) return;
   dxc.addcmul_(g.sum(1, true), xc, -1);
-  dr.addcmul_(g.sum(0).unsqueeze(1), r, -1);
+  col_sums.add_(g.sum(0));  // (one pass over dr at the end, not one per block)
+}
+
+void finish_triplet_grad(at::Tensor& dr, const at::Tensor& col_sums, const at::Tensor& r,
+                         bool cosine) {
+  if (!cosine) dr.addcmul_(col_sums.unsqueeze(1), r, -1);
 }
 
 at::ScalarType acc_type(const at::Tensor& x) {

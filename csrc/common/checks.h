@@ -55,12 +55,15 @@ at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t
 // Adds the gradient of a block of triplet_value_block's values to dx (rows [start,
 // start + len)) and dr, from g = ∂L/∂s of the block as the keys' chain makes it (for L2,
 // −(∂L/∂d)/d). Cosine: dx += g r, dr += gᵀ x. L2: d = ‖x_i − r_j‖ of the rows as given
-// (cdist), whose gradient (x_i − r_j)/d adds a radial part: dx_i −= (Σ_j g_ij) x_i and
-// dr_j −= (Σ_i g_ij) r_j. Unit rows' callers lose it in the normalisation's backward; the
-// L2 of raw rows (fused/raw_l2.py) needs it.
-void add_triplet_block_grad(at::Tensor& dx, at::Tensor& dr, const at::Tensor& g,
-                            const at::Tensor& x, const at::Tensor& r, int64_t start,
-                            int64_t len, bool cosine);
+// (cdist), whose gradient (x_i − r_j)/d adds a radial part: dx_i −= (Σ_j g_ij) x_i here, and
+// dr_j −= (Σ_i g_ij) r_j, whose sums gather in col_sums (M, zeros before the first block)
+// for finish_triplet_grad to apply once. Unit rows' callers lose that part in the
+// normalisation's backward; the L2 of raw rows (fused/raw_l2.py) needs it.
+void add_triplet_block_grad(at::Tensor& dx, at::Tensor& dr, at::Tensor& col_sums,
+                            const at::Tensor& g, const at::Tensor& x, const at::Tensor& r,
+                            int64_t start, int64_t len, bool cosine);
+void finish_triplet_grad(at::Tensor& dr, const at::Tensor& col_sums, const at::Tensor& r,
+                         bool cosine);
 
 // Accumulation type: fp64 for fp64 inputs, fp32 for everything else (fp16/bf16 included).
 at::ScalarType acc_type(const at::Tensor& x);

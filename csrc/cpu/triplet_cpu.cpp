@@ -152,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
   auto g = grad_rows_.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), M = r.size(0);
   at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
+  at::Tensor col_sums = at::zeros({M}, x.options());  // (L2: add_triplet_block_grad)
   const TripletCtx c{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag,
                      cosine, margin};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_bwd_cpu", [&] {
@@ -159,9 +160,10 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
       const int64_t len = std::min(chunk, B - start);
       at::Tensor s = triplet_value_block(x, r, start, len, cosine);  // becomes G in place
       grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, g.data_ptr<scalar_t>());
-      add_triplet_block_grad(dx, dr, s, x, r, start, len, cosine);
+      add_triplet_block_grad(dx, dr, col_sums, s, x, r, start, len, cosine);
     }
   });
+  finish_triplet_grad(dr, col_sums, r, cosine);
   return {dx.to(x_.scalar_type()), dr.to(r_.scalar_type())};
 }
 

@@ -275,6 +275,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_bwd(
   auto g = grad_rows_.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), M = r.size(0);
   at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
+  at::Tensor col_sums = at::zeros({M}, x.options());  // (L2: add_triplet_block_grad)
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_bwd_cuda", [&] {
     using T = scalar_t;
@@ -300,9 +301,10 @@ std::tuple<at::Tensor, at::Tensor> triplet_bwd(
           p.cols.data_ptr<int64_t>(), p.k, active.data_ptr<int64_t>(),
           smooth ? wpos.data_ptr<T>() : nullptr, g.data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      add_triplet_block_grad(dx, dr, s, x, r, start, len, cosine);  // (as the CPU ops)
+      add_triplet_block_grad(dx, dr, col_sums, s, x, r, start, len, cosine);  // (as the CPU ops)
     }
   });
+  finish_triplet_grad(dr, col_sums, r, cosine);
   return {dx.to(x_.scalar_type()), dr.to(r_.scalar_type())};
 }
 
