@@ -204,6 +204,12 @@ def is_raw_l2(d: BaseDistance) -> bool:
             and d.power in (1, 2))
 
 
+def is_squared_l2(d: BaseDistance) -> bool:
+    """Squared L2 of unit or raw rows: 2 − 2s of the unit (or lifted, fused/raw_l2.py) rows'
+    product s, which the ops take as a cosine loss at halved margins, terms doubled."""
+    return is_normalized_sq_l2(d) or (is_raw_l2(d) and d.power == 2)
+
+
 # torch.cdist's p = 2 takes row differences directly when both sides have at most this many
 # rows, and the Gram form ‖x‖² + ‖y‖² − 2x·y (ATen's use_mm_for_euclid_dist_if_necessary) past it
 CDIST_DIRECT_ROWS = 25

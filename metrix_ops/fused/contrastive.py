@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..distances import is_cosine, is_normalized_l2, is_normalized_sq_l2, is_raw_l2
+from ..distances import is_cosine, is_normalized_l2, is_normalized_sq_l2, is_raw_l2, is_squared_l2
 from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdReducer,
                         reduce_loss_dict, zero_unless)
 from ..ops.contrastive import contrastive_rows, contrastive_rows_self
@@ -40,8 +40,7 @@ def op_form(distance, params, window, dtype):
     16ε: below it d² is the rounding noise of coincident rows, which PML's cdist and the
     reference's Metrix metric give as exactly 0 (not a term AvgNonZero counts)."""
     pm, nm = params["pos_margin"], params["neg_margin"]
-    squared = is_normalized_sq_l2(distance) or (is_raw_l2(distance) and distance.power == 2)
-    if not squared:
+    if not is_squared_l2(distance):
         return is_cosine(distance), pm, nm, window, 1.0
     snap = 16 * torch.finfo(dtype).eps
     pm = snap if 0 <= pm < snap else pm

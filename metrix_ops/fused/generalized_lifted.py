@@ -27,6 +27,15 @@ def supports(params, inp, expansion) -> bool:
                                             or raw_on_cpu(inp, powers=(1,))))
 
 
+def general_pair(inp, xu):
+    """(anchors, references) for a lifted op's general form: the raw rows lifted
+    (raw_l2.py; they never take the symmetric form), or xu against the distance's
+    normalised references."""
+    if is_raw_l2(inp.distance):
+        return lift_rows(inp.embeddings, inp.ref_emb)
+    return xu, normalized(inp.distance, inp.ref_emb)
+
+
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     d, cosine = inp.distance, is_dot_of_normalized(inp.distance)
     pm, nm = params["pos_margin"], params["neg_margin"]
@@ -35,8 +44,7 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     if self_pairs_only(inp) and not is_raw_l2(d):
         rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block)
     else:
-        xu, ru = (lift_rows(inp.embeddings, inp.ref_emb) if is_raw_l2(d)
-                  else (xu, normalized(d, inp.ref_emb)))
+        xu, ru = general_pair(inp, xu)
         rows = gen_lifted_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,
                                nm, chunk)
     # PML's no-pairs rule and the element reduction are MS's (one term per anchor)

@@ -17,9 +17,8 @@ from ..spec import get_spec
 from ..ops.unit_rows import normalized
 from . import generalized_lifted, register
 from .contrastive import _reduce_side, _window
-from .generalized_lifted import self_pairs_only
+from .generalized_lifted import general_pair, self_pairs_only
 from .pair_counts import pair_count_tensors
-from .raw_l2 import lift_rows
 
 
 def supports(params, inp, expansion) -> bool:
@@ -51,11 +50,9 @@ def lifted_loss(params, inp, reducer, rows):
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     def rows(xu, cosine, pm, nm, low, high):
-        raw = is_raw_l2(inp.distance)  # raw L2: the general op on lifted rows (raw_l2.py)
-        if self_pairs_only(inp) and not raw:
+        if self_pairs_only(inp) and not is_raw_l2(inp.distance):
             return lifted_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
-        xu, ru = (lift_rows(inp.embeddings, inp.ref_emb) if raw
-                  else (xu, normalized(inp.distance, inp.ref_emb)))
+        xu, ru = general_pair(inp, xu)  # (raw L2: lifted rows, the general op only)
         return lifted_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, cosine, pm, nm,
                            low, high, chunk)
     return lifted_loss(params, inp, reducer, rows)

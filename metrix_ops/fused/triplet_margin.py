@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from ..distances import (LpDistance, as_distance, is_cosine, is_normalized_l2,
-                         is_normalized_sq_l2, is_raw_l2)
+                         is_normalized_sq_l2, is_raw_l2, is_squared_l2)
 from ..miners.base import record_counts
 from ..miners.batch_hard import batch_hard_streaming
 from ..miners.row_blocks import BLOCK_ENTRIES
@@ -152,7 +152,7 @@ def miner_fits(params, inp, miner) -> bool:
         # true of hinges, not of smooth_loss's softplus
         return (getattr(miner, "type_of_triplets", None) in MINE_KINDS and mdist is not None
                 and _same_kind(mdist, inp.distance)
-                and not (_squared(inp.distance) and params.get("smooth_loss", False)))
+                and not (is_squared_l2(inp.distance) and params.get("smooth_loss", False)))
     return False
 
 
@@ -161,10 +161,6 @@ def _same_kind(a, b) -> bool:
     if is_raw_l2(a) or is_raw_l2(b):
         return is_raw_l2(a) and is_raw_l2(b) and a.power == b.power
     return _unit_distance(a) is not None and _unit_distance(a) == _unit_distance(b)
-
-
-def _squared(d) -> bool:
-    return is_normalized_sq_l2(d) or (is_raw_l2(d) and d.power == 2)
 
 
 def miner_supports(params, inp, miner) -> bool:
@@ -249,7 +245,7 @@ def miner_margin(miner, inp) -> float:
     """TripletMarginMiner's margin in the units of the op's gap: halved for squared L2, whose
     gap d²_an − d²_ap is twice the cosine op's s_ap − s_an (miner_fits: the miner and the
     loss share the distance)."""
-    return float(miner.margin) / (2 if _squared(inp.distance) else 1)
+    return float(miner.margin) / (2 if is_squared_l2(inp.distance) else 1)
 
 
 def triplet_miner_impl(params, inp, reducer, miner, chunk: int = 256):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from ..distances import (BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance,
+                         cdist_is_direct)
 
 # entries of one block (rows × M): 8 MiB in fp32, whatever B. Each block pays a pass over
 # the whole reference side (cdist re-forms its padded B×(D+2) copy and norms per call), so
@@ -38,7 +39,7 @@ def distance_row_blocks(distance: BaseDistance, x, ref, rows: int):
     """Yields (start, block) with block == distance(x, ref)[start:start + rows]."""
     q = distance.maybe_normalize(x)
     r = q if ref is x else distance.maybe_normalize(ref)
-    use_mm = len(q) > 25 or len(r) > 25
+    use_mm = not cdist_is_direct(len(q), len(r))
     for start in range(0, len(q), rows):
         yield start, _block(distance, q[start:start + rows], r, use_mm)
 
