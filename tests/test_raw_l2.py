@@ -12,38 +12,17 @@ from pytorch_metric_learning import losses as pl
 from pytorch_metric_learning import miners as pm
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import CASE_IDS, CASES, assert_close_vg
 from metrix_ops import _ext
+from raw_l2_cases import (LOSSES, loss_ids, ours_on, raw, rows_past_cdist_switch,
+                          scaled_case)
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
-# (loss, its hyper-parameters, power): margins scaled to distances of rows of norm ~√D·3
-LOSSES = [
-    ("ContrastiveLoss", {}, 1),
-    ("ContrastiveLoss", {"pos_margin": 0.5, "neg_margin": 6.0}, 1),
-    ("ContrastiveLoss", {"pos_margin": 1.0, "neg_margin": 30.0}, 2),
-    ("LiftedStructureLoss", {"neg_margin": 6.0}, 1),
-    ("GeneralizedLiftedStructureLoss", {"pos_margin": 1.0, "neg_margin": 6.0}, 1),
-    ("TripletMarginLoss", {}, 1),
-    ("TripletMarginLoss", {"margin": 2.0}, 1),
-    ("TripletMarginLoss", {"margin": 8.0}, 2),
-]
-LOSS_IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(LOSSES)]
+LOSS_IDS = loss_ids(LOSSES)
 
 
-def raw(lib, power):
-    return lib.LpDistance(normalize_embeddings=False, power=power)
-
-
-def ours(name, kw, power, backend="cpu", **extra):
-    return getattr(mo.losses, name)(distance=raw(mo.distances, power), backend=backend,
-                                    **kw, **extra)
-
-
-def scaled_case(case, dtype=torch.float64, seed=0):
-    """A shared case with rows of norm ~3√D, as an unnormalised embedding has."""
-    x, y = make_case(case, dtype, seed)
-    return (3 * x.detach()).requires_grad_(), y
+ours = ours_on("cpu")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -65,9 +44,7 @@ def test_matches_reference_fp64(case, loss):
 def test_matches_pml_fp32(loss, refs):
     """fp32 past 25 rows, where PML's cdist is the product form too: PML's numbers."""
     name, kw, power = loss
-    g = torch.Generator().manual_seed(7)
-    x, y = 3 * torch.randn(53, 19, generator=g), torch.randint(0, 6, (53,), generator=g)
-    r, ry = 3 * torch.randn(37, 19, generator=g), torch.randint(0, 6, (37,), generator=g)
+    x, y, r, ry = rows_past_cdist_switch(7)
     mine, theirs = ours(name, kw, power), getattr(pl, name)(distance=raw(pd, power), **kw)
     if not refs:
         assert_close_vg(lambda e: mine(e, y), lambda e: theirs(e, y), x, rtol=2e-5, atol=1e-6)

@@ -146,7 +146,7 @@ def test_fp32_and_half_inputs(dist):
 def test_not_covered():
     x, y = on_dev(*make_case(CASES[0]))
     loss = mo.losses.GeneralizedLiftedStructureLoss(
-        backend="triton", distance=mo.distances.LpDistance(normalize_embeddings=False))
+        backend="triton", distance=mo.distances.LpDistance(p=1))
     with pytest.raises(NotImplementedError, match="does not cover"):
         loss(x, y)
 

@@ -19,7 +19,14 @@ COMPILABLE = [("MultiSimilarityLoss", {}), ("ContrastiveLoss", {}),
               ("GeneralizedLiftedStructureLoss", {}), ("LiftedStructureLoss", {}),
               ("NPairsLoss", {}), ("ProxyAnchorLoss", {"num_classes": 6, "embedding_size": 7}),
               ("ProxyNCALoss", {"num_classes": 6, "embedding_size": 7}),
-              ("NTXentLoss", {}), ("SupConLoss", {})]
+              ("NTXentLoss", {}), ("SupConLoss", {}),
+              # the L2 of raw rows: lifted rows (torch ops) and the `raw` triplet kernels
+              ("TripletMarginLoss", {"distance": mo.distances.LpDistance(
+                  normalize_embeddings=False)}),
+              ("ContrastiveLoss", {"distance": mo.distances.LpDistance(
+                  normalize_embeddings=False, power=2), "neg_margin": 8.0}),
+              ("GeneralizedLiftedStructureLoss", {"distance": mo.distances.LpDistance(
+                  normalize_embeddings=False)})]
 
 
 @pytest.mark.parametrize("name,kw", COMPILABLE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(COMPILABLE)])

@@ -258,7 +258,7 @@ def test_backend_triton_runs_the_kernels(monkeypatch):
 def test_refuses_outside_its_scope_and_bad_input():
     x, y = on_dev(*make_case(CASES[1]))
     for kw in ({"swap": True}, {"smooth_loss": True}, {"triplets_per_anchor": 3},
-               {"distance": mo.distances.LpDistance(normalize_embeddings=False)}):
+               {"distance": mo.distances.LpDistance(p=1)}):
         with pytest.raises(NotImplementedError, match="does not cover"):
             mo.losses.TripletMarginLoss(backend="triton", **kw)(x, y)
     it = mo.miners.TripletMarginMiner()(x, y)
@@ -291,3 +291,10 @@ def test_opcheck():
     g = torch.randn(7, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(ops.triton_triplet_all_rows_bwd.default,
                           (g, x, x, y, y, True, True, 0.1, True, False))
+    # raw rows (the L2 of unnormalised embeddings): the threshold and the radial part
+    xr, rr = 3 * x, 2 * r
+    torch.library.opcheck(ops.triton_triplet_all_rows.default,
+                          (xr.clone().requires_grad_(), rr.clone().requires_grad_(), y, ry,
+                           False, False, 0.5, 0, 0.0, True))
+    torch.library.opcheck(ops.triton_triplet_all_rows_bwd.default,
+                          (g, xr, rr, y, ry, False, False, 0.5, True, True, 0, 0.0, True))

@@ -117,10 +117,11 @@ def test_no_triplet_gives_zero_with_graph():
 
 
 def test_other_miner_distances_are_not_covered(calls):
-    """A miner on unnormalised L2 orders pairs otherwise than the cosine: not this path (an
-    explicit backend says so; "auto" takes another engine)."""
+    """A miner on the L1 distance orders pairs by no product: not this path (an explicit
+    backend says so; "auto" takes another engine). The L2 of raw rows is covered
+    (test_triton_raw_l2.py)."""
     x, y = on_dev(*make_case(CASES[1]))
-    miner = mo.miners.BatchHardMiner(distance=mo.distances.LpDistance(normalize_embeddings=False))
+    miner = mo.miners.BatchHardMiner(distance=mo.distances.LpDistance(p=1))
     with pytest.raises(NotImplementedError, match="does not cover"):
         mo.losses.TripletMarginLoss(backend="triton", miner=miner)(x, y)
     assert not calls
@@ -208,15 +209,18 @@ for fdt, acc, prec, rows, width in [("fp32", tl.float32, "tf32", 32, 512),
                                     ("fp64", tl.float64, "ieee", 16, 128)]:
     tiles = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, ACC=acc, PRECISION=prec,
                  EXCLUDE_DIAG=True, COSINE=False, BLOCK_P=16, BLOCK_DO=width)
-    for mine in (0, 3):  # every triplet; TripletMarginMiner "semihard"
+    # every triplet; TripletMarginMiner "semihard"; the L2 of raw rows (threshold, radial part)
+    for mine, raw in ((0, False), (3, False), (0, True), (3, True)):
         for fn in (tm._tri_pos_keys_kernel, tm._tri_fwd_kernel, tm._tri_pos_counts_kernel,
                    tm._tri_grad_dx_kernel, tm._tri_grad_dr_kernel):
-            consts = {k: v for k, v in dict(tiles, MINE=mine).items() if k in fn.arg_names}
+            consts = {k: v for k, v in dict(tiles, MINE=mine, RAW=raw).items()
+                      if k in fn.arg_names}
             try:
                 compile_sm90(fn, consts, fdt, num_warps=4 if width <= 128 else 8,
                              pointer_types=ptrs)
             except Exception as e:  # noqa: BLE001
-                failed.append(f"{fn.__name__} {fdt} MINE={mine}: {type(e).__name__}: {str(e)[:300]}")
+                failed.append(f"{fn.__name__} {fdt} MINE={mine} RAW={raw}: "
+                              f"{type(e).__name__}: {str(e)[:300]}")
 print("\n".join(failed))
 sys.exit(1 if failed else 0)
 '''
@@ -224,5 +228,6 @@ sys.exit(1 if failed else 0)
 
 @compiles_only
 def test_triplet_kernels_compile_for_h100():
-    """The "all"-triplets kernels, with and without the miner's window, compile for sm_90."""
+    """The "all"-triplets kernels, with and without the miner's window, for unit and raw
+    rows, compile for sm_90."""
     run_sm90_script(_SM90)

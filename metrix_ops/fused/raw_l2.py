@@ -23,12 +23,22 @@ import torch
 from ..distances import is_raw_l2
 
 
-def raw_on_cpu(inp, powers=(1, 2)) -> bool:
+def raw_at(inp, powers=(1, 2)) -> bool:
     """Whether the call's distance is the L2 of raw rows at one of `powers` (1: L2, 2: its
-    square), on CPU tensors: the CUDA engine shares the CPU glue, and its ops have not run
-    lifted rows on a GPU."""
+    square), on any device (the Triton engine's rule: its kernels take rows of any width)."""
     d = inp.distance
-    return is_raw_l2(d) and d.power in powers and inp.embeddings.device.type == "cpu"
+    return is_raw_l2(d) and d.power in powers
+
+
+def raw_on_cpu(inp, powers=(1, 2)) -> bool:
+    """raw_at, on CPU tensors: the CUDA engine shares the CPU glue, and its ops have not run
+    lifted rows on a GPU."""
+    return raw_at(inp, powers) and inp.embeddings.device.type == "cpu"
+
+
+def lifted_width(inp) -> int:
+    """The width of the rows the ops take: D, or D + 2 for lifted rows."""
+    return inp.embeddings.shape[1] + (2 if is_raw_l2(inp.distance) else 0)
 
 
 def lift_rows(x: torch.Tensor, r: torch.Tensor):

@@ -26,7 +26,7 @@ from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdRed
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from . import register, register_miner
-from .raw_l2 import lift_rows, raw_on_cpu
+from .raw_l2 import lift_rows, raw_at, raw_on_cpu
 
 
 def supports(params, inp, expansion) -> bool:
@@ -36,25 +36,28 @@ def supports(params, inp, expansion) -> bool:
             and op_kind(inp) is not None)
 
 
-def op_kind(inp):
+def op_kind(inp, any_device: bool = False):
     """_unit_distance's kinds, plus "raw" / "rawsq" for the L2 / squared L2 of unnormalised
-    rows on CPU tensors (raw_l2.raw_on_cpu)."""
+    rows on CPU tensors (raw_l2.raw_on_cpu), or on any device (any_device: the Triton
+    engine's own glue)."""
     d = inp.distance
     if is_raw_l2(d):
-        return None if not raw_on_cpu(inp) else "raw" if d.power == 1 else "rawsq"
+        ok = raw_at(inp) if any_device else raw_on_cpu(inp)
+        return None if not ok else "raw" if d.power == 1 else "rawsq"
     return _unit_distance(d)
 
 
-def _op_rows(inp):
+def _op_rows(inp, any_device: bool = False):
     """(x, r, cosine, squared) as the all-triplets ops take the call's distance:
     - cosine, L2 of unit rows: the unit rows;
     - squared L2 of unit rows: the same, through the cosine ops (squared: the caller halves
       the margins and doubles the terms, see totals_impl);
     - L2 of raw rows: the rows themselves (the CPU ops read L2 through torch.cdist, whose
-      gradient, radial term included, their backward gives);
+      gradient, radial term included, their backward gives; the Triton kernels read it from
+      the rows' norms and products, told `raw`);
     - squared L2 of raw rows: lifted rows (raw_l2.py), whose cosine is 1 − d²/2, so again
       the cosine ops at half the margin."""
-    kind, x, ref = op_kind(inp), inp.embeddings, inp.ref_emb
+    kind, x, ref = op_kind(inp, any_device), inp.embeddings, inp.ref_emb
     if kind == "raw":
         return x, ref, False, False
     if kind == "rawsq":
@@ -79,11 +82,12 @@ def _divisor_kind(reducer):
     return {MeanReducer: "all", SumReducer: "one"}.get(type(reducer))
 
 
-def totals_impl(rows_fn, params, inp, reducer, fallback=None, miner=None):
+def totals_impl(rows_fn, params, inp, reducer, fallback=None, miner=None,
+                any_device: bool = False):
     """The loss from a backend's per-anchor totals: rows_fn(x_unit, r_unit, labels,
     ref_labels, exclude_diag, cosine, margin) -> (loss sums, #terms > 0, #triplets).
     A reducer that needs the per-triplet terms gets fallback() (default: the reference).
-    A miner whose rule the rows ran gets its count of triplets."""
+    A miner whose rule the rows ran gets its count of triplets. any_device: op_kind's."""
     x = inp.embeddings
     kind = _divisor_kind(reducer)
     if kind is None:  # needs the per-triplet terms: the reference has them
@@ -91,7 +95,7 @@ def totals_impl(rows_fn, params, inp, reducer, fallback=None, miner=None):
             return fallback()
         spec = get_spec("TripletMarginLoss")
         return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
-    xo, ro, cosine, sq = _op_rows(inp)
+    xo, ro, cosine, sq = _op_rows(inp, any_device)
     margin = params.get("margin", 0.05)
     # squared L2 of unit (or lifted) rows is 2 − 2s: a triplet's term [d²_ap − d²_an + m]₊ is
     # 2·[s_an − s_ap + m/2]₊, the cosine op's term at half the margin (the same terms > 0)
@@ -133,13 +137,13 @@ def _miner_distance(miner, default):
         return None
 
 
-def miner_fits(params, inp, miner) -> bool:
+def miner_fits(params, inp, miner, any_device: bool = False) -> bool:
     """TripletMarginMiner on the loss's own distance, or BatchHardMiner on any distance,
     with the loss on cosine or normalised L2, no swap: the calls an engine's ops can mine
     inside. PML's miners and ours alike; the self pair is dropped by labels identity in both
     miners and the loss, as inp.same_set."""
     kind = type(miner).__name__
-    if inp.labels is None or params.get("swap", False) or op_kind(inp) is None:
+    if inp.labels is None or params.get("swap", False) or op_kind(inp, any_device) is None:
         return False
     mdist = _miner_distance(miner, LpDistance)
     if kind == "BatchHardMiner":

@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from .. import fused
-from ..distances import is_cosine, is_normalized_l2
-from ..fused.contrastive import _reduce_clean, _window
+from ..distances import is_cosine, is_normalized_l2, is_normalized_sq_l2, is_raw_l2
+from ..fused.contrastive import _reduce_clean, _scaled, _window, op_form
+from ..fused.raw_l2 import lift_rows, lifted_width, raw_at
 from ..fused.pair_counts import pair_count_tensors
 from ..ops.contrastive import _bound
 from ..reducers import reduce_loss_dict
@@ -212,11 +213,12 @@ def contrastive_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bo
 
 
 def supports(params, inp, expansion) -> bool:
-    d = inp.distance
+    """Cosine, the L2 and squared L2 of unit rows, and the L2 or squared L2 of raw rows
+    (lifted, fused/raw_l2.py: two columns more, within the kernels' width)."""
+    d, x = inp.distance, inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
-            and (is_normalized_l2(d) or is_cosine(d))
-            and inp.embeddings.shape[1] <= max_dim(inp.embeddings.dtype)
-            and usable_on(inp.embeddings.device, inp.embeddings.dtype))
+            and (is_normalized_l2(d) or is_cosine(d) or is_normalized_sq_l2(d) or raw_at(inp))
+            and lifted_width(inp) <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):
@@ -225,13 +227,18 @@ def impl(params, inp, reducer):
     if window is None:  # a reducer that is not a ratio of totals: the reference's pair terms
         return reduce_loss_dict(get_spec("ContrastiveLoss").loss_dict(inp, **params), reducer, x)
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
-    xu = unit_rows(x)
-    # the batch against itself, self pairs excluded: one tensor passed twice
-    ru = xu if inp.ref_emb is x and inp.same_set else unit_rows(inp.ref_emb)
-    ps, pc, ns, nc = contrastive_rows_triton(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
-                                             is_cosine(inp.distance), params["pos_margin"],
-                                             params["neg_margin"], *window)
-    return _reduce_clean((ps, pc, ns, nc), n_pos, n_neg, reducer, x)
+    # squared L2 (of unit or lifted rows) is 2 − 2s: the cosine kernels at moved margins,
+    # their sums scaled (the CPU engine's op_form)
+    cosine, pm, nm, (low, high), scale = op_form(inp.distance, params, window, x.dtype)
+    if is_raw_l2(inp.distance):  # lifted rows: the general kernels, self pairs out by index
+        xo, ro = lift_rows(x, inp.ref_emb)
+    else:
+        xo = unit_rows(x)
+        # the batch against itself, self pairs excluded: one tensor passed twice
+        ro = xo if inp.ref_emb is x and inp.same_set else unit_rows(inp.ref_emb)
+    rows = contrastive_rows_triton(xo, ro, inp.labels, inp.ref_labels, inp.same_set, cosine,
+                                   pm, nm, low, high)
+    return _reduce_clean(_scaled(rows, scale), n_pos, n_neg, reducer, x)
 
 
 fused.register("triton", "ContrastiveLoss", supports, impl)

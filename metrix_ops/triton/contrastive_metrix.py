@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import fused
-from ..distances import is_cosine
+from ..distances import is_cosine, is_normalized_l2
 from ..fused.contrastive import _avg_kept, _reduce_clean, _window
 from ..fused.pair_counts import pair_count_tensors
 from ..reducers import reduce_loss_dict
@@ -182,7 +182,11 @@ def contrastive_metrix_rows_triton(x_unit, labels, cosine: bool, pos_margin: flo
 
 
 def metrix_supports(params, inp, expansion, metrix) -> bool:
-    return covers(clean_supports, params, inp, expansion, metrix)
+    """The clean op's calls on the distances this op mixes: normalised L2 or the cosine (not
+    the squared forms, nor raw rows, which the clean op also takes)."""
+    d = inp.distance
+    return ((is_normalized_l2(d) or is_cosine(d))
+            and covers(clean_supports, params, inp, expansion, metrix))
 
 
 def metrix_impl(params, inp, reducer, metrix, lam: float):

@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from .. import fused
-from ..distances import is_dot_of_normalized, is_normalized_l2
-from ..fused.generalized_lifted import _reduce_clean
+from ..distances import is_dot_of_normalized, is_normalized_l2, is_raw_l2
+from ..fused.generalized_lifted import _reduce_clean, general_pair
+from ..fused.raw_l2 import lifted_width, raw_at
 from ..ops.unit_rows import normalized
 from .launch import usable_on
 from .pairs import is_symmetric, max_dim
@@ -77,17 +78,22 @@ def lifted_side_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cos
 
 
 def supports(params, inp, expansion) -> bool:
+    """Normalised L2, a cosine of rows the distance normalises, and the L2 of raw rows
+    (lifted, fused/raw_l2.py)."""
     d, x = inp.distance, inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
-            and (is_normalized_l2(d) or is_dot_of_normalized(d))
-            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
+            and (is_normalized_l2(d) or is_dot_of_normalized(d) or raw_at(inp, powers=(1,)))
+            and lifted_width(inp) <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):
     d, x = inp.distance, inp.embeddings
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
     xu = normalized(d, x)
-    ru = xu if inp.ref_emb is x and inp.same_set else normalized(d, inp.ref_emb)
+    if inp.ref_emb is x and inp.same_set and not is_raw_l2(d):
+        ru = xu
+    else:  # lifted raw rows (never the symmetric kernels), or the normalised references
+        xu, ru = general_pair(inp, xu)
     z, _, _ = lifted_side_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
                                is_dot_of_normalized(d), params["pos_margin"],
                                params["neg_margin"])

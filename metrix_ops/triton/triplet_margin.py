@@ -37,6 +37,8 @@ nothing else (AvgNonZero, Mean, Sum, as fused/triplet_margin.py on the CPU). Onl
 vectors are saved: the backward op rebuilds its side buffers (kernels A and C) itself, so
 the op's outputs have static shapes and trace under torch.compile (A and C, then
 the two gradient kernels: 4 S products in the backward, 2 in the forward)."""
+import functools
+
 import torch
 
 from ..ops.autograd import call, register_autograd
@@ -45,26 +47,34 @@ import triton.language as tl
 
 from .. import fused
 from . import table_cache
-from ..fused.triplet_margin import totals_impl, unit_distance
+from ..fused.raw_l2 import lifted_width
+from ..fused.triplet_margin import op_kind, totals_impl
 from .launch import next_pow2, triton_op, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
 from .tiles import add_tile_product, count_true, pair_masks, sim_tile
 
 
 @triton.jit
-def _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE: tl.constexpr):
+def _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE: tl.constexpr,
+             RAW: tl.constexpr = False):
     """The key of a similarity tile: −s (cosine) or the L2 distance of the rows,
     d² = ‖x_i‖² + ‖r_j‖² − 2s with the rows' squared norms (nrm: B of x, then M of r, in the
     accumulation type), 0 below eps. The norms, not 1, make d exact for rows that are unit
     only to their dtype's precision (fp16/bf16: ‖x‖² = 1 ± 1e-2), so equal rows get d = 0
-    under a threshold of a few fp32 ulps instead of one that would zero real distances."""
+    under a threshold of a few fp32 ulps instead of one that would zero real distances.
+    RAW (rows of any norm): the rounding of d² scales with the norms, and so does the
+    threshold, eps · max(‖x_i‖², ‖r_j‖²)."""
     if COSINE:
         k = -s
     else:
         nx = tl.load(nrm_ptr + offs_m, mask=offs_m < B, other=1.0)
         nr = tl.load(nrm_ptr + B + offs_n, mask=offs_n < M, other=1.0)
         q = (nx[:, None] + nr[None, :]) - 2.0 * s
-        k = tl.where(q > eps, tl.sqrt(tl.maximum(q, 0.0)), 0.0)
+        if RAW:
+            thr = eps * tl.maximum(nx[:, None], nr[None, :])
+        else:
+            thr = eps
+        k = tl.where(q > thr, tl.sqrt(tl.maximum(q, 0.0)), 0.0)
     return k
 
 
@@ -133,7 +143,7 @@ def _tri_pos_keys_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, 
                          COSINE: tl.constexpr,
                          EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, RAW: tl.constexpr = False):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
@@ -149,7 +159,7 @@ def _tri_pos_keys_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, 
         rank = _tri_pos_rank(offs_n, crank_ptr, srank, M)
         # rows without a negative have no slots (npos 0): nothing to store
         tl.store(kp_ptr + offs_m[:, None] * PS + rank,
-                 _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE),
+                 _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE, RAW),
                  mask=pos & (rank < npos[:, None]))
 
 
@@ -158,7 +168,8 @@ def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, nrm_ptr,
                     rows_ptr, nz_ptr, trip_ptr, B, M, D, stride_x, stride_r, PMAX, PS,
                     COSINE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    ACC: tl.constexpr, PRECISION: tl.constexpr, MINE: tl.constexpr = 0):
+                    ACC: tl.constexpr, PRECISION: tl.constexpr, MINE: tl.constexpr = 0,
+                    RAW: tl.constexpr = False):
     """Per row: the sum of its active terms, how many, and (with MINE) how many triplets the
     miner keeps (without MINE the host counts them: #positives × #negatives)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -175,7 +186,7 @@ def _tri_fwd_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, nrm_ptr,
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         _, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
-        kn = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE)
+        kn = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE, RAW)
         vsum, cnt, kept = _tri_neg_terms(kn, neg, kp_ptr, offs_m, row_ok, npos, margin, m2,
                                          PMAX, PS, MINE)
         total += tl.sum(vsum, axis=1)
@@ -192,7 +203,8 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, n
                            kp_ptr, cnt_ptr, B, M, D, stride_x, stride_r, PS, COSINE: tl.constexpr,
                            EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                           ACC: tl.constexpr, PRECISION: tl.constexpr, MINE: tl.constexpr = 0):
+                           ACC: tl.constexpr, PRECISION: tl.constexpr, MINE: tl.constexpr = 0,
+                           RAW: tl.constexpr = False):
     """cnt[i, t] = #negatives active with positive t (with MINE, of the triplets the miner
     keeps), for BLOCK_M rows and the BLOCK_P
     positives p0.. (grid axis 1) of each, held in registers over the column tiles (each
@@ -211,7 +223,7 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, n
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         _, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
-        kn = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE)
+        kn = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE, RAW)
         for tt in range(0, BLOCK_P):
             t = p0 + tt
             kp = tl.load(kp_ptr + offs_m * PS + t, mask=row_ok & (t < npos),
@@ -228,12 +240,12 @@ def _tri_pos_counts_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, npos_ptr, prm_ptr, n
 @triton.jit
 def _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr, w_ptr,
                    crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE: tl.constexpr,
-                   EXCLUDE_DIAG: tl.constexpr, MINE: tl.constexpr):
+                   EXCLUDE_DIAG: tl.constexpr, MINE: tl.constexpr, RAW: tl.constexpr):
     """G = ∂(Σ_i g_i row_i)/∂S of a tile: positives read their weight from w[i, rank]
     (g_i · #active negatives · dk/ds), negatives count their active positives here."""
     margin, eps, m2 = tl.load(prm_ptr), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2)
     pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
-    k = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE)
+    k = _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE, RAW)
     _, cnt, _ = _tri_neg_terms(k, neg, kp_ptr, offs_m, row_ok, npos, margin, m2, PMAX, PS,
                                MINE)
     gneg = -g[:, None] * cnt.to(s.dtype) * _tri_key_grad(k, COSINE)
@@ -244,14 +256,28 @@ def _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_p
 
 
 @triton.jit
+def _minus_radial(acc, gsum, v_ptr, offs, N, D, stride, BLOCK_DO: tl.constexpr,
+                  ACC: tl.constexpr):
+    """acc − gsum · v for the program's rows of v (N × D): d²'s part through the rows' own
+    squared norms, ∂‖v‖²/∂v = 2v against ∂d/∂‖v‖² = −(∂d/∂s)/2."""
+    offs_d = tl.arange(0, BLOCK_DO)
+    mask = (offs[:, None] < N) & (offs_d[None, :] < D)
+    v = tl.load(v_ptr + offs.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=mask,
+                other=0.0)
+    return acc - gsum[:, None] * v.to(ACC)
+
+
+@triton.jit
 def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, npos_ptr,
                         g_ptr, prm_ptr, nrm_ptr, kp_ptr, w_ptr, dx_ptr, B, M, D, stride_x,
                         stride_r, stride_dx, PMAX, PS, COSINE: tl.constexpr,
                         EXCLUDE_DIAG: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                        MINE: tl.constexpr = 0):
-    """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles."""
+                        MINE: tl.constexpr = 0, RAW: tl.constexpr = False):
+    """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles. RAW:
+    plus d²'s radial part through ‖x_i‖², −(Σ_j G_ij) x_i (unit rows lose it in the
+    normalisation's backward; rows of any norm keep it)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
@@ -259,6 +285,7 @@ def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
     npos = tl.load(npos_ptr + offs_m, mask=row_ok, other=0)
     g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    gsum = tl.zeros((BLOCK_M,), dtype=ACC)
     for n0 in range(0, M, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
@@ -266,9 +293,13 @@ def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         gt = _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr,
                             w_ptr, crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE,
-                            EXCLUDE_DIAG, MINE)
+                            EXCLUDE_DIAG, MINE, RAW)
         acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
+        if RAW:
+            gsum += tl.sum(gt, 1)
     offs_d = tl.arange(0, BLOCK_DO)
+    if RAW:
+        acc = _minus_radial(acc, gsum, x_ptr, offs_m, B, D, stride_x, BLOCK_DO, ACC)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
@@ -280,12 +311,14 @@ def _tri_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
                         EXCLUDE_DIAG: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                        MINE: tl.constexpr = 0):
-    """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles."""
+                        MINE: tl.constexpr = 0, RAW: tl.constexpr = False):
+    """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles (RAW:
+    less (Σ_i G_ij) r_j, as the dX kernel)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < M
     lab_n = tl.load(rlab_ptr + offs_n, mask=col_ok, other=0)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
+    gsum = tl.zeros((BLOCK_N,), dtype=ACC)
     for m0 in range(0, B, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < B
@@ -297,10 +330,14 @@ def _tri_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
         gt = _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_ptr,
                             w_ptr, crank_ptr, prm_ptr, nrm_ptr, B, M, PMAX, PS, COSINE,
-                            EXCLUDE_DIAG, MINE)
+                            EXCLUDE_DIAG, MINE, RAW)
         acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
                                PRECISION)
+        if RAW:
+            gsum += tl.sum(gt, 0)
     offs_d = tl.arange(0, BLOCK_DO)
+    if RAW:
+        acc = _minus_radial(acc, gsum, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, ACC)
     tl.store(dr_ptr + offs_n[:, None] * stride_dr + offs_d[None, :], acc,
              mask=col_ok[:, None] & (offs_d[None, :] < D))
 
@@ -328,12 +365,13 @@ def _positive_layout(labels, ref_labels, exclude_diag):
     return crank, srank, npos, nneg
 
 
-def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, mine=0):
+def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, mine=0,
+                  raw=False):
     """Kernel A's positive-key table kp (B × P_max, in the accumulation type), then kernel
     B's per-row (sum, #active, #triplets) or, with `counts`, each positive's active negatives
     (B × P_max int32): (kp, layout, rows, nonzero, cnt, triplets), layout (crank, srank,
     npos, nneg, pmax, ps, the rows' squared norms). mine: 0, or 1 + the TripletMarginMiner
-    kind (the triplets it keeps only; its margin is prm[2])."""
+    kind (the triplets it keeps only; its margin is prm[2]). raw: rows of any norm (_tri_key)."""
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
 
     def layout():
@@ -352,7 +390,7 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, m
     kp = torch.empty(b, ps, dtype=acc, device=x.device)
     grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
     nrm = _sq_norms(x, r)
-    common = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, **cfg, **warps)
+    common = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, RAW=raw, **cfg, **warps)
     rows = torch.zeros(b, dtype=acc, device=x.device)
     nz = torch.zeros(b, dtype=torch.long, device=x.device)
     trip = npos * nneg if mine == 0 else torch.zeros(b, dtype=torch.long, device=x.device)
@@ -381,19 +419,19 @@ def _sq_norms(x, r):
     return torch.cat([nx, nx if r is x else r.to(acc).pow(2).sum(1)])
 
 
-def _tri_forward(x, r, labels, ref_labels, exclude_diag, cosine, prm, mine=0):
+def _tri_forward(x, r, labels, ref_labels, exclude_diag, cosine, prm, mine=0, raw=False):
     _, _, rows, nz, _, trip = _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine,
-                                            prm, False, mine)
+                                            prm, False, mine, raw)
     return rows, nz, trip
 
 
 def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x, need_r,
-                  mine=0):
+                  mine=0, raw=False):
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     dx = torch.zeros_like(x) if need_x else None
     dr = torch.zeros_like(r) if need_r else None
     kp, (crank, srank, npos, _, pmax, ps, nrm), _, _, cnt, _ = _side_buffers(
-        x, r, labels, ref_labels, exclude_diag, cosine, prm, True, mine)
+        x, r, labels, ref_labels, exclude_diag, cosine, prm, True, mine, raw)
     if pmax == 0:  # no triplet: zero gradients
         return dx, dr
     g = g.to(kp.dtype).contiguous()
@@ -408,8 +446,8 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
     w = w.contiguous()
     cfg, block_do, warps = launch_config(x, r, grad=True)
     args = (x, r, labels, ref_labels, crank, srank, npos, g, prm, nrm, kp, w)
-    meta = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, MINE=mine, **cfg,
-                **warps)
+    meta = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, MINE=mine,
+                RAW=raw, **cfg, **warps)
     if need_x:
         dx = torch.empty_like(x)
         _tri_grad_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
@@ -451,18 +489,20 @@ _FWD = "metrix_ops::triton_triplet_all_rows"
 @triton_op(_FWD, host_reads=True)
 def _tri_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
                  ref_labels: torch.Tensor, exclude_diag: bool, cosine: bool, margin: float,
-                 mine: int = 0, mine_margin: float = 0.0
+                 mine: int = 0, mine_margin: float = 0.0, raw: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per anchor (Σ active terms, #active, #triplets); mine: 0 (every triplet) or 1 + a
-    TripletMarginMiner kind (MINE_KINDS) with its margin: the triplets that miner keeps."""
+    TripletMarginMiner kind (MINE_KINDS) with its margin: the triplets that miner keeps.
+    raw: L2 of rows of any norm (the threshold of d = 0 and the gradient's radial part)."""
     _check(x, r, labels, ref_labels, exclude_diag)
     x, r = x.contiguous(), r.contiguous()
     return _tri_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
-                        exclude_diag, cosine, _constants(x, margin, mine_margin), mine)
+                        exclude_diag, cosine, _constants(x, margin, mine_margin), mine, raw)
 
 
 @_tri_rows_op.register_fake
-def _(x, r, labels, ref_labels, exclude_diag, cosine, margin, mine=0, mine_margin=0.0):
+def _(x, r, labels, ref_labels, exclude_diag, cosine, margin, mine=0, mine_margin=0.0,
+      raw=False):
     b = x.shape[0]
     return (x.new_empty(b, dtype=_acc_dtype(x)), x.new_empty(b, dtype=torch.long),
             x.new_empty(b, dtype=torch.long))
@@ -472,17 +512,18 @@ def _(x, r, labels, ref_labels, exclude_diag, cosine, margin, mine=0, mine_margi
 def _tri_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
                      labels: torch.Tensor, ref_labels: torch.Tensor, exclude_diag: bool,
                      cosine: bool, margin: float, need_x: bool, need_r: bool, mine: int = 0,
-                     mine_margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     mine_margin: float = 0.0, raw: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     x, r = x.contiguous(), r.contiguous()
     dx, dr = _tri_backward(g_rows.contiguous(), x, r, labels.contiguous().long(),
                            ref_labels.contiguous().long(), exclude_diag, cosine,
-                           _constants(x, margin, mine_margin), need_x, need_r, mine)
+                           _constants(x, margin, mine_margin), need_x, need_r, mine, raw)
     return grads_or_empty(dx, dr, x)
 
 
 @_tri_rows_bwd_op.register_fake
 def _(g_rows, x, r, labels, ref_labels, exclude_diag, cosine, margin, need_x, need_r, mine=0,
-      mine_margin=0.0):
+      mine_margin=0.0, raw=False):
     return fake_grads(x, r, need_x, need_r)
 
 
@@ -490,7 +531,7 @@ def _tri_setup(ctx, inputs, output):
     x, r, labels, ref_labels, *consts = inputs
     ctx.save_for_backward(x, r, labels, ref_labels)
     ctx.consts = tuple(consts[:3])  # exclude_diag, cosine, margin
-    ctx.mine = tuple(consts[3:])    # the miner's kind and margin, when given
+    ctx.mine = tuple(consts[3:])    # the miner's kind and margin, and raw, when given
     ctx.mark_non_differentiable(output[1], output[2])
 
 
@@ -506,35 +547,44 @@ register_autograd(_FWD, _tri_backward_rule, setup_context=_tri_setup)
 
 def triplet_mined_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
                               cosine: bool, margin: float, type_of_triplets: str,
-                              mine_margin: float):
+                              mine_margin: float, raw: bool = False):
     """triplet_all_rows_triton over the triplets TripletMarginMiner(mine_margin,
     type_of_triplets) keeps (the miner on the loss's distance): per-anchor (Σ active terms,
     #active, #kept triplets)."""
     from ..ops.triplet_mined import MINE_KINDS
     return call(torch.ops.metrix_ops.triton_triplet_all_rows,
         x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(margin),
-        1 + MINE_KINDS[type_of_triplets], float(mine_margin))
+        1 + MINE_KINDS[type_of_triplets], float(mine_margin), bool(raw))
 
 
 def triplet_all_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
-                            cosine: bool, margin: float):
+                            cosine: bool, margin: float, raw: bool = False):
     """The Triton twin of ops.triplet_all_rows: per-anchor (Σ_{p,n} [violation]₊ in fp32 or
     fp64, #triplets with loss > 0, #triplets) over all triplets of unit rows x_unit against
-    unit rows r_unit; differentiable in both (one tensor passed twice gets both parts)."""
+    unit rows r_unit (raw: the L2 of rows of any norm); differentiable in both (one tensor
+    passed twice gets both parts)."""
+    if not raw:
+        return call(torch.ops.metrix_ops.triton_triplet_all_rows,
+            x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(margin))
     return call(torch.ops.metrix_ops.triton_triplet_all_rows,
-        x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(margin))
+        x_unit, r_unit, labels, ref_labels, bool(exclude_diag), bool(cosine), float(margin),
+        0, 0.0, True)
 
 
 def supports(params, inp, expansion) -> bool:
+    """Cosine, the L2 and squared L2 of unit rows, and the L2 (the rows themselves, `raw`)
+    or squared L2 (lifted rows through the cosine kernels, fused/raw_l2.py) of raw rows."""
     x = inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and params.get("triplets_per_anchor", "all") == "all"
             and not params.get("swap", False) and not params.get("smooth_loss", False)
-            and unit_distance(inp.distance)
-            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
+            and op_kind(inp, any_device=True) is not None
+            and lifted_width(inp) <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):
-    return totals_impl(triplet_all_rows_triton, params, inp, reducer)
+    raw = op_kind(inp, any_device=True) == "raw"
+    return totals_impl(functools.partial(triplet_all_rows_triton, raw=raw), params, inp,
+                       reducer, any_device=True)
 
 fused.register("triton", "TripletMarginLoss", supports, impl)

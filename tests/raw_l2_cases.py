@@ -1,0 +1,52 @@
+"""What the tests of the L2 of unnormalised rows share (test_raw_l2.py on the CPU engine,
+test_triton_raw_l2.py on the Triton engine): the losses with margins for rows of norm
+~3√D, the distance, a loss of ours on it, and a shared case scaled to that norm."""
+import torch
+
+import metrix_ops as mo
+from cases import make_case
+
+# (loss, its hyper-parameters, power): margins scaled to distances of rows of norm ~√D·3
+LOSSES = [
+    ("ContrastiveLoss", {}, 1),
+    ("ContrastiveLoss", {"pos_margin": 0.5, "neg_margin": 6.0}, 1),
+    ("ContrastiveLoss", {"pos_margin": 1.0, "neg_margin": 30.0}, 2),
+    ("LiftedStructureLoss", {"neg_margin": 6.0}, 1),
+    ("GeneralizedLiftedStructureLoss", {"pos_margin": 1.0, "neg_margin": 6.0}, 1),
+    ("TripletMarginLoss", {}, 1),
+    ("TripletMarginLoss", {"margin": 2.0}, 1),
+    ("TripletMarginLoss", {"margin": 8.0}, 2),
+]
+
+
+def loss_ids(losses):
+    return [f"{n}-{i}" for i, (n, _, _) in enumerate(losses)]
+
+
+def raw(lib, power):
+    """The L2 (power 1) or squared L2 (power 2) of rows as they are, ours or PML's."""
+    return lib.LpDistance(normalize_embeddings=False, power=power)
+
+
+def ours_on(default_backend):
+    """ours(name, kw, power, backend=default_backend, **extra): loss `name` of ours on the
+    distance `raw(mo.distances, power)`."""
+    def ours(name, kw, power, backend=default_backend, **extra):
+        return getattr(mo.losses, name)(distance=raw(mo.distances, power), backend=backend,
+                                        **kw, **extra)
+    return ours
+
+
+def scaled_case(case, dtype=torch.float64, seed=0):
+    """A shared case with rows of norm ~3√D, as an unnormalised embedding has."""
+    x, y = make_case(case, dtype, seed)
+    return (3 * x.detach()).requires_grad_(), y
+
+
+def rows_past_cdist_switch(seed):
+    """(x, y, r, ry): fp32 rows of norm ~3√D, 53 and 37 of them (past the 25 rows a side
+    below which torch.cdist, and so PML, takes exact differences), labels of 6 classes."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = 3 * torch.randn(53, 19, generator=g), torch.randint(0, 6, (53,), generator=g)
+    r, ry = 3 * torch.randn(37, 19, generator=g), torch.randint(0, 6, (37,), generator=g)
+    return x, y, r, ry

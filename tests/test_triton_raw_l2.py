@@ -1,0 +1,188 @@
+"""The L2 distance of unnormalised rows (LpDistance(normalize_embeddings=False), p = 2) on the
+Triton engine: lifted rows (fused/raw_l2.py) through the contrastive and generalized-lifted
+kernels and, squared, the cosine triplet kernels; the raw rows through the all-triplets
+kernels (`raw`: a threshold of d = 0 scaled by the norms, and d²'s radial gradient);
+BatchHardMiner's picks by the lifted rows' product and TripletMarginMiner's window. Values and
+gradients against the reference (fp64, the shared cases) and PML (fp32 past cdist's 25-row
+switch, fp64 for the miners), ref_emb, and what stays out.
+
+Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors; otherwise they are skipped."""
+import pytest
+import torch
+from pytorch_metric_learning import distances as pd
+from pytorch_metric_learning import losses as pl
+from pytorch_metric_learning import miners as pm
+
+import metrix_ops as mo
+from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from raw_l2_cases import LOSSES as RAW_LOSSES
+from raw_l2_cases import loss_ids, ours_on, raw, rows_past_cdist_switch, scaled_case
+from triton_cases import on_dev, requires_triton, widest_dtype
+
+pytestmark = requires_triton
+
+# the CPU tests' losses less LiftedStructure (its Triton kernel takes unit rows only)
+LOSSES = [loss for loss in RAW_LOSSES if loss[0] != "LiftedStructureLoss"]
+LOSS_IDS = loss_ids(LOSSES)
+
+
+ours = ours_on("triton")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("loss", LOSSES, ids=LOSS_IDS)
+def test_matches_reference(case, loss):
+    """The shared cases (no positives, one class, B = 1, duplicates...) with rows of norm
+    ~3√D, as unnormalised embeddings have."""
+    name, kw, power = loss
+    dtype, _ = widest_dtype()
+    x, y = on_dev(*scaled_case(case, dtype))
+    tri, ref = ours(name, kw, power), ours(name, kw, power, "reference")
+    if dtype == torch.float64:
+        assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x)
+    else:  # triton < 3.5: fp32, the product form's rounding at norms ~10
+        assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("refs", [False, True])
+def test_matches_pml_fp32(loss, refs):
+    """fp32 past 25 rows a side, where PML's cdist is the product form too: PML's numbers."""
+    name, kw, power = loss
+    x, y, r, ry = rows_past_cdist_switch(11)
+    x, y, r, ry = on_dev(x, y, r, ry)
+    mine, theirs = ours(name, kw, power), getattr(pl, name)(distance=raw(pd, power), **kw)
+    if not refs:
+        assert_close_vg(lambda e: mine(e, y), lambda e: theirs(e.cpu(), y.cpu()), x,
+                        rtol=2e-5, atol=2e-6)
+    else:
+        assert_close_vg(lambda e, q: mine(e, y, ref_emb=q, ref_labels=ry),
+                        lambda e, q: theirs(e.cpu(), y.cpu(), ref_emb=q.cpu(),
+                                            ref_labels=ry.cpu()),
+                        x, r, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("b,d", [(1, 3), (7, 130), (33, 5)])
+@pytest.mark.parametrize("power", [1, 2])
+def test_triplet_odd_shapes_and_far_rows(b, d, power):
+    """Odd widths (past a feature tile), and rows of norm ~1e3: the threshold of d = 0
+    scales with the norms, so duplicates keep d = 0 and a zero gradient, and real
+    distances keep theirs."""
+    dtype, _ = widest_dtype()
+    g = torch.Generator().manual_seed(b * d)
+    x = 1e3 * torch.randn(b, d, dtype=dtype, generator=g) / d ** 0.5
+    y = torch.randint(0, 3, (b,), generator=g)
+    if b > 2:
+        x[1] = x[0]
+        y[1] = y[0]
+    x, y = on_dev(x.requires_grad_(), y)
+    kw = {"margin": 50.0 * power}
+    tri, ref = ours("TripletMarginLoss", kw, power), ours("TripletMarginLoss", kw, power,
+                                                          "reference")
+    rtol = 1e-9 if dtype == torch.float64 else 2e-4
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x, rtol=rtol,
+                    atol=rtol * 1e3)
+
+
+# ---- miner= as a loss option: PML's two calls, in fp64
+
+MINERS = ["batch_hard_raw", "batch_hard_l2", "batch_hard_cosine", "all", "hard", "semihard",
+          "easy"]
+
+
+def miner_pair(kind, power):
+    if kind.startswith("batch_hard"):
+        dist = {"raw": lambda lib: raw(lib, power), "l2": lambda lib: lib.LpDistance(),
+                "cosine": lambda lib: lib.CosineSimilarity()}[kind.split("_")[-1]]
+        return (mo.miners.BatchHardMiner(distance=dist(mo.distances)),
+                pm.BatchHardMiner(distance=dist(pd)))
+    return (mo.miners.TripletMarginMiner(2.0 * power, kind, distance=raw(mo.distances, power)),
+            pm.TripletMarginMiner(2.0 * power, kind, distance=raw(pd, power)))
+
+
+@pytest.mark.parametrize("kind", MINERS)
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("refs", [False, True])
+def test_miner_option_matches_pml(kind, power, refs):
+    dtype, _ = widest_dtype()
+    g = torch.Generator().manual_seed(power + 10 * refs)
+    x, y = 3 * torch.randn(43, 10, dtype=dtype, generator=g), torch.randint(0, 5, (43,),
+                                                                           generator=g)
+    r, ry = 3 * torch.randn(29, 10, dtype=dtype, generator=g), torch.randint(0, 5, (29,),
+                                                                            generator=g)
+    x, y, r, ry = on_dev(x, y, r, ry)
+    ours_m, pml_m = miner_pair(kind, power)
+    mine = mo.losses.TripletMarginLoss(margin=2.0 * power, distance=raw(mo.distances, power),
+                                       miner=ours_m, backend="triton")
+    theirs = pl.TripletMarginLoss(margin=2.0 * power, distance=raw(pd, power))
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    if refs:
+        assert_close_vg(lambda e, q: mine(e, y, ref_emb=q, ref_labels=ry),
+                        lambda e, q: theirs(e.cpu(), y.cpu(),
+                                            pml_m(e.cpu(), y.cpu(), q.cpu(), ry.cpu()),
+                                            ref_emb=q.cpu(), ref_labels=ry.cpu()),
+                        x, r, **tol)
+    else:
+        assert_close_vg(lambda e: mine(e, y),
+                        lambda e: theirs(e.cpu(), y.cpu(), pml_m(e.cpu(), y.cpu())), x, **tol)
+
+
+def test_batch_hard_counts_and_no_triplet():
+    """The miner's count of triplets is PML's; a batch without a negative is a zero loss
+    that keeps the graph, with a zero gradient."""
+    dtype, _ = widest_dtype()
+    g = torch.Generator().manual_seed(5)
+    x, y = on_dev(3 * torch.randn(30, 6, dtype=dtype, generator=g), torch.arange(30) % 4)
+    miner = mo.miners.BatchHardMiner(distance=raw(mo.distances, 1))
+    mo.losses.TripletMarginLoss(distance=raw(mo.distances, 1), miner=miner,
+                                backend="triton")(x, y)
+    theirs = pm.BatchHardMiner(distance=raw(pd, 1))
+    assert miner.num_triplets == len(theirs(x.cpu(), y.cpu())[0]) == 30
+    z = x.detach().clone().requires_grad_()
+    v = mo.losses.TripletMarginLoss(distance=raw(mo.distances, 1), miner=miner,
+                                    backend="triton")(z, torch.zeros_like(y))
+    v.backward()
+    assert float(v.detach()) == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_squared_unit_l2_contrastive():
+    """The squared L2 of unit rows runs on the contrastive kernels too (op_form's cosine
+    kernels at moved margins), against the reference."""
+    dtype, _ = widest_dtype()
+    dist = mo.distances.LpDistance(power=2)
+    kw = {"pos_margin": 0.1, "neg_margin": 1.5}
+    tri = mo.losses.ContrastiveLoss(distance=dist, backend="triton", **kw)
+    ref = mo.losses.ContrastiveLoss(distance=dist, backend="reference", **kw)
+    for case in (CASES[0], CASES[1]):
+        x, y = on_dev(*make_case(case, dtype))
+        tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x, **tol)
+
+
+def test_out_of_scope():
+    """What stays off this engine: Lifted (its kernel is the batch against itself of unit
+    rows), GeneralizedLifted's squared form, HPHN, Metrix (the reference's rule)."""
+    dtype, _ = widest_dtype()
+    x, y = on_dev(*make_case(CASES[1], dtype))
+    x = 3 * x
+    for loss in (ours("LiftedStructureLoss", {}, 1), ours("GeneralizedLiftedStructureLoss", {}, 2),
+                 ours("HPHNTripletLoss", {}, 1)):
+        with pytest.raises(NotImplementedError, match="does not cover"):
+            loss(x, y)
+    for name in ("ContrastiveLoss", "GeneralizedLiftedStructureLoss"):
+        with pytest.raises(NotImplementedError, match="Metrix mixes L2-normalised embeddings"):
+            ours(name, {}, 1, metrix=mo.Metrix(lam=0.4))(x, y)
+
+
+def test_squared_unit_l2_contrastive_metrix_is_not_the_mixing_op():
+    """The squared L2 of unit rows is the clean contrastive op's, not its Metrix op's (which
+    mixes under L2 or cosine only): the call runs the reference's Metrix term, and an
+    explicit Triton backend gives the reference's numbers."""
+    dtype, _ = widest_dtype()
+    dist = mo.distances.LpDistance(power=2)
+    kw = {"pos_margin": 0.1, "neg_margin": 1.5, "metrix": mo.Metrix(lam=0.4)}
+    x, y = on_dev(*make_case(CASES[1], dtype))
+    tri = mo.losses.ContrastiveLoss(distance=dist, backend="triton", **kw)
+    ref = mo.losses.ContrastiveLoss(distance=dist, backend="reference", **kw)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x, **tol)
