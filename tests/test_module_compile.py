@@ -48,6 +48,10 @@ MODULES = [
     ("ProxyNCALoss", {"num_classes": 6, "embedding_size": 7, "metrix": mo.Metrix(lam=0.4)}),
     ("NPairsLoss", {}),  # a data-dependent number of pairs (nonzero), none kept at B = 1
     ("NPairsLoss", {"reducer": mo.reducers.SumReducer()}),
+    # the L2 of raw rows: the symmetric contrastive op's `raw` form, the triplet's radial part
+    ("ContrastiveLoss", {"distance": mo.distances.LpDistance(normalize_embeddings=False),
+                         "neg_margin": 3.0}),
+    ("TripletMarginLoss", {"distance": mo.distances.LpDistance(normalize_embeddings=False)}),
 ]
 
 

@@ -29,11 +29,6 @@ ours = ours_on("cpu")
 @pytest.mark.parametrize("loss", LOSSES, ids=LOSS_IDS)
 def test_matches_reference_fp64(case, loss):
     name, kw, power = loss
-    if case[0] == "duplicates" and name == "ContrastiveLoss" and not kw:
-        # at pos_margin 0 a coincident pair's rounding decides whether AvgNonZero counts it
-        # (cdist's exact 0 here, ~1e-8 from a product form): auto runs the reference for
-        # such small calls, test_auto_takes_the_fused_op_past_25_rows
-        pytest.skip("a coincident positive pair at pos_margin 0")
     x, y = scaled_case(case)
     fused, ref = ours(name, kw, power), ours(name, kw, power, "reference")
     assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
@@ -99,16 +94,18 @@ def test_auto_takes_the_fused_op_past_25_rows(monkeypatch):
     """auto runs the CPU engine on raw L2 past 25 rows (it ran the reference before)."""
     from metrix_ops.fused import contrastive
     calls = []
-    real = contrastive.contrastive_rows
-    monkeypatch.setattr(contrastive, "contrastive_rows",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for fn in ("contrastive_rows", "contrastive_rows_self"):  # with and without ref_emb
+        monkeypatch.setattr(contrastive, fn, lambda *a, _real=getattr(contrastive, fn), **k:
+                            calls.append(1) or _real(*a, **k))
     g = torch.Generator().manual_seed(0)
     x, y = 3 * torch.randn(30, 8, generator=g), torch.randint(0, 4, (30,), generator=g)
     auto = ours("ContrastiveLoss", {}, 1, backend="auto")
     assert torch.equal(auto(x, y), ours("ContrastiveLoss", {}, 1)(x, y))
     assert len(calls) == 2
+    auto(x, y, ref_emb=x[:27], ref_labels=y[:27])
+    assert len(calls) == 3
     auto(x[:25], y[:25], ref_emb=x[:9], ref_labels=y[:9])  # small: the reference
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=LOSS_IDS)
@@ -175,3 +172,37 @@ def test_indices_tuple_of_a_miner(name, kw, power, miner):
     mine = ours(name, kw, power)
     theirs = getattr(pl, name)(distance=dist, **kw)
     assert_close_vg(lambda e: mine(e, y, tup), lambda e: theirs(e, y, tup), x)
+
+
+def _direct_contrastive(x, y, pos_margin, neg_margin, power):
+    """PML's ContrastiveLoss (AvgNonZero per side, summed) on distances of exact row
+    differences (cdist's direct path at every size), in fp64: the oracle for coincident
+    rows past 25 rows, where PML's own cdist gives them rounding noise."""
+    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") ** power
+    same = y[:, None] == y[None, :]
+    off = ~torch.eye(len(y), dtype=torch.bool)
+    pos = torch.relu(d - pos_margin)[same & off]
+    neg = torch.relu(neg_margin - d)[~same]
+
+    def avg_nonzero(t):
+        n = (t > 0).sum()
+        return t.sum() / n if n > 0 else t.sum() * 0
+    return avg_nonzero(pos) + avg_nonzero(neg)
+
+
+@pytest.mark.parametrize("power,margins", [(1, (0.0, 6.0)), (1, (0.5, 6.0)), (2, (0.0, 30.0))])
+def test_coincident_rows_past_25_rows_get_distance_0(power, margins):
+    """The batch against itself runs the symmetric op on the raw rows, which takes d² below
+    8 ulps of the pair's squared norms as 0: coincident rows (even at pos_margin 0, where
+    any noise would be a counted term) match exact differences, past 25 rows too, values and
+    gradients, in fp32 with rows of norm ~40."""
+    g = torch.Generator().manual_seed(power)
+    x = 10 * torch.randn(41, 16, generator=g)
+    y = torch.randint(0, 5, (41,), generator=g)
+    x[7], x[20], x[33] = x[3], x[3], x[12]
+    y[7], y[20], y[33] = y[3], y[3], y[12]
+    pm_, nm_ = margins
+    loss = ours("ContrastiveLoss", {"pos_margin": pm_, "neg_margin": nm_}, power)
+    assert_close_vg(lambda e: loss(e, y).double(),
+                    lambda e: _direct_contrastive(e.double(), y, pm_, nm_, power), x,
+                    rtol=2e-5, atol=1e-5)

@@ -4,26 +4,64 @@
 // one pass. Backward forms H = G_IJ + G_JIᵀ directly (entry (i, j) is (g_i + g_j)·t'(s_ij))
 // and adds H X_J to dX_I and Hᵀ X_I to dX_J: 2·B²·D multiply-adds in all (½ forward,
 // ½ + 1 backward) against the 3·B²·D of forming S, G R and Gᵀ X once each.
+//
+// raw: the rows have any norm (LpDistance(normalize_embeddings=False)). Each block of
+// X Xᵀ is rewritten in place as the similarity unit rows at the same distance would have,
+// s̃ = 1 − d²/2 with d² = ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j (torch.cdist's product form), so the
+// fold and the gradient block are the unit rows' code; the backward adds d²'s radial part.
+// d² below 8 ulps of max(‖x_i‖², ‖x_j‖²) is rounding (it scales with the norms) and is
+// taken as 0: coincident rows get d = 0 and no gradient, as cdist's direct path.
 #include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
 
 #include "cpu/contrastive_blocks.h"
 #include "cpu/sym_blocks.h"
 
 namespace metrix_ops {
 
+namespace {
+
+template <typename T>
+void raw_to_unit_sims(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const T* sq) {
+  const T tiny = T(8) * std::numeric_limits<T>::epsilon();
+  at::parallel_for(0, nr, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T ni = sq[r0 + i];
+      T* row = s + i * nc;
+      for (int64_t j = 0; j < nc; ++j) {
+        const T nj = sq[c0 + j];
+        const T q = (ni + nj) - T(2) * row[j];
+        row[j] = q > tiny * std::max(ni, nj) ? T(1) - q / T(2) : T(1);
+      }
+    }
+  });
+}
+
+// the rows' squared norms (raw), else an undefined tensor
+at::Tensor sq_norms_if(const at::Tensor& x, bool raw) {
+  return raw ? x.mul(x).sum(1).contiguous() : at::Tensor();
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& labels_, bool cosine, double pos_margin,
-    double neg_margin, double low, double high, int64_t block) {
+    double neg_margin, double low, double high, int64_t block, bool raw) {
   check_self_inputs(x_, labels_, block);
   auto x = x_.contiguous();
   auto labels = labels_.contiguous();
   const int64_t B = x.size(0);
+  const at::Tensor sq = sq_norms_if(x, raw);
   std::vector<ConAcc> acc(B);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_self_fwd_cpu", [&] {
     using T = scalar_t;
     const ConParams<T> p{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
     const int64_t* ids = labels.data_ptr<int64_t>();
+    const T* sqp = raw ? sq.data_ptr<T>() : nullptr;
     for_upper_blocks(x, block, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+      if (raw) raw_to_unit_sims<T>(s.data_ptr<T>(), nr, nc, r0, c0, sqp);
       if (c0 == r0)  // holds both (i, j) and (j, i): rows only, self pairs out
         con_fold_rows<T>(s.data_ptr<T>(), nr, nc, r0, c0, ConLabels{ids, ids, true}, p,
                          acc.data());
@@ -37,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_
 at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tensor& grad_neg_,
                                     const at::Tensor& x_, const at::Tensor& labels_,
                                     bool cosine, double pos_margin, double neg_margin,
-                                    double low, double high, int64_t block) {
+                                    double low, double high, int64_t block, bool raw) {
   check_self_inputs(x_, labels_, block);
   check_vec(grad_pos_, x_.size(0), "grad_pos");
   check_vec(grad_neg_, x_.size(0), "grad_neg");
@@ -46,15 +84,19 @@ at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tenso
   auto gp = grad_pos_.to(x.scalar_type()).contiguous();
   auto gn = grad_neg_.to(x.scalar_type()).contiguous();
   at::Tensor dx = at::zeros_like(x);
+  const at::Tensor sq = sq_norms_if(x, raw);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_self_bwd_cpu", [&] {
     using T = scalar_t;
     const ConParams<T> p{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
     const int64_t* ids = labels.data_ptr<int64_t>();
     const ConLabels lab{ids, ids, true};
     const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
+    const T* sqp = raw ? sq.data_ptr<T>() : nullptr;
     for_upper_blocks(x, block, [&](at::Tensor& h, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+      if (raw) raw_to_unit_sims<T>(h.data_ptr<T>(), nr, nc, r0, c0, sqp);
       con_grad_block<T>(h.data_ptr<T>(), nr, nc, r0, c0, lab, p, gpp, gnp, gpp, gnp);  // h = H
       add_sym_block_grad(dx, x, h, r0, nr, c0, nc);
+      if (raw) add_sym_block_radial(dx, x, h, r0, nr, c0, nc);
     });
   });
   return dx;
@@ -63,12 +105,13 @@ at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // contrastive_fwd/bwd of a batch against itself (self pairs excluded), using the
   // symmetry of S: blocks I <= J only.
+  // raw: rows of any norm, the L2 distance (or its square, through cosine) of the rows.
   m.def("contrastive_self_fwd(Tensor x, Tensor labels, bool cosine, float pos_margin, "
-        "float neg_margin, float low, float high, int block) "
+        "float neg_margin, float low, float high, int block, bool raw=False) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("contrastive_self_bwd(Tensor grad_pos, Tensor grad_neg, Tensor x, Tensor labels, "
-        "bool cosine, float pos_margin, float neg_margin, float low, float high, int block) "
-        "-> Tensor");
+        "bool cosine, float pos_margin, float neg_margin, float low, float high, int block, "
+        "bool raw=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

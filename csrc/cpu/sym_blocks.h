@@ -42,4 +42,14 @@ inline void add_sym_block_grad(at::Tensor& dx, const at::Tensor& x, const at::Te
   if (c0 != r0) dx.narrow(0, c0, nc).addmm_(h.t(), x.narrow(0, r0, nr));
 }
 
+// The radial part of a symmetric block's gradient for rows of any norm, where the ops read
+// s̃_ij = 1 − d²_ij/2 = x_i·x_j − ‖x_i‖²/2 − ‖x_j‖²/2 + 1, whose gradient in x_i is x_j − x_i:
+// add_sym_block_grad gave the x_j parts, this the −x_i ones, dx_I −= (H_IJ 1)·x_I and, off
+// the diagonal, dx_J −= (H_IJᵀ 1)·x_J.
+inline void add_sym_block_radial(at::Tensor& dx, const at::Tensor& x, const at::Tensor& h,
+                                 int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+  dx.narrow(0, r0, nr).addcmul_(h.sum(1, true), x.narrow(0, r0, nr), -1);
+  if (c0 != r0) dx.narrow(0, c0, nc).addcmul_(h.sum(0).unsqueeze(1), x.narrow(0, c0, nc), -1);
+}
+
 }  // namespace metrix_ops

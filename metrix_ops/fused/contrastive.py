@@ -106,17 +106,16 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     # PML's rule (no loss when no side has two pairs) is _reduce_clean's select: no host read
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     cosine, pm, nm, (low, high), scale = op_form(inp.distance, params, window, x.dtype)
-    if is_raw_l2(inp.distance):  # the general op on lifted rows, self pairs out by index
-        xl, rl = lift_rows(x, inp.ref_emb)
-        rows = contrastive_rows(xl, rl, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,
-                                nm, low, high, chunk)
-        return _reduce_clean(_scaled(rows, scale), n_pos, n_neg, reducer, x)
-    xu = unit_rows(x)
+    raw = is_raw_l2(inp.distance)
     if _self_pairs_only(inp):
-        rows = contrastive_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
-    else:
-        rows = contrastive_rows(xu, unit_rows(inp.ref_emb), inp.labels,
-                                inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk)
+        # the symmetric op: unit rows, or the raw rows (it reads d from their norms and
+        # products, contrastive_self_cpu.cpp)
+        rows = contrastive_rows_self(x if raw else unit_rows(x), inp.labels, cosine, pm, nm,
+                                     low, high, block, raw=raw)
+    else:  # against references: unit rows, or the raw rows lifted (raw_l2.py)
+        xo, ro = lift_rows(x, inp.ref_emb) if raw else (unit_rows(x), unit_rows(inp.ref_emb))
+        rows = contrastive_rows(xo, ro, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,
+                                nm, low, high, chunk)
     return _reduce_clean(_scaled(rows, scale), n_pos, n_neg, reducer, x)
 
 

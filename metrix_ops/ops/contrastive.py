@@ -58,12 +58,12 @@ if _ext.HAS_EXT:
     register_autograd(_FWD, _backward, setup_context=_setup)
 
     @torch.library.register_fake(_SELF_FWD)
-    def _fake_self(x, labels, cosine, pos_margin, neg_margin, low, high, block):
+    def _fake_self(x, labels, cosine, pos_margin, neg_margin, low, high, block, raw=False):
         return _row_outputs(x)
 
     @torch.library.register_fake("metrix_ops::contrastive_self_bwd")
     def _fake_self_bwd(grad_pos, grad_neg, x, labels, cosine, pos_margin, neg_margin, low,
-                       high, block):
+                       high, block, raw=False):
         return torch.empty_like(x)
 
     def _setup_self(ctx, inputs, output):
@@ -76,7 +76,7 @@ if _ext.HAS_EXT:
         x, labels, like = ctx.saved_tensors
         g_pos, g_neg = _grads(g_pos, g_neg, like)
         dx = torch.ops.metrix_ops.contrastive_self_bwd(g_pos, g_neg, x, labels, *ctx.args)
-        return (dx,) + (None,) * 7
+        return (dx,) + (None,) * (1 + len(ctx.args))
 
     register_autograd(_SELF_FWD, _backward_self, setup_context=_setup_self)
 
@@ -97,9 +97,13 @@ def contrastive_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cos
 
 
 def contrastive_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
-                          low=None, high=None, block: int = 1024):
+                          low=None, high=None, block: int = 1024, raw: bool = False):
     """contrastive_rows of a batch against itself (self pairs excluded), using S's symmetry:
-    half the similarity products, and one gradient product per block pair."""
+    half the similarity products, and one gradient product per block pair. raw: x_unit holds
+    rows of any norm, and the op reads their L2 distance d as unit rows' √(2 − 2s̃) with
+    s̃ = 1 − d²/2 (contrastive_self_cpu.cpp), so `cosine` with moved margins is its square
+    (fused/contrastive.op_form)."""
     return call(torch.ops.metrix_ops.contrastive_self_fwd,
         x_unit.contiguous(), labels.contiguous(), bool(cosine), float(pos_margin),
-        float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf), int(block))
+        float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf), int(block),
+        bool(raw))
