@@ -52,6 +52,8 @@ MODULES = [
     ("ContrastiveLoss", {"distance": mo.distances.LpDistance(normalize_embeddings=False),
                          "neg_margin": 3.0}),
     ("TripletMarginLoss", {"distance": mo.distances.LpDistance(normalize_embeddings=False)}),
+    ("GeneralizedLiftedStructureLoss",
+     {"distance": mo.distances.LpDistance(normalize_embeddings=False), "neg_margin": 3.0}),
 ]
 
 

@@ -174,35 +174,30 @@ def test_indices_tuple_of_a_miner(name, kw, power, miner):
     assert_close_vg(lambda e: mine(e, y, tup), lambda e: theirs(e, y, tup), x)
 
 
-def _direct_contrastive(x, y, pos_margin, neg_margin, power):
-    """PML's ContrastiveLoss (AvgNonZero per side, summed) on distances of exact row
-    differences (cdist's direct path at every size), in fp64: the oracle for coincident
-    rows past 25 rows, where PML's own cdist gives them rounding noise."""
-    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") ** power
-    same = y[:, None] == y[None, :]
-    off = ~torch.eye(len(y), dtype=torch.bool)
-    pos = torch.relu(d - pos_margin)[same & off]
-    neg = torch.relu(neg_margin - d)[~same]
+class DirectL2(mo.distances.LpDistance):
+    """The L2 of exact row differences (torch.cdist's direct path at every size): the oracle
+    for coincident rows past 25 rows, where PML's own cdist gives them rounding noise."""
 
-    def avg_nonzero(t):
-        n = (t > 0).sum()
-        return t.sum() / n if n > 0 else t.sum() * 0
-    return avg_nonzero(pos) + avg_nonzero(neg)
+    def compute_mat(self, q, r):
+        return torch.cdist(q, r, p=self.p, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-@pytest.mark.parametrize("power,margins", [(1, (0.0, 6.0)), (1, (0.5, 6.0)), (2, (0.0, 30.0))])
-def test_coincident_rows_past_25_rows_get_distance_0(power, margins):
-    """The batch against itself runs the symmetric op on the raw rows, which takes d² below
+@pytest.mark.parametrize("name,kw,power", [
+    ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
+    ("ContrastiveLoss", {"pos_margin": 0.5, "neg_margin": 6.0}, 1),
+    ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 30.0}, 2),
+    ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1)])
+def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power):
+    """The batch against itself runs the symmetric ops on the raw rows, which take d² below
     8 ulps of the pair's squared norms as 0: coincident rows (even at pos_margin 0, where
-    any noise would be a counted term) match exact differences, past 25 rows too, values and
-    gradients, in fp32 with rows of norm ~40."""
-    g = torch.Generator().manual_seed(power)
+    any noise would be a counted term) match exact differences past 25 rows too, values
+    and gradients, in fp32 with rows of norm ~40."""
+    g = torch.Generator().manual_seed(power + len(name))
     x = 10 * torch.randn(41, 16, generator=g)
     y = torch.randint(0, 5, (41,), generator=g)
     x[7], x[20], x[33] = x[3], x[3], x[12]
     y[7], y[20], y[33] = y[3], y[3], y[12]
-    pm_, nm_ = margins
-    loss = ours("ContrastiveLoss", {"pos_margin": pm_, "neg_margin": nm_}, power)
-    assert_close_vg(lambda e: loss(e, y).double(),
-                    lambda e: _direct_contrastive(e.double(), y, pm_, nm_, power), x,
-                    rtol=2e-5, atol=1e-5)
+    oracle = getattr(mo.losses, name)(
+        distance=DirectL2(normalize_embeddings=False, power=power), backend="reference", **kw)
+    assert_close_vg(lambda e: ours(name, kw, power)(e, y).double(),
+                    lambda e: oracle(e.double(), y), x, rtol=2e-5, atol=1e-5)

@@ -6,45 +6,15 @@
 // ½ + 1 backward) against the 3·B²·D of forming S, G R and Gᵀ X once each.
 //
 // raw: the rows have any norm (LpDistance(normalize_embeddings=False)). Each block of
-// X Xᵀ is rewritten in place as the similarity unit rows at the same distance would have,
-// s̃ = 1 − d²/2 with d² = ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j (torch.cdist's product form), so the
-// fold and the gradient block are the unit rows' code; the backward adds d²'s radial part.
-// d² below 8 ulps of max(‖x_i‖², ‖x_j‖²) is rounding (it scales with the norms) and is
-// taken as 0: coincident rows get d = 0 and no gradient, as cdist's direct path.
+// X Xᵀ is rewritten as 1 − d²/2 (sym_blocks.h: raw_to_unit_sims), so the fold and the
+// gradient block are the unit rows' code; the backward adds d²'s radial part.
 #include <torch/library.h>
-
-#include <algorithm>
-#include <limits>
 
 #include "cpu/contrastive_blocks.h"
 #include "cpu/sym_blocks.h"
 
 namespace metrix_ops {
 
-namespace {
-
-template <typename T>
-void raw_to_unit_sims(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const T* sq) {
-  const T tiny = T(8) * std::numeric_limits<T>::epsilon();
-  at::parallel_for(0, nr, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const T ni = sq[r0 + i];
-      T* row = s + i * nc;
-      for (int64_t j = 0; j < nc; ++j) {
-        const T nj = sq[c0 + j];
-        const T q = (ni + nj) - T(2) * row[j];
-        row[j] = q > tiny * std::max(ni, nj) ? T(1) - q / T(2) : T(1);
-      }
-    }
-  });
-}
-
-// the rows' squared norms (raw), else an undefined tensor
-at::Tensor sq_norms_if(const at::Tensor& x, bool raw) {
-  return raw ? x.mul(x).sum(1).contiguous() : at::Tensor();
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& labels_, bool cosine, double pos_margin,
@@ -53,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_
   auto x = x_.contiguous();
   auto labels = labels_.contiguous();
   const int64_t B = x.size(0);
-  const at::Tensor sq = sq_norms_if(x, raw);
+  const at::Tensor sq = raw ? sq_norms(x) : at::Tensor();
   std::vector<ConAcc> acc(B);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_self_fwd_cpu", [&] {
     using T = scalar_t;
@@ -84,7 +54,7 @@ at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tenso
   auto gp = grad_pos_.to(x.scalar_type()).contiguous();
   auto gn = grad_neg_.to(x.scalar_type()).contiguous();
   at::Tensor dx = at::zeros_like(x);
-  const at::Tensor sq = sq_norms_if(x, raw);
+  const at::Tensor sq = raw ? sq_norms(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_self_bwd_cpu", [&] {
     using T = scalar_t;
     const ConParams<T> p{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};

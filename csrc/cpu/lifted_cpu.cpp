@@ -91,10 +91,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_impl(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, int64_t chunk, bool self) {
+    double neg_margin, int64_t chunk, bool self, bool raw = false) {
   auto x = x_.contiguous(), r = r_.contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   const int64_t B = x.size(0);
+  const at::Tensor sq = raw ? sq_norms(x) : at::Tensor();
   at::Tensor rows = at::empty({B}, x.options());
   at::Tensor lse_pos = at::empty({B}, x.options()), lse_neg = at::empty({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gen_lifted_fwd_cpu", [&] {
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_impl(
     const LiftParams<T> p{cosine, T(pos_margin), T(neg_margin)};
     const LiftLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
     auto pos = empty_states<T>(B), neg = empty_states<T>(B);
-    walk_rows<T>(Walk{x, r, self, chunk}, [&](const T* row, int64_t nc, int64_t gi, int64_t c0) {
+    walk_rows<T>(Walk{x, r, self, chunk, sq}, [&](const T* row, int64_t nc, int64_t gi, int64_t c0) {
       fold_row(row, nc, gi, c0, lab, p, &pos[gi], neg[gi]);
     });
     T *out = rows.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
@@ -121,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_impl(
     const at::Tensor& grad_rows_, const at::Tensor& x_, const at::Tensor& r_,
     const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& lse_pos_,
     const at::Tensor& lse_neg_, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, int64_t chunk, bool self) {
+    double neg_margin, int64_t chunk, bool self, bool raw = false) {
   const int64_t B = x_.size(0);
   check_vec(grad_rows_, B, "grad_rows");
   check_vec(lse_pos_, B, "lse_pos");
@@ -132,12 +133,13 @@ std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_impl(
   auto lse_pos = lse_pos_.to(x.scalar_type()).contiguous();
   auto lse_neg = lse_neg_.to(x.scalar_type()).contiguous();
   at::Tensor dx = at::zeros_like(x), dr = self ? dx : at::zeros_like(r);
+  const at::Tensor sq = raw ? sq_norms(x) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gen_lifted_bwd_cpu", [&] {
     using T = scalar_t;
     const T pm = T(pos_margin), nm = T(neg_margin);
     const int64_t *y = labels.data_ptr<int64_t>(), *ry = ref_labels.data_ptr<int64_t>();
     const T *gp = g.data_ptr<T>(), *lp = lse_pos.data_ptr<T>(), *ln = lse_neg.data_ptr<T>();
-    walk_grad<T>(Walk{x, r, self, chunk}, dx, dr, [&](T* row, int64_t nc, int64_t i, int64_t c0) {
+    walk_grad<T>(Walk{x, r, self, chunk, sq}, dx, dr, [&](T* row, int64_t nc, int64_t i, int64_t c0) {
       for (int64_t j = 0; j < nc; ++j) {
         const bool diag = exclude_diag && c0 + j == i;
         row[j] = diag ? T(0)
@@ -172,19 +174,20 @@ std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_self_fwd_cpu(
     const at::Tensor& x, const at::Tensor& labels, bool cosine, double pos_margin,
-    double neg_margin, int64_t block) {
+    double neg_margin, int64_t block, bool raw) {
   check_self_inputs(x, labels, block);
   return gen_lifted_fwd_impl(x, x, labels, labels, true, cosine, pos_margin, neg_margin, block,
-                             true);
+                             true, raw);
 }
 
 at::Tensor gen_lifted_self_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& x,
                                    const at::Tensor& labels, const at::Tensor& lse_pos,
                                    const at::Tensor& lse_neg, bool cosine, double pos_margin,
-                                   double neg_margin, int64_t block) {
+                                   double neg_margin, int64_t block, bool raw) {
   check_self_inputs(x, labels, block);
   return std::get<0>(gen_lifted_bwd_impl(grad_rows, x, x, labels, labels, lse_pos, lse_neg,
-                                         true, cosine, pos_margin, neg_margin, block, true));
+                                         true, cosine, pos_margin, neg_margin, block, true,
+                                         raw));
 }
 
 // ---------------------------------------------------------------- Lifted
@@ -470,11 +473,13 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
         "Tensor ref_labels, Tensor lse_pos, Tensor lse_neg, bool exclude_diag, bool cosine, "
         "float pos_margin, float neg_margin, int chunk) -> (Tensor, Tensor)");
   // The same against the batch itself (self pairs excluded), using the symmetry of S:
-  // blocks I <= J of `block` rows only
+  // blocks I <= J of `block` rows only. raw: rows of any norm, their L2 distance
+  // (self_walk.h's sq).
   m.def("gen_lifted_self_fwd(Tensor x, Tensor labels, bool cosine, float pos_margin, "
-        "float neg_margin, int block) -> (Tensor, Tensor, Tensor)");
+        "float neg_margin, int block, bool raw=False) -> (Tensor, Tensor, Tensor)");
   m.def("gen_lifted_self_bwd(Tensor grad_rows, Tensor x, Tensor labels, Tensor lse_pos, "
-        "Tensor lse_neg, bool cosine, float pos_margin, float neg_margin, int block) -> Tensor");
+        "Tensor lse_neg, bool cosine, float pos_margin, float neg_margin, int block, "
+        "bool raw=False) -> Tensor");
   // LiftedStructureLoss of unit anchors x against unit references r, both sorted by label:
   // per anchor a, the sum and count of the kept terms ½[lse + pos exponent]₊² of its
   // positive pairs (a, p) (kept: low < term < high), and every row's negative

@@ -28,12 +28,15 @@ T* scratch_row(int64_t n) {
 // How S is walked. General: x against r in chunks of `chunk` references, each chunk all
 // rows. Self (r is x, self pairs excluded): the blocks I <= J of the symmetric S = x xᵀ once
 // (sym_blocks.h), an off-diagonal block also serving J's rows through its transposed copy:
-// half the similarity products, and one gradient product per block pair.
+// half the similarity products, and one gradient product per block pair. sq (self only):
+// the squared norms of rows of any norm, whose blocks the walk hands on as 1 − d²/2
+// (raw_to_unit_sims) and whose gradient gains d²'s radial part; undefined for unit rows.
 struct Walk {
   const at::Tensor& x;
   const at::Tensor& r;
   bool self;
   int64_t chunk;
+  at::Tensor sq = {};
 };
 
 // rows [0, nr) of tile s (nr×nc; global rows r0.., columns c0..) through fn(row, nc, gi, c0)
@@ -47,6 +50,7 @@ void tile_rows(T* s, int64_t r0, int64_t nr, int64_t c0, int64_t nc, F& fn) {
 // fn(row, nc, gi, c0) for every row of S, in pieces of at most `chunk` columns (read only)
 template <typename T, class F>
 void walk_rows(const Walk& w, F&& fn) {
+  TORCH_CHECK(w.self || !w.sq.defined(), "rows of any norm: the self walk only");
   if (!w.self) {
     const int64_t B = w.x.size(0), M = w.r.size(0);
     for (int64_t start = 0; start < M; start += w.chunk) {
@@ -59,6 +63,7 @@ void walk_rows(const Walk& w, F&& fn) {
   std::vector<T> st;  // an off-diagonal block transposed: its columns' rows
   for_upper_blocks(w.x, w.chunk, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
     T* sp = s.data_ptr<T>();
+    if (w.sq.defined()) raw_to_unit_sims(sp, nr, nc, r0, c0, w.sq.data_ptr<T>());
     tile_rows(sp, r0, nr, c0, nc, fn);
     if (c0 == r0) return;
     st.resize(nr * nc);
@@ -71,6 +76,7 @@ void walk_rows(const Walk& w, F&& fn) {
 // adds dx += G r, dr += Gᵀ x (self: dx += (G + Gᵀ) x, dr untouched).
 template <typename T, class F>
 void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
+  TORCH_CHECK(w.self || !w.sq.defined(), "rows of any norm: the self walk only");
   if (!w.self) {
     const int64_t B = w.x.size(0), M = w.r.size(0);
     for (int64_t start = 0; start < M; start += w.chunk) {
@@ -88,6 +94,7 @@ void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
   std::vector<T> st;
   for_upper_blocks(w.x, w.chunk, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
     T* sp = s.data_ptr<T>();
+    if (w.sq.defined()) raw_to_unit_sims(sp, nr, nc, r0, c0, w.sq.data_ptr<T>());
     st.resize(nr * nc);
     if (c0 == r0) {  // G of a diagonal block; H = G + Gᵀ (st: a copy of G)
       tile_rows(sp, r0, nr, c0, nc, grad);
@@ -99,6 +106,7 @@ void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
     }
     add_transposed(sp, nr, nc, st.data());
     add_sym_block_grad(dx, w.x, s, r0, nr, c0, nc);
+    if (w.sq.defined()) add_sym_block_radial(dx, w.x, s, r0, nr, c0, nc);
   });
 }
 

@@ -3,11 +3,38 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
+#include <ATen/Parallel.h>
 #include <torch/types.h>
 
 namespace metrix_ops {
+
+// Rows of any norm (the L2 of unnormalised embeddings) through the ops written for unit
+// rows: block s of x xᵀ (global rows r0.., columns c0..) is rewritten in place as the
+// similarity unit rows at the same distance would have, s̃ = 1 − d²/2 with
+// d² = ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j (torch.cdist's product form; sq: the squared norms).
+// d² below 8 ulps of max(‖x_i‖², ‖x_j‖²) is rounding (it scales with the norms) and is
+// taken as 0: coincident rows get d = 0 and no gradient, as cdist's direct path.
+template <typename T>
+void raw_to_unit_sims(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const T* sq) {
+  const T tiny = T(8) * std::numeric_limits<T>::epsilon();
+  at::parallel_for(0, nr, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T ni = sq[r0 + i];
+      T* row = s + i * nc;
+      for (int64_t j = 0; j < nc; ++j) {
+        const T nj = sq[c0 + j];
+        const T q = (ni + nj) - T(2) * row[j];
+        row[j] = q > tiny * std::max(ni, nj) ? T(1) - q / T(2) : T(1);
+      }
+    }
+  });
+}
+
+// the rows' squared norms, in x's dtype, contiguous (raw_to_unit_sims's sq)
+inline at::Tensor sq_norms(const at::Tensor& x) { return x.mul(x).sum(1).contiguous(); }
 
 // fn(s, r0, nr, c0, nc) for every block pair I <= J of the blocks [bounds[k], bounds[k+1]),
 // s = x_I x_Jᵀ contiguous (the callee may overwrite it, e.g. with the block of G). An

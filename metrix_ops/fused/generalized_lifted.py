@@ -29,8 +29,7 @@ def supports(params, inp, expansion) -> bool:
 
 def general_pair(inp, xu):
     """(anchors, references) for a lifted op's general form: the raw rows lifted
-    (raw_l2.py; they never take the symmetric form), or xu against the distance's
-    normalised references."""
+    (raw_l2.py), or xu against the distance's normalised references."""
     if is_raw_l2(inp.distance):
         return lift_rows(inp.embeddings, inp.ref_emb)
     return xu, normalized(inp.distance, inp.ref_emb)
@@ -41,8 +40,8 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     pm, nm = params["pos_margin"], params["neg_margin"]
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
     xu = normalized(d, inp.embeddings)
-    if self_pairs_only(inp) and not is_raw_l2(d):
-        rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block)
+    if self_pairs_only(inp):  # (raw L2: the raw rows, whose norms the op reads)
+        rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block, raw=is_raw_l2(d))
     else:
         xu, ru = general_pair(inp, xu)
         rows = gen_lifted_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,

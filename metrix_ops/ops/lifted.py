@@ -71,13 +71,13 @@ if _ext.HAS_EXT:
 
     # the batch against itself: one input, one gradient
     @torch.library.register_fake(_GEN_SELF)
-    def _fake_gen_self(x, labels, cosine, pos_margin, neg_margin, block):
+    def _fake_gen_self(x, labels, cosine, pos_margin, neg_margin, block, raw=False):
         b = x.shape[0]
         return x.new_empty(b), x.new_empty(b), x.new_empty(b)
 
     @torch.library.register_fake("metrix_ops::gen_lifted_self_bwd")
     def _fake_gen_self_bwd(grad_rows, x, labels, lse_pos, lse_neg, cosine, pos_margin,
-                           neg_margin, block):
+                           neg_margin, block, raw=False):
         return torch.empty_like(x)
 
     def _setup_gen_self(ctx, inputs, output):
@@ -90,7 +90,7 @@ if _ext.HAS_EXT:
         x, labels, lse_pos, lse_neg = ctx.saved_tensors
         dx = torch.ops.metrix_ops.gen_lifted_self_bwd(g_rows.contiguous(), x, labels, lse_pos,
                                                       lse_neg, *ctx.args)
-        return (dx,) + (None,) * 5
+        return (dx,) + (None,) * (1 + len(ctx.args))
 
     register_autograd(_GEN_SELF, _backward_gen_self, setup_context=_setup_gen_self)
 
@@ -131,12 +131,13 @@ def gen_lifted_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosi
 
 
 def gen_lifted_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
-                         block: int = 1024) -> torch.Tensor:
+                         block: int = 1024, raw: bool = False) -> torch.Tensor:
     """gen_lifted_rows of a batch against itself (self pairs excluded), using S's symmetry:
-    half the similarity products, and one gradient product per block pair."""
+    half the similarity products, and one gradient product per block pair. raw: x_unit
+    holds rows of any norm, and the op takes their L2 distance (self_walk.h)."""
     rows, _, _ = call(torch.ops.metrix_ops.gen_lifted_self_fwd,
         x_unit.contiguous(), labels.contiguous(), bool(cosine), float(pos_margin),
-        float(neg_margin), int(block))
+        float(neg_margin), int(block), bool(raw))
     return rows
 
 
