@@ -86,13 +86,14 @@ def test_triplet_odd_shapes_and_far_rows(b, d, power):
 
 # ---- miner= as a loss option: PML's two calls, in fp64
 
-MINERS = ["batch_hard_raw", "batch_hard_l2", "batch_hard_cosine", "all", "hard", "semihard",
-          "easy"]
+MINERS = ["batch_hard_raw", "batch_hard_l2", "batch_hard_l2sq", "batch_hard_cosine", "all",
+          "hard", "semihard", "easy"]
 
 
 def miner_pair(kind, power):
     if kind.startswith("batch_hard"):
         dist = {"raw": lambda lib: raw(lib, power), "l2": lambda lib: lib.LpDistance(),
+                "l2sq": lambda lib: lib.LpDistance(power=2),
                 "cosine": lambda lib: lib.CosineSimilarity()}[kind.split("_")[-1]]
         return (mo.miners.BatchHardMiner(distance=dist(mo.distances)),
                 pm.BatchHardMiner(distance=dist(pd)))
