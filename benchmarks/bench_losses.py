@@ -121,8 +121,10 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           "triplet_raw": ("TripletMarginLoss", "TripletMarginLoss", "gram"),
           "contrastive_raw": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
           "generalized_lifted_raw": ("GeneralizedLiftedStructureLoss",
-                                     "GeneralizedLiftedStructureLoss", "gram")}
-RAW = ("triplet_batch_hard_raw", "triplet_raw", "contrastive_raw", "generalized_lifted_raw")
+                                     "GeneralizedLiftedStructureLoss", "gram"),
+          "lifted_raw": ("LiftedStructureLoss", "LiftedStructureLoss", "gram")}
+RAW = ("triplet_batch_hard_raw", "triplet_raw", "contrastive_raw", "generalized_lifted_raw",
+       "lifted_raw")
 
 # --loss name -> the options that make our module the augmented loss
 AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},

@@ -297,6 +297,9 @@ def test_opcheck():
         # rows of any norm (the L2 of unnormalised embeddings): the self walk's `raw`
         torch.library.opcheck(torch.ops.metrix_ops.gen_lifted_self_fwd.default,
                               ((3 * x).detach().requires_grad_(), y, cosine, 0.5, 4.0, 4, True))
+        torch.library.opcheck(torch.ops.metrix_ops.lifted_self_fwd.default,
+                              ((3 * x).detach().requires_grad_(), y, cosine, 0.5, 4.0,
+                               -float("inf"), float("inf"), 4, True))
 
 
 def test_compile():

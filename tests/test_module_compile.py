@@ -54,6 +54,8 @@ MODULES = [
     ("TripletMarginLoss", {"distance": mo.distances.LpDistance(normalize_embeddings=False)}),
     ("GeneralizedLiftedStructureLoss",
      {"distance": mo.distances.LpDistance(normalize_embeddings=False), "neg_margin": 3.0}),
+    ("LiftedStructureLoss",
+     {"distance": mo.distances.LpDistance(normalize_embeddings=False), "neg_margin": 3.0}),
 ]
 
 

@@ -186,7 +186,8 @@ class DirectL2(mo.distances.LpDistance):
     ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
     ("ContrastiveLoss", {"pos_margin": 0.5, "neg_margin": 6.0}, 1),
     ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 30.0}, 2),
-    ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1)])
+    ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
+    ("LiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1)])
 def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power):
     """The batch against itself runs the symmetric ops on the raw rows, which take d² below
     8 ulps of the pair's squared norms as 0: coincident rows (even at pos_margin 0, where

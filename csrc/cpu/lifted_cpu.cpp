@@ -268,6 +268,9 @@ struct LiftedCall {
   int64_t block;
   bool self;  // r is x (the batch against itself, self pairs excluded)
   PosLayout layout;
+  // self with rows of any norm: their squared norms (every tile of S is handed on as
+  // 1 − d²/2, raw_to_unit_sims, and the gradients gain d²'s radial part); else undefined
+  at::Tensor sq = {};
 };
 
 LiftedCall lifted_call(const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
@@ -288,11 +291,12 @@ LiftedCall lifted_call(const at::Tensor& x_, const at::Tensor& r_, const at::Ten
   return c;
 }
 
-LiftedCall lifted_self_call(const at::Tensor& x_, const at::Tensor& labels_, int64_t block) {
+LiftedCall lifted_self_call(const at::Tensor& x_, const at::Tensor& labels_, int64_t block,
+                            bool raw) {
   check_self_inputs(x_, labels_, block);
   const at::Tensor x = x_.contiguous(), labels = labels_.contiguous();
   LiftedCall c{x, x, labels, labels, at::arange(x.size(0), labels.options()),
-               std::min(block, kPosBlock), true, {}};
+               std::min(block, kPosBlock), true, {}, raw ? sq_norms(x) : at::Tensor()};
   check_sorted(c.labels, "labels");
   c.layout = pos_layout(c.labels, c.ref_labels, c.block);
   return c;
@@ -320,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_impl(
     const LiftParams<T> p{cosine, T(pos_margin), T(neg_margin)};
     const LiftLabels lab{c.labels.data_ptr<int64_t>(), c.ref_labels.data_ptr<int64_t>(), exclude_diag};
     auto neg = empty_states<T>(B);
-    walk_rows<T>(Walk{c.x, c.r, c.self, chunk}, [&](const T* row, int64_t nc, int64_t gi, int64_t c0) {
+    walk_rows<T>(Walk{c.x, c.r, c.self, chunk, c.sq}, [&](const T* row, int64_t nc, int64_t gi, int64_t c0) {
       fold_row<T>(row, nc, gi, c0, lab, p, nullptr, neg[gi]);
     });
     T* ln = lse_neg.data_ptr<T>();
@@ -330,7 +334,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_impl(
     const T lo_w = T(low), hi_w = T(high);
     for_pos_tiles(c.x, c.r, c.layout, c.block, [&](at::Tensor& s, int64_t r0, int64_t nr,
                                                   int64_t c0, int64_t nc) {
-      const T* sp = s.data_ptr<T>();
+      T* sp = s.data_ptr<T>();
+      if (c.sq.defined()) raw_to_unit_sims(sp, nr, nc, r0, c0, c.sq.data_ptr<T>());
       at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t gi = r0 + i;
@@ -373,6 +378,7 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_impl(
     for_pos_tiles(c.x, c.r, c.layout, c.block, [&](at::Tensor& s, int64_t r0, int64_t nr,
                                                   int64_t c0, int64_t nc) {
       T* sp = s.data_ptr<T>();
+      if (c.sq.defined()) raw_to_unit_sims(sp, nr, nc, r0, c0, c.sq.data_ptr<T>());
       std::vector<T> wp(nr * nc, T(0));  // the partners' shares, summed per column below
       at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
@@ -409,9 +415,13 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_impl(
       });
       dx.narrow(0, r0, nr).addmm_(s, c.r.narrow(0, c0, nc));
       dr.narrow(0, c0, nc).addmm_(s.t(), c.x.narrow(0, r0, nr));
+      if (c.sq.defined()) {  // ∂s̃_ij = (x_j − x_i)·∂x_i + (x_i − x_j)·∂x_j: the −x_i, −x_j parts
+        dx.narrow(0, r0, nr).addcmul_(s.sum(1, true), c.x.narrow(0, r0, nr), -1);
+        dr.narrow(0, c0, nc).addcmul_(s.sum(0).unsqueeze(1), c.r.narrow(0, c0, nc), -1);
+      }
     });
     // the negatives: ∂lse⁻_i/∂s_in = e^{neg exponent − lse⁻_i}·k
-    walk_grad<T>(Walk{c.x, c.r, c.self, chunk}, dx, dr, [&](T* row, int64_t nc, int64_t i, int64_t c0) {
+    walk_grad<T>(Walk{c.x, c.r, c.self, chunk, c.sq}, dx, dr, [&](T* row, int64_t nc, int64_t i, int64_t c0) {
       const T wi = w[i];
       for (int64_t j = 0; j < nc; ++j) {
         if (wi == T(0) || ry[c0 + j] == y[i]) {  // positives and the self pair: not negatives
@@ -448,16 +458,16 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_self_fwd_cpu(
     const at::Tensor& x, const at::Tensor& labels, bool cosine, double pos_margin,
-    double neg_margin, double low, double high, int64_t block) {
-  return lifted_fwd_impl(lifted_self_call(x, labels, block), true, cosine, pos_margin,
+    double neg_margin, double low, double high, int64_t block, bool raw) {
+  return lifted_fwd_impl(lifted_self_call(x, labels, block, raw), true, cosine, pos_margin,
                          neg_margin, low, high, block);
 }
 
 at::Tensor lifted_self_bwd_cpu(const at::Tensor& grad_sums, const at::Tensor& x,
                                const at::Tensor& labels, const at::Tensor& lse_neg, bool cosine,
                                double pos_margin, double neg_margin, double low, double high,
-                               int64_t block) {
-  return std::get<0>(lifted_bwd_impl(lifted_self_call(x, labels, block), grad_sums, lse_neg,
+                               int64_t block, bool raw) {
+  return std::get<0>(lifted_bwd_impl(lifted_self_call(x, labels, block, raw), grad_sums, lse_neg,
                                      true, cosine, pos_margin, neg_margin, low, high, block));
 }
 
@@ -495,10 +505,11 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // The same against the batch itself (sorted labels, self pairs excluded, partner[p] = p),
   // its negative pass over the blocks I <= J of the symmetric S
   m.def("lifted_self_fwd(Tensor x, Tensor labels, bool cosine, float pos_margin, "
-        "float neg_margin, float low, float high, int block) -> (Tensor, Tensor, Tensor)");
+        "float neg_margin, float low, float high, int block, bool raw=False) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("lifted_self_bwd(Tensor grad_sums, Tensor x, Tensor labels, Tensor lse_neg, "
-        "bool cosine, float pos_margin, float neg_margin, float low, float high, int block) "
-        "-> Tensor");
+        "bool cosine, float pos_margin, float neg_margin, float low, float high, int block, "
+        "bool raw=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CPU, m) {

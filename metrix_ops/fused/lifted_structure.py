@@ -3,7 +3,8 @@ pairs' terms that the reducer keeps (no B×M matrix, no per-pair tensor), then P
 pos-pair reduction as a ratio of totals, as the contrastive op does.
 
 Covers PML's default LpDistance on normalised embeddings, CosineSimilarity and (CPU
-tensors) the L2 of unnormalised rows through lifted rows (raw_l2.py), with the Mean, Sum,
+tensors) the L2 of unnormalised rows (the batch against itself: the symmetric op on the raw
+rows; against references: lifted rows, raw_l2.py), with the Mean, Sum,
 AvgNonZero and Threshold reducers; any other reducer gets the reference's per-pair losses,
 and other distances and indices_tuple go to the reference."""
 from __future__ import annotations
@@ -50,9 +51,10 @@ def lifted_loss(params, inp, reducer, rows):
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     def rows(xu, cosine, pm, nm, low, high):
-        if self_pairs_only(inp) and not is_raw_l2(inp.distance):
-            return lifted_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block)
-        xu, ru = general_pair(inp, xu)  # (raw L2: lifted rows, the general op only)
+        if self_pairs_only(inp):  # (raw L2: the raw rows, whose norms the op reads)
+            return lifted_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block,
+                                    raw=is_raw_l2(inp.distance))
+        xu, ru = general_pair(inp, xu)  # (raw L2: lifted rows)
         return lifted_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, cosine, pm, nm,
                            low, high, chunk)
     return lifted_loss(params, inp, reducer, rows)

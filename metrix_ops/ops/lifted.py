@@ -95,13 +95,14 @@ if _ext.HAS_EXT:
     register_autograd(_GEN_SELF, _backward_gen_self, setup_context=_setup_gen_self)
 
     @torch.library.register_fake(_LIFTED_SELF)
-    def _fake_lifted_self(x, labels, cosine, pos_margin, neg_margin, low, high, block):
+    def _fake_lifted_self(x, labels, cosine, pos_margin, neg_margin, low, high, block,
+                          raw=False):
         b = x.shape[0]
         return x.new_empty(b), x.new_empty(b, dtype=torch.long), x.new_empty(b)
 
     @torch.library.register_fake("metrix_ops::lifted_self_bwd")
     def _fake_lifted_self_bwd(grad_sums, x, labels, lse_neg, cosine, pos_margin, neg_margin,
-                              low, high, block):
+                              low, high, block, raw=False):
         return torch.empty_like(x)
 
     def _setup_lifted_self(ctx, inputs, output):
@@ -114,7 +115,7 @@ if _ext.HAS_EXT:
         x, labels, lse_neg = ctx.saved_tensors
         g_sums = torch.zeros_like(lse_neg) if g_sums is None else g_sums.contiguous()
         dx = torch.ops.metrix_ops.lifted_self_bwd(g_sums, x, labels, lse_neg, *ctx.args)
-        return (dx,) + (None,) * 7
+        return (dx,) + (None,) * (1 + len(ctx.args))
 
     register_autograd(_LIFTED_SELF, _backward_lifted_self,
                                     setup_context=_setup_lifted_self)
@@ -172,13 +173,13 @@ def lifted_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, cosine: bool
 
 
 def lifted_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
-                     low=None, high=None, block: int = 1024):
+                     low=None, high=None, block: int = 1024, raw: bool = False):
     """lifted_rows of a batch against itself (self pairs excluded, partner p = p), its
     negative pass using S's symmetry: half the similarity products, one gradient product per
-    block pair."""
+    block pair. raw: x_unit holds rows of any norm, and the op takes their L2 distance."""
     ox = torch.argsort(labels, stable=True)
     sums, counts, _ = call(torch.ops.metrix_ops.lifted_self_fwd,
         x_unit.index_select(0, ox).contiguous(), labels.index_select(0, ox).contiguous(),
         bool(cosine), float(pos_margin), float(neg_margin), _bound(low, -float("inf")),
-        _bound(high, float("inf")), int(block))
+        _bound(high, float("inf")), int(block), bool(raw))
     return sums, counts
