@@ -188,13 +188,15 @@ class DirectL2(mo.distances.LpDistance):
     ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 30.0}, 2),
     ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
     ("LiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1)])
-def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power):
+@pytest.mark.parametrize("dim", [16, 256])
+def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
     """The batch against itself runs the symmetric ops on the raw rows, which take d² below
-    8 ulps of the pair's squared norms as 0: coincident rows (even at pos_margin 0, where
+    2√D ulps of the pair's squared norms as 0: coincident rows (even at pos_margin 0, where
     any noise would be a counted term) match exact differences past 25 rows too, values
-    and gradients, in fp32 with rows of norm ~40."""
-    g = torch.Generator().manual_seed(power + len(name))
-    x = 10 * torch.randn(41, 16, generator=g)
+    and gradients, in fp32 with rows of norm ~40 (D = 16) and ~160 (D = 256: the rounding
+    passes 8 ulps there)."""
+    g = torch.Generator().manual_seed(power + len(name) + dim)
+    x = 10 * torch.randn(41, dim, generator=g)
     y = torch.randint(0, 5, (41,), generator=g)
     x[7], x[20], x[33] = x[3], x[3], x[12]
     y[7], y[20], y[33] = y[3], y[3], y[12]

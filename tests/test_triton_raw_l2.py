@@ -84,6 +84,22 @@ def test_triplet_odd_shapes_and_far_rows(b, d, power):
                     atol=rtol * 1e3)
 
 
+def test_close_pairs_of_long_rows_keep_their_distance():
+    """The threshold of d = 0 scales with the norms but stays within the rounding: in fp32 at
+    D = 512 and norms ~68, a positive at d = 0.20 and a negative at d = 0.22 keep their
+    distances (a bound of 8√D ulps zeroed both), so the loss and gradient are PML's to the
+    product form's rounding."""
+    g = torch.Generator().manual_seed(0)
+    x, y = 3 * torch.randn(30, 512, generator=g), torch.arange(30) % 10
+    u, v = torch.randn(512, generator=g), torch.randn(512, generator=g)
+    x[10] = x[0] + 0.20 * u / u.norm()  # a positive of row 0
+    x[1] = x[0] + 0.22 * v / v.norm()   # a negative of row 0
+    x, y = on_dev(x, y)
+    theirs = pl.TripletMarginLoss(distance=raw(pd, 1))
+    assert_close_vg(lambda e: ours("TripletMarginLoss", {}, 1)(e, y),
+                    lambda e: theirs(e.cpu(), y.cpu()), x, rtol=1e-5, atol=2e-5)
+
+
 # ---- miner= as a loss option: PML's two calls, in fp64
 
 MINERS = ["batch_hard_raw", "batch_hard_l2", "batch_hard_l2sq", "batch_hard_cosine", "all",

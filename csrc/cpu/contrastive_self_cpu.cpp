@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_
     const int64_t* ids = labels.data_ptr<int64_t>();
     const T* sqp = raw ? sq.data_ptr<T>() : nullptr;
     for_upper_blocks(x, block, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-      if (raw) raw_to_unit_sims<T>(s.data_ptr<T>(), nr, nc, r0, c0, sqp);
+      if (raw) raw_to_unit_sims<T>(s.data_ptr<T>(), nr, nc, r0, c0, sqp, x.size(1));
       if (c0 == r0)  // holds both (i, j) and (j, i): rows only, self pairs out
         con_fold_rows<T>(s.data_ptr<T>(), nr, nc, r0, c0, ConLabels{ids, ids, true}, p,
                          acc.data());
@@ -63,7 +63,7 @@ at::Tensor contrastive_self_bwd_cpu(const at::Tensor& grad_pos_, const at::Tenso
     const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
     const T* sqp = raw ? sq.data_ptr<T>() : nullptr;
     for_upper_blocks(x, block, [&](at::Tensor& h, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-      if (raw) raw_to_unit_sims<T>(h.data_ptr<T>(), nr, nc, r0, c0, sqp);
+      if (raw) raw_to_unit_sims<T>(h.data_ptr<T>(), nr, nc, r0, c0, sqp, x.size(1));
       con_grad_block<T>(h.data_ptr<T>(), nr, nc, r0, c0, lab, p, gpp, gnp, gpp, gnp);  // h = H
       add_sym_block_grad(dx, x, h, r0, nr, c0, nc);
       if (raw) add_sym_block_radial(dx, x, h, r0, nr, c0, nc);

@@ -335,7 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_impl(
     for_pos_tiles(c.x, c.r, c.layout, c.block, [&](at::Tensor& s, int64_t r0, int64_t nr,
                                                   int64_t c0, int64_t nc) {
       T* sp = s.data_ptr<T>();
-      if (c.sq.defined()) raw_to_unit_sims(sp, nr, nc, r0, c0, c.sq.data_ptr<T>());
+      if (c.sq.defined())
+        raw_to_unit_sims(sp, nr, nc, r0, c0, c.sq.data_ptr<T>(), c.x.size(1));
       at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t gi = r0 + i;
@@ -378,7 +379,8 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_impl(
     for_pos_tiles(c.x, c.r, c.layout, c.block, [&](at::Tensor& s, int64_t r0, int64_t nr,
                                                   int64_t c0, int64_t nc) {
       T* sp = s.data_ptr<T>();
-      if (c.sq.defined()) raw_to_unit_sims(sp, nr, nc, r0, c0, c.sq.data_ptr<T>());
+      if (c.sq.defined())
+        raw_to_unit_sims(sp, nr, nc, r0, c0, c.sq.data_ptr<T>(), c.x.size(1));
       std::vector<T> wp(nr * nc, T(0));  // the partners' shares, summed per column below
       at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {

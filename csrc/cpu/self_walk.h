@@ -63,7 +63,8 @@ void walk_rows(const Walk& w, F&& fn) {
   std::vector<T> st;  // an off-diagonal block transposed: its columns' rows
   for_upper_blocks(w.x, w.chunk, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
     T* sp = s.data_ptr<T>();
-    if (w.sq.defined()) raw_to_unit_sims(sp, nr, nc, r0, c0, w.sq.data_ptr<T>());
+    if (w.sq.defined())
+      raw_to_unit_sims(sp, nr, nc, r0, c0, w.sq.data_ptr<T>(), w.x.size(1));
     tile_rows(sp, r0, nr, c0, nc, fn);
     if (c0 == r0) return;
     st.resize(nr * nc);
@@ -94,7 +95,8 @@ void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
   std::vector<T> st;
   for_upper_blocks(w.x, w.chunk, [&](at::Tensor& s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
     T* sp = s.data_ptr<T>();
-    if (w.sq.defined()) raw_to_unit_sims(sp, nr, nc, r0, c0, w.sq.data_ptr<T>());
+    if (w.sq.defined())
+      raw_to_unit_sims(sp, nr, nc, r0, c0, w.sq.data_ptr<T>(), w.x.size(1));
     st.resize(nr * nc);
     if (c0 == r0) {  // G of a diagonal block; H = G + Gᵀ (st: a copy of G)
       tile_rows(sp, r0, nr, c0, nc, grad);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -14,12 +15,17 @@ namespace metrix_ops {
 // Rows of any norm (the L2 of unnormalised embeddings) through the ops written for unit
 // rows: block s of x xᵀ (global rows r0.., columns c0..) is rewritten in place as the
 // similarity unit rows at the same distance would have, s̃ = 1 − d²/2 with
-// d² = ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j (torch.cdist's product form; sq: the squared norms).
-// d² below 8 ulps of max(‖x_i‖², ‖x_j‖²) is rounding (it scales with the norms) and is
-// taken as 0: coincident rows get d = 0 and no gradient, as cdist's direct path.
+// d² = ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j (torch.cdist's product form; sq: the squared norms,
+// dim: D). For coincident rows d² is the difference of two sums of the same D products in
+// different orders: rounding of up to ~½√D ulps of max(‖x_i‖², ‖x_j‖²) (measured: 8–12 at
+// D = 128 to 512). Below 2√D ulps it is taken as 0: coincident rows get d = 0 and no
+// gradient, as cdist's direct path, and real distances below ~√(2√D·ε)·‖x‖ (3e-3·‖x‖ in
+// fp32 at D = 512) with them. The absolute precision of 1 − d²/2 is ε: rows of norm ≪ 1
+// lose relative precision (d² ~ ε is noise).
 template <typename T>
-void raw_to_unit_sims(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const T* sq) {
-  const T tiny = T(8) * std::numeric_limits<T>::epsilon();
+void raw_to_unit_sims(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const T* sq,
+                      int64_t dim) {
+  const T tiny = T(2) * std::max(T(1), std::sqrt(T(dim))) * std::numeric_limits<T>::epsilon();
   at::parallel_for(0, nr, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const T ni = sq[r0 + i];

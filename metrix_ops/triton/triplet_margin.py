@@ -63,7 +63,7 @@ def _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE: tl.constexpr,
     only to their dtype's precision (fp16/bf16: ‖x‖² = 1 ± 1e-2), so equal rows get d = 0
     under a threshold of a few fp32 ulps instead of one that would zero real distances.
     RAW (rows of any norm): the rounding of d² scales with the norms, and so does the
-    threshold, eps · max(‖x_i‖², ‖r_j‖²)."""
+    threshold, eps · max(‖x_i‖², ‖r_j‖²) (eps: _constants)."""
     if COSINE:
         k = -s
     else:
@@ -459,12 +459,14 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
     return dx, dr
 
 
-def _constants(x, margin, mine_margin=0.0):
+def _constants(x, margin, mine_margin=0.0, raw=False):
     # L2: d² = ‖x‖² + ‖r‖² − 2s below 8·√D ulps of the accumulation type is rounding (the
-    # norms and s sum the same products in different orders), taken as 0; then the miner's
-    # margin (compared in the accumulation type)
+    # norms and s sum the same products in different orders), taken as 0; raw rows: below
+    # 2·√D ulps of max(‖x_i‖², ‖r_j‖²) (_tri_key; the CPU ops' raw_to_unit_sims rule: their
+    # rounding measured ~½√D ulps, and a wider bound would zero real distances of long rows);
+    # then the miner's margin (compared in the accumulation type)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    eps = 8 * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
+    eps = (2 if raw else 8) * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
     return loss_constants(torch.empty(0, dtype=acc, device=x.device), margin, eps, mine_margin)
 
 
@@ -497,7 +499,8 @@ def _tri_rows_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
     _check(x, r, labels, ref_labels, exclude_diag)
     x, r = x.contiguous(), r.contiguous()
     return _tri_forward(x, r, labels.contiguous().long(), ref_labels.contiguous().long(),
-                        exclude_diag, cosine, _constants(x, margin, mine_margin), mine, raw)
+                        exclude_diag, cosine, _constants(x, margin, mine_margin, raw), mine,
+                        raw)
 
 
 @_tri_rows_op.register_fake
@@ -517,7 +520,7 @@ def _tri_rows_bwd_op(g_rows: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
     x, r = x.contiguous(), r.contiguous()
     dx, dr = _tri_backward(g_rows.contiguous(), x, r, labels.contiguous().long(),
                            ref_labels.contiguous().long(), exclude_diag, cosine,
-                           _constants(x, margin, mine_margin), need_x, need_r, mine, raw)
+                           _constants(x, margin, mine_margin, raw), need_x, need_r, mine, raw)
     return grads_or_empty(dx, dr, x)
 
 
