@@ -12,8 +12,8 @@ CPU path does it (fused/triplet_margin.py):
   differences (raw rows for the L2 of raw rows).
 - TripletMarginMiner (all, hard, semihard, easy) on the loss's own distance: the "all"
   triplets kernels of triton/triplet_margin.py with the miner's window on each triplet's gap
-  (MINE; raw rows too, as that module), per-anchor totals over the kept triplets; a reducer needing per-triplet terms
-  (and smooth_loss) takes the miner's index tuple."""
+  (MINE; raw rows too, as that module), per-anchor totals over the kept triplets; a
+  reducer needing per-triplet terms (and smooth_loss) takes the miner's index tuple."""
 from __future__ import annotations
 
 import torch
