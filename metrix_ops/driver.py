@@ -3,6 +3,7 @@ expanded) loss, reduce it as PML does, add the Metrix term."""
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -240,6 +241,30 @@ def pml_exact_where_fused_rounds(name, distance, n_query, n_ref) -> bool:
     return is_raw_l2(distance) or (name == "ContrastiveLoss" and unit_l2_form(distance))
 
 
+# the relative error of d² the fused forms of raw L2 may add over the reference's (cdist)
+RAW_L2_RTOL = 1e-5
+
+
+def raw_rows_too_short(name, distance, indices_tuple, miner, longest, dtype) -> bool:
+    """Whether a call on the L2 of raw rows has rows too short for the fused forms: they read
+    d² through 1 − d²/2 (the symmetric ops, the Triton RAW kernels) or lifted rows' products
+    (fused/raw_l2.py), both held to an absolute error of ~ε (the accumulation type's),
+    where cdist's is ε·‖x‖². So with every row shorter than √(ε / RAW_L2_RTOL) (fp32:
+    0.11; fp64: 4.7e-6) the fused d² may be off by more than RAW_L2_RTOL relative, and
+    "auto" runs the reference (at norm 1e-3 in fp32 a review measured gradients off by up
+    to 9 %). Not for TripletMarginLoss on L2 without an indices_tuple or a miner: its ops
+    read the norms and products (or cdist) themselves (a miner's picks may be made on lifted
+    rows). longest: the largest row norm of the embeddings and references, read with the
+    input checks (None under torch.compile: no rule)."""
+    if longest is None or not is_raw_l2(distance):
+        return False
+    if (name == "TripletMarginLoss" and distance.power == 1 and indices_tuple is None
+            and miner is None):
+        return False
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return longest < math.sqrt(torch.finfo(acc).eps / RAW_L2_RTOL)
+
+
 def check_call_kind(name, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """The loss takes this kind of call (ref_emb, an indices_tuple); returns (ref_emb,
     ref_labels), None for the batch itself where the loss takes no references (PML's
@@ -304,10 +329,10 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
             if option is not None:
                 raise ValueError(f"labels is required with {what}; an indices_tuple alone "
                                  "is not enough")
-    zero_row = check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                                 labels_required=spec.labels_required or metrix is not None
-                                 or expansion is not None, zero_rows=unit_l2_form(distance),
-                                 proxies=proxies)
+    zero_row, longest = check_loss_inputs(
+        embeddings, labels, indices_tuple, ref_emb, ref_labels,
+        labels_required=spec.labels_required or metrix is not None or expansion is not None,
+        zero_rows=unit_l2_form(distance), proxies=proxies, longest_rows=is_raw_l2(distance))
 
     same_set = ref_emb is None or ref_labels is labels
     # labels of any integer dtype are int64 from here on (the ops take int64), keeping PML's
@@ -384,6 +409,9 @@ def loss_terms(name: str, params: dict, embeddings, labels=None, indices_tuple=N
         chosen = order[0] if order else chosen
     if backend == "auto" and chosen != "reference" and pml_exact_where_fused_rounds(
             name, distance, embeddings.shape[0], ref_emb.shape[0]):
+        chosen = "reference"
+    if backend == "auto" and chosen != "reference" and raw_rows_too_short(
+            name, distance, indices_tuple, miner, longest, embeddings.dtype):
         chosen = "reference"
     if zero_row and chosen != "reference":
         if backend != "auto":

@@ -22,6 +22,7 @@ class DataChecks:
 
     def __init__(self):
         self._items = []  # (kind, name, 1-element tensors, bound)
+        self.longest = None  # after read(): the longest_row checks' largest norm, if any
 
     def finite(self, x, name):
         """NaN or Inf anywhere in x: one reduction (NaN propagates through min and max, an
@@ -37,6 +38,13 @@ class DataChecks:
         wide = torch.promote_types(x.dtype, torch.float32)  # 1e-12 is 0 in half precision
         shortest, longest = torch.aminmax(torch.linalg.vector_norm(x, dim=1, dtype=wide))
         self._items.append(("short", name, (shortest, longest), None))
+
+    def longest_row(self, x, name):
+        """The L2 norm of x's longest row (in fp32 at least), read as self.longest: the
+        precision rule of rows of any norm (driver.raw_rows_too_short)."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        self._items.append(("longest", name,
+                            (torch.linalg.vector_norm(x, dim=1, dtype=wide).amax(),), None))
 
     def within(self, t, bound: int, message: str):
         """Every value of t in [0, bound); `message` the error's text."""
@@ -70,13 +78,17 @@ class DataChecks:
                 raise ValueError(f"{name}, got values in [{int(got[0])}, {int(got[1])}]")
             short = short or (kind == "short" and (got[0] < NORMALIZE_EPS
                                                    or not math.isfinite(got[1])))
+            if kind == "longest":
+                self.longest = max(got[0], self.longest or 0.0)
         return short
 
 
 def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False,
-                     checks: DataChecks | None = None, zero_rows: bool = False) -> bool:
+                     checks: DataChecks | None = None, zero_rows: bool = False,
+                     longest: bool = False) -> bool:
     """Shape, dtype and NaN/Inf checks; with zero_rows, whether some row is (nearly) zero
-    (DataChecks.short_rows). The data checks join `checks` when given (read by its owner),
+    (DataChecks.short_rows); with longest, the longest row's norm joins the read
+    (DataChecks.longest_row). The data checks join `checks` when given (read by its owner),
     else are read here."""
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -97,6 +109,8 @@ def check_embeddings(x, name: str = "embeddings", allow_empty: bool = False,
         checks.finite(x, name)
         if zero_rows:
             checks.short_rows(x, name)
+        if longest:
+            checks.longest_row(x, name)
     return checks.read() if own else False
 
 
@@ -196,16 +210,18 @@ def compute_dtype(t) -> torch.dtype:
 
 def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
                       labels_required: bool = True, zero_rows: bool = False,
-                      proxies=None) -> bool:
+                      proxies=None, longest_rows: bool = False) -> tuple[bool, float | None]:
     """Checks the PML call signature `(embeddings, labels, indices_tuple, ref_emb, ref_labels)`;
     with proxies (the proxy losses' (num_classes, D) weights), that they are finite and that
     the labels are in [0, num_classes). Every check of tensor data is read in one host sync
-    (DataChecks). With zero_rows, returns whether a row of embeddings, ref_emb or proxies
-    has a norm under F.normalize's eps or past the float range (DataChecks.short_rows)."""
+    (DataChecks). Returns (zero_row, longest): with zero_rows, whether a row of embeddings,
+    ref_emb or proxies has a norm under F.normalize's eps or past the float range
+    (DataChecks.short_rows); with longest_rows, the largest row norm of embeddings and
+    ref_emb (None without it, or under torch.compile, where nothing is read)."""
     checks = DataChecks()
     # an empty batch or reference set is PML's zero loss (driver.empty_loss), not an error
     check_embeddings(embeddings, "embeddings", allow_empty=True, checks=checks,
-                     zero_rows=zero_rows)
+                     zero_rows=zero_rows, longest=longest_rows)
     n, dev = embeddings.shape[0], embeddings.device
     num_classes = None
     if torch.is_tensor(proxies) and proxies.ndim == 2 and proxies.is_floating_point():
@@ -226,7 +242,7 @@ def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
     if ref_emb is not None:
         if ref_emb is not embeddings:  # (the batch as its own references: checked once)
             check_embeddings(ref_emb, "ref_emb", allow_empty=True, checks=checks,
-                             zero_rows=zero_rows)
+                             zero_rows=zero_rows, longest=longest_rows)
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(f"ref_emb has embedding_dim {ref_emb.shape[1]} but embeddings has "
                              f"{embeddings.shape[1]}")
@@ -247,4 +263,4 @@ def check_loss_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels,
         raise ValueError("ref_labels was given without ref_emb")
     if indices_tuple is not None:
         check_indices_tuple(indices_tuple, n, m, dev, checks)
-    return checks.read()
+    return checks.read(), checks.longest

@@ -161,10 +161,12 @@ bench gpu_lifted_float32 --loss lifted --impls triton,floor,pml --sizes 8192 --d
 for loss in ms_miner triplet_semihard; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,cuda,clean,pml --sizes 8192 --dims 512 --repeats 5
 done
-# the L2 of unnormalised rows (forty-fifth session: Triton only, lifted rows and RAW kernels)
-for loss in triplet_batch_hard_raw triplet_raw contrastive_raw; do
+# the L2 of unnormalised rows (Triton only: the triplets' `raw` kernels, forty-fifth session;
+# the pair losses' RAW kernels, forty-sixth; PML's LiftedStructure runs out of memory at 8192)
+for loss in triplet_batch_hard_raw triplet_raw contrastive_raw generalized_lifted_raw; do
   bench "gpu_${loss}_float32" --loss $loss --impls triton,floor,pml --sizes 8192 --dims 512 --repeats 5
 done
+bench gpu_lifted_raw_float32 --loss lifted_raw --impls triton,floor --sizes 8192 --dims 512 --repeats 5
 # EE-HPHN (n = 8) on the Triton and CUDA engines: brute-force mining over all (B + 8·#pairs)² point pairs
 bench gpu_ee_hphn_float32 --loss ee_hphn --impls triton,cuda,clean,pml --sizes 2048,8192 --dims 512 --repeats 3
 # EE-MS (n = 2) on the Triton engine (eighth session: triton/ee_neg_lse.py) and the CUDA one

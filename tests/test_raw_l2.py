@@ -14,8 +14,8 @@ from pytorch_metric_learning import miners as pm
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg
 from metrix_ops import _ext
-from raw_l2_cases import (LOSSES, loss_ids, ours_on, raw, rows_past_cdist_switch,
-                          scaled_case)
+from raw_l2_cases import (COINCIDENT, LOSSES, check_coincident_rows, loss_ids, ours_on, raw,
+                          rows_past_cdist_switch, scaled_case)
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
@@ -174,20 +174,7 @@ def test_indices_tuple_of_a_miner(name, kw, power, miner):
     assert_close_vg(lambda e: mine(e, y, tup), lambda e: theirs(e, y, tup), x)
 
 
-class DirectL2(mo.distances.LpDistance):
-    """The L2 of exact row differences (torch.cdist's direct path at every size): the oracle
-    for coincident rows past 25 rows, where PML's own cdist gives them rounding noise."""
-
-    def compute_mat(self, q, r):
-        return torch.cdist(q, r, p=self.p, compute_mode="donot_use_mm_for_euclid_dist")
-
-
-@pytest.mark.parametrize("name,kw,power", [
-    ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
-    ("ContrastiveLoss", {"pos_margin": 0.5, "neg_margin": 6.0}, 1),
-    ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 30.0}, 2),
-    ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
-    ("LiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1)])
+@pytest.mark.parametrize("name,kw,power", COINCIDENT, ids=loss_ids(COINCIDENT))
 @pytest.mark.parametrize("dim", [16, 256])
 def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
     """The batch against itself runs the symmetric ops on the raw rows, which take d² below
@@ -195,12 +182,54 @@ def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
     any noise would be a counted term) match exact differences past 25 rows too, values
     and gradients, in fp32 with rows of norm ~40 (D = 16) and ~160 (D = 256: the rounding
     passes 8 ulps there)."""
-    g = torch.Generator().manual_seed(power + len(name) + dim)
-    x = 10 * torch.randn(41, dim, generator=g)
-    y = torch.randint(0, 5, (41,), generator=g)
-    x[7], x[20], x[33] = x[3], x[3], x[12]
-    y[7], y[20], y[33] = y[3], y[3], y[12]
-    oracle = getattr(mo.losses, name)(
-        distance=DirectL2(normalize_embeddings=False, power=power), backend="reference", **kw)
-    assert_close_vg(lambda e: ours(name, kw, power)(e, y).double(),
-                    lambda e: oracle(e.double(), y), x, rtol=2e-5, atol=1e-5)
+    check_coincident_rows(ours(name, kw, power), name, kw, power, dim)
+
+
+@pytest.mark.parametrize("name,kw,power", [
+    ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 0.02}, 1),
+    ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 0.02}, 1),
+    ("LiftedStructureLoss", {"neg_margin": 0.02}, 1),
+    ("TripletMarginLoss", {"margin": 1e-4}, 2)])
+def test_short_rows_run_the_reference_under_auto(name, kw, power):
+    """Rows of norm ~4e-3 in fp32: the fused forms hold d² to an absolute ε (1 − d²/2, lifted
+    rows), so auto runs the reference (driver.raw_rows_too_short): PML's values and
+    gradients to fp32 rounding, past 25 rows."""
+    g = torch.Generator().manual_seed(power + len(name))
+    x, y = 1e-3 * torch.randn(40, 16, generator=g), torch.randint(0, 4, (40,), generator=g)
+    theirs = getattr(pl, name)(distance=raw(pd, power), **kw)
+    assert_close_vg(lambda e: ours(name, kw, power, "auto")(e, y).double(),
+                    lambda e: theirs(e.double(), y), x, rtol=1e-4, atol=1e-10)
+
+
+def test_short_rows_rule_reads_the_longest_row(monkeypatch):
+    """The rule looks at the longest row of embeddings and ref_emb against √(ε/1e-5) (0.11
+    in fp32, 4.7e-6 in fp64), under auto only, and leaves TripletMarginLoss on L2 (its ops
+    read the norms themselves) to the fused ops."""
+    from metrix_ops import driver
+    from metrix_ops.fused import contrastive, triplet_margin
+    calls = []
+    for mod, fn in ((contrastive, "contrastive_rows"), (contrastive, "contrastive_rows_self"),
+                    (triplet_margin, "triplet_all_rows")):
+        monkeypatch.setattr(mod, fn, lambda *a, _real=getattr(mod, fn), _n=fn, **k:
+                            calls.append(_n) or _real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 8, generator=g), torch.randint(0, 4, (30,), generator=g)
+    x = 0.05 * x / x.norm(dim=1, keepdim=True)  # every row of norm 0.05
+    con = ours("ContrastiveLoss", {"neg_margin": 0.1}, 1, backend="auto")
+    con(x, y)
+    assert calls == []
+    long_refs = 0.2 * x / 0.05  # references of norm 0.2: the longest row passes the bound
+    con(x, y, ref_emb=long_refs, ref_labels=y)
+    assert calls == ["contrastive_rows"]
+    con(x.double(), y)  # fp64: the bound is 4.7e-6
+    assert calls == ["contrastive_rows", "contrastive_rows_self"]
+    ours("ContrastiveLoss", {"neg_margin": 0.1}, 1, backend="cpu")(x, y)  # explicit: fused
+    assert len(calls) == 3
+    ours("TripletMarginLoss", {"margin": 0.01}, 1, backend="auto")(x, y)
+    assert calls[3:] == ["triplet_all_rows"]
+    assert driver.raw_rows_too_short("ContrastiveLoss", raw(mo.distances, 1), None, None,
+                                     0.10, torch.float32)
+    assert not driver.raw_rows_too_short("ContrastiveLoss", raw(mo.distances, 1), None, None,
+                                         0.12, torch.float32)
+    assert not driver.raw_rows_too_short("ContrastiveLoss", raw(mo.distances, 1), None, None,
+                                         None, torch.float32)

@@ -126,20 +126,22 @@ def test_opcheck():
     check_side_lse_ops(x, r, y, ry, CIRCLE, consts)
 
 
-def check_side_lse_ops(x, r, y, ry, kind, consts):
-    """opcheck of the forward op (general and symmetric) and of its backward op."""
+def check_side_lse_ops(x, r, y, ry, kind, consts, raw=False):
+    """opcheck of the forward op (general and symmetric) and of its backward op (raw: rows
+    of any norm; else the raw argument is left to its default)."""
     ops = torch.ops.metrix_ops
+    extra = (True,) if raw else ()
     torch.library.opcheck(ops.triton_side_lse_rows.default,
                           (x.clone().requires_grad_(), r.clone().requires_grad_(), y, ry, False,
-                           kind, consts, False))
+                           kind, consts, False) + extra)
     xs = x.clone().requires_grad_()
     torch.library.opcheck(ops.triton_side_lse_rows.default, (xs, xs, y, y, True, kind, consts,
-                                                             True))
-    z, lp, ln = ops.triton_side_lse_rows(x, x, y, y, True, kind, consts, True)
+                                                             True) + extra)
+    z, lp, ln = ops.triton_side_lse_rows(x, x, y, y, True, kind, consts, True, raw)
     gz = torch.randn(x.shape[0], dtype=x.dtype, device=x.device)
     for sym, need in ((False, (True, True)), (True, (True, False))):
         torch.library.opcheck(ops.triton_side_lse_rows_bwd.default,
-                              (gz, x, x, y, y, lp, ln, True, kind, consts, sym) + need)
+                              (gz, x, x, y, y, lp, ln, True, kind, consts, sym, raw) + need)
 
 
 _SM90 = r'''

@@ -307,4 +307,4 @@ def test_opcheck():
     g = torch.randn(2, 11, dtype=torch.float64, device=DEVICE)
     for sym, need in ((False, (True, True)), (True, (True, False))):
         torch.library.opcheck(ops.triton_contrastive_rows_bwd.default,
-                              (g[0], g[1], x, x, y, y, True, sym) + common + need)
+                              (g[0], g[1], x, x, y, y, True, sym) + common + (False,) + need)

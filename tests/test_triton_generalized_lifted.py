@@ -171,10 +171,12 @@ failed = []
 for fdt, acc, prec, rows, width in [("fp32", tl.float32, "tf32", 32, 512),
                                     ("fp64", tl.float64, "ieee", 16, 128)]:
     tiles = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, ACC=acc, PRECISION=prec)
-    for logits, grad_tile in [(gl._lifted_logits_cos, gl._lifted_grad_tile_cos),
-                              (gl._lifted_logits_l2, gl._lifted_grad_tile_l2)]:
-        grad = dict(tiles, BLOCK_DO=width, GRAD_TILE=grad_tile)
-        fwd = dict(tiles, EXCLUDE_DIAG=False, LOGITS=logits, EMPTY_ZERO=True)
+    # (the L2 kernels also in their RAW form, rows of any norm)
+    for logits, grad_tile, raw in [(gl._lifted_logits_cos, gl._lifted_grad_tile_cos, False),
+                                   (gl._lifted_logits_l2, gl._lifted_grad_tile_l2, False),
+                                   (gl._lifted_logits_l2, gl._lifted_grad_tile_l2, True)]:
+        grad = dict(tiles, BLOCK_DO=width, GRAD_TILE=grad_tile, RAW=raw)
+        fwd = dict(tiles, EXCLUDE_DIAG=False, LOGITS=logits, EMPTY_ZERO=True, RAW=raw)
         for fn, consts in [(side.side_lse_fwd_kernel, fwd), (pairs.pair_grad_sym_kernel, grad)]:
             consts = {k: v for k, v in consts.items() if k in fn.arg_names}
             try:

@@ -125,13 +125,14 @@ def test_fp32_and_half_inputs():
 
 
 def test_not_covered():
-    """ref_emb (PML's partner-row quirk) and unnormalised L2 are not the Triton op's: an
-    explicit backend raises, "auto" runs another engine."""
+    """ref_emb (PML's partner-row quirk) and the squared L2 of unnormalised rows are not the
+    Triton op's (their L2 is: test_triton_raw_l2.py): an explicit backend raises, "auto"
+    runs another engine."""
     x, y = on_dev(*make_case(CASES[0]))
     with pytest.raises(NotImplementedError, match="does not cover"):
         mo.losses.LiftedStructureLoss(backend="triton")(x, y, ref_emb=x.detach() + 1, ref_labels=y)
     loss = mo.losses.LiftedStructureLoss(
-        backend="triton", distance=mo.distances.LpDistance(normalize_embeddings=False))
+        backend="triton", distance=mo.distances.LpDistance(normalize_embeddings=False, power=2))
     with pytest.raises(NotImplementedError, match="does not cover"):
         loss(x, y)
 
@@ -158,16 +159,17 @@ failed = []
 for fdt, acc, prec, rows, width in [("fp32", tl.float32, "tf32", 32, 512),
                                     ("fp64", tl.float64, "ieee", 16, 128)]:
     for bwd in (False, True):
-        for cos in (False, True):
+        for cos, raw in ((False, False), (True, False), (False, True)):
             consts = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, ACC=acc, PRECISION=prec,
-                          BLOCK_DO=width, BWD=bwd, COSINE=cos)
+                          BLOCK_DO=width, BWD=bwd, COSINE=cos, RAW=raw)
             try:
                 compile_sm90(ls._lifted_pos_kernel, consts, fdt,
                              num_warps=4 if width <= 128 else 8,
                              pointer_types={"lo_ptr": "*i32", "hi_ptr": "*i32",
                                             "cnt_ptr": "*i64"})
             except Exception as e:  # noqa: BLE001
-                failed.append(f"bwd={bwd} cos={cos} {fdt}: {type(e).__name__}: {str(e)[:300]}")
+                failed.append(f"bwd={bwd} cos={cos} raw={raw} {fdt}: {type(e).__name__}: "
+                              f"{str(e)[:300]}")
 print("\n".join(failed))
 sys.exit(1 if failed else 0)
 '''

@@ -20,13 +20,15 @@ COMPILABLE = [("MultiSimilarityLoss", {}), ("ContrastiveLoss", {}),
               ("NPairsLoss", {}), ("ProxyAnchorLoss", {"num_classes": 6, "embedding_size": 7}),
               ("ProxyNCALoss", {"num_classes": 6, "embedding_size": 7}),
               ("NTXentLoss", {}), ("SupConLoss", {}),
-              # the L2 of raw rows: lifted rows (torch ops) and the `raw` triplet kernels
+              # the L2 of raw rows: the kernels' RAW form and the `raw` triplet kernels
               ("TripletMarginLoss", {"distance": mo.distances.LpDistance(
                   normalize_embeddings=False)}),
               ("ContrastiveLoss", {"distance": mo.distances.LpDistance(
                   normalize_embeddings=False, power=2), "neg_margin": 8.0}),
               ("GeneralizedLiftedStructureLoss", {"distance": mo.distances.LpDistance(
-                  normalize_embeddings=False)})]
+                  normalize_embeddings=False)}),
+              ("LiftedStructureLoss", {"distance": mo.distances.LpDistance(
+                  normalize_embeddings=False), "neg_margin": 4.0})]
 
 
 @pytest.mark.parametrize("name,kw", COMPILABLE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(COMPILABLE)])
@@ -182,11 +184,18 @@ for fdt, acc, prec, rows, width in [("fp32", tl.float32, "tf32", 64, 128),
     cases = [(ms._ms_fwd_kernel, dict(tiles, EXCLUDE_DIAG=True), None),
              (con._con_fwd_kernel, dict(tiles, EXCLUDE_DIAG=True, COSINE=False),
               {"pc_ptr": "*i64", "nc_ptr": "*i64"}),
+             (con._con_fwd_kernel, dict(tiles, EXCLUDE_DIAG=True, COSINE=False, RAW=True),
+              {"pc_ptr": "*i64", "nc_ptr": "*i64"}),
              (hp._hphn_mine_kernel, dict(tiles, EXCLUDE_DIAG=True), {"out_ptr": "*i64"})]
     for tile_fn in (ms._ms_grad_tile, con._con_grad_tile_l2, con._con_grad_tile_cos):
         cases += [(pairs.pair_grad_dx_kernel, dict(grad, GRAD_TILE=tile_fn, EXCLUDE_DIAG=True), None),
                   (pairs.pair_grad_dr_kernel, dict(grad, GRAD_TILE=tile_fn, EXCLUDE_DIAG=False), None),
                   (pairs.pair_grad_sym_kernel, dict(grad, GRAD_TILE=tile_fn), None)]
+    # rows of any norm (RAW: the norms' table read in the tile, the radial gradient part)
+    raw = dict(grad, GRAD_TILE=con._con_grad_tile_l2, RAW=True)
+    cases += [(pairs.pair_grad_dx_kernel, dict(raw, EXCLUDE_DIAG=True), None),
+              (pairs.pair_grad_dr_kernel, dict(raw, EXCLUDE_DIAG=False), None),
+              (pairs.pair_grad_sym_kernel, raw, None)]
     for fn, consts, ptrs in cases:
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
         try:
@@ -201,5 +210,6 @@ sys.exit(1 if failed else 0)
 @compiles_only
 def test_pair_kernels_compile_for_h100():
     """The MS, contrastive and HPHN kernels and the shared gradient kernels (with each loss's
-    G tile) compile for sm_90 at the GPU tile sizes, fp32 and fp64, without a GPU."""
+    G tile, and in their RAW form) compile for sm_90 at the GPU tile sizes, fp32 and fp64,
+    without a GPU."""
     run_sm90_script(_SM90)

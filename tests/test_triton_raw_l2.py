@@ -1,10 +1,12 @@
 """The L2 distance of unnormalised rows (LpDistance(normalize_embeddings=False), p = 2) on the
-Triton engine: lifted rows (fused/raw_l2.py) through the contrastive and generalized-lifted
-kernels and, squared, the cosine triplet kernels; the raw rows through the all-triplets
-kernels (`raw`: a threshold of d = 0 scaled by the norms, and d²'s radial gradient);
+Triton engine: the raw rows through the contrastive, generalized-lifted and lifted-structure
+kernels (RAW: each product read as 1 − d²/2, tiles.raw_unit_sims) and the all-triplets
+kernels (`raw`), both with a threshold of d = 0 scaled by the norms and d²'s radial
+gradient; squared, lifted rows (fused/raw_l2.py) through the cosine triplet kernels;
 BatchHardMiner's picks by the lifted rows' product and TripletMarginMiner's window. Values and
-gradients against the reference (fp64, the shared cases) and PML (fp32 past cdist's 25-row
-switch, fp64 for the miners), ref_emb, and what stays out.
+gradients against the reference (fp64, the shared cases), PML (fp32 past cdist's 25-row
+switch, fp64 for the miners) and exact differences (coincident rows), ref_emb, and what
+stays out.
 
 Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors; otherwise they are skipped."""
 import pytest
@@ -15,14 +17,12 @@ from pytorch_metric_learning import miners as pm
 
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
-from raw_l2_cases import LOSSES as RAW_LOSSES
-from raw_l2_cases import loss_ids, ours_on, raw, rows_past_cdist_switch, scaled_case
-from triton_cases import on_dev, requires_triton, widest_dtype
+from raw_l2_cases import (COINCIDENT, LOSSES, check_coincident_rows, loss_ids, ours_on, raw,
+                          rows_past_cdist_switch, scaled_case)
+from triton_cases import DEVICE, on_dev, requires_triton, widest_dtype
 
 pytestmark = requires_triton
 
-# the CPU tests' losses less LiftedStructure (its Triton kernel takes unit rows only)
-LOSSES = [loss for loss in RAW_LOSSES if loss[0] != "LiftedStructureLoss"]
 LOSS_IDS = loss_ids(LOSSES)
 
 
@@ -36,11 +36,6 @@ def test_matches_reference(case, loss):
     ~3√D, as unnormalised embeddings have."""
     name, kw, power = loss
     dtype, _ = widest_dtype()
-    if case[0] == "duplicates" and name == "ContrastiveLoss" and not kw.get("pos_margin"):
-        # the lifted rows' kernels give coincident rows a noise distance, which pos_margin 0
-        # counts as a term (docs/engines.md; the CPU's symmetric op gives 0; auto runs the
-        # reference at this size): in fp32 (triton < 3.5) it is counted
-        pytest.skip("coincident rows at pos_margin 0 on the lifted rows' kernels")
     x, y = on_dev(*scaled_case(case, dtype))
     tri, ref = ours(name, kw, power), ours(name, kw, power, "reference")
     if dtype == torch.float64:
@@ -54,6 +49,8 @@ def test_matches_reference(case, loss):
 def test_matches_pml_fp32(loss, refs):
     """fp32 past 25 rows a side, where PML's cdist is the product form too: PML's numbers."""
     name, kw, power = loss
+    if refs and name == "LiftedStructureLoss":
+        pytest.skip("(Lifted's Triton kernel is the batch against itself: test_out_of_scope)")
     x, y, r, ry = rows_past_cdist_switch(11)
     x, y, r, ry = on_dev(x, y, r, ry)
     mine, theirs = ours(name, kw, power), getattr(pl, name)(distance=raw(pd, power), **kw)
@@ -181,14 +178,26 @@ def test_squared_unit_l2_contrastive():
         assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x, **tol)
 
 
+@pytest.mark.parametrize("name,kw,power", COINCIDENT, ids=loss_ids(COINCIDENT))
+@pytest.mark.parametrize("dim", [16, 256])
+def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
+    """The RAW kernels take d² below 2√D ulps of the pair's squared norms as 0: coincident
+    rows (at pos_margin 0 too, where noise would be a counted term) match exact differences
+    past 25 rows, values and gradients, fp32 rows of norm ~40 and ~160."""
+    check_coincident_rows(ours(name, kw, power), name, kw, power, dim, DEVICE)
+
+
 def test_out_of_scope():
-    """What stays off this engine: Lifted (its kernel is the batch against itself of unit
-    rows), GeneralizedLifted's squared form, HPHN, Metrix (the reference's rule)."""
+    """What stays off this engine: Lifted against references (its kernel is the batch
+    against itself), GeneralizedLifted's squared form, HPHN, Metrix (the reference's
+    rule)."""
     dtype, _ = widest_dtype()
     x, y = on_dev(*make_case(CASES[1], dtype))
     x = 3 * x
-    for loss in (ours("LiftedStructureLoss", {}, 1), ours("GeneralizedLiftedStructureLoss", {}, 2),
-                 ours("HPHNTripletLoss", {}, 1)):
+    lifted = ours("LiftedStructureLoss", {}, 1)
+    with pytest.raises(NotImplementedError, match="does not cover"):
+        lifted(x, y, ref_emb=x[:5], ref_labels=y[:5])
+    for loss in (ours("GeneralizedLiftedStructureLoss", {}, 2), ours("HPHNTripletLoss", {}, 1)):
         with pytest.raises(NotImplementedError, match="does not cover"):
             loss(x, y)
     for name in ("ContrastiveLoss", "GeneralizedLiftedStructureLoss"):
@@ -208,3 +217,41 @@ def test_squared_unit_l2_contrastive_metrix_is_not_the_mixing_op():
     ref = mo.losses.ContrastiveLoss(distance=dist, backend="reference", **kw)
     tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     assert_close_vg(lambda e: tri(e, y), lambda e: ref(e, y), x, **tol)
+
+
+def test_opcheck_of_the_raw_forms():
+    """The ops' raw argument (contrastive, the two-side log-sum-exp of GeneralizedLifted,
+    Lifted): fake kernels, autograd registration and schema, general and symmetric."""
+    import math
+
+    from metrix_ops.triton.generalized_lifted import GEN_LIFTED_L2
+    from test_triton_circle import check_side_lse_ops
+    g = torch.Generator().manual_seed(7)
+    x = 3 * torch.randn(11, 4, dtype=torch.float64, generator=g)
+    r = 3 * torch.randn(7, 4, dtype=torch.float64, generator=g)
+    x[4] = x[1]  # a coincident pair
+    x, r = on_dev(x, r)
+    y = torch.tensor([0, 0, 0, 1, 0, 2, 2, 2, 3, 3, 4], device=DEVICE)
+    ry = torch.tensor([0, 1, 1, 2, 3, 5, 0], device=DEVICE)
+    ops = torch.ops.metrix_ops
+    common = (False, 0.5, 6.0, 0.0, math.inf, True)
+    torch.library.opcheck(ops.triton_contrastive_rows.default,
+                          (x.clone().requires_grad_(), r.clone().requires_grad_(), y, ry, False,
+                           False) + common)
+    xs = x.clone().requires_grad_()
+    torch.library.opcheck(ops.triton_contrastive_rows.default, (xs, xs, y, y, True, True) + common)
+    gr = torch.randn(2, 11, dtype=torch.float64, generator=g).to(DEVICE)
+    for sym, need in ((False, (True, True)), (True, (True, False))):
+        torch.library.opcheck(ops.triton_contrastive_rows_bwd.default,
+                              (gr[0], gr[1], x, x, y, y, True, sym) + common + need)
+    check_side_lse_ops(x, r, y, ry, GEN_LIFTED_L2, [1.0, 6.0, 8 * torch.finfo(x.dtype).eps],
+                       raw=True)
+    ys, order = torch.sort(y, stable=True)
+    xl = x[order]
+    lo, hi = torch.searchsorted(ys, ys).int(), torch.searchsorted(ys, ys, right=True).int()
+    args = (False, 1.0, 6.0, 0.0, math.inf, True)
+    torch.library.opcheck(ops.triton_lifted_rows.default,
+                          (xl.clone().requires_grad_(), ys, lo, hi) + args)
+    _, _, lneg = ops.triton_lifted_rows(xl, ys, lo, hi, *args)
+    gs = torch.randn(11, dtype=torch.float64, generator=g).to(DEVICE)
+    torch.library.opcheck(ops.triton_lifted_rows_bwd.default, (gs, xl, ys, lo, hi, lneg) + args)

@@ -15,7 +15,10 @@ a batch against itself runs an op's general form (self pairs left out by index),
 symmetric one: twice the symmetric op's products.
 
 The ops that read distances through torch.cdist itself (the all-triplets ops) take the raw
-rows instead (their backward adds cdist's radial term, see triplet_cpu.cpp)."""
+rows instead (their backward adds cdist's radial term, see triplet_cpu.cpp), and so do the
+CPU symmetric ops and the Triton kernels' RAW form, which rewrite each product as
+1 − d²/2 from the rows' norms (sym_blocks.h: raw_to_unit_sims, triton/tiles.py:
+raw_unit_sims) with a zero threshold scaled by the norms."""
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,8 @@ Exponents from s = ⟨x_i, r_j⟩ of unit rows:
   L2 (normalised LpDistance): d = √(2 − 2s) (0 below 8 ulps: duplicates give d = 0),
       positive d − m⁺, negative m⁻ − d, slopes ∓1/d (0 at d = 0, as torch.cdist's backward);
   cosine (PML's margin(x, y) = y − x): positive m⁺ − s, negative s − m⁻, slopes ∓1.
+The L2 of rows of any norm takes the kernels' RAW form (s read as 1 − d²/2 from the rows'
+norms, tiles.raw_unit_sims).
 The hinge's gradient (torch's relu'(0) = 0) is applied in torch to z before the kernels
 see it. Reduction and the no-pairs rule are the CPU glue's (fused/generalized_lifted.py)."""
 import torch
@@ -14,8 +16,8 @@ import triton.language as tl
 
 from .. import fused
 from ..distances import is_dot_of_normalized, is_normalized_l2, is_raw_l2
-from ..fused.generalized_lifted import _reduce_clean, general_pair
-from ..fused.raw_l2 import lifted_width, raw_at
+from ..fused.generalized_lifted import _reduce_clean
+from ..fused.raw_l2 import raw_at
 from ..ops.unit_rows import normalized
 from .launch import usable_on
 from .pairs import is_symmetric, max_dim
@@ -66,37 +68,38 @@ register_kind(GEN_LIFTED_L2, _lifted_logits_l2, _lifted_grad_tile_l2, empty_zero
 
 
 def lifted_side_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosine: bool,
-                     pos_margin: float, neg_margin: float):
+                     pos_margin: float, neg_margin: float, raw: bool = False):
     """(z, lse⁺, lse⁻) per anchor, z = lse⁺ + lse⁻ with an empty side adding 0 (−inf in its
     lse), differentiable in x_unit and r_unit; the batch against itself (r_unit *is* x_unit)
-    takes the symmetric gradient kernel."""
+    takes the symmetric gradient kernel. raw: rows of any norm at their L2 distances."""
     # the last constant: d² below 8 ulps of the dtype is taken as 0 (common/contrastive.h)
     consts = (pos_margin, neg_margin, 8 * torch.finfo(x_unit.dtype).eps)
     return side_lse_rows(GEN_LIFTED_COS if cosine else GEN_LIFTED_L2, consts, x_unit, r_unit,
                          labels, ref_labels, exclude_diag,
-                         is_symmetric(x_unit, r_unit, labels, ref_labels, exclude_diag))
+                         is_symmetric(x_unit, r_unit, labels, ref_labels, exclude_diag), raw)
 
 
 def supports(params, inp, expansion) -> bool:
-    """Normalised L2, a cosine of rows the distance normalises, and the L2 of raw rows
-    (lifted, fused/raw_l2.py)."""
+    """Normalised L2, a cosine of rows the distance normalises, and the L2 of raw rows (the
+    kernels' RAW form)."""
     d, x = inp.distance, inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and (is_normalized_l2(d) or is_dot_of_normalized(d) or raw_at(inp, powers=(1,)))
-            and lifted_width(inp) <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
+            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):
     d, x = inp.distance, inp.embeddings
-    # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
+    # the reference's normalisation (its p; raw L2: none): a cosine-type similarity of any
+    # rows is exact
     xu = normalized(d, x)
-    if inp.ref_emb is x and inp.same_set and not is_raw_l2(d):
+    if inp.ref_emb is x and inp.same_set:
         ru = xu
-    else:  # lifted raw rows (never the symmetric kernels), or the normalised references
-        xu, ru = general_pair(inp, xu)
+    else:
+        ru = normalized(d, inp.ref_emb)
     z, _, _ = lifted_side_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set,
                                is_dot_of_normalized(d), params["pos_margin"],
-                               params["neg_margin"])
+                               params["neg_margin"], is_raw_l2(d))
     return _reduce_clean(torch.relu(z), inp, reducer)
 
 

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .launch import next_pow2, row_block, dim_block
-from .tiles import acc_dtype, add_tile_product, dot_precision, pair_masks, sim_tile
+from .tiles import (acc_dtype, add_tile_product, dot_precision, minus_radial, pair_masks,
+                    raw_table, raw_unit_sims, sim_tile)
 
 
 # ---- the gradient kernels every pair loss of this engine shares ----
@@ -35,13 +36,15 @@ def mined_masks(s, pos, neg, offs, ok, hn_ptr, hp_ptr, eps_ptr):
 
 @triton.jit
 def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr,
-                        hn_ptr, hp_ptr, eps_ptr, B, M, D, stride_x, stride_r, stride_dx,
-                        GRAD_TILE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+                        hn_ptr, hp_ptr, eps_ptr, raw_ptr, B, M, D, stride_x, stride_r,
+                        stride_dx, GRAD_TILE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                        MINE: tl.constexpr = False):
+                        MINE: tl.constexpr = False, RAW: tl.constexpr = False):
     """dX = G R: one program per BLOCK_M anchor rows, streaming the reference tiles. MINE:
-    only the pairs MultiSimilarityMiner keeps (mined_masks)."""
+    only the pairs MultiSimilarityMiner keeps (mined_masks). RAW: rows of any norm, read as
+    unit rows at their L2 distances (tiles.raw_unit_sims; raw_ptr: raw_table), and the
+    gradient's radial part, −(Σ_j G_ij)·x_i (tiles.minus_radial)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
@@ -49,16 +52,23 @@ def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
     b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
     c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    gsum = tl.zeros((BLOCK_M,), dtype=ACC)
     for n0 in range(0, M, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        if RAW:
+            s = raw_unit_sims(s, raw_ptr, offs_m, offs_n, B, M)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
         if MINE:
             pos, neg = mined_masks(s, pos, neg, offs_m, row_ok, hn_ptr, hp_ptr, eps_ptr)
         gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
         acc = add_tile_product(acc, gt, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, PRECISION)
+        if RAW:  # the tile as the product took it (rounded to the rows' dtype)
+            gsum += tl.sum(gt.to(r_ptr.dtype.element_ty).to(ACC), 1)
+    if RAW:
+        acc = minus_radial(acc, gsum, x_ptr, offs_m, B, D, stride_x, BLOCK_DO, ACC)
     offs_d = tl.arange(0, BLOCK_DO)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -66,17 +76,18 @@ def pair_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
 
 @triton.jit
 def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dr_ptr,
-                        hn_ptr, hp_ptr, eps_ptr, B, M, D, stride_x, stride_r, stride_dr,
-                        GRAD_TILE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+                        hn_ptr, hp_ptr, eps_ptr, raw_ptr, B, M, D, stride_x, stride_r,
+                        stride_dr, GRAD_TILE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                        MINE: tl.constexpr = False):
+                        MINE: tl.constexpr = False, RAW: tl.constexpr = False):
     """dR = Gᵀ X: one program per BLOCK_N reference rows, streaming the anchor tiles (with
-    each tile, its rows' statistics)."""
+    each tile, its rows' statistics). RAW: as the dX kernel, less (Σ_i G_ij)·r_j."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < M
     lab_n = tl.load(rlab_ptr + offs_n, mask=col_ok, other=0)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
+    gsum = tl.zeros((BLOCK_N,), dtype=ACC)
     for m0 in range(0, B, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < B
@@ -86,12 +97,18 @@ def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
         c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        if RAW:
+            s = raw_unit_sims(s, raw_ptr, offs_m, offs_n, B, M)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
         if MINE:
             pos, neg = mined_masks(s, pos, neg, offs_m, row_ok, hn_ptr, hp_ptr, eps_ptr)
         gt = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
         acc = add_tile_product(acc, tl.trans(gt), x_ptr, offs_m, B, D, stride_x, BLOCK_DO,
                                PRECISION)
+        if RAW:  # the tile as the product took it (rounded to the rows' dtype)
+            gsum += tl.sum(gt.to(x_ptr.dtype.element_ty).to(ACC), 0)
+    if RAW:
+        acc = minus_radial(acc, gsum, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, ACC)
     offs_d = tl.arange(0, BLOCK_DO)
     tl.store(dr_ptr + offs_n[:, None] * stride_dr + offs_d[None, :], acc,
              mask=col_ok[:, None] & (offs_d[None, :] < D))
@@ -99,14 +116,15 @@ def pair_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, prm_ptr, a_ptr, b_ptr, 
 
 @triton.jit
 def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, hn_ptr, hp_ptr,
-                         eps_ptr, B, D, stride_x, stride_dx, GRAD_TILE: tl.constexpr,
+                         eps_ptr, raw_ptr, B, D, stride_x, stride_dx, GRAD_TILE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DO: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                         MINE: tl.constexpr = False):
+                         MINE: tl.constexpr = False, RAW: tl.constexpr = False):
     """The batch against itself (R = X, self pairs excluded): S is symmetric, so the whole
     gradient of X is (G + Gᵀ) X, and the tile (I, J) of Gᵀ is G_JI, computed from the same
     s_ij with the statistics of rows J. One kernel of row programs, 2 products per tile (S
-    and H X) instead of the general path's 4 (S, G R; S, Gᵀ X)."""
+    and H X) instead of the general path's 4 (S, G R; S, Gᵀ X). RAW: as the dX kernel, with
+    H for G (its radial part −(Σ_j H_ij)·x_i)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
@@ -114,6 +132,7 @@ def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, h
     b = tl.load(b_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
     c = tl.load(c_ptr + offs_m, mask=row_ok, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    gsum = tl.zeros((BLOCK_M,), dtype=ACC)
     for n0 in range(0, B, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < B
@@ -123,6 +142,8 @@ def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, h
         c_n = tl.load(c_ptr + offs_n, mask=col_ok, other=0.0).to(ACC)
         s = sim_tile(x_ptr, x_ptr, offs_m, offs_n, B, B, D, stride_x, stride_x,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        if RAW:
+            s = raw_unit_sims(s, raw_ptr, offs_m, offs_n, B, B)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, B, True)
         pos_t, neg_t = pair_masks(offs_n, offs_m, lab_n, lab_m, B, B, True)
         s_t = tl.trans(s)
@@ -133,6 +154,10 @@ def pair_grad_sym_kernel(x_ptr, lab_ptr, prm_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, h
         h = GRAD_TILE(s, pos, neg, a, b, c, prm_ptr)
         h += tl.trans(GRAD_TILE(s_t, pos_t, neg_t, a_n, b_n, c_n, prm_ptr))
         acc = add_tile_product(acc, h, x_ptr, offs_n, B, D, stride_x, BLOCK_DO, PRECISION)
+        if RAW:  # the tile as the product took it (rounded to the rows' dtype)
+            gsum += tl.sum(h.to(x_ptr.dtype.element_ty).to(ACC), 1)
+    if RAW:
+        acc = minus_radial(acc, gsum, x_ptr, offs_m, B, D, stride_x, BLOCK_DO, ACC)
     offs_d = tl.arange(0, BLOCK_DO)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -202,34 +227,39 @@ def loss_constants(x, *values):
 
 
 def pair_grads(grad_tile, x, r, labels, ref_labels, prm, row_vecs, exclude_diag, symmetric,
-               need_x, need_r, mine=None):
+               need_x, need_r, mine=None, raw=False):
     """(dX, dR) of a pair loss (None where not needed) by the shared gradient kernels;
     row_vecs: the three per-anchor vectors grad_tile reads (a, b, c). symmetric: r is x and
     ref_labels is labels, self pairs excluded; then dX is the whole gradient of that one
     tensor (one kernel, pair_grad_sym_kernel) and dR is None. mine: (hardest negative,
     hardest positive, ε as a 1-element tensor) per anchor: only the pairs
-    MultiSimilarityMiner keeps."""
+    MultiSimilarityMiner keeps. raw: x and r are rows of any norm, read at their L2
+    distances (grad_tile sees the similarity unit rows would have there)."""
     b, m, d = x.shape[0], r.shape[0], x.shape[1]
     cfg, block_do, warps = launch_config(x, r, grad=True)
     thresholds = tuple(mine) if mine is not None else (x, x, x)  # unread without MINE
+    table = raw_table(x, r) if raw else x  # unread without RAW
     if symmetric:
         dx = torch.empty_like(x)
         pair_grad_sym_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
-            x, labels, prm, *row_vecs, dx, *thresholds, b, d, x.stride(0), dx.stride(0),
-            GRAD_TILE=grad_tile, BLOCK_DO=block_do, MINE=mine is not None, **cfg, **warps)
+            x, labels, prm, *row_vecs, dx, *thresholds, table, b, d, x.stride(0),
+            dx.stride(0), GRAD_TILE=grad_tile, BLOCK_DO=block_do, MINE=mine is not None,
+            RAW=bool(raw), **cfg, **warps)
         return dx, None
     args = (x, r, labels, ref_labels, prm, *row_vecs)
     meta = dict(GRAD_TILE=grad_tile, EXCLUDE_DIAG=bool(exclude_diag), BLOCK_DO=block_do,
-                MINE=mine is not None, **cfg, **warps)
+                MINE=mine is not None, RAW=bool(raw), **cfg, **warps)
     dx = dr = None
     if need_x:
         dx = torch.empty_like(x)
         pair_grad_dx_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
-            *args, dx, *thresholds, b, m, d, x.stride(0), r.stride(0), dx.stride(0), **meta)
+            *args, dx, *thresholds, table, b, m, d, x.stride(0), r.stride(0), dx.stride(0),
+            **meta)
     if need_r:
         dr = torch.empty_like(r)
         pair_grad_dr_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](
-            *args, dr, *thresholds, b, m, d, x.stride(0), r.stride(0), dr.stride(0), **meta)
+            *args, dr, *thresholds, table, b, m, d, x.stride(0), r.stride(0), dr.stride(0),
+            **meta)
     return dx, dr
 
 

@@ -42,6 +42,33 @@ if HAS_TRITON:
         return tl.dot(g.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
     @triton.jit
+    def raw_unit_sims(s, raw_ptr, offs_m, offs_n, n_a, n_b):
+        """The products s = a_i·b_j of rows of any norm rewritten as the similarity unit rows
+        would have at the same L2 distance, 1 − d²/2 with d² = ‖a_i‖² + ‖b_j‖² − 2s, so that
+        a unit-row loss reads the raw rows' distances (the CPU ops' raw_to_unit_sims).
+        raw_ptr: raw_table's squared norms of A (n_a), of B (n_b), then eps; d² below
+        eps·max(‖a_i‖², ‖b_j‖²) is rounding (it scales with the norms) and is taken as 0,
+        so coincident rows get d = 0 as exact differences give."""
+        na = tl.load(raw_ptr + offs_m, mask=offs_m < n_a, other=0.0)
+        nb = tl.load(raw_ptr + n_a + offs_n, mask=offs_n < n_b, other=0.0)
+        eps = tl.load(raw_ptr + n_a + n_b)
+        q = (na[:, None] + nb[None, :]) - 2.0 * s
+        return tl.where(q > eps * tl.maximum(na[:, None], nb[None, :]), 1.0 - 0.5 * q, 1.0)
+
+    @triton.jit
+    def minus_radial(acc, gsum, v_ptr, offs, N, D, stride, BLOCK_DO: tl.constexpr,
+                     ACC: tl.constexpr):
+        """acc − gsum · v for a program's rows `offs` of v (N × D): the part of a gradient in
+        raw rows that comes through their own squared norms. With s̃_ij = 1 − d²_ij/2 (or
+        −d_ij), ∂s̃_ij/∂v_i = v_j − v_i: the products G V give the v_j parts, this the
+        −(Σ_j G_ij)·v_i ones (unit rows lose them in the normalisation's backward)."""
+        offs_d = tl.arange(0, BLOCK_DO)
+        mask = (offs[:, None] < N) & (offs_d[None, :] < D)
+        v = tl.load(v_ptr + offs.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=mask,
+                    other=0.0)
+        return acc - gsum[:, None] * v.to(ACC)
+
+    @triton.jit
     def count_true(mask, axis: tl.constexpr):
         """The number of true entries of `mask` along `axis`, int32. Summed in fp32 (exact:
         a tile has far fewer than 2^24 entries): triton 3.2's interpreter keeps the sum of an
@@ -65,6 +92,31 @@ if HAS_TRITON:
 def acc_dtype(dtype: torch.dtype):
     """The tl accumulation type of an input dtype (halves are cast to fp32 before any op)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def sq_norms(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The rows' squared norms in the accumulation type, x's then r's (one vector; r may be
+    x)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    nx = x.to(acc).pow(2).sum(1)
+    return torch.cat([nx, nx if r is x else r.to(acc).pow(2).sum(1)])
+
+
+def raw_zero_eps(x: torch.Tensor) -> float:
+    """The zero threshold of d² for rows of any norm, relative to max(‖x_i‖², ‖r_j‖²): 2·√D
+    ulps of the accumulation type. The rounding of coincident rows' d² in the product form
+    was measured at ~½√D ulps (up to 12 at D = 128–1024); a wider bound zeroes real
+    distances of long rows (8√D ulps zeroed d = 0.2 at norm 68 in fp32). The CPU ops'
+    raw_to_unit_sims rule."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return 2 * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
+
+
+def raw_table(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """What raw_unit_sims reads: the squared norms of x, of r (r may be x: its norms twice),
+    then the zero threshold raw_zero_eps, in the accumulation type."""
+    nrm = sq_norms(x, r)
+    return torch.cat([nrm, nrm.new_full((1,), raw_zero_eps(x))])
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:

@@ -51,7 +51,8 @@ from ..fused.raw_l2 import lifted_width
 from ..fused.triplet_margin import op_kind, totals_impl
 from .launch import next_pow2, triton_op, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
-from .tiles import add_tile_product, count_true, pair_masks, sim_tile
+from .tiles import (add_tile_product, count_true, minus_radial, pair_masks, raw_zero_eps,
+                    sim_tile, sq_norms)
 
 
 @triton.jit
@@ -256,18 +257,6 @@ def _tri_grad_tile(s, offs_m, offs_n, row_ok, lab_m, lab_n, g, npos, srank, kp_p
 
 
 @triton.jit
-def _minus_radial(acc, gsum, v_ptr, offs, N, D, stride, BLOCK_DO: tl.constexpr,
-                  ACC: tl.constexpr):
-    """acc − gsum · v for the program's rows of v (N × D): d²'s part through the rows' own
-    squared norms, ∂‖v‖²/∂v = 2v against ∂d/∂‖v‖² = −(∂d/∂s)/2."""
-    offs_d = tl.arange(0, BLOCK_DO)
-    mask = (offs[:, None] < N) & (offs_d[None, :] < D)
-    v = tl.load(v_ptr + offs.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=mask,
-                other=0.0)
-    return acc - gsum[:, None] * v.to(ACC)
-
-
-@triton.jit
 def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, npos_ptr,
                         g_ptr, prm_ptr, nrm_ptr, kp_ptr, w_ptr, dx_ptr, B, M, D, stride_x,
                         stride_r, stride_dx, PMAX, PS, COSINE: tl.constexpr,
@@ -299,7 +288,7 @@ def _tri_grad_dx_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
             gsum += tl.sum(gt, 1)
     offs_d = tl.arange(0, BLOCK_DO)
     if RAW:
-        acc = _minus_radial(acc, gsum, x_ptr, offs_m, B, D, stride_x, BLOCK_DO, ACC)
+        acc = minus_radial(acc, gsum, x_ptr, offs_m, B, D, stride_x, BLOCK_DO, ACC)
     tl.store(dx_ptr + offs_m[:, None] * stride_dx + offs_d[None, :], acc,
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
@@ -337,7 +326,7 @@ def _tri_grad_dr_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, crank_ptr, srank_ptr, n
             gsum += tl.sum(gt, 0)
     offs_d = tl.arange(0, BLOCK_DO)
     if RAW:
-        acc = _minus_radial(acc, gsum, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, ACC)
+        acc = minus_radial(acc, gsum, r_ptr, offs_n, M, D, stride_r, BLOCK_DO, ACC)
     tl.store(dr_ptr + offs_n[:, None] * stride_dr + offs_d[None, :], acc,
              mask=col_ok[:, None] & (offs_d[None, :] < D))
 
@@ -389,7 +378,7 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, m
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     kp = torch.empty(b, ps, dtype=acc, device=x.device)
     grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
-    nrm = _sq_norms(x, r)
+    nrm = sq_norms(x, r)
     common = dict(COSINE=cosine, EXCLUDE_DIAG=exclude_diag, RAW=raw, **cfg, **warps)
     rows = torch.zeros(b, dtype=acc, device=x.device)
     nz = torch.zeros(b, dtype=torch.long, device=x.device)
@@ -410,13 +399,6 @@ def _side_buffers(x, r, labels, ref_labels, exclude_diag, cosine, prm, counts, m
         _tri_fwd_kernel[grid](x, r, labels, ref_labels, npos, prm, nrm, kp, rows, nz, trip, b, m,
                               d, x.stride(0), r.stride(0), pmax, ps, MINE=mine, **common)
     return kp, (crank, srank, npos, nneg, pmax, ps, nrm), rows, nz, cnt, trip
-
-
-def _sq_norms(x, r):
-    """The rows' squared norms in the accumulation type, x's then r's (one vector)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    nx = x.to(acc).pow(2).sum(1)
-    return torch.cat([nx, nx if r is x else r.to(acc).pow(2).sum(1)])
 
 
 def _tri_forward(x, r, labels, ref_labels, exclude_diag, cosine, prm, mine=0, raw=False):
@@ -462,11 +444,10 @@ def _tri_backward(g, x, r, labels, ref_labels, exclude_diag, cosine, prm, need_x
 def _constants(x, margin, mine_margin=0.0, raw=False):
     # L2: d² = ‖x‖² + ‖r‖² − 2s below 8·√D ulps of the accumulation type is rounding (the
     # norms and s sum the same products in different orders), taken as 0; raw rows: below
-    # 2·√D ulps of max(‖x_i‖², ‖r_j‖²) (_tri_key; the CPU ops' raw_to_unit_sims rule: their
-    # rounding measured ~½√D ulps, and a wider bound would zero real distances of long rows);
-    # then the miner's margin (compared in the accumulation type)
+    # tiles.raw_zero_eps of max(‖x_i‖², ‖r_j‖²) (_tri_key); then the miner's margin
+    # (compared in the accumulation type)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    eps = (2 if raw else 8) * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
+    eps = raw_zero_eps(x) if raw else 8 * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
     return loss_constants(torch.empty(0, dtype=acc, device=x.device), margin, eps, mine_margin)
 
 
