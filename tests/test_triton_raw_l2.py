@@ -255,3 +255,24 @@ def test_opcheck_of_the_raw_forms():
     _, _, lneg = ops.triton_lifted_rows(xl, ys, lo, hi, *args)
     gs = torch.randn(11, dtype=torch.float64, generator=g).to(DEVICE)
     torch.library.opcheck(ops.triton_lifted_rows_bwd.default, (gs, xl, ys, lo, hi, lneg) + args)
+
+
+def test_half_inputs():
+    """bf16 and fp16 rows are computed in fp32 on the RAW kernels too: the fp32 loss of the
+    rounded rows, and its gradient (in the rows' dtype)."""
+    g = torch.Generator().manual_seed(2)
+    # (no coincident rows: past 25 rows the reference's cdist gives them noise, ours 0)
+    x, y = 3 * torch.randn(40, 16, generator=g), torch.randint(0, 5, (40,), generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        h, yd = on_dev(x.to(dtype), y)
+        for name, kw, power in LOSSES:
+            hv = h.detach().requires_grad_()
+            mine = ours(name, kw, power)(hv, yd)
+            mine.backward()
+            f = h.detach().float().requires_grad_()
+            ref = ours(name, kw, power, "reference")(f, yd)
+            ref.backward()
+            assert mine.dtype == torch.float32 and hv.grad.dtype == dtype
+            torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(hv.grad.float(), f.grad.to(dtype).float(), rtol=2e-2,
+                                       atol=2e-3)
