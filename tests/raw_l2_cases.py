@@ -71,10 +71,11 @@ COINCIDENT = [
     ("LiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1)]
 
 
-def check_coincident_rows(loss, name, kw, power, dim, device="cpu"):
+def check_coincident_rows(loss, name, kw, power, dim, device="cpu", refs=False):
     """`loss` (ours, on raw L2) of fp32 rows of norm ~2.5√D, 41 of them (past cdist's switch)
     with three rows coincident with others, against the reference on exact differences
-    (DirectL2) in fp64: values and gradients."""
+    (DirectL2) in fp64: values and gradients. refs: against references, rows 10..39 of the
+    batch as a separate tensor (each coincides with its batch row) and three more rows."""
     g = torch.Generator().manual_seed(power + len(name) + dim)
     x = 10 * torch.randn(41, dim, generator=g)
     y = torch.randint(0, 5, (41,), generator=g)
@@ -83,5 +84,13 @@ def check_coincident_rows(loss, name, kw, power, dim, device="cpu"):
     oracle = getattr(mo.losses, name)(
         distance=DirectL2(normalize_embeddings=False, power=power), backend="reference", **kw)
     x, y = x.to(device), y.to(device)
-    assert_close_vg(lambda e: loss(e, y).double().cpu(),
-                    lambda e: oracle(e.double().cpu(), y.cpu()), x, rtol=2e-5, atol=1e-5)
+    if not refs:
+        assert_close_vg(lambda e: loss(e, y).double().cpu(),
+                        lambda e: oracle(e.double().cpu(), y.cpu()), x, rtol=2e-5, atol=1e-5)
+        return
+    r = torch.cat([x[10:40], 10 * torch.randn(3, dim, generator=g).to(device)])
+    ry = torch.cat([y[10:40], torch.randint(0, 5, (3,), generator=g).to(device)])
+    assert_close_vg(lambda e, q: loss(e, y, ref_emb=q, ref_labels=ry).double().cpu(),
+                    lambda e, q: oracle(e.double().cpu(), y.cpu(), ref_emb=q.double().cpu(),
+                                        ref_labels=ry.cpu()),
+                    x, r, rtol=2e-5, atol=1e-5)

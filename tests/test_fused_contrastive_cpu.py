@@ -273,12 +273,18 @@ def test_opcheck():
     g = torch.randn(2, 11, dtype=torch.float64)
     torch.library.opcheck(ops.contrastive_bwd.default, (g[0], g[1], x, r, y, ry, False) + common + (3,))
     torch.library.opcheck(ops.contrastive_self_bwd.default, (g[0], g[1], x, y) + common + (4,))
-    # raw rows (the L2 of unnormalised embeddings): the symmetric op's `raw` form
+    # raw rows (the L2 of unnormalised embeddings): the symmetric op's `raw` form, and the
+    # general op's (anchors against references)
     raw_common = (False, 0.1, 6.0, 0.0, math.inf, 4, True)
-    xr = 3 * x
+    xr, rr = 3 * x, 3 * r
     torch.library.opcheck(ops.contrastive_self_fwd.default,
                           (xr.clone().requires_grad_(), y) + raw_common)
     torch.library.opcheck(ops.contrastive_self_bwd.default, (g[0], g[1], xr, y) + raw_common)
+    torch.library.opcheck(ops.contrastive_fwd.default,
+                          (xr.clone().requires_grad_(), rr.clone().requires_grad_(), y, ry,
+                           False) + raw_common[:-2] + (3, True))
+    torch.library.opcheck(ops.contrastive_bwd.default,
+                          (g[0], g[1], xr, rr, y, ry, False) + raw_common[:-2] + (3, True))
 
 
 def test_compile_fullgraph_matches_eager():

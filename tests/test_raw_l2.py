@@ -233,3 +233,13 @@ def test_short_rows_rule_reads_the_longest_row(monkeypatch):
                                          0.12, torch.float32)
     assert not driver.raw_rows_too_short("ContrastiveLoss", raw(mo.distances, 1), None, None,
                                          None, torch.float32)
+
+
+@pytest.mark.parametrize("name,kw,power", COINCIDENT[:3], ids=loss_ids(COINCIDENT[:3]))
+@pytest.mark.parametrize("dim", [16, 256])
+def test_coincident_rows_against_references(name, kw, power, dim):
+    """ContrastiveLoss against references runs the general op on the raw rows (raw=True:
+    1 − d²/2 from their norms, the zero threshold scaled by them): a batch row and the
+    reference it coincides with are at d = 0, values and gradients of both as exact
+    differences give."""
+    check_coincident_rows(ours(name, kw, power), name, kw, power, dim, refs=True)

@@ -187,6 +187,16 @@ def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
     check_coincident_rows(ours(name, kw, power), name, kw, power, dim, DEVICE)
 
 
+REFS = [c for c in COINCIDENT if c[0] != "LiftedStructureLoss"]  # (Lifted: no ref_emb here)
+
+
+@pytest.mark.parametrize("name,kw,power", REFS, ids=loss_ids(REFS))
+def test_coincident_rows_against_references(name, kw, power):
+    """The general RAW kernels (anchors against references): a batch row and the reference
+    it coincides with are at d = 0, as exact differences give."""
+    check_coincident_rows(ours(name, kw, power), name, kw, power, 16, DEVICE, refs=True)
+
+
 def test_out_of_scope():
     """What stays off this engine: Lifted against references (its kernel is the batch
     against itself), GeneralizedLifted's squared form, HPHN, Metrix (the reference's

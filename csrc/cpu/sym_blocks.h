@@ -22,21 +22,29 @@ namespace metrix_ops {
 // gradient, as cdist's direct path, and real distances below ~√(2√D·ε)·‖x‖ (3e-3·‖x‖ in
 // fp32 at D = 512) with them. The absolute precision of 1 − d²/2 is ε: rows of norm ≪ 1
 // lose relative precision (d² ~ ε is noise).
+// The same for a block of x rᵀ (anchors against references): sq_rows, sq_cols the squared
+// norms of the block's rows and columns.
 template <typename T>
-void raw_to_unit_sims(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const T* sq,
-                      int64_t dim) {
+void raw_to_unit_sims_of(T* s, int64_t nr, int64_t nc, const T* sq_rows, const T* sq_cols,
+                         int64_t dim) {
   const T tiny = T(2) * std::max(T(1), std::sqrt(T(dim))) * std::numeric_limits<T>::epsilon();
   at::parallel_for(0, nr, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const T ni = sq[r0 + i];
+      const T ni = sq_rows[i];
       T* row = s + i * nc;
       for (int64_t j = 0; j < nc; ++j) {
-        const T nj = sq[c0 + j];
+        const T nj = sq_cols[j];
         const T q = (ni + nj) - T(2) * row[j];
         row[j] = q > tiny * std::max(ni, nj) ? T(1) - q / T(2) : T(1);
       }
     }
   });
+}
+
+template <typename T>
+void raw_to_unit_sims(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, const T* sq,
+                      int64_t dim) {
+  raw_to_unit_sims_of(s, nr, nc, sq + r0, sq + c0, dim);
 }
 
 // the rows' squared norms, in x's dtype, contiguous (raw_to_unit_sims's sq)

@@ -152,7 +152,9 @@ __global__ void con_finish_kernel(const ConState* state, int64_t n, T* ps, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, double low, double high, int64_t chunk) {
+    double neg_margin, double low, double high, int64_t chunk, bool raw) {
+  // (rows of any norm are the CPU op's form: the CUDA glue keeps raw L2 off this op)
+  TORCH_CHECK(!raw, "contrastive_fwd: raw=True (rows of any norm) is CPU-only");
   check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), r = r_.contiguous();
@@ -181,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(
     const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& x_,
     const at::Tensor& r_, const at::Tensor& labels_, const at::Tensor& ref_labels_,
     bool exclude_diag, bool cosine, double pos_margin, double neg_margin, double low,
-    double high, int64_t chunk) {
+    double high, int64_t chunk, bool raw) {
+  TORCH_CHECK(!raw, "contrastive_bwd: raw=True (rows of any norm) is CPU-only");
   check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
   check_row_vec(grad_pos, x_, "grad_pos");
   check_row_vec(grad_neg, x_, "grad_neg");

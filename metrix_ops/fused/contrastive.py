@@ -17,7 +17,7 @@ from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from . import register, register_metrix
 from .pair_counts import pair_count_tensors
-from .raw_l2 import lift_rows, raw_on_cpu
+from .raw_l2 import raw_on_cpu
 from .multi_similarity import _self_pairs_only, metrix_refs_args
 
 _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
@@ -112,10 +112,10 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         # products, contrastive_self_cpu.cpp)
         rows = contrastive_rows_self(x if raw else unit_rows(x), inp.labels, cosine, pm, nm,
                                      low, high, block, raw=raw)
-    else:  # against references: unit rows, or the raw rows lifted (raw_l2.py)
-        xo, ro = lift_rows(x, inp.ref_emb) if raw else (unit_rows(x), unit_rows(inp.ref_emb))
+    else:  # against references: unit rows, or the raw rows (the op reads their norms)
+        xo, ro = (x, inp.ref_emb) if raw else (unit_rows(x), unit_rows(inp.ref_emb))
         rows = contrastive_rows(xo, ro, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,
-                                nm, low, high, chunk)
+                                nm, low, high, chunk, raw=raw)
     return _reduce_clean(_scaled(rows, scale), n_pos, n_neg, reducer, x)
 
 

@@ -34,12 +34,12 @@ def _grads(g_pos, g_neg, like):
 if _ext.HAS_EXT:
     @torch.library.register_fake(_FWD)
     def _fake(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin, neg_margin, low,
-              high, chunk):
+              high, chunk, raw=False):
         return _row_outputs(x)
 
     @torch.library.register_fake("metrix_ops::contrastive_bwd")
     def _fake_bwd(grad_pos, grad_neg, x, r, labels, ref_labels, exclude_diag, cosine,
-                  pos_margin, neg_margin, low, high, chunk):
+                  pos_margin, neg_margin, low, high, chunk, raw=False):
         return torch.empty_like(x), torch.empty_like(r)
 
     def _setup(ctx, inputs, output):
@@ -53,7 +53,7 @@ if _ext.HAS_EXT:
         g_pos, g_neg = _grads(g_pos, g_neg, like)
         dx, dr = torch.ops.metrix_ops.contrastive_bwd(g_pos, g_neg, x, r, labels, ref_labels,
                                                       *ctx.args)
-        return (dx, dr) + (None,) * 9
+        return (dx, dr) + (None,) * (2 + len(ctx.args))
 
     register_autograd(_FWD, _backward, setup_context=_setup)
 
@@ -87,13 +87,16 @@ def _bound(v, default):
 
 def contrastive_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosine: bool,
                      pos_margin: float, neg_margin: float, low=None, high=None,
-                     chunk: int = 2048):
+                     chunk: int = 2048, raw: bool = False):
     """Per-anchor (pos_sum, pos_count, neg_sum, neg_count) of the contrastive hinge terms of
-    unit anchors against unit references; low/high bound the kept terms (None: unbounded)."""
-    return call(torch.ops.metrix_ops.contrastive_fwd,
-        x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
-        bool(exclude_diag), bool(cosine), float(pos_margin), float(neg_margin),
-        _bound(low, -math.inf), _bound(high, math.inf), int(chunk))
+    unit anchors against unit references; low/high bound the kept terms (None: unbounded).
+    raw (CPU tensors): rows of any norm at their L2 distance, read as unit rows' √(2 − 2s̃)
+    with s̃ = 1 − d²/2 (contrastive_cpu.cpp), as contrastive_rows_self's raw."""
+    args = (x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(),
+            ref_labels.contiguous(), bool(exclude_diag), bool(cosine), float(pos_margin),
+            float(neg_margin), _bound(low, -math.inf), _bound(high, math.inf), int(chunk))
+    # (raw only when set: the CUDA engine calls this op through the same glue without it)
+    return call(torch.ops.metrix_ops.contrastive_fwd, *args, *((True,) if raw else ()))
 
 
 def contrastive_rows_self(x_unit, labels, cosine: bool, pos_margin: float, neg_margin: float,
