@@ -294,9 +294,12 @@ def test_opcheck():
                               (x, y, cosine, 0.1, 1.0, 4))
         torch.library.opcheck(torch.ops.metrix_ops.lifted_self_fwd.default,
                               (x, y, cosine, 0.1, 1.0, -float("inf"), float("inf"), 4))
-        # rows of any norm (the L2 of unnormalised embeddings): the self walk's `raw`
+        # rows of any norm (the L2 of unnormalised embeddings): the walks' `raw`
         torch.library.opcheck(torch.ops.metrix_ops.gen_lifted_self_fwd.default,
                               ((3 * x).detach().requires_grad_(), y, cosine, 0.5, 4.0, 4, True))
+        torch.library.opcheck(torch.ops.metrix_ops.gen_lifted_fwd.default,
+                              ((3 * x).detach().requires_grad_(), (3 * r).detach().requires_grad_(),
+                               y, ry, False, cosine, 0.5, 4.0, 3, True))
         torch.library.opcheck(torch.ops.metrix_ops.lifted_self_fwd.default,
                               ((3 * x).detach().requires_grad_(), y, cosine, 0.5, 4.0,
                                -float("inf"), float("inf"), 4, True))

@@ -14,8 +14,8 @@ from pytorch_metric_learning import miners as pm
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg
 from metrix_ops import _ext
-from raw_l2_cases import (COINCIDENT, LOSSES, check_coincident_rows, loss_ids, ours_on, raw,
-                          rows_past_cdist_switch, scaled_case)
+from raw_l2_cases import (COINCIDENT, LOSSES, REFS, check_coincident_rows, loss_ids, ours_on,
+                          raw, rows_past_cdist_switch, scaled_case)
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
@@ -235,11 +235,11 @@ def test_short_rows_rule_reads_the_longest_row(monkeypatch):
                                          None, torch.float32)
 
 
-@pytest.mark.parametrize("name,kw,power", COINCIDENT[:3], ids=loss_ids(COINCIDENT[:3]))
+@pytest.mark.parametrize("name,kw,power", REFS, ids=loss_ids(REFS))
 @pytest.mark.parametrize("dim", [16, 256])
 def test_coincident_rows_against_references(name, kw, power, dim):
-    """ContrastiveLoss against references runs the general op on the raw rows (raw=True:
-    1 − d²/2 from their norms, the zero threshold scaled by them): a batch row and the
-    reference it coincides with are at d = 0, values and gradients of both as exact
-    differences give."""
+    """ContrastiveLoss and GeneralizedLifted against references run their general ops on the
+    raw rows (raw=True: 1 − d²/2 from their norms, the zero threshold scaled by them): a
+    batch row and the reference it coincides with are at d = 0, values and gradients of
+    both as exact differences give."""
     check_coincident_rows(ours(name, kw, power), name, kw, power, dim, refs=True)

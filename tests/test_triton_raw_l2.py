@@ -17,8 +17,8 @@ from pytorch_metric_learning import miners as pm
 
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
-from raw_l2_cases import (COINCIDENT, LOSSES, check_coincident_rows, loss_ids, ours_on, raw,
-                          rows_past_cdist_switch, scaled_case)
+from raw_l2_cases import (COINCIDENT, LOSSES, REFS, check_coincident_rows, loss_ids, ours_on,
+                          raw, rows_past_cdist_switch, scaled_case)
 from triton_cases import DEVICE, on_dev, requires_triton, widest_dtype
 
 pytestmark = requires_triton
@@ -187,7 +187,6 @@ def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
     check_coincident_rows(ours(name, kw, power), name, kw, power, dim, DEVICE)
 
 
-REFS = [c for c in COINCIDENT if c[0] != "LiftedStructureLoss"]  # (Lifted: no ref_emb here)
 
 
 @pytest.mark.parametrize("name,kw,power", REFS, ids=loss_ids(REFS))

@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_impl(
   auto x = x_.contiguous(), r = r_.contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   const int64_t B = x.size(0);
-  const at::Tensor sq = raw ? sq_norms(x) : at::Tensor();
+  const at::Tensor sq = raw ? walk_norms(x, r, self) : at::Tensor();
   at::Tensor rows = at::empty({B}, x.options());
   at::Tensor lse_pos = at::empty({B}, x.options()), lse_neg = at::empty({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gen_lifted_fwd_cpu", [&] {
@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_impl(
   auto lse_pos = lse_pos_.to(x.scalar_type()).contiguous();
   auto lse_neg = lse_neg_.to(x.scalar_type()).contiguous();
   at::Tensor dx = at::zeros_like(x), dr = self ? dx : at::zeros_like(r);
-  const at::Tensor sq = raw ? sq_norms(x) : at::Tensor();
+  const at::Tensor sq = raw ? walk_norms(x, r, self) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gen_lifted_bwd_cpu", [&] {
     using T = scalar_t;
     const T pm = T(pos_margin), nm = T(neg_margin);
@@ -156,20 +156,20 @@ std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cpu(
     const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
     const at::Tensor& ref_labels, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, int64_t chunk) {
+    double neg_margin, int64_t chunk, bool raw) {
   check_pair_inputs(x, r, labels, ref_labels, chunk);
   return gen_lifted_fwd_impl(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin,
-                             neg_margin, chunk, false);
+                             neg_margin, chunk, false, raw);
 }
 
 std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cpu(
     const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& r,
     const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& lse_pos,
     const at::Tensor& lse_neg, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, int64_t chunk) {
+    double neg_margin, int64_t chunk, bool raw) {
   check_pair_inputs(x, r, labels, ref_labels, chunk);
   return gen_lifted_bwd_impl(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg,
-                             exclude_diag, cosine, pos_margin, neg_margin, chunk, false);
+                             exclude_diag, cosine, pos_margin, neg_margin, chunk, false, raw);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_self_fwd_cpu(
@@ -477,13 +477,14 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // GeneralizedLiftedStructureLoss of unit anchors x against unit references r, streamed
   // over r in chunks: per anchor [lse⁺ + lse⁻]₊ (PML's form, empty side 0), and the two
   // log-sum-exps (-inf: no pair) the backward needs. cosine: CosineSimilarity margins, else
-  // normalised L2 distance.
+  // normalised L2 distance. raw (CPU only): rows of any norm, their L2 distance
+  // (self_walk.h's sq).
   m.def("gen_lifted_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
-        "bool exclude_diag, bool cosine, float pos_margin, float neg_margin, int chunk) "
-        "-> (Tensor, Tensor, Tensor)");
+        "bool exclude_diag, bool cosine, float pos_margin, float neg_margin, int chunk, "
+        "bool raw=False) -> (Tensor, Tensor, Tensor)");
   m.def("gen_lifted_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
         "Tensor ref_labels, Tensor lse_pos, Tensor lse_neg, bool exclude_diag, bool cosine, "
-        "float pos_margin, float neg_margin, int chunk) -> (Tensor, Tensor)");
+        "float pos_margin, float neg_margin, int chunk, bool raw=False) -> (Tensor, Tensor)");
   // The same against the batch itself (self pairs excluded), using the symmetry of S:
   // blocks I <= J of `block` rows only. raw: rows of any norm, their L2 distance
   // (self_walk.h's sq).

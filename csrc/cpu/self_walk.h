@@ -28,9 +28,10 @@ T* scratch_row(int64_t n) {
 // How S is walked. General: x against r in chunks of `chunk` references, each chunk all
 // rows. Self (r is x, self pairs excluded): the blocks I <= J of the symmetric S = x xᵀ once
 // (sym_blocks.h), an off-diagonal block also serving J's rows through its transposed copy:
-// half the similarity products, and one gradient product per block pair. sq (self only):
-// the squared norms of rows of any norm, whose blocks the walk hands on as 1 − d²/2
-// (raw_to_unit_sims) and whose gradient gains d²'s radial part; undefined for unit rows.
+// half the similarity products, and one gradient product per block pair. sq: the squared
+// norms of rows of any norm (walk_norms: x's, then, general, r's), whose tiles the walk
+// hands on as 1 − d²/2 (raw_to_unit_sims) and whose gradient gains d²'s radial part;
+// undefined for unit rows.
 struct Walk {
   const at::Tensor& x;
   const at::Tensor& r;
@@ -38,6 +39,11 @@ struct Walk {
   int64_t chunk;
   at::Tensor sq = {};
 };
+
+// Walk's sq for rows of any norm: x's squared norms, and for the general walk r's after them
+inline at::Tensor walk_norms(const at::Tensor& x, const at::Tensor& r, bool self) {
+  return self ? sq_norms(x) : at::cat({sq_norms(x), sq_norms(r)}).contiguous();
+}
 
 // rows [0, nr) of tile s (nr×nc; global rows r0.., columns c0..) through fn(row, nc, gi, c0)
 template <typename T, class F>
@@ -50,12 +56,15 @@ void tile_rows(T* s, int64_t r0, int64_t nr, int64_t c0, int64_t nc, F& fn) {
 // fn(row, nc, gi, c0) for every row of S, in pieces of at most `chunk` columns (read only)
 template <typename T, class F>
 void walk_rows(const Walk& w, F&& fn) {
-  TORCH_CHECK(w.self || !w.sq.defined(), "rows of any norm: the self walk only");
   if (!w.self) {
     const int64_t B = w.x.size(0), M = w.r.size(0);
     for (int64_t start = 0; start < M; start += w.chunk) {
       const int64_t len = std::min(w.chunk, M - start);
       at::Tensor s = at::mm(w.x, w.r.narrow(0, start, len).t()).contiguous();
+      if (w.sq.defined()) {
+        const T* sq = w.sq.data_ptr<T>();
+        raw_to_unit_sims_of(s.data_ptr<T>(), B, len, sq, sq + B + start, w.x.size(1));
+      }
       tile_rows(s.data_ptr<T>(), 0, B, start, len, fn);
     }
     return;
@@ -77,17 +86,29 @@ void walk_rows(const Walk& w, F&& fn) {
 // adds dx += G r, dr += Gᵀ x (self: dx += (G + Gᵀ) x, dr untouched).
 template <typename T, class F>
 void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
-  TORCH_CHECK(w.self || !w.sq.defined(), "rows of any norm: the self walk only");
   if (!w.self) {
     const int64_t B = w.x.size(0), M = w.r.size(0);
+    const bool raw = w.sq.defined();
+    // rows of any norm: Σ_j G_ij over the chunks, for dx's radial part at the end
+    at::Tensor gsum = raw ? at::zeros({B, 1}, dx.options()) : at::Tensor();
     for (int64_t start = 0; start < M; start += w.chunk) {
       const int64_t len = std::min(w.chunk, M - start);
       at::Tensor rc = w.r.narrow(0, start, len);
       at::Tensor s = at::mm(w.x, rc.t()).contiguous();  // becomes G in place
+      if (raw) {
+        const T* sq = w.sq.data_ptr<T>();
+        raw_to_unit_sims_of(s.data_ptr<T>(), B, len, sq, sq + B + start, w.x.size(1));
+      }
       tile_rows(s.data_ptr<T>(), 0, B, start, len, grad);
       dx.addmm_(s, rc);
-      dr.narrow(0, start, len).addmm_(s.t(), w.x);
+      at::Tensor drc = dr.narrow(0, start, len);
+      drc.addmm_(s.t(), w.x);
+      if (raw) {  // ∂s̃_ij/∂r_j = x_i − r_j: less (Σ_i G_ij)·r_j
+        drc.addcmul_(s.sum(0).unsqueeze(1), rc, -1);
+        gsum.add_(s.sum(1, true));
+      }
     }
+    if (raw) dx.addcmul_(gsum, w.x, -1);  // ∂s̃_ij/∂x_i = r_j − x_i: less (Σ_j G_ij)·x_i
     return;
   }
   // tiled transposes (block_transpose.h), not ATen's strided copies of s.t(), which took

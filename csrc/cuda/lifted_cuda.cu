@@ -51,7 +51,9 @@ struct GenLiftedRowLoss {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cuda(
     const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
     const at::Tensor& ref_labels, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, int64_t chunk) {
+    double neg_margin, int64_t chunk, bool raw) {
+  // (rows of any norm are the CPU op's form: the CUDA glue keeps raw L2 off this op)
+  TORCH_CHECK(!raw, "gen_lifted_fwd: raw=True (rows of any norm) is CPU-only");
   return cuda_pairs::two_side_fwd(x, r, labels, ref_labels, exclude_diag, chunk,
                                   [&](auto g, auto lp, auto ln) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
@@ -63,7 +65,8 @@ std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cuda(
     const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& r,
     const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& lse_pos,
     const at::Tensor& lse_neg, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, int64_t chunk) {
+    double neg_margin, int64_t chunk, bool raw) {
+  TORCH_CHECK(!raw, "gen_lifted_bwd: raw=True (rows of any norm) is CPU-only");
   return cuda_pairs::two_side_bwd(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg,
                                   exclude_diag, chunk, true,
                                   [&](auto g, auto lp, auto ln) {
@@ -249,7 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_cuda(
   const int64_t B = x.size(0);
   // every row's negative log-sum-exp: GeneralizedLifted's fold (its positive side unused)
   const at::Tensor ln = std::get<2>(gen_lifted_fwd_cuda(x, r, labels, ref_labels, exclude_diag,
-                                                        cosine, pos_margin, neg_margin, chunk));
+                                                        cosine, pos_margin, neg_margin, chunk,
+                                                        false));
   at::Tensor sums = at::zeros({B}, x.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({B}, labels.options());
   if (B == 0) return {sums.to(x.scalar_type()), counts, ln};

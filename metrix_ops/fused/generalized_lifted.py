@@ -28,8 +28,9 @@ def supports(params, inp, expansion) -> bool:
 
 
 def general_pair(inp, xu):
-    """(anchors, references) for a lifted op's general form: the raw rows lifted
-    (raw_l2.py), or xu against the distance's normalised references."""
+    """(anchors, references) for a lifted op's general form on lifted rows
+    (LiftedStructure's): the raw rows lifted (raw_l2.py), or xu against the distance's
+    normalised references."""
     if is_raw_l2(inp.distance):
         return lift_rows(inp.embeddings, inp.ref_emb)
     return xu, normalized(inp.distance, inp.ref_emb)
@@ -42,10 +43,9 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     xu = normalized(d, inp.embeddings)
     if self_pairs_only(inp):  # (raw L2: the raw rows, whose norms the op reads)
         rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block, raw=is_raw_l2(d))
-    else:
-        xu, ru = general_pair(inp, xu)
-        rows = gen_lifted_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,
-                               nm, chunk)
+    else:  # (raw L2: the raw rows, the op reads their norms)
+        rows = gen_lifted_rows(xu, normalized(d, inp.ref_emb), inp.labels, inp.ref_labels,
+                               inp.same_set, cosine, pm, nm, chunk, raw=is_raw_l2(d))
     # PML's no-pairs rule and the element reduction are MS's (one term per anchor)
     return _reduce_clean(rows, inp, reducer)
 

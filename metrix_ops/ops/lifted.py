@@ -20,13 +20,14 @@ _LIFTED_SELF = "metrix_ops::lifted_self_fwd"
 
 if _ext.HAS_EXT:
     @torch.library.register_fake(_GEN)
-    def _fake_gen(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin, neg_margin, chunk):
+    def _fake_gen(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin, neg_margin, chunk,
+                  raw=False):
         b = x.shape[0]
         return x.new_empty(b), x.new_empty(b), x.new_empty(b)
 
     @torch.library.register_fake("metrix_ops::gen_lifted_bwd")
     def _fake_gen_bwd(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg, exclude_diag,
-                      cosine, pos_margin, neg_margin, chunk):
+                      cosine, pos_margin, neg_margin, chunk, raw=False):
         return torch.empty_like(x), torch.empty_like(r)
 
     def _setup_gen(ctx, inputs, output):
@@ -39,7 +40,7 @@ if _ext.HAS_EXT:
         x, r, labels, ref_labels, lse_pos, lse_neg = ctx.saved_tensors
         dx, dr = torch.ops.metrix_ops.gen_lifted_bwd(g_rows.contiguous(), x, r, labels,
                                                      ref_labels, lse_pos, lse_neg, *ctx.args)
-        return (dx, dr) + (None,) * 7
+        return (dx, dr) + (None,) * (2 + len(ctx.args))
 
     register_autograd(_GEN, _backward_gen, setup_context=_setup_gen)
 
@@ -122,12 +123,16 @@ if _ext.HAS_EXT:
 
 
 def gen_lifted_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosine: bool,
-                    pos_margin: float, neg_margin: float, chunk: int = 2048) -> torch.Tensor:
+                    pos_margin: float, neg_margin: float, chunk: int = 2048,
+                    raw: bool = False) -> torch.Tensor:
     """Per-anchor GeneralizedLiftedStructureLoss terms [lse⁺ + lse⁻]₊ of unit anchors
-    against unit references (cosine: CosineSimilarity margins, else normalised L2)."""
-    rows, _, _ = call(torch.ops.metrix_ops.gen_lifted_fwd,
-        x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(), ref_labels.contiguous(),
-        bool(exclude_diag), bool(cosine), float(pos_margin), float(neg_margin), int(chunk))
+    against unit references (cosine: CosineSimilarity margins, else normalised L2). raw (CPU
+    tensors): rows of any norm at their L2 distance (self_walk.h's sq)."""
+    args = (x_unit.contiguous(), r_unit.contiguous(), labels.contiguous(),
+            ref_labels.contiguous(), bool(exclude_diag), bool(cosine), float(pos_margin),
+            float(neg_margin), int(chunk))
+    # (raw only when set: the CUDA engine calls this op through the same glue without it)
+    rows, _, _ = call(torch.ops.metrix_ops.gen_lifted_fwd, *args, *((True,) if raw else ()))
     return rows
 
 
