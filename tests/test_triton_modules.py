@@ -186,7 +186,9 @@ for fdt, acc, prec, rows, width in [("fp32", tl.float32, "tf32", 64, 128),
               {"pc_ptr": "*i64", "nc_ptr": "*i64"}),
              (con._con_fwd_kernel, dict(tiles, EXCLUDE_DIAG=True, COSINE=False, RAW=True),
               {"pc_ptr": "*i64", "nc_ptr": "*i64"}),
-             (hp._hphn_mine_kernel, dict(tiles, EXCLUDE_DIAG=True), {"out_ptr": "*i64"})]
+             (hp._hphn_mine_kernel, dict(tiles, EXCLUDE_DIAG=True), {"out_ptr": "*i64"}),
+             (hp._hphn_mine_kernel, dict(tiles, EXCLUDE_DIAG=True, RAW=True),
+              {"out_ptr": "*i64"})]
     for tile_fn in (ms._ms_grad_tile, con._con_grad_tile_l2, con._con_grad_tile_cos):
         cases += [(pairs.pair_grad_dx_kernel, dict(grad, GRAD_TILE=tile_fn, EXCLUDE_DIAG=True), None),
                   (pairs.pair_grad_dr_kernel, dict(grad, GRAD_TILE=tile_fn, EXCLUDE_DIAG=False), None),

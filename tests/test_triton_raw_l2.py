@@ -3,7 +3,7 @@ Triton engine: the raw rows through the contrastive, generalized-lifted and lift
 kernels (RAW: each product read as 1 − d²/2, tiles.raw_unit_sims) and the all-triplets
 kernels (`raw`), both with a threshold of d = 0 scaled by the norms and d²'s radial
 gradient; squared, lifted rows (fused/raw_l2.py) through the cosine triplet kernels;
-BatchHardMiner's picks by the lifted rows' product and TripletMarginMiner's window. Values and
+BatchHardMiner's picks by the raw rows' 1 − d²/2 and TripletMarginMiner's window. Values and
 gradients against the reference (fp64, the shared cases), PML (fp32 past cdist's 25-row
 switch, fp64 for the miners) and exact differences (coincident rows), ref_emb, and what
 stays out.
@@ -230,7 +230,8 @@ def test_squared_unit_l2_contrastive_metrix_is_not_the_mixing_op():
 
 def test_opcheck_of_the_raw_forms():
     """The ops' raw argument (contrastive, the two-side log-sum-exp of GeneralizedLifted,
-    Lifted): fake kernels, autograd registration and schema, general and symmetric."""
+    Lifted, the batch-hard mining): fake kernels, autograd registration and schema, general
+    and symmetric."""
     import math
 
     from metrix_ops.triton.generalized_lifted import GEN_LIFTED_L2
@@ -264,6 +265,9 @@ def test_opcheck_of_the_raw_forms():
     _, _, lneg = ops.triton_lifted_rows(xl, ys, lo, hi, *args)
     gs = torch.randn(11, dtype=torch.float64, generator=g).to(DEVICE)
     torch.library.opcheck(ops.triton_lifted_rows_bwd.default, (gs, xl, ys, lo, hi, lneg) + args)
+    # BatchHardMiner's picks by the raw rows' distance (the mining kernel's RAW form)
+    torch.library.opcheck(ops.triton_hphn_mine.default, (x, x, y, y, True, True))
+    torch.library.opcheck(ops.triton_hphn_mine.default, (x, r, y, ry, False, True))
 
 
 def test_half_inputs():

@@ -27,14 +27,16 @@ from ..reference.hphn_triplet import hphn_terms
 from ..ops.unit_rows import normalized
 from .launch import triton_op, usable_on
 from .pairs import launch_config, max_dim
-from .tiles import pair_masks, sim_tile
+from .tiles import pair_masks, raw_table, raw_unit_sims, sim_tile
 
 
 @triton.jit
-def _hphn_mine_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, out_ptr, B, M, D, stride_x, stride_r,
-                      EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
+def _hphn_mine_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, out_ptr, raw_ptr, B, M, D, stride_x,
+                      stride_r, EXCLUDE_DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, RAW: tl.constexpr = False):
+    """RAW: rows of any norm, picked by their L2 distance (s read as 1 − d²/2 from the rows'
+    norms, tiles.raw_unit_sims: it falls as d grows, so the same min/max picks)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < B
     lab_m = tl.load(lab_ptr + offs_m, mask=row_ok, other=0)
@@ -49,6 +51,8 @@ def _hphn_mine_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, out_ptr, B, M, D, stride_
         lab_n = tl.load(rlab_ptr + offs_n, mask=offs_n < M, other=0)
         s = sim_tile(x_ptr, r_ptr, offs_m, offs_n, B, M, D, stride_x, stride_r,
                      BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION)
+        if RAW:
+            s = raw_unit_sims(s, raw_ptr, offs_m, offs_n, B, M)
         pos, neg = pair_masks(offs_m, offs_n, lab_m, lab_n, B, M, EXCLUDE_DIAG)
         cols = offs_n[None, :].to(tl.int32)
         sp = tl.where(pos, s, float("inf"))
@@ -69,36 +73,39 @@ def _hphn_mine_kernel(x_ptr, r_ptr, lab_ptr, rlab_ptr, out_ptr, B, M, D, stride_
     tl.store(out_ptr + offs_m * 2 + 1, tl.where(ncol < M, ncol, -1).to(tl.int64), mask=row_ok)
 
 
-def _mine(x, r, labels, ref_labels, exclude_diag):
+def _mine(x, r, labels, ref_labels, exclude_diag, raw):
     b = x.shape[0]
     out = torch.empty(b, 2, dtype=torch.long, device=x.device)
     cfg, _, warps = launch_config(x, r)
     _hphn_mine_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
-        x, r, labels, ref_labels, out, b, r.shape[0], x.shape[1], x.stride(0), r.stride(0),
-        EXCLUDE_DIAG=exclude_diag, **cfg, **warps)
+        x, r, labels, ref_labels, out, raw_table(x, r) if raw else x, b, r.shape[0],
+        x.shape[1], x.stride(0), r.stride(0), EXCLUDE_DIAG=exclude_diag, RAW=raw, **cfg,
+        **warps)
     return out
 
 
 @triton_op("metrix_ops::triton_hphn_mine")
 def _hphn_mine_op(x: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
-                  ref_labels: torch.Tensor, exclude_diag: bool) -> torch.Tensor:
+                  ref_labels: torch.Tensor, exclude_diag: bool, raw: bool = False
+                  ) -> torch.Tensor:
     if exclude_diag and x.shape[0] > r.shape[0]:
         raise ValueError("exclude_diag needs r to start with the batch (at least as many "
                          "rows as x)")
     return _mine(x.contiguous(), r.contiguous(), labels.contiguous().long(),
-                 ref_labels.contiguous().long(), exclude_diag)
+                 ref_labels.contiguous().long(), exclude_diag, raw)
 
 
 @_hphn_mine_op.register_fake
-def _(x, r, labels, ref_labels, exclude_diag):
+def _(x, r, labels, ref_labels, exclude_diag, raw=False):
     return x.new_empty(x.shape[0], 2, dtype=torch.long)
 
 
-def hphn_mine_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool) -> torch.Tensor:
+def hphn_mine_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bool,
+                     raw: bool = False) -> torch.Tensor:
     """B × 2 int64 [farthest positive, closest negative] column of each anchor (−1: none),
-    ties to the lowest column; no gradient."""
+    ties to the lowest column; no gradient. raw: rows of any norm, by their L2 distance."""
     return torch.ops.metrix_ops.triton_hphn_mine(x_unit.detach(), r_unit.detach(), labels,
-                                                 ref_labels, bool(exclude_diag))
+                                                 ref_labels, bool(exclude_diag), bool(raw))
 
 
 def supports(params, inp, expansion) -> bool:

@@ -6,9 +6,9 @@ CPU path does it (fused/triplet_margin.py):
   over S, ties to the lowest column, no B×M), then the loss on those B triplets in PyTorch
   (any reducer, smooth_loss). The picks are made by a product that orders pairs as the
   miner's distance does: of unit rows for the cosine or the L2 distance of normalised rows
-  (d = √(2 − 2s) falls as s grows), of the lifted rows for the L2 of raw rows (their
-  product is 1 − d²/2, fused/raw_l2.py); PML drops anchors without a positive or a
-  negative, and so does this. The loss's distance at the B picks comes from the rows'
+  (d = √(2 − 2s) falls as s grows), of the raw rows read as 1 − d²/2 for the L2 of raw
+  rows (the kernel's RAW form, tiles.raw_unit_sims); PML drops anchors without a positive or
+  a negative, and so does this. The loss's distance at the B picks comes from the rows'
   differences (raw rows for the L2 of raw rows).
 - TripletMarginMiner (all, hard, semihard, easy) on the loss's own distance: the "all"
   triplets kernels of triton/triplet_margin.py with the miner's window on each triplet's gap
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import fused
 from ..distances import LpDistance, is_cosine, is_normalized_l2, is_normalized_sq_l2, is_raw_l2
-from ..fused.raw_l2 import lift_rows, lifted_width
+from ..fused.raw_l2 import lifted_width
 from ..fused.triplet_margin import (_mined_by_tuple, _miner_distance, _units, miner_fits,
                                     miner_margin, op_kind, totals_impl)
 from ..miners.base import record_counts
@@ -36,8 +36,8 @@ from .triplet_margin import triplet_mined_rows_triton
 def miner_supports(params, inp, miner) -> bool:
     """The CPU path's calls (fused/triplet_margin.miner_fits), less two: BatchHardMiner only
     on a distance ordered as a product (cosine, the L2 of unit rows, or the L2 of raw rows
-    by their lifted rows' product, fused/raw_l2.py), and TripletMarginMiner without
-    smooth_loss (the "all" kernels sum hinge terms)."""
+    read as 1 − d²/2), and TripletMarginMiner without smooth_loss (the "all" kernels sum
+    hinge terms)."""
     x = inp.embeddings
     if not (lifted_width(inp) <= max_dim(x.dtype) and usable_on(x.device, x.dtype)
             and miner_fits(params, inp, miner, any_device=True)):
@@ -45,7 +45,7 @@ def miner_supports(params, inp, miner) -> bool:
     if type(miner).__name__ == "BatchHardMiner":
         mdist = _miner_distance(miner, LpDistance)
         return (is_cosine(mdist) or is_normalized_l2(mdist) or is_normalized_sq_l2(mdist)
-                or (is_raw_l2(mdist) and x.shape[1] + 2 <= max_dim(x.dtype)))
+                or is_raw_l2(mdist))
     return not params.get("smooth_loss", False)
 
 
@@ -64,11 +64,12 @@ def triplet_miner_impl(params, inp, reducer, miner):
 
 
 def _pick_rows(inp, mdist):
-    """The rows whose products order pairs as the miner's distance: unit rows (cosine, L2 of
-    unit rows: d falls as s grows), or the raw rows lifted (their product is 1 − d²/2)."""
+    """(x, r, raw): the rows whose products order pairs as the miner's distance: unit rows
+    (cosine, L2 of unit rows: d falls as s grows), or the raw rows, which the mining kernel
+    reads as 1 − d²/2 (raw)."""
     if is_raw_l2(mdist):
-        return lift_rows(inp.embeddings, inp.ref_emb)
-    return _units(inp)
+        return inp.embeddings, inp.ref_emb, True
+    return (*_units(inp), False)
 
 
 def _pair_values(dist, x, r, a, j):
@@ -83,8 +84,8 @@ def _pair_values(dist, x, r, a, j):
 
 def batch_hard_impl(params, inp, reducer, miner):
     x, dist = inp.embeddings, inp.distance
-    xp, rp = _pick_rows(inp, _miner_distance(miner, LpDistance))
-    picks = hphn_mine_triton(xp, rp, inp.labels, inp.ref_labels, inp.same_set)
+    xp, rp, raw = _pick_rows(inp, _miner_distance(miner, LpDistance))
+    picks = hphn_mine_triton(xp, rp, inp.labels, inp.ref_labels, inp.same_set, raw)
     a = torch.nonzero((picks[:, 0] >= 0) & (picks[:, 1] >= 0)).squeeze(1)
     record_counts(miner, triplets=len(a))
     if len(a) == 0:  # PML: no triplet, a zero that keeps the graph
