@@ -122,9 +122,13 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           "contrastive_raw": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
           "generalized_lifted_raw": ("GeneralizedLiftedStructureLoss",
                                      "GeneralizedLiftedStructureLoss", "gram"),
-          "lifted_raw": ("LiftedStructureLoss", "LiftedStructureLoss", "gram")}
+          "lifted_raw": ("LiftedStructureLoss", "LiftedStructureLoss", "gram"),
+          # ... against references (ref_emb a second set of B rows, both with gradient)
+          "contrastive_raw_refs": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
+          "generalized_lifted_raw_refs": ("GeneralizedLiftedStructureLoss",
+                                          "GeneralizedLiftedStructureLoss", "gram")}
 RAW = ("triplet_batch_hard_raw", "triplet_raw", "contrastive_raw", "generalized_lifted_raw",
-       "lifted_raw")
+       "lifted_raw", "contrastive_raw_refs", "generalized_lifted_raw_refs")
 
 # --loss name -> the options that make our module the augmented loss
 AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
