@@ -253,8 +253,7 @@ def raw_rows_too_short(name, distance, indices_tuple, miner, longest, dtype) -> 
     0.11; fp64: 4.7e-6) the fused d² may be off by more than RAW_L2_RTOL relative, and
     "auto" runs the reference (at norm 1e-3 in fp32 a review measured gradients off by up
     to 9 %). Not for TripletMarginLoss on L2 without an indices_tuple or a miner: its ops
-    read the norms and products (or cdist) themselves (a miner's picks may be made on lifted
-    rows). longest: the largest row norm of the embeddings and references, read with the
+    read the norms and products (or cdist) themselves (a miner's picks may read 1 − d²/2). longest: the largest row norm of the embeddings and references, read with the
     input checks (None under torch.compile: no rule)."""
     if longest is None or not is_raw_l2(distance):
         return False
