@@ -68,7 +68,11 @@ COINCIDENT = [
     ("ContrastiveLoss", {"pos_margin": 0.5, "neg_margin": 6.0}, 1),
     ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 30.0}, 2),
     ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
-    ("LiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1)]
+    ("LiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
+    # the all-triplets ops: d from the norms (power 1); power 2 through the cosine keys
+    # (Triton: read as 1 − d²/2, the CPU: lifted rows)
+    ("TripletMarginLoss", {"margin": 4.0}, 1),
+    ("TripletMarginLoss", {"margin": 8.0}, 2)]
 # ... and against references (LiftedStructure's general op takes lifted rows on the CPU, and
 # its Triton kernel no references)
 REFS = [c for c in COINCIDENT if c[0] != "LiftedStructureLoss"]

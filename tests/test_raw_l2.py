@@ -178,7 +178,8 @@ def test_indices_tuple_of_a_miner(name, kw, power, miner):
 @pytest.mark.parametrize("dim", [16, 256])
 def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
     """The batch against itself runs the symmetric ops on the raw rows, which take d² below
-    2√D ulps of the pair's squared norms as 0: coincident rows (even at pos_margin 0, where
+    2√D ulps of the pair's squared norms as 0 (the triplet: cdist's d, or lifted rows for
+    its square, whose hinge terms absorb the noise): coincident rows (even at pos_margin 0, where
     any noise would be a counted term) match exact differences past 25 rows too, values
     and gradients, in fp32 with rows of norm ~40 (D = 16) and ~160 (D = 256: the rounding
     passes 8 ulps there)."""
@@ -239,7 +240,8 @@ def test_short_rows_rule_reads_the_longest_row(monkeypatch):
 @pytest.mark.parametrize("dim", [16, 256])
 def test_coincident_rows_against_references(name, kw, power, dim):
     """ContrastiveLoss and GeneralizedLifted against references run their general ops on the
-    raw rows (raw=True: 1 − d²/2 from their norms, the zero threshold scaled by them): a
+    raw rows (raw=True: 1 − d²/2 from their norms, the zero threshold scaled by them), the
+    triplet its all-triplets op (as against itself): a
     batch row and the reference it coincides with are at d = 0, values and gradients of
     both as exact differences give."""
     check_coincident_rows(ours(name, kw, power), name, kw, power, dim, refs=True)

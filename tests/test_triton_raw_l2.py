@@ -2,7 +2,7 @@
 Triton engine: the raw rows through the contrastive, generalized-lifted and lifted-structure
 kernels (RAW: each product read as 1 − d²/2, tiles.raw_unit_sims) and the all-triplets
 kernels (`raw`), both with a threshold of d = 0 scaled by the norms and d²'s radial
-gradient; squared, lifted rows (fused/raw_l2.py) through the cosine triplet kernels;
+gradient, the squared form through the cosine keys read as 1 − d²/2;
 BatchHardMiner's picks by the raw rows' 1 − d²/2 and TripletMarginMiner's window. Values and
 gradients against the reference (fp64, the shared cases), PML (fp32 past cdist's 25-row
 switch, fp64 for the miners) and exact differences (coincident rows), ref_emb, and what
@@ -185,7 +185,6 @@ def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
     rows (at pos_margin 0 too, where noise would be a counted term) match exact differences
     past 25 rows, values and gradients, fp32 rows of norm ~40 and ~160."""
     check_coincident_rows(ours(name, kw, power), name, kw, power, dim, DEVICE)
-
 
 
 

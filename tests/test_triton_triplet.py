@@ -298,3 +298,9 @@ def test_opcheck():
                            False, False, 0.5, 0, 0.0, True))
     torch.library.opcheck(ops.triton_triplet_all_rows_bwd.default,
                           (g, xr, rr, y, ry, False, False, 0.5, True, True, 0, 0.0, True))
+    # ... and their squared L2, the cosine keys read as 1 − d²/2 (cosine and raw)
+    torch.library.opcheck(ops.triton_triplet_all_rows.default,
+                          (xr.clone().requires_grad_(), rr.clone().requires_grad_(), y, ry,
+                           False, True, 0.5, 0, 0.0, True))
+    torch.library.opcheck(ops.triton_triplet_all_rows_bwd.default,
+                          (g, xr, rr, y, ry, False, True, 0.5, True, True, 0, 0.0, True))

@@ -63,21 +63,25 @@ inline void con_push(ConAcc& a, const ConParams<T>& p, T s, bool pos) {
   if (in_window(t.value, p.low, p.high)) a.add_term(pos, t.value);
 }
 
+// Folds one row of S (global row gi; its nc entries are columns c0..) into acc[gi].
+template <typename T>
+void con_fold_row(const T* row, int64_t nc, int64_t gi, int64_t c0, ConLabels lab,
+                  const ConParams<T>& p, ConAcc* acc) {
+  const int64_t li = lab.row[gi];
+  ConAcc a;
+  for (int64_t j = 0; j < nc; ++j) {
+    if (lab.exclude_diag && c0 + j == gi) continue;
+    con_push(a, p, row[j], lab.col[c0 + j] == li);
+  }
+  acc[gi].add(a);
+}
+
 // Folds block s (nr×nc; global rows r0.., cols c0..) into the accumulators of its rows.
 template <typename T>
 void con_fold_rows(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, ConLabels lab,
                    const ConParams<T>& p, ConAcc* acc) {
   at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t gi = r0 + i, li = lab.row[gi];
-      const T* row = s + i * nc;
-      ConAcc a;
-      for (int64_t j = 0; j < nc; ++j) {
-        if (lab.exclude_diag && c0 + j == gi) continue;
-        con_push(a, p, row[j], lab.col[c0 + j] == li);
-      }
-      acc[gi].add(a);
-    }
+    for (int64_t i = i0; i < i1; ++i) con_fold_row(s + i * nc, nc, r0 + i, c0, lab, p, acc);
   });
 }
 
@@ -112,35 +116,41 @@ void con_fold_sym(const T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
     for (int64_t j = 0; j < nc; ++j) acc[c0 + j].add(cols[b * nc + j]);
 }
 
-// Turns block s into its gradient block in place: entry (i, j) becomes
-// w_ij · ∂t_ij/∂s_ij for kept terms (0 otherwise), with w_ij the upstream gradient of the
-// side's sum: g_row[i], plus g_col[j] when given (the symmetric op's H = G_IJ + G_JIᵀ,
-// since t_ij = t_ji there).
+// Turns one row of S (global row gi, columns c0..) into its row of G in place: entry j
+// becomes w_ij · ∂t_ij/∂s_ij for kept terms (0 otherwise), with w_ij the upstream gradient
+// of the side's sum: g_row[gi], plus g_col[gj] when given (the symmetric op's
+// H = G_IJ + G_JIᵀ, since t_ij = t_ji there).
+template <typename T>
+void con_grad_row(T* row, int64_t nc, int64_t gi, int64_t c0, ConLabels lab,
+                  const ConParams<T>& p, const T* gpos_row, const T* gneg_row,
+                  const T* gpos_col, const T* gneg_col) {
+  const int64_t li = lab.row[gi];
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t gj = c0 + j;
+    if (lab.exclude_diag && gj == gi) {
+      row[j] = T(0);
+      continue;
+    }
+    const bool pos = lab.col[gj] == li;
+    const PairTerm<T> t = p.term(row[j], pos);
+    if (!in_window(t.value, p.low, p.high)) {
+      row[j] = T(0);
+      continue;
+    }
+    T w = pos ? gpos_row[gi] : gneg_row[gi];
+    if (gpos_col != nullptr) w += pos ? gpos_col[gj] : gneg_col[gj];
+    row[j] = w * contrastive_slope(t, p.cosine, pos);
+  }
+}
+
+// con_grad_row over every row of block s (nr×nc; global rows r0.., columns c0..)
 template <typename T>
 void con_grad_block(T* s, int64_t nr, int64_t nc, int64_t r0, int64_t c0, ConLabels lab,
                     const ConParams<T>& p, const T* gpos_row, const T* gneg_row,
                     const T* gpos_col, const T* gneg_col) {
   at::parallel_for(0, nr, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t gi = r0 + i, li = lab.row[gi];
-      T* row = s + i * nc;
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t gj = c0 + j;
-        if (lab.exclude_diag && gj == gi) {
-          row[j] = T(0);
-          continue;
-        }
-        const bool pos = lab.col[gj] == li;
-        const PairTerm<T> t = p.term(row[j], pos);
-        if (!in_window(t.value, p.low, p.high)) {
-          row[j] = T(0);
-          continue;
-        }
-        T w = pos ? gpos_row[gi] : gneg_row[gi];
-        if (gpos_col != nullptr) w += pos ? gpos_col[gj] : gneg_col[gj];
-        row[j] = w * contrastive_slope(t, p.cosine, pos);
-      }
-    }
+    for (int64_t i = i0; i < i1; ++i)
+      con_grad_row(s + i * nc, nc, r0 + i, c0, lab, p, gpos_row, gneg_row, gpos_col, gneg_col);
   });
 }
 

@@ -5,15 +5,16 @@
 // count of the hinge terms the reducer keeps (its window low < t < high): AvgNonZero, Mean,
 // Sum and Threshold reductions are ratios of these totals, so no per-pair tensor is needed.
 // Backward takes the upstream gradient of each row's two sums, recomputes each chunk of S,
-// turns it into G = ∂L/∂S in place, then dx += G r_c and dr_c = Gᵀ x.
+// turns it into G = ∂L/∂S in place, then dx += G r_c and dr_c = Gᵀ x. Both are the general
+// walk of self_walk.h, row by row.
 //
-// raw: x and r are rows of any norm (LpDistance(normalize_embeddings=False)); each chunk of
-// S is rewritten as 1 − d²/2 (sym_blocks.h: raw_to_unit_sims_of), so the fold and G are the
-// unit-row code, and the backward adds d²'s radial part, −(G 1)·x and −(Gᵀ 1)·r_c.
+// raw: x and r are rows of any norm (LpDistance(normalize_embeddings=False)); the walk hands
+// each chunk of S on as 1 − d²/2, so the fold and G are the unit-row code, and adds d²'s
+// radial part to the gradient.
 #include <torch/library.h>
 
 #include "cpu/contrastive_blocks.h"
-#include "cpu/sym_blocks.h"
+#include "cpu/self_walk.h"
 
 namespace metrix_ops {
 
@@ -24,21 +25,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cpu(
   check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
   auto x = x_.contiguous(), r = r_.contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
-  const int64_t B = x.size(0), M = r.size(0);
-  std::vector<ConAcc> acc(B);
-  const at::Tensor sqx = raw ? sq_norms(x) : at::Tensor(), sqr = raw ? sq_norms(r) : at::Tensor();
+  std::vector<ConAcc> acc(x.size(0));
+  const Walk walk{x, r, false, chunk, raw ? walk_norms(x, r, false) : at::Tensor()};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd_cpu", [&] {
     using T = scalar_t;
     const ConParams<T> p{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
     const ConLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
-    for (int64_t start = 0; start < M; start += chunk) {
-      const int64_t len = std::min(chunk, M - start);
-      at::Tensor s = at::mm(x, r.narrow(0, start, len).t()).contiguous();
-      if (raw)
-        raw_to_unit_sims_of<T>(s.data_ptr<T>(), B, len, sqx.data_ptr<T>(),
-                               sqr.data_ptr<T>() + start, x.size(1));
-      con_fold_rows<T>(s.data_ptr<T>(), B, len, 0, start, lab, p, acc.data());
-    }
+    walk_rows<T>(walk, [&](const T* row, int64_t nc, int64_t gi, int64_t c0) {
+      con_fold_row(row, nc, gi, c0, lab, p, acc.data());
+    });
   });
   return con_outputs(acc, x.options());
 }
@@ -55,34 +50,17 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cpu(
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   auto gp = grad_pos_.to(x.scalar_type()).contiguous();
   auto gn = grad_neg_.to(x.scalar_type()).contiguous();
-  const int64_t B = x.size(0), M = r.size(0);
   at::Tensor dx = at::zeros_like(x), dr = at::zeros_like(r);
-  const at::Tensor sqx = raw ? sq_norms(x) : at::Tensor(), sqr = raw ? sq_norms(r) : at::Tensor();
-  // raw: Σ_j G_ij over the chunks, for dx's radial part at the end
-  at::Tensor gsum = raw ? at::zeros({x.size(0), 1}, x.options()) : at::Tensor();
+  const Walk walk{x, r, false, chunk, raw ? walk_norms(x, r, false) : at::Tensor()};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_bwd_cpu", [&] {
     using T = scalar_t;
     const ConParams<T> p{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
     const ConLabels lab{labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), exclude_diag};
-    for (int64_t start = 0; start < M; start += chunk) {
-      const int64_t len = std::min(chunk, M - start);
-      at::Tensor rc = r.narrow(0, start, len);
-      at::Tensor s = at::mm(x, rc.t()).contiguous();  // becomes G in place
-      if (raw)
-        raw_to_unit_sims_of<T>(s.data_ptr<T>(), B, len, sqx.data_ptr<T>(),
-                               sqr.data_ptr<T>() + start, x.size(1));
-      con_grad_block<T>(s.data_ptr<T>(), B, len, 0, start, lab, p, gp.data_ptr<T>(),
-                        gn.data_ptr<T>(), nullptr, nullptr);
-      dx.addmm_(s, rc);
-      at::Tensor drc = dr.narrow(0, start, len);
-      drc.addmm_(s.t(), x);
-      if (raw) {  // ∂s̃_ij/∂r_j = x_i − r_j: less (Σ_i G_ij)·r_j
-        drc.addcmul_(s.sum(0).unsqueeze(1), rc, -1);
-        gsum.add_(s.sum(1, true));
-      }
-    }
+    const T *gpp = gp.data_ptr<T>(), *gnp = gn.data_ptr<T>();
+    walk_grad<T>(walk, dx, dr, [&](T* row, int64_t nc, int64_t gi, int64_t c0) {
+      con_grad_row(row, nc, gi, c0, lab, p, gpp, gnp, (const T*)nullptr, (const T*)nullptr);
+    });
   });
-  if (raw) dx.addcmul_(gsum, x, -1);  // ∂s̃_ij/∂x_i = r_j − x_i: less (Σ_j G_ij)·x_i
   return {dx, dr};
 }
 

@@ -39,11 +39,6 @@ def raw_on_cpu(inp, powers=(1, 2)) -> bool:
     return raw_at(inp, powers) and inp.embeddings.device.type == "cpu"
 
 
-def lifted_width(inp) -> int:
-    """The width of the rows the ops take: D, or D + 2 for lifted rows."""
-    return inp.embeddings.shape[1] + (2 if is_raw_l2(inp.distance) else 0)
-
-
 def lift_rows(x: torch.Tensor, r: torch.Tensor):
     """(x̃, r̃) with x̃·r̃ = 1 − ‖x − r‖²/2 (module docstring); r may be x."""
     nx = x.square().sum(1, keepdim=True)

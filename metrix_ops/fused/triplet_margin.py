@@ -55,11 +55,14 @@ def _op_rows(inp, any_device: bool = False):
     - L2 of raw rows: the rows themselves (the CPU ops read L2 through torch.cdist, whose
       gradient, radial term included, their backward gives; the Triton kernels read it from
       the rows' norms and products, told `raw`);
-    - squared L2 of raw rows: lifted rows (raw_l2.py), whose cosine is 1 − d²/2, so again
-      the cosine ops at half the margin."""
+    - squared L2 of raw rows: again the cosine ops at half the margin, on lifted rows
+      (raw_l2.py), whose cosine is 1 − d²/2; the Triton kernels (any_device) take the rows
+      themselves, told `raw`, and read the same 1 − d²/2 from their norms."""
     kind, x, ref = op_kind(inp, any_device), inp.embeddings, inp.ref_emb
     if kind == "raw":
         return x, ref, False, False
+    if kind == "rawsq" and any_device:
+        return x, ref, True, True
     if kind == "rawsq":
         xl, rl = lift_rows(x, ref)
         return xl, rl, True, True

@@ -47,7 +47,6 @@ import triton.language as tl
 
 from .. import fused
 from . import table_cache
-from ..fused.raw_l2 import lifted_width
 from ..fused.triplet_margin import op_kind, totals_impl
 from .launch import next_pow2, triton_op, usable_on
 from .pairs import fake_grads, grads_or_empty, launch_config, loss_constants, max_dim
@@ -64,8 +63,16 @@ def _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE: tl.constexpr,
     only to their dtype's precision (fp16/bf16: ‖x‖² = 1 ± 1e-2), so equal rows get d = 0
     under a threshold of a few fp32 ulps instead of one that would zero real distances.
     RAW (rows of any norm): the rounding of d² scales with the norms, and so does the
-    threshold, eps · max(‖x_i‖², ‖r_j‖²) (eps: _constants)."""
-    if COSINE:
+    threshold, eps · max(‖x_i‖², ‖r_j‖²) (eps: _constants). COSINE and RAW: the squared L2
+    of raw rows, as −s̃ with s̃ = 1 − d²/2 under the same threshold (the squared form's
+    glue halves the margin and doubles the terms, fused/triplet_margin.totals_impl), whose
+    gradient in the rows is the L2 form's, radial part included (minus_radial)."""
+    if COSINE and RAW:
+        nx = tl.load(nrm_ptr + offs_m, mask=offs_m < B, other=1.0)
+        nr = tl.load(nrm_ptr + B + offs_n, mask=offs_n < M, other=1.0)
+        q = (nx[:, None] + nr[None, :]) - 2.0 * s
+        k = tl.where(q > eps * tl.maximum(nx[:, None], nr[None, :]), 0.5 * q - 1.0, -1.0)
+    elif COSINE:
         k = -s
     else:
         nx = tl.load(nrm_ptr + offs_m, mask=offs_m < B, other=1.0)
@@ -556,18 +563,18 @@ def triplet_all_rows_triton(x_unit, r_unit, labels, ref_labels, exclude_diag: bo
 
 
 def supports(params, inp, expansion) -> bool:
-    """Cosine, the L2 and squared L2 of unit rows, and the L2 (the rows themselves, `raw`)
-    or squared L2 (lifted rows through the cosine kernels, fused/raw_l2.py) of raw rows."""
+    """Cosine, the L2 and squared L2 of unit rows, and the L2 or squared L2 of raw rows (the
+    rows themselves, `raw`; the squared form through the cosine keys, _tri_key)."""
     x = inp.embeddings
     return (expansion is None and inp.indices_tuple is None and inp.labels is not None
             and params.get("triplets_per_anchor", "all") == "all"
             and not params.get("swap", False) and not params.get("smooth_loss", False)
             and op_kind(inp, any_device=True) is not None
-            and lifted_width(inp) <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
+            and x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype))
 
 
 def impl(params, inp, reducer):
-    raw = op_kind(inp, any_device=True) == "raw"
+    raw = op_kind(inp, any_device=True) in ("raw", "rawsq")
     return totals_impl(functools.partial(triplet_all_rows_triton, raw=raw), params, inp,
                        reducer, any_device=True)
 

@@ -12,7 +12,7 @@ CPU path does it (fused/triplet_margin.py):
   differences (raw rows for the L2 of raw rows).
 - TripletMarginMiner (all, hard, semihard, easy) on the loss's own distance: the "all"
   triplets kernels of triton/triplet_margin.py with the miner's window on each triplet's gap
-  (MINE; raw rows too, as that module), per-anchor totals over the kept triplets; a
+  (MINE; raw rows too, both powers, as that module), per-anchor totals over the kept triplets; a
   reducer needing per-triplet terms (and smooth_loss) takes the miner's index tuple."""
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from .. import fused
 from ..distances import LpDistance, is_cosine, is_normalized_l2, is_normalized_sq_l2, is_raw_l2
-from ..fused.raw_l2 import lifted_width
 from ..fused.triplet_margin import (_mined_by_tuple, _miner_distance, _units, miner_fits,
                                     miner_margin, op_kind, totals_impl)
 from ..miners.base import record_counts
@@ -39,7 +38,7 @@ def miner_supports(params, inp, miner) -> bool:
     read as 1 − d²/2), and TripletMarginMiner without smooth_loss (the "all" kernels sum
     hinge terms)."""
     x = inp.embeddings
-    if not (lifted_width(inp) <= max_dim(x.dtype) and usable_on(x.device, x.dtype)
+    if not (x.shape[1] <= max_dim(x.dtype) and usable_on(x.device, x.dtype)
             and miner_fits(params, inp, miner, any_device=True)):
         return False
     if type(miner).__name__ == "BatchHardMiner":
@@ -53,7 +52,7 @@ def triplet_miner_impl(params, inp, reducer, miner):
     """Per-anchor totals over the triplets TripletMarginMiner keeps; a reducer needing the
     per-triplet terms takes the miner's tuple."""
     mm = miner_margin(miner, inp)
-    raw = op_kind(inp, any_device=True) == "raw"
+    raw = op_kind(inp, any_device=True) in ("raw", "rawsq")
 
     def rows_fn(xu, ru, labels, ref_labels, exclude_diag, cosine, margin):
         return triplet_mined_rows_triton(xu, ru, labels, ref_labels, exclude_diag, cosine,
