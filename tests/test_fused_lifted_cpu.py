@@ -303,6 +303,10 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.metrix_ops.lifted_self_fwd.default,
                               ((3 * x).detach().requires_grad_(), y, cosine, 0.5, 4.0,
                                -float("inf"), float("inf"), 4, True))
+        torch.library.opcheck(torch.ops.metrix_ops.lifted_fwd.default,
+                              ((3 * x).detach().requires_grad_(), (3 * r).detach().requires_grad_(),
+                               y, ry, partner, False, cosine, 0.5, 4.0, -float("inf"),
+                               float("inf"), 2, True))
 
 
 def test_compile():

@@ -239,9 +239,9 @@ def test_short_rows_rule_reads_the_longest_row(monkeypatch):
 @pytest.mark.parametrize("name,kw,power", REFS, ids=loss_ids(REFS))
 @pytest.mark.parametrize("dim", [16, 256])
 def test_coincident_rows_against_references(name, kw, power, dim):
-    """ContrastiveLoss and GeneralizedLifted against references run their general ops on the
-    raw rows (raw=True: 1 − d²/2 from their norms, the zero threshold scaled by them), the
-    triplet its all-triplets op (as against itself): a
+    """ContrastiveLoss, GeneralizedLifted and LiftedStructure against references run their
+    general ops on the raw rows (raw=True: 1 − d²/2 from their norms, the zero threshold
+    scaled by them), the triplet its all-triplets op (as against itself): a
     batch row and the reference it coincides with are at d = 0, values and gradients of
     both as exact differences give."""
     check_coincident_rows(ours(name, kw, power), name, kw, power, dim, refs=True)

@@ -268,13 +268,23 @@ struct LiftedCall {
   int64_t block;
   bool self;  // r is x (the batch against itself, self pairs excluded)
   PosLayout layout;
-  // self with rows of any norm: their squared norms (every tile of S is handed on as
-  // 1 − d²/2, raw_to_unit_sims, and the gradients gain d²'s radial part); else undefined
+  // rows of any norm: their squared norms (walk_norms: x's, then, general, r's); every tile
+  // of S is handed on as 1 − d²/2 (raw_tile) and the gradients gain d²'s radial part; else
+  // undefined
   at::Tensor sq = {};
+
+  // rewrites tile s (rows r0.. of x, columns c0.. of r) as 1 − d²/2 when the rows are raw
+  template <typename T>
+  void raw_tile(T* s, int64_t r0, int64_t nr, int64_t c0, int64_t nc) const {
+    if (!sq.defined()) return;
+    const T* q = sq.data_ptr<T>();
+    raw_to_unit_sims_of(s, nr, nc, q + r0, q + (self ? 0 : x.size(0)) + c0, x.size(1));
+  }
 };
 
 LiftedCall lifted_call(const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
-                       const at::Tensor& ref_labels_, const at::Tensor& partner_, int64_t chunk) {
+                       const at::Tensor& ref_labels_, const at::Tensor& partner_, int64_t chunk,
+                       bool raw) {
   check_pair_inputs(x_, r_, labels_, ref_labels_, chunk);
   TORCH_CHECK(partner_.scalar_type() == at::kLong, "partner must be int64");
   check_vec(partner_, r_.size(0), "partner");
@@ -288,6 +298,7 @@ LiftedCall lifted_call(const at::Tensor& x_, const at::Tensor& r_, const at::Ten
   check_sorted(c.labels, "labels");
   check_sorted(c.ref_labels, "ref_labels");
   c.layout = pos_layout(c.labels, c.ref_labels, c.block);
+  if (raw) c.sq = walk_norms(c.x, c.r, false);
   return c;
 }
 
@@ -335,8 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_impl(
     for_pos_tiles(c.x, c.r, c.layout, c.block, [&](at::Tensor& s, int64_t r0, int64_t nr,
                                                   int64_t c0, int64_t nc) {
       T* sp = s.data_ptr<T>();
-      if (c.sq.defined())
-        raw_to_unit_sims(sp, nr, nc, r0, c0, c.sq.data_ptr<T>(), c.x.size(1));
+      c.raw_tile(sp, r0, nr, c0, nc);
       at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t gi = r0 + i;
@@ -379,8 +389,7 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_impl(
     for_pos_tiles(c.x, c.r, c.layout, c.block, [&](at::Tensor& s, int64_t r0, int64_t nr,
                                                   int64_t c0, int64_t nc) {
       T* sp = s.data_ptr<T>();
-      if (c.sq.defined())
-        raw_to_unit_sims(sp, nr, nc, r0, c0, c.sq.data_ptr<T>(), c.x.size(1));
+      c.raw_tile(sp, r0, nr, c0, nc);
       std::vector<T> wp(nr * nc, T(0));  // the partners' shares, summed per column below
       at::parallel_for(0, nr, row_grain(nc), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
@@ -444,8 +453,8 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_cpu(
     const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
     const at::Tensor& ref_labels, const at::Tensor& partner, bool exclude_diag, bool cosine,
-    double pos_margin, double neg_margin, double low, double high, int64_t chunk) {
-  return lifted_fwd_impl(lifted_call(x, r, labels, ref_labels, partner, chunk), exclude_diag,
+    double pos_margin, double neg_margin, double low, double high, int64_t chunk, bool raw) {
+  return lifted_fwd_impl(lifted_call(x, r, labels, ref_labels, partner, chunk, raw), exclude_diag,
                          cosine, pos_margin, neg_margin, low, high, chunk);
 }
 
@@ -453,8 +462,8 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_cpu(
     const at::Tensor& grad_sums, const at::Tensor& x, const at::Tensor& r,
     const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& partner,
     const at::Tensor& lse_neg, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, double low, double high, int64_t chunk) {
-  return lifted_bwd_impl(lifted_call(x, r, labels, ref_labels, partner, chunk), grad_sums,
+    double neg_margin, double low, double high, int64_t chunk, bool raw) {
+  return lifted_bwd_impl(lifted_call(x, r, labels, ref_labels, partner, chunk, raw), grad_sums,
                          lse_neg, exclude_diag, cosine, pos_margin, neg_margin, low, high, chunk);
 }
 
@@ -497,13 +506,15 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // per anchor a, the sum and count of the kept terms ½[lse + pos exponent]₊² of its
   // positive pairs (a, p) (kept: low < term < high), and every row's negative
   // log-sum-exp. lse combines the negatives of row a and of row partner[p] (-1: none).
+  // raw (CPU only): rows of any norm, their L2 distance (self_walk.h's sq).
   m.def("lifted_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, Tensor partner, "
         "bool exclude_diag, bool cosine, float pos_margin, float neg_margin, float low, "
-        "float high, int chunk) -> (Tensor, Tensor, Tensor)",
+        "float high, int chunk, bool raw=False) -> (Tensor, Tensor, Tensor)",
         METRIX_HOST_READS);
   m.def("lifted_bwd(Tensor grad_sums, Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "Tensor partner, Tensor lse_neg, bool exclude_diag, bool cosine, float pos_margin, "
-        "float neg_margin, float low, float high, int chunk) -> (Tensor, Tensor)",
+        "float neg_margin, float low, float high, int chunk, bool raw=False) "
+        "-> (Tensor, Tensor)",
         METRIX_HOST_READS);
   // The same against the batch itself (sorted labels, self pairs excluded, partner[p] = p),
   // its negative pass over the blocks I <= J of the symmetric S

@@ -244,7 +244,8 @@ struct LiftedNegGrad {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lifted_fwd_cuda(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, const at::Tensor& partner_, bool exclude_diag, bool cosine,
-    double pos_margin, double neg_margin, double low, double high, int64_t chunk) {
+    double pos_margin, double neg_margin, double low, double high, int64_t chunk, bool raw) {
+  TORCH_CHECK(!raw, "lifted_fwd: raw=True (rows of any norm) is CPU-only");
   check_lifted_call(x_, r_, labels_, ref_labels_, partner_, chunk);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), r = r_.contiguous(), partner = partner_.contiguous();
@@ -278,7 +279,8 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_cuda(
     const at::Tensor& grad_sums, const at::Tensor& x_, const at::Tensor& r_,
     const at::Tensor& labels_, const at::Tensor& ref_labels_, const at::Tensor& partner_,
     const at::Tensor& lse_neg, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, double low, double high, int64_t chunk) {
+    double neg_margin, double low, double high, int64_t chunk, bool raw) {
+  TORCH_CHECK(!raw, "lifted_bwd: raw=True (rows of any norm) is CPU-only");
   check_lifted_call(x_, r_, labels_, ref_labels_, partner_, chunk);
   check_row_vec(grad_sums, x_, "grad_sums");
   check_row_vec(lse_neg, x_, "lse_neg");

@@ -13,7 +13,7 @@ from ..ops.lifted import gen_lifted_rows, gen_lifted_rows_self
 from ..ops.lifted_metrix import finish_lifted_lses, gen_lifted_clean_rows, lifted_metrix_terms
 from ..ops.unit_rows import unit_rows, normalized
 from . import register, register_metrix
-from .raw_l2 import lift_rows, raw_on_cpu
+from .raw_l2 import raw_on_cpu
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
 from .multi_similarity import _self_pairs_only as self_pairs_only
@@ -25,15 +25,6 @@ def supports(params, inp, expansion) -> bool:
     return (_ext.HAS_EXT and expansion is None and inp.indices_tuple is None
             and inp.labels is not None and (is_normalized_l2(d) or is_dot_of_normalized(d)
                                             or raw_on_cpu(inp, powers=(1,))))
-
-
-def general_pair(inp, xu):
-    """(anchors, references) for a lifted op's general form on lifted rows
-    (LiftedStructure's): the raw rows lifted (raw_l2.py), or xu against the distance's
-    normalised references."""
-    if is_raw_l2(inp.distance):
-        return lift_rows(inp.embeddings, inp.ref_emb)
-    return xu, normalized(inp.distance, inp.ref_emb)
 
 
 def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):

@@ -3,8 +3,8 @@ pairs' terms that the reducer keeps (no B×M matrix, no per-pair tensor), then P
 pos-pair reduction as a ratio of totals, as the contrastive op does.
 
 Covers PML's default LpDistance on normalised embeddings, CosineSimilarity and (CPU
-tensors) the L2 of unnormalised rows (the batch against itself: the symmetric op on the raw
-rows; against references: lifted rows, raw_l2.py), with the Mean, Sum,
+tensors) the L2 of unnormalised rows (the raw rows, whose norms the ops read: the symmetric
+op for the batch against itself, the general op against references), with the Mean, Sum,
 AvgNonZero and Threshold reducers; any other reducer gets the reference's per-pair losses,
 and other distances and indices_tuple go to the reference."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..spec import get_spec
 from ..ops.unit_rows import normalized
 from . import generalized_lifted, register
 from .contrastive import _reduce_side, _window
-from .generalized_lifted import general_pair, self_pairs_only
+from .generalized_lifted import self_pairs_only
 from .pair_counts import pair_count_tensors
 
 
@@ -54,9 +54,10 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
         if self_pairs_only(inp):  # (raw L2: the raw rows, whose norms the op reads)
             return lifted_rows_self(xu, inp.labels, cosine, pm, nm, low, high, block,
                                     raw=is_raw_l2(inp.distance))
-        xu, ru = general_pair(inp, xu)  # (raw L2: lifted rows)
-        return lifted_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, cosine, pm, nm,
-                           low, high, chunk)
+        raw = is_raw_l2(inp.distance)  # (the raw rows, whose norms the op reads)
+        return lifted_rows(xu, normalized(inp.distance, inp.ref_emb), inp.labels,
+                           inp.ref_labels, inp.same_set, cosine, pm, nm, low, high, chunk,
+                           raw=raw)
     return lifted_loss(params, inp, reducer, rows)
 
 

@@ -46,13 +46,13 @@ if _ext.HAS_EXT:
 
     @torch.library.register_fake(_LIFTED)
     def _fake_lifted(x, r, labels, ref_labels, partner, exclude_diag, cosine, pos_margin,
-                     neg_margin, low, high, chunk):
+                     neg_margin, low, high, chunk, raw=False):
         b = x.shape[0]
         return x.new_empty(b), x.new_empty(b, dtype=torch.long), x.new_empty(b)
 
     @torch.library.register_fake("metrix_ops::lifted_bwd")
     def _fake_lifted_bwd(grad_sums, x, r, labels, ref_labels, partner, lse_neg, exclude_diag,
-                         cosine, pos_margin, neg_margin, low, high, chunk):
+                         cosine, pos_margin, neg_margin, low, high, chunk, raw=False):
         return torch.empty_like(x), torch.empty_like(r)
 
     def _setup_lifted(ctx, inputs, output):
@@ -66,7 +66,7 @@ if _ext.HAS_EXT:
         g_sums = torch.zeros_like(lse_neg) if g_sums is None else g_sums.contiguous()
         dx, dr = torch.ops.metrix_ops.lifted_bwd(g_sums, x, r, labels, ref_labels, partner,
                                                  lse_neg, *ctx.args)
-        return (dx, dr) + (None,) * 10
+        return (dx, dr) + (None,) * (3 + len(ctx.args))
 
     register_autograd(_LIFTED, _backward_lifted, setup_context=_setup_lifted)
 
@@ -155,13 +155,14 @@ def _inverse(order):
 
 def lifted_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, cosine: bool,
                 pos_margin: float, neg_margin: float, low=None, high=None,
-                chunk: int = 2048):
+                chunk: int = 2048, raw: bool = False):
     """(sums, counts): per anchor, in label-sorted order (the caller only sums them), the
     sum and count of its positive pairs' LiftedStructureLoss terms with low < term < high.
 
     same_set: the references' labels are the batch's (same tensor), so reference j is the
     batch's j-th example and the self pairs are not positives. PML's quirk: the pair (a, p)
-    also uses the negatives of *batch row* p, whenever p < B."""
+    also uses the negatives of *batch row* p, whenever p < B. raw (CPU): x_unit and r_unit
+    hold rows of any norm, and the op takes their L2 distance."""
     ox = torch.argsort(labels, stable=True)
     low, high = _bound(low, -float("inf")), _bound(high, float("inf"))
     orf = ox if same_set else torch.argsort(ref_labels, stable=True)
@@ -173,7 +174,7 @@ def lifted_rows(x_unit, r_unit, labels, ref_labels, same_set: bool, cosine: bool
         x_unit.index_select(0, ox).contiguous(), r_unit.index_select(0, orf).contiguous(),
         labels.index_select(0, ox).contiguous(), ref_labels.index_select(0, orf).contiguous(),
         partner.contiguous(), bool(same_set), bool(cosine), float(pos_margin),
-        float(neg_margin), low, high, int(chunk))
+        float(neg_margin), low, high, int(chunk), *((True,) if raw else ()))
     return sums, counts
 
 
