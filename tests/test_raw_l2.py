@@ -1,8 +1,9 @@
 """The L2 distance of unnormalised rows (LpDistance(normalize_embeddings=False), p = 2) on
-the CPU engine: lifted rows through the unit-row ops (fused/raw_l2.py) for Contrastive,
-Lifted and GeneralizedLifted and the squared triplet; the raw rows through the all-triplets
-ops' cdist (their backward's radial term) for the L2 triplet; BatchHardMiner's exact picks
-with the listed pairs' gradients. Values and gradients against the reference (fp64, the
+the CPU engine: the raw rows through the unit-row ops' `raw` form (each product read as
+1 − d²/2 from the rows' norms) for Contrastive, Lifted and GeneralizedLifted and the listed
+pairs of an indices_tuple; lifted rows (fused/raw_l2.py) for the squared triplet; the raw
+rows through the all-triplets ops' cdist (their backward's radial term) for the L2 triplet;
+BatchHardMiner's exact picks with the listed pairs' gradients. Values and gradients against the reference (fp64, the
 shared cases) and PML (fp32, past cdist's 25-row switch), ref_emb, miners and their index
 tuples, auto's choice, and Metrix' refusal on every backend."""
 import pytest
@@ -14,8 +15,8 @@ from pytorch_metric_learning import miners as pm
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg
 from metrix_ops import _ext
-from raw_l2_cases import (COINCIDENT, LOSSES, REFS, check_coincident_rows, loss_ids, ours_on,
-                          raw, rows_past_cdist_switch, scaled_case)
+from raw_l2_cases import (COINCIDENT, LOSSES, REFS, DirectL2, check_coincident_rows, loss_ids,
+                          ours_on, raw, rows_past_cdist_switch, scaled_case)
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="extension not built")
 
@@ -158,7 +159,7 @@ def test_half_inputs():
 @pytest.mark.parametrize("miner", ["batch_hard", "semihard", "pairs"])
 def test_indices_tuple_of_a_miner(name, kw, power, miner):
     """PML's two calls, loss(x, y, miner(x, y)), on raw L2: the listed pairs' distances from
-    the lifted rows' products (fused/indices/common.py), against PML in fp64."""
+    their products and the rows' norms (fused/indices/common.py), against PML in fp64."""
     if power == 2 and "Lifted" in name:
         pytest.skip("(the lifted losses' squared L2 is not a case of interest)")
     g = torch.Generator().manual_seed(power)
@@ -172,6 +173,54 @@ def test_indices_tuple_of_a_miner(name, kw, power, miner):
     mine = ours(name, kw, power)
     theirs = getattr(pl, name)(distance=dist, **kw)
     assert_close_vg(lambda e: mine(e, y, tup), lambda e: theirs(e, y, tup), x)
+
+
+INDEXED = [("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
+           ("ContrastiveLoss", {"pos_margin": 0.0, "neg_margin": 30.0}, 2),
+           ("TripletMarginLoss", {"margin": 2.0}, 1),
+           ("TripletMarginLoss", {"margin": 2.0, "swap": True}, 1),
+           ("TripletMarginLoss", {"margin": 8.0}, 2),
+           ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1)]
+
+
+@pytest.mark.parametrize("name,kw,power", INDEXED, ids=loss_ids(INDEXED))
+@pytest.mark.parametrize("refs", [False, True])
+def test_indices_tuple_coincident_rows(name, kw, power, refs):
+    """Listed triplets whose positives are coincident rows (each anchor's nearest positive
+    and negative by exact differences), fp32 rows of norm ~40, past 25 rows, the batch
+    against itself and against references: the listed pairs' d² from products and norms is
+    taken as 0 below the norm-scaled threshold, so values and gradients are those of exact
+    differences (the reference on DirectL2, fp64); swap's positive-negative distance is
+    between two references."""
+    g = torch.Generator().manual_seed(power + 3 * refs)
+    x = 10 * torch.randn(41, 16, generator=g)
+    y = torch.randint(0, 4, (41,), generator=g)
+    x[7], x[20], x[33] = x[3], x[3], x[12]
+    y[7], y[20], y[33] = y[3], y[3], y[12]
+    r, ry = x, y
+    if refs:
+        r = torch.cat([x[10:40], 10 * torch.randn(3, 16, generator=g)])
+        ry = torch.cat([y[10:40], torch.randint(0, 4, (3,), generator=g)])
+    d = torch.cdist(x.double(), r.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    same = y[:, None] == ry[None, :]
+    if not refs:
+        d.fill_diagonal_(float("inf"))
+    a = torch.arange(41)
+    p = torch.where(same, d, torch.inf).argmin(1)
+    n = torch.where(~same, d, torch.inf).argmin(1)
+    tup = (a, p, n)
+    assert any(d[i, p[i]] == 0 for i in range(41))  # coincident positives are listed
+    oracle = getattr(mo.losses, name)(
+        distance=DirectL2(normalize_embeddings=False, power=power), backend="reference", **kw)
+    mine = ours(name, kw, power)
+    tol = dict(rtol=2e-5, atol=1e-5)
+    if not refs:
+        assert_close_vg(lambda e: mine(e, y, tup).double(),
+                        lambda e: oracle(e.double(), y, tup), x, **tol)
+        return
+    assert_close_vg(lambda e, q: mine(e, y, tup, ref_emb=q, ref_labels=ry).double(),
+                    lambda e, q: oracle(e.double(), y, tup, ref_emb=q.double(), ref_labels=ry),
+                    x, r, **tol)
 
 
 @pytest.mark.parametrize("name,kw,power", COINCIDENT, ids=loss_ids(COINCIDENT))

@@ -2,23 +2,25 @@
 person re-identification setting) through the ops written for unit rows.
 
 Those ops read an L2 distance off a dot product s as √(2 − 2s) (the squared form as
-2 − 2s). Rows lifted by two columns,
+2 − 2s). Most of them now take the raw rows and rewrite each product as the similarity
+unit rows would have at the same distance, 1 − d²/2 with d² = ‖x‖² + ‖r‖² − 2x·r from the
+rows' squared norms, d² below a threshold scaled by the norms (raw_zero_eps) taken as 0:
+the CPU ops told `raw` (sym_blocks.h: raw_to_unit_sims, self_walk.h's Walk::sq), the
+Triton kernels' RAW form (triton/tiles.py: raw_unit_sims), and the listed pairs of an
+indices_tuple (raw_l2_of_pairs). This is torch.cdist's own Gram form (what PML's
+LpDistance computes past 25 rows a side), so the values agree to its rounding, and
+coincident rows get d = 0 as exact differences give. The all-triplets ops read the
+distances through torch.cdist itself (their backward adds cdist's radial term, see
+triplet_cpu.cpp).
+
+What is left, the CPU's squared all-triplets call, takes rows lifted by two columns,
 
     x̃ = [x, 1 − ‖x‖²/2, 1],   r̃ = [r, 1, −‖r‖²/2],
 
-have x̃·r̃ = 1 − ‖x − r‖²/2, so the same ops on (x̃, r̃) give ‖x − r‖, and their
-gradients in x̃ and r̃ reach x and r through the two columns by autograd: no op changes.
-This is torch.cdist's own Gram form (‖x‖² + ‖r‖² − 2x·r, which PML's LpDistance computes
-past 25 rows a side), so the values agree to its rounding: an absolute error in d² of a
-few ulps of max(1, ‖x‖², ‖r‖²). The lifted anchors differ from the lifted references, so
-a batch against itself runs an op's general form (self pairs left out by index), not its
-symmetric one: twice the symmetric op's products.
-
-The ops that read distances through torch.cdist itself (the all-triplets ops) take the raw
-rows instead (their backward adds cdist's radial term, see triplet_cpu.cpp), and so do the
-CPU symmetric ops and the Triton kernels' RAW form, which rewrite each product as
-1 − d²/2 from the rows' norms (sym_blocks.h: raw_to_unit_sims, triton/tiles.py:
-raw_unit_sims) with a zero threshold scaled by the norms."""
+whose product is x̃·r̃ = 1 − ‖x − r‖²/2, so the cosine op on (x̃, r̃) reads ‖x − r‖² with
+no op change, and autograd carries its gradients back through the two columns (the
+lifted anchors differ from the lifted references, so a batch against itself is a general
+call)."""
 from __future__ import annotations
 
 import torch
@@ -34,9 +36,34 @@ def raw_at(inp, powers=(1, 2)) -> bool:
 
 
 def raw_on_cpu(inp, powers=(1, 2)) -> bool:
-    """raw_at, on CPU tensors: the CUDA engine shares the CPU glue, and its ops have not run
-    lifted rows on a GPU."""
+    """raw_at, on CPU tensors: the CUDA engine shares the CPU glue, and its ops take no raw
+    rows (their `raw` argument is CPU-only)."""
     return raw_at(inp, powers) and inp.embeddings.device.type == "cpu"
+
+
+def raw_zero_eps(x: torch.Tensor) -> float:
+    """The zero threshold of d² for rows of any norm, relative to max(‖x_i‖², ‖r_j‖²): 2·√D
+    ulps of the accumulation type. The rounding of coincident rows' d² in the product form
+    was measured at ~½√D ulps (up to 12 at D = 128–1024); a wider bound zeroes real
+    distances of long rows (8√D ulps zeroed d = 0.2 at norm 68 in fp32). The CPU ops'
+    raw_to_unit_sims rule (sym_blocks.h), the Triton kernels' (tiles.raw_unit_sims) and the
+    listed pairs' (raw_l2_of_pairs)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return 2 * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
+
+
+def raw_l2_of_pairs(s, sq_rows, sq_cols, power: int, eps: float):
+    """‖x_i − r_j‖ (power 1) or its square (power 2) of listed pairs from their products
+    s = x_i·r_j and the rows' squared norms (gathered per pair): d² = ‖x_i‖² + ‖r_j‖² − 2s,
+    taken as 0 below eps·max(‖x_i‖², ‖r_j‖²) (raw_zero_eps: coincident rows get d = 0 and a
+    zero gradient, as cdist's exact differences). Differentiable through s and the norms,
+    so the gradient has d²'s radial part."""
+    q = (sq_rows + sq_cols) - 2 * s
+    keep = q > eps * torch.maximum(sq_rows, sq_cols).detach()
+    if power == 2:
+        return torch.where(keep, q, torch.zeros_like(q))
+    return torch.where(keep, torch.sqrt(torch.where(keep, q, torch.ones_like(q))),
+                       torch.zeros_like(q))
 
 
 def lift_rows(x: torch.Tensor, r: torch.Tensor):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fused.raw_l2 import raw_zero_eps  # noqa: F401 (the kernels' threshold, raw_table)
 from .launch import HAS_TRITON
 
 if HAS_TRITON:
@@ -100,16 +101,6 @@ def sq_norms(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     nx = x.to(acc).pow(2).sum(1)
     return torch.cat([nx, nx if r is x else r.to(acc).pow(2).sum(1)])
-
-
-def raw_zero_eps(x: torch.Tensor) -> float:
-    """The zero threshold of d² for rows of any norm, relative to max(‖x_i‖², ‖r_j‖²): 2·√D
-    ulps of the accumulation type. The rounding of coincident rows' d² in the product form
-    was measured at ~½√D ulps (up to 12 at D = 128–1024); a wider bound zeroes real
-    distances of long rows (8√D ulps zeroed d = 0.2 at norm 68 in fp32). The CPU ops'
-    raw_to_unit_sims rule."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return 2 * max(1.0, x.shape[1] ** 0.5) * torch.finfo(acc).eps
 
 
 def raw_table(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from ...distances import CosineSimilarity, DotProductSimilarity, LpDistance, is_
 from ...ops.pair_sims import HAS_OP, pair_sims
 from ...reference.pairs import to_pairs
 from ...ops.unit_rows import normalized
-from ..raw_l2 import lift_rows, raw_on_cpu
+from ..raw_l2 import raw_l2_of_pairs, raw_on_cpu, raw_zero_eps
 
 ZERO = {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
 
@@ -18,7 +18,7 @@ def pair_kind(d):
     """'sim' for a similarity of the rows as the distance normalises them (Cosine /
     DotProduct, power 1: any p, or none): s = x̂·r̂ exactly; 'l2' for the L2 distance of unit
     rows (LpDistance, normalised, p=2, power 1 or 2): a function of s; 'raw' for the L2 of
-    unnormalised rows, the same function of the lifted rows' product (fused/raw_l2.py); None
+    unnormalised rows, read off s and the rows' squared norms (raw_l2.raw_l2_of_pairs); None
     otherwise (the reference: a non-Euclidean distance is not a function of one product)."""
     if type(d) in (CosineSimilarity, DotProductSimilarity) and d.power == 1:
         return "sim"
@@ -29,7 +29,7 @@ def pair_kind(d):
 
 def covers(inp, expansion) -> bool:
     """The shared scope of the indices_tuple ops: a tuple, no expansion, a covered distance
-    (raw L2 on CPU tensors: the CUDA engine shares this glue, and has not run lifted rows)."""
+    (raw L2 on CPU tensors: the CUDA engine shares this glue, and has not run raw rows)."""
     kind = pair_kind(inp.distance)
     return (HAS_OP and expansion is None and inp.indices_tuple is not None
             and kind is not None and (kind != "raw" or raw_on_cpu(inp)))
@@ -53,9 +53,12 @@ class ListedPairs:
     def __init__(self, inp):
         d = inp.distance
         self.distance, self.kind = d, pair_kind(d)
-        self.ref = inp.ref_emb
-        if self.kind == "raw":  # anchors and references lifted apart (their products: 1 − d²/2)
-            self.xu, self.ru = lift_rows(inp.embeddings, inp.ref_emb)
+        if self.kind == "raw":  # the rows as they are, and their squared norms
+            x, ref = inp.embeddings, inp.ref_emb
+            self.xu, self.ru = x, ref
+            self.sqx = x.square().sum(1)
+            self.sqr = self.sqx if ref is x else ref.square().sum(1)
+            self.eps = raw_zero_eps(x)
             return
         # normalisation and its gradient stay in PyTorch (O((B+M)·D)); the batch against
         # itself is normalised once, so both ends of a pair share one graph node
@@ -64,10 +67,12 @@ class ListedPairs:
 
     def of(self, rows, cols, refs_both: bool = False):
         """Distances of the pairs (rows_k, cols_k); refs_both: both ends index the references."""
-        left = self.xu
-        if refs_both:  # (raw: the references lifted as anchors are)
-            left = lift_rows(self.ref, self.ref)[0] if self.kind == "raw" else self.ru
+        left = self.ru if refs_both else self.xu
         s = pair_sims(left, self.ru, rows, cols)
+        if self.kind == "raw":
+            sq_left = self.sqr if refs_both else self.sqx
+            return raw_l2_of_pairs(s, sq_left[rows], self.sqr[cols], self.distance.power,
+                                   self.eps)
         return s if self.kind == "sim" else unit_l2_from_sims(s, self.distance.power)
 
     def of_lists(self, *pairs):
