@@ -126,9 +126,10 @@ LOSSES = {"multi_similarity": ("MultiSimilarityLoss", "MultiSimilarityLoss", "gr
           # ... against references (ref_emb a second set of B rows, both with gradient)
           "contrastive_raw_refs": ("ContrastiveLoss", "ContrastiveLoss", "gram"),
           "generalized_lifted_raw_refs": ("GeneralizedLiftedStructureLoss",
-                                          "GeneralizedLiftedStructureLoss", "gram")}
+                                          "GeneralizedLiftedStructureLoss", "gram"),
+          "lifted_raw_refs": ("LiftedStructureLoss", "LiftedStructureLoss", "gram")}
 RAW = ("triplet_batch_hard_raw", "triplet_raw", "contrastive_raw", "generalized_lifted_raw",
-       "lifted_raw", "contrastive_raw_refs", "generalized_lifted_raw_refs")
+       "lifted_raw", "contrastive_raw_refs", "generalized_lifted_raw_refs", "lifted_raw_refs")
 
 # --loss name -> the options that make our module the augmented loss
 AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},

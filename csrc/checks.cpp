@@ -62,29 +62,37 @@ void check_mine_rule(int64_t kind, double mine_margin) {
   TORCH_CHECK(std::isfinite(mine_margin), "mine_margin must be finite, got ", mine_margin);
 }
 
+void check_raw_sq(bool cosine, bool raw_sq) {
+  TORCH_CHECK(!raw_sq || cosine,
+              "raw_sq=True (the squared L2 of raw rows, read through the cosine keys) needs "
+              "cosine=True");
+}
+
 at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t start,
-                               int64_t len, bool cosine) {
+                               int64_t len, bool cosine, bool raw_sq) {
   const at::Tensor xc = x.narrow(0, start, len);
-  if (cosine) return at::mm(xc, r.t()).contiguous();
+  if (cosine && !raw_sq) return at::mm(xc, r.t()).contiguous();
   const int64_t mode = (x.size(0) > 25 || r.size(0) > 25) ? 1 : 2;  // use / do not use mm
-  return at::cdist(xc, r, 2.0, mode).contiguous();
+  at::Tensor d = at::cdist(xc, r, 2.0, mode);
+  if (raw_sq) return d.square_().mul_(-0.5).add_(1.0).contiguous();  // 1 − d²/2
+  return d.contiguous();
 }
 
 void add_triplet_block_grad(at::Tensor& dx, at::Tensor& dr, at::Tensor& col_sums,
                             const at::Tensor& g, const at::Tensor& x, const at::Tensor& r,
-                            int64_t start, int64_t len, bool cosine) {
+                            int64_t start, int64_t len, bool cosine, bool raw_sq) {
   const at::Tensor xc = x.narrow(0, start, len);
   at::Tensor dxc = dx.narrow(0, start, len);
   dxc.addmm_(g, r);
   dr.addmm_(g.t(), xc);
-  if (cosine) return;
+  if (cosine && !raw_sq) return;
   dxc.addcmul_(g.sum(1, true), xc, -1);
   col_sums.add_(g.sum(0));  // (one pass over dr at the end, not one per block)
 }
 
 void finish_triplet_grad(at::Tensor& dr, const at::Tensor& col_sums, const at::Tensor& r,
-                         bool cosine) {
-  if (!cosine) dr.addcmul_(col_sums.unsqueeze(1), r, -1);
+                         bool cosine, bool raw_sq) {
+  if (!cosine || raw_sq) dr.addcmul_(col_sums.unsqueeze(1), r, -1);
 }
 
 at::ScalarType acc_type(const at::Tensor& x) {

@@ -229,9 +229,10 @@ def pml_exact_where_fused_rounds(name, distance, n_query, n_ref) -> bool:
       default pos_margin 0, and AvgNonZero counts every d > 0, so a pair closer than ~1e-3
       counts in PML and is d = 0 in the fused ops' √(2 − 2s) (s rounds to 1), which moves
       the mean's divisor, not just a last digit;
-    - any loss on the L2 of raw rows: the fused Gram form (fused/raw_l2.py) gives coincident
-      rows a distance of rounding noise (~√(ε·‖x‖²)) where PML's is exactly 0, and a 1/d
-      gradient of noise.
+    - any loss on the L2 of raw rows: the fused Gram form (fused/raw_l2.py) holds d² to an
+      absolute ~ε·‖x‖², so close rows get a distance off PML's exact one (coincident rows
+      get 0 under the norm-scaled threshold, rows just past it a noise distance and a 1/d
+      gradient of noise).
     "auto" takes the reference for these: PML's numbers, and such small calls gain nothing
     from a fused op. Past 25 rows PML's cdist is the Gram form too, with noise of its own
     for such pairs, which no backend reproduces. Not under torch.compile: the reference's
@@ -247,14 +248,15 @@ RAW_L2_RTOL = 1e-5
 
 def raw_rows_too_short(name, distance, indices_tuple, miner, longest, dtype) -> bool:
     """Whether a call on the L2 of raw rows has rows too short for the fused forms: they read
-    d² through 1 − d²/2 (the symmetric ops, the Triton RAW kernels) or lifted rows' products
-    (fused/raw_l2.py), both held to an absolute error of ~ε (the accumulation type's),
-    where cdist's is ε·‖x‖². So with every row shorter than √(ε / RAW_L2_RTOL) (fp32:
-    0.11; fp64: 4.7e-6) the fused d² may be off by more than RAW_L2_RTOL relative, and
-    "auto" runs the reference (at norm 1e-3 in fp32 a review measured gradients off by up
-    to 9 %). Not for TripletMarginLoss on L2 without an indices_tuple or a miner: its ops
-    read the norms and products (or cdist) themselves (a miner's picks may read 1 − d²/2). longest: the largest row norm of the embeddings and references, read with the
-    input checks (None under torch.compile: no rule)."""
+    d² through 1 − d²/2 (the pair ops told `raw`, the Triton RAW kernels, the squared
+    triplet's cosine keys, fused/raw_l2.py), held to an absolute error of ~ε (the
+    accumulation type's), where cdist's is ε·‖x‖². So with every row shorter than
+    √(ε / RAW_L2_RTOL) (fp32: 0.11; fp64: 4.7e-6) the fused d² may be off by more than
+    RAW_L2_RTOL relative, and "auto" runs the reference (at norm 1e-3 in fp32 a review
+    measured gradients off by up to 9 %). Not for TripletMarginLoss on L2 without an
+    indices_tuple or a miner: its ops read the norms and products (or cdist) themselves (a
+    miner's picks may read 1 − d²/2). longest: the largest row norm of the embeddings and
+    references, read with the input checks (None under torch.compile: no rule)."""
     if longest is None or not is_raw_l2(distance):
         return False
     if (name == "TripletMarginLoss" and distance.power == 1 and indices_tuple is None

@@ -70,7 +70,7 @@ COINCIDENT = [
     ("GeneralizedLiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
     ("LiftedStructureLoss", {"pos_margin": 0.0, "neg_margin": 6.0}, 1),
     # the all-triplets ops: d from the norms (power 1); power 2 through the cosine keys
-    # (Triton: read as 1 − d²/2, the CPU: lifted rows)
+    # (read as 1 − d²/2: Triton from the norms, the CPU from cdist's d)
     ("TripletMarginLoss", {"margin": 4.0}, 1),
     ("TripletMarginLoss", {"margin": 8.0}, 2)]
 # ... and against references (the CPU's general ops; LiftedStructure's Triton kernel takes

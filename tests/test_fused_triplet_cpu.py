@@ -257,6 +257,17 @@ def test_opcheck_and_compile():
                               (x, r, y, y, True, cosine, 0.3, 4))
         torch.library.opcheck(torch.ops.metrix_ops.triplet_all_fwd.default,
                               (x, r, y, y.flip(0), False, cosine, 0.3, 4))
+    # rows of any norm, their squared L2 through the cosine keys (raw_sq: 1 − d²/2 of
+    # cdist's d, past and below cdist's 25-row switch), and its argument check
+    xr, rr = (3 * x).detach().requires_grad_(), (2 * r).detach().requires_grad_()
+    torch.library.opcheck(torch.ops.metrix_ops.triplet_all_fwd.default,
+                          (xr, rr, y, y.flip(0), False, True, 0.3, 4, True))
+    x30 = (3 * torch.randn(30, 5, dtype=torch.float64)).requires_grad_()
+    y30 = torch.arange(30) % 4
+    torch.library.opcheck(torch.ops.metrix_ops.triplet_all_fwd.default,
+                          (x30, x30, y30, y30, True, True, 0.3, 7, True))
+    with pytest.raises(RuntimeError, match="raw_sq=True .* needs cosine=True"):
+        torch.ops.metrix_ops.triplet_all_fwd(xr, rr, y, y, False, False, 0.3, 4, True)
 
     def f(e):
         rows, nz, _ = triplet_all_rows(e, e, y, y, True, False, 0.3, 4)

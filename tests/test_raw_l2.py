@@ -1,8 +1,8 @@
 """The L2 distance of unnormalised rows (LpDistance(normalize_embeddings=False), p = 2) on
 the CPU engine: the raw rows through the unit-row ops' `raw` form (each product read as
 1 − d²/2 from the rows' norms) for Contrastive, Lifted and GeneralizedLifted and the listed
-pairs of an indices_tuple; lifted rows (fused/raw_l2.py) for the squared triplet; the raw
-rows through the all-triplets ops' cdist (their backward's radial term) for the L2 triplet;
+pairs of an indices_tuple; the raw rows through the all-triplets ops' cdist (their
+backward's radial term) for the L2 triplet, and as 1 − d²/2 of that d for its square;
 BatchHardMiner's exact picks with the listed pairs' gradients. Values and gradients against the reference (fp64, the
 shared cases) and PML (fp32, past cdist's 25-row switch), ref_emb, miners and their index
 tuples, auto's choice, and Metrix' refusal on every backend."""
@@ -227,8 +227,8 @@ def test_indices_tuple_coincident_rows(name, kw, power, refs):
 @pytest.mark.parametrize("dim", [16, 256])
 def test_coincident_rows_past_25_rows_get_distance_0(name, kw, power, dim):
     """The batch against itself runs the symmetric ops on the raw rows, which take d² below
-    2√D ulps of the pair's squared norms as 0 (the triplet: cdist's d, or lifted rows for
-    its square, whose hinge terms absorb the noise): coincident rows (even at pos_margin 0, where
+    2√D ulps of the pair's squared norms as 0 (the triplet: cdist's d, and 1 − d²/2 of it
+    for its square): coincident rows (even at pos_margin 0, where
     any noise would be a counted term) match exact differences past 25 rows too, values
     and gradients, in fp32 with rows of norm ~40 (D = 16) and ~160 (D = 256: the rounding
     passes 8 ulps there)."""

@@ -274,6 +274,11 @@ def test_op_checks_and_opcheck():
                                                    smooth, 4))
                 torch.library.opcheck(op.default, (x, r, y, y.flip(0), False, cosine, 0.3,
                                                    kind, 0.1, smooth, 4))
+    # rows of any norm, their squared L2 through the cosine keys (raw_sq)
+    xr, rr = (3 * x).detach().requires_grad_(), (2 * r).detach().requires_grad_()
+    for kind in range(4):
+        torch.library.opcheck(op.default, (xr, rr, y, y.flip(0), False, True, 0.3, kind, 0.1,
+                                           False, 4, True))
     with pytest.raises(RuntimeError, match="mine_kind"):
         op(x, x, y, y, True, False, 0.1, 4, 0.1, False, 4)
     with pytest.raises(RuntimeError, match="mine_margin"):

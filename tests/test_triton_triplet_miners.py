@@ -208,18 +208,20 @@ ptrs = {"crank_ptr": "*i64", "srank_ptr": "*i64", "npos_ptr": "*i64", "nz_ptr": 
 for fdt, acc, prec, rows, width in [("fp32", tl.float32, "tf32", 32, 512),
                                     ("fp64", tl.float64, "ieee", 16, 128)]:
     tiles = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, ACC=acc, PRECISION=prec,
-                 EXCLUDE_DIAG=True, COSINE=False, BLOCK_P=16, BLOCK_DO=width)
-    # every triplet; TripletMarginMiner "semihard"; the L2 of raw rows (threshold, radial part)
-    for mine, raw in ((0, False), (3, False), (0, True), (3, True)):
+                 EXCLUDE_DIAG=True, BLOCK_P=16, BLOCK_DO=width)
+    # every triplet; TripletMarginMiner "semihard"; the L2 of raw rows (threshold, radial
+    # part); their squared L2 (the cosine keys read as 1 − d²/2, COSINE and RAW)
+    for mine, raw, cos in ((0, False, False), (3, False, False), (0, True, False),
+                           (3, True, False), (0, True, True), (3, True, True)):
         for fn in (tm._tri_pos_keys_kernel, tm._tri_fwd_kernel, tm._tri_pos_counts_kernel,
                    tm._tri_grad_dx_kernel, tm._tri_grad_dr_kernel):
-            consts = {k: v for k, v in dict(tiles, MINE=mine, RAW=raw).items()
+            consts = {k: v for k, v in dict(tiles, MINE=mine, RAW=raw, COSINE=cos).items()
                       if k in fn.arg_names}
             try:
                 compile_sm90(fn, consts, fdt, num_warps=4 if width <= 128 else 8,
                              pointer_types=ptrs)
             except Exception as e:  # noqa: BLE001
-                failed.append(f"{fn.__name__} {fdt} MINE={mine} RAW={raw}: "
+                failed.append(f"{fn.__name__} {fdt} MINE={mine} RAW={raw} COSINE={cos}: "
                               f"{type(e).__name__}: {str(e)[:300]}")
 print("\n".join(failed))
 sys.exit(1 if failed else 0)
@@ -229,5 +231,5 @@ sys.exit(1 if failed else 0)
 @compiles_only
 def test_triplet_kernels_compile_for_h100():
     """The "all"-triplets kernels, with and without the miner's window, for unit and raw
-    rows, compile for sm_90."""
+    rows (L2 and squared), compile for sm_90."""
     run_sm90_script(_SM90)

@@ -44,13 +44,18 @@ void check_triplet_inputs(const at::Tensor& x, const at::Tensor& r, const at::Te
 // (common/triplet.h's TriMineKind), a finite mine_margin.
 void check_mine_rule(int64_t kind, double mine_margin);
 
+// raw_sq reads the squared L2 of raw rows through the cosine keys: it needs cosine=true
+void check_raw_sq(bool cosine, bool raw_sq);
+
 // The triplet ops' block of values, rows [start, start + len) of x against r. L2: distances
 // exactly as PML's LpDistance computes them, torch.cdist on the unit rows with the
 // matmul-or-direct choice cdist makes for the whole B×M call, so that rounding-level ties
 // (quantised embeddings, margin 0) fall on the same side of the hinge as in PML. Cosine: S,
-// as PML. Any device (ATen's products).
+// as PML. raw_sq (with cosine): the squared L2 of rows of any norm, read as the similarity
+// 1 − d²/2 of that cdist's d, so the cosine keys at half the margin give PML's fl(d)² terms
+// (halved). Any device (ATen's products).
 at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t start,
-                               int64_t len, bool cosine);
+                               int64_t len, bool cosine, bool raw_sq = false);
 
 // Adds the gradient of a block of triplet_value_block's values to dx (rows [start,
 // start + len)) and dr, from g = ∂L/∂s of the block as the keys' chain makes it (for L2,
@@ -58,12 +63,13 @@ at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t
 // (cdist), whose gradient (x_i − r_j)/d adds a radial part: dx_i −= (Σ_j g_ij) x_i here, and
 // dr_j −= (Σ_i g_ij) r_j, whose sums gather in col_sums (M, zeros before the first block)
 // for finish_triplet_grad to apply once. Unit rows' callers lose that part in the
-// normalisation's backward; the L2 of raw rows (fused/raw_l2.py) needs it.
+// normalisation's backward; the L2 of raw rows (fused/raw_l2.py) needs it, and so does
+// raw_sq's 1 − d²/2, whose gradient in x_i is r_j − x_i (g = ∂L/∂s there).
 void add_triplet_block_grad(at::Tensor& dx, at::Tensor& dr, at::Tensor& col_sums,
                             const at::Tensor& g, const at::Tensor& x, const at::Tensor& r,
-                            int64_t start, int64_t len, bool cosine);
+                            int64_t start, int64_t len, bool cosine, bool raw_sq = false);
 void finish_triplet_grad(at::Tensor& dr, const at::Tensor& col_sums, const at::Tensor& r,
-                         bool cosine);
+                         bool cosine, bool raw_sq = false);
 
 // Accumulation type: fp64 for fp64 inputs, fp32 for everything else (fp16/bf16 included).
 at::ScalarType acc_type(const at::Tensor& x);

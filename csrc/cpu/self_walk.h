@@ -58,14 +58,22 @@ template <typename T, class F>
 void walk_rows(const Walk& w, F&& fn) {
   if (!w.self) {
     const int64_t B = w.x.size(0), M = w.r.size(0);
+    const T* sq = w.sq.defined() ? w.sq.data_ptr<T>() : nullptr;
+    const T tiny = raw_zero_tiny<T>(w.x.size(1));
     for (int64_t start = 0; start < M; start += w.chunk) {
       const int64_t len = std::min(w.chunk, M - start);
       at::Tensor s = at::mm(w.x, w.r.narrow(0, start, len).t()).contiguous();
-      if (w.sq.defined()) {
-        const T* sq = w.sq.data_ptr<T>();
-        raw_to_unit_sims_of(s.data_ptr<T>(), B, len, sq, sq + B + start, w.x.size(1));
-      }
-      tile_rows(s.data_ptr<T>(), 0, B, start, len, fn);
+      // rows of any norm: each row rewritten as 1 − d²/2 into a thread's own row just
+      // before fn reads it (not in place: the B × chunk block outgrows the caches, and
+      // dirtied lines are written back to memory)
+      auto row_fn = [&](T* row, int64_t nc, int64_t gi, int64_t c0) {
+        if (sq == nullptr) return fn(row, nc, gi, c0);
+        thread_local std::vector<T> unit;  // (not scratch_row's buffer: fn may use that)
+        if (int64_t(unit.size()) < nc) unit.resize(nc);
+        raw_row_to_unit_sims(row, unit.data(), nc, sq[gi], sq + B + c0, tiny);
+        fn(unit.data(), nc, gi, c0);
+      };
+      tile_rows(s.data_ptr<T>(), 0, B, start, len, row_fn);
     }
     return;
   }
@@ -88,27 +96,53 @@ template <typename T, class F>
 void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
   if (!w.self) {
     const int64_t B = w.x.size(0), M = w.r.size(0);
-    const bool raw = w.sq.defined();
-    // rows of any norm: Σ_j G_ij over the chunks, for dx's radial part at the end
-    at::Tensor gsum = raw ? at::zeros({B, 1}, dx.options()) : at::Tensor();
+    const T* sq = w.sq.defined() ? w.sq.data_ptr<T>() : nullptr;
+    const T tiny = raw_zero_tiny<T>(w.x.size(1));
+    // rows of any norm: Σ_j G_ij over the chunks (dx's radial part at the end), and per
+    // chunk Σ_i G_ij, summed by each thread over its rows into its own column of sums
+    at::Tensor gsum = sq ? at::zeros({B, 1}, dx.options()) : at::Tensor();
+    T* gs = sq ? gsum.data_ptr<T>() : nullptr;
+    const int64_t threads = at::get_num_threads();
+    std::vector<T> colsums;
     for (int64_t start = 0; start < M; start += w.chunk) {
       const int64_t len = std::min(w.chunk, M - start);
       at::Tensor rc = w.r.narrow(0, start, len);
       at::Tensor s = at::mm(w.x, rc.t()).contiguous();  // becomes G in place
-      if (raw) {
-        const T* sq = w.sq.data_ptr<T>();
-        raw_to_unit_sims_of(s.data_ptr<T>(), B, len, sq, sq + B + start, w.x.size(1));
-      }
-      tile_rows(s.data_ptr<T>(), 0, B, start, len, grad);
+      if (sq) colsums.assign(threads * len, T(0));
+      // the rewrite and the radial sums row by row, while the row is in cache (not as
+      // passes over the B × chunk block, which outgrows the caches)
+      auto row_grad = [&](T* row, int64_t nc, int64_t gi, int64_t c0) {
+        if (sq != nullptr) raw_row_to_unit_sims(row, row, nc, sq[gi], sq + B + c0, tiny);
+        grad(row, nc, gi, c0);
+        if (sq == nullptr) return;
+        T* cs = colsums.data() + at::get_thread_num() * nc;
+        // eight partial row sums: one running sum is a chain of dependent adds that the
+        // compiler may not reorder (it took ~10 % of the backward)
+        T part[8] = {};
+        int64_t j = 0;
+        for (; j + 8 <= nc; j += 8)
+          for (int k = 0; k < 8; ++k) {
+            part[k] += row[j + k];
+            cs[j + k] += row[j + k];
+          }
+        for (; j < nc; ++j) {
+          part[0] += row[j];
+          cs[j] += row[j];
+        }
+        T acc = 0;
+        for (int k = 0; k < 8; ++k) acc += part[k];
+        gs[gi] += acc;
+      };
+      tile_rows(s.data_ptr<T>(), 0, B, start, len, row_grad);
       dx.addmm_(s, rc);
       at::Tensor drc = dr.narrow(0, start, len);
       drc.addmm_(s.t(), w.x);
-      if (raw) {  // ∂s̃_ij/∂r_j = x_i − r_j: less (Σ_i G_ij)·r_j
-        drc.addcmul_(s.sum(0).unsqueeze(1), rc, -1);
-        gsum.add_(s.sum(1, true));
+      if (sq) {  // ∂s̃_ij/∂r_j = x_i − r_j: less (Σ_i G_ij)·r_j
+        at::Tensor cs = at::from_blob(colsums.data(), {threads, len}, dx.options());
+        drc.addcmul_(cs.sum(0).unsqueeze(1), rc, -1);
       }
     }
-    if (raw) dx.addcmul_(gsum, w.x, -1);  // ∂s̃_ij/∂x_i = r_j − x_i: less (Σ_j G_ij)·x_i
+    if (sq) dx.addcmul_(gsum, w.x, -1);  // ∂s̃_ij/∂x_i = r_j − x_i: less (Σ_j G_ij)·x_i
     return;
   }
   // tiled transposes (block_transpose.h), not ATen's strided copies of s.t(), which took

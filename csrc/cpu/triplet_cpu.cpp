@@ -120,8 +120,9 @@ void grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx& c, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double margin,
-    int64_t chunk) {
+    int64_t chunk, bool raw_sq) {
   check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
+  check_raw_sq(cosine, raw_sq);
   // fp16/bf16 are computed in fp32 (acc_type); fp32 and fp64 as given
   auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
@@ -133,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_fwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor s = triplet_value_block(x, r, start, len, cosine);
+      at::Tensor s = triplet_value_block(x, r, start, len, cosine, raw_sq);
       fwd_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rows.data_ptr<scalar_t>(),
                           nonzero.data_ptr<int64_t>(), triplets.data_ptr<int64_t>());
     }
@@ -144,8 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
     const at::Tensor& grad_rows_, const at::Tensor& x_, const at::Tensor& r_,
     const at::Tensor& labels_, const at::Tensor& ref_labels_, bool exclude_diag, bool cosine,
-    double margin, int64_t chunk) {
+    double margin, int64_t chunk, bool raw_sq) {
   check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
+  check_raw_sq(cosine, raw_sq);
   check_vec(grad_rows_, x_.size(0), "grad_rows");
   auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
@@ -158,25 +160,29 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_all_bwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor s = triplet_value_block(x, r, start, len, cosine);  // becomes G in place
+      at::Tensor s = triplet_value_block(x, r, start, len, cosine, raw_sq);  // becomes G
       grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, g.data_ptr<scalar_t>());
-      add_triplet_block_grad(dx, dr, col_sums, s, x, r, start, len, cosine);
+      add_triplet_block_grad(dx, dr, col_sums, s, x, r, start, len, cosine, raw_sq);
     }
   });
-  finish_triplet_grad(dr, col_sums, r, cosine);
+  finish_triplet_grad(dr, col_sums, r, cosine, raw_sq);
   return {dx.to(x_.scalar_type()), dr.to(r_.scalar_type())};
 }
 
 TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // All-triplets margin loss of unit anchors x against unit references r, streamed over
   // chunks of x: per-anchor (loss sum, #active triplets, #triplets). cosine=false is the
-  // L2 distance of unit rows. exclude_diag: r is the batch, so row i is not its own pair.
+  // L2 distance of unit rows (or of rows of any norm: the op reads cdist's d and its
+  // gradient). exclude_diag: r is the batch, so row i is not its own pair. raw_sq (CPU
+  // only, with cosine): rows of any norm, their squared L2 through the cosine keys of
+  // 1 − d²/2 (the caller halves the margin and doubles the terms).
   m.def("triplet_all_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
-        "bool exclude_diag, bool cosine, float margin, int chunk) -> (Tensor, Tensor, Tensor)",
+        "bool exclude_diag, bool cosine, float margin, int chunk, bool raw_sq=False) "
+        "-> (Tensor, Tensor, Tensor)",
         METRIX_HOST_READS);
   m.def("triplet_all_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
-        "Tensor ref_labels, bool exclude_diag, bool cosine, float margin, int chunk) "
-        "-> (Tensor, Tensor)",
+        "Tensor ref_labels, bool exclude_diag, bool cosine, float margin, int chunk, "
+        "bool raw_sq=False) -> (Tensor, Tensor)",
         METRIX_HOST_READS);
 }
 

@@ -182,9 +182,10 @@ void mined_grad_block(T* s, int64_t nr, int64_t m, int64_t r0, const TripletCtx&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double margin,
-    int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk) {
+    int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk, bool raw_sq) {
   check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
   check_mine_rule(mine_kind, mine_margin);
+  check_raw_sq(cosine, raw_sq);
   auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   const int64_t B = x.size(0), M = r.size(0);
@@ -196,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_mined_fwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor s = triplet_value_block(x, r, start, len, cosine);
+      at::Tensor s = triplet_value_block(x, r, start, len, cosine, raw_sq);
       mined_fwd_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rule,
                                 rows.data_ptr<scalar_t>(), nonzero.data_ptr<int64_t>(),
                                 kept.data_ptr<int64_t>());
@@ -208,9 +209,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor> triplet_mined_bwd_cpu(
     const at::Tensor& grad_rows_, const at::Tensor& x_, const at::Tensor& r_,
     const at::Tensor& labels_, const at::Tensor& ref_labels_, bool exclude_diag, bool cosine,
-    double margin, int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk) {
+    double margin, int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk,
+    bool raw_sq) {
   check_triplet_inputs(x_, r_, labels_, ref_labels_, exclude_diag, margin, chunk);
   check_mine_rule(mine_kind, mine_margin);
+  check_raw_sq(cosine, raw_sq);
   check_vec(grad_rows_, x_.size(0), "grad_rows");
   auto x = x_.to(acc_type(x_)).contiguous(), r = r_.to(acc_type(x_)).contiguous();
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
@@ -224,13 +227,13 @@ std::tuple<at::Tensor, at::Tensor> triplet_mined_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "triplet_mined_bwd_cpu", [&] {
     for (int64_t start = 0; start < B; start += chunk) {
       const int64_t len = std::min(chunk, B - start);
-      at::Tensor s = triplet_value_block(x, r, start, len, cosine);  // becomes G in place
+      at::Tensor s = triplet_value_block(x, r, start, len, cosine, raw_sq);  // becomes G
       mined_grad_block<scalar_t>(s.data_ptr<scalar_t>(), len, M, start, c, rule,
                                  g.data_ptr<scalar_t>());
-      add_triplet_block_grad(dx, dr, col_sums, s, x, r, start, len, cosine);
+      add_triplet_block_grad(dx, dr, col_sums, s, x, r, start, len, cosine, raw_sq);
     }
   });
-  finish_triplet_grad(dr, col_sums, r, cosine);
+  finish_triplet_grad(dr, col_sums, r, cosine, raw_sq);
   return {dx.to(x_.scalar_type()), dr.to(r_.scalar_type())};
 }
 
@@ -241,11 +244,11 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   // #kept with loss > 0, #kept).
   m.def("triplet_mined_fwd(Tensor x, Tensor r, Tensor labels, Tensor ref_labels, "
         "bool exclude_diag, bool cosine, float margin, int mine_kind, float mine_margin, "
-        "bool smooth, int chunk) -> (Tensor, Tensor, Tensor)",
+        "bool smooth, int chunk, bool raw_sq=False) -> (Tensor, Tensor, Tensor)",
         METRIX_HOST_READS);
   m.def("triplet_mined_bwd(Tensor grad_rows, Tensor x, Tensor r, Tensor labels, "
         "Tensor ref_labels, bool exclude_diag, bool cosine, float margin, int mine_kind, "
-        "float mine_margin, bool smooth, int chunk) -> (Tensor, Tensor)",
+        "float mine_margin, bool smooth, int chunk, bool raw_sq=False) -> (Tensor, Tensor)",
         METRIX_HOST_READS);
 }
 

@@ -313,7 +313,8 @@ std::tuple<at::Tensor, at::Tensor> triplet_bwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cuda(
     const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
     const at::Tensor& ref_labels, bool exclude_diag, bool cosine, double margin,
-    int64_t chunk) {
+    int64_t chunk, bool raw_sq) {
+  TORCH_CHECK(!raw_sq, "triplet_all_fwd: raw_sq=True (rows of any norm) is CPU-only");
   return triplet_fwd(x, r, labels, ref_labels, exclude_diag, cosine, margin, false, 0, 0.0,
                      false, chunk);
 }
@@ -321,7 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_all_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cuda(
     const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& r,
     const at::Tensor& labels, const at::Tensor& ref_labels, bool exclude_diag, bool cosine,
-    double margin, int64_t chunk) {
+    double margin, int64_t chunk, bool raw_sq) {
+  TORCH_CHECK(!raw_sq, "triplet_all_bwd: raw_sq=True (rows of any norm) is CPU-only");
   return triplet_bwd(grad_rows, x, r, labels, ref_labels, exclude_diag, cosine, margin, false,
                      0, 0.0, false, chunk);
 }
@@ -329,7 +331,8 @@ std::tuple<at::Tensor, at::Tensor> triplet_all_bwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cuda(
     const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
     const at::Tensor& ref_labels, bool exclude_diag, bool cosine, double margin,
-    int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk) {
+    int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk, bool raw_sq) {
+  TORCH_CHECK(!raw_sq, "triplet_mined_fwd: raw_sq=True (rows of any norm) is CPU-only");
   check_mine_rule(mine_kind, mine_margin);
   return triplet_fwd(x, r, labels, ref_labels, exclude_diag, cosine, margin, true, mine_kind,
                      mine_margin, smooth, chunk);
@@ -338,7 +341,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_mined_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor> triplet_mined_bwd_cuda(
     const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& r,
     const at::Tensor& labels, const at::Tensor& ref_labels, bool exclude_diag, bool cosine,
-    double margin, int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk) {
+    double margin, int64_t mine_kind, double mine_margin, bool smooth, int64_t chunk,
+    bool raw_sq) {
+  TORCH_CHECK(!raw_sq, "triplet_mined_bwd: raw_sq=True (rows of any norm) is CPU-only");
   check_mine_rule(mine_kind, mine_margin);
   return triplet_bwd(grad_rows, x, r, labels, ref_labels, exclude_diag, cosine, margin, true,
                      mine_kind, mine_margin, smooth, chunk);

@@ -2,25 +2,21 @@
 person re-identification setting) through the ops written for unit rows.
 
 Those ops read an L2 distance off a dot product s as √(2 − 2s) (the squared form as
-2 − 2s). Most of them now take the raw rows and rewrite each product as the similarity
-unit rows would have at the same distance, 1 − d²/2 with d² = ‖x‖² + ‖r‖² − 2x·r from the
-rows' squared norms, d² below a threshold scaled by the norms (raw_zero_eps) taken as 0:
-the CPU ops told `raw` (sym_blocks.h: raw_to_unit_sims, self_walk.h's Walk::sq), the
-Triton kernels' RAW form (triton/tiles.py: raw_unit_sims), and the listed pairs of an
-indices_tuple (raw_l2_of_pairs). This is torch.cdist's own Gram form (what PML's
-LpDistance computes past 25 rows a side), so the values agree to its rounding, and
-coincident rows get d = 0 as exact differences give. The all-triplets ops read the
-distances through torch.cdist itself (their backward adds cdist's radial term, see
-triplet_cpu.cpp).
+2 − 2s). On raw rows they rewrite each product as the similarity unit rows would have at
+the same distance, 1 − d²/2 with d² = ‖x‖² + ‖r‖² − 2x·r from the rows' squared norms, d²
+below a threshold scaled by the norms (raw_zero_eps) taken as 0: the CPU ops told `raw`
+(sym_blocks.h: raw_to_unit_sims, self_walk.h's Walk::sq), the Triton kernels' RAW form
+(triton/tiles.py: raw_unit_sims), and the listed pairs of an indices_tuple
+(raw_l2_of_pairs). This is torch.cdist's own Gram form (what PML's LpDistance computes past
+25 rows a side), so the values agree to its rounding, and coincident rows get d = 0 as
+exact differences give; the gradients gain d²'s radial part, −(Σ_j G_ij)·x_i. The CPU's
+all-triplets ops read the distances through torch.cdist itself (their backward adds cdist's
+radial term, see triplet_cpu.cpp; the squared form as 1 − d²/2 of that d, `raw_sq`).
 
-What is left, the CPU's squared all-triplets call, takes rows lifted by two columns,
-
-    x̃ = [x, 1 − ‖x‖²/2, 1],   r̃ = [r, 1, −‖r‖²/2],
-
-whose product is x̃·r̃ = 1 − ‖x − r‖²/2, so the cosine op on (x̃, r̃) reads ‖x − r‖² with
-no op change, and autograd carries its gradients back through the two columns (the
-lifted anchors differ from the lifted references, so a batch against itself is a general
-call)."""
+(Until the forty-seventh session some calls took rows lifted by two columns,
+x̃ = [x, 1 − ‖x‖²/2, 1] and r̃ = [r, 1, −‖r‖²/2], whose product is 1 − ‖x − r‖²/2: the same
+Gram form, but coincident rows kept a noise distance, and a batch against itself became a
+general call.)"""
 from __future__ import annotations
 
 import torch
@@ -64,11 +60,3 @@ def raw_l2_of_pairs(s, sq_rows, sq_cols, power: int, eps: float):
         return torch.where(keep, q, torch.zeros_like(q))
     return torch.where(keep, torch.sqrt(torch.where(keep, q, torch.ones_like(q))),
                        torch.zeros_like(q))
-
-
-def lift_rows(x: torch.Tensor, r: torch.Tensor):
-    """(x̃, r̃) with x̃·r̃ = 1 − ‖x − r‖²/2 (module docstring); r may be x."""
-    nx = x.square().sum(1, keepdim=True)
-    nr = nx if r is x else r.square().sum(1, keepdim=True)
-    one_x, one_r = torch.ones_like(nx), torch.ones_like(nr)
-    return torch.cat([x, 1 - nx / 2, one_x], 1), torch.cat([r, one_r, nr / -2], 1)

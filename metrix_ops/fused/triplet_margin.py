@@ -26,7 +26,7 @@ from ..reducers import (AvgNonZeroReducer, MeanReducer, SumReducer, ThresholdRed
 from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from . import register, register_miner
-from .raw_l2 import lift_rows, raw_at, raw_on_cpu
+from .raw_l2 import raw_at, raw_on_cpu
 
 
 def supports(params, inp, expansion) -> bool:
@@ -55,17 +55,14 @@ def _op_rows(inp, any_device: bool = False):
     - L2 of raw rows: the rows themselves (the CPU ops read L2 through torch.cdist, whose
       gradient, radial term included, their backward gives; the Triton kernels read it from
       the rows' norms and products, told `raw`);
-    - squared L2 of raw rows: again the cosine ops at half the margin, on lifted rows
-      (raw_l2.py), whose cosine is 1 − d²/2; the Triton kernels (any_device) take the rows
-      themselves, told `raw`, and read the same 1 − d²/2 from their norms."""
+    - squared L2 of raw rows: the rows themselves through the cosine ops at half the
+      margin, which read them as 1 − d²/2 (told `raw_sq` on the CPU, from cdist's d; `raw`
+      on Triton, from the rows' norms and products)."""
     kind, x, ref = op_kind(inp, any_device), inp.embeddings, inp.ref_emb
     if kind == "raw":
         return x, ref, False, False
-    if kind == "rawsq" and any_device:
-        return x, ref, True, True
     if kind == "rawsq":
-        xl, rl = lift_rows(x, ref)
-        return xl, rl, True, True
+        return x, ref, True, True
     xu = unit_rows(x)
     ru = xu if ref is x else unit_rows(ref)
     return xu, ru, kind != "l2", kind == "l2sq"
@@ -124,7 +121,9 @@ def totals_impl(rows_fn, params, inp, reducer, fallback=None, miner=None,
 
 
 def impl(params, inp, reducer, chunk: int = 256):
-    return totals_impl(lambda *args: triplet_all_rows(*args, chunk), params, inp, reducer)
+    raw_sq = op_kind(inp) == "rawsq"
+    return totals_impl(lambda *args: triplet_all_rows(*args, chunk, raw_sq), params, inp,
+                       reducer)
 
 
 def _unit_distance(d):
@@ -259,12 +258,12 @@ def triplet_miner_impl(params, inp, reducer, miner, chunk: int = 256):
     """TripletMarginMiner + TripletMarginLoss: per-anchor totals over the kept triplets from
     triplet_mined_fwd (hinge or, with smooth_loss, softplus terms); a reducer needing
     per-triplet terms takes the miner's tuple."""
-    mm = miner_margin(miner, inp)
+    mm, raw_sq = miner_margin(miner, inp), op_kind(inp) == "rawsq"
 
     def rows_fn(xu, ru, labels, ref_labels, exclude_diag, cosine, margin):
         return triplet_mined_rows(xu, ru, labels, ref_labels, exclude_diag, cosine, margin,
                                   miner.type_of_triplets, mm,
-                                  params.get("smooth_loss", False), chunk)
+                                  params.get("smooth_loss", False), chunk, raw_sq)
     return totals_impl(rows_fn, params, inp, reducer,
                        fallback=lambda: _mined_by_tuple(params, inp, reducer, miner), miner=miner)
 

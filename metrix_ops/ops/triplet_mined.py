@@ -24,13 +24,13 @@ HAS_OP = _ext.has_op("triplet_mined_fwd")
 if HAS_OP:
     @torch.library.register_fake(_FWD)
     def _fake(x, r, labels, ref_labels, exclude_diag, cosine, margin, mine_kind, mine_margin,
-              smooth, chunk):
+              smooth, chunk, raw_sq=False):
         b = x.shape[0]
         return (x.new_empty(b, dtype=_acc(x)), labels.new_empty(b), labels.new_empty(b))
 
     @torch.library.register_fake("metrix_ops::triplet_mined_bwd")
     def _fake_bwd(grad_rows, x, r, labels, ref_labels, exclude_diag, cosine, margin, mine_kind,
-                  mine_margin, smooth, chunk):
+                  mine_margin, smooth, chunk, raw_sq=False):
         return torch.empty_like(x), torch.empty_like(r)
 
     def _setup_context(ctx, inputs, output):
@@ -43,22 +43,24 @@ if HAS_OP:
         x, r, labels, ref_labels = ctx.saved_tensors
         dx, dr = torch.ops.metrix_ops.triplet_mined_bwd(g_rows.contiguous(), x, r, labels,
                                                         ref_labels, *ctx.args)
-        return (dx, dr) + (None,) * 9
+        return (dx, dr) + (None,) * (2 + len(ctx.args))
 
     register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 
 def triplet_mined_rows(x_unit, r_unit, labels, ref_labels, exclude_diag: bool, cosine: bool,
                        margin: float, type_of_triplets: str, mine_margin: float,
-                       smooth: bool = False, chunk: int = 256):
+                       smooth: bool = False, chunk: int = 256, raw_sq: bool = False):
     """Per anchor (Σ [violation]₊, #kept triplets with loss > 0, #kept triplets) over the
     triplets TripletMarginMiner(mine_margin, type_of_triplets) keeps, on the same distance
-    as the loss (`cosine`, else the L2 distance of unit rows); softplus(violation) terms
-    when `smooth` (smooth_loss). Memory O(chunk·M)."""
+    as the loss (`cosine`, else the L2 distance of unit or raw rows; raw_sq as
+    triplet_all_rows); softplus(violation) terms when `smooth` (smooth_loss). Memory
+    O(chunk·M)."""
     if type_of_triplets not in MINE_KINDS:
         raise ValueError(f"type_of_triplets must be one of {sorted(MINE_KINDS)}, got "
                          f"{type_of_triplets!r}")
     return call(torch.ops.metrix_ops.triplet_mined_fwd,
         x_unit.contiguous(), r_unit.contiguous(), labels.long().contiguous(),
         ref_labels.long().contiguous(), bool(exclude_diag), bool(cosine), float(margin),
-        MINE_KINDS[type_of_triplets], float(mine_margin), bool(smooth), int(chunk))
+        MINE_KINDS[type_of_triplets], float(mine_margin), bool(smooth), int(chunk),
+        *((True,) if raw_sq else ()))
