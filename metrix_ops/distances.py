@@ -205,8 +205,9 @@ def is_raw_l2(d: BaseDistance) -> bool:
 
 
 def is_squared_l2(d: BaseDistance) -> bool:
-    """Squared L2 of unit or raw rows: 2 − 2s of the unit (or lifted, fused/raw_l2.py) rows'
-    product s, which the ops take as a cosine loss at halved margins, terms doubled."""
+    """Squared L2 of unit or raw rows: 2 − 2s of the unit rows' product s (of raw rows,
+    2 − 2s̃ with s̃ = 1 − d²/2, fused/raw_l2.py), which the ops take as a cosine loss at halved
+    margins, terms doubled."""
     return is_normalized_sq_l2(d) or (is_raw_l2(d) and d.power == 2)
 
 

@@ -53,7 +53,8 @@ void check_raw_sq(bool cosine, bool raw_sq);
 // (quantised embeddings, margin 0) fall on the same side of the hinge as in PML. Cosine: S,
 // as PML. raw_sq (with cosine): the squared L2 of rows of any norm, read as the similarity
 // 1 − d²/2 of that cdist's d, so the cosine keys at half the margin give PML's fl(d)² terms
-// (halved). Any device (ATen's products).
+// (halved), to the rounding of 1 − d²/2 (~ε·|1 − d²/2|: near-ties of the hinge may fall on
+// the other side). Any device (ATen's products).
 at::Tensor triplet_value_block(const at::Tensor& x, const at::Tensor& r, int64_t start,
                                int64_t len, bool cosine, bool raw_sq = false);
 

@@ -426,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_impl(
       });
       dx.narrow(0, r0, nr).addmm_(s, c.r.narrow(0, c0, nc));
       dr.narrow(0, c0, nc).addmm_(s.t(), c.x.narrow(0, r0, nr));
-      if (c.sq.defined()) {  // ∂s̃_ij = (x_j − x_i)·∂x_i + (x_i − x_j)·∂x_j: the −x_i, −x_j parts
+      if (c.sq.defined()) {  // ∂s̃_ij = (r_j − x_i)·∂x_i + (x_i − r_j)·∂r_j: the −x_i, −r_j parts
         dx.narrow(0, r0, nr).addcmul_(s.sum(1, true), c.x.narrow(0, r0, nr), -1);
         dr.narrow(0, c0, nc).addcmul_(s.sum(0).unsqueeze(1), c.r.narrow(0, c0, nc), -1);
       }

@@ -30,8 +30,8 @@ T* scratch_row(int64_t n) {
 // (sym_blocks.h), an off-diagonal block also serving J's rows through its transposed copy:
 // half the similarity products, and one gradient product per block pair. sq: the squared
 // norms of rows of any norm (walk_norms: x's, then, general, r's), whose tiles the walk
-// hands on as 1 − d²/2 (raw_to_unit_sims) and whose gradient gains d²'s radial part;
-// undefined for unit rows.
+// hands on as 1 − d²/2 (raw_to_unit_sims per block; the general walk row by row,
+// raw_row_to_unit_sims) and whose gradient gains d²'s radial part; undefined for unit rows.
 struct Walk {
   const at::Tensor& x;
   const at::Tensor& r;
@@ -99,7 +99,8 @@ void walk_grad(const Walk& w, at::Tensor& dx, at::Tensor& dr, F&& grad) {
     const T* sq = w.sq.defined() ? w.sq.data_ptr<T>() : nullptr;
     const T tiny = raw_zero_tiny<T>(w.x.size(1));
     // rows of any norm: Σ_j G_ij over the chunks (dx's radial part at the end), and per
-    // chunk Σ_i G_ij, summed by each thread over its rows into its own column of sums
+    // chunk Σ_i G_ij, summed by each thread over its rows into its own row of a
+    // threads × chunk buffer (so dr's last bits depend on the thread count)
     at::Tensor gsum = sq ? at::zeros({B, 1}, dx.options()) : at::Tensor();
     T* gs = sq ? gsum.data_ptr<T>() : nullptr;
     const int64_t threads = at::get_num_threads();

@@ -33,8 +33,8 @@ def supports(params, inp, expansion) -> bool:
 
 def op_form(distance, params, window, dtype):
     """(cosine, pos_margin, neg_margin, window, scale): what the ops take for the loss's
-    distance, whose terms are scale × the ops' terms. Squared L2 of unit rows (or of the
-    raw rows lifted as raw_l2.py does) is 2 − 2s, so
+    distance, whose terms are scale × the ops' terms. Squared L2 of unit rows (or of raw
+    rows, read as s̃ = 1 − d²/2 by the ops told raw, raw_l2.py) is 2 − 2s, so
     [d² − m⁺]₊ = 2·[(1 − m⁺/2) − s]₊ and [m⁻ − d²]₊ = 2·[s − (1 − m⁻/2)]₊: the cosine ops at
     those margins, the reducer's window halved. A positive margin in [0, 16ε) is taken as
     16ε: below it d² is the rounding noise of coincident rows, which PML's cdist and the

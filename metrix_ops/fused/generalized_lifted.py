@@ -2,8 +2,8 @@
 gen_lifted_fwd (no B×M matrix), then PML's element reduction with any reducer.
 
 Covers PML's default LpDistance on normalised embeddings (d = sqrt(max(2 − 2s, 0))),
-CosineSimilarity and (CPU tensors) the L2 of unnormalised rows through lifted rows
-(raw_l2.py); other distances and indices_tuple go to the reference."""
+CosineSimilarity and (CPU tensors) the L2 of unnormalised rows (the raw rows, whose norms
+the ops read, raw_l2.py); other distances and indices_tuple go to the reference."""
 from __future__ import annotations
 
 

@@ -11,7 +11,9 @@ below a threshold scaled by the norms (raw_zero_eps) taken as 0: the CPU ops tol
 25 rows a side), so the values agree to its rounding, and coincident rows get d = 0 as
 exact differences give; the gradients gain d²'s radial part, −(Σ_j G_ij)·x_i. The CPU's
 all-triplets ops read the distances through torch.cdist itself (their backward adds cdist's
-radial term, see triplet_cpu.cpp; the squared form as 1 − d²/2 of that d, `raw_sq`).
+radial term, see triplet_cpu.cpp; the squared form as 1 − d²/2 of that d, `raw_sq`): PML's
+values, exact differences up to 25 rows a side, and past that cdist's Gram form with its
+noise for coincident rows, as PML's.
 
 (Until the forty-seventh session some calls took rows lifted by two columns,
 x̃ = [x, 1 − ‖x‖²/2, 1] and r̃ = [r, 1, −‖r‖²/2], whose product is 1 − ‖x − r‖²/2: the same

@@ -97,7 +97,8 @@ def totals_impl(rows_fn, params, inp, reducer, fallback=None, miner=None,
         return reduce_loss_dict(spec.loss_dict(inp, **params), reducer, x)
     xo, ro, cosine, sq = _op_rows(inp, any_device)
     margin = params.get("margin", 0.05)
-    # squared L2 of unit (or lifted) rows is 2 − 2s: a triplet's term [d²_ap − d²_an + m]₊ is
+    # squared L2 of unit rows is 2 − 2s (of raw rows, 2 − 2s̃ with s̃ = 1 − d²/2, which the
+    # ops read told raw_sq / raw): a triplet's term [d²_ap − d²_an + m]₊ is
     # 2·[s_an − s_ap + m/2]₊, the cosine op's term at half the margin (the same terms > 0)
     rows, nonzero, triplets = rows_fn(xo, ro, inp.labels, inp.ref_labels, inp.same_set,
                                       cosine, margin / 2 if sq else margin)
