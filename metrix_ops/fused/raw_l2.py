@@ -57,7 +57,12 @@ def raw_l2_of_pairs(s, sq_rows, sq_cols, power: int, eps: float):
     zero gradient, as cdist's exact differences). Differentiable through s and the norms,
     so the gradient has d²'s radial part."""
     q = (sq_rows + sq_cols) - 2 * s
-    keep = q > eps * torch.maximum(sq_rows, sq_cols).detach()
+    return l2_where(q, q > eps * torch.maximum(sq_rows, sq_cols).detach(), power)
+
+
+def l2_where(q, keep, power: int):
+    """d² (power 2) or d (power 1) from d² = q where `keep`, else exactly 0 with a zero
+    gradient there (as torch.cdist's backward at d = 0, never √0's inf)."""
     if power == 2:
         return torch.where(keep, q, torch.zeros_like(q))
     return torch.where(keep, torch.sqrt(torch.where(keep, q, torch.ones_like(q))),

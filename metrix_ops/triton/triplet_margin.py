@@ -55,6 +55,21 @@ from .tiles import (add_tile_product, count_true, minus_radial, pair_masks, raw_
 
 
 @triton.jit
+def _tri_sq_dist(s, nrm_ptr, offs_m, offs_n, B, M, eps, RAW: tl.constexpr):
+    """(d², whether d² is above the zero threshold) of a similarity tile, d² = ‖x_i‖² +
+    ‖r_j‖² − 2s from the rows' squared norms: threshold eps, or (RAW) eps · max(‖x_i‖²,
+    ‖r_j‖²). See _tri_key."""
+    nx = tl.load(nrm_ptr + offs_m, mask=offs_m < B, other=1.0)
+    nr = tl.load(nrm_ptr + B + offs_n, mask=offs_n < M, other=1.0)
+    q = (nx[:, None] + nr[None, :]) - 2.0 * s
+    if RAW:
+        thr = eps * tl.maximum(nx[:, None], nr[None, :])
+    else:
+        thr = eps
+    return q, q > thr
+
+
+@triton.jit
 def _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE: tl.constexpr,
              RAW: tl.constexpr = False):
     """The key of a similarity tile: −s (cosine) or the L2 distance of the rows,
@@ -68,21 +83,13 @@ def _tri_key(s, nrm_ptr, offs_m, offs_n, B, M, eps, COSINE: tl.constexpr,
     glue halves the margin and doubles the terms, fused/triplet_margin.totals_impl), whose
     gradient in the rows is the L2 form's, radial part included (minus_radial)."""
     if COSINE and RAW:
-        nx = tl.load(nrm_ptr + offs_m, mask=offs_m < B, other=1.0)
-        nr = tl.load(nrm_ptr + B + offs_n, mask=offs_n < M, other=1.0)
-        q = (nx[:, None] + nr[None, :]) - 2.0 * s
-        k = tl.where(q > eps * tl.maximum(nx[:, None], nr[None, :]), 0.5 * q - 1.0, -1.0)
+        q, keep = _tri_sq_dist(s, nrm_ptr, offs_m, offs_n, B, M, eps, True)
+        k = tl.where(keep, 0.5 * q - 1.0, -1.0)
     elif COSINE:
         k = -s
     else:
-        nx = tl.load(nrm_ptr + offs_m, mask=offs_m < B, other=1.0)
-        nr = tl.load(nrm_ptr + B + offs_n, mask=offs_n < M, other=1.0)
-        q = (nx[:, None] + nr[None, :]) - 2.0 * s
-        if RAW:
-            thr = eps * tl.maximum(nx[:, None], nr[None, :])
-        else:
-            thr = eps
-        k = tl.where(q > thr, tl.sqrt(tl.maximum(q, 0.0)), 0.0)
+        q, keep = _tri_sq_dist(s, nrm_ptr, offs_m, offs_n, B, M, eps, RAW)
+        k = tl.where(keep, tl.sqrt(tl.maximum(q, 0.0)), 0.0)
     return k
 
 

@@ -9,7 +9,7 @@ from ...distances import CosineSimilarity, DotProductSimilarity, LpDistance, is_
 from ...ops.pair_sims import HAS_OP, pair_sims
 from ...reference.pairs import to_pairs
 from ...ops.unit_rows import normalized
-from ..raw_l2 import raw_l2_of_pairs, raw_on_cpu, raw_zero_eps
+from ..raw_l2 import l2_where, raw_l2_of_pairs, raw_on_cpu, raw_zero_eps
 
 ZERO = {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
 
@@ -40,11 +40,7 @@ def unit_l2_from_sims(s, power):
     unit_l2_from_sim: 2 − 2s below a few ulps is rounding noise of duplicate rows and is taken
     as exactly 0, with a zero gradient there as torch.cdist's backward (never √0's inf)."""
     q = 2 - 2 * s
-    keep = q > 8 * torch.finfo(s.dtype).eps
-    if power == 2:
-        return torch.where(keep, q, torch.zeros_like(q))
-    return torch.where(keep, torch.sqrt(torch.where(keep, q, torch.ones_like(q))),
-                       torch.zeros_like(q))
+    return l2_where(q, q > 8 * torch.finfo(s.dtype).eps, power)
 
 
 class ListedPairs:
