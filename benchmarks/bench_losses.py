@@ -161,7 +161,7 @@ AUGMENT = {"metrix_ms": lambda mo: {"metrix": mo.Metrix()},
                distance=mo.distances.LpDistance(normalize_embeddings=False))}}
 
 
-FUSED_IMPLS = ("cpu", "cuda", "triton")
+FUSED_IMPLS = ("cpu", "cuda", "triton", "cuda-general")
 
 
 def raw_distance(loss, distances) -> dict:
@@ -198,7 +198,9 @@ def make_loss(loss, impl, ctor_args=(), clean_backend="cpu"):
     import metrix_ops as mo
     kw = AUGMENT[loss](mo) if loss in AUGMENT and impl != "clean" else {}
     kw.update(raw_distance(loss, mo.distances))
-    backend = clean_backend if impl == "clean" else impl
+    # "cuda-general": the CUDA engine with the batch against itself on the general ops (r = x),
+    # as before the self ops (case_step turns them off around each step)
+    backend = clean_backend if impl == "clean" else impl.removesuffix("-general")
     return getattr(mo.losses, LOSSES[loss][1])(*ctor_args, backend=backend, **kw)
 
 
@@ -277,7 +279,22 @@ def case_step(loss, impl, b, d, device="cpu", dtype="float32", classes=0):
                 out = loss_fn(x, y, **refs)
             out.backward()
             return x.grad
+        if impl.startswith("cuda-general"):
+            return _without_cuda_self_ops(step)
     return step
+
+
+def _without_cuda_self_ops(step):
+    """`step` with the CUDA engine's self ops off (fused/multi_similarity.CUDA_SELF_OPS)."""
+    from metrix_ops.fused import multi_similarity as glue
+
+    def general_step():
+        glue.CUDA_SELF_OPS = False
+        try:
+            return step()
+        finally:
+            glue.CUDA_SELF_OPS = True
+    return general_step
 
 
 def ratios(row):

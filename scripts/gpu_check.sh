@@ -126,7 +126,7 @@ bench() { local name=$1; shift
   python3 benchmarks/derive_gpu_order.py "$RES"/gpu_*.json --out "$RES/gpu_order.json" \
     > "$RES/gpu_order.txt" 2>&1
   pack "bench $name"; }
-bench gpu_ms_float32 --loss multi_similarity --impls triton,cuda,pml,floor --sizes 8192 --dims 512,128 --repeats 10
+bench gpu_ms_float32 --loss multi_similarity --impls triton,cuda,cuda-general,pml,floor --sizes 8192 --dims 512,128 --repeats 10
 # where the time goes at the target size: kernels by device time, wall against their sum
 for eng in MultiSimilarityLoss:cuda MultiSimilarityLoss:triton ProxyAnchorLoss:triton; do
   limited 60 python3 benchmarks/profile_gpu.py --loss ${eng%:*} --backend ${eng#*:} --b 8192 --d 512 \
@@ -136,7 +136,7 @@ pack "profiles"
 # the per-call cost under CUDA graphs: torch.compile(mode="reduce-overhead") against eager
 bench gpu_ms_graphs_float32 --loss multi_similarity --impls cuda,cuda+graphs,triton,triton+graphs --sizes 2048,8192 --dims 512 --repeats 10
 # B = 65536: where the fold and G kernels dominate (GPU_NOTES.md's prediction)
-bench gpu_ms_large_float32 --loss multi_similarity --impls triton,cuda,floor --sizes 32768,65536 --dims 512,128 --repeats 3
+bench gpu_ms_large_float32 --loss multi_similarity --impls triton,cuda,cuda-general,floor --sizes 32768,65536 --dims 512,128 --repeats 3
 # Triton tile sizes (METRIX_OPS_TRITON_TILES) for MS, each checked against the default's result
 limited 120 python3 benchmarks/sweep_triton.py --sizes 8192,65536 --d 512 --repeats 3 \
   --out "$RES/sweep_triton.json" 2>&1 | tail -n 16

@@ -48,6 +48,14 @@ struct GenLiftedRowLoss {
   }
 };
 
+// the loss for one dtype from the backward's per-row pointers (all null for the forward)
+auto gen_lifted_loss_of(bool cosine, double pos_margin, double neg_margin) {
+  return [=](auto g, auto lp, auto ln) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return GenLiftedRowLoss<T>{cosine, T(pos_margin), T(neg_margin), g, lp, ln};
+  };
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cuda(
     const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
     const at::Tensor& ref_labels, bool exclude_diag, bool cosine, double pos_margin,
@@ -55,10 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_fwd_cuda(
   // (rows of any norm are the CPU op's form: the CUDA glue keeps raw L2 off this op)
   TORCH_CHECK(!raw, "gen_lifted_fwd: raw=True (rows of any norm) is CPU-only");
   return cuda_pairs::two_side_fwd(x, r, labels, ref_labels, exclude_diag, chunk,
-                                  [&](auto g, auto lp, auto ln) {
-    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
-    return GenLiftedRowLoss<T>{cosine, T(pos_margin), T(neg_margin), g, lp, ln};
-  });
+                                  gen_lifted_loss_of(cosine, pos_margin, neg_margin));
 }
 
 std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cuda(
@@ -69,10 +74,26 @@ std::tuple<at::Tensor, at::Tensor> gen_lifted_bwd_cuda(
   TORCH_CHECK(!raw, "gen_lifted_bwd: raw=True (rows of any norm) is CPU-only");
   return cuda_pairs::two_side_bwd(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg,
                                   exclude_diag, chunk, true,
-                                  [&](auto g, auto lp, auto ln) {
-    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
-    return GenLiftedRowLoss<T>{cosine, T(pos_margin), T(neg_margin), g, lp, ln};
-  });
+                                  gen_lifted_loss_of(cosine, pos_margin, neg_margin));
+}
+
+// The batch against itself (gen_lifted_self_fwd/bwd's schemas, csrc/cpu/lifted_cpu.cpp): S's
+// symmetric blocks (cuda_pairs::fold_self, grad_self).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gen_lifted_self_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& labels, bool cosine, double pos_margin,
+    double neg_margin, int64_t block, bool raw) {
+  TORCH_CHECK(!raw, "gen_lifted_self_fwd: raw=True (rows of any norm) is CPU-only");
+  return cuda_pairs::two_side_self_fwd(x, labels, block,
+                                       gen_lifted_loss_of(cosine, pos_margin, neg_margin));
+}
+
+at::Tensor gen_lifted_self_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x,
+                                    const at::Tensor& labels, const at::Tensor& lse_pos,
+                                    const at::Tensor& lse_neg, bool cosine, double pos_margin,
+                                    double neg_margin, int64_t block, bool raw) {
+  TORCH_CHECK(!raw, "gen_lifted_self_bwd: raw=True (rows of any norm) is CPU-only");
+  return cuda_pairs::two_side_self_bwd(grad_rows, x, labels, lse_pos, lse_neg, block,
+                                       gen_lifted_loss_of(cosine, pos_margin, neg_margin));
 }
 
 // ---- LiftedStructureLoss
@@ -328,6 +349,8 @@ std::tuple<at::Tensor, at::Tensor> lifted_bwd_cuda(
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
   m.impl("gen_lifted_fwd", &gen_lifted_fwd_cuda);
   m.impl("gen_lifted_bwd", &gen_lifted_bwd_cuda);
+  m.impl("gen_lifted_self_fwd", &gen_lifted_self_fwd_cuda);
+  m.impl("gen_lifted_self_bwd", &gen_lifted_self_bwd_cuda);
   m.impl("lifted_fwd", &lifted_fwd_cuda);
   m.impl("lifted_bwd", &lifted_bwd_cuda);
 }

@@ -50,10 +50,11 @@ __global__ void bounds_finish_kernel(const Extremes<T>* state, int64_t n, T* hn,
   if (i < n) hn[i] = state[i].hn, hp[i] = state[i].hp;
 }
 
-std::tuple<at::Tensor, at::Tensor> ms_mine_bounds_cuda(const at::Tensor& x_, const at::Tensor& r_,
-                                                       const at::Tensor& labels_,
-                                                       const at::Tensor& ref_labels_,
-                                                       bool exclude_diag, int64_t chunk) {
+// self_block: fold_all's (> 0: the self op's symmetric blocks; 0 for the op's own call)
+std::tuple<at::Tensor, at::Tensor> mine_bounds(const at::Tensor& x_, const at::Tensor& r_,
+                                               const at::Tensor& labels_,
+                                               const at::Tensor& ref_labels_, bool exclude_diag,
+                                               int64_t chunk, int64_t self_block) {
   cuda_pairs::check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), r = r_.contiguous();
@@ -65,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> ms_mine_bounds_cuda(const at::Tensor& x_, con
     at::Tensor buf = cuda_pairs::make_states(B, Extremes<T>::empty(), x.options());
     auto* state = reinterpret_cast<Extremes<T>*>(buf.data_ptr());
     cuda_pairs::fold_all<BoundsRows<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk,
-                                           BoundsRows<T>{}, state);
+                                           BoundsRows<T>{}, state, self_block);
     if (B > 0) {
       bounds_finish_kernel<T><<<launch_blocks(B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           state, B, hn.data_ptr<T>(), hp.data_ptr<T>());
@@ -73,6 +74,13 @@ std::tuple<at::Tensor, at::Tensor> ms_mine_bounds_cuda(const at::Tensor& x_, con
     }
   });
   return {hn, hp};
+}
+
+std::tuple<at::Tensor, at::Tensor> ms_mine_bounds_cuda(const at::Tensor& x, const at::Tensor& r,
+                                                       const at::Tensor& labels,
+                                                       const at::Tensor& ref_labels,
+                                                       bool exclude_diag, int64_t chunk) {
+  return mine_bounds(x, r, labels, ref_labels, exclude_diag, chunk, 0);
 }
 
 // ---- pass 2: MS over the kept pairs
@@ -142,10 +150,11 @@ void check_thresholds(const at::Tensor& x, const at::Tensor& hn, const at::Tenso
               "hardest_neg and hardest_pos must have x's dtype ", x.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_mined_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mined_fwd(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, const at::Tensor& hardest_neg, const at::Tensor& hardest_pos,
-    bool exclude_diag, double alpha, double beta, double base, double eps, int64_t chunk) {
+    bool exclude_diag, double alpha, double beta, double base, double eps, int64_t chunk,
+    int64_t self_block) {
   cuda_pairs::check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
   check_thresholds(x_, hardest_neg, hardest_pos);
   c10::cuda::CUDAGuard guard(x_.device());
@@ -164,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_mined_fwd_cuda(
     at::Tensor buf = cuda_pairs::make_states(B, init, x.options());
     auto* state = reinterpret_cast<MinedState<T>*>(buf.data_ptr());
     cuda_pairs::fold_all<MinedRows<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss,
-                                          state);
+                                          state, self_block);
     if (B > 0) {
       mined_finish_kernel<T><<<launch_blocks(B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           state, B, T(alpha), T(beta), rows.data_ptr<T>(), lp.data_ptr<T>(), ln.data_ptr<T>(),
@@ -173,6 +182,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_mined_fwd_cuda(
     }
   });
   return {rows, lp, ln, kept};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_mined_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, const at::Tensor& hardest_neg, const at::Tensor& hardest_pos,
+    bool exclude_diag, double alpha, double beta, double base, double eps, int64_t chunk) {
+  return mined_fwd(x, r, labels, ref_labels, hardest_neg, hardest_pos, exclude_diag, alpha, beta,
+                   base, eps, chunk, 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> ms_mined_bwd_cuda(
@@ -203,12 +220,52 @@ std::tuple<at::Tensor, at::Tensor> ms_mined_bwd_cuda(
   return out;
 }
 
+// ---- the batch against itself (the schemas of csrc/cpu/ms_mined_self_cpu.cpp): both passes
+// and the backward take S's symmetric blocks (cuda_pairs::fold_self, grad_self). The
+// miner's rule is per row (row i keeps (i, j) by its own thresholds), so a block's column fold
+// and G_ji apply row j's rule to s_ij, as the clean loss's.
+
+std::tuple<at::Tensor, at::Tensor> ms_mine_bounds_self_cuda(const at::Tensor& x,
+                                                            const at::Tensor& labels,
+                                                            int64_t block) {
+  cuda_pairs::check_block(block);
+  return mine_bounds(x, x, labels, labels, true, block, block);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_mined_self_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& hardest_neg,
+    const at::Tensor& hardest_pos, double alpha, double beta, double base, double eps,
+    int64_t block) {
+  cuda_pairs::check_block(block);
+  return mined_fwd(x, x, labels, labels, hardest_neg, hardest_pos, true, alpha, beta, base, eps,
+                   block, block);
+}
+
+at::Tensor ms_mined_self_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x_,
+                                  const at::Tensor& labels_, const at::Tensor& lse_pos,
+                                  const at::Tensor& lse_neg, const at::Tensor& hardest_neg,
+                                  const at::Tensor& hardest_pos, double alpha, double beta,
+                                  double base, double eps, int64_t block) {
+  cuda_pairs::check_block(block);
+  check_thresholds(x_, hardest_neg, hardest_pos);
+  auto hn = hardest_neg.contiguous(), hp = hardest_pos.contiguous();
+  return cuda_pairs::two_side_self_bwd(grad_rows, x_, labels_, lse_pos, lse_neg, block,
+                                       [&](auto g, auto lp, auto ln) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return MinedRows<T>{T(alpha), T(beta), T(base), T(eps), hn.data_ptr<T>(), hp.data_ptr<T>(),
+                        g, lp, ln};
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
   m.impl("ms_mine_bounds", &ms_mine_bounds_cuda);
   m.impl("ms_mined_fwd", &ms_mined_fwd_cuda);
   m.impl("ms_mined_bwd", &ms_mined_bwd_cuda);
+  m.impl("ms_mine_bounds_self", &ms_mine_bounds_self_cuda);
+  m.impl("ms_mined_self_fwd", &ms_mined_self_fwd_cuda);
+  m.impl("ms_mined_self_bwd", &ms_mined_self_bwd_cuda);
 }
 
 }  // namespace metrix_ops

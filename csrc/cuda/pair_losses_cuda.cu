@@ -51,10 +51,11 @@ __global__ void ms_finish_kernel(const typename MsRowLoss<T>::State* state, int6
   rows[i] = lse_pos[i] / alpha + lse_neg[i] / beta;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cuda(
+// self_block: fold_all's (> 0: the self op's symmetric blocks; 0 for the op's own call)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_rows_fwd(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, double alpha, double beta, double base,
-    int64_t chunk) {
+    int64_t chunk, int64_t self_block) {
   check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), r = r_.contiguous();
@@ -70,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cuda(
     const State init{lse_with_one<T>(), lse_with_one<T>()};
     at::Tensor buf = make_states(B, init, x.options());
     State* state = reinterpret_cast<State*>(buf.data_ptr());
-    fold_all<MsRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
+    fold_all<MsRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state,
+                              self_block);
     if (B > 0) {
       ms_finish_kernel<T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
                             c10::cuda::getCurrentCUDAStream()>>>(
@@ -79,6 +81,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cuda(
     }
   });
   return {rows, lp, ln};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, bool exclude_diag, double alpha, double beta, double base,
+    int64_t chunk) {
+  return ms_rows_fwd(x, r, labels, ref_labels, exclude_diag, alpha, beta, base, chunk, 0);
+}
+
+// The batch against itself (the schemas of ms_loss_self_fwd/bwd, csrc/metrix_ops.cpp): S's
+// symmetric blocks (cuda_pairs::fold_self, grad_self: 2 products in all where the general op
+// with r = x takes 4).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& labels, double alpha, double beta, double base,
+    int64_t block) {
+  cuda_pairs::check_block(block);
+  return ms_rows_fwd(x, x, labels, labels, true, alpha, beta, base, block, block);
+}
+
+at::Tensor ms_loss_self_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x,
+                                 const at::Tensor& labels, const at::Tensor& lse_pos,
+                                 const at::Tensor& lse_neg, double alpha, double beta,
+                                 double base, int64_t block) {
+  return cuda_pairs::two_side_self_bwd(grad_rows, x, labels, lse_pos, lse_neg, block,
+                                       [&](auto g, auto lp, auto ln) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return MsRowLoss<T>{T(alpha), T(beta), T(base), g, lp, ln};
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> ms_loss_bwd_cuda(
@@ -149,12 +179,11 @@ __global__ void con_finish_kernel(const ConState* state, int64_t n, T* ps, int64
   nc[i] = state[i].neg_cnt;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
+// self_block: fold_all's (> 0: the self op's symmetric blocks; 0 for the op's own call)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> con_rows_fwd(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, bool cosine, double pos_margin,
-    double neg_margin, double low, double high, int64_t chunk, bool raw) {
-  // (rows of any norm are the CPU op's form: the CUDA glue keeps raw L2 off this op)
-  TORCH_CHECK(!raw, "contrastive_fwd: raw=True (rows of any norm) is CPU-only");
+    double neg_margin, double low, double high, int64_t chunk, int64_t self_block) {
   check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), r = r_.contiguous();
@@ -167,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
     const ConRowLoss<T> loss{cosine, T(pos_margin), T(neg_margin), T(low), T(high)};
     at::Tensor buf = make_states(B, ConState::empty(), x.options());
     ConState* state = reinterpret_cast<ConState*>(buf.data_ptr());
-    fold_all<ConRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
+    fold_all<ConRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state,
+                               self_block);
     if (B > 0) {
       con_finish_kernel<T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
                              c10::cuda::getCurrentCUDAStream()>>>(
@@ -177,6 +207,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
     }
   });
   return {ps, pc, ns, nc};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, bool exclude_diag, bool cosine, double pos_margin,
+    double neg_margin, double low, double high, int64_t chunk, bool raw) {
+  // (rows of any norm are the CPU op's form: the CUDA glue keeps raw L2 off this op)
+  TORCH_CHECK(!raw, "contrastive_fwd: raw=True (rows of any norm) is CPU-only");
+  return con_rows_fwd(x, r, labels, ref_labels, exclude_diag, cosine, pos_margin, neg_margin,
+                      low, high, chunk, 0);
+}
+
+// The batch against itself (contrastive_self_fwd/bwd's schemas, csrc/cpu/contrastive_self_cpu.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_self_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& labels, bool cosine, double pos_margin,
+    double neg_margin, double low, double high, int64_t block, bool raw) {
+  TORCH_CHECK(!raw, "contrastive_self_fwd: raw=True (rows of any norm) is CPU-only");
+  cuda_pairs::check_block(block);
+  return con_rows_fwd(x, x, labels, labels, true, cosine, pos_margin, neg_margin, low, high,
+                      block, block);
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(
@@ -201,6 +251,18 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(
     out = grad_all<ConRowLoss<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss);
   });
   return out;
+}
+
+at::Tensor contrastive_self_bwd_cuda(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
+                                     const at::Tensor& x, const at::Tensor& labels,
+                                     bool cosine, double pos_margin, double neg_margin,
+                                     double low, double high, int64_t block, bool raw) {
+  TORCH_CHECK(!raw, "contrastive_self_bwd: raw=True (rows of any norm) is CPU-only");
+  return cuda_pairs::rows_self_bwd<2>(x, labels, block, {&grad_pos, &grad_neg},
+                                      {"grad_pos", "grad_neg"}, [&](auto gp, auto gn) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(gp)>>;
+    return ConRowLoss<T>{cosine, T(pos_margin), T(neg_margin), T(low), T(high), gp, gn};
+  });
 }
 
 // ---- circle: per row the log-sum-exps of its two sides, loss softplus(lse⁺ + lse⁻)
@@ -231,14 +293,19 @@ struct CircleRowLoss {
   }
 };
 
+// the loss for one dtype from the backward's per-row pointers (all null for the forward)
+auto circle_loss_of(double m, double gamma) {
+  return [=](auto g, auto lp, auto ln) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return CircleRowLoss<T>{circle_consts<T>(m, gamma), g, lp, ln};
+  };
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_fwd_cuda(
     const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
     const at::Tensor& ref_labels, bool exclude_diag, double m, double gamma, int64_t chunk) {
   return cuda_pairs::two_side_fwd(x, r, labels, ref_labels, exclude_diag, chunk,
-                                  [&](auto g, auto lp, auto ln) {
-    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
-    return CircleRowLoss<T>{circle_consts<T>(m, gamma), g, lp, ln};
-  });
+                                  circle_loss_of(m, gamma));
 }
 
 std::tuple<at::Tensor, at::Tensor> circle_bwd_cuda(
@@ -247,16 +314,33 @@ std::tuple<at::Tensor, at::Tensor> circle_bwd_cuda(
     const at::Tensor& lse_neg, bool exclude_diag, double m, double gamma, int64_t chunk,
     bool need_dr) {
   return cuda_pairs::two_side_bwd(grad_rows, x, r, labels, ref_labels, lse_pos, lse_neg,
-                                  exclude_diag, chunk, need_dr,
-                                  [&](auto g, auto lp, auto ln) {
-    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
-    return CircleRowLoss<T>{circle_consts<T>(m, gamma), g, lp, ln};
-  });
+                                  exclude_diag, chunk, need_dr, circle_loss_of(m, gamma));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> circle_self_fwd_cuda(const at::Tensor& x,
+                                                                    const at::Tensor& labels,
+                                                                    double m, double gamma,
+                                                                    int64_t block) {
+  return cuda_pairs::two_side_self_fwd(x, labels, block, circle_loss_of(m, gamma));
+}
+
+at::Tensor circle_self_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x,
+                                const at::Tensor& labels, const at::Tensor& lse_pos,
+                                const at::Tensor& lse_neg, double m, double gamma,
+                                int64_t block) {
+  return cuda_pairs::two_side_self_bwd(grad_rows, x, labels, lse_pos, lse_neg, block,
+                                       circle_loss_of(m, gamma));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
+  m.impl("circle_self_fwd", &circle_self_fwd_cuda);
+  m.impl("circle_self_bwd", &circle_self_bwd_cuda);
+  m.impl("ms_loss_self_fwd", &ms_loss_self_fwd_cuda);
+  m.impl("ms_loss_self_bwd", &ms_loss_self_bwd_cuda);
+  m.impl("contrastive_self_fwd", &contrastive_self_fwd_cuda);
+  m.impl("contrastive_self_bwd", &contrastive_self_bwd_cuda);
   m.impl("circle_fwd", &circle_fwd_cuda);
   m.impl("circle_bwd", &circle_bwd_cuda);
   m.impl("ms_loss_fwd", &ms_loss_fwd_cuda);

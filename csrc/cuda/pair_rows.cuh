@@ -24,6 +24,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <array>
+#include <tuple>
 #include <type_traits>
 
 #include "common/checks.h"
@@ -65,6 +67,11 @@ inline void check_cuda_pair_call(const at::Tensor& x, const at::Tensor& r,
                                  int64_t chunk) {
   check_pair_op_inputs(x, r, labels, ref_labels, chunk);
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+}
+
+// The self ops' block (rows and columns of a tile of S).
+inline void check_block(int64_t block) {
+  TORCH_CHECK(block > 0, "block must be > 0, got ", block);
 }
 
 constexpr int kThreads = 256;
@@ -119,9 +126,11 @@ __device__ __forceinline__ T grad_entry(const Loss& loss, T s, bool pos, int64_t
 // result does not depend on scheduling. One warp per row when there are rows enough to fill
 // the GPU: no shared memory or block barrier, and 32× the columns per reduction; a block per
 // row when there are few (ProxyAnchor's C proxies as rows).
+// s holds rows row0 .. row0 + rows − 1 of S (a row block; row0 = 0 for all of them) and
+// columns start .. start + len − 1; labels, states and the loss take global row indices.
 template <class Loss, typename T, int kRowWarps>
 __global__ void fold_rows_kernel(const T* __restrict__ s, int64_t rows, int64_t len,
-                                 int64_t start, const int64_t* __restrict__ yr,
+                                 int64_t row0, int64_t start, const int64_t* __restrict__ yr,
                                  const int64_t* __restrict__ yc, bool exclude_diag, Loss loss,
                                  typename Loss::State* state) {
   using State = typename Loss::State;
@@ -129,13 +138,14 @@ __global__ void fold_rows_kernel(const T* __restrict__ s, int64_t rows, int64_t 
   static_assert(kThreads % kRowThreads == 0, "a block holds whole rows");
   const int t = threadIdx.x % kRowThreads, lane = threadIdx.x % 32;
   const int64_t i = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kRowThreads;
+  const int64_t gi = row0 + i;
   State local = State::empty();
   if (i < rows) {
     const T* row = s + i * len;
-    const int64_t yi = yr[i];
+    const int64_t yi = yr[gi];
     for (int64_t j = t; j < len; j += kRowThreads) {
-      const int kind = pair_kind(yi, yc, i, start + j, exclude_diag);
-      if (kind >= 0) fold_entry(loss, local, row[j], kind == 1, i, start + j);
+      const int kind = pair_kind(yi, yc, gi, start + j, exclude_diag);
+      if (kind >= 0) fold_entry(loss, local, row[j], kind == 1, gi, start + j);
     }
   }
   for (int off = 16; off > 0; off >>= 1) {  // every lane shuffles (full mask)
@@ -143,7 +153,7 @@ __global__ void fold_rows_kernel(const T* __restrict__ s, int64_t rows, int64_t 
     if (lane < off) local.merge(other);
   }
   if constexpr (kRowWarps == 1) {
-    if (lane == 0 && i < rows) state[i].merge(local);
+    if (lane == 0 && i < rows) state[gi].merge(local);
   } else {
     __shared__ State partial[kThreads / 32];
     if (lane == 0) partial[threadIdx.x / 32] = local;
@@ -152,26 +162,35 @@ __global__ void fold_rows_kernel(const T* __restrict__ s, int64_t rows, int64_t 
       const int w0 = (threadIdx.x / 32);
       State acc = partial[w0];
       for (int w = 1; w < kRowWarps; ++w) acc.merge(partial[w0 + w]);
-      state[i].merge(acc);
+      state[gi].merge(acc);
     }
   }
 }
 
 // G in place: grid.y over rows (strided), grid.x over the chunk's columns; row and column
 // come from the grid, not from dividing a flat index (64-bit division costs ~100 instructions
-// per entry on the GPU).
-template <class Loss, typename T>
-__global__ void grad_entries_kernel(T* __restrict__ s, int64_t rows, int64_t len, int64_t start,
-                                    const int64_t* __restrict__ yr,
+// per entry on the GPU). Rows and columns as fold_rows_kernel's. kSym (the batch against
+// itself, grad_self): the entry becomes H_ij = G_ij + G_ji, the loss's gradient of s_ij for
+// row i plus that of s_ji = s_ij for row j (pair kinds are symmetric there).
+template <class Loss, typename T, bool kSym = false>
+__global__ void grad_entries_kernel(T* __restrict__ s, int64_t rows, int64_t len, int64_t row0,
+                                    int64_t start, const int64_t* __restrict__ yr,
                                     const int64_t* __restrict__ yc, bool exclude_diag,
                                     Loss loss) {
   for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
     T* row = s + i * len;
-    const int64_t yi = yr[i];
+    const int64_t gi = row0 + i, yi = yr[gi];
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < len;
          j += (int64_t)gridDim.x * blockDim.x) {
-      const int kind = pair_kind(yi, yc, i, start + j, exclude_diag);
-      row[j] = kind < 0 ? T(0) : grad_entry(loss, row[j], kind == 1, i, start + j);
+      const int64_t gj = start + j;
+      const int kind = pair_kind(yi, yc, gi, gj, exclude_diag);
+      if (kind < 0) {
+        row[j] = T(0);
+        continue;
+      }
+      T h = grad_entry(loss, row[j], kind == 1, gi, gj);
+      if constexpr (kSym) h += grad_entry(loss, row[j], kind == 1, gj, gi);
+      row[j] = h;
     }
   }
 }
@@ -197,32 +216,130 @@ at::Tensor make_states(int64_t n, const State& init, const at::TensorOptions& op
   return buf;
 }
 
-// Forward: fold every chunk of S = x rᵀ into the rows' states.
+// The columns' side of a block of S of the batch against itself (fold_self): entry (i, j) is
+// the pair (row start + j, reference row0 + i). grid.x over tiles of kColTile columns, grid.y
+// over segments of kSegRows rows; a thread folds every kRowLanes-th row of its segment in its
+// column (a warp reads kColTile consecutive entries of a row: coalesced), the block's row lanes
+// merge in shared memory in a fixed order, and the segment's state goes to
+// part[segment · len + column] (no atomics: merge_cols_kernel sums the segments in order).
+constexpr int kColTile = 32, kRowLanes = kThreads / kColTile;
+constexpr int64_t kSegRows = 256;
+
+template <class Loss, typename T>
+__global__ void fold_cols_kernel(const T* __restrict__ s, int64_t rows, int64_t len, int64_t row0,
+                                 int64_t start, const int64_t* __restrict__ y, Loss loss,
+                                 typename Loss::State* part) {
+  using State = typename Loss::State;
+  const int c = threadIdx.x % kColTile, lane_row = threadIdx.x / kColTile;
+  const int64_t j = (int64_t)blockIdx.x * kColTile + c;
+  const int64_t seg0 = (int64_t)blockIdx.y * kSegRows;
+  const int64_t seg_end = seg0 + kSegRows < rows ? seg0 + kSegRows : rows;
+  State local = State::empty();
+  if (j < len) {
+    const int64_t gj = start + j, yj = y[gj];
+    for (int64_t i = seg0 + lane_row; i < seg_end; i += kRowLanes) {
+      const int64_t gi = row0 + i;
+      const int kind = pair_kind(yj, y, gj, gi, true);
+      if (kind >= 0) fold_entry(loss, local, s[i * len + j], kind == 1, gj, gi);
+    }
+  }
+  __shared__ State lanes[kRowLanes][kColTile];
+  lanes[lane_row][c] = local;
+  __syncthreads();
+  if (lane_row == 0 && j < len) {
+    State acc = lanes[0][c];
+    for (int l = 1; l < kRowLanes; ++l) acc.merge(lanes[l][c]);
+    part[(int64_t)blockIdx.y * len + j] = acc;
+  }
+}
+
+template <class State>
+__global__ void merge_cols_kernel(const State* __restrict__ part, int64_t segs, int64_t len,
+                                  int64_t start, State* state) {
+  const int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (j >= len) return;
+  State acc = part[j];
+  for (int64_t g = 1; g < segs; ++g) acc.merge(part[g * len + j]);
+  state[start + j].merge(acc);
+}
+
+// One row fold of s (rows row0 .. row0 + rows − 1 of S against columns start ..): a warp per
+// row once the rows give every multiprocessor 32 warps or more, else a block per row.
+template <class Loss, typename T>
+void launch_fold_rows(const T* s, int64_t rows, int64_t len, int64_t row0, int64_t start,
+                      const int64_t* yr, const int64_t* yc, bool exclude_diag, const Loss& loss,
+                      typename Loss::State* state, cudaStream_t stream) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (rows >= 32 * (int64_t)sms) {
+    fold_rows_kernel<Loss, T, 1>
+        <<<(unsigned)((rows + kThreads / 32 - 1) / (kThreads / 32)), kThreads, 0, stream>>>(
+            s, rows, len, row0, start, yr, yc, exclude_diag, loss, state);
+  } else {
+    fold_rows_kernel<Loss, T, kThreads / 32><<<(unsigned)rows, kThreads, 0, stream>>>(
+        s, rows, len, row0, start, yr, yc, exclude_diag, loss, state);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Forward of the batch against itself (R = X, self pairs excluded): the blocks I ≤ J of S,
+// block × block each, folded into their rows' states and, off the diagonal, into their
+// columns' (rows J, which S_JI = S_IJᵀ would have given). Half of S's products; every entry
+// folded for both of its rows as before.
+template <class Loss, typename T>
+void fold_self(const at::Tensor& x, const at::Tensor& labels, int64_t block, const Loss& loss,
+               typename Loss::State* state) {
+  using State = typename Loss::State;
+  const int64_t B = x.size(0);
+  if (B == 0) return;
+  block = std::min(block, B);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const int64_t max_segs = (block + kSegRows - 1) / kSegRows;
+  at::Tensor part_buf = at::empty({max_segs * block * (int64_t)sizeof(State)},
+                                  x.options().dtype(at::kByte));
+  auto* part = reinterpret_cast<State*>(part_buf.data_ptr());
+  for (int64_t i0 = 0; i0 < B; i0 += block) {
+    const int64_t ni = std::min(block, B - i0);
+    const at::Tensor xi = x.narrow(0, i0, ni);
+    for (int64_t j0 = i0; j0 < B; j0 += block) {
+      const int64_t nj = std::min(block, B - j0);
+      at::Tensor s = at::mm(xi, x.narrow(0, j0, nj).t()).contiguous();
+      const T* sp = s.data_ptr<T>();
+      launch_fold_rows<Loss, T>(sp, ni, nj, i0, j0, y, y, true, loss, state, stream);
+      if (j0 == i0) continue;  // a diagonal block holds both sides of its pairs
+      const int64_t segs = (ni + kSegRows - 1) / kSegRows;
+      fold_cols_kernel<Loss, T>
+          <<<dim3((unsigned)((nj + kColTile - 1) / kColTile), (unsigned)segs), kThreads, 0,
+             stream>>>(sp, ni, nj, i0, j0, y, loss, part);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      merge_cols_kernel<State><<<(unsigned)((nj + kThreads - 1) / kThreads), kThreads, 0,
+                                 stream>>>(part, segs, nj, j0, state);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+// Forward: fold every chunk of S = x rᵀ into the rows' states. self_block > 0: the batch
+// against itself (x is r, labels are ref_labels, self pairs excluded) over S's symmetric
+// blocks of self_block rows (fold_self; chunk is not used then).
 template <class Loss, typename T>
 void fold_all(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
               const at::Tensor& ref_labels, bool exclude_diag, int64_t chunk, const Loss& loss,
-              typename Loss::State* state) {
+              typename Loss::State* state, int64_t self_block = 0) {
+  if (self_block > 0) {
+    fold_self<Loss, T>(x, labels, self_block, loss, state);
+    return;
+  }
   const int64_t B = x.size(0), M = r.size(0);
   if (B == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // a warp per row once the rows give every multiprocessor 32 warps or more
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const bool warp_rows = B >= 32 * (int64_t)sms;
+  const int64_t* yr = labels.data_ptr<int64_t>();
+  const int64_t* yc = ref_labels.data_ptr<int64_t>();
   for (int64_t start = 0; start < M; start += chunk) {
     const int64_t len = std::min(chunk, M - start);
     at::Tensor s = at::mm(x, r.narrow(0, start, len).t()).contiguous();
-    const T* sp = s.data_ptr<T>();
-    const int64_t* yr = labels.data_ptr<int64_t>();
-    const int64_t* yc = ref_labels.data_ptr<int64_t>();
-    if (warp_rows) {
-      fold_rows_kernel<Loss, T, 1><<<(unsigned)((B + kThreads / 32 - 1) / (kThreads / 32)),
-                                     kThreads, 0, stream>>>(sp, B, len, start, yr, yc,
-                                                            exclude_diag, loss, state);
-    } else {
-      fold_rows_kernel<Loss, T, kThreads / 32><<<(unsigned)B, kThreads, 0, stream>>>(
-          sp, B, len, start, yr, yc, exclude_diag, loss, state);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_fold_rows<Loss, T>(s.data_ptr<T>(), B, len, 0, start, yr, yc, exclude_diag, loss,
+                              state, stream);
   }
 }
 
@@ -245,13 +362,47 @@ std::tuple<at::Tensor, at::Tensor> grad_all(const at::Tensor& x, const at::Tenso
     const dim3 grid((unsigned)((len + kThreads - 1) / kThreads),
                     (unsigned)std::min<int64_t>(B, 65535));
     grad_entries_kernel<Loss, T><<<grid, kThreads, 0, stream>>>(
-        s.data_ptr<T>(), B, len, start, labels.data_ptr<int64_t>(),
+        s.data_ptr<T>(), B, len, 0, start, labels.data_ptr<int64_t>(),
         ref_labels.data_ptr<int64_t>(), exclude_diag, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dx.addmm_(s, rc);
     if (need_dr) dr.narrow(0, start, len).addmm_(s.t(), x);
   }
   return {dx, dr};
+}
+
+// Backward of the batch against itself (R = X, self pairs excluded; the *_self_bwd ops): S
+// and its pair kinds are symmetric, so ∂L/∂X = (G + Gᵀ) X. Over the blocks (I, J ≥ I) of S:
+// H_IJ = G_IJ + G_JIᵀ (grad_entries_kernel's kSym), dX_I += H_IJ X_J and, off the
+// diagonal, dX_J += H_IJᵀ X_I (cuBLAS reads the transpose in place). Half of S's products
+// and entries, and 1.5 products in all where grad_all with r = x takes 3 (S, G X, Gᵀ X);
+// with fold_self's half product, 2 where the general op takes 4.
+// A block's tile is block × block. (The diagonal blocks use s_ij for s_ji: equal up to the
+// product's rounding, as the CPU self ops.)
+template <class Loss, typename T>
+at::Tensor grad_self(const at::Tensor& x, const at::Tensor& labels, int64_t block,
+                     const Loss& loss) {
+  const int64_t B = x.size(0);
+  at::Tensor dx = at::zeros_like(x);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t* y = labels.data_ptr<int64_t>();
+  for (int64_t i0 = 0; i0 < B; i0 += block) {
+    const int64_t ni = std::min(block, B - i0);
+    const at::Tensor xi = x.narrow(0, i0, ni);
+    for (int64_t j0 = i0; j0 < B; j0 += block) {
+      const int64_t nj = std::min(block, B - j0);
+      const at::Tensor xj = x.narrow(0, j0, nj);
+      at::Tensor h = at::mm(xi, xj.t()).contiguous();  // S_IJ, then H_IJ in place
+      const dim3 grid((unsigned)((nj + kThreads - 1) / kThreads),
+                      (unsigned)std::min<int64_t>(ni, 65535));
+      grad_entries_kernel<Loss, T, true><<<grid, kThreads, 0, stream>>>(
+          h.data_ptr<T>(), ni, nj, i0, j0, y, y, /*exclude_diag=*/true, loss);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dx.narrow(0, i0, ni).addmm_(h, xj);
+      if (j0 != i0) dx.narrow(0, j0, nj).addmm_(h.t(), xi);
+    }
+  }
+  return dx;
 }
 
 // The op entry points of a loss with a TwoSideLse row state (Circle, GeneralizedLifted): the
@@ -273,7 +424,8 @@ __global__ void two_side_finish_kernel(const TwoSideLse<T>* state, int64_t n, Lo
 template <class MakeLoss>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> two_side_fwd(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
-    const at::Tensor& ref_labels_, bool exclude_diag, int64_t chunk, MakeLoss make_loss) {
+    const at::Tensor& ref_labels_, bool exclude_diag, int64_t chunk, MakeLoss make_loss,
+    int64_t self_block = 0) {
   check_cuda_pair_call(x_, r_, labels_, ref_labels_, chunk);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), r = r_.contiguous();
@@ -288,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> two_side_fwd(
     using Loss = std::remove_cv_t<decltype(loss)>;
     at::Tensor buf = make_states(B, TwoSideLse<T>::empty(), x.options());
     auto* state = reinterpret_cast<TwoSideLse<T>*>(buf.data_ptr());
-    fold_all<Loss, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
+    fold_all<Loss, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state, self_block);
     if (B > 0) {
       two_side_finish_kernel<Loss, T><<<(int)((B + kThreads - 1) / kThreads), kThreads, 0,
                                         c10::cuda::getCurrentCUDAStream()>>>(
@@ -324,6 +476,51 @@ std::tuple<at::Tensor, at::Tensor> two_side_bwd(
     out = grad_all<Loss, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, need_dr);
   });
   return out;
+}
+
+// The *_self_fwd / *_self_bwd ops of such a loss (the batch against itself, self pairs
+// excluded): both take S's symmetric blocks of block rows (fold_self, grad_self).
+template <class MakeLoss>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> two_side_self_fwd(const at::Tensor& x,
+                                                                 const at::Tensor& labels,
+                                                                 int64_t block,
+                                                                 MakeLoss make_loss) {
+  check_block(block);
+  return two_side_fwd(x, x, labels, labels, true, block, make_loss, block);
+}
+
+// The backward of a self op whose loss reads N per-row vectors (upstream gradients, saved
+// statistics; `names` for the checks' messages): make_loss(const T*...) builds the loss from
+// them in x's dtype, then grad_self.
+template <size_t N, class MakeLoss>
+at::Tensor rows_self_bwd(const at::Tensor& x_, const at::Tensor& labels_, int64_t block,
+                         const std::array<const at::Tensor*, N>& rows,
+                         const std::array<const char*, N>& names, MakeLoss make_loss) {
+  check_block(block);
+  check_cuda_pair_call(x_, x_, labels_, labels_, block);
+  for (size_t k = 0; k < N; ++k) check_row_vec(*rows[k], x_, names[k]);
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous(), labels = labels_.contiguous();
+  std::array<at::Tensor, N> vecs;
+  for (size_t k = 0; k < N; ++k) vecs[k] = rows[k]->to(x.scalar_type()).contiguous();
+  at::Tensor dx;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "self_bwd_cuda", [&] {
+    using T = scalar_t;
+    std::array<const T*, N> ptrs;
+    for (size_t k = 0; k < N; ++k) ptrs[k] = vecs[k].template data_ptr<T>();
+    const auto loss = std::apply(make_loss, ptrs);
+    using Loss = std::remove_cv_t<decltype(loss)>;
+    dx = grad_self<Loss, T>(x, labels, block, loss);
+  });
+  return dx;
+}
+
+template <class MakeLoss>
+at::Tensor two_side_self_bwd(const at::Tensor& grad_rows, const at::Tensor& x,
+                             const at::Tensor& labels, const at::Tensor& lse_pos,
+                             const at::Tensor& lse_neg, int64_t block, MakeLoss make_loss) {
+  return rows_self_bwd<3>(x, labels, block, {&grad_rows, &lse_pos, &lse_neg},
+                          {"grad_rows", "lse_pos", "lse_neg"}, make_loss);
 }
 
 }  // namespace cuda_pairs

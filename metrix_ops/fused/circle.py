@@ -11,7 +11,7 @@ from ..reducers import zero_loss
 from ..ops.unit_rows import unit_rows
 from . import register, register_metrix
 from .multi_similarity import _self_pairs_only as self_pairs_only
-from .multi_similarity import metrix_refs_args
+from .multi_similarity import metrix_refs_args, self_block
 from .ntxent import guarded, reduce_rows, supports, unit_pair
 
 
@@ -21,8 +21,9 @@ SELF_BLOCK = 1024  # rows per block of the batch against itself (tests set it sm
 def impl(params, inp, reducer, chunk=None):
     def compute(_n_pos):
         m, gamma = params["m"], params["gamma"]
-        if self_pairs_only(inp):  # S symmetric: half the products
-            rows = circle_rows_self(unit_rows(inp.embeddings), inp.labels, m, gamma, SELF_BLOCK)
+        if self_pairs_only(inp, "circle_self_fwd"):  # S symmetric: fewer products
+            rows = circle_rows_self(unit_rows(inp.embeddings), inp.labels, m, gamma,
+                                    self_block(inp, SELF_BLOCK))
         else:
             xu, ru = unit_pair(inp)
             rows = circle_rows(xu, ru, inp.labels, inp.ref_labels, inp.same_set, m, gamma,

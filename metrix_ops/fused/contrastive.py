@@ -18,7 +18,7 @@ from ..ops.unit_rows import unit_rows
 from . import register, register_metrix
 from .pair_counts import pair_count_tensors
 from .raw_l2 import raw_on_cpu
-from .multi_similarity import _self_pairs_only, metrix_refs_args
+from .multi_similarity import _self_pairs_only, metrix_refs_args, self_block
 
 _WINDOWED = (ThresholdReducer, AvgNonZeroReducer)
 
@@ -107,11 +107,11 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     n_pos, n_neg = pair_count_tensors(inp.labels, inp.ref_labels, inp.same_set)
     cosine, pm, nm, (low, high), scale = op_form(inp.distance, params, window, x.dtype)
     raw = is_raw_l2(inp.distance)
-    if _self_pairs_only(inp):
+    if _self_pairs_only(inp, "contrastive_self_fwd"):
         # the symmetric op: unit rows, or the raw rows (it reads d from their norms and
         # products, contrastive_self_cpu.cpp)
         rows = contrastive_rows_self(x if raw else unit_rows(x), inp.labels, cosine, pm, nm,
-                                     low, high, block, raw=raw)
+                                     low, high, self_block(inp, block), raw=raw)
     else:  # against references: unit rows, or the raw rows (the op reads their norms)
         xo, ro = (x, inp.ref_emb) if raw else (unit_rows(x), unit_rows(inp.ref_emb))
         rows = contrastive_rows(xo, ro, inp.labels, inp.ref_labels, inp.same_set, cosine, pm,

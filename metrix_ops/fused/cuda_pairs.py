@@ -8,8 +8,9 @@ csrc/cuda/ms_mined_cuda.cu: ms_mine_bounds and ms_mined, MultiSimilarityLoss wit
 miner=MultiSimilarityMiner; triplet_cuda.cu's triplet_mined, TripletMarginLoss with
 miner=TripletMarginMiner (BatchHardMiner's streamed picks are PyTorch); csrc/cuda/pair_sims_cuda.cu:
 pair_sims, the indices_tuple paths of fused/indices/; dispatched by device), for CUDA tensors
-when the CUDA kernels were compiled. The symmetric self ops are CPU-only: the glue
-takes the general op with r = x on CUDA tensors."""
+when the CUDA kernels were compiled. The batch against itself takes the symmetric self ops
+where they have CUDA kernels (ms_loss_self, ms_mined_self, contrastive_self, circle_self,
+gen_lifted_self: fused/multi_similarity._self_pairs_only), else the general op with r = x."""
 from __future__ import annotations
 
 import torch
@@ -72,7 +73,7 @@ if _ext.has_cuda_kernel("pair_sims_fwd"):
         if _backend == "cpu":
             register_indices("cuda", _name, _on_cuda(_supports), _impl)
 
-# miner= inside the op: the same glue as the CPU's (its general ops, not the symmetric ones)
+# miner= inside the op: the same glue as the CPU's
 register_miner("cuda", "MultiSimilarityLoss", _on_cuda(multi_similarity.miner_supports),
                multi_similarity.miner_impl)
 register_miner("cuda", "TripletMarginLoss",

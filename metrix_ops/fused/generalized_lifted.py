@@ -16,7 +16,7 @@ from . import register, register_metrix
 from .raw_l2 import raw_on_cpu
 # the batch-against-itself test (S symmetric) and the element reduction are MS's
 from .multi_similarity import _reduce_clean
-from .multi_similarity import _self_pairs_only as self_pairs_only
+from .multi_similarity import _self_pairs_only as self_pairs_only, self_block
 from .multi_similarity import metrix_refs_args
 
 
@@ -32,8 +32,10 @@ def impl(params, inp, reducer, chunk: int = 2048, block: int = 1024):
     pm, nm = params["pos_margin"], params["neg_margin"]
     # the reference's normalisation (its p): a cosine-type similarity of any rows is exact
     xu = normalized(d, inp.embeddings)
-    if self_pairs_only(inp):  # (raw L2: the raw rows, whose norms the op reads)
-        rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, block, raw=is_raw_l2(d))
+    # (raw L2: the raw rows, whose norms the op reads)
+    if self_pairs_only(inp, "gen_lifted_self_fwd"):
+        rows = gen_lifted_rows_self(xu, inp.labels, cosine, pm, nm, self_block(inp, block),
+                                    raw=is_raw_l2(d))
     else:  # (raw L2: the raw rows, the op reads their norms)
         rows = gen_lifted_rows(xu, normalized(d, inp.ref_emb), inp.labels, inp.ref_labels,
                                inp.same_set, cosine, pm, nm, chunk, raw=is_raw_l2(d))

@@ -28,10 +28,29 @@ def self_pairs(inp) -> bool:
     return inp.ref_emb is inp.embeddings and inp.same_set
 
 
-def _self_pairs_only(inp) -> bool:
-    # ... and on the CPU, where the symmetric self op is (the CUDA engine runs the general op
-    # with r = x; the Triton glue asks self_pairs itself)
-    return self_pairs(inp) and inp.embeddings.device.type == "cpu"
+# rows and columns of a tile of S in the CUDA engine's self ops (one 64 MiB fp32 tile; the CPU
+# ops take their own blocks): tests set it small
+CUDA_SELF_BLOCK = 4096
+# False: the CUDA engine takes the general ops with r = x for the batch against itself too
+# (benchmarks/bench_losses.py's impl "cuda-general" measures the two against each other)
+CUDA_SELF_OPS = True
+
+
+def _self_pairs_only(inp, op: str | None = None) -> bool:
+    """self_pairs, on an engine with the symmetric self op: the CPU, or a CUDA device where
+    metrix_ops::`op` (the loss's *_self_fwd) has a CUDA kernel (csrc/cuda: MS, MS with its
+    miner, Contrastive, Circle, GeneralizedLifted). Elsewhere the CUDA engine runs the
+    general op with r = x; the Triton glue asks self_pairs itself."""
+    if not self_pairs(inp):
+        return False
+    device = inp.embeddings.device.type
+    return device == "cpu" or (device == "cuda" and op is not None and CUDA_SELF_OPS
+                               and _ext.has_cuda_kernel(op))
+
+
+def self_block(inp, cpu_block: int) -> int:
+    """The self op's block: `cpu_block` on the CPU, CUDA_SELF_BLOCK on a GPU."""
+    return cpu_block if inp.embeddings.device.type == "cpu" else CUDA_SELF_BLOCK
 
 
 def _reduce_clean(rows, inp, reducer, counts=None):
@@ -57,8 +76,9 @@ def _reduce_clean(rows, inp, reducer, counts=None):
 def impl(params, inp, reducer, chunk: int = 2048):
     x = inp.embeddings
     xu = unit_rows(x)
-    if _self_pairs_only(inp):
-        rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"])
+    if _self_pairs_only(inp, "ms_loss_self_fwd"):
+        rows = ms_loss_rows_self(xu, inp.labels, params["alpha"], params["beta"], params["base"],
+                                 self_block(inp, 1024))
     else:
         rows = ms_loss_rows(xu, unit_rows(inp.ref_emb), inp.labels, inp.ref_labels,
                             inp.same_set, params["alpha"], params["beta"], params["base"], chunk)
@@ -144,8 +164,9 @@ def miner_impl(params, inp, reducer, miner, chunk: int = 2048):
     """Each anchor's hardest positive and negative in one streaming pass, then the loss over
     the kept pairs in the next; the batch against itself over the symmetric blocks of S."""
     def rows(xu, ru, labels, ref_labels, same_set, alpha, beta, base, eps):
-        if _self_pairs_only(inp):
-            return ms_mined_rows_self(xu, labels, alpha, beta, base, eps, MINED_SELF_BLOCK)
+        if _self_pairs_only(inp, "ms_mined_self_fwd"):
+            return ms_mined_rows_self(xu, labels, alpha, beta, base, eps,
+                                      self_block(inp, MINED_SELF_BLOCK))
         return ms_mined_rows(xu, ru, labels, ref_labels, same_set, alpha, beta, base, eps,
                              chunk)
     return mined_loss(params, inp, reducer, miner, rows)
