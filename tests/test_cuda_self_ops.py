@@ -1,10 +1,10 @@
 """The CUDA engine's ops of the batch against itself (csrc/cuda: ms_loss_self, ms_mine_bounds_self
-and ms_mined_self, contrastive_self, circle_self, gen_lifted_self; the backward over S's
-symmetric blocks, cuda/pair_rows.cuh's grad_self) against the CPU self ops (checked against
-the reference in the CPU tests) and against the CUDA general ops with r = x, whose dx + dr
-is the same gradient taken the other way; then the losses routed through them against the
-reference. Blocks of a few rows make several block rows, a partial last block and the
-off-diagonal blocks' column folds and transposed products; blocks past 256 rows split the
+and ms_mined_self, contrastive_self, circle_self, gen_lifted_self, supcon_self; over S's
+symmetric blocks, cuda/pair_rows.cuh's fold_self and grad_self) against the CPU self ops
+(checked against the reference in the CPU tests) and against the CUDA general ops with r = x,
+whose dx + dr is the same gradient taken the other way; then the losses routed through them
+against the reference. Blocks of a few rows make several block rows, a partial last block and
+the off-diagonal blocks' column folds and transposed products; blocks past 256 rows split the
 column fold into segments. Skipped without a GPU and the compiled CUDA kernels."""
 import math
 
@@ -103,7 +103,26 @@ def test_contrastive_self_ops(b, block, cosine, pm, nm):
     dx = ops.contrastive_self_bwd(gp.cuda(), gn.cuda(), x.cuda(), y.cuda(), *hyper, block)
     _close(dx, dx_cpu)
     xc, yc = x.cuda(), y.cuda()
+    _close(dev, tuple(t.cpu() for t in ops.contrastive_fwd(xc, xc, yc, yc, True, *hyper, 7)))
     dxg, drg = ops.contrastive_bwd(gp.cuda(), gn.cuda(), xc, xc, yc, yc, True, *hyper, 7)
+    _close(dx, (dxg + drg).cpu())
+
+
+@pytest.mark.parametrize("b,block", BLOCKS)
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_supcon_self_ops(b, block, temperature):
+    x, y, g = _inputs(b, 5, 7 * b + block)
+    cpu = ops.supcon_self_fwd(x, y, temperature, block)
+    dev = ops.supcon_self_fwd(x.cuda(), y.cuda(), temperature, block)
+    _close(dev, cpu)
+    grad = torch.rand(b, dtype=torch.float64, generator=g)
+    dx_cpu = ops.supcon_self_bwd(grad, x, y, cpu[1], temperature, block)
+    dx = ops.supcon_self_bwd(grad.cuda(), x.cuda(), y.cuda(), dev[1], temperature, block)
+    _close(dx, dx_cpu)
+    xc, yc = x.cuda(), y.cuda()
+    gen = ops.supcon_fwd(xc, xc, yc, yc, True, temperature, 7)
+    _close(dev, tuple(t.cpu() for t in gen))
+    dxg, drg = ops.supcon_bwd(grad.cuda(), xc, xc, yc, yc, gen[1], True, temperature, 7, True)
     _close(dx, (dxg + drg).cpu())
 
 
@@ -122,6 +141,23 @@ def test_ms_mined_self_ops(b, block):
     dx = ops.ms_mined_self_bwd(grad.cuda(), x.cuda(), y.cuda(), dev[1], dev[2], hn_d, hp_d,
                                *hyper, block)
     _close(dx, dx_cpu)
+    xc, yc = x.cuda(), y.cuda()  # the CUDA general ops with r = x
+    _close((hn_d, hp_d), tuple(t.cpu() for t in ops.ms_mine_bounds(xc, xc, yc, yc, True, 7)))
+    gen = ops.ms_mined_fwd(xc, xc, yc, yc, hn_d, hp_d, True, *hyper, 7)
+    _close(dev, tuple(t.cpu() for t in gen))
+    dxg, drg = ops.ms_mined_bwd(grad.cuda(), xc, xc, yc, yc, gen[1], gen[2], hn_d, hp_d, True,
+                                *hyper, 7)
+    _close(dx, (dxg + drg).cpu())
+
+
+def test_warp_row_fold_with_a_row_offset():
+    """Blocks of more than 32 rows per multiprocessor take fold_rows_kernel's warp-per-row
+    form (4224 rows on an H100 or H200, from the second block row on at a row offset)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block = 32 * sms + 76
+    x, y, g = _inputs(2 * block + 24, 50, 11)
+    dev = ops.ms_loss_self_fwd(x.cuda(), y.cuda(), 2.0, 50.0, 0.5, block)
+    _close(dev, ops.ms_loss_self_fwd(x, y, 2.0, 50.0, 0.5, 1024))
 
 
 def test_self_ops_gradcheck():
@@ -138,13 +174,13 @@ def test_self_ops_gradcheck():
 
 
 @pytest.mark.parametrize("op", ["ms_loss_self_fwd", "circle_self_fwd", "gen_lifted_self_fwd",
-                                "contrastive_self_fwd", "ms_mined_self_fwd"])
+                                "contrastive_self_fwd", "ms_mined_self_fwd", "supcon_self_fwd"])
 def test_opcheck(op):
     x, y, _ = _inputs(13, 3, 2)
     x, y = x.cuda().requires_grad_(True), y.cuda()
     hyper = {"ms_loss_self_fwd": (2.0, 50.0, 0.5), "circle_self_fwd": (0.25, 64.0),
              "gen_lifted_self_fwd": (False, 0.1, 0.9),
-             "contrastive_self_fwd": (False, 0.0, 1.0, 0.0, INF)}
+             "contrastive_self_fwd": (False, 0.0, 1.0, 0.0, INF), "supcon_self_fwd": (0.1,)}
     if op == "ms_mined_self_fwd":
         hn, hp = ops.ms_mine_bounds_self(x.detach(), y, 4)
         args = (x, y, hn, hp, 2.0, 50.0, 0.5, 0.1, 4)
@@ -176,12 +212,14 @@ LOSSES = [
     ("ContrastiveLoss", {"pos_margin": 0.1, "neg_margin": 0.7}, "contrastive_self_fwd"),
     ("CircleLoss", {}, "circle_self_fwd"),
     ("GeneralizedLiftedStructureLoss", {}, "gen_lifted_self_fwd"),
+    ("SupConLoss", {}, "supcon_self_fwd"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("name,kw,op", LOSSES,
-                         ids=["ms", "ms_miner", "con", "con_kw", "circle", "gen_lifted"])
+                         ids=["ms", "ms_miner", "con", "con_kw", "circle", "gen_lifted",
+                              "supcon"])
 def test_losses_through_self_ops(monkeypatch, case, name, kw, op):
     monkeypatch.setattr(ms_glue, "CUDA_SELF_BLOCK", 8)
     kw = dict(kw)

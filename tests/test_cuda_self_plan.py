@@ -115,3 +115,22 @@ def test_plan_folds_each_pair_once_per_row_and_matches_the_cpu_op(b, block, seg_
     dx_cpu = torch.ops.metrix_ops.ms_loss_self_bwd(grad, x, y, cpu[1], cpu[2], ALPHA, BETA,
                                                    BASE, block)
     torch.testing.assert_close(dx, dx_cpu, rtol=1e-10, atol=1e-12)
+
+
+def test_routing_traces_under_compile():
+    """fused/multi_similarity._self_pairs_only sends CUDA calls of the batch against itself to
+    the self ops from a set read at import: a dispatcher query per call would stop a
+    fullgraph compile of the loss there (Dynamo's "torch.* op returned non-Tensor")."""
+    from types import SimpleNamespace
+
+    from metrix_ops.fused import multi_similarity as glue
+    emb = SimpleNamespace(device=torch.device("cuda"))
+    inp = SimpleNamespace(embeddings=emb, ref_emb=emb, same_set=True)
+
+    def f(t):
+        return t + 1 if glue._self_pairs_only(inp, "ms_loss_self_fwd") else t - 1
+
+    t = torch.zeros(3)
+    assert torch.equal(torch.compile(f, fullgraph=True)(t), f(t))
+    expected = 1.0 if _ext.has_cuda_kernel("ms_loss_self_fwd") else -1.0
+    assert f(t)[0].item() == expected

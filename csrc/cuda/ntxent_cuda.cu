@@ -270,11 +270,12 @@ at::Tensor positive_counts(const at::Tensor& labels, const at::Tensor& ref_label
   return n.to(dt);
 }
 
-std::tuple<at::Tensor, at::Tensor> supcon_fwd_cuda(const at::Tensor& x_, const at::Tensor& r_,
+// self_block: fold_all's (> 0: the self op's symmetric blocks; 0 for the op's own call)
+std::tuple<at::Tensor, at::Tensor> supcon_rows_fwd(const at::Tensor& x_, const at::Tensor& r_,
                                                    const at::Tensor& labels_,
                                                    const at::Tensor& ref_labels_,
                                                    bool exclude_diag, double temperature,
-                                                   int64_t chunk) {
+                                                   int64_t chunk, int64_t self_block) {
   check_call(x_, r_, labels_, ref_labels_, chunk, temperature);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), r = r_.contiguous();
@@ -288,12 +289,30 @@ std::tuple<at::Tensor, at::Tensor> supcon_fwd_cuda(const at::Tensor& x_, const a
     const SupConRows<T> loss{T(temperature)};
     at::Tensor buf = make_states(B, State::empty(), x.options());
     State* state = reinterpret_cast<State*>(buf.data_ptr());
-    fold_all<SupConRows<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state);
+    fold_all<SupConRows<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, loss, state,
+                               self_block);
     supcon_finish<T><<<launch_blocks(B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         state, B, rows.data_ptr<T>(), lse.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {rows, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> supcon_fwd_cuda(const at::Tensor& x, const at::Tensor& r,
+                                                   const at::Tensor& labels,
+                                                   const at::Tensor& ref_labels,
+                                                   bool exclude_diag, double temperature,
+                                                   int64_t chunk) {
+  return supcon_rows_fwd(x, r, labels, ref_labels, exclude_diag, temperature, chunk, 0);
+}
+
+// The batch against itself (supcon_self_fwd/bwd's schemas, csrc/cpu/supcon_self_cpu.cpp): S's
+// symmetric blocks (cuda_pairs::fold_self, grad_self).
+std::tuple<at::Tensor, at::Tensor> supcon_self_fwd_cuda(const at::Tensor& x,
+                                                        const at::Tensor& labels,
+                                                        double temperature, int64_t block) {
+  cuda_pairs::check_block(block);
+  return supcon_rows_fwd(x, x, labels, labels, true, temperature, block, block);
 }
 
 std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
@@ -320,9 +339,24 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
   return out;
 }
 
+at::Tensor supcon_self_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x,
+                                const at::Tensor& labels, const at::Tensor& lse,
+                                double temperature, int64_t block) {
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  cuda_pairs::check_block(block);
+  const at::Tensor n_pos = positive_counts(labels, labels, true, x.scalar_type());
+  return cuda_pairs::rows_self_bwd<3>(x, labels, block, {&grad_rows, &lse, &n_pos},
+                                      {"grad_rows", "lse", "n_pos"}, [&](auto g, auto l, auto n) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return SupConRows<T>{T(temperature), g, l, n};
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
+  m.impl("supcon_self_fwd", &supcon_self_fwd_cuda);
+  m.impl("supcon_self_bwd", &supcon_self_bwd_cuda);
   m.impl("ntxent_fwd", &ntxent_fwd_cuda);
   m.impl("ntxent_bwd", &ntxent_bwd_cuda);
   m.impl("supcon_fwd", &supcon_fwd_cuda);

@@ -91,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_fwd_cuda(
 }
 
 // The batch against itself (the schemas of ms_loss_self_fwd/bwd, csrc/metrix_ops.cpp): S's
-// symmetric blocks (cuda_pairs::fold_self, grad_self: 2 products in all where the general op
-// with r = x takes 4).
+// symmetric blocks (cuda_pairs::fold_self, grad_self: 2 + 1/nb products for nb block rows
+// where the general op with r = x takes 4).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_loss_self_fwd_cuda(
     const at::Tensor& x, const at::Tensor& labels, double alpha, double beta, double base,
     int64_t block) {

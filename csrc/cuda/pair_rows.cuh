@@ -283,8 +283,8 @@ void launch_fold_rows(const T* s, int64_t rows, int64_t len, int64_t row0, int64
 
 // Forward of the batch against itself (R = X, self pairs excluded): the blocks I ≤ J of S,
 // block × block each, folded into their rows' states and, off the diagonal, into their
-// columns' (rows J, which S_JI = S_IJᵀ would have given). Half of S's products; every entry
-// folded for both of its rows as before.
+// columns' (rows J, which S_JI = S_IJᵀ would have given). (nb + 1) / (2 nb) of S's products
+// for nb block rows; every entry folded for both of its rows as before.
 template <class Loss, typename T>
 void fold_self(const at::Tensor& x, const at::Tensor& labels, int64_t block, const Loss& loss,
                typename Loss::State* state) {
@@ -374,9 +374,9 @@ std::tuple<at::Tensor, at::Tensor> grad_all(const at::Tensor& x, const at::Tenso
 // Backward of the batch against itself (R = X, self pairs excluded; the *_self_bwd ops): S
 // and its pair kinds are symmetric, so ∂L/∂X = (G + Gᵀ) X. Over the blocks (I, J ≥ I) of S:
 // H_IJ = G_IJ + G_JIᵀ (grad_entries_kernel's kSym), dX_I += H_IJ X_J and, off the
-// diagonal, dX_J += H_IJᵀ X_I (cuBLAS reads the transpose in place). Half of S's products
-// and entries, and 1.5 products in all where grad_all with r = x takes 3 (S, G X, Gᵀ X);
-// with fold_self's half product, 2 where the general op takes 4.
+// diagonal, dX_J += H_IJᵀ X_I (cuBLAS reads the transpose in place). For nb block rows,
+// (nb + 1) / (2 nb) of S's products and one product with H, where grad_all with r = x takes
+// 3 (S, G X, Gᵀ X); with fold_self's, 2 + 1/nb where the general op takes 4.
 // A block's tile is block × block. (The diagonal blocks use s_ij for s_ji: equal up to the
 // product's rounding, as the CPU self ops.)
 template <class Loss, typename T>

@@ -17,7 +17,7 @@ from ..spec import get_spec
 from ..ops.unit_rows import unit_rows
 from . import register
 from .contrastive import _reduce_side, _window
-from .multi_similarity import _self_pairs_only as self_pairs_only
+from .multi_similarity import _self_pairs_only as self_pairs_only, self_block
 from .pair_counts import pair_count_tensors
 
 
@@ -107,8 +107,8 @@ def ntxent_impl(params, inp, reducer, chunk=None):
 
 def supcon_impl(params, inp, reducer, chunk=None):
     def rows(xu, ru, labels, ref_labels, same_set, temperature):
-        if self_pairs_only(inp):  # S symmetric: half the products
-            return supcon_rows_self(xu, labels, temperature, SELF_BLOCK)
+        if self_pairs_only(inp, "supcon_self_fwd"):  # S symmetric: half the products
+            return supcon_rows_self(xu, labels, temperature, self_block(inp, SELF_BLOCK))
         return supcon_rows(xu, ru, labels, ref_labels, same_set, temperature, chunk)
 
     return supcon_from_rows(rows, params, inp, reducer)
