@@ -1,5 +1,5 @@
 """The CUDA engine's ops of the batch against itself (csrc/cuda: ms_loss_self, ms_mine_bounds_self
-and ms_mined_self, contrastive_self, circle_self, gen_lifted_self, supcon_self; over S's
+and ms_mined_self, contrastive_self, circle_self, gen_lifted_self, supcon_self, ntxent_self; S's
 symmetric blocks, cuda/pair_rows.cuh's fold_self and grad_self) against the CPU self ops
 (checked against the reference in the CPU tests) and against the CUDA general ops with r = x,
 whose dx + dr is the same gradient taken the other way; then the losses routed through them
@@ -127,6 +127,26 @@ def test_supcon_self_ops(b, block, temperature):
 
 
 @pytest.mark.parametrize("b,block", BLOCKS)
+@pytest.mark.parametrize("temperature,low,high", [(0.07, -INF, INF), (0.5, 0.0, INF)])
+def test_ntxent_self_ops(b, block, temperature, low, high):
+    x, y, g = _inputs(b, 5, 9 * b + block)
+    hyper = (temperature, low, high)
+    cpu = ops.ntxent_self_fwd(x, y, *hyper, block)
+    dev = ops.ntxent_self_fwd(x.cuda(), y.cuda(), *hyper, block)
+    _close(dev, cpu)
+    grad = torch.rand(b, dtype=torch.float64, generator=g)
+    dx_cpu = ops.ntxent_self_bwd(grad, x, y, cpu[2], cpu[3], cpu[4], *hyper, block)
+    dx = ops.ntxent_self_bwd(grad.cuda(), x.cuda(), y.cuda(), dev[2], dev[3], dev[4], *hyper,
+                             block)
+    _close(dx, dx_cpu)
+    xc, yc = x.cuda(), y.cuda()
+    gen = ops.ntxent_fwd(xc, xc, yc, yc, True, *hyper, 7)
+    _close(dev[:4], tuple(t.cpu() for t in gen))
+    dxg, drg = ops.ntxent_bwd(grad.cuda(), xc, xc, yc, yc, gen[2], gen[3], True, *hyper, 7, True)
+    _close(dx, (dxg + drg).cpu())
+
+
+@pytest.mark.parametrize("b,block", BLOCKS)
 def test_ms_mined_self_ops(b, block):
     x, y, g = _inputs(b, 4, 5 * b + block)
     hn, hp = ops.ms_mine_bounds_self(x, y, block)
@@ -174,13 +194,15 @@ def test_self_ops_gradcheck():
 
 
 @pytest.mark.parametrize("op", ["ms_loss_self_fwd", "circle_self_fwd", "gen_lifted_self_fwd",
-                                "contrastive_self_fwd", "ms_mined_self_fwd", "supcon_self_fwd"])
+                                "contrastive_self_fwd", "ms_mined_self_fwd", "supcon_self_fwd",
+                                "ntxent_self_fwd"])
 def test_opcheck(op):
     x, y, _ = _inputs(13, 3, 2)
     x, y = x.cuda().requires_grad_(True), y.cuda()
     hyper = {"ms_loss_self_fwd": (2.0, 50.0, 0.5), "circle_self_fwd": (0.25, 64.0),
              "gen_lifted_self_fwd": (False, 0.1, 0.9),
-             "contrastive_self_fwd": (False, 0.0, 1.0, 0.0, INF), "supcon_self_fwd": (0.1,)}
+             "contrastive_self_fwd": (False, 0.0, 1.0, 0.0, INF), "supcon_self_fwd": (0.1,),
+             "ntxent_self_fwd": (0.1, -INF, INF)}
     if op == "ms_mined_self_fwd":
         hn, hp = ops.ms_mine_bounds_self(x.detach(), y, 4)
         args = (x, y, hn, hp, 2.0, 50.0, 0.5, 0.1, 4)
@@ -213,13 +235,14 @@ LOSSES = [
     ("CircleLoss", {}, "circle_self_fwd"),
     ("GeneralizedLiftedStructureLoss", {}, "gen_lifted_self_fwd"),
     ("SupConLoss", {}, "supcon_self_fwd"),
+    ("NTXentLoss", {}, "ntxent_self_fwd"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("name,kw,op", LOSSES,
                          ids=["ms", "ms_miner", "con", "con_kw", "circle", "gen_lifted",
-                              "supcon"])
+                              "supcon", "ntxent"])
 def test_losses_through_self_ops(monkeypatch, case, name, kw, op):
     monkeypatch.setattr(ms_glue, "CUDA_SELF_BLOCK", 8)
     kw = dict(kw)

@@ -139,10 +139,11 @@ __global__ void sum_count_finish(const SumCount* state, int64_t n, T* sums, int6
   if (counts != nullptr) counts[i] = state[i].count;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cuda(
+// self_block: fold_all's (> 0: the self op's symmetric blocks; 0 for the op's own call)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_rows_fwd(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, double temperature, double low,
-    double high, int64_t chunk) {
+    double high, int64_t chunk, int64_t self_block) {
   check_call(x_, r_, labels_, ref_labels_, chunk, temperature);
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous(), r = r_.contiguous();
@@ -158,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cuda(
     const NtxNegatives<T> negs{T(temperature)};
     at::Tensor nbuf = make_states(B, OnlineLse<T>::empty(), x.options());
     auto* nstate = reinterpret_cast<OnlineLse<T>*>(nbuf.data_ptr());
-    fold_all<NtxNegatives<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, negs, nstate);
+    fold_all<NtxNegatives<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, negs, nstate,
+                                 self_block);
     ntx_neg_finish<T><<<launch_blocks(B), kThreads, 0, stream>>>(nstate, B, nm.data_ptr<T>(),
                                                                  ns.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -166,12 +168,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cuda(
                                ns.data_ptr<T>()};
     at::Tensor pbuf = make_states(B, SumCount::empty(), x.options());
     auto* pstate = reinterpret_cast<SumCount*>(pbuf.data_ptr());
-    fold_all<NtxPositives<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, poss, pstate);
+    fold_all<NtxPositives<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, poss, pstate,
+                                 self_block);
     sum_count_finish<T><<<launch_blocks(B), kThreads, 0, stream>>>(
         pstate, B, sums.data_ptr<T>(), counts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sums, counts, nm, ns};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, bool exclude_diag, double temperature, double low,
+    double high, int64_t chunk) {
+  return ntxent_rows_fwd(x, r, labels, ref_labels, exclude_diag, temperature, low, high, chunk,
+                         0);
+}
+
+// Each row's total weight of its kept positive pairs (NtxWeights' fold; the inputs contiguous,
+// nm and ns in x's dtype). self_block: fold_all's.
+at::Tensor ntx_weight_totals(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
+                             const at::Tensor& ref_labels, bool exclude_diag, double temperature,
+                             double low, double high, const at::Tensor& nm, const at::Tensor& ns,
+                             int64_t chunk, int64_t self_block) {
+  const int64_t B = x.size(0);
+  at::Tensor w_total = at::zeros({B}, x.options());
+  if (B == 0) return w_total;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ntx_weight_totals_cuda", [&] {
+    using T = scalar_t;
+    const NtxWeights<T> weights{T(temperature), T(low), T(high), nm.data_ptr<T>(),
+                                ns.data_ptr<T>()};
+    at::Tensor wbuf = make_states(B, SumCount::empty(), x.options());
+    auto* wstate = reinterpret_cast<SumCount*>(wbuf.data_ptr());
+    fold_all<NtxWeights<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, weights, wstate,
+                               self_block);
+    sum_count_finish<T><<<launch_blocks(B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        wstate, B, w_total.data_ptr<T>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return w_total;
 }
 
 std::tuple<at::Tensor, at::Tensor> ntxent_bwd_cuda(
@@ -189,26 +224,46 @@ std::tuple<at::Tensor, at::Tensor> ntxent_bwd_cuda(
   const auto dt = x.scalar_type();
   auto g = grad_sums.to(dt).contiguous();
   auto nm = neg_max_.to(dt).contiguous(), ns = neg_sum_.to(dt).contiguous();
-  const int64_t B = x.size(0);
+  const at::Tensor w_total = ntx_weight_totals(x, r, labels, ref_labels, exclude_diag,
+                                               temperature, low, high, nm, ns, chunk, 0);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(dt, "ntxent_bwd_cuda", [&] {
     using T = scalar_t;
-    const T t = T(temperature), lo = T(low), hi = T(high);
-    at::Tensor w_total = at::zeros({B}, x.options());
-    if (B > 0) {
-      const NtxWeights<T> weights{t, lo, hi, nm.data_ptr<T>(), ns.data_ptr<T>()};
-      at::Tensor wbuf = make_states(B, SumCount::empty(), x.options());
-      auto* wstate = reinterpret_cast<SumCount*>(wbuf.data_ptr());
-      fold_all<NtxWeights<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, weights, wstate);
-      sum_count_finish<T><<<launch_blocks(B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          wstate, B, w_total.data_ptr<T>(), nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    const NtxGrad<T> grad{t, lo, hi, nm.data_ptr<T>(), ns.data_ptr<T>(), g.data_ptr<T>(),
-                          w_total.data_ptr<T>()};
+    const NtxGrad<T> grad{T(temperature), T(low), T(high), nm.data_ptr<T>(), ns.data_ptr<T>(),
+                          g.data_ptr<T>(), w_total.data_ptr<T>()};
     out = grad_all<NtxGrad<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, grad, need_dr);
   });
   return out;
+}
+
+// The batch against itself (ntxent_self_fwd/bwd's schemas, csrc/cpu/ntxent_self_cpu.cpp): S's
+// symmetric blocks (cuda_pairs::fold_self, grad_self); the forward also gives w_total, which
+// the self backward takes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_self_fwd_cuda(
+    const at::Tensor& x_, const at::Tensor& labels_, double temperature, double low,
+    double high, int64_t block) {
+  cuda_pairs::check_block(block);
+  auto [sums, counts, nm, ns] = ntxent_rows_fwd(x_, x_, labels_, labels_, true, temperature, low,
+                                                high, block, block);
+  c10::cuda::CUDAGuard guard(x_.device());
+  const auto x = x_.contiguous(), labels = labels_.contiguous();
+  const at::Tensor w_total = ntx_weight_totals(x, x, labels, labels, true, temperature, low,
+                                               high, nm, ns, block, block);
+  return {sums, counts, nm, ns, w_total};
+}
+
+at::Tensor ntxent_self_bwd_cuda(const at::Tensor& grad_sums, const at::Tensor& x,
+                                const at::Tensor& labels, const at::Tensor& neg_max,
+                                const at::Tensor& neg_sum, const at::Tensor& w_total,
+                                double temperature, double low, double high, int64_t block) {
+  cuda_pairs::check_block(block);
+  check_call(x, x, labels, labels, block, temperature);
+  return cuda_pairs::rows_self_bwd<4>(
+      x, labels, block, {&grad_sums, &neg_max, &neg_sum, &w_total},
+      {"grad_sums", "neg_max", "neg_sum", "w_total"}, [&](auto g, auto nm, auto ns, auto w) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    return NtxGrad<T>{T(temperature), T(low), T(high), nm, ns, g, w};
+  });
 }
 
 // ---- SupCon: log-sum-exp of z over the row's pairs, Σ_P z, |P|
@@ -342,8 +397,8 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cuda(
 at::Tensor supcon_self_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x,
                                 const at::Tensor& labels, const at::Tensor& lse,
                                 double temperature, int64_t block) {
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
   cuda_pairs::check_block(block);
+  check_call(x, x, labels, labels, block, temperature);
   const at::Tensor n_pos = positive_counts(labels, labels, true, x.scalar_type());
   return cuda_pairs::rows_self_bwd<3>(x, labels, block, {&grad_rows, &lse, &n_pos},
                                       {"grad_rows", "lse", "n_pos"}, [&](auto g, auto l, auto n) {
@@ -355,6 +410,8 @@ at::Tensor supcon_self_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& x
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
+  m.impl("ntxent_self_fwd", &ntxent_self_fwd_cuda);
+  m.impl("ntxent_self_bwd", &ntxent_self_bwd_cuda);
   m.impl("supcon_self_fwd", &supcon_self_fwd_cuda);
   m.impl("supcon_self_bwd", &supcon_self_bwd_cuda);
   m.impl("ntxent_fwd", &ntxent_fwd_cuda);

@@ -10,8 +10,8 @@ miner=TripletMarginMiner (BatchHardMiner's streamed picks are PyTorch); csrc/cud
 pair_sims, the indices_tuple paths of fused/indices/; dispatched by device), for CUDA tensors
 when the CUDA kernels were compiled. The batch against itself takes the symmetric self ops
 where they have CUDA kernels (ms_loss_self, ms_mined_self, contrastive_self, circle_self,
-gen_lifted_self, supcon_self: fused/multi_similarity._self_pairs_only), else the general op
-with r = x."""
+gen_lifted_self, supcon_self, ntxent_self: fused/multi_similarity._self_pairs_only), else
+(LiftedStructureLoss) the general op with r = x."""
 from __future__ import annotations
 
 import torch

@@ -40,15 +40,16 @@ CUDA_SELF_OPS = True
 # would break torch.compile's graph there
 _CUDA_SELF_OPS = frozenset(op for op in ("ms_loss_self_fwd", "ms_mined_self_fwd",
                                          "contrastive_self_fwd", "circle_self_fwd",
-                                         "gen_lifted_self_fwd", "supcon_self_fwd")
+                                         "gen_lifted_self_fwd", "supcon_self_fwd",
+                                         "ntxent_self_fwd")
                            if _ext.has_cuda_kernel(op))
 
 
 def _self_pairs_only(inp, op: str | None = None) -> bool:
     """self_pairs, on an engine with the symmetric self op: the CPU, or a CUDA device where
     metrix_ops::`op` (the loss's *_self_fwd) has a CUDA kernel (csrc/cuda: MS, MS with its
-    miner, Contrastive, Circle, GeneralizedLifted, SupCon). Elsewhere the CUDA engine runs
-    the general op with r = x; the Triton glue asks self_pairs itself."""
+    miner, Contrastive, Circle, GeneralizedLifted, SupCon, NTXent). Elsewhere (LiftedStructure)
+    the CUDA engine runs the general op with r = x; the Triton glue asks self_pairs itself."""
     if not self_pairs(inp):
         return False
     device = inp.embeddings.device.type

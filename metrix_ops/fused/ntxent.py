@@ -98,8 +98,9 @@ SELF_BLOCK = 1024  # rows per block of the batch against itself (tests set it sm
 
 def ntxent_impl(params, inp, reducer, chunk=None):
     def rows(xu, ru, labels, ref_labels, same_set, temperature, low, high):
-        if self_pairs_only(inp):  # S symmetric: half the products
-            return ntxent_rows_self(xu, labels, temperature, low, high, SELF_BLOCK)
+        if self_pairs_only(inp, "ntxent_self_fwd"):  # S symmetric: half the products
+            return ntxent_rows_self(xu, labels, temperature, low, high,
+                                    self_block(inp, SELF_BLOCK))
         return ntxent_rows(xu, ru, labels, ref_labels, same_set, temperature, low, high, chunk)
 
     return ntxent_from_rows(rows, params, inp, reducer)
