@@ -61,7 +61,7 @@ TWO_SIDE = [
 
 
 # blocks past 256 rows (fold_cols_kernel's segments): several segments per column merged
-BLOCKS = [(1, 4), (37, 5), (37, 64), (130, 16), (130, 50), (600, 300), (1100, 520)]
+BLOCKS = [(0, 4), (1, 4), (37, 5), (37, 64), (130, 16), (130, 50), (600, 300), (1100, 520)]
 
 
 @pytest.mark.parametrize("stem,hyper,general,ghyper", TWO_SIDE,
@@ -74,7 +74,8 @@ def test_two_side_self_ops(stem, hyper, general, ghyper, b, block):
     dev = fwd(x.cuda(), y.cuda(), *hyper, block)
     _close(dev, cpu)
     grad = torch.rand(b, dtype=torch.float64, generator=g)
-    grad[b // 2] = 0  # a row whose gradient is skipped
+    if b:
+        grad[b // 2] = 0  # a row whose gradient is skipped
     dx_cpu = bwd(grad, x, y, cpu[1], cpu[2], *hyper, block)
     dx = bwd(grad.cuda(), x.cuda(), y.cuda(), dev[1], dev[2], *hyper, block)
     _close(dx, dx_cpu)
@@ -127,7 +128,9 @@ def test_supcon_self_ops(b, block, temperature):
 
 
 @pytest.mark.parametrize("b,block", BLOCKS)
-@pytest.mark.parametrize("temperature,low,high", [(0.07, -INF, INF), (0.5, 0.0, INF)])
+# (low, high): the reducer's window on a pair's loss, which decides the kept pairs and w_total
+@pytest.mark.parametrize("temperature,low,high", [(0.07, -INF, INF), (0.5, 0.0, INF),
+                                                  (0.5, 0.0, 2.0)])
 def test_ntxent_self_ops(b, block, temperature, low, high):
     x, y, g = _inputs(b, 5, 9 * b + block)
     hyper = (temperature, low, high)
@@ -191,6 +194,8 @@ def test_self_ops_gradcheck():
                              (xc,))
     torch.autograd.gradcheck(
         lambda e: ops.contrastive_self_fwd(e, yc, False, 0.0, 1.0, 0.0, INF, 4)[0], (xc,))
+    torch.autograd.gradcheck(lambda e: ops.supcon_self_fwd(e, yc, 0.5, 4)[0], (xc,))
+    torch.autograd.gradcheck(lambda e: ops.ntxent_self_fwd(e, yc, 0.5, -INF, INF, 4)[0], (xc,))
 
 
 @pytest.mark.parametrize("op", ["ms_loss_self_fwd", "circle_self_fwd", "gen_lifted_self_fwd",

@@ -54,15 +54,18 @@ __device__ NtxProb<T> ntx_pair(T z, const T* neg_max, const T* neg_sum, int64_t 
   return ntx_prob(z, neg_max[i], neg_sum[i]);
 }
 
-// ---- NT-Xent, pass 2 (forward): the sum and count of the kept positive-pair losses
+// ---- NT-Xent, pass 2 (forward): the sum and count of the kept positive-pair losses, and
+// their total weight (the backward's w_total, which the self op's forward returns)
 
 struct SumCount {
   double sum;
   long long count;
-  MO_HD static SumCount empty() { return {0.0, 0}; }
+  double wsum;
+  MO_HD static SumCount empty() { return {0.0, 0, 0.0}; }
   MO_HD void merge(const SumCount& o) {
     sum += o.sum;
     count += o.count;
+    wsum += o.wsum;
   }
 };
 
@@ -74,10 +77,12 @@ struct NtxPositives {
   const T* neg_sum;
   __device__ void fold(State& st, T s, bool pos, int64_t i) const {
     if (!pos) return;
-    const T loss = ntx_loss(ntx_pair(ntx_logit(s, t), neg_max, neg_sum, i));
+    const NtxProb<T> p = ntx_pair(ntx_logit(s, t), neg_max, neg_sum, i);
+    const T loss = ntx_loss(p);
     if (in_window(loss, low, high)) {
       st.sum += loss;
       ++st.count;
+      st.wsum += ntx_pos_weight(p);
     }
   }
   __device__ T grad(T, bool, int64_t) const { return T(0); }
@@ -87,7 +92,7 @@ struct NtxPositives {
 
 template <typename T>
 struct NtxWeights {
-  using State = SumCount;  // the count is unused
+  using State = SumCount;  // the count and wsum are unused
   T t, low, high;
   const T* neg_max;
   const T* neg_sum;
@@ -132,15 +137,18 @@ __global__ void ntx_neg_finish(const OnlineLse<T>* state, int64_t n, T* nm, T* n
 }
 
 template <typename T>
-__global__ void sum_count_finish(const SumCount* state, int64_t n, T* sums, int64_t* counts) {
+__global__ void sum_count_finish(const SumCount* state, int64_t n, T* sums, int64_t* counts,
+                                 T* wsums = nullptr) {
   const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (i >= n) return;
   sums[i] = T(state[i].sum);
   if (counts != nullptr) counts[i] = state[i].count;
+  if (wsums != nullptr) wsums[i] = T(state[i].wsum);
 }
 
-// self_block: fold_all's (> 0: the self op's symmetric blocks; 0 for the op's own call)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_rows_fwd(
+// self_block: fold_all's (> 0: the self op's symmetric blocks; 0 for the op's own call).
+// Returns (sums, counts, neg_max, neg_sum, w_total).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_rows_fwd(
     const at::Tensor& x_, const at::Tensor& r_, const at::Tensor& labels_,
     const at::Tensor& ref_labels_, bool exclude_diag, double temperature, double low,
     double high, int64_t chunk, int64_t self_block) {
@@ -150,9 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_rows_fwd(
   auto labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
   const int64_t B = x.size(0);
   at::Tensor sums = at::zeros({B}, x.options()), nm = at::empty_like(sums),
-             ns = at::empty_like(sums);
+             ns = at::empty_like(sums), w_total = at::zeros_like(sums);
   at::Tensor counts = at::zeros({B}, x.options().dtype(at::kLong));
-  if (B == 0) return {sums, counts, nm, ns};
+  if (B == 0) return {sums, counts, nm, ns, w_total};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ntxent_fwd_cuda", [&] {
     using T = scalar_t;
@@ -171,26 +179,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_rows_fwd(
     fold_all<NtxPositives<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, poss, pstate,
                                  self_block);
     sum_count_finish<T><<<launch_blocks(B), kThreads, 0, stream>>>(
-        pstate, B, sums.data_ptr<T>(), counts.data_ptr<int64_t>());
+        pstate, B, sums.data_ptr<T>(), counts.data_ptr<int64_t>(), w_total.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {sums, counts, nm, ns};
+  return {sums, counts, nm, ns, w_total};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cuda(
     const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
     const at::Tensor& ref_labels, bool exclude_diag, double temperature, double low,
     double high, int64_t chunk) {
-  return ntxent_rows_fwd(x, r, labels, ref_labels, exclude_diag, temperature, low, high, chunk,
-                         0);
+  auto [sums, counts, nm, ns, w_total] = ntxent_rows_fwd(x, r, labels, ref_labels, exclude_diag,
+                                                         temperature, low, high, chunk, 0);
+  return {sums, counts, nm, ns};
 }
 
 // Each row's total weight of its kept positive pairs (NtxWeights' fold; the inputs contiguous,
-// nm and ns in x's dtype). self_block: fold_all's.
+// nm and ns in x's dtype).
 at::Tensor ntx_weight_totals(const at::Tensor& x, const at::Tensor& r, const at::Tensor& labels,
                              const at::Tensor& ref_labels, bool exclude_diag, double temperature,
                              double low, double high, const at::Tensor& nm, const at::Tensor& ns,
-                             int64_t chunk, int64_t self_block) {
+                             int64_t chunk) {
   const int64_t B = x.size(0);
   at::Tensor w_total = at::zeros({B}, x.options());
   if (B == 0) return w_total;
@@ -200,8 +209,7 @@ at::Tensor ntx_weight_totals(const at::Tensor& x, const at::Tensor& r, const at:
                                 ns.data_ptr<T>()};
     at::Tensor wbuf = make_states(B, SumCount::empty(), x.options());
     auto* wstate = reinterpret_cast<SumCount*>(wbuf.data_ptr());
-    fold_all<NtxWeights<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, weights, wstate,
-                               self_block);
+    fold_all<NtxWeights<T>, T>(x, r, labels, ref_labels, exclude_diag, chunk, weights, wstate);
     sum_count_finish<T><<<launch_blocks(B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         wstate, B, w_total.data_ptr<T>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -225,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> ntxent_bwd_cuda(
   auto g = grad_sums.to(dt).contiguous();
   auto nm = neg_max_.to(dt).contiguous(), ns = neg_sum_.to(dt).contiguous();
   const at::Tensor w_total = ntx_weight_totals(x, r, labels, ref_labels, exclude_diag,
-                                               temperature, low, high, nm, ns, chunk, 0);
+                                               temperature, low, high, nm, ns, chunk);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(dt, "ntxent_bwd_cuda", [&] {
     using T = scalar_t;
@@ -237,19 +245,13 @@ std::tuple<at::Tensor, at::Tensor> ntxent_bwd_cuda(
 }
 
 // The batch against itself (ntxent_self_fwd/bwd's schemas, csrc/cpu/ntxent_self_cpu.cpp): S's
-// symmetric blocks (cuda_pairs::fold_self, grad_self); the forward also gives w_total, which
-// the self backward takes.
+// symmetric blocks (cuda_pairs::fold_self, grad_self); the forward also gives w_total (from
+// its positives' pass), which the self backward takes instead of a weights pass.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_self_fwd_cuda(
-    const at::Tensor& x_, const at::Tensor& labels_, double temperature, double low,
-    double high, int64_t block) {
+    const at::Tensor& x, const at::Tensor& labels, double temperature, double low, double high,
+    int64_t block) {
   cuda_pairs::check_block(block);
-  auto [sums, counts, nm, ns] = ntxent_rows_fwd(x_, x_, labels_, labels_, true, temperature, low,
-                                                high, block, block);
-  c10::cuda::CUDAGuard guard(x_.device());
-  const auto x = x_.contiguous(), labels = labels_.contiguous();
-  const at::Tensor w_total = ntx_weight_totals(x, x, labels, labels, true, temperature, low,
-                                               high, nm, ns, block, block);
-  return {sums, counts, nm, ns, w_total};
+  return ntxent_rows_fwd(x, x, labels, labels, true, temperature, low, high, block, block);
 }
 
 at::Tensor ntxent_self_bwd_cuda(const at::Tensor& grad_sums, const at::Tensor& x,
