@@ -3,6 +3,7 @@ value-and-gradient comparison used against PML and between backends."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (case id, batch size, dim, label maker(B, generator)) — odd sizes on purpose
 def _rand_labels(k):
@@ -123,3 +124,17 @@ def check_own_rows_with_gradient(backend, dev, name):
         lambda e: ref(e, y, all_pairs(y, y_all, same_set=True), torch.cat([e, other]), y_all), x)
     torch.testing.assert_close(v, vr, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(gx, gr, rtol=1e-6, atol=1e-9)
+
+
+class MetrixOpCalls(TorchDispatchMode):
+    """Records the metrix_ops ops a call reaches, with the device of their first argument:
+    `with MetrixOpCalls() as seen: ...`, then seen.calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "metrix_ops":
+            self.calls.append((func.__name__.split(".")[0], args[0].device.type))
+        return func(*args, **(kwargs or {}))

@@ -57,3 +57,11 @@ def pytest_terminal_summary(terminalreporter):
     if fault:
         terminalreporter.write_sep("=", "Triton interpreter unusable here", red=True)
         terminalreporter.write_line(fault)
+
+
+def pytest_configure(config):
+    """Without a GPU, the CUDA tests (test_cuda_*.py) run the CUDA engine's own kernels on the
+    CPU emulator (tests/cuda_emu) instead of skipping: METRIX_OPS_CUDA_EMU=0 turns it off."""
+    from cuda_emu import plugin
+    if plugin.wanted():
+        config.pluginmanager.register(plugin.CudaEmuPlugin(), "cuda_emu")

@@ -64,7 +64,8 @@ def test_matches_reference_fp64(case, lam, pairs, name, kw, op_calls):
     fused = make("cuda", lam, pairs=pairs, name=name, **kw)
     ref = make("reference", lam, pairs=pairs, name=name, **kw)
     assert_close_vg(lambda e: fused(e, y), lambda e: ref(e, y), x)
-    assert op_calls
+    # Circle's mixed term is 0 at λ = 0 or 1 (one side has no label mass): no op call then
+    assert op_calls or (name == "CircleLoss" and lam in (0.0, 1.0))
 
 
 @pytest.mark.parametrize("kw", [{"alpha": 1.3, "beta": 20.0, "base": 0.3},
@@ -89,7 +90,7 @@ def test_fp32_and_bf16(name, kw):
     # Circle's γ turns fp32 cosines' rounding into ~γ·eps·|g| per gradient entry (the CPU
     # tests' rule): entries to 1e-4 of the largest
     atol = 1e-4 * float(gb.abs().max()) if name == "CircleLoss" else 1e-6
-    torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(ga.double(), gb.double(), rtol=1e-4, atol=atol)
     xb = x.bfloat16().requires_grad_(True)
     out = fused(xb, y)
     out.backward()

@@ -74,6 +74,7 @@ def test_ref_emb_equals_reference(case, name, kw, pairs, chunk, op_calls, monkey
     assert op_calls
 
 
+@pytest.mark.gpu_only  # the Triton engine does not take the emulator's CUDA tensors
 def test_the_triton_engine_keeps_the_chunks(op_calls):
     """beside Triton's clean loss the mixed term stays in the anchor chunks (the refs ops
     serve backend="cuda" until measured), with the reference's values"""

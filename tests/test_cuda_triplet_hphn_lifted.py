@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import metrix_ops as mo
-from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cases import CASE_IDS, CASES, MetrixOpCalls, assert_close_vg, make_case
 from metrix_ops import _ext
 from metrix_ops.distances import CosineSimilarity
 from metrix_ops.ops.ee_mining import ee_hphn_mine
@@ -263,33 +263,35 @@ def test_triplet_mined_op_equals_the_cpu_op(smooth, kind, chunk, classes):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
 
 
-def test_explicit_cuda_runs_the_cuda_ops(monkeypatch):
-    calls = []
-    for op in ("triplet_all_fwd", "ee_hphn_mine", "lifted_fwd", "ms_mined_fwd"):
-        real = getattr(torch.ops.metrix_ops, op)
-        monkeypatch.setattr(torch.ops.metrix_ops, op,
-                            lambda *a, real=real, op=op: calls.append((op, a[0].device.type))
-                            or real(*a))
+def test_explicit_cuda_runs_the_cuda_ops():
     x = torch.randn(16, 8, device="cuda", dtype=torch.float64)
     y = torch.randint(0, 3, (16,), device="cuda")
-    for name in ("TripletMarginLoss", "HPHNTripletLoss", "LiftedStructureLoss"):
-        out = make(name, {}, "cuda")(x, y)
-        torch.testing.assert_close(out, make(name, {}, "reference")(x, y))
-    miner = mo.miners.MultiSimilarityMiner(0.1)
-    out = mo.losses.MultiSimilarityLoss(backend="cuda", miner=miner)(x, y)
-    torch.testing.assert_close(out, make("MultiSimilarityLoss", {}, "reference")(x, y, miner(x, y)))
-    assert calls == [("triplet_all_fwd", "cuda"), ("ee_hphn_mine", "cuda"),
-                     ("lifted_fwd", "cuda"), ("ms_mined_fwd", "cuda")]
+    with MetrixOpCalls() as seen:
+        for name in ("TripletMarginLoss", "HPHNTripletLoss", "LiftedStructureLoss"):
+            out = make(name, {}, "cuda")(x, y)
+            torch.testing.assert_close(out, make(name, {}, "reference")(x, y))
+        miner = mo.miners.MultiSimilarityMiner(0.1)
+        out = mo.losses.MultiSimilarityLoss(backend="cuda", miner=miner)(x, y)
+        torch.testing.assert_close(
+            out, make("MultiSimilarityLoss", {}, "reference")(x, y, miner(x, y)))
+    # the batch against itself of the mined MS loss takes its self op where built
+    first = ["triplet_all_fwd", "ee_hphn_mine", "lifted_fwd"]
+    assert [op for op, _ in seen.calls] in (first + ["ms_mined_fwd"],
+                                            first + ["ms_mine_bounds_self", "ms_mined_self_fwd"])
+    assert {dev for _, dev in seen.calls} == {"cuda"}
 
 
-def test_hphn_with_expansion_is_not_the_cuda_engines():
-    """The CUDA mining op has no EE search: an explicit backend="cuda" raises, and the op
-    itself refuses segments by name."""
-    x = torch.randn(8, 4, device="cuda")
+def test_hphn_with_expansion_on_the_cuda_engine():
+    """EE-HPHN on the CUDA engine searches the synthetic points with its own op
+    (ee_point_mine); the pair-mining op has no EE search and refuses segments by name."""
+    x = torch.randn(8, 4, device="cuda", dtype=torch.float64)
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device="cuda")
-    loss = mo.losses.HPHNTripletLoss(backend="cuda", expansion=mo.Expansion(n_points=2))
-    with pytest.raises(NotImplementedError):
-        loss(x, y)
+    ee = mo.Expansion(n_points=2)
+    with MetrixOpCalls() as seen:
+        out = mo.losses.HPHNTripletLoss(backend="cuda", expansion=ee)(x, y)
+    assert ("ee_point_mine", "cuda") in seen.calls
+    torch.testing.assert_close(out, mo.losses.HPHNTripletLoss(backend="reference",
+                                                              expansion=ee)(x, y))
     seg = torch.tensor([0], device="cuda")
     with pytest.raises(RuntimeError, match="Triton engine"):
         torch.ops.metrix_ops.ee_hphn_mine(F.normalize(x, dim=1), y, seg, seg + 1, 2, 8)

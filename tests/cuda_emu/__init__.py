@@ -1,0 +1,1 @@
+"""A CPU emulator of the CUDA execution model for the CUDA tests (see plugin.py)."""
