@@ -36,7 +36,9 @@ def transformed_sources():
     from cuda_emu.transform import transform
     runtime = os.path.join(HERE, "runtime.h")
     sources = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*"))):
+    # csrc/cuda, and the emulator's own test kernels (tests/test_emu_runtime.py)
+    paths = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*")))
+    for path in paths + [os.path.join(HERE, "selftest.cu")]:
         rel = os.path.relpath(path, ROOT)
         with open(path) as f:
             text = transform(f.read(), runtime, rel)

@@ -9,9 +9,11 @@ An "emulated CUDA tensor" is a CPU tensor tagged as such: made by .cuda(), .to("
 factory with device="cuda", and every result of an op with a tagged input is tagged. While a
 test runs, such a tensor says is_cuda and device cuda:0, and a metrix_ops op called with one
 runs the op's CUDA kernel as emulated (torch.ops.metrix_emu); an op with no CUDA kernel raises,
-as it would on a device. .cpu() gives the untagged tensor. So a test that compares an op on
-CUDA tensors against the same op on CPU tensors compares the CUDA kernel against the CPU one,
-and a loss called with backend="cuda" routes through the glue's CUDA paths.
+as it would on a device. .cpu() is a copy back (its gradient goes to the device), and the
+ops' own device checks see such a tensor among CUDA ones on another device. So a test that
+compares an op on CUDA tensors against the same op on CPU tensors compares the CUDA kernel
+against the CPU one, and a loss called with backend="cuda" routes through the glue's CUDA
+paths.
 
 What it does not emulate: the Triton engine on CUDA tensors (its own tests run under
 TRITON_INTERPRET=1 on CPU tensors; its ops that the CUDA engine shares run so here), and
@@ -19,7 +21,7 @@ torch.compile and opcheck of CUDA tensors (a test skips where it calls them), CU
 streams and memory statistics; tests marked gpu_only are skipped."""
 import contextlib
 import os
-import types
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,7 +266,7 @@ class CudaEmuPlugin:
         mp.setattr(torch.cuda, "_exchange_device", lambda idx: 0)  # torch.cuda.device(...)
         mp.setattr(torch.cuda, "_maybe_exchange_device", lambda idx: 0)
         mp.setattr(torch.cuda, "get_device_name", lambda *a, **k: "cuda_emu (CPU)")
-        props = types.SimpleNamespace(  # the SM count the emulated kernels see (runtime.h)
+        props = SimpleNamespace(  # the SM count the emulated kernels see (runtime.h)
             name="cuda_emu (CPU)", multi_processor_count=int(os.environ.get("EMU_SMS", "2")),
             major=9, minor=0, total_memory=16 << 30)
         mp.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)

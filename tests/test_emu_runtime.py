@@ -1,0 +1,64 @@
+"""The CPU emulator of the CUDA execution model (tests/cuda_emu), on its own test kernels
+(cuda_emu/selftest.cu, built through the same source rewriting as csrc/cuda): warp shuffles
+and ballots against their definitions, shared memory across __syncthreads, 2-D grid and block
+indices, atomics, and the faults it must report rather than compute through. Runs wherever the
+CUDA tests run on the emulator (no GPU, a build with CUDA kernels)."""
+import pytest
+import torch
+
+from cuda_emu import plugin
+
+pytestmark = pytest.mark.skipif(not plugin.wanted(),
+                                reason="the CUDA tests run on a GPU here, or the emulator is off")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from cuda_emu import build
+    build.load()
+    return torch.ops.metrix_emu
+
+
+@pytest.mark.parametrize("threads", [32, 96])
+def test_warp_operations(emu, threads):
+    g = torch.Generator().manual_seed(threads)
+    x = torch.randn(threads, generator=g)
+    total, down, idx, ballot = emu.emu_selftest_warp(x)
+    lanes = torch.arange(threads) % 32
+    warps = x.view(-1, 32)
+    torch.testing.assert_close(total, warps.sum(1, keepdim=True).expand(-1, 32).reshape(-1),
+                               rtol=1e-6, atol=1e-6)
+    nxt = torch.where(lanes < 31, torch.roll(x, -1), x)  # the warp's last lane keeps its own
+    assert torch.equal(down, nxt)
+    assert torch.equal(idx, x.view(-1, 8)[:, 3:4].expand(-1, 8).reshape(-1))
+    bits = (warps > 0).long() << torch.arange(32)
+    want = bits.sum(1).to(torch.int64)
+    assert torch.equal(ballot.long() & 0xffffffff,
+                       want.repeat_interleave(32) & 0xffffffff)
+
+
+def test_shared_memory_across_syncthreads(emu, monkeypatch):
+    x = torch.randn(64 * 5, generator=torch.Generator().manual_seed(3))
+    want = x.view(5, 64).flip(1).reshape(-1)
+    assert torch.equal(emu.emu_selftest_block(x), want)
+    monkeypatch.setenv("EMU_REVERSE", "1")  # the fibers in the other order: the same result
+    assert torch.equal(emu.emu_selftest_block(x), want)
+
+
+def test_grid_and_block_indices_and_atomics(emu):
+    out, counter = emu.emu_selftest_index(torch.empty(0))
+    want = torch.tensor([[bx, by, tx, ty] for by in range(2) for bx in range(3)
+                         for ty in range(2) for tx in range(4)], dtype=torch.int32)
+    assert torch.equal(out, want)
+    assert int(counter) == 3 * 2 * 4 * 2
+
+
+@pytest.mark.parametrize("which,message", [(0, "divergent warp operation"),
+                                           (1, "has exited"),
+                                           (2, "empty grid")])
+def test_faults_are_reported(emu, which, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.emu_selftest_fault(torch.empty(0), which)
+    # the emulator is usable after a fault
+    x = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(emu.emu_selftest_warp(x)[2], x.view(-1, 8)[:, 3:4].expand(-1, 8).reshape(-1))
