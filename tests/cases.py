@@ -128,13 +128,15 @@ def check_own_rows_with_gradient(backend, dev, name):
 
 class MetrixOpCalls(TorchDispatchMode):
     """Records the metrix_ops ops a call reaches, with the device of their first argument:
-    `with MetrixOpCalls() as seen: ...`, then seen.calls."""
+    `with MetrixOpCalls() as seen: ...`, then seen.calls. The Triton engine's ops
+    (triton_*), which the CUDA glue takes for helpers where Triton runs on the device
+    (unit_rows, HPHN's pick similarities), are left out: the engine's own ops only."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "metrix_ops":
+        if func.namespace == "metrix_ops" and not func.__name__.startswith("triton_"):
             self.calls.append((func.__name__.split(".")[0], args[0].device.type))
         return func(*args, **(kwargs or {}))

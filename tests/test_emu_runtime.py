@@ -55,10 +55,11 @@ def test_grid_and_block_indices_and_atomics(emu):
 
 @pytest.mark.parametrize("which,message", [(0, "divergent warp operation"),
                                            (1, "has exited"),
-                                           (2, "empty grid")])
+                                           (2, "empty grid"),
+                                           (3, "partial mask")])
 def test_faults_are_reported(emu, which, message):
     with pytest.raises(RuntimeError, match=message):
         emu.emu_selftest_fault(torch.empty(0), which)
-    # the emulator is usable after a fault
+    # the emulator is usable after a fault (3: an exception thrown inside a fiber)
     x = torch.randn(32, generator=torch.Generator().manual_seed(1))
     assert torch.equal(emu.emu_selftest_warp(x)[2], x.view(-1, 8)[:, 3:4].expand(-1, 8).reshape(-1))

@@ -182,7 +182,7 @@ void resolve_warp(std::vector<Fiber>& f, int first, int lanes) {
       if (op == WarpOp::kXor) src = base + ((l % w) ^ x.arg) % w;
       if (op == WarpOp::kDown) src = (l % w) + x.arg < w ? l + x.arg : l;
       if (op == WarpOp::kIdx) src = base + ((x.arg % w) + w) % w;
-      if (src >= lanes || f[first + src].wait != Wait::kWarp)
+      if (src < 0 || src >= lanes || f[first + src].wait != Wait::kWarp)
         fail("lane " + std::to_string(l) + " of warp " + std::to_string(first / 32) +
              " shuffles from lane " + std::to_string(src) +
              ", which has exited or is past the block's last thread");

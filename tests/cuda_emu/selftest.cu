@@ -46,12 +46,14 @@ __global__ void index_kernel(int* out, int* counter) {
 }
 
 // Faults: half a warp at a shuffle while the other half waits at __syncthreads (which = 0),
-// a shuffle from a lane that has returned (1).
+// a shuffle from a lane that has returned (1), a partial mask (3: raised inside the fiber).
 __global__ void fault_kernel(float* out, int which) {
   const int t = threadIdx.x;
   if (which == 0) {
     if (t < 16) out[t] = __shfl_xor_sync(kFull, 1.f, 1);
     __syncthreads();
+  } else if (which == 3) {
+    out[t] = __shfl_xor_sync(0x0000ffffu, 1.f, 1);
   } else {
     if (t >= 16) return;
     out[t] = __shfl_xor_sync(kFull, 1.f, 16);
