@@ -3,6 +3,10 @@
 and ballots against their definitions, shared memory across __syncthreads, 2-D grid and block
 indices, atomics, and the faults it must report rather than compute through. Runs wherever the
 CUDA tests run on the emulator (no GPU, a build with CUDA kernels)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -53,13 +57,58 @@ def test_grid_and_block_indices_and_atomics(emu):
     assert int(counter) == 3 * 2 * 4 * 2
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_shared_memory_checks_pass_a_correct_kernel(emu, monkeypatch, reverse):
+    # a tree sum (reads after writes, a barrier between) and a total every thread reads: no
+    # race reported, in either fiber order
+    if reverse:
+        monkeypatch.setenv("EMU_REVERSE", "1")
+    x = torch.randn(64 * 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sums, fresh = emu.emu_selftest_shared(x.float())
+    want = x.view(3, 64).sum(1, keepdim=True).expand(-1, 64).reshape(-1).float()
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
+    # each block finds shared memory as 0xff bytes (NaN), not the previous block's values
+    assert torch.isnan(fresh).all()
+
+
+def test_unwritten_allocations_are_poisoned(emu):
+    f, i, like = emu.emu_selftest_empty(torch.zeros(4, dtype=torch.float64))
+    assert torch.isnan(f).all() and torch.isnan(like).all() and like.dtype == torch.float64
+    assert (i == 0x5a5a5a5a).all()
+
+
 @pytest.mark.parametrize("which,message", [(0, "divergent warp operation"),
                                            (1, "has exited"),
                                            (2, "empty grid"),
-                                           (3, "partial mask")])
+                                           (3, "partial mask"),
+                                           (4, r"race on slot\[1\].*threads 0 and 1"),
+                                           (5, r"out of bounds: half\[16\]"),
+                                           (6, "divergent barrier")])
 def test_faults_are_reported(emu, which, message):
     with pytest.raises(RuntimeError, match=message):
         emu.emu_selftest_fault(torch.empty(0), which)
     # the emulator is usable after a fault (3: an exception thrown inside a fiber)
     x = torch.randn(32, generator=torch.Generator().manual_seed(1))
     assert torch.equal(emu.emu_selftest_warp(x)[2], x.view(-1, 8)[:, 3:4].expand(-1, 8).reshape(-1))
+
+
+_PAST_END = """
+import torch, metrix_ops
+from cuda_emu import build
+build.load()
+print(float(torch.ops.metrix_emu.emu_selftest_past_end(torch.ones(7))[0]))
+"""
+
+
+@pytest.mark.skipif(os.environ.get("EMU_ASAN") != "1",
+                    reason="AddressSanitizer's build: scripts/emu_memcheck.sh")
+def test_a_read_past_a_tensor_is_reported_under_asan():
+    # ASan stops the process at the fault, so the kernel runs in a child process (the same
+    # environment: the ASan build, its runtime preloaded)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", _PAST_END], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode != 0
+    assert "heap-buffer-overflow" in run.stderr and "READ of size 4" in run.stderr
+    assert "cuda_emu: in kernel past_the_end_kernel (grid 1x1x1, block 1x1x1)" in run.stderr

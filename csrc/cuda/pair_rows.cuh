@@ -371,14 +371,53 @@ std::tuple<at::Tensor, at::Tensor> grad_all(const at::Tensor& x, const at::Tenso
   return {dx, dr};
 }
 
+// H of a diagonal block of S (rows row0 .. row0 + n − 1 against themselves, n × n, in place):
+// H_ij = H_ji = g_i(s_ij) + g_j(s_ji), each row's term at the entry the forward folded it
+// from (fold_rows_kernel reads row j of the block: s_ji), as the CPU self ops do. kSym would
+// take row j's term at s_ij here, and a product whose S_ij and S_ji differ by a rounding would
+// let a tie (a miner's bound or a hinge met exactly, as duplicate rows do) fall one way in the
+// forward and the other in the backward. A block of kTile × kTileRows threads takes the tile
+// pair (I, J ≥ I) of kTile × kTile entries through shared memory, so that both tiles are read
+// and written coalesced; blocks below the diagonal return at once.
+constexpr int kTile = 32, kTileRows = 8;
+
+template <class Loss, typename T>
+__global__ void grad_diag_kernel(T* __restrict__ s, int64_t n, int64_t row0,
+                                 const int64_t* __restrict__ y, Loss loss) {
+  const int64_t ti = blockIdx.y, tj = blockIdx.x;
+  if (ti > tj) return;
+  __shared__ T a[kTile][kTile + 1];  // tile (I, J), then H there
+  __shared__ T b[kTile][kTile + 1];  // tile (J, I)
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t i0 = ti * kTile, j0 = tj * kTile;
+  for (int r = ty; r < kTile; r += kTileRows) {
+    if (i0 + r < n && j0 + tx < n) a[r][tx] = s[(i0 + r) * n + j0 + tx];
+    if (j0 + r < n && i0 + tx < n) b[r][tx] = s[(j0 + r) * n + i0 + tx];
+  }
+  __syncthreads();
+  for (int r = ty; r < kTile; r += kTileRows) {
+    const int64_t gi = row0 + i0 + r, gj = row0 + j0 + tx;
+    if (i0 + r >= n || j0 + tx >= n) continue;
+    const int kind = pair_kind(y[gi], y, gi, gj, true);
+    a[r][tx] = kind < 0 ? T(0)
+                        : grad_entry(loss, a[r][tx], kind == 1, gi, gj) +
+                              grad_entry(loss, b[tx][r], kind == 1, gj, gi);
+  }
+  __syncthreads();
+  for (int r = ty; r < kTile; r += kTileRows) {
+    if (i0 + r < n && j0 + tx < n) s[(i0 + r) * n + j0 + tx] = a[r][tx];
+    if (ti != tj && j0 + r < n && i0 + tx < n) s[(j0 + r) * n + i0 + tx] = a[tx][r];
+  }
+}
+
 // Backward of the batch against itself (R = X, self pairs excluded; the *_self_bwd ops): S
 // and its pair kinds are symmetric, so ∂L/∂X = (G + Gᵀ) X. Over the blocks (I, J ≥ I) of S:
-// H_IJ = G_IJ + G_JIᵀ (grad_entries_kernel's kSym), dX_I += H_IJ X_J and, off the
+// H_IJ = G_IJ + G_JIᵀ (grad_entries_kernel's kSym off the diagonal, grad_diag_kernel on
+// it), dX_I += H_IJ X_J and, off the
 // diagonal, dX_J += H_IJᵀ X_I (cuBLAS reads the transpose in place). For nb block rows,
 // (nb + 1) / (2 nb) of S's products and one product with H, where grad_all with r = x takes
 // 3 (S, G X, Gᵀ X); with fold_self's, 2 + 1/nb where the general op takes 4.
-// A block's tile is block × block. (The diagonal blocks use s_ij for s_ji: equal up to the
-// product's rounding, as the CPU self ops.)
+// A block's tile is block × block; a diagonal block's H comes from grad_diag_kernel.
 template <class Loss, typename T>
 at::Tensor grad_self(const at::Tensor& x, const at::Tensor& labels, int64_t block,
                      const Loss& loss) {
@@ -395,9 +434,16 @@ at::Tensor grad_self(const at::Tensor& x, const at::Tensor& labels, int64_t bloc
       at::Tensor h = at::mm(xi, xj.t()).contiguous();  // S_IJ, then H_IJ in place
       const dim3 grid((unsigned)((nj + kThreads - 1) / kThreads),
                       (unsigned)std::min<int64_t>(ni, 65535));
-      grad_entries_kernel<Loss, T, true><<<grid, kThreads, 0, stream>>>(
-          h.data_ptr<T>(), ni, nj, i0, j0, y, y, /*exclude_diag=*/true, loss);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (j0 == i0) {
+        const unsigned tiles = (unsigned)((ni + kTile - 1) / kTile);
+        grad_diag_kernel<Loss, T><<<dim3(tiles, tiles), dim3(kTile, kTileRows), 0, stream>>>(
+            h.data_ptr<T>(), ni, i0, y, loss);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        grad_entries_kernel<Loss, T, true><<<grid, kThreads, 0, stream>>>(
+            h.data_ptr<T>(), ni, nj, i0, j0, y, y, /*exclude_diag=*/true, loss);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       dx.narrow(0, i0, ni).addmm_(h, xj);
       if (j0 != i0) dx.narrow(0, j0, nj).addmm_(h.t(), xi);
     }

@@ -5,7 +5,12 @@ kernel of metrix_ops becomes the CPU kernel of the same op in the mirror namespa
     python tests/cuda_emu/build.py        # build (cached in build/cuda_emu) and list the ops
 
 The build is torch.utils.cpp_extension.load's (ninja, MAX_JOBS jobs): the transformed sources
-are rewritten only when they change, so a rebuild recompiles only what changed."""
+are rewritten only when they change, so a rebuild recompiles only what changed.
+
+With EMU_ASAN=1 the emulator is built with AddressSanitizer (into build/cuda_emu_asan), so that
+a kernel's read or write past a tensor's memory stops the process with ASan's report, as
+compute-sanitizer's memcheck would on a GPU. Its runtime must be loaded first:
+scripts/emu_memcheck.sh runs the CUDA tests that way."""
 import glob
 import os
 import sys
@@ -14,7 +19,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-OUT = os.path.join(ROOT, "build", "cuda_emu")
+ASAN = os.environ.get("EMU_ASAN") == "1"
+OUT = os.path.join(ROOT, "build", "cuda_emu_asan" if ASAN else "cuda_emu")
 # the host helpers csrc/cuda calls that live in the CPU sources (no op registrations there)
 HOST_SOURCES = ["csrc/checks.cpp", "csrc/cpu/ee_layout.cpp", "csrc/cpu/refs_runs.cpp"]
 
@@ -79,11 +85,20 @@ def load(verbose=False):
                + [os.path.join(ROOT, s) for s in HOST_SOURCES])
     os.makedirs(os.path.join(OUT, "obj"), exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
+    cflags = ["-O2", "-ffp-contract=off", "-Wno-unused-function"]
+    ldflags = []
+    if ASAN:
+        if not asan_loaded():
+            raise RuntimeError("EMU_ASAN=1: AddressSanitizer's runtime must be loaded first "
+                               "(LD_PRELOAD=$(gcc -print-file-name=libasan.so); "
+                               "scripts/emu_memcheck.sh does it)")
+        cflags = ["-O1", "-fsanitize=address", "-fno-omit-frame-pointer"] + cflags[1:]
+        ldflags = ["-fsanitize=address"]
     cpp_extension.load(
-        name="metrix_emu_C", sources=sources, build_directory=os.path.join(OUT, "obj"),
+        name="metrix_emu_asan_C" if ASAN else "metrix_emu_C", sources=sources,
+        build_directory=os.path.join(OUT, "obj"),
         extra_include_paths=[os.path.join(OUT, "src"), os.path.join(ROOT, "csrc")],
-        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unused-function"],
-        is_python_module=False, verbose=verbose)
+        extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False, verbose=verbose)
     _lib = _mirror_schemas()
     _ops = frozenset(
         n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
@@ -93,6 +108,12 @@ def load(verbose=False):
 
 
 _lib = None
+
+
+def asan_loaded():
+    """Whether AddressSanitizer's runtime is mapped into this process."""
+    with open("/proc/self/maps") as f:
+        return "libasan" in f.read()
 
 if __name__ == "__main__":
     ops = load(verbose="-v" in sys.argv)

@@ -10,10 +10,28 @@
 #include "runtime.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <limits>
 #include <mutex>
+#include <unordered_map>
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
+
+// Under AddressSanitizer (EMU_ASAN=1) every switch between stacks is announced to it, so that
+// it knows which stack is live (exceptions thrown in a fiber unpoison the right one), and a
+// fiber's stack is unpoisoned before the fiber starts again (its last frames never returned).
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_SWITCH_FROM(fake, bottom, size) __sanitizer_start_switch_fiber(fake, bottom, size)
+#define EMU_SWITCHED_TO(fake, bottom, size) __sanitizer_finish_switch_fiber(fake, bottom, size)
+#define EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define EMU_SWITCH_FROM(fake, bottom, size) ((void)0)
+#define EMU_SWITCHED_TO(fake, bottom, size) ((void)0)
+#define EMU_UNPOISON(p, n) ((void)0)
 #endif
 
 emu::dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -23,15 +41,40 @@ namespace {
 
 constexpr size_t kStack = 256 * 1024;
 
+// An element of a shared array that a fiber touched in its current run (between two of its
+// sync points), and the element's bytes when it first did.
+struct Access {
+  const unsigned char* at;
+  size_t size, snap;  // snap: offset of the bytes in Machine::snapshot
+};
+
+// Who touched an element of shared memory since the block's last barrier.
+struct Touch {
+  int writer = -1, reader = -1, reader2 = -1;  // the last writer, two of the readers
+};
+
+struct SharedArray {
+  unsigned char* base;
+  size_t bytes, elem;
+  bool poison;
+  const char* name;
+};
+
 struct Machine {
   std::vector<Fiber> fibers;
   std::vector<std::unique_ptr<char[]>> stacks;
   void* scheduler_sp = nullptr;
+  const void* scheduler_stack = nullptr;  // its bottom and size, for AddressSanitizer
+  size_t scheduler_stack_size = 0;
   int current = 0;
   const char* kernel = "";
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
   std::exception_ptr error;  // thrown inside a fiber, rethrown by the scheduler
+  std::vector<SharedArray> shared;  // every shared array accessed so far
+  std::vector<Access> accesses;     // of the running fiber, since it was resumed
+  std::vector<unsigned char> snapshot;
+  std::unordered_map<const void*, Touch> touched;  // since the block's last barrier
 #if !defined(__x86_64__)
   std::vector<ucontext_t> ctx;
   ucontext_t scheduler;
@@ -46,6 +89,13 @@ Machine& machine() {
 std::mutex& launch_mutex() {
   static std::mutex mu;
   return mu;
+}
+
+// EMU_POISON=0 leaves fresh memory as the allocator gives it (to tell a read of unwritten
+// memory from another fault).
+bool poisoning() {
+  static const bool on = !std::getenv("EMU_POISON") || std::strcmp(std::getenv("EMU_POISON"), "0");
+  return on;
 }
 
 }  // namespace
@@ -93,6 +143,7 @@ namespace {
 
 void fiber_main() {
   Machine& m = machine();
+  EMU_SWITCHED_TO(nullptr, &m.scheduler_stack, &m.scheduler_stack_size);
   try {
     m.body(m.body_arg);
   } catch (...) {  // an exception must not unwind past the fiber's first frame
@@ -100,6 +151,7 @@ void fiber_main() {
   }
   Fiber& f = m.fibers[m.current];
   f.wait = Wait::kDone;
+  EMU_SWITCH_FROM(nullptr, m.scheduler_stack, m.scheduler_stack_size);  // for good
 #if defined(__x86_64__)
   emu_switch(&f.sp, m.scheduler_sp);  // never resumed
   __builtin_unreachable();
@@ -132,6 +184,7 @@ void* start_frame(char* stack, uint64_t control) {
 void start_fiber(Machine& m, int t, uint64_t control) {
   Fiber& f = m.fibers[t];
   f.wait = Wait::kRun;
+  EMU_UNPOISON(m.stacks[t].get(), kStack);
 #if defined(__x86_64__)
   f.sp = start_frame(m.stacks[t].get(), control);
 #else
@@ -146,11 +199,14 @@ void start_fiber(Machine& m, int t, uint64_t control) {
 }
 
 void resume(Machine& m, int t) {
+  void* fake = nullptr;
+  EMU_SWITCH_FROM(&fake, m.stacks[t].get(), kStack);
 #if defined(__x86_64__)
   emu_switch(&m.scheduler_sp, m.fibers[t].sp);
 #else
   swapcontext(&m.scheduler, &m.ctx[t]);
 #endif
+  EMU_SWITCHED_TO(fake, nullptr, nullptr);
 }
 
 void set_thread(int t) {
@@ -193,9 +249,50 @@ void resolve_warp(std::vector<Fiber>& f, int first, int lanes) {
     if (f[first + l].wait == Wait::kWarp) f[first + l].wait = Wait::kRun;
 }
 
+const SharedArray* array_of(const Machine& m, const void* p) {
+  for (const SharedArray& a : m.shared)
+    if (p >= a.base && p < a.base + a.bytes) return &a;
+  return nullptr;
+}
+
+[[noreturn]] void race(const Machine& m, const void* p, const char* what, int a, int b) {
+  const SharedArray* arr = array_of(m, p);
+  const size_t index = arr ? (size_t)((const unsigned char*)p - arr->base) / arr->elem : 0;
+  fail(std::string("shared memory race on ") + (arr ? arr->name : "?") + "[" +
+       std::to_string(index) + "] (flat index): " + what + " by threads " + std::to_string(a) +
+       " and " + std::to_string(b) + " with no __syncthreads between them");
+}
+
+// After fiber t's run: each shared element it touched was written if its bytes changed, else
+// read; two threads on one element since the last barrier, one of them writing, is a race.
+// (A write of the value already there counts as a read: a race the check can miss, never one
+// it reports falsely.)
+void close_run(Machine& m, int t) {
+  for (const Access& a : m.accesses) {
+    const bool wrote = std::memcmp(a.at, m.snapshot.data() + a.snap, a.size) != 0;
+    Touch& e = m.touched[a.at];
+    if (e.writer >= 0 && e.writer != t)
+      race(m, a.at, wrote ? "written" : "written and read", e.writer, t);
+    if (wrote) {
+      const int other = e.reader >= 0 && e.reader != t ? e.reader : e.reader2;
+      if (other >= 0) race(m, a.at, "read and written", other, t);
+      e.writer = t;
+    } else if (e.reader < 0) {
+      e.reader = t;
+    } else if (e.reader != t && e.reader2 < 0) {
+      e.reader2 = t;
+    }
+  }
+  m.accesses.clear();
+  m.snapshot.clear();
+}
+
 // Runs one block: fibers until every one is done, releasing warps and the block as they wait.
 void run_block(Machine& m, unsigned threads, bool reverse, uint64_t control) {
   for (unsigned t = 0; t < threads; ++t) start_fiber(m, (int)t, control);
+  for (const SharedArray& a : m.shared)
+    if (a.poison && poisoning()) std::memset(a.base, 0xff, a.bytes);
+  m.touched.clear();
   const int warps = (int)((threads + 31) / 32);
   for (;;) {
     unsigned waiting = 0;
@@ -207,8 +304,11 @@ void run_block(Machine& m, unsigned threads, bool reverse, uint64_t control) {
       }
       m.current = t;
       set_thread(t);
+      m.accesses.clear();
+      m.snapshot.clear();
       resume(m, t);
       if (m.error) std::rethrow_exception(std::exchange(m.error, nullptr));
+      close_run(m, t);
       waiting += m.fibers[t].wait != Wait::kDone;
     }
     if (waiting == 0) return;  // every thread returned (most kernels: no sync point at all)
@@ -232,8 +332,17 @@ void run_block(Machine& m, unsigned threads, bool reverse, uint64_t control) {
     }
     if (any_warp) continue;
     if (!any_block) return;  // all done
-    for (unsigned t = 0; t < threads; ++t)
-      if (m.fibers[t].wait == Wait::kBlock) m.fibers[t].wait = Wait::kRun;
+    int first = -1;
+    for (unsigned t = 0; t < threads; ++t) {
+      if (m.fibers[t].wait != Wait::kBlock) continue;
+      if (first < 0) first = (int)t;
+      if (std::strcmp(m.fibers[t].site, m.fibers[first].site) != 0)
+        fail("threads wait at two different __syncthreads: thread " + std::to_string(first) +
+             " at " + m.fibers[first].site + ", thread " + std::to_string(t) + " at " +
+             m.fibers[t].site + " (a divergent barrier)");
+      m.fibers[t].wait = Wait::kRun;
+    }
+    m.touched.clear();  // a barrier: what was written before it may be read after it
   }
 }
 
@@ -246,11 +355,55 @@ Fiber& current_fiber() {
 
 void yield_to_scheduler() {
   Machine& m = machine();
+  Fiber& f = m.fibers[m.current];
+  EMU_SWITCH_FROM(&f.fake_stack, m.scheduler_stack, m.scheduler_stack_size);
 #if defined(__x86_64__)
-  emu_switch(&m.fibers[m.current].sp, m.scheduler_sp);
+  emu_switch(&f.sp, m.scheduler_sp);
 #else
   swapcontext(&m.ctx[m.current], &m.scheduler);
 #endif
+  EMU_SWITCHED_TO(f.fake_stack, &m.scheduler_stack, &m.scheduler_stack_size);
+}
+
+void syncthreads(const char* site) {
+  Fiber& f = current_fiber();
+  f.wait = Wait::kBlock;
+  f.site = site;
+  yield_to_scheduler();
+}
+
+void shared_register(void* base, size_t bytes, size_t elem, bool poison, const char* name) {
+  Machine& m = machine();
+  m.shared.push_back({static_cast<unsigned char*>(base), bytes, elem, poison, name});
+  // first seen inside a block: start it as poisoned as the next blocks will find it
+  if (poison && poisoning()) std::memset(base, 0xff, bytes);
+}
+
+void shared_access(const void* elem, size_t size) {
+  Machine& m = machine();
+  auto* p = static_cast<const unsigned char*>(elem);
+  for (const Access& a : m.accesses)
+    if (a.at == p) return;
+  m.accesses.push_back({p, size, m.snapshot.size()});
+  m.snapshot.insert(m.snapshot.end(), p, p + size);
+}
+
+void shared_out_of_bounds(const char* name, long long i, size_t n) {
+  fail(std::string("shared memory out of bounds: ") + name + "[" + std::to_string(i) +
+       "] of a dimension of " + std::to_string(n) + " (thread " +
+       std::to_string(threadIdx.x) + "," + std::to_string(threadIdx.y) + "," +
+       std::to_string(threadIdx.z) + ")");
+}
+
+void poison(at::Tensor& t) {
+  if (!t.numel() || !poisoning()) return;
+  if (t.is_floating_point() || t.is_complex()) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  } else if (t.scalar_type() == at::kBool) {
+    t.fill_(true);
+  } else {
+    std::memset(t.data_ptr(), 0x5a, t.numel() * t.element_size());  // contiguous from empty
+  }
 }
 
 void fail(const std::string& what) {
@@ -260,9 +413,26 @@ void fail(const std::string& what) {
               "): ", what);
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+// ASan's report names the functions (a kernel inlined into its launch's lambda); this names
+// the launch and the thread, as compute-sanitizer's report does.
+void asan_report(const char*) {
+  Machine& m = machine();
+  std::fprintf(stderr,
+               "cuda_emu: in kernel %s (grid %ux%ux%u, block %ux%ux%u), block %u,%u,%u, "
+               "thread %u,%u,%u\n",
+               m.kernel, gridDim.x, gridDim.y, gridDim.z, blockDim.x, blockDim.y, blockDim.z,
+               blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+}
+#endif
+
 void run_grid(const Cfg& cfg, const char* name, void (*body)(void*), void* arg) {
   std::lock_guard<std::mutex> lock(launch_mutex());
   Machine& m = machine();
+#if defined(__SANITIZE_ADDRESS__)
+  static const bool reporter = (__asan_set_error_report_callback(&asan_report), true);
+  (void)reporter;
+#endif
   const unsigned threads = cfg.block.x * cfg.block.y * cfg.block.z;
   TORCH_CHECK(threads >= 1 && threads <= 1024, "cuda_emu: kernel ", name, ": block of ",
               threads, " threads (1 to 1024 allowed)");

@@ -5,13 +5,21 @@
 // against the CPU ops. It is a test tool, not an engine: one block at a time, each CUDA thread
 // a fiber on the calling OS thread (runtime.cpp), switched only at the sync points below.
 //
-// What it checks beyond the values: a warp operation that not all live lanes of the warp
-// reach (divergence under a full mask), a lane reading from an exited lane, a __syncthreads
-// that some warp's live lanes never reach while others wait at a warp operation (a deadlock on
-// a GPU): each is a c10::Error naming the kernel launch. What it cannot see: races between
-// blocks or between threads that a GPU would interleave differently (the fibers of a block run
-// in thread order between sync points; EMU_REVERSE=1 runs them in reverse order, so a missing
-// __syncthreads shows as a difference between the two orders), timing and memory coalescing.
+// What it checks beyond the values, each a c10::Error naming the kernel launch:
+// - a warp operation that not all live lanes of the warp reach (divergence under a full mask),
+//   a lane reading from an exited lane, a __syncthreads that some warp's live lanes never
+//   reach while others wait at a warp operation (a deadlock on a GPU);
+// - threads of a block waiting at two different __syncthreads (call sites);
+// - shared memory (compute-sanitizer's racecheck and memcheck, for __shared__ arrays): an
+//   index out of the array's bounds, and two threads touching one element between two
+//   barriers where one of them writes it (the element's bytes changed over the thread's run);
+// - reads of memory never written (initcheck): at::empty/empty_like in the kernels' host code
+//   give NaN (floating point) or 0x5a bytes (integers), and shared arrays start each block as
+//   0xff bytes, where a GPU's recycled memory would hold whatever was there before.
+// Global memory out of bounds is AddressSanitizer's (EMU_ASAN=1, scripts/emu_memcheck.sh).
+// What it cannot see: races in global memory, and between threads that a GPU would
+// interleave differently (the fibers of a block run in thread order between sync points;
+// EMU_REVERSE=1 runs them in reverse order), timing and memory coalescing.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,7 +32,7 @@
 #include <exception>
 #include <string>
 #include <memory>
-#include <tuple>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -35,7 +43,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Shared memory: one block runs at a time, so a function-local static is the block's own.
+// Shared memory: one block runs at a time, so a function-local static is the block's own
+// (transform.py makes each __shared__ array an emu::Shared, which checks its accesses).
 #define __shared__ static
 
 using cudaStream_t = void*;
@@ -60,10 +69,12 @@ enum class WarpOp { kXor, kDown, kIdx, kBallot };
 // it posted to a warp operation (and the result handed back).
 struct Fiber {
   void* sp = nullptr;
+  void* fake_stack = nullptr;  // AddressSanitizer's, while switched out
   Wait wait = Wait::kRun;
   WarpOp op = WarpOp::kXor;
   int arg = 0, width = 32;
   unsigned mask = 0;
+  const char* site = "";  // the __syncthreads it waits at: "file:line"
   alignas(16) unsigned char value[16], result[16];
 };
 
@@ -72,6 +83,14 @@ Fiber& current_fiber();
 void yield_to_scheduler();  // from a fiber: back to the scheduler until released
 void run_grid(const Cfg& cfg, const char* name, void (*body)(void*), void* arg);
 [[noreturn]] void fail(const std::string& what);
+// Shared memory: an array registers itself on its first access (so that each block starts it
+// as 0xff bytes), and every element access is recorded for the race check at the next sync.
+void shared_register(void* base, size_t bytes, size_t elem, bool poison, const char* name);
+void shared_access(const void* elem, size_t size);
+[[noreturn]] void shared_out_of_bounds(const char* name, long long i, size_t n);
+// at::empty's memory as a GPU's caching allocator may hand it out: not zero, not the values
+// a kernel expects; NaN in floating point, so that a read before a write shows in the results.
+void poison(at::Tensor& t);
 
 }  // namespace emu
 
@@ -113,12 +132,70 @@ R warp_op(WarpOp op, unsigned mask, V v, int arg, int width) {
   return r;
 }
 
+template <size_t... D>
+struct Prod {
+  static constexpr size_t value = 1;
+};
+template <size_t N, size_t... D>
+struct Prod<N, D...> {
+  static constexpr size_t value = N * Prod<D...>::value;
+};
+
+// A view of the elements [base, base + N·Rest...) of a shared array: [i] checks i < N and
+// gives the element (last dimension, recorded) or the sub-array.
+template <typename T, size_t N, size_t... Rest>
+struct SharedSub {
+  T* base;
+  const char* name;
+  decltype(auto) operator[](long long i) const {
+    if (i < 0 || (size_t)i >= N) shared_out_of_bounds(name, i, N);
+    if constexpr (sizeof...(Rest) == 0) {
+      shared_access(base + i, sizeof(T));
+      return base[i];
+    } else {
+      return SharedSub<T, Rest...>{base + i * Prod<Rest...>::value, name};
+    }
+  }
+};
+
+// __shared__ T name[D0][D1]... becomes __shared__ emu::Shared<T, D0, D1...> name{"name"}.
+template <typename T, size_t... D>
+struct Shared {
+  static constexpr size_t kSize = Prod<D...>::value;
+  const char* name;
+  bool registered = false;
+  T data[kSize];
+  explicit Shared(const char* n) : name(n) {}
+  decltype(auto) operator[](long long i) {
+    if (!registered) {
+      shared_register(data, sizeof data, sizeof(T), std::is_trivially_copyable<T>::value, name);
+      registered = true;
+    }
+    return SharedSub<T, D...>{data, name}[i];
+  }
+};
+
+inline at::Tensor empty(at::IntArrayRef size, at::TensorOptions opt = {},
+                        std::optional<at::MemoryFormat> format = std::nullopt) {
+  at::Tensor t = at::empty(size, opt, format);
+  poison(t);
+  return t;
+}
+inline at::Tensor empty_like(const at::Tensor& like, at::TensorOptions opt = {},
+                             std::optional<at::MemoryFormat> format = std::nullopt) {
+  at::Tensor t = at::empty_like(like, opt, format);
+  poison(t);
+  return t;
+}
+
+void syncthreads(const char* site);
+
 }  // namespace emu
 
-inline void __syncthreads() {
-  emu::current_fiber().wait = emu::Wait::kBlock;
-  emu::yield_to_scheduler();
-}
+#define EMU_STR2(x) #x
+#define EMU_STR(x) EMU_STR2(x)
+// The call site names the barrier: threads of one block at two sites is a fault.
+#define __syncthreads() ::emu::syncthreads(__FILE__ ":" EMU_STR(__LINE__))
 
 template <typename V>
 V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {

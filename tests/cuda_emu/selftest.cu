@@ -1,6 +1,7 @@
 // Kernels that check the emulator itself (tests/test_emu_runtime.py), written as CUDA and
 // built through transform.py like csrc/cuda: warp shuffles and ballots, shared memory across
-// __syncthreads, 2-D grids and blocks, atomics, and the faults the emulator must report.
+// __syncthreads, 2-D grids and blocks, atomics, and the faults the emulator must report
+// (divergence, exited lanes, shared-memory races and bounds, divergent barriers).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -45,8 +46,37 @@ __global__ void index_kernel(int* out, int* counter) {
   atomicAdd(counter, 1);
 }
 
+// A tree sum of 64 values in shared memory (each step's reads after the previous step's
+// writes, a barrier between), then every thread reads the total: no race.
+__global__ void tree_sum_kernel(const float* in, float* out) {
+  __shared__ float part[64];
+  const int t = threadIdx.x;
+  part[t] = in[blockIdx.x * 64 + t];
+  __syncthreads();
+  for (int stride = 32; stride > 0; stride >>= 1) {
+    if (t < stride) part[t] += part[t + stride];
+    __syncthreads();
+  }
+  out[blockIdx.x * 64 + t] = part[0];
+}
+
+// What a block finds in shared memory before it writes there, then it writes 1 there.
+__global__ void fresh_shared_kernel(float* out) {
+  __shared__ float fresh[32];
+  const int t = threadIdx.x;
+  out[blockIdx.x * 32 + t] = fresh[t];
+  fresh[t] = 1.f;
+}
+
+// Reads one element past the end of `in` (AddressSanitizer's to report: EMU_ASAN=1).
+__global__ void past_the_end_kernel(const float* in, float* out, int n) {
+  out[threadIdx.x] = in[n + threadIdx.x];
+}
+
 // Faults: half a warp at a shuffle while the other half waits at __syncthreads (which = 0),
-// a shuffle from a lane that has returned (1), a partial mask (3: raised inside the fiber).
+// a shuffle from a lane that has returned (1), a partial mask (3: raised inside the fiber),
+// a neighbour's shared slot read with no barrier after the writes (4), a shared index past
+// the array (5), the two halves of the block at two different barriers (6).
 __global__ void fault_kernel(float* out, int which) {
   const int t = threadIdx.x;
   if (which == 0) {
@@ -54,6 +84,19 @@ __global__ void fault_kernel(float* out, int which) {
     __syncthreads();
   } else if (which == 3) {
     out[t] = __shfl_xor_sync(0x0000ffffu, 1.f, 1);
+  } else if (which == 4) {
+    __shared__ float slot[32];
+    slot[t] = (float)t;
+    out[t] = slot[(t + 1) % 32];
+  } else if (which == 5) {
+    __shared__ float half[16];
+    half[t] = 1.f;
+  } else if (which == 6) {
+    if (t < 16) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
   } else {
     if (t >= 16) return;
     out[t] = __shfl_xor_sync(kFull, 1.f, 16);
@@ -80,6 +123,27 @@ at::Tensor emu_selftest_block(const at::Tensor& x) {
   return out;
 }
 
+std::vector<at::Tensor> emu_selftest_shared(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) % 64 == 0 && x.scalar_type() == at::kFloat,
+              "x: float32, 1-D, a multiple of 64 long");
+  auto sums = at::empty_like(x), fresh = at::empty({64}, x.options());
+  tree_sum_kernel<<<(unsigned)(x.size(0) / 64), 64>>>(x.data_ptr<float>(), sums.data_ptr<float>());
+  fresh_shared_kernel<<<2, 32>>>(fresh.data_ptr<float>());
+  return {sums, fresh};
+}
+
+at::Tensor emu_selftest_past_end(const at::Tensor& x) {
+  auto out = at::zeros({1}, x.options());
+  past_the_end_kernel<<<1, 1>>>(x.data_ptr<float>(), out.data_ptr<float>(), (int)x.numel());
+  return out;
+}
+
+// Allocations the kernels' host code makes and never writes: what a read of them finds.
+std::vector<at::Tensor> emu_selftest_empty(const at::Tensor& like) {
+  return {at::empty({5}, like.options()), at::empty({3}, like.options().dtype(at::kInt)),
+          at::empty_like(like)};
+}
+
 std::vector<at::Tensor> emu_selftest_index(const at::Tensor& like) {
   auto out = at::empty({3 * 2 * 4 * 2, 4}, like.options().dtype(at::kInt));
   auto counter = at::zeros({1}, like.options().dtype(at::kInt));
@@ -103,6 +167,9 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("emu_selftest_warp(Tensor x) -> Tensor[]");
   m.def("emu_selftest_block(Tensor x) -> Tensor");
   m.def("emu_selftest_index(Tensor like) -> Tensor[]");
+  m.def("emu_selftest_shared(Tensor x) -> Tensor[]");
+  m.def("emu_selftest_empty(Tensor like) -> Tensor[]");
+  m.def("emu_selftest_past_end(Tensor x) -> Tensor");
   m.def("emu_selftest_fault(Tensor like, int which) -> Tensor");
 }
 
@@ -110,5 +177,8 @@ TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
   m.impl("emu_selftest_warp", &emu_selftest_warp);
   m.impl("emu_selftest_block", &emu_selftest_block);
   m.impl("emu_selftest_index", &emu_selftest_index);
+  m.impl("emu_selftest_shared", &emu_selftest_shared);
+  m.impl("emu_selftest_empty", &emu_selftest_empty);
+  m.impl("emu_selftest_past_end", &emu_selftest_past_end);
   m.impl("emu_selftest_fault", &emu_selftest_fault);
 }

@@ -2,16 +2,27 @@
 
 - kernel<<<cfg>>>(args) becomes ::emu::launch(::emu::Cfg(cfg), "kernel", [&] { kernel(args); });
 - the includes of ATen/cuda and c10/cuda headers become runtime.h (prepended to every file);
+- __shared__ T name[D0][D1] becomes __shared__ ::emu::Shared<T, (D0), (D1)> name{"name"} (its
+  accesses bounds-checked and recorded for the race check), at::empty and at::empty_like
+  ::emu::empty and ::emu::empty_like (filled with NaN or a byte pattern, as a GPU's recycled
+  memory is not zero), __syncthreads() a call that names its site (a runtime.h macro);
 - TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) registers the kernels as the CPU kernels of the
   mirror namespace metrix_emu, and TORCH_LIBRARY_FRAGMENT(metrix_ops, m) defines the
   CUDA-only ops there; .is_cuda() checks become .is_cpu() (the emulated "device" is the CPU).
 
-Nothing else changes: the kernels, their launch geometry and the host code are the sources'
-own, which is the point."""
+Nothing else changes: the kernels' arithmetic and indexing, their launch geometry and the
+host code are the sources' own, which is the point."""
 import re
 
 _INCLUDE = re.compile(r'^[ \t]*#include[ \t]*<(ATen/cuda|c10/cuda)/[^>]*>[ \t]*$', re.M)
 _IDENT = re.compile(r"[A-Za-z0-9_:]")
+_SHARED = re.compile(r"__shared__\s+([^;\[\]]+?)\s+(\w+)\s*((?:\[[^\]]+\])+)\s*;")
+_EMPTY = re.compile(r"\bat::(empty|empty_like)\s*\(")
+
+
+def _shared_array(m):
+    dims = ", ".join(f"({d.strip()})" for d in re.findall(r"\[([^\]]+)\]", m.group(3)))
+    return f'__shared__ ::emu::Shared<{m.group(1)}, {dims}> {m.group(2)}{{"{m.group(2)}"}};'
 
 
 def _kernel_start(src, end):
@@ -85,4 +96,6 @@ def transform(src, runtime_path, origin):
     src = re.sub(r"TORCH_LIBRARY_FRAGMENT\(\s*metrix_ops\s*,", "TORCH_LIBRARY_FRAGMENT(metrix_emu,",
                  src)
     src = src.replace(".is_cuda()", ".is_cpu()")
+    src = _SHARED.sub(_shared_array, src)
+    src = _EMPTY.sub(r"::emu::\1(", src)
     return f'#include "{runtime_path}"\n#line 1 "{origin}"\n' + src
