@@ -63,7 +63,7 @@ VENV="$root/${VENV_OLDEST:-$P_VENV}"
 "$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip >/dev/null
 # numpy < 2 for the old torches: the numpy torch 2.4 was built against
 "$VENV/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH" "$P_NUMPY" "pytorch-metric-learning==2.9.*" \
-  scikit-learn pytest tqdm matplotlib ninja
+  scikit-learn pytest pytest-xdist tqdm matplotlib ninja
 # the training script's backbones: the torchvision of that torch
 "$VENV/bin/python" -m pip install -q --no-cache-dir --no-deps "torchvision==${TORCHVISION_OLDEST:-$P_TV}" pillow
 
@@ -103,7 +103,8 @@ export TRITON_INTERPRET=${INTERPRET_OLDEST:-$P_INTERP}
 set +e
 # default: the preset's tests
 if [ "$#" -eq 0 ]; then set -- "${P_TESTS[@]}"; fi
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# -n: as the README's test command, a worker per core (PYTEST_WORKERS=0: one process)
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-auto}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "oldest: pytest collected no tests"; exit 1; fi

@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null
 # torch 2.14.1 is the CUDA 13.0 build on these machines (served from local disk)
 python -m pip install -q "torch==2.14.1"
-python -m pip install -q "pytorch-metric-learning==2.9.*" scikit-learn pytest tqdm matplotlib numpy ninja
+python -m pip install -q "pytorch-metric-learning==2.9.*" scikit-learn pytest pytest-xdist tqdm matplotlib numpy ninja
 # ResNet backbones for the training script's image-folder runs (the build matching torch 2.14)
 python -m pip install -q --no-deps "torchvision==0.29.1" pillow
 

@@ -7,6 +7,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# pytest -n N (xdist, the README's test command): N worker processes share the cores. Each
+# takes its share of intra-op threads, where N times all of them would oversubscribe (most of
+# the suite is the Triton interpreter's and the CUDA emulator's single-threaded Python and
+# fibers; the tests that check several threads set their own count).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 @pytest.fixture(scope="module")
 def one_thread():

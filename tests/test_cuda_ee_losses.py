@@ -96,10 +96,14 @@ def test_neg_lse_equals_cpu_op(n, l2, chunk, pairs):
                                    atol=1e-11)
 
 
-@pytest.mark.parametrize("n", [0, 2, 9])
-@pytest.mark.parametrize("l2", [False, True])
-@pytest.mark.parametrize("smooth", [False, True])
-@pytest.mark.parametrize("chunk", [3, 512])
+# n = 9 with the 70-row class (512-row chunks) is a minute each on the emulator: there
+# l2 and smooth are taken together, (False, False) and (True, True)
+TRIPLET_CASES = [(n, l2, smooth, chunk) for chunk in (3, 512) for smooth in (False, True)
+                 for l2 in (False, True) for n in (0, 2, 9)
+                 if not (n == 9 and chunk == 512 and l2 != smooth)]
+
+
+@pytest.mark.parametrize("n,l2,smooth,chunk", TRIPLET_CASES)
 def test_triplet_equals_cpu_op(n, l2, smooth, chunk):
     """(Σ f, #f > 0, #triplets) per anchor and the gradients into x and the positives'
     metrics."""

@@ -11,6 +11,8 @@ With EMU_ASAN=1 the emulator is built with AddressSanitizer (into build/cuda_emu
 a kernel's read or write past a tensor's memory stops the process with ASan's report, as
 compute-sanitizer's memcheck would on a GPU. Its runtime must be loaded first:
 scripts/emu_memcheck.sh runs the CUDA tests that way."""
+import contextlib
+import fcntl
 import glob
 import os
 import sys
@@ -81,9 +83,33 @@ def load(verbose=False):
         return _ops
     import metrix_ops  # noqa: F401 - the metrix_ops schemas first
     from torch.utils import cpp_extension
+    os.makedirs(os.path.join(OUT, "obj"), exist_ok=True)
+    # pytest -n (xdist): the workers load the emulator at once. The transform's writes and the
+    # build under one lock, so that no worker rewrites a source (and ninja relinks the .so)
+    # while another builds or has loaded it; the later workers find everything up to date.
+    with _lock(os.path.join(OUT, "build.lock")):
+        _build(cpp_extension, verbose)
+    _lib = _mirror_schemas()
+    _ops = frozenset(
+        n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+        if n.startswith("metrix_emu::")
+        and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"))
+    return _ops
+
+
+@contextlib.contextmanager
+def _lock(path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(cpp_extension, verbose):
     sources = (transformed_sources() + [os.path.join(HERE, "runtime.cpp")]
                + [os.path.join(ROOT, s) for s in HOST_SOURCES])
-    os.makedirs(os.path.join(OUT, "obj"), exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
     cflags = ["-O2", "-ffp-contract=off", "-Wno-unused-function"]
     ldflags = []
@@ -99,12 +125,6 @@ def load(verbose=False):
         build_directory=os.path.join(OUT, "obj"),
         extra_include_paths=[os.path.join(OUT, "src"), os.path.join(ROOT, "csrc")],
         extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False, verbose=verbose)
-    _lib = _mirror_schemas()
-    _ops = frozenset(
-        n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
-        if n.startswith("metrix_emu::")
-        and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"))
-    return _ops
 
 
 _lib = None
