@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import metrix_ops as mo
 from cases import CASE_IDS, CASES, assert_close_vg, make_case
+from cuda_emu.plugin import emulating
 from metrix_ops import _ext
 from metrix_ops.fused import multi_similarity as ms_glue
 
@@ -61,9 +62,12 @@ TWO_SIDE = [
 
 
 # blocks past 256 rows (fold_cols_kernel's segments): two and three segments per column
-# merged, each block row a full diagonal block and a short partial one (the emulator's time
-# grows with B²: 1100 rows in 520-row blocks took 6 min of the suite's 2-core time)
+# merged, each block row a full diagonal block and a short partial one; on a GPU also several
+# full blocks of them (on the emulator, whose time grows with B², 1100 rows in 520-row blocks
+# took 6 min of the suite's 2-core time)
 BLOCKS = [(0, 4), (1, 4), (37, 5), (37, 64), (130, 16), (130, 50), (330, 300), (560, 520)]
+if not emulating():
+    BLOCKS += [(600, 300), (1100, 520)]
 
 
 @pytest.mark.parametrize("stem,hyper,general,ghyper", TWO_SIDE,

@@ -240,6 +240,15 @@ def emulates(path):
     return name.startswith("test_cuda_") and name.endswith(".py") and name not in NOT_EMULATED
 
 
+NAME = "cuda_emu (CPU)"  # the emulated device's name (torch.cuda.get_device_name)
+
+
+def emulating():
+    """Whether the CUDA tests run on the emulator here (read where they are collected or run):
+    a test module may then keep its largest cases for a real GPU."""
+    return torch.cuda.is_available() and torch.cuda.get_device_name() == NAME
+
+
 def wanted():
     """Emulate when there is no device to run the CUDA tests on, the build has CUDA kernels
     to emulate, and METRIX_OPS_CUDA_EMU is not 0."""
@@ -265,9 +274,9 @@ class CudaEmuPlugin:
         mp.setattr(torch.cuda, "current_device", lambda: 0)
         mp.setattr(torch.cuda, "_exchange_device", lambda idx: 0)  # torch.cuda.device(...)
         mp.setattr(torch.cuda, "_maybe_exchange_device", lambda idx: 0)
-        mp.setattr(torch.cuda, "get_device_name", lambda *a, **k: "cuda_emu (CPU)")
+        mp.setattr(torch.cuda, "get_device_name", lambda *a, **k: NAME)
         props = SimpleNamespace(  # the SM count the emulated kernels see (runtime.h)
-            name="cuda_emu (CPU)", multi_processor_count=int(os.environ.get("EMU_SMS", "2")),
+            name=NAME, multi_processor_count=int(os.environ.get("EMU_SMS", "2")),
             major=9, minor=0, total_memory=16 << 30)
         mp.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
         mp.setattr(torch, "compile", _not_emulated("torch.compile"))
