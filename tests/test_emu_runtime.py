@@ -16,6 +16,13 @@ pytestmark = pytest.mark.skipif(not plugin.wanted(),
                                 reason="the CUDA tests run on a GPU here, or the emulator is off")
 
 
+@pytest.fixture(autouse=True)
+def _index_order(monkeypatch):
+    # the faults' messages name the first thread to fault: index order unless a test sets
+    # another (EMU_ORDER=shuffle:SEED on the whole run must not change them)
+    monkeypatch.setenv("EMU_ORDER", "forward")
+
+
 @pytest.fixture(scope="module")
 def emu():
     from cuda_emu import build
@@ -45,7 +52,7 @@ def test_shared_memory_across_syncthreads(emu, monkeypatch):
     x = torch.randn(64 * 5, generator=torch.Generator().manual_seed(3))
     want = x.view(5, 64).flip(1).reshape(-1)
     assert torch.equal(emu.emu_selftest_block(x), want)
-    monkeypatch.setenv("EMU_REVERSE", "1")  # the fibers in the other order: the same result
+    monkeypatch.setenv("EMU_ORDER", "reverse")  # the fibers in the other order: the same result
     assert torch.equal(emu.emu_selftest_block(x), want)
 
 
@@ -62,13 +69,43 @@ def test_shared_memory_checks_pass_a_correct_kernel(emu, monkeypatch, reverse):
     # a tree sum (reads after writes, a barrier between) and a total every thread reads: no
     # race reported, in either fiber order
     if reverse:
-        monkeypatch.setenv("EMU_REVERSE", "1")
+        monkeypatch.setenv("EMU_ORDER", "reverse")
     x = torch.randn(64 * 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     sums, fresh = emu.emu_selftest_shared(x.float())
     want = x.view(3, 64).sum(1, keepdim=True).expand(-1, 64).reshape(-1).float()
     torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
     # each block finds shared memory as 0xff bytes (NaN), not the previous block's values
     assert torch.isnan(fresh).all()
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle:1", "shuffle:2"])
+def test_launch_orders(emu, monkeypatch, order):
+    """EMU_ORDER runs the blocks (and each block's threads) in the order it names: the order
+    the blocks took their tickets in, and which writer a racy write keeps."""
+    monkeypatch.setenv("EMU_ORDER", order)
+    ran, last_block, last_thread = emu.emu_selftest_order(torch.empty(0))
+    ran = ran.tolist()
+    assert sorted(ran) == list(range(6))  # every block of the 3 x 2 grid ran once
+    if order == "forward":
+        assert ran == list(range(6)) and last_block.tolist() == [5]
+        assert last_thread.tolist() == [7] * 6  # the 4 x 2 block's last thread wrote last
+    elif order == "reverse":
+        assert ran == list(range(5, -1, -1)) and last_block.tolist() == [0]
+        assert last_thread.tolist() == [0] * 6
+    else:
+        assert ran not in (list(range(6)), list(range(5, -1, -1)))
+        assert last_block.tolist() == [ran[-1]]
+        # the same seed, the same order; the threads' order is redrawn per block
+        assert emu.emu_selftest_order(torch.empty(0))[0].tolist() == ran
+        assert len(set(last_thread.tolist())) > 1
+    # a racy kernel's outcome depends on the order: what tests/test_cuda_launch_order.py uses
+    # to find races in global memory
+
+
+def test_launch_order_is_checked(emu, monkeypatch):
+    monkeypatch.setenv("EMU_ORDER", "shuffled")
+    with pytest.raises(RuntimeError, match="EMU_ORDER=shuffled .expected forward, reverse or"):
+        emu.emu_selftest_order(torch.empty(0))
 
 
 def test_unwritten_allocations_are_poisoned(emu):

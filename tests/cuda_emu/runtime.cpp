@@ -13,6 +13,8 @@
 #include <cstdio>
 #include <limits>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <unordered_map>
 
 #if !defined(__x86_64__)
@@ -75,6 +77,7 @@ struct Machine {
   std::vector<Access> accesses;     // of the running fiber, since it was resumed
   std::vector<unsigned char> snapshot;
   std::unordered_map<const void*, Touch> touched;  // since the block's last barrier
+  std::vector<int> perm;             // the block's fibers in this round's order
 #if !defined(__x86_64__)
   std::vector<ucontext_t> ctx;
   ucontext_t scheduler;
@@ -96,6 +99,68 @@ std::mutex& launch_mutex() {
 bool poisoning() {
   static const bool on = !std::getenv("EMU_POISON") || std::strcmp(std::getenv("EMU_POISON"), "0");
   return on;
+}
+
+// The order a launch runs its blocks in, and each block its runnable fibers between sync
+// points (EMU_ORDER): "forward" (the default: index order), "reverse" (EMU_REVERSE=1 too), or
+// "shuffle:SEED" (a pseudo-random permutation of the blocks per launch and of the fibers per
+// round, drawn from SEED, the kernel's name and the grid: the same call, the same order).
+// A GPU runs blocks in whatever order its SMs take them, so a kernel whose outputs change
+// with the order has a race in global memory that the shared-memory checks cannot see: two
+// blocks (or threads) write one address, or one reads what another writes, with no barrier
+// between (tests/test_cuda_launch_order.py).
+struct Order {
+  enum Kind { kForward, kReverse, kShuffle } kind = kForward;
+  uint64_t seed = 0;
+};
+
+Order launch_order(const char* kernel) {
+  Order o;
+  const char* v = std::getenv("EMU_ORDER");
+  if (!v || !*v) {
+    if (std::getenv("EMU_REVERSE")) o.kind = Order::kReverse;
+    return o;
+  }
+  if (!std::strcmp(v, "forward")) return o;
+  if (!std::strcmp(v, "reverse")) {
+    o.kind = Order::kReverse;
+    return o;
+  }
+  char* end = nullptr;
+  if (!std::strncmp(v, "shuffle:", 8) && v[8]) {
+    o.seed = std::strtoull(v + 8, &end, 10);
+    if (end && !*end) {
+      o.kind = Order::kShuffle;
+      return o;
+    }
+  }
+  TORCH_CHECK(false, "cuda_emu: kernel ", kernel, ": EMU_ORDER=", v,
+              " (expected forward, reverse or shuffle:SEED with SEED a non-negative integer)");
+  return o;
+}
+
+// The shuffled order's generator: FNV-1a over the seed, the kernel's name and the grid.
+uint64_t order_seed(const Order& o, const char* kernel, const dim3& grid) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  const auto mix = [&h](uint64_t v) {
+    for (int b = 0; b < 8; ++b, v >>= 8) h = (h ^ (v & 0xff)) * 0x100000001b3ull;
+  };
+  mix(o.seed);
+  for (const char* c = kernel; *c; ++c) mix((unsigned char)*c);
+  mix(grid.x), mix(grid.y), mix(grid.z);
+  return h;
+}
+
+// EMU_LAUNCH_LOG=FILE appends each launch to FILE, a line each: the kernel's name, the grid's
+// and the block's sizes (the tests check which kernels a call ran, and on how many blocks).
+void log_launch(const char* kernel, const Cfg& cfg) {
+  const char* path = std::getenv("EMU_LAUNCH_LOG");
+  if (!path || !*path) return;
+  std::FILE* f = std::fopen(path, "a");
+  TORCH_CHECK(f, "cuda_emu: EMU_LAUNCH_LOG=", path, " cannot be opened for appending");
+  std::fprintf(f, "%s %u %u %u %u %u %u\n", kernel, cfg.grid.x, cfg.grid.y, cfg.grid.z,
+               cfg.block.x, cfg.block.y, cfg.block.z);
+  std::fclose(f);
 }
 
 }  // namespace
@@ -288,16 +353,21 @@ void close_run(Machine& m, int t) {
 }
 
 // Runs one block: fibers until every one is done, releasing warps and the block as they wait.
-void run_block(Machine& m, unsigned threads, bool reverse, uint64_t control) {
+void run_block(Machine& m, unsigned threads, const Order& order, std::mt19937_64& rng,
+               uint64_t control) {
   for (unsigned t = 0; t < threads; ++t) start_fiber(m, (int)t, control);
   for (const SharedArray& a : m.shared)
     if (a.poison && poisoning()) std::memset(a.base, 0xff, a.bytes);
   m.touched.clear();
   const int warps = (int)((threads + 31) / 32);
+  m.perm.resize(threads);
+  std::iota(m.perm.begin(), m.perm.end(), 0);
+  if (order.kind == Order::kReverse) std::reverse(m.perm.begin(), m.perm.end());
   for (;;) {
     unsigned waiting = 0;
+    if (order.kind == Order::kShuffle) std::shuffle(m.perm.begin(), m.perm.end(), rng);
     for (unsigned k = 0; k < threads; ++k) {
-      const int t = reverse ? (int)(threads - 1 - k) : (int)k;
+      const int t = m.perm[k];
       if (m.fibers[t].wait != Wait::kRun) {
         waiting += m.fibers[t].wait != Wait::kDone;
         continue;
@@ -451,18 +521,27 @@ void run_grid(const Cfg& cfg, const char* name, void (*body)(void*), void* arg) 
 #if !defined(__x86_64__)
   if (m.ctx.size() < threads) m.ctx.resize(threads);
 #endif
-  const bool reverse = std::getenv("EMU_REVERSE") != nullptr;
+  const Order order = launch_order(name);
+  log_launch(name, cfg);
+  std::mt19937_64 rng(order_seed(order, name, cfg.grid));
 #if defined(__x86_64__)
   const uint64_t control = control_words();
 #else
   const uint64_t control = 0;
 #endif
-  for (unsigned bz = 0; bz < cfg.grid.z; ++bz)
-    for (unsigned by = 0; by < cfg.grid.y; ++by)
-      for (unsigned bx = 0; bx < cfg.grid.x; ++bx) {
-        blockIdx = dim3(bx, by, bz);
-        run_block(m, threads, reverse, control);
-      }
+  const uint64_t gx = cfg.grid.x, gxy = gx * cfg.grid.y, blocks = gxy * cfg.grid.z;
+  std::vector<uint64_t> ids;  // the blocks' linear indices in the order they run
+  if (order.kind != Order::kForward) {
+    ids.resize(blocks);
+    std::iota(ids.begin(), ids.end(), uint64_t{0});
+    if (order.kind == Order::kReverse) std::reverse(ids.begin(), ids.end());
+    else std::shuffle(ids.begin(), ids.end(), rng);
+  }
+  for (uint64_t k = 0; k < blocks; ++k) {
+    const uint64_t i = ids.empty() ? k : ids[k];
+    blockIdx = dim3((unsigned)(i % gx), (unsigned)(i % gxy / gx), (unsigned)(i / gxy));
+    run_block(m, threads, order, rng, control);
+  }
 }
 
 }  // namespace emu

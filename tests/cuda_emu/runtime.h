@@ -17,9 +17,13 @@
 //   give NaN (floating point) or 0x5a bytes (integers), and shared arrays start each block as
 //   0xff bytes, where a GPU's recycled memory would hold whatever was there before.
 // Global memory out of bounds is AddressSanitizer's (EMU_ASAN=1, scripts/emu_memcheck.sh).
-// What it cannot see: races in global memory, and between threads that a GPU would
-// interleave differently (the fibers of a block run in thread order between sync points;
-// EMU_REVERSE=1 runs them in reverse order), timing and memory coalescing.
+// - races in global memory, indirectly: EMU_ORDER=reverse or shuffle:SEED runs a launch's
+//   blocks, and each block's fibers between sync points, in another order (runtime.cpp); a
+//   kernel whose outputs change with it reads or writes an address that another block or
+//   thread writes with no barrier between (tests/test_cuda_launch_order.py).
+// What it cannot see: a race that no order it tries brings out (it has no log of global
+// accesses), threads that a GPU would interleave within a run between sync points, timing
+// and memory coalescing.
 #pragma once
 
 #include <ATen/ATen.h>

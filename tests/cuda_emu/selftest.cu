@@ -1,7 +1,8 @@
 // Kernels that check the emulator itself (tests/test_emu_runtime.py), written as CUDA and
 // built through transform.py like csrc/cuda: warp shuffles and ballots, shared memory across
-// __syncthreads, 2-D grids and blocks, atomics, and the faults the emulator must report
-// (divergence, exited lanes, shared-memory races and bounds, divergent barriers).
+// __syncthreads, 2-D grids and blocks, atomics, the launch orders, and the faults the
+// emulator must report (divergence, exited lanes, shared-memory races and bounds, divergent
+// barriers).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -58,6 +59,18 @@ __global__ void tree_sum_kernel(const float* in, float* out) {
     __syncthreads();
   }
   out[blockIdx.x * 64 + t] = part[0];
+}
+
+// Racy on purpose, to show the launch order (EMU_ORDER): thread 0 of each block takes a ticket
+// and records its block at that place of `ran` (the order the blocks ran in); every thread of
+// every block writes its block's index to last_block[0], and every thread of a block its own
+// index to last_thread[block]: what stays there is the last writer's.
+__global__ void order_kernel(int* ran, int* tickets, int* last_block, int* last_thread) {
+  const int block = blockIdx.y * gridDim.x + blockIdx.x;
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+  if (thread == 0) ran[atomicAdd(tickets, 1)] = block;
+  last_block[0] = block;
+  last_thread[block] = thread;
 }
 
 // What a block finds in shared memory before it writes there, then it writes 1 there.
@@ -151,6 +164,16 @@ std::vector<at::Tensor> emu_selftest_index(const at::Tensor& like) {
   return {out, counter};
 }
 
+std::vector<at::Tensor> emu_selftest_order(const at::Tensor& like) {
+  const auto opts = like.options().dtype(at::kInt);
+  auto ran = at::empty({6}, opts), tickets = at::zeros({1}, opts);
+  auto last_block = at::empty({1}, opts), last_thread = at::empty({6}, opts);
+  order_kernel<<<dim3(3, 2), dim3(4, 2)>>>(ran.data_ptr<int>(), tickets.data_ptr<int>(),
+                                           last_block.data_ptr<int>(),
+                                           last_thread.data_ptr<int>());
+  return {ran, last_block, last_thread};
+}
+
 at::Tensor emu_selftest_fault(const at::Tensor& like, int64_t which) {
   auto out = at::zeros({32}, like.options().dtype(at::kFloat));
   if (which == 2) {  // an empty grid
@@ -171,6 +194,7 @@ TORCH_LIBRARY_FRAGMENT(metrix_ops, m) {
   m.def("emu_selftest_empty(Tensor like) -> Tensor[]");
   m.def("emu_selftest_past_end(Tensor x) -> Tensor");
   m.def("emu_selftest_fault(Tensor like, int which) -> Tensor");
+  m.def("emu_selftest_order(Tensor like) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
@@ -181,4 +205,5 @@ TORCH_LIBRARY_IMPL(metrix_ops, CUDA, m) {
   m.impl("emu_selftest_empty", &emu_selftest_empty);
   m.impl("emu_selftest_past_end", &emu_selftest_past_end);
   m.impl("emu_selftest_fault", &emu_selftest_fault);
+  m.impl("emu_selftest_order", &emu_selftest_order);
 }
