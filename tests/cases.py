@@ -153,3 +153,29 @@ class MetrixOpCalls(TorchDispatchMode):
         if func.namespace == "metrix_ops" and not func.__name__.startswith("triton_"):
             self.calls.append((func.__name__.split(".")[0], args[0].device.type))
         return func(*args, **(kwargs or {}))
+
+
+def listed_pairs(labels, g, negatives):
+    """An indices_tuple (a1, p, a2, n): every positive pair of the batch and `negatives` of
+    its negative pairs drawn by g."""
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    a1, p = same.nonzero(as_tuple=True)
+    a2, n = (~same & ~torch.eye(len(labels), dtype=torch.bool)).nonzero(as_tuple=True)
+    keep = torch.randperm(len(a2), generator=g)[:negatives]
+    return a1, p, a2[keep], n[keep]
+
+
+def assert_same_run(what, got, want, rtol=None):
+    """A run's (value, gradients) against another run's: the same bits, or with rtol (float
+    atomics, whose order changes their sums' rounding) the same to rtol of each tensor's
+    largest entry."""
+    (v, grads), (v0, grads0) = got, want
+    for k, (a, b) in enumerate([(v, v0)] + list(zip(grads, grads0))):
+        name = "value" if k == 0 else f"gradient {k - 1}"
+        if rtol is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()),
+                                       msg=lambda m, n=name: f"{what}: {n}: {m}")
+        else:
+            assert torch.equal(a, b), (f"{what}: {name} off by up to "
+                                       f"{(a - b).abs().max().item():.3g}")

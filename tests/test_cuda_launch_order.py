@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import metrix_ops as mo
+from cases import assert_same_run, listed_pairs
 from cuda_emu.plugin import emulating
 from metrix_ops import _ext
 
@@ -46,12 +47,7 @@ def _refs(x, y, g):
 
 
 def _pairs(x, y, g):
-    same = y[:, None] == y[None, :]
-    same.fill_diagonal_(False)
-    a1, p = same.nonzero(as_tuple=True)
-    a2, n = (~same & ~torch.eye(len(y), dtype=torch.bool)).nonzero(as_tuple=True)
-    keep = torch.randperm(len(a2), generator=g)[:300]
-    return {"indices_tuple": (a1, p, a2[keep], n[keep])}
+    return {"indices_tuple": listed_pairs(y, g, 300)}
 
 
 def _ee(n=3):
@@ -205,15 +201,9 @@ def test_outputs_do_not_depend_on_the_launch_order(case, small_blocks, monkeypat
     for order in ORDERS:
         v, g, again = _run(case, monkeypatch, tmp_path, order)
         assert again == launched
-        if case in ATOMICS:  # the atomics' order changes the sums' rounding, not more
-            torch.testing.assert_close(v, v0, rtol=1e-13, atol=0.0)
-            for a, b in zip(g, g0):
-                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-18)
-            continue
-        assert torch.equal(v, v0), f"{case} under {order}: value off by {(v - v0).abs().item():.3g}"
-        for k, (a, b) in enumerate(zip(g, g0)):
-            assert torch.equal(a, b), (f"{case} under {order}: gradient {k} off by up to "
-                                       f"{(a - b).abs().max().item():.3g}")
+        # the atomics' order changes their sums' rounding, not more
+        assert_same_run(f"{case} under {order}", (v, g), (v0, g0),
+                        1e-12 if case in ATOMICS else None)
 
 
 def test_cases_launch_every_kernel():
