@@ -1,15 +1,16 @@
-"""Races between Triton programs, as far as the interpreter can bring them out: every loss on the
-Triton engine gives the same bits, value and gradient, when each launch runs its programs in
-reverse or shuffled order instead of the interpreter's index order. The kernels write each
-output entry from one program and merge in fixed orders (test_deterministic.py), so an output
-that changes with the order is a race: two programs writing one address, or one reading what
-another writes within the launch. A GPU runs programs in whatever order its SMs take them.
+"""Races between Triton programs, as far as the interpreter can bring them out: every loss on
+the Triton engine gives the same bits, value and gradient, when each launch runs its programs
+in reverse order instead of the interpreter's index order (program_order takes a shuffle
+too). The kernels write each output entry from one program and merge in fixed orders
+(test_deterministic.py), so an output that changes with the order is a race: two programs
+writing one address, or one reading what another writes within the launch. A GPU runs
+programs in whatever order its SMs take them.
 
 The order is set by giving the k-th program the interpreter runs the program id of the k-th
 entry of a permutation (triton.runtime.interpreter's builder takes each program's id from
 set_grid_idx), so the kernels and the interpreter run unchanged. The cases together launch
-every Triton kernel of metrix_ops/triton (checked against the sources), on several programs
-except where noted; the one kernel that adds with float atomics (the index-tuple backward) is
+every Triton kernel of metrix_ops/triton (checked against the sources), each on several
+programs; the one kernel that adds with float atomics (the index-tuple backward) is
 compared to rounding instead. CPU tensors under TRITON_INTERPRET=1 only."""
 import contextlib
 import os
@@ -30,7 +31,7 @@ L, mi = mo.losses, mo.miners
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float64 where this triton's tl.dot takes it (not 3.2's); the bits must agree in either
 DTYPE = torch.float64 if launch.FP64_DOT else torch.float32
-ORDERS = [("reverse", 0)]  # (grids of 2 to 8 programs here: reversed, every pair swaps)
+ORDERS = [("reverse", 0)]  # (grids of 2 to 40 programs here: reversed, every pair swaps)
 
 
 @contextlib.contextmanager
@@ -40,6 +41,8 @@ def program_order(kind, seed, log):
     from triton.runtime import interpreter
     builder, executor = interpreter.interpreter_builder, interpreter.GridExecutor
     run, set_dim, set_idx = executor.__call__, builder.set_grid_dim, builder.set_grid_idx
+    names = ("set_grid_dim", "set_grid_idx")
+    own = {n: builder.__dict__[n] for n in names if n in builder.__dict__}
     state = {}
 
     def call(self, *args, **kwargs):
@@ -68,6 +71,7 @@ def program_order(kind, seed, log):
     finally:
         executor.__call__ = run
         del builder.set_grid_dim, builder.set_grid_idx
+        builder.__dict__.update(own)  # (none where they are the class's methods)
 
 
 def _refs(x, y, g):  # a reference set that takes a gradient too
