@@ -1,20 +1,18 @@
 """Races between Triton programs, as far as the interpreter can bring them out: every loss on
 the Triton engine gives the same bits, value and gradient, when each launch runs its programs
-in reverse order instead of the interpreter's index order (program_order takes a shuffle
-too). The kernels write each output entry from one program and merge in fixed orders
-(test_deterministic.py), so an output that changes with the order is a race: two programs
-writing one address, or one reading what another writes within the launch. A GPU runs
-programs in whatever order its SMs take them.
+in reverse order instead of the interpreter's index order. The kernels write each output
+entry from one program and merge in fixed orders (test_deterministic.py), so an output that
+changes with the order is a race: two programs writing one address, or one reading what
+another writes within the launch. A GPU runs programs in whatever order its SMs take them.
 
 The order is set by giving the k-th program the interpreter runs the program id of the k-th
-entry of a permutation (triton.runtime.interpreter's builder takes each program's id from
+entry of the reversed order (triton.runtime.interpreter's builder takes each program's id from
 set_grid_idx), so the kernels and the interpreter run unchanged. The cases together launch
 every Triton kernel of metrix_ops/triton (checked against the sources), each on several
 programs; the one kernel that adds with float atomics (the index-tuple backward) is
 compared to rounding instead. CPU tensors under TRITON_INTERPRET=1 only."""
 import contextlib
 import os
-import random
 import re
 
 import pytest
@@ -31,13 +29,13 @@ L, mi = mo.losses, mo.miners
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float64 where this triton's tl.dot takes it (not 3.2's); the bits must agree in either
 DTYPE = torch.float64 if launch.FP64_DOT else torch.float32
-ORDERS = [("reverse", 0)]  # (grids of 2 to 40 programs here: reversed, every pair swaps)
 
 
 @contextlib.contextmanager
-def program_order(kind, seed, log):
-    """Launches in this scope run their programs in `kind` order ("forward", "reverse",
-    "shuffle" drawn from seed and the grid); each launch's kernel and grid go to `log`."""
+def program_order(reverse, log):
+    """Launches in this scope run their programs in reverse index order if `reverse` (the
+    grids here have 2 to 40 programs: every pair of them swaps), else in index order; each
+    launch's kernel and program count go to `log`."""
     from triton.runtime import interpreter
     builder, executor = interpreter.interpreter_builder, interpreter.GridExecutor
     run, set_dim, set_idx = executor.__call__, builder.set_grid_dim, builder.set_grid_idx
@@ -51,10 +49,8 @@ def program_order(kind, seed, log):
 
     def grid_dim(x, y, z):
         ids = list(range(x * y * z))
-        if kind == "reverse":
+        if reverse:
             ids.reverse()
-        elif kind == "shuffle":
-            random.Random(f"{seed} {state['kernel']} {x} {y} {z}").shuffle(ids)
         state.update(dims=(y, z), ids=ids, k=0)
         log.append((state["kernel"], x * y * z))
         return set_dim(x, y, z)
@@ -136,10 +132,6 @@ def _tri(loss, **kw):
     return lambda: getattr(L, loss)(backend="triton", **kw)
 
 
-def _semihard():
-    return mi.TripletMarginMiner(type_of_triplets="semihard")
-
-
 P = {"num_classes": 70, "embedding_size": 12}  # proxies past one program's block
 # name: (make the loss, the call's extra arguments' maker, the kernels it must launch, as
 # module.kernel of metrix_ops.triton)
@@ -195,7 +187,6 @@ ATOMICS = {"pair-sims"}  # its backward adds with float atomics
 NOT_A_LOSS_KERNEL = {"launch._probe_kernel"}  # the interpreter's probe (launch.py)
 
 
-
 def _kernels_in_sources():
     names = set()
     folder = os.path.join(ROOT, "metrix_ops", "triton")
@@ -216,7 +207,7 @@ def _inputs():
     return x, y, g
 
 
-def _run(case, kind, seed):
+def _run(case, reverse):
     make, extra, _ = CASES[case]
     x, y, g = _inputs()
     torch.manual_seed(3)  # the same proxies and Metrix draws in every order
@@ -224,7 +215,7 @@ def _run(case, kind, seed):
     kwargs = extra(x, y, g) if extra else {}
     xx = x.clone().requires_grad_()
     log = []
-    with program_order(kind, seed, log):
+    with program_order(reverse, log):
         value = loss_fn(xx, y, **kwargs)
         value.backward()
     leaves = [xx, *loss_fn.parameters(), *(v for v in kwargs.values()
@@ -238,18 +229,17 @@ def _run(case, kind, seed):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_outputs_do_not_depend_on_the_program_order(case):
-    v0, g0, launched = _run(case, "forward", 0)
+    v0, g0, launched = _run(case, reverse=False)
     assert torch.isfinite(v0) and v0.item() != 0.0
     want = CASES[case][2]
     assert want <= launched.keys(), f"{case}: not launched: {want - launched.keys()}"
     one = {k for k in launched if launched[k] < 2}
     assert not one, f"{case}: on one program only: {one}"
-    for kind, seed in ORDERS:
-        v, g, again = _run(case, kind, seed)
-        assert again == launched
-        # the atomics' order changes their sums' rounding, not more
-        tol = (1e-12 if DTYPE == torch.float64 else 2e-5) if case in ATOMICS else None
-        assert_same_run(f"{case} under {kind}", (v, g), (v0, g0), tol)
+    v, g, again = _run(case, reverse=True)
+    assert again == launched
+    # the atomics' order changes their sums' rounding, not more
+    tol = (1e-12 if DTYPE == torch.float64 else 2e-5) if case in ATOMICS else None
+    assert_same_run(f"{case} reversed", (v, g), (v0, g0), tol)
 
 
 def test_cases_launch_every_kernel():
